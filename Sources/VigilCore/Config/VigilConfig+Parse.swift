@@ -1,0 +1,255 @@
+import Yams
+
+extension VigilConfig {
+    /// Parses and validates a YAML (or JSON) document. Throws `ConfigErrors` listing every problem,
+    /// each with its key path; nothing partial is ever returned.
+    public static func parse(yaml text: String) throws(ConfigErrors) -> VigilConfig {
+        let root: Node?
+        do {
+            root = try Yams.compose(yaml: text)
+        } catch {
+            throw ConfigErrors([ConfigError(path: "", reason: "not valid YAML: \(error)")])
+        }
+        var reader = ConfigReader()
+        let config = reader.readConfig(root ?? Node("", Tag(.null), .plain))
+        if let config, reader.errors.isEmpty { return config }
+        throw ConfigErrors(reader.errors.isEmpty ? [ConfigError(path: "", reason: "empty document")] : reader.errors)
+    }
+}
+
+extension ConfigReader {
+    mutating func readConfig(_ root: Node) -> VigilConfig? {
+        let keys: Set = ["node", "admin", "state_dir", "access_log", "drain_timeout", "listeners", "clusters"]
+        guard let m = map(root, at: "", keys: keys) else { return nil }
+        var config = VigilConfig(listeners: [], clusters: [])
+
+        if let node = map(m["node"], at: "node", keys: ["id"]), let id = nonEmptyString(node["id"], at: "node.id") {
+            config.nodeID = id
+        }
+        if let admin = map(m["admin"], at: "admin", keys: ["address"]),
+           let address = self.address(admin["address"], at: "admin.address") {
+            config.admin.address = address
+        }
+        if let dir = nonEmptyString(m["state_dir"], at: "state_dir") { config.stateDir = dir }
+        if let log = map(m["access_log"], at: "access_log", keys: ["output"]),
+           let output = nonEmptyString(log["output"], at: "access_log.output") {
+            switch output {
+            case "stdout": config.accessLog = .stdout
+            case "off": config.accessLog = .off
+            default: config.accessLog = .file(output)
+            }
+        }
+        if let d = duration(m["drain_timeout"], at: "drain_timeout") { config.drainTimeout = d }
+
+        let clusterNodes = list(m["clusters"], at: "clusters") ?? []
+        for (i, node) in clusterNodes.enumerated() {
+            if let cluster = readCluster(node, at: Self.index("clusters", i)) { config.clusters.append(cluster) }
+        }
+        var seenClusters: [String: Int] = [:]
+        for (i, node) in clusterNodes.enumerated() {
+            guard let name = node.mapping?["name"]?.scalar?.string else { continue }
+            if let first = seenClusters[name] {
+                fail(Self.child(Self.index("clusters", i), "name"), "\"\(name)\" is already the name of clusters[\(first)]")
+            } else {
+                seenClusters[name] = i
+            }
+        }
+
+        guard m["listeners"] != nil else {
+            fail("listeners", "at least one listener is required")
+            return nil
+        }
+        guard let listenerNodes = list(m["listeners"], at: "listeners") else { return nil }
+        if listenerNodes.isEmpty { fail("listeners", "at least one listener is required") }
+        var seenListeners: [String: Int] = [:]
+        var seenAddresses: [SocketAddressSpec: String] = [config.admin.address: "admin.address"]
+        for (i, node) in listenerNodes.enumerated() {
+            let path = Self.index("listeners", i)
+            guard let listener = readListener(node, at: path, clusterNames: seenClusters) else { continue }
+            if let first = seenListeners[listener.name] {
+                fail(Self.child(path, "name"), "\"\(listener.name)\" is already the name of listeners[\(first)]")
+            }
+            seenListeners[listener.name] = seenListeners[listener.name] ?? i
+            if listener.address.port != 0, let other = seenAddresses[listener.address] {
+                fail(Self.child(path, "address"), "\(listener.address) is already used by \(other)")
+            }
+            seenAddresses[listener.address] = Self.child(path, "address")
+            config.listeners.append(listener)
+        }
+        return config
+    }
+
+    mutating func readListener(_ node: Node, at path: String, clusterNames: [String: Int]) -> ListenerConfig? {
+        guard let m = map(node, at: path, keys: ["name", "address", "protocol", "routes", "limits"]) else { return nil }
+        let name = required(nonEmptyString(m["name"], at: m.path("name")), m, "name")
+        let address = required(self.address(m["address"], at: m.path("address")), m, "address")
+        let proto = oneOf(m["protocol"], at: m.path("protocol"),
+                          ["http1": ListenerProtocol.http1, "http2": .http2, "auto": .auto]) ?? .auto
+        var limits = ListenerLimits()
+        if let l = map(m["limits"], at: m.path("limits"), keys: ["max_header_bytes", "max_body_bytes", "max_header_count",
+                                                                 "max_connections", "idle_timeout", "header_timeout",
+                                                                 "max_concurrent_streams"]) {
+            if let v = byteSize(l["max_header_bytes"], at: l.path("max_header_bytes"), range: 1024...(1 << 20)) {
+                limits.maxHeaderBytes = v
+            }
+            if let v = byteSize(l["max_body_bytes"], at: l.path("max_body_bytes"), range: 0...Int.max) {
+                limits.maxBodyBytes = v
+            }
+            if let v = int(l["max_header_count"], at: l.path("max_header_count"), range: 1...10_000) {
+                limits.maxHeaderCount = v
+            }
+            if let v = int(l["max_connections"], at: l.path("max_connections"), range: 1...1_000_000) {
+                limits.maxConnections = v
+            }
+            if let v = duration(l["idle_timeout"], at: l.path("idle_timeout"), min: .milliseconds(1)) {
+                limits.idleTimeout = v
+            }
+            if let v = duration(l["header_timeout"], at: l.path("header_timeout"), min: .milliseconds(1)) {
+                limits.headerTimeout = v
+            }
+            if let v = int(l["max_concurrent_streams"], at: l.path("max_concurrent_streams"), range: 1...10_000) {
+                limits.maxConcurrentStreams = v
+            }
+        }
+        var routes: [RouteConfig] = []
+        if let routeNodes = list(m["routes"], at: m.path("routes")) {
+            if routeNodes.isEmpty { fail(m.path("routes"), "at least one route is required") }
+            for (i, r) in routeNodes.enumerated() {
+                if let route = readRoute(r, at: Self.index(m.path("routes"), i), clusterNames: clusterNames) {
+                    routes.append(route)
+                }
+            }
+        } else {
+            fail(m.path("routes"), "is required")
+        }
+        guard let name, let address else { return nil }
+        return ListenerConfig(name: name, address: address, protocol: proto, routes: routes, limits: limits)
+    }
+
+    mutating func readRoute(_ node: Node, at path: String, clusterNames: [String: Int]) -> RouteConfig? {
+        guard let m = map(node, at: path, keys: ["match", "cluster", "timeout"]) else { return nil }
+        let match = required(readMatch(m["match"], at: m.path("match")), m, "match")
+        let cluster = required(nonEmptyString(m["cluster"], at: m.path("cluster")), m, "cluster")
+        if let cluster, clusterNames[cluster] == nil {
+            fail(m.path("cluster"), "names cluster \"\(cluster)\", which is not defined in clusters")
+        }
+        let timeout = duration(m["timeout"], at: m.path("timeout")) ?? .seconds(15)
+        guard let match, let cluster else { return nil }
+        return RouteConfig(match: match, cluster: cluster, timeout: timeout)
+    }
+
+    mutating func readMatch(_ node: Node?, at path: String) -> RouteMatch? {
+        guard let m = map(node, at: path, keys: ["prefix", "path", "authority", "headers", "methods"]) else { return nil }
+        var pathMatch: RouteMatch.Path?
+        switch (m["prefix"], m["path"]) {
+        case (let p?, nil):
+            if let s = string(p, at: m.path("prefix")) {
+                if s.hasPrefix("/") { pathMatch = .prefix(s) } else { fail(m.path("prefix"), "must start with /") }
+            }
+        case (nil, let p?):
+            if let s = string(p, at: m.path("path")) {
+                if s.hasPrefix("/") { pathMatch = .exact(s) } else { fail(m.path("path"), "must start with /") }
+            }
+        case (_?, _?):
+            fail(path, "give either prefix or path, not both")
+        case (nil, nil):
+            fail(path, "needs prefix or path")
+        }
+        var authorities: [String] = []
+        if let a = m["authority"] {
+            let items: [Node] = a.sequence.map(Array.init) ?? [a]
+            for (i, item) in items.enumerated() {
+                let p = a.sequence == nil ? m.path("authority") : Self.index(m.path("authority"), i)
+                guard let s = nonEmptyString(item, at: p) else { continue }
+                let host = s.lowercased()
+                let bare = host.hasPrefix("*.") ? String(host.dropFirst(2)) : host
+                if bare.isEmpty || !bare.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-.".contains($0)) }) {
+                    fail(p, "\"\(s)\" is not a host name (ports are not matched; use *.example.com for subdomains)")
+                } else {
+                    authorities.append(host)
+                }
+            }
+        }
+        var headers: [HeaderMatch] = []
+        if let h = m["headers"] {
+            if case .mapping(let pairs) = h {
+                for (k, v) in pairs {
+                    guard let name = k.scalar?.string else { continue }
+                    let p = Self.child(m.path("headers"), name)
+                    guard HTTPTokens.isToken(name) else { fail(p, "\"\(name)\" is not a valid header name"); continue }
+                    if let value = string(v, at: p) { headers.append(HeaderMatch(name: name, value: value)) }
+                }
+            } else {
+                fail(m.path("headers"), "must be a mapping of header name to value")
+            }
+        }
+        var methods: [String] = []
+        if let list = self.list(m["methods"], at: m.path("methods")) {
+            for (i, item) in list.enumerated() {
+                let p = Self.index(m.path("methods"), i)
+                guard let s = nonEmptyString(item, at: p) else { continue }
+                if HTTPTokens.isToken(s) { methods.append(s) } else { fail(p, "\"\(s)\" is not a valid method") }
+            }
+        }
+        guard let pathMatch else { return nil }
+        return RouteMatch(path: pathMatch, authorities: authorities, headers: headers, methods: methods)
+    }
+
+    mutating func readCluster(_ node: Node, at path: String) -> ClusterConfig? {
+        let keys: Set = ["name", "endpoints", "protocol", "connect_timeout", "idle_timeout", "load_balancer",
+                         "circuit_breakers"]
+        guard let m = map(node, at: path, keys: keys) else { return nil }
+        let name = required(nonEmptyString(m["name"], at: m.path("name")), m, "name")
+        var endpoints: [SocketAddressSpec] = []
+        if let list = list(m["endpoints"], at: m.path("endpoints")) {
+            if list.isEmpty { fail(m.path("endpoints"), "must list at least one endpoint") }
+            var seen = Set<SocketAddressSpec>()
+            for (i, e) in list.enumerated() {
+                let p = Self.index(m.path("endpoints"), i)
+                guard let a = address(e, at: p) else { continue }
+                if a.port == 0 { fail(p, "port 0 is not a reachable endpoint"); continue }
+                if !seen.insert(a).inserted { fail(p, "\(a) is listed twice"); continue }
+                endpoints.append(a)
+            }
+        } else {
+            fail(m.path("endpoints"), "is required")
+        }
+        var cluster = ClusterConfig(name: name ?? "", endpoints: endpoints)
+        if let p = oneOf(m["protocol"], at: m.path("protocol"), ["http1": UpstreamProtocol.http1, "http2": .http2]) {
+            cluster.protocol = p
+        }
+        if let d = duration(m["connect_timeout"], at: m.path("connect_timeout"), min: .milliseconds(1)) {
+            cluster.connectTimeout = d
+        }
+        if let d = duration(m["idle_timeout"], at: m.path("idle_timeout"), min: .milliseconds(1)) {
+            cluster.idleTimeout = d
+        }
+        if let lb = oneOf(m["load_balancer"], at: m.path("load_balancer"),
+                          ["round_robin": LoadBalancerKind.roundRobin, "least_request": .leastRequest]) {
+            cluster.loadBalancer = lb
+        }
+        if let b = map(m["circuit_breakers"], at: m.path("circuit_breakers"),
+                       keys: ["max_connections", "max_pending_requests", "max_requests", "max_retries"]) {
+            if let v = int(b["max_connections"], at: b.path("max_connections"), range: 1...1_000_000) {
+                cluster.circuitBreakers.maxConnections = v
+            }
+            if let v = int(b["max_pending_requests"], at: b.path("max_pending_requests"), range: 0...1_000_000) {
+                cluster.circuitBreakers.maxPendingRequests = v
+            }
+            if let v = int(b["max_requests"], at: b.path("max_requests"), range: 1...1_000_000) {
+                cluster.circuitBreakers.maxRequests = v
+            }
+            if let v = int(b["max_retries"], at: b.path("max_retries"), range: 0...1_000_000) {
+                cluster.circuitBreakers.maxRetries = v
+            }
+        }
+        guard name != nil else { return nil }
+        return cluster
+    }
+
+    /// Reports a missing required key; passes a present value through.
+    mutating func required<T>(_ value: T?, _ m: MapView, _ key: String) -> T? {
+        if value == nil, m[key] == nil { fail(m.path(key), "is required") }
+        return value
+    }
+}

@@ -1,0 +1,177 @@
+import Yams
+
+/// The whole validated configuration of one Vigil. Built only through `VigilConfig.parse`, so a value
+/// of this type has passed every check: references resolve, names are unique, limits are in range.
+public struct VigilConfig: Sendable, Equatable {
+    public var nodeID: String
+    public var admin: AdminConfig
+    public var stateDir: String
+    public var accessLog: AccessLogOutput
+    /// How long in-flight requests may run after SIGTERM/SIGINT or `POST /drain` before Vigil exits.
+    public var drainTimeout: Duration
+    public var listeners: [ListenerConfig]
+    public var clusters: [ClusterConfig]
+
+    public init(nodeID: String = "vigil", admin: AdminConfig = .init(), stateDir: String = "./.vigil",
+                accessLog: AccessLogOutput = .stdout, drainTimeout: Duration = .seconds(30),
+                listeners: [ListenerConfig], clusters: [ClusterConfig]) {
+        self.nodeID = nodeID
+        self.admin = admin
+        self.stateDir = stateDir
+        self.accessLog = accessLog
+        self.drainTimeout = drainTimeout
+        self.listeners = listeners
+        self.clusters = clusters
+    }
+
+    public func cluster(named name: String) -> ClusterConfig? { clusters.first { $0.name == name } }
+}
+
+public struct AdminConfig: Sendable, Equatable {
+    /// Default `127.0.0.1:15000` (Istio's admin port), loopback only.
+    public var address: SocketAddressSpec
+    public init(address: SocketAddressSpec = .init(host: "127.0.0.1", port: 15000)) { self.address = address }
+}
+
+public enum AccessLogOutput: Sendable, Equatable {
+    case stdout
+    case off
+    case file(String)
+}
+
+public enum ListenerProtocol: String, Sendable, Equatable {
+    case http1, http2
+    /// HTTP/2 when the connection opens with the h2 preface (prior knowledge), HTTP/1.1 otherwise.
+    case auto
+}
+
+public struct ListenerConfig: Sendable, Equatable {
+    public var name: String
+    public var address: SocketAddressSpec
+    public var `protocol`: ListenerProtocol
+    public var routes: [RouteConfig]
+    public var limits: ListenerLimits
+
+    public init(name: String, address: SocketAddressSpec, protocol: ListenerProtocol = .auto,
+                routes: [RouteConfig], limits: ListenerLimits = .init()) {
+        self.name = name
+        self.address = address
+        self.protocol = `protocol`
+        self.routes = routes
+        self.limits = limits
+    }
+}
+
+/// Per-listener limits. Each has a default and a key of the same name under `listeners[].limits`.
+public struct ListenerLimits: Sendable, Equatable {
+    /// Largest request head (request line and header fields) accepted; above it Vigil answers 431.
+    /// Envoy and HAProxy default to 60–64 KiB.
+    public var maxHeaderBytes: Int = 64 * 1024
+    /// Largest request body accepted; above it Vigil answers 413. `nil` (the default) is no limit:
+    /// bodies are streamed, never buffered, so size costs no memory.
+    public var maxBodyBytes: Int? = nil
+    /// Most header fields in one request head (HAProxy's default is 101, Envoy's 100).
+    public var maxHeaderCount: Int = 100
+    /// Open downstream connections on this listener; past it new connections are closed at accept.
+    public var maxConnections: Int = 16384
+    /// A keep-alive connection with no request in flight is closed after this long.
+    public var idleTimeout: Duration = .seconds(60)
+    /// A request head must arrive complete within this long of its first byte (slow-loris guard).
+    public var headerTimeout: Duration = .seconds(10)
+    /// Most concurrent streams per HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    public var maxConcurrentStreams: Int = 100
+
+    public init() {}
+}
+
+public struct RouteConfig: Sendable, Equatable {
+    public var match: RouteMatch
+    public var cluster: String
+    /// Whole-request deadline, from the request head to the last response byte's start; 504 when it
+    /// passes before the response head. Envoy's default is 15 s. Zero disables it.
+    public var timeout: Duration
+
+    public init(match: RouteMatch, cluster: String, timeout: Duration = .seconds(15)) {
+        self.match = match
+        self.cluster = cluster
+        self.timeout = timeout
+    }
+}
+
+public struct RouteMatch: Sendable, Equatable {
+    public enum Path: Sendable, Equatable {
+        case prefix(String)
+        case exact(String)
+    }
+
+    public var path: Path
+    /// Host names the request's authority must match (port ignored, case-insensitive); a leading
+    /// `*.` matches any subdomain. Empty matches every authority.
+    public var authorities: [String]
+    /// Header fields that must be present with exactly these values. Names are lowercase.
+    public var headers: [HeaderMatch]
+    /// Methods accepted; empty accepts every method.
+    public var methods: [String]
+
+    public init(path: Path, authorities: [String] = [], headers: [HeaderMatch] = [], methods: [String] = []) {
+        self.path = path
+        self.authorities = authorities
+        self.headers = headers
+        self.methods = methods
+    }
+}
+
+public struct HeaderMatch: Sendable, Equatable {
+    public var name: String
+    public var value: String
+    public init(name: String, value: String) {
+        self.name = name.lowercased()
+        self.value = value
+    }
+}
+
+public enum UpstreamProtocol: String, Sendable, Equatable {
+    case http1, http2
+}
+
+public enum LoadBalancerKind: String, Sendable, Equatable {
+    case roundRobin = "round_robin"
+    case leastRequest = "least_request"
+}
+
+public struct ClusterConfig: Sendable, Equatable {
+    public var name: String
+    public var endpoints: [SocketAddressSpec]
+    public var `protocol`: UpstreamProtocol
+    /// Time allowed for the TCP connect to an endpoint; past it the attempt fails as a connect failure.
+    public var connectTimeout: Duration
+    /// An idle pooled upstream connection is closed after this long.
+    public var idleTimeout: Duration
+    public var loadBalancer: LoadBalancerKind
+    public var circuitBreakers: CircuitBreakerLimits
+
+    public init(name: String, endpoints: [SocketAddressSpec], protocol: UpstreamProtocol = .http1,
+                connectTimeout: Duration = .seconds(1), idleTimeout: Duration = .seconds(60),
+                loadBalancer: LoadBalancerKind = .leastRequest, circuitBreakers: CircuitBreakerLimits = .init()) {
+        self.name = name
+        self.endpoints = endpoints
+        self.protocol = `protocol`
+        self.connectTimeout = connectTimeout
+        self.idleTimeout = idleTimeout
+        self.loadBalancer = loadBalancer
+        self.circuitBreakers = circuitBreakers
+    }
+}
+
+/// Envoy's circuit-breaker thresholds, with Envoy's defaults (1024, 1024, 1024, 3).
+public struct CircuitBreakerLimits: Sendable, Equatable {
+    /// Upstream connections to the whole cluster, across every event loop.
+    public var maxConnections: Int = 1024
+    /// Requests waiting for a pooled connection; past it the request is answered 503 `overflow`.
+    public var maxPendingRequests: Int = 1024
+    /// Requests in flight to the cluster.
+    public var maxRequests: Int = 1024
+    /// Retries in flight to the cluster.
+    public var maxRetries: Int = 3
+    public init() {}
+}

@@ -1,0 +1,163 @@
+import NIOCore
+
+/// Decodes a chunked body (RFC 9112 §7.1) incrementally, handing out the data as slices of the input.
+///
+/// A value type fed with whatever bytes arrived; it returns the pieces it could decode and keeps its
+/// place in the grammar between calls. Chunk extensions are checked and dropped (Vigil re-frames bodies);
+/// the trailer section is parsed with the same field rules as a head.
+public struct ChunkedDecoder: Sendable {
+    public enum Event: Sendable, Equatable {
+        case data(ByteBuffer)
+        /// The last chunk and trailer section arrived; `trailers` is the raw trailer field lines (each ending
+        /// in CRLF, without the final empty line), empty when there are none.
+        case end(trailers: ByteBuffer?)
+    }
+
+    enum State: Sendable, Equatable {
+        /// Reading hex digits of a chunk size; `digits` so far.
+        case size(digits: Int)
+        /// After the size: chunk extensions until CR.
+        case extensions(sawQuote: Bool)
+        /// Expecting the LF that ends the size line.
+        case sizeLF
+        case data(remaining: Int)
+        /// Expecting CR then LF after a chunk's data.
+        case dataCR
+        case dataLF
+        /// Reading trailer lines after the last chunk.
+        case trailers
+        case done
+    }
+
+    private var state: State = .size(digits: 0)
+    private var size = 0
+    private var isLast = false
+    private var trailerBuffer: ByteBuffer?
+    private let maxTrailerBytes: Int
+
+    public init(maxTrailerBytes: Int = 64 * 1024) {
+        self.maxTrailerBytes = maxTrailerBytes
+    }
+
+    public var isDone: Bool { state == .done }
+
+    /// Consumes `input` entirely (unless the body ends inside it, in which case the bytes after the body
+    /// are left in `input`), appending decoded events to `events`.
+    public mutating func decode(_ input: inout ByteBuffer, into events: inout [Event]) throws(HTTP1ParseError) {
+        while input.readableBytes > 0 {
+            switch state {
+            case .data(let remaining):
+                let n = min(remaining, input.readableBytes)
+                events.append(.data(input.readSlice(length: n)!))
+                state = remaining == n ? .dataCR : .data(remaining: remaining - n)
+            case .trailers:
+                try decodeTrailers(&input, into: &events)
+            case .done:
+                return
+            case .size, .extensions, .sizeLF, .dataCR, .dataLF:
+                let b = input.readInteger(as: UInt8.self)!
+                try step(b)
+                if state == .done { events.append(.end(trailers: nil)) }
+            }
+        }
+    }
+
+    private mutating func step(_ b: UInt8) throws(HTTP1ParseError) {
+        switch state {
+        case .size(let digits):
+            if let v = hexValue(b) {
+                // 15 hex digits is far beyond any body size and cannot overflow Int.
+                guard digits < 15 else { throw Self.bad("chunk size is too large") }
+                size = size << 4 | v
+                state = .size(digits: digits + 1)
+            } else if digits > 0 && b == 0x3B {  // ';'
+                state = .extensions(sawQuote: false)
+            } else if digits > 0 && (b == 0x20 || b == 0x09) {
+                // BWS is allowed only before a ';' that starts an extension.
+                state = .extensions(sawQuote: false)
+            } else if digits > 0 && b == 0x0D {
+                state = .sizeLF
+            } else {
+                throw Self.bad("chunk size is not a hex number")
+            }
+        case .extensions(let inQuote):
+            // chunk-ext is checked loosely for content but strictly for line structure: no bare CR/LF, no controls.
+            if b == 0x0D && !inQuote {
+                state = .sizeLF
+            } else if b == 0x22 {
+                state = .extensions(sawQuote: !inQuote)
+            } else if b == 0x0A || b == 0x0D || (b < 0x20 && b != 0x09) || b == 0x7F {
+                throw Self.bad("chunk extension holds a control character")
+            }
+        case .sizeLF:
+            guard b == 0x0A else { throw Self.bad("chunk size line must end with CRLF") }
+            if size == 0 {
+                isLast = true
+                state = .trailers
+            } else {
+                state = .data(remaining: size)
+            }
+            size = 0
+        case .dataCR:
+            guard b == 0x0D else { throw Self.bad("chunk data must be followed by CRLF") }
+            state = .dataLF
+        case .dataLF:
+            guard b == 0x0A else { throw Self.bad("chunk data must be followed by CRLF") }
+            state = .size(digits: 0)
+        case .data, .trailers, .done:
+            preconditionFailure("handled in decode")
+        }
+    }
+
+    /// Trailer section: field lines until an empty line, each checked like a header field.
+    private mutating func decodeTrailers(_ input: inout ByteBuffer, into events: inout [Event]) throws(HTTP1ParseError) {
+        var pending = trailerBuffer ?? ByteBuffer()
+        trailerBuffer = nil
+        // Look for the end of the trailer section: CRLF at the start or CRLFCRLF.
+        pending.writeImmutableBuffer(input)
+        input.moveReaderIndex(forwardBy: input.readableBytes)
+        let view = pending.readableBytesView
+        if view.count >= 2, view.first == 0x0D, view[view.startIndex + 1] == 0x0A {
+            // No trailers.
+            pending.moveReaderIndex(forwardBy: 2)
+            input = pending
+            state = .done
+            events.append(.end(trailers: nil))
+            return
+        }
+        if view.first == 0x0A { throw Self.bad("trailer section must end with CRLF") }
+        // Reuse the head scanner: a fake start line keeps the field rules in one place.
+        var probe = ByteBuffer(string: "T\r\n")
+        probe.writeImmutableBuffer(pending)
+        let limits = HTTP1HeadLimits(maxHeaderBytes: maxTrailerBytes, maxHeaderCount: 100)
+        let scan = probe.withUnsafeReadableBytes { HTTP1Parser.scanHead($0, limits: limits, isRequest: false) }
+        switch scan {
+        case .needMore:
+            trailerBuffer = pending
+        case .error(let e):
+            throw HTTP1ParseError.bad("bad_chunked_body", "bad trailer: \(e.detail)")
+        case .complete(_, let length, _, _):
+            let trailerLength = length - 3  // without the fake start line
+            var trailers = pending.readSlice(length: trailerLength - 2)!  // without the final CRLF
+            pending.moveReaderIndex(forwardBy: 2)
+            input = pending
+            state = .done
+            if trailers.readableBytes == 0 { events.append(.end(trailers: nil)) } else {
+                trailers = ByteBuffer(buffer: trailers)
+                events.append(.end(trailers: trailers))
+            }
+        }
+    }
+
+    @inline(__always)
+    private func hexValue(_ b: UInt8) -> Int? {
+        switch b {
+        case 0x30...0x39: return Int(b - 0x30)
+        case 0x41...0x46: return Int(b - 0x41 + 10)
+        case 0x61...0x66: return Int(b - 0x61 + 10)
+        default: return nil
+        }
+    }
+
+    static func bad(_ detail: String) -> HTTP1ParseError { .bad("bad_chunked_body", detail) }
+}

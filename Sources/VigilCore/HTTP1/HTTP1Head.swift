@@ -1,0 +1,180 @@
+import NIOCore
+
+/// Header fields the proxy treats specially; every other field is `.other` and forwarded as it came.
+public enum HTTP1FieldKind: UInt8, Sendable {
+    case other
+    case host
+    case contentLength
+    case transferEncoding
+    case connection
+    case keepAlive
+    case te
+    case upgrade
+    case expect
+    /// `Proxy-Connection`, `Proxy-Authorization`, ...: hop-by-hop by convention (HAProxy, Envoy strip them).
+    case proxyPrefixed
+    case xForwardedFor
+    case xForwardedProto
+    case xRequestID
+    case trailer
+
+    /// Classifies a field name by its length first, so most names cost one switch and no compare.
+    @inline(__always)
+    static func classify(_ p: UnsafeRawBufferPointer, _ start: Int, _ count: Int) -> HTTP1FieldKind {
+        func eq(_ lit: StaticString) -> Bool { HTTPTokens.equalsLowercase(p, start, count, lit) }
+        switch count {
+        case 2: if eq("te") { return .te }
+        case 4: if eq("host") { return .host }
+        case 6: if eq("expect") { return .expect }
+        case 7:
+            if eq("upgrade") { return .upgrade }
+            if eq("trailer") { return .trailer }
+        case 10:
+            if eq("connection") { return .connection }
+            if eq("keep-alive") { return .keepAlive }
+        case 12: if eq("x-request-id") { return .xRequestID }
+        case 14: if eq("content-length") { return .contentLength }
+        case 15: if eq("x-forwarded-for") { return .xForwardedFor }
+        case 17:
+            if eq("transfer-encoding") { return .transferEncoding }
+            if eq("x-forwarded-proto") { return .xForwardedProto }
+        default: break
+        }
+        if count > 6, eq6proxy(p, start) { return .proxyPrefixed }
+        return .other
+    }
+
+    @inline(__always)
+    private static func eq6proxy(_ p: UnsafeRawBufferPointer, _ start: Int) -> Bool {
+        HTTPTokens.equalsLowercase(p, start, 6, "proxy-")
+    }
+}
+
+/// One field line of a head, as offsets into the head's bytes: nothing is copied while parsing.
+public struct HTTP1Field: Sendable, Equatable {
+    public var kind: HTTP1FieldKind
+    /// Start of the line (the first byte of the name).
+    public var lineStart: Int
+    public var nameEnd: Int
+    public var valueStart: Int
+    public var valueEnd: Int
+    /// One past the line's LF.
+    public var lineEnd: Int
+}
+
+/// How the body of a message is delimited (RFC 9112 §6).
+public enum HTTP1BodyFraming: Sendable, Equatable {
+    case none
+    case length(Int)
+    case chunked
+    /// Responses only: the body runs until the upstream closes the connection.
+    case untilClose
+}
+
+/// Tokens of the Connection header that change what the proxy does; other tokens name
+/// further hop-by-hop fields to remove.
+public struct HTTP1ConnectionTokens: Sendable, Equatable {
+    public var close = false
+    public var keepAlive = false
+    public var upgrade = false
+    /// Lowercased field names listed in Connection besides close/keep-alive/upgrade. Rare, so an
+    /// array allocated only when present.
+    public var nominated: [String] = []
+}
+
+/// Accessors shared by request and response heads: both are a byte buffer and field offsets into it.
+public protocol HTTP1HeadFields {
+    var bytes: ByteBuffer { get }
+    var fields: [HTTP1Field] { get }
+}
+
+extension HTTP1HeadFields {
+    /// The first value of a field of this kind, as a string.
+    public func value(of kind: HTTP1FieldKind) -> String? {
+        guard let f = fields.first(where: { $0.kind == kind }) else { return nil }
+        return valueString(f)
+    }
+
+    /// The first value of the field with this (lowercase) name.
+    public func value(named name: String) -> String? {
+        for f in fields where nameEquals(f, name) { return valueString(f) }
+        return nil
+    }
+
+    public func valueString(_ f: HTTP1Field) -> String {
+        bytes.getString(at: bytes.readerIndex + f.valueStart, length: f.valueEnd - f.valueStart) ?? ""
+    }
+
+    public func nameString(_ f: HTTP1Field) -> String {
+        bytes.getString(at: bytes.readerIndex + f.lineStart, length: f.nameEnd - f.lineStart) ?? ""
+    }
+
+    /// Case-insensitive comparison of a field's name with a lowercase name.
+    public func nameEquals(_ f: HTTP1Field, _ lowercaseName: String) -> Bool {
+        let count = f.nameEnd - f.lineStart
+        guard count == lowercaseName.utf8.count else { return false }
+        return bytes.withUnsafeReadableBytes { p in
+            var i = f.lineStart
+            for c in lowercaseName.utf8 {
+                if HTTPTokens.lower(p[i]) != c { return false }
+                i += 1
+            }
+            return true
+        }
+    }
+}
+
+/// A request head that passed RFC 9112 validation, with its framing worked out.
+public struct HTTP1RequestHead: HTTP1HeadFields, Sendable {
+    /// The head's bytes, from the request line to the blank line, as received.
+    public var bytes: ByteBuffer
+    public var method: String
+    public var target: String
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1 (higher 1.x minors are treated as 1.1, RFC 9110 §6.2).
+    public var minorVersion: Int
+    public var fields: [HTTP1Field]
+    public var framing: HTTP1BodyFraming
+    public var connection: HTTP1ConnectionTokens
+    /// The client asked to keep the connection open after this exchange.
+    public var keepAlive: Bool
+    public var expectContinue: Bool
+    /// Connection: upgrade together with an Upgrade field (WebSocket and the like).
+    public var isUpgrade: Bool
+    /// The authority: the Host field, or the authority of an absolute-form target.
+    public var authority: String
+    /// The path and query, in origin-form (an absolute-form target is reduced to it).
+    public var path: String
+
+    public var isHead: Bool { method == "HEAD" }
+}
+
+/// A response head from an upstream, validated the same way.
+public struct HTTP1ResponseHead: HTTP1HeadFields, Sendable {
+    public var bytes: ByteBuffer
+    public var status: Int
+    public var minorVersion: Int
+    public var fields: [HTTP1Field]
+    public var connection: HTTP1ConnectionTokens
+    /// Offset of the reason phrase within `bytes` and its length, to forward it unchanged.
+    public var reasonStart: Int
+    public var reasonEnd: Int
+    public var transferEncodingChunked: Bool
+    public var transferEncodingPresent: Bool
+    public var contentLength: Int?
+
+    /// RFC 9112 §6.3: how the body of this response is delimited, given the request it answers.
+    public func framing(requestMethodIsHead: Bool) -> HTTP1BodyFraming {
+        if requestMethodIsHead || (100..<200).contains(status) || status == 204 || status == 304 { return .none }
+        if transferEncodingPresent { return transferEncodingChunked ? .chunked : .untilClose }
+        if let contentLength { return contentLength == 0 ? .none : .length(contentLength) }
+        return .untilClose
+    }
+
+    /// Whether the upstream connection can carry another request after this response.
+    public var reusable: Bool {
+        if connection.close { return false }
+        if transferEncodingPresent && !transferEncodingChunked { return false }
+        if transferEncodingPresent && contentLength != nil { return false }
+        return minorVersion >= 1 || connection.keepAlive
+    }
+}

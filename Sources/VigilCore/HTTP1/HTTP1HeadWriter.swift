@@ -1,0 +1,220 @@
+import NIOCore
+
+/// A request id: 128 random bits written as a version-4 UUID, as Envoy generates `x-request-id`.
+/// Kept as two integers so generating one per request allocates nothing.
+public struct RequestID: Sendable, Equatable {
+    public var high: UInt64
+    public var low: UInt64
+
+    public init<R: RandomNumberGenerator>(using random: inout R) {
+        // Version 4, variant 10 (RFC 9562 §5.4).
+        high = (random.next() & 0xFFFF_FFFF_FFFF_0FFF) | 0x0000_0000_0000_4000
+        low = (random.next() & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
+    }
+
+    public func write(to buffer: inout ByteBuffer) {
+        let hex: StaticString = "0123456789abcdef"
+        buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: 36) { out in
+            var o = 0
+            func put(_ v: UInt64, _ nibbles: Int) {
+                for k in stride(from: nibbles - 1, through: 0, by: -1) {
+                    out[o] = hex.utf8Start[Int((v >> (UInt64(k) * 4)) & 0xF)]
+                    o += 1
+                }
+            }
+            put(high >> 32, 8); out[o] = 0x2D; o += 1
+            put(high >> 16, 4); out[o] = 0x2D; o += 1
+            put(high, 4); out[o] = 0x2D; o += 1
+            put(low >> 48, 4); out[o] = 0x2D; o += 1
+            put(low, 12)
+            return 36
+        }
+    }
+
+    public var string: String {
+        var b = ByteBuffer()
+        write(to: &b)
+        return b.readString(length: 36)!
+    }
+}
+
+/// Facts about the downstream connection that the forwarded head carries.
+public struct ForwardingFacts: Sendable {
+    /// The client's address as it goes into x-forwarded-for (no port).
+    public var clientAddress: String
+    /// "http" or "https": what the client spoke to Vigil.
+    public var scheme: String
+    public init(clientAddress: String, scheme: String) {
+        self.clientAddress = clientAddress
+        self.scheme = scheme
+    }
+}
+
+/// Builds the heads Vigil sends on, from the received ones, by copying the kept field lines as they came
+/// and cutting or adding a few. Hop-by-hop fields are removed as RFC 9110 §7.6.1 requires of a proxy.
+public enum HTTP1HeadWriter {
+    /// How the forwarded request's body is framed: Vigil re-frames chunked bodies itself.
+    ///
+    /// - Returns: whether the request already carried an x-request-id (if not, `newRequestID` was added).
+    @discardableResult
+    public static func writeRequest(_ head: HTTP1RequestHead, facts: ForwardingFacts, newRequestID: RequestID,
+                                    into out: inout ByteBuffer) -> Bool {
+        out.reserveCapacity(minimumWritableBytes: head.bytes.readableBytes + 160)
+        out.writeString(head.method)
+        out.writeInteger(UInt8(0x20))
+        out.writeString(head.path)
+        out.writeStaticString(" HTTP/1.1\r\n")
+        let absoluteForm = head.path != head.target && head.target != "*"
+        var hadRequestID = false
+        var forwardedFor: [ByteBufferView] = []
+        var teTrailers = false
+        let nominated = head.connection.nominated
+        let bytes = head.bytes
+        let base = bytes.readerIndex
+        // Runs of kept lines are copied with one write each.
+        var runStart = -1
+        var runEnd = -1
+        func flush(_ out: inout ByteBuffer) {
+            if runStart >= 0 {
+                out.writeImmutableBuffer(bytes.getSlice(at: base + runStart, length: runEnd - runStart)!)
+                runStart = -1
+            }
+        }
+        for f in head.fields {
+            var keep: Bool
+            switch f.kind {
+            case .host: keep = !absoluteForm
+            case .contentLength: keep = true
+            case .transferEncoding, .connection, .keepAlive, .proxyPrefixed, .xForwardedProto: keep = false
+            case .te:
+                keep = false
+                teTrailers = teTrailers || head.valueString(f).lowercased().split(separator: ",")
+                    .contains { $0.trimmingSpaces() == "trailers" }
+            case .upgrade: keep = head.isUpgrade
+            case .xForwardedFor:
+                keep = false
+                if f.valueEnd > f.valueStart {
+                    forwardedFor.append(bytes.getSlice(at: base + f.valueStart, length: f.valueEnd - f.valueStart)!
+                        .readableBytesView)
+                }
+            case .xRequestID:
+                keep = true
+                hadRequestID = true
+            case .expect, .trailer, .other:
+                keep = nominated.isEmpty || !nominated.contains { head.nameEquals(f, $0) }
+            }
+            if keep {
+                if runStart < 0 { runStart = f.lineStart }
+                runEnd = f.lineEnd
+            } else {
+                flush(&out)
+            }
+        }
+        flush(&out)
+        if absoluteForm || (head.minorVersion == 0 && head.value(of: .host) == nil && !head.authority.isEmpty) {
+            out.writeStaticString("host: ")
+            out.writeString(head.authority)
+            out.writeStaticString("\r\n")
+        }
+        if head.framing == .chunked { out.writeStaticString("transfer-encoding: chunked\r\n") }
+        if head.isUpgrade { out.writeStaticString("connection: upgrade\r\n") }
+        if teTrailers { out.writeStaticString("te: trailers\r\n") }
+        out.writeStaticString("x-forwarded-for: ")
+        for prior in forwardedFor {
+            out.writeBytes(prior)
+            out.writeStaticString(", ")
+        }
+        out.writeString(facts.clientAddress)
+        out.writeStaticString("\r\nx-forwarded-proto: ")
+        out.writeString(facts.scheme)
+        out.writeStaticString("\r\n")
+        if !hadRequestID {
+            out.writeStaticString("x-request-id: ")
+            newRequestID.write(to: &out)
+            out.writeStaticString("\r\n")
+        }
+        out.writeStaticString("\r\n")
+        return hadRequestID
+    }
+
+    /// How the response body travels to the client.
+    public enum DownstreamFraming: Sendable, Equatable {
+        case none
+        case length(Int)
+        case chunked
+        /// HTTP/1.0 clients: raw bytes, then Vigil closes the connection.
+        case close
+    }
+
+    /// Chooses the downstream framing for a response body.
+    public static func downstreamFraming(upstream: HTTP1BodyFraming, clientMinorVersion: Int) -> DownstreamFraming {
+        switch upstream {
+        case .none: return .none
+        case .length(let n): return .length(n)
+        case .chunked, .untilClose: return clientMinorVersion >= 1 ? .chunked : .close
+        }
+    }
+
+    /// Writes the response head for the client: status line, the kept fields, and Vigil's framing.
+    public static func writeResponse(_ head: HTTP1ResponseHead, framing: DownstreamFraming, keepAlive: Bool,
+                                     clientMinorVersion: Int, into out: inout ByteBuffer) {
+        let isSwitch = head.status == 101
+        out.reserveCapacity(minimumWritableBytes: head.bytes.readableBytes + 64)
+        out.writeStaticString(clientMinorVersion >= 1 ? "HTTP/1.1 " : "HTTP/1.0 ")
+        out.writeImmutableBuffer(head.bytes.getSlice(at: head.bytes.readerIndex + 9, length: 3)!)
+        out.writeInteger(UInt8(0x20))
+        if head.reasonEnd > head.reasonStart {
+            out.writeImmutableBuffer(head.bytes.getSlice(at: head.bytes.readerIndex + head.reasonStart,
+                                                         length: head.reasonEnd - head.reasonStart)!)
+        }
+        out.writeStaticString("\r\n")
+        let nominated = head.connection.nominated
+        let base = head.bytes.readerIndex
+        var runStart = -1
+        var runEnd = -1
+        for f in head.fields {
+            let keep: Bool
+            switch f.kind {
+            case .contentLength:
+                if case .length = framing { keep = true } else { keep = isNoBodyWithLength(head, framing) }
+            case .transferEncoding, .connection, .keepAlive, .proxyPrefixed, .te: keep = false
+            case .upgrade: keep = isSwitch
+            case .host, .expect, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .other:
+                keep = nominated.isEmpty || !nominated.contains { head.nameEquals(f, $0) }
+            }
+            if keep {
+                if runStart < 0 { runStart = f.lineStart }
+                runEnd = f.lineEnd
+            } else if runStart >= 0 {
+                out.writeImmutableBuffer(head.bytes.getSlice(at: base + runStart, length: runEnd - runStart)!)
+                runStart = -1
+            }
+        }
+        if runStart >= 0 {
+            out.writeImmutableBuffer(head.bytes.getSlice(at: base + runStart, length: runEnd - runStart)!)
+        }
+        switch framing {
+        case .chunked: out.writeStaticString("transfer-encoding: chunked\r\n")
+        case .none, .length, .close: break
+        }
+        if isSwitch {
+            out.writeStaticString("connection: upgrade\r\n")
+        } else if !keepAlive {
+            out.writeStaticString("connection: close\r\n")
+        } else if clientMinorVersion == 0 {
+            out.writeStaticString("connection: keep-alive\r\n")
+        }
+        out.writeStaticString("\r\n")
+    }
+
+    /// A response to HEAD, or a 304, may carry the Content-Length the body would have had.
+    private static func isNoBodyWithLength(_ head: HTTP1ResponseHead, _ framing: DownstreamFraming) -> Bool {
+        framing == .none && !head.transferEncodingPresent
+    }
+
+    /// Writes one chunk of a chunked body: size line, data, CRLF.
+    public static func writeChunkHeader(length: Int, into out: inout ByteBuffer) {
+        out.writeString(String(length, radix: 16))
+        out.writeStaticString("\r\n")
+    }
+}

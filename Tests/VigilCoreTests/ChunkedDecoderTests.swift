@@ -1,0 +1,78 @@
+import NIOCore
+import Testing
+@testable import VigilCore
+
+@Suite struct ChunkedDecoderTests {
+    /// Feeds `input` in pieces of `step` bytes; returns the body, the trailers and what was left after the body.
+    func decode(_ input: String, step: Int = .max) throws(HTTP1ParseError) -> (String, String?, String, Bool) {
+        var decoder = ChunkedDecoder(maxTrailerBytes: 256)
+        var body = ""
+        var trailers: String?
+        var rest = ""
+        let bytes = Array(input.utf8)
+        var offset = 0
+        while offset < bytes.count {
+            let n = min(step, bytes.count - offset)
+            var buffer = ByteBuffer(bytes: bytes[offset..<offset + n])
+            offset += n
+            var events: [ChunkedDecoder.Event] = []
+            try decoder.decode(&buffer, into: &events)
+            for e in events {
+                switch e {
+                case .data(let d): body += String(buffer: d)
+                case .end(let t): trailers = t.map { String(buffer: $0) } ?? ""
+                }
+            }
+            if decoder.isDone {
+                rest = String(buffer: buffer) + String(decoding: bytes[offset...], as: UTF8.self)
+                break
+            }
+        }
+        return (body, trailers, rest, decoder.isDone)
+    }
+
+    @Test(arguments: [1, 2, 3, 7, 1000])
+    func decodesInAnySplit(step: Int) throws {
+        let (body, trailers, rest, done) = try decode("5\r\nhello\r\n6;ext=\"a b\"\r\n world\r\nA\r\n0123456789\r\n0\r\n\r\nNEXT",
+                                                      step: step)
+        #expect(body == "hello world0123456789")
+        #expect(trailers == "")
+        #expect(rest == "NEXT")
+        #expect(done)
+    }
+
+    @Test func trailersAreParsed() throws {
+        let (body, trailers, rest, _) = try decode("3\r\nabc\r\n0\r\nX-Sum: 1\r\nX-B: 2\r\n\r\nNEXT", step: 4)
+        #expect(body == "abc")
+        #expect(trailers == "X-Sum: 1\r\nX-B: 2\r\n")
+        #expect(rest == "NEXT")
+    }
+
+    @Test func incompleteBodyIsNotDone() throws {
+        let (body, trailers, _, done) = try decode("5\r\nhel")
+        #expect(body == "hel" && trailers == nil && !done)
+    }
+
+    @Test(arguments: [
+        "x\r\n",                 // not hex
+        "\r\n",                  // empty size
+        "5\nhello\r\n0\r\n\r\n", // bare LF after size
+        "5\r\nhelloX\r\n",       // data longer than its size
+        "5\r\nhello\n0\r\n\r\n", // bare LF after data
+        "1234567890abcdef0\r\n", // size too large
+        "0x5\r\n",               // 0x prefix
+        "-5\r\n",
+        "5;a\u{0}\r\n",          // control in an extension
+        "5;a\nb\r\n",            // bare LF in an extension
+        "0\r\nBad Trailer: x\r\n\r\n",
+        "0\r\nX: a\n\r\n",
+        "0\r\n\n",
+    ])
+    func malformedChunkingIsRefused(input: String) {
+        #expect(throws: HTTP1ParseError.self, "\(input.debugDescription)") { _ = try decode(input) }
+    }
+
+    @Test func sizeWithWhitespaceBeforeExtensionIsAccepted() throws {
+        #expect(try decode("3 ;x=y\r\nabc\r\n0\r\n\r\n").0 == "abc")
+    }
+}

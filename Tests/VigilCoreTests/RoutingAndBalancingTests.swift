@@ -1,0 +1,78 @@
+import Testing
+@testable import VigilCore
+
+struct FakeRequest: RoutableRequest {
+    var method = "GET"
+    var path = "/"
+    var authority = "api.example.com"
+    var headers: [String: String] = [:]
+    func headerValue(_ name: String) -> String? { headers[name] }
+}
+
+@Suite struct RoutingTests {
+    let table = RouteTable([
+        RouteConfig(match: RouteMatch(path: .exact("/health")), cluster: "health"),
+        RouteConfig(match: RouteMatch(path: .prefix("/v1/"), headers: [HeaderMatch(name: "X-Env", value: "prod")]), cluster: "prod"),
+        RouteConfig(match: RouteMatch(path: .prefix("/v1/"), methods: ["POST"]), cluster: "writes"),
+        RouteConfig(match: RouteMatch(path: .prefix("/"), authorities: ["*.internal", "admin.example.com"]), cluster: "internal"),
+        RouteConfig(match: RouteMatch(path: .prefix("/v1/")), cluster: "v1"),
+    ])
+
+    func route(_ r: FakeRequest) -> String? { table.match(r).map { table.routes[$0].cluster } }
+
+    @Test func firstMatchWins() {
+        #expect(route(FakeRequest(path: "/health")) == "health")
+        #expect(route(FakeRequest(path: "/health?verbose=1")) == "health")
+        #expect(route(FakeRequest(path: "/healthz")) == nil)
+        #expect(route(FakeRequest(path: "/v1/x", headers: ["x-env": "prod"])) == "prod")
+        #expect(route(FakeRequest(path: "/v1/x", headers: ["x-env": "Prod"])) == "v1")
+        #expect(route(FakeRequest(method: "POST", path: "/v1/x")) == "writes")
+        #expect(route(FakeRequest(path: "/v1/x")) == "v1")
+        #expect(route(FakeRequest(path: "/v2")) == nil)
+    }
+
+    @Test func authorityMatching() {
+        #expect(route(FakeRequest(path: "/a", authority: "db.internal:8080")) == "internal")
+        #expect(route(FakeRequest(path: "/a", authority: "DB.Internal")) == "internal")
+        #expect(route(FakeRequest(path: "/a", authority: "internal")) == nil)
+        #expect(route(FakeRequest(path: "/a", authority: "Admin.Example.com")) == "internal")
+        #expect(route(FakeRequest(path: "/a", authority: "x.admin.example.com")) == nil)
+        #expect(RouteTable.hostWithoutPort("[::1]:80") == "[::1]")
+    }
+}
+
+@Suite struct LoadBalancerTests {
+    @Test func roundRobinRotates() {
+        let picks = (0..<6).map { LoadBalancer.roundRobin(candidates: [3, 5, 7], sequence: UInt64($0))! }
+        #expect(picks == [3, 5, 7, 3, 5, 7])
+        #expect(LoadBalancer.roundRobin(candidates: [], sequence: 1) == nil)
+    }
+
+    @Test func leastRequestSpreadsEvenlyWhenIdle() {
+        var r = SplitMix64(seed: 7)
+        var counts = [0, 0, 0, 0]
+        for _ in 0..<40_000 { counts[LoadBalancer.leastRequest(candidates: [0, 1, 2, 3], active: { _ in 0 }, random: &r)!] += 1 }
+        for c in counts { #expect(abs(c - 10_000) < 500, "\(counts)") }
+    }
+
+    @Test func leastRequestAvoidsTheBusyHost() {
+        var r = SplitMix64(seed: 9)
+        let active = [50, 0, 0]
+        var counts = [0, 0, 0]
+        for _ in 0..<3000 { counts[LoadBalancer.leastRequest(candidates: [0, 1, 2], active: { active[$0] }, random: &r)!] += 1 }
+        // With two distinct draws out of three, the busy host loses every comparison it is in.
+        #expect(counts[0] == 0)
+        #expect(counts[1] > 1300 && counts[2] > 1300)
+    }
+
+    @Test func leastRequestBiasFollowsLoad() {
+        var r = SplitMix64(seed: 11)
+        let active = [1, 2, 3, 4, 5]
+        var counts = [Int](repeating: 0, count: 5)
+        for _ in 0..<50_000 { counts[LoadBalancer.leastRequest(candidates: Array(0..<5), active: { active[$0] }, random: &r)!] += 1 }
+        // P(pick i) = 2·(n-1-i)/(n(n-1)): 40%, 30%, 20%, 10%, 0%.
+        #expect(counts == counts.sorted(by: >))
+        #expect(abs(counts[0] - 20_000) < 700 && abs(counts[3] - 5_000) < 400 && counts[4] == 0)
+        #expect(LoadBalancer.leastRequest(candidates: [4], active: { _ in 9 }, random: &r) == 4)
+    }
+}
