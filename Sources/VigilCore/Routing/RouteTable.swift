@@ -37,13 +37,13 @@ public struct RouteTable: Sendable {
     }
 
     /// Paths are matched without their query string.
-    static func pathWithoutQuery(_ path: String) -> Substring {
+    public static func pathWithoutQuery(_ path: String) -> Substring {
         if let q = path.utf8.firstIndex(of: UInt8(ascii: "?")) { return path[..<q] }
         return path[...]
     }
 
     /// `example.com:8080` → `example.com`; `[::1]:80` → `[::1]`.
-    static func hostWithoutPort(_ authority: String) -> Substring {
+    public static func hostWithoutPort(_ authority: String) -> Substring {
         if authority.hasPrefix("[") {
             if let close = authority.firstIndex(of: "]") { return authority[...close] }
             return authority[...]

@@ -1,0 +1,673 @@
+import NIOCore
+import VigilCore
+
+extension HTTP1RequestHead: RoutableRequest {
+    public func headerValue(_ lowercaseName: String) -> String? { value(named: lowercaseName) }
+}
+
+/// Serves one downstream HTTP/1.1 connection: parses request heads with Vigil's strict parser, routes
+/// them, and relays head and body bytes to a pooled upstream connection on the same event loop, with
+/// backpressure both ways. One handler per connection and one request at a time; pipelined requests wait
+/// in the inbound buffer (RFC 9112 §9.3.2).
+///
+/// The handler is its own exchange: per-request state lives in fields reset for each request, so a
+/// keep-alive request allocates no exchange object.
+final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWaiter {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    /// Where the connection is. Each case lists the phases that can follow it.
+    enum Phase: Equatable {
+        /// Waiting for (the rest of) a request head. Next: waitingForUpstream, closing.
+        case idle
+        /// Head parsed, waiting for a pooled connection. Next: forwarding, idle (local reply), closing.
+        case waitingForUpstream
+        /// Relaying the request body and/or the response. Next: idle, tunnel, closing.
+        case forwarding
+        /// After 101 Switching Protocols: raw bytes both ways until either side closes. Next: closing.
+        case tunnel
+        /// The last response is written or the connection failed; nothing more is read. Terminal.
+        case closing
+    }
+
+    /// Most bytes buffered from the client while the current request cannot take them (pipelined requests,
+    /// a body waiting for its upstream connection) before reading stops.
+    static let inboundBufferLimit = 64 * 1024
+    /// Longest sleep of the connection timer, so a new request rarely needs to re-arm it.
+    static let timerTick = TimeAmount.seconds(5)
+
+    private let runtime: ProxyRuntime
+    private let listener: ListenerRuntime
+    private let loop: LoopContext
+    private let scheme: String
+    private var context: ChannelHandlerContext!
+    private var facts = ForwardingFacts(clientAddress: "", scheme: "http")
+
+    private var phase = Phase.idle
+    private var inbound: ByteBuffer?
+    private var keepAlive = true
+    private var readsPaused = false
+    private var pendingRead = false
+
+    // The connection timer: one scheduled task, re-armed only when a nearer deadline appears.
+    private var timer: Scheduled<Void>?
+    private var timerAt: NIODeadline?
+    private var idleSince: NIODeadline
+    private var headerDeadline: NIODeadline?
+    private var requestDeadline: NIODeadline?
+
+    // MARK: Per-request state, reset by `startRequest`.
+    private var head: HTTP1RequestHead?
+    private var startedAt = NIODeadline.uptimeNanoseconds(0)
+    private var wallStart: Int64 = 0
+    private var target: UpstreamTarget?
+    /// The cluster a locally answered request had been routed to, for metrics.
+    private var replyCluster: ClusterRuntime?
+    private var upstream: UpstreamConnection?
+    private var upstreamReused = false
+    private var retriedStaleConnection = false
+    private var bodyRemaining = 0
+    private var chunked: ChunkedDecoder?
+    private var requestBodyDone = true
+    private var bodyBytesSeen = 0
+    private var responseStarted = false
+    private var responseFraming = HTTP1HeadWriter.DownstreamFraming.none
+    private var status = 0
+    private var reason = "-"
+    private var bytesIn = 0
+    private var bytesOut = 0
+    private var requestID = ""
+    private var chunkEvents: [ChunkedDecoder.Event] = []
+
+    init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, scheme: String = "http") {
+        self.runtime = runtime
+        self.listener = listener
+        self.loop = loop
+        self.scheme = scheme
+        self.idleSince = .now()
+    }
+
+    // MARK: - Channel events
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        let ip = context.channel.remoteAddress?.ipAddress ?? "unknown"
+        facts = ForwardingFacts(clientAddress: ip, scheme: scheme)
+        idleSince = .now()
+        armTimer(at: idleSince + Self.timerTick)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        timer?.cancel()
+        timer = nil
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = unwrapInboundIn(data)
+        switch phase {
+        case .tunnel:
+            bytesIn += bytes.readableBytes
+            upstream?.write(bytes)
+            return
+        case .closing:
+            return
+        case .idle, .waitingForUpstream, .forwarding:
+            if inbound == nil || inbound!.readableBytes == 0 {
+                inbound = bytes
+            } else {
+                inbound!.writeBuffer(&bytes)
+            }
+            process()
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        upstream?.flush()
+        if phase == .idle, let inbound, inbound.readableBytes > 0, headerDeadline == nil {
+            // A partial head arrived: the header timeout starts now (slow-loris guard).
+            let deadline = NIODeadline.now() + .nanoseconds(listener.config.limits.headerTimeout.nanoseconds)
+            headerDeadline = deadline
+            armTimer(at: deadline)
+        }
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if readsPaused { pendingRead = true } else { context.read() }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        // Backpressure towards the upstream: stop reading its response while the client is slow.
+        if context.channel.isWritable { upstream?.resumeReading() } else { upstream?.pauseReading() }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is DrainEvent {
+            keepAlive = false
+            if phase == .idle && (inbound?.readableBytes ?? 0) == 0 { closeNow() }
+        } else if let event = event as? ChannelEvent, event == .inputClosed {
+            // The client half-closed: finish the current exchange, then close.
+            keepAlive = false
+            if phase == .idle { closeNow() }
+        } else {
+            context.fireUserInboundEventTriggered(event)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        timer?.cancel()
+        timer = nil
+        switch phase {
+        case .waitingForUpstream:
+            target?.pool.cancel(self)
+            finishRequest(status: 0, reason: "downstream_disconnect", reuseUpstream: false)
+        case .forwarding, .tunnel:
+            let wasTunnel = phase == .tunnel
+            finishRequest(status: wasTunnel ? status : 0, reason: wasTunnel ? reason : "downstream_disconnect",
+                          reuseUpstream: false)
+        case .idle, .closing:
+            break
+        }
+        phase = .closing
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        closeNow()
+    }
+
+    // MARK: - Request processing
+
+    /// Moves the connection forward with whatever is buffered.
+    private func process() {
+        while true {
+            switch phase {
+            case .idle:
+                guard let buffered = inbound, buffered.readableBytes > 0 else {
+                    updateReadInterest()
+                    return
+                }
+                let parsed: (HTTP1RequestHead, consumed: Int)?
+                do throws(HTTP1ParseError) {
+                    parsed = try HTTP1Parser.parseRequest(buffered, limits: listener.headLimits)
+                } catch {
+                    beginRequestClock()
+                    head = nil
+                    bytesIn = buffered.readableBytes
+                    inbound = nil
+                    localReply(status: error.status, reason: error.reason, detail: error.detail, close: true)
+                    return
+                }
+                guard let (head, consumed) = parsed else {
+                    updateReadInterest()
+                    return
+                }
+                inbound!.moveReaderIndex(forwardBy: consumed)
+                headerDeadline = nil
+                startRequest(head, headBytes: consumed)
+            case .waitingForUpstream:
+                updateReadInterest()
+                return
+            case .forwarding:
+                if !requestBodyDone { forwardBody() }
+                updateReadInterest()
+                return
+            case .tunnel:
+                if let rest = inbound, rest.readableBytes > 0 {
+                    inbound = nil
+                    bytesIn += rest.readableBytes
+                    upstream?.writeAndFlush(rest)
+                }
+                return
+            case .closing:
+                return
+            }
+        }
+    }
+
+    private func beginRequestClock() {
+        startedAt = .now()
+        wallStart = runtime.accessLog.isEnabled ? ProxyRuntime.wallClockNanos() : 0
+        runtime.activeRequests.wrappingIncrement(ordering: .relaxed)
+    }
+
+    private func startRequest(_ head: HTTP1RequestHead, headBytes: Int) {
+        beginRequestClock()
+        self.head = head
+        bytesIn = headBytes
+        bytesOut = 0
+        status = 0
+        reason = "-"
+        responseStarted = false
+        upstreamReused = false
+        retriedStaleConnection = false
+        bodyBytesSeen = 0
+        requestID = ""
+        if !head.keepAlive || runtime.draining.load(ordering: .relaxed) { keepAlive = false }
+        switch head.framing {
+        case .none, .untilClose:
+            requestBodyDone = true
+        case .length(let n):
+            requestBodyDone = false
+            bodyRemaining = n
+            chunked = nil
+            if let max = listener.config.limits.maxBodyBytes, n > max {
+                localReply(status: 413, reason: "body_too_large",
+                           detail: "the request body is larger than max_body_bytes (\(max))", close: true)
+                return
+            }
+        case .chunked:
+            requestBodyDone = false
+            chunked = ChunkedDecoder(maxTrailerBytes: listener.config.limits.maxHeaderBytes)
+        }
+        switch runtime.route(head, listener: listener, loop: loop) {
+        case .reply(let status, let reason, let detail, let cluster):
+            replyCluster = cluster
+            localReply(status: status, reason: reason, detail: detail, close: !requestBodyDone)
+        case .forward(let target):
+            self.target = target
+            phase = .waitingForUpstream
+            if requestBodyDone { armRequestDeadline() }
+            target.pool.acquire(self)
+        }
+    }
+
+    private func armRequestDeadline() {
+        guard let timeout = target?.timeout, timeout > .zero else { return }
+        let deadline = NIODeadline.now() + .nanoseconds(timeout.nanoseconds)
+        requestDeadline = deadline
+        armTimer(at: deadline)
+    }
+
+    // MARK: - PoolWaiter
+
+    func poolProvided(_ connection: UpstreamConnection, reused: Bool) {
+        guard phase == .waitingForUpstream, let head else {
+            connection.detach(requestComplete: true)
+            return
+        }
+        upstream = connection
+        upstreamReused = reused
+        connection.attach(self, requestIsHead: head.isHead)
+        var out = context.channel.allocator.buffer(capacity: head.bytes.readableBytes + 160)
+        let rid = RequestID(using: &loop.random)
+        let hadRequestID = HTTP1HeadWriter.writeRequest(head, facts: facts, newRequestID: rid, into: &out)
+        if !hadRequestID && runtime.accessLog.isEnabled { requestID = rid.string }
+        connection.write(out)
+        phase = .forwarding
+        if !requestBodyDone { forwardBody() }
+        connection.flush()
+        updateReadInterest()
+    }
+
+    func poolFailed(_ failure: UpstreamFailure) {
+        guard phase == .waitingForUpstream else { return }
+        if case .overflow = failure {} else { runtime.metrics.upstreamConnectFailures[target!.cluster.index].increment() }
+        localReply(status: failure.status, reason: failure.reason, detail: failure.detail, close: !requestBodyDone)
+    }
+
+    // MARK: - Request body
+
+    private func forwardBody() {
+        guard let upstream, var input = inbound, input.readableBytes > 0 else { return }
+        if var decoder = chunked {
+            chunkEvents.removeAll(keepingCapacity: true)
+            let before = input.readableBytes
+            do throws(HTTP1ParseError) {
+                try decoder.decode(&input, into: &chunkEvents)
+            } catch {
+                chunked = nil
+                inbound = nil
+                abortUpstream()
+                if responseStarted { closeNow() } else {
+                    localReply(status: 400, reason: error.reason, detail: error.detail, close: true)
+                }
+                return
+            }
+            chunked = decoder
+            bytesIn += before - input.readableBytes
+            inbound = input
+            var out = ByteBuffer()
+            for event in chunkEvents {
+                switch event {
+                case .data(let data):
+                    bodyBytesSeen += data.readableBytes
+                    if exceedsBodyLimit() { return }
+                    out.clear()
+                    HTTP1HeadWriter.writeChunkHeader(length: data.readableBytes, into: &out)
+                    upstream.write(out)
+                    upstream.write(data)
+                    upstream.write(ByteBuffer(staticCRLF: ()))
+                case .end(let trailers):
+                    var last = ByteBuffer(string: "0\r\n")
+                    if let trailers { last.writeImmutableBuffer(trailers) }
+                    last.writeStaticString("\r\n")
+                    upstream.write(last)
+                    requestBodyComplete()
+                }
+            }
+        } else {
+            let n = min(bodyRemaining, input.readableBytes)
+            let slice = input.readSlice(length: n)!
+            inbound = input
+            bodyRemaining -= n
+            bytesIn += n
+            bodyBytesSeen += n
+            upstream.write(slice)
+            if bodyRemaining == 0 { requestBodyComplete() }
+        }
+    }
+
+    private func exceedsBodyLimit() -> Bool {
+        guard let max = listener.config.limits.maxBodyBytes, bodyBytesSeen > max else { return false }
+        abortUpstream()
+        inbound = nil
+        if responseStarted { closeNow() } else {
+            localReply(status: 413, reason: "body_too_large", detail: "the request body is larger than max_body_bytes (\(max))",
+                       close: true)
+        }
+        return true
+    }
+
+    private func requestBodyComplete() {
+        requestBodyDone = true
+        chunked = nil
+        if !responseStarted { armRequestDeadline() }
+    }
+
+    // MARK: - UpstreamExchange
+
+    func upstreamResponseHead(_ response: HTTP1ResponseHead) {
+        guard let head else { return }
+        if response.status < 200 && response.status != 101 {
+            // 100 Continue goes to a client that asked for it; other 1xx (103) to HTTP/1.1 clients.
+            if head.minorVersion >= 1 && (response.status != 100 || head.expectContinue) {
+                var out = context.channel.allocator.buffer(capacity: response.bytes.readableBytes)
+                HTTP1HeadWriter.writeResponse(response, framing: .none, keepAlive: true, clientMinorVersion: 1, into: &out)
+                bytesOut += out.readableBytes
+                context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+            }
+            return
+        }
+        if response.status == 101 {
+            guard head.isUpgrade else {
+                upstreamFailed(.protocolError("101 Switching Protocols to a request that did not ask to upgrade"),
+                               responseStarted: false)
+                return
+            }
+            responseStarted = true
+            status = 101
+            reason = "upgraded"
+            var out = context.channel.allocator.buffer(capacity: response.bytes.readableBytes + 32)
+            HTTP1HeadWriter.writeResponse(response, framing: .none, keepAlive: true, clientMinorVersion: 1, into: &out)
+            bytesOut += out.readableBytes
+            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+            phase = .tunnel
+            requestDeadline = nil
+            keepAlive = false
+            process()
+            return
+        }
+        responseStarted = true
+        status = response.status
+        reason = "-"
+        requestDeadline = nil
+        responseFraming = HTTP1HeadWriter.downstreamFraming(upstream: response.framing(requestMethodIsHead: head.isHead),
+                                                            clientMinorVersion: head.minorVersion)
+        if responseFraming == .close || !requestBodyDone { keepAlive = false }
+        var out = context.channel.allocator.buffer(capacity: response.bytes.readableBytes + 64)
+        HTTP1HeadWriter.writeResponse(response, framing: responseFraming, keepAlive: keepAlive,
+                                      clientMinorVersion: head.minorVersion, into: &out)
+        bytesOut += out.readableBytes
+        context.write(wrapOutboundOut(out), promise: nil)
+    }
+
+    func upstreamResponseBody(_ bytes: ByteBuffer) {
+        bytesOut += bytes.readableBytes
+        if responseFraming == .chunked {
+            guard bytes.readableBytes > 0 else { return }
+            var header = context.channel.allocator.buffer(capacity: 12)
+            HTTP1HeadWriter.writeChunkHeader(length: bytes.readableBytes, into: &header)
+            context.write(wrapOutboundOut(header), promise: nil)
+            context.write(wrapOutboundOut(bytes), promise: nil)
+            context.write(wrapOutboundOut(ByteBuffer(staticCRLF: ())), promise: nil)
+        } else {
+            context.write(wrapOutboundOut(bytes), promise: nil)
+        }
+    }
+
+    func upstreamResponseEnd(trailers: ByteBuffer?) {
+        if responseFraming == .chunked {
+            var last = ByteBuffer(string: "0\r\n")
+            if let trailers { last.writeImmutableBuffer(trailers) }
+            last.writeStaticString("\r\n")
+            bytesOut += last.readableBytes
+            context.write(wrapOutboundOut(last), promise: nil)
+        }
+        finishRequest(status: status, reason: reason, reuseUpstream: requestBodyDone)
+        completeExchange()
+    }
+
+    func upstreamFailed(_ failure: UpstreamFailure, responseStarted started: Bool) {
+        guard phase == .forwarding || phase == .tunnel else { return }
+        if phase == .tunnel {
+            upstream = nil
+            finishRequest(status: status, reason: reason, reuseUpstream: false)
+            closeAfterFlush()
+            return
+        }
+        if !started && !responseStarted {
+            // A reused keep-alive connection that the upstream closed just as we sent on it: try once more
+            // on a fresh connection, if nothing of the body was consumed (safe to replay).
+            if failure == .reset, upstreamReused, !retriedStaleConnection, head?.framing == HTTP1BodyFraming.none,
+               let pool = target?.pool {
+                retriedStaleConnection = true
+                upstream = nil
+                phase = .waitingForUpstream
+                pool.acquire(self, fresh: true)
+                return
+            }
+            upstream = nil
+            if case .protocolError = failure {} else if case .timeout = failure {} else {
+                runtime.metrics.upstreamConnectFailures[target!.cluster.index].increment()
+            }
+            localReply(status: failure.status, reason: failure.reason, detail: failure.detail, close: !requestBodyDone)
+            return
+        }
+        // The response had begun: the client cannot be told cleanly; close so it sees a truncated message.
+        upstream = nil
+        finishRequest(status: status, reason: failure.reason, reuseUpstream: false)
+        closeAfterFlush()
+    }
+
+    func upstreamReadComplete() {
+        context.flush()
+    }
+
+    func upstreamWritabilityChanged(writable: Bool) {
+        updateReadInterest()
+        if writable && phase == .forwarding { process() }
+    }
+
+    func upstreamTunnelData(_ bytes: ByteBuffer) {
+        bytesOut += bytes.readableBytes
+        context.writeAndFlush(wrapOutboundOut(bytes), promise: nil)
+    }
+
+    // MARK: - Finishing
+
+    /// Ends the current request's accounting and releases its upstream connection.
+    private func finishRequest(status: Int, reason: String, reuseUpstream: Bool) {
+        guard let head = self.head, startedAt != .uptimeNanoseconds(0) else { return }
+        let duration = NIODeadline.now() - startedAt
+        startedAt = .uptimeNanoseconds(0)
+        runtime.activeRequests.wrappingDecrement(ordering: .relaxed)
+        if let upstream {
+            self.upstream = nil
+            upstream.detach(requestComplete: reuseUpstream)
+        }
+        let upstreamHost = target?.host.address.description
+        let clusterIndex = target?.cluster.index ?? replyCluster?.index
+        target?.release()
+        target = nil
+        replyCluster = nil
+        runtime.metrics.recordRequest(listener: listener.index, cluster: clusterIndex, status: status,
+                                      durationNanos: duration.nanoseconds, bytesIn: bytesIn, bytesOut: bytesOut)
+        if runtime.accessLog.isEnabled {
+            let rid = requestID.isEmpty ? (head.value(of: .xRequestID) ?? "") : requestID
+            loop.log(AccessLogEntry(startNanos: wallStart, listener: listener.config.name, method: head.method,
+                                    authority: head.authority, path: head.path, protocolName: "HTTP/1.1",
+                                    status: status, durationNanos: duration.nanoseconds,
+                                    upstreamHost: upstreamHost, bytesIn: bytesIn, bytesOut: bytesOut,
+                                    reason: reason, requestID: rid))
+        }
+        requestDeadline = nil
+    }
+
+    /// After a response is complete: next request, or close.
+    private func completeExchange() {
+        head = nil
+        if keepAlive && !runtime.draining.load(ordering: .relaxed) {
+            phase = .idle
+            idleSince = .now()
+            context.flush()
+            if let inbound, inbound.readableBytes > 0 { process() } else { updateReadInterest() }
+        } else {
+            closeAfterFlush()
+        }
+    }
+
+    /// Writes a reply of Vigil's own and ends the request with it.
+    private func localReply(status: Int, reason: String, detail: String, close: Bool) {
+        if close { keepAlive = false }
+        let isHead = head?.isHead ?? false
+        var extra: [(String, String)] = []
+        if let rid = head?.value(of: .xRequestID) { extra.append(("x-request-id", rid)) }
+        let reply = LocalReply.http1(status: status, reason: reason, detail: detail, close: !keepAlive, isHead: isHead,
+                                     extraHeaders: extra)
+        bytesOut += reply.readableBytes
+        responseStarted = true
+        if head == nil {
+            // The request never parsed: log what we know.
+            runtime.activeRequests.wrappingDecrement(ordering: .relaxed)
+            runtime.metrics.recordRequest(listener: listener.index, cluster: nil, status: status,
+                                          durationNanos: (NIODeadline.now() - startedAt).nanoseconds,
+                                          bytesIn: bytesIn, bytesOut: bytesOut)
+            if runtime.accessLog.isEnabled {
+                loop.log(AccessLogEntry(startNanos: wallStart, listener: listener.config.name, method: "-", authority: "-",
+                                        path: "-", protocolName: "HTTP/1.1", status: status, durationNanos: 0,
+                                        upstreamHost: nil, bytesIn: bytesIn, bytesOut: bytesOut, reason: reason,
+                                        requestID: ""))
+            }
+            startedAt = .uptimeNanoseconds(0)
+            context.write(wrapOutboundOut(reply), promise: nil)
+            closeAfterFlush()
+            return
+        }
+        context.write(wrapOutboundOut(reply), promise: nil)
+        if !requestBodyDone { keepAlive = false }
+        finishRequest(status: status, reason: reason, reuseUpstream: false)
+        completeExchange()
+    }
+
+    private func abortUpstream() {
+        if let upstream {
+            self.upstream = nil
+            upstream.close()
+        }
+    }
+
+    private func closeAfterFlush() {
+        guard phase != .closing else { return }
+        phase = .closing
+        inbound = nil
+        let promise = context.eventLoop.makePromise(of: Void.self)
+        context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: promise)
+        promise.futureResult.assumeIsolated().whenComplete { [context] _ in
+            context!.close(promise: nil)
+        }
+    }
+
+    private func closeNow() {
+        guard phase != .closing else { return }
+        phase = .closing
+        inbound = nil
+        abortUpstream()
+        context.close(promise: nil)
+    }
+
+    // MARK: - Reading and timers
+
+    /// Reads stop while the upstream cannot take more body, or while too much is buffered.
+    private func updateReadInterest() {
+        let buffered = inbound?.readableBytes ?? 0
+        let shouldPause: Bool
+        switch phase {
+        case .forwarding:
+            shouldPause = (!requestBodyDone && !(upstream?.isWritable ?? true)) || (requestBodyDone && buffered >= Self.inboundBufferLimit)
+        case .waitingForUpstream:
+            shouldPause = buffered >= Self.inboundBufferLimit
+        case .idle, .tunnel, .closing:
+            shouldPause = false
+        }
+        if shouldPause {
+            readsPaused = true
+        } else if readsPaused {
+            readsPaused = false
+            if pendingRead {
+                pendingRead = false
+                context.read()
+            }
+        }
+    }
+
+    private func armTimer(at deadline: NIODeadline) {
+        if let timerAt, timerAt <= deadline, timer != nil { return }
+        timer?.cancel()
+        timerAt = deadline
+        timer = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in timerFired() }
+    }
+
+    private func timerFired() {
+        timer = nil
+        timerAt = nil
+        guard phase != .closing else { return }
+        let now = NIODeadline.now()
+        if let d = requestDeadline, d <= now, phase == .waitingForUpstream || phase == .forwarding, !responseStarted {
+            requestDeadline = nil
+            if phase == .waitingForUpstream { target?.pool.cancel(self) }
+            abortUpstream()
+            localReply(status: 504, reason: "upstream_timeout", detail: UpstreamFailure.timeout.detail, close: !requestBodyDone)
+        } else if let d = headerDeadline, d <= now, phase == .idle {
+            headerDeadline = nil
+            beginRequestClock()
+            bytesIn = inbound?.readableBytes ?? 0
+            localReply(status: 408, reason: "request_header_timeout",
+                       detail: "the request head did not arrive within header_timeout", close: true)
+            return
+        } else if phase == .idle, (inbound?.readableBytes ?? 0) == 0,
+                  now - idleSince >= .nanoseconds(listener.config.limits.idleTimeout.nanoseconds) {
+            closeNow()
+            return
+        }
+        guard phase != .closing else { return }
+        var next = now + Self.timerTick
+        if let d = requestDeadline, d < next { next = d }
+        if let d = headerDeadline, d < next { next = d }
+        if phase == .idle {
+            let idleAt = idleSince + .nanoseconds(listener.config.limits.idleTimeout.nanoseconds)
+            if idleAt < next { next = idleAt }
+        }
+        armTimer(at: next)
+    }
+}
+
+@available(*, unavailable)
+extension HTTP1ServerHandler: Sendable {}
+
+/// Sent down every connection's pipeline when the proxy starts draining.
+public struct DrainEvent: Sendable {}
+
+extension ByteBuffer {
+    init(staticCRLF: Void) { self = ByteBuffer(string: "\r\n") }
+}

@@ -1,0 +1,71 @@
+import NIOCore
+import NIOHTTP2
+import VigilCore
+
+/// Sets up an HTTP/2 connection (prior knowledge) whose streams are each served by an `HTTP2StreamHandler`.
+enum HTTP2Pipeline {
+    static func configure(channel: Channel, runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext) throws {
+        var connection = NIOHTTP2Handler.ConnectionConfiguration()
+        connection.initialSettings = [
+            HTTP2Setting(parameter: .maxConcurrentStreams, value: listener.config.limits.maxConcurrentStreams),
+            HTTP2Setting(parameter: .maxHeaderListSize, value: listener.config.limits.maxHeaderBytes),
+            HTTP2Setting(parameter: .initialWindowSize, value: 1 << 20),
+        ]
+        var stream = NIOHTTP2Handler.StreamConfiguration()
+        stream.targetWindowSize = 1 << 20
+        stream.outboundBufferSizeHighWatermark = 256 * 1024
+        stream.outboundBufferSizeLowWatermark = 64 * 1024
+        let drain = HTTP2DrainHandler()
+        let delegate = NIOLoopBound(drain, eventLoop: channel.eventLoop)
+        _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
+            mode: .server, connectionConfiguration: connection, streamConfiguration: stream,
+            streamDelegate: HTTP2StreamCounter(drain: delegate)
+        ) { streamChannel in
+            streamChannel.eventLoop.makeCompletedFuture {
+                try streamChannel.pipeline.syncOperations.addHandler(
+                    HTTP2StreamHandler(runtime: runtime, listener: listener, loop: loop))
+            }
+        }
+        try channel.pipeline.syncOperations.addHandler(drain)
+    }
+}
+
+/// Counts open streams so a draining connection closes once its last stream ends.
+struct HTTP2StreamCounter: NIOHTTP2StreamDelegate {
+    let drain: NIOLoopBound<HTTP2DrainHandler>
+    func streamCreated(_ id: HTTP2StreamID, channel: Channel) { drain.value.openStreams += 1 }
+    func streamClosed(_ id: HTTP2StreamID, channel: Channel) {
+        drain.value.openStreams -= 1
+        drain.value.closeIfDrained()
+    }
+}
+
+/// On drain, sends GOAWAY (RFC 9113 §6.8) so the client opens no new streams, and closes the connection
+/// once the streams in flight have finished.
+final class HTTP2DrainHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTP2Frame
+    typealias OutboundOut = HTTP2Frame
+    var openStreams = 0
+    private var draining = false
+    private var context: ChannelHandlerContext?
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is DrainEvent, !draining {
+            draining = true
+            let goAway = HTTP2Frame(streamID: .rootStream,
+                                    payload: .goAway(lastStreamID: .maxID, errorCode: .noError, opaqueData: nil))
+            context.writeAndFlush(wrapOutboundOut(goAway), promise: nil)
+            closeIfDrained()
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func closeIfDrained() {
+        if draining, openStreams == 0 { context?.close(promise: nil) }
+    }
+}
+
+@available(*, unavailable)
+extension HTTP2DrainHandler: Sendable {}

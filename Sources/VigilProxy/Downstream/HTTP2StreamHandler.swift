@@ -1,0 +1,448 @@
+import NIOCore
+import NIOHPACK
+import NIOHTTP2
+import VigilCore
+
+/// A request that arrived as an HTTP/2 header block, for routing.
+struct HTTP2Request: RoutableRequest {
+    var method: String
+    var path: String
+    var authority: String
+    var headers: HPACKHeaders
+    func headerValue(_ lowercaseName: String) -> String? { headers.first(name: lowercaseName) }
+}
+
+/// Serves one HTTP/2 stream by translating it to HTTP/1.1 towards a pooled upstream connection
+/// (RFC 9113 §8.2.2 connection-specific fields dropped, cookies joined per §8.2.3), and the response back.
+/// Flow control: the stream's window only opens as the upstream accepts the body, because the handler
+/// stops reading the stream while the upstream is not writable.
+final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWaiter {
+    typealias InboundIn = HTTP2Frame.FramePayload
+    typealias OutboundIn = HTTP2Frame.FramePayload
+    typealias OutboundOut = HTTP2Frame.FramePayload
+
+    enum Phase {
+        /// Waiting for the request header block. Next: waitingForUpstream, done.
+        case idle
+        /// Next: forwarding, done.
+        case waitingForUpstream
+        /// Next: done.
+        case forwarding
+        case done
+    }
+
+    private let runtime: ProxyRuntime
+    private let listener: ListenerRuntime
+    private let loop: LoopContext
+    private var context: ChannelHandlerContext!
+    private var phase = Phase.idle
+    private var request: HTTP2Request?
+    private var target: UpstreamTarget?
+    private var upstream: UpstreamConnection?
+    private var pendingBody: [ByteBuffer] = []
+    private var pendingEnd = false
+    private var pendingTrailers: HPACKHeaders?
+    private var chunkedUpstream = false
+    private var requestBodyDone = false
+    private var bodyBytes = 0
+    private var responseStarted = false
+    private var status = 0
+    private var bytesIn = 0
+    private var bytesOut = 0
+    private var startedAt = NIODeadline.now()
+    private var wallStart: Int64 = 0
+    private var timeoutTask: Scheduled<Void>?
+    private var readsPaused = false
+    private var pendingRead = false
+    private var requestID = ""
+
+    init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext) {
+        self.runtime = runtime
+        self.listener = listener
+        self.loop = loop
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    func read(context: ChannelHandlerContext) {
+        if readsPaused { pendingRead = true } else { context.read() }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let payload = unwrapInboundIn(data)
+        switch payload {
+        case .headers(let h):
+            if phase == .idle {
+                startRequest(h.headers, endStream: h.endStream)
+            } else if !requestBodyDone {
+                // Trailers.
+                bodyEnded(trailers: h.headers)
+            }
+        case .data(let d):
+            guard case .byteBuffer(let bytes) = d.data, !requestBodyDone else { return }
+            bytesIn += bytes.readableBytes
+            bodyBytes += bytes.readableBytes
+            if let max = listener.config.limits.maxBodyBytes, bodyBytes > max {
+                upstream?.close()
+                upstream = nil
+                reply(status: 413, reason: "body_too_large", detail: "the request body is larger than max_body_bytes (\(max))")
+                return
+            }
+            sendBody(bytes)
+            if d.endStream { bodyEnded(trailers: nil) }
+        default:
+            break
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        upstream?.flush()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { upstream?.resumeReading() } else { upstream?.pauseReading() }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        // Stream reset or closed by the client before the exchange finished.
+        switch phase {
+        case .waitingForUpstream:
+            target?.pool.cancel(self)
+            finish(status: 0, reason: "downstream_disconnect", reuseUpstream: false)
+        case .forwarding:
+            finish(status: responseStarted ? status : 0, reason: "downstream_disconnect", reuseUpstream: false)
+        case .idle, .done:
+            break
+        }
+        phase = .done
+        timeoutTask?.cancel()
+    }
+
+    // MARK: - Request
+
+    private func startRequest(_ headers: HPACKHeaders, endStream: Bool) {
+        startedAt = .now()
+        wallStart = runtime.accessLog.isEnabled ? ProxyRuntime.wallClockNanos() : 0
+        runtime.activeRequests.wrappingIncrement(ordering: .relaxed)
+        phase = .waitingForUpstream
+        requestBodyDone = endStream
+        for (name, value, _) in headers {
+            bytesIn += name.utf8.count + value.utf8.count + 32
+            // NIOHTTP2 validates names; values are checked here, since CR, LF or NUL in a value would split
+            // the HTTP/1.1 head this request becomes (RFC 9113 §8.2.1).
+            if !value.utf8.allSatisfy({ HTTPTokens.fieldValueByte[Int($0)] }) {
+                reply(status: 400, reason: "bad_header_value", detail: "a header field value holds a control character")
+                return
+            }
+        }
+        guard let method = headers.first(name: ":method"), let path = headers.first(name: ":path"), !path.isEmpty else {
+            reply(status: 400, reason: "bad_request", detail: "the request lacks :method or :path")
+            return
+        }
+        if method == "CONNECT" {
+            reply(status: 405, reason: "connect_not_supported", detail: "CONNECT tunnels are not offered by this listener")
+            return
+        }
+        guard path.hasPrefix("/") || (path == "*" && method == "OPTIONS") else {
+            reply(status: 400, reason: "bad_request_target", detail: ":path must be a path")
+            return
+        }
+        let authority = headers.first(name: ":authority") ?? headers.first(name: "host") ?? ""
+        let request = HTTP2Request(method: method, path: path, authority: authority, headers: headers)
+        self.request = request
+        if let cl = headers.first(name: "content-length"), let n = Int(cl), let max = listener.config.limits.maxBodyBytes,
+           n > max {
+            reply(status: 413, reason: "body_too_large", detail: "the request body is larger than max_body_bytes (\(max))")
+            return
+        }
+        switch runtime.route(request, listener: listener, loop: loop) {
+        case .reply(let status, let reason, let detail, _):
+            reply(status: status, reason: reason, detail: detail)
+        case .forward(let target):
+            self.target = target
+            if requestBodyDone { armTimeout() }
+            target.pool.acquire(self)
+        }
+    }
+
+    func poolProvided(_ connection: UpstreamConnection, reused: Bool) {
+        guard phase == .waitingForUpstream, let request else {
+            connection.detach(requestComplete: true)
+            return
+        }
+        phase = .forwarding
+        upstream = connection
+        connection.attach(self, requestIsHead: request.method == "HEAD")
+        connection.write(http1Head(for: request))
+        for b in pendingBody { writeBody(b) }
+        pendingBody.removeAll()
+        if pendingEnd { writeBodyEnd(trailers: pendingTrailers) }
+        connection.flush()
+        updateReads()
+    }
+
+    func poolFailed(_ failure: UpstreamFailure) {
+        guard phase == .waitingForUpstream else { return }
+        reply(status: failure.status, reason: failure.reason, detail: failure.detail)
+    }
+
+    /// The HTTP/1.1 head for the upstream: request line, host, the regular fields, Vigil's fields.
+    private func http1Head(for request: HTTP2Request) -> ByteBuffer {
+        var out = context.channel.allocator.buffer(capacity: 512)
+        out.writeString(request.method)
+        out.writeStaticString(" ")
+        out.writeString(request.path)
+        out.writeStaticString(" HTTP/1.1\r\nhost: ")
+        out.writeString(request.authority)
+        out.writeStaticString("\r\n")
+        var cookies: [String] = []
+        var forwardedFor: [String] = []
+        var hasContentLength = false
+        var hadRequestID = false
+        for (name, value, _) in request.headers {
+            switch name {
+            case ":method", ":path", ":authority", ":scheme", ":protocol", "host", "connection", "keep-alive",
+                 "proxy-connection", "transfer-encoding", "upgrade", "te", "x-forwarded-proto":
+                continue
+            case "cookie":
+                cookies.append(value)
+                continue
+            case "x-forwarded-for":
+                forwardedFor.append(value)
+                continue
+            case "content-length":
+                hasContentLength = true
+            case "x-request-id":
+                hadRequestID = true
+            default:
+                if name.hasPrefix("proxy-") { continue }
+            }
+            out.writeString(name)
+            out.writeStaticString(": ")
+            out.writeString(value)
+            out.writeStaticString("\r\n")
+        }
+        if !cookies.isEmpty {
+            out.writeStaticString("cookie: ")
+            out.writeString(cookies.joined(separator: "; "))
+            out.writeStaticString("\r\n")
+        }
+        if !requestBodyDone && !hasContentLength {
+            chunkedUpstream = true
+            out.writeStaticString("transfer-encoding: chunked\r\n")
+        }
+        out.writeStaticString("x-forwarded-for: ")
+        forwardedFor.append(context.channel.parent?.remoteAddress?.ipAddress ?? "unknown")
+        out.writeString(forwardedFor.joined(separator: ", "))
+        out.writeStaticString("\r\nx-forwarded-proto: http\r\n")
+        if !hadRequestID {
+            let rid = RequestID(using: &loop.random)
+            out.writeStaticString("x-request-id: ")
+            rid.write(to: &out)
+            out.writeStaticString("\r\n")
+            if runtime.accessLog.isEnabled { requestID = rid.string }
+        } else {
+            requestID = request.headers.first(name: "x-request-id") ?? ""
+        }
+        out.writeStaticString("\r\n")
+        return out
+    }
+
+    private func sendBody(_ bytes: ByteBuffer) {
+        if upstream != nil { writeBody(bytes) } else { pendingBody.append(bytes) }
+        updateReads()
+    }
+
+    private func writeBody(_ bytes: ByteBuffer) {
+        guard let upstream, bytes.readableBytes > 0 else { return }
+        if chunkedUpstream {
+            var header = ByteBuffer()
+            HTTP1HeadWriter.writeChunkHeader(length: bytes.readableBytes, into: &header)
+            upstream.write(header)
+            upstream.write(bytes)
+            upstream.write(ByteBuffer(staticCRLF: ()))
+        } else {
+            upstream.write(bytes)
+        }
+    }
+
+    private func bodyEnded(trailers: HPACKHeaders?) {
+        requestBodyDone = true
+        if upstream != nil {
+            writeBodyEnd(trailers: trailers)
+            upstream?.flush()
+        } else {
+            pendingEnd = true
+            pendingTrailers = trailers
+        }
+        if !responseStarted { armTimeout() }
+    }
+
+    private func writeBodyEnd(trailers: HPACKHeaders?) {
+        guard chunkedUpstream, let upstream else { return }
+        var last = ByteBuffer(string: "0\r\n")
+        for (name, value, _) in trailers ?? [:] where !name.hasPrefix(":") {
+            last.writeString("\(name): \(value)\r\n")
+        }
+        last.writeStaticString("\r\n")
+        upstream.write(last)
+    }
+
+    private func updateReads() {
+        let shouldPause = upstream.map { !$0.isWritable } ?? (pendingBody.count > 16)
+        if shouldPause {
+            readsPaused = true
+        } else if readsPaused {
+            readsPaused = false
+            if pendingRead {
+                pendingRead = false
+                context.read()
+            }
+        }
+    }
+
+    private func armTimeout() {
+        guard let timeout = target?.timeout, timeout > .zero, timeoutTask == nil else { return }
+        timeoutTask = context.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(timeout.nanoseconds)) { [self] in
+            timeoutTask = nil
+            guard !responseStarted, phase == .waitingForUpstream || phase == .forwarding else { return }
+            if phase == .waitingForUpstream { target?.pool.cancel(self) }
+            upstream?.close()
+            upstream = nil
+            reply(status: 504, reason: "upstream_timeout", detail: UpstreamFailure.timeout.detail)
+        }
+    }
+
+    // MARK: - UpstreamExchange
+
+    func upstreamResponseHead(_ head: HTTP1ResponseHead) {
+        guard head.status >= 200 else { return }  // 1xx are not relayed over HTTP/2 here
+        if head.status == 101 {
+            upstreamFailed(.protocolError("101 Switching Protocols is not valid over HTTP/2"), responseStarted: false)
+            return
+        }
+        timeoutTask?.cancel()
+        timeoutTask = nil
+        responseStarted = true
+        status = head.status
+        var headers = HPACKHeaders()
+        headers.reserveCapacity(head.fields.count + 1)
+        headers.add(name: ":status", value: String(head.status))
+        let nominated = head.connection.nominated
+        for f in head.fields {
+            switch f.kind {
+            case .connection, .keepAlive, .proxyPrefixed, .transferEncoding, .upgrade, .te:
+                continue
+            case .contentLength:
+                if head.transferEncodingPresent { continue }
+            case .host, .expect, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .other:
+                if !nominated.isEmpty && nominated.contains(where: { head.nameEquals(f, $0) }) { continue }
+            }
+            headers.add(name: head.nameString(f).lowercased(), value: head.valueString(f))
+        }
+        let noBody = head.framing(requestMethodIsHead: request?.method == "HEAD") == .none
+        context.write(wrapOutboundOut(.headers(.init(headers: headers, endStream: noBody))), promise: nil)
+        if noBody { bodyDoneWriting = true }
+    }
+
+    private var bodyDoneWriting = false
+
+    func upstreamResponseBody(_ bytes: ByteBuffer) {
+        guard bytes.readableBytes > 0 else { return }
+        bytesOut += bytes.readableBytes
+        context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(bytes)))), promise: nil)
+    }
+
+    func upstreamResponseEnd(trailers: ByteBuffer?) {
+        if !bodyDoneWriting {
+            if let trailers, let parsed = Self.trailerHeaders(trailers) {
+                context.write(wrapOutboundOut(.headers(.init(headers: parsed, endStream: true))), promise: nil)
+            } else {
+                context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(ByteBuffer()), endStream: true))), promise: nil)
+            }
+        }
+        context.flush()
+        finish(status: status, reason: "-", reuseUpstream: requestBodyDone)
+    }
+
+    func upstreamFailed(_ failure: UpstreamFailure, responseStarted started: Bool) {
+        upstream = nil
+        if !responseStarted {
+            reply(status: failure.status, reason: failure.reason, detail: failure.detail)
+        } else {
+            finish(status: status, reason: failure.reason, reuseUpstream: false)
+            context.close(promise: nil)  // resets the stream
+        }
+    }
+
+    func upstreamReadComplete() { context.flush() }
+
+    func upstreamWritabilityChanged(writable: Bool) { updateReads() }
+
+    func upstreamTunnelData(_ bytes: ByteBuffer) {}
+
+    /// Trailer field lines (`name: value\r\n`...) as HPACK headers.
+    static func trailerHeaders(_ raw: ByteBuffer) -> HPACKHeaders? {
+        var headers = HPACKHeaders()
+        for line in String(buffer: raw).split(separator: "\r\n") {
+            guard let colon = line.firstIndex(of: ":") else { continue }
+            let name = line[..<colon].lowercased()
+            if ["connection", "transfer-encoding", "keep-alive", "te", "upgrade"].contains(name) { continue }
+            headers.add(name: name, value: line[line.index(after: colon)...].trimmingCharacters(in: " \t"))
+        }
+        return headers.isEmpty ? nil : headers
+    }
+
+    // MARK: - Finishing
+
+    private func reply(status: Int, reason: String, detail: String) {
+        guard phase != .done else { return }
+        responseStarted = true
+        let body = LocalReply.body(status: status, reason: reason, detail: detail)
+        let headers: HPACKHeaders = [":status": String(status), "content-type": "application/json",
+                                     "content-length": String(body.readableBytes), "x-vigil-reason": reason]
+        let isHead = request?.method == "HEAD"
+        context.write(wrapOutboundOut(.headers(.init(headers: headers, endStream: isHead))), promise: nil)
+        if !isHead { context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(body), endStream: true))), promise: nil) }
+        bytesOut += body.readableBytes
+        context.flush()
+        finish(status: status, reason: reason, reuseUpstream: false)
+    }
+
+    private func finish(status: Int, reason: String, reuseUpstream: Bool) {
+        guard phase != .done else { return }
+        phase = .done
+        timeoutTask?.cancel()
+        timeoutTask = nil
+        runtime.activeRequests.wrappingDecrement(ordering: .relaxed)
+        if let upstream {
+            self.upstream = nil
+            upstream.detach(requestComplete: reuseUpstream)
+        }
+        let duration = NIODeadline.now() - startedAt
+        runtime.metrics.recordRequest(listener: listener.index, cluster: target?.cluster.index, status: status,
+                                      durationNanos: duration.nanoseconds, bytesIn: bytesIn, bytesOut: bytesOut)
+        if runtime.accessLog.isEnabled {
+            loop.log(AccessLogEntry(startNanos: wallStart, listener: listener.config.name, method: request?.method ?? "-",
+                                    authority: request?.authority ?? "-", path: request?.path ?? "-",
+                                    protocolName: "HTTP/2", status: status, durationNanos: duration.nanoseconds,
+                                    upstreamHost: target?.host.address.description, bytesIn: bytesIn, bytesOut: bytesOut,
+                                    reason: reason, requestID: requestID))
+        }
+        target?.release()
+        target = nil
+    }
+}
+
+@available(*, unavailable)
+extension HTTP2StreamHandler: Sendable {}
+
+extension StringProtocol {
+    func trimmingCharacters(in set: String) -> String {
+        var s = Substring(self)
+        while let f = s.first, set.contains(f) { s = s.dropFirst() }
+        while let l = s.last, set.contains(l) { s = s.dropLast() }
+        return String(s)
+    }
+}

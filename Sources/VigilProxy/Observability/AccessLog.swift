@@ -1,0 +1,164 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import VigilCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One finished request, as the access log records it.
+public struct AccessLogEntry {
+    public var startNanos: Int64  // wall-clock start, ns since the epoch
+    public var listener: String
+    public var method: String
+    public var authority: String
+    public var path: String
+    public var protocolName: StaticString
+    public var status: Int
+    public var durationNanos: Int64
+    public var upstreamHost: String?
+    public var bytesIn: Int
+    public var bytesOut: Int
+    public var reason: String
+    public var requestID: String
+}
+
+/// Where access log lines go. Lines are batched per event loop and written in one `write(2)` per batch,
+/// as nginx does with its `buffer=` option, so logging costs no syscall per request.
+public final class AccessLog: Sendable {
+    enum Target: Sendable {
+        case off
+        case fd(Int32, owned: Bool)
+        /// Lines kept in memory: for tests.
+        case memory(NIOLockedValueBox<[String]>)
+    }
+
+    let target: Target
+
+    public var isEnabled: Bool {
+        if case .off = target { return false }
+        return true
+    }
+
+    init(target: Target) { self.target = target }
+
+    public static let off = AccessLog(target: .off)
+
+    public static func memory() -> AccessLog { AccessLog(target: .memory(NIOLockedValueBox([]))) }
+
+    public static func open(_ output: AccessLogOutput) throws -> AccessLog {
+        switch output {
+        case .off: return .off
+        case .stdout: return AccessLog(target: .fd(1, owned: false))
+        case .file(let path):
+            let fd = Glibc.open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+            guard fd >= 0 else { throw AccessLogError(path: path, errno: errno) }
+            return AccessLog(target: .fd(fd, owned: true))
+        }
+    }
+
+    /// Lines written so far, for a memory log.
+    public var lines: [String] {
+        if case .memory(let box) = target { return box.withLockedValue { $0 } }
+        return []
+    }
+
+    func write(_ batch: ByteBuffer) {
+        switch target {
+        case .off: return
+        case .memory(let box):
+            let text = String(buffer: batch)
+            box.withLockedValue { $0.append(contentsOf: text.split(separator: "\n").map(String.init)) }
+        case .fd(let fd, _):
+            batch.withUnsafeReadableBytes { p in
+                var offset = 0
+                while offset < p.count {
+                    let n = Glibc.write(fd, p.baseAddress! + offset, p.count - offset)
+                    if n < 0 {
+                        if errno == EINTR || errno == EAGAIN { continue }
+                        return  // The log must never take the proxy down.
+                    }
+                    offset += n
+                }
+            }
+        }
+    }
+
+    deinit {
+        if case .fd(let fd, true) = target { close(fd) }
+    }
+
+    /// Appends one JSON line for `entry` to `buffer`.
+    static func format(_ e: AccessLogEntry, into b: inout ByteBuffer) {
+        b.writeStaticString("{\"time\":\"")
+        RFC3339.write(nanos: e.startNanos, into: &b)
+        b.writeStaticString("\",\"listener\":")
+        JSONWriter.writeString(e.listener, into: &b)
+        b.writeStaticString(",\"protocol\":\"")
+        b.writeStaticString(e.protocolName)
+        b.writeStaticString("\",\"method\":")
+        JSONWriter.writeString(e.method, into: &b)
+        b.writeStaticString(",\"authority\":")
+        JSONWriter.writeString(e.authority, into: &b)
+        b.writeStaticString(",\"path\":")
+        JSONWriter.writeString(e.path, into: &b)
+        b.writeStaticString(",\"status\":")
+        b.writeString(String(e.status))
+        b.writeStaticString(",\"duration_ms\":")
+        b.writeString(String(Double(e.durationNanos / 1000) / 1000))
+        b.writeStaticString(",\"upstream_host\":")
+        if let h = e.upstreamHost { JSONWriter.writeString(h, into: &b) } else { b.writeStaticString("null") }
+        b.writeStaticString(",\"bytes_in\":")
+        b.writeString(String(e.bytesIn))
+        b.writeStaticString(",\"bytes_out\":")
+        b.writeString(String(e.bytesOut))
+        b.writeStaticString(",\"reason\":")
+        JSONWriter.writeString(e.reason, into: &b)
+        b.writeStaticString(",\"request_id\":")
+        JSONWriter.writeString(e.requestID, into: &b)
+        b.writeStaticString("}\n")
+    }
+}
+
+public struct AccessLogError: Error, CustomStringConvertible {
+    public var path: String
+    public var errno: Int32
+    public var description: String { "cannot open access log \(path): \(String(cString: strerror(errno)))" }
+}
+
+/// RFC 3339 UTC timestamps with milliseconds, from nanoseconds since the epoch, without Foundation.
+public enum RFC3339 {
+    public static func write(nanos: Int64, into b: inout ByteBuffer) {
+        let ms = nanos / 1_000_000
+        let secs = ms / 1000
+        let days = secs / 86400
+        let rem = secs % 86400
+        // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+        let z = days + 719_468
+        let era = (z >= 0 ? z : z - 146_096) / 146_097
+        let doe = z - era * 146_097
+        let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
+        let mp = (5 * doy + 2) / 153
+        let d = doy - (153 * mp + 2) / 5 + 1
+        let m = mp < 10 ? mp + 3 : mp - 9
+        let y = yoe + era * 400 + (m <= 2 ? 1 : 0)
+        func pad(_ v: Int64, _ width: Int) {
+            let s = String(v)
+            for _ in s.count..<width { b.writeInteger(UInt8(ascii: "0")) }
+            b.writeString(s)
+        }
+        pad(y, 4); b.writeInteger(UInt8(ascii: "-"))
+        pad(m, 2); b.writeInteger(UInt8(ascii: "-"))
+        pad(d, 2); b.writeInteger(UInt8(ascii: "T"))
+        pad(rem / 3600, 2); b.writeInteger(UInt8(ascii: ":"))
+        pad(rem % 3600 / 60, 2); b.writeInteger(UInt8(ascii: ":"))
+        pad(rem % 60, 2); b.writeInteger(UInt8(ascii: "."))
+        pad(ms % 1000, 3); b.writeInteger(UInt8(ascii: "Z"))
+    }
+
+    public static func string(nanos: Int64) -> String {
+        var b = ByteBuffer()
+        write(nanos: nanos, into: &b)
+        return String(buffer: b)
+    }
+}

@@ -1,0 +1,23 @@
+import Atomics
+import VigilCore
+
+/// A listener's immutable routing data plus its live connection count.
+public final class ListenerRuntime: Sendable {
+    public let config: ListenerConfig
+    public let index: Int
+    public let routes: RouteTable
+    /// Cluster index per route, resolved once.
+    let routeClusters: [Int]
+    let headLimits: HTTP1HeadLimits
+    public let openConnections = ManagedAtomic<Int>(0)
+    public let totalConnections = ManagedAtomic<Int>(0)
+
+    init(config: ListenerConfig, index: Int, clusterIndex: [String: Int]) {
+        self.config = config
+        self.index = index
+        self.routes = RouteTable(config.routes)
+        self.routeClusters = config.routes.map { clusterIndex[$0.cluster]! }
+        self.headLimits = HTTP1HeadLimits(maxHeaderBytes: config.limits.maxHeaderBytes,
+                                          maxHeaderCount: config.limits.maxHeaderCount)
+    }
+}

@@ -1,0 +1,204 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import VigilCore
+
+/// Binds the configured listeners and serves them on an event loop group.
+public final class ProxyServer: Sendable {
+    public let runtime: ProxyRuntime
+    let group: EventLoopGroup
+    let logger: Logger
+    private let state = NIOLockedValueBox(State())
+
+    struct State {
+        var serverChannels: [String: Channel] = [:]
+        /// Open downstream connections, for drain.
+        var connections: [ObjectIdentifier: Channel] = [:]
+        var drainWaiters: [CheckedContinuation<Void, Never>] = []
+    }
+
+    public init(runtime: ProxyRuntime, group: EventLoopGroup, logger: Logger) {
+        self.runtime = runtime
+        self.group = group
+        self.logger = logger
+    }
+
+    /// Binds every listener. Throws (naming the listener) if one cannot bind; already-bound ones are closed.
+    public func start() async throws {
+        do {
+            for listener in runtime.listeners {
+                let channel = try await bind(listener)
+                state.withLockedValue { $0.serverChannels[listener.config.name] = channel }
+                logger.info("listener bound", metadata: ["listener": "\(listener.config.name)",
+                                                        "address": "\(channel.localAddress?.description ?? "?")",
+                                                        "protocol": "\(listener.config.protocol.rawValue)"])
+            }
+        } catch {
+            try? await stopAccepting()
+            throw error
+        }
+    }
+
+    /// The address a listener is bound to (useful with port 0).
+    public func boundAddress(listener name: String) -> SocketAddress? {
+        state.withLockedValue { $0.serverChannels[name]?.localAddress }
+    }
+
+    public var openConnectionCount: Int { state.withLockedValue { $0.connections.count } }
+
+    private func bind(_ listener: ListenerRuntime) async throws -> Channel {
+        let runtime = self.runtime
+        let maxConnections = listener.config.limits.maxConnections
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 4096)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
+            .childChannelInitializer { [self] channel in
+                if listener.openConnections.loadThenWrappingIncrement(ordering: .relaxed) >= maxConnections {
+                    listener.openConnections.wrappingDecrement(ordering: .relaxed)
+                    return channel.close()
+                }
+                listener.totalConnections.wrappingIncrement(ordering: .relaxed)
+                let id = ObjectIdentifier(channel)
+                state.withLockedValue { $0.connections[id] = channel }
+                channel.closeFuture.whenComplete { _ in
+                    listener.openConnections.wrappingDecrement(ordering: .relaxed)
+                    self.connectionClosed(id)
+                }
+                return channel.eventLoop.makeCompletedFuture {
+                    let loop = runtime.loopContext(channel.eventLoop)
+                    switch listener.config.protocol {
+                    case .http1:
+                        try channel.pipeline.syncOperations.addHandler(
+                            HTTP1ServerHandler(runtime: runtime, listener: listener, loop: loop))
+                    case .http2:
+                        try HTTP2Pipeline.configure(channel: channel, runtime: runtime, listener: listener, loop: loop)
+                    case .auto:
+                        try channel.pipeline.syncOperations.addHandler(
+                            ProtocolDetector(runtime: runtime, listener: listener, loop: loop))
+                    }
+                }
+            }
+        let address = listener.config.address
+        do {
+            return try await bootstrap.bind(host: address.host, port: address.port).get()
+        } catch {
+            throw ListenerBindError(listener: listener.config.name, address: address.description, underlying: error)
+        }
+    }
+
+    private func connectionClosed(_ id: ObjectIdentifier) {
+        let waiters: [CheckedContinuation<Void, Never>] = state.withLockedValue { s in
+            s.connections.removeValue(forKey: id)
+            guard s.connections.isEmpty else { return [] }
+            defer { s.drainWaiters.removeAll() }
+            return s.drainWaiters
+        }
+        for w in waiters { w.resume() }
+    }
+
+    /// Closes the listening sockets: no new connections.
+    public func stopAccepting() async throws {
+        let channels = state.withLockedValue { s in
+            defer { s.serverChannels.removeAll() }
+            return Array(s.serverChannels.values)
+        }
+        for c in channels { try? await c.close() }
+    }
+
+    /// Tells every connection to finish its current request and close (HTTP/1: `connection: close`;
+    /// HTTP/2: GOAWAY). New requests on kept-alive connections are still served until each one closes.
+    public func beginDrain() {
+        runtime.draining.store(true, ordering: .relaxed)
+        let connections = state.withLockedValue { Array($0.connections.values) }
+        for c in connections { c.pipeline.fireUserInboundEventTriggered(DrainEvent()) }
+    }
+
+    /// Drain: stop accepting, ask connections to close, wait for them up to `timeout`, then close the rest.
+    public func drain(timeout: Duration) async {
+        try? await stopAccepting()
+        beginDrain()
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask {
+                await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                    let done = self.state.withLockedValue { s -> Bool in
+                        if s.connections.isEmpty { return true }
+                        s.drainWaiters.append(c)
+                        return false
+                    }
+                    if done { c.resume() }
+                }
+            }
+            group.addTask { try? await Task.sleep(for: timeout) }
+            await group.next()
+            group.cancelAll()
+        }
+        let rest = state.withLockedValue { Array($0.connections.values) }
+        if !rest.isEmpty { logger.warning("drain timeout passed; closing connections", metadata: ["open": "\(rest.count)"]) }
+        for c in rest { c.close(promise: nil) }
+        for context in runtime.allLoopContexts {
+            try? await context.eventLoop.submit { context.flushLog() }.get()
+        }
+        // Resume anyone still waiting (their connections were just closed).
+        let waiters = state.withLockedValue { s in defer { s.drainWaiters.removeAll() }; return s.drainWaiters }
+        for w in waiters { w.resume() }
+    }
+}
+
+public struct ListenerBindError: Error, CustomStringConvertible {
+    public var listener: String
+    public var address: String
+    public var underlying: Error
+    public var description: String { "listeners \(listener): cannot bind \(address): \(underlying)" }
+}
+
+/// For `protocol: auto`: looks at the first bytes of a connection and installs the HTTP/2 pipeline if
+/// they are the HTTP/2 connection preface (prior knowledge, RFC 9113 §3.3), HTTP/1.1 otherwise.
+final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    static let preface: [UInt8] = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
+
+    private let runtime: ProxyRuntime
+    private let listener: ListenerRuntime
+    private let loop: LoopContext
+    private var buffered: ByteBuffer?
+
+    init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext) {
+        self.runtime = runtime
+        self.listener = listener
+        self.loop = loop
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = unwrapInboundIn(data)
+        if buffered == nil { buffered = bytes } else { buffered!.writeBuffer(&bytes) }
+        let view = buffered!.readableBytesView
+        let n = min(view.count, Self.preface.count)
+        let matches = view.prefix(n).elementsEqual(Self.preface.prefix(n))
+        if matches && n < Self.preface.count { return }  // could still be the preface
+        let channel = context.channel
+        do {
+            if matches {
+                try HTTP2Pipeline.configure(channel: channel, runtime: runtime, listener: listener, loop: loop)
+            } else {
+                try channel.pipeline.syncOperations.addHandler(
+                    HTTP1ServerHandler(runtime: runtime, listener: listener, loop: loop), position: .after(self))
+            }
+        } catch {
+            context.close(promise: nil)
+            return
+        }
+        let data = buffered!
+        buffered = nil
+        context.fireChannelRead(wrapInboundOut(data))
+        context.fireChannelReadComplete()
+        context.pipeline.syncOperations.removeHandler(self, promise: nil)
+    }
+
+    typealias InboundOut = ByteBuffer
+}
+
+@available(*, unavailable)
+extension ProtocolDetector: Sendable {}

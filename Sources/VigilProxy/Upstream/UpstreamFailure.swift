@@ -1,0 +1,42 @@
+/// Why an attempt to an upstream failed, with the status and reason code the client then sees.
+public enum UpstreamFailure: Error, Sendable, Equatable {
+    case connectFailed(String)
+    case connectTimeout
+    /// The connection was closed or reset before the response was complete.
+    case reset
+    case protocolError(String)
+    /// A circuit-breaker limit (`max_requests`, `max_pending_requests`) refused the request.
+    case overflow
+    /// The route's timeout passed before the response head arrived.
+    case timeout
+
+    public var status: Int {
+        switch self {
+        case .connectFailed, .connectTimeout, .reset, .overflow: 503
+        case .protocolError: 502
+        case .timeout: 504
+        }
+    }
+
+    public var reason: String {
+        switch self {
+        case .connectFailed: "upstream_connect_failure"
+        case .connectTimeout: "upstream_connect_timeout"
+        case .reset: "upstream_reset"
+        case .protocolError: "upstream_protocol_error"
+        case .overflow: "overflow"
+        case .timeout: "upstream_timeout"
+        }
+    }
+
+    public var detail: String {
+        switch self {
+        case .connectFailed(let why): "could not connect to the upstream: \(why)"
+        case .connectTimeout: "the upstream did not accept the connection within connect_timeout"
+        case .reset: "the upstream closed the connection before the response was complete"
+        case .protocolError(let why): "the upstream sent a malformed response: \(why)"
+        case .overflow: "a circuit-breaker limit of the cluster is reached"
+        case .timeout: "the upstream did not answer within the route timeout"
+        }
+    }
+}

@@ -1,0 +1,63 @@
+import CoreMetrics
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import VigilCore
+import VigilTestSupport
+@testable import VigilProxy
+
+/// One Vigil data plane on 127.0.0.1 with an ephemeral port per listener, built from YAML in which
+/// `$UP0`, `$UP1`... stand for the given upstream ports.
+final class ProxyHarness: Sendable {
+    let group: MultiThreadedEventLoopGroup
+    let server: ProxyServer
+    let accessLog: AccessLog
+
+    var runtime: ProxyRuntime { server.runtime }
+
+    init(yaml: String, upstreams: [Int] = [], group: MultiThreadedEventLoopGroup? = nil,
+         metrics: MetricsFactory = NOOPMetricsHandler.instance) async throws {
+        var text = yaml
+        for (i, port) in upstreams.enumerated().reversed() { text = text.replacingOccurrences(of: "$UP\(i)", with: "\(port)") }
+        let config = try VigilConfig.parse(yaml: text)
+        self.group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        self.accessLog = AccessLog.memory()
+        let runtime = ProxyRuntime(config: config, group: self.group, metricsFactory: metrics, accessLog: accessLog)
+        var logger = Logger(label: "vigil-test")
+        logger.logLevel = .warning
+        self.server = ProxyServer(runtime: runtime, group: self.group, logger: logger)
+        try await server.start()
+    }
+
+    func port(_ listener: String = "in") -> Int { server.boundAddress(listener: listener)!.port! }
+
+    func client(_ listener: String = "in") async throws -> TestClient {
+        try await TestClient.connect(port: port(listener), group: group)
+    }
+
+    func stop() async {
+        await server.drain(timeout: .seconds(1))
+    }
+
+    /// The standard one-listener, one-cluster config.
+    static func simple(limits: String = "", route: String = "", cluster: String = "", endpoints: Int = 1) -> String {
+        let eps = (0..<endpoints).map { "\"127.0.0.1:$UP\($0)\"" }.joined(separator: ", ")
+        return """
+            access_log: { output: "off" }
+            listeners:
+              - name: in
+                address: "127.0.0.1:0"
+                protocol: auto
+                limits: { \(limits) }
+                routes:
+                  - match: { prefix: "/" }
+                    cluster: api
+                    \(route)
+            clusters:
+              - name: api
+                endpoints: [\(eps)]
+                \(cluster)
+            """
+    }
+}

@@ -1,0 +1,190 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// A request as the fake upstream received it.
+public struct RecordedRequest: Sendable {
+    public var head: HTTPRequestHead
+    public var body: ByteBuffer
+    public var bodyBytes: Int
+    public var trailers: HTTPHeaders?
+    public var bodyString: String { String(buffer: body) }
+}
+
+/// What the fake upstream does with a request.
+public enum FakeBehaviour: Sendable {
+    case respond(status: HTTPResponseStatus = .ok, headers: [(String, String)] = [], body: String = "ok")
+    /// Sends the body in these pieces with chunked encoding, then the trailers.
+    case chunked(parts: [String], trailers: [(String, String)] = [])
+    /// Reads the request, never answers.
+    case hang
+    /// Closes the connection without answering.
+    case close
+    /// Answers after this many milliseconds.
+    case delayed(ms: Int64, body: String)
+}
+
+/// An HTTP/1.1 upstream on 127.0.0.1, built on NIOHTTP1: an implementation independent of Vigil's own
+/// codec, so the tests check Vigil against a second parser. Bodies are counted, and kept only up to
+/// 1 MiB, so large-body tests do not grow memory here.
+public final class FakeUpstream: Sendable {
+    public let channel: Channel
+    public let port: Int
+    private let state: NIOLockedValueBox<State>
+
+    struct State {
+        var requests: [RecordedRequest] = []
+        var connections = 0
+    }
+
+    public init(group: EventLoopGroup, name: String = "upstream",
+                behaviour: @escaping @Sendable (HTTPRequestHead) -> FakeBehaviour = { _ in .respond() }) async throws {
+        let box = NIOLockedValueBox(State())
+        self.channel = try await ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                box.withLockedValue { $0.connections += 1 }
+                return channel.pipeline.configureHTTPServerPipeline().flatMapThrowing {
+                    try channel.pipeline.syncOperations.addHandler(
+                        FakeUpstreamHandler(name: name, behaviour: behaviour, record: { r in
+                            box.withLockedValue { $0.requests.append(r) }
+                        }))
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        self.port = channel.localAddress!.port!
+        self.state = box
+    }
+
+    /// Requests received so far, in order.
+    public var recorded: [RecordedRequest] { state.withLockedValue { $0.requests } }
+    /// Connections accepted so far.
+    public var connections: Int { state.withLockedValue { $0.connections } }
+
+    public func stop() async throws { try await channel.close() }
+}
+
+final class FakeUpstreamHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    let name: String
+    let behaviour: @Sendable (HTTPRequestHead) -> FakeBehaviour
+    let record: @Sendable (RecordedRequest) -> Void
+    var current: RecordedRequest?
+
+    init(name: String, behaviour: @escaping @Sendable (HTTPRequestHead) -> FakeBehaviour,
+         record: @escaping @Sendable (RecordedRequest) -> Void) {
+        self.name = name
+        self.behaviour = behaviour
+        self.record = record
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            current = RecordedRequest(head: head, body: ByteBuffer(), bodyBytes: 0, trailers: nil)
+        case .body(var bytes):
+            current?.bodyBytes += bytes.readableBytes
+            if current!.body.readableBytes < 1 << 20 { current?.body.writeBuffer(&bytes) }
+        case .end(let trailers):
+            guard var request = current else { return }
+            request.trailers = trailers
+            current = nil
+            record(request)
+            respond(context: context, request: request)
+        }
+    }
+
+    private func respond(context: ChannelHandlerContext, request: RecordedRequest) {
+        let keepAlive = request.head.isKeepAlive
+        func send(status: HTTPResponseStatus, headers extra: [(String, String)], body: String) {
+            var headers = HTTPHeaders(extra)
+            headers.add(name: "x-upstream", value: name)
+            headers.replaceOrAdd(name: "content-length", value: String(body.utf8.count))
+            if !keepAlive { headers.add(name: "connection", value: "close") }
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))),
+                          promise: nil)
+            if request.head.method != .HEAD {
+                context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil)
+            }
+            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { [context] _ in
+                if !keepAlive { context.close(promise: nil) }
+            }
+        }
+        switch behaviour(request.head) {
+        case .respond(let status, let headers, let body):
+            send(status: status, headers: headers, body: body)
+        case .chunked(let parts, let trailers):
+            var headers = HTTPHeaders([("x-upstream", name), ("transfer-encoding", "chunked")])
+            if !trailers.isEmpty { headers.add(name: "trailer", value: trailers.map(\.0).joined(separator: ", ")) }
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))),
+                          promise: nil)
+            for p in parts { context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: p)))), promise: nil) }
+            context.writeAndFlush(wrapOutboundOut(.end(trailers.isEmpty ? nil : HTTPHeaders(trailers))), promise: nil)
+        case .hang:
+            break
+        case .close:
+            context.close(promise: nil)
+        case .delayed(let ms, let body):
+            context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(ms)) {
+                send(status: .ok, headers: [], body: body)
+            }
+        }
+    }
+}
+
+@available(*, unavailable)
+extension FakeUpstreamHandler: Sendable {}
+
+/// A TCP upstream that runs a script over raw bytes: for responses no well-behaved server would send,
+/// and for protocol switches.
+public final class RawUpstream: Sendable {
+    public let channel: Channel
+    public let port: Int
+
+    /// `script` gets everything received so far on a connection and returns bytes to send (or nil), and
+    /// whether to close afterwards.
+    public init(group: EventLoopGroup,
+                script: @escaping @Sendable (_ received: ByteBuffer, _ context: RawUpstreamContext) -> Void) async throws {
+        channel = try await ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(RawUpstreamHandler(script: script))
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        port = channel.localAddress!.port!
+    }
+
+    public func stop() async throws { try await channel.close() }
+}
+
+/// What a raw upstream script can do on its connection.
+public struct RawUpstreamContext: Sendable {
+    let channel: Channel
+    public func send(_ text: String) { channel.writeAndFlush(ByteBuffer(string: text), promise: nil) }
+    public func send(_ bytes: ByteBuffer) { channel.writeAndFlush(bytes, promise: nil) }
+    public func close() { channel.close(promise: nil) }
+    /// Forgets what was received so far (after answering a request).
+    public let reset: @Sendable () -> Void
+}
+
+final class RawUpstreamHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    let script: @Sendable (ByteBuffer, RawUpstreamContext) -> Void
+    var received = ByteBuffer()
+    init(script: @escaping @Sendable (ByteBuffer, RawUpstreamContext) -> Void) { self.script = script }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = unwrapInboundIn(data)
+        received.writeBuffer(&bytes)
+        let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        script(received, RawUpstreamContext(channel: context.channel, reset: { loopBound.value.received.clear() }))
+    }
+}
+
+@available(*, unavailable)
+extension RawUpstreamHandler: Sendable {}

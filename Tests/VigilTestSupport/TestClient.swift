@@ -1,0 +1,160 @@
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// A response as a client saw it.
+public struct TestResponse: Sendable {
+    public var head: HTTPResponseHead
+    public var body: ByteBuffer
+    public var trailers: HTTPHeaders?
+    public var status: Int { Int(head.status.code) }
+    public var text: String { String(buffer: body) }
+    public func header(_ name: String) -> String? { head.headers.first(name: name) }
+}
+
+public struct TestTimeout: Error, CustomStringConvertible {
+    public var what: String
+    public var description: String { "timed out waiting for \(what)" }
+}
+
+/// Runs `body`, failing with `TestTimeout` if it takes longer than `seconds`. The limit only turns a hang
+/// into a failure; no test relies on it passing.
+public func withTimeout<T: Sendable>(_ seconds: Double = 20, _ what: String = "the operation",
+                                     _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+    try await withThrowingTaskGroup(of: T.self) { group in
+        group.addTask { try await body() }
+        group.addTask {
+            try await Task.sleep(for: .milliseconds(Int(seconds * 1000)))
+            throw TestTimeout(what: what)
+        }
+        let result = try await group.next()!
+        group.cancelAll()
+        return result
+    }
+}
+
+/// An HTTP/1.1 client over a real socket that sends raw bytes and decodes responses with NIOHTTP1 —
+/// a parser independent of Vigil's, so malformed output from Vigil is caught.
+public final class TestClient: Sendable {
+    let channel: Channel
+    private let parts: AsyncIteratorBox
+
+    public static func connect(port: Int, group: EventLoopGroup) async throws -> TestClient {
+        let (stream, continuation) = AsyncThrowingStream.makeStream(of: HTTPClientResponsePart.self)
+        let channel = try await ClientBootstrap(group: group)
+            .channelOption(.allowRemoteHalfClosure, value: true)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(RawRequestWriter())
+                    try channel.pipeline.syncOperations.addHandler(
+                        ByteToMessageHandler(HTTPResponseDecoder(leftOverBytesStrategy: .dropBytes,
+                                                                 informationalResponseStrategy: .forward)))
+                    try channel.pipeline.syncOperations.addHandler(ResponseCollector(continuation: continuation))
+                }
+            }
+            .connect(host: "127.0.0.1", port: port).get()
+        return TestClient(channel: channel, parts: AsyncIteratorBox(stream.makeAsyncIterator()))
+    }
+
+    init(channel: Channel, parts: AsyncIteratorBox) {
+        self.channel = channel
+        self.parts = parts
+    }
+
+    /// Sends raw bytes. If they start with a request line, its method is noted so the response to it is
+    /// framed right (HEAD); pass `expecting` to name the methods of several pipelined requests instead.
+    public func send(_ text: String, expecting methods: [HTTPMethod]? = nil) async throws {
+        let implied: [HTTPMethod]
+        if let methods {
+            implied = methods
+        } else if let firstLine = text.split(separator: "\r\n", maxSplits: 1).first, firstLine.contains(" HTTP/"),
+                  let token = firstLine.split(separator: " ").first, token.allSatisfy({ $0.isUppercase }) {
+            implied = [HTTPMethod(rawValue: String(token))]
+        } else {
+            implied = []
+        }
+        for m in implied {
+            try await channel.writeAndFlush(HTTPClientRequestPart.head(HTTPRequestHead(version: .http1_1, method: m, uri: "/")))
+        }
+        try await send(ByteBuffer(string: text))
+    }
+
+    public func send(_ bytes: ByteBuffer) async throws {
+        try await channel.writeAndFlush(HTTPClientRequestPart.body(.byteBuffer(bytes)))
+    }
+
+    /// Half-closes the sending side (the client says it will send no more).
+    public func finishSending() async throws { try await channel.close(mode: .output) }
+
+    /// The next complete response, or nil if the connection ended first. 1xx responses are returned too.
+    public func response(timeout: Double = 20) async throws -> TestResponse? {
+        let parts = self.parts
+        return try await withTimeout(timeout, "a response") {
+            var head: HTTPResponseHead?
+            var body = ByteBuffer()
+            while let part = try await parts.next() {
+                switch part {
+                case .head(let h):
+                    if h.status.code < 200 || h.status.code == 101 { return TestResponse(head: h, body: body, trailers: nil) }
+                    head = h
+                case .body(var b): body.writeBuffer(&b)
+                case .end(let t): return TestResponse(head: head!, body: body, trailers: t)
+                }
+            }
+            return nil
+        }
+    }
+
+    /// Waits until the server closes the connection; true if it did, having sent nothing more.
+    public func closedByServer(timeout: Double = 20) async throws -> Bool {
+        let parts = self.parts
+        return try await withTimeout(timeout, "the server to close") {
+            while let _ = try? await parts.next() { return false }
+            return true
+        }
+    }
+
+    public func close() async throws { try? await channel.close() }
+}
+
+/// Holds an async iterator so a Sendable client can advance it; only one task reads at a time in tests.
+final class AsyncIteratorBox: @unchecked Sendable {
+    var iterator: AsyncThrowingStream<HTTPClientResponsePart, Error>.AsyncIterator
+    init(_ iterator: AsyncThrowingStream<HTTPClientResponsePart, Error>.AsyncIterator) { self.iterator = iterator }
+    func next() async throws -> HTTPClientResponsePart? { try await iterator.next() }
+}
+
+final class ResponseCollector: ChannelInboundHandler {
+    typealias InboundIn = HTTPClientResponsePart
+    let continuation: AsyncThrowingStream<HTTPClientResponsePart, Error>.Continuation
+    init(continuation: AsyncThrowingStream<HTTPClientResponsePart, Error>.Continuation) { self.continuation = continuation }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) { continuation.yield(unwrapInboundIn(data)) }
+    func channelInactive(context: ChannelHandlerContext) { continuation.finish() }
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        continuation.finish(throwing: error)
+        context.close(promise: nil)
+    }
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? ChannelEvent, e == .inputClosed { continuation.finish() }
+    }
+}
+
+@available(*, unavailable)
+extension ResponseCollector: Sendable {}
+
+/// Turns the raw bytes a test sends (carried as request body parts, so NIOHTTP1's response decoder sees
+/// the request heads it needs to frame responses to HEAD) into plain bytes on the wire.
+final class RawRequestWriter: ChannelOutboundHandler {
+    typealias OutboundIn = HTTPClientRequestPart
+    typealias OutboundOut = ByteBuffer
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        switch unwrapOutboundIn(data) {
+        case .body(.byteBuffer(let bytes)): context.write(wrapOutboundOut(bytes), promise: promise)
+        case .body(.fileRegion), .head, .end: promise?.succeed()
+        }
+    }
+}
+
+@available(*, unavailable)
+extension RawRequestWriter: Sendable {}
