@@ -95,7 +95,14 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         let ip = context.channel.remoteAddress?.ipAddress ?? "unknown"
         facts = ForwardingFacts(clientAddress: ip, scheme: scheme)
         idleSince = .now()
-        armTimer(at: idleSince + Self.timerTick)
+        armIdleTimer()
+    }
+
+    /// The idle check runs at the idle timeout or the timer tick, whichever is sooner; with the default
+    /// 60 s timeout the already-armed tick covers it and nothing is re-armed per request.
+    private func armIdleTimer() {
+        let idle = TimeAmount.nanoseconds(listener.config.limits.idleTimeout.nanoseconds)
+        armTimer(at: idleSince + min(idle, Self.timerTick))
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -530,6 +537,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         if keepAlive && !runtime.draining.load(ordering: .relaxed) {
             phase = .idle
             idleSince = .now()
+            armIdleTimer()
             context.flush()
             if let inbound, inbound.readableBytes > 0 { process() } else { updateReadInterest() }
         } else {

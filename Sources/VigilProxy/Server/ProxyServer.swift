@@ -1,3 +1,4 @@
+import Atomics
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -15,7 +16,7 @@ public final class ProxyServer: Sendable {
         var serverChannels: [String: Channel] = [:]
         /// Open downstream connections, for drain.
         var connections: [ObjectIdentifier: Channel] = [:]
-        var drainWaiters: [CheckedContinuation<Void, Never>] = []
+        var drainWaiters: [(Int, CheckedContinuation<Void, Never>)] = []
     }
 
     public init(runtime: ProxyRuntime, group: EventLoopGroup, logger: Logger) {
@@ -94,7 +95,7 @@ public final class ProxyServer: Sendable {
             s.connections.removeValue(forKey: id)
             guard s.connections.isEmpty else { return [] }
             defer { s.drainWaiters.removeAll() }
-            return s.drainWaiters
+            return s.drainWaiters.map(\.1)
         }
         for w in waiters { w.resume() }
     }
@@ -120,20 +121,26 @@ public final class ProxyServer: Sendable {
     public func drain(timeout: Duration) async {
         try? await stopAccepting()
         beginDrain()
-        await withTaskGroup(of: Void.self) { group in
-            group.addTask {
-                await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-                    let done = self.state.withLockedValue { s -> Bool in
-                        if s.connections.isEmpty { return true }
-                        s.drainWaiters.append(c)
-                        return false
-                    }
-                    if done { c.resume() }
-                }
+        // Resumed by the last connection closing or by the deadline, whichever comes first; exactly once,
+        // because each path removes the waiter under the lock before resuming it.
+        let id = DrainWaiterID.next()
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let done = state.withLockedValue { s -> Bool in
+                if s.connections.isEmpty { return true }
+                s.drainWaiters.append((id, c))
+                return false
             }
-            group.addTask { try? await Task.sleep(for: timeout) }
-            await group.next()
-            group.cancelAll()
+            if done {
+                c.resume()
+                return
+            }
+            group.next().scheduleTask(in: .nanoseconds(timeout.nanoseconds)) { [self] in
+                let waiter = state.withLockedValue { s -> CheckedContinuation<Void, Never>? in
+                    guard let i = s.drainWaiters.firstIndex(where: { $0.0 == id }) else { return nil }
+                    return s.drainWaiters.remove(at: i).1
+                }
+                waiter?.resume()
+            }
         }
         let rest = state.withLockedValue { Array($0.connections.values) }
         if !rest.isEmpty { logger.warning("drain timeout passed; closing connections", metadata: ["open": "\(rest.count)"]) }
@@ -141,10 +148,13 @@ public final class ProxyServer: Sendable {
         for context in runtime.allLoopContexts {
             try? await context.eventLoop.submit { context.flushLog() }.get()
         }
-        // Resume anyone still waiting (their connections were just closed).
-        let waiters = state.withLockedValue { s in defer { s.drainWaiters.removeAll() }; return s.drainWaiters }
-        for w in waiters { w.resume() }
     }
+}
+
+/// Ids for drain waiters.
+enum DrainWaiterID {
+    private static let counter = ManagedAtomic<Int>(0)
+    static func next() -> Int { counter.wrappingIncrementThenLoad(ordering: .relaxed) }
 }
 
 public struct ListenerBindError: Error, CustomStringConvertible {

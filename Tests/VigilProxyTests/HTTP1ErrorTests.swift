@@ -1,0 +1,193 @@
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Testing
+import VigilTestSupport
+@testable import VigilProxy
+
+/// Every error status the proxy promises, over real sockets: the status, the reason header, the JSON body,
+/// and what happens to the connection afterwards.
+@Suite struct HTTP1ErrorTests {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+
+    func setup(_ yaml: String = ProxyHarness.simple(),
+               behaviour: @escaping @Sendable (HTTPRequestHead) -> FakeBehaviour = { _ in .respond() })
+        async throws -> (ProxyHarness, FakeUpstream)
+    {
+        let upstream = try await FakeUpstream(group: group, behaviour: behaviour)
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
+        return (proxy, upstream)
+    }
+
+    /// Sends `raw`, expects one answer with `status` and `reason`, then the connection closed.
+    func expectRefusal(_ raw: String, status: Int, reason: String, yaml: String = ProxyHarness.simple(),
+                       sourceLocation: SourceLocation = #_sourceLocation) async throws {
+        let (proxy, upstream) = try await setup(yaml)
+        let client = try await proxy.client()
+        try await client.send(raw)
+        let r = try #require(try await client.response(), sourceLocation: sourceLocation)
+        #expect(r.status == status, "\(raw.debugDescription)", sourceLocation: sourceLocation)
+        #expect(r.header("x-vigil-reason") == reason, sourceLocation: sourceLocation)
+        let json = try JSONSerialization.jsonObject(with: Data(r.text.utf8)) as? [String: Any]
+        #expect(json?["reason"] as? String == reason, sourceLocation: sourceLocation)
+        #expect(r.header("connection") == "close", sourceLocation: sourceLocation)
+        #expect(try await client.closedByServer(), sourceLocation: sourceLocation)
+        #expect(upstream.recorded.isEmpty, "nothing may reach the upstream", sourceLocation: sourceLocation)
+        await proxy.stop()
+    }
+
+    @Test func smugglingAttemptsAreRefusedAndTheConnectionClosed() async throws {
+        try await expectRefusal("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+                                status: 400, reason: "content_length_and_transfer_encoding")
+        try await expectRefusal("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 40\r\n\r\nabcd",
+                                status: 400, reason: "conflicting_content_length")
+        try await expectRefusal("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+                                status: 400, reason: "whitespace_before_colon")
+        try await expectRefusal("GET / HTTP/1.1\r\nHost: a\r\nX: y\r\n folded\r\n\r\n", status: 400, reason: "obsolete_line_folding")
+    }
+
+    @Test func malformedRequestsGet400() async throws {
+        try await expectRefusal("GET /\u{1} HTTP/1.1\r\nHost: a\r\n\r\n", status: 400, reason: "bad_request_line")
+        try await expectRefusal("GET / HTTP/1.1\r\n\r\n", status: 400, reason: "missing_host")
+    }
+
+    @Test func unsupportedTransferEncodingIs501() async throws {
+        try await expectRefusal("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", status: 501,
+                                reason: "unsupported_transfer_encoding")
+    }
+
+    @Test func oversizedHeadIs431() async throws {
+        let big = String(repeating: "x", count: 5000)
+        try await expectRefusal("GET / HTTP/1.1\r\nHost: a\r\nX-Big: \(big)\r\n\r\n", status: 431, reason: "header_too_large",
+                                yaml: ProxyHarness.simple(limits: "max_header_bytes: 4KiB"))
+    }
+
+    @Test func oversizedBodyIs413() async throws {
+        let yaml = ProxyHarness.simple(limits: "max_body_bytes: 10")
+        try await expectRefusal("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\nhello world", status: 413,
+                                reason: "body_too_large", yaml: yaml)
+        // A chunked body is counted as it streams.
+        let (proxy, _) = try await setup(yaml)
+        let client = try await proxy.client()
+        try await client.send("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n")
+        let r = try #require(try await client.response())
+        #expect(r.status == 413)
+        #expect(try await client.closedByServer())
+        await proxy.stop()
+    }
+
+    @Test func badChunkedBodyIs400() async throws {
+        let (proxy, _) = try await setup()
+        let client = try await proxy.client()
+        try await client.send("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        let r = try #require(try await client.response())
+        #expect(r.status == 400)
+        #expect(r.header("x-vigil-reason") == "bad_chunked_body")
+        #expect(try await client.closedByServer())
+        await proxy.stop()
+    }
+
+    @Test func refusedUpstreamIs503() async throws {
+        // A port that was just bound and closed: nothing listens there.
+        let probe = try await ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).get()
+        let deadPort = probe.localAddress!.port!
+        try await probe.close()
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [deadPort], group: group)
+        let client = try await proxy.client()
+        try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        let r = try #require(try await client.response())
+        #expect(r.status == 503)
+        #expect(r.header("x-vigil-reason") == "upstream_connect_failure")
+        // Nothing was wrong with the client's request: its connection stays open.
+        try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        #expect(try await client.response()?.status == 503)
+        await proxy.stop()
+    }
+
+    @Test func upstreamResetIs503() async throws {
+        let (proxy, _) = try await setup(behaviour: { _ in .close })
+        let client = try await proxy.client()
+        try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        let r = try #require(try await client.response())
+        #expect(r.status == 503)
+        #expect(r.header("x-vigil-reason") == "upstream_reset")
+        await proxy.stop()
+    }
+
+    @Test func routeTimeoutIs504() async throws {
+        let (proxy, _) = try await setup(ProxyHarness.simple(route: "timeout: 300ms"), behaviour: { _ in .hang })
+        let client = try await proxy.client()
+        let started = ContinuousClock.now
+        try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        let r = try #require(try await client.response())
+        #expect(r.status == 504)
+        #expect(r.header("x-vigil-reason") == "upstream_timeout")
+        #expect(ContinuousClock.now - started >= .milliseconds(300))
+        // The hung upstream connection is not reused; the client's connection is.
+        try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        #expect(try await client.response()?.status == 504)
+        await proxy.stop()
+    }
+
+    @Test func malformedUpstreamResponseIs502() async throws {
+        let raw = try await RawUpstream(group: group) { received, ctx in
+            if String(buffer: received).contains("\r\n\r\n") {
+                ctx.send("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd")
+            }
+        }
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [raw.port], group: group)
+        let client = try await proxy.client()
+        try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        let r = try #require(try await client.response())
+        #expect(r.status == 502)
+        #expect(r.header("x-vigil-reason") == "upstream_protocol_error")
+        await proxy.stop()
+    }
+
+    @Test func slowHeadsGet408() async throws {
+        let (proxy, _) = try await setup(ProxyHarness.simple(limits: "header_timeout: 200ms"))
+        let client = try await proxy.client()
+        try await client.send("GET / HTTP/1.1\r\nHost: a\r\n")
+        let r = try #require(try await client.response())
+        #expect(r.status == 408)
+        #expect(r.header("x-vigil-reason") == "request_header_timeout")
+        #expect(try await client.closedByServer())
+        await proxy.stop()
+    }
+
+    @Test func idleKeepAliveConnectionsAreClosed() async throws {
+        let (proxy, _) = try await setup(ProxyHarness.simple(limits: "idle_timeout: 200ms"))
+        let client = try await proxy.client()
+        try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        #expect(try await client.response()?.status == 200)
+        #expect(try await client.closedByServer())
+        await proxy.stop()
+    }
+
+    @Test func connectionLimitClosesExtraConnections() async throws {
+        let (proxy, _) = try await setup(ProxyHarness.simple(limits: "max_connections: 1"))
+        let first = try await proxy.client()
+        try await first.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        #expect(try await first.response()?.status == 200)
+        let second = try await proxy.client()
+        #expect(try await second.closedByServer())
+        await proxy.stop()
+    }
+
+    @Test func overflowIs503WhenTheClusterIsFull() async throws {
+        let (proxy, _) = try await setup(ProxyHarness.simple(cluster: "circuit_breakers: { max_requests: 1 }"),
+                                         behaviour: { head in head.uri == "/slow" ? .delayed(ms: 500, body: "slow") : .respond() })
+        let slow = try await proxy.client()
+        try await slow.send("GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        // Wait until the slow request holds the cluster's only slot.
+        while proxy.runtime.clusters[0].activeRequests.load(ordering: .relaxed) == 0 { await Task.yield() }
+        let fast = try await proxy.client()
+        try await fast.send("GET /fast HTTP/1.1\r\nHost: a\r\n\r\n")
+        let r = try #require(try await fast.response())
+        #expect(r.status == 503)
+        #expect(r.header("x-vigil-reason") == "overflow")
+        #expect(try await slow.response()?.text == "slow")
+        await proxy.stop()
+    }
+}
