@@ -55,7 +55,7 @@ import Testing
             clusters:
               - name: api
                 endpoints: ["127.0.0.1:8080", "[::1]:8081"]
-                protocol: http2
+                protocol: http1
                 connect_timeout: 1.5s
                 load_balancer: round_robin
                 circuit_breakers: { max_connections: 10, max_pending_requests: 5 }
@@ -111,6 +111,10 @@ import Testing
             """
         #expect(errors(yaml) == ["listeners[1].name: \"a\" is already the name of listeners[0]",
                                  "listeners[2].address: 127.0.0.1:2 is already used by listeners[1].address"])
+    }
+
+    @Test func http2UpstreamsAreRefusedUntilSupported() {
+        #expect(errors(Self.minimal + "\n    protocol: http2") == ["clusters[0].protocol: http2 upstreams are not supported by this version; use http1"])
     }
 
     @Test func emptyEndpointList() {

@@ -1,3 +1,4 @@
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -18,18 +19,31 @@ public struct TestTimeout: Error, CustomStringConvertible {
 }
 
 /// Runs `body`, failing with `TestTimeout` if it takes longer than `seconds`. The limit only turns a hang
-/// into a failure; no test relies on it passing.
+/// into a failure; no test relies on it passing. The body may await something that ignores cancellation
+/// (an EventLoopFuture), so on timeout it is cancelled and left behind rather than awaited.
 public func withTimeout<T: Sendable>(_ seconds: Double = 20, _ what: String = "the operation",
                                      _ body: @escaping @Sendable () async throws -> T) async throws -> T {
-    try await withThrowingTaskGroup(of: T.self) { group in
-        group.addTask { try await body() }
-        group.addTask {
-            try await Task.sleep(for: .milliseconds(Int(seconds * 1000)))
-            throw TestTimeout(what: what)
+    let once = NIOLockedValueBox<CheckedContinuation<T, Error>?>(nil)
+    return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, Error>) in
+        once.withLockedValue { $0 = continuation }
+        let work = Task {
+            let result: Result<T, Error>
+            do { result = .success(try await body()) } catch { result = .failure(error) }
+            once.withLockedValue { c in
+                c?.resume(with: result)
+                c = nil
+            }
         }
-        let result = try await group.next()!
-        group.cancelAll()
-        return result
+        Task {
+            try? await Task.sleep(for: .milliseconds(Int(seconds * 1000)))
+            let fired = once.withLockedValue { c -> Bool in
+                guard let pending = c else { return false }
+                pending.resume(throwing: TestTimeout(what: what))
+                c = nil
+                return true
+            }
+            if fired { work.cancel() }
+        }
     }
 }
 

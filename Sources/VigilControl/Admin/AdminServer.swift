@@ -1,0 +1,266 @@
+import Atomics
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Prometheus
+import VigilCore
+import VigilProxy
+
+/// The admin port (Envoy's conventions): readiness, health, metrics, cluster state, config dump, drain
+/// and log level. Served with NIOHTTP1: it is not on the request path, so the typed codec's cost is fine.
+public final class AdminServer: Sendable {
+    let proxy: ProxyServer
+    let registry: PrometheusCollectorRegistry
+    let logger: Logger
+    let group: EventLoopGroup
+    /// Set once every listener is bound.
+    public let ready = ManagedAtomic<Bool>(false)
+    let startedAt = ContinuousClock.now
+    let gauges: AdminGauges
+    private let channelBox = NIOLockedValueBox<Channel?>(nil)
+    /// Called by `POST /drain` after the listeners stop accepting.
+    let onDrain: @Sendable () -> Void
+
+    public init(proxy: ProxyServer, registry: PrometheusCollectorRegistry, group: EventLoopGroup, logger: Logger,
+                onDrain: @escaping @Sendable () -> Void = {}) {
+        self.proxy = proxy
+        self.registry = registry
+        self.group = group
+        self.logger = logger
+        self.onDrain = onDrain
+        self.gauges = AdminGauges(runtime: proxy.runtime, registry: registry)
+    }
+
+    public func start() async throws {
+        let address = proxy.runtime.config.admin.address
+        let channel = try await ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { [self] channel in
+                channel.pipeline.configureHTTPServerPipeline().flatMapThrowing {
+                    try channel.pipeline.syncOperations.addHandler(AdminHandler(admin: self))
+                }
+            }
+            .bind(host: address.host, port: address.port).get()
+        channelBox.withLockedValue { $0 = channel }
+        logger.info("admin listening", metadata: ["address": "\(channel.localAddress?.description ?? "?")"])
+    }
+
+    public var boundAddress: SocketAddress? { channelBox.withLockedValue { $0?.localAddress } }
+
+    public func stop() async {
+        let channel = channelBox.withLockedValue { c in defer { c = nil }; return c }
+        try? await channel?.close()
+    }
+
+    // MARK: - Endpoints
+
+    struct Reply {
+        var status: HTTPResponseStatus
+        var contentType: String
+        var body: String
+    }
+
+    func handle(method: HTTPMethod, uri: String) -> Reply {
+        let (path, query) = Self.split(uri)
+        switch (method, path) {
+        case (.GET, "/ready"), (.HEAD, "/ready"):
+            let isReady = ready.load(ordering: .relaxed) && !proxy.runtime.draining.load(ordering: .relaxed)
+            return Reply(status: isReady ? .ok : .serviceUnavailable, contentType: "text/plain",
+                         body: isReady ? "LIVE\n" : (proxy.runtime.draining.load(ordering: .relaxed) ? "DRAINING\n" : "PRE_INITIALIZING\n"))
+        case (.GET, "/healthz"), (.HEAD, "/healthz"):
+            return Reply(status: .ok, contentType: "text/plain", body: "ok\n")
+        case (.GET, "/stats/prometheus"):
+            gauges.update()
+            return Reply(status: .ok, contentType: "text/plain; version=0.0.4", body: registry.emitToString())
+        case (.GET, "/stats"):
+            return json(stats())
+        case (.GET, "/clusters"):
+            return json(clusters())
+        case (.GET, "/config_dump"):
+            return json(proxy.runtime.config.dump())
+        case (.POST, "/drain"):
+            logger.notice("drain requested on the admin port")
+            let proxy = self.proxy
+            let onDrain = self.onDrain
+            Task {
+                try? await proxy.stopAccepting()
+                proxy.beginDrain()
+                onDrain()
+            }
+            return json(["draining": true])
+        case (.POST, "/logging"):
+            guard let name = query["level"], let level = Logger.Level(rawValue: name) else {
+                return Reply(status: .badRequest, contentType: "application/json",
+                             body: JSONValue.object([("error", "give ?level= one of trace, debug, info, notice, warning, error, critical")]).serialized() + "\n")
+            }
+            LogLevelControl.level = level
+            logger.notice("log level changed", metadata: ["level": "\(level)"])
+            return json(["level": .string(level.rawValue)])
+        case (.GET, "/"):
+            return Reply(status: .ok, contentType: "text/html; charset=utf-8", body: Self.indexPage)
+        case (_, "/ready"), (_, "/healthz"), (_, "/stats/prometheus"), (_, "/stats"), (_, "/clusters"),
+             (_, "/config_dump"), (_, "/drain"), (_, "/logging"), (_, "/"):
+            return Reply(status: .methodNotAllowed, contentType: "application/json",
+                         body: JSONValue.object([("error", "method not allowed")]).serialized() + "\n")
+        default:
+            return Reply(status: .notFound, contentType: "application/json",
+                         body: JSONValue.object([("error", .string("no admin endpoint \(path)"))]).serialized() + "\n")
+        }
+    }
+
+    private func json(_ value: JSONValue) -> Reply {
+        Reply(status: .ok, contentType: "application/json", body: value.serialized(pretty: true) + "\n")
+    }
+
+    func stats() -> JSONValue {
+        let runtime = proxy.runtime
+        let uptime = ContinuousClock.now - startedAt
+        return [
+            "node": .string(runtime.config.nodeID),
+            "uptime_seconds": .int(Int(uptime.components.seconds)),
+            "draining": .bool(runtime.draining.load(ordering: .relaxed)),
+            "active_requests": .int(runtime.activeRequests.load(ordering: .relaxed)),
+            "listeners": .array(runtime.listeners.map { l in
+                [
+                    "name": .string(l.config.name),
+                    "open_connections": .int(l.openConnections.load(ordering: .relaxed)),
+                    "total_connections": .int(l.totalConnections.load(ordering: .relaxed)),
+                ]
+            }),
+            "clusters": .array(runtime.clusters.map { c in
+                [
+                    "name": .string(c.config.name),
+                    "active_requests": .int(c.activeRequests.load(ordering: .relaxed)),
+                    "pending_requests": .int(c.pendingRequests.load(ordering: .relaxed)),
+                    "upstream_connections": .int(c.connections.load(ordering: .relaxed)),
+                    "overflows": .int(c.overflows.load(ordering: .relaxed)),
+                ]
+            }),
+        ]
+    }
+
+    func clusters() -> JSONValue {
+        .object([("clusters", .array(proxy.runtime.clusters.map { c in
+            [
+                "name": .string(c.config.name),
+                "load_balancer": .string(c.config.loadBalancer.rawValue),
+                "hosts": .array(c.hosts.map { h in
+                    [
+                        "address": .string(h.address.description),
+                        // Active health checking and outlier ejection arrive with the healing work; until then
+                        // every configured host is eligible.
+                        "state": "available",
+                        "active_requests": .int(h.activeRequests.load(ordering: .relaxed)),
+                        "total_requests": .int(h.totalRequests.load(ordering: .relaxed)),
+                        "connect_failures": .int(h.connectFailures.load(ordering: .relaxed)),
+                        "connections": .int(h.connections.load(ordering: .relaxed)),
+                    ]
+                }),
+            ]
+        }))])
+    }
+
+    static func split(_ uri: String) -> (String, [String: String]) {
+        guard let q = uri.firstIndex(of: "?") else { return (uri, [:]) }
+        var query: [String: String] = [:]
+        for pair in uri[uri.index(after: q)...].split(separator: "&") {
+            let kv = pair.split(separator: "=", maxSplits: 1)
+            query[String(kv[0])] = kv.count > 1 ? String(kv[1]) : ""
+        }
+        return (String(uri[..<q]), query)
+    }
+
+    static let indexPage = """
+        <!doctype html>
+        <html><head><meta charset="utf-8"><title>Vigil admin</title>
+        <style>body{font:14px system-ui,sans-serif;margin:2em;max-width:60em}code{background:#eee;padding:0 .3em}</style>
+        </head><body>
+        <h1>Vigil admin</h1>
+        <ul>
+        <li><a href="/ready">/ready</a> — 200 once listeners are bound</li>
+        <li><a href="/healthz">/healthz</a> — process liveness</li>
+        <li><a href="/stats">/stats</a> — JSON counters</li>
+        <li><a href="/stats/prometheus">/stats/prometheus</a> — Prometheus exposition</li>
+        <li><a href="/clusters">/clusters</a> — every upstream host and its state</li>
+        <li><a href="/config_dump">/config_dump</a> — effective configuration</li>
+        <li><code>POST /drain</code>, <code>POST /logging?level=debug</code></li>
+        </ul>
+        </body></html>
+
+        """
+}
+
+/// Gauges that are read from the runtime's atomics at scrape time, not updated per request.
+struct AdminGauges: Sendable {
+    let runtime: ProxyRuntime
+    let activeRequests: Gauge
+    let openConnections: [Gauge]
+    let upstreamConnections: [[Gauge]]
+    let hostActive: [[Gauge]]
+    let overflows: [Gauge]
+
+    init(runtime: ProxyRuntime, registry: PrometheusCollectorRegistry) {
+        self.runtime = runtime
+        activeRequests = registry.makeGauge(name: "vigil_active_requests")
+        openConnections = runtime.listeners.map {
+            registry.makeGauge(name: "vigil_downstream_connections", labels: [("listener", $0.config.name)])
+        }
+        upstreamConnections = runtime.clusters.map { c in
+            c.hosts.map { registry.makeGauge(name: "vigil_upstream_connections", labels: [("cluster", c.config.name), ("host", $0.address.description)]) }
+        }
+        hostActive = runtime.clusters.map { c in
+            c.hosts.map { registry.makeGauge(name: "vigil_upstream_active_requests", labels: [("cluster", c.config.name), ("host", $0.address.description)]) }
+        }
+        overflows = runtime.clusters.map {
+            registry.makeGauge(name: "vigil_cluster_overflows", labels: [("cluster", $0.config.name)])
+        }
+    }
+
+    func update() {
+        activeRequests.set(Double(runtime.activeRequests.load(ordering: .relaxed)))
+        for (i, l) in runtime.listeners.enumerated() { openConnections[i].set(Double(l.openConnections.load(ordering: .relaxed))) }
+        for (ci, c) in runtime.clusters.enumerated() {
+            overflows[ci].set(Double(c.overflows.load(ordering: .relaxed)))
+            for (hi, h) in c.hosts.enumerated() {
+                upstreamConnections[ci][hi].set(Double(h.connections.load(ordering: .relaxed)))
+                hostActive[ci][hi].set(Double(h.activeRequests.load(ordering: .relaxed)))
+            }
+        }
+    }
+}
+
+final class AdminHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+    let admin: AdminServer
+    var head: HTTPRequestHead?
+
+    init(admin: AdminServer) { self.admin = admin }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let h): head = h
+        case .body: break
+        case .end:
+            guard let head else { return }
+            self.head = nil
+            let reply = admin.handle(method: head.method, uri: head.uri)
+            var headers = HTTPHeaders([("content-type", reply.contentType), ("content-length", String(reply.body.utf8.count))])
+            if !head.isKeepAlive { headers.add(name: "connection", value: "close") }
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: reply.status, headers: headers))),
+                          promise: nil)
+            if head.method != .HEAD {
+                context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: reply.body)))), promise: nil)
+            }
+            let keepAlive = head.isKeepAlive
+            context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
+                if !keepAlive { context.close(promise: nil) }
+            }
+        }
+    }
+}
+
+@available(*, unavailable)
+extension AdminHandler: Sendable {}

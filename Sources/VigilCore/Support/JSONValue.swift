@@ -1,0 +1,141 @@
+/// A small JSON document model for admin and control answers, serialized deterministically (keys in the
+/// order given), with no Foundation dependency.
+public enum JSONValue: Sendable, Equatable, ExpressibleByStringLiteral, ExpressibleByIntegerLiteral,
+    ExpressibleByBooleanLiteral, ExpressibleByArrayLiteral, ExpressibleByDictionaryLiteral
+{
+    case null
+    case bool(Bool)
+    case int(Int)
+    case double(Double)
+    case string(String)
+    case array([JSONValue])
+    case object([(String, JSONValue)])
+
+    public init(stringLiteral value: String) { self = .string(value) }
+    public init(integerLiteral value: Int) { self = .int(value) }
+    public init(booleanLiteral value: Bool) { self = .bool(value) }
+    public init(arrayLiteral elements: JSONValue...) { self = .array(elements) }
+    public init(dictionaryLiteral elements: (String, JSONValue)...) { self = .object(elements) }
+
+    public static func == (a: JSONValue, b: JSONValue) -> Bool { a.serialized() == b.serialized() }
+
+    public func serialized(pretty: Bool = false) -> String {
+        var out = ""
+        write(into: &out, pretty: pretty, indent: 0)
+        return out
+    }
+
+    private func write(into out: inout String, pretty: Bool, indent: Int) {
+        let nl = pretty ? "\n" : ""
+        let pad = pretty ? String(repeating: "  ", count: indent + 1) : ""
+        let end = pretty ? String(repeating: "  ", count: indent) : ""
+        switch self {
+        case .null: out += "null"
+        case .bool(let b): out += b ? "true" : "false"
+        case .int(let i): out += String(i)
+        case .double(let d): out += d.isFinite ? String(d) : "null"
+        case .string(let s): Self.escape(s, into: &out)
+        case .array(let items):
+            if items.isEmpty { out += "[]"; return }
+            out += "[" + nl
+            for (i, v) in items.enumerated() {
+                out += pad
+                v.write(into: &out, pretty: pretty, indent: indent + 1)
+                if i < items.count - 1 { out += "," }
+                out += nl
+            }
+            out += end + "]"
+        case .object(let fields):
+            if fields.isEmpty { out += "{}"; return }
+            out += "{" + nl
+            for (i, (k, v)) in fields.enumerated() {
+                out += pad
+                Self.escape(k, into: &out)
+                out += pretty ? ": " : ":"
+                v.write(into: &out, pretty: pretty, indent: indent + 1)
+                if i < fields.count - 1 { out += "," }
+                out += nl
+            }
+            out += end + "}"
+        }
+    }
+
+    static func escape(_ s: String, into out: inout String) {
+        out += "\""
+        for u in s.unicodeScalars {
+            switch u {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            case _ where u.value < 0x20:
+                let hex = String(u.value, radix: 16)
+                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+            default: out.unicodeScalars.append(u)
+            }
+        }
+        out += "\""
+    }
+}
+
+extension VigilConfig {
+    /// The effective configuration with every default filled in, as `GET /config_dump` shows it.
+    /// Vigil's config holds no secrets yet; fields that will (keys, tokens) are dumped as "[redacted]".
+    public func dump() -> JSONValue {
+        func d(_ x: Duration) -> JSONValue { .string(DurationParser.format(x)) }
+        let accessLogText: String
+        switch accessLog {
+        case .stdout: accessLogText = "stdout"
+        case .off: accessLogText = "off"
+        case .file(let path): accessLogText = path
+        }
+        return [
+            "node": ["id": .string(nodeID)],
+            "admin": ["address": .string(admin.address.description)],
+            "state_dir": .string(stateDir),
+            "access_log": ["output": .string(accessLogText)],
+            "drain_timeout": d(drainTimeout),
+            "listeners": .array(listeners.map { l in
+                [
+                    "name": .string(l.name), "address": .string(l.address.description),
+                    "protocol": .string(l.protocol.rawValue),
+                    "limits": [
+                        "max_header_bytes": .int(l.limits.maxHeaderBytes),
+                        "max_body_bytes": l.limits.maxBodyBytes.map { .int($0) } ?? .null,
+                        "max_header_count": .int(l.limits.maxHeaderCount),
+                        "max_connections": .int(l.limits.maxConnections),
+                        "idle_timeout": d(l.limits.idleTimeout), "header_timeout": d(l.limits.headerTimeout),
+                        "max_concurrent_streams": .int(l.limits.maxConcurrentStreams),
+                    ],
+                    "routes": .array(l.routes.map { r in
+                        var match: [(String, JSONValue)] = []
+                        switch r.match.path {
+                        case .prefix(let p): match.append(("prefix", .string(p)))
+                        case .exact(let p): match.append(("path", .string(p)))
+                        }
+                        if !r.match.authorities.isEmpty { match.append(("authority", .array(r.match.authorities.map { .string($0) }))) }
+                        if !r.match.headers.isEmpty {
+                            match.append(("headers", .object(r.match.headers.map { ($0.name, .string($0.value)) })))
+                        }
+                        if !r.match.methods.isEmpty { match.append(("methods", .array(r.match.methods.map { .string($0) }))) }
+                        return ["match": .object(match), "cluster": .string(r.cluster), "timeout": d(r.timeout)]
+                    }),
+                ]
+            }),
+            "clusters": .array(clusters.map { c in
+                [
+                    "name": .string(c.name), "endpoints": .array(c.endpoints.map { .string($0.description) }),
+                    "protocol": .string(c.protocol.rawValue), "connect_timeout": d(c.connectTimeout),
+                    "idle_timeout": d(c.idleTimeout), "load_balancer": .string(c.loadBalancer.rawValue),
+                    "circuit_breakers": [
+                        "max_connections": .int(c.circuitBreakers.maxConnections),
+                        "max_pending_requests": .int(c.circuitBreakers.maxPendingRequests),
+                        "max_requests": .int(c.circuitBreakers.maxRequests),
+                        "max_retries": .int(c.circuitBreakers.maxRetries),
+                    ],
+                ]
+            }),
+        ]
+    }
+}

@@ -1,0 +1,84 @@
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Testing
+import VigilTestSupport
+@testable import VigilProxy
+
+@Suite struct HTTP2ProxyTests {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+
+    @Test(arguments: ["http2", "auto"])
+    func hundredConcurrentStreamsOnOneConnection(protocolName: String) async throws {
+        let upstream = try await FakeUpstream(group: group) { head in .delayed(ms: 50, body: "reply:\(head.uri)") }
+        let yaml = ProxyHarness.simple().replacingOccurrences(of: "protocol: auto", with: "protocol: \(protocolName)")
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        let responses = try await withThrowingTaskGroup(of: (Int, TestResponse).self) { tasks in
+            for i in 0..<100 {
+                tasks.addTask { (i, try await client.request(.GET, "/item/\(i)")) }
+            }
+            var all: [Int: TestResponse] = [:]
+            for try await (i, r) in tasks { all[i] = r }
+            return all
+        }
+        #expect(responses.count == 100)
+        for (i, r) in responses {
+            #expect(r.status == 200)
+            #expect(r.text == "reply:/item/\(i)")
+            #expect(r.header("x-upstream") == "upstream")
+        }
+        // Every stream ran concurrently: the upstream needed (about) one connection per stream.
+        #expect(upstream.recorded.count == 100)
+        try await client.close()
+        await proxy.stop()
+    }
+
+    @Test func translatesToHTTP1ForTheUpstream() async throws {
+        let upstream = try await FakeUpstream(group: group) { _ in .respond(headers: [("connection", "close"), ("x-b", "2")], body: "done") }
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        let r = try await client.request(.POST, "/submit?x=1", authority: "svc.example",
+                                         headers: [("cookie", "a=1"), ("x-forwarded-for", "198.51.100.1"),
+                                                   ("traceparent", "00-abc-def-01")],
+                                         body: ByteBuffer(string: "payload"))
+        #expect(r.status == 200)
+        #expect(r.text == "done")
+        #expect(r.header("x-b") == "2")
+        #expect(r.header("connection") == nil)
+        let seen = try #require(upstream.recorded.first)
+        #expect(seen.head.method == .POST)
+        #expect(seen.head.uri == "/submit?x=1")
+        #expect(seen.head.version == .http1_1)
+        #expect(seen.head.headers["host"] == ["svc.example"])
+        #expect(seen.head.headers["x-forwarded-for"] == ["198.51.100.1, 127.0.0.1"])
+        #expect(seen.head.headers["traceparent"] == ["00-abc-def-01"])
+        #expect(seen.head.headers.first(name: "x-request-id") != nil)
+        #expect(seen.bodyString == "payload")
+        await proxy.stop()
+    }
+
+    @Test func errorsAreAnsweredOnTheStream() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let yaml = ProxyHarness.simple().replacingOccurrences(of: "prefix: \"/\"", with: "prefix: \"/api/\"")
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        let r = try await client.request(.GET, "/nope")
+        #expect(r.status == 404)
+        #expect(r.header("x-vigil-reason") == "no_route")
+        // The connection carries on.
+        #expect(try await client.request(.GET, "/api/ok").status == 200)
+        await proxy.stop()
+    }
+
+    @Test func autoListenerStillSpeaksHTTP1() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
+        let client = try await proxy.client()
+        // Shorter than the h2 preface, and a prefix of it only up to "P".
+        try await client.send("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+        #expect(try await client.response()?.status == 200)
+        await proxy.stop()
+    }
+}

@@ -1,0 +1,87 @@
+import NIOCore
+import NIOHTTP1
+import NIOHTTP2
+import NIOPosix
+
+/// An HTTP/2 client with prior knowledge (h2c), built on swift-nio-http2: each request is a stream,
+/// translated to HTTP/1-style parts by NIOHTTP2's codec.
+public final class H2TestClient: Sendable {
+    let channel: Channel
+    let multiplexer: NIOLoopBound<HTTP2StreamMultiplexer>
+
+    public static func connect(port: Int, group: EventLoopGroup) async throws -> H2TestClient {
+        // The HTTP/2 handler goes in before the socket connects, so the server's SETTINGS, which a
+        // prior-knowledge server may send at once, never reach a pipeline that cannot read them.
+        let ready = group.any().makePromise(of: NIOLoopBound<HTTP2StreamMultiplexer>.self)
+        let channel = try await ClientBootstrap(group: group)
+            .channelInitializer { channel in
+                channel.configureHTTP2Pipeline(mode: .client, inboundStreamInitializer: nil).map {
+                    ready.succeed(NIOLoopBound($0, eventLoop: channel.eventLoop))
+                }
+            }
+            .connect(host: "127.0.0.1", port: port).get()
+        return H2TestClient(channel: channel, multiplexer: try await ready.futureResult.get())
+    }
+
+    init(channel: Channel, multiplexer: NIOLoopBound<HTTP2StreamMultiplexer>) {
+        self.channel = channel
+        self.multiplexer = multiplexer
+    }
+
+    /// Sends one request on a new stream and waits for the whole response.
+    public func request(_ method: HTTPMethod = .GET, _ path: String, authority: String = "a",
+                        headers: [(String, String)] = [], body: ByteBuffer? = nil) async throws -> TestResponse {
+        let promise = channel.eventLoop.makePromise(of: TestResponse.self)
+        var h = HTTPHeaders(headers)
+        h.add(name: "host", value: authority)
+        if let body { h.add(name: "content-length", value: String(body.readableBytes)) }
+        let head = HTTPRequestHead(version: .http1_1, method: method, uri: path, headers: h)
+        let multiplexer = self.multiplexer
+        // Stream creation and every write of the request happen in one turn of the connection's event loop.
+        channel.eventLoop.execute {
+            multiplexer.value.createStreamChannel(promise: nil) { stream in
+                stream.eventLoop.makeCompletedFuture {
+                    try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ClientCodec(httpProtocol: .http))
+                    try stream.pipeline.syncOperations.addHandler(StreamResponseCollector(promise: promise))
+                    stream.write(HTTPClientRequestPart.head(head), promise: nil)
+                    if let body { stream.write(HTTPClientRequestPart.body(.byteBuffer(body)), promise: nil) }
+                    stream.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+                }
+            }
+        }
+        let result = promise.futureResult
+        return try await withTimeout(30, "an HTTP/2 response") { try await result.get() }
+    }
+
+    public func close() async throws { try? await channel.close() }
+}
+
+final class StreamResponseCollector: ChannelInboundHandler {
+    typealias InboundIn = HTTPClientResponsePart
+    let promise: EventLoopPromise<TestResponse>
+    var head: HTTPResponseHead?
+    var body = ByteBuffer()
+
+    init(promise: EventLoopPromise<TestResponse>) { self.promise = promise }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let h): head = h
+        case .body(var b): body.writeBuffer(&b)
+        case .end(let t):
+            if let head { promise.succeed(TestResponse(head: head, body: body, trailers: t)) }
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        promise.fail(ChannelError.eof)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        promise.fail(error)
+        context.close(promise: nil)
+    }
+}
+
+@available(*, unavailable)
+extension StreamResponseCollector: Sendable {}
