@@ -1,0 +1,114 @@
+import Foundation
+import NIOCore
+import NIOPosix
+import Testing
+import VigilTestSupport
+
+/// Runs the real `vigil` binary as a process.
+@Suite struct VigilCommandTests {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+
+    /// The `vigil` executable built beside this test bundle.
+    static var binary: URL {
+        URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("vigil")
+    }
+
+    static var repoRoot: URL {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    }
+
+    func run(_ args: [String]) throws -> (Int32, String, String) {
+        let p = Process()
+        p.executableURL = Self.binary
+        p.arguments = args
+        p.currentDirectoryURL = Self.repoRoot
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        p.waitUntilExit()
+        return (p.terminationStatus,
+                String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self),
+                String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self))
+    }
+
+    func tempFile(_ text: String) throws -> String {
+        let path = NSTemporaryDirectory() + "vigil-\(UUID().uuidString).yaml"
+        try text.write(toFile: path, atomically: true, encoding: .utf8)
+        return path
+    }
+
+    @Test func validateAcceptsTheDefaultConfig() throws {
+        let (status, out, _) = try run(["validate", "Config/vigil.yaml"])
+        #expect(status == 0)
+        #expect(out.contains("valid"))
+    }
+
+    @Test func validatePrintsEveryErrorAndFails() throws {
+        let path = try tempFile("""
+            listeners:
+              - name: in
+                address: "127.0.0.1:1"
+                routes: [{ match: { prefix: "/" }, cluster: missing }]
+            clusters:
+              - { name: c, endpoints: [], connect_timeout: 10x }
+            """)
+        let (status, _, err) = try run(["validate", path])
+        #expect(status != 0)
+        #expect(err.contains("listeners[0].routes[0].cluster: names cluster \"missing\""))
+        #expect(err.contains("clusters[0].endpoints: must list at least one endpoint"))
+        #expect(err.contains("clusters[0].connect_timeout: \"10x\" is not a duration"))
+    }
+
+    /// A free loopback port (bound and released; the proxy binds it right after).
+    func freePort() async throws -> Int {
+        let c = try await ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).get()
+        let port = c.localAddress!.port!
+        try await c.close()
+        return port
+    }
+
+    @Test func sigtermDrainsInFlightRequestsThenExitsZero() async throws {
+        let upstream = try await FakeUpstream(group: group) { head in
+            head.uri == "/slow" ? .delayed(ms: 700, body: "slow done") : .respond()
+        }
+        let (adminPort, proxyPort) = (try await freePort(), try await freePort())
+        let path = try tempFile("""
+            admin: { address: "127.0.0.1:\(adminPort)" }
+            access_log: { output: "off" }
+            drain_timeout: 5s
+            listeners:
+              - { name: in, address: "127.0.0.1:\(proxyPort)", routes: [{ match: { prefix: "/" }, cluster: api }] }
+            clusters:
+              - { name: api, endpoints: ["127.0.0.1:\(upstream.port)"] }
+            """)
+        let p = Process()
+        p.executableURL = Self.binary
+        p.arguments = ["--config", path, "--threads", "1"]
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        defer { if p.isRunning { p.terminate() } }
+        // Wait until the admin port says the listeners are bound.
+        try await withTimeout(20, "vigil to become ready") {
+            while true {
+                if let c = try? await TestClient.connect(port: adminPort, group: group) {
+                    try await c.send("GET /ready HTTP/1.1\r\nHost: a\r\n\r\n")
+                    if try await c.response()?.status == 200 { return }
+                }
+                try await Task.sleep(for: .milliseconds(50))
+            }
+        }
+        let client = try await TestClient.connect(port: proxyPort, group: group)
+        try await client.send("GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        try await withTimeout(10, "the slow request to reach the upstream") {
+            while upstream.recorded.isEmpty { try await Task.sleep(for: .milliseconds(10)) }
+        }
+        kill(p.processIdentifier, SIGTERM)
+        let r = try #require(try await client.response())
+        #expect(r.status == 200 && r.text == "slow done")
+        #expect(r.header("connection") == "close")
+        try await withTimeout(10, "vigil to exit") { while p.isRunning { try await Task.sleep(for: .milliseconds(20)) } }
+        #expect(p.terminationStatus == 0)
+        await #expect(throws: (any Error).self) { _ = try await TestClient.connect(port: proxyPort, group: group) }
+    }
+}

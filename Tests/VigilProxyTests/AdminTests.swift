@@ -1,0 +1,103 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Prometheus
+import Testing
+import VigilControl
+import VigilTestSupport
+@testable import VigilProxy
+
+@Suite struct AdminTests {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+
+    func setup() async throws -> (ProxyHarness, AdminServer, FakeUpstream) {
+        let upstream = try await FakeUpstream(group: group)
+        let registry = PrometheusCollectorRegistry()
+        let yaml = "admin: { address: \"127.0.0.1:0\" }\n" + ProxyHarness.simple()
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group,
+                                           metrics: PrometheusMetricsFactory(registry: registry))
+        let admin = AdminServer(proxy: proxy.server, registry: registry, group: group, logger: Logger(label: "admin-test"))
+        try await admin.start()
+        return (proxy, admin, upstream)
+    }
+
+    func get(_ admin: AdminServer, _ path: String, method: String = "GET") async throws -> TestResponse {
+        let client = try await TestClient.connect(port: admin.boundAddress!.port!, group: group)
+        try await client.send("\(method) \(path) HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\n\r\n")
+        let r = try #require(try await client.response())
+        try await client.close()
+        return r
+    }
+
+    func json(_ r: TestResponse) throws -> [String: Any] {
+        try #require(try JSONSerialization.jsonObject(with: Data(r.text.utf8)) as? [String: Any])
+    }
+
+    @Test func readinessHealthAndDrain() async throws {
+        let (proxy, admin, _) = try await setup()
+        #expect(try await get(admin, "/ready").status == 503)
+        admin.ready.store(true, ordering: .relaxed)
+        #expect(try await get(admin, "/ready").status == 200)
+        #expect(try await get(admin, "/healthz").status == 200)
+        #expect(try await get(admin, "/drain").status == 405)
+        let drained = try await get(admin, "/drain", method: "POST")
+        #expect(try json(drained)["draining"] as? Bool == true)
+        #expect(try await get(admin, "/ready").status == 503)
+        let draining = proxy.runtime.draining.load(ordering: .relaxed)
+        #expect(draining)
+        await admin.stop()
+        await proxy.stop()
+    }
+
+    @Test func statsAndPrometheusCountRequests() async throws {
+        let (proxy, admin, upstream) = try await setup()
+        let client = try await proxy.client()
+        for _ in 0..<3 {
+            try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            #expect(try await client.response()?.status == 200)
+        }
+        try await client.send("GET / HTTP/1.1\r\n\r\n")
+        #expect(try await client.response()?.status == 400)
+        let prom = try await get(admin, "/stats/prometheus").text
+        #expect(prom.contains(#"vigil_requests_total{listener="in",cluster="api",status_class="2xx"} 3"#), "\(prom)")
+        #expect(prom.contains(#"vigil_requests_total{listener="in",cluster="none",status_class="4xx"} 1"#))
+        #expect(prom.contains("vigil_request_duration_seconds_bucket"))
+        #expect(prom.contains(#"vigil_upstream_connections{cluster="api",host="127.0.0.1:\#(upstream.port)"} 1"#))
+        #expect(prom.contains("vigil_downstream_bytes_received_total"))
+        let stats = try json(try await get(admin, "/stats"))
+        let listeners = try #require(stats["listeners"] as? [[String: Any]])
+        #expect(listeners.first?["name"] as? String == "in")
+        #expect(listeners.first?["total_connections"] as? Int == 1)
+        await admin.stop()
+        await proxy.stop()
+    }
+
+    @Test func clustersAndConfigDump() async throws {
+        let (proxy, admin, upstream) = try await setup()
+        let clusters = try json(try await get(admin, "/clusters"))
+        let list = try #require(clusters["clusters"] as? [[String: Any]])
+        let hosts = try #require(list.first?["hosts"] as? [[String: Any]])
+        #expect(hosts.first?["address"] as? String == "127.0.0.1:\(upstream.port)")
+        #expect(hosts.first?["state"] as? String == "available")
+        let dump = try json(try await get(admin, "/config_dump"))
+        let dumpedClusters = try #require(dump["clusters"] as? [[String: Any]])
+        #expect(dumpedClusters.first?["connect_timeout"] as? String == "1s")
+        #expect(dumpedClusters.first?["load_balancer"] as? String == "least_request")
+        #expect(try await get(admin, "/nope").status == 404)
+        await admin.stop()
+        await proxy.stop()
+    }
+
+    @Test func logLevelChangesAtRuntime() async throws {
+        let (proxy, admin, _) = try await setup()
+        let before = LogLevelControl.level
+        #expect(try await get(admin, "/logging?level=debug", method: "POST").status == 200)
+        #expect(LogLevelControl.level == .debug)
+        #expect(try await get(admin, "/logging?level=loud", method: "POST").status == 400)
+        LogLevelControl.level = before
+        await admin.stop()
+        await proxy.stop()
+    }
+}
