@@ -93,7 +93,12 @@ let package = Package(
         ),
         .testTarget(
             name: "VigilCoreTests",
-            dependencies: ["VigilCore", "VigilTestSupport", .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: [
+                "VigilCore", "VigilTestSupport",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ]
         ),
         .testTarget(
             name: "VigilProxyTests",

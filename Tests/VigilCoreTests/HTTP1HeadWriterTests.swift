@@ -12,7 +12,7 @@ import Testing
     func forward(_ text: String) throws -> String {
         let (head, _) = try #require(try HTTP1Parser.parseRequest(ByteBuffer(string: text), limits: .init()))
         var out = ByteBuffer()
-        HTTP1HeadWriter.writeRequest(head, facts: facts, newRequestID: rid, into: &out)
+        HTTP1HeadWriter.writeRequest(head, facts: facts, newRequestID: rid, fallbackAuthority: "upstream:80", into: &out)
         return String(buffer: out)
     }
 
@@ -62,6 +62,11 @@ import Testing
     @Test func absoluteFormBecomesOriginFormWithItsHost() throws {
         let out = try forward("GET http://origin:81/x HTTP/1.1\r\nHost: ignored\r\nX-Request-Id: r\r\n\r\n")
         #expect(out == "GET /x HTTP/1.1\r\nX-Request-Id: r\r\nhost: origin:81\r\nx-forwarded-for: 10.0.0.9\r\nx-forwarded-proto: http\r\n\r\n")
+    }
+
+    @Test func http10WithoutHostGetsOneForTheHTTP11Upstream() throws {
+        #expect(try forward("GET /a HTTP/1.0\r\nX-Request-Id: r\r\n\r\n")
+            == "GET /a HTTP/1.1\r\nX-Request-Id: r\r\nhost: upstream:80\r\nx-forwarded-for: 10.0.0.9\r\nx-forwarded-proto: http\r\n\r\n")
     }
 
     @Test func requestIDLooksLikeAUUIDv4() {

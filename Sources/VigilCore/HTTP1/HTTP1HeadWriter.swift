@@ -53,12 +53,14 @@ public struct ForwardingFacts: Sendable {
 /// Builds the heads Vigil sends on, from the received ones, by copying the kept field lines as they came
 /// and cutting or adding a few. Hop-by-hop fields are removed as RFC 9110 §7.6.1 requires of a proxy.
 public enum HTTP1HeadWriter {
-    /// How the forwarded request's body is framed: Vigil re-frames chunked bodies itself.
+    /// Writes the HTTP/1.1 head Vigil sends upstream for `head`.
     ///
+    /// HTTP/1.1 requires a Host field, so an HTTP/1.0 request without one gets `fallbackAuthority` (the upstream
+    /// host's address) when it has no authority of its own.
     /// - Returns: whether the request already carried an x-request-id (if not, `newRequestID` was added).
     @discardableResult
     public static func writeRequest(_ head: HTTP1RequestHead, facts: ForwardingFacts, newRequestID: RequestID,
-                                    into out: inout ByteBuffer) -> Bool {
+                                    fallbackAuthority: String, into out: inout ByteBuffer) -> Bool {
         out.reserveCapacity(minimumWritableBytes: head.bytes.readableBytes + 160)
         out.writeString(head.method)
         out.writeInteger(UInt8(0x20))
@@ -111,9 +113,9 @@ public enum HTTP1HeadWriter {
             }
         }
         flush(&out)
-        if absoluteForm || (head.minorVersion == 0 && head.value(of: .host) == nil && !head.authority.isEmpty) {
+        if absoluteForm || head.value(of: .host) == nil {
             out.writeStaticString("host: ")
-            out.writeString(head.authority)
+            out.writeString(head.authority.isEmpty ? fallbackAuthority : head.authority)
             out.writeStaticString("\r\n")
         }
         if head.framing == .chunked { out.writeStaticString("transfer-encoding: chunked\r\n") }

@@ -298,7 +298,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         connection.attach(self, requestIsHead: head.isHead)
         var out = context.channel.allocator.buffer(capacity: head.bytes.readableBytes + 160)
         let rid = RequestID(using: &loop.random)
-        let hadRequestID = HTTP1HeadWriter.writeRequest(head, facts: facts, newRequestID: rid, into: &out)
+        let hadRequestID = HTTP1HeadWriter.writeRequest(head, facts: facts, newRequestID: rid,
+                                                        fallbackAuthority: target?.host.address.description ?? "",
+                                                        into: &out)
         if !hadRequestID && runtime.accessLog.isEnabled { requestID = rid.string }
         connection.write(out)
         phase = .forwarding

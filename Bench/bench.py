@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""Interleaved proxy benchmark: direct nginx, HAProxy, nginx as proxy, Caddy and Vigil.
+
+Each proxy runs with one worker thread pinned to CPU 1; the nginx upstream and the load generator are
+pinned to CPU 0. For every measurement it records req/s, latency, the proxy's CPU time per request
+(utime+stime from /proc/PID/stat over requests served) and its RSS (idle, and peak during load).
+Only 127.0.0.1 is used.
+"""
+import argparse, os, re, shutil, signal, subprocess, sys, tempfile, time
+
+UP, UP_H2 = 18080, 18090
+PORTS = {"haproxy": (18081, 18091), "nginx": (18082, 18092), "caddy": (18083, 18093), "vigil": (18084, 18094)}
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def wait_port(port, timeout=15):
+    import socket
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def cpu_ticks(pid):
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(f[11]) + int(f[12])  # utime + stime
+
+
+def rss_kib(pid, field="VmRSS"):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def children_worker(pid, name):
+    """nginx: measure the worker, not the master."""
+    out = sh(f"ps -o pid=,args= --ppid {pid} || true")
+    for line in out.splitlines():
+        if name in line:
+            return int(line.split()[0])
+    return pid
+
+
+class Proc:
+    def __init__(self, name, cmd, port, env=None, worker=None):
+        self.name, self.port = name, port
+        self.p = subprocess.Popen(f"exec taskset -c 1 {cmd}", shell=True, env={**os.environ, **(env or {})},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(port)
+        time.sleep(0.3)
+        self.pid = children_worker(self.p.pid, worker) if worker else self.p.pid
+
+    def stop(self):
+        try:
+            os.killpg(os.getpgid(self.p.pid), 0)
+        except Exception:
+            pass
+        self.p.send_signal(signal.SIGTERM)
+        try:
+            self.p.wait(5)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+
+
+def write(dirname, name, text):
+    path = os.path.join(dirname, name)
+    open(path, "w").write(text)
+    return path
+
+
+def configs(d, vigil):
+    up = write(d, "upstream.conf", f"""
+worker_processes 1; daemon off; pid {d}/up.pid; error_log {d}/up.err;
+events {{ worker_connections 8192; }}
+http {{ access_log off; keepalive_requests 10000000;
+  server {{ listen 127.0.0.1:{UP}; listen 127.0.0.1:{UP_H2} http2; location / {{ return 200 "ok\\n"; }} }} }}
+""")
+    ng = write(d, "nginx-proxy.conf", f"""
+worker_processes 1; daemon off; pid {d}/ng.pid; error_log {d}/ng.err;
+events {{ worker_connections 8192; }}
+http {{ access_log off; keepalive_requests 10000000;
+  upstream up {{ server 127.0.0.1:{UP}; keepalive 128; }}
+  server {{ listen 127.0.0.1:{PORTS['nginx'][0]}; listen 127.0.0.1:{PORTS['nginx'][1]} http2;
+    location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }} }} }}
+""")
+    ha = write(d, "haproxy.cfg", f"""
+global
+  nbthread 1
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{PORTS['haproxy'][0]}
+  bind 127.0.0.1:{PORTS['haproxy'][1]} proto h2
+  default_backend be
+backend be
+  server s1 127.0.0.1:{UP}
+""")
+    cd = write(d, "Caddyfile", f"""
+{{
+  admin off
+  servers {{ protocols h1 h2 h2c }}
+}}
+http://127.0.0.1:{PORTS['caddy'][0]}, http://127.0.0.1:{PORTS['caddy'][1]} {{
+  reverse_proxy 127.0.0.1:{UP}
+}}
+""")
+    vg = write(d, "vigil.yaml", f"""
+admin: {{ address: "127.0.0.1:18099" }}
+access_log: {{ output: "off" }}
+listeners:
+  - {{ name: h1, address: "127.0.0.1:{PORTS['vigil'][0]}", protocol: auto, routes: [{{ match: {{ prefix: "/" }}, cluster: up }}] }}
+  - {{ name: h2, address: "127.0.0.1:{PORTS['vigil'][1]}", protocol: auto, routes: [{{ match: {{ prefix: "/" }}, cluster: up }}] }}
+clusters:
+  - {{ name: up, endpoints: ["127.0.0.1:{UP}"] }}
+""")
+    return up, {
+        "haproxy": (f"haproxy -f {ha} -db", {}, None),
+        "nginx": (f"nginx -c {ng}", {}, "nginx: worker"),
+        "caddy": (f"caddy run --config {cd} --adapter caddyfile", {"GOMAXPROCS": "1"}, None),
+        "vigil": (f"{vigil} --config {vg} --threads 1 --log-level warning", {}, None),
+    }
+
+
+def parse_latency(s):
+    m = re.match(r"([\d.]+)(us|ms|s)", s)
+    v, u = float(m.group(1)), m.group(2)
+    return v / 1000 if u == "us" else v if u == "ms" else v * 1000
+
+
+def run_wrk(port, seconds):
+    out = sh(f"taskset -c 0 wrk -t1 -c64 -d{seconds}s --latency http://127.0.0.1:{port}/")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    p50 = parse_latency(re.search(r"50%\s+(\S+)", out).group(1))
+    p99 = parse_latency(re.search(r"99%\s+(\S+)", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = int(non2xx.group(1)) if non2xx else 0
+    return rps, total, p50, p99, errors
+
+
+def run_h2load(port, seconds):
+    out = sh(f"taskset -c 0 h2load -c 4 -m 100 -t 1 -D {seconds} http://127.0.0.1:{port}/")
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    done = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded", out)
+    total, ok = int(done.group(2)), int(done.group(3))
+    lat = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", out)
+    return rps, total, parse_latency(lat.group(3)), parse_latency(lat.group(2)), total - ok
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vigil", required=True)
+    ap.add_argument("seconds", nargs="?", type=int, default=10)
+    ap.add_argument("rounds", nargs="?", type=int, default=2)
+    a = ap.parse_args()
+    d = tempfile.mkdtemp(prefix="vigil-bench-")
+    up_conf, proxies = configs(d, a.vigil)
+    if not shutil.which("caddy"):
+        del proxies["caddy"]
+    upstream = subprocess.Popen(f"exec taskset -c 0 nginx -c {up_conf}", shell=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(UP)
+    results = {}  # (name, proto) -> list of dicts
+    try:
+        for rnd in range(a.rounds):
+            for name in ["direct"] + list(proxies):
+                proc = None
+                if name != "direct":
+                    cmd, env, worker = proxies[name]
+                    proc = Proc(name, cmd, PORTS[name][0], env, worker)
+                    wait_port(PORTS[name][1])
+                idle = rss_kib(proc.pid) if proc else 0
+                for proto in ["h1", "h2"]:
+                    port = (UP if proto == "h1" else UP_H2) if name == "direct" else PORTS[name][0 if proto == "h1" else 1]
+                    t0 = cpu_ticks(proc.pid) if proc else 0
+                    rps, total, p50, p99, errors = (run_wrk if proto == "h1" else run_h2load)(port, a.seconds)
+                    cpu_us = (cpu_ticks(proc.pid) - t0) * 1e6 / CLK / max(total, 1) if proc else 0
+                    peak = rss_kib(proc.pid, "VmHWM") if proc else 0
+                    row = dict(rps=rps, p50=p50, p99=p99, cpu=cpu_us, idle=idle / 1024, peak=peak / 1024, errors=errors)
+                    results.setdefault((name, proto), []).append(row)
+                    print(f"round {rnd + 1} {name:8} {proto}: {rps:9.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  "
+                          f"cpu {cpu_us:6.1f} us/req  rss {idle / 1024:5.1f} -> {peak / 1024:5.1f} MiB  errors {errors}",
+                          flush=True)
+                if proc:
+                    proc.stop()
+    finally:
+        upstream.send_signal(signal.SIGTERM)
+        upstream.wait()
+
+    def avg(rows, k):
+        return sum(r[k] for r in rows) / len(rows)
+
+    for proto, title, lat in [("h1", "HTTP/1.1, wrk -t1 -c64, keep-alive", "p50 / p99"),
+                              ("h2", "HTTP/2 (h2c), h2load -c4 -m100", "mean / max")]:
+        base = results.get(("haproxy", proto))
+        print(f"\n### {title}: mean of {a.rounds} interleaved rounds of {a.seconds} s\n")
+        print(f"| target | req/s | latency {lat} (ms) | CPU µs/req | idle → peak RSS (MiB) | req/s ÷ HAProxy | CPU ÷ HAProxy | errors |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name in ["direct"] + list(proxies):
+            rows = results[(name, proto)]
+            rps, cpu = avg(rows, "rps"), avg(rows, "cpu")
+            ratio = f"{rps / avg(base, 'rps'):.2f}" if base else "-"
+            cratio = f"{cpu / avg(base, 'cpu'):.2f}" if base and name != "direct" else "-"
+            mem = f"{avg(rows, 'idle'):.1f} → {max(r['peak'] for r in rows):.1f}" if name != "direct" else "-"
+            cpus = f"{cpu:.1f}" if name != "direct" else "-"
+            print(f"| {name} | {rps:.0f} | {avg(rows, 'p50'):.2f} / {avg(rows, 'p99'):.2f} | {cpus} | {mem} | {ratio} | {cratio} | {sum(r['errors'] for r in rows)} |")
+
+
+if __name__ == "__main__":
+    main()

