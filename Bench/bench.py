@@ -111,11 +111,13 @@ backend be
 """)
     cd = write(d, "Caddyfile", f"""
 {{
-  admin off
-  servers {{ protocols h1 h2 h2c }}
+	admin off
+	servers {{
+		protocols h1 h2 h2c
+	}}
 }}
 http://127.0.0.1:{PORTS['caddy'][0]}, http://127.0.0.1:{PORTS['caddy'][1]} {{
-  reverse_proxy 127.0.0.1:{UP}
+	reverse_proxy 127.0.0.1:{UP}
 }}
 """)
     vg = write(d, "vigil.yaml", f"""

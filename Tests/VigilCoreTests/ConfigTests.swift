@@ -55,7 +55,7 @@ import Testing
             clusters:
               - name: api
                 endpoints: ["127.0.0.1:8080", "[::1]:8081"]
-                protocol: http1
+                protocol: http2
                 connect_timeout: 1.5s
                 load_balancer: round_robin
                 circuit_breakers: { max_connections: 10, max_pending_requests: 5 }
@@ -74,6 +74,7 @@ import Testing
         #expect(l.routes[0].timeout == .milliseconds(250))
         #expect(c.clusters[0].endpoints[1] == SocketAddressSpec(host: "::1", port: 8081))
         #expect(c.clusters[0].connectTimeout == .milliseconds(1500))
+        #expect(c.clusters[0].protocol == .http2)
         #expect(c.clusters[0].circuitBreakers.maxConnections == 10)
     }
 
@@ -111,10 +112,6 @@ import Testing
             """
         #expect(errors(yaml) == ["listeners[1].name: \"a\" is already the name of listeners[0]",
                                  "listeners[2].address: 127.0.0.1:2 is already used by listeners[1].address"])
-    }
-
-    @Test func http2UpstreamsAreRefusedUntilSupported() {
-        #expect(errors(Self.minimal + "\n    protocol: http2") == ["clusters[0].protocol: http2 upstreams are not supported by this version; use http1"])
     }
 
     @Test func emptyEndpointList() {

@@ -115,6 +115,7 @@ import Testing
         #expect(h.path == "/p?q")
         #expect(try parse("GET http://origin.example HTTP/1.1\r\nHost: x\r\n\r\n")?.path == "/")
         #expect(rejection("GET http://user@origin/ HTTP/1.1\r\nHost: x\r\n\r\n")?.status == 400)
+        #expect(rejection("GET http://ori\"gin/ HTTP/1.1\r\nHost: x\r\n\r\n")?.status == 400)
     }
 
     // MARK: - Host (RFC 9112 §3.2)

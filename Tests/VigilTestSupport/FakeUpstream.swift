@@ -1,6 +1,7 @@
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
+import NIOHTTP2
 import NIOPosix
 
 /// A request as the fake upstream received it.
@@ -38,18 +39,26 @@ public final class FakeUpstream: Sendable {
         var connections = 0
     }
 
-    public init(group: EventLoopGroup, name: String = "upstream",
+    /// `http2: true` serves HTTP/2 with prior knowledge (h2c), each stream through the same handler.
+    public init(group: EventLoopGroup, name: String = "upstream", http2: Bool = false,
                 behaviour: @escaping @Sendable (HTTPRequestHead) -> FakeBehaviour = { _ in .respond() }) async throws {
         let box = NIOLockedValueBox(State())
+        let record: @Sendable (RecordedRequest) -> Void = { r in box.withLockedValue { $0.requests.append(r) } }
         self.channel = try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
                 box.withLockedValue { $0.connections += 1 }
+                if http2 {
+                    return channel.configureHTTP2Pipeline(mode: .server) { stream in
+                        stream.pipeline.addHandler(HTTP2FramePayloadToHTTP1ServerCodec()).flatMapThrowing {
+                            try stream.pipeline.syncOperations.addHandler(
+                                FakeUpstreamHandler(name: name, behaviour: behaviour, record: record))
+                        }
+                    }.map { _ in }
+                }
                 return channel.pipeline.configureHTTPServerPipeline().flatMapThrowing {
                     try channel.pipeline.syncOperations.addHandler(
-                        FakeUpstreamHandler(name: name, behaviour: behaviour, record: { r in
-                            box.withLockedValue { $0.requests.append(r) }
-                        }))
+                        FakeUpstreamHandler(name: name, behaviour: behaviour, record: record))
                 }
             }
             .bind(host: "127.0.0.1", port: 0).get()

@@ -216,10 +216,6 @@ extension ConfigReader {
         }
         var cluster = ClusterConfig(name: name ?? "", endpoints: endpoints)
         if let p = oneOf(m["protocol"], at: m.path("protocol"), ["http1": UpstreamProtocol.http1, "http2": .http2]) {
-            if p == .http2 {
-                // Refused rather than silently spoken to as HTTP/1.1: HTTP/2 upstream pools are not built yet.
-                fail(m.path("protocol"), "http2 upstreams are not supported by this version; use http1")
-            }
             cluster.protocol = p
         }
         if let d = duration(m["connect_timeout"], at: m.path("connect_timeout"), min: .milliseconds(1)) {

@@ -126,7 +126,10 @@ public enum HTTP1Parser {
         let rest = target.dropFirst(schemeLength)
         let authorityEnd = rest.firstIndex(where: { $0 == "/" || $0 == "?" }) ?? rest.endIndex
         let authority = String(rest[..<authorityEnd])
-        guard !authority.isEmpty, !authority.contains("@") else { return nil }
+        // The authority becomes the forwarded Host field, so it must be a valid one (and carry no userinfo).
+        guard !authority.isEmpty, !authority.contains("@"), authority.utf8.allSatisfy({ hostByte[Int($0)] }) else {
+            return nil
+        }
         var path = String(rest[authorityEnd...])
         if path.isEmpty || path.hasPrefix("?") { path = "/" + path }
         return (authority, path)

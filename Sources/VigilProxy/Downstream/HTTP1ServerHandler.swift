@@ -64,7 +64,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var target: UpstreamTarget?
     /// The cluster a locally answered request had been routed to, for metrics.
     private var replyCluster: ClusterRuntime?
-    private var upstream: UpstreamConnection?
+    private var upstream: UpstreamStream?
     private var upstreamReused = false
     private var retriedStaleConnection = false
     private var bodyRemaining = 0
@@ -288,7 +288,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     // MARK: - PoolWaiter
 
-    func poolProvided(_ connection: UpstreamConnection, reused: Bool) {
+    func poolProvided(_ connection: UpstreamStream, reused: Bool) {
         guard phase == .waitingForUpstream, let head else {
             connection.detach(requestComplete: true)
             return

@@ -38,7 +38,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var phase = Phase.idle
     private var request: HTTP2Request?
     private var target: UpstreamTarget?
-    private var upstream: UpstreamConnection?
+    private var upstream: UpstreamStream?
     private var pendingBody: [ByteBuffer] = []
     private var pendingEnd = false
     private var pendingTrailers: HPACKHeaders?
@@ -166,7 +166,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         }
     }
 
-    func poolProvided(_ connection: UpstreamConnection, reused: Bool) {
+    func poolProvided(_ connection: UpstreamStream, reused: Bool) {
         guard phase == .waitingForUpstream, let request else {
             connection.detach(requestComplete: true)
             return

@@ -1,11 +1,13 @@
+import Atomics
 import DequeModule
 import NIOCore
+import NIOHTTP2
 import NIOPosix
 import VigilCore
 
 /// Something waiting for an upstream connection.
 protocol PoolWaiter: AnyObject {
-    func poolProvided(_ connection: UpstreamConnection, reused: Bool)
+    func poolProvided(_ connection: UpstreamStream, reused: Bool)
     func poolFailed(_ failure: UpstreamFailure)
 }
 
@@ -36,6 +38,10 @@ final class HostPool {
     /// Finds a connection for `waiter`: an idle one, a new one, or a place in the queue.
     /// `fresh` skips idle connections (used after a reused one failed before answering).
     func acquire(_ waiter: PoolWaiter, fresh: Bool = false) {
+        if cluster.config.protocol == .http2 {
+            acquireStream(waiter)
+            return
+        }
         if !fresh {
             while let connection = idle.popLast() {
                 if connection.isUsable {
@@ -95,6 +101,126 @@ final class HostPool {
         let toClose = idle
         idle.removeAll()
         for c in toClose { c.close() }
+    }
+
+    // MARK: - HTTP/2 upstreams
+
+    /// HTTP/2 clusters: one multiplexed connection per event loop and host; each request is a stream on it.
+    private enum H2State {
+        case none
+        case connecting
+        case ready(Channel, HTTP2StreamMultiplexer)
+    }
+
+    private var h2 = H2State.none
+    private var h2Waiters: Deque<PoolWaiter> = []
+    private var h2OpenStreams = 0
+    /// Streams opened on one connection before waiting (the peer's limit is usually 100 or more).
+    private let h2MaxStreams = 100
+
+    private func acquireStream(_ waiter: PoolWaiter) {
+        switch h2 {
+        case .ready(let channel, let multiplexer) where channel.isActive:
+            if h2OpenStreams < h2MaxStreams {
+                openStream(on: multiplexer, for: waiter)
+            } else if cluster.reservePending() {
+                h2Waiters.append(waiter)
+            } else {
+                waiter.poolFailed(.overflow)
+            }
+        case .connecting:
+            h2Waiters.append(waiter)
+        case .none, .ready:
+            h2Waiters.append(waiter)
+            connectHTTP2()
+        }
+    }
+
+    private func openStream(on multiplexer: HTTP2StreamMultiplexer, for waiter: PoolWaiter) {
+        h2OpenStreams += 1
+        let stream = HTTP2UpstreamStream(authority: host.address.description)
+        let bound = NIOLoopBound(stream, eventLoop: eventLoop)
+        let promise = eventLoop.makePromise(of: Channel.self)
+        multiplexer.createStreamChannel(promise: promise) { channel in
+            channel.eventLoop.makeCompletedFuture {
+                try channel.pipeline.syncOperations.addHandler(bound.value)
+            }
+        }
+        promise.futureResult.assumeIsolated().whenComplete { [self] result in
+            switch result {
+            case .success(let channel):
+                channel.closeFuture.assumeIsolated().whenComplete { [self] _ in streamClosed() }
+                waiter.poolProvided(stream, reused: false)
+            case .failure(let error):
+                h2OpenStreams -= 1
+                waiter.poolFailed(.connectFailed("could not open an HTTP/2 stream: \(error)"))
+            }
+        }
+    }
+
+    private func streamClosed() {
+        h2OpenStreams -= 1
+        if case .ready(let channel, let multiplexer) = h2, channel.isActive, h2OpenStreams < h2MaxStreams,
+           let waiter = h2Waiters.popFirst() {
+            cluster.releasePending()
+            openStream(on: multiplexer, for: waiter)
+        }
+    }
+
+    private func connectHTTP2() {
+        guard cluster.reserveConnection() else {
+            let waiters = h2Waiters
+            h2Waiters.removeAll()
+            for w in waiters { w.poolFailed(.overflow) }
+            return
+        }
+        h2 = .connecting
+        host.connections.wrappingIncrement(ordering: .relaxed)
+        let multiplexerPromise = eventLoop.makePromise(of: HTTP2StreamMultiplexer.self)
+        let initialized = ManagedAtomic(false)
+        let bootstrap = ClientBootstrap(group: eventLoop)
+            .connectTimeout(.nanoseconds(cluster.config.connectTimeout.nanoseconds))
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelInitializer { channel in
+                // Installed before the socket connects, so the server's SETTINGS always find a reader.
+                initialized.store(true, ordering: .relaxed)
+                let configured = channel.configureHTTP2Pipeline(mode: .client, inboundStreamInitializer: nil)
+                multiplexerPromise.completeWith(configured)
+                return configured.map { _ in }
+            }
+        let connect = host.socketAddress.map { bootstrap.connect(to: $0) }
+            ?? bootstrap.connect(host: host.address.host, port: host.address.port)
+        connect.assumeIsolated().whenComplete { [self] connected in
+            switch connected {
+            case .success(let channel):
+                // The initializer has run by now, so the multiplexer is there.
+                multiplexerPromise.futureResult.assumeIsolated().whenSuccess { [self] multiplexer in
+                    h2 = .ready(channel, multiplexer)
+                    channel.closeFuture.assumeIsolated().whenComplete { [self] _ in
+                        h2 = .none
+                        host.connections.wrappingDecrement(ordering: .relaxed)
+                        cluster.releaseConnection()
+                    }
+                    let waiters = h2Waiters
+                    h2Waiters.removeAll()
+                    for w in waiters { acquireStream(w) }
+                }
+            case .failure(let error):
+                h2 = .none
+                host.connectFailures.wrappingIncrement(ordering: .relaxed)
+                host.connections.wrappingDecrement(ordering: .relaxed)
+                cluster.releaseConnection()
+                // If the channel never got as far as its initializer, nothing else will complete the promise.
+                if !initialized.load(ordering: .relaxed) { multiplexerPromise.fail(error) }
+                let failure: UpstreamFailure
+                if let e = error as? ChannelError, case .connectTimeout = e { failure = .connectTimeout } else {
+                    failure = .connectFailed(String(describing: error))
+                }
+                let waiters = h2Waiters
+                h2Waiters.removeAll()
+                for w in waiters { w.poolFailed(failure) }
+            }
+        }
     }
 
     private func connect(for waiter: PoolWaiter) {

@@ -1,0 +1,84 @@
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Testing
+import VigilTestSupport
+@testable import VigilProxy
+
+/// `clusters[].protocol: http2`: requests from either downstream protocol travel as streams multiplexed on
+/// a few HTTP/2 connections to the upstream.
+@Suite struct HTTP2UpstreamTests {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+
+    func setup(behaviour: @escaping @Sendable (HTTPRequestHead) -> FakeBehaviour = { head in .respond(body: "h2:\(head.uri)") })
+        async throws -> (ProxyHarness, FakeUpstream)
+    {
+        let upstream = try await FakeUpstream(group: group, http2: true, behaviour: behaviour)
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(cluster: "protocol: http2"), upstreams: [upstream.port],
+                                           group: group)
+        return (proxy, upstream)
+    }
+
+    @Test func http1ClientToHTTP2Upstream() async throws {
+        let (proxy, upstream) = try await setup()
+        let client = try await proxy.client()
+        try await client.send("GET /a?b=c HTTP/1.1\r\nHost: svc\r\nConnection: keep-alive\r\nX-Custom: 1\r\n\r\n")
+        let r = try #require(try await client.response())
+        #expect(r.status == 200)
+        #expect(r.text == "h2:/a?b=c")
+        try await client.send("POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\n\r\nhello")
+        #expect(try await client.response()?.text == "h2:/upload")
+        try await client.send("POST /chunks HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+        #expect(try await client.response()?.text == "h2:/chunks")
+        let seen = upstream.recorded
+        #expect(seen.count == 3)
+        #expect(seen[0].head.headers["x-custom"] == ["1"])
+        #expect(seen[0].head.headers["connection"].isEmpty)
+        #expect(seen[0].head.headers.first(name: "x-forwarded-for") == "127.0.0.1")
+        #expect(seen[1].bodyString == "hello")
+        #expect(seen[2].bodyString == "abcde")
+        #expect(upstream.connections == 1)
+        await proxy.stop()
+    }
+
+    @Test func chunkedHTTP2ResponsesAreReframedForHTTP1Clients() async throws {
+        let (proxy, _) = try await setup(behaviour: { _ in .chunked(parts: ["one", "two"], trailers: [("x-t", "1")]) })
+        let client = try await proxy.client()
+        try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        let r = try #require(try await client.response())
+        #expect(r.text == "onetwo")
+        #expect(r.header("transfer-encoding") == "chunked")
+        await proxy.stop()
+    }
+
+    @Test func manyConcurrentRequestsShareFewConnections() async throws {
+        let (proxy, upstream) = try await setup(behaviour: { head in .delayed(ms: 30, body: "h2:\(head.uri)") })
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        let results = try await withThrowingTaskGroup(of: Bool.self) { tasks in
+            for i in 0..<50 {
+                tasks.addTask { try await client.request(.GET, "/s/\(i)").text == "h2:/s/\(i)" }
+            }
+            var ok = 0
+            for try await r in tasks where r { ok += 1 }
+            return ok
+        }
+        #expect(results == 50)
+        // One connection per proxy event loop at most, each carrying many streams.
+        #expect(upstream.connections <= 2)
+        await proxy.stop()
+    }
+
+    @Test func unreachableHTTP2UpstreamIs503() async throws {
+        let probe = try await ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).get()
+        let deadPort = probe.localAddress!.port!
+        try await probe.close()
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(cluster: "protocol: http2"), upstreams: [deadPort], group: group)
+        let client = try await proxy.client()
+        try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        let r = try #require(try await client.response())
+        #expect(r.status == 503)
+        #expect(r.header("x-vigil-reason") == "upstream_connect_failure")
+        await proxy.stop()
+    }
+}
