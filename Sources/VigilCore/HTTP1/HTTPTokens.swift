@@ -1,24 +1,40 @@
 /// Byte classes from RFC 9110 §5.6.2 (tokens) and §5.5 (field values), as lookup tables so the
 /// parser's inner loops are a load and a compare per byte.
 public enum HTTPTokens {
-    /// tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." / "^" / "_" / "`" / "|" / "~" / DIGIT / ALPHA
-    public static let tchar: [Bool] = (0..<256).map { b in
-        let c = UInt8(b)
-        if (0x30...0x39).contains(c) || (0x41...0x5A).contains(c) || (0x61...0x7A).contains(c) { return true }
-        return "!#$%&'*+-.^_`|~".utf8.contains(c)
+    // Each byte class is a 256-bit set held in four integer constants and tested inline: no table in
+    // memory, so no lazy-global initialization check on the parser's per-byte path.
+
+    @inline(__always)
+    static func inSet(_ b: UInt8, _ w0: UInt64, _ w1: UInt64, _ w2: UInt64, _ w3: UInt64) -> Bool {
+        let word: UInt64
+        switch b >> 6 {
+        case 0: word = w0
+        case 1: word = w1
+        case 2: word = w2
+        default: word = w3
+        }
+        return (word >> UInt64(b & 63)) & 1 == 1
     }
 
+    /// tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." / "^" / "_" / "`" / "|" / "~" / DIGIT / ALPHA
+    @inline(__always)
+    public static func isTokenByte(_ b: UInt8) -> Bool { inSet(b, 0x03FF6CFA00000000, 0x57FFFFFFC7FFFFFE, 0x0000000000000000, 0x0000000000000000) }
+
     /// field-vchar = VCHAR / obs-text, plus SP and HTAB inside a value. NUL, CR, LF and other controls are not.
-    public static let fieldValueByte: [Bool] = (0..<256).map { b in
-        b == 0x09 || b == 0x20 || (0x21...0x7E).contains(b) || b >= 0x80
-    }
+    @inline(__always)
+    public static func isFieldValueByte(_ b: UInt8) -> Bool { inSet(b, 0xFFFFFFFF00000200, 0x7FFFFFFFFFFFFFFF, 0xFFFFFFFFFFFFFFFF, 0xFFFFFFFFFFFFFFFF) }
 
     /// Bytes allowed in a request-target: visible ASCII, no spaces or controls (RFC 9112 §3.2).
     /// obs-text is refused as well; well-formed clients percent-encode it.
-    public static let targetByte: [Bool] = (0..<256).map { b in (0x21...0x7E).contains(b) }
+    @inline(__always)
+    public static func isTargetByte(_ b: UInt8) -> Bool { inSet(b, 0xFFFFFFFE00000000, 0x7FFFFFFFFFFFFFFF, 0x0000000000000000, 0x0000000000000000) }
+
+    /// Host = uri-host [ ":" port ]: unreserved, sub-delims, ':', '[', ']' and pct-encoded.
+    @inline(__always)
+    public static func isHostByte(_ b: UInt8) -> Bool { inSet(b, 0x2FFF7FF200000000, 0x47FFFFFEAFFFFFFE, 0x0000000000000000, 0x0000000000000000) }
 
     public static func isToken<S: StringProtocol>(_ s: S) -> Bool {
-        !s.isEmpty && s.utf8.allSatisfy { tchar[Int($0)] }
+        !s.isEmpty && s.utf8.allSatisfy { isTokenByte($0) }
     }
 
     @inline(__always)

@@ -299,7 +299,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         var out = context.channel.allocator.buffer(capacity: head.bytes.readableBytes + 160)
         let rid = RequestID(using: &loop.random)
         let hadRequestID = HTTP1HeadWriter.writeRequest(head, facts: facts, newRequestID: rid,
-                                                        fallbackAuthority: target?.host.address.description ?? "",
+                                                        fallbackAuthority: target?.host.addressText ?? "",
                                                         into: &out)
         if !hadRequestID && runtime.accessLog.isEnabled { requestID = rid.string }
         connection.write(out)
@@ -515,7 +515,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             self.upstream = nil
             upstream.detach(requestComplete: reuseUpstream)
         }
-        let upstreamHost = target?.host.address.description
+        let upstreamHost = runtime.accessLog.isEnabled ? target?.host.addressText : nil
         let clusterIndex = target?.cluster.index ?? replyCluster?.index
         target?.release()
         target = nil

@@ -131,7 +131,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             bytesIn += name.utf8.count + value.utf8.count + 32
             // NIOHTTP2 validates names; values are checked here, since CR, LF or NUL in a value would split
             // the HTTP/1.1 head this request becomes (RFC 9113 §8.2.1).
-            if !value.utf8.allSatisfy({ HTTPTokens.fieldValueByte[Int($0)] }) {
+            if !value.utf8.allSatisfy({ HTTPTokens.isFieldValueByte($0) }) {
                 reply(status: 400, reason: "bad_header_value", detail: "a header field value holds a control character")
                 return
             }
@@ -427,7 +427,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             loop.log(AccessLogEntry(startNanos: wallStart, listener: listener.config.name, method: request?.method ?? "-",
                                     authority: request?.authority ?? "-", path: request?.path ?? "-",
                                     protocolName: "HTTP/2", status: status, durationNanos: duration.nanoseconds,
-                                    upstreamHost: target?.host.address.description, bytesIn: bytesIn, bytesOut: bytesOut,
+                                    upstreamHost: target?.host.addressText, bytesIn: bytesIn, bytesOut: bytesOut,
                                     reason: reason, requestID: requestID))
         }
         target?.release()

@@ -6,6 +6,8 @@ import VigilCore
 /// bumps these without a lock.
 public final class HostRuntime: Sendable {
     public let address: SocketAddressSpec
+    /// `address` as text, made once: it goes into Host fields and access log lines.
+    public let addressText: String
     public let index: Int
     /// Requests in flight to this host (least-request balancing reads it).
     public let activeRequests = ManagedAtomic<Int>(0)
@@ -18,6 +20,7 @@ public final class HostRuntime: Sendable {
 
     init(address: SocketAddressSpec, index: Int) {
         self.address = address
+        self.addressText = address.description
         self.index = index
         self.socketAddress = try? SocketAddress.makeAddressResolvingHost(address.host, port: address.port)
     }

@@ -74,11 +74,30 @@ final class HostPool {
             waiter.poolProvided(connection, reused: true)
             return
         }
+        connection.idleSince = .now()
         idle.append(connection)
-        let timeout = TimeAmount.nanoseconds(cluster.config.idleTimeout.nanoseconds)
-        connection.idleTimer = eventLoop.assumeIsolated().scheduleTask(in: timeout) { [weak connection] in
-            guard let connection, connection.exchange == nil else { return }
-            connection.close()
+        armSweep()
+    }
+
+    // MARK: - Idle sweep
+
+    /// One timer per pool closes connections idle past `idle_timeout`, instead of a timer per connection
+    /// re-armed on every release (which cost a scheduled task per request).
+    private var sweep: Scheduled<Void>?
+
+    private var idleTimeout: TimeAmount { .nanoseconds(cluster.config.idleTimeout.nanoseconds) }
+
+    private func armSweep() {
+        guard sweep == nil, !idle.isEmpty else { return }
+        sweep = eventLoop.assumeIsolated().scheduleTask(in: min(idleTimeout, .seconds(5))) { [self] in
+            sweep = nil
+            let cutoff = NIODeadline.now() - idleTimeout
+            let expired = idle.filter { $0.idleSince <= cutoff }
+            if !expired.isEmpty {
+                idle.removeAll { $0.idleSince <= cutoff }
+                for c in expired { c.close() }
+            }
+            armSweep()
         }
     }
 
@@ -138,7 +157,7 @@ final class HostPool {
 
     private func openStream(on multiplexer: HTTP2StreamMultiplexer, for waiter: PoolWaiter) {
         h2OpenStreams += 1
-        let stream = HTTP2UpstreamStream(authority: host.address.description)
+        let stream = HTTP2UpstreamStream(authority: host.addressText)
         let bound = NIOLoopBound(stream, eventLoop: eventLoop)
         let promise = eventLoop.makePromise(of: Channel.self)
         multiplexer.createStreamChannel(promise: promise) { channel in

@@ -51,7 +51,8 @@ final class UpstreamConnection: ChannelDuplexHandler {
     private var pendingRead = false
     private(set) var requestsServed = 0
     private var events: [ChunkedDecoder.Event] = []
-    var idleTimer: Scheduled<Void>?
+    /// When the connection last went back to its pool; the pool's sweep closes it after `idle_timeout`.
+    var idleSince = NIODeadline.now()
     let limits: HTTP1HeadLimits
 
     init(pool: HostPool, limits: HTTP1HeadLimits) {
@@ -75,8 +76,6 @@ final class UpstreamConnection: ChannelDuplexHandler {
         self.requestIsHead = requestIsHead
         self.phase = .awaitingHead
         requestsServed += 1
-        idleTimer?.cancel()
-        idleTimer = nil
     }
 
     func write(_ bytes: ByteBuffer) {
@@ -159,7 +158,6 @@ final class UpstreamConnection: ChannelDuplexHandler {
     func channelInactive(context: ChannelHandlerContext) {
         let wasPhase = phase
         phase = .closed
-        idleTimer?.cancel()
         if let ex = exchange {
             exchange = nil
             switch wasPhase {
