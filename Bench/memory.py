@@ -6,6 +6,9 @@ Reads VmRSS/VmHWM from /proc. Only 127.0.0.1 is used.
 """
 import os, resource, socket, subprocess, sys, tempfile, time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import rss_kib, wait_port  # noqa: E402
+
 UP, SINK, PROXY, ADMIN = 18180, 18181, 18184, 18199
 
 SINK_CODE = r"""
@@ -35,20 +38,7 @@ asyncio.run(main())
 
 
 def rss(pid, field="VmRSS"):
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def wait_port(port):
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
+    return rss_kib(pid, field) / 1024
 
 
 def main():

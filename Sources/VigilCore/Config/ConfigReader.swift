@@ -81,21 +81,6 @@ struct ConfigReader {
         return value
     }
 
-    mutating func double(_ node: Node?, at path: String, range: ClosedRange<Double>) -> Double? {
-        guard let node else { return nil }
-        guard case .scalar(let scalar) = node, let value = Double(scalar.string.trimmingSpaces()),
-              value.isFinite
-        else {
-            fail(path, "\(quoted(node)) is not a number")
-            return nil
-        }
-        guard range.contains(value) else {
-            fail(path, "\(value) is out of range \(range.lowerBound)...\(range.upperBound)")
-            return nil
-        }
-        return value
-    }
-
     mutating func bool(_ node: Node?, at path: String) -> Bool? {
         guard let node else { return nil }
         guard case .scalar(let scalar) = node else {

@@ -47,8 +47,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var phase = Phase.idle
     private var inbound: ByteBuffer?
     private var keepAlive = true
-    private var readsPaused = false
-    private var pendingRead = false
+    private var readGate = ReadGate()
 
     // The connection timer: one scheduled task, re-armed only when a nearer deadline appears.
     private var timer: Scheduled<Void>?
@@ -140,7 +139,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     }
 
     func read(context: ChannelHandlerContext) {
-        if readsPaused { pendingRead = true } else { context.read() }
+        if readGate.allowsRead() { context.read() }
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -620,15 +619,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         case .idle, .tunnel, .closing:
             shouldPause = false
         }
-        if shouldPause {
-            readsPaused = true
-        } else if readsPaused {
-            readsPaused = false
-            if pendingRead {
-                pendingRead = false
-                context.read()
-            }
-        }
+        if readGate.set(paused: shouldPause) { context.read() }
     }
 
     private func armTimer(at deadline: NIODeadline) {

@@ -52,8 +52,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var startedAt = NIODeadline.now()
     private var wallStart: Int64 = 0
     private var timeoutTask: Scheduled<Void>?
-    private var readsPaused = false
-    private var pendingRead = false
+    private var readGate = ReadGate()
     private var requestID = ""
 
     init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext) {
@@ -65,7 +64,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
     func read(context: ChannelHandlerContext) {
-        if readsPaused { pendingRead = true } else { context.read() }
+        if readGate.allowsRead() { context.read() }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -291,15 +290,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     private func updateReads() {
         let shouldPause = upstream.map { !$0.isWritable } ?? (pendingBody.count > 16)
-        if shouldPause {
-            readsPaused = true
-        } else if readsPaused {
-            readsPaused = false
-            if pendingRead {
-                pendingRead = false
-                context.read()
-            }
-        }
+        if readGate.set(paused: shouldPause) { context.read() }
     }
 
     private func armTimeout() {
@@ -389,7 +380,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             guard let colon = line.firstIndex(of: ":") else { continue }
             let name = line[..<colon].lowercased()
             if ["connection", "transfer-encoding", "keep-alive", "te", "upgrade"].contains(name) { continue }
-            headers.add(name: name, value: line[line.index(after: colon)...].trimmingCharacters(in: " \t"))
+            headers.add(name: name, value: line[line.index(after: colon)...].trimming(" \t"))
         }
         return headers.isEmpty ? nil : headers
     }
@@ -439,7 +430,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 extension HTTP2StreamHandler: Sendable {}
 
 extension StringProtocol {
-    func trimmingCharacters(in set: String) -> String {
+    func trimming(_ set: String) -> String {
         var s = Substring(self)
         while let f = s.first, set.contains(f) { s = s.dropFirst() }
         while let l = s.last, set.contains(l) { s = s.dropLast() }

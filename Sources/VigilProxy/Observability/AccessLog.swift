@@ -156,9 +156,4 @@ public enum RFC3339 {
         pad(ms % 1000, 3); b.writeInteger(UInt8(ascii: "Z"))
     }
 
-    public static func string(nanos: Int64) -> String {
-        var b = ByteBuffer()
-        write(nanos: nanos, into: &b)
-        return String(buffer: b)
-    }
 }

@@ -100,8 +100,4 @@ public enum JSONWriter {
         b.writeInteger(UInt8(ascii: "\""))
     }
 
-    /// A ByteBuffer's bytes as a JSON string (invalid UTF-8 is replaced).
-    public static func writeString(_ bytes: ByteBuffer, into b: inout ByteBuffer) {
-        writeString(String(decoding: bytes.readableBytesView, as: UTF8.self), into: &b)
-    }
 }

@@ -26,8 +26,7 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
     private var requestEnded = false
     private var responseStarted = false
     private var finished = false
-    private var readsPaused = false
-    private var pendingRead = false
+    private var readGate = ReadGate()
     private var events: [ChunkedDecoder.Event] = []
     let limits = HTTP1HeadLimits(maxHeaderBytes: 1 << 20, maxHeaderCount: 1000)
 
@@ -68,15 +67,10 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
         context?.close(promise: nil)
     }
 
-    func pauseReading() { readsPaused = true }
+    func pauseReading() { readGate.pause() }
 
     func resumeReading() {
-        guard readsPaused else { return }
-        readsPaused = false
-        if pendingRead {
-            pendingRead = false
-            context?.read()
-        }
+        if readGate.resume() { context?.read() }
     }
 
     // MARK: - Request: HTTP/1.1 bytes → frames
@@ -166,7 +160,7 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
     func read(context: ChannelHandlerContext) {
-        if readsPaused { pendingRead = true } else { context.read() }
+        if readGate.allowsRead() { context.read() }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {

@@ -115,13 +115,6 @@ final class HostPool {
         }
     }
 
-    /// Closes idle connections (drain, shutdown).
-    func closeIdle() {
-        let toClose = idle
-        idle.removeAll()
-        for c in toClose { c.close() }
-    }
-
     // MARK: - HTTP/2 upstreams
 
     /// HTTP/2 clusters: one multiplexed connection per event loop and host; each request is a stream on it.

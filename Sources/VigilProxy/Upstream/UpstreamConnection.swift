@@ -47,9 +47,7 @@ final class UpstreamConnection: ChannelDuplexHandler {
     private var buffer: ByteBuffer?
     private var requestIsHead = false
     private var reusable = true
-    private var readsPaused = false
-    private var pendingRead = false
-    private(set) var requestsServed = 0
+    private var readGate = ReadGate()
     private var events: [ChunkedDecoder.Event] = []
     /// When the connection last went back to its pool; the pool's sweep closes it after `idle_timeout`.
     var idleSince = NIODeadline.now()
@@ -75,7 +73,6 @@ final class UpstreamConnection: ChannelDuplexHandler {
         self.exchange = exchange
         self.requestIsHead = requestIsHead
         self.phase = .awaitingHead
-        requestsServed += 1
     }
 
     func write(_ bytes: ByteBuffer) {
@@ -107,15 +104,10 @@ final class UpstreamConnection: ChannelDuplexHandler {
         context?.close(promise: nil)
     }
 
-    func pauseReading() { readsPaused = true }
+    func pauseReading() { readGate.pause() }
 
     func resumeReading() {
-        guard readsPaused else { return }
-        readsPaused = false
-        if pendingRead {
-            pendingRead = false
-            context?.read()
-        }
+        if readGate.resume() { context?.read() }
     }
 
     // MARK: - ChannelHandler
@@ -123,7 +115,7 @@ final class UpstreamConnection: ChannelDuplexHandler {
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
     func read(context: ChannelHandlerContext) {
-        if readsPaused { pendingRead = true } else { context.read() }
+        if readGate.allowsRead() { context.read() }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
