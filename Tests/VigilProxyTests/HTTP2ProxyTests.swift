@@ -72,6 +72,21 @@ import VigilTestSupport
         await proxy.stop()
     }
 
+    @Test func pseudoHeadersThatCannotBecomeAnHTTP1RequestLineAre400() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group, validateHeaders: false)
+        // Refused either by HTTP/2 header validation (stream reset) or by Vigil with a 400; never forwarded.
+        for (path, authority) in [("/a b HTTP/1.1", "a"), ("/ok", "a b"), ("/x\u{7F}", "a")] {
+            if let r = try? await client.request(.GET, path, authority: authority) {
+                #expect(r.status == 400, "\(path) \(authority)")
+            }
+        }
+        #expect(try await client.request(.GET, "/fine").status == 200)
+        #expect(upstream.recorded.map(\.head.uri) == ["/fine"])
+        await proxy.stop()
+    }
+
     @Test func autoListenerStillSpeaksHTTP1() async throws {
         let upstream = try await FakeUpstream(group: group)
         let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)

@@ -9,14 +9,19 @@ public final class H2TestClient: Sendable {
     let channel: Channel
     let multiplexer: NIOLoopBound<HTTP2StreamMultiplexer>
 
-    public static func connect(port: Int, group: EventLoopGroup) async throws -> H2TestClient {
+    /// `validateHeaders: false` lets a test send header blocks a well-behaved client would refuse to.
+    public static func connect(port: Int, group: EventLoopGroup, validateHeaders: Bool = true) async throws -> H2TestClient {
         // The HTTP/2 handler goes in before the socket connects, so the server's SETTINGS, which a
         // prior-knowledge server may send at once, never reach a pipeline that cannot read them.
         let ready = group.any().makePromise(of: NIOLoopBound<HTTP2StreamMultiplexer>.self)
         let channel = try await ClientBootstrap(group: group)
             .channelInitializer { channel in
-                channel.configureHTTP2Pipeline(mode: .client, inboundStreamInitializer: nil).map {
-                    ready.succeed(NIOLoopBound($0, eventLoop: channel.eventLoop))
+                channel.eventLoop.makeCompletedFuture {
+                    let http2 = NIOHTTP2Handler(mode: .client, headerBlockValidation: validateHeaders ? .enabled : .disabled)
+                    let multiplexer = HTTP2StreamMultiplexer(mode: .client, channel: channel, inboundStreamInitializer: nil)
+                    try channel.pipeline.syncOperations.addHandler(http2)
+                    try channel.pipeline.syncOperations.addHandler(multiplexer)
+                    ready.succeed(NIOLoopBound(multiplexer, eventLoop: channel.eventLoop))
                 }
             }
             .connect(host: "127.0.0.1", port: port).get()

@@ -143,11 +143,23 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             reply(status: 405, reason: "connect_not_supported", detail: "CONNECT tunnels are not offered by this listener")
             return
         }
-        guard path.hasPrefix("/") || (path == "*" && method == "OPTIONS") else {
-            reply(status: 400, reason: "bad_request_target", detail: ":path must be a path")
+        // These become the HTTP/1.1 request line and Host field, so they must be what those allow
+        // (RFC 9113 §8.3.1): a space in :path would otherwise split the request line upstream.
+        guard HTTPTokens.isToken(method) else {
+            reply(status: 400, reason: "bad_request_line", detail: ":method is not a token")
+            return
+        }
+        guard path.hasPrefix("/") || (path == "*" && method == "OPTIONS"),
+              path.utf8.allSatisfy({ HTTPTokens.isTargetByte($0) })
+        else {
+            reply(status: 400, reason: "bad_request_target", detail: ":path must be a path without spaces or controls")
             return
         }
         let authority = headers.first(name: ":authority") ?? headers.first(name: "host") ?? ""
+        guard authority.utf8.allSatisfy({ HTTPTokens.isHostByte($0) }) else {
+            reply(status: 400, reason: "bad_host", detail: ":authority is not a valid authority")
+            return
+        }
         let request = HTTP2Request(method: method, path: path, authority: authority, headers: headers)
         self.request = request
         if let cl = headers.first(name: "content-length"), let n = Int(cl), let max = listener.config.limits.maxBodyBytes,
