@@ -168,25 +168,32 @@ def main():
     ap.add_argument("--vigil", required=True)
     ap.add_argument("seconds", nargs="?", type=int, default=10)
     ap.add_argument("rounds", nargs="?", type=int, default=2)
+    ap.add_argument("--only", help="comma-separated targets to run (direct,haproxy,nginx,caddy,vigil)")
+    ap.add_argument("--protocols", default="h1,h2", help="h1, h2 or both")
     a = ap.parse_args()
     d = tempfile.mkdtemp(prefix="vigil-bench-")
     up_conf, proxies = configs(d, a.vigil)
     if not shutil.which("caddy"):
         del proxies["caddy"]
+    if a.only:
+        wanted = a.only.split(",")
+        proxies = {k: v for k, v in proxies.items() if k in wanted}
+    targets = (["direct"] if not a.only or "direct" in a.only.split(",") else []) + list(proxies)
+    protocols = a.protocols.split(",")
     upstream = subprocess.Popen(f"exec taskset -c 0 nginx -c {up_conf}", shell=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(UP)
     results = {}  # (name, proto) -> list of dicts
     try:
         for rnd in range(a.rounds):
-            for name in ["direct"] + list(proxies):
+            for name in targets:
                 proc = None
                 if name != "direct":
                     cmd, env, worker = proxies[name]
                     proc = Proc(name, cmd, PORTS[name][0], env, worker)
                     wait_port(PORTS[name][1])
                 idle = rss_kib(proc.pid) if proc else 0
-                for proto in ["h1", "h2"]:
+                for proto in protocols:
                     port = (UP if proto == "h1" else UP_H2) if name == "direct" else PORTS[name][0 if proto == "h1" else 1]
                     t0 = cpu_ticks(proc.pid) if proc else 0
                     rps, total, p50, p99, errors = (run_wrk if proto == "h1" else run_h2load)(port, a.seconds)
@@ -208,11 +215,13 @@ def main():
 
     for proto, title, lat in [("h1", "HTTP/1.1, wrk -t1 -c64, keep-alive", "p50 / p99"),
                               ("h2", "HTTP/2 (h2c), h2load -c4 -m100", "mean / max")]:
+        if proto not in protocols:
+            continue
         base = results.get(("haproxy", proto))
         print(f"\n### {title}: mean of {a.rounds} interleaved rounds of {a.seconds} s\n")
         print(f"| target | req/s | latency {lat} (ms) | CPU µs/req | idle → peak RSS (MiB) | req/s ÷ HAProxy | CPU ÷ HAProxy | errors |")
         print("|---|---|---|---|---|---|---|---|")
-        for name in ["direct"] + list(proxies):
+        for name in targets:
             rows = results[(name, proto)]
             rps, cpu = avg(rows, "rps"), avg(rows, "cpu")
             ratio = f"{rps / avg(base, 'rps'):.2f}" if base else "-"

@@ -42,6 +42,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private let loop: LoopContext
     private let scheme: String
     private var context: ChannelHandlerContext!
+    /// Kept from `handlerAdded`: `context.channel.allocator` walks the pipeline on every use.
+    private var allocator = ByteBufferAllocator()
     private var facts = ForwardingFacts(clientAddress: "", scheme: "http")
 
     private var phase = Phase.idle
@@ -91,6 +93,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        allocator = context.channel.allocator
         let ip = context.channel.remoteAddress?.ipAddress ?? "unknown"
         facts = ForwardingFacts(clientAddress: ip, scheme: scheme)
         idleSince = .now()
@@ -295,7 +298,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         upstream = connection
         upstreamReused = reused
         connection.attach(self, requestIsHead: head.isHead)
-        var out = context.channel.allocator.buffer(capacity: head.bytes.readableBytes + 160)
+        var out = allocator.buffer(capacity: head.bytes.readableBytes + 160)
         let rid = RequestID(using: &loop.random)
         let hadRequestID = HTTP1HeadWriter.writeRequest(head, facts: facts, newRequestID: rid,
                                                         fallbackAuthority: target?.host.addressText ?? "",
@@ -390,7 +393,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         if response.status < 200 && response.status != 101 {
             // 100 Continue goes to a client that asked for it; other 1xx (103) to HTTP/1.1 clients.
             if head.minorVersion >= 1 && (response.status != 100 || head.expectContinue) {
-                var out = context.channel.allocator.buffer(capacity: response.bytes.readableBytes)
+                var out = allocator.buffer(capacity: response.bytes.readableBytes)
                 HTTP1HeadWriter.writeResponse(response, framing: .none, keepAlive: true, clientMinorVersion: 1, into: &out)
                 bytesOut += out.readableBytes
                 context.writeAndFlush(wrapOutboundOut(out), promise: nil)
@@ -406,7 +409,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             responseStarted = true
             status = 101
             reason = "upgraded"
-            var out = context.channel.allocator.buffer(capacity: response.bytes.readableBytes + 32)
+            var out = allocator.buffer(capacity: response.bytes.readableBytes + 32)
             HTTP1HeadWriter.writeResponse(response, framing: .none, keepAlive: true, clientMinorVersion: 1, into: &out)
             bytesOut += out.readableBytes
             context.writeAndFlush(wrapOutboundOut(out), promise: nil)
@@ -423,7 +426,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         responseFraming = HTTP1HeadWriter.downstreamFraming(upstream: response.framing(requestMethodIsHead: head.isHead),
                                                             clientMinorVersion: head.minorVersion)
         if responseFraming == .close || !requestBodyDone { keepAlive = false }
-        var out = context.channel.allocator.buffer(capacity: response.bytes.readableBytes + 64)
+        var out = allocator.buffer(capacity: response.bytes.readableBytes + 64)
         HTTP1HeadWriter.writeResponse(response, framing: responseFraming, keepAlive: keepAlive,
                                       clientMinorVersion: head.minorVersion, into: &out)
         bytesOut += out.readableBytes
@@ -434,7 +437,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         bytesOut += bytes.readableBytes
         if responseFraming == .chunked {
             guard bytes.readableBytes > 0 else { return }
-            var header = context.channel.allocator.buffer(capacity: 12)
+            var header = allocator.buffer(capacity: 12)
             HTTP1HeadWriter.writeChunkHeader(length: bytes.readableBytes, into: &header)
             context.write(wrapOutboundOut(header), promise: nil)
             context.write(wrapOutboundOut(bytes), promise: nil)

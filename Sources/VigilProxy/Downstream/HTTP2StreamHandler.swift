@@ -61,7 +61,13 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         self.loop = loop
     }
 
-    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        allocator = context.channel.allocator
+    }
+
+    /// Kept from `handlerAdded`: `context.channel.allocator` walks the pipeline on every use.
+    private var allocator = ByteBufferAllocator()
 
     func read(context: ChannelHandlerContext) {
         if readGate.allowsRead() { context.read() }
@@ -200,7 +206,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     /// The HTTP/1.1 head for the upstream: request line, host, the regular fields, Vigil's fields.
     private func http1Head(for request: HTTP2Request) -> ByteBuffer {
-        var out = context.channel.allocator.buffer(capacity: 512)
+        var out = allocator.buffer(capacity: 512)
         out.writeString(request.method)
         out.writeStaticString(" ")
         out.writeString(request.path)

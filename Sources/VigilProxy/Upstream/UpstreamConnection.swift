@@ -58,12 +58,15 @@ final class UpstreamConnection: ChannelDuplexHandler {
         self.limits = limits
     }
 
+    // Tracked from channel events rather than asked of the channel: `channel.isActive` and `isWritable`
+    // go through NIO's pipeline and lifecycle state, which cost reference counting on every request.
+    private var isActive = false
+    private(set) var isWritable = true
+
     var isUsable: Bool {
-        guard let context, context.channel.isActive, case .idle = phase else { return false }
+        guard isActive, case .idle = phase else { return false }
         return true
     }
-
-    var isWritable: Bool { context?.channel.isWritable ?? false }
 
     // MARK: - Used by the exchange
 
@@ -112,7 +115,15 @@ final class UpstreamConnection: ChannelDuplexHandler {
 
     // MARK: - ChannelHandler
 
-    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        isActive = context.channel.isActive
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        isActive = true
+        context.fireChannelActive()
+    }
 
     func read(context: ChannelHandlerContext) {
         if readGate.allowsRead() { context.read() }
@@ -143,11 +154,13 @@ final class UpstreamConnection: ChannelDuplexHandler {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        exchange?.upstreamWritabilityChanged(writable: context.channel.isWritable)
+        isWritable = context.channel.isWritable
+        exchange?.upstreamWritabilityChanged(writable: isWritable)
         context.fireChannelWritabilityChanged()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        isActive = false
         let wasPhase = phase
         phase = .closed
         if let ex = exchange {
