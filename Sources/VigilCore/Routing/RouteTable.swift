@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// What route matching needs to know about a request, whatever protocol it came in on.
 public protocol RoutableRequest {
     var method: String { get }
@@ -10,30 +16,56 @@ public protocol RoutableRequest {
 }
 
 /// A listener's routes in order; the first that matches a request wins (Envoy's and HAProxy's rule).
+///
+/// Routes are compiled once: paths become UTF-8 bytes compared in place, so matching a request copies no
+/// route and builds no string.
 public struct RouteTable: Sendable {
     public let routes: [RouteConfig]
+    private let compiled: [Compiled]
 
-    public init(_ routes: [RouteConfig]) { self.routes = routes }
+    struct Compiled: Sendable {
+        let path: [UInt8]
+        let exact: Bool
+        let match: RouteMatch
+    }
+
+    public init(_ routes: [RouteConfig]) {
+        self.routes = routes
+        self.compiled = routes.map { r in
+            switch r.match.path {
+            case .prefix(let p): Compiled(path: Array(p.utf8), exact: false, match: r.match)
+            case .exact(let p): Compiled(path: Array(p.utf8), exact: true, match: r.match)
+            }
+        }
+    }
 
     /// The index of the first route matching the request, or nil (the proxy answers 404 `no_route`).
     public func match(_ request: some RoutableRequest) -> Int? {
-        let path = Self.pathWithoutQuery(request.path)
-        var host: Substring?
-        for (index, route) in routes.enumerated() {
-            let m = route.match
-            switch m.path {
-            case .prefix(let prefix): if !path.hasPrefix(prefix) { continue }
-            case .exact(let exact): if path != exact { continue }
+        var path = request.path
+        return path.withUTF8 { bytes in
+            // Paths are matched without their query string.
+            let pathLength = bytes.firstIndex(of: UInt8(ascii: "?")) ?? bytes.count
+            var host: Substring?
+            return compiled.withUnsafeBufferPointer { table -> Int? in
+                for index in table.indices {
+                    let expected = table[index].path
+                    if table[index].exact ? pathLength != expected.count : pathLength < expected.count { continue }
+                    let same = expected.withUnsafeBufferPointer { e in
+                        e.count == 0 || memcmp(e.baseAddress!, bytes.baseAddress!, e.count) == 0
+                    }
+                    if !same { continue }
+                    let m = table[index].match
+                    if !m.methods.isEmpty && !m.methods.contains(request.method) { continue }
+                    if !m.authorities.isEmpty {
+                        if host == nil { host = Self.hostWithoutPort(request.authority) }
+                        if !m.authorities.contains(where: { Self.hostMatches(pattern: $0, host: host!) }) { continue }
+                    }
+                    if !m.headers.allSatisfy({ request.headerValue($0.name) == $0.value }) { continue }
+                    return index
+                }
+                return nil
             }
-            if !m.methods.isEmpty && !m.methods.contains(request.method) { continue }
-            if !m.authorities.isEmpty {
-                if host == nil { host = Self.hostWithoutPort(request.authority) }
-                if !m.authorities.contains(where: { Self.hostMatches(pattern: $0, host: host!) }) { continue }
-            }
-            if !m.headers.allSatisfy({ request.headerValue($0.name) == $0.value }) { continue }
-            return index
         }
-        return nil
     }
 
     /// Paths are matched without their query string.
