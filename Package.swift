@@ -79,6 +79,12 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
+        // libFuzzer target for the HTTP/1 parser (Fuzz/run.sh); a corpus replayer in normal builds.
+        .executableTarget(
+            name: "vigil-fuzz",
+            dependencies: ["VigilCore", .product(name: "NIOCore", package: "swift-nio")],
+            path: "Fuzz/HTTP1ParserFuzzer"
+        ),
         .target(
             name: "VigilTestSupport",
             dependencies: [
