@@ -62,10 +62,19 @@ public final class ClusterRuntime: Sendable {
 
     private var allIndices: [Int] { Array(hosts.indices) }
 
+    /// Takes one unit of `counter` unless it already holds `limit`: the shape of every breaker check.
+    /// Increment first and undo on overflow, so concurrent event loops can never both pass the last slot.
+    private static func reserve(_ counter: ManagedAtomic<Int>, limit: Int) -> Bool {
+        if counter.loadThenWrappingIncrement(ordering: .relaxed) >= limit {
+            counter.wrappingDecrement(ordering: .relaxed)
+            return false
+        }
+        return true
+    }
+
     /// Admission of a new request under `max_requests`. Returns false (and counts an overflow) when full.
     func admitRequest() -> Bool {
-        if activeRequests.loadThenWrappingIncrement(ordering: .relaxed) >= config.circuitBreakers.maxRequests {
-            activeRequests.wrappingDecrement(ordering: .relaxed)
+        guard Self.reserve(activeRequests, limit: config.circuitBreakers.maxRequests) else {
             overflows.wrappingIncrement(ordering: .relaxed)
             return false
         }
@@ -75,20 +84,13 @@ public final class ClusterRuntime: Sendable {
     func requestFinished() { activeRequests.wrappingDecrement(ordering: .relaxed) }
 
     /// Reserves one connection slot under `max_connections`.
-    func reserveConnection() -> Bool {
-        if connections.loadThenWrappingIncrement(ordering: .relaxed) >= config.circuitBreakers.maxConnections {
-            connections.wrappingDecrement(ordering: .relaxed)
-            return false
-        }
-        return true
-    }
+    func reserveConnection() -> Bool { Self.reserve(connections, limit: config.circuitBreakers.maxConnections) }
 
     func releaseConnection() { connections.wrappingDecrement(ordering: .relaxed) }
 
     /// Reserves a place in the wait queue under `max_pending_requests`.
     func reservePending() -> Bool {
-        if pendingRequests.loadThenWrappingIncrement(ordering: .relaxed) >= config.circuitBreakers.maxPendingRequests {
-            pendingRequests.wrappingDecrement(ordering: .relaxed)
+        guard Self.reserve(pendingRequests, limit: config.circuitBreakers.maxPendingRequests) else {
             overflows.wrappingIncrement(ordering: .relaxed)
             return false
         }
