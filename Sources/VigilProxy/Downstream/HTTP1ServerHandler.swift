@@ -34,6 +34,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// Most bytes buffered from the client while the current request cannot take them (pipelined requests,
     /// a body waiting for its upstream connection) before reading stops.
     static let inboundBufferLimit = 64 * 1024
+    // Every deadline here is read from `context.eventLoop.now`, the event loop's clock: real time in
+    // production, and manual time on an EmbeddedEventLoop, so the timeouts are tested with advanceTime.
+
     /// Longest sleep of the connection timer, so a new request rarely needs to re-arm it.
     static let timerTick = TimeAmount.seconds(5)
 
@@ -86,7 +89,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         self.listener = listener
         self.loop = loop
         self.scheme = scheme
-        self.idleSince = .now()
+        self.idleSince = .uptimeNanoseconds(0)  // set from the loop clock in handlerAdded
     }
 
     // MARK: - Channel events
@@ -96,7 +99,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         allocator = context.channel.allocator
         let ip = context.channel.remoteAddress?.ipAddress ?? "unknown"
         facts = ForwardingFacts(clientAddress: ip, scheme: scheme)
-        idleSince = .now()
+        idleSince = context.eventLoop.now
         armIdleTimer()
     }
 
@@ -135,7 +138,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         upstream?.flush()
         if phase == .idle, let inbound, inbound.readableBytes > 0, headerDeadline == nil {
             // A partial head arrived: the header timeout starts now (slow-loris guard).
-            let deadline = NIODeadline.now() + .nanoseconds(listener.config.limits.headerTimeout.nanoseconds)
+            let deadline = context.eventLoop.now + .nanoseconds(listener.config.limits.headerTimeout.nanoseconds)
             headerDeadline = deadline
             armTimer(at: deadline)
         }
@@ -235,7 +238,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     }
 
     private func beginRequestClock() {
-        startedAt = .now()
+        startedAt = context.eventLoop.now
         wallStart = runtime.accessLog.isEnabled ? ProxyRuntime.wallClockNanos() : 0
         runtime.activeRequests.wrappingIncrement(ordering: .relaxed)
     }
@@ -283,7 +286,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     private func armRequestDeadline() {
         guard let timeout = target?.timeout, timeout > .zero else { return }
-        let deadline = NIODeadline.now() + .nanoseconds(timeout.nanoseconds)
+        let deadline = context.eventLoop.now + .nanoseconds(timeout.nanoseconds)
         requestDeadline = deadline
         armTimer(at: deadline)
     }
@@ -510,7 +513,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// Ends the current request's accounting and releases its upstream connection.
     private func finishRequest(status: Int, reason: String, reuseUpstream: Bool) {
         guard let head = self.head, startedAt != .uptimeNanoseconds(0) else { return }
-        let duration = NIODeadline.now() - startedAt
+        let duration = context.eventLoop.now - startedAt
         startedAt = .uptimeNanoseconds(0)
         runtime.activeRequests.wrappingDecrement(ordering: .relaxed)
         if let upstream {
@@ -540,7 +543,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         head = nil
         if keepAlive && !runtime.draining.load(ordering: .relaxed) {
             phase = .idle
-            idleSince = .now()
+            idleSince = context.eventLoop.now
             armIdleTimer()
             context.flush()
             if let inbound, inbound.readableBytes > 0 { process() } else { updateReadInterest() }
@@ -563,7 +566,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             // The request never parsed: log what we know.
             runtime.activeRequests.wrappingDecrement(ordering: .relaxed)
             runtime.metrics.recordRequest(listener: listener.index, cluster: nil, status: status,
-                                          durationNanos: (NIODeadline.now() - startedAt).nanoseconds,
+                                          durationNanos: (context.eventLoop.now - startedAt).nanoseconds,
                                           bytesIn: bytesIn, bytesOut: bytesOut)
             if runtime.accessLog.isEnabled {
                 loop.log(AccessLogEntry(startNanos: wallStart, listener: listener.config.name, method: "-", authority: "-",
@@ -636,7 +639,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         timer = nil
         timerAt = nil
         guard phase != .closing else { return }
-        let now = NIODeadline.now()
+        let now = context.eventLoop.now
         if let d = requestDeadline, d <= now, phase == .waitingForUpstream || phase == .forwarding, !responseStarted {
             requestDeadline = nil
             if phase == .waitingForUpstream { target?.pool.cancel(self) }

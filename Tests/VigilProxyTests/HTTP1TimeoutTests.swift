@@ -1,0 +1,55 @@
+import CoreMetrics
+import NIOCore
+import NIOEmbedded
+import Testing
+import VigilCore
+@testable import VigilProxy
+
+/// The connection timers of the HTTP/1 handler, driven by an EmbeddedEventLoop's manual clock.
+@Suite struct HTTP1TimeoutTests {
+    func channel(limits: String) throws -> (EmbeddedChannel, EmbeddedEventLoop) {
+        let loop = EmbeddedEventLoop()
+        let config = try VigilConfig.parse(yaml: """
+            access_log: { output: "off" }
+            listeners:
+              - { name: in, address: "127.0.0.1:0", limits: { \(limits) }, routes: [{ match: { prefix: "/" }, cluster: c }] }
+            clusters: [{ name: c, endpoints: ["127.0.0.1:9"] }]
+            """)
+        let runtime = ProxyRuntime(config: config, group: loop, metricsFactory: NOOPMetricsHandler.instance, accessLog: .off)
+        let handler = HTTP1ServerHandler(runtime: runtime, listener: runtime.listeners[0], loop: runtime.loopContext(loop))
+        let channel = EmbeddedChannel(handler: handler, loop: loop)
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        return (channel, loop)
+    }
+
+    @Test func aSlowHeadGets408AtTheHeaderTimeout() throws {
+        let (channel, loop) = try channel(limits: "header_timeout: 10s")
+        try channel.writeInbound(ByteBuffer(string: "GET / HTTP/1.1\r\nHost: a\r\n"))
+        loop.advanceTime(by: .milliseconds(9_999))
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)
+        #expect(channel.isActive)
+        loop.advanceTime(by: .milliseconds(1))
+        var reply = ByteBuffer()
+        while var part = try channel.readOutbound(as: ByteBuffer.self) { reply.writeBuffer(&part) }
+        #expect(String(buffer: reply).hasPrefix("HTTP/1.1 408 Request Timeout\r\n"))
+        #expect(String(buffer: reply).contains("x-vigil-reason: request_header_timeout\r\n"))
+        #expect(!channel.isActive)
+    }
+
+    @Test func anIdleConnectionClosesAtTheIdleTimeout() throws {
+        let (channel, loop) = try channel(limits: "idle_timeout: 60s")
+        loop.advanceTime(by: .seconds(59))
+        #expect(channel.isActive)
+        loop.advanceTime(by: .seconds(2))
+        #expect(!channel.isActive)
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil, "an idle close sends nothing")
+    }
+
+    @Test func aShortIdleTimeoutIsHonouredExactly() throws {
+        let (channel, loop) = try channel(limits: "idle_timeout: 200ms")
+        loop.advanceTime(by: .milliseconds(199))
+        #expect(channel.isActive)
+        loop.advanceTime(by: .milliseconds(1))
+        #expect(!channel.isActive)
+    }
+}
