@@ -87,6 +87,22 @@ import VigilTestSupport
         await proxy.stop()
     }
 
+    @Test func sequentialStreamsReuseOneUpstreamConnection() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let yaml = ProxyHarness.simple().replacingOccurrences(of: "access_log: { output: \"off\" }\n", with: "")
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        for i in 0..<10 { #expect(try await client.request(.GET, "/\(i)").status == 200) }
+        await proxy.stop()
+        // Writing END_STREAM closes the stream at once; that must not count as a client disconnect and
+        // throw the upstream connection away.
+        #expect(upstream.connections == 1)
+        let statuses = proxy.accessLog.lines.compactMap { line -> Int? in
+            (try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])?["status"] as? Int
+        }
+        #expect(statuses == Array(repeating: 200, count: 10))
+    }
+
     @Test func autoListenerStillSpeaksHTTP1() async throws {
         let upstream = try await FakeUpstream(group: group)
         let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)

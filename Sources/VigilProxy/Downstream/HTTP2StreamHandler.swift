@@ -351,8 +351,8 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             headers.add(name: head.nameString(f).lowercased(), value: head.valueString(f))
         }
         let noBody = head.framing(requestMethodIsHead: request?.method == "HEAD") == .none
-        context.write(wrapOutboundOut(.headers(.init(headers: headers, endStream: noBody))), promise: nil)
         if noBody { bodyDoneWriting = true }
+        context.write(wrapOutboundOut(.headers(.init(headers: headers, endStream: noBody))), promise: nil)
     }
 
     private var bodyDoneWriting = false
@@ -364,6 +364,10 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     }
 
     func upstreamResponseEnd(trailers: ByteBuffer?) {
+        // Finish first: writing END_STREAM closes a stream the client has half-closed already, and its
+        // channelInactive must find the exchange done (else it would count a disconnect and drop the
+        // upstream connection instead of returning it to the pool).
+        finish(status: status, reason: "-", reuseUpstream: requestBodyDone)
         if !bodyDoneWriting {
             if let trailers, let parsed = Self.trailerHeaders(trailers) {
                 context.write(wrapOutboundOut(.headers(.init(headers: parsed, endStream: true))), promise: nil)
@@ -372,7 +376,6 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             }
         }
         context.flush()
-        finish(status: status, reason: "-", reuseUpstream: requestBodyDone)
     }
 
     func upstreamFailed(_ failure: UpstreamFailure, responseStarted started: Bool) {
@@ -412,11 +415,11 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         let headers: HPACKHeaders = [":status": String(status), "content-type": "application/json",
                                      "content-length": String(body.readableBytes), "x-vigil-reason": reason]
         let isHead = request?.method == "HEAD"
+        bytesOut += body.readableBytes
+        finish(status: status, reason: reason, reuseUpstream: false)  // before END_STREAM; see upstreamResponseEnd
         context.write(wrapOutboundOut(.headers(.init(headers: headers, endStream: isHead))), promise: nil)
         if !isHead { context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(body), endStream: true))), promise: nil) }
-        bytesOut += body.readableBytes
         context.flush()
-        finish(status: status, reason: reason, reuseUpstream: false)
     }
 
     private func finish(status: Int, reason: String, reuseUpstream: Bool) {
