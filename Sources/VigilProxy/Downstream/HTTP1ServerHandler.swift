@@ -113,6 +113,10 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     func handlerRemoved(context: ChannelHandlerContext) {
         timer?.cancel()
         timer = nil
+        // The context holds this handler strongly: keeping it would make a cycle that outlives the channel.
+        // Nothing touches it after removal: channelInactive has already finished the exchange and detached
+        // the upstream, and every late callback checks the phase first.
+        self.context = nil
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {

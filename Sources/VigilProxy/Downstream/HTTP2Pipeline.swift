@@ -51,6 +51,8 @@ final class HTTP2DrainHandler: ChannelInboundHandler {
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }  // no handler ↔ context cycle
+
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is DrainEvent, !draining {
             draining = true

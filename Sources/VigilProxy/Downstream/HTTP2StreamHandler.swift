@@ -66,6 +66,14 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         allocator = context.channel.allocator
     }
 
+    func handlerRemoved(context: ChannelHandlerContext) {
+        // Break the handler ↔ context cycle, or every stream ever served stays in memory with its channel
+        // and headers (seen with heaptrack: one leaked stream per request).
+        timeoutTask?.cancel()
+        timeoutTask = nil
+        self.context = nil
+    }
+
     /// Kept from `handlerAdded`: `context.channel.allocator` walks the pipeline on every use.
     private var allocator = ByteBufferAllocator()
 

@@ -159,6 +159,8 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }  // no handler ↔ context cycle
+
     func read(context: ChannelHandlerContext) {
         if readGate.allowsRead() { context.read() }
     }

@@ -120,6 +120,8 @@ final class UpstreamConnection: ChannelDuplexHandler {
         isActive = context.channel.isActive
     }
 
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }  // no handler ↔ context cycle
+
     func channelActive(context: ChannelHandlerContext) {
         isActive = true
         context.fireChannelActive()
