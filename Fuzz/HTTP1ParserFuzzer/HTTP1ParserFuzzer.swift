@@ -26,7 +26,7 @@ func fuzzOne(_ data: UnsafeRawBufferPointer) {
     var random = SplitMix64(seed: 1)
     var forwarded = ByteBuffer()
     HTTP1HeadWriter.writeRequest(head, facts: ForwardingFacts(clientAddress: "10.0.0.1", scheme: "http"),
-                                 newRequestID: RequestID(using: &random), fallbackAuthority: "upstream:80",
+                                 random: &random, fallbackAuthority: "upstream:80",
                                  into: &forwarded)
     guard let again = try? HTTP1Parser.parseRequest(forwarded, limits: HTTP1HeadLimits(maxHeaderBytes: 1 << 20, maxHeaderCount: 1000)) else {
         preconditionFailure("the forwarded head does not parse")

@@ -12,7 +12,8 @@ import Testing
     func forward(_ text: String) throws -> String {
         let (head, _) = try #require(try HTTP1Parser.parseRequest(ByteBuffer(string: text), limits: .init()))
         var out = ByteBuffer()
-        HTTP1HeadWriter.writeRequest(head, facts: facts, newRequestID: rid, fallbackAuthority: "upstream:80", into: &out)
+        var random = SplitMix64(seed: 1)
+        HTTP1HeadWriter.writeRequest(head, facts: facts, random: &random, fallbackAuthority: "upstream:80", into: &out)
         return String(buffer: out)
     }
 

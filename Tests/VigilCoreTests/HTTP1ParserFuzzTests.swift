@@ -83,7 +83,7 @@ import Testing
             var forwarded = ByteBuffer()
             var r2 = SplitMix64(seed: 1)
             HTTP1HeadWriter.writeRequest(head, facts: ForwardingFacts(clientAddress: "10.0.0.1", scheme: "http"),
-                                         newRequestID: RequestID(using: &r2),
+                                         random: &r2,
                                          fallbackAuthority: "upstream:80", into: &forwarded)
             let again = try #require(try HTTP1Parser.parseRequest(forwarded, limits: HTTP1HeadLimits(maxHeaderBytes: 1 << 20)),
                                      "forwarded head did not parse: \(String(buffer: forwarded).debugDescription)")

@@ -48,7 +48,8 @@ extension Duration {
 }
 
 extension StringProtocol {
-    func trimmingSpaces() -> String {
+    /// Without leading and trailing spaces and tabs (HTTP's OWS, YAML's inline whitespace).
+    public func trimmingSpaces() -> String {
         var s = Substring(self)
         while let f = s.first, f == " " || f == "\t" { s = s.dropFirst() }
         while let l = s.last, l == " " || l == "\t" { s = s.dropLast() }

@@ -57,10 +57,12 @@ public enum HTTP1HeadWriter {
     ///
     /// HTTP/1.1 requires a Host field, so an HTTP/1.0 request without one gets `fallbackAuthority` (the upstream
     /// host's address) when it has no authority of its own.
-    /// - Returns: whether the request already carried an x-request-id (if not, `newRequestID` was added).
+    /// - Returns: the x-request-id it generated from `random`, or nil when the request carried one.
     @discardableResult
-    public static func writeRequest(_ head: HTTP1RequestHead, facts: ForwardingFacts, newRequestID: RequestID,
-                                    fallbackAuthority: String, into out: inout ByteBuffer) -> Bool {
+    public static func writeRequest<R: RandomNumberGenerator>(
+        _ head: HTTP1RequestHead, facts: ForwardingFacts, random: inout R, fallbackAuthority: String,
+        into out: inout ByteBuffer
+    ) -> RequestID? {
         out.reserveCapacity(minimumWritableBytes: head.bytes.readableBytes + 160)
         out.writeString(head.method)
         out.writeInteger(UInt8(0x20))
@@ -130,13 +132,16 @@ public enum HTTP1HeadWriter {
         out.writeStaticString("\r\nx-forwarded-proto: ")
         out.writeString(facts.scheme)
         out.writeStaticString("\r\n")
+        var generated: RequestID?
         if !hadRequestID {
+            let id = RequestID(using: &random)
             out.writeStaticString("x-request-id: ")
-            newRequestID.write(to: &out)
+            id.write(to: &out)
             out.writeStaticString("\r\n")
+            generated = id
         }
         out.writeStaticString("\r\n")
-        return hadRequestID
+        return generated
     }
 
     /// How the response body travels to the client.

@@ -306,11 +306,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         upstreamReused = reused
         connection.attach(self, requestIsHead: head.isHead)
         var out = allocator.buffer(capacity: head.bytes.readableBytes + 160)
-        let rid = RequestID(using: &loop.random)
-        let hadRequestID = HTTP1HeadWriter.writeRequest(head, facts: facts, newRequestID: rid,
-                                                        fallbackAuthority: target?.host.addressText ?? "",
-                                                        into: &out)
-        if !hadRequestID && runtime.accessLog.isEnabled { requestID = rid.string }
+        let generated = HTTP1HeadWriter.writeRequest(head, facts: facts, random: &loop.random,
+                                                     fallbackAuthority: target?.host.addressText ?? "", into: &out)
+        if let generated, runtime.accessLog.isEnabled { requestID = generated.string }
         connection.write(out)
         phase = .forwarding
         if !requestBodyDone { forwardBody() }
@@ -515,8 +513,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     // MARK: - Finishing
 
     /// Ends the current request's accounting and releases its upstream connection.
+    /// A request that never parsed (`head` is nil) is recorded with "-" for what it would have said.
     private func finishRequest(status: Int, reason: String, reuseUpstream: Bool) {
-        guard let head = self.head, startedAt != .uptimeNanoseconds(0) else { return }
+        guard startedAt != .uptimeNanoseconds(0) else { return }
         let duration = context.eventLoop.now - startedAt
         startedAt = .uptimeNanoseconds(0)
         runtime.activeRequests.wrappingDecrement(ordering: .relaxed)
@@ -532,9 +531,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         runtime.metrics.recordRequest(listener: listener.index, cluster: clusterIndex, status: status,
                                       durationNanos: duration.nanoseconds, bytesIn: bytesIn, bytesOut: bytesOut)
         if runtime.accessLog.isEnabled {
-            let rid = requestID.isEmpty ? (head.value(of: .xRequestID) ?? "") : requestID
-            loop.log(AccessLogEntry(startNanos: wallStart, listener: listener.config.name, method: head.method,
-                                    authority: head.authority, path: head.path, protocolName: "HTTP/1.1",
+            let rid = requestID.isEmpty ? (head?.value(of: .xRequestID) ?? "") : requestID
+            loop.log(AccessLogEntry(startNanos: wallStart, listener: listener.config.name, method: head?.method ?? "-",
+                                    authority: head?.authority ?? "-", path: head?.path ?? "-", protocolName: "HTTP/1.1",
                                     status: status, durationNanos: duration.nanoseconds,
                                     upstreamHost: upstreamHost, bytesIn: bytesIn, bytesOut: bytesOut,
                                     reason: reason, requestID: rid))
@@ -566,24 +565,13 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                                      extraHeaders: extra)
         bytesOut += reply.readableBytes
         responseStarted = true
+        context.write(wrapOutboundOut(reply), promise: nil)
         if head == nil {
-            // The request never parsed: log what we know.
-            runtime.activeRequests.wrappingDecrement(ordering: .relaxed)
-            runtime.metrics.recordRequest(listener: listener.index, cluster: nil, status: status,
-                                          durationNanos: (context.eventLoop.now - startedAt).nanoseconds,
-                                          bytesIn: bytesIn, bytesOut: bytesOut)
-            if runtime.accessLog.isEnabled {
-                loop.log(AccessLogEntry(startNanos: wallStart, listener: listener.config.name, method: "-", authority: "-",
-                                        path: "-", protocolName: "HTTP/1.1", status: status, durationNanos: 0,
-                                        upstreamHost: nil, bytesIn: bytesIn, bytesOut: bytesOut, reason: reason,
-                                        requestID: ""))
-            }
-            startedAt = .uptimeNanoseconds(0)
-            context.write(wrapOutboundOut(reply), promise: nil)
+            // The request never parsed: its framing is unknown, so the connection ends here.
+            finishRequest(status: status, reason: reason, reuseUpstream: false)
             closeAfterFlush()
             return
         }
-        context.write(wrapOutboundOut(reply), promise: nil)
         if !requestBodyDone { keepAlive = false }
         finishRequest(status: status, reason: reason, reuseUpstream: false)
         completeExchange()

@@ -377,7 +377,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         // upstream connection instead of returning it to the pool).
         finish(status: status, reason: "-", reuseUpstream: requestBodyDone)
         if !bodyDoneWriting {
-            if let trailers, let parsed = Self.trailerHeaders(trailers) {
+            if let trailers, let parsed = HTTP2Fields.headers(fromFieldLines: trailers) {
                 context.write(wrapOutboundOut(.headers(.init(headers: parsed, endStream: true))), promise: nil)
             } else {
                 context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(ByteBuffer()), endStream: true))), promise: nil)
@@ -401,18 +401,6 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     func upstreamWritabilityChanged(writable: Bool) { updateReads() }
 
     func upstreamTunnelData(_ bytes: ByteBuffer) {}
-
-    /// Trailer field lines (`name: value\r\n`...) as HPACK headers.
-    static func trailerHeaders(_ raw: ByteBuffer) -> HPACKHeaders? {
-        var headers = HPACKHeaders()
-        for line in String(buffer: raw).split(separator: "\r\n") {
-            guard let colon = line.firstIndex(of: ":") else { continue }
-            let name = line[..<colon].lowercased()
-            if ["connection", "transfer-encoding", "keep-alive", "te", "upgrade"].contains(name) { continue }
-            headers.add(name: name, value: line[line.index(after: colon)...].trimming(" \t"))
-        }
-        return headers.isEmpty ? nil : headers
-    }
 
     // MARK: - Finishing
 
@@ -457,12 +445,3 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
 @available(*, unavailable)
 extension HTTP2StreamHandler: Sendable {}
-
-extension StringProtocol {
-    func trimming(_ set: String) -> String {
-        var s = Substring(self)
-        while let f = s.first, set.contains(f) { s = s.dropFirst() }
-        while let l = s.last, set.contains(l) { s = s.dropLast() }
-        return String(s)
-    }
-}

@@ -64,9 +64,12 @@ public final class ClusterRuntime: Sendable {
 
     /// Takes one unit of `counter` unless it already holds `limit`: the shape of every breaker check.
     /// Increment first and undo on overflow, so concurrent event loops can never both pass the last slot.
-    private static func reserve(_ counter: ManagedAtomic<Int>, limit: Int) -> Bool {
+    /// Overflows of request admission and of the wait queue are counted; a full connection budget is not
+    /// (the request waits instead).
+    private func reserve(_ counter: ManagedAtomic<Int>, limit: Int, countingOverflow: Bool) -> Bool {
         if counter.loadThenWrappingIncrement(ordering: .relaxed) >= limit {
             counter.wrappingDecrement(ordering: .relaxed)
+            if countingOverflow { overflows.wrappingIncrement(ordering: .relaxed) }
             return false
         }
         return true
@@ -74,27 +77,21 @@ public final class ClusterRuntime: Sendable {
 
     /// Admission of a new request under `max_requests`. Returns false (and counts an overflow) when full.
     func admitRequest() -> Bool {
-        guard Self.reserve(activeRequests, limit: config.circuitBreakers.maxRequests) else {
-            overflows.wrappingIncrement(ordering: .relaxed)
-            return false
-        }
-        return true
+        reserve(activeRequests, limit: config.circuitBreakers.maxRequests, countingOverflow: true)
     }
 
     func requestFinished() { activeRequests.wrappingDecrement(ordering: .relaxed) }
 
     /// Reserves one connection slot under `max_connections`.
-    func reserveConnection() -> Bool { Self.reserve(connections, limit: config.circuitBreakers.maxConnections) }
+    func reserveConnection() -> Bool {
+        reserve(connections, limit: config.circuitBreakers.maxConnections, countingOverflow: false)
+    }
 
     func releaseConnection() { connections.wrappingDecrement(ordering: .relaxed) }
 
     /// Reserves a place in the wait queue under `max_pending_requests`.
     func reservePending() -> Bool {
-        guard Self.reserve(pendingRequests, limit: config.circuitBreakers.maxPendingRequests) else {
-            overflows.wrappingIncrement(ordering: .relaxed)
-            return false
-        }
-        return true
+        reserve(pendingRequests, limit: config.circuitBreakers.maxPendingRequests, countingOverflow: true)
     }
 
     func releasePending() { pendingRequests.wrappingDecrement(ordering: .relaxed) }

@@ -1,4 +1,3 @@
-import Atomics
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -17,6 +16,7 @@ public final class ProxyServer: Sendable {
         /// Open downstream connections, for drain.
         var connections: [ObjectIdentifier: Channel] = [:]
         var drainWaiters: [(Int, CheckedContinuation<Void, Never>)] = []
+        var nextWaiterID = 0
     }
 
     public init(runtime: ProxyRuntime, group: EventLoopGroup, logger: Logger) {
@@ -123,14 +123,14 @@ public final class ProxyServer: Sendable {
         beginDrain()
         // Resumed by the last connection closing or by the deadline, whichever comes first; exactly once,
         // because each path removes the waiter under the lock before resuming it.
-        let id = DrainWaiterID.next()
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-            let done = state.withLockedValue { s -> Bool in
-                if s.connections.isEmpty { return true }
-                s.drainWaiters.append((id, c))
-                return false
+            let id = state.withLockedValue { s -> Int? in
+                if s.connections.isEmpty { return nil }
+                s.nextWaiterID += 1
+                s.drainWaiters.append((s.nextWaiterID, c))
+                return s.nextWaiterID
             }
-            if done {
+            guard let id else {
                 c.resume()
                 return
             }
@@ -149,12 +149,6 @@ public final class ProxyServer: Sendable {
             try? await context.eventLoop.submit { context.flushLog() }.get()
         }
     }
-}
-
-/// Ids for drain waiters.
-enum DrainWaiterID {
-    private static let counter = ManagedAtomic<Int>(0)
-    static func next() -> Int { counter.wrappingIncrementThenLoad(ordering: .relaxed) }
 }
 
 public struct ListenerBindError: Error, CustomStringConvertible {

@@ -121,7 +121,7 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
                     context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(d)))), promise: nil)
                 case .end(let trailers):
                     requestEnded = true
-                    if let trailers, let h = Self.headers(fromFieldLines: trailers) {
+                    if let trailers, let h = HTTP2Fields.headers(fromFieldLines: trailers) {
                         context.write(wrapOutboundOut(.headers(.init(headers: h, endStream: true))), promise: nil)
                     } else {
                         context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(ByteBuffer()), endStream: true))), promise: nil)
@@ -184,7 +184,7 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
                 if frame.endStream { end(trailers: nil) }
             } else {
                 // Trailers.
-                end(trailers: Self.fieldLines(frame.headers))
+                end(trailers: HTTP2Fields.fieldLines(frame.headers))
             }
         case .data(let frame):
             guard responseStarted, case .byteBuffer(let bytes) = frame.data else { return }
@@ -250,16 +250,6 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
         exchange = nil
         context?.close(promise: nil)
         ex?.upstreamFailed(failure, responseStarted: started)
-    }
-
-    static func fieldLines(_ headers: HPACKHeaders) -> ByteBuffer? {
-        var b = ByteBuffer()
-        for (name, value, _) in headers where !name.hasPrefix(":") { b.writeString("\(name): \(value)\r\n") }
-        return b.readableBytes > 0 ? b : nil
-    }
-
-    static func headers(fromFieldLines raw: ByteBuffer) -> HPACKHeaders? {
-        HTTP2StreamHandler.trailerHeaders(raw)
     }
 }
 

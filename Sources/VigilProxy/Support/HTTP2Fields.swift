@@ -1,0 +1,26 @@
+import NIOCore
+import NIOHPACK
+import VigilCore
+
+/// Trailer sections between the two forms Vigil handles: HPACK header lists (HTTP/2) and HTTP/1.1 field
+/// lines (`name: value\r\n`...), which is how the exchange interface carries them.
+enum HTTP2Fields {
+    /// Field lines as HPACK headers, names lowercased, connection-specific fields dropped (RFC 9113 §8.2.2).
+    static func headers(fromFieldLines raw: ByteBuffer) -> HPACKHeaders? {
+        var headers = HPACKHeaders()
+        for line in String(buffer: raw).split(separator: "\r\n") {
+            guard let colon = line.firstIndex(of: ":") else { continue }
+            let name = line[..<colon].lowercased()
+            if ["connection", "transfer-encoding", "keep-alive", "te", "upgrade"].contains(name) { continue }
+            headers.add(name: name, value: line[line.index(after: colon)...].trimmingSpaces())
+        }
+        return headers.isEmpty ? nil : headers
+    }
+
+    /// HPACK headers (pseudo-headers left out) as field lines, or nil when there are none.
+    static func fieldLines(_ headers: HPACKHeaders) -> ByteBuffer? {
+        var b = ByteBuffer()
+        for (name, value, _) in headers where !name.hasPrefix(":") { b.writeString("\(name): \(value)\r\n") }
+        return b.readableBytes > 0 ? b : nil
+    }
+}
