@@ -130,15 +130,16 @@ extension ConfigReader {
     }
 
     mutating func readRoute(_ node: Node, at path: String, clusterNames: [String: Int]) -> RouteConfig? {
-        guard let m = map(node, at: path, keys: ["match", "cluster", "timeout"]) else { return nil }
+        guard let m = map(node, at: path, keys: ["match", "cluster", "timeout", "retry"]) else { return nil }
         let match = required(readMatch(m["match"], at: m.path("match")), m, "match")
         let cluster = required(nonEmptyString(m["cluster"], at: m.path("cluster")), m, "cluster")
         if let cluster, clusterNames[cluster] == nil {
             fail(m.path("cluster"), "names cluster \"\(cluster)\", which is not defined in clusters")
         }
         let timeout = duration(m["timeout"], at: m.path("timeout")) ?? .seconds(15)
+        let retry = m["retry"].flatMap { readRetry($0, at: m.path("retry")) }
         guard let match, let cluster else { return nil }
-        return RouteConfig(match: match, cluster: cluster, timeout: timeout)
+        return RouteConfig(match: match, cluster: cluster, timeout: timeout, retry: retry)
     }
 
     mutating func readMatch(_ node: Node?, at path: String) -> RouteMatch? {
@@ -200,7 +201,8 @@ extension ConfigReader {
 
     mutating func readCluster(_ node: Node, at path: String) -> ClusterConfig? {
         let keys: Set = ["name", "endpoints", "protocol", "connect_timeout", "idle_timeout", "load_balancer",
-                         "circuit_breakers"]
+                         "circuit_breakers", "health_check", "outlier_detection", "slow_start", "panic_threshold",
+                         "all_unhealthy"]
         guard let m = map(node, at: path, keys: keys) else { return nil }
         let name = required(nonEmptyString(m["name"], at: m.path("name")), m, "name")
         var endpoints: [SocketAddressSpec] = []
@@ -246,6 +248,7 @@ extension ConfigReader {
                 cluster.circuitBreakers.maxRetries = v
             }
         }
+        readHealing(m, into: &cluster)
         guard name != nil else { return nil }
         return cluster
     }

@@ -90,11 +90,15 @@ public struct RouteConfig: Sendable, Equatable {
     /// Whole-request deadline, from the request head to the last response byte's start; 504 when it
     /// passes before the response head. Envoy's default is 15 s. Zero disables it.
     public var timeout: Duration
+    /// Retry policy; `nil` means no retries beyond the replay of a request sent on a keep-alive
+    /// connection the upstream had just closed.
+    public var retry: RetryPolicyConfig?
 
-    public init(match: RouteMatch, cluster: String, timeout: Duration = .seconds(15)) {
+    public init(match: RouteMatch, cluster: String, timeout: Duration = .seconds(15), retry: RetryPolicyConfig? = nil) {
         self.match = match
         self.cluster = cluster
         self.timeout = timeout
+        self.retry = retry
     }
 }
 
@@ -149,6 +153,12 @@ public struct ClusterConfig: Sendable, Equatable {
     public var idleTimeout: Duration
     public var loadBalancer: LoadBalancerKind
     public var circuitBreakers: CircuitBreakerLimits
+    public var healthCheck: HealthCheckConfig?
+    public var outlierDetection: OutlierDetectionConfig?
+    public var slowStart: SlowStartConfig?
+    /// Below this percentage of available hosts the cluster is in panic (Envoy's default 50).
+    public var panicThreshold: Int = 50
+    public var allUnhealthy: AllUnhealthyMode = .panic
 
     public init(name: String, endpoints: [SocketAddressSpec], protocol: UpstreamProtocol = .http1,
                 connectTimeout: Duration = .seconds(1), idleTimeout: Duration = .seconds(60),

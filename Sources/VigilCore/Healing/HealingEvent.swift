@@ -1,0 +1,88 @@
+/// One healing decision, with the evidence that made it and what was done: the schema of DESIGN.md's
+/// "Healing events". Values of this type come out of the state machines; `HealingEventRing` numbers and
+/// stamps them.
+public struct HealingEvent: Sendable, Equatable {
+    public enum Kind: String, Sendable, CaseIterable {
+        case hostEjected = "host_ejected"
+        case hostReturned = "host_returned"
+        /// A detector found an outlier but did not eject it (enforcement roll or max_ejection_percent).
+        case hostEjectionSkipped = "host_ejection_skipped"
+        case healthCheckFailed = "health_check_failed"
+        case healthCheckPassed = "health_check_passed"
+        case breakerOpened = "breaker_opened"
+        case breakerClosed = "breaker_closed"
+        case panicEntered = "panic_entered"
+        case panicExited = "panic_exited"
+        case retryBudgetExhausted = "retry_budget_exhausted"
+    }
+
+    public var kind: Kind
+    public var cluster: String
+    public var host: String?
+    /// Which detector or rule decided (`consecutive_5xx`, `active_health_check`, `max_requests`, ...).
+    public var reason: String
+    /// The counts, rates and thresholds the decision was based on.
+    public var evidence: JSONValue
+    /// What was done: ejection time, hosts now ejected, how traffic is balanced.
+    public var action: JSONValue
+
+    public init(kind: Kind, cluster: String, host: String? = nil, reason: String, evidence: JSONValue = [:],
+                action: JSONValue = [:]) {
+        self.kind = kind
+        self.cluster = cluster
+        self.host = host
+        self.reason = reason
+        self.evidence = evidence
+        self.action = action
+    }
+}
+
+/// A healing event with its sequence number and wall-clock time.
+public struct HealingRecord: Sendable, Equatable {
+    public var seq: UInt64
+    /// Nanoseconds since the epoch.
+    public var timeNanos: Int64
+    public var event: HealingEvent
+
+    public var json: JSONValue {
+        .object([("seq", .int(Int(seq))), ("time", .string(RFC3339.string(nanos: timeNanos))),
+                 ("kind", .string(event.kind.rawValue)), ("cluster", .string(event.cluster)),
+                 ("host", event.host.map(JSONValue.string) ?? .null), ("reason", .string(event.reason)),
+                 ("evidence", event.evidence), ("action", event.action)])
+    }
+}
+
+/// The last `capacity` healing records, numbered from 1 without gaps. Old records fall off the front.
+public struct HealingEventRing: Sendable {
+    public let capacity: Int
+    private var records: [HealingRecord] = []
+    private var start = 0
+    public private(set) var lastSeq: UInt64 = 0
+
+    public init(capacity: Int) {
+        precondition(capacity > 0)
+        self.capacity = capacity
+        records.reserveCapacity(capacity)
+    }
+
+    @discardableResult
+    public mutating func append(_ event: HealingEvent, timeNanos: Int64) -> HealingRecord {
+        lastSeq += 1
+        let record = HealingRecord(seq: lastSeq, timeNanos: timeNanos, event: event)
+        if records.count < capacity {
+            records.append(record)
+        } else {
+            records[start] = record
+            start = (start + 1) % capacity
+        }
+        return record
+    }
+
+    public var count: Int { records.count }
+
+    /// Records with `seq` greater than `after`, oldest first (all of them for 0).
+    public func records(after: UInt64 = 0) -> [HealingRecord] {
+        let ordered = records[start...] + records[..<start]
+        return ordered.filter { $0.seq > after }
+    }
+}

@@ -1,0 +1,185 @@
+/// How a try failed, as the retry policy sees it.
+public enum TryFailure: Sendable, Equatable {
+    case connectFailure
+    /// Reset or closed before the response head.
+    case reset
+    /// An HTTP/2 upstream refused the stream; it was certainly not processed.
+    case refusedStream
+    /// The per-try timeout passed before the response head.
+    case perTryTimeout
+    /// A complete response head with this status.
+    case response(status: Int)
+}
+
+/// Retry decisions for one route (Envoy's `retry_policy` semantics, Istio's `attempts` counting).
+public struct RetryPolicy: Sendable, Equatable {
+    public let config: RetryPolicyConfig
+
+    public init(config: RetryPolicyConfig) { self.config = config }
+
+    /// RFC 9110 §9.2.2: methods whose repetition has the same effect as one request.
+    public static func isIdempotent(_ method: String) -> Bool {
+        switch method {
+        case "GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE": true
+        default: false
+        }
+    }
+
+    /// Whether the route's `on` conditions cover this failure.
+    public func covers(_ failure: TryFailure) -> Bool {
+        config.on.contains { condition in
+            switch (condition, failure) {
+            case (.connectFailure, .connectFailure), (.refusedStream, .refusedStream): true
+            case (.reset, .reset), (.reset, .perTryTimeout): true
+            case (.gatewayError, .connectFailure), (.gatewayError, .perTryTimeout): true
+            case (.gatewayError, .response(let s)): (502...504).contains(s)
+            case (.serverError, .connectFailure), (.serverError, .reset), (.serverError, .refusedStream),
+                 (.serverError, .perTryTimeout): true
+            case (.serverError, .response(let s)): s >= 500
+            case (.retriableStatus, .response(let s)): config.statusCodes.contains(s)
+            default: false
+            }
+        }
+    }
+
+    public enum Decision: Sendable, Equatable {
+        case retry(after: Duration)
+        /// No retry; `reason` says which rule stopped it (for the access log and events).
+        case giveUp(reason: String)
+    }
+
+    public struct Facts: Sendable, Equatable {
+        public var failure: TryFailure
+        public var method: String
+        /// Retries already made for this request.
+        public var retriesDone: Int
+        /// Whether the request can be sent again (its body is still held whole, or it had none).
+        public var replayable: Bool
+        /// What the response's Retry-After asked for, if it carried one.
+        public var retryAfter: Duration?
+        /// Time left before the route timeout; nil when the route has none.
+        public var remaining: Duration?
+
+        public init(failure: TryFailure, method: String, retriesDone: Int, replayable: Bool,
+                    retryAfter: Duration? = nil, remaining: Duration? = nil) {
+            self.failure = failure
+            self.method = method
+            self.retriesDone = retriesDone
+            self.replayable = replayable
+            self.retryAfter = retryAfter
+            self.remaining = remaining
+        }
+    }
+
+    /// Whether to retry and after what wait. Budget and breaker admission are asked by the caller after
+    /// this says `retry`, since they take a unit that must then be used.
+    public func decide<R: RandomNumberGenerator>(_ facts: Facts, random: inout R) -> Decision {
+        guard covers(facts.failure) else { return .giveUp(reason: "not_retriable") }
+        guard facts.retriesDone < config.attempts else { return .giveUp(reason: "attempts_exhausted") }
+        guard facts.replayable else { return .giveUp(reason: "body_not_replayable") }
+        // A request that was never sent (connect failure, refused stream) is safe to send again, whatever
+        // its method; anything else may have had its effect.
+        let unsent = facts.failure == .connectFailure || facts.failure == .refusedStream
+        guard unsent || config.retryNonIdempotent || Self.isIdempotent(facts.method) else {
+            return .giveUp(reason: "non_idempotent")
+        }
+        var wait = Self.backoff(retry: facts.retriesDone + 1, base: config.backoffBase, max: config.backoffMax,
+                                random: &random)
+        if let asked = facts.retryAfter, asked > wait { wait = asked }
+        if let remaining = facts.remaining, wait >= remaining { return .giveUp(reason: "retry_after_past_deadline") }
+        return .retry(after: wait)
+    }
+
+    /// Exponential backoff with full jitter: uniform in [0, min(max, base × 2^(retry−1))].
+    public static func backoff<R: RandomNumberGenerator>(retry: Int, base: Duration, max: Duration,
+                                                          random: inout R) -> Duration {
+        let shift = Swift.min(Swift.max(retry - 1, 0), 30)
+        let (grown, overflow) = base.nanoseconds.multipliedReportingOverflow(by: Int64(1) << shift)
+        let cap = overflow ? max.nanoseconds : Swift.min(grown, max.nanoseconds)
+        guard cap > 0 else { return .zero }
+        return .nanoseconds(Int64(random.next() % UInt64(cap + 1)))
+    }
+}
+
+/// Linkerd's retry budget: over a sliding window, retries may be at most `ratio` × requests plus
+/// `minPerSecond` × window seconds. Ten one-second buckets; time comes from the caller.
+public struct RetryBudget: Sendable, Equatable {
+    public static let buckets = 10
+    public let ratio: Double
+    public let minPerSecond: Double
+    private var requests = [Int](repeating: 0, count: buckets)
+    private var retries = [Int](repeating: 0, count: buckets)
+    private var currentSecond: Int64 = .min
+
+    public init(ratio: Double, minPerSecond: Double) {
+        self.ratio = ratio
+        self.minPerSecond = minPerSecond
+    }
+
+    private mutating func advance(to second: Int64) {
+        if currentSecond == .min || second - currentSecond >= Int64(Self.buckets) {
+            for i in 0..<Self.buckets { requests[i] = 0; retries[i] = 0 }
+        } else if second > currentSecond {
+            var s = currentSecond + 1
+            while s <= second {
+                let i = Int(s % Int64(Self.buckets))
+                requests[i] = 0
+                retries[i] = 0
+                s += 1
+            }
+        }
+        if second > currentSecond { currentSecond = second }
+    }
+
+    private static func second(_ nanos: Int64) -> Int64 { nanos / 1_000_000_000 }
+
+    /// Counts an original request (it adds `ratio` of a retry to the budget).
+    public mutating func recordRequest(nowNanos: Int64) {
+        advance(to: Self.second(nowNanos))
+        requests[Int(currentSecond % Int64(Self.buckets))] += 1
+    }
+
+    /// Retries the budget still allows now.
+    public mutating func available(nowNanos: Int64) -> Double {
+        advance(to: Self.second(nowNanos))
+        let total = requests.reduce(0, +), spent = retries.reduce(0, +)
+        return ratio * Double(total) + minPerSecond * Double(Self.buckets) - Double(spent)
+    }
+
+    /// Takes one retry from the budget, or returns false when it is spent.
+    public mutating func withdraw(nowNanos: Int64) -> Bool {
+        guard available(nowNanos: nowNanos) >= 1 else { return false }
+        retries[Int(currentSecond % Int64(Self.buckets))] += 1
+        return true
+    }
+}
+
+/// `Retry-After` (RFC 9110 §10.2.3): delay-seconds, or an HTTP-date compared with the wall clock.
+public enum RetryAfter {
+    public static func parse(_ value: String, nowWallNanos: Int64) -> Duration? {
+        let text = value.trimmingSpaces()
+        if !text.isEmpty, text.utf8.allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }) {
+            guard let seconds = Int64(text), seconds < 1 << 32 else { return nil }
+            return .seconds(seconds)
+        }
+        guard let at = parseIMFFixdate(text) else { return nil }
+        let delta = at * 1_000_000_000 - nowWallNanos
+        return .nanoseconds(Swift.max(delta, 0))
+    }
+
+    /// `Sun, 06 Nov 1994 08:49:37 GMT` → seconds since the epoch.
+    static func parseIMFFixdate(_ text: String) -> Int64? {
+        let parts = text.split(separator: " ")
+        guard parts.count == 6, parts[0].count == 4, parts[0].hasSuffix(","), parts[5] == "GMT",
+              let day = Int64(parts[1]), parts[1].count == 2, let year = Int64(parts[3]), parts[3].count == 4 else {
+            return nil
+        }
+        let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+        guard let m = months.firstIndex(of: String(parts[2])) else { return nil }
+        let clock = parts[4].split(separator: ":")
+        guard clock.count == 3, clock.allSatisfy({ $0.count == 2 }), let h = Int64(clock[0]), let mi = Int64(clock[1]),
+              let s = Int64(clock[2]), h < 24, mi < 60, s < 61, (1...31).contains(day) else { return nil }
+        let days = RFC3339.daysFromCivil(year: year, month: Int64(m + 1), day: day)
+        return days * 86400 + h * 3600 + mi * 60 + s
+    }
+}
