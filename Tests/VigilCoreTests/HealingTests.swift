@@ -487,3 +487,21 @@ struct ScriptedRandom: RandomNumberGenerator {
         }
     }
 }
+
+@Suite struct OverflowWatchTests {
+    @Test func opensOnFirstRefusalAndClosesAfterAQuietSecond() {
+        var w = OverflowWatch()
+        func sample(_ refused: Int, budget: Int = 0) -> [OverflowWatch.Sample] {
+            [.init(limit: "max_requests", value: 10, inUse: 10, refusedTotal: refused),
+             .init(limit: OverflowWatch.retryBudget, value: 0, inUse: 0, refusedTotal: budget)]
+        }
+        #expect(w.observe(sample(0), cluster: "c").isEmpty)
+        let opened = w.observe(sample(4), cluster: "c")
+        #expect(opened.map(\.kind) == [.breakerOpened])
+        #expect(opened[0].evidence.serialized().contains("\"refused_last_second\":4"))
+        #expect(w.observe(sample(9), cluster: "c").isEmpty)             // still refusing: no repeat
+        #expect(w.observe(sample(9), cluster: "c").map(\.kind) == [.breakerClosed])
+        #expect(w.observe(sample(9, budget: 3), cluster: "c").map(\.kind) == [.retryBudgetExhausted])
+        #expect(w.observe(sample(9, budget: 3), cluster: "c").isEmpty)  // the budget has no "closed" event
+    }
+}

@@ -80,7 +80,7 @@ import VigilTestSupport
         let list = try #require(clusters["clusters"] as? [[String: Any]])
         let hosts = try #require(list.first?["hosts"] as? [[String: Any]])
         #expect(hosts.first?["address"] as? String == "127.0.0.1:\(upstream.port)")
-        #expect(hosts.first?["state"] as? String == "available")
+        #expect(hosts.first?["state"] as? String == "healthy")
         let dump = try json(try await get(admin, "/config_dump"))
         let dumpedClusters = try #require(dump["clusters"] as? [[String: Any]])
         #expect(dumpedClusters.first?["connect_timeout"] as? String == "1s")

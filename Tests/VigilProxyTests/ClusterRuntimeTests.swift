@@ -1,12 +1,29 @@
+import CoreMetrics
+import Logging
+import NIOEmbedded
 import Testing
 import VigilCore
 @testable import VigilProxy
 
+extension ClusterRuntime {
+    /// A cluster outside any proxy, for unit tests: events go to a small log, timers to an embedded loop.
+    static func standalone(_ config: ClusterConfig) -> ClusterRuntime {
+        ClusterRuntime(config: config, index: 0,
+                       events: HealingEventLog(capacity: 64, logger: Logger(label: "test"),
+                                               metricsFactory: NOOPMetricsHandler.instance),
+                       loop: EmbeddedEventLoop())
+    }
+}
+
 @Suite struct ClusterRuntimeTests {
+    static func endpoints(_ n: Int) -> [SocketAddressSpec] {
+        (0..<n).map { SocketAddressSpec(host: "127.0.0.1", port: 1000 + $0) }
+    }
+
     @Test func breakerAdmitsExactlyItsLimitUnderContention() async {
-        var config = ClusterConfig(name: "c", endpoints: [SocketAddressSpec(host: "127.0.0.1", port: 1)])
+        var config = ClusterConfig(name: "c", endpoints: Self.endpoints(1))
         config.circuitBreakers.maxRequests = 100
-        let cluster = ClusterRuntime(config: config, index: 0)
+        let cluster = ClusterRuntime.standalone(config)
         // 8 tasks race for 1,000 admissions; exactly 100 may win, the rest count as overflows.
         let admitted = await withTaskGroup(of: Int.self) { group in
             for _ in 0..<8 {
@@ -16,8 +33,58 @@ import VigilCore
         }
         #expect(admitted == 100)
         #expect(cluster.activeRequests.load(ordering: .relaxed) == 100)
-        #expect(cluster.overflows.load(ordering: .relaxed) == 900)
+        #expect(cluster.overflows == 900)
         for _ in 0..<100 { cluster.requestFinished() }
         #expect(cluster.admitRequest())
+    }
+
+    @Test func maxRetriesBoundsRetriesInFlight() {
+        var config = ClusterConfig(name: "c", endpoints: Self.endpoints(1))
+        config.circuitBreakers.maxRetries = 2
+        let cluster = ClusterRuntime.standalone(config)
+        #expect(cluster.reserveRetry() && cluster.reserveRetry())
+        #expect(!cluster.reserveRetry())
+        #expect(cluster.overflowRetries.load(ordering: .relaxed) == 1)
+        cluster.releaseRetry()
+        #expect(cluster.reserveRetry())
+    }
+
+    @Test func ejectedHostsGetNoRequestsAndRetriesAvoidTriedHosts() {
+        var config = ClusterConfig(name: "c", endpoints: Self.endpoints(3), loadBalancer: .roundRobin)
+        var od = OutlierDetectionConfig()
+        od.consecutive5xx = 1
+        od.maxEjectionPercent = 50
+        config.outlierDetection = od
+        let cluster = ClusterRuntime.standalone(config)
+        var random = SplitMix64(seed: 1)
+        cluster.health.record(host: 1, .response(status: 500), now: .now())
+        #expect(cluster.health.current.load(ordering: .relaxed).candidates == [0, 2])
+        for _ in 0..<20 { #expect(cluster.pickHost(random: &random)!.index != 1) }
+        var tried = HostMask()
+        tried.insert(0)
+        for _ in 0..<20 { #expect(cluster.pickHost(random: &random, tried: tried)!.index == 2) }
+        // Every available host tried: the retry goes back to one of them, never to the ejected host.
+        tried.insert(2)
+        for _ in 0..<20 { #expect(cluster.pickHost(random: &random, tried: tried)!.index != 1) }
+        let events = cluster.health.events.records()
+        #expect(events.map(\.event.kind) == [.hostEjected])
+    }
+
+    @Test func failFastWithNothingAvailableOffersNoHost() {
+        var config = ClusterConfig(name: "c", endpoints: Self.endpoints(2))
+        var od = OutlierDetectionConfig()
+        od.consecutive5xx = 1
+        od.maxEjectionPercent = 100
+        config.outlierDetection = od
+        config.allUnhealthy = .failFast
+        let cluster = ClusterRuntime.standalone(config)
+        var random = SplitMix64(seed: 1)
+        cluster.health.record(host: 0, .response(status: 503), now: .now())
+        cluster.health.record(host: 1, .response(status: 503), now: .now())
+        #expect(cluster.pickHost(random: &random) == nil)
+        let kinds = cluster.health.events.records().map(\.event.kind)
+        // One of two ejected is still 50 %, not below the threshold; the second ejection is.
+        #expect(kinds == [.hostEjected, .hostEjected, .panicEntered])
+        #expect(cluster.health.mode == .failFast)
     }
 }

@@ -78,6 +78,9 @@ public final class AdminServer: Sendable {
             return json(stats())
         case (.GET, "/clusters"):
             return json(clusters())
+        case (.GET, "/events"):
+            let since = query["since"].flatMap { UInt64($0) } ?? 0
+            return json(.object([("events", .array(proxy.runtime.events.records(after: since).map(\.json)))]))
         case (.GET, "/config_dump"):
             return json(proxy.runtime.config.dump())
         case (.POST, "/drain"):
@@ -100,7 +103,7 @@ public final class AdminServer: Sendable {
             return json(["level": .string(level.rawValue)])
         case (.GET, "/"):
             return Reply(status: .ok, contentType: "text/html; charset=utf-8", body: Self.indexPage)
-        case (_, "/ready"), (_, "/healthz"), (_, "/stats/prometheus"), (_, "/stats"), (_, "/clusters"),
+        case (_, "/ready"), (_, "/healthz"), (_, "/stats/prometheus"), (_, "/stats"), (_, "/clusters"), (_, "/events"),
              (_, "/config_dump"), (_, "/drain"), (_, "/logging"), (_, "/"):
             return Reply(status: .methodNotAllowed, contentType: "application/json",
                          body: JSONValue.object([("error", "method not allowed")]).serialized() + "\n")
@@ -135,23 +138,44 @@ public final class AdminServer: Sendable {
                     "active_requests": .int(c.activeRequests.load(ordering: .relaxed)),
                     "pending_requests": .int(c.pendingRequests.load(ordering: .relaxed)),
                     "upstream_connections": .int(c.connections.load(ordering: .relaxed)),
-                    "overflows": .int(c.overflows.load(ordering: .relaxed)),
+                    "overflows": .int(c.overflows),
+                    "active_retries": .int(c.activeRetries.load(ordering: .relaxed)),
+                    "retries": .int(c.retries.load(ordering: .relaxed)),
+                    "retry_budget_refusals": .int(c.retryBudgetRefusals.load(ordering: .relaxed)),
+                    "mode": .string(c.health.mode.rawValue),
                 ]
             }),
         ]
     }
 
     func clusters() -> JSONValue {
-        .object([("clusters", .array(proxy.runtime.clusters.map { c in
-            [
+        let now = NIODeadline.now()
+        let wall = ProxyRuntime.wallClockNanos()
+        /// A monotonic deadline as wall-clock RFC 3339 text.
+        func wallTime(_ d: NIODeadline?) -> JSONValue {
+            guard let d else { return .null }
+            return .string(RFC3339.string(nanos: wall + (d - now).nanoseconds))
+        }
+        return .object([("clusters", .array(proxy.runtime.clusters.map { c in
+            let views = c.health.hostViews(now: now)
+            return [
                 "name": .string(c.config.name),
                 "load_balancer": .string(c.config.loadBalancer.rawValue),
-                "hosts": .array(c.hosts.map { h in
+                // normal, panic (balancing across every host) or fail_fast (too few hosts available).
+                "mode": .string(c.health.mode.rawValue),
+                "health_check": .bool(c.config.healthCheck != nil),
+                "outlier_detection": .bool(c.config.outlierDetection != nil),
+                "hosts": .array(zip(c.hosts, views).map { h, v in
                     [
                         "address": .string(h.address.description),
-                        // Active health checking and outlier ejection arrive with the healing work; until then
-                        // every configured host is eligible.
-                        "state": "available",
+                        "state": .string(v.state),
+                        "active_health": .string(v.activeHealth),
+                        "last_probe": v.lastProbe.map(JSONValue.string) ?? .null,
+                        "ejected_until": wallTime(v.ejectedUntil),
+                        "times_ejected": .int(v.timesEjected),
+                        "last_transition": v.lastTransition.map(JSONValue.string) ?? .null,
+                        "last_transition_at": wallTime(v.lastTransitionAt),
+                        "slow_start_weight": .double((v.slowStartWeight * 100).rounded() / 100),
                         "active_requests": .int(h.activeRequests.load(ordering: .relaxed)),
                         "total_requests": .int(h.totalRequests.load(ordering: .relaxed)),
                         "connect_failures": .int(h.connectFailures.load(ordering: .relaxed)),
@@ -183,7 +207,8 @@ public final class AdminServer: Sendable {
         <li><a href="/healthz">/healthz</a> — process liveness</li>
         <li><a href="/stats">/stats</a> — JSON counters</li>
         <li><a href="/stats/prometheus">/stats/prometheus</a> — Prometheus exposition</li>
-        <li><a href="/clusters">/clusters</a> — every upstream host and its state</li>
+        <li><a href="/clusters">/clusters</a> — every upstream host, its state and why</li>
+        <li><a href="/events">/events</a> — the latest healing decisions with their evidence</li>
         <li><a href="/config_dump">/config_dump</a> — effective configuration</li>
         <li><code>POST /drain</code>, <code>POST /logging?level=debug</code></li>
         </ul>
@@ -192,14 +217,20 @@ public final class AdminServer: Sendable {
         """
 }
 
-/// Gauges that are read from the runtime's atomics at scrape time, not updated per request.
+/// Gauges and counters that are read from the runtime's atomics at scrape time, not updated per request.
+/// Counters kept as atomics in the runtime are published by adding what grew since the last scrape.
 struct AdminGauges: Sendable {
     let runtime: ProxyRuntime
     let activeRequests: Gauge
     let openConnections: [Gauge]
     let upstreamConnections: [[Gauge]]
     let hostActive: [[Gauge]]
-    let overflows: [Gauge]
+    /// `[cluster][state]` for healthy, unhealthy, ejected, pending.
+    let hostStates: [[Gauge]]
+    static let states = ["healthy", "unhealthy", "ejected", "pending"]
+    let panic: [Gauge]
+    let counters: [[(Counter, @Sendable (ClusterRuntime) -> Int)]]
+    private let published: NIOLockedValueBox<[[Int]]>
 
     init(runtime: ProxyRuntime, registry: PrometheusCollectorRegistry) {
         self.runtime = runtime
@@ -213,19 +244,46 @@ struct AdminGauges: Sendable {
         hostActive = runtime.clusters.map { c in
             c.hosts.map { registry.makeGauge(name: "vigil_upstream_active_requests", labels: [("cluster", c.config.name), ("host", $0.address.description)]) }
         }
-        overflows = runtime.clusters.map {
-            registry.makeGauge(name: "vigil_cluster_overflows", labels: [("cluster", $0.config.name)])
+        hostStates = runtime.clusters.map { c in
+            Self.states.map { registry.makeGauge(name: "vigil_cluster_hosts", labels: [("cluster", c.config.name), ("state", $0)]) }
         }
+        panic = runtime.clusters.map { registry.makeGauge(name: "vigil_cluster_panic", labels: [("cluster", $0.config.name)]) }
+        let sources: [(String, [(String, String)], @Sendable (ClusterRuntime) -> Int)] = [
+            ("vigil_circuit_breaker_overflows_total", [("limit", "max_requests")], { $0.overflowRequests.load(ordering: .relaxed) }),
+            ("vigil_circuit_breaker_overflows_total", [("limit", "max_pending_requests")], { $0.overflowPending.load(ordering: .relaxed) }),
+            ("vigil_circuit_breaker_overflows_total", [("limit", "max_retries")], { $0.overflowRetries.load(ordering: .relaxed) }),
+            ("vigil_upstream_retries_total", [], { $0.retries.load(ordering: .relaxed) }),
+            ("vigil_retry_budget_exhausted_total", [], { $0.retryBudgetRefusals.load(ordering: .relaxed) }),
+        ]
+        counters = runtime.clusters.map { c in
+            sources.map { name, labels, read in
+                (registry.makeCounter(name: name, labels: [("cluster", c.config.name)] + labels), read)
+            }
+        }
+        published = NIOLockedValueBox(runtime.clusters.map { _ in sources.map { _ in 0 } })
     }
 
     func update() {
         activeRequests.set(Double(runtime.activeRequests.load(ordering: .relaxed)))
         for (i, l) in runtime.listeners.enumerated() { openConnections[i].set(Double(l.openConnections.load(ordering: .relaxed))) }
         for (ci, c) in runtime.clusters.enumerated() {
-            overflows[ci].set(Double(c.overflows.load(ordering: .relaxed)))
             for (hi, h) in c.hosts.enumerated() {
                 upstreamConnections[ci][hi].set(Double(h.connections.load(ordering: .relaxed)))
                 hostActive[ci][hi].set(Double(h.activeRequests.load(ordering: .relaxed)))
+            }
+            let views = c.health.hostViews()
+            for (si, state) in Self.states.enumerated() {
+                hostStates[ci][si].set(Double(views.filter { $0.state == state }.count))
+            }
+            panic[ci].set(Double(c.health.mode == .normal ? 0 : 1))
+        }
+        published.withLockedValue { last in
+            for (ci, c) in runtime.clusters.enumerated() {
+                for (k, (counter, read)) in counters[ci].enumerated() {
+                    let value = read(c)
+                    if value > last[ci][k] { counter.increment(by: Int64(value - last[ci][k])) }
+                    last[ci][k] = value
+                }
             }
         }
     }

@@ -22,7 +22,7 @@ extension VigilConfig {
 
 extension ConfigReader {
     mutating func readConfig(_ root: Node) -> VigilConfig? {
-        let keys: Set = ["node", "admin", "state_dir", "access_log", "drain_timeout", "listeners", "clusters"]
+        let keys: Set = ["node", "admin", "state_dir", "access_log", "drain_timeout", "event_buffer", "listeners", "clusters"]
         guard let m = map(root, at: "", keys: keys) else { return nil }
         var config = VigilConfig(listeners: [], clusters: [])
 
@@ -43,6 +43,7 @@ extension ConfigReader {
             }
         }
         if let d = duration(m["drain_timeout"], at: "drain_timeout") { config.drainTimeout = d }
+        if let n = int(m["event_buffer"], at: "event_buffer", range: 1...1_000_000) { config.eventBuffer = n }
 
         let clusterNodes = list(m["clusters"], at: "clusters") ?? []
         for (i, node) in clusterNodes.enumerated() {

@@ -9,6 +9,8 @@ public struct VigilConfig: Sendable, Equatable {
     public var accessLog: AccessLogOutput
     /// How long in-flight requests may run after SIGTERM/SIGINT or `POST /drain` before Vigil exits.
     public var drainTimeout: Duration
+    /// Healing events kept in memory for admin `/events` (and the control plane's replay).
+    public var eventBuffer: Int = 1024
     public var listeners: [ListenerConfig]
     public var clusters: [ClusterConfig]
 

@@ -83,6 +83,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var bytesOut = 0
     private var requestID = ""
     private var chunkEvents: [ChunkedDecoder.Event] = []
+    private var retries = RetryState()
+    private var tryDeadline: NIODeadline?
+    private var retryAt: NIODeadline?
 
     init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, scheme: String = "http") {
         self.runtime = runtime
@@ -259,6 +262,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         retriedStaleConnection = false
         bodyBytesSeen = 0
         requestID = ""
+        tryDeadline = nil
+        retryAt = nil
         if !head.keepAlive || runtime.draining.load(ordering: .relaxed) { keepAlive = false }
         switch head.framing {
         case .none, .untilClose:
@@ -282,6 +287,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             localReply(status: status, reason: reason, detail: detail, close: !requestBodyDone)
         case .forward(let target):
             self.target = target
+            retries.begin(host: target.host.index)
             phase = .waitingForUpstream
             if requestBodyDone { armRequestDeadline() }
             target.pool.acquire(self)
@@ -295,6 +301,14 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         armTimer(at: deadline)
     }
 
+    /// The per-try deadline starts when an attempt has sent the whole request.
+    private func armTryDeadline() {
+        guard let perTry = target?.retry?.config.perTryTimeout, perTry > .zero else { return }
+        let deadline = context.eventLoop.now + TimeAmount(perTry)
+        tryDeadline = deadline
+        armTimer(at: deadline)
+    }
+
     // MARK: - PoolWaiter
 
     func poolProvided(_ connection: UpstreamStream, reused: Bool) {
@@ -305,20 +319,31 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         upstream = connection
         upstreamReused = reused
         connection.attach(self, requestIsHead: head.isHead)
-        var out = allocator.buffer(capacity: head.bytes.readableBytes + 160)
-        let generated = HTTP1HeadWriter.writeRequest(head, facts: facts, random: &loop.random,
-                                                     fallbackAuthority: target?.host.addressText ?? "", into: &out)
-        if let generated, runtime.accessLog.isEnabled { requestID = generated.string }
-        connection.write(out)
+        if let replay = retries.replay {
+            // A retry, or a replay after a stale keep-alive connection: the same bytes again.
+            connection.write(replay)
+        } else {
+            var out = allocator.buffer(capacity: head.bytes.readableBytes + 160)
+            let generated = HTTP1HeadWriter.writeRequest(head, facts: facts, random: &loop.random,
+                                                         fallbackAuthority: target?.host.addressText ?? "", into: &out)
+            if let generated, runtime.accessLog.isEnabled { requestID = generated.string }
+            connection.write(out)
+            // Kept (shared, not copied) while the request could be sent again.
+            if target?.retry != nil || head.framing == HTTP1BodyFraming.none { retries.replay = out }
+        }
         phase = .forwarding
-        if !requestBodyDone { forwardBody() }
+        if !requestBodyDone { forwardBody() } else { armTryDeadline() }
         connection.flush()
         updateReadInterest()
     }
 
     func poolFailed(_ failure: UpstreamFailure) {
         guard phase == .waitingForUpstream else { return }
-        if case .overflow = failure {} else { runtime.metrics.upstreamConnectFailures[target!.cluster.index].increment() }
+        if case .overflow = failure {} else {
+            runtime.metrics.upstreamConnectFailures[target!.cluster.index].increment()
+            target!.record(.connectFailure, now: context.eventLoop.now)
+            if retry(after: .connectFailure) { return }
+        }
         localReply(status: failure.status, reason: failure.reason, detail: failure.detail, close: !requestBodyDone)
     }
 
@@ -354,11 +379,15 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                     upstream.write(out)
                     upstream.write(data)
                     upstream.write(ByteBuffer(staticCRLF: ()))
+                    retries.keep(out, bodyBytesSoFar: bodyBytesSeen, policy: target?.retry)
+                    retries.keep(data, bodyBytesSoFar: bodyBytesSeen, policy: target?.retry)
+                    retries.keep(ByteBuffer(staticCRLF: ()), bodyBytesSoFar: bodyBytesSeen, policy: target?.retry)
                 case .end(let trailers):
                     var last = ByteBuffer(string: "0\r\n")
                     if let trailers { last.writeImmutableBuffer(trailers) }
                     last.writeStaticString("\r\n")
                     upstream.write(last)
+                    retries.keep(last, bodyBytesSoFar: bodyBytesSeen, policy: target?.retry)
                     requestBodyComplete()
                 }
             }
@@ -370,6 +399,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             bytesIn += n
             bodyBytesSeen += n
             upstream.write(slice)
+            retries.keep(slice, bodyBytesSoFar: bodyBytesSeen, policy: target?.retry)
             if bodyRemaining == 0 { requestBodyComplete() }
         }
     }
@@ -388,7 +418,10 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private func requestBodyComplete() {
         requestBodyDone = true
         chunked = nil
-        if !responseStarted { armRequestDeadline() }
+        if !responseStarted {
+            armRequestDeadline()
+            armTryDeadline()
+        }
     }
 
     // MARK: - UpstreamExchange
@@ -424,10 +457,18 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             process()
             return
         }
+        target?.record(.response(status: response.status), now: context.eventLoop.now)
+        if let policy = target?.retry, requestBodyDone, policy.covers(.response(status: response.status)) {
+            let retryAfter = response.value(named: "retry-after").flatMap {
+                RetryAfter.parse($0, nowWallNanos: ProxyRuntime.wallClockNanos())
+            }
+            if retry(after: .response(status: response.status), retryAfter: retryAfter) { return }
+        }
         responseStarted = true
         status = response.status
         reason = "-"
         requestDeadline = nil
+        tryDeadline = nil
         responseFraming = HTTP1HeadWriter.downstreamFraming(upstream: response.framing(requestMethodIsHead: head.isHead),
                                                             clientMinorVersion: head.minorVersion)
         if responseFraming == .close || !requestBodyDone { keepAlive = false }
@@ -487,6 +528,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             if case .protocolError = failure {} else if case .timeout = failure {} else {
                 runtime.metrics.upstreamConnectFailures[target!.cluster.index].increment()
             }
+            target!.record(failure == .timeout ? .timeout : .reset, now: context.eventLoop.now)
+            if retry(after: failure == .refusedStream ? .refusedStream : .reset) { return }
             localReply(status: failure.status, reason: failure.reason, detail: failure.detail, close: !requestBodyDone)
             return
         }
@@ -510,6 +553,30 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         context.writeAndFlush(wrapOutboundOut(bytes), promise: nil)
     }
 
+    // MARK: - Retries
+
+    /// A try failed before any of its response reached the client: retry on another host if the route's
+    /// policy, breaker and budget allow. Returns whether a retry is under way.
+    private func retry(after failure: TryFailure, retryAfter: Duration? = nil) -> Bool {
+        guard var target, let head, !responseStarted else { return false }
+        let now = context.eventLoop.now
+        guard let wait = retries.next(after: failure, retryAfter: retryAfter, method: head.method,
+                                      remaining: requestDeadline.map { .nanoseconds(($0 - now).nanoseconds) },
+                                      target: &target, listener: listener, loop: loop) else { return false }
+        abortUpstream()
+        self.target = target
+        tryDeadline = nil
+        phase = .waitingForUpstream
+        if wait <= .zero {
+            target.pool.acquire(self)
+        } else {
+            let at = now + TimeAmount(wait)
+            retryAt = at
+            armTimer(at: at)
+        }
+        return true
+    }
+
     // MARK: - Finishing
 
     /// Ends the current request's accounting and releases its upstream connection.
@@ -525,6 +592,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         }
         let upstreamHost = runtime.accessLog.isEnabled ? target?.host.addressText : nil
         let clusterIndex = target?.cluster.index ?? replyCluster?.index
+        retries.finish(target?.cluster)
+        tryDeadline = nil
+        retryAt = nil
         target?.release()
         target = nil
         replyCluster = nil
@@ -635,8 +705,20 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         if let d = requestDeadline, d <= now, phase == .waitingForUpstream || phase == .forwarding, !responseStarted {
             requestDeadline = nil
             if phase == .waitingForUpstream { target?.pool.cancel(self) }
+            if upstream != nil { target?.record(.timeout, now: now) }
             abortUpstream()
             localReply(status: 504, reason: "upstream_timeout", detail: UpstreamFailure.timeout.detail, close: !requestBodyDone)
+        } else if let d = tryDeadline, d <= now, phase == .forwarding, !responseStarted {
+            tryDeadline = nil
+            target?.record(.timeout, now: now)
+            abortUpstream()
+            if !retry(after: .perTryTimeout) {
+                localReply(status: 504, reason: "upstream_per_try_timeout",
+                           detail: "the upstream did not answer within the route's per_try_timeout", close: !requestBodyDone)
+            }
+        } else if let d = retryAt, d <= now, phase == .waitingForUpstream {
+            retryAt = nil
+            target?.pool.acquire(self)
         } else if let d = headerDeadline, d <= now, phase == .idle {
             headerDeadline = nil
             beginRequestClock()
@@ -652,6 +734,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         guard phase != .closing else { return }
         var next = now + Self.timerTick
         if let d = requestDeadline, d < next { next = d }
+        if let d = tryDeadline, d < next { next = d }
+        if let d = retryAt, d < next { next = d }
         if let d = headerDeadline, d < next { next = d }
         if phase == .idle {
             let idleAt = idleSince + .nanoseconds(listener.config.limits.idleTimeout.nanoseconds)

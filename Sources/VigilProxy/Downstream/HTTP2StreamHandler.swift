@@ -52,6 +52,9 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var startedAt = NIODeadline.now()
     private var wallStart: Int64 = 0
     private var timeoutTask: Scheduled<Void>?
+    private var retries = RetryState()
+    private var tryTask: Scheduled<Void>?
+    private var retryTask: Scheduled<Void>?
     private var readGate = ReadGate()
     private var requestID = ""
 
@@ -69,8 +72,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     func handlerRemoved(context: ChannelHandlerContext) {
         // Break the handler ↔ context cycle, or every stream ever served stays in memory with its channel
         // and headers (seen with heaptrack: one leaked stream per request).
-        timeoutTask?.cancel()
-        timeoutTask = nil
+        cancelTimers()
         self.context = nil
     }
 
@@ -129,7 +131,16 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             break
         }
         phase = .done
+        cancelTimers()
+    }
+
+    private func cancelTimers() {
         timeoutTask?.cancel()
+        timeoutTask = nil
+        tryTask?.cancel()
+        tryTask = nil
+        retryTask?.cancel()
+        retryTask = nil
     }
 
     // MARK: - Request
@@ -186,6 +197,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             reply(status: status, reason: reason, detail: detail)
         case .forward(let target):
             self.target = target
+            retries.begin(host: target.host.index)
             if requestBodyDone { armTimeout() }
             target.pool.acquire(self)
         }
@@ -199,17 +211,78 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         phase = .forwarding
         upstream = connection
         connection.attach(self, requestIsHead: request.method == "HEAD")
-        connection.write(http1Head(for: request))
+        if let replay = retries.replay {
+            connection.write(replay)  // a retry: what the failed try was sent, then the rest
+        } else {
+            let head = http1Head(for: request)
+            connection.write(head)
+            if target?.retry != nil { retries.replay = head }
+        }
         for b in pendingBody { writeBody(b) }
         pendingBody.removeAll()
-        if pendingEnd { writeBodyEnd(trailers: pendingTrailers) }
+        if pendingEnd {
+            pendingEnd = false
+            writeBodyEnd(trailers: pendingTrailers)
+        }
+        if requestBodyDone { armTryTimeout() }
         connection.flush()
         updateReads()
     }
 
     func poolFailed(_ failure: UpstreamFailure) {
         guard phase == .waitingForUpstream else { return }
+        if case .overflow = failure {} else {
+            runtime.metrics.upstreamConnectFailures[target!.cluster.index].increment()
+            target?.record(.connectFailure, now: .now())
+            if retry(after: .connectFailure) { return }
+        }
         reply(status: failure.status, reason: failure.reason, detail: failure.detail)
+    }
+
+    // MARK: - Retries
+
+    /// The per-try deadline starts when an attempt has sent the whole request.
+    private func armTryTimeout() {
+        guard let perTry = target?.retry?.config.perTryTimeout, perTry > .zero else { return }
+        tryTask?.cancel()
+        tryTask = context.eventLoop.assumeIsolated().scheduleTask(in: TimeAmount(perTry)) { [self] in
+            tryTask = nil
+            guard phase == .forwarding, !responseStarted else { return }
+            target?.record(.timeout, now: .now())
+            upstream?.close()
+            upstream = nil
+            if !retry(after: .perTryTimeout) {
+                reply(status: 504, reason: "upstream_per_try_timeout",
+                      detail: "the upstream did not answer within the route's per_try_timeout")
+            }
+        }
+    }
+
+    /// A try failed before any of its response reached the client: retry on another host if the route's
+    /// policy, breaker and budget allow. Returns whether a retry is under way.
+    private func retry(after failure: TryFailure, retryAfter: Duration? = nil) -> Bool {
+        guard var target, let request, !responseStarted else { return false }
+        let remaining = timeoutDeadline.map { Duration.nanoseconds(($0 - .now()).nanoseconds) }
+        guard let wait = retries.next(after: failure, retryAfter: retryAfter, method: request.method,
+                                      remaining: remaining, target: &target, listener: listener, loop: loop) else {
+            return false
+        }
+        upstream?.close()
+        upstream = nil
+        self.target = target
+        tryTask?.cancel()
+        tryTask = nil
+        phase = .waitingForUpstream
+        if wait <= .zero {
+            target.pool.acquire(self)
+        } else {
+            retryTask = context.eventLoop.assumeIsolated().scheduleTask(in: TimeAmount(wait)) { [self] in
+                retryTask = nil
+                guard phase == .waitingForUpstream else { return }
+                self.target?.pool.acquire(self)
+            }
+        }
+        return true
     }
 
     /// The HTTP/1.1 head for the upstream: request line, host, the regular fields, Vigil's fields.
@@ -281,22 +354,31 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     private func writeBody(_ bytes: ByteBuffer) {
         guard let upstream, bytes.readableBytes > 0 else { return }
+        sentBodyBytes += bytes.readableBytes
         if chunkedUpstream {
             var header = ByteBuffer()
             HTTP1HeadWriter.writeChunkHeader(length: bytes.readableBytes, into: &header)
             upstream.write(header)
             upstream.write(bytes)
             upstream.write(ByteBuffer(staticCRLF: ()))
+            retries.keep(header, bodyBytesSoFar: sentBodyBytes, policy: target?.retry)
+            retries.keep(bytes, bodyBytesSoFar: sentBodyBytes, policy: target?.retry)
+            retries.keep(ByteBuffer(staticCRLF: ()), bodyBytesSoFar: sentBodyBytes, policy: target?.retry)
         } else {
             upstream.write(bytes)
+            retries.keep(bytes, bodyBytesSoFar: sentBodyBytes, policy: target?.retry)
         }
     }
+
+    /// Body bytes sent upstream across tries (each try resends the kept ones from the replay copy).
+    private var sentBodyBytes = 0
 
     private func bodyEnded(trailers: HPACKHeaders?) {
         requestBodyDone = true
         if upstream != nil {
             writeBodyEnd(trailers: trailers)
             upstream?.flush()
+            if !responseStarted { armTryTimeout() }
         } else {
             pendingEnd = true
             pendingTrailers = trailers
@@ -312,6 +394,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         }
         last.writeStaticString("\r\n")
         upstream.write(last)
+        retries.keep(last, bodyBytesSoFar: sentBodyBytes, policy: target?.retry)
     }
 
     private func updateReads() {
@@ -319,12 +402,16 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         if readGate.set(paused: shouldPause) { context.read() }
     }
 
+    private var timeoutDeadline: NIODeadline?
+
     private func armTimeout() {
         guard let timeout = target?.timeout, timeout > .zero, timeoutTask == nil else { return }
+        timeoutDeadline = .now() + TimeAmount(timeout)
         timeoutTask = context.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(timeout.nanoseconds)) { [self] in
             timeoutTask = nil
             guard !responseStarted, phase == .waitingForUpstream || phase == .forwarding else { return }
             if phase == .waitingForUpstream { target?.pool.cancel(self) }
+            if upstream != nil { target?.record(.timeout, now: .now()) }
             upstream?.close()
             upstream = nil
             reply(status: 504, reason: "upstream_timeout", detail: UpstreamFailure.timeout.detail)
@@ -339,8 +426,14 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             upstreamFailed(.protocolError("101 Switching Protocols is not valid over HTTP/2"), responseStarted: false)
             return
         }
-        timeoutTask?.cancel()
-        timeoutTask = nil
+        target?.record(.response(status: head.status), now: .now())
+        if let policy = target?.retry, requestBodyDone, policy.covers(.response(status: head.status)) {
+            let retryAfter = head.value(named: "retry-after").flatMap {
+                RetryAfter.parse($0, nowWallNanos: ProxyRuntime.wallClockNanos())
+            }
+            if retry(after: .response(status: head.status), retryAfter: retryAfter) { return }
+        }
+        cancelTimers()
         responseStarted = true
         status = head.status
         var headers = HPACKHeaders()
@@ -389,6 +482,11 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     func upstreamFailed(_ failure: UpstreamFailure, responseStarted started: Bool) {
         upstream = nil
         if !responseStarted {
+            if case .protocolError = failure {} else if case .timeout = failure {} else {
+                runtime.metrics.upstreamConnectFailures[target!.cluster.index].increment()
+            }
+            target?.record(failure == .timeout ? .timeout : .reset, now: .now())
+            if retry(after: failure == .refusedStream ? .refusedStream : .reset) { return }
             reply(status: failure.status, reason: failure.reason, detail: failure.detail)
         } else {
             finish(status: status, reason: failure.reason, reuseUpstream: false)
@@ -421,8 +519,8 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private func finish(status: Int, reason: String, reuseUpstream: Bool) {
         guard phase != .done else { return }
         phase = .done
-        timeoutTask?.cancel()
-        timeoutTask = nil
+        cancelTimers()
+        retries.finish(target?.cluster)
         runtime.activeRequests.wrappingDecrement(ordering: .relaxed)
         if let upstream {
             self.upstream = nil

@@ -6,13 +6,30 @@ import VigilCore
 /// them back exactly once.
 struct UpstreamTarget {
     let cluster: ClusterRuntime
-    let host: HostRuntime
-    let pool: HostPool
+    private(set) var host: HostRuntime
+    private(set) var pool: HostPool
     let timeout: Duration
+    let routeIndex: Int
+    let retry: RetryPolicy?
 
     func release() {
         host.activeRequests.wrappingDecrement(ordering: .relaxed)
         cluster.requestFinished()
+    }
+
+    /// Moves the request to another host for a retry: the old host's active count is given back and the
+    /// new one's taken; the cluster's `max_requests` slot stays with the request.
+    mutating func move(to newHost: HostRuntime, loop: LoopContext) {
+        host.activeRequests.wrappingDecrement(ordering: .relaxed)
+        host = newHost
+        pool = loop.pools[cluster.index][newHost.index]
+        newHost.activeRequests.wrappingIncrement(ordering: .relaxed)
+        newHost.totalRequests.wrappingIncrement(ordering: .relaxed)
+    }
+
+    /// Tells the cluster's health how this attempt ended.
+    func record(_ outcome: AttemptOutcome, now: NIODeadline) {
+        cluster.health.record(host: host.index, outcome, now: now)
     }
 }
 
@@ -38,12 +55,17 @@ extension ProxyRuntime {
         }
         guard let host = cluster.pickHost(random: &loop.random) else {
             cluster.requestFinished()
-            return .reply(status: 503, reason: "no_healthy_upstream", detail: "cluster \(cluster.config.name) has no host",
+            return .reply(status: 503, reason: "no_healthy_upstream",
+                          detail: "cluster \(cluster.config.name) has no available host (all_unhealthy: fail_fast)",
                           cluster: cluster)
         }
+        if !cluster.health.hadTraffic.load(ordering: .relaxed) { cluster.health.hadTraffic.store(true, ordering: .relaxed) }
         host.activeRequests.wrappingIncrement(ordering: .relaxed)
         host.totalRequests.wrappingIncrement(ordering: .relaxed)
+        let retry = listener.retryPolicies[routeIndex]
+        if retry != nil { loop.retryBudgets[listener.index][routeIndex]!.recordRequest(nowNanos: loop.nowNanos()) }
         return .forward(UpstreamTarget(cluster: cluster, host: host, pool: loop.pools[cluster.index][host.index],
-                                       timeout: listener.config.routes[routeIndex].timeout))
+                                       timeout: listener.config.routes[routeIndex].timeout, routeIndex: routeIndex,
+                                       retry: retry))
     }
 }

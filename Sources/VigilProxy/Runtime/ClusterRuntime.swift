@@ -26,50 +26,81 @@ public final class HostRuntime: Sendable {
     }
 }
 
-/// Live state of one cluster: its hosts and the circuit-breaker counters Envoy keeps per cluster.
+/// Live state of one cluster: its hosts, their health, and the circuit-breaker counters Envoy keeps per
+/// cluster.
 public final class ClusterRuntime: Sendable {
     public let config: ClusterConfig
     public let index: Int
     public let hosts: [HostRuntime]
+    public let health: ClusterHealth
     /// Shared round-robin sequence, so rotation holds across event loops.
     let roundRobin = ManagedAtomic<UInt64>(0)
     public let connections = ManagedAtomic<Int>(0)
     public let pendingRequests = ManagedAtomic<Int>(0)
     public let activeRequests = ManagedAtomic<Int>(0)
-    public let overflows = ManagedAtomic<Int>(0)
+    /// Retries in flight or waiting in backoff (`max_retries`).
+    public let activeRetries = ManagedAtomic<Int>(0)
+    /// Refusals by limit, for metrics and the breaker events.
+    public let overflowRequests = ManagedAtomic<Int>(0)
+    public let overflowPending = ManagedAtomic<Int>(0)
+    public let overflowRetries = ManagedAtomic<Int>(0)
+    public let retryBudgetRefusals = ManagedAtomic<Int>(0)
+    public let retries = ManagedAtomic<Int>(0)
 
-    init(config: ClusterConfig, index: Int) {
+    init(config: ClusterConfig, index: Int, events: HealingEventLog, loop: EventLoop) {
         self.config = config
         self.index = index
         self.hosts = config.endpoints.enumerated().map { HostRuntime(address: $0.element, index: $0.offset) }
+        self.health = ClusterHealth(config: config, hostNames: hosts.map(\.addressText), events: events, loop: loop,
+                                    now: .now())
     }
 
-    /// Chooses a host for a request with the cluster's balancer.
-    func pickHost<R: RandomNumberGenerator>(random: inout R, excluding excluded: Int? = nil) -> HostRuntime? {
-        let candidates = excluded.map { ex in hosts.indices.filter { $0 != ex } } ?? allIndices
-        let choice: Int?
+    /// Requests refused by `max_requests` and `max_pending_requests`.
+    public var overflows: Int {
+        overflowRequests.load(ordering: .relaxed) + overflowPending.load(ordering: .relaxed)
+    }
+
+    /// Chooses a host for a request: among the hosts the health snapshot allows, with the cluster's
+    /// balancer. `tried` (a retry) steers away from hosts this request already used, preferring untried
+    /// available hosts, then untried ones of the current candidates, then any candidate. Nil when the
+    /// cluster has no host to offer (fail-fast with none available).
+    func pickHost<R: RandomNumberGenerator>(random: inout R, tried: HostMask = HostMask()) -> HostRuntime? {
+        let set = health.current.load(ordering: .acquiring)
+        var candidates = set.candidates
+        if !tried.isEmpty {
+            let untriedAvailable = hosts.indices.filter { set.available[$0] && !tried.contains($0) }
+            let untried = candidates.filter { !tried.contains($0) }
+            candidates = !untriedAvailable.isEmpty ? untriedAvailable : (!untried.isEmpty ? untried : candidates)
+        }
+        guard var choice = balance(candidates, random: &random) else { return nil }
+        if set.slowStart != nil {
+            // Slow start: a ramping host keeps the pick with probability equal to its weight; otherwise one
+            // more pick among the others.
+            let weight = set.weight(of: choice, now: .now())
+            if weight < 1, Double(random.next() % 1_000_000) / 1_000_000 >= weight {
+                let others = candidates.filter { $0 != choice }
+                if let other = balance(others, random: &random) { choice = other }
+            }
+        }
+        return hosts[choice]
+    }
+
+    private func balance<R: RandomNumberGenerator>(_ candidates: [Int], random: inout R) -> Int? {
         switch config.loadBalancer {
         case .roundRobin:
-            choice = LoadBalancer.roundRobin(candidates: candidates,
-                                             sequence: roundRobin.loadThenWrappingIncrement(ordering: .relaxed))
+            LoadBalancer.roundRobin(candidates: candidates, sequence: roundRobin.loadThenWrappingIncrement(ordering: .relaxed))
         case .leastRequest:
-            choice = LoadBalancer.leastRequest(candidates: candidates,
-                                               active: { hosts[$0].activeRequests.load(ordering: .relaxed) },
-                                               random: &random)
+            LoadBalancer.leastRequest(candidates: candidates, active: { hosts[$0].activeRequests.load(ordering: .relaxed) },
+                                      random: &random)
         }
-        return choice.map { hosts[$0] }
     }
-
-    private var allIndices: [Int] { Array(hosts.indices) }
 
     /// Takes one unit of `counter` unless it already holds `limit`: the shape of every breaker check.
     /// Increment first and undo on overflow, so concurrent event loops can never both pass the last slot.
-    /// Overflows of request admission and of the wait queue are counted; a full connection budget is not
-    /// (the request waits instead).
-    private func reserve(_ counter: ManagedAtomic<Int>, limit: Int, countingOverflow: Bool) -> Bool {
+    private func reserve(_ counter: ManagedAtomic<Int>, limit: Int, overflow: ManagedAtomic<Int>?) -> Bool {
         if counter.loadThenWrappingIncrement(ordering: .relaxed) >= limit {
             counter.wrappingDecrement(ordering: .relaxed)
-            if countingOverflow { overflows.wrappingIncrement(ordering: .relaxed) }
+            overflow?.wrappingIncrement(ordering: .relaxed)
             return false
         }
         return true
@@ -77,22 +108,56 @@ public final class ClusterRuntime: Sendable {
 
     /// Admission of a new request under `max_requests`. Returns false (and counts an overflow) when full.
     func admitRequest() -> Bool {
-        reserve(activeRequests, limit: config.circuitBreakers.maxRequests, countingOverflow: true)
+        reserve(activeRequests, limit: config.circuitBreakers.maxRequests, overflow: overflowRequests)
     }
 
     func requestFinished() { activeRequests.wrappingDecrement(ordering: .relaxed) }
 
-    /// Reserves one connection slot under `max_connections`.
+    /// Reserves one connection slot under `max_connections`. A full connection budget is not an overflow:
+    /// the request waits for a connection instead.
     func reserveConnection() -> Bool {
-        reserve(connections, limit: config.circuitBreakers.maxConnections, countingOverflow: false)
+        reserve(connections, limit: config.circuitBreakers.maxConnections, overflow: nil)
     }
 
     func releaseConnection() { connections.wrappingDecrement(ordering: .relaxed) }
 
     /// Reserves a place in the wait queue under `max_pending_requests`.
     func reservePending() -> Bool {
-        reserve(pendingRequests, limit: config.circuitBreakers.maxPendingRequests, countingOverflow: true)
+        reserve(pendingRequests, limit: config.circuitBreakers.maxPendingRequests, overflow: overflowPending)
     }
 
     func releasePending() { pendingRequests.wrappingDecrement(ordering: .relaxed) }
+
+    /// Reserves a retry under `max_retries`; held from the decision, through the backoff, to the end of the
+    /// retried attempt.
+    func reserveRetry() -> Bool {
+        reserve(activeRetries, limit: config.circuitBreakers.maxRetries, overflow: overflowRetries)
+    }
+
+    func releaseRetry() { activeRetries.wrappingDecrement(ordering: .relaxed) }
+
+    /// The breaker counters as the overflow watch samples them.
+    func overflowSamples() -> [OverflowWatch.Sample] {
+        let b = config.circuitBreakers
+        return [
+            .init(limit: "max_requests", value: b.maxRequests, inUse: activeRequests.load(ordering: .relaxed),
+                  refusedTotal: overflowRequests.load(ordering: .relaxed)),
+            .init(limit: "max_pending_requests", value: b.maxPendingRequests,
+                  inUse: pendingRequests.load(ordering: .relaxed), refusedTotal: overflowPending.load(ordering: .relaxed)),
+            .init(limit: "max_retries", value: b.maxRetries, inUse: activeRetries.load(ordering: .relaxed),
+                  refusedTotal: overflowRetries.load(ordering: .relaxed)),
+            .init(limit: OverflowWatch.retryBudget, value: 0, inUse: 0,
+                  refusedTotal: retryBudgetRefusals.load(ordering: .relaxed)),
+        ]
+    }
+}
+
+/// A small set of host indices (a request's tried hosts). Indices past 63 share bits, which only makes a
+/// retry on a very large cluster slightly more willing to avoid a host it did not try.
+struct HostMask: Equatable {
+    private var bits: UInt64 = 0
+    init() {}
+    var isEmpty: Bool { bits == 0 }
+    func contains(_ i: Int) -> Bool { bits & (1 << UInt64(i & 63)) != 0 }
+    mutating func insert(_ i: Int) { bits |= 1 << UInt64(i & 63) }
 }

@@ -9,6 +9,8 @@ public final class ListenerRuntime: Sendable {
     /// Cluster index per route, resolved once.
     let routeClusters: [Int]
     let headLimits: HTTP1HeadLimits
+    /// Retry policy per route, nil where the route has none.
+    let retryPolicies: [RetryPolicy?]
     public let openConnections = ManagedAtomic<Int>(0)
     public let totalConnections = ManagedAtomic<Int>(0)
 
@@ -17,6 +19,7 @@ public final class ListenerRuntime: Sendable {
         self.index = index
         self.routes = RouteTable(config.routes)
         self.routeClusters = config.routes.map { clusterIndex[$0.cluster]! }
+        self.retryPolicies = config.routes.map { $0.retry.map(RetryPolicy.init) }
         self.headLimits = HTTP1HeadLimits(maxHeaderBytes: config.limits.maxHeaderBytes,
                                           maxHeaderCount: config.limits.maxHeaderCount)
     }

@@ -1,5 +1,7 @@
 import Atomics
 import CoreMetrics
+import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import VigilCore
 #if canImport(Glibc)
@@ -14,15 +16,27 @@ public final class ProxyRuntime: Sendable {
     public let clusters: [ClusterRuntime]
     public let metrics: ProxyMetrics
     public let accessLog: AccessLog
+    /// Every healing decision, numbered, logged and counted.
+    public let events: HealingEventLog
+    let logger: Logger
+    private let healingTasks = NIOLockedValueBox<[RepeatedTask]>([])
+    private let probers: [HealthProber]
     /// Set by `POST /drain` and on SIGTERM: connections finish their request and close.
     public let draining = ManagedAtomic<Bool>(false)
     /// Requests in flight across every listener.
     public let activeRequests = ManagedAtomic<Int>(0)
     private let loops: [ObjectIdentifier: LoopContext]
 
-    public init(config: VigilConfig, group: EventLoopGroup, metricsFactory: MetricsFactory, accessLog: AccessLog) {
+    public init(config: VigilConfig, group: EventLoopGroup, metricsFactory: MetricsFactory, accessLog: AccessLog,
+                logger: Logger = Logger(label: "vigil")) {
         self.config = config
-        let clusters = config.clusters.enumerated().map { ClusterRuntime(config: $0.element, index: $0.offset) }
+        self.logger = logger
+        let events = HealingEventLog(capacity: config.eventBuffer, logger: logger, metricsFactory: metricsFactory)
+        self.events = events
+        let clusters = config.clusters.enumerated().map {
+            ClusterRuntime(config: $0.element, index: $0.offset, events: events, loop: group.next())
+        }
+        self.probers = clusters.compactMap(HealthProber.init)
         let clusterIndex = Dictionary(uniqueKeysWithValues: clusters.map { ($0.config.name, $0.index) })
         self.clusters = clusters
         self.listeners = config.listeners.enumerated().map {
@@ -33,10 +47,28 @@ public final class ProxyRuntime: Sendable {
         var loops: [ObjectIdentifier: LoopContext] = [:]
         var seed = SystemRandomNumberGenerator()
         for loop in group.makeIterator() {
-            loops[ObjectIdentifier(loop)] = LoopContext(eventLoop: loop, clusters: clusters, accessLog: accessLog,
-                                                        seed: seed.next())
+            loops[ObjectIdentifier(loop)] = LoopContext(eventLoop: loop, clusters: clusters, listeners: listeners,
+                                                        accessLog: accessLog, seed: seed.next(),
+                                                        loopCount: group.makeIterator().reduce(0) { n, _ in n + 1 })
         }
         self.loops = loops
+    }
+
+    /// Starts active health checks and the once-a-second review of ejections and breakers.
+    public func startHealing() {
+        for prober in probers { prober.start() }
+        let tasks = clusters.map { cluster in
+            cluster.health.loop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
+                cluster.health.tick(now: .now(), overflow: cluster.overflowSamples())
+            }
+        }
+        healingTasks.withLockedValue { $0 += tasks }
+    }
+
+    public func stopHealing() {
+        for prober in probers { prober.stop() }
+        let tasks = healingTasks.withLockedValue { t in defer { t = [] }; return t }
+        for t in tasks { t.cancel() }
     }
 
     /// The context of the event loop the caller runs on.
@@ -57,7 +89,7 @@ public final class ProxyRuntime: Sendable {
     }
 
     /// Wall-clock time in nanoseconds since the epoch, for access log timestamps only.
-    static func wallClockNanos() -> Int64 {
+    public static func wallClockNanos() -> Int64 {
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
         return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
@@ -70,14 +102,23 @@ final class LoopContext: @unchecked Sendable {
     let eventLoop: EventLoop
     /// `pools[cluster][host]`.
     let pools: [[HostPool]]
+    /// `retryBudgets[listener][route]`, for routes with a retry policy: each loop keeps its own budget
+    /// (funded by its own requests, with its share of `min_per_second`), so no lock is shared.
+    var retryBudgets: [[RetryBudget?]]
     var random: SplitMix64
     private let accessLog: AccessLog
     private var logBuffer = ByteBuffer()
     private var logFlushScheduled = false
 
-    init(eventLoop: EventLoop, clusters: [ClusterRuntime], accessLog: AccessLog, seed: UInt64) {
+    init(eventLoop: EventLoop, clusters: [ClusterRuntime], listeners: [ListenerRuntime], accessLog: AccessLog,
+         seed: UInt64, loopCount: Int) {
         self.eventLoop = eventLoop
         self.pools = clusters.map { c in c.hosts.map { HostPool(host: $0, cluster: c, eventLoop: eventLoop) } }
+        self.retryBudgets = listeners.map { l in
+            l.config.routes.map { route in
+                route.retry.map { RetryBudget(ratio: $0.budgetRatio, minPerSecond: Double($0.budgetMinPerSecond) / Double(max(loopCount, 1))) }
+            }
+        }
         self.random = SplitMix64(seed: seed)
         self.accessLog = accessLog
     }
@@ -95,6 +136,14 @@ final class LoopContext: @unchecked Sendable {
                 flushLog()
             }
         }
+    }
+
+    /// This loop's clock in nanoseconds (real time in production, manual on an EmbeddedEventLoop).
+    func nowNanos() -> Int64 { Int64(eventLoop.now.uptimeNanoseconds) }
+
+    /// Takes one retry from the route's budget on this loop.
+    func withdrawRetry(listener: Int, route: Int) -> Bool {
+        retryBudgets[listener][route]?.withdraw(nowNanos: nowNanos()) ?? false
     }
 
     func flushLog() {

@@ -39,6 +39,7 @@ public final class ProxyServer: Sendable {
             try? await stopAccepting()
             throw error
         }
+        runtime.startHealing()
     }
 
     /// The address a listener is bound to (useful with port 0).
@@ -142,6 +143,7 @@ public final class ProxyServer: Sendable {
                 waiter?.resume()
             }
         }
+        runtime.stopHealing()
         let rest = state.withLockedValue { Array($0.connections.values) }
         if !rest.isEmpty { logger.warning("drain timeout passed; closing connections", metadata: ["open": "\(rest.count)"]) }
         for c in rest { c.close(promise: nil) }

@@ -190,8 +190,9 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
             guard responseStarted, case .byteBuffer(let bytes) = frame.data else { return }
             if bytes.readableBytes > 0 { exchange.upstreamResponseBody(bytes) }
             if frame.endStream { end(trailers: nil) }
-        case .rstStream:
-            fail(.reset, started: responseStarted)
+        case .rstStream(let code):
+            // REFUSED_STREAM guarantees the request was not processed (RFC 9113 §8.7): safe to retry.
+            fail(code == .refusedStream ? .refusedStream : .reset, started: responseStarted)
         default:
             break
         }

@@ -4,6 +4,8 @@ public enum UpstreamFailure: Error, Sendable, Equatable {
     case connectTimeout
     /// The connection was closed or reset before the response was complete.
     case reset
+    /// An HTTP/2 upstream refused the stream (REFUSED_STREAM): the request was not processed.
+    case refusedStream
     case protocolError(String)
     /// A circuit-breaker limit (`max_requests`, `max_pending_requests`) refused the request.
     case overflow
@@ -12,7 +14,7 @@ public enum UpstreamFailure: Error, Sendable, Equatable {
 
     public var status: Int {
         switch self {
-        case .connectFailed, .connectTimeout, .reset, .overflow: 503
+        case .connectFailed, .connectTimeout, .reset, .refusedStream, .overflow: 503
         case .protocolError: 502
         case .timeout: 504
         }
@@ -23,6 +25,7 @@ public enum UpstreamFailure: Error, Sendable, Equatable {
         case .connectFailed: "upstream_connect_failure"
         case .connectTimeout: "upstream_connect_timeout"
         case .reset: "upstream_reset"
+        case .refusedStream: "upstream_refused_stream"
         case .protocolError: "upstream_protocol_error"
         case .overflow: "overflow"
         case .timeout: "upstream_timeout"
@@ -34,6 +37,7 @@ public enum UpstreamFailure: Error, Sendable, Equatable {
         case .connectFailed(let why): "could not connect to the upstream: \(why)"
         case .connectTimeout: "the upstream did not accept the connection within connect_timeout"
         case .reset: "the upstream closed the connection before the response was complete"
+        case .refusedStream: "the upstream refused the HTTP/2 stream"
         case .protocolError(let why): "the upstream sent a malformed response: \(why)"
         case .overflow: "a circuit-breaker limit of the cluster is reached"
         case .timeout: "the upstream did not answer within the route timeout"

@@ -1,0 +1,205 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHPACK
+import NIOHTTP2
+import NIOPosix
+import VigilCore
+
+/// Active health checks of one cluster: an HTTP GET of `health_check.path` to each host on its own
+/// schedule, on the cluster's event loop. Each probe uses a new connection (`Connection: close`), so a host
+/// that accepts but never answers fails by `timeout`, and a probe never shares a connection with traffic.
+/// HTTP/2 clusters are probed over HTTP/2 (prior knowledge), as their hosts may speak nothing else.
+final class HealthProber: Sendable {
+    let cluster: ClusterRuntime
+    private let config: HealthCheckConfig
+    private let scheduled = NIOLockedValueBox<[Scheduled<Void>?]>([])
+    private let stopped = NIOLockedValueBox(false)
+
+    init?(cluster: ClusterRuntime) {
+        guard let config = cluster.config.healthCheck else { return nil }
+        self.cluster = cluster
+        self.config = config
+        scheduled.withLockedValue { $0 = Array(repeating: nil, count: cluster.hosts.count) }
+    }
+
+    private var loop: EventLoop { cluster.health.loop }
+
+    /// Probes every host at once, then on each host's interval.
+    func start() {
+        for host in cluster.hosts { schedule(host, in: .zero) }
+    }
+
+    func stop() {
+        stopped.withLockedValue { $0 = true }
+        scheduled.withLockedValue { tasks in
+            for t in tasks { t?.cancel() }
+            tasks = tasks.map { _ in nil }
+        }
+    }
+
+    private func schedule(_ host: HostRuntime, in delay: Duration) {
+        guard !stopped.withLockedValue({ $0 }) else { return }
+        let task = loop.scheduleTask(in: TimeAmount(delay)) { [self] in probe(host) }
+        scheduled.withLockedValue { $0[host.index] = task }
+    }
+
+    private func probe(_ host: HostRuntime) {
+        let loop = self.loop
+        // The first of the answer, the timeout and a connection failure completes the promise; later
+        // completions are ignored by NIO.
+        let promise = loop.makePromise(of: ProbeResult.self)
+        let http2 = cluster.config.protocol == .http2
+        let multiplexer = http2 ? loop.makePromise(of: HTTP2StreamMultiplexer.self) : nil
+        let timeout = loop.scheduleTask(in: TimeAmount(config.timeout)) { promise.succeed(.timeout) }
+        let hostHeader = config.host ?? cluster.config.name
+        let bootstrap = ClientBootstrap(group: loop)
+            .connectTimeout(TimeAmount(min(config.timeout, cluster.config.connectTimeout)))
+            .channelInitializer { [config] channel in
+                if let multiplexer {
+                    let configured = channel.configureHTTP2Pipeline(mode: .client, inboundStreamInitializer: nil)
+                    multiplexer.completeWith(configured)
+                    return configured.map { _ in }
+                }
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(
+                        HTTP1ProbeHandler(path: config.path, host: hostHeader, expected: config.expectedStatuses,
+                                          result: promise))
+                }
+            }
+        let connect = host.socketAddress.map { bootstrap.connect(to: $0) }
+            ?? bootstrap.connect(host: host.address.host, port: host.address.port)
+        connect.whenComplete { [config] result in
+            switch result {
+            case .success(let channel):
+                promise.futureResult.whenComplete { _ in channel.close(promise: nil) }
+                guard let multiplexer else { return }
+                multiplexer.futureResult.whenSuccess { [config] mux in
+                    mux.createStreamChannel(promise: nil) { stream in
+                        stream.pipeline.addHandler(HTTP2ProbeHandler(path: config.path, authority: hostHeader,
+                                                                     expected: config.expectedStatuses, result: promise))
+                    }
+                }
+                channel.closeFuture.whenComplete { _ in promise.succeed(.broken("connection closed before a response")) }
+            case .failure(let error):
+                multiplexer?.fail(error)
+                if let e = error as? ChannelError, case .connectTimeout = e {
+                    promise.succeed(.timeout)
+                } else {
+                    promise.succeed(.connectFailed(String(describing: error)))
+                }
+            }
+        }
+        promise.futureResult.whenSuccess { [self] result in
+            timeout.cancel()
+            cluster.health.probed(host: host.index, result, now: .now())
+            schedule(host, in: cluster.health.nextProbeDelay(host: host.index))
+        }
+    }
+}
+
+/// Sends one GET and judges the status line. Anything but a well-formed response head is a failure.
+private final class HTTP1ProbeHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+    let request: String
+    let expected: [ClosedRange<Int>]
+    let result: EventLoopPromise<ProbeResult>
+    var buffer = ByteBuffer()
+    var done = false
+
+    init(path: String, host: String, expected: [ClosedRange<Int>], result: EventLoopPromise<ProbeResult>) {
+        self.request = "GET \(path) HTTP/1.1\r\nHost: \(host)\r\nUser-Agent: vigil-health-check\r\nConnection: close\r\n\r\n"
+        self.expected = expected
+        self.result = result
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        context.writeAndFlush(wrapOutboundOut(ByteBuffer(string: request)), promise: nil)
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !done else { return }
+        var bytes = unwrapInboundIn(data)
+        buffer.writeBuffer(&bytes)
+        do throws(HTTP1ParseError) {
+            guard let (head, _) = try HTTP1Parser.parseResponse(buffer, limits: .init(maxHeaderBytes: 16 * 1024,
+                                                                                       maxHeaderCount: 100)) else { return }
+            if head.status < 200 { return }  // 1xx: wait for the final answer
+            finish(expected.contains { $0.contains(head.status) } ? .passed(status: head.status) : .badStatus(head.status))
+        } catch {
+            finish(.broken("malformed response: \(error.detail)"))
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        finish(.broken("connection closed before a response"))
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        finish(.broken("connection error: \(error)"))
+        context.close(promise: nil)
+    }
+
+    private func finish(_ r: ProbeResult) {
+        guard !done else { return }
+        done = true
+        result.succeed(r)
+    }
+}
+
+/// The same probe as one HTTP/2 stream.
+private final class HTTP2ProbeHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTP2Frame.FramePayload
+    typealias OutboundOut = HTTP2Frame.FramePayload
+    let headers: HPACKHeaders
+    let expected: [ClosedRange<Int>]
+    let result: EventLoopPromise<ProbeResult>
+    var done = false
+
+    init(path: String, authority: String, expected: [ClosedRange<Int>], result: EventLoopPromise<ProbeResult>) {
+        self.headers = [":method": "GET", ":scheme": "http", ":path": path, ":authority": authority,
+                        "user-agent": "vigil-health-check"]
+        self.expected = expected
+        self.result = result
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { send(context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        send(context)
+        context.fireChannelActive()
+    }
+
+    private var sent = false
+    private func send(_ context: ChannelHandlerContext) {
+        guard !sent else { return }
+        sent = true
+        context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: headers, endStream: true))), promise: nil)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !done, case .headers(let h) = unwrapInboundIn(data) else { return }
+        guard let text = h.headers.first(name: ":status"), let status = Int(text) else {
+            finish(.broken("response without :status"))
+            return
+        }
+        if status < 200 { return }
+        finish(expected.contains { $0.contains(status) } ? .passed(status: status) : .badStatus(status))
+    }
+
+    func channelInactive(context: ChannelHandlerContext) { finish(.broken("stream closed before a response")) }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        finish(.broken("stream error: \(error)"))
+        context.close(promise: nil)
+    }
+
+    private func finish(_ r: ProbeResult) {
+        guard !done else { return }
+        done = true
+        result.succeed(r)
+    }
+}
