@@ -329,6 +329,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             if let generated, runtime.accessLog.isEnabled { requestID = generated.string }
             connection.write(out)
             // Kept (shared, not copied) while the request could be sent again.
+            retries.markSent()
             if target?.retry != nil || head.framing == HTTP1BodyFraming.none { retries.replay = out }
         }
         phase = .forwarding

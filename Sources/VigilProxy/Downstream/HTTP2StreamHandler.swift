@@ -216,6 +216,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         } else {
             let head = http1Head(for: request)
             connection.write(head)
+            retries.markSent()
             if target?.retry != nil { retries.replay = head }
         }
         for b in pendingBody { writeBody(b) }

@@ -9,6 +9,8 @@ struct RetryState {
     private(set) var tried = HostMask()
     /// What was sent upstream, kept (shared, not copied, for the head) while the request could be sent again.
     var replay: ByteBuffer?
+    /// Whether any try has sent bytes: until then the whole request is still with the front end.
+    private var sent = false
     private var holdsSlot = false
 
     mutating func begin(host: Int) {
@@ -16,7 +18,11 @@ struct RetryState {
         tried = HostMask()
         tried.insert(host)
         replay = nil
+        sent = false
     }
+
+    /// A try is sending the request without keeping a replay copy.
+    mutating func markSent() { sent = true }
 
     /// Adds forwarded body bytes to the replay while the route's `retry_buffer_bytes` allows; past it (or
     /// without a retry policy) the request can no longer be sent again.
@@ -36,7 +42,7 @@ struct RetryState {
                        target: inout UpstreamTarget, listener: ListenerRuntime, loop: LoopContext) -> Duration? {
         guard let policy = target.retry else { return nil }
         let facts = RetryPolicy.Facts(failure: failure, method: method, retriesDone: retriesDone,
-                                      replayable: replay != nil, retryAfter: retryAfter, remaining: remaining)
+                                      replayable: !sent || replay != nil, retryAfter: retryAfter, remaining: remaining)
         let cluster = target.cluster
         guard case .retry(let wait) = policy.decide(facts, random: &loop.random),
               let next = cluster.pickHost(random: &loop.random, tried: tried) else { return nil }

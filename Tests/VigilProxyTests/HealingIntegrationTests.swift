@@ -1,0 +1,315 @@
+import Atomics
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Testing
+import VigilCore
+import VigilTestSupport
+@testable import VigilProxy
+
+/// Healing on real sockets: upstream instances on loopback that fail, hang, reset and refuse, and Vigil
+/// routing around them. Waits are for conditions (an event, a count), each with a deadline.
+@Suite struct HealingIntegrationTests {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+
+    /// Waits until the proxy has emitted an event of `kind` (optionally for `host`), or fails after `seconds`.
+    @discardableResult
+    func waitForEvent(_ proxy: ProxyHarness, _ kind: HealingEvent.Kind, host: Int? = nil, seconds: Double = 10)
+        async throws -> HealingRecord
+    {
+        let deadline = Date().addingTimeInterval(seconds)
+        let hostName = host.map { "127.0.0.1:\($0)" }
+        while Date() < deadline {
+            if let r = proxy.runtime.events.records().first(where: {
+                $0.event.kind == kind && (hostName == nil || $0.event.host == hostName)
+            }) { return r }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        throw TestFailure("no \(kind.rawValue) event within \(seconds) s; events: \(proxy.runtime.events.records().map { $0.json.serialized() })")
+    }
+
+    struct TestFailure: Error, CustomStringConvertible { var description: String; init(_ d: String) { description = d } }
+
+    func get(_ client: TestClient, _ path: String = "/", method: String = "GET", body: String? = nil) async throws -> TestResponse {
+        var text = "\(method) \(path) HTTP/1.1\r\nHost: api\r\n"
+        if let body { text += "Content-Length: \(body.utf8.count)\r\n\r\n\(body)" } else { text += "\r\n" }
+        try await client.send(text)
+        return try #require(try await client.response())
+    }
+
+    /// An upstream whose behaviour can be switched while the test runs.
+    func switchable(_ name: String, _ mode: ManagedAtomic<Int>,
+                    _ modes: @escaping @Sendable (Int, HTTPRequestHead) -> FakeBehaviour) async throws -> FakeUpstream {
+        try await FakeUpstream(group: group, name: name) { head in modes(mode.load(ordering: .relaxed), head) }
+    }
+
+    /// A port with nothing listening: connections to it are refused.
+    func deadPort() async throws -> Int {
+        let u = try await FakeUpstream(group: group)
+        let port = u.port
+        try await u.stop()
+        return port
+    }
+
+    @Test func consecutive5xxEjectsTheHostAndItReturnsAfterTheEjectionTime() async throws {
+        let bad = try await FakeUpstream(group: group, name: "bad") { _ in .respond(status: .serviceUnavailable) }
+        let good = try await FakeUpstream(group: group, name: "good")
+        let yaml = ProxyHarness.simple(cluster: """
+            load_balancer: round_robin
+                outlier_detection: { consecutive_5xx: 3, base_ejection_time: 500ms, max_ejection_percent: 50, interval: 30s }
+            """, endpoints: 2)
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [bad.port, good.port], group: group)
+        let client = try await proxy.client()
+        var statuses: [Int] = []
+        for _ in 0..<12 { statuses.append(try await get(client).status) }
+        // Round robin alternates; the third 503 ejects the bad host, and everything after goes to the good one.
+        #expect(bad.recorded.count == 3)
+        #expect(statuses.filter { $0 == 503 }.count == 3)
+        let ejected = try await waitForEvent(proxy, .hostEjected, host: bad.port)
+        #expect(ejected.event.reason == "consecutive_5xx")
+        #expect(ejected.event.evidence.serialized().contains("\"consecutive_5xx\":3"))
+        #expect(ejected.event.action.serialized().contains("\"ejection_time_ms\":500"))
+        let returned = try await waitForEvent(proxy, .hostReturned, host: bad.port)
+        #expect(returned.event.reason == "ejection_time_elapsed")
+        #expect(returned.seq > ejected.seq)
+        // Back in rotation: it gets requests again (and is ejected again, for 2 × base this time).
+        for _ in 0..<8 { _ = try await get(client) }
+        #expect(bad.recorded.count > 3)
+        try await client.close()
+        await proxy.stop()
+    }
+
+    @Test func retriesMoveToAnotherHostOnGatewayErrors() async throws {
+        let bad = try await FakeUpstream(group: group, name: "bad") { _ in .respond(status: .badGateway) }
+        let good = try await FakeUpstream(group: group, name: "good")
+        let yaml = ProxyHarness.simple(route: """
+            retry: { attempts: 2, on: [gateway-error], backoff: { base: 1ms, max: 5ms } }
+            """, endpoints: 2)
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [bad.port, good.port], group: group)
+        let client = try await proxy.client()
+        for _ in 0..<20 {
+            let r = try await get(client)
+            #expect(r.status == 200)
+            #expect(r.header("x-upstream") == "good")
+        }
+        // Each request that met the bad host was retried once, on the good one (never twice on the bad one).
+        let retries = proxy.runtime.clusters[0].retries.load(ordering: .relaxed)
+        #expect(retries == bad.recorded.count)
+        #expect(good.recorded.count == 20)
+        try await client.close()
+        await proxy.stop()
+    }
+
+    @Test func refusedConnectionsAreRetriedEvenForPostAndTheDeadHostIsEjected() async throws {
+        let dead = try await deadPort()
+        let good = try await FakeUpstream(group: group, name: "good")
+        let yaml = ProxyHarness.simple(route: """
+            retry: { attempts: 1, on: [connect-failure], backoff: { base: 1ms } }
+            """, cluster: """
+            load_balancer: round_robin
+                outlier_detection: { consecutive_gateway_failure: 2, max_ejection_percent: 50 }
+            """, endpoints: 2)
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [dead, good.port], group: group)
+        let client = try await proxy.client()
+        for i in 0..<6 {
+            let r = try await get(client, "/orders", method: "POST", body: "order \(i)")
+            #expect(r.status == 200)
+        }
+        #expect(good.recorded.map(\.bodyString) == (0..<6).map { "order \($0)" })
+        let ejected = try await waitForEvent(proxy, .hostEjected, host: dead)
+        #expect(ejected.event.reason == "consecutive_gateway_failure")
+        #expect(ejected.event.evidence.serialized().contains("connect failure"))
+        try await client.close()
+        await proxy.stop()
+    }
+
+    @Test func aPostIsNotRetriedAfterItReachedTheHost() async throws {
+        let resetting = try await FakeUpstream(group: group, name: "reset") { _ in .close }
+        let good = try await FakeUpstream(group: group, name: "good")
+        let yaml = ProxyHarness.simple(route: """
+            retry: { attempts: 2, on: [reset, 5xx], backoff: { base: 1ms } }
+            """, cluster: "load_balancer: round_robin", endpoints: 2)
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [resetting.port, good.port], group: group)
+        var posts: [Int] = [], gets: [Int] = []
+        for _ in 0..<4 {
+            let client = try await proxy.client()
+            posts.append(try await get(client, "/p", method: "POST", body: "x").status)
+            try await client.close()
+        }
+        for _ in 0..<4 {
+            let client = try await proxy.client()
+            gets.append(try await get(client).status)
+            try await client.close()
+        }
+        #expect(posts.contains(503))                  // a reset POST may have had its effect: not retried
+        #expect(gets.allSatisfy { $0 == 200 })        // a reset GET is retried on the other host
+        await proxy.stop()
+    }
+
+    @Test func aHungHostIsCutByThePerTryTimeoutAndMarkedByHealthChecks() async throws {
+        let hung = try await FakeUpstream(group: group, name: "hung") { _ in .hang }
+        let good = try await FakeUpstream(group: group, name: "good")
+        let yaml = ProxyHarness.simple(route: """
+            retry: { attempts: 1, on: [reset], per_try_timeout: 200ms, backoff: { base: 1ms } }
+            """, cluster: """
+            load_balancer: round_robin
+                health_check: { path: /healthz, interval: 300ms, timeout: 100ms, unhealthy_threshold: 2, healthy_threshold: 1, interval_jitter_percent: 0, no_traffic_interval: 300ms }
+            """, endpoints: 2)
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [hung.port, good.port], group: group)
+        let failed = try await waitForEvent(proxy, .healthCheckFailed, host: hung.port)
+        #expect(failed.event.evidence.serialized().contains("no answer within the timeout"))
+        let before = hung.recorded.filter { $0.head.uri != "/healthz" }.count
+        let client = try await proxy.client()
+        for _ in 0..<6 {
+            let r = try await get(client)
+            #expect(r.status == 200)
+            #expect(r.header("x-upstream") == "good")
+        }
+        #expect(hung.recorded.filter { $0.head.uri != "/healthz" }.count == before)
+        // The probe's Host header is the cluster name (Envoy's default).
+        #expect(good.recorded.first { $0.head.uri == "/healthz" }?.head.headers.first(name: "host") == "api")
+        try await client.close()
+        await proxy.stop()
+    }
+
+    @Test func perTryTimeoutRetriesAHangingRequestElsewhere() async throws {
+        let hung = try await FakeUpstream(group: group, name: "hung") { _ in .hang }
+        let good = try await FakeUpstream(group: group, name: "good")
+        let yaml = ProxyHarness.simple(route: """
+            retry: { attempts: 1, on: [reset], per_try_timeout: 150ms, backoff: { base: 1ms } }
+            """, cluster: "load_balancer: round_robin", endpoints: 2)
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [hung.port, good.port], group: group)
+        let client = try await proxy.client()
+        for _ in 0..<4 { #expect(try await get(client).status == 200) }
+        // Round robin (its sequence also advanced by each retry) sends every request to the hung host
+        // first; the per-try timeout cuts it and the retry goes to the other host, never back.
+        #expect(hung.recorded.count == 4)
+        #expect(good.recorded.count == 4)
+        try await client.close()
+        await proxy.stop()
+    }
+
+    @Test func theBudgetStopsARetryStorm() async throws {
+        let a = try await FakeUpstream(group: group, name: "a") { _ in .respond(status: .serviceUnavailable) }
+        let b = try await FakeUpstream(group: group, name: "b") { _ in .respond(status: .serviceUnavailable) }
+        // ratio 0 and 1 per second: over the 10 s window at most 10 retries, whatever the load.
+        let yaml = ProxyHarness.simple(route: """
+            retry: { attempts: 3, on: [5xx], backoff: { base: 1ms }, budget: { ratio: 0, min_per_second: 1 } }
+            """, endpoints: 2)
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [a.port, b.port], group: group)
+        let client = try await proxy.client()
+        for _ in 0..<40 { #expect(try await get(client).status == 503) }
+        let cluster = proxy.runtime.clusters[0]
+        #expect(cluster.retries.load(ordering: .relaxed) <= 10)
+        #expect(cluster.retryBudgetRefusals.load(ordering: .relaxed) > 0)
+        #expect(a.recorded.count + b.recorded.count == 40 + cluster.retries.load(ordering: .relaxed))
+        let exhausted = try await waitForEvent(proxy, .retryBudgetExhausted)
+        #expect(exhausted.event.cluster == "api")
+        try await client.close()
+        await proxy.stop()
+    }
+
+    @Test func breakerOverflowIsAnsweredAtOnceAndOpensTheBreaker() async throws {
+        let slow = try await FakeUpstream(group: group, name: "slow") { _ in .delayed(ms: 1500, body: "late") }
+        let yaml = ProxyHarness.simple(cluster: "circuit_breakers: { max_requests: 1 }")
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [slow.port], group: group)
+        let first = try await proxy.client()
+        try await first.send("GET /slow HTTP/1.1\r\nHost: api\r\n\r\n")
+        // Wait until the first request holds the only slot.
+        let deadline = Date().addingTimeInterval(5)
+        while proxy.runtime.clusters[0].activeRequests.load(ordering: .relaxed) == 0 && Date() < deadline {
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        let second = try await proxy.client()
+        let started = Date()
+        let r = try await get(second)
+        #expect(r.status == 503)
+        #expect(r.header("x-vigil-reason") == "overflow")
+        #expect(Date().timeIntervalSince(started) < 1.0)  // not queued behind the slow request
+        let opened = try await waitForEvent(proxy, .breakerOpened)
+        #expect(opened.event.reason == "max_requests")
+        #expect(opened.event.evidence.serialized().contains("\"limit_value\":1"))
+        #expect(try await first.response()?.status == 200)
+        try await waitForEvent(proxy, .breakerClosed)
+        try await first.close()
+        try await second.close()
+        await proxy.stop()
+    }
+
+    @Test func panicBalancesAcrossEveryHostAndFailFastAnswersAtOnce() async throws {
+        for mode in ["panic", "fail_fast"] {
+            let a = try await FakeUpstream(group: group, name: "a") { _ in .respond(status: .internalServerError) }
+            let b = try await FakeUpstream(group: group, name: "b") { _ in .respond(status: .internalServerError) }
+            let yaml = ProxyHarness.simple(cluster: """
+                all_unhealthy: \(mode)
+                    outlier_detection: { consecutive_5xx: 1, max_ejection_percent: 100, base_ejection_time: 30s }
+                """, endpoints: 2)
+            let proxy = try await ProxyHarness(yaml: yaml, upstreams: [a.port, b.port], group: group)
+            let client = try await proxy.client()
+            for _ in 0..<10 where proxy.runtime.clusters[0].health.mode == .normal { _ = try await get(client) }
+            let entered = try await waitForEvent(proxy, .panicEntered)
+            #expect(entered.event.action.serialized().contains("\"mode\":\"\(mode)\""))
+            let r = try await get(client)
+            if mode == "panic" {
+                #expect(r.status == 500)           // the hosts' own answer: traffic still reaches them
+                #expect(r.header("x-upstream") != nil)
+            } else {
+                #expect(r.status == 503)
+                #expect(r.header("x-vigil-reason") == "no_healthy_upstream")
+            }
+            try await client.close()
+            await proxy.stop()
+        }
+    }
+
+    @Test func retryAfterIsWaitedForOrTheAnswerStands() async throws {
+        let busy = try await FakeUpstream(group: group, name: "busy") { _ in
+            .respond(status: .serviceUnavailable, headers: [("retry-after", "1")], body: "busy")
+        }
+        let good = try await FakeUpstream(group: group, name: "good")
+        for (timeout, expectRetry) in [("500ms", false), ("5s", true)] {
+            let yaml = ProxyHarness.simple(route: """
+                timeout: \(timeout)
+                        retry: { attempts: 1, on: [retriable-status], status_codes: [503], backoff: { base: 1ms } }
+                """, cluster: "load_balancer: round_robin", endpoints: 2)
+            let proxy = try await ProxyHarness(yaml: yaml, upstreams: [busy.port, good.port], group: group)
+            let client = try await proxy.client()
+            // Round robin starts on the first host: the busy one.
+            let started = Date()
+            let r = try await get(client)
+            if expectRetry {
+                #expect(r.status == 200)
+                #expect(Date().timeIntervalSince(started) >= 1.0)
+            } else {
+                #expect(r.status == 503)
+                #expect(r.text == "busy")
+            }
+            try await client.close()
+            await proxy.stop()
+        }
+    }
+
+    @Test func healthChecksTakeAHostOutAndBringItBack() async throws {
+        let mode = ManagedAtomic(0)
+        let flaky = try await switchable("flaky", mode) { m, head in
+            head.uri == "/healthz" && m == 1 ? .respond(status: .serviceUnavailable) : .respond()
+        }
+        let good = try await FakeUpstream(group: group, name: "good")
+        let yaml = ProxyHarness.simple(cluster: """
+            health_check: { path: /healthz, interval: 100ms, timeout: 500ms, unhealthy_threshold: 2, healthy_threshold: 2, interval_jitter_percent: 0, no_traffic_interval: 100ms }
+            """, endpoints: 2)
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [flaky.port, good.port], group: group)
+        mode.store(1, ordering: .relaxed)
+        let failed = try await waitForEvent(proxy, .healthCheckFailed, host: flaky.port)
+        #expect(failed.event.evidence.serialized().contains("status 503"))
+        let view = proxy.runtime.clusters[0].health.hostViews()[0]
+        #expect(view.state == "unhealthy")
+        #expect(view.lastTransition == "health_check_failed: active_health_check")
+        mode.store(0, ordering: .relaxed)
+        let passed = try await waitForEvent(proxy, .healthCheckPassed, host: flaky.port)
+        #expect(passed.seq > failed.seq)
+        #expect(proxy.runtime.clusters[0].health.hostViews()[0].state == "healthy")
+        await proxy.stop()
+    }
+}
