@@ -312,4 +312,36 @@ import VigilTestSupport
         #expect(proxy.runtime.clusters[0].health.hostViews()[0].state == "healthy")
         await proxy.stop()
     }
+
+    @Test func http2ClientsGetRetriesAndHTTP2UpstreamsGetProbes() async throws {
+        // HTTP/2 downstream with a body, a 503 host and a good one; both upstreams speak HTTP/2 only.
+        let bad = try await FakeUpstream(group: group, name: "bad", http2: true) { head in
+            head.uri == "/healthz" ? .respond() : .respond(status: .serviceUnavailable)
+        }
+        let good = try await FakeUpstream(group: group, name: "good", http2: true)
+        let yaml = ProxyHarness.simple(route: """
+            retry: { attempts: 1, on: [5xx], backoff: { base: 1ms } }
+            """, cluster: """
+            protocol: http2
+                load_balancer: round_robin
+                health_check: { path: /healthz, interval: 100ms, interval_jitter_percent: 0, no_traffic_interval: 100ms }
+            """, endpoints: 2)
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [bad.port, good.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        for i in 0..<4 {
+            let r = try await client.request(.PUT, "/doc/\(i)", body: ByteBuffer(string: "v\(i)"))
+            #expect(r.status == 200)
+            #expect(r.header("x-upstream") == "good")
+        }
+        #expect(good.recorded.filter { $0.head.uri.hasPrefix("/doc") }.map(\.bodyString) == ["v0", "v1", "v2", "v3"])
+        // The HTTP/2-only hosts answered their probes, so both stay healthy.
+        let deadline = Date().addingTimeInterval(5)
+        while proxy.runtime.clusters[0].health.hostViews().contains(where: { $0.activeHealth == "pending" }),
+              Date() < deadline {
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        #expect(proxy.runtime.clusters[0].health.hostViews().map(\.activeHealth) == ["healthy", "healthy"])
+        try await client.close()
+        await proxy.stop()
+    }
 }
