@@ -1,4 +1,5 @@
 import ArgumentParser
+import Atomics
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -11,7 +12,7 @@ import VigilProxy
 
 struct Demo: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "A self-contained showcase: three sample API instances, Vigil in front, light load, live stats.")
+        abstract: "A self-contained showcase: three sample API instances that fail, hang and die on a schedule, Vigil in front healing around them, load, and the healing decisions printed live.")
 
     @Option(help: "Requests per second the load loop sends.")
     var rate: Int = 200
@@ -19,12 +20,15 @@ struct Demo: AsyncParsableCommand {
     @Option(help: "Stop after this many seconds (default: run until Ctrl-C).")
     var seconds: Int?
 
+    @Flag(help: "Run without the fault schedule (every instance stays healthy).")
+    var noFaults = false
+
     func run() async throws {
         LoggingSystem.bootstrap(VigilLogHandler.init)
         LogLevelControl.level = .warning
         let logger = Logger(label: "vigil-demo")
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
-        let demo = DemoService(group: group, rate: rate, seconds: seconds, logger: logger)
+        let demo = DemoService(group: group, rate: rate, seconds: seconds, faults: !noFaults, logger: logger)
         let services = ServiceGroup(configuration: .init(services: [.init(service: demo, successTerminationBehavior: .gracefullyShutdownGroup)],
                                                          gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await services.run()
@@ -32,24 +36,47 @@ struct Demo: AsyncParsableCommand {
     }
 }
 
-/// Runs the sample instances, Vigil and the load loop; prints one line a second until stopped.
+/// The demo's fault schedule, repeating every 60 s: which instance does what, when.
+enum FaultSchedule {
+    struct Step {
+        var at: Int
+        var instance: Int
+        var mode: SampleInstance.Mode
+        var says: String
+    }
+
+    static let period = 60
+    static let steps: [Step] = [
+        Step(at: 8, instance: 0, mode: .failing, says: "api-a starts answering 503"),
+        Step(at: 23, instance: 0, mode: .healthy, says: "api-a recovers"),
+        Step(at: 28, instance: 1, mode: .hanging, says: "api-b hangs (accepts, never answers)"),
+        Step(at: 43, instance: 1, mode: .healthy, says: "api-b recovers"),
+        Step(at: 48, instance: 2, mode: .dead, says: "api-c is killed"),
+        Step(at: 56, instance: 2, mode: .healthy, says: "api-c restarts"),
+    ]
+}
+
+/// Runs the sample instances, Vigil and the load loop; prints one line a second and every healing event as
+/// it happens, until stopped.
 final class DemoService: Service, Sendable {
     let group: EventLoopGroup
     let rate: Int
     let seconds: Int?
+    let faults: Bool
     let logger: Logger
 
-    init(group: EventLoopGroup, rate: Int, seconds: Int?, logger: Logger) {
+    init(group: EventLoopGroup, rate: Int, seconds: Int?, faults: Bool, logger: Logger) {
         self.group = group
         self.rate = rate
         self.seconds = seconds
+        self.faults = faults
         self.logger = logger
     }
 
     func run() async throws {
-        var instances: [Channel] = []
+        var instances: [SampleInstance] = []
         for name in ["api-a", "api-b", "api-c"] { instances.append(try await SampleInstance.start(name: name, group: group)) }
-        let endpoints = instances.map { "\"127.0.0.1:\($0.localAddress!.port!)\"" }.joined(separator: ", ")
+        let endpoints = instances.map { "\"127.0.0.1:\($0.port)\"" }.joined(separator: ", ")
         let yaml = """
             node: { id: demo }
             admin: { address: "127.0.0.1:0" }
@@ -62,11 +89,20 @@ final class DemoService: Service, Sendable {
                 routes:
                   - match: { prefix: "/" }
                     cluster: sample-api
-                    timeout: 2s
+                    timeout: 3s
+                    retry: { attempts: 2, on: [connect-failure, reset, gateway-error], per_try_timeout: 300ms,
+                             backoff: { base: 10ms, max: 100ms }, budget: { ratio: 0.5, min_per_second: 20 } }
             clusters:
               - name: sample-api
                 endpoints: [\(endpoints)]
                 load_balancer: least_request
+                connect_timeout: 250ms
+                health_check: { path: /healthz, interval: 1s, timeout: 250ms, unhealthy_threshold: 2, healthy_threshold: 2,
+                                no_traffic_interval: 1s }
+                outlier_detection: { consecutive_5xx: 5, consecutive_gateway_failure: 3, interval: 5s,
+                                     base_ejection_time: 5s, max_ejection_time: 30s, max_ejection_percent: 67 }
+                slow_start: { window: 5s }
+                circuit_breakers: { max_retries: 16 }
             """
         let config = try VigilConfig.parse(yaml: yaml)
         let service = try VigilService(config: config, group: group, logger: logger)
@@ -76,20 +112,38 @@ final class DemoService: Service, Sendable {
         let port = service.proxy.boundAddress(listener: "inbound")!.port!
         print("""
             Vigil demo
-              sample instances: \(instances.map { "127.0.0.1:\($0.localAddress!.port!)" }.joined(separator: ", "))
+              sample instances: \(instances.map { "\($0.name)=127.0.0.1:\($0.port)" }.joined(separator: ", "))
               proxy:            http://127.0.0.1:\(port)/   (try: curl -i http://127.0.0.1:\(port)/hello)
-              admin:            http://127.0.0.1:\(service.admin.boundAddress!.port!)/   (/stats, /clusters, /stats/prometheus)
+              admin:            http://127.0.0.1:\(service.admin.boundAddress!.port!)/   (/clusters, /events, /stats/prometheus)
               load:             \(rate) requests/s over 8 keep-alive connections. Ctrl-C stops.
+              faults:           \(faults ? "every 60 s: api-a answers 503 (8-23 s), api-b hangs (28-43 s), api-c dies (48-56 s)" : "none")
 
             """)
+        let names = Dictionary(uniqueKeysWithValues: instances.map { ("127.0.0.1:\($0.port)", $0.name) })
         let stats = DemoStats()
         let load = LoadLoop(group: group, port: port, rate: rate, connections: 8, stats: stats)
         load.start()
+        let runtime = service.proxy.runtime
         let ticker = Task {
             var second = 0
+            var seen: UInt64 = 0
+            let started = ContinuousClock.now
             while !Task.isCancelled {
-                try await Task.sleep(for: .seconds(1))
+                // Healing events as they happen, five times a second.
+                for _ in 0..<5 {
+                    try await Task.sleep(for: .milliseconds(200))
+                    for record in runtime.events.records(after: seen) {
+                        seen = record.seq
+                        print(Self.describe(record, names: names, since: started))
+                    }
+                }
                 second += 1
+                if faults {
+                    for step in FaultSchedule.steps where step.at == second % FaultSchedule.period {
+                        print("  !! t=\(second)s  FAULT: \(step.says)")
+                        await instances[step.instance].set(step.mode)
+                    }
+                }
                 print(stats.line(second: second))
                 if let seconds = self.seconds, second >= seconds { break }
             }
@@ -97,7 +151,7 @@ final class DemoService: Service, Sendable {
         if let seconds {
             // A bounded run (used by tests and scripts): stop after `seconds` or at Ctrl-C, whichever first.
             try? await withGracefulShutdownHandler {
-                try? await Task.sleep(for: .seconds(seconds) + .milliseconds(200))
+                try? await Task.sleep(for: .seconds(seconds) + .milliseconds(300))
             } onGracefulShutdown: { ticker.cancel() }
         } else {
             try? await gracefulShutdown()
@@ -106,39 +160,103 @@ final class DemoService: Service, Sendable {
         load.stop()
         await service.proxy.drain(timeout: .seconds(2))
         await service.admin.stop()
-        for c in instances { try? await c.close() }
+        for i in instances { await i.set(.dead) }
         print("demo stopped")
+    }
+
+    /// One healing event as a line: when, what, which instance, why (the evidence), and what was done.
+    static func describe(_ record: HealingRecord, names: [String: String], since: ContinuousClock.Instant) -> String {
+        let e = record.event
+        let t = ContinuousClock.now - since
+        let host = e.host.map { names[$0] ?? $0 } ?? e.cluster
+        return "  >> t=\(String(format: "%.1f", Double(t.components.seconds) + Double(t.components.attoseconds) / 1e18))s  "
+            + "\(e.kind.rawValue) \(host) [\(e.reason)]  evidence=\(e.evidence.serialized())  action=\(e.action.serialized())"
     }
 }
 
-/// One sample API instance: answers every request with its name after a short, varying delay.
-enum SampleInstance {
-    static func start(name: String, group: EventLoopGroup) async throws -> Channel {
+/// One sample API instance: answers every request with its name after a short, varying delay, unless the
+/// fault schedule says it fails (503), hangs, or is dead (its socket closed; restarted on the same port).
+final class SampleInstance: Sendable {
+    enum Mode: Int { case healthy, failing, hanging, dead }
+
+    let name: String
+    let port: Int
+    let group: EventLoopGroup
+    private let mode = ManagedAtomic<Int>(Mode.healthy.rawValue)
+    private let state: NIOLockedValueBox<(server: Channel?, children: [ObjectIdentifier: Channel])>
+
+    private init(name: String, group: EventLoopGroup, server: Channel) {
+        self.name = name
+        self.group = group
+        self.port = server.localAddress!.port!
+        self.state = NIOLockedValueBox((server, [:]))
+    }
+
+    static func start(name: String, group: EventLoopGroup) async throws -> SampleInstance {
+        let placeholder = NIOLockedValueBox<SampleInstance?>(nil)
+        let server = try await bind(port: 0, group: group, name: name, owner: placeholder)
+        let instance = SampleInstance(name: name, group: group, server: server)
+        placeholder.withLockedValue { $0 = instance }
+        return instance
+    }
+
+    private static func bind(port: Int, group: EventLoopGroup, name: String,
+                             owner: NIOLockedValueBox<SampleInstance?>) async throws -> Channel {
         try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
-                channel.pipeline.configureHTTPServerPipeline().flatMapThrowing {
-                    try channel.pipeline.syncOperations.addHandler(SampleHandler(name: name))
+                let instance = owner.withLockedValue { $0 }
+                instance?.state.withLockedValue { $0.children[ObjectIdentifier(channel)] = channel }
+                channel.closeFuture.whenComplete { _ in
+                    _ = instance?.state.withLockedValue { $0.children.removeValue(forKey: ObjectIdentifier(channel)) }
+                }
+                return channel.pipeline.configureHTTPServerPipeline().flatMapThrowing {
+                    try channel.pipeline.syncOperations.addHandler(
+                        SampleHandler(name: name, mode: { Mode(rawValue: instance?.mode.load(ordering: .relaxed) ?? 0) ?? .healthy }))
                 }
             }
-            .bind(host: "127.0.0.1", port: 0).get()
+            .bind(host: "127.0.0.1", port: port).get()
+    }
+
+    var currentMode: Mode { Mode(rawValue: mode.load(ordering: .relaxed)) ?? .healthy }
+
+    func set(_ newMode: Mode) async {
+        let old = currentMode
+        mode.store(newMode.rawValue, ordering: .relaxed)
+        if newMode == .dead {
+            let (server, children) = state.withLockedValue { s in defer { s = (nil, [:]) }; return (s.server, Array(s.children.values)) }
+            try? await server?.close()
+            for c in children { try? await c.close() }
+        } else if old == .dead {
+            let owner = NIOLockedValueBox<SampleInstance?>(self)
+            if let server = try? await Self.bind(port: port, group: group, name: name, owner: owner) {
+                state.withLockedValue { $0.server = server }
+            }
+        }
     }
 
     final class SampleHandler: ChannelInboundHandler {
         typealias InboundIn = HTTPServerRequestPart
         typealias OutboundOut = HTTPServerResponsePart
         let name: String
+        let mode: @Sendable () -> Mode
         var random = SplitMix64(seed: UInt64.random(in: 0...UInt64.max))
-        init(name: String) { self.name = name }
+        init(name: String, mode: @escaping @Sendable () -> Mode) {
+            self.name = name
+            self.mode = mode
+        }
 
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
             guard case .end = unwrapInboundIn(data) else { return }
-            let body = "hello from \(name)\n"
+            let current = mode()
+            if current == .hanging || current == .dead { return }
+            let status: HTTPResponseStatus = current == .failing ? .serviceUnavailable : .ok
+            let body = current == .failing ? "\(name) is failing\n" : "hello from \(name)\n"
             let delay = TimeAmount.microseconds(Int64(200 + random.next() % 1800))
             context.eventLoop.assumeIsolated().scheduleTask(in: delay) { [self] in
                 let headers = HTTPHeaders([("content-type", "text/plain"), ("content-length", String(body.utf8.count)),
                                            ("x-instance", name)])
-                context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))),
+                context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))),
                               promise: nil)
                 context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil)
                 context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
@@ -181,7 +299,8 @@ final class DemoStats: Sendable {
         let mix = (1...5).compactMap { k in w.statuses[k].map { "\(k)xx=\(pct($0))" } }.joined(separator: " ")
         let share = w.instances.keys.sorted().map { "\($0)=\(pct(w.instances[$0]!))" }.joined(separator: " ")
         let errors = w.errors > 0 ? "  errors=\(w.errors)" : ""
-        return "t=\(String(format: "%3d", second))s  req/s=\(String(format: "%4d", total))  \(mix.isEmpty ? "-" : mix)  share: \(share.isEmpty ? "-" : share)  p50=\(q(0.5)) p99=\(q(0.99))\(errors)"
+        let ok = total == 0 ? "-" : String(format: "%.1f%%", Double(w.statuses[2] ?? 0) * 100 / Double(total))
+        return "t=\(String(format: "%3d", second))s  req/s=\(String(format: "%4d", total))  ok=\(ok)  \(mix.isEmpty ? "-" : mix)  share: \(share.isEmpty ? "-" : share)  p50=\(q(0.5)) p99=\(q(0.99))\(errors)"
     }
 }
 
