@@ -9,7 +9,8 @@ Only 127.0.0.1 is used.
 import argparse, os, re, shutil, signal, subprocess, sys, tempfile, time
 
 UP, UP_H2 = 18080, 18090
-PORTS = {"haproxy": (18081, 18091), "nginx": (18082, 18092), "caddy": (18083, 18093), "vigil": (18084, 18094)}
+PORTS = {"haproxy": (18081, 18091), "nginx": (18082, 18092), "caddy": (18083, 18093), "vigil": (18084, 18094),
+         "vigil-heal": (18085, 18095), "vigil-before": (18086, 18096)}
 CLK = os.sysconf("SC_CLK_TCK")
 
 
@@ -77,7 +78,28 @@ def write(dirname, name, text):
     return path
 
 
-def configs(d, vigil):
+def vigil_config(d, name, healing):
+    """Vigil's bench config; with `healing`, the cluster also has active health checks, outlier detection
+    and a retry policy (none of which fire against the healthy upstream: the bookkeeping is what is measured)."""
+    h1, h2 = PORTS[name]
+    route_extra = (', retry: { attempts: 2, on: [connect-failure, reset, gateway-error], per_try_timeout: 2s }'
+                   if healing else "")
+    cluster_extra = ("""
+    health_check: { path: /healthz, interval: 1s, timeout: 250ms }
+    outlier_detection: { consecutive_5xx: 5, consecutive_gateway_failure: 5, max_ejection_percent: 50 }""" if healing else "")
+    return write(d, f"{name}.yaml", f"""
+admin: {{ address: "127.0.0.1:18099" }}
+access_log: {{ output: "off" }}
+listeners:
+  - {{ name: h1, address: "127.0.0.1:{h1}", protocol: auto, routes: [{{ match: {{ prefix: "/" }}, cluster: up{route_extra} }}] }}
+  - {{ name: h2, address: "127.0.0.1:{h2}", protocol: auto, routes: [{{ match: {{ prefix: "/" }}, cluster: up{route_extra} }}] }}
+clusters:
+  - name: up
+    endpoints: ["127.0.0.1:{UP}"]{cluster_extra}
+""")
+
+
+def configs(d, vigil, vigil_before=None):
     up = write(d, "upstream.conf", f"""
 worker_processes 1; daemon off; pid {d}/up.pid; error_log {d}/up.err;
 events {{ worker_connections 8192; }}
@@ -120,20 +142,15 @@ http://127.0.0.1:{PORTS['caddy'][0]}, http://127.0.0.1:{PORTS['caddy'][1]} {{
 	reverse_proxy 127.0.0.1:{UP}
 }}
 """)
-    vg = write(d, "vigil.yaml", f"""
-admin: {{ address: "127.0.0.1:18099" }}
-access_log: {{ output: "off" }}
-listeners:
-  - {{ name: h1, address: "127.0.0.1:{PORTS['vigil'][0]}", protocol: auto, routes: [{{ match: {{ prefix: "/" }}, cluster: up }}] }}
-  - {{ name: h2, address: "127.0.0.1:{PORTS['vigil'][1]}", protocol: auto, routes: [{{ match: {{ prefix: "/" }}, cluster: up }}] }}
-clusters:
-  - {{ name: up, endpoints: ["127.0.0.1:{UP}"] }}
-""")
+    vg = vigil_config(d, "vigil", healing=False)
     return up, {
         "haproxy": (f"haproxy -f {ha} -db", {}, None),
         "nginx": (f"nginx -c {ng}", {}, "nginx: worker"),
         "caddy": (f"caddy run --config {cd} --adapter caddyfile", {"GOMAXPROCS": "1"}, None),
         "vigil": (f"{vigil} --config {vg} --threads 1 --log-level warning", {}, None),
+        "vigil-heal": (f"{vigil} --config {vigil_config(d, 'vigil-heal', healing=True)} --threads 1 --log-level warning", {}, None),
+        **({"vigil-before": (f"{vigil_before} --config {vigil_config(d, 'vigil-before', healing=False)} --threads 1 --log-level warning", {}, None)}
+           if vigil_before else {}),
     }
 
 
@@ -168,11 +185,12 @@ def main():
     ap.add_argument("--vigil", required=True)
     ap.add_argument("seconds", nargs="?", type=int, default=10)
     ap.add_argument("rounds", nargs="?", type=int, default=2)
-    ap.add_argument("--only", help="comma-separated targets to run (direct,haproxy,nginx,caddy,vigil)")
+    ap.add_argument("--only", help="comma-separated targets to run (direct,haproxy,nginx,caddy,vigil,vigil-heal,vigil-before)")
+    ap.add_argument("--vigil-before", help="another Vigil binary (an earlier commit) to measure beside this one")
     ap.add_argument("--protocols", default="h1,h2", help="h1, h2 or both")
     a = ap.parse_args()
     d = tempfile.mkdtemp(prefix="vigil-bench-")
-    up_conf, proxies = configs(d, a.vigil)
+    up_conf, proxies = configs(d, a.vigil, a.vigil_before)
     if not shutil.which("caddy"):
         del proxies["caddy"]
     if a.only:

@@ -111,4 +111,14 @@ import VigilTestSupport
         #expect(p.terminationStatus == 0)
         await #expect(throws: (any Error).self) { _ = try await TestClient.connect(port: proxyPort, group: group) }
     }
+
+    @Test func demoHealsOnScreen() throws {
+        // The schedule turns api-a bad at 8 s; by 11 s Vigil has taken it out and said why.
+        let (status, out, _) = try run(["demo", "--seconds", "11", "--rate", "100"])
+        #expect(status == 0)
+        #expect(out.contains("FAULT: api-a starts answering 503"))
+        #expect(out.contains("host_ejected api-a") || out.contains("health_check_failed api-a"))
+        #expect(out.contains("evidence={"))
+        #expect(out.contains("demo stopped"))
+    }
 }

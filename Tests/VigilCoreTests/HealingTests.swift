@@ -143,6 +143,10 @@ struct ScriptedRandom: RandomNumberGenerator {
 
         var ten = detector { $0.maxEjectionPercent = 10; $0.consecutive5xx = 1 }
         #expect(ten.record(host: 0, .response(status: 500), now: clock.now, random: &random).map(\.kind) == [.hostEjectionSkipped])
+        // A host that cannot be ejected is reported once per interval, not on every finding.
+        for _ in 0..<50 { #expect(ten.record(host: 0, .response(status: 500), now: clock.now, random: &random).isEmpty) }
+        clock.advance(.seconds(10))
+        #expect(ten.record(host: 0, .response(status: 500), now: clock.now, random: &random).map(\.kind) == [.hostEjectionSkipped])
     }
 
     @Test mutating func enforcingPercentageIsRolled() {

@@ -53,6 +53,9 @@ public struct OutlierDetector: Sendable {
         public var timesEjected = 0
         public var lastReturnedAt: NIODeadline?
         public var lastEjectionReason: String?
+        /// When a finding about this host was last reported without an ejection (reports are limited to
+        /// one per `interval`, so a host that cannot be ejected does not flood the event stream).
+        public var lastSkipReportAt: NIODeadline?
         public var isEjected: Bool { ejectedUntil != nil }
     }
 
@@ -266,6 +269,7 @@ public struct OutlierDetector: Sendable {
             evidence = .object(fields)
         }
         if enforcing < 100, Int(random.next() % 100) >= enforcing {
+            guard shouldReportSkip(i, now: now) else { return }
             events.append(HealingEvent(kind: .hostEjectionSkipped, cluster: cluster, host: hostNames[i], reason: reason,
                                        evidence: evidence,
                                        action: ["skipped": .string("not enforced: enforcing percentage is \(enforcing)")]))
@@ -274,6 +278,7 @@ public struct OutlierDetector: Sendable {
         let ejected = ejectedCount
         // Counting the host about to go: (ejected + 1) / total must stay within the percentage.
         guard (ejected + 1) * 100 <= config.maxEjectionPercent * hosts.count else {
+            guard shouldReportSkip(i, now: now) else { return }
             events.append(HealingEvent(kind: .hostEjectionSkipped, cluster: cluster, host: hostNames[i], reason: reason,
                                        evidence: evidence,
                                        action: ["skipped": .string("max_ejection_percent reached"),
@@ -296,6 +301,12 @@ public struct OutlierDetector: Sendable {
                                             "times_ejected": .int(hosts[i].timesEjected),
                                             "multiplier": .int(hosts[i].multiplier),
                                             "hosts_ejected": .int(ejected + 1), "hosts_total": .int(hosts.count)]))
+    }
+
+    private mutating func shouldReportSkip(_ i: Int, now: NIODeadline) -> Bool {
+        if let last = hosts[i].lastSkipReportAt, now - last < TimeAmount(config.interval) { return false }
+        hosts[i].lastSkipReportAt = now
+        return true
     }
 
     private mutating func unejectHost(_ i: Int, now: NIODeadline, reason: String, evidence: JSONValue) -> HealingEvent {
