@@ -132,7 +132,7 @@ import Testing
         let e = errors(yaml)
         #expect(e.count == 6, "\(e)")
         #expect(e.contains("listeners[0].protocol: \"http3\" is not one of http1, http2, auto"))
-        #expect(e.contains("clusters[0].load_balancer: \"random\" is not one of round_robin, least_request"))
+        #expect(e.contains("clusters[0].load_balancer: \"random\" is not one of round_robin, least_request, ewma"))
     }
 
     @Test func wrongTypesAndRanges() {

@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 @testable import VigilCore
 
@@ -74,5 +75,29 @@ struct FakeRequest: RoutableRequest {
         #expect(counts == counts.sorted(by: >))
         #expect(abs(counts[0] - 20_000) < 700 && abs(counts[3] - 5_000) < 400 && counts[4] == 0)
         #expect(LoadBalancer.leastRequest(candidates: [4], active: { _ in 9 }, random: &r) == 4)
+    }
+
+    @Test func ewmaPrefersTheFasterHostWeightedByLoad() {
+        var r = SplitMix64(seed: 13)
+        let latency: [Double] = [50_000_000, 1_000_000, 1_000_000]  // host 0 is 50 × slower
+        var counts = [0, 0, 0]
+        for _ in 0..<3000 {
+            counts[LoadBalancer.ewma(candidates: [0, 1, 2], latencyNanos: { latency[$0] }, active: { _ in 0 }, random: &r)!] += 1
+        }
+        #expect(counts[0] == 0)
+        // Load counts too: 60 requests in flight on a 1 ms host cost more than an idle 50 ms host.
+        let active = [0, 60, 60]
+        let pick = LoadBalancer.ewma(candidates: [0, 1], latencyNanos: { latency[$0] }, active: { active[$0] }, random: &r)
+        #expect(pick == 0)
+    }
+
+    @Test func peakEWMAJumpsUpAtOnceAndDecaysDown() {
+        let slow = PeakEWMA.update(current: 1_000_000, lastNanos: 0, observedNanos: 80_000_000, nowNanos: 1)
+        #expect(slow == 80_000_000)
+        // One decay time later a fast observation has pulled it about 63 % of the way down.
+        let later = PeakEWMA.update(current: slow, lastNanos: 0, observedNanos: 1_000_000, nowNanos: Int64(PeakEWMA.decayNanos))
+        #expect(abs(later - (80e6 * exp(-1) + 1e6 * (1 - exp(-1)))) < 1)
+        // A burst of fast answers in the same instant barely moves it: recovery is earned over time.
+        #expect(PeakEWMA.update(current: slow, lastNanos: 5, observedNanos: 1_000_000, nowNanos: 5) == slow)
     }
 }

@@ -344,4 +344,18 @@ import VigilTestSupport
         try await client.close()
         await proxy.stop()
     }
+
+    @Test func ewmaBalancingSteersAwayFromASlowHost() async throws {
+        let slow = try await FakeUpstream(group: group, name: "slow") { _ in .delayed(ms: 40, body: "slow") }
+        let fast = try await FakeUpstream(group: group, name: "fast")
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(cluster: "load_balancer: ewma", endpoints: 2),
+                                           upstreams: [slow.port, fast.port], group: group)
+        let client = try await proxy.client()
+        for _ in 0..<40 { #expect(try await get(client).status == 200) }
+        // Once each host has one latency observation, every two-choice comparison goes to the fast one.
+        #expect(slow.recorded.count <= 2)
+        #expect(fast.recorded.count >= 38)
+        try await client.close()
+        await proxy.stop()
+    }
 }

@@ -28,6 +28,47 @@ public enum LoadBalancer {
     }
 }
 
+extension LoadBalancer {
+    /// Peak EWMA by the power of two choices (Finagle, Linkerd): two distinct candidates at random, the one
+    /// with the lower cost wins, where cost = latency estimate × (active requests + 1). Hosts without an
+    /// estimate yet cost as if their latency were 1 µs, so they are tried and get one.
+    public static func ewma<R: RandomNumberGenerator>(candidates: [Int], latencyNanos: (Int) -> Double, active: (Int) -> Int,
+                                                      random: inout R) -> Int? {
+        func cost(_ i: Int) -> Double { Swift.max(latencyNanos(i), 1_000) * Double(active(i) + 1) }
+        switch candidates.count {
+        case 0: return nil
+        case 1: return candidates[0]
+        default:
+            let n = UInt64(candidates.count)
+            let i = Int(random.next() % n)
+            var j = Int(random.next() % (n - 1))
+            if j >= i { j += 1 }
+            let a = candidates[i], b = candidates[j]
+            return cost(b) < cost(a) ? b : a
+        }
+    }
+}
+
+/// A peak-sensitive exponentially weighted moving average of latency: a slower observation is taken at
+/// once, a faster one only blends in as time passes (decay τ, Linkerd's default 10 s). Reacting at once to
+/// a slowdown and slowly to a recovery is what steers traffic off a host that starts to hang.
+public enum PeakEWMA {
+    public static let decayNanos = 10e9
+
+    public static func update(current: Double, lastNanos: Int64, observedNanos: Double, nowNanos: Int64) -> Double {
+        if current == 0 || observedNanos > current { return observedNanos }
+        let elapsed = Double(Swift.max(nowNanos - lastNanos, 0))
+        let w = exp(-elapsed / decayNanos)
+        return current * w + observedNanos * (1 - w)
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// A small, fast pseudo-random generator (SplitMix64) for per-event-loop use on the hot path, where
 /// `SystemRandomNumberGenerator` would cost a syscall. Seeded from the system generator by the data plane,
 /// and from a fixed seed in tests.

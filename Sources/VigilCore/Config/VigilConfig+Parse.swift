@@ -231,7 +231,7 @@ extension ConfigReader {
             cluster.idleTimeout = d
         }
         if let lb = oneOf(m["load_balancer"], at: m.path("load_balancer"),
-                          ["round_robin": LoadBalancerKind.roundRobin, "least_request": .leastRequest]) {
+                          ["round_robin": LoadBalancerKind.roundRobin, "least_request": .leastRequest, "ewma": .ewma]) {
             cluster.loadBalancer = lb
         }
         if let b = map(m["circuit_breakers"], at: m.path("circuit_breakers"),

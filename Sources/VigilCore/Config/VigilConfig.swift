@@ -143,6 +143,8 @@ public enum UpstreamProtocol: String, Sendable, Equatable {
 public enum LoadBalancerKind: String, Sendable, Equatable {
     case roundRobin = "round_robin"
     case leastRequest = "least_request"
+    /// Peak EWMA of response latency (Finagle's and Linkerd's balancer), by the power of two choices.
+    case ewma
 }
 
 public struct ClusterConfig: Sendable, Equatable {

@@ -85,6 +85,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var chunkEvents: [ChunkedDecoder.Event] = []
     private var retries = RetryState()
     private var tryDeadline: NIODeadline?
+    private var trySentAt = NIODeadline.uptimeNanoseconds(0)
     private var retryAt: NIODeadline?
 
     init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, scheme: String = "http") {
@@ -319,6 +320,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         upstream = connection
         upstreamReused = reused
         connection.attach(self, requestIsHead: head.isHead)
+        trySentAt = context.eventLoop.now
         if let replay = retries.replay {
             // A retry, or a replay after a stale keep-alive connection: the same bytes again.
             connection.write(replay)
@@ -458,7 +460,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             process()
             return
         }
-        target?.record(.response(status: response.status), now: context.eventLoop.now)
+        target?.recordResponse(status: response.status, sentAt: trySentAt, now: context.eventLoop.now)
         if let policy = target?.retry, requestBodyDone, policy.covers(.response(status: response.status)) {
             let retryAfter = response.value(named: "retry-after").flatMap {
                 RetryAfter.parse($0, nowWallNanos: ProxyRuntime.wallClockNanos())

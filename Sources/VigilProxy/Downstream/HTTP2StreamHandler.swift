@@ -54,6 +54,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var timeoutTask: Scheduled<Void>?
     private var retries = RetryState()
     private var tryTask: Scheduled<Void>?
+    private var trySentAt = NIODeadline.uptimeNanoseconds(0)
     private var retryTask: Scheduled<Void>?
     private var readGate = ReadGate()
     private var requestID = ""
@@ -211,6 +212,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         phase = .forwarding
         upstream = connection
         connection.attach(self, requestIsHead: request.method == "HEAD")
+        trySentAt = .now()
         if let replay = retries.replay {
             connection.write(replay)  // a retry: what the failed try was sent, then the rest
         } else {
@@ -427,7 +429,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             upstreamFailed(.protocolError("101 Switching Protocols is not valid over HTTP/2"), responseStarted: false)
             return
         }
-        target?.record(.response(status: head.status), now: .now())
+        target?.recordResponse(status: head.status, sentAt: trySentAt, now: .now())
         if let policy = target?.retry, requestBodyDone, policy.covers(.response(status: head.status)) {
             let retryAfter = head.value(named: "retry-after").flatMap {
                 RetryAfter.parse($0, nowWallNanos: ProxyRuntime.wallClockNanos())

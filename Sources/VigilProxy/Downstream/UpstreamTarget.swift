@@ -31,6 +31,13 @@ struct UpstreamTarget {
     func record(_ outcome: AttemptOutcome, now: NIODeadline) {
         cluster.health.record(host: host.index, outcome, now: now)
     }
+
+    /// A response head arrived `now` for a try sent at `sentAt`: its status for the health, its latency
+    /// for the EWMA balancer.
+    func recordResponse(status: Int, sentAt: NIODeadline, now: NIODeadline) {
+        if cluster.config.loadBalancer == .ewma { host.observeLatency(nanos: (now - sentAt).nanoseconds, now: now) }
+        cluster.health.record(host: host.index, .response(status: status), now: now)
+    }
 }
 
 enum RoutingOutcome {

@@ -13,6 +13,21 @@ public final class HostRuntime: Sendable {
     public let activeRequests = ManagedAtomic<Int>(0)
     public let totalRequests = ManagedAtomic<Int>(0)
     public let connectFailures = ManagedAtomic<Int>(0)
+    /// Peak-EWMA latency estimate (a Double's bits) and when it was last updated, for `load_balancer: ewma`.
+    /// Updated without a lock: two loops racing lose one observation, which an estimate can afford.
+    let latencyBits = ManagedAtomic<UInt64>(0)
+    let latencyStamp = ManagedAtomic<Int64>(0)
+
+    var latencyNanos: Double { Double(bitPattern: latencyBits.load(ordering: .relaxed)) }
+
+    func observeLatency(nanos: Int64, now: NIODeadline) {
+        let nowNanos = Int64(now.uptimeNanoseconds)
+        let next = PeakEWMA.update(current: latencyNanos, lastNanos: latencyStamp.load(ordering: .relaxed),
+                                   observedNanos: Double(nanos), nowNanos: nowNanos)
+        latencyBits.store(next.bitPattern, ordering: .relaxed)
+        latencyStamp.store(nowNanos, ordering: .relaxed)
+    }
+
     /// Open upstream connections to this host, across event loops.
     public let connections = ManagedAtomic<Int>(0)
     /// Resolved once at startup; endpoints are IP literals or names resolved then.
@@ -92,6 +107,9 @@ public final class ClusterRuntime: Sendable {
         case .leastRequest:
             LoadBalancer.leastRequest(candidates: candidates, active: { hosts[$0].activeRequests.load(ordering: .relaxed) },
                                       random: &random)
+        case .ewma:
+            LoadBalancer.ewma(candidates: candidates, latencyNanos: { hosts[$0].latencyNanos },
+                              active: { hosts[$0].activeRequests.load(ordering: .relaxed) }, random: &random)
         }
     }
 
