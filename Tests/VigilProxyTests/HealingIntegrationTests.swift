@@ -358,4 +358,26 @@ import VigilTestSupport
         try await client.close()
         await proxy.stop()
     }
+
+    @Test func aBodyPastRetryBufferBytesIsNotRetried() async throws {
+        let bad = try await FakeUpstream(group: group, name: "bad") { _ in .respond(status: .serviceUnavailable) }
+        let good = try await FakeUpstream(group: group, name: "good")
+        let yaml = ProxyHarness.simple(route: """
+            retry: { attempts: 1, on: [5xx], retry_non_idempotent: true, retry_buffer_bytes: 1KiB, backoff: { base: 1ms } }
+            """, cluster: "load_balancer: round_robin", endpoints: 2)
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [bad.port, good.port], group: group)
+        // Round robin starts on the bad host for each fresh proxy sequence: request 1 goes there.
+        let small = String(repeating: "s", count: 1000)
+        let client = try await proxy.client()
+        let first = try await get(client, "/small", method: "POST", body: small)
+        #expect(first.status == 200)                           // replayed whole on the good host
+        #expect(good.recorded.last?.bodyString == small)
+        let large = String(repeating: "L", count: 4000)
+        var statuses: [Int] = []
+        for _ in 0..<2 { statuses.append(try await get(client, "/large", method: "POST", body: large).status) }
+        #expect(statuses.contains(503))                         // the one that met the bad host was not retried
+        #expect(bad.recorded.filter { $0.head.uri == "/large" }.allSatisfy { $0.bodyBytes == 4000 })
+        try await client.close()
+        await proxy.stop()
+    }
 }
