@@ -88,7 +88,7 @@ final class VigilService: Service, Sendable {
     init(config: VigilConfig, group: EventLoopGroup, logger: Logger,
          registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) throws {
         let accessLog = try AccessLog.open(config.accessLog)
-        let runtime = ProxyRuntime(config: config, group: group, metricsFactory: PrometheusMetricsFactory(registry: registry),
+        let runtime = try ProxyRuntime(config: config, group: group, metricsFactory: PrometheusMetricsFactory(registry: registry),
                                    accessLog: accessLog)
         proxy = ProxyServer(runtime: runtime, group: group, logger: logger)
         admin = AdminServer(proxy: proxy, registry: registry, group: group, logger: logger)

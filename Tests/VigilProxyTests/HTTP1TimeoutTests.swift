@@ -15,7 +15,7 @@ import VigilCore
               - { name: in, address: "127.0.0.1:0", limits: { \(limits) }, routes: [{ match: { prefix: "/" }, cluster: c }] }
             clusters: [{ name: c, endpoints: ["127.0.0.1:9"] }]
             """)
-        let runtime = ProxyRuntime(config: config, group: loop, metricsFactory: NOOPMetricsHandler.instance, accessLog: .off)
+        let runtime = try ProxyRuntime(config: config, group: loop, metricsFactory: NOOPMetricsHandler.instance, accessLog: .off)
         let handler = HTTP1ServerHandler(runtime: runtime, listener: runtime.listeners[0], loop: runtime.loopContext(loop))
         let channel = EmbeddedChannel(handler: handler, loop: loop)
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()

@@ -14,7 +14,7 @@ import VigilCore
             listeners: [{ name: in, address: "127.0.0.1:0", routes: [{ match: { prefix: "/" }, cluster: c }] }]
             clusters: [{ name: c, endpoints: ["127.0.0.1:9"] }]
             """)
-        return ProxyRuntime(config: config, group: loop, metricsFactory: NOOPMetricsHandler.instance, accessLog: .off)
+        return try ProxyRuntime(config: config, group: loop, metricsFactory: NOOPMetricsHandler.instance, accessLog: .off)
     }
 
     @Test func http1HandlerIsFreedWhenItsConnectionCloses() throws {

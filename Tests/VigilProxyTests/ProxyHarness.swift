@@ -23,7 +23,7 @@ final class ProxyHarness: Sendable {
         let config = try VigilConfig.parse(yaml: text)
         self.group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: 2)
         self.accessLog = AccessLog.memory()
-        let runtime = ProxyRuntime(config: config, group: self.group, metricsFactory: metrics, accessLog: accessLog)
+        let runtime = try ProxyRuntime(config: config, group: self.group, metricsFactory: metrics, accessLog: accessLog)
         var logger = Logger(label: "vigil-test")
         logger.logLevel = .warning
         self.server = ProxyServer(runtime: runtime, group: self.group, logger: logger)

@@ -22,7 +22,8 @@ extension VigilConfig {
 
 extension ConfigReader {
     mutating func readConfig(_ root: Node) -> VigilConfig? {
-        let keys: Set = ["node", "admin", "state_dir", "access_log", "drain_timeout", "event_buffer", "listeners", "clusters"]
+        let keys: Set = ["node", "admin", "state_dir", "access_log", "drain_timeout", "event_buffer", "listeners", "clusters",
+                         "authorization"]
         guard let m = map(root, at: "", keys: keys) else { return nil }
         var config = VigilConfig(listeners: [], clusters: [])
 
@@ -44,6 +45,9 @@ extension ConfigReader {
         }
         if let d = duration(m["drain_timeout"], at: "drain_timeout") { config.drainTimeout = d }
         if let n = int(m["event_buffer"], at: "event_buffer", range: 1...1_000_000) { config.eventBuffer = n }
+        if let rules = list(m["authorization"], at: "authorization") {
+            config.authorization = rules.enumerated().compactMap { readAuthorizationRule($0.element, at: Self.index("authorization", $0.offset)) }
+        }
 
         let clusterNodes = list(m["clusters"], at: "clusters") ?? []
         for (i, node) in clusterNodes.enumerated() {
@@ -84,7 +88,8 @@ extension ConfigReader {
     }
 
     mutating func readListener(_ node: Node, at path: String, clusterNames: [String: Int]) -> ListenerConfig? {
-        guard let m = map(node, at: path, keys: ["name", "address", "protocol", "routes", "limits"]) else { return nil }
+        guard let m = map(node, at: path, keys: ["name", "address", "protocol", "routes", "limits", "tls", "authorization"])
+        else { return nil }
         let name = required(nonEmptyString(m["name"], at: m.path("name")), m, "name")
         let address = required(self.address(m["address"], at: m.path("address")), m, "address")
         let proto = oneOf(m["protocol"], at: m.path("protocol"),
@@ -127,7 +132,12 @@ extension ConfigReader {
             fail(m.path("routes"), "is required")
         }
         guard let name, let address else { return nil }
-        return ListenerConfig(name: name, address: address, protocol: proto, routes: routes, limits: limits)
+        var listener = ListenerConfig(name: name, address: address, protocol: proto, routes: routes, limits: limits)
+        if let node = m["tls"] { listener.tls = readListenerTLS(node, at: m.path("tls")) }
+        if let on = oneOf(m["authorization"], at: m.path("authorization"), ["on": true, "off": false]) {
+            listener.authorization = on
+        }
+        return listener
     }
 
     mutating func readRoute(_ node: Node, at path: String, clusterNames: [String: Int]) -> RouteConfig? {
@@ -203,7 +213,7 @@ extension ConfigReader {
     mutating func readCluster(_ node: Node, at path: String) -> ClusterConfig? {
         let keys: Set = ["name", "endpoints", "protocol", "connect_timeout", "idle_timeout", "load_balancer",
                          "circuit_breakers", "health_check", "outlier_detection", "slow_start", "panic_threshold",
-                         "all_unhealthy"]
+                         "all_unhealthy", "tls"]
         guard let m = map(node, at: path, keys: keys) else { return nil }
         let name = required(nonEmptyString(m["name"], at: m.path("name")), m, "name")
         var endpoints: [SocketAddressSpec] = []
@@ -250,6 +260,7 @@ extension ConfigReader {
             }
         }
         readHealing(m, into: &cluster)
+        if let node = m["tls"] { cluster.tls = readClusterTLS(node, at: m.path("tls")) }
         guard name != nil else { return nil }
         return cluster
     }

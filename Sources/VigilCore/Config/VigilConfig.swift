@@ -13,6 +13,8 @@ public struct VigilConfig: Sendable, Equatable {
     public var eventBuffer: Int = 1024
     public var listeners: [ListenerConfig]
     public var clusters: [ClusterConfig]
+    /// Default-deny authorization rules; empty means every request is allowed.
+    public var authorization: [AuthorizationRule] = []
 
     public init(nodeID: String = "vigil", admin: AdminConfig = .init(), stateDir: String = "./.vigil",
                 accessLog: AccessLogOutput = .stdout, drainTimeout: Duration = .seconds(30),
@@ -53,6 +55,9 @@ public struct ListenerConfig: Sendable, Equatable {
     public var `protocol`: ListenerProtocol
     public var routes: [RouteConfig]
     public var limits: ListenerLimits
+    public var tls: ListenerTLSConfig?
+    /// `authorization: off` exempts the listener from the authorization rules (e.g. a local outbound one).
+    public var authorization = true
 
     public init(name: String, address: SocketAddressSpec, protocol: ListenerProtocol = .auto,
                 routes: [RouteConfig], limits: ListenerLimits = .init()) {
@@ -162,6 +167,7 @@ public struct ClusterConfig: Sendable, Equatable {
     public var slowStart: SlowStartConfig?
     /// Below this percentage of available hosts the cluster is in panic (Envoy's default 50).
     public var panicThreshold: Int = 50
+    public var tls: ClusterTLSConfig?
     public var allUnhealthy: AllUnhealthyMode = .panic
 
     public init(name: String, endpoints: [SocketAddressSpec], protocol: UpstreamProtocol = .http1,

@@ -17,6 +17,8 @@ public enum HTTP1FieldKind: UInt8, Sendable {
     case xForwardedProto
     case xRequestID
     case trailer
+    /// Envoy's `x-forwarded-client-cert`: only Vigil may set it; a client's is always removed.
+    case xForwardedClientCert
 
     /// Classifies a field name by its length first, so most names cost one switch and no compare.
     @inline(__always)
@@ -38,6 +40,7 @@ public enum HTTP1FieldKind: UInt8, Sendable {
         case 17:
             if eq("transfer-encoding") { return .transferEncoding }
             if eq("x-forwarded-proto") { return .xForwardedProto }
+        case 23: if eq("x-forwarded-client-cert") { return .xForwardedClientCert }
         default: break
         }
         if count > 6, eq6proxy(p, start) { return .proxyPrefixed }

@@ -44,9 +44,12 @@ public struct ForwardingFacts: Sendable {
     public var clientAddress: String
     /// "http" or "https": what the client spoke to Vigil.
     public var scheme: String
-    public init(clientAddress: String, scheme: String) {
+    /// The `x-forwarded-client-cert` value for an mTLS client (Envoy's format), nil otherwise.
+    public var clientCert: String?
+    public init(clientAddress: String, scheme: String, clientCert: String? = nil) {
         self.clientAddress = clientAddress
         self.scheme = scheme
+        self.clientCert = clientCert
     }
 }
 
@@ -89,7 +92,8 @@ public enum HTTP1HeadWriter {
             switch f.kind {
             case .host: keep = !absoluteForm
             case .contentLength: keep = true
-            case .transferEncoding, .connection, .keepAlive, .proxyPrefixed, .xForwardedProto: keep = false
+            case .transferEncoding, .connection, .keepAlive, .proxyPrefixed, .xForwardedProto, .xForwardedClientCert:
+                keep = false
             case .te:
                 keep = false
                 teTrailers = teTrailers || head.valueString(f).lowercased().split(separator: ",")
@@ -132,6 +136,11 @@ public enum HTTP1HeadWriter {
         out.writeStaticString("\r\nx-forwarded-proto: ")
         out.writeString(facts.scheme)
         out.writeStaticString("\r\n")
+        if let cert = facts.clientCert {
+            out.writeStaticString("x-forwarded-client-cert: ")
+            out.writeString(cert)
+            out.writeStaticString("\r\n")
+        }
         var generated: RequestID?
         if !hadRequestID {
             let id = RequestID(using: &random)
@@ -186,7 +195,7 @@ public enum HTTP1HeadWriter {
                 if case .length = framing { keep = true } else { keep = isNoBodyWithLength(head, framing) }
             case .transferEncoding, .connection, .keepAlive, .proxyPrefixed, .te: keep = false
             case .upgrade: keep = isSwitch
-            case .host, .expect, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .other:
+            case .host, .expect, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .other, .xForwardedClientCert:
                 keep = nominated.isEmpty || !nominated.contains { head.nameEquals(f, $0) }
             }
             if keep {

@@ -275,7 +275,7 @@ public enum HTTP1Parser {
                     }
                 case .upgrade:
                     s.hasUpgradeField = true
-                case .other, .keepAlive, .te, .proxyPrefixed, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer:
+                case .other, .keepAlive, .te, .proxyPrefixed, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .xForwardedClientCert:
                     break
                 }
             }

@@ -14,6 +14,12 @@ public struct HealingEvent: Sendable, Equatable {
         case panicEntered = "panic_entered"
         case panicExited = "panic_exited"
         case retryBudgetExhausted = "retry_budget_exhausted"
+        /// New certificate, key or trust files took effect for new handshakes.
+        case tlsReloaded = "tls_reloaded"
+        /// Changed TLS files were refused (unreadable, mismatched, expired); the old material stays.
+        case tlsReloadFailed = "tls_reload_failed"
+        /// A certificate in use expires within 7 days.
+        case certExpiring = "cert_expiring"
     }
 
     public var kind: Kind

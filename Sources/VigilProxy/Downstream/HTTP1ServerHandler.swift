@@ -43,7 +43,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private let runtime: ProxyRuntime
     private let listener: ListenerRuntime
     private let loop: LoopContext
-    private let scheme: String
+    private let session: DownstreamSession
     private var context: ChannelHandlerContext!
     /// Kept from `handlerAdded`: `context.channel.allocator` walks the pipeline on every use.
     private var allocator = ByteBufferAllocator()
@@ -88,11 +88,11 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var trySentAt = NIODeadline.uptimeNanoseconds(0)
     private var retryAt: NIODeadline?
 
-    init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, scheme: String = "http") {
+    init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, session: DownstreamSession = .plain) {
         self.runtime = runtime
         self.listener = listener
         self.loop = loop
-        self.scheme = scheme
+        self.session = session
         self.idleSince = .uptimeNanoseconds(0)  // set from the loop clock in handlerAdded
     }
 
@@ -102,7 +102,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         self.context = context
         allocator = context.channel.allocator
         let ip = context.channel.remoteAddress?.ipAddress ?? "unknown"
-        facts = ForwardingFacts(clientAddress: ip, scheme: scheme)
+        facts = ForwardingFacts(clientAddress: ip, scheme: session.scheme, clientCert: session.forwardedClientCert)
         idleSince = context.eventLoop.now
         armIdleTimer()
     }
@@ -282,7 +282,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             requestBodyDone = false
             chunked = ChunkedDecoder(maxTrailerBytes: listener.config.limits.maxHeaderBytes)
         }
-        switch runtime.route(head, listener: listener, loop: loop) {
+        switch runtime.route(head, listener: listener, loop: loop, identity: session.identity) {
         case .reply(let status, let reason, let detail, let cluster):
             replyCluster = cluster
             localReply(status: status, reason: reason, detail: detail, close: !requestBodyDone)

@@ -4,7 +4,8 @@ import VigilCore
 
 /// Sets up an HTTP/2 connection (prior knowledge) whose streams are each served by an `HTTP2StreamHandler`.
 enum HTTP2Pipeline {
-    static func configure(channel: Channel, runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext) throws {
+    static func configure(channel: Channel, runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext,
+                          session: DownstreamSession = .plain) throws {
         var connection = NIOHTTP2Handler.ConnectionConfiguration()
         connection.initialSettings = [
             HTTP2Setting(parameter: .maxConcurrentStreams, value: listener.config.limits.maxConcurrentStreams),
@@ -23,7 +24,7 @@ enum HTTP2Pipeline {
         ) { streamChannel in
             streamChannel.eventLoop.makeCompletedFuture {
                 try streamChannel.pipeline.syncOperations.addHandler(
-                    HTTP2StreamHandler(runtime: runtime, listener: listener, loop: loop))
+                    HTTP2StreamHandler(runtime: runtime, listener: listener, loop: loop, session: session))
             }
         }
         try channel.pipeline.syncOperations.addHandler(drain)

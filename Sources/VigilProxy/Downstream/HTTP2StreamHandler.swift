@@ -59,7 +59,10 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var readGate = ReadGate()
     private var requestID = ""
 
-    init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext) {
+    private let session: DownstreamSession
+
+    init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, session: DownstreamSession = .plain) {
+        self.session = session
         self.runtime = runtime
         self.listener = listener
         self.loop = loop
@@ -193,7 +196,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             reply(status: 413, reason: "body_too_large", detail: "the request body is larger than max_body_bytes (\(max))")
             return
         }
-        switch runtime.route(request, listener: listener, loop: loop) {
+        switch runtime.route(request, listener: listener, loop: loop, identity: session.identity) {
         case .reply(let status, let reason, let detail, _):
             reply(status: status, reason: reason, detail: detail)
         case .forward(let target):
@@ -304,7 +307,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         for (name, value, _) in request.headers {
             switch name {
             case ":method", ":path", ":authority", ":scheme", ":protocol", "host", "connection", "keep-alive",
-                 "proxy-connection", "transfer-encoding", "upgrade", "te", "x-forwarded-proto":
+                 "proxy-connection", "transfer-encoding", "upgrade", "te", "x-forwarded-proto", "x-forwarded-client-cert":
                 continue
             case "cookie":
                 cookies.append(value)
@@ -336,7 +339,14 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         out.writeStaticString("x-forwarded-for: ")
         forwardedFor.append(context.channel.parent?.remoteAddress?.ipAddress ?? "unknown")
         out.writeString(forwardedFor.joined(separator: ", "))
-        out.writeStaticString("\r\nx-forwarded-proto: http\r\n")
+        out.writeStaticString("\r\nx-forwarded-proto: ")
+        out.writeString(session.scheme)
+        out.writeStaticString("\r\n")
+        if let cert = session.forwardedClientCert {
+            out.writeStaticString("x-forwarded-client-cert: ")
+            out.writeString(cert)
+            out.writeStaticString("\r\n")
+        }
         if !hadRequestID {
             let rid = RequestID(using: &loop.random)
             out.writeStaticString("x-request-id: ")
@@ -449,7 +459,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                 continue
             case .contentLength:
                 if head.transferEncodingPresent { continue }
-            case .host, .expect, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .other:
+            case .host, .expect, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .other, .xForwardedClientCert:
                 if !nominated.isEmpty && nominated.contains(where: { head.nameEquals(f, $0) }) { continue }
             }
             headers.add(name: head.nameString(f).lowercased(), value: head.valueString(f))

@@ -49,7 +49,19 @@ enum RoutingOutcome {
 extension ProxyRuntime {
     /// Routing and admission for a request, the same for HTTP/1 and HTTP/2: first matching route,
     /// the cluster's `max_requests` breaker, then a host from the balancer.
-    func route(_ request: some RoutableRequest, listener: ListenerRuntime, loop: LoopContext) -> RoutingOutcome {
+    func route(_ request: some RoutableRequest, listener: ListenerRuntime, loop: LoopContext,
+               identity: String? = nil) -> RoutingOutcome {
+        if listener.config.authorization, !authorizer.rules.isEmpty {
+            switch authorizer.decide(identity: identity, path: request.path, method: request.method) {
+            case .allow(let rule):
+                if let rule { metrics.authorizationAllowed[rule].increment() }
+            case .deny:
+                metrics.authorizationDenied.increment()
+                return .reply(status: 403, reason: "unauthorized",
+                              detail: "no authorization rule allows \(identity ?? "an unauthenticated caller") to \(request.method) \(RouteTable.pathWithoutQuery(request.path))",
+                              cluster: nil)
+            }
+        }
         guard let routeIndex = listener.routes.match(request) else {
             return .reply(status: 404, reason: "no_route",
                           detail: "no route of listener \(listener.config.name) matches \(request.method) \(RouteTable.pathWithoutQuery(request.path))",

@@ -13,8 +13,17 @@ public final class ProxyMetrics: Sendable {
     let bytesIn: [Counter]
     let bytesOut: [Counter]
     let upstreamConnectFailures: [Counter]
+    /// `[rule]` requests allowed by each authorization rule, and those denied.
+    let authorizationAllowed: [Counter]
+    let authorizationDenied: Counter
 
-    public init(listeners: [ListenerConfig], clusters: [ClusterConfig], factory: MetricsFactory) {
+    public init(listeners: [ListenerConfig], clusters: [ClusterConfig], authorization: [AuthorizationRule] = [],
+                factory: MetricsFactory) {
+        authorizationAllowed = authorization.indices.map {
+            Counter(label: "vigil_authorization_total", dimensions: [("rule", String($0)), ("decision", "allow")], factory: factory)
+        }
+        authorizationDenied = Counter(label: "vigil_authorization_total", dimensions: [("rule", "none"), ("decision", "deny")],
+                                      factory: factory)
         let clusterNames = ["none"] + clusters.map(\.name)
         requests = listeners.map { l in
             clusterNames.map { c in

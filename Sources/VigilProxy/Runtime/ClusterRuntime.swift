@@ -1,5 +1,6 @@
 import Atomics
 import NIOCore
+import NIOSSL
 import VigilCore
 
 /// Live state of one upstream host, shared by every event loop. Only atomics: the request path reads and
@@ -62,13 +63,20 @@ public final class ClusterRuntime: Sendable {
     public let retryBudgetRefusals = ManagedAtomic<Int>(0)
     public let retries = ManagedAtomic<Int>(0)
 
-    init(config: ClusterConfig, index: Int, events: HealingEventLog, loop: EventLoop) {
+    /// The store that holds this cluster's TLS material (nil outside a proxy, in unit tests).
+    private let tls: TLSStore?
+
+    init(config: ClusterConfig, index: Int, events: HealingEventLog, loop: EventLoop, tls: TLSStore? = nil) {
         self.config = config
+        self.tls = tls
         self.index = index
         self.hosts = config.endpoints.enumerated().map { HostRuntime(address: $0.element, index: $0.offset) }
         self.health = ClusterHealth(config: config, hostNames: hosts.map(\.addressText), events: events, loop: loop,
                                     now: .now())
     }
+
+    /// The current TLS context for new connections to this cluster's hosts; nil without `tls`.
+    func tlsContext() -> NIOSSLContext? { tls?.clusterContext(index) }
 
     /// Requests refused by `max_requests` and `max_pending_requests`.
     public var overflows: Int {

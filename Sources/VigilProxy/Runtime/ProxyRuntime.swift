@@ -18,6 +18,10 @@ public final class ProxyRuntime: Sendable {
     public let accessLog: AccessLog
     /// Every healing decision, numbered, logged and counted.
     public let events: HealingEventLog
+    /// TLS material of listeners and clusters, reloaded when its files change.
+    public let tls: TLSStore
+    /// The default-deny authorization rules (empty: everything allowed).
+    let authorizer: Authorizer
     let logger: Logger
     private let healingTasks = NIOLockedValueBox<[RepeatedTask]>([])
     private let probers: [HealthProber]
@@ -26,15 +30,20 @@ public final class ProxyRuntime: Sendable {
     /// Requests in flight across every listener.
     public let activeRequests = ManagedAtomic<Int>(0)
     private let loops: [ObjectIdentifier: LoopContext]
+    private let group: EventLoopGroup
 
+    /// Throws `TLSLoadError` (with the config key path) when a listener's or cluster's TLS files do not load.
     public init(config: VigilConfig, group: EventLoopGroup, metricsFactory: MetricsFactory, accessLog: AccessLog,
-                logger: Logger = Logger(label: "vigil")) {
+                logger: Logger = Logger(label: "vigil")) throws {
         self.config = config
         self.logger = logger
         let events = HealingEventLog(capacity: config.eventBuffer, logger: logger, metricsFactory: metricsFactory)
         self.events = events
+        let tls = try TLSStore(config: config, events: events)
+        self.tls = tls
+        self.authorizer = Authorizer(rules: config.authorization)
         let clusters = config.clusters.enumerated().map {
-            ClusterRuntime(config: $0.element, index: $0.offset, events: events, loop: group.next())
+            ClusterRuntime(config: $0.element, index: $0.offset, events: events, loop: group.next(), tls: tls)
         }
         self.probers = clusters.compactMap(HealthProber.init)
         let clusterIndex = Dictionary(uniqueKeysWithValues: clusters.map { ($0.config.name, $0.index) })
@@ -42,8 +51,10 @@ public final class ProxyRuntime: Sendable {
         self.listeners = config.listeners.enumerated().map {
             ListenerRuntime(config: $0.element, index: $0.offset, clusterIndex: clusterIndex)
         }
-        self.metrics = ProxyMetrics(listeners: config.listeners, clusters: config.clusters, factory: metricsFactory)
+        self.metrics = ProxyMetrics(listeners: config.listeners, clusters: config.clusters,
+                                    authorization: config.authorization, factory: metricsFactory)
         self.accessLog = accessLog
+        self.group = group
         var loops: [ObjectIdentifier: LoopContext] = [:]
         var seed = SystemRandomNumberGenerator()
         for loop in group.makeIterator() {
@@ -63,6 +74,13 @@ public final class ProxyRuntime: Sendable {
             }
         }
         healingTasks.withLockedValue { $0 += tasks }
+        if !tls.isEmpty {
+            let tls = self.tls
+            let reload = group.next().scheduleRepeatedTask(initialDelay: TLSStore.pollInterval, delay: TLSStore.pollInterval) { _ in
+                tls.reload()
+            }
+            healingTasks.withLockedValue { $0.append(reload) }
+        }
     }
 
     public func stopHealing() {

@@ -2,6 +2,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import NIOSSL
 import VigilCore
 
 /// Binds the configured listeners and serves them on an event loop group.
@@ -71,6 +72,12 @@ public final class ProxyServer: Sendable {
                 }
                 return channel.eventLoop.makeCompletedFuture {
                     let loop = runtime.loopContext(channel.eventLoop)
+                    if let tls = runtime.tls.listenerContext(listener.index) {
+                        try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls))
+                        try channel.pipeline.syncOperations.addHandler(
+                            TLSSessionStarter(runtime: runtime, listener: listener, loop: loop))
+                        return
+                    }
                     switch listener.config.protocol {
                     case .http1:
                         try channel.pipeline.syncOperations.addHandler(
@@ -169,12 +176,14 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     private let runtime: ProxyRuntime
     private let listener: ListenerRuntime
     private let loop: LoopContext
+    private let session: DownstreamSession
     private var buffered: ByteBuffer?
 
-    init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext) {
+    init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, session: DownstreamSession = .plain) {
         self.runtime = runtime
         self.listener = listener
         self.loop = loop
+        self.session = session
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -187,10 +196,12 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
         let channel = context.channel
         do {
             if matches {
-                try HTTP2Pipeline.configure(channel: channel, runtime: runtime, listener: listener, loop: loop)
+                try HTTP2Pipeline.configure(channel: channel, runtime: runtime, listener: listener, loop: loop,
+                                            session: session)
             } else {
                 try channel.pipeline.syncOperations.addHandler(
-                    HTTP1ServerHandler(runtime: runtime, listener: listener, loop: loop), position: .after(self))
+                    HTTP1ServerHandler(runtime: runtime, listener: listener, loop: loop, session: session),
+                    position: .after(self))
             }
         } catch {
             context.close(promise: nil)

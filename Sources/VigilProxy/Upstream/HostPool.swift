@@ -3,6 +3,7 @@ import DequeModule
 import NIOCore
 import NIOHTTP2
 import NIOPosix
+import NIOSSL
 import VigilCore
 
 /// Something waiting for an upstream connection.
@@ -179,6 +180,13 @@ final class HostPool {
         }
     }
 
+    /// The cluster's TLS for a new connection: the current context (reloaded files take effect here) and a
+    /// promise completed when the handshake and the identity check are done. Nil without `tls`.
+    private func tlsSetup() -> (context: NIOSSLContext, config: ClusterTLSConfig, done: EventLoopPromise<Void>)? {
+        guard let config = cluster.config.tls, let context = cluster.tlsContext() else { return nil }
+        return (context, config, eventLoop.makePromise(of: Void.self))
+    }
+
     private func connectHTTP2() {
         guard cluster.reserveConnection() else {
             let waiters = h2Waiters
@@ -190,12 +198,21 @@ final class HostPool {
         host.connections.wrappingIncrement(ordering: .relaxed)
         let multiplexerPromise = eventLoop.makePromise(of: HTTP2StreamMultiplexer.self)
         let initialized = ManagedAtomic(false)
+        let tls = tlsSetup()
         let bootstrap = ClientBootstrap(group: eventLoop)
             .connectTimeout(.nanoseconds(cluster.config.connectTimeout.nanoseconds))
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 // Installed before the socket connects, so the server's SETTINGS always find a reader.
                 initialized.store(true, ordering: .relaxed)
+                if let tls {
+                    do {
+                        try UpstreamTLSCheck.install(on: channel, context: tls.context, tls: tls.config, handshake: tls.done)
+                    } catch {
+                        multiplexerPromise.fail(error)
+                        return channel.eventLoop.makeFailedFuture(error)
+                    }
+                }
                 let configured = channel.configureHTTP2Pipeline(mode: .client, inboundStreamInitializer: nil)
                 multiplexerPromise.completeWith(configured)
                 return configured.map { _ in }
@@ -205,8 +222,22 @@ final class HostPool {
         connect.assumeIsolated().whenComplete { [self] connected in
             switch connected {
             case .success(let channel):
-                // The initializer has run by now, so the multiplexer is there.
-                multiplexerPromise.futureResult.assumeIsolated().whenSuccess { [self] multiplexer in
+                // The initializer has run by now, so the multiplexer is there; with TLS, the connection is
+                // usable only after the handshake and identity check.
+                let usable = tls.map { t in multiplexerPromise.futureResult.flatMap { m in t.done.futureResult.map { m } } }
+                    ?? multiplexerPromise.futureResult
+                usable.assumeIsolated().whenFailure { [self] error in
+                    h2 = .none
+                    host.connectFailures.wrappingIncrement(ordering: .relaxed)
+                    host.connections.wrappingDecrement(ordering: .relaxed)
+                    cluster.releaseConnection()
+                    channel.close(promise: nil)
+                    let failure = (error as? UpstreamTLSError)?.failure ?? .tlsHandshakeFailed("\(error)")
+                    let waiters = h2Waiters
+                    h2Waiters.removeAll()
+                    for w in waiters { w.poolFailed(failure) }
+                }
+                usable.assumeIsolated().whenSuccess { [self] multiplexer in
                     h2 = .ready(channel, multiplexer)
                     channel.closeFuture.assumeIsolated().whenComplete { [self] _ in
                         h2 = .none
@@ -219,6 +250,7 @@ final class HostPool {
                 }
             case .failure(let error):
                 h2 = .none
+                tls?.done.fail(error)
                 host.connectFailures.wrappingIncrement(ordering: .relaxed)
                 host.connections.wrappingDecrement(ordering: .relaxed)
                 cluster.releaseConnection()
@@ -240,11 +272,13 @@ final class HostPool {
         all[ObjectIdentifier(connection)] = connection
         host.connections.wrappingIncrement(ordering: .relaxed)
         let bound = NIOLoopBound(connection, eventLoop: eventLoop)
+        let tls = tlsSetup()
         let bootstrap = ClientBootstrap(group: eventLoop)
             .connectTimeout(.nanoseconds(cluster.config.connectTimeout.nanoseconds))
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let tls { try UpstreamTLSCheck.install(on: channel, context: tls.context, tls: tls.config, handshake: tls.done) }
                     try channel.pipeline.syncOperations.addHandler(bound.value)
                 }
             }
@@ -257,8 +291,22 @@ final class HostPool {
         future.assumeIsolated().whenComplete { [self] result in
             switch result {
             case .success:
-                waiter.poolProvided(connection, reused: false)
+                guard let tls else {
+                    waiter.poolProvided(connection, reused: false)
+                    return
+                }
+                // Usable once the handshake and the identity check are done. On failure the channel closes and
+                // its handler gives the slot back.
+                tls.done.futureResult.assumeIsolated().whenComplete { [self] handshake in
+                    switch handshake {
+                    case .success: waiter.poolProvided(connection, reused: false)
+                    case .failure(let error):
+                        host.connectFailures.wrappingIncrement(ordering: .relaxed)
+                        waiter.poolFailed((error as? UpstreamTLSError)?.failure ?? .tlsHandshakeFailed("\(error)"))
+                    }
+                }
             case .failure(let error):
+                tls?.done.fail(error)
                 host.connectFailures.wrappingIncrement(ordering: .relaxed)
                 // The handler never became active, so release its slot here.
                 connectionClosed(connection)

@@ -11,10 +11,14 @@ public enum UpstreamFailure: Error, Sendable, Equatable {
     case overflow
     /// The route's timeout passed before the response head arrived.
     case timeout
+    /// The TLS handshake with the upstream failed (untrusted chain, protocol, closed).
+    case tlsHandshakeFailed(String)
+    /// The upstream's certificate chains to the trust bundle but does not carry `server_identity`.
+    case tlsIdentityMismatch(String)
 
     public var status: Int {
         switch self {
-        case .connectFailed, .connectTimeout, .reset, .refusedStream, .overflow: 503
+        case .connectFailed, .connectTimeout, .reset, .refusedStream, .overflow, .tlsHandshakeFailed, .tlsIdentityMismatch: 503
         case .protocolError: 502
         case .timeout: 504
         }
@@ -29,6 +33,8 @@ public enum UpstreamFailure: Error, Sendable, Equatable {
         case .protocolError: "upstream_protocol_error"
         case .overflow: "overflow"
         case .timeout: "upstream_timeout"
+        case .tlsHandshakeFailed: "upstream_tls_failure"
+        case .tlsIdentityMismatch: "tls_identity_mismatch"
         }
     }
 
@@ -41,6 +47,8 @@ public enum UpstreamFailure: Error, Sendable, Equatable {
         case .protocolError(let why): "the upstream sent a malformed response: \(why)"
         case .overflow: "a circuit-breaker limit of the cluster is reached"
         case .timeout: "the upstream did not answer within the route timeout"
+        case .tlsHandshakeFailed(let why): "the TLS handshake with the upstream failed: \(why)"
+        case .tlsIdentityMismatch(let why): "the upstream's certificate is not the expected identity: \(why)"
         }
     }
 }

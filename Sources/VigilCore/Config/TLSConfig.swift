@@ -1,0 +1,63 @@
+/// TLS on a listener (`listeners[].tls`): Vigil terminates TLS and, with `client_ca`, mutual TLS.
+public struct ListenerTLSConfig: Sendable, Equatable {
+    public enum Version: String, Sendable, Equatable {
+        case tls12 = "1.2"
+        case tls13 = "1.3"
+    }
+
+    /// Where the caller's identity is read from, in order: the first that the certificate has wins.
+    public enum IdentitySource: String, Sendable, Equatable {
+        case uri, dns, cn
+    }
+
+    /// PEM certificate chain (leaf first) and private key files.
+    public var cert: String
+    public var key: String
+    /// PEM bundle of CAs that client certificates must chain to; may hold old and new roots at once.
+    public var clientCA: String?
+    /// Refuse handshakes without a valid client certificate (Istio's STRICT). Defaults to true when
+    /// `client_ca` is given.
+    public var requireClientCert: Bool
+    public var minVersion: Version = .tls12
+    public var identityFrom: [IdentitySource] = [.uri, .dns, .cn]
+
+    public init(cert: String, key: String, clientCA: String? = nil, requireClientCert: Bool? = nil) {
+        self.cert = cert
+        self.key = key
+        self.clientCA = clientCA
+        self.requireClientCert = requireClientCert ?? (clientCA != nil)
+    }
+}
+
+/// TLS towards a cluster's hosts (`clusters[].tls`): Vigil originates (mutual) TLS.
+public struct ClusterTLSConfig: Sendable, Equatable {
+    /// Client certificate and key presented to the upstream (mutual TLS); optional.
+    public var cert: String?
+    public var key: String?
+    /// PEM bundle the upstream's certificate must chain to.
+    public var ca: String
+    /// The SPIFFE ID (or DNS name) the upstream's certificate must carry; a mismatch fails the attempt as a
+    /// connect failure with reason `tls_identity_mismatch`.
+    public var serverIdentity: String?
+    /// SNI sent to the upstream; default none.
+    public var sni: String?
+
+    public init(ca: String) { self.ca = ca }
+}
+
+/// One authorization rule (`authorization[]`): who may call what.
+public struct AuthorizationRule: Sendable, Equatable {
+    /// Caller identities, each exact or ending in `*` (a prefix). Empty matches every identity, including
+    /// callers without one.
+    public var identities: [String]
+    /// Path prefix; nil matches every path.
+    public var prefix: String?
+    /// Methods; empty matches every method.
+    public var methods: [String]
+
+    public init(identities: [String], prefix: String? = nil, methods: [String] = []) {
+        self.identities = identities
+        self.prefix = prefix
+        self.methods = methods
+    }
+}

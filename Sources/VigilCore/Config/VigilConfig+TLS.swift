@@ -1,0 +1,72 @@
+import Yams
+
+/// Reading of `listeners[].tls`, `clusters[].tls` and `authorization`.
+extension ConfigReader {
+    mutating func readListenerTLS(_ node: Node, at path: String) -> ListenerTLSConfig? {
+        let keys: Set = ["cert", "key", "client_ca", "require_client_cert", "min_version", "identity_from"]
+        guard let m = map(node, at: path, keys: keys) else { return nil }
+        let cert = required(nonEmptyString(m["cert"], at: m.path("cert")), m, "cert")
+        let key = required(nonEmptyString(m["key"], at: m.path("key")), m, "key")
+        let ca = nonEmptyString(m["client_ca"], at: m.path("client_ca"))
+        let require = bool(m["require_client_cert"], at: m.path("require_client_cert"))
+        if require == true, ca == nil {
+            fail(m.path("require_client_cert"), "needs client_ca: client certificates are checked against it")
+        }
+        guard let cert, let key else { return nil }
+        var tls = ListenerTLSConfig(cert: cert, key: key, clientCA: ca, requireClientCert: require)
+        if let v = oneOf(m["min_version"], at: m.path("min_version"),
+                         ["1.2": ListenerTLSConfig.Version.tls12, "1.3": .tls13]) {
+            tls.minVersion = v
+        }
+        if let list = list(m["identity_from"], at: m.path("identity_from")) {
+            let sources = list.enumerated().compactMap {
+                oneOf($0.element, at: Self.index(m.path("identity_from"), $0.offset),
+                      ["uri": ListenerTLSConfig.IdentitySource.uri, "dns": .dns, "cn": .cn])
+            }
+            if list.isEmpty { fail(m.path("identity_from"), "must list at least one of uri, dns, cn") }
+            if !sources.isEmpty { tls.identityFrom = sources }
+        }
+        return tls
+    }
+
+    mutating func readClusterTLS(_ node: Node, at path: String) -> ClusterTLSConfig? {
+        guard let m = map(node, at: path, keys: ["cert", "key", "ca", "server_identity", "sni"]) else { return nil }
+        guard let ca = required(nonEmptyString(m["ca"], at: m.path("ca")), m, "ca") else { return nil }
+        var tls = ClusterTLSConfig(ca: ca)
+        tls.cert = nonEmptyString(m["cert"], at: m.path("cert"))
+        tls.key = nonEmptyString(m["key"], at: m.path("key"))
+        if (tls.cert == nil) != (tls.key == nil) {
+            fail(m.path(tls.cert == nil ? "cert" : "key"), "cert and key go together (a client certificate needs its key)")
+        }
+        tls.serverIdentity = nonEmptyString(m["server_identity"], at: m.path("server_identity"))
+        tls.sni = nonEmptyString(m["sni"], at: m.path("sni"))
+        return tls
+    }
+
+    mutating func readAuthorizationRule(_ node: Node, at path: String) -> AuthorizationRule? {
+        guard let m = map(node, at: path, keys: ["identities", "prefix", "methods"]) else { return nil }
+        var rule = AuthorizationRule(identities: [])
+        if let list = list(m["identities"], at: m.path("identities")) {
+            for (i, item) in list.enumerated() {
+                let p = Self.index(m.path("identities"), i)
+                guard let s = nonEmptyString(item, at: p) else { continue }
+                if s.dropLast().contains("*") {
+                    fail(p, "\"\(s)\" may hold * only at its end (a prefix match)")
+                } else {
+                    rule.identities.append(s)
+                }
+            }
+        }
+        if let prefix = nonEmptyString(m["prefix"], at: m.path("prefix")) {
+            if prefix.hasPrefix("/") { rule.prefix = prefix } else { fail(m.path("prefix"), "must start with /") }
+        }
+        if let list = list(m["methods"], at: m.path("methods")) {
+            for (i, item) in list.enumerated() {
+                let p = Self.index(m.path("methods"), i)
+                guard let s = nonEmptyString(item, at: p) else { continue }
+                if HTTPTokens.isToken(s) { rule.methods.append(s) } else { fail(p, "\"\(s)\" is not a valid method") }
+            }
+        }
+        return rule
+    }
+}

@@ -1,0 +1,46 @@
+/// Identity patterns as Vigil's config writes them: exact, or a prefix ending in `*`.
+public enum IdentityPattern {
+    public static func matches(_ pattern: String, _ identity: String) -> Bool {
+        if pattern.hasSuffix("*") { return identity.hasPrefix(pattern.dropLast()) }
+        return pattern == identity
+    }
+}
+
+/// Default-deny authorization: once any rule exists, a request is allowed only if a rule matches its
+/// caller's identity, path and method. Pure; the data plane asks it once per request.
+public struct Authorizer: Sendable, Equatable {
+    public let rules: [AuthorizationRule]
+
+    public init(rules: [AuthorizationRule]) { self.rules = rules }
+
+    public enum Decision: Sendable, Equatable {
+        /// Allowed by rule `index`, or by the absence of rules (nil).
+        case allow(rule: Int?)
+        case deny
+    }
+
+    public func decide(identity: String?, path: String, method: String) -> Decision {
+        guard !rules.isEmpty else { return .allow(rule: nil) }
+        for (i, rule) in rules.enumerated() {
+            if !rule.identities.isEmpty {
+                guard let identity, rule.identities.contains(where: { IdentityPattern.matches($0, identity) }) else { continue }
+            }
+            if let prefix = rule.prefix, !path.hasPrefix(prefix) { continue }
+            if !rule.methods.isEmpty, !rule.methods.contains(method) { continue }
+            return .allow(rule: i)
+        }
+        return .deny
+    }
+}
+
+/// Envoy's `x-forwarded-client-cert` element for one hop: `By=<Vigil's identity>;Hash=<SHA-256 of the
+/// client certificate, hex>;URI=<client SPIFFE ID>` (and `DNS=` for each DNS SAN when there is no URI SAN).
+public enum ForwardedClientCert {
+    public static func value(by: String?, hashHex: String, uri: String?, dns: [String]) -> String {
+        var parts: [String] = []
+        if let by { parts.append("By=\(by)") }
+        parts.append("Hash=\(hashHex)")
+        if let uri { parts.append("URI=\(uri)") } else { for d in dns { parts.append("DNS=\(d)") } }
+        return parts.joined(separator: ";")
+    }
+}

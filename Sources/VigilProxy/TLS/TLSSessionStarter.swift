@@ -1,0 +1,87 @@
+import NIOCore
+import NIOSSL
+import NIOTLS
+import VigilCore
+
+/// What the front end knows about a downstream connection beyond its socket: the scheme the client spoke
+/// and, over mutual TLS, who the client is.
+struct DownstreamSession: Sendable {
+    var scheme: String
+    var peer: PeerIdentity?
+    /// The `x-forwarded-client-cert` value Vigil sends upstream for this client (Envoy's format).
+    var forwardedClientCert: String?
+
+    static let plain = DownstreamSession(scheme: "http", peer: nil, forwardedClientCert: nil)
+
+    var identity: String? { peer?.identity }
+}
+
+/// Sits after the TLS handler of a TLS listener until the handshake is done; then reads the client's
+/// identity from its certificate and installs the codec that ALPN chose (`h2` → HTTP/2, `http/1.1` →
+/// HTTP/1.1; no ALPN → the listener's protocol), and leaves. A handshake that does not finish within the
+/// listener's `header_timeout` closes the connection.
+final class TLSSessionStarter: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+
+    private let runtime: ProxyRuntime
+    private let listener: ListenerRuntime
+    private let loop: LoopContext
+    private var timeout: Scheduled<Void>?
+
+    init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext) {
+        self.runtime = runtime
+        self.listener = listener
+        self.loop = loop
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        let channel = context.channel
+        timeout = context.eventLoop.scheduleTask(in: TimeAmount(listener.config.limits.headerTimeout)) {
+            channel.close(promise: nil)
+        }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        timeout?.cancel()
+        timeout = nil
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard let tls = event as? TLSUserEvent, case .handshakeCompleted(let alpn) = tls else {
+            context.fireUserInboundEventTriggered(event)
+            return
+        }
+        timeout?.cancel()
+        let channel = context.channel
+        let sources = listener.config.tls?.identityFrom ?? [.uri, .dns, .cn]
+        let certificate = try? channel.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self).peerCertificate
+        let peer = certificate.flatMap { PeerIdentity($0, from: sources) }
+        let session = DownstreamSession(
+            scheme: "https", peer: peer,
+            forwardedClientCert: peer.map {
+                ForwardedClientCert.value(by: runtime.tls.listenerIdentity(listener.index), hashHex: $0.hash,
+                                          uri: $0.uris.first, dns: $0.dns)
+            })
+        do {
+            switch (alpn, listener.config.protocol) {
+            case ("h2", _), (nil, .http2):
+                try HTTP2Pipeline.configure(channel: channel, runtime: runtime, listener: listener, loop: loop,
+                                            session: session)
+            case ("http/1.1", _), (nil, .http1):
+                try channel.pipeline.syncOperations.addHandler(
+                    HTTP1ServerHandler(runtime: runtime, listener: listener, loop: loop, session: session))
+            default:
+                try channel.pipeline.syncOperations.addHandler(
+                    ProtocolDetector(runtime: runtime, listener: listener, loop: loop, session: session))
+            }
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        } catch {
+            channel.close(promise: nil)
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        // A failed handshake (no or a bad client certificate, an old protocol version): nothing to answer.
+        context.close(promise: nil)
+    }
+}

@@ -1,0 +1,131 @@
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOSSL
+import VigilCore
+
+/// The TLS material of every listener and cluster that has `tls:`, loaded at startup and reloaded when its
+/// files change: a poll every `pollInterval` compares the files' bytes (which also catches the atomic
+/// symlink swap of Kubernetes secret volumes), and `reload()` (SIGHUP) checks at once. A new context is
+/// swapped in whole for new handshakes; open connections keep the one they started with. Changed files
+/// that do not load (unreadable, a key that does not match, an expired certificate) are refused: the old
+/// material stays and a `tls_reload_failed` event says why.
+public final class TLSStore: Sendable {
+    public static let pollInterval = TimeAmount.seconds(2)
+    /// Certificates expiring within this long raise `cert_expiring`.
+    public static let expiryWarning: TimeInterval = 7 * 86400
+
+    struct Entry: Sendable {
+        let owner: String
+        let path: String
+        let load: @Sendable () throws(TLSLoadError) -> TLSMaterial
+        var material: TLSMaterial
+        var lastRotation: Date
+        var warnedExpiry: Set<String> = []
+    }
+
+    private let listenerEntries: [Int: NIOLockedValueBox<Entry>]
+    private let clusterEntries: [Int: NIOLockedValueBox<Entry>]
+    private let events: HealingEventLog
+
+    init(config: VigilConfig, events: HealingEventLog) throws(TLSLoadError) {
+        self.events = events
+        var listeners: [Int: NIOLockedValueBox<Entry>] = [:]
+        for (i, l) in config.listeners.enumerated() {
+            guard let tls = l.tls else { continue }
+            let path = "listeners[\(i)].tls", proto = l.protocol
+            let load: @Sendable () throws(TLSLoadError) -> TLSMaterial = { () throws(TLSLoadError) in
+                try TLSMaterial.listener(tls, protocol: proto, at: path)
+            }
+            listeners[i] = NIOLockedValueBox(Entry(owner: l.name, path: path, load: load, material: try load(), lastRotation: Date()))
+        }
+        var clusters: [Int: NIOLockedValueBox<Entry>] = [:]
+        for (i, c) in config.clusters.enumerated() {
+            guard let tls = c.tls else { continue }
+            let path = "clusters[\(i)].tls", proto = c.protocol
+            let load: @Sendable () throws(TLSLoadError) -> TLSMaterial = { () throws(TLSLoadError) in
+                try TLSMaterial.cluster(tls, protocol: proto, at: path)
+            }
+            clusters[i] = NIOLockedValueBox(Entry(owner: c.name, path: path, load: load, material: try load(), lastRotation: Date()))
+        }
+        listenerEntries = listeners
+        clusterEntries = clusters
+    }
+
+    var isEmpty: Bool { listenerEntries.isEmpty && clusterEntries.isEmpty }
+
+    /// The context for a new handshake on listener `i` (nil without TLS).
+    func listenerContext(_ i: Int) -> NIOSSLContext? { listenerEntries[i]?.withLockedValue { $0.material.context } }
+
+    /// The listener's own identity (its certificate's SPIFFE ID), for XFCC's `By`.
+    func listenerIdentity(_ i: Int) -> String? { listenerEntries[i]?.withLockedValue { $0.material.leaf?.identity } }
+
+    func clusterContext(_ i: Int) -> NIOSSLContext? { clusterEntries[i]?.withLockedValue { $0.material.context } }
+
+    /// Reloads whatever changed; returns the events it emitted (also sent to the event log).
+    @discardableResult
+    public func reload(now: Date = Date()) -> [HealingEvent] {
+        var out: [HealingEvent] = []
+        for box in Array(listenerEntries.values) + Array(clusterEntries.values) {
+            out += box.withLockedValue { entry in Self.check(&entry, now: now) }
+        }
+        events.emit(out)
+        return out
+    }
+
+    private static func check(_ entry: inout Entry, now: Date) -> [HealingEvent] {
+        var out: [HealingEvent] = []
+        if entry.material.filesChanged() {
+            do throws(TLSLoadError) {
+                let fresh = try entry.load()
+                let before = entry.material.leaf?.sha256
+                entry.material = fresh
+                entry.lastRotation = now
+                out.append(HealingEvent(kind: .tlsReloaded, cluster: entry.owner, reason: entry.path,
+                                        evidence: ["previous_sha256": before.map(JSONValue.string) ?? .null,
+                                                   "sha256": fresh.leaf.map { .string($0.sha256) } ?? .null,
+                                                   "trusted_roots": .int(fresh.trust.count)],
+                                        action: ["handshakes": "new ones use the new material; open connections carry on"]))
+            } catch {
+                out.append(HealingEvent(kind: .tlsReloadFailed, cluster: entry.owner, reason: entry.path,
+                                        evidence: ["error": .string(error.description)],
+                                        action: ["kept": "the material in use stays"]))
+            }
+        }
+        for cert in [entry.material.leaf].compactMap({ $0 }) + entry.material.trust
+        where cert.notAfter.timeIntervalSince(now) < expiryWarning && !entry.warnedExpiry.contains(cert.sha256) {
+            entry.warnedExpiry.insert(cert.sha256)
+            out.append(HealingEvent(kind: .certExpiring, cluster: entry.owner, reason: entry.path,
+                                    evidence: ["subject": .string(cert.subject), "identity": cert.identity.map(JSONValue.string) ?? .null,
+                                               "not_after": .string(RFC3339.string(nanos: Int64(cert.notAfter.timeIntervalSince1970 * 1e9))),
+                                               "expires_in_seconds": .int(Int(cert.notAfter.timeIntervalSince(now)))],
+                                    action: ["rotate": "replace the file before it expires; Vigil picks it up within seconds"]))
+        }
+        return out
+    }
+
+    /// Every certificate in use, for admin `/certs` and the expiry gauge.
+    public struct CertView: Sendable {
+        public var owner: String
+        public var path: String
+        /// `serving` (a listener's), `client` (presented to a cluster) or `trust` (a CA trusted for the peer).
+        public var role: String
+        public var info: CertificateInfo
+        public var lastRotation: Date
+    }
+
+    public func certificates() -> [CertView] {
+        let boxes = listenerEntries.sorted { $0.key < $1.key }.map(\.value) + clusterEntries.sorted { $0.key < $1.key }.map(\.value)
+        return boxes.flatMap { box in
+            box.withLockedValue { e -> [CertView] in
+                let own = e.material.leaf.map {
+                    [CertView(owner: e.owner, path: e.path, role: e.path.hasPrefix("listeners") ? "serving" : "client",
+                              info: $0, lastRotation: e.lastRotation)]
+                } ?? []
+                return own + e.material.trust.map {
+                    CertView(owner: e.owner, path: e.path, role: "trust", info: $0, lastRotation: e.lastRotation)
+                }
+            }
+        }
+    }
+}
