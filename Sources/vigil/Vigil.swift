@@ -5,6 +5,7 @@ import NIOCore
 import NIOPosix
 import Prometheus
 import ServiceLifecycle
+import UnixSignals
 import VigilControl
 import VigilCore
 import VigilProxy
@@ -14,7 +15,7 @@ struct Vigil: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vigil",
         abstract: "A sidecar proxy for multi-tenant APIs.",
-        subcommands: [Run.self, Validate.self, Demo.self],
+        subcommands: [Run.self, Validate.self, Demo.self, Certs.self],
         defaultSubcommand: Run.self
     )
 }
@@ -42,7 +43,13 @@ struct Run: AsyncParsableCommand {
         let logger = Logger(label: "vigil")
         let parsed = try loadConfig(path: config)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, threads ?? System.coreCount))
-        let service = try VigilService(config: parsed, group: group, logger: logger)
+        let service: VigilService
+        do {
+            service = try VigilService(config: parsed, group: group, logger: logger)
+        } catch let error as TLSLoadError {
+            try? await group.shutdownGracefully()
+            throw CommandFailure(description: "\(config) is not a valid configuration:\n  \(error)")
+        }
         let services = ServiceGroup(configuration: .init(
             services: [.init(service: service)],
             gracefulShutdownSignals: [.sigterm, .sigint],
@@ -73,6 +80,11 @@ struct Validate: ParsableCommand {
 
     func run() throws {
         let config = try loadConfig(path: file)
+        do {
+            try TLSStore.check(config)
+        } catch {
+            throw CommandFailure(description: "\(file) is not a valid configuration:\n  \(error)")
+        }
         print("\(file): valid (\(config.listeners.count) listeners, \(config.clusters.count) clusters)")
     }
 }
@@ -101,6 +113,15 @@ final class VigilService: Service, Sendable {
         try await proxy.start()
         admin.ready.store(true, ordering: .relaxed)
         logger.notice("vigil ready", metadata: ["listeners": "\(proxy.runtime.listeners.count)"])
+        // SIGHUP: reload changed TLS files at once (they are also noticed within seconds without it).
+        let tls = proxy.runtime.tls
+        let hangups = Task {
+            for await _ in await UnixSignalsSequence(trapping: .sighup) {
+                logger.notice("SIGHUP: checking TLS files")
+                tls.reload()
+            }
+        }
+        defer { hangups.cancel() }
         try? await gracefulShutdown()
         logger.notice("draining", metadata: ["timeout": "\(DurationParser.format(drainTimeout))"])
         await proxy.drain(timeout: drainTimeout)

@@ -41,14 +41,17 @@ final class ProxyHarness: Sendable {
     }
 
     /// The standard one-listener, one-cluster config.
-    static func simple(limits: String = "", route: String = "", cluster: String = "", endpoints: Int = 1) -> String {
+    static func simple(limits: String = "", route: String = "", cluster: String = "", endpoints: Int = 1,
+                       listener: String = "", top: String = "") -> String {
         let eps = (0..<endpoints).map { "\"127.0.0.1:$UP\($0)\"" }.joined(separator: ", ")
         return """
             access_log: { output: "off" }
+            \(top)
             listeners:
               - name: in
                 address: "127.0.0.1:0"
                 protocol: auto
+                \(listener)
                 limits: { \(limits) }
                 routes:
                   - match: { prefix: "/" }

@@ -2,6 +2,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOHTTP2
+import NIOSSL
 import NIOPosix
 
 /// A request as the fake upstream received it.
@@ -40,7 +41,8 @@ public final class FakeUpstream: Sendable {
     }
 
     /// `http2: true` serves HTTP/2 with prior knowledge (h2c), each stream through the same handler.
-    public init(group: EventLoopGroup, name: String = "upstream", http2: Bool = false,
+    /// `tls` serves TLS with that context (ALPN as the context says).
+    public init(group: EventLoopGroup, name: String = "upstream", http2: Bool = false, tls: NIOSSLContext? = nil,
                 behaviour: @escaping @Sendable (HTTPRequestHead) -> FakeBehaviour = { _ in .respond() }) async throws {
         let box = NIOLockedValueBox(State())
         let record: @Sendable (RecordedRequest) -> Void = { r in box.withLockedValue { $0.requests.append(r) } }
@@ -48,6 +50,13 @@ public final class FakeUpstream: Sendable {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
                 box.withLockedValue { $0.connections += 1 }
+                if let tls {
+                    do {
+                        try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls))
+                    } catch {
+                        return channel.eventLoop.makeFailedFuture(error)
+                    }
+                }
                 if http2 {
                     return channel.configureHTTP2Pipeline(mode: .server) { stream in
                         stream.pipeline.addHandler(HTTP2FramePayloadToHTTP1ServerCodec()).flatMapThrowing {

@@ -1,6 +1,8 @@
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
+import NIOSSL
+import NIOTLS
 import NIOPosix
 
 /// A response as a client saw it.
@@ -53,12 +55,21 @@ public final class TestClient: Sendable {
     let channel: Channel
     private let parts: AsyncIteratorBox
 
-    public static func connect(port: Int, group: EventLoopGroup) async throws -> TestClient {
+    /// With `tls`, the connection speaks TLS and `connect` returns once the handshake completed (it throws
+    /// if the handshake failed on the client's side).
+    public static func connect(port: Int, group: EventLoopGroup, tls: NIOSSLContext? = nil) async throws -> TestClient {
         let (stream, continuation) = AsyncThrowingStream.makeStream(of: HTTPClientResponsePart.self)
+        let handshake = group.any().makePromise(of: String?.self)
         let channel = try await ClientBootstrap(group: group)
-            .channelOption(.allowRemoteHalfClosure, value: true)
+            .channelOption(.allowRemoteHalfClosure, value: tls == nil)  // see ProxyServer: TLS closes whole
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let tls {
+                        try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: tls, serverHostname: nil))
+                        try channel.pipeline.syncOperations.addHandler(HandshakeWatcher(promise: handshake))
+                    } else {
+                        handshake.succeed(nil)
+                    }
                     try channel.pipeline.syncOperations.addHandler(RawRequestWriter())
                     try channel.pipeline.syncOperations.addHandler(
                         ByteToMessageHandler(HTTPResponseDecoder(leftOverBytesStrategy: .dropBytes,
@@ -67,8 +78,26 @@ public final class TestClient: Sendable {
                 }
             }
             .connect(host: "127.0.0.1", port: port).get()
-        return TestClient(channel: channel, parts: AsyncIteratorBox(stream.makeAsyncIterator()))
+        let client = TestClient(channel: channel, parts: AsyncIteratorBox(stream.makeAsyncIterator()))
+        do {
+            client.negotiatedProtocol = try await handshake.futureResult.get()
+        } catch {
+            try? await channel.close()
+            throw error
+        }
+        return client
     }
+
+    /// The DER bytes of the certificate the server presented, over TLS.
+    public func peerCertificateDER() async throws -> [UInt8]? {
+        let channel = self.channel
+        return try await channel.eventLoop.submit {
+            try channel.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self).peerCertificate?.toDERBytes()
+        }.get()
+    }
+
+    /// What ALPN chose, over TLS.
+    public nonisolated(unsafe) var negotiatedProtocol: String?
 
     init(channel: Channel, parts: AsyncIteratorBox) {
         self.channel = channel
@@ -172,3 +201,28 @@ final class RawRequestWriter: ChannelOutboundHandler {
 
 @available(*, unavailable)
 extension RawRequestWriter: Sendable {}
+
+/// Completes a promise with the ALPN result when the TLS handshake completes, or with the error.
+final class HandshakeWatcher: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    let promise: EventLoopPromise<String?>
+    init(promise: EventLoopPromise<String?>) { self.promise = promise }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? TLSUserEvent, case .handshakeCompleted(let alpn) = e { promise.succeed(alpn) }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        promise.fail(error)
+        context.fireErrorCaught(error)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        promise.fail(ChannelError.ioOnClosedChannel)
+        context.fireChannelInactive()
+    }
+}
+
+@available(*, unavailable)
+extension HandshakeWatcher: Sendable {}

@@ -54,7 +54,16 @@ final class HealthProber: Sendable {
         let hostHeader = config.host ?? cluster.config.name
         let bootstrap = ClientBootstrap(group: loop)
             .connectTimeout(TimeAmount(min(config.timeout, cluster.config.connectTimeout)))
-            .channelInitializer { [config] channel in
+            .channelInitializer { [config, cluster] channel in
+                // TLS clusters are probed over TLS, with the same identity check as traffic.
+                if let tls = cluster.config.tls, let context = cluster.tlsContext() {
+                    do {
+                        try UpstreamTLSCheck.install(on: channel, context: context, tls: tls,
+                                                     handshake: channel.eventLoop.makePromise(of: Void.self))
+                    } catch {
+                        return channel.eventLoop.makeFailedFuture(error)
+                    }
+                }
                 if let multiplexer {
                     let configured = channel.configureHTTP2Pipeline(mode: .client, inboundStreamInitializer: nil)
                     multiplexer.completeWith(configured)
@@ -75,8 +84,11 @@ final class HealthProber: Sendable {
                 guard let multiplexer else { return }
                 multiplexer.futureResult.whenSuccess { [config] mux in
                     mux.createStreamChannel(promise: nil) { stream in
-                        stream.pipeline.addHandler(HTTP2ProbeHandler(path: config.path, authority: hostHeader,
-                                                                     expected: config.expectedStatuses, result: promise))
+                        stream.eventLoop.makeCompletedFuture {
+                            try stream.pipeline.syncOperations.addHandler(
+                                HTTP2ProbeHandler(path: config.path, authority: hostHeader,
+                                                  expected: config.expectedStatuses, result: promise))
+                        }
                     }
                 }
                 channel.closeFuture.whenComplete { _ in promise.succeed(.broken("connection closed before a response")) }

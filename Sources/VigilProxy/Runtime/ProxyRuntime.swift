@@ -76,6 +76,7 @@ public final class ProxyRuntime: Sendable {
         healingTasks.withLockedValue { $0 += tasks }
         if !tls.isEmpty {
             let tls = self.tls
+            tls.reload()  // reports certificates already close to expiry
             let reload = group.next().scheduleRepeatedTask(initialDelay: TLSStore.pollInterval, delay: TLSStore.pollInterval) { _ in
                 tls.reload()
             }

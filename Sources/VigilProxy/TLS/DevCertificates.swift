@@ -73,7 +73,7 @@ public struct DevCertificateAuthority {
     /// Writes `ca.pem`, `ca-key.pem` and, per identity, `<stem>.pem` and `<stem>-key.pem` into `directory`.
     /// Key files are written with mode 0600.
     @discardableResult
-    public func write(to directory: String, identities: [String]) throws -> [String] {
+    public func write(to directory: String, identities: [String], validityDays: Int = 90) throws -> [String] {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         var written: [String] = []
         func put(_ name: String, _ text: String, secret: Bool) throws {
@@ -85,7 +85,7 @@ public struct DevCertificateAuthority {
         try put("ca.pem", Self.pem(certificate), secret: false)
         try put("ca-key.pem", Self.pem(privateKey), secret: true)
         for identity in identities {
-            let (cert, key) = try issue(identity: identity)
+            let (cert, key) = try issue(identity: identity, validity: TimeInterval(validityDays) * 86400)
             let stem = Self.fileStem(for: identity)
             try put("\(stem).pem", Self.pem(cert), secret: false)
             try put("\(stem)-key.pem", Self.pem(key), secret: true)

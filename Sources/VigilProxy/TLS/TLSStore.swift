@@ -1,4 +1,6 @@
+import CoreMetrics
 import Foundation
+import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOSSL
@@ -50,6 +52,12 @@ public final class TLSStore: Sendable {
         }
         listenerEntries = listeners
         clusterEntries = clusters
+    }
+
+    /// Loads every TLS file of `config` once, to report a broken one before starting (`vigil validate`).
+    public static func check(_ config: VigilConfig) throws(TLSLoadError) {
+        _ = try TLSStore(config: config, events: HealingEventLog(capacity: 1, logger: Logger(label: "vigil-validate"),
+                                                                metricsFactory: NOOPMetricsHandler.instance))
     }
 
     var isEmpty: Bool { listenerEntries.isEmpty && clusterEntries.isEmpty }

@@ -224,29 +224,17 @@ final class HostPool {
             case .success(let channel):
                 // The initializer has run by now, so the multiplexer is there; with TLS, the connection is
                 // usable only after the handshake and identity check.
-                let usable = tls.map { t in multiplexerPromise.futureResult.flatMap { m in t.done.futureResult.map { m } } }
-                    ?? multiplexerPromise.futureResult
-                usable.assumeIsolated().whenFailure { [self] error in
-                    h2 = .none
-                    host.connectFailures.wrappingIncrement(ordering: .relaxed)
-                    host.connections.wrappingDecrement(ordering: .relaxed)
-                    cluster.releaseConnection()
-                    channel.close(promise: nil)
-                    let failure = (error as? UpstreamTLSError)?.failure ?? .tlsHandshakeFailed("\(error)")
-                    let waiters = h2Waiters
-                    h2Waiters.removeAll()
-                    for w in waiters { w.poolFailed(failure) }
-                }
-                usable.assumeIsolated().whenSuccess { [self] multiplexer in
-                    h2 = .ready(channel, multiplexer)
-                    channel.closeFuture.assumeIsolated().whenComplete { [self] _ in
-                        h2 = .none
-                        host.connections.wrappingDecrement(ordering: .relaxed)
-                        cluster.releaseConnection()
+                multiplexerPromise.futureResult.assumeIsolated().whenComplete { [self] mux in
+                    guard let tls, case .success = mux else {
+                        h2Connected(channel, mux)
+                        return
                     }
-                    let waiters = h2Waiters
-                    h2Waiters.removeAll()
-                    for w in waiters { acquireStream(w) }
+                    tls.done.futureResult.assumeIsolated().whenComplete { [self] handshake in
+                        switch handshake {
+                        case .success: h2Connected(channel, mux)
+                        case .failure(let error): h2Connected(channel, .failure(error))
+                        }
+                    }
                 }
             case .failure(let error):
                 h2 = .none
@@ -264,6 +252,32 @@ final class HostPool {
                 h2Waiters.removeAll()
                 for w in waiters { w.poolFailed(failure) }
             }
+        }
+    }
+
+    /// An HTTP/2 connection finished setting up (or failed to): serve or fail the waiting requests.
+    private func h2Connected(_ channel: Channel, _ result: Result<HTTP2StreamMultiplexer, Error>) {
+        switch result {
+        case .success(let multiplexer):
+            h2 = .ready(channel, multiplexer)
+            channel.closeFuture.assumeIsolated().whenComplete { [self] _ in
+                h2 = .none
+                host.connections.wrappingDecrement(ordering: .relaxed)
+                cluster.releaseConnection()
+            }
+            let waiters = h2Waiters
+            h2Waiters.removeAll()
+            for w in waiters { acquireStream(w) }
+        case .failure(let error):
+            h2 = .none
+            host.connectFailures.wrappingIncrement(ordering: .relaxed)
+            host.connections.wrappingDecrement(ordering: .relaxed)
+            cluster.releaseConnection()
+            channel.close(promise: nil)
+            let failure = (error as? UpstreamTLSError)?.failure ?? .tlsHandshakeFailed("\(error)")
+            let waiters = h2Waiters
+            h2Waiters.removeAll()
+            for w in waiters { w.poolFailed(failure) }
         }
     }
 

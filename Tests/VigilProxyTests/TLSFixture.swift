@@ -1,0 +1,84 @@
+import Crypto
+import Foundation
+import NIOSSL
+import SwiftASN1
+import VigilCore
+import VigilTestSupport
+import X509
+@testable import VigilProxy
+
+/// Certificates for the TLS tests, made fresh in a temporary directory with Vigil's own dev CA code:
+/// a mesh CA, Vigil's serving certificate, clients, an upstream, and a second, untrusted CA.
+struct TLSFixture {
+    let dir: String
+    let ca: DevCertificateAuthority
+    let otherCA: DevCertificateAuthority
+
+    static let vigilID = "spiffe://corp/ns/mesh/sa/vigil"
+    static let webID = "spiffe://corp/ns/acme/sa/web"
+    static let apiID = "spiffe://corp/api"
+
+    init() throws {
+        dir = NSTemporaryDirectory() + "vigil-tls-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        ca = try DevCertificateAuthority(name: "mesh CA")
+        otherCA = try DevCertificateAuthority(name: "another CA")
+        try write("ca.pem", DevCertificateAuthority.pem(ca.certificate))
+        try write("other-ca.pem", DevCertificateAuthority.pem(otherCA.certificate))
+        try issue(Self.vigilID, as: "vigil")
+    }
+
+    func path(_ name: String) -> String { (dir as NSString).appendingPathComponent(name) }
+
+    func write(_ name: String, _ text: String) throws {
+        try text.write(toFile: path(name), atomically: true, encoding: .utf8)
+    }
+
+    /// Writes `<stem>.pem` and `<stem>-key.pem` for `identity`, signed by `by` (the mesh CA by default).
+    @discardableResult
+    func issue(_ identity: String, as stem: String, by: DevCertificateAuthority? = nil, notBefore: Date? = nil,
+               validity: TimeInterval = 30 * 86400) throws -> (Certificate, P256.Signing.PrivateKey) {
+        let (cert, key) = try (by ?? ca).issue(identity: identity, notBefore: notBefore, validity: validity)
+        try write("\(stem).pem", DevCertificateAuthority.pem(cert))
+        try write("\(stem)-key.pem", DevCertificateAuthority.pem(key))
+        return (cert, key)
+    }
+
+    static func der(_ c: Certificate) throws -> [UInt8] {
+        var s = DER.Serializer()
+        try s.serialize(c)
+        return s.serializedBytes
+    }
+
+    /// A client TLS context: trusts the mesh CA, presents `stem`'s certificate if given.
+    func clientContext(cert stem: String? = nil, alpn: [String] = ["http/1.1"], maxVersion: TLSVersion? = nil,
+                       minVersion: TLSVersion = .tlsv12) throws -> NIOSSLContext {
+        var c = TLSConfiguration.makeClientConfiguration()
+        c.trustRoots = .file(path("ca.pem"))
+        c.certificateVerification = .noHostnameVerification
+        c.applicationProtocols = alpn
+        c.minimumTLSVersion = minVersion
+        if let maxVersion { c.maximumTLSVersion = maxVersion }
+        if let stem {
+            c.certificateChain = [.file(path("\(stem).pem"))]
+            c.privateKey = .file(path("\(stem)-key.pem"))
+        }
+        return try NIOSSLContext(configuration: c)
+    }
+
+    /// A server TLS context for a fake upstream presenting `stem`, optionally requiring a mesh client cert.
+    func serverContext(cert stem: String, requireClientCert: Bool = false) throws -> NIOSSLContext {
+        var c = TLSConfiguration.makeServerConfiguration(certificateChain: [.file(path("\(stem).pem"))],
+                                                         privateKey: .file(path("\(stem)-key.pem")))
+        if requireClientCert {
+            c.trustRoots = .file(path("ca.pem"))
+            c.certificateVerification = .noHostnameVerification
+        }
+        return try NIOSSLContext(configuration: c)
+    }
+
+    /// The listener's `tls:` block in flow style.
+    var listenerTLS: String {
+        "tls: { cert: \"\(path("vigil.pem"))\", key: \"\(path("vigil-key.pem"))\", client_ca: \"\(path("ca.pem"))\" }"
+    }
+}

@@ -1,0 +1,208 @@
+import Foundation
+import NIOCore
+import NIOPosix
+import NIOSSL
+import Testing
+import VigilCore
+import VigilTestSupport
+import X509
+@testable import VigilProxy
+
+/// Real TLS handshakes on loopback against TLS listeners and TLS upstreams, with certificates made by
+/// Vigil's dev CA code.
+@Suite struct TLSTests {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+
+    func mtlsProxy(_ fixture: TLSFixture, upstream: FakeUpstream, top: String = "", listenerExtra: String = "")
+        async throws -> ProxyHarness
+    {
+        let yaml = ProxyHarness.simple(listener: fixture.listenerTLS + "\n    " + listenerExtra, top: top)
+        return try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
+    }
+
+    /// True when the listener refused: the handshake failed, or no HTTP answer came on the connection.
+    func refused(_ proxy: ProxyHarness, _ context: NIOSSLContext) async -> Bool {
+        do {
+            let client = try await TestClient.connect(port: proxy.port(), group: group, tls: context)
+            defer { Task { try? await client.close() } }
+            try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            return try await client.response(timeout: 5) == nil
+        } catch {
+            return true
+        }
+    }
+
+    @Test func theRightClientCertificateGetsThroughWithItsIdentityInXFCC() async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.webID, as: "web")
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await mtlsProxy(f, upstream: upstream)
+        let client = try await TestClient.connect(port: proxy.port(), group: group, tls: try f.clientContext(cert: "web"))
+        try await client.send("GET /v1/x HTTP/1.1\r\nHost: a\r\nX-Forwarded-Client-Cert: By=spiffe://evil;URI=spiffe://corp/admin\r\n\r\n")
+        let r = try #require(try await client.response())
+        #expect(r.status == 200)
+        let seen = try #require(upstream.recorded.first)
+        let xfcc = seen.head.headers["x-forwarded-client-cert"]
+        #expect(xfcc.count == 1)                                    // the client's own is gone
+        let value = try #require(xfcc.first)
+        #expect(value.hasPrefix("By=\(TLSFixture.vigilID);Hash="))
+        #expect(value.hasSuffix(";URI=\(TLSFixture.webID)"))
+        #expect(seen.head.headers.first(name: "x-forwarded-proto") == "https")
+        try await client.close()
+        await proxy.stop()
+    }
+
+    @Test func handshakesWithoutAGoodClientCertificateAreRefused() async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.webID, as: "web")
+        try f.issue(TLSFixture.webID, as: "stranger", by: f.otherCA)
+        try f.issue(TLSFixture.webID, as: "expired", notBefore: Date().addingTimeInterval(-7200), validity: 3600)
+        try f.issue(TLSFixture.webID, as: "future", notBefore: Date().addingTimeInterval(86400))
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await mtlsProxy(f, upstream: upstream)
+        #expect(await refused(proxy, try f.clientContext()))                       // no certificate
+        #expect(await refused(proxy, try f.clientContext(cert: "stranger")))       // another CA
+        #expect(await refused(proxy, try f.clientContext(cert: "expired")))
+        #expect(await refused(proxy, try f.clientContext(cert: "future")))         // not yet valid
+        #expect(await refused(proxy, try f.clientContext(cert: "web", maxVersion: .tlsv11, minVersion: .tlsv1)))
+        #expect(!(await refused(proxy, try f.clientContext(cert: "web"))))         // and the control
+        #expect(upstream.recorded.count == 1)
+        await proxy.stop()
+    }
+
+    @Test func alpnChoosesTheCodec() async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.webID, as: "web")
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await mtlsProxy(f, upstream: upstream)
+        let h2 = try await TestClient.connect(port: proxy.port(), group: group,
+                                              tls: try f.clientContext(cert: "web", alpn: ["h2", "http/1.1"]))
+        #expect(h2.negotiatedProtocol == "h2")
+        try await h2.close()
+        let h1 = try await TestClient.connect(port: proxy.port(), group: group, tls: try f.clientContext(cert: "web"))
+        #expect(h1.negotiatedProtocol == "http/1.1")
+        try await h1.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        #expect(try await h1.response()?.status == 200)
+        try await h1.close()
+        await proxy.stop()
+    }
+
+    @Test func authorizationAllowsAndDeniesByIdentityPathAndMethod() async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.webID, as: "web")
+        try f.issue("spiffe://corp/ns/beta/sa/job", as: "beta")
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await mtlsProxy(f, upstream: upstream, top: """
+            authorization:
+              - { identities: ["spiffe://corp/ns/acme/*"], prefix: "/v1/", methods: [GET, POST] }
+            """)
+        func status(_ stem: String, _ request: String) async throws -> (Int, String?) {
+            let c = try await TestClient.connect(port: proxy.port(), group: group, tls: try f.clientContext(cert: stem))
+            try await c.send(request)
+            let r = try #require(try await c.response())
+            try await c.close()
+            return (r.status, r.header("x-vigil-reason"))
+        }
+        #expect(try await status("web", "GET /v1/items HTTP/1.1\r\nHost: a\r\n\r\n").0 == 200)
+        #expect(try await status("web", "DELETE /v1/items HTTP/1.1\r\nHost: a\r\n\r\n") == (403, "unauthorized"))
+        #expect(try await status("web", "GET /admin HTTP/1.1\r\nHost: a\r\n\r\n") == (403, "unauthorized"))
+        #expect(try await status("beta", "GET /v1/items HTTP/1.1\r\nHost: a\r\n\r\n") == (403, "unauthorized"))
+        #expect(upstream.recorded.count == 1)
+        await proxy.stop()
+    }
+
+    @Test func upstreamMutualTLSChecksTheServerIdentity() async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.apiID, as: "api")
+        try f.issue("spiffe://corp/impostor", as: "impostor")
+        let real = try await FakeUpstream(group: group, name: "api", tls: try f.serverContext(cert: "api", requireClientCert: true))
+        let fake = try await FakeUpstream(group: group, name: "impostor", tls: try f.serverContext(cert: "impostor"))
+        let clusterTLS = "tls: { ca: \"\(f.path("ca.pem"))\", cert: \"\(f.path("vigil.pem"))\", key: \"\(f.path("vigil-key.pem"))\", server_identity: \"\(TLSFixture.apiID)\" }"
+        let good = try await ProxyHarness(yaml: ProxyHarness.simple(cluster: clusterTLS), upstreams: [real.port], group: group)
+        let c1 = try await good.client()
+        try await c1.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        let ok = try #require(try await c1.response())
+        #expect(ok.status == 200)
+        #expect(ok.header("x-upstream") == "api")
+        try await c1.close()
+        await good.stop()
+
+        let bad = try await ProxyHarness(yaml: ProxyHarness.simple(cluster: clusterTLS), upstreams: [fake.port], group: group)
+        let c2 = try await bad.client()
+        try await c2.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        let refused = try #require(try await c2.response())
+        #expect(refused.status == 503)
+        #expect(refused.header("x-vigil-reason") == "tls_identity_mismatch")
+        #expect(refused.text.contains("spiffe://corp/impostor"))
+        #expect(fake.recorded.isEmpty)
+        try await c2.close()
+        await bad.stop()
+    }
+
+    @Test func rotationTakesEffectForNewHandshakesAndOpenConnectionsCarryOn() async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.webID, as: "web")
+        // Kubernetes-style: the config names files through a symlinked directory that is swapped atomically.
+        let v1 = f.path("v1"), v2 = f.path("v2"), current = f.path("current")
+        for d in [v1, v2] { try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true) }
+        let (first, _) = try f.issue(TLSFixture.vigilID, as: "v1/vigil")
+        let (second, _) = try f.issue(TLSFixture.vigilID, as: "v2/vigil")
+        try FileManager.default.createSymbolicLink(atPath: current, withDestinationPath: v1)
+        let upstream = try await FakeUpstream(group: group)
+        let yaml = ProxyHarness.simple(listener: "tls: { cert: \"\(current)/vigil.pem\", key: \"\(current)/vigil-key.pem\", client_ca: \"\(f.path("ca.pem"))\" }")
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
+        let context = try f.clientContext(cert: "web")
+        let old = try await TestClient.connect(port: proxy.port(), group: group, tls: context)
+        let firstDER = try TLSFixture.der(first)
+        #expect(try await old.peerCertificateDER() == firstDER)
+
+        // Swap the link atomically (new link, rename over the old one), then reload as the poll or SIGHUP would.
+        try FileManager.default.createSymbolicLink(atPath: current + ".new", withDestinationPath: v2)
+        #expect(rename(current + ".new", current) == 0)
+        let events = proxy.runtime.tls.reload()
+        #expect(events.map(\.kind).contains(.tlsReloaded))
+
+        let fresh = try await TestClient.connect(port: proxy.port(), group: group, tls: context)
+        let secondDER = try TLSFixture.der(second)
+        #expect(try await fresh.peerCertificateDER() == secondDER)
+        for c in [old, fresh] {
+            try await c.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            #expect(try await c.response()?.status == 200)     // the old connection keeps working
+            try await c.close()
+        }
+        let certs = proxy.runtime.tls.certificates().filter { $0.role == "serving" }
+        #expect(certs.first?.info.identity == TLSFixture.vigilID)
+        await proxy.stop()
+    }
+
+    @Test func aBrokenOrMismatchedRotationKeepsTheOldMaterial() async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.webID, as: "web")
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await mtlsProxy(f, upstream: upstream)
+        let before = try await TestClient.connect(port: proxy.port(), group: group, tls: try f.clientContext(cert: "web"))
+        let served = try await before.peerCertificateDER()
+        try await before.close()
+
+        // A truncated certificate file.
+        let good = try String(contentsOfFile: f.path("vigil.pem"), encoding: .utf8)
+        try f.write("vigil.pem", String(good.prefix(good.count / 2)))
+        var events = proxy.runtime.tls.reload()
+        #expect(events.map(\.kind) == [.tlsReloadFailed])
+        #expect(events.first?.evidence.serialized().contains("listeners[0].tls.cert") == true)
+        // A valid certificate with a key that is not its own.
+        let (_, otherKey) = try f.ca.issue(identity: "spiffe://corp/other")
+        try f.write("vigil.pem", good)
+        try f.write("vigil-key.pem", DevCertificateAuthority.pem(otherKey))
+        events = proxy.runtime.tls.reload()
+        #expect(events.map(\.kind) == [.tlsReloadFailed])
+        #expect(events.first?.evidence.serialized().contains("does not match") == true)
+
+        let after = try await TestClient.connect(port: proxy.port(), group: group, tls: try f.clientContext(cert: "web"))
+        #expect(try await after.peerCertificateDER() == served)
+        try await after.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        #expect(try await after.response()?.status == 200)
+        try await after.close()
+        await proxy.stop()
+    }
+}
