@@ -121,4 +121,32 @@ import VigilTestSupport
         #expect(out.contains("evidence={"))
         #expect(out.contains("demo stopped"))
     }
+
+    @Test func certsDevWritesAWorkingMTLSSetup() throws {
+        let dir = NSTemporaryDirectory() + "vigil-certs-\(UUID().uuidString)"
+        let (status, out, err) = try run(["certs", "dev", dir, "--name", "spiffe://corp/ns/mesh/sa/vigil",
+                                          "--name", "spiffe://corp/ns/acme/sa/web"])
+        #expect(status == 0, "\(err)")
+        for name in ["ca.pem", "ca-key.pem", "corp-ns-mesh-sa-vigil.pem", "corp-ns-mesh-sa-vigil-key.pem",
+                     "corp-ns-acme-sa-web.pem", "corp-ns-acme-sa-web-key.pem"] {
+            #expect(out.contains(name))
+            #expect(FileManager.default.fileExists(atPath: dir + "/" + name))
+        }
+        let mode = try FileManager.default.attributesOfItem(atPath: dir + "/ca-key.pem")[.posixPermissions] as? Int
+        #expect(mode == 0o600)
+        func config(key: String) throws -> String {
+            try tempFile("""
+                listeners:
+                  - name: inbound
+                    address: "127.0.0.1:0"
+                    tls: { cert: "\(dir)/corp-ns-mesh-sa-vigil.pem", key: "\(dir)/\(key)", client_ca: "\(dir)/ca.pem" }
+                    routes: [{ match: { prefix: "/" }, cluster: api }]
+                clusters: [{ name: api, endpoints: ["127.0.0.1:8080"] }]
+                """)
+        }
+        #expect(try run(["validate", try config(key: "corp-ns-mesh-sa-vigil-key.pem")]).0 == 0)
+        let (bad, _, message) = try run(["validate", try config(key: "corp-ns-acme-sa-web-key.pem")])
+        #expect(bad != 0)
+        #expect(message.contains("listeners[0].tls.key") && message.contains("does not match"))
+    }
 }

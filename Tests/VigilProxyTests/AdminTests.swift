@@ -100,4 +100,31 @@ import VigilTestSupport
         await admin.stop()
         await proxy.stop()
     }
+
+    @Test func certsListsEveryCertificateAndExpirySoonIsAnEvent() async throws {
+        let f = try TLSFixture()
+        // The serving certificate expires in two days: inside the seven-day warning.
+        try f.issue(TLSFixture.vigilID, as: "vigil", validity: 2 * 86400 + 3600)
+        let upstream = try await FakeUpstream(group: group)
+        let registry = PrometheusCollectorRegistry()
+        let yaml = "admin: { address: \"127.0.0.1:0\" }\n" + ProxyHarness.simple(listener: f.listenerTLS)
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group,
+                                           metrics: PrometheusMetricsFactory(registry: registry))
+        let admin = AdminServer(proxy: proxy.server, registry: registry, group: group, logger: Logger(label: "admin-test"))
+        try await admin.start()
+        let certs = try #require(try json(try await get(admin, "/certs"))["certificates"] as? [[String: Any]])
+        let serving = try #require(certs.first { $0["role"] as? String == "serving" })
+        #expect(serving["identity"] as? String == TLSFixture.vigilID)
+        #expect(serving["config"] as? String == "listeners[0].tls")
+        let left = try #require(serving["expires_in_seconds"] as? Int)
+        #expect(left > 2 * 86400 - 60 && left <= 2 * 86400)  // issued an hour back, valid 49 h
+        #expect(certs.contains { $0["role"] as? String == "trust" && ($0["subject"] as? String)?.contains("mesh CA") == true })
+        let expiring = proxy.runtime.events.records().filter { $0.event.kind == .certExpiring }
+        #expect(expiring.count == 1)
+        #expect(expiring.first?.event.evidence.serialized().contains(TLSFixture.vigilID) == true)
+        let metrics = try await get(admin, "/stats/prometheus").text
+        #expect(metrics.contains("vigil_cert_expiry_seconds{owner=\"in\",role=\"serving\",name=\"\(TLSFixture.vigilID)\"}"))
+        await admin.stop()
+        await proxy.stop()
+    }
 }

@@ -1,4 +1,5 @@
 import Atomics
+import Foundation
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -78,6 +79,8 @@ public final class AdminServer: Sendable {
             return json(stats())
         case (.GET, "/clusters"):
             return json(clusters())
+        case (.GET, "/certs"):
+            return json(certs())
         case (.GET, "/events"):
             let since = query["since"].flatMap { UInt64($0) } ?? 0
             return json(.object([("events", .array(proxy.runtime.events.records(after: since).map(\.json)))]))
@@ -103,7 +106,7 @@ public final class AdminServer: Sendable {
             return json(["level": .string(level.rawValue)])
         case (.GET, "/"):
             return Reply(status: .ok, contentType: "text/html; charset=utf-8", body: Self.indexPage)
-        case (_, "/ready"), (_, "/healthz"), (_, "/stats/prometheus"), (_, "/stats"), (_, "/clusters"), (_, "/events"),
+        case (_, "/ready"), (_, "/healthz"), (_, "/stats/prometheus"), (_, "/stats"), (_, "/clusters"), (_, "/events"), (_, "/certs"),
              (_, "/config_dump"), (_, "/drain"), (_, "/logging"), (_, "/"):
             return Reply(status: .methodNotAllowed, contentType: "application/json",
                          body: JSONValue.object([("error", "method not allowed")]).serialized() + "\n")
@@ -186,6 +189,25 @@ public final class AdminServer: Sendable {
         }))])
     }
 
+    func certs() -> JSONValue {
+        let now = Date()
+        func time(_ d: Date) -> JSONValue { .string(RFC3339.string(nanos: Int64(d.timeIntervalSince1970 * 1e9))) }
+        return .object([("certificates", .array(proxy.runtime.tls.certificates().map { c in
+            [
+                "owner": .string(c.owner),
+                "config": .string(c.path),
+                "role": .string(c.role),
+                "identity": c.info.identity.map(JSONValue.string) ?? .null,
+                "subject": .string(c.info.subject),
+                "serial": .string(c.info.serial),
+                "sha256": .string(c.info.sha256),
+                "not_after": time(c.info.notAfter),
+                "expires_in_seconds": .int(Int(c.info.notAfter.timeIntervalSince(now))),
+                "last_rotation": time(c.lastRotation),
+            ]
+        }))])
+    }
+
     static func split(_ uri: String) -> (String, [String: String]) {
         guard let q = uri.firstIndex(of: "?") else { return (uri, [:]) }
         var query: [String: String] = [:]
@@ -209,6 +231,7 @@ public final class AdminServer: Sendable {
         <li><a href="/stats/prometheus">/stats/prometheus</a> — Prometheus exposition</li>
         <li><a href="/clusters">/clusters</a> — every upstream host, its state and why</li>
         <li><a href="/events">/events</a> — the latest healing decisions with their evidence</li>
+        <li><a href="/certs">/certs</a> — every certificate in use: identity, expiry, last rotation</li>
         <li><a href="/config_dump">/config_dump</a> — effective configuration</li>
         <li><code>POST /drain</code>, <code>POST /logging?level=debug</code></li>
         </ul>
@@ -229,11 +252,13 @@ struct AdminGauges: Sendable {
     let hostStates: [[Gauge]]
     static let states = ["healthy", "unhealthy", "ejected", "pending"]
     let panic: [Gauge]
+    let registry: PrometheusCollectorRegistry
     let counters: [[(Counter, @Sendable (ClusterRuntime) -> Int)]]
     private let published: NIOLockedValueBox<[[Int]]>
 
     init(runtime: ProxyRuntime, registry: PrometheusCollectorRegistry) {
         self.runtime = runtime
+        self.registry = registry
         activeRequests = registry.makeGauge(name: "vigil_active_requests")
         openConnections = runtime.listeners.map {
             registry.makeGauge(name: "vigil_downstream_connections", labels: [("listener", $0.config.name)])
@@ -276,6 +301,13 @@ struct AdminGauges: Sendable {
                 hostStates[ci][si].set(Double(views.filter { $0.state == state }.count))
             }
             panic[ci].set(Double(c.health.mode == .normal ? 0 : 1))
+        }
+        // Certificates change on rotation, so their gauges are looked up by labels at scrape time.
+        let now = Date()
+        for c in runtime.tls.certificates() {
+            registry.makeGauge(name: "vigil_cert_expiry_seconds",
+                               labels: [("owner", c.owner), ("role", c.role), ("name", c.info.identity ?? c.info.subject)])
+                .set(c.info.notAfter.timeIntervalSince(now))
         }
         published.withLockedValue { last in
             for (ci, c) in runtime.clusters.enumerated() {
