@@ -81,7 +81,7 @@ public enum JSONValue: Sendable, Equatable, ExpressibleByStringLiteral, Expressi
 
 extension VigilConfig {
     /// The effective configuration with every default filled in, as `GET /config_dump` shows it.
-    /// Vigil's config holds no secrets yet; fields that will (keys, tokens) are dumped as "[redacted]".
+    /// Private keys and tokens are never in the config itself, only the paths of their files.
     public func dump() -> JSONValue {
         func d(_ x: Duration) -> JSONValue { .string(DurationParser.format(x)) }
         let accessLogText: String
@@ -96,6 +96,8 @@ extension VigilConfig {
             "state_dir": .string(stateDir),
             "access_log": ["output": .string(accessLogText)],
             "drain_timeout": d(drainTimeout),
+            "event_buffer": .int(eventBuffer),
+            "authorization": .array(authorization.map(Self.dump)),
             "listeners": .array(listeners.map { l in
                 [
                     "name": .string(l.name), "address": .string(l.address.description),
@@ -108,6 +110,8 @@ extension VigilConfig {
                         "idle_timeout": d(l.limits.idleTimeout), "header_timeout": d(l.limits.headerTimeout),
                         "max_concurrent_streams": .int(l.limits.maxConcurrentStreams),
                     ],
+                    "tls": l.tls.map(Self.dump) ?? .null,
+                    "authorization": .string(l.authorization ? "on" : "off"),
                     "routes": .array(l.routes.map { r in
                         var match: [(String, JSONValue)] = []
                         switch r.match.path {
@@ -119,7 +123,8 @@ extension VigilConfig {
                             match.append(("headers", .object(r.match.headers.map { ($0.name, .string($0.value)) })))
                         }
                         if !r.match.methods.isEmpty { match.append(("methods", .array(r.match.methods.map { .string($0) }))) }
-                        return ["match": .object(match), "cluster": .string(r.cluster), "timeout": d(r.timeout)]
+                        return ["match": .object(match), "cluster": .string(r.cluster), "timeout": d(r.timeout),
+                                "retry": r.retry.map(Self.dump) ?? .null]
                     }),
                 ]
             }),
@@ -134,6 +139,11 @@ extension VigilConfig {
                         "max_requests": .int(c.circuitBreakers.maxRequests),
                         "max_retries": .int(c.circuitBreakers.maxRetries),
                     ],
+                    "panic_threshold": .int(c.panicThreshold), "all_unhealthy": .string(c.allUnhealthy.rawValue),
+                    "health_check": c.healthCheck.map(Self.dump) ?? .null,
+                    "outlier_detection": c.outlierDetection.map(Self.dump) ?? .null,
+                    "slow_start": c.slowStart.map(Self.dump) ?? .null,
+                    "tls": c.tls.map(Self.dump) ?? .null,
                 ]
             }),
         ]

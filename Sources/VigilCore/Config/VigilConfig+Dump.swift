@@ -1,0 +1,62 @@
+/// `config_dump` forms of the healing, TLS and authorization settings, with every default filled in.
+extension VigilConfig {
+    private static func d(_ x: Duration) -> JSONValue { .string(DurationParser.format(x)) }
+    private static func strings(_ xs: [String]) -> JSONValue { .array(xs.map(JSONValue.string)) }
+
+    static func dump(_ r: AuthorizationRule) -> JSONValue {
+        ["identities": strings(r.identities), "prefix": r.prefix.map(JSONValue.string) ?? .null,
+         "methods": strings(r.methods)]
+    }
+
+    static func dump(_ t: ListenerTLSConfig) -> JSONValue {
+        ["cert": .string(t.cert), "key": .string(t.key), "client_ca": t.clientCA.map(JSONValue.string) ?? .null,
+         "require_client_cert": .bool(t.requireClientCert), "min_version": .string(t.minVersion.rawValue),
+         "identity_from": strings(t.identityFrom.map(\.rawValue))]
+    }
+
+    static func dump(_ t: ClusterTLSConfig) -> JSONValue {
+        ["cert": t.cert.map(JSONValue.string) ?? .null, "key": t.key.map(JSONValue.string) ?? .null, "ca": .string(t.ca),
+         "server_identity": t.serverIdentity.map(JSONValue.string) ?? .null, "sni": t.sni.map(JSONValue.string) ?? .null]
+    }
+
+    static func dump(_ r: RetryPolicyConfig) -> JSONValue {
+        ["attempts": .int(r.attempts), "on": strings(r.on.map(\.rawValue)), "status_codes": .array(r.statusCodes.map(JSONValue.int)),
+         "per_try_timeout": d(r.perTryTimeout), "backoff": ["base": d(r.backoffBase), "max": d(r.backoffMax)],
+         "budget": ["ratio": .double(r.budgetRatio), "min_per_second": .int(r.budgetMinPerSecond)],
+         "retry_non_idempotent": .bool(r.retryNonIdempotent), "retry_buffer_bytes": .int(r.retryBufferBytes)]
+    }
+
+    static func dump(_ h: HealthCheckConfig) -> JSONValue {
+        ["path": .string(h.path), "host": h.host.map(JSONValue.string) ?? .null,
+         "expected_statuses": strings(h.expectedStatuses.map { $0.lowerBound == $0.upperBound ? "\($0.lowerBound)" : "\($0.lowerBound)-\($0.upperBound)" }),
+         "interval": d(h.interval), "timeout": d(h.timeout), "interval_jitter": d(h.intervalJitter),
+         "interval_jitter_percent": .int(h.intervalJitterPercent), "unhealthy_threshold": .int(h.unhealthyThreshold),
+         "healthy_threshold": .int(h.healthyThreshold), "unhealthy_interval": d(h.unhealthyInterval ?? h.interval),
+         "no_traffic_interval": d(h.noTrafficInterval)]
+    }
+
+    static func dump(_ o: OutlierDetectionConfig) -> JSONValue {
+        ["consecutive_5xx": .int(o.consecutive5xx), "consecutive_gateway_failure": .int(o.consecutiveGatewayFailure),
+         "consecutive_local_origin_failure": .int(o.consecutiveLocalOriginFailure),
+         "split_external_local_origin_errors": .bool(o.splitExternalLocalOriginErrors), "interval": d(o.interval),
+         "base_ejection_time": d(o.baseEjectionTime), "max_ejection_time": d(o.maxEjectionTime),
+         "max_ejection_percent": .int(o.maxEjectionPercent),
+         "success_rate": ["minimum_hosts": .int(o.successRate.minimumHosts), "request_volume": .int(o.successRate.requestVolume),
+                          "stdev_factor": .double(o.successRate.stdevFactor)],
+         "failure_percentage": ["threshold": .int(o.failurePercentage.threshold),
+                                "minimum_hosts": .int(o.failurePercentage.minimumHosts),
+                                "request_volume": .int(o.failurePercentage.requestVolume)],
+         "enforcing_consecutive_5xx": .int(o.enforcingConsecutive5xx),
+         "enforcing_consecutive_gateway_failure": .int(o.enforcingConsecutiveGatewayFailure),
+         "enforcing_consecutive_local_origin_failure": .int(o.enforcingConsecutiveLocalOriginFailure),
+         "enforcing_success_rate": .int(o.enforcingSuccessRate),
+         "enforcing_local_origin_success_rate": .int(o.enforcingLocalOriginSuccessRate),
+         "enforcing_failure_percentage": .int(o.enforcingFailurePercentage),
+         "enforcing_failure_percentage_local_origin": .int(o.enforcingFailurePercentageLocalOrigin),
+         "successful_active_health_check_uneject_host": .bool(o.successfulActiveHealthCheckUnejectHost)]
+    }
+
+    static func dump(_ s: SlowStartConfig) -> JSONValue {
+        ["window": d(s.window), "aggression": .double(s.aggression), "min_weight_percent": .int(s.minWeightPercent)]
+    }
+}
