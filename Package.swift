@@ -90,6 +90,17 @@ let package = Package(
             ]
         ),
         // libFuzzer target for the HTTP/1 parser (Fuzz/run.sh); a corpus replayer in normal builds.
+        // The TLS benchmark's load generator (wrk and h2load cannot present client certificates).
+        .executableTarget(
+            name: "vigil-load",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            ],
+            path: "Bench/LoadGen"
+        ),
         .executableTarget(
             name: "vigil-fuzz",
             dependencies: ["VigilCore", .product(name: "NIOCore", package: "swift-nio")],

@@ -205,4 +205,25 @@ import X509
         try await after.close()
         await proxy.stop()
     }
+
+    @Test func http2OverMutualTLSCarriesTheIdentity() async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.webID, as: "web")
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await mtlsProxy(f, upstream: upstream, top: """
+            authorization:
+              - { identities: ["spiffe://corp/ns/acme/*"], prefix: "/v1/" }
+            """)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group,
+                                                    tls: try f.clientContext(cert: "web", alpn: ["h2"]))
+        let ok = try await client.request(.GET, "/v1/a", headers: [("x-forwarded-client-cert", "URI=spiffe://forged")])
+        #expect(ok.status == 200)
+        let denied = try await client.request(.GET, "/admin")
+        #expect(denied.status == 403)
+        #expect(denied.header("x-vigil-reason") == "unauthorized")
+        let xfcc = try #require(upstream.recorded.first).head.headers["x-forwarded-client-cert"]
+        #expect(xfcc.count == 1 && xfcc[0].hasSuffix("URI=\(TLSFixture.webID)"))
+        try await client.close()
+        await proxy.stop()
+    }
 }

@@ -1,6 +1,7 @@
 import NIOCore
 import NIOHTTP1
 import NIOHTTP2
+import NIOSSL
 import NIOPosix
 
 /// An HTTP/2 client with prior knowledge (h2c), built on swift-nio-http2: each request is a stream,
@@ -10,13 +11,15 @@ public final class H2TestClient: Sendable {
     let multiplexer: NIOLoopBound<HTTP2StreamMultiplexer>
 
     /// `validateHeaders: false` lets a test send header blocks a well-behaved client would refuse to.
-    public static func connect(port: Int, group: EventLoopGroup, validateHeaders: Bool = true) async throws -> H2TestClient {
+    public static func connect(port: Int, group: EventLoopGroup, validateHeaders: Bool = true,
+                               tls: NIOSSLContext? = nil) async throws -> H2TestClient {
         // The HTTP/2 handler goes in before the socket connects, so the server's SETTINGS, which a
         // prior-knowledge server may send at once, never reach a pipeline that cannot read them.
         let ready = group.any().makePromise(of: NIOLoopBound<HTTP2StreamMultiplexer>.self)
         let channel = try await ClientBootstrap(group: group)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let tls { try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: tls, serverHostname: nil)) }
                     let http2 = NIOHTTP2Handler(mode: .client, headerBlockValidation: validateHeaders ? .enabled : .disabled)
                     let multiplexer = HTTP2StreamMultiplexer(mode: .client, channel: channel, inboundStreamInitializer: nil)
                     try channel.pipeline.syncOperations.addHandler(http2)
