@@ -13,6 +13,22 @@ public enum LoadBalancer {
     /// Two random draws avoid the herd that a global minimum causes when many proxies see the same counts.
     public static func leastRequest<R: RandomNumberGenerator>(candidates: [Int], active: (Int) -> Int,
                                                               random: inout R) -> Int? {
+        twoChoices(candidates, random: &random) { active($1) < active($0) }
+    }
+
+    /// Peak EWMA by the power of two choices (Finagle, Linkerd): the lower cost wins, where cost = latency
+    /// estimate × (active requests + 1). Hosts without an estimate yet cost as if their latency were 1 µs,
+    /// so they are tried and get one.
+    public static func ewma<R: RandomNumberGenerator>(candidates: [Int], latencyNanos: (Int) -> Double, active: (Int) -> Int,
+                                                      random: inout R) -> Int? {
+        func cost(_ i: Int) -> Double { Swift.max(latencyNanos(i), 1_000) * Double(active(i) + 1) }
+        return twoChoices(candidates, random: &random) { cost($1) < cost($0) }
+    }
+
+    /// Draws two distinct candidates at random and returns the second if `secondWins(first, second)`,
+    /// else the first.
+    private static func twoChoices<R: RandomNumberGenerator>(_ candidates: [Int], random: inout R,
+                                                             secondWins: (Int, Int) -> Bool) -> Int? {
         switch candidates.count {
         case 0: return nil
         case 1: return candidates[0]
@@ -23,28 +39,7 @@ public enum LoadBalancer {
             var j = Int(random.next() % (n - 1))
             if j >= i { j += 1 }
             let a = candidates[i], b = candidates[j]
-            return active(b) < active(a) ? b : a
-        }
-    }
-}
-
-extension LoadBalancer {
-    /// Peak EWMA by the power of two choices (Finagle, Linkerd): two distinct candidates at random, the one
-    /// with the lower cost wins, where cost = latency estimate × (active requests + 1). Hosts without an
-    /// estimate yet cost as if their latency were 1 µs, so they are tried and get one.
-    public static func ewma<R: RandomNumberGenerator>(candidates: [Int], latencyNanos: (Int) -> Double, active: (Int) -> Int,
-                                                      random: inout R) -> Int? {
-        func cost(_ i: Int) -> Double { Swift.max(latencyNanos(i), 1_000) * Double(active(i) + 1) }
-        switch candidates.count {
-        case 0: return nil
-        case 1: return candidates[0]
-        default:
-            let n = UInt64(candidates.count)
-            let i = Int(random.next() % n)
-            var j = Int(random.next() % (n - 1))
-            if j >= i { j += 1 }
-            let a = candidates[i], b = candidates[j]
-            return cost(b) < cost(a) ? b : a
+            return secondWins(a, b) ? b : a
         }
     }
 }
