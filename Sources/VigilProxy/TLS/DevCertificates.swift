@@ -67,8 +67,9 @@ public struct DevCertificateAuthority {
         return String(mapped).trimmingCharacters(in: CharacterSet(charactersIn: "-"))
     }
 
-    public static func pem(_ certificate: Certificate) throws -> String { try certificate.serializeAsPEM().pemString }
-    public static func pem(_ key: P256.Signing.PrivateKey) -> String { key.pemRepresentation }
+    /// PEM text ending in a newline, so files can be concatenated into bundles.
+    public static func pem(_ certificate: Certificate) throws -> String { try certificate.serializeAsPEM().pemString + "\n" }
+    public static func pem(_ key: P256.Signing.PrivateKey) -> String { key.pemRepresentation + "\n" }
 
     /// Writes `ca.pem`, `ca-key.pem` and, per identity, `<stem>.pem` and `<stem>-key.pem` into `directory`.
     /// Key files are written with mode 0600.
