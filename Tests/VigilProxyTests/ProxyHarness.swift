@@ -23,9 +23,10 @@ final class ProxyHarness: Sendable {
         let config = try VigilConfig.parse(yaml: text)
         self.group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: 2)
         self.accessLog = AccessLog.memory()
-        let runtime = try ProxyRuntime(config: config, group: self.group, metricsFactory: metrics, accessLog: accessLog)
         var logger = Logger(label: "vigil-test")
         logger.logLevel = .warning
+        let runtime = try ProxyRuntime(config: config, group: self.group, metricsFactory: metrics, accessLog: accessLog,
+                                       logger: logger)
         self.server = ProxyServer(runtime: runtime, group: self.group, logger: logger)
         try await server.start()
     }

@@ -81,6 +81,8 @@ public final class AdminServer: Sendable {
             return json(clusters())
         case (.GET, "/certs"):
             return json(certs())
+        case (.GET, "/tenants"):
+            return json(tenants())
         case (.GET, "/events"):
             let since = query["since"].flatMap { UInt64($0) } ?? 0
             return json(.object([("events", .array(proxy.runtime.events.records(after: since).map(\.json)))]))
@@ -106,7 +108,7 @@ public final class AdminServer: Sendable {
             return json(["level": .string(level.rawValue)])
         case (.GET, "/"):
             return Reply(status: .ok, contentType: "text/html; charset=utf-8", body: Self.indexPage)
-        case (_, "/ready"), (_, "/healthz"), (_, "/stats/prometheus"), (_, "/stats"), (_, "/clusters"), (_, "/events"), (_, "/certs"),
+        case (_, "/ready"), (_, "/healthz"), (_, "/stats/prometheus"), (_, "/stats"), (_, "/clusters"), (_, "/events"), (_, "/certs"), (_, "/tenants"),
              (_, "/config_dump"), (_, "/drain"), (_, "/logging"), (_, "/"):
             return Reply(status: .methodNotAllowed, contentType: "application/json",
                          body: JSONValue.object([("error", "method not allowed")]).serialized() + "\n")
@@ -189,6 +191,26 @@ public final class AdminServer: Sendable {
         }))])
     }
 
+    func tenants() -> JSONValue {
+        guard let registry = proxy.runtime.tenants else { return ["tenants": [], "configured": false] }
+        let now = Int64(NIODeadline.now().uptimeNanoseconds)
+        return .object([("configured", true), ("shadow", .bool(registry.config.shadow)),
+                        ("tenants", .array(registry.all.sorted { $0.name < $1.name }.map { t in
+            let tokens = t.tokens(now: now)
+            return [
+                "name": .string(t.name),
+                "requests_per_second": t.limits.requestsPerSecond.map(JSONValue.double) ?? .null,
+                "burst": .int(t.limits.effectiveBurst),
+                "max_concurrent": t.limits.maxConcurrent.map(JSONValue.int) ?? .null,
+                "tokens": tokens.map(JSONValue.int) ?? .null,
+                "in_flight": .int(t.inFlight.load(ordering: .relaxed)),
+                "allowed": .int(t.allowed.load(ordering: .relaxed)),
+                "rate_limited": .int(t.rateLimited.load(ordering: .relaxed)),
+                "concurrency_limited": .int(t.concurrencyLimited.load(ordering: .relaxed)),
+            ]
+        }))])
+    }
+
     func certs() -> JSONValue {
         let now = Date()
         func time(_ d: Date) -> JSONValue { .string(RFC3339.string(nanos: Int64(d.timeIntervalSince1970 * 1e9))) }
@@ -232,6 +254,7 @@ public final class AdminServer: Sendable {
         <li><a href="/clusters">/clusters</a> — every upstream host, its state and why</li>
         <li><a href="/events">/events</a> — the latest healing decisions with their evidence</li>
         <li><a href="/certs">/certs</a> — every certificate in use: identity, expiry, last rotation</li>
+        <li><a href="/tenants">/tenants</a> — each tenant's limits, tokens, in-flight requests and refusals</li>
         <li><a href="/config_dump">/config_dump</a> — effective configuration</li>
         <li><code>POST /drain</code>, <code>POST /logging?level=debug</code></li>
         </ul>
@@ -255,6 +278,7 @@ struct AdminGauges: Sendable {
     let registry: PrometheusCollectorRegistry
     let counters: [[(Counter, @Sendable (ClusterRuntime) -> Int)]]
     private let published: NIOLockedValueBox<[[Int]]>
+    private let tenantPublished = NIOLockedValueBox<[String: Int]>([:])
 
     init(runtime: ProxyRuntime, registry: PrometheusCollectorRegistry) {
         self.runtime = runtime
@@ -301,6 +325,31 @@ struct AdminGauges: Sendable {
                 hostStates[ci][si].set(Double(views.filter { $0.state == state }.count))
             }
             panic[ci].set(Double(c.health.mode == .normal ? 0 : 1))
+        }
+        // Tenant counters by label (configured tenants by name, the rest as "other"): bounded cardinality.
+        if let tenantRegistry = runtime.tenants {
+            var sums: [String: [Int]] = [:]
+            for t in tenantRegistry.all {
+                var s = sums[t.label] ?? [0, 0, 0]
+                s[0] += t.allowed.load(ordering: .relaxed)
+                s[1] += t.rateLimited.load(ordering: .relaxed)
+                s[2] += t.concurrencyLimited.load(ordering: .relaxed)
+                sums[t.label] = s
+            }
+            tenantPublished.withLockedValue { last in
+                for (label, values) in sums {
+                    for (k, decision) in ["allowed", "rate_limited", "concurrency_limited"].enumerated() {
+                        let key = "\(label)|\(decision)"
+                        let delta = values[k] - (last[key] ?? 0)
+                        // Reclaimed idle tenants lower an "other" sum; a counter only grows.
+                        if delta > 0 {
+                            registry.makeCounter(name: "vigil_tenant_requests_total",
+                                                  labels: [("tenant", label), ("decision", decision)]).increment(by: Int64(delta))
+                            last[key] = values[k]
+                        }
+                    }
+                }
+            }
         }
         // Certificates change on rotation, so their gauges are looked up by labels at scrape time.
         let now = Date()

@@ -23,7 +23,7 @@ extension VigilConfig {
 extension ConfigReader {
     mutating func readConfig(_ root: Node) -> VigilConfig? {
         let keys: Set = ["node", "admin", "state_dir", "access_log", "drain_timeout", "event_buffer", "listeners", "clusters",
-                         "authorization"]
+                         "authorization", "tenants"]
         guard let m = map(root, at: "", keys: keys) else { return nil }
         var config = VigilConfig(listeners: [], clusters: [])
 
@@ -45,6 +45,7 @@ extension ConfigReader {
         }
         if let d = duration(m["drain_timeout"], at: "drain_timeout") { config.drainTimeout = d }
         if let n = int(m["event_buffer"], at: "event_buffer", range: 1...1_000_000) { config.eventBuffer = n }
+        if let node = m["tenants"] { config.tenants = readTenants(node, at: "tenants") }
         if let rules = list(m["authorization"], at: "authorization") {
             config.authorization = rules.enumerated().compactMap { readAuthorizationRule($0.element, at: Self.index("authorization", $0.offset)) }
         }
@@ -88,7 +89,8 @@ extension ConfigReader {
     }
 
     mutating func readListener(_ node: Node, at path: String, clusterNames: [String: Int]) -> ListenerConfig? {
-        guard let m = map(node, at: path, keys: ["name", "address", "protocol", "routes", "limits", "tls", "authorization"])
+        guard let m = map(node, at: path, keys: ["name", "address", "protocol", "routes", "limits", "tls", "authorization",
+                                                 "trusted_headers"])
         else { return nil }
         let name = required(nonEmptyString(m["name"], at: m.path("name")), m, "name")
         let address = required(self.address(m["address"], at: m.path("address")), m, "address")
@@ -137,6 +139,7 @@ extension ConfigReader {
         if let on = oneOf(m["authorization"], at: m.path("authorization"), ["on": true, "off": false]) {
             listener.authorization = on
         }
+        if let trusted = bool(m["trusted_headers"], at: m.path("trusted_headers")) { listener.trustedHeaders = trusted }
         return listener
     }
 

@@ -15,6 +15,8 @@ public struct VigilConfig: Sendable, Equatable {
     public var clusters: [ClusterConfig]
     /// Default-deny authorization rules; empty means every request is allowed.
     public var authorization: [AuthorizationRule] = []
+    /// Tenant resolution and per-tenant limits; nil means requests are not attributed to tenants.
+    public var tenants: TenantsConfig?
 
     public init(nodeID: String = "vigil", admin: AdminConfig = .init(), stateDir: String = "./.vigil",
                 accessLog: AccessLogOutput = .stdout, drainTimeout: Duration = .seconds(30),
@@ -58,6 +60,9 @@ public struct ListenerConfig: Sendable, Equatable {
     public var tls: ListenerTLSConfig?
     /// `authorization: off` exempts the listener from the authorization rules (e.g. a local outbound one).
     public var authorization = true
+    /// Whether a tenant header sent by the client is believed (`tenants.identify[].from: header`). On other
+    /// listeners a client-sent tenant header is removed, so nobody can claim another tenant's quota.
+    public var trustedHeaders = false
 
     public init(name: String, address: SocketAddressSpec, protocol: ListenerProtocol = .auto,
                 routes: [RouteConfig], limits: ListenerLimits = .init()) {

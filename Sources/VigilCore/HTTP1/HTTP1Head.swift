@@ -19,6 +19,8 @@ public enum HTTP1FieldKind: UInt8, Sendable {
     case trailer
     /// Envoy's `x-forwarded-client-cert`: only Vigil may set it; a client's is always removed.
     case xForwardedClientCert
+    /// `x-vigil-tenant`: Vigil's own; a client's is always removed.
+    case xVigilTenant
 
     /// Classifies a field name by its length first, so most names cost one switch and no compare.
     @inline(__always)
@@ -35,6 +37,7 @@ public enum HTTP1FieldKind: UInt8, Sendable {
             if eq("connection") { return .connection }
             if eq("keep-alive") { return .keepAlive }
         case 12: if eq("x-request-id") { return .xRequestID }
+        case 14 where eq("x-vigil-tenant"): return .xVigilTenant
         case 14: if eq("content-length") { return .contentLength }
         case 15: if eq("x-forwarded-for") { return .xForwardedFor }
         case 17:

@@ -64,7 +64,7 @@ public enum HTTP1HeadWriter {
     @discardableResult
     public static func writeRequest<R: RandomNumberGenerator>(
         _ head: HTTP1RequestHead, facts: ForwardingFacts, random: inout R, fallbackAuthority: String,
-        into out: inout ByteBuffer
+        tenant: String? = nil, dropping dropped: String? = nil, into out: inout ByteBuffer
     ) -> RequestID? {
         out.reserveCapacity(minimumWritableBytes: head.bytes.readableBytes + 160)
         out.writeString(head.method)
@@ -92,7 +92,8 @@ public enum HTTP1HeadWriter {
             switch f.kind {
             case .host: keep = !absoluteForm
             case .contentLength: keep = true
-            case .transferEncoding, .connection, .keepAlive, .proxyPrefixed, .xForwardedProto, .xForwardedClientCert:
+            case .transferEncoding, .connection, .keepAlive, .proxyPrefixed, .xForwardedProto, .xForwardedClientCert,
+                 .xVigilTenant:
                 keep = false
             case .te:
                 keep = false
@@ -109,7 +110,8 @@ public enum HTTP1HeadWriter {
                 keep = true
                 hadRequestID = true
             case .expect, .trailer, .other:
-                keep = nominated.isEmpty || !nominated.contains { head.nameEquals(f, $0) }
+                keep = (nominated.isEmpty || !nominated.contains { head.nameEquals(f, $0) })
+                    && !(dropped.map { head.nameEquals(f, $0) } ?? false)
             }
             if keep {
                 if runStart < 0 { runStart = f.lineStart }
@@ -139,6 +141,11 @@ public enum HTTP1HeadWriter {
         if let cert = facts.clientCert {
             out.writeStaticString("x-forwarded-client-cert: ")
             out.writeString(cert)
+            out.writeStaticString("\r\n")
+        }
+        if let tenant {
+            out.writeStaticString("x-vigil-tenant: ")
+            out.writeString(tenant)
             out.writeStaticString("\r\n")
         }
         var generated: RequestID?
@@ -195,7 +202,7 @@ public enum HTTP1HeadWriter {
                 if case .length = framing { keep = true } else { keep = isNoBodyWithLength(head, framing) }
             case .transferEncoding, .connection, .keepAlive, .proxyPrefixed, .te: keep = false
             case .upgrade: keep = isSwitch
-            case .host, .expect, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .other, .xForwardedClientCert:
+            case .host, .expect, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .other, .xForwardedClientCert, .xVigilTenant:
                 keep = nominated.isEmpty || !nominated.contains { head.nameEquals(f, $0) }
             }
             if keep {

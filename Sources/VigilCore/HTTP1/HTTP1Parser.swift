@@ -275,7 +275,7 @@ public enum HTTP1Parser {
                     }
                 case .upgrade:
                     s.hasUpgradeField = true
-                case .other, .keepAlive, .te, .proxyPrefixed, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .xForwardedClientCert:
+                case .other, .keepAlive, .te, .proxyPrefixed, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .xForwardedClientCert, .xVigilTenant:
                     break
                 }
             }

@@ -283,9 +283,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             chunked = ChunkedDecoder(maxTrailerBytes: listener.config.limits.maxHeaderBytes)
         }
         switch runtime.route(head, listener: listener, loop: loop, identity: session.identity) {
-        case .reply(let status, let reason, let detail, let cluster):
+        case .reply(let status, let reason, let detail, let cluster, let headers):
             replyCluster = cluster
-            localReply(status: status, reason: reason, detail: detail, close: !requestBodyDone)
+            localReply(status: status, reason: reason, detail: detail, close: !requestBodyDone, headers: headers)
         case .forward(let target):
             self.target = target
             retries.begin(host: target.host.index)
@@ -327,7 +327,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         } else {
             var out = allocator.buffer(capacity: head.bytes.readableBytes + 160)
             let generated = HTTP1HeadWriter.writeRequest(head, facts: facts, random: &loop.random,
-                                                         fallbackAuthority: target?.host.addressText ?? "", into: &out)
+                                                         fallbackAuthority: target?.host.addressText ?? "",
+                                                         tenant: target?.tenant?.name,
+                                                         dropping: listener.untrustedTenantHeader, into: &out)
             if let generated, runtime.accessLog.isEnabled { requestID = generated.string }
             connection.write(out)
             // Kept (shared, not copied) while the request could be sent again.
@@ -594,6 +596,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             upstream.detach(requestComplete: reuseUpstream)
         }
         let upstreamHost = runtime.accessLog.isEnabled ? target?.host.addressText : nil
+        let tenant = target?.tenant?.name
         let clusterIndex = target?.cluster.index ?? replyCluster?.index
         retries.finish(target?.cluster)
         tryDeadline = nil
@@ -609,7 +612,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                                     authority: head?.authority ?? "-", path: head?.path ?? "-", protocolName: "HTTP/1.1",
                                     status: status, durationNanos: duration.nanoseconds,
                                     upstreamHost: upstreamHost, bytesIn: bytesIn, bytesOut: bytesOut,
-                                    reason: reason, requestID: rid))
+                                    reason: reason, requestID: rid, tenant: tenant))
         }
         requestDeadline = nil
     }
@@ -629,10 +632,10 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     }
 
     /// Writes a reply of Vigil's own and ends the request with it.
-    private func localReply(status: Int, reason: String, detail: String, close: Bool) {
+    private func localReply(status: Int, reason: String, detail: String, close: Bool, headers: [(String, String)] = []) {
         if close { keepAlive = false }
         let isHead = head?.isHead ?? false
-        var extra: [(String, String)] = []
+        var extra = headers
         if let rid = head?.value(of: .xRequestID) { extra.append(("x-request-id", rid)) }
         let reply = LocalReply.http1(status: status, reason: reason, detail: detail, close: !keepAlive, isHead: isHead,
                                      extraHeaders: extra)

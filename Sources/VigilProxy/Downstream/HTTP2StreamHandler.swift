@@ -197,8 +197,8 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             return
         }
         switch runtime.route(request, listener: listener, loop: loop, identity: session.identity) {
-        case .reply(let status, let reason, let detail, _):
-            reply(status: status, reason: reason, detail: detail)
+        case .reply(let status, let reason, let detail, _, let headers):
+            reply(status: status, reason: reason, detail: detail, headers: headers)
         case .forward(let target):
             self.target = target
             retries.begin(host: target.host.index)
@@ -307,7 +307,8 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         for (name, value, _) in request.headers {
             switch name {
             case ":method", ":path", ":authority", ":scheme", ":protocol", "host", "connection", "keep-alive",
-                 "proxy-connection", "transfer-encoding", "upgrade", "te", "x-forwarded-proto", "x-forwarded-client-cert":
+                 "proxy-connection", "transfer-encoding", "upgrade", "te", "x-forwarded-proto", "x-forwarded-client-cert",
+                 "x-vigil-tenant":
                 continue
             case "cookie":
                 cookies.append(value)
@@ -320,7 +321,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             case "x-request-id":
                 hadRequestID = true
             default:
-                if name.hasPrefix("proxy-") { continue }
+                if name.hasPrefix("proxy-") || name == listener.untrustedTenantHeader { continue }
             }
             out.writeString(name)
             out.writeStaticString(": ")
@@ -345,6 +346,11 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         if let cert = session.forwardedClientCert {
             out.writeStaticString("x-forwarded-client-cert: ")
             out.writeString(cert)
+            out.writeStaticString("\r\n")
+        }
+        if let tenant = target?.tenant?.name {
+            out.writeStaticString("x-vigil-tenant: ")
+            out.writeString(tenant)
             out.writeStaticString("\r\n")
         }
         if !hadRequestID {
@@ -459,7 +465,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                 continue
             case .contentLength:
                 if head.transferEncodingPresent { continue }
-            case .host, .expect, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .other, .xForwardedClientCert:
+            case .host, .expect, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .other, .xForwardedClientCert, .xVigilTenant:
                 if !nominated.isEmpty && nominated.contains(where: { head.nameEquals(f, $0) }) { continue }
             }
             headers.add(name: head.nameString(f).lowercased(), value: head.valueString(f))
@@ -515,12 +521,13 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     // MARK: - Finishing
 
-    private func reply(status: Int, reason: String, detail: String) {
+    private func reply(status: Int, reason: String, detail: String, headers extra: [(String, String)] = []) {
         guard phase != .done else { return }
         responseStarted = true
         let body = LocalReply.body(status: status, reason: reason, detail: detail)
-        let headers: HPACKHeaders = [":status": String(status), "content-type": "application/json",
+        var headers: HPACKHeaders = [":status": String(status), "content-type": "application/json",
                                      "content-length": String(body.readableBytes), "x-vigil-reason": reason]
+        for (name, value) in extra { headers.add(name: name, value: value) }
         let isHead = request?.method == "HEAD"
         bytesOut += body.readableBytes
         finish(status: status, reason: reason, reuseUpstream: false)  // before END_STREAM; see upstreamResponseEnd
@@ -547,7 +554,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                                     authority: request?.authority ?? "-", path: request?.path ?? "-",
                                     protocolName: "HTTP/2", status: status, durationNanos: duration.nanoseconds,
                                     upstreamHost: target?.host.addressText, bytesIn: bytesIn, bytesOut: bytesOut,
-                                    reason: reason, requestID: requestID))
+                                    reason: reason, requestID: requestID, tenant: target?.tenant?.name))
         }
         target?.release()
         target = nil

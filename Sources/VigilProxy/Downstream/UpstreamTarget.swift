@@ -11,10 +11,13 @@ struct UpstreamTarget {
     let timeout: Duration
     let routeIndex: Int
     let retry: RetryPolicy?
+    /// The request's tenant, holding one of its `max_concurrent` slots until `release()`.
+    let tenant: TenantState?
 
     func release() {
         host.activeRequests.wrappingDecrement(ordering: .relaxed)
         cluster.requestFinished()
+        tenant?.releaseSlot()
     }
 
     /// Moves the request to another host for a retry: the old host's active count is given back and the
@@ -43,7 +46,7 @@ struct UpstreamTarget {
 enum RoutingOutcome {
     case forward(UpstreamTarget)
     /// Answer locally; `cluster` is set when the request had been routed to one (for metrics).
-    case reply(status: Int, reason: String, detail: String, cluster: ClusterRuntime?)
+    case reply(status: Int, reason: String, detail: String, cluster: ClusterRuntime?, headers: [(String, String)] = [])
 }
 
 extension ProxyRuntime {
@@ -62,6 +65,20 @@ extension ProxyRuntime {
                               cluster: nil)
             }
         }
+        var tenant: TenantState?
+        if let tenants {
+            switch admit(request, tenants: tenants, listener: listener, identity: identity, loop: loop) {
+            case .success(let admitted): tenant = admitted
+            case .failure(let refusal): return refusal.outcome
+            }
+        }
+        let outcome = routeAdmitted(request, listener: listener, loop: loop, tenant: tenant)
+        if case .reply = outcome { tenant?.releaseSlot() }
+        return outcome
+    }
+
+    private func routeAdmitted(_ request: some RoutableRequest, listener: ListenerRuntime, loop: LoopContext,
+                               tenant: TenantState?) -> RoutingOutcome {
         guard let routeIndex = listener.routes.match(request) else {
             return .reply(status: 404, reason: "no_route",
                           detail: "no route of listener \(listener.config.name) matches \(request.method) \(RouteTable.pathWithoutQuery(request.path))",
@@ -85,6 +102,6 @@ extension ProxyRuntime {
         if retry != nil { loop.retryBudgets[listener.index][routeIndex]!.recordRequest(nowNanos: loop.nowNanos()) }
         return .forward(UpstreamTarget(cluster: cluster, host: host, pool: loop.pools[cluster.index][host.index],
                                        timeout: listener.config.routes[routeIndex].timeout, routeIndex: routeIndex,
-                                       retry: retry))
+                                       retry: retry, tenant: tenant))
     }
 }

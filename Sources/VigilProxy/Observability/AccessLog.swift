@@ -20,6 +20,8 @@ public struct AccessLogEntry {
     public var bytesOut: Int
     public var reason: String
     public var requestID: String
+    /// The request's tenant, when tenants are configured.
+    public var tenant: String? = nil
 }
 
 /// Where access log lines go. Lines are batched per event loop and written in one `write(2)` per batch,
@@ -115,6 +117,10 @@ public final class AccessLog: Sendable {
         JSONWriter.writeString(e.reason, into: &b)
         b.writeStaticString(",\"request_id\":")
         JSONWriter.writeString(e.requestID, into: &b)
+        if let tenant = e.tenant {
+            b.writeStaticString(",\"tenant\":")
+            JSONWriter.writeString(tenant, into: &b)
+        }
         b.writeStaticString("}\n")
     }
 }

@@ -11,10 +11,15 @@ public final class ListenerRuntime: Sendable {
     let headLimits: HTTP1HeadLimits
     /// Retry policy per route, nil where the route has none.
     let retryPolicies: [RetryPolicy?]
+    /// The tenant header to remove from requests on a listener that does not trust it (nil otherwise).
+    let untrustedTenantHeader: String?
     public let openConnections = ManagedAtomic<Int>(0)
     public let totalConnections = ManagedAtomic<Int>(0)
 
-    init(config: ListenerConfig, index: Int, clusterIndex: [String: Int]) {
+    init(config: ListenerConfig, index: Int, clusterIndex: [String: Int], tenants: TenantsConfig? = nil) {
+        var header: String?
+        for case .header(let name) in tenants?.identify ?? [] where !config.trustedHeaders { header = name }
+        self.untrustedTenantHeader = header
         self.config = config
         self.index = index
         self.routes = RouteTable(config.routes)

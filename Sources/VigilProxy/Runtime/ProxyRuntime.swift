@@ -22,6 +22,8 @@ public final class ProxyRuntime: Sendable {
     public let tls: TLSStore
     /// The default-deny authorization rules (empty: everything allowed).
     let authorizer: Authorizer
+    /// Tenants and their limits; nil without `tenants:`.
+    public let tenants: TenantRegistry?
     let logger: Logger
     private let healingTasks = NIOLockedValueBox<[RepeatedTask]>([])
     private let probers: [HealthProber]
@@ -42,6 +44,7 @@ public final class ProxyRuntime: Sendable {
         let tls = try TLSStore(config: config, events: events)
         self.tls = tls
         self.authorizer = Authorizer(rules: config.authorization)
+        self.tenants = config.tenants.map { TenantRegistry(config: $0, logger: logger) }
         let clusters = config.clusters.enumerated().map {
             ClusterRuntime(config: $0.element, index: $0.offset, events: events, loop: group.next(), tls: tls)
         }
@@ -49,7 +52,7 @@ public final class ProxyRuntime: Sendable {
         let clusterIndex = Dictionary(uniqueKeysWithValues: clusters.map { ($0.config.name, $0.index) })
         self.clusters = clusters
         self.listeners = config.listeners.enumerated().map {
-            ListenerRuntime(config: $0.element, index: $0.offset, clusterIndex: clusterIndex)
+            ListenerRuntime(config: $0.element, index: $0.offset, clusterIndex: clusterIndex, tenants: config.tenants)
         }
         self.metrics = ProxyMetrics(listeners: config.listeners, clusters: config.clusters,
                                     authorization: config.authorization, factory: metricsFactory)
@@ -74,6 +77,12 @@ public final class ProxyRuntime: Sendable {
             }
         }
         healingTasks.withLockedValue { $0 += tasks }
+        if let tenants {
+            let reclaim = group.next().scheduleRepeatedTask(initialDelay: .seconds(60), delay: .seconds(60)) { task in
+                tenants.reclaim(now: Int64(NIODeadline.now().uptimeNanoseconds))
+            }
+            healingTasks.withLockedValue { $0.append(reclaim) }
+        }
         if !tls.isEmpty {
             let tls = self.tls
             tls.reload()  // reports certificates already close to expiry

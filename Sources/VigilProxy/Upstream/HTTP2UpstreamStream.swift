@@ -148,7 +148,7 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
                 continue
             case .te:
                 h.add(name: "te", value: "trailers")
-            case .contentLength, .expect, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .other, .xForwardedClientCert:
+            case .contentLength, .expect, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .other, .xForwardedClientCert, .xVigilTenant:
                 h.add(name: head.nameString(f).lowercased(), value: head.valueString(f))
             }
         }

@@ -1,0 +1,66 @@
+import NIOCore
+import VigilCore
+
+/// A tenant refusal, answered locally.
+struct TenantRefusal: Error {
+    let outcome: RoutingOutcome
+}
+
+extension ProxyRuntime {
+    /// Resolves the request's tenant and applies its rate and concurrency limits. On success the tenant
+    /// holds one in-flight slot (given back when the request ends). In shadow mode nothing is refused:
+    /// what would have been is counted and logged (at most once a second per tenant).
+    func admit(_ request: some RoutableRequest, tenants: TenantRegistry, listener: ListenerRuntime, identity: String?,
+               loop: LoopContext) -> Result<TenantState, TenantRefusal> {
+        let config = tenants.config
+        let now = loop.nowNanos()
+        guard case .tenant(let name) = TenantResolver.resolve(config, identity: identity, trustedHeaders: listener.config.trustedHeaders,
+                                                              header: { request.headerValue($0) }) else {
+            if config.shadow { return .success(tenants.state(for: "default")) }
+            return .failure(TenantRefusal(outcome: .reply(
+                status: 403, reason: "unknown_tenant",
+                detail: "the request belongs to no tenant (\(identity.map { "identity \($0)" } ?? "no identity")) and tenants.unknown is reject",
+                cluster: nil)))
+        }
+        let state = tenants.state(for: name)
+        state.lastSeen.store(now, ordering: .relaxed)
+        if let decision = state.takeToken(now: now), !decision.allowed {
+            state.rateLimited.wrappingIncrement(ordering: .relaxed)
+            let limits = state.limits
+            if config.shadow { return shadowed(state, why: "rate_limited", now: now, tenants: tenants) }
+            let retry = RateLimitHeaders.seconds(decision.retryAfterNanos)
+            let window = Int(((Double(state.burst) / (limits.requestsPerSecond ?? 1))).rounded(.up))
+            return .failure(TenantRefusal(outcome: .reply(
+                status: 429, reason: "rate_limited",
+                detail: "tenant \(name) is over its limit of \(limits.requestsPerSecond.map { "\($0)" } ?? "-") requests/s (burst \(state.burst))",
+                cluster: nil,
+                headers: [("retry-after", String(retry)),
+                          ("ratelimit-policy", RateLimitHeaders.policy(name: name, quota: state.burst, windowSeconds: window)),
+                          ("ratelimit", RateLimitHeaders.current(name: name, remaining: 0,
+                                                                 resetSeconds: RateLimitHeaders.seconds(decision.resetNanos)))])))
+        }
+        guard state.reserveSlot() else {
+            state.concurrencyLimited.wrappingIncrement(ordering: .relaxed)
+            if config.shadow { return shadowed(state, why: "concurrency_limited", now: now, tenants: tenants) }
+            return .failure(TenantRefusal(outcome: .reply(
+                status: 429, reason: "concurrency_limited",
+                detail: "tenant \(name) has \(state.limits.maxConcurrent ?? 0) requests in flight, its max_concurrent",
+                cluster: nil, headers: [("retry-after", "1")])))
+        }
+        state.allowed.wrappingIncrement(ordering: .relaxed)
+        return .success(state)
+    }
+
+    private func shadowed(_ state: TenantState, why: String, now: Int64, tenants: TenantRegistry)
+        -> Result<TenantState, TenantRefusal>
+    {
+        let last = state.lastShadowLog.load(ordering: .relaxed)
+        if now - last >= 1_000_000_000,
+           state.lastShadowLog.compareExchange(expected: last, desired: now, ordering: .relaxed).exchanged {
+            tenants.logger.info("shadow: would have refused", metadata: ["tenant": "\(state.name)", "reason": "\(why)"])
+        }
+        state.inFlight.wrappingIncrement(ordering: .relaxed)
+        state.allowed.wrappingIncrement(ordering: .relaxed)
+        return .success(state)
+    }
+}

@@ -1,0 +1,118 @@
+import Atomics
+import CoreMetrics
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import VigilCore
+
+/// One tenant's live limit state, shared by every event loop: its token bucket as a single atomic TAT
+/// (GCRA, updated by compare-and-swap) and its in-flight count (a bulkhead). No lock on the request path.
+public final class TenantState: Sendable {
+    public let name: String
+    public let limits: TenantLimits
+    let intervalNanos: Int64
+    let burst: Int
+    let tat = ManagedAtomic<Int64>(0)
+    public let inFlight = ManagedAtomic<Int>(0)
+    public let allowed = ManagedAtomic<Int>(0)
+    public let rateLimited = ManagedAtomic<Int>(0)
+    public let concurrencyLimited = ManagedAtomic<Int>(0)
+    /// Loop-clock nanoseconds of the last request, for reclaiming idle tenants.
+    let lastSeen = ManagedAtomic<Int64>(0)
+    let lastShadowLog = ManagedAtomic<Int64>(0)
+    /// The metric label: configured tenants by name, every other tenant as `other` (bounded cardinality).
+    public let label: String
+
+    init(name: String, limits: TenantLimits, label: String) {
+        self.name = name
+        self.limits = limits
+        self.label = label
+        self.intervalNanos = limits.requestsPerSecond.map { GCRA.intervalNanos(rate: $0) } ?? 0
+        self.burst = limits.effectiveBurst
+    }
+
+    /// Takes one request from the bucket; the decision says how many are left and when to retry.
+    func takeToken(now: Int64) -> GCRA.Decision? {
+        guard intervalNanos > 0 else { return nil }
+        var current = tat.load(ordering: .relaxed)
+        while true {
+            let d = GCRA.decide(tat: current, now: now, intervalNanos: intervalNanos, burst: burst)
+            guard d.allowed else { return d }
+            let (exchanged, original) = tat.compareExchange(expected: current, desired: d.newTAT, ordering: .relaxed)
+            if exchanged { return d }
+            current = original
+        }
+    }
+
+    /// Requests the bucket would allow right now.
+    public func tokens(now: Int64) -> Int? {
+        guard intervalNanos > 0 else { return nil }
+        let ahead = max(tat.load(ordering: .relaxed) - now, 0)
+        return max(0, Int((intervalNanos * Int64(burst) - ahead) / intervalNanos))
+    }
+
+    func reserveSlot() -> Bool {
+        guard let max = limits.maxConcurrent else {
+            inFlight.wrappingIncrement(ordering: .relaxed)
+            return true
+        }
+        if inFlight.loadThenWrappingIncrement(ordering: .relaxed) >= max {
+            inFlight.wrappingDecrement(ordering: .relaxed)
+            return false
+        }
+        return true
+    }
+
+    func releaseSlot() { inFlight.wrappingDecrement(ordering: .relaxed) }
+}
+
+/// Every tenant's state: configured tenants (and those the identity map names) made once and read without
+/// a lock; other tenants (from trusted headers) made on first sight in one of 16 striped maps, and dropped
+/// after `idleReclaim` without requests, so memory stays bounded by the tenants actually active.
+public final class TenantRegistry: Sendable {
+    public static let idleReclaim: Int64 = 300 * 1_000_000_000
+    public let config: TenantsConfig
+    private let known: [String: TenantState]
+    private let stripes: [NIOLockedValueBox<[String: TenantState]>]
+    let logger: Logger
+
+    init(config: TenantsConfig, logger: Logger) {
+        self.config = config
+        self.logger = logger
+        var names = Set(config.limits.keys)
+        for case .identity(let map) in config.identify { for entry in map { names.insert(entry.tenant) } }
+        if config.unknown == .default { names.insert("default") }
+        known = Dictionary(uniqueKeysWithValues: names.map {
+            ($0, TenantState(name: $0, limits: config.effectiveLimits(for: $0), label: $0))
+        })
+        stripes = (0..<16).map { _ in NIOLockedValueBox([:]) }
+    }
+
+    func state(for tenant: String) -> TenantState {
+        if let s = known[tenant] { return s }
+        let stripe = stripes[Int(UInt(bitPattern: tenant.hashValue) % 16)]
+        return stripe.withLockedValue { map in
+            if let s = map[tenant] { return s }
+            let s = TenantState(name: tenant, limits: config.effectiveLimits(for: tenant), label: "other")
+            map[tenant] = s
+            return s
+        }
+    }
+
+    /// Drops dynamic tenants idle for `idleReclaim` with nothing in flight.
+    func reclaim(now: Int64) {
+        for stripe in stripes {
+            stripe.withLockedValue { map in
+                map = map.filter { _, s in
+                    s.inFlight.load(ordering: .relaxed) > 0 || now - s.lastSeen.load(ordering: .relaxed) < Self.idleReclaim
+                }
+            }
+        }
+    }
+
+    public var all: [TenantState] {
+        Array(known.values) + stripes.flatMap { $0.withLockedValue { Array($0.values) } }
+    }
+
+    public var dynamicCount: Int { stripes.reduce(0) { $0 + $1.withLockedValue { $0.count } } }
+}

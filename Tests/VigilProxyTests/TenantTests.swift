@@ -1,0 +1,103 @@
+import Foundation
+import NIOCore
+import NIOPosix
+import Testing
+import VigilCore
+import VigilTestSupport
+@testable import VigilProxy
+
+@Suite struct TenantTests {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+
+    static let tenants = """
+        tenants:
+          identify:
+            - { from: header, name: x-tenant-id }
+          default: { requests_per_second: 2, burst: 2 }
+          limits: { slowpoke: { max_concurrent: 1, requests_per_second: 1000 } }
+          unknown: default
+        """
+
+    func get(_ client: TestClient, tenant: String?) async throws -> TestResponse {
+        try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\(tenant.map { "X-Tenant-Id: \($0)\r\n" } ?? "")\r\n")
+        return try #require(try await client.response())
+    }
+
+    @Test func overTheRateLimitIs429WithRateLimitHeaders() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(listener: "trusted_headers: true", top: Self.tenants),
+                                           upstreams: [upstream.port], group: group)
+        let client = try await proxy.client()
+        #expect(try await get(client, tenant: "acme").status == 200)
+        #expect(try await get(client, tenant: "acme").status == 200)
+        let refused = try await get(client, tenant: "acme")
+        #expect(refused.status == 429)
+        #expect(refused.header("x-vigil-reason") == "rate_limited")
+        #expect(Int(refused.header("retry-after") ?? "") == 1)
+        #expect(refused.header("ratelimit-policy") == "\"acme\";q=2;w=1")
+        #expect(refused.header("ratelimit")?.hasPrefix("\"acme\";r=0;t=") == true)
+        #expect(refused.text.contains("tenant acme"))
+        // Another tenant has its own bucket.
+        #expect(try await get(client, tenant: "beta").status == 200)
+        #expect(upstream.recorded.map { $0.head.headers.first(name: "x-vigil-tenant") } == ["acme", "acme", "beta"])
+        try await client.close()
+        await proxy.stop()
+    }
+
+    @Test func anUntrustedListenerIgnoresAndRemovesTheTenantHeader() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(top: Self.tenants), upstreams: [upstream.port], group: group)
+        let client = try await proxy.client()
+        try await client.send("GET / HTTP/1.1\r\nHost: a\r\nX-Tenant-Id: slowpoke\r\nX-Vigil-Tenant: slowpoke\r\n\r\n")
+        #expect(try await client.response()?.status == 200)
+        let seen = try #require(upstream.recorded.first).head.headers
+        #expect(seen["x-tenant-id"].isEmpty)
+        #expect(seen["x-vigil-tenant"] == ["default"])
+        try await client.close()
+        await proxy.stop()
+    }
+
+    @Test func theConcurrencyLimitIsReleasedWhenRequestsEnd() async throws {
+        let upstream = try await FakeUpstream(group: group) { _ in .delayed(ms: 300, body: "slow") }
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(listener: "trusted_headers: true", top: Self.tenants),
+                                           upstreams: [upstream.port], group: group)
+        let first = try await proxy.client()
+        try await first.send("GET / HTTP/1.1\r\nHost: a\r\nX-Tenant-Id: slowpoke\r\n\r\n")
+        let state = proxy.runtime.tenants!.state(for: "slowpoke")
+        let deadline = Date().addingTimeInterval(5)
+        while state.inFlight.load(ordering: .relaxed) == 0 && Date() < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        let second = try await proxy.client()
+        let refused = try await get(second, tenant: "slowpoke")
+        #expect(refused.status == 429)
+        #expect(refused.header("x-vigil-reason") == "concurrency_limited")
+        #expect(try await first.response()?.status == 200)
+        #expect(state.inFlight.load(ordering: .relaxed) == 0)
+        #expect(try await get(second, tenant: "slowpoke").status == 200)
+        #expect(state.inFlight.load(ordering: .relaxed) == 0)
+        try await first.close()
+        try await second.close()
+        await proxy.stop()
+    }
+
+    @Test func shadowModeCountsButRefusesNothing() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let yaml = ProxyHarness.simple(listener: "trusted_headers: true",
+                                       top: Self.tenants.replacingOccurrences(of: "unknown: default", with: "unknown: default\n  shadow: true"))
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
+        let client = try await proxy.client()
+        for _ in 0..<5 { #expect(try await get(client, tenant: "acme").status == 200) }
+        #expect(proxy.runtime.tenants!.state(for: "acme").rateLimited.load(ordering: .relaxed) == 3)
+        try await client.close()
+        await proxy.stop()
+    }
+
+    @Test func exactlyTheBurstIsAllowedUnderContention() async {
+        let state = TenantState(name: "t", limits: TenantLimits(requestsPerSecond: 0.001, burst: 100, maxConcurrent: nil), label: "t")
+        let now = Int64(1_000_000_000_000)
+        let allowed = await withTaskGroup(of: Int.self) { tasks in
+            for _ in 0..<8 { tasks.addTask { (0..<125).reduce(0) { n, _ in n + (state.takeToken(now: now)!.allowed ? 1 : 0) } } }
+            return await tasks.reduce(0, +)
+        }
+        #expect(allowed == 100)
+    }
+}
