@@ -100,4 +100,18 @@ import VigilTestSupport
         }
         #expect(allowed == 100)
     }
+
+    @Test func aRequestWithoutATenantIsRefusedWhenUnknownIsReject() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let yaml = ProxyHarness.simple(listener: "trusted_headers: true",
+                                       top: Self.tenants.replacingOccurrences(of: "unknown: default", with: "unknown: reject"))
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
+        let client = try await proxy.client()
+        let r = try await get(client, tenant: nil)
+        #expect(r.status == 403)
+        #expect(r.header("x-vigil-reason") == "unknown_tenant")
+        #expect(try await get(client, tenant: "acme").status == 200)
+        try await client.close()
+        await proxy.stop()
+    }
 }

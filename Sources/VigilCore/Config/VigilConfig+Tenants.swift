@@ -17,7 +17,11 @@ extension ConfigReader {
                         guard let pattern = k.scalar?.string else { continue }
                         let vp = Self.child(e.path("map"), pattern)
                         if pattern.dropLast().contains("*") { fail(vp, "\"\(pattern)\" may hold * only at its end"); continue }
-                        if let tenant = nonEmptyString(v, at: vp) { entries.append((pattern, tenant)) }
+                        if let tenant = nonEmptyString(v, at: vp) {
+                            if tenant.utf8.allSatisfy(HTTPTokens.isFieldValueByte) { entries.append((pattern, tenant)) } else {
+                                fail(vp, "\"\(tenant)\" cannot be sent in a header (control characters)")
+                            }
+                        }
                     }
                     t.identify.append(.identity(map: entries))
                 case "header":
