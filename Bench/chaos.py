@@ -73,8 +73,9 @@ class Instance:
 class Load:
     """Open-loop GETs at a fixed rate over reused keep-alive connections (a new one when none is idle)."""
 
-    def __init__(self, port, rate):
+    def __init__(self, port, rate, headers=""):
         self.port, self.rate, self.idle, self.results = port, rate, [], []
+        self.request = f"GET /api/item HTTP/1.1\r\nHost: chaos\r\n{headers}\r\n".encode()
 
     async def one(self, scheduled, start):
         conn = None
@@ -83,7 +84,7 @@ class Load:
             conn = self.idle.pop() if self.idle else await asyncio.wait_for(
                 asyncio.open_connection("127.0.0.1", self.port), 10)
             reader, writer = conn
-            writer.write(b"GET /api/item HTTP/1.1\r\nHost: chaos\r\n\r\n")
+            writer.write(self.request)
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), max(0.1, scheduled + 10 - time.monotonic()))
             lines = head.decode("latin-1").split("\r\n")
             status = int(lines[0].split(" ")[1])
