@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 import NIOCore
 import NIOPosix
 import Testing
@@ -113,5 +114,21 @@ import VigilTestSupport
         #expect(try await get(client, tenant: "acme").status == 200)
         try await client.close()
         await proxy.stop()
+    }
+
+    @Test func idleTenantsFromHeadersAreReclaimedButNotWhileBusy() {
+        var c = TenantsConfig()
+        c.identify = [.header(name: "x-tenant-id")]
+        c.defaultLimits = TenantLimits(requestsPerSecond: 10, burst: 10, maxConcurrent: 2)
+        c.limits = ["configured": TenantLimits(requestsPerSecond: 5, burst: nil, maxConcurrent: nil)]
+        let registry = TenantRegistry(config: c, logger: Logger(label: "test"))
+        let idle = registry.state(for: "idle")
+        let busy = registry.state(for: "busy")
+        busy.inFlight.store(1, ordering: .relaxed)
+        for s in [idle, busy] { s.lastSeen.store(0, ordering: .relaxed) }
+        registry.reclaim(now: TenantRegistry.idleReclaim + 1)
+        #expect(Set(registry.all.map(\.name)) == ["configured", "busy"])
+        #expect(registry.state(for: "idle") !== idle)            // a fresh state, a fresh bucket
+        #expect(registry.state(for: "busy") === busy)
     }
 }

@@ -84,8 +84,6 @@ public struct HealingEventRing: Sendable {
         return record
     }
 
-    public var count: Int { records.count }
-
     /// Records with `seq` greater than `after`, oldest first (all of them for 0).
     public func records(after: UInt64 = 0) -> [HealingRecord] {
         let ordered = records[start...] + records[..<start]

@@ -114,5 +114,4 @@ public final class TenantRegistry: Sendable {
         Array(known.values) + stripes.flatMap { $0.withLockedValue { Array($0.values) } }
     }
 
-    public var dynamicCount: Int { stripes.reduce(0) { $0 + $1.withLockedValue { $0.count } } }
 }
