@@ -56,6 +56,23 @@ extension VigilConfig {
          "successful_active_health_check_uneject_host": .bool(o.successfulActiveHealthCheckUnejectHost)]
     }
 
+    static func dump(_ l: TenantLimits) -> JSONValue {
+        ["requests_per_second": l.requestsPerSecond.map(JSONValue.double) ?? .null, "burst": l.burst.map(JSONValue.int) ?? .null,
+         "max_concurrent": l.maxConcurrent.map(JSONValue.int) ?? .null]
+    }
+
+    static func dump(_ t: TenantsConfig) -> JSONValue {
+        let identify: [JSONValue] = t.identify.map {
+            switch $0 {
+            case .identity(let map): ["from": "identity", "map": .object(map.map { ($0.pattern, .string($0.tenant)) })]
+            case .header(let name): ["from": "header", "name": .string(name)]
+            }
+        }
+        return ["identify": .array(identify), "default": dump(t.defaultLimits),
+                "limits": .object(t.limits.sorted { $0.key < $1.key }.map { ($0.key, dump($0.value)) }),
+                "unknown": .string(t.unknown.rawValue), "shadow": .bool(t.shadow)]
+    }
+
     static func dump(_ s: SlowStartConfig) -> JSONValue {
         ["window": d(s.window), "aggression": .double(s.aggression), "min_weight_percent": .int(s.minWeightPercent)]
     }

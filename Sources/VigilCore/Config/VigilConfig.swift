@@ -105,6 +105,9 @@ public struct RouteConfig: Sendable, Equatable {
     /// Retry policy; `nil` means no retries beyond the replay of a request sent on a keep-alive
     /// connection the upstream had just closed.
     public var retry: RetryPolicyConfig?
+    /// Per-route override of every tenant's rate limit (`requests_per_second`, `burst`): on this route each
+    /// tenant has its own bucket of this size instead of its usual one.
+    public var tenantLimits: TenantLimits?
 
     public init(match: RouteMatch, cluster: String, timeout: Duration = .seconds(15), retry: RetryPolicyConfig? = nil) {
         self.match = match

@@ -98,6 +98,7 @@ extension VigilConfig {
             "drain_timeout": d(drainTimeout),
             "event_buffer": .int(eventBuffer),
             "authorization": .array(authorization.map(Self.dump)),
+            "tenants": tenants.map(Self.dump) ?? .null,
             "listeners": .array(listeners.map { l in
                 [
                     "name": .string(l.name), "address": .string(l.address.description),
@@ -124,7 +125,8 @@ extension VigilConfig {
                         }
                         if !r.match.methods.isEmpty { match.append(("methods", .array(r.match.methods.map { .string($0) }))) }
                         return ["match": .object(match), "cluster": .string(r.cluster), "timeout": d(r.timeout),
-                                "retry": r.retry.map(Self.dump) ?? .null]
+                                "retry": r.retry.map(Self.dump) ?? .null,
+                                "tenant_limits": r.tenantLimits.map(Self.dump) ?? .null]
                     }),
                 ]
             }),

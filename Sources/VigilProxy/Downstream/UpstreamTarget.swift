@@ -65,25 +65,26 @@ extension ProxyRuntime {
                               cluster: nil)
             }
         }
-        var tenant: TenantState?
-        if let tenants {
-            switch admit(request, tenants: tenants, listener: listener, identity: identity, loop: loop) {
-            case .success(let admitted): tenant = admitted
-            case .failure(let refusal): return refusal.outcome
-            }
-        }
-        let outcome = routeAdmitted(request, listener: listener, loop: loop, tenant: tenant)
-        if case .reply = outcome { tenant?.releaseSlot() }
-        return outcome
-    }
-
-    private func routeAdmitted(_ request: some RoutableRequest, listener: ListenerRuntime, loop: LoopContext,
-                               tenant: TenantState?) -> RoutingOutcome {
         guard let routeIndex = listener.routes.match(request) else {
             return .reply(status: 404, reason: "no_route",
                           detail: "no route of listener \(listener.config.name) matches \(request.method) \(RouteTable.pathWithoutQuery(request.path))",
                           cluster: nil)
         }
+        var tenant: TenantState?
+        if let tenants {
+            switch admit(request, tenants: tenants, listener: listener, identity: identity,
+                         route: listener.tenantOverrides[routeIndex], loop: loop) {
+            case .success(let admitted): tenant = admitted
+            case .failure(let refusal): return refusal.outcome
+            }
+        }
+        let outcome = routeAdmitted(request, routeIndex: routeIndex, listener: listener, loop: loop, tenant: tenant)
+        if case .reply = outcome { tenant?.releaseSlot() }
+        return outcome
+    }
+
+    private func routeAdmitted(_ request: some RoutableRequest, routeIndex: Int, listener: ListenerRuntime,
+                               loop: LoopContext, tenant: TenantState?) -> RoutingOutcome {
         let cluster = clusters[listener.routeClusters[routeIndex]]
         guard cluster.admitRequest() else {
             return .reply(status: 503, reason: "overflow", detail: "cluster \(cluster.config.name) is at max_requests",

@@ -44,15 +44,19 @@ public final class ProxyRuntime: Sendable {
         let tls = try TLSStore(config: config, events: events)
         self.tls = tls
         self.authorizer = Authorizer(rules: config.authorization)
-        self.tenants = config.tenants.map { TenantRegistry(config: $0, logger: logger) }
+        let overrideCount = config.listeners.reduce(0) { $0 + $1.routes.filter { $0.tenantLimits != nil }.count }
+        self.tenants = config.tenants.map { TenantRegistry(config: $0, routeBuckets: overrideCount, logger: logger) }
         let clusters = config.clusters.enumerated().map {
             ClusterRuntime(config: $0.element, index: $0.offset, events: events, loop: group.next(), tls: tls)
         }
         self.probers = clusters.compactMap(HealthProber.init)
         let clusterIndex = Dictionary(uniqueKeysWithValues: clusters.map { ($0.config.name, $0.index) })
         self.clusters = clusters
-        self.listeners = config.listeners.enumerated().map {
-            ListenerRuntime(config: $0.element, index: $0.offset, clusterIndex: clusterIndex, tenants: config.tenants)
+        var overrides = 0
+        self.listeners = config.listeners.enumerated().map { i, listener in
+            defer { overrides += listener.routes.filter { $0.tenantLimits != nil }.count }
+            return ListenerRuntime(config: listener, index: i, clusterIndex: clusterIndex, tenants: config.tenants,
+                                   firstOverrideSlot: overrides)
         }
         self.metrics = ProxyMetrics(listeners: config.listeners, clusters: config.clusters,
                                     authorization: config.authorization, factory: metricsFactory)

@@ -11,7 +11,7 @@ extension ProxyRuntime {
     /// holds one in-flight slot (given back when the request ends). In shadow mode nothing is refused:
     /// what would have been is counted and logged (at most once a second per tenant).
     func admit(_ request: some RoutableRequest, tenants: TenantRegistry, listener: ListenerRuntime, identity: String?,
-               loop: LoopContext) -> Result<TenantState, TenantRefusal> {
+               route: TenantState.RouteBucket?, loop: LoopContext) -> Result<TenantState, TenantRefusal> {
         let config = tenants.config
         let now = loop.nowNanos()
         guard case .tenant(let name) = TenantResolver.resolve(config, identity: identity, trustedHeaders: listener.config.trustedHeaders,
@@ -24,18 +24,20 @@ extension ProxyRuntime {
         }
         let state = tenants.state(for: name)
         state.lastSeen.store(now, ordering: .relaxed)
-        if let decision = state.takeToken(now: now), !decision.allowed {
+        if let decision = state.takeToken(now: now, route: route), !decision.allowed {
             state.rateLimited.wrappingIncrement(ordering: .relaxed)
-            let limits = state.limits
             if config.shadow { return shadowed(state, why: "rate_limited", now: now, tenants: tenants) }
             let retry = RateLimitHeaders.seconds(decision.retryAfterNanos)
-            let window = Int(((Double(state.burst) / (limits.requestsPerSecond ?? 1))).rounded(.up))
+            let burst = route?.burst ?? state.burst
+            let interval = route?.intervalNanos ?? state.intervalNanos
+            let rate = 1e9 / Double(interval)
+            let window = Int((Double(burst) * Double(interval) / 1e9).rounded(.up))
             return .failure(TenantRefusal(outcome: .reply(
                 status: 429, reason: "rate_limited",
-                detail: "tenant \(name) is over its limit of \(limits.requestsPerSecond.map { "\($0)" } ?? "-") requests/s (burst \(state.burst))",
+                detail: "tenant \(name) is over its limit of \(rate.rounded() == rate ? String(Int(rate)) : String(rate)) requests/s (burst \(burst))\(route == nil ? "" : " on this route")",
                 cluster: nil,
                 headers: [("retry-after", String(retry)),
-                          ("ratelimit-policy", RateLimitHeaders.policy(name: name, quota: state.burst, windowSeconds: window)),
+                          ("ratelimit-policy", RateLimitHeaders.policy(name: name, quota: burst, windowSeconds: window)),
                           ("ratelimit", RateLimitHeaders.current(name: name, remaining: 0,
                                                                  resetSeconds: RateLimitHeaders.seconds(decision.resetNanos)))])))
         }

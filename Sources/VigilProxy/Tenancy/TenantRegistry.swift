@@ -13,6 +13,15 @@ public final class TenantState: Sendable {
     let intervalNanos: Int64
     let burst: Int
     let tat = ManagedAtomic<Int64>(0)
+    /// Buckets of the routes that override tenant rate limits (`routes[].tenant_limits`), by slot.
+    let routeTATs: [ManagedAtomic<Int64>]
+
+    /// A route's override: which bucket, and its shape.
+    struct RouteBucket: Sendable {
+        let slot: Int
+        let intervalNanos: Int64
+        let burst: Int
+    }
     public let inFlight = ManagedAtomic<Int>(0)
     public let allowed = ManagedAtomic<Int>(0)
     public let rateLimited = ManagedAtomic<Int>(0)
@@ -23,7 +32,8 @@ public final class TenantState: Sendable {
     /// The metric label: configured tenants by name, every other tenant as `other` (bounded cardinality).
     public let label: String
 
-    init(name: String, limits: TenantLimits, label: String) {
+    init(name: String, limits: TenantLimits, label: String, routeBuckets: Int = 0) {
+        self.routeTATs = (0..<routeBuckets).map { _ in ManagedAtomic(0) }
         self.name = name
         self.limits = limits
         self.label = label
@@ -31,14 +41,16 @@ public final class TenantState: Sendable {
         self.burst = limits.effectiveBurst
     }
 
-    /// Takes one request from the bucket; the decision says how many are left and when to retry.
-    func takeToken(now: Int64) -> GCRA.Decision? {
-        guard intervalNanos > 0 else { return nil }
-        var current = tat.load(ordering: .relaxed)
+    /// Takes one request from the bucket (the route's, when it overrides); the decision says how many are
+    /// left and when to retry. Nil when the tenant has no rate limit.
+    func takeToken(now: Int64, route: RouteBucket? = nil) -> GCRA.Decision? {
+        let (atomic, interval, size) = route.map { (routeTATs[$0.slot], $0.intervalNanos, $0.burst) } ?? (tat, intervalNanos, burst)
+        guard interval > 0 else { return nil }
+        var current = atomic.load(ordering: .relaxed)
         while true {
-            let d = GCRA.decide(tat: current, now: now, intervalNanos: intervalNanos, burst: burst)
+            let d = GCRA.decide(tat: current, now: now, intervalNanos: interval, burst: size)
             guard d.allowed else { return d }
-            let (exchanged, original) = tat.compareExchange(expected: current, desired: d.newTAT, ordering: .relaxed)
+            let (exchanged, original) = atomic.compareExchange(expected: current, desired: d.newTAT, ordering: .relaxed)
             if exchanged { return d }
             current = original
         }
@@ -74,16 +86,18 @@ public final class TenantRegistry: Sendable {
     public let config: TenantsConfig
     private let known: [String: TenantState]
     private let stripes: [NIOLockedValueBox<[String: TenantState]>]
+    private let routeBuckets: Int
     let logger: Logger
 
-    init(config: TenantsConfig, logger: Logger) {
+    init(config: TenantsConfig, routeBuckets: Int = 0, logger: Logger) {
         self.config = config
         self.logger = logger
+        self.routeBuckets = routeBuckets
         var names = Set(config.limits.keys)
         for case .identity(let map) in config.identify { for entry in map { names.insert(entry.tenant) } }
         if config.unknown == .default { names.insert("default") }
         known = Dictionary(uniqueKeysWithValues: names.map {
-            ($0, TenantState(name: $0, limits: config.effectiveLimits(for: $0), label: $0))
+            ($0, TenantState(name: $0, limits: config.effectiveLimits(for: $0), label: $0, routeBuckets: routeBuckets))
         })
         stripes = (0..<16).map { _ in NIOLockedValueBox([:]) }
     }
@@ -93,7 +107,8 @@ public final class TenantRegistry: Sendable {
         let stripe = stripes[Int(UInt(bitPattern: tenant.hashValue) % 16)]
         return stripe.withLockedValue { map in
             if let s = map[tenant] { return s }
-            let s = TenantState(name: tenant, limits: config.effectiveLimits(for: tenant), label: "other")
+            let s = TenantState(name: tenant, limits: config.effectiveLimits(for: tenant), label: "other",
+                                routeBuckets: routeBuckets)
             map[tenant] = s
             return s
         }
