@@ -226,4 +226,24 @@ import X509
         try await client.close()
         await proxy.stop()
     }
+
+    @Test func http2UpstreamsOverMutualTLS() async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.apiID, as: "api")
+        let upstream = try await FakeUpstream(group: group, name: "api-h2", http2: true,
+                                              tls: try f.serverContext(cert: "api", requireClientCert: true))
+        let clusterTLS = "tls: { ca: \"\(f.path("ca.pem"))\", cert: \"\(f.path("vigil.pem"))\", key: \"\(f.path("vigil-key.pem"))\", server_identity: \"\(TLSFixture.apiID)\" }"
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(cluster: "protocol: http2\n    " + clusterTLS),
+                                           upstreams: [upstream.port], group: group)
+        let client = try await proxy.client()
+        for i in 0..<3 {
+            try await client.send("GET /h2/\(i) HTTP/1.1\r\nHost: a\r\n\r\n")
+            let r = try #require(try await client.response())
+            #expect(r.status == 200)
+            #expect(r.header("x-upstream") == "api-h2")
+        }
+        #expect(upstream.connections == 1)   // streams share the one TLS connection
+        try await client.close()
+        await proxy.stop()
+    }
 }
