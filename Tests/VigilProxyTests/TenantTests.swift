@@ -59,25 +59,43 @@ import VigilTestSupport
         await proxy.stop()
     }
 
-    @Test func theConcurrencyLimitIsReleasedWhenRequestsEnd() async throws {
-        let upstream = try await FakeUpstream(group: group) { _ in .delayed(ms: 300, body: "slow") }
-        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(listener: "trusted_headers: true", top: Self.tenants),
+    @Test func theConcurrencyLimitIsReleasedOnEveryWayARequestEnds() async throws {
+        // /hang never answers, /fail answers 503; the route times out after 300 ms.
+        let upstream = try await FakeUpstream(group: group) { head in
+            head.uri == "/hang" ? .hang : (head.uri == "/fail" ? .respond(status: .serviceUnavailable) : .respond())
+        }
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(route: "timeout: 300ms", listener: "trusted_headers: true",
+                                                                     top: Self.tenants),
                                            upstreams: [upstream.port], group: group)
-        let first = try await proxy.client()
-        try await first.send("GET / HTTP/1.1\r\nHost: a\r\nX-Tenant-Id: slowpoke\r\n\r\n")
         let state = proxy.runtime.tenants!.state(for: "slowpoke")
-        let deadline = Date().addingTimeInterval(5)
-        while state.inFlight.load(ordering: .relaxed) == 0 && Date() < deadline { try await Task.sleep(for: .milliseconds(5)) }
-        let second = try await proxy.client()
-        let refused = try await get(second, tenant: "slowpoke")
+        func waitFor(inFlight n: Int) async throws {
+            let deadline = Date().addingTimeInterval(10)
+            while state.inFlight.load(ordering: .relaxed) != n && Date() < deadline { try await Task.sleep(for: .milliseconds(5)) }
+            #expect(state.inFlight.load(ordering: .relaxed) == n)
+        }
+        func send(_ c: TestClient, _ path: String) async throws {
+            try await c.send("GET \(path) HTTP/1.1\r\nHost: a\r\nX-Tenant-Id: slowpoke\r\n\r\n")
+        }
+        let other = try await proxy.client()
+        // Held by a request the client then resets: refused meanwhile, released by the reset.
+        let first = try await proxy.client()
+        try await send(first, "/hang")
+        try await waitFor(inFlight: 1)
+        let refused = try await get(other, tenant: "slowpoke")
         #expect(refused.status == 429)
         #expect(refused.header("x-vigil-reason") == "concurrency_limited")
-        #expect(try await first.response()?.status == 200)
-        #expect(state.inFlight.load(ordering: .relaxed) == 0)
-        #expect(try await get(second, tenant: "slowpoke").status == 200)
-        #expect(state.inFlight.load(ordering: .relaxed) == 0)
-        try await first.close()
-        try await second.close()
+        try await first.reset()
+        try await waitFor(inFlight: 0)
+        // Ended by the route timeout (504), by an upstream error (503), by success (200).
+        try await send(other, "/hang")
+        #expect(try await other.response()?.status == 504)
+        try await waitFor(inFlight: 0)
+        try await send(other, "/fail")
+        #expect(try await other.response()?.status == 503)
+        try await waitFor(inFlight: 0)
+        #expect(try await get(other, tenant: "slowpoke").status == 200)
+        try await waitFor(inFlight: 0)
+        try await other.close()
         await proxy.stop()
     }
 

@@ -1,5 +1,8 @@
 import NIOConcurrencyHelpers
 import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
 import NIOHTTP1
 import NIOSSL
 import NIOTLS
@@ -158,6 +161,15 @@ public final class TestClient: Sendable {
     }
 
     public func close() async throws { try? await channel.close() }
+
+    /// Closes with a TCP reset (SO_LINGER 0) instead of a FIN: the peer sees the connection fail, not a
+    /// half-close.
+    public func reset() async throws {
+        if let provider = channel as? SocketOptionProvider {
+            try await provider.setSoLinger(linger(l_onoff: 1, l_linger: 0)).get()
+        }
+        try? await channel.close()
+    }
 }
 
 /// Holds an async iterator so a Sendable client can advance it; only one task reads at a time in tests.

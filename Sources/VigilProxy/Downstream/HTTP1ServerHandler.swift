@@ -187,7 +187,10 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             finishRequest(status: wasTunnel ? status : 0, reason: wasTunnel ? reason : "downstream_disconnect",
                           reuseUpstream: false)
         case .idle, .closing:
-            break
+            // An error (a reset from the client, say) closes the connection through closeNow, which moves to
+            // .closing first: a request still in progress must end here too, or its slots would leak.
+            target?.pool.cancel(self)
+            finishRequest(status: responseStarted ? status : 0, reason: "downstream_disconnect", reuseUpstream: false)
         }
         phase = .closing
     }
