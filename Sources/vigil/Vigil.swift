@@ -82,6 +82,7 @@ struct Validate: ParsableCommand {
         let config = try loadConfig(path: file)
         do {
             try TLSStore.check(config)
+            try TenantRegistry.check(config)
         } catch {
             throw CommandFailure(description: "\(file) is not a valid configuration:\n  \(error)")
         }

@@ -1,4 +1,7 @@
+import Crypto
 import Foundation
+import SwiftASN1
+import _CryptoExtras
 import Logging
 import NIOCore
 import NIOPosix
@@ -135,12 +138,12 @@ import VigilTestSupport
         await proxy.stop()
     }
 
-    @Test func idleTenantsFromHeadersAreReclaimedButNotWhileBusy() {
+    @Test func idleTenantsFromHeadersAreReclaimedButNotWhileBusy() throws {
         var c = TenantsConfig()
         c.identify = [.header(name: "x-tenant-id")]
         c.defaultLimits = TenantLimits(requestsPerSecond: 10, burst: 10, maxConcurrent: 2)
         c.limits = ["configured": TenantLimits(requestsPerSecond: 5, burst: nil, maxConcurrent: nil)]
-        let registry = TenantRegistry(config: c, logger: Logger(label: "test"))
+        let registry = try TenantRegistry(config: c, logger: Logger(label: "test"))
         let idle = registry.state(for: "idle")
         let busy = registry.state(for: "busy")
         busy.inFlight.store(1, ordering: .relaxed)
@@ -183,4 +186,71 @@ import VigilTestSupport
         try await client.close()
         await proxy.stop()
     }
+
+    /// base64url without padding.
+    static func b64(_ bytes: some Sequence<UInt8>) -> String {
+        Data(bytes).base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
+            .replacingOccurrences(of: "=", with: "")
+    }
+
+    static func jwt(alg: String, kid: String, claims: String, sign: (Data) throws -> [UInt8]) rethrows -> String {
+        let head = b64(Array("{\"alg\":\"\(alg)\",\"kid\":\"\(kid)\",\"typ\":\"JWT\"}".utf8))
+        let body = b64(Array(claims.utf8))
+        return "\(head).\(body).\(b64(try sign(Data("\(head).\(body)".utf8))))"
+    }
+
+    @Test func aVerifiedJWTClaimNamesTheTenant() async throws {
+        let ec = P256.Signing.PrivateKey()
+        let rsa = try _RSA.Signing.PrivateKey(keySize: .bits2048)
+        let point = Array(ec.publicKey.x963Representation)
+        let jwks = """
+            {"keys":[{"kty":"EC","crv":"P-256","kid":"ec1","x":"\(Self.b64(point[1...32]))","y":"\(Self.b64(point[33...64]))"},
+                     {"kty":"RSA","kid":"rsa1","n":"\(Self.b64(try Self.rsaModulus(rsa)))","e":"AQAB"}]}
+            """
+        let path = NSTemporaryDirectory() + "jwks-\(UUID().uuidString).json"
+        try jwks.write(toFile: path, atomically: true, encoding: .utf8)
+        let exp = Int(Date().timeIntervalSince1970) + 600
+        let good = try Self.jwt(alg: "ES256", kid: "ec1", claims: "{\"tenant\":\"acme\",\"exp\":\(exp)}") {
+            Array(try ec.signature(for: $0).rawRepresentation)
+        }
+        let viaRSA = try Self.jwt(alg: "RS256", kid: "rsa1", claims: "{\"tenant\":\"beta\",\"exp\":\(exp)}") {
+            Array(try rsa.signature(for: $0, padding: .insecurePKCS1v1_5).rawRepresentation)
+        }
+        let expired = try Self.jwt(alg: "ES256", kid: "ec1", claims: "{\"tenant\":\"acme\",\"exp\":1000}") {
+            Array(try ec.signature(for: $0).rawRepresentation)
+        }
+        let forged = good.dropLast(4) + "AAAA"
+        let unsigned = Self.b64(Array("{\"alg\":\"none\"}".utf8)) + "." + Self.b64(Array("{\"tenant\":\"acme\",\"exp\":\(exp)}".utf8)) + "."
+        let upstream = try await FakeUpstream(group: group)
+        let yaml = ProxyHarness.simple(top: """
+            tenants:
+              identify:
+                - { from: jwt, jwks: "\(path)", claim: tenant }
+              unknown: reject
+            """)
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
+        let client = try await proxy.client()
+        func status(_ token: String) async throws -> Int {
+            try await client.send("GET / HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer \(token)\r\n\r\n")
+            return try #require(try await client.response()).status
+        }
+        #expect(try await status(good) == 200)
+        #expect(try await status(viaRSA) == 200)
+        #expect(try await status(expired) == 403)
+        #expect(try await status(String(forged)) == 403)
+        #expect(try await status(unsigned) == 403)
+        #expect(upstream.recorded.map { $0.head.headers.first(name: "x-vigil-tenant") } == ["acme", "beta"])
+        try await client.close()
+        await proxy.stop()
+    }
+
+    /// The modulus of an RSA key, from its PKCS#1 DER (SEQUENCE { INTEGER n, INTEGER e }).
+    static func rsaModulus(_ key: _RSA.Signing.PrivateKey) throws -> [UInt8] {
+        let der = try DER.parse(Array(key.publicKey.pkcs1DERRepresentation))
+        guard case .constructed(let nodes) = der.content, let first = nodes.first(where: { _ in true }),
+              case .primitive(let bytes) = first.content else { throw TestError.unexpected }
+        return Array(bytes.drop { $0 == 0 })
+    }
+
+    enum TestError: Error { case unexpected }
 }

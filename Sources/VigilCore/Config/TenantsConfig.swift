@@ -6,11 +6,14 @@ public struct TenantsConfig: Sendable, Equatable {
         case identity(map: [(pattern: String, tenant: String)])
         /// From a header, honoured only on listeners with `trusted_headers: true`.
         case header(name: String)
+        /// From a claim of a bearer JWT in `Authorization`, verified against a local JWKS file.
+        case jwt(jwks: String, claim: String, issuer: String?, audience: String?)
 
         public static func == (a: Identifier, b: Identifier) -> Bool {
             switch (a, b) {
             case (.identity(let x), .identity(let y)): x.map(\.pattern) == y.map(\.pattern) && x.map(\.tenant) == y.map(\.tenant)
             case (.header(let x), .header(let y)): x == y
+            case (.jwt(let a, let b, let c, let d), .jwt(let e, let f, let g, let h)): a == e && b == f && c == g && d == h
             default: false
             }
         }

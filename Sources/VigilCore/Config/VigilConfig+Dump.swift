@@ -66,6 +66,9 @@ extension VigilConfig {
             switch $0 {
             case .identity(let map): ["from": "identity", "map": .object(map.map { ($0.pattern, .string($0.tenant)) })]
             case .header(let name): ["from": "header", "name": .string(name)]
+            case .jwt(let jwks, let claim, let issuer, let audience):
+                ["from": "jwt", "jwks": .string(jwks), "claim": .string(claim),
+                 "issuer": issuer.map(JSONValue.string) ?? .null, "audience": audience.map(JSONValue.string) ?? .null]
             }
         }
         return ["identify": .array(identify), "default": dump(t.defaultLimits),

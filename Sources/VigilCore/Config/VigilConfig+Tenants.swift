@@ -8,8 +8,13 @@ extension ConfigReader {
         if let list = list(m["identify"], at: m.path("identify")) {
             for (i, item) in list.enumerated() {
                 let p = Self.index(m.path("identify"), i)
-                guard let e = map(item, at: p, keys: ["from", "map", "name"]) else { continue }
-                switch oneOf(e["from"], at: e.path("from"), ["identity": "identity", "header": "header"]) {
+                guard let e = map(item, at: p, keys: ["from", "map", "name", "jwks", "claim", "issuer", "audience"]) else { continue }
+                switch oneOf(e["from"], at: e.path("from"), ["identity": "identity", "header": "header", "jwt": "jwt"]) {
+                case "jwt":
+                    guard let jwks = required(nonEmptyString(e["jwks"], at: e.path("jwks")), e, "jwks") else { continue }
+                    t.identify.append(.jwt(jwks: jwks, claim: nonEmptyString(e["claim"], at: e.path("claim")) ?? "tenant",
+                                           issuer: nonEmptyString(e["issuer"], at: e.path("issuer")),
+                                           audience: nonEmptyString(e["audience"], at: e.path("audience"))))
                 case "identity":
                     guard let pairs = e["map"]?.mapping else { fail(e.path("map"), "is required: identity pattern → tenant"); continue }
                     var entries: [(pattern: String, tenant: String)] = []

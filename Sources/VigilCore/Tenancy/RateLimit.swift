@@ -65,9 +65,10 @@ public enum TenantResolver {
         case unknown
     }
 
+    /// `jwt(i)` gives the claim of the request's verified token for `identify[i]` (nil: none or invalid).
     public static func resolve(_ config: TenantsConfig, identity: String?, trustedHeaders: Bool,
-                               header: (String) -> String?) -> Result {
-        for identifier in config.identify {
+                               header: (String) -> String?, jwt: (Int) -> String? = { _ in nil }) -> Result {
+        for (i, identifier) in config.identify.enumerated() {
             switch identifier {
             case .identity(let map):
                 guard let identity else { continue }
@@ -75,6 +76,8 @@ public enum TenantResolver {
             case .header(let name):
                 guard trustedHeaders, let value = header(name), !value.isEmpty else { continue }
                 return .tenant(value)
+            case .jwt:
+                if let value = jwt(i) { return .tenant(value) }
             }
         }
         return config.unknown == .default ? .tenant("default") : .unknown

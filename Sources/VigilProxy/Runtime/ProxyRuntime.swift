@@ -45,7 +45,7 @@ public final class ProxyRuntime: Sendable {
         self.tls = tls
         self.authorizer = Authorizer(rules: config.authorization)
         let overrideCount = config.listeners.reduce(0) { $0 + $1.routes.filter { $0.tenantLimits != nil }.count }
-        self.tenants = config.tenants.map { TenantRegistry(config: $0, routeBuckets: overrideCount, logger: logger) }
+        self.tenants = try config.tenants.map { try TenantRegistry(config: $0, routeBuckets: overrideCount, logger: logger) }
         let clusters = config.clusters.enumerated().map {
             ClusterRuntime(config: $0.element, index: $0.offset, events: events, loop: group.next(), tls: tls)
         }

@@ -15,7 +15,9 @@ extension ProxyRuntime {
         let config = tenants.config
         let now = loop.nowNanos()
         guard case .tenant(let name) = TenantResolver.resolve(config, identity: identity, trustedHeaders: listener.config.trustedHeaders,
-                                                              header: { request.headerValue($0) }) else {
+                                                              header: { request.headerValue($0) },
+                                                              jwt: { tenants.verifiers[$0]?.claimValue(authorization: request.headerValue("authorization")) })
+        else {
             if config.shadow { return .success(tenants.state(for: "default")) }
             return .failure(TenantRefusal(outcome: .reply(
                 status: 403, reason: "unknown_tenant",

@@ -87,12 +87,23 @@ public final class TenantRegistry: Sendable {
     private let known: [String: TenantState]
     private let stripes: [NIOLockedValueBox<[String: TenantState]>]
     private let routeBuckets: Int
+    /// A verifier per `identify` entry that reads a JWT (nil for the others).
+    let verifiers: [JWTVerifier?]
     let logger: Logger
 
-    init(config: TenantsConfig, routeBuckets: Int = 0, logger: Logger) {
+    /// Throws `TLSLoadError`-style errors naming the key path when a JWKS file does not load.
+    init(config: TenantsConfig, routeBuckets: Int = 0, logger: Logger) throws {
         self.config = config
         self.logger = logger
         self.routeBuckets = routeBuckets
+        self.verifiers = try config.identify.enumerated().map { i, identifier in
+            guard case .jwt(let jwks, let claim, let issuer, let audience) = identifier else { return nil }
+            do {
+                return try JWTVerifier(jwksFile: jwks, claim: claim, issuer: issuer, audience: audience)
+            } catch {
+                throw TLSLoadError(path: "tenants.identify[\(i)].jwks", reason: "\(error)")
+            }
+        }
         var names = Set(config.limits.keys)
         for case .identity(let map) in config.identify { for entry in map { names.insert(entry.tenant) } }
         if config.unknown == .default { names.insert("default") }
@@ -100,6 +111,11 @@ public final class TenantRegistry: Sendable {
             ($0, TenantState(name: $0, limits: config.effectiveLimits(for: $0), label: $0, routeBuckets: routeBuckets))
         })
         stripes = (0..<16).map { _ in NIOLockedValueBox([:]) }
+    }
+
+    /// Loads the JWKS files of `config` once, to report a broken one before starting (`vigil validate`).
+    public static func check(_ config: VigilConfig) throws {
+        if let tenants = config.tenants { _ = try TenantRegistry(config: tenants, logger: Logger(label: "vigil-validate")) }
     }
 
     func state(for tenant: String) -> TenantState {
