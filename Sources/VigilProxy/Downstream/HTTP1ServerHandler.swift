@@ -323,7 +323,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         upstream = connection
         upstreamReused = reused
         connection.attach(self, requestIsHead: head.isHead)
-        trySentAt = context.eventLoop.now
+        // Only the EWMA balancer needs the try's send time: no clock read per request otherwise.
+        if target?.cluster.config.loadBalancer == .ewma { trySentAt = context.eventLoop.now }
         if let replay = retries.replay {
             // A retry, or a replay after a stale keep-alive connection: the same bytes again.
             connection.write(replay)

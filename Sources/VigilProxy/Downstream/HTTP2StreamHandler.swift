@@ -215,7 +215,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         phase = .forwarding
         upstream = connection
         connection.attach(self, requestIsHead: request.method == "HEAD")
-        trySentAt = .now()
+        if target?.cluster.config.loadBalancer == .ewma { trySentAt = .now() }
         if let replay = retries.replay {
             connection.write(replay)  // a retry: what the failed try was sent, then the rest
         } else {

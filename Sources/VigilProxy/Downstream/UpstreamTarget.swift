@@ -35,8 +35,8 @@ struct UpstreamTarget {
         cluster.health.record(host: host.index, outcome, now: now)
     }
 
-    /// A response head arrived `now` for a try sent at `sentAt`: its status for the health, its latency
-    /// for the EWMA balancer.
+    /// A response head arrived `now` for a try sent at `sentAt` (recorded only for the EWMA balancer): its
+    /// status for the health, its latency for the EWMA balancer.
     func recordResponse(status: Int, sentAt: NIODeadline, now: NIODeadline) {
         if cluster.config.loadBalancer == .ewma { host.observeLatency(nanos: (now - sentAt).nanoseconds, now: now) }
         cluster.health.record(host: host.index, .response(status: status), now: now)
