@@ -149,4 +149,62 @@ import VigilTestSupport
         #expect(bad != 0)
         #expect(message.contains("listeners[0].tls.key") && message.contains("does not match"))
     }
+
+    @Test func sighupReloadsTLSFilesAtOnce() async throws {
+        let dir = NSTemporaryDirectory() + "vigil-hup-\(UUID().uuidString)"
+        #expect(try run(["certs", "dev", dir + "/a", "--name", "spiffe://hup/vigil"]).0 == 0)
+        #expect(try run(["certs", "dev", dir + "/b", "--name", "spiffe://hup/vigil"]).0 == 0)
+        let fm = FileManager.default
+        for f in ["hup-vigil.pem", "hup-vigil-key.pem", "ca.pem"] {
+            try fm.copyItem(atPath: "\(dir)/a/\(f)", toPath: "\(dir)/\(f)")
+        }
+        let (adminPort, proxyPort) = (try await freePort(), try await freePort())
+        let path = try tempFile("""
+            admin: { address: "127.0.0.1:\(adminPort)" }
+            access_log: { output: "off" }
+            listeners:
+              - name: in
+                address: "127.0.0.1:\(proxyPort)"
+                tls: { cert: "\(dir)/hup-vigil.pem", key: "\(dir)/hup-vigil-key.pem", client_ca: "\(dir)/ca.pem" }
+                routes: [{ match: { prefix: "/" }, cluster: api }]
+            clusters: [{ name: api, endpoints: ["127.0.0.1:9"] }]
+            """)
+        let p = Process()
+        p.executableURL = Self.binary
+        p.arguments = ["--config", path, "--threads", "1", "--log-level", "warning"]
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        defer { if p.isRunning { p.terminate() } }
+        func servingSHA() async throws -> String? {
+            guard let c = try? await TestClient.connect(port: adminPort, group: group) else { return nil }
+            try await c.send("GET /certs HTTP/1.1\r\nHost: a\r\n\r\n")
+            guard let r = try await c.response(), r.status == 200,
+                  let json = try JSONSerialization.jsonObject(with: Data(r.text.utf8)) as? [String: Any],
+                  let certs = json["certificates"] as? [[String: Any]] else { return nil }
+            try await c.close()
+            return certs.first { $0["role"] as? String == "serving" }?["sha256"] as? String
+        }
+        var before: String?
+        let ready = Date().addingTimeInterval(20)
+        while before == nil && Date() < ready {
+            before = try await servingSHA()
+            if before == nil { try await Task.sleep(for: .milliseconds(50)) }
+        }
+        #expect(before != nil, "vigil did not become ready")
+        // Swap in the new pair atomically (write beside, rename over), then SIGHUP.
+        for f in ["hup-vigil.pem", "hup-vigil-key.pem"] {
+            try fm.copyItem(atPath: "\(dir)/b/\(f)", toPath: "\(dir)/\(f).new")
+            #expect(rename("\(dir)/\(f).new", "\(dir)/\(f)") == 0)
+        }
+        kill(p.processIdentifier, SIGHUP)
+        let sent = Date()
+        var after = before
+        while after == before && Date().timeIntervalSince(sent) < 1.0 {
+            try await Task.sleep(for: .milliseconds(20))
+            after = try await servingSHA()
+        }
+        #expect(after != before)
+        #expect(Date().timeIntervalSince(sent) < 1.0)   // well before the 2 s poll would have to notice
+        #expect(p.isRunning)                            // SIGHUP reloads; it does not stop Vigil
+    }
 }

@@ -246,4 +246,21 @@ import X509
         try await client.close()
         await proxy.stop()
     }
+
+    @Test func aTrustBundleWithOldAndNewRootsAcceptsClientsOfBoth() async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.webID, as: "web")                        // from the mesh CA (the old root)
+        try f.issue(TLSFixture.webID, as: "web-new", by: f.otherCA)     // from the new root
+        let both = try String(contentsOfFile: f.path("ca.pem"), encoding: .utf8)
+            + String(contentsOfFile: f.path("other-ca.pem"), encoding: .utf8)
+        try f.write("bundle.pem", both)
+        let upstream = try await FakeUpstream(group: group)
+        let yaml = ProxyHarness.simple(listener: "tls: { cert: \"\(f.path("vigil.pem"))\", key: \"\(f.path("vigil-key.pem"))\", client_ca: \"\(f.path("bundle.pem"))\" }")
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
+        for stem in ["web", "web-new"] {
+            #expect(!(await refused(proxy, try f.clientContext(cert: stem))), "\(stem)")
+        }
+        #expect(proxy.runtime.tls.certificates().filter { $0.role == "trust" }.count == 2)
+        await proxy.stop()
+    }
 }
