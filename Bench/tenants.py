@@ -4,10 +4,10 @@ spread over 10,000 distinct tenants by an `x-tenant-id` header) through Vigil wi
 it (every tenant rate-limited and concurrency-limited, high enough that nothing is refused). Reports CPU µs
 per request and RSS. Same pinning as bench.py; only 127.0.0.1 is used.
 """
-import argparse, os, re, subprocess, sys, tempfile
+import argparse, os, re, sys, tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench import CLK, Proc, cpu_ticks, rss_kib, sh, wait_port, write  # noqa: E402
+from bench import CLK, Proc, cpu_ticks, rss_kib, sh, start_upstream, write  # noqa: E402
 
 UP, PORT = 18280, 18284
 
@@ -19,12 +19,6 @@ def main():
     ap.add_argument("rounds", nargs="?", type=int, default=2)
     a = ap.parse_args()
     d = tempfile.mkdtemp(prefix="vigil-tenants-")
-    up = write(d, "up.conf", f"""
-worker_processes 1; daemon off; pid {d}/up.pid; error_log {d}/up.err;
-events {{ worker_connections 8192; }}
-http {{ access_log off; keepalive_requests 10000000;
-  server {{ listen 127.0.0.1:{UP}; location / {{ return 200 "ok\\n"; }} }} }}
-""")
     base = f"""
 admin: {{ address: "127.0.0.1:18299" }}
 access_log: {{ output: "off" }}
@@ -47,9 +41,7 @@ request = function()
   return wrk.format("GET", "/", { ["Host"] = "bench", ["x-tenant-id"] = "tenant-" .. math.random(10000) })
 end
 """)
-    upstream = subprocess.Popen(f"exec taskset -c 0 nginx -c {up}", shell=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(UP)
+    upstream = start_upstream(d, UP)
     rows = {}
     try:
         for rnd in range(a.rounds):

@@ -4,10 +4,8 @@
 # Usage: Bench/tls-scan.sh [path-to-vigil]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v sslscan >/dev/null 2>&1; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sslscan >/dev/null
-fi
+. Bench/lib.sh
+ensure_packages sslscan:sslscan
 VIGIL=${1:-.build/debug/vigil}
 [ -x "$VIGIL" ] || swift build --product vigil
 DIR=$(mktemp -d)

@@ -8,10 +8,10 @@ client certificates) share CPU 0. Measured per proxy:
 and, for Vigil's own ratio, keep-alive requests per second in cleartext with the same load generator.
 CPU per handshake or request is the proxy's utime+stime over the work done. Only 127.0.0.1 is used.
 """
-import argparse, os, subprocess, sys, tempfile, time
+import argparse, os, sys, tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench import CLK, Proc, cpu_ticks, rss_kib, sh, wait_port, write  # noqa: E402
+from bench import CLK, Proc, cpu_ticks, rss_kib, sh, start_upstream, write  # noqa: E402
 
 UP = 18180
 PORTS = {"haproxy": 18181, "nginx": 18182, "vigil": 18184, "vigil-plain": 18185}
@@ -20,12 +20,6 @@ PORTS = {"haproxy": 18181, "nginx": 18182, "vigil": 18184, "vigil-plain": 18185}
 def configs(d, vigil, certs):
     c = lambda n: os.path.join(certs, n)
     open(c("server-combined.pem"), "w").write(open(c("bench-vigil.pem")).read() + open(c("bench-vigil-key.pem")).read())
-    up = write(d, "upstream.conf", f"""
-worker_processes 1; daemon off; pid {d}/up.pid; error_log {d}/up.err;
-events {{ worker_connections 8192; }}
-http {{ access_log off; keepalive_requests 10000000;
-  server {{ listen 127.0.0.1:{UP}; location / {{ return 200 "ok\\n"; }} }} }}
-""")
     ha = write(d, "haproxy.cfg", f"""
 global
   nbthread 1
@@ -69,7 +63,7 @@ listeners:
 clusters:
   - {{ name: up, endpoints: ["127.0.0.1:{UP}"] }}
 """)
-    return up, {
+    return {
         "haproxy": (f"haproxy -f {ha} -db", None),
         "nginx": (f"nginx -c {ng}", "nginx: worker"),
         "vigil": (f"{vigil} --config {vg} --threads 1 --log-level warning", None),
@@ -97,10 +91,8 @@ def main():
     d = tempfile.mkdtemp(prefix="vigil-tls-bench-")
     certs = os.path.join(d, "certs")
     sh(f"{a.vigil} certs dev {certs} --name bench-vigil --name bench-client")
-    up_conf, proxies = configs(d, a.vigil, certs)
-    upstream = subprocess.Popen(f"exec taskset -c 0 nginx -c {up_conf}", shell=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(UP)
+    proxies = configs(d, a.vigil, certs)
+    upstream = start_upstream(d, UP)
     rows = {}
     try:
         for rnd in range(a.rounds):

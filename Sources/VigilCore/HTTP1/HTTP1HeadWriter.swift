@@ -138,16 +138,7 @@ public enum HTTP1HeadWriter {
         out.writeStaticString("\r\nx-forwarded-proto: ")
         out.writeString(facts.scheme)
         out.writeStaticString("\r\n")
-        if let cert = facts.clientCert {
-            out.writeStaticString("x-forwarded-client-cert: ")
-            out.writeString(cert)
-            out.writeStaticString("\r\n")
-        }
-        if let tenant {
-            out.writeStaticString("x-vigil-tenant: ")
-            out.writeString(tenant)
-            out.writeStaticString("\r\n")
-        }
+        writeVigilFields(clientCert: facts.clientCert, tenant: tenant, into: &out)
         var generated: RequestID?
         if !hadRequestID {
             let id = RequestID(using: &random)
@@ -158,6 +149,21 @@ public enum HTTP1HeadWriter {
         }
         out.writeStaticString("\r\n")
         return generated
+    }
+
+    /// The fields only Vigil sets (any a client sent were removed): `x-forwarded-client-cert` for an mTLS
+    /// client and `x-vigil-tenant`. Shared by the HTTP/1 head rewriter and the HTTP/2 → HTTP/1 translation.
+    public static func writeVigilFields(clientCert: String?, tenant: String?, into out: inout ByteBuffer) {
+        if let clientCert {
+            out.writeStaticString("x-forwarded-client-cert: ")
+            out.writeString(clientCert)
+            out.writeStaticString("\r\n")
+        }
+        if let tenant {
+            out.writeStaticString("x-vigil-tenant: ")
+            out.writeString(tenant)
+            out.writeStaticString("\r\n")
+        }
     }
 
     /// How the response body travels to the client.

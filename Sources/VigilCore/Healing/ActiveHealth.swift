@@ -12,6 +12,11 @@ public enum ProbeResult: Sendable, Equatable {
 
     public var passed: Bool { if case .passed = self { true } else { false } }
 
+    /// The result of a final (non-1xx) answer with `status`, given the statuses that count as healthy.
+    public static func judging(status: Int, expected: [ClosedRange<Int>]) -> ProbeResult {
+        expected.contains { $0.contains(status) } ? .passed(status: status) : .badStatus(status)
+    }
+
     public var description: String {
         switch self {
         case .passed(let s): "status \(s)"

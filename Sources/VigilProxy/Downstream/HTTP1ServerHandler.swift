@@ -600,7 +600,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             upstream.detach(requestComplete: reuseUpstream)
         }
         let upstreamHost = runtime.accessLog.isEnabled ? target?.host.addressText : nil
-        let tenant = target?.tenant?.name
+        let tenant = runtime.accessLog.isEnabled ? target?.tenant?.name : nil
         let clusterIndex = target?.cluster.index ?? replyCluster?.index
         retries.finish(target?.cluster)
         tryDeadline = nil

@@ -343,16 +343,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         out.writeStaticString("\r\nx-forwarded-proto: ")
         out.writeString(session.scheme)
         out.writeStaticString("\r\n")
-        if let cert = session.forwardedClientCert {
-            out.writeStaticString("x-forwarded-client-cert: ")
-            out.writeString(cert)
-            out.writeStaticString("\r\n")
-        }
-        if let tenant = target?.tenant?.name {
-            out.writeStaticString("x-vigil-tenant: ")
-            out.writeString(tenant)
-            out.writeStaticString("\r\n")
-        }
+        HTTP1HeadWriter.writeVigilFields(clientCert: session.forwardedClientCert, tenant: target?.tenant?.name, into: &out)
         if !hadRequestID {
             let rid = RequestID(using: &loop.random)
             out.writeStaticString("x-request-id: ")

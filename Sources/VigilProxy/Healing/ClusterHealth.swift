@@ -60,6 +60,7 @@ public final class ClusterHealth: Sendable {
         self.hostNames = hostNames
         self.events = events
         self.loop = loop
+        self.hasOutlierDetection = config.outlierDetection != nil
         let all = Array(repeating: true, count: hostNames.count)
         let availability = HostAvailability(available: all, panicThreshold: config.panicThreshold,
                                             allUnhealthy: config.allUnhealthy)
@@ -77,7 +78,8 @@ public final class ClusterHealth: Sendable {
             random: SplitMix64(seed: seed.next())))
     }
 
-    var hasOutlierDetection: Bool { config.outlierDetection != nil }
+    /// Read on every recorded outcome; kept as a flag so the request path never touches the config struct.
+    let hasOutlierDetection: Bool
 
     // MARK: - Facts in
 

@@ -138,7 +138,7 @@ private final class HTTP1ProbeHandler: ChannelInboundHandler, RemovableChannelHa
             guard let (head, _) = try HTTP1Parser.parseResponse(buffer, limits: .init(maxHeaderBytes: 16 * 1024,
                                                                                        maxHeaderCount: 100)) else { return }
             if head.status < 200 { return }  // 1xx: wait for the final answer
-            finish(expected.contains { $0.contains(head.status) } ? .passed(status: head.status) : .badStatus(head.status))
+            finish(.judging(status: head.status, expected: expected))
         } catch {
             finish(.broken("malformed response: \(error.detail)"))
         }
@@ -199,7 +199,7 @@ private final class HTTP2ProbeHandler: ChannelInboundHandler {
             return
         }
         if status < 200 { return }
-        finish(expected.contains { $0.contains(status) } ? .passed(status: status) : .badStatus(status))
+        finish(.judging(status: status, expected: expected))
     }
 
     func channelInactive(context: ChannelHandlerContext) { finish(.broken("stream closed before a response")) }

