@@ -8,7 +8,7 @@ import VigilCore
 extension ClusterRuntime {
     /// A cluster outside any proxy, for unit tests: events go to a small log, timers to an embedded loop.
     static func standalone(_ config: ClusterConfig) -> ClusterRuntime {
-        ClusterRuntime(config: config, index: 0,
+        ClusterRuntime(config: config,
                        events: HealingEventLog(capacity: 64, logger: Logger(label: "test"),
                                                metricsFactory: NOOPMetricsHandler.instance),
                        loop: EmbeddedEventLoop())

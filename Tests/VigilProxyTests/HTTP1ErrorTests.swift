@@ -181,7 +181,7 @@ import VigilTestSupport
         let slow = try await proxy.client()
         try await slow.send("GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
         // Wait until the slow request holds the cluster's only slot.
-        while proxy.runtime.clusters[0].activeRequests.load(ordering: .relaxed) == 0 { await Task.yield() }
+        while proxy.runtime.current.clusters[0].activeRequests.load(ordering: .relaxed) == 0 { await Task.yield() }
         let fast = try await proxy.client()
         try await fast.send("GET /fast HTTP/1.1\r\nHost: a\r\n\r\n")
         let r = try #require(try await fast.response())

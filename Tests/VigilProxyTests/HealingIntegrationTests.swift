@@ -94,7 +94,7 @@ import VigilTestSupport
             #expect(r.header("x-upstream") == "good")
         }
         // Each request that met the bad host was retried once, on the good one (never twice on the bad one).
-        let retries = proxy.runtime.clusters[0].retries.load(ordering: .relaxed)
+        let retries = proxy.runtime.current.clusters[0].retries.load(ordering: .relaxed)
         #expect(retries == bad.recorded.count)
         #expect(good.recorded.count == 20)
         try await client.close()
@@ -200,7 +200,7 @@ import VigilTestSupport
         let proxy = try await ProxyHarness(yaml: yaml, upstreams: [a.port, b.port], group: group)
         let client = try await proxy.client()
         for _ in 0..<40 { #expect(try await get(client).status == 503) }
-        let cluster = proxy.runtime.clusters[0]
+        let cluster = proxy.runtime.current.clusters[0]
         #expect(cluster.retries.load(ordering: .relaxed) <= 10)
         #expect(cluster.retryBudgetRefusals.load(ordering: .relaxed) > 0)
         #expect(a.recorded.count + b.recorded.count == 40 + cluster.retries.load(ordering: .relaxed))
@@ -218,7 +218,7 @@ import VigilTestSupport
         try await first.send("GET /slow HTTP/1.1\r\nHost: api\r\n\r\n")
         // Wait until the first request holds the only slot.
         let deadline = Date().addingTimeInterval(5)
-        while proxy.runtime.clusters[0].activeRequests.load(ordering: .relaxed) == 0 && Date() < deadline {
+        while proxy.runtime.current.clusters[0].activeRequests.load(ordering: .relaxed) == 0 && Date() < deadline {
             try await Task.sleep(for: .milliseconds(5))
         }
         let second = try await proxy.client()
@@ -247,7 +247,7 @@ import VigilTestSupport
                 """, endpoints: 2)
             let proxy = try await ProxyHarness(yaml: yaml, upstreams: [a.port, b.port], group: group)
             let client = try await proxy.client()
-            for _ in 0..<10 where proxy.runtime.clusters[0].health.mode == .normal { _ = try await get(client) }
+            for _ in 0..<10 where proxy.runtime.current.clusters[0].health.mode == .normal { _ = try await get(client) }
             let entered = try await waitForEvent(proxy, .panicEntered)
             #expect(entered.event.action.serialized().contains("\"mode\":\"\(mode)\""))
             let r = try await get(client)
@@ -303,13 +303,13 @@ import VigilTestSupport
         mode.store(1, ordering: .relaxed)
         let failed = try await waitForEvent(proxy, .healthCheckFailed, host: flaky.port)
         #expect(failed.event.evidence.serialized().contains("status 503"))
-        let view = proxy.runtime.clusters[0].health.hostViews()[0]
+        let view = proxy.runtime.current.clusters[0].health.hostViews()[0]
         #expect(view.state == "unhealthy")
         #expect(view.lastTransition == "health_check_failed: active_health_check")
         mode.store(0, ordering: .relaxed)
         let passed = try await waitForEvent(proxy, .healthCheckPassed, host: flaky.port)
         #expect(passed.seq > failed.seq)
-        #expect(proxy.runtime.clusters[0].health.hostViews()[0].state == "healthy")
+        #expect(proxy.runtime.current.clusters[0].health.hostViews()[0].state == "healthy")
         await proxy.stop()
     }
 
@@ -336,11 +336,11 @@ import VigilTestSupport
         #expect(good.recorded.filter { $0.head.uri.hasPrefix("/doc") }.map(\.bodyString) == ["v0", "v1", "v2", "v3"])
         // The HTTP/2-only hosts answered their probes, so both stay healthy.
         let deadline = Date().addingTimeInterval(5)
-        while proxy.runtime.clusters[0].health.hostViews().contains(where: { $0.activeHealth == "pending" }),
+        while proxy.runtime.current.clusters[0].health.hostViews().contains(where: { $0.activeHealth == "pending" }),
               Date() < deadline {
             try await Task.sleep(for: .milliseconds(20))
         }
-        #expect(proxy.runtime.clusters[0].health.hostViews().map(\.activeHealth) == ["healthy", "healthy"])
+        #expect(proxy.runtime.current.clusters[0].health.hostViews().map(\.activeHealth) == ["healthy", "healthy"])
         try await client.close()
         await proxy.stop()
     }

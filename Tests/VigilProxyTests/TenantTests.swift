@@ -70,7 +70,7 @@ import VigilTestSupport
         let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(route: "timeout: 300ms", listener: "trusted_headers: true",
                                                                      top: Self.tenants),
                                            upstreams: [upstream.port], group: group)
-        let state = proxy.runtime.tenants!.state(for: "slowpoke")
+        let state = proxy.runtime.current.tenants!.state(for: "slowpoke")
         func waitFor(inFlight n: Int) async throws {
             let deadline = Date().addingTimeInterval(10)
             while state.inFlight.load(ordering: .relaxed) != n && Date() < deadline { try await Task.sleep(for: .milliseconds(5)) }
@@ -109,7 +109,7 @@ import VigilTestSupport
         let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
         let client = try await proxy.client()
         for _ in 0..<5 { #expect(try await get(client, tenant: "acme").status == 200) }
-        #expect(proxy.runtime.tenants!.state(for: "acme").rateLimited.load(ordering: .relaxed) == 3)
+        #expect(proxy.runtime.current.tenants!.state(for: "acme").rateLimited.load(ordering: .relaxed) == 3)
         try await client.close()
         await proxy.stop()
     }

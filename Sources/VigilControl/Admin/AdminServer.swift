@@ -87,7 +87,7 @@ public final class AdminServer: Sendable {
             let since = query["since"].flatMap { UInt64($0) } ?? 0
             return json(.object([("events", .array(proxy.runtime.events.records(after: since).map(\.json)))]))
         case (.GET, "/config_dump"):
-            return json(proxy.runtime.config.dump())
+            return json(proxy.runtime.current.config.dump())
         case (.POST, "/drain"):
             logger.notice("drain requested on the admin port")
             let proxy = self.proxy
@@ -137,7 +137,7 @@ public final class AdminServer: Sendable {
                     "total_connections": .int(l.totalConnections.load(ordering: .relaxed)),
                 ]
             }),
-            "clusters": .array(runtime.clusters.map { c in
+            "clusters": .array(runtime.current.clusters.map { c in
                 [
                     "name": .string(c.config.name),
                     "active_requests": .int(c.activeRequests.load(ordering: .relaxed)),
@@ -161,7 +161,7 @@ public final class AdminServer: Sendable {
             guard let d else { return .null }
             return .string(RFC3339.string(nanos: wall + (d - now).nanoseconds))
         }
-        return .object([("clusters", .array(proxy.runtime.clusters.map { c in
+        return .object([("clusters", .array(proxy.runtime.current.clusters.map { c in
             let views = c.health.hostViews(now: now)
             return [
                 "name": .string(c.config.name),
@@ -192,7 +192,7 @@ public final class AdminServer: Sendable {
     }
 
     func tenants() -> JSONValue {
-        guard let registry = proxy.runtime.tenants else { return ["tenants": [], "configured": false] }
+        guard let registry = proxy.runtime.current.tenants else { return ["tenants": [], "configured": false] }
         let now = Int64(NIODeadline.now().uptimeNanoseconds)
         return .object([("configured", true), ("shadow", .bool(registry.config.shadow)),
                         ("tenants", .array(registry.all.sorted { $0.name < $1.name }.map { t in
@@ -261,113 +261,6 @@ public final class AdminServer: Sendable {
         </body></html>
 
         """
-}
-
-/// Gauges and counters that are read from the runtime's atomics at scrape time, not updated per request.
-/// Counters kept as atomics in the runtime are published by adding what grew since the last scrape.
-struct AdminGauges: Sendable {
-    let runtime: ProxyRuntime
-    let activeRequests: Gauge
-    let openConnections: [Gauge]
-    let upstreamConnections: [[Gauge]]
-    let hostActive: [[Gauge]]
-    /// `[cluster][state]` for healthy, unhealthy, ejected, pending.
-    let hostStates: [[Gauge]]
-    static let states = ["healthy", "unhealthy", "ejected", "pending"]
-    let panic: [Gauge]
-    let registry: PrometheusCollectorRegistry
-    let counters: [[(Counter, @Sendable (ClusterRuntime) -> Int)]]
-    private let published: NIOLockedValueBox<[[Int]]>
-    private let tenantPublished = NIOLockedValueBox<[String: Int]>([:])
-
-    init(runtime: ProxyRuntime, registry: PrometheusCollectorRegistry) {
-        self.runtime = runtime
-        self.registry = registry
-        activeRequests = registry.makeGauge(name: "vigil_active_requests")
-        openConnections = runtime.listeners.map {
-            registry.makeGauge(name: "vigil_downstream_connections", labels: [("listener", $0.config.name)])
-        }
-        upstreamConnections = runtime.clusters.map { c in
-            c.hosts.map { registry.makeGauge(name: "vigil_upstream_connections", labels: [("cluster", c.config.name), ("host", $0.address.description)]) }
-        }
-        hostActive = runtime.clusters.map { c in
-            c.hosts.map { registry.makeGauge(name: "vigil_upstream_active_requests", labels: [("cluster", c.config.name), ("host", $0.address.description)]) }
-        }
-        hostStates = runtime.clusters.map { c in
-            Self.states.map { registry.makeGauge(name: "vigil_cluster_hosts", labels: [("cluster", c.config.name), ("state", $0)]) }
-        }
-        panic = runtime.clusters.map { registry.makeGauge(name: "vigil_cluster_panic", labels: [("cluster", $0.config.name)]) }
-        let sources: [(String, [(String, String)], @Sendable (ClusterRuntime) -> Int)] = [
-            ("vigil_circuit_breaker_overflows_total", [("limit", "max_requests")], { $0.overflowRequests.load(ordering: .relaxed) }),
-            ("vigil_circuit_breaker_overflows_total", [("limit", "max_pending_requests")], { $0.overflowPending.load(ordering: .relaxed) }),
-            ("vigil_circuit_breaker_overflows_total", [("limit", "max_retries")], { $0.overflowRetries.load(ordering: .relaxed) }),
-            ("vigil_upstream_retries_total", [], { $0.retries.load(ordering: .relaxed) }),
-            ("vigil_retry_budget_exhausted_total", [], { $0.retryBudgetRefusals.load(ordering: .relaxed) }),
-        ]
-        counters = runtime.clusters.map { c in
-            sources.map { name, labels, read in
-                (registry.makeCounter(name: name, labels: [("cluster", c.config.name)] + labels), read)
-            }
-        }
-        published = NIOLockedValueBox(runtime.clusters.map { _ in sources.map { _ in 0 } })
-    }
-
-    func update() {
-        activeRequests.set(Double(runtime.activeRequests.load(ordering: .relaxed)))
-        for (i, l) in runtime.listeners.enumerated() { openConnections[i].set(Double(l.openConnections.load(ordering: .relaxed))) }
-        for (ci, c) in runtime.clusters.enumerated() {
-            for (hi, h) in c.hosts.enumerated() {
-                upstreamConnections[ci][hi].set(Double(h.connections.load(ordering: .relaxed)))
-                hostActive[ci][hi].set(Double(h.activeRequests.load(ordering: .relaxed)))
-            }
-            let views = c.health.hostViews()
-            for (si, state) in Self.states.enumerated() {
-                hostStates[ci][si].set(Double(views.filter { $0.state == state }.count))
-            }
-            panic[ci].set(Double(c.health.mode == .normal ? 0 : 1))
-        }
-        // Tenant counters by label (configured tenants by name, the rest as "other"): bounded cardinality.
-        if let tenantRegistry = runtime.tenants {
-            var sums: [String: [Int]] = [:]
-            for t in tenantRegistry.all {
-                var s = sums[t.label] ?? [0, 0, 0]
-                s[0] += t.allowed.load(ordering: .relaxed)
-                s[1] += t.rateLimited.load(ordering: .relaxed)
-                s[2] += t.concurrencyLimited.load(ordering: .relaxed)
-                sums[t.label] = s
-            }
-            tenantPublished.withLockedValue { last in
-                for (label, values) in sums {
-                    for (k, decision) in ["allowed", "rate_limited", "concurrency_limited"].enumerated() {
-                        let key = "\(label)|\(decision)"
-                        let delta = values[k] - (last[key] ?? 0)
-                        // Reclaimed idle tenants lower an "other" sum; a counter only grows.
-                        if delta > 0 {
-                            registry.makeCounter(name: "vigil_tenant_requests_total",
-                                                  labels: [("tenant", label), ("decision", decision)]).increment(by: Int64(delta))
-                            last[key] = values[k]
-                        }
-                    }
-                }
-            }
-        }
-        // Certificates change on rotation, so their gauges are looked up by labels at scrape time.
-        let now = Date()
-        for c in runtime.tls.certificates() {
-            registry.makeGauge(name: "vigil_cert_expiry_seconds",
-                               labels: [("owner", c.owner), ("role", c.role), ("name", c.info.identity ?? c.info.subject)])
-                .set(c.info.notAfter.timeIntervalSince(now))
-        }
-        published.withLockedValue { last in
-            for (ci, c) in runtime.clusters.enumerated() {
-                for (k, (counter, read)) in counters[ci].enumerated() {
-                    let value = read(c)
-                    if value > last[ci][k] { counter.increment(by: Int64(value - last[ci][k])) }
-                    last[ci][k] = value
-                }
-            }
-        }
-    }
 }
 
 final class AdminHandler: ChannelInboundHandler {

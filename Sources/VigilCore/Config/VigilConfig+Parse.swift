@@ -23,7 +23,7 @@ extension VigilConfig {
 extension ConfigReader {
     mutating func readConfig(_ root: Node) -> VigilConfig? {
         let keys: Set = ["node", "admin", "state_dir", "access_log", "drain_timeout", "event_buffer", "listeners", "clusters",
-                         "authorization", "tenants"]
+                         "authorization", "tenants", "control", "slo", "audit"]
         guard let m = map(root, at: "", keys: keys) else { return nil }
         var config = VigilConfig(listeners: [], clusters: [])
 
@@ -45,24 +45,10 @@ extension ConfigReader {
         }
         if let d = duration(m["drain_timeout"], at: "drain_timeout") { config.drainTimeout = d }
         if let n = int(m["event_buffer"], at: "event_buffer", range: 1...1_000_000) { config.eventBuffer = n }
-        if let node = m["tenants"] { config.tenants = readTenants(node, at: "tenants") }
-        if let rules = list(m["authorization"], at: "authorization") {
-            config.authorization = rules.enumerated().compactMap { readAuthorizationRule($0.element, at: Self.index("authorization", $0.offset)) }
-        }
-
-        let clusterNodes = list(m["clusters"], at: "clusters") ?? []
-        for (i, node) in clusterNodes.enumerated() {
-            if let cluster = readCluster(node, at: Self.index("clusters", i)) { config.clusters.append(cluster) }
-        }
-        var seenClusters: [String: Int] = [:]
-        for (i, node) in clusterNodes.enumerated() {
-            guard let name = node.mapping?["name"]?.scalar?.string else { continue }
-            if let first = seenClusters[name] {
-                fail(Self.child(Self.index("clusters", i), "name"), "\"\(name)\" is already the name of clusters[\(first)]")
-            } else {
-                seenClusters[name] = i
-            }
-        }
+        if let node = m["control"] { config.control = readControl(node, at: "control") }
+        if let node = m["audit"], let audit = readAudit(node, at: "audit") { config.audit = audit }
+        readDynamic(m, into: &config)
+        let seenClusters = Dictionary(config.clusters.enumerated().map { ($0.element.name, $0.offset) }) { a, _ in a }
 
         guard m["listeners"] != nil else {
             fail("listeners", "at least one listener is required")
@@ -72,6 +58,12 @@ extension ConfigReader {
         if listenerNodes.isEmpty { fail("listeners", "at least one listener is required") }
         var seenListeners: [String: Int] = [:]
         var seenAddresses: [SocketAddressSpec: String] = [config.admin.address: "admin.address"]
+        if let control = config.control {
+            if control.address == config.admin.address {
+                fail("control.address", "\(control.address) is already used by admin.address")
+            }
+            seenAddresses[control.address] = "control.address"
+        }
         for (i, node) in listenerNodes.enumerated() {
             let path = Self.index("listeners", i)
             guard let listener = readListener(node, at: path, clusterNames: seenClusters) else { continue }
@@ -86,6 +78,32 @@ extension ConfigReader {
             config.listeners.append(listener)
         }
         return config
+    }
+
+    /// The sections a policy push may replace (`tenants`, `authorization`, `slo`, `clusters`), read the same
+    /// way from the config file and from a pushed policy.
+    mutating func readDynamic(_ m: MapView, into config: inout VigilConfig) {
+        if let node = m["tenants"] { config.tenants = isNull(node) ? nil : readTenants(node, at: m.path("tenants")) }
+        if let rules = list(m["authorization"], at: m.path("authorization")) {
+            config.authorization = rules.enumerated().compactMap {
+                readAuthorizationRule($0.element, at: Self.index(m.path("authorization"), $0.offset))
+            }
+        }
+        if let node = m["slo"] { config.slo = readSLO(node, at: m.path("slo")) ?? SLOConfig() }
+        if let clusterNodes = list(m["clusters"], at: m.path("clusters")) {
+            config.clusters = []
+            var seen: [String: Int] = [:]
+            for (i, node) in clusterNodes.enumerated() {
+                let path = Self.index(m.path("clusters"), i)
+                guard let cluster = readCluster(node, at: path) else { continue }
+                if let first = seen[cluster.name] {
+                    fail(Self.child(path, "name"), "\"\(cluster.name)\" is already the name of clusters[\(first)]")
+                    continue
+                }
+                seen[cluster.name] = i
+                config.clusters.append(cluster)
+            }
+        }
     }
 
     mutating func readListener(_ node: Node, at path: String, clusterNames: [String: Int]) -> ListenerConfig? {

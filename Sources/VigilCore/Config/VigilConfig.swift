@@ -17,6 +17,11 @@ public struct VigilConfig: Sendable, Equatable {
     public var authorization: [AuthorizationRule] = []
     /// Tenant resolution and per-tenant limits; nil means requests are not attributed to tenants.
     public var tenants: TenantsConfig?
+    /// The control-plane listener; nil without a `control:` section.
+    public var control: ControlConfig?
+    /// Per-tenant objectives and the webhook told when one is breached or recovers.
+    public var slo = SLOConfig()
+    public var audit = AuditConfig()
 
     public init(nodeID: String = "vigil", admin: AdminConfig = .init(), stateDir: String = "./.vigil",
                 accessLog: AccessLogOutput = .stdout, drainTimeout: Duration = .seconds(30),

@@ -20,10 +20,20 @@ public struct HealingEvent: Sendable, Equatable {
         case tlsReloadFailed = "tls_reload_failed"
         /// A certificate in use expires within 7 days.
         case certExpiring = "cert_expiring"
+        /// A tenant's availability or latency fell outside its objective (`slo:`).
+        case sloBreached = "slo_breached"
+        case sloRecovered = "slo_recovered"
+        /// A pushed policy (or a rollback) took effect.
+        case policyApplied = "policy_applied"
+        /// A pushed policy was refused; the running one stays.
+        case policyRejected = "policy_rejected"
     }
 
     public var kind: Kind
+    /// The cluster (or, for TLS events, the listener or cluster) concerned; empty for tenant and policy events.
     public var cluster: String
+    /// The tenant concerned (SLO events).
+    public var tenant: String?
     public var host: String?
     /// Which detector or rule decided (`consecutive_5xx`, `active_health_check`, `max_requests`, ...).
     public var reason: String
@@ -32,10 +42,11 @@ public struct HealingEvent: Sendable, Equatable {
     /// What was done: ejection time, hosts now ejected, how traffic is balanced.
     public var action: JSONValue
 
-    public init(kind: Kind, cluster: String, host: String? = nil, reason: String, evidence: JSONValue = [:],
-                action: JSONValue = [:]) {
+    public init(kind: Kind, cluster: String, host: String? = nil, tenant: String? = nil, reason: String,
+                evidence: JSONValue = [:], action: JSONValue = [:]) {
         self.kind = kind
         self.cluster = cluster
+        self.tenant = tenant
         self.host = host
         self.reason = reason
         self.evidence = evidence
@@ -51,10 +62,14 @@ public struct HealingRecord: Sendable, Equatable {
     public var event: HealingEvent
 
     public var json: JSONValue {
-        .object([("seq", .int(Int(seq))), ("time", .string(RFC3339.string(nanos: timeNanos))),
-                 ("kind", .string(event.kind.rawValue)), ("cluster", .string(event.cluster)),
-                 ("host", event.host.map(JSONValue.string) ?? .null), ("reason", .string(event.reason)),
-                 ("evidence", event.evidence), ("action", event.action)])
+        var fields: [(String, JSONValue)] = [
+            ("seq", .int(Int(seq))), ("time", .string(RFC3339.string(nanos: timeNanos))),
+            ("kind", .string(event.kind.rawValue)), ("cluster", event.cluster.isEmpty ? .null : .string(event.cluster)),
+            ("host", event.host.map(JSONValue.string) ?? .null),
+        ]
+        if let tenant = event.tenant { fields.append(("tenant", .string(tenant))) }
+        fields += [("reason", .string(event.reason)), ("evidence", event.evidence), ("action", event.action)]
+        return .object(fields)
     }
 }
 

@@ -75,6 +75,11 @@ public struct OutlierDetector: Sendable {
 
     public var ejectedCount: Int { hosts.reduce(0) { $0 + ($1.isEjected ? 1 : 0) } }
 
+    /// A policy change kept host `i` (by address): it continues with the state it had, ejection included.
+    public mutating func hostCarriedOver(_ i: Int, state: HostState) {
+        hosts[i] = state
+    }
+
     /// The earliest time `tick` has something to do: the next interval or the end of an ejection.
     public var nextWake: NIODeadline {
         hosts.compactMap(\.ejectedUntil).reduce(nextEvaluation, min)

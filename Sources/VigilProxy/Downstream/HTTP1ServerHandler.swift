@@ -66,8 +66,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var startedAt = NIODeadline.uptimeNanoseconds(0)
     private var wallStart: Int64 = 0
     private var target: UpstreamTarget?
-    /// The cluster a locally answered request had been routed to, for metrics.
+    /// The cluster a locally answered request had been routed to, for metrics; its tenant, for its SLO.
     private var replyCluster: ClusterRuntime?
+    private var replyTenant: TenantState?
     private var upstream: UpstreamStream?
     private var upstreamReused = false
     private var retriedStaleConnection = false
@@ -286,8 +287,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             chunked = ChunkedDecoder(maxTrailerBytes: listener.config.limits.maxHeaderBytes)
         }
         switch runtime.route(head, listener: listener, loop: loop, identity: session.identity) {
-        case .reply(let status, let reason, let detail, let cluster, let headers):
+        case .reply(let status, let reason, let detail, let cluster, let headers, let tenant):
             replyCluster = cluster
+            replyTenant = tenant
             localReply(status: status, reason: reason, detail: detail, close: !requestBodyDone, headers: headers)
         case .forward(let target):
             self.target = target
@@ -333,7 +335,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             let generated = HTTP1HeadWriter.writeRequest(head, facts: facts, random: &loop.random,
                                                          fallbackAuthority: target?.host.addressText ?? "",
                                                          tenant: target?.tenant?.name,
-                                                         dropping: listener.untrustedTenantHeader, into: &out)
+                                                         dropping: target?.policy.snapshot.routes[listener.index].untrustedTenantHeader,
+                                                         into: &out)
             if let generated, runtime.accessLog.isEnabled { requestID = generated.string }
             connection.write(out)
             // Kept (shared, not copied) while the request could be sent again.
@@ -349,7 +352,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     func poolFailed(_ failure: UpstreamFailure) {
         guard phase == .waitingForUpstream else { return }
         if case .overflow = failure {} else {
-            runtime.metrics.upstreamConnectFailures[target!.cluster.index].increment()
+            target!.cluster.metrics.connectFailures.increment()
             target!.record(.connectFailure, now: context.eventLoop.now)
             if retry(after: .connectFailure) { return }
         }
@@ -535,7 +538,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             }
             upstream = nil
             if case .protocolError = failure {} else if case .timeout = failure {} else {
-                runtime.metrics.upstreamConnectFailures[target!.cluster.index].increment()
+                target!.cluster.metrics.connectFailures.increment()
             }
             target!.record(failure == .timeout ? .timeout : .reset, now: context.eventLoop.now)
             if retry(after: failure == .refusedStream ? .refusedStream : .reset) { return }
@@ -601,14 +604,17 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         }
         let upstreamHost = runtime.accessLog.isEnabled ? target?.host.addressText : nil
         let tenant = runtime.accessLog.isEnabled ? target?.tenant?.name : nil
-        let clusterIndex = target?.cluster.index ?? replyCluster?.index
+        let cluster = target?.cluster ?? replyCluster
+        runtime.recordSLO(tenant: target?.tenant ?? replyTenant, policy: target?.policy, loop: loop, status: status,
+                          durationNanos: duration.nanoseconds)
         retries.finish(target?.cluster)
         tryDeadline = nil
         retryAt = nil
         target?.release()
         target = nil
         replyCluster = nil
-        runtime.metrics.recordRequest(listener: listener.index, cluster: clusterIndex, status: status,
+        replyTenant = nil
+        runtime.metrics.recordRequest(listener: listener.index, cluster: cluster, status: status,
                                       durationNanos: duration.nanoseconds, bytesIn: bytesIn, bytesOut: bytesOut)
         if runtime.accessLog.isEnabled {
             let rid = requestID.isEmpty ? (head?.value(of: .xRequestID) ?? "") : requestID

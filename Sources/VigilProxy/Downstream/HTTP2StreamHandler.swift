@@ -38,6 +38,9 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var phase = Phase.idle
     private var request: HTTP2Request?
     private var target: UpstreamTarget?
+    /// The cluster and tenant of a locally answered request, for metrics and its SLO.
+    private var replyCluster: ClusterRuntime?
+    private var replyTenant: TenantState?
     private var upstream: UpstreamStream?
     private var pendingBody: [ByteBuffer] = []
     private var pendingEnd = false
@@ -197,7 +200,9 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             return
         }
         switch runtime.route(request, listener: listener, loop: loop, identity: session.identity) {
-        case .reply(let status, let reason, let detail, _, let headers):
+        case .reply(let status, let reason, let detail, let cluster, let headers, let tenant):
+            replyCluster = cluster
+            replyTenant = tenant
             reply(status: status, reason: reason, detail: detail, headers: headers)
         case .forward(let target):
             self.target = target
@@ -238,7 +243,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     func poolFailed(_ failure: UpstreamFailure) {
         guard phase == .waitingForUpstream else { return }
         if case .overflow = failure {} else {
-            runtime.metrics.upstreamConnectFailures[target!.cluster.index].increment()
+            target!.cluster.metrics.connectFailures.increment()
             target?.record(.connectFailure, now: .now())
             if retry(after: .connectFailure) { return }
         }
@@ -304,6 +309,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         var forwardedFor: [String] = []
         var hasContentLength = false
         var hadRequestID = false
+        let untrustedTenantHeader = target?.policy.snapshot.routes[listener.index].untrustedTenantHeader
         for (name, value, _) in request.headers {
             switch name {
             case ":method", ":path", ":authority", ":scheme", ":protocol", "host", "connection", "keep-alive",
@@ -321,7 +327,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             case "x-request-id":
                 hadRequestID = true
             default:
-                if name.hasPrefix("proxy-") || name == listener.untrustedTenantHeader { continue }
+                if name.hasPrefix("proxy-") || name == untrustedTenantHeader { continue }
             }
             out.writeString(name)
             out.writeStaticString(": ")
@@ -493,7 +499,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         upstream = nil
         if !responseStarted {
             if case .protocolError = failure {} else if case .timeout = failure {} else {
-                runtime.metrics.upstreamConnectFailures[target!.cluster.index].increment()
+                target!.cluster.metrics.connectFailures.increment()
             }
             target?.record(failure == .timeout ? .timeout : .reset, now: .now())
             if retry(after: failure == .refusedStream ? .refusedStream : .reset) { return }
@@ -538,7 +544,9 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             upstream.detach(requestComplete: reuseUpstream)
         }
         let duration = NIODeadline.now() - startedAt
-        runtime.metrics.recordRequest(listener: listener.index, cluster: target?.cluster.index, status: status,
+        runtime.recordSLO(tenant: target?.tenant ?? replyTenant, policy: target?.policy, loop: loop, status: status,
+                          durationNanos: duration.nanoseconds)
+        runtime.metrics.recordRequest(listener: listener.index, cluster: target?.cluster ?? replyCluster, status: status,
                                       durationNanos: duration.nanoseconds, bytesIn: bytesIn, bytesOut: bytesOut)
         if runtime.accessLog.isEnabled {
             loop.log(AccessLogEntry(startNanos: wallStart, listener: listener.config.name, method: request?.method ?? "-",

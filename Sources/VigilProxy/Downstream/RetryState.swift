@@ -48,7 +48,7 @@ struct RetryState {
               let next = cluster.pickHost(random: &loop.random, tried: tried) else { return nil }
         release(cluster)
         guard cluster.reserveRetry() else { return nil }
-        guard loop.withdrawRetry(listener: listener.index, route: target.routeIndex) else {
+        guard target.policy.withdrawRetry(listener: listener.index, route: target.routeIndex, nowNanos: loop.nowNanos()) else {
             cluster.releaseRetry()
             cluster.retryBudgetRefusals.wrappingIncrement(ordering: .relaxed)
             return nil
@@ -56,7 +56,7 @@ struct RetryState {
         holdsSlot = true
         retriesDone += 1
         cluster.retries.wrappingIncrement(ordering: .relaxed)
-        target.move(to: next, loop: loop)
+        target.move(to: next)
         tried.insert(next.index)
         return wait
     }

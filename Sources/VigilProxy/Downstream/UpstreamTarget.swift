@@ -5,7 +5,11 @@ import VigilCore
 /// Holding one means a `max_requests` slot and a host active-request count are taken; `release()` gives
 /// them back exactly once.
 struct UpstreamTarget {
+    /// The policy the request was routed under, with this loop's pools for it; kept to the request's end.
+    let policy: LoopPolicy
     let cluster: ClusterRuntime
+    /// This loop's pools for the cluster's hosts.
+    let pools: [HostPool]
     private(set) var host: HostRuntime
     private(set) var pool: HostPool
     let timeout: Duration
@@ -22,10 +26,10 @@ struct UpstreamTarget {
 
     /// Moves the request to another host for a retry: the old host's active count is given back and the
     /// new one's taken; the cluster's `max_requests` slot stays with the request.
-    mutating func move(to newHost: HostRuntime, loop: LoopContext) {
+    mutating func move(to newHost: HostRuntime) {
         host.activeRequests.wrappingDecrement(ordering: .relaxed)
         host = newHost
-        pool = loop.pools[cluster.index][newHost.index]
+        pool = pools[newHost.index]
         newHost.activeRequests.wrappingIncrement(ordering: .relaxed)
         newHost.totalRequests.wrappingIncrement(ordering: .relaxed)
     }
@@ -45,47 +49,58 @@ struct UpstreamTarget {
 
 enum RoutingOutcome {
     case forward(UpstreamTarget)
-    /// Answer locally; `cluster` is set when the request had been routed to one (for metrics).
-    case reply(status: Int, reason: String, detail: String, cluster: ClusterRuntime?, headers: [(String, String)] = [])
+    /// Answer locally; `cluster` is set when the request had been routed to one (for metrics), `tenant` when
+    /// it had been attributed to one (for its SLO).
+    case reply(status: Int, reason: String, detail: String, cluster: ClusterRuntime?, headers: [(String, String)] = [],
+               tenant: TenantState? = nil)
 }
 
 extension ProxyRuntime {
-    /// Routing and admission for a request, the same for HTTP/1 and HTTP/2: first matching route,
-    /// the cluster's `max_requests` breaker, then a host from the balancer.
+    /// Routing and admission for a request, the same for HTTP/1 and HTTP/2, under the loop's current
+    /// policy: authorization, tenant limits, first matching route, the cluster's `max_requests` breaker,
+    /// then a host from the balancer.
     func route(_ request: some RoutableRequest, listener: ListenerRuntime, loop: LoopContext,
                identity: String? = nil) -> RoutingOutcome {
-        if listener.config.authorization, !authorizer.rules.isEmpty {
-            switch authorizer.decide(identity: identity, path: request.path, method: request.method) {
+        let policy = loop.policy
+        let snapshot = policy.snapshot
+        let routes = snapshot.routes[listener.index]
+        if listener.config.authorization, !snapshot.authorizer.rules.isEmpty {
+            switch snapshot.authorizer.decide(identity: identity, path: request.path, method: request.method) {
             case .allow(let rule):
-                if let rule { metrics.authorizationAllowed[rule].increment() }
+                if let rule { snapshot.authorizationAllowed[rule].increment() }
             case .deny:
-                metrics.authorizationDenied.increment()
+                snapshot.authorizationDenied.increment()
                 return .reply(status: 403, reason: "unauthorized",
                               detail: "no authorization rule allows \(identity ?? "an unauthenticated caller") to \(request.method) \(RouteTable.pathWithoutQuery(request.path))",
                               cluster: nil)
             }
         }
-        guard let routeIndex = listener.routes.match(request) else {
+        guard let routeIndex = routes.table.match(request) else {
             return .reply(status: 404, reason: "no_route",
                           detail: "no route of listener \(listener.config.name) matches \(request.method) \(RouteTable.pathWithoutQuery(request.path))",
                           cluster: nil)
         }
         var tenant: TenantState?
-        if let tenants {
+        if let tenants = snapshot.tenants {
             switch admit(request, tenants: tenants, listener: listener, identity: identity,
-                         route: listener.tenantOverrides[routeIndex], loop: loop) {
+                         route: routes.tenantOverrides[routeIndex], loop: loop) {
             case .success(let admitted): tenant = admitted
             case .failure(let refusal): return refusal.outcome
             }
         }
-        let outcome = routeAdmitted(request, routeIndex: routeIndex, listener: listener, loop: loop, tenant: tenant)
-        if case .reply = outcome { tenant?.releaseSlot() }
+        let outcome = routeAdmitted(routeIndex: routeIndex, routes: routes, listener: listener, policy: policy,
+                                    loop: loop, tenant: tenant)
+        if case .reply(let status, let reason, let detail, let cluster, let headers, _) = outcome {
+            tenant?.releaseSlot()
+            return .reply(status: status, reason: reason, detail: detail, cluster: cluster, headers: headers, tenant: tenant)
+        }
         return outcome
     }
 
-    private func routeAdmitted(_ request: some RoutableRequest, routeIndex: Int, listener: ListenerRuntime,
+    private func routeAdmitted(routeIndex: Int, routes: ListenerRoutes, listener: ListenerRuntime, policy: LoopPolicy,
                                loop: LoopContext, tenant: TenantState?) -> RoutingOutcome {
-        let cluster = clusters[listener.routeClusters[routeIndex]]
+        let slot = routes.routeClusters[routeIndex]
+        let cluster = policy.snapshot.clusters[slot]
         guard cluster.admitRequest() else {
             return .reply(status: 503, reason: "overflow", detail: "cluster \(cluster.config.name) is at max_requests",
                           cluster: cluster)
@@ -99,10 +114,20 @@ extension ProxyRuntime {
         if !cluster.health.hadTraffic.load(ordering: .relaxed) { cluster.health.hadTraffic.store(true, ordering: .relaxed) }
         host.activeRequests.wrappingIncrement(ordering: .relaxed)
         host.totalRequests.wrappingIncrement(ordering: .relaxed)
-        let retry = listener.retryPolicies[routeIndex]
-        if retry != nil { loop.retryBudgets[listener.index][routeIndex]!.recordRequest(nowNanos: loop.nowNanos()) }
-        return .forward(UpstreamTarget(cluster: cluster, host: host, pool: loop.pools[cluster.index][host.index],
-                                       timeout: listener.config.routes[routeIndex].timeout, routeIndex: routeIndex,
+        let retry = routes.retryPolicies[routeIndex]
+        if retry != nil { policy.retryBudgets[listener.index][routeIndex]!.recordRequest(nowNanos: loop.nowNanos()) }
+        let pools = policy.pools[slot]
+        return .forward(UpstreamTarget(policy: policy, cluster: cluster, pools: pools, host: host, pool: pools[host.index],
+                                       timeout: routes.routes[routeIndex].timeout, routeIndex: routeIndex,
                                        retry: retry, tenant: tenant))
+    }
+
+    /// The end of a request for its SLO: counted against its tenant's objective (or the untenanted one).
+    func recordSLO(tenant: TenantState?, policy: LoopPolicy?, loop: LoopContext, status: Int, durationNanos: Int64) {
+        if let tenant {
+            tenant.slo?.record(status: status, durationNanos: durationNanos)
+        } else {
+            (policy ?? loop.policy).snapshot.untenantedSLO?.record(status: status, durationNanos: durationNanos)
+        }
     }
 }

@@ -55,7 +55,8 @@ public final class ClusterHealth: Sendable {
         var wakeAt: NIODeadline?
     }
 
-    init(config: ClusterConfig, hostNames: [String], events: HealingEventLog, loop: EventLoop, now: NIODeadline) {
+    init(config: ClusterConfig, hostNames: [String], events: HealingEventLog, loop: EventLoop, now: NIODeadline,
+         carrying previous: ClusterHealth? = nil) {
         self.config = config
         self.hostNames = hostNames
         self.events = events
@@ -76,6 +77,31 @@ public final class ClusterHealth: Sendable {
             availability: availability, returnedAt: none, transitionAt: none,
             transitionReason: [String?](repeating: nil, count: hostNames.count),
             random: SplitMix64(seed: seed.next())))
+        if let previous { carryOver(from: previous, now: now) }
+    }
+
+    /// Takes over the state of hosts that keep their address from the cluster this one replaces: check
+    /// results, ejections, transitions. Hosts new to the cluster start fresh (available, not yet probed).
+    private func carryOver(from previous: ClusterHealth, now: NIODeadline) {
+        let old = previous.state.withLockedValue { $0 }
+        hadTraffic.store(previous.hadTraffic.load(ordering: .relaxed), ordering: .relaxed)
+        state.withLockedValue { s in
+            for (i, name) in hostNames.enumerated() {
+                guard let j = previous.hostNames.firstIndex(of: name) else { continue }
+                s.active[i] = old.active[j]
+                s.returnedAt[i] = old.returnedAt[j]
+                s.transitionAt[i] = old.transitionAt[j]
+                s.transitionReason[i] = old.transitionReason[j]
+                if let host = old.detector?.hosts[j] { s.detector?.hostCarriedOver(i, state: host) }
+            }
+            let available = hostNames.indices.map { i in
+                s.active[i].isAvailable && !(s.detector?.hosts[i].isEjected ?? false)
+            }
+            s.availability = HostAvailability(available: available, panicThreshold: config.panicThreshold,
+                                              allUnhealthy: config.allUnhealthy)
+            current.store(HostSet(availability: s.availability, available: available, returnedAt: s.returnedAt,
+                                  slowStart: config.slowStart), ordering: .releasing)
+        }
     }
 
     /// Read on every recorded outcome; kept as a flag so the request path never touches the config struct.

@@ -46,7 +46,6 @@ public final class HostRuntime: Sendable {
 /// cluster.
 public final class ClusterRuntime: Sendable {
     public let config: ClusterConfig
-    public let index: Int
     public let hosts: [HostRuntime]
     public let health: ClusterHealth
     /// Shared round-robin sequence, so rotation holds across event loops.
@@ -62,21 +61,26 @@ public final class ClusterRuntime: Sendable {
     public let overflowRetries = ManagedAtomic<Int>(0)
     public let retryBudgetRefusals = ManagedAtomic<Int>(0)
     public let retries = ManagedAtomic<Int>(0)
+    /// This cluster's request and connect-failure counters, resolved once.
+    let metrics: ClusterMetrics
 
     /// The store that holds this cluster's TLS material (nil outside a proxy, in unit tests).
     private let tls: TLSStore?
 
-    init(config: ClusterConfig, index: Int, events: HealingEventLog, loop: EventLoop, tls: TLSStore? = nil) {
+    /// `carrying`: the cluster of the same name in the policy being replaced; the health of hosts that keep
+    /// their address carries over (ejections, check results), as DESIGN.md's request path requires.
+    init(config: ClusterConfig, events: HealingEventLog, loop: EventLoop, tls: TLSStore? = nil,
+         metrics: ClusterMetrics = ClusterMetrics(), carrying previous: ClusterRuntime? = nil) {
         self.config = config
         self.tls = tls
-        self.index = index
+        self.metrics = metrics
         self.hosts = config.endpoints.enumerated().map { HostRuntime(address: $0.element, index: $0.offset) }
         self.health = ClusterHealth(config: config, hostNames: hosts.map(\.addressText), events: events, loop: loop,
-                                    now: .now())
+                                    now: .now(), carrying: previous?.health)
     }
 
     /// The current TLS context for new connections to this cluster's hosts; nil without `tls`.
-    func tlsContext() -> NIOSSLContext? { tls?.clusterContext(index) }
+    func tlsContext() -> NIOSSLContext? { tls?.clusterContext(config.name) }
 
     /// Requests refused by `max_requests` and `max_pending_requests`.
     public var overflows: Int {

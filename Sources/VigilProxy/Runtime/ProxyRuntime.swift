@@ -8,26 +8,30 @@ import VigilCore
 import Glibc
 #endif
 
-/// Everything the data plane shares across event loops: listeners and clusters with their atomics,
-/// metric handles, the access log, and one `LoopContext` per event loop. Built once from a config.
+/// Everything the data plane shares across event loops: the static listeners, the current policy snapshot,
+/// metric handles, the access log, TLS, the event log, and one `LoopContext` per event loop. Built once
+/// from a config; the policy part is replaced by `install(_:)`.
 public final class ProxyRuntime: Sendable {
+    /// The config file as loaded (its static settings hold for the process's life).
     public let config: VigilConfig
     public let listeners: [ListenerRuntime]
-    public let clusters: [ClusterRuntime]
     public let metrics: ProxyMetrics
     public let accessLog: AccessLog
     /// Every healing decision, numbered, logged and counted.
     public let events: HealingEventLog
     /// TLS material of listeners and clusters, reloaded when its files change.
     public let tls: TLSStore
-    /// The default-deny authorization rules (empty: everything allowed).
-    let authorizer: Authorizer
-    /// Tenants and their limits; nil without `tenants:`.
-    public let tenants: TenantRegistry?
     let logger: Logger
+    /// The snapshot in force; each event loop has its own copy (`LoopContext.policy`) for the request path.
+    private let currentBox: NIOLockedValueBox<PolicySnapshot>
+    /// Serializes policy changes: one build-and-install at a time.
+    private let installLock = NIOLock()
     /// The repeated tasks `startBackgroundWork` scheduled, cancelled by `stopBackgroundWork`.
     private let backgroundTasks = NIOLockedValueBox<[RepeatedTask]>([])
-    private let probers: [HealthProber]
+    /// Health probers of the clusters in force, by cluster; started and stopped as policies bring clusters
+    /// in and take them out.
+    private let probers = NIOLockedValueBox<[ObjectIdentifier: HealthProber]>([:])
+    private let backgroundRunning = NIOLockedValueBox(false)
     /// Set by `POST /drain` and on SIGTERM: connections finish their request and close.
     public let draining = ManagedAtomic<Bool>(false)
     /// Requests in flight across every listener.
@@ -44,63 +48,101 @@ public final class ProxyRuntime: Sendable {
         self.events = events
         let tls = try TLSStore(config: config, events: events)
         self.tls = tls
-        self.authorizer = Authorizer(rules: config.authorization)
-        let overrideCount = config.listeners.reduce(0) { $0 + $1.routes.filter { $0.tenantLimits != nil }.count }
-        self.tenants = try config.tenants.map { try TenantRegistry(config: $0, routeBuckets: overrideCount, logger: logger) }
-        let clusters = config.clusters.enumerated().map {
-            ClusterRuntime(config: $0.element, index: $0.offset, events: events, loop: group.next(), tls: tls)
-        }
-        self.probers = clusters.compactMap(HealthProber.init)
-        let clusterIndex = Dictionary(uniqueKeysWithValues: clusters.map { ($0.config.name, $0.index) })
-        self.clusters = clusters
-        var overrides = 0
-        self.listeners = config.listeners.enumerated().map { i, listener in
-            defer { overrides += listener.routes.filter { $0.tenantLimits != nil }.count }
-            return ListenerRuntime(config: listener, index: i, clusterIndex: clusterIndex, tenants: config.tenants,
-                                   firstOverrideSlot: overrides)
-        }
-        self.metrics = ProxyMetrics(listeners: config.listeners, clusters: config.clusters,
-                                    authorization: config.authorization, factory: metricsFactory)
+        self.listeners = config.listeners.enumerated().map { ListenerRuntime(config: $0.element, index: $0.offset) }
+        let metrics = ProxyMetrics(listeners: config.listeners, factory: metricsFactory)
+        self.metrics = metrics
+        let snapshot = try PolicySnapshot(version: 0, config: config, previous: nil, events: events, tls: tls,
+                                          metrics: metrics, group: group, logger: logger)
+        self.currentBox = NIOLockedValueBox(snapshot)
         self.accessLog = accessLog
         self.group = group
         var loops: [ObjectIdentifier: LoopContext] = [:]
         var seed = SystemRandomNumberGenerator()
+        let loopCount = group.makeIterator().reduce(0) { n, _ in n + 1 }
         for loop in group.makeIterator() {
-            loops[ObjectIdentifier(loop)] = LoopContext(eventLoop: loop, clusters: clusters, listeners: listeners,
-                                                        accessLog: accessLog, seed: seed.next(),
-                                                        loopCount: group.makeIterator().reduce(0) { n, _ in n + 1 })
+            loops[ObjectIdentifier(loop)] = LoopContext(
+                eventLoop: loop, policy: LoopPolicy(snapshot: snapshot, previous: nil, eventLoop: loop, loopCount: loopCount),
+                accessLog: accessLog, seed: seed.next())
         }
         self.loops = loops
+        self.loopCount = loopCount
+        probers.withLockedValue { p in
+            for c in snapshot.clusters { if let prober = HealthProber(cluster: c) { p[ObjectIdentifier(c)] = prober } }
+        }
+    }
+
+    private let loopCount: Int
+
+    /// The policy snapshot in force (for the admin and control APIs; the request path reads its loop's copy).
+    public var current: PolicySnapshot { currentBox.withLockedValue { $0 } }
+
+    /// Builds the snapshot for `config` beside the running one without installing it: throws what a push of
+    /// it would fail with (`TLSLoadError` naming the key path: TLS or JWKS files that do not load).
+    public func prepare(version: Int, config: VigilConfig) throws -> PolicySnapshot {
+        try PolicySnapshot(version: version, config: config, previous: current, events: events, tls: tls,
+                           metrics: metrics, group: group, logger: logger)
+    }
+
+    /// Makes `snapshot` the policy in force: every event loop switches to it (new requests see it; requests
+    /// already running finish on the one they started with), clusters it drops stop being probed, new ones
+    /// start. Returns once every loop has switched.
+    public func install(_ snapshot: PolicySnapshot) async {
+        let previous: PolicySnapshot = installLock.withLock {
+            tls.installClusters(snapshot.clusterTLS)
+            return currentBox.withLockedValue { old in defer { old = snapshot }; return old }
+        }
+        let loopCount = self.loopCount
+        let switched = loops.values.map { context in
+            context.eventLoop.submit {
+                context.policy = LoopPolicy(snapshot: snapshot, previous: context.policy, eventLoop: context.eventLoop,
+                                            loopCount: loopCount)
+            }
+        }
+        for f in switched { try? await f.get() }
+        let kept = Set(snapshot.clusters.map(ObjectIdentifier.init))
+        let (started, stopped) = probers.withLockedValue { p -> ([HealthProber], [HealthProber]) in
+            var stopped: [HealthProber] = []
+            for c in previous.clusters where !kept.contains(ObjectIdentifier(c)) {
+                if let prober = p.removeValue(forKey: ObjectIdentifier(c)) { stopped.append(prober) }
+            }
+            var started: [HealthProber] = []
+            for c in snapshot.clusters where p[ObjectIdentifier(c)] == nil {
+                if let prober = HealthProber(cluster: c) {
+                    p[ObjectIdentifier(c)] = prober
+                    started.append(prober)
+                }
+            }
+            return (started, stopped)
+        }
+        for prober in stopped { prober.stop() }
+        if backgroundRunning.withLockedValue({ $0 }) { for prober in started { prober.start() } }
     }
 
     /// Starts the work that runs beside the requests: active health checks, the once-a-second review of
     /// ejections and breakers, the TLS file poll and the reclaiming of idle tenants.
     public func startBackgroundWork() {
-        for prober in probers { prober.start() }
-        let tasks = clusters.map { cluster in
-            cluster.health.loop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
-                cluster.health.tick(now: .now(), overflow: cluster.overflowSamples())
+        backgroundRunning.withLockedValue { $0 = true }
+        for prober in probers.withLockedValue({ Array($0.values) }) { prober.start() }
+        let tick = group.next().scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [self] _ in
+            for cluster in current.clusters {
+                let samples = cluster.overflowSamples()
+                cluster.health.loop.execute { cluster.health.tick(now: .now(), overflow: samples) }
             }
         }
-        backgroundTasks.withLockedValue { $0 += tasks }
-        if let tenants {
-            let reclaim = group.next().scheduleRepeatedTask(initialDelay: .seconds(60), delay: .seconds(60)) { task in
-                tenants.reclaim(now: Int64(NIODeadline.now().uptimeNanoseconds))
-            }
-            backgroundTasks.withLockedValue { $0.append(reclaim) }
+        let reclaim = group.next().scheduleRepeatedTask(initialDelay: .seconds(60), delay: .seconds(60)) { [self] _ in
+            current.tenants?.reclaim(now: Int64(NIODeadline.now().uptimeNanoseconds))
         }
-        if !tls.isEmpty {
-            let tls = self.tls
-            tls.reload()  // reports certificates already close to expiry
-            let reload = group.next().scheduleRepeatedTask(initialDelay: TLSStore.pollInterval, delay: TLSStore.pollInterval) { _ in
-                tls.reload()
-            }
-            backgroundTasks.withLockedValue { $0.append(reload) }
+        let tls = self.tls
+        tls.reload()  // reports certificates already close to expiry
+        let reload = group.next().scheduleRepeatedTask(initialDelay: TLSStore.pollInterval, delay: TLSStore.pollInterval) { _ in
+            tls.reload()
         }
+        backgroundTasks.withLockedValue { $0 += [tick, reclaim, reload] }
     }
 
     public func stopBackgroundWork() {
-        for prober in probers { prober.stop() }
+        backgroundRunning.withLockedValue { $0 = false }
+        for prober in probers.withLockedValue({ Array($0.values) }) { prober.stop() }
         let tasks = backgroundTasks.withLockedValue { t in defer { t = [] }; return t }
         for t in tasks { t.cancel() }
     }
@@ -115,12 +157,7 @@ public final class ProxyRuntime: Sendable {
 
     var allLoopContexts: Dictionary<ObjectIdentifier, LoopContext>.Values { loops.values }
 
-    public func cluster(named name: String) -> ClusterRuntime? { clusters.first { $0.config.name == name } }
-
-    /// Idle upstream connections per host, summed over event loops; for admin `/clusters`.
-    public func upstreamConnectionCounts() -> [[Int]] {
-        clusters.map { c in c.hosts.map { $0.connections.load(ordering: .relaxed) } }
-    }
+    public func cluster(named name: String) -> ClusterRuntime? { current.cluster(named: name) }
 
     /// Wall-clock time in nanoseconds since the epoch, for access log timestamps only.
     public static func wallClockNanos() -> Int64 {
@@ -130,29 +167,20 @@ public final class ProxyRuntime: Sendable {
     }
 }
 
-/// State confined to one event loop: its upstream pools, a fast random source, and its access log
-/// buffer. Only touched on its loop, so it needs no lock.
+/// State confined to one event loop: its view of the policy (with its upstream pools), a fast random
+/// source, and its access log buffer. Only touched on its loop, so it needs no lock.
 final class LoopContext: @unchecked Sendable {
     let eventLoop: EventLoop
-    /// `pools[cluster][host]`.
-    let pools: [[HostPool]]
-    /// `retryBudgets[listener][route]`, for routes with a retry policy: each loop keeps its own budget
-    /// (funded by its own requests, with its share of `min_per_second`), so no lock is shared.
-    var retryBudgets: [[RetryBudget?]]
+    /// The snapshot this loop's new requests use, with this loop's pools for it.
+    var policy: LoopPolicy
     var random: SplitMix64
     private let accessLog: AccessLog
     private var logBuffer = ByteBuffer()
     private var logFlushScheduled = false
 
-    init(eventLoop: EventLoop, clusters: [ClusterRuntime], listeners: [ListenerRuntime], accessLog: AccessLog,
-         seed: UInt64, loopCount: Int) {
+    init(eventLoop: EventLoop, policy: LoopPolicy, accessLog: AccessLog, seed: UInt64) {
         self.eventLoop = eventLoop
-        self.pools = clusters.map { c in c.hosts.map { HostPool(host: $0, cluster: c, eventLoop: eventLoop) } }
-        self.retryBudgets = listeners.map { l in
-            l.config.routes.map { route in
-                route.retry.map { RetryBudget(ratio: $0.budgetRatio, minPerSecond: Double($0.budgetMinPerSecond) / Double(max(loopCount, 1))) }
-            }
-        }
+        self.policy = policy
         self.random = SplitMix64(seed: seed)
         self.accessLog = accessLog
     }
@@ -174,11 +202,6 @@ final class LoopContext: @unchecked Sendable {
 
     /// This loop's clock in nanoseconds (real time in production, manual on an EmbeddedEventLoop).
     func nowNanos() -> Int64 { Int64(eventLoop.now.uptimeNanoseconds) }
-
-    /// Takes one retry from the route's budget on this loop.
-    func withdrawRetry(listener: Int, route: Int) -> Bool {
-        retryBudgets[listener][route]?.withdraw(nowNanos: nowNanos()) ?? false
-    }
 
     func flushLog() {
         guard logBuffer.readableBytes > 0 else { return }

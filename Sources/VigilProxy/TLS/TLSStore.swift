@@ -24,15 +24,21 @@ public final class TLSStore: Sendable {
         var material: TLSMaterial
         var lastRotation: Date
         var warnedExpiry: Set<String> = []
+        /// For a cluster's entry, what it was loaded from: a policy that keeps it equal keeps the entry.
+        var clusterSource: ClusterTLSConfig?
+        var clusterProtocol: UpstreamProtocol?
     }
 
-    private let listenerEntries: [Int: NIOLockedValueBox<Entry>]
-    private let clusterEntries: [Int: NIOLockedValueBox<Entry>]
+    typealias Box = NIOLockedValueBox<Entry>
+
+    private let listenerEntries: [Int: Box]
+    /// Cluster entries by cluster name; replaced whole when a policy changes the clusters.
+    private let clusterEntries: NIOLockedValueBox<[String: Box]>
     private let events: HealingEventLog
 
     init(config: VigilConfig, events: HealingEventLog) throws(TLSLoadError) {
         self.events = events
-        var listeners: [Int: NIOLockedValueBox<Entry>] = [:]
+        var listeners: [Int: Box] = [:]
         for (i, l) in config.listeners.enumerated() {
             guard let tls = l.tls else { continue }
             let path = "listeners[\(i)].tls", proto = l.protocol
@@ -40,22 +46,43 @@ public final class TLSStore: Sendable {
                 try TLSMaterial.listener(tls, protocol: proto, at: path)
             }
         }
-        var clusters: [Int: NIOLockedValueBox<Entry>] = [:]
-        for (i, c) in config.clusters.enumerated() {
+        listenerEntries = listeners
+        clusterEntries = NIOLockedValueBox([:])
+        installClusters(try prepareClusters(config.clusters))
+    }
+
+    /// Loads the TLS material of `clusters` (keeping entries whose settings did not change), without
+    /// installing it: a policy that fails anywhere leaves the store as it was. `pathPrefix` names where the
+    /// clusters came from in errors.
+    func prepareClusters(_ clusters: [ClusterConfig], pathPrefix: String = "clusters") throws(TLSLoadError) -> [String: Box] {
+        let current = clusterEntries.withLockedValue { $0 }
+        var out: [String: Box] = [:]
+        for (i, c) in clusters.enumerated() {
             guard let tls = c.tls else { continue }
-            let path = "clusters[\(i)].tls", proto = c.protocol
-            clusters[i] = try Self.entry(owner: c.name, path: path) { () throws(TLSLoadError) in
+            if let box = current[c.name],
+               box.withLockedValue({ $0.clusterSource == tls && $0.clusterProtocol == c.protocol }) {
+                out[c.name] = box
+                continue
+            }
+            let path = "\(pathPrefix)[\(i)].tls", proto = c.protocol
+            let box = try Self.entry(owner: c.name, path: path) { () throws(TLSLoadError) in
                 try TLSMaterial.cluster(tls, protocol: proto, at: path)
             }
+            box.withLockedValue {
+                $0.clusterSource = tls
+                $0.clusterProtocol = proto
+            }
+            out[c.name] = box
         }
-        listenerEntries = listeners
-        clusterEntries = clusters
+        return out
     }
+
+    func installClusters(_ entries: [String: Box]) { clusterEntries.withLockedValue { $0 = entries } }
 
     /// Loads the material once now; `load` is kept to load it again when its files change.
     private static func entry(owner: String, path: String,
                               load: @escaping @Sendable () throws(TLSLoadError) -> TLSMaterial) throws(TLSLoadError)
-        -> NIOLockedValueBox<Entry>
+        -> Box
     {
         NIOLockedValueBox(Entry(owner: owner, path: path, load: load, material: try load(), lastRotation: Date()))
     }
@@ -66,7 +93,7 @@ public final class TLSStore: Sendable {
                                                                 metricsFactory: NOOPMetricsHandler.instance))
     }
 
-    var isEmpty: Bool { listenerEntries.isEmpty && clusterEntries.isEmpty }
+    var isEmpty: Bool { listenerEntries.isEmpty && clusterEntries.withLockedValue { $0.isEmpty } }
 
     /// The context for a new handshake on listener `i` (nil without TLS).
     func listenerContext(_ i: Int) -> NIOSSLContext? { listenerEntries[i]?.withLockedValue { $0.material.context } }
@@ -74,13 +101,15 @@ public final class TLSStore: Sendable {
     /// The listener's own identity (its certificate's SPIFFE ID), for XFCC's `By`.
     func listenerIdentity(_ i: Int) -> String? { listenerEntries[i]?.withLockedValue { $0.material.leaf?.identity } }
 
-    func clusterContext(_ i: Int) -> NIOSSLContext? { clusterEntries[i]?.withLockedValue { $0.material.context } }
+    func clusterContext(_ name: String) -> NIOSSLContext? {
+        clusterEntries.withLockedValue { $0[name] }?.withLockedValue { $0.material.context }
+    }
 
     /// Reloads whatever changed; returns the events it emitted (also sent to the event log).
     @discardableResult
     public func reload(now: Date = Date()) -> [HealingEvent] {
         var out: [HealingEvent] = []
-        for box in Array(listenerEntries.values) + Array(clusterEntries.values) {
+        for box in Array(listenerEntries.values) + Array(clusterEntries.withLockedValue { $0.values }) {
             out += box.withLockedValue { entry in Self.check(&entry, now: now) }
         }
         events.emit(out)
@@ -129,7 +158,8 @@ public final class TLSStore: Sendable {
     }
 
     public func certificates() -> [CertView] {
-        let boxes = listenerEntries.sorted { $0.key < $1.key }.map(\.value) + clusterEntries.sorted { $0.key < $1.key }.map(\.value)
+        let boxes = listenerEntries.sorted { $0.key < $1.key }.map(\.value)
+            + clusterEntries.withLockedValue { $0 }.sorted { $0.key < $1.key }.map(\.value)
         return boxes.flatMap { box in
             box.withLockedValue { e -> [CertView] in
                 let own = e.material.leaf.map {

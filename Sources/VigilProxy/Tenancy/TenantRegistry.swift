@@ -31,8 +31,11 @@ public final class TenantState: Sendable {
     let lastShadowLog = ManagedAtomic<Int64>(0)
     /// The metric label: configured tenants by name, every other tenant as `other` (bounded cardinality).
     public let label: String
+    /// Outcome counters for the tenant's SLO; nil when no objective covers it.
+    let slo: SLOCounters?
 
-    init(name: String, limits: TenantLimits, label: String, routeBuckets: Int = 0) {
+    init(name: String, limits: TenantLimits, label: String, routeBuckets: Int = 0, slo: SLOCounters? = nil) {
+        self.slo = slo
         self.routeTATs = (0..<routeBuckets).map { _ in ManagedAtomic(0) }
         self.name = name
         self.limits = limits
@@ -87,13 +90,20 @@ public final class TenantRegistry: Sendable {
     private let known: [String: TenantState]
     private let stripes: [NIOLockedValueBox<[String: TenantState]>]
     private let routeBuckets: Int
+    /// The objectives, to give each tenant its SLO counters when it is first seen.
+    let slo: SLOConfig
     /// A verifier per `identify` entry that reads a JWT (nil for the others).
     let verifiers: [JWTVerifier?]
     let logger: Logger
 
     /// Throws `TLSLoadError`-style errors naming the key path when a JWKS file does not load.
-    init(config: TenantsConfig, routeBuckets: Int = 0, logger: Logger) throws {
+    /// `carrying`: the registry of the policy being replaced. A tenant whose limits did not change keeps its
+    /// state object, so its bucket, in-flight count and counters go on as if nothing happened; a tenant whose
+    /// limits changed starts a fresh bucket of the new shape.
+    init(config: TenantsConfig, routeBuckets: Int = 0, slo: SLOConfig = SLOConfig(), logger: Logger,
+         carrying previous: TenantRegistry? = nil) throws {
         self.config = config
+        self.slo = slo
         self.logger = logger
         self.routeBuckets = routeBuckets
         self.verifiers = try config.identify.enumerated().map { i, identifier in
@@ -107,11 +117,32 @@ public final class TenantRegistry: Sendable {
         var names = Set(config.limits.keys)
         for case .identity(let map) in config.identify { for entry in map { names.insert(entry.tenant) } }
         if config.unknown == .default { names.insert("default") }
+        func kept(_ name: String, label: String) -> TenantState? {
+            guard let old = previous?.existing(name), old.limits == config.effectiveLimits(for: name), old.label == label,
+                  old.routeTATs.count == routeBuckets,
+                  old.slo?.slowNanos == SLOCounters.make(for: name, slo: slo)?.slowNanos else { return nil }
+            return old
+        }
         known = Dictionary(uniqueKeysWithValues: names.map {
-            ($0, TenantState(name: $0, limits: config.effectiveLimits(for: $0), label: $0, routeBuckets: routeBuckets))
+            ($0, kept($0, label: $0)
+                ?? TenantState(name: $0, limits: config.effectiveLimits(for: $0), label: $0, routeBuckets: routeBuckets,
+                               slo: SLOCounters.make(for: $0, slo: slo)))
         })
-        stripes = (0..<16).map { _ in NIOLockedValueBox([:]) }
+        let knownNames = names
+        stripes = (0..<16).map { i in
+            let carried = previous?.stripes[i].withLockedValue { $0 } ?? [:]
+            return NIOLockedValueBox(carried.compactMapValues { old in
+                knownNames.contains(old.name) ? nil : kept(old.name, label: "other")
+            })
+        }
     }
+
+    /// The state of `tenant` if it has one now (no state is made).
+    func existing(_ tenant: String) -> TenantState? {
+        known[tenant] ?? stripes[Self.stripe(tenant)].withLockedValue { $0[tenant] }
+    }
+
+    private static func stripe(_ tenant: String) -> Int { Int(UInt(bitPattern: tenant.hashValue) % 16) }
 
     /// Loads the JWKS files of `config` once, to report a broken one before starting (`vigil validate`).
     public static func check(_ config: VigilConfig) throws {
@@ -120,11 +151,11 @@ public final class TenantRegistry: Sendable {
 
     func state(for tenant: String) -> TenantState {
         if let s = known[tenant] { return s }
-        let stripe = stripes[Int(UInt(bitPattern: tenant.hashValue) % 16)]
+        let stripe = stripes[Self.stripe(tenant)]
         return stripe.withLockedValue { map in
             if let s = map[tenant] { return s }
             let s = TenantState(name: tenant, limits: config.effectiveLimits(for: tenant), label: "other",
-                                routeBuckets: routeBuckets)
+                                routeBuckets: routeBuckets, slo: SLOCounters.make(for: tenant, slo: slo))
             map[tenant] = s
             return s
         }

@@ -68,8 +68,31 @@ final class HostPool {
         }
     }
 
+    /// Set when a policy change dropped or rebuilt this pool's cluster: no connection goes idle here again.
+    private var retired = false
+
+    /// Closes the idle connections; busy ones close when their request ends.
+    func retire() {
+        retired = true
+        let closing = idle
+        idle.removeAll()
+        for c in closing { c.close() }
+        closeRetiredHTTP2()
+    }
+
+    /// A retired HTTP/2 pool closes its connection once no stream is left on it.
+    private func closeRetiredHTTP2() {
+        guard retired, h2OpenStreams == 0, h2Waiters.isEmpty, case .ready(let channel, _) = h2 else { return }
+        h2 = .none
+        channel.close(promise: nil)
+    }
+
     /// A connection finished a response and can carry another request.
     func release(_ connection: UpstreamConnection) {
+        if retired && waiters.isEmpty {
+            connection.close()
+            return
+        }
         if let waiter = waiters.popFirst() {
             cluster.releasePending()
             waiter.poolProvided(connection, reused: true)
@@ -173,6 +196,7 @@ final class HostPool {
 
     private func streamClosed() {
         h2OpenStreams -= 1
+        closeRetiredHTTP2()
         if case .ready(let channel, let multiplexer) = h2, channel.isActive, h2OpenStreams < h2MaxStreams,
            let waiter = h2Waiters.popFirst() {
             cluster.releasePending()

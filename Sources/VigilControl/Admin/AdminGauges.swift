@@ -1,0 +1,103 @@
+import Foundation
+import NIOConcurrencyHelpers
+import Prometheus
+import VigilProxy
+
+/// Gauges and counters that are read from the runtime's atomics at scrape time, not updated per request.
+/// Counters kept as atomics in the runtime are published by adding what grew since the last scrape.
+/// Clusters come and go with the policy, so their metrics are looked up by labels at each scrape (the
+/// registry hands back the same collector for the same name and labels).
+struct AdminGauges: Sendable {
+    let runtime: ProxyRuntime
+    let registry: PrometheusCollectorRegistry
+    static let states = ["healthy", "unhealthy", "ejected", "pending"]
+    static let clusterCounters: [(String, [(String, String)], @Sendable (ClusterRuntime) -> Int)] = [
+        ("vigil_circuit_breaker_overflows_total", [("limit", "max_requests")], { $0.overflowRequests.load(ordering: .relaxed) }),
+        ("vigil_circuit_breaker_overflows_total", [("limit", "max_pending_requests")], { $0.overflowPending.load(ordering: .relaxed) }),
+        ("vigil_circuit_breaker_overflows_total", [("limit", "max_retries")], { $0.overflowRetries.load(ordering: .relaxed) }),
+        ("vigil_upstream_retries_total", [], { $0.retries.load(ordering: .relaxed) }),
+        ("vigil_retry_budget_exhausted_total", [], { $0.retryBudgetRefusals.load(ordering: .relaxed) }),
+    ]
+    /// What each atomic counter was at the last scrape, by cluster object and counter.
+    private let published = NIOLockedValueBox<[ObjectIdentifier: [Int]]>([:])
+    private let tenantPublished = NIOLockedValueBox<[String: Int]>([:])
+
+    init(runtime: ProxyRuntime, registry: PrometheusCollectorRegistry) {
+        self.runtime = runtime
+        self.registry = registry
+    }
+
+    func update() {
+        registry.makeGauge(name: "vigil_active_requests").set(Double(runtime.activeRequests.load(ordering: .relaxed)))
+        for l in runtime.listeners {
+            registry.makeGauge(name: "vigil_downstream_connections", labels: [("listener", l.config.name)])
+                .set(Double(l.openConnections.load(ordering: .relaxed)))
+        }
+        let snapshot = runtime.current
+        registry.makeGauge(name: "vigil_policy_version").set(Double(snapshot.version))
+        for c in snapshot.clusters {
+            let name = c.config.name
+            for h in c.hosts {
+                let labels = [("cluster", name), ("host", h.addressText)]
+                registry.makeGauge(name: "vigil_upstream_connections", labels: labels).set(Double(h.connections.load(ordering: .relaxed)))
+                registry.makeGauge(name: "vigil_upstream_active_requests", labels: labels)
+                    .set(Double(h.activeRequests.load(ordering: .relaxed)))
+            }
+            let views = c.health.hostViews()
+            for state in Self.states {
+                registry.makeGauge(name: "vigil_cluster_hosts", labels: [("cluster", name), ("state", state)])
+                    .set(Double(views.filter { $0.state == state }.count))
+            }
+            registry.makeGauge(name: "vigil_cluster_panic", labels: [("cluster", name)]).set(Double(c.health.mode == .normal ? 0 : 1))
+        }
+        published.withLockedValue { last in
+            var next: [ObjectIdentifier: [Int]] = [:]
+            for c in snapshot.clusters {
+                let before = last[ObjectIdentifier(c)] ?? Self.clusterCounters.map { _ in 0 }
+                var now: [Int] = []
+                for (k, (name, labels, read)) in Self.clusterCounters.enumerated() {
+                    let value = read(c)
+                    if value > before[k] {
+                        registry.makeCounter(name: name, labels: [("cluster", c.config.name)] + labels)
+                            .increment(by: Int64(value - before[k]))
+                    }
+                    now.append(max(value, before[k]))
+                }
+                next[ObjectIdentifier(c)] = now
+            }
+            last = next
+        }
+        // Tenant counters by label (configured tenants by name, the rest as "other"): bounded cardinality.
+        if let tenantRegistry = snapshot.tenants {
+            var sums: [String: [Int]] = [:]
+            for t in tenantRegistry.all {
+                var s = sums[t.label] ?? [0, 0, 0]
+                s[0] += t.allowed.load(ordering: .relaxed)
+                s[1] += t.rateLimited.load(ordering: .relaxed)
+                s[2] += t.concurrencyLimited.load(ordering: .relaxed)
+                sums[t.label] = s
+            }
+            tenantPublished.withLockedValue { last in
+                for (label, values) in sums {
+                    for (k, decision) in ["allowed", "rate_limited", "concurrency_limited"].enumerated() {
+                        let key = "\(label)|\(decision)"
+                        let delta = values[k] - (last[key] ?? 0)
+                        // Reclaimed idle tenants lower an "other" sum; a counter only grows.
+                        if delta > 0 {
+                            registry.makeCounter(name: "vigil_tenant_requests_total",
+                                                  labels: [("tenant", label), ("decision", decision)]).increment(by: Int64(delta))
+                            last[key] = values[k]
+                        }
+                    }
+                }
+            }
+        }
+        // Certificates change on rotation, so their gauges are looked up by labels at scrape time.
+        let now = Date()
+        for c in runtime.tls.certificates() {
+            registry.makeGauge(name: "vigil_cert_expiry_seconds",
+                               labels: [("owner", c.owner), ("role", c.role), ("name", c.info.identity ?? c.info.subject)])
+                .set(c.info.notAfter.timeIntervalSince(now))
+        }
+    }
+}

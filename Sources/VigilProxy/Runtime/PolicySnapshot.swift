@@ -1,0 +1,112 @@
+import CoreMetrics
+import Logging
+import NIOCore
+import VigilCore
+
+/// One version of the dynamic policy (routes, clusters, tenants, authorization, SLOs), built whole and
+/// immutable. A policy change builds a new snapshot beside the running one and swaps it in; a request takes
+/// the snapshot of its event loop once, at its start, and keeps it to its end, so it sees the old policy or
+/// the new one, never a mix (DESIGN.md "Request path").
+///
+/// Clusters and tenants that keep their names carry their state into the new snapshot: an unchanged
+/// cluster is the same object (its pools, counters and health go on untouched); a changed one is rebuilt
+/// with the health of the hosts that keep their address; a tenant with unchanged limits keeps its bucket.
+public final class PolicySnapshot: Sendable {
+    /// The policy version (0: the config file as loaded, before any push).
+    public let version: Int
+    /// The effective configuration: the file's static settings with this policy's dynamic sections.
+    public let config: VigilConfig
+    public let clusters: [ClusterRuntime]
+    /// Routes per listener, by listener index.
+    let routes: [ListenerRoutes]
+    let authorizer: Authorizer
+    /// `[rule]` requests allowed by each authorization rule; and those denied.
+    let authorizationAllowed: [Counter]
+    let authorizationDenied: Counter
+    /// Tenants and their limits; nil without `tenants:`.
+    public let tenants: TenantRegistry?
+    /// SLO counters of requests that belong to no tenant (tracked as tenant `-` by a `*` or `-` objective).
+    let untenantedSLO: SLOCounters?
+    /// TLS material of the clusters, installed in the store when this snapshot goes live.
+    let clusterTLS: [String: TLSStore.Box]
+
+    /// Builds the snapshot for `config`, carrying what it can from `previous`. Throws `TLSLoadError` (with
+    /// the key path) when a cluster's TLS files or a JWKS file do not load; nothing is changed then.
+    init(version: Int, config: VigilConfig, previous: PolicySnapshot?, events: HealingEventLog, tls: TLSStore,
+         metrics: ProxyMetrics, group: EventLoopGroup, logger: Logger) throws {
+        self.version = version
+        self.config = config
+        self.clusterTLS = try tls.prepareClusters(config.clusters)
+        let overrideCount = config.listeners.reduce(0) { $0 + $1.routes.filter { $0.tenantLimits != nil }.count }
+        self.tenants = try config.tenants.map {
+            try TenantRegistry(config: $0, routeBuckets: overrideCount, slo: config.slo, logger: logger,
+                               carrying: previous?.tenants)
+        }
+        let before = Dictionary(previous?.clusters.map { ($0.config.name, $0) } ?? []) { a, _ in a }
+        self.clusters = config.clusters.map { c in
+            if let old = before[c.name], old.config == c { return old }
+            return ClusterRuntime(config: c, events: events, loop: group.next(), tls: tls, metrics: metrics.cluster(c.name),
+                                  carrying: before[c.name])
+        }
+        let slots = Dictionary(uniqueKeysWithValues: clusters.enumerated().map { ($0.element.config.name, $0.offset) })
+        var overrides = 0
+        self.routes = config.listeners.map { listener in
+            defer { overrides += listener.routes.filter { $0.tenantLimits != nil }.count }
+            return ListenerRoutes(listener: listener, clusterSlots: slots, tenants: config.tenants, firstOverrideSlot: overrides)
+        }
+        let untenanted = SLOCounters.make(for: "-", slo: config.slo)
+        self.untenantedSLO = previous?.untenantedSLO?.slowNanos == untenanted?.slowNanos ? previous?.untenantedSLO : untenanted
+        self.authorizer = Authorizer(rules: config.authorization)
+        self.authorizationAllowed = config.authorization.indices.map {
+            Counter(label: "vigil_authorization_total", dimensions: [("rule", String($0)), ("decision", "allow")],
+                    factory: metrics.factory)
+        }
+        self.authorizationDenied = Counter(label: "vigil_authorization_total",
+                                           dimensions: [("rule", "none"), ("decision", "deny")], factory: metrics.factory)
+    }
+
+    public func cluster(named name: String) -> ClusterRuntime? { clusters.first { $0.config.name == name } }
+
+    /// Every SLO-tracked tenant's cumulative counters, for the once-a-second sample.
+    public func sloSamples() -> [SLOTracker.Sample] {
+        var out = (tenants?.all ?? []).compactMap { t in t.slo?.sample(tenant: t.name) }
+        if let untenantedSLO { out.append(untenantedSLO.sample(tenant: "-")) }
+        return out
+    }
+}
+
+/// A snapshot as one event loop uses it: the loop's upstream pools for the snapshot's clusters and its
+/// retry budgets. Built on the loop when the snapshot is installed there; only touched on that loop.
+final class LoopPolicy {
+    let snapshot: PolicySnapshot
+    /// `pools[cluster slot][host]`.
+    let pools: [[HostPool]]
+    /// `retryBudgets[listener][route]`, for routes with a retry policy: each loop keeps its own budget
+    /// (funded by its own requests, with its share of `min_per_second`), so no lock is shared.
+    var retryBudgets: [[RetryBudget?]]
+
+    /// Pools of clusters the new snapshot keeps (the same `ClusterRuntime`) are kept with their connections;
+    /// the others are retired: idle connections close now, busy ones when their request ends.
+    init(snapshot: PolicySnapshot, previous: LoopPolicy?, eventLoop: EventLoop, loopCount: Int) {
+        self.snapshot = snapshot
+        var old: [ObjectIdentifier: [HostPool]] = [:]
+        if let previous {
+            for (i, c) in previous.snapshot.clusters.enumerated() { old[ObjectIdentifier(c)] = previous.pools[i] }
+        }
+        self.pools = snapshot.clusters.map { c in
+            if let kept = old.removeValue(forKey: ObjectIdentifier(c)) { return kept }
+            return c.hosts.map { HostPool(host: $0, cluster: c, eventLoop: eventLoop) }
+        }
+        for row in old.values { for pool in row { pool.retire() } }
+        self.retryBudgets = snapshot.routes.map { l in
+            l.routes.map { route in
+                route.retry.map { RetryBudget(ratio: $0.budgetRatio, minPerSecond: Double($0.budgetMinPerSecond) / Double(max(loopCount, 1))) }
+            }
+        }
+    }
+
+    /// Takes one retry from the route's budget on this loop.
+    func withdrawRetry(listener: Int, route: Int, nowNanos: Int64) -> Bool {
+        retryBudgets[listener][route]?.withdraw(nowNanos: nowNanos) ?? false
+    }
+}
