@@ -15,7 +15,7 @@ struct Vigil: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vigil",
         abstract: "A sidecar proxy for multi-tenant APIs.",
-        subcommands: [Run.self, Validate.self, Demo.self, Certs.self],
+        subcommands: [Run.self, Validate.self, Demo.self, Certs.self, Audit.self],
         defaultSubcommand: Run.self
     )
 }
@@ -46,7 +46,7 @@ struct Run: AsyncParsableCommand {
         let service: VigilService
         do {
             service = try VigilService(config: parsed, group: group, logger: logger)
-        } catch let error as TLSLoadError {
+        } catch {
             try? await group.shutdownGracefully()
             throw CommandFailure(description: "\(config) is not a valid configuration:\n  \(error)")
         }
@@ -83,6 +83,7 @@ struct Validate: ParsableCommand {
         do {
             try TLSStore.check(config)
             try TenantRegistry.check(config)
+            if let control = config.control { _ = try ControlAuth(control) }
         } catch {
             throw CommandFailure(description: "\(file) is not a valid configuration:\n  \(error)")
         }
@@ -90,11 +91,15 @@ struct Validate: ParsableCommand {
     }
 }
 
-/// The sidecar as one lifecycle service: binds the listeners and the admin port, serves until a graceful
-/// shutdown (SIGTERM/SIGINT), then drains in-flight requests for up to `drain_timeout`.
+/// The sidecar as one lifecycle service: restores the pushed policy, binds the listeners, the admin port and
+/// the control plane, serves until a graceful shutdown (SIGTERM/SIGINT), then drains in-flight requests
+/// for up to `drain_timeout`.
 final class VigilService: Service, Sendable {
     let proxy: ProxyServer
     let admin: AdminServer
+    let control: ControlServer?
+    let audit: AuditLog?
+    let slo: SLOMonitor
     let logger: Logger
     let drainTimeout: Duration
 
@@ -104,28 +109,68 @@ final class VigilService: Service, Sendable {
         let runtime = try ProxyRuntime(config: config, group: group, metricsFactory: PrometheusMetricsFactory(registry: registry),
                                    accessLog: accessLog)
         proxy = ProxyServer(runtime: runtime, group: group, logger: logger)
+        let slo = SLOMonitor(runtime: runtime, group: group, logger: logger)
+        self.slo = slo
+        // The audit trail is kept where a control plane can change things, or where it is asked for.
+        let audit: AuditLog?
+        if config.control != nil || config.auditConfigured {
+            let log = try AuditLog(directory: config.stateDir + "/audit", maxFileBytes: config.audit.maxFileBytes, logger: logger)
+            audit = log
+            _ = runtime.events.subscribe { record in
+                // Policy changes are written (and fsync'd) by the policy controller before they apply.
+                guard record.event.kind != .policyApplied else { return }
+                log.append(kind: record.event.kind.rawValue,
+                             actor: record.event.evidence["actor"]?.stringValue ?? "vigil:\(config.nodeID)",
+                             payload: record.json, timeNanos: record.timeNanos)
+            }
+        } else {
+            audit = nil
+        }
+        self.audit = audit
+        control = try config.control.map {
+            try ControlServer(runtime: runtime, config: $0, audit: audit, slo: slo, group: group, logger: logger)
+        }
         admin = AdminServer(proxy: proxy, registry: registry, group: group, logger: logger)
         self.logger = logger
         self.drainTimeout = config.drainTimeout
     }
 
     func run() async throws {
+        if let control { await control.policy.restore() }
         try await admin.start()
         try await proxy.start()
+        try await control?.start()
+        slo.start()
+        let audit = self.audit
+        let flush = audit.map { audit in
+            Task {
+                while !Task.isCancelled {
+                    try? await Task.sleep(for: .seconds(1))
+                    _ = try? await NIOThreadPool.singleton.runIfActive { audit.flush() }
+                }
+            }
+        }
         admin.ready.store(true, ordering: .relaxed)
         logger.notice("vigil ready", metadata: ["listeners": "\(proxy.runtime.listeners.count)"])
-        // SIGHUP: reload changed TLS files at once (they are also noticed within seconds without it).
+        // SIGHUP: reload changed TLS files at once (they are also noticed within seconds without it), and the
+        // control plane's token files.
         let tls = proxy.runtime.tls
+        let control = self.control
         let hangups = Task {
             for await _ in await UnixSignalsSequence(trapping: .sighup) {
-                logger.notice("SIGHUP: checking TLS files")
+                logger.notice("SIGHUP: checking TLS files and control tokens")
                 tls.reload()
+                control?.reloadTokens()
             }
         }
         defer { hangups.cancel() }
         try? await gracefulShutdown()
         logger.notice("draining", metadata: ["timeout": "\(DurationParser.format(drainTimeout))"])
+        await control?.stop()
         await proxy.drain(timeout: drainTimeout)
+        slo.stop()
+        flush?.cancel()
+        audit?.close()
         await admin.stop()
         logger.notice("stopped")
     }

@@ -46,7 +46,10 @@ extension ConfigReader {
         if let d = duration(m["drain_timeout"], at: "drain_timeout") { config.drainTimeout = d }
         if let n = int(m["event_buffer"], at: "event_buffer", range: 1...1_000_000) { config.eventBuffer = n }
         if let node = m["control"] { config.control = readControl(node, at: "control") }
-        if let node = m["audit"], let audit = readAudit(node, at: "audit") { config.audit = audit }
+        if let node = m["audit"], let audit = readAudit(node, at: "audit") {
+            config.audit = audit
+            config.auditConfigured = true
+        }
         readDynamic(m, into: &config)
         let seenClusters = Dictionary(config.clusters.enumerated().map { ($0.element.name, $0.offset) }) { a, _ in a }
 

@@ -22,6 +22,8 @@ public struct VigilConfig: Sendable, Equatable {
     /// Per-tenant objectives and the webhook told when one is breached or recovers.
     public var slo = SLOConfig()
     public var audit = AuditConfig()
+    /// Whether the file has an `audit:` section (the audit log is kept then even without a control plane).
+    public var auditConfigured = false
 
     public init(nodeID: String = "vigil", admin: AdminConfig = .init(), stateDir: String = "./.vigil",
                 accessLog: AccessLogOutput = .stdout, drainTimeout: Duration = .seconds(30),

@@ -213,7 +213,7 @@ public struct PeerIdentity: Sendable, Equatable {
     }
 
     /// Reads a peer certificate; nil when it cannot be parsed (NIOSSL has already verified its chain).
-    init?(_ certificate: NIOSSLCertificate, from sources: [ListenerTLSConfig.IdentitySource]) {
+    public init?(_ certificate: NIOSSLCertificate, from sources: [ListenerTLSConfig.IdentitySource]) {
         guard let der = try? certificate.toDERBytes(), let c = try? Certificate(derEncoded: der) else { return nil }
         let (uris, dns) = Self.names(of: c)
         self.uris = uris

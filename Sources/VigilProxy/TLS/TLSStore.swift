@@ -87,6 +87,11 @@ public final class TLSStore: Sendable {
         NIOLockedValueBox(Entry(owner: owner, path: path, load: load, material: try load(), lastRotation: Date()))
     }
 
+    /// A server context for a listener outside the data plane (the control plane's), loaded once.
+    public static func serverContext(_ tls: ListenerTLSConfig, at path: String) throws(TLSLoadError) -> NIOSSLContext {
+        try TLSMaterial.listener(tls, protocol: .http1, at: path).context
+    }
+
     /// Loads every TLS file of `config` once, to report a broken one before starting (`vigil validate`).
     public static func check(_ config: VigilConfig) throws(TLSLoadError) {
         _ = try TLSStore(config: config, events: HealingEventLog(capacity: 1, logger: Logger(label: "vigil-validate"),

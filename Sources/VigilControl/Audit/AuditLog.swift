@@ -1,0 +1,224 @@
+import Logging
+import NIOConcurrencyHelpers
+import VigilCore
+import VigilProxy
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The tamper-evident audit trail in `state_dir/audit/`: hash-chained JSON Lines (VigilCore's `AuditChain`)
+/// in numbered files `audit-000001.jsonl`, `audit-000002.jsonl`, ... A file past `audit.max_file_bytes` is
+/// closed and the next one continues the chain; on restart the chain resumes after the last record written.
+///
+/// Policy changes go through `appendDurable` (written and fsync'd before the caller answers); healing events
+/// and TLS reloads through `append`, which only buffers: `flush()` runs at least once a second. Writes use
+/// plain POSIX calls under one lock; callers run them off the event loops (the control plane's thread pool).
+public final class AuditLog: Sendable {
+    public let directory: String
+    private let maxFileBytes: Int
+    private let state: NIOLockedValueBox<State>
+    private let logger: Logger
+
+    struct State {
+        var chain: AuditChain
+        var fileNumber: Int
+        var fd: Int32 = -1
+        var fileBytes = 0
+        var pending: [String] = []
+        var writeFailed = false
+    }
+
+    public init(directory: String, maxFileBytes: Int, logger: Logger) throws {
+        self.directory = directory
+        self.maxFileBytes = maxFileBytes
+        self.logger = logger
+        try FileSystem.makeDirectories(directory)
+        let files = Self.files(in: directory)
+        var chain = AuditChain()
+        var number = 1
+        if let last = files.last {
+            number = last.number
+            // Resume after the last whole record; a torn last line (a crash mid-write) is left for
+            // `vigil audit verify` to name, and the chain continues from the record before it.
+            let text = (try? FileSystem.read(last.path)) ?? ""
+            for line in text.split(separator: "\n").reversed() {
+                if let resumed = try? AuditChain(resumingAfter: String(line)) {
+                    chain = resumed
+                    break
+                }
+            }
+            if chain.lastSeq == 0, files.count > 1 {
+                logger.error("audit: last file has no readable record; the chain restarts", metadata: ["file": "\(last.path)"])
+            }
+        }
+        state = NIOLockedValueBox(State(chain: chain, fileNumber: number))
+    }
+
+    /// The audit files in order, oldest first.
+    public static func files(in directory: String) -> [(number: Int, path: String)] {
+        FileSystem.list(directory).compactMap { name -> (Int, String)? in
+            guard name.hasPrefix("audit-"), name.hasSuffix(".jsonl"),
+                  let n = Int(name.dropFirst(6).dropLast(6)) else { return nil }
+            return (n, directory + "/" + name)
+        }.sorted { $0.0 < $1.0 }
+    }
+
+    public var paths: [String] { Self.files(in: directory).map(\.path) }
+
+    /// The latest record's seq and hash (what a verifier of the files should end at).
+    public var head: (seq: UInt64, hash: String) { state.withLockedValue { ($0.chain.lastSeq, $0.chain.lastHash) } }
+
+    /// Buffers a record; written by the next `flush()`.
+    public func append(kind: String, actor: String, payload: JSONValue, timeNanos: Int64) {
+        state.withLockedValue { s in
+            s.pending.append(s.chain.append(kind: kind, actor: actor, payload: payload, timeNanos: timeNanos))
+        }
+    }
+
+    /// Writes a record (and anything buffered before it) and fsyncs the file before returning.
+    public func appendDurable(kind: String, actor: String, payload: JSONValue, timeNanos: Int64) throws {
+        try state.withLockedValue { s in
+            s.pending.append(s.chain.append(kind: kind, actor: actor, payload: payload, timeNanos: timeNanos))
+            try write(&s)
+            guard fsync(s.fd) == 0 else { throw FileSystemError("fsync of the audit log failed: errno \(errno)") }
+        }
+    }
+
+    /// Writes what is buffered.
+    public func flush() {
+        state.withLockedValue { s in
+            do {
+                try write(&s)
+                if s.writeFailed { logger.notice("audit: writing again") }
+                s.writeFailed = false
+            } catch {
+                if !s.writeFailed { logger.error("audit: cannot write", metadata: ["error": "\(error)"]) }
+                s.writeFailed = true
+            }
+        }
+    }
+
+    public func close() {
+        flush()
+        state.withLockedValue { s in
+            if s.fd >= 0 {
+                _ = fsync(s.fd)
+                _ = Glibc.close(s.fd)
+            }
+            s.fd = -1
+        }
+    }
+
+    private func path(_ number: Int) -> String {
+        let digits = String(number)
+        return directory + "/audit-" + String(repeating: "0", count: max(0, 6 - digits.count)) + digits + ".jsonl"
+    }
+
+    /// Writes the pending lines, one file at a time, starting a new file past the size limit.
+    private func write(_ s: inout State) throws {
+        guard !s.pending.isEmpty else { return }
+        if s.fd < 0 { try open(&s) }
+        var i = 0
+        while i < s.pending.count {
+            if s.fileBytes >= maxFileBytes {
+                _ = fsync(s.fd)
+                _ = Glibc.close(s.fd)
+                s.fd = -1
+                s.fileNumber += 1
+                try open(&s)
+            }
+            let line = Array((s.pending[i] + "\n").utf8)
+            try FileSystem.writeAll(s.fd, line)
+            s.fileBytes += line.count
+            i += 1
+        }
+        s.pending.removeAll()
+    }
+
+    private func open(_ s: inout State) throws {
+        let fd = Glibc.open(path(s.fileNumber), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o640)
+        guard fd >= 0 else { throw FileSystemError("cannot open \(path(s.fileNumber)): errno \(errno)") }
+        var st = stat()
+        fstat(fd, &st)
+        s.fd = fd
+        s.fileBytes = Int(st.st_size)
+    }
+}
+
+public struct FileSystemError: Error, CustomStringConvertible, Sendable {
+    public var description: String
+    init(_ d: String) { description = d }
+}
+
+/// The few POSIX file operations the state directory needs, with durable replace.
+public enum FileSystem {
+    public static func makeDirectories(_ path: String) throws {
+        var built = path.hasPrefix("/") ? "" : "."
+        for part in path.split(separator: "/") {
+            built += "/" + part
+            if mkdir(built, 0o750) != 0 && errno != EEXIST {
+                throw FileSystemError("cannot create directory \(built): errno \(errno)")
+            }
+        }
+    }
+
+    public static func list(_ directory: String) -> [String] {
+        guard let dir = opendir(directory) else { return [] }
+        defer { closedir(dir) }
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+
+    public static func read(_ path: String) throws -> String {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw FileSystemError("cannot open \(path): errno \(errno)") }
+        defer { close(fd) }
+        var out: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if n < 0 { if errno == EINTR { continue }; throw FileSystemError("cannot read \(path): errno \(errno)") }
+            if n == 0 { break }
+            out.append(contentsOf: buffer[..<n])
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    static func writeAll(_ fd: Int32, _ bytes: [UInt8]) throws {
+        var offset = 0
+        while offset < bytes.count {
+            let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + offset, $0.count - offset) }
+            if n < 0 { if errno == EINTR { continue }; throw FileSystemError("write failed: errno \(errno)") }
+            offset += n
+        }
+    }
+
+    /// Replaces `path` with `text` durably: a temp file beside it, fsync, rename over, fsync the directory.
+    /// A crash leaves the old file or the new one, never a torn one.
+    public static func replaceDurably(_ path: String, with text: String) throws {
+        let temp = path + ".tmp"
+        let fd = open(temp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o640)
+        guard fd >= 0 else { throw FileSystemError("cannot create \(temp): errno \(errno)") }
+        do {
+            try writeAll(fd, Array(text.utf8))
+            guard fsync(fd) == 0 else { throw FileSystemError("fsync of \(temp) failed: errno \(errno)") }
+        } catch {
+            close(fd)
+            throw error
+        }
+        close(fd)
+        guard rename(temp, path) == 0 else { throw FileSystemError("cannot rename \(temp) to \(path): errno \(errno)") }
+        let slash = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? "."
+        let dfd = open(slash.isEmpty ? "/" : slash, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if dfd >= 0 {
+            _ = fsync(dfd)
+            close(dfd)
+        }
+    }
+}
