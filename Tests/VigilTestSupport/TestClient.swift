@@ -20,6 +20,7 @@ public struct TestResponse: Sendable {
 
 public struct TestTimeout: Error, CustomStringConvertible {
     public var what: String
+    public init(what: String) { self.what = what }
     public var description: String { "timed out waiting for \(what)" }
 }
 

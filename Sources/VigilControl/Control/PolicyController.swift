@@ -94,6 +94,8 @@ public actor PolicyController {
     /// Loads the persisted policy and makes it live. A persisted policy that no longer applies to the config
     /// file (the file changed) is reported as `policy_rejected` and the file's policy serves.
     public func restore() async {
+        await takeTurn()
+        defer { endTurn() }
         guard let text = try? FileSystem.read(storePath) else { return }
         guard let doc = try? JSONValue.parse(text), let list = doc["versions"]?.arrayValue else {
             logger.error("control: \(storePath) is not readable; serving the config file's policy")
@@ -124,13 +126,34 @@ public actor PolicyController {
         Result { () throws(ConfigErrors) in try base.applying(policy: body) }
     }
 
+    // An actor runs one call at a time only between suspension points; a change awaits its I/O and the
+    // install, so changes also take this turn, or two pushes with the same If-Match could both pass it.
+    private var busy = false
+    private var waiting: [CheckedContinuation<Void, Never>] = []
+
+    private func takeTurn() async {
+        if busy {
+            await withCheckedContinuation { waiting.append($0) }
+        } else {
+            busy = true
+        }
+    }
+
+    private func endTurn() {
+        if waiting.isEmpty { busy = false } else { waiting.removeFirst().resume() }
+    }
+
     public func apply(_ body: String, ifMatch: Int?, actor: String) async -> Outcome {
+        await takeTurn()
+        defer { endTurn() }
         if let ifMatch, ifMatch != current.version { return .conflict(current: current.version) }
         return await make(body, actor: actor, kind: "push", rollbackOf: nil)
     }
 
     /// Back to the version before the current one, as a new version.
     public func rollback(ifMatch: Int?, actor: String) async -> Outcome {
+        await takeTurn()
+        defer { endTurn() }
         if let ifMatch, ifMatch != current.version { return .conflict(current: current.version) }
         guard versions.count >= 2 else {
             return .failed("there is no earlier version to go back to (version \(current.version) is the first kept)")
