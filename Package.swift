@@ -6,6 +6,7 @@ let package = Package(
     platforms: [.macOS(.v14)],
     products: [
         .executable(name: "vigil", targets: ["vigil"]),
+        .executable(name: "vigilctl", targets: ["vigilctl"]),
         .library(name: "VigilCore", targets: ["VigilCore"]),
         .library(name: "VigilProxy", targets: ["VigilProxy"]),
     ],
@@ -94,6 +95,19 @@ let package = Package(
                 .product(name: "Atomics", package: "swift-atomics"),
             ]
         ),
+        // The control-plane client.
+        .executableTarget(
+            name: "vigilctl",
+            dependencies: [
+                "VigilCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            ]
+        ),
         // libFuzzer target for the HTTP/1 parser (Fuzz/run.sh); a corpus replayer in normal builds.
         // The TLS benchmark's load generator (wrk and h2load cannot present client certificates).
         .executableTarget(
@@ -155,7 +169,7 @@ let package = Package(
         .testTarget(
             name: "VigilCLITests",
             dependencies: [
-                "vigil", "VigilTestSupport",
+                "vigil", "vigilctl", "VigilTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -1,0 +1,112 @@
+import Foundation
+import NIOCore
+import NIOPosix
+import Testing
+import VigilTestSupport
+
+/// `vigilctl` against a real `vigil` process (and one address where nothing listens).
+@Suite struct VigilctlTests {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+
+    static func binary(_ name: String) -> URL {
+        URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent(name)
+    }
+
+    func run(_ name: String, _ args: [String]) throws -> (Int32, String, String) {
+        let p = Process()
+        p.executableURL = Self.binary(name)
+        p.arguments = args
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        let o = out.fileHandleForReading.readDataToEndOfFile()
+        let e = err.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+    }
+
+    func freePort() async throws -> Int {
+        let c = try await ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).get()
+        let port = c.localAddress!.port!
+        try await c.close()
+        return port
+    }
+
+    @Test func pushToSeveralSidecarsReportsWhichRunItAndWhichRefused() async throws {
+        let upstream = try await FakeUpstream(group: group) { _ in .respond(body: "A") }
+        let other = try await FakeUpstream(group: group) { _ in .respond(body: "B") }
+        let dir = NSTemporaryDirectory() + "vigilctl-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try "ops-secret\n".write(toFile: dir + "/ops.token", atomically: true, encoding: .utf8)
+        let (admin, control, proxy, dead) = (try await freePort(), try await freePort(), try await freePort(), try await freePort())
+        try """
+            state_dir: \(dir)/state
+            admin: { address: "127.0.0.1:\(admin)" }
+            control: { address: "127.0.0.1:\(control)", tokens: [{ name: ops, token_file: \(dir)/ops.token, role: write }] }
+            access_log: { output: "off" }
+            listeners:
+              - { name: in, address: "127.0.0.1:\(proxy)", routes: [{ match: { prefix: "/" }, cluster: a }] }
+            clusters:
+              - { name: a, endpoints: ["127.0.0.1:\(upstream.port)"] }
+              - { name: b, endpoints: ["127.0.0.1:\(other.port)"] }
+            """.write(toFile: dir + "/vigil.yaml", atomically: true, encoding: .utf8)
+        let p = Process()
+        p.executableURL = Self.binary("vigil")
+        p.arguments = ["--config", dir + "/vigil.yaml", "--threads", "1"]
+        p.standardError = FileHandle.nullDevice
+        p.standardOutput = FileHandle.nullDevice
+        try p.run()
+        defer { if p.isRunning { p.terminate() } }
+        try await withTimeout(20, "vigil to become ready") {
+            while true {
+                if let c = try? await TestClient.connect(port: admin, group: group) {
+                    try await c.send("GET /ready HTTP/1.1\r\nHost: a\r\n\r\n")
+                    if try await c.response()?.status == 200 { return }
+                }
+                try await Task.sleep(for: .milliseconds(50))
+            }
+        }
+        let auth = ["--token-file", dir + "/ops.token"]
+        let live = ["--server", "http://127.0.0.1:\(control)"]
+        let (s0, status, _) = try run("vigilctl", ["status"] + live + auth)
+        #expect(s0 == 0)
+        #expect(status.contains("NODE") && status.contains("serving"))
+        try #"{"listeners": [{"name": "in", "routes": [{"match": {"prefix": "/"}, "cluster": "b"}]}]}"#
+            .write(toFile: dir + "/p.json", atomically: true, encoding: .utf8)
+        // One live sidecar, one address where nothing answers: the report says which is which, and fails.
+        let (s1, out, _) = try run("vigilctl", ["policy", "apply", dir + "/p.json"] + live + ["--server", "127.0.0.1:\(dead)"] + auth)
+        #expect(s1 != 0)
+        #expect(out.contains("applied"))
+        #expect(out.contains("REFUSED"))
+        #expect(out.contains("1 of 2 sidecars run policy"))
+        let client = try await TestClient.connect(port: proxy, group: group)
+        try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        #expect(try await client.response()?.text == "B")
+        // A bad policy is refused with its key path.
+        try #"{"clusters": [{"name": "a", "endpoints": []}]}"#.write(toFile: dir + "/bad.json", atomically: true, encoding: .utf8)
+        let (s2, bad, _) = try run("vigilctl", ["policy", "validate", dir + "/bad.json"] + live + auth)
+        #expect(s2 != 0)
+        #expect(bad.contains("clusters[0].endpoints"))
+        let (s3, history, _) = try run("vigilctl", ["policy", "history"] + live + auth)
+        #expect(s3 == 0 && history.contains("token:ops"))
+        let (s4, rolled, _) = try run("vigilctl", ["policy", "rollback", "--json"] + live + auth)
+        #expect(s4 == 0 && rolled.contains("\"version\": 2"))
+        let (s5, events, _) = try run("vigilctl", ["events", "--since", "0"] + live + auth)
+        #expect(s5 == 0 && events.contains("policy_applied") && events.contains("reason=rollback"))
+        let (s6, compliance, _) = try run("vigilctl", ["compliance"] + live + auth)
+        #expect(s6 == 0 && compliance.contains("audit chain: INTACT"))
+        let (s7, _, denied) = try run("vigilctl", ["status"] + live)
+        #expect(s7 != 0 && denied.contains("credentials required"))
+        kill(p.processIdentifier, SIGTERM)
+        try await withTimeout(10, "vigil to exit") { while p.isRunning { try await Task.sleep(for: .milliseconds(20)) } }
+        // The audit trail it left verifies, and an edit is caught.
+        let (v0, verified, _) = try run("vigil", ["audit", "verify", dir + "/state/audit"])
+        #expect(v0 == 0 && verified.hasPrefix("OK:"))
+        let file = dir + "/state/audit/audit-000001.jsonl"
+        let text = try String(contentsOfFile: file, encoding: .utf8)
+        try text.replacingOccurrences(of: "token:ops", with: "token:eve").write(toFile: file, atomically: true, encoding: .utf8)
+        let (v1, _, broken) = try run("vigil", ["audit", "verify", file])
+        #expect(v1 != 0 && broken.contains("BROKEN at") && broken.contains("edited"))
+    }
+}
