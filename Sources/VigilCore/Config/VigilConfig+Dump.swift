@@ -31,7 +31,7 @@ extension VigilConfig {
          "expected_statuses": strings(h.expectedStatuses.map { $0.lowerBound == $0.upperBound ? "\($0.lowerBound)" : "\($0.lowerBound)-\($0.upperBound)" }),
          "interval": d(h.interval), "timeout": d(h.timeout), "interval_jitter": d(h.intervalJitter),
          "interval_jitter_percent": .int(h.intervalJitterPercent), "unhealthy_threshold": .int(h.unhealthyThreshold),
-         "healthy_threshold": .int(h.healthyThreshold), "unhealthy_interval": d(h.unhealthyInterval ?? h.interval),
+         "healthy_threshold": .int(h.healthyThreshold), "unhealthy_interval": h.unhealthyInterval.map(d) ?? .null,
          "no_traffic_interval": d(h.noTrafficInterval)]
     }
 
@@ -74,6 +74,25 @@ extension VigilConfig {
         return ["identify": .array(identify), "default": dump(t.defaultLimits),
                 "limits": .object(t.limits.sorted { $0.key < $1.key }.map { ($0.key, dump($0.value)) }),
                 "unknown": .string(t.unknown.rawValue), "shadow": .bool(t.shadow)]
+    }
+
+    static func dump(_ s: SLOConfig) -> JSONValue {
+        let objectives: [JSONValue] = s.objectives.map { o in
+            .object([("tenant", .string(o.tenant)), ("availability", o.availability.map(JSONValue.double) ?? .null),
+                     ("latency_p99", o.latencyP99.map(d) ?? .null), ("window", d(o.window)), ("min_requests", .int(o.minRequests))])
+        }
+        return .object([("objectives", .array(objectives)), ("webhook", s.webhook.map(JSONValue.string) ?? .null)])
+    }
+
+    static func dump(_ c: ControlConfig) -> JSONValue {
+        .object([
+            ("address", .string(c.address.description)),
+            // Token files are named, never read into the dump.
+            ("tokens", .array(c.tokens.map { .object([("name", .string($0.name)), ("token_file", .string($0.tokenFile)),
+                                                     ("role", .string($0.role.rawValue))]) })),
+            ("identities", .array(c.identities.map { .object([("identity", .string($0.identity)), ("role", .string($0.role.rawValue))]) })),
+            ("tls", c.tls.map(dump) ?? .null), ("max_body_bytes", .int(c.maxBodyBytes)), ("history_limit", .int(c.historyLimit)),
+        ])
     }
 
     static func dump(_ s: SlowStartConfig) -> JSONValue {

@@ -35,9 +35,22 @@ extension VigilConfig {
         throw ConfigErrors(reader.errors)
     }
 
-    /// The dynamic sections of this configuration as a policy document (what `GET /v1/policy` shows before
-    /// any push, and a starting point for writing one).
+    /// The dynamic sections of this configuration as a policy document (what `GET /v1/policy` shows as
+    /// `effective`): pushed back unchanged, it gives the same configuration, so it is a starting point for
+    /// writing the next one. Unset settings are left out rather than written as null.
     public func policyDump() -> JSONValue {
+        Self.droppingNulls(policySections())
+    }
+
+    static func droppingNulls(_ v: JSONValue) -> JSONValue {
+        switch v {
+        case .object(let fields): .object(fields.filter { $0.1 != .null }.map { ($0.0, droppingNulls($0.1)) })
+        case .array(let items): .array(items.map(droppingNulls))
+        default: v
+        }
+    }
+
+    private func policySections() -> JSONValue {
         let full = dump()
         var fields: [(String, JSONValue)] = []
         for key in Self.policySections {

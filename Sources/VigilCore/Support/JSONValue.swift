@@ -99,6 +99,9 @@ extension VigilConfig {
             "event_buffer": .int(eventBuffer),
             "authorization": .array(authorization.map(Self.dump)),
             "tenants": tenants.map(Self.dump) ?? .null,
+            "control": control.map(Self.dump) ?? .null,
+            "slo": Self.dump(slo),
+            "audit": ["max_file_bytes": .int(audit.maxFileBytes)],
             "listeners": .array(listeners.map { l in
                 [
                     "name": .string(l.name), "address": .string(l.address.description),
