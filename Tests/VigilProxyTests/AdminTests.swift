@@ -6,6 +6,7 @@ import NIOPosix
 import Prometheus
 import Testing
 import VigilControl
+import VigilCore
 import VigilTestSupport
 @testable import VigilProxy
 
@@ -33,6 +34,24 @@ import VigilTestSupport
 
     func json(_ r: TestResponse) throws -> [String: Any] {
         try #require(try JSONSerialization.jsonObject(with: Data(r.text.utf8)) as? [String: Any])
+    }
+
+    @Test func theLivePageAndItsEventStream() async throws {
+        let (proxy, admin, _) = try await setup()
+        let page = try await get(admin, "/")
+        #expect(page.status == 200)
+        #expect(page.header("content-type")?.hasPrefix("text/html") == true)
+        #expect(page.text.contains("new EventSource(\"/events/stream\")"))
+        #expect(page.text.contains("\"host_ejected\"") && page.text.contains("\"slo_breached\""))
+        proxy.runtime.events.emit([HealingEvent(kind: .hostEjected, cluster: "api", host: "127.0.0.1:1", reason: "consecutive_5xx")])
+        let (channel, reader) = try await StreamReader.open(port: admin.boundAddress!.port!, group: group,
+                                                            request: "GET /events/stream HTTP/1.1\r\nHost: a\r\n\r\n")
+        try await reader.waitFor("id: 1\nevent: host_ejected\n")
+        proxy.runtime.events.emit([HealingEvent(kind: .hostReturned, cluster: "api", host: "127.0.0.1:1", reason: "ejection_time_elapsed")])
+        try await reader.waitFor("id: 2\nevent: host_returned\n")
+        try await channel.close()
+        await admin.stop()
+        await proxy.stop()
     }
 
     @Test func readinessHealthAndDrain() async throws {

@@ -38,6 +38,7 @@ public final class AdminServer: Sendable {
         let address = proxy.runtime.config.admin.address
         let channel = try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: 32 * 1024, high: ControlServer.streamHighWater))
             .childChannelInitializer { [self] channel in
                 channel.pipeline.configureHTTPServerPipeline().flatMapThrowing {
                     try channel.pipeline.syncOperations.addHandler(AdminHandler(admin: self))
@@ -53,7 +54,12 @@ public final class AdminServer: Sendable {
     public func stop() async {
         let channel = channelBox.withLockedValue { c in defer { c = nil }; return c }
         try? await channel?.close()
+        let open = streams.withLockedValue { s in defer { s = [:] }; return Array(s.values) }
+        for c in open { try? await c.close() }
     }
+
+    /// Open `/events/stream` connections (the live page's), closed on stop.
+    let streams = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])
 
     // MARK: - Endpoints
 
@@ -167,27 +173,6 @@ public final class AdminServer: Sendable {
         return (String(uri[..<q]), query)
     }
 
-    static let indexPage = """
-        <!doctype html>
-        <html><head><meta charset="utf-8"><title>Vigil admin</title>
-        <style>body{font:14px system-ui,sans-serif;margin:2em;max-width:60em}code{background:#eee;padding:0 .3em}</style>
-        </head><body>
-        <h1>Vigil admin</h1>
-        <ul>
-        <li><a href="/ready">/ready</a> — 200 once listeners are bound</li>
-        <li><a href="/healthz">/healthz</a> — process liveness</li>
-        <li><a href="/stats">/stats</a> — JSON counters</li>
-        <li><a href="/stats/prometheus">/stats/prometheus</a> — Prometheus exposition</li>
-        <li><a href="/clusters">/clusters</a> — every upstream host, its state and why</li>
-        <li><a href="/events">/events</a> — the latest healing decisions with their evidence</li>
-        <li><a href="/certs">/certs</a> — every certificate in use: identity, expiry, last rotation</li>
-        <li><a href="/tenants">/tenants</a> — each tenant's limits, tokens, in-flight requests and refusals</li>
-        <li><a href="/config_dump">/config_dump</a> — effective configuration</li>
-        <li><code>POST /drain</code>, <code>POST /logging?level=debug</code></li>
-        </ul>
-        </body></html>
-
-        """
 }
 
 final class AdminHandler: ChannelInboundHandler {
@@ -196,15 +181,28 @@ final class AdminHandler: ChannelInboundHandler {
     let admin: AdminServer
     var head: HTTPRequestHead?
 
+    private var streaming = false
+
     init(admin: AdminServer) { self.admin = admin }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !streaming else { return }
         switch unwrapInboundIn(data) {
         case .head(let h): head = h
         case .body: break
         case .end:
             guard let head else { return }
             self.head = nil
+            let (path, query) = AdminServer.split(head.uri)
+            if head.method == .GET, path == "/events/stream" {
+                // The live page's feed: every healing decision as it happens (the admin port is loopback-only,
+                // like Envoy's; the control plane's `/v1/events` is the authenticated one).
+                streaming = true
+                let since = query["since"].flatMap { UInt64($0) } ?? head.headers.first(name: "last-event-id").flatMap { UInt64($0) } ?? 0
+                EventStream.start(context: context, events: admin.proxy.runtime.events, since: since, version: head.version,
+                                  registry: admin.streams)
+                return
+            }
             let reply = admin.handle(method: head.method, uri: head.uri)
             var headers = HTTPHeaders([("content-type", reply.contentType), ("content-length", String(reply.body.utf8.count))])
             if !head.isKeepAlive { headers.add(name: "connection", value: "close") }

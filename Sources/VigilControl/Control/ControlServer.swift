@@ -290,71 +290,8 @@ public final class ControlServer: Sendable {
 
     // MARK: - Event stream
 
-    /// Starts an event stream on `channel`: replays the ring after `since`, then follows live. A client too
-    /// slow to keep its socket writable is cut off (it can resume with `Last-Event-ID`).
-    func openStream(on channel: Channel, context: ChannelHandlerContext, since: UInt64, version: HTTPVersion) {
-        let headers = HTTPHeaders([("content-type", "text/event-stream"), ("cache-control", "no-cache"),
-                                   ("x-accel-buffering", "no")])
-        context.write(NIOAny(HTTPServerResponsePart.head(HTTPResponseHead(version: version, status: .ok, headers: headers))),
-                      promise: nil)
-        // The handshake line tells the client where the ring starts, so it can tell a gap from a quiet spell.
-        let events = runtime.events
-        let loop = channel.eventLoop
-        let stream = NIOLoopBound(EventStream(channel: channel), eventLoop: loop)
-        let id = events.subscribe { record in
-            loop.execute { stream.value.deliver(record) }
-        }
-        stream.value.subscription = id
-        var first = ByteBuffer(string: ": vigil event stream; last seq \(events.lastSeq)\nretry: 2000\n\n")
-        for record in events.records(after: since) {
-            EventStream.format(record, into: &first)
-            stream.value.lastSent = record.seq
-        }
-        if since > 0, let oldest = events.records(after: 0).first?.seq, oldest > since + 1 {
-            first.writeString(": events \(since + 1)...\(oldest - 1) are no longer held in memory (event_buffer)\n\n")
-        }
-        context.writeAndFlush(NIOAny(HTTPServerResponsePart.body(.byteBuffer(first))), promise: nil)
-        let key = ObjectIdentifier(channel)
-        streams.withLockedValue { $0[key] = channel }
-        let heartbeat = loop.scheduleRepeatedTask(initialDelay: .seconds(15), delay: .seconds(15)) { _ in
-            stream.value.write(ByteBuffer(string: ": keep-alive\n\n"))
-        }
-        channel.closeFuture.whenComplete { [self] _ in
-            heartbeat.cancel()
-            events.unsubscribe(id)
-            streams.withLockedValue { _ = $0.removeValue(forKey: key) }
-        }
-    }
-}
-
-/// One subscriber's stream, confined to its channel's event loop.
-final class EventStream {
-    let channel: Channel
-    var lastSent: UInt64 = 0
-    var subscription: UInt64 = 0
-
-    init(channel: Channel) { self.channel = channel }
-
-    static func format(_ record: HealingRecord, into buffer: inout ByteBuffer) {
-        buffer.writeString("id: \(record.seq)\nevent: \(record.event.kind.rawValue)\ndata: \(record.json.serialized())\n\n")
-    }
-
-    func deliver(_ record: HealingRecord) {
-        guard record.seq > lastSent else { return }  // already sent in the replay
-        lastSent = record.seq
-        var buffer = channel.allocator.buffer(capacity: 512)
-        Self.format(record, into: &buffer)
-        write(buffer)
-    }
-
-    func write(_ buffer: ByteBuffer) {
-        guard channel.isActive else { return }
-        guard channel.isWritable else {
-            // The client is not reading: cut it off rather than buffer without end or slow anything down.
-            channel.close(promise: nil)
-            return
-        }
-        channel.writeAndFlush(HTTPServerResponsePart.body(.byteBuffer(buffer)), promise: nil)
+    func openStream(context: ChannelHandlerContext, since: UInt64, version: HTTPVersion) {
+        EventStream.start(context: context, events: runtime.events, since: since, version: version, registry: streams)
     }
 }
 
@@ -416,7 +353,7 @@ final class ControlHandler: ChannelInboundHandler {
                         handler.write(context: context, head: head, reply: reply, close: !head.isKeepAlive)
                     case .stream(let since):
                         handler.streaming = true
-                        server.openStream(on: context.channel, context: context, since: since, version: head.version)
+                        server.openStream(context: context, since: since, version: head.version)
                     }
                 }
             }
@@ -439,5 +376,3 @@ final class ControlHandler: ChannelInboundHandler {
 @available(*, unavailable)
 extension ControlHandler: Sendable {}
 
-@available(*, unavailable)
-extension EventStream: Sendable {}
