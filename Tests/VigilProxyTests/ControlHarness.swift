@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import NIOCore
 import NIOPosix
+import NIOSSL
 import VigilControl
 import VigilCore
 import VigilTestSupport
@@ -18,7 +19,9 @@ final class ControlHarness: Sendable {
     static let writeToken = "w-token-\(UInt64.random(in: 0...UInt64.max))"
     static let readToken = "r-token"
 
-    init(yaml: String, upstreams: [Int], group: MultiThreadedEventLoopGroup, stateDir: String? = nil) async throws {
+    /// `control` adds lines to the `control:` block (indented two spaces), e.g. `tls:` and `identities:`.
+    init(yaml: String, upstreams: [Int], group: MultiThreadedEventLoopGroup, stateDir: String? = nil,
+         control extra: String = "") async throws {
         let dir = stateDir ?? NSTemporaryDirectory() + "vigil-control-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         try Self.writeToken.write(toFile: dir + "/w.token", atomically: true, encoding: .utf8)
@@ -31,6 +34,7 @@ final class ControlHarness: Sendable {
               tokens:
                 - { name: ops, token_file: \(dir)/w.token, role: write }
                 - { name: viewer, token_file: \(dir)/r.token, role: read }
+            \(extra)
             """
         proxy = try await ProxyHarness(yaml: top + "\n" + yaml, upstreams: upstreams, group: group)
         var logger = Logger(label: "vigil-test")
@@ -54,8 +58,8 @@ final class ControlHarness: Sendable {
 
     /// One control call on a new connection; the answer's status and JSON body.
     func call(_ method: String, _ path: String, token: String? = ControlHarness.writeToken, body: String = "",
-              headers: [String: String] = [:]) async throws -> (status: Int, json: JSONValue, response: TestResponse) {
-        let client = try await TestClient.connect(port: port, group: proxy.group)
+              headers: [String: String] = [:], tls: NIOSSLContext? = nil) async throws -> (status: Int, json: JSONValue, response: TestResponse) {
+        let client = try await TestClient.connect(port: port, group: proxy.group, tls: tls)
         var head = "\(method) \(path) HTTP/1.1\r\nHost: control\r\nContent-Length: \(body.utf8.count)\r\n"
         if let token { head += "Authorization: Bearer \(token)\r\n" }
         for (k, v) in headers { head += "\(k): \(v)\r\n" }

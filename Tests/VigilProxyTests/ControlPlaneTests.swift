@@ -93,6 +93,40 @@ final class StreamReader: ChannelInboundHandler, Sendable {
         await h.stop()
     }
 
+    @Test func mTLSIdentitiesGetTheirRoles() async throws {
+        let (a, b) = try await upstreams()
+        let tls = try TLSFixture()
+        try tls.issue("spiffe://corp/ns/ops/sa/deployer", as: "deployer")
+        try tls.issue(TLSFixture.webID, as: "web")
+        try tls.issue("spiffe://corp/ns/ops/sa/rogue", as: "rogue", by: tls.otherCA)
+        let h = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group, control: """
+              \(tls.listenerTLS)
+              identities:
+                - { identity: "spiffe://corp/ns/ops/*", role: write }
+                - { identity: "\(TLSFixture.webID)", role: read }
+            """)
+        let deployer = try tls.clientContext(cert: "deployer")
+        let web = try tls.clientContext(cert: "web")
+        #expect(try await h.call("PUT", "/v1/policy", token: nil, body: Self.routeTo("b"), tls: deployer).status == 200)
+        #expect(try await h.call("GET", "/v1/policy", token: nil, tls: web).status == 200)
+        #expect(try await h.call("PUT", "/v1/policy", token: nil, body: "{}", tls: web).status == 403)
+        // A write token works over the mutual TLS connection of a read identity; without any client certificate,
+        // or with one from another CA, the handshake never completes (client_ca makes the listener strict).
+        #expect(try await h.call("PUT", "/v1/policy", body: Self.routeTo("a"), tls: web).status == 200)
+        await #expect(throws: (any Error).self) {
+            _ = try await h.call("GET", "/v1/status", tls: try tls.clientContext())
+        }
+        await #expect(throws: (any Error).self) {
+            _ = try await h.call("GET", "/v1/status", token: nil, tls: try tls.clientContext(cert: "rogue"))
+        }
+        let history = try await h.call("GET", "/v1/policy/history", tls: deployer)
+        #expect(history.json["versions"]?.arrayValue?.compactMap { $0["actor"]?.stringValue }.prefix(2)
+            == ["token:ops", "identity:spiffe://corp/ns/ops/sa/deployer"])
+        let compliance = try await h.call("GET", "/v1/compliance", tls: deployer)
+        #expect(compliance.json["control"]?["tls"]?["mtls"] == "mutual_tls_strict")
+        await h.stop()
+    }
+
     @Test func aPushChangesRoutingAtOnceAndIsVersioned() async throws {
         let (a, b) = try await upstreams()
         let h = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group)
