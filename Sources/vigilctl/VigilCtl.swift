@@ -142,6 +142,21 @@ func printJSON(_ answers: [Answer]) {
     }
 }
 
+/// The shape of the read commands: ask every sidecar, print each answer (or the JSON), fail if any failed.
+/// `alwaysTitle` prints the server line even for one sidecar.
+func show(_ options: ConnectionOptions, _ path: String, alwaysTitle: Bool = false,
+          title: (Answer) -> String = { "# \($0.server)" }, _ render: (Answer) -> Void) async throws {
+    let answers = try await fanOut(options, .GET, path)
+    if options.json { printJSON(answers) } else {
+        for a in answers {
+            guard a.ok else { print("\(a.server): ERROR \(a.problem)"); continue }
+            if alwaysTitle || answers.count > 1 { print(title(a)) }
+            render(a)
+        }
+    }
+    try requireAll(answers)
+}
+
 /// Fails the command when any sidecar did not answer 2xx.
 func requireAll(_ answers: [Answer]) throws {
     let failed = answers.filter { !$0.ok }
@@ -191,15 +206,9 @@ struct Policy: AsyncParsableCommand {
         @OptionGroup var options: ConnectionOptions
 
         func run() async throws {
-            let answers = try await fanOut(options, .GET, "/v1/policy")
-            if options.json { printJSON(answers) } else {
-                for a in answers {
-                    guard a.ok else { print("\(a.server): ERROR \(a.problem)"); continue }
-                    print("# \(a.server): version \(text(a.json["version"])), sha256 \(text(a.json["sha256"])), applied \(text(a.json["applied_at"])) by \(text(a.json["actor"]))")
-                    print(text(a.json["body"]))
-                }
-            }
-            try requireAll(answers)
+            try await show(options, "/v1/policy", alwaysTitle: true, title: { a in
+                "# \(a.server): version \(text(a.json["version"])), sha256 \(text(a.json["sha256"])), applied \(text(a.json["applied_at"])) by \(text(a.json["actor"]))"
+            }) { a in print(text(a.json["body"])) }
         }
     }
 
@@ -284,18 +293,12 @@ struct Policy: AsyncParsableCommand {
         @OptionGroup var options: ConnectionOptions
 
         func run() async throws {
-            let answers = try await fanOut(options, .GET, "/v1/policy/history")
-            if options.json { printJSON(answers) } else {
-                for a in answers {
-                    guard a.ok else { print("\(a.server): ERROR \(a.problem)"); continue }
-                    if answers.count > 1 { print("# \(a.server)") }
-                    table(["VERSION", "KIND", "ACTOR", "APPLIED AT", "SHA256"], (a.json["versions"]?.arrayValue ?? []).map { v in
-                        [text(v["version"]), text(v["kind"]) + (v["rollback_of"].map { " of \(text($0))" } ?? ""),
-                         text(v["actor"]), text(v["applied_at"]), String(text(v["sha256"]).prefix(12))]
-                    })
-                }
+            try await show(options, "/v1/policy/history") { a in
+                table(["VERSION", "KIND", "ACTOR", "APPLIED AT", "SHA256"], (a.json["versions"]?.arrayValue ?? []).map { v in
+                    [text(v["version"]), text(v["kind"]) + (v["rollback_of"].map { " of \(text($0))" } ?? ""),
+                     text(v["actor"]), text(v["applied_at"]), String(text(v["sha256"]).prefix(12))]
+                })
             }
-            try requireAll(answers)
         }
     }
 }
@@ -369,22 +372,16 @@ struct Clusters: AsyncParsableCommand {
     @OptionGroup var options: ConnectionOptions
 
     func run() async throws {
-        let answers = try await fanOut(options, .GET, "/v1/clusters")
-        if options.json { printJSON(answers) } else {
-            for a in answers {
-                guard a.ok else { print("\(a.server): ERROR \(a.problem)"); continue }
-                if answers.count > 1 { print("# \(a.server)") }
-                var rows: [[String]] = []
-                for c in a.json["clusters"]?.arrayValue ?? [] {
-                    for h in c["hosts"]?.arrayValue ?? [] {
-                        rows.append([text(c["name"]), text(c["mode"]), text(h["address"]), text(h["state"]),
-                                     text(h["active_requests"]), text(h["ejected_until"]), text(h["last_transition"])])
-                    }
+        try await show(options, "/v1/clusters") { a in
+            var rows: [[String]] = []
+            for c in a.json["clusters"]?.arrayValue ?? [] {
+                for h in c["hosts"]?.arrayValue ?? [] {
+                    rows.append([text(c["name"]), text(c["mode"]), text(h["address"]), text(h["state"]),
+                                 text(h["active_requests"]), text(h["ejected_until"]), text(h["last_transition"])])
                 }
-                table(["CLUSTER", "MODE", "HOST", "STATE", "ACTIVE", "EJECTED UNTIL", "LAST TRANSITION"], rows)
             }
+            table(["CLUSTER", "MODE", "HOST", "STATE", "ACTIVE", "EJECTED UNTIL", "LAST TRANSITION"], rows)
         }
-        try requireAll(answers)
     }
 }
 
@@ -393,20 +390,14 @@ struct Tenants: AsyncParsableCommand {
     @OptionGroup var options: ConnectionOptions
 
     func run() async throws {
-        let answers = try await fanOut(options, .GET, "/v1/tenants")
-        if options.json { printJSON(answers) } else {
-            for a in answers {
-                guard a.ok else { print("\(a.server): ERROR \(a.problem)"); continue }
-                if answers.count > 1 { print("# \(a.server)") }
-                table(["TENANT", "RPS", "BURST", "TOKENS", "MAX CONC", "IN FLIGHT", "ALLOWED", "RATE LIMITED", "CONC LIMITED"],
-                      (a.json["tenants"]?.arrayValue ?? []).map { t in
-                          [text(t["name"]), text(t["requests_per_second"]), text(t["burst"]), text(t["tokens"]),
-                           text(t["max_concurrent"]), text(t["in_flight"]), text(t["allowed"]), text(t["rate_limited"]),
-                           text(t["concurrency_limited"])]
-                      })
-            }
+        try await show(options, "/v1/tenants") { a in
+            table(["TENANT", "RPS", "BURST", "TOKENS", "MAX CONC", "IN FLIGHT", "ALLOWED", "RATE LIMITED", "CONC LIMITED"],
+                  (a.json["tenants"]?.arrayValue ?? []).map { t in
+                      [text(t["name"]), text(t["requests_per_second"]), text(t["burst"]), text(t["tokens"]),
+                       text(t["max_concurrent"]), text(t["in_flight"]), text(t["allowed"]), text(t["rate_limited"]),
+                       text(t["concurrency_limited"])]
+                  })
         }
-        try requireAll(answers)
     }
 }
 
@@ -415,25 +406,21 @@ struct Compliance: AsyncParsableCommand {
     @OptionGroup var options: ConnectionOptions
 
     func run() async throws {
-        let answers = try await fanOut(options, .GET, "/v1/compliance")
-        if options.json { printJSON(answers) } else {
-            for a in answers {
-                guard a.ok else { print("\(a.server): ERROR \(a.problem)"); continue }
-                print("# \(a.server) (node \(text(a.json["node"])), policy \(text(a.json["policy_version"])))")
-                table(["LISTENER", "ADDRESS", "MTLS", "TLS FLOOR", "AUTHZ"], (a.json["listeners"]?.arrayValue ?? []).map { l in
-                    [text(l["name"]), text(l["address"]), text(l["mtls"]), text(l["tls_min_version"]), text(l["authorization"])]
-                })
-                let audit = a.json["audit"]
-                print("audit chain: " + (audit?["enabled"] == .bool(true)
-                    ? "\(audit?["intact"] == .bool(true) ? "INTACT" : "BROKEN") (\(text(audit?["records"])) records, head \(text(audit?["head_seq"])))\(audit?["problem"].map { " " + text($0) } ?? "")"
-                    : "not kept"))
-                table(["TENANT", "SLO", "AVAILABILITY", "OBJECTIVE", "P99 OBJECTIVE", "SLOW", "REQUESTS", "WINDOW"],
-                      (a.json["slo"]?.arrayValue ?? []).map { s in
-                          [text(s["tenant"]), text(s["status"]), text(s["availability"]), text(s["availability_objective"]),
-                           text(s["latency_p99_objective"]), text(s["slower_than_objective"]), text(s["requests"]), text(s["window"])]
-                      })
-            }
+        try await show(options, "/v1/compliance", alwaysTitle: true, title: { a in
+            "# \(a.server) (node \(text(a.json["node"])), policy \(text(a.json["policy_version"])))"
+        }) { a in
+            table(["LISTENER", "ADDRESS", "MTLS", "TLS FLOOR", "AUTHZ"], (a.json["listeners"]?.arrayValue ?? []).map { l in
+                [text(l["name"]), text(l["address"]), text(l["mtls"]), text(l["tls_min_version"]), text(l["authorization"])]
+            })
+            let audit = a.json["audit"]
+            print("audit chain: " + (audit?["enabled"] == .bool(true)
+                ? "\(audit?["intact"] == .bool(true) ? "INTACT" : "BROKEN") (\(text(audit?["records"])) records, head \(text(audit?["head_seq"])))\(audit?["problem"].map { " " + text($0) } ?? "")"
+                : "not kept"))
+            table(["TENANT", "SLO", "AVAILABILITY", "OBJECTIVE", "P99 OBJECTIVE", "SLOW", "REQUESTS", "WINDOW"],
+                  (a.json["slo"]?.arrayValue ?? []).map { s in
+                      [text(s["tenant"]), text(s["status"]), text(s["availability"]), text(s["availability_objective"]),
+                       text(s["latency_p99_objective"]), text(s["slower_than_objective"]), text(s["requests"]), text(s["window"])]
+                  })
         }
-        try requireAll(answers)
     }
 }

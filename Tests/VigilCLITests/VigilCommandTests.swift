@@ -89,15 +89,7 @@ import VigilTestSupport
         try p.run()
         defer { if p.isRunning { p.terminate() } }
         // Wait until the admin port says the listeners are bound.
-        try await withTimeout(20, "vigil to become ready") {
-            while true {
-                if let c = try? await TestClient.connect(port: adminPort, group: group) {
-                    try await c.send("GET /ready HTTP/1.1\r\nHost: a\r\n\r\n")
-                    if try await c.response()?.status == 200 { return }
-                }
-                try await Task.sleep(for: .milliseconds(50))
-            }
-        }
+        try await waitUntilReady(adminPort: adminPort, group: group)
         let client = try await TestClient.connect(port: proxyPort, group: group)
         try await client.send("GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
         try await withTimeout(10, "the slow request to reach the upstream") {

@@ -58,15 +58,7 @@ import VigilTestSupport
         p.standardOutput = FileHandle.nullDevice
         try p.run()
         defer { if p.isRunning { p.terminate() } }
-        try await withTimeout(20, "vigil to become ready") {
-            while true {
-                if let c = try? await TestClient.connect(port: admin, group: group) {
-                    try await c.send("GET /ready HTTP/1.1\r\nHost: a\r\n\r\n")
-                    if try await c.response()?.status == 200 { return }
-                }
-                try await Task.sleep(for: .milliseconds(50))
-            }
-        }
+        try await waitUntilReady(adminPort: admin, group: group)
         let auth = ["--token-file", dir + "/ops.token"]
         let live = ["--server", "http://127.0.0.1:\(control)"]
         let (s0, status, _) = try run("vigilctl", ["status"] + live + auth)

@@ -239,3 +239,18 @@ final class HandshakeWatcher: ChannelInboundHandler, RemovableChannelHandler {
 
 @available(*, unavailable)
 extension HandshakeWatcher: Sendable {}
+
+/// Waits until a Vigil's admin port answers `GET /ready` with 200 (its listeners are bound).
+public func waitUntilReady(adminPort: Int, group: EventLoopGroup, seconds: Double = 20) async throws {
+    try await withTimeout(seconds, "vigil to become ready") {
+        while true {
+            if let c = try? await TestClient.connect(port: adminPort, group: group) {
+                try await c.send("GET /ready HTTP/1.1\r\nHost: a\r\n\r\n")
+                let ready = try await c.response()?.status == 200
+                try? await c.close()
+                if ready { return }
+            }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+    }
+}
