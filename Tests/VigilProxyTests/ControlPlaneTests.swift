@@ -289,6 +289,50 @@ final class StreamReader: ChannelInboundHandler, Sendable {
         await h.stop()
     }
 
+    @Test func healthAndEjectionsCarryOverAPolicyChange() async throws {
+        let bad = try await FakeUpstream(group: group, name: "bad") { _ in .respond(status: .serviceUnavailable) }
+        let good = try await FakeUpstream(group: group, name: "good") { _ in .respond(body: "good") }
+        let other = try await FakeUpstream(group: group, name: "other") { _ in .respond(body: "other") }
+        let cluster = { (endpoints: String, timeout: String) in
+            """
+            {"clusters": [{"name": "a", "endpoints": [\(endpoints)], "load_balancer": "round_robin", "connect_timeout": "\(timeout)",
+                           "outlier_detection": {"consecutive_5xx": 3, "base_ejection_time": "60s", "max_ejection_percent": 50}},
+                          {"name": "b", "endpoints": ["127.0.0.1:\(other.port)"]}]}
+            """
+        }
+        let yaml = """
+            access_log: { output: "off" }
+            listeners:
+              - name: in
+                address: "127.0.0.1:0"
+                routes: [{ match: { prefix: "/" }, cluster: a }]
+            clusters:
+              - name: a
+                endpoints: ["127.0.0.1:$UP0", "127.0.0.1:$UP1"]
+                load_balancer: round_robin
+                outlier_detection: { consecutive_5xx: 3, base_ejection_time: 60s, max_ejection_percent: 50 }
+              - { name: b, endpoints: ["127.0.0.1:$UP2"] }
+            """
+        let h = try await ControlHarness(yaml: yaml, upstreams: [bad.port, good.port, other.port], group: group)
+        for _ in 0..<6 { _ = try await get(h.proxy) }
+        #expect(bad.recorded.count == 3)
+        #expect(h.proxy.runtime.events.records().contains { $0.event.kind == .hostEjected })
+        // A push that leaves cluster a as it was keeps the very same cluster (pools, health, counters).
+        let before = h.proxy.runtime.current.clusters[0]
+        #expect(try await h.push(cluster("\"127.0.0.1:\(bad.port)\", \"127.0.0.1:\(good.port)\"", "1s")).status == 200)
+        #expect(h.proxy.runtime.current.clusters[0] === before)
+        // A push that changes it (a new endpoint, another connect timeout) rebuilds it; the bad host stays ejected.
+        let eps = "\"127.0.0.1:\(bad.port)\", \"127.0.0.1:\(good.port)\", \"127.0.0.1:\(other.port)\""
+        #expect(try await h.push(cluster(eps, "2s")).status == 200)
+        #expect(h.proxy.runtime.current.clusters[0] !== before)
+        let hosts = try await h.call("GET", "/v1/clusters").json["clusters"]?.arrayValue?.first?["hosts"]?.arrayValue ?? []
+        #expect(hosts.compactMap { $0["state"]?.stringValue } == ["ejected", "healthy", "healthy"])
+        #expect(hosts.first?["last_event"]?["kind"] == "host_ejected")
+        for _ in 0..<10 { #expect(try await get(h.proxy).status == 200) }
+        #expect(bad.recorded.count == 3)
+        await h.stop()
+    }
+
     @Test func theEventStreamReplaysFromSinceThenFollows() async throws {
         let (a, b) = try await upstreams()
         let h = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group)

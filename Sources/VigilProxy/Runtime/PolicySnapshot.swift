@@ -65,8 +65,6 @@ public final class PolicySnapshot: Sendable {
                                            dimensions: [("rule", "none"), ("decision", "deny")], factory: metrics.factory)
     }
 
-    public func cluster(named name: String) -> ClusterRuntime? { clusters.first { $0.config.name == name } }
-
     /// Every SLO-tracked tenant's cumulative counters, for the once-a-second sample.
     public func sloSamples() -> [SLOTracker.Sample] {
         var out = (tenants?.all ?? []).compactMap { t in t.slo?.sample(tenant: t.name) }

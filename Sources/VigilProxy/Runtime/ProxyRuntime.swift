@@ -157,7 +157,6 @@ public final class ProxyRuntime: Sendable {
 
     var allLoopContexts: Dictionary<ObjectIdentifier, LoopContext>.Values { loops.values }
 
-    public func cluster(named name: String) -> ClusterRuntime? { current.cluster(named: name) }
 
     /// Wall-clock time in nanoseconds since the epoch, for access log timestamps only.
     public static func wallClockNanos() -> Int64 {
