@@ -108,3 +108,40 @@ import Testing
         #expect(t.identify.count == 2 && t.unknown == .default)
     }
 }
+
+@Suite struct TenantMetricLabelsTests {
+    typealias T = TenantMetricLabels.Tenant
+
+    @Test func theBusiestTenantsGetLabelsThatStick() {
+        var labels = TenantMetricLabels(top: 2)
+        let first = labels.scraped([T(name: "acme", configured: true, counts: [5, 0, 0]),
+                                    T(name: "a", configured: false, counts: [10, 0, 0]),
+                                    T(name: "b", configured: false, counts: [30, 1, 0]),
+                                    T(name: "c", configured: false, counts: [20, 0, 0]),
+                                    T(name: "d", configured: false, counts: [1, 0, 0])])
+        #expect(labels.promoted == ["b", "c"])
+        #expect(first["acme"] == [5, 0, 0])
+        #expect(first["b"] == [30, 1, 0])
+        #expect(first["c"] == [20, 0, 0])
+        #expect(first["other"] == [11, 0, 0])
+        // "a" becomes the busiest; the labels given stay where they are (no series moves).
+        let second = labels.scraped([T(name: "acme", configured: true, counts: [5, 0, 0]),
+                                     T(name: "a", configured: false, counts: [1000, 0, 0]),
+                                     T(name: "b", configured: false, counts: [31, 1, 0]),
+                                     T(name: "c", configured: false, counts: [20, 0, 2])])
+        #expect(labels.promoted == ["b", "c"])
+        #expect(second["other"] == [990, 0, 0])
+        #expect(second["b"] == [1, 0, 0])
+        #expect(second["c"] == [0, 0, 2])
+        #expect(second["acme"] == [0, 0, 0])
+    }
+
+    @Test func aRebuiltTenantCountsFromZeroAndReclaimedOnesDropOut() {
+        var labels = TenantMetricLabels(top: 0)
+        _ = labels.scraped([T(name: "x", configured: false, counts: [100, 0, 0])])
+        // The tenant's limits changed: its state (and counters) restarted.
+        #expect(labels.scraped([T(name: "x", configured: false, counts: [3, 0, 0])])["other"] == [3, 0, 0])
+        _ = labels.scraped([])
+        #expect(labels.scraped([T(name: "x", configured: false, counts: [4, 0, 0])])["other"] == [4, 0, 0])
+    }
+}

@@ -1,6 +1,7 @@
 import Foundation
 import NIOConcurrencyHelpers
 import Prometheus
+import VigilCore
 import VigilProxy
 
 /// Gauges and counters that are read from the runtime's atomics at scrape time, not updated per request.
@@ -20,7 +21,7 @@ struct AdminGauges: Sendable {
     ]
     /// What each atomic counter was at the last scrape, by cluster object and counter.
     private let published = NIOLockedValueBox<[ObjectIdentifier: [Int]]>([:])
-    private let tenantPublished = NIOLockedValueBox<[String: Int]>([:])
+    private let tenantLabels = NIOLockedValueBox(TenantMetricLabels(top: 20))
 
     init(runtime: ProxyRuntime, registry: PrometheusCollectorRegistry) {
         self.runtime = runtime
@@ -67,28 +68,23 @@ struct AdminGauges: Sendable {
             }
             last = next
         }
-        // Tenant counters by label (configured tenants by name, the rest as "other"): bounded cardinality.
+        // Tenant counters: configured tenants and the busiest others by name, the rest as "other".
         if let tenantRegistry = snapshot.tenants {
-            var sums: [String: [Int]] = [:]
-            for t in tenantRegistry.all {
-                var s = sums[t.label] ?? [0, 0, 0]
-                s[0] += t.allowed.load(ordering: .relaxed)
-                s[1] += t.rateLimited.load(ordering: .relaxed)
-                s[2] += t.concurrencyLimited.load(ordering: .relaxed)
-                sums[t.label] = s
+            let tenants = tenantRegistry.all.map { t in
+                TenantMetricLabels.Tenant(name: t.name, configured: t.label != "other",
+                                          counts: [t.allowed.load(ordering: .relaxed), t.rateLimited.load(ordering: .relaxed),
+                                                   t.concurrencyLimited.load(ordering: .relaxed)])
             }
-            tenantPublished.withLockedValue { last in
-                for (label, values) in sums {
-                    for (k, decision) in ["allowed", "rate_limited", "concurrency_limited"].enumerated() {
-                        let key = "\(label)|\(decision)"
-                        let delta = values[k] - (last[key] ?? 0)
-                        // Reclaimed idle tenants lower an "other" sum; a counter only grows.
-                        if delta > 0 {
-                            registry.makeCounter(name: "vigil_tenant_requests_total",
-                                                  labels: [("tenant", label), ("decision", decision)]).increment(by: Int64(delta))
-                            last[key] = values[k]
-                        }
-                    }
+            let increments = tenantLabels.withLockedValue { labels in
+                if labels.top != tenantRegistry.config.metricsTop {
+                    labels = TenantMetricLabels(top: tenantRegistry.config.metricsTop)
+                }
+                return labels.scraped(tenants)
+            }
+            for (label, values) in increments {
+                for (k, decision) in ["allowed", "rate_limited", "concurrency_limited"].enumerated() where values[k] > 0 {
+                    registry.makeCounter(name: "vigil_tenant_requests_total", labels: [("tenant", label), ("decision", decision)])
+                        .increment(by: Int64(values[k]))
                 }
             }
         }

@@ -33,6 +33,9 @@ public struct TenantsConfig: Sendable, Equatable {
     public var unknown: Unknown = .reject
     /// Count and log what would be refused, refuse nothing.
     public var shadow = false
+    /// Tenants not named in the config that get their own label in `vigil_tenant_requests_total`: the
+    /// busiest ones, each keeping its label once given; every other tenant is counted as `other`.
+    public var metricsTop = 20
 
     public init() {}
 

@@ -73,7 +73,7 @@ extension VigilConfig {
         }
         return ["identify": .array(identify), "default": dump(t.defaultLimits),
                 "limits": .object(t.limits.sorted { $0.key < $1.key }.map { ($0.key, dump($0.value)) }),
-                "unknown": .string(t.unknown.rawValue), "shadow": .bool(t.shadow)]
+                "unknown": .string(t.unknown.rawValue), "shadow": .bool(t.shadow), "metrics_top": .int(t.metricsTop)]
     }
 
     static func dump(_ s: SLOConfig) -> JSONValue {

@@ -3,7 +3,7 @@ import Yams
 /// Reading of `tenants:`.
 extension ConfigReader {
     mutating func readTenants(_ node: Node, at path: String) -> TenantsConfig? {
-        guard let m = map(node, at: path, keys: ["identify", "default", "limits", "unknown", "shadow"]) else { return nil }
+        guard let m = map(node, at: path, keys: ["identify", "default", "limits", "unknown", "shadow", "metrics_top"]) else { return nil }
         var t = TenantsConfig()
         if let list = list(m["identify"], at: m.path("identify")) {
             for (i, item) in list.enumerated() {
@@ -54,6 +54,7 @@ extension ConfigReader {
             t.unknown = u
         }
         if let s = bool(m["shadow"], at: m.path("shadow")) { t.shadow = s }
+        if let n = int(m["metrics_top"], at: m.path("metrics_top"), range: 0...1000) { t.metricsTop = n }
         return t
     }
 
