@@ -244,6 +244,33 @@ import VigilTestSupport
         await proxy.stop()
     }
 
+    @Test func aChangedJWKSTakesEffectAndABrokenOneIsRefused() throws {
+        func jwks(_ key: P256.Signing.PrivateKey, kid: String) -> String {
+            let point = Array(key.publicKey.x963Representation)
+            return "{\"keys\":[{\"kty\":\"EC\",\"crv\":\"P-256\",\"kid\":\"\(kid)\",\"x\":\"\(Self.b64(point[1...32]))\",\"y\":\"\(Self.b64(point[33...64]))\"}]}"
+        }
+        func token(_ key: P256.Signing.PrivateKey, kid: String) throws -> String {
+            try Self.jwt(alg: "ES256", kid: kid, claims: "{\"tenant\":\"acme\",\"exp\":\(Int(Date().timeIntervalSince1970) + 600)}") {
+                Array(try key.signature(for: $0).rawRepresentation)
+            }
+        }
+        let old = P256.Signing.PrivateKey(), new = P256.Signing.PrivateKey()
+        let path = NSTemporaryDirectory() + "jwks-\(UUID().uuidString).json"
+        try jwks(old, kid: "k1").write(toFile: path, atomically: true, encoding: .utf8)
+        let verifier = try JWTVerifier(jwksFile: path, claim: "tenant", issuer: nil, audience: nil)
+        let oldToken = try token(old, kid: "k1"), newToken = try token(new, kid: "k2")
+        #expect(verifier.claimValue(authorization: "Bearer \(oldToken)") == "acme")  // now cached
+        #expect(verifier.reloadIfChanged() == nil)  // unchanged file: nothing happens
+        try jwks(new, kid: "k2").write(toFile: path, atomically: true, encoding: .utf8)
+        #expect(verifier.reloadIfChanged() == nil)
+        // The removed key stops working at once, cached token or not; the new one works.
+        #expect(verifier.claimValue(authorization: "Bearer \(oldToken)") == nil)
+        #expect(verifier.claimValue(authorization: "Bearer \(newToken)") == "acme")
+        try "{\"keys\": []}".write(toFile: path, atomically: true, encoding: .utf8)
+        #expect(verifier.reloadIfChanged()?.description.contains("no EC P-256 or RSA key") == true)
+        #expect(verifier.claimValue(authorization: "Bearer \(newToken)") == "acme")
+    }
+
     /// The modulus of an RSA key, from its PKCS#1 DER (SEQUENCE { INTEGER n, INTEGER e }).
     static func rsaModulus(_ key: _RSA.Signing.PrivateKey) throws -> [UInt8] {
         let der = try DER.parse(Array(key.publicKey.pkcs1DERRepresentation))

@@ -134,8 +134,9 @@ public final class ProxyRuntime: Sendable {
         }
         let tls = self.tls
         tls.reload()  // reports certificates already close to expiry
-        let reload = group.next().scheduleRepeatedTask(initialDelay: TLSStore.pollInterval, delay: TLSStore.pollInterval) { _ in
+        let reload = group.next().scheduleRepeatedTask(initialDelay: TLSStore.pollInterval, delay: TLSStore.pollInterval) { [self] _ in
             tls.reload()
+            current.tenants?.reloadKeys()
         }
         backgroundTasks.withLockedValue { $0 += [tick, reclaim, reload] }
     }

@@ -19,7 +19,9 @@ final class JWTVerifier: Sendable {
     let claim: String
     let issuer: String?
     let audience: String?
-    private let keys: [(kid: String?, key: Key)]
+    let jwksFile: String
+    /// The keys in use and the file bytes they came from; replaced whole when the file changes.
+    private let keySet: NIOLockedValueBox<(bytes: Data, keys: [(kid: String?, key: Key)])>
     private let cache = NIOLockedValueBox<[String: (value: String, expires: Double)]>([:])
     static let leeway: Double = 30
     static let cacheLimit = 4096
@@ -29,6 +31,14 @@ final class JWTVerifier: Sendable {
         guard let data = FileManager.default.contents(atPath: jwksFile) else {
             throw JWTError("cannot read \(jwksFile)")
         }
+        self.keySet = NIOLockedValueBox((data, try Self.keys(from: data, file: jwksFile)))
+        self.jwksFile = jwksFile
+        self.claim = claim
+        self.issuer = issuer
+        self.audience = audience
+    }
+
+    static func keys(from data: Data, file jwksFile: String) throws -> [(kid: String?, key: Key)] {
         guard let json = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
               let list = json["keys"] as? [[String: Any]] else {
             throw JWTError("\(jwksFile) is not a JWKS (a JSON object with \"keys\")")
@@ -55,10 +65,24 @@ final class JWTVerifier: Sendable {
             }
         }
         guard !keys.isEmpty else { throw JWTError("\(jwksFile) holds no EC P-256 or RSA key") }
-        self.keys = keys
-        self.claim = claim
-        self.issuer = issuer
-        self.audience = audience
+        return keys
+    }
+
+    /// Reads the JWKS file again; when its bytes changed, the new keys replace the old ones and the cache of
+    /// verified tokens is dropped (a key taken out of the file must stop working at once). A file that no
+    /// longer loads is refused: the keys in use stay, and the error is returned.
+    @discardableResult
+    func reloadIfChanged() -> JWTError? {
+        guard let data = FileManager.default.contents(atPath: jwksFile) else { return JWTError("cannot read \(jwksFile)") }
+        guard keySet.withLockedValue({ $0.bytes != data }) else { return nil }
+        do {
+            let keys = try Self.keys(from: data, file: jwksFile)
+            keySet.withLockedValue { $0 = (data, keys) }
+            cache.withLockedValue { $0.removeAll() }
+            return nil
+        } catch {
+            return error as? JWTError ?? JWTError("\(error)")
+        }
     }
 
     /// The claim's value from a valid bearer token in `authorization`, or nil.
@@ -84,7 +108,7 @@ final class JWTVerifier: Sendable {
               let alg = header["alg"] as? String else { return nil }
         let signed = Data("\(parts[0]).\(parts[1])".utf8)
         let kid = header["kid"] as? String
-        let candidates = keys.filter { kid == nil || $0.kid == nil || $0.kid == kid }
+        let candidates = keySet.withLockedValue { $0.keys }.filter { kid == nil || $0.kid == nil || $0.kid == kid }
         let valid = candidates.contains { entry in
             switch (alg, entry.key) {
             case ("ES256", .es256(let x963)):

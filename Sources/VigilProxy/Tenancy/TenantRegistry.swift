@@ -144,6 +144,16 @@ public final class TenantRegistry: Sendable {
 
     private static func stripe(_ tenant: String) -> Int { Int(UInt(bitPattern: tenant.hashValue) % 16) }
 
+    /// Reloads JWKS files that changed (polled with the TLS files); a file that no longer loads keeps the
+    /// keys in use and is logged.
+    func reloadKeys() {
+        for verifier in verifiers.compactMap({ $0 }) {
+            if let error = verifier.reloadIfChanged() {
+                logger.error("JWKS not reloaded; the keys in use stay", metadata: ["file": "\(verifier.jwksFile)", "error": "\(error)"])
+            }
+        }
+    }
+
     /// Loads the JWKS files of `config` once, to report a broken one before starting (`vigil validate`).
     public static func check(_ config: VigilConfig) throws {
         if let tenants = config.tenants { _ = try TenantRegistry(config: tenants, logger: Logger(label: "vigil-validate")) }
