@@ -381,6 +381,31 @@ final class StreamReader: ChannelInboundHandler, Sendable {
         await h.stop()
     }
 
+    @Test func aFailingWebhookIsRetried() async throws {
+        let upstream = try await FakeUpstream(group: group) { _ in .respond(status: .internalServerError) }
+        let calls = NIOLockedValueBox(0)
+        let hook = try await FakeUpstream(group: group, name: "hook") { _ in
+            calls.withLockedValue { $0 += 1; return $0 } == 1 ? .respond(status: .serviceUnavailable) : .respond()
+        }
+        let yaml = """
+            access_log: { output: "off" }
+            slo: { webhook: "http://127.0.0.1:\(hook.port)/hook", objectives: [{ tenant: "-", availability: 99, min_requests: 1 }] }
+            listeners:
+              - { name: in, address: "127.0.0.1:0", routes: [{ match: { prefix: "/" }, cluster: a }] }
+            clusters:
+              - { name: a, endpoints: ["127.0.0.1:$UP0"] }
+            """
+        let h = try await ControlHarness(yaml: yaml, upstreams: [upstream.port], group: group)
+        #expect(try await get(h.proxy).status == 500)
+        #expect(h.slo.sample(now: 1_000_000_000).map(\.event.kind) == [.sloBreached])
+        // The first POST is answered 503; the retry a second later gets through.
+        let deadline = Date().addingTimeInterval(10)
+        while hook.recorded.count < 2 && Date() < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(hook.recorded.count == 2)
+        #expect(hook.recorded.allSatisfy { $0.bodyString.contains("\"kind\":\"slo_breached\"") })
+        await h.stop()
+    }
+
     @Test func sloBreachAndRecoveryFromRealTrafficReachTheWebhookAndTheAudit() async throws {
         let failing = NIOLockedValueBox(true)
         let upstream = try await FakeUpstream(group: group) { _ in failing.withLockedValue { $0 } ? .respond(status: .serviceUnavailable) : .respond() }

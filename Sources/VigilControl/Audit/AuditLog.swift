@@ -50,6 +50,13 @@ public final class AuditLog: Sendable {
             if chain.lastSeq == 0, files.count > 1 {
                 logger.error("audit: last file has no readable record; the chain restarts", metadata: ["file": "\(last.path)"])
             }
+            // A last line without its newline was torn by a crash: new records start in a new file, so the
+            // torn line stays as it is, for the verifier to name.
+            if !text.isEmpty, !text.hasSuffix("\n") {
+                logger.error("audit: the last record was torn (a crash mid-write); continuing in a new file",
+                             metadata: ["file": "\(last.path)"])
+                number += 1
+            }
         }
         state = NIOLockedValueBox(State(chain: chain, fileNumber: number))
     }
