@@ -124,6 +124,17 @@ final class StreamReader: ChannelInboundHandler, Sendable {
             == ["token:ops", "identity:spiffe://corp/ns/ops/sa/deployer"])
         let compliance = try await h.call("GET", "/v1/compliance", tls: deployer)
         #expect(compliance.json["control"]?["tls"]?["mtls"] == "mutual_tls_strict")
+        // The control listener's certificate rotates like a data-plane listener's.
+        let first = try await TestClient.connect(port: h.port, group: group, tls: deployer)
+        let before = try await first.peerCertificateDER()
+        try await first.close()
+        let (renewed, _) = try tls.issue(TLSFixture.vigilID, as: "vigil")
+        h.proxy.runtime.tls.reload()
+        let second = try await TestClient.connect(port: h.port, group: group, tls: deployer)
+        let after = try await second.peerCertificateDER()
+        try await second.close()
+        #expect(after != before)
+        #expect(after == (try TLSFixture.der(renewed)))
         await h.stop()
     }
 

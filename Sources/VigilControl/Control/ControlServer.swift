@@ -23,7 +23,9 @@ public final class ControlServer: Sendable {
     let auth: NIOLockedValueBox<ControlAuth>
     let group: EventLoopGroup
     let logger: Logger
-    let tls: NIOSSLContext?
+    /// Whether the listener speaks TLS; the context itself comes from the TLS store per handshake, so a
+    /// rotated certificate takes effect like a data-plane listener's.
+    let usesTLS: Bool
     let startedAt = ContinuousClock.now
     private let channelBox = NIOLockedValueBox<Channel?>(nil)
     /// Open event streams, closed on stop.
@@ -41,7 +43,7 @@ public final class ControlServer: Sendable {
         self.logger = logger
         self.auth = NIOLockedValueBox(try ControlAuth(config))
         self.policy = PolicyController(runtime: runtime, audit: audit, logger: logger)
-        self.tls = try config.tls.map { tls throws(TLSLoadError) in try TLSStore.serverContext(tls, at: "control.tls") }
+        self.usesTLS = config.tls != nil
     }
 
     /// Reads the token files again (SIGHUP); a file that no longer reads keeps the old tokens.
@@ -61,7 +63,8 @@ public final class ControlServer: Sendable {
             .childChannelOption(.writeBufferWaterMark, value: .init(low: 32 * 1024, high: Self.streamHighWater))
             .childChannelInitializer { [self] channel in
                 channel.eventLoop.makeCompletedFuture {
-                    if let tls {
+                    if usesTLS {
+                        guard let tls = runtime.tls.controlContext() else { throw ChannelError.inappropriateOperationForState }
                         try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls))
                     }
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline()
@@ -71,7 +74,7 @@ public final class ControlServer: Sendable {
             .bind(host: address.host, port: address.port).get()
         channelBox.withLockedValue { $0 = channel }
         logger.info("control plane listening", metadata: ["address": "\(channel.localAddress?.description ?? "?")",
-                                                         "tls": "\(tls != nil)"])
+                                                         "tls": "\(usesTLS)"])
     }
 
     public var boundAddress: SocketAddress? { channelBox.withLockedValue { $0?.localAddress } }

@@ -32,6 +32,8 @@ public final class TLSStore: Sendable {
     typealias Box = NIOLockedValueBox<Entry>
 
     private let listenerEntries: [Int: Box]
+    /// The control-plane listener's material (`control.tls`), rotated like a listener's.
+    private let controlEntry: Box?
     /// Cluster entries by cluster name; replaced whole when a policy changes the clusters.
     private let clusterEntries: NIOLockedValueBox<[String: Box]>
     private let events: HealingEventLog
@@ -47,6 +49,11 @@ public final class TLSStore: Sendable {
             }
         }
         listenerEntries = listeners
+        controlEntry = try config.control?.tls.map { tls throws(TLSLoadError) in
+            try Self.entry(owner: "control", path: "control.tls") { () throws(TLSLoadError) in
+                try TLSMaterial.listener(tls, protocol: .http1, at: "control.tls")
+            }
+        }
         clusterEntries = NIOLockedValueBox([:])
         installClusters(try prepareClusters(config.clusters))
     }
@@ -87,10 +94,8 @@ public final class TLSStore: Sendable {
         NIOLockedValueBox(Entry(owner: owner, path: path, load: load, material: try load(), lastRotation: Date()))
     }
 
-    /// A server context for a listener outside the data plane (the control plane's), loaded once.
-    public static func serverContext(_ tls: ListenerTLSConfig, at path: String) throws(TLSLoadError) -> NIOSSLContext {
-        try TLSMaterial.listener(tls, protocol: .http1, at: path).context
-    }
+    /// The context for a new handshake on the control-plane listener (nil without `control.tls`).
+    public func controlContext() -> NIOSSLContext? { controlEntry?.withLockedValue { $0.material.context } }
 
     /// Loads every TLS file of `config` once, to report a broken one before starting (`vigil validate`).
     public static func check(_ config: VigilConfig) throws(TLSLoadError) {
@@ -98,7 +103,6 @@ public final class TLSStore: Sendable {
                                                                 metricsFactory: NOOPMetricsHandler.instance))
     }
 
-    var isEmpty: Bool { listenerEntries.isEmpty && clusterEntries.withLockedValue { $0.isEmpty } }
 
     /// The context for a new handshake on listener `i` (nil without TLS).
     func listenerContext(_ i: Int) -> NIOSSLContext? { listenerEntries[i]?.withLockedValue { $0.material.context } }
@@ -114,7 +118,7 @@ public final class TLSStore: Sendable {
     @discardableResult
     public func reload(now: Date = Date()) -> [HealingEvent] {
         var out: [HealingEvent] = []
-        for box in Array(listenerEntries.values) + Array(clusterEntries.withLockedValue { $0.values }) {
+        for box in Array(listenerEntries.values) + (controlEntry.map { [$0] } ?? []) + Array(clusterEntries.withLockedValue { $0.values }) {
             out += box.withLockedValue { entry in Self.check(&entry, now: now) }
         }
         events.emit(out)
@@ -163,12 +167,12 @@ public final class TLSStore: Sendable {
     }
 
     public func certificates() -> [CertView] {
-        let boxes = listenerEntries.sorted { $0.key < $1.key }.map(\.value)
+        let boxes = listenerEntries.sorted { $0.key < $1.key }.map(\.value) + (controlEntry.map { [$0] } ?? [])
             + clusterEntries.withLockedValue { $0 }.sorted { $0.key < $1.key }.map(\.value)
         return boxes.flatMap { box in
             box.withLockedValue { e -> [CertView] in
                 let own = e.material.leaf.map {
-                    [CertView(owner: e.owner, path: e.path, role: e.path.hasPrefix("listeners") ? "serving" : "client",
+                    [CertView(owner: e.owner, path: e.path, role: e.path.hasPrefix("clusters") ? "client" : "serving",
                               info: $0, lastRotation: e.lastRotation)]
                 } ?? []
                 return own + e.material.trust.map {
