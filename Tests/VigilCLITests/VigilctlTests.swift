@@ -101,4 +101,48 @@ import VigilTestSupport
         let (v1, _, broken) = try run("vigil", ["audit", "verify", file])
         #expect(v1 != 0 && broken.contains("BROKEN at") && broken.contains("edited"))
     }
+
+    @Test func vigilctlSpeaksMutualTLSToTheControlPlane() async throws {
+        let dir = NSTemporaryDirectory() + "vigilctl-tls-\(UUID().uuidString)"
+        let (made, _, err) = try run("vigil", ["certs", "dev", dir, "--name", "spiffe://corp/ns/mesh/sa/vigil",
+                                               "--name", "spiffe://corp/ns/ops/sa/admin", "--name", "spiffe://corp/ns/web/sa/app"])
+        #expect(made == 0, "\(err)")
+        let (admin, control, proxy) = (try await freePort(), try await freePort(), try await freePort())
+        try """
+            state_dir: \(dir)/state
+            admin: { address: "127.0.0.1:\(admin)" }
+            control:
+              address: "127.0.0.1:\(control)"
+              tls: { cert: \(dir)/corp-ns-mesh-sa-vigil.pem, key: \(dir)/corp-ns-mesh-sa-vigil-key.pem, client_ca: \(dir)/ca.pem }
+              identities: [{ identity: "spiffe://corp/ns/ops/*", role: write }]
+            access_log: { output: "off" }
+            listeners:
+              - { name: in, address: "127.0.0.1:\(proxy)", routes: [{ match: { prefix: "/" }, cluster: a }] }
+            clusters:
+              - { name: a, endpoints: ["127.0.0.1:9"] }
+            """.write(toFile: dir + "/vigil.yaml", atomically: true, encoding: .utf8)
+        let p = Process()
+        p.executableURL = Self.binary("vigil")
+        p.arguments = ["--config", dir + "/vigil.yaml", "--threads", "1"]
+        p.standardError = FileHandle.nullDevice
+        p.standardOutput = FileHandle.nullDevice
+        try p.run()
+        defer { if p.isRunning { p.terminate() } }
+        try await waitUntilReady(adminPort: admin, group: group)
+        let server = ["--server", "https://127.0.0.1:\(control)", "--cacert", dir + "/ca.pem"]
+        let ops = ["--cert", dir + "/corp-ns-ops-sa-admin.pem", "--key", dir + "/corp-ns-ops-sa-admin-key.pem"]
+        let web = ["--cert", dir + "/corp-ns-web-sa-app.pem", "--key", dir + "/corp-ns-web-sa-app-key.pem"]
+        let (s0, out, e0) = try run("vigilctl", ["compliance"] + server + ops)
+        #expect(s0 == 0, "\(e0)")
+        #expect(out.contains("audit chain: INTACT"))
+        // An identity the allowlist does not know gets 401; no certificate at all never gets through.
+        let (s1, _, e1) = try run("vigilctl", ["status"] + server + web)
+        #expect(s1 != 0 && e1.contains("credentials required"))
+        #expect(try run("vigilctl", ["status"] + server).0 != 0)
+        try #"{"clusters": [{"name": "a", "endpoints": ["127.0.0.1:10"]}]}"#.write(toFile: dir + "/p.json", atomically: true, encoding: .utf8)
+        let (s2, applied, _) = try run("vigilctl", ["policy", "apply", dir + "/p.json"] + server + ops)
+        #expect(s2 == 0 && applied.contains("1 of 1 sidecars run policy"))
+        let (_, history, _) = try run("vigilctl", ["policy", "history"] + server + ops)
+        #expect(history.contains("identity:spiffe://corp/ns/ops/sa/admin"))
+    }
 }

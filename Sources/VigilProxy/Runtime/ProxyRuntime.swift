@@ -24,7 +24,8 @@ public final class ProxyRuntime: Sendable {
     let logger: Logger
     /// The snapshot in force; each event loop has its own copy (`LoopContext.policy`) for the request path.
     private let currentBox: NIOLockedValueBox<PolicySnapshot>
-    /// Serializes policy changes: one build-and-install at a time.
+    /// Makes the cluster TLS install and the swap of the current snapshot one step. (Whole policy changes
+    /// are taken one at a time by the control plane's policy controller.)
     private let installLock = NIOLock()
     /// The repeated tasks `startBackgroundWork` scheduled, cancelled by `stopBackgroundWork`.
     private let backgroundTasks = NIOLockedValueBox<[RepeatedTask]>([])
