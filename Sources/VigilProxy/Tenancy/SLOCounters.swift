@@ -1,12 +1,12 @@
-import Atomics
+import Synchronization
 import VigilCore
 
 /// One tenant's cumulative outcome counters for its SLO, bumped on the request path with relaxed atomic
 /// adds and sampled once a second into VigilCore's `SLOTracker`.
 public final class SLOCounters: Sendable {
-    let requests = ManagedAtomic<Int>(0)
-    let failures = ManagedAtomic<Int>(0)
-    let slow = ManagedAtomic<Int>(0)
+    let requests = Atomic<Int>(0)
+    let failures = Atomic<Int>(0)
+    let slow = Atomic<Int>(0)
     /// Requests longer than this count as slow (the objective's `latency_p99`); `Int64.max` when untracked.
     let slowNanos: Int64
 
@@ -17,9 +17,9 @@ public final class SLOCounters: Sendable {
     /// Counts one finished request. A 5xx is a failure whoever answered it; other answers (429 included:
     /// that is the tenant's own limit working) are not.
     func record(status: Int, durationNanos: Int64) {
-        requests.wrappingIncrement(ordering: .relaxed)
-        if status >= 500 { failures.wrappingIncrement(ordering: .relaxed) }
-        if durationNanos > slowNanos { slow.wrappingIncrement(ordering: .relaxed) }
+        requests.wrappingAdd(1, ordering: .relaxed)
+        if status >= 500 { failures.wrappingAdd(1, ordering: .relaxed) }
+        if durationNanos > slowNanos { slow.wrappingAdd(1, ordering: .relaxed) }
     }
 
     func sample(tenant: String) -> SLOTracker.Sample {

@@ -27,7 +27,7 @@ extension ProxyRuntime {
         let state = tenants.state(for: name)
         state.lastSeen.store(now, ordering: .relaxed)
         if let decision = state.takeToken(now: now, route: route), !decision.allowed {
-            state.rateLimited.wrappingIncrement(ordering: .relaxed)
+            state.rateLimited.wrappingAdd(1, ordering: .relaxed)
             if config.shadow { return shadowed(state, why: "rate_limited", now: now, tenants: tenants) }
             let retry = RateLimitHeaders.seconds(decision.retryAfterNanos)
             let burst = route?.burst ?? state.burst
@@ -44,14 +44,14 @@ extension ProxyRuntime {
                                                                  resetSeconds: RateLimitHeaders.seconds(decision.resetNanos)))])))
         }
         guard state.reserveSlot() else {
-            state.concurrencyLimited.wrappingIncrement(ordering: .relaxed)
+            state.concurrencyLimited.wrappingAdd(1, ordering: .relaxed)
             if config.shadow { return shadowed(state, why: "concurrency_limited", now: now, tenants: tenants) }
             return .failure(TenantRefusal(outcome: .reply(
                 status: 429, reason: "concurrency_limited",
                 detail: "tenant \(name) has \(state.limits.maxConcurrent ?? 0) requests in flight, its max_concurrent",
                 cluster: nil, headers: [("retry-after", "1")])))
         }
-        state.allowed.wrappingIncrement(ordering: .relaxed)
+        state.allowed.wrappingAdd(1, ordering: .relaxed)
         return .success(state)
     }
 
@@ -63,8 +63,8 @@ extension ProxyRuntime {
            state.lastShadowLog.compareExchange(expected: last, desired: now, ordering: .relaxed).exchanged {
             tenants.logger.info("shadow: would have refused", metadata: ["tenant": "\(state.name)", "reason": "\(why)"])
         }
-        state.inFlight.wrappingIncrement(ordering: .relaxed)
-        state.allowed.wrappingIncrement(ordering: .relaxed)
+        state.inFlight.wrappingAdd(1, ordering: .relaxed)
+        state.allowed.wrappingAdd(1, ordering: .relaxed)
         return .success(state)
     }
 }
