@@ -240,6 +240,30 @@ import Testing
         #expect(errs.contains { $0.hasPrefix("bogus:") })
     }
 
+    @Test func staticSettingsMayBeRepeatedUnchangedButNotChanged() throws {
+        let base = try VigilConfig.parse(yaml: Self.base)
+        let same = try base.applying(policy: """
+            control: { tokens: [{ name: ops, token_file: ops.token, role: write }] }
+            listeners:
+              - name: inbound
+                address: "127.0.0.1:15006"
+                protocol: auto
+                routes: [{ match: { prefix: "/v2/" }, cluster: api }]
+            clusters: [{ name: api, endpoints: ["127.0.0.1:8080"] }]
+            """)
+        #expect(same.listeners[0].routes.first?.match.path == .prefix("/v2/"))
+        let errs = try errors("""
+            control: { tokens: [{ name: ops, token_file: other.token, role: write }] }
+            listeners:
+              - name: inbound
+                protocol: http2
+                routes: [{ match: { prefix: "/" }, cluster: nosuch }]
+            """)
+        #expect(errs.contains { $0.hasPrefix("control:") && $0.contains("differs") })
+        #expect(errs.contains { $0.hasPrefix("listeners[0].protocol:") && $0.contains("differs") })
+        #expect(errs.filter { $0.hasPrefix("listeners[0].routes[0].cluster:") }.count == 1)
+    }
+
     @Test func droppingAClusterTheFilesRoutesStillUseIsRefused() throws {
         let errs = try errors(#"{"clusters": [{"name": "other", "endpoints": ["127.0.0.1:1"]}], "listeners": [{"name": "inbound", "routes": [{"match": {"prefix": "/"}, "cluster": "other"}]}]}"#)
         #expect(errs.count == 1)

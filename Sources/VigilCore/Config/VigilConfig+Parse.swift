@@ -27,29 +27,7 @@ extension ConfigReader {
         guard let m = map(root, at: "", keys: keys) else { return nil }
         var config = VigilConfig(listeners: [], clusters: [])
 
-        if let node = map(m["node"], at: "node", keys: ["id"]), let id = nonEmptyString(node["id"], at: "node.id") {
-            config.nodeID = id
-        }
-        if let admin = map(m["admin"], at: "admin", keys: ["address"]),
-           let address = self.address(admin["address"], at: "admin.address") {
-            config.admin.address = address
-        }
-        if let dir = nonEmptyString(m["state_dir"], at: "state_dir") { config.stateDir = dir }
-        if let log = map(m["access_log"], at: "access_log", keys: ["output"]),
-           let output = nonEmptyString(log["output"], at: "access_log.output") {
-            switch output {
-            case "stdout": config.accessLog = .stdout
-            case "off": config.accessLog = .off
-            default: config.accessLog = .file(output)
-            }
-        }
-        if let d = duration(m["drain_timeout"], at: "drain_timeout") { config.drainTimeout = d }
-        if let n = int(m["event_buffer"], at: "event_buffer", range: 1...1_000_000) { config.eventBuffer = n }
-        if let node = m["control"] { config.control = readControl(node, at: "control") }
-        if let node = m["audit"], let audit = readAudit(node, at: "audit") {
-            config.audit = audit
-            config.auditConfigured = true
-        }
+        readStatic(m, into: &config)
         readDynamic(m, into: &config)
         let seenClusters = Dictionary(config.clusters.enumerated().map { ($0.element.name, $0.offset) }) { a, _ in a }
 
@@ -81,6 +59,33 @@ extension ConfigReader {
             config.listeners.append(listener)
         }
         return config
+    }
+
+    /// The settings only the config file sets (a policy push may repeat them, unchanged).
+    mutating func readStatic(_ m: MapView, into config: inout VigilConfig) {
+        if let node = map(m["node"], at: "node", keys: ["id"]), let id = nonEmptyString(node["id"], at: "node.id") {
+            config.nodeID = id
+        }
+        if let admin = map(m["admin"], at: "admin", keys: ["address"]),
+           let address = self.address(admin["address"], at: "admin.address") {
+            config.admin.address = address
+        }
+        if let dir = nonEmptyString(m["state_dir"], at: "state_dir") { config.stateDir = dir }
+        if let log = map(m["access_log"], at: "access_log", keys: ["output"]),
+           let output = nonEmptyString(log["output"], at: "access_log.output") {
+            switch output {
+            case "stdout": config.accessLog = .stdout
+            case "off": config.accessLog = .off
+            default: config.accessLog = .file(output)
+            }
+        }
+        if let d = duration(m["drain_timeout"], at: "drain_timeout") { config.drainTimeout = d }
+        if let n = int(m["event_buffer"], at: "event_buffer", range: 1...1_000_000) { config.eventBuffer = n }
+        if let node = m["control"] { config.control = readControl(node, at: "control") }
+        if let node = m["audit"], let audit = readAudit(node, at: "audit") {
+            config.audit = audit
+            config.auditConfigured = true
+        }
     }
 
     /// The sections a policy push may replace (`tenants`, `authorization`, `slo`, `clusters`), read the same

@@ -14,8 +14,9 @@ import Yams
 ///
 /// Every section is optional; a section the policy leaves out keeps the config file's value. A policy
 /// always applies on top of the config file, never on top of the previous policy, so each version stands
-/// alone and a rollback is exact. Static settings (addresses, TLS, limits, ports) are refused with a reason:
-/// they change with the file and a restart.
+/// alone and a rollback is exact. Static settings (addresses, TLS, limits, ports) may be repeated as they
+/// are, so a policy can be written from the config file itself, but a change to one is refused with a
+/// reason: they change with the file and a restart.
 extension VigilConfig {
     public static let policySections = ["clusters", "listeners", "tenants", "authorization", "slo"]
 
@@ -32,7 +33,9 @@ extension VigilConfig {
         var reader = ConfigReader()
         let config = reader.readPolicy(root, base: self)
         if let config, reader.errors.isEmpty { return config }
-        throw ConfigErrors(reader.errors)
+        // A listener repeated with its static fields is read twice (to compare them); name each problem once.
+        var seen = Set<ConfigError>()
+        throw ConfigErrors(reader.errors.filter { seen.insert($0).inserted })
     }
 
     /// The dynamic sections of this configuration as a policy document (what `GET /v1/policy` shows as
@@ -74,15 +77,16 @@ extension ConfigReader {
             fail("", "a policy must be a mapping with any of: \(VigilConfig.policySections.joined(separator: ", "))")
             return nil
         }
-        var filtered = Node.Mapping([])
-        for (k, v) in mapping {
-            if let key = k.scalar?.string, Self.staticKeys.contains(key) {
-                fail(key, "is static: change it in the config file and restart (a policy holds \(VigilConfig.policySections.joined(separator: ", ")))")
-                continue
+        // Static settings may be repeated (a policy written from the config file), but not changed.
+        guard let m = map(root, at: "", keys: Set(VigilConfig.policySections).union(Self.staticKeys)) else { return nil }
+        var probe = base
+        readStatic(m, into: &probe)
+        for (k, _) in mapping {
+            guard let key = k.scalar?.string, Self.staticKeys.contains(key) else { continue }
+            if !Self.sameStatic(key, probe, base) {
+                fail(key, "is static and differs from the running configuration: change it in the config file and restart (a policy changes \(VigilConfig.policySections.joined(separator: ", ")))")
             }
-            filtered[k] = v
         }
-        guard let m = map(.mapping(filtered), at: "", keys: Set(VigilConfig.policySections)) else { return nil }
         var config = base
         readDynamic(m, into: &config)
         let clusterNames = Dictionary(config.clusters.enumerated().map { ($0.element.name, $0.offset) }) { a, _ in a }
@@ -90,11 +94,7 @@ extension ConfigReader {
         if let listeners = list(m["listeners"], at: "listeners") {
             for (i, node) in listeners.enumerated() {
                 let path = Self.index("listeners", i)
-                guard let l = map(node, at: path, keys: ["name", "routes", "address", "protocol", "limits", "tls",
-                                                         "authorization", "trusted_headers"]) else { continue }
-                for key in ["address", "protocol", "limits", "tls", "authorization", "trusted_headers"] where l[key] != nil {
-                    fail(l.path(key), "is static: change it in the config file and restart (a policy sets only a listener's routes)")
-                }
+                guard let l = map(node, at: path, keys: Self.listenerKeys) else { continue }
                 guard let name = required(nonEmptyString(l["name"], at: l.path("name")), l, "name") else { continue }
                 guard let index = config.listeners.firstIndex(where: { $0.name == name }) else {
                     let known = config.listeners.map(\.name).joined(separator: ", ")
@@ -102,8 +102,19 @@ extension ConfigReader {
                     continue
                 }
                 if !replaced.insert(name).inserted { fail(l.path("name"), "\"\(name)\" is listed twice"); continue }
+                let running = config.listeners[index]
+                // The listener's static fields, where given, are read the way the file's are and must equal them.
+                let given = Self.listenerKeys.subtracting(["name", "routes"]).filter { l[$0] != nil }
+                if !given.isEmpty, l["routes"] != nil, case .mapping(var entry) = node {
+                    if entry["address"] == nil { entry["address"] = Node(running.address.description) }
+                    if let parsed = readListener(.mapping(entry), at: path, clusterNames: clusterNames) {
+                        for key in given.sorted() where !Self.sameListenerField(key, parsed, running) {
+                            fail(l.path(key), "is static and differs from the running listener: change it in the config file and restart (a policy sets a listener's routes)")
+                        }
+                    }
+                }
                 guard let routeNodes = required(list(l["routes"], at: l.path("routes")), l, "routes") else { continue }
-                if routeNodes.isEmpty { fail(l.path("routes"), "at least one route is required") }
+                if routeNodes.isEmpty { fail(l.path("routes"), "at least one route is required"); continue }
                 config.listeners[index].routes = routeNodes.enumerated().compactMap {
                     readRoute($0.element, at: Self.index(l.path("routes"), $0.offset), clusterNames: clusterNames)
                 }
@@ -116,5 +127,33 @@ extension ConfigReader {
             }
         }
         return config
+    }
+
+    static let listenerKeys: Set = ["name", "routes", "address", "protocol", "limits", "tls", "authorization", "trusted_headers"]
+
+    static func sameStatic(_ key: String, _ a: VigilConfig, _ b: VigilConfig) -> Bool {
+        switch key {
+        case "node": a.nodeID == b.nodeID
+        case "admin": a.admin == b.admin
+        case "state_dir": a.stateDir == b.stateDir
+        case "access_log": a.accessLog == b.accessLog
+        case "drain_timeout": a.drainTimeout == b.drainTimeout
+        case "event_buffer": a.eventBuffer == b.eventBuffer
+        case "control": a.control == b.control
+        case "audit": a.audit == b.audit
+        default: false
+        }
+    }
+
+    static func sameListenerField(_ key: String, _ a: ListenerConfig, _ b: ListenerConfig) -> Bool {
+        switch key {
+        case "address": a.address == b.address
+        case "protocol": a.protocol == b.protocol
+        case "limits": a.limits == b.limits
+        case "tls": a.tls == b.tls
+        case "authorization": a.authorization == b.authorization
+        case "trusted_headers": a.trustedHeaders == b.trustedHeaders
+        default: false
+        }
     }
 }
