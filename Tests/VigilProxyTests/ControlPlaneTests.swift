@@ -207,6 +207,19 @@ final class StreamReader: ChannelInboundHandler, Sendable {
         await h.stop()
     }
 
+    @Test func expectContinueIsAnswered() async throws {
+        let (a, b) = try await upstreams()
+        let h = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group)
+        let body = Self.routeTo("b")
+        let head = "PUT /v1/policy HTTP/1.1\r\nHost: c\r\nAuthorization: Bearer \(ControlHarness.writeToken)\r\nContent-Length: \(body.utf8.count)\r\nExpect: 100-continue\r\n\r\n"
+        let (channel, reader) = try await StreamReader.open(port: h.port, group: group, request: head)
+        try await reader.waitFor("HTTP/1.1 100 Continue\r\n")
+        try await channel.writeAndFlush(ByteBuffer(string: body))
+        try await reader.waitFor("\"applied\": true")
+        try await channel.close()
+        await h.stop()
+    }
+
     @Test func concurrentPushesWithTheSameIfMatchHaveExactlyOneWinner() async throws {
         let (a, b) = try await upstreams()
         let h = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group)

@@ -330,6 +330,11 @@ final class ControlHandler: ChannelInboundHandler {
             head = h
             body.clear()
             tooLarge = false
+            // curl sends `Expect: 100-continue` with larger uploads and waits a second for it otherwise.
+            if h.headers.first(name: "expect")?.lowercased() == "100-continue" {
+                context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: h.version, status: .continue))),
+                                      promise: nil)
+            }
         case .body(var part):
             if body.readableBytes + part.readableBytes > maxBody { tooLarge = true } else { body.writeBuffer(&part) }
         case .end:
