@@ -12,19 +12,25 @@ import Glibc
 ///
 /// Policy changes go through `appendDurable` (written and fsync'd before the caller answers); healing events
 /// and TLS reloads through `append`, which only buffers: `flush()` runs at least once a second. Writes use
-/// plain POSIX calls under one lock; callers run them off the event loops (the control plane's thread pool).
+/// plain POSIX calls; callers run them off the event loops (the control plane's thread pool). Two locks keep
+/// I/O away from the event loops: `chain` (the hash chain and the lines not yet written) is held only to
+/// build a line, `io` (the file) is held across writes and fsyncs, and an appender never takes it.
 public final class AuditLog: Sendable {
     public let directory: String
     private let maxFileBytes: Int
-    private let state: NIOLockedValueBox<State>
+    private let chain: NIOLockedValueBox<Chain>
+    private let io: NIOLockedValueBox<File>
     private let logger: Logger
 
-    struct State {
+    struct Chain {
         var chain: AuditChain
+        var pending: [String] = []
+    }
+
+    struct File {
         var fileNumber: Int
         var fd: Int32 = -1
         var fileBytes = 0
-        var pending: [String] = []
         var writeFailed = false
     }
 
@@ -58,7 +64,8 @@ public final class AuditLog: Sendable {
                 number += 1
             }
         }
-        state = NIOLockedValueBox(State(chain: chain, fileNumber: number))
+        self.chain = NIOLockedValueBox(Chain(chain: chain))
+        self.io = NIOLockedValueBox(File(fileNumber: number))
     }
 
     /// The audit files in order, oldest first.
@@ -73,46 +80,51 @@ public final class AuditLog: Sendable {
     public var paths: [String] { Self.files(in: directory).map(\.path) }
 
     /// The latest record's seq and hash (what a verifier of the files should end at).
-    public var head: (seq: UInt64, hash: String) { state.withLockedValue { ($0.chain.lastSeq, $0.chain.lastHash) } }
+    public var head: (seq: UInt64, hash: String) { chain.withLockedValue { ($0.chain.lastSeq, $0.chain.lastHash) } }
 
-    /// Buffers a record; written by the next `flush()`.
+    /// Buffers a record; written by the next `flush()`. Never waits for the disk.
     public func append(kind: String, actor: String, payload: JSONValue, timeNanos: Int64) {
-        state.withLockedValue { s in
-            s.pending.append(s.chain.append(kind: kind, actor: actor, payload: payload, timeNanos: timeNanos))
+        chain.withLockedValue { c in
+            c.pending.append(c.chain.append(kind: kind, actor: actor, payload: payload, timeNanos: timeNanos))
         }
     }
 
     /// Writes a record (and anything buffered before it) and fsyncs the file before returning.
     public func appendDurable(kind: String, actor: String, payload: JSONValue, timeNanos: Int64) throws {
-        try state.withLockedValue { s in
-            s.pending.append(s.chain.append(kind: kind, actor: actor, payload: payload, timeNanos: timeNanos))
-            try write(&s)
-            guard fsync(s.fd) == 0 else { throw FileSystemError("fsync of the audit log failed: errno \(errno)") }
+        try io.withLockedValue { f in
+            let lines = chain.withLockedValue { c in
+                c.pending.append(c.chain.append(kind: kind, actor: actor, payload: payload, timeNanos: timeNanos))
+                defer { c.pending = [] }
+                return c.pending
+            }
+            try write(lines, to: &f)
+            guard fsync(f.fd) == 0 else { throw FileSystemError("fsync of the audit log failed: errno \(errno)") }
         }
     }
 
     /// Writes what is buffered.
     public func flush() {
-        state.withLockedValue { s in
+        io.withLockedValue { f in
+            let lines = chain.withLockedValue { c in defer { c.pending = [] }; return c.pending }
             do {
-                try write(&s)
-                if s.writeFailed { logger.notice("audit: writing again") }
-                s.writeFailed = false
+                try write(lines, to: &f)
+                if f.writeFailed { logger.notice("audit: writing again") }
+                f.writeFailed = false
             } catch {
-                if !s.writeFailed { logger.error("audit: cannot write", metadata: ["error": "\(error)"]) }
-                s.writeFailed = true
+                if !f.writeFailed { logger.error("audit: cannot write", metadata: ["error": "\(error)"]) }
+                f.writeFailed = true
             }
         }
     }
 
     public func close() {
         flush()
-        state.withLockedValue { s in
-            if s.fd >= 0 {
-                _ = fsync(s.fd)
-                _ = Glibc.close(s.fd)
+        io.withLockedValue { f in
+            if f.fd >= 0 {
+                _ = fsync(f.fd)
+                _ = Glibc.close(f.fd)
             }
-            s.fd = -1
+            f.fd = -1
         }
     }
 
@@ -121,34 +133,40 @@ public final class AuditLog: Sendable {
         return directory + "/audit-" + String(repeating: "0", count: max(0, 6 - digits.count)) + digits + ".jsonl"
     }
 
-    /// Writes the pending lines, one file at a time, starting a new file past the size limit.
-    private func write(_ s: inout State) throws {
-        guard !s.pending.isEmpty else { return }
-        if s.fd < 0 { try open(&s) }
-        var i = 0
-        while i < s.pending.count {
-            if s.fileBytes >= maxFileBytes {
-                _ = fsync(s.fd)
-                _ = Glibc.close(s.fd)
-                s.fd = -1
-                s.fileNumber += 1
-                try open(&s)
+    /// Writes `lines` in order, starting a new file past the size limit. Lines that could not be written go
+    /// back to the front of the queue (still under the io lock, so nothing is written before them).
+    private func write(_ lines: [String], to f: inout File) throws {
+        guard !lines.isEmpty else { return }
+        var written = 0
+        do {
+            if f.fd < 0 { try open(&f) }
+            for text in lines {
+                if f.fileBytes >= maxFileBytes {
+                    _ = fsync(f.fd)
+                    _ = Glibc.close(f.fd)
+                    f.fd = -1
+                    f.fileNumber += 1
+                    try open(&f)
+                }
+                let line = Array((text + "\n").utf8)
+                try FileSystem.writeAll(f.fd, line)
+                f.fileBytes += line.count
+                written += 1
             }
-            let line = Array((s.pending[i] + "\n").utf8)
-            try FileSystem.writeAll(s.fd, line)
-            s.fileBytes += line.count
-            i += 1
+        } catch {
+            let rest = lines[written...]
+            chain.withLockedValue { $0.pending.insert(contentsOf: rest, at: 0) }
+            throw error
         }
-        s.pending.removeAll()
     }
 
-    private func open(_ s: inout State) throws {
-        let fd = Glibc.open(path(s.fileNumber), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o640)
-        guard fd >= 0 else { throw FileSystemError("cannot open \(path(s.fileNumber)): errno \(errno)") }
+    private func open(_ f: inout File) throws {
+        let fd = Glibc.open(path(f.fileNumber), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o640)
+        guard fd >= 0 else { throw FileSystemError("cannot open \(path(f.fileNumber)): errno \(errno)") }
         var st = stat()
         fstat(fd, &st)
-        s.fd = fd
-        s.fileBytes = Int(st.st_size)
+        f.fd = fd
+        f.fileBytes = Int(st.st_size)
     }
 }
 
