@@ -26,6 +26,23 @@ import VigilTestSupport
         return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
     }
 
+    /// Runs `vigil --config CONFIG` and waits until its admin port says it is ready.
+    func startVigil(config: String, adminPort: Int) async throws -> Process {
+        let p = Process()
+        p.executableURL = Self.binary("vigil")
+        p.arguments = ["--config", config, "--threads", "1"]
+        p.standardError = FileHandle.nullDevice
+        p.standardOutput = FileHandle.nullDevice
+        try p.run()
+        do {
+            try await waitUntilReady(adminPort: adminPort, group: group)
+        } catch {
+            p.terminate()
+            throw error
+        }
+        return p
+    }
+
     func freePort() async throws -> Int {
         let c = try await ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).get()
         let port = c.localAddress!.port!
@@ -51,14 +68,8 @@ import VigilTestSupport
               - { name: a, endpoints: ["127.0.0.1:\(upstream.port)"] }
               - { name: b, endpoints: ["127.0.0.1:\(other.port)"] }
             """.write(toFile: dir + "/vigil.yaml", atomically: true, encoding: .utf8)
-        let p = Process()
-        p.executableURL = Self.binary("vigil")
-        p.arguments = ["--config", dir + "/vigil.yaml", "--threads", "1"]
-        p.standardError = FileHandle.nullDevice
-        p.standardOutput = FileHandle.nullDevice
-        try p.run()
+        let p = try await startVigil(config: dir + "/vigil.yaml", adminPort: admin)
         defer { if p.isRunning { p.terminate() } }
-        try await waitUntilReady(adminPort: admin, group: group)
         let auth = ["--token-file", dir + "/ops.token"]
         let live = ["--server", "http://127.0.0.1:\(control)"]
         let (s0, status, _) = try run("vigilctl", ["status"] + live + auth)
@@ -121,14 +132,8 @@ import VigilTestSupport
             clusters:
               - { name: a, endpoints: ["127.0.0.1:9"] }
             """.write(toFile: dir + "/vigil.yaml", atomically: true, encoding: .utf8)
-        let p = Process()
-        p.executableURL = Self.binary("vigil")
-        p.arguments = ["--config", dir + "/vigil.yaml", "--threads", "1"]
-        p.standardError = FileHandle.nullDevice
-        p.standardOutput = FileHandle.nullDevice
-        try p.run()
+        let p = try await startVigil(config: dir + "/vigil.yaml", adminPort: admin)
         defer { if p.isRunning { p.terminate() } }
-        try await waitUntilReady(adminPort: admin, group: group)
         let server = ["--server", "https://127.0.0.1:\(control)", "--cacert", dir + "/ca.pem"]
         let ops = ["--cert", dir + "/corp-ns-ops-sa-admin.pem", "--key", dir + "/corp-ns-ops-sa-admin-key.pem"]
         let web = ["--cert", dir + "/corp-ns-web-sa-app.pem", "--key", dir + "/corp-ns-web-sa-app-key.pem"]

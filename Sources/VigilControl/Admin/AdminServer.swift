@@ -51,12 +51,7 @@ public final class AdminServer: Sendable {
 
     public var boundAddress: SocketAddress? { channelBox.withLockedValue { $0?.localAddress } }
 
-    public func stop() async {
-        let channel = channelBox.withLockedValue { c in defer { c = nil }; return c }
-        try? await channel?.close()
-        let open = streams.withLockedValue { s in defer { s = [:] }; return Array(s.values) }
-        for c in open { try? await c.close() }
-    }
+    public func stop() async { await EventStream.closeServer(channelBox, streams: streams) }
 
     /// Open `/events/stream` connections (the live page's), closed on stop.
     let streams = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])

@@ -79,12 +79,7 @@ public final class ControlServer: Sendable {
 
     public var boundAddress: SocketAddress? { channelBox.withLockedValue { $0?.localAddress } }
 
-    public func stop() async {
-        let channel = channelBox.withLockedValue { c in defer { c = nil }; return c }
-        try? await channel?.close()
-        let open = streams.withLockedValue { s in defer { s = [:] }; return Array(s.values) }
-        for c in open { try? await c.close() }
-    }
+    public func stop() async { await EventStream.closeServer(channelBox, streams: streams) }
 
     // MARK: - Requests
 

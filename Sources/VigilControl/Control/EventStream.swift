@@ -55,6 +55,15 @@ final class EventStream {
         }
     }
 
+    /// Stops a server that serves event streams: its listening channel, then every stream still open (a
+    /// stream never ends on its own).
+    static func closeServer(_ listening: NIOLockedValueBox<Channel?>, streams: NIOLockedValueBox<[ObjectIdentifier: Channel]>) async {
+        let channel = listening.withLockedValue { c in defer { c = nil }; return c }
+        try? await channel?.close()
+        let open = streams.withLockedValue { s in defer { s = [:] }; return Array(s.values) }
+        for c in open { try? await c.close() }
+    }
+
     func deliver(_ record: HealingRecord) {
         guard record.seq > lastSent else { return }  // already sent in the replay
         lastSent = record.seq
