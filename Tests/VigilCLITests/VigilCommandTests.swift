@@ -69,8 +69,9 @@ import VigilTestSupport
     }
 
     @Test func sigtermDrainsInFlightRequestsThenExitsZero() async throws {
+        let gate = Gate()
         let upstream = try await FakeUpstream(group: group) { head in
-            head.uri == "/slow" ? .delayed(ms: 700, body: "slow done") : .respond()
+            head.uri == "/slow" ? .gated(gate, body: "slow done") : .respond()
         }
         let (adminPort, proxyPort) = (try await freePort(), try await freePort())
         let path = try tempFile("""
@@ -96,6 +97,19 @@ import VigilTestSupport
             while upstream.recorded.isEmpty { try await Task.sleep(for: .milliseconds(10)) }
         }
         kill(p.processIdentifier, SIGTERM)
+        // The slow answer is released once Vigil says it is draining (the admin port stays up until the end).
+        try await withTimeout(10, "vigil to start draining") {
+            while true {
+                if let c = try? await TestClient.connect(port: adminPort, group: group) {
+                    try await c.send("GET /ready HTTP/1.1\r\nHost: a\r\n\r\n")
+                    let text = try await c.response()?.text
+                    try? await c.close()
+                    if text == "DRAINING\n" { return }
+                }
+                try await Task.sleep(for: .milliseconds(10))
+            }
+        }
+        gate.open()
         let r = try #require(try await client.response())
         #expect(r.status == 200 && r.text == "slow done")
         #expect(r.header("connection") == "close")

@@ -176,8 +176,9 @@ import VigilTestSupport
     }
 
     @Test func overflowIs503WhenTheClusterIsFull() async throws {
+        let gate = Gate()
         let (proxy, _) = try await setup(ProxyHarness.simple(cluster: "circuit_breakers: { max_requests: 1 }"),
-                                         behaviour: { head in head.uri == "/slow" ? .delayed(ms: 500, body: "slow") : .respond() })
+                                         behaviour: { head in head.uri == "/slow" ? .gated(gate, body: "slow") : .respond() })
         let slow = try await proxy.client()
         try await slow.send("GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
         // Wait until the slow request holds the cluster's only slot.
@@ -187,6 +188,7 @@ import VigilTestSupport
         let r = try #require(try await fast.response())
         #expect(r.status == 503)
         #expect(r.header("x-vigil-reason") == "overflow")
+        gate.open()
         #expect(try await slow.response()?.text == "slow")
         await proxy.stop()
     }

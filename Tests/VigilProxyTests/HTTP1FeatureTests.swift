@@ -59,13 +59,17 @@ import VigilTestSupport
     }
 
     @Test func drainFinishesInFlightRequestsAndRefusesNewConnections() async throws {
-        let upstream = try await FakeUpstream(group: group) { _ in .delayed(ms: 300, body: "finished") }
+        let gate = Gate()
+        let upstream = try await FakeUpstream(group: group) { _ in .gated(gate, body: "finished") }
         let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
         let port = proxy.port()
         let client = try await proxy.client()
         try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-        while proxy.runtime.activeRequests.load(ordering: .relaxed) == 0 { await Task.yield() }
-        let draining = Task { await proxy.server.drain(timeout: .seconds(5)) }
+        while upstream.recorded.isEmpty { await Task.yield() }
+        let draining = Task { await proxy.server.drain(timeout: .seconds(10)) }
+        // The answer is released only once the drain has begun.
+        while !proxy.runtime.draining.load(ordering: .relaxed) { await Task.yield() }
+        gate.open()
         let r = try #require(try await client.response())
         #expect(r.text == "finished")
         #expect(r.header("connection") == "close")

@@ -63,13 +63,25 @@ import VigilTestSupport
     }
 
     @Test func theConcurrencyLimitIsReleasedOnEveryWayARequestEnds() async throws {
-        // /hang never answers, /fail answers 503; the route times out after 300 ms.
+        // /hang and /timeout never answer, /fail answers 503. Only /timeout has a route timeout (300 ms): the
+        // request held on /hang stays in flight until its client resets it, however slow the machine.
         let upstream = try await FakeUpstream(group: group) { head in
-            head.uri == "/hang" ? .hang : (head.uri == "/fail" ? .respond(status: .serviceUnavailable) : .respond())
+            ["/hang", "/timeout"].contains(head.uri) ? .hang : (head.uri == "/fail" ? .respond(status: .serviceUnavailable) : .respond())
         }
-        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(route: "timeout: 300ms", listener: "trusted_headers: true",
-                                                                     top: Self.tenants),
-                                           upstreams: [upstream.port], group: group)
+        let yaml = """
+            access_log: { output: "off" }
+            \(Self.tenants)
+            listeners:
+              - name: in
+                address: "127.0.0.1:0"
+                trusted_headers: true
+                routes:
+                  - { match: { prefix: "/timeout" }, cluster: api, timeout: 300ms }
+                  - { match: { prefix: "/" }, cluster: api, timeout: 0s }
+            clusters:
+              - { name: api, endpoints: ["127.0.0.1:$UP0"] }
+            """
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
         let state = proxy.runtime.current.tenants!.state(for: "slowpoke")
         func waitFor(inFlight n: Int) async throws {
             let deadline = Date().addingTimeInterval(10)
@@ -90,7 +102,7 @@ import VigilTestSupport
         try await first.reset()
         try await waitFor(inFlight: 0)
         // Ended by the route timeout (504), by an upstream error (503), by success (200).
-        try await send(other, "/hang")
+        try await send(other, "/timeout")
         #expect(try await other.response()?.status == 504)
         try await waitFor(inFlight: 0)
         try await send(other, "/fail")

@@ -25,6 +25,33 @@ public enum FakeBehaviour: Sendable {
     case close
     /// Answers after this many milliseconds.
     case delayed(ms: Int64, body: String)
+    /// Answers when the test opens the gate (never before): for a request that must be in flight for as
+    /// long as the test needs, however slow the machine.
+    case gated(Gate, body: String)
+}
+
+/// Opened once by a test; responses waiting on it are sent then.
+public final class Gate: Sendable {
+    private let state = NIOLockedValueBox<(open: Bool, waiting: [@Sendable () -> Void])>((false, []))
+    public init() {}
+
+    public func open() {
+        let waiting = state.withLockedValue { s -> [@Sendable () -> Void] in
+            s.open = true
+            defer { s.waiting = [] }
+            return s.waiting
+        }
+        for w in waiting { w() }
+    }
+
+    func whenOpen(_ action: @escaping @Sendable () -> Void) {
+        let now = state.withLockedValue { s -> Bool in
+            if s.open { return true }
+            s.waiting.append(action)
+            return false
+        }
+        if now { action() }
+    }
 }
 
 /// An HTTP/1.1 upstream on 127.0.0.1, built on NIOHTTP1: an implementation independent of Vigil's own
@@ -149,6 +176,10 @@ final class FakeUpstreamHandler: ChannelInboundHandler {
             context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(ms)) {
                 send(status: .ok, headers: [], body: body)
             }
+        case .gated(let gate, let body):
+            let loop = context.eventLoop
+            let sendLater = NIOLoopBound(send, eventLoop: loop)
+            gate.whenOpen { loop.execute { sendLater.value(.ok, [], body) } }
         }
     }
 }
