@@ -168,6 +168,7 @@ import VigilTestSupport
         let path = try tempFile("""
             admin: { address: "127.0.0.1:\(adminPort)" }
             access_log: { output: "off" }
+            file_poll_interval: 1h
             listeners:
               - name: in
                 address: "127.0.0.1:\(proxyPort)"
@@ -203,14 +204,14 @@ import VigilTestSupport
             #expect(rename("\(dir)/\(f).new", "\(dir)/\(f)") == 0)
         }
         kill(p.processIdentifier, SIGHUP)
+        // The file poll is set to an hour: only the SIGHUP can make the new certificate serve.
         let sent = Date()
         var after = before
-        while after == before && Date().timeIntervalSince(sent) < 1.0 {
+        while after == before && Date().timeIntervalSince(sent) < 20 {
             try await Task.sleep(for: .milliseconds(20))
             after = try await servingSHA()
         }
         #expect(after != before)
-        #expect(Date().timeIntervalSince(sent) < 1.0)   // well before the 2 s poll would have to notice
         #expect(p.isRunning)                            // SIGHUP reloads; it does not stop Vigil
     }
 }

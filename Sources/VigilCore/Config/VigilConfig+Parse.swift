@@ -23,7 +23,7 @@ extension VigilConfig {
 extension ConfigReader {
     mutating func readConfig(_ root: Node) -> VigilConfig? {
         let keys: Set = ["node", "admin", "state_dir", "access_log", "drain_timeout", "event_buffer", "listeners", "clusters",
-                         "authorization", "tenants", "control", "slo", "audit"]
+                         "authorization", "tenants", "control", "slo", "audit", "file_poll_interval"]
         guard let m = map(root, at: "", keys: keys) else { return nil }
         var config = VigilConfig(listeners: [], clusters: [])
 
@@ -81,6 +81,9 @@ extension ConfigReader {
         }
         if let d = duration(m["drain_timeout"], at: "drain_timeout") { config.drainTimeout = d }
         if let n = int(m["event_buffer"], at: "event_buffer", range: 1...1_000_000) { config.eventBuffer = n }
+        if let d = duration(m["file_poll_interval"], at: "file_poll_interval", min: .milliseconds(100)) {
+            config.filePollInterval = d
+        }
         if let node = m["control"] { config.control = readControl(node, at: "control") }
         if let node = m["audit"], let audit = readAudit(node, at: "audit") {
             config.audit = audit

@@ -70,7 +70,8 @@ extension VigilConfig {
 }
 
 extension ConfigReader {
-    static let staticKeys: Set = ["node", "admin", "state_dir", "access_log", "drain_timeout", "event_buffer", "control", "audit"]
+    static let staticKeys: Set = ["node", "admin", "state_dir", "access_log", "drain_timeout", "event_buffer", "control", "audit",
+                                  "file_poll_interval"]
 
     mutating func readPolicy(_ root: Node, base: VigilConfig) -> VigilConfig? {
         guard case .mapping(let mapping) = root else {
@@ -139,6 +140,7 @@ extension ConfigReader {
         case "access_log": a.accessLog == b.accessLog
         case "drain_timeout": a.drainTimeout == b.drainTimeout
         case "event_buffer": a.eventBuffer == b.eventBuffer
+        case "file_poll_interval": a.filePollInterval == b.filePollInterval
         case "control": a.control == b.control
         case "audit": a.audit == b.audit
         default: false

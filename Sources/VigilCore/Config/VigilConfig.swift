@@ -9,6 +9,8 @@ public struct VigilConfig: Sendable, Equatable {
     public var accessLog: AccessLogOutput
     /// How long in-flight requests may run after SIGTERM/SIGINT or `POST /drain` before Vigil exits.
     public var drainTimeout: Duration
+    /// How often TLS and JWKS files are compared with what is loaded (SIGHUP checks at once).
+    public var filePollInterval: Duration = .seconds(2)
     /// Healing events kept in memory for admin `/events` (and the control plane's replay).
     public var eventBuffer: Int = 1024
     public var listeners: [ListenerConfig]

@@ -97,6 +97,7 @@ extension VigilConfig {
             "access_log": ["output": .string(accessLogText)],
             "drain_timeout": d(drainTimeout),
             "event_buffer": .int(eventBuffer),
+            "file_poll_interval": d(filePollInterval),
             "authorization": .array(authorization.map(Self.dump)),
             "tenants": tenants.map(Self.dump) ?? .null,
             "control": control.map(Self.dump) ?? .null,

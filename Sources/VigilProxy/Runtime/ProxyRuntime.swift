@@ -135,7 +135,8 @@ public final class ProxyRuntime: Sendable {
         }
         let tls = self.tls
         tls.reload()  // reports certificates already close to expiry
-        let reload = group.next().scheduleRepeatedTask(initialDelay: TLSStore.pollInterval, delay: TLSStore.pollInterval) { [self] _ in
+        let poll = TimeAmount(config.filePollInterval)
+        let reload = group.next().scheduleRepeatedTask(initialDelay: poll, delay: poll) { [self] _ in
             tls.reload()
             current.tenants?.reloadKeys()
         }

@@ -7,13 +7,12 @@ import NIOSSL
 import VigilCore
 
 /// The TLS material of every listener and cluster that has `tls:`, loaded at startup and reloaded when its
-/// files change: a poll every `pollInterval` compares the files' bytes (which also catches the atomic
+/// files change: a poll every `file_poll_interval` (default 2 s) compares the files' bytes (which also catches the atomic
 /// symlink swap of Kubernetes secret volumes), and `reload()` (SIGHUP) checks at once. A new context is
 /// swapped in whole for new handshakes; open connections keep the one they started with. Changed files
 /// that do not load (unreadable, a key that does not match, an expired certificate) are refused: the old
 /// material stays and a `tls_reload_failed` event says why.
 public final class TLSStore: Sendable {
-    public static let pollInterval = TimeAmount.seconds(2)
     /// Certificates expiring within this long raise `cert_expiring`.
     public static let expiryWarning: TimeInterval = 7 * 86400
 
