@@ -73,13 +73,27 @@ func loadConfig(path: String) throws -> VigilConfig {
 }
 
 struct Validate: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Check a configuration file and print every error.")
+    static let configuration = CommandConfiguration(abstract: "Check a configuration file (and a policy for it) and print every error.")
 
     @Argument(help: "The configuration file.")
     var file: String
 
+    @Option(help: "A policy to check as the control plane would, applied on top of the configuration file.")
+    var policy: String?
+
     func run() throws {
-        let config = try loadConfig(path: file)
+        var config = try loadConfig(path: file)
+        if let policy {
+            guard let data = FileManager.default.contents(atPath: policy), let text = String(data: data, encoding: .utf8) else {
+                throw CommandFailure(description: "cannot read policy file \(policy)")
+            }
+            do {
+                config = try config.applying(policy: text)
+            } catch {
+                throw CommandFailure(description: "\(policy) is not a valid policy for \(file):\n" +
+                                     error.errors.map { "  \($0)" }.joined(separator: "\n"))
+            }
+        }
         do {
             try TLSStore.check(config)
             try TenantRegistry.check(config)
@@ -87,7 +101,7 @@ struct Validate: ParsableCommand {
         } catch {
             throw CommandFailure(description: "\(file) is not a valid configuration:\n  \(error)")
         }
-        print("\(file): valid (\(config.listeners.count) listeners, \(config.clusters.count) clusters)")
+        print("\(file)\(policy.map { " with \($0)" } ?? ""): valid (\(config.listeners.count) listeners, \(config.clusters.count) clusters)")
     }
 }
 

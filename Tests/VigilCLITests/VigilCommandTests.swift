@@ -44,6 +44,17 @@ import VigilTestSupport
         #expect(out.contains("valid"))
     }
 
+    @Test func validateChecksAPolicyForTheConfig() throws {
+        let (ok, out, _) = try run(["validate", "Config/vigil.yaml", "--policy", "Config/examples/policy.yaml"])
+        #expect(ok == 0)
+        #expect(out.contains("with Config/examples/policy.yaml: valid (2 listeners, 3 clusters)"))
+        let bad = try tempFile(#"{"clusters": [{"name": "local-api", "endpoints": []}], "node": {"id": "other"}}"#)
+        let (status, _, err) = try run(["validate", "Config/vigil.yaml", "--policy", bad])
+        #expect(status != 0)
+        #expect(err.contains("clusters[0].endpoints: must list at least one endpoint"))
+        #expect(err.contains("node: is static and differs"))
+    }
+
     @Test func validatePrintsEveryErrorAndFails() throws {
         let path = try tempFile("""
             listeners:
