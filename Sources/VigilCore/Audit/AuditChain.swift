@@ -108,11 +108,10 @@ public enum AuditVerifier {
         public var description: String { "\(file):\(line): \(reason)" }
     }
 
-    /// `files` are (name, content) oldest first. The chain must start at seq 1 (after 64 zeros) unless
-    /// `startingAfter` gives the hash the first record must follow.
-    public static func verify(files: [(name: String, text: String)], startingAfter: String? = nil) -> Report {
-        var report = Report(records: 0, lastSeq: 0, lastHash: startingAfter ?? AuditChain.genesis)
-        var first = true
+    /// `files` are (name, content) oldest first. The chain must start at seq 1, after 64 zeros: a log whose
+    /// first records are gone is reported as such.
+    public static func verify(files: [(name: String, text: String)]) -> Report {
+        var report = Report(records: 0, lastSeq: 0, lastHash: AuditChain.genesis)
         for file in files {
             var lineNumber = 0
             for raw in file.text.split(separator: "\n", omittingEmptySubsequences: false) {
@@ -127,10 +126,6 @@ public enum AuditVerifier {
                 do { line = try AuditLine.decode(String(raw)) } catch {
                     return fail("record \(report.lastSeq + 1) \(error)")
                 }
-                if first && startingAfter != nil {
-                    report.lastSeq = line.seq - 1
-                }
-                first = false
                 if line.seq != report.lastSeq + 1 {
                     if line.seq > report.lastSeq + 1 {
                         let missing = line.seq - report.lastSeq - 1
