@@ -3,7 +3,12 @@ import VigilCore
 
 /// A tenant refusal, answered locally.
 struct TenantRefusal: Error {
-    let outcome: RoutingOutcome
+    let status: Int
+    let reason: String
+    let detail: String
+    var headers: [(String, String)] = []
+
+    var outcome: RoutingOutcome { .reply(status: status, reason: reason, detail: detail, cluster: nil, headers: headers) }
 }
 
 extension ProxyRuntime {
@@ -19,10 +24,9 @@ extension ProxyRuntime {
                                                               jwt: { tenants.verifiers[$0]?.claimValue(authorization: request.headerValue("authorization")) })
         else {
             if config.shadow { return .success(tenants.state(for: "default")) }
-            return .failure(TenantRefusal(outcome: .reply(
+            return .failure(TenantRefusal(
                 status: 403, reason: "unknown_tenant",
-                detail: "the request belongs to no tenant (\(identity.map { "identity \($0)" } ?? "no identity")) and tenants.unknown is reject",
-                cluster: nil)))
+                detail: "the request belongs to no tenant (\(identity.map { "identity \($0)" } ?? "no identity")) and tenants.unknown is reject"))
         }
         let state = tenants.state(for: name)
         state.lastSeen.store(now, ordering: .relaxed)
@@ -34,22 +38,21 @@ extension ProxyRuntime {
             let interval = route?.intervalNanos ?? state.intervalNanos
             let rate = 1e9 / Double(interval)
             let window = Int((Double(burst) * Double(interval) / 1e9).rounded(.up))
-            return .failure(TenantRefusal(outcome: .reply(
+            return .failure(TenantRefusal(
                 status: 429, reason: "rate_limited",
                 detail: "tenant \(name) is over its limit of \(rate.rounded() == rate ? String(Int(rate)) : String(rate)) requests/s (burst \(burst))\(route == nil ? "" : " on this route")",
-                cluster: nil,
                 headers: [("retry-after", String(retry)),
                           ("ratelimit-policy", RateLimitHeaders.policy(name: name, quota: burst, windowSeconds: window)),
                           ("ratelimit", RateLimitHeaders.current(name: name, remaining: 0,
-                                                                 resetSeconds: RateLimitHeaders.seconds(decision.resetNanos)))])))
+                                                                 resetSeconds: RateLimitHeaders.seconds(decision.resetNanos)))]))
         }
         guard state.reserveSlot() else {
             state.concurrencyLimited.wrappingAdd(1, ordering: .relaxed)
             if config.shadow { return shadowed(state, why: "concurrency_limited", now: now, tenants: tenants) }
-            return .failure(TenantRefusal(outcome: .reply(
+            return .failure(TenantRefusal(
                 status: 429, reason: "concurrency_limited",
                 detail: "tenant \(name) has \(state.limits.maxConcurrent ?? 0) requests in flight, its max_concurrent",
-                cluster: nil, headers: [("retry-after", "1")])))
+                headers: [("retry-after", "1")]))
         }
         state.allowed.wrappingAdd(1, ordering: .relaxed)
         return .success(state)
