@@ -61,7 +61,9 @@ struct Run: AsyncParsableCommand {
 
 /// Reads and validates a config file; on failure prints every error with its key path.
 func loadConfig(path: String) throws -> VigilConfig {
-    guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8) else {
+    // Plain POSIX reads: Foundation's FileManager would be the first and only Foundation code a plain
+    // config runs, and bringing it in costs resident memory for the process's life.
+    guard let text = try? FileSystem.read(path) else {
         throw CommandFailure(description: "cannot read config file \(path)")
     }
     do {
