@@ -283,6 +283,8 @@ import Testing
         #expect(errs("control: { address: \"127.0.0.1:15000\", tokens: [{ name: a, token_file: f, role: read }] }" + listeners)
             .contains { $0.hasPrefix("control.address:") })
         #expect(errs("slo: { webhook: \"https://x:1/\", objectives: [] }" + listeners).contains { $0.hasPrefix("slo.webhook:") })
+        #expect(errs("control: { address: \"0.0.0.0:15010\", tokens: [{ name: a, token_file: f, role: read }] }" + listeners)
+            .contains { $0.hasPrefix("control.address:") && $0.contains("needs tls") })
     }
 }
 

@@ -10,7 +10,13 @@ extension ConfigReader {
             control.tls = readListenerTLS(node, at: m.path("tls"))
             control.address = SocketAddressSpec(host: "0.0.0.0", port: 15010)
         }
-        if let a = address(m["address"], at: m.path("address")) { control.address = a }
+        if let a = address(m["address"], at: m.path("address")) {
+            control.address = a
+            // Bearer tokens must not cross a network in clear text: off loopback, the control plane needs TLS.
+            if control.tls == nil, !["127.0.0.1", "::1", "localhost"].contains(a.host) {
+                fail(m.path("address"), "\(a) is not a loopback address: the control plane needs tls: there, or tokens would cross the network in clear")
+            }
+        }
         let roles: KeyValuePairs<String, ControlConfig.Role> = ["read": .read, "write": .write]
         if let list = list(m["tokens"], at: m.path("tokens")) {
             var names = Set<String>()
