@@ -77,6 +77,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var requestBodyDone = true
     private var bodyBytesSeen = 0
     private var responseStarted = false
+    /// The response head, written with the first body bytes or at the end of the upstream read.
+    private var pendingHead: ByteBuffer?
     private var responseFraming = HTTP1HeadWriter.DownstreamFraming.none
     private var status = 0
     private var reason = "-"
@@ -488,30 +490,59 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         HTTP1HeadWriter.writeResponse(response, framing: responseFraming, keepAlive: keepAlive,
                                       clientMinorVersion: head.minorVersion, into: &out)
         bytesOut += out.readableBytes
+        // Held until the first body bytes (or the end of this read) so head and a small body leave as one
+        // write: one TLS record instead of two on a TLS listener (NIOSSL seals each write on its own).
+        pendingHead = out
+    }
+
+    /// Bodies up to this size are copied in behind the response head (or a chunk's header) and written once.
+    private static let coalesceLimit = 16 * 1024
+
+    /// Writes the response head still waiting for body bytes, if any.
+    private func writePendingHead() {
+        guard let out = pendingHead else { return }
+        pendingHead = nil
         context.write(wrapOutboundOut(out), promise: nil)
     }
 
     func upstreamResponseBody(_ bytes: ByteBuffer) {
         bytesOut += bytes.readableBytes
+        let small = bytes.readableBytes <= Self.coalesceLimit
         if responseFraming == .chunked {
             guard bytes.readableBytes > 0 else { return }
-            var header = allocator.buffer(capacity: 12)
-            HTTP1HeadWriter.writeChunkHeader(length: bytes.readableBytes, into: &header)
-            context.write(wrapOutboundOut(header), promise: nil)
-            context.write(wrapOutboundOut(bytes), promise: nil)
-            context.write(wrapOutboundOut(ByteBuffer(staticCRLF: ())), promise: nil)
+            var out = pendingHead ?? allocator.buffer(capacity: small ? bytes.readableBytes + 16 : 12)
+            pendingHead = nil
+            HTTP1HeadWriter.writeChunkHeader(length: bytes.readableBytes, into: &out)
+            if small {
+                out.writeImmutableBuffer(bytes)
+                out.writeStaticString("\r\n")
+                context.write(wrapOutboundOut(out), promise: nil)
+            } else {
+                context.write(wrapOutboundOut(out), promise: nil)
+                context.write(wrapOutboundOut(bytes), promise: nil)
+                context.write(wrapOutboundOut(ByteBuffer(staticCRLF: ())), promise: nil)
+            }
+        } else if small, var out = pendingHead {
+            pendingHead = nil
+            out.writeImmutableBuffer(bytes)
+            context.write(wrapOutboundOut(out), promise: nil)
         } else {
+            writePendingHead()
             context.write(wrapOutboundOut(bytes), promise: nil)
         }
     }
 
     func upstreamResponseEnd(trailers: ByteBuffer?) {
         if responseFraming == .chunked {
-            var last = ByteBuffer(string: "0\r\n")
+            var last = pendingHead ?? allocator.buffer(capacity: 5)
+            pendingHead = nil
+            last.writeStaticString("0\r\n")
             if let trailers { last.writeImmutableBuffer(trailers) }
             last.writeStaticString("\r\n")
-            bytesOut += last.readableBytes
+            bytesOut += 5 + (trailers?.readableBytes ?? 0)
             context.write(wrapOutboundOut(last), promise: nil)
+        } else {
+            writePendingHead()
         }
         finishRequest(status: status, reason: reason, reuseUpstream: requestBodyDone)
         completeExchange()
@@ -552,6 +583,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     }
 
     func upstreamReadComplete() {
+        writePendingHead()
         context.flush()
     }
 
@@ -672,6 +704,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     private func closeAfterFlush() {
         guard phase != .closing else { return }
+        writePendingHead()
         phase = .closing
         inbound = nil
         let promise = context.eventLoop.makePromise(of: Void.self)
