@@ -132,13 +132,7 @@ final class VigilService: Service, Sendable {
         if config.control != nil || config.auditConfigured {
             let log = try AuditLog(directory: config.stateDir + "/audit", maxFileBytes: config.audit.maxFileBytes, logger: logger)
             audit = log
-            _ = runtime.events.subscribe { record in
-                // Policy changes are written (and fsync'd) by the policy controller before they apply.
-                guard record.event.kind != .policyApplied else { return }
-                log.append(kind: record.event.kind.rawValue,
-                             actor: record.event.evidence["actor"]?.stringValue ?? "vigil:\(config.nodeID)",
-                             payload: record.json, timeNanos: record.timeNanos)
-            }
+            log.follow(runtime.events, defaultActor: "vigil:\(config.nodeID)")
         } else {
             audit = nil
         }

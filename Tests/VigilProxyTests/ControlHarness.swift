@@ -42,11 +42,7 @@ final class ControlHarness: Sendable {
         let runtime = proxy.runtime
         let audit = try AuditLog(directory: dir + "/audit", maxFileBytes: 1 << 20, logger: logger)
         self.audit = audit
-        _ = runtime.events.subscribe { record in
-            guard record.event.kind != .policyApplied else { return }
-            audit.append(kind: record.event.kind.rawValue, actor: record.event.evidence["actor"]?.stringValue ?? "vigil",
-                         payload: record.json, timeNanos: record.timeNanos)
-        }
+        audit.follow(runtime.events, defaultActor: "vigil")
         slo = SLOMonitor(runtime: runtime, group: group, logger: logger)
         control = try ControlServer(runtime: runtime, config: runtime.config.control!, audit: audit, slo: slo,
                                     group: group, logger: logger)

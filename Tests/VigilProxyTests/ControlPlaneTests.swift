@@ -87,7 +87,7 @@ final class StreamReader: ChannelInboundHandler, Sendable {
         // The audit log names who did what, and never holds a token.
         let audit = h.auditText()
         #expect(audit.contains("\"actor\":\"token:ops\""))
-        #expect(audit.contains("\"kind\":\"access_denied\",\"payload\"") || audit.contains("access_denied"))
+        #expect(audit.contains("\"actor\":\"token:viewer\",\"kind\":\"access_denied\""))
         #expect(!audit.contains(ControlHarness.writeToken))
         #expect(!audit.contains(ControlHarness.readToken))
         await h.stop()
@@ -390,7 +390,10 @@ final class StreamReader: ChannelInboundHandler, Sendable {
             .channelOption(.socketOption(.so_rcvbuf), value: 4096)
             .connect(host: "127.0.0.1", port: h.port).get()
         try await channel.writeAndFlush(ByteBuffer(string: "GET /v1/events HTTP/1.1\r\nHost: c\r\nAuthorization: Bearer \(ControlHarness.readToken)\r\n\r\n"))
-        try await Task.sleep(for: .milliseconds(100))
+        // The stream must be open first, or "no stream left" below would hold from the start.
+        let opened = Date().addingTimeInterval(10)
+        while h.control.streams.withLockedValue({ $0.count }) == 0 && Date() < opened { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(h.control.streams.withLockedValue { $0.count } == 1)
         let big = JSONValue.string(String(repeating: "x", count: 8192))
         let deadline = Date().addingTimeInterval(20)
         var streams = 1
@@ -458,12 +461,11 @@ final class StreamReader: ChannelInboundHandler, Sendable {
         failing.withLockedValue { $0 = false }
         for _ in 0..<20 { #expect(try await get(h.proxy).status == 200) }
         #expect(h.slo.sample(now: 2 * second).isEmpty)  // the failures are still in the window
-        let recovered = h.slo.sample(now: 62 * second + second)
-        // Over a minute later, the failing second has slid out.
-        #expect(recovered.isEmpty || recovered.map(\.event.kind) == [.sloRecovered])
+        // Over a minute later the window (3 s slots) has slid past all of it: too little traffic to decide.
+        #expect(h.slo.sample(now: 63 * second).isEmpty)
         for _ in 0..<20 { #expect(try await get(h.proxy).status == 200) }
         let later = h.slo.sample(now: 64 * second)
-        #expect((recovered + later).map(\.event.kind) == [.sloRecovered])
+        #expect(later.map(\.event.kind) == [.sloRecovered])
         let compliance = try await h.call("GET", "/v1/compliance")
         #expect(compliance.json["slo"]?.arrayValue?.first?["status"] == "ok")
         #expect(compliance.json["audit"]?["intact"] == true)

@@ -8,8 +8,8 @@ struct UpstreamTarget {
     /// The policy the request was routed under, with this loop's pools for it; kept to the request's end.
     let policy: LoopPolicy
     let cluster: ClusterRuntime
-    /// This loop's pools for the cluster's hosts.
-    let pools: [HostPool]
+    /// The cluster's slot in the policy (its pools are `policy.pools[slot]`).
+    let slot: Int
     private(set) var host: HostRuntime
     private(set) var pool: HostPool
     let timeout: Duration
@@ -29,7 +29,7 @@ struct UpstreamTarget {
     mutating func move(to newHost: HostRuntime) {
         host.activeRequests.wrappingDecrement(ordering: .relaxed)
         host = newHost
-        pool = pools[newHost.index]
+        pool = policy.pools[slot][newHost.index]
         newHost.activeRequests.wrappingIncrement(ordering: .relaxed)
         newHost.totalRequests.wrappingIncrement(ordering: .relaxed)
     }
@@ -116,8 +116,7 @@ extension ProxyRuntime {
         host.totalRequests.wrappingIncrement(ordering: .relaxed)
         let retry = routes.retryPolicies[routeIndex]
         if retry != nil { policy.retryBudgets[listener.index][routeIndex]!.recordRequest(nowNanos: loop.nowNanos()) }
-        let pools = policy.pools[slot]
-        return .forward(UpstreamTarget(policy: policy, cluster: cluster, pools: pools, host: host, pool: pools[host.index],
+        return .forward(UpstreamTarget(policy: policy, cluster: cluster, slot: slot, host: host, pool: policy.pools[slot][host.index],
                                        timeout: routes.routes[routeIndex].timeout, routeIndex: routeIndex,
                                        retry: retry, tenant: tenant))
     }
