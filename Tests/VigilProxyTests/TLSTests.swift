@@ -263,4 +263,105 @@ import X509
         #expect(proxy.runtime.tls.certificates().filter { $0.role == "trust" }.count == 2)
         await proxy.stop()
     }
+
+    /// A TLS client that resumes sessions (NIOSSL's client cannot): Python's `ssl`. It makes one connection,
+    /// keeps the session, writes `first-done` beside itself and waits for `go`, then connects again offering
+    /// the session. Prints for each connection whether the session was reused and the response's status
+    /// line (or the handshake error).
+    static let resumingClient = #"""
+    import json, os, socket, ssl, sys, time
+    port, ca, cert, key, version, marks = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(ca)
+    ctx.check_hostname = False
+    ctx.load_cert_chain(cert, key)
+    ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, version)
+    def connect(session):
+        try:
+            s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), session=session)
+            s.sendall(b"GET /resume HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            out = {"reused": s.session_reused, "status": data.split(b"\r\n")[0].decode()}
+            session = s.session
+            s.close()
+            return out, session
+        except (ssl.SSLError, OSError) as e:
+            return {"reused": False, "status": "error: " + str(e)}, None
+    first, session = connect(None)
+    open(os.path.join(marks, "first-done"), "w").close()
+    deadline = time.time() + 20
+    while not os.path.exists(os.path.join(marks, "go")) and time.time() < deadline:
+        time.sleep(0.01)
+    second, _ = connect(session)
+    print(json.dumps({"first": first, "second": second}))
+    """#
+
+    struct Connection: Decodable { let reused: Bool; let status: String }
+    struct Resumption: Decodable { let first: Connection; let second: Connection }
+
+    /// Runs `resumingClient` against `port`; `between` runs after its first connection, before its second.
+    func resume(port: Int, fixture f: TLSFixture, version: String, between: () async throws -> Void = {})
+        async throws -> Resumption
+    {
+        let marks = f.path("marks-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(atPath: marks, withIntermediateDirectories: true)
+        try f.write("resume.py", Self.resumingClient)
+        let p = Process()
+        let out = Pipe()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = ["python3", f.path("resume.py"), String(port), f.path("ca.pem"), f.path("web.pem"), f.path("web-key.pem"),
+                       version, marks]
+        p.standardOutput = out
+        let exited = AsyncStream<Void> { c in p.terminationHandler = { _ in c.yield(); c.finish() } }
+        try p.run()
+        let deadline = ContinuousClock.now + .seconds(20)
+        while !FileManager.default.fileExists(atPath: marks + "/first-done") && p.isRunning && ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        try await between()
+        FileManager.default.createFile(atPath: marks + "/go", contents: nil)
+        for await _ in exited {}
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        return try JSONDecoder().decode(Resumption.self, from: data)
+    }
+
+    @Test(arguments: ["TLSv1_2", "TLSv1_3"])
+    func mutualTLSSessionsResumeAndKeepTheirIdentity(version: String) async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.webID, as: "web")
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await mtlsProxy(f, upstream: upstream)
+        let r = try await resume(port: proxy.port(), fixture: f, version: version)
+        #expect(r.first.status == "HTTP/1.1 200 OK" && !r.first.reused)
+        #expect(r.second.status == "HTTP/1.1 200 OK" && r.second.reused)   // an abbreviated handshake
+        #expect(upstream.recorded.count == 2)
+        for seen in upstream.recorded {                                    // the resumed one has its identity too
+            #expect(seen.head.headers.first(name: "x-forwarded-client-cert")?.hasSuffix(";URI=\(TLSFixture.webID)") == true)
+        }
+        await proxy.stop()
+    }
+
+    @Test(arguments: ["TLSv1_2", "TLSv1_3"])
+    func aSessionDoesNotOutliveTheTrustBundleThatAdmittedIt(version: String) async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.webID, as: "web")
+        try f.write("client-ca.pem", try String(contentsOfFile: f.path("ca.pem"), encoding: .utf8))
+        let upstream = try await FakeUpstream(group: group)
+        let yaml = ProxyHarness.simple(listener: "tls: { cert: \"\(f.path("vigil.pem"))\", key: \"\(f.path("vigil-key.pem"))\", client_ca: \"\(f.path("client-ca.pem"))\" }")
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
+        let r = try await resume(port: proxy.port(), fixture: f, version: version) {
+            // The mesh CA is rotated out: the client's certificate is no longer trusted.
+            try f.write("client-ca.pem", try String(contentsOfFile: f.path("other-ca.pem"), encoding: .utf8))
+            #expect(proxy.runtime.tls.reload().map(\.kind).contains(.tlsReloaded))
+        }
+        #expect(r.first.status == "HTTP/1.1 200 OK")
+        #expect(!r.second.reused && !r.second.status.hasPrefix("HTTP/1.1 200"), "\(r.second.status)")
+        #expect(upstream.recorded.count == 1)
+        await proxy.stop()
+    }
 }
