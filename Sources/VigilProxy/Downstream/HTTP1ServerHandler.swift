@@ -206,6 +206,10 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     /// Moves the connection forward with whatever is buffered.
     private func process() {
+        // A consumed buffer is let go at once: it is the reader's storage (NIO's pooled receive buffer, or
+        // NIOSSL's plaintext buffer), which can then be reused in place for the next read instead of being
+        // copied (NIOSSL copies its whole 32 KiB buffer when someone else still holds it).
+        defer { if inbound?.readableBytes == 0 { inbound = nil } }
         while true {
             switch phase {
             case .idle:

@@ -148,6 +148,7 @@ final class UpstreamConnection: ChannelDuplexHandler {
                 buffer!.writeBuffer(&bytes)
             }
             process()
+            if buffer?.readableBytes == 0 { buffer = nil }  // let the reader reuse its buffer (see HTTP1ServerHandler.process)
         }
     }
 
