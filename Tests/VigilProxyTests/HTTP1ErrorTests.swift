@@ -146,7 +146,9 @@ import VigilTestSupport
     }
 
     @Test func slowHeadsGet408() async throws {
-        let (proxy, _) = try await setup(ProxyHarness.simple(limits: "header_timeout: 200ms"))
+        // The first head is due within header_timeout of the connection's start; 1 s leaves a loaded machine
+        // time to send the partial head first (the exact timing is tested with a manual clock).
+        let (proxy, _) = try await setup(ProxyHarness.simple(limits: "header_timeout: 1s"))
         let client = try await proxy.client()
         try await client.send("GET / HTTP/1.1\r\nHost: a\r\n")
         let r = try #require(try await client.response())
@@ -191,5 +193,45 @@ import VigilTestSupport
         gate.open()
         #expect(try await slow.response()?.text == "slow")
         await proxy.stop()
+    }
+
+    /// wrk opens a connection and closes it without a byte; so do port probes. Vigil must close its side too
+    /// (it used to leave such connections in CLOSE_WAIT for ever, and a drain then waited its full timeout).
+    @Test(arguments: ["auto", "http1", "http2"])
+    func aClientThatClosesItsSideIsAnsweredWithAClose(protocol proto: String) async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let yaml = ProxyHarness.simple().replacingOccurrences(of: "protocol: auto", with: "protocol: \(proto)")
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
+        // For HTTP/2: the preface and an empty SETTINGS frame, then nothing more.
+        let hello: [UInt8] = proto == "http2" ? Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8) + [0, 0, 0, 4, 0, 0, 0, 0, 0] : []
+        #expect(try await halfCloseIsAnswered(port: proxy.port(), sending: hello))
+        await proxy.stop()
+    }
+
+    /// Connects with a raw TCP client (whatever the server says is read and ignored), sends `bytes`, closes
+    /// its sending side, and tells whether the server then closed the connection within 5 s.
+    func halfCloseIsAnswered(port: Int, sending bytes: [UInt8]) async throws -> Bool {
+        final class EndWatcher: ChannelInboundHandler, Sendable {
+            typealias InboundIn = ByteBuffer
+            let ended: EventLoopPromise<Void>
+            init(ended: EventLoopPromise<Void>) { self.ended = ended }
+            func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+            func channelInactive(context: ChannelHandlerContext) { ended.succeed() }
+            func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+                if (event as? ChannelEvent) == .inputClosed { ended.succeed() }
+            }
+        }
+        let ended = group.next().makePromise(of: Void.self)
+        let channel = try await ClientBootstrap(group: group)
+            .channelOption(.allowRemoteHalfClosure, value: true)
+            .channelInitializer { $0.pipeline.addHandler(EndWatcher(ended: ended)) }
+            .connect(host: "127.0.0.1", port: port).get()
+        if !bytes.isEmpty { try await channel.writeAndFlush(ByteBuffer(bytes: bytes)) }
+        try await channel.close(mode: .output)
+        let closed = try await withTimeout(5, "the server to close") { () async -> Bool in
+            (try? await ended.futureResult.get()) != nil
+        }
+        try? await channel.close()
+        return closed
     }
 }

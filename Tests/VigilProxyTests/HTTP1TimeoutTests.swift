@@ -36,8 +36,18 @@ import VigilCore
         #expect(!channel.isActive)
     }
 
+    @Test func aConnectionThatSendsNothingIsClosedSilentlyAtTheHeaderTimeout() throws {
+        // The first head is due within header_timeout of the connection's start, as in nginx and HAProxy.
+        let (channel, loop) = try channel(limits: "header_timeout: 10s, idle_timeout: 60s")
+        loop.advanceTime(by: .milliseconds(9_999))
+        #expect(channel.isActive)
+        loop.advanceTime(by: .milliseconds(1))
+        #expect(!channel.isActive)
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil, "no request, no 408")
+    }
+
     @Test func anIdleConnectionClosesAtTheIdleTimeout() throws {
-        let (channel, loop) = try channel(limits: "idle_timeout: 60s")
+        let (channel, loop) = try channel(limits: "idle_timeout: 60s, header_timeout: 120s")
         loop.advanceTime(by: .seconds(59))
         #expect(channel.isActive)
         loop.advanceTime(by: .seconds(2))
@@ -46,10 +56,49 @@ import VigilCore
     }
 
     @Test func aShortIdleTimeoutIsHonouredExactly() throws {
-        let (channel, loop) = try channel(limits: "idle_timeout: 200ms")
+        let (channel, loop) = try channel(limits: "idle_timeout: 200ms, header_timeout: 1s")
         loop.advanceTime(by: .milliseconds(199))
         #expect(channel.isActive)
         loop.advanceTime(by: .milliseconds(1))
         #expect(!channel.isActive)
+    }
+
+    func detector(limits: String) throws -> (EmbeddedChannel, EmbeddedEventLoop) {
+        let loop = EmbeddedEventLoop()
+        let config = try VigilConfig.parse(yaml: """
+            access_log: { output: "off" }
+            listeners:
+              - { name: in, address: "127.0.0.1:0", protocol: auto, limits: { \(limits) }, routes: [{ match: { prefix: "/" }, cluster: c }] }
+            clusters: [{ name: c, endpoints: ["127.0.0.1:9"] }]
+            """)
+        let runtime = try ProxyRuntime(config: config, group: loop, metricsFactory: NOOPMetricsHandler.instance, accessLog: .off)
+        let detector = ProtocolDetector(runtime: runtime, listener: runtime.listeners[0], loop: runtime.loopContext(loop))
+        let channel = EmbeddedChannel(handler: detector, loop: loop)
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        return (channel, loop)
+    }
+
+    @Test func anAutoListenerClosesAConnectionThatSendsNothingAtTheHeaderTimeout() throws {
+        let (channel, loop) = try detector(limits: "header_timeout: 2s")
+        loop.advanceTime(by: .milliseconds(1_999))
+        #expect(channel.isActive)
+        loop.advanceTime(by: .milliseconds(1))
+        #expect(!channel.isActive)
+    }
+
+    @Test func anAutoListenerClosesAConnectionTooShortToTellAtTheHeaderTimeout() throws {
+        let (channel, loop) = try detector(limits: "header_timeout: 2s")
+        try channel.writeInbound(ByteBuffer(string: "PRI * HT"))   // could still be the HTTP/2 preface
+        loop.advanceTime(by: .seconds(2))
+        #expect(!channel.isActive)
+    }
+
+    @Test func anAutoListenerClosesWhenTheClientClosesFirstOrOnDrain() throws {
+        let (closing, _) = try detector(limits: "")
+        closing.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        #expect(!closing.isActive)
+        let (draining, _) = try detector(limits: "")
+        draining.pipeline.fireUserInboundEventTriggered(DrainEvent())
+        #expect(!draining.isActive)
     }
 }

@@ -107,7 +107,11 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         let ip = context.channel.remoteAddress?.ipAddress ?? "unknown"
         facts = ForwardingFacts(clientAddress: ip, scheme: session.scheme, clientCert: session.forwardedClientCert)
         idleSince = context.eventLoop.now
+        // The first request's head is due within header_timeout of the connection's start (nginx's
+        // client_header_timeout, HAProxy's timeout http-request); later ones from their first byte.
+        headerDeadline = idleSince + .nanoseconds(listener.config.limits.headerTimeout.nanoseconds)
         armIdleTimer()
+        armTimer(at: headerDeadline!)
     }
 
     /// The idle check runs at the idle timeout or the timer tick, whichever is sooner; with the default
@@ -774,6 +778,12 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             target?.pool.acquire(self)
         } else if let d = headerDeadline, d <= now, phase == .idle {
             headerDeadline = nil
+            // A connection that never sent a byte is closed without an answer: there is no request to refuse,
+            // and pre-connecting clients and port probes would otherwise fill the access log with 408s.
+            guard (inbound?.readableBytes ?? 0) > 0 else {
+                closeNow()
+                return
+            }
             beginRequestClock()
             bytesIn = inbound?.readableBytes ?? 0
             localReply(status: 408, reason: "request_header_timeout",

@@ -41,8 +41,8 @@ struct HTTP2StreamCounter: NIOHTTP2StreamDelegate {
     }
 }
 
-/// On drain, sends GOAWAY (RFC 9113 §6.8) so the client opens no new streams, and closes the connection
-/// once the streams in flight have finished.
+/// On drain (or when the client closes its side), sends GOAWAY (RFC 9113 §6.8) so the client opens no new
+/// streams, and closes the connection once the streams in flight have finished.
 final class HTTP2DrainHandler: ChannelInboundHandler {
     typealias InboundIn = HTTP2Frame
     typealias OutboundOut = HTTP2Frame
@@ -55,7 +55,10 @@ final class HTTP2DrainHandler: ChannelInboundHandler {
     func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }  // no handler ↔ context cycle
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if event is DrainEvent, !draining {
+        // A client that closes its side (TCP FIN, reported as inputClosed with half-closure allowed) can send
+        // nothing more: the connection ends like a draining one, once its streams have been answered.
+        let inputClosed = (event as? ChannelEvent) == .inputClosed
+        if event is DrainEvent || inputClosed, !draining {
             draining = true
             let goAway = HTTP2Frame(streamID: .rootStream,
                                     payload: .goAway(lastStreamID: .maxID, errorCode: .noError, opaqueData: nil))

@@ -181,12 +181,45 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     private let loop: LoopContext
     private let session: DownstreamSession
     private var buffered: ByteBuffer?
+    /// A connection must show what it speaks within the listener's `header_timeout`: one that sends nothing
+    /// (or too little to tell) would otherwise hold its connection slot for ever.
+    private var deadline: Scheduled<Void>?
 
     init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, session: DownstreamSession = .plain) {
         self.runtime = runtime
         self.listener = listener
         self.loop = loop
         self.session = session
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        let timeout = TimeAmount.nanoseconds(listener.config.limits.headerTimeout.nanoseconds)
+        deadline = context.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [weak self] in
+            guard let self, self.deadline != nil else { return }
+            self.deadline = nil
+            context.close(promise: nil)
+        }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        deadline?.cancel()
+        deadline = nil
+    }
+
+    /// The client closed its side before Vigil could tell what it speaks: there is nothing to answer.
+    /// (With half-closure allowed, NIO reports the FIN as this event, not as the end of the channel.)
+    /// A drain closes a connection that has sent nothing yet.
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, event == .inputClosed {
+            context.close(promise: nil)
+            return
+        }
+        // Draining: a connection that has not begun a request is closed like an idle keep-alive one.
+        if event is DrainEvent, (buffered?.readableBytes ?? 0) == 0 {
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
