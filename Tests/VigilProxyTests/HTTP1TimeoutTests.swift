@@ -7,19 +7,29 @@ import VigilCore
 
 /// The connection timers of the HTTP/1 handler, driven by an EmbeddedEventLoop's manual clock.
 @Suite struct HTTP1TimeoutTests {
-    func channel(limits: String) throws -> (EmbeddedChannel, EmbeddedEventLoop) {
+    /// A runtime on an EmbeddedEventLoop with one listener of the given limits (and protocol).
+    func runtime(limits: String, protocol proto: String = "http1") throws -> (ProxyRuntime, EmbeddedEventLoop) {
         let loop = EmbeddedEventLoop()
         let config = try VigilConfig.parse(yaml: """
             access_log: { output: "off" }
             listeners:
-              - { name: in, address: "127.0.0.1:0", limits: { \(limits) }, routes: [{ match: { prefix: "/" }, cluster: c }] }
+              - { name: in, address: "127.0.0.1:0", protocol: \(proto), limits: { \(limits) }, routes: [{ match: { prefix: "/" }, cluster: c }] }
             clusters: [{ name: c, endpoints: ["127.0.0.1:9"] }]
             """)
-        let runtime = try ProxyRuntime(config: config, group: loop, metricsFactory: NOOPMetricsHandler.instance, accessLog: .off)
-        let handler = HTTP1ServerHandler(runtime: runtime, listener: runtime.listeners[0], loop: runtime.loopContext(loop))
+        return (try ProxyRuntime(config: config, group: loop, metricsFactory: NOOPMetricsHandler.instance, accessLog: .off), loop)
+    }
+
+    /// A connected channel served by `handler`.
+    func connected(_ handler: ChannelHandler, loop: EmbeddedEventLoop) throws -> EmbeddedChannel {
         let channel = EmbeddedChannel(handler: handler, loop: loop)
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
-        return (channel, loop)
+        return channel
+    }
+
+    func channel(limits: String) throws -> (EmbeddedChannel, EmbeddedEventLoop) {
+        let (runtime, loop) = try runtime(limits: limits)
+        let handler = HTTP1ServerHandler(runtime: runtime, listener: runtime.listeners[0], loop: runtime.loopContext(loop))
+        return (try connected(handler, loop: loop), loop)
     }
 
     @Test func aSlowHeadGets408AtTheHeaderTimeout() throws {
@@ -64,18 +74,9 @@ import VigilCore
     }
 
     func detector(limits: String) throws -> (EmbeddedChannel, EmbeddedEventLoop) {
-        let loop = EmbeddedEventLoop()
-        let config = try VigilConfig.parse(yaml: """
-            access_log: { output: "off" }
-            listeners:
-              - { name: in, address: "127.0.0.1:0", protocol: auto, limits: { \(limits) }, routes: [{ match: { prefix: "/" }, cluster: c }] }
-            clusters: [{ name: c, endpoints: ["127.0.0.1:9"] }]
-            """)
-        let runtime = try ProxyRuntime(config: config, group: loop, metricsFactory: NOOPMetricsHandler.instance, accessLog: .off)
+        let (runtime, loop) = try runtime(limits: limits, protocol: "auto")
         let detector = ProtocolDetector(runtime: runtime, listener: runtime.listeners[0], loop: runtime.loopContext(loop))
-        let channel = EmbeddedChannel(handler: detector, loop: loop)
-        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
-        return (channel, loop)
+        return (try connected(detector, loop: loop), loop)
     }
 
     @Test func anAutoListenerClosesAConnectionThatSendsNothingAtTheHeaderTimeout() throws {
