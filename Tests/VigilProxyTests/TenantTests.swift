@@ -297,3 +297,39 @@ import VigilTestSupport
 
     enum TestError: Error { case unexpected }
 }
+
+/// The striped registry's table of dynamic tenants (pure values, no sockets).
+@Suite struct TenantTableTests {
+    func state(_ name: String) -> TenantState {
+        TenantState(name: name, limits: TenantLimits(requestsPerSecond: nil, burst: nil, maxConcurrent: nil), label: "other")
+    }
+
+    @Test func findsWhatWasInsertedAcrossGrowth() {
+        var table = TenantTable()
+        let states = (0..<5_000).map { state("tenant-\($0)") }
+        for s in states { table.insert(s, hash: TenantTable.hash(s.name)) }
+        #expect(table.count == 5_000)
+        for s in states { #expect(table.find(s.name, hash: TenantTable.hash(s.name)) === s) }
+        #expect(table.find("tenant-5000", hash: TenantTable.hash("tenant-5000")) == nil)
+        #expect(Set(table.states.map(\.name)).count == 5_000)
+    }
+
+    @Test func namesWithTheSameHashAreToldApart() {
+        var table = TenantTable()
+        let a = state("a"), b = state("b"), c = state("c")
+        for s in [a, b, c] { table.insert(s, hash: 42) }             // one probe chain
+        #expect(table.find("a", hash: 42) === a)
+        #expect(table.find("b", hash: 42) === b)
+        #expect(table.find("c", hash: 42) === c)
+        #expect(table.find("d", hash: 42) == nil)
+    }
+
+    @Test func filterKeepsOnlyWhatItIsTold() {
+        var table = TenantTable()
+        for i in 0..<100 { let s = state("t\(i)"); table.insert(s, hash: TenantTable.hash(s.name)) }
+        let kept = table.filter { Int($0.name.dropFirst())! % 2 == 0 }
+        #expect(kept.count == 50)
+        #expect(kept.find("t2", hash: TenantTable.hash("t2"))?.name == "t2")
+        #expect(kept.find("t3", hash: TenantTable.hash("t3")) == nil)
+    }
+}

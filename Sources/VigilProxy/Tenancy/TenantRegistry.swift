@@ -12,13 +12,31 @@ import VigilCore
 /// request touches one tenant's state, so with thousands of tenants each request costs one object's cache
 /// lines instead of seven scattered ones.
 public final class TenantState: Sendable {
-    public let name: String
-    public let limits: TenantLimits
-    let intervalNanos: Int64
-    let burst: Int
+    // What every request reads or writes fills the object's first cache line, beside its header (Swift lays
+    // a class's stored properties out in declaration order): with thousands of tenants each request touches
+    // a tenant nobody touched lately, and every line it needs is a miss.
     let tat = Atomic<Int64>(0)
+    public let inFlight = Atomic<Int>(0)
+    public let allowed = Atomic<Int>(0)
+    /// Loop-clock nanoseconds of the last request, for reclaiming idle tenants.
+    let lastSeen = Atomic<Int64>(0)
+    let intervalNanos: Int64
+    /// The bucket size and `max_concurrent` (-1: none), as 32 bits each to stay in that line (larger
+    /// configured values are clamped to 2^31 − 1).
+    private let burst32: Int32
+    private let maxConcurrent32: Int32
+    /// Outcome counters for the tenant's SLO; nil when no objective covers it.
+    let slo: SLOCounters?
     /// Buckets of the routes that override tenant rate limits (`routes[].tenant_limits`), by slot.
     let routeTATs: [ManagedAtomic<Int64>]
+
+    public let name: String
+    public let limits: TenantLimits
+    public let rateLimited = Atomic<Int>(0)
+    public let concurrencyLimited = Atomic<Int>(0)
+    let lastShadowLog = Atomic<Int64>(0)
+    /// The metric label: configured tenants by name, every other tenant as `other` (bounded cardinality).
+    public let label: String
 
     /// A route's override: which bucket, and its shape.
     struct RouteBucket: Sendable {
@@ -26,17 +44,6 @@ public final class TenantState: Sendable {
         let intervalNanos: Int64
         let burst: Int
     }
-    public let inFlight = Atomic<Int>(0)
-    public let allowed = Atomic<Int>(0)
-    public let rateLimited = Atomic<Int>(0)
-    public let concurrencyLimited = Atomic<Int>(0)
-    /// Loop-clock nanoseconds of the last request, for reclaiming idle tenants.
-    let lastSeen = Atomic<Int64>(0)
-    let lastShadowLog = Atomic<Int64>(0)
-    /// The metric label: configured tenants by name, every other tenant as `other` (bounded cardinality).
-    public let label: String
-    /// Outcome counters for the tenant's SLO; nil when no objective covers it.
-    let slo: SLOCounters?
 
     init(name: String, limits: TenantLimits, label: String, routeBuckets: Int = 0, slo: SLOCounters? = nil) {
         self.slo = slo
@@ -45,8 +52,11 @@ public final class TenantState: Sendable {
         self.limits = limits
         self.label = label
         self.intervalNanos = limits.requestsPerSecond.map { GCRA.intervalNanos(rate: $0) } ?? 0
-        self.burst = limits.effectiveBurst
+        self.burst32 = Int32(clamping: limits.effectiveBurst)
+        self.maxConcurrent32 = limits.maxConcurrent.map { Int32(clamping: $0) } ?? -1
     }
+
+    var burst: Int { Int(burst32) }
 
     /// Takes one request from the bucket (the route's, when it overrides); the decision says how many are
     /// left and when to retry. Nil when the tenant has no rate limit.
@@ -84,7 +94,8 @@ public final class TenantState: Sendable {
     }
 
     func reserveSlot() -> Bool {
-        guard let max = limits.maxConcurrent else {
+        let max = Int(maxConcurrent32)
+        guard max >= 0 else {
             inFlight.wrappingAdd(1, ordering: .relaxed)
             return true
         }
@@ -99,13 +110,13 @@ public final class TenantState: Sendable {
 }
 
 /// Every tenant's state: configured tenants (and those the identity map names) made once and read without
-/// a lock; other tenants (from trusted headers) made on first sight in one of 16 striped maps, and dropped
+/// a lock; other tenants (from trusted headers) made on first sight in one of 16 striped tables, and dropped
 /// after `idleReclaim` without requests, so memory stays bounded by the tenants actually active.
 public final class TenantRegistry: Sendable {
     public static let idleReclaim: Int64 = 300 * 1_000_000_000
     public let config: TenantsConfig
     private let known: [String: TenantState]
-    private let stripes: [NIOLockedValueBox<[String: TenantState]>]
+    private let stripes: [NIOLockedValueBox<TenantTable>]
     private let routeBuckets: Int
     /// The objectives, to give each tenant its SLO counters when it is first seen.
     let slo: SLOConfig
@@ -146,20 +157,24 @@ public final class TenantRegistry: Sendable {
                                slo: SLOCounters.make(for: $0, slo: slo)))
         })
         let knownNames = names
-        stripes = (0..<16).map { i in
-            let carried = previous?.stripes[i].withLockedValue { $0 } ?? [:]
-            return NIOLockedValueBox(carried.compactMapValues { old in
-                knownNames.contains(old.name) ? nil : kept(old.name, label: "other")
-            })
+        var tables = (0..<16).map { _ in TenantTable() }
+        for old in previous?.stripes.flatMap({ $0.withLockedValue(\.states) }) ?? [] where !knownNames.contains(old.name) {
+            guard let carried = kept(old.name, label: "other") else { continue }
+            let hash = TenantTable.hash(carried.name)
+            tables[Self.stripe(hash)].insert(carried, hash: hash)
         }
+        stripes = tables.map { NIOLockedValueBox($0) }
     }
 
     /// The state of `tenant` if it has one now (no state is made).
     func existing(_ tenant: String) -> TenantState? {
-        known[tenant] ?? stripes[Self.stripe(tenant)].withLockedValue { $0[tenant] }
+        if let s = known[tenant] { return s }
+        let hash = TenantTable.hash(tenant)
+        return stripes[Self.stripe(hash)].withLockedValue { $0.find(tenant, hash: hash) }
     }
 
-    private static func stripe(_ tenant: String) -> Int { Int(UInt(bitPattern: tenant.hashValue) % 16) }
+    /// The stripe of a name's hash (its low bits; `TenantTable` picks slots with the others).
+    static func stripe(_ hash: Int) -> Int { hash & 15 }
 
     /// Reloads JWKS files that changed (polled with the TLS files); a file that no longer loads keeps the
     /// keys in use and is logged.
@@ -178,12 +193,12 @@ public final class TenantRegistry: Sendable {
 
     func state(for tenant: String) -> TenantState {
         if !known.isEmpty, let s = known[tenant] { return s }
-        let stripe = stripes[Self.stripe(tenant)]
-        return stripe.withLockedValue { map in
-            if let s = map[tenant] { return s }
+        let hash = TenantTable.hash(tenant)
+        return stripes[Self.stripe(hash)].withLockedValue { table in
+            if let s = table.find(tenant, hash: hash) { return s }
             let s = TenantState(name: tenant, limits: config.effectiveLimits(for: tenant), label: "other",
                                 routeBuckets: routeBuckets, slo: SLOCounters.make(for: tenant, slo: slo))
-            map[tenant] = s
+            table.insert(s, hash: hash)
             return s
         }
     }
@@ -191,8 +206,8 @@ public final class TenantRegistry: Sendable {
     /// Drops dynamic tenants idle for `idleReclaim` with nothing in flight.
     func reclaim(now: Int64) {
         for stripe in stripes {
-            stripe.withLockedValue { map in
-                map = map.filter { _, s in
+            stripe.withLockedValue { table in
+                table = table.filter { s in
                     s.inFlight.load(ordering: .relaxed) > 0 || now - s.lastSeen.load(ordering: .relaxed) < Self.idleReclaim
                 }
             }
@@ -200,7 +215,7 @@ public final class TenantRegistry: Sendable {
     }
 
     public var all: [TenantState] {
-        Array(known.values) + stripes.flatMap { $0.withLockedValue { Array($0.values) } }
+        Array(known.values) + stripes.flatMap { $0.withLockedValue(\.states) }
     }
 
 }
