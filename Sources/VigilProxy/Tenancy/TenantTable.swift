@@ -3,8 +3,9 @@
 ///
 /// Why not `[String: TenantState]`: with thousands of active tenants each request looks up a tenant nobody
 /// touched lately, so every cache line of the lookup is a miss. A Dictionary touches its occupancy bitmap,
-/// its key array and its value array; here a probe reads one slot (hash, name and state side by side). The hash is Swift's seeded `Hasher`, computed once by the caller
-/// for both the stripe and the slot, so crafted tenant names cannot pile up in one probe chain.
+/// its key array and its value array; here a probe reads one slot (hash, name and state side by side). The
+/// hash is Swift's seeded `Hasher`, computed once by the caller for both the stripe and the slot, so crafted
+/// tenant names cannot pile up in one probe chain.
 struct TenantTable {
     private struct Slot {
         /// The name's hash with its top bit set; 0 marks an empty slot. A probe reads only this until the
