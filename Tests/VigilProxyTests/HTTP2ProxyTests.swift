@@ -87,6 +87,19 @@ import VigilTestSupport
         await proxy.stop()
     }
 
+    @Test func fieldValuesWithSurroundingWhitespaceAreMalformed() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group, validateHeaders: false)
+        for value in [" leading", "trailing ", "\ttab"] {                       // RFC 9113 §8.2.1
+            let r = try await client.request(.GET, "/w", headers: [("x-a", value)])
+            #expect(r.status == 400 && r.header("x-vigil-reason") == "bad_header_value", "\(value)")
+        }
+        #expect(try await client.request(.GET, "/fine", headers: [("x-a", "in side")]).status == 200)
+        #expect(upstream.recorded.map(\.head.uri) == ["/fine"])
+        await proxy.stop()
+    }
+
     @Test func sequentialStreamsReuseOneUpstreamConnection() async throws {
         let upstream = try await FakeUpstream(group: group)
         let yaml = ProxyHarness.simple().replacingOccurrences(of: "access_log: { output: \"off\" }\n", with: "")

@@ -166,13 +166,20 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                 reply(status: 400, reason: "bad_header_value", detail: "a header field value holds a control character")
                 return
             }
+            // Nor may a value start or end with a space or tab (RFC 9113 §8.2.1): such a request is malformed.
+            if let first = value.utf8.first, let last = value.utf8.last,
+               first == 0x20 || first == 0x09 || last == 0x20 || last == 0x09 {
+                reply(status: 400, reason: "bad_header_value", detail: "a header field value starts or ends with whitespace")
+                return
+            }
+        }
+        // CONNECT has no :path (RFC 9113 §8.5); it is refused for what it is, as on HTTP/1.1.
+        if headers.first(name: ":method") == "CONNECT" {
+            reply(status: 405, reason: "connect_not_supported", detail: "CONNECT tunnels are not offered by this listener")
+            return
         }
         guard let method = headers.first(name: ":method"), let path = headers.first(name: ":path"), !path.isEmpty else {
             reply(status: 400, reason: "bad_request", detail: "the request lacks :method or :path")
-            return
-        }
-        if method == "CONNECT" {
-            reply(status: 405, reason: "connect_not_supported", detail: "CONNECT tunnels are not offered by this listener")
             return
         }
         // These become the HTTP/1.1 request line and Host field, so they must be what those allow
