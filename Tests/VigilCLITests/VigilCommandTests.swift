@@ -18,18 +18,8 @@ import VigilTestSupport
     }
 
     func run(_ args: [String]) throws -> (Int32, String, String) {
-        let p = Process()
-        p.executableURL = Self.binary
-        p.arguments = args
-        p.currentDirectoryURL = Self.repoRoot
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        p.waitUntilExit()
-        return (p.terminationStatus,
-                String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self),
-                String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self))
+        let r = try ChildProcess.run(Self.binary.path, args, directory: Self.repoRoot.path)
+        return (r.status, r.stdout, r.stderr)
     }
 
     func tempFile(_ text: String) throws -> String {
@@ -94,12 +84,8 @@ import VigilTestSupport
             clusters:
               - { name: api, endpoints: ["127.0.0.1:\(upstream.port)"] }
             """)
-        let p = Process()
-        p.executableURL = Self.binary
-        p.arguments = ["--config", path, "--threads", "1"]
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        defer { if p.isRunning { p.terminate() } }
+        let p = try ChildProcess(Self.binary.path, ["--config", path, "--threads", "1"])
+        defer { p.terminate() }
         // Wait until the admin port says the listeners are bound.
         try await waitUntilReady(adminPort: adminPort, group: group)
         let client = try await TestClient.connect(port: proxyPort, group: group)
@@ -107,7 +93,7 @@ import VigilTestSupport
         try await withTimeout(10, "the slow request to reach the upstream") {
             while upstream.recorded.isEmpty { try await Task.sleep(for: .milliseconds(10)) }
         }
-        kill(p.processIdentifier, SIGTERM)
+        p.signal(SIGTERM)
         // The slow answer is released once Vigil says it is draining (the admin port stays up until the end).
         try await withTimeout(10, "vigil to start draining") {
             while true {
@@ -125,7 +111,7 @@ import VigilTestSupport
         #expect(r.status == 200 && r.text == "slow done")
         #expect(r.header("connection") == "close")
         try await withTimeout(10, "vigil to exit") { while p.isRunning { try await Task.sleep(for: .milliseconds(20)) } }
-        #expect(p.terminationStatus == 0)
+        #expect(p.wait() == 0)
         await #expect(throws: (any Error).self) { _ = try await TestClient.connect(port: proxyPort, group: group) }
     }
 
@@ -187,12 +173,8 @@ import VigilTestSupport
                 routes: [{ match: { prefix: "/" }, cluster: api }]
             clusters: [{ name: api, endpoints: ["127.0.0.1:9"] }]
             """)
-        let p = Process()
-        p.executableURL = Self.binary
-        p.arguments = ["--config", path, "--threads", "1", "--log-level", "warning"]
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        defer { if p.isRunning { p.terminate() } }
+        let p = try ChildProcess(Self.binary.path, ["--config", path, "--threads", "1", "--log-level", "warning"])
+        defer { p.terminate() }
         func servingSHA() async throws -> String? {
             guard let c = try? await TestClient.connect(port: adminPort, group: group) else { return nil }
             try await c.send("GET /certs HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -214,7 +196,7 @@ import VigilTestSupport
             try fm.copyItem(atPath: "\(dir)/b/\(f)", toPath: "\(dir)/\(f).new")
             #expect(rename("\(dir)/\(f).new", "\(dir)/\(f)") == 0)
         }
-        kill(p.processIdentifier, SIGHUP)
+        p.signal(SIGHUP)
         // The file poll is set to an hour: only the SIGHUP can make the new certificate serve.
         let sent = Date()
         var after = before

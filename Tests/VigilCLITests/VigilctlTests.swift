@@ -13,27 +13,13 @@ import VigilTestSupport
     }
 
     func run(_ name: String, _ args: [String]) throws -> (Int32, String, String) {
-        let p = Process()
-        p.executableURL = Self.binary(name)
-        p.arguments = args
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        let o = out.fileHandleForReading.readDataToEndOfFile()
-        let e = err.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+        let r = try ChildProcess.run(Self.binary(name).path, args)
+        return (r.status, r.stdout, r.stderr)
     }
 
     /// Runs `vigil --config CONFIG` and waits until its admin port says it is ready.
-    func startVigil(config: String, adminPort: Int) async throws -> Process {
-        let p = Process()
-        p.executableURL = Self.binary("vigil")
-        p.arguments = ["--config", config, "--threads", "1"]
-        p.standardError = FileHandle.nullDevice
-        p.standardOutput = FileHandle.nullDevice
-        try p.run()
+    func startVigil(config: String, adminPort: Int) async throws -> ChildProcess {
+        let p = try ChildProcess(Self.binary("vigil").path, ["--config", config, "--threads", "1"])
         do {
             try await waitUntilReady(adminPort: adminPort, group: group)
         } catch {
@@ -69,7 +55,7 @@ import VigilTestSupport
               - { name: b, endpoints: ["127.0.0.1:\(other.port)"] }
             """.write(toFile: dir + "/vigil.yaml", atomically: true, encoding: .utf8)
         let p = try await startVigil(config: dir + "/vigil.yaml", adminPort: admin)
-        defer { if p.isRunning { p.terminate() } }
+        defer { p.terminate() }
         let auth = ["--token-file", dir + "/ops.token"]
         let live = ["--server", "http://127.0.0.1:\(control)"]
         let (s0, status, _) = try run("vigilctl", ["status"] + live + auth)
@@ -101,7 +87,7 @@ import VigilTestSupport
         #expect(s6 == 0 && compliance.contains("audit chain: INTACT"))
         let (s7, _, denied) = try run("vigilctl", ["status"] + live)
         #expect(s7 != 0 && denied.contains("credentials required"))
-        kill(p.processIdentifier, SIGTERM)
+        p.signal(SIGTERM)
         try await withTimeout(10, "vigil to exit") { while p.isRunning { try await Task.sleep(for: .milliseconds(20)) } }
         // The audit trail it left verifies, and an edit is caught.
         let (v0, verified, _) = try run("vigil", ["audit", "verify", dir + "/state/audit"])
@@ -133,7 +119,7 @@ import VigilTestSupport
               - { name: a, endpoints: ["127.0.0.1:9"] }
             """.write(toFile: dir + "/vigil.yaml", atomically: true, encoding: .utf8)
         let p = try await startVigil(config: dir + "/vigil.yaml", adminPort: admin)
-        defer { if p.isRunning { p.terminate() } }
+        defer { p.terminate() }
         let server = ["--server", "https://127.0.0.1:\(control)", "--cacert", dir + "/ca.pem"]
         let ops = ["--cert", dir + "/corp-ns-ops-sa-admin.pem", "--key", dir + "/corp-ns-ops-sa-admin-key.pem"]
         let web = ["--cert", dir + "/corp-ns-web-sa-app.pem", "--key", dir + "/corp-ns-web-sa-app-key.pem"]

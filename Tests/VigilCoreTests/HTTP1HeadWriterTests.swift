@@ -60,6 +60,11 @@ import Testing
         #expect(out == "GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\nX-Request-Id: r\r\nconnection: upgrade\r\nx-forwarded-for: 10.0.0.9\r\nx-forwarded-proto: http\r\n\r\n")
     }
 
+    @Test func anH2cUpgradeOfferIsDroppedAndTheRequestForwardedPlainly() throws {
+        let out = try forward("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nX-Request-Id: r\r\n\r\n")
+        #expect(out == "GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: r\r\nx-forwarded-for: 10.0.0.9\r\nx-forwarded-proto: http\r\n\r\n")
+    }
+
     @Test func absoluteFormBecomesOriginFormWithItsHost() throws {
         let out = try forward("GET http://origin:81/x HTTP/1.1\r\nHost: ignored\r\nX-Request-Id: r\r\n\r\n")
         #expect(out == "GET /x HTTP/1.1\r\nX-Request-Id: r\r\nhost: origin:81\r\nx-forwarded-for: 10.0.0.9\r\nx-forwarded-proto: http\r\n\r\n")
@@ -96,10 +101,10 @@ import Testing
             == "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: 1\r\n\r\n")
         // Read-until-close bodies are re-framed as chunked for HTTP/1.1 clients...
         #expect(try respond("HTTP/1.0 200 OK\r\nX-A: 1\r\n\r\n") == "HTTP/1.1 200 OK\r\nX-A: 1\r\ntransfer-encoding: chunked\r\n\r\n")
-        // ...and sent raw, then closed, to HTTP/1.0 clients.
+        // ...and sent raw, then closed, to HTTP/1.0 clients (with Vigil's own version, RFC 9110 §6.2).
         #expect(try respond("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", clientMinor: 0, keepAlive: false)
-            == "HTTP/1.0 200 OK\r\nconnection: close\r\n\r\n")
-        #expect(try respond("HTTP/1.1 204 No Content\r\n\r\n", clientMinor: 0) == "HTTP/1.0 204 No Content\r\nconnection: keep-alive\r\n\r\n")
+            == "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n")
+        #expect(try respond("HTTP/1.1 204 No Content\r\n\r\n", clientMinor: 0) == "HTTP/1.1 204 No Content\r\nconnection: keep-alive\r\n\r\n")
         // A HEAD answer keeps the Content-Length the body would have had.
         #expect(try respond("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", head: true) == "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
         #expect(try respond("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")

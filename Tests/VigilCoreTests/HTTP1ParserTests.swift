@@ -59,6 +59,8 @@ import Testing
         ("GET / HTTP/1.1\r\nHost: a\n\r\n", 400, "bare_lf"),
         ("GET / HTTP/1.1\r\nHost: a\r\n\n", 400, "bare_lf"),
         ("GET / HTTP/1.1\r\nX: a\rb\r\nHost: a\r\n\r\n", 400, "bad_header_value"),
+        // A fragment is never part of a request-target: routing on it and resolving without it can differ.
+        ("GET /public#/../admin HTTP/1.1\r\nHost: a\r\n\r\n", 400, "bad_request_line"),
     ] as [(String, Int, String)])
     func smugglingVectorsAreRefused(input: String, status: Int, reason: String) {
         let e = rejection(input)
@@ -177,6 +179,11 @@ import Testing
         let up = try #require(try parse("GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n"))
         #expect(up.isUpgrade)
         #expect(try parse("GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n")?.isUpgrade == false)
+        #expect(try parse("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: foo/2, WebSocket/13\r\n\r\n")?.isUpgrade == true)
+        // Only WebSocket passes: an h2c offer would let the client tunnel HTTP/2 past Vigil's rules.
+        let h2c = try #require(try parse("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"))
+        #expect(!h2c.isUpgrade)
+        #expect(try parse("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websockets\r\n\r\n")?.isUpgrade == false)
         let nominated = try #require(try parse("GET / HTTP/1.1\r\nHost: a\r\nConnection: X-Secret, close\r\n\r\n"))
         #expect(nominated.connection.nominated == ["x-secret"])
         #expect(try parse("POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n")?.expectContinue == true)

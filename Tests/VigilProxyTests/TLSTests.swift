@@ -311,22 +311,18 @@ import X509
         let marks = f.path("marks-\(UUID().uuidString)")
         try FileManager.default.createDirectory(atPath: marks, withIntermediateDirectories: true)
         try f.write("resume.py", Self.resumingClient)
-        let p = Process()
-        let out = Pipe()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["python3", f.path("resume.py"), String(port), f.path("ca.pem"), f.path("web.pem"), f.path("web-key.pem"),
-                       version, marks]
-        p.standardOutput = out
-        let exited = AsyncStream<Void> { c in p.terminationHandler = { _ in c.yield(); c.finish() } }
-        try p.run()
+        let p = try ChildProcess("/usr/bin/env", ["python3", f.path("resume.py"), String(port), f.path("ca.pem"), f.path("web.pem"),
+                                                  f.path("web-key.pem"), version, marks],
+                                 stdout: .file(marks + "/out.json"), stderr: .file(marks + "/err.txt"))
         let deadline = ContinuousClock.now + .seconds(20)
         while !FileManager.default.fileExists(atPath: marks + "/first-done") && p.isRunning && ContinuousClock.now < deadline {
             try await Task.sleep(for: .milliseconds(10))
         }
         try await between()
         FileManager.default.createFile(atPath: marks + "/go", contents: nil)
-        for await _ in exited {}
-        let data = out.fileHandleForReading.readDataToEndOfFile()
+        let status = await p.exited()
+        let data = try Data(contentsOf: URL(fileURLWithPath: marks + "/out.json"))
+        #expect(status == 0, "\((try? String(contentsOfFile: marks + "/err.txt", encoding: .utf8)) ?? "")")
         return try JSONDecoder().decode(Resumption.self, from: data)
     }
 

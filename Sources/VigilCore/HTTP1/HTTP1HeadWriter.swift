@@ -189,7 +189,9 @@ public enum HTTP1HeadWriter {
                                      clientMinorVersion: Int, into out: inout ByteBuffer) {
         let isSwitch = head.status == 101
         out.reserveCapacity(minimumWritableBytes: head.bytes.readableBytes + 64)
-        out.writeStaticString(clientMinorVersion >= 1 ? "HTTP/1.1 " : "HTTP/1.0 ")
+        // Vigil's own version, whatever the client's (RFC 9110 §6.2: an intermediary sends its own
+        // HTTP-version); an HTTP/1.0 client still gets 1.0 framing (no chunked coding, close or keep-alive).
+        out.writeStaticString("HTTP/1.1 ")
         out.writeImmutableBuffer(head.bytes.getSlice(at: head.bytes.readerIndex + 9, length: 3)!)
         out.writeInteger(UInt8(0x20))
         if head.reasonEnd > head.reasonStart {

@@ -109,7 +109,10 @@ public enum HTTP1Parser {
         if semantics.expectation != nil && !semantics.expectContinue {
             throw HTTP1ParseError(status: 417, reason: "expectation_failed", detail: "only 100-continue is understood")
         }
-        let isUpgrade = semantics.connection.upgrade && semantics.hasUpgradeField
+        // Only WebSocket passes through. Any other offer (h2c above all) is dropped with the hop-by-hop
+        // fields and the request goes on as an ordinary one: an upstream that accepted `Upgrade: h2c` would
+        // give the client an HTTP/2 tunnel past every route and authorization rule ("h2c smuggling").
+        let isUpgrade = semantics.connection.upgrade && semantics.upgradeOffersWebSocket
         return HTTP1RequestHead(bytes: head, method: method, target: target, minorVersion: minorVersion,
                                 fields: fields, framing: semantics.framing, connection: semantics.connection,
                                 keepAlive: keepAlive, expectContinue: semantics.expectContinue,
@@ -200,6 +203,8 @@ public enum HTTP1Parser {
         var expectation: String?
         var expectContinue = false
         var hasUpgradeField = false
+        /// An `Upgrade` field offers WebSocket, the one upgrade a request may pass through (see `parseRequest`).
+        var upgradeOffersWebSocket = false
     }
 
     /// Works out the message length and connection options from the fields (RFC 9112 §6.1–6.3, §9.6).
@@ -275,6 +280,7 @@ public enum HTTP1Parser {
                     }
                 case .upgrade:
                     s.hasUpgradeField = true
+                    if HTTPTokens.listOffers(p, f.valueStart, f.valueEnd, "websocket") { s.upgradeOffersWebSocket = true }
                 case .other, .keepAlive, .te, .proxyPrefixed, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .xForwardedClientCert, .xVigilTenant:
                     break
                 }

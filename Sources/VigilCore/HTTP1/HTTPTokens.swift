@@ -24,10 +24,12 @@ public enum HTTPTokens {
     @inline(__always)
     public static func isFieldValueByte(_ b: UInt8) -> Bool { inSet(b, 0xFFFFFFFF00000200, 0x7FFFFFFFFFFFFFFF, 0xFFFFFFFFFFFFFFFF, 0xFFFFFFFFFFFFFFFF) }
 
-    /// Bytes allowed in a request-target: visible ASCII, no spaces or controls (RFC 9112 §3.2).
+    /// Bytes allowed in a request-target: visible ASCII, no spaces or controls (RFC 9112 §3.2), and no `#`: a
+    /// fragment is never part of a request-target (RFC 9112 §3.2.1), and a proxy that routes on `/a#/../b`
+    /// while the upstream resolves something else is how access rules get bypassed.
     /// obs-text is refused as well; well-formed clients percent-encode it.
     @inline(__always)
-    public static func isTargetByte(_ b: UInt8) -> Bool { inSet(b, 0xFFFFFFFE00000000, 0x7FFFFFFFFFFFFFFF, 0x0000000000000000, 0x0000000000000000) }
+    public static func isTargetByte(_ b: UInt8) -> Bool { inSet(b, 0xFFFFFFF600000000, 0x7FFFFFFFFFFFFFFF, 0x0000000000000000, 0x0000000000000000) }
 
     /// Host = uri-host [ ":" port ]: unreserved, sub-delims, ':', '[', ']' and pct-encoded.
     @inline(__always)
@@ -42,6 +44,20 @@ public enum HTTPTokens {
 
     /// Case-insensitive equality of raw bytes against a lowercase ASCII literal.
     @inline(__always)
+    /// Whether a comma-separated list of protocol tokens (an `Upgrade` field, `name[/version]` each) offers
+    /// `name`, compared case-insensitively.
+    static func listOffers(_ bytes: UnsafeRawBufferPointer, _ start: Int, _ end: Int, _ name: StaticString) -> Bool {
+        var i = start
+        while i < end {
+            while i < end && (bytes[i] == 0x20 || bytes[i] == 0x09 || bytes[i] == 0x2C) { i += 1 }
+            let tokenStart = i
+            while i < end && bytes[i] != 0x2C && bytes[i] != 0x2F && bytes[i] != 0x20 && bytes[i] != 0x09 { i += 1 }
+            if equalsLowercase(bytes, tokenStart, i - tokenStart, name) { return true }
+            while i < end && bytes[i] != 0x2C { i += 1 }
+        }
+        return false
+    }
+
     static func equalsLowercase(_ bytes: UnsafeRawBufferPointer, _ start: Int, _ count: Int,
                                 _ literal: StaticString) -> Bool {
         guard count == literal.utf8CodeUnitCount else { return false }
