@@ -70,9 +70,9 @@ import VigilTestSupport
     }
 
     @Test func unreachableHTTP2UpstreamIs503() async throws {
-        let probe = try await ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).get()
-        let deadPort = probe.localAddress!.port!
-        try await probe.close()
+        // The discard port: below the ephemeral range, so no concurrently running test can be listening
+        // there (a just-closed ephemeral port can be handed to another test's listener at once).
+        let deadPort = 9
         let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(cluster: "protocol: http2"), upstreams: [deadPort], group: group)
         let client = try await proxy.client()
         try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
