@@ -18,6 +18,8 @@ without it: the release build then links without an order).
 import http.server, os, shutil, socket, socketserver, ssl, subprocess, sys, tempfile, threading, time, urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bench import wait_port  # noqa: E402
 UP, H1, TLS, ADMIN = 18380, 18381, 18382, 18399
 
 
@@ -35,17 +37,6 @@ class Upstream(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
-
-
-def wait_port(port, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"port {port} did not open")
 
 
 def http1(port, requests, wrap=None, body=None):
@@ -112,8 +103,8 @@ clusters:
     order = os.path.join(d, "order")
     proc = subprocess.Popen([tracer, funcs, order, vigil, "--config", config, "--threads", "1", "--log-level", "warning"])
     try:
-        wait_port(H1)
-        wait_port(ADMIN)
+        wait_port(H1, 60)  # a traced start is slower: every first call of a function stops it once
+        wait_port(ADMIN, 60)
         time.sleep(1.5)  # idle: timers, health checks
         for _ in range(3):
             http1(H1, 50)

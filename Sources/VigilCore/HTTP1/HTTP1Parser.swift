@@ -202,7 +202,6 @@ public enum HTTP1Parser {
         var hostCount = 0
         var expectation: String?
         var expectContinue = false
-        var hasUpgradeField = false
         /// An `Upgrade` field offers WebSocket, the one upgrade a request may pass through (see `parseRequest`).
         var upgradeOffersWebSocket = false
     }
@@ -279,7 +278,6 @@ public enum HTTP1Parser {
                         s.expectContinue = true
                     }
                 case .upgrade:
-                    s.hasUpgradeField = true
                     if HTTPTokens.listOffers(p, f.valueStart, f.valueEnd, "websocket") { s.upgradeOffersWebSocket = true }
                 case .other, .keepAlive, .te, .proxyPrefixed, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .xForwardedClientCert, .xVigilTenant:
                     break
