@@ -17,6 +17,33 @@ import Testing
         return String(buffer: out)
     }
 
+    @Test func maxForwardsIsCheckedOnlyForOptionsAndTrace() {
+        #expect(MaxForwards.remaining(method: "OPTIONS") { "0" } == 0)
+        #expect(MaxForwards.remaining(method: "TRACE") { "012" } == 12)
+        #expect(MaxForwards.remaining(method: "OPTIONS") { "940" } == 940)
+        #expect(MaxForwards.remaining(method: "OPTIONS") { String(repeating: "9", count: 21) } == MaxForwards.maximum)
+        #expect(MaxForwards.remaining(method: "OPTIONS") { "000000000000000000000007" } == 7)
+        #expect(MaxForwards.remaining(method: "OPTIONS") { nil } == nil)
+        for invalid in ["", "-1", "1.5", "5, 3", "x"] {
+            #expect(MaxForwards.remaining(method: "OPTIONS") { invalid } == nil, "\(invalid)")
+        }
+        // Any other method: the field is not even looked at.
+        #expect(MaxForwards.remaining(method: "GET") { Issue.record("asked"); return "0" } == nil)
+        #expect(MaxForwards.forwarded(1) == 0)
+        #expect(MaxForwards.forwarded(MaxForwards.maximum) == MaxForwards.maximum - 1)
+    }
+
+    @Test func maxForwardsIsReplacedByTheDecrementedValue() throws {
+        let (head, _) = try #require(try HTTP1Parser.parseRequest(
+            ByteBuffer(string: "OPTIONS /x HTTP/1.1\r\nHost: a\r\nMax-Forwards: 5\r\nX-A: 1\r\n\r\n"), limits: .init()))
+        var out = ByteBuffer()
+        var random = SplitMix64(seed: 1)
+        HTTP1HeadWriter.writeRequest(head, facts: facts, random: &random, fallbackAuthority: "u", maxForwards: 4, into: &out)
+        let text = String(buffer: out)
+        #expect(text.hasPrefix("OPTIONS /x HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nmax-forwards: 4\r\n"))
+        #expect(!text.contains("Max-Forwards: 5"))
+    }
+
     @Test func hopByHopFieldsAreRemoved() throws {
         let out = try forward("""
             POST /p HTTP/1.1\r
@@ -105,6 +132,11 @@ import Testing
         #expect(try respond("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", clientMinor: 0, keepAlive: false)
             == "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n")
         #expect(try respond("HTTP/1.1 204 No Content\r\n\r\n", clientMinor: 0) == "HTTP/1.1 204 No Content\r\nconnection: keep-alive\r\n\r\n")
+        // A 204 never carries a Content-Length (RFC 9110 §8.6); a 304 keeps the one its body would have had.
+        #expect(try respond("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nX-A: 1\r\n\r\n")
+            == "HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n")
+        #expect(try respond("HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n")
+            == "HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n")
         // A HEAD answer keeps the Content-Length the body would have had.
         #expect(try respond("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", head: true) == "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
         #expect(try respond("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")

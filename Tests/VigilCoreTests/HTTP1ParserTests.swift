@@ -207,14 +207,17 @@ import Testing
         let te = try #require(try response("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n"))
         #expect(te.framing(requestMethodIsHead: false) == .chunked)
         #expect(te.reusable == false)
-        #expect(try response("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n")?.framing(requestMethodIsHead: false) == .untilClose)
         #expect(try response("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n")?.reusable == false)
         #expect(try response("HTTP/1.1 200\r\n\r\n")?.status == 200)
     }
 
     @Test func malformedResponsesAreGatewayErrors() {
         for text in ["HTTP/1.1 2000 OK\r\n\r\n", "HTTP/1.1 OK\r\n\r\n", "HTTP/2 200 OK\r\n\r\n",
-                     "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "HTTP/1.1 099 X\r\n\r\n"] {
+                     "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "HTTP/1.1 099 X\r\n\r\n",
+                     // Transfer codings Vigil does not decode: passing the bytes on re-framed would hide them.
+                     "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+                     "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                     "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"] {
             do throws(HTTP1ParseError) {
                 _ = try response(text)
                 Issue.record("accepted \(text.debugDescription)")

@@ -3,6 +3,7 @@ import NIOCore
 import NIOPosix
 import Testing
 import VigilTestSupport
+import VigilCore
 @testable import VigilProxy
 
 @Suite struct HTTP1ProxyTests {
@@ -49,6 +50,32 @@ import VigilTestSupport
         #expect(seen.head.headers["x-forwarded-proto"] == ["http"])
         let rid = try #require(seen.head.headers.first(name: "x-request-id"))
         #expect(UUID(uuidString: rid) != nil)
+        try await client.close()
+        await proxy.stop()
+    }
+
+    /// RFC 9110 §7.6.2: at Max-Forwards 0 an OPTIONS or TRACE is answered here; above 0 it goes on with one
+    /// less; other methods carry the field untouched.
+    @Test func maxForwardsIsSpentOnOptionsAndTrace() async throws {
+        let (proxy, upstream) = try await setup()
+        let client = try await proxy.client()
+        try await client.send("OPTIONS /a HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\n\r\n")
+        let options = try #require(try await client.response())
+        #expect(options.status == 200)
+        #expect(options.header("allow") == MaxForwards.allow)
+        #expect(options.header("x-vigil-reason") == "max_forwards_zero")
+        try await client.send("TRACE /a HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\n\r\n")
+        let trace = try #require(try await client.response())
+        #expect(trace.status == 405)
+        #expect(trace.header("allow") == MaxForwards.allow)
+        #expect(upstream.recorded.isEmpty)
+        try await client.send("OPTIONS /b HTTP/1.1\r\nHost: a\r\nMax-Forwards: 3\r\n\r\n")
+        #expect(try await client.response()?.status == 200)
+        try await client.send("GET /c HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\n\r\n")
+        #expect(try await client.response()?.status == 200)
+        #expect(upstream.recorded.map(\.head.uri) == ["/b", "/c"])
+        #expect(upstream.recorded.first?.head.headers["max-forwards"] == ["2"])
+        #expect(upstream.recorded.last?.head.headers["max-forwards"] == ["0"])
         try await client.close()
         await proxy.stop()
     }

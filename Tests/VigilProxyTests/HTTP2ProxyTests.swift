@@ -4,6 +4,7 @@ import NIOHTTP1
 import NIOPosix
 import Testing
 import VigilTestSupport
+import VigilCore
 @testable import VigilProxy
 
 @Suite struct HTTP2ProxyTests {
@@ -56,6 +57,20 @@ import VigilTestSupport
         #expect(seen.head.headers["traceparent"] == ["00-abc-def-01"])
         #expect(seen.head.headers.first(name: "x-request-id") != nil)
         #expect(seen.bodyString == "payload")
+        await proxy.stop()
+    }
+
+    @Test func maxForwardsIsSpentOnOptions() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        let here = try await client.request(.OPTIONS, "/a", headers: [("max-forwards", "0")])
+        #expect(here.status == 200)
+        #expect(here.header("allow") == MaxForwards.allow)
+        #expect(upstream.recorded.isEmpty)
+        let on = try await client.request(.OPTIONS, "/b", headers: [("max-forwards", "7")])
+        #expect(on.status == 200)
+        #expect(upstream.recorded.first?.head.headers["max-forwards"] == ["6"])
         await proxy.stop()
     }
 

@@ -60,11 +60,12 @@ public enum HTTP1HeadWriter {
     ///
     /// HTTP/1.1 requires a Host field, so an HTTP/1.0 request without one gets `fallbackAuthority` (the upstream
     /// host's address) when it has no authority of its own.
+    /// `maxForwards`: the Max-Forwards value to send in place of the received one (see `MaxForwards`).
     /// - Returns: the x-request-id it generated from `random`, or nil when the request carried one.
     @discardableResult
     public static func writeRequest<R: RandomNumberGenerator>(
         _ head: HTTP1RequestHead, facts: ForwardingFacts, random: inout R, fallbackAuthority: String,
-        tenant: String? = nil, dropping dropped: String? = nil, into out: inout ByteBuffer
+        tenant: String? = nil, dropping dropped: String? = nil, maxForwards: Int? = nil, into out: inout ByteBuffer
     ) -> RequestID? {
         out.reserveCapacity(minimumWritableBytes: head.bytes.readableBytes + 160)
         out.writeString(head.method)
@@ -112,6 +113,7 @@ public enum HTTP1HeadWriter {
             case .expect, .trailer, .other:
                 keep = (nominated.isEmpty || !nominated.contains { head.nameEquals(f, $0) })
                     && !(dropped.map { head.nameEquals(f, $0) } ?? false)
+                    && (maxForwards == nil || !head.nameEquals(f, "max-forwards"))
             }
             if keep {
                 if runStart < 0 { runStart = f.lineStart }
@@ -129,6 +131,7 @@ public enum HTTP1HeadWriter {
         if head.framing == .chunked { out.writeStaticString("transfer-encoding: chunked\r\n") }
         if head.isUpgrade { out.writeStaticString("connection: upgrade\r\n") }
         if teTrailers { out.writeStaticString("te: trailers\r\n") }
+        if let maxForwards { writeMaxForwards(maxForwards, into: &out) }
         out.writeStaticString("x-forwarded-for: ")
         for prior in forwardedFor {
             out.writeBytes(prior)
@@ -164,6 +167,13 @@ public enum HTTP1HeadWriter {
             out.writeString(tenant)
             out.writeStaticString("\r\n")
         }
+    }
+
+    /// The updated `Max-Forwards` field (see `MaxForwards`); shared with the HTTP/2 → HTTP/1 translation.
+    public static func writeMaxForwards(_ value: Int, into out: inout ByteBuffer) {
+        out.writeStaticString("max-forwards: ")
+        out.writeString(String(value))
+        out.writeStaticString("\r\n")
     }
 
     /// How the response body travels to the client.
@@ -238,9 +248,10 @@ public enum HTTP1HeadWriter {
         out.writeStaticString("\r\n")
     }
 
-    /// A response to HEAD, or a 304, may carry the Content-Length the body would have had.
+    /// A response to HEAD, or a 304, may carry the Content-Length the body would have had; a 1xx or 204 never
+    /// carries one (RFC 9110 §8.6), so an upstream's is dropped.
     private static func isNoBodyWithLength(_ head: HTTP1ResponseHead, _ framing: DownstreamFraming) -> Bool {
-        framing == .none && !head.transferEncodingPresent
+        framing == .none && !head.transferEncodingPresent && head.status != 204 && head.status >= 200
     }
 
     /// Writes one chunk of a chunked body: size line, data, CRLF.

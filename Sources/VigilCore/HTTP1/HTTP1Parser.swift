@@ -296,10 +296,11 @@ public enum HTTP1Parser {
             if codings.dropLast().contains("chunked") {
                 throw .bad("bad_transfer_encoding", "chunked is applied more than once")
             }
-            if isRequest {
-                // Vigil does not decode other codings of requests; their length would be unknowable.
-                guard codings.count == 1, last == "chunked" else { throw .unsupportedCoding }
-            }
+            // Vigil decodes no other transfer coding (gzip, deflate, compress): a request's length would be
+            // unknowable, and a response re-framed without them would hand the client coded bytes it was never
+            // told about (transfer codings are hop-by-hop). Envoy refuses them both ways too; a response with
+            // one becomes a 502.
+            guard codings.count == 1, last == "chunked" else { throw .unsupportedCoding }
             s.framing = last == "chunked" ? .chunked : .untilClose
         } else if let length = s.contentLength {
             s.framing = length == 0 ? .none : .length(length)

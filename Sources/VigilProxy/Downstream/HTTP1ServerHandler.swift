@@ -346,6 +346,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                                                          fallbackAuthority: target?.host.addressText ?? "",
                                                          tenant: target?.tenant?.name,
                                                          dropping: target?.policy.snapshot.routes[listener.index].untrustedTenantHeader,
+                                                         maxForwards: MaxForwards.remaining(method: head.method) {
+                                                             head.value(named: "max-forwards")
+                                                         }.map(MaxForwards.forwarded),
                                                          into: &out)
             if let generated, runtime.accessLog.isEnabled { requestID = generated.string }
             connection.write(out)

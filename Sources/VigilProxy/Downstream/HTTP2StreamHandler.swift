@@ -317,6 +317,9 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         var hasContentLength = false
         var hadRequestID = false
         let untrustedTenantHeader = target?.policy.snapshot.routes[listener.index].untrustedTenantHeader
+        let maxForwards = MaxForwards.remaining(method: request.method) { request.headers.first(name: "max-forwards") }
+            .map(MaxForwards.forwarded)
+        if let maxForwards { HTTP1HeadWriter.writeMaxForwards(maxForwards, into: &out) }
         for (name, value, _) in request.headers {
             switch name {
             case ":method", ":path", ":authority", ":scheme", ":protocol", "host", "connection", "keep-alive",
@@ -334,7 +337,9 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             case "x-request-id":
                 hadRequestID = true
             default:
-                if name.hasPrefix("proxy-") || name == untrustedTenantHeader { continue }
+                if name.hasPrefix("proxy-") || name == untrustedTenantHeader || (maxForwards != nil && name == "max-forwards") {
+                    continue
+                }
             }
             out.writeString(name)
             out.writeStaticString(": ")

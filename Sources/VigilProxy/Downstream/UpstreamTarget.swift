@@ -75,6 +75,15 @@ extension ProxyRuntime {
                               cluster: nil)
             }
         }
+        if let hops = MaxForwards.remaining(method: request.method, value: { request.headerValue("max-forwards") }), hops == 0 {
+            // Vigil is the final recipient (RFC 9110 §7.6.2). It answers OPTIONS for itself; it reflects no
+            // TRACE (a reflected request is the cross-site-tracing hole, and what Vigil would reflect is not
+            // what the client sent once hop-by-hop fields are cut), so TRACE gets 405 with what it allows.
+            let isTrace = request.method == "TRACE"
+            return .reply(status: isTrace ? 405 : 200, reason: "max_forwards_zero",
+                          detail: "Max-Forwards is 0, so Vigil answers as the final recipient" + (isTrace ? " and does not reflect TRACE" : ""),
+                          cluster: nil, headers: [("allow", MaxForwards.allow)])
+        }
         guard let routeIndex = routes.table.match(request) else {
             return .reply(status: 404, reason: "no_route",
                           detail: "no route of listener \(listener.config.name) matches \(request.method) \(RouteTable.pathWithoutQuery(request.path))",
