@@ -4,7 +4,9 @@ spread over 10,000 distinct tenants by an `x-tenant-id` header) through Vigil wi
 it (every tenant rate-limited and concurrency-limited, high enough that nothing is refused). Reports CPU µs
 per request and RSS. Same pinning as bench.py; only 127.0.0.1 is used.
 
-Usage: Bench/tenants.py --vigil PATH [BURST_SECONDS [BURSTS]]   (default 2 s × 30 bursts per configuration)
+Usage: Bench/tenants.py --vigil PATH [--vigil-before PATH] [BURST_SECONDS [BURSTS]]
+       (default 2 s × 30 bursts per configuration; with --vigil-before, an earlier build is measured the same
+       way in the same run, its bursts interleaved with this one's)
 """
 import argparse, os, re, sys, tempfile
 
@@ -17,6 +19,7 @@ UP, PORT = 18280, 18284
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--vigil", required=True)
+    ap.add_argument("--vigil-before", help="an earlier build, measured beside this one")
     ap.add_argument("seconds", nargs="?", type=int, default=2, help="length of one burst")
     ap.add_argument("bursts", nargs="?", type=int, default=30, help="bursts per configuration")
     a = ap.parse_args()
@@ -38,9 +41,14 @@ tenants:
   default: { requests_per_second: 100000, burst: 100000, max_concurrent: 1000 }
   unknown: reject
 """
-    ports = {"without": PORT, "with": PORT + 1}
-    configs = {"without": write(d, "without.yaml", config(PORT, 18299)),
-               "with": write(d, "with.yaml", config(PORT + 1, 18298, tenants))}
+    builds = {"": a.vigil, **({"before ": a.vigil_before} if a.vigil_before else {})}
+    ports, configs, binary = {}, {}, {}
+    for i, (prefix, path) in enumerate(builds.items()):
+        for j, (kind, extra) in enumerate([("without", ""), ("with", tenants)]):
+            name = prefix + kind
+            ports[name] = PORT + 2 * i + j
+            configs[name] = write(d, f"{name.replace(' ', '-')}.yaml", config(ports[name], 18299 - 2 * i - j, extra))
+            binary[name] = path
     lua = write(d, "tenants.lua", """
 math.randomseed(7)
 request = function()
@@ -48,16 +56,16 @@ request = function()
 end
 """)
     upstream = start_upstream(d, UP)
-    # Both Vigils run at once, pinned to the same core; only one is loaded at a time, in short alternating
+    # All Vigils (with and without tenants; an earlier build's too, if given) run at once, pinned to the same
+    # core; only one is loaded at a time, in short alternating
     # bursts. The VM's speed drifts over minutes (a 10 s measurement of the same thing moves by 10 %), so
     # comparing bursts a few seconds apart cancels most of it; each pair's ratio is kept too.
-    procs = {name: Proc(name, f"{a.vigil} --config {c} --threads 1 --log-level warning", ports[name])
+    procs = {name: Proc(name, f"{binary[name]} --config {c} --threads 1 --log-level warning", ports[name])
              for name, c in configs.items()}
     idle = {name: rss_kib(p.pid) / 1024 for name, p in procs.items()}
     ticks = {name: 0 for name in procs}
     total = {name: 0 for name in procs}
     errors = {name: 0 for name in procs}
-    pairs = []
 
     def burst(name, seconds):
         t0 = cpu_ticks(procs[name].pid)
@@ -69,18 +77,21 @@ end
     try:
         for name in procs:  # warm-up: pools, and the 10,000 tenants' state
             burst(name, a.seconds)
+        pairs = {prefix: [] for prefix in builds}
         for i in range(a.bursts):
-            order = ["without", "with"] if i % 2 == 0 else ["with", "without"]
-            cost = {}
-            for name in order:
-                t, n, e = burst(name, a.seconds)
-                ticks[name] += t
-                total[name] += n
-                errors[name] += e
-                cost[name] = t * 1e6 / CLK / max(n, 1)
-            pairs.append(cost["with"] / cost["without"])
-            print(f"burst {i + 1:2}: without {cost['without']:5.1f} us/req  with {cost['with']:5.1f} us/req  "
-                  f"ratio {pairs[-1]:.3f}", flush=True)
+            for prefix in (builds if i % 2 == 0 else reversed(builds)):
+                order = ["without", "with"] if i % 2 == 0 else ["with", "without"]
+                cost = {}
+                for kind in order:
+                    name = prefix + kind
+                    t, n, e = burst(name, a.seconds)
+                    ticks[name] += t
+                    total[name] += n
+                    errors[name] += e
+                    cost[kind] = t * 1e6 / CLK / max(n, 1)
+                pairs[prefix].append(cost["with"] / cost["without"])
+                print(f"burst {i + 1:2}: {prefix}without {cost['without']:5.1f} us/req  {prefix}with {cost['with']:5.1f} us/req  "
+                      f"ratio {pairs[prefix][-1]:.3f}", flush=True)
         peak = {name: rss_kib(p.pid, "VmHWM") / 1024 for name, p in procs.items()}
     finally:
         for p in procs.values():
@@ -91,11 +102,13 @@ end
     print(f"\n| tenants | requests | CPU µs/req | idle → peak RSS (MiB) | non-2xx |\n|---|---|---|---|---|")
     for name in procs:
         print(f"| {name} | {total[name]} | {cpu[name]:.2f} | {idle[name]:.1f} → {peak[name]:.1f} | {errors[name]} |")
-    ratios = sorted(pairs)
-    mid = len(ratios) // 2
-    median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
-    print(f"\nCPU per request with 10,000 tenants ÷ without: {cpu['with'] / cpu['without']:.3f} over all bursts; "
-          f"median of the {len(pairs)} pairs {median:.3f} (pairs range {ratios[0]:.3f}–{ratios[-1]:.3f})")
+    for prefix in builds:
+        ratios = sorted(pairs[prefix])
+        mid = len(ratios) // 2
+        median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+        print(f"\n{prefix or 'this build: '}CPU per request with 10,000 tenants ÷ without: "
+              f"{cpu[prefix + 'with'] / cpu[prefix + 'without']:.3f} over all bursts; "
+              f"median of the {len(ratios)} pairs {median:.3f} (pairs range {ratios[0]:.3f}–{ratios[-1]:.3f})")
 
 
 if __name__ == "__main__":
