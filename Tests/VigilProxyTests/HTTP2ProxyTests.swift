@@ -74,6 +74,28 @@ import VigilCore
         await proxy.stop()
     }
 
+    /// RFC 9113 §8.3.1: a host field naming another entity than :authority makes the request malformed.
+    @Test func aHostThatDiffersFromTheAuthorityIsRefused() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        let pseudo = [(":method", "GET"), (":scheme", "http"), (":path", "/")]
+        let differs = try await client.request(headerBlock: pseudo + [(":authority", "b"), ("host", "a")])
+        #expect(differs.status == 400)
+        #expect(differs.header("x-vigil-reason") == "bad_host")
+        let twice = try await client.request(headerBlock: pseudo + [(":authority", "a"), ("host", "a"), ("host", "a")])
+        #expect(twice.header("x-vigil-reason") == "multiple_host")
+        let none = try await client.request(headerBlock: pseudo)
+        #expect(none.status == 400)
+        #expect(none.header("x-vigil-reason") == "missing_host")
+        let same = try await client.request(headerBlock: pseudo + [(":authority", "A"), ("host", "a")])
+        #expect(same.status == 200)
+        let hostOnly = try await client.request(headerBlock: pseudo + [("host", "h")])
+        #expect(hostOnly.status == 200)
+        #expect(upstream.recorded.map { $0.head.headers["host"] } == [["A"], ["h"]])
+        await proxy.stop()
+    }
+
     @Test func errorsAreAnsweredOnTheStream() async throws {
         let upstream = try await FakeUpstream(group: group)
         let yaml = ProxyHarness.simple().replacingOccurrences(of: "prefix: \"/\"", with: "prefix: \"/api/\"")

@@ -1,5 +1,6 @@
 import NIOCore
 import NIOHTTP1
+import NIOHPACK
 import NIOHTTP2
 import NIOSSL
 import NIOPosix
@@ -61,8 +62,69 @@ public final class H2TestClient: Sendable {
         return try await withTimeout(30, "an HTTP/2 response") { try await result.get() }
     }
 
+    /// Sends `headerBlock` as it is (pseudo-headers included, nothing added or checked) as a request without
+    /// a body, and waits for the whole response: for header blocks NIOHTTP2's codec would refuse to build.
+    public func request(headerBlock: [(String, String)]) async throws -> TestResponse {
+        let promise = channel.eventLoop.makePromise(of: TestResponse.self)
+        let multiplexer = self.multiplexer
+        channel.eventLoop.execute {
+            multiplexer.value.createStreamChannel(promise: nil) { stream in
+                stream.eventLoop.makeCompletedFuture {
+                    try stream.pipeline.syncOperations.addHandler(RawExchange(HPACKHeaders(headerBlock), promise: promise))
+                }
+            }
+        }
+        let result = promise.futureResult
+        return try await withTimeout(30, "an HTTP/2 response") { try await result.get() }
+    }
+
     public func close() async throws { try? await channel.close() }
 }
+
+/// Writes one HEADERS frame (with END_STREAM) and collects the response from the frames themselves.
+final class RawExchange: ChannelDuplexHandler {
+    typealias InboundIn = HTTP2Frame.FramePayload
+    typealias OutboundIn = HTTP2Frame.FramePayload
+    typealias OutboundOut = HTTP2Frame.FramePayload
+    let headers: HPACKHeaders
+    let promise: EventLoopPromise<TestResponse>
+    var head: HTTPResponseHead?
+    var body = ByteBuffer()
+
+    init(_ headers: HPACKHeaders, promise: EventLoopPromise<TestResponse>) {
+        self.headers = headers
+        self.promise = promise
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: headers, endStream: true))), promise: nil)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var ended = false
+        switch unwrapInboundIn(data) {
+        case .headers(let h):
+            ended = h.endStream
+            if head == nil {
+                var fields = HTTPHeaders()
+                for (name, value, _) in h.headers where !name.hasPrefix(":") { fields.add(name: name, value: value) }
+                let status = Int(h.headers.first(name: ":status") ?? "") ?? 0
+                head = HTTPResponseHead(version: .http2, status: .init(statusCode: status), headers: fields)
+            }
+        case .data(let d):
+            ended = d.endStream
+            if case .byteBuffer(var b) = d.data { body.writeBuffer(&b) }
+        default:
+            break
+        }
+        if ended, let head { promise.succeed(TestResponse(head: head, body: body, trailers: nil)) }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) { promise.fail(ChannelError.eof) }
+}
+
+@available(*, unavailable)
+extension RawExchange: Sendable {}
 
 final class StreamResponseCollector: ChannelInboundHandler {
     typealias InboundIn = HTTPClientResponsePart

@@ -194,7 +194,23 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             reply(status: 400, reason: "bad_request_target", detail: ":path must be a path without spaces or controls")
             return
         }
-        let authority = headers.first(name: ":authority") ?? headers.first(name: "host") ?? ""
+        // RFC 9113 §8.3.1: a `host` that names another entity than :authority makes the request malformed (which
+        // one would a rule have checked?); with no authority at all, an http(s) URI has no host (HTTP/1.1's 400).
+        let hosts = headers["host"]
+        let explicitAuthority = headers.first(name: ":authority")
+        guard hosts.count <= 1 else {
+            reply(status: 400, reason: "multiple_host", detail: "more than one host field")
+            return
+        }
+        if let host = hosts.first, let explicitAuthority, host.lowercased() != explicitAuthority.lowercased() {
+            reply(status: 400, reason: "bad_host", detail: "the host field differs from :authority")
+            return
+        }
+        let authority = explicitAuthority ?? hosts.first ?? ""
+        guard !authority.isEmpty else {
+            reply(status: 400, reason: "missing_host", detail: "the request has neither :authority nor host")
+            return
+        }
         guard authority.utf8.allSatisfy({ HTTPTokens.isHostByte($0) }) else {
             reply(status: 400, reason: "bad_host", detail: ":authority is not a valid authority")
             return
