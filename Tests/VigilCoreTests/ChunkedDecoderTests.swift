@@ -64,6 +64,15 @@ import Testing
         "-5\r\n",
         "5;a\u{0}\r\n",          // control in an extension
         "5;a\nb\r\n",            // bare LF in an extension
+        "5 \r\n",                // whitespace after the size without an extension
+        "5;\r\n",                // ';' without a name
+        "5;=x\r\n",              // a value without a name
+        "5;a=\r\n",              // '=' without a value
+        "5;a=\"b\r\n",           // an unterminated quoted-string
+        "5;a=\"b\r\nc\"\r\n",    // CRLF inside a quoted-string
+        "5;a=b c\r\n",           // two values
+        "5;a@b\r\n",             // not a token
+        "5;a=\"\\\u{1}\"\r\n",    // a control character after a backslash
         "0\r\nBad Trailer: x\r\n\r\n",
         "0\r\nX: a\n\r\n",
         "0\r\n\n",
@@ -72,7 +81,19 @@ import Testing
         #expect(throws: HTTP1ParseError.self, "\(input.debugDescription)") { _ = try decode(input) }
     }
 
-    @Test func sizeWithWhitespaceBeforeExtensionIsAccepted() throws {
-        #expect(try decode("3 ;x=y\r\nabc\r\n0\r\n\r\n").0 == "abc")
+    @Test(arguments: [
+        "3 ;x=y", "3;x", "3;x ", "3;x;y=1", "3 ; x = y ; z", "3;x=\"a b\"", "3;x=\"a\\\"b\\\\\"", "3;x=\"\"",
+        "3;x=\"caf\u{E9}\"",
+    ])
+    func wellFormedExtensionsAreAcceptedAndDropped(sizeLine: String) throws {
+        #expect(try decode(sizeLine + "\r\nabc\r\n0\r\n\r\n").0 == "abc", "\(sizeLine.debugDescription)")
+        // Byte by byte too: the grammar keeps its place across reads.
+        #expect(try decode(sizeLine + "\r\nabc\r\n0\r\n\r\n", step: 1).0 == "abc")
+    }
+
+    @Test func extensionsAreBoundedByTheTrailerLimit() throws {
+        // The helper's decoder allows 256 bytes of trailers, and so of extensions on one size line.
+        #expect(throws: HTTP1ParseError.self) { _ = try decode("3;x=" + String(repeating: "a", count: 300) + "\r\n") }
+        #expect(try decode("3;x=" + String(repeating: "a", count: 200) + "\r\nabc\r\n0\r\n\r\n").0 == "abc")
     }
 }

@@ -16,8 +16,8 @@ public struct ChunkedDecoder: Sendable {
     enum State: Sendable, Equatable {
         /// Reading hex digits of a chunk size; `digits` so far.
         case size(digits: Int)
-        /// After the size: chunk extensions until CR.
-        case extensions(sawQuote: Bool)
+        /// After the size: chunk extensions until CR, where in their grammar.
+        case extensions(ExtensionPart)
         /// Expecting the LF that ends the size line.
         case sizeLF
         case data(remaining: Int)
@@ -29,7 +29,28 @@ public struct ChunkedDecoder: Sendable {
         case done
     }
 
+    /// Where a byte of a chunk-ext falls (RFC 9112 §7.1.1):
+    /// `*( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )`, the value a token or a quoted-string.
+    enum ExtensionPart: Sendable, Equatable {
+        /// Whitespace after the size: only a ';' may follow.
+        case afterSize
+        case beforeName
+        case name
+        /// Whitespace after a name: '=', ';' or the end of the line may follow.
+        case afterName
+        case beforeValue
+        case tokenValue
+        case quoted
+        /// After a backslash inside a quoted-string.
+        case quotedPair
+        /// After a complete extension (and any whitespace): ';' or the end of the line.
+        case afterExtension
+    }
+
     private var state: State = .size(digits: 0)
+    /// Bytes of extensions on the current size line, bounded by `maxTrailerBytes` (they are dropped, but a
+    /// client could otherwise send an endless size line that never counts towards any body limit).
+    private var extensionBytes = 0
     private var size = 0
     private var isLast = false
     private var trailerBuffer: ByteBuffer?
@@ -70,25 +91,22 @@ public struct ChunkedDecoder: Sendable {
                 guard digits < 15 else { throw Self.bad("chunk size is too large") }
                 size = size << 4 | v
                 state = .size(digits: digits + 1)
-            } else if digits > 0 && b == 0x3B {  // ';'
-                state = .extensions(sawQuote: false)
-            } else if digits > 0 && (b == 0x20 || b == 0x09) {
-                // BWS is allowed only before a ';' that starts an extension.
-                state = .extensions(sawQuote: false)
             } else if digits > 0 && b == 0x0D {
                 state = .sizeLF
+            } else if digits > 0 && b == 0x3B {  // ';'
+                extensionBytes = 0
+                state = .extensions(.beforeName)
+            } else if digits > 0 && (b == 0x20 || b == 0x09) {
+                // BWS is allowed only before a ';' that starts an extension.
+                extensionBytes = 0
+                state = .extensions(.afterSize)
             } else {
                 throw Self.bad("chunk size is not a hex number")
             }
-        case .extensions(let inQuote):
-            // chunk-ext is checked loosely for content but strictly for line structure: no bare CR/LF, no controls.
-            if b == 0x0D && !inQuote {
-                state = .sizeLF
-            } else if b == 0x22 {
-                state = .extensions(sawQuote: !inQuote)
-            } else if b == 0x0A || b == 0x0D || (b < 0x20 && b != 0x09) || b == 0x7F {
-                throw Self.bad("chunk extension holds a control character")
-            }
+        case .extensions(let part):
+            extensionBytes += 1
+            guard extensionBytes <= maxTrailerBytes else { throw Self.bad("chunk extensions are too long") }
+            try stepExtension(b, part)
         case .sizeLF:
             guard b == 0x0A else { throw Self.bad("chunk size line must end with CRLF") }
             if size == 0 {
@@ -106,6 +124,36 @@ public struct ChunkedDecoder: Sendable {
             state = .size(digits: 0)
         case .data, .trailers, .done:
             preconditionFailure("handled in decode")
+        }
+    }
+
+    /// One byte of the extensions on a size line. Vigil drops extensions (it re-frames the body), but checks
+    /// their grammar: a size line that one parser reads as an extension and another as data is how chunked
+    /// bodies get smuggled.
+    private mutating func stepExtension(_ b: UInt8, _ part: ExtensionPart) throws(HTTP1ParseError) {
+        let isSpace = b == 0x20 || b == 0x09
+        let isToken = HTTPTokens.isTokenByte(b)
+        // quoted-string content: HTAB, SP, VCHAR, obs-text (a quote or backslash means something there).
+        let isQuotable = isSpace || (b >= 0x21 && b != 0x7F)
+        let next: ExtensionPart?
+        switch part {
+        case .afterSize: next = b == 0x3B ? .beforeName : isSpace ? .afterSize : nil
+        case .beforeName: next = isToken ? .name : isSpace ? .beforeName : nil
+        case .name:
+            next = isToken ? .name : isSpace ? .afterName : b == 0x3D ? .beforeValue : b == 0x3B ? .beforeName : nil
+        case .afterName: next = isSpace ? .afterName : b == 0x3D ? .beforeValue : b == 0x3B ? .beforeName : nil
+        case .beforeValue: next = isToken ? .tokenValue : b == 0x22 ? .quoted : isSpace ? .beforeValue : nil
+        case .tokenValue: next = isToken ? .tokenValue : isSpace ? .afterExtension : b == 0x3B ? .beforeName : nil
+        case .quoted: next = b == 0x22 ? .afterExtension : b == 0x5C ? .quotedPair : isQuotable ? .quoted : nil
+        case .quotedPair: next = isQuotable ? .quoted : nil
+        case .afterExtension: next = isSpace ? .afterExtension : b == 0x3B ? .beforeName : nil
+        }
+        if let next {
+            state = .extensions(next)
+        } else if b == 0x0D, part == .name || part == .afterName || part == .tokenValue || part == .afterExtension {
+            state = .sizeLF
+        } else {
+            throw Self.bad("malformed chunk extension")
         }
     }
 
