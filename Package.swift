@@ -120,6 +120,15 @@ let package = Package(
             ],
             path: "Bench/LoadGen"
         ),
+        // The benchmark's floor: a raw NIO TCP relay, to show how much of Vigil's cost is NIO's own.
+        .executableTarget(
+            name: "nio-relay",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            path: "Bench/NIORelay"
+        ),
         .executableTarget(
             name: "vigil-fuzz",
             dependencies: ["VigilCore", .product(name: "NIOCore", package: "swift-nio")],

@@ -10,7 +10,7 @@ import argparse, os, re, shutil, signal, subprocess, sys, tempfile, time
 
 UP, UP_H2 = 18080, 18090
 PORTS = {"haproxy": (18081, 18091), "nginx": (18082, 18092), "caddy": (18083, 18093), "vigil": (18084, 18094),
-         "vigil-heal": (18085, 18095), "vigil-before": (18086, 18096)}
+         "vigil-heal": (18085, 18095), "vigil-before": (18086, 18096), "nio-relay": (18087, 18097)}
 CLK = os.sysconf("SC_CLK_TCK")
 
 
@@ -114,7 +114,7 @@ clusters:
 """)
 
 
-def configs(d, vigil, vigil_before=None):
+def configs(d, vigil, vigil_before=None, relay=None):
     ng = write(d, "nginx-proxy.conf", f"""
 worker_processes 1; daemon off; pid {d}/ng.pid; error_log {d}/ng.err;
 events {{ worker_connections 8192; }}
@@ -160,6 +160,9 @@ http://127.0.0.1:{PORTS['caddy'][0]}, http://127.0.0.1:{PORTS['caddy'][1]} {{
         "vigil-heal": (f"{vigil} --config {vigil_config(d, 'vigil-heal', healing=True)} --threads 1 --log-level warning", {}, None),
         **({"vigil-before": (f"{vigil_before} --config {vigil_config(d, 'vigil-before', healing=False)} --threads 1 --log-level warning", {}, None)}
            if vigil_before else {}),
+        # The floor: a raw NIO TCP relay (Bench/NIORelay), one upstream connection per client connection.
+        **({"nio-relay": (f"{relay} {PORTS['nio-relay'][0]}:{UP} {PORTS['nio-relay'][1]}:{UP_H2}", {}, None)}
+           if relay else {}),
     }
 
 
@@ -194,12 +197,13 @@ def main():
     ap.add_argument("--vigil", required=True)
     ap.add_argument("seconds", nargs="?", type=int, default=10)
     ap.add_argument("rounds", nargs="?", type=int, default=2)
-    ap.add_argument("--only", help="comma-separated targets to run (direct,haproxy,nginx,caddy,vigil,vigil-heal,vigil-before)")
+    ap.add_argument("--only", help="comma-separated targets to run (direct,haproxy,nginx,caddy,vigil,vigil-heal,vigil-before,nio-relay)")
     ap.add_argument("--vigil-before", help="another Vigil binary (an earlier commit) to measure beside this one")
+    ap.add_argument("--relay", help="the nio-relay binary (Bench/NIORelay): the raw NIO floor, measured beside the proxies")
     ap.add_argument("--protocols", default="h1,h2", help="h1, h2 or both")
     a = ap.parse_args()
     d = tempfile.mkdtemp(prefix="vigil-bench-")
-    proxies = configs(d, a.vigil, a.vigil_before)
+    proxies = configs(d, a.vigil, a.vigil_before, a.relay)
     if not shutil.which("caddy"):
         del proxies["caddy"]
     if a.only:

@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 . Bench/lib.sh
 ensure_packages nginx:nginx haproxy:haproxy wrk:wrk h2load:nghttp2-client
 ensure_caddy
-build_release vigil
-exec python3 Bench/bench.py --vigil .build-release/release/vigil "$@"
+build_release vigil nio-relay
+exec python3 Bench/bench.py --vigil .build-release/release/vigil --relay .build-release/release/nio-relay "$@"

@@ -13,22 +13,38 @@ public struct RequestID: Sendable, Equatable {
     }
 
     public func write(to buffer: inout ByteBuffer) {
-        let hex: StaticString = "0123456789abcdef"
-        buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: 36) { out in
-            var o = 0
-            func put(_ v: UInt64, _ nibbles: Int) {
-                for k in stride(from: nibbles - 1, through: 0, by: -1) {
-                    out[o] = hex.utf8Start[Int((v >> (UInt64(k) * 4)) & 0xF)]
-                    o += 1
-                }
-            }
-            put(high >> 32, 8); out[o] = 0x2D; o += 1
-            put(high >> 16, 4); out[o] = 0x2D; o += 1
-            put(high, 4); out[o] = 0x2D; o += 1
-            put(low >> 48, 4); out[o] = 0x2D; o += 1
-            put(low, 12)
-            return 36
+        buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: 36) { out in write(into: out, at: 0) }
+    }
+
+    /// Writes the whole `x-request-id: <uuid>\r\n` line with one buffer access.
+    public func writeField(to buffer: inout ByteBuffer) {
+        let name: StaticString = "x-request-id: "
+        buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: 52) { out in
+            UnsafeMutableRawBufferPointer(rebasing: out[0..<14])
+                .copyMemory(from: UnsafeRawBufferPointer(start: name.utf8Start, count: 14))
+            _ = write(into: out, at: 14)
+            out[50] = 0x0D
+            out[51] = 0x0A
+            return 52
         }
+    }
+
+    /// The 36 characters of the UUID at `offset`; returns 36.
+    private func write(into out: UnsafeMutableRawBufferPointer, at offset: Int) -> Int {
+        let hex: StaticString = "0123456789abcdef"
+        var o = offset
+        func put(_ v: UInt64, _ nibbles: Int) {
+            for k in stride(from: nibbles - 1, through: 0, by: -1) {
+                out[o] = hex.utf8Start[Int((v >> (UInt64(k) * 4)) & 0xF)]
+                o += 1
+            }
+        }
+        put(high >> 32, 8); out[o] = 0x2D; o += 1
+        put(high >> 16, 4); out[o] = 0x2D; o += 1
+        put(high, 4); out[o] = 0x2D; o += 1
+        put(low >> 48, 4); out[o] = 0x2D; o += 1
+        put(low, 12)
+        return 36
     }
 
     public var string: String {
@@ -46,10 +62,30 @@ public struct ForwardingFacts: Sendable {
     public var scheme: String
     /// The `x-forwarded-client-cert` value for an mTLS client (Envoy's format), nil otherwise.
     public var clientCert: String?
+    /// The per-connection fields written into every forwarded head, built once per connection: one buffer
+    /// write per request instead of six. `fullBlock` is for requests without an earlier `x-forwarded-for`
+    /// (from `x-forwarded-for: <client>` on); `afterForwardedFor` follows a list the request brought.
+    let fullBlock: ByteBuffer
+    let afterForwardedFor: ByteBuffer
+
     public init(clientAddress: String, scheme: String, clientCert: String? = nil) {
         self.clientAddress = clientAddress
         self.scheme = scheme
         self.clientCert = clientCert
+        var after = ByteBuffer()
+        after.writeString(clientAddress)
+        after.writeStaticString("\r\nx-forwarded-proto: ")
+        after.writeString(scheme)
+        after.writeStaticString("\r\n")
+        if let clientCert {
+            after.writeStaticString("x-forwarded-client-cert: ")
+            after.writeString(clientCert)
+            after.writeStaticString("\r\n")
+        }
+        var full = ByteBuffer(string: "x-forwarded-for: ")
+        full.writeImmutableBuffer(after)
+        afterForwardedFor = after
+        fullBlock = full
     }
 }
 
@@ -68,11 +104,17 @@ public enum HTTP1HeadWriter {
         tenant: String? = nil, dropping dropped: String? = nil, maxForwards: Int? = nil, into out: inout ByteBuffer
     ) -> RequestID? {
         out.reserveCapacity(minimumWritableBytes: head.bytes.readableBytes + 160)
-        out.writeString(head.method)
-        out.writeInteger(UInt8(0x20))
-        out.writeString(head.path)
-        out.writeStaticString(" HTTP/1.1\r\n")
         let absoluteForm = head.path != head.target && head.target != "*"
+        if absoluteForm {
+            out.writeString(head.method)
+            out.writeInteger(UInt8(0x20))
+            out.writeString(head.path)
+        } else {
+            // "METHOD SP target" as it came: one copy.
+            out.writeImmutableBuffer(head.bytes.getSlice(at: head.bytes.readerIndex,
+                                                         length: head.method.utf8.count + 1 + head.target.utf8.count)!)
+        }
+        out.writeStaticString(" HTTP/1.1\r\n")
         var hadRequestID = false
         var forwardedFor: [ByteBufferView] = []
         var teTrailers = false
@@ -132,22 +174,21 @@ public enum HTTP1HeadWriter {
         if head.isUpgrade { out.writeStaticString("connection: upgrade\r\n") }
         if teTrailers { out.writeStaticString("te: trailers\r\n") }
         if let maxForwards { writeMaxForwards(maxForwards, into: &out) }
-        out.writeStaticString("x-forwarded-for: ")
-        for prior in forwardedFor {
-            out.writeBytes(prior)
-            out.writeStaticString(", ")
+        if forwardedFor.isEmpty {
+            out.writeImmutableBuffer(facts.fullBlock)
+        } else {
+            out.writeStaticString("x-forwarded-for: ")
+            for prior in forwardedFor {
+                out.writeBytes(prior)
+                out.writeStaticString(", ")
+            }
+            out.writeImmutableBuffer(facts.afterForwardedFor)
         }
-        out.writeString(facts.clientAddress)
-        out.writeStaticString("\r\nx-forwarded-proto: ")
-        out.writeString(facts.scheme)
-        out.writeStaticString("\r\n")
-        writeVigilFields(clientCert: facts.clientCert, tenant: tenant, into: &out)
+        writeVigilFields(clientCert: nil, tenant: tenant, into: &out)  // the client cert is in the facts' block
         var generated: RequestID?
         if !hadRequestID {
             let id = RequestID(using: &random)
-            out.writeStaticString("x-request-id: ")
-            id.write(to: &out)
-            out.writeStaticString("\r\n")
+            id.writeField(to: &out)
             generated = id
         }
         out.writeStaticString("\r\n")
@@ -202,13 +243,14 @@ public enum HTTP1HeadWriter {
         // Vigil's own version, whatever the client's (RFC 9110 §6.2: an intermediary sends its own
         // HTTP-version); an HTTP/1.0 client still gets 1.0 framing (no chunked coding, close or keep-alive).
         out.writeStaticString("HTTP/1.1 ")
-        out.writeImmutableBuffer(head.bytes.getSlice(at: head.bytes.readerIndex + 9, length: 3)!)
-        out.writeInteger(UInt8(0x20))
-        if head.reasonEnd > head.reasonStart {
-            out.writeImmutableBuffer(head.bytes.getSlice(at: head.bytes.readerIndex + head.reasonStart,
-                                                         length: head.reasonEnd - head.reasonStart)!)
+        if head.reasonStart == 13 {
+            // " SSS SP reason CRLF" as it came: one copy.
+            out.writeImmutableBuffer(head.bytes.getSlice(at: head.bytes.readerIndex + 9, length: head.reasonEnd + 2 - 9)!)
+        } else {
+            // No SP after the status code: it is required (RFC 9112 §4), so Vigil adds it.
+            out.writeImmutableBuffer(head.bytes.getSlice(at: head.bytes.readerIndex + 9, length: 3)!)
+            out.writeStaticString(" \r\n")
         }
-        out.writeStaticString("\r\n")
         let nominated = head.connection.nominated
         let base = head.bytes.readerIndex
         var runStart = -1

@@ -34,7 +34,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// Most bytes buffered from the client while the current request cannot take them (pipelined requests,
     /// a body waiting for its upstream connection) before reading stops.
     static let inboundBufferLimit = 64 * 1024
-    // Every deadline here is read from `context.eventLoop.now`, the event loop's clock: real time in
+    // Every deadline here is read from `eventLoop.now`, the event loop's clock: real time in
     // production, and manual time on an EmbeddedEventLoop, so the timeouts are tested with advanceTime.
 
     /// Longest sleep of the connection timer, so a new request rarely needs to re-arm it.
@@ -45,6 +45,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private let loop: LoopContext
     private let session: DownstreamSession
     private var context: ChannelHandlerContext!
+    /// The connection's event loop, kept from `handlerAdded`: `context.eventLoop` asks the channel each time.
+    private var eventLoop: EventLoop!
     /// Kept from `handlerAdded`: `context.channel.allocator` walks the pipeline on every use.
     private var allocator = ByteBufferAllocator()
     private var facts = ForwardingFacts(clientAddress: "", scheme: "http")
@@ -53,6 +55,10 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var inbound: ByteBuffer?
     private var keepAlive = true
     private var readGate = ReadGate()
+    /// Writes made since the last flush, to the client and to the upstream: a flush with nothing to send
+    /// still walks NIO's pipeline and channel state, and the end of every read would otherwise do two.
+    private var clientFlushPending = false
+    private var upstreamFlushPending = false
 
     // The connection timer: one scheduled task, re-armed only when a nearer deadline appears.
     private var timer: Scheduled<Void>?
@@ -64,6 +70,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     // MARK: Per-request state, reset by `startRequest`.
     private var head: HTTP1RequestHead?
     private var startedAt = NIODeadline.uptimeNanoseconds(0)
+    /// When `finishRequest` ran, so the idle time that follows starts without another clock read.
+    private var finishedAt: NIODeadline?
     private var wallStart: Int64 = 0
     private var target: UpstreamTarget?
     /// The cluster a locally answered request had been routed to, for metrics; its tenant, for its SLO.
@@ -103,10 +111,11 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        eventLoop = context.eventLoop
         allocator = context.channel.allocator
         let ip = context.channel.remoteAddress?.ipAddress ?? "unknown"
         facts = ForwardingFacts(clientAddress: ip, scheme: session.scheme, clientCert: session.forwardedClientCert)
-        idleSince = context.eventLoop.now
+        idleSince = eventLoop.now
         // The first request's head is due within header_timeout of the connection's start (nginx's
         // client_header_timeout, HAProxy's timeout http-request); later ones from their first byte.
         headerDeadline = idleSince + .nanoseconds(listener.config.limits.headerTimeout.nanoseconds)
@@ -136,6 +145,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         case .tunnel:
             bytesIn += bytes.readableBytes
             upstream?.write(bytes)
+            upstreamFlushPending = true
             return
         case .closing:
             return
@@ -150,10 +160,13 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        upstream?.flush()
+        if upstreamFlushPending {
+            upstreamFlushPending = false
+            upstream?.flush()
+        }
         if phase == .idle, let inbound, inbound.readableBytes > 0, headerDeadline == nil {
             // A partial head arrived: the header timeout starts now (slow-loris guard).
-            let deadline = context.eventLoop.now + .nanoseconds(listener.config.limits.headerTimeout.nanoseconds)
+            let deadline = eventLoop.now + .nanoseconds(listener.config.limits.headerTimeout.nanoseconds)
             headerDeadline = deadline
             armTimer(at: deadline)
         }
@@ -260,7 +273,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     }
 
     private func beginRequestClock() {
-        startedAt = context.eventLoop.now
+        startedAt = eventLoop.now
         wallStart = runtime.accessLog.isEnabled ? ProxyRuntime.wallClockNanos() : 0
         runtime.activeRequests.wrappingIncrement(ordering: .relaxed)
     }
@@ -305,14 +318,14 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             self.target = target
             retries.begin(host: target.host.index)
             phase = .waitingForUpstream
-            if requestBodyDone { armRequestDeadline() }
+            if requestBodyDone { armRequestDeadline(now: startedAt) }
             target.pool.acquire(self)
         }
     }
 
-    private func armRequestDeadline() {
+    private func armRequestDeadline(now: NIODeadline) {
         guard let timeout = target?.timeout, timeout > .zero else { return }
-        let deadline = context.eventLoop.now + .nanoseconds(timeout.nanoseconds)
+        let deadline = now + .nanoseconds(timeout.nanoseconds)
         requestDeadline = deadline
         armTimer(at: deadline)
     }
@@ -320,7 +333,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// The per-try deadline starts when an attempt has sent the whole request.
     private func armTryDeadline() {
         guard let perTry = target?.retry?.config.perTryTimeout, perTry > .zero else { return }
-        let deadline = context.eventLoop.now + TimeAmount(perTry)
+        let deadline = eventLoop.now + TimeAmount(perTry)
         tryDeadline = deadline
         armTimer(at: deadline)
     }
@@ -336,7 +349,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         upstreamReused = reused
         connection.attach(self, requestIsHead: head.isHead)
         // Only the EWMA balancer needs the try's send time: no clock read per request otherwise.
-        if target?.cluster.config.loadBalancer == .ewma { trySentAt = context.eventLoop.now }
+        if target?.cluster.config.loadBalancer == .ewma { trySentAt = eventLoop.now }
         if let replay = retries.replay {
             // A retry, or a replay after a stale keep-alive connection: the same bytes again.
             connection.write(replay)
@@ -358,6 +371,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         }
         phase = .forwarding
         if !requestBodyDone { forwardBody() } else { armTryDeadline() }
+        upstreamFlushPending = false
         connection.flush()
         updateReadInterest()
     }
@@ -366,7 +380,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         guard phase == .waitingForUpstream else { return }
         if case .overflow = failure {} else {
             target!.cluster.metrics.connectFailures.increment()
-            target!.record(.connectFailure, now: context.eventLoop.now)
+            target!.record(.connectFailure, now: eventLoop.now)
             if retry(after: .connectFailure) { return }
         }
         localReply(status: failure.status, reason: failure.reason, detail: failure.detail, close: !requestBodyDone)
@@ -404,6 +418,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                     upstream.write(out)
                     upstream.write(data)
                     upstream.write(ByteBuffer(staticCRLF: ()))
+                    upstreamFlushPending = true
                     retries.keep(out, bodyBytesSoFar: bodyBytesSeen, policy: target?.retry)
                     retries.keep(data, bodyBytesSoFar: bodyBytesSeen, policy: target?.retry)
                     retries.keep(ByteBuffer(staticCRLF: ()), bodyBytesSoFar: bodyBytesSeen, policy: target?.retry)
@@ -412,6 +427,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                     if let trailers { last.writeImmutableBuffer(trailers) }
                     last.writeStaticString("\r\n")
                     upstream.write(last)
+                    upstreamFlushPending = true
                     retries.keep(last, bodyBytesSoFar: bodyBytesSeen, policy: target?.retry)
                     requestBodyComplete()
                 }
@@ -424,6 +440,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             bytesIn += n
             bodyBytesSeen += n
             upstream.write(slice)
+            upstreamFlushPending = true
             retries.keep(slice, bodyBytesSoFar: bodyBytesSeen, policy: target?.retry)
             if bodyRemaining == 0 { requestBodyComplete() }
         }
@@ -444,7 +461,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         requestBodyDone = true
         chunked = nil
         if !responseStarted {
-            armRequestDeadline()
+            armRequestDeadline(now: eventLoop.now)
             armTryDeadline()
         }
     }
@@ -459,6 +476,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                 var out = allocator.buffer(capacity: response.bytes.readableBytes)
                 HTTP1HeadWriter.writeResponse(response, framing: .none, keepAlive: true, clientMinorVersion: 1, into: &out)
                 bytesOut += out.readableBytes
+                clientFlushPending = false
                 context.writeAndFlush(wrapOutboundOut(out), promise: nil)
             }
             return
@@ -475,6 +493,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             var out = allocator.buffer(capacity: response.bytes.readableBytes + 32)
             HTTP1HeadWriter.writeResponse(response, framing: .none, keepAlive: true, clientMinorVersion: 1, into: &out)
             bytesOut += out.readableBytes
+            clientFlushPending = false
             context.writeAndFlush(wrapOutboundOut(out), promise: nil)
             phase = .tunnel
             requestDeadline = nil
@@ -482,7 +501,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             process()
             return
         }
-        target?.recordResponse(status: response.status, sentAt: trySentAt, now: context.eventLoop.now)
+        target?.recordResponse(status: response.status, sentAt: trySentAt, now: eventLoop.now)
         if let policy = target?.retry, requestBodyDone, policy.covers(.response(status: response.status)) {
             let retryAfter = response.value(named: "retry-after").flatMap {
                 RetryAfter.parse($0, nowWallNanos: ProxyRuntime.wallClockNanos())
@@ -513,7 +532,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private func writePendingHead() {
         guard let out = pendingHead else { return }
         pendingHead = nil
-        context.write(wrapOutboundOut(out), promise: nil)
+        writeToClient(out)
     }
 
     func upstreamResponseBody(_ bytes: ByteBuffer) {
@@ -527,19 +546,19 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             if small {
                 out.writeImmutableBuffer(bytes)
                 out.writeStaticString("\r\n")
-                context.write(wrapOutboundOut(out), promise: nil)
+                writeToClient(out)
             } else {
-                context.write(wrapOutboundOut(out), promise: nil)
-                context.write(wrapOutboundOut(bytes), promise: nil)
-                context.write(wrapOutboundOut(ByteBuffer(staticCRLF: ())), promise: nil)
+                writeToClient(out)
+                writeToClient(bytes)
+                writeToClient(ByteBuffer(staticCRLF: ()))
             }
         } else if small, var out = pendingHead {
             pendingHead = nil
             out.writeImmutableBuffer(bytes)
-            context.write(wrapOutboundOut(out), promise: nil)
+            writeToClient(out)
         } else {
             writePendingHead()
-            context.write(wrapOutboundOut(bytes), promise: nil)
+            writeToClient(bytes)
         }
     }
 
@@ -551,7 +570,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             if let trailers { last.writeImmutableBuffer(trailers) }
             last.writeStaticString("\r\n")
             bytesOut += 5 + (trailers?.readableBytes ?? 0)
-            context.write(wrapOutboundOut(last), promise: nil)
+            writeToClient(last)
         } else {
             writePendingHead()
         }
@@ -582,7 +601,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             if case .protocolError = failure {} else if case .timeout = failure {} else {
                 target!.cluster.metrics.connectFailures.increment()
             }
-            target!.record(failure == .timeout ? .timeout : .reset, now: context.eventLoop.now)
+            target!.record(failure == .timeout ? .timeout : .reset, now: eventLoop.now)
             if retry(after: failure == .refusedStream ? .refusedStream : .reset) { return }
             localReply(status: failure.status, reason: failure.reason, detail: failure.detail, close: !requestBodyDone)
             return
@@ -595,6 +614,17 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     func upstreamReadComplete() {
         writePendingHead()
+        flushClient()
+    }
+
+    private func writeToClient(_ bytes: ByteBuffer) {
+        context.write(wrapOutboundOut(bytes), promise: nil)
+        clientFlushPending = true
+    }
+
+    private func flushClient() {
+        guard clientFlushPending else { return }
+        clientFlushPending = false
         context.flush()
     }
 
@@ -605,6 +635,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     func upstreamTunnelData(_ bytes: ByteBuffer) {
         bytesOut += bytes.readableBytes
+        clientFlushPending = false
         context.writeAndFlush(wrapOutboundOut(bytes), promise: nil)
     }
 
@@ -614,7 +645,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// policy, breaker and budget allow. Returns whether a retry is under way.
     private func retry(after failure: TryFailure, retryAfter: Duration? = nil) -> Bool {
         guard var target, let head, !responseStarted else { return false }
-        let now = context.eventLoop.now
+        let now = eventLoop.now
         guard let wait = retries.next(after: failure, retryAfter: retryAfter, method: head.method,
                                       remaining: requestDeadline.map { .nanoseconds(($0 - now).nanoseconds) },
                                       target: &target, listener: listener, loop: loop) else { return false }
@@ -638,7 +669,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// A request that never parsed (`head` is nil) is recorded with "-" for what it would have said.
     private func finishRequest(status: Int, reason: String, reuseUpstream: Bool) {
         guard startedAt != .uptimeNanoseconds(0) else { return }
-        let duration = context.eventLoop.now - startedAt
+        let now = eventLoop.now
+        finishedAt = now
+        let duration = now - startedAt
         startedAt = .uptimeNanoseconds(0)
         runtime.activeRequests.wrappingDecrement(ordering: .relaxed)
         if let upstream {
@@ -675,9 +708,10 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         head = nil
         if keepAlive && !runtime.draining.load(ordering: .relaxed) {
             phase = .idle
-            idleSince = context.eventLoop.now
+            idleSince = finishedAt ?? eventLoop.now
+            finishedAt = nil
             armIdleTimer()
-            context.flush()
+            flushClient()
             if let inbound, inbound.readableBytes > 0 { process() } else { updateReadInterest() }
         } else {
             closeAfterFlush()
@@ -694,7 +728,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                                      extraHeaders: extra)
         bytesOut += reply.readableBytes
         responseStarted = true
-        context.write(wrapOutboundOut(reply), promise: nil)
+        writeToClient(reply)
         if head == nil {
             // The request never parsed: its framing is unknown, so the connection ends here.
             finishRequest(status: status, reason: reason, reuseUpstream: false)
@@ -718,7 +752,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         writePendingHead()
         phase = .closing
         inbound = nil
-        let promise = context.eventLoop.makePromise(of: Void.self)
+        let promise = eventLoop.makePromise(of: Void.self)
+        clientFlushPending = false
         context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: promise)
         promise.futureResult.assumeIsolated().whenComplete { [context] _ in
             context!.close(promise: nil)
@@ -754,14 +789,14 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         if let timerAt, timerAt <= deadline, timer != nil { return }
         timer?.cancel()
         timerAt = deadline
-        timer = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in timerFired() }
+        timer = eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in timerFired() }
     }
 
     private func timerFired() {
         timer = nil
         timerAt = nil
         guard phase != .closing else { return }
-        let now = context.eventLoop.now
+        let now = eventLoop.now
         if let d = requestDeadline, d <= now, phase == .waitingForUpstream || phase == .forwarding, !responseStarted {
             requestDeadline = nil
             if phase == .waitingForUpstream { target?.pool.cancel(self) }

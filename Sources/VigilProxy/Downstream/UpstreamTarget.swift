@@ -35,15 +35,18 @@ struct UpstreamTarget {
     }
 
     /// Tells the cluster's health how this attempt ended.
-    func record(_ outcome: AttemptOutcome, now: NIODeadline) {
-        cluster.health.record(host: host.index, outcome, now: now)
+    func record(_ outcome: AttemptOutcome, now: @autoclosure () -> NIODeadline) {
+        cluster.health.record(host: host.index, outcome, now: now())
     }
 
     /// A response head arrived `now` for a try sent at `sentAt` (recorded only for the EWMA balancer): its
     /// status for the health, its latency for the EWMA balancer.
-    func recordResponse(status: Int, sentAt: NIODeadline, now: NIODeadline) {
-        if cluster.config.loadBalancer == .ewma { host.observeLatency(nanos: (now - sentAt).nanoseconds, now: now) }
-        cluster.health.record(host: host.index, .response(status: status), now: now)
+    func recordResponse(status: Int, sentAt: NIODeadline, now clock: @autoclosure () -> NIODeadline) {
+        if cluster.config.loadBalancer == .ewma {
+            let now = clock()
+            host.observeLatency(nanos: (now - sentAt).nanoseconds, now: now)
+        }
+        cluster.health.record(host: host.index, .response(status: status), now: clock())
     }
 }
 

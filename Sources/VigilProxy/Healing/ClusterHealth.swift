@@ -110,8 +110,10 @@ public final class ClusterHealth: Sendable {
     // MARK: - Facts in
 
     /// One attempt's outcome on `host`. Called on the request path; a no-op without outlier detection.
-    func record(host: Int, _ outcome: AttemptOutcome, now: NIODeadline) {
+    /// `now` is read only when there is outlier detection: without it, a request's outcome costs no clock read.
+    func record(host: Int, _ outcome: AttemptOutcome, now clock: @autoclosure () -> NIODeadline) {
         guard hasOutlierDetection else { return }
+        let now = clock()
         let (decided, wake) = state.withLockedValue { s -> ([HealingEvent], NIODeadline?) in
             guard var detector = s.detector else { return ([], nil) }
             let events = detector.record(host: host, outcome, now: now, random: &s.random)
