@@ -59,6 +59,10 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// still walks NIO's pipeline and channel state, and the end of every read would otherwise do two.
     private var clientFlushPending = false
     private var upstreamFlushPending = false
+    /// Head buffers of Vigil's own that were written, given back to the loop (`LoopContext.headBuffer`) once
+    /// flushed: the response head at the next client flush, the request head when the request ends.
+    private var writtenResponseHead: ByteBuffer?
+    private var writtenRequestHead: ByteBuffer?
 
     // The connection timer: one scheduled task, re-armed only when a nearer deadline appears.
     private var timer: Scheduled<Void>?
@@ -354,7 +358,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             // A retry, or a replay after a stale keep-alive connection: the same bytes again.
             connection.write(replay)
         } else {
-            var out = allocator.buffer(capacity: head.bytes.readableBytes + 160)
+            var out = loop.headBuffer(capacity: head.bytes.readableBytes + 160)
             let generated = HTTP1HeadWriter.writeRequest(head, facts: facts, random: &loop.random,
                                                          fallbackAuthority: target?.host.addressText ?? "",
                                                          tenant: target?.tenant?.name,
@@ -368,6 +372,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             // Kept (shared, not copied) while the request could be sent again.
             retries.markSent()
             if target?.retry != nil || head.framing == HTTP1BodyFraming.none { retries.replay = out }
+            // A replay that body bytes are appended to must stay the only owner of its storage.
+            if head.framing == HTTP1BodyFraming.none { writtenRequestHead = out }
         }
         phase = .forwarding
         if !requestBodyDone { forwardBody() } else { armTryDeadline() }
@@ -516,7 +522,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         responseFraming = HTTP1HeadWriter.downstreamFraming(upstream: response.framing(requestMethodIsHead: head.isHead),
                                                             clientMinorVersion: head.minorVersion)
         if responseFraming == .close || !requestBodyDone { keepAlive = false }
-        var out = allocator.buffer(capacity: response.bytes.readableBytes + 64)
+        var out = loop.headBuffer(capacity: response.bytes.readableBytes + 64)
         HTTP1HeadWriter.writeResponse(response, framing: responseFraming, keepAlive: keepAlive,
                                       clientMinorVersion: head.minorVersion, into: &out)
         bytesOut += out.readableBytes
@@ -532,7 +538,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private func writePendingHead() {
         guard let out = pendingHead else { return }
         pendingHead = nil
-        writeToClient(out)
+        writeToClient(out, ownHead: true)
     }
 
     func upstreamResponseBody(_ bytes: ByteBuffer) {
@@ -540,22 +546,23 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         let small = bytes.readableBytes <= Self.coalesceLimit
         if responseFraming == .chunked {
             guard bytes.readableBytes > 0 else { return }
+            let ownHead = pendingHead != nil
             var out = pendingHead ?? allocator.buffer(capacity: small ? bytes.readableBytes + 16 : 12)
             pendingHead = nil
             HTTP1HeadWriter.writeChunkHeader(length: bytes.readableBytes, into: &out)
             if small {
                 out.writeImmutableBuffer(bytes)
                 out.writeStaticString("\r\n")
-                writeToClient(out)
+                writeToClient(out, ownHead: ownHead)
             } else {
-                writeToClient(out)
+                writeToClient(out, ownHead: ownHead)
                 writeToClient(bytes)
                 writeToClient(ByteBuffer(staticCRLF: ()))
             }
         } else if small, var out = pendingHead {
             pendingHead = nil
             out.writeImmutableBuffer(bytes)
-            writeToClient(out)
+            writeToClient(out, ownHead: true)
         } else {
             writePendingHead()
             writeToClient(bytes)
@@ -617,15 +624,21 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         flushClient()
     }
 
-    private func writeToClient(_ bytes: ByteBuffer) {
+    /// `ownHead`: the bytes are a head buffer from `loop.headBuffer` that nothing changes any more.
+    private func writeToClient(_ bytes: ByteBuffer, ownHead: Bool = false) {
         context.write(wrapOutboundOut(bytes), promise: nil)
         clientFlushPending = true
+        if ownHead { writtenResponseHead = bytes }
     }
 
     private func flushClient() {
         guard clientFlushPending else { return }
         clientFlushPending = false
         context.flush()
+        if let spent = writtenResponseHead {
+            writtenResponseHead = nil
+            loop.recycleHead(spent)
+        }
     }
 
     func upstreamWritabilityChanged(writable: Bool) {
@@ -684,6 +697,10 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         runtime.recordSLO(tenant: target?.tenant ?? replyTenant, policy: target?.policy, loop: loop, status: status,
                           durationNanos: duration.nanoseconds)
         retries.finish(target?.cluster)
+        if let spent = writtenRequestHead {
+            writtenRequestHead = nil
+            loop.recycleHead(spent)
+        }
         tryDeadline = nil
         retryAt = nil
         target?.release()

@@ -179,12 +179,32 @@ final class LoopContext: @unchecked Sendable {
     private let accessLog: AccessLog
     private var logBuffer = ByteBuffer()
     private var logFlushScheduled = false
+    /// Head buffers written and given back by this loop's connections, for the next heads: two malloc'd
+    /// allocations (storage object and bytes) and their frees per head saved. A buffer NIO still holds is
+    /// safe here: `clear()` gives it fresh storage instead of writing into shared bytes.
+    private var spareHeads: [ByteBuffer] = []
+    private static let spareHeadLimit = 64
+    private static let spareHeadMaxCapacity = 4096
 
     init(eventLoop: EventLoop, policy: LoopPolicy, accessLog: AccessLog, seed: UInt64) {
         self.eventLoop = eventLoop
         self.policy = policy
         self.random = SplitMix64(seed: seed)
         self.accessLog = accessLog
+    }
+
+    /// An empty buffer for a head of about `capacity` bytes, reused when one was given back.
+    func headBuffer(capacity: Int) -> ByteBuffer {
+        guard var buffer = spareHeads.popLast() else { return ByteBufferAllocator().buffer(capacity: capacity) }
+        buffer.clear()
+        buffer.reserveCapacity(capacity)
+        return buffer
+    }
+
+    /// Gives back a head buffer that was written (and is no longer changed by its owner).
+    func recycleHead(_ buffer: ByteBuffer) {
+        guard spareHeads.count < Self.spareHeadLimit, buffer.capacity <= Self.spareHeadMaxCapacity else { return }
+        spareHeads.append(buffer)
     }
 
     /// Queues one access log line; lines are written in batches at most 100 ms later, or at 32 KiB.
