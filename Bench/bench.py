@@ -30,9 +30,9 @@ def wait_port(port, timeout=15):
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def cpu_ticks(pid):
+def cpu_ticks(pid, user_only=False):
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return int(f[11]) + int(f[12])  # utime + stime
+    return int(f[11]) + (0 if user_only else int(f[12]))  # utime (+ stime)
 
 
 def rss_kib(pid, field="VmRSS"):
@@ -56,7 +56,12 @@ class Proc:
         self.name, self.port = name, port
         self.p = subprocess.Popen(f"exec taskset -c 1 {cmd}", shell=True, env={**os.environ, **(env or {})},
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(port)
+        try:
+            wait_port(port)
+        except RuntimeError:
+            self.p.kill()
+            self.p.wait()
+            raise
         time.sleep(0.3)
         self.pid = children_worker(self.p.pid, worker) if worker else self.p.pid
 
@@ -70,6 +75,7 @@ class Proc:
             self.p.wait(5)
         except subprocess.TimeoutExpired:
             self.p.kill()
+            self.p.wait()
 
 
 def write(dirname, name, text):
@@ -97,13 +103,14 @@ def vigil_config(d, name, healing):
     """Vigil's bench config; with `healing`, the cluster also has active health checks, outlier detection
     and a retry policy (none of which fire against the healthy upstream: the bookkeeping is what is measured)."""
     h1, h2 = PORTS[name]
+    admin = {"vigil": 18099, "vigil-heal": 18098, "vigil-before": 18089}[name]  # each its own: stops can overlap starts
     route_extra = (', retry: { attempts: 2, on: [connect-failure, reset, gateway-error], per_try_timeout: 2s }'
                    if healing else "")
     cluster_extra = ("""
     health_check: { path: /healthz, interval: 1s, timeout: 250ms }
     outlier_detection: { consecutive_5xx: 5, consecutive_gateway_failure: 5, max_ejection_percent: 50 }""" if healing else "")
     return write(d, f"{name}.yaml", f"""
-admin: {{ address: "127.0.0.1:18099" }}
+admin: {{ address: "127.0.0.1:{admin}" }}
 access_log: {{ output: "off" }}
 listeners:
   - {{ name: h1, address: "127.0.0.1:{h1}", protocol: auto, routes: [{{ match: {{ prefix: "/" }}, cluster: up{route_extra} }}] }}
@@ -167,7 +174,9 @@ http://127.0.0.1:{PORTS['caddy'][0]}, http://127.0.0.1:{PORTS['caddy'][1]} {{
 
 
 def parse_latency(s):
-    m = re.match(r"([\d.]+)(us|ms|s)", s)
+    m = re.match(r"([\d.]+)(us|ms|s|m)", s)
+    if m and m.group(2) == "m":  # wrk writes minutes as "1.02m"
+        return float(m.group(1)) * 60_000
     v, u = float(m.group(1)), m.group(2)
     return v / 1000 if u == "us" else v if u == "ms" else v * 1000
 
@@ -176,8 +185,9 @@ def run_wrk(port, seconds):
     out = sh(f"taskset -c 0 wrk -t1 -c64 -d{seconds}s --latency http://127.0.0.1:{port}/")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
-    p50 = parse_latency(re.search(r"50%\s+(\S+)", out).group(1))
-    p99 = parse_latency(re.search(r"99%\s+(\S+)", out).group(1))
+    # Anchored at the line start: a "+/- Stdev" column such as "90.50%" must not pass for the 50% line.
+    p50 = parse_latency(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+    p99 = parse_latency(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = int(non2xx.group(1)) if non2xx else 0
     return rps, total, p50, p99, errors
@@ -213,6 +223,7 @@ def main():
     protocols = a.protocols.split(",")
     upstream = start_upstream(d, UP, UP_H2)
     results = {}  # (name, proto) -> list of dicts
+    running = []
     try:
         for rnd in range(a.rounds):
             for name in targets:
@@ -220,22 +231,29 @@ def main():
                 if name != "direct":
                     cmd, env, worker = proxies[name]
                     proc = Proc(name, cmd, PORTS[name][0], env, worker)
+                    running.append(proc)
                     wait_port(PORTS[name][1])
                 idle = rss_kib(proc.pid) if proc else 0
                 for proto in protocols:
                     port = (UP if proto == "h1" else UP_H2) if name == "direct" else PORTS[name][0 if proto == "h1" else 1]
                     t0 = cpu_ticks(proc.pid) if proc else 0
+                    u0 = cpu_ticks(proc.pid, user_only=True) if proc else 0
                     rps, total, p50, p99, errors = (run_wrk if proto == "h1" else run_h2load)(port, a.seconds)
                     cpu_us = (cpu_ticks(proc.pid) - t0) * 1e6 / CLK / max(total, 1) if proc else 0
+                    user_us = (cpu_ticks(proc.pid, user_only=True) - u0) * 1e6 / CLK / max(total, 1) if proc else 0
                     peak = rss_kib(proc.pid, "VmHWM") if proc else 0
-                    row = dict(rps=rps, p50=p50, p99=p99, cpu=cpu_us, idle=idle / 1024, peak=peak / 1024, errors=errors)
+                    row = dict(rps=rps, p50=p50, p99=p99, cpu=cpu_us, user=user_us, idle=idle / 1024, peak=peak / 1024,
+                               errors=errors)
                     results.setdefault((name, proto), []).append(row)
                     print(f"round {rnd + 1} {name:8} {proto}: {rps:9.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  "
-                          f"cpu {cpu_us:6.1f} us/req  rss {idle / 1024:5.1f} -> {peak / 1024:5.1f} MiB  errors {errors}",
+                          f"cpu {cpu_us:6.1f} us/req (user {user_us:4.1f})  rss {idle / 1024:5.1f} -> {peak / 1024:5.1f} MiB  errors {errors}",
                           flush=True)
                 if proc:
                     proc.stop()
+                    running.remove(proc)
     finally:
+        for proc in running:  # a failed run leaves no proxy holding its ports
+            proc.stop()
         upstream.send_signal(signal.SIGTERM)
         upstream.wait()
 
@@ -248,8 +266,8 @@ def main():
             continue
         base = results.get(("haproxy", proto))
         print(f"\n### {title}: mean of {a.rounds} interleaved rounds of {a.seconds} s\n")
-        print(f"| target | req/s | latency {lat} (ms) | CPU µs/req | idle → peak RSS (MiB) | req/s ÷ HAProxy | CPU ÷ HAProxy | errors |")
-        print("|---|---|---|---|---|---|---|---|")
+        print(f"| target | req/s | latency {lat} (ms) | CPU µs/req | of it user | idle → peak RSS (MiB) | req/s ÷ HAProxy | CPU ÷ HAProxy | errors |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for name in targets:
             rows = results[(name, proto)]
             rps, cpu = avg(rows, "rps"), avg(rows, "cpu")
@@ -257,7 +275,8 @@ def main():
             cratio = f"{cpu / avg(base, 'cpu'):.2f}" if base and name != "direct" else "-"
             mem = f"{avg(rows, 'idle'):.1f} → {max(r['peak'] for r in rows):.1f}" if name != "direct" else "-"
             cpus = f"{cpu:.1f}" if name != "direct" else "-"
-            print(f"| {name} | {rps:.0f} | {avg(rows, 'p50'):.2f} / {avg(rows, 'p99'):.2f} | {cpus} | {mem} | {ratio} | {cratio} | {sum(r['errors'] for r in rows)} |")
+            users = f"{avg(rows, 'user'):.1f}" if name != "direct" else "-"
+            print(f"| {name} | {rps:.0f} | {avg(rows, 'p50'):.2f} / {avg(rows, 'p99'):.2f} | {cpus} | {users} | {mem} | {ratio} | {cratio} | {sum(r['errors'] for r in rows)} |")
 
 
 if __name__ == "__main__":

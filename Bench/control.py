@@ -147,7 +147,7 @@ def wrk(seconds):
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "total": total,
-            "p99": parse_latency(re.search(r"99%\s+(\S+)", out).group(1)),
+            "p99": parse_latency(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),
             "non2xx": int(non2xx.group(1)) if non2xx else 0,
             "socket_errors": sum(map(int, sock.groups())) if sock else 0}
 
