@@ -80,6 +80,20 @@ import VigilCore
         await proxy.stop()
     }
 
+    /// A body that stops arriving while it is being forwarded gets 408 at `body_timeout` (the manual-clock
+    /// test in HTTP1TimeoutTests covers the exact instant), and the upstream connection is let go.
+    @Test func aStalledBodyIsCutOffAtTheBodyTimeout() async throws {
+        let (proxy, upstream) = try await setup(ProxyHarness.simple(limits: "body_timeout: 300ms"))
+        let client = try await proxy.client()
+        try await client.send("POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nx")
+        let r = try #require(try await client.response())
+        #expect(r.status == 408)
+        #expect(r.header("x-vigil-reason") == "request_body_timeout")
+        #expect(r.header("connection") == "close")
+        #expect(upstream.recorded.isEmpty, "the upstream never saw a complete request")
+        await proxy.stop()
+    }
+
     @Test func keepAliveReusesOneUpstreamConnection() async throws {
         let (proxy, upstream) = try await setup()
         let client = try await proxy.client()

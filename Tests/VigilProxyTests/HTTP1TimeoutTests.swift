@@ -8,13 +8,13 @@ import VigilCore
 /// The connection timers of the HTTP/1 handler, driven by an EmbeddedEventLoop's manual clock.
 @Suite struct HTTP1TimeoutTests {
     /// A runtime on an EmbeddedEventLoop with one listener of the given limits (and protocol).
-    func runtime(limits: String, protocol proto: String = "http1") throws -> (ProxyRuntime, EmbeddedEventLoop) {
+    func runtime(limits: String, protocol proto: String = "http1", cluster: String = "") throws -> (ProxyRuntime, EmbeddedEventLoop) {
         let loop = EmbeddedEventLoop()
         let config = try VigilConfig.parse(yaml: """
             access_log: { output: "off" }
             listeners:
               - { name: in, address: "127.0.0.1:0", protocol: \(proto), limits: { \(limits) }, routes: [{ match: { prefix: "/" }, cluster: c }] }
-            clusters: [{ name: c, endpoints: ["127.0.0.1:9"] }]
+            clusters: [{ name: c, endpoints: ["127.0.0.1:9"]\(cluster.isEmpty ? "" : ", " + cluster) }]
             """)
         return (try ProxyRuntime(config: config, group: loop, metricsFactory: NOOPMetricsHandler.instance, accessLog: .off), loop)
     }
@@ -35,15 +35,39 @@ import VigilCore
     @Test func aSlowHeadGets408AtTheHeaderTimeout() throws {
         let (channel, loop) = try channel(limits: "header_timeout: 10s")
         try channel.writeInbound(ByteBuffer(string: "GET / HTTP/1.1\r\nHost: a\r\n"))
-        loop.advanceTime(by: .milliseconds(9_999))
+        try expect408(channel, loop, after: .milliseconds(9_999), reason: "request_header_timeout")
+    }
+
+    /// Nothing is answered `before` from now; one millisecond later a 408 with `reason`, and the close.
+    func expect408(_ channel: EmbeddedChannel, _ loop: EmbeddedEventLoop, after before: TimeAmount, reason: String) throws {
+        loop.advanceTime(by: before)
         #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)
         #expect(channel.isActive)
         loop.advanceTime(by: .milliseconds(1))
         var reply = ByteBuffer()
         while var part = try channel.readOutbound(as: ByteBuffer.self) { reply.writeBuffer(&part) }
         #expect(String(buffer: reply).hasPrefix("HTTP/1.1 408 Request Timeout\r\n"))
-        #expect(String(buffer: reply).contains("x-vigil-reason: request_header_timeout\r\n"))
+        #expect(String(buffer: reply).contains("x-vigil-reason: \(reason)\r\n"))
         #expect(!channel.isActive)
+    }
+
+    /// A body that stops arriving (slow POST) gets 408 at `body_timeout` after its last bytes; a body that
+    /// keeps coming, however slowly, does not.
+    @Test func aStalledBodyGets408AtTheBodyTimeout() throws {
+        let (runtime, loop) = try runtime(limits: "body_timeout: 5s, header_timeout: 1s, idle_timeout: 1s",
+                                          cluster: "circuit_breakers: { max_connections: 1 }")
+        // The cluster's one connection is taken, so the request waits for it while its body arrives (an
+        // EmbeddedEventLoop cannot connect); the timer runs the same in either phase.
+        #expect(runtime.current.clusters[0].reserveConnection())
+        let handler = HTTP1ServerHandler(runtime: runtime, listener: runtime.listeners[0], loop: runtime.loopContext(loop))
+        let channel = try connected(handler, loop: loop)
+        try channel.writeInbound(ByteBuffer(string: "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nx"))
+        for _ in 0..<3 {  // a byte every 4 s: 12 s in all, longer than body_timeout, but never a 5 s gap
+            loop.advanceTime(by: .seconds(4))
+            try channel.writeInbound(ByteBuffer(string: "y"))
+        }
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)
+        try expect408(channel, loop, after: .milliseconds(4_999), reason: "request_body_timeout")
     }
 
     @Test func aConnectionThatSendsNothingIsClosedSilentlyAtTheHeaderTimeout() throws {

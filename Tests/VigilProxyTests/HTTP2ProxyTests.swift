@@ -96,6 +96,22 @@ import VigilCore
         await proxy.stop()
     }
 
+    /// A stream whose body stops arriving gets 408 at `body_timeout` (real sockets: the HTTP/2 handler
+    /// runs on the loop's own clock), and the connection carries on.
+    @Test func aStalledStreamBodyGets408AtTheBodyTimeout() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(limits: "body_timeout: 300ms"), upstreams: [upstream.port],
+                                           group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        let stalled = try await client.request(
+            headerBlock: [(":method", "POST"), (":scheme", "http"), (":path", "/up"), (":authority", "a"), ("content-length", "10")],
+            data: ByteBuffer(string: "x"), endStream: false)
+        #expect(stalled.status == 408)
+        #expect(stalled.header("x-vigil-reason") == "request_body_timeout")
+        #expect(try await client.request(.GET, "/after").status == 200)
+        await proxy.stop()
+    }
+
     @Test func errorsAreAnsweredOnTheStream() async throws {
         let upstream = try await FakeUpstream(group: group)
         let yaml = ProxyHarness.simple().replacingOccurrences(of: "prefix: \"/\"", with: "prefix: \"/api/\"")

@@ -62,15 +62,17 @@ public final class H2TestClient: Sendable {
         return try await withTimeout(30, "an HTTP/2 response") { try await result.get() }
     }
 
-    /// Sends `headerBlock` as it is (pseudo-headers included, nothing added or checked) as a request without
-    /// a body, and waits for the whole response: for header blocks NIOHTTP2's codec would refuse to build.
-    public func request(headerBlock: [(String, String)]) async throws -> TestResponse {
+    /// Sends `headerBlock` as it is (pseudo-headers included, nothing added or checked), then `data` if given,
+    /// and waits for the whole response: for header blocks NIOHTTP2's codec would refuse to build. With
+    /// `endStream: false` the request is left unfinished (a stalled upload).
+    public func request(headerBlock: [(String, String)], data: ByteBuffer? = nil, endStream: Bool = true) async throws -> TestResponse {
         let promise = channel.eventLoop.makePromise(of: TestResponse.self)
         let multiplexer = self.multiplexer
         channel.eventLoop.execute {
             multiplexer.value.createStreamChannel(promise: nil) { stream in
                 stream.eventLoop.makeCompletedFuture {
-                    try stream.pipeline.syncOperations.addHandler(RawExchange(HPACKHeaders(headerBlock), promise: promise))
+                    try stream.pipeline.syncOperations.addHandler(
+                        RawExchange(HPACKHeaders(headerBlock), data: data, endStream: endStream, promise: promise))
                 }
             }
         }
@@ -81,23 +83,29 @@ public final class H2TestClient: Sendable {
     public func close() async throws { try? await channel.close() }
 }
 
-/// Writes one HEADERS frame (with END_STREAM) and collects the response from the frames themselves.
+/// Writes one HEADERS frame (and a DATA frame) and collects the response from the frames themselves.
 final class RawExchange: ChannelDuplexHandler {
     typealias InboundIn = HTTP2Frame.FramePayload
     typealias OutboundIn = HTTP2Frame.FramePayload
     typealias OutboundOut = HTTP2Frame.FramePayload
     let headers: HPACKHeaders
+    let data: ByteBuffer?
+    let endStream: Bool
     let promise: EventLoopPromise<TestResponse>
     var head: HTTPResponseHead?
     var body = ByteBuffer()
 
-    init(_ headers: HPACKHeaders, promise: EventLoopPromise<TestResponse>) {
+    init(_ headers: HPACKHeaders, data: ByteBuffer?, endStream: Bool, promise: EventLoopPromise<TestResponse>) {
         self.headers = headers
+        self.data = data
+        self.endStream = endStream
         self.promise = promise
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
-        context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: headers, endStream: true))), promise: nil)
+        context.write(wrapOutboundOut(.headers(.init(headers: headers, endStream: endStream && data == nil))), promise: nil)
+        if let data { context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(data), endStream: endStream))), promise: nil) }
+        context.flush()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {

@@ -99,6 +99,10 @@ public struct ListenerLimits: Sendable, Equatable {
     public var idleTimeout: Duration = .seconds(60)
     /// A request head must arrive complete within this long of its first byte (slow-loris guard).
     public var headerTimeout: Duration = .seconds(10)
+    /// The longest wait for more of a request body (nginx's `client_body_timeout`): a body stalled longer
+    /// gets 408 and the connection is closed, so a slow upload cannot hold a connection and an upstream
+    /// connection for ever. Waits Vigil causes itself (backpressure from the upstream) do not count.
+    public var bodyTimeout: Duration = .seconds(60)
     /// Most concurrent streams per HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS).
     public var maxConcurrentStreams: Int = 100
 

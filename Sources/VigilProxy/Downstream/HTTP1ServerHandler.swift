@@ -85,6 +85,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var upstreamReused = false
     private var retriedStaleConnection = false
     private var bodyRemaining = 0
+    /// When bytes of the request body last arrived (or Vigil last held reading back); `body_timeout` runs
+    /// from it. Nil once the body is complete.
+    private var lastBodyRead: NIODeadline?
     private var chunked: ChunkedDecoder?
     private var requestBodyDone = true
     private var bodyBytesSeen = 0
@@ -129,6 +132,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     /// The idle check runs at the idle timeout or the timer tick, whichever is sooner; with the default
     /// 60 s timeout the already-armed tick covers it and nothing is re-armed per request.
+    private var bodyTimeout: TimeAmount { .nanoseconds(listener.config.limits.bodyTimeout.nanoseconds) }
+
     private func armIdleTimer() {
         let idle = TimeAmount.nanoseconds(listener.config.limits.idleTimeout.nanoseconds)
         armTimer(at: idleSince + min(idle, Self.timerTick))
@@ -154,6 +159,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         case .closing:
             return
         case .idle, .waitingForUpstream, .forwarding:
+            if !requestBodyDone { lastBodyRead = eventLoop.now }
             if inbound == nil || inbound!.readableBytes == 0 {
                 inbound = bytes
             } else {
@@ -313,6 +319,11 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             requestBodyDone = false
             chunked = ChunkedDecoder(maxTrailerBytes: listener.config.limits.maxHeaderBytes)
         }
+        lastBodyRead = nil
+        if !requestBodyDone {
+            lastBodyRead = startedAt
+            armTimer(at: startedAt + bodyTimeout)
+        }
         switch runtime.route(head, listener: listener, loop: loop, identity: session.identity) {
         case .reply(let status, let reason, let detail, let cluster, let headers, let tenant):
             replyCluster = cluster
@@ -465,6 +476,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     private func requestBodyComplete() {
         requestBodyDone = true
+        lastBodyRead = nil
         chunked = nil
         if !responseStarted {
             armRequestDeadline(now: eventLoop.now)
@@ -831,6 +843,25 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         } else if let d = retryAt, d <= now, phase == .waitingForUpstream {
             retryAt = nil
             target?.pool.acquire(self)
+        } else if let last = lastBodyRead, !requestBodyDone, phase == .waitingForUpstream || phase == .forwarding,
+                  now - last >= bodyTimeout {
+            if readGate.isPaused {
+                // Vigil holds reading back (the upstream is slow to take the body): the client is not stalling.
+                lastBodyRead = now
+            } else {
+                lastBodyRead = nil
+                if phase == .waitingForUpstream { target?.pool.cancel(self) }
+                abortUpstream()
+                guard !responseStarted else {
+                    // The upstream answered early; the client cannot be told now, and the request cannot end.
+                    finishRequest(status: status, reason: "request_body_timeout", reuseUpstream: false)
+                    closeNow()
+                    return
+                }
+                localReply(status: 408, reason: "request_body_timeout",
+                           detail: "no more of the request body arrived within body_timeout", close: true)
+                return
+            }
         } else if let d = headerDeadline, d <= now, phase == .idle {
             headerDeadline = nil
             // A connection that never sent a byte is closed without an answer: there is no request to refuse,
@@ -855,6 +886,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         if let d = tryDeadline, d < next { next = d }
         if let d = retryAt, d < next { next = d }
         if let d = headerDeadline, d < next { next = d }
+        if let last = lastBodyRead, !requestBodyDone, last + bodyTimeout < next { next = last + bodyTimeout }
         if phase == .idle {
             let idleAt = idleSince + .nanoseconds(listener.config.limits.idleTimeout.nanoseconds)
             if idleAt < next { next = idleAt }

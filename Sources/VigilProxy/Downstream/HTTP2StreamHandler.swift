@@ -55,6 +55,9 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var startedAt = NIODeadline.now()
     private var wallStart: Int64 = 0
     private var timeoutTask: Scheduled<Void>?
+    /// `body_timeout`: when DATA last arrived on this stream (or Vigil last held reading back), and the timer.
+    private var lastBodyRead = NIODeadline.uptimeNanoseconds(0)
+    private var bodyTask: Scheduled<Void>?
     private var retries = RetryState()
     private var tryTask: Scheduled<Void>?
     private var trySentAt = NIODeadline.uptimeNanoseconds(0)
@@ -104,6 +107,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             guard case .byteBuffer(let bytes) = d.data, !requestBodyDone else { return }
             bytesIn += bytes.readableBytes
             bodyBytes += bytes.readableBytes
+            lastBodyRead = .now()
             if let max = listener.config.limits.maxBodyBytes, bodyBytes > max {
                 upstream?.close()
                 upstream = nil
@@ -144,6 +148,8 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private func cancelTimers() {
         timeoutTask?.cancel()
         timeoutTask = nil
+        bodyTask?.cancel()
+        bodyTask = nil
         tryTask?.cancel()
         tryTask = nil
         retryTask?.cancel()
@@ -158,6 +164,10 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         runtime.activeRequests.wrappingIncrement(ordering: .relaxed)
         phase = .waitingForUpstream
         requestBodyDone = endStream
+        if !endStream {
+            lastBodyRead = startedAt
+            armBodyTimer(at: startedAt + .nanoseconds(listener.config.limits.bodyTimeout.nanoseconds))
+        }
         for (name, value, _) in headers {
             bytesIn += name.utf8.count + value.utf8.count + 32
             // NIOHTTP2 validates names; values are checked here, since CR, LF or NUL in a value would split
@@ -447,6 +457,32 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     }
 
     private var timeoutDeadline: NIODeadline?
+
+    /// A body that stops arriving for `body_timeout` (pauses Vigil causes do not count) ends the request:
+    /// 408 and RST_STREAM(NO_ERROR) (RFC 9113 §8.1: the client may stop sending), or a reset if the
+    /// response had begun.
+    private func armBodyTimer(at deadline: NIODeadline) {
+        bodyTask = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in
+            bodyTask = nil
+            guard !requestBodyDone, phase == .waitingForUpstream || phase == .forwarding else { return }
+            let timeout = TimeAmount.nanoseconds(listener.config.limits.bodyTimeout.nanoseconds)
+            let now = NIODeadline.now()
+            if readGate.isPaused { lastBodyRead = now }
+            guard now - lastBodyRead >= timeout else {
+                armBodyTimer(at: lastBodyRead + timeout)
+                return
+            }
+            if phase == .waitingForUpstream { target?.pool.cancel(self) }
+            upstream?.close()
+            upstream = nil
+            if responseStarted {
+                finish(status: status, reason: "request_body_timeout", reuseUpstream: false)
+            } else {
+                reply(status: 408, reason: "request_body_timeout", detail: "no more of the request body arrived within body_timeout")
+            }
+            context.writeAndFlush(wrapOutboundOut(.rstStream(.noError)), promise: nil)
+        }
+    }
 
     private func armTimeout() {
         guard let timeout = target?.timeout, timeout > .zero, timeoutTask == nil else { return }
