@@ -70,6 +70,25 @@ import VigilCore
         try expect408(channel, loop, after: .milliseconds(4_999), reason: "request_body_timeout")
     }
 
+    /// A client that stops reading (the channel stays unwritable) is disconnected at `send_timeout`; one
+    /// that catches up in time is not.
+    @Test func aClientThatStopsReadingIsDisconnectedAtTheSendTimeout() throws {
+        let (channel, loop) = try channel(limits: "send_timeout: 10s, idle_timeout: 1h, header_timeout: 1h")
+        func writable(_ on: Bool) {
+            channel.isWritable = on
+            channel.pipeline.fireChannelWritabilityChanged()
+        }
+        writable(false)
+        loop.advanceTime(by: .seconds(9))
+        writable(true)  // caught up: the clock starts again at the next stall
+        loop.advanceTime(by: .seconds(5))
+        writable(false)
+        loop.advanceTime(by: .milliseconds(9_999))
+        #expect(channel.isActive)
+        loop.advanceTime(by: .milliseconds(1))
+        #expect(!channel.isActive)
+    }
+
     @Test func aConnectionThatSendsNothingIsClosedSilentlyAtTheHeaderTimeout() throws {
         // The first head is due within header_timeout of the connection's start, as in nginx and HAProxy.
         let (channel, loop) = try channel(limits: "header_timeout: 10s, idle_timeout: 60s")

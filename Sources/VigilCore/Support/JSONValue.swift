@@ -113,7 +113,7 @@ extension VigilConfig {
                         "max_header_count": .int(l.limits.maxHeaderCount),
                         "max_connections": .int(l.limits.maxConnections),
                         "idle_timeout": d(l.limits.idleTimeout), "header_timeout": d(l.limits.headerTimeout),
-                        "body_timeout": d(l.limits.bodyTimeout),
+                        "body_timeout": d(l.limits.bodyTimeout), "send_timeout": d(l.limits.sendTimeout),
                         "max_concurrent_streams": .int(l.limits.maxConcurrentStreams),
                     ],
                     "tls": l.tls.map(Self.dump) ?? .null,

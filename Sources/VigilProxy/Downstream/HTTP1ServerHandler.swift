@@ -88,6 +88,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// When bytes of the request body last arrived (or Vigil last held reading back); `body_timeout` runs
     /// from it. Nil once the body is complete.
     private var lastBodyRead: NIODeadline?
+    /// Since when the client has not been taking what Vigil writes (the channel is unwritable).
+    private var unwritableSince: NIODeadline?
     private var chunked: ChunkedDecoder?
     private var requestBodyDone = true
     private var bodyBytesSeen = 0
@@ -133,6 +135,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// The idle check runs at the idle timeout or the timer tick, whichever is sooner; with the default
     /// 60 s timeout the already-armed tick covers it and nothing is re-armed per request.
     private var bodyTimeout: TimeAmount { .nanoseconds(listener.config.limits.bodyTimeout.nanoseconds) }
+    private var sendTimeout: TimeAmount { .nanoseconds(listener.config.limits.sendTimeout.nanoseconds) }
 
     private func armIdleTimer() {
         let idle = TimeAmount.nanoseconds(listener.config.limits.idleTimeout.nanoseconds)
@@ -187,8 +190,17 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        // Backpressure towards the upstream: stop reading its response while the client is slow.
-        if context.channel.isWritable { upstream?.resumeReading() } else { upstream?.pauseReading() }
+        // Backpressure towards the upstream: stop reading its response while the client is slow. A client
+        // that keeps Vigil unable to write for send_timeout is disconnected (slow-read guard).
+        if context.channel.isWritable {
+            unwritableSince = nil
+            upstream?.resumeReading()
+        } else {
+            let now = eventLoop.now
+            unwritableSince = now
+            armTimer(at: now + sendTimeout)
+            upstream?.pauseReading()
+        }
         context.fireChannelWritabilityChanged()
     }
 
@@ -824,8 +836,21 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private func timerFired() {
         timer = nil
         timerAt = nil
-        guard phase != .closing else { return }
         let now = eventLoop.now
+        if let since = unwritableSince, now - since >= sendTimeout {
+            // The client stopped reading: nothing more can reach it, so the exchange ends here. This holds in
+            // .closing too, where a last response waits to be flushed to a client that does not read it.
+            finishRequest(status: responseStarted ? status : 0, reason: "downstream_send_timeout", reuseUpstream: false)
+            phase = .closing
+            inbound = nil
+            abortUpstream()
+            context.close(promise: nil)
+            return
+        }
+        guard phase != .closing else {
+            if let since = unwritableSince { armTimer(at: since + sendTimeout) }
+            return
+        }
         if let d = requestDeadline, d <= now, phase == .waitingForUpstream || phase == .forwarding, !responseStarted {
             requestDeadline = nil
             if phase == .waitingForUpstream { target?.pool.cancel(self) }
@@ -887,6 +912,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         if let d = retryAt, d < next { next = d }
         if let d = headerDeadline, d < next { next = d }
         if let last = lastBodyRead, !requestBodyDone, last + bodyTimeout < next { next = last + bodyTimeout }
+        if let since = unwritableSince, since + sendTimeout < next { next = since + sendTimeout }
         if phase == .idle {
             let idleAt = idleSince + .nanoseconds(listener.config.limits.idleTimeout.nanoseconds)
             if idleAt < next { next = idleAt }
