@@ -5,7 +5,8 @@ import Testing
 import VigilCore
 @testable import VigilProxy
 
-/// The connection timers of the HTTP/1 handler, driven by an EmbeddedEventLoop's manual clock.
+/// The connection timers of the HTTP/1 handler (and the HTTP/2 stream handler's send timeout), driven by an
+/// EmbeddedEventLoop's manual clock.
 @Suite struct HTTP1TimeoutTests {
     /// A runtime on an EmbeddedEventLoop with one listener of the given limits (and protocol).
     func runtime(limits: String, protocol proto: String = "http1", cluster: String = "") throws -> (ProxyRuntime, EmbeddedEventLoop) {
@@ -74,19 +75,32 @@ import VigilCore
     /// that catches up in time is not.
     @Test func aClientThatStopsReadingIsDisconnectedAtTheSendTimeout() throws {
         let (channel, loop) = try channel(limits: "send_timeout: 10s, idle_timeout: 1h, header_timeout: 1h")
+        try expectClosedAtSendTimeoutOf10s(channel, loop)
+    }
+
+    /// A 9 s stall that ends is forgiven (the clock starts again at the next one); a 10 s one closes.
+    func expectClosedAtSendTimeoutOf10s(_ channel: EmbeddedChannel, _ loop: EmbeddedEventLoop) throws {
         func writable(_ on: Bool) {
             channel.isWritable = on
             channel.pipeline.fireChannelWritabilityChanged()
         }
         writable(false)
         loop.advanceTime(by: .seconds(9))
-        writable(true)  // caught up: the clock starts again at the next stall
+        writable(true)
         loop.advanceTime(by: .seconds(5))
         writable(false)
         loop.advanceTime(by: .milliseconds(9_999))
         #expect(channel.isActive)
         loop.advanceTime(by: .milliseconds(1))
         #expect(!channel.isActive)
+    }
+
+    /// The same for an HTTP/2 stream whose flow-control window the client keeps shut.
+    @Test func aStalledHTTP2StreamIsResetAtTheSendTimeout() throws {
+        let (runtime, loop) = try runtime(limits: "send_timeout: 10s", protocol: "http2")
+        let handler = HTTP2StreamHandler(runtime: runtime, listener: runtime.listeners[0], loop: runtime.loopContext(loop))
+        let channel = try connected(handler, loop: loop)
+        try expectClosedAtSendTimeoutOf10s(channel, loop)
     }
 
     @Test func aConnectionThatSendsNothingIsClosedSilentlyAtTheHeaderTimeout() throws {

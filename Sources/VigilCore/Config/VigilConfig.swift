@@ -103,8 +103,9 @@ public struct ListenerLimits: Sendable, Equatable {
     /// gets 408 and the connection is closed, so a slow upload cannot hold a connection and an upstream
     /// connection for ever. Waits Vigil causes itself (backpressure from the upstream) do not count.
     public var bodyTimeout: Duration = .seconds(60)
-    /// The longest an HTTP/1.1 client may leave Vigil unable to write to it (nginx's `send_timeout`): a client
-    /// that stops reading its response is disconnected, so it cannot hold an upstream connection for ever.
+    /// The longest a client may leave Vigil unable to write to it (nginx's `send_timeout`): a client that stops
+    /// reading its response (HTTP/2: keeps a stream's window shut) is disconnected (its stream reset), so it
+    /// cannot hold an upstream connection for ever.
     public var sendTimeout: Duration = .seconds(60)
     /// Most concurrent streams per HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS).
     public var maxConcurrentStreams: Int = 100

@@ -58,6 +58,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// `body_timeout`: when DATA last arrived on this stream (or Vigil last held reading back), and the timer.
     private var lastBodyRead = NIODeadline.uptimeNanoseconds(0)
     private var bodyTask: Scheduled<Void>?
+    private var stallTask: Scheduled<Void>?
     private var retries = RetryState()
     private var tryTask: Scheduled<Void>?
     private var trySentAt = NIODeadline.uptimeNanoseconds(0)
@@ -126,8 +127,32 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable { upstream?.resumeReading() } else { upstream?.pauseReading() }
+        if context.channel.isWritable {
+            stallTask?.cancel()
+            stallTask = nil
+            upstream?.resumeReading()
+        } else {
+            armStallTimer()
+            upstream?.pauseReading()
+        }
         context.fireChannelWritabilityChanged()
+    }
+
+    /// `send_timeout` for a stream: a client that keeps the stream's flow-control window (or the connection)
+    /// shut that long is stalling it on purpose or is gone; the stream is reset and its upstream let go.
+    private func armStallTimer() {
+        guard stallTask == nil else { return }
+        let timeout = TimeAmount.nanoseconds(listener.config.limits.sendTimeout.nanoseconds)
+        stallTask = context.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [self] in
+            stallTask = nil
+            if phase == .waitingForUpstream { target?.pool.cancel(self) }
+            upstream?.close()
+            upstream = nil
+            if phase == .waitingForUpstream || phase == .forwarding {
+                finish(status: responseStarted ? status : 0, reason: "downstream_send_timeout", reuseUpstream: false)
+            }
+            context.close(promise: nil)  // RST_STREAM
+        }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -150,6 +175,8 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         timeoutTask = nil
         bodyTask?.cancel()
         bodyTask = nil
+        stallTask?.cancel()
+        stallTask = nil
         tryTask?.cancel()
         tryTask = nil
         retryTask?.cancel()
