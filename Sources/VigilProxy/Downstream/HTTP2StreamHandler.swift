@@ -486,8 +486,8 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var timeoutDeadline: NIODeadline?
 
     /// A body that stops arriving for `body_timeout` (pauses Vigil causes do not count) ends the request:
-    /// 408 and RST_STREAM(NO_ERROR) (RFC 9113 §8.1: the client may stop sending), or a reset if the
-    /// response had begun.
+    /// 408 and RST_STREAM(NO_ERROR) (RFC 9113 §8.1: the client may stop sending), or RST_STREAM(CANCEL) if
+    /// the response had begun.
     private func armBodyTimer(at deadline: NIODeadline) {
         bodyTask = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in
             bodyTask = nil
@@ -503,11 +503,14 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             upstream?.close()
             upstream = nil
             if responseStarted {
+                // The response is cut short: the reset says so (CANCEL), where after a whole 408 it only asks
+                // the client to stop sending (NO_ERROR).
                 finish(status: status, reason: "request_body_timeout", reuseUpstream: false)
+                context.writeAndFlush(wrapOutboundOut(.rstStream(.cancel)), promise: nil)
             } else {
                 reply(status: 408, reason: "request_body_timeout", detail: "no more of the request body arrived within body_timeout")
+                context.writeAndFlush(wrapOutboundOut(.rstStream(.noError)), promise: nil)
             }
-            context.writeAndFlush(wrapOutboundOut(.rstStream(.noError)), promise: nil)
         }
     }
 
