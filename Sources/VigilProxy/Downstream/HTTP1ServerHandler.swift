@@ -803,6 +803,11 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     private func closeNow() {
         guard phase != .closing else { return }
+        forceClose()
+    }
+
+    /// Closes now, also from `.closing` (where a last response may be waiting on a client that does not read).
+    private func forceClose() {
         phase = .closing
         inbound = nil
         abortUpstream()
@@ -841,10 +846,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             // The client stopped reading: nothing more can reach it, so the exchange ends here. This holds in
             // .closing too, where a last response waits to be flushed to a client that does not read it.
             finishRequest(status: responseStarted ? status : 0, reason: "downstream_send_timeout", reuseUpstream: false)
-            phase = .closing
-            inbound = nil
-            abortUpstream()
-            context.close(promise: nil)
+            forceClose()
             return
         }
         guard phase != .closing else {

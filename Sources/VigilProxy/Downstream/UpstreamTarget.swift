@@ -42,11 +42,13 @@ struct UpstreamTarget {
     /// A response head arrived `now` for a try sent at `sentAt` (recorded only for the EWMA balancer): its
     /// status for the health, its latency for the EWMA balancer.
     func recordResponse(status: Int, sentAt: NIODeadline, now clock: @autoclosure () -> NIODeadline) {
-        if cluster.config.loadBalancer == .ewma {
-            let now = clock()
-            host.observeLatency(nanos: (now - sentAt).nanoseconds, now: now)
+        guard cluster.config.loadBalancer == .ewma else {
+            cluster.health.record(host: host.index, .response(status: status), now: clock())
+            return
         }
-        cluster.health.record(host: host.index, .response(status: status), now: clock())
+        let now = clock()  // read once for both
+        host.observeLatency(nanos: (now - sentAt).nanoseconds, now: now)
+        cluster.health.record(host: host.index, .response(status: status), now: now)
     }
 }
 
