@@ -73,6 +73,12 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     // MARK: Per-request state, reset by `startRequest`.
     private var head: HTTP1RequestHead?
+    /// What the response path asks of the request, kept beside `head` as plain values: reading them from the
+    /// optional struct copied it whole (a retain per buffer, string and array in it) each time.
+    private var requestIsHead = false
+    private var requestMinorVersion = 1
+    private var requestExpectsContinue = false
+    private var requestIsUpgrade = false
     private var startedAt = NIODeadline.uptimeNanoseconds(0)
     /// When `finishRequest` ran, so the idle time that follows starts without another clock read.
     private var finishedAt: NIODeadline?
@@ -127,18 +133,18 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         idleSince = eventLoop.now
         // The first request's head is due within header_timeout of the connection's start (nginx's
         // client_header_timeout, HAProxy's timeout http-request); later ones from their first byte.
-        headerDeadline = idleSince + .nanoseconds(listener.config.limits.headerTimeout.nanoseconds)
+        headerDeadline = idleSince + listener.headerTimeout
         armIdleTimer()
         armTimer(at: headerDeadline!)
     }
 
     /// The idle check runs at the idle timeout or the timer tick, whichever is sooner; with the default
     /// 60 s timeout the already-armed tick covers it and nothing is re-armed per request.
-    private var bodyTimeout: TimeAmount { .nanoseconds(listener.config.limits.bodyTimeout.nanoseconds) }
-    private var sendTimeout: TimeAmount { .nanoseconds(listener.config.limits.sendTimeout.nanoseconds) }
+    private var bodyTimeout: TimeAmount { listener.bodyTimeout }
+    private var sendTimeout: TimeAmount { listener.sendTimeout }
 
     private func armIdleTimer() {
-        let idle = TimeAmount.nanoseconds(listener.config.limits.idleTimeout.nanoseconds)
+        let idle = listener.idleTimeout
         armTimer(at: idleSince + min(idle, Self.timerTick))
     }
 
@@ -179,7 +185,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         }
         if phase == .idle, let inbound, inbound.readableBytes > 0, headerDeadline == nil {
             // A partial head arrived: the header timeout starts now (slow-loris guard).
-            let deadline = eventLoop.now + .nanoseconds(listener.config.limits.headerTimeout.nanoseconds)
+            let deadline = eventLoop.now + listener.headerTimeout
             headerDeadline = deadline
             armTimer(at: deadline)
         }
@@ -303,6 +309,10 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private func startRequest(_ head: HTTP1RequestHead, headBytes: Int) {
         beginRequestClock()
         self.head = head
+        requestIsHead = head.isHead
+        requestMinorVersion = head.minorVersion
+        requestExpectsContinue = head.expectContinue
+        requestIsUpgrade = head.isUpgrade
         bytesIn = headBytes
         bytesOut = 0
         status = 0
@@ -352,7 +362,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     private func armRequestDeadline(now: NIODeadline) {
         guard let timeout = target?.timeout, timeout > .zero else { return }
-        let deadline = now + .nanoseconds(timeout.nanoseconds)
+        let deadline = now + timeout
         requestDeadline = deadline
         armTimer(at: deadline)
     }
@@ -368,19 +378,22 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     // MARK: - PoolWaiter
 
     func poolProvided(_ connection: UpstreamStream, reused: Bool) {
-        guard phase == .waitingForUpstream, let head else {
-            connection.detach(requestComplete: true)
+        guard phase == .waitingForUpstream, head != nil else {
+            connection.detach(requestComplete: true, now: eventLoop.now)
             return
         }
         upstream = connection
         upstreamReused = reused
-        connection.attach(self, requestIsHead: head.isHead)
+        connection.attach(self, requestIsHead: requestIsHead)
         // Only the EWMA balancer needs the try's send time: no clock read per request otherwise.
         if target?.cluster.config.loadBalancer == .ewma { trySentAt = eventLoop.now }
         if let replay = retries.replay {
             // A retry, or a replay after a stale keep-alive connection: the same bytes again.
             connection.write(replay)
         } else {
+            // Moved out and back rather than copied (a copy retains every buffer, string and array in it);
+            // nothing reads `self.head` before it is back.
+            let head = self.head.take()!
             var out = loop.headBuffer(capacity: head.bytes.readableBytes + 160)
             let generated = HTTP1HeadWriter.writeRequest(head, facts: facts, random: &loop.random,
                                                          fallbackAuthority: target?.host.addressText ?? "",
@@ -390,13 +403,15 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                                                              head.value(named: "max-forwards")
                                                          }.map(MaxForwards.forwarded),
                                                          into: &out)
+            let bodyless = head.framing == HTTP1BodyFraming.none
+            self.head = head
             if let generated, runtime.accessLog.isEnabled { requestID = generated.string }
             connection.write(out)
             // Kept (shared, not copied) while the request could be sent again.
             retries.markSent()
-            if target?.retry != nil || head.framing == HTTP1BodyFraming.none { retries.replay = out }
+            if target?.retry != nil || bodyless { retries.replay = out }
             // A replay that body bytes are appended to must stay the only owner of its storage.
-            if head.framing == HTTP1BodyFraming.none { writtenRequestHead = out }
+            if bodyless { writtenRequestHead = out }
         }
         phase = .forwarding
         if !requestBodyDone { forwardBody() } else { armTryDeadline() }
@@ -499,10 +514,10 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     // MARK: - UpstreamExchange
 
     func upstreamResponseHead(_ response: HTTP1ResponseHead) {
-        guard let head else { return }
+        guard head != nil else { return }
         if response.status < 200 && response.status != 101 {
             // 100 Continue goes to a client that asked for it; other 1xx (103) to HTTP/1.1 clients.
-            if head.minorVersion >= 1 && (response.status != 100 || head.expectContinue) {
+            if requestMinorVersion >= 1 && (response.status != 100 || requestExpectsContinue) {
                 var out = allocator.buffer(capacity: response.bytes.readableBytes)
                 HTTP1HeadWriter.writeResponse(response, framing: .none, keepAlive: true, clientMinorVersion: 1, into: &out)
                 bytesOut += out.readableBytes
@@ -512,7 +527,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             return
         }
         if response.status == 101 {
-            guard head.isUpgrade else {
+            guard requestIsUpgrade else {
                 upstreamFailed(.protocolError("101 Switching Protocols to a request that did not ask to upgrade"),
                                responseStarted: false)
                 return
@@ -543,12 +558,12 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         reason = "-"
         requestDeadline = nil
         tryDeadline = nil
-        responseFraming = HTTP1HeadWriter.downstreamFraming(upstream: response.framing(requestMethodIsHead: head.isHead),
-                                                            clientMinorVersion: head.minorVersion)
+        responseFraming = HTTP1HeadWriter.downstreamFraming(upstream: response.framing(requestMethodIsHead: requestIsHead),
+                                                            clientMinorVersion: requestMinorVersion)
         if responseFraming == .close || !requestBodyDone { keepAlive = false }
         var out = loop.headBuffer(capacity: response.bytes.readableBytes + 64)
         HTTP1HeadWriter.writeResponse(response, framing: responseFraming, keepAlive: keepAlive,
-                                      clientMinorVersion: head.minorVersion, into: &out)
+                                      clientMinorVersion: requestMinorVersion, into: &out)
         bytesOut += out.readableBytes
         // Held until the first body bytes (or the end of this read) so head and a small body leave as one
         // write: one TLS record instead of two on a TLS listener (NIOSSL seals each write on its own).
@@ -713,7 +728,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         runtime.activeRequests.wrappingDecrement(ordering: .relaxed)
         if let upstream {
             self.upstream = nil
-            upstream.detach(requestComplete: reuseUpstream)
+            upstream.detach(requestComplete: reuseUpstream, now: now)
         }
         let upstreamHost = runtime.accessLog.isEnabled ? target?.host.addressText : nil
         let tenant = runtime.accessLog.isEnabled ? target?.tenant?.name : nil
@@ -762,7 +777,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// Writes a reply of Vigil's own and ends the request with it.
     private func localReply(status: Int, reason: String, detail: String, close: Bool, headers: [(String, String)] = []) {
         if close { keepAlive = false }
-        let isHead = head?.isHead ?? false
+        let isHead = head != nil && requestIsHead
         var extra = headers
         if let rid = head?.value(of: .xRequestID) { extra.append(("x-request-id", rid)) }
         let reply = LocalReply.http1(status: status, reason: reason, detail: detail, close: !keepAlive, isHead: isHead,
@@ -903,7 +918,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                        detail: "the request head did not arrive within header_timeout", close: true)
             return
         } else if phase == .idle, (inbound?.readableBytes ?? 0) == 0,
-                  now - idleSince >= .nanoseconds(listener.config.limits.idleTimeout.nanoseconds) {
+                  now - idleSince >= listener.idleTimeout {
             closeNow()
             return
         }
@@ -916,7 +931,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         if let last = lastBodyRead, !requestBodyDone, last + bodyTimeout < next { next = last + bodyTimeout }
         if let since = unwritableSince, since + sendTimeout < next { next = since + sendTimeout }
         if phase == .idle {
-            let idleAt = idleSince + .nanoseconds(listener.config.limits.idleTimeout.nanoseconds)
+            let idleAt = idleSince + listener.idleTimeout
             if idleAt < next { next = idleAt }
         }
         armTimer(at: next)

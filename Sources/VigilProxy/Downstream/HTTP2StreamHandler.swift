@@ -142,7 +142,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// shut that long is stalling it on purpose or is gone; the stream is reset and its upstream let go.
     private func armStallTimer() {
         guard stallTask == nil else { return }
-        let timeout = TimeAmount.nanoseconds(listener.config.limits.sendTimeout.nanoseconds)
+        let timeout = listener.sendTimeout
         stallTask = context.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [self] in
             stallTask = nil
             if phase == .waitingForUpstream { target?.pool.cancel(self) }
@@ -193,7 +193,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         requestBodyDone = endStream
         if !endStream {
             lastBodyRead = startedAt
-            armBodyTimer(at: startedAt + .nanoseconds(listener.config.limits.bodyTimeout.nanoseconds))
+            armBodyTimer(at: startedAt + listener.bodyTimeout)
         }
         for (name, value, _) in headers {
             bytesIn += name.utf8.count + value.utf8.count + 32
@@ -274,7 +274,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     func poolProvided(_ connection: UpstreamStream, reused: Bool) {
         guard phase == .waitingForUpstream, let request else {
-            connection.detach(requestComplete: true)
+            connection.detach(requestComplete: true, now: .now())
             return
         }
         phase = .forwarding
@@ -492,7 +492,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         bodyTask = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in
             bodyTask = nil
             guard !requestBodyDone, phase == .waitingForUpstream || phase == .forwarding else { return }
-            let timeout = TimeAmount.nanoseconds(listener.config.limits.bodyTimeout.nanoseconds)
+            let timeout = listener.bodyTimeout
             let now = NIODeadline.now()
             if readGate.isPaused { lastBodyRead = now }
             guard now - lastBodyRead >= timeout else {
@@ -516,8 +516,8 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     private func armTimeout() {
         guard let timeout = target?.timeout, timeout > .zero, timeoutTask == nil else { return }
-        timeoutDeadline = .now() + TimeAmount(timeout)
-        timeoutTask = context.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(timeout.nanoseconds)) { [self] in
+        timeoutDeadline = .now() + timeout
+        timeoutTask = context.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [self] in
             timeoutTask = nil
             guard !responseStarted, phase == .waitingForUpstream || phase == .forwarding else { return }
             if phase == .waitingForUpstream { target?.pool.cancel(self) }
@@ -633,11 +633,12 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         cancelTimers()
         retries.finish(target?.cluster)
         runtime.activeRequests.wrappingDecrement(ordering: .relaxed)
+        let now = NIODeadline.now()
         if let upstream {
             self.upstream = nil
-            upstream.detach(requestComplete: reuseUpstream)
+            upstream.detach(requestComplete: reuseUpstream, now: now)
         }
-        let duration = NIODeadline.now() - startedAt
+        let duration = now - startedAt
         runtime.recordSLO(tenant: target?.tenant ?? replyTenant, policy: target?.policy, loop: loop, status: status,
                           durationNanos: duration.nanoseconds)
         runtime.metrics.recordRequest(listener: listener.index, cluster: target?.cluster ?? replyCluster, status: status,

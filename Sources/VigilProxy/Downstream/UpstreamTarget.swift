@@ -12,7 +12,7 @@ struct UpstreamTarget {
     let slot: Int
     private(set) var host: HostRuntime
     private(set) var pool: HostPool
-    let timeout: Duration
+    let timeout: TimeAmount
     let routeIndex: Int
     let retry: RetryPolicy?
     /// The request's tenant, holding one of its `max_concurrent` slots until `release()`.
@@ -131,7 +131,7 @@ extension ProxyRuntime {
         let retry = routes.retryPolicies[routeIndex]
         if retry != nil { policy.retryBudgets[listener.index][routeIndex]!.recordRequest(nowNanos: loop.nowNanos()) }
         return .forward(UpstreamTarget(policy: policy, cluster: cluster, slot: slot, host: host, pool: policy.pools[slot][host.index],
-                                       timeout: routes.routes[routeIndex].timeout, routeIndex: routeIndex,
+                                       timeout: routes.timeouts[routeIndex], routeIndex: routeIndex,
                                        retry: retry, tenant: tenant))
     }
 

@@ -1,3 +1,4 @@
+import NIOCore
 import Atomics
 import VigilCore
 
@@ -7,6 +8,12 @@ public final class ListenerRuntime: Sendable {
     public let config: ListenerConfig
     public let index: Int
     let headLimits: HTTP1HeadLimits
+    /// The `limits` timeouts as the event loop's time type, converted once: Duration → nanoseconds is
+    /// 128-bit arithmetic, and the request path arms these on every request.
+    let headerTimeout: TimeAmount
+    let idleTimeout: TimeAmount
+    let bodyTimeout: TimeAmount
+    let sendTimeout: TimeAmount
     public let openConnections = ManagedAtomic<Int>(0)
     public let totalConnections = ManagedAtomic<Int>(0)
 
@@ -15,6 +22,10 @@ public final class ListenerRuntime: Sendable {
         self.index = index
         self.headLimits = HTTP1HeadLimits(maxHeaderBytes: config.limits.maxHeaderBytes,
                                           maxHeaderCount: config.limits.maxHeaderCount)
+        headerTimeout = .nanoseconds(config.limits.headerTimeout.nanoseconds)
+        idleTimeout = .nanoseconds(config.limits.idleTimeout.nanoseconds)
+        bodyTimeout = .nanoseconds(config.limits.bodyTimeout.nanoseconds)
+        sendTimeout = .nanoseconds(config.limits.sendTimeout.nanoseconds)
     }
 }
 
@@ -27,6 +38,8 @@ final class ListenerRoutes: Sendable {
     let routeClusters: [Int]
     /// Retry policy per route, nil where the route has none.
     let retryPolicies: [RetryPolicy?]
+    /// Request timeout per route (zero: none), converted once.
+    let timeouts: [TimeAmount]
     /// The tenant header to remove from requests on a listener that does not trust it (nil otherwise).
     let untrustedTenantHeader: String?
     /// Per route: its slot among the routes that override tenant rate limits, with the bucket's shape.
@@ -46,5 +59,6 @@ final class ListenerRoutes: Sendable {
         self.table = RouteTable(listener.routes)
         self.routeClusters = listener.routes.map { clusterSlots[$0.cluster]! }
         self.retryPolicies = listener.routes.map { $0.retry.map(RetryPolicy.init) }
+        self.timeouts = listener.routes.map { .nanoseconds($0.timeout.nanoseconds) }
     }
 }

@@ -193,7 +193,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
-        let timeout = TimeAmount.nanoseconds(listener.config.limits.headerTimeout.nanoseconds)
+        let timeout = listener.headerTimeout
         deadline = context.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [weak self] in
             guard let self, self.deadline != nil else { return }
             self.deadline = nil

@@ -36,7 +36,7 @@ final class TLSSessionStarter: ChannelInboundHandler, RemovableChannelHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         let channel = context.channel
-        timeout = context.eventLoop.scheduleTask(in: TimeAmount(listener.config.limits.headerTimeout)) {
+        timeout = context.eventLoop.scheduleTask(in: listener.headerTimeout) {
             channel.close(promise: nil)
         }
     }

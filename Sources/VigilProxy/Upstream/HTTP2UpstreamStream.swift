@@ -54,7 +54,7 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
         flush()
     }
 
-    func detach(requestComplete: Bool) {
+    func detach(requestComplete: Bool, now: NIODeadline) {
         exchange = nil
         // A stream is never reused: one finished both ways is closed by HTTP/2 itself; one abandoned, or
         // answered before its request was sent whole, is reset.

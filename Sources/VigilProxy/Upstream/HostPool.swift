@@ -88,7 +88,7 @@ final class HostPool {
     }
 
     /// A connection finished a response and can carry another request.
-    func release(_ connection: UpstreamConnection) {
+    func release(_ connection: UpstreamConnection, now: NIODeadline) {
         if retired && waiters.isEmpty {
             connection.close()
             return
@@ -98,7 +98,7 @@ final class HostPool {
             waiter.poolProvided(connection, reused: true)
             return
         }
-        connection.idleSince = .now()
+        connection.idleSince = now
         idle.append(connection)
         armSweep()
     }
@@ -115,7 +115,7 @@ final class HostPool {
         guard sweep == nil, !idle.isEmpty else { return }
         sweep = eventLoop.assumeIsolated().scheduleTask(in: min(idleTimeout, .seconds(5))) { [self] in
             sweep = nil
-            let cutoff = NIODeadline.now() - idleTimeout
+            let cutoff = eventLoop.now - idleTimeout
             let expired = idle.filter { $0.idleSince <= cutoff }
             if !expired.isEmpty {
                 idle.removeAll { $0.idleSince <= cutoff }

@@ -90,11 +90,11 @@ final class UpstreamConnection: ChannelDuplexHandler {
 
     /// The exchange is done with this connection. It goes back to the pool if the response ended cleanly
     /// and the request was sent whole; otherwise it is closed.
-    func detach(requestComplete: Bool) {
+    func detach(requestComplete: Bool, now: NIODeadline) {
         exchange = nil
         if case .idle = phase, reusable, requestComplete, buffer == nil || buffer!.readableBytes == 0 {
             resumeReading()
-            pool.release(self)
+            pool.release(self, now: now)
         } else {
             close()
         }

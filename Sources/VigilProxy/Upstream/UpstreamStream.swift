@@ -9,8 +9,9 @@ protocol UpstreamStream: AnyObject {
     func write(_ bytes: ByteBuffer)
     func flush()
     func writeAndFlush(_ bytes: ByteBuffer)
-    /// The exchange is done; `requestComplete` says whether the whole request was sent.
-    func detach(requestComplete: Bool)
+    /// The exchange is done; `requestComplete` says whether the whole request was sent. `now` is when (the
+    /// caller has just read the clock): a connection going back to its pool is idle from then.
+    func detach(requestComplete: Bool, now: NIODeadline)
     func close()
     func pauseReading()
     func resumeReading()
