@@ -48,6 +48,33 @@ import Testing
         #expect(rest == "NEXT")
     }
 
+    /// RFC 9110 §6.5.1/§6.5.2: framing, routing and connection fields are never trailers, and a recipient may
+    /// merge trailers into the header section; Vigil's own fields could forge identity there.
+    @Test(arguments: [1, 5, 1000])
+    func trailersThatMayNotBeTrailersAreDropped(step: Int) throws {
+        let (body, trailers, rest, done) = try decode(
+            "3\r\nabc\r\n0\r\nContent-Length: 5\r\nX-Sum: 1\r\nTransfer-Encoding: chunked\r\nHost: evil\r\n"
+                + "Connection: close\r\nX-Vigil-Tenant: acme\r\nx-forwarded-client-cert: By=x\r\nTrailer: a\r\n"
+                + "Proxy-Authorization: b\r\nX-B: 2\r\n\r\nNEXT", step: step)
+        #expect(body == "abc" && done)
+        #expect(trailers == "X-Sum: 1\r\nX-B: 2\r\n")
+        #expect(rest == "NEXT")
+    }
+
+    @Test func onlyForbiddenTrailersLeaveNone() throws {
+        let (_, trailers, rest, done) = try decode("0\r\nContent-Length: 5\r\n\r\nNEXT")
+        #expect(trailers == "" && rest == "NEXT" && done)
+    }
+
+    @Test func theUntrustedTenantHeaderIsDroppedFromTrailers() throws {
+        var decoder = ChunkedDecoder()
+        decoder.droppedTrailerName = "x-tenant"
+        var input = ByteBuffer(string: "0\r\nX-Tenant: other\r\nX-Tenant-Id: kept\r\n\r\n")
+        var events: [ChunkedDecoder.Event] = []
+        try decoder.decode(&input, into: &events)
+        #expect(events == [.end(trailers: ByteBuffer(string: "X-Tenant-Id: kept\r\n"))])
+    }
+
     @Test func incompleteBodyIsNotDone() throws {
         let (body, trailers, _, done) = try decode("5\r\nhel")
         #expect(body == "hel" && trailers == nil && !done)

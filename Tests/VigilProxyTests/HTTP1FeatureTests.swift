@@ -85,11 +85,14 @@ import VigilTestSupport
         let client = try await proxy.client()
         try await client.send("GET /logged?x=1 HTTP/1.1\r\nHost: svc.local\r\nX-Request-Id: rid-1\r\n\r\n")
         #expect(try await client.response()?.status == 200)
+        try await client.send("GET /generated HTTP/1.1\r\nHost: svc.local\r\n\r\n")
+        let generated = try #require(try await client.response())
         try await client.send("GET /x HTTP/1.1\r\n\r\n")
-        #expect(try await client.response()?.status == 400)
+        let refused = try #require(try await client.response())
+        #expect(refused.status == 400)
         await proxy.stop()
         let lines = proxy.accessLog.lines
-        #expect(lines.count == 2)
+        #expect(lines.count == 3)
         let first = try #require(try JSONSerialization.jsonObject(with: Data(lines[0].utf8)) as? [String: Any])
         #expect(first["listener"] as? String == "in")
         #expect(first["method"] as? String == "GET")
@@ -102,8 +105,19 @@ import VigilTestSupport
         #expect((first["bytes_out"] as? Int ?? 0) > 0)
         #expect((first["time"] as? String)?.hasSuffix("Z") == true)
         let second = try #require(try JSONSerialization.jsonObject(with: Data(lines[1].utf8)) as? [String: Any])
-        #expect(second["status"] as? Int == 400)
-        #expect(second["reason"] as? String == "missing_host")
+        let generatedID = try #require(second["request_id"] as? String)
+        #expect(generatedID.count == 36)
+        #expect(generated.status == 200)
+        // A request that never parsed has nothing of the one before it: no request id, only its own bytes.
+        let third = try #require(try JSONSerialization.jsonObject(with: Data(lines[2].utf8)) as? [String: Any])
+        #expect(third["status"] as? Int == 400)
+        #expect(third["reason"] as? String == "missing_host")
+        #expect(third["request_id"] as? String == "")
+        #expect(third["bytes_in"] as? Int == "GET /x HTTP/1.1\r\n\r\n".utf8.count)
+        let detail = try #require(try JSONSerialization.jsonObject(with: Data(refused.text.utf8)) as? [String: Any])["detail"] as? String
+        let reply = LocalReply.http1(status: 400, reason: "missing_host", detail: try #require(detail), close: true,
+                                     isHead: false, extraHeaders: [])
+        #expect(third["bytes_out"] as? Int == reply.readableBytes)
     }
 
     @Test func largeBodiesStreamBothWays() async throws {

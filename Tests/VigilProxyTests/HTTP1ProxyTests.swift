@@ -144,6 +144,34 @@ import VigilCore
         await proxy.stop()
     }
 
+    /// A trailer section is forwarded without the fields that may not be trailers (RFC 9110 §6.5.1): a
+    /// recipient that merges trailers into the header section must not meet a second framing, a new Host or
+    /// a tenant the header checks never saw.
+    @Test func trailersThatMayNotBeTrailersAreNotForwarded() async throws {
+        let (proxy, upstream) = try await setup(behaviour: { _ in
+            .chunked(parts: ["ab"], trailers: [("x-sum", "9"), ("content-length", "99"), ("connection", "close")])
+        })
+        let client = try await proxy.client()
+        try await client.send("POST / HTTP/1.1\r\nHost: a\r\nTE: trailers\r\nTransfer-Encoding: chunked\r\n\r\n"
+                              + "3\r\nabc\r\n0\r\nContent-Length: 50\r\nHost: evil\r\nX-Vigil-Tenant: acme\r\n"
+                              + "X-Checksum: 42\r\n\r\n")
+        let r = try #require(try await client.response())
+        #expect(r.text == "ab")
+        #expect(r.trailers?["x-sum"] == ["9"])
+        #expect(r.trailers?["content-length"] == [])
+        #expect(r.trailers?["connection"] == [])
+        let seen = try #require(upstream.recorded.first)
+        #expect(seen.bodyString == "abc")
+        #expect(seen.trailers?["x-checksum"] == ["42"])
+        #expect(seen.trailers?["content-length"] == [])
+        #expect(seen.trailers?["host"] == [])
+        #expect(seen.trailers?["x-vigil-tenant"] == [])
+        // The connection stays in step.
+        try await client.send("GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+        #expect(try await client.response()?.status == 200)
+        await proxy.stop()
+    }
+
     @Test func http10ClientsGetAClosedConnectionAfterAChunkedUpstreamResponse() async throws {
         let (proxy, _) = try await setup(behaviour: { _ in .chunked(parts: ["ab", "cd"]) })
         let client = try await proxy.client()

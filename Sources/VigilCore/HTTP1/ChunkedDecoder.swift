@@ -4,12 +4,13 @@ import NIOCore
 ///
 /// A value type fed with whatever bytes arrived; it returns the pieces it could decode and keeps its
 /// place in the grammar between calls. Chunk extensions are checked and dropped (Vigil re-frames bodies);
-/// the trailer section is parsed with the same field rules as a head.
+/// the trailer section is parsed with the same field rules as a head, and fields that may not be trailers
+/// (`HTTP1FieldKind.forbiddenInTrailers`, plus `droppedTrailerName`) are left out of what it hands on.
 public struct ChunkedDecoder: Sendable {
     public enum Event: Sendable, Equatable {
         case data(ByteBuffer)
-        /// The last chunk and trailer section arrived; `trailers` is the raw trailer field lines (each ending
-        /// in CRLF, without the final empty line), empty when there are none.
+        /// The last chunk and trailer section arrived; `trailers` is the raw trailer field lines that may be
+        /// forwarded (each ending in CRLF, without the final empty line), nil when there are none.
         case end(trailers: ByteBuffer?)
     }
 
@@ -55,6 +56,9 @@ public struct ChunkedDecoder: Sendable {
     private var isLast = false
     private var trailerBuffer: ByteBuffer?
     private let maxTrailerBytes: Int
+    /// One more field name (lowercase) to leave out of the trailers: the tenant header on a listener that
+    /// does not trust it, removed from the header section for the same reason.
+    public var droppedTrailerName: String?
 
     public init(maxTrailerBytes: Int = 64 * 1024) {
         self.maxTrailerBytes = maxTrailerBytes
@@ -157,6 +161,13 @@ public struct ChunkedDecoder: Sendable {
         }
     }
 
+    private func isDroppedName(_ buffer: ByteBuffer, _ field: HTTP1Field) -> Bool {
+        guard let dropped = droppedTrailerName, dropped.utf8.count == field.nameEnd - field.lineStart else { return false }
+        return buffer.withUnsafeReadableBytes { p in
+            zip(dropped.utf8, p[field.lineStart..<field.nameEnd]).allSatisfy { $0 == HTTPTokens.lower($1) }
+        }
+    }
+
     /// Trailer section: field lines until an empty line, each checked like a header field.
     private mutating func decodeTrailers(_ input: inout ByteBuffer, into events: inout [Event]) throws(HTTP1ParseError) {
         var pending = trailerBuffer ?? ByteBuffer()
@@ -184,16 +195,16 @@ public struct ChunkedDecoder: Sendable {
             trailerBuffer = pending
         case .error(let e):
             throw HTTP1ParseError.bad("bad_chunked_body", "bad trailer: \(e.detail)")
-        case .complete(_, let length, _, _):
-            let trailerLength = length - 3  // without the fake start line
-            var trailers = pending.readSlice(length: trailerLength - 2)!  // without the final CRLF
-            pending.moveReaderIndex(forwardBy: 2)
+        case .complete(_, let length, _, let fields):
+            pending.moveReaderIndex(forwardBy: length - 3)  // the section and its final CRLF, without "T\r\n"
             input = pending
             state = .done
-            if trailers.readableBytes == 0 { events.append(.end(trailers: nil)) } else {
-                trailers = ByteBuffer(buffer: trailers)
-                events.append(.end(trailers: trailers))
+            var kept = ByteBuffer()
+            for field in fields where !field.kind.forbiddenInTrailers && !isDroppedName(probe, field) {
+                kept.writeImmutableBuffer(probe.getSlice(at: probe.readerIndex + field.lineStart,
+                                                         length: field.lineEnd - field.lineStart)!)
             }
+            events.append(.end(trailers: kept.readableBytes == 0 ? nil : kept))
         }
     }
 

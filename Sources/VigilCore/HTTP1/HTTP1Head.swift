@@ -50,6 +50,19 @@ public enum HTTP1FieldKind: UInt8, Sendable {
         return .other
     }
 
+    /// Classifies a field name given as a string (HTTP/2 fields, configured names).
+    public static func classify(_ name: String) -> HTTP1FieldKind {
+        var name = name
+        return name.withUTF8 { classify(UnsafeRawBufferPointer($0), 0, $0.count) }
+    }
+
+    /// Whether a field of this kind is dropped from a trailer section Vigil forwards. Framing, routing and
+    /// connection fields are never valid there (RFC 9110 §6.5.1), and neither are the fields only Vigil
+    /// sets; RFC 9110 §6.5.2 lets a recipient merge trailers into the header section, so passing on a
+    /// trailer `Content-Length`, `Host` or `x-vigil-tenant` would hand the upstream a second framing or a
+    /// forged identity that the header checks never saw.
+    public var forbiddenInTrailers: Bool { self != .other }
+
     @inline(__always)
     private static func eq6proxy(_ p: UnsafeRawBufferPointer, _ start: Int) -> Bool {
         HTTPTokens.equalsLowercase(p, start, 6, "proxy-")

@@ -266,9 +266,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                 do throws(HTTP1ParseError) {
                     parsed = try HTTP1Parser.parseRequest(buffered, limits: listener.headLimits)
                 } catch {
-                    beginRequestClock()
+                    beginRequest(headBytes: buffered.readableBytes)
                     head = nil
-                    bytesIn = buffered.readableBytes
                     inbound = nil
                     localReply(status: error.status, reason: error.reason, detail: error.detail, close: true)
                     return
@@ -306,13 +305,10 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         runtime.activeRequests.wrappingIncrement(ordering: .relaxed)
     }
 
-    private func startRequest(_ head: HTTP1RequestHead, headBytes: Int) {
+    /// Starts a request's clock and accounting, parsed or not: nothing of the one before may carry over
+    /// into its access log line.
+    private func beginRequest(headBytes: Int) {
         beginRequestClock()
-        self.head = head
-        requestIsHead = head.isHead
-        requestMinorVersion = head.minorVersion
-        requestExpectsContinue = head.expectContinue
-        requestIsUpgrade = head.isUpgrade
         bytesIn = headBytes
         bytesOut = 0
         status = 0
@@ -324,6 +320,15 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         requestID = ""
         tryDeadline = nil
         retryAt = nil
+    }
+
+    private func startRequest(_ head: HTTP1RequestHead, headBytes: Int) {
+        beginRequest(headBytes: headBytes)
+        self.head = head
+        requestIsHead = head.isHead
+        requestMinorVersion = head.minorVersion
+        requestExpectsContinue = head.expectContinue
+        requestIsUpgrade = head.isUpgrade
         if !head.keepAlive || runtime.draining.load(ordering: .relaxed) { keepAlive = false }
         switch head.framing {
         case .none, .untilClose:
@@ -353,6 +358,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             localReply(status: status, reason: reason, detail: detail, close: !requestBodyDone, headers: headers)
         case .forward(let target):
             self.target = target
+            chunked?.droppedTrailerName = target.policy.snapshot.routes[listener.index].untrustedTenantHeader
             retries.begin(host: target.host.index)
             phase = .waitingForUpstream
             if requestBodyDone { armRequestDeadline(now: startedAt) }
@@ -912,8 +918,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                 closeNow()
                 return
             }
-            beginRequestClock()
-            bytesIn = inbound?.readableBytes ?? 0
+            beginRequest(headBytes: inbound?.readableBytes ?? 0)
             localReply(status: 408, reason: "request_header_timeout",
                        detail: "the request head did not arrive within header_timeout", close: true)
             return

@@ -470,7 +470,9 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private func writeBodyEnd(trailers: HPACKHeaders?) {
         guard chunkedUpstream, let upstream else { return }
         var last = ByteBuffer(string: "0\r\n")
-        for (name, value, _) in trailers ?? [:] where !name.hasPrefix(":") {
+        let untrustedTenantHeader = target?.policy.snapshot.routes[listener.index].untrustedTenantHeader
+        for (name, value, _) in trailers ?? [:] where !name.hasPrefix(":") && name != untrustedTenantHeader
+            && !HTTP1FieldKind.classify(name).forbiddenInTrailers {
             last.writeString("\(name): \(value)\r\n")
         }
         last.writeStaticString("\r\n")

@@ -17,10 +17,13 @@ enum HTTP2Fields {
         return headers.isEmpty ? nil : headers
     }
 
-    /// HPACK headers (pseudo-headers left out) as field lines, or nil when there are none.
+    /// HPACK trailers as field lines, without pseudo-headers and fields that may not be trailers
+    /// (`HTTP1FieldKind.forbiddenInTrailers`), or nil when none are left.
     static func fieldLines(_ headers: HPACKHeaders) -> ByteBuffer? {
         var b = ByteBuffer()
-        for (name, value, _) in headers where !name.hasPrefix(":") { b.writeString("\(name): \(value)\r\n") }
+        for (name, value, _) in headers where !name.hasPrefix(":") && !HTTP1FieldKind.classify(name).forbiddenInTrailers {
+            b.writeString("\(name): \(value)\r\n")
+        }
         return b.readableBytes > 0 ? b : nil
     }
 }
