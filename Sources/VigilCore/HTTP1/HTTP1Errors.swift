@@ -17,9 +17,9 @@ public struct HTTP1ParseError: Error, Hashable, Sendable, CustomStringConvertibl
     static func bad(_ reason: String, _ detail: String) -> Self { .init(status: 400, reason: reason, detail: detail) }
 
     static let headerTooLarge = Self(status: 431, reason: "header_too_large",
-                                     detail: "the request head is larger than max_header_bytes")
+                                     detail: "the head (start line and fields) is larger than max_header_bytes")
     static let tooManyHeaders = Self(status: 431, reason: "header_too_large",
-                                     detail: "the request has more header fields than max_header_count")
+                                     detail: "the head has more fields than max_header_count")
     static let uriTooLong = Self(status: 414, reason: "uri_too_long",
                                  detail: "the request line is larger than max_header_bytes")
     static let versionNotSupported = Self(status: 505, reason: "http_version_not_supported",
