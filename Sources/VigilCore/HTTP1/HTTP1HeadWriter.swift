@@ -56,7 +56,9 @@ public struct RequestID: Sendable, Equatable {
 
 /// Facts about the downstream connection that the forwarded head carries, kept as the field lines they
 /// become: built once per connection, they cost one buffer write per request instead of six.
-public struct ForwardingFacts: Sendable {
+/// A class, not a struct: the handler passes it with every request head it writes, and a struct stored in
+/// the handler was copied for each call (a retain per buffer).
+public final class ForwardingFacts: Sendable {
     /// From `x-forwarded-for: <client>` on, for requests without an earlier `x-forwarded-for`.
     let fullBlock: ByteBuffer
     /// The same after `x-forwarded-for: `, to follow a list the request brought.

@@ -12,7 +12,7 @@ extension HTTP1RequestHead: RoutableRequest {
 ///
 /// The handler is its own exchange: per-request state lives in fields reset for each request, so a
 /// keep-alive request allocates no exchange object.
-final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWaiter {
+final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWaiter, DeferredFlush {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -179,9 +179,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        if upstreamFlushPending {
+        if upstreamFlushPending, let upstream {
             upstreamFlushPending = false
-            upstream?.flush()
+            loop.deferFlush(upstream)
         }
         if phase == .idle, let inbound, inbound.readableBytes > 0, headerDeadline == nil {
             // A partial head arrived: the header timeout starts now (slow-loris guard).
@@ -262,7 +262,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                     updateReadInterest()
                     return
                 }
-                let parsed: (HTTP1RequestHead, consumed: Int)?
+                var parsed: (HTTP1RequestHead, consumed: Int)?
                 do throws(HTTP1ParseError) {
                     parsed = try HTTP1Parser.parseRequest(buffered, limits: listener.headLimits)
                 } catch {
@@ -272,13 +272,13 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                     localReply(status: error.status, reason: error.reason, detail: error.detail, close: true)
                     return
                 }
-                guard let (head, consumed) = parsed else {
+                guard let consumed = parsed?.consumed else {
                     updateReadInterest()
                     return
                 }
                 inbound!.moveReaderIndex(forwardBy: consumed)
                 headerDeadline = nil
-                startRequest(head, headBytes: consumed)
+                startRequest(parsed.take()!.0, headBytes: consumed)  // moved, not copied out of the optional
             case .waitingForUpstream:
                 updateReadInterest()
                 return
@@ -322,9 +322,10 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         retryAt = nil
     }
 
-    private func startRequest(_ head: HTTP1RequestHead, headBytes: Int) {
+    /// `head` is consumed: it moves into `self.head` (after routing, which reads it) rather than being copied
+    /// there and destroyed here.
+    private func startRequest(_ head: consuming HTTP1RequestHead, headBytes: Int) {
         beginRequest(headBytes: headBytes)
-        self.head = head
         requestIsHead = head.isHead
         requestMinorVersion = head.minorVersion
         requestExpectsContinue = head.expectContinue
@@ -338,6 +339,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             bodyRemaining = n
             chunked = nil
             if let max = listener.config.limits.maxBodyBytes, n > max {
+                self.head = consume head
                 localReply(status: 413, reason: "body_too_large",
                            detail: "the request body is larger than max_body_bytes (\(max))", close: true)
                 return
@@ -351,18 +353,19 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             lastBodyRead = startedAt
             armTimer(at: startedAt + bodyTimeout)
         }
-        switch runtime.route(head, listener: listener, loop: loop, identity: session.identity) {
+        let outcome = runtime.route(head, listener: listener, loop: loop, identity: session.identity, target: &target)
+        self.head = consume head
+        switch outcome {
         case .reply(let status, let reason, let detail, let cluster, let headers, let tenant):
             replyCluster = cluster
             replyTenant = tenant
             localReply(status: status, reason: reason, detail: detail, close: !requestBodyDone, headers: headers)
-        case .forward(let target):
-            self.target = target
-            chunked?.droppedTrailerName = target.policy.snapshot.routes[listener.index].untrustedTenantHeader
-            retries.begin(host: target.host.index)
+        case .forward:
+            chunked?.droppedTrailerName = target!.policy.snapshot.routes[listener.index].untrustedTenantHeader
+            retries.begin(host: target!.host.index)
             phase = .waitingForUpstream
             if requestBodyDone { armRequestDeadline(now: startedAt) }
-            target.pool.acquire(self)
+            target!.pool.acquire(self)
         }
     }
 
@@ -410,7 +413,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                                                          }.map(MaxForwards.forwarded),
                                                          into: &out)
             let bodyless = head.framing == HTTP1BodyFraming.none
-            self.head = head
+            self.head = consume head
             if let generated, runtime.accessLog.isEnabled { requestID = generated.string }
             connection.write(out)
             // Kept (shared, not copied) while the request could be sent again.
@@ -422,7 +425,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         phase = .forwarding
         if !requestBodyDone { forwardBody() } else { armTryDeadline() }
         upstreamFlushPending = false
-        connection.flush()
+        loop.deferFlush(connection)
         updateReadInterest()
     }
 
@@ -679,12 +682,14 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private func flushClient() {
         guard clientFlushPending else { return }
         clientFlushPending = false
-        context.flush()
+        loop.deferFlush(self)
         if let spent = writtenResponseHead {
             writtenResponseHead = nil
             loop.recycleHead(spent)
         }
     }
+
+    func deferredFlush() { context?.flush() }
 
     func upstreamWritabilityChanged(writable: Bool) {
         updateReadInterest()

@@ -259,16 +259,15 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             reply(status: 413, reason: "body_too_large", detail: "the request body is larger than max_body_bytes (\(max))")
             return
         }
-        switch runtime.route(request, listener: listener, loop: loop, identity: session.identity) {
+        switch runtime.route(request, listener: listener, loop: loop, identity: session.identity, target: &target) {
         case .reply(let status, let reason, let detail, let cluster, let headers, let tenant):
             replyCluster = cluster
             replyTenant = tenant
             reply(status: status, reason: reason, detail: detail, headers: headers)
-        case .forward(let target):
-            self.target = target
-            retries.begin(host: target.host.index)
+        case .forward:
+            retries.begin(host: target!.host.index)
             if requestBodyDone { armTimeout() }
-            target.pool.acquire(self)
+            target!.pool.acquire(self)
         }
     }
 

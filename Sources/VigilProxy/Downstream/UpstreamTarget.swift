@@ -18,7 +18,11 @@ struct UpstreamTarget {
     /// The request's tenant, holding one of its `max_concurrent` slots until `release()`.
     let tenant: TenantState?
 
-    func release() {
+    // `release`, `record` and `recordResponse` are `mutating` though they change nothing of the value: a
+    // handler calls them on its stored `target`, and a non-mutating call there copied the whole struct
+    // first (a retain and a release for each of its six references) on every request.
+
+    mutating func release() {
         host.activeRequests.wrappingDecrement(ordering: .relaxed)
         cluster.requestFinished()
         tenant?.releaseSlot()
@@ -35,13 +39,13 @@ struct UpstreamTarget {
     }
 
     /// Tells the cluster's health how this attempt ended.
-    func record(_ outcome: AttemptOutcome, now: @autoclosure () -> NIODeadline) {
+    mutating func record(_ outcome: AttemptOutcome, now: @autoclosure () -> NIODeadline) {
         cluster.health.record(host: host.index, outcome, now: now())
     }
 
     /// A response head arrived `now` for a try sent at `sentAt` (recorded only for the EWMA balancer): its
     /// status for the health, its latency for the EWMA balancer.
-    func recordResponse(status: Int, sentAt: NIODeadline, now clock: @autoclosure () -> NIODeadline) {
+    mutating func recordResponse(status: Int, sentAt: NIODeadline, now clock: @autoclosure () -> NIODeadline) {
         guard cluster.config.loadBalancer == .ewma else {
             cluster.health.record(host: host.index, .response(status: status), now: clock())
             return
@@ -53,7 +57,9 @@ struct UpstreamTarget {
 }
 
 enum RoutingOutcome {
-    case forward(UpstreamTarget)
+    /// Forward to the `UpstreamTarget` that `route` wrote into its `target` argument (written there rather
+    /// than carried here, so it lands in the handler's storage without being copied out of the enum).
+    case forward
     /// Answer locally; `cluster` is set when the request had been routed to one (for metrics), `tenant` when
     /// it had been attributed to one (for its SLO).
     case reply(status: Int, reason: String, detail: String, cluster: ClusterRuntime?, headers: [(String, String)] = [],
@@ -65,7 +71,7 @@ extension ProxyRuntime {
     /// policy: authorization, tenant limits, first matching route, the cluster's `max_requests` breaker,
     /// then a host from the balancer.
     func route(_ request: some RoutableRequest, listener: ListenerRuntime, loop: LoopContext,
-               identity: String? = nil) -> RoutingOutcome {
+               identity: String? = nil, target: inout UpstreamTarget?) -> RoutingOutcome {
         let policy = loop.policy
         let snapshot = policy.snapshot
         let routes = snapshot.routes[listener.index]
@@ -103,7 +109,7 @@ extension ProxyRuntime {
             }
         }
         let outcome = routeAdmitted(routeIndex: routeIndex, routes: routes, listener: listener, policy: policy,
-                                    loop: loop, tenant: tenant)
+                                    loop: loop, tenant: tenant, target: &target)
         if case .reply(let status, let reason, let detail, let cluster, let headers, _) = outcome {
             tenant?.releaseSlot()
             return .reply(status: status, reason: reason, detail: detail, cluster: cluster, headers: headers, tenant: tenant)
@@ -112,7 +118,7 @@ extension ProxyRuntime {
     }
 
     private func routeAdmitted(routeIndex: Int, routes: ListenerRoutes, listener: ListenerRuntime, policy: LoopPolicy,
-                               loop: LoopContext, tenant: TenantState?) -> RoutingOutcome {
+                               loop: LoopContext, tenant: TenantState?, target: inout UpstreamTarget?) -> RoutingOutcome {
         let slot = routes.routeClusters[routeIndex]
         let cluster = policy.snapshot.clusters[slot]
         guard cluster.admitRequest() else {
@@ -130,9 +136,9 @@ extension ProxyRuntime {
         host.totalRequests.wrappingIncrement(ordering: .relaxed)
         let retry = routes.retryPolicies[routeIndex]
         if retry != nil { policy.retryBudgets[listener.index][routeIndex]!.recordRequest(nowNanos: loop.nowNanos()) }
-        return .forward(UpstreamTarget(policy: policy, cluster: cluster, slot: slot, host: host, pool: policy.pools[slot][host.index],
-                                       timeout: routes.timeouts[routeIndex], routeIndex: routeIndex,
-                                       retry: retry, tenant: tenant))
+        target = UpstreamTarget(policy: policy, cluster: cluster, slot: slot, host: host, pool: policy.pools[slot][host.index],
+                                timeout: routes.timeouts[routeIndex], routeIndex: routeIndex, retry: retry, tenant: tenant)
+        return .forward
     }
 
     /// The end of a request for its SLO: counted against its tenant's objective (or the untenanted one).

@@ -169,6 +169,11 @@ public final class ProxyRuntime: Sendable {
     }
 }
 
+/// A connection handler whose flush can wait for the end of the loop's current batch of events.
+protocol DeferredFlush: AnyObject {
+    func deferredFlush()
+}
+
 /// State confined to one event loop: its view of the policy (with its upstream pools), a fast random
 /// source, and its access log buffer. Only touched on its loop, so it needs no lock.
 final class LoopContext: @unchecked Sendable {
@@ -220,6 +225,32 @@ final class LoopContext: @unchecked Sendable {
                 flushLog()
             }
         }
+    }
+
+    private var deferredFlushes: [DeferredFlush] = []
+    /// The batch being flushed, swapped with `deferredFlushes` so neither array is reallocated per batch.
+    private var flushing: [DeferredFlush] = []
+    private var deferredFlushScheduled = false
+
+    /// Flushes `target` once this loop has handled every I/O event of the current wakeup, with every other
+    /// flush deferred the same way, as HAProxy sends once per poll loop: the writes of a batch leave together,
+    /// so a peer (client or upstream) woken by the first finds the rest already there instead of being woken
+    /// for each. Measured with wrk: 0.22 → 0.09 scheduler wakeups per request machine-wide (HAProxy 0.05).
+    /// NIO runs tasks queued with `execute` after the I/O events of the loop iteration that queued them.
+    func deferFlush(_ target: DeferredFlush) {
+        deferredFlushes.append(target)
+        guard !deferredFlushScheduled else { return }
+        deferredFlushScheduled = true
+        eventLoop.execute { [self] in flushDeferred() }
+    }
+
+    private func flushDeferred() {
+        deferredFlushScheduled = false
+        swap(&deferredFlushes, &flushing)
+        // A flush can start more work (writability, a pipelined request) that defers new flushes: they go to
+        // the emptied `deferredFlushes` and a new task.
+        for target in flushing { target.deferredFlush() }
+        flushing.removeAll(keepingCapacity: true)
     }
 
     /// This loop's clock in nanoseconds (real time in production, manual on an EmbeddedEventLoop).

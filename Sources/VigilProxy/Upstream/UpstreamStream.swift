@@ -3,7 +3,7 @@ import NIOCore
 /// One request's path to an upstream, whatever protocol the cluster speaks: a pooled HTTP/1.1 connection,
 /// or a stream on a shared HTTP/2 connection. Exchanges write the request as HTTP/1.1 bytes (head, then
 /// body in the framing the head declares) and receive the response through `UpstreamExchange`.
-protocol UpstreamStream: AnyObject {
+protocol UpstreamStream: DeferredFlush {
     var isWritable: Bool { get }
     func attach(_ exchange: UpstreamExchange, requestIsHead: Bool)
     func write(_ bytes: ByteBuffer)
@@ -15,6 +15,10 @@ protocol UpstreamStream: AnyObject {
     func close()
     func pauseReading()
     func resumeReading()
+}
+
+extension UpstreamStream {
+    func deferredFlush() { flush() }
 }
 
 extension UpstreamConnection: UpstreamStream {}
