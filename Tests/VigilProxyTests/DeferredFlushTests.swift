@@ -70,4 +70,33 @@ import VigilCore
         #expect(String(buffer: two).hasPrefix("HTTP/1.1 404 Not Found\r\n"))
         #expect(first.isActive && second.isActive)
     }
+
+    /// An HTTP/2 connection's flushes (one per stream answered) wait for the batch's end, then go as one.
+    @Test func anHTTP2ConnectionFlushesOncePerBatch() throws {
+        let (runtime, loop) = try runtime()
+        let channel = EmbeddedChannel(handler: BatchFlushHandler(loop: runtime.loopContext(loop)), loop: loop)
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        for stream in ["one", "two", "three"] {
+            channel.write(ByteBuffer(string: stream), promise: nil)
+            channel.flush()
+        }
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)
+        loop.run()
+        var sent: [String] = []
+        while let b = try channel.readOutbound(as: ByteBuffer.self) { sent.append(String(buffer: b)) }
+        #expect(sent == ["one", "two", "three"])
+    }
+
+    /// A close right after a held flush (a GOAWAY, a last response) sends what was written first.
+    @Test func aCloseSendsWhatAHeldFlushWasHolding() throws {
+        let (runtime, loop) = try runtime()
+        let channel = EmbeddedChannel(handler: BatchFlushHandler(loop: runtime.loopContext(loop)), loop: loop)
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        channel.write(ByteBuffer(string: "goaway"), promise: nil)
+        channel.flush()
+        let closed = channel.close()
+        loop.run()
+        try closed.wait()
+        #expect(try channel.readOutbound(as: ByteBuffer.self).map { String(buffer: $0) } == "goaway")
+    }
 }

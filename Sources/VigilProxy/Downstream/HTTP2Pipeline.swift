@@ -18,6 +18,9 @@ enum HTTP2Pipeline {
         stream.outboundBufferSizeLowWatermark = 64 * 1024
         let drain = HTTP2DrainHandler()
         let delegate = NIOLoopBound(drain, eventLoop: channel.eventLoop)
+        // Below the HTTP/2 handler (and above TLS): every stream flushes its own response, and each flush
+        // would otherwise be a write (and a TLS record) of its own.
+        try channel.pipeline.syncOperations.addHandler(BatchFlushHandler(loop: loop))
         _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
             mode: .server, connectionConfiguration: connection, streamConfiguration: stream,
             streamDelegate: HTTP2StreamCounter(drain: delegate)
@@ -75,3 +78,46 @@ final class HTTP2DrainHandler: ChannelInboundHandler {
 
 @available(*, unavailable)
 extension HTTP2DrainHandler: Sendable {}
+
+/// Holds a connection's flushes until its event loop has handled the current batch of events
+/// (`LoopContext.deferFlush`): the frames of every stream answered in one wakeup then leave in one write,
+/// as HAProxy and nghttp2 servers send them. A close flushes what is held first, so nothing written before
+/// it (a GOAWAY, a last response) is dropped.
+final class BatchFlushHandler: ChannelOutboundHandler, DeferredFlush {
+    typealias OutboundIn = Any
+    private let loop: LoopContext
+    private var context: ChannelHandlerContext?
+    private var flushHeld = false
+
+    init(loop: LoopContext) { self.loop = loop }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        if flushHeld {
+            flushHeld = false
+            context.flush()
+        }
+        self.context = nil
+    }
+
+    func flush(context: ChannelHandlerContext) {
+        guard !flushHeld else { return }
+        flushHeld = true
+        loop.deferFlush(self)
+    }
+
+    func deferredFlush() {
+        guard flushHeld else { return }
+        flushHeld = false
+        context?.flush()
+    }
+
+    func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
+        if flushHeld {
+            flushHeld = false
+            context.flush()
+        }
+        context.close(mode: mode, promise: promise)
+    }
+}

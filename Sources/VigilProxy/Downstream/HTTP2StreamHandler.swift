@@ -295,7 +295,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             writeBodyEnd(trailers: pendingTrailers)
         }
         if requestBodyDone { armTryTimeout() }
-        connection.flush()
+        loop.deferFlush(connection)  // with the batch's other writes (LoopContext.deferFlush)
         updateReads()
     }
 
