@@ -74,7 +74,7 @@ import VigilCore
     /// An HTTP/2 connection's flushes (one per stream answered) wait for the batch's end, then go as one.
     @Test func anHTTP2ConnectionFlushesOncePerBatch() throws {
         let (runtime, loop) = try runtime()
-        let channel = EmbeddedChannel(handler: BatchFlushHandler(loop: runtime.loopContext(loop)), loop: loop)
+        let channel = EmbeddedChannel(handler: BatchFlushHandler(flushes: runtime.loopContext(loop).flushes), loop: loop)
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
         for stream in ["one", "two", "three"] {
             channel.write(ByteBuffer(string: stream), promise: nil)
@@ -90,7 +90,7 @@ import VigilCore
     /// A close right after a held flush (a GOAWAY, a last response) sends what was written first.
     @Test func aCloseSendsWhatAHeldFlushWasHolding() throws {
         let (runtime, loop) = try runtime()
-        let channel = EmbeddedChannel(handler: BatchFlushHandler(loop: runtime.loopContext(loop)), loop: loop)
+        let channel = EmbeddedChannel(handler: BatchFlushHandler(flushes: runtime.loopContext(loop).flushes), loop: loop)
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
         channel.write(ByteBuffer(string: "goaway"), promise: nil)
         channel.flush()

@@ -20,7 +20,7 @@ enum HTTP2Pipeline {
         let delegate = NIOLoopBound(drain, eventLoop: channel.eventLoop)
         // Below the HTTP/2 handler (and above TLS): every stream flushes its own response, and each flush
         // would otherwise be a write (and a TLS record) of its own.
-        try channel.pipeline.syncOperations.addHandler(BatchFlushHandler(loop: loop))
+        try channel.pipeline.syncOperations.addHandler(BatchFlushHandler(flushes: loop.flushes))
         _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
             mode: .server, connectionConfiguration: connection, streamConfiguration: stream,
             streamDelegate: HTTP2StreamCounter(drain: delegate)
@@ -80,16 +80,16 @@ final class HTTP2DrainHandler: ChannelInboundHandler {
 extension HTTP2DrainHandler: Sendable {}
 
 /// Holds a connection's flushes until its event loop has handled the current batch of events
-/// (`LoopContext.deferFlush`): the frames of every stream answered in one wakeup then leave in one write,
+/// (`FlushBatch`): the frames of every stream answered (or requested) in one wakeup then leave in one write,
 /// as HAProxy and nghttp2 servers send them. A close flushes what is held first, so nothing written before
 /// it (a GOAWAY, a last response) is dropped.
 final class BatchFlushHandler: ChannelOutboundHandler, DeferredFlush {
     typealias OutboundIn = Any
-    private let loop: LoopContext
+    private let flushes: FlushBatch
     private var context: ChannelHandlerContext?
     private var flushHeld = false
 
-    init(loop: LoopContext) { self.loop = loop }
+    init(flushes: FlushBatch) { self.flushes = flushes }
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
@@ -104,7 +104,7 @@ final class BatchFlushHandler: ChannelOutboundHandler, DeferredFlush {
     func flush(context: ChannelHandlerContext) {
         guard !flushHeld else { return }
         flushHeld = true
-        loop.deferFlush(self)
+        flushes.defer(self)
     }
 
     func deferredFlush() {

@@ -85,7 +85,7 @@ final class LoopPolicy {
 
     /// Pools of clusters the new snapshot keeps (the same `ClusterRuntime`) are kept with their connections;
     /// the others are retired: idle connections close now, busy ones when their request ends.
-    init(snapshot: PolicySnapshot, previous: LoopPolicy?, eventLoop: EventLoop, loopCount: Int) {
+    init(snapshot: PolicySnapshot, previous: LoopPolicy?, flushes: FlushBatch, loopCount: Int) {
         self.snapshot = snapshot
         var old: [ObjectIdentifier: [HostPool]] = [:]
         if let previous {
@@ -93,7 +93,7 @@ final class LoopPolicy {
         }
         self.pools = snapshot.clusters.map { c in
             if let kept = old.removeValue(forKey: ObjectIdentifier(c)) { return kept }
-            return c.hosts.map { HostPool(host: $0, cluster: c, eventLoop: eventLoop) }
+            return c.hosts.map { HostPool(host: $0, cluster: c, flushes: flushes) }
         }
         for row in old.values { for pool in row { pool.retire() } }
         self.retryBudgets = snapshot.routes.map { l in

@@ -27,11 +27,15 @@ final class HostPool {
     private var all: [ObjectIdentifier: UpstreamConnection] = [:]
     private let limits = HTTP1HeadLimits(maxHeaderBytes: 64 * 1024, maxHeaderCount: 200)
 
-    init(host: HostRuntime, cluster: ClusterRuntime, eventLoop: EventLoop) {
+    init(host: HostRuntime, cluster: ClusterRuntime, flushes: FlushBatch) {
         self.host = host
         self.cluster = cluster
-        self.eventLoop = eventLoop
+        self.eventLoop = flushes.eventLoop
+        self.flushes = flushes
     }
+
+    /// The loop's held flushes: an HTTP/2 connection's streams flush together (`BatchFlushHandler`).
+    private let flushes: FlushBatch
 
     var idleCount: Int { idle.count }
     var openCount: Int { all.count }
@@ -223,6 +227,7 @@ final class HostPool {
         let multiplexerPromise = eventLoop.makePromise(of: HTTP2StreamMultiplexer.self)
         let initialized = ManagedAtomic(false)
         let tls = tlsSetup()
+        let flushes = self.flushes
         let bootstrap = ClientBootstrap(group: eventLoop)
             .connectTimeout(.nanoseconds(cluster.config.connectTimeout.nanoseconds))
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -236,6 +241,13 @@ final class HostPool {
                         multiplexerPromise.fail(error)
                         return channel.eventLoop.makeFailedFuture(error)
                     }
+                }
+                // Below the HTTP/2 handler: the requests of every stream sent in one wakeup leave in one write.
+                do {
+                    try channel.pipeline.syncOperations.addHandler(BatchFlushHandler(flushes: flushes))
+                } catch {
+                    multiplexerPromise.fail(error)
+                    return channel.eventLoop.makeFailedFuture(error)
                 }
                 let configured = channel.configureHTTP2Pipeline(mode: .client, inboundStreamInitializer: nil)
                 multiplexerPromise.completeWith(configured)
