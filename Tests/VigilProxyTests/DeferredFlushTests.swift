@@ -71,6 +71,20 @@ import VigilCore
         #expect(first.isActive && second.isActive)
     }
 
+    /// A reply still held in the batch is sent when the connection closes before the batch ends: here the
+    /// client's FIN came with its request (`printf ... | nc -N`), so the close follows the 404 at once.
+    @Test func aReplyHeldInTheBatchIsSentBeforeAClose() throws {
+        let (runtime, loop) = try runtime()
+        let handler = HTTP1ServerHandler(runtime: runtime, listener: runtime.listeners[0], loop: runtime.loopContext(loop))
+        let channel = EmbeddedChannel(handler: handler, loop: loop)
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        try channel.writeInbound(ByteBuffer(string: "GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n"))
+        channel.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        let reply = try #require(try channel.readOutbound(as: ByteBuffer.self))
+        #expect(String(buffer: reply).hasPrefix("HTTP/1.1 404 Not Found\r\n"))
+        #expect(!channel.isActive)
+    }
+
     /// An HTTP/2 connection's flushes (one per stream answered) wait for the batch's end, then go as one.
     @Test func anHTTP2ConnectionFlushesOncePerBatch() throws {
         let (runtime, loop) = try runtime()

@@ -59,6 +59,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// still walks NIO's pipeline and channel state, and the end of every read would otherwise do two.
     private var clientFlushPending = false
     private var upstreamFlushPending = false
+    /// A client flush is held in the loop's batch (`FlushBatch`): a close before it runs sends it first.
+    private var clientFlushHeld = false
     /// Head buffers of Vigil's own that were written, given back to the loop (`LoopContext.headBuffer`) once
     /// flushed: the response head at the next client flush, the request head when the request ends.
     private var writtenResponseHead: ByteBuffer?
@@ -682,14 +684,21 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private func flushClient() {
         guard clientFlushPending else { return }
         clientFlushPending = false
-        loop.deferFlush(self)
+        if !clientFlushHeld {
+            clientFlushHeld = true
+            loop.deferFlush(self)
+        }
         if let spent = writtenResponseHead {
             writtenResponseHead = nil
             loop.recycleHead(spent)
         }
     }
 
-    func deferredFlush() { context?.flush() }
+    func deferredFlush() {
+        guard clientFlushHeld else { return }
+        clientFlushHeld = false
+        context?.flush()
+    }
 
     func upstreamWritabilityChanged(writable: Bool) {
         updateReadInterest()
@@ -837,6 +846,12 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         phase = .closing
         inbound = nil
         abortUpstream()
+        // What was answered before the close still goes (a reply to a request that came with the client's
+        // FIN, say): its flush may be held for the end of the loop's batch.
+        if clientFlushHeld {
+            clientFlushHeld = false
+            context.flush()
+        }
         context.close(promise: nil)
     }
 
