@@ -142,9 +142,6 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     /// The idle check runs at the idle timeout or the timer tick, whichever is sooner; with the default
     /// 60 s timeout the already-armed tick covers it and nothing is re-armed per request.
-    private var bodyTimeout: TimeAmount { listener.bodyTimeout }
-    private var sendTimeout: TimeAmount { listener.sendTimeout }
-
     private func armIdleTimer() {
         let idle = listener.idleTimeout
         armTimer(at: idleSince + min(idle, Self.timerTick))
@@ -206,7 +203,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         } else {
             let now = eventLoop.now
             unwritableSince = now
-            armTimer(at: now + sendTimeout)
+            armTimer(at: now + listener.sendTimeout)
             upstream?.pauseReading()
         }
         context.fireChannelWritabilityChanged()
@@ -301,16 +298,12 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         }
     }
 
-    private func beginRequestClock() {
-        startedAt = eventLoop.now
-        wallStart = runtime.accessLog.isEnabled ? ProxyRuntime.wallClockNanos() : 0
-        runtime.activeRequests.wrappingIncrement(ordering: .relaxed)
-    }
-
     /// Starts a request's clock and accounting, parsed or not: nothing of the one before may carry over
     /// into its access log line.
     private func beginRequest(headBytes: Int) {
-        beginRequestClock()
+        startedAt = eventLoop.now
+        wallStart = runtime.accessLog.isEnabled ? ProxyRuntime.wallClockNanos() : 0
+        runtime.activeRequests.wrappingIncrement(ordering: .relaxed)
         bytesIn = headBytes
         bytesOut = 0
         status = 0
@@ -353,7 +346,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         lastBodyRead = nil
         if !requestBodyDone {
             lastBodyRead = startedAt
-            armTimer(at: startedAt + bodyTimeout)
+            armTimer(at: startedAt + listener.bodyTimeout)
         }
         let outcome = runtime.route(head, listener: listener, loop: loop, identity: session.identity, target: &target)
         self.head = consume head
@@ -883,7 +876,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         timer = nil
         timerAt = nil
         let now = eventLoop.now
-        if let since = unwritableSince, now - since >= sendTimeout {
+        if let since = unwritableSince, now - since >= listener.sendTimeout {
             // The client stopped reading: nothing more can reach it, so the exchange ends here. This holds in
             // .closing too, where a last response waits to be flushed to a client that does not read it.
             finishRequest(status: responseStarted ? status : 0, reason: "downstream_send_timeout", reuseUpstream: false)
@@ -891,7 +884,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             return
         }
         guard phase != .closing else {
-            if let since = unwritableSince { armTimer(at: since + sendTimeout) }
+            if let since = unwritableSince { armTimer(at: since + listener.sendTimeout) }
             return
         }
         if let d = requestDeadline, d <= now, phase == .waitingForUpstream || phase == .forwarding, !responseStarted {
@@ -912,7 +905,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             retryAt = nil
             target?.pool.acquire(self)
         } else if let last = lastBodyRead, !requestBodyDone, phase == .waitingForUpstream || phase == .forwarding,
-                  now - last >= bodyTimeout {
+                  now - last >= listener.bodyTimeout {
             if readGate.isPaused {
                 // Vigil holds reading back (the upstream is slow to take the body): the client is not stalling.
                 lastBodyRead = now
@@ -953,8 +946,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         if let d = tryDeadline, d < next { next = d }
         if let d = retryAt, d < next { next = d }
         if let d = headerDeadline, d < next { next = d }
-        if let last = lastBodyRead, !requestBodyDone, last + bodyTimeout < next { next = last + bodyTimeout }
-        if let since = unwritableSince, since + sendTimeout < next { next = since + sendTimeout }
+        if let last = lastBodyRead, !requestBodyDone, last + listener.bodyTimeout < next { next = last + listener.bodyTimeout }
+        if let since = unwritableSince, since + listener.sendTimeout < next { next = since + listener.sendTimeout }
         if phase == .idle {
             let idleAt = idleSince + listener.idleTimeout
             if idleAt < next { next = idleAt }
