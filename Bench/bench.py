@@ -6,7 +6,7 @@ pinned to CPU 0. For every measurement it records req/s, latency, the proxy's CP
 (utime+stime from /proc/PID/stat over requests served) and its RSS (idle, and peak during load).
 Only 127.0.0.1 is used.
 """
-import argparse, os, re, shutil, signal, subprocess, sys, tempfile, time
+import argparse, atexit, os, re, shutil, signal, subprocess, sys, tempfile, time
 
 UP, UP_H2 = 18080, 18090
 PORTS = {"haproxy": (18081, 18091), "nginx": (18082, 18092), "caddy": (18083, 18093), "vigil": (18084, 18094),
@@ -213,6 +213,7 @@ def main():
     ap.add_argument("--protocols", default="h1,h2", help="h1, h2 or both")
     a = ap.parse_args()
     d = tempfile.mkdtemp(prefix="vigil-bench-")
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
     proxies = configs(d, a.vigil, a.vigil_before, a.relay)
     if not shutil.which("caddy"):
         del proxies["caddy"]

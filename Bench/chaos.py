@@ -19,7 +19,7 @@ counts), p99 of 2-10, and per faulty instance how long until traffic left it and
   back: from the fault's end to its first request.
 Upstream-side, health-check requests (path /healthz) are not counted as traffic.
 """
-import argparse, asyncio, os, shutil, subprocess, sys, tempfile, time
+import argparse, asyncio, atexit, os, shutil, subprocess, sys, tempfile, time
 
 UPSTREAMS = {"a": 19081, "b": 19082, "c": 19083}
 PORTS = {"vigil": 19090, "haproxy": 19091, "nginx": 19092, "caddy": 19093}
@@ -319,6 +319,7 @@ def main():
     a = ap.parse_args()
     os.sched_setaffinity(0, {0})
     d = tempfile.mkdtemp(prefix="vigil-chaos-")
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
     procs = configs(d, a.vigil)
     names = a.only.split(",") if a.only else list(procs)
     if "caddy" in names and not shutil.which("caddy"):

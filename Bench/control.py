@@ -16,7 +16,7 @@ host every second or so: a steady stream of real healing decisions.
    (no audit log), interleaved; CPU µs per request (utime+stime / requests) for each.
 Only 127.0.0.1 is used.
 """
-import argparse, json, os, re, socket, statistics, subprocess, tempfile, threading, time, urllib.request
+import argparse, atexit, json, os, re, shutil, socket, statistics, subprocess, tempfile, threading, time, urllib.request
 from datetime import datetime
 
 from bench import cpu_ticks, parse_latency, wait_port, write
@@ -165,6 +165,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
     d = tempfile.mkdtemp(prefix="vigil-control-bench-")
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
     up = start_nginx(d)
     try:
         # 1. Pushes under load, and event delivery.

@@ -4,7 +4,7 @@ Vigil, against a baseline run where A is idle. Reports B's success rate and late
 Open-loop load (chaos.py's generator) on CPU 0 with a fast Python upstream; Vigil on CPU 1, one thread.
 Only 127.0.0.1 is used.
 """
-import argparse, asyncio, os, subprocess, sys, tempfile, time
+import argparse, asyncio, atexit, os, shutil, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from chaos import Instance, Load, pct  # noqa: E402
@@ -56,6 +56,7 @@ def main():
     a = ap.parse_args()
     os.sched_setaffinity(0, {0})
     d = tempfile.mkdtemp(prefix="vigil-isolation-")
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
     config = os.path.join(d, "vigil.yaml")
     open(config, "w").write(f"""
 admin: {{ address: "127.0.0.1:19199" }}

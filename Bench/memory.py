@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Vigil's memory under three loads: idle, 10,000 idle keep-alive connections, and 1 GiB streamed each way.
 
-Usage: Bench/memory.py PATH-TO-VIGIL   (Bench/run-memory.sh builds it and installs nginx and curl)
+Usage: Bench/memory.py PATH-TO-VIGIL (or --vigil PATH)   (Bench/run-memory.sh builds it and installs nginx and curl)
 Reads VmRSS/VmHWM from /proc. Only 127.0.0.1 is used.
 """
-import os, resource, socket, subprocess, sys, tempfile, time
+import argparse, atexit, os, resource, shutil, socket, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import rss_kib, wait_port  # noqa: E402
@@ -42,8 +42,15 @@ def rss(pid, field="VmRSS"):
 
 
 def main():
-    vigil = sys.argv[1]
+    ap = argparse.ArgumentParser(description="Vigil's memory: idle, 10,000 idle connections, 1 GiB each way")
+    ap.add_argument("path", nargs="?", help="the vigil binary")
+    ap.add_argument("--vigil", help="the vigil binary (the same as the positional argument)")
+    a = ap.parse_args()
+    vigil = a.vigil or a.path
+    if not vigil:
+        ap.error("give the vigil binary")
     d = tempfile.mkdtemp(prefix="vigil-mem-")
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
     os.chmod(d, 0o755)  # nginx's worker user must be able to read the served file
     big = os.path.join(d, "big.bin")
     with open(big, "wb") as f:

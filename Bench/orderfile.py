@@ -15,7 +15,7 @@ that has a cleartext listener (HTTP/1.1 and HTTP/2), a mutual-TLS listener, the 
 checks; sends it each kind of traffic, then stops it. Only 127.0.0.1 is used. Needs ptrace (containers
 without it: the release build then links without an order).
 """
-import http.server, os, shutil, socket, socketserver, ssl, subprocess, sys, tempfile, threading, time, urllib.request
+import atexit, http.server, os, shutil, socket, socketserver, ssl, subprocess, sys, tempfile, threading, time, urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -62,6 +62,7 @@ def http1(port, requests, wrap=None, body=None):
 def main():
     vigil, out = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
     d = tempfile.mkdtemp(prefix="vigil-order-")
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
     cc = shutil.which("cc") or shutil.which("clang") or shutil.which("gcc")
     if not cc:
         raise SystemExit("no C compiler for bptrace")

@@ -8,7 +8,7 @@ Usage: Bench/tenants.py --vigil PATH [--vigil-before PATH] [BURST_SECONDS [BURST
        (default 2 s × 30 bursts per configuration; with --vigil-before, an earlier build is measured the same
        way in the same run, its bursts interleaved with this one's)
 """
-import argparse, os, re, sys, tempfile
+import argparse, atexit, os, re, shutil, sys, tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench import CLK, Proc, cpu_ticks, rss_kib, sh, start_upstream, write  # noqa: E402
@@ -24,6 +24,7 @@ def main():
     ap.add_argument("bursts", nargs="?", type=int, default=30, help="bursts per configuration")
     a = ap.parse_args()
     d = tempfile.mkdtemp(prefix="vigil-tenants-")
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
 
     def config(port, admin, extra=""):
         return f"""

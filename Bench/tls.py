@@ -8,7 +8,7 @@ client certificates) share CPU 0. Measured per proxy:
 and, for Vigil's own ratio, keep-alive requests per second in cleartext with the same load generator.
 CPU per handshake or request is the proxy's utime+stime over the work done. Only 127.0.0.1 is used.
 """
-import argparse, os, sys, tempfile
+import argparse, atexit, os, shutil, sys, tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench import CLK, Proc, cpu_ticks, rss_kib, sh, start_upstream, write  # noqa: E402
@@ -89,6 +89,7 @@ def main():
     ap.add_argument("rounds", nargs="?", type=int, default=2)
     a = ap.parse_args()
     d = tempfile.mkdtemp(prefix="vigil-tls-bench-")
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
     certs = os.path.join(d, "certs")
     sh(f"{a.vigil} certs dev {certs} --name bench-vigil --name bench-client")
     proxies = configs(d, a.vigil, certs)

@@ -6,6 +6,7 @@ import VigilTestSupport
 
 /// Runs the real `vigil` binary as a process.
 @Suite struct VigilCommandTests {
+    let scratch = ScratchDirectory("vigil-cli")
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
 
     /// The `vigil` executable built beside this test bundle.
@@ -23,7 +24,7 @@ import VigilTestSupport
     }
 
     func tempFile(_ text: String) throws -> String {
-        let path = NSTemporaryDirectory() + "vigil-\(UUID().uuidString).yaml"
+        let path = scratch.unique("config", ".yaml")
         try text.write(toFile: path, atomically: true, encoding: .utf8)
         return path
     }
@@ -126,7 +127,7 @@ import VigilTestSupport
     }
 
     @Test func certsDevWritesAWorkingMTLSSetup() throws {
-        let dir = NSTemporaryDirectory() + "vigil-certs-\(UUID().uuidString)"
+        let dir = scratch.file("certs")
         let (status, out, err) = try run(["certs", "dev", dir, "--name", "spiffe://corp/ns/mesh/sa/vigil",
                                           "--name", "spiffe://corp/ns/acme/sa/web"])
         #expect(status == 0, "\(err)")
@@ -154,7 +155,7 @@ import VigilTestSupport
     }
 
     @Test func sighupReloadsTLSFilesAtOnce() async throws {
-        let dir = NSTemporaryDirectory() + "vigil-hup-\(UUID().uuidString)"
+        let dir = scratch.file("hup")
         #expect(try run(["certs", "dev", dir + "/a", "--name", "spiffe://hup/vigil"]).0 == 0)
         #expect(try run(["certs", "dev", dir + "/b", "--name", "spiffe://hup/vigil"]).0 == 0)
         let fm = FileManager.default

@@ -6,6 +6,7 @@ import VigilTestSupport
 
 /// `vigilctl` against a real `vigil` process (and one address where nothing listens).
 @Suite struct VigilctlTests {
+    let scratch = ScratchDirectory("vigilctl")
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
 
     static func binary(_ name: String) -> URL {
@@ -39,8 +40,7 @@ import VigilTestSupport
     @Test func pushToSeveralSidecarsReportsWhichRunItAndWhichRefused() async throws {
         let upstream = try await FakeUpstream(group: group) { _ in .respond(body: "A") }
         let other = try await FakeUpstream(group: group) { _ in .respond(body: "B") }
-        let dir = NSTemporaryDirectory() + "vigilctl-\(UUID().uuidString)"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let dir = scratch.path
         try "ops-secret\n".write(toFile: dir + "/ops.token", atomically: true, encoding: .utf8)
         let (admin, control, proxy, dead) = (try await freePort(), try await freePort(), try await freePort(), try await freePort())
         try """
@@ -100,7 +100,7 @@ import VigilTestSupport
     }
 
     @Test func vigilctlSpeaksMutualTLSToTheControlPlane() async throws {
-        let dir = NSTemporaryDirectory() + "vigilctl-tls-\(UUID().uuidString)"
+        let dir = scratch.file("certs")
         let (made, _, err) = try run("vigil", ["certs", "dev", dir, "--name", "spiffe://corp/ns/mesh/sa/vigil",
                                                "--name", "spiffe://corp/ns/ops/sa/admin", "--name", "spiffe://corp/ns/web/sa/app"])
         #expect(made == 0, "\(err)")

@@ -3,9 +3,11 @@ import Logging
 import Testing
 import VigilControl
 import VigilCore
+import VigilTestSupport
 
 @Suite struct AuditLogTests {
-    func dir() -> String { NSTemporaryDirectory() + "vigil-audit-\(UUID().uuidString)" }
+    let scratch = ScratchDirectory("vigil-audit")
+    func dir() -> String { scratch.unique("audit") }
 
     func verify(_ log: AuditLog) -> AuditVerifier.Report {
         AuditVerifier.verify(files: log.paths.map { ($0, (try? FileSystem.read($0)) ?? "") })

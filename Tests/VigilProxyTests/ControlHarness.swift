@@ -16,13 +16,16 @@ final class ControlHarness: Sendable {
     let audit: AuditLog
     let slo: SLOMonitor
     let stateDir: String
+    /// The state directory when the harness made its own (removed with the harness).
+    private let scratch: ScratchDirectory?
     static let writeToken = "w-token-\(UInt64.random(in: 0...UInt64.max))"
     static let readToken = "r-token"
 
     /// `control` adds lines to the `control:` block (indented two spaces), e.g. `tls:` and `identities:`.
     init(yaml: String, upstreams: [Int], group: MultiThreadedEventLoopGroup, stateDir: String? = nil,
          control extra: String = "") async throws {
-        let dir = stateDir ?? NSTemporaryDirectory() + "vigil-control-\(UUID().uuidString)"
+        scratch = stateDir == nil ? ScratchDirectory("vigil-control") : nil
+        let dir = stateDir ?? scratch!.path
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         try Self.writeToken.write(toFile: dir + "/w.token", atomically: true, encoding: .utf8)
         try (Self.readToken + "\n").write(toFile: dir + "/r.token", atomically: true, encoding: .utf8)

@@ -267,9 +267,10 @@ final class StreamReader: ChannelInboundHandler, Sendable {
 
     @Test func aRestartRestoresThePushedPolicy() async throws {
         let (a, b) = try await upstreams()
-        let first = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group)
+        let state = ScratchDirectory("vigil-control")
+        let dir = state.path
+        let first = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group, stateDir: dir)
         #expect(try await first.push(Self.routeTo("b")).status == 200)
-        let dir = first.stateDir
         await first.stop()
         let second = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group, stateDir: dir)
         #expect(try await second.call("GET", "/v1/policy").json["version"] == .int(1))
@@ -280,6 +281,7 @@ final class StreamReader: ChannelInboundHandler, Sendable {
         #expect(report.intact)
         #expect(report.records == 2)
         await second.stop()
+        withExtendedLifetime(state) {}
     }
 
     @Test func limitsChangedLiveKeepUnchangedTenantsState() async throws {

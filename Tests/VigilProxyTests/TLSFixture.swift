@@ -10,7 +10,8 @@ import X509
 /// Certificates for the TLS tests, made fresh in a temporary directory with Vigil's own dev CA code:
 /// a mesh CA, Vigil's serving certificate, clients, an upstream, and a second, untrusted CA.
 struct TLSFixture {
-    let dir: String
+    let scratch = ScratchDirectory("vigil-tls")
+    var dir: String { scratch.path }
     let ca: DevCertificateAuthority
     let otherCA: DevCertificateAuthority
 
@@ -19,8 +20,6 @@ struct TLSFixture {
     static let apiID = "spiffe://corp/api"
 
     init() throws {
-        dir = NSTemporaryDirectory() + "vigil-tls-\(UUID().uuidString)"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         ca = try DevCertificateAuthority(name: "mesh CA")
         otherCA = try DevCertificateAuthority(name: "another CA")
         try write("ca.pem", DevCertificateAuthority.pem(ca.certificate))

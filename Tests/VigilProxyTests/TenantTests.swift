@@ -11,6 +11,7 @@ import VigilTestSupport
 @testable import VigilProxy
 
 @Suite struct TenantTests {
+    let scratch = ScratchDirectory("vigil-tenants")
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
 
     static let tenants = """
@@ -223,7 +224,7 @@ import VigilTestSupport
             {"keys":[{"kty":"EC","crv":"P-256","kid":"ec1","x":"\(Self.b64(point[1...32]))","y":"\(Self.b64(point[33...64]))"},
                      {"kty":"RSA","kid":"rsa1","n":"\(Self.b64(try Self.rsaModulus(rsa)))","e":"AQAB"}]}
             """
-        let path = NSTemporaryDirectory() + "jwks-\(UUID().uuidString).json"
+        let path = scratch.unique("jwks", ".json")
         try jwks.write(toFile: path, atomically: true, encoding: .utf8)
         let exp = Int(Date().timeIntervalSince1970) + 600
         let good = try Self.jwt(alg: "ES256", kid: "ec1", claims: "{\"tenant\":\"acme\",\"exp\":\(exp)}") {
@@ -271,7 +272,7 @@ import VigilTestSupport
             }
         }
         let old = P256.Signing.PrivateKey(), new = P256.Signing.PrivateKey()
-        let path = NSTemporaryDirectory() + "jwks-\(UUID().uuidString).json"
+        let path = scratch.unique("jwks", ".json")
         try jwks(old, kid: "k1").write(toFile: path, atomically: true, encoding: .utf8)
         let verifier = try JWTVerifier(jwksFile: path, claim: "tenant", issuer: nil, audience: nil)
         let oldToken = try token(old, kid: "k1"), newToken = try token(new, kid: "k2")
