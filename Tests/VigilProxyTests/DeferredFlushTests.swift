@@ -5,7 +5,7 @@ import Testing
 import VigilCore
 @testable import VigilProxy
 
-/// Flushes wait for the end of the event loop's batch of events (`LoopContext.deferFlush`), so the writes of
+/// Flushes wait for the end of the event loop's batch of events (`FlushBatch`), so the writes of
 /// one wakeup leave together.
 @Suite struct DeferredFlushTests {
     final class Target: DeferredFlush {
@@ -34,11 +34,11 @@ import VigilCore
         let context = runtime.loopContext(loop)
         var flushed: [String] = []
         var again: Target?
-        let a = Target("a") { flushed.append($0); if let again { context.deferFlush(again) } }
+        let a = Target("a") { flushed.append($0); if let again { context.flushes.defer(again) } }
         let b = Target("b") { flushed.append($0) }
         again = Target("a-again") { flushed.append($0) }
-        context.deferFlush(a)
-        context.deferFlush(b)
+        context.flushes.defer(a)
+        context.flushes.defer(b)
         #expect(flushed.isEmpty)
         loop.run()
         // A flush that defers another (more work came of it) gets a batch of its own, after this one.

@@ -180,7 +180,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     func channelReadComplete(context: ChannelHandlerContext) {
         if upstreamFlushPending, let upstream {
             upstreamFlushPending = false
-            loop.deferFlush(upstream)
+            loop.flushes.defer(upstream)
         }
         if phase == .idle, let inbound, inbound.readableBytes > 0, headerDeadline == nil {
             // A partial head arrived: the header timeout starts now (slow-loris guard).
@@ -420,7 +420,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         phase = .forwarding
         if !requestBodyDone { forwardBody() } else { armTryDeadline() }
         upstreamFlushPending = false
-        loop.deferFlush(connection)
+        loop.flushes.defer(connection)
         updateReadInterest()
     }
 
@@ -679,7 +679,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         clientFlushPending = false
         if !clientFlushHeld {
             clientFlushHeld = true
-            loop.deferFlush(self)
+            loop.flushes.defer(self)
         }
         if let spent = writtenResponseHead {
             writtenResponseHead = nil

@@ -295,7 +295,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             writeBodyEnd(trailers: pendingTrailers)
         }
         if requestBodyDone { armTryTimeout() }
-        loop.deferFlush(connection)  // with the batch's other writes (LoopContext.deferFlush)
+        loop.flushes.defer(connection)  // with the batch's other writes (FlushBatch)
         updateReads()
     }
 

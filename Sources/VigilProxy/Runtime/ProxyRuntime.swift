@@ -266,8 +266,6 @@ final class LoopContext: @unchecked Sendable {
     /// This loop's batch of held flushes (see `FlushBatch`).
     let flushes: FlushBatch
 
-    func deferFlush(_ target: DeferredFlush) { flushes.defer(target) }
-
     /// This loop's clock in nanoseconds (real time in production, manual on an EmbeddedEventLoop).
     func nowNanos() -> Int64 { Int64(eventLoop.now.uptimeNanoseconds) }
 

@@ -21,7 +21,9 @@ protocol PoolWaiter: AnyObject {
 final class HostPool {
     let host: HostRuntime
     let cluster: ClusterRuntime
-    let eventLoop: EventLoop
+    /// The loop's held flushes: an HTTP/2 connection's streams flush together (`BatchFlushHandler`).
+    private let flushes: FlushBatch
+    var eventLoop: EventLoop { flushes.eventLoop }
     private var idle: [UpstreamConnection] = []
     private var waiters: Deque<PoolWaiter> = []
     private var all: [ObjectIdentifier: UpstreamConnection] = [:]
@@ -30,12 +32,8 @@ final class HostPool {
     init(host: HostRuntime, cluster: ClusterRuntime, flushes: FlushBatch) {
         self.host = host
         self.cluster = cluster
-        self.eventLoop = flushes.eventLoop
         self.flushes = flushes
     }
-
-    /// The loop's held flushes: an HTTP/2 connection's streams flush together (`BatchFlushHandler`).
-    private let flushes: FlushBatch
 
     var idleCount: Int { idle.count }
     var openCount: Int { all.count }
@@ -234,16 +232,11 @@ final class HostPool {
             .channelInitializer { channel in
                 // Installed before the socket connects, so the server's SETTINGS always find a reader.
                 initialized.store(true, ordering: .relaxed)
-                if let tls {
-                    do {
-                        try UpstreamTLSCheck.install(on: channel, context: tls.context, tls: tls.config, handshake: tls.done)
-                    } catch {
-                        multiplexerPromise.fail(error)
-                        return channel.eventLoop.makeFailedFuture(error)
-                    }
-                }
-                // Below the HTTP/2 handler: the requests of every stream sent in one wakeup leave in one write.
                 do {
+                    if let tls {
+                        try UpstreamTLSCheck.install(on: channel, context: tls.context, tls: tls.config, handshake: tls.done)
+                    }
+                    // Below the HTTP/2 handler: the requests of every stream sent in one wakeup leave in one write.
                     try channel.pipeline.syncOperations.addHandler(BatchFlushHandler(flushes: flushes))
                 } catch {
                     multiplexerPromise.fail(error)
