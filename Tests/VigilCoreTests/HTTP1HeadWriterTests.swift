@@ -102,6 +102,22 @@ import Testing
             == "GET /a HTTP/1.1\r\nX-Request-Id: r\r\nhost: upstream:80\r\nx-forwarded-for: 10.0.0.9\r\nx-forwarded-proto: http\r\n\r\n")
     }
 
+    /// Tabs and trailing blanks around a value are legal (RFC 9110 §5.5), but an upstream that trims them
+    /// differently could frame or route the request otherwise than Vigil did: Content-Length and Host go on
+    /// as plain `name: value` lines; other fields keep their bytes.
+    @Test func framingAndRoutingFieldsGoOnWithoutOddWhitespace() throws {
+        #expect(try forward("POST /a HTTP/1.1\r\nHost:\tapi \r\nContent-Length:\t3\t\r\nX-A:\t1 \r\nX-Request-Id: r\r\n\r\n")
+            == "POST /a HTTP/1.1\r\nHost: api\r\nContent-Length: 3\r\nX-A:\t1 \r\nX-Request-Id: r\r\nx-forwarded-for: 10.0.0.9\r\nx-forwarded-proto: http\r\n\r\n")
+        #expect(try forward("POST /a HTTP/1.1\r\nHost:api\r\nContent-Length: 3 \r\nX-Request-Id: r\r\n\r\n")
+            == "POST /a HTTP/1.1\r\nHost: api\r\nContent-Length: 3\r\nX-Request-Id: r\r\nx-forwarded-for: 10.0.0.9\r\nx-forwarded-proto: http\r\n\r\n")
+        // Plain lines are copied as they came, in one run with their neighbours.
+        #expect(try forward("POST /a HTTP/1.1\r\nHost: api\r\nContent-Length: 3\r\nX-Request-Id: r\r\n\r\n")
+            == "POST /a HTTP/1.1\r\nHost: api\r\nContent-Length: 3\r\nX-Request-Id: r\r\nx-forwarded-for: 10.0.0.9\r\nx-forwarded-proto: http\r\n\r\n")
+        #expect(try respond("HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length:\t3  \r\nX-B: 2\r\n\r\n")
+            == "HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 3\r\nX-B: 2\r\n\r\n")
+        #expect(try respond("HTTP/1.1 200 OK\r\nContent-Length:3\r\n\r\n") == "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n")
+    }
+
     @Test func requestIDLooksLikeAUUIDv4() {
         var r = SplitMix64(seed: 42)
         let ids = (0..<100).map { _ in RequestID(using: &r).string }

@@ -154,7 +154,10 @@ public enum HTTP1HeadWriter {
                     && !(dropped.map { head.nameEquals(f, $0) } ?? false)
                     && (maxForwards == nil || !head.nameEquals(f, "max-forwards"))
             }
-            if keep {
+            if keep && (f.kind == .contentLength || f.kind == .host) && !isPlainLine(f, in: bytes) {
+                flush(&out)
+                writePlainLine(f, of: bytes, into: &out)
+            } else if keep {
                 if runStart < 0 { runStart = f.lineStart }
                 runEnd = f.lineEnd
             } else {
@@ -262,7 +265,13 @@ public enum HTTP1HeadWriter {
             case .host, .expect, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .other, .xForwardedClientCert, .xVigilTenant:
                 keep = nominated.isEmpty || !nominated.contains { head.nameEquals(f, $0) }
             }
-            if keep {
+            if keep && f.kind == .contentLength && !isPlainLine(f, in: head.bytes) {
+                if runStart >= 0 {
+                    out.writeImmutableBuffer(head.bytes.getSlice(at: base + runStart, length: runEnd - runStart)!)
+                    runStart = -1
+                }
+                writePlainLine(f, of: head.bytes, into: &out)
+            } else if keep {
                 if runStart < 0 { runStart = f.lineStart }
                 runEnd = f.lineEnd
             } else if runStart >= 0 {
@@ -284,6 +293,25 @@ public enum HTTP1HeadWriter {
         } else if clientMinorVersion == 0 {
             out.writeStaticString("connection: keep-alive\r\n")
         }
+        out.writeStaticString("\r\n")
+    }
+
+    /// Whether a field line reads `name: value` with one space and no trailing whitespace. Content-Length
+    /// and Host are sent on as they came only then: RFC 9110 §5.5 allows tabs and trailing blanks around a
+    /// value, and a recipient that trims them differently from Vigil would read another body length or
+    /// authority than the one Vigil framed and routed by (nginx, for one, refuses `Content-Length:<TAB>3`).
+    @inline(__always)
+    static func isPlainLine(_ f: HTTP1Field, in bytes: ByteBuffer) -> Bool {
+        f.valueStart == f.nameEnd + 2 && f.valueEnd == f.lineEnd - 2
+            && bytes.getInteger(at: bytes.readerIndex + f.nameEnd + 1, as: UInt8.self) == 0x20
+    }
+
+    /// Writes `name: value` CRLF from a received line, without the whitespace around its value.
+    static func writePlainLine(_ f: HTTP1Field, of bytes: ByteBuffer, into out: inout ByteBuffer) {
+        let base = bytes.readerIndex
+        out.writeImmutableBuffer(bytes.getSlice(at: base + f.lineStart, length: f.nameEnd - f.lineStart)!)
+        out.writeStaticString(": ")
+        out.writeImmutableBuffer(bytes.getSlice(at: base + f.valueStart, length: f.valueEnd - f.valueStart)!)
         out.writeStaticString("\r\n")
     }
 
