@@ -51,6 +51,10 @@ import Testing
         // Whitespace before the colon hides a field from one parser and not another.
         ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n", 400, "whitespace_before_colon"),
         ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length\t: 5\r\n\r\n", 400, "whitespace_before_colon"),
+        // Framing fields spelled with `_`: CGI-style servers read them as the real ones.
+        ("POST / HTTP/1.1\r\nHost: a\r\nTransfer_Encoding: chunked\r\n\r\n", 400, "framing_field_lookalike"),
+        ("POST / HTTP/1.1\r\nHost: a\r\nContent_length: 5\r\n\r\n", 400, "framing_field_lookalike"),
+        ("POST / HTTP/1.1\r\nHost: a\r\nCONTENT_LENGTH: 5\r\nContent-Length: 5\r\n\r\n", 400, "framing_field_lookalike"),
         // obs-fold.
         ("GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n Transfer-Encoding: chunked\r\n\r\n", 400, "obsolete_line_folding"),
         ("GET / HTTP/1.1\r\n Host: a\r\n\r\n", 400, "obsolete_line_folding"),
@@ -66,6 +70,11 @@ import Testing
         let e = rejection(input)
         #expect(e?.status == status, "\(input.debugDescription) → \(String(describing: e))")
         #expect(e?.reason == reason, "\(input.debugDescription) → \(String(describing: e))")
+    }
+
+    @Test func otherNamesWithUnderscoresPass() throws {
+        let h = try #require(try parse("GET / HTTP/1.1\r\nHost: a\r\nX_Trace_Id: 1\r\nContent_Lengthy: 2\r\ncontent-lengt_: 3\r\n\r\n"))
+        #expect(h.fields.map(\.kind) == [.host, .other, .other, .other])
     }
 
     @Test func contentLengthFraming() throws {

@@ -153,6 +153,19 @@ import VigilCore
         await proxy.stop()
     }
 
+    @Test func framingFieldLookalikesAreRefused() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        for name in ["content_length", "transfer_encoding"] {
+            let r = try await client.request(.POST, "/u", headers: [(name, "5")], body: ByteBuffer(string: "hello"))
+            #expect(r.status == 400 && r.header("x-vigil-reason") == "framing_field_lookalike", "\(name)")
+        }
+        #expect(try await client.request(.GET, "/fine", headers: [("x_trace", "1")]).status == 200)
+        #expect(upstream.recorded.map(\.head.uri) == ["/fine"])
+        await proxy.stop()
+    }
+
     @Test func sequentialStreamsReuseOneUpstreamConnection() async throws {
         let upstream = try await FakeUpstream(group: group)
         let yaml = ProxyHarness.simple().replacingOccurrences(of: "access_log: { output: \"off\" }\n", with: "")

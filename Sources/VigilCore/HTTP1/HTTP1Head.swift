@@ -63,6 +63,31 @@ public enum HTTP1FieldKind: UInt8, Sendable {
     /// forged identity that the header checks never saw.
     public var forbiddenInTrailers: Bool { self != .other }
 
+    /// A name that is `content-length` or `transfer-encoding` with `_` for `-`. Vigil would pass it on as an
+    /// ordinary field, but servers that map names to CGI-style variables (`HTTP_CONTENT_LENGTH`) read it as the
+    /// framing field, and would split the stream where Vigil did not: request smuggling. Checked only for
+    /// names of those two lengths that matched nothing else.
+    static func isFramingLookalike(_ p: UnsafeRawBufferPointer, _ start: Int, _ count: Int) -> Bool {
+        guard count == 14 || count == 17 else { return false }
+        let literal: StaticString = count == 14 ? "content-length" : "transfer-encoding"
+        let lit = literal.utf8Start
+        var underscore = false
+        for k in 0..<count {
+            let b = HTTPTokens.lower(p[start + k])
+            if b == 0x5F && lit[k] == 0x2D { underscore = true; continue }
+            if b != lit[k] { return false }
+        }
+        return underscore
+    }
+
+    /// The same for a name given as a string (HTTP/2 fields).
+    public static func isFramingLookalike(_ name: String) -> Bool {
+        let count = name.utf8.count
+        guard count == 14 || count == 17 else { return false }
+        var name = name
+        return name.withUTF8 { isFramingLookalike(UnsafeRawBufferPointer($0), 0, count) }
+    }
+
     @inline(__always)
     private static func eq6proxy(_ p: UnsafeRawBufferPointer, _ start: Int) -> Bool {
         HTTPTokens.equalsLowercase(p, start, 6, "proxy-")

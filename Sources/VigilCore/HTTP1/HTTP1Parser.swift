@@ -392,6 +392,10 @@ public enum HTTP1Parser {
                 return .error(.bad("bad_header_value", "a header field value holds a control character"))
             }
             let kind = HTTP1FieldKind.classify(p, i, nameEnd - i)
+            if kind == .other, HTTP1FieldKind.isFramingLookalike(p, i, nameEnd - i) {
+                return .error(.bad("framing_field_lookalike",
+                                   "Content_Length and Transfer_Encoding are refused: servers that read _ as - would frame the body by them"))
+            }
             fields.append(HTTP1Field(kind: kind, lineStart: i, nameEnd: nameEnd, valueStart: v, valueEnd: ve,
                                      lineEnd: lf + 1))
             i = lf + 1

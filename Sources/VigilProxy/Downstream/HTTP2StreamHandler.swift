@@ -209,6 +209,11 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                 reply(status: 400, reason: "bad_header_value", detail: "a header field value starts or ends with whitespace")
                 return
             }
+            if HTTP1FieldKind.isFramingLookalike(name) {
+                reply(status: 400, reason: "framing_field_lookalike",
+                      detail: "content_length and transfer_encoding are refused: servers that read _ as - would frame the body by them")
+                return
+            }
         }
         // CONNECT has no :path (RFC 9113 §8.5); it is refused for what it is, as on HTTP/1.1.
         if headers.first(name: ":method") == "CONNECT" {
