@@ -373,6 +373,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         var forwardedFor: [String] = []
         var hasContentLength = false
         var hadRequestID = false
+        var teTrailers = false
         let untrustedTenantHeader = target?.policy.snapshot.routes[listener.index].untrustedTenantHeader
         let maxForwards = MaxForwards.remaining(method: request.method) { request.headers.first(name: "max-forwards") }
             .map(MaxForwards.forwarded)
@@ -380,8 +381,13 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         for (name, value, _) in request.headers {
             switch name {
             case ":method", ":path", ":authority", ":scheme", ":protocol", "host", "connection", "keep-alive",
-                 "proxy-connection", "transfer-encoding", "upgrade", "te", "x-forwarded-proto", "x-forwarded-client-cert",
+                 "proxy-connection", "transfer-encoding", "upgrade", "x-forwarded-proto", "x-forwarded-client-cert",
                  "x-vigil-tenant":
+                continue
+            case "te":
+                // The only TE an HTTP/2 request may carry (RFC 9113 §8.2.2): sent on, as from HTTP/1.1 clients,
+                // so the upstream knows trailers will reach the client.
+                teTrailers = teTrailers || value == "trailers"
                 continue
             case "cookie":
                 cookies.append(value)
@@ -403,6 +409,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             out.writeString(value)
             out.writeStaticString("\r\n")
         }
+        if teTrailers { out.writeStaticString("te: trailers\r\n") }
         if !cookies.isEmpty {
             out.writeStaticString("cookie: ")
             out.writeString(cookies.joined(separator: "; "))
