@@ -130,7 +130,7 @@ public enum HTTP1Parser {
         let authorityEnd = rest.firstIndex(where: { $0 == "/" || $0 == "?" }) ?? rest.endIndex
         let authority = String(rest[..<authorityEnd])
         // The authority becomes the forwarded Host field, so it must be a valid one (and carry no userinfo).
-        guard !authority.isEmpty, !authority.contains("@"), authority.utf8.allSatisfy({ HTTPTokens.isHostByte($0) }) else {
+        guard !authority.isEmpty, HTTPTokens.isAuthority(authority.utf8) else {
             return nil
         }
         var path = String(rest[authorityEnd...])
@@ -268,7 +268,7 @@ public enum HTTP1Parser {
                 case .host:
                     s.hostCount += 1
                     guard s.hostCount == 1 else { throw .bad("multiple_host", "more than one Host field") }
-                    for i in f.valueStart..<f.valueEnd where !HTTPTokens.isHostByte(p[i]) {
+                    guard HTTPTokens.isAuthority(UnsafeRawBufferPointer(rebasing: p[f.valueStart..<f.valueEnd])) else {
                         throw .bad("bad_host", "the Host field is not a valid authority")
                     }
                     s.host = String(decoding: UnsafeRawBufferPointer(rebasing: p[f.valueStart..<f.valueEnd]), as: UTF8.self)

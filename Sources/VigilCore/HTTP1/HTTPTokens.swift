@@ -35,6 +35,57 @@ public enum HTTPTokens {
     @inline(__always)
     public static func isHostByte(_ b: UInt8) -> Bool { inSet(b, 0x2FFF7FF200000000, 0x47FFFFFEAFFFFFFE, 0x0000000000000000, 0x0000000000000000) }
 
+    /// Whether `bytes` is `uri-host [ ":" port ]` (RFC 3986 §3.2.2–3.2.3, as RFC 9110 §7.2 uses it): a
+    /// bracketed IP literal, or a non-empty reg-name / IPv4 address (no ':', '%' only as `%HH`), then an
+    /// optional port of digits up to 65535. An empty value passes: HTTP/1.1 allows an empty Host, and the
+    /// callers that need a host check for emptiness themselves. Vigil routes by this value and sends it on as
+    /// the upstream's Host, so `a:x`, `a:b:c` or `[::1` are refused rather than read one way here and
+    /// another way there.
+    public static func isAuthority<C: Collection>(_ bytes: C) -> Bool where C.Element == UInt8 {
+        guard !bytes.isEmpty else { return true }
+        let end = bytes.endIndex
+        var i = bytes.startIndex
+        if bytes[i] == 0x5B {  // "[" IPv6address / IPvFuture "]"
+            i = bytes.index(after: i)
+            let start = i
+            while i != end && bytes[i] != 0x5D {
+                let b = bytes[i]
+                guard isHostByte(b) && b != 0x5B && b != 0x25 else { return false }
+                i = bytes.index(after: i)
+            }
+            guard i != end && i != start else { return false }
+            i = bytes.index(after: i)
+        } else {
+            let start = i
+            while i != end && bytes[i] != 0x3A {
+                let b = bytes[i]
+                guard isHostByte(b) && b != 0x5B && b != 0x5D else { return false }
+                if b == 0x25 {  // pct-encoded
+                    let h1 = bytes.index(after: i)
+                    guard h1 != end, bytes.index(after: h1) != end, isHexDigit(bytes[h1]),
+                          isHexDigit(bytes[bytes.index(after: h1)]) else { return false }
+                }
+                i = bytes.index(after: i)
+            }
+            guard i != start else { return false }
+        }
+        guard i != end else { return true }
+        guard bytes[i] == 0x3A else { return false }
+        i = bytes.index(after: i)
+        var port = 0
+        while i != end {
+            let b = bytes[i]
+            guard b >= 0x30 && b <= 0x39 else { return false }
+            port = port * 10 + Int(b - 0x30)
+            guard port <= 65535 else { return false }
+            i = bytes.index(after: i)
+        }
+        return true
+    }
+
+    @inline(__always)
+    static func isHexDigit(_ b: UInt8) -> Bool { (b >= 0x30 && b <= 0x39) || (lower(b) >= 0x61 && lower(b) <= 0x66) }
+
     public static func isToken<S: StringProtocol>(_ s: S) -> Bool {
         !s.isEmpty && s.utf8.allSatisfy { isTokenByte($0) }
     }
@@ -42,8 +93,6 @@ public enum HTTPTokens {
     @inline(__always)
     static func lower(_ b: UInt8) -> UInt8 { (b >= 0x41 && b <= 0x5A) ? b | 0x20 : b }
 
-    /// Case-insensitive equality of raw bytes against a lowercase ASCII literal.
-    @inline(__always)
     /// Whether a comma-separated list of protocol tokens (an `Upgrade` field, `name[/version]` each) offers
     /// `name`, compared case-insensitively.
     static func listOffers(_ bytes: UnsafeRawBufferPointer, _ start: Int, _ end: Int, _ name: StaticString) -> Bool {
@@ -58,6 +107,8 @@ public enum HTTPTokens {
         return false
     }
 
+    /// Case-insensitive equality of raw bytes against a lowercase ASCII literal.
+    @inline(__always)
     static func equalsLowercase(_ bytes: UnsafeRawBufferPointer, _ start: Int, _ count: Int,
                                 _ literal: StaticString) -> Bool {
         guard count == literal.utf8CodeUnitCount else { return false }

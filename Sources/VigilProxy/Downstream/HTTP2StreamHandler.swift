@@ -253,7 +253,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             reply(status: 400, reason: "missing_host", detail: "the request has neither :authority nor host")
             return
         }
-        guard authority.utf8.allSatisfy({ HTTPTokens.isHostByte($0) }) else {
+        guard HTTPTokens.isAuthority(authority.utf8) else {
             reply(status: 400, reason: "bad_host", detail: ":authority is not a valid authority")
             return
         }
