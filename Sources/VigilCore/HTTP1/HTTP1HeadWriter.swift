@@ -255,6 +255,12 @@ public enum HTTP1HeadWriter {
         let base = head.bytes.readerIndex
         var runStart = -1
         var runEnd = -1
+        func flush(_ out: inout ByteBuffer) {
+            if runStart >= 0 {
+                out.writeImmutableBuffer(head.bytes.getSlice(at: base + runStart, length: runEnd - runStart)!)
+                runStart = -1
+            }
+        }
         for f in head.fields {
             let keep: Bool
             switch f.kind {
@@ -266,22 +272,16 @@ public enum HTTP1HeadWriter {
                 keep = nominated.isEmpty || !nominated.contains { head.nameEquals(f, $0) }
             }
             if keep && f.kind == .contentLength && !isPlainLine(f, in: head.bytes) {
-                if runStart >= 0 {
-                    out.writeImmutableBuffer(head.bytes.getSlice(at: base + runStart, length: runEnd - runStart)!)
-                    runStart = -1
-                }
+                flush(&out)
                 writePlainLine(f, of: head.bytes, into: &out)
             } else if keep {
                 if runStart < 0 { runStart = f.lineStart }
                 runEnd = f.lineEnd
-            } else if runStart >= 0 {
-                out.writeImmutableBuffer(head.bytes.getSlice(at: base + runStart, length: runEnd - runStart)!)
-                runStart = -1
+            } else {
+                flush(&out)
             }
         }
-        if runStart >= 0 {
-            out.writeImmutableBuffer(head.bytes.getSlice(at: base + runStart, length: runEnd - runStart)!)
-        }
+        flush(&out)
         switch framing {
         case .chunked: out.writeStaticString("transfer-encoding: chunked\r\n")
         case .none, .length, .close: break

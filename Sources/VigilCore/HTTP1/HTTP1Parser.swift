@@ -268,10 +268,9 @@ public enum HTTP1Parser {
                 case .host:
                     s.hostCount += 1
                     guard s.hostCount == 1 else { throw .bad("multiple_host", "more than one Host field") }
-                    guard HTTPTokens.isAuthority(UnsafeRawBufferPointer(rebasing: p[f.valueStart..<f.valueEnd])) else {
-                        throw .bad("bad_host", "the Host field is not a valid authority")
-                    }
-                    s.host = String(decoding: UnsafeRawBufferPointer(rebasing: p[f.valueStart..<f.valueEnd]), as: UTF8.self)
+                    let value = UnsafeRawBufferPointer(rebasing: p[f.valueStart..<f.valueEnd])
+                    guard HTTPTokens.isAuthority(value) else { throw .bad("bad_host", "the Host field is not a valid authority") }
+                    s.host = String(decoding: value, as: UTF8.self)
                 case .expect:
                     s.expectation = ""
                     if HTTPTokens.equalsLowercase(p, f.valueStart, f.valueEnd - f.valueStart, "100-continue") {
