@@ -120,6 +120,25 @@ import Testing
         #expect(try parse("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")?.path == "*")
     }
 
+    /// A spent head's field list given back as storage is emptied first: the next head's fields are its own,
+    /// for requests and responses alike.
+    @Test func reusedFieldStorageStartsEmpty() throws {
+        let first = try #require(try parse("GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nX-B: 2\r\nX-C: 3\r\n\r\n"))
+        let text = "GET / HTTP/1.1\r\nHost: b\r\nContent-Length: 0\r\n\r\n"
+        let reused = try #require(try HTTP1Parser.parseRequest(ByteBuffer(string: text), limits: limits,
+                                                               fieldStorage: first.fields)?.0)
+        let fresh = try #require(try parse(text))
+        #expect(reused.fields == fresh.fields)
+        #expect(reused.fields.count == 2)
+        #expect(reused.authority == "b")
+
+        let response = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+        let parsed = try #require(try HTTP1Parser.parseResponse(ByteBuffer(string: response), limits: limits,
+                                                                fieldStorage: first.fields)?.0)
+        #expect(parsed.fields.count == 1)
+        #expect(parsed.contentLength == 2)
+    }
+
     @Test func absoluteFormUsesItsAuthority() throws {
         let h = try #require(try parse("GET http://Origin.example:81/p?q HTTP/1.1\r\nHost: other\r\n\r\n"))
         #expect(h.authority == "Origin.example:81")

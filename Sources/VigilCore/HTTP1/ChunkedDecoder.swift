@@ -189,13 +189,14 @@ public struct ChunkedDecoder: Sendable {
         var probe = ByteBuffer(string: "T\r\n")
         probe.writeImmutableBuffer(pending)
         let limits = HTTP1HeadLimits(maxHeaderBytes: maxTrailerBytes, maxHeaderCount: 100)
-        let scan = probe.withUnsafeReadableBytes { HTTP1Parser.scanHead($0, limits: limits, isRequest: false) }
+        var fields: [HTTP1Field] = []
+        let scan = probe.withUnsafeReadableBytes { HTTP1Parser.scanHead($0, limits: limits, isRequest: false, into: &fields) }
         switch scan {
         case .needMore:
             trailerBuffer = pending
         case .error(let e):
             throw HTTP1ParseError.bad("bad_chunked_body", "bad trailer: \(e.detail)")
-        case .complete(_, let length, _, let fields):
+        case .complete(_, let length, _):
             pending.moveReaderIndex(forwardBy: length - 3)  // the section and its final CRLF, without "T\r\n"
             input = pending
             state = .done

@@ -32,14 +32,20 @@ public enum HTTP1Parser {
     // MARK: - Requests
 
     /// Parses a request head. Returns nil when more bytes are needed, and throws the error to answer with.
-    public static func parseRequest(_ buffer: ByteBuffer, limits: HTTP1HeadLimits)
+    /// `fieldStorage`: an array whose storage the head's field list may reuse (a spent head's `fields`), so
+    /// that parsing allocates nothing when one is given back.
+    public static func parseRequest(_ buffer: ByteBuffer, limits: HTTP1HeadLimits,
+                                    fieldStorage: consuming [HTTP1Field] = [])
         throws(HTTP1ParseError) -> (HTTP1RequestHead, consumed: Int)?
     {
-        let outcome: HeadScan = buffer.withUnsafeReadableBytes { p in scanHead(p, limits: limits, isRequest: true) }
+        var fields = fieldStorage
+        let outcome: HeadScan = buffer.withUnsafeReadableBytes { p in
+            scanHead(p, limits: limits, isRequest: true, into: &fields)
+        }
         switch outcome {
         case .needMore: return nil
         case .error(let e): throw e
-        case .complete(let skip, let length, let lineEnd, let fields):
+        case .complete(let skip, let length, let lineEnd):
             let head = buffer.getSlice(at: buffer.readerIndex + skip, length: length)!
             let parsed = try validateRequest(head, requestLineEnd: lineEnd - skip,
                                              fields: skip == 0 ? fields : fields.map { $0.shifted(by: -skip) })
@@ -140,14 +146,19 @@ public enum HTTP1Parser {
 
     // MARK: - Responses
 
-    public static func parseResponse(_ buffer: ByteBuffer, limits: HTTP1HeadLimits)
+    /// Parses a response head; `fieldStorage` as for `parseRequest`.
+    public static func parseResponse(_ buffer: ByteBuffer, limits: HTTP1HeadLimits,
+                                     fieldStorage: consuming [HTTP1Field] = [])
         throws(HTTP1ParseError) -> (HTTP1ResponseHead, consumed: Int)?
     {
-        let outcome: HeadScan = buffer.withUnsafeReadableBytes { p in scanHead(p, limits: limits, isRequest: false) }
+        var fields = fieldStorage
+        let outcome: HeadScan = buffer.withUnsafeReadableBytes { p in
+            scanHead(p, limits: limits, isRequest: false, into: &fields)
+        }
         switch outcome {
         case .needMore: return nil
         case .error(let e): throw e
-        case .complete(let skip, let length, let lineEnd, let fields):
+        case .complete(let skip, let length, let lineEnd):
             let head = buffer.getSlice(at: buffer.readerIndex + skip, length: length)!
             let shifted = skip == 0 ? fields : fields.map { $0.shifted(by: -skip) }
             return (try validateResponse(head, statusLineEnd: lineEnd - skip, fields: shifted), skip + length)
@@ -329,11 +340,13 @@ public enum HTTP1Parser {
         case needMore
         case error(HTTP1ParseError)
         /// skip: leading empty lines; length: the head's bytes; firstLineEnd: offset after the start line.
-        case complete(skip: Int, length: Int, firstLineEnd: Int, fields: [HTTP1Field])
+        case complete(skip: Int, length: Int, firstLineEnd: Int)
     }
 
-    /// Finds the end of the head and splits it into lines and fields, checking line syntax.
-    static func scanHead(_ p: UnsafeRawBufferPointer, limits: HTTP1HeadLimits, isRequest: Bool) -> HeadScan {
+    /// Finds the end of the head and splits it into lines and fields (appended to `fields`, emptied first
+    /// with its storage kept), checking line syntax.
+    static func scanHead(_ p: UnsafeRawBufferPointer, limits: HTTP1HeadLimits, isRequest: Bool,
+                         into fields: inout [HTTP1Field]) -> HeadScan {
         let n = p.count
         var start = 0
         // RFC 9112 §2.2: ignore at least one empty line before the request line.
@@ -352,8 +365,8 @@ public enum HTTP1Parser {
             return .error(.bad("bare_lf", "lines must end with CRLF"))
         }
         let firstLineEnd = firstLF + 1
-        var fields: [HTTP1Field] = []
-        fields.reserveCapacity(16)
+        fields.removeAll(keepingCapacity: true)
+        if fields.capacity < 16 { fields.reserveCapacity(16) }
         var i = firstLineEnd
         while true {
             guard let lf = findLF(p, from: i, to: n) else {
@@ -366,7 +379,7 @@ public enum HTTP1Parser {
             }
             let lineEnd = lf - 1
             if lineEnd == i {
-                return .complete(skip: start, length: lf + 1 - start, firstLineEnd: firstLineEnd, fields: fields)
+                return .complete(skip: start, length: lf + 1 - start, firstLineEnd: firstLineEnd)
             }
             if p[i] == SP || p[i] == HTAB {
                 // RFC 9112 §5.2: obs-fold is refused in requests (400) and treated as malformed from upstreams.

@@ -263,7 +263,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                 }
                 var parsed: (HTTP1RequestHead, consumed: Int)?
                 do throws(HTTP1ParseError) {
-                    parsed = try HTTP1Parser.parseRequest(buffered, limits: listener.headLimits)
+                    parsed = try HTTP1Parser.parseRequest(buffered, limits: listener.headLimits,
+                                                          fieldStorage: loop.fieldStorage())
                 } catch {
                     beginRequest(headBytes: buffered.readableBytes)
                     head = nil
@@ -681,16 +682,18 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             clientFlushHeld = true
             loop.flushes.defer(self)
         }
-        if let spent = writtenResponseHead {
-            writtenResponseHead = nil
-            loop.recycleHead(spent)
-        }
     }
 
     func deferredFlush() {
         guard clientFlushHeld else { return }
         clientFlushHeld = false
         context?.flush()
+        // Given back once flushed: a written head is then normally released by NIO, so the next head can
+        // reuse its storage (a buffer NIO still holds would get fresh storage on reuse, and save nothing).
+        if let spent = writtenResponseHead {
+            writtenResponseHead = nil
+            loop.recycleHead(spent)
+        }
     }
 
     func upstreamWritabilityChanged(writable: Bool) {
@@ -774,7 +777,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     /// After a response is complete: next request, or close.
     private func completeExchange() {
-        head = nil
+        if let spent = head.take() { loop.recycleFields(spent.fields) }
         if keepAlive && !runtime.draining.load(ordering: .relaxed) {
             phase = .idle
             idleSince = finishedAt ?? eventLoop.now

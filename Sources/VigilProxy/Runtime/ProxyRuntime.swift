@@ -225,6 +225,10 @@ final class LoopContext: @unchecked Sendable {
     private var spareHeads: [ByteBuffer] = []
     private static let spareHeadLimit = 64
     private static let spareHeadMaxCapacity = 4096
+    /// Field lists of finished request heads, for the next heads to parse into: one allocation and its free
+    /// per request saved. Kept per loop, not per connection, so idle connections hold none.
+    private var spareFields: [[HTTP1Field]] = []
+    private static let spareFieldsMaxCapacity = 128
 
     init(eventLoop: EventLoop, flushes: FlushBatch, policy: LoopPolicy, accessLog: AccessLog, seed: UInt64) {
         self.eventLoop = eventLoop
@@ -240,6 +244,15 @@ final class LoopContext: @unchecked Sendable {
         buffer.clear()
         buffer.reserveCapacity(capacity)
         return buffer
+    }
+
+    /// Storage for the next request head's field list (see `HTTP1Parser.parseRequest`).
+    func fieldStorage() -> [HTTP1Field] { spareFields.popLast() ?? [] }
+
+    /// Gives back a finished head's field list.
+    func recycleFields(_ fields: consuming [HTTP1Field]) {
+        guard spareFields.count < Self.spareHeadLimit, fields.capacity <= Self.spareFieldsMaxCapacity else { return }
+        spareFields.append(fields)
     }
 
     /// Gives back a head buffer that was written (and is no longer changed by its owner).

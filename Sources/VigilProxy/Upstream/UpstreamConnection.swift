@@ -49,6 +49,9 @@ final class UpstreamConnection: ChannelDuplexHandler {
     private var reusable = true
     private var readGate = ReadGate()
     private var events: [ChunkedDecoder.Event] = []
+    /// The last response head's field list, given back to the parser for the next head (no allocation per
+    /// response once the connection has parsed one).
+    private var spareFields: [HTTP1Field] = []
     /// When the connection last went back to its pool; the pool's sweep closes it after `idle_timeout`.
     var idleSince = NIODeadline.now()
     let limits: HTTP1HeadLimits
@@ -195,7 +198,9 @@ final class UpstreamConnection: ChannelDuplexHandler {
             case .awaitingHead:
                 let parsed: (HTTP1ResponseHead, consumed: Int)?
                 do throws(HTTP1ParseError) {
-                    parsed = try HTTP1Parser.parseResponse(input, limits: limits)
+                    let storage = spareFields
+                    spareFields = []
+                    parsed = try HTTP1Parser.parseResponse(input, limits: limits, fieldStorage: storage)
                 } catch {
                     fail(.protocolError(error.detail))
                     return
@@ -203,6 +208,7 @@ final class UpstreamConnection: ChannelDuplexHandler {
                 guard let (head, consumed) = parsed else { return }
                 input.moveReaderIndex(forwardBy: consumed)
                 buffer = input
+                defer { spareFields = head.fields }
                 if head.status == 101 {
                     phase = .tunnel
                     reusable = false
