@@ -84,6 +84,21 @@ public final class ForwardingFacts: Sendable {
         afterForwardedFor = after
         fullBlock = full
     }
+
+    /// Writes `x-forwarded-for` (the values a request brought, then the client), `x-forwarded-proto` and, for
+    /// an mTLS client, `x-forwarded-client-cert`: the HTTP/2 → HTTP/1.1 translation's use of these lines.
+    public func writeFields(after priorForwardedFor: [String], into out: inout ByteBuffer) {
+        if priorForwardedFor.isEmpty {
+            out.writeImmutableBuffer(fullBlock)
+            return
+        }
+        out.writeStaticString("x-forwarded-for: ")
+        for prior in priorForwardedFor {
+            out.writeString(prior)
+            out.writeStaticString(", ")
+        }
+        out.writeImmutableBuffer(afterForwardedFor)
+    }
 }
 
 /// Builds the heads Vigil sends on, from the received ones, by copying the kept field lines as they came

@@ -21,13 +21,18 @@ enum HTTP2Pipeline {
         // Below the HTTP/2 handler (and above TLS): every stream flushes its own response, and each flush
         // would otherwise be a write (and a TLS record) of its own.
         try channel.pipeline.syncOperations.addHandler(BatchFlushHandler(flushes: loop.flushes))
+        let facts = ForwardingFacts(clientAddress: channel.remoteAddress?.ipAddress ?? "unknown", scheme: session.scheme,
+                                    clientCert: session.forwardedClientCert)
         _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
             mode: .server, connectionConfiguration: connection, streamConfiguration: stream,
             streamDelegate: HTTP2StreamCounter(drain: delegate)
         ) { streamChannel in
-            streamChannel.eventLoop.makeCompletedFuture {
+            do {
                 try streamChannel.pipeline.syncOperations.addHandler(
-                    HTTP2StreamHandler(runtime: runtime, listener: listener, loop: loop, session: session))
+                    HTTP2StreamHandler(runtime: runtime, listener: listener, loop: loop, session: session, facts: facts))
+                return streamChannel.eventLoop.makeSucceededVoidFuture()  // NIO hands out one cached future
+            } catch {
+                return streamChannel.eventLoop.makeFailedFuture(error)
             }
         }
         try channel.pipeline.syncOperations.addHandler(drain)

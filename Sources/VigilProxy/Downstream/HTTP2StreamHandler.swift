@@ -67,9 +67,13 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var requestID = ""
 
     private let session: DownstreamSession
+    /// The connection's x-forwarded-* lines, made once per connection rather than per stream.
+    private let facts: ForwardingFacts
 
-    init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, session: DownstreamSession = .plain) {
+    init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, session: DownstreamSession = .plain,
+         facts: ForwardingFacts = ForwardingFacts(clientAddress: "unknown", scheme: "http")) {
         self.session = session
+        self.facts = facts
         self.runtime = runtime
         self.listener = listener
         self.loop = loop
@@ -419,13 +423,8 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             chunkedUpstream = true
             out.writeStaticString("transfer-encoding: chunked\r\n")
         }
-        out.writeStaticString("x-forwarded-for: ")
-        forwardedFor.append(context.channel.parent?.remoteAddress?.ipAddress ?? "unknown")
-        out.writeString(forwardedFor.joined(separator: ", "))
-        out.writeStaticString("\r\nx-forwarded-proto: ")
-        out.writeString(session.scheme)
-        out.writeStaticString("\r\n")
-        HTTP1HeadWriter.writeVigilFields(clientCert: session.forwardedClientCert, tenant: target?.tenant?.name, into: &out)
+        facts.writeFields(after: forwardedFor, into: &out)
+        HTTP1HeadWriter.writeVigilFields(clientCert: nil, tenant: target?.tenant?.name, into: &out)  // cert: in facts
         if !hadRequestID {
             let rid = RequestID(using: &loop.random)
             out.writeStaticString("x-request-id: ")
