@@ -16,7 +16,7 @@ struct HTTP2Request: RoutableRequest {
 /// (RFC 9113 §8.2.2 connection-specific fields dropped, cookies joined per §8.2.3), and the response back.
 /// Flow control: the stream's window only opens as the upstream accepts the body, because the handler
 /// stops reading the stream while the upstream is not writable.
-final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWaiter {
+final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWaiter, DeadlineWaiter {
     typealias InboundIn = HTTP2Frame.FramePayload
     typealias OutboundIn = HTTP2Frame.FramePayload
     typealias OutboundOut = HTTP2Frame.FramePayload
@@ -54,7 +54,8 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var bytesOut = 0
     private var startedAt = NIODeadline.now()
     private var wallStart: Int64 = 0
-    private var timeoutTask: Scheduled<Void>?
+    /// Position in the loop's `DeadlineQueue` while the route `timeout` is armed (-1: not armed).
+    var deadlineSlot = -1
     /// `body_timeout`: when DATA last arrived on this stream (or Vigil last held reading back), and the timer.
     private var lastBodyRead = NIODeadline.uptimeNanoseconds(0)
     private var bodyTask: Scheduled<Void>?
@@ -175,8 +176,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     }
 
     private func cancelTimers() {
-        timeoutTask?.cancel()
-        timeoutTask = nil
+        loop.deadlines.disarm(self)
         bodyTask?.cancel()
         bodyTask = nil
         stallTask?.cancel()
@@ -341,7 +341,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// policy, breaker and budget allow. Returns whether a retry is under way.
     private func retry(after failure: TryFailure, retryAfter: Duration? = nil) -> Bool {
         guard var target, let request, !responseStarted else { return false }
-        let remaining = timeoutDeadline.map { Duration.nanoseconds(($0 - .now()).nanoseconds) }
+        let remaining = timeoutDeadline.map { Duration.nanoseconds(($0 - loop.eventLoop.now).nanoseconds) }
         guard let wait = retries.next(after: failure, retryAfter: retryAfter, method: request.method,
                                       remaining: remaining, target: &target, listener: listener, loop: loop) else {
             return false
@@ -526,18 +526,22 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         }
     }
 
+    /// The route's `timeout`, from when the whole request has been received (as on HTTP/1.1), on the loop's
+    /// `DeadlineQueue`: armed for every request and nearly always disarmed by the response.
     private func armTimeout() {
-        guard let timeout = target?.timeout, timeout > .zero, timeoutTask == nil else { return }
-        timeoutDeadline = .now() + timeout
-        timeoutTask = context.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [self] in
-            timeoutTask = nil
-            guard !responseStarted, phase == .waitingForUpstream || phase == .forwarding else { return }
-            if phase == .waitingForUpstream { target?.pool.cancel(self) }
-            if upstream != nil { target?.record(.timeout, now: .now()) }
-            upstream?.close()
-            upstream = nil
-            reply(status: 504, reason: "upstream_timeout", detail: UpstreamFailure.timeout.detail)
-        }
+        guard let timeout = target?.timeout, timeout > .zero, deadlineSlot < 0 else { return }
+        let deadline = loop.eventLoop.now + timeout
+        timeoutDeadline = deadline
+        loop.deadlines.arm(self, at: deadline)
+    }
+
+    func deadlineReached() {
+        guard !responseStarted, phase == .waitingForUpstream || phase == .forwarding else { return }
+        if phase == .waitingForUpstream { target?.pool.cancel(self) }
+        if upstream != nil { target?.record(.timeout, now: .now()) }
+        upstream?.close()
+        upstream = nil
+        reply(status: 504, reason: "upstream_timeout", detail: UpstreamFailure.timeout.detail)
     }
 
     // MARK: - UpstreamExchange

@@ -236,7 +236,11 @@ final class LoopContext: @unchecked Sendable {
         self.policy = policy
         self.random = SplitMix64(seed: seed)
         self.accessLog = accessLog
+        self.deadlines = DeadlineQueue(eventLoop: eventLoop)
     }
+
+    /// Per-request deadlines of this loop's HTTP/2 streams (see `DeadlineQueue`).
+    let deadlines: DeadlineQueue
 
     /// An empty buffer for a head of about `capacity` bytes, reused when one was given back.
     func headBuffer(capacity: Int) -> ByteBuffer {
