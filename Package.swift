@@ -129,6 +129,17 @@ let package = Package(
             ],
             path: "Bench/NIORelay"
         ),
+        // The HTTP/2 floor: NIOHTTP2 answering directly, with a channel per stream or frames on one handler.
+        .executableTarget(
+            name: "nio-h2-floor",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+                .product(name: "NIOHPACK", package: "swift-nio-http2"),
+            ],
+            path: "Bench/NIOH2Floor"
+        ),
         .executableTarget(
             name: "vigil-fuzz",
             dependencies: ["VigilCore", .product(name: "NIOCore", package: "swift-nio")],
