@@ -115,6 +115,33 @@ import VigilCore
         await proxy.stop()
     }
 
+    /// The route `timeout` on HTTP/2 (the loop's deadline queue): streams whose upstream hangs get 504 once it
+    /// passes, each on its own stream, while a stream answered in time on the same connection is untouched.
+    @Test func routeTimeoutIs504OnEachHungStream() async throws {
+        let upstream = try await FakeUpstream(group: group) { head in head.uri == "/fast" ? .respond(body: "fast") : .hang }
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(route: "timeout: 300ms"), upstreams: [upstream.port],
+                                           group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        let started = ContinuousClock.now
+        let responses = try await withThrowingTaskGroup(of: (String, TestResponse).self) { tasks in
+            for path in ["/hang/1", "/hang/2", "/hang/3", "/fast"] {
+                tasks.addTask { (path, try await client.request(.GET, path)) }
+            }
+            var all: [String: TestResponse] = [:]
+            for try await (path, r) in tasks { all[path] = r }
+            return all
+        }
+        #expect(ContinuousClock.now - started >= .milliseconds(300))
+        #expect(responses["/fast"]?.status == 200)
+        #expect(responses["/fast"]?.text == "fast")
+        for i in 1...3 {
+            #expect(responses["/hang/\(i)"]?.status == 504)
+            #expect(responses["/hang/\(i)"]?.header("x-vigil-reason") == "upstream_timeout")
+        }
+        try await client.close()
+        await proxy.stop()
+    }
+
     @Test func errorsAreAnsweredOnTheStream() async throws {
         let upstream = try await FakeUpstream(group: group)
         let yaml = ProxyHarness.simple().replacingOccurrences(of: "prefix: \"/\"", with: "prefix: \"/api/\"")
