@@ -150,7 +150,7 @@ import Testing
 
     // MARK: - Host (RFC 9112 §3.2)
 
-    @Test func hostRules() {
+    @Test func hostRules() throws {
         #expect(rejection("GET / HTTP/1.1\r\n\r\n")?.reason == "missing_host")
         #expect(rejection("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")?.reason == "multiple_host")
         #expect(rejection("GET / HTTP/1.1\r\nHost: a b\r\n\r\n")?.reason == "bad_host")
@@ -165,7 +165,13 @@ import Testing
         for good in ["a", "a:", "a:65535", "a.b-c_d~e", "10.0.0.1:8080", "[::1]", "[fe80::1]:443", "[v1.x]", "a%20b", "x!$&'()*+,;=y"] {
             #expect(rejection("GET / HTTP/1.1\r\nHost: \(good)\r\n\r\n") == nil, "\(good)")
         }
-        #expect(HTTPTokens.isAuthority("".utf8))  // an empty Host is allowed (RFC 9112 §3.2)
+        // An empty Host names no host: an http URI without one is invalid (RFC 9110 §4.2.1), as nginx also
+        // answers; an absolute-form target brings its own authority, which replaces Host.
+        for version in ["1.1", "1.0"] {
+            #expect(rejection("GET / HTTP/\(version)\r\nHost: \r\n\r\n")?.reason == "bad_host", "\(version)")
+            #expect(rejection("OPTIONS * HTTP/\(version)\r\nHost:\r\n\r\n")?.reason == "bad_host", "\(version)")
+        }
+        #expect(try parse("GET http://origin/p HTTP/1.1\r\nHost: \r\n\r\n")?.authority == "origin")
     }
 
     // MARK: - Fields (RFC 9112 §5, RFC 9110 §5)

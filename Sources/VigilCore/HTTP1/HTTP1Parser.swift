@@ -107,6 +107,11 @@ public enum HTTP1Parser {
         if minorVersion == 1 && semantics.hostCount == 0 {
             throw .bad("missing_host", "an HTTP/1.1 request must carry a Host field (RFC 9112 §3.2)")
         }
+        // An empty Host names no host, and an http(s) URI without one is invalid and must be rejected (RFC 9110
+        // §4.2.1). Only an absolute-form target, whose own authority replaces Host, goes on without one.
+        if semantics.hostCount == 1 && semantics.host.isEmpty && authority.isEmpty {
+            throw .bad("bad_host", "the Host field is empty: an http URI must name a host (RFC 9110 §4.2.1)")
+        }
         if semantics.framing == .untilClose {
             throw .bad("bad_transfer_encoding", "chunked must be the final transfer coding of a request")
         }
