@@ -146,6 +146,9 @@ final class VigilService: Service, Sendable {
     }
 
     func run() async throws {
+        // SIGHUP is trapped before anything serves: its default action ends the process, and a SIGHUP sent as
+        // soon as the admin port answers must reload, not kill.
+        let hangupSignals = await UnixSignalsSequence(trapping: .sighup)
         if let control { await control.policy.restore() }
         try await admin.start()
         try await proxy.start()
@@ -167,7 +170,7 @@ final class VigilService: Service, Sendable {
         let tls = proxy.runtime.tls
         let control = self.control
         let hangups = Task {
-            for await _ in await UnixSignalsSequence(trapping: .sighup) {
+            for await _ in hangupSignals {
                 logger.notice("SIGHUP: checking TLS files and control tokens")
                 tls.reload()
                 control?.reloadTokens()
