@@ -120,6 +120,13 @@ import Testing
         #expect(try parse("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")?.path == "*")
     }
 
+    /// Field names go to HTTP/2 in lowercase (RFC 9113 §8.2.2), every token character kept as it is.
+    @Test func lowercaseNames() throws {
+        let text = "HTTP/1.1 200 OK\r\nX-Mixed_Case~1: v\r\nETag: \"a\"\r\n\r\n"
+        let head = try #require(try HTTP1Parser.parseResponse(ByteBuffer(string: text), limits: limits)?.0)
+        #expect(head.fields.map { head.lowercaseNameString($0) } == ["x-mixed_case~1", "etag"])
+    }
+
     /// A spent head's field list given back as storage is emptied first: the next head's fields are its own,
     /// for requests and responses alike.
     @Test func reusedFieldStorageStartsEmpty() throws {

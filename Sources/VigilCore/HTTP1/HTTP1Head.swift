@@ -149,8 +149,17 @@ extension HTTP1HeadFields {
         bytes.getString(at: bytes.readerIndex + f.valueStart, length: f.valueEnd - f.valueStart) ?? ""
     }
 
-    public func nameString(_ f: HTTP1Field) -> String {
-        bytes.getString(at: bytes.readerIndex + f.lineStart, length: f.nameEnd - f.lineStart) ?? ""
+    /// The field's name in lowercase, as HTTP/2 carries names (RFC 9113 §8.2.2): made in one pass over the
+    /// bytes (a name is a token, so ASCII) rather than by `String.lowercased()`, which goes through Unicode
+    /// case mapping.
+    public func lowercaseNameString(_ f: HTTP1Field) -> String {
+        let count = f.nameEnd - f.lineStart
+        return bytes.withUnsafeReadableBytes { p in
+            String(unsafeUninitializedCapacity: count) { out in
+                for i in 0..<count { out[i] = HTTPTokens.lower(p[f.lineStart + i]) }
+                return count
+            }
+        }
     }
 
     /// Case-insensitive comparison of a field's name with a lowercase name.

@@ -4,7 +4,7 @@ public enum HTTPTokens {
     // Each byte class is a 256-bit set held in four integer constants and tested inline: no table in
     // memory, so no lazy-global initialization check on the parser's per-byte path.
 
-    @inline(__always)
+    @inline(__always) @usableFromInline
     static func inSet(_ b: UInt8, _ w0: UInt64, _ w1: UInt64, _ w2: UInt64, _ w3: UInt64) -> Bool {
         let word: UInt64
         switch b >> 6 {
@@ -41,6 +41,9 @@ public enum HTTPTokens {
     /// callers that need a host check for emptiness themselves. Vigil routes by this value and sends it on as
     /// the upstream's Host, so `a:x`, `a:b:c` or `[::1` are refused rather than read one way here and
     /// another way there.
+    /// Inlinable so that callers in other modules (HTTP/2's `:authority`, a `String.UTF8View`) get a copy
+    /// specialized for their collection instead of the generic one (it showed in profiles).
+    @inlinable
     public static func isAuthority<C: Collection>(_ bytes: C) -> Bool where C.Element == UInt8 {
         guard !bytes.isEmpty else { return true }
         let end = bytes.endIndex
@@ -83,14 +86,15 @@ public enum HTTPTokens {
         return true
     }
 
-    @inline(__always)
+    @inline(__always) @usableFromInline
     static func isHexDigit(_ b: UInt8) -> Bool { (b >= 0x30 && b <= 0x39) || (lower(b) >= 0x61 && lower(b) <= 0x66) }
 
+    @inlinable
     public static func isToken<S: StringProtocol>(_ s: S) -> Bool {
         !s.isEmpty && s.utf8.allSatisfy { isTokenByte($0) }
     }
 
-    @inline(__always)
+    @inline(__always) @usableFromInline
     static func lower(_ b: UInt8) -> UInt8 { (b >= 0x41 && b <= 0x5A) ? b | 0x20 : b }
 
     /// Whether a comma-separated list of protocol tokens (an `Upgrade` field, `name[/version]` each) offers

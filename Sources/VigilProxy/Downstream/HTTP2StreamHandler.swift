@@ -199,7 +199,25 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             lastBodyRead = startedAt
             armBodyTimer(at: startedAt + listener.bodyTimeout)
         }
+        // One pass over the block: values checked, and the fields this function needs picked up on the way
+        // (the first of each, as `first(name:)` would give; NIOHTTP2 has refused duplicated pseudo-headers).
+        var method: String?
+        var path: String?
+        var explicitAuthority: String?
+        var host: String?
+        var hostCount = 0
+        var contentLength: String?
         for (name, value, _) in headers {
+            switch name {
+            case ":method": if method == nil { method = value }
+            case ":path": if path == nil { path = value }
+            case ":authority": if explicitAuthority == nil { explicitAuthority = value }
+            case "host":
+                hostCount += 1
+                if host == nil { host = value }
+            case "content-length": if contentLength == nil { contentLength = value }
+            default: break
+            }
             bytesIn += name.utf8.count + value.utf8.count + 32
             // NIOHTTP2 validates names; values are checked here, since CR, LF or NUL in a value would split
             // the HTTP/1.1 head this request becomes (RFC 9113 §8.2.1).
@@ -220,11 +238,11 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             }
         }
         // CONNECT has no :path (RFC 9113 §8.5); it is refused for what it is, as on HTTP/1.1.
-        if headers.first(name: ":method") == "CONNECT" {
+        if method == "CONNECT" {
             reply(status: 405, reason: "connect_not_supported", detail: "CONNECT tunnels are not offered by this listener")
             return
         }
-        guard let method = headers.first(name: ":method"), let path = headers.first(name: ":path"), !path.isEmpty else {
+        guard let method, let path, !path.isEmpty else {
             reply(status: 400, reason: "bad_request", detail: "the request lacks :method or :path")
             return
         }
@@ -242,17 +260,15 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         }
         // RFC 9113 §8.3.1: a `host` that names another entity than :authority makes the request malformed (which
         // one would a rule have checked?); with no authority at all, an http(s) URI has no host (HTTP/1.1's 400).
-        let hosts = headers["host"]
-        let explicitAuthority = headers.first(name: ":authority")
-        guard hosts.count <= 1 else {
+        guard hostCount <= 1 else {
             reply(status: 400, reason: "multiple_host", detail: "more than one host field")
             return
         }
-        if let host = hosts.first, let explicitAuthority, host.lowercased() != explicitAuthority.lowercased() {
+        if let host, let explicitAuthority, host.lowercased() != explicitAuthority.lowercased() {
             reply(status: 400, reason: "bad_host", detail: "the host field differs from :authority")
             return
         }
-        let authority = explicitAuthority ?? hosts.first ?? ""
+        let authority = explicitAuthority ?? host ?? ""
         guard !authority.isEmpty else {
             reply(status: 400, reason: "missing_host", detail: "the request has neither :authority nor host")
             return
@@ -263,7 +279,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         }
         let request = HTTP2Request(method: method, path: path, authority: authority, headers: headers)
         self.request = request
-        if let cl = headers.first(name: "content-length"), let n = Int(cl), let max = listener.config.limits.maxBodyBytes,
+        if let contentLength, let n = Int(contentLength), let max = listener.config.limits.maxBodyBytes,
            n > max {
             reply(status: 413, reason: "body_too_large", detail: "the request body is larger than max_body_bytes (\(max))")
             return
@@ -575,7 +591,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             case .host, .expect, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .other, .xForwardedClientCert, .xVigilTenant:
                 if !nominated.isEmpty && nominated.contains(where: { head.nameEquals(f, $0) }) { continue }
             }
-            headers.add(name: head.nameString(f).lowercased(), value: head.valueString(f))
+            headers.add(name: head.lowercaseNameString(f), value: head.valueString(f))
         }
         let noBody = head.framing(requestMethodIsHead: request?.method == "HEAD") == .none
         if noBody { bodyDoneWriting = true }

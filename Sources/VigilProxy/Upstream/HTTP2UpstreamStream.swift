@@ -149,7 +149,7 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
             case .te:
                 h.add(name: "te", value: "trailers")
             case .contentLength, .expect, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .other, .xForwardedClientCert, .xVigilTenant:
-                h.add(name: head.nameString(f).lowercased(), value: head.valueString(f))
+                h.add(name: head.lowercaseNameString(f), value: head.valueString(f))
             }
         }
         return h
