@@ -6,7 +6,9 @@ public struct RequestID: Sendable, Equatable {
     public var high: UInt64
     public var low: UInt64
 
-    public init<R: RandomNumberGenerator>(using random: inout R) {
+    /// Concrete on `SplitMix64` (the data plane's generator) rather than generic: a generic function called
+    /// from another module runs unspecialized, each draw going through the protocol's witness table.
+    public init(using random: inout SplitMix64) {
         // Version 4, variant 10 (RFC 9562 §5.4).
         high = (random.next() & 0xFFFF_FFFF_FFFF_0FFF) | 0x0000_0000_0000_4000
         low = (random.next() & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
@@ -111,8 +113,8 @@ public enum HTTP1HeadWriter {
     /// `maxForwards`: the Max-Forwards value to send in place of the received one (see `MaxForwards`).
     /// - Returns: the x-request-id it generated from `random`, or nil when the request carried one.
     @discardableResult
-    public static func writeRequest<R: RandomNumberGenerator>(
-        _ head: HTTP1RequestHead, facts: ForwardingFacts, random: inout R, fallbackAuthority: String,
+    public static func writeRequest(
+        _ head: HTTP1RequestHead, facts: ForwardingFacts, random: inout SplitMix64, fallbackAuthority: String,
         tenant: String? = nil, dropping dropped: String? = nil, maxForwards: Int? = nil, into out: inout ByteBuffer
     ) -> RequestID? {
         out.reserveCapacity(minimumWritableBytes: head.bytes.readableBytes + 160)

@@ -15,6 +15,10 @@ public protocol RoutableRequest {
     func headerValue(_ lowercaseName: String) -> String?
 }
 
+extension HTTP1RequestHead: RoutableRequest {
+    public func headerValue(_ lowercaseName: String) -> String? { value(named: lowercaseName) }
+}
+
 /// A listener's routes in order; the first that matches a request wins (Envoy's and HAProxy's rule).
 ///
 /// Routes are compiled once: paths become UTF-8 bytes compared in place, so matching a request copies no
@@ -40,7 +44,9 @@ public struct RouteTable: Sendable {
     }
 
     /// The index of the first route matching the request, or nil (the proxy answers 404 `no_route`).
-    public func match(_ request: some RoutableRequest) -> Int? {
+    /// Pre-specialized for HTTP/1.1 heads, so the data plane (another module) calls a specialized copy.
+    @_specialize(exported: true, where R == HTTP1RequestHead)
+    public func match<R: RoutableRequest>(_ request: R) -> Int? {
         var path = request.path
         return path.withUTF8 { bytes in
             // Paths are matched without their query string.

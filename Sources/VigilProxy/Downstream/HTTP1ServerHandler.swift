@@ -1,10 +1,6 @@
 import NIOCore
 import VigilCore
 
-extension HTTP1RequestHead: RoutableRequest {
-    public func headerValue(_ lowercaseName: String) -> String? { value(named: lowercaseName) }
-}
-
 /// Serves one downstream HTTP/1.1 connection: parses request heads with Vigil's strict parser, routes
 /// them, and relays head and body bytes to a pooled upstream connection on the same event loop, with
 /// backpressure both ways. One handler per connection and one request at a time; pipelined requests wait
