@@ -72,9 +72,10 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private let facts: ForwardingFacts
 
     init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, session: DownstreamSession = .plain,
-         facts: ForwardingFacts = ForwardingFacts(clientAddress: "unknown", scheme: "http")) {
+         facts: ForwardingFacts? = nil) {
         self.session = session
-        self.facts = facts
+        self.facts = facts ?? ForwardingFacts(clientAddress: "unknown", scheme: session.scheme,
+                                              clientCert: session.forwardedClientCert)
         self.runtime = runtime
         self.listener = listener
         self.loop = loop
