@@ -10,7 +10,8 @@ import argparse, atexit, os, re, shutil, signal, subprocess, sys, tempfile, time
 
 UP, UP_H2 = 18080, 18090
 PORTS = {"haproxy": (18081, 18091), "nginx": (18082, 18092), "caddy": (18083, 18093), "vigil": (18084, 18094),
-         "vigil-heal": (18085, 18095), "vigil-before": (18086, 18096), "nio-relay": (18087, 18097)}
+         "vigil-heal": (18085, 18095), "vigil-before": (18086, 18096), "nio-relay": (18087, 18097),
+         "haproxy-l7": (18076, 18077)}
 CLK = os.sysconf("SC_CLK_TCK")
 
 
@@ -147,6 +148,28 @@ frontend fe
 backend be
   server s1 127.0.0.1:{UP}
 """)
+    # HAProxy doing the per-request header work Vigil does by default: x-forwarded-for, x-forwarded-proto,
+    # and an x-request-id (a UUID v4) when the request has none. The ratios stay against plain `haproxy`.
+    ha_l7 = write(d, "haproxy-l7.cfg", f"""
+global
+  nbthread 1
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{PORTS['haproxy-l7'][0]}
+  bind 127.0.0.1:{PORTS['haproxy-l7'][1]} proto h2
+  option forwardfor
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Request-ID %[uuid()] unless {{ req.hdr(x-request-id) -m found }}
+  default_backend be
+backend be
+  server s1 127.0.0.1:{UP}
+""")
     cd = write(d, "Caddyfile", f"""
 {{
 	admin off
@@ -161,6 +184,7 @@ http://127.0.0.1:{PORTS['caddy'][0]}, http://127.0.0.1:{PORTS['caddy'][1]} {{
     vg = vigil_config(d, "vigil", healing=False)
     return {
         "haproxy": (f"haproxy -f {ha} -db", {}, None),
+        "haproxy-l7": (f"haproxy -f {ha_l7} -db", {}, None),
         "nginx": (f"nginx -c {ng}", {}, "nginx: worker"),
         "caddy": (f"caddy run --config {cd} --adapter caddyfile", {"GOMAXPROCS": "1"}, None),
         "vigil": (f"{vigil} --config {vg} --threads 1 --log-level warning", {}, None),
@@ -207,7 +231,7 @@ def main():
     ap.add_argument("--vigil", required=True)
     ap.add_argument("seconds", nargs="?", type=int, default=10)
     ap.add_argument("rounds", nargs="?", type=int, default=2)
-    ap.add_argument("--only", help="comma-separated targets to run (direct,haproxy,nginx,caddy,vigil,vigil-heal,vigil-before,nio-relay)")
+    ap.add_argument("--only", help="comma-separated targets to run (direct,haproxy,haproxy-l7,nginx,caddy,vigil,vigil-heal,vigil-before,nio-relay)")
     ap.add_argument("--vigil-before", help="another Vigil binary (an earlier commit) to measure beside this one")
     ap.add_argument("--relay", help="the nio-relay binary (Bench/NIORelay): the raw NIO floor, measured beside the proxies")
     ap.add_argument("--protocols", default="h1,h2", help="h1, h2 or both")
