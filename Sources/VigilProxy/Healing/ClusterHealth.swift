@@ -115,11 +115,12 @@ public final class ClusterHealth: Sendable {
         guard hasOutlierDetection else { return }
         let now = clock()
         let (decided, wake) = state.withLockedValue { s -> ([HealingEvent], NIODeadline?) in
-            guard var detector = s.detector else { return ([], nil) }
-            let events = detector.record(host: host, outcome, now: now, random: &s.random)
-            s.detector = detector
+            guard s.detector != nil else { return ([], nil) }
+            // Mutated in place: a copy taken out of the optional would share the per-host array with it, and
+            // the first write would copy the whole array (an allocation and a copy on every request).
+            let events = s.detector!.record(host: host, outcome, now: now, random: &s.random)
             guard !events.isEmpty else { return ([], nil) }
-            return (apply(events, to: &s, now: now), detector.nextWake)
+            return (apply(events, to: &s, now: now), s.detector!.nextWake)
         }
         events.emit(decided)
         if let wake { scheduleWake(at: wake) }
@@ -133,9 +134,7 @@ public final class ClusterHealth: Sendable {
             if let e = s.active[host].record(result, config: hc, cluster: config.name, host: hostNames[host]) {
                 events.append(e)
             }
-            if result.passed, var detector = s.detector,
-               let e = detector.activeHealthCheckPassed(host: host, now: now) {
-                s.detector = detector
+            if result.passed, s.detector != nil, let e = s.detector!.activeHealthCheckPassed(host: host, now: now) {
                 events.append(e)
             }
             return apply(events, to: &s, now: now)
@@ -147,13 +146,12 @@ public final class ClusterHealth: Sendable {
     func tick(now: NIODeadline, overflow samples: [OverflowWatch.Sample]) {
         let (decided, wake) = state.withLockedValue { s -> ([HealingEvent], NIODeadline?) in
             var events = s.overflow.observe(samples, cluster: config.name)
-            guard var detector = s.detector else { return (events, nil) }
-            if now >= detector.nextWake {
-                let found = detector.tick(now: now, random: &s.random)
-                s.detector = detector
+            guard s.detector != nil else { return (events, nil) }
+            if now >= s.detector!.nextWake {
+                let found = s.detector!.tick(now: now, random: &s.random)
                 events += apply(found, to: &s, now: now)
             }
-            return (events, detector.nextWake)
+            return (events, s.detector!.nextWake)
         }
         events.emit(decided)
         if let wake { scheduleWake(at: wake) }
