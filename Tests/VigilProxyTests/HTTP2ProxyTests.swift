@@ -142,6 +142,42 @@ import VigilCore
         await proxy.stop()
     }
 
+    /// The per-try timeout on HTTP/2 (the same deadline-queue entry as the route timeout, at the earlier of
+    /// the two): a stream sent to the hung host first is retried on the good one; with every host hung, the
+    /// last try's timeout answers 504 before the route timeout would have.
+    @Test func perTryTimeoutRetriesHungStreamsAndEndsThemWhenNoTryIsLeft() async throws {
+        let hung = try await FakeUpstream(group: group, name: "hung") { _ in .hang }
+        let good = try await FakeUpstream(group: group, name: "good")
+        let yaml = ProxyHarness.simple(route: """
+            retry: { attempts: 1, on: [reset], per_try_timeout: 150ms, backoff: { base: 1ms } }
+            """, cluster: "load_balancer: round_robin", endpoints: 2)
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [hung.port, good.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        for i in 0..<4 {
+            let r = try await client.request(.GET, "/item/\(i)")
+            #expect(r.status == 200)
+            #expect(r.header("x-upstream") == "good")
+        }
+        #expect(hung.recorded.count == 4)  // each first try went to the hung host and was cut at 150 ms
+        try await client.close()
+        await proxy.stop()
+
+        let hung2 = try await FakeUpstream(group: group, name: "hung2") { _ in .hang }
+        let both = try await ProxyHarness(yaml: ProxyHarness.simple(route: """
+            timeout: 2s
+                    retry: { attempts: 1, on: [reset], per_try_timeout: 150ms, backoff: { base: 1ms } }
+            """, endpoints: 2), upstreams: [hung.port, hung2.port], group: group)
+        let second = try await H2TestClient.connect(port: both.port(), group: group)
+        let started = ContinuousClock.now
+        let r = try await second.request(.GET, "/stuck")
+        let took = ContinuousClock.now - started
+        #expect(r.status == 504)
+        #expect(r.header("x-vigil-reason") == "upstream_per_try_timeout")
+        #expect(took >= .milliseconds(300) && took < .milliseconds(1500), "\(took)")
+        try await second.close()
+        await both.stop()
+    }
+
     @Test func errorsAreAnsweredOnTheStream() async throws {
         let upstream = try await FakeUpstream(group: group)
         let yaml = ProxyHarness.simple().replacingOccurrences(of: "prefix: \"/\"", with: "prefix: \"/api/\"")

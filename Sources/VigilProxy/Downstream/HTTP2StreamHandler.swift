@@ -54,14 +54,17 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var bytesOut = 0
     private var startedAt = NIODeadline.now()
     private var wallStart: Int64 = 0
-    /// Position in the loop's `DeadlineQueue` while the route `timeout` is armed (-1: not armed).
+    /// Position in the loop's `DeadlineQueue` while a deadline below is armed (-1: none); queued at the
+    /// earlier of the two.
     var deadlineSlot = -1
+    /// The route `timeout` and the try's `per_try_timeout`, while armed.
+    private var routeDeadline: NIODeadline?
+    private var tryDeadline: NIODeadline?
     /// `body_timeout`: when DATA last arrived on this stream (or Vigil last held reading back), and the timer.
     private var lastBodyRead = NIODeadline.uptimeNanoseconds(0)
     private var bodyTask: Scheduled<Void>?
     private var stallTask: Scheduled<Void>?
     private var retries = RetryState()
-    private var tryTask: Scheduled<Void>?
     private var trySentAt = NIODeadline.uptimeNanoseconds(0)
     private var retryTask: Scheduled<Void>?
     private var readGate = ReadGate()
@@ -177,13 +180,13 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     }
 
     private func cancelTimers() {
+        routeDeadline = nil
+        tryDeadline = nil
         loop.deadlines.disarm(self)
         bodyTask?.cancel()
         bodyTask = nil
         stallTask?.cancel()
         stallTask = nil
-        tryTask?.cancel()
-        tryTask = nil
         retryTask?.cancel()
         retryTask = nil
     }
@@ -340,17 +343,18 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// The per-try deadline starts when an attempt has sent the whole request.
     private func armTryTimeout() {
         guard let perTry = target?.retry?.config.perTryTimeout, perTry > .zero else { return }
-        tryTask?.cancel()
-        tryTask = context.eventLoop.assumeIsolated().scheduleTask(in: TimeAmount(perTry)) { [self] in
-            tryTask = nil
-            guard phase == .forwarding, !responseStarted else { return }
-            target?.record(.timeout, now: .now())
-            upstream?.close()
-            upstream = nil
-            if !retry(after: .perTryTimeout) {
-                reply(status: 504, reason: "upstream_per_try_timeout",
-                      detail: "the upstream did not answer within the route's per_try_timeout")
-            }
+        tryDeadline = loop.eventLoop.now + TimeAmount(perTry)
+        rearmDeadline()
+    }
+
+    private func perTryTimeoutReached() {
+        guard phase == .forwarding, !responseStarted else { return }
+        target?.record(.timeout, now: .now())
+        upstream?.close()
+        upstream = nil
+        if !retry(after: .perTryTimeout) {
+            reply(status: 504, reason: "upstream_per_try_timeout",
+                  detail: "the upstream did not answer within the route's per_try_timeout")
         }
     }
 
@@ -366,8 +370,8 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         upstream?.close()
         upstream = nil
         self.target = target
-        tryTask?.cancel()
-        tryTask = nil
+        tryDeadline = nil
+        rearmDeadline()
         phase = .waitingForUpstream
         if wait <= .zero {
             target.pool.acquire(self)
@@ -543,16 +547,41 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         }
     }
 
-    /// The route's `timeout`, from when the whole request has been received (as on HTTP/1.1), on the loop's
-    /// `DeadlineQueue`: armed for every request and nearly always disarmed by the response.
+    /// The route's `timeout`, from when the whole request has been received (as on HTTP/1.1). It and the
+    /// per-try timeout wait on the loop's `DeadlineQueue` (armed for every request and nearly always
+    /// disarmed by the response), not as event-loop tasks of their own.
     private func armTimeout() {
-        guard let timeout = target?.timeout, timeout > .zero, deadlineSlot < 0 else { return }
+        guard let timeout = target?.timeout, timeout > .zero, routeDeadline == nil else { return }
         let deadline = loop.eventLoop.now + timeout
         timeoutDeadline = deadline
-        loop.deadlines.arm(self, at: deadline)
+        routeDeadline = deadline
+        rearmDeadline()
+    }
+
+    /// Queues the stream at the earlier of its deadlines, or takes it out when it has none.
+    private func rearmDeadline() {
+        switch (routeDeadline, tryDeadline) {
+        case (nil, nil): loop.deadlines.disarm(self)
+        case (let route?, nil): loop.deadlines.arm(self, at: route)
+        case (nil, let attempt?): loop.deadlines.arm(self, at: attempt)
+        case (let route?, let attempt?): loop.deadlines.arm(self, at: min(route, attempt))
+        }
     }
 
     func deadlineReached() {
+        let now = loop.eventLoop.now
+        // The route's deadline first when both are due: with it gone no retry could start anyway.
+        if let route = routeDeadline, route <= now {
+            routeDeadline = nil
+            routeTimeoutReached()
+        } else if let attempt = tryDeadline, attempt <= now {
+            tryDeadline = nil
+            perTryTimeoutReached()
+        }
+        if phase != .done { rearmDeadline() }
+    }
+
+    private func routeTimeoutReached() {
         guard !responseStarted, phase == .waitingForUpstream || phase == .forwarding else { return }
         if phase == .waitingForUpstream { target?.pool.cancel(self) }
         if upstream != nil { target?.record(.timeout, now: .now()) }

@@ -10,7 +10,7 @@ protocol DeadlineWaiter: AnyObject {
 }
 
 /// One event loop's timers for per-request deadlines that are almost always cancelled: an HTTP/2 stream's
-/// route `timeout` is armed for every request and disarmed when its response starts.
+/// route `timeout` (and `per_try_timeout`) is armed for every request and disarmed when its response starts.
 ///
 /// Why not `EventLoop.scheduleTask` per request: each one allocates a task, a closure and a promise, and
 /// `Scheduled.cancel()` searches the loop's whole task heap (linear in the tasks pending, one per stream in
