@@ -22,6 +22,8 @@ struct AdminGauges: Sendable {
     /// What each atomic counter was at the last scrape, by cluster object and counter.
     private let published = NIOLockedValueBox<[ObjectIdentifier: [Int]]>([:])
     private let tenantLabels = NIOLockedValueBox(TenantMetricLabels(top: 20))
+    /// The access log's dropped bytes at the last scrape.
+    private let publishedDrops = NIOLockedValueBox(0)
 
     init(runtime: ProxyRuntime, registry: PrometheusCollectorRegistry) {
         self.runtime = runtime
@@ -30,6 +32,13 @@ struct AdminGauges: Sendable {
 
     func update() {
         registry.makeGauge(name: "vigil_active_requests").set(Double(runtime.activeRequests.load(ordering: .relaxed)))
+        let dropped = runtime.accessLog.droppedBytes.load(ordering: .relaxed)
+        let grown = publishedDrops.withLockedValue { last in
+            defer { last = max(last, dropped) }
+            return dropped - last
+        }
+        let drops = registry.makeCounter(name: "vigil_access_log_dropped_bytes_total")
+        if grown > 0 { drops.increment(by: Int64(grown)) }
         for l in runtime.listeners {
             registry.makeGauge(name: "vigil_downstream_connections", labels: [("listener", l.config.name)])
                 .set(Double(l.openConnections.load(ordering: .relaxed)))

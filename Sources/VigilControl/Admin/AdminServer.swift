@@ -131,6 +131,7 @@ public final class AdminServer: Sendable {
             "uptime_seconds": .int(Int(uptime.components.seconds)),
             "draining": .bool(runtime.draining.load(ordering: .relaxed)),
             "active_requests": .int(runtime.activeRequests.load(ordering: .relaxed)),
+            "access_log_dropped_bytes": .int(runtime.accessLog.droppedBytes.load(ordering: .relaxed)),
             "listeners": .array(runtime.listeners.map { l in
                 [
                     "name": .string(l.config.name),

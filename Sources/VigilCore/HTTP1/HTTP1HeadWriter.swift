@@ -49,10 +49,10 @@ public struct RequestID: Sendable, Equatable {
         return 36
     }
 
+    /// The id as text (for the access log): written straight into the string's own storage, its only
+    /// allocation.
     public var string: String {
-        var b = ByteBuffer()
-        write(to: &b)
-        return b.readString(length: 36)!
+        String(unsafeUninitializedCapacity: 36) { out in write(into: UnsafeMutableRawBufferPointer(out), at: 0) }
     }
 }
 

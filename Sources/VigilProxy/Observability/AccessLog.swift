@@ -1,5 +1,7 @@
+import Atomics
 import NIOConcurrencyHelpers
 import NIOCore
+import NIOPosix
 import VigilCore
 #if canImport(Glibc)
 import Glibc
@@ -26,13 +28,57 @@ public struct AccessLogEntry {
 
 /// Where access log lines go. Lines are batched per event loop and written in one `write(2)` per batch,
 /// as nginx does with its `buffer=` option, so logging costs no syscall per request.
+///
+/// The batches are written by a thread of the log's own, never by an event loop: stdout is often a pipe, and
+/// a reader that stops reading (a stalled log shipper) would otherwise block every connection of the loop
+/// in `write(2)`. At most `maxQueuedBytes` wait for that thread; past it batches are dropped and counted
+/// (`droppedBytes`: admin `/stats` `access_log_dropped_bytes`, `vigil_access_log_dropped_bytes_total`), as HAProxy drops log lines
+/// rather than stall traffic.
 public final class AccessLog: Sendable {
     enum Target: Sendable {
         case off
-        case fd(Int32, owned: Bool)
+        case fd(LogFile)
         /// Lines kept in memory: for tests.
         case memory(NIOLockedValueBox<[String]>)
     }
+
+    /// A descriptor to write to, closed (when owned) once the last batch that uses it is written.
+    final class LogFile: Sendable {
+        let fd: Int32
+        let owned: Bool
+        init(fd: Int32, owned: Bool) {
+            self.fd = fd
+            self.owned = owned
+        }
+        deinit { if owned { close(fd) } }
+
+        /// Writes all of `batch`, waiting for the descriptor if it is non-blocking and full.
+        func writeAll(_ batch: ByteBuffer) {
+            batch.withUnsafeReadableBytes { p in
+                var offset = 0
+                while offset < p.count {
+                    let n = Glibc.write(fd, p.baseAddress! + offset, p.count - offset)
+                    if n < 0 {
+                        if errno == EINTR { continue }
+                        if errno == EAGAIN {
+                            var pfd = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                            _ = poll(&pfd, 1, 1000)
+                            continue
+                        }
+                        return  // The log must never take the proxy down.
+                    }
+                    offset += n
+                }
+            }
+        }
+    }
+
+    /// Bytes handed to the writer thread and not yet written, and the most that may wait.
+    private let queuedBytes = ManagedAtomic<Int>(0)
+    public static let maxQueuedBytes = 8 << 20
+    /// Bytes of log lines dropped because the writer was that far behind.
+    public let droppedBytes = ManagedAtomic<Int>(0)
+    private let writer: NIOThreadPool?
 
     let target: Target
 
@@ -41,7 +87,16 @@ public final class AccessLog: Sendable {
         return true
     }
 
-    init(target: Target) { self.target = target }
+    init(target: Target) {
+        self.target = target
+        if case .fd = target {
+            let pool = NIOThreadPool(numberOfThreads: 1)
+            pool.start()
+            writer = pool
+        } else {
+            writer = nil
+        }
+    }
 
     public static let off = AccessLog(target: .off)
 
@@ -50,11 +105,11 @@ public final class AccessLog: Sendable {
     public static func open(_ output: AccessLogOutput) throws -> AccessLog {
         switch output {
         case .off: return .off
-        case .stdout: return AccessLog(target: .fd(1, owned: false))
+        case .stdout: return AccessLog(target: .fd(LogFile(fd: 1, owned: false)))
         case .file(let path):
             let fd = Glibc.open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
             guard fd >= 0 else { throw AccessLogError(path: path, errno: errno) }
-            return AccessLog(target: .fd(fd, owned: true))
+            return AccessLog(target: .fd(LogFile(fd: fd, owned: true)))
         }
     }
 
@@ -64,29 +119,39 @@ public final class AccessLog: Sendable {
         return []
     }
 
+    /// Hands a batch of lines to the writer thread (called on an event loop; it never waits).
     func write(_ batch: ByteBuffer) {
         switch target {
         case .off: return
         case .memory(let box):
             let text = String(buffer: batch)
             box.withLockedValue { $0.append(contentsOf: text.split(separator: "\n").map(String.init)) }
-        case .fd(let fd, _):
-            batch.withUnsafeReadableBytes { p in
-                var offset = 0
-                while offset < p.count {
-                    let n = Glibc.write(fd, p.baseAddress! + offset, p.count - offset)
-                    if n < 0 {
-                        if errno == EINTR || errno == EAGAIN { continue }
-                        return  // The log must never take the proxy down.
-                    }
-                    offset += n
-                }
+        case .fd(let file):
+            guard let writer else { return }
+            let n = batch.readableBytes
+            if queuedBytes.loadThenWrappingIncrement(by: n, ordering: .relaxed) + n > Self.maxQueuedBytes {
+                queuedBytes.wrappingDecrement(by: n, ordering: .relaxed)
+                droppedBytes.wrappingIncrement(by: n, ordering: .relaxed)
+                return
+            }
+            let queued = queuedBytes
+            // Run even when the pool is shutting down (state .cancelled): a batch handed over is written.
+            writer.submit { _ in
+                file.writeAll(batch)
+                queued.wrappingDecrement(by: n, ordering: .relaxed)
             }
         }
     }
 
+    /// Returns once every batch handed over so far has been written (at shutdown, after the loops' last
+    /// batches).
+    public func flushed() async {
+        guard let writer else { return }
+        _ = try? await writer.runIfActive {}
+    }
+
     deinit {
-        if case .fd(let fd, true) = target { close(fd) }
+        writer?.shutdownGracefully { _ in }
     }
 
     /// Appends one JSON line for `entry` to `buffer`.

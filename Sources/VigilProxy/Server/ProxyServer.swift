@@ -160,6 +160,7 @@ public final class ProxyServer: Sendable {
         for context in runtime.allLoopContexts {
             try? await context.eventLoop.submit { context.flushLog() }.get()
         }
+        await runtime.accessLog.flushed()
     }
 }
 

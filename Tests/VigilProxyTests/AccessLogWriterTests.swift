@@ -1,0 +1,41 @@
+import NIOCore
+import Testing
+@testable import VigilProxy
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The access log's writer thread: an event loop hands batches over and never waits on the output.
+@Suite struct AccessLogWriterTests {
+    /// A pipe nobody reads fills at 64 KiB. Twelve 1 MiB batches are handed over at once all the same (were
+    /// the writes on the caller's thread, the second would block forever); past the 8 MiB bound the rest
+    /// are dropped and counted, and what was accepted arrives whole and in order once the reader reads.
+    @Test(.timeLimit(.minutes(1)))
+    func aStalledReaderNeverBlocksTheCallerAndBatchesPastTheBoundAreDropped() async throws {
+        var fds: [Int32] = [0, 0]
+        #expect(pipe(&fds) == 0)
+        let log = AccessLog(target: .fd(.init(fd: fds[1], owned: true)))
+        let size = 1 << 20
+        for i in 0..<12 {
+            log.write(ByteBuffer(repeating: UInt8(ascii: "a") + UInt8(i), count: size))
+        }
+        // The writer holds the first batch (64 KiB of it in the pipe), so exactly eight fit under the bound.
+        #expect(log.droppedBytes.load(ordering: .relaxed) == 4 * size)
+
+        var received: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 1 << 16)
+        while received.count < 8 * size {
+            let n = chunk.withUnsafeMutableBytes { read(fds[0], $0.baseAddress, $0.count) }
+            #expect(n > 0)
+            if n <= 0 { break }
+            received.append(contentsOf: chunk[0..<n])
+        }
+        await log.flushed()
+        #expect(received.count == 8 * size)
+        for i in 0..<8 {
+            #expect(received[i * size] == UInt8(ascii: "a") + UInt8(i))
+            #expect(received[(i + 1) * size - 1] == UInt8(ascii: "a") + UInt8(i))
+        }
+        close(fds[0])
+    }
+}
