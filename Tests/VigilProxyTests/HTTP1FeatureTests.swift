@@ -107,6 +107,9 @@ import VigilTestSupport
         let second = try #require(try JSONSerialization.jsonObject(with: Data(lines[1].utf8)) as? [String: Any])
         let generatedID = try #require(second["request_id"] as? String)
         #expect(generatedID.count == 36)
+        // The id in the log is the one the upstream was sent.
+        #expect(upstream.recorded.count == 2)
+        #expect(upstream.recorded.last?.head.headers["x-request-id"] == [generatedID])
         #expect(generated.status == 200)
         // A request that never parsed has nothing of the one before it: no request id, only its own bytes.
         let third = try #require(try JSONSerialization.jsonObject(with: Data(lines[2].utf8)) as? [String: Any])

@@ -105,7 +105,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var reason = "-"
     private var bytesIn = 0
     private var bytesOut = 0
-    private var requestID = ""
+    /// The id Vigil generated for the current request, for its access log line.
+    private var generatedRequestID: RequestID?
     private var chunkEvents: [ChunkedDecoder.Event] = []
     private var retries = RetryState()
     private var tryDeadline: NIODeadline?
@@ -309,7 +310,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         upstreamReused = false
         retriedStaleConnection = false
         bodyBytesSeen = 0
-        requestID = ""
+        generatedRequestID = nil
         tryDeadline = nil
         retryAt = nil
     }
@@ -406,7 +407,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                                                          into: &out)
             let bodyless = head.framing == HTTP1BodyFraming.none
             self.head = consume head
-            if let generated, runtime.accessLog.isEnabled { requestID = generated.string }
+            generatedRequestID = generated
             connection.write(out)
             // Kept (shared, not copied) while the request could be sent again.
             retries.markSent()
@@ -761,7 +762,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         runtime.metrics.recordRequest(listener: listener.index, cluster: cluster, status: status,
                                       durationNanos: duration.nanoseconds, bytesIn: bytesIn, bytesOut: bytesOut)
         if runtime.accessLog.isEnabled {
-            let rid = requestID.isEmpty ? (head?.value(of: .xRequestID) ?? "") : requestID
+            let rid = generatedRequestID.map(LoggedRequestID.generated) ?? .received(head?.value(of: .xRequestID) ?? "")
             loop.log(AccessLogEntry(startNanos: wallStart, listener: listener.config.name, method: head?.method ?? "-",
                                     authority: head?.authority ?? "-", path: head?.path ?? "-", protocolName: "HTTP/1.1",
                                     status: status, durationNanos: duration.nanoseconds,

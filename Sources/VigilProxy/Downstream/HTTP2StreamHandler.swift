@@ -68,7 +68,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var trySentAt = NIODeadline.uptimeNanoseconds(0)
     private var retryTask: Scheduled<Void>?
     private var readGate = ReadGate()
-    private var requestID = ""
+    private var requestID = LoggedRequestID.none
 
     private let session: DownstreamSession
     /// The connection's x-forwarded-* lines, made once per connection rather than per stream.
@@ -451,9 +451,9 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             out.writeStaticString("x-request-id: ")
             rid.write(to: &out)
             out.writeStaticString("\r\n")
-            if runtime.accessLog.isEnabled { requestID = rid.string }
-        } else {
-            requestID = request.headers.first(name: "x-request-id") ?? ""
+            requestID = .generated(rid)
+        } else if runtime.accessLog.isEnabled {
+            requestID = .received(request.headers.first(name: "x-request-id") ?? "")
         }
         out.writeStaticString("\r\n")
         return out

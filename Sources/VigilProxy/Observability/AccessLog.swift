@@ -21,9 +21,18 @@ public struct AccessLogEntry {
     public var bytesIn: Int
     public var bytesOut: Int
     public var reason: String
-    public var requestID: String
+    public var requestID: LoggedRequestID
     /// The request's tenant, when tenants are configured.
     public var tenant: String? = nil
+}
+
+/// A request's id as the access log records it: one Vigil generated is kept as its bits and written
+/// straight into the log line (no string made per request), one the request brought as received.
+public enum LoggedRequestID: Sendable {
+    case generated(RequestID)
+    case received(String)
+
+    public static let none = LoggedRequestID.received("")
 }
 
 /// Where access log lines go. Lines are batched per event loop and written in one `write(2)` per batch,
@@ -181,7 +190,14 @@ public final class AccessLog: Sendable {
         b.writeStaticString(",\"reason\":")
         JSONWriter.writeString(e.reason, into: &b)
         b.writeStaticString(",\"request_id\":")
-        JSONWriter.writeString(e.requestID, into: &b)
+        switch e.requestID {
+        case .generated(let id):
+            b.writeStaticString("\"")
+            id.write(to: &b)
+            b.writeStaticString("\"")
+        case .received(let text):
+            JSONWriter.writeString(text, into: &b)
+        }
         if let tenant = e.tenant {
             b.writeStaticString(",\"tenant\":")
             JSONWriter.writeString(tenant, into: &b)
