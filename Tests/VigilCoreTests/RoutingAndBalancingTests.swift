@@ -1,4 +1,5 @@
 import Foundation
+import NIOCore
 import Testing
 @testable import VigilCore
 
@@ -30,6 +31,24 @@ struct FakeRequest: RoutableRequest {
         #expect(route(FakeRequest(method: "POST", path: "/v1/x")) == "writes")
         #expect(route(FakeRequest(path: "/v1/x")) == "v1")
         #expect(route(FakeRequest(path: "/v2")) == nil)
+    }
+
+    /// HTTP/1.1 heads compare a route's header value in their own bytes: exactly, case-sensitively, the
+    /// first field of the name.
+    @Test func headerMatchOnParsedHeads() throws {
+        func route(_ fields: String) throws -> String? {
+            let text = "GET /v1/x HTTP/1.1\r\nHost: a\r\n\(fields)\r\n"
+            let head = try #require(try HTTP1Parser.parseRequest(ByteBuffer(string: text), limits: HTTP1HeadLimits())?.0)
+            return table.match(head).map { table.routes[$0].cluster }
+        }
+        #expect(try route("X-ENV: prod\r\n") == "prod")
+        #expect(try route("x-env:prod  \r\n") == "prod")
+        for other in ["Prod", "pro", "prod1", ""] {
+            #expect(try route("x-env: \(other)\r\n") == "v1", "\(other)")
+        }
+        #expect(try route("") == "v1")
+        #expect(try route("x-env: staging\r\nx-env: prod\r\n") == "v1")
+        #expect(try route("x-envy: prod\r\n") == "v1")
     }
 
     @Test func authorityMatching() {

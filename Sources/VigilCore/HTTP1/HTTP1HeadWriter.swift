@@ -182,7 +182,7 @@ public enum HTTP1HeadWriter {
             }
         }
         flush(&out)
-        if absoluteForm || head.value(of: .host) == nil {
+        if absoluteForm || !head.fields.contains(where: { $0.kind == .host }) {
             out.writeStaticString("host: ")
             out.writeString(head.authority.isEmpty ? fallbackAuthority : head.authority)
             out.writeStaticString("\r\n")

@@ -13,10 +13,27 @@ public protocol RoutableRequest {
     var authority: String { get }
     /// The value of a header field by lowercase name (the first, if repeated).
     func headerValue(_ lowercaseName: String) -> String?
+    /// Whether the first field of that name has exactly this value (a route's `headers` match).
+    func headerValue(_ lowercaseName: String, equals value: String) -> Bool
+}
+
+extension RoutableRequest {
+    public func headerValue(_ lowercaseName: String, equals value: String) -> Bool { headerValue(lowercaseName) == value }
 }
 
 extension HTTP1RequestHead: RoutableRequest {
     public func headerValue(_ lowercaseName: String) -> String? { value(named: lowercaseName) }
+
+    /// Compared in the head's bytes: no string is made for the value.
+    public func headerValue(_ lowercaseName: String, equals value: String) -> Bool {
+        guard let f = fields.first(where: { nameEquals($0, lowercaseName) }) else { return false }
+        var expected = value
+        return expected.withUTF8 { e in
+            e.count == f.valueEnd - f.valueStart && bytes.withUnsafeReadableBytes { p in
+                e.count == 0 || memcmp(p.baseAddress! + f.valueStart, e.baseAddress!, e.count) == 0
+            }
+        }
+    }
 }
 
 /// A listener's routes in order; the first that matches a request wins (Envoy's and HAProxy's rule).
@@ -66,7 +83,7 @@ public struct RouteTable: Sendable {
                         if host == nil { host = Self.hostWithoutPort(request.authority) }
                         if !m.authorities.contains(where: { Self.hostMatches(pattern: $0, host: host!) }) { continue }
                     }
-                    if !m.headers.allSatisfy({ request.headerValue($0.name) == $0.value }) { continue }
+                    if !m.headers.allSatisfy({ request.headerValue($0.name, equals: $0.value) }) { continue }
                     return index
                 }
                 return nil
