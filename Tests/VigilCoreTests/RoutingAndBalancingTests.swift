@@ -49,6 +49,19 @@ struct FakeRequest: RoutableRequest {
         #expect(try route("") == "v1")
         #expect(try route("x-env: staging\r\nx-env: prod\r\n") == "v1")
         #expect(try route("x-envy: prod\r\n") == "v1")
+
+        // Path and host straight from the head's bytes, longer than inline strings, in origin- and
+        // absolute-form (where the target's authority replaces Host), with and without a query.
+        func route(_ method: String, _ target: String, host: String) throws -> String? {
+            let text = "\r\n\(method) \(target) HTTP/1.1\r\nHost: \(host)\r\n\r\n"
+            let head = try #require(try HTTP1Parser.parseRequest(ByteBuffer(string: text), limits: HTTP1HeadLimits())?.0)
+            return table.match(head).map { table.routes[$0].cluster }
+        }
+        #expect(try route("GET", "/health?verbose=1&format=json", host: "a") == "health")
+        #expect(try route("GET", "/v1/accounts/12345/statements", host: "a") == "v1")
+        #expect(try route("GET", "/other/long/path/here", host: "billing-api.internal:8443") == "internal")
+        #expect(try route("POST", "http://api.example.com/v1/accounts/12345", host: "x.internal") == "writes")
+        #expect(try route("GET", "http://billing-api.internal/other/long/path", host: "api.example.com") == "internal")
     }
 
     @Test func authorityMatching() {

@@ -182,7 +182,8 @@ public struct HTTP1RequestHead: HTTP1HeadFields, Sendable {
     /// The head's bytes, from the request line to the blank line, as received.
     public var bytes: ByteBuffer
     public var method: String
-    public var target: String
+    /// Where the request target is in `bytes`.
+    public var targetRange: Range<Int>
     /// 0 for HTTP/1.0, 1 for HTTP/1.1 (higher 1.x minors are treated as 1.1, RFC 9110 §6.2).
     public var minorVersion: Int
     public var fields: [HTTP1Field]
@@ -193,12 +194,40 @@ public struct HTTP1RequestHead: HTTP1HeadFields, Sendable {
     public var expectContinue: Bool
     /// Connection: upgrade together with an Upgrade field (WebSocket and the like).
     public var isUpgrade: Bool
-    /// The authority: the Host field, or the authority of an absolute-form target.
-    public var authority: String
-    /// The path and query, in origin-form (an absolute-form target is reduced to it).
-    public var path: String
+    /// Where the Host field's value is in `bytes`, when there is one.
+    public var hostRange: Range<Int>?
+    /// An absolute-form target split into its authority and its path (nil for the other forms).
+    public var absolute: (authority: String, path: String)?
 
     public var isHead: Bool { method == "HEAD" }
+
+    // The target, path and authority are read from `bytes` when asked for, not made at parse time: most
+    // requests only need their bytes (routing, the forwarded head), and a string over 15 bytes allocates.
+
+    /// The request target as received.
+    public var target: String { string(at: targetRange) }
+
+    /// The path and query, in origin-form (an absolute-form target is reduced to it).
+    public var path: String { absolute?.path ?? target }
+
+    /// The authority: the Host field, or the authority of an absolute-form target.
+    public var authority: String { absolute?.authority ?? hostRange.map { string(at: $0) } ?? "" }
+
+    /// Whether the target was in absolute-form.
+    public var isAbsoluteForm: Bool { absolute != nil }
+
+    /// Calls `body` with the bytes of the path and query, without making a string of them.
+    public func withPathBytes<T>(_ body: (UnsafeRawBufferPointer) -> T) -> T {
+        if let absolute {
+            var path = absolute.path
+            return path.withUTF8 { body(UnsafeRawBufferPointer($0)) }
+        }
+        return bytes.withUnsafeReadableBytes { body(UnsafeRawBufferPointer(rebasing: $0[targetRange])) }
+    }
+
+    private func string(at range: Range<Int>) -> String {
+        bytes.getString(at: bytes.readerIndex + range.lowerBound, length: range.count) ?? ""
+    }
 }
 
 /// A response head from an upstream, validated the same way.

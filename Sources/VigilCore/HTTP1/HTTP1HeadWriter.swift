@@ -118,15 +118,14 @@ public enum HTTP1HeadWriter {
         tenant: String? = nil, dropping dropped: String? = nil, maxForwards: Int? = nil, into out: inout ByteBuffer
     ) -> RequestID? {
         out.reserveCapacity(minimumWritableBytes: head.bytes.readableBytes + 160)
-        let absoluteForm = head.path != head.target && head.target != "*"
+        let absoluteForm = head.isAbsoluteForm
         if absoluteForm {
             out.writeString(head.method)
             out.writeInteger(UInt8(0x20))
             out.writeString(head.path)
         } else {
             // "METHOD SP target" as it came: one copy.
-            out.writeImmutableBuffer(head.bytes.getSlice(at: head.bytes.readerIndex,
-                                                         length: head.method.utf8.count + 1 + head.target.utf8.count)!)
+            out.writeImmutableBuffer(head.bytes.getSlice(at: head.bytes.readerIndex, length: head.targetRange.upperBound)!)
         }
         out.writeStaticString(" HTTP/1.1\r\n")
         var hadRequestID = false

@@ -83,24 +83,26 @@ public enum HTTP1Parser {
         guard major == 1 else { throw .versionNotSupported }
         let minorVersion = min(minor, 1)
         let method = head.getString(at: head.readerIndex, length: methodEnd)!
-        let target = head.getString(at: head.readerIndex + targetStart, length: targetEnd - targetStart)!
+        // The target and the Host value stay in the head's bytes: strings are made only for what reads them
+        // (the access log, host routes), so a long path or host costs no allocation per request.
+        let targetRange = targetStart..<targetEnd
 
         let semantics = try messageSemantics(head, fields: fields, minorVersion: minorVersion, isRequest: true)
 
         // Request target forms (RFC 9112 §3.2).
-        var path = target
-        var authority = semantics.host
-        if target.utf8.first == UInt8(ascii: "/") {
+        var absolute: (authority: String, path: String)?
+        let firstTargetByte = head.getInteger(at: head.readerIndex + targetStart, as: UInt8.self)!
+        if firstTargetByte == UInt8(ascii: "/") {
             // origin-form
-        } else if target == "*" {
+        } else if targetRange.count == 1 && firstTargetByte == UInt8(ascii: "*") {
             guard method == "OPTIONS" else { throw .bad("bad_request_target", "the * target is only valid with OPTIONS") }
         } else if method == "CONNECT" {
             throw HTTP1ParseError(status: 405, reason: "connect_not_supported",
                                   detail: "CONNECT tunnels are not offered by this listener")
-        } else if let (a, p) = splitAbsoluteForm(target) {
+        } else if let (a, p) = splitAbsoluteForm(head.getString(at: head.readerIndex + targetStart,
+                                                                length: targetRange.count)!) {
             // A proxy receiving absolute-form uses its authority and ignores Host (RFC 9112 §3.2.2).
-            authority = a
-            path = p
+            absolute = (a, p)
         } else {
             throw .bad("bad_request_target", "the request target must be a path, an absolute URI or *")
         }
@@ -109,7 +111,7 @@ public enum HTTP1Parser {
         }
         // An empty Host names no host, and an http(s) URI without one is invalid and must be rejected (RFC 9110
         // §4.2.1). Only an absolute-form target, whose own authority replaces Host, goes on without one.
-        if semantics.hostCount == 1 && semantics.host.isEmpty && authority.isEmpty {
+        if semantics.hostCount == 1 && semantics.hostRange?.isEmpty == true && absolute == nil {
             throw .bad("bad_host", "the Host field is empty: an http URI must name a host (RFC 9110 §4.2.1)")
         }
         if semantics.framing == .untilClose {
@@ -124,10 +126,10 @@ public enum HTTP1Parser {
         // fields and the request goes on as an ordinary one: an upstream that accepted `Upgrade: h2c` would
         // give the client an HTTP/2 tunnel past every route and authorization rule ("h2c smuggling").
         let isUpgrade = semantics.connection.upgrade && semantics.upgradeOffersWebSocket
-        return HTTP1RequestHead(bytes: head, method: method, target: target, minorVersion: minorVersion,
+        return HTTP1RequestHead(bytes: head, method: method, targetRange: targetRange, minorVersion: minorVersion,
                                 fields: fields, framing: semantics.framing, connection: semantics.connection,
                                 keepAlive: keepAlive, expectContinue: semantics.expectContinue,
-                                isUpgrade: isUpgrade, authority: authority, path: path)
+                                isUpgrade: isUpgrade, hostRange: semantics.hostRange, absolute: absolute)
     }
 
     /// `http://host:port/path?q` → ("host:port", "/path?q").
@@ -214,7 +216,8 @@ public enum HTTP1Parser {
         var contentLength: Int?
         var transferEncodingPresent = false
         var connection = HTTP1ConnectionTokens()
-        var host = ""
+        /// The Host value's bytes within the head.
+        var hostRange: Range<Int>?
         var hostCount = 0
         var expectation: String?
         var expectContinue = false
@@ -286,7 +289,7 @@ public enum HTTP1Parser {
                     guard s.hostCount == 1 else { throw .bad("multiple_host", "more than one Host field") }
                     let value = UnsafeRawBufferPointer(rebasing: p[f.valueStart..<f.valueEnd])
                     guard HTTPTokens.isAuthority(value) else { throw .bad("bad_host", "the Host field is not a valid authority") }
-                    s.host = String(decoding: value, as: UTF8.self)
+                    s.hostRange = f.valueStart..<f.valueEnd
                 case .expect:
                     s.expectation = ""
                     if HTTPTokens.equalsLowercase(p, f.valueStart, f.valueEnd - f.valueStart, "100-continue") {

@@ -15,10 +15,17 @@ public protocol RoutableRequest {
     func headerValue(_ lowercaseName: String) -> String?
     /// Whether the first field of that name has exactly this value (a route's `headers` match).
     func headerValue(_ lowercaseName: String, equals value: String) -> Bool
+    /// Calls `body` with the UTF-8 bytes of `path`.
+    func withPathBytes<T>(_ body: (UnsafeRawBufferPointer) -> T) -> T
 }
 
 extension RoutableRequest {
     public func headerValue(_ lowercaseName: String, equals value: String) -> Bool { headerValue(lowercaseName) == value }
+
+    public func withPathBytes<T>(_ body: (UnsafeRawBufferPointer) -> T) -> T {
+        var path = self.path
+        return path.withUTF8 { body(UnsafeRawBufferPointer($0)) }
+    }
 }
 
 extension HTTP1RequestHead: RoutableRequest {
@@ -64,8 +71,7 @@ public struct RouteTable: Sendable {
     /// Pre-specialized for HTTP/1.1 heads, so the data plane (another module) calls a specialized copy.
     @_specialize(exported: true, where R == HTTP1RequestHead)
     public func match<R: RoutableRequest>(_ request: R) -> Int? {
-        var path = request.path
-        return path.withUTF8 { bytes in
+        return request.withPathBytes { bytes in
             // Paths are matched without their query string.
             let pathLength = bytes.firstIndex(of: UInt8(ascii: "?")) ?? bytes.count
             var host: Substring?
