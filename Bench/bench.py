@@ -131,7 +131,8 @@ http {{ access_log off; keepalive_requests 10000000;
   server {{ listen 127.0.0.1:{PORTS['nginx'][0]}; listen 127.0.0.1:{PORTS['nginx'][1]} http2;
     location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }} }} }}
 """)
-    ha = write(d, "haproxy.cfg", f"""
+    def haproxy(name, frontend_extra=""):
+        return write(d, f"{name}.cfg", f"""
 global
   nbthread 1
   maxconn 8000
@@ -142,33 +143,18 @@ defaults
   timeout server 30s
   http-reuse always
 frontend fe
-  bind 127.0.0.1:{PORTS['haproxy'][0]}
-  bind 127.0.0.1:{PORTS['haproxy'][1]} proto h2
-  default_backend be
+  bind 127.0.0.1:{PORTS[name][0]}
+  bind 127.0.0.1:{PORTS[name][1]} proto h2
+{frontend_extra}  default_backend be
 backend be
   server s1 127.0.0.1:{UP}
 """)
+    ha = haproxy("haproxy")
     # HAProxy doing the per-request header work Vigil does by default: x-forwarded-for, x-forwarded-proto,
     # and an x-request-id (a UUID v4) when the request has none. The ratios stay against plain `haproxy`.
-    ha_l7 = write(d, "haproxy-l7.cfg", f"""
-global
-  nbthread 1
-  maxconn 8000
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:{PORTS['haproxy-l7'][0]}
-  bind 127.0.0.1:{PORTS['haproxy-l7'][1]} proto h2
-  option forwardfor
+    ha_l7 = haproxy("haproxy-l7", """  option forwardfor
   http-request set-header X-Forwarded-Proto http
-  http-request set-header X-Request-ID %[uuid()] unless {{ req.hdr(x-request-id) -m found }}
-  default_backend be
-backend be
-  server s1 127.0.0.1:{UP}
+  http-request set-header X-Request-ID %[uuid()] unless { req.hdr(x-request-id) -m found }
 """)
     cd = write(d, "Caddyfile", f"""
 {{
