@@ -133,3 +133,25 @@ struct FakeRequest: RoutableRequest {
         #expect(PeakEWMA.update(current: slow, lastNanos: 5, observedNanos: 1_000_000, nowNanos: 5) == slow)
     }
 }
+
+/// Default-deny authorization, on a path's bytes as the data plane asks it.
+@Suite struct AuthorizerTests {
+    let authorizer = Authorizer(rules: [
+        AuthorizationRule(identities: ["spiffe://corp/ns/acme/*"], prefix: "/v1/accounts/", methods: ["GET"]),
+        AuthorizationRule(identities: ["spiffe://corp/ns/ops/sa/admin"], prefix: "/admin"),
+        AuthorizationRule(identities: [], prefix: "/public/"),
+    ])
+
+    @Test func firstMatchingRuleAllowsElseDeny() {
+        let acme = "spiffe://corp/ns/acme/sa/web"
+        #expect(authorizer.decide(identity: acme, path: "/v1/accounts/12345/statements", method: "GET") == .allow(rule: 0))
+        #expect(authorizer.decide(identity: acme, path: "/v1/accounts/12345", method: "POST") == .deny)
+        #expect(authorizer.decide(identity: acme, path: "/v1/account", method: "GET") == .deny)  // shorter than the prefix
+        #expect(authorizer.decide(identity: acme, path: "/V1/accounts/1", method: "GET") == .deny)  // case matters
+        #expect(authorizer.decide(identity: "spiffe://corp/ns/ops/sa/admin", path: "/admin", method: "DELETE") == .allow(rule: 1))
+        #expect(authorizer.decide(identity: "spiffe://corp/ns/ops/sa/admin2", path: "/admin", method: "GET") == .deny)
+        #expect(authorizer.decide(identity: nil, path: "/public/logo.png", method: "GET") == .allow(rule: 2))
+        #expect(authorizer.decide(identity: nil, path: "/v1/accounts/1", method: "GET") == .deny)
+        #expect(Authorizer(rules: []).decide(identity: nil, path: "/anything", method: "GET") == .allow(rule: nil))
+    }
+}

@@ -20,12 +20,22 @@ public struct Authorizer: Sendable, Equatable {
     }
 
     public func decide(identity: String?, path: String, method: String) -> Decision {
+        var path = path
+        return path.withUTF8 { decide(identity: identity, pathBytes: UnsafeRawBufferPointer($0), method: method) }
+    }
+
+    /// The same on the path's bytes (the data plane's: no string made of a request's path). Paths are ASCII
+    /// once validated, so a byte prefix is the path prefix.
+    public func decide(identity: String?, pathBytes path: UnsafeRawBufferPointer, method: String) -> Decision {
         guard !rules.isEmpty else { return .allow(rule: nil) }
         for (i, rule) in rules.enumerated() {
             if !rule.identities.isEmpty {
                 guard let identity, rule.identities.contains(where: { IdentityPattern.matches($0, identity) }) else { continue }
             }
-            if let prefix = rule.prefix, !path.hasPrefix(prefix) { continue }
+            if let prefix = rule.prefix {
+                let p = prefix.utf8
+                guard p.count <= path.count, p.elementsEqual(path.prefix(p.count)) else { continue }
+            }
             if !rule.methods.isEmpty, !rule.methods.contains(method) { continue }
             return .allow(rule: i)
         }

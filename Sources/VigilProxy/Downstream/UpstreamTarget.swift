@@ -76,7 +76,8 @@ extension ProxyRuntime {
         let snapshot = policy.snapshot
         let routes = snapshot.routes[listener.index]
         if listener.config.authorization, !snapshot.authorizer.rules.isEmpty {
-            switch snapshot.authorizer.decide(identity: identity, path: request.path, method: request.method) {
+            let method = request.method
+            switch request.withPathBytes({ snapshot.authorizer.decide(identity: identity, pathBytes: $0, method: method) }) {
             case .allow(let rule):
                 if let rule { snapshot.authorizationAllowed[rule].increment() }
             case .deny:
