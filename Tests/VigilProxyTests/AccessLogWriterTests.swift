@@ -1,5 +1,7 @@
+import Foundation
 import NIOCore
 import Testing
+import VigilCore
 @testable import VigilProxy
 #if canImport(Glibc)
 import Glibc
@@ -37,5 +39,25 @@ import Glibc
             #expect(received[(i + 1) * size - 1] == UInt8(ascii: "a") + UInt8(i))
         }
         close(fds[0])
+    }
+}
+
+/// Access log lines are JSON whatever bytes a head's path or Host hold (they are written from the head's
+/// bytes, escaped there, not through a string).
+@Suite struct AccessLogLineTests {
+    @Test func pathAndAuthorityBytesAreEscapedIntoValidJSON() throws {
+        let path = "/q?a=\"b\"&c=\\d"
+        let head = try #require(try HTTP1Parser.parseRequest(
+            ByteBuffer(string: "GET \(path) HTTP/1.1\r\nHost: api.example.com:8443\r\n\r\n"), limits: HTTP1HeadLimits())?.0)
+        var line = ByteBuffer()
+        AccessLog.format(AccessLogEntry(startNanos: 0, listener: "in", method: head.method, authority: head.loggedAuthority,
+                                        path: head.loggedPath, protocolName: "HTTP/1.1", status: 200, durationNanos: 1_000,
+                                        upstreamHost: nil, bytesIn: 1, bytesOut: 2, reason: "-",
+                                        requestID: .received("a\u{1}b")),
+                         into: &line)
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(line.readableBytesView)) as? [String: Any])
+        #expect(json["path"] as? String == path)
+        #expect(json["authority"] as? String == "api.example.com:8443")
+        #expect(json["request_id"] as? String == "a\u{1}b")
     }
 }

@@ -764,7 +764,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         if runtime.accessLog.isEnabled {
             let rid = generatedRequestID.map(LoggedRequestID.generated) ?? .received(head?.value(of: .xRequestID) ?? "")
             loop.log(AccessLogEntry(startNanos: wallStart, listener: listener.config.name, method: head?.method ?? "-",
-                                    authority: head?.authority ?? "-", path: head?.path ?? "-", protocolName: "HTTP/1.1",
+                                    authority: head?.loggedAuthority ?? "-", path: head?.loggedPath ?? "-", protocolName: "HTTP/1.1",
                                     status: status, durationNanos: duration.nanoseconds,
                                     upstreamHost: upstreamHost, bytesIn: bytesIn, bytesOut: bytesOut,
                                     reason: reason, requestID: rid, tenant: tenant))

@@ -707,7 +707,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                                       durationNanos: duration.nanoseconds, bytesIn: bytesIn, bytesOut: bytesOut)
         if runtime.accessLog.isEnabled {
             loop.log(AccessLogEntry(startNanos: wallStart, listener: listener.config.name, method: request?.method ?? "-",
-                                    authority: request?.authority ?? "-", path: request?.path ?? "-",
+                                    authority: .string(request?.authority ?? "-"), path: .string(request?.path ?? "-"),
                                     protocolName: "HTTP/2", status: status, durationNanos: duration.nanoseconds,
                                     upstreamHost: target?.host.addressText, bytesIn: bytesIn, bytesOut: bytesOut,
                                     reason: reason, requestID: requestID, tenant: target?.tenant?.name))

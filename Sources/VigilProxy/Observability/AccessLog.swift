@@ -12,8 +12,8 @@ public struct AccessLogEntry {
     public var startNanos: Int64  // wall-clock start, ns since the epoch
     public var listener: String
     public var method: String
-    public var authority: String
-    public var path: String
+    public var authority: LoggedText
+    public var path: LoggedText
     public var protocolName: StaticString
     public var status: Int
     public var durationNanos: Int64
@@ -24,6 +24,37 @@ public struct AccessLogEntry {
     public var requestID: LoggedRequestID
     /// The request's tenant, when tenants are configured.
     public var tenant: String? = nil
+}
+
+/// Text for a log line: a string, or bytes of a request head (an HTTP/1.1 path or Host, so that no string is
+/// made of them per request).
+public enum LoggedText: Sendable, ExpressibleByStringLiteral {
+    case string(String)
+    case bytes(ByteBuffer)
+
+    public init(stringLiteral value: String) { self = .string(value) }
+
+    func write(into b: inout ByteBuffer) {
+        switch self {
+        case .string(let s): JSONWriter.writeString(s, into: &b)
+        case .bytes(let bytes): bytes.withUnsafeReadableBytes { JSONWriter.writeString(utf8: $0, into: &b) }
+        }
+    }
+}
+
+extension HTTP1RequestHead {
+    /// The path as the access log records it.
+    var loggedPath: LoggedText {
+        if let absolute { return .string(absolute.path) }
+        return .bytes(bytes.getSlice(at: bytes.readerIndex + targetRange.lowerBound, length: targetRange.count)!)
+    }
+
+    /// The authority as the access log records it.
+    var loggedAuthority: LoggedText {
+        if let absolute { return .string(absolute.authority) }
+        guard let hostRange else { return .string("") }
+        return .bytes(bytes.getSlice(at: bytes.readerIndex + hostRange.lowerBound, length: hostRange.count)!)
+    }
 }
 
 /// A request's id as the access log records it: one Vigil generated is kept as its bits and written
@@ -174,9 +205,9 @@ public final class AccessLog: Sendable {
         b.writeStaticString("\",\"method\":")
         JSONWriter.writeString(e.method, into: &b)
         b.writeStaticString(",\"authority\":")
-        JSONWriter.writeString(e.authority, into: &b)
+        e.authority.write(into: &b)
         b.writeStaticString(",\"path\":")
-        JSONWriter.writeString(e.path, into: &b)
+        e.path.write(into: &b)
         b.writeStaticString(",\"status\":")
         b.writeString(String(e.status))
         b.writeStaticString(",\"duration_ms\":")

@@ -74,14 +74,18 @@ public enum LocalReply {
 /// replies, where building a Foundation object per request would cost more than the request.
 public enum JSONWriter {
     public static func writeString(_ s: String, into b: inout ByteBuffer) {
+        var s = s
+        s.withUTF8 { writeString(utf8: UnsafeRawBufferPointer($0), into: &b) }
+    }
+
+    /// A JSON string of UTF-8 bytes, escaped as needed.
+    public static func writeString(utf8: UnsafeRawBufferPointer, into b: inout ByteBuffer) {
         b.writeInteger(UInt8(ascii: "\""))
-        var utf8 = s.utf8
         // Fast path: nothing to escape.
         if !utf8.contains(where: { $0 < 0x20 || $0 == 0x22 || $0 == 0x5C }) {
-            b.writeString(s)
+            b.writeBytes(utf8)
         } else {
-            let hex: [UInt8] = Array("0123456789abcdef".utf8)
-            utf8 = s.utf8
+            let hex: StaticString = "0123456789abcdef"
             for c in utf8 {
                 switch c {
                 case 0x22: b.writeStaticString("\\\"")
@@ -91,8 +95,8 @@ public enum JSONWriter {
                 case 0x09: b.writeStaticString("\\t")
                 case 0..<0x20:
                     b.writeStaticString("\\u00")
-                    b.writeInteger(hex[Int(c >> 4)])
-                    b.writeInteger(hex[Int(c & 0xF)])
+                    b.writeInteger(hex.utf8Start[Int(c >> 4)])
+                    b.writeInteger(hex.utf8Start[Int(c & 0xF)])
                 default: b.writeInteger(c)
                 }
             }
