@@ -183,7 +183,8 @@ public enum HTTP1HeadWriter {
         flush(&out)
         if absoluteForm || !head.fields.contains(where: { $0.kind == .host }) {
             out.writeStaticString("host: ")
-            out.writeString(head.authority.isEmpty ? fallbackAuthority : head.authority)
+            let authority = head.authority  // made from the head's bytes on each read: read once
+            out.writeString(authority.isEmpty ? fallbackAuthority : authority)
             out.writeStaticString("\r\n")
         }
         if head.framing == .chunked { out.writeStaticString("transfer-encoding: chunked\r\n") }

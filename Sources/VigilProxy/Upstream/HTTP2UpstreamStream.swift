@@ -140,7 +140,8 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
         h.reserveCapacity(head.fields.count + 4)
         h.add(name: ":method", value: head.method)
         h.add(name: ":scheme", value: "http")
-        h.add(name: ":authority", value: head.authority.isEmpty ? authority : head.authority)
+        let requested = head.authority  // made from the head's bytes on each read: read once
+        h.add(name: ":authority", value: requested.isEmpty ? authority : requested)
         h.add(name: ":path", value: head.path)
         for f in head.fields {
             switch f.kind {
