@@ -118,10 +118,12 @@ import VigilTestSupport
 
     @Test func demoHealsOnScreen() throws {
         // The schedule turns api-a bad at 8 s; by 11 s Vigil has taken it out and said why.
-        let (status, out, _) = try run(["demo", "--seconds", "11", "--rate", "100"])
-        #expect(status == 0)
-        #expect(out.contains("FAULT: api-a starts answering 503"))
-        #expect(out.contains("host_ejected api-a") || out.contains("health_check_failed api-a"))
+        let (status, out, err) = try run(["demo", "--seconds", "11", "--rate", "100"])
+        // On failure the demo's own output is the evidence: it goes into the message.
+        let shown = "stdout:\n\(out)\nstderr:\n\(err)"
+        #expect(status == 0, "\(shown)")
+        #expect(out.contains("FAULT: api-a starts answering 503"), "\(shown)")
+        #expect(out.contains("host_ejected api-a") || out.contains("health_check_failed api-a"), "\(shown)")
         #expect(out.contains("evidence={"))
         #expect(out.contains("demo stopped"))
     }
