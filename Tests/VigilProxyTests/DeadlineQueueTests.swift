@@ -1,6 +1,7 @@
 import NIOCore
 import NIOEmbedded
 import Testing
+import VigilCore
 @testable import VigilProxy
 
 /// The loop's queue of per-request deadlines, on a manual clock (EmbeddedEventLoop).
@@ -76,7 +77,7 @@ import Testing
     @Test func randomArmsAndDisarmsFireInDeadlineOrder() throws {
         let queue = DeadlineQueue(eventLoop: loop)
         var fired: [(Int, NIODeadline)] = []
-        var generator = SystemRandomNumberGenerator()
+        var generator = SplitMix64(seed: 0xD1A7)  // seeded: a failure replays
         let waiters = (0..<300).map { i in Waiter("\(i)") { fired.append((Int($0.name)!, loop.now)) } }
         var expected: [Int: NIODeadline] = [:]
         for _ in 0..<2000 {

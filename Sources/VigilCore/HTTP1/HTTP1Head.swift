@@ -225,9 +225,12 @@ public struct HTTP1RequestHead: HTTP1HeadFields, Sendable {
         return bytes.withUnsafeReadableBytes { body(UnsafeRawBufferPointer(rebasing: $0[targetRange])) }
     }
 
-    private func string(at range: Range<Int>) -> String {
-        bytes.getString(at: bytes.readerIndex + range.lowerBound, length: range.count) ?? ""
+    /// The bytes at `range` (offsets within the head, as `targetRange` and `hostRange` are), shared, not copied.
+    public func slice(_ range: Range<Int>) -> ByteBuffer {
+        bytes.getSlice(at: bytes.readerIndex + range.lowerBound, length: range.count)!
     }
+
+    private func string(at range: Range<Int>) -> String { String(buffer: slice(range)) }
 }
 
 /// A response head from an upstream, validated the same way.

@@ -49,8 +49,8 @@ public struct RequestID: Sendable, Equatable {
         return 36
     }
 
-    /// The id as text (for the access log): written straight into the string's own storage, its only
-    /// allocation.
+    /// The id as text, written straight into the string's own storage (its only allocation). The data plane
+    /// writes ids into heads and log lines from their bits instead.
     public var string: String {
         String(unsafeUninitializedCapacity: 36) { out in write(into: UnsafeMutableRawBufferPointer(out), at: 0) }
     }

@@ -46,14 +46,14 @@ extension HTTP1RequestHead {
     /// The path as the access log records it.
     var loggedPath: LoggedText {
         if let absolute { return .string(absolute.path) }
-        return .bytes(bytes.getSlice(at: bytes.readerIndex + targetRange.lowerBound, length: targetRange.count)!)
+        return .bytes(slice(targetRange))
     }
 
     /// The authority as the access log records it.
     var loggedAuthority: LoggedText {
         if let absolute { return .string(absolute.authority) }
         guard let hostRange else { return .string("") }
-        return .bytes(bytes.getSlice(at: bytes.readerIndex + hostRange.lowerBound, length: hostRange.count)!)
+        return .bytes(slice(hostRange))
     }
 }
 
