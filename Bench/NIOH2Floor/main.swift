@@ -1,7 +1,8 @@
 // The floor under Vigil's HTTP/2 listener: a SwiftNIO HTTP/2 server that answers every GET with "ok\n" and
 // does nothing else, no upstream. `streams` serves each stream on its own child channel (NIOHTTP2's stream
-// multiplexer, what Vigil uses); `frames` handles the connection's frames in one handler, with no channel
-// per stream. Run beside HAProxy with h2load to see what NIOHTTP2 itself costs per request in each shape.
+// multiplexer); `frames` handles the connection's frames in one handler, with no channel per stream (the
+// shape of Vigil's listener since it left the multiplexer). Run beside HAProxy with h2load to see what
+// NIOHTTP2 itself costs per request in each shape.
 // Usage: nio-h2-floor PORT streams|frames
 import NIOCore
 import NIOHPACK

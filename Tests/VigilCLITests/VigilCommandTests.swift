@@ -85,18 +85,29 @@ import VigilTestSupport
             clusters:
               - { name: api, endpoints: ["127.0.0.1:\(upstream.port)"] }
             """)
-        let p = try ChildProcess(Self.binary.path, ["--config", path, "--threads", "1"])
+        // Vigil's log (notice level: ready, draining, stopped) is the evidence if a step below times out.
+        let log = scratch.unique("sigterm", ".log")
+        let p = try ChildProcess(Self.binary.path, ["--config", path, "--threads", "1"], stderr: .file(log))
         defer { p.terminate() }
+        func step(_ what: String, _ body: @escaping @Sendable () async throws -> Void) async throws {
+            do {
+                try await withTimeout(10, what, body)
+            } catch {
+                let shown = (try? String(contentsOfFile: log, encoding: .utf8)) ?? "(no log)"
+                Issue.record("\(error); ports admin \(adminPort), proxy \(proxyPort); vigil's log:\n\(shown)")
+                throw error
+            }
+        }
         // Wait until the admin port says the listeners are bound.
         try await waitUntilReady(adminPort: adminPort, group: group)
         let client = try await TestClient.connect(port: proxyPort, group: group)
         try await client.send("GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
-        try await withTimeout(10, "the slow request to reach the upstream") {
+        try await step("the slow request to reach the upstream") {
             while upstream.recorded.isEmpty { try await Task.sleep(for: .milliseconds(10)) }
         }
         p.signal(SIGTERM)
         // The slow answer is released once Vigil says it is draining (the admin port stays up until the end).
-        try await withTimeout(10, "vigil to start draining") {
+        try await step("vigil to start draining") {
             while true {
                 if let c = try? await TestClient.connect(port: adminPort, group: group) {
                     try await c.send("GET /ready HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -111,7 +122,7 @@ import VigilTestSupport
         let r = try #require(try await client.response())
         #expect(r.status == 200 && r.text == "slow done")
         #expect(r.header("connection") == "close")
-        try await withTimeout(10, "vigil to exit") { while p.isRunning { try await Task.sleep(for: .milliseconds(20)) } }
+        try await step("vigil to exit") { while p.isRunning { try await Task.sleep(for: .milliseconds(20)) } }
         #expect(p.wait() == 0)
         await #expect(throws: (any Error).self) { _ = try await TestClient.connect(port: proxyPort, group: group) }
     }

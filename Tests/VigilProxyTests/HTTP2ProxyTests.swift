@@ -248,6 +248,41 @@ import VigilCore
         #expect(statuses == Array(repeating: 200, count: 10))
     }
 
+    /// Bodies several times the 1 MiB windows go through both ways, on concurrent streams of one connection:
+    /// Vigil opens the stream and connection windows as the upstream takes the bytes (an upload would stop at
+    /// the first window otherwise), and a response larger than the stream's watermark keeps flowing as the
+    /// client's window opens.
+    @Test func largeBodiesFlowBothWaysOnConcurrentStreams() async throws {
+        let big = String(repeating: "0123456789abcdef", count: 3 << 16)  // 3 MiB
+        let upstream = try await FakeUpstream(group: group) { head in
+            head.method == .GET ? .respond(body: big) : .respond(body: "took")
+        }
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        let upload = ByteBuffer(repeating: 0x61, count: 5 << 20)  // 5 MiB
+        let responses = try await withThrowingTaskGroup(of: (String, TestResponse).self) { tasks in
+            for i in 0..<3 {
+                tasks.addTask { ("up\(i)", try await client.request(.POST, "/up/\(i)", body: upload)) }
+                tasks.addTask { ("down\(i)", try await client.request(.GET, "/down/\(i)")) }
+            }
+            var all: [String: TestResponse] = [:]
+            for try await (name, r) in tasks { all[name] = r }
+            return all
+        }
+        for i in 0..<3 {
+            #expect(responses["up\(i)"]?.status == 200)
+            #expect(responses["up\(i)"]?.text == "took")
+            #expect(responses["down\(i)"]?.status == 200)
+            #expect(responses["down\(i)"]?.body.readableBytes == big.utf8.count)
+            #expect(responses["down\(i)"]?.body.readableBytesView.elementsEqual(big.utf8) == true, "the bytes as sent")
+        }
+        let uploads = upstream.recorded.filter { $0.head.method == .POST }
+        #expect(uploads.count == 3)
+        #expect(uploads.allSatisfy { $0.bodyBytes == 5 << 20 })
+        try await client.close()
+        await proxy.stop()
+    }
+
     @Test func autoListenerStillSpeaksHTTP1() async throws {
         let upstream = try await FakeUpstream(group: group)
         let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)

@@ -1,6 +1,7 @@
 import CoreMetrics
 import NIOCore
 import NIOEmbedded
+import NIOHTTP2
 import Testing
 import VigilCore
 @testable import VigilProxy
@@ -12,7 +13,7 @@ import VigilCore
         let config = try VigilConfig.parse(yaml: """
             access_log: { output: "off" }
             listeners: [{ name: in, address: "127.0.0.1:0", routes: [{ match: { prefix: "/" }, cluster: c }] }]
-            clusters: [{ name: c, endpoints: ["127.0.0.1:9"] }]
+            clusters: [{ name: c, endpoints: ["127.0.0.1:9"], circuit_breakers: { max_connections: 1 } }]
             """)
         return try ProxyRuntime(config: config, group: loop, metricsFactory: NOOPMetricsHandler.instance, accessLog: .off)
     }
@@ -36,15 +37,25 @@ import VigilCore
     @Test func http2StreamHandlerIsFreedWhenItsStreamCloses() throws {
         let loop = EmbeddedEventLoop()
         let runtime = try runtime(loop)
-        weak var weakHandler: HTTP2StreamHandler?
+        weak var weakStream: HTTP2StreamHandler?
         try {
-            let handler = HTTP2StreamHandler(runtime: runtime, listener: runtime.listeners[0], loop: runtime.loopContext(loop))
-            weakHandler = handler
-            let channel = EmbeddedChannel(handler: handler, loop: loop)
+            let connection = HTTP2ServerConnection(
+                runtime: runtime, listener: runtime.listeners[0], loop: runtime.loopContext(loop), session: .plain,
+                facts: ForwardingFacts(clientAddress: "127.0.0.1", scheme: "http", clientCert: nil))
+            let channel = EmbeddedChannel(handler: connection, loop: loop)
             try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+            // A POST whose body has not come: the stream waits for the cluster's one connection, which is taken
+            // (an EmbeddedEventLoop cannot connect), with its body timer armed.
+            #expect(runtime.current.clusters[0].reserveConnection())
+            try channel.writeInbound(HTTP2Frame(streamID: 1, payload: .headers(.init(headers: [
+                ":method": "POST", ":scheme": "http", ":path": "/", ":authority": "a"]))))
+            weakStream = connection.stream(1)
+            #expect(weakStream != nil)
+            channel.pipeline.fireUserInboundEventTriggered(StreamClosedEvent(streamID: 1, reason: .cancel))
+            #expect(connection.stream(1) == nil)
             _ = try? channel.finish()
         }()
         loop.run()
-        #expect(weakHandler == nil)
+        #expect(weakStream == nil)
     }
 }

@@ -2,87 +2,217 @@ import NIOCore
 import NIOHTTP2
 import VigilCore
 
-/// Sets up an HTTP/2 connection (prior knowledge) whose streams are each served by an `HTTP2StreamHandler`.
+/// Sets up an HTTP/2 connection (prior knowledge) whose streams are each served by an `HTTP2StreamHandler` on
+/// the connection's own `HTTP2ServerConnection` handler.
 enum HTTP2Pipeline {
+    /// The window each stream and the connection are kept near (RFC 9113 §6.9): big enough that an upload is
+    /// not held to a round trip per 64 KiB, small enough that a client can park little in Vigil's memory.
+    static let windowTarget = 1 << 20
+
     static func configure(channel: Channel, runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext,
                           session: DownstreamSession = .plain) throws {
         var connection = NIOHTTP2Handler.ConnectionConfiguration()
         connection.initialSettings = [
             HTTP2Setting(parameter: .maxConcurrentStreams, value: listener.config.limits.maxConcurrentStreams),
             HTTP2Setting(parameter: .maxHeaderListSize, value: listener.config.limits.maxHeaderBytes),
-            HTTP2Setting(parameter: .initialWindowSize, value: 1 << 20),
+            HTTP2Setting(parameter: .initialWindowSize, value: windowTarget),
         ]
-        var stream = NIOHTTP2Handler.StreamConfiguration()
-        stream.targetWindowSize = 1 << 20
-        stream.outboundBufferSizeHighWatermark = 256 * 1024
-        stream.outboundBufferSizeLowWatermark = 64 * 1024
-        let drain = HTTP2DrainHandler()
-        let delegate = NIOLoopBound(drain, eventLoop: channel.eventLoop)
         // Below the HTTP/2 handler (and above TLS): every stream flushes its own response, and each flush
         // would otherwise be a write (and a TLS record) of its own.
         try channel.pipeline.syncOperations.addHandler(BatchFlushHandler(flushes: loop.flushes))
         let facts = ForwardingFacts(clientAddress: channel.remoteAddress?.ipAddress ?? "unknown", scheme: session.scheme,
                                     clientCert: session.forwardedClientCert)
-        _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
-            mode: .server, connectionConfiguration: connection, streamConfiguration: stream,
-            streamDelegate: HTTP2StreamCounter(drain: delegate)
-        ) { streamChannel in
-            do {
-                try streamChannel.pipeline.syncOperations.addHandler(
-                    HTTP2StreamHandler(runtime: runtime, listener: listener, loop: loop, session: session, facts: facts))
-                return streamChannel.eventLoop.makeSucceededVoidFuture()  // NIO hands out one cached future
-            } catch {
-                return streamChannel.eventLoop.makeFailedFuture(error)
-            }
-        }
-        try channel.pipeline.syncOperations.addHandler(drain)
+        let streams = HTTP2ServerConnection(runtime: runtime, listener: listener, loop: loop, session: session,
+                                            facts: facts)
+        try channel.pipeline.syncOperations.addHandler(
+            NIOHTTP2Handler(mode: .server, frameDelegate: streams, connectionConfiguration: connection))
+        try channel.pipeline.syncOperations.addHandler(streams)
     }
 }
 
-/// Counts open streams so a draining connection closes once its last stream ends.
-struct HTTP2StreamCounter: NIOHTTP2StreamDelegate {
-    let drain: NIOLoopBound<HTTP2DrainHandler>
-    func streamCreated(_ id: HTTP2StreamID, channel: Channel) { drain.value.openStreams += 1 }
-    func streamClosed(_ id: HTTP2StreamID, channel: Channel) {
-        drain.value.openStreams -= 1
-        drain.value.closeIfDrained()
-    }
-}
-
-/// On drain (or when the client closes its side), sends GOAWAY (RFC 9113 §6.8) so the client opens no new
+/// Serves every stream of one HTTP/2 connection from the connection's handler: frames in, frames out, an
+/// `HTTP2StreamHandler` per stream in a table. NIOHTTP2's alternative, a child `Channel` with its own
+/// pipeline per stream, cost about 5 µs of CPU per request more (`Bench/NIOH2Floor`, RESULTS.md), so Vigil does
+/// here what the stream channels did: it opens the inbound windows as streams take their bytes
+/// (`HTTP2InboundWindow`), holds a stream's DATA while its upstream is not taking it, and tells a stream when
+/// its response is buffered past the watermark (counting bytes NIOHTTP2 has not written yet, which it reports
+/// through `NIOHTTP2FrameDelegate`). Frame syntax, stream states, HPACK, SETTINGS and outbound flow control
+/// stay with `NIOHTTP2Handler` below.
+///
+/// On drain (or when the client closes its side) it sends GOAWAY (RFC 9113 §6.8) so the client opens no new
 /// streams, and closes the connection once the streams in flight have finished.
-final class HTTP2DrainHandler: ChannelInboundHandler {
+final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
     typealias InboundIn = HTTP2Frame
+    typealias OutboundIn = HTTP2Frame
     typealias OutboundOut = HTTP2Frame
-    var openStreams = 0
+
+    /// A stream's buffered response beyond this makes it unwritable (its upstream stops being read), below
+    /// the low mark writable again.
+    static let outboundHighWatermark = 256 * 1024
+    static let outboundLowWatermark = 64 * 1024
+
+    private let runtime: ProxyRuntime
+    private let listener: ListenerRuntime
+    private let loop: LoopContext
+    private let session: DownstreamSession
+    /// The connection's x-forwarded-* lines, made once per connection rather than per stream.
+    private let facts: ForwardingFacts
+    private(set) var context: ChannelHandlerContext?
+    private var streams: [HTTP2StreamID: HTTP2StreamHandler] = [:]
+    /// Streams that got frames in the current read burst: their upstream writes are flushed when it ends.
+    private var touched: [HTTP2StreamHandler] = []
+    private var connectionWindow = HTTP2InboundWindow(target: HTTP2Pipeline.windowTarget)
+    /// The stream window the client has acknowledged (RFC 9113 §6.9.2: 65,535 until our SETTINGS are ACKed).
+    private var streamWindowTarget = 65_535
     private var draining = false
-    private var context: ChannelHandlerContext?
+    private(set) var allocator = ByteBufferAllocator()
 
-    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, session: DownstreamSession,
+         facts: ForwardingFacts) {
+        self.runtime = runtime
+        self.listener = listener
+        self.loop = loop
+        self.session = session
+        self.facts = facts
+    }
 
-    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }  // no handler ↔ context cycle
+    var isWritable: Bool { context?.channel.isWritable ?? false }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        allocator = context.channel.allocator
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        closeAllStreams()
+        self.context = nil  // no handler ↔ context cycle
+    }
+
+    // MARK: - Frames in
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        switch frame.payload {
+        case .headers(let headers):
+            let stream: HTTP2StreamHandler
+            if let known = streams[frame.streamID] {
+                stream = known
+            } else {
+                // NIOHTTP2 has checked that this opens a new client stream within SETTINGS_MAX_CONCURRENT_STREAMS.
+                stream = HTTP2StreamHandler(connection: self, streamID: frame.streamID, runtime: runtime,
+                                            listener: listener, loop: loop, session: session, facts: facts,
+                                            initialWindow: streamWindowTarget)
+                streams[frame.streamID] = stream
+            }
+            touch(stream)
+            stream.receivedHeaders(headers)
+        case .data(let data):
+            guard let stream = streams[frame.streamID] else { return }
+            touch(stream)
+            stream.receivedData(data)
+        case .alternativeService, .goAway, .origin, .ping, .priority, .pushPromise, .rstStream, .settings,
+             .windowUpdate:
+            break  // NIOHTTP2 acts on these; a reset stream is reported as a StreamClosedEvent
+        }
+    }
+
+    private func touch(_ stream: HTTP2StreamHandler) {
+        if !stream.touched {
+            stream.touched = true
+            touched.append(stream)
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        for stream in touched {
+            stream.touched = false
+            stream.readComplete()
+        }
+        touched.removeAll(keepingCapacity: true)
+        context.fireChannelReadComplete()
+    }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        // A client that closes its side (TCP FIN, reported as inputClosed with half-closure allowed) can send
-        // nothing more: the connection ends like a draining one, once its streams have been answered.
-        let inputClosed = (event as? ChannelEvent) == .inputClosed
-        if event is DrainEvent || inputClosed, !draining {
-            draining = true
-            let goAway = HTTP2Frame(streamID: .rootStream,
-                                    payload: .goAway(lastStreamID: .maxID, errorCode: .noError, opaqueData: nil))
-            context.writeAndFlush(wrapOutboundOut(goAway), promise: nil)
+        switch event {
+        case let closed as StreamClosedEvent:
+            streams.removeValue(forKey: closed.streamID)?.streamClosed()
             closeIfDrained()
+        case let window as NIOHTTP2WindowUpdatedEvent:
+            guard let inbound = window.inboundWindowSize else { break }
+            if window.streamID == .rootStream {
+                if let increment = connectionWindow.windowChanged(to: inbound) {
+                    sendWindowUpdate(.rootStream, increment)
+                }
+            } else {
+                streams[window.streamID]?.inboundWindowChanged(to: inbound)
+            }
+        case let change as NIOHTTP2BulkStreamWindowChangeEvent:
+            streamWindowTarget += change.delta
+            for stream in streams.values { stream.initialWindowChanged(by: change.delta) }
+        default:
+            // A client that closes its side (TCP FIN, reported as inputClosed with half-closure allowed) can send
+            // nothing more: the connection ends like a draining one, once its streams have been answered.
+            let inputClosed = (event as? ChannelEvent) == .inputClosed
+            if event is DrainEvent || inputClosed, !draining {
+                draining = true
+                let goAway = HTTP2Frame(streamID: .rootStream,
+                                        payload: .goAway(lastStreamID: .maxID, errorCode: .noError, opaqueData: nil))
+                context.writeAndFlush(wrapOutboundOut(goAway), promise: nil)
+                closeIfDrained()
+            }
         }
         context.fireUserInboundEventTriggered(event)
     }
 
-    func closeIfDrained() {
-        if draining, openStreams == 0 { context?.close(promise: nil) }
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        for stream in streams.values { stream.writabilityMayHaveChanged() }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        closeAllStreams()
+        context.fireChannelInactive()
+    }
+
+    private func closeAllStreams() {
+        let open = streams.values
+        streams.removeAll()
+        for stream in touched { stream.touched = false }
+        touched.removeAll()
+        for stream in open { stream.streamClosed() }
+    }
+
+    /// The stream with this id, while NIOHTTP2 has it open (for tests).
+    func stream(_ id: HTTP2StreamID) -> HTTP2StreamHandler? { streams[id] }
+
+    private func closeIfDrained() {
+        if draining, streams.isEmpty { context?.close(promise: nil) }
+    }
+
+    // MARK: - Frames out (for the streams)
+
+    func write(_ streamID: HTTP2StreamID, _ payload: HTTP2Frame.FramePayload) {
+        context?.write(wrapOutboundOut(HTTP2Frame(streamID: streamID, payload: payload)), promise: nil)
+    }
+
+    /// Held until the end of the event loop's batch by `BatchFlushHandler`.
+    func flush() { context?.flush() }
+
+    func sendWindowUpdate(_ streamID: HTTP2StreamID, _ increment: Int) {
+        write(streamID, .windowUpdate(windowSizeIncrement: increment))
+        flush()
+    }
+
+    /// NIOHTTP2 wrote a frame to the connection (after its own flow-control buffering): a stream's DATA has
+    /// left its queue.
+    func wroteFrame(_ frame: HTTP2Frame) {
+        guard case .data(let data) = frame.payload, let stream = streams[frame.streamID] else { return }
+        stream.responseBytesWritten(data.data.readableBytes)
     }
 }
 
 @available(*, unavailable)
-extension HTTP2DrainHandler: Sendable {}
+extension HTTP2ServerConnection: Sendable {}
 
 /// Holds a connection's flushes until its event loop has handled the current batch of events
 /// (`FlushBatch`): the frames of every stream answered (or requested) in one wakeup then leave in one write,

@@ -14,12 +14,10 @@ struct HTTP2Request: RoutableRequest {
 
 /// Serves one HTTP/2 stream by translating it to HTTP/1.1 towards a pooled upstream connection
 /// (RFC 9113 §8.2.2 connection-specific fields dropped, cookies joined per §8.2.3), and the response back.
-/// Flow control: the stream's window only opens as the upstream accepts the body, because the handler
-/// stops reading the stream while the upstream is not writable.
-final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWaiter, DeadlineWaiter {
-    typealias InboundIn = HTTP2Frame.FramePayload
-    typealias OutboundIn = HTTP2Frame.FramePayload
-    typealias OutboundOut = HTTP2Frame.FramePayload
+/// Its frames come from and go to the connection's `HTTP2ServerConnection`.
+/// Flow control: the stream's window only opens as the upstream accepts the body; while the upstream is not
+/// writable the stream's DATA is held here, unacknowledged, until it is.
+final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
 
     enum Phase {
         /// Waiting for the request header block. Next: waitingForUpstream, done.
@@ -31,10 +29,13 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         case done
     }
 
+    private let connection: HTTP2ServerConnection
+    let streamID: HTTP2StreamID
+    /// Set while the stream is in its connection's list of streams that got frames in this read burst.
+    var touched = false
     private let runtime: ProxyRuntime
     private let listener: ListenerRuntime
     private let loop: LoopContext
-    private var context: ChannelHandlerContext!
     private var phase = Phase.idle
     private var request: HTTP2Request?
     private var target: UpstreamTarget?
@@ -67,76 +68,134 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var retries = RetryState()
     private var trySentAt = NIODeadline.uptimeNanoseconds(0)
     private var retryTask: Scheduled<Void>?
-    private var readGate = ReadGate()
     private var requestID = LoggedRequestID.none
+    /// Whether NIOHTTP2 still has the stream (until its StreamClosedEvent): frames are written only then.
+    private var streamOpen = true
+    /// The request's DATA (and trailers behind it) held while the upstream is not taking the body.
+    private var readsPaused = false
+    /// An array, not a CircularBuffer: that would allocate its storage for every stream, and few streams ever hold.
+    private var held: [HTTP2Frame.FramePayload] = []
+    private var releasingHeld = false
+    private var window: HTTP2InboundWindow
+    /// Response bytes written and not yet sent by NIOHTTP2 (its flow-control buffer included), and whether
+    /// that crossed the high watermark (and has not yet fallen under the low one).
+    private var queuedResponseBytes = 0
+    private var aboveWatermark = false
+    private var wasWritable = true
 
     private let session: DownstreamSession
     /// The connection's x-forwarded-* lines, made once per connection rather than per stream.
     private let facts: ForwardingFacts
 
-    init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, session: DownstreamSession = .plain,
-         facts: ForwardingFacts? = nil) {
+    init(connection: HTTP2ServerConnection, streamID: HTTP2StreamID, runtime: ProxyRuntime, listener: ListenerRuntime,
+         loop: LoopContext, session: DownstreamSession = .plain, facts: ForwardingFacts,
+         initialWindow: Int = HTTP2Pipeline.windowTarget) {
+        self.connection = connection
+        self.streamID = streamID
         self.session = session
-        self.facts = facts ?? ForwardingFacts(clientAddress: "unknown", scheme: session.scheme,
-                                              clientCert: session.forwardedClientCert)
+        self.facts = facts
         self.runtime = runtime
         self.listener = listener
         self.loop = loop
+        self.window = HTTP2InboundWindow(target: initialWindow)
     }
 
-    func handlerAdded(context: ChannelHandlerContext) {
-        self.context = context
-        allocator = context.channel.allocator
-    }
+    private var allocator: ByteBufferAllocator { connection.allocator }
 
-    func handlerRemoved(context: ChannelHandlerContext) {
-        // Break the handler ↔ context cycle, or every stream ever served stays in memory with its channel
-        // and headers (seen with heaptrack: one leaked stream per request).
-        cancelTimers()
-        self.context = nil
-    }
+    // MARK: - Frames from the connection
 
-    /// Kept from `handlerAdded`: `context.channel.allocator` walks the pipeline on every use.
-    private var allocator = ByteBufferAllocator()
-
-    func read(context: ChannelHandlerContext) {
-        if readGate.allowsRead() { context.read() }
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let payload = unwrapInboundIn(data)
-        switch payload {
-        case .headers(let h):
-            if phase == .idle {
-                startRequest(h.headers, endStream: h.endStream)
-            } else if !requestBodyDone {
-                // Trailers.
-                bodyEnded(trailers: h.headers)
-            }
-        case .data(let d):
-            guard case .byteBuffer(let bytes) = d.data, !requestBodyDone else { return }
-            bytesIn += bytes.readableBytes
-            bodyBytes += bytes.readableBytes
-            lastBodyRead = .now()
-            if let max = listener.config.limits.maxBodyBytes, bodyBytes > max {
-                upstream?.close()
-                upstream = nil
-                reply(status: 413, reason: "body_too_large", detail: "the request body is larger than max_body_bytes (\(max))")
-                return
-            }
-            sendBody(bytes)
-            if d.endStream { bodyEnded(trailers: nil) }
-        default:
-            break
+    func receivedHeaders(_ h: HTTP2Frame.FramePayload.Headers) {
+        if h.endStream { window.closed = true }
+        if phase == .idle {
+            startRequest(h.headers, endStream: h.endStream)
+        } else if readsPaused || !held.isEmpty {
+            held.append(.headers(h))  // trailers stay behind the DATA held before them
+        } else if !requestBodyDone {
+            bodyEnded(trailers: h.headers)
         }
     }
 
-    func channelReadComplete(context: ChannelHandlerContext) {
+    func receivedData(_ d: HTTP2Frame.FramePayload.Data) {
+        if d.endStream { window.closed = true }
+        if readsPaused || !held.isEmpty {
+            held.append(.data(d))
+            window.heldBytes(d.data.readableBytes)
+        } else {
+            deliver(d)
+        }
+    }
+
+    private func deliver(_ d: HTTP2Frame.FramePayload.Data) {
+        guard case .byteBuffer(let bytes) = d.data, !requestBodyDone, phase != .done else { return }
+        bytesIn += bytes.readableBytes
+        bodyBytes += bytes.readableBytes
+        lastBodyRead = .now()
+        if let max = listener.config.limits.maxBodyBytes, bodyBytes > max {
+            upstream?.close()
+            upstream = nil
+            reply(status: 413, reason: "body_too_large", detail: "the request body is larger than max_body_bytes (\(max))")
+            return
+        }
+        sendBody(bytes)
+        if d.endStream { bodyEnded(trailers: nil) }
+    }
+
+    /// Hands held frames on while the upstream takes them, and opens the window for what it took.
+    private func releaseHeld() {
+        guard !releasingHeld, !held.isEmpty else { return }
+        releasingHeld = true
+        defer {
+            releasingHeld = false
+            upstream?.flush()  // outside a read burst (the upstream drained): nothing else would send these
+        }
+        while !readsPaused, !held.isEmpty {
+            let next = held.removeFirst()
+            switch next {
+            case .data(let d):
+                deliver(d)
+                if let increment = window.handedOn(d.data.readableBytes), streamOpen {
+                    connection.sendWindowUpdate(streamID, increment)
+                }
+            case .headers(let h):
+                if !requestBodyDone && phase != .done { bodyEnded(trailers: h.headers) }
+            default:
+                break
+            }
+        }
+    }
+
+    /// The end of the connection's read burst: what this stream's frames wrote upstream goes out.
+    func readComplete() {
         upstream?.flush()
     }
 
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable {
+    func inboundWindowChanged(to size: Int) {
+        if let increment = window.windowChanged(to: size), streamOpen { connection.sendWindowUpdate(streamID, increment) }
+    }
+
+    func initialWindowChanged(by delta: Int) {
+        if let increment = window.initialSizeChanged(by: delta), streamOpen {
+            connection.sendWindowUpdate(streamID, increment)
+        }
+    }
+
+    /// NIOHTTP2 sent `n` bytes of this stream's response DATA.
+    func responseBytesWritten(_ n: Int) {
+        queuedResponseBytes -= n
+        if aboveWatermark && queuedResponseBytes < HTTP2ServerConnection.outboundLowWatermark {
+            aboveWatermark = false
+            writabilityMayHaveChanged()
+        }
+    }
+
+    /// Writable while the connection is and this stream's unsent response is under the watermark.
+    private var isWritable: Bool { !aboveWatermark && connection.isWritable }
+
+    func writabilityMayHaveChanged() {
+        let writable = isWritable
+        guard writable != wasWritable else { return }
+        wasWritable = writable
+        if writable {
             stallTask?.cancel()
             stallTask = nil
             upstream?.resumeReading()
@@ -144,7 +203,37 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             armStallTimer()
             upstream?.pauseReading()
         }
-        context.fireChannelWritabilityChanged()
+    }
+
+    // MARK: - Frames to the connection
+
+    private func send(_ payload: HTTP2Frame.FramePayload) {
+        guard streamOpen else { return }
+        if case .data(let d) = payload {
+            queuedResponseBytes += d.data.readableBytes
+            if !aboveWatermark && queuedResponseBytes > HTTP2ServerConnection.outboundHighWatermark {
+                aboveWatermark = true
+                connection.write(streamID, payload)
+                writabilityMayHaveChanged()
+                return
+            }
+        }
+        connection.write(streamID, payload)
+    }
+
+    /// RST_STREAM: NIOHTTP2 closes the stream, and its StreamClosedEvent ends the exchange if it is still on.
+    /// Nothing more is written to the stream after it.
+    private func reset(_ code: HTTP2ErrorCode) {
+        guard streamOpen else { return }
+        connection.write(streamID, .rstStream(code))
+        connection.flush()
+        streamOpen = false
+    }
+
+    /// A whole response has gone out while the client is still sending its request: RST_STREAM(NO_ERROR) asks
+    /// it to stop (RFC 9113 §8.1), and the stream does not stay half-open holding a concurrent-stream slot.
+    private func endRequestEarlyIfUnfinished() {
+        if !requestBodyDone && !window.closed { reset(.noError) }
     }
 
     /// `send_timeout` for a stream: a client that keeps the stream's flow-control window (or the connection)
@@ -152,7 +241,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private func armStallTimer() {
         guard stallTask == nil else { return }
         let timeout = listener.sendTimeout
-        stallTask = context.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [self] in
+        stallTask = loop.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [self] in
             stallTask = nil
             if phase == .waitingForUpstream { target?.pool.cancel(self) }
             upstream?.close()
@@ -160,12 +249,15 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             if phase == .waitingForUpstream || phase == .forwarding {
                 finish(status: responseStarted ? status : 0, reason: "downstream_send_timeout", reuseUpstream: false)
             }
-            context.close(promise: nil)  // RST_STREAM
+            reset(.cancel)
         }
     }
 
-    func channelInactive(context: ChannelHandlerContext) {
-        // Stream reset or closed by the client before the exchange finished.
+    /// NIOHTTP2 closed the stream (both sides ended, a reset either way, or the connection went): an exchange
+    /// still under way ends as a client disconnect.
+    func streamClosed() {
+        streamOpen = false
+        held.removeAll()
         switch phase {
         case .waitingForUpstream:
             target?.pool.cancel(self)
@@ -376,7 +468,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         if wait <= .zero {
             target.pool.acquire(self)
         } else {
-            retryTask = context.eventLoop.assumeIsolated().scheduleTask(in: TimeAmount(wait)) { [self] in
+            retryTask = loop.eventLoop.assumeIsolated().scheduleTask(in: TimeAmount(wait)) { [self] in
                 retryTask = nil
                 guard phase == .waitingForUpstream else { return }
                 self.target?.pool.acquire(self)
@@ -513,7 +605,12 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     private func updateReads() {
         let shouldPause = upstream.map { !$0.isWritable } ?? (pendingBody.count > 16)
-        if readGate.set(paused: shouldPause) { context.read() }
+        if shouldPause {
+            readsPaused = true
+        } else if readsPaused {
+            readsPaused = false
+            releaseHeld()
+        }
     }
 
     private var timeoutDeadline: NIODeadline?
@@ -522,12 +619,12 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// 408 and RST_STREAM(NO_ERROR) (RFC 9113 §8.1: the client may stop sending), or RST_STREAM(CANCEL) if
     /// the response had begun.
     private func armBodyTimer(at deadline: NIODeadline) {
-        bodyTask = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in
+        bodyTask = loop.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in
             bodyTask = nil
             guard !requestBodyDone, phase == .waitingForUpstream || phase == .forwarding else { return }
             let timeout = listener.bodyTimeout
             let now = NIODeadline.now()
-            if readGate.isPaused { lastBodyRead = now }
+            if readsPaused { lastBodyRead = now }
             guard now - lastBodyRead >= timeout else {
                 armBodyTimer(at: lastBodyRead + timeout)
                 return
@@ -539,10 +636,10 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                 // The response is cut short: the reset says so (CANCEL), where after a whole 408 it only asks
                 // the client to stop sending (NO_ERROR).
                 finish(status: status, reason: "request_body_timeout", reuseUpstream: false)
-                context.writeAndFlush(wrapOutboundOut(.rstStream(.cancel)), promise: nil)
+                reset(.cancel)
             } else {
+                // reply() ends with RST_STREAM(NO_ERROR): the client may stop sending (RFC 9113 §8.1).
                 reply(status: 408, reason: "request_body_timeout", detail: "no more of the request body arrived within body_timeout")
-                context.writeAndFlush(wrapOutboundOut(.rstStream(.noError)), promise: nil)
             }
         }
     }
@@ -625,7 +722,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         }
         let noBody = head.framing(requestMethodIsHead: request?.method == "HEAD") == .none
         if noBody { bodyDoneWriting = true }
-        context.write(wrapOutboundOut(.headers(.init(headers: headers, endStream: noBody))), promise: nil)
+        send(.headers(.init(headers: headers, endStream: noBody)))
     }
 
     private var bodyDoneWriting = false
@@ -633,7 +730,7 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     func upstreamResponseBody(_ bytes: ByteBuffer) {
         guard bytes.readableBytes > 0 else { return }
         bytesOut += bytes.readableBytes
-        context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(bytes)))), promise: nil)
+        send(.data(.init(data: .byteBuffer(bytes))))
     }
 
     func upstreamResponseEnd(trailers: ByteBuffer?) {
@@ -643,12 +740,13 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         finish(status: status, reason: "-", reuseUpstream: requestBodyDone)
         if !bodyDoneWriting {
             if let trailers, let parsed = HTTP2Fields.headers(fromFieldLines: trailers) {
-                context.write(wrapOutboundOut(.headers(.init(headers: parsed, endStream: true))), promise: nil)
+                send(.headers(.init(headers: parsed, endStream: true)))
             } else {
-                context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(ByteBuffer()), endStream: true))), promise: nil)
+                send(.data(.init(data: .byteBuffer(ByteBuffer()), endStream: true)))
             }
         }
-        context.flush()
+        connection.flush()
+        endRequestEarlyIfUnfinished()
     }
 
     func upstreamFailed(_ failure: UpstreamFailure, responseStarted started: Bool) {
@@ -662,11 +760,11 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             reply(status: failure.status, reason: failure.reason, detail: failure.detail)
         } else {
             finish(status: status, reason: failure.reason, reuseUpstream: false)
-            context.close(promise: nil)  // resets the stream
+            reset(.cancel)
         }
     }
 
-    func upstreamReadComplete() { context.flush() }
+    func upstreamReadComplete() { connection.flush() }
 
     func upstreamWritabilityChanged(writable: Bool) { updateReads() }
 
@@ -684,9 +782,10 @@ final class HTTP2StreamHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         let isHead = request?.method == "HEAD"
         bytesOut += body.readableBytes
         finish(status: status, reason: reason, reuseUpstream: false)  // before END_STREAM; see upstreamResponseEnd
-        context.write(wrapOutboundOut(.headers(.init(headers: headers, endStream: isHead))), promise: nil)
-        if !isHead { context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(body), endStream: true))), promise: nil) }
-        context.flush()
+        send(.headers(.init(headers: headers, endStream: isHead)))
+        if !isHead { send(.data(.init(data: .byteBuffer(body), endStream: true))) }
+        connection.flush()
+        endRequestEarlyIfUnfinished()
     }
 
     private func finish(status: Int, reason: String, reuseUpstream: Bool) {
