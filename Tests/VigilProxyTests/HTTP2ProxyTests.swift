@@ -283,6 +283,29 @@ import VigilCore
         await proxy.stop()
     }
 
+    /// A chunked HTTP/1.1 response reaches an HTTP/2 client whole, piece by piece, its last bytes or its
+    /// trailers carrying END_STREAM, on one connection one response after another.
+    @Test func chunkedResponsesAndTrailersReachHTTP2Clients() async throws {
+        let upstream = try await FakeUpstream(group: group) { head in
+            head.uri == "/trailers" ? .chunked(parts: ["one", "two", "three"], trailers: [("x-checksum", "42")])
+                : .chunked(parts: ["a", "b"])
+        }
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        for _ in 0..<2 {
+            let withTrailers = try await client.request(.GET, "/trailers")
+            #expect(withTrailers.status == 200)
+            #expect(withTrailers.text == "onetwothree")
+            #expect(withTrailers.trailers?.first(name: "x-checksum") == "42")
+            let plain = try await client.request(.GET, "/plain")
+            #expect(plain.status == 200)
+            #expect(plain.text == "ab")
+            #expect(plain.trailers == nil)
+        }
+        try await client.close()
+        await proxy.stop()
+    }
+
     @Test func autoListenerStillSpeaksHTTP1() async throws {
         let upstream = try await FakeUpstream(group: group)
         let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)

@@ -66,6 +66,9 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
     private var streamWindowTarget = 65_535
     private var draining = false
     private(set) var allocator = ByteBufferAllocator()
+    /// The body of a response's closing DATA frame when no bytes are left to carry END_STREAM: one per
+    /// connection, since `ByteBuffer()` allocates.
+    private(set) var emptyBuffer = ByteBuffer()
 
     init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, session: DownstreamSession,
          facts: ForwardingFacts) {
@@ -81,6 +84,7 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         allocator = context.channel.allocator
+        emptyBuffer = allocator.buffer(capacity: 0)
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {

@@ -258,6 +258,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
     func streamClosed() {
         streamOpen = false
         held.removeAll()
+        heldResponseBody = nil
         switch phase {
         case .waitingForUpstream:
             target?.pool.cancel(self)
@@ -407,7 +408,9 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
             let head = http1Head(for: request)
             connection.write(head)
             retries.markSent()
-            if target?.retry != nil { retries.replay = head }
+            if target?.retry != nil || requestBodyDone { retries.replay = head }
+            // A replay that body bytes are appended to must stay the only owner of its storage.
+            if requestBodyDone { writtenRequestHead = head }
         }
         for b in pendingBody { writeBody(b) }
         pendingBody.removeAll()
@@ -479,7 +482,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
 
     /// The HTTP/1.1 head for the upstream: request line, host, the regular fields, Vigil's fields.
     private func http1Head(for request: HTTP2Request) -> ByteBuffer {
-        var out = allocator.buffer(capacity: 512)
+        var out = loop.headBuffer(capacity: 512)
         out.writeString(request.method)
         out.writeStaticString(" ")
         out.writeString(request.path)
@@ -727,10 +730,26 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
 
     private var bodyDoneWriting = false
 
+    /// The latest piece of the response body, held back until the next piece, the response's end or the end
+    /// of the upstream's read burst: a response that ends in the same burst carries END_STREAM on its last
+    /// DATA frame, not on an empty frame of its own (one frame fewer to build and encode per response).
+    private var heldResponseBody: ByteBuffer?
+    /// The upstream request head of a bodyless request, given back to the loop's spares when the exchange ends
+    /// (`LoopContext.headBuffer`), as HTTP/1.1 requests' heads are.
+    private var writtenRequestHead: ByteBuffer?
+
     func upstreamResponseBody(_ bytes: ByteBuffer) {
         guard bytes.readableBytes > 0 else { return }
         bytesOut += bytes.readableBytes
-        send(.data(.init(data: .byteBuffer(bytes))))
+        sendHeldResponseBody()
+        heldResponseBody = bytes
+    }
+
+    private func sendHeldResponseBody() {
+        if let body = heldResponseBody {
+            heldResponseBody = nil
+            send(.data(.init(data: .byteBuffer(body))))
+        }
     }
 
     func upstreamResponseEnd(trailers: ByteBuffer?) {
@@ -740,9 +759,12 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
         finish(status: status, reason: "-", reuseUpstream: requestBodyDone)
         if !bodyDoneWriting {
             if let trailers, let parsed = HTTP2Fields.headers(fromFieldLines: trailers) {
+                sendHeldResponseBody()
                 send(.headers(.init(headers: parsed, endStream: true)))
             } else {
-                send(.data(.init(data: .byteBuffer(ByteBuffer()), endStream: true)))
+                let last = heldResponseBody ?? connection.emptyBuffer
+                heldResponseBody = nil
+                send(.data(.init(data: .byteBuffer(last), endStream: true)))
             }
         }
         connection.flush()
@@ -764,7 +786,10 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
         }
     }
 
-    func upstreamReadComplete() { connection.flush() }
+    func upstreamReadComplete() {
+        sendHeldResponseBody()
+        connection.flush()
+    }
 
     func upstreamWritabilityChanged(writable: Bool) { updateReads() }
 
@@ -792,7 +817,11 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
         guard phase != .done else { return }
         phase = .done
         cancelTimers()
-        retries.finish(target?.cluster)
+        retries.finish(target?.cluster)  // drops the replay copy first: the spare head is then its only owner
+        if let head = writtenRequestHead {
+            writtenRequestHead = nil
+            loop.recycleHead(head)
+        }
         runtime.activeRequests.wrappingDecrement(ordering: .relaxed)
         let now = NIODeadline.now()
         if let upstream {
