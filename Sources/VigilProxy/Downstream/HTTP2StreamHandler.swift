@@ -499,8 +499,11 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
             .map(MaxForwards.forwarded)
         if let maxForwards { HTTP1HeadWriter.writeMaxForwards(maxForwards, into: &out) }
         for (name, value, _) in request.headers {
+            // Pseudo-headers (every request has four) are skipped before the switch, which compares names one
+            // case at a time.
+            if name.utf8.first == UInt8(ascii: ":") { continue }
             switch name {
-            case ":method", ":path", ":authority", ":scheme", ":protocol", "host", "connection", "keep-alive",
+            case "host", "connection", "keep-alive",
                  "proxy-connection", "transfer-encoding", "upgrade", "x-forwarded-proto", "x-forwarded-client-cert",
                  "x-vigil-tenant":
                 continue
