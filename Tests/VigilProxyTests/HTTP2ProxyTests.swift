@@ -306,6 +306,33 @@ import VigilCore
         await proxy.stop()
     }
 
+    /// Drain (SIGTERM, `POST /drain`) on an HTTP/2 connection: GOAWAY(NO_ERROR) goes out at once, the stream
+    /// in flight is still answered in full, and then Vigil closes the connection, well before the drain timeout.
+    @Test func drainSendsGoAwayFinishesTheStreamInFlightThenCloses() async throws {
+        let gate = Gate()
+        let upstream = try await FakeUpstream(group: group) { _ in .gated(gate, body: "late") }
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        let slow = Task { try await client.request(.GET, "/slow") }
+        try await withTimeout(10, "the request to reach the upstream") {
+            while upstream.recorded.isEmpty { try await Task.sleep(for: .milliseconds(5)) }
+        }
+        let started = ContinuousClock.now
+        let drained = Task { await proxy.server.drain(timeout: .seconds(20)) }
+        try await withTimeout(10, "GOAWAY") {
+            while client.goAwaysReceived.isEmpty { try await Task.sleep(for: .milliseconds(5)) }
+        }
+        #expect(client.goAwaysReceived == [.noError])
+        #expect(client.isOpen, "the stream in flight keeps the connection")
+        gate.open()
+        let r = try await slow.value
+        #expect(r.status == 200)
+        #expect(r.text == "late")
+        await drained.value
+        await client.closed()
+        #expect(ContinuousClock.now - started < .seconds(10), "closed when its last stream ended, not at the timeout")
+    }
+
     @Test func autoListenerStillSpeaksHTTP1() async throws {
         let upstream = try await FakeUpstream(group: group)
         let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)

@@ -1,3 +1,4 @@
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOHPACK
@@ -10,6 +11,14 @@ import NIOPosix
 public final class H2TestClient: Sendable {
     let channel: Channel
     let multiplexer: NIOLoopBound<HTTP2StreamMultiplexer>
+    private let goAways: NIOLockedValueBox<[HTTP2ErrorCode]>
+
+    /// The error codes of the GOAWAY frames the server sent, in order.
+    public var goAwaysReceived: [HTTP2ErrorCode] { goAways.withLockedValue { $0 } }
+    /// Whether the connection is still open.
+    public var isOpen: Bool { channel.isActive }
+    /// Completes when the connection has closed (either side).
+    public func closed() async { try? await channel.closeFuture.get() }
 
     /// `validateHeaders: false` lets a test send header blocks a well-behaved client would refuse to.
     public static func connect(port: Int, group: EventLoopGroup, validateHeaders: Bool = true,
@@ -17,6 +26,7 @@ public final class H2TestClient: Sendable {
         // The HTTP/2 handler goes in before the socket connects, so the server's SETTINGS, which a
         // prior-knowledge server may send at once, never reach a pipeline that cannot read them.
         let ready = group.any().makePromise(of: NIOLoopBound<HTTP2StreamMultiplexer>.self)
+        let goAways = NIOLockedValueBox<[HTTP2ErrorCode]>([])
         let channel = try await ClientBootstrap(group: group)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -25,14 +35,16 @@ public final class H2TestClient: Sendable {
                     let multiplexer = HTTP2StreamMultiplexer(mode: .client, channel: channel, inboundStreamInitializer: nil)
                     try channel.pipeline.syncOperations.addHandler(http2)
                     try channel.pipeline.syncOperations.addHandler(multiplexer)
+                    try channel.pipeline.syncOperations.addHandler(GoAwayRecorder(goAways))  // stream 0's frames
                     ready.succeed(NIOLoopBound(multiplexer, eventLoop: channel.eventLoop))
                 }
             }
             .connect(host: "127.0.0.1", port: port).get()
-        return H2TestClient(channel: channel, multiplexer: try await ready.futureResult.get())
+        return H2TestClient(channel: channel, multiplexer: try await ready.futureResult.get(), goAways: goAways)
     }
 
-    init(channel: Channel, multiplexer: NIOLoopBound<HTTP2StreamMultiplexer>) {
+    init(channel: Channel, multiplexer: NIOLoopBound<HTTP2StreamMultiplexer>, goAways: NIOLockedValueBox<[HTTP2ErrorCode]>) {
+        self.goAways = goAways
         self.channel = channel
         self.multiplexer = multiplexer
     }
@@ -163,3 +175,16 @@ final class StreamResponseCollector: ChannelInboundHandler {
 
 @available(*, unavailable)
 extension StreamResponseCollector: Sendable {}
+
+/// Notes the GOAWAY frames that reach the connection (the multiplexer passes stream 0's frames on).
+final class GoAwayRecorder: ChannelInboundHandler {
+    typealias InboundIn = HTTP2Frame
+    let goAways: NIOLockedValueBox<[HTTP2ErrorCode]>
+    init(_ goAways: NIOLockedValueBox<[HTTP2ErrorCode]>) { self.goAways = goAways }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if case .goAway(_, let code, _) = unwrapInboundIn(data).payload { goAways.withLockedValue { $0.append(code) } }
+    }
+}
+
+@available(*, unavailable)
+extension GoAwayRecorder: Sendable {}

@@ -65,6 +65,7 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
     /// The stream window the client has acknowledged (RFC 9113 §6.9.2: 65,535 until our SETTINGS are ACKed).
     private var streamWindowTarget = 65_535
     private var draining = false
+    private var closeScheduled = false
     private(set) var allocator = ByteBufferAllocator()
     /// The body of a response's closing DATA frame when no bytes are left to carry END_STREAM: one per
     /// connection, since `ByteBuffer()` allocates.
@@ -193,8 +194,18 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
     /// The stream with this id, while NIOHTTP2 has it open (for tests).
     func stream(_ id: HTTP2StreamID) -> HTTP2StreamHandler? { streams[id] }
 
+    /// Not at once: NIOHTTP2 reports a stream closed (StreamClosedEvent) from inside the write of the stream's
+    /// last frame, before the stream has flushed it, and a close then would drop the end of the last response.
+    /// The close runs once this call stack has unwound, after that flush, if no stream has opened meanwhile.
     private func closeIfDrained() {
-        if draining, streams.isEmpty { context?.close(promise: nil) }
+        guard draining, streams.isEmpty, !closeScheduled, let context else { return }
+        closeScheduled = true
+        context.eventLoop.assumeIsolated().execute { [self] in
+            closeScheduled = false
+            guard streams.isEmpty, let context = self.context else { return }
+            context.flush()
+            context.close(promise: nil)
+        }
     }
 
     // MARK: - Frames out (for the streams)
