@@ -1,3 +1,4 @@
+import NIOConcurrencyHelpers
 import Foundation
 import NIOCore
 import NIOHTTP1
@@ -333,6 +334,39 @@ import VigilCore
         #expect(ContinuousClock.now - started < .seconds(10), "closed when its last stream ended, not at the timeout")
     }
 
+    /// A connection error (here DATA on stream 0, RFC 9113 §6.1) gets GOAWAY(PROTOCOL_ERROR), and then Vigil
+    /// closes the TCP connection, as RFC 9113 §5.4.1 requires; NIOHTTP2 alone would leave it open.
+    @Test func aConnectionErrorGetsGoAwayAndTheConnectionIsClosed() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
+        let received = NIOLockedValueBox(ByteBuffer())
+        let channel = try await ClientBootstrap(group: group)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ByteCollector(received))
+                }
+            }
+            .connect(host: "127.0.0.1", port: proxy.port()).get()
+        var bytes = ByteBuffer(string: "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        bytes.writeBytes([0, 0, 0, 4, 0, 0, 0, 0, 0])          // SETTINGS, empty
+        bytes.writeBytes([0, 0, 2, 0, 0, 0, 0, 0, 0, 0x68, 0x69])  // DATA on stream 0
+        try await channel.writeAndFlush(bytes)
+        try await withTimeout(5, "Vigil to close the connection") { try await channel.closeFuture.get() }
+        // The last frame before the close is GOAWAY (type 7) with PROTOCOL_ERROR (1).
+        let all = received.withLockedValue { $0 }
+        var frames: [(type: UInt8, payload: [UInt8])] = []
+        var rest = all
+        while rest.readableBytes >= 9, let header = rest.readBytes(length: 9) {
+            let length = Int(header[0]) << 16 | Int(header[1]) << 8 | Int(header[2])
+            guard let payload = rest.readBytes(length: length) else { break }
+            frames.append((header[3], payload))
+        }
+        let last = try #require(frames.last)
+        #expect(last.type == 7)
+        #expect(last.payload.count >= 8 && last.payload[7] == 1, "error code PROTOCOL_ERROR")
+        await proxy.stop()
+    }
+
     @Test func autoListenerStillSpeaksHTTP1() async throws {
         let upstream = try await FakeUpstream(group: group)
         let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
@@ -343,3 +377,17 @@ import VigilCore
         await proxy.stop()
     }
 }
+
+/// Keeps every byte a connection receives.
+final class ByteCollector: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    let received: NIOLockedValueBox<ByteBuffer>
+    init(_ received: NIOLockedValueBox<ByteBuffer>) { self.received = received }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = unwrapInboundIn(data)
+        received.withLockedValue { $0.writeBuffer(&bytes) }
+    }
+}
+
+@available(*, unavailable)
+extension ByteCollector: Sendable {}

@@ -1,5 +1,7 @@
 import Foundation
 import NIOCore
+import NIOHTTP2
+import NIOEmbedded
 import NIOHTTP1
 import NIOPosix
 import Testing
@@ -67,6 +69,37 @@ import VigilTestSupport
         // One connection per proxy event loop at most, each carrying many streams.
         #expect(upstream.connections <= 2)
         await proxy.stop()
+    }
+
+    /// An upstream that breaks the protocol (here DATA on a stream never opened) gets GOAWAY from NIOHTTP2, and
+    /// `HTTP2ConnectionErrorCloser` then closes the connection, so the pool opens a new one for the next
+    /// request. Left open, it took no new stream and every request to the cluster hung until the upstream
+    /// closed it: seen behind nginx after a client dropped 400 requests at once, when frames arrived for more
+    /// reset streams than NIOHTTP2's default memory of 32 (now twice the streams Vigil opens).
+    @Test func anUpstreamConnectionErrorClosesTheConnection() throws {
+        let loop = EmbeddedEventLoop()
+        let channel = EmbeddedChannel(loop: loop)
+        let closer = HTTP2ConnectionErrorCloser()
+        closer.channel = channel
+        try channel.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, frameDelegate: closer))
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        var bytes = ByteBuffer()
+        bytes.writeBytes([0, 0, 0, 4, 0, 0, 0, 0, 0])                 // the server's SETTINGS
+        bytes.writeBytes([0, 0, 2, 0, 0, 0, 0, 0, 7, 0x68, 0x69])     // DATA on stream 7, never opened
+        // NIOHTTP2 reports the error (NoSuchStream), which the embedded channel hands back here.
+        #expect(throws: (any Error).self) { try channel.writeInbound(bytes) }
+        var goAway = false
+        while var out = try channel.readOutbound(as: ByteBuffer.self) {
+            while out.readableBytes >= 9, let header = out.readBytes(length: 9) {
+                let length = Int(header[0]) << 16 | Int(header[1]) << 8 | Int(header[2])
+                goAway = goAway || header[3] == 7
+                out.moveReaderIndex(forwardBy: min(length, out.readableBytes))
+            }
+        }
+        #expect(goAway)
+        loop.run()
+        #expect(!channel.isActive, "closed once the GOAWAY has gone out")
+        #expect(HTTP2ConnectionErrorCloser.recentlyResetStreams(concurrentStreams: 100) == 200)
     }
 
     @Test func unreachableHTTP2UpstreamIs503() async throws {

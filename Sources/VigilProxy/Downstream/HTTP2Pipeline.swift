@@ -17,6 +17,8 @@ enum HTTP2Pipeline {
             HTTP2Setting(parameter: .maxHeaderListSize, value: listener.config.limits.maxHeaderBytes),
             HTTP2Setting(parameter: .initialWindowSize, value: windowTarget),
         ]
+        connection.maximumRecentlyResetStreams = HTTP2ConnectionErrorCloser.recentlyResetStreams(
+            concurrentStreams: listener.config.limits.maxConcurrentStreams)
         // Below the HTTP/2 handler (and above TLS): every stream flushes its own response, and each flush
         // would otherwise be a write (and a TLS record) of its own.
         try channel.pipeline.syncOperations.addHandler(BatchFlushHandler(flushes: loop.flushes))
@@ -225,8 +227,12 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
     /// NIOHTTP2 wrote a frame to the connection (after its own flow-control buffering): a stream's DATA has
     /// left its queue.
     func wroteFrame(_ frame: HTTP2Frame) {
-        guard case .data(let data) = frame.payload, let stream = streams[frame.streamID] else { return }
-        stream.responseBytesWritten(data.data.readableBytes)
+        if case .data(let data) = frame.payload {
+            streams[frame.streamID]?.responseBytesWritten(data.data.readableBytes)
+        } else if HTTP2ConnectionErrorCloser.endsConnection(frame), let context {
+            // A connection error: NIOHTTP2 sent GOAWAY and leaves the closing to its user (RFC 9113 §5.4.1).
+            context.eventLoop.assumeIsolated().execute { context.close(promise: nil) }
+        }
     }
 }
 

@@ -226,6 +226,7 @@ final class HostPool {
         let initialized = ManagedAtomic(false)
         let tls = tlsSetup()
         let flushes = self.flushes
+        let maxStreams = h2MaxStreams
         let bootstrap = ClientBootstrap(group: eventLoop)
             .connectTimeout(.nanoseconds(cluster.config.connectTimeout.nanoseconds))
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -242,9 +243,25 @@ final class HostPool {
                     multiplexerPromise.fail(error)
                     return channel.eventLoop.makeFailedFuture(error)
                 }
-                let configured = channel.configureHTTP2Pipeline(mode: .client, inboundStreamInitializer: nil)
-                multiplexerPromise.completeWith(configured)
-                return configured.map { _ in }
+                // NIOHTTP2Handler and a stream multiplexer, as `configureHTTP2Pipeline` would add them, but with
+                // room to remember every stream Vigil may reset at once and a delegate that closes the connection
+                // after a connection error (`HTTP2ConnectionErrorCloser`).
+                var connection = NIOHTTP2Handler.ConnectionConfiguration()
+                connection.maximumRecentlyResetStreams = HTTP2ConnectionErrorCloser.recentlyResetStreams(
+                    concurrentStreams: maxStreams)
+                let closer = HTTP2ConnectionErrorCloser()
+                do {
+                    try channel.pipeline.syncOperations.addHandler(
+                        NIOHTTP2Handler(mode: .client, frameDelegate: closer, connectionConfiguration: connection))
+                    let multiplexer = HTTP2StreamMultiplexer(mode: .client, channel: channel, inboundStreamInitializer: nil)
+                    try channel.pipeline.syncOperations.addHandler(multiplexer)
+                    closer.channel = channel
+                    multiplexerPromise.succeed(multiplexer)
+                    return channel.eventLoop.makeSucceededVoidFuture()
+                } catch {
+                    multiplexerPromise.fail(error)
+                    return channel.eventLoop.makeFailedFuture(error)
+                }
             }
         let connect = host.socketAddress.map { bootstrap.connect(to: $0) }
             ?? bootstrap.connect(host: host.address.host, port: host.address.port)
