@@ -54,18 +54,23 @@ import VigilTestSupport
         await proxy.stop()
     }
 
-    @Test func manyConcurrentRequestsShareFewConnections() async throws {
-        let (proxy, upstream) = try await setup(behaviour: { head in .delayed(ms: 30, body: "h2:\(head.uri)") })
-        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
-        let results = try await withThrowingTaskGroup(of: Bool.self) { tasks in
-            for i in 0..<50 {
-                tasks.addTask { try await client.request(.GET, "/s/\(i)").text == "h2:/s/\(i)" }
+    /// Sends `count` requests at once (`prefix/0`, `prefix/1`, ...) and counts those answered with the body
+    /// the default upstream behaviour gives each path.
+    func answeredInFull(_ count: Int, concurrentRequestsTo prefix: String, on client: H2TestClient) async throws -> Int {
+        try await withThrowingTaskGroup(of: Bool.self) { tasks in
+            for i in 0..<count {
+                tasks.addTask { try await client.request(.GET, "\(prefix)/\(i)").text == "h2:\(prefix)/\(i)" }
             }
             var ok = 0
             for try await r in tasks where r { ok += 1 }
             return ok
         }
-        #expect(results == 50)
+    }
+
+    @Test func manyConcurrentRequestsShareFewConnections() async throws {
+        let (proxy, upstream) = try await setup(behaviour: { head in .delayed(ms: 30, body: "h2:\(head.uri)") })
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        #expect(try await answeredInFull(50, concurrentRequestsTo: "/s", on: client) == 50)
         // One connection per proxy event loop at most, each carrying many streams.
         #expect(upstream.connections <= 2)
         await proxy.stop()
@@ -100,6 +105,30 @@ import VigilTestSupport
         loop.run()
         #expect(!channel.isActive, "closed once the GOAWAY has gone out")
         #expect(HTTP2ConnectionErrorCloser.recentlyResetStreams(concurrentStreams: 100) == 200)
+    }
+
+    /// An upstream that ends each connection with GOAWAY after 25 streams (nginx does after 1,000): the streams
+    /// already on it finish, new ones go on a new connection, and the streams it refused (those sent before its
+    /// GOAWAY arrived) are sent again there, so no request fails. Before, Vigil kept opening streams on the
+    /// connection that had said GOAWAY: most requests then failed, and the cluster's pending-request places
+    /// leaked until every burst overflowed.
+    @Test func upstreamGoAwayMovesNewStreamsToANewConnection() async throws {
+        let upstream = try await FakeUpstream(group: group, http2: true, goAwayEvery: 25) { head in
+            .delayed(ms: 5, body: "h2:\(head.uri)")
+        }
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(cluster: "protocol: http2"), upstreams: [upstream.port],
+                                           group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        for i in 0..<30 {
+            let r = try await client.request(.GET, "/one/\(i)")
+            #expect(r.status == 200 && r.text == "h2:/one/\(i)", "\(r.status) \(r.text)")
+        }
+        #expect(try await answeredInFull(60, concurrentRequestsTo: "/many", on: client) == 60)
+        #expect(upstream.connections >= 3, "a new connection after each GOAWAY")
+        #expect(upstream.recorded.count == 90, "each request processed once")
+        #expect(proxy.runtime.current.clusters[0].pendingRequests.load(ordering: .relaxed) == 0, "every pending place given back")
+        try await client.close()
+        await proxy.stop()
     }
 
     @Test func unreachableHTTP2UpstreamIs503() async throws {

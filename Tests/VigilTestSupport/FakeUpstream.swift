@@ -68,8 +68,11 @@ public final class FakeUpstream: Sendable {
     }
 
     /// `http2: true` serves HTTP/2 with prior knowledge (h2c), each stream through the same handler.
+    /// `goAwayEvery: N` (HTTP/2) sends GOAWAY(NO_ERROR) on a connection with its N-th stream as the last one
+    /// it will process, as nginx does after `keepalive_requests` (1000 by default).
     /// `tls` serves TLS with that context (ALPN as the context says).
-    public init(group: EventLoopGroup, name: String = "upstream", http2: Bool = false, tls: NIOSSLContext? = nil,
+    public init(group: EventLoopGroup, name: String = "upstream", http2: Bool = false, goAwayEvery: Int? = nil,
+                tls: NIOSSLContext? = nil,
                 behaviour: @escaping @Sendable (HTTPRequestHead) -> FakeBehaviour = { _ in .respond() }) async throws {
         let box = NIOLockedValueBox(State())
         let record: @Sendable (RecordedRequest) -> Void = { r in box.withLockedValue { $0.requests.append(r) } }
@@ -85,8 +88,16 @@ public final class FakeUpstream: Sendable {
                     }
                 }
                 if http2 {
+                    let streams = NIOLoopBoundBox(0, eventLoop: channel.eventLoop)
                     return channel.configureHTTP2Pipeline(mode: .server) { stream in
-                        stream.pipeline.addHandler(HTTP2FramePayloadToHTTP1ServerCodec()).flatMapThrowing {
+                        streams.value += 1
+                        if let goAwayEvery, streams.value == goAwayEvery,
+                           let id = try? stream.syncOptions?.getOption(HTTP2StreamChannelOptions.streamID) {
+                            let goAway = HTTP2Frame(streamID: .rootStream,
+                                                    payload: .goAway(lastStreamID: id, errorCode: .noError, opaqueData: nil))
+                            channel.writeAndFlush(goAway, promise: nil)
+                        }
+                        return stream.pipeline.addHandler(HTTP2FramePayloadToHTTP1ServerCodec()).flatMapThrowing {
                             try stream.pipeline.syncOperations.addHandler(
                                 FakeUpstreamHandler(name: name, behaviour: behaviour, record: record))
                         }

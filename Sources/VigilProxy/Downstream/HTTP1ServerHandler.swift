@@ -88,6 +88,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var upstream: UpstreamStream?
     private var upstreamReused = false
     private var retriedStaleConnection = false
+    /// Times this request was sent again after an HTTP/2 upstream refused its stream (`UpstreamRedispatch`).
+    private var refusedRedispatches = 0
     private var bodyRemaining = 0
     /// When bytes of the request body last arrived (or Vigil last held reading back); `body_timeout` runs
     /// from it. Nil once the body is complete.
@@ -309,6 +311,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         responseStarted = false
         upstreamReused = false
         retriedStaleConnection = false
+        refusedRedispatches = 0
         bodyBytesSeen = 0
         generatedRequestID = nil
         tryDeadline = nil
@@ -635,11 +638,13 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             return
         }
         if !started && !responseStarted {
-            // A reused keep-alive connection that the upstream closed just as we sent on it: try once more
-            // on a fresh connection, if nothing of the body was consumed (safe to replay).
-            if failure == .reset, upstreamReused, !retriedStaleConnection, head?.framing == HTTP1BodyFraming.none,
-               let pool = target?.pool {
-                retriedStaleConnection = true
+            // A reused keep-alive connection that the upstream closed just as we sent on it, or a stream an
+            // HTTP/2 upstream refused: nothing was processed. Sent again on a fresh connection, outside the
+            // retry policy, if nothing of the body was consumed (safe to replay).
+            let stale = failure == .reset && upstreamReused && !retriedStaleConnection
+            let refused = UpstreamRedispatch.allowed(after: failure, times: refusedRedispatches)
+            if stale || refused, head?.framing == HTTP1BodyFraming.none, let pool = target?.pool {
+                if stale { retriedStaleConnection = true } else { refusedRedispatches += 1 }
                 upstream = nil
                 phase = .waitingForUpstream
                 pool.acquire(self, fresh: true)

@@ -69,6 +69,8 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
     private var trySentAt = NIODeadline.uptimeNanoseconds(0)
     private var retryTask: Scheduled<Void>?
     private var requestID = LoggedRequestID.none
+    /// Times the request was sent again after an HTTP/2 upstream refused its stream (`UpstreamRedispatch`).
+    private var refusedRedispatches = 0
     /// Whether NIOHTTP2 still has the stream (until its StreamClosedEvent): frames are written only then.
     private var streamOpen = true
     /// The request's DATA (and trailers behind it) held while the upstream is not taking the body.
@@ -776,6 +778,15 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
 
     func upstreamFailed(_ failure: UpstreamFailure, responseStarted started: Bool) {
         upstream = nil
+        // A stream an HTTP/2 upstream refused was not processed: sent again, outside the retry policy, when the
+        // whole request can be replayed.
+        if !responseStarted, UpstreamRedispatch.allowed(after: failure, times: refusedRedispatches),
+           retries.replay != nil, let pool = target?.pool {
+            refusedRedispatches += 1
+            phase = .waitingForUpstream
+            pool.acquire(self)
+            return
+        }
         if !responseStarted {
             if case .protocolError = failure {} else if case .timeout = failure {} else {
                 target!.cluster.metrics.connectFailures.increment()

@@ -30,7 +30,13 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
     private var events: [ChunkedDecoder.Event] = []
     let limits = HTTP1HeadLimits(maxHeaderBytes: 1 << 20, maxHeaderCount: 1000)
 
-    init(authority: String) { self.authority = authority }
+    /// The connection's GOAWAY, if the upstream sent one: streams above its last stream were not processed.
+    private let goAway: HTTP2GoAwayWatcher?
+
+    init(authority: String, goAway: HTTP2GoAwayWatcher? = nil) {
+        self.authority = authority
+        self.goAway = goAway
+    }
 
     var isWritable: Bool { context?.channel.isWritable ?? false }
 
@@ -94,7 +100,14 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
             case .chunked: chunked = ChunkedDecoder()
             case .none, .untilClose: requestEnded = true
             }
-            context.write(wrapOutboundOut(.headers(.init(headers: requestHeaders(head), endStream: requestEnded))), promise: nil)
+            // The HEADERS open the stream; if NIOHTTP2 cannot send them (the upstream said GOAWAY meanwhile, or
+            // the connection is going), the request never left and may go on another connection.
+            let opened = context.eventLoop.makePromise(of: Void.self)
+            opened.futureResult.assumeIsolated().whenFailure { [self] error in
+                fail(.refusedStream, started: false)
+            }
+            context.write(wrapOutboundOut(.headers(.init(headers: requestHeaders(head), endStream: requestEnded))),
+                          promise: opened)
         }
         switch bodyFraming {
         case .length:
@@ -208,12 +221,28 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        if !finished { fail(.reset, started: responseStarted) }
+        if !finished { fail(closedFailure(refusedCode: false), started: responseStarted) }
         self.context = nil
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        fail(.reset, started: responseStarted)
+        let code = (error as? NIOHTTP2Errors.StreamClosed)?.errorCode
+        fail(closedFailure(refusedCode: code == .refusedStream || error is NIOHTTP2Errors.CreatedStreamAfterGoaway),
+             started: responseStarted)
+    }
+
+    /// A stream the upstream refused (REFUSED_STREAM), one above the last stream of its GOAWAY (NIOHTTP2 closes
+    /// those with CANCEL), or one that could not be opened after GOAWAY, was not processed (RFC 9113 §8.7,
+    /// §6.8): `refusedStream`, which may be sent again. Anything else is a reset.
+    private func closedFailure(refusedCode: Bool) -> UpstreamFailure {
+        guard !responseStarted else { return .reset }
+        if refusedCode { return .refusedStream }
+        // The stream's id is assigned when its first frame is flushed, so it is looked up only now.
+        if let last = goAway?.lastStreamID,
+           let id = try? context?.channel.syncOptions?.getOption(HTTP2StreamChannelOptions.streamID), id > last {
+            return .refusedStream
+        }
+        return .reset
     }
 
     /// Builds `HTTP/1.1 <status>` and the fields as bytes and parses them with Vigil's parser, so an HTTP/2
@@ -257,3 +286,17 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
 
 @available(*, unavailable)
 extension HTTP2UpstreamStream: Sendable {}
+
+/// When a request whose HTTP/2 upstream stream was refused is sent again by itself, outside the route's retry
+/// policy. A refused stream (REFUSED_STREAM, or above the last stream of a GOAWAY) was provably not processed
+/// (RFC 9113 §8.7), and refusals come in bursts whenever an upstream ends a connection with GOAWAY while
+/// streams are in flight (nginx does so after every 1,000 requests on a connection): the requests go on the
+/// pool's next connection, as hyper and Linkerd's proxy do. A few times at most, for an upstream that refuses
+/// on the next connection too; then the failure stands (and the policy's `refused-stream` may still retry it).
+enum UpstreamRedispatch {
+    static let maxTimes = 3
+
+    static func allowed(after failure: UpstreamFailure, times: Int) -> Bool {
+        failure == .refusedStream && times < maxTimes
+    }
+}

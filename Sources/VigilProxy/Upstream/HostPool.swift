@@ -67,6 +67,9 @@ final class HostPool {
         if let i = waiters.firstIndex(where: { $0 === waiter }) {
             waiters.remove(at: i)
             cluster.releasePending()
+        } else if let i = h2Waiters.firstIndex(where: { $0 === waiter }) {
+            h2Waiters.remove(at: i)
+            cluster.releasePending()
         }
     }
 
@@ -84,9 +87,9 @@ final class HostPool {
 
     /// A retired HTTP/2 pool closes its connection once no stream is left on it.
     private func closeRetiredHTTP2() {
-        guard retired, h2OpenStreams == 0, h2Waiters.isEmpty, case .ready(let channel, _) = h2 else { return }
+        guard retired, h2Waiters.isEmpty, case .ready(let c) = h2, c.openStreams == 0 else { return }
         h2 = .none
-        channel.close(promise: nil)
+        c.channel.close(promise: nil)
     }
 
     /// A connection finished a response and can carry another request.
@@ -143,43 +146,76 @@ final class HostPool {
 
     // MARK: - HTTP/2 upstreams
 
-    /// HTTP/2 clusters: one multiplexed connection per event loop and host; each request is a stream on it.
+    /// One HTTP/2 connection to the host, with the streams open on it.
+    private final class H2Connection {
+        let channel: Channel
+        let multiplexer: HTTP2StreamMultiplexer
+        let goAway: HTTP2GoAwayWatcher?
+        var openStreams = 0
+        /// The upstream sent GOAWAY: the streams on it finish, and new ones go on a new connection.
+        var draining = false
+
+        init(channel: Channel, multiplexer: HTTP2StreamMultiplexer) {
+            self.channel = channel
+            self.multiplexer = multiplexer
+            self.goAway = try? channel.pipeline.syncOperations.handler(type: HTTP2GoAwayWatcher.self)
+        }
+    }
+
+    /// HTTP/2 clusters: one multiplexed connection per event loop and host for new streams (a draining one
+    /// may still be finishing its own); each request is a stream on it.
     private enum H2State {
         case none
         case connecting
-        case ready(Channel, HTTP2StreamMultiplexer)
+        case ready(H2Connection)
     }
 
     private var h2 = H2State.none
+    /// Requests waiting for a stream. Each holds one of the cluster's pending-request places
+    /// (`max_pending_requests`), given back whenever it leaves the queue, whichever way.
     private var h2Waiters: Deque<PoolWaiter> = []
-    private var h2OpenStreams = 0
     /// Streams opened on one connection before waiting (the peer's limit is usually 100 or more).
     private let h2MaxStreams = 100
 
     private func acquireStream(_ waiter: PoolWaiter) {
         switch h2 {
-        case .ready(let channel, let multiplexer) where channel.isActive:
-            if h2OpenStreams < h2MaxStreams {
-                openStream(on: multiplexer, for: waiter)
-            } else if cluster.reservePending() {
-                h2Waiters.append(waiter)
+        case .ready(let c) where c.channel.isActive && !c.draining:
+            if c.openStreams < h2MaxStreams {
+                openStream(on: c, for: waiter)
             } else {
-                waiter.poolFailed(.overflow)
+                enqueueH2(waiter)
             }
         case .connecting:
-            h2Waiters.append(waiter)
+            enqueueH2(waiter)
         case .none, .ready:
-            h2Waiters.append(waiter)
-            connectHTTP2()
+            if enqueueH2(waiter) { connectHTTP2() }
         }
     }
 
-    private func openStream(on multiplexer: HTTP2StreamMultiplexer, for waiter: PoolWaiter) {
-        h2OpenStreams += 1
-        let stream = HTTP2UpstreamStream(authority: host.addressText)
+    @discardableResult
+    private func enqueueH2(_ waiter: PoolWaiter) -> Bool {
+        guard cluster.reservePending() else {
+            waiter.poolFailed(.overflow)
+            return false
+        }
+        h2Waiters.append(waiter)
+        return true
+    }
+
+    /// Takes every waiter out of the queue, giving back their pending places.
+    private func takeH2Waiters() -> Deque<PoolWaiter> {
+        let waiters = h2Waiters
+        h2Waiters.removeAll()
+        for _ in waiters { cluster.releasePending() }
+        return waiters
+    }
+
+    private func openStream(on connection: H2Connection, for waiter: PoolWaiter) {
+        connection.openStreams += 1
+        let stream = HTTP2UpstreamStream(authority: host.addressText, goAway: connection.goAway)
         let bound = NIOLoopBound(stream, eventLoop: eventLoop)
         let promise = eventLoop.makePromise(of: Channel.self)
-        multiplexer.createStreamChannel(promise: promise) { channel in
+        connection.multiplexer.createStreamChannel(promise: promise) { channel in
             channel.eventLoop.makeCompletedFuture {
                 try channel.pipeline.syncOperations.addHandler(bound.value)
             }
@@ -187,23 +223,36 @@ final class HostPool {
         promise.futureResult.assumeIsolated().whenComplete { [self] result in
             switch result {
             case .success(let channel):
-                channel.closeFuture.assumeIsolated().whenComplete { [self] _ in streamClosed() }
+                channel.closeFuture.assumeIsolated().whenComplete { [self] _ in streamClosed(on: connection) }
                 waiter.poolProvided(stream, reused: false)
             case .failure(let error):
-                h2OpenStreams -= 1
+                connection.openStreams -= 1
                 waiter.poolFailed(.connectFailed("could not open an HTTP/2 stream: \(error)"))
             }
         }
     }
 
-    private func streamClosed() {
-        h2OpenStreams -= 1
-        closeRetiredHTTP2()
-        if case .ready(let channel, let multiplexer) = h2, channel.isActive, h2OpenStreams < h2MaxStreams,
-           let waiter = h2Waiters.popFirst() {
-            cluster.releasePending()
-            openStream(on: multiplexer, for: waiter)
+    private func streamClosed(on connection: H2Connection) {
+        connection.openStreams -= 1
+        if connection.draining && connection.openStreams == 0 {
+            connection.channel.close(promise: nil)
         }
+        closeRetiredHTTP2()
+        if case .ready(let current) = h2, current.channel.isActive, !current.draining,
+           current.openStreams < h2MaxStreams, let waiter = h2Waiters.popFirst() {
+            cluster.releasePending()
+            openStream(on: current, for: waiter)
+        }
+    }
+
+    /// The upstream sent GOAWAY on `channel` (RFC 9113 §6.8): it takes no new stream. The streams on it finish;
+    /// new requests, and those waiting, go on a new connection.
+    private func h2GoAwayReceived(on channel: Channel) {
+        guard case .ready(let c) = h2, c.channel === channel else { return }
+        c.draining = true
+        h2 = .none
+        if c.openStreams == 0 { c.channel.close(promise: nil) }
+        if !h2Waiters.isEmpty { connectHTTP2() }
     }
 
     /// The cluster's TLS for a new connection: the current context (reloaded files take effect here) and a
@@ -215,9 +264,7 @@ final class HostPool {
 
     private func connectHTTP2() {
         guard cluster.reserveConnection() else {
-            let waiters = h2Waiters
-            h2Waiters.removeAll()
-            for w in waiters { w.poolFailed(.overflow) }
+            for w in takeH2Waiters() { w.poolFailed(.overflow) }
             return
         }
         h2 = .connecting
@@ -227,6 +274,7 @@ final class HostPool {
         let tls = tlsSetup()
         let flushes = self.flushes
         let maxStreams = h2MaxStreams
+        let pool = NIOLoopBound(self, eventLoop: eventLoop)
         let bootstrap = ClientBootstrap(group: eventLoop)
             .connectTimeout(.nanoseconds(cluster.config.connectTimeout.nanoseconds))
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -255,6 +303,9 @@ final class HostPool {
                         NIOHTTP2Handler(mode: .client, frameDelegate: closer, connectionConfiguration: connection))
                     let multiplexer = HTTP2StreamMultiplexer(mode: .client, channel: channel, inboundStreamInitializer: nil)
                     try channel.pipeline.syncOperations.addHandler(multiplexer)
+                    try channel.pipeline.syncOperations.addHandler(HTTP2GoAwayWatcher { [channel] in
+                        pool.value.h2GoAwayReceived(on: channel)
+                    })
                     closer.channel = channel
                     multiplexerPromise.succeed(multiplexer)
                     return channel.eventLoop.makeSucceededVoidFuture()
@@ -294,9 +345,7 @@ final class HostPool {
                 if let e = error as? ChannelError, case .connectTimeout = e { failure = .connectTimeout } else {
                     failure = .connectFailed(String(describing: error))
                 }
-                let waiters = h2Waiters
-                h2Waiters.removeAll()
-                for w in waiters { w.poolFailed(failure) }
+                for w in takeH2Waiters() { w.poolFailed(failure) }
             }
         }
     }
@@ -305,15 +354,16 @@ final class HostPool {
     private func h2Connected(_ channel: Channel, _ result: Result<HTTP2StreamMultiplexer, Error>) {
         switch result {
         case .success(let multiplexer):
-            h2 = .ready(channel, multiplexer)
+            let connection = H2Connection(channel: channel, multiplexer: multiplexer)
+            h2 = .ready(connection)
             channel.closeFuture.assumeIsolated().whenComplete { [self] _ in
-                h2 = .none
+                if case .ready(let current) = h2, current === connection { h2 = .none }
                 host.connections.wrappingDecrement(ordering: .relaxed)
                 cluster.releaseConnection()
+                // Requests that queued for this connection's streams need another connection now.
+                if case .none = h2, !h2Waiters.isEmpty { connectHTTP2() }
             }
-            let waiters = h2Waiters
-            h2Waiters.removeAll()
-            for w in waiters { acquireStream(w) }
+            for w in takeH2Waiters() { acquireStream(w) }
         case .failure(let error):
             h2 = .none
             host.connectFailures.wrappingIncrement(ordering: .relaxed)
@@ -321,9 +371,7 @@ final class HostPool {
             cluster.releaseConnection()
             channel.close(promise: nil)
             let failure = (error as? UpstreamTLSError)?.failure ?? .tlsHandshakeFailed("\(error)")
-            let waiters = h2Waiters
-            h2Waiters.removeAll()
-            for w in waiters { w.poolFailed(failure) }
+            for w in takeH2Waiters() { w.poolFailed(failure) }
         }
     }
 
@@ -382,3 +430,23 @@ final class HostPool {
 
 @available(*, unavailable)
 extension HostPool: Sendable {}
+
+/// Tells its pool when the upstream sends GOAWAY, and keeps the last stream it said it would process: NIOHTTP2's
+/// stream multiplexer passes the connection's own frames (stream 0) on down the pipeline to here, before it
+/// closes the streams above that one.
+final class HTTP2GoAwayWatcher: ChannelInboundHandler {
+    typealias InboundIn = HTTP2Frame
+    private let received: () -> Void
+    private(set) var lastStreamID: HTTP2StreamID?
+
+    init(_ received: @escaping () -> Void) { self.received = received }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard case .goAway(let last, _, _) = unwrapInboundIn(data).payload else { return }
+        lastStreamID = min(last, lastStreamID ?? last)  // a second GOAWAY may only lower it (RFC 9113 §6.8)
+        received()
+    }
+}
+
+@available(*, unavailable)
+extension HTTP2GoAwayWatcher: Sendable {}
