@@ -68,6 +68,7 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
     private var streamWindowTarget = 65_535
     private var draining = false
     private var closeScheduled = false
+    private let errorCloser = HTTP2ConnectionErrorCloser()
     private(set) var allocator = ByteBufferAllocator()
     /// The body of a response's closing DATA frame when no bytes are left to carry END_STREAM: one per
     /// connection, since `ByteBuffer()` allocates.
@@ -86,6 +87,7 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        errorCloser.channel = context.channel
         allocator = context.channel.allocator
         emptyBuffer = allocator.buffer(capacity: 0)
     }
@@ -229,9 +231,8 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
     func wroteFrame(_ frame: HTTP2Frame) {
         if case .data(let data) = frame.payload {
             streams[frame.streamID]?.responseBytesWritten(data.data.readableBytes)
-        } else if HTTP2ConnectionErrorCloser.endsConnection(frame), let context {
-            // A connection error: NIOHTTP2 sent GOAWAY and leaves the closing to its user (RFC 9113 §5.4.1).
-            context.eventLoop.assumeIsolated().execute { context.close(promise: nil) }
+        } else {
+            errorCloser.wroteFrame(frame)  // a GOAWAY for a connection error closes the connection
         }
     }
 }

@@ -16,7 +16,7 @@ final class HTTP2ConnectionErrorCloser: NIOHTTP2FrameDelegate {
     static func recentlyResetStreams(concurrentStreams: Int) -> Int { max(32, 2 * concurrentStreams) }
 
     /// Whether `frame` is a GOAWAY for an error: the connection is over once it has gone out.
-    static func endsConnection(_ frame: HTTP2Frame) -> Bool {
+    private static func endsConnection(_ frame: HTTP2Frame) -> Bool {
         guard case .goAway(_, let code, _) = frame.payload else { return false }
         return code != .noError
     }
