@@ -47,7 +47,7 @@ import Testing
               - name: inbound
                 address: "0.0.0.0:15006"
                 protocol: http2
-                limits: { max_header_bytes: 32KiB, max_body_bytes: 10MiB, idle_timeout: 2m, header_timeout: 500ms, body_timeout: 30s, send_timeout: 45s }
+                limits: { max_header_bytes: 32KiB, max_body_bytes: 10MiB, idle_timeout: 2m, header_timeout: 500ms, body_timeout: 30s, send_timeout: 45s, delayed_close_timeout: 250ms }
                 routes:
                   - match: { path: "/exact", headers: { X-Env: prod }, methods: [GET, POST], authority: "*.example.com" }
                     cluster: api
@@ -72,6 +72,8 @@ import Testing
         #expect(ListenerLimits().bodyTimeout == .seconds(60))
         #expect(l.limits.sendTimeout == .seconds(45))
         #expect(ListenerLimits().sendTimeout == .seconds(60))
+        #expect(l.limits.delayedCloseTimeout == .milliseconds(250))
+        #expect(ListenerLimits().delayedCloseTimeout == .seconds(1))
         #expect(l.routes[0].match.path == .exact("/exact"))
         #expect(l.routes[0].match.headers == [HeaderMatch(name: "x-env", value: "prod")])
         #expect(l.routes[0].match.authorities == ["*.example.com"])

@@ -72,6 +72,14 @@ import Testing
         #expect(e?.reason == reason, "\(input.debugDescription) → \(String(describing: e))")
     }
 
+    /// The detail says which rule of RFC 9112 §6.1 the coding list broke.
+    @Test func chunkedNotLastAndChunkedTwiceAreToldApart() {
+        #expect(rejection("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n")?.detail
+                == "chunked is not the final transfer coding")
+        #expect(rejection("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n")?.detail
+                == "chunked is applied more than once")
+    }
+
     @Test func otherNamesWithUnderscoresPass() throws {
         let h = try #require(try parse("GET / HTTP/1.1\r\nHost: a\r\nX_Trace_Id: 1\r\nContent_Lengthy: 2\r\ncontent-lengt_: 3\r\n\r\n"))
         #expect(h.fields.map(\.kind) == [.host, .other, .other, .other])

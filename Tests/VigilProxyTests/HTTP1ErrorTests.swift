@@ -77,6 +77,61 @@ import VigilTestSupport
         await proxy.stop()
     }
 
+    /// RFC 9112 §9.6: a connection Vigil ends after refusing a request is closed in stages. The client reads
+    /// the answer and then a FIN, and may go on sending the rest of its body without being reset: Vigil reads
+    /// and drops it (16 MiB here, more than the socket buffers hold, so a Vigil that stopped reading would
+    /// stall the sends) and closes once the client closes too.
+    @Test func aRefusedUploadIsClosedInStages() async throws {
+        let (proxy, upstream) = try await setup(ProxyHarness.simple(limits: "max_body_bytes: 10, delayed_close_timeout: 1h"))
+        let listener = proxy.runtime.listeners[0]
+        let client = try await proxy.client()
+        try await client.send("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000\r\n\r\nthe start of a large body")
+        let r = try #require(try await client.response())
+        #expect(r.status == 413)
+        #expect(r.header("connection") == "close")
+        #expect(try await client.closedByServer())
+        let chunk = ByteBuffer(repeating: 0x78, count: 512 * 1024)
+        try await withTimeout(20, "the rest of the body to be taken") {
+            for _ in 0..<32 { try await client.send(chunk) }
+        }
+        #expect(listener.openConnections.load(ordering: .relaxed) == 1, "open until the client closes")
+        try await client.finishSending()
+        try await waitUntil("Vigil to close after the client") { listener.openConnections.load(ordering: .relaxed) == 0 }
+        #expect(upstream.recorded.isEmpty)
+        await proxy.stop()
+    }
+
+    /// A client that neither closes nor stops sending is closed at `delayed_close_timeout`; with 0s the close
+    /// is immediate (the connection is gone without the client closing its side).
+    @Test func delayedCloseEndsAtItsTimeout() async throws {
+        for limit in ["200ms", "0s"] {
+            let (proxy, _) = try await setup(ProxyHarness.simple(limits: "max_body_bytes: 10, delayed_close_timeout: \(limit)"))
+            let listener = proxy.runtime.listeners[0]
+            let client = try await proxy.client()
+            try await client.send("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000\r\n\r\nthe start of a large body")
+            #expect(try await client.response()?.status == 413)
+            try await waitUntil("the connection to close (\(limit))") { listener.openConnections.load(ordering: .relaxed) == 0 }
+            try await client.close()
+            await proxy.stop()
+        }
+    }
+
+    /// An unparsable head is answered, and the bytes the client sends after it are read and dropped rather
+    /// than answered with a reset.
+    @Test func aBadHeadIsAnsweredAndClosedInStages() async throws {
+        let (proxy, _) = try await setup(ProxyHarness.simple(limits: "delayed_close_timeout: 1h"))
+        let listener = proxy.runtime.listeners[0]
+        let client = try await proxy.client()
+        try await client.send("GET / HTTP/1.1\r\nHost : a\r\n\r\n")
+        #expect(try await client.response()?.status == 400)
+        #expect(try await client.closedByServer())
+        try await client.send("GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+        #expect(listener.openConnections.load(ordering: .relaxed) == 1)
+        try await client.finishSending()
+        try await waitUntil("Vigil to close after the client") { listener.openConnections.load(ordering: .relaxed) == 0 }
+        await proxy.stop()
+    }
+
     @Test func badChunkedBodyIs400() async throws {
         let (proxy, _) = try await setup()
         let client = try await proxy.client()

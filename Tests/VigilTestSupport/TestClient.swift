@@ -240,6 +240,13 @@ final class HandshakeWatcher: ChannelInboundHandler, RemovableChannelHandler {
 @available(*, unavailable)
 extension HandshakeWatcher: Sendable {}
 
+/// Waits until `condition` holds, checking it every 10 ms; fails with `TestTimeout` after `seconds`.
+public func waitUntil(_ what: String, seconds: Double = 10, _ condition: @escaping @Sendable () -> Bool) async throws {
+    try await withTimeout(seconds, what) {
+        while !condition() { try await Task.sleep(for: .milliseconds(10)) }
+    }
+}
+
 /// Waits until a Vigil's admin port answers `GET /ready` with 200 (its listeners are bound).
 public func waitUntilReady(adminPort: Int, group: EventLoopGroup, seconds: Double = 20) async throws {
     try await withTimeout(seconds, "vigil to become ready") {

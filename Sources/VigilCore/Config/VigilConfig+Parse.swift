@@ -128,7 +128,8 @@ extension ConfigReader {
         var limits = ListenerLimits()
         if let l = map(m["limits"], at: m.path("limits"), keys: ["max_header_bytes", "max_body_bytes", "max_header_count",
                                                                  "max_connections", "idle_timeout", "header_timeout",
-                                                                 "body_timeout", "send_timeout", "max_concurrent_streams"]) {
+                                                                 "body_timeout", "send_timeout", "delayed_close_timeout",
+                                                                 "max_concurrent_streams"]) {
             if let v = byteSize(l["max_header_bytes"], at: l.path("max_header_bytes"), range: 1024...(1 << 20)) {
                 limits.maxHeaderBytes = v
             }
@@ -152,6 +153,9 @@ extension ConfigReader {
             }
             if let v = duration(l["send_timeout"], at: l.path("send_timeout"), min: .milliseconds(1)) {
                 limits.sendTimeout = v
+            }
+            if let v = duration(l["delayed_close_timeout"], at: l.path("delayed_close_timeout")) {
+                limits.delayedCloseTimeout = v
             }
             if let v = int(l["max_concurrent_streams"], at: l.path("max_concurrent_streams"), range: 1...10_000) {
                 limits.maxConcurrentStreams = v

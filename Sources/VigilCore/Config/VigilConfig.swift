@@ -107,6 +107,12 @@ public struct ListenerLimits: Sendable, Equatable {
     /// reading its response (HTTP/2: keeps a stream's window shut) is disconnected (its stream reset), so it
     /// cannot hold an upstream connection for ever.
     public var sendTimeout: Duration = .seconds(60)
+    /// How long a connection Vigil closes after its last response stays open to read what the client still
+    /// sends (Envoy's `delayed_close_timeout`): RFC 9112 §9.6 has a server close in stages, its sending side
+    /// first, so that bytes the client sent after the request Vigil answered (the rest of a refused body, a
+    /// pipelined request) do not make the kernel reset the connection and destroy the answer before the client
+    /// has read it. Zero closes at once.
+    public var delayedCloseTimeout: Duration = .seconds(1)
     /// Most concurrent streams per HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS).
     public var maxConcurrentStreams: Int = 100
 

@@ -312,7 +312,9 @@ public enum HTTP1Parser {
                 throw .bad("bad_transfer_encoding", "Transfer-Encoding is empty")
             }
             if codings.dropLast().contains("chunked") {
-                throw .bad("bad_transfer_encoding", "chunked is applied more than once")
+                // RFC 9112 §6.1 and §6.3: chunked may be applied once, and only as the final coding.
+                throw .bad("bad_transfer_encoding", last == "chunked" ? "chunked is applied more than once"
+                                                                      : "chunked is not the final transfer coding")
             }
             // Vigil decodes no other transfer coding (gzip, deflate, compress): a request's length would be
             // unknowable, and a response re-framed without them would hand the client coded bytes it was never

@@ -114,6 +114,7 @@ extension VigilConfig {
                         "max_connections": .int(l.limits.maxConnections),
                         "idle_timeout": d(l.limits.idleTimeout), "header_timeout": d(l.limits.headerTimeout),
                         "body_timeout": d(l.limits.bodyTimeout), "send_timeout": d(l.limits.sendTimeout),
+                        "delayed_close_timeout": d(l.limits.delayedCloseTimeout),
                         "max_concurrent_streams": .int(l.limits.maxConcurrentStreams),
                     ],
                     "tls": l.tls.map(Self.dump) ?? .null,

@@ -65,6 +65,11 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     // The connection timer: one scheduled task, re-armed only when a nearer deadline appears.
     private var timer: Scheduled<Void>?
     private var timerAt: NIODeadline?
+    /// The client has closed its sending side (TCP FIN).
+    private var inputEnded = false
+    /// Set once Vigil has closed its sending side after the last response: what the client still sends is
+    /// read and dropped until it closes too, or until this deadline (`delayed_close_timeout`).
+    private var lingerUntil: NIODeadline?
     private var idleSince: NIODeadline
     private var headerDeadline: NIODeadline?
     private var requestDeadline: NIODeadline?
@@ -212,10 +217,14 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         if event is DrainEvent {
             keepAlive = false
             if phase == .idle && (inbound?.readableBytes ?? 0) == 0 { closeNow() }
+            // A connection that has had its last response and Vigil's FIN is as good as idle.
+            if lingerUntil != nil { context.close(promise: nil) }
         } else if let event = event as? ChannelEvent, event == .inputClosed {
             // The client half-closed: finish the current exchange, then close.
             keepAlive = false
+            inputEnded = true
             if phase == .idle { closeNow() }
+            if lingerUntil != nil { context.close(promise: nil) }
         } else {
             context.fireUserInboundEventTriggered(event)
         }
@@ -829,9 +838,32 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         let promise = eventLoop.makePromise(of: Void.self)
         clientFlushPending = false
         context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: promise)
-        promise.futureResult.assumeIsolated().whenComplete { [context] _ in
-            context!.close(promise: nil)
+        promise.futureResult.assumeIsolated().whenComplete { [self, context] result in
+            if case .success = result, self.context != nil { closeInStages() } else { context!.close(promise: nil) }
         }
+    }
+
+    /// Closes a connection whose last response has been written the way RFC 9112 §9.6 asks: the sending side
+    /// first (the client reads a FIN after the response), then, once the client has closed too or
+    /// `delayed_close_timeout` has passed, the whole connection. Closing at once while the client is still
+    /// sending (the rest of a body Vigil refused, a pipelined request) makes the kernel answer those bytes with
+    /// a reset, and a reset may destroy the response before the client has read it. nginx (`lingering_close`),
+    /// HAProxy and Envoy (`delayed_close_timeout`) do the same. What arrives meanwhile is dropped unread.
+    private func closeInStages() {
+        let timeout = listener.delayedCloseTimeout
+        // A client that has closed its side already sends nothing more (and NIO turns an output close after an
+        // input close into a full one).
+        guard timeout > .zero, !inputEnded, context.channel.isActive else {
+            context.close(promise: nil)
+            return
+        }
+        let deadline = eventLoop.now + timeout
+        lingerUntil = deadline
+        armTimer(at: deadline)
+        let closed = eventLoop.makePromise(of: Void.self)
+        closed.futureResult.assumeIsolated().whenFailure { [context] _ in context!.close(promise: nil) }
+        context.close(mode: .output, promise: closed)
+        updateReadInterest()
     }
 
     private func closeNow() {
@@ -889,7 +921,15 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             return
         }
         guard phase != .closing else {
-            if let since = unwritableSince { armTimer(at: since + listener.sendTimeout) }
+            if let until = lingerUntil {
+                if now >= until {
+                    context.close(promise: nil)
+                } else {
+                    armTimer(at: until)
+                }
+            } else if let since = unwritableSince {
+                armTimer(at: since + listener.sendTimeout)
+            }
             return
         }
         if let d = requestDeadline, d <= now, phase == .waitingForUpstream || phase == .forwarding, !responseStarted {

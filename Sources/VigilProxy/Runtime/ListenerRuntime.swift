@@ -14,6 +14,7 @@ public final class ListenerRuntime: Sendable {
     let idleTimeout: TimeAmount
     let bodyTimeout: TimeAmount
     let sendTimeout: TimeAmount
+    let delayedCloseTimeout: TimeAmount
     public let openConnections = ManagedAtomic<Int>(0)
     public let totalConnections = ManagedAtomic<Int>(0)
 
@@ -26,6 +27,7 @@ public final class ListenerRuntime: Sendable {
         idleTimeout = .nanoseconds(config.limits.idleTimeout.nanoseconds)
         bodyTimeout = .nanoseconds(config.limits.bodyTimeout.nanoseconds)
         sendTimeout = .nanoseconds(config.limits.sendTimeout.nanoseconds)
+        delayedCloseTimeout = .nanoseconds(config.limits.delayedCloseTimeout.nanoseconds)
     }
 }
 
