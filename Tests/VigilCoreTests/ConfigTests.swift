@@ -31,6 +31,7 @@ import Testing
         #expect(c.listeners[0].limits.maxHeaderBytes == 65536)
         #expect(c.listeners[0].limits.maxBodyBytes == nil)
         #expect(c.listeners[0].routes[0].timeout == .seconds(15))
+        #expect(c.listeners[0].routes[0].idleTimeout == .seconds(60))
         #expect(c.clusters[0].connectTimeout == .seconds(1))
         #expect(c.clusters[0].loadBalancer == .leastRequest)
         #expect(c.clusters[0].circuitBreakers.maxConnections == 1024)
@@ -52,6 +53,7 @@ import Testing
                   - match: { path: "/exact", headers: { X-Env: prod }, methods: [GET, POST], authority: "*.example.com" }
                     cluster: api
                     timeout: 250ms
+                    idle_timeout: 2m
             clusters:
               - name: api
                 endpoints: ["127.0.0.1:8080", "[::1]:8081"]
@@ -78,6 +80,7 @@ import Testing
         #expect(l.routes[0].match.headers == [HeaderMatch(name: "x-env", value: "prod")])
         #expect(l.routes[0].match.authorities == ["*.example.com"])
         #expect(l.routes[0].timeout == .milliseconds(250))
+        #expect(l.routes[0].idleTimeout == .seconds(120))
         #expect(c.clusters[0].endpoints[1] == SocketAddressSpec(host: "::1", port: 8081))
         #expect(c.clusters[0].connectTimeout == .milliseconds(1500))
         #expect(c.clusters[0].protocol == .http2)

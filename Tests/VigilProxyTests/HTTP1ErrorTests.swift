@@ -184,6 +184,35 @@ import VigilTestSupport
         await proxy.stop()
     }
 
+    /// An upstream that hangs in the middle of its body is cut off at the route's `idle_timeout` (the route
+    /// timeout ends at the response head): the client's connection closes with the body short, so the
+    /// client knows the response is incomplete, and the access log says why. One that goes silent before
+    /// its head gets 504 `upstream_idle_timeout` when the route has no overall timeout.
+    @Test func anUpstreamThatGoesSilentIsCutAtTheIdleTimeout() async throws {
+        let yaml = ProxyHarness.simple(route: "timeout: 0s\n        idle_timeout: 300ms")
+            .replacingOccurrences(of: "access_log: { output: \"off\" }\n", with: "")
+        let (proxy, upstream) = try await setup(yaml, behaviour: { head in
+            head.uri == "/silent" ? .hang : .stall(sent: "0123456789", declared: 100)
+        })
+        let client = try await proxy.client()
+        let started = ContinuousClock.now
+        try await client.send("GET /stalls HTTP/1.1\r\nHost: a\r\n\r\n")
+        // NIOHTTP1's decoder sees the connection end 90 bytes short: the response never completes.
+        await #expect(throws: (any Error).self) { _ = try await client.response() }
+        #expect(ContinuousClock.now - started >= .milliseconds(300))
+        let silent = try await proxy.client()
+        try await silent.send("GET /silent HTTP/1.1\r\nHost: a\r\n\r\n")
+        let r = try #require(try await silent.response())
+        #expect(r.status == 504)
+        #expect(r.header("x-vigil-reason") == "upstream_idle_timeout")
+        await proxy.stop()
+        let reasons = proxy.accessLog.lines.compactMap { line -> String? in
+            (try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])?["reason"] as? String
+        }
+        #expect(reasons == ["upstream_idle_timeout", "upstream_idle_timeout"])
+        #expect(upstream.recorded.count == 2)
+    }
+
     @Test func malformedUpstreamResponseIs502() async throws {
         let raw = try await RawUpstream(group: group) { received, ctx in
             if String(buffer: received).contains("\r\n\r\n") {

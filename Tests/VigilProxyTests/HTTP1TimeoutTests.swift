@@ -10,12 +10,12 @@ import VigilCore
 /// EmbeddedEventLoop's manual clock.
 @Suite struct HTTP1TimeoutTests {
     /// A runtime on an EmbeddedEventLoop with one listener of the given limits (and protocol).
-    func runtime(limits: String, protocol proto: String = "http1", cluster: String = "") throws -> (ProxyRuntime, EmbeddedEventLoop) {
+    func runtime(limits: String, protocol proto: String = "http1", route: String = "", cluster: String = "") throws -> (ProxyRuntime, EmbeddedEventLoop) {
         let loop = EmbeddedEventLoop()
         let config = try VigilConfig.parse(yaml: """
             access_log: { output: "off" }
             listeners:
-              - { name: in, address: "127.0.0.1:0", protocol: \(proto), limits: { \(limits) }, routes: [{ match: { prefix: "/" }, cluster: c }] }
+              - { name: in, address: "127.0.0.1:0", protocol: \(proto), limits: { \(limits) }, routes: [{ match: { prefix: "/" }, cluster: c\(route.isEmpty ? "" : ", " + route) }] }
             clusters: [{ name: c, endpoints: ["127.0.0.1:9"]\(cluster.isEmpty ? "" : ", " + cluster) }]
             """)
         return (try ProxyRuntime(config: config, group: loop, metricsFactory: NOOPMetricsHandler.instance, accessLog: .off), loop)
@@ -128,6 +128,51 @@ import VigilCore
         return try connected(connection, loop: loop)
     }
 
+    /// The route's `idle_timeout` on a manual clock: each read from the upstream starts its clock again, a
+    /// stall while the client is not reading does not count (that is `send_timeout`'s), and a full
+    /// `idle_timeout` of silence cuts the response off: the upstream stream is closed and so is the client's
+    /// connection, its body short.
+    @Test func theUpstreamIdleTimeoutRunsFromTheLastReadAndSparesASlowClient() throws {
+        let (runtime, loop) = try runtime(limits: "idle_timeout: 1h, header_timeout: 1h, send_timeout: 1h",
+                                          route: "timeout: 0s, idle_timeout: 10s",
+                                          cluster: "circuit_breakers: { max_connections: 1 }")
+        // The cluster's one connection is taken, so the request waits in the pool (an EmbeddedEventLoop cannot
+        // connect) until the test hands it a scripted upstream stream.
+        #expect(runtime.current.clusters[0].reserveConnection())
+        let handler = HTTP1ServerHandler(runtime: runtime, listener: runtime.listeners[0], loop: runtime.loopContext(loop))
+        let channel = try connected(handler, loop: loop)
+        try channel.writeInbound(ByteBuffer(string: "GET / HTTP/1.1\r\nHost: a\r\n\r\n"))
+        let stream = ScriptedUpstreamStream()
+        handler.poolProvided(stream, reused: false)
+        let (head, _) = try #require(try HTTP1Parser.parseResponse(ByteBuffer(string: "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"),
+                                                                  limits: HTTP1HeadLimits(maxHeaderBytes: 4096, maxHeaderCount: 10)))
+        loop.advanceTime(by: .seconds(9))
+        handler.upstreamResponseHead(head)
+        handler.upstreamResponseBody(ByteBuffer(string: "0123456789"))
+        handler.upstreamReadComplete()
+        for _ in 0..<3 {  // 10 bytes every 9 s: 27 s in all, never 10 s of silence
+            loop.advanceTime(by: .seconds(9))
+            handler.upstreamResponseBody(ByteBuffer(string: "0123456789"))
+            handler.upstreamReadComplete()
+        }
+        // The client stops reading: Vigil holds the upstream back, and that silence is not the upstream's.
+        channel.isWritable = false
+        channel.pipeline.fireChannelWritabilityChanged()
+        loop.advanceTime(by: .seconds(30))
+        #expect(!stream.closed)
+        channel.isWritable = true
+        channel.pipeline.fireChannelWritabilityChanged()
+        loop.advanceTime(by: .milliseconds(9_999))
+        #expect(!stream.closed && channel.isActive)
+        loop.advanceTime(by: .milliseconds(1))
+        #expect(stream.closed)
+        #expect(!channel.isActive)
+        var out = ByteBuffer()
+        while var part = try channel.readOutbound(as: ByteBuffer.self) { out.writeBuffer(&part) }
+        #expect(String(buffer: out).hasPrefix("HTTP/1.1 200 OK\r\n"))
+        #expect(String(buffer: out).hasSuffix(String(repeating: "0123456789", count: 4)), "40 of the 100 bytes")
+    }
+
     @Test func aConnectionThatSendsNothingIsClosedSilentlyAtTheHeaderTimeout() throws {
         // The first head is due within header_timeout of the connection's start, as in nginx and HAProxy.
         let (channel, loop) = try channel(limits: "header_timeout: 10s, idle_timeout: 60s")
@@ -184,4 +229,22 @@ import VigilCore
         draining.pipeline.fireUserInboundEventTriggered(DrainEvent())
         #expect(!draining.isActive)
     }
+}
+
+/// An upstream stream the test drives by hand: it takes what the handler writes and says whether it was closed.
+final class ScriptedUpstreamStream: UpstreamStream {
+    private(set) var written = ByteBuffer()
+    private(set) var closed = false
+    var isWritable: Bool { true }
+    func attach(_ exchange: UpstreamExchange, requestIsHead: Bool) {}
+    func write(_ bytes: ByteBuffer) {
+        var bytes = bytes
+        written.writeBuffer(&bytes)
+    }
+    func flush() {}
+    func writeAndFlush(_ bytes: ByteBuffer) { write(bytes) }
+    func detach(requestComplete: Bool, now: NIODeadline) {}
+    func close() { closed = true }
+    func pauseReading() {}
+    func resumeReading() {}
 }

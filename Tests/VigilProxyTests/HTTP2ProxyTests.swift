@@ -143,6 +143,32 @@ import VigilCore
         await proxy.stop()
     }
 
+    /// The route's `idle_timeout` on HTTP/2: a stream whose upstream hangs in the middle of its body is reset
+    /// (the client never gets the end of it), one whose upstream never answers gets 504, and a stream answered
+    /// in time on the same connection is untouched.
+    @Test func anUpstreamThatGoesSilentIsCutAtTheIdleTimeoutOnHTTP2() async throws {
+        let upstream = try await FakeUpstream(group: group) { head in
+            switch head.uri {
+            case "/fast": .respond(body: "fast")
+            case "/silent": .hang
+            default: .stall(sent: "0123456789", declared: 100)
+            }
+        }
+        let yaml = ProxyHarness.simple(route: "timeout: 0s\n        idle_timeout: 300ms")
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        let started = ContinuousClock.now
+        await #expect(throws: (any Error).self) { _ = try await client.request(.GET, "/stalls") }
+        #expect(ContinuousClock.now - started >= .milliseconds(300))
+        let silent = try await client.request(.GET, "/silent")
+        #expect(silent.status == 504)
+        #expect(silent.header("x-vigil-reason") == "upstream_idle_timeout")
+        #expect(try await client.request(.GET, "/fast").text == "fast")
+        #expect(client.isOpen)
+        try await client.close()
+        await proxy.stop()
+    }
+
     /// The per-try timeout on HTTP/2 (the same deadline-queue entry as the route timeout, at the earlier of
     /// the two): a stream sent to the hung host first is retried on the good one; with every host hung, the
     /// last try's timeout answers 504 before the route timeout would have.

@@ -28,6 +28,9 @@ public enum FakeBehaviour: Sendable {
     /// Answers when the test opens the gate (never before): for a request that must be in flight for as
     /// long as the test needs, however slow the machine.
     case gated(Gate, body: String)
+    /// Sends a head that declares `declared` body bytes and only `sent` of them, then nothing more: an instance
+    /// that hangs in the middle of its response.
+    case stall(sent: String, declared: Int)
 }
 
 /// Opened once by a test; responses waiting on it are sent then.
@@ -187,6 +190,11 @@ final class FakeUpstreamHandler: ChannelInboundHandler {
             context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(ms)) {
                 send(status: .ok, headers: [], body: body)
             }
+        case .stall(let sent, let declared):
+            let headers = HTTPHeaders([("x-upstream", name), ("content-length", String(declared))])
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))),
+                          promise: nil)
+            context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: sent)))), promise: nil)
         case .gated(let gate, let body):
             let loop = context.eventLoop
             let sendLater = NIOLoopBound(send, eventLoop: loop)

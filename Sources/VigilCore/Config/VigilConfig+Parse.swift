@@ -183,7 +183,8 @@ extension ConfigReader {
     }
 
     mutating func readRoute(_ node: Node, at path: String, clusterNames: [String: Int]) -> RouteConfig? {
-        guard let m = map(node, at: path, keys: ["match", "cluster", "timeout", "retry", "tenant_limits"]) else { return nil }
+        guard let m = map(node, at: path, keys: ["match", "cluster", "timeout", "idle_timeout", "retry",
+                                                     "tenant_limits"]) else { return nil }
         let match = required(readMatch(m["match"], at: m.path("match")), m, "match")
         let cluster = required(nonEmptyString(m["cluster"], at: m.path("cluster")), m, "cluster")
         if let cluster, clusterNames[cluster] == nil {
@@ -193,6 +194,7 @@ extension ConfigReader {
         let retry = m["retry"].flatMap { readRetry($0, at: m.path("retry")) }
         guard let match, let cluster else { return nil }
         var route = RouteConfig(match: match, cluster: cluster, timeout: timeout, retry: retry)
+        if let idle = duration(m["idle_timeout"], at: m.path("idle_timeout")) { route.idleTimeout = idle }
         if let node = m["tenant_limits"], let limits = readTenantLimits(node, at: m.path("tenant_limits")) {
             if limits.requestsPerSecond == nil { fail(m.path("tenant_limits.requests_per_second"), "is required") }
             if limits.maxConcurrent != nil { fail(m.path("tenant_limits.max_concurrent"), "is per tenant, not per route") }

@@ -125,6 +125,11 @@ public struct RouteConfig: Sendable, Equatable {
     /// Whole-request deadline, from the request head to the last response byte's start; 504 when it
     /// passes before the response head. Envoy's default is 15 s. Zero disables it.
     public var timeout: Duration
+    /// The longest the upstream may send nothing while Vigil waits on it: from when the request has been sent
+    /// whole until the response's last byte (Envoy's route `idle_timeout`, nginx's `proxy_read_timeout`,
+    /// HAProxy's `timeout server`). An upstream that hangs in the middle of a response would otherwise hold the
+    /// client and an upstream connection for ever, since `timeout` ends at the response head. Zero disables it.
+    public var idleTimeout: Duration = .seconds(60)
     /// Retry policy; `nil` means no retries beyond the replay of a request sent on a keep-alive
     /// connection the upstream had just closed.
     public var retry: RetryPolicyConfig?

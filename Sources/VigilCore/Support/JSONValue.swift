@@ -131,6 +131,7 @@ extension VigilConfig {
                         }
                         if !r.match.methods.isEmpty { match.append(("methods", .array(r.match.methods.map { .string($0) }))) }
                         return ["match": .object(match), "cluster": .string(r.cluster), "timeout": d(r.timeout),
+                                "idle_timeout": d(r.idleTimeout),
                                 "retry": r.retry.map(Self.dump) ?? .null,
                                 "tenant_limits": r.tenantLimits.map(Self.dump) ?? .null]
                     }),

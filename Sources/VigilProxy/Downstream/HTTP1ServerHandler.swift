@@ -99,6 +99,10 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// When bytes of the request body last arrived (or Vigil last held reading back); `body_timeout` runs
     /// from it. Nil once the body is complete.
     private var lastBodyRead: NIODeadline?
+    /// Since when the upstream has sent nothing while Vigil waits on it (the request sent whole, the response
+    /// not ended): the route's `idle_timeout` runs from it. Read from the clock only when a read from the
+    /// upstream leaves the response unfinished, so a response that arrives in one read costs no clock read.
+    private var upstreamQuietSince: NIODeadline?
     /// Since when the client has not been taking what Vigil writes (the channel is unwritable).
     private var unwritableSince: NIODeadline?
     private var chunked: ChunkedDecoder?
@@ -369,7 +373,11 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             chunked?.droppedTrailerName = target!.policy.snapshot.routes[listener.index].untrustedTenantHeader
             retries.begin(host: target!.host.index)
             phase = .waitingForUpstream
-            if requestBodyDone { armRequestDeadline(now: startedAt) }
+            if requestBodyDone {
+                armRequestDeadline(now: startedAt)
+                upstreamQuietSince = startedAt
+                armUpstreamIdleTimer(from: startedAt)
+            }
             target!.pool.acquire(self)
         }
     }
@@ -429,6 +437,11 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         }
         phase = .forwarding
         if !requestBodyDone { forwardBody() } else { armTryDeadline() }
+        if requestBodyDone && upstreamQuietSince == nil {
+            let now = eventLoop.now
+            upstreamQuietSince = now
+            armUpstreamIdleTimer(from: now)
+        }
         upstreamFlushPending = false
         loop.flushes.defer(connection)
         updateReadInterest()
@@ -519,10 +532,19 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         requestBodyDone = true
         lastBodyRead = nil
         chunked = nil
+        let now = eventLoop.now
+        upstreamQuietSince = now
+        armUpstreamIdleTimer(from: now)
         if !responseStarted {
-            armRequestDeadline(now: eventLoop.now)
+            armRequestDeadline(now: now)
             armTryDeadline()
         }
+    }
+
+    /// Only sooner than the connection timer's next tick does this re-arm anything (the default 60 s never is).
+    private func armUpstreamIdleTimer(from since: NIODeadline) {
+        guard let idle = target?.idleTimeout, idle > .zero else { return }
+        armTimer(at: since + idle)
     }
 
     // MARK: - UpstreamExchange
@@ -677,6 +699,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     func upstreamReadComplete() {
         writePendingHead()
         flushClient()
+        // The upstream sent something and the response goes on: its idle clock starts again.
+        if phase == .forwarding && requestBodyDone { upstreamQuietSince = eventLoop.now }
     }
 
     /// `ownHead`: the bytes are a head buffer from `loop.headBuffer` that nothing changes any more.
@@ -718,6 +742,22 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         context.writeAndFlush(wrapOutboundOut(bytes), promise: nil)
     }
 
+    /// The upstream sent nothing for the route's `idle_timeout`: a host that hangs, before its response head
+    /// (504) or in the middle of its body (the client connection is closed, so the client sees the response
+    /// cut short rather than waiting for ever). The host's outlier detection counts it as a timeout.
+    private func upstreamIdleTimedOut(now: NIODeadline) {
+        upstreamQuietSince = nil
+        target?.record(.timeout, now: now)
+        abortUpstream()
+        if responseStarted {
+            finishRequest(status: status, reason: "upstream_idle_timeout", reuseUpstream: false)
+            closeAfterFlush()
+        } else {
+            localReply(status: 504, reason: "upstream_idle_timeout",
+                       detail: "the upstream sent nothing for the route's idle_timeout", close: !requestBodyDone)
+        }
+    }
+
     // MARK: - Retries
 
     /// A try failed before any of its response reached the client: retry on another host if the route's
@@ -731,6 +771,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         abortUpstream()
         self.target = target
         tryDeadline = nil
+        upstreamQuietSince = nil
         phase = .waitingForUpstream
         if wait <= .zero {
             target.pool.acquire(self)
@@ -769,6 +810,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         }
         tryDeadline = nil
         retryAt = nil
+        upstreamQuietSince = nil
         target?.release()
         target = nil
         replyCluster = nil
@@ -946,6 +988,15 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                 localReply(status: 504, reason: "upstream_per_try_timeout",
                            detail: "the upstream did not answer within the route's per_try_timeout", close: !requestBodyDone)
             }
+        } else if let quiet = upstreamQuietSince, phase == .forwarding, requestBodyDone,
+                  let idle = target?.idleTimeout, idle > .zero, now - quiet >= idle {
+            if unwritableSince != nil {
+                // Vigil holds the upstream back while the client is slow to read: `send_timeout`'s case.
+                upstreamQuietSince = now
+            } else {
+                upstreamIdleTimedOut(now: now)
+                return
+            }
         } else if let d = retryAt, d <= now, phase == .waitingForUpstream {
             retryAt = nil
             target?.pool.acquire(self)
@@ -990,6 +1041,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         if let d = requestDeadline, d < next { next = d }
         if let d = tryDeadline, d < next { next = d }
         if let d = retryAt, d < next { next = d }
+        if let quiet = upstreamQuietSince, let idle = target?.idleTimeout, idle > .zero, quiet + idle < next {
+            next = quiet + idle
+        }
         if let d = headerDeadline, d < next { next = d }
         if let last = lastBodyRead, !requestBodyDone, last + listener.bodyTimeout < next { next = last + listener.bodyTimeout }
         if let since = unwritableSince, since + listener.sendTimeout < next { next = since + listener.sendTimeout }

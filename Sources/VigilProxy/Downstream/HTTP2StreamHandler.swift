@@ -61,6 +61,11 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
     /// The route `timeout` and the try's `per_try_timeout`, while armed.
     private var routeDeadline: NIODeadline?
     private var tryDeadline: NIODeadline?
+    /// The route's `idle_timeout`: since when the upstream has sent nothing while Vigil waits on it (the
+    /// request sent whole, the response not ended), and the deadline queued for it. The deadline is checked
+    /// against `upstreamQuietSince` when it comes rather than moved on every read from the upstream.
+    private var upstreamQuietSince: NIODeadline?
+    private var idleDeadline: NIODeadline?
     /// `body_timeout`: when DATA last arrived on this stream (or Vigil last held reading back), and the timer.
     private var lastBodyRead = NIODeadline.uptimeNanoseconds(0)
     private var bodyTask: Scheduled<Void>?
@@ -390,7 +395,10 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
             reply(status: status, reason: reason, detail: detail, headers: headers)
         case .forward:
             retries.begin(host: target!.host.index)
-            if requestBodyDone { armTimeout() }
+            if requestBodyDone {
+                armTimeout()
+                startUpstreamIdleClock(at: startedAt)
+            }
             target!.pool.acquire(self)
         }
     }
@@ -420,7 +428,10 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
             pendingEnd = false
             writeBodyEnd(trailers: pendingTrailers)
         }
-        if requestBodyDone { armTryTimeout() }
+        if requestBodyDone {
+            armTryTimeout()
+            if upstreamQuietSince == nil { startUpstreamIdleClock(at: loop.eventLoop.now) }  // a retry's try
+        }
         loop.flushes.defer(connection)  // with the batch's other writes (FlushBatch)
         updateReads()
     }
@@ -468,6 +479,8 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
         upstream = nil
         self.target = target
         tryDeadline = nil
+        upstreamQuietSince = nil
+        idleDeadline = nil
         rearmDeadline()
         phase = .waitingForUpstream
         if wait <= .zero {
@@ -596,6 +609,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
             pendingTrailers = trailers
         }
         if !responseStarted { armTimeout() }
+        startUpstreamIdleClock(at: loop.eventLoop.now)
     }
 
     private func writeBodyEnd(trailers: HPACKHeaders?) {
@@ -638,17 +652,22 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
                 return
             }
             if phase == .waitingForUpstream { target?.pool.cancel(self) }
-            upstream?.close()
-            upstream = nil
-            if responseStarted {
-                // The response is cut short: the reset says so (CANCEL), where after a whole 408 it only asks
-                // the client to stop sending (NO_ERROR).
-                finish(status: status, reason: "request_body_timeout", reuseUpstream: false)
-                reset(.cancel)
-            } else {
-                // reply() ends with RST_STREAM(NO_ERROR): the client may stop sending (RFC 9113 §8.1).
-                reply(status: 408, reason: "request_body_timeout", detail: "no more of the request body arrived within body_timeout")
-            }
+            abandonUpstream(reason: "request_body_timeout", replyStatus: 408,
+                            detail: "no more of the request body arrived within body_timeout")
+        }
+    }
+
+    /// Lets the upstream go and ends the stream for `reason`: with a reply of `replyStatus` if no response has
+    /// begun (reply() ends with RST_STREAM(NO_ERROR) while the request is unfinished: the client may stop
+    /// sending, RFC 9113 §8.1), or else the response cut short, which the reset says (CANCEL).
+    private func abandonUpstream(reason: String, replyStatus: Int, detail: String) {
+        upstream?.close()
+        upstream = nil
+        if responseStarted {
+            finish(status: status, reason: reason, reuseUpstream: false)
+            reset(.cancel)
+        } else {
+            reply(status: replyStatus, reason: reason, detail: detail)
         }
     }
 
@@ -663,14 +682,25 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
         rearmDeadline()
     }
 
-    /// Queues the stream at the earlier of its deadlines, or takes it out when it has none.
+    /// Queues the stream at the earliest of its deadlines, or takes it out when it has none.
     private func rearmDeadline() {
-        switch (routeDeadline, tryDeadline) {
-        case (nil, nil): loop.deadlines.disarm(self)
-        case (let route?, nil): loop.deadlines.arm(self, at: route)
-        case (nil, let attempt?): loop.deadlines.arm(self, at: attempt)
-        case (let route?, let attempt?): loop.deadlines.arm(self, at: min(route, attempt))
+        var earliest = routeDeadline
+        for d in [tryDeadline, idleDeadline] {
+            if let d, earliest.map({ d < $0 }) ?? true { earliest = d }
         }
+        if let earliest { loop.deadlines.arm(self, at: earliest) } else { loop.deadlines.disarm(self) }
+    }
+
+    /// The request is sent whole at `now`: the upstream's idle clock starts. Its deadline is queued now only if
+    /// it comes before the route's (which the response head nearly always disarms); otherwise it is queued once a
+    /// read from the upstream leaves the response unfinished (`upstreamReadComplete`), so a response that comes
+    /// whole in one read costs the queue nothing more.
+    private func startUpstreamIdleClock(at now: NIODeadline) {
+        guard let idle = target?.idleTimeout, idle > .zero else { return }
+        let deadline = now + idle
+        upstreamQuietSince = now
+        idleDeadline = deadline
+        if routeDeadline.map({ deadline < $0 }) ?? true { rearmDeadline() }
     }
 
     func deadlineReached() {
@@ -682,8 +712,31 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
         } else if let attempt = tryDeadline, attempt <= now {
             tryDeadline = nil
             perTryTimeoutReached()
+        } else if let idle = idleDeadline, idle <= now {
+            upstreamIdleDeadlineReached(now: now)
         }
         if phase != .done { rearmDeadline() }
+    }
+
+    /// The upstream sent nothing for the route's `idle_timeout` (504 before the response head; after it the
+    /// stream is reset with CANCEL, so the client sees the response cut short). Time while Vigil itself holds
+    /// the upstream back, the client's window being shut, does not count (`send_timeout` covers the client).
+    private func upstreamIdleDeadlineReached(now: NIODeadline) {
+        guard var quiet = upstreamQuietSince, let idle = target?.idleTimeout, phase == .forwarding else {
+            idleDeadline = nil
+            return
+        }
+        if stallTask != nil { quiet = now }
+        if now - quiet < idle {
+            upstreamQuietSince = quiet
+            idleDeadline = quiet + idle
+            return
+        }
+        idleDeadline = nil
+        upstreamQuietSince = nil
+        target?.record(.timeout, now: now)
+        abandonUpstream(reason: "upstream_idle_timeout", replyStatus: 504,
+                        detail: "the upstream sent nothing for the route's idle_timeout")
     }
 
     private func routeTimeoutReached() {
@@ -803,6 +856,11 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
     func upstreamReadComplete() {
         sendHeldResponseBody()
         connection.flush()
+        // The upstream sent something and the response goes on: its idle clock starts again.
+        if upstreamQuietSince != nil && phase == .forwarding {
+            upstreamQuietSince = loop.eventLoop.now
+            if deadlineSlot < 0 { rearmDeadline() }  // queued at its first deadline; checked against the clock then
+        }
     }
 
     func upstreamWritabilityChanged(writable: Bool) { updateReads() }
@@ -830,6 +888,8 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
     private func finish(status: Int, reason: String, reuseUpstream: Bool) {
         guard phase != .done else { return }
         phase = .done
+        upstreamQuietSince = nil
+        idleDeadline = nil
         cancelTimers()
         retries.finish(target?.cluster)  // drops the replay copy first: the spare head is then its only owner
         if let head = writtenRequestHead {

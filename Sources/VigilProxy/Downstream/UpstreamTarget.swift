@@ -13,6 +13,8 @@ struct UpstreamTarget {
     private(set) var host: HostRuntime
     private(set) var pool: HostPool
     let timeout: TimeAmount
+    /// The route's `idle_timeout` (zero: none).
+    let idleTimeout: TimeAmount
     let routeIndex: Int
     let retry: RetryPolicy?
     /// The request's tenant, holding one of its `max_concurrent` slots until `release()`.
@@ -138,7 +140,8 @@ extension ProxyRuntime {
         let retry = routes.retryPolicies[routeIndex]
         if retry != nil { policy.retryBudgets[listener.index][routeIndex]!.recordRequest(nowNanos: loop.nowNanos()) }
         target = UpstreamTarget(policy: policy, cluster: cluster, slot: slot, host: host, pool: policy.pools[slot][host.index],
-                                timeout: routes.timeouts[routeIndex], routeIndex: routeIndex, retry: retry, tenant: tenant)
+                                timeout: routes.timeouts[routeIndex],
+                                idleTimeout: routes.idleTimeouts[routeIndex], routeIndex: routeIndex, retry: retry, tenant: tenant)
         return .forward
     }
 

@@ -42,6 +42,8 @@ final class ListenerRoutes: Sendable {
     let retryPolicies: [RetryPolicy?]
     /// Request timeout per route (zero: none), converted once.
     let timeouts: [TimeAmount]
+    /// Upstream idle timeout per route (zero: none), converted once.
+    let idleTimeouts: [TimeAmount]
     /// The tenant header to remove from requests on a listener that does not trust it (nil otherwise).
     let untrustedTenantHeader: String?
     /// Per route: its slot among the routes that override tenant rate limits, with the bucket's shape.
@@ -62,5 +64,6 @@ final class ListenerRoutes: Sendable {
         self.routeClusters = listener.routes.map { clusterSlots[$0.cluster]! }
         self.retryPolicies = listener.routes.map { $0.retry.map(RetryPolicy.init) }
         self.timeouts = listener.routes.map { .nanoseconds($0.timeout.nanoseconds) }
+        self.idleTimeouts = listener.routes.map { .nanoseconds($0.idleTimeout.nanoseconds) }
     }
 }
