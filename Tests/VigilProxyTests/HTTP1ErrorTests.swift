@@ -197,8 +197,14 @@ import VigilTestSupport
         let client = try await proxy.client()
         let started = ContinuousClock.now
         try await client.send("GET /stalls HTTP/1.1\r\nHost: a\r\n\r\n")
-        // NIOHTTP1's decoder sees the connection end 90 bytes short: the response never completes.
-        await #expect(throws: (any Error).self) { _ = try await client.response() }
+        // NIOHTTP1's decoder sees the connection end 90 bytes short: the response never completes (and a hang
+        // would end in the client's own timeout, which is not this).
+        do {
+            _ = try await client.response()
+            Issue.record("a response cut short came whole")
+        } catch {
+            #expect(!(error is TestTimeout), "\(error)")
+        }
         #expect(ContinuousClock.now - started >= .milliseconds(300))
         let silent = try await proxy.client()
         try await silent.send("GET /silent HTTP/1.1\r\nHost: a\r\n\r\n")

@@ -684,11 +684,16 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
 
     /// Queues the stream at the earliest of its deadlines, or takes it out when it has none.
     private func rearmDeadline() {
-        var earliest = routeDeadline
-        for d in [tryDeadline, idleDeadline] {
-            if let d, earliest.map({ d < $0 }) ?? true { earliest = d }
+        func earlier(_ a: NIODeadline?, _ b: NIODeadline?) -> NIODeadline? {
+            guard let a else { return b }
+            guard let b else { return a }
+            return min(a, b)
         }
-        if let earliest { loop.deadlines.arm(self, at: earliest) } else { loop.deadlines.disarm(self) }
+        if let earliest = earlier(earlier(routeDeadline, tryDeadline), idleDeadline) {
+            loop.deadlines.arm(self, at: earliest)
+        } else {
+            loop.deadlines.disarm(self)
+        }
     }
 
     /// The request is sent whole at `now`: the upstream's idle clock starts. Its deadline is queued now only if
