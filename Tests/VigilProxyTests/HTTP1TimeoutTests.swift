@@ -173,6 +173,50 @@ import VigilCore
         #expect(String(buffer: out).hasSuffix(String(repeating: "0123456789", count: 4)), "40 of the 100 bytes")
     }
 
+    /// An HTTP/2 drain shuts down in RFC 9113 §6.8's two steps: GOAWAY(2^31-1) with a PING; a stream whose
+    /// HEADERS crossed that GOAWAY is still taken; the PING's ACK (or, without one, a second later) brings the
+    /// final GOAWAY naming the last stream taken, and the connection stays for the streams in flight.
+    @Test func anHTTP2DrainSendsTheFinalGoAwayAfterThePingComesBack() throws {
+        for acked in [true, false] {
+            let (runtime, loop) = try runtime(limits: "", protocol: "http2", cluster: "circuit_breakers: { max_connections: 1 }")
+            #expect(runtime.current.clusters[0].reserveConnection())  // streams wait in the pool, answering nothing
+            let channel = try http2Connection(runtime, loop)
+            func open(_ id: HTTP2StreamID) throws {
+                try channel.writeInbound(HTTP2Frame(streamID: id, payload: .headers(.init(headers: [
+                    ":method": "GET", ":scheme": "http", ":path": "/", ":authority": "a"], endStream: true))))
+            }
+            func framesOut() throws -> [HTTP2Frame.FramePayload] {
+                var out: [HTTP2Frame.FramePayload] = []
+                while let f = try channel.readOutbound(as: HTTP2Frame.self) { out.append(f.payload) }
+                return out
+            }
+            func isGoAway(_ p: HTTP2Frame.FramePayload, last: HTTP2StreamID) -> Bool {
+                if case .goAway(let id, .noError, _) = p { return id == last }
+                return false
+            }
+            try open(1)
+            channel.pipeline.fireUserInboundEventTriggered(DrainEvent())
+            let first = try framesOut()
+            #expect(first.count == 2)
+            #expect(first.first.map { isGoAway($0, last: .maxID) } == true)
+            guard case .ping(let ping, ack: false)? = first.last else {
+                Issue.record("no PING after the first GOAWAY: \(first)")
+                return
+            }
+            try open(3)  // sent before the client had read the GOAWAY
+            if acked {
+                try channel.writeInbound(HTTP2Frame(streamID: .rootStream, payload: .ping(ping, ack: true)))
+            } else {
+                loop.advanceTime(by: .milliseconds(999))
+                #expect(try framesOut().isEmpty)
+                loop.advanceTime(by: .milliseconds(1))
+            }
+            let last = try framesOut()
+            #expect(last.count == 1 && isGoAway(last[0], last: 3), "\(last)")
+            #expect(channel.isActive, "streams 1 and 3 are still to be answered")
+        }
+    }
+
     @Test func aConnectionThatSendsNothingIsClosedSilentlyAtTheHeaderTimeout() throws {
         // The first head is due within header_timeout of the connection's start, as in nginx and HAProxy.
         let (channel, loop) = try channel(limits: "header_timeout: 10s, idle_timeout: 60s")

@@ -41,8 +41,13 @@ enum HTTP2Pipeline {
 /// through `NIOHTTP2FrameDelegate`). Frame syntax, stream states, HPACK, SETTINGS and outbound flow control
 /// stay with `NIOHTTP2Handler` below.
 ///
-/// On drain (or when the client closes its side) it sends GOAWAY (RFC 9113 §6.8) so the client opens no new
-/// streams, and closes the connection once the streams in flight have finished.
+/// On drain it shuts the connection down in the two steps of RFC 9113 §6.8: a GOAWAY naming the highest stream
+/// id there can be (no new streams, please) with a PING, then, once the PING's ACK shows that every stream the
+/// client had opened before reading it has arrived (or after `finalGoAwayDelay`), a second GOAWAY naming the
+/// last stream Vigil took. Streams up to it are answered; a client whose HEADERS crossed the first GOAWAY knows
+/// from the second one which of its requests were never seen and can send them elsewhere. A client that closes
+/// its side can open nothing more, so it gets the final GOAWAY at once. The connection closes when the streams
+/// in flight have finished.
 final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
     typealias InboundIn = HTTP2Frame
     typealias OutboundIn = HTTP2Frame
@@ -67,6 +72,11 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
     /// The stream window the client has acknowledged (RFC 9113 §6.9.2: 65,535 until our SETTINGS are ACKed).
     private var streamWindowTarget = 65_535
     private var draining = false
+    /// The second GOAWAY of a drain has gone out: no stream will open any more.
+    private var finalGoAwaySent = false
+    private var finalGoAwayTask: Scheduled<Void>?
+    /// The highest stream id the client has opened.
+    private var lastClientStream = HTTP2StreamID(0)
     private var closeScheduled = false
     private let errorCloser = HTTP2ConnectionErrorCloser()
     private(set) var allocator = ByteBufferAllocator()
@@ -93,6 +103,8 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
+        finalGoAwayTask?.cancel()
+        finalGoAwayTask = nil
         closeAllStreams()
         self.context = nil  // no handler ↔ context cycle
     }
@@ -112,6 +124,7 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
                                             listener: listener, loop: loop, session: session, facts: facts,
                                             initialWindow: streamWindowTarget)
                 streams[frame.streamID] = stream
+                if frame.streamID > lastClientStream { lastClientStream = frame.streamID }
             }
             touch(stream)
             stream.receivedHeaders(headers)
@@ -119,6 +132,8 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
             guard let stream = streams[frame.streamID] else { return }
             touch(stream)
             stream.receivedData(data)
+        case .ping(let data, ack: true) where data == Self.drainPing:
+            sendFinalGoAway()
         case .alternativeService, .goAway, .origin, .ping, .priority, .pushPromise, .rstStream, .settings,
              .windowUpdate:
             break  // NIOHTTP2 acts on these; a reset stream is reported as a StreamClosedEvent
@@ -166,12 +181,20 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
             // A client that closes its side (TCP FIN, reported as inputClosed with half-closure allowed) can send
             // nothing more: the connection ends like a draining one, once its streams have been answered.
             let inputClosed = (event as? ChannelEvent) == .inputClosed
-            if event is DrainEvent || inputClosed, !draining {
+            if inputClosed, !finalGoAwaySent {
+                draining = true
+                sendFinalGoAway()
+            } else if event is DrainEvent, !draining {
                 draining = true
                 let goAway = HTTP2Frame(streamID: .rootStream,
                                         payload: .goAway(lastStreamID: .maxID, errorCode: .noError, opaqueData: nil))
-                context.writeAndFlush(wrapOutboundOut(goAway), promise: nil)
-                closeIfDrained()
+                context.write(wrapOutboundOut(goAway), promise: nil)
+                context.writeAndFlush(wrapOutboundOut(HTTP2Frame(streamID: .rootStream,
+                                                                 payload: .ping(Self.drainPing, ack: false))),
+                                      promise: nil)
+                finalGoAwayTask = context.eventLoop.assumeIsolated().scheduleTask(in: Self.finalGoAwayDelay) { [self] in
+                    sendFinalGoAway()
+                }
             }
         }
         context.fireUserInboundEventTriggered(event)
@@ -195,6 +218,23 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
         for stream in open { stream.streamClosed() }
     }
 
+    /// The opaque data of the PING sent with a drain's first GOAWAY.
+    static let drainPing = HTTP2PingData(withInteger: 0x5669_6769_6c44_726e)
+    /// How long a drain waits for that PING's ACK before it sends the final GOAWAY anyway.
+    static let finalGoAwayDelay = TimeAmount.seconds(1)
+
+    /// The second GOAWAY: streams above the last one the client opened will not be processed.
+    private func sendFinalGoAway() {
+        guard !finalGoAwaySent, let context else { return }
+        finalGoAwaySent = true
+        finalGoAwayTask?.cancel()
+        finalGoAwayTask = nil
+        let goAway = HTTP2Frame(streamID: .rootStream,
+                                payload: .goAway(lastStreamID: lastClientStream, errorCode: .noError, opaqueData: nil))
+        context.writeAndFlush(wrapOutboundOut(goAway), promise: nil)
+        closeIfDrained()
+    }
+
     /// The stream with this id, while NIOHTTP2 has it open (for tests).
     func stream(_ id: HTTP2StreamID) -> HTTP2StreamHandler? { streams[id] }
 
@@ -202,7 +242,7 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
     /// last frame, before the stream has flushed it, and a close then would drop the end of the last response.
     /// The close runs once this call stack has unwound, after that flush, if no stream has opened meanwhile.
     private func closeIfDrained() {
-        guard draining, streams.isEmpty, !closeScheduled, let context else { return }
+        guard finalGoAwaySent, streams.isEmpty, !closeScheduled, let context else { return }
         closeScheduled = true
         context.eventLoop.assumeIsolated().execute { [self] in
             closeScheduled = false
