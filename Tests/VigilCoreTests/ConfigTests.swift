@@ -87,6 +87,19 @@ import Testing
         #expect(c.clusters[0].circuitBreakers.maxConnections == 10)
     }
 
+    @Test func controlPlaneConnectionLimits() throws {
+        let control = "control: { tokens: [{ name: ops, token_file: ops.token, role: write }]"
+        let defaults = try #require(try VigilConfig.parse(yaml: Self.minimal + "\n\(control) }").control)
+        #expect(defaults.idleTimeout == .seconds(60))
+        #expect(defaults.maxConnections == 1024)
+        let set = try #require(try VigilConfig.parse(yaml: Self.minimal + "\n\(control), idle_timeout: 5s, max_connections: 8 }").control)
+        #expect(set.idleTimeout == .seconds(5))
+        #expect(set.maxConnections == 8)
+        let e = errors(Self.minimal + "\n\(control), idle_timeout: 0s, max_connections: 0 }")
+        #expect(e.contains { $0.hasPrefix("control.idle_timeout:") }, "\(e)")
+        #expect(e.contains { $0.hasPrefix("control.max_connections:") }, "\(e)")
+    }
+
     @Test func unknownKeyNamesItsPath() {
         let e = errors(Self.minimal.replacingOccurrences(of: "endpoints:", with: "endpont: [\"a:1\"]\n    endpoints:"))
         #expect(e.contains { $0.hasPrefix("clusters[0].endpont: unknown key") })

@@ -383,6 +383,42 @@ final class StreamReader: ChannelInboundHandler, Sendable {
         await h.stop()
     }
 
+    /// `control.idle_timeout`: a connection that sends nothing is closed, while an event stream, which only
+    /// receives, outlives it and still gets the next event.
+    @Test func theControlPlaneClosesSilentConnectionsButNotEventStreams() async throws {
+        let (a, b) = try await upstreams()
+        let h = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group,
+                                         control: "  idle_timeout: 200ms")
+        let request = "GET /v1/events HTTP/1.1\r\nHost: c\r\nAuthorization: Bearer \(ControlHarness.readToken)\r\n\r\n"
+        let (stream, reader) = try await StreamReader.open(port: h.port, group: group, request: request)
+        try await reader.waitFor("text/event-stream")
+        let started = ContinuousClock.now
+        let silent = try await TestClient.connect(port: h.port, group: group)
+        #expect(try await silent.closedByServer(timeout: 10))
+        #expect(ContinuousClock.now - started >= .milliseconds(200))
+        h.proxy.runtime.events.emit([HealingEvent(kind: .hostEjected, cluster: "a", host: "127.0.0.1:1", reason: "consecutive_5xx",
+                                                  evidence: ["consecutive_5xx": 5])])
+        try await reader.waitFor("event: host_ejected\n")
+        #expect(stream.isActive)
+        try await stream.close()
+        await h.stop()
+    }
+
+    /// `control.max_connections`: a connection past the limit is closed at accept; once one closes, calls work.
+    @Test func theControlPlaneHoldsItsConnectionLimit() async throws {
+        let (a, b) = try await upstreams()
+        let h = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group,
+                                         control: "  max_connections: 1")
+        let first = try await TestClient.connect(port: h.port, group: group)
+        let second = try await TestClient.connect(port: h.port, group: group)
+        #expect(try await second.closedByServer(timeout: 10))
+        try await first.close()
+        try await withTimeout(10, "a call once the connection is free") {
+            while (try? await h.call("GET", "/v1/status"))?.status != 200 { try await Task.sleep(for: .milliseconds(10)) }
+        }
+        await h.stop()
+    }
+
     @Test func aSlowStreamReaderIsCutOff() async throws {
         let (a, b) = try await upstreams()
         let h = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group)

@@ -30,6 +30,8 @@ public final class ControlServer: Sendable {
     private let channelBox = NIOLockedValueBox<Channel?>(nil)
     /// Open event streams, closed on stop.
     let streams = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])
+    /// Open connections, held under `control.max_connections`.
+    let openConnections = ManagedAtomic<Int>(0)
     /// A stream whose client has this much unsent is cut off (the proxy never waits for a slow reader).
     static let streamHighWater = 256 * 1024
 
@@ -62,7 +64,15 @@ public final class ControlServer: Sendable {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.writeBufferWaterMark, value: .init(low: 32 * 1024, high: Self.streamHighWater))
             .childChannelInitializer { [self] channel in
-                channel.eventLoop.makeCompletedFuture {
+                if openConnections.loadThenWrappingIncrement(ordering: .relaxed) >= config.maxConnections {
+                    openConnections.wrappingDecrement(ordering: .relaxed)
+                    return channel.close()
+                }
+                channel.closeFuture.whenComplete { [self] _ in openConnections.wrappingDecrement(ordering: .relaxed) }
+                return channel.eventLoop.makeCompletedFuture {
+                    // First, so that a TLS handshake that never finishes counts as silence too.
+                    try channel.pipeline.syncOperations.addHandler(
+                        IdleStateHandler(readTimeout: .nanoseconds(config.idleTimeout.nanoseconds)))
                     if usesTLS {
                         guard let tls = runtime.tls.controlContext() else { throw ChannelError.inappropriateOperationForState }
                         try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls))
@@ -311,6 +321,11 @@ final class ControlHandler: ChannelInboundHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is IdleStateHandler.IdleStateEvent {
+            // `control.idle_timeout` of silence; an event stream only receives, so it is left open.
+            if !streaming { context.close(promise: nil) }
+            return
+        }
         if let tls = event as? TLSUserEvent, case .handshakeCompleted = tls {
             let certificate = try? context.channel.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self).peerCertificate
             identity = certificate.flatMap { PeerIdentity($0, from: server.config.tls?.identityFrom ?? [.uri, .dns, .cn]) }?.identity

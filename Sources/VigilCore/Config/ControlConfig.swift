@@ -37,6 +37,12 @@ public struct ControlConfig: Sendable, Equatable {
     public var maxBodyBytes: Int = 1 << 20
     /// Policy versions kept for `history` and `rollback`.
     public var historyLimit: Int = 50
+    /// A connection that sends nothing for this long is closed (the TLS handshake and the wait for a request
+    /// included; an open `/v1/events` stream is not: it only receives). Without it a peer could hold
+    /// connections, and the process's file descriptors that the data plane needs too, for ever.
+    public var idleTimeout: Duration = .seconds(60)
+    /// Open connections to the control plane; past it new ones are closed at accept.
+    public var maxConnections: Int = 1024
 
     public init(address: SocketAddressSpec = .init(host: "127.0.0.1", port: 15010)) { self.address = address }
 }

@@ -3,7 +3,8 @@ import Yams
 /// Reading of `control:`, `slo:` and `audit:`.
 extension ConfigReader {
     mutating func readControl(_ node: Node, at path: String) -> ControlConfig? {
-        guard let m = map(node, at: path, keys: ["address", "tokens", "identities", "tls", "max_body_bytes", "history_limit"])
+        guard let m = map(node, at: path, keys: ["address", "tokens", "identities", "tls", "max_body_bytes", "history_limit",
+                                                     "idle_timeout", "max_connections"])
         else { return nil }
         var control = ControlConfig()
         if let node = m["tls"] {
@@ -50,6 +51,8 @@ extension ConfigReader {
             control.maxBodyBytes = v
         }
         if let v = int(m["history_limit"], at: m.path("history_limit"), range: 2...10_000) { control.historyLimit = v }
+        if let v = duration(m["idle_timeout"], at: m.path("idle_timeout"), min: .milliseconds(1)) { control.idleTimeout = v }
+        if let v = int(m["max_connections"], at: m.path("max_connections"), range: 1...100_000) { control.maxConnections = v }
         return control
     }
 

@@ -92,6 +92,7 @@ extension VigilConfig {
                                                      ("role", .string($0.role.rawValue))]) })),
             ("identities", .array(c.identities.map { .object([("identity", .string($0.identity)), ("role", .string($0.role.rawValue))]) })),
             ("tls", c.tls.map(dump) ?? .null), ("max_body_bytes", .int(c.maxBodyBytes)), ("history_limit", .int(c.historyLimit)),
+            ("idle_timeout", d(c.idleTimeout)), ("max_connections", .int(c.maxConnections)),
         ])
     }
 
