@@ -13,10 +13,10 @@ import VigilTestSupport
 @Suite struct AdminTests {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
 
-    func setup() async throws -> (ProxyHarness, AdminServer, FakeUpstream) {
+    func setup(admin extra: String = "") async throws -> (ProxyHarness, AdminServer, FakeUpstream) {
         let upstream = try await FakeUpstream(group: group)
         let registry = PrometheusCollectorRegistry()
-        let yaml = "admin: { address: \"127.0.0.1:0\" }\n" + ProxyHarness.simple()
+        let yaml = "admin: { address: \"127.0.0.1:0\"\(extra) }\n" + ProxyHarness.simple()
         let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group,
                                            metrics: PrometheusMetricsFactory(registry: registry))
         let admin = AdminServer(proxy: proxy.server, registry: registry, group: group, logger: Logger(label: "admin-test"))
@@ -50,6 +50,23 @@ import VigilTestSupport
         proxy.runtime.events.emit([HealingEvent(kind: .hostReturned, cluster: "api", host: "127.0.0.1:1", reason: "ejection_time_elapsed")])
         try await reader.waitFor("id: 2\nevent: host_returned\n")
         try await channel.close()
+        await admin.stop()
+        await proxy.stop()
+    }
+
+    /// `admin.idle_timeout`: a connection that sends nothing is closed; the live page's event stream, which
+    /// only receives, outlives it.
+    @Test func silentAdminConnectionsAreClosedButNotTheEventStream() async throws {
+        let (proxy, admin, _) = try await setup(admin: ", idle_timeout: 200ms")
+        let (stream, reader) = try await StreamReader.openStreaming(port: admin.boundAddress!.port!, group: group,
+                                                                    request: "GET /events/stream HTTP/1.1\r\nHost: a\r\n\r\n")
+        let started = ContinuousClock.now
+        let silent = try await TestClient.connect(port: admin.boundAddress!.port!, group: group)
+        #expect(try await silent.closedByServer(timeout: 10))
+        #expect(ContinuousClock.now - started >= .milliseconds(200))
+        proxy.runtime.events.emit([HealingEvent(kind: .hostEjected, cluster: "api", host: "127.0.0.1:1", reason: "consecutive_5xx")])
+        try await reader.waitFor("event: host_ejected\n")
+        try await stream.close()
         await admin.stop()
         await proxy.stop()
     }

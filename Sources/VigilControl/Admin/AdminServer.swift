@@ -36,11 +36,14 @@ public final class AdminServer: Sendable {
 
     public func start() async throws {
         let address = proxy.runtime.config.admin.address
+        let idleTimeout = TimeAmount.nanoseconds(proxy.runtime.config.admin.idleTimeout.nanoseconds)
         let channel = try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.writeBufferWaterMark, value: .init(low: 32 * 1024, high: ControlServer.streamHighWater))
             .childChannelInitializer { [self] channel in
-                channel.pipeline.configureHTTPServerPipeline().flatMapThrowing {
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(IdleStateHandler(readTimeout: idleTimeout))
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline()
                     try channel.pipeline.syncOperations.addHandler(AdminHandler(admin: self))
                 }
             }
@@ -180,6 +183,15 @@ final class AdminHandler: ChannelInboundHandler {
     private var streaming = false
 
     init(admin: AdminServer) { self.admin = admin }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // `admin.idle_timeout` of silence; the live page's event stream only receives, so it is left open.
+        if event is IdleStateHandler.IdleStateEvent {
+            if !streaming { context.close(promise: nil) }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !streaming else { return }

@@ -314,6 +314,8 @@ final class ControlHandler: ChannelInboundHandler {
     private var tooLarge = false
     private var identity: String?
     private var streaming = false
+    /// A request is being answered: the client waits for Vigil, so its silence is no idleness.
+    private var answering = false
 
     init(server: ControlServer, maxBody: Int) {
         self.server = server
@@ -322,8 +324,9 @@ final class ControlHandler: ChannelInboundHandler {
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is IdleStateHandler.IdleStateEvent {
-            // `control.idle_timeout` of silence; an event stream only receives, so it is left open.
-            if !streaming { context.close(promise: nil) }
+            // `control.idle_timeout` of silence; an event stream only receives, and a request being answered
+            // waits for Vigil, so those are left open.
+            if !streaming && !answering { context.close(promise: nil) }
             return
         }
         if let tls = event as? TLSUserEvent, case .handshakeCompleted = tls {
@@ -362,10 +365,12 @@ final class ControlHandler: ChannelInboundHandler {
             let server = self.server
             let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
             let loop = context.eventLoop
+            answering = true
             Task {
                 let answer = await server.answer(request)
                 loop.execute {
                     let (handler, context) = bound.value
+                    handler.answering = false
                     switch answer {
                     case .reply(let reply):
                         handler.write(context: context, head: head, reply: reply, close: !head.isKeepAlive)

@@ -66,9 +66,11 @@ extension ConfigReader {
         if let node = map(m["node"], at: "node", keys: ["id"]), let id = nonEmptyString(node["id"], at: "node.id") {
             config.nodeID = id
         }
-        if let admin = map(m["admin"], at: "admin", keys: ["address"]),
-           let address = self.address(admin["address"], at: "admin.address") {
-            config.admin.address = address
+        if let admin = map(m["admin"], at: "admin", keys: ["address", "idle_timeout"]) {
+            if let address = self.address(admin["address"], at: "admin.address") { config.admin.address = address }
+            if let v = duration(admin["idle_timeout"], at: "admin.idle_timeout", min: .milliseconds(1)) {
+                config.admin.idleTimeout = v
+            }
         }
         if let dir = nonEmptyString(m["state_dir"], at: "state_dir") { config.stateDir = dir }
         if let log = map(m["access_log"], at: "access_log", keys: ["output"]),

@@ -45,6 +45,9 @@ public struct VigilConfig: Sendable, Equatable {
 public struct AdminConfig: Sendable, Equatable {
     /// Default `127.0.0.1:15000` (Istio's admin port), loopback only.
     public var address: SocketAddressSpec
+    /// A connection that sends nothing for this long is closed (an open `/events/stream` is not: it only
+    /// receives), as on the control plane.
+    public var idleTimeout: Duration = .seconds(60)
     public init(address: SocketAddressSpec = .init(host: "127.0.0.1", port: 15000)) { self.address = address }
 }
 

@@ -92,7 +92,7 @@ extension VigilConfig {
         }
         return [
             "node": ["id": .string(nodeID)],
-            "admin": ["address": .string(admin.address.description)],
+            "admin": ["address": .string(admin.address.description), "idle_timeout": d(admin.idleTimeout)],
             "state_dir": .string(stateDir),
             "access_log": ["output": .string(accessLogText)],
             "drain_timeout": d(drainTimeout),
