@@ -212,10 +212,7 @@ import VigilTestSupport
         #expect(r.status == 504)
         #expect(r.header("x-vigil-reason") == "upstream_idle_timeout")
         await proxy.stop()
-        let reasons = proxy.accessLog.lines.compactMap { line -> String? in
-            (try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])?["reason"] as? String
-        }
-        #expect(reasons == ["upstream_idle_timeout", "upstream_idle_timeout"])
+        #expect(proxy.accessLogValues("reason", as: String.self) == ["upstream_idle_timeout", "upstream_idle_timeout"])
         #expect(upstream.recorded.count == 2)
     }
 

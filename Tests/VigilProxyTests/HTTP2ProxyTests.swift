@@ -274,10 +274,7 @@ import VigilCore
         // Writing END_STREAM closes the stream at once; that must not count as a client disconnect and
         // throw the upstream connection away.
         #expect(upstream.connections == 1)
-        let statuses = proxy.accessLog.lines.compactMap { line -> Int? in
-            (try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])?["status"] as? Int
-        }
-        #expect(statuses == Array(repeating: 200, count: 10))
+        #expect(proxy.accessLogValues("status", as: Int.self) == Array(repeating: 200, count: 10))
     }
 
     /// Bodies several times the 1 MiB windows go through both ways, on concurrent streams of one connection:

@@ -44,13 +44,10 @@ import VigilTestSupport
         try await FakeUpstream(group: group, name: name) { head in modes(mode.load(ordering: .relaxed), head) }
     }
 
-    /// A port with nothing listening: connections to it are refused.
-    func deadPort() async throws -> Int {
-        let u = try await FakeUpstream(group: group)
-        let port = u.port
-        try await u.stop()
-        return port
-    }
+    /// A port with nothing listening: connections to it are refused. Port 9 (discard), which nothing here
+    /// serves: a port bound and released by the test could be handed at once to another test's listener (or
+    /// another process's), which then answered for the "dead" host.
+    let deadPort = 9
 
     @Test func consecutive5xxEjectsTheHostAndItReturnsAfterTheEjectionTime() async throws {
         let bad = try await FakeUpstream(group: group, name: "bad") { _ in .respond(status: .serviceUnavailable) }
@@ -104,7 +101,7 @@ import VigilTestSupport
     }
 
     @Test func refusedConnectionsAreRetriedEvenForPostAndTheDeadHostIsEjected() async throws {
-        let dead = try await deadPort()
+        let dead = deadPort
         let good = try await FakeUpstream(group: group, name: "good")
         let yaml = ProxyHarness.simple(route: """
             retry: { attempts: 1, on: [connect-failure], backoff: { base: 1ms } }

@@ -41,6 +41,13 @@ final class ProxyHarness: Sendable {
         await server.drain(timeout: .seconds(1))
     }
 
+    /// One field of every access-log line written so far (the harness logs to memory), in order.
+    func accessLogValues<T>(_ key: String, as _: T.Type) -> [T] {
+        accessLog.lines.compactMap { line in
+            (try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])?[key] as? T
+        }
+    }
+
     /// The standard one-listener, one-cluster config.
     static func simple(limits: String = "", route: String = "", cluster: String = "", endpoints: Int = 1,
                        listener: String = "", top: String = "") -> String {
