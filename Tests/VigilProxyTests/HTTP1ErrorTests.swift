@@ -83,22 +83,35 @@ import VigilTestSupport
     /// stall the sends) and closes once the client closes too.
     @Test func aRefusedUploadIsClosedInStages() async throws {
         let (proxy, upstream) = try await setup(ProxyHarness.simple(limits: "max_body_bytes: 10, delayed_close_timeout: 1h"))
-        let listener = proxy.runtime.listeners[0]
         let client = try await proxy.client()
-        try await client.send("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000\r\n\r\nthe start of a large body")
+        try await client.send(Self.largeUploadStart)
         let r = try #require(try await client.response())
         #expect(r.status == 413)
         #expect(r.header("connection") == "close")
-        #expect(try await client.closedByServer())
         let chunk = ByteBuffer(repeating: 0x78, count: 512 * 1024)
-        try await withTimeout(20, "the rest of the body to be taken") {
-            for _ in 0..<32 { try await client.send(chunk) }
+        try await expectClosedInStages(proxy, client) {
+            try await withTimeout(20, "the rest of the body to be taken") {
+                for _ in 0..<32 { try await client.send(chunk) }
+            }
         }
-        #expect(listener.openConnections.load(ordering: .relaxed) == 1, "open until the client closes")
-        try await client.finishSending()
-        try await waitUntil("Vigil to close after the client") { listener.openConnections.load(ordering: .relaxed) == 0 }
         #expect(upstream.recorded.isEmpty)
         await proxy.stop()
+    }
+
+    /// The head (and 25 bytes) of a body far over any test's `max_body_bytes`.
+    static let largeUploadStart = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000\r\n\r\nthe start of a large body"
+
+    /// After an answer that ends the connection: Vigil's FIN comes, what the client then sends (`sendMore`) is
+    /// taken while the connection stays open, and Vigil closes once the client has closed its side.
+    func expectClosedInStages(_ proxy: ProxyHarness, _ client: TestClient, sendMore: () async throws -> Void,
+                              sourceLocation: SourceLocation = #_sourceLocation) async throws {
+        let listener = proxy.runtime.listeners[0]
+        #expect(try await client.closedByServer(), sourceLocation: sourceLocation)
+        try await sendMore()
+        #expect(listener.openConnections.load(ordering: .relaxed) == 1, "open until the client closes",
+                sourceLocation: sourceLocation)
+        try await client.finishSending()
+        try await waitUntil("Vigil to close after the client") { listener.openConnections.load(ordering: .relaxed) == 0 }
     }
 
     /// A client that neither closes nor stops sending is closed at `delayed_close_timeout`; with 0s the close
@@ -108,7 +121,7 @@ import VigilTestSupport
             let (proxy, _) = try await setup(ProxyHarness.simple(limits: "max_body_bytes: 10, delayed_close_timeout: \(limit)"))
             let listener = proxy.runtime.listeners[0]
             let client = try await proxy.client()
-            try await client.send("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000\r\n\r\nthe start of a large body")
+            try await client.send(Self.largeUploadStart)
             #expect(try await client.response()?.status == 413)
             try await waitUntil("the connection to close (\(limit))") { listener.openConnections.load(ordering: .relaxed) == 0 }
             try await client.close()
@@ -120,15 +133,10 @@ import VigilTestSupport
     /// than answered with a reset.
     @Test func aBadHeadIsAnsweredAndClosedInStages() async throws {
         let (proxy, _) = try await setup(ProxyHarness.simple(limits: "delayed_close_timeout: 1h"))
-        let listener = proxy.runtime.listeners[0]
         let client = try await proxy.client()
         try await client.send("GET / HTTP/1.1\r\nHost : a\r\n\r\n")
         #expect(try await client.response()?.status == 400)
-        #expect(try await client.closedByServer())
-        try await client.send("GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
-        #expect(listener.openConnections.load(ordering: .relaxed) == 1)
-        try await client.finishSending()
-        try await waitUntil("Vigil to close after the client") { listener.openConnections.load(ordering: .relaxed) == 0 }
+        try await expectClosedInStages(proxy, client) { try await client.send("GET /next HTTP/1.1\r\nHost: a\r\n\r\n") }
         await proxy.stop()
     }
 
