@@ -205,7 +205,9 @@ import VigilCore
         let took = ContinuousClock.now - started
         #expect(r.status == 504)
         #expect(r.header("x-vigil-reason") == "upstream_per_try_timeout")
-        #expect(took >= .milliseconds(300) && took < .milliseconds(1500), "\(took)")
+        // Two tries of 150 ms, and ended before the route's 2 s (the reason says which timeout answered; in a
+        // full parallel run this test takes 13 s against 1 s alone, so a tighter bound only measured the load).
+        #expect(took >= .milliseconds(300) && took < .seconds(2), "\(took)")
         try await second.close()
         await both.stop()
     }
