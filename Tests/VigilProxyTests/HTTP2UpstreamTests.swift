@@ -143,4 +143,70 @@ import VigilTestSupport
         #expect(r.header("x-vigil-reason") == "upstream_connect_failure")
         await proxy.stop()
     }
+
+    /// A request body that arrives whole (END_STREAM) before the upstream connection is ready, with no
+    /// content-length: the shape of every gRPC unary call. Before, the upstream head was written without framing
+    /// (the body was no longer "still coming"), so the body was lost and the call failed.
+    @Test func aBodyThatArrivedWholeBeforeTheUpstreamConnectionIsSentWithItsLength() async throws {
+        let (proxy, upstream) = try await setup()
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        let r = try await client.request(headerBlock: [(":method", "POST"), (":scheme", "http"), (":authority", "a"),
+                                                       (":path", "/unary"), ("te", "trailers")],
+                                         data: ByteBuffer(string: "hello"))
+        #expect(r.status == 200 && r.text == "h2:/unary")
+        let seen = try #require(upstream.recorded.first)
+        #expect(seen.bodyString == "hello")
+        #expect(seen.head.headers["content-length"] == ["5"])
+        #expect(seen.head.headers["te"] == ["trailers"])
+        try await client.close()
+        await proxy.stop()
+    }
+
+    /// A response that is one HEADERS frame with END_STREAM (a gRPC trailers-only answer, a 204), to a client
+    /// whose request has ended: the frame closes the stream. Before, that close was taken for the client going
+    /// away: the frame was never flushed and the client waited for ever (access log: downstream_disconnect).
+    @Test func aResponseWithoutBodyReachesAClientThatHasFinishedSending() async throws {
+        let (proxy, _) = try await setup(behaviour: { _ in .respond(status: .noContent, headers: [("grpc-status", "12")], body: "") })
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        for _ in 0..<3 {
+            let r = try await client.request(.POST, "/x", body: ByteBuffer(string: "m"))
+            #expect(r.status == 204 && r.header("grpc-status") == "12")
+        }
+        try await client.close()
+        await proxy.stop()
+        #expect(proxy.accessLogValues("reason", as: String.self) == ["-", "-", "-"])
+    }
+
+    /// Trailers both ways between an HTTP/1.1 client and an HTTP/2 upstream: the request's chunked trailer section
+    /// becomes a trailing HEADERS frame, and the upstream's trailing HEADERS a chunked trailer section.
+    @Test func trailersCrossBetweenHTTP1AndHTTP2BothWays() async throws {
+        let (proxy, upstream) = try await setup(behaviour: { _ in .chunked(parts: ["a", "b"], trailers: [("grpc-status", "0")]) })
+        let client = try await proxy.client()
+        try await client.send("POST /t HTTP/1.1\r\nHost: a\r\nTE: trailers\r\nTransfer-Encoding: chunked\r\n\r\n"
+                              + "3\r\nabc\r\n0\r\nx-checksum: 42\r\n\r\n")
+        let r = try #require(try await client.response())
+        #expect(r.text == "ab")
+        #expect(r.trailers?.first(name: "grpc-status") == "0")
+        let seen = try #require(upstream.recorded.first)
+        #expect(seen.bodyString == "abc")
+        #expect(seen.trailers?.first(name: "x-checksum") == "42")
+        await proxy.stop()
+    }
+
+    /// The same between an HTTP/2 client and an HTTP/1.1 upstream: the client's trailing HEADERS become the
+    /// request's chunked trailer section, the upstream's chunked trailers a trailing HEADERS frame.
+    @Test func trailersCrossBetweenHTTP2ClientsAndHTTP1Upstreams() async throws {
+        let upstream = try await FakeUpstream(group: group) { _ in .chunked(parts: ["a", "b"], trailers: [("grpc-status", "0")]) }
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        let r = try await client.request(.POST, "/t", headers: [("te", "trailers")], body: ByteBuffer(string: "abc"),
+                                         trailers: ["x-checksum": "42"])
+        #expect(r.text == "ab")
+        #expect(r.trailers?.first(name: "grpc-status") == "0")
+        let seen = try #require(upstream.recorded.first)
+        #expect(seen.bodyString == "abc")
+        #expect(seen.trailers?.first(name: "x-checksum") == "42")
+        try await client.close()
+        await proxy.stop()
+    }
 }

@@ -51,11 +51,12 @@ public final class H2TestClient: Sendable {
 
     /// Sends one request on a new stream and waits for the whole response.
     public func request(_ method: HTTPMethod = .GET, _ path: String, authority: String = "a",
-                        headers: [(String, String)] = [], body: ByteBuffer? = nil) async throws -> TestResponse {
+                        headers: [(String, String)] = [], body: ByteBuffer? = nil,
+                        trailers: HTTPHeaders? = nil) async throws -> TestResponse {
         let promise = channel.eventLoop.makePromise(of: TestResponse.self)
         var h = HTTPHeaders(headers)
         h.add(name: "host", value: authority)
-        if let body { h.add(name: "content-length", value: String(body.readableBytes)) }
+        if let body, trailers == nil { h.add(name: "content-length", value: String(body.readableBytes)) }
         let head = HTTPRequestHead(version: .http1_1, method: method, uri: path, headers: h)
         let multiplexer = self.multiplexer
         // Stream creation and every write of the request happen in one turn of the connection's event loop.
@@ -66,7 +67,7 @@ public final class H2TestClient: Sendable {
                     try stream.pipeline.syncOperations.addHandler(StreamResponseCollector(promise: promise))
                     stream.write(HTTPClientRequestPart.head(head), promise: nil)
                     if let body { stream.write(HTTPClientRequestPart.body(.byteBuffer(body)), promise: nil) }
-                    stream.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+                    stream.writeAndFlush(HTTPClientRequestPart.end(trailers), promise: nil)
                 }
             }
         }

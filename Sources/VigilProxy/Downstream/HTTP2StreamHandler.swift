@@ -47,6 +47,8 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
     private var pendingEnd = false
     private var pendingTrailers: HPACKHeaders?
     private var chunkedUpstream = false
+    /// The request's HEADERS did not end the stream: a body (perhaps empty) follows.
+    private var requestHasBody = false
     private var requestBodyDone = false
     private var bodyBytes = 0
     private var responseStarted = false
@@ -299,6 +301,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
         runtime.activeRequests.wrappingIncrement(ordering: .relaxed)
         phase = .waitingForUpstream
         requestBodyDone = endStream
+        requestHasBody = !endStream
         if !endStream {
             lastBodyRead = startedAt
             armBodyTimer(at: startedAt + listener.bodyTimeout)
@@ -553,9 +556,17 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
             out.writeString(cookies.joined(separator: "; "))
             out.writeStaticString("\r\n")
         }
-        if !requestBodyDone && !hasContentLength {
-            chunkedUpstream = true
-            out.writeStaticString("transfer-encoding: chunked\r\n")
+        if requestHasBody && !hasContentLength {
+            if requestBodyDone && pendingTrailers == nil {
+                // The whole body arrived while the upstream connection was being found (a gRPC unary call
+                // usually does): its length is known, and the upstream gets it as plain content-length.
+                out.writeStaticString("content-length: ")
+                out.writeString(String(pendingBody.reduce(0) { $0 + $1.readableBytes }))
+                out.writeStaticString("\r\n")
+            } else {
+                chunkedUpstream = true
+                out.writeStaticString("transfer-encoding: chunked\r\n")
+            }
         }
         facts.writeFields(after: forwardedFor, into: &out)
         HTTP1HeadWriter.writeVigilFields(clientCert: nil, tenant: target?.tenant?.name, into: &out)  // cert: in facts
@@ -786,12 +797,18 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
             }
             headers.add(name: head.lowercaseNameString(f), value: head.valueString(f))
         }
-        let noBody = head.framing(requestMethodIsHead: request?.method == "HEAD") == .none
-        if noBody { bodyDoneWriting = true }
-        send(.headers(.init(headers: headers, endStream: noBody)))
+        if head.framing(requestMethodIsHead: request?.method == "HEAD") == .none {
+            // The whole response is this HEADERS frame with END_STREAM (a gRPC trailers-only answer, a 204): it
+            // goes out from upstreamResponseEnd, which comes next and finishes the exchange before the frame
+            // can close the stream.
+            bodilessHead = headers
+        } else {
+            send(.headers(.init(headers: headers, endStream: false)))
+        }
     }
 
-    private var bodyDoneWriting = false
+    /// The head of a response without a body, held for `upstreamResponseEnd`.
+    private var bodilessHead: HPACKHeaders?
 
     /// The latest piece of the response body, held back until the next piece, the response's end or the end
     /// of the upstream's read burst: a response that ends in the same burst carries END_STREAM on its last
@@ -820,7 +837,10 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
         // channelInactive must find the exchange done (else it would count a disconnect and drop the
         // upstream connection instead of returning it to the pool).
         finish(status: status, reason: "-", reuseUpstream: requestBodyDone)
-        if !bodyDoneWriting {
+        if let head = bodilessHead {
+            bodilessHead = nil
+            send(.headers(.init(headers: head, endStream: true)))
+        } else {
             if let trailers, let parsed = HTTP2Fields.headers(fromFieldLines: trailers) {
                 sendHeldResponseBody()
                 send(.headers(.init(headers: parsed, endStream: true)))

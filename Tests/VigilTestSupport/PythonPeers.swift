@@ -1,0 +1,86 @@
+import Foundation
+
+/// Real third-party peers written in Python (gRPC's C core through `grpcio`, and others from PyPI), run from the
+/// virtual environment that `.ci/run` creates at `.venv-peers` in the package root (or the interpreter named by
+/// `VIGIL_PEERS_PYTHON`). Their scripts live in `Tests/Peers/`.
+///
+/// Where the environment is missing, tests that need it are skipped with a message saying so, except under CI
+/// (`CI` set), where they run and fail: a CI that silently skipped them would prove nothing.
+public enum PythonPeers {
+    /// The package root, from this file's place in it.
+    public static let packageRoot: String = {
+        var url = URL(fileURLWithPath: #filePath)
+        for _ in 0..<3 { url.deleteLastPathComponent() }  // Tests/VigilTestSupport/PythonPeers.swift
+        return url.path
+    }()
+
+    public static let python: String = ProcessInfo.processInfo.environment["VIGIL_PEERS_PYTHON"]
+        ?? packageRoot + "/.venv-peers/bin/python"
+
+    /// Whether the interpreter is there (the packages in it are checked by the peers themselves on import).
+    public static var installed: Bool { FileManager.default.isExecutableFile(atPath: python) }
+
+    /// Run the peer tests: the environment is there, or CI demands them.
+    public static var shouldRun: Bool { installed || ProcessInfo.processInfo.environment["CI"] != nil }
+
+    public static func script(_ name: String) -> String { packageRoot + "/Tests/Peers/" + name }
+
+    /// Runs `script` with `arguments` to completion, waiting off the cooperative pool: its exit status, stdout and
+    /// stderr.
+    public static func run(_ script: String, _ arguments: [String]) async throws
+        -> (status: Int32, stdout: String, stderr: String)
+    {
+        guard installed else { throw MissingPeers() }
+        let scratch = ScratchDirectory("vigil-peer")
+        let child = try ChildProcess(python, [Self.script(script)] + arguments, stdout: .file(scratch.file("out")),
+                                     stderr: .file(scratch.file("err")))
+        let status = await child.exited()
+        let read = { (name: String) in (try? String(contentsOfFile: scratch.file(name), encoding: .utf8)) ?? "" }
+        return (status, read("out"), read("err"))
+    }
+
+    public struct MissingPeers: Error, CustomStringConvertible {
+        public var description: String {
+            "the Python peers are not installed at \(PythonPeers.python): run .ci/run once, or set VIGIL_PEERS_PYTHON"
+        }
+    }
+}
+
+/// A `grpcio` server (`Tests/Peers/grpc_peer.py`): `vigil.test.Echo` with every kind of call, and
+/// `grpc.health.v1.Health`, on 127.0.0.1. Stopped (killed) with `stop()` or when released.
+public final class GRPCPeerServer: Sendable {
+    public let port: Int
+    private let process: ChildProcess
+    private let scratch = ScratchDirectory("vigil-grpc")
+
+    /// `tls`: the server's certificate, key and the CA its clients' certificates must chain to.
+    public init(tls: (cert: String, key: String, ca: String)? = nil) async throws {
+        guard PythonPeers.installed else { throw PythonPeers.MissingPeers() }
+        let portFile = scratch.file("port")
+        var args = [PythonPeers.script("grpc_peer.py"), "server", portFile]
+        if let tls { args += ["--tls", tls.cert, tls.key, tls.ca] }
+        process = try ChildProcess(PythonPeers.python, args, stderr: .file(scratch.file("stderr")))
+        let deadline = ContinuousClock.now + .seconds(30)
+        while true {
+            if let text = try? String(contentsOfFile: portFile, encoding: .utf8), let port = Int(text) {
+                self.port = port
+                return
+            }
+            guard process.isRunning, ContinuousClock.now < deadline else {
+                process.signal(SIGKILL)
+                let err = (try? String(contentsOfFile: scratch.file("stderr"), encoding: .utf8)) ?? ""
+                throw PeerFailed(what: "the gRPC peer server did not start: \(err)")
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
+    public func stop() { process.signal(SIGKILL) }
+
+    deinit { process.signal(SIGKILL) }
+
+    public struct PeerFailed: Error, CustomStringConvertible {
+        public let what: String
+        public var description: String { what }
+    }
+}
