@@ -398,6 +398,50 @@ import VigilCore
         await proxy.stop()
     }
 
+    /// RFC 9113 §5.1: a frame other than WINDOW_UPDATE, PRIORITY or RST_STREAM on a stream the client has ended
+    /// (half-closed, remote) is a stream error of type STREAM_CLOSED (h2spec 5.1/6). NIOHTTP2 alone answers a
+    /// HEADERS frame there with PROTOCOL_ERROR. The stream is reset, the connection goes on.
+    @Test func headersOnAStreamTheClientEndedGetStreamClosed() async throws {
+        let upstream = try await FakeUpstream(group: group) { _ in .hang }
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
+        let received = NIOLockedValueBox(ByteBuffer())
+        let channel = try await ClientBootstrap(group: group)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ByteCollector(received))
+                }
+            }
+            .connect(host: "127.0.0.1", port: proxy.port()).get()
+        // GET / on stream 1 (HPACK: :method GET, :scheme http, :path /, :authority "a"), END_STREAM|END_HEADERS.
+        let block: [UInt8] = [0x82, 0x86, 0x84, 0x01, 0x01, 0x61]
+        func headers(_ stream: UInt8) -> [UInt8] { [0, 0, UInt8(block.count), 1, 0x05, 0, 0, 0, stream] + block }
+        var bytes = ByteBuffer(string: "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        bytes.writeBytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  // SETTINGS, empty
+        bytes.writeBytes(headers(1))
+        try await channel.writeAndFlush(bytes)
+        try await waitUntil("the request to reach the upstream") { upstream.recorded.count == 1 }
+        try await channel.writeAndFlush(ByteBuffer(bytes: headers(1)))  // again, on the half-closed stream
+        @Sendable func frames() -> [(type: UInt8, stream: UInt32, payload: [UInt8])] {
+            var rest = received.withLockedValue { $0 }
+            var out: [(UInt8, UInt32, [UInt8])] = []
+            while rest.readableBytes >= 9, let header = rest.readBytes(length: 9) {
+                let length = Int(header[0]) << 16 | Int(header[1]) << 8 | Int(header[2])
+                let stream = UInt32(header[5] & 0x7F) << 24 | UInt32(header[6]) << 16 | UInt32(header[7]) << 8 | UInt32(header[8])
+                guard let payload = rest.readBytes(length: length) else { break }
+                out.append((header[3], stream, payload))
+            }
+            return out
+        }
+        try await waitUntil("an RST_STREAM") { frames().contains { $0.type == 3 } }
+        let reset = try #require(frames().first { $0.type == 3 })
+        #expect(reset.stream == 1)
+        #expect(reset.payload == [0, 0, 0, 5], "STREAM_CLOSED")
+        #expect(!frames().contains { $0.type == 7 }, "no GOAWAY: a stream error, not a connection error")
+        #expect(channel.isActive)
+        try await channel.close()
+        await proxy.stop()
+    }
+
     @Test func autoListenerStillSpeaksHTTP1() async throws {
         let upstream = try await FakeUpstream(group: group)
         let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)

@@ -26,6 +26,7 @@ enum HTTP2Pipeline {
                                     clientCert: session.forwardedClientCert)
         let streams = HTTP2ServerConnection(runtime: runtime, listener: listener, loop: loop, session: session,
                                             facts: facts)
+        try channel.pipeline.syncOperations.addHandler(StreamClosedCodeCorrector(connection: streams))
         try channel.pipeline.syncOperations.addHandler(
             NIOHTTP2Handler(mode: .server, frameDelegate: streams, connectionConfiguration: connection))
         try channel.pipeline.syncOperations.addHandler(streams)
@@ -235,7 +236,7 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
         closeIfDrained()
     }
 
-    /// The stream with this id, while NIOHTTP2 has it open (for tests).
+    /// The stream with this id, while NIOHTTP2 has it open.
     func stream(_ id: HTTP2StreamID) -> HTTP2StreamHandler? { streams[id] }
 
     /// Not at once: NIOHTTP2 reports a stream closed (StreamClosedEvent) from inside the write of the stream's
@@ -279,6 +280,45 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
 
 @available(*, unavailable)
 extension HTTP2ServerConnection: Sendable {}
+
+/// Gives the RST_STREAM that answers a HEADERS frame on a half-closed (remote) stream the error code RFC 9113 §5.1
+/// asks for, STREAM_CLOSED. NIOHTTP2 sends PROTOCOL_ERROR there (its source says the RFC names no code for that
+/// case and it guessed); h2spec's 5.1/6 and clients that tell a stream they ended from a malformed one see the
+/// difference.
+///
+/// Why here: NIOHTTP2 writes that frame itself, from inside its read path, so the code can only be corrected as
+/// the encoded frame passes below it. NIOHTTP2 writes each non-DATA frame as one buffer; a 13-byte buffer that is
+/// an RST_STREAM(PROTOCOL_ERROR) for a stream whose client had already ended it (END_STREAM delivered, stream not
+/// yet closed) can only be that answer: a frame NIOHTTP2 rejects is never delivered, DATA there is already
+/// STREAM_CLOSED, and Vigil resets its own streams only with CANCEL or NO_ERROR. Every other write passes after
+/// one length check.
+final class StreamClosedCodeCorrector: ChannelOutboundHandler {
+    typealias OutboundIn = IOData
+    typealias OutboundOut = IOData
+    private weak var connection: HTTP2ServerConnection?
+
+    init(connection: HTTP2ServerConnection) { self.connection = connection }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        guard case .byteBuffer(var frame) = unwrapOutboundIn(data), frame.readableBytes == 13 else {
+            context.write(data, promise: promise)
+            return
+        }
+        let start = frame.readerIndex
+        if frame.getInteger(at: start + 3, as: UInt8.self) == 3,  // RST_STREAM
+           frame.getInteger(at: start + 9, as: UInt32.self) == 1,  // PROTOCOL_ERROR
+           let id = frame.getInteger(at: start + 5, as: UInt32.self),
+           connection?.stream(HTTP2StreamID(Int(id & 0x7FFF_FFFF)))?.clientEnded == true {
+            frame.setInteger(UInt32(5), at: start + 9)  // STREAM_CLOSED
+            context.write(wrapOutboundOut(.byteBuffer(frame)), promise: promise)
+            return
+        }
+        context.write(data, promise: promise)
+    }
+}
+
+@available(*, unavailable)
+extension StreamClosedCodeCorrector: Sendable {}
 
 /// Holds a connection's flushes until its event loop has handled the current batch of events
 /// (`FlushBatch`): the frames of every stream answered (or requested) in one wakeup then leave in one write,

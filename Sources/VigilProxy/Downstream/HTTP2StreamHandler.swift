@@ -111,6 +111,9 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
 
     private var allocator: ByteBufferAllocator { connection.allocator }
 
+    /// The client has ended its side of the stream (a frame with END_STREAM was delivered).
+    var clientEnded: Bool { window.closed }
+
     // MARK: - Frames from the connection
 
     func receivedHeaders(_ h: HTTP2Frame.FramePayload.Headers) {
