@@ -370,29 +370,14 @@ import VigilCore
     @Test func aConnectionErrorGetsGoAwayAndTheConnectionIsClosed() async throws {
         let upstream = try await FakeUpstream(group: group)
         let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
-        let received = NIOLockedValueBox(ByteBuffer())
-        let channel = try await ClientBootstrap(group: group)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ByteCollector(received))
-                }
-            }
-            .connect(host: "127.0.0.1", port: proxy.port()).get()
+        let (channel, received) = try await rawConnection(port: proxy.port())
         var bytes = ByteBuffer(string: "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         bytes.writeBytes([0, 0, 0, 4, 0, 0, 0, 0, 0])          // SETTINGS, empty
         bytes.writeBytes([0, 0, 2, 0, 0, 0, 0, 0, 0, 0x68, 0x69])  // DATA on stream 0
         try await channel.writeAndFlush(bytes)
         try await withTimeout(5, "Vigil to close the connection") { try await channel.closeFuture.get() }
         // The last frame before the close is GOAWAY (type 7) with PROTOCOL_ERROR (1).
-        let all = received.withLockedValue { $0 }
-        var frames: [(type: UInt8, payload: [UInt8])] = []
-        var rest = all
-        while rest.readableBytes >= 9, let header = rest.readBytes(length: 9) {
-            let length = Int(header[0]) << 16 | Int(header[1]) << 8 | Int(header[2])
-            guard let payload = rest.readBytes(length: length) else { break }
-            frames.append((header[3], payload))
-        }
-        let last = try #require(frames.last)
+        let last = try #require(Self.frames(in: received).last)
         #expect(last.type == 7)
         #expect(last.payload.count >= 8 && last.payload[7] == 1, "error code PROTOCOL_ERROR")
         await proxy.stop()
@@ -404,14 +389,7 @@ import VigilCore
     @Test func headersOnAStreamTheClientEndedGetStreamClosed() async throws {
         let upstream = try await FakeUpstream(group: group) { _ in .hang }
         let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
-        let received = NIOLockedValueBox(ByteBuffer())
-        let channel = try await ClientBootstrap(group: group)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ByteCollector(received))
-                }
-            }
-            .connect(host: "127.0.0.1", port: proxy.port()).get()
+        let (channel, received) = try await rawConnection(port: proxy.port())
         // GET / on stream 1 (HPACK: :method GET, :scheme http, :path /, :authority "a"), END_STREAM|END_HEADERS.
         let block: [UInt8] = [0x82, 0x86, 0x84, 0x01, 0x01, 0x61]
         func headers(_ stream: UInt8) -> [UInt8] { [0, 0, UInt8(block.count), 1, 0x05, 0, 0, 0, stream] + block }
@@ -421,17 +399,7 @@ import VigilCore
         try await channel.writeAndFlush(bytes)
         try await waitUntil("the request to reach the upstream") { upstream.recorded.count == 1 }
         try await channel.writeAndFlush(ByteBuffer(bytes: headers(1)))  // again, on the half-closed stream
-        @Sendable func frames() -> [(type: UInt8, stream: UInt32, payload: [UInt8])] {
-            var rest = received.withLockedValue { $0 }
-            var out: [(UInt8, UInt32, [UInt8])] = []
-            while rest.readableBytes >= 9, let header = rest.readBytes(length: 9) {
-                let length = Int(header[0]) << 16 | Int(header[1]) << 8 | Int(header[2])
-                let stream = UInt32(header[5] & 0x7F) << 24 | UInt32(header[6]) << 16 | UInt32(header[7]) << 8 | UInt32(header[8])
-                guard let payload = rest.readBytes(length: length) else { break }
-                out.append((header[3], stream, payload))
-            }
-            return out
-        }
+        @Sendable func frames() -> [RawFrame] { Self.frames(in: received) }
         try await waitUntil("an RST_STREAM") { frames().contains { $0.type == 3 } }
         let reset = try #require(frames().first { $0.type == 3 })
         #expect(reset.stream == 1)
@@ -440,6 +408,34 @@ import VigilCore
         #expect(channel.isActive)
         try await channel.close()
         await proxy.stop()
+    }
+
+    typealias RawFrame = (type: UInt8, stream: UInt32, payload: [UInt8])
+
+    /// A plain TCP connection to `port` that keeps every byte it receives, for frame-level tests.
+    func rawConnection(port: Int) async throws -> (Channel, NIOLockedValueBox<ByteBuffer>) {
+        let received = NIOLockedValueBox(ByteBuffer())
+        let channel = try await ClientBootstrap(group: group)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ByteCollector(received))
+                }
+            }
+            .connect(host: "127.0.0.1", port: port).get()
+        return (channel, received)
+    }
+
+    /// The whole frames among the bytes received so far.
+    static func frames(in received: NIOLockedValueBox<ByteBuffer>) -> [RawFrame] {
+        var rest = received.withLockedValue { $0 }
+        var out: [RawFrame] = []
+        while rest.readableBytes >= 9, let header = rest.readBytes(length: 9) {
+            let length = Int(header[0]) << 16 | Int(header[1]) << 8 | Int(header[2])
+            let stream = UInt32(header[5] & 0x7F) << 24 | UInt32(header[6]) << 16 | UInt32(header[7]) << 8 | UInt32(header[8])
+            guard let payload = rest.readBytes(length: length) else { break }
+            out.append((header[3], stream, payload))
+        }
+        return out
     }
 
     @Test func autoListenerStillSpeaksHTTP1() async throws {
