@@ -410,6 +410,42 @@ import VigilCore
         await proxy.stop()
     }
 
+    /// A stream whose client gives up in the middle of its upload (RST_STREAM, or a TCP FIN: no frame can follow
+    /// it) is aborted at once: its upstream is let go, every slot given back, the log says `request_body_aborted`;
+    /// after a FIN the client, which can still read, gets a 400. Before, a FIN left the stream, its upstream
+    /// connection and its slots held until `body_timeout` (60 s).
+    @Test(arguments: ["reset", "fin"])
+    func anUploadTheClientGivesUpIsAbortedAtOnce(how: String) async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
+        let (channel, received) = try await rawConnection(port: proxy.port())
+        // POST / on stream 1 (HPACK: :method POST, :scheme http, :path /, :authority "a"), END_HEADERS only.
+        let block: [UInt8] = [0x83, 0x86, 0x84, 0x01, 0x01, 0x61]
+        var bytes = ByteBuffer(string: "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        bytes.writeBytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  // SETTINGS, empty
+        bytes.writeBytes([0, 0, UInt8(block.count), 1, 0x04, 0, 0, 0, 1] + block)
+        bytes.writeBytes([0, 0, 10, 0, 0, 0, 0, 0, 1] + Array("0123456789".utf8))  // DATA, 10 bytes, no END_STREAM
+        try await channel.writeAndFlush(bytes)
+        let cluster = proxy.runtime.current.clusters[0]
+        try await waitUntil("the request under way upstream") { cluster.activeRequests.load(ordering: .relaxed) == 1 }
+        if how == "reset" {
+            try await channel.writeAndFlush(ByteBuffer(bytes: [0, 0, 4, 3, 0, 0, 0, 0, 1, 0, 0, 0, 8]))  // RST_STREAM(CANCEL)
+        } else {
+            try await channel.close(mode: .output)
+            try await waitUntil("a 400 for the stream") {
+                Self.frames(in: received).contains { $0.type == 0 && $0.stream == 1
+                    && String(decoding: $0.payload, as: UTF8.self).contains("request_body_aborted") }
+            }
+        }
+        try await waitUntil("every slot given back", seconds: 5) {
+            cluster.activeRequests.load(ordering: .relaxed) == 0 && proxy.runtime.activeRequests.load(ordering: .relaxed) == 0
+        }
+        #expect(upstream.recorded.isEmpty, "the upstream never saw the request end")
+        try? await channel.close()  // after a FIN Vigil has closed it already
+        await proxy.stop()
+        #expect(proxy.accessLogValues("reason", as: String.self) == ["request_body_aborted"])
+    }
+
     typealias RawFrame = (type: UInt8, stream: UInt32, payload: [UInt8])
 
     /// A plain TCP connection to `port` that keeps every byte it receives, for frame-level tests.

@@ -224,10 +224,12 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             // A connection that has had its last response and Vigil's FIN is as good as idle.
             if lingerUntil != nil { context.close(promise: nil) }
         } else if let event = event as? ChannelEvent, event == .inputClosed {
-            // The client half-closed: finish the current exchange, then close.
+            // The client half-closed: finish the current exchange, then close; a request whose body can no
+            // longer arrive whole ends here.
             keepAlive = false
             inputEnded = true
             if phase == .idle { closeNow() }
+            if (phase == .waitingForUpstream || phase == .forwarding) && !bodyCanComplete { requestBodyAborted() }
             if lingerUntil != nil { context.close(promise: nil) }
         } else {
             context.fireUserInboundEventTriggered(event)
@@ -237,19 +239,21 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     func channelInactive(context: ChannelHandlerContext) {
         timer?.cancel()
         timer = nil
+        // A client gone before its request body was whole aborted the request (its own reason in the log).
+        let gone = requestBodyDone ? "downstream_disconnect" : "request_body_aborted"
         switch phase {
         case .waitingForUpstream:
             target?.pool.cancel(self)
-            finishRequest(status: 0, reason: "downstream_disconnect", reuseUpstream: false)
+            finishRequest(status: 0, reason: gone, reuseUpstream: false)
         case .forwarding, .tunnel:
             let wasTunnel = phase == .tunnel
-            finishRequest(status: wasTunnel ? status : 0, reason: wasTunnel ? reason : "downstream_disconnect",
+            finishRequest(status: wasTunnel ? status : 0, reason: wasTunnel ? reason : gone,
                           reuseUpstream: false)
         case .idle, .closing:
             // An error (a reset from the client, say) closes the connection through closeNow, which moves to
             // .closing first: a request still in progress must end here too, or its slots would leak.
             target?.pool.cancel(self)
-            finishRequest(status: responseStarted ? status : 0, reason: "downstream_disconnect", reuseUpstream: false)
+            finishRequest(status: responseStarted ? status : 0, reason: gone, reuseUpstream: false)
         }
         phase = .closing
     }
@@ -295,7 +299,13 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                 updateReadInterest()
                 return
             case .forwarding:
-                if !requestBodyDone { forwardBody() }
+                if !requestBodyDone {
+                    forwardBody()
+                    if phase == .forwarding && !bodyCanComplete {
+                        requestBodyAborted()
+                        return
+                    }
+                }
                 updateReadInterest()
                 return
             case .tunnel:
@@ -514,6 +524,37 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             upstreamFlushPending = true
             retries.keep(slice, bodyBytesSoFar: bodyBytesSeen, policy: target?.retry)
             if bodyRemaining == 0 { requestBodyComplete() }
+        }
+    }
+
+    /// Whether the request body can still arrive whole: the client has not ended its side, or what it sent before
+    /// it did, still buffered here, completes the body.
+    private var bodyCanComplete: Bool {
+        guard inputEnded, !requestBodyDone else { return true }
+        guard var rest = inbound, rest.readableBytes > 0 else { return false }
+        guard var decoder = chunked else { return rest.readableBytes >= bodyRemaining }
+        // A trial decode of a copy: forwardBody decodes (and answers errors) for real.
+        var events: [ChunkedDecoder.Event] = []
+        do throws(HTTP1ParseError) { try decoder.decode(&rest, into: &events) } catch { return true }
+        return events.contains { if case .end = $0 { true } else { false } }
+    }
+
+    /// The client ended its side (TCP FIN) before the request body was whole: the request can never complete
+    /// (RFC 9112 §8 calls it incomplete), so it is aborted at once rather than held until `body_timeout` with its
+    /// upstream connection and its cluster and tenant slots. The upstream connection is closed; the outcome does
+    /// not count against the host. A client that half-closed can still read, so it gets a 400 (RFC 9112 §8 allows
+    /// an answer before the close), or the response cut short if one had begun.
+    private func requestBodyAborted() {
+        if phase == .waitingForUpstream { target?.pool.cancel(self) }
+        abortUpstream()
+        inbound = nil
+        chunked = nil
+        if responseStarted {
+            finishRequest(status: status, reason: "request_body_aborted", reuseUpstream: false)
+            closeAfterFlush()
+        } else {
+            localReply(status: 400, reason: "request_body_aborted",
+                       detail: "the client closed its side before the request body was complete", close: true)
         }
     }
 

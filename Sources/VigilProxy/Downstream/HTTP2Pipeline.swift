@@ -182,6 +182,9 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
             // A client that closes its side (TCP FIN, reported as inputClosed with half-closure allowed) can send
             // nothing more: the connection ends like a draining one, once its streams have been answered.
             let inputClosed = (event as? ChannelEvent) == .inputClosed
+            if inputClosed {
+                for stream in Array(streams.values) { stream.clientInputClosed() }
+            }
             if inputClosed, !finalGoAwaySent {
                 draining = true
                 sendFinalGoAway()

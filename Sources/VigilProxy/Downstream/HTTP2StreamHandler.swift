@@ -271,17 +271,30 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
         streamOpen = false
         held.removeAll()
         heldResponseBody = nil
+        // A client gone before its request body was whole (RST_STREAM, or the connection lost) aborted the
+        // request: its own reason in the log; the upstream stream or connection is let go by finish.
+        let gone = requestBodyDone ? "downstream_disconnect" : "request_body_aborted"
         switch phase {
         case .waitingForUpstream:
             target?.pool.cancel(self)
-            finish(status: 0, reason: "downstream_disconnect", reuseUpstream: false)
+            finish(status: 0, reason: gone, reuseUpstream: false)
         case .forwarding:
-            finish(status: responseStarted ? status : 0, reason: "downstream_disconnect", reuseUpstream: false)
+            finish(status: responseStarted ? status : 0, reason: gone, reuseUpstream: false)
         case .idle, .done:
             break
         }
         phase = .done
         cancelTimers()
+    }
+
+    /// The client closed its side of the connection (TCP FIN): a stream whose request has not ended can never
+    /// end, so it is aborted now rather than held until `body_timeout` with its upstream and its slots (400 if no
+    /// response has begun, else the response is cut with CANCEL).
+    func clientInputClosed() {
+        guard !window.closed, phase == .waitingForUpstream || phase == .forwarding else { return }
+        if phase == .waitingForUpstream { target?.pool.cancel(self) }
+        abandonUpstream(reason: "request_body_aborted", replyStatus: 400,
+                        detail: "the client closed its side before the request body was complete")
     }
 
     private func cancelTimers() {
