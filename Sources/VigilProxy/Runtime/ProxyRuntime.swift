@@ -1,5 +1,6 @@
 import Atomics
 import CoreMetrics
+import Dispatch
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -142,7 +143,16 @@ public final class ProxyRuntime: Sendable {
             tls.reload()
             current.tenants?.reloadKeys()
         }
-        backgroundTasks.withLockedValue { $0 += [tick, reclaim, reload] }
+        // Memory the allocator kept after a burst of connections goes back to the system (MemoryReclaimPolicy).
+        let memory = NIOLockedValueBox(MemoryReclaimPolicy())
+        let trim = group.next().scheduleRepeatedTask(initialDelay: .seconds(5), delay: .seconds(5)) { [self] _ in
+            let open = listeners.reduce(0) { $0 + $1.openConnections.load(ordering: .relaxed) }
+            if memory.withLockedValue({ $0.observed(openConnections: open) }) {
+                // Off the event loops: the walk over the arenas holds their locks for a few milliseconds.
+                DispatchQueue.global(qos: .utility).async { AllocatorTrim.giveBackFreeMemory() }
+            }
+        }
+        backgroundTasks.withLockedValue { $0 += [tick, reclaim, reload, trim] }
     }
 
     public func stopBackgroundWork() {

@@ -50,6 +50,9 @@ public final class ProxyServer: Sendable {
 
     public var openConnectionCount: Int { state.withLockedValue { $0.connections.count } }
 
+    /// The downstream connections open now.
+    var openConnections: [Channel] { state.withLockedValue { Array($0.connections.values) } }
+
     private func bind(_ listener: ListenerRuntime) async throws -> Channel {
         let runtime = self.runtime
         let maxConnections = listener.config.limits.maxConnections
@@ -57,6 +60,7 @@ public final class ProxyServer: Sendable {
             .serverChannelOption(.backlog, value: 4096)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .boundedConnectionBuffers()
             // Half-closure is an HTTP/1.1 nicety on plain TCP. Over TLS a client's close_notify ends the
             // connection: with half-closure on, NIOSSL would hold every connection Vigil closes open until its
             // shutdown timeout.
@@ -124,8 +128,7 @@ public final class ProxyServer: Sendable {
     /// HTTP/2: GOAWAY). New requests on kept-alive connections are still served until each one closes.
     public func beginDrain() {
         runtime.draining.store(true, ordering: .relaxed)
-        let connections = state.withLockedValue { Array($0.connections.values) }
-        for c in connections { c.pipeline.fireUserInboundEventTriggered(DrainEvent()) }
+        for c in openConnections { c.pipeline.fireUserInboundEventTriggered(DrainEvent()) }
     }
 
     /// Drain: stop accepting, ask connections to close, wait for them up to `timeout`, then close the rest.
@@ -154,7 +157,7 @@ public final class ProxyServer: Sendable {
             }
         }
         runtime.stopBackgroundWork()
-        let rest = state.withLockedValue { Array($0.connections.values) }
+        let rest = openConnections
         if !rest.isEmpty { logger.warning("drain timeout passed; closing connections", metadata: ["open": "\(rest.count)"]) }
         for c in rest { c.close(promise: nil) }
         for context in runtime.allLoopContexts {
