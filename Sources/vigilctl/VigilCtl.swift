@@ -16,6 +16,22 @@ struct VigilCtl: AsyncParsableCommand {
             --servers-file. The token is read from --token-file, else from $VIGIL_TOKEN.
             """,
         subcommands: [Status.self, Policy.self, Events.self, Clusters.self, Tenants.self, Compliance.self])
+
+    /// Global options work before the subcommand too (`vigilctl --server A --server B policy apply FILE`), as in
+    /// kubectl: ArgumentParser reads a subcommand's options only after its name, so they are moved there first.
+    static func main() async {
+        let arguments = ConnectionOptions.movedAfterSubcommand(Array(CommandLine.arguments.dropFirst()))
+        do {
+            var command = try parseAsRoot(arguments)
+            if var async = command as? AsyncParsableCommand {
+                try await async.run()
+            } else {
+                try command.run()
+            }
+        } catch {
+            exit(withError: error)
+        }
+    }
 }
 
 struct ConnectionOptions: ParsableArguments {
@@ -39,6 +55,34 @@ struct ConnectionOptions: ParsableArguments {
 
     @Flag(help: "Print the control planes' JSON instead of tables.")
     var json = false
+
+    /// The connection options that take a value, and the flags.
+    static let valued: Set<String> = ["--server", "--servers-file", "--token-file", "--cacert", "--cert", "--key"]
+    static let flags: Set<String> = ["--json"]
+
+    /// Moves connection options given before the subcommand to the end (before a `--` terminator, if any).
+    static func movedAfterSubcommand(_ arguments: [String]) -> [String] {
+        var leading: [String] = []
+        var i = 0
+        while i < arguments.count {
+            let a = arguments[i]
+            let name = a.split(separator: "=", maxSplits: 1).first.map(String.init) ?? a
+            if flags.contains(a) || (valued.contains(name) && a.contains("=")) {
+                leading.append(a)
+                i += 1
+            } else if valued.contains(a), i + 1 < arguments.count {
+                leading += [a, arguments[i + 1]]
+                i += 2
+            } else {
+                break
+            }
+        }
+        guard !leading.isEmpty else { return arguments }
+        var rest = Array(arguments[i...])
+        let end = rest.firstIndex(of: "--") ?? rest.endIndex
+        rest.insert(contentsOf: leading, at: end)
+        return rest
+    }
 
     func targets() throws -> [ServerURL] {
         var texts = servers

@@ -63,8 +63,9 @@ import VigilTestSupport
         #expect(status.contains("NODE") && status.contains("serving"))
         try #"{"listeners": [{"name": "in", "routes": [{"match": {"prefix": "/"}, "cluster": "b"}]}]}"#
             .write(toFile: dir + "/p.json", atomically: true, encoding: .utf8)
-        // One live sidecar, one address where nothing answers: the report says which is which, and fails.
-        let (s1, out, _) = try run("vigilctl", ["policy", "apply", dir + "/p.json"] + live + ["--server", "127.0.0.1:\(dead)"] + auth)
+        // One live sidecar, one address where nothing answers: the report says which is which, and fails. The
+        // global options come before the subcommand here, as kubectl users write them.
+        let (s1, out, _) = try run("vigilctl", live + ["--server", "127.0.0.1:\(dead)"] + auth + ["policy", "apply", dir + "/p.json"])
         #expect(s1 != 0)
         #expect(out.contains("applied"))
         #expect(out.contains("REFUSED"))

@@ -508,4 +508,22 @@ struct ScriptedRandom: RandomNumberGenerator {
         #expect(w.observe(sample(9, budget: 3), cluster: "c").map(\.kind) == [.retryBudgetExhausted])
         #expect(w.observe(sample(9, budget: 3), cluster: "c").isEmpty)  // the budget has no "closed" event
     }
+
+    /// `retry_budget_exhausted` says what the budget decided by: its ratio and floor, and the requests and retries
+    /// in the window, not a limit value and usage it does not have.
+    @Test func aRetryBudgetRefusalCarriesItsWindow() {
+        var budget = RetryBudget(ratio: 0.2, minPerSecond: 0.5)
+        let now: Int64 = 42_000_000_000
+        for _ in 0..<20 { budget.recordRequest(nowNanos: now) }
+        var taken = 0
+        while budget.withdraw(nowNanos: now) { taken += 1 }
+        #expect(taken == 9)  // 0.2 × 20 + 0.5 × 10 s
+        let window = budget.window(nowNanos: now)
+        #expect(window == RetryBudget.Window(ratio: 0.2, minPerSecond: 0.5, seconds: 10, requests: 20, retries: 9))
+        var w = OverflowWatch()
+        let events = w.observe([.init(limit: OverflowWatch.retryBudget, value: 0, inUse: 0, refusedTotal: 1,
+                                      decidedBy: window.evidence)], cluster: "c")
+        #expect(events.map(\.kind) == [.retryBudgetExhausted])
+        #expect(events.first?.evidence.serialized() == #"{"limit":"retry_budget","ratio":0.2,"min_per_second":0.5,"window_seconds":10,"requests_in_window":20,"retries_in_window":9,"retries_allowed":9.0,"refused_last_second":1,"refused_total":1}"#)
+    }
 }

@@ -14,9 +14,10 @@ import VigilTestSupport
 
     /// A cluster with room for 5 requests and 5 waiting: 20 abandoned uploads that held their slots would make
     /// every later request overflow.
-    func setup() async throws -> (ProxyHarness, FakeUpstream) {
+    func setup(listener: String = "") async throws -> (ProxyHarness, FakeUpstream) {
         let upstream = try await FakeUpstream(group: group)
-        let yaml = ProxyHarness.simple(cluster: "circuit_breakers: { max_requests: 5, max_pending_requests: 5 }")
+        let yaml = ProxyHarness.simple(cluster: "circuit_breakers: { max_requests: 5, max_pending_requests: 5 }",
+                                       listener: listener)
         let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
         return (proxy, upstream)
     }
@@ -79,11 +80,12 @@ import VigilTestSupport
         #expect(proxy.accessLogValues("reason", as: String.self).filter { $0 == "request_body_aborted" }.count == 10)
     }
 
-    /// A client that half-closes after sending its whole request (HTTP/1.0 style) is not an abort: it gets its
-    /// answer, whether the body was still buffered in Vigil or already sent on.
+    /// A client that half-closes after sending its whole request (HTTP/1.0 style) has not aborted its upload: with
+    /// `abort_on_client_close: false` (else it would have given up its pending response, ClientGivesUpTests) it
+    /// gets its answer, whether the body was still buffered in Vigil or already sent on.
     @Test(arguments: ["Content-Length: 5\r\n\r\nhello", "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"])
     func aWholeRequestFollowedByFINIsAnswered(framing: String) async throws {
-        let (proxy, upstream) = try await setup()
+        let (proxy, upstream) = try await setup(listener: "abort_on_client_close: false")
         let client = try await proxy.client()
         try await client.send("POST /whole HTTP/1.1\r\nHost: a\r\n\(framing)")
         try await client.finishSending()

@@ -289,6 +289,27 @@ import VigilTestSupport
         await proxy.stop()
     }
 
+    /// A request that finds every connection busy and no room to wait (`max_pending_requests`) is refused with a
+    /// detail that names that limit, as a `max_requests` refusal names its own.
+    @Test func aFullWaitQueueIs503NamingMaxPendingRequests() async throws {
+        let gate = Gate()
+        let yaml = ProxyHarness.simple(cluster: "circuit_breakers: { max_connections: 1, max_pending_requests: 0 }")
+        let (proxy, _) = try await setup(yaml, behaviour: { head in head.uri == "/slow" ? .gated(gate, body: "slow") : .respond() })
+        let slow = try await proxy.client()
+        try await slow.send("GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        let cluster = proxy.runtime.current.clusters[0]
+        try await waitUntil("the slow request holds the only connection") { cluster.activeRequests.load(ordering: .relaxed) == 1 }
+        let fast = try await proxy.client()
+        try await fast.send("GET /fast HTTP/1.1\r\nHost: a\r\n\r\n")
+        let r = try #require(try await fast.response())
+        #expect(r.status == 503 && r.header("x-vigil-reason") == "overflow")
+        let json = try JSONSerialization.jsonObject(with: Data(r.text.utf8)) as? [String: Any]
+        #expect(json?["detail"] as? String == "cluster api is at max_pending_requests")
+        gate.open()
+        #expect(try await slow.response()?.text == "slow")
+        await proxy.stop()
+    }
+
     /// wrk opens a connection and closes it without a byte; so do port probes. Vigil must close its side too
     /// (it used to leave such connections in CLOSE_WAIT for ever, and a drain then waited its full timeout).
     @Test(arguments: ["auto", "http1", "http2"])

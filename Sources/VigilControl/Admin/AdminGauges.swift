@@ -22,23 +22,31 @@ struct AdminGauges: Sendable {
     /// What each atomic counter was at the last scrape, by cluster object and counter.
     private let published = NIOLockedValueBox<[ObjectIdentifier: [Int]]>([:])
     private let tenantLabels = NIOLockedValueBox(TenantMetricLabels(top: 20))
-    /// The access log's dropped bytes at the last scrape.
+    /// The access log's dropped bytes and the failed TLS reloads at the last scrape.
     private let publishedDrops = NIOLockedValueBox(0)
+    private let publishedTLSFailures = NIOLockedValueBox(0)
 
     init(runtime: ProxyRuntime, registry: PrometheusCollectorRegistry) {
         self.runtime = runtime
         self.registry = registry
     }
 
+    /// Adds to the counter `name` what the runtime's atomic `value` grew by since the last scrape.
+    private func publish(_ name: String, _ value: Int, since last: NIOLockedValueBox<Int>) {
+        let grown = last.withLockedValue { last in
+            defer { last = max(last, value) }
+            return value - last
+        }
+        let counter = registry.makeCounter(name: name)
+        if grown > 0 { counter.increment(by: Int64(grown)) }
+    }
+
     func update() {
         registry.makeGauge(name: "vigil_active_requests").set(Double(runtime.activeRequests.load(ordering: .relaxed)))
-        let dropped = runtime.accessLog.droppedBytes.load(ordering: .relaxed)
-        let grown = publishedDrops.withLockedValue { last in
-            defer { last = max(last, dropped) }
-            return dropped - last
-        }
-        let drops = registry.makeCounter(name: "vigil_access_log_dropped_bytes_total")
-        if grown > 0 { drops.increment(by: Int64(grown)) }
+        publish("vigil_access_log_dropped_bytes_total", runtime.accessLog.droppedBytes.load(ordering: .relaxed),
+                since: publishedDrops)
+        publish("vigil_tls_reload_failures_total", runtime.tls.reloadFailures.load(ordering: .relaxed),
+                since: publishedTLSFailures)
         for l in runtime.listeners {
             registry.makeGauge(name: "vigil_downstream_connections", labels: [("listener", l.config.name)])
                 .set(Double(l.openConnections.load(ordering: .relaxed)))

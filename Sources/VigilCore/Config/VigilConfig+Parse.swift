@@ -121,7 +121,7 @@ extension ConfigReader {
 
     mutating func readListener(_ node: Node, at path: String, clusterNames: [String: Int]) -> ListenerConfig? {
         guard let m = map(node, at: path, keys: ["name", "address", "protocol", "routes", "limits", "tls", "authorization",
-                                                 "trusted_headers"])
+                                                 "trusted_headers", "abort_on_client_close"])
         else { return nil }
         let name = required(nonEmptyString(m["name"], at: m.path("name")), m, "name")
         let address = required(self.address(m["address"], at: m.path("address")), m, "address")
@@ -181,6 +181,9 @@ extension ConfigReader {
             listener.authorization = on
         }
         if let trusted = bool(m["trusted_headers"], at: m.path("trusted_headers")) { listener.trustedHeaders = trusted }
+        if let abort = bool(m["abort_on_client_close"], at: m.path("abort_on_client_close")) {
+            listener.abortOnClientClose = abort
+        }
         return listener
     }
 

@@ -130,7 +130,8 @@ extension ConfigReader {
         return config
     }
 
-    static let listenerKeys: Set = ["name", "routes", "address", "protocol", "limits", "tls", "authorization", "trusted_headers"]
+    static let listenerKeys: Set = ["name", "routes", "address", "protocol", "limits", "tls", "authorization", "trusted_headers",
+                                    "abort_on_client_close"]
 
     static func sameStatic(_ key: String, _ a: VigilConfig, _ b: VigilConfig) -> Bool {
         switch key {
@@ -155,6 +156,7 @@ extension ConfigReader {
         case "tls": a.tls == b.tls
         case "authorization": a.authorization == b.authorization
         case "trusted_headers": a.trustedHeaders == b.trustedHeaders
+        case "abort_on_client_close": a.abortOnClientClose == b.abortOnClientClose
         default: false
         }
     }

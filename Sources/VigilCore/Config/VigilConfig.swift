@@ -75,6 +75,11 @@ public struct ListenerConfig: Sendable, Equatable {
     /// Whether a tenant header sent by the client is believed (`tenants.identify[].from: header`). On other
     /// listeners a client-sent tenant header is removed, so nobody can claim another tenant's quota.
     public var trustedHeaders = false
+    /// `abort_on_client_close` (default true): a client that closes its sending side (TCP FIN) before the
+    /// response has begun has given up (nginx's and Envoy's default): the upstream request is cancelled and every
+    /// slot released. `false` keeps HAProxy's default, answering such clients, for clients that half-close on
+    /// purpose after their request.
+    public var abortOnClientClose = true
 
     public init(name: String, address: SocketAddressSpec, protocol: ListenerProtocol = .auto,
                 routes: [RouteConfig], limits: ListenerLimits = .init()) {

@@ -8,11 +8,14 @@ public struct OverflowWatch: Sendable, Equatable {
         public var value: Int
         public var inUse: Int
         public var refusedTotal: Int
-        public init(limit: String, value: Int, inUse: Int, refusedTotal: Int) {
+        /// What decided the latest refusal, where a limit is more than a count (the retry budget's window).
+        public var decidedBy: JSONValue?
+        public init(limit: String, value: Int, inUse: Int, refusedTotal: Int, decidedBy: JSONValue? = nil) {
             self.limit = limit
             self.value = value
             self.inUse = inUse
             self.refusedTotal = refusedTotal
+            self.decidedBy = decidedBy
         }
     }
 
@@ -27,8 +30,15 @@ public struct OverflowWatch: Sendable, Equatable {
         for s in samples {
             let refused = s.refusedTotal - (last[s.limit] ?? 0)
             last[s.limit] = s.refusedTotal
-            let evidence: JSONValue = ["limit": .string(s.limit), "limit_value": .int(s.value), "in_use": .int(s.inUse),
-                                       "refused_last_second": .int(refused), "refused_total": .int(s.refusedTotal)]
+            let counts: [(String, JSONValue)] = [("refused_last_second", .int(refused)), ("refused_total", .int(s.refusedTotal))]
+            let evidence: JSONValue
+            if case .object(let decided)? = s.decidedBy {
+                // The budget has no single limit value: the window's figures say why it refused.
+                evidence = .object([("limit", .string(s.limit))] + decided + counts)
+            } else {
+                evidence = .object([("limit", .string(s.limit)), ("limit_value", .int(s.value)), ("in_use", .int(s.inUse))]
+                                   + counts)
+            }
             if refused > 0, !open.contains(s.limit) {
                 open.insert(s.limit)
                 if s.limit == Self.retryBudget {

@@ -141,9 +141,31 @@ public struct RetryBudget: Sendable, Equatable {
 
     /// Retries the budget still allows now.
     public mutating func available(nowNanos: Int64) -> Double {
+        let w = window(nowNanos: nowNanos)
+        return w.allowed - Double(w.retries)
+    }
+
+    /// What the budget's sliding window holds now: the figures a refusal is decided by.
+    public struct Window: Sendable, Equatable {
+        public var ratio: Double
+        public var minPerSecond: Double
+        public var seconds: Int
+        public var requests: Int
+        public var retries: Int
+        /// `ratio` × requests + `minPerSecond` × seconds: the retries the window allows.
+        public var allowed: Double { ratio * Double(requests) + minPerSecond * Double(seconds) }
+
+        public var evidence: JSONValue {
+            ["ratio": .double(ratio), "min_per_second": .double(minPerSecond), "window_seconds": .int(seconds),
+             "requests_in_window": .int(requests), "retries_in_window": .int(retries),
+             "retries_allowed": .double((allowed * 100).rounded() / 100)]
+        }
+    }
+
+    public mutating func window(nowNanos: Int64) -> Window {
         advance(to: Self.second(nowNanos))
-        let total = requests.reduce(0, +), spent = retries.reduce(0, +)
-        return ratio * Double(total) + minPerSecond * Double(Self.buckets) - Double(spent)
+        return Window(ratio: ratio, minPerSecond: minPerSecond, seconds: Self.buckets, requests: requests.reduce(0, +),
+                      retries: retries.reduce(0, +))
     }
 
     /// Takes one retry from the budget, or returns false when it is spent.

@@ -229,7 +229,13 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             keepAlive = false
             inputEnded = true
             if phase == .idle { closeNow() }
-            if (phase == .waitingForUpstream || phase == .forwarding) && !bodyCanComplete { requestBodyAborted() }
+            if phase == .waitingForUpstream || phase == .forwarding {
+                if !bodyCanComplete {
+                    requestBodyAborted()
+                } else if !responseStarted && listener.config.abortOnClientClose {
+                    clientGaveUp()
+                }
+            }
             if lingerUntil != nil { context.close(promise: nil) }
         } else {
             context.fireUserInboundEventTriggered(event)
@@ -556,6 +562,18 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             localReply(status: 400, reason: "request_body_aborted",
                        detail: "the client closed its side before the request body was complete", close: true)
         }
+    }
+
+    /// The client closed its side while its response was still pending: it has given up (a client-side timeout,
+    /// a user who went away), as nginx (499) and Envoy take it. The upstream request is cancelled, every slot is
+    /// released now rather than at the route timeout (a tenant whose impatient clients retry would otherwise lock
+    /// itself out), the outcome does not count against the host, and the connection closes. A client that sent
+    /// its whole request and half-closed on purpose would get nothing: `abort_on_client_close: false` serves it.
+    private func clientGaveUp() {
+        if phase == .waitingForUpstream { target?.pool.cancel(self) }
+        abortUpstream()
+        finishRequest(status: 0, reason: "downstream_aborted", reuseUpstream: false)
+        closeNow()
     }
 
     private func exceedsBodyLimit() -> Bool {

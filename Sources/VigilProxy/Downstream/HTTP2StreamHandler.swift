@@ -289,12 +289,22 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
 
     /// The client closed its side of the connection (TCP FIN): a stream whose request has not ended can never
     /// end, so it is aborted now rather than held until `body_timeout` with its upstream and its slots (400 if no
-    /// response has begun, else the response is cut with CANCEL).
+    /// response has begun, else the response is cut with CANCEL); one whose response has not begun has been
+    /// given up, unless the listener says `abort_on_client_close: false`.
     func clientInputClosed() {
-        guard !window.closed, phase == .waitingForUpstream || phase == .forwarding else { return }
-        if phase == .waitingForUpstream { target?.pool.cancel(self) }
-        abandonUpstream(reason: "request_body_aborted", replyStatus: 400,
-                        detail: "the client closed its side before the request body was complete")
+        guard phase == .waitingForUpstream || phase == .forwarding else { return }
+        if !window.closed {
+            if phase == .waitingForUpstream { target?.pool.cancel(self) }
+            abandonUpstream(reason: "request_body_aborted", replyStatus: 400,
+                            detail: "the client closed its side before the request body was complete")
+        } else if !responseStarted && listener.config.abortOnClientClose {
+            // Its response still pending: the client has given up (`abort_on_client_close`, as on HTTP/1.1).
+            if phase == .waitingForUpstream { target?.pool.cancel(self) }
+            upstream?.close()
+            upstream = nil
+            finish(status: 0, reason: "downstream_aborted", reuseUpstream: false)
+            reset(.cancel)
+        }
     }
 
     private func cancelTimers() {

@@ -48,9 +48,12 @@ struct RetryState {
               let next = cluster.pickHost(random: &loop.random, tried: tried) else { return nil }
         release(cluster)
         guard cluster.reserveRetry() else { return nil }
-        guard target.policy.withdrawRetry(listener: listener.index, route: target.routeIndex, nowNanos: loop.nowNanos()) else {
+        let now = loop.nowNanos()
+        guard target.policy.withdrawRetry(listener: listener.index, route: target.routeIndex, nowNanos: now) else {
             cluster.releaseRetry()
-            cluster.retryBudgetRefusals.wrappingIncrement(ordering: .relaxed)
+            if let window = target.policy.retryBudgetWindow(listener: listener.index, route: target.routeIndex, nowNanos: now) {
+                cluster.retryBudgetRefused(window)
+            }
             return nil
         }
         holdsSlot = true

@@ -1,4 +1,5 @@
 import Atomics
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOSSL
 import VigilCore
@@ -60,6 +61,8 @@ public final class ClusterRuntime: Sendable {
     public let overflowPending = ManagedAtomic<Int>(0)
     public let overflowRetries = ManagedAtomic<Int>(0)
     public let retryBudgetRefusals = ManagedAtomic<Int>(0)
+    /// The budget window of the latest refusal (`retryBudgetRefused`).
+    let lastBudgetRefusal = NIOLockedValueBox<RetryBudget.Window?>(nil)
     public let retries = ManagedAtomic<Int>(0)
     /// This cluster's request and connect-failure counters, resolved once.
     let metrics: ClusterMetrics
@@ -166,6 +169,13 @@ public final class ClusterRuntime: Sendable {
 
     func releaseRetry() { activeRetries.wrappingDecrement(ordering: .relaxed) }
 
+    /// The retry budget refused a retry (a rare path: the window's figures are kept, under a lock, as the
+    /// evidence of the next `retry_budget_exhausted` event).
+    func retryBudgetRefused(_ window: RetryBudget.Window) {
+        lastBudgetRefusal.withLockedValue { $0 = window }
+        retryBudgetRefusals.wrappingIncrement(ordering: .relaxed)
+    }
+
     /// The breaker counters as the overflow watch samples them.
     func overflowSamples() -> [OverflowWatch.Sample] {
         let b = config.circuitBreakers
@@ -177,7 +187,8 @@ public final class ClusterRuntime: Sendable {
             .init(limit: "max_retries", value: b.maxRetries, inUse: activeRetries.load(ordering: .relaxed),
                   refusedTotal: overflowRetries.load(ordering: .relaxed)),
             .init(limit: OverflowWatch.retryBudget, value: 0, inUse: 0,
-                  refusedTotal: retryBudgetRefusals.load(ordering: .relaxed)),
+                  refusedTotal: retryBudgetRefusals.load(ordering: .relaxed),
+                  decidedBy: lastBudgetRefusal.withLockedValue { $0 }?.evidence),
         ]
     }
 }

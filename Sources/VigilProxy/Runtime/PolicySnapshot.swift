@@ -107,4 +107,9 @@ final class LoopPolicy {
     func withdrawRetry(listener: Int, route: Int, nowNanos: Int64) -> Bool {
         retryBudgets[listener][route]?.withdraw(nowNanos: nowNanos) ?? false
     }
+
+    /// The route's budget window on this loop, for the evidence of a refusal.
+    func retryBudgetWindow(listener: Int, route: Int, nowNanos: Int64) -> RetryBudget.Window? {
+        retryBudgets[listener][route]?.window(nowNanos: nowNanos)
+    }
 }

@@ -107,10 +107,18 @@ struct TLSMaterial: Sendable {
         }
     }
 
+    /// A serial number as OpenSSL prints it: every byte as two hex digits, colon-separated (`0f:03:…`).
+    /// swift-certificates' own description drops each byte's leading zero, so `0x03` read as `3`.
+    static func serialText(_ bytes: ArraySlice<UInt8>) -> String {
+        let digits = Array("0123456789abcdef".utf8)
+        return bytes.map { String(decoding: [digits[Int($0 >> 4)], digits[Int($0 & 0xF)]], as: UTF8.self) }
+            .joined(separator: ":")
+    }
+
     static func info(_ c: Certificate, der: [UInt8]) -> CertificateInfo {
         let names = PeerIdentity.names(of: c)
         return CertificateInfo(identity: names.uri.first ?? names.dns.first, subject: String(describing: c.subject),
-                               notAfter: c.notValidAfter, serial: String(describing: c.serialNumber),
+                               notAfter: c.notValidAfter, serial: serialText(c.serialNumber.bytes),
                                sha256: PeerIdentity.sha256Hex(der))
     }
 
@@ -173,6 +181,11 @@ struct TLSMaterial: Sendable {
     /// Whether any file now reads differently from what this material was built from.
     func filesChanged() -> Bool {
         fileBytes.contains { file, bytes in FileManager.default.contents(atPath: file).map(Array.init) != bytes }
+    }
+
+    /// What this material's files hold now (nil for one that cannot be read).
+    func currentFiles() -> [String: [UInt8]?] {
+        Dictionary(uniqueKeysWithValues: fileBytes.keys.map { ($0, FileManager.default.contents(atPath: $0).map(Array.init)) })
     }
 }
 

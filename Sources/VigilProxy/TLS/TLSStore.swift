@@ -1,3 +1,4 @@
+import Atomics
 import CoreMetrics
 import Foundation
 import Logging
@@ -26,6 +27,9 @@ public final class TLSStore: Sendable {
         /// For a cluster's entry, what it was loaded from: a policy that keeps it equal keeps the entry.
         var clusterSource: ClusterTLSConfig?
         var clusterProtocol: UpstreamProtocol?
+        /// The files as they were when a reload last failed: the same bad content is reported once, not at every
+        /// poll (which pushed healing decisions out of the event ring).
+        var failedFiles: [String: [UInt8]?]?
     }
 
     typealias Box = NIOLockedValueBox<Entry>
@@ -36,6 +40,9 @@ public final class TLSStore: Sendable {
     /// Cluster entries by cluster name; replaced whole when a policy changes the clusters.
     private let clusterEntries: NIOLockedValueBox<[String: Box]>
     private let events: HealingEventLog
+    /// Every reload that found changed files it could not load, the same bad content polled again included
+    /// (`vigil_tls_reload_failures_total`); each distinct bad content raises one `tls_reload_failed` event.
+    public let reloadFailures = ManagedAtomic<Int>(0)
 
     init(config: VigilConfig, events: HealingEventLog) throws(TLSLoadError) {
         self.events = events
@@ -117,19 +124,27 @@ public final class TLSStore: Sendable {
     @discardableResult
     public func reload(now: Date = Date()) -> [HealingEvent] {
         var out: [HealingEvent] = []
+        var failures = 0
         for box in Array(listenerEntries.values) + (controlEntry.map { [$0] } ?? []) + Array(clusterEntries.withLockedValue { $0.values }) {
-            out += box.withLockedValue { entry in Self.check(&entry, now: now) }
+            out += box.withLockedValue { entry in Self.check(&entry, now: now, failures: &failures) }
         }
+        if failures > 0 { reloadFailures.wrappingIncrement(by: failures, ordering: .relaxed) }
         events.emit(out)
         return out
     }
 
-    private static func check(_ entry: inout Entry, now: Date) -> [HealingEvent] {
+    private static func check(_ entry: inout Entry, now: Date, failures: inout Int) -> [HealingEvent] {
         var out: [HealingEvent] = []
         if entry.material.filesChanged() {
+            let files = entry.material.currentFiles()
+            if files == entry.failedFiles {
+                failures += 1  // the same bad content as last time: counted, not reported again
+                return out
+            }
             do throws(TLSLoadError) {
                 let fresh = try entry.load()
                 let before = entry.material.leaf?.sha256
+                entry.failedFiles = nil
                 entry.material = fresh
                 entry.lastRotation = now
                 out.append(HealingEvent(kind: .tlsReloaded, cluster: entry.owner, reason: entry.path,
@@ -138,6 +153,8 @@ public final class TLSStore: Sendable {
                                                    "trusted_roots": .int(fresh.trust.count)],
                                         action: ["handshakes": "new ones use the new material; open connections carry on"]))
             } catch {
+                failures += 1
+                entry.failedFiles = files
                 out.append(HealingEvent(kind: .tlsReloadFailed, cluster: entry.owner, reason: entry.path,
                                         evidence: ["error": .string(error.description)],
                                         action: ["kept": "the material in use stays"]))

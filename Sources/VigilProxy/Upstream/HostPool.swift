@@ -58,7 +58,7 @@ final class HostPool {
         } else if cluster.reservePending() {
             waiters.append(waiter)
         } else {
-            waiter.poolFailed(.overflow)
+            waiter.poolFailed(.overflow(cluster: cluster.config.name, limit: "max_pending_requests"))
         }
     }
 
@@ -195,7 +195,7 @@ final class HostPool {
     @discardableResult
     private func enqueueH2(_ waiter: PoolWaiter) -> Bool {
         guard cluster.reservePending() else {
-            waiter.poolFailed(.overflow)
+            waiter.poolFailed(.overflow(cluster: cluster.config.name, limit: "max_pending_requests"))
             return false
         }
         h2Waiters.append(waiter)
@@ -264,7 +264,7 @@ final class HostPool {
 
     private func connectHTTP2() {
         guard cluster.reserveConnection() else {
-            for w in takeH2Waiters() { w.poolFailed(.overflow) }
+            for w in takeH2Waiters() { w.poolFailed(.overflow(cluster: cluster.config.name, limit: "max_connections")) }
             return
         }
         h2 = .connecting

@@ -7,8 +7,8 @@ public enum UpstreamFailure: Error, Sendable, Equatable {
     /// An HTTP/2 upstream refused the stream (REFUSED_STREAM): the request was not processed.
     case refusedStream
     case protocolError(String)
-    /// A circuit-breaker limit (`max_requests`, `max_pending_requests`) refused the request.
-    case overflow
+    /// A circuit-breaker limit of the cluster (its key: `max_pending_requests`, `max_connections`) refused the request.
+    case overflow(cluster: String, limit: String)
     /// The route's timeout passed before the response head arrived.
     case timeout
     /// The TLS handshake with the upstream failed (untrusted chain, protocol, closed).
@@ -45,7 +45,7 @@ public enum UpstreamFailure: Error, Sendable, Equatable {
         case .reset: "the upstream closed the connection before the response was complete"
         case .refusedStream: "the upstream refused the HTTP/2 stream"
         case .protocolError(let why): "the upstream sent a malformed response: \(why)"
-        case .overflow: "a circuit-breaker limit of the cluster is reached"
+        case .overflow(let cluster, let limit): "cluster \(cluster) is at \(limit)"
         case .timeout: "the upstream did not answer within the route timeout"
         case .tlsHandshakeFailed(let why): "the TLS handshake with the upstream failed: \(why)"
         case .tlsIdentityMismatch(let why): "the upstream's certificate is not the expected identity: \(why)"
