@@ -123,7 +123,8 @@ final class VigilService: Service, Sendable {
          registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) throws {
         let accessLog = try AccessLog.open(config.accessLog)
         let runtime = try ProxyRuntime(config: config, group: group, metricsFactory: PrometheusMetricsFactory(registry: registry),
-                                   accessLog: accessLog)
+                                       accessLog: accessLog,
+                                       eventEpoch: try EventEpoch.next(stateDir: config.stateDir))
         proxy = ProxyServer(runtime: runtime, group: group, logger: logger)
         let slo = SLOMonitor(runtime: runtime, group: group, logger: logger)
         self.slo = slo

@@ -39,7 +39,9 @@ final class ControlHarness: Sendable {
                 - { name: viewer, token_file: \(dir)/r.token, role: read }
             \(extra)
             """
-        proxy = try await ProxyHarness(yaml: top + "\n" + yaml, upstreams: upstreams, group: group)
+        // As `vigil` does: each start on a state_dir is a new run of event ids.
+        proxy = try await ProxyHarness(yaml: top + "\n" + yaml, upstreams: upstreams, group: group,
+                                       eventEpoch: try EventEpoch.next(stateDir: dir))
         var logger = Logger(label: "vigil-test")
         logger.logLevel = .warning
         let runtime = proxy.runtime
@@ -54,6 +56,9 @@ final class ControlHarness: Sendable {
     }
 
     var port: Int { control.boundAddress!.port! }
+
+    /// The id of this run's `n`-th event (ids start at the run's epoch, `HealingEventRing.epochSpan`).
+    func eventID(_ n: UInt64) -> UInt64 { proxy.runtime.events.firstSeq + n - 1 }
 
     /// One control call on a new connection; the answer's status and JSON body.
     func call(_ method: String, _ path: String, token: String? = ControlHarness.writeToken, body: String = "",

@@ -298,6 +298,31 @@ final class StreamReader: ChannelInboundHandler, Sendable {
         #expect(report.intact)
         #expect(report.records == 2)
         await second.stop()
+    }
+
+    /// Event ids stay unique across restarts (each run has an epoch kept in state_dir): before, they restarted at
+    /// 1, and a webhook or a resuming stream saw different events under ids it had seen. A client resuming with
+    /// an id of an earlier run is told so (a `gap` event) and gets this run's events.
+    @Test func eventIDsAreUniqueAcrossRestartsAndAResumeFromAnEarlierRunIsAGap() async throws {
+        let (a, b) = try await upstreams()
+        let state = ScratchDirectory("vigil-control")
+        let first = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group, stateDir: state.path)
+        #expect(try await first.push(Self.routeTo("b")).status == 200)
+        let before = first.proxy.runtime.events.records().map(\.seq)
+        await first.stop()
+        let second = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group, stateDir: state.path)
+        #expect(try await second.push(Self.routeTo("a")).status == 200)
+        let after = second.proxy.runtime.events.records().map(\.seq)
+        #expect(!before.isEmpty && !after.isEmpty)
+        #expect(after.min()! > before.max()!, "\(before) then \(after)")
+        let resume = "GET /v1/events HTTP/1.1\r\nHost: c\r\nLast-Event-ID: \(before.max()!)\r\nAuthorization: Bearer \(ControlHarness.readToken)\r\n\r\n"
+        let (stream, reader) = try await StreamReader.open(port: second.port, group: group, request: resume)
+        try await reader.waitFor("id: \(after.min()!)\n")
+        #expect(reader.text.withLockedValue {
+            $0.contains("event: gap\ndata: {\"after\":\(before.max()!),\"resumes_at\":\(after.min()!),\"reason\":\"earlier_run\"}")
+        })
+        try await stream.close()
+        await second.stop()
         withExtendedLifetime(state) {}
     }
 
@@ -380,22 +405,23 @@ final class StreamReader: ChannelInboundHandler, Sendable {
         let (a, b) = try await upstreams()
         let h = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group)
         for i in 0..<3 { #expect(try await h.push(Self.routeTo(i % 2 == 0 ? "b" : "a")).status == 200) }
-        let request = "GET /v1/events?since=1 HTTP/1.1\r\nHost: c\r\nAuthorization: Bearer \(ControlHarness.writeToken)\r\n\r\n"
+        let id = h.eventID  // this run's n-th event
+        let request = "GET /v1/events?since=\(id(1)) HTTP/1.1\r\nHost: c\r\nAuthorization: Bearer \(ControlHarness.writeToken)\r\n\r\n"
         let (channel, reader) = try await StreamReader.open(port: h.port, group: group, request: request)
-        try await reader.waitFor("id: 3\n")
+        try await reader.waitFor("id: \(id(3))\n")
         #expect(reader.text.withLockedValue { $0.contains("content-type: text/event-stream") })
-        #expect(!reader.text.withLockedValue { $0.contains("id: 1\n") })
-        #expect(reader.text.withLockedValue { $0.contains("id: 2\nevent: policy_applied\n") })
+        #expect(!reader.text.withLockedValue { $0.contains("id: \(id(1))\n") })
+        #expect(reader.text.withLockedValue { $0.contains("id: \(id(2))\nevent: policy_applied\n") })
         // Live: the next decision arrives on the open stream.
         h.proxy.runtime.events.emit([HealingEvent(kind: .hostEjected, cluster: "a", host: "127.0.0.1:1", reason: "consecutive_5xx",
                                                   evidence: ["consecutive_5xx": 5])])
-        try await reader.waitFor("id: 4\nevent: host_ejected\n")
+        try await reader.waitFor("id: \(id(4))\nevent: host_ejected\n")
         try await channel.close()
         // Last-Event-ID resumes the same way.
-        let resume = "GET /v1/events HTTP/1.1\r\nHost: c\r\nLast-Event-ID: 3\r\nAuthorization: Bearer \(ControlHarness.readToken)\r\n\r\n"
+        let resume = "GET /v1/events HTTP/1.1\r\nHost: c\r\nLast-Event-ID: \(id(3))\r\nAuthorization: Bearer \(ControlHarness.readToken)\r\n\r\n"
         let (again, reader2) = try await StreamReader.open(port: h.port, group: group, request: resume)
-        try await reader2.waitFor("id: 4\n")
-        #expect(!reader2.text.withLockedValue { $0.contains("id: 3\n") })
+        try await reader2.waitFor("id: \(id(4))\n")
+        #expect(!reader2.text.withLockedValue { $0.contains("id: \(id(3))\n") })
         try await again.close()
         await h.stop()
     }

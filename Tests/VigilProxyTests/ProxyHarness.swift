@@ -17,7 +17,7 @@ final class ProxyHarness: Sendable {
     var runtime: ProxyRuntime { server.runtime }
 
     init(yaml: String, upstreams: [Int] = [], group: MultiThreadedEventLoopGroup? = nil,
-         metrics: MetricsFactory = NOOPMetricsHandler.instance) async throws {
+         metrics: MetricsFactory = NOOPMetricsHandler.instance, eventEpoch: UInt64 = 0) async throws {
         var text = yaml
         for (i, port) in upstreams.enumerated().reversed() { text = text.replacingOccurrences(of: "$UP\(i)", with: "\(port)") }
         let config = try VigilConfig.parse(yaml: text)
@@ -26,7 +26,7 @@ final class ProxyHarness: Sendable {
         var logger = Logger(label: "vigil-test")
         logger.logLevel = .warning
         let runtime = try ProxyRuntime(config: config, group: self.group, metricsFactory: metrics, accessLog: accessLog,
-                                       logger: logger)
+                                       logger: logger, eventEpoch: eventEpoch)
         self.server = ProxyServer(runtime: runtime, group: self.group, logger: logger)
         try await server.start()
     }

@@ -35,8 +35,15 @@ final class EventStream {
         // The first line tells the client where the ring ends, so it can tell a gap from a quiet spell.
         var first = ByteBuffer(string: ": vigil event stream; last seq \(events.lastSeq)\nretry: 2000\n\n")
         let replay = events.records(after: since)
-        if since > 0, let oldest = replay.first?.seq ?? events.records().first?.seq, oldest > since + 1 {
-            first.writeString(": events \(since + 1)...\(oldest - 1) are no longer held in memory (event_buffer)\n\n")
+        if since > 0, since < events.firstSeq - 1 {
+            // An id from an earlier run of Vigil: what came after it there is gone; this run's events follow, from
+            // the oldest still held. Said as a comment for people and as a `gap` event for programs.
+            let resumes = replay.first?.seq ?? events.firstSeq
+            first.writeString(": event \(since) is from an earlier run of Vigil; this run's events start at \(events.firstSeq)\n")
+            first.writeString("event: gap\ndata: {\"after\":\(since),\"resumes_at\":\(resumes),\"reason\":\"earlier_run\"}\n\n")
+        } else if since > 0, let oldest = replay.first?.seq ?? events.records().first?.seq, oldest > since + 1 {
+            first.writeString(": events \(since + 1)...\(oldest - 1) are no longer held in memory (event_buffer)\n")
+            first.writeString("event: gap\ndata: {\"after\":\(since),\"resumes_at\":\(oldest),\"reason\":\"evicted\"}\n\n")
         }
         for record in replay {
             format(record, into: &first)

@@ -75,14 +75,24 @@ public struct HealingRecord: Sendable, Equatable {
 
 /// The last `capacity` healing records, numbered from 1 without gaps. Old records fall off the front.
 public struct HealingEventRing: Sendable {
+    /// Event ids of one run of Vigil are `epoch` × `epochSpan` + 1, + 2, …: unique across restarts (the epoch counts
+    /// the runs, kept in `state_dir`), increasing, and readable (`3000000017` is run 3's event 17), like Kafka's
+    /// leader epochs or etcd's revisions. A client resuming from an id of an earlier run is told of the gap.
+    /// Far below 2^53, so JavaScript clients read them exactly for millions of runs.
+    public static let epochSpan: UInt64 = 1_000_000_000
+
     public let capacity: Int
+    /// The id of this run's first event.
+    public let firstSeq: UInt64
     private var records: [HealingRecord] = []
     private var start = 0
-    public private(set) var lastSeq: UInt64 = 0
+    public private(set) var lastSeq: UInt64
 
-    public init(capacity: Int) {
+    public init(capacity: Int, epoch: UInt64 = 0) {
         precondition(capacity > 0)
         self.capacity = capacity
+        lastSeq = epoch * Self.epochSpan
+        firstSeq = lastSeq + 1
         records.reserveCapacity(capacity)
     }
 

@@ -16,9 +16,10 @@ public final class HealingEventLog: Sendable {
     private let factory: MetricsFactory
     private let wallClock: @Sendable () -> Int64
 
-    public init(capacity: Int, logger: Logger, metricsFactory: MetricsFactory,
+    public init(capacity: Int, logger: Logger, metricsFactory: MetricsFactory, epoch: UInt64 = 0,
                 wallClock: @escaping @Sendable () -> Int64 = { ProxyRuntime.wallClockNanos() }) {
-        self.ring = NIOLockedValueBox(HealingEventRing(capacity: capacity))
+        self.ring = NIOLockedValueBox(HealingEventRing(capacity: capacity, epoch: epoch))
+        self.firstSeq = epoch * HealingEventRing.epochSpan + 1
         self.logger = logger
         self.factory = metricsFactory
         self.wallClock = wallClock
@@ -55,8 +56,11 @@ public final class HealingEventLog: Sendable {
 
     public func unsubscribe(_ id: UInt64) { _ = subscribers.withLockedValue { $0.removeValue(forKey: id) } }
 
-    /// The `seq` of the latest record (0 before any).
+    /// The `seq` of the latest record (this run's first, less one, before any).
     public var lastSeq: UInt64 { ring.withLockedValue { $0.lastSeq } }
+
+    /// The `seq` of this run's first record: a smaller one is from an earlier run of Vigil.
+    public let firstSeq: UInt64
 
     /// Records after `seq`, oldest first.
     public func records(after seq: UInt64 = 0) -> [HealingRecord] {

@@ -42,11 +42,13 @@ public final class ProxyRuntime: Sendable {
     private let group: EventLoopGroup
 
     /// Throws `TLSLoadError` (with the config key path) when a listener's or cluster's TLS files do not load.
+    /// `eventEpoch`: this run's number (`EventEpoch`), which makes event ids unique across restarts.
     public init(config: VigilConfig, group: EventLoopGroup, metricsFactory: MetricsFactory, accessLog: AccessLog,
-                logger: Logger = Logger(label: "vigil")) throws {
+                logger: Logger = Logger(label: "vigil"), eventEpoch: UInt64 = 0) throws {
         self.config = config
         self.logger = logger
-        let events = HealingEventLog(capacity: config.eventBuffer, logger: logger, metricsFactory: metricsFactory)
+        let events = HealingEventLog(capacity: config.eventBuffer, logger: logger, metricsFactory: metricsFactory,
+                                     epoch: eventEpoch)
         self.events = events
         let tls = try TLSStore(config: config, events: events)
         self.tls = tls
