@@ -126,8 +126,6 @@ final class VigilService: Service, Sendable {
                                        accessLog: accessLog,
                                        eventEpoch: try EventEpoch.next(stateDir: config.stateDir))
         proxy = ProxyServer(runtime: runtime, group: group, logger: logger)
-        let slo = SLOMonitor(runtime: runtime, group: group, logger: logger)
-        self.slo = slo
         // The audit trail is kept where a control plane can change things, or where it is asked for.
         let audit: AuditLog?
         if config.control != nil || config.auditConfigured {
@@ -138,6 +136,8 @@ final class VigilService: Service, Sendable {
             audit = nil
         }
         self.audit = audit
+        let slo = SLOMonitor(runtime: runtime, group: group, logger: logger, audit: audit)
+        self.slo = slo
         control = try config.control.map {
             try ControlServer(runtime: runtime, config: $0, audit: audit, slo: slo, group: group, logger: logger)
         }

@@ -48,7 +48,7 @@ final class ControlHarness: Sendable {
         let audit = try AuditLog(directory: dir + "/audit", maxFileBytes: 1 << 20, logger: logger)
         self.audit = audit
         audit.follow(runtime.events, defaultActor: "vigil")
-        slo = SLOMonitor(runtime: runtime, group: group, logger: logger)
+        slo = SLOMonitor(runtime: runtime, group: group, logger: logger, audit: audit)
         control = try ControlServer(runtime: runtime, config: runtime.config.control!, audit: audit, slo: slo,
                                     group: group, logger: logger)
         await control.policy.restore()

@@ -300,6 +300,40 @@ final class StreamReader: ChannelInboundHandler, Sendable {
         await second.stop()
     }
 
+    /// Records cut from the end of the audit log while Vigil is stopped: the log still verifies on its own (its
+    /// chain is whole up to its new end), but it no longer reaches the head kept beside it in HEAD. Before, the
+    /// compliance report said intact with a head one record short.
+    @Test func anAuditTailCutWhileStoppedIsFoundAtTheNextStart() async throws {
+        let (a, b) = try await upstreams()
+        let state = ScratchDirectory("vigil-control")
+        let first = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group, stateDir: state.path)
+        for target in ["b", "a", "b"] { #expect(try await first.push(Self.routeTo(target)).status == 200) }
+        await first.stop()
+        // A clean restart: intact.
+        let second = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group, stateDir: state.path)
+        #expect(try await second.call("GET", "/v1/compliance").json["audit"]?["intact"] == true)
+        await second.stop()
+        // The last record cut off.
+        let file = try #require(AuditLog.files(in: state.path + "/audit").last?.path)
+        let lines = try FileSystem.read(file).split(separator: "\n")
+        try (lines.dropLast().joined(separator: "\n") + "\n").write(toFile: file, atomically: true, encoding: .utf8)
+        #expect(AuditVerifier.verify(files: [(file, try FileSystem.read(file))]).intact, "the shortened log verifies alone")
+        let third = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group, stateDir: state.path)
+        let audit = try await third.call("GET", "/v1/compliance").json["audit"]
+        #expect(audit?["intact"] == false)
+        #expect(audit?["problem"]?.stringValue?.contains("were cut from its end") == true, "\(String(describing: audit))")
+        let broken = third.proxy.runtime.events.records().filter { $0.event.kind == .auditChainBroken }
+        #expect(broken.count == 1)
+        third.audit.flush()
+        #expect(third.auditText().contains("\"kind\":\"audit_chain_broken\""), "recorded in the chain itself")
+        await third.stop()
+        // And it stays reported after a later restart, without a second event.
+        let fourth = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group, stateDir: state.path)
+        #expect(try await fourth.call("GET", "/v1/compliance").json["audit"]?["intact"] == false)
+        #expect(fourth.proxy.runtime.events.records().allSatisfy { $0.event.kind != .auditChainBroken })
+        await fourth.stop()
+    }
+
     /// Event ids stay unique across restarts (each run has an epoch kept in state_dir): before, they restarted at
     /// 1, and a webhook or a resuming stream saw different events under ids it had seen. A client resuming with
     /// an id of an earlier run is told so (a `gap` event) and gets this run's events.
@@ -555,6 +589,8 @@ final class StreamReader: ChannelInboundHandler, Sendable {
         #expect(hook.recorded.map(\.head.uri) == ["/slo", "/slo"])
         #expect(hook.recorded.first?.bodyString.contains("\"kind\":\"slo_breached\"") == true)
         #expect(hook.recorded.last?.bodyString.contains("\"kind\":\"slo_recovered\"") == true)
+        // Each delivery carries the audit chain's head, an anchor kept outside the machine.
+        #expect(hook.recorded.allSatisfy { $0.bodyString.contains("\"audit_head\":{\"seq\":") })
         #expect(h.auditText().contains("\"kind\":\"slo_breached\""))
         await h.stop()
     }

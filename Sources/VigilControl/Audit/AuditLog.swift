@@ -11,7 +11,15 @@ import Glibc
 /// closed and the next one continues the chain; on restart the chain resumes after the last record written.
 ///
 /// Policy changes go through `appendDurable` (written and fsync'd before the caller answers); healing events
-/// and TLS reloads through `append`, which only buffers: `flush()` runs at least once a second. Writes use
+/// and TLS reloads through `append`, which only buffers: `flush()` runs at least once a second.
+///
+/// The chain's head (its last record's seq and hash) is also kept in `audit/HEAD`, replaced durably after every
+/// write that reaches the disk. The log's own tail cannot take it along: records cut from the end of the log (or
+/// a last record changed) while Vigil is stopped show at the next start as a log that does not reach its head;
+/// that raises `audit_chain_broken`, and `/v1/compliance` reports the chain not intact from then on (the finding
+/// is kept in HEAD). Not detectable here: the log and HEAD rewritten together, or records forged and chained
+/// anew, since the chain has no secret; for those, anchor the head outside the machine (every SLO webhook
+/// delivery carries it as `audit_head`). Writes use
 /// plain POSIX calls; callers run them off the event loops (the control plane's thread pool). Two locks keep
 /// I/O away from the event loops: `chain` (the hash chain and the lines not yet written) is held only to
 /// build a line, `io` (the file) is held across writes and fsyncs, and an appender never takes it.
@@ -21,10 +29,21 @@ public final class AuditLog: Sendable {
     private let chain: NIOLockedValueBox<Chain>
     private let io: NIOLockedValueBox<File>
     private let logger: Logger
+    private let headPath: String
+    /// Why the chain is not intact, found at a start (this one or an earlier one: it is kept in HEAD).
+    public let problem: String?
+    /// Whether this start found the problem (the event is raised once, by the start that found it).
+    private let problemFoundNow: Bool
 
     struct Chain {
         var chain: AuditChain
-        var pending: [String] = []
+        /// Records built and not yet written: the line, with the seq and hash it ends the chain at.
+        var pending: [(line: String, seq: UInt64, hash: String)] = []
+
+        mutating func append(kind: String, actor: String, payload: JSONValue, timeNanos: Int64) {
+            let line = chain.append(kind: kind, actor: actor, payload: payload, timeNanos: timeNanos)
+            pending.append((line, chain.lastSeq, chain.lastHash))
+        }
     }
 
     struct File {
@@ -32,6 +51,8 @@ public final class AuditLog: Sendable {
         var fd: Int32 = -1
         var fileBytes = 0
         var writeFailed = false
+        /// The seq and hash of the last record written.
+        var lastWritten: (seq: UInt64, hash: String)?
     }
 
     public init(directory: String, maxFileBytes: Int, logger: Logger) throws {
@@ -64,8 +85,44 @@ public final class AuditLog: Sendable {
                 number += 1
             }
         }
+        headPath = directory + "/HEAD"
+        let kept = Self.readHead(headPath)
+        var problem = kept?.broken
+        var foundNow = false
+        if let kept, problem == nil {
+            if kept.seq > chain.lastSeq {
+                problem = "the log ends at record \(chain.lastSeq) but its head (kept in HEAD) is record \(kept.seq): records \(chain.lastSeq + 1)...\(kept.seq) were cut from its end"
+            } else if kept.seq == chain.lastSeq && kept.hash != chain.lastHash {
+                problem = "record \(kept.seq), the last, is not the one the head (kept in HEAD) names: it was changed"
+            }
+            foundNow = problem != nil
+        }
+        self.problem = problem
+        self.problemFoundNow = foundNow
+        if let problem { logger.error("audit: the chain is broken", metadata: ["problem": "\(problem)"]) }
         self.chain = NIOLockedValueBox(Chain(chain: chain))
         self.io = NIOLockedValueBox(File(fileNumber: number))
+        if foundNow { try? writeHead(seq: chain.lastSeq, hash: chain.lastHash) }  // the finding is kept from now on
+    }
+
+    struct KeptHead: Equatable {
+        var seq: UInt64
+        var hash: String
+        var broken: String?
+    }
+
+    static func readHead(_ path: String) -> KeptHead? {
+        guard let text = try? FileSystem.read(path), let json = try? JSONValue.parse(text),
+              let seq = json["seq"]?.intValue, let hash = json["sha256"]?.stringValue else { return nil }
+        return KeptHead(seq: UInt64(seq), hash: hash, broken: json["broken"]?.stringValue)
+    }
+
+    /// Replaces HEAD with the chain's head (and the finding, if any), durably. Called with the records up to it
+    /// already fsync'd, so a crash leaves HEAD behind the log, never ahead of it.
+    private func writeHead(seq: UInt64, hash: String) throws {
+        var fields: [(String, JSONValue)] = [("seq", .int(Int(seq))), ("sha256", .string(hash))]
+        if let problem { fields.append(("broken", .string(problem))) }
+        try FileSystem.replaceDurably(headPath, with: JSONValue.object(fields).serialized() + "\n")
     }
 
     /// The audit files in order, oldest first.
@@ -91,26 +148,37 @@ public final class AuditLog: Sendable {
             append(kind: record.event.kind.rawValue, actor: record.event.evidence["actor"]?.stringValue ?? defaultActor,
                    payload: record.json, timeNanos: record.timeNanos)
         }
+        if problemFoundNow, let problem {
+            // Into the event stream and, through the subscription above, into the chain itself.
+            events.emit([HealingEvent(kind: .auditChainBroken, cluster: "", reason: "audit_head",
+                                      evidence: ["problem": .string(problem), "log_head_seq": .int(Int(head.seq))],
+                                      action: ["compliance": "audit chain reported not intact; the log continues"])])
+        }
     }
 
     /// Buffers a record; written by the next `flush()`. Never waits for the disk.
     public func append(kind: String, actor: String, payload: JSONValue, timeNanos: Int64) {
-        chain.withLockedValue { c in
-            c.pending.append(c.chain.append(kind: kind, actor: actor, payload: payload, timeNanos: timeNanos))
-        }
+        chain.withLockedValue { $0.append(kind: kind, actor: actor, payload: payload, timeNanos: timeNanos) }
     }
 
     /// Writes a record (and anything buffered before it) and fsyncs the file before returning.
     public func appendDurable(kind: String, actor: String, payload: JSONValue, timeNanos: Int64) throws {
         try io.withLockedValue { f in
             let lines = chain.withLockedValue { c in
-                c.pending.append(c.chain.append(kind: kind, actor: actor, payload: payload, timeNanos: timeNanos))
+                c.append(kind: kind, actor: actor, payload: payload, timeNanos: timeNanos)
                 defer { c.pending = [] }
                 return c.pending
             }
             try write(lines, to: &f)
             guard fsync(f.fd) == 0 else { throw FileSystemError("fsync of the audit log failed: errno \(errno)") }
+            try keepHead(f)
         }
+    }
+
+    /// After records reached the disk (fsync'd): HEAD names the last of them. Called under the io lock.
+    private func keepHead(_ f: File) throws {
+        guard let written = f.lastWritten else { return }
+        try writeHead(seq: written.seq, hash: written.hash)
     }
 
     /// Writes what is buffered.
@@ -118,7 +186,11 @@ public final class AuditLog: Sendable {
         io.withLockedValue { f in
             let lines = chain.withLockedValue { c in defer { c.pending = [] }; return c.pending }
             do {
+                guard !lines.isEmpty else { return }
                 try write(lines, to: &f)
+                // To disk before HEAD names them: a crash must leave HEAD behind the log, never ahead.
+                guard fsync(f.fd) == 0 else { throw FileSystemError("fsync of the audit log failed: errno \(errno)") }
+                try keepHead(f)
                 if f.writeFailed { logger.notice("audit: writing again") }
                 f.writeFailed = false
             } catch {
@@ -146,12 +218,12 @@ public final class AuditLog: Sendable {
 
     /// Writes `lines` in order, starting a new file past the size limit. Lines that could not be written go
     /// back to the front of the queue (still under the io lock, so nothing is written before them).
-    private func write(_ lines: [String], to f: inout File) throws {
+    private func write(_ lines: [(line: String, seq: UInt64, hash: String)], to f: inout File) throws {
         guard !lines.isEmpty else { return }
         var written = 0
         do {
             if f.fd < 0 { try open(&f) }
-            for text in lines {
+            for record in lines {
                 if f.fileBytes >= maxFileBytes {
                     _ = fsync(f.fd)
                     _ = Glibc.close(f.fd)
@@ -159,9 +231,10 @@ public final class AuditLog: Sendable {
                     f.fileNumber += 1
                     try open(&f)
                 }
-                let line = Array((text + "\n").utf8)
+                let line = Array((record.line + "\n").utf8)
                 try FileSystem.writeAll(f.fd, line)
                 f.fileBytes += line.count
+                f.lastWritten = (record.seq, record.hash)
                 written += 1
             }
         } catch {

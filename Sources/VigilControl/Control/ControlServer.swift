@@ -258,10 +258,11 @@ public final class ControlServer: Sendable {
             let head = audit.head
             var fields: [(String, JSONValue)] = [
                 ("enabled", true), ("files", .array(paths.map(JSONValue.string))), ("records", .int(report.records)),
-                ("intact", .bool(report.intact && report.lastHash == head.hash)),
+                ("intact", .bool(report.intact && report.lastHash == head.hash && audit.problem == nil)),
                 ("head_seq", .int(Int(head.seq))), ("head_sha256", .string(head.hash)),
             ]
             if let p = report.problem { fields.append(("problem", .string(p.description))) }
+            else if let p = audit.problem { fields.append(("problem", .string(p))) }
             else if report.lastHash != head.hash { fields.append(("problem", .string("the files end at record \(report.lastSeq), but the log has written \(head.seq): records are missing from the end"))) }
             auditView = .object(fields)
         }

@@ -15,11 +15,15 @@ public final class SLOMonitor: Sendable {
     let logger: Logger
     private let tracker = NIOLockedValueBox(SLOTracker())
     private let task = NIOLockedValueBox<RepeatedTask?>(nil)
+    /// The audit log, whose head every webhook delivery carries (`audit_head`): a receiver keeps a copy of the
+    /// chain's head outside the machine, against which a log rewritten here shows.
+    let audit: AuditLog?
     /// Delays between webhook attempts: three retries after the first try.
     static let webhookBackoff: [TimeAmount] = [.seconds(1), .seconds(2), .seconds(4)]
 
-    public init(runtime: ProxyRuntime, group: EventLoopGroup, logger: Logger) {
+    public init(runtime: ProxyRuntime, group: EventLoopGroup, logger: Logger, audit: AuditLog? = nil) {
         self.runtime = runtime
+        self.audit = audit
         self.group = group
         self.logger = logger
     }
@@ -43,7 +47,15 @@ public final class SLOMonitor: Sendable {
         let decided = tracker.withLockedValue { $0.sampled(samples, config: slo, now: now) }
         let records = runtime.events.emit(decided)
         if let url = slo.webhook.flatMap(WebhookURL.init) {
-            for record in records { deliver(record.json, to: url, attempt: 0) }
+            for record in records {
+                var body = record.json
+                if let audit, case .object(var fields) = body {
+                    let head = audit.head
+                    fields.append(("audit_head", ["seq": .int(Int(head.seq)), "sha256": .string(head.hash)]))
+                    body = .object(fields)
+                }
+                deliver(body, to: url, attempt: 0)
+            }
         }
         return records
     }

@@ -27,6 +27,9 @@ public struct HealingEvent: Sendable, Equatable {
         case policyApplied = "policy_applied"
         /// A pushed policy was refused; the running one stays.
         case policyRejected = "policy_rejected"
+        /// At start, the audit log did not reach the head kept beside it: records were cut or changed while
+        /// Vigil was stopped.
+        case auditChainBroken = "audit_chain_broken"
     }
 
     public var kind: Kind
