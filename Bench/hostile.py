@@ -15,7 +15,30 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import envoyconf  # noqa: E402
 from bench import Proc, rss_kib, wait_port, write  # noqa: E402
 
-UP = 18480
+UP, BODY_SINK = 18480, 18479
+
+# The API behind /upload: reads the whole body (Content-Length) before it answers, as an upload endpoint does.
+SINK_CODE = r"""
+import asyncio, sys
+async def handle(reader, writer):
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+        writer.close()
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]), backlog=4096)
+    async with server:
+        await server.serve_forever()
+asyncio.run(main())
+"""
 PORTS = {"vigil": 18481, "haproxy": 18482, "envoy": 18483}
 BIG = 8 << 20
 
@@ -153,12 +176,14 @@ events {{ worker_connections 8192; }}
 http {{ access_log off; keepalive_requests 10000000;
   server {{ listen 127.0.0.1:{UP}; root {d};
     location = / {{ return 200 "ok\\n"; }}
-    # The body is read whole (nginx buffers it before proxying, here to itself) before the answer, as an API would.
-    location = /upload {{ proxy_pass http://127.0.0.1:{UP}/; }}
+    location = /upload {{ proxy_pass http://127.0.0.1:{BODY_SINK}; proxy_request_buffering off; }}
     location = /big {{ }} }} }}
 """)
     upstream = subprocess.Popen(f"exec nginx -c {up}", shell=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     atexit.register(upstream.kill)
+    sink = subprocess.Popen([sys.executable, "-c", SINK_CODE, str(BODY_SINK)])
+    atexit.register(sink.kill)
+    wait_port(BODY_SINK)
     wait_port(UP)
     cmds = configs(d, a.vigil)
     rows = []

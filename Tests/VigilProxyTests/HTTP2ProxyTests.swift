@@ -446,6 +446,44 @@ import VigilCore
         #expect(proxy.accessLogValues("reason", as: String.self) == ["request_body_aborted"])
     }
 
+    /// A client that keeps its flow-control windows shut (SETTINGS_INITIAL_WINDOW_SIZE 0) on 20 streams of 1 MiB
+    /// responses: each stream would queue 256 KiB before it stops reading its upstream, 5 MiB on the connection;
+    /// the connection's budget holds the total near 1 MiB.
+    @Test func aClientThatShutsItsWindowsHoldsAtMostTheConnectionBudget() async throws {
+        let upstream = try await FakeUpstream(group: group) { _ in .respond(body: String(repeating: "x", count: 1 << 20)) }
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
+        let (channel, _) = try await rawConnection(port: proxy.port())
+        let block: [UInt8] = [0x82, 0x86, 0x84, 0x01, 0x01, 0x61]  // GET / on "a"
+        var bytes = ByteBuffer(string: "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        bytes.writeBytes([0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0])  // SETTINGS: INITIAL_WINDOW_SIZE 0
+        for stream in stride(from: UInt8(1), through: 39, by: 2) {
+            bytes.writeBytes([0, 0, UInt8(block.count), 1, 0x05, 0, 0, 0, stream] + block)
+        }
+        try await channel.writeAndFlush(bytes)
+        try await waitUntil("Vigil to accept the connection") { !proxy.server.openConnections.isEmpty }
+        let downstream = try #require(proxy.server.openConnections.first)
+        @Sendable func queued() async throws -> Int {
+            try await downstream.eventLoop.submit {
+                // Nil until the listener has read the preface and set the HTTP/2 pipeline up.
+                (try? downstream.pipeline.syncOperations.handler(type: HTTP2ServerConnection.self))?.queuedResponseBytes ?? 0
+            }.get()
+        }
+        try await withTimeout(10, "responses queued for the client") {
+            while try await queued() < HTTP2ServerConnection.connectionLowWatermark { try await Task.sleep(for: .milliseconds(10)) }
+        }
+        // The budget, plus the read that crossed it and one more read per stream whose upstream read was already
+        // under way when the streams stopped reading (without the budget: 20 × 256 KiB and more).
+        let bound = HTTP2ServerConnection.connectionHighWatermark + 21 * ConnectionBuffers.maxReadBytes
+        var most = 0
+        for _ in 0..<100 {
+            most = max(most, try await queued())
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        #expect(most <= bound, "queued for the client at most \(bound) bytes; saw \(most)")
+        try? await channel.close()
+        await proxy.stop()
+    }
+
     typealias RawFrame = (type: UInt8, stream: UInt32, payload: [UInt8])
 
     /// A plain TCP connection to `port` that keeps every byte it receives, for frame-level tests.

@@ -20,6 +20,7 @@ import VigilTestSupport
             .channelOption(.autoRead, value: false)
             .connect(host: "127.0.0.1", port: proxy.port()).get()
         try await client.writeAndFlush(ByteBuffer(string: "GET /big HTTP/1.1\r\nHost: a\r\n\r\n"))
+        try await waitUntil("Vigil to accept the connection") { !proxy.server.openConnections.isEmpty }
         let downstream = try #require(proxy.server.openConnections.first)
         @Sendable func buffered() async throws -> Int {
             try await downstream.getOption(.bufferedWritableBytes).get()

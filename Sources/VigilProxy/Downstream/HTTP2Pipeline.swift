@@ -58,6 +58,10 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
     /// the low mark writable again.
     static let outboundHighWatermark = 256 * 1024
     static let outboundLowWatermark = 64 * 1024
+    /// The same for all of a connection's streams together: a client that keeps its flow-control windows shut on
+    /// every stream would otherwise park 256 KiB × `max_concurrent_streams` (25 MiB at 100) in Vigil.
+    static let connectionHighWatermark = 1 << 20
+    static let connectionLowWatermark = 512 * 1024
 
     private let runtime: ProxyRuntime
     private let listener: ListenerRuntime
@@ -81,6 +85,10 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
     private var closeScheduled = false
     private let errorCloser = HTTP2ConnectionErrorCloser()
     private(set) var allocator = ByteBufferAllocator()
+    /// Response bytes the streams have written and NIOHTTP2 has not yet sent, and whether that crossed
+    /// `connectionHighWatermark` (and has not yet fallen under the low one): every stream then holds its upstream.
+    private(set) var queuedResponseBytes = 0
+    private(set) var overResponseBudget = false
     /// The body of a response's closing DATA frame when no bytes are left to carry END_STREAM: one per
     /// connection, since `ByteBuffer()` allocates.
     private(set) var emptyBuffer = ByteBuffer()
@@ -268,6 +276,18 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
     func sendWindowUpdate(_ streamID: HTTP2StreamID, _ increment: Int) {
         write(streamID, .windowUpdate(windowSizeIncrement: increment))
         flush()
+    }
+
+    /// A stream queued (`n` > 0) or let go of (`n` < 0) response bytes.
+    func responseQueued(_ n: Int) {
+        queuedResponseBytes += n
+        if !overResponseBudget && queuedResponseBytes > Self.connectionHighWatermark {
+            overResponseBudget = true
+            for stream in streams.values { stream.writabilityMayHaveChanged() }
+        } else if overResponseBudget && queuedResponseBytes < Self.connectionLowWatermark {
+            overResponseBudget = false
+            for stream in streams.values { stream.writabilityMayHaveChanged() }
+        }
     }
 
     /// NIOHTTP2 wrote a frame to the connection (after its own flow-control buffering): a stream's DATA has

@@ -194,14 +194,16 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
     /// NIOHTTP2 sent `n` bytes of this stream's response DATA.
     func responseBytesWritten(_ n: Int) {
         queuedResponseBytes -= n
+        connection.responseQueued(-n)
         if aboveWatermark && queuedResponseBytes < HTTP2ServerConnection.outboundLowWatermark {
             aboveWatermark = false
             writabilityMayHaveChanged()
         }
     }
 
-    /// Writable while the connection is and this stream's unsent response is under the watermark.
-    private var isWritable: Bool { !aboveWatermark && connection.isWritable }
+    /// Writable while the connection is, all its streams' unsent responses are under the connection's budget, and
+    /// this stream's is under its watermark.
+    private var isWritable: Bool { !aboveWatermark && connection.isWritable && !connection.overResponseBudget }
 
     func writabilityMayHaveChanged() {
         let writable = isWritable
@@ -223,6 +225,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
         guard streamOpen else { return }
         if case .data(let d) = payload {
             queuedResponseBytes += d.data.readableBytes
+            connection.responseQueued(d.data.readableBytes)
             if !aboveWatermark && queuedResponseBytes > HTTP2ServerConnection.outboundHighWatermark {
                 aboveWatermark = true
                 connection.write(streamID, payload)
@@ -269,6 +272,9 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
     /// still under way ends as a client disconnect.
     func streamClosed() {
         streamOpen = false
+        // What NIOHTTP2 still held for a reset stream is dropped, never written: out of the connection's count.
+        connection.responseQueued(-queuedResponseBytes)
+        queuedResponseBytes = 0
         held.removeAll()
         heldResponseBody = nil
         // A client gone before its request body was whole (RST_STREAM, or the connection lost) aborted the
