@@ -5,9 +5,11 @@ import Testing
 import VigilTestSupport
 
 /// Runs the real `vigil` binary as a process.
-@Suite struct VigilCommandTests {
+@Suite(.timeLimit(.minutes(3))) final class VigilCommandTests {
     let scratch = ScratchDirectory("vigil-cli")
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+    // A new suite instance (and group) per test: its threads go with it.
+    deinit { group.shutdownGracefully { _ in } }
 
     /// The `vigil` executable built beside this test bundle.
     static var binary: URL {
@@ -110,6 +112,7 @@ import VigilTestSupport
         }
         p.signal(SIGTERM)
         // The slow answer is released once Vigil says it is draining (the admin port stays up until the end).
+        let group = self.group
         try await step("vigil to start draining") {
             while true {
                 if let c = try? await TestClient.connect(port: adminPort, group: group) {

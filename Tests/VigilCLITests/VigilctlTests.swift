@@ -5,9 +5,11 @@ import Testing
 import VigilTestSupport
 
 /// `vigilctl` against a real `vigil` process (and one address where nothing listens).
-@Suite struct VigilctlTests {
+@Suite(.timeLimit(.minutes(3))) final class VigilctlTests {
     let scratch = ScratchDirectory("vigilctl")
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+    // A new suite instance (and group) per test: its threads go with it.
+    deinit { group.shutdownGracefully { _ in } }
 
     static func binary(_ name: String) -> URL {
         URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent(name)

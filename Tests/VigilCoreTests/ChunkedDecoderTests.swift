@@ -2,7 +2,7 @@ import NIOCore
 import Testing
 @testable import VigilCore
 
-@Suite struct ChunkedDecoderTests {
+@Suite(.timeLimit(.minutes(3))) struct ChunkedDecoderTests {
     /// Feeds `input` in pieces of `step` bytes; returns the body, the trailers and what was left after the body.
     func decode(_ input: String, step: Int = .max) throws(HTTP1ParseError) -> (String, String?, String, Bool) {
         var decoder = ChunkedDecoder(maxTrailerBytes: 256)

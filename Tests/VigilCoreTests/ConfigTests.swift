@@ -2,7 +2,7 @@ import Foundation
 import Testing
 @testable import VigilCore
 
-@Suite struct ConfigTests {
+@Suite(.timeLimit(.minutes(3))) struct ConfigTests {
     static let minimal = """
         listeners:
           - name: inbound

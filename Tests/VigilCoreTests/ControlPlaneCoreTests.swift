@@ -1,7 +1,7 @@
 import Testing
 @testable import VigilCore
 
-@Suite struct AuditChainTests {
+@Suite(.timeLimit(.minutes(3))) struct AuditChainTests {
     /// Three records as the writer makes them.
     func chain(_ n: Int = 3) -> [String] {
         var chain = AuditChain()
@@ -85,7 +85,7 @@ import Testing
     }
 }
 
-@Suite struct JSONParseTests {
+@Suite(.timeLimit(.minutes(3))) struct JSONParseTests {
     @Test func roundTripsKeepKeyOrderAndNumberKinds() throws {
         let text = #"{"b":1,"a":[true,false,null,-2.5e3,"x\u00e9\n"],"c":{"z":0}}"#
         let value = try JSONValue.parse(text)
@@ -103,7 +103,7 @@ import Testing
     }
 }
 
-@Suite struct SLOTrackerTests {
+@Suite(.timeLimit(.minutes(3))) struct SLOTrackerTests {
     let config = SLOConfig(objectives: {
         var o = SLOConfig.Objective(tenant: "*", availability: 99, latencyP99: .milliseconds(300))
         o.window = .seconds(60)
@@ -163,7 +163,7 @@ import Testing
     }
 }
 
-@Suite struct PolicyDocumentTests {
+@Suite(.timeLimit(.minutes(3))) struct PolicyDocumentTests {
     static let base = """
         control: { tokens: [{ name: ops, token_file: ops.token, role: write }] }
         listeners:
@@ -294,7 +294,7 @@ extension String {
     }
 }
 
-@Suite struct PolicyRoundTripTests {
+@Suite(.timeLimit(.minutes(3))) struct PolicyRoundTripTests {
     @Test func theEffectivePolicyPushedBackGivesTheSameConfig() throws {
         let rich = """
             listeners:

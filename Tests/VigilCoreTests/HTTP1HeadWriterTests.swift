@@ -2,7 +2,7 @@ import NIOCore
 import Testing
 @testable import VigilCore
 
-@Suite struct HTTP1HeadWriterTests {
+@Suite(.timeLimit(.minutes(3))) struct HTTP1HeadWriterTests {
     let facts = ForwardingFacts(clientAddress: "10.0.0.9", scheme: "http")
     var rid: RequestID {
         var r = SplitMix64(seed: 1)

@@ -11,7 +11,7 @@ import Testing
 /// 2. the head Vigil forwards parses again, to the same method, path and framing (forwarding is stable);
 /// 3. NIOHTTP1's parser (llhttp, an independent implementation) reads the forwarded head with the same
 ///    framing — the property that rules out request smuggling between Vigil and its upstream.
-@Suite struct HTTP1ParserFuzzTests {
+@Suite(.timeLimit(.minutes(3))) struct HTTP1ParserFuzzTests {
     static let corpus = [
         "GET / HTTP/1.1\r\nHost: a\r\n\r\n",
         "POST /p?q=1 HTTP/1.1\r\nHost: api\r\nContent-Length: 5\r\n\r\nhello",

@@ -3,7 +3,7 @@ import Testing
 @testable import VigilCore
 
 /// RFC 9112 rules a proxy must enforce, one test (or one table row) each, smuggling cases first.
-@Suite struct HTTP1ParserTests {
+@Suite(.timeLimit(.minutes(3))) struct HTTP1ParserTests {
     let limits = HTTP1HeadLimits(maxHeaderBytes: 1024, maxHeaderCount: 10)
 
     func parse(_ text: String, limits: HTTP1HeadLimits? = nil) throws(HTTP1ParseError) -> HTTP1RequestHead? {

@@ -20,7 +20,7 @@ struct ScriptedRandom: RandomNumberGenerator {
     }
 }
 
-@Suite struct OutlierDetectorTests {
+@Suite(.timeLimit(.minutes(3))) struct OutlierDetectorTests {
     var clock = ManualClock()
     var random = SplitMix64(seed: 7)
 
@@ -224,7 +224,7 @@ struct ScriptedRandom: RandomNumberGenerator {
     }
 }
 
-@Suite struct ActiveHealthTests {
+@Suite(.timeLimit(.minutes(3))) struct ActiveHealthTests {
     var config: HealthCheckConfig = {
         var c = HealthCheckConfig(path: "/healthz")
         c.unhealthyThreshold = 3
@@ -280,7 +280,7 @@ struct ScriptedRandom: RandomNumberGenerator {
     }
 }
 
-@Suite struct AvailabilityTests {
+@Suite(.timeLimit(.minutes(3))) struct AvailabilityTests {
     @Test func panicBelowTheThresholdBalancesAcrossEveryHost() {
         let normal = HostAvailability(available: [true, true, false], panicThreshold: 50, allUnhealthy: .panic)
         #expect(normal.mode == .normal)
@@ -322,7 +322,7 @@ struct ScriptedRandom: RandomNumberGenerator {
     }
 }
 
-@Suite struct RetryTests {
+@Suite(.timeLimit(.minutes(3))) struct RetryTests {
     func policy(_ configure: (inout RetryPolicyConfig) -> Void) -> RetryPolicy {
         var c = RetryPolicyConfig()
         configure(&c)
@@ -411,7 +411,7 @@ struct ScriptedRandom: RandomNumberGenerator {
     }
 }
 
-@Suite struct HealingEventRingTests {
+@Suite(.timeLimit(.minutes(3))) struct HealingEventRingTests {
     @Test func ringKeepsTheLastNInOrderWithGaplessSeq() {
         var ring = HealingEventRing(capacity: 3)
         for i in 1...5 {
@@ -424,7 +424,7 @@ struct ScriptedRandom: RandomNumberGenerator {
     }
 }
 
-@Suite struct HealingConfigTests {
+@Suite(.timeLimit(.minutes(3))) struct HealingConfigTests {
     @Test func healingKeysParseWithTheirDefaults() throws {
         let yaml = """
             listeners:
@@ -492,7 +492,7 @@ struct ScriptedRandom: RandomNumberGenerator {
     }
 }
 
-@Suite struct OverflowWatchTests {
+@Suite(.timeLimit(.minutes(3))) struct OverflowWatchTests {
     @Test func opensOnFirstRefusalAndClosesAfterAQuietSecond() {
         var w = OverflowWatch()
         func sample(_ refused: Int, budget: Int = 0) -> [OverflowWatch.Sample] {

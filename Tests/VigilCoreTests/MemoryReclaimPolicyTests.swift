@@ -1,7 +1,7 @@
 import Testing
 import VigilCore
 
-@Suite struct MemoryReclaimPolicyTests {
+@Suite(.timeLimit(.minutes(3))) struct MemoryReclaimPolicyTests {
     /// Looks at a series of open-connection counts; the indices at which the policy trims.
     func trims(_ counts: [Int], minimumDrop: Int = 128) -> [Int] {
         var policy = MemoryReclaimPolicy(minimumDrop: minimumDrop)

@@ -11,7 +11,7 @@ struct FakeRequest: RoutableRequest {
     func headerValue(_ name: String) -> String? { headers[name] }
 }
 
-@Suite struct RoutingTests {
+@Suite(.timeLimit(.minutes(3))) struct RoutingTests {
     let table = RouteTable([
         RouteConfig(match: RouteMatch(path: .exact("/health")), cluster: "health"),
         RouteConfig(match: RouteMatch(path: .prefix("/v1/"), headers: [HeaderMatch(name: "X-Env", value: "prod")]), cluster: "prod"),
@@ -74,7 +74,7 @@ struct FakeRequest: RoutableRequest {
     }
 }
 
-@Suite struct LoadBalancerTests {
+@Suite(.timeLimit(.minutes(3))) struct LoadBalancerTests {
     @Test func roundRobinRotates() {
         let picks = (0..<6).map { LoadBalancer.roundRobin(candidates: [3, 5, 7], sequence: UInt64($0))! }
         #expect(picks == [3, 5, 7, 3, 5, 7])
@@ -135,7 +135,7 @@ struct FakeRequest: RoutableRequest {
 }
 
 /// Default-deny authorization, on a path's bytes as the data plane asks it.
-@Suite struct AuthorizerTests {
+@Suite(.timeLimit(.minutes(3))) struct AuthorizerTests {
     let authorizer = Authorizer(rules: [
         AuthorizationRule(identities: ["spiffe://corp/ns/acme/*"], prefix: "/v1/accounts/", methods: ["GET"]),
         AuthorizationRule(identities: ["spiffe://corp/ns/ops/sa/admin"], prefix: "/admin"),

@@ -1,7 +1,7 @@
 import Testing
 @testable import VigilCore
 
-@Suite struct GCRATests {
+@Suite(.timeLimit(.minutes(3))) struct GCRATests {
     /// A bucket driven by a manual clock: 10 requests/s, burst 5.
     struct Bucket {
         var tat: Int64 = 0
@@ -62,7 +62,7 @@ import Testing
     }
 }
 
-@Suite struct TenantResolutionTests {
+@Suite(.timeLimit(.minutes(3))) struct TenantResolutionTests {
     func config(_ unknown: TenantsConfig.Unknown = .reject) -> TenantsConfig {
         var c = TenantsConfig()
         c.identify = [.identity(map: [("spiffe://corp/ns/acme/sa/web", "acme"), ("spiffe://corp/ns/beta/*", "beta")]),
@@ -109,7 +109,7 @@ import Testing
     }
 }
 
-@Suite struct TenantMetricLabelsTests {
+@Suite(.timeLimit(.minutes(3))) struct TenantMetricLabelsTests {
     typealias T = TenantMetricLabels.Tenant
 
     @Test func theBusiestTenantsGetLabelsThatStick() {

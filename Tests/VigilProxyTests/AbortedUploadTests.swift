@@ -9,8 +9,10 @@ import VigilTestSupport
 /// Clients that give up in the middle of an upload (a slow-body attack ending, a client that crashes): the request
 /// can never complete, so it is aborted at once, and its upstream connection, cluster slots and tenant slot are
 /// back before the next request, not after `body_timeout` (60 s here, far beyond every wait in these tests).
-@Suite(.timeLimit(.minutes(2))) struct AbortedUploadTests {
+@Suite(.timeLimit(.minutes(2))) final class AbortedUploadTests {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+    // A new suite instance (and group) per test: its threads go with it.
+    deinit { group.shutdownGracefully { _ in } }
 
     /// A cluster with room for 5 requests and 5 waiting: 20 abandoned uploads that held their slots would make
     /// every later request overflow.

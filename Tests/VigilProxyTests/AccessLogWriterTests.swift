@@ -8,7 +8,7 @@ import Glibc
 #endif
 
 /// The access log's writer thread: an event loop hands batches over and never waits on the output.
-@Suite struct AccessLogWriterTests {
+@Suite(.timeLimit(.minutes(3))) struct AccessLogWriterTests {
     /// A pipe nobody reads fills at 64 KiB. Twelve 1 MiB batches are handed over at once all the same (were
     /// the writes on the caller's thread, the second would block forever); past the 8 MiB bound the rest
     /// are dropped and counted, and what was accepted arrives whole and in order once the reader reads.
@@ -44,7 +44,7 @@ import Glibc
 
 /// Access log lines are JSON whatever bytes a head's path or Host hold (they are written from the head's
 /// bytes, escaped there, not through a string).
-@Suite struct AccessLogLineTests {
+@Suite(.timeLimit(.minutes(3))) struct AccessLogLineTests {
     @Test func pathAndAuthorityBytesAreEscapedIntoValidJSON() throws {
         let path = "/q?a=\"b\"&c=\\d"
         let head = try #require(try HTTP1Parser.parseRequest(

@@ -10,8 +10,10 @@ import VigilCore
 import VigilTestSupport
 @testable import VigilProxy
 
-@Suite struct AdminTests {
+@Suite(.timeLimit(.minutes(3))) final class AdminTests {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+    // A new suite instance (and group) per test: its threads go with it.
+    deinit { group.shutdownGracefully { _ in } }
 
     func setup(admin extra: String = "") async throws -> (ProxyHarness, AdminServer, FakeUpstream) {
         let upstream = try await FakeUpstream(group: group)

@@ -5,7 +5,7 @@ import VigilControl
 import VigilCore
 import VigilTestSupport
 
-@Suite struct AuditLogTests {
+@Suite(.timeLimit(.minutes(3))) struct AuditLogTests {
     let scratch = ScratchDirectory("vigil-audit")
     func dir() -> String { scratch.unique("audit") }
 

@@ -5,7 +5,7 @@ import Testing
 import X509
 @testable import VigilProxy
 
-@Suite struct CertificateInfoTests {
+@Suite(.timeLimit(.minutes(3))) struct CertificateInfoTests {
     /// Admin `/certs` shows serials as OpenSSL does, two hex digits a byte: `15:e6:03:ea`, not `15:e6:3:ea`.
     @Test func serialBytesKeepTheirLeadingZeros() throws {
         let key = P256.Signing.PrivateKey()

@@ -7,8 +7,10 @@ import VigilTestSupport
 /// Clients that give up while their response is pending (`curl -m`, a browser tab closed): by default
 /// (`abort_on_client_close`) their request is cancelled at once, as nginx and Envoy do, so a tenant whose impatient
 /// clients retry does not lock itself out until the route timeout.
-@Suite(.timeLimit(.minutes(2))) struct ClientGivesUpTests {
+@Suite(.timeLimit(.minutes(2))) final class ClientGivesUpTests {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+    // A new suite instance (and group) per test: its threads go with it.
+    deinit { group.shutdownGracefully { _ in } }
 
     /// Tenant `acme` may have 2 requests in flight; /hang never answers (a route timeout of 60 s, far beyond the test).
     func setup(listener: String = "") async throws -> (ProxyHarness, FakeUpstream, TenantState) {

@@ -15,7 +15,7 @@ extension ClusterRuntime {
     }
 }
 
-@Suite struct ClusterRuntimeTests {
+@Suite(.timeLimit(.minutes(3))) struct ClusterRuntimeTests {
     static func endpoints(_ n: Int) -> [SocketAddressSpec] {
         (0..<n).map { SocketAddressSpec(host: "127.0.0.1", port: 1000 + $0) }
     }

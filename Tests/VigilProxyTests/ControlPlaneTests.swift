@@ -55,8 +55,10 @@ final class StreamReader: ChannelInboundHandler, Sendable {
     }
 }
 
-@Suite struct ControlPlaneTests {
+@Suite(.timeLimit(.minutes(3))) final class ControlPlaneTests {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+    // A new suite instance (and group) per test: its threads go with it.
+    deinit { group.shutdownGracefully { _ in } }
 
     static let twoClusters = """
         access_log: { output: "off" }

@@ -5,7 +5,7 @@ import VigilCore
 @testable import VigilProxy
 
 /// The loop's queue of per-request deadlines, on a manual clock (EmbeddedEventLoop).
-@Suite struct DeadlineQueueTests {
+@Suite(.timeLimit(.minutes(3))) struct DeadlineQueueTests {
     final class Waiter: DeadlineWaiter {
         let name: String
         var deadlineSlot = -1

@@ -7,7 +7,7 @@ import VigilCore
 
 /// Flushes wait for the end of the event loop's batch of events (`FlushBatch`), so the writes of
 /// one wakeup leave together.
-@Suite struct DeferredFlushTests {
+@Suite(.timeLimit(.minutes(3))) struct DeferredFlushTests {
     final class Target: DeferredFlush {
         let name: String
         let onFlush: (String) -> Void

@@ -9,8 +9,10 @@ import VigilTestSupport
 /// (`Tests/Peers/grpc_peer.py`), every kind of call, over h2c and over mutual TLS with ALPN.
 @Suite(.enabled(if: PythonPeers.shouldRun, "needs the Python peers (.venv-peers): run .ci/run once, or set VIGIL_PEERS_PYTHON"),
        .timeLimit(.minutes(2)))
-struct GRPCPeerTests {
+final class GRPCPeerTests {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+    // A new suite instance (and group) per test: its threads go with it.
+    deinit { group.shutdownGracefully { _ in } }
 
     /// What `grpc_peer.py client` printed: one entry per call.
     struct Calls: Decodable {

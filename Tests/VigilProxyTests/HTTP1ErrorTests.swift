@@ -8,8 +8,10 @@ import VigilTestSupport
 
 /// Every error status the proxy promises, over real sockets: the status, the reason header, the JSON body,
 /// and what happens to the connection afterwards.
-@Suite struct HTTP1ErrorTests {
+@Suite(.timeLimit(.minutes(3))) final class HTTP1ErrorTests {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+    // A new suite instance (and group) per test: its threads go with it.
+    deinit { group.shutdownGracefully { _ in } }
 
     func setup(_ yaml: String = ProxyHarness.simple(),
                behaviour: @escaping @Sendable (HTTPRequestHead) -> FakeBehaviour = { _ in .respond() })
@@ -278,7 +280,9 @@ import VigilTestSupport
         let slow = try await proxy.client()
         try await slow.send("GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
         // Wait until the slow request holds the cluster's only slot.
-        while proxy.runtime.current.clusters[0].activeRequests.load(ordering: .relaxed) == 0 { await Task.yield() }
+        try await waitUntil("the slow request holds the only slot") {
+            proxy.runtime.current.clusters[0].activeRequests.load(ordering: .relaxed) == 1
+        }
         let fast = try await proxy.client()
         try await fast.send("GET /fast HTTP/1.1\r\nHost: a\r\n\r\n")
         let r = try #require(try await fast.response())

@@ -7,8 +7,10 @@ import Testing
 import VigilTestSupport
 @testable import VigilProxy
 
-@Suite struct HTTP1FeatureTests {
+@Suite(.timeLimit(.minutes(3))) final class HTTP1FeatureTests {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+    // A new suite instance (and group) per test: its threads go with it.
+    deinit { group.shutdownGracefully { _ in } }
 
     @Test func expectContinueIsRelayed() async throws {
         // The upstream answers 100 Continue to the head, then 200 once the body is in.
@@ -65,10 +67,10 @@ import VigilTestSupport
         let port = proxy.port()
         let client = try await proxy.client()
         try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-        while upstream.recorded.isEmpty { await Task.yield() }
+        try await waitUntil("the request at the upstream") { !upstream.recorded.isEmpty }
         let draining = Task { await proxy.server.drain(timeout: .seconds(10)) }
         // The answer is released only once the drain has begun.
-        while !proxy.runtime.draining.load(ordering: .relaxed) { await Task.yield() }
+        try await waitUntil("the drain begun") { proxy.runtime.draining.load(ordering: .relaxed) }
         gate.open()
         let r = try #require(try await client.response())
         #expect(r.text == "finished")

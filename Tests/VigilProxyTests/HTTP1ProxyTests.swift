@@ -6,8 +6,10 @@ import VigilTestSupport
 import VigilCore
 @testable import VigilProxy
 
-@Suite struct HTTP1ProxyTests {
+@Suite(.timeLimit(.minutes(3))) final class HTTP1ProxyTests {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+    // A new suite instance (and group) per test: its threads go with it.
+    deinit { group.shutdownGracefully { _ in } }
 
     func setup(_ yaml: String = ProxyHarness.simple(),
                behaviour: @escaping @Sendable (HTTPRequestHeadAlias) -> FakeBehaviour = { _ in .respond() })

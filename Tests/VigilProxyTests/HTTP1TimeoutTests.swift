@@ -8,7 +8,7 @@ import VigilCore
 
 /// The connection timers of the HTTP/1 handler (and the HTTP/2 stream handler's send timeout), driven by an
 /// EmbeddedEventLoop's manual clock.
-@Suite struct HTTP1TimeoutTests {
+@Suite(.timeLimit(.minutes(3))) struct HTTP1TimeoutTests {
     /// A runtime on an EmbeddedEventLoop with one listener of the given limits (and protocol).
     func runtime(limits: String, protocol proto: String = "http1", route: String = "", cluster: String = "") throws -> (ProxyRuntime, EmbeddedEventLoop) {
         let loop = EmbeddedEventLoop()

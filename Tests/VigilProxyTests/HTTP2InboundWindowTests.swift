@@ -2,7 +2,7 @@ import Testing
 @testable import VigilProxy
 
 /// When Vigil opens an HTTP/2 inbound window (RFC 9113 §6.9), as pure values.
-@Suite struct HTTP2InboundWindowTests {
+@Suite(.timeLimit(.minutes(3))) struct HTTP2InboundWindowTests {
     @Test func anUpdateGoesOutOnceHalfTheWindowIsUsedAndRestoresTheTarget() {
         var w = HTTP2InboundWindow(target: 1000)
         #expect(w.windowChanged(to: 900) == nil)

@@ -8,12 +8,17 @@ import VigilTestSupport
 import VigilCore
 @testable import VigilProxy
 
-@Suite struct HTTP2ProxyTests {
+@Suite(.timeLimit(.minutes(3))) final class HTTP2ProxyTests {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+    // A new suite instance (and group) per test: its threads go with it.
+    deinit { group.shutdownGracefully { _ in } }
 
     @Test(arguments: ["http2", "auto"])
     func hundredConcurrentStreamsOnOneConnection(protocolName: String) async throws {
-        let upstream = try await FakeUpstream(group: group) { head in .delayed(ms: 50, body: "reply:\(head.uri)") }
+        // The upstream holds every answer until all 100 requests have reached it: streams served one after
+        // another would never get there.
+        let gate = Gate()
+        let upstream = try await FakeUpstream(group: group) { head in .gated(gate, body: "reply:\(head.uri)") }
         let yaml = ProxyHarness.simple().replacingOccurrences(of: "protocol: auto", with: "protocol: \(protocolName)")
         let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
         let client = try await H2TestClient.connect(port: proxy.port(), group: group)
@@ -21,6 +26,8 @@ import VigilCore
             for i in 0..<100 {
                 tasks.addTask { (i, try await client.request(.GET, "/item/\(i)")) }
             }
+            try await waitUntil("all 100 streams in flight at once") { upstream.recorded.count == 100 }
+            gate.open()
             var all: [Int: TestResponse] = [:]
             for try await (i, r) in tasks { all[i] = r }
             return all
@@ -31,7 +38,6 @@ import VigilCore
             #expect(r.text == "reply:/item/\(i)")
             #expect(r.header("x-upstream") == "upstream")
         }
-        // Every stream ran concurrently: the upstream needed (about) one connection per stream.
         #expect(upstream.recorded.count == 100)
         try await client.close()
         await proxy.stop()

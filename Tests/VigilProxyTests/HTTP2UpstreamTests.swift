@@ -10,8 +10,10 @@ import VigilTestSupport
 
 /// `clusters[].protocol: http2`: requests from either downstream protocol travel as streams multiplexed on
 /// a few HTTP/2 connections to the upstream.
-@Suite struct HTTP2UpstreamTests {
+@Suite(.timeLimit(.minutes(3))) final class HTTP2UpstreamTests {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+    // A new suite instance (and group) per test: its threads go with it.
+    deinit { group.shutdownGracefully { _ in } }
 
     func setup(behaviour: @escaping @Sendable (HTTPRequestHead) -> FakeBehaviour = { head in .respond(body: "h2:\(head.uri)") })
         async throws -> (ProxyHarness, FakeUpstream)

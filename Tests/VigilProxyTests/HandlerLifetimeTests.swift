@@ -8,7 +8,7 @@ import VigilCore
 
 /// A handler that keeps its ChannelHandlerContext makes a cycle (the context holds the handler), so each
 /// one must let go in handlerRemoved, or every connection and HTTP/2 stream ever served stays in memory.
-@Suite struct HandlerLifetimeTests {
+@Suite(.timeLimit(.minutes(3))) struct HandlerLifetimeTests {
     func runtime(_ loop: EmbeddedEventLoop) throws -> ProxyRuntime {
         let config = try VigilConfig.parse(yaml: """
             access_log: { output: "off" }

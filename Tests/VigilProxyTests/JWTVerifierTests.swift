@@ -7,7 +7,7 @@ import VigilTestSupport
 
 /// Every check `JWTVerifier` makes where a token decides a caller's tenant, one row each: a verifier that
 /// skipped any of them fails its row.
-@Suite struct JWTVerifierTests {
+@Suite(.timeLimit(.minutes(3))) struct JWTVerifierTests {
     let scratch = ScratchDirectory("vigil-jwt")
     static let now: Double = 1_800_000_000
     nonisolated(unsafe) static let ec = P256.Signing.PrivateKey()

@@ -7,8 +7,10 @@ import VigilTestSupport
 /// A client that stops reading its response (slowhttptest's slow read, or a stalled phone) holds a bounded amount
 /// of Vigil's memory: once the client's socket is full, Vigil stops reading the upstream, with at most the write
 /// watermark plus one read queued for the client (`ConnectionBuffers`).
-@Suite(.timeLimit(.minutes(2))) struct SlowReaderTests {
+@Suite(.timeLimit(.minutes(2))) final class SlowReaderTests {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+    // A new suite instance (and group) per test: its threads go with it.
+    deinit { group.shutdownGracefully { _ in } }
 
     @Test func aClientThatStopsReadingHoldsAtMostTheWatermarkAndOneRead() async throws {
         let size = 32 << 20

@@ -10,8 +10,10 @@ import X509
 
 /// Real TLS handshakes on loopback against TLS listeners and TLS upstreams, with certificates made by
 /// Vigil's dev CA code.
-@Suite struct TLSTests {
+@Suite(.timeLimit(.minutes(3))) final class TLSTests {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+    // A new suite instance (and group) per test: its threads go with it.
+    deinit { group.shutdownGracefully { _ in } }
 
     func mtlsProxy(_ fixture: TLSFixture, upstream: FakeUpstream, top: String = "", listenerExtra: String = "")
         async throws -> ProxyHarness

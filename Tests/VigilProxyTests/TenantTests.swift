@@ -10,9 +10,11 @@ import VigilCore
 import VigilTestSupport
 @testable import VigilProxy
 
-@Suite struct TenantTests {
+@Suite(.timeLimit(.minutes(3))) final class TenantTests {
     let scratch = ScratchDirectory("vigil-tenants")
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+    // A new suite instance (and group) per test: its threads go with it.
+    deinit { group.shutdownGracefully { _ in } }
 
     static let tenants = """
         tenants:
@@ -300,7 +302,7 @@ import VigilTestSupport
 }
 
 /// The striped registry's table of dynamic tenants (pure values, no sockets).
-@Suite struct TenantTableTests {
+@Suite(.timeLimit(.minutes(3))) struct TenantTableTests {
     func state(_ name: String) -> TenantState {
         TenantState(name: name, limits: TenantLimits(requestsPerSecond: nil, burst: nil, maxConcurrent: nil), label: "other")
     }
