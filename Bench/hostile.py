@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Hostile clients: slowloris, slow body and slow read (slowhttptest, Debian's) against Vigil, HAProxy and Envoy
+"""Hostile clients: slowloris, slow body and slow read (slowhttptest, Debian's), and readers that never read,
+against Vigil, HAProxy and Envoy
 in turn, each with one worker, in front of the same nginx upstream. During each attack a normal client sends one
 request a second (the probe). For each proxy and attack it records the probes served during and after the
 attack, the proxy's peak RSS and open file descriptors, the descriptors 1 s after the attack ends, and the RSS
 before the attack and `--after` seconds after it ends (is memory given back?).
 
 Usage: Bench/hostile.py --vigil PATH [--seconds 60] [--connections 1000] [--after 60] [--only vigil,haproxy,envoy]
-                        [--attacks slowloris,slowbody,slowread]
+                        [--attacks slowloris,slowbody,slowread,stalled]
 (Bench/run-hostile.sh builds Vigil and installs the rest.) Only 127.0.0.1 is used.
 """
 import argparse, atexit, http.client, json, os, shutil, subprocess, sys, tempfile, threading, time
@@ -43,7 +44,26 @@ PORTS = {"vigil": 18481, "haproxy": 18482, "envoy": 18483}
 BIG = 8 << 20
 
 
+STALLED_CODE = r"""
+import socket, sys, time
+port, n, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+socks = []
+for _ in range(n):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+    socks.append(s)
+time.sleep(seconds)
+"""
+
+
 def attack_command(kind, port, n, seconds):
+    if kind == "stalled":
+        # Readers that never read at all (a small receive window, no read ever): the worst case for what a proxy
+        # holds per slow client. slowhttptest's slow read keeps reading a little, which lets kernel buffers do
+        # most of the holding.
+        return f"{sys.executable} -c '{STALLED_CODE}' {port} {n} {seconds}"
     url = f"http://127.0.0.1:{port}"
     common = f"slowhttptest -c {n} -r 200 -l {seconds} -p 3 -v 0"
     if kind == "slowloris":
@@ -161,7 +181,7 @@ def main():
     ap.add_argument("--connections", type=int, default=1000)
     ap.add_argument("--after", type=int, default=60, help="seconds after the attack at which RSS is read again")
     ap.add_argument("--only", default="vigil,haproxy,envoy")
-    ap.add_argument("--attacks", default="slowloris,slowbody,slowread")
+    ap.add_argument("--attacks", default="slowloris,slowbody,slowread,stalled")
     a = ap.parse_args()
     d = tempfile.mkdtemp(prefix="vigil-hostile-")
     atexit.register(shutil.rmtree, d, ignore_errors=True)

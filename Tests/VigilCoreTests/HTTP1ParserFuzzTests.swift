@@ -1,13 +1,16 @@
+import Foundation
 import NIOCore
 import NIOEmbedded
 import NIOHTTP1
 import Testing
 @testable import VigilCore
 
-/// A seeded mutation fuzzer for the request parser, run on every `swift test`.
+/// A seeded mutation fuzzer for the request parser, run on every `swift test` with a new seed each run (printed;
+/// `VIGIL_FUZZ_SEED=N swift test` replays a run), and a replay of the libFuzzer corpus in `Fuzz/corpus`.
 ///
 /// Properties checked on every mutated input:
-/// 1. the parser never traps, and an accepted head is a prefix of the input;
+/// 1. the parser never traps, and an accepted head is exactly the input's first bytes, up to and with the blank
+///    line that ends it;
 /// 2. the head Vigil forwards parses again, to the same method, path and framing (forwarding is stable);
 /// 3. NIOHTTP1's parser (llhttp, an independent implementation) reads the forwarded head with the same
 ///    framing — the property that rules out request smuggling between Vigil and its upstream.
@@ -60,46 +63,81 @@ import Testing
         return nil
     }
 
+    /// This run's seed: `VIGIL_FUZZ_SEED`, else a new one.
+    static let seed: UInt64 = {
+        let given = ProcessInfo.processInfo.environment["VIGIL_FUZZ_SEED"].flatMap { UInt64($0) }
+        let seed = given ?? UInt64.random(in: 1...UInt64.max)
+        print("HTTP1ParserFuzzTests: seed \(seed) (VIGIL_FUZZ_SEED=\(seed) swift test --filter HTTP1ParserFuzzTests replays it)")
+        return seed
+    }()
+
+    /// The properties that hold for any input (1 to 3 above); returns whether the parser accepted a head and
+    /// whether the independent parser was asked.
+    @discardableResult
+    func check(_ input: [UInt8], differential: Bool, limits: HTTP1HeadLimits = HTTP1HeadLimits(maxHeaderBytes: 4096, maxHeaderCount: 50))
+        throws -> (accepted: Bool, compared: Bool)
+    {
+        let buffer = ByteBuffer(bytes: input)
+        let parsed: (HTTP1RequestHead, consumed: Int)?
+        do throws(HTTP1ParseError) {
+            parsed = try HTTP1Parser.parseRequest(buffer, limits: limits)
+        } catch {
+            #expect([400, 405, 414, 417, 431, 501, 505].contains(error.status), "seed \(Self.seed)")
+            return (false, false)
+        }
+        guard let (head, consumed) = parsed else { return (false, false) }
+        // 1. The head is the input's first `consumed` bytes, ending with the blank line.
+        let text = String(decoding: input, as: UTF8.self).debugDescription
+        #expect(consumed <= input.count && Array(head.bytes.readableBytesView) == Array(input.prefix(consumed)),
+                "seed \(Self.seed): \(text)")
+        #expect(input.prefix(consumed).suffix(4).elementsEqual("\r\n\r\n".utf8), "seed \(Self.seed): \(text)")
+        // 2. The forwarded head parses again to the same request.
+        var forwarded = ByteBuffer()
+        var r2 = SplitMix64(seed: 1)
+        HTTP1HeadWriter.writeRequest(head, facts: ForwardingFacts(clientAddress: "10.0.0.1", scheme: "http"),
+                                     random: &r2,
+                                     fallbackAuthority: "upstream:80", into: &forwarded)
+        let again = try #require(try HTTP1Parser.parseRequest(forwarded, limits: HTTP1HeadLimits(maxHeaderBytes: 1 << 20)),
+                                 "forwarded head did not parse: \(String(buffer: forwarded).debugDescription)")
+        #expect(again.0.method == head.method)
+        #expect(again.0.path == head.path)
+        #expect(again.0.framing == head.framing, "seed \(Self.seed): \(text)")
+        // 3. An independent parser frames the forwarded message the same way (sampled: it is slower).
+        // Skipped for upgrades (after one the bytes are not HTTP) and for extension methods, which
+        // RFC 9110 allows and llhttp refuses outright: a refusal is a 400 upstream, not a desync.
+        guard differential, !head.isUpgrade, Self.llhttpMethods.contains(head.method) else { return (true, false) }
+        try expectLLHTTPAgrees(forwarded, framing: head.framing, input: input)
+        return (true, true)
+    }
+
     @Test func mutatedRequestsKeepTheParserSafeAndConsistent() throws {
-        var random = SplitMix64(seed: 0xF022)
+        var random = SplitMix64(seed: Self.seed)
         let limits = HTTP1HeadLimits(maxHeaderBytes: 4096, maxHeaderCount: 50)
         var accepted = 0
         var differential = 0
         for i in 0..<100_000 {
             let seed = Array(Self.corpus[i % Self.corpus.count].utf8)
             let input = mutate(seed, &random)
-            let buffer = ByteBuffer(bytes: input)
-            let parsed: (HTTP1RequestHead, consumed: Int)?
-            do throws(HTTP1ParseError) {
-                parsed = try HTTP1Parser.parseRequest(buffer, limits: limits)
-            } catch {
-                #expect([400, 405, 414, 417, 431, 501, 505].contains(error.status))
-                continue
-            }
-            guard let (head, consumed) = parsed else { continue }
-            accepted += 1
-            #expect(consumed <= input.count)
-            // 2. The forwarded head parses again to the same request.
-            var forwarded = ByteBuffer()
-            var r2 = SplitMix64(seed: 1)
-            HTTP1HeadWriter.writeRequest(head, facts: ForwardingFacts(clientAddress: "10.0.0.1", scheme: "http"),
-                                         random: &r2,
-                                         fallbackAuthority: "upstream:80", into: &forwarded)
-            let again = try #require(try HTTP1Parser.parseRequest(forwarded, limits: HTTP1HeadLimits(maxHeaderBytes: 1 << 20)),
-                                     "forwarded head did not parse: \(String(buffer: forwarded).debugDescription)")
-            #expect(again.0.method == head.method)
-            #expect(again.0.path == head.path)
-            #expect(again.0.framing == head.framing, "\(String(decoding: input, as: UTF8.self).debugDescription)")
-            // 3. An independent parser frames the forwarded message the same way (sampled: it is slower).
-            // Skipped for upgrades (after one the bytes are not HTTP) and for extension methods, which
-            // RFC 9110 allows and llhttp refuses outright: a refusal is a 400 upstream, not a desync.
-            if accepted % 10 == 0, !head.isUpgrade, Self.llhttpMethods.contains(head.method) {
-                differential += 1
-                try expectLLHTTPAgrees(forwarded, framing: head.framing, input: input)
-            }
+            let result = try check(input, differential: (accepted + 1) % 10 == 0)
+            if result.accepted { accepted += 1 }
+            if result.compared { differential += 1 }
         }
         #expect(accepted > 1000, "the mutator should still produce many valid requests (\(accepted))")
         #expect(differential > 100)
+    }
+
+    /// The libFuzzer corpus (`Fuzz/corpus`, what `Fuzz/run.sh` starts from and adds to) replayed through the same
+    /// checks, so an input found there stays tested.
+    @Test func theFuzzCorpusReplays() throws {
+        var dir = URL(fileURLWithPath: #filePath)
+        for _ in 0..<3 { dir.deleteLastPathComponent() }  // Tests/VigilCoreTests/this file
+        dir.appendPathComponent("Fuzz/corpus")
+        let files = try FileManager.default.contentsOfDirectory(atPath: dir.path).sorted()
+        #expect(!files.isEmpty)
+        for name in files {
+            let input = try [UInt8](Data(contentsOf: dir.appendingPathComponent(name)))
+            try check(input, differential: true)
+        }
     }
 
     /// Feeds the forwarded head plus a body of the framing Vigil decided into NIOHTTP1's decoder and checks
