@@ -200,9 +200,14 @@ http {{ access_log off; keepalive_requests 10000000;
     location = /big {{ }} }} }}
 """)
     upstream = subprocess.Popen(f"exec nginx -c {up}", shell=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    atexit.register(upstream.kill)
     sink = subprocess.Popen([sys.executable, "-c", SINK_CODE, str(BODY_SINK)])
-    atexit.register(sink.kill)
+
+    def stop_upstreams():
+        # SIGTERM, not SIGKILL: nginx's master then stops its worker, which would otherwise live on holding the port.
+        for p in (upstream, sink):
+            p.terminate()
+            p.wait()
+    atexit.register(stop_upstreams)
     wait_port(BODY_SINK)
     wait_port(UP)
     cmds = configs(d, a.vigil)

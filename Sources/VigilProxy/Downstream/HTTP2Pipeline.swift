@@ -11,6 +11,13 @@ enum HTTP2Pipeline {
 
     static func configure(channel: Channel, runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext,
                           session: DownstreamSession = .plain) throws {
+        // What a client may send is bounded by the windows below, not by reading little: HTTP/2 connections read
+        // as NIO does by default (several large reads per wakeup), which many multiplexed streams need.
+        // (`ConnectionBuffers` holds for the responses: the write watermark, and the upstream reads it pauses.)
+        if let options = channel.syncOptions {
+            try options.setOption(.maxMessagesPerRead, value: ConnectionBuffers.http2MaxMessagesPerRead)
+            try options.setOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator())
+        }
         var connection = NIOHTTP2Handler.ConnectionConfiguration()
         connection.initialSettings = [
             HTTP2Setting(parameter: .maxConcurrentStreams, value: listener.config.limits.maxConcurrentStreams),

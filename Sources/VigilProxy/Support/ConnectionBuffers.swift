@@ -16,6 +16,8 @@ import Glibc
 /// costs few system calls (measured in Bench/RESULTS.md, "Slow readers").
 enum ConnectionBuffers {
     static let maxMessagesPerRead: UInt = 1
+    /// NIO's default, for HTTP/2 downstream connections, whose inbound bytes the flow-control windows bound.
+    static let http2MaxMessagesPerRead: UInt = 4
     static let maxReadBytes = 32 * 1024
     static let recvAllocator = AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: maxReadBytes)
     static let writeWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 16 * 1024, high: 32 * 1024)
