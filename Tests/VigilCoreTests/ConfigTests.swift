@@ -111,6 +111,16 @@ import Testing
         #expect(errors(Self.minimal + "\n    connect_timeout: 5").count == 1)
     }
 
+    @Test func perConnectionBufferLimitHasADefaultAKeyAndARange() throws {
+        let plain = try VigilConfig.parse(yaml: Self.minimal)
+        #expect(plain.listeners[0].perConnectionBufferLimitBytes == 16 * 1024)
+        #expect(plain.clusters[0].perConnectionBufferLimitBytes == 16 * 1024)
+        let set = try VigilConfig.parse(yaml: Self.minimal + "\n    per_connection_buffer_limit_bytes: 64KiB")
+        #expect(set.clusters[0].perConnectionBufferLimitBytes == 64 * 1024)
+        let e = errors(Self.minimal + "\n    per_connection_buffer_limit_bytes: 1KiB")
+        #expect(e.count == 1 && e[0].hasPrefix("clusters[0].per_connection_buffer_limit_bytes:"), "\(e)")
+    }
+
     @Test func badAddress() {
         let e = errors(Self.minimal.replacingOccurrences(of: "127.0.0.1:8080", with: "127.0.0.1"))
         #expect(e.count == 1 && e[0].hasPrefix("clusters[0].endpoints[0]: \"127.0.0.1\" is not an address"))

@@ -479,7 +479,7 @@ import VigilCore
         }
         // The budget, plus the read that crossed it and one more read per stream whose upstream read was already
         // under way when the streams stopped reading (without the budget: 20 × 256 KiB and more).
-        let bound = HTTP2ServerConnection.connectionHighWatermark + 21 * ConnectionBuffers.maxReadBytes
+        let bound = HTTP2ServerConnection.connectionHighWatermark + 21 * ListenerConfig.defaultBufferLimitBytes
         var most = 0
         for _ in 0..<100 {
             most = max(most, try await queued())

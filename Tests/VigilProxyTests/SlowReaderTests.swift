@@ -1,6 +1,7 @@
 import NIOCore
 import NIOPosix
 import Testing
+import VigilCore
 import VigilTestSupport
 @testable import VigilProxy
 
@@ -12,10 +13,15 @@ import VigilTestSupport
     // A new suite instance (and group) per test: its threads go with it.
     deinit { group.shutdownGracefully { _ in } }
 
-    @Test func aClientThatStopsReadingHoldsAtMostTheWatermarkAndOneRead() async throws {
+    /// With the default `per_connection_buffer_limit_bytes` (16 KiB) and with one of 64 KiB on the listener and the
+    /// cluster: at most the limit queued for the client plus one read of the limit from the upstream.
+    @Test(arguments: [nil, 64 * 1024])
+    func aClientThatStopsReadingHoldsAtMostTheWatermarkAndOneRead(limit: Int?) async throws {
         let size = 32 << 20
         let upstream = try await FakeUpstream(group: group) { _ in .respond(body: String(repeating: "x", count: size)) }
-        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
+        let key = limit.map { "per_connection_buffer_limit_bytes: \($0)" } ?? ""
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(cluster: key, listener: key), upstreams: [upstream.port],
+                                           group: group)
         // A client with a small receive buffer that never reads (no read() is ever issued).
         let client = try await ClientBootstrap(group: group)
             .channelOption(.socketOption(.so_rcvbuf), value: 4096)
@@ -31,7 +37,7 @@ import VigilTestSupport
         try await withTimeout(10, "Vigil to queue for the client") {
             while try await buffered() == 0 { try await Task.sleep(for: .milliseconds(10)) }
         }
-        let bound = ConnectionBuffers.writeWaterMark.high + ConnectionBuffers.maxReadBytes
+        let bound = 2 * (limit ?? ListenerConfig.defaultBufferLimitBytes)
         var most = 0
         for _ in 0..<100 {
             most = max(most, try await buffered())

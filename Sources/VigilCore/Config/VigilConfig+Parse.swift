@@ -121,7 +121,8 @@ extension ConfigReader {
 
     mutating func readListener(_ node: Node, at path: String, clusterNames: [String: Int]) -> ListenerConfig? {
         guard let m = map(node, at: path, keys: ["name", "address", "protocol", "routes", "limits", "tls", "authorization",
-                                                 "trusted_headers", "abort_on_client_close"])
+                                                 "trusted_headers", "abort_on_client_close",
+                                                 "per_connection_buffer_limit_bytes"])
         else { return nil }
         let name = required(nonEmptyString(m["name"], at: m.path("name")), m, "name")
         let address = required(self.address(m["address"], at: m.path("address")), m, "address")
@@ -183,6 +184,10 @@ extension ConfigReader {
         if let trusted = bool(m["trusted_headers"], at: m.path("trusted_headers")) { listener.trustedHeaders = trusted }
         if let abort = bool(m["abort_on_client_close"], at: m.path("abort_on_client_close")) {
             listener.abortOnClientClose = abort
+        }
+        if let v = byteSize(m["per_connection_buffer_limit_bytes"], at: m.path("per_connection_buffer_limit_bytes"),
+                            range: 4096...(1 << 20)) {
+            listener.perConnectionBufferLimitBytes = v
         }
         return listener
     }
@@ -268,7 +273,7 @@ extension ConfigReader {
     mutating func readCluster(_ node: Node, at path: String) -> ClusterConfig? {
         let keys: Set = ["name", "endpoints", "protocol", "connect_timeout", "idle_timeout", "load_balancer",
                          "circuit_breakers", "health_check", "outlier_detection", "slow_start", "panic_threshold",
-                         "all_unhealthy", "tls"]
+                         "all_unhealthy", "tls", "per_connection_buffer_limit_bytes"]
         guard let m = map(node, at: path, keys: keys) else { return nil }
         let name = required(nonEmptyString(m["name"], at: m.path("name")), m, "name")
         var endpoints: [SocketAddressSpec] = []
@@ -316,6 +321,10 @@ extension ConfigReader {
         }
         readHealing(m, into: &cluster)
         if let node = m["tls"] { cluster.tls = readClusterTLS(node, at: m.path("tls")) }
+        if let v = byteSize(m["per_connection_buffer_limit_bytes"], at: m.path("per_connection_buffer_limit_bytes"),
+                            range: 4096...(1 << 20)) {
+            cluster.perConnectionBufferLimitBytes = v
+        }
         guard name != nil else { return nil }
         return cluster
     }

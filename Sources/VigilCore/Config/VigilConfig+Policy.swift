@@ -131,7 +131,7 @@ extension ConfigReader {
     }
 
     static let listenerKeys: Set = ["name", "routes", "address", "protocol", "limits", "tls", "authorization", "trusted_headers",
-                                    "abort_on_client_close"]
+                                    "abort_on_client_close", "per_connection_buffer_limit_bytes"]
 
     static func sameStatic(_ key: String, _ a: VigilConfig, _ b: VigilConfig) -> Bool {
         switch key {
@@ -157,6 +157,7 @@ extension ConfigReader {
         case "authorization": a.authorization == b.authorization
         case "trusted_headers": a.trustedHeaders == b.trustedHeaders
         case "abort_on_client_close": a.abortOnClientClose == b.abortOnClientClose
+        case "per_connection_buffer_limit_bytes": a.perConnectionBufferLimitBytes == b.perConnectionBufferLimitBytes
         default: false
         }
     }

@@ -80,6 +80,12 @@ public struct ListenerConfig: Sendable, Equatable {
     /// slot released. `false` keeps HAProxy's default, answering such clients, for clients that half-close on
     /// purpose after their request.
     public var abortOnClientClose = true
+    /// `per_connection_buffer_limit_bytes` (Envoy's name; default 16 KiB, HAProxy's buffer size): the most Vigil
+    /// reads from a client at once and queues for it before it stops reading the upstream. What a slow reader holds
+    /// is about twice this (`ConnectionBuffers`); larger values cost more memory per slow client and less CPU per
+    /// byte on bulk transfers.
+    public var perConnectionBufferLimitBytes = ListenerConfig.defaultBufferLimitBytes
+    public static let defaultBufferLimitBytes = 16 * 1024
 
     public init(name: String, address: SocketAddressSpec, protocol: ListenerProtocol = .auto,
                 routes: [RouteConfig], limits: ListenerLimits = .init()) {
@@ -213,6 +219,9 @@ public struct ClusterConfig: Sendable, Equatable {
     public var panicThreshold: Int = 50
     public var tls: ClusterTLSConfig?
     public var allUnhealthy: AllUnhealthyMode = .panic
+    /// `per_connection_buffer_limit_bytes` for connections to the cluster's hosts (the listener's, for upstreams):
+    /// the most read from a host at once, and queued for it, before Vigil stops reading the other side.
+    public var perConnectionBufferLimitBytes = ListenerConfig.defaultBufferLimitBytes
 
     public init(name: String, endpoints: [SocketAddressSpec], protocol: UpstreamProtocol = .http1,
                 connectTimeout: Duration = .seconds(1), idleTimeout: Duration = .seconds(60),

@@ -60,7 +60,7 @@ public final class ProxyServer: Sendable {
             .serverChannelOption(.backlog, value: 4096)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-            .boundedConnectionBuffers()
+            .boundedConnectionBuffers(listener.config.perConnectionBufferLimitBytes)
             // Half-closure is an HTTP/1.1 nicety on plain TCP. Over TLS a client's close_notify ends the
             // connection: with half-closure on, NIOSSL would hold every connection Vigil closes open until its
             // shutdown timeout.

@@ -5,39 +5,47 @@ import Glibc
 #endif
 
 /// How much a proxied connection may hold in Vigil's memory, set on every downstream connection and every HTTP/1.1
-/// upstream connection. While one side is not taking bytes (a slow reader, a slow upstream), Vigil stops reading
-/// the other; what it holds then is what the writer had queued when it became unwritable plus what the last read
-/// brought in: at most `writeWaterMark.high` + `maxReadBytes` (64 KiB) per direction. HAProxy holds two 16 KiB
-/// buffers a stream; Envoy's per-connection buffer limit is 1 MiB.
+/// upstream connection from `per_connection_buffer_limit_bytes` (16 KiB by default). While one side is not taking
+/// bytes (a slow reader, a slow upstream), Vigil stops reading the other; what it holds then is what the writer had
+/// queued when it became unwritable plus what the last read brought in: at most twice the limit per direction
+/// (32 KiB by default, HAProxy's figure: two 16 KiB buffers a stream; Envoy's default limit is 1 MiB).
 ///
 /// The two settings that make the bound hold: NIO reads up to 4 times (64 KiB each) per readiness event whatever the
 /// handler's backpressure says, and keeps up to 4 receive buffers per channel for reuse; one read per event takes
-/// both to one, so a pause takes effect at the next read. Reads stay up to 32 KiB, enough that a bulk transfer
-/// costs few system calls (measured in Bench/RESULTS.md, "Slow readers").
+/// both to one, so a pause takes effect at the next read. The price is CPU on bulk transfers: 16 KiB reads, one
+/// per wakeup, cost about 1.5 times the CPU per byte of NIO's four 64 KiB reads (Bench/RESULTS.md, 2026-12-06);
+/// a listener or cluster that carries large bodies to fast clients can raise the limit.
 enum ConnectionBuffers {
     static let maxMessagesPerRead: UInt = 1
     /// NIO's default, for HTTP/2 downstream connections, whose inbound bytes the flow-control windows bound.
     static let http2MaxMessagesPerRead: UInt = 4
-    static let maxReadBytes = 32 * 1024
-    static let recvAllocator = AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: maxReadBytes)
-    static let writeWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 16 * 1024, high: 32 * 1024)
+
+    /// Reads of up to `limit` (`per_connection_buffer_limit_bytes`).
+    static func recvAllocator(_ limit: Int) -> AdaptiveRecvByteBufferAllocator {
+        AdaptiveRecvByteBufferAllocator(minimum: 64, initial: min(2048, limit), maximum: limit)
+    }
+
+    /// Unwritable past `limit` queued bytes, writable again under half of it.
+    static func writeWaterMark(_ limit: Int) -> ChannelOptions.Types.WriteBufferWaterMark {
+        .init(low: limit / 2, high: limit)
+    }
 }
 
 extension ServerBootstrap {
     /// `ConnectionBuffers` on every accepted connection.
-    func boundedConnectionBuffers() -> ServerBootstrap {
+    func boundedConnectionBuffers(_ limit: Int) -> ServerBootstrap {
         childChannelOption(.maxMessagesPerRead, value: ConnectionBuffers.maxMessagesPerRead)
-            .childChannelOption(.recvAllocator, value: ConnectionBuffers.recvAllocator)
-            .childChannelOption(.writeBufferWaterMark, value: ConnectionBuffers.writeWaterMark)
+            .childChannelOption(.recvAllocator, value: ConnectionBuffers.recvAllocator(limit))
+            .childChannelOption(.writeBufferWaterMark, value: ConnectionBuffers.writeWaterMark(limit))
     }
 }
 
 extension ClientBootstrap {
     /// `ConnectionBuffers` on the connection.
-    func boundedConnectionBuffers() -> ClientBootstrap {
+    func boundedConnectionBuffers(_ limit: Int) -> ClientBootstrap {
         channelOption(.maxMessagesPerRead, value: ConnectionBuffers.maxMessagesPerRead)
-            .channelOption(.recvAllocator, value: ConnectionBuffers.recvAllocator)
-            .channelOption(.writeBufferWaterMark, value: ConnectionBuffers.writeWaterMark)
+            .channelOption(.recvAllocator, value: ConnectionBuffers.recvAllocator(limit))
+            .channelOption(.writeBufferWaterMark, value: ConnectionBuffers.writeWaterMark(limit))
     }
 }
 

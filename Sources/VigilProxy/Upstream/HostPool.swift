@@ -384,7 +384,7 @@ final class HostPool {
         let bootstrap = ClientBootstrap(group: eventLoop)
             .connectTimeout(.nanoseconds(cluster.config.connectTimeout.nanoseconds))
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .boundedConnectionBuffers()
+            .boundedConnectionBuffers(cluster.config.perConnectionBufferLimitBytes)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     if let tls { try UpstreamTLSCheck.install(on: channel, context: tls.context, tls: tls.config, handshake: tls.done) }
