@@ -13,7 +13,7 @@ import Glibc
 /// The two settings that make the bound hold: NIO reads up to 4 times (64 KiB each) per readiness event whatever the
 /// handler's backpressure says, and keeps up to 4 receive buffers per channel for reuse; one read per event takes
 /// both to one, so a pause takes effect at the next read. The price is CPU on bulk transfers: 16 KiB reads, one
-/// per wakeup, cost about 1.5 times the CPU per byte of NIO's four 64 KiB reads (Bench/RESULTS.md, 2026-12-06);
+/// per wakeup, cost about 1.3 times the CPU per byte of NIO's four 64 KiB reads (Bench/bulk.py, RESULTS.md);
 /// a listener or cluster that carries large bodies to fast clients can raise the limit.
 enum ConnectionBuffers {
     static let maxMessagesPerRead: UInt = 1
