@@ -22,15 +22,23 @@ import X509
         return try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
     }
 
-    /// True when the listener refused: the handshake failed, or no HTTP answer came on the connection.
+    /// True when the listener refused: the TLS handshake failed, or the connection closed without an HTTP answer.
+    /// Any other failure (no listener, a timeout) is not a refusal and is recorded as an issue.
     func refused(_ proxy: ProxyHarness, _ context: NIOSSLContext) async -> Bool {
         do {
             let client = try await TestClient.connect(port: proxy.port(), group: group, tls: context)
             defer { Task { try? await client.close() } }
             try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
             return try await client.response(timeout: 5) == nil
-        } catch {
+        } catch is NIOSSLError {
             return true
+        } catch is BoringSSLError {
+            return true
+        } catch let error as ChannelError where error == .eof || error == .ioOnClosedChannel || error == .alreadyClosed {
+            return true
+        } catch {
+            Issue.record("not a refusal by the listener: \(error)")
+            return false
         }
     }
 
