@@ -490,6 +490,22 @@ import VigilCore
         await proxy.stop()
     }
 
+    /// CONNECT asks for a tunnel Vigil does not offer: 405 on either protocol, and nothing reaches the upstream.
+    @Test func connectIs405OnBothProtocols() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
+        let h2 = try await H2TestClient.connect(port: proxy.port(), group: group)
+        let r = try await h2.request(headerBlock: [(":method", "CONNECT"), (":authority", "internal.example:443")])
+        #expect(r.status == 405 && r.header("x-vigil-reason") == "connect_not_supported")
+        try await h2.close()
+        let h1 = try await proxy.client()
+        try await h1.send("CONNECT internal.example:443 HTTP/1.1\r\nHost: internal.example:443\r\n\r\n")
+        let r1 = try #require(try await h1.response())
+        #expect(r1.status == 405 && r1.header("x-vigil-reason") == "connect_not_supported")
+        #expect(upstream.recorded.isEmpty)
+        await proxy.stop()
+    }
+
     typealias RawFrame = (type: UInt8, stream: UInt32, payload: [UInt8])
 
     /// A plain TCP connection to `port` that keeps every byte it receives, for frame-level tests.
