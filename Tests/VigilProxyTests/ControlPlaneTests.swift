@@ -336,6 +336,22 @@ final class StreamReader: ChannelInboundHandler, Sendable {
         await fourth.stop()
     }
 
+    /// `control.max_body_bytes` refuses a larger body with 413 and changes nothing; `control.history_limit` keeps
+    /// that many versions in the history.
+    @Test func theControlPlaneBoundsBodiesAndHistory() async throws {
+        let (a, b) = try await upstreams()
+        let h = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group,
+                                         control: "  max_body_bytes: 1KiB\n  history_limit: 2")
+        let padding = String(repeating: " ", count: 2048)
+        let big = try await h.push(Self.routeTo("b") + padding)
+        #expect(big.status == 413)
+        #expect(try await h.call("GET", "/v1/policy").json["version"] == .int(0))
+        for target in ["b", "a", "b"] { #expect(try await h.push(Self.routeTo(target)).status == 200) }
+        let versions = try await h.call("GET", "/v1/policy/history").json["versions"]?.arrayValue ?? []
+        #expect(versions.compactMap { $0["version"]?.intValue } == [3, 2])
+        await h.stop()
+    }
+
     /// Event ids stay unique across restarts (each run has an epoch kept in state_dir): before, they restarted at
     /// 1, and a webhook or a resuming stream saw different events under ids it had seen. A client resuming with
     /// an id of an earlier run is told so (a `gap` event) and gets this run's events.

@@ -490,6 +490,32 @@ import VigilCore
         await proxy.stop()
     }
 
+    /// An answer that ends before the request body has all arrived (here a 413 for a declared length over
+    /// `max_body_bytes`) is followed by RST_STREAM(NO_ERROR), which asks the client to stop sending (RFC 9113 §8.1),
+    /// and the connection goes on.
+    @Test func anEarlyAnswerIsFollowedByRSTStreamNoError() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(limits: "max_body_bytes: 5"), upstreams: [upstream.port],
+                                           group: group)
+        let (channel, received) = try await rawConnection(port: proxy.port())
+        // POST / on "a" with content-length: 100 (HPACK static index 28), END_HEADERS only; then 10 bytes of DATA.
+        let block: [UInt8] = [0x83, 0x86, 0x84, 0x01, 0x01, 0x61, 0x0F, 0x0D, 0x03, 0x31, 0x30, 0x30]
+        var bytes = ByteBuffer(string: "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        bytes.writeBytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+        bytes.writeBytes([0, 0, UInt8(block.count), 1, 0x04, 0, 0, 0, 1] + block)
+        bytes.writeBytes([0, 0, 10, 0, 0, 0, 0, 0, 1] + Array("0123456789".utf8))
+        try await channel.writeAndFlush(bytes)
+        try await waitUntil("an RST_STREAM on stream 1") { Self.frames(in: received).contains { $0.type == 3 && $0.stream == 1 } }
+        let frames = Self.frames(in: received).filter { $0.stream == 1 }
+        #expect(frames.map(\.type) == [1, 0, 3], "HEADERS, DATA (END_STREAM), RST_STREAM: \(frames.map(\.type))")
+        #expect(frames.first { $0.type == 0 }.map { String(decoding: $0.payload, as: UTF8.self).contains("body_too_large") } == true)
+        #expect(frames.last?.payload == [0, 0, 0, 0], "NO_ERROR")
+        #expect(!Self.frames(in: received).contains { $0.type == 7 }, "no GOAWAY")
+        #expect(upstream.recorded.isEmpty)
+        try? await channel.close()
+        await proxy.stop()
+    }
+
     /// CONNECT asks for a tunnel Vigil does not offer: 405 on either protocol, and nothing reaches the upstream.
     @Test func connectIs405OnBothProtocols() async throws {
         let upstream = try await FakeUpstream(group: group)
