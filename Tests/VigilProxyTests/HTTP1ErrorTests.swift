@@ -1,4 +1,5 @@
 import Foundation
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -290,6 +291,40 @@ import VigilTestSupport
         #expect(r.header("x-vigil-reason") == "overflow")
         gate.open()
         #expect(try await slow.response()?.text == "slow")
+        await proxy.stop()
+    }
+
+    /// A pooled keep-alive connection that the upstream closes just as the next request is sent on it (its idle
+    /// timeout raced the request): nothing was processed, so a request without a body is sent once more on a fresh
+    /// connection and the client never sees the race; one with a body is not (it may not be replayable).
+    @Test(arguments: ["GET", "POST"])
+    func aStaleKeepAliveConnectionIsRetriedOnceOnAFreshOne(method: String) async throws {
+        let requests = NIOLockedValueBox(0)
+        let raw = try await RawUpstream(group: group) { received, ctx in
+            guard String(buffer: received).contains("\r\n\r\n") else { return }
+            ctx.reset()
+            let n = requests.withLockedValue { $0 += 1; return $0 }
+            if n == 2 {
+                ctx.close()  // the second request, on the pooled connection: closed unanswered
+            } else {
+                ctx.send("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            }
+        }
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [raw.port], group: group)
+        let client = try await proxy.client()
+        try await client.send("GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+        #expect(try await client.response()?.status == 200)
+        let body = method == "POST" ? "Content-Length: 5\r\n\r\nhello" : "\r\n"
+        try await client.send("\(method) /second HTTP/1.1\r\nHost: a\r\n\(body)")
+        let second = try #require(try await client.response())
+        if method == "GET" {
+            #expect(second.status == 200)
+            #expect(requests.withLockedValue { $0 } == 3, "the first, the one the stale connection took, the resend")
+        } else {
+            // Its body was consumed: not sent again, the reset stands.
+            #expect(second.status == 503 && second.header("x-vigil-reason") == "upstream_reset")
+            #expect(requests.withLockedValue { $0 } == 2)
+        }
         await proxy.stop()
     }
 
