@@ -118,8 +118,9 @@ import VigilTestSupport
         let upstream = try await FakeUpstream(group: group, http2: true, goAwayEvery: 25) { head in
             .delayed(ms: 5, body: "h2:\(head.uri)")
         }
-        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(cluster: "protocol: http2"), upstreams: [upstream.port],
-                                           group: group)
+        // Outlier detection that would act on a single counted failure: refused streams must not be counted.
+        let cluster = "protocol: http2\n    outlier_detection: { consecutive_gateway_failure: 1, consecutive_5xx: 1, interval: 100ms }"
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(cluster: cluster), upstreams: [upstream.port], group: group)
         let client = try await H2TestClient.connect(port: proxy.port(), group: group)
         for i in 0..<30 {
             let r = try await client.request(.GET, "/one/\(i)")
@@ -129,6 +130,8 @@ import VigilTestSupport
         #expect(upstream.connections >= 3, "a new connection after each GOAWAY")
         #expect(upstream.recorded.count == 90, "each request processed once")
         #expect(proxy.runtime.current.clusters[0].pendingRequests.load(ordering: .relaxed) == 0, "every pending place given back")
+        let outlierEvents = proxy.runtime.events.records().filter { [.hostEjected, .hostEjectionSkipped].contains($0.event.kind) }
+        #expect(outlierEvents.isEmpty, "refused streams are not failures of the host: \(outlierEvents.map(\.event.kind))")
         try await client.close()
         await proxy.stop()
     }
