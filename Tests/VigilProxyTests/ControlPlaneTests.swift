@@ -336,6 +336,41 @@ final class StreamReader: ChannelInboundHandler, Sendable {
         await fourth.stop()
     }
 
+    /// A rollback takes `If-Match` like a push: a stale version is refused (409) and nothing changes.
+    @Test func aRollbackWithAStaleIfMatchIsRefused() async throws {
+        let (a, b) = try await upstreams()
+        let h = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group)
+        #expect(try await h.push(Self.routeTo("b")).status == 200)
+        #expect(try await h.push(Self.routeTo("a")).status == 200)
+        let stale = try await h.call("POST", "/v1/policy/rollback", headers: ["If-Match": "\"1\""])
+        #expect(stale.status == 409)
+        #expect(try await h.call("GET", "/v1/policy").json["version"] == .int(2))
+        let current = try await h.call("POST", "/v1/policy/rollback", headers: ["If-Match": "\"2\""])
+        #expect(current.status == 200)
+        #expect(try await h.call("GET", "/v1/policy").json["version"] == .int(3))
+        #expect(try await get(h.proxy).text == "B", "back to version 1's route")
+        await h.stop()
+    }
+
+    /// A saved policy that the config file no longer allows (its route names a cluster the file dropped) is not
+    /// restored: Vigil serves the file's policy, says so with `policy_rejected`, and records that it did.
+    @Test func aRestoredPolicyThatNoLongerFitsTheConfigIsRefused() async throws {
+        let (a, b) = try await upstreams()
+        let state = ScratchDirectory("vigil-control")
+        let first = try await ControlHarness(yaml: Self.twoClusters, upstreams: [a.port, b.port], group: group, stateDir: state.path)
+        #expect(try await first.push(Self.routeTo("b")).status == 200)
+        await first.stop()
+        let oneCluster = Self.twoClusters.replacingOccurrences(of: "\n  - { name: b, endpoints: [\"127.0.0.1:$UP1\"] }", with: "")
+        let second = try await ControlHarness(yaml: oneCluster, upstreams: [a.port], group: group, stateDir: state.path)
+        #expect(try await get(second.proxy).text == "A", "the config file's route")
+        let rejected = second.proxy.runtime.events.records().first { $0.event.kind == .policyRejected }
+        #expect(rejected?.event.reason == "restore")
+        #expect(rejected?.event.evidence["errors"]?.stringValue?.contains("\"b\"") == true)
+        let history = try await second.call("GET", "/v1/policy/history").json["versions"]?.arrayValue ?? []
+        #expect(history.first?["kind"] == "config")
+        await second.stop()
+    }
+
     /// `control.max_body_bytes` refuses a larger body with 413 and changes nothing; `control.history_limit` keeps
     /// that many versions in the history.
     @Test func theControlPlaneBoundsBodiesAndHistory() async throws {
