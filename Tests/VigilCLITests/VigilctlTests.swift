@@ -15,8 +15,8 @@ import VigilTestSupport
         URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent(name)
     }
 
-    func run(_ name: String, _ args: [String]) throws -> (Int32, String, String) {
-        let r = try ChildProcess.run(Self.binary(name).path, args)
+    func run(_ name: String, _ args: [String], environment: [String: String] = [:]) throws -> (Int32, String, String) {
+        let r = try ChildProcess.run(Self.binary(name).path, args, environment: environment)
         return (r.status, r.stdout, r.stderr)
     }
 
@@ -100,6 +100,42 @@ import VigilTestSupport
         try text.replacingOccurrences(of: "token:ops", with: "token:eve").write(toFile: file, atomically: true, encoding: .utf8)
         let (v1, _, broken) = try run("vigil", ["audit", "verify", file])
         #expect(v1 != 0 && broken.contains("BROKEN at") && broken.contains("edited"))
+    }
+
+    /// SIGHUP re-reads the control plane's token files: a rotated token works at once and the old one stops.
+    /// `$VIGIL_TOKEN` is read when no --token-file is given.
+    @Test func sighupRereadsControlTokens() async throws {
+        let dir = scratch.file("sighup")
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try "old-secret\n".write(toFile: dir + "/ops.token", atomically: true, encoding: .utf8)
+        let (admin, control, proxy) = (try await freePort(), try await freePort(), try await freePort())
+        try """
+            state_dir: \(dir)/state
+            admin: { address: "127.0.0.1:\(admin)" }
+            control: { address: "127.0.0.1:\(control)", tokens: [{ name: ops, token_file: \(dir)/ops.token, role: write }] }
+            access_log: { output: "off" }
+            listeners:
+              - { name: in, address: "127.0.0.1:\(proxy)", routes: [{ match: { prefix: "/" }, cluster: a }] }
+            clusters:
+              - { name: a, endpoints: ["127.0.0.1:9"] }
+            """.write(toFile: dir + "/vigil.yaml", atomically: true, encoding: .utf8)
+        let p = try await startVigil(config: dir + "/vigil.yaml", adminPort: admin)
+        defer { p.terminate() }
+        let server = ["--server", "http://127.0.0.1:\(control)"]
+        try "old-secret\n".write(toFile: dir + "/old.token", atomically: true, encoding: .utf8)
+        try "new-secret\n".write(toFile: dir + "/new.token", atomically: true, encoding: .utf8)
+        #expect(try run("vigilctl", ["status", "--token-file", dir + "/old.token"] + server).0 == 0)
+        try "new-secret\n".write(toFile: dir + "/ops.token", atomically: true, encoding: .utf8)
+        p.signal(SIGHUP)
+        let vigilctl = Self.binary("vigilctl").path
+        try await withTimeout(10, "the new token to be accepted") {
+            while try ChildProcess.run(vigilctl, ["status", "--token-file", dir + "/new.token"] + server).status != 0 {
+                try await Task.sleep(for: .milliseconds(50))
+            }
+        }
+        #expect(try run("vigilctl", ["status", "--token-file", dir + "/old.token"] + server).0 != 0, "the old token is refused")
+        #expect(try run("vigilctl", ["status"] + server, environment: ["VIGIL_TOKEN": "new-secret"]).0 == 0)
+        #expect(try run("vigilctl", ["status"] + server, environment: ["VIGIL_TOKEN": "old-secret"]).0 != 0)
     }
 
     @Test func vigilctlSpeaksMutualTLSToTheControlPlane() async throws {

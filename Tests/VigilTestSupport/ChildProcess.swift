@@ -23,8 +23,9 @@ public final class ChildProcess: @unchecked Sendable {
     }
 
     /// Starts `path` with `arguments`; `directory` becomes its working directory.
+    /// `environment` adds to (or replaces in) the test process's environment.
     public init(_ path: String, _ arguments: [String], directory: String? = nil,
-                stdout: Output = .discard, stderr: Output = .discard) throws {
+                stdout: Output = .discard, stderr: Output = .discard, environment: [String: String] = [:]) throws {
         var argv = [path] + arguments
         var program = path
         if let directory {  // posix_spawn_file_actions_addchdir_np is not visible from Swift's Glibc
@@ -58,7 +59,11 @@ public final class ChildProcess: @unchecked Sendable {
         let cArgs = argv.map { strdup($0) } + [nil]
         defer { for a in cArgs { free(a) } }
         var child = pid_t()
-        let rc = posix_spawn(&child, program, &actions, &attributes, cArgs, environ)
+        var env = ProcessInfo.processInfo.environment
+        for (k, v) in environment { env[k] = v }
+        let cEnv = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { for e in cEnv { free(e) } }
+        let rc = posix_spawn(&child, program, &actions, &attributes, cArgs, cEnv)
         guard rc == 0 else { throw POSIXError(POSIXErrorCode(rawValue: rc) ?? .EINVAL) }
         pid = child
     }
@@ -72,13 +77,14 @@ public final class ChildProcess: @unchecked Sendable {
     }()
 
     /// Runs to completion, returning the exit status and what the child wrote to stdout and stderr.
-    public static func run(_ path: String, _ arguments: [String], directory: String? = nil) throws
+    public static func run(_ path: String, _ arguments: [String], directory: String? = nil,
+                           environment: [String: String] = [:]) throws
         -> (status: Int32, stdout: String, stderr: String)
     {
         let base = NSTemporaryDirectory() + "vigil-child-\(UUID().uuidString)"
         defer { for s in [".out", ".err"] { unlink(base + s) } }
         let child = try ChildProcess(path, arguments, directory: directory, stdout: .file(base + ".out"),
-                                     stderr: .file(base + ".err"))
+                                     stderr: .file(base + ".err"), environment: environment)
         let status = child.wait()
         let read = { (s: String) in (try? String(contentsOfFile: base + s, encoding: .utf8)) ?? "" }
         return (status, read(".out"), read(".err"))
