@@ -32,6 +32,23 @@ import VigilTestSupport
         return p
     }
 
+    /// `dir/vigil.yaml`: a control plane with the write token in `dir/ops.token`, one listener routing to
+    /// cluster `a`, and one single-endpoint cluster per entry of `clusters` (name: port on 127.0.0.1).
+    func writeConfig(dir: String, admin: Int, control: Int, proxy: Int, clusters: [String: Int]) throws {
+        let list = clusters.sorted { $0.key < $1.key }
+            .map { "  - { name: \($0.key), endpoints: [\"127.0.0.1:\($0.value)\"] }" }.joined(separator: "\n")
+        try """
+            state_dir: \(dir)/state
+            admin: { address: "127.0.0.1:\(admin)" }
+            control: { address: "127.0.0.1:\(control)", tokens: [{ name: ops, token_file: \(dir)/ops.token, role: write }] }
+            access_log: { output: "off" }
+            listeners:
+              - { name: in, address: "127.0.0.1:\(proxy)", routes: [{ match: { prefix: "/" }, cluster: a }] }
+            clusters:
+            \(list)
+            """.write(toFile: dir + "/vigil.yaml", atomically: true, encoding: .utf8)
+    }
+
     func freePort() async throws -> Int {
         let c = try await ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).get()
         let port = c.localAddress!.port!
@@ -45,17 +62,8 @@ import VigilTestSupport
         let dir = scratch.path
         try "ops-secret\n".write(toFile: dir + "/ops.token", atomically: true, encoding: .utf8)
         let (admin, control, proxy, dead) = (try await freePort(), try await freePort(), try await freePort(), try await freePort())
-        try """
-            state_dir: \(dir)/state
-            admin: { address: "127.0.0.1:\(admin)" }
-            control: { address: "127.0.0.1:\(control)", tokens: [{ name: ops, token_file: \(dir)/ops.token, role: write }] }
-            access_log: { output: "off" }
-            listeners:
-              - { name: in, address: "127.0.0.1:\(proxy)", routes: [{ match: { prefix: "/" }, cluster: a }] }
-            clusters:
-              - { name: a, endpoints: ["127.0.0.1:\(upstream.port)"] }
-              - { name: b, endpoints: ["127.0.0.1:\(other.port)"] }
-            """.write(toFile: dir + "/vigil.yaml", atomically: true, encoding: .utf8)
+        try writeConfig(dir: dir, admin: admin, control: control, proxy: proxy,
+                        clusters: ["a": upstream.port, "b": other.port])
         let p = try await startVigil(config: dir + "/vigil.yaml", adminPort: admin)
         defer { p.terminate() }
         let auth = ["--token-file", dir + "/ops.token"]
@@ -109,16 +117,7 @@ import VigilTestSupport
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         try "old-secret\n".write(toFile: dir + "/ops.token", atomically: true, encoding: .utf8)
         let (admin, control, proxy) = (try await freePort(), try await freePort(), try await freePort())
-        try """
-            state_dir: \(dir)/state
-            admin: { address: "127.0.0.1:\(admin)" }
-            control: { address: "127.0.0.1:\(control)", tokens: [{ name: ops, token_file: \(dir)/ops.token, role: write }] }
-            access_log: { output: "off" }
-            listeners:
-              - { name: in, address: "127.0.0.1:\(proxy)", routes: [{ match: { prefix: "/" }, cluster: a }] }
-            clusters:
-              - { name: a, endpoints: ["127.0.0.1:9"] }
-            """.write(toFile: dir + "/vigil.yaml", atomically: true, encoding: .utf8)
+        try writeConfig(dir: dir, admin: admin, control: control, proxy: proxy, clusters: ["a": 9])
         let p = try await startVigil(config: dir + "/vigil.yaml", adminPort: admin)
         defer { p.terminate() }
         let server = ["--server", "http://127.0.0.1:\(control)"]
