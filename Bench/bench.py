@@ -125,6 +125,27 @@ clusters:
 """)
 
 
+def haproxy_config(d, name, ports, upstream, defaults_extra="", frontend_extra=""):
+    """HAProxy with one thread in front of 127.0.0.1:`upstream`: HTTP/1.1 on ports[0], h2c on ports[1] if given."""
+    h2 = f"\n  bind 127.0.0.1:{ports[1]} proto h2" if len(ports) > 1 else ""
+    return write(d, f"{name}.cfg", f"""
+global
+  nbthread 1
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+{defaults_extra}  http-reuse always
+frontend fe
+  bind 127.0.0.1:{ports[0]}{h2}
+{frontend_extra}  default_backend be
+backend be
+  server s1 127.0.0.1:{upstream}
+""")
+
+
 def configs(d, vigil, vigil_before=None, relay=None):
     ng = write(d, "nginx-proxy.conf", f"""
 worker_processes 1; daemon off; pid {d}/ng.pid; error_log {d}/ng.err;
@@ -135,23 +156,7 @@ http {{ access_log off; keepalive_requests 10000000;
     location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }} }} }}
 """)
     def haproxy(name, frontend_extra=""):
-        return write(d, f"{name}.cfg", f"""
-global
-  nbthread 1
-  maxconn 8000
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:{PORTS[name][0]}
-  bind 127.0.0.1:{PORTS[name][1]} proto h2
-{frontend_extra}  default_backend be
-backend be
-  server s1 127.0.0.1:{UP}
-""")
+        return haproxy_config(d, name, PORTS[name], UP, frontend_extra=frontend_extra)
     ha = haproxy("haproxy")
     # HAProxy doing the per-request header work Vigil does by default: x-forwarded-for, x-forwarded-proto,
     # and an x-request-id (a UUID v4) when the request has none. The ratios stay against plain `haproxy`.

@@ -14,7 +14,7 @@ import argparse, atexit, http.client, json, os, shutil, subprocess, sys, tempfil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import envoyconf  # noqa: E402
-from bench import Proc, rss_kib, wait_port, write  # noqa: E402
+from bench import Proc, haproxy_config, rss_kib, wait_port, write  # noqa: E402
 
 UP, BODY_SINK = 18480, 18479
 
@@ -114,23 +114,7 @@ listeners:
 clusters:
   - {{ name: up, endpoints: ["127.0.0.1:{UP}"] }}
 """)
-    ha = write(d, "haproxy.cfg", f"""
-global
-  nbthread 1
-  maxconn 8000
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  timeout http-request 10s
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:{PORTS['haproxy']}
-  default_backend be
-backend be
-  server s1 127.0.0.1:{UP}
-""")
+    ha = haproxy_config(d, "haproxy", [PORTS["haproxy"]], UP, defaults_extra="  timeout http-request 10s\n")
     ev = envoyconf.config(os.path.join(d, "envoy.yaml"), [PORTS["envoy"]], [UP], 18488)
     return {
         "vigil": f"{vigil} --config {vg} --threads 1 --log-level error",
