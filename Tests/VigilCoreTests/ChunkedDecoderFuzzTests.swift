@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import Testing
+import VigilTestSupport
 @testable import VigilCore
 
 /// The chunked decoder against an independent decoder written straight from RFC 9112 §7.1's grammar, on mutated
@@ -9,11 +10,7 @@ import Testing
 /// smuggling); where the reference reaches an end, Vigil must reach it too or refuse the body (it may be stricter,
 /// never looser). A new seed each run, printed (`VIGIL_FUZZ_SEED` replays it).
 @Suite(.timeLimit(.minutes(3))) struct ChunkedDecoderFuzzTests {
-    static let seed: UInt64 = {
-        let seed = ProcessInfo.processInfo.environment["VIGIL_FUZZ_SEED"].flatMap { UInt64($0) } ?? UInt64.random(in: 1...UInt64.max)
-        print("ChunkedDecoderFuzzTests: seed \(seed) (VIGIL_FUZZ_SEED=\(seed) replays it)")
-        return seed
-    }()
+    static let seed = FuzzSeed.make("ChunkedDecoderFuzzTests")
 
     /// RFC 9112 §7.1: chunk = chunk-size [ chunk-ext ] CRLF chunk-data CRLF; last-chunk = 1*"0" [ chunk-ext ] CRLF;
     /// trailer-section = *( field-line CRLF ); then CRLF. chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS value ] ).

@@ -3,6 +3,7 @@ import NIOCore
 import NIOEmbedded
 import NIOHTTP1
 import Testing
+import VigilTestSupport
 @testable import VigilCore
 
 /// A seeded mutation fuzzer for the request parser, run on every `swift test` with a new seed each run (printed;
@@ -63,13 +64,7 @@ import Testing
         return nil
     }
 
-    /// This run's seed: `VIGIL_FUZZ_SEED`, else a new one.
-    static let seed: UInt64 = {
-        let given = ProcessInfo.processInfo.environment["VIGIL_FUZZ_SEED"].flatMap { UInt64($0) }
-        let seed = given ?? UInt64.random(in: 1...UInt64.max)
-        print("HTTP1ParserFuzzTests: seed \(seed) (VIGIL_FUZZ_SEED=\(seed) swift test --filter HTTP1ParserFuzzTests replays it)")
-        return seed
-    }()
+    static let seed = FuzzSeed.make("HTTP1ParserFuzzTests")
 
     /// Whether `head` is the input's first `consumed` bytes but for empty lines before it (CRLF, which RFC 9112
     /// §2.2 lets a recipient skip).

@@ -3,6 +3,7 @@ import NIOCore
 import NIOEmbedded
 import NIOHTTP1
 import Testing
+import VigilTestSupport
 @testable import VigilCore
 
 /// A mutation fuzzer for the response parser (what upstreams send Vigil), a new seed each run (printed;
@@ -11,11 +12,7 @@ import Testing
 /// writes to an HTTP/1.1 client from it the way Vigil does (sampled), so Vigil and the client cannot disagree on
 /// where a response ends.
 @Suite(.timeLimit(.minutes(3))) struct HTTP1ResponseFuzzTests {
-    static let seed: UInt64 = {
-        let seed = ProcessInfo.processInfo.environment["VIGIL_FUZZ_SEED"].flatMap { UInt64($0) } ?? UInt64.random(in: 1...UInt64.max)
-        print("HTTP1ResponseFuzzTests: seed \(seed) (VIGIL_FUZZ_SEED=\(seed) replays it)")
-        return seed
-    }()
+    static let seed = FuzzSeed.make("HTTP1ResponseFuzzTests")
 
     static let corpus = [
         "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
