@@ -1,5 +1,6 @@
 import CoreMetrics
 import Logging
+import NIOCore
 import NIOEmbedded
 import Testing
 import VigilCore
@@ -68,6 +69,29 @@ extension ClusterRuntime {
         for _ in 0..<20 { #expect(cluster.pickHost(random: &random, tried: tried)!.index != 1) }
         let events = cluster.health.events.records()
         #expect(events.map(\.event.kind) == [.hostEjected])
+    }
+
+    /// `slow_start`: a host that has just come back is picked in proportion to its ramping weight (here the 10 %
+    /// floor of an hour-long window), not as often as the others.
+    @Test func aReturningHostIsPickedByItsSlowStartWeight() {
+        var config = ClusterConfig(name: "c", endpoints: Self.endpoints(2), loadBalancer: .roundRobin)
+        var od = OutlierDetectionConfig()
+        od.consecutive5xx = 1
+        od.maxEjectionPercent = 50
+        config.outlierDetection = od
+        config.slowStart = SlowStartConfig(window: .seconds(3600))
+        let cluster = ClusterRuntime.standalone(config)
+        var random = SplitMix64(seed: 7)
+        // Ejected a while ago, for the base ejection time (30 s); the sweep now returns it, ramping from now.
+        let now = NIODeadline.now()
+        cluster.health.record(host: 0, .response(status: 500), now: now - .seconds(40))
+        cluster.health.tick(now: now, overflow: [])
+        #expect(cluster.health.events.records().map(\.event.kind) == [.hostEjected, .hostReturned])
+        let picks = (0..<10_000).map { _ in cluster.pickHost(random: &random)!.index }
+        let share = Double(picks.filter { $0 == 0 }.count) / Double(picks.count)
+        // Round robin alone gives it half. A pick of it is kept with probability 0.1, and the re-pick advances the
+        // round-robin sequence too, so it comes up first on most picks: about 10 % in all, far below half, not 0.
+        #expect(share > 0.05 && share < 0.15, "the returning host got \(share)")
     }
 
     @Test func failFastWithNothingAvailableOffersNoHost() {
