@@ -122,9 +122,10 @@ final class VigilService: Service, Sendable {
     init(config: VigilConfig, group: EventLoopGroup, logger: Logger,
          registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) throws {
         let accessLog = try AccessLog.open(config.accessLog)
+        let epoch = EventEpoch.next(stateDir: config.stateDir)
+        if let problem = epoch.problem { logger.warning("\(problem)") }
         let runtime = try ProxyRuntime(config: config, group: group, metricsFactory: PrometheusMetricsFactory(registry: registry),
-                                       accessLog: accessLog,
-                                       eventEpoch: try EventEpoch.next(stateDir: config.stateDir))
+                                       accessLog: accessLog, eventEpoch: epoch.epoch)
         proxy = ProxyServer(runtime: runtime, group: group, logger: logger)
         // The audit trail is kept where a control plane can change things, or where it is asked for.
         let audit: AuditLog?

@@ -13,6 +13,22 @@ import VigilTestSupport
         AuditVerifier.verify(files: log.paths.map { ($0, (try? FileSystem.read($0)) ?? "") })
     }
 
+    /// Each start on a state_dir is the next epoch; many processes starting at once on one state_dir (tests that
+    /// run several `vigil`s with the default ./.vigil) all start. Where the epoch cannot be kept, the clock gives
+    /// one and the start goes on.
+    @Test func eventEpochsCountStartsAndNeverStopOne() async throws {
+        let state = dir()
+        #expect(EventEpoch.next(stateDir: state).epoch == 1)
+        #expect(EventEpoch.next(stateDir: state).epoch == 2)
+        let results = await withTaskGroup(of: String?.self) { group in
+            for _ in 0..<8 { group.addTask { EventEpoch.next(stateDir: state).problem } }
+            return await group.reduce(into: [String?]()) { $0.append($1) }
+        }
+        #expect(results.allSatisfy { $0 == nil }, "\(results)")
+        let unusable = EventEpoch.next(stateDir: "/proc/vigil-not-writable/state", nowSeconds: 1_767_225_600 + 600)
+        #expect(unusable.epoch == 10 && unusable.problem?.contains("state_dir") == true)
+    }
+
     @Test func filesRotateBySizeAndTheChainContinuesAcrossThemAndAcrossRestarts() throws {
         let path = dir()
         let log = try AuditLog(directory: path, maxFileBytes: 2048, logger: Logger(label: "t"))

@@ -41,7 +41,7 @@ final class ControlHarness: Sendable {
             """
         // As `vigil` does: each start on a state_dir is a new run of event ids.
         proxy = try await ProxyHarness(yaml: top + "\n" + yaml, upstreams: upstreams, group: group,
-                                       eventEpoch: try EventEpoch.next(stateDir: dir))
+                                       eventEpoch: EventEpoch.next(stateDir: dir).epoch)
         var logger = Logger(label: "vigil-test")
         logger.logLevel = .warning
         let runtime = proxy.runtime

@@ -30,18 +30,25 @@ final class StreamReader: ChannelInboundHandler, Sendable {
     /// Opens an event stream on a listener with a short idle timeout: on a loaded machine the request may reach
     /// the server only after that timeout has closed the connection, so a stream that does not start is opened
     /// again (up to `attempts` times).
-    static func openStreaming(port: Int, group: EventLoopGroup, request: String, attempts: Int = 5)
+    static func openStreaming(port: Int, group: EventLoopGroup, request: String, attempts: Int = 10)
         async throws -> (Channel, StreamReader)
     {
-        for _ in 1..<attempts {
-            if let (channel, reader) = try? await open(port: port, group: group, request: request) {
-                if (try? await reader.waitFor("text/event-stream", seconds: 5)) != nil { return (channel, reader) }
-                try? await channel.close()
+        var last: Error = TestTimeout(what: "an event stream to start")
+        for _ in 0..<attempts {
+            do {
+                let (channel, reader) = try await open(port: port, group: group, request: request)
+                do {
+                    try await reader.waitFor("text/event-stream", seconds: 5)
+                    return (channel, reader)
+                } catch {
+                    try? await channel.close()
+                    throw error
+                }
+            } catch {
+                last = error  // closed by the idle timeout before the request went out: again
             }
         }
-        let (channel, reader) = try await open(port: port, group: group, request: request)
-        try await reader.waitFor("text/event-stream")
-        return (channel, reader)
+        throw last
     }
 
     /// Waits (polling, up to `seconds`) until the stream holds `needle`.

@@ -211,9 +211,10 @@ import VigilCore
         let took = ContinuousClock.now - started
         #expect(r.status == 504)
         #expect(r.header("x-vigil-reason") == "upstream_per_try_timeout")
-        // Two tries of 150 ms, and ended before the route's 2 s (the reason says which timeout answered; in a
-        // full parallel run this test takes 13 s against 1 s alone, so a tighter bound only measured the load).
-        #expect(took >= .milliseconds(300) && took < .seconds(2), "\(took)")
+        // At least two tries of 150 ms. That the per-try timeout answered, not the route's 2 s, is what the reason
+        // says; no upper bound on the wall time: a full parallel run on two cores once took 5.5 s here (13 s in
+        // another run) against 0.3 s alone, and a bound only measured the load (issue 27 (6): onto the manual clock).
+        #expect(took >= .milliseconds(300), "\(took)")
         try await second.close()
         await both.stop()
     }

@@ -11,7 +11,7 @@ import VigilTestSupport
     let scratch = ScratchDirectory("vigil-jwt")
     static let now: Double = 1_800_000_000
     nonisolated(unsafe) static let ec = P256.Signing.PrivateKey()
-    nonisolated(unsafe) static let rsa = try! _RSA.Signing.PrivateKey(keySize: .bits2048)
+    static let rsa = try! _RSA.Signing.PrivateKey(keySize: .bits2048)
     nonisolated(unsafe) static let rotatedOut = P256.Signing.PrivateKey()
 
     /// The JWKS: an EC key `ec1` and an RSA key `rsa1` (not `rotatedOut`, whose key has left the file).
