@@ -298,14 +298,15 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
     /// response has begun, else the response is cut with CANCEL); one whose response has not begun has been
     /// given up, unless the listener says `abort_on_client_close: false`.
     func clientInputClosed() {
-        guard phase == .waitingForUpstream || phase == .forwarding else { return }
-        if !window.closed {
-            if phase == .waitingForUpstream { target?.pool.cancel(self) }
+        let bodyUnfinished = !window.closed
+        guard phase == .waitingForUpstream || phase == .forwarding,
+              bodyUnfinished || (!responseStarted && listener.config.abortOnClientClose) else { return }
+        if phase == .waitingForUpstream { target?.pool.cancel(self) }
+        if bodyUnfinished {
             abandonUpstream(reason: "request_body_aborted", replyStatus: 400,
                             detail: "the client closed its side before the request body was complete")
-        } else if !responseStarted && listener.config.abortOnClientClose {
+        } else {
             // Its response still pending: the client has given up (`abort_on_client_close`, as on HTTP/1.1).
-            if phase == .waitingForUpstream { target?.pool.cancel(self) }
             upstream?.close()
             upstream = nil
             finish(status: 0, reason: "downstream_aborted", reuseUpstream: false)
