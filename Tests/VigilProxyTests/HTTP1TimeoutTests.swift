@@ -10,13 +10,15 @@ import VigilCore
 /// EmbeddedEventLoop's manual clock.
 @Suite(.timeLimit(.minutes(3))) struct HTTP1TimeoutTests {
     /// A runtime on an EmbeddedEventLoop with one listener of the given limits (and protocol).
-    func runtime(limits: String, protocol proto: String = "http1", route: String = "", cluster: String = "") throws -> (ProxyRuntime, EmbeddedEventLoop) {
+    func runtime(limits: String, protocol proto: String = "http1", route: String = "", cluster: String = "",
+                 endpoints: Int = 1) throws -> (ProxyRuntime, EmbeddedEventLoop) {
         let loop = EmbeddedEventLoop()
+        let hosts = (0..<endpoints).map { "\"127.0.0.\($0 + 1):9\"" }.joined(separator: ", ")
         let config = try VigilConfig.parse(yaml: """
             access_log: { output: "off" }
             listeners:
               - { name: in, address: "127.0.0.1:0", protocol: \(proto), limits: { \(limits) }, routes: [{ match: { prefix: "/" }, cluster: c\(route.isEmpty ? "" : ", " + route) }] }
-            clusters: [{ name: c, endpoints: ["127.0.0.1:9"]\(cluster.isEmpty ? "" : ", " + cluster) }]
+            clusters: [{ name: c, endpoints: [\(hosts)]\(cluster.isEmpty ? "" : ", " + cluster) }]
             """)
         return (try ProxyRuntime(config: config, group: loop, metricsFactory: NOOPMetricsHandler.instance, accessLog: .off), loop)
     }
@@ -275,14 +277,16 @@ import VigilCore
     }
 }
 
-/// An upstream stream the test drives by hand: it drops what the handler writes and says whether it was closed.
+/// An upstream stream the test drives by hand: it keeps what the handler writes, is as writable as the test
+/// says, and says whether it was closed.
 final class ScriptedUpstreamStream: UpstreamStream {
     private(set) var closed = false
-    var isWritable: Bool { true }
+    private(set) var written = ByteBuffer()
+    var isWritable = true
     func attach(_ exchange: UpstreamExchange, requestIsHead: Bool) {}
-    func write(_ bytes: ByteBuffer) {}
+    func write(_ bytes: ByteBuffer) { written.writeImmutableBuffer(bytes) }
     func flush() {}
-    func writeAndFlush(_ bytes: ByteBuffer) {}
+    func writeAndFlush(_ bytes: ByteBuffer) { write(bytes) }
     func detach(requestComplete: Bool, now: NIODeadline) {}
     func close() { closed = true }
     func pauseReading() {}

@@ -83,6 +83,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var requestExpectsContinue = false
     private var requestIsUpgrade = false
     private var startedAt = NIODeadline.uptimeNanoseconds(0)
+    /// Between a request's start and its one `finishRequest` (a flag, not a sentinel time: a manual clock
+    /// starts at zero).
+    private var requestOpen = false
     /// When `finishRequest` ran, so the idle time that follows starts without another clock read.
     private var finishedAt: NIODeadline?
     private var wallStart: Int64 = 0
@@ -331,6 +334,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// into its access log line.
     private func beginRequest(headBytes: Int) {
         startedAt = eventLoop.now
+        requestOpen = true
         wallStart = runtime.accessLog.isEnabled ? ProxyRuntime.wallClockNanos() : 0
         runtime.activeRequests.wrappingIncrement(ordering: .relaxed)
         bytesIn = headBytes
@@ -847,11 +851,11 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// Ends the current request's accounting and releases its upstream connection.
     /// A request that never parsed (`head` is nil) is recorded with "-" for what it would have said.
     private func finishRequest(status: Int, reason: String, reuseUpstream: Bool) {
-        guard startedAt != .uptimeNanoseconds(0) else { return }
+        guard requestOpen else { return }
+        requestOpen = false
         let now = eventLoop.now
         finishedAt = now
         let duration = now - startedAt
-        startedAt = .uptimeNanoseconds(0)
         runtime.activeRequests.wrappingDecrement(ordering: .relaxed)
         if let upstream {
             self.upstream = nil
@@ -1000,7 +1004,10 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         case .idle, .tunnel, .closing:
             shouldPause = false
         }
+        let wasPaused = readGate.isPaused
         if readGate.set(paused: shouldPause) { context.read() }
+        // A pause Vigil caused is not the client's: its body_timeout starts again when reading does.
+        if wasPaused && !shouldPause && lastBodyRead != nil { lastBodyRead = eventLoop.now }
     }
 
     private func armTimer(at deadline: NIODeadline) {

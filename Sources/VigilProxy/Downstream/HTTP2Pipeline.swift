@@ -77,7 +77,7 @@ final class HTTP2ServerConnection: ChannelDuplexHandler, NIOHTTP2FrameDelegate {
     /// The connection's x-forwarded-* lines, made once per connection rather than per stream.
     private let facts: ForwardingFacts
     private(set) var context: ChannelHandlerContext?
-    private var streams: [HTTP2StreamID: HTTP2StreamHandler] = [:]
+    private(set) var streams: [HTTP2StreamID: HTTP2StreamHandler] = [:]
     /// Streams that got frames in the current read burst: their upstream writes are flushed when it ends.
     private var touched: [HTTP2StreamHandler] = []
     private var connectionWindow = HTTP2InboundWindow(target: HTTP2Pipeline.windowTarget)

@@ -55,7 +55,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
     private var status = 0
     private var bytesIn = 0
     private var bytesOut = 0
-    private var startedAt = NIODeadline.now()
+    private var startedAt = NIODeadline.uptimeNanoseconds(0)
     private var wallStart: Int64 = 0
     /// Position in the loop's `DeadlineQueue` while a deadline below is armed (-1: none); queued at the
     /// earlier of the two.
@@ -141,7 +141,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
         guard case .byteBuffer(let bytes) = d.data, !requestBodyDone, phase != .done else { return }
         bytesIn += bytes.readableBytes
         bodyBytes += bytes.readableBytes
-        lastBodyRead = .now()
+        lastBodyRead = loop.eventLoop.now
         if let max = listener.config.limits.maxBodyBytes, bodyBytes > max {
             upstream?.close()
             upstream = nil
@@ -329,7 +329,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
     // MARK: - Request
 
     private func startRequest(_ headers: HPACKHeaders, endStream: Bool) {
-        startedAt = .now()
+        startedAt = loop.eventLoop.now
         wallStart = runtime.accessLog.isEnabled ? ProxyRuntime.wallClockNanos() : 0
         runtime.activeRequests.wrappingIncrement(ordering: .relaxed)
         phase = .waitingForUpstream
@@ -441,13 +441,13 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
 
     func poolProvided(_ connection: UpstreamStream, reused: Bool) {
         guard phase == .waitingForUpstream, let request else {
-            connection.detach(requestComplete: true, now: .now())
+            connection.detach(requestComplete: true, now: loop.eventLoop.now)
             return
         }
         phase = .forwarding
         upstream = connection
         connection.attach(self, requestIsHead: request.method == "HEAD")
-        if target?.cluster.config.loadBalancer == .ewma { trySentAt = .now() }
+        if target?.cluster.config.loadBalancer == .ewma { trySentAt = loop.eventLoop.now }
         if let replay = retries.replay {
             connection.write(replay)  // a retry: what the failed try was sent, then the rest
         } else {
@@ -476,7 +476,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
         guard phase == .waitingForUpstream else { return }
         if case .overflow = failure {} else {
             target!.cluster.metrics.connectFailures.increment()
-            target?.record(.connectFailure, now: .now())
+            target?.record(.connectFailure, now: loop.eventLoop.now)
             if retry(after: .connectFailure) { return }
         }
         reply(status: failure.status, reason: failure.reason, detail: failure.detail)
@@ -493,7 +493,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
 
     private func perTryTimeoutReached() {
         guard phase == .forwarding, !responseStarted else { return }
-        target?.record(.timeout, now: .now())
+        target?.record(.timeout, now: loop.eventLoop.now)
         upstream?.close()
         upstream = nil
         if !retry(after: .perTryTimeout) {
@@ -675,6 +675,8 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
             readsPaused = true
         } else if readsPaused {
             readsPaused = false
+            // A pause Vigil caused is not the client's: its body_timeout starts again now.
+            lastBodyRead = loop.eventLoop.now
             releaseHeld()
         }
     }
@@ -689,7 +691,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
             bodyTask = nil
             guard !requestBodyDone, phase == .waitingForUpstream || phase == .forwarding else { return }
             let timeout = listener.bodyTimeout
-            let now = NIODeadline.now()
+            let now = loop.eventLoop.now
             if readsPaused { lastBodyRead = now }
             guard now - lastBodyRead >= timeout else {
                 armBodyTimer(at: lastBodyRead + timeout)
@@ -791,7 +793,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
     private func routeTimeoutReached() {
         guard !responseStarted, phase == .waitingForUpstream || phase == .forwarding else { return }
         if phase == .waitingForUpstream { target?.pool.cancel(self) }
-        if upstream != nil { target?.record(.timeout, now: .now()) }
+        if upstream != nil { target?.record(.timeout, now: loop.eventLoop.now) }
         upstream?.close()
         upstream = nil
         reply(status: 504, reason: "upstream_timeout", detail: UpstreamFailure.timeout.detail)
@@ -805,7 +807,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
             upstreamFailed(.protocolError("101 Switching Protocols is not valid over HTTP/2"), responseStarted: false)
             return
         }
-        target?.recordResponse(status: head.status, sentAt: trySentAt, now: .now())
+        target?.recordResponse(status: head.status, sentAt: trySentAt, now: loop.eventLoop.now)
         if let policy = target?.retry, requestBodyDone, policy.covers(.response(status: head.status)) {
             let retryAfter = head.value(named: "retry-after").flatMap {
                 RetryAfter.parse($0, nowWallNanos: ProxyRuntime.wallClockNanos())
@@ -902,7 +904,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
             if case .protocolError = failure {} else if case .timeout = failure {} else {
                 target!.cluster.metrics.connectFailures.increment()
             }
-            target?.record(failure == .timeout ? .timeout : .reset, now: .now())
+            target?.record(failure == .timeout ? .timeout : .reset, now: loop.eventLoop.now)
             if retry(after: failure == .refusedStream ? .refusedStream : .reset) { return }
             reply(status: failure.status, reason: failure.reason, detail: failure.detail)
         } else {
@@ -955,7 +957,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
             loop.recycleHead(head)
         }
         runtime.activeRequests.wrappingDecrement(ordering: .relaxed)
-        let now = NIODeadline.now()
+        let now = loop.eventLoop.now
         if let upstream {
             self.upstream = nil
             upstream.detach(requestComplete: reuseUpstream, now: now)

@@ -53,7 +53,7 @@ final class UpstreamConnection: ChannelDuplexHandler {
     /// response once the connection has parsed one).
     private var spareFields: [HTTP1Field] = []
     /// When the connection last went back to its pool; the pool's sweep closes it after `idle_timeout`.
-    var idleSince = NIODeadline.now()
+    var idleSince = NIODeadline.uptimeNanoseconds(0)  // set by the pool on each release
     let limits: HTTP1HeadLimits
 
     init(pool: HostPool, limits: HTTP1HeadLimits) {
