@@ -41,6 +41,19 @@ final class ProxyHarness: Sendable {
         await server.drain(timeout: .seconds(1))
     }
 
+    /// The bytes Vigil has queued for its upstream connections and their sockets have not taken, per
+    /// connection (each pool is looked at on its own event loop).
+    func upstreamQueuedBytes() async throws -> [Int] {
+        var queued: [Int] = []
+        for context in runtime.allLoopContexts {
+            let channels = try await context.eventLoop.submit {
+                context.policy.pools.flatMap { $0.flatMap(\.openChannels) }
+            }.get()
+            for c in channels { queued.append(try await c.getOption(.bufferedWritableBytes).get()) }
+        }
+        return queued
+    }
+
     /// One field of every access-log line written so far (the harness logs to memory), in order.
     func accessLogValues<T>(_ key: String, as _: T.Type) -> [T] {
         accessLog.lines.compactMap { line in

@@ -15,6 +15,11 @@ public final class H2TestClient: Sendable {
 
     /// The error codes of the GOAWAY frames the server sent, in order.
     public var goAwaysReceived: [HTTP2ErrorCode] { goAways.withLockedValue { $0 } }
+    /// Bytes the HTTP/2 handler has handed to the connection's channel so far (frames of every stream). Since
+    /// NIOHTTP2 writes DATA only within the flow-control windows, this tells how much the server's windows let
+    /// the client send.
+    public var bytesWritten: Int { written.withLockedValue { $0 } }
+    private let written: NIOLockedValueBox<Int>
     /// Whether the connection is still open.
     public var isOpen: Bool { channel.isActive }
     /// Completes when the connection has closed (either side).
@@ -27,10 +32,12 @@ public final class H2TestClient: Sendable {
         // prior-knowledge server may send at once, never reach a pipeline that cannot read them.
         let ready = group.any().makePromise(of: NIOLoopBound<HTTP2StreamMultiplexer>.self)
         let goAways = NIOLockedValueBox<[HTTP2ErrorCode]>([])
+        let written = NIOLockedValueBox(0)
         let channel = try await ClientBootstrap(group: group)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     if let tls { try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: tls, serverHostname: nil)) }
+                    try channel.pipeline.syncOperations.addHandler(WriteCounter(written))
                     let http2 = NIOHTTP2Handler(mode: .client, headerBlockValidation: validateHeaders ? .enabled : .disabled)
                     let multiplexer = HTTP2StreamMultiplexer(mode: .client, channel: channel, inboundStreamInitializer: nil)
                     try channel.pipeline.syncOperations.addHandler(http2)
@@ -40,11 +47,14 @@ public final class H2TestClient: Sendable {
                 }
             }
             .connect(host: "127.0.0.1", port: port).get()
-        return H2TestClient(channel: channel, multiplexer: try await ready.futureResult.get(), goAways: goAways)
+        return H2TestClient(channel: channel, multiplexer: try await ready.futureResult.get(), goAways: goAways,
+                            written: written)
     }
 
-    init(channel: Channel, multiplexer: NIOLoopBound<HTTP2StreamMultiplexer>, goAways: NIOLockedValueBox<[HTTP2ErrorCode]>) {
+    init(channel: Channel, multiplexer: NIOLoopBound<HTTP2StreamMultiplexer>, goAways: NIOLockedValueBox<[HTTP2ErrorCode]>,
+         written: NIOLockedValueBox<Int>) {
         self.goAways = goAways
+        self.written = written
         self.channel = channel
         self.multiplexer = multiplexer
     }
@@ -93,8 +103,28 @@ public final class H2TestClient: Sendable {
         return try await withTimeout(30, "an HTTP/2 response") { try await result.get() }
     }
 
+    /// Stops reading from the connection: the server's frames stay in the sockets, no WINDOW_UPDATE is sent,
+    /// and its flow-control windows stay shut (a client that stopped reading).
+    public func stopReading() async throws { try await channel.setOption(.autoRead, value: false) }
+
     public func close() async throws { try? await channel.close() }
 }
+
+/// Counts the bytes written through it.
+final class WriteCounter: ChannelOutboundHandler {
+    typealias OutboundIn = ByteBuffer
+    private let count: NIOLockedValueBox<Int>
+    init(_ count: NIOLockedValueBox<Int>) { self.count = count }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let n = unwrapOutboundIn(data).readableBytes
+        count.withLockedValue { $0 += n }
+        context.write(data, promise: promise)
+    }
+}
+
+@available(*, unavailable)
+extension WriteCounter: Sendable {}
 
 /// Writes one HEADERS frame (and a DATA frame) and collects the response from the frames themselves.
 final class RawExchange: ChannelDuplexHandler {

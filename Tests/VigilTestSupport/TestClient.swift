@@ -130,6 +130,16 @@ public final class TestClient: Sendable {
         try await channel.writeAndFlush(HTTPClientRequestPart.body(.byteBuffer(bytes)))
     }
 
+    /// Queues raw bytes for sending and returns at once: for a client that writes faster than it is read.
+    public func queue(_ bytes: ByteBuffer) {
+        channel.writeAndFlush(HTTPClientRequestPart.body(.byteBuffer(bytes)), promise: nil)
+    }
+
+    /// Bytes queued on the client's channel that its socket has not taken yet.
+    public func unsentBytes() async throws -> Int {
+        try await channel.getOption(.bufferedWritableBytes).get()
+    }
+
     /// Half-closes the sending side (the client says it will send no more).
     public func finishSending() async throws { try await channel.close(mode: .output) }
 

@@ -37,6 +37,8 @@ final class HostPool {
 
     var idleCount: Int { idle.count }
     var openCount: Int { all.count }
+    /// The channels of the open HTTP/1 connections (on this pool's event loop only).
+    var openChannels: [Channel] { all.values.compactMap(\.channel) }
 
     /// Finds a connection for `waiter`: an idle one, a new one, or a place in the queue.
     /// `fresh` skips idle connections (used after a reused one failed before answering).

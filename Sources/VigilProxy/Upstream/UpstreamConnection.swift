@@ -42,6 +42,7 @@ final class UpstreamConnection: ChannelDuplexHandler {
 
     private unowned let pool: HostPool
     private var context: ChannelHandlerContext?
+    var channel: Channel? { context?.channel }
     private(set) var exchange: UpstreamExchange?
     private var phase: Phase = .idle
     private var buffer: ByteBuffer?
