@@ -147,15 +147,22 @@ final class VigilService: Service, Sendable {
         self.drainTimeout = config.drainTimeout
     }
 
-    func run() async throws {
-        // SIGHUP is trapped before anything serves: its default action ends the process, and a SIGHUP sent as
-        // soon as the admin port answers must reload, not kill.
-        let hangupSignals = await UnixSignalsSequence(trapping: .sighup)
+    /// Restores the pushed policy and binds the admin port, every listener and the control plane; only then
+    /// does `/ready` answer 200 (a load balancer or kubelet that sees it can send traffic at once).
+    func start() async throws {
         if let control { await control.policy.restore() }
         try await admin.start()
         try await proxy.start()
         try await control?.start()
         slo.start()
+        admin.ready.store(true, ordering: .relaxed)
+    }
+
+    func run() async throws {
+        // SIGHUP is trapped before anything serves: its default action ends the process, and a SIGHUP sent as
+        // soon as the admin port answers must reload, not kill.
+        let hangupSignals = await UnixSignalsSequence(trapping: .sighup)
+        try await start()
         let audit = self.audit
         let flush = audit.map { audit in
             Task {
@@ -165,7 +172,6 @@ final class VigilService: Service, Sendable {
                 }
             }
         }
-        admin.ready.store(true, ordering: .relaxed)
         logger.notice("vigil ready", metadata: ["listeners": "\(proxy.runtime.listeners.count)"])
         // SIGHUP: reload changed TLS files at once (they are also noticed within seconds without it), and the
         // control plane's token files.

@@ -56,6 +56,47 @@ import VigilTestSupport
         return port
     }
 
+    /// `/ready` is set by the binary's start-up, never by a test: asked from the moment the process starts,
+    /// the first 200 comes only when the listener proxies, the control plane answers and the pushed policy
+    /// restored at start is the one in force.
+    @Test func readyMeansEveryPortServes() async throws {
+        let upstream = try await FakeUpstream(group: group) { _ in .respond(body: "A") }
+        let other = try await FakeUpstream(group: group) { _ in .respond(body: "B") }
+        let dir = scratch.path
+        try "ops-secret\n".write(toFile: dir + "/ops.token", atomically: true, encoding: .utf8)
+        let (admin, control, proxy) = (try await freePort(), try await freePort(), try await freePort())
+        try writeConfig(dir: dir, admin: admin, control: control, proxy: proxy, clusters: ["a": upstream.port, "b": other.port])
+        // A first run pushes a policy that routes to b; the second must restore it before it says ready.
+        let first = try await startVigil(config: dir + "/vigil.yaml", adminPort: admin)
+        try #"{"listeners": [{"name": "in", "routes": [{"match": {"prefix": "/"}, "cluster": "b"}]}]}"#
+            .write(toFile: dir + "/p.json", atomically: true, encoding: .utf8)
+        let (pushed, _, err) = try run("vigilctl", ["policy", "apply", dir + "/p.json", "--server", "http://127.0.0.1:\(control)",
+                                                    "--token-file", dir + "/ops.token"])
+        #expect(pushed == 0, "\(err)")
+        first.terminate()
+        _ = first.wait()
+        let p = try ChildProcess(Self.binary("vigil").path, ["--config", dir + "/vigil.yaml", "--threads", "1"])
+        defer { p.terminate() }
+        let group = self.group
+        try await withTimeout(20, "vigil to become ready") {
+            while true {
+                if let c = try? await TestClient.connect(port: admin, group: group) {
+                    try await c.send("GET /ready HTTP/1.1\r\nHost: a\r\n\r\n")
+                    let status = try await c.response()?.status
+                    try? await c.close()
+                    if status == 200 { return }
+                }
+                try await Task.sleep(for: .milliseconds(2))
+            }
+        }
+        let client = try await TestClient.connect(port: proxy, group: group)
+        try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        #expect(try await client.response()?.text == "B")
+        let controlClient = try await TestClient.connect(port: control, group: group)
+        try await controlClient.send("GET /v1/status HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ops-secret\r\n\r\n")
+        #expect(try await controlClient.response()?.status == 200)
+    }
+
     @Test func pushToSeveralSidecarsReportsWhichRunItAndWhichRefused() async throws {
         let upstream = try await FakeUpstream(group: group) { _ in .respond(body: "A") }
         let other = try await FakeUpstream(group: group) { _ in .respond(body: "B") }

@@ -73,6 +73,8 @@ import VigilTestSupport
         await proxy.stop()
     }
 
+    /// What the admin port makes of readiness and draining. The flag is set here as the binary's start-up
+    /// sets it once every port serves; that the binary does so is `VigilctlTests.readyMeansEveryPortServes`.
     @Test func readinessHealthAndDrain() async throws {
         let (proxy, admin, _) = try await setup()
         #expect(try await get(admin, "/ready").status == 503)

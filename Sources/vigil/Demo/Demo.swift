@@ -106,9 +106,7 @@ final class DemoService: Service, Sendable {
             """
         let config = try VigilConfig.parse(yaml: yaml)
         let service = try VigilService(config: config, group: group, logger: logger)
-        try await service.admin.start()
-        try await service.proxy.start()
-        service.admin.ready.store(true, ordering: .relaxed)
+        try await service.start()
         let port = service.proxy.boundAddress(listener: "inbound")!.port!
         print("""
             Vigil demo
@@ -159,6 +157,7 @@ final class DemoService: Service, Sendable {
         ticker.cancel()
         load.stop()
         await service.proxy.drain(timeout: .seconds(2))
+        service.slo.stop()
         await service.admin.stop()
         for i in instances { await i.set(.dead) }
         print("demo stopped")
