@@ -27,12 +27,14 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-asn1", from: "1.7.4"),
     ],
     targets: [
-        // Pure logic: config model and validation, the HTTP/1 head codec, routing, balancers.
+        // Pure logic: config model and validation, the HTTP/1 head codec and the HTTP/2 → HTTP/1.1 request
+        // translation, routing, balancers.
         // No sockets, no threads, no wall clock.
         .target(
             name: "VigilCore",
             dependencies: [
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHPACK", package: "swift-nio-http2"),
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ]
@@ -142,7 +144,8 @@ let package = Package(
         ),
         .executableTarget(
             name: "vigil-fuzz",
-            dependencies: ["VigilCore", .product(name: "NIOCore", package: "swift-nio")],
+            dependencies: ["VigilCore", .product(name: "NIOCore", package: "swift-nio"),
+                           .product(name: "NIOHPACK", package: "swift-nio-http2")],
             path: "Fuzz/HTTP1ParserFuzzer"
         ),
         .target(

@@ -247,6 +247,32 @@ import VigilCore
         await proxy.stop()
     }
 
+    /// Trailers are held to the header block's rules (RFC 9113 §8.2.1). Written into the last chunk of the
+    /// HTTP/1.1 body, a value with CR LF would end that body early and put a request of the client's making on
+    /// the upstream connection: request smuggling through trailers. NIOHTTP2 resets a stream whose value
+    /// holds CR, LF or NUL; Vigil answers the rest (a control, whitespace at either end) with 400.
+    @Test func trailerValuesWithControlsAreRefusedAndNeverForwarded() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group, validateHeaders: false)
+        let block = [(":method", "POST"), (":scheme", "http"), (":path", "/up"), (":authority", "a")]
+        let smuggling = "x\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: a\r\n\r\n"
+        for value in [smuggling, "nul\u{0}"] {
+            if let r = try? await client.request(headerBlock: block, data: ByteBuffer(string: "body"), trailers: [("x-t", value)]) {
+                #expect(r.status == 400, "\(value.debugDescription)")
+            }
+        }
+        for value in [" padded", "tab\t", "del\u{7F}"] {
+            let r = try await client.request(headerBlock: block, data: ByteBuffer(string: "body"), trailers: [("x-t", value)])
+            #expect(r.status == 400 && r.header("x-vigil-reason") == "bad_header_value", "\(value.debugDescription)")
+        }
+        let fine = try await client.request(headerBlock: block, data: ByteBuffer(string: "body"), trailers: [("x-t", "fine")])
+        #expect(fine.status == 200)
+        #expect(upstream.recorded.map(\.head.uri).allSatisfy { $0 == "/up" })
+        #expect(upstream.recorded.last?.trailers?.first(name: "x-t") == "fine")
+        await proxy.stop()
+    }
+
     @Test func fieldValuesWithSurroundingWhitespaceAreMalformed() async throws {
         let upstream = try await FakeUpstream(group: group)
         let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)

@@ -88,14 +88,17 @@ public final class H2TestClient: Sendable {
     /// Sends `headerBlock` as it is (pseudo-headers included, nothing added or checked), then `data` if given,
     /// and waits for the whole response: for header blocks NIOHTTP2's codec would refuse to build. With
     /// `endStream: false` the request is left unfinished (a stalled upload).
-    public func request(headerBlock: [(String, String)], data: ByteBuffer? = nil, endStream: Bool = true) async throws -> TestResponse {
+    /// `trailers`: a trailer HEADERS frame sent after `data`, ending the stream.
+    public func request(headerBlock: [(String, String)], data: ByteBuffer? = nil, endStream: Bool = true,
+                        trailers: [(String, String)]? = nil) async throws -> TestResponse {
         let promise = channel.eventLoop.makePromise(of: TestResponse.self)
         let multiplexer = self.multiplexer
         channel.eventLoop.execute {
             multiplexer.value.createStreamChannel(promise: nil) { stream in
                 stream.eventLoop.makeCompletedFuture {
                     try stream.pipeline.syncOperations.addHandler(
-                        RawExchange(HPACKHeaders(headerBlock), data: data, endStream: endStream, promise: promise))
+                        RawExchange(HPACKHeaders(headerBlock), data: data, endStream: endStream,
+                                    trailers: trailers.map { HPACKHeaders($0) }, promise: promise))
                 }
             }
         }
@@ -134,20 +137,25 @@ final class RawExchange: ChannelDuplexHandler {
     let headers: HPACKHeaders
     let data: ByteBuffer?
     let endStream: Bool
+    let trailers: HPACKHeaders?
     let promise: EventLoopPromise<TestResponse>
     var head: HTTPResponseHead?
     var body = ByteBuffer()
 
-    init(_ headers: HPACKHeaders, data: ByteBuffer?, endStream: Bool, promise: EventLoopPromise<TestResponse>) {
+    init(_ headers: HPACKHeaders, data: ByteBuffer?, endStream: Bool, trailers: HPACKHeaders?,
+         promise: EventLoopPromise<TestResponse>) {
         self.headers = headers
         self.data = data
         self.endStream = endStream
+        self.trailers = trailers
         self.promise = promise
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
-        context.write(wrapOutboundOut(.headers(.init(headers: headers, endStream: endStream && data == nil))), promise: nil)
-        if let data { context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(data), endStream: endStream))), promise: nil) }
+        let endsWithData = endStream && trailers == nil
+        context.write(wrapOutboundOut(.headers(.init(headers: headers, endStream: endsWithData && data == nil))), promise: nil)
+        if let data { context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(data), endStream: endsWithData))), promise: nil) }
+        if let trailers { context.write(wrapOutboundOut(.headers(.init(headers: trailers, endStream: true))), promise: nil) }
         context.flush()
     }
 

@@ -201,6 +201,13 @@ public enum HTTP1HeadWriter {
             }
             out.writeImmutableBuffer(facts.afterForwardedFor)
         }
+        return endRequestHead(tenant: tenant, hadRequestID: hadRequestID, random: &random, into: &out)
+    }
+
+    /// The end of every request head Vigil sends: its own fields, a request id if the request had none, the
+    /// blank line. Returns the id it generated.
+    static func endRequestHead(tenant: String?, hadRequestID: Bool, random: inout SplitMix64,
+                               into out: inout ByteBuffer) -> RequestID? {
         writeVigilFields(clientCert: nil, tenant: tenant, into: &out)  // the client cert is in the facts' lines
         var generated: RequestID?
         if !hadRequestID {

@@ -3,15 +3,6 @@ import NIOHPACK
 import NIOHTTP2
 import VigilCore
 
-/// A request that arrived as an HTTP/2 header block, for routing.
-struct HTTP2Request: RoutableRequest {
-    var method: String
-    var path: String
-    var authority: String
-    var headers: HPACKHeaders
-    func headerValue(_ lowercaseName: String) -> String? { headers.first(name: lowercaseName) }
-}
-
 /// Serves one HTTP/2 stream by translating it to HTTP/1.1 towards a pooled upstream connection
 /// (RFC 9113 §8.2.2 connection-specific fields dropped, cookies joined per §8.2.3), and the response back.
 /// Its frames come from and go to the connection's `HTTP2ServerConnection`.
@@ -37,7 +28,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
     private let listener: ListenerRuntime
     private let loop: LoopContext
     private var phase = Phase.idle
-    private var request: HTTP2Request?
+    private var request: HTTP2RequestHead?
     private var target: UpstreamTarget?
     /// The cluster and tenant of a locally answered request, for metrics and its SLO.
     private var replyCluster: ClusterRuntime?
@@ -339,87 +330,15 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
             lastBodyRead = startedAt
             armBodyTimer(at: startedAt + listener.bodyTimeout)
         }
-        // One pass over the block: values checked, and the fields this function needs picked up on the way
-        // (the first of each, as `first(name:)` would give; NIOHTTP2 has refused duplicated pseudo-headers).
-        var method: String?
-        var path: String?
-        var explicitAuthority: String?
-        var host: String?
-        var hostCount = 0
-        var contentLength: String?
-        for (name, value, _) in headers {
-            switch name {
-            case ":method": if method == nil { method = value }
-            case ":path": if path == nil { path = value }
-            case ":authority": if explicitAuthority == nil { explicitAuthority = value }
-            case "host":
-                hostCount += 1
-                if host == nil { host = value }
-            case "content-length": if contentLength == nil { contentLength = value }
-            default: break
-            }
-            bytesIn += name.utf8.count + value.utf8.count + 32
-            // NIOHTTP2 validates names; values are checked here, since CR, LF or NUL in a value would split
-            // the HTTP/1.1 head this request becomes (RFC 9113 §8.2.1).
-            if !value.utf8.allSatisfy({ HTTPTokens.isFieldValueByte($0) }) {
-                reply(status: 400, reason: "bad_header_value", detail: "a header field value holds a control character")
-                return
-            }
-            // Nor may a value start or end with a space or tab (RFC 9113 §8.2.1): such a request is malformed.
-            if let first = value.utf8.first, let last = value.utf8.last,
-               first == 0x20 || first == 0x09 || last == 0x20 || last == 0x09 {
-                reply(status: 400, reason: "bad_header_value", detail: "a header field value starts or ends with whitespace")
-                return
-            }
-            if HTTP1FieldKind.isFramingLookalike(name) {
-                reply(status: 400, reason: "framing_field_lookalike",
-                      detail: "content_length and transfer_encoding are refused: servers that read _ as - would frame the body by them")
-                return
-            }
-        }
-        // CONNECT has no :path (RFC 9113 §8.5); it is refused for what it is, as on HTTP/1.1.
-        if method == "CONNECT" {
-            reply(status: 405, reason: "connect_not_supported", detail: "CONNECT tunnels are not offered by this listener")
+        let request: HTTP2RequestHead
+        do throws(HTTP2RequestRejection) {
+            request = try HTTP2RequestHead.validate(headers, headerBytes: &bytesIn)
+        } catch {
+            reply(status: error.status, reason: error.reason, detail: error.detail)
             return
         }
-        guard let method, let path, !path.isEmpty else {
-            reply(status: 400, reason: "bad_request", detail: "the request lacks :method or :path")
-            return
-        }
-        // These become the HTTP/1.1 request line and Host field, so they must be what those allow
-        // (RFC 9113 §8.3.1): a space in :path would otherwise split the request line upstream.
-        guard HTTPTokens.isToken(method) else {
-            reply(status: 400, reason: "bad_request_line", detail: ":method is not a token")
-            return
-        }
-        guard path.hasPrefix("/") || (path == "*" && method == "OPTIONS"),
-              path.utf8.allSatisfy({ HTTPTokens.isTargetByte($0) })
-        else {
-            reply(status: 400, reason: "bad_request_target", detail: ":path must be a path without spaces or controls")
-            return
-        }
-        // RFC 9113 §8.3.1: a `host` that names another entity than :authority makes the request malformed (which
-        // one would a rule have checked?); with no authority at all, an http(s) URI has no host (HTTP/1.1's 400).
-        guard hostCount <= 1 else {
-            reply(status: 400, reason: "multiple_host", detail: "more than one host field")
-            return
-        }
-        if let host, let explicitAuthority, host.lowercased() != explicitAuthority.lowercased() {
-            reply(status: 400, reason: "bad_host", detail: "the host field differs from :authority")
-            return
-        }
-        let authority = explicitAuthority ?? host ?? ""
-        guard !authority.isEmpty else {
-            reply(status: 400, reason: "missing_host", detail: "the request has neither :authority nor host")
-            return
-        }
-        guard HTTPTokens.isAuthority(authority.utf8) else {
-            reply(status: 400, reason: "bad_host", detail: ":authority is not a valid authority")
-            return
-        }
-        let request = HTTP2Request(method: method, path: path, authority: authority, headers: headers)
         self.request = request
-        if let contentLength, let n = Int(contentLength), let max = listener.config.limits.maxBodyBytes,
+        if let contentLength = request.contentLength, let n = Int(contentLength), let max = listener.config.limits.maxBodyBytes,
            n > max {
             reply(status: 413, reason: "body_too_large", detail: "the request body is larger than max_body_bytes (\(max))")
             return
@@ -531,88 +450,27 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
         return true
     }
 
-    /// The HTTP/1.1 head for the upstream: request line, host, the regular fields, Vigil's fields.
-    private func http1Head(for request: HTTP2Request) -> ByteBuffer {
+    /// The HTTP/1.1 head for the upstream.
+    private func http1Head(for request: HTTP2RequestHead) -> ByteBuffer {
         var out = loop.headBuffer(capacity: 512)
-        out.writeString(request.method)
-        out.writeStaticString(" ")
-        out.writeString(request.path)
-        out.writeStaticString(" HTTP/1.1\r\nhost: ")
-        out.writeString(request.authority)
-        out.writeStaticString("\r\n")
-        var cookies: [String] = []
-        var forwardedFor: [String] = []
-        var hasContentLength = false
-        var hadRequestID = false
-        var teTrailers = false
-        let untrustedTenantHeader = target?.policy.snapshot.routes[listener.index].untrustedTenantHeader
-        let maxForwards = MaxForwards.remaining(method: request.method) { request.headers.first(name: "max-forwards") }
-            .map(MaxForwards.forwarded)
-        if let maxForwards { HTTP1HeadWriter.writeMaxForwards(maxForwards, into: &out) }
-        for (name, value, _) in request.headers {
-            // Pseudo-headers (every request has four) are skipped before the switch, which compares names one
-            // case at a time.
-            if name.utf8.first == UInt8(ascii: ":") { continue }
-            switch name {
-            case "host", "connection", "keep-alive",
-                 "proxy-connection", "transfer-encoding", "upgrade", "x-forwarded-proto", "x-forwarded-client-cert",
-                 "x-vigil-tenant":
-                continue
-            case "te":
-                // The only TE an HTTP/2 request may carry (RFC 9113 §8.2.2): sent on, as from HTTP/1.1 clients,
-                // so the upstream knows trailers will reach the client.
-                teTrailers = teTrailers || value == "trailers"
-                continue
-            case "cookie":
-                cookies.append(value)
-                continue
-            case "x-forwarded-for":
-                forwardedFor.append(value)
-                continue
-            case "content-length":
-                hasContentLength = true
-            case "x-request-id":
-                hadRequestID = true
-            default:
-                if name.hasPrefix("proxy-") || name == untrustedTenantHeader || (maxForwards != nil && name == "max-forwards") {
-                    continue
-                }
-            }
-            out.writeString(name)
-            out.writeStaticString(": ")
-            out.writeString(value)
-            out.writeStaticString("\r\n")
+        let body: HTTP1HeadWriter.TranslatedBody
+        if !requestHasBody {
+            body = .none
+        } else if requestBodyDone && pendingTrailers == nil {
+            body = .whole(length: pendingBody.reduce(0) { $0 + $1.readableBytes })
+        } else {
+            body = .streaming
         }
-        if teTrailers { out.writeStaticString("te: trailers\r\n") }
-        if !cookies.isEmpty {
-            out.writeStaticString("cookie: ")
-            out.writeString(cookies.joined(separator: "; "))
-            out.writeStaticString("\r\n")
-        }
-        if requestHasBody && !hasContentLength {
-            if requestBodyDone && pendingTrailers == nil {
-                // The whole body arrived while the upstream connection was being found (a gRPC unary call
-                // usually does): its length is known, and the upstream gets it as plain content-length.
-                out.writeStaticString("content-length: ")
-                out.writeString(String(pendingBody.reduce(0) { $0 + $1.readableBytes }))
-                out.writeStaticString("\r\n")
-            } else {
-                chunkedUpstream = true
-                out.writeStaticString("transfer-encoding: chunked\r\n")
-            }
-        }
-        facts.writeFields(after: forwardedFor, into: &out)
-        HTTP1HeadWriter.writeVigilFields(clientCert: nil, tenant: target?.tenant?.name, into: &out)  // cert: in facts
-        if !hadRequestID {
-            let rid = RequestID(using: &loop.random)
-            out.writeStaticString("x-request-id: ")
-            rid.write(to: &out)
-            out.writeStaticString("\r\n")
-            requestID = .generated(rid)
+        let written = HTTP1HeadWriter.writeRequest(
+            request, body: body, facts: facts, tenant: target?.tenant?.name,
+            dropping: target?.policy.snapshot.routes[listener.index].untrustedTenantHeader,
+            random: &loop.random, into: &out)
+        chunkedUpstream = written.chunked
+        if let generated = written.generated {
+            requestID = .generated(generated)
         } else if runtime.accessLog.isEnabled {
             requestID = .received(request.headers.first(name: "x-request-id") ?? "")
         }
-        out.writeStaticString("\r\n")
         return out
     }
 
@@ -643,6 +501,16 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
     private var sentBodyBytes = 0
 
     private func bodyEnded(trailers: HPACKHeaders?) {
+        if let trailers {
+            do throws(HTTP2RequestRejection) {
+                try HTTP2RequestHead.validateTrailers(trailers)
+            } catch {
+                // Malformed (RFC 9113 §8.1.1): the upstream gets neither the trailers nor the body's end.
+                if phase == .waitingForUpstream { target?.pool.cancel(self) }
+                abandonUpstream(reason: error.reason, replyStatus: error.status, detail: error.detail)
+                return
+            }
+        }
         requestBodyDone = true
         if upstream != nil {
             writeBodyEnd(trailers: trailers)
@@ -658,13 +526,10 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
 
     private func writeBodyEnd(trailers: HPACKHeaders?) {
         guard chunkedUpstream, let upstream else { return }
-        var last = ByteBuffer(string: "0\r\n")
-        let untrustedTenantHeader = target?.policy.snapshot.routes[listener.index].untrustedTenantHeader
-        for (name, value, _) in trailers ?? [:] where !name.hasPrefix(":") && name != untrustedTenantHeader
-            && !HTTP1FieldKind.classify(name).forbiddenInTrailers {
-            last.writeString("\(name): \(value)\r\n")
-        }
-        last.writeStaticString("\r\n")
+        var last = ByteBuffer()
+        HTTP1HeadWriter.writeLastChunk(trailers: trailers,
+                                       dropping: target?.policy.snapshot.routes[listener.index].untrustedTenantHeader,
+                                       into: &last)
         upstream.write(last)
         retries.keep(last, bodyBytesSoFar: sentBodyBytes, policy: target?.retry)
     }

@@ -1,0 +1,114 @@
+import NIOCore
+import NIOHPACK
+
+extension HTTP1HeadWriter {
+    /// How the body of an HTTP/2 request without `content-length` is framed upstream.
+    public enum TranslatedBody: Sendable {
+        /// No body follows (the HEADERS ended the stream).
+        case none
+        /// The whole body has arrived (a gRPC unary call usually has, by the time a connection is ready): it
+        /// goes with its length.
+        case whole(length: Int)
+        /// The body is still arriving, or has trailers: it goes chunked.
+        case streaming
+    }
+
+    /// Writes the HTTP/1.1 head Vigil sends upstream for an HTTP/2 request (RFC 9113 §8.2.2, §8.2.3): the
+    /// request line, `host` from the authority, the regular fields less connection-specific ones and those only
+    /// Vigil sets, the cookies joined into one field, `te: trailers` if asked for, the framing the body needs,
+    /// then `x-forwarded-*`, Vigil's fields and a request id.
+    ///
+    /// `dropping`: a field the route does not trust (its untrusted tenant header), removed.
+    /// - Returns: the x-request-id it generated from `random` (nil when the request carried one), and whether
+    ///   the body must be sent chunked.
+    @discardableResult
+    public static func writeRequest(
+        _ request: HTTP2RequestHead, body: TranslatedBody, facts: ForwardingFacts, tenant: String?,
+        dropping dropped: String?, random: inout SplitMix64, into out: inout ByteBuffer
+    ) -> (generated: RequestID?, chunked: Bool) {
+        out.writeString(request.method)
+        out.writeStaticString(" ")
+        out.writeString(request.path)
+        out.writeStaticString(" HTTP/1.1\r\nhost: ")
+        out.writeString(request.authority)
+        out.writeStaticString("\r\n")
+        var cookies: [String] = []
+        var forwardedFor: [String] = []
+        var hadRequestID = false
+        var teTrailers = false
+        let maxForwards = MaxForwards.remaining(method: request.method) { request.headers.first(name: "max-forwards") }
+            .map(MaxForwards.forwarded)
+        if let maxForwards { writeMaxForwards(maxForwards, into: &out) }
+        for (name, value, _) in request.headers {
+            // Pseudo-headers (every request has four) are skipped before the switch, which compares names one
+            // case at a time.
+            if name.utf8.first == UInt8(ascii: ":") { continue }
+            switch name {
+            case "host", "connection", "keep-alive",
+                 "proxy-connection", "transfer-encoding", "upgrade", "x-forwarded-proto", "x-forwarded-client-cert",
+                 "x-vigil-tenant":
+                continue
+            case "te":
+                // The only TE an HTTP/2 request may carry (RFC 9113 §8.2.2): sent on, as from HTTP/1.1 clients,
+                // so the upstream knows trailers will reach the client.
+                teTrailers = teTrailers || value == "trailers"
+                continue
+            case "cookie":
+                cookies.append(value)
+                continue
+            case "x-forwarded-for":
+                forwardedFor.append(value)
+                continue
+            case "x-request-id":
+                hadRequestID = true
+            case "content-length":
+                break
+            default:
+                if name.hasPrefix("proxy-") || name == dropped || (maxForwards != nil && name == "max-forwards") {
+                    continue
+                }
+            }
+            out.writeString(name)
+            out.writeStaticString(": ")
+            out.writeString(value)
+            out.writeStaticString("\r\n")
+        }
+        if teTrailers { out.writeStaticString("te: trailers\r\n") }
+        if !cookies.isEmpty {
+            out.writeStaticString("cookie: ")
+            out.writeString(cookies.joined(separator: "; "))
+            out.writeStaticString("\r\n")
+        }
+        var chunked = false
+        if request.contentLength == nil {
+            switch body {
+            case .none:
+                break
+            case .whole(let length):
+                out.writeStaticString("content-length: ")
+                out.writeString(String(length))
+                out.writeStaticString("\r\n")
+            case .streaming:
+                chunked = true
+                out.writeStaticString("transfer-encoding: chunked\r\n")
+            }
+        }
+        facts.writeFields(after: forwardedFor, into: &out)
+        return (endRequestHead(tenant: tenant, hadRequestID: hadRequestID, random: &random, into: &out), chunked)
+    }
+
+    /// Writes the last chunk of a chunked body with an HTTP/2 request's trailers (checked by
+    /// `HTTP2RequestHead.validateTrailers`), less pseudo-headers, `dropping` and the fields a trailer may not
+    /// carry (`HTTP1FieldKind.forbiddenInTrailers`).
+    public static func writeLastChunk(trailers: HPACKHeaders?, dropping dropped: String?, into out: inout ByteBuffer) {
+        out.writeStaticString("0\r\n")
+        for (name, value, _) in trailers ?? [:] where !name.hasPrefix(":") && name != dropped
+            && !HTTP1FieldKind.classify(name).forbiddenInTrailers {
+            out.writeString(name)
+            out.writeStaticString(": ")
+            out.writeString(value)
+            out.writeStaticString("\r\n")
+        }
+        out.writeStaticString("\r\n")
+    }
+}
