@@ -110,7 +110,6 @@ let package = Package(
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
         ),
-        // libFuzzer target for the HTTP/1 parser (Fuzz/run.sh); a corpus replayer in normal builds.
         // The TLS benchmark's load generator (wrk and h2load cannot present client certificates).
         .executableTarget(
             name: "vigil-load",
@@ -142,11 +141,12 @@ let package = Package(
             ],
             path: "Bench/NIOH2Floor"
         ),
+        // libFuzzer targets for the wire codecs (Fuzz/run.sh); a corpus replayer in normal builds.
         .executableTarget(
             name: "vigil-fuzz",
             dependencies: ["VigilCore", .product(name: "NIOCore", package: "swift-nio"),
                            .product(name: "NIOHPACK", package: "swift-nio-http2")],
-            path: "Fuzz/HTTP1ParserFuzzer"
+            path: "Fuzz/Targets"
         ),
         .target(
             name: "VigilTestSupport",

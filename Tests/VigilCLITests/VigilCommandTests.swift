@@ -64,6 +64,24 @@ import VigilTestSupport
         #expect(err.contains("clusters[0].connect_timeout: \"10x\" is not a duration"))
     }
 
+    /// Each libFuzzer target's committed corpus (seeds and the crashes found since) runs through the target's own
+    /// checks, with the replaying build of `vigil-fuzz` that every `swift build` makes.
+    @Test func theFuzzCorporaReplayThroughTheirTargets() throws {
+        let fuzz = Self.binary.deletingLastPathComponent().appendingPathComponent("vigil-fuzz").path
+        let corpora = Self.repoRoot.appendingPathComponent("Fuzz/corpus")
+        let targets = try FileManager.default.contentsOfDirectory(atPath: corpora.path).sorted()
+        #expect(targets == ["chunked", "h2request", "request", "response"])
+        for target in targets {
+            let dir = corpora.appendingPathComponent(target)
+            let files = try FileManager.default.contentsOfDirectory(atPath: dir.path).sorted()
+                .map { dir.appendingPathComponent($0).path }
+            #expect(!files.isEmpty, "\(target)")
+            let (status, out, err) = try ChildProcess.run(fuzz, files, environment: ["VIGIL_FUZZ_TARGET": target])
+            #expect(status == 0, "\(target): \(err)")
+            #expect(out.split(separator: "\n").filter { $0.hasPrefix("ok \(target) ") }.count == files.count, "\(out)")
+        }
+    }
+
     /// A free loopback port (bound and released; the proxy binds it right after).
     func freePort() async throws -> Int {
         let c = try await ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).get()

@@ -131,12 +131,13 @@ import VigilTestSupport
         #expect(differential > 100)
     }
 
-    /// The libFuzzer corpus (`Fuzz/corpus`, what `Fuzz/run.sh` starts from and adds to) replayed through the same
-    /// checks, so an input found there stays tested.
+    /// The request target's libFuzzer corpus (`Fuzz/corpus/request`, what `Fuzz/run.sh` starts from) replayed
+    /// through these checks too, so an input found there stays tested (every target's corpus also replays
+    /// through the fuzz binary itself: `VigilCommandTests.theFuzzCorporaReplayThroughTheirTargets`).
     @Test func theFuzzCorpusReplays() throws {
         var dir = URL(fileURLWithPath: #filePath)
         for _ in 0..<3 { dir.deleteLastPathComponent() }  // Tests/VigilCoreTests/this file
-        dir.appendPathComponent("Fuzz/corpus")
+        dir.appendPathComponent("Fuzz/corpus/request")
         let files = try FileManager.default.contentsOfDirectory(atPath: dir.path).sorted()
         #expect(!files.isEmpty)
         for name in files {

@@ -299,6 +299,24 @@ import VigilCore
         await proxy.stop()
     }
 
+    /// NIOHTTP2 lets through content-length fields that agree, repeated or comma-listed; an HTTP/1.1 upstream
+    /// given them may refuse the request (Vigil's own parser does), so Vigil refuses them as over HTTP/1.1.
+    @Test func repeatedContentLengthsAreRefusedAsOverHTTP1() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(), upstreams: [upstream.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        let block = [(":method", "POST"), (":scheme", "http"), (":path", "/u"), (":authority", "a")]
+        for (lengths, reason) in [(["5", "5"], "conflicting_content_length"), (["5, 5"], "bad_content_length")] {
+            let r = try await client.request(headerBlock: block + lengths.map { ("content-length", $0) },
+                                              data: ByteBuffer(string: "hello"))
+            #expect(r.status == 400 && r.header("x-vigil-reason") == reason, "\(lengths)")
+        }
+        let fine = try await client.request(headerBlock: block + [("content-length", "5")], data: ByteBuffer(string: "hello"))
+        #expect(fine.status == 200)
+        #expect(upstream.recorded.map(\.bodyString) == ["hello"])
+        await proxy.stop()
+    }
+
     @Test func sequentialStreamsReuseOneUpstreamConnection() async throws {
         let upstream = try await FakeUpstream(group: group)
         let yaml = ProxyHarness.simple().replacingOccurrences(of: "access_log: { output: \"off\" }\n", with: "")

@@ -30,8 +30,8 @@ public struct HTTP2RequestHead: RoutableRequest, Sendable {
     /// `:authority`, or else the `host` field.
     public var authority: String
     public var headers: HPACKHeaders
-    /// The first `content-length` value, as sent.
-    public var contentLength: String?
+    /// The `content-length`, if the request has one.
+    public var contentLength: Int?
 
     public func headerValue(_ lowercaseName: String) -> String? { headers.first(name: lowercaseName) }
 
@@ -44,7 +44,8 @@ public struct HTTP2RequestHead: RoutableRequest, Sendable {
         var explicitAuthority: String?
         var host: String?
         var hostCount = 0
-        var contentLength: String?
+        var contentLength: Int?
+        var contentLengthCount = 0
         var expectation = false
         var expectContinue = false
         var rejection: HTTP2RequestRejection?
@@ -58,13 +59,25 @@ public struct HTTP2RequestHead: RoutableRequest, Sendable {
             case "host":
                 hostCount += 1
                 if host == nil { host = value }
-            case "content-length": if contentLength == nil { contentLength = value }
+            case "content-length":
+                // As over HTTP/1.1 (HTTP1Parser): one field, one number. NIOHTTP2 lets through repeated or
+                // comma-listed values that agree, which would reach the upstream as a field a strict server refuses.
+                contentLengthCount += 1
+                if contentLengthCount > 1 {
+                    rejection = HTTP2RequestRejection(status: 400, reason: "conflicting_content_length",
+                                                      detail: "more than one Content-Length field")
+                } else if (1...18).contains(value.utf8.count), value.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) {
+                    contentLength = Int(value)
+                } else {
+                    rejection = HTTP2RequestRejection(status: 400, reason: "bad_content_length",
+                                                      detail: "Content-Length is not a number")
+                }
             case "expect":
                 expectation = true
                 expectContinue = expectContinue || value.lowercased() == "100-continue"
             default: break
             }
-            rejection = check(name: name, value: value)
+            rejection = rejection ?? check(name: name, value: value)
         }
         if let rejection { throw rejection }
         // CONNECT has no :path (RFC 9113 §8.5); it is refused for what it is, as on HTTP/1.1.

@@ -338,7 +338,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
             return
         }
         self.request = request
-        if let contentLength = request.contentLength, let n = Int(contentLength), let max = listener.config.limits.maxBodyBytes,
+        if let n = request.contentLength, let max = listener.config.limits.maxBodyBytes,
            n > max {
             reply(status: 413, reason: "body_too_large", detail: "the request body is larger than max_body_bytes (\(max))")
             return
