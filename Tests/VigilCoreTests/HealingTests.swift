@@ -1,24 +1,7 @@
 import NIOCore
 import Testing
+import VigilTestSupport
 @testable import VigilCore
-
-/// A manual clock for the healing state machines: time moves only when a test says so.
-struct ManualClock {
-    private(set) var now = NIODeadline.uptimeNanoseconds(1_000_000_000)
-    mutating func advance(_ d: Duration) { now = now + TimeAmount(d) }
-}
-
-/// A generator that returns the given values in turn (then repeats the last), to pin enforcement rolls
-/// and jitter.
-struct ScriptedRandom: RandomNumberGenerator {
-    var values: [UInt64]
-    var i = 0
-    init(_ values: UInt64...) { self.values = values }
-    mutating func next() -> UInt64 {
-        defer { i = min(i + 1, values.count - 1) }
-        return values[i]
-    }
-}
 
 @Suite(.timeLimit(.minutes(3))) struct OutlierDetectorTests {
     var clock = ManualClock()

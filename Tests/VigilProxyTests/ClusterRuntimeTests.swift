@@ -60,15 +60,40 @@ extension ClusterRuntime {
         var random = SplitMix64(seed: 1)
         cluster.health.record(host: 1, .response(status: 500), now: .now())
         #expect(cluster.health.current.load(ordering: .relaxed).candidates == [0, 2])
-        for _ in 0..<20 { #expect(cluster.pickHost(random: &random)!.index != 1) }
+        for _ in 0..<20 { #expect(cluster.pickHost(random: &random, now: .now())!.index != 1) }
         var tried = HostMask()
         tried.insert(0)
-        for _ in 0..<20 { #expect(cluster.pickHost(random: &random, tried: tried)!.index == 2) }
+        for _ in 0..<20 { #expect(cluster.pickHost(random: &random, now: .now(), tried: tried)!.index == 2) }
         // Every available host tried: the retry goes back to one of them, never to the ejected host.
         tried.insert(2)
-        for _ in 0..<20 { #expect(cluster.pickHost(random: &random, tried: tried)!.index != 1) }
+        for _ in 0..<20 { #expect(cluster.pickHost(random: &random, now: .now(), tried: tried)!.index != 1) }
         let events = cluster.health.events.records()
         #expect(events.map(\.event.kind) == [.hostEjected])
+    }
+
+    /// The cluster's wake-up runs on its event loop's clock: an ejected host returns when its ejection time
+    /// has passed, not a millisecond before, with no sleeping (the EmbeddedEventLoop's manual clock).
+    @Test func anEjectedHostReturnsAtItsEjectionTimeOnTheLoopsClock() {
+        var config = ClusterConfig(name: "c", endpoints: Self.endpoints(2))
+        var od = OutlierDetectionConfig()
+        od.consecutive5xx = 1
+        od.maxEjectionPercent = 50
+        od.baseEjectionTime = .seconds(30)
+        config.outlierDetection = od
+        let loop = EmbeddedEventLoop()
+        let cluster = ClusterRuntime(config: config,
+                                     events: HealingEventLog(capacity: 64, logger: Logger(label: "test"),
+                                                             metricsFactory: NOOPMetricsHandler.instance),
+                                     loop: loop)
+        loop.advanceTime(by: .seconds(5))
+        cluster.health.record(host: 0, .response(status: 500), now: loop.now)
+        #expect(cluster.health.current.load(ordering: .relaxed).candidates == [1])
+        loop.advanceTime(by: .milliseconds(29_999))
+        #expect(cluster.health.current.load(ordering: .relaxed).candidates == [1])
+        #expect(cluster.health.hostViews()[0].state == "ejected")
+        loop.advanceTime(by: .milliseconds(1))
+        #expect(cluster.health.current.load(ordering: .relaxed).candidates == [0, 1])
+        #expect(cluster.health.events.records().map(\.event.kind) == [.hostEjected, .hostReturned])
     }
 
     /// `slow_start`: a host that has just come back is picked in proportion to its ramping weight (here the 10 %
@@ -87,7 +112,7 @@ extension ClusterRuntime {
         cluster.health.record(host: 0, .response(status: 500), now: now - .seconds(40))
         cluster.health.tick(now: now, overflow: [])
         #expect(cluster.health.events.records().map(\.event.kind) == [.hostEjected, .hostReturned])
-        let picks = (0..<10_000).map { _ in cluster.pickHost(random: &random)!.index }
+        let picks = (0..<10_000).map { _ in cluster.pickHost(random: &random, now: now)!.index }
         let share = Double(picks.filter { $0 == 0 }.count) / Double(picks.count)
         // Round robin alone gives it half. A pick of it is kept with probability 0.1, and the re-pick advances the
         // round-robin sequence too, so it comes up first on most picks: about 10 % in all, far below half, not 0.
@@ -105,7 +130,7 @@ extension ClusterRuntime {
         var random = SplitMix64(seed: 1)
         cluster.health.record(host: 0, .response(status: 503), now: .now())
         cluster.health.record(host: 1, .response(status: 503), now: .now())
-        #expect(cluster.pickHost(random: &random) == nil)
+        #expect(cluster.pickHost(random: &random, now: .now()) == nil)
         let kinds = cluster.health.events.records().map(\.event.kind)
         // One of two ejected is still 50 %, not below the threshold; the second ejection is.
         #expect(kinds == [.hostEjected, .hostEjected, .panicEntered])

@@ -45,7 +45,7 @@ struct RetryState {
                                       replayable: !sent || replay != nil, retryAfter: retryAfter, remaining: remaining)
         let cluster = target.cluster
         guard case .retry(let wait) = policy.decide(facts, random: &loop.random),
-              let next = cluster.pickHost(random: &loop.random, tried: tried) else { return nil }
+              let next = cluster.pickHost(random: &loop.random, now: loop.eventLoop.now, tried: tried) else { return nil }
         release(cluster)
         guard cluster.reserveRetry() else { return nil }
         let now = loop.nowNanos()

@@ -128,7 +128,7 @@ extension ProxyRuntime {
             return .reply(status: 503, reason: "overflow", detail: "cluster \(cluster.config.name) is at max_requests",
                           cluster: cluster)
         }
-        guard let host = cluster.pickHost(random: &loop.random) else {
+        guard let host = cluster.pickHost(random: &loop.random, now: loop.eventLoop.now) else {
             cluster.requestFinished()
             return .reply(status: 503, reason: "no_healthy_upstream",
                           detail: "cluster \(cluster.config.name) has no available host (all_unhealthy: fail_fast)",

@@ -199,14 +199,14 @@ public final class ClusterHealth: Sendable {
 
     private func scheduleWake(at deadline: NIODeadline) {
         let needed = state.withLockedValue { s -> Bool in
-            if let at = s.wakeAt, at <= deadline, at > .now() { return false }
+            if let at = s.wakeAt, at <= deadline, at > loop.now { return false }
             s.wakeAt = deadline
             return true
         }
         guard needed else { return }
         loop.scheduleTask(deadline: deadline) { [self] in
             state.withLockedValue { $0.wakeAt = nil }
-            tick(now: .now(), overflow: [])
+            tick(now: loop.now, overflow: [])
         }
     }
 
@@ -227,7 +227,9 @@ public final class ClusterHealth: Sendable {
 
     public var mode: HostAvailability.Mode { current.load(ordering: .relaxed).mode }
 
-    public func hostViews(now: NIODeadline = .now()) -> [HostView] {
+    /// `now`: the health's event loop's clock unless given.
+    public func hostViews(now: NIODeadline? = nil) -> [HostView] {
+        let now = now ?? loop.now
         let set = current.load(ordering: .acquiring)
         return state.withLockedValue { s in
             hostNames.indices.map { i in

@@ -103,7 +103,7 @@ final class HealthProber: Sendable {
         }
         promise.futureResult.whenSuccess { [self] result in
             timeout.cancel()
-            cluster.health.probed(host: host.index, result, now: .now())
+            cluster.health.probed(host: host.index, result, now: cluster.health.loop.now)
             schedule(host, in: cluster.health.nextProbeDelay(host: host.index))
         }
     }

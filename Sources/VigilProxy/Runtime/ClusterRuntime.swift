@@ -79,7 +79,7 @@ public final class ClusterRuntime: Sendable {
         self.metrics = metrics
         self.hosts = config.endpoints.enumerated().map { HostRuntime(address: $0.element, index: $0.offset) }
         self.health = ClusterHealth(config: config, hostNames: hosts.map(\.addressText), events: events, loop: loop,
-                                    now: .now(), carrying: previous?.health)
+                                    now: loop.now, carrying: previous?.health)
     }
 
     /// The current TLS context for new connections to this cluster's hosts; nil without `tls`.
@@ -94,7 +94,7 @@ public final class ClusterRuntime: Sendable {
     /// balancer. `tried` (a retry) steers away from hosts this request already used, preferring untried
     /// available hosts, then untried ones of the current candidates, then any candidate. Nil when the
     /// cluster has no host to offer (fail-fast with none available).
-    func pickHost<R: RandomNumberGenerator>(random: inout R, tried: HostMask = HostMask()) -> HostRuntime? {
+    func pickHost<R: RandomNumberGenerator>(random: inout R, now: NIODeadline, tried: HostMask = HostMask()) -> HostRuntime? {
         let set = health.current.load(ordering: .acquiring)
         var candidates = set.candidates
         if !tried.isEmpty {
@@ -106,7 +106,7 @@ public final class ClusterRuntime: Sendable {
         if set.slowStart != nil {
             // Slow start: a ramping host keeps the pick with probability equal to its weight; otherwise one
             // more pick among the others.
-            let weight = set.weight(of: choice, now: .now())
+            let weight = set.weight(of: choice, now: now)
             if weight < 1, Double(random.next() % 1_000_000) / 1_000_000 >= weight {
                 let others = candidates.filter { $0 != choice }
                 if let other = balance(others, random: &random) { choice = other }

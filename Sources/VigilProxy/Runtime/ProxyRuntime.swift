@@ -132,11 +132,12 @@ public final class ProxyRuntime: Sendable {
         let tick = group.next().scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [self] _ in
             for cluster in current.clusters {
                 let samples = cluster.overflowSamples()
-                cluster.health.loop.execute { cluster.health.tick(now: .now(), overflow: samples) }
+                cluster.health.loop.execute { cluster.health.tick(now: cluster.health.loop.now, overflow: samples) }
             }
         }
-        let reclaim = group.next().scheduleRepeatedTask(initialDelay: .seconds(60), delay: .seconds(60)) { [self] _ in
-            current.tenants?.reclaim(now: Int64(NIODeadline.now().uptimeNanoseconds))
+        let reclaimLoop = group.next()
+        let reclaim = reclaimLoop.scheduleRepeatedTask(initialDelay: .seconds(60), delay: .seconds(60)) { [self] _ in
+            current.tenants?.reclaim(now: Int64(reclaimLoop.now.uptimeNanoseconds))
         }
         let tls = self.tls
         tls.reload()  // reports certificates already close to expiry
