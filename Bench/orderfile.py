@@ -98,6 +98,8 @@ clusters:
     health_check: {{ path: /healthz, interval: 200ms, timeout: 1s }}
     outlier_detection: {{ consecutive_5xx: 5 }}
 """)
+    # Reuse the address: a build right after another finds this port in TIME_WAIT for a minute.
+    socketserver.ThreadingTCPServer.allow_reuse_address = True
     server = socketserver.ThreadingTCPServer(("127.0.0.1", UP), Upstream)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
