@@ -38,6 +38,9 @@ public struct HealingEvent: Sendable, Equatable {
     /// The tenant concerned (SLO events).
     public var tenant: String?
     public var host: String?
+    /// The host's index in its cluster's endpoints, for the proxy to act on (not part of the event's schema,
+    /// and not compared: two events that say the same are equal).
+    public var hostIndex: Int?
     /// Which detector or rule decided (`consecutive_5xx`, `active_health_check`, `max_requests`, ...).
     public var reason: String
     /// The counts, rates and thresholds the decision was based on.
@@ -45,15 +48,21 @@ public struct HealingEvent: Sendable, Equatable {
     /// What was done: ejection time, hosts now ejected, how traffic is balanced.
     public var action: JSONValue
 
-    public init(kind: Kind, cluster: String, host: String? = nil, tenant: String? = nil, reason: String,
-                evidence: JSONValue = [:], action: JSONValue = [:]) {
+    public init(kind: Kind, cluster: String, host: String? = nil, hostIndex: Int? = nil, tenant: String? = nil,
+                reason: String, evidence: JSONValue = [:], action: JSONValue = [:]) {
         self.kind = kind
         self.cluster = cluster
         self.tenant = tenant
         self.host = host
+        self.hostIndex = hostIndex
         self.reason = reason
         self.evidence = evidence
         self.action = action
+    }
+
+    public static func == (a: HealingEvent, b: HealingEvent) -> Bool {
+        a.kind == b.kind && a.cluster == b.cluster && a.tenant == b.tenant && a.host == b.host && a.reason == b.reason
+            && a.evidence == b.evidence && a.action == b.action
     }
 }
 

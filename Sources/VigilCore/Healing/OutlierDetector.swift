@@ -275,7 +275,7 @@ public struct OutlierDetector: Sendable {
         }
         if enforcing < 100, Int(random.next() % 100) >= enforcing {
             guard shouldReportSkip(i, now: now) else { return }
-            events.append(HealingEvent(kind: .hostEjectionSkipped, cluster: cluster, host: hostNames[i], reason: reason,
+            events.append(HealingEvent(kind: .hostEjectionSkipped, cluster: cluster, host: hostNames[i], hostIndex: i, reason: reason,
                                        evidence: evidence,
                                        action: ["skipped": .string("not enforced: enforcing percentage is \(enforcing)")]))
             return
@@ -284,7 +284,7 @@ public struct OutlierDetector: Sendable {
         // Counting the host about to go: (ejected + 1) / total must stay within the percentage.
         guard (ejected + 1) * 100 <= config.maxEjectionPercent * hosts.count else {
             guard shouldReportSkip(i, now: now) else { return }
-            events.append(HealingEvent(kind: .hostEjectionSkipped, cluster: cluster, host: hostNames[i], reason: reason,
+            events.append(HealingEvent(kind: .hostEjectionSkipped, cluster: cluster, host: hostNames[i], hostIndex: i, reason: reason,
                                        evidence: evidence,
                                        action: ["skipped": .string("max_ejection_percent reached"),
                                                 "max_ejection_percent": .int(config.maxEjectionPercent),
@@ -300,7 +300,7 @@ public struct OutlierDetector: Sendable {
         hosts[i].ejectedAt = now
         hosts[i].ejectedUntil = now + TimeAmount(duration)
         hosts[i].lastEjectionReason = reason
-        events.append(HealingEvent(kind: .hostEjected, cluster: cluster, host: hostNames[i], reason: reason,
+        events.append(HealingEvent(kind: .hostEjected, cluster: cluster, host: hostNames[i], hostIndex: i, reason: reason,
                                    evidence: evidence,
                                    action: ["ejection_time_ms": .int(Int(duration.nanoseconds / 1_000_000)),
                                             "times_ejected": .int(hosts[i].timesEjected),
@@ -321,7 +321,7 @@ public struct OutlierDetector: Sendable {
         hosts[i].consecutive5xx = 0
         hosts[i].consecutiveGatewayFailures = 0
         hosts[i].consecutiveLocalOriginFailures = 0
-        return HealingEvent(kind: .hostReturned, cluster: cluster, host: hostNames[i], reason: reason, evidence: evidence,
+        return HealingEvent(kind: .hostReturned, cluster: cluster, host: hostNames[i], hostIndex: i, reason: reason, evidence: evidence,
                             action: ["hosts_ejected": .int(ejectedCount), "hosts_total": .int(hosts.count)])
     }
 }

@@ -29,9 +29,10 @@ final class HostSet: AtomicReference, Sendable {
     }
 }
 
-/// The health of one cluster's hosts: active health checks and outlier detection feed it, it decides with
-/// VigilCore's state machines under one lock (decisions are rare; recording an outcome is a few field
-/// updates), publishes a new `HostSet` when availability changes, and emits the events.
+/// The health of one cluster's hosts: active health checks and outlier detection feed it, and VigilCore's
+/// `ClusterHealthState` decides, under one lock (decisions are rare; recording an outcome is a few field
+/// updates). This shell publishes a new `HostSet` when availability changes, emits the events, and runs the
+/// timer that wakes the state when an ejection ends or a detector interval is due.
 public final class ClusterHealth: Sendable {
     let config: ClusterConfig
     let hostNames: [String]
@@ -41,19 +42,7 @@ public final class ClusterHealth: Sendable {
     let current: ManagedAtomic<HostSet>
     /// Set once the cluster has carried a request (Envoy's no-traffic interval applies until then).
     let hadTraffic = ManagedAtomic<Bool>(false)
-    private let state: NIOLockedValueBox<State>
-
-    struct State {
-        var detector: OutlierDetector?
-        var active: [ActiveHealthState]
-        var availability: HostAvailability
-        var returnedAt: [NIODeadline?]
-        var transitionAt: [NIODeadline?]
-        var transitionReason: [String?]
-        var random: SplitMix64
-        var overflow = OverflowWatch()
-        var wakeAt: NIODeadline?
-    }
+    private let state: NIOLockedValueBox<(health: ClusterHealthState, wakeAt: NIODeadline?)>
 
     init(config: ClusterConfig, hostNames: [String], events: HealingEventLog, loop: EventLoop, now: NIODeadline,
          carrying previous: ClusterHealth? = nil) {
@@ -62,46 +51,19 @@ public final class ClusterHealth: Sendable {
         self.events = events
         self.loop = loop
         self.hasOutlierDetection = config.outlierDetection != nil
-        let all = Array(repeating: true, count: hostNames.count)
-        let availability = HostAvailability(available: all, panicThreshold: config.panicThreshold,
-                                            allUnhealthy: config.allUnhealthy)
-        let none = [NIODeadline?](repeating: nil, count: hostNames.count)
-        self.current = ManagedAtomic(HostSet(availability: availability, available: all, returnedAt: none,
-                                             slowStart: config.slowStart))
         var seed = SystemRandomNumberGenerator()
-        self.state = NIOLockedValueBox(State(
-            detector: config.outlierDetection.map {
-                OutlierDetector(config: $0, cluster: config.name, hostNames: hostNames, now: now)
-            },
-            active: Array(repeating: ActiveHealthState(), count: hostNames.count),
-            availability: availability, returnedAt: none, transitionAt: none,
-            transitionReason: [String?](repeating: nil, count: hostNames.count),
-            random: SplitMix64(seed: seed.next())))
-        if let previous { carryOver(from: previous, now: now) }
+        var health = ClusterHealthState(config: config, hostNames: hostNames, now: now, seed: seed.next())
+        if let previous {
+            health.carryOver(from: previous.state.withLockedValue { $0.health })
+            hadTraffic.store(previous.hadTraffic.load(ordering: .relaxed), ordering: .relaxed)
+        }
+        self.current = ManagedAtomic(Self.hostSet(health))
+        self.state = NIOLockedValueBox((health, nil))
     }
 
-    /// Takes over the state of hosts that keep their address from the cluster this one replaces: check
-    /// results, ejections, transitions. Hosts new to the cluster start fresh (available, not yet probed).
-    private func carryOver(from previous: ClusterHealth, now: NIODeadline) {
-        let old = previous.state.withLockedValue { $0 }
-        hadTraffic.store(previous.hadTraffic.load(ordering: .relaxed), ordering: .relaxed)
-        state.withLockedValue { s in
-            for (i, name) in hostNames.enumerated() {
-                guard let j = previous.hostNames.firstIndex(of: name) else { continue }
-                s.active[i] = old.active[j]
-                s.returnedAt[i] = old.returnedAt[j]
-                s.transitionAt[i] = old.transitionAt[j]
-                s.transitionReason[i] = old.transitionReason[j]
-                if let host = old.detector?.hosts[j] { s.detector?.hostCarriedOver(i, state: host) }
-            }
-            let available = hostNames.indices.map { i in
-                s.active[i].isAvailable && !(s.detector?.hosts[i].isEjected ?? false)
-            }
-            s.availability = HostAvailability(available: available, panicThreshold: config.panicThreshold,
-                                              allUnhealthy: config.allUnhealthy)
-            current.store(HostSet(availability: s.availability, available: available, returnedAt: s.returnedAt,
-                                  slowStart: config.slowStart), ordering: .releasing)
-        }
+    private static func hostSet(_ health: ClusterHealthState) -> HostSet {
+        HostSet(availability: health.availability, available: health.available, returnedAt: health.returnedAt,
+                slowStart: health.config.slowStart)
     }
 
     /// Read on every recorded outcome; kept as a flag so the request path never touches the config struct.
@@ -114,87 +76,39 @@ public final class ClusterHealth: Sendable {
     func record(host: Int, _ outcome: AttemptOutcome, now clock: @autoclosure () -> NIODeadline) {
         guard hasOutlierDetection else { return }
         let now = clock()
-        let (decided, wake) = state.withLockedValue { s -> ([HealingEvent], NIODeadline?) in
-            guard s.detector != nil else { return ([], nil) }
-            // Mutated in place: a copy taken out of the optional would share the per-host array with it, and
-            // the first write would copy the whole array (an allocation and a copy on every request).
-            let events = s.detector!.record(host: host, outcome, now: now, random: &s.random)
-            guard !events.isEmpty else { return ([], nil) }
-            return (apply(events, to: &s, now: now), s.detector!.nextWake)
-        }
-        events.emit(decided)
-        if let wake { scheduleWake(at: wake) }
+        act(on: state.withLockedValue { s in publishing(s.health.recorded(host: host, outcome, now: now), &s.health) })
     }
 
     /// The result of an active probe of `host`.
     func probed(host: Int, _ result: ProbeResult, now: NIODeadline) {
-        guard let hc = config.healthCheck else { return }
-        let decided = state.withLockedValue { s -> [HealingEvent] in
-            var events: [HealingEvent] = []
-            if let e = s.active[host].record(result, config: hc, cluster: config.name, host: hostNames[host]) {
-                events.append(e)
-            }
-            if result.passed, s.detector != nil, let e = s.detector!.activeHealthCheckPassed(host: host, now: now) {
-                events.append(e)
-            }
-            return apply(events, to: &s, now: now)
-        }
-        events.emit(decided)
+        act(on: state.withLockedValue { s in publishing(s.health.probed(host: host, result, now: now), &s.health) })
     }
 
     /// Ends ejections that are due and runs the interval detectors; also samples the breaker counters.
     func tick(now: NIODeadline, overflow samples: [OverflowWatch.Sample]) {
-        let (decided, wake) = state.withLockedValue { s -> ([HealingEvent], NIODeadline?) in
-            var events = s.overflow.observe(samples, cluster: config.name)
-            guard s.detector != nil else { return (events, nil) }
-            if now >= s.detector!.nextWake {
-                let found = s.detector!.tick(now: now, random: &s.random)
-                events += apply(found, to: &s, now: now)
-            }
-            return (events, s.detector!.nextWake)
-        }
-        events.emit(decided)
-        if let wake { scheduleWake(at: wake) }
+        act(on: state.withLockedValue { s in publishing(s.health.ticked(now: now, overflow: samples), &s.health) })
     }
 
     /// Probe delay for `host` by its current state.
     func nextProbeDelay(host: Int) -> Duration {
-        guard let hc = config.healthCheck else { return .seconds(5) }
         let traffic = hadTraffic.load(ordering: .relaxed)
-        return state.withLockedValue { s in
-            s.active[host].nextProbeDelay(config: hc, clusterHadTraffic: traffic, random: &s.random)
-        }
+        return state.withLockedValue { $0.health.nextProbeDelay(host: host, clusterHadTraffic: traffic) }
     }
 
-    // MARK: - Deciding
+    /// Publishes the hosts a decision changed; runs under the lock, so snapshots go out in decision order.
+    /// (`inout`, not a copy: a copy of the state on every recorded outcome would retain and release each of
+    /// its arrays.)
+    private func publishing(_ decision: ClusterHealthState.Decision, _ health: inout ClusterHealthState)
+        -> ClusterHealthState.Decision
+    {
+        if decision.changed { current.store(Self.hostSet(health), ordering: .releasing) }
+        return decision
+    }
 
-    /// Marks the hosts the events moved, recomputes availability, publishes it, and adds a panic event
-    /// when the cluster's mode changed. Runs under the lock.
-    private func apply(_ events: [HealingEvent], to s: inout State, now: NIODeadline) -> [HealingEvent] {
-        guard !events.isEmpty else { return events }
-        for e in events {
-            guard let name = e.host, let i = hostNames.firstIndex(of: name),
-                  e.kind != .hostEjectionSkipped else { continue }
-            s.transitionAt[i] = now
-            s.transitionReason[i] = "\(e.kind.rawValue): \(e.reason)"
-        }
-        let before = current.load(ordering: .acquiring).available
-        let available = hostNames.indices.map { i in
-            s.active[i].isAvailable && !(s.detector?.hosts[i].isEjected ?? false)
-        }
-        for i in available.indices where available[i] && !before[i] { s.returnedAt[i] = now }
-        for i in available.indices where !available[i] { s.returnedAt[i] = nil }
-        let availability = HostAvailability(available: available, panicThreshold: config.panicThreshold,
-                                            allUnhealthy: config.allUnhealthy)
-        var out = events
-        if let e = availability.transition(from: s.availability, cluster: config.name,
-                                           panicThreshold: config.panicThreshold) {
-            out.append(e)
-        }
-        s.availability = availability
-        current.store(HostSet(availability: availability, available: available, returnedAt: s.returnedAt,
-                              slowStart: config.slowStart), ordering: .releasing)
-        return out
+    /// Emits a decision's events and arms its wake-up, outside the lock.
+    private func act(on decision: ClusterHealthState.Decision) {
+        events.emit(decision.events)
+        if let wake = decision.wake { scheduleWake(at: wake) }
     }
 
     private func scheduleWake(at deadline: NIODeadline) {
@@ -231,19 +145,18 @@ public final class ClusterHealth: Sendable {
     public func hostViews(now: NIODeadline? = nil) -> [HostView] {
         let now = now ?? loop.now
         let set = current.load(ordering: .acquiring)
-        return state.withLockedValue { s in
-            hostNames.indices.map { i in
-                let od = s.detector?.hosts[i]
-                let ejected = od?.isEjected ?? false
-                let active = s.active[i]
-                let stateName = ejected ? "ejected" : (active.status == .unhealthy ? "unhealthy"
-                                                       : (config.healthCheck != nil && active.status == .pending ? "pending" : "healthy"))
-                return HostView(address: hostNames[i], state: stateName,
-                                activeHealth: config.healthCheck == nil ? "not_checked" : active.status.rawValue,
-                                ejectedUntil: od?.ejectedUntil, timesEjected: od?.timesEjected ?? 0,
-                                lastTransition: s.transitionReason[i], lastTransitionAt: s.transitionAt[i],
-                                lastProbe: active.lastResult?.description, slowStartWeight: set.weight(of: i, now: now))
-            }
+        let s = state.withLockedValue { $0.health }
+        return hostNames.indices.map { i in
+            let od = s.detector?.hosts[i]
+            let ejected = od?.isEjected ?? false
+            let active = s.active[i]
+            let stateName = ejected ? "ejected" : (active.status == .unhealthy ? "unhealthy"
+                                                   : (config.healthCheck != nil && active.status == .pending ? "pending" : "healthy"))
+            return HostView(address: hostNames[i], state: stateName,
+                            activeHealth: config.healthCheck == nil ? "not_checked" : active.status.rawValue,
+                            ejectedUntil: od?.ejectedUntil, timesEjected: od?.timesEjected ?? 0,
+                            lastTransition: s.transitionReason[i], lastTransitionAt: s.transitionAt[i],
+                            lastProbe: active.lastResult?.description, slowStartWeight: set.weight(of: i, now: now))
         }
     }
 }
