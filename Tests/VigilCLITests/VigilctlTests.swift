@@ -64,17 +64,21 @@ import VigilTestSupport
         let other = try await FakeUpstream(group: group) { _ in .respond(body: "B") }
         let dir = scratch.path
         try "ops-secret\n".write(toFile: dir + "/ops.token", atomically: true, encoding: .utf8)
-        let (admin, control, proxy) = (try await freePort(), try await freePort(), try await freePort())
-        try writeConfig(dir: dir, admin: admin, control: control, proxy: proxy, clusters: ["a": upstream.port, "b": other.port])
+        let (firstAdmin, firstControl, firstProxy) = (try await freePort(), try await freePort(), try await freePort())
+        try writeConfig(dir: dir, admin: firstAdmin, control: firstControl, proxy: firstProxy,
+                        clusters: ["a": upstream.port, "b": other.port])
         // A first run pushes a policy that routes to b; the second must restore it before it says ready.
-        let first = try await startVigil(config: dir + "/vigil.yaml", adminPort: admin)
+        let first = try await startVigil(config: dir + "/vigil.yaml", adminPort: firstAdmin)
         try #"{"listeners": [{"name": "in", "routes": [{"match": {"prefix": "/"}, "cluster": "b"}]}]}"#
             .write(toFile: dir + "/p.json", atomically: true, encoding: .utf8)
-        let (pushed, _, err) = try run("vigilctl", ["policy", "apply", dir + "/p.json", "--server", "http://127.0.0.1:\(control)",
+        let (pushed, _, err) = try run("vigilctl", ["policy", "apply", dir + "/p.json", "--server", "http://127.0.0.1:\(firstControl)",
                                                     "--token-file", dir + "/ops.token"])
         #expect(pushed == 0, "\(err)")
         first.terminate()
         _ = first.wait()
+        // The second start uses new ports: ones just released could meanwhile go to a test running beside this one.
+        let (admin, control, proxy) = (try await freePort(), try await freePort(), try await freePort())
+        try writeConfig(dir: dir, admin: admin, control: control, proxy: proxy, clusters: ["a": upstream.port, "b": other.port])
         let p = try ChildProcess(Self.binary("vigil").path, ["--config", dir + "/vigil.yaml", "--threads", "1"])
         defer { p.terminate() }
         let group = self.group
@@ -102,7 +106,10 @@ import VigilTestSupport
         let other = try await FakeUpstream(group: group) { _ in .respond(body: "B") }
         let dir = scratch.path
         try "ops-secret\n".write(toFile: dir + "/ops.token", atomically: true, encoding: .utf8)
-        let (admin, control, proxy, dead) = (try await freePort(), try await freePort(), try await freePort(), try await freePort())
+        let (admin, control, proxy) = (try await freePort(), try await freePort(), try await freePort())
+        // Nothing serves port 9 (discard) here; a port bound and released by the test could be handed at once to
+        // another test's Vigil running beside this one, which would then answer for the "dead" sidecar.
+        let dead = 9
         try writeConfig(dir: dir, admin: admin, control: control, proxy: proxy,
                         clusters: ["a": upstream.port, "b": other.port])
         let p = try await startVigil(config: dir + "/vigil.yaml", adminPort: admin)

@@ -1,3 +1,4 @@
+import Atomics
 import Logging
 import NIOConcurrencyHelpers
 import VigilCore
@@ -308,12 +309,14 @@ public enum FileSystem {
         }
     }
 
+    private static let tempSequence = ManagedAtomic<UInt64>(0)
+
     /// Replaces `path` with `text` durably: a temp file beside it, fsync, rename over, fsync the directory.
     /// A crash leaves the old file or the new one, never a torn one.
     public static func replaceDurably(_ path: String, with text: String) throws {
-        // Unique to the process: two processes replacing the same file (two Vigils on one state_dir, a mistake)
-        // must not rename each other's half-written temp file away.
-        let temp = path + ".tmp.\(getpid())"
+        // Unique to the call: two processes (two Vigils on one state_dir, a mistake) or two threads replacing the
+        // same file must not rename each other's half-written temp file away.
+        let temp = path + ".tmp.\(getpid()).\(tempSequence.wrappingIncrementThenLoad(ordering: .relaxed))"
         let fd = open(temp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o640)
         guard fd >= 0 else { throw FileSystemError("cannot create \(temp): errno \(errno)") }
         do {

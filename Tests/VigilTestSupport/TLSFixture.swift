@@ -3,23 +3,22 @@ import Foundation
 import NIOSSL
 import SwiftASN1
 import VigilCore
-import VigilTestSupport
 import X509
-@testable import VigilProxy
+import VigilProxy
 
 /// Certificates for the TLS tests, made fresh in a temporary directory with Vigil's own dev CA code:
 /// a mesh CA, Vigil's serving certificate, clients, an upstream, and a second, untrusted CA.
-struct TLSFixture {
-    let scratch = ScratchDirectory("vigil-tls")
-    var dir: String { scratch.path }
-    let ca: DevCertificateAuthority
-    let otherCA: DevCertificateAuthority
+public struct TLSFixture {
+    public let scratch = ScratchDirectory("vigil-tls")
+    public var dir: String { scratch.path }
+    public let ca: DevCertificateAuthority
+    public let otherCA: DevCertificateAuthority
 
-    static let vigilID = "spiffe://corp/ns/mesh/sa/vigil"
-    static let webID = "spiffe://corp/ns/acme/sa/web"
-    static let apiID = "spiffe://corp/api"
+    public static let vigilID = "spiffe://corp/ns/mesh/sa/vigil"
+    public static let webID = "spiffe://corp/ns/acme/sa/web"
+    public static let apiID = "spiffe://corp/api"
 
-    init() throws {
+    public init() throws {
         ca = try DevCertificateAuthority(name: "mesh CA")
         otherCA = try DevCertificateAuthority(name: "another CA")
         try write("ca.pem", DevCertificateAuthority.pem(ca.certificate))
@@ -27,15 +26,15 @@ struct TLSFixture {
         try issue(Self.vigilID, as: "vigil")
     }
 
-    func path(_ name: String) -> String { (dir as NSString).appendingPathComponent(name) }
+    public func path(_ name: String) -> String { (dir as NSString).appendingPathComponent(name) }
 
-    func write(_ name: String, _ text: String) throws {
+    public func write(_ name: String, _ text: String) throws {
         try text.write(toFile: path(name), atomically: true, encoding: .utf8)
     }
 
     /// Writes `<stem>.pem` and `<stem>-key.pem` for `identity`, signed by `by` (the mesh CA by default).
     @discardableResult
-    func issue(_ identity: String, as stem: String, by: DevCertificateAuthority? = nil, notBefore: Date? = nil,
+    public func issue(_ identity: String, as stem: String, by: DevCertificateAuthority? = nil, notBefore: Date? = nil,
                validity: TimeInterval = 30 * 86400) throws -> (Certificate, P256.Signing.PrivateKey) {
         let (cert, key) = try (by ?? ca).issue(identity: identity, notBefore: notBefore, validity: validity)
         try write("\(stem).pem", DevCertificateAuthority.pem(cert))
@@ -43,14 +42,14 @@ struct TLSFixture {
         return (cert, key)
     }
 
-    static func der(_ c: Certificate) throws -> [UInt8] {
+    public static func der(_ c: Certificate) throws -> [UInt8] {
         var s = DER.Serializer()
         try s.serialize(c)
         return s.serializedBytes
     }
 
     /// A client TLS context: trusts the mesh CA, presents `stem`'s certificate if given.
-    func clientContext(cert stem: String? = nil, alpn: [String] = ["http/1.1"], maxVersion: TLSVersion? = nil,
+    public func clientContext(cert stem: String? = nil, alpn: [String] = ["http/1.1"], maxVersion: TLSVersion? = nil,
                        minVersion: TLSVersion = .tlsv12) throws -> NIOSSLContext {
         var c = TLSConfiguration.makeClientConfiguration()
         c.trustRoots = .file(path("ca.pem"))
@@ -66,7 +65,7 @@ struct TLSFixture {
     }
 
     /// A server TLS context for a fake upstream presenting `stem`, optionally requiring a mesh client cert.
-    func serverContext(cert stem: String, requireClientCert: Bool = false) throws -> NIOSSLContext {
+    public func serverContext(cert stem: String, requireClientCert: Bool = false) throws -> NIOSSLContext {
         var c = TLSConfiguration.makeServerConfiguration(certificateChain: [.file(path("\(stem).pem"))],
                                                          privateKey: .file(path("\(stem)-key.pem")))
         if requireClientCert {
@@ -77,7 +76,7 @@ struct TLSFixture {
     }
 
     /// The listener's `tls:` block in flow style.
-    var listenerTLS: String {
+    public var listenerTLS: String {
         "tls: { cert: \"\(path("vigil.pem"))\", key: \"\(path("vigil-key.pem"))\", client_ca: \"\(path("ca.pem"))\" }"
     }
 }

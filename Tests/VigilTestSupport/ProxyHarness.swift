@@ -4,19 +4,18 @@ import Logging
 import NIOCore
 import NIOPosix
 import VigilCore
-import VigilTestSupport
-@testable import VigilProxy
+import VigilProxy
 
 /// One Vigil data plane on 127.0.0.1 with an ephemeral port per listener, built from YAML in which
 /// `$UP0`, `$UP1`... stand for the given upstream ports.
-final class ProxyHarness: Sendable {
-    let group: MultiThreadedEventLoopGroup
-    let server: ProxyServer
-    let accessLog: AccessLog
+public final class ProxyHarness: Sendable {
+    public let group: MultiThreadedEventLoopGroup
+    public let server: ProxyServer
+    public let accessLog: AccessLog
 
-    var runtime: ProxyRuntime { server.runtime }
+    public var runtime: ProxyRuntime { server.runtime }
 
-    init(yaml: String, upstreams: [Int] = [], group: MultiThreadedEventLoopGroup? = nil,
+    public init(yaml: String, upstreams: [Int] = [], group: MultiThreadedEventLoopGroup? = nil,
          metrics: MetricsFactory = NOOPMetricsHandler.instance, eventEpoch: UInt64 = 0) async throws {
         var text = yaml
         for (i, port) in upstreams.enumerated().reversed() { text = text.replacingOccurrences(of: "$UP\(i)", with: "\(port)") }
@@ -31,38 +30,25 @@ final class ProxyHarness: Sendable {
         try await server.start()
     }
 
-    func port(_ listener: String = "in") -> Int { server.boundAddress(listener: listener)!.port! }
+    public func port(_ listener: String = "in") -> Int { server.boundAddress(listener: listener)!.port! }
 
-    func client(_ listener: String = "in") async throws -> TestClient {
+    public func client(_ listener: String = "in") async throws -> TestClient {
         try await TestClient.connect(port: port(listener), group: group)
     }
 
-    func stop() async {
+    public func stop() async {
         await server.drain(timeout: .seconds(1))
     }
 
-    /// The bytes Vigil has queued for its upstream connections and their sockets have not taken, per
-    /// connection (each pool is looked at on its own event loop).
-    func upstreamQueuedBytes() async throws -> [Int] {
-        var queued: [Int] = []
-        for context in runtime.allLoopContexts {
-            let channels = try await context.eventLoop.submit {
-                context.policy.pools.flatMap { $0.flatMap(\.openChannels) }
-            }.get()
-            for c in channels { queued.append(try await c.getOption(.bufferedWritableBytes).get()) }
-        }
-        return queued
-    }
-
     /// One field of every access-log line written so far (the harness logs to memory), in order.
-    func accessLogValues<T>(_ key: String, as _: T.Type) -> [T] {
+    public func accessLogValues<T>(_ key: String, as _: T.Type) -> [T] {
         accessLog.lines.compactMap { line in
             (try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])?[key] as? T
         }
     }
 
     /// The standard one-listener, one-cluster config.
-    static func simple(limits: String = "", route: String = "", cluster: String = "", endpoints: Int = 1,
+    public static func simple(limits: String = "", route: String = "", cluster: String = "", endpoints: Int = 1,
                        listener: String = "", top: String = "") -> String {
         let eps = (0..<endpoints).map { "\"127.0.0.1:$UP\($0)\"" }.joined(separator: ", ")
         return """
