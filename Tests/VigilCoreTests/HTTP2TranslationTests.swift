@@ -130,6 +130,19 @@ import VigilTestSupport
         }
     }
 
+    /// The one table every head writer follows: what is connection-specific, and what only Vigil sets.
+    @Test func oneTableSaysWhichFieldsStayOnTheirHop() {
+        for name in ["connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "transfer-encoding", "upgrade"] {
+            #expect(HTTP1FieldKind.classify(name).isConnectionSpecific, "\(name)")
+        }
+        for name in ["host", "content-length", "x-forwarded-for", "x-request-id", "cookie", "trailer", "expect", "proxy"] {
+            #expect(!HTTP1FieldKind.classify(name).isConnectionSpecific, "\(name)")
+        }
+        for name in ["x-forwarded-proto", "x-forwarded-client-cert", "x-vigil-tenant"] {
+            #expect(HTTP1FieldKind.classify(name).isSetByVigil && !HTTP1FieldKind.classify(name).isConnectionSpecific, "\(name)")
+        }
+    }
+
     // MARK: - Fuzzing
 
     static let seed = FuzzSeed.make("HTTP2TranslationTests")

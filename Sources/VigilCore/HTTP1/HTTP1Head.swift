@@ -56,6 +56,30 @@ public enum HTTP1FieldKind: UInt8, Sendable {
         return name.withUTF8 { classify(UnsafeRawBufferPointer($0), 0, $0.count) }
     }
 
+    // Which fields go on, in either direction and between either protocol: the kinds below are the table
+    // every head Vigil writes follows (the HTTP/1.1 writers, the HTTP/2 → HTTP/1.1 translation, the HTTP/2
+    // upstream stream and the HTTP/2 response); each writer adds back what it must (its own framing, `te:
+    // trailers`, an upgrade's `upgrade`, Vigil's x-forwarded-* and request id).
+
+    /// Meaningful for one connection only (RFC 9110 §7.6.1; RFC 9113 §8.2.2 forbids them in HTTP/2): never
+    /// forwarded as received. `Proxy-*` fields count, as HAProxy and Envoy treat them.
+    public var isConnectionSpecific: Bool {
+        switch self {
+        case .connection, .keepAlive, .proxyPrefixed, .te, .transferEncoding, .upgrade: true
+        case .other, .host, .contentLength, .expect, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer,
+             .xForwardedClientCert, .xVigilTenant: false
+        }
+    }
+
+    /// Set on requests only by Vigil (its `x-forwarded-proto`, the mTLS client's `x-forwarded-client-cert`, the
+    /// tenant it identified): one a client sent is removed, never trusted.
+    public var isSetByVigil: Bool {
+        switch self {
+        case .xForwardedProto, .xForwardedClientCert, .xVigilTenant: true
+        default: false
+        }
+    }
+
     /// Whether a field of this kind is dropped from a trailer section Vigil forwards. Framing, routing and
     /// connection fields are never valid there (RFC 9110 §6.5.1), and neither are the fields only Vigil
     /// sets; RFC 9110 §6.5.2 lets a recipient merge trailers into the header section, so passing on a

@@ -40,31 +40,31 @@ extension HTTP1HeadWriter {
             .map(MaxForwards.forwarded)
         if let maxForwards { writeMaxForwards(maxForwards, into: &out) }
         for (name, value, _) in request.headers {
-            // Pseudo-headers (every request has four) are skipped before the switch, which compares names one
-            // case at a time.
+            // Pseudo-headers (every request has four) are skipped before the field is classified.
             if name.utf8.first == UInt8(ascii: ":") { continue }
-            switch name {
-            case "host", "connection", "keep-alive",
-                 "proxy-connection", "transfer-encoding", "upgrade", "x-forwarded-proto", "x-forwarded-client-cert",
-                 "x-vigil-tenant":
-                continue
-            case "te":
+            let kind = HTTP1FieldKind.classify(name)
+            switch kind {
+            case .host:
+                continue  // the authority went first
+            case .te:
                 // The only TE an HTTP/2 request may carry (RFC 9113 §8.2.2): sent on, as from HTTP/1.1 clients,
                 // so the upstream knows trailers will reach the client.
                 teTrailers = teTrailers || value == "trailers"
                 continue
-            case "cookie":
-                cookies.append(value)
-                continue
-            case "x-forwarded-for":
+            case .xForwardedFor:
                 forwardedFor.append(value)
                 continue
-            case "x-request-id":
+            case .xRequestID:
                 hadRequestID = true
-            case "content-length":
+            case .contentLength:
                 break
             default:
-                if name.hasPrefix("proxy-") || name == dropped || (maxForwards != nil && name == "max-forwards") {
+                if kind.isConnectionSpecific || kind.isSetByVigil || name == dropped
+                    || (maxForwards != nil && name == "max-forwards") {
+                    continue
+                }
+                if name == "cookie" {
+                    cookies.append(value)
                     continue
                 }
             }

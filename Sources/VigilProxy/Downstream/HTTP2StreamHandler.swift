@@ -687,13 +687,11 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
         headers.add(name: ":status", value: String(head.status))
         let nominated = head.connection.nominated
         for f in head.fields {
-            switch f.kind {
-            case .connection, .keepAlive, .proxyPrefixed, .transferEncoding, .upgrade, .te:
-                continue
-            case .contentLength:
+            if f.kind.isConnectionSpecific { continue }
+            if f.kind == .contentLength {
                 if head.transferEncodingPresent { continue }
-            case .host, .expect, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .other, .xForwardedClientCert, .xVigilTenant:
-                if !nominated.isEmpty && nominated.contains(where: { head.nameEquals(f, $0) }) { continue }
+            } else if !nominated.isEmpty && nominated.contains(where: { head.nameEquals(f, $0) }) {
+                continue
             }
             headers.add(name: head.lowercaseNameString(f), value: head.valueString(f))
         }

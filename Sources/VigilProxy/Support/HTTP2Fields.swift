@@ -11,7 +11,7 @@ enum HTTP2Fields {
         for line in String(buffer: raw).split(separator: "\r\n") {
             guard let colon = line.firstIndex(of: ":") else { continue }
             let name = line[..<colon].lowercased()
-            if ["connection", "transfer-encoding", "keep-alive", "te", "upgrade"].contains(name) { continue }
+            if HTTP1FieldKind.classify(name).isConnectionSpecific { continue }
             headers.add(name: name, value: line[line.index(after: colon)...].trimmingSpaces())
         }
         return headers.isEmpty ? nil : headers

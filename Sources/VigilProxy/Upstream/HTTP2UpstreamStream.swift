@@ -157,12 +157,9 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
         h.add(name: ":authority", value: requested.isEmpty ? authority : requested)
         h.add(name: ":path", value: head.path)
         for f in head.fields {
-            switch f.kind {
-            case .host, .connection, .keepAlive, .proxyPrefixed, .transferEncoding, .upgrade:
-                continue
-            case .te:
-                h.add(name: "te", value: "trailers")
-            case .contentLength, .expect, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .other, .xForwardedClientCert, .xVigilTenant:
+            if f.kind == .te {
+                h.add(name: "te", value: "trailers")  // the only TE HTTP/2 allows; the head Vigil wrote has no other
+            } else if f.kind != .host && !f.kind.isConnectionSpecific {
                 h.add(name: head.lowercaseNameString(f), value: head.valueString(f))
             }
         }
@@ -253,8 +250,9 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
         b.writeString("HTTP/1.1 \(status) \r\n")
         var hasLength = false
         for (name, value, _) in headers where !name.hasPrefix(":") {
-            if name == "content-length" { hasLength = true }
-            if ["connection", "transfer-encoding", "keep-alive", "upgrade", "te"].contains(name) { continue }
+            let kind = HTTP1FieldKind.classify(name)
+            if kind == .contentLength { hasLength = true }
+            if kind.isConnectionSpecific { continue }
             b.writeString("\(name): \(value)\r\n")
         }
         if !hasLength { b.writeString(endStream ? "content-length: 0\r\n" : "transfer-encoding: chunked\r\n") }
