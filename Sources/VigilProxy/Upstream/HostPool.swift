@@ -102,7 +102,17 @@ final class HostPool {
         }
         if let waiter = waiters.popFirst() {
             cluster.releasePending()
-            waiter.poolProvided(connection, reused: true)
+            // Handed over once the finishing exchange's callbacks have returned, never from inside them: the
+            // release comes from the connection's own read loop, and the waiter would otherwise write its request
+            // (and run its own logic) in the middle of another exchange's end. A connection that closed
+            // meanwhile is not handed over; the waiter asks again.
+            eventLoop.assumeIsolated().execute { [self] in
+                if connection.isUsable {
+                    waiter.poolProvided(connection, reused: true)
+                } else {
+                    acquire(waiter)
+                }
+            }
             return
         }
         connection.idleSince = now
