@@ -49,12 +49,7 @@ import VigilTestSupport
             """.write(toFile: dir + "/vigil.yaml", atomically: true, encoding: .utf8)
     }
 
-    func freePort() async throws -> Int {
-        let c = try await ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).get()
-        let port = c.localAddress!.port!
-        try await c.close()
-        return port
-    }
+    func freePort() async throws -> Int { freeLoopbackPort() }
 
     /// `/ready` is set by the binary's start-up, never by a test: asked from the moment the process starts,
     /// the first 200 comes only when the listener proxies, the control plane answers and the pushed policy
