@@ -17,6 +17,14 @@ extension ClusterRuntime {
 }
 
 @Suite(.timeLimit(.minutes(3))) struct ClusterRuntimeTests {
+    /// Outlier detection that ejects a host on its first 5xx, for the default base ejection time (30 s).
+    static func ejectingOnFirst5xx(maxPercent: Int) -> OutlierDetectionConfig {
+        var od = OutlierDetectionConfig()
+        od.consecutive5xx = 1
+        od.maxEjectionPercent = maxPercent
+        return od
+    }
+
     static func endpoints(_ n: Int) -> [SocketAddressSpec] {
         (0..<n).map { SocketAddressSpec(host: "127.0.0.1", port: 1000 + $0) }
     }
@@ -52,10 +60,7 @@ extension ClusterRuntime {
 
     @Test func ejectedHostsGetNoRequestsAndRetriesAvoidTriedHosts() {
         var config = ClusterConfig(name: "c", endpoints: Self.endpoints(3), loadBalancer: .roundRobin)
-        var od = OutlierDetectionConfig()
-        od.consecutive5xx = 1
-        od.maxEjectionPercent = 50
-        config.outlierDetection = od
+        config.outlierDetection = Self.ejectingOnFirst5xx(maxPercent: 50)
         let cluster = ClusterRuntime.standalone(config)
         var random = SplitMix64(seed: 1)
         cluster.health.record(host: 1, .response(status: 500), now: .now())
@@ -75,11 +80,7 @@ extension ClusterRuntime {
     /// has passed, not a millisecond before, with no sleeping (the EmbeddedEventLoop's manual clock).
     @Test func anEjectedHostReturnsAtItsEjectionTimeOnTheLoopsClock() {
         var config = ClusterConfig(name: "c", endpoints: Self.endpoints(2))
-        var od = OutlierDetectionConfig()
-        od.consecutive5xx = 1
-        od.maxEjectionPercent = 50
-        od.baseEjectionTime = .seconds(30)
-        config.outlierDetection = od
+        config.outlierDetection = Self.ejectingOnFirst5xx(maxPercent: 50)
         let loop = EmbeddedEventLoop()
         let cluster = ClusterRuntime(config: config,
                                      events: HealingEventLog(capacity: 64, logger: Logger(label: "test"),
@@ -100,10 +101,7 @@ extension ClusterRuntime {
     /// floor of an hour-long window), not as often as the others.
     @Test func aReturningHostIsPickedByItsSlowStartWeight() {
         var config = ClusterConfig(name: "c", endpoints: Self.endpoints(2), loadBalancer: .roundRobin)
-        var od = OutlierDetectionConfig()
-        od.consecutive5xx = 1
-        od.maxEjectionPercent = 50
-        config.outlierDetection = od
+        config.outlierDetection = Self.ejectingOnFirst5xx(maxPercent: 50)
         config.slowStart = SlowStartConfig(window: .seconds(3600))
         let cluster = ClusterRuntime.standalone(config)
         var random = SplitMix64(seed: 7)
@@ -121,10 +119,7 @@ extension ClusterRuntime {
 
     @Test func failFastWithNothingAvailableOffersNoHost() {
         var config = ClusterConfig(name: "c", endpoints: Self.endpoints(2))
-        var od = OutlierDetectionConfig()
-        od.consecutive5xx = 1
-        od.maxEjectionPercent = 100
-        config.outlierDetection = od
+        config.outlierDetection = Self.ejectingOnFirst5xx(maxPercent: 100)
         config.allUnhealthy = .failFast
         let cluster = ClusterRuntime.standalone(config)
         var random = SplitMix64(seed: 1)
