@@ -78,3 +78,13 @@ public struct SplitMix64: RandomNumberGenerator, Sendable {
         return z ^ (z >> 31)
     }
 }
+
+/// A small set of host indices (a request's tried hosts). Indices past 63 share bits, which only makes a
+/// retry on a very large cluster slightly more willing to avoid a host it did not try.
+public struct HostMask: Sendable, Equatable {
+    private var bits: UInt64 = 0
+    public init() {}
+    public var isEmpty: Bool { bits == 0 }
+    public func contains(_ i: Int) -> Bool { bits & (1 << UInt64(i & 63)) != 0 }
+    public mutating func insert(_ i: Int) { bits |= 1 << UInt64(i & 63) }
+}

@@ -1,19 +1,10 @@
 import NIOCore
 import NIOHPACK
 
-/// Why an HTTP/2 request (or its trailers) is refused before anything of it is sent on: the status of the
-/// local reply and the reason the access log and `x-vigil-reason` give.
-public struct HTTP2RequestRejection: Error, Equatable, Sendable {
-    public var status: Int
-    public var reason: String
-    public var detail: String
+/// Why an HTTP/2 request (or its trailers) is refused before anything of it is sent on: the answer Vigil makes.
+public typealias HTTP2RequestRejection = LocalAnswer
 
-    public init(status: Int, reason: String, detail: String) {
-        self.status = status
-        self.reason = reason
-        self.detail = detail
-    }
-
+extension LocalAnswer {
     static let controlInValue = HTTP2RequestRejection(
         status: 400, reason: "bad_header_value", detail: "a header field value holds a control character")
 }

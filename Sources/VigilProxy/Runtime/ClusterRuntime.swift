@@ -192,13 +192,3 @@ public final class ClusterRuntime: Sendable {
         ]
     }
 }
-
-/// A small set of host indices (a request's tried hosts). Indices past 63 share bits, which only makes a
-/// retry on a very large cluster slightly more willing to avoid a host it did not try.
-struct HostMask: Equatable {
-    private var bits: UInt64 = 0
-    init() {}
-    var isEmpty: Bool { bits == 0 }
-    func contains(_ i: Int) -> Bool { bits & (1 << UInt64(i & 63)) != 0 }
-    mutating func insert(_ i: Int) { bits |= 1 << UInt64(i & 63) }
-}

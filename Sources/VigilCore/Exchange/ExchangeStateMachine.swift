@@ -1,0 +1,451 @@
+import NIOCore
+
+/// What an exchange asks of the proxy around it when a try fails: the cluster's hosts, its `max_retries`
+/// breaker, the route's retry budget, the host's health and randomness. The front ends implement it on their
+/// event loop; tests implement it with counters. Class-bound so that a front end passes itself, with nothing
+/// built per call; the machine calls it only on failure paths and to give back a retry slot.
+public protocol ExchangeEnvironment: AnyObject {
+    /// A host for the next try, preferring ones not in `tried`; nil when the cluster has none available.
+    func pickRetryHost(excluding tried: HostMask) -> Int?
+    /// Takes a slot of the cluster's `max_retries` breaker (false: the breaker is full).
+    func reserveRetrySlot() -> Bool
+    func releaseRetrySlot()
+    /// Takes one retry from the route's budget (false: spent; the environment keeps the evidence).
+    func withdrawRetryBudget() -> Bool
+    /// The next try goes to `host` (the environment moves its per-host counts there).
+    func retryAdmitted(host: Int)
+    /// How the current try ended, for the host's outlier detection.
+    func recordAttempt(_ outcome: AttemptOutcome)
+    /// A try could not reach its host (counted in the cluster's `connect_failures`).
+    func connectFailed()
+    func nextRandom() -> UInt64
+}
+
+/// The decisions of one proxied request, the same under HTTP/1.1 and HTTP/2 (and what later front ends add):
+/// when to ask for a connection, what to send on it, the route's `timeout`, `per_try_timeout` and
+/// `idle_timeout`, whether and when to retry (policy, `max_retries` breaker, budget, backoff, hosts tried),
+/// sending again after a stale keep-alive connection or a refused HTTP/2 stream, whether the request can
+/// still be replayed, and the outcome the request ends with.
+///
+/// A value with no I/O and no clock (async-http-client's `HTTPRequestStateMachine` shape): the front end
+/// feeds it what happened, with the time, and runs the `Action` it returns after the state has changed.
+/// Framing, flow control and how a cut response is signalled (a closed connection, RST_STREAM) stay in the
+/// front ends; so do the client-side timers (`header_timeout`, `body_timeout`, `send_timeout`), which end an
+/// exchange through `end(reason:status:env:)`.
+public struct ExchangeStateMachine: Sendable {
+    /// What the route asks of the exchange.
+    public struct Route: Sendable, Equatable {
+        /// The route's `timeout`, from the whole request received to the response head; zero: none.
+        public var timeout: TimeAmount
+        /// The route's `idle_timeout`: longest silence of the upstream once the request is sent; zero: none.
+        public var idleTimeout: TimeAmount
+        public var retry: RetryPolicy?
+
+        public init(timeout: TimeAmount = .zero, idleTimeout: TimeAmount = .zero, retry: RetryPolicy? = nil) {
+            self.timeout = timeout
+            self.idleTimeout = idleTimeout
+            self.retry = retry
+        }
+    }
+
+    public enum Phase: Sendable, Equatable {
+        /// No request yet.
+        case idle
+        /// Waiting for the pool. Next: trying, backingOff, finished.
+        case waitingForConnection
+        /// A retry waits out its backoff. Next: waitingForConnection, finished.
+        case backingOff
+        /// The request is (being) sent on a connection; no response head yet. Next: responding, waiting (a
+        /// retry or a resend), backingOff, finished.
+        case trying
+        /// The response head went to the client: nothing can be retried now. Next: finished.
+        case responding
+        case finished
+    }
+
+    /// What to do with the upstream side when a try or the exchange ends before its response does.
+    public enum Upstream: Sendable, Equatable {
+        /// Nothing is held (a backoff, or the connection already failed).
+        case none
+        /// The request waits in the pool's queue: leave it.
+        case cancelWait
+        /// A connection or stream carries the try: close it (its response can no longer be used).
+        case close
+    }
+
+    public enum Action: Sendable, Equatable {
+        case none
+        /// Ask the pool for a connection now, after doing `drop` with the try before. `fresh`: not an idle
+        /// keep-alive connection (the last one went stale under the request).
+        case acquire(fresh: Bool, drop: Upstream)
+        /// Do `drop` with the try before and wait for `nextDeadline` (a retry's backoff).
+        case backOff(drop: Upstream)
+        /// Send the request on the connection just provided: the copy kept from the first try if `replay`,
+        /// else the request itself; keep a copy of what is sent if `keepCopy` (see `bodyForwarded`).
+        case send(replay: Bool, keepCopy: Bool)
+        /// A connection arrived for an exchange that no longer wants one: give it back unused.
+        case releaseConnection
+        /// Relay the response head to the client.
+        case forwardResponse
+        /// The exchange is over with an answer of Vigil's own (`status`, `reason` are set), after doing `drop`.
+        case reply(LocalAnswer, drop: Upstream)
+        /// The response is complete; the connection goes back to its pool if `reuseUpstream`.
+        case finish(reuseUpstream: Bool)
+        /// The response had begun and cannot complete: cut it short, after doing `drop`.
+        case abort(drop: Upstream)
+    }
+
+    /// How many times a request is sent again after HTTP/2 upstreams refused its stream (REFUSED_STREAM:
+    /// certainly not processed, RFC 9113 §8.7), outside the retry policy.
+    public static let maxRefusedResends = 3
+
+    public private(set) var phase = Phase.idle
+    /// The outcome the exchange ends with (0 until a response or answer has a status; "-" for a response
+    /// that completed).
+    public private(set) var status = 0
+    public private(set) var reason = "-"
+    /// The client's whole request (its body included) has been received.
+    public private(set) var requestComplete = false
+    /// The response head (or a 101) went to the client: from then on the exchange can only finish or be cut.
+    public private(set) var responseStarted = false
+    public private(set) var retriesDone = 0
+    /// Whether a `max_retries` slot is held (from a retry decision to the exchange's end).
+    public private(set) var holdsRetrySlot = false
+    public private(set) var tried = HostMask()
+
+    private var route = Route()
+    /// The method, kept only when the route can retry (the policy asks whether it is idempotent).
+    private var method = ""
+    private var routeDeadline: NIODeadline?
+    private var tryDeadline: NIODeadline?
+    /// Since when the upstream has sent nothing while the exchange waits on it (the request sent whole, the
+    /// response not ended). Moved on each read rather than re-armed: the deadline is checked when it comes.
+    private var quietSince: NIODeadline?
+    private var backoffUntil: NIODeadline?
+    /// Some try has sent bytes upstream: from then on only the kept copy can be sent again.
+    private var sent = false
+    /// The copy of what was sent is whole (the body has not outgrown `retry_buffer_bytes`).
+    private var copyHeld = false
+    private var hasBody = false
+    private var reusedConnection = false
+    private var staleResent = false
+    private var refusedResends = 0
+    private var tunnel = false
+
+    public init() {}
+
+    /// The earliest deadline the front end must call `deadlineReached` at; nil: none.
+    public var nextDeadline: NIODeadline? {
+        func earlier(_ a: NIODeadline?, _ b: NIODeadline?) -> NIODeadline? {
+            guard let a else { return b }
+            guard let b else { return a }
+            return min(a, b)
+        }
+        let idle = quietSince.map { $0 + route.idleTimeout }
+        return earlier(earlier(routeDeadline, tryDeadline), earlier(backoffUntil, idle))
+    }
+
+    /// Whether the request could be sent again now: nothing of it was sent, or the copy of it is whole.
+    public var replayable: Bool { !sent || copyHeld }
+
+
+    // MARK: - Events
+
+    /// A request was routed and admitted to `host`. `requestComplete`: its body (if any) has been received.
+    public mutating func started(route: Route, host: Int, method: @autoclosure () -> String, hasBody: Bool,
+                                 requestComplete: Bool, now: NIODeadline) -> Action {
+        self = ExchangeStateMachine()
+        self.route = route
+        if route.retry != nil { self.method = method() }
+        self.hasBody = hasBody
+        self.requestComplete = requestComplete
+        tried.insert(host)
+        phase = .waitingForConnection
+        if requestComplete {
+            armRouteDeadline(now: now)
+            if route.idleTimeout > .zero { quietSince = now }
+        }
+        return .acquire(fresh: false, drop: .none)
+    }
+
+    /// The pool gave the exchange a connection (`reused`: one that had served requests before).
+    public mutating func connectionProvided(reused: Bool, now: NIODeadline) -> Action {
+        guard phase == .waitingForConnection else { return .releaseConnection }
+        phase = .trying
+        reusedConnection = reused
+        let first = !sent
+        sent = true
+        // A copy is kept while a resend is possible: under a retry policy, or of a request without a body
+        // (its head alone), which a stale connection or a refused stream may need sent again.
+        if first { copyHeld = route.retry != nil || !hasBody }
+        if requestComplete { tryStartedWhole(now: now) }
+        return .send(replay: !first, keepCopy: first && copyHeld)
+    }
+
+    /// The pool could not provide a connection.
+    public mutating func connectionFailed<E: ExchangeEnvironment>(_ failure: UpstreamFailure, now: NIODeadline,
+                                                                 env: E) -> Action {
+        guard phase == .waitingForConnection else { return .none }
+        if case .overflow = failure { return reply(LocalAnswer(failure), drop: .none, env: env) }
+        env.connectFailed()
+        env.recordAttempt(.connectFailure)
+        return retry(after: .connectFailure, now: now, drop: .none, env: env)
+            ?? reply(LocalAnswer(failure), drop: .none, env: env)
+    }
+
+    /// Body bytes were sent upstream, `totalBytes` of them so far in this request. Returns whether the
+    /// kept copy still holds the request whole (the front end appends them to it); past the route's
+    /// `retry_buffer_bytes`, or without a retry policy, it no longer does and can be dropped.
+    public mutating func bodyForwarded(totalBytes: Int) -> Bool {
+        guard copyHeld else { return false }
+        guard let limit = route.retry?.config.retryBufferBytes, totalBytes <= limit else {
+            copyHeld = false
+            return false
+        }
+        return true
+    }
+
+    /// The client's request is complete (its body ended).
+    public mutating func requestEnded(now: NIODeadline) {
+        requestComplete = true
+        switch phase {
+        case .waitingForConnection, .backingOff:
+            armRouteDeadline(now: now)
+            if route.idleTimeout > .zero { quietSince = now }
+        case .trying:
+            armRouteDeadline(now: now)
+            tryStartedWhole(now: now)
+            if route.idleTimeout > .zero { quietSince = now }
+        case .responding:
+            if route.idleTimeout > .zero { quietSince = now }
+        case .idle, .finished:
+            break
+        }
+    }
+
+    /// A final response head (status ≥ 200, not 101) arrived. The front end records its status for the host's
+    /// health before calling; `retryAfter` is read only if the route would retry this status.
+    public mutating func responseHeadReceived<E: ExchangeEnvironment>(status: Int, now: NIODeadline,
+                                                                     retryAfter: () -> Duration?, env: E) -> Action {
+        guard phase == .trying else { return .none }
+        if requestComplete, let policy = route.retry, policy.covers(.response(status: status)),
+           let next = retry(after: .response(status: status), retryAfter: retryAfter(), now: now, drop: .close, env: env) {
+            return next
+        }
+        phase = .responding
+        responseStarted = true
+        self.status = status
+        routeDeadline = nil
+        tryDeadline = nil
+        return .forwardResponse
+    }
+
+    /// The upstream switched protocols (101): bytes pass both ways until either side closes.
+    public mutating func switchedProtocols() {
+        guard phase == .trying else { return }
+        phase = .responding
+        responseStarted = true
+        tunnel = true
+        status = 101
+        reason = "upgraded"
+        routeDeadline = nil
+        tryDeadline = nil
+        quietSince = nil
+    }
+
+    /// A read from the upstream ended with the response unfinished: its silence starts again. Returns
+    /// whether the idle clock runs (the front end's timer must then be armed).
+    public mutating func upstreamReadCompleted(now: NIODeadline) -> Bool {
+        guard quietSince != nil, phase == .trying || phase == .responding else { return false }
+        quietSince = now
+        return true
+    }
+
+    /// The response ended whole.
+    public mutating func responseEnded<E: ExchangeEnvironment>(env: E) -> Action {
+        guard phase == .responding else { return .none }
+        finish(env: env)
+        return .finish(reuseUpstream: requestComplete)
+    }
+
+    /// The connection or stream failed before the response was complete.
+    public mutating func upstreamFailed<E: ExchangeEnvironment>(_ failure: UpstreamFailure, now: NIODeadline,
+                                                               env: E) -> Action {
+        switch phase {
+        case .responding:
+            if !tunnel { reason = failure.reason }
+            finish(env: env)
+            return .abort(drop: .none)
+        case .trying:
+            break
+        case .idle, .waitingForConnection, .backingOff, .finished:
+            return .none
+        }
+        // A keep-alive connection the upstream closed just as the request went out, or a stream an HTTP/2
+        // upstream refused: nothing was processed, so the request goes again, outside the retry policy, while
+        // it can be replayed. The stale case once, on a new connection.
+        let stale = failure == .reset && reusedConnection && !staleResent
+        let refused = failure == .refusedStream && refusedResends < Self.maxRefusedResends
+        if (stale || refused) && copyHeld {
+            if stale { staleResent = true } else { refusedResends += 1 }
+            phase = .waitingForConnection
+            tryDeadline = nil
+            return .acquire(fresh: true, drop: .none)
+        }
+        switch failure {
+        case .protocolError, .timeout: break
+        default: env.connectFailed()
+        }
+        env.recordAttempt(failure == .timeout ? .timeout : .reset)
+        return retry(after: failure == .refusedStream ? .refusedStream : .reset, now: now, drop: .none, env: env)
+            ?? reply(LocalAnswer(failure), drop: .none, env: env)
+    }
+
+    /// `nextDeadline` has come. `upstreamHeldBack`: the front end stops reading the upstream because its client
+    /// is slow to read (that silence is not the upstream's; `send_timeout` covers the client).
+    public mutating func deadlineReached<E: ExchangeEnvironment>(now: NIODeadline, upstreamHeldBack: Bool,
+                                                                env: E) -> Action {
+        // The route's deadline first when several are due: with it gone no retry could start anyway.
+        if let d = routeDeadline, d <= now {
+            routeDeadline = nil
+            switch phase {
+            case .waitingForConnection: return reply(.routeTimeout, drop: .cancelWait, env: env)
+            case .backingOff: return reply(.routeTimeout, drop: .none, env: env)
+            case .trying:
+                env.recordAttempt(.timeout)
+                return reply(.routeTimeout, drop: .close, env: env)
+            case .idle, .responding, .finished: break
+            }
+        }
+        if let d = tryDeadline, d <= now, phase == .trying {
+            tryDeadline = nil
+            env.recordAttempt(.timeout)
+            return retry(after: .perTryTimeout, now: now, drop: .close, env: env)
+                ?? reply(.perTryTimeout, drop: .close, env: env)
+        }
+        if let quiet = quietSince, route.idleTimeout > .zero, now - quiet >= route.idleTimeout,
+           phase == .trying || phase == .responding {
+            if upstreamHeldBack {
+                quietSince = now
+            } else {
+                quietSince = nil
+                env.recordAttempt(.timeout)
+                if phase == .trying { return reply(.idleTimeout, drop: .close, env: env) }
+                reason = LocalAnswer.idleTimeout.reason
+                finish(env: env)
+                return .abort(drop: .close)
+            }
+        }
+        if let d = backoffUntil, d <= now, phase == .backingOff {
+            backoffUntil = nil
+            phase = .waitingForConnection
+            return .acquire(fresh: false, drop: .none)
+        }
+        return .none
+    }
+
+    /// The front end ends the exchange for its own `reason` (the client went away, a body or send timeout, a
+    /// body too large): with an answer of `status` when it makes one, else with the response's status if one
+    /// began (0 if none). Returns what to do with the upstream side.
+    @discardableResult
+    public mutating func end<E: ExchangeEnvironment>(reason: String, status: Int? = nil, env: E) -> Upstream {
+        let drop: Upstream
+        switch phase {
+        case .finished: return .none
+        case .idle, .backingOff: drop = .none
+        case .waitingForConnection: drop = .cancelWait
+        case .trying, .responding: drop = .close
+        }
+        if let status { self.status = status } else if !responseStarted { self.status = 0 }
+        self.reason = reason
+        finish(env: env)
+        return drop
+    }
+
+    // MARK: - Decisions
+
+    private mutating func armRouteDeadline(now: NIODeadline) {
+        guard route.timeout > .zero, routeDeadline == nil else { return }
+        routeDeadline = now + route.timeout
+    }
+
+    /// A try has the whole request: its `per_try_timeout` and the upstream's idle clock start.
+    private mutating func tryStartedWhole(now: NIODeadline) {
+        if let perTry = route.retry?.config.perTryTimeout, perTry > .zero { tryDeadline = now + TimeAmount(perTry) }
+        if quietSince == nil, route.idleTimeout > .zero { quietSince = now }
+    }
+
+    /// Envoy's order (`retry_state_impl.cc`): would the policy retry, then a host, then the `max_retries` breaker,
+    /// then the budget. The slot of an earlier retry goes back before a new one is taken. Nil: the failure stands.
+    private mutating func retry<E: ExchangeEnvironment>(after failure: TryFailure, retryAfter: Duration? = nil,
+                                                        now: NIODeadline, drop: Upstream, env: E) -> Action? {
+        guard let policy = route.retry else { return nil }
+        let facts = RetryPolicy.Facts(failure: failure, method: method, retriesDone: retriesDone, replayable: replayable,
+                                      retryAfter: retryAfter,
+                                      remaining: routeDeadline.map { .nanoseconds(($0 - now).nanoseconds) })
+        var random = EnvironmentRandom(env: env)
+        guard case .retry(let wait) = policy.decide(facts, random: &random),
+              let host = env.pickRetryHost(excluding: tried) else { return nil }
+        releaseRetrySlot(env: env)
+        guard env.reserveRetrySlot() else { return nil }
+        guard env.withdrawRetryBudget() else {
+            env.releaseRetrySlot()
+            return nil
+        }
+        holdsRetrySlot = true
+        retriesDone += 1
+        tried.insert(host)
+        env.retryAdmitted(host: host)
+        tryDeadline = nil
+        quietSince = nil
+        if wait <= .zero {
+            phase = .waitingForConnection
+            return .acquire(fresh: false, drop: drop)
+        }
+        phase = .backingOff
+        backoffUntil = now + TimeAmount(wait)
+        return .backOff(drop: drop)
+    }
+
+    private mutating func reply<E: ExchangeEnvironment>(_ answer: LocalAnswer, drop: Upstream, env: E) -> Action {
+        status = answer.status
+        reason = answer.reason
+        finish(env: env)
+        return .reply(answer, drop: drop)
+    }
+
+    private mutating func finish<E: ExchangeEnvironment>(env: E) {
+        phase = .finished
+        routeDeadline = nil
+        tryDeadline = nil
+        quietSince = nil
+        backoffUntil = nil
+        copyHeld = false
+        releaseRetrySlot(env: env)
+    }
+
+    private mutating func releaseRetrySlot<E: ExchangeEnvironment>(env: E) {
+        guard holdsRetrySlot else { return }
+        holdsRetrySlot = false
+        env.releaseRetrySlot()
+    }
+}
+
+/// The environment's randomness as a generator for the retry policy's jitter.
+private struct EnvironmentRandom<E: ExchangeEnvironment>: RandomNumberGenerator {
+    let env: E
+    mutating func next() -> UInt64 { env.nextRandom() }
+}
+
+extension LocalAnswer {
+    static let routeTimeout = LocalAnswer(UpstreamFailure.timeout)
+    static let perTryTimeout = LocalAnswer(status: 504, reason: "upstream_per_try_timeout",
+                                           detail: "the upstream did not answer within the route's per_try_timeout")
+    static let idleTimeout = LocalAnswer(status: 504, reason: "upstream_idle_timeout",
+                                         detail: "the upstream sent nothing for the route's idle_timeout")
+
+    /// The answer to a try that failed this way.
+    public init(_ failure: UpstreamFailure) {
+        self.init(status: failure.status, reason: failure.reason, detail: failure.detail)
+    }
+}

@@ -1,0 +1,13 @@
+/// An answer Vigil makes itself instead of relaying one: its status, the reason code the access log and
+/// `x-vigil-reason` give, and the detail its JSON body explains it with.
+public struct LocalAnswer: Error, Equatable, Sendable {
+    public var status: Int
+    public var reason: String
+    public var detail: String
+
+    public init(status: Int, reason: String, detail: String) {
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+    }
+}
