@@ -119,6 +119,97 @@ extension HTTP1TimeoutTests {
         #expect(active() == [0, 0])
     }
 
+    /// A GET from a client of `proto` that waits in the pool (the cluster's one connection is taken): the
+    /// front end, its channel and the cluster.
+    func waitingGET(_ proto: String, route: String, endpoints: Int = 1)
+        throws -> (UpstreamExchange & PoolWaiter, EmbeddedChannel, EmbeddedEventLoop, ClusterRuntime) {
+        let (runtime, loop) = try runtime(limits: "header_timeout: 1h, idle_timeout: 1h", protocol: proto, route: route,
+                                          cluster: "circuit_breakers: { max_connections: 1 }", endpoints: endpoints)
+        let cluster = runtime.current.clusters[0]
+        #expect(cluster.reserveConnection())
+        if proto == "http1" {
+            let handler = HTTP1ServerHandler(runtime: runtime, listener: runtime.listeners[0], loop: runtime.loopContext(loop))
+            let channel = try connected(handler, loop: loop)
+            try channel.writeInbound(ByteBuffer(string: "GET / HTTP/1.1\r\nHost: a\r\n\r\n"))
+            return (handler, channel, loop, cluster)
+        }
+        let (connection, channel) = try http2ConnectionAndChannel(runtime, loop)
+        try channel.writeInbound(HTTP2Frame(streamID: 1, payload: .headers(.init(headers: [
+            ":method": "GET", ":scheme": "http", ":path": "/", ":authority": "a"], endStream: true))))
+        return (try #require(connection.streams[1]), channel, loop, cluster)
+    }
+
+    /// What the client got: the HTTP/1.1 bytes, or stream 1's frames as short words.
+    func received(_ proto: String, _ channel: EmbeddedChannel, _ loop: EmbeddedEventLoop) throws -> String {
+        loop.run()
+        if proto == "http2" { return try streamFrames(channel).joined(separator: "|") }
+        var out = ByteBuffer()
+        while var part = try channel.readOutbound(as: ByteBuffer.self) { out.writeBuffer(&part) }
+        return String(buffer: out)
+    }
+
+    /// The route's timeout ends a request still waiting for a connection at the millisecond: 504, and its place
+    /// in the pool's queue (a `max_pending_requests` slot) is given back.
+    @Test(arguments: ["http1", "http2"])
+    func theRouteTimeoutAnswersARequestStillWaitingForAConnection(protocol proto: String) throws {
+        let (_, channel, loop, cluster) = try waitingGET(proto, route: "timeout: 2s")
+        #expect(cluster.pendingRequests.load(ordering: .relaxed) == 1)
+        loop.advanceTime(by: .milliseconds(1_999))
+        #expect(try received(proto, channel, loop).isEmpty)
+        loop.advanceTime(by: .milliseconds(1))
+        let got = try received(proto, channel, loop)
+        #expect(got.hasPrefix(proto == "http1" ? "HTTP/1.1 504 Gateway Timeout\r\n" : "headers 504|data {\"status\":504,\"reason\":\"upstream_timeout\""))
+        #expect(cluster.pendingRequests.load(ordering: .relaxed) == 0)
+        #expect(cluster.hosts[0].activeRequests.load(ordering: .relaxed) == 0)
+    }
+
+    /// A try that hangs after the whole request was sent is cut at the route's timeout: 504, its connection
+    /// closed, the host's outlier detection told of a timeout.
+    @Test(arguments: ["http1", "http2"])
+    func theRouteTimeoutCutsAHangingTry(protocol proto: String) throws {
+        let (exchange, channel, loop, cluster) = try waitingGET(proto, route: "timeout: 2s")
+        loop.advanceTime(by: .milliseconds(500))  // waiting for the connection counts too
+        let hung = ScriptedUpstreamStream()
+        exchange.poolProvided(hung, reused: false)
+        loop.advanceTime(by: .milliseconds(1_499))
+        #expect(!hung.closed)
+        #expect(try received(proto, channel, loop).isEmpty)
+        loop.advanceTime(by: .milliseconds(1))
+        #expect(hung.closed)
+        #expect(try received(proto, channel, loop).contains("upstream_timeout"))
+        #expect(cluster.hosts[0].activeRequests.load(ordering: .relaxed) == 0)
+    }
+
+    /// A response whose upstream falls silent mid-body is cut at the route's `idle_timeout` after its last read
+    /// (each read starts the silence again): HTTP/1.1 closes the connection, HTTP/2 resets the stream (CANCEL).
+    @Test(arguments: ["http1", "http2"])
+    func theIdleTimeoutCutsAResponseWhoseUpstreamFallsSilent(protocol proto: String) throws {
+        let (exchange, channel, loop, _) = try waitingGET(proto, route: "timeout: 0s, idle_timeout: 3s")
+        let stream = ScriptedUpstreamStream()
+        exchange.poolProvided(stream, reused: false)
+        let (head, _) = try #require(try HTTP1Parser.parseResponse(
+            ByteBuffer(string: "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"),
+            limits: HTTP1HeadLimits(maxHeaderBytes: 4096, maxHeaderCount: 10)))
+        loop.advanceTime(by: .seconds(2))
+        exchange.upstreamResponseHead(head)
+        exchange.upstreamResponseBody(ByteBuffer(string: "0123456789"))
+        exchange.upstreamReadComplete()
+        loop.advanceTime(by: .seconds(2))
+        exchange.upstreamResponseBody(ByteBuffer(string: "0123456789"))
+        exchange.upstreamReadComplete()
+        loop.advanceTime(by: .milliseconds(2_999))
+        #expect(!stream.closed)
+        loop.advanceTime(by: .milliseconds(1))
+        #expect(stream.closed)
+        let got = try received(proto, channel, loop)
+        if proto == "http1" {
+            #expect(got.hasPrefix("HTTP/1.1 200 OK\r\n") && got.hasSuffix("01234567890123456789"))
+            #expect(!channel.isActive)
+        } else {
+            #expect(got == "headers 200|data 0123456789|data 0123456789|rst \(HTTP2ErrorCode.cancel)")
+        }
+    }
+
     /// An HTTP/2 connection's frame handler on an embedded channel, and the handler, whose streams the test
     /// can reach.
     func http2ConnectionAndChannel(_ runtime: ProxyRuntime, _ loop: EmbeddedEventLoop) throws -> (HTTP2ServerConnection, EmbeddedChannel) {

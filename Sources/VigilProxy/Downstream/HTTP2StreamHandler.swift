@@ -8,28 +8,24 @@ import VigilCore
 /// Its frames come from and go to the connection's `HTTP2ServerConnection`.
 /// Flow control: the stream's window only opens as the upstream accepts the body; while the upstream is not
 /// writable the stream's DATA is held here, unacknowledged, until it is.
-final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
-
-    enum Phase {
-        /// Waiting for the request header block. Next: waitingForUpstream, done.
-        case idle
-        /// Next: forwarding, done.
-        case waitingForUpstream
-        /// Next: done.
-        case forwarding
-        case done
-    }
-
+///
+/// The exchange's decisions (connection, retries, route and per-try and idle deadlines, outcome) are
+/// `ExchangeStateMachine`'s; this shell frames them as HTTP/2 and runs its actions (`run`).
+final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, ExchangeFrontEnd {
     private let connection: HTTP2ServerConnection
     let streamID: HTTP2StreamID
     /// Set while the stream is in its connection's list of streams that got frames in this read burst.
     var touched = false
     private let runtime: ProxyRuntime
-    private let listener: ListenerRuntime
-    private let loop: LoopContext
-    private var phase = Phase.idle
+    let listener: ListenerRuntime
+    let loop: LoopContext
+    private var exchange = ExchangeStateMachine()
+    /// The request's HEADERS have come.
+    private var started = false
+    /// From the request's start to its one accounting (`finish`).
+    private var requestOpen = false
     private var request: HTTP2RequestHead?
-    private var target: UpstreamTarget?
+    var target: UpstreamTarget?
     /// The cluster and tenant of a locally answered request, for metrics and its SLO.
     private var replyCluster: ClusterRuntime?
     private var replyTenant: TenantState?
@@ -42,33 +38,23 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
     private var requestHasBody = false
     private var requestBodyDone = false
     private var bodyBytes = 0
-    private var responseStarted = false
-    private var status = 0
     private var bytesIn = 0
     private var bytesOut = 0
     private var startedAt = NIODeadline.uptimeNanoseconds(0)
     private var wallStart: Int64 = 0
-    /// Position in the loop's `DeadlineQueue` while a deadline below is armed (-1: none); queued at the
-    /// earlier of the two.
+    /// Position in the loop's `DeadlineQueue` while the exchange's next deadline is queued (-1: none), and
+    /// the time it is queued at. It may be queued earlier than the machine's next deadline (the upstream's
+    /// idle clock moves on every read): it then fires early, finds nothing due and is queued again.
     var deadlineSlot = -1
-    /// The route `timeout` and the try's `per_try_timeout`, while armed.
-    private var routeDeadline: NIODeadline?
-    private var tryDeadline: NIODeadline?
-    /// The route's `idle_timeout`: since when the upstream has sent nothing while Vigil waits on it (the
-    /// request sent whole, the response not ended), and the deadline queued for it. The deadline is checked
-    /// against `upstreamQuietSince` when it comes rather than moved on every read from the upstream.
-    private var upstreamQuietSince: NIODeadline?
-    private var idleDeadline: NIODeadline?
+    private var queuedAt = NIODeadline.distantFuture
     /// `body_timeout`: when DATA last arrived on this stream (or Vigil last held reading back), and the timer.
     private var lastBodyRead = NIODeadline.uptimeNanoseconds(0)
     private var bodyTask: Scheduled<Void>?
     private var stallTask: Scheduled<Void>?
-    private var retries = RetryState()
+    /// What the first try sent (head and body so far), kept while the machine says the request can be sent again.
+    private var replay: ByteBuffer?
     private var trySentAt = NIODeadline.uptimeNanoseconds(0)
-    private var retryTask: Scheduled<Void>?
     private var requestID = LoggedRequestID.none
-    /// Times the request was sent again after an HTTP/2 upstream refused its stream (`UpstreamRedispatch`).
-    private var refusedRedispatches = 0
     /// Whether NIOHTTP2 still has the stream (until its StreamClosedEvent): frames are written only then.
     private var streamOpen = true
     /// The request's DATA (and trailers behind it) held while the upstream is not taking the body.
@@ -109,7 +95,8 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
 
     func receivedHeaders(_ h: HTTP2Frame.FramePayload.Headers) {
         if h.endStream { window.closed = true }
-        if phase == .idle {
+        if !started {
+            started = true
             startRequest(h.headers, endStream: h.endStream)
         } else if readsPaused || !held.isEmpty {
             held.append(.headers(h))  // trailers stay behind the DATA held before them
@@ -129,14 +116,13 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
     }
 
     private func deliver(_ d: HTTP2Frame.FramePayload.Data) {
-        guard case .byteBuffer(let bytes) = d.data, !requestBodyDone, phase != .done else { return }
+        guard case .byteBuffer(let bytes) = d.data, !requestBodyDone, requestOpen else { return }
         bytesIn += bytes.readableBytes
         bodyBytes += bytes.readableBytes
         lastBodyRead = loop.eventLoop.now
         if let max = listener.config.limits.maxBodyBytes, bodyBytes > max {
-            upstream?.close()
-            upstream = nil
-            reply(status: 413, reason: "body_too_large", detail: "the request body is larger than max_body_bytes (\(max))")
+            abandon(LocalAnswer(status: 413, reason: "body_too_large",
+                                detail: "the request body is larger than max_body_bytes (\(max))"))
             return
         }
         sendBody(bytes)
@@ -160,7 +146,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
                     connection.sendWindowUpdate(streamID, increment)
                 }
             case .headers(let h):
-                if !requestBodyDone && phase != .done { bodyEnded(trailers: h.headers) }
+                if !requestBodyDone && requestOpen { bodyEnded(trailers: h.headers) }
             default:
                 break
             }
@@ -249,12 +235,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
         let timeout = listener.sendTimeout
         stallTask = loop.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [self] in
             stallTask = nil
-            if phase == .waitingForUpstream { target?.pool.cancel(self) }
-            upstream?.close()
-            upstream = nil
-            if phase == .waitingForUpstream || phase == .forwarding {
-                finish(status: responseStarted ? status : 0, reason: "downstream_send_timeout", reuseUpstream: false)
-            }
+            if requestOpen { end(reason: "downstream_send_timeout") }
             reset(.cancel)
         }
     }
@@ -270,17 +251,8 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
         heldResponseBody = nil
         // A client gone before its request body was whole (RST_STREAM, or the connection lost) aborted the
         // request: its own reason in the log; the upstream stream or connection is let go by finish.
-        let gone = requestBodyDone ? "downstream_disconnect" : "request_body_aborted"
-        switch phase {
-        case .waitingForUpstream:
-            target?.pool.cancel(self)
-            finish(status: 0, reason: gone, reuseUpstream: false)
-        case .forwarding:
-            finish(status: responseStarted ? status : 0, reason: gone, reuseUpstream: false)
-        case .idle, .done:
-            break
-        }
-        phase = .done
+        if requestOpen { end(reason: requestBodyDone ? "downstream_disconnect" : "request_body_aborted") }
+        started = true  // a HEADERS frame can no longer start a request here
         cancelTimers()
     }
 
@@ -290,31 +262,25 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
     /// given up, unless the listener says `abort_on_client_close: false`.
     func clientInputClosed() {
         let bodyUnfinished = !window.closed
-        guard phase == .waitingForUpstream || phase == .forwarding,
-              bodyUnfinished || (!responseStarted && listener.config.abortOnClientClose) else { return }
-        if phase == .waitingForUpstream { target?.pool.cancel(self) }
+        guard requestOpen, bodyUnfinished || (!exchange.responseStarted && listener.config.abortOnClientClose) else {
+            return
+        }
         if bodyUnfinished {
-            abandonUpstream(reason: "request_body_aborted", replyStatus: 400,
-                            detail: "the client closed its side before the request body was complete")
+            abandon(LocalAnswer(status: 400, reason: "request_body_aborted",
+                                detail: "the client closed its side before the request body was complete"))
         } else {
             // Its response still pending: the client has given up (`abort_on_client_close`, as on HTTP/1.1).
-            upstream?.close()
-            upstream = nil
-            finish(status: 0, reason: "downstream_aborted", reuseUpstream: false)
+            end(reason: "downstream_aborted")
             reset(.cancel)
         }
     }
 
     private func cancelTimers() {
-        routeDeadline = nil
-        tryDeadline = nil
         loop.deadlines.disarm(self)
         bodyTask?.cancel()
         bodyTask = nil
         stallTask?.cancel()
         stallTask = nil
-        retryTask?.cancel()
-        retryTask = nil
     }
 
     // MARK: - Request
@@ -323,7 +289,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
         startedAt = loop.eventLoop.now
         wallStart = runtime.accessLog.isEnabled ? ProxyRuntime.wallClockNanos() : 0
         runtime.activeRequests.wrappingIncrement(ordering: .relaxed)
-        phase = .waitingForUpstream
+        requestOpen = true
         requestBodyDone = endStream
         requestHasBody = !endStream
         if !endStream {
@@ -334,46 +300,97 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
         do throws(HTTP2RequestRejection) {
             request = try HTTP2RequestHead.validate(headers, headerBytes: &bytesIn)
         } catch {
-            reply(status: error.status, reason: error.reason, detail: error.detail)
+            abandon(error)
             return
         }
         self.request = request
-        if let n = request.contentLength, let max = listener.config.limits.maxBodyBytes,
-           n > max {
-            reply(status: 413, reason: "body_too_large", detail: "the request body is larger than max_body_bytes (\(max))")
+        if let n = request.contentLength, let max = listener.config.limits.maxBodyBytes, n > max {
+            abandon(LocalAnswer(status: 413, reason: "body_too_large",
+                                detail: "the request body is larger than max_body_bytes (\(max))"))
             return
         }
         switch runtime.route(request, listener: listener, loop: loop, identity: session.identity, target: &target) {
         case .reply(let status, let reason, let detail, let cluster, let headers, let tenant):
             replyCluster = cluster
             replyTenant = tenant
-            reply(status: status, reason: reason, detail: detail, headers: headers)
+            abandon(LocalAnswer(status: status, reason: reason, detail: detail), headers: headers)
         case .forward:
-            retries.begin(host: target!.host.index)
-            if requestBodyDone {
-                armTimeout()
-                startUpstreamIdleClock(at: startedAt)
-            }
-            target!.pool.acquire(self)
+            run(exchange.started(route: exchangeRoute(), host: target!.host.index, method: request.method,
+                                 hasBody: requestHasBody, requestComplete: requestBodyDone, now: startedAt))
+            if requestOpen { rearmDeadline() }
+        }
+    }
+
+    /// Runs what the exchange machine decided, after its state has changed.
+    private func run(_ action: ExchangeStateMachine.Action) {
+        switch action {
+        case .none, .forwardResponse, .send, .releaseConnection:
+            break  // answered where the event came from: they need its head or connection
+        case .acquire(let fresh, let drop):
+            dropUpstream(drop)
+            target!.pool.acquire(self, fresh: fresh)
+        case .backOff(let drop):
+            dropUpstream(drop)
+            rearmDeadline()
+        case .reply(let answer, let drop):
+            dropUpstream(drop)
+            writeReply(answer, headers: [])
+        case .finish(let reuseUpstream):
+            finish(reuseUpstream: reuseUpstream)
+        case .abort(let drop):
+            dropUpstream(drop)
+            finish(reuseUpstream: false)
+            reset(.cancel)
+        }
+    }
+
+    private func dropUpstream(_ drop: ExchangeStateMachine.Upstream) {
+        switch drop {
+        case .none: break
+        case .cancelWait: target?.pool.cancel(self)
+        case .close:
+            upstream?.close()
+            upstream = nil
+        }
+    }
+
+    /// The stream ends the exchange for its own reason (the client went away, a timeout of the client's).
+    private func end(reason: String) {
+        dropUpstream(exchange.end(reason: reason, env: self))
+        finish(reuseUpstream: false)
+    }
+
+    /// Ends the exchange with `answer`, or, if a response has begun, cuts it short (RST_STREAM(CANCEL)). A reply
+    /// to a request whose body is unfinished ends with RST_STREAM(NO_ERROR): the client may stop sending
+    /// (RFC 9113 §8.1).
+    private func abandon(_ answer: LocalAnswer, headers: [(String, String)] = []) {
+        guard requestOpen else { return }
+        let responseStarted = exchange.responseStarted
+        dropUpstream(exchange.end(reason: answer.reason, status: responseStarted ? nil : answer.status, env: self))
+        if responseStarted {
+            finish(reuseUpstream: false)
+            reset(.cancel)
+        } else {
+            writeReply(answer, headers: headers)
         }
     }
 
     func poolProvided(_ connection: UpstreamStream, reused: Bool) {
-        guard phase == .waitingForUpstream, let request else {
-            connection.detach(requestComplete: true, now: loop.eventLoop.now)
+        let now = loop.eventLoop.now
+        guard let request, case .send(let resend, let keepCopy) = exchange.connectionProvided(reused: reused, now: now)
+        else {
+            connection.detach(requestComplete: true, now: now)
             return
         }
-        phase = .forwarding
         upstream = connection
         connection.attach(self, requestIsHead: request.method == "HEAD")
-        if target?.cluster.config.loadBalancer == .ewma { trySentAt = loop.eventLoop.now }
-        if let replay = retries.replay {
-            connection.write(replay)  // a retry: what the failed try was sent, then the rest
+        if target?.cluster.config.loadBalancer == .ewma { trySentAt = now }
+        if resend, let replay {
+            connection.write(replay)  // what the first try was sent, then the rest
         } else {
             let head = http1Head(for: request)
             connection.write(head)
-            retries.markSent()
-            if target?.retry != nil || requestBodyDone { retries.replay = head }
+            if keepCopy { replay = head }
             // A replay that body bytes are appended to must stay the only owner of its storage.
             if requestBodyDone { writtenRequestHead = head }
         }
@@ -383,72 +400,36 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
             pendingEnd = false
             writeBodyEnd(trailers: pendingTrailers)
         }
-        if requestBodyDone {
-            armTryTimeout()
-            if upstreamQuietSince == nil { startUpstreamIdleClock(at: loop.eventLoop.now) }  // a retry's try
-        }
+        rearmDeadline()
         loop.flushes.defer(connection)  // with the batch's other writes (FlushBatch)
         updateReads()
     }
 
     func poolFailed(_ failure: UpstreamFailure) {
-        guard phase == .waitingForUpstream else { return }
-        if case .overflow = failure {} else {
-            target!.cluster.metrics.connectFailures.increment()
-            target?.record(.connectFailure, now: loop.eventLoop.now)
-            if retry(after: .connectFailure) { return }
+        run(exchange.connectionFailed(failure, now: loop.eventLoop.now, env: self))
+    }
+
+    // MARK: - Deadlines
+
+    /// Queues the stream at the exchange's next deadline when none is queued or it is sooner than the queued
+    /// one; takes it out when there is none.
+    private func rearmDeadline() {
+        guard let next = exchange.nextDeadline else {
+            loop.deadlines.disarm(self)
+            return
         }
-        reply(status: failure.status, reason: failure.reason, detail: failure.detail)
-    }
-
-    // MARK: - Retries
-
-    /// The per-try deadline starts when an attempt has sent the whole request.
-    private func armTryTimeout() {
-        guard let perTry = target?.retry?.config.perTryTimeout, perTry > .zero else { return }
-        tryDeadline = loop.eventLoop.now + TimeAmount(perTry)
-        rearmDeadline()
-    }
-
-    private func perTryTimeoutReached() {
-        guard phase == .forwarding, !responseStarted else { return }
-        target?.record(.timeout, now: loop.eventLoop.now)
-        upstream?.close()
-        upstream = nil
-        if !retry(after: .perTryTimeout) {
-            reply(status: 504, reason: "upstream_per_try_timeout",
-                  detail: "the upstream did not answer within the route's per_try_timeout")
+        if deadlineSlot < 0 || next < queuedAt {
+            queuedAt = next
+            loop.deadlines.arm(self, at: next)
         }
     }
 
-    /// A try failed before any of its response reached the client: retry on another host if the route's
-    /// policy, breaker and budget allow. Returns whether a retry is under way.
-    private func retry(after failure: TryFailure, retryAfter: Duration? = nil) -> Bool {
-        guard var target, let request, !responseStarted else { return false }
-        let remaining = timeoutDeadline.map { Duration.nanoseconds(($0 - loop.eventLoop.now).nanoseconds) }
-        guard let wait = retries.next(after: failure, retryAfter: retryAfter, method: request.method,
-                                      remaining: remaining, target: &target, listener: listener, loop: loop) else {
-            return false
-        }
-        upstream?.close()
-        upstream = nil
-        self.target = target
-        tryDeadline = nil
-        upstreamQuietSince = nil
-        idleDeadline = nil
-        rearmDeadline()
-        phase = .waitingForUpstream
-        if wait <= .zero {
-            target.pool.acquire(self)
-        } else {
-            retryTask = loop.eventLoop.assumeIsolated().scheduleTask(in: TimeAmount(wait)) { [self] in
-                retryTask = nil
-                guard phase == .waitingForUpstream else { return }
-                self.target?.pool.acquire(self)
-            }
-        }
-        return true
+    func deadlineReached() {
+        run(exchange.deadlineReached(now: loop.eventLoop.now, upstreamHeldBack: stallTask != nil, env: self))
+        if requestOpen { rearmDeadline() }
     }
+
+    // MARK: - Request body
 
     /// The HTTP/1.1 head for the upstream.
     private func http1Head(for request: HTTP2RequestHead) -> ByteBuffer {
@@ -488,13 +469,19 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
             upstream.write(header)
             upstream.write(bytes)
             upstream.write(ByteBuffer(staticCRLF: ()))
-            retries.keep(header, bodyBytesSoFar: sentBodyBytes, policy: target?.retry)
-            retries.keep(bytes, bodyBytesSoFar: sentBodyBytes, policy: target?.retry)
-            retries.keep(ByteBuffer(staticCRLF: ()), bodyBytesSoFar: sentBodyBytes, policy: target?.retry)
+            keep(header)
+            keep(bytes)
+            keep(ByteBuffer(staticCRLF: ()))
         } else {
             upstream.write(bytes)
-            retries.keep(bytes, bodyBytesSoFar: sentBodyBytes, policy: target?.retry)
+            keep(bytes)
         }
+    }
+
+    /// Adds what was sent to the replay copy while the exchange can still send the request again.
+    private func keep(_ part: ByteBuffer) {
+        guard replay != nil else { return }
+        if exchange.bodyForwarded(totalBytes: sentBodyBytes) { replay!.writeImmutableBuffer(part) } else { replay = nil }
     }
 
     /// Body bytes sent upstream across tries (each try resends the kept ones from the replay copy).
@@ -506,8 +493,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
                 try HTTP2RequestHead.validateTrailers(trailers)
             } catch {
                 // Malformed (RFC 9113 §8.1.1): the upstream gets neither the trailers nor the body's end.
-                if phase == .waitingForUpstream { target?.pool.cancel(self) }
-                abandonUpstream(reason: error.reason, replyStatus: error.status, detail: error.detail)
+                abandon(error)
                 return
             }
         }
@@ -515,13 +501,12 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
         if upstream != nil {
             writeBodyEnd(trailers: trailers)
             upstream?.flush()
-            if !responseStarted { armTryTimeout() }
         } else {
             pendingEnd = true
             pendingTrailers = trailers
         }
-        if !responseStarted { armTimeout() }
-        startUpstreamIdleClock(at: loop.eventLoop.now)
+        exchange.requestEnded(now: loop.eventLoop.now)
+        rearmDeadline()
     }
 
     private func writeBodyEnd(trailers: HPACKHeaders?) {
@@ -531,7 +516,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
                                        dropping: target?.policy.snapshot.routes[listener.index].untrustedTenantHeader,
                                        into: &last)
         upstream.write(last)
-        retries.keep(last, bodyBytesSoFar: sentBodyBytes, policy: target?.retry)
+        keep(last)
     }
 
     private func updateReads() {
@@ -546,15 +531,13 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
         }
     }
 
-    private var timeoutDeadline: NIODeadline?
-
     /// A body that stops arriving for `body_timeout` (pauses Vigil causes do not count) ends the request:
     /// 408 and RST_STREAM(NO_ERROR) (RFC 9113 §8.1: the client may stop sending), or RST_STREAM(CANCEL) if
     /// the response had begun.
     private func armBodyTimer(at deadline: NIODeadline) {
         bodyTask = loop.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in
             bodyTask = nil
-            guard !requestBodyDone, phase == .waitingForUpstream || phase == .forwarding else { return }
+            guard !requestBodyDone, requestOpen else { return }
             let timeout = listener.bodyTimeout
             let now = loop.eventLoop.now
             if readsPaused { lastBodyRead = now }
@@ -562,106 +545,9 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
                 armBodyTimer(at: lastBodyRead + timeout)
                 return
             }
-            if phase == .waitingForUpstream { target?.pool.cancel(self) }
-            abandonUpstream(reason: "request_body_timeout", replyStatus: 408,
-                            detail: "no more of the request body arrived within body_timeout")
+            abandon(LocalAnswer(status: 408, reason: "request_body_timeout",
+                                detail: "no more of the request body arrived within body_timeout"))
         }
-    }
-
-    /// Lets the upstream go and ends the stream for `reason`: with a reply of `replyStatus` if no response has
-    /// begun (reply() ends with RST_STREAM(NO_ERROR) while the request is unfinished: the client may stop
-    /// sending, RFC 9113 §8.1), or else the response cut short, which the reset says (CANCEL).
-    private func abandonUpstream(reason: String, replyStatus: Int, detail: String) {
-        upstream?.close()
-        upstream = nil
-        if responseStarted {
-            finish(status: status, reason: reason, reuseUpstream: false)
-            reset(.cancel)
-        } else {
-            reply(status: replyStatus, reason: reason, detail: detail)
-        }
-    }
-
-    /// The route's `timeout`, from when the whole request has been received (as on HTTP/1.1). It and the
-    /// per-try timeout wait on the loop's `DeadlineQueue` (armed for every request and nearly always
-    /// disarmed by the response), not as event-loop tasks of their own.
-    private func armTimeout() {
-        guard let timeout = target?.timeout, timeout > .zero, routeDeadline == nil else { return }
-        let deadline = loop.eventLoop.now + timeout
-        timeoutDeadline = deadline
-        routeDeadline = deadline
-        rearmDeadline()
-    }
-
-    /// Queues the stream at the earliest of its deadlines, or takes it out when it has none.
-    private func rearmDeadline() {
-        func earlier(_ a: NIODeadline?, _ b: NIODeadline?) -> NIODeadline? {
-            guard let a else { return b }
-            guard let b else { return a }
-            return min(a, b)
-        }
-        if let earliest = earlier(earlier(routeDeadline, tryDeadline), idleDeadline) {
-            loop.deadlines.arm(self, at: earliest)
-        } else {
-            loop.deadlines.disarm(self)
-        }
-    }
-
-    /// The request is sent whole at `now`: the upstream's idle clock starts. Its deadline is queued now only if
-    /// it comes before the route's (which the response head nearly always disarms); otherwise it is queued once a
-    /// read from the upstream leaves the response unfinished (`upstreamReadComplete`), so a response that comes
-    /// whole in one read costs the queue nothing more.
-    private func startUpstreamIdleClock(at now: NIODeadline) {
-        guard let idle = target?.idleTimeout, idle > .zero else { return }
-        let deadline = now + idle
-        upstreamQuietSince = now
-        idleDeadline = deadline
-        if routeDeadline.map({ deadline < $0 }) ?? true { rearmDeadline() }
-    }
-
-    func deadlineReached() {
-        let now = loop.eventLoop.now
-        // The route's deadline first when both are due: with it gone no retry could start anyway.
-        if let route = routeDeadline, route <= now {
-            routeDeadline = nil
-            routeTimeoutReached()
-        } else if let attempt = tryDeadline, attempt <= now {
-            tryDeadline = nil
-            perTryTimeoutReached()
-        } else if let idle = idleDeadline, idle <= now {
-            upstreamIdleDeadlineReached(now: now)
-        }
-        if phase != .done { rearmDeadline() }
-    }
-
-    /// The upstream sent nothing for the route's `idle_timeout` (504 before the response head; after it the
-    /// stream is reset with CANCEL, so the client sees the response cut short). Time while Vigil itself holds
-    /// the upstream back, the client's window being shut, does not count (`send_timeout` covers the client).
-    private func upstreamIdleDeadlineReached(now: NIODeadline) {
-        guard var quiet = upstreamQuietSince, let idle = target?.idleTimeout, phase == .forwarding else {
-            idleDeadline = nil
-            return
-        }
-        if stallTask != nil { quiet = now }
-        if now - quiet < idle {
-            upstreamQuietSince = quiet
-            idleDeadline = quiet + idle
-            return
-        }
-        idleDeadline = nil
-        upstreamQuietSince = nil
-        target?.record(.timeout, now: now)
-        abandonUpstream(reason: "upstream_idle_timeout", replyStatus: 504,
-                        detail: "the upstream sent nothing for the route's idle_timeout")
-    }
-
-    private func routeTimeoutReached() {
-        guard !responseStarted, phase == .waitingForUpstream || phase == .forwarding else { return }
-        if phase == .waitingForUpstream { target?.pool.cancel(self) }
-        if upstream != nil { target?.record(.timeout, now: loop.eventLoop.now) }
-        upstream?.close()
-        upstream = nil
-        reply(status: 504, reason: "upstream_timeout", detail: UpstreamFailure.timeout.detail)
     }
 
     // MARK: - UpstreamExchange
@@ -669,19 +555,24 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
     func upstreamResponseHead(_ head: HTTP1ResponseHead) {
         guard head.status >= 200 else { return }  // 1xx are not relayed over HTTP/2 here
         if head.status == 101 {
-            upstreamFailed(.protocolError("101 Switching Protocols is not valid over HTTP/2"), responseStarted: false)
+            upstream?.close()
+            upstream = nil
+            run(exchange.upstreamFailed(.protocolError("101 Switching Protocols is not valid over HTTP/2"),
+                                        now: loop.eventLoop.now, env: self))
             return
         }
-        target?.recordResponse(status: head.status, sentAt: trySentAt, now: loop.eventLoop.now)
-        if let policy = target?.retry, requestBodyDone, policy.covers(.response(status: head.status)) {
-            let retryAfter = head.value(named: "retry-after").flatMap {
-                RetryAfter.parse($0, nowWallNanos: ProxyRuntime.wallClockNanos())
-            }
-            if retry(after: .response(status: head.status), retryAfter: retryAfter) { return }
+        let now = loop.eventLoop.now
+        target?.recordResponse(status: head.status, sentAt: trySentAt, now: now)
+        let action = exchange.responseHeadReceived(status: head.status, now: now, retryAfter: {
+            head.value(named: "retry-after").flatMap { RetryAfter.parse($0, nowWallNanos: ProxyRuntime.wallClockNanos()) }
+        }, env: self)
+        guard case .forwardResponse = action else {
+            run(action)
+            return
         }
+        // The idle clock is queued again only if a read leaves the response unfinished (upstreamReadComplete),
+        // so a response that comes whole in one read costs the queue nothing more.
         cancelTimers()
-        responseStarted = true
-        status = head.status
         var headers = HPACKHeaders()
         headers.reserveCapacity(head.fields.count + 1)
         headers.add(name: ":status", value: String(head.status))
@@ -731,10 +622,10 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
     }
 
     func upstreamResponseEnd(trailers: ByteBuffer?) {
-        // Finish first: writing END_STREAM closes a stream the client has half-closed already, and its
+        // Finished first: writing END_STREAM closes a stream the client has half-closed already, and its
         // channelInactive must find the exchange done (else it would count a disconnect and drop the
         // upstream connection instead of returning it to the pool).
-        finish(status: status, reason: "-", reuseUpstream: requestBodyDone)
+        run(exchange.responseEnded(env: self))
         if let head = bodilessHead {
             bodilessHead = nil
             send(.headers(.init(headers: head, endStream: true)))
@@ -754,36 +645,15 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
 
     func upstreamFailed(_ failure: UpstreamFailure, responseStarted started: Bool) {
         upstream = nil
-        // A stream an HTTP/2 upstream refused was not processed: sent again, outside the retry policy, when the
-        // whole request can be replayed.
-        if !responseStarted, UpstreamRedispatch.allowed(after: failure, times: refusedRedispatches),
-           retries.replay != nil, let pool = target?.pool {
-            refusedRedispatches += 1
-            phase = .waitingForUpstream
-            pool.acquire(self)
-            return
-        }
-        if !responseStarted {
-            if case .protocolError = failure {} else if case .timeout = failure {} else {
-                target!.cluster.metrics.connectFailures.increment()
-            }
-            target?.record(failure == .timeout ? .timeout : .reset, now: loop.eventLoop.now)
-            if retry(after: failure == .refusedStream ? .refusedStream : .reset) { return }
-            reply(status: failure.status, reason: failure.reason, detail: failure.detail)
-        } else {
-            finish(status: status, reason: failure.reason, reuseUpstream: false)
-            reset(.cancel)
-        }
+        run(exchange.upstreamFailed(failure, now: loop.eventLoop.now, env: self))
     }
 
     func upstreamReadComplete() {
         sendHeldResponseBody()
         connection.flush()
-        // The upstream sent something and the response goes on: its idle clock starts again.
-        if upstreamQuietSince != nil && phase == .forwarding {
-            upstreamQuietSince = loop.eventLoop.now
-            if deadlineSlot < 0 { rearmDeadline() }  // queued at its first deadline; checked against the clock then
-        }
+        // The upstream sent something and the response goes on: its idle clock starts again, and is queued if
+        // it was not.
+        if exchange.upstreamReadCompleted(now: loop.eventLoop.now) && deadlineSlot < 0 { rearmDeadline() }
     }
 
     func upstreamWritabilityChanged(writable: Bool) { updateReads() }
@@ -792,29 +662,27 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
 
     // MARK: - Finishing
 
-    private func reply(status: Int, reason: String, detail: String, headers extra: [(String, String)] = []) {
-        guard phase != .done else { return }
-        responseStarted = true
-        let body = LocalReply.body(status: status, reason: reason, detail: detail)
-        var headers: HPACKHeaders = [":status": String(status), "content-type": "application/json",
-                                     "content-length": String(body.readableBytes), "x-vigil-reason": reason]
+    /// Writes an answer of Vigil's own; the exchange has ended with it.
+    private func writeReply(_ answer: LocalAnswer, headers extra: [(String, String)]) {
+        let body = LocalReply.body(status: answer.status, reason: answer.reason, detail: answer.detail)
+        var headers: HPACKHeaders = [":status": String(answer.status), "content-type": "application/json",
+                                     "content-length": String(body.readableBytes), "x-vigil-reason": answer.reason]
         for (name, value) in extra { headers.add(name: name, value: value) }
         let isHead = request?.method == "HEAD"
         bytesOut += body.readableBytes
-        finish(status: status, reason: reason, reuseUpstream: false)  // before END_STREAM; see upstreamResponseEnd
+        finish(reuseUpstream: false)  // before END_STREAM; see upstreamResponseEnd
         send(.headers(.init(headers: headers, endStream: isHead)))
         if !isHead { send(.data(.init(data: .byteBuffer(body), endStream: true))) }
         connection.flush()
         endRequestEarlyIfUnfinished()
     }
 
-    private func finish(status: Int, reason: String, reuseUpstream: Bool) {
-        guard phase != .done else { return }
-        phase = .done
-        upstreamQuietSince = nil
-        idleDeadline = nil
+    /// The request's accounting, once: metrics, SLO, access log, and its slots and upstream given back.
+    private func finish(reuseUpstream: Bool) {
+        guard requestOpen else { return }
+        requestOpen = false
         cancelTimers()
-        retries.finish(target?.cluster)  // drops the replay copy first: the spare head is then its only owner
+        replay = nil  // dropped first: the spare head is then its only owner
         if let head = writtenRequestHead {
             writtenRequestHead = nil
             loop.recycleHead(head)
@@ -825,6 +693,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
             self.upstream = nil
             upstream.detach(requestComplete: reuseUpstream, now: now)
         }
+        let status = exchange.status
         let duration = now - startedAt
         runtime.recordSLO(tenant: target?.tenant ?? replyTenant, policy: target?.policy, loop: loop, status: status,
                           durationNanos: duration.nanoseconds)
@@ -835,7 +704,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter {
                                     authority: .string(request?.authority ?? "-"), path: .string(request?.path ?? "-"),
                                     protocolName: "HTTP/2", status: status, durationNanos: duration.nanoseconds,
                                     upstreamHost: target?.host.addressText, bytesIn: bytesIn, bytesOut: bytesOut,
-                                    reason: reason, requestID: requestID, tenant: target?.tenant?.name))
+                                    reason: exchange.reason, requestID: requestID, tenant: target?.tenant?.name))
         }
         target?.release()
         target = nil

@@ -1,0 +1,47 @@
+import NIOCore
+import VigilCore
+
+/// A front end (an HTTP/1.1 connection, an HTTP/2 stream) as the exchange machine's environment: the request's
+/// `UpstreamTarget` on this event loop. Written once here so that both protocols retry, count and record alike.
+protocol ExchangeFrontEnd: ExchangeEnvironment {
+    var target: UpstreamTarget? { get set }
+    var loop: LoopContext { get }
+    var listener: ListenerRuntime { get }
+}
+
+extension ExchangeFrontEnd {
+    func pickRetryHost(excluding tried: HostMask) -> Int? {
+        target?.cluster.pickHost(random: &loop.random, now: loop.eventLoop.now, tried: tried)?.index
+    }
+
+    func reserveRetrySlot() -> Bool { target?.cluster.reserveRetry() ?? false }
+
+    func releaseRetrySlot() { target?.cluster.releaseRetry() }
+
+    func withdrawRetryBudget() -> Bool {
+        guard let target else { return false }
+        let now = loop.nowNanos()
+        if target.policy.withdrawRetry(listener: listener.index, route: target.routeIndex, nowNanos: now) { return true }
+        if let window = target.policy.retryBudgetWindow(listener: listener.index, route: target.routeIndex, nowNanos: now) {
+            target.cluster.retryBudgetRefused(window)
+        }
+        return false
+    }
+
+    func retryAdmitted(host: Int) {
+        guard let cluster = target?.cluster else { return }
+        cluster.retries.wrappingIncrement(ordering: .relaxed)
+        target!.move(to: cluster.hosts[host])
+    }
+
+    func recordAttempt(_ outcome: AttemptOutcome) { target?.record(outcome, now: loop.eventLoop.now) }
+
+    func connectFailed() { target?.cluster.metrics.connectFailures.increment() }
+
+    func nextRandom() -> UInt64 { loop.random.next() }
+
+    /// What the route asks of the exchange machine.
+    func exchangeRoute() -> ExchangeStateMachine.Route {
+        ExchangeStateMachine.Route(timeout: target!.timeout, idleTimeout: target!.idleTimeout, retry: target!.retry)
+    }
+}
