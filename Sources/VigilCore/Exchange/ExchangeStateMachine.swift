@@ -95,8 +95,13 @@ public struct ExchangeStateMachine: Sendable {
         case abort(drop: Upstream)
     }
 
-    /// How many times a request is sent again after HTTP/2 upstreams refused its stream (REFUSED_STREAM:
-    /// certainly not processed, RFC 9113 §8.7), outside the retry policy.
+    /// How many times a request is sent again by itself, outside the route's retry policy, after HTTP/2
+    /// upstreams refused its stream. A refused stream (REFUSED_STREAM, or above the last stream of a GOAWAY) was
+    /// provably not processed (RFC 9113 §8.7), and refusals come in bursts whenever an upstream ends a
+    /// connection with GOAWAY while streams are in flight (nginx does so after every 1,000 requests on a
+    /// connection): the requests go on the pool's next connection, as hyper and Linkerd's proxy do. A few times
+    /// at most, for an upstream that refuses on the next connection too; then the failure stands (and the
+    /// policy's `refused-stream` may still retry it).
     public static let maxRefusedResends = 3
 
     public private(set) var phase = Phase.idle
@@ -168,8 +173,9 @@ public struct ExchangeStateMachine: Sendable {
         return .acquire(fresh: false, drop: .none)
     }
 
-    /// The pool gave the exchange a connection (`reused`: one that had served requests before).
-    public mutating func connectionProvided(reused: Bool, now: NIODeadline) -> Action {
+    /// The pool gave the exchange a connection (`reused`: one that had served requests before). `now` is read
+    /// only when a deadline starts here (no clock read per request otherwise).
+    public mutating func connectionProvided(reused: Bool, now: @autoclosure () -> NIODeadline) -> Action {
         guard phase == .waitingForConnection else { return .releaseConnection }
         phase = .trying
         reusedConnection = reused
@@ -214,7 +220,7 @@ public struct ExchangeStateMachine: Sendable {
             if route.idleTimeout > .zero { quietSince = now }
         case .trying:
             armRouteDeadline(now: now)
-            tryStartedWhole(now: now)
+            tryStartedWhole(now: { now })
             if route.idleTimeout > .zero { quietSince = now }
         case .responding:
             if route.idleTimeout > .zero { quietSince = now }
@@ -225,11 +231,11 @@ public struct ExchangeStateMachine: Sendable {
 
     /// A final response head (status ≥ 200, not 101) arrived. The front end records its status for the host's
     /// health before calling; `retryAfter` is read only if the route would retry this status.
-    public mutating func responseHeadReceived<E: ExchangeEnvironment>(status: Int, now: NIODeadline,
+    public mutating func responseHeadReceived<E: ExchangeEnvironment>(status: Int, now: @autoclosure () -> NIODeadline,
                                                                      retryAfter: () -> Duration?, env: E) -> Action {
         guard phase == .trying else { return .none }
         if requestComplete, let policy = route.retry, policy.covers(.response(status: status)),
-           let next = retry(after: .response(status: status), retryAfter: retryAfter(), now: now, drop: .close, env: env) {
+           let next = retry(after: .response(status: status), retryAfter: retryAfter(), now: now(), drop: .close, env: env) {
             return next
         }
         phase = .responding
@@ -255,9 +261,9 @@ public struct ExchangeStateMachine: Sendable {
 
     /// A read from the upstream ended with the response unfinished: its silence starts again. Returns
     /// whether the idle clock runs (the front end's timer must then be armed).
-    public mutating func upstreamReadCompleted(now: NIODeadline) -> Bool {
+    public mutating func upstreamReadCompleted(now: @autoclosure () -> NIODeadline) -> Bool {
         guard quietSince != nil, phase == .trying || phase == .responding else { return false }
-        quietSince = now
+        quietSince = now()
         return true
     }
 
@@ -370,9 +376,9 @@ public struct ExchangeStateMachine: Sendable {
     }
 
     /// A try has the whole request: its `per_try_timeout` and the upstream's idle clock start.
-    private mutating func tryStartedWhole(now: NIODeadline) {
-        if let perTry = route.retry?.config.perTryTimeout, perTry > .zero { tryDeadline = now + TimeAmount(perTry) }
-        if quietSince == nil, route.idleTimeout > .zero { quietSince = now }
+    private mutating func tryStartedWhole(now: () -> NIODeadline) {
+        if let perTry = route.retry?.config.perTryTimeout, perTry > .zero { tryDeadline = now() + TimeAmount(perTry) }
+        if quietSince == nil, route.idleTimeout > .zero { quietSince = now() }
     }
 
     /// Envoy's order (`retry_state_impl.cc`): would the policy retry, then a host, then the `max_retries` breaker,

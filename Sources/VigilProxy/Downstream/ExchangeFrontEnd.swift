@@ -3,8 +3,10 @@ import VigilCore
 
 /// A front end (an HTTP/1.1 connection, an HTTP/2 stream) as the exchange machine's environment: the request's
 /// `UpstreamTarget` on this event loop. Written once here so that both protocols retry, count and record alike.
-protocol ExchangeFrontEnd: ExchangeEnvironment {
+protocol ExchangeFrontEnd: ExchangeEnvironment, PoolWaiter {
     var target: UpstreamTarget? { get set }
+    /// The connection or stream carrying the current try.
+    var upstream: UpstreamStream? { get set }
     var loop: LoopContext { get }
     var listener: ListenerRuntime { get }
 }
@@ -39,6 +41,18 @@ extension ExchangeFrontEnd {
     func connectFailed() { target?.cluster.metrics.connectFailures.increment() }
 
     func nextRandom() -> UInt64 { loop.random.next() }
+
+    /// Does what the machine says with the upstream side of a try that ends early.
+    func dropUpstream(_ drop: ExchangeStateMachine.Upstream) {
+        switch drop {
+        case .none: break
+        case .cancelWait: target?.pool.cancel(self)
+        case .close:
+            let closing = upstream
+            upstream = nil
+            closing?.close()
+        }
+    }
 
     /// What the route asks of the exchange machine.
     func exchangeRoute() -> ExchangeStateMachine.Route {

@@ -7,8 +7,10 @@ import VigilCore
 /// in the inbound buffer (RFC 9112 §9.3.2).
 ///
 /// The handler is its own exchange: per-request state lives in fields reset for each request, so a
-/// keep-alive request allocates no exchange object.
-final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWaiter, DeferredFlush {
+/// keep-alive request allocates no exchange object. The exchange's decisions (connection, retries, route and
+/// per-try and idle deadlines, outcome) are `ExchangeStateMachine`'s; this shell frames them as HTTP/1.1,
+/// keeps the connection's own timers and runs the machine's actions (`run`).
+final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWaiter, DeferredFlush, ExchangeFrontEnd {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -37,8 +39,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     static let timerTick = TimeAmount.seconds(5)
 
     private let runtime: ProxyRuntime
-    private let listener: ListenerRuntime
-    private let loop: LoopContext
+    let listener: ListenerRuntime
+    let loop: LoopContext
     private let session: DownstreamSession
     private var context: ChannelHandlerContext!
     /// The connection's event loop, kept from `handlerAdded`: `context.eventLoop` asks the channel each time.
@@ -72,7 +74,6 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private var lingerUntil: NIODeadline?
     private var idleSince: NIODeadline
     private var headerDeadline: NIODeadline?
-    private var requestDeadline: NIODeadline?
 
     // MARK: Per-request state, reset by `startRequest`.
     private var head: HTTP1RequestHead?
@@ -89,43 +90,32 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// When `finishRequest` ran, so the idle time that follows starts without another clock read.
     private var finishedAt: NIODeadline?
     private var wallStart: Int64 = 0
-    private var target: UpstreamTarget?
+    private var exchange = ExchangeStateMachine()
+    var target: UpstreamTarget?
     /// The cluster a locally answered request had been routed to, for metrics; its tenant, for its SLO.
     private var replyCluster: ClusterRuntime?
     private var replyTenant: TenantState?
-    private var upstream: UpstreamStream?
-    private var upstreamReused = false
-    private var retriedStaleConnection = false
-    /// Times this request was sent again after an HTTP/2 upstream refused its stream (`UpstreamRedispatch`).
-    private var refusedRedispatches = 0
+    var upstream: UpstreamStream?
     private var bodyRemaining = 0
     /// When bytes of the request body last arrived (or Vigil last held reading back); `body_timeout` runs
     /// from it. Nil once the body is complete.
     private var lastBodyRead: NIODeadline?
-    /// Since when the upstream has sent nothing while Vigil waits on it (the request sent whole, the response
-    /// not ended): the route's `idle_timeout` runs from it. Read from the clock only when a read from the
-    /// upstream leaves the response unfinished, so a response that arrives in one read costs no clock read.
-    private var upstreamQuietSince: NIODeadline?
     /// Since when the client has not been taking what Vigil writes (the channel is unwritable).
     private var unwritableSince: NIODeadline?
     private var chunked: ChunkedDecoder?
     private var requestBodyDone = true
     private var bodyBytesSeen = 0
-    private var responseStarted = false
     /// The response head, written with the first body bytes or at the end of the upstream read.
     private var pendingHead: ByteBuffer?
     private var responseFraming = HTTP1HeadWriter.DownstreamFraming.none
-    private var status = 0
-    private var reason = "-"
     private var bytesIn = 0
     private var bytesOut = 0
     /// The id Vigil generated for the current request, for its access log line.
     private var generatedRequestID: RequestID?
     private var chunkEvents: [ChunkedDecoder.Event] = []
-    private var retries = RetryState()
-    private var tryDeadline: NIODeadline?
+    /// What the first try sent (head and body so far), kept while the machine says the request can be sent again.
+    private var replay: ByteBuffer?
     private var trySentAt = NIODeadline.uptimeNanoseconds(0)
-    private var retryAt: NIODeadline?
 
     init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, session: DownstreamSession = .plain) {
         self.runtime = runtime
@@ -235,7 +225,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             if phase == .waitingForUpstream || phase == .forwarding {
                 if !bodyCanComplete {
                     requestBodyAborted()
-                } else if !responseStarted && listener.config.abortOnClientClose {
+                } else if !exchange.responseStarted && listener.config.abortOnClientClose {
                     clientGaveUp()
                 }
             }
@@ -248,22 +238,11 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     func channelInactive(context: ChannelHandlerContext) {
         timer?.cancel()
         timer = nil
-        // A client gone before its request body was whole aborted the request (its own reason in the log).
-        let gone = requestBodyDone ? "downstream_disconnect" : "request_body_aborted"
-        switch phase {
-        case .waitingForUpstream:
-            target?.pool.cancel(self)
-            finishRequest(status: 0, reason: gone, reuseUpstream: false)
-        case .forwarding, .tunnel:
-            let wasTunnel = phase == .tunnel
-            finishRequest(status: wasTunnel ? status : 0, reason: wasTunnel ? reason : gone,
-                          reuseUpstream: false)
-        case .idle, .closing:
-            // An error (a reset from the client, say) closes the connection through closeNow, which moves to
-            // .closing first: a request still in progress must end here too, or its slots would leak.
-            target?.pool.cancel(self)
-            finishRequest(status: responseStarted ? status : 0, reason: gone, reuseUpstream: false)
-        }
+        // A client gone before its request body was whole aborted the request (its own reason in the log). In
+        // .idle or .closing too: an error (a reset from the client, say) closes the connection through closeNow,
+        // which moves to .closing first, and a request still in progress must end here or its slots would leak.
+        let gone = phase == .tunnel ? "upgraded" : requestBodyDone ? "downstream_disconnect" : "request_body_aborted"
+        end(reason: gone)
         phase = .closing
     }
 
@@ -294,7 +273,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                     beginRequest(headBytes: buffered.readableBytes)
                     head = nil
                     inbound = nil
-                    localReply(status: error.status, reason: error.reason, detail: error.detail, close: true)
+                    localReply(LocalAnswer(status: error.status, reason: error.reason, detail: error.detail), close: true)
                     return
                 }
                 guard let consumed = parsed?.consumed else {
@@ -339,16 +318,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         runtime.activeRequests.wrappingIncrement(ordering: .relaxed)
         bytesIn = headBytes
         bytesOut = 0
-        status = 0
-        reason = "-"
-        responseStarted = false
-        upstreamReused = false
-        retriedStaleConnection = false
-        refusedRedispatches = 0
+        exchange = ExchangeStateMachine()
         bodyBytesSeen = 0
         generatedRequestID = nil
-        tryDeadline = nil
-        retryAt = nil
     }
 
     /// `head` is consumed: it moves into `self.head` (after routing, which reads it) rather than being copied
@@ -369,8 +341,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             chunked = nil
             if let max = listener.config.limits.maxBodyBytes, n > max {
                 self.head = consume head
-                localReply(status: 413, reason: "body_too_large",
-                           detail: "the request body is larger than max_body_bytes (\(max))", close: true)
+                localReply(LocalAnswer(status: 413, reason: "body_too_large",
+                                       detail: "the request body is larger than max_body_bytes (\(max))"), close: true)
                 return
             }
         case .chunked:
@@ -388,48 +360,67 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         case .reply(let status, let reason, let detail, let cluster, let headers, let tenant):
             replyCluster = cluster
             replyTenant = tenant
-            localReply(status: status, reason: reason, detail: detail, close: !requestBodyDone, headers: headers)
+            localReply(LocalAnswer(status: status, reason: reason, detail: detail), close: !requestBodyDone, headers: headers)
         case .forward:
             chunked?.droppedTrailerName = target!.policy.snapshot.routes[listener.index].untrustedTenantHeader
-            retries.begin(host: target!.host.index)
-            phase = .waitingForUpstream
-            if requestBodyDone {
-                armRequestDeadline(now: startedAt)
-                upstreamQuietSince = startedAt
-                armUpstreamIdleTimer(from: startedAt)
-            }
-            target!.pool.acquire(self)
+            run(exchange.started(route: exchangeRoute(), host: target!.host.index, method: self.head!.method,
+                                 hasBody: !requestBodyDone, requestComplete: requestBodyDone, now: startedAt))
+            armExchangeTimer()
         }
     }
 
-    private func armRequestDeadline(now: NIODeadline) {
-        guard let timeout = target?.timeout, timeout > .zero else { return }
-        let deadline = now + timeout
-        requestDeadline = deadline
-        armTimer(at: deadline)
+    /// Runs what the exchange machine decided, after its state has changed.
+    private func run(_ action: ExchangeStateMachine.Action) {
+        switch action {
+        case .none, .forwardResponse, .send, .releaseConnection:
+            break  // answered where the event came from: they need its head or connection
+        case .acquire(let fresh, let drop):
+            dropUpstream(drop)
+            phase = .waitingForUpstream
+            target!.pool.acquire(self, fresh: fresh)
+        case .backOff(let drop):
+            dropUpstream(drop)
+            phase = .waitingForUpstream
+            armExchangeTimer()
+        case .reply(let answer, let drop):
+            dropUpstream(drop)
+            localReply(answer, close: !requestBodyDone)
+        case .finish(let reuseUpstream):
+            finishRequest(reuseUpstream: reuseUpstream)
+            completeExchange()
+        case .abort(let drop):
+            // The response had begun: the client cannot be told cleanly; the close shows it a truncated message.
+            dropUpstream(drop)
+            finishRequest(reuseUpstream: false)
+            closeAfterFlush()
+        }
     }
 
-    /// The per-try deadline starts when an attempt has sent the whole request.
-    private func armTryDeadline() {
-        guard let perTry = target?.retry?.config.perTryTimeout, perTry > .zero else { return }
-        let deadline = eventLoop.now + TimeAmount(perTry)
-        tryDeadline = deadline
-        armTimer(at: deadline)
+    /// The connection ends the exchange for its own reason (the client went away, a timeout of the client's),
+    /// without an answer.
+    private func end(reason: String) {
+        dropUpstream(exchange.end(reason: reason, env: self))
+        finishRequest(reuseUpstream: false)
+    }
+
+    /// The connection timer covers the exchange's next deadline (it re-arms only for a sooner one).
+    private func armExchangeTimer() {
+        if let deadline = exchange.nextDeadline { armTimer(at: deadline) }
     }
 
     // MARK: - PoolWaiter
 
     func poolProvided(_ connection: UpstreamStream, reused: Bool) {
-        guard phase == .waitingForUpstream, head != nil else {
+        guard phase == .waitingForUpstream, head != nil,
+              case .send(let resend, let keepCopy) = exchange.connectionProvided(reused: reused, now: eventLoop.now) else {
             connection.detach(requestComplete: true, now: eventLoop.now)
             return
         }
         upstream = connection
-        upstreamReused = reused
         connection.attach(self, requestIsHead: requestIsHead)
         // Only the EWMA balancer needs the try's send time: no clock read per request otherwise.
         if target?.cluster.config.loadBalancer == .ewma { trySentAt = eventLoop.now }
-        if let replay = retries.replay {
+        if resend, let replay {
             // A retry, or a replay after a stale keep-alive connection: the same bytes again.
             connection.write(replay)
         } else {
@@ -450,18 +441,13 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             generatedRequestID = generated
             connection.write(out)
             // Kept (shared, not copied) while the request could be sent again.
-            retries.markSent()
-            if target?.retry != nil || bodyless { retries.replay = out }
+            if keepCopy { replay = out }
             // A replay that body bytes are appended to must stay the only owner of its storage.
             if bodyless { writtenRequestHead = out }
         }
         phase = .forwarding
-        if !requestBodyDone { forwardBody() } else { armTryDeadline() }
-        if requestBodyDone && upstreamQuietSince == nil {
-            let now = eventLoop.now
-            upstreamQuietSince = now
-            armUpstreamIdleTimer(from: now)
-        }
+        if !requestBodyDone { forwardBody() }
+        armExchangeTimer()
         upstreamFlushPending = false
         loop.flushes.defer(connection)
         updateReadInterest()
@@ -469,12 +455,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
 
     func poolFailed(_ failure: UpstreamFailure) {
         guard phase == .waitingForUpstream else { return }
-        if case .overflow = failure {} else {
-            target!.cluster.metrics.connectFailures.increment()
-            target!.record(.connectFailure, now: eventLoop.now)
-            if retry(after: .connectFailure) { return }
-        }
-        localReply(status: failure.status, reason: failure.reason, detail: failure.detail, close: !requestBodyDone)
+        run(exchange.connectionFailed(failure, now: eventLoop.now, env: self))
     }
 
     // MARK: - Request body
@@ -489,10 +470,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             } catch {
                 chunked = nil
                 inbound = nil
-                abortUpstream()
-                if responseStarted { closeNow() } else {
-                    localReply(status: 400, reason: error.reason, detail: error.detail, close: true)
-                }
+                refuseBody(LocalAnswer(status: 400, reason: error.reason, detail: error.detail))
                 return
             }
             chunked = decoder
@@ -510,16 +488,16 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                     upstream.write(data)
                     upstream.write(ByteBuffer(staticCRLF: ()))
                     upstreamFlushPending = true
-                    retries.keep(out, bodyBytesSoFar: bodyBytesSeen, policy: target?.retry)
-                    retries.keep(data, bodyBytesSoFar: bodyBytesSeen, policy: target?.retry)
-                    retries.keep(ByteBuffer(staticCRLF: ()), bodyBytesSoFar: bodyBytesSeen, policy: target?.retry)
+                    keep(out)
+                    keep(data)
+                    keep(ByteBuffer(staticCRLF: ()))
                 case .end(let trailers):
                     var last = ByteBuffer(string: "0\r\n")
                     if let trailers { last.writeImmutableBuffer(trailers) }
                     last.writeStaticString("\r\n")
                     upstream.write(last)
                     upstreamFlushPending = true
-                    retries.keep(last, bodyBytesSoFar: bodyBytesSeen, policy: target?.retry)
+                    keep(last)
                     requestBodyComplete()
                 }
             }
@@ -532,9 +510,15 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             bodyBytesSeen += n
             upstream.write(slice)
             upstreamFlushPending = true
-            retries.keep(slice, bodyBytesSoFar: bodyBytesSeen, policy: target?.retry)
+            keep(slice)
             if bodyRemaining == 0 { requestBodyComplete() }
         }
+    }
+
+    /// Adds what was sent to the replay copy while the exchange can still send the request again.
+    private func keep(_ part: ByteBuffer) {
+        guard replay != nil else { return }
+        if exchange.bodyForwarded(totalBytes: bodyBytesSeen) { replay!.writeImmutableBuffer(part) } else { replay = nil }
     }
 
     /// Whether the request body can still arrive whole: the client has not ended its side, or what it sent before
@@ -555,16 +539,14 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// not count against the host. A client that half-closed can still read, so it gets a 400 (RFC 9112 §8 allows
     /// an answer before the close), or the response cut short if one had begun.
     private func requestBodyAborted() {
-        if phase == .waitingForUpstream { target?.pool.cancel(self) }
-        abortUpstream()
         inbound = nil
         chunked = nil
-        if responseStarted {
-            finishRequest(status: status, reason: "request_body_aborted", reuseUpstream: false)
+        if exchange.responseStarted {
+            end(reason: "request_body_aborted")
             closeAfterFlush()
         } else {
-            localReply(status: 400, reason: "request_body_aborted",
-                       detail: "the client closed its side before the request body was complete", close: true)
+            localReply(LocalAnswer(status: 400, reason: "request_body_aborted",
+                                   detail: "the client closed its side before the request body was complete"), close: true)
         }
     }
 
@@ -574,40 +556,35 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// itself out), the outcome does not count against the host, and the connection closes. A client that sent
     /// its whole request and half-closed on purpose would get nothing: `abort_on_client_close: false` serves it.
     private func clientGaveUp() {
-        if phase == .waitingForUpstream { target?.pool.cancel(self) }
-        abortUpstream()
-        finishRequest(status: 0, reason: "downstream_aborted", reuseUpstream: false)
+        end(reason: "downstream_aborted")
         closeNow()
     }
 
     private func exceedsBodyLimit() -> Bool {
         guard let max = listener.config.limits.maxBodyBytes, bodyBytesSeen > max else { return false }
-        abortUpstream()
         inbound = nil
-        if responseStarted { closeNow() } else {
-            localReply(status: 413, reason: "body_too_large", detail: "the request body is larger than max_body_bytes (\(max))",
-                       close: true)
-        }
+        refuseBody(LocalAnswer(status: 413, reason: "body_too_large",
+                               detail: "the request body is larger than max_body_bytes (\(max))"))
         return true
+    }
+
+    /// The request body cannot go on (too large, malformed): `answer` if no response has begun, else the
+    /// response is cut by the close; the request's framing is lost either way, so the connection ends.
+    private func refuseBody(_ answer: LocalAnswer) {
+        if exchange.responseStarted {
+            end(reason: answer.reason)
+            closeNow()
+        } else {
+            localReply(answer, close: true)
+        }
     }
 
     private func requestBodyComplete() {
         requestBodyDone = true
         lastBodyRead = nil
         chunked = nil
-        let now = eventLoop.now
-        upstreamQuietSince = now
-        armUpstreamIdleTimer(from: now)
-        if !responseStarted {
-            armRequestDeadline(now: now)
-            armTryDeadline()
-        }
-    }
-
-    /// Only sooner than the connection timer's next tick does this re-arm anything (the default 60 s never is).
-    private func armUpstreamIdleTimer(from since: NIODeadline) {
-        guard let idle = target?.idleTimeout, idle > .zero else { return }
-        armTimer(at: since + idle)
+        exchange.requestEnded(now: eventLoop.now)
+        armExchangeTimer()
     }
 
     // MARK: - UpstreamExchange
@@ -627,36 +604,30 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         }
         if response.status == 101 {
             guard requestIsUpgrade else {
-                upstreamFailed(.protocolError("101 Switching Protocols to a request that did not ask to upgrade"),
-                               responseStarted: false)
+                dropUpstream(.close)  // the connection would pass bytes through from here on
+                run(exchange.upstreamFailed(.protocolError("101 Switching Protocols to a request that did not ask to upgrade"),
+                                            now: eventLoop.now, env: self))
                 return
             }
-            responseStarted = true
-            status = 101
-            reason = "upgraded"
+            exchange.switchedProtocols()
             var out = allocator.buffer(capacity: response.bytes.readableBytes + 32)
             HTTP1HeadWriter.writeResponse(response, framing: .none, keepAlive: true, clientMinorVersion: 1, into: &out)
             bytesOut += out.readableBytes
             clientFlushPending = false
             context.writeAndFlush(wrapOutboundOut(out), promise: nil)
             phase = .tunnel
-            requestDeadline = nil
             keepAlive = false
             process()
             return
         }
         target?.recordResponse(status: response.status, sentAt: trySentAt, now: eventLoop.now)
-        if let policy = target?.retry, requestBodyDone, policy.covers(.response(status: response.status)) {
-            let retryAfter = response.value(named: "retry-after").flatMap {
-                RetryAfter.parse($0, nowWallNanos: ProxyRuntime.wallClockNanos())
-            }
-            if retry(after: .response(status: response.status), retryAfter: retryAfter) { return }
+        let action = exchange.responseHeadReceived(status: response.status, now: eventLoop.now, retryAfter: {
+            response.value(named: "retry-after").flatMap { RetryAfter.parse($0, nowWallNanos: ProxyRuntime.wallClockNanos()) }
+        }, env: self)
+        guard case .forwardResponse = action else {
+            run(action)
+            return
         }
-        responseStarted = true
-        status = response.status
-        reason = "-"
-        requestDeadline = nil
-        tryDeadline = nil
         responseFraming = HTTP1HeadWriter.downstreamFraming(upstream: response.framing(requestMethodIsHead: requestIsHead),
                                                             clientMinorVersion: requestMinorVersion)
         if responseFraming == .close || !requestBodyDone { keepAlive = false }
@@ -719,51 +690,21 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         } else {
             writePendingHead()
         }
-        finishRequest(status: status, reason: reason, reuseUpstream: requestBodyDone)
-        completeExchange()
+        run(exchange.responseEnded(env: self))
     }
 
     func upstreamFailed(_ failure: UpstreamFailure, responseStarted started: Bool) {
         guard phase == .forwarding || phase == .tunnel else { return }
-        if phase == .tunnel {
-            upstream = nil
-            finishRequest(status: status, reason: reason, reuseUpstream: false)
-            closeAfterFlush()
-            return
-        }
-        if !started && !responseStarted {
-            // A reused keep-alive connection that the upstream closed just as we sent on it, or a stream an
-            // HTTP/2 upstream refused: nothing was processed. Sent again on a fresh connection, outside the
-            // retry policy, if nothing of the body was consumed (safe to replay).
-            let stale = failure == .reset && upstreamReused && !retriedStaleConnection
-            let refused = UpstreamRedispatch.allowed(after: failure, times: refusedRedispatches)
-            if stale || refused, head?.framing == HTTP1BodyFraming.none, let pool = target?.pool {
-                if stale { retriedStaleConnection = true } else { refusedRedispatches += 1 }
-                upstream = nil
-                phase = .waitingForUpstream
-                pool.acquire(self, fresh: true)
-                return
-            }
-            upstream = nil
-            if case .protocolError = failure {} else if case .timeout = failure {} else {
-                target!.cluster.metrics.connectFailures.increment()
-            }
-            target!.record(failure == .timeout ? .timeout : .reset, now: eventLoop.now)
-            if retry(after: failure == .refusedStream ? .refusedStream : .reset) { return }
-            localReply(status: failure.status, reason: failure.reason, detail: failure.detail, close: !requestBodyDone)
-            return
-        }
-        // The response had begun: the client cannot be told cleanly; close so it sees a truncated message.
         upstream = nil
-        finishRequest(status: status, reason: failure.reason, reuseUpstream: false)
-        closeAfterFlush()
+        run(exchange.upstreamFailed(failure, now: eventLoop.now, env: self))
     }
 
     func upstreamReadComplete() {
         writePendingHead()
         flushClient()
-        // The upstream sent something and the response goes on: its idle clock starts again.
-        if phase == .forwarding && requestBodyDone { upstreamQuietSince = eventLoop.now }
+        // The upstream sent something and the response goes on: its idle clock starts again (the connection
+        // timer checks it when it comes, so nothing is re-armed here).
+        _ = exchange.upstreamReadCompleted(now: eventLoop.now)
     }
 
     /// `ownHead`: the bytes are a head buffer from `loop.headBuffer` that nothing changes any more.
@@ -805,52 +746,11 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         context.writeAndFlush(wrapOutboundOut(bytes), promise: nil)
     }
 
-    /// The upstream sent nothing for the route's `idle_timeout`: a host that hangs, before its response head
-    /// (504) or in the middle of its body (the client connection is closed, so the client sees the response
-    /// cut short rather than waiting for ever). The host's outlier detection counts it as a timeout.
-    private func upstreamIdleTimedOut(now: NIODeadline) {
-        upstreamQuietSince = nil
-        target?.record(.timeout, now: now)
-        abortUpstream()
-        if responseStarted {
-            finishRequest(status: status, reason: "upstream_idle_timeout", reuseUpstream: false)
-            closeAfterFlush()
-        } else {
-            localReply(status: 504, reason: "upstream_idle_timeout",
-                       detail: "the upstream sent nothing for the route's idle_timeout", close: !requestBodyDone)
-        }
-    }
-
-    // MARK: - Retries
-
-    /// A try failed before any of its response reached the client: retry on another host if the route's
-    /// policy, breaker and budget allow. Returns whether a retry is under way.
-    private func retry(after failure: TryFailure, retryAfter: Duration? = nil) -> Bool {
-        guard var target, let head, !responseStarted else { return false }
-        let now = eventLoop.now
-        guard let wait = retries.next(after: failure, retryAfter: retryAfter, method: head.method,
-                                      remaining: requestDeadline.map { .nanoseconds(($0 - now).nanoseconds) },
-                                      target: &target, listener: listener, loop: loop) else { return false }
-        abortUpstream()
-        self.target = target
-        tryDeadline = nil
-        upstreamQuietSince = nil
-        phase = .waitingForUpstream
-        if wait <= .zero {
-            target.pool.acquire(self)
-        } else {
-            let at = now + TimeAmount(wait)
-            retryAt = at
-            armTimer(at: at)
-        }
-        return true
-    }
-
     // MARK: - Finishing
 
     /// Ends the current request's accounting and releases its upstream connection.
     /// A request that never parsed (`head` is nil) is recorded with "-" for what it would have said.
-    private func finishRequest(status: Int, reason: String, reuseUpstream: Bool) {
+    private func finishRequest(reuseUpstream: Bool) {
         guard requestOpen else { return }
         requestOpen = false
         let now = eventLoop.now
@@ -864,16 +764,14 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         let upstreamHost = runtime.accessLog.isEnabled ? target?.host.addressText : nil
         let tenant = runtime.accessLog.isEnabled ? target?.tenant?.name : nil
         let cluster = target?.cluster ?? replyCluster
+        let status = exchange.status
         runtime.recordSLO(tenant: target?.tenant ?? replyTenant, policy: target?.policy, loop: loop, status: status,
                           durationNanos: duration.nanoseconds)
-        retries.finish(target?.cluster)
+        replay = nil  // dropped first: the spare head is then its only owner
         if let spent = writtenRequestHead {
             writtenRequestHead = nil
             loop.recycleHead(spent)
         }
-        tryDeadline = nil
-        retryAt = nil
-        upstreamQuietSince = nil
         target?.release()
         target = nil
         replyCluster = nil
@@ -886,9 +784,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                                     authority: head?.loggedAuthority ?? "-", path: head?.loggedPath ?? "-", protocolName: "HTTP/1.1",
                                     status: status, durationNanos: duration.nanoseconds,
                                     upstreamHost: upstreamHost, bytesIn: bytesIn, bytesOut: bytesOut,
-                                    reason: reason, requestID: rid, tenant: tenant))
+                                    reason: exchange.reason, requestID: rid, tenant: tenant))
         }
-        requestDeadline = nil
     }
 
     /// After a response is complete: next request, or close.
@@ -906,33 +803,26 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         }
     }
 
-    /// Writes a reply of Vigil's own and ends the request with it.
-    private func localReply(status: Int, reason: String, detail: String, close: Bool, headers: [(String, String)] = []) {
+    /// Writes a reply of Vigil's own and ends the request with it (the exchange machine's, or the connection's).
+    private func localReply(_ answer: LocalAnswer, close: Bool, headers: [(String, String)] = []) {
+        dropUpstream(exchange.end(reason: answer.reason, status: answer.status, env: self))
         if close { keepAlive = false }
         let isHead = head != nil && requestIsHead
         var extra = headers
         if let rid = head?.value(of: .xRequestID) { extra.append(("x-request-id", rid)) }
-        let reply = LocalReply.http1(status: status, reason: reason, detail: detail, close: !keepAlive, isHead: isHead,
-                                     extraHeaders: extra)
+        let reply = LocalReply.http1(status: answer.status, reason: answer.reason, detail: answer.detail, close: !keepAlive,
+                                     isHead: isHead, extraHeaders: extra)
         bytesOut += reply.readableBytes
-        responseStarted = true
         writeToClient(reply)
         if head == nil {
             // The request never parsed: its framing is unknown, so the connection ends here.
-            finishRequest(status: status, reason: reason, reuseUpstream: false)
+            finishRequest(reuseUpstream: false)
             closeAfterFlush()
             return
         }
         if !requestBodyDone { keepAlive = false }
-        finishRequest(status: status, reason: reason, reuseUpstream: false)
+        finishRequest(reuseUpstream: false)
         completeExchange()
-    }
-
-    private func abortUpstream() {
-        if let upstream {
-            self.upstream = nil
-            upstream.close()
-        }
     }
 
     private func closeAfterFlush() {
@@ -980,7 +870,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     private func forceClose() {
         phase = .closing
         inbound = nil
-        abortUpstream()
+        dropUpstream(.close)
         // What was answered before the close still goes (a reply to a request that came with the client's
         // FIN, say): its flush may be held for the end of the loop's batch.
         if clientFlushHeld {
@@ -1024,7 +914,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         if let since = unwritableSince, now - since >= listener.sendTimeout {
             // The client stopped reading: nothing more can reach it, so the exchange ends here. This holds in
             // .closing too, where a last response waits to be flushed to a client that does not read it.
-            finishRequest(status: responseStarted ? status : 0, reason: "downstream_send_timeout", reuseUpstream: false)
+            end(reason: "downstream_send_timeout")
             forceClose()
             return
         }
@@ -1040,32 +930,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             }
             return
         }
-        if let d = requestDeadline, d <= now, phase == .waitingForUpstream || phase == .forwarding, !responseStarted {
-            requestDeadline = nil
-            if phase == .waitingForUpstream { target?.pool.cancel(self) }
-            if upstream != nil { target?.record(.timeout, now: now) }
-            abortUpstream()
-            localReply(status: 504, reason: "upstream_timeout", detail: UpstreamFailure.timeout.detail, close: !requestBodyDone)
-        } else if let d = tryDeadline, d <= now, phase == .forwarding, !responseStarted {
-            tryDeadline = nil
-            target?.record(.timeout, now: now)
-            abortUpstream()
-            if !retry(after: .perTryTimeout) {
-                localReply(status: 504, reason: "upstream_per_try_timeout",
-                           detail: "the upstream did not answer within the route's per_try_timeout", close: !requestBodyDone)
-            }
-        } else if let quiet = upstreamQuietSince, phase == .forwarding, requestBodyDone,
-                  let idle = target?.idleTimeout, idle > .zero, now - quiet >= idle {
-            if unwritableSince != nil {
-                // Vigil holds the upstream back while the client is slow to read: `send_timeout`'s case.
-                upstreamQuietSince = now
-            } else {
-                upstreamIdleTimedOut(now: now)
-                return
-            }
-        } else if let d = retryAt, d <= now, phase == .waitingForUpstream {
-            retryAt = nil
-            target?.pool.acquire(self)
+        if phase == .waitingForUpstream || phase == .forwarding, let d = exchange.nextDeadline, d <= now {
+            // Vigil holding the upstream back while the client is slow to read is not the upstream's silence.
+            run(exchange.deadlineReached(now: now, upstreamHeldBack: unwritableSince != nil, env: self))
         } else if let last = lastBodyRead, !requestBodyDone, phase == .waitingForUpstream || phase == .forwarding,
                   now - last >= listener.bodyTimeout {
             if readGate.isPaused {
@@ -1073,16 +940,14 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                 lastBodyRead = now
             } else {
                 lastBodyRead = nil
-                if phase == .waitingForUpstream { target?.pool.cancel(self) }
-                abortUpstream()
-                guard !responseStarted else {
+                guard !exchange.responseStarted else {
                     // The upstream answered early; the client cannot be told now, and the request cannot end.
-                    finishRequest(status: status, reason: "request_body_timeout", reuseUpstream: false)
+                    end(reason: "request_body_timeout")
                     closeNow()
                     return
                 }
-                localReply(status: 408, reason: "request_body_timeout",
-                           detail: "no more of the request body arrived within body_timeout", close: true)
+                localReply(LocalAnswer(status: 408, reason: "request_body_timeout",
+                                       detail: "no more of the request body arrived within body_timeout"), close: true)
                 return
             }
         } else if let d = headerDeadline, d <= now, phase == .idle {
@@ -1094,8 +959,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                 return
             }
             beginRequest(headBytes: inbound?.readableBytes ?? 0)
-            localReply(status: 408, reason: "request_header_timeout",
-                       detail: "the request head did not arrive within header_timeout", close: true)
+            localReply(LocalAnswer(status: 408, reason: "request_header_timeout",
+                                   detail: "the request head did not arrive within header_timeout"), close: true)
             return
         } else if phase == .idle, (inbound?.readableBytes ?? 0) == 0,
                   now - idleSince >= listener.idleTimeout {
@@ -1104,12 +969,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         }
         guard phase != .closing else { return }
         var next = now + Self.timerTick
-        if let d = requestDeadline, d < next { next = d }
-        if let d = tryDeadline, d < next { next = d }
-        if let d = retryAt, d < next { next = d }
-        if let quiet = upstreamQuietSince, let idle = target?.idleTimeout, idle > .zero, quiet + idle < next {
-            next = quiet + idle
-        }
+        if let d = exchange.nextDeadline, d < next { next = d }
         if let d = headerDeadline, d < next { next = d }
         if let last = lastBodyRead, !requestBodyDone, last + listener.bodyTimeout < next { next = last + listener.bodyTimeout }
         if let since = unwritableSince, since + listener.sendTimeout < next { next = since + listener.sendTimeout }

@@ -29,7 +29,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
     /// The cluster and tenant of a locally answered request, for metrics and its SLO.
     private var replyCluster: ClusterRuntime?
     private var replyTenant: TenantState?
-    private var upstream: UpstreamStream?
+    var upstream: UpstreamStream?
     private var pendingBody: [ByteBuffer] = []
     private var pendingEnd = false
     private var pendingTrailers: HPACKHeaders?
@@ -341,16 +341,6 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
             dropUpstream(drop)
             finish(reuseUpstream: false)
             reset(.cancel)
-        }
-    }
-
-    private func dropUpstream(_ drop: ExchangeStateMachine.Upstream) {
-        switch drop {
-        case .none: break
-        case .cancelWait: target?.pool.cancel(self)
-        case .close:
-            upstream?.close()
-            upstream = nil
         }
     }
 

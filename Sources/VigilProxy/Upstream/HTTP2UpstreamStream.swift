@@ -284,17 +284,3 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
 
 @available(*, unavailable)
 extension HTTP2UpstreamStream: Sendable {}
-
-/// When a request whose HTTP/2 upstream stream was refused is sent again by itself, outside the route's retry
-/// policy. A refused stream (REFUSED_STREAM, or above the last stream of a GOAWAY) was provably not processed
-/// (RFC 9113 §8.7), and refusals come in bursts whenever an upstream ends a connection with GOAWAY while
-/// streams are in flight (nginx does so after every 1,000 requests on a connection): the requests go on the
-/// pool's next connection, as hyper and Linkerd's proxy do. A few times at most, for an upstream that refuses
-/// on the next connection too; then the failure stands (and the policy's `refused-stream` may still retry it).
-enum UpstreamRedispatch {
-    static let maxTimes = 3
-
-    static func allowed(after failure: UpstreamFailure, times: Int) -> Bool {
-        failure == .refusedStream && times < maxTimes
-    }
-}
