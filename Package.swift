@@ -28,13 +28,14 @@ let package = Package(
     ],
     targets: [
         // Pure logic: config model and validation, the HTTP/1 head codec and the HTTP/2 → HTTP/1.1 request
-        // translation, routing, balancers.
+        // translation, routing, balancers, the upstream pool's decisions.
         // No sockets, no threads, no wall clock.
         .target(
             name: "VigilCore",
             dependencies: [
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOHPACK", package: "swift-nio-http2"),
+                .product(name: "DequeModule", package: "swift-collections"),
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ]
