@@ -14,39 +14,70 @@ final class RecordingWaiter: PoolWaiter {
     func poolFailed(_ failure: UpstreamFailure) { failures.append(failure) }
 }
 
-/// The pool on an EmbeddedEventLoop, with its connections on embedded channels.
+/// Opens the pool's connections as embedded channels on the test's loop: connected at once, or, with `hang`,
+/// never (the connect fails only when the channel is closed, as a socket's would).
+final class EmbeddedConnector: @unchecked Sendable {  // used on the test's one EmbeddedEventLoop only
+    let loop: EmbeddedEventLoop
+    var hang = false
+    private(set) var channels: [EmbeddedChannel] = []
+
+    init(loop: EmbeddedEventLoop) { self.loop = loop }
+
+    var connector: UpstreamConnector {
+        UpstreamConnector { [self] _, initialize in
+            let channel = EmbeddedChannel(loop: loop)
+            channels.append(channel)
+            do {
+                try initialize(channel).wait()
+                if hang {
+                    let never = loop.makePromise(of: Channel.self)
+                    channel.closeFuture.whenComplete { _ in never.fail(ChannelError.ioOnClosedChannel) }
+                    return never.futureResult
+                }
+                try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 9)).wait()
+                return loop.makeSucceededFuture(channel)
+            } catch {
+                return loop.makeFailedFuture(error)
+            }
+        }
+    }
+}
+
+/// The pool's shell on an EmbeddedEventLoop, with its connections on embedded channels.
 @Suite(.timeLimit(.minutes(3))) struct HostPoolTests {
     let loop = EmbeddedEventLoop()
 
-    /// A pool for a one-connection cluster whose one connection is taken: acquires queue.
-    func pool() -> (HostPool, ClusterRuntime) {
-        var config = ClusterConfig(name: "c", endpoints: [SocketAddressSpec(host: "127.0.0.1", port: 9)])
+    /// A pool for a one-connection cluster.
+    func pool(_ connector: EmbeddedConnector) -> (HostPool, ClusterRuntime) {
+        var config = ClusterConfig(name: "c", endpoints: [SocketAddressSpec(host: "127.0.0.1", port: 9)],
+                                   connectTimeout: .milliseconds(250))
         config.circuitBreakers.maxConnections = 1
         let cluster = ClusterRuntime(config: config,
                                      events: HealingEventLog(capacity: 8, logger: Logger(label: "test"),
                                                              metricsFactory: NOOPMetricsHandler.instance),
                                      loop: loop)
-        #expect(cluster.reserveConnection())
-        return (HostPool(host: cluster.hosts[0], cluster: cluster, flushes: FlushBatch(eventLoop: loop)), cluster)
+        let pool = HostPool(host: cluster.hosts[0], cluster: cluster, flushes: FlushBatch(eventLoop: loop),
+                            connector: connector.connector)
+        return (pool, cluster)
     }
 
-    func openConnection(_ pool: HostPool) throws -> (UpstreamConnection, EmbeddedChannel) {
-        let connection = UpstreamConnection(pool: pool, limits: HTTP1HeadLimits(maxHeaderBytes: 4096, maxHeaderCount: 10))
-        let channel = EmbeddedChannel(handler: connection, loop: loop)
-        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 9)).wait()
-        return (connection, channel)
+    /// The cluster's one connection, opened for a first request that holds it: later acquires queue.
+    func openConnection(_ pool: HostPool) throws -> UpstreamConnection {
+        let holder = RecordingWaiter()
+        pool.acquire(holder)
+        return try #require(holder.provided.first as? UpstreamConnection)
     }
 
     /// A connection released at the end of one exchange goes to the longest waiter, but only after the
     /// release has returned: the finishing exchange is still inside the connection's read loop then.
     @Test func aReleasedConnectionReachesTheNextWaiterAfterTheReleaseReturns() throws {
-        let (pool, cluster) = pool()
+        let (pool, cluster) = pool(EmbeddedConnector(loop: loop))
+        let connection = try openConnection(pool)
         let first = RecordingWaiter()
         let second = RecordingWaiter()
         pool.acquire(first)
         pool.acquire(second)
         #expect(first.provided.isEmpty && second.provided.isEmpty)
-        let (connection, _) = try openConnection(pool)
         pool.release(connection, now: loop.now)
         #expect(first.provided.isEmpty, "handed over from inside the release")
         loop.run()
@@ -54,16 +85,52 @@ final class RecordingWaiter: PoolWaiter {
         #expect(second.provided.isEmpty && cluster.pendingRequests.load(ordering: .relaxed) == 1)
     }
 
-    /// A connection that closes between its release and the handover is not given to the waiter, which
-    /// waits on.
+    /// A connection that closes between its release and the handover is not given to the waiter, which asks
+    /// again: the closed connection's place is free, so it gets a new one.
     @Test func aConnectionThatClosedBeforeTheHandoverIsNotGiven() throws {
-        let (pool, _) = pool()
+        let connector = EmbeddedConnector(loop: loop)
+        let (pool, cluster) = pool(connector)
+        let connection = try openConnection(pool)
         let waiter = RecordingWaiter()
         pool.acquire(waiter)
-        let (connection, channel) = try openConnection(pool)
         pool.release(connection, now: loop.now)
-        try channel.close().wait()
+        try connector.channels[0].close().wait()
         loop.run()
-        #expect(waiter.provided.isEmpty && waiter.failures.isEmpty)
+        #expect(waiter.failures.isEmpty)
+        #expect(waiter.provided.count == 1 && waiter.provided.first !== connection)
+        #expect(cluster.connections.load(ordering: .relaxed) == 1 && pool.openCount == 1)
+    }
+
+    /// `connect_timeout` bounds the whole setup, not only what `ClientBootstrap.connectTimeout` would: the
+    /// waiter fails with connectTimeout, the channel is closed, and its `max_connections` place comes back.
+    @Test func aConnectThatHangsFailsAtConnectTimeoutAndGivesBackItsPlace() throws {
+        let connector = EmbeddedConnector(loop: loop)
+        connector.hang = true
+        let (pool, cluster) = pool(connector)
+        let waiter = RecordingWaiter()
+        pool.acquire(waiter)
+        loop.advanceTime(by: .milliseconds(249))
+        #expect(waiter.failures.isEmpty && cluster.connections.load(ordering: .relaxed) == 1)
+        loop.advanceTime(by: .milliseconds(1))
+        #expect(waiter.failures == [.connectTimeout] && waiter.provided.isEmpty)
+        #expect(!connector.channels[0].isActive)
+        #expect(cluster.connections.load(ordering: .relaxed) == 0 && pool.openCount == 0)
+        #expect(pool.host.connections.load(ordering: .relaxed) == 0)
+        #expect(pool.host.connectFailures.load(ordering: .relaxed) == 1)
+    }
+
+    /// Idle past `idle_timeout`, a connection is closed by the pool's sweep and the next request connects anew.
+    @Test func anIdleConnectionIsClosedByTheSweep() throws {
+        let connector = EmbeddedConnector(loop: loop)
+        let (pool, cluster) = pool(connector)
+        loop.advanceTime(by: .seconds(100))  // an idle cutoff before the clock's zero would be zero
+        let connection = try openConnection(pool)
+        pool.release(connection, now: loop.now)
+        #expect(pool.idleCount == 1)
+        loop.advanceTime(by: .seconds(59))
+        #expect(pool.idleCount == 1)
+        loop.advanceTime(by: .seconds(1))
+        #expect(pool.idleCount == 0 && !connector.channels[0].isActive)
+        #expect(cluster.connections.load(ordering: .relaxed) == 0)
     }
 }

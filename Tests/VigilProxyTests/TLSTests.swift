@@ -149,6 +149,27 @@ import X509
         await bad.stop()
     }
 
+    /// `connect_timeout` bounds the TLS handshake as well as the TCP connect: an upstream that accepts the
+    /// connection and never answers the ClientHello fails the attempt as `upstream_connect_timeout`, long before
+    /// the route's 15 s timeout (the TCP connect's own timeout alone would let the handshake hang until then).
+    @Test func aHungUpstreamHandshakeFailsAtConnectTimeout() async throws {
+        let f = try TLSFixture()
+        let silent = try await StalledUpstream(group: group)
+        let cluster = "connect_timeout: 200ms\n    tls: { ca: \"\(f.path("ca.pem"))\" }"
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(cluster: cluster), upstreams: [silent.port],
+                                           group: group)
+        let client = try await proxy.client()
+        let started = ContinuousClock.now
+        try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        let response = try #require(try await client.response(timeout: 10))
+        #expect(response.status == 503)
+        #expect(response.header("x-vigil-reason") == "upstream_connect_timeout")
+        #expect(ContinuousClock.now - started < .seconds(5))
+        try await client.close()
+        await proxy.stop()
+        try await silent.stop()
+    }
+
     @Test func rotationTakesEffectForNewHandshakesAndOpenConnectionsCarryOn() async throws {
         let f = try TLSFixture()
         try f.issue(TLSFixture.webID, as: "web")

@@ -206,7 +206,8 @@ public struct ClusterConfig: Sendable, Equatable {
     public var name: String
     public var endpoints: [SocketAddressSpec]
     public var `protocol`: UpstreamProtocol
-    /// Time allowed for the TCP connect to an endpoint; past it the attempt fails as a connect failure.
+    /// Time allowed to set up a connection to an endpoint, the TCP connect and any TLS handshake together;
+    /// past it the attempt fails as `upstream_connect_timeout`.
     public var connectTimeout: Duration
     /// An idle pooled upstream connection is closed after this long.
     public var idleTimeout: Duration

@@ -41,7 +41,7 @@ public enum UpstreamFailure: Error, Sendable, Equatable {
     public var detail: String {
         switch self {
         case .connectFailed(let why): "could not connect to the upstream: \(why)"
-        case .connectTimeout: "the upstream did not accept the connection within connect_timeout"
+        case .connectTimeout: "the upstream connection was not set up (TCP connect and TLS handshake) within connect_timeout"
         case .reset: "the upstream closed the connection before the response was complete"
         case .refusedStream: "the upstream refused the HTTP/2 stream"
         case .protocolError(let why): "the upstream sent a malformed response: \(why)"

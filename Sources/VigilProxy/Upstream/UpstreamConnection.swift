@@ -41,6 +41,8 @@ final class UpstreamConnection: ChannelDuplexHandler {
     }
 
     private unowned let pool: HostPool
+    /// The name the pool's state machine gave this connection.
+    let poolID: PoolConnectionID
     private var context: ChannelHandlerContext?
     var channel: Channel? { context?.channel }
     private(set) var exchange: UpstreamExchange?
@@ -53,12 +55,11 @@ final class UpstreamConnection: ChannelDuplexHandler {
     /// The last response head's field list, given back to the parser for the next head (no allocation per
     /// response once the connection has parsed one).
     private var spareFields: [HTTP1Field] = []
-    /// When the connection last went back to its pool; the pool's sweep closes it after `idle_timeout`.
-    var idleSince = NIODeadline.uptimeNanoseconds(0)  // set by the pool on each release
     let limits: HTTP1HeadLimits
 
-    init(pool: HostPool, limits: HTTP1HeadLimits) {
+    init(pool: HostPool, id: PoolConnectionID, limits: HTTP1HeadLimits) {
         self.pool = pool
+        self.poolID = id
         self.limits = limits
     }
 

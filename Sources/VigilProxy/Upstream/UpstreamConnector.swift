@@ -1,0 +1,31 @@
+import NIOCore
+import NIOPosix
+
+/// How a pool opens the TCP connection to its host: a `ClientBootstrap` in the proxy. A test gives embedded
+/// channels instead, so the pool's shell runs on an `EmbeddedEventLoop` with its time in the test's hands.
+struct UpstreamConnector: Sendable {
+    /// What to connect to, and how.
+    struct Target: Sendable {
+        let host: HostRuntime
+        let eventLoop: EventLoop
+        /// The TCP connect's own bound; the pool's connect timer bounds the TLS handshake after it as well.
+        let timeout: TimeAmount
+        /// `per_connection_buffer_limit_bytes` for an HTTP/1.1 connection; nil keeps NIO's defaults.
+        let bufferLimit: Int?
+    }
+
+    /// Opens a connection; `initialize` runs on the new channel, on the pool's loop, before it connects, so
+    /// whatever the upstream sends first (a TLS ServerHello, HTTP/2 SETTINGS) always finds its handlers.
+    let open: @Sendable (_ target: Target,
+                         _ initialize: @escaping @Sendable (Channel) -> EventLoopFuture<Void>) -> EventLoopFuture<Channel>
+
+    static let bootstrap = UpstreamConnector { target, initialize in
+        var bootstrap = ClientBootstrap(group: target.eventLoop)
+            .connectTimeout(target.timeout)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+        if let limit = target.bufferLimit { bootstrap = bootstrap.boundedConnectionBuffers(limit) }
+        bootstrap = bootstrap.channelInitializer(initialize)
+        if let address = target.host.socketAddress { return bootstrap.connect(to: address) }
+        return bootstrap.connect(host: target.host.address.host, port: target.host.address.port)
+    }
+}
