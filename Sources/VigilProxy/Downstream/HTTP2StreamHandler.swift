@@ -12,66 +12,75 @@ import VigilCore
 /// The exchange's decisions (connection, retries, route and per-try and idle deadlines, outcome) are
 /// `ExchangeStateMachine`'s; this shell frames them as HTTP/2 and runs its actions (`run`).
 final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, ExchangeFrontEnd {
-    private let connection: HTTP2ServerConnection
+    let connection: HTTP2ServerConnection
     let streamID: HTTP2StreamID
     /// Set while the stream is in its connection's list of streams that got frames in this read burst.
     var touched = false
-    private let runtime: ProxyRuntime
+    let runtime: ProxyRuntime
     let listener: ListenerRuntime
     let loop: LoopContext
-    private var exchange = ExchangeStateMachine()
+    var exchange = ExchangeStateMachine()
     /// The request's HEADERS have come.
-    private var started = false
+    var started = false
     /// From the request's start to its one accounting (`finish`).
-    private var requestOpen = false
-    private var request: HTTP2RequestHead?
+    var requestOpen = false
+    var request: HTTP2RequestHead?
     var target: UpstreamTarget?
     /// The cluster and tenant of a locally answered request, for metrics and its SLO.
-    private var replyCluster: ClusterRuntime?
-    private var replyTenant: TenantState?
+    var replyCluster: ClusterRuntime?
+    var replyTenant: TenantState?
     var upstream: UpstreamStream?
-    private var pendingBody: [ByteBuffer] = []
-    private var pendingEnd = false
-    private var pendingTrailers: HPACKHeaders?
-    private var chunkedUpstream = false
+    var pendingBody: [ByteBuffer] = []
+    var pendingEnd = false
+    var pendingTrailers: HPACKHeaders?
+    var chunkedUpstream = false
     /// The request's HEADERS did not end the stream: a body (perhaps empty) follows.
-    private var requestHasBody = false
-    private var requestBodyDone = false
-    private var bodyBytes = 0
-    private var bytesIn = 0
-    private var bytesOut = 0
-    private var startedAt = NIODeadline.uptimeNanoseconds(0)
-    private var wallStart: Int64 = 0
+    var requestHasBody = false
+    var requestBodyDone = false
+    var bodyBytes = 0
+    var bytesIn = 0
+    var bytesOut = 0
+    var startedAt = NIODeadline.uptimeNanoseconds(0)
+    var wallStart: Int64 = 0
     /// Position in the loop's `DeadlineQueue` while the exchange's next deadline is queued (-1: none), and
     /// the time it is queued at. It may be queued earlier than the machine's next deadline (the upstream's
     /// idle clock moves on every read): it then fires early, finds nothing due and is queued again.
     var deadlineSlot = -1
-    private var queuedAt = NIODeadline.distantFuture
+    var queuedAt = NIODeadline.distantFuture
     /// `body_timeout`: when DATA last arrived on this stream (or Vigil last held reading back), and the timer.
-    private var lastBodyRead = NIODeadline.uptimeNanoseconds(0)
-    private var bodyTask: Scheduled<Void>?
-    private var stallTask: Scheduled<Void>?
+    var lastBodyRead = NIODeadline.uptimeNanoseconds(0)
+    var bodyTask: Scheduled<Void>?
+    var stallTask: Scheduled<Void>?
     /// What the first try sent (head and body so far), kept while the machine says the request can be sent again.
-    private var replay: ByteBuffer?
-    private var trySentAt = NIODeadline.uptimeNanoseconds(0)
-    private var requestID = LoggedRequestID.none
+    var replay: ByteBuffer?
+    var trySentAt = NIODeadline.uptimeNanoseconds(0)
+    /// The head of a response without a body, held for `upstreamResponseEnd`.
+    var bodilessHead: HPACKHeaders?
+    /// The latest piece of the response body, held back until the next piece, the response's end or the end
+    /// of the upstream's read burst: a response that ends in the same burst carries END_STREAM on its last
+    /// DATA frame, not on an empty frame of its own (one frame fewer to build and encode per response).
+    var heldResponseBody: ByteBuffer?
+    /// The upstream request head of a bodyless request, given back to the loop's spares when the exchange ends
+    /// (`LoopContext.headBuffer`), as HTTP/1.1 requests' heads are.
+    var writtenRequestHead: ByteBuffer?
+    var requestID = LoggedRequestID.none
     /// Whether NIOHTTP2 still has the stream (until its StreamClosedEvent): frames are written only then.
-    private var streamOpen = true
+    var streamOpen = true
     /// The request's DATA (and trailers behind it) held while the upstream is not taking the body.
-    private var readsPaused = false
+    var readsPaused = false
     /// An array, not a CircularBuffer: that would allocate its storage for every stream, and few streams ever hold.
-    private var held: [HTTP2Frame.FramePayload] = []
-    private var releasingHeld = false
-    private var window: HTTP2InboundWindow
+    var held: [HTTP2Frame.FramePayload] = []
+    var releasingHeld = false
+    var window: HTTP2InboundWindow
     /// Response bytes written and not yet sent by NIOHTTP2 (its flow-control buffer included), and whether
     /// that crossed the high watermark (and has not yet fallen under the low one).
-    private var queuedResponseBytes = 0
-    private var aboveWatermark = false
-    private var wasWritable = true
+    var queuedResponseBytes = 0
+    var aboveWatermark = false
+    var wasWritable = true
 
-    private let session: DownstreamSession
+    let session: DownstreamSession
     /// The connection's x-forwarded-* lines, made once per connection rather than per stream.
-    private let facts: ForwardingFacts
+    let facts: ForwardingFacts
 
     init(connection: HTTP2ServerConnection, streamID: HTTP2StreamID, runtime: ProxyRuntime, listener: ListenerRuntime,
          loop: LoopContext, session: DownstreamSession = .plain, facts: ForwardingFacts,
@@ -86,7 +95,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
         self.window = HTTP2InboundWindow(target: initialWindow)
     }
 
-    private var allocator: ByteBufferAllocator { connection.allocator }
+    var allocator: ByteBufferAllocator { connection.allocator }
 
     /// The client has ended its side of the stream (a frame with END_STREAM was delivered).
     var clientEnded: Bool { window.closed }
@@ -115,7 +124,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
         }
     }
 
-    private func deliver(_ d: HTTP2Frame.FramePayload.Data) {
+    func deliver(_ d: HTTP2Frame.FramePayload.Data) {
         guard case .byteBuffer(let bytes) = d.data, !requestBodyDone, requestOpen else { return }
         bytesIn += bytes.readableBytes
         bodyBytes += bytes.readableBytes
@@ -130,7 +139,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
     }
 
     /// Hands held frames on while the upstream takes them, and opens the window for what it took.
-    private func releaseHeld() {
+    func releaseHeld() {
         guard !releasingHeld, !held.isEmpty else { return }
         releasingHeld = true
         defer {
@@ -180,7 +189,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
 
     /// Writable while the connection is, all its streams' unsent responses are under the connection's budget, and
     /// this stream's is under its watermark.
-    private var isWritable: Bool { !aboveWatermark && connection.isWritable && !connection.overResponseBudget }
+    var isWritable: Bool { !aboveWatermark && connection.isWritable && !connection.overResponseBudget }
 
     func writabilityMayHaveChanged() {
         let writable = isWritable
@@ -198,7 +207,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
 
     // MARK: - Frames to the connection
 
-    private func send(_ payload: HTTP2Frame.FramePayload) {
+    func send(_ payload: HTTP2Frame.FramePayload) {
         guard streamOpen else { return }
         if case .data(let d) = payload {
             queuedResponseBytes += d.data.readableBytes
@@ -215,7 +224,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
 
     /// RST_STREAM: NIOHTTP2 closes the stream, and its StreamClosedEvent ends the exchange if it is still on.
     /// Nothing more is written to the stream after it.
-    private func reset(_ code: HTTP2ErrorCode) {
+    func reset(_ code: HTTP2ErrorCode) {
         guard streamOpen else { return }
         connection.write(streamID, .rstStream(code))
         connection.flush()
@@ -224,13 +233,13 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
 
     /// A whole response has gone out while the client is still sending its request: RST_STREAM(NO_ERROR) asks
     /// it to stop (RFC 9113 §8.1), and the stream does not stay half-open holding a concurrent-stream slot.
-    private func endRequestEarlyIfUnfinished() {
+    func endRequestEarlyIfUnfinished() {
         if !requestBodyDone && !window.closed { reset(.noError) }
     }
 
     /// `send_timeout` for a stream: a client that keeps the stream's flow-control window (or the connection)
     /// shut that long is stalling it on purpose or is gone; the stream is reset and its upstream let go.
-    private func armStallTimer() {
+    func armStallTimer() {
         guard stallTask == nil else { return }
         let timeout = listener.sendTimeout
         stallTask = loop.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [self] in
@@ -275,7 +284,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
         }
     }
 
-    private func cancelTimers() {
+    func cancelTimers() {
         loop.deadlines.disarm(self)
         bodyTask?.cancel()
         bodyTask = nil
@@ -285,7 +294,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
 
     // MARK: - Request
 
-    private func startRequest(_ headers: HPACKHeaders, endStream: Bool) {
+    func startRequest(_ headers: HPACKHeaders, endStream: Bool) {
         startedAt = loop.eventLoop.now
         wallStart = runtime.accessLog.isEnabled ? ProxyRuntime.wallClockNanos() : 0
         runtime.activeRequests.wrappingIncrement(ordering: .relaxed)
@@ -322,7 +331,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
     }
 
     /// Runs what the exchange machine decided, after its state has changed.
-    private func run(_ action: ExchangeStateMachine.Action) {
+    func run(_ action: ExchangeStateMachine.Action) {
         switch action {
         case .none, .forwardResponse, .send, .releaseConnection:
             break  // answered where the event came from: they need its head or connection
@@ -345,7 +354,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
     }
 
     /// The stream ends the exchange for its own reason (the client went away, a timeout of the client's).
-    private func end(reason: String) {
+    func end(reason: String) {
         dropUpstream(exchange.end(reason: reason, env: self))
         finish(reuseUpstream: false)
     }
@@ -353,7 +362,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
     /// Ends the exchange with `answer`, or, if a response has begun, cuts it short (RST_STREAM(CANCEL)). A reply
     /// to a request whose body is unfinished ends with RST_STREAM(NO_ERROR): the client may stop sending
     /// (RFC 9113 §8.1).
-    private func abandon(_ answer: LocalAnswer, headers: [(String, String)] = []) {
+    func abandon(_ answer: LocalAnswer, headers: [(String, String)] = []) {
         guard requestOpen else { return }
         let responseStarted = exchange.responseStarted
         dropUpstream(exchange.end(reason: answer.reason, status: responseStarted ? nil : answer.status, env: self))
@@ -403,7 +412,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
 
     /// Queues the stream at the exchange's next deadline when none is queued or it is sooner than the queued
     /// one; takes it out when there is none.
-    private func rearmDeadline() {
+    func rearmDeadline() {
         guard let next = exchange.nextDeadline else {
             loop.deadlines.disarm(self)
             return
@@ -422,7 +431,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
     // MARK: - Request body
 
     /// The HTTP/1.1 head for the upstream.
-    private func http1Head(for request: HTTP2RequestHead) -> ByteBuffer {
+    func http1Head(for request: HTTP2RequestHead) -> ByteBuffer {
         var out = loop.headBuffer(capacity: 512)
         let body: HTTP1HeadWriter.TranslatedBody
         if !requestHasBody {
@@ -445,12 +454,12 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
         return out
     }
 
-    private func sendBody(_ bytes: ByteBuffer) {
+    func sendBody(_ bytes: ByteBuffer) {
         if upstream != nil { writeBody(bytes) } else { pendingBody.append(bytes) }
         updateReads()
     }
 
-    private func writeBody(_ bytes: ByteBuffer) {
+    func writeBody(_ bytes: ByteBuffer) {
         guard let upstream, bytes.readableBytes > 0 else { return }
         sentBodyBytes += bytes.readableBytes
         if chunkedUpstream {
@@ -469,15 +478,15 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
     }
 
     /// Adds what was sent to the replay copy while the exchange can still send the request again.
-    private func keep(_ part: ByteBuffer) {
+    func keep(_ part: ByteBuffer) {
         guard replay != nil else { return }
         if exchange.bodyForwarded(totalBytes: sentBodyBytes) { replay!.writeImmutableBuffer(part) } else { replay = nil }
     }
 
     /// Body bytes sent upstream across tries (each try resends the kept ones from the replay copy).
-    private var sentBodyBytes = 0
+    var sentBodyBytes = 0
 
-    private func bodyEnded(trailers: HPACKHeaders?) {
+    func bodyEnded(trailers: HPACKHeaders?) {
         if let trailers {
             do throws(HTTP2RequestRejection) {
                 try HTTP2RequestHead.validateTrailers(trailers)
@@ -499,7 +508,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
         rearmDeadline()
     }
 
-    private func writeBodyEnd(trailers: HPACKHeaders?) {
+    func writeBodyEnd(trailers: HPACKHeaders?) {
         guard chunkedUpstream, let upstream else { return }
         var last = ByteBuffer()
         HTTP1HeadWriter.writeLastChunk(trailers: trailers,
@@ -509,7 +518,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
         keep(last)
     }
 
-    private func updateReads() {
+    func updateReads() {
         let shouldPause = upstream.map { !$0.isWritable } ?? (pendingBody.count > 16)
         if shouldPause {
             readsPaused = true
@@ -524,7 +533,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
     /// A body that stops arriving for `body_timeout` (pauses Vigil causes do not count) ends the request:
     /// 408 and RST_STREAM(NO_ERROR) (RFC 9113 §8.1: the client may stop sending), or RST_STREAM(CANCEL) if
     /// the response had begun.
-    private func armBodyTimer(at deadline: NIODeadline) {
+    func armBodyTimer(at deadline: NIODeadline) {
         bodyTask = loop.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in
             bodyTask = nil
             guard !requestBodyDone, requestOpen else { return }
@@ -538,166 +547,6 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
             abandon(LocalAnswer(status: 408, reason: "request_body_timeout",
                                 detail: "no more of the request body arrived within body_timeout"))
         }
-    }
-
-    // MARK: - UpstreamExchange
-
-    func upstreamResponseHead(_ head: HTTP1ResponseHead) {
-        guard head.status >= 200 else { return }  // 1xx are not relayed over HTTP/2 here
-        if head.status == 101 {
-            upstream?.close()
-            upstream = nil
-            run(exchange.upstreamFailed(.protocolError("101 Switching Protocols is not valid over HTTP/2"),
-                                        now: loop.eventLoop.now, env: self))
-            return
-        }
-        let now = loop.eventLoop.now
-        target?.recordResponse(status: head.status, sentAt: trySentAt, now: now)
-        let action = exchange.responseHeadReceived(status: head.status, now: now, retryAfter: {
-            head.value(named: "retry-after").flatMap { RetryAfter.parse($0, nowWallNanos: ProxyRuntime.wallClockNanos()) }
-        }, env: self)
-        guard case .forwardResponse = action else {
-            run(action)
-            return
-        }
-        // The idle clock is queued again only if a read leaves the response unfinished (upstreamReadComplete),
-        // so a response that comes whole in one read costs the queue nothing more.
-        cancelTimers()
-        var headers = HPACKHeaders()
-        headers.reserveCapacity(head.fields.count + 1)
-        headers.add(name: ":status", value: String(head.status))
-        let nominated = head.connection.nominated
-        for f in head.fields {
-            if f.kind.isConnectionSpecific { continue }
-            if f.kind == .contentLength {
-                if head.transferEncodingPresent { continue }
-            } else if !nominated.isEmpty && nominated.contains(where: { head.nameEquals(f, $0) }) {
-                continue
-            }
-            headers.add(name: head.lowercaseNameString(f), value: head.valueString(f))
-        }
-        if head.framing(requestMethodIsHead: request?.method == "HEAD") == .none {
-            // The whole response is this HEADERS frame with END_STREAM (a gRPC trailers-only answer, a 204): it
-            // goes out from upstreamResponseEnd, which comes next and finishes the exchange before the frame
-            // can close the stream.
-            bodilessHead = headers
-        } else {
-            send(.headers(.init(headers: headers, endStream: false)))
-        }
-    }
-
-    /// The head of a response without a body, held for `upstreamResponseEnd`.
-    private var bodilessHead: HPACKHeaders?
-
-    /// The latest piece of the response body, held back until the next piece, the response's end or the end
-    /// of the upstream's read burst: a response that ends in the same burst carries END_STREAM on its last
-    /// DATA frame, not on an empty frame of its own (one frame fewer to build and encode per response).
-    private var heldResponseBody: ByteBuffer?
-    /// The upstream request head of a bodyless request, given back to the loop's spares when the exchange ends
-    /// (`LoopContext.headBuffer`), as HTTP/1.1 requests' heads are.
-    private var writtenRequestHead: ByteBuffer?
-
-    func upstreamResponseBody(_ bytes: ByteBuffer) {
-        guard bytes.readableBytes > 0 else { return }
-        bytesOut += bytes.readableBytes
-        sendHeldResponseBody()
-        heldResponseBody = bytes
-    }
-
-    private func sendHeldResponseBody() {
-        if let body = heldResponseBody {
-            heldResponseBody = nil
-            send(.data(.init(data: .byteBuffer(body))))
-        }
-    }
-
-    func upstreamResponseEnd(trailers: ByteBuffer?) {
-        // Finished first: writing END_STREAM closes a stream the client has half-closed already, and its
-        // channelInactive must find the exchange done (else it would count a disconnect and drop the
-        // upstream connection instead of returning it to the pool).
-        run(exchange.responseEnded(env: self))
-        if let head = bodilessHead {
-            bodilessHead = nil
-            send(.headers(.init(headers: head, endStream: true)))
-        } else {
-            if let trailers, let parsed = HTTP2Fields.headers(fromFieldLines: trailers) {
-                sendHeldResponseBody()
-                send(.headers(.init(headers: parsed, endStream: true)))
-            } else {
-                let last = heldResponseBody ?? connection.emptyBuffer
-                heldResponseBody = nil
-                send(.data(.init(data: .byteBuffer(last), endStream: true)))
-            }
-        }
-        connection.flush()
-        endRequestEarlyIfUnfinished()
-    }
-
-    func upstreamFailed(_ failure: UpstreamFailure, responseStarted started: Bool) {
-        upstream = nil
-        run(exchange.upstreamFailed(failure, now: loop.eventLoop.now, env: self))
-    }
-
-    func upstreamReadComplete() {
-        sendHeldResponseBody()
-        connection.flush()
-        // The upstream sent something and the response goes on: its idle clock starts again, and is queued if
-        // it was not.
-        if exchange.upstreamReadCompleted(now: loop.eventLoop.now) && deadlineSlot < 0 { rearmDeadline() }
-    }
-
-    func upstreamWritabilityChanged(writable: Bool) { updateReads() }
-
-    func upstreamTunnelData(_ bytes: ByteBuffer) {}
-
-    // MARK: - Finishing
-
-    /// Writes an answer of Vigil's own; the exchange has ended with it.
-    private func writeReply(_ answer: LocalAnswer, headers extra: [(String, String)]) {
-        let body = LocalReply.body(status: answer.status, reason: answer.reason, detail: answer.detail)
-        var headers: HPACKHeaders = [":status": String(answer.status), "content-type": "application/json",
-                                     "content-length": String(body.readableBytes), "x-vigil-reason": answer.reason]
-        for (name, value) in extra { headers.add(name: name, value: value) }
-        let isHead = request?.method == "HEAD"
-        bytesOut += body.readableBytes
-        finish(reuseUpstream: false)  // before END_STREAM; see upstreamResponseEnd
-        send(.headers(.init(headers: headers, endStream: isHead)))
-        if !isHead { send(.data(.init(data: .byteBuffer(body), endStream: true))) }
-        connection.flush()
-        endRequestEarlyIfUnfinished()
-    }
-
-    /// The request's accounting, once: metrics, SLO, access log, and its slots and upstream given back.
-    private func finish(reuseUpstream: Bool) {
-        guard requestOpen else { return }
-        requestOpen = false
-        cancelTimers()
-        replay = nil  // dropped first: the spare head is then its only owner
-        if let head = writtenRequestHead {
-            writtenRequestHead = nil
-            loop.recycleHead(head)
-        }
-        runtime.activeRequests.wrappingDecrement(ordering: .relaxed)
-        let now = loop.eventLoop.now
-        if let upstream {
-            self.upstream = nil
-            upstream.detach(requestComplete: reuseUpstream, now: now)
-        }
-        let status = exchange.status
-        let duration = now - startedAt
-        runtime.recordSLO(tenant: target?.tenant ?? replyTenant, policy: target?.policy, loop: loop, status: status,
-                          durationNanos: duration.nanoseconds)
-        runtime.metrics.recordRequest(listener: listener.index, cluster: target?.cluster ?? replyCluster, status: status,
-                                      durationNanos: duration.nanoseconds, bytesIn: bytesIn, bytesOut: bytesOut)
-        if runtime.accessLog.isEnabled {
-            loop.log(AccessLogEntry(startNanos: wallStart, listener: listener.config.name, method: request?.method ?? "-",
-                                    authority: .string(request?.authority ?? "-"), path: .string(request?.path ?? "-"),
-                                    protocolName: "HTTP/2", status: status, durationNanos: duration.nanoseconds,
-                                    upstreamHost: target?.host.addressText, bytesIn: bytesIn, bytesOut: bytesOut,
-                                    reason: exchange.reason, requestID: requestID, tenant: target?.tenant?.name))
-        }
-        target?.release()
-        target = nil
     }
 }
 
