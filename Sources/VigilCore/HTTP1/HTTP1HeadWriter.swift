@@ -148,9 +148,6 @@ public enum HTTP1HeadWriter {
             switch f.kind {
             case .host: keep = !absoluteForm
             case .contentLength: keep = true
-            case .transferEncoding, .connection, .keepAlive, .proxyPrefixed, .xForwardedProto, .xForwardedClientCert,
-                 .xVigilTenant:
-                keep = false
             case .te:
                 keep = false
                 teTrailers = teTrailers || head.valueString(f).lowercased().split(separator: ",")
@@ -165,8 +162,12 @@ public enum HTTP1HeadWriter {
             case .xRequestID:
                 keep = true
                 hadRequestID = true
-            case .expect, .trailer, .other:
-                keep = (nominated.isEmpty || !nominated.contains { head.nameEquals(f, $0) })
+            case .transferEncoding, .connection, .keepAlive, .proxyPrefixed, .xForwardedProto, .xForwardedClientCert,
+                 .xVigilTenant, .expect, .trailer, .other:
+                // The field table (`HTTP1FieldKind`) says which kinds never pass; the rest pass unless named by
+                // `Connection`, dropped by the listener, or a `Max-Forwards` Vigil rewrites.
+                keep = !f.kind.isConnectionSpecific && !f.kind.isSetByVigil
+                    && (nominated.isEmpty || !nominated.contains { head.nameEquals(f, $0) })
                     && !(dropped.map { head.nameEquals(f, $0) } ?? false)
                     && (maxForwards == nil || !head.nameEquals(f, "max-forwards"))
             }
@@ -290,10 +291,10 @@ public enum HTTP1HeadWriter {
             switch f.kind {
             case .contentLength:
                 if case .length = framing { keep = true } else { keep = isNoBodyWithLength(head, framing) }
-            case .transferEncoding, .connection, .keepAlive, .proxyPrefixed, .te: keep = false
             case .upgrade: keep = isSwitch
-            case .host, .expect, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .other, .xForwardedClientCert, .xVigilTenant:
-                keep = nominated.isEmpty || !nominated.contains { head.nameEquals(f, $0) }
+            default:
+                // Connection-specific kinds never pass (the field table); a response keeps the request-only ones.
+                keep = !f.kind.isConnectionSpecific && (nominated.isEmpty || !nominated.contains { head.nameEquals(f, $0) })
             }
             if keep && f.kind == .contentLength && !isPlainLine(f, in: head.bytes) {
                 flush(&out)
