@@ -371,16 +371,16 @@ import VigilTestSupport
 
     @Test func budgetAllowsRatioOfRequestsPlusAFloorOverTheWindow() {
         var b = RetryBudget(ratio: 0.2, minPerSecond: 1)
-        var t: Int64 = 5_000_000_000
-        for _ in 0..<100 { b.recordRequest(nowNanos: t) }
+        var t = NIODeadline.uptimeNanoseconds(5_000_000_000)
+        for _ in 0..<100 { b.recordRequest(now: t) }
         // 0.2 × 100 + 1 × 10 s = 30 retries.
         var granted = 0
-        while b.withdraw(nowNanos: t) { granted += 1 }
+        while b.withdraw(now: t) { granted += 1 }
         #expect(granted == 30)
         // Ten seconds later the window has slid past all of it: only the floor is left.
-        t += 10_000_000_000
+        t = t + .seconds(10)
         granted = 0
-        while b.withdraw(nowNanos: t) { granted += 1 }
+        while b.withdraw(now: t) { granted += 1 }
         #expect(granted == 10)
     }
 
@@ -496,12 +496,12 @@ import VigilTestSupport
     /// in the window, not a limit value and usage it does not have.
     @Test func aRetryBudgetRefusalCarriesItsWindow() {
         var budget = RetryBudget(ratio: 0.2, minPerSecond: 0.5)
-        let now: Int64 = 42_000_000_000
-        for _ in 0..<20 { budget.recordRequest(nowNanos: now) }
+        let now = NIODeadline.uptimeNanoseconds(42_000_000_000)
+        for _ in 0..<20 { budget.recordRequest(now: now) }
         var taken = 0
-        while budget.withdraw(nowNanos: now) { taken += 1 }
+        while budget.withdraw(now: now) { taken += 1 }
         #expect(taken == 9)  // 0.2 × 20 + 0.5 × 10 s
-        let window = budget.window(nowNanos: now)
+        let window = budget.window(now: now)
         #expect(window == RetryBudget.Window(ratio: 0.2, minPerSecond: 0.5, seconds: 10, requests: 20, retries: 9))
         var w = OverflowWatch()
         let events = w.observe([.init(limit: OverflowWatch.retryBudget, value: 0, inUse: 0, refusedTotal: 1,

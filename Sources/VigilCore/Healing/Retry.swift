@@ -1,3 +1,5 @@
+import NIOCore
+
 /// How a try failed, as the retry policy sees it.
 public enum TryFailure: Sendable, Equatable {
     case connectFailure
@@ -131,17 +133,17 @@ public struct RetryBudget: Sendable, Equatable {
         if second > currentSecond { currentSecond = second }
     }
 
-    private static func second(_ nanos: Int64) -> Int64 { nanos / 1_000_000_000 }
+    private static func second(_ now: NIODeadline) -> Int64 { Int64(now.uptimeNanoseconds / 1_000_000_000) }
 
     /// Counts an original request (it adds `ratio` of a retry to the budget).
-    public mutating func recordRequest(nowNanos: Int64) {
-        advance(to: Self.second(nowNanos))
+    public mutating func recordRequest(now: NIODeadline) {
+        advance(to: Self.second(now))
         requests[Int(currentSecond % Int64(Self.buckets))] += 1
     }
 
     /// Retries the budget still allows now.
-    public mutating func available(nowNanos: Int64) -> Double {
-        let w = window(nowNanos: nowNanos)
+    public mutating func available(now: NIODeadline) -> Double {
+        let w = window(now: now)
         return w.allowed - Double(w.retries)
     }
 
@@ -162,15 +164,15 @@ public struct RetryBudget: Sendable, Equatable {
         }
     }
 
-    public mutating func window(nowNanos: Int64) -> Window {
-        advance(to: Self.second(nowNanos))
+    public mutating func window(now: NIODeadline) -> Window {
+        advance(to: Self.second(now))
         return Window(ratio: ratio, minPerSecond: minPerSecond, seconds: Self.buckets, requests: requests.reduce(0, +),
                       retries: retries.reduce(0, +))
     }
 
     /// Takes one retry from the budget, or returns false when it is spent.
-    public mutating func withdraw(nowNanos: Int64) -> Bool {
-        guard available(nowNanos: nowNanos) >= 1 else { return false }
+    public mutating func withdraw(now: NIODeadline) -> Bool {
+        guard available(now: now) >= 1 else { return false }
         retries[Int(currentSecond % Int64(Self.buckets))] += 1
         return true
     }

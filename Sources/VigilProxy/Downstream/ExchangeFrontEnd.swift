@@ -22,9 +22,9 @@ extension ExchangeFrontEnd {
 
     func withdrawRetryBudget() -> Bool {
         guard let target else { return false }
-        let now = loop.nowNanos()
-        if target.policy.withdrawRetry(listener: listener.index, route: target.routeIndex, nowNanos: now) { return true }
-        if let window = target.policy.retryBudgetWindow(listener: listener.index, route: target.routeIndex, nowNanos: now) {
+        let now = loop.eventLoop.now
+        if target.policy.withdrawRetry(listener: listener.index, route: target.routeIndex, now: now) { return true }
+        if let window = target.policy.retryBudgetWindow(listener: listener.index, route: target.routeIndex, now: now) {
             target.cluster.retryBudgetRefused(window)
         }
         return false

@@ -138,7 +138,7 @@ extension ProxyRuntime {
         host.activeRequests.wrappingIncrement(ordering: .relaxed)
         host.totalRequests.wrappingIncrement(ordering: .relaxed)
         let retry = routes.retryPolicies[routeIndex]
-        if retry != nil { policy.retryBudgets[listener.index][routeIndex]!.recordRequest(nowNanos: loop.nowNanos()) }
+        if retry != nil { policy.retryBudgets[listener.index][routeIndex]!.recordRequest(now: loop.eventLoop.now) }
         target = UpstreamTarget(policy: policy, cluster: cluster, slot: slot, host: host, pool: policy.pools[slot][host.index],
                                 timeout: routes.timeouts[routeIndex],
                                 idleTimeout: routes.idleTimeouts[routeIndex], routeIndex: routeIndex, retry: retry, tenant: tenant)

@@ -104,12 +104,12 @@ final class LoopPolicy {
     }
 
     /// Takes one retry from the route's budget on this loop.
-    func withdrawRetry(listener: Int, route: Int, nowNanos: Int64) -> Bool {
-        retryBudgets[listener][route]?.withdraw(nowNanos: nowNanos) ?? false
+    func withdrawRetry(listener: Int, route: Int, now: NIODeadline) -> Bool {
+        retryBudgets[listener][route]?.withdraw(now: now) ?? false
     }
 
     /// The route's budget window on this loop, for the evidence of a refusal.
-    func retryBudgetWindow(listener: Int, route: Int, nowNanos: Int64) -> RetryBudget.Window? {
-        retryBudgets[listener][route]?.window(nowNanos: nowNanos)
+    func retryBudgetWindow(listener: Int, route: Int, now: NIODeadline) -> RetryBudget.Window? {
+        retryBudgets[listener][route]?.window(now: now)
     }
 }
