@@ -332,6 +332,13 @@ func retryRoute(on: [RetryCondition] = [.connectFailure, .refusedStream, .reset]
             (.start(), nil), (.provided(), nil),
             (.wait(.seconds(2)), idleTimeout),
         ], status: 504, reason: "upstream_idle_timeout", recorded: [.timeout]),
+        Case(name: "the idle clock waits for a try that holds the whole request", route: .init(idleTimeout: .seconds(1)), steps: [
+            (.start(), nil),
+            (.wait(.seconds(5)), Action.none),  // a long wait in the pool's queue is not the upstream's silence
+            (.provided(), nil),
+            (.wait(.milliseconds(999)), Action.none),
+            (.wait(.milliseconds(1)), idleTimeout),
+        ], status: 504, reason: "upstream_idle_timeout", recorded: [.timeout]),
         Case(name: "idle timeout after the head cuts the response", route: .init(timeout: .seconds(15), idleTimeout: .seconds(2)),
              steps: [
                 (.start(), nil), (.provided(), nil), (.head(200), nil),
@@ -394,12 +401,13 @@ func retryRoute(on: [RetryCondition] = [.connectFailure, .refusedStream, .reset]
         var script = ExchangeScript(route: retryRoute(perTry: .seconds(1), timeout: .seconds(5), idle: .seconds(3)))
         _ = script.run(.start())
         let start = script.clock.now
-        #expect(script.machine.nextDeadline == start + .seconds(3))  // the idle clock runs from the start
+        #expect(script.machine.nextDeadline == start + .seconds(5))  // waiting for a connection: the route's alone
         script.clock.advance(.milliseconds(500))
         _ = script.run(.provided())
-        #expect(script.machine.nextDeadline == start + .seconds(1) + .milliseconds(500))  // per-try
+        let sent = script.clock.now
+        #expect(script.machine.nextDeadline == sent + .seconds(1))  // per-try, before the idle clock's 3 s
         _ = script.run(.head(200))
-        #expect(script.machine.nextDeadline == start + .seconds(3))  // the idle clock alone
+        #expect(script.machine.nextDeadline == sent + .seconds(3))  // the idle clock alone, from the request sent
     }
 }
 
@@ -526,6 +534,10 @@ func retryRoute(on: [RetryCondition] = [.connectFailure, .refusedStream, .reset]
                     break
                 }
                 take(script.run(event))
+                if case .wait = event, let next = script.machine.nextDeadline {
+                    // A deadline that came was acted on: none is left due (the front end would fire at once, for ever).
+                    #expect(next > script.clock.now, "seed \(seed): a due deadline left as it was; \(log)")
+                }
                 #expect(script.env.slotsHeld == (script.machine.holdsRetrySlot ? 1 : 0), "seed \(seed): \(log)")
             }
             if finals == 0 {

@@ -180,6 +180,23 @@ extension HTTP1TimeoutTests {
         #expect(cluster.hosts[0].activeRequests.load(ordering: .relaxed) == 0)
     }
 
+    /// A request that waits in the pool's queue longer than the route's `idle_timeout` is not the upstream's
+    /// silence: nothing fires while it waits (the event loop once spun on that due deadline), and the idle clock
+    /// starts when a try has the whole request.
+    @Test(arguments: ["http1", "http2"])
+    func theIdleClockWaitsForATry(protocol proto: String) throws {
+        let (exchange, channel, loop, _) = try waitingGET(proto, route: "timeout: 0s, idle_timeout: 1s")
+        loop.advanceTime(by: .seconds(5))
+        #expect(try received(proto, channel, loop).isEmpty)
+        let stream = ScriptedUpstreamStream()
+        exchange.poolProvided(stream, reused: false)
+        loop.advanceTime(by: .milliseconds(999))
+        #expect(!stream.closed)
+        loop.advanceTime(by: .milliseconds(1))
+        #expect(stream.closed)
+        #expect(try received(proto, channel, loop).contains("upstream_idle_timeout"))
+    }
+
     /// A response whose upstream falls silent mid-body is cut at the route's `idle_timeout` after its last read
     /// (each read starts the silence again): HTTP/1.1 closes the connection, HTTP/2 resets the stream (CANCEL).
     @Test(arguments: ["http1", "http2"])

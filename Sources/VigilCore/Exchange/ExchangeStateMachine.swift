@@ -123,8 +123,10 @@ public struct ExchangeStateMachine: Sendable {
     private var method = ""
     private var routeDeadline: NIODeadline?
     private var tryDeadline: NIODeadline?
-    /// Since when the upstream has sent nothing while the exchange waits on it (the request sent whole, the
-    /// response not ended). Moved on each read rather than re-armed: the deadline is checked when it comes.
+    /// Since when the upstream has sent nothing while a try holds the whole request (from the request fully sent
+    /// to the response's end). Moved on each read rather than re-armed: the deadline is checked when it comes.
+    /// Nil while no try holds the request (waiting for a connection, backing off): that wait is the route
+    /// timeout's, and a due deadline nothing acts on would fire again at once.
     private var quietSince: NIODeadline?
     private var backoffUntil: NIODeadline?
     /// Some try has sent bytes upstream: from then on only the kept copy can be sent again.
@@ -157,19 +159,17 @@ public struct ExchangeStateMachine: Sendable {
     // MARK: - Events
 
     /// A request was routed and admitted to `host`. `requestComplete`: its body (if any) has been received.
+    /// The machine is a new one (a front end that serves several requests starts each with a new value).
     public mutating func started(route: Route, host: Int, method: @autoclosure () -> String, hasBody: Bool,
                                  requestComplete: Bool, now: NIODeadline) -> Action {
-        self = ExchangeStateMachine()
+        assert(phase == .idle, "an exchange machine serves one request")
         self.route = route
         if route.retry != nil { self.method = method() }
         self.hasBody = hasBody
         self.requestComplete = requestComplete
         tried.insert(host)
         phase = .waitingForConnection
-        if requestComplete {
-            armRouteDeadline(now: now)
-            if route.idleTimeout > .zero { quietSince = now }
-        }
+        if requestComplete { armRouteDeadline(now: now) }
         return .acquire(fresh: false, drop: .none)
     }
 
@@ -217,11 +217,9 @@ public struct ExchangeStateMachine: Sendable {
         switch phase {
         case .waitingForConnection, .backingOff:
             armRouteDeadline(now: now)
-            if route.idleTimeout > .zero { quietSince = now }
         case .trying:
             armRouteDeadline(now: now)
             tryStartedWhole(now: { now })
-            if route.idleTimeout > .zero { quietSince = now }
         case .responding:
             if route.idleTimeout > .zero { quietSince = now }
         case .idle, .finished:
@@ -296,6 +294,7 @@ public struct ExchangeStateMachine: Sendable {
             if stale { staleResent = true } else { refusedResends += 1 }
             phase = .waitingForConnection
             tryDeadline = nil
+            quietSince = nil
             return .acquire(fresh: true, drop: .none)
         }
         switch failure {

@@ -17,9 +17,8 @@ extension HTTP2StreamHandler {
                                         now: loop.eventLoop.now, env: self))
             return
         }
-        let now = loop.eventLoop.now
-        target?.recordResponse(status: head.status, sentAt: trySentAt, now: now)
-        let action = exchange.responseHeadReceived(status: head.status, now: now, retryAfter: {
+        target?.recordResponse(status: head.status, sentAt: trySentAt, now: loop.eventLoop.now)
+        let action = exchange.responseHeadReceived(status: head.status, now: loop.eventLoop.now, retryAfter: {
             head.value(named: "retry-after").flatMap { RetryAfter.parse($0, nowWallNanos: ProxyRuntime.wallClockNanos()) }
         }, env: self)
         guard case .forwardResponse = action else {

@@ -375,15 +375,16 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
     }
 
     func poolProvided(_ connection: UpstreamStream, reused: Bool) {
-        let now = loop.eventLoop.now
-        guard let request, case .send(let resend, let keepCopy) = exchange.connectionProvided(reused: reused, now: now)
+        // The clock is read only where a deadline starts or the EWMA balancer wants the send time.
+        guard let request, case .send(let resend, let keepCopy) = exchange.connectionProvided(reused: reused,
+                                                                                            now: loop.eventLoop.now)
         else {
-            connection.detach(requestComplete: true, now: now)
+            connection.detach(requestComplete: true, now: loop.eventLoop.now)
             return
         }
         upstream = connection
         connection.attach(self, requestIsHead: request.method == "HEAD")
-        if target?.cluster.config.loadBalancer == .ewma { trySentAt = now }
+        if target?.cluster.config.loadBalancer == .ewma { trySentAt = loop.eventLoop.now }
         if resend, let replay {
             connection.write(replay)  // what the first try was sent, then the rest
         } else {
