@@ -38,7 +38,12 @@ let package = Package(
                 .product(name: "DequeModule", package: "swift-collections"),
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "Crypto", package: "swift-crypto"),
-            ]
+            ],
+            // The exchange and pool machines are generic over what the data plane gives them (its waiters, its
+            // environment) and run on every request: compiled alone, each call instantiated generic metadata at
+            // run time (3 % of an HTTP/1.1 proxy's CPU, Bench/RESULTS.md 2026-12-06 third session). Cross-module
+            // optimization lets VigilProxy specialize them, as if they were written there.
+            swiftSettings: [.unsafeFlags(["-cross-module-optimization"], .when(configuration: .release))]
         ),
         // The SwiftNIO data plane.
         .target(
