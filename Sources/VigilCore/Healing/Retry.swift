@@ -14,10 +14,15 @@ public enum TryFailure: Sendable, Equatable {
 }
 
 /// Retry decisions for one route (Envoy's `retry_policy` semantics, Istio's `attempts` counting).
-public struct RetryPolicy: Sendable, Equatable {
+///
+/// A class: every request routed under the policy carries it (its target, its exchange machine), and a reference
+/// moves as one word where the config's hundred bytes were copied at each step.
+public final class RetryPolicy: Sendable, Equatable {
     public let config: RetryPolicyConfig
 
     public init(config: RetryPolicyConfig) { self.config = config }
+
+    public static func == (a: RetryPolicy, b: RetryPolicy) -> Bool { a === b || a.config == b.config }
 
     /// RFC 9110 §9.2.2: methods whose repetition has the same effect as one request.
     public static func isIdempotent(_ method: String) -> Bool {

@@ -53,9 +53,4 @@ extension ExchangeFrontEnd {
             closing?.close()
         }
     }
-
-    /// What the route asks of the exchange machine.
-    func exchangeRoute() -> ExchangeStateMachine.Route {
-        ExchangeStateMachine.Route(timeout: target!.timeout, idleTimeout: target!.idleTimeout, retry: target!.retry)
-    }
 }

@@ -363,7 +363,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             localReply(LocalAnswer(status: status, reason: reason, detail: detail), close: !requestBodyDone, headers: headers)
         case .forward:
             chunked?.droppedTrailerName = target!.policy.snapshot.routes[listener.index].untrustedTenantHeader
-            run(exchange.started(route: exchangeRoute(), host: target!.host.index, method: self.head!.method,
+            run(exchange.started(route: target!.exchangeRoute(), host: target!.host.index, method: self.head!.method,
                                  hasBody: !requestBodyDone, requestComplete: requestBodyDone, now: startedAt))
             armExchangeTimer()
         }

@@ -20,9 +20,14 @@ struct UpstreamTarget {
     /// The request's tenant, holding one of its `max_concurrent` slots until `release()`.
     let tenant: TenantState?
 
-    // `release`, `record` and `recordResponse` are `mutating` though they change nothing of the value: a
+    // `release`, `record`, `recordResponse` and `exchangeRoute` are `mutating` though they change nothing of the value: a
     // handler calls them on its stored `target`, and a non-mutating call there copied the whole struct
     // first (a retain and a release for each of its six references) on every request.
+
+    /// What the route asks of the exchange machine (`mutating` for the reason above).
+    mutating func exchangeRoute() -> ExchangeStateMachine.Route {
+        ExchangeStateMachine.Route(timeout: timeout, idleTimeout: idleTimeout, retry: retry)
+    }
 
     mutating func release() {
         host.activeRequests.wrappingDecrement(ordering: .relaxed)
