@@ -111,12 +111,23 @@ final class EmbeddedConnector: @unchecked Sendable {  // used on the test's one 
         pool.acquire(waiter)
         loop.advanceTime(by: .milliseconds(249))
         #expect(waiter.failures.isEmpty && cluster.connections.load(ordering: .relaxed) == 1)
+        #expect(pool.connectTimersRunning == 1)
         loop.advanceTime(by: .milliseconds(1))
         #expect(waiter.failures == [.connectTimeout] && waiter.provided.isEmpty)
         #expect(!connector.channels[0].isActive)
         #expect(cluster.connections.load(ordering: .relaxed) == 0 && pool.openCount == 0)
         #expect(pool.host.connections.load(ordering: .relaxed) == 0)
         #expect(pool.host.connectFailures.load(ordering: .relaxed) == 1)
+        #expect(pool.connectTimersRunning == 0)
+    }
+
+    /// A connection set up in time stops its connect timer: none is left in the loop's queue for
+    /// `connect_timeout` after each connection (an upstream that closes after every response would otherwise
+    /// leave one per request).
+    @Test func aConnectionSetUpInTimeStopsItsConnectTimer() throws {
+        let (pool, _) = pool(EmbeddedConnector(loop: loop))
+        _ = try openConnection(pool)
+        #expect(pool.connectTimersRunning == 0)
     }
 
     /// Idle past `idle_timeout`, a connection is closed by the pool's sweep and the next request connects anew.

@@ -44,6 +44,16 @@ final class HostPool {
     private let connector: UpstreamConnector
     /// Every connection the machine has asked for, from the connect until its channel is gone.
     private var links: [PoolConnectionID: Link] = [:]
+    /// The connect timers of connections being set up, cancelled when the setup ends: a timer left to fire
+    /// would keep a task in the loop's queue for `connect_timeout` after every connection.
+    private var connectTimers: [PoolConnectionID: Scheduled<Void>] = [:]
+
+    /// Connect timers still running (for tests).
+    var connectTimersRunning: Int { connectTimers.count }
+
+    private func stopConnectTimer(_ id: PoolConnectionID) {
+        connectTimers.removeValue(forKey: id)?.cancel()
+    }
     private let limits = HTTP1HeadLimits(maxHeaderBytes: 64 * 1024, maxHeaderCount: 200)
 
     init(host: HostRuntime, cluster: ClusterRuntime, flushes: FlushBatch, connector: UpstreamConnector = .bootstrap) {
@@ -94,22 +104,26 @@ final class HostPool {
     /// The channel of `id` is gone (reported by its handler, its close future, or a connect that never made
     /// one); only the first report counts.
     private func closed(_ id: PoolConnectionID) {
+        stopConnectTimer(id)
         guard links.removeValue(forKey: id) != nil else { return }
         host.connections.wrappingDecrement(ordering: .relaxed)
         run(machine.connectionClosed(id, slots: &slots))
     }
 
     private func connected(_ id: PoolConnectionID) {
+        stopConnectTimer(id)
         run(machine.connectSucceeded(id, now: eventLoop.now, slots: &slots))
     }
 
     private func setupFailed(_ id: PoolConnectionID, _ failure: UpstreamFailure) {
+        stopConnectTimer(id)
         guard machine.isConnecting(id) else { return }  // already timed out: counted then
         host.connectFailures.wrappingIncrement(ordering: .relaxed)
         run(machine.connectFailed(id, failure, slots: &slots))
     }
 
     private func connectTimerFired(_ id: PoolConnectionID) {
+        connectTimers[id] = nil
         guard machine.isConnecting(id) else { return }  // set up, or failed, in time
         host.connectFailures.wrappingIncrement(ordering: .relaxed)
         run(machine.connectTimedOut(id, slots: &slots))
@@ -210,7 +224,7 @@ final class HostPool {
                 try pool.value.installHandlers(id, on: channel)
             }
         }
-        eventLoop.assumeIsolated().scheduleTask(in: timeout) { [self] in connectTimerFired(id) }
+        connectTimers[id] = eventLoop.assumeIsolated().scheduleTask(in: timeout) { [self] in connectTimerFired(id) }
         connecting.assumeIsolated().whenComplete { [self] result in
             switch result {
             case .success:
@@ -283,6 +297,14 @@ final class HostPool {
     // MARK: - HTTP/2 streams
 
     private func openStream(on id: PoolConnectionID, for waiter: PoolWaiterRef) {
+        if case .http2(let connection)? = links[id], connection.channel?.isActive == false {
+            // The connection is going and has not said so yet (its streams close first, and a request they
+            // fail may ask again at once): report the close now, and the request waits for the next connection
+            // rather than failing on this one against a healthy host.
+            closed(id)
+            acquire(waiter.waiter)
+            return
+        }
         guard case .http2(let connection)? = links[id], let multiplexer = connection.multiplexer else {
             run(machine.streamOpenFailed(on: id, for: waiter, .connectFailed("the HTTP/2 connection is gone")))
             return
