@@ -85,6 +85,24 @@ final class EmbeddedConnector: @unchecked Sendable {  // used on the test's one 
         #expect(second.provided.isEmpty && cluster.pendingRequests.load(ordering: .relaxed) == 1)
     }
 
+    /// A waiter that gives up between a release and its hand-over does not get the connection (its client may
+    /// already be on its next request): the connection goes idle, and the waiter's pending place is back.
+    @Test func aHandOverCalledOffByACancelLeavesTheConnectionIdle() throws {
+        let (pool, cluster) = pool(EmbeddedConnector(loop: loop))
+        let connection = try openConnection(pool)
+        let waiter = RecordingWaiter()
+        pool.acquire(waiter)
+        #expect(cluster.pendingRequests.load(ordering: .relaxed) == 1)
+        pool.release(connection, now: loop.now)
+        pool.cancel(waiter)
+        loop.run()
+        #expect(waiter.provided.isEmpty && waiter.failures.isEmpty)
+        #expect(pool.idleCount == 1 && cluster.pendingRequests.load(ordering: .relaxed) == 0)
+        let next = RecordingWaiter()
+        pool.acquire(next)
+        #expect(next.provided.first === connection)
+    }
+
     /// A connection that closes between its release and the handover is not given to the waiter, which asks
     /// again: the closed connection's place is free, so it gets a new one.
     @Test func aConnectionThatClosedBeforeTheHandoverIsNotGiven() throws {

@@ -83,7 +83,26 @@ final class HostPool {
 
     /// Removes a waiter that no longer wants a connection (its client went away or timed out).
     func cancel(_ waiter: PoolWaiter) {
-        machine.waiterCancelled(PoolWaiterRef(waiter: waiter), slots: &slots)
+        let ref = PoolWaiterRef(waiter: waiter)
+        // Between a release and its hand-over the waiter is out of the machine's queue: the hand-over is called off
+        // here, or the connection would reach a request that gave up (or the next one of the same client).
+        if let i = handOvers.firstIndex(where: { $0.waiter == ref && !$0.calledOff }) {
+            handOvers[i].calledOff = true
+            return
+        }
+        machine.waiterCancelled(ref, slots: &slots)
+    }
+
+    /// Released connections on their way to a waiter (see `.handOver`): at most a few at a time.
+    private var handOvers: [(waiter: PoolWaiterRef, id: PoolConnectionID, calledOff: Bool)] = []
+
+    private func handOver(_ id: PoolConnectionID, to waiter: PoolWaiterRef) {
+        guard let i = handOvers.firstIndex(where: { $0.id == id && $0.waiter == waiter }) else { return }
+        if handOvers.remove(at: i).calledOff {
+            run(machine.connectionReleased(id, now: eventLoop.now, slots: &slots))  // as if released now
+        } else {
+            provide(id, to: waiter, reused: true)
+        }
     }
 
     /// Closes the idle connections; busy ones close when their request ends.
@@ -154,7 +173,8 @@ final class HostPool {
         case .provide(let waiter, let id, let reused):
             provide(id, to: waiter, reused: reused)
         case .handOver(let waiter, let id):
-            eventLoop.assumeIsolated().execute { [self] in provide(id, to: waiter, reused: true) }
+            handOvers.append((waiter, id, false))
+            eventLoop.assumeIsolated().execute { [self] in handOver(id, to: waiter) }
         case .openStream(let id, let waiter):
             openStream(on: id, for: waiter)
         case .openStreams(let id, let waiters):
