@@ -110,7 +110,7 @@ extension HTTP1ServerHandler {
         run(exchange.responseEnded(env: self))
     }
 
-    func upstreamFailed(_ failure: UpstreamFailure, responseStarted started: Bool) {
+    func upstreamFailed(_ failure: UpstreamFailure) {
         guard phase == .forwarding || phase == .tunnel else { return }
         upstream = nil
         run(exchange.upstreamFailed(failure, now: eventLoop.now, env: self))

@@ -89,7 +89,7 @@ extension HTTP2StreamHandler {
         endRequestEarlyIfUnfinished()
     }
 
-    func upstreamFailed(_ failure: UpstreamFailure, responseStarted started: Bool) {
+    func upstreamFailed(_ failure: UpstreamFailure) {
         upstream = nil
         run(exchange.upstreamFailed(failure, now: loop.eventLoop.now, env: self))
     }

@@ -88,7 +88,7 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
             do throws(HTTP1ParseError) {
                 parsed = try HTTP1Parser.parseRequest(input, limits: limits)
             } catch {
-                fail(.protocolError("could not translate the request: \(error.detail)"), started: false)
+                fail(.protocolError("could not translate the request: \(error.detail)"))
                 return
             }
             guard let (head, consumed) = parsed else { return }
@@ -104,7 +104,7 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
             // the connection is going), the request never left and may go on another connection.
             let opened = context.eventLoop.makePromise(of: Void.self)
             opened.futureResult.assumeIsolated().whenFailure { [self] error in
-                fail(.refusedStream, started: false)
+                fail(.refusedStream)
             }
             context.write(wrapOutboundOut(.headers(.init(headers: requestHeaders(head), endStream: requestEnded))),
                           promise: opened)
@@ -124,7 +124,7 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
             do throws(HTTP1ParseError) {
                 try decoder.decode(&input, into: &events)
             } catch {
-                fail(.protocolError(error.detail), started: false)
+                fail(.protocolError(error.detail))
                 return
             }
             chunked = decoder
@@ -182,12 +182,12 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
         case .headers(let frame):
             if !responseStarted {
                 guard let status = frame.headers.first(name: ":status").flatMap(Int.init) else {
-                    fail(.protocolError("response without :status"), started: false)
+                    fail(.protocolError("response without :status"))
                     return
                 }
                 if status < 200 { return }  // interim responses are not relayed
                 guard let head = responseHead(status: status, headers: frame.headers, endStream: frame.endStream) else {
-                    fail(.protocolError("the response head is not valid HTTP"), started: false)
+                    fail(.protocolError("the response head is not valid HTTP"))
                     return
                 }
                 responseStarted = true
@@ -203,7 +203,7 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
             if frame.endStream { end(trailers: nil) }
         case .rstStream(let code):
             // REFUSED_STREAM guarantees the request was not processed (RFC 9113 §8.7): safe to retry.
-            fail(code == .refusedStream ? .refusedStream : .reset, started: responseStarted)
+            fail(code == .refusedStream ? .refusedStream : .reset)
         default:
             break
         }
@@ -218,14 +218,13 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        if !finished { fail(closedFailure(refusedCode: false), started: responseStarted) }
+        if !finished { fail(closedFailure(refusedCode: false)) }
         self.context = nil
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         let code = (error as? NIOHTTP2Errors.StreamClosed)?.errorCode
-        fail(closedFailure(refusedCode: code == .refusedStream || error is NIOHTTP2Errors.CreatedStreamAfterGoaway),
-             started: responseStarted)
+        fail(closedFailure(refusedCode: code == .refusedStream || error is NIOHTTP2Errors.CreatedStreamAfterGoaway))
     }
 
     /// A stream the upstream refused (REFUSED_STREAM), one above the last stream of its GOAWAY (NIOHTTP2 closes
@@ -272,13 +271,13 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
         ex?.upstreamResponseEnd(trailers: trailers)
     }
 
-    private func fail(_ failure: UpstreamFailure, started: Bool) {
+    private func fail(_ failure: UpstreamFailure) {
         guard !finished else { return }
         finished = true
         let ex = exchange
         exchange = nil
         context?.close(promise: nil)
-        ex?.upstreamFailed(failure, responseStarted: started)
+        ex?.upstreamFailed(failure)
     }
 }
 

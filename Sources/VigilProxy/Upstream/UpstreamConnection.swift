@@ -7,7 +7,8 @@ protocol UpstreamExchange: AnyObject {
     func upstreamResponseHead(_ head: HTTP1ResponseHead)
     func upstreamResponseBody(_ bytes: ByteBuffer)
     func upstreamResponseEnd(trailers: ByteBuffer?)
-    func upstreamFailed(_ failure: UpstreamFailure, responseStarted: Bool)
+    /// The try failed before its response was complete (the exchange knows whether any of it had been relayed).
+    func upstreamFailed(_ failure: UpstreamFailure)
     func upstreamReadComplete()
     func upstreamWritabilityChanged(writable: Bool)
     /// After a 101: raw bytes from the upstream.
@@ -173,15 +174,10 @@ final class UpstreamConnection: ChannelDuplexHandler {
         phase = .closed
         if let ex = exchange {
             exchange = nil
-            switch wasPhase {
-            case .body(.untilClose):
-                ex.upstreamResponseEnd(trailers: nil)
-            case .tunnel:
-                ex.upstreamFailed(.reset, responseStarted: true)
-            case .body:
-                ex.upstreamFailed(.reset, responseStarted: true)
-            case .awaitingHead, .idle, .closed:
-                ex.upstreamFailed(.reset, responseStarted: false)
+            if case .body(.untilClose) = wasPhase {
+                ex.upstreamResponseEnd(trailers: nil)  // a body framed by the close has ended
+            } else {
+                ex.upstreamFailed(.reset)
             }
         }
         pool.connectionClosed(self)
@@ -292,12 +288,10 @@ final class UpstreamConnection: ChannelDuplexHandler {
     }
 
     private func fail(_ failure: UpstreamFailure) {
-        let started: Bool
-        if case .awaitingHead = phase { started = false } else { started = true }
         let ex = exchange
         exchange = nil
         close()
-        ex?.upstreamFailed(failure, responseStarted: started)
+        ex?.upstreamFailed(failure)
     }
 }
 
