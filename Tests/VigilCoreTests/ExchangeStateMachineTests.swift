@@ -90,11 +90,8 @@ struct ExchangeScript {
             clock.advance(d)
             return machine.deadlineReached(now: clock.now, upstreamHeldBack: heldBack, env: env)
         case .end(let reason, let status):
-            switch machine.end(reason: reason, status: status, env: env) {
-            case .none: return .none
-            case .cancelWait: return .acquire(fresh: false, drop: .cancelWait)  // only compared in scripts
-            case .close: return .abort(drop: .close)
-            }
+            // The front end ends it: written as the machine's own ending, with what it says to do upstream.
+            return .abort(drop: machine.end(reason: reason, status: status, env: env))
         }
     }
 }
@@ -292,7 +289,7 @@ func retryRoute(on: [RetryCondition] = [.connectFailure, .refusedStream, .reset]
         ], status: 503, reason: "-"),
         Case(name: "client gone while waiting for a connection", route: plain, steps: [
             (.start(), nil),
-            (.end("downstream_disconnect"), .acquire(fresh: false, drop: .cancelWait)),
+            (.end("downstream_disconnect"), .abort(drop: .cancelWait)),
             (.provided(), .releaseConnection),
         ], status: 0, reason: "downstream_disconnect"),
         Case(name: "client gone mid-request", route: plain, steps: [
@@ -524,15 +521,6 @@ func retryRoute(on: [RetryCondition] = [.connectFailure, .refusedStream, .reset]
                     continue
                 default: break
                 }
-                if case .end = event {
-                    switch script.machine.end(reason: "downstream_disconnect", env: script.env) {
-                    case .none: break
-                    case .cancelWait: apply(.cancelWait)
-                    case .close: apply(.close)
-                    }
-                    finals += 1
-                    break
-                }
                 take(script.run(event))
                 if case .wait = event, let next = script.machine.nextDeadline {
                     // A deadline that came was acted on: none is left due (the front end would fire at once, for ever).
@@ -540,14 +528,7 @@ func retryRoute(on: [RetryCondition] = [.connectFailure, .refusedStream, .reset]
                 }
                 #expect(script.env.slotsHeld == (script.machine.holdsRetrySlot ? 1 : 0), "seed \(seed): \(log)")
             }
-            if finals == 0 {
-                switch script.machine.end(reason: "test_end", env: script.env) {
-                case .none: break
-                case .cancelWait: apply(.cancelWait)
-                case .close: apply(.close)
-                }
-                finals += 1
-            }
+            if finals == 0 { take(script.run(.end("test_end"))) }
             #expect(finals == 1, "seed \(seed): \(finals) final outcomes; \(log)")
             #expect(script.machine.phase == .finished && script.machine.nextDeadline == nil, "seed \(seed)")
             #expect(script.env.slotsHeld == 0, "seed \(seed): a retry slot was not given back; \(log)")

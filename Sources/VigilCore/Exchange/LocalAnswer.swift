@@ -1,6 +1,6 @@
 /// An answer Vigil makes itself instead of relaying one: its status, the reason code the access log and
 /// `x-vigil-reason` give, and the detail its JSON body explains it with.
-public struct LocalAnswer: Error, Equatable, Sendable {
+public struct LocalAnswer: Error, Hashable, Sendable, CustomStringConvertible {
     public var status: Int
     public var reason: String
     public var detail: String
@@ -10,4 +10,6 @@ public struct LocalAnswer: Error, Equatable, Sendable {
         self.reason = reason
         self.detail = detail
     }
+
+    public var description: String { "\(status) \(reason): \(detail)" }
 }

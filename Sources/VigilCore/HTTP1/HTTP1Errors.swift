@@ -1,19 +1,9 @@
 /// Why a message could not be accepted, with the status Vigil answers and the reason code it puts in
 /// `x-vigil-reason` and the access log. After any of these on a request head the connection is closed:
 /// its framing can no longer be trusted (RFC 9112 §11.2, request smuggling).
-public struct HTTP1ParseError: Error, Hashable, Sendable, CustomStringConvertible {
-    public let status: Int
-    public let reason: String
-    public let detail: String
+public typealias HTTP1ParseError = LocalAnswer
 
-    public init(status: Int, reason: String, detail: String) {
-        self.status = status
-        self.reason = reason
-        self.detail = detail
-    }
-
-    public var description: String { "\(status) \(reason): \(detail)" }
-
+extension LocalAnswer {
     static func bad(_ reason: String, _ detail: String) -> Self { .init(status: 400, reason: reason, detail: detail) }
 
     static let headerTooLarge = Self(status: 431, reason: "header_too_large",

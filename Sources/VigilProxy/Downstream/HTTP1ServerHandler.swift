@@ -273,7 +273,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                     beginRequest(headBytes: buffered.readableBytes)
                     head = nil
                     inbound = nil
-                    localReply(LocalAnswer(status: error.status, reason: error.reason, detail: error.detail), close: true)
+                    localReply(error, close: true)
                     return
                 }
                 guard let consumed = parsed?.consumed else {
@@ -363,7 +363,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             localReply(LocalAnswer(status: status, reason: reason, detail: detail), close: !requestBodyDone, headers: headers)
         case .forward:
             chunked?.droppedTrailerName = target!.policy.snapshot.routes[listener.index].untrustedTenantHeader
-            run(exchange.started(route: target!.exchangeRoute(), host: target!.host.index, method: self.head!.method,
+            run(exchange.started(route: target!.route, host: target!.host.index, method: self.head!.method,
                                  hasBody: !requestBodyDone, requestComplete: requestBodyDone, now: startedAt))
             armExchangeTimer()
         }

@@ -324,7 +324,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
             replyTenant = tenant
             abandon(LocalAnswer(status: status, reason: reason, detail: detail), headers: headers)
         case .forward:
-            run(exchange.started(route: target!.exchangeRoute(), host: target!.host.index, method: request.method,
+            run(exchange.started(route: target!.route, host: target!.host.index, method: request.method,
                                  hasBody: requestHasBody, requestComplete: requestBodyDone, now: startedAt))
             if requestOpen { rearmDeadline() }
         }

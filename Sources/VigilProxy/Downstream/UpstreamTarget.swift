@@ -12,22 +12,15 @@ struct UpstreamTarget {
     let slot: Int
     private(set) var host: HostRuntime
     private(set) var pool: HostPool
-    let timeout: TimeAmount
-    /// The route's `idle_timeout` (zero: none).
-    let idleTimeout: TimeAmount
     let routeIndex: Int
-    let retry: RetryPolicy?
+    /// The route's timeout, idle timeout and retry policy, for the exchange machine.
+    let route: ExchangeStateMachine.Route
     /// The request's tenant, holding one of its `max_concurrent` slots until `release()`.
     let tenant: TenantState?
 
-    // `release`, `record`, `recordResponse` and `exchangeRoute` are `mutating` though they change nothing of the value: a
+    // `release`, `record` and `recordResponse` are `mutating` though they change nothing of the value: a
     // handler calls them on its stored `target`, and a non-mutating call there copied the whole struct
     // first (a retain and a release for each of its six references) on every request.
-
-    /// What the route asks of the exchange machine (`mutating` for the reason above).
-    mutating func exchangeRoute() -> ExchangeStateMachine.Route {
-        ExchangeStateMachine.Route(timeout: timeout, idleTimeout: idleTimeout, retry: retry)
-    }
 
     mutating func release() {
         host.activeRequests.wrappingDecrement(ordering: .relaxed)
@@ -142,11 +135,10 @@ extension ProxyRuntime {
         if !cluster.health.hadTraffic.load(ordering: .relaxed) { cluster.health.hadTraffic.store(true, ordering: .relaxed) }
         host.activeRequests.wrappingIncrement(ordering: .relaxed)
         host.totalRequests.wrappingIncrement(ordering: .relaxed)
-        let retry = routes.retryPolicies[routeIndex]
-        if retry != nil { policy.retryBudgets[listener.index][routeIndex]!.recordRequest(now: loop.eventLoop.now) }
+        let route = routes.exchangeRoutes[routeIndex]
+        if route.retry != nil { policy.retryBudgets[listener.index][routeIndex]!.recordRequest(now: loop.eventLoop.now) }
         target = UpstreamTarget(policy: policy, cluster: cluster, slot: slot, host: host, pool: policy.pools[slot][host.index],
-                                timeout: routes.timeouts[routeIndex],
-                                idleTimeout: routes.idleTimeouts[routeIndex], routeIndex: routeIndex, retry: retry, tenant: tenant)
+                                routeIndex: routeIndex, route: route, tenant: tenant)
         return .forward
     }
 

@@ -38,12 +38,8 @@ final class ListenerRoutes: Sendable {
     let table: RouteTable
     /// Cluster slot (in the snapshot's `clusters`) per route.
     let routeClusters: [Int]
-    /// Retry policy per route, nil where the route has none.
-    let retryPolicies: [RetryPolicy?]
-    /// Request timeout per route (zero: none), converted once.
-    let timeouts: [TimeAmount]
-    /// Upstream idle timeout per route (zero: none), converted once.
-    let idleTimeouts: [TimeAmount]
+    /// What each route asks of its exchanges (timeout, idle timeout, retry policy), converted once.
+    let exchangeRoutes: [ExchangeStateMachine.Route]
     /// The tenant header to remove from requests on a listener that does not trust it (nil otherwise).
     let untrustedTenantHeader: String?
     /// Per route: its slot among the routes that override tenant rate limits, with the bucket's shape.
@@ -62,8 +58,10 @@ final class ListenerRoutes: Sendable {
         self.routes = listener.routes
         self.table = RouteTable(listener.routes)
         self.routeClusters = listener.routes.map { clusterSlots[$0.cluster]! }
-        self.retryPolicies = listener.routes.map { $0.retry.map(RetryPolicy.init) }
-        self.timeouts = listener.routes.map { .nanoseconds($0.timeout.nanoseconds) }
-        self.idleTimeouts = listener.routes.map { .nanoseconds($0.idleTimeout.nanoseconds) }
+        self.exchangeRoutes = listener.routes.map {
+            ExchangeStateMachine.Route(timeout: .nanoseconds($0.timeout.nanoseconds),
+                                       idleTimeout: .nanoseconds($0.idleTimeout.nanoseconds),
+                                       retry: $0.retry.map(RetryPolicy.init))
+        }
     }
 }
