@@ -143,6 +143,101 @@ import VigilTestSupport
         }
     }
 
+    // MARK: - HTTP/2 upstreams
+
+    @Test func anHTTP2UpstreamGetsTheSameFieldsAsABlock() throws {
+        let request = try validate(Self.get + [
+            ("cookie", "a=1"), ("x-a", "1"), ("cookie", "b=2"), ("te", "trailers"), ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "http"), ("x-forwarded-client-cert", "forged"), ("x-vigil-tenant", "forged"),
+            ("proxy-authorization", "secret"), ("x-tenant", "claimed"), ("x-a", "2"), ("content-length", "3"),
+        ]).get()
+        var random = SplitMix64(seed: 7)
+        let facts = ForwardingFacts(clientAddress: "10.0.0.1", scheme: "https", clientCert: "Hash=ab")
+        let (block, generated) = HTTP2HeadWriter.writeRequest(request, scheme: "http", facts: facts, tenant: "acme",
+                                                              dropping: "x-tenant", random: &random)
+        let fields = block.map { "\($0.name): \($0.value)" }
+        #expect(fields == [
+            ":method: GET", ":scheme: http", ":authority: api.example:8443", ":path: /a?b=1",
+            "cookie: a=1", "x-a: 1", "cookie: b=2", "x-a: 2", "content-length: 3", "te: trailers",
+            "x-forwarded-for: 1.2.3.4, 10.0.0.1", "x-forwarded-proto: https", "x-forwarded-client-cert: Hash=ab",
+            "x-vigil-tenant: acme", "x-request-id: \(try #require(generated).string)",
+        ])
+        var again = SplitMix64(seed: 7)
+        let kept = HTTP2HeadWriter.writeRequest(try validate(Self.get + [("x-request-id", "r-1")]).get(), scheme: "https",
+                                                facts: Self.facts, tenant: nil, dropping: nil, random: &again)
+        #expect(kept.generated == nil && kept.headers["x-request-id"] == ["r-1"] && kept.headers[":scheme"] == ["https"])
+    }
+
+    @Test func trailersForAnHTTP2UpstreamLoseWhatATrailerMayNotCarry() {
+        let gRPC = HPACKHeaders([("grpc-status", "0"), ("grpc-message", "ok")])
+        #expect(HTTP2HeadWriter.forwardedTrailers(gRPC, dropping: "x-tenant") == gRPC)
+        let mixed = HPACKHeaders([("grpc-status", "0"), ("content-length", "9"), ("x-tenant", "t"), ("x-vigil-tenant", "f")])
+        #expect(HTTP2HeadWriter.forwardedTrailers(mixed, dropping: "x-tenant") == HPACKHeaders([("grpc-status", "0")]))
+        #expect(HTTP2HeadWriter.forwardedTrailers(HPACKHeaders([("host", "a")]), dropping: nil) == nil)
+    }
+
+    @Test(arguments: [
+        ([(":status", "200"), ("x", "1")], "200"),
+        ([(":status", "103")], "103"),
+        ([(":status", "204"), ("connection", "close"), ("x", "1")], "204 x"),
+        ([("x", "1")], "response without :status"),
+        ([(":status", "20")], "the response's pseudo-headers are not one 3-digit :status"),
+        ([(":status", "099")], "the response's pseudo-headers are not one 3-digit :status"),
+        ([(":status", "200"), (":status", "200")], "the response's pseudo-headers are not one 3-digit :status"),
+        ([(":status", "200"), (":path", "/")], "the response's pseudo-headers are not one 3-digit :status"),
+        ([(":status", "200"), ("x", "a\u{1}")], "a response header value holds a control character"),
+        ([(":status", "200"), ("x", "a ")], "a response header value starts or ends with whitespace"),
+        ([(":status", "200"), ("content-length", "1"), ("content-length", "1")], "the response's content-length is not one number"),
+        ([(":status", "200"), ("content-length", "1, 1")], "the response's content-length is not one number"),
+    ] as [([(String, String)], String)])
+    func responseBlocksFromAnHTTP2UpstreamAreChecked(fields: [(String, String)], expected: String) {
+        do throws(UpstreamFailure) {
+            let head = try HTTP2ResponseHead.validate(HPACKHeaders(fields))
+            let rest = head.headers.filter { !$0.name.hasPrefix(":") && HTTP1FieldKind.classify($0.name).isConnectionSpecific }
+            #expect(rest.isEmpty)
+            #expect(expected == ([String(head.status)] + (head.headers.count < fields.count ? head.headers.dropFirst().map(\.name) : []))
+                .joined(separator: " "))
+        } catch {
+            guard case .protocolError(let detail) = error else {
+                Issue.record("\(error)")
+                return
+            }
+            #expect(detail == expected)
+        }
+    }
+
+    /// The HTTP/2 block written for `request` carries what its HTTP/1.1 head carries, under the one table: the same
+    /// request, the same fields with the same values (cookies apart where HTTP/1.1 joins them), Vigil's own the
+    /// same, and no framing field HTTP/1.1 needed.
+    func expectTheHTTP2BlockAgrees(with head: HTTP1RequestHead, from request: HTTP2RequestHead, framingAdded: Bool,
+                                   _ shown: String) {
+        var random = SplitMix64(seed: 1)
+        var again = SplitMix64(seed: 1)
+        let (block, _) = HTTP2HeadWriter.writeRequest(request, scheme: "http", facts: Self.facts, tenant: "acme",
+                                                      dropping: "x-tenant", random: &random)
+        var h1 = ByteBuffer()
+        HTTP1HeadWriter.writeRequest(request, body: .none, facts: Self.facts, tenant: "acme", dropping: "x-tenant",
+                                     random: &again, into: &h1)
+        let sameHead = try? HTTP1Parser.parseRequest(h1, limits: HTTP1HeadLimits(maxHeaderBytes: 1 << 16, maxHeaderCount: 100))?.0
+        guard let sameHead else {
+            Issue.record("\(shown): the head does not parse")
+            return
+        }
+        #expect(block.prefix(4).map { "\($0.name)=\($0.value)" }
+                    == [":method=\(head.method)", ":scheme=http", ":authority=\(head.authority)", ":path=\(head.target)"],
+                "\(shown)")
+        var fromBlock = block.dropFirst(4).filter { $0.name != "cookie" }.map { "\($0.name)=\($0.value)" }
+        let cookies = block.filter { $0.name == "cookie" }.map(\.value)
+        // Joined as the HTTP/1.1 head joins them; its parser drops the whitespace an empty last cookie leaves.
+        if !cookies.isEmpty {
+            fromBlock.append("cookie=" + String(cookies.joined(separator: "; ").reversed().drop { $0 == " " }.reversed()))
+        }
+        let fromHead = sameHead.fields.map { (sameHead.lowercaseNameString($0), sameHead.valueString($0)) }
+            .filter { $0.0 != "host" && !(framingAdded && ($0.0 == "content-length" || $0.0 == "transfer-encoding")) }
+            .map { "\($0.0)=\($0.1)" }
+        #expect(fromBlock.sorted() == fromHead.sorted(), "\(shown)")
+    }
+
     // MARK: - Fuzzing
 
     static let seed = FuzzSeed.make("HTTP2TranslationTests")
@@ -256,6 +351,7 @@ import VigilTestSupport
             if HTTP1ParserFuzzTests.llhttpMethods.contains(head.method) {
                 try HTTP1ParserFuzzTests().expectLLHTTPAgrees(out, framing: head.framing, input: Array(out.readableBytesView))
             }
+            expectTheHTTP2BlockAgrees(with: head, from: request, framingAdded: request.contentLength == nil, shown)
             // Trailers, when the body goes chunked.
             guard written.chunked else { continue }
             let trailers = HPACKHeaders(randomBlock(&r).filter { !$0.0.hasPrefix(":") })

@@ -150,10 +150,14 @@ import VigilTestSupport
     }
 
     /// A request body that arrives whole (END_STREAM) before the upstream connection is ready, with no
-    /// content-length: the shape of every gRPC unary call. Before, the upstream head was written without framing
-    /// (the body was no longer "still coming"), so the body was lost and the call failed.
-    @Test func aBodyThatArrivedWholeBeforeTheUpstreamConnectionIsSentWithItsLength() async throws {
-        let (proxy, upstream) = try await setup()
+    /// content-length: the shape of every gRPC unary call. Translated for an HTTP/1.1 upstream, it goes with its
+    /// length (before, the head was written without framing and the body was lost); to an HTTP/2 upstream it
+    /// goes as it came, with no length invented.
+    @Test(arguments: [false, true])
+    func aBodyThatArrivedWholeBeforeTheUpstreamConnectionIsSentWhole(http2Upstream: Bool) async throws {
+        let upstream = try await FakeUpstream(group: group, http2: http2Upstream) { head in .respond(body: "h2:\(head.uri)") }
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(cluster: http2Upstream ? "protocol: http2" : ""),
+                                           upstreams: [upstream.port], group: group)
         let client = try await H2TestClient.connect(port: proxy.port(), group: group)
         let r = try await client.request(headerBlock: [(":method", "POST"), (":scheme", "http"), (":authority", "a"),
                                                        (":path", "/unary"), ("te", "trailers")],
@@ -161,8 +165,68 @@ import VigilTestSupport
         #expect(r.status == 200 && r.text == "h2:/unary")
         let seen = try #require(upstream.recorded.first)
         #expect(seen.bodyString == "hello")
-        #expect(seen.head.headers["content-length"] == ["5"])
+        #expect(seen.head.headers["content-length"] == (http2Upstream ? [] : ["5"]))
         #expect(seen.head.headers["te"] == ["trailers"])
+        try await client.close()
+        await proxy.stop()
+    }
+
+    /// An HTTP/2 client's request reaches an HTTP/2 upstream frame for frame, under the forwarding rules of the
+    /// HTTP/1.1 translation: its cookie fields stay apart (the translation joins them, RFC 9113 §8.2.3), fields
+    /// only Vigil sets are replaced, the client is appended to x-forwarded-for, the body and trailers go as
+    /// they came; the response's trailers come back as a HEADERS frame.
+    @Test func anHTTP2ClientsRequestReachesAnHTTP2UpstreamFrameForFrame() async throws {
+        let (proxy, upstream) = try await setup(behaviour: { _ in .chunked(parts: ["a", "b"], trailers: [("grpc-status", "0")]) })
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        let r = try await client.request(headerBlock: [(":method", "POST"), (":scheme", "http"), (":authority", "svc"),
+                                                       (":path", "/f?q=1"), ("te", "trailers"), ("cookie", "a=1"),
+                                                       ("x-custom", "x"), ("cookie", "b=2"), ("x-forwarded-for", "9.9.9.9"),
+                                                       ("x-vigil-tenant", "forged"), ("x-forwarded-proto", "ftp")],
+                                         data: ByteBuffer(string: "abcde"), trailers: [("x-checksum", "42")])
+        #expect(r.status == 200)
+        #expect(r.text == "ab")
+        #expect(r.trailers?.first(name: "grpc-status") == "0")
+        let seen = try #require(upstream.recorded.first)
+        #expect(seen.head.method == .POST && seen.head.uri == "/f?q=1")
+        #expect(seen.head.headers["cookie"] == ["a=1", "b=2"])
+        #expect(seen.head.headers["x-custom"] == ["x"])
+        #expect(seen.head.headers["te"] == ["trailers"])
+        #expect(seen.head.headers["x-forwarded-for"] == ["9.9.9.9, 127.0.0.1"])
+        #expect(seen.head.headers["x-forwarded-proto"] == ["http"])
+        #expect(seen.head.headers["x-vigil-tenant"].isEmpty)
+        #expect(seen.head.headers["x-request-id"].count == 1)
+        #expect(seen.head.headers["content-length"].isEmpty)
+        #expect(seen.bodyString == "abcde")
+        #expect(seen.trailers?.first(name: "x-checksum") == "42")
+        try await client.close()
+        await proxy.stop()
+    }
+
+    /// A retried request to an HTTP/2 upstream is sent again from the frames the first try sent: the other host
+    /// gets the same head, body and trailers.
+    @Test func aRetryToAnHTTP2UpstreamResendsTheFramesTheFirstTrySent() async throws {
+        let bad = try await FakeUpstream(group: group, name: "bad", http2: true) { _ in .respond(status: .badGateway) }
+        let good = try await FakeUpstream(group: group, name: "good", http2: true) { _ in .respond(body: "fine") }
+        let yaml = ProxyHarness.simple(route: "retry: { attempts: 2, on: [gateway-error], backoff: { base: 1ms, max: 5ms } }",
+                                       cluster: "protocol: http2", endpoints: 2)
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [bad.port, good.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        for i in 0..<10 {
+            // PUT: idempotent, so a 502 after it was sent may be retried.
+            let r = try await client.request(headerBlock: [(":method", "PUT"), (":scheme", "http"), (":authority", "a"),
+                                                           (":path", "/r/\(i)"), ("x-request-id", "id-\(i)")],
+                                             data: ByteBuffer(string: "body-\(i)"), trailers: [("x-checksum", "\(i)")])
+            #expect(r.status == 200 && r.text == "fine")
+        }
+        #expect(bad.recorded.count > 0, "the balancer never chose the bad host: nothing was retried")
+        #expect(proxy.runtime.current.clusters[0].retries.load(ordering: .relaxed) == bad.recorded.count)
+        let received = good.recorded.sorted { $0.head.uri < $1.head.uri }
+        #expect(received.map(\.head.uri) == (0..<10).map { "/r/\($0)" })
+        for (i, seen) in received.enumerated() {
+            #expect(seen.bodyString == "body-\(i)")
+            #expect(seen.trailers?.first(name: "x-checksum") == "\(i)")
+            #expect(seen.head.headers["x-request-id"] == ["id-\(i)"])
+        }
         try await client.close()
         await proxy.stop()
     }

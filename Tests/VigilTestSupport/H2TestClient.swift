@@ -141,6 +141,7 @@ final class RawExchange: ChannelDuplexHandler {
     let promise: EventLoopPromise<TestResponse>
     var head: HTTPResponseHead?
     var body = ByteBuffer()
+    var receivedTrailers: HTTPHeaders?
 
     init(_ headers: HPACKHeaders, data: ByteBuffer?, endStream: Bool, trailers: HPACKHeaders?,
          promise: EventLoopPromise<TestResponse>) {
@@ -169,6 +170,10 @@ final class RawExchange: ChannelDuplexHandler {
                 for (name, value, _) in h.headers where !name.hasPrefix(":") { fields.add(name: name, value: value) }
                 let status = Int(h.headers.first(name: ":status") ?? "") ?? 0
                 head = HTTPResponseHead(version: .http2, status: .init(statusCode: status), headers: fields)
+            } else {
+                var fields = HTTPHeaders()
+                for (name, value, _) in h.headers { fields.add(name: name, value: value) }
+                receivedTrailers = fields
             }
         case .data(let d):
             ended = d.endStream
@@ -176,7 +181,7 @@ final class RawExchange: ChannelDuplexHandler {
         default:
             break
         }
-        if ended, let head { promise.succeed(TestResponse(head: head, body: body, trailers: nil)) }
+        if ended, let head { promise.succeed(TestResponse(head: head, body: body, trailers: receivedTrailers)) }
     }
 
     func channelInactive(context: ChannelHandlerContext) { promise.fail(ChannelError.eof) }

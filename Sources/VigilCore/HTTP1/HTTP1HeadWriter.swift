@@ -65,6 +65,10 @@ public final class ForwardingFacts: Sendable {
     let fullBlock: ByteBuffer
     /// The same after `x-forwarded-for: `, to follow a list the request brought.
     let afterForwardedFor: ByteBuffer
+    /// The same facts as values, for header blocks sent upstream over HTTP/2 (`HTTP2HeadWriter`).
+    public let clientAddress: String
+    public let scheme: String
+    public let clientCert: String?
 
     /// - Parameters:
     ///   - clientAddress: the client's address as it goes into x-forwarded-for (no port).
@@ -85,6 +89,9 @@ public final class ForwardingFacts: Sendable {
         full.writeImmutableBuffer(after)
         afterForwardedFor = after
         fullBlock = full
+        self.clientAddress = clientAddress
+        self.scheme = scheme
+        self.clientCert = clientCert
     }
 
     /// Writes `x-forwarded-for` (the values a request brought, then the client), `x-forwarded-proto` and, for

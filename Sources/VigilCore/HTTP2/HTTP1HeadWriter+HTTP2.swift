@@ -32,48 +32,21 @@ extension HTTP1HeadWriter {
         out.writeStaticString(" HTTP/1.1\r\nhost: ")
         out.writeString(request.authority)
         out.writeStaticString("\r\n")
-        var cookies: [String] = []
-        var forwardedFor: [String] = []
-        var hadRequestID = false
-        var teTrailers = false
-        let maxForwards = MaxForwards.remaining(method: request.method) { request.headers.first(name: "max-forwards") }
-            .map(MaxForwards.forwarded)
+        let maxForwards = HTTP2ForwardedFields.maxForwards(of: request)
         if let maxForwards { writeMaxForwards(maxForwards, into: &out) }
-        for (name, value, _) in request.headers {
-            // Pseudo-headers (every request has four) are skipped before the field is classified.
-            if name.utf8.first == UInt8(ascii: ":") { continue }
-            let kind = HTTP1FieldKind.classify(name)
-            switch kind {
-            case .host:
-                continue  // the authority went first
-            case .te:
-                // The only TE an HTTP/2 request may carry (RFC 9113 §8.2.2): sent on, as from HTTP/1.1 clients,
-                // so the upstream knows trailers will reach the client.
-                teTrailers = teTrailers || value == "trailers"
-                continue
-            case .xForwardedFor:
-                forwardedFor.append(value)
-                continue
-            case .xRequestID:
-                hadRequestID = true
-            case .contentLength:
-                break
-            default:
-                if kind.isConnectionSpecific || kind.isSetByVigil || name == dropped
-                    || (maxForwards != nil && name == "max-forwards") {
-                    continue
-                }
-                if name == "cookie" {
-                    cookies.append(value)
-                    continue
-                }
+        var cookies: [String] = []
+        let selected = HTTP2ForwardedFields.select(request, maxForwards: maxForwards, dropping: dropped) { name, value in
+            // RFC 9113 §8.2.3: an HTTP/1.1 head carries one cookie field.
+            if name == "cookie" {
+                cookies.append(value)
+                return
             }
             out.writeString(name)
             out.writeStaticString(": ")
             out.writeString(value)
             out.writeStaticString("\r\n")
         }
-        if teTrailers { out.writeStaticString("te: trailers\r\n") }
+        if selected.teTrailers { out.writeStaticString("te: trailers\r\n") }
         if !cookies.isEmpty {
             out.writeStaticString("cookie: ")
             out.writeString(cookies.joined(separator: "; "))
@@ -93,8 +66,8 @@ extension HTTP1HeadWriter {
                 out.writeStaticString("transfer-encoding: chunked\r\n")
             }
         }
-        facts.writeFields(after: forwardedFor, into: &out)
-        return (endRequestHead(tenant: tenant, hadRequestID: hadRequestID, random: &random, into: &out), chunked)
+        facts.writeFields(after: selected.forwardedFor, into: &out)
+        return (endRequestHead(tenant: tenant, hadRequestID: selected.hadRequestID, random: &random, into: &out), chunked)
     }
 
     /// Writes the last chunk of a chunked body with an HTTP/2 request's trailers (checked by
@@ -102,8 +75,7 @@ extension HTTP1HeadWriter {
     /// carry (`HTTP1FieldKind.forbiddenInTrailers`).
     public static func writeLastChunk(trailers: HPACKHeaders?, dropping dropped: String?, into out: inout ByteBuffer) {
         out.writeStaticString("0\r\n")
-        for (name, value, _) in trailers ?? [:] where !name.hasPrefix(":") && name != dropped
-            && !HTTP1FieldKind.classify(name).forbiddenInTrailers {
+        for (name, value, _) in trailers ?? [:] where HTTP2ForwardedFields.keepsTrailer(name, dropping: dropped) {
             out.writeString(name)
             out.writeStaticString(": ")
             out.writeString(value)

@@ -17,17 +17,7 @@ extension HTTP2StreamHandler {
                                         now: loop.eventLoop.now, env: self))
             return
         }
-        target?.recordResponse(status: head.status, sentAt: trySentAt, now: loop.eventLoop.now)
-        let action = exchange.responseHeadReceived(status: head.status, now: loop.eventLoop.now, retryAfter: {
-            head.value(named: "retry-after").flatMap { RetryAfter.parse($0, nowWallNanos: ProxyRuntime.wallClockNanos()) }
-        }, env: self)
-        guard case .forwardResponse = action else {
-            run(action)
-            return
-        }
-        // The idle clock is queued again only if a read leaves the response unfinished (upstreamReadComplete),
-        // so a response that comes whole in one read costs the queue nothing more.
-        cancelTimers()
+        guard admitResponse(status: head.status, retryAfter: head.value(named: "retry-after")) else { return }
         var headers = HPACKHeaders()
         headers.reserveCapacity(head.fields.count + 1)
         headers.add(name: ":status", value: String(head.status))
@@ -53,6 +43,33 @@ extension HTTP2StreamHandler {
 
 
 
+    /// From an HTTP/2 upstream: the block goes to the client as it came.
+    func upstreamResponseHeaders(_ head: HTTP2ResponseHead, endStream: Bool) {
+        guard admitResponse(status: head.status, retryAfter: head.headers.first(name: "retry-after")) else { return }
+        if endStream {
+            bodilessHead = head.headers  // see upstreamResponseHead
+        } else {
+            send(.headers(.init(headers: head.headers, endStream: false)))
+        }
+    }
+
+    /// Whether the response whose head came is the one the client gets (else the machine has retried, or
+    /// answered, and its action has run).
+    func admitResponse(status: Int, retryAfter: @autoclosure () -> String?) -> Bool {
+        target?.recordResponse(status: status, sentAt: trySentAt, now: loop.eventLoop.now)
+        let action = exchange.responseHeadReceived(status: status, now: loop.eventLoop.now, retryAfter: {
+            retryAfter().flatMap { RetryAfter.parse($0, nowWallNanos: ProxyRuntime.wallClockNanos()) }
+        }, env: self)
+        guard case .forwardResponse = action else {
+            run(action)
+            return false
+        }
+        // The idle clock is queued again only if a read leaves the response unfinished (upstreamReadComplete),
+        // so a response that comes whole in one read costs the queue nothing more.
+        cancelTimers()
+        return true
+    }
+
     func upstreamResponseBody(_ bytes: ByteBuffer) {
         guard bytes.readableBytes > 0 else { return }
         bytesOut += bytes.readableBytes
@@ -68,6 +85,14 @@ extension HTTP2StreamHandler {
     }
 
     func upstreamResponseEnd(trailers: ByteBuffer?) {
+        endResponse(trailers: trailers.flatMap(HTTP2Fields.headers(fromFieldLines:)))
+    }
+
+    func upstreamResponseEnd(trailerBlock: HPACKHeaders) {
+        endResponse(trailers: trailerBlock)
+    }
+
+    func endResponse(trailers: HPACKHeaders?) {
         // Finished first: writing END_STREAM closes a stream the client has half-closed already, and its
         // channelInactive must find the exchange done (else it would count a disconnect and drop the
         // upstream connection instead of returning it to the pool).
@@ -76,9 +101,9 @@ extension HTTP2StreamHandler {
             bodilessHead = nil
             send(.headers(.init(headers: head, endStream: true)))
         } else {
-            if let trailers, let parsed = HTTP2Fields.headers(fromFieldLines: trailers) {
+            if let trailers {
                 sendHeldResponseBody()
-                send(.headers(.init(headers: parsed, endStream: true)))
+                send(.headers(.init(headers: trailers, endStream: true)))
             } else {
                 let last = heldResponseBody ?? connection.emptyBuffer
                 heldResponseBody = nil
@@ -129,6 +154,7 @@ extension HTTP2StreamHandler {
         requestOpen = false
         cancelTimers()
         replay = nil  // dropped first: the spare head is then its only owner
+        replayFrames = nil
         if let head = writtenRequestHead {
             writtenRequestHead = nil
             loop.recycleHead(head)

@@ -3,15 +3,15 @@ import NIOHPACK
 import NIOHTTP2
 import VigilCore
 
-/// Serves one HTTP/2 stream by translating it to HTTP/1.1 towards a pooled upstream connection
-/// (RFC 9113 §8.2.2 connection-specific fields dropped, cookies joined per §8.2.3), and the response back.
-/// Its frames come from and go to the connection's `HTTP2ServerConnection`.
+/// Serves one HTTP/2 stream: towards an HTTP/2 upstream frame for frame (`HTTP2FramedExchange`), towards an
+/// HTTP/1.1 one by translating it (RFC 9113 §8.2.2 connection-specific fields dropped, cookies joined per
+/// §8.2.3), and the response back. Its frames come from and go to the connection's `HTTP2ServerConnection`.
 /// Flow control: the stream's window only opens as the upstream accepts the body; while the upstream is not
 /// writable the stream's DATA is held here, unacknowledged, until it is.
 ///
 /// The exchange's decisions (connection, retries, route and per-try and idle deadlines, outcome) are
 /// `ExchangeStateMachine`'s; this shell frames them as HTTP/2 and runs its actions (`run`).
-final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, ExchangeFrontEnd {
+final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter, ExchangeFrontEnd {
     let connection: HTTP2ServerConnection
     let streamID: HTTP2StreamID
     /// Set while the stream is in its connection's list of streams that got frames in this read burst.
@@ -29,7 +29,12 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
     /// The cluster and tenant of a locally answered request, for metrics and its SLO.
     var replyCluster: ClusterRuntime?
     var replyTenant: TenantState?
-    var upstream: UpstreamStream?
+    var upstream: UpstreamStream? {
+        // Looked up once per try, not per frame.
+        didSet { framedUpstream = upstream as? HTTP2UpstreamStream }
+    }
+    /// The upstream when it is an HTTP/2 stream: the request goes to it as frames.
+    var framedUpstream: HTTP2UpstreamStream?
     var pendingBody: [ByteBuffer] = []
     var pendingEnd = false
     var pendingTrailers: HPACKHeaders?
@@ -51,8 +56,10 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
     var lastBodyRead = NIODeadline.uptimeNanoseconds(0)
     var bodyTask: Scheduled<Void>?
     var stallTask: Scheduled<Void>?
-    /// What the first try sent (head and body so far), kept while the machine says the request can be sent again.
+    /// What the first try sent (head and body so far), kept while the machine says the request can be sent again:
+    /// as HTTP/1.1 bytes, or as the frames sent to an HTTP/2 upstream (a cluster's hosts share one protocol).
     var replay: ByteBuffer?
+    var replayFrames: [HTTP2Frame.FramePayload]?
     var trySentAt = NIODeadline.uptimeNanoseconds(0)
     /// The head of a response without a body, held for `upstreamResponseEnd`.
     var bodilessHead: HPACKHeaders?
@@ -134,7 +141,7 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
                                 detail: "the request body is larger than max_body_bytes (\(max))"))
             return
         }
-        sendBody(bytes)
+        sendBody(bytes, endStream: d.endStream)
         if d.endStream { bodyEnded(trailers: nil) }
     }
 
@@ -383,18 +390,32 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
             return
         }
         upstream = connection
-        connection.attach(self, requestIsHead: request.method == "HEAD")
         if target?.cluster.config.loadBalancer == .ewma { trySentAt = loop.eventLoop.now }
-        if resend, let replay {
-            connection.write(replay)  // what the first try was sent, then the rest
+        if let stream = framedUpstream {
+            stream.attach(framed: self)
+            if resend, let replayFrames {
+                for frame in replayFrames { stream.send(frame) }  // what the first try was sent, then the rest
+            } else {
+                let head = HTTP2Frame.FramePayload.headers(.init(headers: http2Head(for: request, scheme: stream.scheme),
+                                                                 endStream: !requestHasBody))
+                stream.send(head)
+                if keepCopy { replayFrames = [head] }
+            }
         } else {
-            let head = http1Head(for: request)
-            connection.write(head)
-            if keepCopy { replay = head }
-            // A replay that body bytes are appended to must stay the only owner of its storage.
-            if requestBodyDone { writtenRequestHead = head }
+            connection.attach(self, requestIsHead: request.method == "HEAD")
+            if resend, let replay {
+                connection.write(replay)  // what the first try was sent, then the rest
+            } else {
+                let head = http1Head(for: request)
+                connection.write(head)
+                if keepCopy { replay = head }
+                // A replay that body bytes are appended to must stay the only owner of its storage.
+                if requestBodyDone { writtenRequestHead = head }
+            }
         }
-        for b in pendingBody { writeBody(b) }
+        // The last piece carries the request's end when nothing follows it (one DATA frame fewer upstream).
+        let last = pendingBody.count - 1
+        for (i, b) in pendingBody.enumerated() { writeBody(b, endStream: i == last && pendingEnd && pendingTrailers == nil) }
         pendingBody.removeAll()
         if pendingEnd {
             pendingEnd = false
@@ -447,23 +468,41 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
             dropping: target?.policy.snapshot.routes[listener.index].untrustedTenantHeader,
             random: &loop.random, into: &out)
         chunkedUpstream = written.chunked
-        if let generated = written.generated {
+        noteRequestID(generated: written.generated, of: request)
+        return out
+    }
+
+    /// The header block for an HTTP/2 upstream (`HTTP2HeadWriter`): the forwarding rules of the HTTP/1.1 head.
+    func http2Head(for request: HTTP2RequestHead, scheme: String) -> HPACKHeaders {
+        let written = HTTP2HeadWriter.writeRequest(
+            request, scheme: scheme, facts: facts, tenant: target?.tenant?.name,
+            dropping: target?.policy.snapshot.routes[listener.index].untrustedTenantHeader, random: &loop.random)
+        noteRequestID(generated: written.generated, of: request)
+        return written.headers
+    }
+
+    func noteRequestID(generated: RequestID?, of request: HTTP2RequestHead) {
+        if let generated {
             requestID = .generated(generated)
         } else if runtime.accessLog.isEnabled {
             requestID = .received(request.headers.first(name: "x-request-id") ?? "")
         }
-        return out
     }
 
-    func sendBody(_ bytes: ByteBuffer) {
-        if upstream != nil { writeBody(bytes) } else { pendingBody.append(bytes) }
+    /// `endStream`: the piece ends the request body with no trailers after it.
+    func sendBody(_ bytes: ByteBuffer, endStream: Bool) {
+        if upstream != nil { writeBody(bytes, endStream: endStream) } else { pendingBody.append(bytes) }
         updateReads()
     }
 
-    func writeBody(_ bytes: ByteBuffer) {
+    func writeBody(_ bytes: ByteBuffer, endStream: Bool) {
         guard let upstream, bytes.readableBytes > 0 else { return }
         sentBodyBytes += bytes.readableBytes
-        if chunkedUpstream {
+        if let stream = framedUpstream {
+            let frame = HTTP2Frame.FramePayload.data(.init(data: .byteBuffer(bytes), endStream: endStream))
+            stream.send(frame)
+            keep(frame)
+        } else if chunkedUpstream {
             var header = ByteBuffer()
             HTTP1HeadWriter.writeChunkHeader(length: bytes.readableBytes, into: &header)
             upstream.write(header)
@@ -482,6 +521,11 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
     func keep(_ part: ByteBuffer) {
         guard replay != nil else { return }
         if exchange.bodyForwarded(totalBytes: sentBodyBytes) { replay!.writeImmutableBuffer(part) } else { replay = nil }
+    }
+
+    func keep(_ frame: HTTP2Frame.FramePayload) {
+        guard replayFrames != nil else { return }
+        if exchange.bodyForwarded(totalBytes: sentBodyBytes) { replayFrames!.append(frame) } else { replayFrames = nil }
     }
 
     /// Body bytes sent upstream across tries (each try resends the kept ones from the replay copy).
@@ -510,11 +554,22 @@ final class HTTP2StreamHandler: UpstreamExchange, PoolWaiter, DeadlineWaiter, Ex
     }
 
     func writeBodyEnd(trailers: HPACKHeaders?) {
+        let dropped = target?.policy.snapshot.routes[listener.index].untrustedTenantHeader
+        if let stream = framedUpstream {
+            guard !stream.requestSent else { return }  // the last DATA carried END_STREAM
+            let frame: HTTP2Frame.FramePayload
+            if let trailers, let kept = HTTP2HeadWriter.forwardedTrailers(trailers, dropping: dropped) {
+                frame = .headers(.init(headers: kept, endStream: true))
+            } else {
+                frame = .data(.init(data: .byteBuffer(connection.emptyBuffer), endStream: true))
+            }
+            stream.send(frame)
+            keep(frame)
+            return
+        }
         guard chunkedUpstream, let upstream else { return }
         var last = ByteBuffer()
-        HTTP1HeadWriter.writeLastChunk(trailers: trailers,
-                                       dropping: target?.policy.snapshot.routes[listener.index].untrustedTenantHeader,
-                                       into: &last)
+        HTTP1HeadWriter.writeLastChunk(trailers: trailers, dropping: dropped, into: &last)
         upstream.write(last)
         keep(last)
     }

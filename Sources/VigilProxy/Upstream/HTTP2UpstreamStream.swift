@@ -3,11 +3,21 @@ import NIOHPACK
 import NIOHTTP2
 import VigilCore
 
-/// An HTTP/2 stream to an upstream, presented as an `UpstreamStream`: it reads the HTTP/1.1 request bytes
-/// the exchange writes with Vigil's own parser and sends them as HEADERS and DATA frames, and turns the
-/// response frames back into a head (validated by the same parser) and body events.
+/// An exchange whose client speaks HTTP/2, served by an HTTP/2 upstream stream frame for frame: it sends its
+/// request as frames (`HTTP2UpstreamStream.send`) and is given the response's header blocks as they came.
+protocol HTTP2FramedExchange: UpstreamExchange {
+    /// A final response head, checked (`HTTP2ResponseHead.validate`); `endStream`: it is the whole response.
+    func upstreamResponseHeaders(_ head: HTTP2ResponseHead, endStream: Bool)
+    /// The response ended with these trailers (checked, and less the fields a trailer may not carry).
+    func upstreamResponseEnd(trailerBlock: HPACKHeaders)
+}
+
+/// An HTTP/2 stream to an upstream, presented as an `UpstreamStream`.
 ///
-/// Parsing the request a second time costs a little, and buys one exchange implementation for both
+/// An HTTP/2 client's exchange (`HTTP2FramedExchange`) sends its request as frames and gets the response's
+/// header blocks as they came, checked but never turned into HTTP/1.1. An HTTP/1.1 client's exchange writes
+/// HTTP/1.1 request bytes, which this reads with Vigil's own parser and sends as HEADERS and DATA frames, and
+/// gets the response head as HTTP/1.1, validated by the same parser: one exchange implementation for both
 /// upstream protocols, so retries, timeouts and accounting cannot drift apart between them.
 final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
     typealias InboundIn = HTTP2Frame.FramePayload
@@ -15,8 +25,12 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
 
     private var context: ChannelHandlerContext?
     private weak var exchange: UpstreamExchange?
+    /// The same exchange when it takes the response as frames.
+    private weak var framed: HTTP2FramedExchange?
     private var requestIsHead = false
     private let authority: String
+    /// `:scheme`: the upstream connection's ("https" over TLS).
+    let scheme: String
     /// Request bytes not yet turned into frames.
     private var pending: ByteBuffer?
     private var headSent = false
@@ -33,10 +47,14 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
     /// The connection's GOAWAY, if the upstream sent one: streams above its last stream were not processed.
     private let goAway: HTTP2GoAwayWatcher?
 
-    init(authority: String, goAway: HTTP2GoAwayWatcher? = nil) {
+    init(authority: String, scheme: String = "http", goAway: HTTP2GoAwayWatcher? = nil) {
         self.authority = authority
+        self.scheme = scheme
         self.goAway = goAway
     }
+
+    /// The request has been sent whole (its END_STREAM written).
+    var requestSent: Bool { requestEnded }
 
     var isWritable: Bool { context?.channel.isWritable ?? false }
 
@@ -45,6 +63,38 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
     func attach(_ exchange: UpstreamExchange, requestIsHead: Bool) {
         self.exchange = exchange
         self.requestIsHead = requestIsHead
+    }
+
+    func attach(framed exchange: HTTP2FramedExchange) {
+        self.exchange = exchange
+        framed = exchange
+    }
+
+    /// Sends a frame of an `HTTP2FramedExchange`'s request: HEADERS first, then DATA and perhaps trailers, the
+    /// last with END_STREAM.
+    func send(_ frame: HTTP2Frame.FramePayload) {
+        guard let context, !requestEnded else { return }
+        switch frame {
+        case .headers(let h): requestEnded = h.endStream
+        case .data(let d): requestEnded = d.endStream
+        default: break
+        }
+        if headSent {
+            context.write(wrapOutboundOut(frame), promise: nil)
+        } else {
+            headSent = true
+            open(with: frame, context: context)
+        }
+    }
+
+    /// Writes the request's HEADERS, which open the stream. If NIOHTTP2 cannot send them (the upstream said
+    /// GOAWAY meanwhile, or the connection is going), the request never left and may go on another connection.
+    private func open(with headers: HTTP2Frame.FramePayload, context: ChannelHandlerContext) {
+        let opened = context.eventLoop.makePromise(of: Void.self)
+        opened.futureResult.assumeIsolated().whenFailure { [self] error in
+            fail(.refusedStream)
+        }
+        context.write(wrapOutboundOut(headers), promise: opened)
     }
 
     func write(_ bytes: ByteBuffer) {
@@ -62,6 +112,7 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
 
     func detach(requestComplete: Bool, now: NIODeadline) {
         exchange = nil
+        framed = nil
         // A stream is never reused: one finished both ways is closed by HTTP/2 itself; one abandoned, or
         // answered before its request was sent whole, is reset.
         if !finished || !requestEnded { close() }
@@ -69,6 +120,7 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
 
     func close() {
         exchange = nil
+        framed = nil
         finished = true
         context?.close(promise: nil)
     }
@@ -100,14 +152,7 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
             case .chunked: chunked = ChunkedDecoder()
             case .none, .untilClose: requestEnded = true
             }
-            // The HEADERS open the stream; if NIOHTTP2 cannot send them (the upstream said GOAWAY meanwhile, or
-            // the connection is going), the request never left and may go on another connection.
-            let opened = context.eventLoop.makePromise(of: Void.self)
-            opened.futureResult.assumeIsolated().whenFailure { [self] error in
-                fail(.refusedStream)
-            }
-            context.write(wrapOutboundOut(.headers(.init(headers: requestHeaders(head), endStream: requestEnded))),
-                          promise: opened)
+            open(with: .headers(.init(headers: requestHeaders(head), endStream: requestEnded)), context: context)
         }
         switch bodyFraming {
         case .length:
@@ -152,7 +197,7 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
         var h = HPACKHeaders()
         h.reserveCapacity(head.fields.count + 4)
         h.add(name: ":method", value: head.method)
-        h.add(name: ":scheme", value: "http")
+        h.add(name: ":scheme", value: scheme)
         let requested = head.authority  // made from the head's bytes on each read: read once
         h.add(name: ":authority", value: requested.isEmpty ? authority : requested)
         h.add(name: ":path", value: head.path)
@@ -181,21 +226,38 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
         switch unwrapInboundIn(data) {
         case .headers(let frame):
             if !responseStarted {
-                guard let status = frame.headers.first(name: ":status").flatMap(Int.init) else {
-                    fail(.protocolError("response without :status"))
+                let head: HTTP2ResponseHead
+                do throws(UpstreamFailure) {
+                    head = try HTTP2ResponseHead.validate(frame.headers)
+                } catch {
+                    fail(error)
                     return
                 }
-                if status < 200 { return }  // interim responses are not relayed
-                guard let head = responseHead(status: status, headers: frame.headers, endStream: frame.endStream) else {
-                    fail(.protocolError("the response head is not valid HTTP"))
-                    return
-                }
+                if head.status < 200 { return }  // interim responses are not relayed
                 responseStarted = true
-                exchange.upstreamResponseHead(head)
+                if let framed {
+                    framed.upstreamResponseHeaders(head, endStream: frame.endStream)
+                } else {
+                    guard let h1 = responseHead(status: head.status, headers: head.headers, endStream: frame.endStream)
+                    else {
+                        fail(.protocolError("the response head is not valid HTTP"))
+                        return
+                    }
+                    exchange.upstreamResponseHead(h1)
+                }
                 if frame.endStream { end(trailers: nil) }
             } else {
-                // Trailers.
-                end(trailers: HTTP2Fields.fieldLines(frame.headers))
+                do throws(UpstreamFailure) {
+                    try HTTP2ResponseHead.validateTrailers(frame.headers)
+                } catch {
+                    fail(error)
+                    return
+                }
+                if framed != nil {
+                    end(trailers: nil, block: HTTP2HeadWriter.forwardedTrailers(frame.headers, dropping: nil))
+                } else {
+                    end(trailers: HTTP2Fields.fieldLines(frame.headers))
+                }
             }
         case .data(let frame):
             guard responseStarted, case .byteBuffer(let bytes) = frame.data else { return }
@@ -263,12 +325,20 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
         }
     }
 
-    private func end(trailers: ByteBuffer?) {
+    /// The response is whole: `trailers` as field lines for an HTTP/1.1 client's exchange, `block` as a header
+    /// block for a framed one.
+    private func end(trailers: ByteBuffer?, block: HPACKHeaders? = nil) {
         guard !finished else { return }
         finished = true
         let ex = exchange
+        let fr = framed
         exchange = nil
-        ex?.upstreamResponseEnd(trailers: trailers)
+        framed = nil
+        if let block, let fr {
+            fr.upstreamResponseEnd(trailerBlock: block)
+        } else {
+            ex?.upstreamResponseEnd(trailers: trailers)
+        }
     }
 
     private func fail(_ failure: UpstreamFailure) {
@@ -276,6 +346,7 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
         finished = true
         let ex = exchange
         exchange = nil
+        framed = nil
         context?.close(promise: nil)
         ex?.upstreamFailed(failure)
     }

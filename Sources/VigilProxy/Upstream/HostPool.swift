@@ -329,7 +329,8 @@ final class HostPool {
             run(machine.streamOpenFailed(on: id, for: waiter, .connectFailed("the HTTP/2 connection is gone")))
             return
         }
-        let stream = HTTP2UpstreamStream(authority: host.addressText, goAway: connection.goAway)
+        let stream = HTTP2UpstreamStream(authority: host.addressText, scheme: cluster.config.tls == nil ? "http" : "https",
+                                         goAway: connection.goAway)
         let bound = NIOLoopBound(stream, eventLoop: eventLoop)
         let promise = eventLoop.makePromise(of: Channel.self)
         multiplexer.createStreamChannel(promise: promise) { channel in

@@ -1,0 +1,116 @@
+import NIOHPACK
+
+/// Which of an HTTP/2 request's fields go upstream, once for both upstream protocols: the HTTP/1.1 head
+/// (`HTTP1HeadWriter.writeRequest(_:body:...)`) and the HTTP/2 header block (`HTTP2HeadWriter`) differ only in
+/// how they write what these rules keep.
+public struct HTTP2ForwardedFields {
+    /// `x-forwarded-for` values the request brought, in order: Vigil appends the client to them.
+    var forwardedFor: [String] = []
+    var hadRequestID = false
+    /// The client asked for trailers (`te: trailers`, the only TE HTTP/2 allows, RFC 9113 §8.2.2).
+    var teTrailers = false
+
+    /// Calls `keep` with each field sent on as it came, in order: the regular fields less `host` (the
+    /// authority says it), connection-specific ones, those only Vigil sets, `dropped` (the route's untrusted
+    /// tenant header) and a `max-forwards` Vigil rewrites. What is kept aside is in the result.
+    ///
+    /// `maxForwards`: the `Max-Forwards` sent in place of the received one (`maxForwards(of:)`), if any.
+    @inline(__always)
+    static func select(_ request: HTTP2RequestHead, maxForwards: Int?, dropping dropped: String?,
+                       keep: (_ name: String, _ value: String) -> Void) -> HTTP2ForwardedFields {
+        var selected = HTTP2ForwardedFields()
+        for (name, value, _) in request.headers {
+            // Pseudo-headers (every request has four) are skipped before the field is classified.
+            if name.utf8.first == UInt8(ascii: ":") { continue }
+            let kind = HTTP1FieldKind.classify(name)
+            switch kind {
+            case .host:
+                continue
+            case .te:
+                selected.teTrailers = selected.teTrailers || value == "trailers"
+                continue
+            case .xForwardedFor:
+                selected.forwardedFor.append(value)
+                continue
+            case .xRequestID:
+                selected.hadRequestID = true
+            case .contentLength:
+                break
+            default:
+                if kind.isConnectionSpecific || kind.isSetByVigil || name == dropped
+                    || (maxForwards != nil && name == "max-forwards") {
+                    continue
+                }
+            }
+            keep(name, value)
+        }
+        return selected
+    }
+
+    /// The `Max-Forwards` to send in place of the received one (see `MaxForwards`), if the method uses it.
+    static func maxForwards(of request: HTTP2RequestHead) -> Int? {
+        MaxForwards.remaining(method: request.method) { request.headers.first(name: "max-forwards") }.map(MaxForwards.forwarded)
+    }
+
+    /// Whether a trailer field is sent on: not a pseudo-header, not `dropped`, not one a trailer may not carry
+    /// (`HTTP1FieldKind.forbiddenInTrailers`).
+    @inline(__always)
+    static func keepsTrailer(_ name: String, dropping dropped: String?) -> Bool {
+        !name.hasPrefix(":") && name != dropped && !HTTP1FieldKind.classify(name).forbiddenInTrailers
+    }
+}
+
+/// Builds the header blocks Vigil sends to an HTTP/2 upstream for an HTTP/2 client's request, frame for frame
+/// with no HTTP/1.1 in between.
+public enum HTTP2HeadWriter {
+    /// The request's HEADERS (RFC 9113 §8.3.1): `:method`, `:scheme` (the upstream connection's), `:authority`
+    /// and `:path`, then the fields `HTTP2ForwardedFields` keeps, `te: trailers` if asked for, and Vigil's own:
+    /// `max-forwards`, `x-forwarded-for`, `x-forwarded-proto`, `x-forwarded-client-cert` for an mTLS client,
+    /// `x-vigil-tenant` and a request id. Cookies stay in separate fields, as HTTP/2 lets them (§8.2.3).
+    /// - Returns: the block, and the x-request-id it generated from `random` (nil when the request carried one).
+    public static func writeRequest(
+        _ request: HTTP2RequestHead, scheme: String, facts: ForwardingFacts, tenant: String?, dropping dropped: String?,
+        random: inout SplitMix64
+    ) -> (headers: HPACKHeaders, generated: RequestID?) {
+        var out = HPACKHeaders()
+        out.reserveCapacity(request.headers.count + 6)
+        out.add(name: ":method", value: request.method)
+        out.add(name: ":scheme", value: scheme)
+        out.add(name: ":authority", value: request.authority)
+        out.add(name: ":path", value: request.path)
+        let maxForwards = HTTP2ForwardedFields.maxForwards(of: request)
+        let selected = HTTP2ForwardedFields.select(request, maxForwards: maxForwards, dropping: dropped) {
+            out.add(name: $0, value: $1)
+        }
+        if selected.teTrailers { out.add(name: "te", value: "trailers") }
+        if let maxForwards { out.add(name: "max-forwards", value: String(maxForwards)) }
+        if selected.forwardedFor.isEmpty {
+            out.add(name: "x-forwarded-for", value: facts.clientAddress)
+        } else {
+            out.add(name: "x-forwarded-for", value: (selected.forwardedFor + [facts.clientAddress]).joined(separator: ", "))
+        }
+        out.add(name: "x-forwarded-proto", value: facts.scheme)
+        if let clientCert = facts.clientCert { out.add(name: "x-forwarded-client-cert", value: clientCert) }
+        if let tenant { out.add(name: "x-vigil-tenant", value: tenant) }
+        var generated: RequestID?
+        if !selected.hadRequestID {
+            let id = RequestID(using: &random)
+            out.add(name: "x-request-id", value: id.string)
+            generated = id
+        }
+        return (out, generated)
+    }
+
+    /// The trailers to send on (`HTTP2ForwardedFields.selectTrailers`), or nil when none are left: the block as it
+    /// came when nothing is left out, so the usual trailers (gRPC's) cost no copy.
+    public static func forwardedTrailers(_ trailers: HPACKHeaders, dropping dropped: String?) -> HPACKHeaders? {
+        if trailers.allSatisfy({ HTTP2ForwardedFields.keepsTrailer($0.name, dropping: dropped) }) {
+            return trailers.isEmpty ? nil : trailers
+        }
+        var kept = HPACKHeaders()
+        for (name, value, indexing) in trailers where HTTP2ForwardedFields.keepsTrailer(name, dropping: dropped) {
+            kept.add(name: name, value: value, indexing: indexing)
+        }
+        return kept.isEmpty ? nil : kept
+    }
+}
