@@ -103,9 +103,10 @@ http {{ access_log off; keepalive_requests 10000000;
     return proc
 
 
-def vigil_config(d, name, healing):
+def vigil_config(d, name, healing, h2_upstream=False):
     """Vigil's bench config; with `healing`, the cluster also has active health checks, outlier detection
-    and a retry policy (none of which fire against the healthy upstream: the bookkeeping is what is measured)."""
+    and a retry policy (none of which fire against the healthy upstream: the bookkeeping is what is measured).
+    With `h2_upstream`, the cluster speaks h2c to the upstream's HTTP/2 port."""
     h1, h2 = PORTS[name]
     admin = {"vigil": 18099, "vigil-heal": 18098, "vigil-before": 18089}[name]  # each its own: stops can overlap starts
     route_extra = (', retry: { attempts: 2, on: [connect-failure, reset, gateway-error], per_try_timeout: 2s }'
@@ -113,6 +114,7 @@ def vigil_config(d, name, healing):
     cluster_extra = ("""
     health_check: { path: /healthz, interval: 1s, timeout: 250ms }
     outlier_detection: { consecutive_5xx: 5, consecutive_gateway_failure: 5, max_ejection_percent: 50 }""" if healing else "")
+    protocol = "\n    protocol: http2" if h2_upstream else ""
     return write(d, f"{name}.yaml", f"""
 admin: {{ address: "127.0.0.1:{admin}" }}
 access_log: {{ output: "off" }}
@@ -121,7 +123,7 @@ listeners:
   - {{ name: h2, address: "127.0.0.1:{h2}", protocol: auto, routes: [{{ match: {{ prefix: "/" }}, cluster: up{route_extra} }}] }}
 clusters:
   - name: up
-    endpoints: ["127.0.0.1:{UP}"]{cluster_extra}
+    endpoints: ["127.0.0.1:{UP_H2 if h2_upstream else UP}"]{cluster_extra}{protocol}
 """)
 
 

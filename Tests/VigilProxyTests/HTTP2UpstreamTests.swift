@@ -231,6 +231,41 @@ import VigilTestSupport
         await proxy.stop()
     }
 
+    /// An interim response (103 Early Hints) reaches an HTTP/2 client before the final one, from an HTTP/1.1 or an
+    /// HTTP/2 upstream (RFC 9110 §15.2: a proxy forwards 1xx).
+    @Test(arguments: [false, true])
+    func interimResponsesReachHTTP2Clients(http2Upstream: Bool) async throws {
+        let upstream = try await FakeUpstream(group: group, http2: http2Upstream) { _ in .earlyHints(link: "</s.css>", body: "done") }
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(cluster: http2Upstream ? "protocol: http2" : ""),
+                                           upstreams: [upstream.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        let r = try await client.request(headerBlock: [(":method", "GET"), (":scheme", "http"), (":authority", "a"),
+                                                       (":path", "/")])
+        #expect(r.interim == ["103, link: </s.css>"])
+        #expect(r.status == 200 && r.text == "done")
+        try await client.close()
+        await proxy.stop()
+    }
+
+    /// A 204 is the whole response (RFC 9110 §15.3.5), whatever the upstream sends with it: the HTTP/2 client gets
+    /// one HEADERS frame with END_STREAM and no content-length (RFC 9110 §8.6), and the connection goes on.
+    @Test(arguments: [false, true])
+    func a204EndsWithItsHead(http2Upstream: Bool) async throws {
+        let upstream = try await FakeUpstream(group: group, http2: http2Upstream) { head in
+            head.uri == "/none" ? .respond(status: .noContent, body: "stray") : .respond(body: "next")
+        }
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(cluster: http2Upstream ? "protocol: http2" : ""),
+                                           upstreams: [upstream.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        let r = try await client.request(headerBlock: [(":method", "GET"), (":scheme", "http"), (":authority", "a"),
+                                                       (":path", "/none")])
+        #expect(r.status == 204 && r.body.readableBytes == 0)
+        #expect(r.header("content-length") == nil)
+        #expect(try await client.request(.GET, "/after").text == "next")
+        try await client.close()
+        await proxy.stop()
+    }
+
     /// A response that is one HEADERS frame with END_STREAM (a gRPC trailers-only answer, a 204), to a client
     /// whose request has ended: the frame closes the stream. Before, that close was taken for the client going
     /// away: the frame was never flushed and the client waited for ever (access log: downstream_disconnect).

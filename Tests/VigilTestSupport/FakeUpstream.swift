@@ -31,6 +31,8 @@ public enum FakeBehaviour: Sendable {
     /// Sends a head that declares `declared` body bytes and only `sent` of them, then nothing more: an instance
     /// that hangs in the middle of its response.
     case stall(sent: String, declared: Int)
+    /// Sends an interim response first: 103 Early Hints with this `link`, then answers with `body`.
+    case earlyHints(link: String, body: String)
 }
 
 /// Opened once by a test; responses waiting on it are sent then.
@@ -195,6 +197,10 @@ final class FakeUpstreamHandler: ChannelInboundHandler {
             context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))),
                           promise: nil)
             context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: sent)))), promise: nil)
+        case .earlyHints(let link, let body):
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .init(statusCode: 103),
+                                                                 headers: ["link": link]))), promise: nil)
+            send(status: .ok, headers: [], body: body)
         case .gated(let gate, let body):
             let loop = context.eventLoop
             let sendLater = NIOLoopBound(send, eventLoop: loop)

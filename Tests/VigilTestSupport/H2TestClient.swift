@@ -142,6 +142,7 @@ final class RawExchange: ChannelDuplexHandler {
     var head: HTTPResponseHead?
     var body = ByteBuffer()
     var receivedTrailers: HTTPHeaders?
+    var interim: [String] = []
 
     init(_ headers: HPACKHeaders, data: ByteBuffer?, endStream: Bool, trailers: HPACKHeaders?,
          promise: EventLoopPromise<TestResponse>) {
@@ -169,6 +170,10 @@ final class RawExchange: ChannelDuplexHandler {
                 var fields = HTTPHeaders()
                 for (name, value, _) in h.headers where !name.hasPrefix(":") { fields.add(name: name, value: value) }
                 let status = Int(h.headers.first(name: ":status") ?? "") ?? 0
+                if status < 200 {
+                    interim.append(([String(status)] + fields.map { "\($0.name): \($0.value)" }).joined(separator: ", "))
+                    return
+                }
                 head = HTTPResponseHead(version: .http2, status: .init(statusCode: status), headers: fields)
             } else {
                 var fields = HTTPHeaders()
@@ -181,7 +186,9 @@ final class RawExchange: ChannelDuplexHandler {
         default:
             break
         }
-        if ended, let head { promise.succeed(TestResponse(head: head, body: body, trailers: receivedTrailers)) }
+        if ended, let head {
+            promise.succeed(TestResponse(head: head, body: body, trailers: receivedTrailers, interim: interim))
+        }
     }
 
     func channelInactive(context: ChannelHandlerContext) { promise.fail(ChannelError.eof) }

@@ -13,6 +13,8 @@ public struct TestResponse: Sendable {
     public var head: HTTPResponseHead
     public var body: ByteBuffer
     public var trailers: HTTPHeaders?
+    /// The interim (1xx) responses that came before the head, as `status`, `name: value` lines.
+    public var interim: [String] = []
     public var status: Int { Int(head.status.code) }
     public var text: String { String(buffer: body) }
     public func header(_ name: String) -> String? { head.headers.first(name: name) }

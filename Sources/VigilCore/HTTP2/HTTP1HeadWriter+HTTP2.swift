@@ -35,7 +35,7 @@ extension HTTP1HeadWriter {
         let maxForwards = HTTP2ForwardedFields.maxForwards(of: request)
         if let maxForwards { writeMaxForwards(maxForwards, into: &out) }
         var cookies: [String] = []
-        let selected = HTTP2ForwardedFields.select(request, maxForwards: maxForwards, dropping: dropped) { name, value in
+        let selected = HTTP2ForwardedFields.select(request, maxForwards: maxForwards, dropping: dropped) { name, value, _ in
             // RFC 9113 §8.2.3: an HTTP/1.1 head carries one cookie field.
             if name == "cookie" {
                 cookies.append(value)

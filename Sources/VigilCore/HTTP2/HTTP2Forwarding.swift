@@ -10,16 +10,17 @@ public struct HTTP2ForwardedFields {
     /// The client asked for trailers (`te: trailers`, the only TE HTTP/2 allows, RFC 9113 §8.2.2).
     var teTrailers = false
 
-    /// Calls `keep` with each field sent on as it came, in order: the regular fields less `host` (the
+    /// Calls `keep` with each field sent on as it came (with its HPACK indexing: a field the client marked never
+    /// indexed stays so, RFC 7541 §7.1.3), in order: the regular fields less `host` (the
     /// authority says it), connection-specific ones, those only Vigil sets, `dropped` (the route's untrusted
     /// tenant header) and a `max-forwards` Vigil rewrites. What is kept aside is in the result.
     ///
     /// `maxForwards`: the `Max-Forwards` sent in place of the received one (`maxForwards(of:)`), if any.
     @inline(__always)
     static func select(_ request: HTTP2RequestHead, maxForwards: Int?, dropping dropped: String?,
-                       keep: (_ name: String, _ value: String) -> Void) -> HTTP2ForwardedFields {
+                       keep: (_ name: String, _ value: String, _ indexing: HPACKIndexing) -> Void) -> HTTP2ForwardedFields {
         var selected = HTTP2ForwardedFields()
-        for (name, value, _) in request.headers {
+        for (name, value, indexing) in request.headers {
             // Pseudo-headers (every request has four) are skipped before the field is classified.
             if name.utf8.first == UInt8(ascii: ":") { continue }
             let kind = HTTP1FieldKind.classify(name)
@@ -42,7 +43,7 @@ public struct HTTP2ForwardedFields {
                     continue
                 }
             }
-            keep(name, value)
+            keep(name, value, indexing)
         }
         return selected
     }
@@ -80,7 +81,7 @@ public enum HTTP2HeadWriter {
         out.add(name: ":path", value: request.path)
         let maxForwards = HTTP2ForwardedFields.maxForwards(of: request)
         let selected = HTTP2ForwardedFields.select(request, maxForwards: maxForwards, dropping: dropped) {
-            out.add(name: $0, value: $1)
+            out.add(name: $0, value: $1, indexing: $2)
         }
         if selected.teTrailers { out.add(name: "te", value: "trailers") }
         if let maxForwards { out.add(name: "max-forwards", value: String(maxForwards)) }
@@ -95,13 +96,13 @@ public enum HTTP2HeadWriter {
         var generated: RequestID?
         if !selected.hadRequestID {
             let id = RequestID(using: &random)
-            out.add(name: "x-request-id", value: id.string)
+            out.add(name: "x-request-id", value: id.string, indexing: .nonIndexable)  // new on every request
             generated = id
         }
         return (out, generated)
     }
 
-    /// The trailers to send on (`HTTP2ForwardedFields.selectTrailers`), or nil when none are left: the block as it
+    /// The trailers to send on (`HTTP2ForwardedFields.keepsTrailer`), or nil when none are left: the block as it
     /// came when nothing is left out, so the usual trailers (gRPC's) cost no copy.
     public static func forwardedTrailers(_ trailers: HPACKHeaders, dropping dropped: String?) -> HPACKHeaders? {
         if trailers.allSatisfy({ HTTP2ForwardedFields.keepsTrailer($0.name, dropping: dropped) }) {

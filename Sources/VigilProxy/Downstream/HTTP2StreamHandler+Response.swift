@@ -9,7 +9,15 @@ extension HTTP2StreamHandler {
     // MARK: - UpstreamExchange
 
     func upstreamResponseHead(_ head: HTTP1ResponseHead) {
-        guard head.status >= 200 else { return }  // 1xx are not relayed over HTTP/2 here
+        if head.status < 200 && head.status != 101 {
+            var headers = HPACKHeaders()
+            headers.add(name: ":status", value: String(head.status))
+            for f in head.fields where !f.kind.isConnectionSpecific {
+                headers.add(name: head.lowercaseNameString(f), value: head.valueString(f))
+            }
+            relayInterim(status: head.status, headers: headers)
+            return
+        }
         if head.status == 101 {
             upstream?.close()
             upstream = nil
@@ -25,7 +33,7 @@ extension HTTP2StreamHandler {
         for f in head.fields {
             if f.kind.isConnectionSpecific { continue }
             if f.kind == .contentLength {
-                if head.transferEncodingPresent { continue }
+                if head.transferEncodingPresent || head.status == 204 { continue }  // see upstreamResponseHeaders
             } else if !nominated.isEmpty && nominated.contains(where: { head.nameEquals(f, $0) }) {
                 continue
             }
@@ -41,16 +49,36 @@ extension HTTP2StreamHandler {
         }
     }
 
-
-
-    /// From an HTTP/2 upstream: the block goes to the client as it came.
+    /// From an HTTP/2 upstream: the block goes to the client as it came. A 204 or 304, or the answer to HEAD,
+    /// goes out with END_STREAM whatever DATA the upstream sends after it (RFC 9110 §6.4.1): held like a
+    /// response that ended with its head.
     func upstreamResponseHeaders(_ head: HTTP2ResponseHead, endStream: Bool) {
+        if head.status < 200 {
+            relayInterim(status: head.status, headers: head.headers)
+            return
+        }
         guard admitResponse(status: head.status, retryAfter: head.headers.first(name: "retry-after")) else { return }
-        if endStream {
+        if head.status == 204 {
+            // RFC 9110 §8.6: a 204 has no content-length; NIOHTTP2 would refuse to send one that no DATA follows.
+            var headers = head.headers
+            headers.remove(name: "content-length")
+            bodilessHead = headers
+        } else if endStream || head.status == 304 || request?.method == "HEAD" {
             bodilessHead = head.headers  // see upstreamResponseHead
         } else {
             send(.headers(.init(headers: head.headers, endStream: false)))
         }
+    }
+
+    /// An interim response goes to the client (RFC 9110 §15.2: a proxy forwards 1xx), save 100 Continue to a
+    /// request that did not ask for it, and without a content-length (RFC 9110 §8.6); the exchange waits on for
+    /// the final response.
+    func relayInterim(status: Int, headers: HPACKHeaders) {
+        guard status != 100 || request?.headers.contains(name: "expect") == true else { return }
+        var headers = headers
+        if headers.contains(name: "content-length") { headers.remove(name: "content-length") }
+        send(.headers(.init(headers: headers, endStream: false)))
+        connection.flush()
     }
 
     /// Whether the response whose head came is the one the client gets (else the machine has retried, or
@@ -71,7 +99,7 @@ extension HTTP2StreamHandler {
     }
 
     func upstreamResponseBody(_ bytes: ByteBuffer) {
-        guard bytes.readableBytes > 0 else { return }
+        guard bytes.readableBytes > 0, bodilessHead == nil else { return }
         bytesOut += bytes.readableBytes
         sendHeldResponseBody()
         heldResponseBody = bytes
@@ -154,7 +182,7 @@ extension HTTP2StreamHandler {
         requestOpen = false
         cancelTimers()
         replay = nil  // dropped first: the spare head is then its only owner
-        replayFrames = nil
+        requestCopy = nil
         if let head = writtenRequestHead {
             writtenRequestHead = nil
             loop.recycleHead(head)

@@ -6,7 +6,8 @@ import VigilCore
 /// An exchange whose client speaks HTTP/2, served by an HTTP/2 upstream stream frame for frame: it sends its
 /// request as frames (`HTTP2UpstreamStream.send`) and is given the response's header blocks as they came.
 protocol HTTP2FramedExchange: UpstreamExchange {
-    /// A final response head, checked (`HTTP2ResponseHead.validate`); `endStream`: it is the whole response.
+    /// A response head, checked (`HTTP2ResponseHead.validate`): an interim (1xx) one, then the final one;
+    /// `endStream`: it is the whole response.
     func upstreamResponseHeaders(_ head: HTTP2ResponseHead, endStream: Bool)
     /// The response ended with these trailers (checked, and less the fields a trailer may not carry).
     func upstreamResponseEnd(trailerBlock: HPACKHeaders)
@@ -27,7 +28,6 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
     private weak var exchange: UpstreamExchange?
     /// The same exchange when it takes the response as frames.
     private weak var framed: HTTP2FramedExchange?
-    private var requestIsHead = false
     private let authority: String
     /// `:scheme`: the upstream connection's ("https" over TLS).
     let scheme: String
@@ -60,9 +60,10 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
 
     // MARK: - UpstreamStream
 
+    /// An HTTP/1.1 client's exchange. (Whether its request is HEAD does not matter here: over HTTP/2 the
+    /// upstream's END_STREAM ends the response.)
     func attach(_ exchange: UpstreamExchange, requestIsHead: Bool) {
         self.exchange = exchange
-        self.requestIsHead = requestIsHead
     }
 
     func attach(framed exchange: HTTP2FramedExchange) {
@@ -233,8 +234,13 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
                     fail(error)
                     return
                 }
-                if head.status < 200 { return }  // interim responses are not relayed
-                responseStarted = true
+                // An interim response (1xx) is passed on; the final one follows on the same stream.
+                let interim = head.status < 200
+                if interim && frame.endStream {
+                    fail(.protocolError("an interim response ended the stream"))
+                    return
+                }
+                responseStarted = !interim
                 if let framed {
                     framed.upstreamResponseHeaders(head, endStream: frame.endStream)
                 } else {
@@ -247,16 +253,17 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
                 }
                 if frame.endStream { end(trailers: nil) }
             } else {
+                let trailers: HPACKHeaders?
                 do throws(UpstreamFailure) {
-                    try HTTP2ResponseHead.validateTrailers(frame.headers)
+                    trailers = try HTTP2ResponseHead.trailers(frame.headers)
                 } catch {
                     fail(error)
                     return
                 }
                 if framed != nil {
-                    end(trailers: nil, block: HTTP2HeadWriter.forwardedTrailers(frame.headers, dropping: nil))
+                    end(trailers: nil, block: trailers)
                 } else {
-                    end(trailers: HTTP2Fields.fieldLines(frame.headers))
+                    end(trailers: trailers.flatMap(HTTP2Fields.fieldLines))
                 }
             }
         case .data(let frame):
@@ -303,20 +310,21 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
         return .reset
     }
 
-    /// Builds `HTTP/1.1 <status>` and the fields as bytes and parses them with Vigil's parser, so an HTTP/2
-    /// response is held to the same rules as an HTTP/1.1 one. A body without content-length is declared
-    /// chunked, which only tells the exchange to re-frame it; the DATA payloads are passed on as they are.
+    /// Builds `HTTP/1.1 <status>` and the fields (`HTTP2ResponseHead.validate` has checked them) as bytes and
+    /// parses them with Vigil's parser, so an HTTP/1.1 client's response is held to the same rules as one from
+    /// an HTTP/1.1 upstream. A body without content-length is declared chunked, which only tells the exchange to
+    /// re-frame it; the DATA payloads are passed on as they are. An interim response has no body.
     private func responseHead(status: Int, headers: HPACKHeaders, endStream: Bool) -> HTTP1ResponseHead? {
         var b = ByteBuffer()
         b.writeString("HTTP/1.1 \(status) \r\n")
         var hasLength = false
         for (name, value, _) in headers where !name.hasPrefix(":") {
-            let kind = HTTP1FieldKind.classify(name)
-            if kind == .contentLength { hasLength = true }
-            if kind.isConnectionSpecific { continue }
+            if HTTP1FieldKind.classify(name) == .contentLength { hasLength = true }
             b.writeString("\(name): \(value)\r\n")
         }
-        if !hasLength { b.writeString(endStream ? "content-length: 0\r\n" : "transfer-encoding: chunked\r\n") }
+        if !hasLength && status >= 200 {
+            b.writeString(endStream ? "content-length: 0\r\n" : "transfer-encoding: chunked\r\n")
+        }
         b.writeString("\r\n")
         do throws(HTTP1ParseError) {
             return try HTTP1Parser.parseResponse(b, limits: limits)?.0
