@@ -117,7 +117,7 @@ final class VigilService: Service, Sendable {
     let audit: AuditLog?
     let slo: SLOMonitor
     let logger: Logger
-    let drainTimeout: Duration
+    let drainTimeout: TimeAmount
 
     init(config: VigilConfig, group: EventLoopGroup, logger: Logger,
          registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) throws {

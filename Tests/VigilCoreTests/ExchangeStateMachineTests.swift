@@ -45,12 +45,12 @@ enum ExchangeEvent {
     case poolFailed(UpstreamFailure)
     case body(total: Int, kept: Bool)
     case requestEnded
-    case head(Int, retryAfter: Duration? = nil)
+    case head(Int, retryAfter: TimeAmount? = nil)
     case readComplete
     case responseEnded
     case failed(UpstreamFailure)
     /// Moves the clock and calls `deadlineReached` (whether or not something is due).
-    case wait(Duration, heldBack: Bool = false)
+    case wait(TimeAmount, heldBack: Bool = false)
     case end(String, status: Int? = nil)
 }
 
@@ -98,8 +98,8 @@ struct ExchangeScript {
 
 /// A retry policy with the given conditions, a per-try timeout, and no backoff unless asked.
 func retryRoute(on: [RetryCondition] = [.connectFailure, .refusedStream, .reset], attempts: Int = 2,
-                perTry: Duration = .zero, backoff: Duration = .zero, timeout: Duration = .seconds(15),
-                idle: Duration = .zero, bufferBytes: Int = 64 * 1024, statusCodes: [Int] = []) -> ExchangeStateMachine.Route {
+                perTry: TimeAmount = .zero, backoff: TimeAmount = .zero, timeout: TimeAmount = .seconds(15),
+                idle: TimeAmount = .zero, bufferBytes: Int = 64 * 1024, statusCodes: [Int] = []) -> ExchangeStateMachine.Route {
     var c = RetryPolicyConfig()
     c.on = on
     c.attempts = attempts
@@ -108,7 +108,7 @@ func retryRoute(on: [RetryCondition] = [.connectFailure, .refusedStream, .reset]
     c.backoffMax = backoff
     c.retryBufferBytes = bufferBytes
     c.statusCodes = statusCodes
-    return .init(timeout: TimeAmount(timeout), idleTimeout: TimeAmount(idle), retry: RetryPolicy(config: c))
+    return .init(timeout: timeout, idleTimeout: idle, retry: RetryPolicy(config: c))
 }
 
 @Suite struct ExchangeStateMachineTests {

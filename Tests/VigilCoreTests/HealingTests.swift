@@ -83,7 +83,7 @@ import VigilTestSupport
     @Test mutating func ejectionTimeGrowsWithEachEjectionAndIsCapped() {
         var d = detector { $0.consecutive5xx = 1; $0.baseEjectionTime = .seconds(10); $0.maxEjectionTime = .seconds(25)
             $0.interval = .seconds(1000) }
-        var lengths: [Duration] = []
+        var lengths: [TimeAmount] = []
         for _ in 1...4 {
             _ = d.record(host: 0, .response(status: 500), now: clock.now, random: &random)
             let at = clock.now
@@ -358,7 +358,7 @@ import VigilTestSupport
         var random = SplitMix64(seed: 9)
         var sawSmall = false, sawLarge = false
         for retry in 1...6 {
-            let cap = min(Duration.milliseconds(25 * (1 << (retry - 1))), .milliseconds(250))
+            let cap = min(TimeAmount.milliseconds(25 * (1 << (retry - 1))), .milliseconds(250))
             for _ in 0..<300 {
                 let d = RetryPolicy.backoff(retry: retry, base: .milliseconds(25), max: .milliseconds(250), random: &random)
                 #expect(d >= .zero && d <= cap)

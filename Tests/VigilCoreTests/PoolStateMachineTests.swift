@@ -37,7 +37,7 @@ struct PoolUnderTest {
     var slots: CountingSlots
 
     init(_ proto: UpstreamProtocol = .http1, maxConnections: Int = 1024, maxPending: Int = 1024, maxStreams: Int = 100,
-         idleTimeout: Duration = .seconds(60)) {
+         idleTimeout: TimeAmount = .seconds(60)) {
         let config = ClusterConfig(name: "api", endpoints: [], protocol: proto, connectTimeout: .milliseconds(250),
                                    idleTimeout: idleTimeout)
         machine = Machine(settings: PoolSettings(cluster: config, maxStreamsPerConnection: maxStreams))

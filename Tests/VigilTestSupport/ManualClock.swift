@@ -6,7 +6,7 @@ import NIOCore
 public struct ManualClock: Sendable {
     public private(set) var now = NIODeadline.uptimeNanoseconds(1_000_000_000)
     public init() {}
-    public mutating func advance(_ d: Duration) { now = now + TimeAmount(d) }
+    public mutating func advance(_ d: TimeAmount) { now = now + d }
 }
 
 /// A generator that returns the given values in turn (then repeats the last), to pin enforcement rolls

@@ -36,7 +36,7 @@ public final class AdminServer: Sendable {
 
     public func start() async throws {
         let address = proxy.runtime.config.admin.address
-        let idleTimeout = TimeAmount.nanoseconds(proxy.runtime.config.admin.idleTimeout.nanoseconds)
+        let idleTimeout = proxy.runtime.config.admin.idleTimeout
         let channel = try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.writeBufferWaterMark, value: .init(low: 32 * 1024, high: ControlServer.streamHighWater))

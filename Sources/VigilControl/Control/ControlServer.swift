@@ -72,7 +72,7 @@ public final class ControlServer: Sendable {
                 return channel.eventLoop.makeCompletedFuture {
                     // First, so that a TLS handshake that never finishes counts as silence too.
                     try channel.pipeline.syncOperations.addHandler(
-                        IdleStateHandler(readTimeout: .nanoseconds(config.idleTimeout.nanoseconds)))
+                        IdleStateHandler(readTimeout: config.idleTimeout))
                     if usesTLS {
                         guard let tls = runtime.tls.controlContext() else { throw ChannelError.inappropriateOperationForState }
                         try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls))

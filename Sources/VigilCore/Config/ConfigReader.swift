@@ -1,3 +1,4 @@
+import NIOCore
 import Yams
 
 /// Walks a composed YAML document and turns it into typed values, collecting every error with its
@@ -96,7 +97,7 @@ struct ConfigReader {
         }
     }
 
-    mutating func duration(_ node: Node?, at path: String, min: Duration = .zero) -> Duration? {
+    mutating func duration(_ node: Node?, at path: String, min: TimeAmount = .zero) -> TimeAmount? {
         guard let node else { return nil }
         guard case .scalar(let scalar) = node, let value = DurationParser.parse(scalar.string) else {
             fail(path, "\(quoted(node)) is not a duration (write it as 250ms, 5s, 2m or 1h)")

@@ -1,3 +1,5 @@
+import NIOCore
+
 /// The control-plane listener (`control:`): where operators push policy and watch healing decisions.
 /// Present only when the config has a `control:` section.
 public struct ControlConfig: Sendable, Equatable {
@@ -40,7 +42,7 @@ public struct ControlConfig: Sendable, Equatable {
     /// A connection that sends nothing for this long is closed (the TLS handshake and the wait for a request
     /// included; an open `/v1/events` stream is not: it only receives). Without it a peer could hold
     /// connections, and the process's file descriptors that the data plane needs too, for ever.
-    public var idleTimeout: Duration = .seconds(60)
+    public var idleTimeout: TimeAmount = .seconds(60)
     /// Open connections to the control plane; past it new ones are closed at accept.
     public var maxConnections: Int = 1024
 
@@ -55,12 +57,12 @@ public struct SLOConfig: Sendable, Equatable {
         /// Percent of requests that must not fail (5xx answered by Vigil or the upstream); nil: not tracked.
         public var availability: Double?
         /// The 99th percentile of request duration must stay at or under this; nil: not tracked.
-        public var latencyP99: Duration?
-        public var window: Duration = .seconds(300)
+        public var latencyP99: TimeAmount?
+        public var window: TimeAmount = .seconds(300)
         /// Fewer requests than this in the window decide nothing (a single failure is not a breach).
         public var minRequests: Int = 10
 
-        public init(tenant: String, availability: Double? = nil, latencyP99: Duration? = nil) {
+        public init(tenant: String, availability: Double? = nil, latencyP99: TimeAmount? = nil) {
             self.tenant = tenant
             self.availability = availability
             self.latencyP99 = latencyP99

@@ -1,9 +1,12 @@
-/// Durations in config files are written as a number and a unit: `250ms`, `5s`, `1.5s`, `2m`, `1h`.
+import NIOCore
+
+/// Durations in config files are written as a number and a unit: `250ms`, `5s`, `1.5s`, `2m`, `1h`. They are
+/// `TimeAmount`s from the start, the one duration type of Vigil's machines and of the event loops they run on.
 ///
 /// A bare number is refused: `timeout: 5` is ambiguous between seconds and milliseconds, and Envoy,
 /// HAProxy and nginx users each assume a different one.
 public enum DurationParser {
-    public static func parse(_ text: String) -> Duration? {
+    public static func parse(_ text: String) -> TimeAmount? {
         let units: [(suffix: String, nanos: Double)] = [
             ("ns", 1), ("us", 1_000), ("µs", 1_000), ("ms", 1_000_000), ("s", 1_000_000_000),
             ("m", 60_000_000_000), ("h", 3_600_000_000_000),
@@ -24,7 +27,7 @@ public enum DurationParser {
     }
 
     /// Formats a duration the way a config file would write it, picking the largest exact unit.
-    public static func format(_ duration: Duration) -> String {
+    public static func format(_ duration: TimeAmount) -> String {
         let nanos = duration.nanoseconds
         if nanos == 0 { return "0s" }
         for (suffix, unit) in [("h", Int64(3_600_000_000_000)), ("m", 60_000_000_000), ("s", 1_000_000_000),
@@ -33,18 +36,6 @@ public enum DurationParser {
         }
         return "\(nanos)ns"
     }
-}
-
-extension Duration {
-    /// The whole duration in nanoseconds, saturating at Int64's bounds.
-    public var nanoseconds: Int64 {
-        let (seconds, attos) = components
-        let (fromSeconds, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
-        if overflow { return seconds < 0 ? .min : .max }
-        return fromSeconds &+ attos / 1_000_000_000
-    }
-
-    public var milliseconds: Double { Double(nanoseconds) / 1_000_000 }
 }
 
 extension StringProtocol {

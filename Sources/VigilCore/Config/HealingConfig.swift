@@ -1,3 +1,5 @@
+import NIOCore
+
 /// Configuration of the healing machinery: active health checks, outlier detection, slow start, panic
 /// behaviour (per cluster) and retries (per route). Field names and defaults are Envoy's wherever Envoy
 /// has the concept; the README lists each deliberate difference.
@@ -9,21 +11,21 @@ public struct HealthCheckConfig: Sendable, Equatable {
     public var host: String?
     /// Statuses that count as healthy (inclusive ranges). Envoy's default is 200 only.
     public var expectedStatuses: [ClosedRange<Int>] = [200...200]
-    public var interval: Duration = .seconds(5)
+    public var interval: TimeAmount = .seconds(5)
     /// A probe that has not answered within this long has failed (a hung host fails this way).
-    public var timeout: Duration = .seconds(1)
+    public var timeout: TimeAmount = .seconds(1)
     /// Random extra wait added to each interval: up to `intervalJitter`, plus up to
     /// `intervalJitterPercent` of the interval. Spreads probes so a fleet does not check in lockstep.
-    public var intervalJitter: Duration = .zero
+    public var intervalJitter: TimeAmount = .zero
     public var intervalJitterPercent: Int = 10
     /// Consecutive failures that make a healthy host unhealthy.
     public var unhealthyThreshold: Int = 3
     /// Consecutive passes that make an unhealthy host healthy again.
     public var healthyThreshold: Int = 2
     /// Interval used while a host is unhealthy; `nil` means `interval`.
-    public var unhealthyInterval: Duration?
+    public var unhealthyInterval: TimeAmount?
     /// Interval used while the cluster has never carried a request (Envoy: 60 s).
-    public var noTrafficInterval: Duration = .seconds(60)
+    public var noTrafficInterval: TimeAmount = .seconds(60)
 
     public init(path: String) { self.path = path }
 }
@@ -52,9 +54,9 @@ public struct OutlierDetectionConfig: Sendable, Equatable {
     /// statuses only the others; when false (Envoy's default) local failures count as 503/504 answers.
     public var splitExternalLocalOriginErrors = false
     /// How often success rate and failure percentage are computed and ejections are reviewed.
-    public var interval: Duration = .seconds(10)
-    public var baseEjectionTime: Duration = .seconds(30)
-    public var maxEjectionTime: Duration = .seconds(300)
+    public var interval: TimeAmount = .seconds(10)
+    public var baseEjectionTime: TimeAmount = .seconds(30)
+    public var maxEjectionTime: TimeAmount = .seconds(300)
     /// Most hosts ejected at once, as a percentage of the cluster, counting the host about to be ejected.
     public var maxEjectionPercent = 10
     public var successRate = SuccessRate()
@@ -77,12 +79,12 @@ public struct OutlierDetectionConfig: Sendable, Equatable {
 
 /// `clusters[].slow_start`: a host that comes back takes a growing share of traffic over `window`.
 public struct SlowStartConfig: Sendable, Equatable {
-    public var window: Duration
+    public var window: TimeAmount
     /// Shape of the ramp: weight grows as (elapsed / window)^(1 / aggression).
     public var aggression: Double = 1.0
     /// The weight never starts below this percentage.
     public var minWeightPercent: Int = 10
-    public init(window: Duration) { self.window = window }
+    public init(window: TimeAmount) { self.window = window }
 }
 
 /// `clusters[].all_unhealthy`: what happens when fewer than `panic_threshold` percent of hosts are available.
@@ -116,9 +118,9 @@ public struct RetryPolicyConfig: Sendable, Equatable {
     public var on: [RetryCondition] = [.connectFailure, .refusedStream, .reset]
     public var statusCodes: [Int] = []
     /// Deadline of each try; zero means only the route timeout applies.
-    public var perTryTimeout: Duration = .zero
-    public var backoffBase: Duration = .milliseconds(25)
-    public var backoffMax: Duration = .milliseconds(250)
+    public var perTryTimeout: TimeAmount = .zero
+    public var backoffBase: TimeAmount = .milliseconds(25)
+    public var backoffMax: TimeAmount = .milliseconds(250)
     /// Retries allowed: `budgetRatio` × requests plus `budgetMinPerSecond` per second, over a sliding
     /// 10 s window (Linkerd's retry budget), so retries cannot multiply an outage.
     public var budgetRatio: Double = 0.2

@@ -1,6 +1,8 @@
+import NIOCore
+
 /// `config_dump` forms of the healing, TLS and authorization settings, with every default filled in.
 extension VigilConfig {
-    private static func d(_ x: Duration) -> JSONValue { .string(DurationParser.format(x)) }
+    private static func d(_ x: TimeAmount) -> JSONValue { .string(DurationParser.format(x)) }
     private static func strings(_ xs: [String]) -> JSONValue { .array(xs.map(JSONValue.string)) }
 
     static func dump(_ r: AuthorizationRule) -> JSONValue {

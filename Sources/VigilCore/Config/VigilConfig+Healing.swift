@@ -182,7 +182,10 @@ extension ConfigReader {
         if let b = map(m["backoff"], at: m.path("backoff"), keys: ["base", "max"]) {
             if let d = duration(b["base"], at: b.path("base"), min: .milliseconds(1)) {
                 r.backoffBase = d
-                if b["max"] == nil { r.backoffMax = d * 10 }  // Envoy: max defaults to 10 × base
+                if b["max"] == nil {  // Envoy: max defaults to 10 × base
+                    let (tenfold, overflow) = d.nanoseconds.multipliedReportingOverflow(by: 10)
+                    r.backoffMax = .nanoseconds(overflow ? .max : tenfold)
+                }
             }
             if let d = duration(b["max"], at: b.path("max"), min: .milliseconds(1)) { r.backoffMax = d }
             if r.backoffMax < r.backoffBase { fail(b.path("max"), "is shorter than base") }

@@ -1,3 +1,4 @@
+import NIOCore
 import Yams
 
 /// The whole validated configuration of one Vigil. Built only through `VigilConfig.parse`, so a value
@@ -8,9 +9,9 @@ public struct VigilConfig: Sendable, Equatable {
     public var stateDir: String
     public var accessLog: AccessLogOutput
     /// How long in-flight requests may run after SIGTERM/SIGINT or `POST /drain` before Vigil exits.
-    public var drainTimeout: Duration
+    public var drainTimeout: TimeAmount
     /// How often TLS and JWKS files are compared with what is loaded (SIGHUP checks at once).
-    public var filePollInterval: Duration = .seconds(2)
+    public var filePollInterval: TimeAmount = .seconds(2)
     /// Healing events kept in memory for admin `/events` (and the control plane's replay).
     public var eventBuffer: Int = 1024
     public var listeners: [ListenerConfig]
@@ -28,7 +29,7 @@ public struct VigilConfig: Sendable, Equatable {
     public var auditConfigured = false
 
     public init(nodeID: String = "vigil", admin: AdminConfig = .init(), stateDir: String = "./.vigil",
-                accessLog: AccessLogOutput = .stdout, drainTimeout: Duration = .seconds(30),
+                accessLog: AccessLogOutput = .stdout, drainTimeout: TimeAmount = .seconds(30),
                 listeners: [ListenerConfig], clusters: [ClusterConfig]) {
         self.nodeID = nodeID
         self.admin = admin
@@ -47,7 +48,7 @@ public struct AdminConfig: Sendable, Equatable {
     public var address: SocketAddressSpec
     /// A connection that sends nothing for this long is closed (an open `/events/stream` is not: it only
     /// receives), as on the control plane.
-    public var idleTimeout: Duration = .seconds(60)
+    public var idleTimeout: TimeAmount = .seconds(60)
     public init(address: SocketAddressSpec = .init(host: "127.0.0.1", port: 15000)) { self.address = address }
 }
 
@@ -110,23 +111,23 @@ public struct ListenerLimits: Sendable, Equatable {
     /// Open downstream connections on this listener; past it new connections are closed at accept.
     public var maxConnections: Int = 16384
     /// A keep-alive connection with no request in flight is closed after this long.
-    public var idleTimeout: Duration = .seconds(60)
+    public var idleTimeout: TimeAmount = .seconds(60)
     /// A request head must arrive complete within this long of its first byte (slow-loris guard).
-    public var headerTimeout: Duration = .seconds(10)
+    public var headerTimeout: TimeAmount = .seconds(10)
     /// The longest wait for more of a request body (nginx's `client_body_timeout`): a body stalled longer
     /// gets 408 and the connection is closed, so a slow upload cannot hold a connection and an upstream
     /// connection for ever. Waits Vigil causes itself (backpressure from the upstream) do not count.
-    public var bodyTimeout: Duration = .seconds(60)
+    public var bodyTimeout: TimeAmount = .seconds(60)
     /// The longest a client may leave Vigil unable to write to it (nginx's `send_timeout`): a client that stops
     /// reading its response (HTTP/2: keeps a stream's window shut) is disconnected (its stream reset), so it
     /// cannot hold an upstream connection for ever.
-    public var sendTimeout: Duration = .seconds(60)
+    public var sendTimeout: TimeAmount = .seconds(60)
     /// How long a connection Vigil closes after its last response stays open to read what the client still
     /// sends (Envoy's `delayed_close_timeout`): RFC 9112 §9.6 has a server close in stages, its sending side
     /// first, so that bytes the client sent after the request Vigil answered (the rest of a refused body, a
     /// pipelined request) do not make the kernel reset the connection and destroy the answer before the client
     /// has read it. Zero closes at once.
-    public var delayedCloseTimeout: Duration = .seconds(1)
+    public var delayedCloseTimeout: TimeAmount = .seconds(1)
     /// Most concurrent streams per HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS).
     public var maxConcurrentStreams: Int = 100
 
@@ -138,12 +139,12 @@ public struct RouteConfig: Sendable, Equatable {
     public var cluster: String
     /// Whole-request deadline, from the request head to the last response byte's start; 504 when it
     /// passes before the response head. Envoy's default is 15 s. Zero disables it.
-    public var timeout: Duration
+    public var timeout: TimeAmount
     /// The longest the upstream may send nothing while Vigil waits on it: from when the request has been sent
     /// whole until the response's last byte (Envoy's route `idle_timeout`, nginx's `proxy_read_timeout`,
     /// HAProxy's `timeout server`). An upstream that hangs in the middle of a response would otherwise hold the
     /// client and an upstream connection for ever, since `timeout` ends at the response head. Zero disables it.
-    public var idleTimeout: Duration = .seconds(60)
+    public var idleTimeout: TimeAmount = .seconds(60)
     /// Retry policy; `nil` means no retries beyond the replay of a request sent on a keep-alive
     /// connection the upstream had just closed.
     public var retry: RetryPolicyConfig?
@@ -151,7 +152,7 @@ public struct RouteConfig: Sendable, Equatable {
     /// tenant has its own bucket of this size instead of its usual one.
     public var tenantLimits: TenantLimits?
 
-    public init(match: RouteMatch, cluster: String, timeout: Duration = .seconds(15), retry: RetryPolicyConfig? = nil) {
+    public init(match: RouteMatch, cluster: String, timeout: TimeAmount = .seconds(15), retry: RetryPolicyConfig? = nil) {
         self.match = match
         self.cluster = cluster
         self.timeout = timeout
@@ -208,9 +209,9 @@ public struct ClusterConfig: Sendable, Equatable {
     public var `protocol`: UpstreamProtocol
     /// Time allowed to set up a connection to an endpoint, the TCP connect and any TLS handshake together;
     /// past it the attempt fails as `upstream_connect_timeout`.
-    public var connectTimeout: Duration
+    public var connectTimeout: TimeAmount
     /// An idle pooled upstream connection is closed after this long.
-    public var idleTimeout: Duration
+    public var idleTimeout: TimeAmount
     public var loadBalancer: LoadBalancerKind
     public var circuitBreakers: CircuitBreakerLimits
     public var healthCheck: HealthCheckConfig?
@@ -225,7 +226,7 @@ public struct ClusterConfig: Sendable, Equatable {
     public var perConnectionBufferLimitBytes = ListenerConfig.defaultBufferLimitBytes
 
     public init(name: String, endpoints: [SocketAddressSpec], protocol: UpstreamProtocol = .http1,
-                connectTimeout: Duration = .seconds(1), idleTimeout: Duration = .seconds(60),
+                connectTimeout: TimeAmount = .seconds(1), idleTimeout: TimeAmount = .seconds(60),
                 loadBalancer: LoadBalancerKind = .leastRequest, circuitBreakers: CircuitBreakerLimits = .init()) {
         self.name = name
         self.endpoints = endpoints

@@ -230,7 +230,7 @@ public struct ExchangeStateMachine: Sendable {
     /// A final response head (status ≥ 200, not 101) arrived. The front end records its status for the host's
     /// health before calling; `retryAfter` is read only if the route would retry this status.
     public mutating func responseHeadReceived<E: ExchangeEnvironment>(status: Int, now: @autoclosure () -> NIODeadline,
-                                                                     retryAfter: () -> Duration?, env: E) -> Action {
+                                                                     retryAfter: () -> TimeAmount?, env: E) -> Action {
         guard phase == .trying else { return .none }
         if requestComplete, let policy = route.retry, policy.covers(.response(status: status)),
            let next = retry(after: .response(status: status), retryAfter: retryAfter(), now: now(), drop: .close, env: env) {
@@ -376,18 +376,18 @@ public struct ExchangeStateMachine: Sendable {
 
     /// A try has the whole request: its `per_try_timeout` and the upstream's idle clock start.
     private mutating func tryStartedWhole(now: () -> NIODeadline) {
-        if let perTry = route.retry?.config.perTryTimeout, perTry > .zero { tryDeadline = now() + TimeAmount(perTry) }
+        if let perTry = route.retry?.config.perTryTimeout, perTry > .zero { tryDeadline = now() + perTry }
         if quietSince == nil, route.idleTimeout > .zero { quietSince = now() }
     }
 
     /// Envoy's order (`retry_state_impl.cc`): would the policy retry, then a host, then the `max_retries` breaker,
     /// then the budget. The slot of an earlier retry goes back before a new one is taken. Nil: the failure stands.
-    private mutating func retry<E: ExchangeEnvironment>(after failure: TryFailure, retryAfter: Duration? = nil,
+    private mutating func retry<E: ExchangeEnvironment>(after failure: TryFailure, retryAfter: TimeAmount? = nil,
                                                         now: NIODeadline, drop: Upstream, env: E) -> Action? {
         guard let policy = route.retry else { return nil }
         let facts = RetryPolicy.Facts(failure: failure, method: method, retriesDone: retriesDone, replayable: replayable,
                                       retryAfter: retryAfter,
-                                      remaining: routeDeadline.map { .nanoseconds(($0 - now).nanoseconds) })
+                                      remaining: routeDeadline.map { $0 - now })
         var random = EnvironmentRandom(env: env)
         guard case .retry(let wait) = policy.decide(facts, random: &random),
               let host = env.pickRetryHost(excluding: tried) else { return nil }
@@ -408,7 +408,7 @@ public struct ExchangeStateMachine: Sendable {
             return .acquire(fresh: false, drop: drop)
         }
         phase = .backingOff
-        backoffUntil = now + TimeAmount(wait)
+        backoffUntil = now + wait
         return .backOff(drop: drop)
     }
 

@@ -88,8 +88,8 @@ public struct ActiveHealthState: Sendable, Equatable {
     /// Time until the next probe: the interval for the host's state, plus jitter.
     /// `clusterHadTraffic` false means the cluster has never carried a request (Envoy's no-traffic interval).
     public func nextProbeDelay<R: RandomNumberGenerator>(config: HealthCheckConfig, clusterHadTraffic: Bool,
-                                                         random: inout R) -> Duration {
-        let base: Duration
+                                                         random: inout R) -> TimeAmount {
+        let base: TimeAmount
         if !clusterHadTraffic {
             base = config.noTrafficInterval
         } else if status == .unhealthy {

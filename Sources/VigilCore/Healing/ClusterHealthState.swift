@@ -109,7 +109,7 @@ public struct ClusterHealthState: Sendable {
 
     /// How long until `host` is probed again, by its state (Envoy's no-traffic, unhealthy and healthy
     /// intervals, with jitter).
-    public mutating func nextProbeDelay(host: Int, clusterHadTraffic: Bool) -> Duration {
+    public mutating func nextProbeDelay(host: Int, clusterHadTraffic: Bool) -> TimeAmount {
         guard let hc = config.healthCheck else { return .seconds(5) }
         return active[host].nextProbeDelay(config: hc, clusterHadTraffic: clusterHadTraffic, random: &random)
     }

@@ -70,7 +70,7 @@ public struct OutlierDetector: Sendable {
         self.cluster = cluster
         self.hostNames = hostNames
         self.hosts = Array(repeating: HostState(), count: hostNames.count)
-        self.nextEvaluation = now + TimeAmount(config.interval)
+        self.nextEvaluation = now + config.interval
     }
 
     public var ejectedCount: Int { hosts.reduce(0) { $0 + ($1.isEjected ? 1 : 0) } }
@@ -176,7 +176,7 @@ public struct OutlierDetector: Sendable {
             }
         }
         guard now >= nextEvaluation else { return events }
-        nextEvaluation = now + TimeAmount(config.interval)
+        nextEvaluation = now + config.interval
         let split = config.splitExternalLocalOriginErrors
         // Success rate: on all outcomes, or on responses only when split (then a local-origin run too).
         evaluateSuccessRate(reason: "success_rate", enforcing: config.enforcingSuccessRate,
@@ -201,7 +201,7 @@ public struct OutlierDetector: Sendable {
             hosts[i].localSuccesses = 0
             // Decay: one step for each whole interval the host has stayed in since it last came back.
             if !hosts[i].isEjected, hosts[i].multiplier > 0,
-               hosts[i].lastReturnedAt.map({ now - $0 >= TimeAmount(config.interval) }) ?? true {
+               hosts[i].lastReturnedAt.map({ now - $0 >= config.interval }) ?? true {
                 hosts[i].multiplier -= 1
             }
         }
@@ -257,7 +257,7 @@ public struct OutlierDetector: Sendable {
     // MARK: - Ejection
 
     /// The length of the next ejection of a host whose multiplier is `multiplier` after the increment.
-    public static func ejectionTime(config: OutlierDetectionConfig, multiplier: Int) -> Duration {
+    public static func ejectionTime(config: OutlierDetectionConfig, multiplier: Int) -> TimeAmount {
         let base = config.baseEjectionTime.nanoseconds
         let cap = max(config.maxEjectionTime.nanoseconds, base)
         let (product, overflow) = base.multipliedReportingOverflow(by: Int64(multiplier))
@@ -298,7 +298,7 @@ public struct OutlierDetector: Sendable {
         hosts[i].timesEjected += 1
         let duration = Self.ejectionTime(config: config, multiplier: hosts[i].multiplier)
         hosts[i].ejectedAt = now
-        hosts[i].ejectedUntil = now + TimeAmount(duration)
+        hosts[i].ejectedUntil = now + duration
         hosts[i].lastEjectionReason = reason
         events.append(HealingEvent(kind: .hostEjected, cluster: cluster, host: hostNames[i], hostIndex: i, reason: reason,
                                    evidence: evidence,
@@ -309,7 +309,7 @@ public struct OutlierDetector: Sendable {
     }
 
     private mutating func shouldReportSkip(_ i: Int, now: NIODeadline) -> Bool {
-        if let last = hosts[i].lastSkipReportAt, now - last < TimeAmount(config.interval) { return false }
+        if let last = hosts[i].lastSkipReportAt, now - last < config.interval { return false }
         hosts[i].lastSkipReportAt = now
         return true
     }

@@ -50,7 +50,7 @@ public final class RetryPolicy: Sendable, Equatable {
     }
 
     public enum Decision: Sendable, Equatable {
-        case retry(after: Duration)
+        case retry(after: TimeAmount)
         /// No retry; `reason` says which rule stopped it (for the access log and events).
         case giveUp(reason: String)
     }
@@ -63,12 +63,12 @@ public final class RetryPolicy: Sendable, Equatable {
         /// Whether the request can be sent again (its body is still held whole, or it had none).
         public var replayable: Bool
         /// What the response's Retry-After asked for, if it carried one.
-        public var retryAfter: Duration?
+        public var retryAfter: TimeAmount?
         /// Time left before the route timeout; nil when the route has none.
-        public var remaining: Duration?
+        public var remaining: TimeAmount?
 
         public init(failure: TryFailure, method: String, retriesDone: Int, replayable: Bool,
-                    retryAfter: Duration? = nil, remaining: Duration? = nil) {
+                    retryAfter: TimeAmount? = nil, remaining: TimeAmount? = nil) {
             self.failure = failure
             self.method = method
             self.retriesDone = retriesDone
@@ -98,8 +98,8 @@ public final class RetryPolicy: Sendable, Equatable {
     }
 
     /// Exponential backoff with full jitter: uniform in [0, min(max, base × 2^(retry−1))].
-    public static func backoff<R: RandomNumberGenerator>(retry: Int, base: Duration, max: Duration,
-                                                          random: inout R) -> Duration {
+    public static func backoff<R: RandomNumberGenerator>(retry: Int, base: TimeAmount, max: TimeAmount,
+                                                          random: inout R) -> TimeAmount {
         let shift = Swift.min(Swift.max(retry - 1, 0), 30)
         let (grown, overflow) = base.nanoseconds.multipliedReportingOverflow(by: Int64(1) << shift)
         let cap = overflow ? max.nanoseconds : Swift.min(grown, max.nanoseconds)
@@ -185,7 +185,7 @@ public struct RetryBudget: Sendable, Equatable {
 
 /// `Retry-After` (RFC 9110 §10.2.3): delay-seconds, or an HTTP-date compared with the wall clock.
 public enum RetryAfter {
-    public static func parse(_ value: String, nowWallNanos: Int64) -> Duration? {
+    public static func parse(_ value: String, nowWallNanos: Int64) -> TimeAmount? {
         let text = value.trimmingSpaces()
         if !text.isEmpty, text.utf8.allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }) {
             guard let seconds = Int64(text), seconds < 1 << 32 else { return nil }

@@ -1,3 +1,5 @@
+import NIOCore
+
 /// A small JSON document model for admin and control answers, serialized deterministically (keys in the
 /// order given), with no Foundation dependency.
 public enum JSONValue: Sendable, Equatable, ExpressibleByStringLiteral, ExpressibleByIntegerLiteral,
@@ -83,7 +85,7 @@ extension VigilConfig {
     /// The effective configuration with every default filled in, as `GET /config_dump` shows it.
     /// Private keys and tokens are never in the config itself, only the paths of their files.
     public func dump() -> JSONValue {
-        func d(_ x: Duration) -> JSONValue { .string(DurationParser.format(x)) }
+        func d(_ x: TimeAmount) -> JSONValue { .string(DurationParser.format(x)) }
         let accessLogText: String
         switch accessLog {
         case .stdout: accessLogText = "stdout"

@@ -35,8 +35,8 @@ public struct PoolSettings: Sendable, Equatable {
     public init(cluster: ClusterConfig, maxStreamsPerConnection: Int = 100) {
         self.cluster = cluster.name
         self.protocol = cluster.protocol
-        self.connectTimeout = .nanoseconds(cluster.connectTimeout.nanoseconds)
-        self.idleTimeout = .nanoseconds(cluster.idleTimeout.nanoseconds)
+        self.connectTimeout = cluster.connectTimeout
+        self.idleTimeout = cluster.idleTimeout
         self.maxStreamsPerConnection = maxStreamsPerConnection
     }
 

@@ -90,7 +90,7 @@ public final class ClusterHealth: Sendable {
     }
 
     /// Probe delay for `host` by its current state.
-    func nextProbeDelay(host: Int) -> Duration {
+    func nextProbeDelay(host: Int) -> TimeAmount {
         let traffic = hadTraffic.load(ordering: .relaxed)
         return state.withLockedValue { $0.health.nextProbeDelay(host: host, clusterHadTraffic: traffic) }
     }

@@ -37,9 +37,9 @@ final class HealthProber: Sendable {
         }
     }
 
-    private func schedule(_ host: HostRuntime, in delay: Duration) {
+    private func schedule(_ host: HostRuntime, in delay: TimeAmount) {
         guard !stopped.withLockedValue({ $0 }) else { return }
-        let task = loop.scheduleTask(in: TimeAmount(delay)) { [self] in probe(host) }
+        let task = loop.scheduleTask(in: delay) { [self] in probe(host) }
         scheduled.withLockedValue { $0[host.index] = task }
     }
 
@@ -50,10 +50,10 @@ final class HealthProber: Sendable {
         let promise = loop.makePromise(of: ProbeResult.self)
         let http2 = cluster.config.protocol == .http2
         let multiplexer = http2 ? loop.makePromise(of: HTTP2StreamMultiplexer.self) : nil
-        let timeout = loop.scheduleTask(in: TimeAmount(config.timeout)) { promise.succeed(.timeout) }
+        let timeout = loop.scheduleTask(in: config.timeout) { promise.succeed(.timeout) }
         let hostHeader = config.host ?? cluster.config.name
         let bootstrap = ClientBootstrap(group: loop)
-            .connectTimeout(TimeAmount(min(config.timeout, cluster.config.connectTimeout)))
+            .connectTimeout(min(config.timeout, cluster.config.connectTimeout))
             .channelInitializer { [config, cluster] channel in
                 // TLS clusters are probed over TLS, with the same identity check as traffic.
                 if let tls = cluster.config.tls, let context = cluster.tlsContext() {

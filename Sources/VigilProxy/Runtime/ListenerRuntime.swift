@@ -8,13 +8,11 @@ public final class ListenerRuntime: Sendable {
     public let config: ListenerConfig
     public let index: Int
     let headLimits: HTTP1HeadLimits
-    /// The `limits` timeouts as the event loop's time type, converted once: Duration → nanoseconds is
-    /// 128-bit arithmetic, and the request path arms these on every request.
-    let headerTimeout: TimeAmount
-    let idleTimeout: TimeAmount
-    let bodyTimeout: TimeAmount
-    let sendTimeout: TimeAmount
-    let delayedCloseTimeout: TimeAmount
+    var headerTimeout: TimeAmount { config.limits.headerTimeout }
+    var idleTimeout: TimeAmount { config.limits.idleTimeout }
+    var bodyTimeout: TimeAmount { config.limits.bodyTimeout }
+    var sendTimeout: TimeAmount { config.limits.sendTimeout }
+    var delayedCloseTimeout: TimeAmount { config.limits.delayedCloseTimeout }
     public let openConnections = ManagedAtomic<Int>(0)
     public let totalConnections = ManagedAtomic<Int>(0)
 
@@ -23,11 +21,6 @@ public final class ListenerRuntime: Sendable {
         self.index = index
         self.headLimits = HTTP1HeadLimits(maxHeaderBytes: config.limits.maxHeaderBytes,
                                           maxHeaderCount: config.limits.maxHeaderCount)
-        headerTimeout = .nanoseconds(config.limits.headerTimeout.nanoseconds)
-        idleTimeout = .nanoseconds(config.limits.idleTimeout.nanoseconds)
-        bodyTimeout = .nanoseconds(config.limits.bodyTimeout.nanoseconds)
-        sendTimeout = .nanoseconds(config.limits.sendTimeout.nanoseconds)
-        delayedCloseTimeout = .nanoseconds(config.limits.delayedCloseTimeout.nanoseconds)
     }
 }
 
@@ -59,8 +52,8 @@ final class ListenerRoutes: Sendable {
         self.table = RouteTable(listener.routes)
         self.routeClusters = listener.routes.map { clusterSlots[$0.cluster]! }
         self.exchangeRoutes = listener.routes.map {
-            ExchangeStateMachine.Route(timeout: .nanoseconds($0.timeout.nanoseconds),
-                                       idleTimeout: .nanoseconds($0.idleTimeout.nanoseconds),
+            ExchangeStateMachine.Route(timeout: $0.timeout,
+                                       idleTimeout: $0.idleTimeout,
                                        retry: $0.retry.map(RetryPolicy.init))
         }
     }

@@ -141,7 +141,7 @@ public final class ProxyRuntime: Sendable {
         }
         let tls = self.tls
         tls.reload()  // reports certificates already close to expiry
-        let poll = TimeAmount(config.filePollInterval)
+        let poll = config.filePollInterval
         let reload = group.next().scheduleRepeatedTask(initialDelay: poll, delay: poll) { [self] _ in
             tls.reload()
             current.tenants?.reloadKeys()

@@ -132,7 +132,7 @@ public final class ProxyServer: Sendable {
     }
 
     /// Drain: stop accepting, ask connections to close, wait for them up to `timeout`, then close the rest.
-    public func drain(timeout: Duration) async {
+    public func drain(timeout: TimeAmount) async {
         try? await stopAccepting()
         beginDrain()
         // Resumed by the last connection closing or by the deadline, whichever comes first; exactly once,
@@ -148,7 +148,7 @@ public final class ProxyServer: Sendable {
                 c.resume()
                 return
             }
-            group.next().scheduleTask(in: .nanoseconds(timeout.nanoseconds)) { [self] in
+            group.next().scheduleTask(in: timeout) { [self] in
                 let waiter = state.withLockedValue { s -> CheckedContinuation<Void, Never>? in
                     guard let i = s.drainWaiters.firstIndex(where: { $0.0 == id }) else { return nil }
                     return s.drainWaiters.remove(at: i).1
