@@ -469,7 +469,7 @@ final class StreamReader: ChannelInboundHandler, Sendable {
             """
         let h = try await ControlHarness(yaml: yaml, upstreams: [upstream.port], group: group)
         #expect(try await get(h.proxy).status == 500)
-        #expect(h.slo.sample(now: 1_000_000_000).map(\.event.kind) == [.sloBreached])
+        #expect(h.slo.sample(now: .uptimeNanoseconds(1_000_000_000)).map(\.event.kind) == [.sloBreached])
         // The first POST is answered 503; the retry a second later gets through.
         let deadline = Date().addingTimeInterval(10)
         while hook.recorded.count < 2 && Date() < deadline { try await Task.sleep(for: .milliseconds(20)) }
@@ -495,21 +495,21 @@ final class StreamReader: ChannelInboundHandler, Sendable {
               - { name: a, endpoints: ["127.0.0.1:$UP0"] }
             """
         let h = try await ControlHarness(yaml: yaml, upstreams: [upstream.port], group: group)
-        let second: Int64 = 1_000_000_000
+        let second: UInt64 = 1_000_000_000
         // The monitor is driven with a manual clock; the counts come from real requests.
-        #expect(h.slo.sample(now: 0).isEmpty)
+        #expect(h.slo.sample(now: .uptimeNanoseconds(0)).isEmpty)
         for _ in 0..<20 { #expect(try await get(h.proxy).status == 503) }
-        let breached = h.slo.sample(now: second)
+        let breached = h.slo.sample(now: .uptimeNanoseconds(second))
         #expect(breached.map(\.event.kind) == [.sloBreached])
         #expect(breached.first?.event.tenant == "-")
         #expect(breached.first?.event.evidence["failures"] == .int(20))
         failing.withLockedValue { $0 = false }
         for _ in 0..<20 { #expect(try await get(h.proxy).status == 200) }
-        #expect(h.slo.sample(now: 2 * second).isEmpty)  // the failures are still in the window
+        #expect(h.slo.sample(now: .uptimeNanoseconds(2 * second)).isEmpty)  // the failures are still in the window
         // Over a minute later the window (3 s slots) has slid past all of it: too little traffic to decide.
-        #expect(h.slo.sample(now: 63 * second).isEmpty)
+        #expect(h.slo.sample(now: .uptimeNanoseconds(63 * second)).isEmpty)
         for _ in 0..<20 { #expect(try await get(h.proxy).status == 200) }
-        let later = h.slo.sample(now: 64 * second)
+        let later = h.slo.sample(now: .uptimeNanoseconds(64 * second))
         #expect(later.map(\.event.kind) == [.sloRecovered])
         let compliance = try await h.call("GET", "/v1/compliance")
         #expect(compliance.json["slo"]?.arrayValue?.first?["status"] == "ok")

@@ -1,3 +1,4 @@
+import NIOCore
 import Testing
 @testable import VigilCore
 
@@ -110,23 +111,23 @@ import Testing
         o.minRequests = 10
         return [o]
     }())
-    let second: Int64 = 1_000_000_000
+    func at(_ seconds: Int64) -> NIODeadline { .uptimeNanoseconds(UInt64(seconds) * 1_000_000_000) }
 
     @Test func breachAndRecoveryOfAvailabilityOverASlidingWindow() {
         var tracker = SLOTracker()
         // 100 requests, 0 failures in the first second: fine.
-        #expect(tracker.sampled([.init(tenant: "acme", requests: 100, failures: 0, slow: 0)], config: config, now: 0).isEmpty)
+        #expect(tracker.sampled([.init(tenant: "acme", requests: 100, failures: 0, slow: 0)], config: config, now: at(0)).isEmpty)
         // 100 more with 5 failures: 5/200 = 2.5 % failed > 1 %: breached.
-        let breach = tracker.sampled([.init(tenant: "acme", requests: 200, failures: 5, slow: 0)], config: config, now: second)
+        let breach = tracker.sampled([.init(tenant: "acme", requests: 200, failures: 5, slow: 0)], config: config, now: at(1))
         #expect(breach.map(\.kind) == [.sloBreached])
         #expect(breach.first?.tenant == "acme")
         #expect(breach.first?.reason == "availability")
         #expect(breach.first?.evidence["failures"] == .int(5))
         #expect(breach.first?.evidence["availability"] == .double(97.5))
         // Still breached while the failures are in the window; no repeated event.
-        #expect(tracker.sampled([.init(tenant: "acme", requests: 300, failures: 5, slow: 0)], config: config, now: 30 * second).isEmpty)
+        #expect(tracker.sampled([.init(tenant: "acme", requests: 300, failures: 5, slow: 0)], config: config, now: at(30)).isEmpty)
         // 61 s later the failing second has left the window: recovered.
-        let recovery = tracker.sampled([.init(tenant: "acme", requests: 400, failures: 5, slow: 0)], config: config, now: 62 * second)
+        let recovery = tracker.sampled([.init(tenant: "acme", requests: 400, failures: 5, slow: 0)], config: config, now: at(62))
         #expect(recovery.map(\.kind) == [.sloRecovered])
         #expect(tracker.status(config: config).first?.breached == [])
     }
@@ -134,31 +135,31 @@ import Testing
     @Test func latencyIsJudgedByTheShareOfSlowRequests() {
         var tracker = SLOTracker()
         // 1 slow of 100: exactly 1 %, p99 is within 300 ms.
-        #expect(tracker.sampled([.init(tenant: "t", requests: 100, failures: 0, slow: 1)], config: config, now: 0).isEmpty)
+        #expect(tracker.sampled([.init(tenant: "t", requests: 100, failures: 0, slow: 1)], config: config, now: at(0)).isEmpty)
         // 3 slow of 200: over 1 %.
-        let events = tracker.sampled([.init(tenant: "t", requests: 200, failures: 0, slow: 3)], config: config, now: second)
+        let events = tracker.sampled([.init(tenant: "t", requests: 200, failures: 0, slow: 3)], config: config, now: at(1))
         #expect(events.map(\.reason) == ["latency_p99"])
         #expect(events.first?.evidence["slow_percent"] == .double(1.5))
     }
 
     @Test func tooLittleTrafficDecidesNothing() {
         var tracker = SLOTracker()
-        #expect(tracker.sampled([.init(tenant: "t", requests: 5, failures: 5, slow: 0)], config: config, now: 0).isEmpty)
+        #expect(tracker.sampled([.init(tenant: "t", requests: 5, failures: 5, slow: 0)], config: config, now: at(0)).isEmpty)
         #expect(tracker.status(config: config).first?.enoughTraffic == false)
     }
 
     @Test func aCounterResetCountsFromZero() {
         var tracker = SLOTracker()
-        _ = tracker.sampled([.init(tenant: "t", requests: 1000, failures: 0, slow: 0)], config: config, now: 0)
+        _ = tracker.sampled([.init(tenant: "t", requests: 1000, failures: 0, slow: 0)], config: config, now: at(0))
         // The tenant's state was rebuilt by a policy change: its counters restart.
-        _ = tracker.sampled([.init(tenant: "t", requests: 10, failures: 0, slow: 0)], config: config, now: second)
+        _ = tracker.sampled([.init(tenant: "t", requests: 10, failures: 0, slow: 0)], config: config, now: at(1))
         #expect(tracker.status(config: config).first?.requests == 1010)
     }
 
     @Test func tenantsWithoutAnObjectiveAreNotTracked() {
         var tracker = SLOTracker()
         let only = SLOConfig(objectives: [SLOConfig.Objective(tenant: "acme", availability: 99.9)])
-        _ = tracker.sampled([.init(tenant: "other", requests: 100, failures: 50, slow: 0)], config: only, now: 0)
+        _ = tracker.sampled([.init(tenant: "other", requests: 100, failures: 50, slow: 0)], config: only, now: at(0))
         #expect(tracker.status(config: only).isEmpty)
     }
 }

@@ -124,13 +124,14 @@ struct FakeRequest: RoutableRequest {
     }
 
     @Test func peakEWMAJumpsUpAtOnceAndDecaysDown() {
-        let slow = PeakEWMA.update(current: 1_000_000, lastNanos: 0, observedNanos: 80_000_000, nowNanos: 1)
+        let t0 = NIODeadline.uptimeNanoseconds(0)
+        let slow = PeakEWMA.update(current: 1_000_000, last: t0, observed: .milliseconds(80), now: t0 + .nanoseconds(1))
         #expect(slow == 80_000_000)
         // One decay time later a fast observation has pulled it about 63 % of the way down.
-        let later = PeakEWMA.update(current: slow, lastNanos: 0, observedNanos: 1_000_000, nowNanos: Int64(PeakEWMA.decayNanos))
+        let later = PeakEWMA.update(current: slow, last: t0, observed: .milliseconds(1), now: t0 + PeakEWMA.decay)
         #expect(abs(later - (80e6 * exp(-1) + 1e6 * (1 - exp(-1)))) < 1)
         // A burst of fast answers in the same instant barely moves it: recovery is earned over time.
-        #expect(PeakEWMA.update(current: slow, lastNanos: 5, observedNanos: 1_000_000, nowNanos: 5) == slow)
+        #expect(PeakEWMA.update(current: slow, last: t0 + .nanoseconds(5), observed: .milliseconds(1), now: t0 + .nanoseconds(5)) == slow)
     }
 }
 

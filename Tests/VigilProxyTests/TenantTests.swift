@@ -135,7 +135,7 @@ import VigilTestSupport
 
     @Test func exactlyTheBurstIsAllowedUnderContention() async {
         let state = TenantState(name: "t", limits: TenantLimits(requestsPerSecond: 0.001, burst: 100, maxConcurrent: nil), label: "t")
-        let now = Int64(1_000_000_000_000)
+        let now = NIODeadline.uptimeNanoseconds(1_000_000_000_000)
         let allowed = await withTaskGroup(of: Int.self) { tasks in
             for _ in 0..<8 { tasks.addTask { (0..<125).reduce(0) { n, _ in n + (state.takeToken(now: now)!.allowed ? 1 : 0) } } }
             return await tasks.reduce(0, +)

@@ -52,7 +52,7 @@ enum StatusViews {
 
     static func tenants(_ runtime: ProxyRuntime) -> JSONValue {
         guard let registry = runtime.current.tenants else { return ["tenants": [], "configured": false] }
-        let now = Int64(NIODeadline.now().uptimeNanoseconds)
+        let now = NIODeadline.now()
         return .object([("configured", true), ("shadow", .bool(registry.config.shadow)),
                         ("tenants", .array(registry.all.sorted { $0.name < $1.name }.map { t in
             let tokens = t.tokens(now: now)

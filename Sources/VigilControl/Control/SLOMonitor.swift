@@ -30,16 +30,16 @@ public final class SLOMonitor: Sendable {
 
     public func start() {
         let t = group.next().scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [self] _ in
-            sample(now: Int64(NIODeadline.now().uptimeNanoseconds))
+            sample(now: NIODeadline.now())
         }
         task.withLockedValue { $0 = t }
     }
 
     public func stop() { task.withLockedValue { $0?.cancel(); $0 = nil } }
 
-    /// One round: sample, decide, emit, notify. `now` is monotonic nanoseconds.
+    /// One round: sample, decide, emit, notify.
     @discardableResult
-    public func sample(now: Int64) -> [HealingRecord] {
+    public func sample(now: NIODeadline) -> [HealingRecord] {
         let snapshot = runtime.current
         let slo = snapshot.config.slo
         guard !slo.objectives.isEmpty else { return [] }

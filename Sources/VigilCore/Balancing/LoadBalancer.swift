@@ -1,3 +1,5 @@
+import NIOCore
+
 /// Host choice for one request. Pure: the caller supplies the counter or random numbers and the
 /// active-request counts, so the choice can be pinned in tests.
 public enum LoadBalancer {
@@ -48,12 +50,14 @@ public enum LoadBalancer {
 /// once, a faster one only blends in as time passes (decay τ, Linkerd's default 10 s). Reacting at once to
 /// a slowdown and slowly to a recovery is what steers traffic off a host that starts to hang.
 public enum PeakEWMA {
-    public static let decayNanos = 10e9
+    public static let decay = TimeAmount.seconds(10)
 
-    public static func update(current: Double, lastNanos: Int64, observedNanos: Double, nowNanos: Int64) -> Double {
+    /// The estimate (nanoseconds) after a request that took `observed`, the last update having been at `last`.
+    public static func update(current: Double, last: NIODeadline, observed: TimeAmount, now: NIODeadline) -> Double {
+        let observedNanos = Double(observed.nanoseconds)
         if current == 0 || observedNanos > current { return observedNanos }
-        let elapsed = Double(Swift.max(nowNanos - lastNanos, 0))
-        let w = exp(-elapsed / decayNanos)
+        let elapsed = Double(Swift.max((now - last).nanoseconds, 0))
+        let w = exp(-elapsed / Double(decay.nanoseconds))
         return current * w + observedNanos * (1 - w)
     }
 }

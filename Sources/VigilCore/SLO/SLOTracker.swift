@@ -1,3 +1,5 @@
+import NIOCore
+
 /// Per-tenant availability and latency objectives over sliding windows (DESIGN.md `slo:`), as a pure state
 /// machine: the shell samples each tenant's cumulative counters once a second and hands them in with the
 /// time; the tracker keeps each tenant's window in `slotsPerWindow` slots and returns the breach and
@@ -57,10 +59,11 @@ public struct SLOTracker: Sendable {
 
     public init() {}
 
-    /// Feeds one round of samples taken at `now` (nanoseconds, any monotonic origin) and returns the
+    /// Feeds one round of samples taken at `now` and returns the
     /// transitions. A counter that went backwards (the tenant's state was rebuilt by a policy change) counts
     /// from zero again.
-    public mutating func sampled(_ samples: [Sample], config: SLOConfig, now: Int64) -> [HealingEvent] {
+    public mutating func sampled(_ samples: [Sample], config: SLOConfig, now instant: NIODeadline) -> [HealingEvent] {
+        let now = Int64(instant.uptimeNanoseconds)  // slots are cut on whole multiples of their length
         var events: [HealingEvent] = []
         var seen = Set<String>()
         for sample in samples {

@@ -1,3 +1,5 @@
+import NIOCore
+
 /// A token bucket kept as one number, the Generic Cell Rate Algorithm's "theoretical arrival time" (TAT):
 /// the moment the bucket would be full again. A request conforms when, after it, the bucket is at most
 /// `burst` requests behind; each conforming request moves the TAT one emission interval (1/rate) on. One
@@ -7,26 +9,28 @@ public enum GCRA {
     public struct Decision: Sendable, Equatable {
         public var allowed: Bool
         /// The TAT to store (unchanged when refused).
-        public var newTAT: Int64
+        public var newTAT: NIODeadline
         /// Requests still allowed right now after this one.
         public var remaining: Int
-        /// When refused: how long until one request would conform, in nanoseconds.
-        public var retryAfterNanos: Int64
-        /// How long until the bucket is full again, in nanoseconds.
-        public var resetNanos: Int64
+        /// When refused: how long until one request would conform.
+        public var retryAfter: TimeAmount
+        /// How long until the bucket is full again.
+        public var reset: TimeAmount
     }
 
-    public static func intervalNanos(rate: Double) -> Int64 { Int64((1e9 / rate).rounded()) }
+    /// The emission interval of `rate` requests a second.
+    public static func interval(rate: Double) -> TimeAmount { .nanoseconds(Int64((1e9 / rate).rounded())) }
 
-    public static func decide(tat: Int64, now: Int64, intervalNanos t: Int64, burst: Int) -> Decision {
-        let tolerance = t * Int64(burst)
-        let after = max(tat, now) + t
-        if after - now <= tolerance {
-            return Decision(allowed: true, newTAT: after, remaining: Int((tolerance - (after - now)) / t),
-                            retryAfterNanos: 0, resetNanos: after - now)
+    public static func decide(tat: NIODeadline, now: NIODeadline, interval: TimeAmount, burst: Int) -> Decision {
+        let tolerance = interval.nanoseconds * Int64(burst)
+        let after = max(tat, now) + interval
+        let ahead = (after - now).nanoseconds
+        if ahead <= tolerance {
+            return Decision(allowed: true, newTAT: after, remaining: Int((tolerance - ahead) / interval.nanoseconds),
+                            retryAfter: .zero, reset: after - now)
         }
-        return Decision(allowed: false, newTAT: tat, remaining: 0, retryAfterNanos: after - now - tolerance,
-                        resetNanos: max(tat - now, 0))
+        return Decision(allowed: false, newTAT: tat, remaining: 0, retryAfter: .nanoseconds(ahead - tolerance),
+                        reset: max(tat - now, .zero))
     }
 }
 
@@ -55,7 +59,7 @@ public enum RateLimitHeaders {
     }
 
     /// Whole seconds, rounded up (Retry-After and `t` never promise earlier than the truth).
-    public static func seconds(_ nanos: Int64) -> Int { Int((nanos + 999_999_999) / 1_000_000_000) }
+    public static func seconds(_ time: TimeAmount) -> Int { Int((time.nanoseconds + 999_999_999) / 1_000_000_000) }
 }
 
 /// Tenant resolution, pure: the first identifier that yields a tenant wins.

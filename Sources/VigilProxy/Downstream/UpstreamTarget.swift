@@ -51,7 +51,7 @@ struct UpstreamTarget {
             return
         }
         let now = clock()  // read once for both
-        host.observeLatency(nanos: (now - sentAt).nanoseconds, now: now)
+        host.observeLatency(now - sentAt, now: now)
         cluster.health.record(host: host.index, .response(status: status), now: now)
     }
 }

@@ -18,16 +18,15 @@ public final class HostRuntime: Sendable {
     /// Peak-EWMA latency estimate (a Double's bits) and when it was last updated, for `load_balancer: ewma`.
     /// Updated without a lock: two loops racing lose one observation, which an estimate can afford.
     let latencyBits = ManagedAtomic<UInt64>(0)
-    let latencyStamp = ManagedAtomic<Int64>(0)
+    let latencyStamp = ManagedAtomic<UInt64>(0)
 
     var latencyNanos: Double { Double(bitPattern: latencyBits.load(ordering: .relaxed)) }
 
-    func observeLatency(nanos: Int64, now: NIODeadline) {
-        let nowNanos = Int64(now.uptimeNanoseconds)
-        let next = PeakEWMA.update(current: latencyNanos, lastNanos: latencyStamp.load(ordering: .relaxed),
-                                   observedNanos: Double(nanos), nowNanos: nowNanos)
+    func observeLatency(_ latency: TimeAmount, now: NIODeadline) {
+        let last = NIODeadline.uptimeNanoseconds(latencyStamp.load(ordering: .relaxed))
+        let next = PeakEWMA.update(current: latencyNanos, last: last, observed: latency, now: now)
         latencyBits.store(next.bitPattern, ordering: .relaxed)
-        latencyStamp.store(nowNanos, ordering: .relaxed)
+        latencyStamp.store(now.uptimeNanoseconds, ordering: .relaxed)
     }
 
     /// Open upstream connections to this host, across event loops.

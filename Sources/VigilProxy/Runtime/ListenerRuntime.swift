@@ -43,7 +43,7 @@ final class ListenerRoutes: Sendable {
         self.tenantOverrides = listener.routes.map { route in
             guard let limits = route.tenantLimits, let rate = limits.requestsPerSecond else { return nil }
             defer { slot += 1 }
-            return TenantState.RouteBucket(slot: slot, intervalNanos: GCRA.intervalNanos(rate: rate), burst: limits.effectiveBurst)
+            return TenantState.RouteBucket(slot: slot, interval: GCRA.interval(rate: rate), burst: limits.effectiveBurst)
         }
         var header: String?
         for case .header(let name) in tenants?.identify ?? [] where !listener.trustedHeaders { header = name }

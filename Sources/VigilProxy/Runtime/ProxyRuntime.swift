@@ -296,9 +296,6 @@ final class LoopContext: @unchecked Sendable {
     /// This loop's batch of held flushes (see `FlushBatch`).
     let flushes: FlushBatch
 
-    /// This loop's clock in nanoseconds (real time in production, manual on an EmbeddedEventLoop).
-    func nowNanos() -> Int64 { Int64(eventLoop.now.uptimeNanoseconds) }
-
     func flushLog() {
         guard logBuffer.readableBytes > 0 else { return }
         accessLog.write(logBuffer)

@@ -18,7 +18,7 @@ extension ProxyRuntime {
     func admit(_ request: some RoutableRequest, tenants: TenantRegistry, listener: ListenerRuntime, identity: String?,
                route: TenantState.RouteBucket?, loop: LoopContext) -> Result<TenantState, TenantRefusal> {
         let config = tenants.config
-        let now = loop.nowNanos()
+        let now = loop.eventLoop.now
         guard case .tenant(let name) = TenantResolver.resolve(config, identity: identity, trustedHeaders: listener.config.trustedHeaders,
                                                               header: { request.headerValue($0) },
                                                               jwt: { tenants.verifiers[$0]?.claimValue(authorization: request.headerValue("authorization")) })
@@ -29,22 +29,22 @@ extension ProxyRuntime {
                 detail: "the request belongs to no tenant (\(identity.map { "identity \($0)" } ?? "no identity")) and tenants.unknown is reject"))
         }
         let state = tenants.state(for: name)
-        state.lastSeen.store(now, ordering: .relaxed)
+        state.lastSeen.store(Int64(now.uptimeNanoseconds), ordering: .relaxed)
         if let decision = state.takeToken(now: now, route: route), !decision.allowed {
             state.rateLimited.wrappingAdd(1, ordering: .relaxed)
             if config.shadow { return shadowed(state, why: "rate_limited", now: now, tenants: tenants) }
-            let retry = RateLimitHeaders.seconds(decision.retryAfterNanos)
+            let retry = RateLimitHeaders.seconds(decision.retryAfter)
             let burst = route?.burst ?? state.burst
-            let interval = route?.intervalNanos ?? state.intervalNanos
-            let rate = 1e9 / Double(interval)
-            let window = Int((Double(burst) * Double(interval) / 1e9).rounded(.up))
+            let interval = Double((route?.interval ?? state.interval).nanoseconds)
+            let rate = 1e9 / interval
+            let window = Int((Double(burst) * interval / 1e9).rounded(.up))
             return .failure(TenantRefusal(
                 status: 429, reason: "rate_limited",
                 detail: "tenant \(name) is over its limit of \(rate.rounded() == rate ? String(Int(rate)) : String(rate)) requests/s (burst \(burst))\(route == nil ? "" : " on this route")",
                 headers: [("retry-after", String(retry)),
                           ("ratelimit-policy", RateLimitHeaders.policy(name: name, quota: burst, windowSeconds: window)),
                           ("ratelimit", RateLimitHeaders.current(name: name, remaining: 0,
-                                                                 resetSeconds: RateLimitHeaders.seconds(decision.resetNanos)))]))
+                                                                 resetSeconds: RateLimitHeaders.seconds(decision.reset)))]))
         }
         guard state.reserveSlot() else {
             state.concurrencyLimited.wrappingAdd(1, ordering: .relaxed)
@@ -58,12 +58,13 @@ extension ProxyRuntime {
         return .success(state)
     }
 
-    private func shadowed(_ state: TenantState, why: String, now: Int64, tenants: TenantRegistry)
+    private func shadowed(_ state: TenantState, why: String, now: NIODeadline, tenants: TenantRegistry)
         -> Result<TenantState, TenantRefusal>
     {
         let last = state.lastShadowLog.load(ordering: .relaxed)
-        if now - last >= 1_000_000_000,
-           state.lastShadowLog.compareExchange(expected: last, desired: now, ordering: .relaxed).exchanged {
+        let nanos = Int64(now.uptimeNanoseconds)
+        if nanos - last >= 1_000_000_000,
+           state.lastShadowLog.compareExchange(expected: last, desired: nanos, ordering: .relaxed).exchanged {
             tenants.logger.info("shadow: would have refused", metadata: ["tenant": "\(state.name)", "reason": "\(why)"])
         }
         state.inFlight.wrappingAdd(1, ordering: .relaxed)

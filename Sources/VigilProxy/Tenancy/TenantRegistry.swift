@@ -15,12 +15,13 @@ public final class TenantState: Sendable {
     // What every request reads or writes fills the object's first cache line, beside its header (Swift lays
     // a class's stored properties out in declaration order): with thousands of tenants each request touches
     // a tenant nobody touched lately, and every line it needs is a miss.
-    let tat = Atomic<Int64>(0)
+    /// The bucket's TAT, as its loop-clock nanoseconds (`NIODeadline.uptimeNanoseconds`).
+    let tat = Atomic<UInt64>(0)
     public let inFlight = Atomic<Int>(0)
     public let allowed = Atomic<Int>(0)
     /// Loop-clock nanoseconds of the last request, for reclaiming idle tenants.
     let lastSeen = Atomic<Int64>(0)
-    let intervalNanos: Int64
+    let interval: TimeAmount
     /// The bucket size and `max_concurrent` (-1: none), as 32 bits each to stay in that line (larger
     /// configured values are clamped to 2^31 − 1).
     private let burst32: Int32
@@ -28,7 +29,7 @@ public final class TenantState: Sendable {
     /// Outcome counters for the tenant's SLO; nil when no objective covers it.
     let slo: SLOCounters?
     /// Buckets of the routes that override tenant rate limits (`routes[].tenant_limits`), by slot.
-    let routeTATs: [ManagedAtomic<Int64>]
+    let routeTATs: [ManagedAtomic<UInt64>]
 
     public let name: String
     public let limits: TenantLimits
@@ -41,7 +42,7 @@ public final class TenantState: Sendable {
     /// A route's override: which bucket, and its shape.
     struct RouteBucket: Sendable {
         let slot: Int
-        let intervalNanos: Int64
+        let interval: TimeAmount
         let burst: Int
     }
 
@@ -51,7 +52,7 @@ public final class TenantState: Sendable {
         self.name = name
         self.limits = limits
         self.label = label
-        self.intervalNanos = limits.requestsPerSecond.map { GCRA.intervalNanos(rate: $0) } ?? 0
+        self.interval = limits.requestsPerSecond.map { GCRA.interval(rate: $0) } ?? .zero
         self.burst32 = Int32(clamping: limits.effectiveBurst)
         self.maxConcurrent32 = limits.maxConcurrent.map { Int32(clamping: $0) } ?? -1
     }
@@ -60,37 +61,37 @@ public final class TenantState: Sendable {
 
     /// Takes one request from the bucket (the route's, when it overrides); the decision says how many are
     /// left and when to retry. Nil when the tenant has no rate limit.
-    func takeToken(now: Int64, route: RouteBucket? = nil) -> GCRA.Decision? {
+    func takeToken(now: NIODeadline, route: RouteBucket? = nil) -> GCRA.Decision? {
         if let route {
             let atomic = routeTATs[route.slot]
-            return Self.take(now: now, interval: route.intervalNanos, burst: route.burst,
+            return Self.take(now: now, interval: route.interval, burst: route.burst,
                              load: { atomic.load(ordering: .relaxed) },
                              exchange: { atomic.compareExchange(expected: $0, desired: $1, ordering: .relaxed) })
         }
-        return Self.take(now: now, interval: intervalNanos, burst: burst,
+        return Self.take(now: now, interval: interval, burst: burst,
                          load: { tat.load(ordering: .relaxed) },
                          exchange: { tat.compareExchange(expected: $0, desired: $1, ordering: .relaxed) })
     }
 
     /// GCRA over one atomic TAT: decide, then compare-and-swap; a lost race decides again on the new value.
-    private static func take(now: Int64, interval: Int64, burst: Int, load: () -> Int64,
-                             exchange: (Int64, Int64) -> (exchanged: Bool, original: Int64)) -> GCRA.Decision? {
-        guard interval > 0 else { return nil }
+    private static func take(now: NIODeadline, interval: TimeAmount, burst: Int, load: () -> UInt64,
+                             exchange: (UInt64, UInt64) -> (exchanged: Bool, original: UInt64)) -> GCRA.Decision? {
+        guard interval > .zero else { return nil }
         var current = load()
         while true {
-            let d = GCRA.decide(tat: current, now: now, intervalNanos: interval, burst: burst)
+            let d = GCRA.decide(tat: .uptimeNanoseconds(current), now: now, interval: interval, burst: burst)
             guard d.allowed else { return d }
-            let (exchanged, original) = exchange(current, d.newTAT)
+            let (exchanged, original) = exchange(current, d.newTAT.uptimeNanoseconds)
             if exchanged { return d }
             current = original
         }
     }
 
     /// Requests the bucket would allow right now.
-    public func tokens(now: Int64) -> Int? {
-        guard intervalNanos > 0 else { return nil }
-        let ahead = max(tat.load(ordering: .relaxed) - now, 0)
-        return max(0, Int((intervalNanos * Int64(burst) - ahead) / intervalNanos))
+    public func tokens(now: NIODeadline) -> Int? {
+        guard interval > .zero else { return nil }
+        let ahead = max((NIODeadline.uptimeNanoseconds(tat.load(ordering: .relaxed)) - now).nanoseconds, 0)
+        return max(0, Int((interval.nanoseconds * Int64(burst) - ahead) / interval.nanoseconds))
     }
 
     func reserveSlot() -> Bool {
