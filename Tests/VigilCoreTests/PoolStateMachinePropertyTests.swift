@@ -106,7 +106,7 @@ struct PoolSimulation {
             answer(w)
             leased.append(id)
         } else {
-            run(pool.machine.connectionFoundUnusable(id, for: w, slots: &pool.slots))
+            run(pool.machine.connectionFoundUnusable(id, for: w, reused: true, slots: &pool.slots))
         }
     }
 
@@ -188,7 +188,7 @@ struct PoolSimulation {
             answer(w)
             streams.append(id)
         } else {
-            run(pool.machine.streamOpenFailed(on: id, for: w, .connectFailed("closed")))
+            run(pool.machine.streamOpenFailed(on: id, for: w, slots: &pool.slots))
         }
     }
 

@@ -241,8 +241,21 @@ extension PoolStateMachine.Action {
         _ = pool.acquire(2)
         #expect(pool.release(a) == .answer(.handOver(2, a)))
         #expect(pool.closed(a) == .none)
-        let again = pool.machine.connectionFoundUnusable(a, for: 2, slots: &pool.slots)
+        let again = pool.machine.connectionFoundUnusable(a, for: 2, reused: true, slots: &pool.slots)
         #expect(again.connecting != nil && again.connecting != a)
+    }
+
+    /// A request given a new connection (it asked for one after a reused one failed it) that is gone by then asks
+    /// for a new one again, not for the idle connection it had refused.
+    @Test func aNewConnectionFoundGoneIsReplacedByAnotherNewOne() throws {
+        var pool = PoolUnderTest()
+        let a = try pool.open(for: 1)
+        _ = pool.release(a)
+        let b = try #require(pool.acquire(2, fresh: true).connecting)
+        #expect(pool.connected(b) == .answer(.provide(2, b, reused: false)))
+        let again = pool.machine.connectionFoundUnusable(b, for: 2, reused: false, slots: &pool.slots)
+        #expect(again.connecting != nil && again.connecting != a && again.connecting != b)
+        #expect(pool.machine.idleCount == 1)
     }
 
     /// A cancelled request gives back its pending place and is never answered; one whose connection is being
@@ -344,14 +357,33 @@ extension PoolStateMachine.Action {
         #expect(pool.streamClosed(a) == .connection(.close(a)))
     }
 
-    /// A stream that cannot be opened fails its request and frees its place.
-    @Test func aStreamThatCannotOpenFailsItsRequest() throws {
+    /// A stream that cannot be opened means its connection is going: the connection takes no new stream, and
+    /// the request, which never left, goes on a new connection with those waiting behind it.
+    @Test func aStreamThatCannotOpenSendsItsRequestToANewConnection() throws {
+        var pool = PoolUnderTest(.http2, maxStreams: 2)
+        let a = try #require(pool.acquire(1).connecting)
+        _ = pool.connected(a)
+        #expect(pool.acquire(2) == .answer(.openStream(on: a, for: 2)))
+        _ = pool.acquire(3)  // waits: both of a's streams are taken
+        let again = pool.machine.streamOpenFailed(on: a, for: 1, slots: &pool.slots)
+        let b = try #require(again.connecting)
+        #expect(again == .connection(.connect(b, timeout: timeout)) && b != a)
+        #expect(pool.connected(b) == .answer(.openStreams(on: b, for: [3, 1])))
+        #expect(pool.acquire(4) == .none && pool.slots.pending == 1)  // b is full; a takes no new stream
+        // a drains: it closes with its last stream (request 2's), never taking another.
+        #expect(pool.streamClosed(a) == .connection(.close(a)))
+        #expect(pool.streamClosed(b) == .answer(.openStream(on: b, for: 4)) && pool.slots.pending == 0)
+    }
+
+    /// The same on a connection that had no other stream: it closes at once as the new one is made.
+    @Test func aLoneStreamThatCannotOpenClosesItsConnection() throws {
         var pool = PoolUnderTest(.http2, maxStreams: 1)
         let a = try #require(pool.acquire(1).connecting)
         _ = pool.connected(a)
-        let gone = UpstreamFailure.connectFailed("stream")
-        #expect(pool.machine.streamOpenFailed(on: a, for: 1, gone) == .answer(.fail(1, gone)))
-        #expect(pool.acquire(2) == .answer(.openStream(on: a, for: 2)))
+        let again = pool.machine.streamOpenFailed(on: a, for: 1, slots: &pool.slots)
+        let b = try #require(again.connecting)
+        #expect(again == .connection(.closeAndConnect(a, connect: b, timeout: timeout)))
+        #expect(pool.connected(b) == .answer(.openStreams(on: b, for: [1])))
     }
 
     /// The connection closing while it is the current one sends the waiting requests to a new connection.

@@ -2,8 +2,10 @@ import Logging
 import Metrics
 import NIOCore
 import NIOEmbedded
+import NIOPosix
 import Testing
 import VigilCore
+import VigilTestSupport
 @testable import VigilProxy
 
 /// A waiter that records what the pool gave it.
@@ -161,5 +163,44 @@ final class EmbeddedConnector: @unchecked Sendable {  // used on the test's one 
         loop.advanceTime(by: .seconds(1))
         #expect(pool.idleCount == 0 && !connector.channels[0].isActive)
         #expect(cluster.connections.load(ordering: .relaxed) == 0)
+    }
+}
+
+/// The pool's real connector, over sockets.
+@Suite(.timeLimit(.minutes(3))) final class UpstreamConnectorTests {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    deinit { group.shutdownGracefully { _ in } }
+
+    /// A host whose name did not resolve when the policy was built is resolved when a connection is made, and
+    /// the pool gets one connection to it, whole: its place is held until it closes.
+    @Test func aNameThatDidNotResolveAtStartupIsResolvedWhenItConnects() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let loop = group.next()
+        let config = ClusterConfig(name: "c", endpoints: [SocketAddressSpec(host: "127.0.0.1", port: upstream.port)])
+        // Counts when the request has its answer: connections given, failures, places held (cluster, host).
+        let answered = loop.makePromise(of: [Int].self)
+        loop.execute {
+            let cluster = ClusterRuntime(config: config,
+                                         events: HealingEventLog(capacity: 8, logger: Logger(label: "test"),
+                                                                 metricsFactory: NOOPMetricsHandler.instance),
+                                         loop: loop)
+            let host = HostRuntime(address: config.endpoints[0], index: 0, resolve: false)
+            let pool = HostPool(host: host, cluster: cluster, flushes: FlushBatch(eventLoop: loop))
+            let waiter = RecordingWaiter()
+            pool.acquire(waiter)
+            // Looked at on the loop until the request is answered (or the test's time limit passes).
+            func check() {
+                if waiter.provided.isEmpty && waiter.failures.isEmpty {
+                    loop.assumeIsolated().scheduleTask(in: .milliseconds(5)) { check() }
+                    return
+                }
+                answered.succeed([waiter.provided.count, waiter.failures.count, cluster.connections.load(ordering: .relaxed),
+                                  host.connections.load(ordering: .relaxed), host.socketAddress == nil ? 1 : 0])
+                withExtendedLifetime(pool) {}
+            }
+            check()
+        }
+        #expect(try await answered.futureResult.get() == [1, 0, 1, 1, 1])
+        try await upstream.stop()
     }
 }

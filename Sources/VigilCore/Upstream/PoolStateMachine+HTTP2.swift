@@ -46,11 +46,39 @@ extension PoolStateMachine {
         return .connection(streamEnded(on: id))
     }
 
-    /// The shell could not open the stream the machine asked for on `id` (its connection is closing): the
-    /// request fails with `failure`, and the stream's place is free.
-    public mutating func streamOpenFailed(on id: PoolConnectionID, for waiter: Waiter,
-                                          _ failure: UpstreamFailure) -> Action {
-        Action(connection: streamEnded(on: id), waiter: .fail(waiter, failure))
+    /// The shell could not open the stream the machine asked for on `id`: the connection is closing without
+    /// having said so. It takes no new stream, as after GOAWAY, and the request, which never left, waits for the
+    /// next connection with those already waiting.
+    public mutating func streamOpenFailed<S: PoolSlots>(on id: PoolConnectionID, for waiter: Waiter,
+                                                       slots: inout S) -> Action {
+        guard case .ready(id, let streams) = multiplexed else {
+            // A draining connection: one stream fewer on it, and the request asks again.
+            let ended = streamEnded(on: id)
+            var next = acquireStream(waiter, slots: &slots)
+            switch (ended, next.connection) {
+            case (.close(let old), .connect(let new, let timeout)):
+                next.connection = .closeAndConnect(old, connect: new, timeout: timeout)
+            case (.close, .none):
+                next.connection = ended
+            default:
+                break  // acquireStream only connects; streamEnded only closes
+            }
+            return next
+        }
+        multiplexed = .ready(id, streams: streams - 1)
+        let queued = enqueue(waiter, slots: &slots)
+        var next = goAwayReceived(on: id, slots: &slots)
+        switch (queued.waiter, next.waiter) {
+        case (.none, _):
+            break
+        case (let refused, .none):
+            next.waiter = refused  // max_pending_requests was full
+        case (.fail(let w, _), .failAll(let others, let failure)):
+            next.waiter = .failAll(others + [w], failure)  // nor could a connection be made
+        default:
+            break
+        }
+        return next
     }
 
     /// One fewer stream on `id`; a draining or retired connection closes with its last.

@@ -160,12 +160,13 @@ public struct PoolStateMachine<Waiter: Equatable> {
         }
     }
 
-    /// A connection given to `waiter` (an idle one, or a released one handed over) turned out closed or closing
-    /// when the shell went to give it: the request asks again. The connection's place is given back when its
-    /// close is reported.
-    public mutating func connectionFoundUnusable<S: PoolSlots>(_ id: PoolConnectionID, for waiter: Waiter,
+    /// A connection given to `waiter` (an idle one, a released one handed over, or a new one) turned out closed
+    /// or closing when the shell went to give it: the request asks again, for a new connection if it was given
+    /// one (it may have asked for one after a reused connection failed it). The connection's place is given
+    /// back when its close is reported.
+    public mutating func connectionFoundUnusable<S: PoolSlots>(_ id: PoolConnectionID, for waiter: Waiter, reused: Bool,
                                                               slots: inout S) -> Action {
-        acquireRequested(waiter, slots: &slots)
+        acquireRequested(waiter, fresh: !reused, slots: &slots)
     }
 
     /// The connection (TCP, and TLS with its identity check) is set up.

@@ -52,31 +52,30 @@ final class HealthProber: Sendable {
         let multiplexer = http2 ? loop.makePromise(of: HTTP2StreamMultiplexer.self) : nil
         let timeout = loop.scheduleTask(in: config.timeout) { promise.succeed(.timeout) }
         let hostHeader = config.host ?? cluster.config.name
-        let bootstrap = ClientBootstrap(group: loop)
-            .connectTimeout(min(config.timeout, cluster.config.connectTimeout))
-            .channelInitializer { [config, cluster] channel in
-                // TLS clusters are probed over TLS, with the same identity check as traffic.
-                if let tls = cluster.config.tls, let context = cluster.tlsContext() {
-                    do {
-                        try UpstreamTLSCheck.install(on: channel, context: context, tls: tls,
-                                                     handshake: channel.eventLoop.makePromise(of: Void.self))
-                    } catch {
-                        return channel.eventLoop.makeFailedFuture(error)
-                    }
-                }
-                if let multiplexer {
-                    let configured = channel.configureHTTP2Pipeline(mode: .client, inboundStreamInitializer: nil)
-                    multiplexer.completeWith(configured)
-                    return configured.map { _ in }
-                }
-                return channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(
-                        HTTP1ProbeHandler(path: config.path, host: hostHeader, expected: config.expectedStatuses,
-                                          result: promise))
+        // The pool's connector: a name that did not resolve at startup is resolved now, as for traffic.
+        let target = UpstreamConnector.Target(host: host, eventLoop: loop,
+                                              timeout: min(config.timeout, cluster.config.connectTimeout), bufferLimit: nil)
+        let connect = UpstreamConnector.bootstrap.open(target) { [config, cluster] channel in
+            // TLS clusters are probed over TLS, with the same identity check as traffic.
+            if let tls = cluster.config.tls, let context = cluster.tlsContext() {
+                do {
+                    try UpstreamTLSCheck.install(on: channel, context: context, tls: tls,
+                                                 handshake: channel.eventLoop.makePromise(of: Void.self))
+                } catch {
+                    return channel.eventLoop.makeFailedFuture(error)
                 }
             }
-        let connect = host.socketAddress.map { bootstrap.connect(to: $0) }
-            ?? bootstrap.connect(host: host.address.host, port: host.address.port)
+            if let multiplexer {
+                let configured = channel.configureHTTP2Pipeline(mode: .client, inboundStreamInitializer: nil)
+                multiplexer.completeWith(configured)
+                return configured.map { _ in }
+            }
+            return channel.eventLoop.makeCompletedFuture {
+                try channel.pipeline.syncOperations.addHandler(
+                    HTTP1ProbeHandler(path: config.path, host: hostHeader, expected: config.expectedStatuses,
+                                      result: promise))
+            }
+        }
         connect.whenComplete { [config] result in
             switch result {
             case .success(let channel):

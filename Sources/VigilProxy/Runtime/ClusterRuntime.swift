@@ -31,14 +31,16 @@ public final class HostRuntime: Sendable {
 
     /// Open upstream connections to this host, across event loops.
     public let connections = ManagedAtomic<Int>(0)
-    /// Resolved once at startup; endpoints are IP literals or names resolved then.
+    /// Resolved when the policy is built; nil for a name that did not resolve then, which each connection then
+    /// resolves for itself (`UpstreamConnector`).
     public let socketAddress: SocketAddress?
 
-    init(address: SocketAddressSpec, index: Int) {
+    /// `resolve: false` makes a host as if its name had not resolved (for tests).
+    init(address: SocketAddressSpec, index: Int, resolve: Bool = true) {
         self.address = address
         self.addressText = address.description
         self.index = index
-        self.socketAddress = try? SocketAddress.makeAddressResolvingHost(address.host, port: address.port)
+        self.socketAddress = resolve ? try? SocketAddress.makeAddressResolvingHost(address.host, port: address.port) : nil
     }
 }
 

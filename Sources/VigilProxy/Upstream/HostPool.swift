@@ -190,7 +190,7 @@ final class HostPool {
         // `isUsable` is the connection's own view: it may be closing (an unexpected byte, a TLS close in
         // progress) before its channel reports the close to the machine.
         guard case .http1(let connection)? = links[id], !reused || connection.isUsable else {
-            run(machine.connectionFoundUnusable(id, for: waiter, slots: &slots))
+            run(machine.connectionFoundUnusable(id, for: waiter, reused: reused, slots: &slots))
             return
         }
         waiter.waiter.poolProvided(connection, reused: reused)
@@ -326,7 +326,7 @@ final class HostPool {
             return
         }
         guard case .http2(let connection)? = links[id], let multiplexer = connection.multiplexer else {
-            run(machine.streamOpenFailed(on: id, for: waiter, .connectFailed("the HTTP/2 connection is gone")))
+            run(machine.streamOpenFailed(on: id, for: waiter, slots: &slots))
             return
         }
         let stream = HTTP2UpstreamStream(authority: host.addressText, scheme: cluster.config.tls == nil ? "http" : "https",
@@ -345,8 +345,8 @@ final class HostPool {
                     run(machine.streamClosed(on: id, slots: &slots))
                 }
                 waiter.waiter.poolProvided(stream, reused: false)
-            case .failure(let error):
-                run(machine.streamOpenFailed(on: id, for: waiter, .connectFailed("could not open an HTTP/2 stream: \(error)")))
+            case .failure:
+                run(machine.streamOpenFailed(on: id, for: waiter, slots: &slots))
             }
         }
     }

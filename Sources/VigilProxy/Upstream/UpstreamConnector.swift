@@ -26,6 +26,16 @@ struct UpstreamConnector: Sendable {
         if let limit = target.bufferLimit { bootstrap = bootstrap.boundedConnectionBuffers(limit) }
         bootstrap = bootstrap.channelInitializer(initialize)
         if let address = target.host.socketAddress { return bootstrap.connect(to: address) }
-        return bootstrap.connect(host: target.host.address.host, port: target.host.address.port)
+        // A name that did not resolve when the policy was built (its DNS was not ready) is resolved now, off the
+        // loop, and connected to at its first address, as one that resolved then is. Not NIO's Happy Eyeballs:
+        // that opens a channel per candidate address and runs the pool's initializer on each, and a losing
+        // channel's close would be taken for the connection's, freeing the winner's place.
+        let name = target.host.address
+        let ready = NIOLoopBound(bootstrap, eventLoop: target.eventLoop)
+        return NIOThreadPool.singleton.runIfActive(eventLoop: target.eventLoop) {
+            try SocketAddress.makeAddressResolvingHost(name.host, port: name.port)
+        }.flatMap { address in
+            ready.value.connect(to: address)  // back on the loop
+        }
     }
 }
