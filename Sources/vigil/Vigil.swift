@@ -15,7 +15,7 @@ struct Vigil: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vigil",
         abstract: "A sidecar proxy for multi-tenant APIs.",
-        subcommands: [Run.self, Validate.self, Demo.self, Certs.self, Audit.self],
+        subcommands: [Run.self, Validate.self, Demo.self, Certs.self, Audit.self, Iptables.self],
         defaultSubcommand: Run.self
     )
 }

@@ -1,0 +1,180 @@
+import ArgumentParser
+import Foundation
+import VigilCore
+
+/// `vigil iptables install|uninstall`: the interception rules of a transparent sidecar (`InterceptionRules`),
+/// applied with iptables-restore, for IPv4 and, where the kernel and ip6tables have it, IPv6.
+struct Iptables: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Send this host's (or pod's) TCP through Vigil's outbound and inbound listeners, or stop (istio-iptables' rules, in VIGIL_* chains).",
+        subcommands: [Install.self, Uninstall.self])
+
+    struct Options: ParsableArguments {
+        @Option(name: .customLong("proxy-uid"), help: "The user Vigil runs as: its traffic is never captured.")
+        var proxyUID = "1337"
+        @Option(name: .customLong("proxy-gid"), help: "Vigil's group, also left alone (default: the --proxy-uid value).")
+        var proxyGID: String?
+        @Option(help: "Where outbound TCP goes (the outbound listener).")
+        var outboundPort = 15001
+        @Option(help: "Where inbound TCP goes (the inbound listener).")
+        var inboundPort = 15006
+        @Option(help: "Inbound ports to capture: * for all, a comma-separated list, or empty for none.")
+        var includeInboundPorts = "*"
+        @Option(help: "Inbound ports never captured (15000 and 15010, Vigil's admin and control ports, never are).")
+        var excludeInboundPorts = ""
+        @Option(help: "Outbound ports never captured.")
+        var excludeOutboundPorts = ""
+        @Option(help: "Outbound destinations (IPv4 or IPv6 CIDRs) never captured.")
+        var excludeOutboundCidrs = ""
+        @Flag(help: "Print the rules and commands instead of applying them.")
+        var dryRun = false
+
+        func rules() throws -> InterceptionRules {
+            var rules = InterceptionRules()
+            do throws(InterceptionRules.Invalid) {
+                for (flag, port) in [("--outbound-port", outboundPort), ("--inbound-port", inboundPort)]
+                where !(1...65535).contains(port) {
+                    throw InterceptionRules.Invalid(flag: flag, reason: "\(port) is not a port (1-65535)")
+                }
+                rules.proxyUID = proxyUID
+                rules.proxyGID = proxyGID
+                rules.outboundPort = outboundPort
+                rules.inboundPort = inboundPort
+                rules.includeInboundPorts = try InterceptionRules.inboundPorts(includeInboundPorts)
+                if !excludeInboundPorts.isEmpty {
+                    rules.excludeInboundPorts = try InterceptionRules.ports(excludeInboundPorts, flag: "--exclude-inbound-ports")
+                }
+                if !excludeOutboundPorts.isEmpty {
+                    rules.excludeOutboundPorts = try InterceptionRules.ports(excludeOutboundPorts, flag: "--exclude-outbound-ports")
+                }
+                rules.excludeOutboundCIDRs = try InterceptionRules.cidrs(excludeOutboundCidrs, flag: "--exclude-outbound-cidrs")
+            } catch {
+                throw CommandFailure(description: "\(error)")
+            }
+            return rules
+        }
+    }
+
+    struct Install: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Install the rules (removing any earlier ones first: installing twice leaves one set).")
+        @OptionGroup var options: Options
+
+        func run() throws {
+            let rules = try options.rules()
+            if options.dryRun {
+                for family in InterceptionRules.Family.allCases {
+                    print("# \(family.rawValue): \(family.iptables)-restore --noflush <<EOF")
+                    print(rules.restoreInput(for: family), terminator: "")
+                    print("EOF")
+                }
+                return
+            }
+            for family in try IptablesRunner.families() {
+                try IptablesRunner.uninstall(family)
+                try IptablesRunner.restore(rules.restoreInput(for: family), family: family)
+                print("\(family.rawValue): installed (outbound → \(rules.outboundPort), inbound → \(rules.inboundPort))")
+            }
+        }
+    }
+
+    struct Uninstall: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Remove exactly what install added.")
+        @Flag(help: "Print the commands instead of running them.")
+        var dryRun = false
+
+        func run() throws {
+            if dryRun {
+                for family in InterceptionRules.Family.allCases {
+                    for command in InterceptionRules.uninstallCommands() {
+                        print(([family.iptables] + command).joined(separator: " "))
+                    }
+                }
+                return
+            }
+            for family in try IptablesRunner.families() {
+                try IptablesRunner.uninstall(family)
+                print("\(family.rawValue): removed")
+            }
+        }
+    }
+}
+
+/// Runs iptables, and turns its failures into messages that say what is missing.
+enum IptablesRunner {
+    /// IPv4 always; IPv6 where the kernel has it and ip6tables is installed (else a note says it was skipped).
+    static func families() throws -> [InterceptionRules.Family] {
+        guard which("iptables") != nil, which("iptables-restore") != nil else {
+            throw CommandFailure(description: "iptables is not installed: install the iptables package (iptables and iptables-restore must be on PATH)")
+        }
+        guard FileManager.default.fileExists(atPath: "/proc/net/if_inet6") else {
+            FileHandle.standardError.write(Data("ipv6: skipped (this kernel has no IPv6)\n".utf8))
+            return [.ipv4]
+        }
+        guard which("ip6tables") != nil, which("ip6tables-restore") != nil else {
+            FileHandle.standardError.write(Data("ipv6: skipped (ip6tables is not installed)\n".utf8))
+            return [.ipv4]
+        }
+        return [.ipv4, .ipv6]
+    }
+
+    static func restore(_ input: String, family: InterceptionRules.Family) throws {
+        let r = try run(family.iptables + "-restore", ["-w", "--noflush"], input: input)
+        guard r.status == 0 else { throw failure(family.iptables + "-restore", r.stderr) }
+    }
+
+    /// Removes the jumps (all of them) and the chains; what is not there is skipped.
+    static func uninstall(_ family: InterceptionRules.Family) throws {
+        for command in InterceptionRules.uninstallCommands() {
+            var attempts = 0
+            while attempts < 100 {
+                attempts += 1
+                let r = try run(family.iptables, ["-w"] + command)
+                if r.status == 0 && command.contains("-D") { continue }  // another copy of the jump may be left
+                if r.status != 0 && deniedPermission(r.stderr) { throw failure(family.iptables, r.stderr) }
+                break
+            }
+        }
+    }
+
+    private static func deniedPermission(_ stderr: String) -> Bool {
+        stderr.contains("Permission denied") || stderr.contains("must be root") || stderr.contains("Operation not permitted")
+    }
+
+    private static func failure(_ tool: String, _ stderr: String) -> CommandFailure {
+        let said = stderr.trimmingCharacters(in: .whitespacesAndNewlines)
+        if deniedPermission(stderr) {
+            return CommandFailure(description: "\(tool) was refused: changing the nat table needs the NET_ADMIN capability (run as root, or grant CAP_NET_ADMIN and CAP_NET_RAW)\n  \(said)")
+        }
+        return CommandFailure(description: "\(tool) failed:\n  \(said)")
+    }
+
+    static func which(_ tool: String) -> String? {
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/sbin:/usr/bin:/sbin:/bin"
+        for dir in path.split(separator: ":") + ["/usr/sbin", "/sbin"] {
+            let candidate = "\(dir)/\(tool)"
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        }
+        return nil
+    }
+
+    static func run(_ tool: String, _ arguments: [String], input: String? = nil) throws -> (status: Int32, stderr: String) {
+        guard let executable = which(tool) else {
+            throw CommandFailure(description: "\(tool) is not installed: install the iptables package")
+        }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        let stdin = Pipe()
+        let stderr = Pipe()
+        process.standardInput = stdin
+        process.standardError = stderr
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        if let input { stdin.fileHandleForWriting.write(Data(input.utf8)) }
+        try stdin.fileHandleForWriting.close()
+        let said = stderr.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (process.terminationStatus, String(decoding: said, as: UTF8.self))
+    }
+}
