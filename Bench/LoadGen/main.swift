@@ -100,7 +100,7 @@ final class Worker: ChannelInboundHandler, @unchecked Sendable {
 func open() {
     let close = options.newConnectionPerRequest
     let bootstrap = ClientBootstrap(group: loop)
-        .channelOption(.socketOption(.tcp_nodelay), value: 1)
+        .channelOption(.tcpOption(.tcp_nodelay), value: 1)
         .channelInitializer { channel in
             channel.eventLoop.makeCompletedFuture {
                 if let tls { try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: tls, serverHostname: nil)) }

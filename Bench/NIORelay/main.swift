@@ -61,13 +61,13 @@ for pair in pairs {
     let upstreamPort = pair[1]
     servers.append(try ServerBootstrap(group: group)
         .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-        .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+        .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
         .childChannelInitializer { client in
             client.eventLoop.makeCompletedFuture {
                 let toUpstream = Relay()
                 try client.pipeline.syncOperations.addHandler(toUpstream)
                 ClientBootstrap(group: client.eventLoop)
-                    .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                    .channelOption(.tcpOption(.tcp_nodelay), value: 1)
                     .channelInitializer { upstream in
                         upstream.eventLoop.makeCompletedFuture {
                             let toClient = Relay()

@@ -59,7 +59,9 @@ public final class ProxyServer: Sendable {
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 4096)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            // At the TCP level: `.socketOption(.tcp_nodelay)` would be SOL_SOCKET's option 1, SO_DEBUG, which only
+            // CAP_NET_ADMIN may set; the accept of every connection then failed for a Vigil not running as root.
+            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .boundedConnectionBuffers(listener.config.perConnectionBufferLimitBytes)
             // Half-closure is an HTTP/1.1 nicety on plain TCP. Over TLS a client's close_notify ends the
             // connection: with half-closure on, NIOSSL would hold every connection Vigil closes open until its

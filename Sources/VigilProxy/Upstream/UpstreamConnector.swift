@@ -22,7 +22,7 @@ struct UpstreamConnector: Sendable {
     static let bootstrap = UpstreamConnector { target, initialize in
         var bootstrap = ClientBootstrap(group: target.eventLoop)
             .connectTimeout(target.timeout)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
         if let limit = target.bufferLimit { bootstrap = bootstrap.boundedConnectionBuffers(limit) }
         bootstrap = bootstrap.channelInitializer(initialize)
         if let address = target.host.socketAddress { return bootstrap.connect(to: address) }
