@@ -5,6 +5,9 @@ serve HOST PORT NAME   accept connections; answer each with "NAME <destination>"
                        is where the connection was going before a REDIRECT (SO_ORIGINAL_DST), else the address it
                        reached. Prints "ready" once listening.
 call HOST PORT [UID]   connect (as user and group UID, when given) and print the answer.
+httpserve HOST PORT NAME
+                       an HTTP/1.1 server answering every request 200 with "NAME <method> <path>".
+httpget HOST PORT PATH print the status code and body of GET PATH (Host: HOST:PORT), or "failed" and why.
 """
 import os
 import socket
@@ -50,5 +53,37 @@ def call(host, port, uid=None):
     print(data.decode().strip(), flush=True)
 
 
+def httpserve(host, port, name):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            body = f"{name} {self.command} {self.path}".encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer((host, int(port)), Handler)
+    print("ready", flush=True)
+    server.serve_forever()
+
+
+def httpget(host, port, path):
+    import http.client
+    try:
+        c = http.client.HTTPConnection(host, int(port), timeout=5)
+        c.request("GET", path)
+        r = c.getresponse()
+        print(r.status, r.read().decode(), flush=True)
+    except OSError as e:
+        print("failed", e, flush=True)
+
+
 if __name__ == "__main__":
-    {"serve": serve, "call": call}[sys.argv[1]](*sys.argv[2:])
+    {"serve": serve, "call": call, "httpserve": httpserve, "httpget": httpget}[sys.argv[1]](*sys.argv[2:])

@@ -84,4 +84,73 @@ import VigilTestSupport
         #expect(try call(from: ns.app, ns.peerAddress, 8080) == "peer \(ns.peerAddress):8080")
         #expect(try call(from: ns.peer, ns.appAddress, 9000) == "app \(ns.appAddress):9000")
     }
+
+    /// The whole outbound path: an unmodified client in "app" calls the peer's HTTP server by its address;
+    /// iptables sends the connection to Vigil (running as the proxy user), whose listener reads the original
+    /// destination and routes on its port; Vigil's own connection to the peer is not captured again, the call
+    /// arrives, and the access log names where it was going.
+    @Test(.enabled(if: NetworkNamespaces.available && NetworkNamespaces.tool("setpriv") != nil,
+                   "needs root, ip (iproute2), iptables, python3 and setpriv: skipped"))
+    func anInterceptedCallIsRoutedByItsOriginalDestination() throws {
+        let ns = try NetworkNamespaces()
+        let python = NetworkNamespaces.tool("python3")!
+        let peerLog = scratch.unique("peer", ".log")
+        try ns.start(in: ns.peer, [python, Self.helper, "httpserve", ns.peerAddress, "8080", "peer"], log: peerLog)
+        try waitUntilListening(peerLog)
+        let config = scratch.unique("vigil", ".yaml")
+        // Vigil runs as the proxy user: its state directory must be its own.
+        let state = scratch.unique("state")
+        try FileManager.default.createDirectory(atPath: state, withIntermediateDirectories: true,
+                                                attributes: [.ownerAccountID: 1337, .groupOwnerAccountID: 1337])
+        try """
+            admin: { address: "127.0.0.1:15000" }
+            state_dir: \(state)
+            access_log: { output: stdout }
+            listeners:
+              - name: outbound
+                address: "127.0.0.1:15001"
+                protocol: http1
+                original_destination: true
+                routes:
+                  - match: { destination_port: 9999 }
+                    cluster: nowhere
+                  - match: { destination_port: 8080, destination_cidr: "\(ns.peerAddress)/32" }
+                    cluster: peer
+            clusters:
+              - { name: peer, endpoints: ["\(ns.peerAddress):8080"] }
+              - { name: nowhere, endpoints: ["127.0.0.1:1"] }
+            """.write(toFile: config, atomically: true, encoding: .utf8)
+        let vigilLog = scratch.unique("vigil", ".log")
+        try ns.start(in: ns.app, [NetworkNamespaces.tool("setpriv")!, "--reuid", "1337", "--regid", "1337", "--clear-groups",
+                                  Self.vigil, "--config", config, "--threads", "1"], log: vigilLog)
+        func get(_ host: String, _ port: Int, _ path: String) throws -> String {
+            try ns.run(in: ns.app, [python, Self.helper, "httpget", host, String(port), path]).stdout
+                .trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        // Ready once its admin port says so (it binds its listeners first).
+        let deadline = Date().addingTimeInterval(20)
+        while Date() < deadline, try !get("127.0.0.1", 15000, "/ready").hasPrefix("200") {
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        let install = try ns.run(in: ns.app, [Self.vigil, "iptables", "install"])
+        #expect(install.status == 0, "\(install.stderr)")
+
+        let answer = try get(ns.peerAddress, 8080, "/hello")
+        let vigilSaid = ((try? String(contentsOfFile: vigilLog + ".err", encoding: .utf8)) ?? "")
+            + ((try? String(contentsOfFile: vigilLog, encoding: .utf8)) ?? "")
+        #expect(answer == "200 peer GET /hello", "vigil: \(vigilSaid)")
+        // The access log is written in batches: its line is waited for.
+        var lines: [Substring] = []
+        var logged: [Substring] = []
+        let written = Date().addingTimeInterval(10)
+        while logged.isEmpty && Date() < written {
+            lines = ((try? String(contentsOfFile: vigilLog, encoding: .utf8)) ?? "").split(separator: "\n")
+            logged = lines.filter { $0.contains("\"path\":\"/hello\"") }
+            if logged.isEmpty { Thread.sleep(forTimeInterval: 0.05) }
+        }
+        #expect(logged.count == 1, "\(lines)")
+        #expect(logged.first?.contains("\"original_dst\":\"\(ns.peerAddress):8080\"") == true, "\(logged)")
+        #expect(logged.first?.contains("\"upstream_host\":\"\(ns.peerAddress):8080\"") == true, "\(logged)")
+        #expect(try ns.run(in: ns.app, [Self.vigil, "iptables", "uninstall"]).status == 0)
+    }
 }

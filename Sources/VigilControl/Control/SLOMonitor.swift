@@ -29,8 +29,9 @@ public final class SLOMonitor: Sendable {
     }
 
     public func start() {
-        let t = group.next().scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [self] _ in
-            sample(now: NIODeadline.now())
+        let loop = group.next()
+        let t = loop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [self] _ in
+            sample(now: loop.now)  // the clock of the loop it runs on, as the data plane's
         }
         task.withLockedValue { $0 = t }
     }

@@ -122,7 +122,7 @@ extension ConfigReader {
     mutating func readListener(_ node: Node, at path: String, clusterNames: [String: Int]) -> ListenerConfig? {
         guard let m = map(node, at: path, keys: ["name", "address", "protocol", "routes", "limits", "tls", "authorization",
                                                  "trusted_headers", "abort_on_client_close",
-                                                 "per_connection_buffer_limit_bytes"])
+                                                 "per_connection_buffer_limit_bytes", "original_destination"])
         else { return nil }
         let name = required(nonEmptyString(m["name"], at: m.path("name")), m, "name")
         let address = required(self.address(m["address"], at: m.path("address")), m, "address")
@@ -185,6 +185,9 @@ extension ConfigReader {
         if let abort = bool(m["abort_on_client_close"], at: m.path("abort_on_client_close")) {
             listener.abortOnClientClose = abort
         }
+        if let original = bool(m["original_destination"], at: m.path("original_destination")) {
+            listener.originalDestination = original
+        }
         if let v = byteSize(m["per_connection_buffer_limit_bytes"], at: m.path("per_connection_buffer_limit_bytes"),
                             range: 4096...(1 << 20)) {
             listener.perConnectionBufferLimitBytes = v
@@ -214,7 +217,15 @@ extension ConfigReader {
     }
 
     mutating func readMatch(_ node: Node?, at path: String) -> RouteMatch? {
-        guard let m = map(node, at: path, keys: ["prefix", "path", "authority", "headers", "methods"]) else { return nil }
+        guard let m = map(node, at: path, keys: ["prefix", "path", "authority", "headers", "methods", "destination_port",
+                                                 "destination_cidr"]) else { return nil }
+        let destinationPort = int(m["destination_port"], at: m.path("destination_port"), range: 1...65535)
+        var destinationCIDR: CIDR?
+        if let text = string(m["destination_cidr"], at: m.path("destination_cidr")) {
+            destinationCIDR = CIDR(text)
+            if destinationCIDR == nil { fail(m.path("destination_cidr"), "\"\(text)\" is not an IPv4 or IPv6 CIDR (address/prefix)") }
+        }
+        let byDestination = m["destination_port"] != nil || m["destination_cidr"] != nil
         var pathMatch: RouteMatch.Path?
         switch (m["prefix"], m["path"]) {
         case (let p?, nil):
@@ -228,7 +239,8 @@ extension ConfigReader {
         case (_?, _?):
             fail(path, "give either prefix or path, not both")
         case (nil, nil):
-            fail(path, "needs prefix or path")
+            // A route chosen by where the connection was going takes every path unless it says otherwise.
+            if byDestination { pathMatch = .prefix("/") } else { fail(path, "needs prefix or path") }
         }
         var authorities: [String] = []
         if let a = m["authority"] {
@@ -267,7 +279,8 @@ extension ConfigReader {
             }
         }
         guard let pathMatch else { return nil }
-        return RouteMatch(path: pathMatch, authorities: authorities, headers: headers, methods: methods)
+        return RouteMatch(path: pathMatch, authorities: authorities, headers: headers, methods: methods,
+                          destinationPort: destinationPort, destinationCIDR: destinationCIDR)
     }
 
     mutating func readCluster(_ node: Node, at path: String) -> ClusterConfig? {

@@ -131,7 +131,7 @@ extension ConfigReader {
     }
 
     static let listenerKeys: Set = ["name", "routes", "address", "protocol", "limits", "tls", "authorization", "trusted_headers",
-                                    "abort_on_client_close", "per_connection_buffer_limit_bytes"]
+                                    "abort_on_client_close", "per_connection_buffer_limit_bytes", "original_destination"]
 
     static func sameStatic(_ key: String, _ a: VigilConfig, _ b: VigilConfig) -> Bool {
         switch key {
@@ -158,6 +158,7 @@ extension ConfigReader {
         case "trusted_headers": a.trustedHeaders == b.trustedHeaders
         case "abort_on_client_close": a.abortOnClientClose == b.abortOnClientClose
         case "per_connection_buffer_limit_bytes": a.perConnectionBufferLimitBytes == b.perConnectionBufferLimitBytes
+        case "original_destination": a.originalDestination == b.originalDestination
         default: false
         }
     }

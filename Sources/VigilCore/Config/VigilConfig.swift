@@ -81,6 +81,10 @@ public struct ListenerConfig: Sendable, Equatable {
     /// slot released. `false` keeps HAProxy's default, answering such clients, for clients that half-close on
     /// purpose after their request.
     public var abortOnClientClose = true
+    /// `original_destination` (Envoy's `use_original_dst`): each accepted connection's destination, which routes
+    /// match on, is where it was going before iptables redirected it to this listener (SO_ORIGINAL_DST), not the
+    /// listener's own address.
+    public var originalDestination = false
     /// `per_connection_buffer_limit_bytes` (Envoy's name; default 16 KiB, HAProxy's buffer size): the most Vigil
     /// reads from a client at once and queues for it before it stops reading the upstream. What a slow reader holds
     /// is about twice this (`ConnectionBuffers`); larger values cost more memory per slow client and less CPU per
@@ -174,12 +178,18 @@ public struct RouteMatch: Sendable, Equatable {
     public var headers: [HeaderMatch]
     /// Methods accepted; empty accepts every method.
     public var methods: [String]
+    /// The port and address range the connection's destination must have (`Destination`); nil matches any.
+    public var destinationPort: Int?
+    public var destinationCIDR: CIDR?
 
-    public init(path: Path, authorities: [String] = [], headers: [HeaderMatch] = [], methods: [String] = []) {
+    public init(path: Path, authorities: [String] = [], headers: [HeaderMatch] = [], methods: [String] = [],
+                destinationPort: Int? = nil, destinationCIDR: CIDR? = nil) {
         self.path = path
         self.authorities = authorities
         self.headers = headers
         self.methods = methods
+        self.destinationPort = destinationPort
+        self.destinationCIDR = destinationCIDR
     }
 }
 

@@ -69,12 +69,14 @@ public final class ForwardingFacts: Sendable {
     public let clientAddress: String
     public let scheme: String
     public let clientCert: String?
+    /// Where the connection was going (`Destination`), which routes may match on.
+    public let destination: Destination?
 
     /// - Parameters:
     ///   - clientAddress: the client's address as it goes into x-forwarded-for (no port).
     ///   - scheme: "http" or "https": what the client spoke to Vigil.
     ///   - clientCert: the `x-forwarded-client-cert` value for an mTLS client (Envoy's format), nil otherwise.
-    public init(clientAddress: String, scheme: String, clientCert: String? = nil) {
+    public init(clientAddress: String, scheme: String, clientCert: String? = nil, destination: Destination? = nil) {
         var after = ByteBuffer()
         after.writeString(clientAddress)
         after.writeStaticString("\r\nx-forwarded-proto: ")
@@ -92,6 +94,7 @@ public final class ForwardingFacts: Sendable {
         self.clientAddress = clientAddress
         self.scheme = scheme
         self.clientCert = clientCert
+        self.destination = destination
     }
 
     /// Writes `x-forwarded-for` (the values a request brought, then the client), `x-forwarded-proto` and, for

@@ -68,9 +68,11 @@ public struct RouteTable: Sendable {
     }
 
     /// The index of the first route matching the request, or nil (the proxy answers 404 `no_route`).
-    /// Pre-specialized for HTTP/1.1 heads, so the data plane (another module) calls a specialized copy.
+    /// `destination`: where its connection was going; a route that names a destination port or range matches no
+    /// request without one. Pre-specialized for HTTP/1.1 heads, so the data plane (another module) calls a
+    /// specialized copy.
     @_specialize(exported: true, where R == HTTP1RequestHead)
-    public func match<R: RoutableRequest>(_ request: R) -> Int? {
+    public func match<R: RoutableRequest>(_ request: R, destination: Destination? = nil) -> Int? {
         return request.withPathBytes { bytes in
             // Paths are matched without their query string.
             let pathLength = bytes.firstIndex(of: UInt8(ascii: "?")) ?? bytes.count
@@ -84,6 +86,8 @@ public struct RouteTable: Sendable {
                     }
                     if !same { continue }
                     let m = table[index].match
+                    if let port = m.destinationPort, destination?.port != port { continue }
+                    if let range = m.destinationCIDR, !(destination.map(range.contains) ?? false) { continue }
                     if !m.methods.isEmpty && !m.methods.contains(request.method) { continue }
                     if !m.authorities.isEmpty {
                         if host == nil { host = Self.hostWithoutPort(request.authority) }

@@ -93,43 +93,7 @@ public struct InterceptionRules: Sendable, Equatable {
 
     /// The family of `cidr`, or nil if it is not one.
     static func family(ofCIDR cidr: String) -> Family? {
-        let parts = cidr.split(separator: "/", omittingEmptySubsequences: false)
-        guard parts.count == 2, let prefix = Int(parts[1]), !parts[1].isEmpty,
-              parts[1].allSatisfy({ $0.isASCII && $0.isNumber }) else { return nil }
-        let address = parts[0]
-        if address.contains(":") {
-            guard (0...128).contains(prefix), isIPv6(address) else { return nil }
-            return .ipv6
-        }
-        let octets = address.split(separator: ".", omittingEmptySubsequences: false)
-        guard (0...32).contains(prefix), octets.count == 4,
-              octets.allSatisfy({ !$0.isEmpty && $0.count <= 3 && $0.allSatisfy { $0.isASCII && $0.isNumber }
-                                  && Int($0)! <= 255 })
-        else { return nil }
-        return .ipv4
-    }
-
-    /// Hex groups of 1–4 digits, eight of them, or fewer around one `::`.
-    private static func isIPv6(_ s: Substring) -> Bool {
-        let bytes = Array(s.utf8)
-        var gap: Int?
-        for i in bytes.indices.dropLast() where bytes[i] == UInt8(ascii: ":") && bytes[i + 1] == UInt8(ascii: ":") {
-            if gap != nil { return false }
-            gap = i
-        }
-        func groups(_ part: ArraySlice<UInt8>) -> Int? {
-            if part.isEmpty { return 0 }
-            var n = 0
-            for group in part.split(separator: UInt8(ascii: ":"), omittingEmptySubsequences: false) {
-                guard (1...4).contains(group.count), group.allSatisfy({ Character(UnicodeScalar($0)).isHexDigit })
-                else { return nil }
-                n += 1
-            }
-            return n
-        }
-        guard let gap else { return groups(bytes[...]) == 8 }
-        guard let left = groups(bytes[..<gap]), let right = groups(bytes[(gap + 2)...]) else { return false }
-        return left + right <= 7
+        CIDR(cidr).map { $0.isIPv6 ? .ipv6 : .ipv4 }
     }
 
     /// The input for `iptables-restore --noflush` (or `ip6tables-restore`) that installs the rules of `family`.

@@ -121,6 +121,7 @@ extension VigilConfig {
                     ],
                     "tls": l.tls.map(Self.dump) ?? .null,
                     "authorization": .string(l.authorization ? "on" : "off"),
+                    "original_destination": .bool(l.originalDestination),
                     "routes": .array(l.routes.map { r in
                         var match: [(String, JSONValue)] = []
                         switch r.match.path {
@@ -132,6 +133,8 @@ extension VigilConfig {
                             match.append(("headers", .object(r.match.headers.map { ($0.name, .string($0.value)) })))
                         }
                         if !r.match.methods.isEmpty { match.append(("methods", .array(r.match.methods.map { .string($0) }))) }
+                        if let port = r.match.destinationPort { match.append(("destination_port", .int(port))) }
+                        if let cidr = r.match.destinationCIDR { match.append(("destination_cidr", .string(cidr.description))) }
                         return ["match": .object(match), "cluster": .string(r.cluster), "timeout": d(r.timeout),
                                 "idle_timeout": d(r.idleTimeout),
                                 "retry": r.retry.map(Self.dump) ?? .null,

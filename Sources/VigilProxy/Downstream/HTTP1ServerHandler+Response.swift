@@ -201,7 +201,8 @@ extension HTTP1ServerHandler {
                                     authority: head?.loggedAuthority ?? "-", path: head?.loggedPath ?? "-", protocolName: "HTTP/1.1",
                                     status: status, durationNanos: duration.nanoseconds,
                                     upstreamHost: upstreamHost, bytesIn: bytesIn, bytesOut: bytesOut,
-                                    reason: exchange.reason, requestID: rid, tenant: tenant))
+                                    reason: exchange.reason, requestID: rid, tenant: tenant,
+                                    originalDestination: listener.config.originalDestination ? facts.destination : nil))
         }
     }
 

@@ -132,7 +132,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         eventLoop = context.eventLoop
         allocator = context.channel.allocator
         let ip = context.channel.remoteAddress?.ipAddress ?? "unknown"
-        facts = ForwardingFacts(clientAddress: ip, scheme: session.scheme, clientCert: session.forwardedClientCert)
+        facts = ForwardingFacts(clientAddress: ip, scheme: session.scheme, clientCert: session.forwardedClientCert,
+                                destination: ConnectionDestination.of(context.channel, original: listener.config.originalDestination))
         idleSince = eventLoop.now
         // The first request's head is due within header_timeout of the connection's start (nginx's
         // client_header_timeout, HAProxy's timeout http-request); later ones from their first byte.
@@ -354,7 +355,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             lastBodyRead = startedAt
             armTimer(at: startedAt + listener.bodyTimeout)
         }
-        let outcome = runtime.route(head, listener: listener, loop: loop, identity: session.identity, target: &target)
+        let outcome = runtime.route(head, listener: listener, loop: loop, identity: session.identity,
+                                    destination: facts.destination, target: &target)
         self.head = consume head
         switch outcome {
         case .reply(let status, let reason, let detail, let cluster, let headers, let tenant):

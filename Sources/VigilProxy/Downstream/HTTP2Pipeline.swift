@@ -30,7 +30,8 @@ enum HTTP2Pipeline {
         // would otherwise be a write (and a TLS record) of its own.
         try channel.pipeline.syncOperations.addHandler(BatchFlushHandler(flushes: loop.flushes))
         let facts = ForwardingFacts(clientAddress: channel.remoteAddress?.ipAddress ?? "unknown", scheme: session.scheme,
-                                    clientCert: session.forwardedClientCert)
+                                    clientCert: session.forwardedClientCert,
+                                    destination: ConnectionDestination.of(channel, original: listener.config.originalDestination))
         let streams = HTTP2ServerConnection(runtime: runtime, listener: listener, loop: loop, session: session,
                                             facts: facts)
         try channel.pipeline.syncOperations.addHandler(StreamClosedCodeCorrector(connection: streams))

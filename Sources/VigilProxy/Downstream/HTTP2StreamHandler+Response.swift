@@ -204,7 +204,8 @@ extension HTTP2StreamHandler {
                                     authority: .string(request?.authority ?? "-"), path: .string(request?.path ?? "-"),
                                     protocolName: "HTTP/2", status: status, durationNanos: duration.nanoseconds,
                                     upstreamHost: target?.host.addressText, bytesIn: bytesIn, bytesOut: bytesOut,
-                                    reason: exchange.reason, requestID: requestID, tenant: target?.tenant?.name))
+                                    reason: exchange.reason, requestID: requestID, tenant: target?.tenant?.name,
+                                    originalDestination: listener.config.originalDestination ? facts.destination : nil))
         }
         target?.release()
         target = nil

@@ -327,7 +327,8 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
                                 detail: "the request body is larger than max_body_bytes (\(max))"))
             return
         }
-        switch runtime.route(request, listener: listener, loop: loop, identity: session.identity, target: &target) {
+        switch runtime.route(request, listener: listener, loop: loop, identity: session.identity,
+                             destination: facts.destination, target: &target) {
         case .reply(let status, let reason, let detail, let cluster, let headers, let tenant):
             replyCluster = cluster
             replyTenant = tenant

@@ -71,7 +71,7 @@ extension ProxyRuntime {
     /// policy: authorization, tenant limits, first matching route, the cluster's `max_requests` breaker,
     /// then a host from the balancer.
     func route(_ request: some RoutableRequest, listener: ListenerRuntime, loop: LoopContext,
-               identity: String? = nil, target: inout UpstreamTarget?) -> RoutingOutcome {
+               identity: String? = nil, destination: Destination? = nil, target: inout UpstreamTarget?) -> RoutingOutcome {
         let policy = loop.policy
         let snapshot = policy.snapshot
         let routes = snapshot.routes[listener.index]
@@ -96,7 +96,7 @@ extension ProxyRuntime {
                           detail: "Max-Forwards is 0, so Vigil answers as the final recipient" + (isTrace ? " and does not reflect TRACE" : ""),
                           cluster: nil, headers: [("allow", MaxForwards.allow)])
         }
-        guard let routeIndex = routes.table.match(request) else {
+        guard let routeIndex = routes.table.match(request, destination: destination) else {
             return .reply(status: 404, reason: "no_route",
                           detail: "no route of listener \(listener.config.name) matches \(request.method) \(RouteTable.pathWithoutQuery(request.path))",
                           cluster: nil)

@@ -24,6 +24,8 @@ public struct AccessLogEntry {
     public var requestID: LoggedRequestID
     /// The request's tenant, when tenants are configured.
     public var tenant: String? = nil
+    /// Where the connection was going, on a listener that reads original destinations.
+    public var originalDestination: Destination? = nil
 }
 
 /// Text for a log line: a string, or bytes of a request head (an HTTP/1.1 path or Host, so that no string is
@@ -228,6 +230,10 @@ public final class AccessLog: Sendable {
             b.writeStaticString("\"")
         case .received(let text):
             JSONWriter.writeString(text, into: &b)
+        }
+        if let destination = e.originalDestination {
+            b.writeStaticString(",\"original_dst\":")
+            JSONWriter.writeString(destination.description, into: &b)
         }
         if let tenant = e.tenant {
             b.writeStaticString(",\"tenant\":")
