@@ -26,6 +26,8 @@ struct Iptables: ParsableCommand {
         var excludeOutboundPorts = ""
         @Option(help: "Outbound destinations (IPv4 or IPv6 CIDRs) never captured.")
         var excludeOutboundCidrs = ""
+        @Flag(help: "Capture IPv6 too (ip6tables), as Istio's ENABLE_INBOUND_IPV6: only for listeners bound to [::].")
+        var ipv6 = false
         @Flag(help: "Print the rules and commands instead of applying them.")
         var dryRun = false
 
@@ -35,6 +37,10 @@ struct Iptables: ParsableCommand {
                 for (flag, port) in [("--outbound-port", outboundPort), ("--inbound-port", inboundPort)]
                 where !(1...65535).contains(port) {
                     throw InterceptionRules.Invalid(flag: flag, reason: "\(port) is not a port (1-65535)")
+                }
+                for (flag, id) in [("--proxy-uid", proxyUID), ("--proxy-gid", proxyGID ?? proxyUID)]
+                where !InterceptionRules.isOwner(id) {
+                    throw InterceptionRules.Invalid(flag: flag, reason: "\"\(id)\" is not a user or group id or name")
                 }
                 rules.proxyUID = proxyUID
                 rules.proxyGID = proxyGID
@@ -62,17 +68,27 @@ struct Iptables: ParsableCommand {
 
         func run() throws {
             let rules = try options.rules()
+            let wanted: [InterceptionRules.Family] = options.ipv6 ? [.ipv4, .ipv6] : [.ipv4]
             if options.dryRun {
-                for family in InterceptionRules.Family.allCases {
+                for family in wanted {
                     print("# \(family.rawValue): \(family.iptables)-restore --noflush <<EOF")
                     print(rules.restoreInput(for: family), terminator: "")
                     print("EOF")
                 }
                 return
             }
-            for family in try IptablesRunner.families() {
-                try IptablesRunner.uninstall(family)
-                try IptablesRunner.restore(rules.restoreInput(for: family), family: family)
+            let families = try IptablesRunner.families(ipv6: options.ipv6)
+            do {
+                for family in families {
+                    try IptablesRunner.uninstall(family)
+                    try IptablesRunner.restore(rules.restoreInput(for: family), family: family)
+                }
+            } catch {
+                // All or nothing: a family that failed must not leave the other capturing alone.
+                for family in families { try? IptablesRunner.uninstall(family) }
+                throw error
+            }
+            for family in families {
                 print("\(family.rawValue): installed (outbound → \(rules.outboundPort), inbound → \(rules.inboundPort))")
             }
         }
@@ -92,7 +108,8 @@ struct Iptables: ParsableCommand {
                 }
                 return
             }
-            for family in try IptablesRunner.families() {
+            // Both families, whatever install was asked for: what is not there is skipped.
+            for family in try IptablesRunner.families(ipv6: true, quiet: true) {
                 try IptablesRunner.uninstall(family)
                 print("\(family.rawValue): removed")
             }
@@ -102,20 +119,23 @@ struct Iptables: ParsableCommand {
 
 /// Runs iptables, and turns its failures into messages that say what is missing.
 enum IptablesRunner {
-    /// IPv4 always; IPv6 where the kernel has it and ip6tables is installed (else a note says it was skipped).
-    static func families() throws -> [InterceptionRules.Family] {
+    /// IPv4; and IPv6 when asked, where the kernel has it and ip6tables is installed (else a note says it was
+    /// skipped, unless `quiet`).
+    static func families(ipv6: Bool, quiet: Bool = false) throws -> [InterceptionRules.Family] {
         guard which("iptables") != nil, which("iptables-restore") != nil else {
             throw CommandFailure(description: "iptables is not installed: install the iptables package (iptables and iptables-restore must be on PATH)")
         }
-        guard FileManager.default.fileExists(atPath: "/proc/net/if_inet6") else {
-            FileHandle.standardError.write(Data("ipv6: skipped (this kernel has no IPv6)\n".utf8))
-            return [.ipv4]
+        guard ipv6 else { return [.ipv4] }
+        let skipped: String?
+        if !FileManager.default.fileExists(atPath: "/proc/net/if_inet6") {
+            skipped = "this kernel has no IPv6"
+        } else if which("ip6tables") == nil || which("ip6tables-restore") == nil {
+            skipped = "ip6tables is not installed"
+        } else {
+            return [.ipv4, .ipv6]
         }
-        guard which("ip6tables") != nil, which("ip6tables-restore") != nil else {
-            FileHandle.standardError.write(Data("ipv6: skipped (ip6tables is not installed)\n".utf8))
-            return [.ipv4]
-        }
-        return [.ipv4, .ipv6]
+        if !quiet { FileHandle.standardError.write(Data("ipv6: skipped (\(skipped!))\n".utf8)) }
+        return [.ipv4]
     }
 
     static func restore(_ input: String, family: InterceptionRules.Family) throws {
@@ -132,6 +152,11 @@ enum IptablesRunner {
                 let r = try run(family.iptables, ["-w"] + command)
                 if r.status == 0 && command.contains("-D") { continue }  // another copy of the jump may be left
                 if r.status != 0 && deniedPermission(r.stderr) { throw failure(family.iptables, r.stderr) }
+                // A chain that is there but cannot go (something else still jumps to it) is not removed: say so.
+                if r.status != 0 && command.contains("-X") && !r.stderr.contains("No chain")
+                    && !r.stderr.contains("does not exist") && !r.stderr.contains("doesn't exist") {
+                    throw failure(family.iptables, r.stderr)
+                }
                 break
             }
         }
@@ -170,8 +195,10 @@ enum IptablesRunner {
         process.standardInput = stdin
         process.standardError = stderr
         process.standardOutput = FileHandle.nullDevice
+        // A child that exits before reading its input must fail the command, not kill it with SIGPIPE.
+        signal(SIGPIPE, SIG_IGN)
         try process.run()
-        if let input { stdin.fileHandleForWriting.write(Data(input.utf8)) }
+        if let input { try? stdin.fileHandleForWriting.write(contentsOf: Data(input.utf8)) }
         try stdin.fileHandleForWriting.close()
         let said = stderr.fileHandleForReading.readDataToEndOfFile()
         process.waitUntilExit()

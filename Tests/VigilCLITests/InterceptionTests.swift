@@ -19,8 +19,10 @@ import VigilTestSupport
         throw NetworkNamespaces.Failure(what: "a test server did not start: \(err)")
     }
 
-    @Test func dryRunPrintsTheRulesOfBothFamiliesWithoutRoot() throws {
-        let r = try ChildProcess.run(Self.vigil, ["iptables", "install", "--dry-run", "--exclude-outbound-cidrs",
+    @Test func dryRunPrintsTheRulesWithoutRootAndIPv6OnlyWhenAsked() throws {
+        let v4 = try ChildProcess.run(Self.vigil, ["iptables", "install", "--dry-run"])
+        #expect(v4.status == 0 && v4.stdout.contains("# ipv4: iptables-restore") && !v4.stdout.contains("ip6tables"))
+        let r = try ChildProcess.run(Self.vigil, ["iptables", "install", "--dry-run", "--ipv6", "--exclude-outbound-cidrs",
                                                   "10.0.0.0/8,fd00::/8", "--exclude-inbound-ports", "22"])
         #expect(r.status == 0)
         #expect(r.stdout.contains("# ipv4: iptables-restore --noflush <<EOF") && r.stdout.contains("# ipv6: ip6tables-restore"))
@@ -34,6 +36,8 @@ import VigilTestSupport
         let r = try ChildProcess.run(Self.vigil, ["iptables", "install", "--dry-run", "--exclude-outbound-ports", "22,http"])
         #expect(r.status != 0)
         #expect(r.stderr.contains("--exclude-outbound-ports: \"http\" is not a port (1-65535)"))
+        let uid = try ChildProcess.run(Self.vigil, ["iptables", "install", "--dry-run", "--proxy-uid", "1337 -j ACCEPT"])
+        #expect(uid.status != 0 && uid.stderr.contains("--proxy-uid: \"1337 -j ACCEPT\" is not a user or group id or name"))
     }
 
     /// An unmodified client in the "app" namespace calls a server in "peer" by its address. Installed, the call

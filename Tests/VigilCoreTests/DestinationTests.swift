@@ -10,7 +10,8 @@ import Testing
 
     @Test func destinationsAreWrittenAsAddressAndPort() throws {
         #expect(try destination("10.0.0.7", 6379).description == "10.0.0.7:6379")
-        #expect(try destination("fd00::7", 443).description == "[fd00:0:0:0:0:0:0:7]:443")
+        #expect(try destination("fd00::7", 443).description == "[fd00::7]:443")
+        #expect(try destination("::ffff:10.0.0.7", 80) == destination("10.0.0.7", 80), "an IPv4 connection on a dual-stack socket")
         #expect(try destination("10.0.0.7", 6379) != destination("10.0.0.7", 6380))
     }
 
@@ -19,7 +20,7 @@ import Testing
         ("10.1.2.3/32", "10.1.2.4", false), ("0.0.0.0/0", "192.0.2.1", true), ("192.168.1.128/25", "192.168.1.127", false),
         ("fd00::/8", "fd12::1", true), ("fd00::/8", "fe80::1", false), ("2001:db8::/32", "2001:db8:ffff::1", true),
         ("2001:db8::1/128", "2001:db8::1", true), ("2001:db8::1/127", "2001:db8::0", true), ("2001:db8::1/128", "2001:db8::2", false),
-        ("::/0", "::1", true), ("10.0.0.0/8", "::ffff:10.0.0.1", false), ("::/0", "10.0.0.1", false),
+        ("::/0", "::1", true), ("10.0.0.0/8", "::ffff:10.0.0.1", true), ("::/0", "::ffff:10.0.0.1", false), ("::/0", "10.0.0.1", false),
     ])
     func rangesContainTheirAddressesOnly(cidr: String, ip: String, inside: Bool) throws {
         let range = try #require(CIDR(cidr))

@@ -42,9 +42,14 @@ public final class NetworkNamespaces: @unchecked Sendable {
         let a = "vta\(tag)".prefix(15), p = "vtp\(tag)".prefix(15)
         try Self.ip(["netns", "add", app])
         try Self.ip(["netns", "add", peer])
-        try Self.ip(["link", "add", String(a), "type", "veth", "peer", "name", String(p)])
-        try Self.ip(["link", "set", String(a), "netns", app])
-        try Self.ip(["link", "set", String(p), "netns", peer])
+        do {
+            try Self.ip(["link", "add", String(a), "type", "veth", "peer", "name", String(p)])
+            try Self.ip(["link", "set", String(a), "netns", app])
+            try Self.ip(["link", "set", String(p), "netns", peer])
+        } catch {
+            _ = try? Self.ip(["link", "del", String(a)], check: false)  // a pair left in the root namespace
+            throw error
+        }
         for (ns, dev, address) in [(app, a, appAddress), (peer, p, peerAddress)] {
             try Self.ip(["-n", ns, "addr", "add", "\(address)/24", "dev", String(dev)])
             try Self.ip(["-n", ns, "link", "set", String(dev), "up"])
@@ -53,7 +58,10 @@ public final class NetworkNamespaces: @unchecked Sendable {
     }
 
     deinit {
-        for child in children { child.signal(SIGKILL) }
+        for child in children {
+            child.signal(SIGKILL)
+            _ = child.wait()  // reaped, and gone before its namespace is
+        }
         _ = try? Self.ip(["netns", "del", app], check: false)
         _ = try? Self.ip(["netns", "del", peer], check: false)
     }

@@ -30,9 +30,12 @@ public struct Destination: Sendable, Hashable, CustomStringConvertible {
             let (h, l) = withUnsafeBytes(of: &bytes) { p in
                 (p.loadUnaligned(fromByteOffset: 0, as: UInt64.self), p.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
             }
-            isIPv6 = true
-            high = UInt64(bigEndian: h)
-            low = UInt64(bigEndian: l)
+            // An IPv4 connection on a dual-stack socket arrives as ::ffff:a.b.c.d: it is IPv4 (its routes, its
+            // CIDRs, and the IPv4 table that knows its original destination), as Envoy treats it.
+            let mapped = h == 0 && UInt64(bigEndian: l) >> 32 == 0xFFFF
+            isIPv6 = !mapped
+            high = mapped ? 0 : UInt64(bigEndian: h)
+            low = mapped ? UInt64(bigEndian: l) & 0xFFFF_FFFF : UInt64(bigEndian: l)
             port = Int(UInt16(bigEndian: a.address.sin6_port))
         default:
             return nil
@@ -44,11 +47,14 @@ public struct Destination: Sendable, Hashable, CustomStringConvertible {
         guard isIPv6 else {
             return "\(low >> 24 & 255).\(low >> 16 & 255).\(low >> 8 & 255).\(low & 255):\(port)"
         }
-        let groups = (0..<8).map { i -> String in
-            let word = i < 4 ? high >> (48 - 16 * UInt64(i)) : low >> (48 - 16 * UInt64(i - 4))
-            return String(word & 0xFFFF, radix: 16)
+        var address = in6_addr()
+        withUnsafeMutableBytes(of: &address) { p in
+            p.storeBytes(of: high.bigEndian, toByteOffset: 0, as: UInt64.self)
+            p.storeBytes(of: low.bigEndian, toByteOffset: 8, as: UInt64.self)
         }
-        return "[\(groups.joined(separator: ":"))]:\(port)"
+        var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
+        inet_ntop(AF_INET6, &address, &text, socklen_t(text.count))
+        return "[\(String(cString: text))]:\(port)"
     }
 }
 

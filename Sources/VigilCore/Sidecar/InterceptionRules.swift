@@ -57,6 +57,14 @@ public struct InterceptionRules: Sendable, Equatable {
         }
     }
 
+    /// A user or group as iptables' owner match takes it: a number, or a name.
+    public static func isOwner(_ id: String) -> Bool {
+        guard let first = id.utf8.first, id.utf8.count <= 32 else { return false }
+        if id.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) { return true }
+        let nameByte = { (b: UInt8) in (b >= 0x61 && b <= 0x7A) || (b >= 0x30 && b <= 0x39) || b == 0x5F || b == 0x2D }
+        return ((first >= 0x61 && first <= 0x7A) || first == 0x5F) && id.utf8.allSatisfy(nameByte)
+    }
+
     /// Reads a comma-separated port list (`--exclude-inbound-ports 22,8080`).
     public static func ports(_ text: String, flag: String) throws(Invalid) -> [Int] {
         var out: [Int] = []

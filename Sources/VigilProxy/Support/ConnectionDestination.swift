@@ -13,8 +13,10 @@ enum ConnectionDestination {
 
     /// With `original`, the connection's original destination, when iptables redirected it here; else (or for a
     /// connection that reached the listener directly, which has no other) the address it reached. Called on the
-    /// channel's loop, where the socket option is read at once.
+    /// channel's loop, where the socket option is read at once. The table asked is the connection's family: an
+    /// IPv4 connection on a dual-stack socket (`Destination` reads its mapped address as IPv4) is in IPv4's.
     static func of(_ channel: Channel, original: Bool) -> Destination? {
+        assert(channel.eventLoop.inEventLoop)
         let local = channel.localAddress.flatMap(Destination.init)
         guard original, let local, let socket = channel as? SocketOptionProvider else { return local }
         var found: Destination?
