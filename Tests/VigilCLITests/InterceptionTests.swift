@@ -89,18 +89,24 @@ import VigilTestSupport
         #expect(try call(from: ns.peer, ns.appAddress, 9000) == "app \(ns.appAddress):9000")
     }
 
-    /// The whole outbound path: an unmodified client in "app" calls the peer's HTTP server by its address;
-    /// iptables sends the connection to Vigil (running as the proxy user), whose listener reads the original
-    /// destination and routes on its port; Vigil's own connection to the peer is not captured again, the call
-    /// arrives, and the access log names where it was going.
+    /// The sidecar's two paths, through Vigil running as the proxy user in "app", with unmodified clients:
+    /// - outbound, a call to the peer's address is redirected to Vigil, routed by its original port to a listed
+    ///   cluster, and arrives; one no route takes goes where it was going (`allow_any`'s PassthroughCluster);
+    /// - inbound, a call from the peer to the app's address is redirected to the inbound listener and reaches the
+    ///   application on loopback at its port;
+    /// - a connection straight to the outbound listener (not redirected) is refused: passed through, it would loop;
+    /// - Vigil's own connections are not captured again, and the access log names each call's original destination.
     @Test(.enabled(if: NetworkNamespaces.available && NetworkNamespaces.tool("setpriv") != nil,
                    "needs root, ip (iproute2), iptables, python3 and setpriv: skipped"))
-    func anInterceptedCallIsRoutedByItsOriginalDestination() throws {
+    func interceptedCallsAreRoutedOrPassedThroughByTheirOriginalDestination() throws {
         let ns = try NetworkNamespaces()
         let python = NetworkNamespaces.tool("python3")!
-        let peerLog = scratch.unique("peer", ".log")
-        try ns.start(in: ns.peer, [python, Self.helper, "httpserve", ns.peerAddress, "8080", "peer"], log: peerLog)
-        try waitUntilListening(peerLog)
+        for (namespace, host, port, name) in [(ns.peer, ns.peerAddress, "8080", "peer"), (ns.peer, ns.peerAddress, "8081", "peer2"),
+                                              (ns.app, "0.0.0.0", "9000", "app")] {
+            let log = scratch.unique(name, ".log")
+            try ns.start(in: namespace, [python, Self.helper, "httpserve", host, port, name], log: log)
+            try waitUntilListening(log)
+        }
         let config = scratch.unique("vigil", ".yaml")
         // Vigil runs as the proxy user: its state directory must be its own.
         let state = scratch.unique("state")
@@ -120,6 +126,13 @@ import VigilTestSupport
                     cluster: nowhere
                   - match: { destination_port: 8080, destination_cidr: "\(ns.peerAddress)/32" }
                     cluster: peer
+              - name: inbound
+                address: "0.0.0.0:15006"
+                protocol: http1
+                original_destination: true
+                routes:
+                  - match: { destination_port: 9999 }
+                    cluster: nowhere
             clusters:
               - { name: peer, endpoints: ["\(ns.peerAddress):8080"] }
               - { name: nowhere, endpoints: ["127.0.0.1:1"] }
@@ -127,34 +140,47 @@ import VigilTestSupport
         let vigilLog = scratch.unique("vigil", ".log")
         try ns.start(in: ns.app, [NetworkNamespaces.tool("setpriv")!, "--reuid", "1337", "--regid", "1337", "--clear-groups",
                                   Self.vigil, "--config", config, "--threads", "1"], log: vigilLog)
-        func get(_ host: String, _ port: Int, _ path: String) throws -> String {
-            try ns.run(in: ns.app, [python, Self.helper, "httpget", host, String(port), path]).stdout
+        func get(from namespace: String, _ host: String, _ port: Int, _ path: String) throws -> String {
+            try ns.run(in: namespace, [python, Self.helper, "httpget", host, String(port), path]).stdout
                 .trimmingCharacters(in: .whitespacesAndNewlines)
         }
         // Ready once its admin port says so (it binds its listeners first).
         let deadline = Date().addingTimeInterval(20)
-        while Date() < deadline, try !get("127.0.0.1", 15000, "/ready").hasPrefix("200") {
+        while Date() < deadline, try !get(from: ns.app, "127.0.0.1", 15000, "/ready").hasPrefix("200") {
             Thread.sleep(forTimeInterval: 0.05)
         }
         let install = try ns.run(in: ns.app, [Self.vigil, "iptables", "install"])
         #expect(install.status == 0, "\(install.stderr)")
 
-        let answer = try get(ns.peerAddress, 8080, "/hello")
+        // Refused at once (no answer at all), not passed through to itself until something gives.
+        let direct = try get(from: ns.app, "127.0.0.1", 15001, "/direct")
+        #expect(direct.hasPrefix("failed") && !direct.contains("timed out"), "\(direct)")
+        let routed = try get(from: ns.app, ns.peerAddress, 8080, "/hello")
         let vigilSaid = ((try? String(contentsOfFile: vigilLog + ".err", encoding: .utf8)) ?? "")
             + ((try? String(contentsOfFile: vigilLog, encoding: .utf8)) ?? "")
-        #expect(answer == "200 peer GET /hello", "vigil: \(vigilSaid)")
-        // The access log is written in batches: its line is waited for.
-        var lines: [Substring] = []
-        var logged: [Substring] = []
-        let written = Date().addingTimeInterval(10)
-        while logged.isEmpty && Date() < written {
-            lines = ((try? String(contentsOfFile: vigilLog, encoding: .utf8)) ?? "").split(separator: "\n")
-            logged = lines.filter { $0.contains("\"path\":\"/hello\"") }
-            if logged.isEmpty { Thread.sleep(forTimeInterval: 0.05) }
+        #expect(routed == "200 peer GET /hello", "vigil: \(vigilSaid)")
+        #expect(try get(from: ns.app, ns.peerAddress, 8081, "/other") == "200 peer2 GET /other")
+        #expect(try get(from: ns.peer, ns.appAddress, 9000, "/in") == "200 app GET /in")
+
+        // The access log is written in batches: its lines are waited for.
+        func logged(_ path: String) -> Substring? {
+            let stop = Date().addingTimeInterval(10)
+            while Date() < stop {
+                let text = (try? String(contentsOfFile: vigilLog, encoding: .utf8)) ?? ""
+                if let line = text.split(separator: "\n").first(where: { $0.contains("\"path\":\"\(path)\"") }) { return line }
+                Thread.sleep(forTimeInterval: 0.05)
+            }
+            return nil
         }
-        #expect(logged.count == 1, "\(lines)")
-        #expect(logged.first?.contains("\"original_dst\":\"\(ns.peerAddress):8080\"") == true, "\(logged)")
-        #expect(logged.first?.contains("\"upstream_host\":\"\(ns.peerAddress):8080\"") == true, "\(logged)")
+        for (path, original, upstream) in [("/hello", "\(ns.peerAddress):8080", "\(ns.peerAddress):8080"),
+                                           ("/other", "\(ns.peerAddress):8081", "\(ns.peerAddress):8081"),
+                                           ("/in", "\(ns.appAddress):9000", "127.0.0.1:9000")] {
+            let line = logged(path)
+            #expect(line?.contains("\"original_dst\":\"\(original)\"") == true, "\(line ?? "no line for \(path)")")
+            #expect(line?.contains("\"upstream_host\":\"\(upstream)\"") == true, "\(line ?? "no line for \(path)")")
+        }
+        // Written before the others (it came first), had it reached HTTP.
+        #expect(((try? String(contentsOfFile: vigilLog, encoding: .utf8)) ?? "").contains("\"path\":\"/direct\"") == false)
         #expect(try ns.run(in: ns.app, [Self.vigil, "iptables", "uninstall"]).status == 0)
     }
 }

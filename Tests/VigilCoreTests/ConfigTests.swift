@@ -2,6 +2,16 @@ import Foundation
 import Testing
 @testable import VigilCore
 
+/// What `VigilConfig.parse` refuses `yaml` for, each error with its key path; empty when it is accepted.
+func configErrors(_ yaml: String) -> [String] {
+    do {
+        _ = try VigilConfig.parse(yaml: yaml)
+        return []
+    } catch {
+        return error.errors.map(\.description)
+    }
+}
+
 @Suite(.timeLimit(.minutes(3))) struct ConfigTests {
     static let minimal = """
         listeners:
@@ -15,14 +25,7 @@ import Testing
             endpoints: ["127.0.0.1:8080"]
         """
 
-    func errors(_ yaml: String) -> [String] {
-        do {
-            _ = try VigilConfig.parse(yaml: yaml)
-            return []
-        } catch {
-            return error.errors.map(\.description)
-        }
-    }
+    func errors(_ yaml: String) -> [String] { configErrors(yaml) }
 
     @Test func minimalConfigGetsDefaults() throws {
         let c = try VigilConfig.parse(yaml: Self.minimal)

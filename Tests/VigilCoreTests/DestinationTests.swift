@@ -94,13 +94,60 @@ import Testing
               - name: api
                 endpoints: ["127.0.0.1:8080"]
             """
-        var errors: [String] = []
-        do {
-            _ = try VigilConfig.parse(yaml: yaml)
-        } catch {
-            errors = error.errors.map(\.description)
-        }
+        let errors = configErrors(yaml)
         #expect(errors.contains { $0.contains("listeners[0].routes[0].match.destination_port") })
         #expect(errors.contains { $0.contains("listeners[0].routes[1].match.destination_cidr") && $0.contains("is not an IPv4 or IPv6 CIDR") })
+    }
+}
+
+/// `original_dst` clusters and `outbound_traffic_policy` as config.
+@Suite struct OriginalDestinationConfigTests {
+    static let base = """
+        listeners:
+          - name: outbound
+            address: "127.0.0.1:15001"
+            original_destination: true
+            routes:
+              - match: { destination_port: 6379 }
+                cluster: redis
+          - name: plain
+            address: "127.0.0.1:8000"
+            routes:
+              - match: { prefix: "/" }
+                cluster: redis
+        clusters:
+          - name: redis
+            endpoints: ["10.0.0.7:15006"]
+        """
+
+    /// Under allow_any (the default) an original-destination listener's unrouted requests go where they were going;
+    /// under registry_only nothing is added and they get 404 no_route.
+    @Test func allowAnyAddsThePassthroughToOriginalDestinationListenersOnly() throws {
+        let config = try VigilConfig.parse(yaml: Self.base)
+        #expect(config.outboundTrafficPolicy == .allowAny)
+        let running = config.withPassthrough()
+        let passthrough = try #require(running.clusters.first { $0.name == VigilConfig.passthroughCluster })
+        #expect(passthrough.type == .originalDst && passthrough.endpoints.isEmpty)
+        #expect(running.listeners[0].routes.last == RouteConfig(match: RouteMatch(path: .prefix("/")), cluster: "PassthroughCluster"))
+        #expect(running.listeners[0].routes.count == 2 && running.listeners[1].routes.count == 1)
+        let strict = try VigilConfig.parse(yaml: "outbound_traffic_policy: registry_only\n" + Self.base)
+        #expect(strict.withPassthrough() == strict)
+    }
+
+    @Test func anOriginalDstClusterIsReadAndItsMistakesNamed() throws {
+        let config = try VigilConfig.parse(yaml: Self.base + "\n  - { name: out, type: original_dst, cleanup_interval: 10s }")
+        #expect(config.clusters[1].type == .originalDst && config.clusters[1].cleanupInterval == .seconds(10))
+        let wrong = configErrors(Self.base + """
+
+              - name: out
+                type: original_dst
+                endpoints: ["10.0.0.1:80"]
+                health_check: { path: /healthz }
+              - { name: listed, endpoints: ["10.0.0.2:80"], cleanup_interval: 5s }
+            """)
+        #expect(wrong.contains { $0.contains("clusters[1].endpoints") && $0.contains("an original_dst cluster has none") })
+        #expect(wrong.contains { $0.contains("clusters[1].health_check") && $0.contains("not supported by an original_dst cluster") })
+        #expect(wrong.contains { $0.contains("clusters[2].cleanup_interval") && $0.contains("original_dst clusters only") })
+        #expect(configErrors("outbound_traffic_policy: open\n" + Self.base).contains { $0.contains("outbound_traffic_policy") })
     }
 }

@@ -23,7 +23,8 @@ extension VigilConfig {
 extension ConfigReader {
     mutating func readConfig(_ root: Node) -> VigilConfig? {
         let keys: Set = ["node", "admin", "state_dir", "access_log", "drain_timeout", "event_buffer", "listeners", "clusters",
-                         "authorization", "tenants", "control", "slo", "audit", "file_poll_interval"]
+                         "authorization", "tenants", "control", "slo", "audit", "file_poll_interval",
+                         "outbound_traffic_policy"]
         guard let m = map(root, at: "", keys: keys) else { return nil }
         var config = VigilConfig(listeners: [], clusters: [])
 
@@ -82,6 +83,10 @@ extension ConfigReader {
             }
         }
         if let d = duration(m["drain_timeout"], at: "drain_timeout") { config.drainTimeout = d }
+        if let p = oneOf(m["outbound_traffic_policy"], at: "outbound_traffic_policy",
+                         ["allow_any": OutboundTrafficPolicy.allowAny, "registry_only": .registryOnly]) {
+            config.outboundTrafficPolicy = p
+        }
         if let n = int(m["event_buffer"], at: "event_buffer", range: 1...1_000_000) { config.eventBuffer = n }
         if let d = duration(m["file_poll_interval"], at: "file_poll_interval", min: .milliseconds(100)) {
             config.filePollInterval = d
@@ -286,11 +291,19 @@ extension ConfigReader {
     mutating func readCluster(_ node: Node, at path: String) -> ClusterConfig? {
         let keys: Set = ["name", "endpoints", "protocol", "connect_timeout", "idle_timeout", "load_balancer",
                          "circuit_breakers", "health_check", "outlier_detection", "slow_start", "panic_threshold",
-                         "all_unhealthy", "tls", "per_connection_buffer_limit_bytes"]
+                         "all_unhealthy", "tls", "per_connection_buffer_limit_bytes", "type", "cleanup_interval"]
         guard let m = map(node, at: path, keys: keys) else { return nil }
         let name = required(nonEmptyString(m["name"], at: m.path("name")), m, "name")
+        let type = oneOf(m["type"], at: m.path("type"), ["static": ClusterType.static, "original_dst": .originalDst]) ?? .static
         var endpoints: [SocketAddressSpec] = []
-        if let list = list(m["endpoints"], at: m.path("endpoints")) {
+        if type == .originalDst {
+            if m["endpoints"] != nil {
+                fail(m.path("endpoints"), "an original_dst cluster has none: each request goes where its connection was going")
+            }
+            for key in ["health_check", "outlier_detection", "slow_start"] where m[key] != nil {
+                fail(m.path(key), "is not supported by an original_dst cluster (its hosts are made per destination)")
+            }
+        } else if let list = list(m["endpoints"], at: m.path("endpoints")) {
             if list.isEmpty { fail(m.path("endpoints"), "must list at least one endpoint") }
             var seen = Set<SocketAddressSpec>()
             for (i, e) in list.enumerated() {
@@ -304,6 +317,11 @@ extension ConfigReader {
             fail(m.path("endpoints"), "is required")
         }
         var cluster = ClusterConfig(name: name ?? "", endpoints: endpoints)
+        cluster.type = type
+        if let d = duration(m["cleanup_interval"], at: m.path("cleanup_interval"), min: .milliseconds(100)) {
+            if type != .originalDst { fail(m.path("cleanup_interval"), "applies to original_dst clusters only") }
+            cluster.cleanupInterval = d
+        }
         if let p = oneOf(m["protocol"], at: m.path("protocol"), ["http1": UpstreamProtocol.http1, "http2": .http2]) {
             cluster.protocol = p
         }

@@ -71,7 +71,7 @@ extension VigilConfig {
 
 extension ConfigReader {
     static let staticKeys: Set = ["node", "admin", "state_dir", "access_log", "drain_timeout", "event_buffer", "control", "audit",
-                                  "file_poll_interval"]
+                                  "file_poll_interval", "outbound_traffic_policy"]
 
     mutating func readPolicy(_ root: Node, base: VigilConfig) -> VigilConfig? {
         guard case .mapping(let mapping) = root else {
@@ -142,6 +142,7 @@ extension ConfigReader {
         case "drain_timeout": a.drainTimeout == b.drainTimeout
         case "event_buffer": a.eventBuffer == b.eventBuffer
         case "file_poll_interval": a.filePollInterval == b.filePollInterval
+        case "outbound_traffic_policy": a.outboundTrafficPolicy == b.outboundTrafficPolicy
         case "control": a.control == b.control
         case "audit": a.audit == b.audit
         default: false
@@ -161,5 +162,27 @@ extension ConfigReader {
         case "original_destination": a.originalDestination == b.originalDestination
         default: false
         }
+    }
+}
+
+extension VigilConfig {
+    /// The cluster a request no route takes goes to, under `outbound_traffic_policy: allow_any` (Istio's name).
+    public static let passthroughCluster = "PassthroughCluster"
+
+    /// The policy as it runs: under `allow_any`, each listener with `original_destination` ends its routes with one
+    /// that sends every request to where its connection was going (`PassthroughCluster`, an `original_dst` cluster,
+    /// added unless the policy defines one of that name).
+    public func withPassthrough() -> VigilConfig {
+        guard outboundTrafficPolicy == .allowAny, listeners.contains(where: \.originalDestination) else { return self }
+        var config = self
+        if !clusters.contains(where: { $0.name == Self.passthroughCluster }) {
+            var passthrough = ClusterConfig(name: Self.passthroughCluster, endpoints: [])
+            passthrough.type = .originalDst
+            config.clusters.append(passthrough)
+        }
+        for i in config.listeners.indices where config.listeners[i].originalDestination {
+            config.listeners[i].routes.append(RouteConfig(match: RouteMatch(path: .prefix("/")), cluster: Self.passthroughCluster))
+        }
+        return config
     }
 }

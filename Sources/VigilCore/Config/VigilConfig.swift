@@ -12,6 +12,9 @@ public struct VigilConfig: Sendable, Equatable {
     public var drainTimeout: TimeAmount
     /// How often TLS and JWKS files are compared with what is loaded (SIGHUP checks at once).
     public var filePollInterval: TimeAmount = .seconds(2)
+    /// What a listener with `original_destination` does with a request no route takes (Istio's mesh setting):
+    /// `allow_any` sends it where its connection was going, `registry_only` answers 404 `no_route`.
+    public var outboundTrafficPolicy = OutboundTrafficPolicy.allowAny
     /// Healing events kept in memory for admin `/events` (and the control plane's replay).
     public var eventBuffer: Int = 1024
     public var listeners: [ListenerConfig]
@@ -213,8 +216,26 @@ public enum LoadBalancerKind: String, Sendable, Equatable {
     case ewma
 }
 
+public enum OutboundTrafficPolicy: String, Sendable, Equatable {
+    case allowAny = "allow_any"
+    case registryOnly = "registry_only"
+}
+
+/// How a cluster finds its hosts (Envoy's cluster types).
+public enum ClusterType: String, Sendable, Equatable {
+    /// The listed `endpoints`.
+    case `static`
+    /// Each request goes where its connection was going (Envoy's ORIGINAL_DST): a host per original destination,
+    /// made when first used and let go after `cleanup_interval` unused. A destination that is this host's own
+    /// address (inbound traffic) is reached on loopback at its port.
+    case originalDst = "original_dst"
+}
+
 public struct ClusterConfig: Sendable, Equatable {
     public var name: String
+    public var type = ClusterType.static
+    /// `original_dst`: how long a destination's host and connections stay unused before they go (Envoy's 5 s).
+    public var cleanupInterval: TimeAmount = .seconds(5)
     public var endpoints: [SocketAddressSpec]
     public var `protocol`: UpstreamProtocol
     /// Time allowed to set up a connection to an endpoint, the TCP connect and any TLS handshake together;

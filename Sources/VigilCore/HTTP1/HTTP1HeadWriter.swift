@@ -71,12 +71,15 @@ public final class ForwardingFacts: Sendable {
     public let clientCert: String?
     /// Where the connection was going (`Destination`), which routes may match on.
     public let destination: Destination?
+    /// It was going to an address of this host (redirected inbound traffic): `original_dst` reaches it on loopback.
+    public let destinationIsThisHost: Bool
 
     /// - Parameters:
     ///   - clientAddress: the client's address as it goes into x-forwarded-for (no port).
     ///   - scheme: "http" or "https": what the client spoke to Vigil.
     ///   - clientCert: the `x-forwarded-client-cert` value for an mTLS client (Envoy's format), nil otherwise.
-    public init(clientAddress: String, scheme: String, clientCert: String? = nil, destination: Destination? = nil) {
+    public init(clientAddress: String, scheme: String, clientCert: String? = nil, destination: Destination? = nil,
+                destinationIsThisHost: Bool = false) {
         var after = ByteBuffer()
         after.writeString(clientAddress)
         after.writeStaticString("\r\nx-forwarded-proto: ")
@@ -95,6 +98,7 @@ public final class ForwardingFacts: Sendable {
         self.scheme = scheme
         self.clientCert = clientCert
         self.destination = destination
+        self.destinationIsThisHost = destinationIsThisHost
     }
 
     /// Writes `x-forwarded-for` (the values a request brought, then the client), `x-forwarded-proto` and, for

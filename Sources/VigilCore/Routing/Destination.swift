@@ -42,10 +42,18 @@ public struct Destination: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
+    /// Whether both are the same address (ports aside).
+    public func sameAddress(as other: Destination) -> Bool {
+        isIPv6 == other.isIPv6 && high == other.high && low == other.low
+    }
+
     /// `10.0.0.7:6379`, `[fd00::7]:6379`.
-    public var description: String {
+    public var description: String { isIPv6 ? "[\(addressText)]:\(port)" : "\(addressText):\(port)" }
+
+    /// The address alone: `10.0.0.7`, `fd00::7`.
+    public var addressText: String {
         guard isIPv6 else {
-            return "\(low >> 24 & 255).\(low >> 16 & 255).\(low >> 8 & 255).\(low & 255):\(port)"
+            return "\(low >> 24 & 255).\(low >> 16 & 255).\(low >> 8 & 255).\(low & 255)"
         }
         var address = in6_addr()
         withUnsafeMutableBytes(of: &address) { p in
@@ -54,7 +62,7 @@ public struct Destination: Sendable, Hashable, CustomStringConvertible {
         }
         var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
         inet_ntop(AF_INET6, &address, &text, socklen_t(text.count))
-        return "[\(String(cString: text))]:\(port)"
+        return String(cString: text)
     }
 }
 

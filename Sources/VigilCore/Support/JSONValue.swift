@@ -100,6 +100,7 @@ extension VigilConfig {
             "drain_timeout": d(drainTimeout),
             "event_buffer": .int(eventBuffer),
             "file_poll_interval": d(filePollInterval),
+            "outbound_traffic_policy": .string(outboundTrafficPolicy.rawValue),
             "authorization": .array(authorization.map(Self.dump)),
             "tenants": tenants.map(Self.dump) ?? .null,
             "control": control.map(Self.dump) ?? .null,
@@ -144,7 +145,9 @@ extension VigilConfig {
             }),
             "clusters": .array(clusters.map { c in
                 [
-                    "name": .string(c.name), "endpoints": .array(c.endpoints.map { .string($0.description) }),
+                    "name": .string(c.name), "type": .string(c.type.rawValue),
+                    "cleanup_interval": c.type == .originalDst ? d(c.cleanupInterval) : .null,
+                    "endpoints": .array(c.endpoints.map { .string($0.description) }),
                     "protocol": .string(c.protocol.rawValue), "connect_timeout": d(c.connectTimeout),
                     "idle_timeout": d(c.idleTimeout), "load_balancer": .string(c.loadBalancer.rawValue),
                     "circuit_breakers": [

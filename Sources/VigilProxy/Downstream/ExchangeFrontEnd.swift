@@ -13,7 +13,9 @@ protocol ExchangeFrontEnd: ExchangeEnvironment, PoolWaiter {
 
 extension ExchangeFrontEnd {
     func pickRetryHost(excluding tried: HostMask) -> Int? {
-        target?.cluster.pickHost(random: &loop.random, now: loop.eventLoop.now, tried: tried)?.index
+        guard let target else { return nil }
+        if target.dynamicHost { return target.host.index }  // one host: where the connection was going
+        return target.cluster.pickHost(random: &loop.random, now: loop.eventLoop.now, tried: tried)?.index
     }
 
     func reserveRetrySlot() -> Bool { target?.cluster.reserveRetry() ?? false }
@@ -33,7 +35,7 @@ extension ExchangeFrontEnd {
     func retryAdmitted(host: Int) {
         guard let cluster = target?.cluster else { return }
         cluster.retries.wrappingIncrement(ordering: .relaxed)
-        target!.move(to: cluster.hosts[host])
+        if !target!.dynamicHost { target!.move(to: cluster.hosts[host]) }
     }
 
     func recordAttempt(_ outcome: AttemptOutcome) { target?.record(outcome, now: loop.eventLoop.now) }

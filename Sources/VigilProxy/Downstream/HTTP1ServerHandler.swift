@@ -132,8 +132,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         eventLoop = context.eventLoop
         allocator = context.channel.allocator
         let ip = context.channel.remoteAddress?.ipAddress ?? "unknown"
+        let reached = ConnectionDestination.read(context.channel, original: listener.config.originalDestination)
         facts = ForwardingFacts(clientAddress: ip, scheme: session.scheme, clientCert: session.forwardedClientCert,
-                                destination: ConnectionDestination.of(context.channel, original: listener.config.originalDestination))
+                                destination: reached.destination, destinationIsThisHost: reached.isThisHost)
         idleSince = eventLoop.now
         // The first request's head is due within header_timeout of the connection's start (nginx's
         // client_header_timeout, HAProxy's timeout http-request); later ones from their first byte.
@@ -356,7 +357,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             armTimer(at: startedAt + listener.bodyTimeout)
         }
         let outcome = runtime.route(head, listener: listener, loop: loop, identity: session.identity,
-                                    destination: facts.destination, target: &target)
+                                    destination: facts.destination, destinationIsThisHost: facts.destinationIsThisHost,
+                                    target: &target)
         self.head = consume head
         switch outcome {
         case .reply(let status, let reason, let detail, let cluster, let headers, let tenant):

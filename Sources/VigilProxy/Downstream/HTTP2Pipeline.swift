@@ -29,9 +29,10 @@ enum HTTP2Pipeline {
         // Below the HTTP/2 handler (and above TLS): every stream flushes its own response, and each flush
         // would otherwise be a write (and a TLS record) of its own.
         try channel.pipeline.syncOperations.addHandler(BatchFlushHandler(flushes: loop.flushes))
+        let reached = ConnectionDestination.read(channel, original: listener.config.originalDestination)
         let facts = ForwardingFacts(clientAddress: channel.remoteAddress?.ipAddress ?? "unknown", scheme: session.scheme,
-                                    clientCert: session.forwardedClientCert,
-                                    destination: ConnectionDestination.of(channel, original: listener.config.originalDestination))
+                                    clientCert: session.forwardedClientCert, destination: reached.destination,
+                                    destinationIsThisHost: reached.isThisHost)
         let streams = HTTP2ServerConnection(runtime: runtime, listener: listener, loop: loop, session: session,
                                             facts: facts)
         try channel.pipeline.syncOperations.addHandler(StreamClosedCodeCorrector(connection: streams))

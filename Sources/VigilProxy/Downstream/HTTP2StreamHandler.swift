@@ -328,7 +328,8 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
             return
         }
         switch runtime.route(request, listener: listener, loop: loop, identity: session.identity,
-                             destination: facts.destination, target: &target) {
+                             destination: facts.destination, destinationIsThisHost: facts.destinationIsThisHost,
+                             target: &target) {
         case .reply(let status, let reason, let detail, let cluster, let headers, let tenant):
             replyCluster = cluster
             replyTenant = tenant

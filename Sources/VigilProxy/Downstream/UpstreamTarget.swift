@@ -17,6 +17,9 @@ struct UpstreamTarget {
     let route: ExchangeStateMachine.Route
     /// The request's tenant, holding one of its `max_concurrent` slots until `release()`.
     let tenant: TenantState?
+    /// The host was made for the request's original destination (`original_dst`): it has no place in the cluster's
+    /// health, and a retry goes to it again.
+    var dynamicHost: Bool { cluster.isOriginalDestination }
 
     // `release`, `record` and `recordResponse` are `mutating` though they change nothing of the value: a
     // handler calls them on its stored `target`, and a non-mutating call there copied the whole struct
@@ -40,12 +43,14 @@ struct UpstreamTarget {
 
     /// Tells the cluster's health how this attempt ended.
     mutating func record(_ outcome: AttemptOutcome, now: @autoclosure () -> NIODeadline) {
+        if dynamicHost { return }
         cluster.health.record(host: host.index, outcome, now: now())
     }
 
     /// A response head arrived `now` for a try sent at `sentAt` (recorded only for the EWMA balancer): its
     /// status for the health, its latency for the EWMA balancer.
     mutating func recordResponse(status: Int, sentAt: NIODeadline, now clock: @autoclosure () -> NIODeadline) {
+        if dynamicHost { return }
         guard cluster.config.loadBalancer == .ewma else {
             cluster.health.record(host: host.index, .response(status: status), now: clock())
             return
@@ -71,7 +76,8 @@ extension ProxyRuntime {
     /// policy: authorization, tenant limits, first matching route, the cluster's `max_requests` breaker,
     /// then a host from the balancer.
     func route(_ request: some RoutableRequest, listener: ListenerRuntime, loop: LoopContext,
-               identity: String? = nil, destination: Destination? = nil, target: inout UpstreamTarget?) -> RoutingOutcome {
+               identity: String? = nil, destination: Destination? = nil, destinationIsThisHost: Bool = false,
+               target: inout UpstreamTarget?) -> RoutingOutcome {
         let policy = loop.policy
         let snapshot = policy.snapshot
         let routes = snapshot.routes[listener.index]
@@ -110,7 +116,8 @@ extension ProxyRuntime {
             }
         }
         let outcome = routeAdmitted(routeIndex: routeIndex, routes: routes, listener: listener, policy: policy,
-                                    loop: loop, tenant: tenant, target: &target)
+                                    loop: loop, tenant: tenant, destination: destination,
+                                    destinationIsThisHost: destinationIsThisHost, target: &target)
         if case .reply(let status, let reason, let detail, let cluster, let headers, _) = outcome {
             tenant?.releaseSlot()
             return .reply(status: status, reason: reason, detail: detail, cluster: cluster, headers: headers, tenant: tenant)
@@ -119,25 +126,41 @@ extension ProxyRuntime {
     }
 
     private func routeAdmitted(routeIndex: Int, routes: ListenerRoutes, listener: ListenerRuntime, policy: LoopPolicy,
-                               loop: LoopContext, tenant: TenantState?, target: inout UpstreamTarget?) -> RoutingOutcome {
+                               loop: LoopContext, tenant: TenantState?, destination: Destination?,
+                               destinationIsThisHost: Bool, target: inout UpstreamTarget?) -> RoutingOutcome {
         let slot = routes.routeClusters[routeIndex]
         let cluster = policy.snapshot.clusters[slot]
         guard cluster.admitRequest() else {
             return .reply(status: 503, reason: "overflow", detail: "cluster \(cluster.config.name) is at max_requests",
                           cluster: cluster)
         }
-        guard let host = cluster.pickHost(random: &loop.random, now: loop.eventLoop.now) else {
-            cluster.requestFinished()
-            return .reply(status: 503, reason: "no_healthy_upstream",
-                          detail: "cluster \(cluster.config.name) has no available host (all_unhealthy: fail_fast)",
-                          cluster: cluster)
+        let host: HostRuntime
+        let pool: HostPool
+        if cluster.isOriginalDestination {
+            guard let destination, listener.config.originalDestination else {
+                cluster.requestFinished()
+                return .reply(status: 503, reason: "no_original_destination",
+                              detail: "cluster \(cluster.config.name) sends requests where their connection was going, and listener \(listener.config.name) does not read that (original_destination)",
+                              cluster: cluster)
+            }
+            pool = policy.originalDestinationPool(slot: slot, destination: destination, isThisHost: destinationIsThisHost)
+            host = pool.host
+        } else {
+            guard let picked = cluster.pickHost(random: &loop.random, now: loop.eventLoop.now) else {
+                cluster.requestFinished()
+                return .reply(status: 503, reason: "no_healthy_upstream",
+                              detail: "cluster \(cluster.config.name) has no available host (all_unhealthy: fail_fast)",
+                              cluster: cluster)
+            }
+            host = picked
+            pool = policy.pools[slot][picked.index]
         }
         if !cluster.health.hadTraffic.load(ordering: .relaxed) { cluster.health.hadTraffic.store(true, ordering: .relaxed) }
         host.activeRequests.wrappingIncrement(ordering: .relaxed)
         host.totalRequests.wrappingIncrement(ordering: .relaxed)
         let route = routes.exchangeRoutes[routeIndex]
         if route.retry != nil { policy.retryBudgets[listener.index][routeIndex]!.recordRequest(now: loop.eventLoop.now) }
-        target = UpstreamTarget(policy: policy, cluster: cluster, slot: slot, host: host, pool: policy.pools[slot][host.index],
+        target = UpstreamTarget(policy: policy, cluster: cluster, slot: slot, host: host, pool: pool,
                                 routeIndex: routeIndex, route: route, tenant: tenant)
         return .forward
     }

@@ -48,6 +48,8 @@ public final class HostRuntime: Sendable {
 /// cluster.
 public final class ClusterRuntime: Sendable {
     public let config: ClusterConfig
+    /// `type: original_dst`: no listed hosts; each loop makes one per destination (`LoopPolicy.originalDestinationPool`).
+    let isOriginalDestination: Bool
     public let hosts: [HostRuntime]
     public let health: ClusterHealth
     /// Shared round-robin sequence, so rotation holds across event loops.
@@ -76,6 +78,7 @@ public final class ClusterRuntime: Sendable {
     init(config: ClusterConfig, events: HealingEventLog, loop: EventLoop, tls: TLSStore? = nil,
          metrics: ClusterMetrics = ClusterMetrics(), carrying previous: ClusterRuntime? = nil) {
         self.config = config
+        self.isOriginalDestination = config.type == .originalDst
         self.tls = tls
         self.metrics = metrics
         self.hosts = config.endpoints.enumerated().map { HostRuntime(address: $0.element, index: $0.offset) }

@@ -15,6 +15,8 @@ public final class ListenerRuntime: Sendable {
     var delayedCloseTimeout: TimeAmount { config.limits.delayedCloseTimeout }
     public let openConnections = ManagedAtomic<Int>(0)
     public let totalConnections = ManagedAtomic<Int>(0)
+    /// Connections refused because they came to an original-destination listener directly (a loop).
+    public let refusedLoops = ManagedAtomic<Int>(0)
 
     init(config: ListenerConfig, index: Int) {
         self.config = config

@@ -35,6 +35,7 @@ public final class PolicySnapshot: Sendable {
     init(version: Int, config: VigilConfig, previous: PolicySnapshot?, events: HealingEventLog, tls: TLSStore,
          metrics: ProxyMetrics, group: EventLoopGroup, logger: Logger) throws {
         self.version = version
+        let config = config.withPassthrough()
         self.config = config
         self.clusterTLS = try tls.prepareClusters(config.clusters)
         let overrideCount = config.listeners.reduce(0) { $0 + $1.routes.filter { $0.tenantLimits != nil }.count }
@@ -79,6 +80,11 @@ final class LoopPolicy {
     let snapshot: PolicySnapshot
     /// `pools[cluster slot][host]`.
     let pools: [[HostPool]]
+    /// The pools of `original_dst` clusters, by cluster slot and destination, made as requests need them and let
+    /// go once unused for the cluster's `cleanup_interval` (`sweepOriginalDestinations`).
+    private var originalDestinations: [Int: [Destination: HostPool]] = [:]
+    private var sweep: RepeatedTask?
+    private let flushes: FlushBatch
     /// `retryBudgets[listener][route]`, for routes with a retry policy: each loop keeps its own budget
     /// (funded by its own requests, with its share of `min_per_second`), so no lock is shared.
     var retryBudgets: [[RetryBudget?]]
@@ -87,9 +93,15 @@ final class LoopPolicy {
     /// the others are retired: idle connections close now, busy ones when their request ends.
     init(snapshot: PolicySnapshot, previous: LoopPolicy?, flushes: FlushBatch, loopCount: Int) {
         self.snapshot = snapshot
+        self.flushes = flushes
         var old: [ObjectIdentifier: [HostPool]] = [:]
         if let previous {
             for (i, c) in previous.snapshot.clusters.enumerated() { old[ObjectIdentifier(c)] = previous.pools[i] }
+            // Original-destination pools go with the previous policy (busy connections close when their request ends).
+            previous.sweep?.cancel()
+            previous.sweep = nil
+            for pools in previous.originalDestinations.values { for pool in pools.values { pool.retire() } }
+            previous.originalDestinations = [:]
         }
         self.pools = snapshot.clusters.map { c in
             if let kept = old.removeValue(forKey: ObjectIdentifier(c)) { return kept }
@@ -99,6 +111,36 @@ final class LoopPolicy {
         self.retryBudgets = snapshot.routes.map { l in
             l.routes.map { route in
                 route.retry.map { RetryBudget(ratio: $0.budgetRatio, minPerSecond: Double($0.budgetMinPerSecond) / Double(max(loopCount, 1))) }
+            }
+        }
+    }
+
+    /// The pool for `destination` in the `original_dst` cluster at `slot`, made on first use. A destination that is
+    /// an address of this host (`isThisHost`: inbound traffic) is reached on loopback at its port.
+    func originalDestinationPool(slot: Int, destination: Destination, isThisHost: Bool) -> HostPool {
+        if let pool = originalDestinations[slot]?[destination] { return pool }
+        let cluster = snapshot.clusters[slot]
+        let address = isThisHost ? (destination.isIPv6 ? "::1" : "127.0.0.1") : destination.addressText
+        let host = HostRuntime(address: SocketAddressSpec(host: address, port: destination.port), index: 0)
+        let pool = HostPool(host: host, cluster: cluster, flushes: flushes)
+        originalDestinations[slot, default: [:]][destination] = pool
+        if sweep == nil {
+            let every = snapshot.clusters.filter(\.isOriginalDestination).map(\.config.cleanupInterval).min() ?? .seconds(5)
+            // Held until the policy is replaced, which cancels it (`init(snapshot:previous:...)`).
+            let policy = NIOLoopBound(self, eventLoop: flushes.eventLoop)
+            sweep = flushes.eventLoop.scheduleRepeatedTask(initialDelay: every, delay: every) { _ in
+                policy.value.sweepOriginalDestinations()
+            }
+        }
+        return pool
+    }
+
+    /// Lets go of the original-destination pools no request is using and no connection is left in (the idle
+    /// ones close at the pool's idle timeout).
+    private func sweepOriginalDestinations() {
+        for (slot, pools) in originalDestinations {
+            for (destination, pool) in pools where pool.openCount == 0 && pool.host.activeRequests.load(ordering: .relaxed) == 0 {
+                originalDestinations[slot]?[destination] = nil
             }
         }
     }

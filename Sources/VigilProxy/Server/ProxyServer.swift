@@ -72,6 +72,14 @@ public final class ProxyServer: Sendable {
                     listener.openConnections.wrappingDecrement(ordering: .relaxed)
                     return channel.close()
                 }
+                // A connection that came to an original-destination listener directly, not redirected, would be sent
+                // back to Vigil by a passthrough: refused (Istio blackholes these too).
+                if listener.config.originalDestination,
+                   ConnectionDestination.read(channel, original: true).isListenerItself {
+                    listener.openConnections.wrappingDecrement(ordering: .relaxed)
+                    listener.refusedLoops.wrappingIncrement(ordering: .relaxed)
+                    return channel.close()
+                }
                 listener.totalConnections.wrappingIncrement(ordering: .relaxed)
                 let id = ObjectIdentifier(channel)
                 state.withLockedValue { $0.connections[id] = channel }

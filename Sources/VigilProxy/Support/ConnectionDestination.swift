@@ -6,19 +6,29 @@ import Glibc
 #endif
 
 /// Where an accepted connection was going (`Destination`), read once per connection.
-enum ConnectionDestination {
+struct ConnectionDestination {
+    /// Where it was going: its original destination on a listener that reads them, else the address it reached.
+    let destination: Destination?
+    /// It was going to another port of an address of this host: inbound traffic that iptables redirected, whose
+    /// application an `original_dst` cluster reaches on loopback.
+    let isThisHost: Bool
+    /// It came to the listener itself, not redirected: taken, an `original_dst` cluster would send it back to
+    /// Vigil (a loop). Such a connection is refused.
+    let isListenerItself: Bool
+
     /// linux/netfilter_ipv4.h SO_ORIGINAL_DST and linux/netfilter_ipv6/ip6_tables.h IP6T_SO_ORIGINAL_DST: the
     /// destination a connection had before a REDIRECT (or DNAT) changed it. Not in Glibc's headers.
     static let originalDestinationOption: CInt = 80
 
-    /// With `original`, the connection's original destination, when iptables redirected it here; else (or for a
-    /// connection that reached the listener directly, which has no other) the address it reached. Called on the
-    /// channel's loop, where the socket option is read at once. The table asked is the connection's family: an
-    /// IPv4 connection on a dual-stack socket (`Destination` reads its mapped address as IPv4) is in IPv4's.
-    static func of(_ channel: Channel, original: Bool) -> Destination? {
+    /// Reads `channel`'s destination; with `original`, its original destination when iptables redirected it. Called
+    /// on the channel's loop, where the socket option is read at once. The table asked is the connection's family:
+    /// an IPv4 connection on a dual-stack socket (`Destination` reads its mapped address as IPv4) is in IPv4's.
+    static func read(_ channel: Channel, original: Bool) -> ConnectionDestination {
         assert(channel.eventLoop.inEventLoop)
         let local = channel.localAddress.flatMap(Destination.init)
-        guard original, let local, let socket = channel as? SocketOptionProvider else { return local }
+        guard original, let local, let socket = channel as? SocketOptionProvider else {
+            return ConnectionDestination(destination: local, isThisHost: false, isListenerItself: false)
+        }
         var found: Destination?
         if local.isIPv6 {
             let option: EventLoopFuture<sockaddr_in6> = socket.unsafeGetSocketOption(
@@ -31,6 +41,10 @@ enum ConnectionDestination {
                 name: NIOBSDSocket.Option(rawValue: originalDestinationOption))
             option.whenSuccess { found = Destination(SocketAddress($0, host: "")) }
         }
-        return found ?? local
+        // Not redirected (no NAT entry, or one that changed nothing): it came to the listener itself.
+        guard let found, found != local else {
+            return ConnectionDestination(destination: local, isThisHost: false, isListenerItself: true)
+        }
+        return ConnectionDestination(destination: found, isThisHost: found.sameAddress(as: local), isListenerItself: false)
     }
 }
