@@ -151,3 +151,18 @@ import Testing
         #expect(configErrors("outbound_traffic_policy: open\n" + Self.base).contains { $0.contains("outbound_traffic_policy") })
     }
 }
+
+@Suite struct OriginalDestinationValueTests {
+    @Test func aDestinationOnThisHostIsDialledOnLoopbackAtItsPort() throws {
+        let v4 = try #require(Destination(try SocketAddress(ipAddress: "10.1.2.3", port: 9000)))
+        #expect(v4.loopback.description == "127.0.0.1:9000")
+        let v6 = try #require(Destination(try SocketAddress(ipAddress: "fd00::3", port: 9000)))
+        #expect(v6.loopback.description == "[::1]:9000")
+    }
+
+    /// A cluster with no listed hosts (original_dst) is never in panic: it is short of none.
+    @Test func aClusterWithNoListedHostsIsNotInPanic() {
+        #expect(HostAvailability(available: [], panicThreshold: 50, allUnhealthy: .panic).mode == .normal)
+        #expect(HostAvailability(available: [false], panicThreshold: 50, allUnhealthy: .panic).mode == .panic)
+    }
+}

@@ -188,8 +188,7 @@ public actor PolicyController {
             ("version", .int(version)), ("kind", .string(kind)), ("rollback_of", rollbackOf.map(JSONValue.int) ?? .null),
             ("before_sha256", .string(before.sha256)), ("after_sha256", .string(entry.sha256)),
             ("before_version", .int(before.version)),
-            // Both sides as they run (the running one has its passthrough route and cluster, see withPassthrough).
-            ("diff", Self.diffSummary(from: runtime.current.config, to: config.withPassthrough())),
+            ("diff", Self.diffSummary(from: runtime.current.config, to: config)),
         ])
         let storePath = self.storePath, audit = self.audit, stateDir = base.stateDir, now = entry.appliedAtNanos
         do {

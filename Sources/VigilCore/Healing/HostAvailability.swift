@@ -26,7 +26,8 @@ public struct HostAvailability: Sendable, Equatable {
         self.total = available.count
         // Envoy: panic when the available percentage is below the threshold (so 0 disables panic, except
         // that with no host available at all there is nothing else to do).
-        let belowThreshold = up.count * 100 < panicThreshold * available.count || up.isEmpty
+        // A cluster with no listed hosts (original_dst: its hosts are made per destination) is not short of any.
+        let belowThreshold = !available.isEmpty && (up.count * 100 < panicThreshold * available.count || up.isEmpty)
         if !belowThreshold {
             mode = .normal
             candidates = up

@@ -42,6 +42,16 @@ public struct Destination: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
+    /// The same port on this host's loopback address of the same family.
+    public var loopback: Destination { Destination(isIPv6: isIPv6, high: 0, low: isIPv6 ? 1 : 0x7F00_0001, port: port) }
+
+    private init(isIPv6: Bool, high: UInt64, low: UInt64, port: Int) {
+        self.isIPv6 = isIPv6
+        self.high = high
+        self.low = low
+        self.port = port
+    }
+
     /// Whether both are the same address (ports aside).
     public func sameAddress(as other: Destination) -> Bool {
         isIPv6 == other.isIPv6 && high == other.high && low == other.low

@@ -14,7 +14,9 @@ import VigilCore
 public final class PolicySnapshot: Sendable {
     /// The policy version (0: the config file as loaded, before any push).
     public let version: Int
-    /// The effective configuration: the file's static settings with this policy's dynamic sections.
+    /// The effective configuration: the file's static settings with this policy's dynamic sections, as written
+    /// (what is dumped, diffed and pushed back). It runs as `config.withPassthrough()`: `clusters` and the routes
+    /// are built from that, so a passthrough cluster, when added, is the last of `clusters`.
     public let config: VigilConfig
     public let clusters: [ClusterRuntime]
     /// Routes per listener, by listener index.
@@ -35,8 +37,8 @@ public final class PolicySnapshot: Sendable {
     init(version: Int, config: VigilConfig, previous: PolicySnapshot?, events: HealingEventLog, tls: TLSStore,
          metrics: ProxyMetrics, group: EventLoopGroup, logger: Logger) throws {
         self.version = version
-        let config = config.withPassthrough()
         self.config = config
+        let config = config.withPassthrough()
         self.clusterTLS = try tls.prepareClusters(config.clusters)
         let overrideCount = config.listeners.reduce(0) { $0 + $1.routes.filter { $0.tenantLimits != nil }.count }
         self.tenants = try config.tenants.map {
@@ -97,11 +99,17 @@ final class LoopPolicy {
         var old: [ObjectIdentifier: [HostPool]] = [:]
         if let previous {
             for (i, c) in previous.snapshot.clusters.enumerated() { old[ObjectIdentifier(c)] = previous.pools[i] }
-            // Original-destination pools go with the previous policy (busy connections close when their request ends).
-            previous.sweep?.cancel()
-            previous.sweep = nil
-            for pools in previous.originalDestinations.values { for pool in pools.values { pool.retire() } }
-            previous.originalDestinations = [:]
+            // Original-destination pools of a kept cluster stay, connections and all; the others are retired (busy
+            // connections close when their request ends).
+            let kept = Dictionary(uniqueKeysWithValues: snapshot.clusters.enumerated().map { (ObjectIdentifier($0.element), $0.offset) })
+            for (slot, pools) in previous.originalDestinations {
+                if let newSlot = kept[ObjectIdentifier(previous.snapshot.clusters[slot])] {
+                    originalDestinations[newSlot] = pools
+                } else {
+                    for pool in pools.values { pool.retire() }
+                }
+            }
+            previous.stop()
         }
         self.pools = snapshot.clusters.map { c in
             if let kept = old.removeValue(forKey: ObjectIdentifier(c)) { return kept }
@@ -113,30 +121,40 @@ final class LoopPolicy {
                 route.retry.map { RetryBudget(ratio: $0.budgetRatio, minPerSecond: Double($0.budgetMinPerSecond) / Double(max(loopCount, 1))) }
             }
         }
+        if !originalDestinations.isEmpty { startSweep() }
     }
 
     /// The pool for `destination` in the `original_dst` cluster at `slot`, made on first use. A destination that is
-    /// an address of this host (`isThisHost`: inbound traffic) is reached on loopback at its port.
+    /// an address of this host (`isThisHost`: inbound traffic) is reached on loopback at its port; pools are kept by
+    /// the address dialled.
     func originalDestinationPool(slot: Int, destination: Destination, isThisHost: Bool) -> HostPool {
-        if let pool = originalDestinations[slot]?[destination] { return pool }
-        let cluster = snapshot.clusters[slot]
-        let address = isThisHost ? (destination.isIPv6 ? "::1" : "127.0.0.1") : destination.addressText
-        let host = HostRuntime(address: SocketAddressSpec(host: address, port: destination.port), index: 0)
-        let pool = HostPool(host: host, cluster: cluster, flushes: flushes)
-        originalDestinations[slot, default: [:]][destination] = pool
-        if sweep == nil {
-            let every = snapshot.clusters.filter(\.isOriginalDestination).map(\.config.cleanupInterval).min() ?? .seconds(5)
-            // Held until the policy is replaced, which cancels it (`init(snapshot:previous:...)`).
-            let policy = NIOLoopBound(self, eventLoop: flushes.eventLoop)
-            sweep = flushes.eventLoop.scheduleRepeatedTask(initialDelay: every, delay: every) { _ in
-                policy.value.sweepOriginalDestinations()
-            }
-        }
+        let dialled = isThisHost ? destination.loopback : destination
+        if let pool = originalDestinations[slot]?[dialled] { return pool }
+        let host = HostRuntime(address: SocketAddressSpec(host: dialled.addressText, port: dialled.port), index: 0)
+        let pool = HostPool(host: host, cluster: snapshot.clusters[slot], flushes: flushes)
+        originalDestinations[slot, default: [:]][dialled] = pool
+        startSweep()
         return pool
     }
 
-    /// Lets go of the original-destination pools no request is using and no connection is left in (the idle
-    /// ones close at the pool's idle timeout).
+    private func startSweep() {
+        guard sweep == nil else { return }
+        let every = snapshot.clusters.filter(\.isOriginalDestination).map(\.config.cleanupInterval).min() ?? .seconds(5)
+        // Held until the policy is replaced or the proxy stops, which cancel it (`stop()`).
+        let policy = NIOLoopBound(self, eventLoop: flushes.eventLoop)
+        sweep = flushes.eventLoop.scheduleRepeatedTask(initialDelay: every, delay: every) { _ in
+            policy.value.sweepOriginalDestinations()
+        }
+    }
+
+    /// Ends the sweep (the policy was replaced, or the proxy stops).
+    func stop() {
+        sweep?.cancel()
+        sweep = nil
+    }
+
+    /// Lets go of the original-destination pools that, at this sweep, no request is using and no connection is left
+    /// in (idle ones close at the cluster's idle_timeout first).
     private func sweepOriginalDestinations() {
         for (slot, pools) in originalDestinations {
             for (destination, pool) in pools where pool.openCount == 0 && pool.host.activeRequests.load(ordering: .relaxed) == 0 {

@@ -163,6 +163,7 @@ public final class ProxyRuntime: Sendable {
         for prober in probers.withLockedValue({ Array($0.values) }) { prober.stop() }
         let tasks = backgroundTasks.withLockedValue { t in defer { t = [] }; return t }
         for t in tasks { t.cancel() }
+        for context in loops.values { context.eventLoop.execute { context.policy.stop() } }
     }
 
     /// The context of the event loop the caller runs on.

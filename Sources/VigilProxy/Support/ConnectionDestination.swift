@@ -9,8 +9,8 @@ import Glibc
 struct ConnectionDestination {
     /// Where it was going: its original destination on a listener that reads them, else the address it reached.
     let destination: Destination?
-    /// It was going to another port of an address of this host: inbound traffic that iptables redirected, whose
-    /// application an `original_dst` cluster reaches on loopback.
+    /// It was going to an address of this host (any of its interfaces'): inbound traffic that iptables redirected,
+    /// whose application an `original_dst` cluster reaches on loopback.
     let isThisHost: Bool
     /// It came to the listener itself, not redirected: taken, an `original_dst` cluster would send it back to
     /// Vigil (a loop). Such a connection is refused.
@@ -45,6 +45,9 @@ struct ConnectionDestination {
         guard let found, found != local else {
             return ConnectionDestination(destination: local, isThisHost: false, isListenerItself: true)
         }
-        return ConnectionDestination(destination: found, isThisHost: found.sameAddress(as: local), isListenerItself: false)
+        // Going to this host: to the address the redirect chose (the incoming interface's first), or to any other
+        // of its addresses. Missed, the passthrough would dial the address and be redirected back to Vigil.
+        let isThisHost = found.sameAddress(as: local) || LocalAddresses.shared.contains(found, now: channel.eventLoop.now)
+        return ConnectionDestination(destination: found, isThisHost: isThisHost, isListenerItself: false)
     }
 }
