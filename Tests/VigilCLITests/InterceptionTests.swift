@@ -155,6 +155,10 @@ import VigilTestSupport
         // Refused at once (no answer at all), not passed through to itself until something gives.
         let direct = try get(from: ns.app, "127.0.0.1", 15001, "/direct")
         #expect(direct.hasPrefix("failed") && !direct.contains("timed out"), "\(direct)")
+        let stats = try get(from: ns.app, "127.0.0.1", 15000, "/stats")
+        let compact = stats.filter { !$0.isWhitespace }
+        #expect(compact.contains("\"name\":\"outbound\",\"open_connections\":0,\"total_connections\":0,\"refused_loops\":1"),
+                "\(stats)")
         let routed = try get(from: ns.app, ns.peerAddress, 8080, "/hello")
         let vigilSaid = ((try? String(contentsOfFile: vigilLog + ".err", encoding: .utf8)) ?? "")
             + ((try? String(contentsOfFile: vigilLog, encoding: .utf8)) ?? "")

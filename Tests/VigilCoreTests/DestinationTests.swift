@@ -149,6 +149,11 @@ import Testing
         #expect(wrong.contains { $0.contains("clusters[1].health_check") && $0.contains("not supported by an original_dst cluster") })
         #expect(wrong.contains { $0.contains("clusters[2].cleanup_interval") && $0.contains("original_dst clusters only") })
         #expect(configErrors("outbound_traffic_policy: open\n" + Self.base).contains { $0.contains("outbound_traffic_policy") })
+        // Only a listener that reads original destinations may route to such a cluster.
+        let unread = configErrors(Self.base.replacingOccurrences(of: "cluster: redis\nclusters:", with: "cluster: out\nclusters:")
+                                  + "\n  - { name: out, type: original_dst }")
+        #expect(unread.contains { $0.hasPrefix("listeners[1].routes[0].cluster") && $0.contains("does not read original destinations") },
+                "\(unread)")
     }
 }
 

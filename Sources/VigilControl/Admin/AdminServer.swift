@@ -140,6 +140,7 @@ public final class AdminServer: Sendable {
                     "name": .string(l.config.name),
                     "open_connections": .int(l.openConnections.load(ordering: .relaxed)),
                     "total_connections": .int(l.totalConnections.load(ordering: .relaxed)),
+                    "refused_loops": .int(l.refusedLoops.load(ordering: .relaxed)),
                 ]
             }),
             "clusters": .array(runtime.current.clusters.map { c in

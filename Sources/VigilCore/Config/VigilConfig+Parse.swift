@@ -59,7 +59,21 @@ extension ConfigReader {
             seenAddresses[listener.address] = Self.child(path, "address")
             config.listeners.append(listener)
         }
+        checkOriginalDestinationRoutes(config)
         return config
+    }
+
+    /// An `original_dst` cluster sends a request where its connection was going: only a listener that reads that
+    /// (`original_destination: true`) may route to one.
+    mutating func checkOriginalDestinationRoutes(_ config: VigilConfig) {
+        let byOriginal = Set(config.clusters.filter { $0.type == .originalDst }.map(\.name))
+        guard !byOriginal.isEmpty else { return }
+        for (i, listener) in config.listeners.enumerated() where !listener.originalDestination {
+            for (j, route) in listener.routes.enumerated() where byOriginal.contains(route.cluster) {
+                fail("listeners[\(i)].routes[\(j)].cluster",
+                     "\"\(route.cluster)\" is an original_dst cluster, and listener \(listener.name) does not read original destinations (original_destination: true)")
+            }
+        }
     }
 
     /// The settings only the config file sets (a policy push may repeat them, unchanged).

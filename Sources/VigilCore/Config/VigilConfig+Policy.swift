@@ -127,6 +127,7 @@ extension ConfigReader {
                 fail("clusters", "leaves out cluster \"\(route.cluster)\", which route \(i) of listener \(listener.name) (from the config file) sends to; give that listener's routes in this policy too")
             }
         }
+        checkOriginalDestinationRoutes(config)
         return config
     }
 
