@@ -17,13 +17,16 @@ enum HTTP2Fields {
         return headers.isEmpty ? nil : headers
     }
 
-    /// HPACK trailers as field lines, without pseudo-headers and fields that may not be trailers
-    /// (`HTTP1FieldKind.forbiddenInTrailers`), or nil when none are left.
-    static func fieldLines(_ headers: HPACKHeaders) -> ByteBuffer? {
+    /// Trailers `HTTP2ResponseHead.trailers` has checked and selected (no pseudo-headers, none a trailer may not
+    /// carry), as field lines for an HTTP/1.1 client's last chunk.
+    static func fieldLines(_ headers: HPACKHeaders) -> ByteBuffer {
         var b = ByteBuffer()
-        for (name, value, _) in headers where !name.hasPrefix(":") && !HTTP1FieldKind.classify(name).forbiddenInTrailers {
-            b.writeString("\(name): \(value)\r\n")
+        for (name, value, _) in headers {
+            b.writeString(name)
+            b.writeStaticString(": ")
+            b.writeString(value)
+            b.writeStaticString("\r\n")
         }
-        return b.readableBytes > 0 ? b : nil
+        return b
     }
 }
