@@ -20,6 +20,14 @@ public struct ListenerTLSConfig: Sendable, Equatable {
     public var requireClientCert: Bool
     public var minVersion: Version = .tls12
     public var identityFrom: [IdentitySource] = [.uri, .dns, .cn]
+    /// `strict` (the default): every connection must open with TLS. `permissive` (Istio's PERMISSIVE): a connection
+    /// that opens with a TLS ClientHello is TLS, any other is served in plaintext, for callers outside the mesh while
+    /// they move to mTLS; the access log says which (`tls`), and `/v1/compliance` counts the listener as not compliant.
+    public var mode = Mode.strict
+
+    public enum Mode: String, Sendable, Equatable {
+        case strict, permissive
+    }
 
     public init(cert: String, key: String, clientCA: String? = nil, requireClientCert: Bool? = nil) {
         self.cert = cert

@@ -9,6 +9,9 @@ extension ConfigReader {
         var control = ControlConfig()
         if let node = m["tls"] {
             control.tls = readListenerTLS(node, at: m.path("tls"))
+            if control.tls?.mode == .permissive {
+                fail(m.path("tls.mode"), "the control plane takes TLS only (permissive is for mesh listeners)")
+            }
             control.address = SocketAddressSpec(host: "0.0.0.0", port: 15010)
         }
         if let a = address(m["address"], at: m.path("address")) {

@@ -13,7 +13,7 @@ extension VigilConfig {
     static func dump(_ t: ListenerTLSConfig) -> JSONValue {
         ["cert": .string(t.cert), "key": .string(t.key), "client_ca": t.clientCA.map(JSONValue.string) ?? .null,
          "require_client_cert": .bool(t.requireClientCert), "min_version": .string(t.minVersion.rawValue),
-         "identity_from": strings(t.identityFrom.map(\.rawValue))]
+         "identity_from": strings(t.identityFrom.map(\.rawValue)), "mode": .string(t.mode.rawValue)]
     }
 
     static func dump(_ t: ClusterTLSConfig) -> JSONValue {
@@ -29,8 +29,10 @@ extension VigilConfig {
     }
 
     static func dump(_ h: HealthCheckConfig) -> JSONValue {
-        ["path": .string(h.path), "host": h.host.map(JSONValue.string) ?? .null,
-         "expected_statuses": strings(h.expectedStatuses.map { $0.lowerBound == $0.upperBound ? "\($0.lowerBound)" : "\($0.lowerBound)-\($0.upperBound)" }),
+        // A tcp cluster's check (no path) connects only: the HTTP keys are left out (null).
+        let http = !h.path.isEmpty
+        return ["path": http ? .string(h.path) : .null, "host": h.host.map(JSONValue.string) ?? .null,
+         "expected_statuses": http ? strings(h.expectedStatuses.map { $0.lowerBound == $0.upperBound ? "\($0.lowerBound)" : "\($0.lowerBound)-\($0.upperBound)" }) : .null,
          "interval": d(h.interval), "timeout": d(h.timeout), "interval_jitter": d(h.intervalJitter),
          "interval_jitter_percent": .int(h.intervalJitterPercent), "unhealthy_threshold": .int(h.unhealthyThreshold),
          "healthy_threshold": .int(h.healthyThreshold), "unhealthy_interval": h.unhealthyInterval.map(d) ?? .null,

@@ -9,7 +9,7 @@ extension ConfigReader {
                          ["panic": AllUnhealthyMode.panic, "fail_fast": .failFast]) {
             cluster.allUnhealthy = v
         }
-        if let node = m["health_check"] { cluster.healthCheck = readHealthCheck(node, at: m.path("health_check")) }
+        if let node = m["health_check"] { cluster.healthCheck = readHealthCheck(node, at: m.path("health_check"), tcp: cluster.protocol == .tcp) }
         if let node = m["outlier_detection"] {
             cluster.outlierDetection = readOutlierDetection(node, at: m.path("outlier_detection"))
         }
@@ -25,17 +25,27 @@ extension ConfigReader {
         }
     }
 
-    mutating func readHealthCheck(_ node: Node, at path: String) -> HealthCheckConfig? {
+    /// `tcp`: the cluster's hosts are checked by connecting (and the TLS handshake, for a TLS cluster), Envoy's TCP
+    /// health check without payload; the HTTP keys do not apply.
+    mutating func readHealthCheck(_ node: Node, at path: String, tcp: Bool = false) -> HealthCheckConfig? {
         let keys: Set = ["path", "host", "expected_statuses", "interval", "timeout", "interval_jitter",
                          "interval_jitter_percent", "unhealthy_threshold", "healthy_threshold", "unhealthy_interval",
                          "no_traffic_interval"]
         guard let m = map(node, at: path, keys: keys) else { return nil }
-        guard let probePath = required(nonEmptyString(m["path"], at: m.path("path")), m, "path") else { return nil }
-        guard probePath.hasPrefix("/"), probePath.utf8.allSatisfy(HTTPTokens.isTargetByte) else {
-            fail(m.path("path"), "\"\(probePath)\" is not an origin-form path")
-            return nil
+        var hc: HealthCheckConfig
+        if tcp {
+            for key in ["path", "host", "expected_statuses"] where m[key] != nil {
+                fail(m.path(key), "is for HTTP checks: a tcp cluster's hosts are checked by connecting")
+            }
+            hc = HealthCheckConfig(path: "")
+        } else {
+            guard let probePath = required(nonEmptyString(m["path"], at: m.path("path")), m, "path") else { return nil }
+            guard probePath.hasPrefix("/"), probePath.utf8.allSatisfy(HTTPTokens.isTargetByte) else {
+                fail(m.path("path"), "\"\(probePath)\" is not an origin-form path")
+                return nil
+            }
+            hc = HealthCheckConfig(path: probePath)
         }
-        var hc = HealthCheckConfig(path: probePath)
         if let h = nonEmptyString(m["host"], at: m.path("host")) {
             if h.utf8.allSatisfy(HTTPTokens.isHostByte) { hc.host = h } else { fail(m.path("host"), "\"\(h)\" is not a host") }
         }

@@ -31,6 +31,7 @@ extension ConfigReader {
         readStatic(m, into: &config)
         readDynamic(m, into: &config)
         let seenClusters = Dictionary(config.clusters.enumerated().map { ($0.element.name, $0.offset) }) { a, _ in a }
+        tcpClusters = Set(config.clusters.filter { $0.protocol == .tcp }.map(\.name))
 
         guard m["listeners"] != nil else {
             fail("listeners", "at least one listener is required")
@@ -60,7 +61,43 @@ extension ConfigReader {
             config.listeners.append(listener)
         }
         checkOriginalDestinationRoutes(config)
+        checkTCPRoutes(config)
         return config
+    }
+
+    /// A TCP connection has only a destination: routes that carry connections (to a tcp cluster, or any route of a
+    /// `protocol: tcp` listener) match by `destination_port` and `destination_cidr` alone, and HTTP-only settings on
+    /// them are refused rather than ignored.
+    mutating func checkTCPRoutes(_ config: VigilConfig) {
+        for (i, listener) in config.listeners.enumerated() {
+            for (j, route) in listener.routes.enumerated() {
+                guard let cluster = config.cluster(named: route.cluster) else { continue }
+                let path = "listeners[\(i)].routes[\(j)]"
+                let tcpCluster = cluster.protocol == .tcp
+                let carriesConnections = tcpCluster || listener.protocol == .tcp
+                if tcpCluster, listener.protocol == .http1 || listener.protocol == .http2 {
+                    fail("\(path).cluster", "\"\(cluster.name)\" is a tcp cluster, and listener \(listener.name) speaks \(listener.protocol.rawValue) (protocol tcp or auto carries connections)")
+                }
+                if listener.protocol == .tcp, !tcpCluster, cluster.type != .originalDst {
+                    fail("\(path).cluster", "listener \(listener.name) is protocol tcp: its routes go to tcp or original_dst clusters, and \"\(cluster.name)\" is \(cluster.protocol.rawValue)")
+                }
+                guard carriesConnections else {
+                    if route.connectAttempts != 1, cluster.type != .originalDst {
+                        fail("\(path).connect_attempts", "applies to TCP connections; requests to \"\(cluster.name)\" retry by retry:")
+                    }
+                    continue
+                }
+                if !route.match.isDestinationOnly {
+                    fail("\(path).match", "a route that carries TCP connections matches by destination_port and destination_cidr only: a connection has no path, authority, headers or method")
+                }
+                if route.retry != nil {
+                    fail("\(path).retry", "does not apply to TCP connections (connect_attempts tries other hosts)")
+                }
+                if route.tenantLimits != nil {
+                    fail("\(path).tenant_limits", "does not apply to TCP connections (they are not attributed to tenants)")
+                }
+            }
+        }
     }
 
     /// An `original_dst` cluster sends a request where its connection was going: only a listener that reads that
@@ -141,12 +178,13 @@ extension ConfigReader {
     mutating func readListener(_ node: Node, at path: String, clusterNames: [String: Int]) -> ListenerConfig? {
         guard let m = map(node, at: path, keys: ["name", "address", "protocol", "routes", "limits", "tls", "authorization",
                                                  "trusted_headers", "abort_on_client_close",
-                                                 "per_connection_buffer_limit_bytes", "original_destination"])
+                                                 "per_connection_buffer_limit_bytes", "original_destination",
+                                                 "opaque_ports", "protocol_detection_timeout"])
         else { return nil }
         let name = required(nonEmptyString(m["name"], at: m.path("name")), m, "name")
         let address = required(self.address(m["address"], at: m.path("address")), m, "address")
         let proto = oneOf(m["protocol"], at: m.path("protocol"),
-                          ["http1": ListenerProtocol.http1, "http2": .http2, "auto": .auto]) ?? .auto
+                          ["http1": ListenerProtocol.http1, "http2": .http2, "auto": .auto, "tcp": .tcp]) ?? .auto
         var limits = ListenerLimits()
         if let l = map(m["limits"], at: m.path("limits"), keys: ["max_header_bytes", "max_body_bytes", "max_header_count",
                                                                  "max_connections", "idle_timeout", "header_timeout",
@@ -211,12 +249,26 @@ extension ConfigReader {
                             range: 4096...(1 << 20)) {
             listener.perConnectionBufferLimitBytes = v
         }
+        if let ports = list(m["opaque_ports"], at: m.path("opaque_ports")) {
+            if proto != .auto, !ports.isEmpty {
+                fail(m.path("opaque_ports"), "applies to protocol auto (where the protocol is detected)")
+            }
+            for (i, p) in ports.enumerated() {
+                if let port = int(p, at: Self.index(m.path("opaque_ports"), i), range: 1...65535) { listener.opaquePorts.insert(port) }
+            }
+        }
+        if let d = duration(m["protocol_detection_timeout"], at: m.path("protocol_detection_timeout")) {
+            if proto != .auto, d > .zero {
+                fail(m.path("protocol_detection_timeout"), "applies to protocol auto (where the protocol is detected)")
+            }
+            listener.protocolDetectionTimeout = d
+        }
         return listener
     }
 
     mutating func readRoute(_ node: Node, at path: String, clusterNames: [String: Int]) -> RouteConfig? {
         guard let m = map(node, at: path, keys: ["match", "cluster", "timeout", "idle_timeout", "retry",
-                                                     "tenant_limits"]) else { return nil }
+                                                     "tenant_limits", "connect_attempts"]) else { return nil }
         let match = required(readMatch(m["match"], at: m.path("match")), m, "match")
         let cluster = required(nonEmptyString(m["cluster"], at: m.path("cluster")), m, "cluster")
         if let cluster, clusterNames[cluster] == nil {
@@ -226,7 +278,12 @@ extension ConfigReader {
         let retry = m["retry"].flatMap { readRetry($0, at: m.path("retry")) }
         guard let match, let cluster else { return nil }
         var route = RouteConfig(match: match, cluster: cluster, timeout: timeout, retry: retry)
-        if let idle = duration(m["idle_timeout"], at: m.path("idle_timeout")) { route.idleTimeout = idle }
+        if let idle = duration(m["idle_timeout"], at: m.path("idle_timeout")) {
+            route.idleTimeout = idle
+        } else if tcpClusters.contains(cluster) {
+            route.idleTimeout = .hours(1)  // Envoy's tcp_proxy default: a TCP connection may rest far longer than a request
+        }
+        if let n = int(m["connect_attempts"], at: m.path("connect_attempts"), range: 1...10) { route.connectAttempts = n }
         if let node = m["tenant_limits"], let limits = readTenantLimits(node, at: m.path("tenant_limits")) {
             if limits.requestsPerSecond == nil { fail(m.path("tenant_limits.requests_per_second"), "is required") }
             if limits.maxConcurrent != nil { fail(m.path("tenant_limits.max_concurrent"), "is per tenant, not per route") }
@@ -336,7 +393,7 @@ extension ConfigReader {
             if type != .originalDst { fail(m.path("cleanup_interval"), "applies to original_dst clusters only") }
             cluster.cleanupInterval = d
         }
-        if let p = oneOf(m["protocol"], at: m.path("protocol"), ["http1": UpstreamProtocol.http1, "http2": .http2]) {
+        if let p = oneOf(m["protocol"], at: m.path("protocol"), ["http1": UpstreamProtocol.http1, "http2": .http2, "tcp": .tcp]) {
             cluster.protocol = p
         }
         if let d = duration(m["connect_timeout"], at: m.path("connect_timeout"), min: .milliseconds(1)) {

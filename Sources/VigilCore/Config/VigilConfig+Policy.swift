@@ -91,6 +91,7 @@ extension ConfigReader {
         var config = base
         readDynamic(m, into: &config)
         let clusterNames = Dictionary(config.clusters.enumerated().map { ($0.element.name, $0.offset) }) { a, _ in a }
+        tcpClusters = Set(config.clusters.filter { $0.protocol == .tcp }.map(\.name))
         var replaced = Set<String>()
         if let listeners = list(m["listeners"], at: "listeners") {
             for (i, node) in listeners.enumerated() {
@@ -128,11 +129,13 @@ extension ConfigReader {
             }
         }
         checkOriginalDestinationRoutes(config)
+        checkTCPRoutes(config)
         return config
     }
 
     static let listenerKeys: Set = ["name", "routes", "address", "protocol", "limits", "tls", "authorization", "trusted_headers",
-                                    "abort_on_client_close", "per_connection_buffer_limit_bytes", "original_destination"]
+                                    "abort_on_client_close", "per_connection_buffer_limit_bytes", "original_destination",
+                                    "opaque_ports", "protocol_detection_timeout"]
 
     static func sameStatic(_ key: String, _ a: VigilConfig, _ b: VigilConfig) -> Bool {
         switch key {
@@ -161,6 +164,8 @@ extension ConfigReader {
         case "abort_on_client_close": a.abortOnClientClose == b.abortOnClientClose
         case "per_connection_buffer_limit_bytes": a.perConnectionBufferLimitBytes == b.perConnectionBufferLimitBytes
         case "original_destination": a.originalDestination == b.originalDestination
+        case "opaque_ports": a.opaquePorts == b.opaquePorts
+        case "protocol_detection_timeout": a.protocolDetectionTimeout == b.protocolDetectionTimeout
         default: false
         }
     }

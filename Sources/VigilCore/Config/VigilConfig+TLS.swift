@@ -3,7 +3,7 @@ import Yams
 /// Reading of `listeners[].tls`, `clusters[].tls` and `authorization`.
 extension ConfigReader {
     mutating func readListenerTLS(_ node: Node, at path: String) -> ListenerTLSConfig? {
-        let keys: Set = ["cert", "key", "client_ca", "require_client_cert", "min_version", "identity_from"]
+        let keys: Set = ["cert", "key", "client_ca", "require_client_cert", "min_version", "identity_from", "mode"]
         guard let m = map(node, at: path, keys: keys) else { return nil }
         let cert = required(nonEmptyString(m["cert"], at: m.path("cert")), m, "cert")
         let key = required(nonEmptyString(m["key"], at: m.path("key")), m, "key")
@@ -25,6 +25,9 @@ extension ConfigReader {
             }
             if list.isEmpty { fail(m.path("identity_from"), "must list at least one of uri, dns, cn") }
             if !sources.isEmpty { tls.identityFrom = sources }
+        }
+        if let mode = oneOf(m["mode"], at: m.path("mode"), ["strict": ListenerTLSConfig.Mode.strict, "permissive": .permissive]) {
+            tls.mode = mode
         }
         return tls
     }

@@ -63,8 +63,12 @@ public enum AccessLogOutput: Sendable, Equatable {
 
 public enum ListenerProtocol: String, Sendable, Equatable {
     case http1, http2
-    /// HTTP/2 when the connection opens with the h2 preface (prior knowledge), HTTP/1.1 otherwise.
+    /// HTTP/2 when the connection opens with the h2 preface (prior knowledge), HTTP/1.1 otherwise; on a listener
+    /// that can carry TCP (`original_destination`, or a route to a tcp cluster), also TLS and opaque TCP, which are
+    /// proxied as byte streams (`ProtocolSniffer`).
     case auto
+    /// Every connection is a byte stream, routed by its destination only.
+    case tcp
 }
 
 public struct ListenerConfig: Sendable, Equatable {
@@ -94,6 +98,13 @@ public struct ListenerConfig: Sendable, Equatable {
     /// byte on bulk transfers.
     public var perConnectionBufferLimitBytes = ListenerConfig.defaultBufferLimitBytes
     public static let defaultBufferLimitBytes = 16 * 1024
+    /// `opaque_ports` (Linkerd's name): connections to these destination ports are TCP at once, without waiting for
+    /// the client's first bytes: protocols where the server speaks first (MySQL, SMTP) would otherwise wait for ever.
+    public var opaquePorts: Set<Int> = []
+    /// `protocol_detection_timeout`: how long a `protocol: auto` listener that can carry TCP waits for the client's
+    /// first bytes to tell what it speaks before proxying it as TCP. Zero (the default, Istio's since 1.8) waits
+    /// for as long as `header_timeout` allows and then closes; server-speaks-first protocols belong in `opaque_ports`.
+    public var protocolDetectionTimeout: TimeAmount = .zero
 
     public init(name: String, address: SocketAddressSpec, protocol: ListenerProtocol = .auto,
                 routes: [RouteConfig], limits: ListenerLimits = .init()) {
@@ -158,6 +169,9 @@ public struct RouteConfig: Sendable, Equatable {
     /// Per-route override of every tenant's rate limit (`requests_per_second`, `burst`): on this route each
     /// tenant has its own bucket of this size instead of its usual one.
     public var tenantLimits: TenantLimits?
+    /// For TCP connections: connects tried, each to another host where there is one, before the connection is
+    /// given up (Envoy's `max_connect_attempts`, default 1).
+    public var connectAttempts = 1
 
     public init(match: RouteMatch, cluster: String, timeout: TimeAmount = .seconds(15), retry: RetryPolicyConfig? = nil) {
         self.match = match
@@ -207,6 +221,8 @@ public struct HeaderMatch: Sendable, Equatable {
 
 public enum UpstreamProtocol: String, Sendable, Equatable {
     case http1, http2
+    /// A byte stream per downstream connection (Envoy's `tcp_proxy`), for routes that match by destination only.
+    case tcp
 }
 
 public enum LoadBalancerKind: String, Sendable, Equatable {

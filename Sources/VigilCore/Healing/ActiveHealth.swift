@@ -3,6 +3,8 @@ import NIOCore
 /// The result of one active health probe.
 public enum ProbeResult: Sendable, Equatable {
     case passed(status: Int)
+    /// A tcp cluster's check: the connection (and TLS handshake) was set up.
+    case connected
     /// An answer whose status is not expected.
     case badStatus(Int)
     case timeout
@@ -10,7 +12,12 @@ public enum ProbeResult: Sendable, Equatable {
     /// The connection closed or the answer was not HTTP.
     case broken(String)
 
-    public var passed: Bool { if case .passed = self { true } else { false } }
+    public var passed: Bool {
+        switch self {
+        case .passed, .connected: true
+        case .badStatus, .timeout, .connectFailed, .broken: false
+        }
+    }
 
     /// The result of a final (non-1xx) answer with `status`, given the statuses that count as healthy.
     public static func judging(status: Int, expected: [ClosedRange<Int>]) -> ProbeResult {
@@ -20,6 +27,7 @@ public enum ProbeResult: Sendable, Equatable {
     public var description: String {
         switch self {
         case .passed(let s): "status \(s)"
+        case .connected: "connected"
         case .badStatus(let s): "status \(s)"
         case .timeout: "no answer within the timeout"
         case .connectFailed(let why): "connect failed: \(why)"

@@ -24,6 +24,19 @@ public struct Authorizer: Sendable, Equatable {
         return path.withUTF8 { decide(identity: identity, pathBytes: UnsafeRawBufferPointer($0), method: method) }
     }
 
+    /// For a TCP connection, which has no path or method: allowed only by a rule that names neither, so that a rule
+    /// written for some requests of an identity never opens every port to it.
+    public func decideConnection(identity: String?) -> Decision {
+        guard !rules.isEmpty else { return .allow(rule: nil) }
+        for (i, rule) in rules.enumerated() where rule.prefix == nil && rule.methods.isEmpty {
+            if !rule.identities.isEmpty {
+                guard let identity, rule.identities.contains(where: { IdentityPattern.matches($0, identity) }) else { continue }
+            }
+            return .allow(rule: i)
+        }
+        return .deny
+    }
+
     /// The same on the path's bytes (the data plane's: no string made of a request's path). Paths are ASCII
     /// once validated, so a byte prefix is the path prefix.
     public func decide(identity: String?, pathBytes path: UnsafeRawBufferPointer, method: String) -> Decision {

@@ -47,6 +47,21 @@ extension HTTP1RequestHead: RoutableRequest {
 ///
 /// Routes are compiled once: paths become UTF-8 bytes compared in place, so matching a request copies no
 /// route and builds no string.
+extension RouteMatch {
+    /// Matches by where the connection was going and nothing else: the only kind of match a TCP connection, which
+    /// has no path, authority, headers or method, can be routed by.
+    public var isDestinationOnly: Bool {
+        path == .prefix("/") && authorities.isEmpty && headers.isEmpty && methods.isEmpty
+    }
+
+    /// Whether `destination` is one this match takes (a match without destination keys takes every connection).
+    public func matches(destination: Destination?) -> Bool {
+        if let port = destinationPort, destination?.port != port { return false }
+        if let range = destinationCIDR, !(destination.map(range.contains) ?? false) { return false }
+        return true
+    }
+}
+
 public struct RouteTable: Sendable {
     public let routes: [RouteConfig]
     private let compiled: [Compiled]
@@ -55,14 +70,17 @@ public struct RouteTable: Sendable {
         let path: [UInt8]
         let exact: Bool
         let match: RouteMatch
+        /// A route to a tcp cluster: it takes connections, never requests.
+        let tcp: Bool
     }
 
-    public init(_ routes: [RouteConfig]) {
+    /// `tcpRoutes`: which routes go to tcp clusters (their connections never reach HTTP matching).
+    public init(_ routes: [RouteConfig], tcpRoutes: Set<Int> = []) {
         self.routes = routes
-        self.compiled = routes.map { r in
+        self.compiled = routes.enumerated().map { i, r in
             switch r.match.path {
-            case .prefix(let p): Compiled(path: Array(p.utf8), exact: false, match: r.match)
-            case .exact(let p): Compiled(path: Array(p.utf8), exact: true, match: r.match)
+            case .prefix(let p): Compiled(path: Array(p.utf8), exact: false, match: r.match, tcp: tcpRoutes.contains(i))
+            case .exact(let p): Compiled(path: Array(p.utf8), exact: true, match: r.match, tcp: tcpRoutes.contains(i))
             }
         }
     }
@@ -86,8 +104,8 @@ public struct RouteTable: Sendable {
                     }
                     if !same { continue }
                     let m = table[index].match
-                    if let port = m.destinationPort, destination?.port != port { continue }
-                    if let range = m.destinationCIDR, !(destination.map(range.contains) ?? false) { continue }
+                    if table[index].tcp { continue }
+                    if !m.matches(destination: destination) { continue }
                     if !m.methods.isEmpty && !m.methods.contains(request.method) { continue }
                     if !m.authorities.isEmpty {
                         if host == nil { host = Self.hostWithoutPort(request.authority) }

@@ -123,6 +123,8 @@ extension VigilConfig {
                     "tls": l.tls.map(Self.dump) ?? .null,
                     "authorization": .string(l.authorization ? "on" : "off"),
                     "original_destination": .bool(l.originalDestination),
+                    "opaque_ports": .array(l.opaquePorts.sorted().map(JSONValue.int)),
+                    "protocol_detection_timeout": d(l.protocolDetectionTimeout),
                     "routes": .array(l.routes.map { r in
                         var match: [(String, JSONValue)] = []
                         switch r.match.path {
@@ -139,7 +141,8 @@ extension VigilConfig {
                         return ["match": .object(match), "cluster": .string(r.cluster), "timeout": d(r.timeout),
                                 "idle_timeout": d(r.idleTimeout),
                                 "retry": r.retry.map(Self.dump) ?? .null,
-                                "tenant_limits": r.tenantLimits.map(Self.dump) ?? .null]
+                                "tenant_limits": r.tenantLimits.map(Self.dump) ?? .null,
+                                "connect_attempts": .int(r.connectAttempts)]
                     }),
                 ]
             }),

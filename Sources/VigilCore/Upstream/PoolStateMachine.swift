@@ -34,7 +34,8 @@ public struct PoolSettings: Sendable, Equatable {
 
     public init(cluster: ClusterConfig, maxStreamsPerConnection: Int = 100) {
         self.cluster = cluster.name
-        self.protocol = cluster.protocol
+        // A tcp cluster's connections are not pooled (each is its client's own); no request reaches its pools.
+        self.protocol = cluster.protocol == .http2 ? .http2 : .http1
         self.connectTimeout = cluster.connectTimeout
         self.idleTimeout = cluster.idleTimeout
         self.maxStreamsPerConnection = maxStreamsPerConnection
@@ -144,7 +145,7 @@ public struct PoolStateMachine<Waiter: Equatable> {
     public mutating func acquireRequested<S: PoolSlots>(_ waiter: Waiter, fresh: Bool = false,
                                                        slots: inout S) -> Action {
         switch settings.protocol {
-        case .http1: acquireHTTP1(waiter, fresh: fresh, slots: &slots)
+        case .http1, .tcp: acquireHTTP1(waiter, fresh: fresh, slots: &slots)
         case .http2: acquireStream(waiter, slots: &slots)
         }
     }
@@ -174,7 +175,7 @@ public struct PoolStateMachine<Waiter: Equatable> {
                                                        slots: inout S) -> Action {
         if closing.contains(id) { return .connection(.close(id)) }  // timed out first; the shell may not have had its channel
         switch settings.protocol {
-        case .http1: return connectedHTTP1(id, now: now, slots: &slots)
+        case .http1, .tcp: return connectedHTTP1(id, now: now, slots: &slots)
         case .http2: return connectedHTTP2(id, slots: &slots)
         }
     }
@@ -226,7 +227,7 @@ public struct PoolStateMachine<Waiter: Equatable> {
         guard !waiters.isEmpty else { return Action(connection: .none, waiter: failed) }
         // A place opened: the longest waiter gets a new connection.
         switch settings.protocol {
-        case .http1:
+        case .http1, .tcp:
             guard slots.reserveConnection() else { return Action(connection: .none, waiter: failed) }
             let waiter = waiters.removeFirst()
             slots.releasePending()

@@ -202,7 +202,9 @@ extension HTTP1ServerHandler {
                                     status: status, durationNanos: duration.nanoseconds,
                                     upstreamHost: upstreamHost, bytesIn: bytesIn, bytesOut: bytesOut,
                                     reason: exchange.reason, requestID: rid, tenant: tenant,
-                                    originalDestination: listener.config.originalDestination ? facts.destination : nil))
+                                    originalDestination: listener.config.originalDestination ? facts.destination : nil,
+                                    identity: session.identity,
+                                    downstreamTLS: listener.config.tls == nil ? nil : session.tlsLabel))
         }
     }
 

@@ -205,7 +205,9 @@ extension HTTP2StreamHandler {
                                     protocolName: "HTTP/2", status: status, durationNanos: duration.nanoseconds,
                                     upstreamHost: target?.host.addressText, bytesIn: bytesIn, bytesOut: bytesOut,
                                     reason: exchange.reason, requestID: requestID, tenant: target?.tenant?.name,
-                                    originalDestination: listener.config.originalDestination ? facts.destination : nil))
+                                    originalDestination: listener.config.originalDestination ? facts.destination : nil,
+                                    identity: session.identity,
+                                    downstreamTLS: listener.config.tls == nil ? nil : session.tlsLabel))
         }
         target?.release()
         target = nil

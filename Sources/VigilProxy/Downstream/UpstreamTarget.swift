@@ -140,8 +140,7 @@ extension ProxyRuntime {
             guard let destination, listener.config.originalDestination else {
                 cluster.requestFinished()
                 return .reply(status: 503, reason: "no_original_destination",
-                              detail: "cluster \(cluster.config.name) sends requests where their connection was going, and listener \(listener.config.name) does not read that (original_destination)",
-                              cluster: cluster)
+                              detail: Self.noOriginalDestination(cluster: cluster, listener: listener), cluster: cluster)
             }
             pool = policy.originalDestinationPool(slot: slot, destination: destination, isThisHost: destinationIsThisHost)
             host = pool.host
@@ -163,6 +162,17 @@ extension ProxyRuntime {
         target = UpstreamTarget(policy: policy, cluster: cluster, slot: slot, host: host, pool: pool,
                                 routeIndex: routeIndex, route: route, tenant: tenant)
         return .forward
+    }
+
+    /// Why an `original_dst` cluster has nowhere to send a request or connection. A connection that came to an
+    /// original-destination listener directly (not redirected) would be sent back to Vigil: refused, and counted as a
+    /// refused loop (Istio blackholes these too).
+    static func noOriginalDestination(cluster: ClusterRuntime, listener: ListenerRuntime) -> String {
+        guard listener.config.originalDestination else {
+            return "cluster \(cluster.config.name) sends requests where their connection was going, and listener \(listener.config.name) does not read that (original_destination)"
+        }
+        listener.refusedLoops.wrappingIncrement(ordering: .relaxed)
+        return "the connection came to listener \(listener.config.name) directly, not redirected: it has no original destination for cluster \(cluster.config.name), and sending it to the listener's own address would loop"
     }
 
     /// The end of a request for its SLO: counted against its tenant's objective (or the untenanted one).

@@ -5,7 +5,7 @@ import NIOHTTP2
 import NIOPosix
 import VigilCore
 
-/// Active health checks of one cluster: an HTTP GET of `health_check.path` to each host on its own
+/// Active health checks of one cluster: an HTTP GET of `health_check.path` (a tcp cluster: a connect) to each host on its own
 /// schedule, on the cluster's event loop. Each probe uses a new connection (`Connection: close`), so a host
 /// that accepts but never answers fails by `timeout`, and a probe never shares a connection with traffic.
 /// HTTP/2 clusters are probed over HTTP/2 (prior knowledge), as their hosts may speak nothing else.
@@ -55,16 +55,22 @@ final class HealthProber: Sendable {
         // The pool's connector: a name that did not resolve at startup is resolved now, as for traffic.
         let target = UpstreamConnector.Target(host: host, eventLoop: loop,
                                               timeout: min(config.timeout, cluster.config.connectTimeout), bufferLimit: nil)
+        let tcp = cluster.config.protocol == .tcp
+        let handshake = loop.makePromise(of: Void.self)
         let connect = UpstreamConnector.bootstrap.open(target) { [config, cluster] channel in
             // TLS clusters are probed over TLS, with the same identity check as traffic.
             if let tls = cluster.config.tls, let context = cluster.tlsContext() {
                 do {
-                    try UpstreamTLSCheck.install(on: channel, context: context, tls: tls,
-                                                 handshake: channel.eventLoop.makePromise(of: Void.self))
+                    try UpstreamTLSCheck.install(on: channel, context: context, tls: tls, handshake: handshake)
                 } catch {
                     return channel.eventLoop.makeFailedFuture(error)
                 }
+            } else {
+                handshake.succeed(())
             }
+            // A tcp cluster's host passes when the connection (and its TLS handshake) is set up (Envoy's TCP check
+            // without payload).
+            if tcp { return channel.eventLoop.makeSucceededVoidFuture() }
             if let multiplexer {
                 let configured = channel.configureHTTP2Pipeline(mode: .client, inboundStreamInitializer: nil)
                 multiplexer.completeWith(configured)
@@ -80,6 +86,16 @@ final class HealthProber: Sendable {
             switch result {
             case .success(let channel):
                 promise.futureResult.whenComplete { _ in channel.close(promise: nil) }
+                if tcp {
+                    handshake.futureResult.whenComplete { result in
+                        switch result {
+                        case .success: promise.succeed(.connected)
+                        case .failure(let error):
+                            promise.succeed(.connectFailed((error as? UpstreamTLSError)?.failure.detail ?? "\(error)"))
+                        }
+                    }
+                    return
+                }
                 guard let multiplexer else { return }
                 multiplexer.futureResult.whenSuccess { [config] mux in
                     mux.createStreamChannel(promise: nil) { stream in
@@ -93,6 +109,7 @@ final class HealthProber: Sendable {
                 channel.closeFuture.whenComplete { _ in promise.succeed(.broken("connection closed before a response")) }
             case .failure(let error):
                 multiplexer?.fail(error)
+                handshake.fail(error)
                 if let e = error as? ChannelError, case .connectTimeout = e {
                     promise.succeed(.timeout)
                 } else {

@@ -26,6 +26,13 @@ public struct AccessLogEntry {
     public var tenant: String? = nil
     /// Where the connection was going, on a listener that reads original destinations.
     public var originalDestination: Destination? = nil
+    /// The client's identity (SPIFFE ID) over mutual TLS.
+    public var identity: String? = nil
+    /// How the client connected, on a listener with TLS: `mtls`, `tls` or (permissive mode) `plaintext`.
+    public var downstreamTLS: StaticString? = nil
+    /// A TLS connection proxied as TCP: the server name and protocols its ClientHello asked for.
+    public var serverName: String? = nil
+    public var alpn: [String] = []
 }
 
 /// Text for a log line: a string, or bytes of a request head (an HTTP/1.1 path or Host, so that no string is
@@ -238,6 +245,23 @@ public final class AccessLog: Sendable {
         if let tenant = e.tenant {
             b.writeStaticString(",\"tenant\":")
             JSONWriter.writeString(tenant, into: &b)
+        }
+        if let identity = e.identity {
+            b.writeStaticString(",\"identity\":")
+            JSONWriter.writeString(identity, into: &b)
+        }
+        if let tls = e.downstreamTLS {
+            b.writeStaticString(",\"tls\":\"")
+            b.writeStaticString(tls)
+            b.writeStaticString("\"")
+        }
+        if let name = e.serverName {
+            b.writeStaticString(",\"sni\":")
+            JSONWriter.writeString(name, into: &b)
+        }
+        if !e.alpn.isEmpty {
+            b.writeStaticString(",\"alpn\":")
+            JSONWriter.writeString(e.alpn.joined(separator: ","), into: &b)
         }
         b.writeStaticString("}\n")
     }

@@ -16,6 +16,11 @@ public final class ProxyMetrics: Sendable {
     let bytesOut: [Counter]
     let factory: MetricsFactory
     let listenerNames: [String]
+    /// `[listener]`: TCP connections that ended without reaching a cluster (refused, no route).
+    let unroutedConnections: [Counter]
+    /// `[listener][0: plaintext, 1: tls, 2: mtls]`, on listeners with TLS: how clients connected (permissive mode
+    /// shows who still comes in plaintext).
+    let downstreamTLS: [[Counter]]
 
     public init(listeners: [ListenerConfig], factory: MetricsFactory) {
         self.factory = factory
@@ -30,6 +35,27 @@ public final class ProxyMetrics: Sendable {
         bytesOut = listeners.map {
             Counter(label: "vigil_downstream_bytes_sent_total", dimensions: [("listener", $0.name)], factory: factory)
         }
+        unroutedConnections = listeners.map {
+            Counter(label: "vigil_tcp_connections_total", dimensions: [("listener", $0.name), ("cluster", "none")], factory: factory)
+        }
+        downstreamTLS = listeners.map { l in
+            ["plaintext", "tls", "mtls"].map {
+                Counter(label: "vigil_downstream_connections_total", dimensions: [("listener", l.name), ("tls", $0)],
+                        factory: factory)
+            }
+        }
+    }
+
+    /// A client connected to a listener with TLS, in plaintext (permissive mode), over TLS, or over mutual TLS.
+    func recordDownstreamTLS(listener: Int, _ session: DownstreamSession) {
+        downstreamTLS[listener][session.scheme == "https" ? (session.peer != nil ? 2 : 1) : 0].increment()
+    }
+
+    /// A TCP connection ended: counted under its cluster (none when it reached none), its bytes under the listener.
+    func recordConnection(listener: Int, cluster: ClusterRuntime?, bytesIn: Int, bytesOut: Int) {
+        (cluster?.metrics.connections[listener] ?? unroutedConnections[listener]).increment()
+        if bytesIn > 0 { self.bytesIn[listener].increment(by: bytesIn) }
+        if bytesOut > 0 { self.bytesOut[listener].increment(by: bytesOut) }
     }
 
     static func requestCounters(listener: String, cluster: String, factory: MetricsFactory) -> [Counter] {
@@ -44,7 +70,11 @@ public final class ProxyMetrics: Sendable {
     func cluster(_ name: String) -> ClusterMetrics {
         ClusterMetrics(requests: listenerNames.map { Self.requestCounters(listener: $0, cluster: name, factory: factory) },
                        connectFailures: Counter(label: "vigil_upstream_connect_failures_total",
-                                                dimensions: [("cluster", name)], factory: factory))
+                                                dimensions: [("cluster", name)], factory: factory),
+                       connections: listenerNames.map {
+                           Counter(label: "vigil_tcp_connections_total", dimensions: [("listener", $0), ("cluster", name)],
+                                   factory: factory)
+                       })
     }
 
     func recordRequest(listener: Int, cluster: ClusterRuntime?, status: Int, durationNanos: Int64, bytesIn: Int, bytesOut: Int) {
@@ -56,9 +86,11 @@ public final class ProxyMetrics: Sendable {
     }
 }
 
-/// One cluster's counters: `requests[listener][status class]` and connect failures.
+/// One cluster's counters: `requests[listener][status class]`, connect failures and TCP connections.
 struct ClusterMetrics: Sendable {
     var requests: [[Counter]] = []
     var connectFailures = Counter(label: "vigil_upstream_connect_failures_total", dimensions: [],
                                   factory: NOOPMetricsHandler.instance)
+    /// `[listener]`: TCP connections carried to this cluster.
+    var connections: [Counter] = []
 }

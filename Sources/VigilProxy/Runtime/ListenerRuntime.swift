@@ -15,7 +15,8 @@ public final class ListenerRuntime: Sendable {
     var delayedCloseTimeout: TimeAmount { config.limits.delayedCloseTimeout }
     public let openConnections = ManagedAtomic<Int>(0)
     public let totalConnections = ManagedAtomic<Int>(0)
-    /// Connections refused because they came to an original-destination listener directly (a loop).
+    /// Requests and connections refused because they came to an original-destination listener directly and would
+    /// have been passed through to the listener itself (a loop).
     public let refusedLoops = ManagedAtomic<Int>(0)
 
     init(config: ListenerConfig, index: Int) {
@@ -40,7 +41,19 @@ final class ListenerRoutes: Sendable {
     /// Per route: its slot among the routes that override tenant rate limits, with the bucket's shape.
     let tenantOverrides: [TenantState.RouteBucket?]
 
-    init(listener: ListenerConfig, clusterSlots: [String: Int], tenants: TenantsConfig?, firstOverrideSlot: Int) {
+    /// Routes to tcp clusters, in order: a connection whose destination one of them takes is TCP before any detection.
+    let tcpRoutes: [Int]
+    /// Routes that can carry a TCP connection, in order: those to tcp clusters, and those to `original_dst` clusters
+    /// that match by destination only (the passthrough among them).
+    let connectionRoutes: [Int]
+    /// What each route asks of a TCP connection (its connect attempts and idle timeout).
+    let tcpSettings: [TCPProxyStateMachine.Settings]
+    /// Whether connections that are not HTTP are proxied as TCP here (else they are read as HTTP/1.1, and refused
+    /// as malformed requests).
+    let carriesTCP: Bool
+
+    init(listener: ListenerConfig, clusterSlots: [String: Int], tcpClusters: Set<String> = [],
+         originalDestinationClusters: Set<String> = [], tenants: TenantsConfig?, firstOverrideSlot: Int) {
         var slot = firstOverrideSlot
         self.tenantOverrides = listener.routes.map { route in
             guard let limits = route.tenantLimits, let rate = limits.requestsPerSecond else { return nil }
@@ -51,12 +64,35 @@ final class ListenerRoutes: Sendable {
         for case .header(let name) in tenants?.identify ?? [] where !listener.trustedHeaders { header = name }
         self.untrustedTenantHeader = header
         self.routes = listener.routes
-        self.table = RouteTable(listener.routes)
+        let tcpRoutes = Set(listener.routes.indices.filter { tcpClusters.contains(listener.routes[$0].cluster) })
+        self.table = RouteTable(listener.routes, tcpRoutes: tcpRoutes)
         self.routeClusters = listener.routes.map { clusterSlots[$0.cluster]! }
+        self.tcpRoutes = tcpRoutes.sorted()
+        self.connectionRoutes = listener.routes.indices.filter {
+            tcpRoutes.contains($0) || (originalDestinationClusters.contains(listener.routes[$0].cluster)
+                                       && listener.routes[$0].match.isDestinationOnly)
+        }
+        self.tcpSettings = listener.routes.map {
+            TCPProxyStateMachine.Settings(connectAttempts: $0.connectAttempts, idleTimeout: $0.idleTimeout)
+        }
+        self.carriesTCP = listener.protocol == .tcp || (listener.protocol == .auto
+                                                       && (listener.originalDestination || !tcpRoutes.isEmpty))
         self.exchangeRoutes = listener.routes.map {
             ExchangeStateMachine.Route(timeout: $0.timeout,
                                        idleTimeout: $0.idleTimeout,
                                        retry: $0.retry.map(RetryPolicy.init))
         }
+    }
+}
+
+extension ListenerRoutes {
+    /// The first route to a tcp cluster that takes a connection to `destination`, if any.
+    func tcpRoute(for destination: Destination?) -> Int? {
+        tcpRoutes.first { routes[$0].match.matches(destination: destination) }
+    }
+
+    /// The first route that carries a TCP connection to `destination`, if any (nil: `no_route`).
+    func connectionRoute(for destination: Destination?) -> Int? {
+        connectionRoutes.first { routes[$0].match.matches(destination: destination) }
     }
 }

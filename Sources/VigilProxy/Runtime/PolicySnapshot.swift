@@ -53,9 +53,13 @@ public final class PolicySnapshot: Sendable {
         }
         let slots = Dictionary(uniqueKeysWithValues: clusters.enumerated().map { ($0.element.config.name, $0.offset) })
         var overrides = 0
+        let tcpClusters = Set(config.clusters.filter { $0.protocol == .tcp }.map(\.name))
+        let byOriginal = Set(config.clusters.filter { $0.type == .originalDst }.map(\.name))
         self.routes = config.listeners.map { listener in
             defer { overrides += listener.routes.filter { $0.tenantLimits != nil }.count }
-            return ListenerRoutes(listener: listener, clusterSlots: slots, tenants: config.tenants, firstOverrideSlot: overrides)
+            return ListenerRoutes(listener: listener, clusterSlots: slots, tcpClusters: tcpClusters,
+                                  originalDestinationClusters: byOriginal, tenants: config.tenants,
+                                  firstOverrideSlot: overrides)
         }
         let untenanted = SLOCounters.make(for: "-", slo: config.slo)
         self.untenantedSLO = previous?.untenantedSLO?.slowNanos == untenanted?.slowNanos ? previous?.untenantedSLO : untenanted

@@ -72,14 +72,6 @@ public final class ProxyServer: Sendable {
                     listener.openConnections.wrappingDecrement(ordering: .relaxed)
                     return channel.close()
                 }
-                // A connection that came to an original-destination listener directly, not redirected, would be sent
-                // back to Vigil by a passthrough: refused (Istio blackholes these too).
-                if listener.config.originalDestination,
-                   ConnectionDestination.read(channel, original: true).isListenerItself {
-                    listener.openConnections.wrappingDecrement(ordering: .relaxed)
-                    listener.refusedLoops.wrappingIncrement(ordering: .relaxed)
-                    return channel.close()
-                }
                 listener.totalConnections.wrappingIncrement(ordering: .relaxed)
                 let id = ObjectIdentifier(channel)
                 state.withLockedValue { $0.connections[id] = channel }
@@ -89,10 +81,14 @@ public final class ProxyServer: Sendable {
                 }
                 return channel.eventLoop.makeCompletedFuture {
                     let loop = runtime.loopContext(channel.eventLoop)
-                    if let tls = runtime.tls.listenerContext(listener.index) {
-                        try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls))
-                        try channel.pipeline.syncOperations.addHandler(
-                            TLSSessionStarter(runtime: runtime, listener: listener, loop: loop))
+                    if let tls = listener.config.tls {
+                        // Permissive: TLS only for connections that open with a ClientHello.
+                        if tls.mode == .permissive {
+                            try channel.pipeline.syncOperations.addHandler(
+                                ProtocolDetector(runtime: runtime, listener: listener, loop: loop, stage: .tlsOrPlaintext))
+                        } else {
+                            try TLSSessionStarter.install(on: channel, runtime: runtime, listener: listener, loop: loop)
+                        }
                         return
                     }
                     switch listener.config.protocol {
@@ -101,7 +97,7 @@ public final class ProxyServer: Sendable {
                             HTTP1ServerHandler(runtime: runtime, listener: listener, loop: loop))
                     case .http2:
                         try HTTP2Pipeline.configure(channel: channel, runtime: runtime, listener: listener, loop: loop)
-                    case .auto:
+                    case .auto, .tcp:
                         try channel.pipeline.syncOperations.addHandler(
                             ProtocolDetector(runtime: runtime, listener: listener, loop: loop))
                     }
@@ -183,89 +179,3 @@ public struct ListenerBindError: Error, CustomStringConvertible {
     public var underlying: Error
     public var description: String { "listeners \(listener): cannot bind \(address): \(underlying)" }
 }
-
-/// For `protocol: auto`: looks at the first bytes of a connection and installs the HTTP/2 pipeline if
-/// they are the HTTP/2 connection preface (prior knowledge, RFC 9113 §3.3), HTTP/1.1 otherwise.
-final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
-    typealias InboundIn = ByteBuffer
-    static let preface: [UInt8] = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
-
-    private let runtime: ProxyRuntime
-    private let listener: ListenerRuntime
-    private let loop: LoopContext
-    private let session: DownstreamSession
-    private var buffered: ByteBuffer?
-    /// A connection must show what it speaks within the listener's `header_timeout`: one that sends nothing
-    /// (or too little to tell) would otherwise hold its connection slot for ever.
-    private var deadline: Scheduled<Void>?
-
-    init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, session: DownstreamSession = .plain) {
-        self.runtime = runtime
-        self.listener = listener
-        self.loop = loop
-        self.session = session
-    }
-
-    func handlerAdded(context: ChannelHandlerContext) {
-        let timeout = listener.headerTimeout
-        deadline = context.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [weak self] in
-            guard let self, self.deadline != nil else { return }
-            self.deadline = nil
-            context.close(promise: nil)
-        }
-    }
-
-    func handlerRemoved(context: ChannelHandlerContext) {
-        deadline?.cancel()
-        deadline = nil
-    }
-
-    /// The client closed its side before Vigil could tell what it speaks: there is nothing to answer.
-    /// (With half-closure allowed, NIO reports the FIN as this event, not as the end of the channel.)
-    /// A drain closes a connection that has sent nothing yet.
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if let event = event as? ChannelEvent, event == .inputClosed {
-            context.close(promise: nil)
-            return
-        }
-        // Draining: a connection that has not begun a request is closed like an idle keep-alive one.
-        if event is DrainEvent, (buffered?.readableBytes ?? 0) == 0 {
-            context.close(promise: nil)
-            return
-        }
-        context.fireUserInboundEventTriggered(event)
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        var bytes = unwrapInboundIn(data)
-        if buffered == nil { buffered = bytes } else { buffered!.writeBuffer(&bytes) }
-        let view = buffered!.readableBytesView
-        let n = min(view.count, Self.preface.count)
-        let matches = view.prefix(n).elementsEqual(Self.preface.prefix(n))
-        if matches && n < Self.preface.count { return }  // could still be the preface
-        let channel = context.channel
-        do {
-            if matches {
-                try HTTP2Pipeline.configure(channel: channel, runtime: runtime, listener: listener, loop: loop,
-                                            session: session)
-            } else {
-                try channel.pipeline.syncOperations.addHandler(
-                    HTTP1ServerHandler(runtime: runtime, listener: listener, loop: loop, session: session),
-                    position: .after(self))
-            }
-        } catch {
-            context.close(promise: nil)
-            return
-        }
-        let data = buffered!
-        buffered = nil
-        context.fireChannelRead(wrapInboundOut(data))
-        context.fireChannelReadComplete()
-        context.pipeline.syncOperations.removeHandler(self, promise: nil)
-    }
-
-    typealias InboundOut = ByteBuffer
-}
-
-@available(*, unavailable)
-extension ProtocolDetector: Sendable {}

@@ -12,8 +12,9 @@ struct ConnectionDestination {
     /// It was going to an address of this host (any of its interfaces'): inbound traffic that iptables redirected,
     /// whose application an `original_dst` cluster reaches on loopback.
     let isThisHost: Bool
-    /// It came to the listener itself, not redirected: taken, an `original_dst` cluster would send it back to
-    /// Vigil (a loop). Such a connection is refused.
+    /// It came to the listener itself, not redirected: it has no original destination (`destination` is nil), so
+    /// routes by destination do not take it and an `original_dst` cluster, which would send it back to Vigil (a
+    /// loop), refuses it. Routes to fixed clusters serve it (a peer sidecar may dial the inbound port directly).
     let isListenerItself: Bool
 
     /// linux/netfilter_ipv4.h SO_ORIGINAL_DST and linux/netfilter_ipv6/ip6_tables.h IP6T_SO_ORIGINAL_DST: the
@@ -43,7 +44,7 @@ struct ConnectionDestination {
         }
         // Not redirected (no NAT entry, or one that changed nothing): it came to the listener itself.
         guard let found, found != local else {
-            return ConnectionDestination(destination: local, isThisHost: false, isListenerItself: true)
+            return ConnectionDestination(destination: nil, isThisHost: false, isListenerItself: true)
         }
         // Going to this host: to the address the redirect chose (the incoming interface's first), or to any other
         // of its addresses. Missed, the passthrough would dial the address and be redirected back to Vigil.

@@ -135,6 +135,7 @@ struct TLSMaterial: Sendable {
         case .http1: c.applicationProtocols = ["http/1.1"]
         case .http2: c.applicationProtocols = ["h2"]
         case .auto: c.applicationProtocols = ["h2", "http/1.1"]
+        case .tcp: c.applicationProtocols = []
         }
         var trust: [CertificateInfo] = []
         if let ca = tls.clientCA {
@@ -158,7 +159,12 @@ struct TLSMaterial: Sendable {
         var c = TLSConfiguration.makeClientConfiguration()
         c.minimumTLSVersion = .tlsv12
         c.cipherSuiteValues = cipherSuites
-        c.applicationProtocols = proto == .http2 ? ["h2"] : ["http/1.1"]
+        // A tcp cluster offers no protocol: the peer (a sidecar's inbound listener) then detects what the stream carries.
+        switch proto {
+        case .http1: c.applicationProtocols = ["http/1.1"]
+        case .http2: c.applicationProtocols = ["h2"]
+        case .tcp: c.applicationProtocols = []
+        }
         // The chain is verified by BoringSSL; the name is checked against server_identity by Vigil, since a
         // SPIFFE ID is a URI SAN, which hostname verification does not look at.
         c.certificateVerification = .noHostnameVerification

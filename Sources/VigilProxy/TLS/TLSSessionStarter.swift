@@ -14,11 +14,15 @@ struct DownstreamSession: Sendable {
     static let plain = DownstreamSession(scheme: "http", peer: nil, forwardedClientCert: nil)
 
     var identity: String? { peer?.identity }
+
+    /// How the client connected, for the access log of a listener with TLS.
+    var tlsLabel: StaticString { scheme == "https" ? (peer != nil ? "mtls" : "tls") : "plaintext" }
 }
 
 /// Sits after the TLS handler of a TLS listener until the handshake is done; then reads the client's
 /// identity from its certificate and installs the codec that ALPN chose (`h2` → HTTP/2, `http/1.1` →
-/// HTTP/1.1; no ALPN → the listener's protocol), and leaves. A handshake that does not finish within the
+/// HTTP/1.1; no ALPN → the listener's protocol, detected for `auto` and `tcp` as on a plaintext connection,
+/// so TCP between sidecars is carried in mutual TLS too), and leaves. A handshake that does not finish within the
 /// listener's `header_timeout` closes the connection.
 final class TLSSessionStarter: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
@@ -32,6 +36,13 @@ final class TLSSessionStarter: ChannelInboundHandler, RemovableChannelHandler {
         self.runtime = runtime
         self.listener = listener
         self.loop = loop
+    }
+
+    /// Adds the listener's TLS server handler and a starter behind it, at the end of `channel`'s pipeline.
+    static func install(on channel: Channel, runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext) throws {
+        guard let context = runtime.tls.listenerContext(listener.index) else { throw ChannelError.ioOnClosedChannel }
+        try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context))
+        try channel.pipeline.syncOperations.addHandler(TLSSessionStarter(runtime: runtime, listener: listener, loop: loop))
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -62,6 +73,7 @@ final class TLSSessionStarter: ChannelInboundHandler, RemovableChannelHandler {
                 ForwardedClientCert.value(by: runtime.tls.listenerIdentity(listener.index), hashHex: $0.hash,
                                           uri: $0.uris.first, dns: $0.dns)
             })
+        runtime.metrics.recordDownstreamTLS(listener: listener.index, session)
         do {
             switch (alpn, listener.config.protocol) {
             case ("h2", _), (nil, .http2):

@@ -1,0 +1,131 @@
+import NIOCore
+import Testing
+@testable import VigilCore
+
+/// `protocol: tcp` listeners and clusters, opaque ports, detection timeout and permissive TLS as config.
+@Suite struct TCPConfigTests {
+    static let sidecar = """
+        listeners:
+          - name: outbound
+            address: "127.0.0.1:15001"
+            original_destination: true
+            opaque_ports: [3306, 25]
+            protocol_detection_timeout: 100ms
+            routes:
+              - match: { destination_port: 6379 }
+                cluster: redis
+                connect_attempts: 2
+              - match: { prefix: "/" }
+                cluster: api
+          - name: inbound
+            address: "0.0.0.0:15006"
+            original_destination: true
+            tls: { mode: permissive, cert: c.pem, key: k.pem, client_ca: ca.pem }
+            routes:
+              - match: { prefix: "/" }
+                cluster: api
+        clusters:
+          - name: redis
+            protocol: tcp
+            endpoints: ["10.0.0.7:6379"]
+            health_check: { interval: 2s }
+          - name: api
+            endpoints: ["127.0.0.1:8080"]
+        """
+
+    @Test func theSidecarExampleIsRead() throws {
+        let config = try VigilConfig.parse(yaml: Self.sidecar)
+        let outbound = config.listeners[0]
+        #expect(outbound.opaquePorts == [3306, 25])
+        #expect(outbound.protocolDetectionTimeout == .milliseconds(100))
+        #expect(outbound.routes[0].connectAttempts == 2)
+        #expect(outbound.routes[0].idleTimeout == .hours(1), "a TCP route rests longer than a request (Envoy's tcp_proxy default)")
+        #expect(outbound.routes[1].idleTimeout == .seconds(60))
+        #expect(config.listeners[1].tls?.mode == .permissive)
+        #expect(config.cluster(named: "redis")?.protocol == .tcp)
+        #expect(config.cluster(named: "redis")?.healthCheck?.path == "", "a tcp cluster is checked by connecting")
+        #expect(ListenerConfig(name: "x", address: .init(host: "127.0.0.1", port: 1), routes: []).protocolDetectionTimeout == .zero,
+                "Istio's default: wait for the client's bytes")
+    }
+
+    @Test func theDumpReadsBackTheSame() throws {
+        let config = try VigilConfig.parse(yaml: Self.sidecar)
+        let again = try config.applying(policy: config.policyDump().serialized())
+        #expect(again == config)
+    }
+
+    @Test func routesThatCarryConnectionsMatchByDestinationOnly() {
+        let yaml = Self.sidecar.replacingOccurrences(of: "match: { destination_port: 6379 }",
+                                                     with: "match: { destination_port: 6379, prefix: /x }")
+        #expect(configErrors(yaml).contains { $0.contains("listeners[0].routes[0].match") && $0.contains("destination_port and destination_cidr only") })
+    }
+
+    @Test func httpSettingsOnATCPRouteAreRefusedNotIgnored() {
+        let yaml = Self.sidecar.replacingOccurrences(of: "connect_attempts: 2",
+                                                     with: "connect_attempts: 2\n        retry: { attempts: 2 }")
+        #expect(configErrors(yaml).contains { $0.contains("listeners[0].routes[0].retry") && $0.contains("does not apply to TCP") })
+        let http = Self.sidecar.replacingOccurrences(of: "      - match: { prefix: \"/\" }\n        cluster: api\n  - name: inbound",
+                                                     with: "      - match: { prefix: \"/\" }\n        cluster: api\n        connect_attempts: 3\n  - name: inbound")
+        #expect(configErrors(http).contains { $0.contains("listeners[0].routes[1].connect_attempts") })
+    }
+
+    @Test func aTCPClusterNeedsAListenerThatCarriesConnections() {
+        let yaml = Self.sidecar.replacingOccurrences(of: "opaque_ports: [3306, 25]\n    protocol_detection_timeout: 100ms\n", with: "protocol: http1\n")
+        let errors = configErrors(yaml)
+        #expect(errors.contains { $0.contains("listeners[0].routes[0].cluster") && $0.contains("is a tcp cluster") })
+    }
+
+    @Test func aTCPListenerRoutesToTCPOrOriginalDstClustersOnly() {
+        let yaml = """
+            listeners:
+              - name: db
+                address: "127.0.0.1:15010"
+                protocol: tcp
+                routes:
+                  - match: { destination_port: 5432 }
+                    cluster: api
+            clusters:
+              - name: api
+                endpoints: ["127.0.0.1:8080"]
+            """
+        #expect(configErrors(yaml).contains { $0.contains("listeners[0].routes[0].cluster") && $0.contains("is protocol tcp") })
+    }
+
+    @Test func detectionKeysBelongToAutoListeners() {
+        let yaml = Self.sidecar.replacingOccurrences(of: "original_destination: true\n    opaque_ports", with: "original_destination: true\n    protocol: http1\n    opaque_ports")
+        let errors = configErrors(yaml)
+        #expect(errors.contains { $0.contains("listeners[0].opaque_ports") && $0.contains("protocol auto") })
+        #expect(errors.contains { $0.contains("listeners[0].protocol_detection_timeout") })
+        #expect(configErrors(Self.sidecar.replacingOccurrences(of: "[3306, 25]", with: "[0]")).contains { $0.contains("opaque_ports[0]") })
+    }
+
+    @Test func aTCPHealthCheckHasNoHTTPKeysAndTLSModesAreNamed() {
+        let yaml = Self.sidecar.replacingOccurrences(of: "health_check: { interval: 2s }", with: "health_check: { path: /healthz }")
+        #expect(configErrors(yaml).contains { $0.contains("clusters[0].health_check.path") && $0.contains("checked by connecting") })
+        let mode = Self.sidecar.replacingOccurrences(of: "mode: permissive", with: "mode: lenient")
+        #expect(configErrors(mode).contains { $0.contains("listeners[1].tls.mode") })
+    }
+
+    @Test func connectionAuthorizationNeedsARuleWithoutPathOrMethod() {
+        let authorizer = Authorizer(rules: [
+            AuthorizationRule(identities: ["spiffe://corp/web"], prefix: "/admin"),
+            AuthorizationRule(identities: ["spiffe://corp/ns/*"]),
+        ])
+        #expect(authorizer.decideConnection(identity: "spiffe://corp/web") == .deny, "a rule for some requests opens no port")
+        #expect(authorizer.decideConnection(identity: "spiffe://corp/ns/a") == .allow(rule: 1))
+        #expect(authorizer.decideConnection(identity: nil) == .deny)
+        #expect(Authorizer(rules: []).decideConnection(identity: nil) == .allow(rule: nil))
+    }
+
+    @Test func tcpRoutesAreNeverMatchedByRequests() {
+        let routes = [RouteConfig(match: RouteMatch(path: .prefix("/"), destinationPort: 6379), cluster: "redis"),
+                      RouteConfig(match: RouteMatch(path: .prefix("/")), cluster: "api")]
+        struct Request: RoutableRequest {
+            var method = "GET", path = "/", authority = "x"
+            func headerValue(_ lowercaseName: String) -> String? { nil }
+        }
+        let destination = Destination(try! SocketAddress(ipAddress: "10.0.0.7", port: 6379))
+        #expect(RouteTable(routes).match(Request(), destination: destination) == 0)
+        #expect(RouteTable(routes, tcpRoutes: [0]).match(Request(), destination: destination) == 1)
+    }
+}
