@@ -105,8 +105,13 @@ import VigilTestSupport
 
     @Test func withOneAttemptAConnectFailureEndsTheConnection() async throws {
         let proxy = try await ProxyHarness(yaml: Self.tcpProxy(), upstreams: [freeLoopbackPort()], group: group)
-        let client = try await RawTCPClient.connect(port: proxy.port(), group: group)
-        #expect(try await client.ended().isReset)
+        do {
+            let client = try await RawTCPClient.connect(port: proxy.port(), group: group)
+            #expect(try await client.ended().isReset)
+        } catch {
+            // The reset can come before the client's own connect has finished.
+            #expect("\(error)".contains("reset"), "\(error)")
+        }
         try await waitUntil("the access log line") { proxy.accessLog.lines.count == 1 }
         #expect(try line(proxy)["reason"] as? String == "upstream_connect_failure")
         await proxy.stop()
@@ -138,7 +143,7 @@ import VigilTestSupport
         while sent < total {
             if sent == 64 << 20 {
                 sink.paused.store(true, ordering: .relaxed)
-                Task { try await Task.sleep(for: .seconds(1)); sink.paused.store(false, ordering: .relaxed) }
+                Task { try await Task.sleep(for: .seconds(2)); sink.paused.store(false, ordering: .relaxed) }
             }
             try await client.send(chunk)
             sent += chunk.readableBytes
@@ -146,9 +151,16 @@ import VigilTestSupport
         }
         try await client.finishSending()
         try await waitUntil("every byte at the sink", seconds: 60) { sink.received.load(ordering: .relaxed) == total }
-        // Loopback socket buffers hold at most about 20 MiB across the two connections (tcp_rmem and tcp_wmem maxima).
-        #expect(inFlight < 40 << 20, "\(inFlight >> 20) MiB in flight")
+        // The kernel may hold up to its tcp_rmem and tcp_wmem maxima per socket, on each of the two connections.
+        let kernel = 2 * (Self.sysctlMax("tcp_rmem") + Self.sysctlMax("tcp_wmem"))
+        #expect(inFlight < kernel + (8 << 20), "\(inFlight >> 20) MiB in flight, the kernel may hold \(kernel >> 20) MiB")
         await client.close()
         await proxy.stop()
+    }
+
+    /// The largest buffer the kernel gives a TCP socket (the third figure of net.ipv4.`name`).
+    static func sysctlMax(_ name: String) -> Int {
+        let text = (try? String(contentsOfFile: "/proc/sys/net/ipv4/\(name)", encoding: .utf8)) ?? ""
+        return text.split(whereSeparator: \.isWhitespace).last.flatMap { Int($0) } ?? (6 << 20)
     }
 }

@@ -146,13 +146,14 @@ public final class RawTCPClient: Sendable {
         var end: End?
     }
 
-    public static func connect(port: Int, group: EventLoopGroup, tls: NIOSSLContext? = nil) async throws -> RawTCPClient {
+    public static func connect(port: Int, group: EventLoopGroup, tls: NIOSSLContext? = nil,
+                               serverName: String? = nil) async throws -> RawTCPClient {
         let box = NIOLockedValueBox(State())
         let channel = try await ClientBootstrap(group: group)
             .channelOption(.allowRemoteHalfClosure, value: true)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    if let tls { try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: tls, serverHostname: nil)) }
+                    if let tls { try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: tls, serverHostname: serverName)) }
                     try channel.pipeline.syncOperations.addHandler(Collector(owner: box))
                 }
             }

@@ -187,9 +187,12 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
                 var hello: ClientHelloInfo?
                 if case .tls(let info) = found { hello = info }
                 let reached = self.reached ?? ConnectionDestination.read(channel, original: listener.config.originalDestination)
+                // What was read goes with the handler (counted and held for the upstream from the start).
+                let first = buffered
+                buffered = nil
                 try channel.pipeline.syncOperations.addHandler(
                     TCPProxyHandler(runtime: runtime, listener: listener, loop: loop, session: session, reached: reached,
-                                    hello: hello),
+                                    hello: hello, firstBytes: first),
                     position: .after(self))
             }
         } catch {

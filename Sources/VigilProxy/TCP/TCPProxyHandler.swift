@@ -51,7 +51,7 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var finished = false
 
     init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, session: DownstreamSession,
-         reached: ConnectionDestination, hello: ClientHelloInfo?) {
+         reached: ConnectionDestination, hello: ClientHelloInfo?, firstBytes: ByteBuffer? = nil) {
         self.runtime = runtime
         self.listener = listener
         self.loop = loop
@@ -61,6 +61,10 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         self.startedAt = loop.eventLoop.now
         self.wallStart = runtime.accessLog.isEnabled ? ProxyRuntime.wallClockNanos() : 0
         self.machine = TCPProxyStateMachine(settings: .init(), now: startedAt)
+        if let firstBytes, firstBytes.readableBytes > 0 {
+            held.append(firstBytes)
+            bytesIn = firstBytes.readableBytes
+        }
     }
 
     // MARK: - Downstream events
@@ -224,10 +228,15 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     /// Closes `channel` with a TCP reset (SO_LINGER 0) rather than a FIN: a connection that did not end in order (a
     /// reset of the other side, a failed connect, a refusal, a timeout) is not made to look as if it had.
+    /// Over TLS the close is sent from below the TLS handler, so that no close_notify (an orderly end) goes first.
     private static func reset(_ channel: Channel) {
         guard channel.isActive else { return }
         (channel as? SocketOptionProvider)?.setSoLinger(linger(l_onoff: 1, l_linger: 0)).whenComplete { _ in
-            channel.close(promise: nil)
+            if let tls = try? channel.pipeline.syncOperations.context(handlerType: NIOSSLHandler.self) {
+                tls.close(promise: nil)
+            } else {
+                channel.close(promise: nil)
+            }
         }
     }
 

@@ -1,0 +1,137 @@
+import Foundation
+import NIOCore
+import NIOPosix
+import NIOSSL
+import Testing
+import VigilCore
+import VigilTestSupport
+@testable import VigilProxy
+
+/// Mutual TLS between sidecars for everything: TCP carried in mTLS from an outbound listener to an inbound one
+/// (identity checked and authorized per connection), and the inbound listener's strict and permissive modes.
+@Suite(.timeLimit(.minutes(3))) final class MeshTLSTests {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+    deinit { group.shutdownGracefully { _ in } }
+
+    /// An outbound TCP listener whose cluster originates mTLS (as web) to an inbound listener (as vigil) in front of
+    /// `$UP0`.
+    static func sidecars(_ f: TLSFixture, inbound: Int, authorization: String = "", inboundTLSMode: String = "strict") -> String {
+        """
+        \(authorization)
+        listeners:
+          - name: out
+            address: "127.0.0.1:0"
+            protocol: tcp
+            authorization: "off"
+            routes:
+              - match: { prefix: "/" }
+                cluster: peer
+          - name: in
+            address: "127.0.0.1:\(inbound)"
+            tls: { mode: \(inboundTLSMode), cert: "\(f.path("vigil.pem"))", key: "\(f.path("vigil-key.pem"))", client_ca: "\(f.path("ca.pem"))" }
+            routes:
+              - match: { prefix: "/" }
+                cluster: app
+        clusters:
+          - name: peer
+            protocol: tcp
+            endpoints: ["127.0.0.1:\(inbound)"]
+            tls: { cert: "\(f.path("web.pem"))", key: "\(f.path("web-key.pem"))", ca: "\(f.path("ca.pem"))", server_identity: "\(TLSFixture.vigilID)" }
+          - name: app
+            protocol: tcp
+            endpoints: ["127.0.0.1:$UP0"]
+        """
+    }
+
+    func lines(_ proxy: ProxyHarness, listener: String) -> [[String: Any]] {
+        proxy.accessLog.lines.compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+            .filter { $0["listener"] as? String == listener }
+    }
+
+    @Test func tcpGoesBetweenSidecarsInMutualTLSWithHalfClosesAndTheCallersIdentity() async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.webID, as: "web")
+        let echo = try await RawTCPServer(group: group, mode: .echo)
+        let proxy = try await ProxyHarness(yaml: Self.sidecars(f, inbound: freeLoopbackPort()), upstreams: [echo.port],
+                                           group: group)
+        let client = try await RawTCPClient.connect(port: proxy.port("out"), group: group)
+        try await client.send("PING\r\n")
+        #expect(try await client.read(atLeast: 6) == "PING\r\n")
+        try await client.finishSending()
+        // The FIN crossed the TLS hop as close_notify and reached the application as a FIN; its answer came back.
+        #expect(try await client.ended() == .closed)
+        #expect(client.text == "PING\r\n<eof>")
+        try await waitUntil("both access log lines") { proxy.accessLog.lines.count == 2 }
+        let inbound = try #require(lines(proxy, listener: "in").first)
+        #expect(inbound["identity"] as? String == TLSFixture.webID)
+        #expect(inbound["tls"] as? String == "mtls")
+        #expect(inbound["protocol"] as? String == "TCP" && inbound["reason"] as? String == "-")
+        #expect(lines(proxy, listener: "out").first?["reason"] as? String == "-")
+        await proxy.stop()
+    }
+
+    @Test func aConnectionIsAuthorizedByItsCallersIdentity() async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.webID, as: "web")
+        let echo = try await RawTCPServer(group: group, mode: .echo)
+        // web may call /api over HTTP only: that opens no TCP connection to it.
+        let rules = "authorization: [{ identities: [\"\(TLSFixture.webID)\"], prefix: /api }]"
+        let proxy = try await ProxyHarness(yaml: Self.sidecars(f, inbound: freeLoopbackPort(), authorization: rules),
+                                           upstreams: [echo.port], group: group)
+        let client = try await RawTCPClient.connect(port: proxy.port("out"), group: group)
+        try? await client.send("PING\r\n")  // the refusal may come first
+        #expect(try await client.ended().isReset)
+        try await waitUntil("both access log lines") { proxy.accessLog.lines.count == 2 }
+        #expect(lines(proxy, listener: "in").first?["reason"] as? String == "unauthorized")
+        #expect(lines(proxy, listener: "out").first?["reason"] as? String == "upstream_reset")
+        #expect(echo.accepted.load(ordering: .relaxed) == 0)
+        await proxy.stop()
+    }
+
+    @Test func aWrongPeerIdentityFailsTheConnect() async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.webID, as: "web")
+        let echo = try await RawTCPServer(group: group, mode: .echo)
+        let yaml = Self.sidecars(f, inbound: freeLoopbackPort()).replacingOccurrences(
+            of: "server_identity: \"\(TLSFixture.vigilID)\"", with: "server_identity: \"spiffe://corp/someone-else\"")
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [echo.port], group: group)
+        let client = try await RawTCPClient.connect(port: proxy.port("out"), group: group)
+        #expect(try await client.ended().isReset)
+        try await waitUntil("the outbound line") { proxy.accessLog.lines.contains { $0.contains("\"listener\":\"out\"") } }
+        #expect(lines(proxy, listener: "out").first?["reason"] as? String == "tls_identity_mismatch")
+        await proxy.stop()
+    }
+
+    @Test func permissiveTakesPlaintextAndMutualTLSOnOnePortAndSaysWhich() async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.webID, as: "web")
+        let upstream = try await FakeUpstream(group: group)
+        let yaml = ProxyHarness.simple(listener: f.listenerTLS.replacingOccurrences(of: "tls: {", with: "tls: { mode: permissive,"))
+            .replacingOccurrences(of: "access_log: { output: \"off\" }", with: "")
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
+        let plain = try await proxy.client()
+        try await plain.send("GET /plain HTTP/1.1\r\nHost: a\r\n\r\n")
+        #expect(try await plain.response()?.status == 200)
+        let tls = try await TestClient.connect(port: proxy.port(), group: group, tls: try f.clientContext(cert: "web"))
+        try await tls.send("GET /mtls HTTP/1.1\r\nHost: a\r\n\r\n")
+        #expect(try await tls.response()?.status == 200)
+        try await waitUntil("both access log lines") { proxy.accessLog.lines.count == 2 }
+        let logged = lines(proxy, listener: "in")
+        #expect(logged.map { $0["tls"] as? String } == ["plaintext", "mtls"])
+        #expect(logged.map { $0["identity"] as? String } == [nil, TLSFixture.webID])
+        #expect(upstream.recorded.map { $0.head.headers.first(name: "x-forwarded-proto") } == ["http", "https"])
+        await proxy.stop()
+    }
+
+    @Test func strictRefusesPlaintext() async throws {
+        let f = try TLSFixture()
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(listener: f.listenerTLS), upstreams: [upstream.port],
+                                           group: group)
+        let plain = try await proxy.client()
+        try await plain.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        #expect(try await plain.response(timeout: 5) == nil)
+        #expect(upstream.recorded.isEmpty)
+        await proxy.stop()
+    }
+}
