@@ -8,6 +8,9 @@ call HOST PORT [UID]   connect (as user and group UID, when given) and print the
 httpserve HOST PORT NAME
                        an HTTP/1.1 server answering every request 200 with "NAME <method> <path>".
 httpget HOST PORT PATH print the status code and body of GET PATH (Host: HOST:PORT), or "failed" and why.
+greet HOST PORT NAME   a server that speaks first: "220 NAME ready" on accept, then echoes each line back.
+greetcall HOST PORT    connect, wait (up to 3 s) for the server's greeting without sending anything, then send
+                       "QUIT" and print the greeting, the echo and how long the greeting took, in ms.
 """
 import os
 import socket
@@ -27,12 +30,17 @@ def destination(conn):
         return f"{host}:{port}"
 
 
-def serve(host, port, name):
+def listening(host, port):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((host, int(port)))
     s.listen(64)
     print("ready", flush=True)
+    return s
+
+
+def serve(host, port, name):
+    s = listening(host, port)
     while True:
         conn, _ = s.accept()
         with conn:
@@ -85,5 +93,38 @@ def httpget(host, port, path):
         print("failed", e, flush=True)
 
 
+def greet(host, port, name):
+    import threading
+
+    def session(conn):
+        with conn:
+            conn.sendall(f"220 {name} ready\r\n".encode())
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                conn.sendall(data)
+
+    s = listening(host, port)
+    while True:
+        conn, _ = s.accept()
+        threading.Thread(target=session, args=(conn,), daemon=True).start()
+
+
+def greetcall(host, port):
+    import time
+    start = time.monotonic()
+    try:
+        with socket.create_connection((host, int(port)), timeout=3) as c:
+            greeting = c.recv(65536).decode().strip()
+            took = int((time.monotonic() - start) * 1000)
+            c.sendall(b"QUIT\r\n")
+            echo = c.recv(65536).decode().strip()
+            print(greeting, "|", echo, "|", took, flush=True)
+    except OSError as e:
+        print("failed", e, flush=True)
+
+
 if __name__ == "__main__":
-    {"serve": serve, "call": call, "httpserve": httpserve, "httpget": httpget}[sys.argv[1]](*sys.argv[2:])
+    {"serve": serve, "call": call, "httpserve": httpserve, "httpget": httpget, "greet": greet,
+     "greetcall": greetcall}[sys.argv[1]](*sys.argv[2:])

@@ -54,7 +54,19 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
             self.deadline = nil
             context.close(promise: nil)
         }
-        if stage == .protocol { enterProtocolStage(context: context) }
+        switch stage {
+        case .protocol:
+            enterProtocolStage(context: context)
+        case .tlsOrPlaintext:
+            // A client of a server that speaks first sends nothing: with a detection timeout, a connection silent
+            // that long is plaintext (a peer sidecar always opens with its ClientHello, so mTLS is never mistaken).
+            let wait = listener.config.protocolDetectionTimeout
+            guard wait > .zero else { return }
+            detectionDeadline = context.eventLoop.assumeIsolated().scheduleTask(in: wait) { [weak self] in
+                guard let self, !self.decided, self.stage == .tlsOrPlaintext, (self.buffered?.readableBytes ?? 0) == 0 else { return }
+                self.plaintext(context: context)
+            }
+        }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -147,8 +159,11 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    /// A permissive listener's client opened with something other than TLS: served in plaintext.
+    /// A permissive listener's client opened with something other than TLS (or nothing, for the detection timeout):
+    /// served in plaintext.
     private func plaintext(context: ChannelHandlerContext) {
+        detectionDeadline?.cancel()
+        detectionDeadline = nil
         runtime.metrics.recordDownstreamTLS(listener: listener.index, session)
         switch listener.config.protocol {
         case .http1: install(.http1, context: context)
