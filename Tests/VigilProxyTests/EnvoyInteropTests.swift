@@ -152,7 +152,7 @@ import VigilTestSupport
         let envoyReady = ports["in_tcp"]!
         do {
             try await waitUntil("Envoy's listeners", seconds: 30) {
-                !envoy.isRunning || (try? RawSocket.canConnect(port: envoyReady)) == true
+                !envoy.isRunning || acceptsConnections(port: envoyReady)
             }
             guard envoy.isRunning else { throw TestTimeout(what: "Envoy, which exited") }
         } catch {
@@ -191,21 +191,5 @@ import VigilTestSupport
                 && ((try? String(contentsOfFile: envoyLog, encoding: .utf8)) ?? "").contains("\(TLSFixture.vigilID) - 10")
         }
         await proxy.stop()
-    }
-}
-
-/// Whether something accepts connections on 127.0.0.1:`port` now.
-enum RawSocket {
-    static func canConnect(port: Int) throws -> Bool {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { return false }
-        defer { close(fd) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = in_port_t(UInt16(port).bigEndian)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        return withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
-        }
     }
 }

@@ -19,7 +19,13 @@ public func freeLoopbackPort() -> Int {
 private let handedOut = NIOLockedValueBox<Set<Int>>([])
 
 /// Whether 127.0.0.1:`port` can be bound now (bound and closed at once, without listening).
-private func canBind(_ port: Int) -> Bool {
+private func canBind(_ port: Int) -> Bool { withLoopbackSocket(port) { bind($0, $1, $2) == 0 } }
+
+/// Whether something accepts connections on 127.0.0.1:`port` now.
+public func acceptsConnections(port: Int) -> Bool { withLoopbackSocket(port) { connect($0, $1, $2) == 0 } }
+
+/// Calls `body` with a new TCP socket and the address 127.0.0.1:`port`, and closes the socket after.
+private func withLoopbackSocket(_ port: Int, _ body: (Int32, UnsafePointer<sockaddr>, socklen_t) -> Bool) -> Bool {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
     guard fd >= 0 else { return false }
     defer { close(fd) }
@@ -28,6 +34,6 @@ private func canBind(_ port: Int) -> Bool {
     addr.sin_port = in_port_t(UInt16(port).bigEndian)
     addr.sin_addr.s_addr = inet_addr("127.0.0.1")
     return withUnsafePointer(to: &addr) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
     }
 }
