@@ -453,8 +453,9 @@ struct Compliance: AsyncParsableCommand {
         try await show(options, "/v1/compliance", alwaysTitle: true, title: { a in
             "# \(a.server) (node \(text(a.json["node"])), policy \(text(a.json["policy_version"])))"
         }) { a in
-            table(["LISTENER", "ADDRESS", "MTLS", "TLS FLOOR", "AUTHZ"], (a.json["listeners"]?.arrayValue ?? []).map { l in
-                [text(l["name"]), text(l["address"]), text(l["mtls"]), text(l["tls_min_version"]), text(l["authorization"])]
+            table(["LISTENER", "ADDRESS", "MTLS", "TLS FLOOR", "AUTHZ", "COMPLIANT"], (a.json["listeners"]?.arrayValue ?? []).map { l in
+                [text(l["name"]), text(l["address"]), text(l["mtls"]), text(l["tls_min_version"]), text(l["authorization"]),
+                 l["compliant"] == .bool(false) ? "NO" : "yes"]
             })
             let audit = a.json["audit"]
             print("audit chain: " + (audit?["enabled"] == .bool(true)

@@ -9,6 +9,8 @@ httpserve HOST PORT NAME
                        an HTTP/1.1 server answering every request 200 with "NAME <method> <path>".
 httpget HOST PORT PATH print the status code and body of GET PATH (Host: HOST:PORT), or "failed" and why.
 greet HOST PORT NAME   a server that speaks first: "220 NAME ready" on accept, then echoes each line back.
+echoserve HOST PORT    echoes what it reads; at the client's FIN sends "<eof>" and closes.
+sendfin HOST PORT TEXT send TEXT, close the sending side at once (FIN), print everything read until the server closes.
 greetcall HOST PORT    connect, wait (up to 3 s) for the server's greeting without sending anything, then send
                        "QUIT" and print the greeting, the echo and how long the greeting took, in ms.
 """
@@ -93,22 +95,56 @@ def httpget(host, port, path):
         print("failed", e, flush=True)
 
 
-def greet(host, port, name):
+def serve_each(host, port, session):
+    """Serves each connection with session(conn) on a thread of its own."""
     import threading
-
-    def session(conn):
-        with conn:
-            conn.sendall(f"220 {name} ready\r\n".encode())
-            while True:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                conn.sendall(data)
-
     s = listening(host, port)
     while True:
         conn, _ = s.accept()
         threading.Thread(target=session, args=(conn,), daemon=True).start()
+
+
+def echo_until_eof(conn, at_eof=b""):
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            if at_eof:
+                conn.sendall(at_eof)
+            return
+        conn.sendall(data)
+
+
+def greet(host, port, name):
+    def session(conn):
+        with conn:
+            conn.sendall(f"220 {name} ready\r\n".encode())
+            echo_until_eof(conn)
+
+    serve_each(host, port, session)
+
+
+def echoserve(host, port):
+    def session(conn):
+        with conn:
+            echo_until_eof(conn, b"<eof>")
+
+    serve_each(host, port, session)
+
+
+def sendfin(host, port, text):
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as c:
+            c.sendall(text.encode())
+            c.shutdown(socket.SHUT_WR)
+            got = b""
+            while True:
+                data = c.recv(65536)
+                if not data:
+                    break
+                got += data
+            print(got.decode(), flush=True)
+    except OSError as e:
+        print("failed", e, flush=True)
 
 
 def greetcall(host, port):
@@ -127,4 +163,4 @@ def greetcall(host, port):
 
 if __name__ == "__main__":
     {"serve": serve, "call": call, "httpserve": httpserve, "httpget": httpget, "greet": greet,
-     "greetcall": greetcall}[sys.argv[1]](*sys.argv[2:])
+     "greetcall": greetcall, "echoserve": echoserve, "sendfin": sendfin}[sys.argv[1]](*sys.argv[2:])

@@ -61,9 +61,9 @@ import VigilTestSupport
         }
         // The peer's applications listen on loopback only: they are reached through the peer's inbound listener.
         for (port, name, mode) in [("8080", "peer-h2", "httpserve"), ("8081", "peer-h1", "httpserve"), ("2525", "smtp", "greet"),
-                                   ("2526", "smtp-plain", "greet")] {
+                                   ("2526", "smtp-plain", "greet"), ("2527", "echo", "echoserve")] {
             let log = scratch.unique(name, ".log")
-            try ns.start(in: ns.peer, [python, Self.helper, mode, "127.0.0.1", port, name], log: log)
+            try ns.start(in: ns.peer, [python, Self.helper, mode, "127.0.0.1", port] + (mode == "echoserve" ? [] : [name]), log: log)
             try waitUntil("\(name) listening", seconds: 10) { ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("ready") }
         }
         try ns.start(in: ns.peer, [Self.redis!.server, "--bind", "127.0.0.1", "--port", "6379", "--save", "", "--appendonly", "no"],
@@ -135,6 +135,11 @@ import VigilTestSupport
             #expect(parts.count == 3 && parts[0].hasPrefix("220 smtp") && parts[1] == "QUIT", "\(r)")
             #expect((parts.count == 3 ? Int(parts[2]) ?? 9999 : 9999) < 1000, "the greeting took \(r)")
         }
+
+        // Too few bytes to tell what they are, then the client's FIN: taken for TCP on both sides, the FIN passed on
+        // (the server answers it), and the server's close comes back.
+        let fin = try ns.run(in: ns.app, [python, Self.helper, "sendfin", ns.peerAddress, "2527", "abc"]).stdout
+        #expect(fin.trimmingCharacters(in: .whitespacesAndNewlines) == "abc<eof>", "\(fin)")
 
         // Every hop in the peer's log: mTLS with the client's identity, except the plaintext opaque port.
         try waitUntil("the peer's access log", seconds: 10) { logLines(peerLog).count >= 6 }

@@ -34,7 +34,7 @@ func configErrors(_ yaml: String) -> [String] {
         #expect(c.listeners[0].limits.maxHeaderBytes == 65536)
         #expect(c.listeners[0].limits.maxBodyBytes == nil)
         #expect(c.listeners[0].routes[0].timeout == .seconds(15))
-        #expect(c.listeners[0].routes[0].idleTimeout == .seconds(60))
+        #expect(c.listeners[0].routes[0].requestIdleTimeout == .seconds(60))
         #expect(c.clusters[0].connectTimeout == .seconds(1))
         #expect(c.clusters[0].loadBalancer == .leastRequest)
         #expect(c.clusters[0].circuitBreakers.maxConnections == 1024)

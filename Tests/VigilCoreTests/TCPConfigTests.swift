@@ -39,8 +39,9 @@ import Testing
         #expect(outbound.opaquePorts == [3306, 25])
         #expect(outbound.protocolDetectionTimeout == .milliseconds(100))
         #expect(outbound.routes[0].connectAttempts == 2)
-        #expect(outbound.routes[0].idleTimeout == .hours(1), "a TCP route rests longer than a request (Envoy's tcp_proxy default)")
-        #expect(outbound.routes[1].idleTimeout == .seconds(60))
+        #expect(outbound.routes[0].connectionIdleTimeout == .hours(1), "a TCP connection rests longer than a request (Envoy's tcp_proxy default)")
+        #expect(outbound.routes[1].requestIdleTimeout == .seconds(60))
+        #expect(outbound.routes[1].connectionIdleTimeout == .hours(1), "the same route's TCP connections (passthrough, original_dst)")
         #expect(config.listeners[1].tls?.mode == .permissive)
         #expect(config.cluster(named: "redis")?.protocol == .tcp)
         #expect(config.cluster(named: "redis")?.healthCheck?.path == "", "a tcp cluster is checked by connecting")
@@ -91,12 +92,31 @@ import Testing
         #expect(configErrors(yaml).contains { $0.contains("listeners[0].routes[0].cluster") && $0.contains("is protocol tcp") })
     }
 
-    @Test func detectionKeysBelongToAutoListeners() {
+    @Test func detectionKeysBelongToListenersThatDetect() {
         let yaml = Self.sidecar.replacingOccurrences(of: "original_destination: true\n    opaque_ports", with: "original_destination: true\n    protocol: http1\n    opaque_ports")
         let errors = configErrors(yaml)
-        #expect(errors.contains { $0.contains("listeners[0].opaque_ports") && $0.contains("protocol auto") })
+        #expect(errors.contains { $0.contains("listeners[0].opaque_ports") && $0.contains("has no effect") })
         #expect(errors.contains { $0.contains("listeners[0].protocol_detection_timeout") })
         #expect(configErrors(Self.sidecar.replacingOccurrences(of: "[3306, 25]", with: "[0]")).contains { $0.contains("opaque_ports[0]") })
+        let long = Self.sidecar.replacingOccurrences(of: "protocol_detection_timeout: 100ms", with: "protocol_detection_timeout: 10s")
+        #expect(configErrors(long).contains { $0.contains("listeners[0].protocol_detection_timeout") && $0.contains("shorter than limits.header_timeout") })
+        // A permissive TLS listener waits for a ClientHello: its timeout applies even to HTTP-only traffic.
+        let permissive = Self.sidecar.replacingOccurrences(of: "    tls: { mode: permissive", with: "    protocol_detection_timeout: 50ms\n    tls: { mode: permissive")
+        #expect(configErrors(permissive).isEmpty, "\(configErrors(permissive))")
+    }
+
+    @Test func anOriginalDestinationListenerMayLeaveItsRoutesToThePassthrough() throws {
+        let yaml = """
+            listeners:
+              - name: inbound
+                address: "0.0.0.0:15006"
+                original_destination: true
+            clusters: []
+            """
+        let config = try VigilConfig.parse(yaml: yaml)
+        #expect(config.listeners[0].routes.isEmpty)
+        #expect(config.withPassthrough().listeners[0].routes.map(\.cluster) == [VigilConfig.passthroughCluster])
+        #expect(configErrors(yaml.replacingOccurrences(of: "    original_destination: true\n", with: "")).contains { $0.contains("listeners[0].routes: is required") })
     }
 
     @Test func aTCPHealthCheckHasNoHTTPKeysAndTLSModesAreNamed() {
@@ -127,5 +147,23 @@ import Testing
         let destination = Destination(try! SocketAddress(ipAddress: "10.0.0.7", port: 6379))
         #expect(RouteTable(routes).match(Request(), destination: destination) == 0)
         #expect(RouteTable(routes, tcpRoutes: [0]).match(Request(), destination: destination) == 1)
+    }
+}
+
+/// How `/v1/compliance` names each listener's TLS and judges it.
+@Suite struct ListenerSecurityTests {
+    @Test func modesAndCompliance() {
+        var strict = ListenerTLSConfig(cert: "c", key: "k", clientCA: "ca")
+        var permissive = strict
+        permissive.mode = .permissive
+        let optional = ListenerTLSConfig(cert: "c", key: "k", clientCA: "ca", requireClientCert: false)
+        let world = SocketAddressSpec(host: "0.0.0.0", port: 15006), local = SocketAddressSpec(host: "127.0.0.1", port: 15001)
+        #expect(ListenerSecurity.mode(strict) == "mutual_tls_strict" && ListenerSecurity.compliant(strict, address: world))
+        #expect(ListenerSecurity.mode(permissive) == "mutual_tls_permissive" && !ListenerSecurity.compliant(permissive, address: world))
+        #expect(ListenerSecurity.mode(optional) == "mutual_tls_optional")
+        #expect(ListenerSecurity.mode(ListenerTLSConfig(cert: "c", key: "k")) == "tls")
+        #expect(ListenerSecurity.mode(nil) == "plaintext" && !ListenerSecurity.compliant(nil, address: world))
+        #expect(ListenerSecurity.compliant(nil, address: local), "the local application's own outbound listener")
+        strict.mode = .strict
     }
 }

@@ -102,6 +102,39 @@ import VigilTestSupport
         await proxy.stop()
     }
 
+    /// A host that accepts TCP and never answers the ClientHello fails at connect_timeout, once, against itself; the
+    /// second attempt goes to the other host.
+    @Test func aHandshakeThatNeverEndsTimesOutAndTheNextAttemptGoesElsewhere() async throws {
+        let f = try TLSFixture()
+        let stalled = try await StalledUpstream(group: group)
+        let live = try await RawTCPServer(group: group, mode: .echo, tls: try f.serverContext(cert: "vigil"))
+        let proxy = try await ProxyHarness(yaml: """
+            listeners:
+              - name: out
+                address: "127.0.0.1:0"
+                protocol: tcp
+                routes: [{ match: { prefix: "/" }, cluster: peer, connect_attempts: 2 }]
+            clusters:
+              - name: peer
+                protocol: tcp
+                load_balancer: round_robin
+                connect_timeout: 200ms
+                endpoints: ["127.0.0.1:$UP0", "127.0.0.1:$UP1"]
+                tls: { ca: "\(f.path("ca.pem"))", server_identity: "\(TLSFixture.vigilID)" }
+            """, upstreams: [stalled.port, live.port], group: group)
+        for i in 0..<4 {
+            let client = try await RawTCPClient.connect(port: proxy.port("out"), group: group)
+            try await client.send("n\(i)")
+            #expect(try await client.read(atLeast: 2) == "n\(i)")
+            await client.close()
+        }
+        let cluster = try #require(proxy.runtime.current.clusters.first)
+        #expect(cluster.hosts[1].connectFailures.load(ordering: .relaxed) == 0, "no failure counted against the live host")
+        #expect(cluster.hosts[0].connectFailures.load(ordering: .relaxed) >= 1)
+        #expect(live.accepted.load(ordering: .relaxed) == 4)
+        await proxy.stop()
+    }
+
     @Test func permissiveTakesPlaintextAndMutualTLSOnOnePortAndSaysWhich() async throws {
         let f = try TLSFixture()
         try f.issue(TLSFixture.webID, as: "web")

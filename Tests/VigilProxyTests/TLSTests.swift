@@ -385,7 +385,9 @@ import X509
         try f.issue(TLSFixture.webID, as: "web")
         try f.write("client-ca.pem", try String(contentsOfFile: f.path("ca.pem"), encoding: .utf8))
         let upstream = try await FakeUpstream(group: group)
-        let yaml = ProxyHarness.simple(listener: "tls: { cert: \"\(f.path("vigil.pem"))\", key: \"\(f.path("vigil-key.pem"))\", client_ca: \"\(f.path("client-ca.pem"))\" }")
+        // The file poll is kept out of the way: the test's own reload() must be the one that sees the change.
+        let yaml = ProxyHarness.simple(listener: "tls: { cert: \"\(f.path("vigil.pem"))\", key: \"\(f.path("vigil-key.pem"))\", client_ca: \"\(f.path("client-ca.pem"))\" }",
+                                       top: "file_poll_interval: 1h")
         let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
         let r = try await resume(port: proxy.port(), fixture: f, version: version) {
             // The mesh CA is rotated out: the client's certificate is no longer trusted.

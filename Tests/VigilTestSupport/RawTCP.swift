@@ -131,10 +131,15 @@ public final class RawTCPClient: Sendable {
         case closed
         case error(String)
 
-        /// The connection was reset (ECONNRESET), not closed in order.
+        /// The connection was reset, not closed in order. NIO reports a reset as ECONNRESET, or, when the RST is seen
+        /// as a hang-up before any read, as the channel going away without a FIN (`.closed`); a client with half-closure
+        /// on that has not shut its own side sees an orderly close as `.inputClosed` first.
         public var isReset: Bool {
-            if case .error(let text) = self { return text.contains("reset") || text.contains("104") }
-            return false
+            switch self {
+            case .error(let text): text.contains("reset") || text.contains("104")
+            case .closed: true
+            case .inputClosed: false
+            }
         }
     }
 

@@ -240,10 +240,11 @@ public final class ControlServer: Sendable {
     func compliance() async -> JSONValue {
         let listeners: [JSONValue] = runtime.listeners.map { l in
             let tls = l.config.tls
-            let mode = tls == nil ? "plaintext" : (tls!.requireClientCert ? "mutual_tls_strict" : (tls!.clientCA != nil ? "mutual_tls_permissive" : "tls"))
             return .object([("name", .string(l.config.name)), ("address", .string(l.config.address.description)),
-                            ("mtls", .string(mode)), ("tls_min_version", tls.map { .string($0.minVersion.rawValue) } ?? .null),
-                            ("authorization", .string(l.config.authorization ? "on" : "off"))])
+                            ("mtls", .string(ListenerSecurity.mode(tls))),
+                            ("tls_min_version", tls.map { .string($0.minVersion.rawValue) } ?? .null),
+                            ("authorization", .string(l.config.authorization ? "on" : "off")),
+                            ("compliant", .bool(ListenerSecurity.compliant(tls, address: l.config.address)))])
         }
         var controlTLS: JSONValue = .null
         if let t = config.tls {

@@ -8,8 +8,6 @@ import Yams
 /// Envoy rejects unknown proto fields, so a typo never silently falls back to a default.
 struct ConfigReader {
     var errors: [ConfigError] = []
-    /// The clusters of `protocol: tcp` once the clusters are read: their routes default to TCP's idle timeout.
-    var tcpClusters: Set<String> = []
 
     mutating func fail(_ path: String, _ reason: String) {
         errors.append(ConfigError(path: path, reason: reason))

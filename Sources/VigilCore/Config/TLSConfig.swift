@@ -37,6 +37,27 @@ public struct ListenerTLSConfig: Sendable, Equatable {
     }
 }
 
+/// How a listener takes its clients, as `/v1/compliance` reports it.
+public enum ListenerSecurity {
+    /// `plaintext`; `tls` (no client certificate asked); `mutual_tls_optional` (asked, not required);
+    /// `mutual_tls_strict` (required); `mutual_tls_permissive` (Istio's PERMISSIVE: mutual TLS, and plaintext too).
+    public static func mode(_ tls: ListenerTLSConfig?) -> String {
+        guard let tls else { return "plaintext" }
+        if tls.mode == .permissive { return "mutual_tls_permissive" }
+        if tls.requireClientCert { return "mutual_tls_strict" }
+        return tls.clientCA != nil ? "mutual_tls_optional" : "tls"
+    }
+
+    /// A listener that takes plaintext from beyond this host (permissive, or no TLS on a non-loopback address) is not
+    /// compliant: traffic between sidecars must be encrypted. A loopback listener (the outbound one the local
+    /// application calls) never carries traffic between hosts.
+    public static func compliant(_ tls: ListenerTLSConfig?, address: SocketAddressSpec) -> Bool {
+        if tls?.mode == .permissive { return false }
+        if tls != nil { return true }
+        return ["127.0.0.1", "::1", "localhost"].contains(address.host) || address.host.hasPrefix("127.")
+    }
+}
+
 /// TLS towards a cluster's hosts (`clusters[].tls`): Vigil originates (mutual) TLS.
 public struct ClusterTLSConfig: Sendable, Equatable {
     /// Client certificate and key presented to the upstream (mutual TLS); optional.

@@ -31,7 +31,6 @@ extension ConfigReader {
         readStatic(m, into: &config)
         readDynamic(m, into: &config)
         let seenClusters = Dictionary(config.clusters.enumerated().map { ($0.element.name, $0.offset) }) { a, _ in a }
-        tcpClusters = Set(config.clusters.filter { $0.protocol == .tcp }.map(\.name))
 
         guard m["listeners"] != nil else {
             fail("listeners", "at least one listener is required")
@@ -70,6 +69,19 @@ extension ConfigReader {
     /// them are refused rather than ignored.
     mutating func checkTCPRoutes(_ config: VigilConfig) {
         for (i, listener) in config.listeners.enumerated() {
+            let toTCP = listener.routes.contains { config.cluster(named: $0.cluster)?.protocol == .tcp }
+            let detects = listener.protocol == .auto && (listener.originalDestination || toTCP)
+            let permissive = listener.tls?.mode == .permissive
+            if !listener.opaquePorts.isEmpty, !detects {
+                fail("listeners[\(i)].opaque_ports", "has no effect: only a protocol auto listener that carries TCP (original_destination, or a route to a tcp cluster) detects protocols")
+            }
+            let wait = listener.protocolDetectionTimeout
+            if wait > .zero, !detects, !permissive {
+                fail("listeners[\(i)].protocol_detection_timeout", "has no effect: only a protocol auto listener that carries TCP, or a permissive TLS listener, detects protocols")
+            }
+            if wait > .zero, wait >= listener.limits.headerTimeout {
+                fail("listeners[\(i)].protocol_detection_timeout", "must be shorter than limits.header_timeout (\(DurationParser.format(listener.limits.headerTimeout))), which closes a connection that has not shown what it speaks")
+            }
             for (j, route) in listener.routes.enumerated() {
                 guard let cluster = config.cluster(named: route.cluster) else { continue }
                 let path = "listeners[\(i)].routes[\(j)]"
@@ -222,7 +234,12 @@ extension ConfigReader {
             }
         }
         var routes: [RouteConfig] = []
-        if let routeNodes = list(m["routes"], at: m.path("routes")) {
+        // An original-destination listener may leave its routes out: under allow_any the passthrough takes
+        // everything (DESIGN.md's inbound listener).
+        let original = m["original_destination"].flatMap { $0.scalar?.string } == "true"
+        if original, m["routes"] == nil {
+            // no routes of its own
+        } else if let routeNodes = list(m["routes"], at: m.path("routes")) {
             if routeNodes.isEmpty { fail(m.path("routes"), "at least one route is required") }
             for (i, r) in routeNodes.enumerated() {
                 if let route = readRoute(r, at: Self.index(m.path("routes"), i), clusterNames: clusterNames) {
@@ -250,17 +267,11 @@ extension ConfigReader {
             listener.perConnectionBufferLimitBytes = v
         }
         if let ports = list(m["opaque_ports"], at: m.path("opaque_ports")) {
-            if proto != .auto, !ports.isEmpty {
-                fail(m.path("opaque_ports"), "applies to protocol auto (where the protocol is detected)")
-            }
             for (i, p) in ports.enumerated() {
                 if let port = int(p, at: Self.index(m.path("opaque_ports"), i), range: 1...65535) { listener.opaquePorts.insert(port) }
             }
         }
         if let d = duration(m["protocol_detection_timeout"], at: m.path("protocol_detection_timeout")) {
-            if proto != .auto, d > .zero {
-                fail(m.path("protocol_detection_timeout"), "applies to protocol auto (where the protocol is detected)")
-            }
             listener.protocolDetectionTimeout = d
         }
         return listener
@@ -278,11 +289,7 @@ extension ConfigReader {
         let retry = m["retry"].flatMap { readRetry($0, at: m.path("retry")) }
         guard let match, let cluster else { return nil }
         var route = RouteConfig(match: match, cluster: cluster, timeout: timeout, retry: retry)
-        if let idle = duration(m["idle_timeout"], at: m.path("idle_timeout")) {
-            route.idleTimeout = idle
-        } else if tcpClusters.contains(cluster) {
-            route.idleTimeout = .hours(1)  // Envoy's tcp_proxy default: a TCP connection may rest far longer than a request
-        }
+        if let idle = duration(m["idle_timeout"], at: m.path("idle_timeout")) { route.idleTimeout = idle }
         if let n = int(m["connect_attempts"], at: m.path("connect_attempts"), range: 1...10) { route.connectAttempts = n }
         if let node = m["tenant_limits"], let limits = readTenantLimits(node, at: m.path("tenant_limits")) {
             if limits.requestsPerSecond == nil { fail(m.path("tenant_limits.requests_per_second"), "is required") }

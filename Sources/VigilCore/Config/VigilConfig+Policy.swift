@@ -91,7 +91,6 @@ extension ConfigReader {
         var config = base
         readDynamic(m, into: &config)
         let clusterNames = Dictionary(config.clusters.enumerated().map { ($0.element.name, $0.offset) }) { a, _ in a }
-        tcpClusters = Set(config.clusters.filter { $0.protocol == .tcp }.map(\.name))
         var replaced = Set<String>()
         if let listeners = list(m["listeners"], at: "listeners") {
             for (i, node) in listeners.enumerated() {

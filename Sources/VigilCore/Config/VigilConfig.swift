@@ -162,7 +162,13 @@ public struct RouteConfig: Sendable, Equatable {
     /// whole until the response's last byte (Envoy's route `idle_timeout`, nginx's `proxy_read_timeout`,
     /// HAProxy's `timeout server`). An upstream that hangs in the middle of a response would otherwise hold the
     /// client and an upstream connection for ever, since `timeout` ends at the response head. Zero disables it.
-    public var idleTimeout: TimeAmount = .seconds(60)
+    /// For a TCP connection: the longest neither side sends anything. Nil (not set) is each one's default:
+    /// `requestIdleTimeout` for requests, `connectionIdleTimeout` for TCP connections.
+    public var idleTimeout: TimeAmount?
+    /// 60 s unless set (a request that waits longer on its upstream is usually stuck).
+    public var requestIdleTimeout: TimeAmount { idleTimeout ?? .seconds(60) }
+    /// 1 h unless set (Envoy's tcp_proxy default: a TCP connection, a database session, may rest far longer).
+    public var connectionIdleTimeout: TimeAmount { idleTimeout ?? .hours(1) }
     /// Retry policy; `nil` means no retries beyond the replay of a request sent on a keep-alive
     /// connection the upstream had just closed.
     public var retry: RetryPolicyConfig?

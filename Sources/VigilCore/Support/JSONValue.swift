@@ -139,7 +139,7 @@ extension VigilConfig {
                         if let port = r.match.destinationPort { match.append(("destination_port", .int(port))) }
                         if let cidr = r.match.destinationCIDR { match.append(("destination_cidr", .string(cidr.description))) }
                         return ["match": .object(match), "cluster": .string(r.cluster), "timeout": d(r.timeout),
-                                "idle_timeout": d(r.idleTimeout),
+                                "idle_timeout": r.idleTimeout.map(d) ?? .null,
                                 "retry": r.retry.map(Self.dump) ?? .null,
                                 "tenant_limits": r.tenantLimits.map(Self.dump) ?? .null,
                                 "connect_attempts": .int(r.connectAttempts)]

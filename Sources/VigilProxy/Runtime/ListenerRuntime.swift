@@ -73,13 +73,13 @@ final class ListenerRoutes: Sendable {
                                        && listener.routes[$0].match.isDestinationOnly)
         }
         self.tcpSettings = listener.routes.map {
-            TCPProxyStateMachine.Settings(connectAttempts: $0.connectAttempts, idleTimeout: $0.idleTimeout)
+            TCPProxyStateMachine.Settings(connectAttempts: $0.connectAttempts, idleTimeout: $0.connectionIdleTimeout)
         }
         self.carriesTCP = listener.protocol == .tcp || (listener.protocol == .auto
                                                        && (listener.originalDestination || !tcpRoutes.isEmpty))
         self.exchangeRoutes = listener.routes.map {
             ExchangeStateMachine.Route(timeout: $0.timeout,
-                                       idleTimeout: $0.idleTimeout,
+                                       idleTimeout: $0.requestIdleTimeout,
                                        retry: $0.retry.map(RetryPolicy.init))
         }
     }

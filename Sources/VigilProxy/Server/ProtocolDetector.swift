@@ -64,7 +64,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
             guard wait > .zero else { return }
             detectionDeadline = context.eventLoop.assumeIsolated().scheduleTask(in: wait) { [weak self] in
                 guard let self, !self.decided, self.stage == .tlsOrPlaintext, (self.buffered?.readableBytes ?? 0) == 0 else { return }
-                self.plaintext(context: context)
+                self.plaintext(context: context, silent: true)
             }
         }
     }
@@ -105,8 +105,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let event = event as? ChannelEvent, event == .inputClosed {
             if stage == .protocol, reached != nil, (buffered?.readableBytes ?? 0) > 0 {
-                install(.tcp, context: context)
-                context.fireUserInboundEventTriggered(event)
+                install(.tcp, context: context, clientFinished: true)
                 return
             }
             context.close(promise: nil)
@@ -161,15 +160,20 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
 
     /// A permissive listener's client opened with something other than TLS (or nothing, for the detection timeout):
     /// served in plaintext.
-    private func plaintext(context: ChannelHandlerContext) {
+    /// `silent`: the client has sent nothing for the whole detection timeout already; on a listener that carries TCP
+    /// it is TCP at once (the server speaks first), not made to wait a second time.
+    private func plaintext(context: ChannelHandlerContext, silent: Bool = false) {
         detectionDeadline?.cancel()
         detectionDeadline = nil
         runtime.metrics.recordDownstreamTLS(listener: listener.index, session)
+        // Plaintext is served as on a listener without TLS, half-closes included.
+        try? context.channel.syncOptions?.setOption(.allowRemoteHalfClosure, value: true)
         switch listener.config.protocol {
         case .http1: install(.http1, context: context)
         case .http2: install(.http2, context: context)
         case .auto, .tcp:
             enterProtocolStage(context: context)
+            if silent, !decided, reached != nil { return install(.tcp, context: context) }
             evaluate(context: context)
         }
     }
@@ -185,7 +189,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
         handOver(context: context)
     }
 
-    private func install(_ found: SniffedProtocol, context: ChannelHandlerContext) {
+    private func install(_ found: SniffedProtocol, context: ChannelHandlerContext, clientFinished: Bool = false) {
         guard !decided else { return }
         decided = true
         let channel = context.channel
@@ -207,7 +211,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
                 buffered = nil
                 try channel.pipeline.syncOperations.addHandler(
                     TCPProxyHandler(runtime: runtime, listener: listener, loop: loop, session: session, reached: reached,
-                                    hello: hello, firstBytes: first),
+                                    hello: hello, firstBytes: first, clientFinished: clientFinished),
                     position: .after(self))
             }
         } catch {

@@ -51,7 +51,8 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var finished = false
 
     init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, session: DownstreamSession,
-         reached: ConnectionDestination, hello: ClientHelloInfo?, firstBytes: ByteBuffer? = nil) {
+         reached: ConnectionDestination, hello: ClientHelloInfo?, firstBytes: ByteBuffer? = nil,
+         clientFinished: Bool = false) {
         self.runtime = runtime
         self.listener = listener
         self.loop = loop
@@ -65,7 +66,11 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             held.append(firstBytes)
             bytesIn = firstBytes.readableBytes
         }
+        self.clientFinished = clientFinished
     }
+
+    /// The client closed its side during detection, before this handler was there to see it.
+    private let clientFinished: Bool
 
     // MARK: - Downstream events
 
@@ -74,6 +79,7 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         // Half-closes pass through a TCP proxy both ways (over TLS, as close_notify).
         try? context.channel.syncOptions?.setOption(.allowRemoteHalfClosure, value: true)
         route(context: context)
+        if clientFinished { run(machine.inputClosed(.downstream)) }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -132,13 +138,16 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     var downstreamWritable: Bool { context?.channel.isWritable ?? false }
 
-    func upstreamRead(_ bytes: ByteBuffer) {
+    func upstreamRead(_ bytes: ByteBuffer, from side: TCPUpstreamHandler) {
+        guard side === upstream else { return }
         bytesOut += bytes.readableBytes
         machine.activity(now: loop.eventLoop.now)
         context?.write(wrapOutboundOut(bytes), promise: nil)
     }
 
-    func upstreamReadComplete() { context?.flush() }
+    func upstreamReadComplete(from side: TCPUpstreamHandler) {
+        if side === upstream { context?.flush() }
+    }
 
     func upstreamWritable() {
         guard readHeld, relaying else { return }
@@ -230,7 +239,7 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// reset of the other side, a failed connect, a refusal, a timeout) is not made to look as if it had.
     /// Over TLS the close is sent from below the TLS handler, so that no close_notify (an orderly end) goes first.
     private static func reset(_ channel: Channel) {
-        guard channel.isActive else { return }
+        guard channel.isActive else { return channel.close(promise: nil) }  // still connecting: nothing to reset
         (channel as? SocketOptionProvider)?.setSoLinger(linger(l_onoff: 1, l_linger: 0)).whenComplete { _ in
             if let tls = try? channel.pipeline.syncOperations.context(handlerType: NIOSSLHandler.self) {
                 tls.close(promise: nil)
@@ -258,6 +267,7 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         host.totalRequests.wrappingIncrement(ordering: .relaxed)
         host.connections.wrappingIncrement(ordering: .relaxed)
 
+        connectTimer?.cancel()
         let side = TCPUpstreamHandler(owner: self)
         upstream = side
         let tls = cluster.config.tls.flatMap { config in cluster.tlsContext().map { (config, $0) } }
@@ -281,7 +291,9 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
         connecting.assumeIsolated().whenComplete { [self] result in
             switch result {
-            case .success:
+            case .success(let channel):
+                // Given up meanwhile (a timeout, the client gone, another attempt): nobody else will close it.
+                guard side === upstream, !finished else { return channel.close(promise: nil) }
                 guard let handshake else { return connected(side) }
                 handshake.futureResult.assumeIsolated().whenComplete { [self] result in
                     switch result {
@@ -316,8 +328,11 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         guard side === upstream, machine.phase == .connecting else { return }
         connectTimer?.cancel()
         connectTimer = nil
-        side.close()
+        // Dropped before it is closed: the close reports back (a failed handshake promise, channelInactive), and
+        // must find it gone.
         upstream = nil
+        side.owner = nil
+        side.close()
         if let cluster, let host {
             host.connectFailures.wrappingIncrement(ordering: .relaxed)
             cluster.metrics.connectFailures.increment()
@@ -437,11 +452,11 @@ final class TCPUpstreamHandler: ChannelDuplexHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        owner?.upstreamRead(unwrapInboundIn(data))
+        owner?.upstreamRead(unwrapInboundIn(data), from: self)
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        owner?.upstreamReadComplete()
+        owner?.upstreamReadComplete(from: self)
     }
 
     func read(context: ChannelHandlerContext) {
