@@ -42,6 +42,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     let listener: ListenerRuntime
     let loop: LoopContext
     let session: DownstreamSession
+    private let reached: ConnectionDestination?
     var context: ChannelHandlerContext!
     /// The connection's event loop, kept from `handlerAdded`: `context.eventLoop` asks the channel each time.
     var eventLoop: EventLoop!
@@ -117,11 +118,15 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     var replay: ByteBuffer?
     var trySentAt = NIODeadline.uptimeNanoseconds(0)
 
-    init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, session: DownstreamSession = .plain) {
+    /// `reached`: the connection's destination when the protocol detector has already read it (one getsockopt per
+    /// connection, not two).
+    init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, session: DownstreamSession = .plain,
+         reached: ConnectionDestination? = nil) {
         self.runtime = runtime
         self.listener = listener
         self.loop = loop
         self.session = session
+        self.reached = reached
         self.idleSince = .uptimeNanoseconds(0)  // set from the loop clock in handlerAdded
     }
 
@@ -132,7 +137,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         eventLoop = context.eventLoop
         allocator = context.channel.allocator
         let ip = context.channel.remoteAddress?.ipAddress ?? "unknown"
-        let reached = ConnectionDestination.read(context.channel, original: listener.config.originalDestination)
+        let reached = self.reached ?? ConnectionDestination.read(context.channel, original: listener.config.originalDestination)
         facts = ForwardingFacts(clientAddress: ip, scheme: session.scheme, clientCert: session.forwardedClientCert,
                                 destination: reached.destination, destinationIsThisHost: reached.isThisHost)
         idleSince = eventLoop.now

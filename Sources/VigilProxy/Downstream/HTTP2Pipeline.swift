@@ -10,7 +10,7 @@ enum HTTP2Pipeline {
     static let windowTarget = 1 << 20
 
     static func configure(channel: Channel, runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext,
-                          session: DownstreamSession = .plain) throws {
+                          session: DownstreamSession = .plain, reached: ConnectionDestination? = nil) throws {
         // What a client may send is bounded by the windows below, not by reading little: HTTP/2 connections read
         // as NIO does by default (several large reads per wakeup), which many multiplexed streams need.
         // (`ConnectionBuffers` holds for the responses: the write watermark, and the upstream reads it pauses.)
@@ -29,7 +29,7 @@ enum HTTP2Pipeline {
         // Below the HTTP/2 handler (and above TLS): every stream flushes its own response, and each flush
         // would otherwise be a write (and a TLS record) of its own.
         try channel.pipeline.syncOperations.addHandler(BatchFlushHandler(flushes: loop.flushes))
-        let reached = ConnectionDestination.read(channel, original: listener.config.originalDestination)
+        let reached = reached ?? ConnectionDestination.read(channel, original: listener.config.originalDestination)
         let facts = ForwardingFacts(clientAddress: channel.remoteAddress?.ipAddress ?? "unknown", scheme: session.scheme,
                                     clientCert: session.forwardedClientCert, destination: reached.destination,
                                     destinationIsThisHost: reached.isThisHost)

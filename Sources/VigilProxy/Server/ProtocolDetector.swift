@@ -197,10 +197,10 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
             switch found {
             case .http2:
                 try HTTP2Pipeline.configure(channel: channel, runtime: runtime, listener: listener, loop: loop,
-                                            session: session)
+                                            session: session, reached: reached)
             case .http1:
                 try channel.pipeline.syncOperations.addHandler(
-                    HTTP1ServerHandler(runtime: runtime, listener: listener, loop: loop, session: session),
+                    HTTP1ServerHandler(runtime: runtime, listener: listener, loop: loop, session: session, reached: reached),
                     position: .after(self))
             case .tcp, .tls:
                 var hello: ClientHelloInfo?

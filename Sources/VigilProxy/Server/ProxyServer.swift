@@ -59,14 +59,6 @@ public final class ProxyServer: Sendable {
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 4096)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            // At the TCP level: `.socketOption(.tcp_nodelay)` would be SOL_SOCKET's option 1, SO_DEBUG, which only
-            // CAP_NET_ADMIN may set; the accept of every connection then failed for a Vigil not running as root.
-            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
-            .boundedConnectionBuffers(listener.config.perConnectionBufferLimitBytes)
-            // Half-closure is an HTTP/1.1 nicety on plain TCP. Over TLS a client's close_notify ends the
-            // connection: with half-closure on, NIOSSL would hold every connection Vigil closes open until its
-            // shutdown timeout.
-            .childChannelOption(.allowRemoteHalfClosure, value: listener.config.tls == nil)
             .childChannelInitializer { [self] channel in
                 if listener.openConnections.loadThenWrappingIncrement(ordering: .relaxed) >= maxConnections {
                     listener.openConnections.wrappingDecrement(ordering: .relaxed)
@@ -80,6 +72,16 @@ public final class ProxyServer: Sendable {
                     self.connectionClosed(id)
                 }
                 return channel.eventLoop.makeCompletedFuture {
+                    // Set here, at once, rather than as the bootstrap's child options (a future each, per connection).
+                    // At the TCP level: `.socketOption(.tcp_nodelay)` would be SOL_SOCKET's option 1, SO_DEBUG, which
+                    // only CAP_NET_ADMIN may set; the accept of every connection then failed for a Vigil not running as
+                    // root.
+                    try channel.syncOptions?.setOption(.tcpOption(.tcp_nodelay), value: 1)
+                    try ConnectionBuffers.apply(to: channel, limit: listener.config.perConnectionBufferLimitBytes)
+                    // Half-closure is an HTTP/1.1 nicety on plain TCP. Over TLS a client's close_notify ends the
+                    // connection: with half-closure on, NIOSSL would hold every connection Vigil closes open until its
+                    // shutdown timeout. (A TCP proxy connection turns it on: there half-closes pass through.)
+                    try channel.syncOptions?.setOption(.allowRemoteHalfClosure, value: listener.config.tls == nil)
                     let loop = runtime.loopContext(channel.eventLoop)
                     if let tls = listener.config.tls {
                         // Permissive: TLS only for connections that open with a ClientHello.
@@ -97,7 +99,13 @@ public final class ProxyServer: Sendable {
                             HTTP1ServerHandler(runtime: runtime, listener: listener, loop: loop))
                     case .http2:
                         try HTTP2Pipeline.configure(channel: channel, runtime: runtime, listener: listener, loop: loop)
-                    case .auto, .tcp:
+                    case .tcp:
+                        // Nothing to detect: the TCP proxy at once.
+                        let reached = ConnectionDestination.read(channel, original: listener.config.originalDestination)
+                        try channel.pipeline.syncOperations.addHandler(
+                            TCPProxyHandler(runtime: runtime, listener: listener, loop: loop, session: .plain,
+                                            reached: reached, hello: nil))
+                    case .auto:
                         try channel.pipeline.syncOperations.addHandler(
                             ProtocolDetector(runtime: runtime, listener: listener, loop: loop))
                     }

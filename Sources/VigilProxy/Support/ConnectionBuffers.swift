@@ -31,21 +31,20 @@ enum ConnectionBuffers {
     }
 }
 
-extension ServerBootstrap {
-    /// `ConnectionBuffers` on every accepted connection.
-    func boundedConnectionBuffers(_ limit: Int) -> ServerBootstrap {
-        childChannelOption(.maxMessagesPerRead, value: ConnectionBuffers.maxMessagesPerRead)
-            .childChannelOption(.recvAllocator, value: ConnectionBuffers.recvAllocator(limit))
-            .childChannelOption(.writeBufferWaterMark, value: ConnectionBuffers.writeWaterMark(limit))
-    }
-}
+extension ConnectionBuffers {
+    /// A TCP proxy connection reads up to this many times `per_connection_buffer_limit_bytes` at once (64 KiB at the
+    /// default): a byte stream has no heads to bound, and 16 KiB reads, one per wakeup, cost about 1.25 times
+    /// HAProxy's CPU per GiB (RESULTS.md). What a slow reader holds grows by the larger read: at most one read plus
+    /// the write watermark per direction (80 KiB at the default).
+    static let tcpReadFactor = 4
 
-extension ClientBootstrap {
-    /// `ConnectionBuffers` on the connection.
-    func boundedConnectionBuffers(_ limit: Int) -> ClientBootstrap {
-        channelOption(.maxMessagesPerRead, value: ConnectionBuffers.maxMessagesPerRead)
-            .channelOption(.recvAllocator, value: ConnectionBuffers.recvAllocator(limit))
-            .channelOption(.writeBufferWaterMark, value: ConnectionBuffers.writeWaterMark(limit))
+    /// The bound on `channel`, set at once on its loop (a bootstrap's options cost a future each, per connection).
+    /// `readSize`: the largest read, when it is not the limit itself.
+    static func apply(to channel: Channel, limit: Int, readSize: Int? = nil) throws {
+        guard let options = channel.syncOptions else { return }
+        try options.setOption(.maxMessagesPerRead, value: maxMessagesPerRead)
+        try options.setOption(.recvAllocator, value: recvAllocator(readSize ?? limit))
+        try options.setOption(.writeBufferWaterMark, value: writeWaterMark(limit))
     }
 }
 

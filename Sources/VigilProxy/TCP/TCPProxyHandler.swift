@@ -78,6 +78,8 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         self.context = context
         // Half-closes pass through a TCP proxy both ways (over TLS, as close_notify).
         try? context.channel.syncOptions?.setOption(.allowRemoteHalfClosure, value: true)
+        let limit = listener.config.perConnectionBufferLimitBytes
+        try? ConnectionBuffers.apply(to: context.channel, limit: limit, readSize: limit * ConnectionBuffers.tcpReadFactor)
         route(context: context)
         if clientFinished { run(machine.inputClosed(.downstream)) }
     }
@@ -228,6 +230,11 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// waits for queued writes only while the input is open, and a full close never does. A peer that stops reading
     /// is not waited for past the listener's `send_timeout`.
     private func closeAfterWrites(_ channel: Channel, mode: CloseMode) {
+        // Nothing queued (the usual case): closed at once, without the write and the timer.
+        if (try? channel.syncOptions?.getOption(.bufferedWritableBytes)) == 0,
+           (try? channel.pipeline.syncOperations.context(handlerType: NIOSSLHandler.self)) == nil {
+            return channel.close(mode: mode, promise: nil)
+        }
         let bound = channel.eventLoop.scheduleTask(in: listener.sendTimeout) { Self.reset(channel) }
         channel.writeAndFlush(ByteBuffer()).whenComplete { _ in
             bound.cancel()
@@ -272,8 +279,9 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         upstream = side
         let tls = cluster.config.tls.flatMap { config in cluster.tlsContext().map { (config, $0) } }
         let handshake = tls == nil ? nil : context.eventLoop.makePromise(of: Void.self)
+        let limit = cluster.config.perConnectionBufferLimitBytes
         let target = UpstreamConnector.Target(host: host, eventLoop: context.eventLoop, timeout: cluster.config.connectTimeout,
-                                              bufferLimit: cluster.config.perConnectionBufferLimitBytes)
+                                              bufferLimit: limit, readSize: limit * ConnectionBuffers.tcpReadFactor)
         let bound = NIOLoopBound(side, eventLoop: context.eventLoop)
         let connecting = UpstreamConnector.bootstrap.open(target) { channel in
             channel.eventLoop.makeCompletedFuture {

@@ -12,6 +12,8 @@ struct UpstreamConnector: Sendable {
         let timeout: TimeAmount
         /// `per_connection_buffer_limit_bytes` for an HTTP/1.1 connection; nil keeps NIO's defaults.
         let bufferLimit: Int?
+        /// The largest read, when not `bufferLimit` (TCP proxy connections).
+        var readSize: Int? = nil
     }
 
     /// Opens a connection; `initialize` runs on the new channel, on the pool's loop, before it connects, so
@@ -20,11 +22,20 @@ struct UpstreamConnector: Sendable {
                          _ initialize: @escaping @Sendable (Channel) -> EventLoopFuture<Void>) -> EventLoopFuture<Channel>
 
     static let bootstrap = UpstreamConnector { target, initialize in
-        var bootstrap = ClientBootstrap(group: target.eventLoop)
+        // Options are set in the initializer, on the loop at once, rather than as the bootstrap's (a future each).
+        let bootstrap = ClientBootstrap(group: target.eventLoop)
             .connectTimeout(target.timeout)
-            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
-        if let limit = target.bufferLimit { bootstrap = bootstrap.boundedConnectionBuffers(limit) }
-        bootstrap = bootstrap.channelInitializer(initialize)
+            .channelInitializer { channel in
+                do {
+                    try channel.syncOptions?.setOption(.tcpOption(.tcp_nodelay), value: 1)
+                    if let limit = target.bufferLimit {
+                        try ConnectionBuffers.apply(to: channel, limit: limit, readSize: target.readSize)
+                    }
+                } catch {
+                    return channel.eventLoop.makeFailedFuture(error)
+                }
+                return initialize(channel)
+            }
         if let address = target.host.socketAddress { return bootstrap.connect(to: address) }
         // A name that did not resolve when the policy was built (its DNS was not ready) is resolved now, off the
         // loop, and connected to at its first address, as one that resolved then is. Not NIO's Happy Eyeballs:
