@@ -13,7 +13,7 @@ import Glibc
 /// Backpressure is NIO's glue-handler rule, per side: a side is read only while the other side's channel is
 /// writable, so what Vigil holds per connection is bounded by the write watermarks (`ConnectionBuffers`), whatever
 /// the sizes and speeds of the two ends.
-final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
+final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, DeadlineWaiter {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -43,7 +43,9 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var readHeld = false
     private var downstreamError = false
     private var connectTimer: Scheduled<Void>?
-    private var idleTimer: Scheduled<Void>?
+    /// The idle timeout waits in the loop's `DeadlineQueue` (one task per loop, not one per connection: a sidecar may
+    /// hold many long-lived TCP connections).
+    var deadlineSlot = -1
     private var bytesIn = 0
     private var bytesOut = 0
     private let startedAt: NIODeadline
@@ -292,10 +294,13 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 try channel.pipeline.syncOperations.addHandler(bound.value)
             }
         }
-        // connect_timeout bounds the TCP connect and the TLS handshake together.
-        connectTimer = context.eventLoop.assumeIsolated().scheduleTask(in: cluster.config.connectTimeout) { [self] in
-            guard upstream === side, machine.phase == .connecting else { return }
-            connectFailed(side, .connectTimeout)
+        // connect_timeout bounds the TCP connect and the TLS handshake together; without TLS, and with an address
+        // at hand, the bootstrap's own connect timeout is that bound already.
+        if tls != nil || host.socketAddress == nil {
+            connectTimer = context.eventLoop.assumeIsolated().scheduleTask(in: cluster.config.connectTimeout) { [self] in
+                guard upstream === side, machine.phase == .connecting else { return }
+                connectFailed(side, .connectTimeout)
+            }
         }
         connecting.assumeIsolated().whenComplete { [self] result in
             switch result {
@@ -366,12 +371,13 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     private func armIdleTimer() {
-        guard let due = machine.nextDeadline, let eventLoop = context?.eventLoop else { return }
-        idleTimer = eventLoop.assumeIsolated().scheduleTask(deadline: due) { [self] in
-            idleTimer = nil
-            let action = machine.deadlineReached(now: loop.eventLoop.now)
-            if case .none = action { armIdleTimer() } else { run(action) }
-        }
+        guard let due = machine.nextDeadline else { return }
+        loop.deadlines.arm(self, at: due)
+    }
+
+    func deadlineReached() {
+        let action = machine.deadlineReached(now: loop.eventLoop.now)
+        if case .none = action { armIdleTimer() } else { run(action) }
     }
 
     private func releaseHost() {
@@ -390,8 +396,7 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         held.removeAll()
         connectTimer?.cancel()
         connectTimer = nil
-        idleTimer?.cancel()
-        idleTimer = nil
+        loop.deadlines.disarm(self)
         let upstreamHost = host?.addressText
         if let side = upstream {
             upstream = nil
