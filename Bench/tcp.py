@@ -26,7 +26,8 @@ burst and then a Markdown table per phase.
 Options: --rounds N (default 6), --bulk-mib MIB (default 1024), --conns N (default 10000), --clients N (default 8),
   --proxies vigil,vigil-b,vigil-64k,haproxy,envoy (default: all five), --phases bulk-plain,bulk-mtls,short-plain,
   short-mtls (default: all four), --vigil PATH (default .build-release/release/vigil), --envoy PATH
-  (default .venv-peers/bin/envoy), --perf NAME:FILE (`perf record -g` on that proxy for the whole run, warm-up
+  (default .venv-peers/bin/envoy), --relay PATH (default .build-release/release/nio-relay; proxy `nio-relay`, the raw
+  SwiftNIO relay, cleartext phases only), --perf NAME:FILE (`perf record -g` on that proxy for the whole run, warm-up
   included; use it in a run of its own, not in the one whose ratios are reported), --strace NAME:FILE (`strace -c -f`
   likewise: syscall counts), --admin-dump (each Vigil's /stats/prometheus at the end, into the temp dir), --keep
   (leave the temp dir: configs, logs).
@@ -70,7 +71,9 @@ BACKEND = {"sink-plain": 18400, "sink-tls": 18401, "echo-plain": 18402, "echo-tl
 PHASES = ("bulk-plain", "bulk-mtls", "short-plain", "short-mtls")
 PHASE_BACKEND = {"bulk-plain": "sink-plain", "bulk-mtls": "sink-tls", "short-plain": "echo-plain", "short-mtls": "echo-tls"}
 PROXIES = ("vigil", "vigil-b", "vigil-64k", "haproxy", "envoy")
-BASE = {"vigil": 18410, "vigil-b": 18420, "vigil-64k": 18430, "haproxy": 18440, "envoy": 18450}
+# nio-relay (Bench/NIORelay, `Bench/build-release.sh nio-relay`): the raw SwiftNIO relay, cleartext phases only; the
+# floor a NIO proxy stands on. Not in the default set.
+BASE = {"vigil": 18410, "vigil-b": 18420, "vigil-64k": 18430, "haproxy": 18440, "envoy": 18450, "nio-relay": 18460}
 ADMIN = {"vigil": 15100, "vigil-b": 15101, "vigil-64k": 15102, "envoy": 18459}
 CERT = {"vigil": "proxy-vigil", "vigil-b": "proxy-vigil", "vigil-64k": "proxy-vigil", "haproxy": "proxy-haproxy",
         "envoy": "proxy-envoy"}
@@ -409,7 +412,8 @@ class Proxy:
                                   start_new_session=True)
         self.pid = self.p.pid
         for phase in PHASES:
-            wait_port(port(name, phase))
+            if name != "nio-relay" or phase.endswith("-plain"):  # the relay has no TLS phases
+                wait_port(port(name, phase))
 
     def stop(self):
         if self.p.poll() is None:
@@ -449,6 +453,9 @@ def run(a):
                 cmd = f"{a.vigil} --config {conf} --threads 1"
             elif name == "haproxy":
                 cmd = f"haproxy -f {haproxy_config(d, certs)} -db"
+            elif name == "nio-relay":
+                pairs = [f"{port(name, ph)}:{BACKEND[PHASE_BACKEND[ph]]}" for ph in PHASES if ph.endswith("-plain")]
+                cmd = f"{a.relay} {' '.join(pairs)}"
             else:
                 cmd = f"{a.envoy} -c {envoy_config(d, certs)} --use-dynamic-base-id --concurrency 1 --log-level warning"
             print(f"# {name}: taskset -c 1 {cmd}", flush=True)
@@ -607,6 +614,7 @@ def main():
     r.add_argument("--phases", default=",".join(PHASES))
     r.add_argument("--vigil", default=os.path.join(ROOT, ".build-release/release/vigil"))
     r.add_argument("--envoy", default=os.path.join(ROOT, ".venv-peers/bin/envoy"))
+    r.add_argument("--relay", default=os.path.join(ROOT, ".build-release/release/nio-relay"))
     r.add_argument("--perf", help="NAME:FILE, perf record -g on that proxy for the whole run")
     r.add_argument("--strace", help="NAME:FILE, strace -c -f (syscall counts) on that proxy for the whole run")
     r.add_argument("--admin-dump", action="store_true", help="save each Vigil's /stats/prometheus into the temp dir at the end")
