@@ -117,6 +117,23 @@ import VigilTestSupport
         await proxy.stop()
     }
 
+    /// Refused at once, in the accepting initializer's wake: still a reset, not an orderly FIN.
+    @Test func aConnectionNoRouteTakesIsReset() async throws {
+        let echo = try await RawTCPServer(group: group, mode: .echo)
+        let yaml = Self.tcpProxy().replacingOccurrences(of: "match: { prefix: \"/\" }", with: "match: { destination_port: 1 }")
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [echo.port], group: group)
+        do {
+            let client = try await RawTCPClient.connect(port: proxy.port(), group: group)
+            #expect(try await client.ended().isReset)
+        } catch {
+            #expect("\(error)".contains("reset"), "\(error)")
+        }
+        try await waitUntil("the access log line") { proxy.accessLog.lines.count == 1 }
+        #expect(try line(proxy)["reason"] as? String == "no_route")
+        #expect(echo.accepted.load(ordering: .relaxed) == 0)
+        await proxy.stop()
+    }
+
     @Test func anIdleConnectionIsClosedAtTheRoutesIdleTimeout() async throws {
         let echo = try await RawTCPServer(group: group, mode: .echo)
         let proxy = try await ProxyHarness(yaml: Self.tcpProxy(route: "idle_timeout: 2s"), upstreams: [echo.port], group: group)

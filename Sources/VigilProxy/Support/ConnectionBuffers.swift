@@ -33,10 +33,20 @@ enum ConnectionBuffers {
 
 extension ConnectionBuffers {
     /// A TCP proxy connection reads up to this many times `per_connection_buffer_limit_bytes` at once (64 KiB at the
-    /// default): a byte stream has no heads to bound, and 16 KiB reads, one per wakeup, cost about 1.25 times
-    /// HAProxy's CPU per GiB (RESULTS.md). What a slow reader holds grows by the larger read: at most one read plus
-    /// the write watermark per direction (80 KiB at the default).
+    /// default), at most `tcpMaxRead`: a byte stream has no heads to bound, and 16 KiB reads, one per wakeup, cost
+    /// about 1.25 times HAProxy's CPU per GiB (RESULTS.md). What a slow reader holds grows by the larger read: at most
+    /// one read plus the write watermark per direction (80 KiB at the default). NIO's allocator rounds the largest
+    /// read up to a power of two, so the size given is one.
     static let tcpReadFactor = 4
+    static let tcpMaxRead = 256 * 1024
+
+    /// The largest read of a TCP proxy connection whose limit is `limit`: a power of two, 4 × the limit at the
+    /// default, never above `tcpMaxRead`.
+    static func tcpReadSize(_ limit: Int) -> Int {
+        var size = 1
+        while size * 2 <= min(limit * tcpReadFactor, tcpMaxRead) { size *= 2 }
+        return max(size, limit)
+    }
 
     /// The bound on `channel`, set at once on its loop (a bootstrap's options cost a future each, per connection).
     /// `readSize`: the largest read, when it is not the limit itself.

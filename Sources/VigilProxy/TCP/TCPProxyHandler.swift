@@ -81,7 +81,23 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Dead
         // Half-closes pass through a TCP proxy both ways (over TLS, as close_notify).
         try? context.channel.syncOptions?.setOption(.allowRemoteHalfClosure, value: true)
         let limit = listener.config.perConnectionBufferLimitBytes
-        try? ConnectionBuffers.apply(to: context.channel, limit: limit, readSize: limit * ConnectionBuffers.tcpReadFactor)
+        try? ConnectionBuffers.apply(to: context.channel, limit: limit, readSize: ConnectionBuffers.tcpReadSize(limit))
+        // Added in the accepting initializer (a `protocol: tcp` listener, or a detection decided without bytes), the
+        // channel is not registered yet: it is routed once active, so that a refusal can reset it, and no upstream is
+        // dialled for a connection that never became one.
+        if context.channel.isActive { start(context: context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        start(context: context)
+        context.fireChannelActive()
+    }
+
+    private var started = false
+
+    private func start(context: ChannelHandlerContext) {
+        guard !started else { return }
+        started = true
         route(context: context)
         if clientFinished { run(machine.inputClosed(.downstream)) }
     }
@@ -283,7 +299,7 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Dead
         let handshake = tls == nil ? nil : context.eventLoop.makePromise(of: Void.self)
         let limit = cluster.config.perConnectionBufferLimitBytes
         let target = UpstreamConnector.Target(host: host, eventLoop: context.eventLoop, timeout: cluster.config.connectTimeout,
-                                              bufferLimit: limit, readSize: limit * ConnectionBuffers.tcpReadFactor)
+                                              bufferLimit: limit, readSize: ConnectionBuffers.tcpReadSize(limit))
         let bound = NIOLoopBound(side, eventLoop: context.eventLoop)
         let connecting = UpstreamConnector.bootstrap.open(target) { channel in
             channel.eventLoop.makeCompletedFuture {

@@ -23,11 +23,11 @@ struct UpstreamConnector: Sendable {
 
     static let bootstrap = UpstreamConnector { target, initialize in
         // Options are set in the initializer, on the loop at once, rather than as the bootstrap's (a future each).
+        // TCP_NODELAY is the bootstrap's default.
         let bootstrap = ClientBootstrap(group: target.eventLoop)
             .connectTimeout(target.timeout)
             .channelInitializer { channel in
                 do {
-                    try channel.syncOptions?.setOption(.tcpOption(.tcp_nodelay), value: 1)
                     if let limit = target.bufferLimit {
                         try ConnectionBuffers.apply(to: channel, limit: limit, readSize: target.readSize)
                     }
