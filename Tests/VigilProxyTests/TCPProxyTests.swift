@@ -35,6 +35,16 @@ import VigilTestSupport
             """
     }
 
+    /// A client of `port` is reset (the reset can come before the client's own connect has finished).
+    func expectReset(port: Int) async throws {
+        do {
+            let client = try await RawTCPClient.connect(port: port, group: group)
+            #expect(try await client.ended().isReset)
+        } catch {
+            #expect("\(error)".contains("reset"), "\(error)")
+        }
+    }
+
     func line(_ proxy: ProxyHarness, _ index: Int = 0) throws -> [String: Any] {
         let text = try #require(proxy.accessLog.lines.dropFirst(index).first)
         return try #require(try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any])
@@ -105,13 +115,7 @@ import VigilTestSupport
 
     @Test func withOneAttemptAConnectFailureEndsTheConnection() async throws {
         let proxy = try await ProxyHarness(yaml: Self.tcpProxy(), upstreams: [freeLoopbackPort()], group: group)
-        do {
-            let client = try await RawTCPClient.connect(port: proxy.port(), group: group)
-            #expect(try await client.ended().isReset)
-        } catch {
-            // The reset can come before the client's own connect has finished.
-            #expect("\(error)".contains("reset"), "\(error)")
-        }
+        try await expectReset(port: proxy.port())
         try await waitUntil("the access log line") { proxy.accessLog.lines.count == 1 }
         #expect(try line(proxy)["reason"] as? String == "upstream_connect_failure")
         await proxy.stop()
@@ -122,12 +126,7 @@ import VigilTestSupport
         let echo = try await RawTCPServer(group: group, mode: .echo)
         let yaml = Self.tcpProxy().replacingOccurrences(of: "match: { prefix: \"/\" }", with: "match: { destination_port: 1 }")
         let proxy = try await ProxyHarness(yaml: yaml, upstreams: [echo.port], group: group)
-        do {
-            let client = try await RawTCPClient.connect(port: proxy.port(), group: group)
-            #expect(try await client.ended().isReset)
-        } catch {
-            #expect("\(error)".contains("reset"), "\(error)")
-        }
+        try await expectReset(port: proxy.port())
         try await waitUntil("the access log line") { proxy.accessLog.lines.count == 1 }
         #expect(try line(proxy)["reason"] as? String == "no_route")
         #expect(echo.accepted.load(ordering: .relaxed) == 0)
