@@ -140,7 +140,7 @@ extension ProxyRuntime {
             guard let destination, listener.config.originalDestination else {
                 cluster.requestFinished()
                 return .reply(status: 503, reason: "no_original_destination",
-                              detail: Self.noOriginalDestination(cluster: cluster, listener: listener), cluster: cluster)
+                              detail: Self.refuseNoOriginalDestination(cluster: cluster, listener: listener), cluster: cluster)
             }
             pool = policy.originalDestinationPool(slot: slot, destination: destination, isThisHost: destinationIsThisHost)
             host = pool.host
@@ -164,10 +164,11 @@ extension ProxyRuntime {
         return .forward
     }
 
-    /// Why an `original_dst` cluster has nowhere to send a request or connection. A connection that came to an
+    /// Refuses a request or connection an `original_dst` cluster has nowhere to send, and says why. A connection that came to an
     /// original-destination listener directly (not redirected) would be sent back to Vigil: refused, and counted as a
     /// refused loop (Istio blackholes these too).
-    static func noOriginalDestination(cluster: ClusterRuntime, listener: ListenerRuntime) -> String {
+    @discardableResult
+    static func refuseNoOriginalDestination(cluster: ClusterRuntime, listener: ListenerRuntime) -> String {
         guard listener.config.originalDestination else {
             return "cluster \(cluster.config.name) sends requests where their connection was going, and listener \(listener.config.name) does not read that (original_destination)"
         }

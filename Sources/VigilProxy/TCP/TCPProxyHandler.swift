@@ -207,7 +207,7 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Dead
         let cluster = snapshot.clusters[slot]
         self.cluster = cluster
         if cluster.isOriginalDestination, reached.destination == nil {
-            _ = ProxyRuntime.noOriginalDestination(cluster: cluster, listener: listener)
+            ProxyRuntime.refuseNoOriginalDestination(cluster: cluster, listener: listener)
             return refuse("no_original_destination")
         }
         // Each proxied connection is one upstream connection: the cluster's max_connections bounds them (Envoy's rule).
