@@ -2,6 +2,7 @@ import Foundation
 import Testing
 import VigilTestSupport
 
+extension NamespaceTests {
 /// `vigil iptables install|uninstall` on a real kernel, inside network namespaces the test makes.
 @Suite(.serialized, .timeLimit(.minutes(3))) final class InterceptionTests {
     let scratch = ScratchDirectory("vigil-netns")
@@ -187,4 +188,5 @@ import VigilTestSupport
         #expect(logged("/direct")?.contains("\"reason\":\"no_original_destination\"") == true)
         #expect(try ns.run(in: ns.app, [Self.vigil, "iptables", "uninstall"]).status == 0)
     }
+}
 }

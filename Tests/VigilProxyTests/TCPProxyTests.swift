@@ -137,9 +137,8 @@ import VigilTestSupport
         let echo = try await RawTCPServer(group: group, mode: .echo)
         let proxy = try await ProxyHarness(yaml: Self.tcpProxy(route: "idle_timeout: 2s"), upstreams: [echo.port], group: group)
         let client = try await RawTCPClient.connect(port: proxy.port(), group: group)
-        try await client.send("a")
-        #expect(try await client.read(atLeast: 1) == "a")
-        #expect(try await client.ended(seconds: 5).isReset)
+        try? await client.send("a")  // a starved test may get here after the timeout
+        #expect(try await client.ended(seconds: 10).isReset)
         try await waitUntil("the access log line") { proxy.accessLog.lines.count == 1 }
         #expect(try line(proxy)["reason"] as? String == "idle_timeout")
         await proxy.stop()
