@@ -91,6 +91,48 @@ import VigilTestSupport
         await proxy.stop()
     }
 
+    /// `POST /drain?listeners=`: only those listeners stop (a pod's inbound side, while its application keeps calling
+    /// out); the rest serve on, and `/ready` turns 503.
+    @Test func aDrainOfSomeListenersLeavesTheOthersServing() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let registry = PrometheusCollectorRegistry()
+        let proxy = try await ProxyHarness(yaml: """
+            admin: { address: "127.0.0.1:0" }
+            access_log: { output: "off" }
+            listeners:
+              - { name: in, address: "127.0.0.1:0", routes: [{ match: { prefix: "/" }, cluster: api }] }
+              - { name: out, address: "127.0.0.1:0", routes: [{ match: { prefix: "/" }, cluster: api }] }
+            clusters:
+              - { name: api, endpoints: ["127.0.0.1:$UP0"] }
+            """, upstreams: [upstream.port], group: group, metrics: PrometheusMetricsFactory(registry: registry))
+        let admin = AdminServer(proxy: proxy.server, registry: registry, group: group, logger: Logger(label: "admin-test"))
+        try await admin.start()
+        admin.ready.store(true, ordering: .relaxed)
+        let inbound = try await proxy.client("in")
+        let outbound = try await proxy.client("out")
+        let inPort = proxy.port("in")
+        for client in [inbound, outbound] {
+            try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            #expect(try await client.response()?.status == 200)
+        }
+        let unknown = try await get(admin, "/drain?listeners=in,nope", method: "POST")
+        #expect(unknown.status == 400 && unknown.text.contains("nope"))
+        #expect(try await get(admin, "/ready").status == 200, "nothing drained by a refused call")
+        let drained = try await get(admin, "/drain?listeners=in", method: "POST")
+        #expect(try json(drained)["draining"] as? [String] == ["in"])
+        #expect(try await get(admin, "/ready").status == 503)
+        #expect(try await inbound.closedByServer(), "its idle keep-alive connection is closed")
+        try await waitUntil("the inbound listener to stop accepting") { !acceptsConnections(port: inPort) }
+        try await outbound.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        #expect(try await outbound.response()?.status == 200)
+        let fresh = try await proxy.client("out")
+        try await fresh.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        #expect(try await fresh.response()?.header("connection") != "close")
+        #expect(proxy.runtime.draining.load(ordering: .relaxed) == false)
+        await admin.stop()
+        await proxy.stop()
+    }
+
     @Test func statsAndPrometheusCountRequests() async throws {
         let (proxy, admin, upstream) = try await setup()
         let client = try await proxy.client()

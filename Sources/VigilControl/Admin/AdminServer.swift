@@ -71,9 +71,10 @@ public final class AdminServer: Sendable {
         let (path, query) = Self.split(uri)
         switch (method, path) {
         case (.GET, "/ready"), (.HEAD, "/ready"):
-            let isReady = ready.load(ordering: .relaxed) && !proxy.runtime.draining.load(ordering: .relaxed)
+            let draining = proxy.runtime.anyDraining
+            let isReady = ready.load(ordering: .relaxed) && !draining
             return Reply(status: isReady ? .ok : .serviceUnavailable, contentType: "text/plain",
-                         body: isReady ? "LIVE\n" : (proxy.runtime.draining.load(ordering: .relaxed) ? "DRAINING\n" : "PRE_INITIALIZING\n"))
+                         body: isReady ? "LIVE\n" : (draining ? "DRAINING\n" : "PRE_INITIALIZING\n"))
         case (.GET, "/healthz"), (.HEAD, "/healthz"):
             return Reply(status: .ok, contentType: "text/plain", body: "ok\n")
         case (.GET, "/stats/prometheus"):
@@ -92,6 +93,18 @@ public final class AdminServer: Sendable {
             return json(.object([("events", .array(proxy.runtime.events.records(after: since).map(\.json)))]))
         case (.GET, "/config_dump"):
             return json(proxy.runtime.current.config.dump())
+        case (.POST, "/drain") where query["listeners"] != nil:
+            let names = Set((query["listeners"] ?? "").split(separator: ",").map(String.init))
+            let known = Set(proxy.runtime.listeners.map(\.config.name))
+            let unknown = names.subtracting(known)
+            guard !names.isEmpty, unknown.isEmpty else {
+                return Reply(status: .badRequest, contentType: "text/plain",
+                             body: "listeners: \(unknown.sorted().joined(separator: ", ")) not among \(known.sorted().joined(separator: ", "))\n")
+            }
+            logger.notice("drain of some listeners requested on the admin port", metadata: ["listeners": "\(names.sorted())"])
+            let proxy = self.proxy
+            Task { _ = await proxy.drain(listeners: names) }
+            return json(["draining": .array(names.sorted().map(JSONValue.string))])
         case (.POST, "/drain"):
             logger.notice("drain requested on the admin port")
             let proxy = self.proxy

@@ -211,7 +211,7 @@ extension HTTP1ServerHandler {
     /// After a response is complete: next request, or close.
     func completeExchange() {
         if let spent = head.take() { loop.recycleFields(spent.fields) }
-        if keepAlive && !runtime.draining.load(ordering: .relaxed) {
+        if keepAlive && !runtime.draining.load(ordering: .relaxed) && !listener.draining.load(ordering: .relaxed) {
             phase = .idle
             idleSince = finishedAt ?? eventLoop.now
             finishedAt = nil

@@ -338,7 +338,9 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         requestMinorVersion = head.minorVersion
         requestExpectsContinue = head.expectContinue
         requestIsUpgrade = head.isUpgrade
-        if !head.keepAlive || runtime.draining.load(ordering: .relaxed) { keepAlive = false }
+        if !head.keepAlive || runtime.draining.load(ordering: .relaxed) || listener.draining.load(ordering: .relaxed) {
+            keepAlive = false
+        }
         switch head.framing {
         case .none, .untilClose:
             requestBodyDone = true

@@ -18,6 +18,8 @@ public final class ListenerRuntime: Sendable {
     /// Requests and connections refused because they came to an original-destination listener directly and would
     /// have been passed through to the listener itself (a loop).
     public let refusedLoops = ManagedAtomic<Int>(0)
+    /// Drained on its own (`POST /drain?listeners=`): its connections end after their current request.
+    public let draining = ManagedAtomic<Bool>(false)
 
     init(config: ListenerConfig, index: Int) {
         self.config = config

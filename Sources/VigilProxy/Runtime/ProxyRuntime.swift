@@ -37,6 +37,10 @@ public final class ProxyRuntime: Sendable {
     /// Set by `POST /drain` and on SIGTERM: connections finish their request and close.
     public let draining = ManagedAtomic<Bool>(false)
     /// Requests in flight across every listener.
+    /// Draining, whole or some listeners of it (`/ready` answers 503 either way).
+    public var anyDraining: Bool {
+        draining.load(ordering: .relaxed) || listeners.contains { $0.draining.load(ordering: .relaxed) }
+    }
     public let activeRequests = ManagedAtomic<Int>(0)
     private let loops: [ObjectIdentifier: LoopContext]
     private let group: EventLoopGroup

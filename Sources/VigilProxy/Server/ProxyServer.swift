@@ -14,8 +14,8 @@ public final class ProxyServer: Sendable {
 
     struct State {
         var serverChannels: [String: Channel] = [:]
-        /// Open downstream connections, for drain.
-        var connections: [ObjectIdentifier: Channel] = [:]
+        /// Open downstream connections and the index of their listener, for drain.
+        var connections: [ObjectIdentifier: (channel: Channel, listener: Int)] = [:]
         var drainWaiters: [(Int, CheckedContinuation<Void, Never>)] = []
         var nextWaiterID = 0
     }
@@ -51,7 +51,7 @@ public final class ProxyServer: Sendable {
     public var openConnectionCount: Int { state.withLockedValue { $0.connections.count } }
 
     /// The downstream connections open now.
-    var openConnections: [Channel] { state.withLockedValue { Array($0.connections.values) } }
+    var openConnections: [Channel] { state.withLockedValue { $0.connections.values.map(\.channel) } }
 
     private func bind(_ listener: ListenerRuntime) async throws -> Channel {
         let runtime = self.runtime
@@ -66,7 +66,7 @@ public final class ProxyServer: Sendable {
                 }
                 listener.totalConnections.wrappingIncrement(ordering: .relaxed)
                 let id = ObjectIdentifier(channel)
-                state.withLockedValue { $0.connections[id] = channel }
+                state.withLockedValue { $0.connections[id] = (channel, listener.index) }
                 channel.closeFuture.whenComplete { _ in
                     listener.openConnections.wrappingDecrement(ordering: .relaxed)
                     self.connectionClosed(id)
@@ -143,6 +143,25 @@ public final class ProxyServer: Sendable {
     public func beginDrain() {
         runtime.draining.store(true, ordering: .relaxed)
         for c in openConnections { c.pipeline.fireUserInboundEventTriggered(DrainEvent()) }
+    }
+
+    /// Drains only the listeners named (Istio's inbound-only drain, for a pod's preStop: the application keeps its
+    /// outbound listener while its callers are turned away): they stop accepting, and their connections finish their
+    /// current requests and close. The others serve on; `/ready` answers 503 from now on. Names that are not
+    /// listeners are returned (nothing is drained then).
+    public func drain(listeners names: Set<String>) async -> Set<String> {
+        let unknown = names.subtracting(runtime.listeners.map(\.config.name))
+        guard unknown.isEmpty else { return unknown }
+        let drained = runtime.listeners.filter { names.contains($0.config.name) }
+        for listener in drained { listener.draining.store(true, ordering: .relaxed) }
+        let (servers, connections) = state.withLockedValue { s -> ([Channel], [Channel]) in
+            let servers = names.compactMap { s.serverChannels.removeValue(forKey: $0) }
+            let indices = Set(drained.map(\.index))
+            return (servers, s.connections.values.filter { indices.contains($0.listener) }.map(\.channel))
+        }
+        for c in servers { try? await c.close() }
+        for c in connections { c.pipeline.fireUserInboundEventTriggered(DrainEvent()) }
+        return []
     }
 
     /// Drain: stop accepting, ask connections to close, wait for them up to `timeout`, then close the rest.
