@@ -183,25 +183,62 @@ enum IptablesRunner {
         return nil
     }
 
+    /// Runs `tool` with `input` on its stdin; its exit status and what it wrote to stderr.
+    ///
+    /// posix_spawn and pipes rather than Foundation's `Process`: Process waits for its child through a run loop whose
+    /// wake-up sockets need a loopback interface, and in a network namespace whose loopback is not up yet (an early
+    /// init step) it hung for ever instead of running iptables.
     static func run(_ tool: String, _ arguments: [String], input: String? = nil) throws -> (status: Int32, stderr: String) {
         guard let executable = which(tool) else {
             throw CommandFailure(description: "\(tool) is not installed: install the iptables package")
         }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = arguments
-        let stdin = Pipe()
-        let stderr = Pipe()
-        process.standardInput = stdin
-        process.standardError = stderr
-        process.standardOutput = FileHandle.nullDevice
+        var stdinPipe: [Int32] = [0, 0], stderrPipe: [Int32] = [0, 0]
+        guard pipe(&stdinPipe) == 0, pipe(&stderrPipe) == 0 else {
+            throw CommandFailure(description: "cannot run \(tool): \(String(cString: strerror(errno)))")
+        }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_adddup2(&actions, stdinPipe[0], STDIN_FILENO)
+        posix_spawn_file_actions_adddup2(&actions, stderrPipe[1], STDERR_FILENO)
+        posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0)
+        for fd in stdinPipe + stderrPipe { posix_spawn_file_actions_addclose(&actions, fd) }
+        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+        defer { for a in argv { free(a) } }
+        var child = pid_t()
+        let rc = posix_spawn(&child, executable, &actions, nil, argv, environ)
+        close(stdinPipe[0])
+        close(stderrPipe[1])
+        guard rc == 0 else {
+            close(stdinPipe[1])
+            close(stderrPipe[0])
+            throw CommandFailure(description: "cannot run \(executable): \(String(cString: strerror(rc)))")
+        }
         // A child that exits before reading its input must fail the command, not kill it with SIGPIPE.
         signal(SIGPIPE, SIG_IGN)
-        try process.run()
-        if let input { try? stdin.fileHandleForWriting.write(contentsOf: Data(input.utf8)) }
-        try stdin.fileHandleForWriting.close()
-        let said = stderr.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return (process.terminationStatus, String(decoding: said, as: UTF8.self))
+        if let input {
+            var bytes = Array(input.utf8)[...]
+            while !bytes.isEmpty {
+                let n = bytes.withUnsafeBytes { write(stdinPipe[1], $0.baseAddress, $0.count) }
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 { break }
+                bytes = bytes.dropFirst(n)
+            }
+        }
+        close(stdinPipe[1])
+        var said: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { read(stderrPipe[0], $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            said += buffer[..<n]
+        }
+        close(stderrPipe[0])
+        var raw: Int32 = 0
+        while waitpid(child, &raw, 0) < 0 && errno == EINTR {}
+        // WIFEXITED / WEXITSTATUS, which Swift does not import (they are macros).
+        let status = (raw & 0x7F) == 0 ? (raw >> 8) & 0xFF : 128 + (raw & 0x7F)
+        return (status, String(decoding: said, as: UTF8.self))
     }
 }

@@ -41,6 +41,21 @@ extension NamespaceTests {
         #expect(uid.status != 0 && uid.stderr.contains("--proxy-uid: \"1337 -j ACCEPT\" is not a user or group id or name"))
     }
 
+    /// In a namespace whose loopback is not up yet (an early init step), install and uninstall still run iptables and
+    /// return: a child process waited on through Foundation's run loop hung there.
+    @Test(.enabled(if: NetworkNamespaces.available, "needs root, ip (iproute2) and iptables: skipped"))
+    func installRunsBeforeLoopbackIsUp() throws {
+        let name = "vigil-nolo-\(getpid() % 100_000)"
+        let ip = NetworkNamespaces.tool("ip")!
+        _ = try ChildProcess.run(ip, ["netns", "add", name])
+        defer { _ = try? ChildProcess.run(ip, ["netns", "del", name]) }
+        for action in ["install", "uninstall"] {
+            let r = try ChildProcess.run(NetworkNamespaces.tool("timeout")!, ["20", ip, "netns", "exec", name, Self.vigil, "iptables", action])
+            #expect(r.status == 0, "\(action): status \(r.status) \(r.stderr)")
+        }
+        #expect(try !ChildProcess.run(ip, ["netns", "exec", name, "iptables-save", "-t", "nat"]).stdout.contains("VIGIL"))
+    }
+
     /// An unmodified client in the "app" namespace calls a server in "peer" by its address. Installed, the call
     /// reaches the outbound port instead (which sees where it was going), except the proxy user's own; inbound
     /// connections reach the inbound port with their original port; the app's own loopback traffic stays.
