@@ -2,7 +2,7 @@ import Foundation
 import Testing
 import VigilTestSupport
 
-extension NamespaceTests {
+extension ChildProcessSuites {
 /// `vigil iptables install|uninstall` on a real kernel, inside network namespaces the test makes.
 @Suite(.serialized, .timeLimit(.minutes(3))) final class InterceptionTests {
     let scratch = ScratchDirectory("vigil-netns")

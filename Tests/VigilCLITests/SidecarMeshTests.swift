@@ -2,7 +2,7 @@ import Foundation
 import Testing
 import VigilTestSupport
 
-extension NamespaceTests {
+extension ChildProcessSuites {
 /// Two sidecars, one per namespace, with interception installed in both: unmodified clients in "app" reach
 /// servers in "peer" through Vigil on each side, in mutual TLS between the two Vigils, for HTTP/1.1, HTTP/2 and a
 /// real Redis session; a server that speaks first (an opaque port) answers at once over mTLS, and in plaintext
@@ -49,7 +49,7 @@ extension NamespaceTests {
             .filter { $0.hasPrefix("{\"time\"") }
     }
 
-    @Test(.enabled(if: NetworkNamespaces.available && NetworkNamespaces.tool("setpriv") != nil && NamespaceTests.SidecarMeshTests.redis != nil,
+    @Test(.enabled(if: NetworkNamespaces.available && NetworkNamespaces.tool("setpriv") != nil && ChildProcessSuites.SidecarMeshTests.redis != nil,
                    "needs root, ip (iproute2), iptables, python3, setpriv and redis-server/redis-cli: skipped"))
     func twoSidecarsCarryHTTPAndRedisInMutualTLSAndServerFirstProtocolsAnswerAtOnce() throws {
         let ns = try NetworkNamespaces()

@@ -4,6 +4,7 @@ import NIOPosix
 import Testing
 import VigilTestSupport
 
+extension ChildProcessSuites {
 /// Runs the real `vigil` binary as a process.
 @Suite(.timeLimit(.minutes(3))) final class VigilCommandTests {
     let scratch = ScratchDirectory("vigil-cli")
@@ -240,4 +241,5 @@ import VigilTestSupport
         #expect(after != before)
         #expect(p.isRunning)                            // SIGHUP reloads; it does not stop Vigil
     }
+}
 }

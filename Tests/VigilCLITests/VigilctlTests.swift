@@ -4,6 +4,7 @@ import NIOPosix
 import Testing
 import VigilTestSupport
 
+extension ChildProcessSuites {
 /// `vigilctl` against a real `vigil` process (and one address where nothing listens).
 @Suite(.timeLimit(.minutes(3))) final class VigilctlTests {
     let scratch = ScratchDirectory("vigilctl")
@@ -217,4 +218,5 @@ import VigilTestSupport
         let (_, history, _) = try run("vigilctl", ["policy", "history"] + server + ops)
         #expect(history.contains("identity:spiffe://corp/ns/ops/sa/admin"))
     }
+}
 }

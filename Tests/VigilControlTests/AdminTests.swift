@@ -84,9 +84,9 @@ import VigilTestSupport
         #expect(try await get(admin, "/drain").status == 405)
         let drained = try await get(admin, "/drain", method: "POST")
         #expect(try json(drained)["draining"] as? Bool == true)
+        // The drain runs after the answer (the listeners close first, then the flag is set).
+        try await waitUntil("the drain to begin") { proxy.runtime.draining.load(ordering: .relaxed) }
         #expect(try await get(admin, "/ready").status == 503)
-        let draining = proxy.runtime.draining.load(ordering: .relaxed)
-        #expect(draining)
         await admin.stop()
         await proxy.stop()
     }
@@ -120,6 +120,7 @@ import VigilTestSupport
         #expect(try await get(admin, "/ready").status == 200, "nothing drained by a refused call")
         let drained = try await get(admin, "/drain?listeners=in", method: "POST")
         #expect(try json(drained)["draining"] as? [String] == ["in"])
+        try await waitUntil("the drain to begin") { proxy.runtime.anyDraining }
         #expect(try await get(admin, "/ready").status == 503)
         #expect(try await inbound.closedByServer(), "its idle keep-alive connection is closed")
         try await waitUntil("the inbound listener to stop accepting") { !acceptsConnections(port: inPort) }
