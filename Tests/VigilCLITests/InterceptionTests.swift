@@ -201,6 +201,12 @@ extension ChildProcessSuites {
             #expect(line?.contains("\"upstream_host\":\"\(upstream)\"") == true, "\(line ?? "no line for \(path)")")
         }
         #expect(logged("/direct")?.contains("\"reason\":\"no_original_destination\"") == true)
+        // Metrics count connections by original destination port (bounded), "none" for the one that came directly.
+        let metrics = try get(from: ns.app, "127.0.0.1", 15000, "/stats/prometheus")
+        for series in [#"{listener="outbound",port="8080"} 1"#, #"{listener="outbound",port="8081"} 1"#,
+                       #"{listener="outbound",port="none"} 1"#, #"{listener="inbound",port="9000"} 1"#] {
+            #expect(metrics.contains("vigil_original_destination_connections_total" + series), "\(series) in \(metrics)")
+        }
         #expect(try ns.run(in: ns.app, [Self.vigil, "iptables", "uninstall"]).status == 0)
     }
 }

@@ -1,4 +1,5 @@
 import CoreMetrics
+import Prometheus
 import Logging
 import NIOCore
 import NIOEmbedded
@@ -130,5 +131,22 @@ extension ClusterRuntime {
         // One of two ejected is still 50 %, not below the threshold; the second ejection is.
         #expect(kinds == [.hostEjected, .hostEjected, .panicEntered])
         #expect(cluster.health.mode == .failFast)
+    }
+}
+
+/// Connections by original destination port: one series per port seen, up to a bound, then `other`.
+@Suite struct OriginalDestinationMetricsTests {
+    @Test func portsAreCountedUpToTheBoundAndTheRestAsOther() throws {
+        let registry = PrometheusCollectorRegistry()
+        let listener = ListenerConfig(name: "outbound", address: .init(host: "127.0.0.1", port: 15001), routes: [])
+        let metrics = ProxyMetrics(listeners: [listener], factory: PrometheusMetricsFactory(registry: registry))
+        for port in 1...300 { metrics.recordOriginalDestination(listener: 0, port: port) }
+        metrics.recordOriginalDestination(listener: 0, port: 7)
+        metrics.recordOriginalDestination(listener: 0, port: nil)
+        let text = registry.emitToString()
+        let series = text.split(separator: "\n").filter { $0.hasPrefix("vigil_original_destination_connections_total{") }
+        #expect(series.count == ProxyMetrics.originalDestinationPorts + 1, "the bound, then other")
+        #expect(text.contains(#"vigil_original_destination_connections_total{listener="outbound",port="7"} 2"#))
+        #expect(text.contains(#"vigil_original_destination_connections_total{listener="outbound",port="other"} 45"#))
     }
 }

@@ -137,7 +137,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         eventLoop = context.eventLoop
         allocator = context.channel.allocator
         let ip = context.channel.remoteAddress?.ipAddress ?? "unknown"
-        let reached = self.reached ?? ConnectionDestination.read(context.channel, original: listener.config.originalDestination)
+        let reached = self.reached ?? listener.destination(of: context.channel, metrics: runtime.metrics)
         facts = ForwardingFacts(clientAddress: ip, scheme: session.scheme, clientCert: session.forwardedClientCert,
                                 destination: reached.destination, destinationIsThisHost: reached.isThisHost)
         idleSince = eventLoop.now

@@ -29,7 +29,7 @@ enum HTTP2Pipeline {
         // Below the HTTP/2 handler (and above TLS): every stream flushes its own response, and each flush
         // would otherwise be a write (and a TLS record) of its own.
         try channel.pipeline.syncOperations.addHandler(BatchFlushHandler(flushes: loop.flushes))
-        let reached = reached ?? ConnectionDestination.read(channel, original: listener.config.originalDestination)
+        let reached = reached ?? listener.destination(of: channel, metrics: runtime.metrics)
         let facts = ForwardingFacts(clientAddress: channel.remoteAddress?.ipAddress ?? "unknown", scheme: session.scheme,
                                     clientCert: session.forwardedClientCert, destination: reached.destination,
                                     destinationIsThisHost: reached.isThisHost)

@@ -1,4 +1,5 @@
 import CoreMetrics
+import NIOConcurrencyHelpers
 import VigilCore
 
 /// The data plane's metric handles, resolved once so the request path never looks a metric up by name:
@@ -49,6 +50,29 @@ public final class ProxyMetrics: Sendable {
     /// A client connected to a listener with TLS, in plaintext (permissive mode), over TLS, or over mutual TLS.
     func recordDownstreamTLS(listener: Int, _ session: DownstreamSession) {
         downstreamTLS[listener][session.scheme == "https" ? (session.peer != nil ? 2 : 1) : 0].increment()
+    }
+
+    /// Connections by original destination port, per listener, made as ports are first seen: at most
+    /// `originalDestinationPorts` ports a listener, the rest counted as `other` (the label set stays bounded; the
+    /// access log has every destination whole).
+    private let originalDestinations = NIOLockedValueBox<[Int: [String: Counter]]>([:])
+    static let originalDestinationPorts = 256
+
+    /// A connection came to an original-destination listener, going to `port` (nil: it came to the listener itself).
+    func recordOriginalDestination(listener: Int, port: Int?) {
+        let label = port.map(String.init) ?? "none"
+        let counter = originalDestinations.withLockedValue { byListener -> Counter in
+            var counters = byListener[listener, default: [:]]
+            defer { byListener[listener] = counters }
+            if let known = counters[label] { return known }
+            let key = counters.count < Self.originalDestinationPorts ? label : "other"
+            if let other = counters[key] { return other }
+            let made = Counter(label: "vigil_original_destination_connections_total",
+                               dimensions: [("listener", listenerNames[listener]), ("port", key)], factory: factory)
+            counters[key] = made
+            return made
+        }
+        counter.increment()
     }
 
     /// A TCP connection ended: counted under its cluster (none when it reached none), its bytes under the listener.

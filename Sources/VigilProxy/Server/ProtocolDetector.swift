@@ -82,7 +82,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
         stage = .protocol
         let routes = self.routes
         guard listener.config.protocol == .tcp || routes.carriesTCP else { return }
-        let reached = ConnectionDestination.read(context.channel, original: listener.config.originalDestination)
+        let reached = listener.destination(of: context.channel, metrics: runtime.metrics)
         self.reached = reached
         if listener.config.protocol == .tcp { return install(.tcp, context: context) }
         if let port = reached.destination?.port, listener.config.opaquePorts.contains(port) {
@@ -205,7 +205,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
             case .tcp, .tls:
                 var hello: ClientHelloInfo?
                 if case .tls(let info) = found { hello = info }
-                let reached = self.reached ?? ConnectionDestination.read(channel, original: listener.config.originalDestination)
+                let reached = self.reached ?? listener.destination(of: channel, metrics: runtime.metrics)
                 // What was read goes with the handler (counted and held for the upstream from the start).
                 let first = buffered
                 buffered = nil

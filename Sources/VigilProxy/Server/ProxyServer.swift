@@ -101,7 +101,7 @@ public final class ProxyServer: Sendable {
                         try HTTP2Pipeline.configure(channel: channel, runtime: runtime, listener: listener, loop: loop)
                     case .tcp:
                         // Nothing to detect: the TCP proxy at once.
-                        let reached = ConnectionDestination.read(channel, original: listener.config.originalDestination)
+                        let reached = listener.destination(of: channel, metrics: runtime.metrics)
                         try channel.pipeline.syncOperations.addHandler(
                             TCPProxyHandler(runtime: runtime, listener: listener, loop: loop, session: .plain,
                                             reached: reached, hello: nil))

@@ -52,3 +52,13 @@ struct ConnectionDestination {
         return ConnectionDestination(destination: found, isThisHost: isThisHost, isListenerItself: false)
     }
 }
+
+extension ListenerRuntime {
+    /// `ConnectionDestination.read` for a connection of this listener, once per connection; on a listener that reads
+    /// original destinations, the destination's port is counted (`vigil_original_destination_connections_total`).
+    func destination(of channel: Channel, metrics: ProxyMetrics) -> ConnectionDestination {
+        let reached = ConnectionDestination.read(channel, original: config.originalDestination)
+        if config.originalDestination { metrics.recordOriginalDestination(listener: index, port: reached.destination?.port) }
+        return reached
+    }
+}
