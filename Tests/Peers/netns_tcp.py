@@ -54,13 +54,18 @@ def call(host, port, uid=None):
         os.setgid(int(uid))
         os.setuid(int(uid))
     with socket.create_connection((host, int(port)), timeout=5) as c:
-        data = b""
-        while True:
-            chunk = c.recv(1024)
-            if not chunk:
-                break
-            data += chunk
+        data = read_all(c)
     print(data.decode().strip(), flush=True)
+
+
+def read_all(conn):
+    """Everything the peer sends until it closes its side."""
+    data = b""
+    while True:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
 
 
 def httpserve(host, port, name):
@@ -136,13 +141,7 @@ def sendfin(host, port, text):
         with socket.create_connection((host, int(port)), timeout=5) as c:
             c.sendall(text.encode())
             c.shutdown(socket.SHUT_WR)
-            got = b""
-            while True:
-                data = c.recv(65536)
-                if not data:
-                    break
-                got += data
-            print(got.decode(), flush=True)
+            print(read_all(c).decode(), flush=True)
     except OSError as e:
         print("failed", e, flush=True)
 

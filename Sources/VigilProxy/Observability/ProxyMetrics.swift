@@ -19,7 +19,7 @@ public final class ProxyMetrics: Sendable {
     let listenerNames: [String]
     /// `[listener]`: TCP connections that ended without reaching a cluster (refused, no route).
     let unroutedConnections: [Counter]
-    /// `[listener][0: plaintext, 1: tls, 2: mtls]`, on listeners with TLS: how clients connected (permissive mode
+    /// `[listener][DownstreamSession.tlsKind]`, on listeners with TLS: how clients connected (permissive mode
     /// shows who still comes in plaintext).
     let downstreamTLS: [[Counter]]
 
@@ -40,8 +40,8 @@ public final class ProxyMetrics: Sendable {
             Counter(label: "vigil_tcp_connections_total", dimensions: [("listener", $0.name), ("cluster", "none")], factory: factory)
         }
         downstreamTLS = listeners.map { l in
-            ["plaintext", "tls", "mtls"].map {
-                Counter(label: "vigil_downstream_connections_total", dimensions: [("listener", l.name), ("tls", $0)],
+            DownstreamSession.tlsLabels.map {
+                Counter(label: "vigil_downstream_connections_total", dimensions: [("listener", l.name), ("tls", "\($0)")],
                         factory: factory)
             }
         }
@@ -49,7 +49,7 @@ public final class ProxyMetrics: Sendable {
 
     /// A client connected to a listener with TLS, in plaintext (permissive mode), over TLS, or over mutual TLS.
     func recordDownstreamTLS(listener: Int, _ session: DownstreamSession) {
-        downstreamTLS[listener][session.scheme == "https" ? (session.peer != nil ? 2 : 1) : 0].increment()
+        downstreamTLS[listener][session.tlsKind].increment()
     }
 
     /// Connections by original destination port, per listener, made as ports are first seen: at most

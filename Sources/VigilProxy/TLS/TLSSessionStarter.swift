@@ -15,8 +15,12 @@ struct DownstreamSession: Sendable {
 
     var identity: String? { peer?.identity }
 
-    /// How the client connected, for the access log of a listener with TLS.
-    var tlsLabel: StaticString { scheme == "https" ? (peer != nil ? "mtls" : "tls") : "plaintext" }
+    /// How the client connected, on a listener with TLS: 0 plaintext (permissive mode), 1 TLS, 2 mutual TLS.
+    var tlsKind: Int { scheme == "https" ? (peer != nil ? 2 : 1) : 0 }
+
+    /// `tlsKind` as the access log and metrics name it.
+    static let tlsLabels: [StaticString] = ["plaintext", "tls", "mtls"]
+    var tlsLabel: StaticString { Self.tlsLabels[tlsKind] }
 }
 
 /// Sits after the TLS handler of a TLS listener until the handshake is done; then reads the client's
