@@ -46,6 +46,10 @@ enum ExchangeEvent {
     case body(total: Int, kept: Bool)
     case requestEnded
     case head(Int, retryAfter: TimeAmount? = nil)
+    /// A gRPC call's HTTP 200 head, saying this of the call.
+    case grpcHead(ExchangeStateMachine.GRPCResponse)
+    case bodyBegan
+    case grpcEnded(GRPCStatus)
     case readComplete
     case responseEnded
     case failed(UpstreamFailure)
@@ -63,6 +67,9 @@ struct ExchangeScript {
     let env = FakeExchangeEnvironment()
     var route: ExchangeStateMachine.Route
     var method = "GET"
+    /// The request is a gRPC call, with this `grpc-timeout` (nil: none).
+    var grpc = false
+    var grpcTimeout: TimeAmount?
 
     init(route: ExchangeStateMachine.Route) { self.route = route }
 
@@ -70,7 +77,7 @@ struct ExchangeScript {
         switch event {
         case .start(let hasBody, let complete):
             return machine.started(route: route, host: 0, method: method, hasBody: hasBody, requestComplete: complete,
-                                   now: clock.now)
+                                   now: clock.now, grpc: grpc, grpcTimeout: grpcTimeout)
         case .provided(let reused): return machine.connectionProvided(reused: reused, now: clock.now)
         case .poolFailed(let f): return machine.connectionFailed(f, now: clock.now, env: env)
         case .body(let total, let kept):
@@ -81,6 +88,10 @@ struct ExchangeScript {
             return .none
         case .head(let status, let after):
             return machine.responseHeadReceived(status: status, now: clock.now, retryAfter: { after }, env: env)
+        case .grpcHead(let response):
+            return machine.responseHeadReceived(status: 200, grpc: response, now: clock.now, retryAfter: { nil }, env: env)
+        case .bodyBegan: return machine.responseBodyBegan()
+        case .grpcEnded(let code): return machine.grpcResponseEnded(code, now: clock.now, env: env)
         case .readComplete:
             _ = machine.upstreamReadCompleted(now: clock.now)
             return .none
@@ -433,13 +444,16 @@ func retryRoute(on: [RetryCondition] = [.connectFailure, .refusedStream, .reset]
             let routes = [retryRoute(attempts: 2, perTry: .milliseconds(300), backoff: .milliseconds(50), timeout: .seconds(2),
                                      idle: .seconds(1), bufferBytes: 100),
                           retryRoute(on: [.gatewayError, .reset, .connectFailure], attempts: 3),
-                          ExchangeStateMachine.Route(timeout: .seconds(1), idleTimeout: .milliseconds(700))]
-            var script = ExchangeScript(route: routes[Int(r.next() % 3)])
+                          ExchangeStateMachine.Route(timeout: .seconds(1), idleTimeout: .milliseconds(700)),
+                          retryRoute(on: [.unavailable, .reset], attempts: 2, timeout: .seconds(1), idle: .milliseconds(500))]
+            var script = ExchangeScript(route: routes[Int(r.next() % 4)])
+            script.grpc = r.next() % 2 == 0
+            if script.grpc, r.next() % 2 == 0 { script.grpcTimeout = .milliseconds(Int64(r.next() % 1500)) }
             script.env.random = ScriptedRandom(r.next())
             script.env.budget = Int(r.next() % 3)
             script.env.retrySlotLimit = Int(r.next() % 3)
             script.method = r.next() % 4 == 0 ? "POST" : "GET"
-            var waiting = false, holding = false, requestDone = false, responding = false
+            var waiting = false, holding = false, requestDone = false, responding = false, held = false
             var finals = 0
             var bodyBytes = 0
             var log: [String] = []
@@ -461,6 +475,7 @@ func retryRoute(on: [RetryCondition] = [.connectFailure, .refusedStream, .reset]
                 case .none: break
                 case .acquire(_, let drop), .backOff(let drop):
                     apply(drop)
+                    held = false
                     #expect(!waiting && !holding, "seed \(seed): two attempts at once; \(log)")
                     if case .acquire = action { waiting = true }
                 case .send:
@@ -470,10 +485,19 @@ func retryRoute(on: [RetryCondition] = [.connectFailure, .refusedStream, .reset]
                 case .releaseConnection:
                     Issue.record("seed \(seed): a connection refused while waiting; \(log)")
                 case .forwardResponse:
+                    #expect(!responding, "seed \(seed): the response forwarded twice; \(log)")
                     responding = true
+                    held = false
+                case .holdResponse:
+                    #expect(script.grpc && holding && !responding, "seed \(seed): \(log)")
+                    held = true
                 case .reply(_, let drop), .abort(let drop):
                     apply(drop)
                     finals += 1
+                    // A gRPC call that Vigil ends has its gRPC status and the answer it was ended with.
+                    if script.grpc, case .reply = action {
+                        #expect(script.machine.grpcStatus != nil && script.machine.localAnswer != nil, "seed \(seed): \(log)")
+                    }
                 case .finish:
                     holding = false
                     finals += 1
@@ -502,8 +526,15 @@ func retryRoute(on: [RetryCondition] = [.connectFailure, .refusedStream, .reset]
                 if holding {
                     choices.append(.failed(Self.failures[Int(r.next() % 6)]))
                     choices.append(.readComplete)
-                    if responding {
-                        choices.append(.responseEnded)
+                    let codes: [GRPCStatus] = [.ok, .unavailable, .notFound, .internal]
+                    if held {
+                        choices.append(.bodyBegan)
+                        choices.append(.grpcEnded(codes[Int(r.next() % 4)]))
+                    } else if responding {
+                        choices.append(script.machine.grpcStatusPending ? .grpcEnded(codes[Int(r.next() % 4)]) : .responseEnded)
+                    } else if script.grpc {
+                        choices.append([.grpcHead(.pending), .grpcHead(.status(codes[Int(r.next() % 4)])),
+                                        .head(503)][Int(r.next() % 3)])
                     } else {
                         choices.append(.head([200, 404, 500, 502, 503][Int(r.next() % 5)]))
                     }
@@ -512,6 +543,9 @@ func retryRoute(on: [RetryCondition] = [.connectFailure, .refusedStream, .reset]
                 log.append("\(event)")
                 switch event {
                 case .requestEnded: requestDone = true
+                case .grpcEnded:
+                    // The upstream's response is over: whatever follows, the held head is not sent.
+                    if held { held = false }
                 case .failed: holding = false
                 case .poolFailed: waiting = false
                 case .body(let total, _):
@@ -533,6 +567,9 @@ func retryRoute(on: [RetryCondition] = [.connectFailure, .refusedStream, .reset]
             #expect(script.machine.phase == .finished && script.machine.nextDeadline == nil, "seed \(seed)")
             #expect(script.env.slotsHeld == 0, "seed \(seed): a retry slot was not given back; \(log)")
             #expect(!waiting && !holding, "seed \(seed): an upstream left behind; \(log)")
+            #expect(!script.machine.responseHeld, "seed \(seed): a head held after the end; \(log)")
+            // A gRPC call that ended with its response whole has a status; other requests never have one.
+            if !script.grpc { #expect(script.machine.grpcStatus == nil, "seed \(seed)") }
             // Nothing after the end changes the outcome.
             let (status, reason) = (script.machine.status, script.machine.reason)
             for late in [ExchangeEvent.head(200), .failed(.reset), .responseEnded, .wait(.seconds(60)), .poolFailed(.reset)] {

@@ -107,8 +107,27 @@ public enum RetryCondition: String, Sendable, Equatable, CaseIterable {
     case gatewayError = "gateway-error"
     /// Any 5xx from the upstream, or no response at all.
     case serverError = "5xx"
-    /// A status listed in `status_codes`.
+    /// A status listed in `status_codes`, or a gRPC status listed in `grpc_status_codes`.
     case retriableStatus = "retriable-status"
+    /// Envoy's gRPC conditions: a gRPC call that ended with this status before any of its response reached the
+    /// client (a trailers-only response, or a held response head; see `ExchangeStateMachine`).
+    case cancelled
+    case deadlineExceeded = "deadline-exceeded"
+    case `internal`
+    case resourceExhausted = "resource-exhausted"
+    case unavailable
+
+    /// The gRPC status a gRPC condition names; nil for the HTTP ones.
+    public var grpcStatus: GRPCStatus? {
+        switch self {
+        case .cancelled: .cancelled
+        case .deadlineExceeded: .deadlineExceeded
+        case .internal: .internal
+        case .resourceExhausted: .resourceExhausted
+        case .unavailable: .unavailable
+        default: nil
+        }
+    }
 }
 
 /// `routes[].retry`.
@@ -117,6 +136,8 @@ public struct RetryPolicyConfig: Sendable, Equatable {
     public var attempts: Int = 1
     public var on: [RetryCondition] = [.connectFailure, .refusedStream, .reset]
     public var statusCodes: [Int] = []
+    /// gRPC statuses retried under `retriable-status` (`grpc_status_codes`, as numbers or names).
+    public var grpcStatusCodes: [GRPCStatus] = []
     /// Deadline of each try; zero means only the route timeout applies.
     public var perTryTimeout: TimeAmount = .zero
     public var backoffBase: TimeAmount = .milliseconds(25)

@@ -23,6 +23,7 @@ extension VigilConfig {
 
     static func dump(_ r: RetryPolicyConfig) -> JSONValue {
         ["attempts": .int(r.attempts), "on": strings(r.on.map(\.rawValue)), "status_codes": .array(r.statusCodes.map(JSONValue.int)),
+         "grpc_status_codes": .array(r.grpcStatusCodes.map { .int($0.rawValue) }),
          "per_try_timeout": d(r.perTryTimeout), "backoff": ["base": d(r.backoffBase), "max": d(r.backoffMax)],
          "budget": ["ratio": .double(r.budgetRatio), "min_per_second": .int(r.budgetMinPerSecond)],
          "retry_non_idempotent": .bool(r.retryNonIdempotent), "retry_buffer_bytes": .int(r.retryBufferBytes)]

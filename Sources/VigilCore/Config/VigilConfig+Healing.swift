@@ -163,7 +163,7 @@ extension ConfigReader {
 
     mutating func readRetry(_ node: Node, at path: String) -> RetryPolicyConfig? {
         let keys: Set = ["attempts", "on", "status_codes", "per_try_timeout", "backoff", "budget", "retry_non_idempotent",
-                         "retry_buffer_bytes"]
+                         "retry_buffer_bytes", "grpc_status_codes"]
         guard let m = map(node, at: path, keys: keys) else { return nil }
         var r = RetryPolicyConfig()
         if let v = int(m["attempts"], at: m.path("attempts"), range: 0...10) { r.attempts = v }
@@ -185,8 +185,11 @@ extension ConfigReader {
             r.statusCodes = list.enumerated().compactMap { int($0.element, at: Self.index(m.path("status_codes"), $0.offset),
                                                                range: 100...599) }
         }
-        if r.on.contains(.retriableStatus), r.statusCodes.isEmpty, m["on"] != nil {
-            fail(m.path("status_codes"), "is required when on lists retriable-status")
+        if let list = list(m["grpc_status_codes"], at: m.path("grpc_status_codes")) {
+            r.grpcStatusCodes = list.enumerated().compactMap { grpcStatus($0.element, at: Self.index(m.path("grpc_status_codes"), $0.offset)) }
+        }
+        if r.on.contains(.retriableStatus), r.statusCodes.isEmpty, r.grpcStatusCodes.isEmpty, m["on"] != nil {
+            fail(m.path("status_codes"), "is required when on lists retriable-status (or grpc_status_codes)")
         }
         if let d = duration(m["per_try_timeout"], at: m.path("per_try_timeout")) { r.perTryTimeout = d }
         if let b = map(m["backoff"], at: m.path("backoff"), keys: ["base", "max"]) {
@@ -209,6 +212,24 @@ extension ConfigReader {
             r.retryBufferBytes = v
         }
         return r
+    }
+
+    /// A gRPC status as its number (0-16) or its name in Envoy's spelling (`unavailable`, `deadline-exceeded`).
+    mutating func grpcStatus(_ node: Node?, at path: String) -> GRPCStatus? {
+        guard let node else { return nil }
+        if let code = node.scalar.flatMap({ Int($0.string) }) {
+            guard let status = GRPCStatus(rawValue: code) else {
+                fail(path, "\(code) is not a gRPC status code (0-16)")
+                return nil
+            }
+            return status
+        }
+        guard let text = nonEmptyString(node, at: path) else { return nil }
+        guard let status = GRPCStatus.allCases.first(where: { $0.retryConditionName == text.lowercased() }) else {
+            fail(path, "\"\(text)\" is not a gRPC status (0-16, or a name such as unavailable)")
+            return nil
+        }
+        return status
     }
 
     mutating func double(_ node: Node?, at path: String, range: ClosedRange<Double>) -> Double? {

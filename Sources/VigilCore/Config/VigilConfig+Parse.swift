@@ -108,6 +108,9 @@ extension ConfigReader {
                 if route.tenantLimits != nil {
                     fail("\(path).tenant_limits", "does not apply to TCP connections (they are not attributed to tenants)")
                 }
+                if route.grpcTimeoutHeaderMax != .zero {
+                    fail("\(path).grpc_timeout_header_max", "applies to gRPC calls, not to TCP connections")
+                }
             }
         }
     }
@@ -279,7 +282,8 @@ extension ConfigReader {
 
     mutating func readRoute(_ node: Node, at path: String, clusterNames: [String: Int]) -> RouteConfig? {
         guard let m = map(node, at: path, keys: ["match", "cluster", "timeout", "idle_timeout", "retry",
-                                                     "tenant_limits", "connect_attempts"]) else { return nil }
+                                                     "tenant_limits", "connect_attempts", "grpc_timeout_header_max"])
+        else { return nil }
         let match = required(readMatch(m["match"], at: m.path("match")), m, "match")
         let cluster = required(nonEmptyString(m["cluster"], at: m.path("cluster")), m, "cluster")
         if let cluster, clusterNames[cluster] == nil {
@@ -291,6 +295,13 @@ extension ConfigReader {
         var route = RouteConfig(match: match, cluster: cluster, timeout: timeout, retry: retry)
         if let idle = duration(m["idle_timeout"], at: m.path("idle_timeout")) { route.idleTimeout = idle }
         if let n = int(m["connect_attempts"], at: m.path("connect_attempts"), range: 1...10) { route.connectAttempts = n }
+        if let node = m["grpc_timeout_header_max"] {
+            if case .scalar(let s) = node, s.string == "off" {
+                route.grpcTimeoutHeaderMax = nil
+            } else if let d = duration(node, at: m.path("grpc_timeout_header_max")) {
+                route.grpcTimeoutHeaderMax = d
+            }
+        }
         if let node = m["tenant_limits"], let limits = readTenantLimits(node, at: m.path("tenant_limits")) {
             if limits.requestsPerSecond == nil { fail(m.path("tenant_limits.requests_per_second"), "is required") }
             if limits.maxConcurrent != nil { fail(m.path("tenant_limits.max_concurrent"), "is per tenant, not per route") }

@@ -40,12 +40,28 @@ public struct ExchangeStateMachine: Sendable {
         /// The route's `idle_timeout`: longest silence of the upstream once the request is sent; zero: none.
         public var idleTimeout: TimeAmount
         public var retry: RetryPolicy?
+        /// The route's `grpc_timeout_header_max`: the longest a gRPC call's own deadline (`grpc-timeout`) may run;
+        /// zero: as long as the client asks; nil: the header is not read.
+        public var grpcTimeoutMax: TimeAmount?
 
-        public init(timeout: TimeAmount = .zero, idleTimeout: TimeAmount = .zero, retry: RetryPolicy? = nil) {
+        public init(timeout: TimeAmount = .zero, idleTimeout: TimeAmount = .zero, retry: RetryPolicy? = nil,
+                    grpcTimeoutMax: TimeAmount? = .zero) {
             self.timeout = timeout
             self.idleTimeout = idleTimeout
             self.retry = retry
+            self.grpcTimeoutMax = grpcTimeoutMax
         }
+    }
+
+    /// What a response head says of a gRPC call.
+    public enum GRPCResponse: Sendable, Equatable {
+        /// Not a gRPC call, or an answer other than HTTP 200 to one (judged by its HTTP status, as gRPC's clients
+        /// judge it).
+        case none
+        /// HTTP 200: the call's status comes at the end, in the trailers (`grpcResponseEnded`).
+        case pending
+        /// A trailers-only answer: the call's status is in the head itself.
+        case status(GRPCStatus)
     }
 
     public enum Phase: Sendable, Equatable {
@@ -87,6 +103,10 @@ public struct ExchangeStateMachine: Sendable {
         case releaseConnection
         /// Relay the response head to the client.
         case forwardResponse
+        /// Keep the gRPC response head that came, unsent, until `responseBodyBegan` (then relay it) or
+        /// `grpcResponseEnded` (which may retry the call): while nothing of a response has reached the client, the
+        /// call's status can still be retried.
+        case holdResponse
         /// The exchange is over with an answer of Vigil's own (`status`, `reason` are set), after doing `drop`.
         case reply(LocalAnswer, drop: Upstream)
         /// The response is complete; the connection goes back to its pool if `reuseUpstream`.
@@ -117,6 +137,17 @@ public struct ExchangeStateMachine: Sendable {
     /// Whether a `max_retries` slot is held (from a retry decision to the exchange's end).
     public private(set) var holdsRetrySlot = false
     public private(set) var tried = HostMask()
+    /// A gRPC call: its answers are in gRPC's form, and its status is an outcome.
+    public private(set) var grpc = false
+    /// The gRPC status the call ended with: relayed from the upstream, Vigil's own, or what a gRPC client makes of
+    /// an answer other than HTTP 200. Nil for other requests and while the call runs.
+    public private(set) var grpcStatus: GRPCStatus?
+    /// The answer the exchange ended with when it was Vigil's own: a reply, or why a begun response was cut.
+    public private(set) var localAnswer: LocalAnswer?
+    /// A gRPC response head is held back (`holdResponse`).
+    public private(set) var responseHeld = false
+    /// A gRPC response of HTTP 200 has begun and its status is still to come (`grpcResponseEnded` ends it).
+    public var grpcStatusPending: Bool { grpcPending }
 
     private var route = Route()
     /// The method, kept only when the route can retry (the policy asks whether it is idempotent).
@@ -138,6 +169,10 @@ public struct ExchangeStateMachine: Sendable {
     private var staleResent = false
     private var refusedResends = 0
     private var tunnel = false
+    /// When the gRPC call's own deadline passes (from its `grpc-timeout`), over every phase of the exchange.
+    private var callDeadline: NIODeadline?
+    /// A gRPC response of HTTP 200 has begun and its status is still to come.
+    private var grpcPending = false
 
     public init() {}
 
@@ -149,7 +184,16 @@ public struct ExchangeStateMachine: Sendable {
             return min(a, b)
         }
         let idle = quietSince.map { $0 + route.idleTimeout }
-        return earlier(earlier(routeDeadline, tryDeadline), earlier(backoffUntil, idle))
+        return earlier(earlier(earlier(routeDeadline, tryDeadline), earlier(backoffUntil, idle)), callDeadline)
+    }
+
+    /// The outcome's HTTP status, which SLOs and outlier detection judge: for a gRPC call answered with HTTP 200,
+    /// its gRPC status as Envoy maps it (UNAVAILABLE is 503); else the status itself.
+    public var outcomeStatus: Int { status == 200 ? grpcStatus?.httpStatus ?? 200 : status }
+
+    /// What is left of the gRPC call's own deadline, for the `grpc-timeout` sent upstream; nil: it has none.
+    public func grpcTimeLeft(now: NIODeadline) -> TimeAmount? {
+        callDeadline.map { max($0 - now, .nanoseconds(1)) }
     }
 
     /// Whether the request could be sent again now: nothing of it was sent, or the copy of it is whole.
@@ -160,10 +204,17 @@ public struct ExchangeStateMachine: Sendable {
 
     /// A request was routed and admitted to `host`. `requestComplete`: its body (if any) has been received.
     /// The machine is a new one (a front end that serves several requests starts each with a new value).
+    /// `grpc`: a gRPC call, with its `grpc-timeout` if it sent one.
     public mutating func started(route: Route, host: Int, method: @autoclosure () -> String, hasBody: Bool,
-                                 requestComplete: Bool, now: NIODeadline) -> Action {
+                                 requestComplete: Bool, now: NIODeadline, grpc: Bool = false,
+                                 grpcTimeout: TimeAmount? = nil) -> Action {
         assert(phase == .idle, "an exchange machine serves one request")
         self.route = route
+        self.grpc = grpc
+        // The client's deadline covers the whole call, from now (gRPC's clients count it from the call's start).
+        if grpc, let asked = grpcTimeout, let cap = route.grpcTimeoutMax {
+            callDeadline = now + (cap > .zero ? min(asked, cap) : asked)
+        }
         if route.retry != nil { self.method = method() }
         self.hasBody = hasBody
         self.requestComplete = requestComplete
@@ -228,20 +279,66 @@ public struct ExchangeStateMachine: Sendable {
     }
 
     /// A final response head (status ≥ 200, not 101) arrived. The front end records its status for the host's
-    /// health before calling; `retryAfter` is read only if the route would retry this status.
-    public mutating func responseHeadReceived<E: ExchangeEnvironment>(status: Int, now: @autoclosure () -> NIODeadline,
+    /// health before calling (for a gRPC call, the status `grpc` gives it unless that is `pending`: the machine
+    /// records that one when it comes); `retryAfter` is read only if the route would retry this status.
+    public mutating func responseHeadReceived<E: ExchangeEnvironment>(status: Int, grpc response: GRPCResponse = .none,
+                                                                     now: @autoclosure () -> NIODeadline,
                                                                      retryAfter: () -> TimeAmount?, env: E) -> Action {
         guard phase == .trying else { return .none }
-        if requestComplete, let policy = route.retry, policy.covers(.response(status: status)),
-           let next = retry(after: .response(status: status), retryAfter: retryAfter(), now: now(), drop: .close, env: env) {
+        let failure: TryFailure
+        if case .status(let code) = response { failure = .grpc(code) } else { failure = .response(status: status) }
+        if requestComplete, let policy = route.retry, policy.covers(failure),
+           let next = retry(after: failure, retryAfter: retryAfter(), now: now(), drop: .close, env: env) {
             return next
         }
+        self.status = status
+        switch response {
+        case .pending:
+            grpcPending = true
+            // Held only while a retry could follow: the route retries some gRPC status and could send the call again.
+            if requestComplete, let policy = route.retry, policy.retriesGRPC, replayable,
+               retriesDone < policy.config.attempts {
+                responseHeld = true
+                return .holdResponse
+            }
+        case .status(let code): grpcStatus = code
+        case .none: if grpc { grpcStatus = GRPCStatus(httpStatus: status) }
+        }
+        startResponse()
+        return .forwardResponse
+    }
+
+    /// The first DATA of a held gRPC response came: the head goes to the client now, and the call can no longer be
+    /// retried.
+    public mutating func responseBodyBegan() -> Action {
+        guard responseHeld, phase == .trying else { return .none }
+        responseHeld = false
+        startResponse()
+        return .forwardResponse
+    }
+
+    /// A gRPC response of HTTP 200 ended with `code` (its trailers' `grpc-status`; UNKNOWN when they have none, as
+    /// gRPC's clients take it). The host's outcome is recorded; a held response whose status the route retries is
+    /// retried; else the response ends (`finish`, as `responseEnded`).
+    public mutating func grpcResponseEnded<E: ExchangeEnvironment>(_ code: GRPCStatus, now: NIODeadline, env: E) -> Action {
+        guard grpcPending else { return responseEnded(env: env) }
+        grpcPending = false
+        env.recordAttempt(.response(status: code.httpStatus))
+        if responseHeld {
+            guard phase == .trying else { return .none }
+            responseHeld = false
+            if let next = retry(after: .grpc(code), now: now, drop: .close, env: env) { return next }
+            startResponse()
+        }
+        grpcStatus = code
+        return responseEnded(env: env)
+    }
+
+    private mutating func startResponse() {
         phase = .responding
         responseStarted = true
-        self.status = status
         routeDeadline = nil
         tryDeadline = nil
-        return .forwardResponse
     }
 
     /// The upstream switched protocols (101): bytes pass both ways until either side closes.
@@ -277,7 +374,9 @@ public struct ExchangeStateMachine: Sendable {
                                                                env: E) -> Action {
         switch phase {
         case .responding:
-            if !tunnel { reason = failure.reason }
+            // A gRPC call whose status was still to come failed at its host.
+            if grpcPending { env.recordAttempt(.reset) }
+            if !tunnel { cut(LocalAnswer(failure)) }
             finish(env: env)
             return .abort(drop: .none)
         case .trying:
@@ -310,6 +409,21 @@ public struct ExchangeStateMachine: Sendable {
     /// is slow to read (that silence is not the upstream's; `send_timeout` covers the client).
     public mutating func deadlineReached<E: ExchangeEnvironment>(now: NIODeadline, upstreamHeldBack: Bool,
                                                                 env: E) -> Action {
+        // The gRPC call's own deadline ends it in any phase. It is the client's budget, not evidence against the
+        // host: nothing is recorded (the route's own timeouts are).
+        if let d = callDeadline, d <= now {
+            callDeadline = nil
+            switch phase {
+            case .waitingForConnection: return reply(.grpcDeadline, drop: .cancelWait, env: env)
+            case .backingOff: return reply(.grpcDeadline, drop: .none, env: env)
+            case .trying: return reply(.grpcDeadline, drop: .close, env: env)
+            case .responding:
+                cut(.grpcDeadline)
+                finish(env: env)
+                return .abort(drop: .close)
+            case .idle, .finished: break
+            }
+        }
         // The route's deadline first when several are due: with it gone no retry could start anyway.
         if let d = routeDeadline, d <= now {
             routeDeadline = nil
@@ -336,7 +450,7 @@ public struct ExchangeStateMachine: Sendable {
                 quietSince = nil
                 env.recordAttempt(.timeout)
                 if phase == .trying { return reply(.idleTimeout, drop: .close, env: env) }
-                reason = LocalAnswer.idleTimeout.reason
+                cut(.idleTimeout)
                 finish(env: env)
                 return .abort(drop: .close)
             }
@@ -353,7 +467,9 @@ public struct ExchangeStateMachine: Sendable {
     /// body too large): with an answer of `status` when it makes one, else with the response's status if one
     /// began (0 if none). Returns what to do with the upstream side.
     @discardableResult
-    public mutating func end<E: ExchangeEnvironment>(reason: String, status: Int? = nil, env: E) -> Upstream {
+    /// `answer`: the answer the front end gives (or ends a begun gRPC response with), for the call's gRPC status.
+    public mutating func end<E: ExchangeEnvironment>(reason: String, status: Int? = nil, answer: LocalAnswer? = nil,
+                                                    env: E) -> Upstream {
         let drop: Upstream
         switch phase {
         case .finished: return .none
@@ -362,6 +478,10 @@ public struct ExchangeStateMachine: Sendable {
         case .trying, .responding: drop = .close
         }
         if let status { self.status = status } else if !responseStarted { self.status = 0 }
+        if let answer {
+            localAnswer = answer
+            if grpc { grpcStatus = answer.grpcStatus }
+        }
         self.reason = reason
         finish(env: env)
         return drop
@@ -415,12 +535,23 @@ public struct ExchangeStateMachine: Sendable {
     private mutating func reply<E: ExchangeEnvironment>(_ answer: LocalAnswer, drop: Upstream, env: E) -> Action {
         status = answer.status
         reason = answer.reason
+        localAnswer = answer
+        if grpc { grpcStatus = answer.grpcStatus }
         finish(env: env)
         return .reply(answer, drop: drop)
     }
 
+    /// A begun response is cut for `answer`'s reason (a gRPC call ends with its status in trailers).
+    private mutating func cut(_ answer: LocalAnswer) {
+        reason = answer.reason
+        localAnswer = answer
+        if grpc { grpcStatus = answer.grpcStatus }
+    }
+
     private mutating func finish<E: ExchangeEnvironment>(env: E) {
         phase = .finished
+        callDeadline = nil
+        responseHeld = false
         routeDeadline = nil
         tryDeadline = nil
         quietSince = nil
@@ -448,6 +579,8 @@ extension LocalAnswer {
                                            detail: "the upstream did not answer within the route's per_try_timeout")
     static let idleTimeout = LocalAnswer(status: 504, reason: "upstream_idle_timeout",
                                          detail: "the upstream sent nothing for the route's idle_timeout")
+    static let grpcDeadline = LocalAnswer(status: 504, reason: "grpc_deadline_exceeded",
+                                          detail: "the call's deadline (grpc-timeout) passed")
 
     /// The answer to a try that failed this way.
     public init(_ failure: UpstreamFailure) {

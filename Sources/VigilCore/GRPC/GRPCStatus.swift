@@ -67,6 +67,22 @@ public enum GRPCStatus: Int, Sendable, CaseIterable {
         }
     }
 
+    /// The status of an answer Vigil makes itself to a gRPC call: gRPC's HTTP to gRPC mapping, except where Envoy
+    /// and gRPC itself say better. A tenant over its rate or concurrency limit (429) and a message larger than
+    /// Vigil takes (413) are RESOURCE_EXHAUSTED, as Envoy's rate limiters answer gRPC (`rate_limited_as_resource_exhausted`)
+    /// and as gRPC reports a message over its receiver's limit: a client should back off, not retry at once. The
+    /// call's own deadline passing is DEADLINE_EXCEEDED.
+    public init(answer status: Int, reason: String) {
+        if reason == "grpc_deadline_exceeded" {
+            self = .deadlineExceeded
+            return
+        }
+        switch status {
+        case 413, 429: self = .resourceExhausted
+        default: self.init(httpStatus: status)
+        }
+    }
+
     /// The name in gRPC's documents and Envoy's `retry_on` (`deadline-exceeded`, `resource-exhausted`, ...).
     public var retryConditionName: String {
         switch self {
@@ -180,4 +196,12 @@ public enum GRPCFields {
         default: nil
         }
     }
+}
+
+extension LocalAnswer {
+    /// This answer's status when it goes to a gRPC client.
+    public var grpcStatus: GRPCStatus { GRPCStatus(answer: status, reason: reason) }
+
+    /// Its `grpc-message`: the reason code first (what `x-vigil-reason` and the access log say), then the detail.
+    public var grpcMessage: String { GRPCFields.encodeMessage(reason + ": " + detail) }
 }

@@ -23,6 +23,10 @@ public struct HTTP2RequestHead: RoutableRequest, Sendable {
     public var headers: HPACKHeaders
     /// The `content-length`, if the request has one.
     public var contentLength: Int?
+    /// A gRPC call (`content-type: application/grpc`, or one of its `+proto`/`+json` forms).
+    public var grpc = false
+    /// A gRPC call's `grpc-timeout` (nil: none, or one that could not be read).
+    public var grpcTimeout: TimeAmount?
 
     public func headerValue(_ lowercaseName: String) -> String? { headers.first(name: lowercaseName) }
 
@@ -39,6 +43,8 @@ public struct HTTP2RequestHead: RoutableRequest, Sendable {
         var contentLengthCount = 0
         var expectation = false
         var expectContinue = false
+        var grpc = false
+        var grpcTimeout: String?
         var rejection: HTTP2RequestRejection?
         for (name, value, _) in headers {
             headerBytes += name.utf8.count + value.utf8.count + 32
@@ -63,6 +69,8 @@ public struct HTTP2RequestHead: RoutableRequest, Sendable {
                     rejection = HTTP2RequestRejection(status: 400, reason: "bad_content_length",
                                                       detail: "Content-Length is not a number")
                 }
+            case "content-type": grpc = GRPCFields.isGRPC(contentType: value)
+            case "grpc-timeout": grpcTimeout = value
             case "expect":
                 expectation = true
                 expectContinue = expectContinue || value.lowercased() == "100-continue"
@@ -111,7 +119,8 @@ public struct HTTP2RequestHead: RoutableRequest, Sendable {
             throw HTTP2RequestRejection(status: 400, reason: "bad_host", detail: ":authority is not a valid authority")
         }
         return HTTP2RequestHead(method: method, path: path, authority: authority, headers: headers,
-                                contentLength: contentLength)
+                                contentLength: contentLength, grpc: grpc,
+                                grpcTimeout: grpc ? grpcTimeout.flatMap { GRPCFields.timeout($0) } : nil)
     }
 
     /// Checks a trailer section the client sent after the body: its values go into the HTTP/1.1 chunked

@@ -11,6 +11,8 @@ public enum TryFailure: Sendable, Equatable {
     case perTryTimeout
     /// A complete response head with this status.
     case response(status: Int)
+    /// A gRPC call answered with this status (in HTTP 200's trailers) before anything of it reached the client.
+    case grpc(GRPCStatus)
 }
 
 /// Retry decisions for one route (Envoy's `retry_policy` semantics, Istio's `attempts` counting).
@@ -20,7 +22,15 @@ public enum TryFailure: Sendable, Equatable {
 public final class RetryPolicy: Sendable, Equatable {
     public let config: RetryPolicyConfig
 
-    public init(config: RetryPolicyConfig) { self.config = config }
+    /// Whether some condition could retry a gRPC status: only then is a gRPC response's head held back while the
+    /// call's status is still to come.
+    public let retriesGRPC: Bool
+
+    public init(config: RetryPolicyConfig) {
+        self.config = config
+        retriesGRPC = config.on.contains { $0.grpcStatus != nil }
+            || (config.on.contains(.retriableStatus) && !config.grpcStatusCodes.isEmpty)
+    }
 
     public static func == (a: RetryPolicy, b: RetryPolicy) -> Bool { a === b || a.config == b.config }
 
@@ -44,6 +54,9 @@ public final class RetryPolicy: Sendable, Equatable {
                  (.serverError, .perTryTimeout): true
             case (.serverError, .response(let s)): s >= 500
             case (.retriableStatus, .response(let s)): config.statusCodes.contains(s)
+            case (.retriableStatus, .grpc(let code)): config.grpcStatusCodes.contains(code)
+            // Envoy's rule: the HTTP conditions judge the HTTP status, which is 200 for a gRPC call that failed.
+            case (_, .grpc(let code)): condition.grpcStatus == code
             default: false
             }
         }
@@ -87,7 +100,11 @@ public final class RetryPolicy: Sendable, Equatable {
         // A request that was never sent (connect failure, refused stream) is safe to send again, whatever
         // its method; anything else may have had its effect.
         let unsent = facts.failure == .connectFailure || facts.failure == .refusedStream
-        guard unsent || config.retryNonIdempotent || Self.isIdempotent(facts.method) else {
+        // Every gRPC call is a POST, so its method says nothing of whether it may be repeated: a gRPC status
+        // the route names is the operator's word that it may (Envoy retries on it whatever the method).
+        var namedGRPC = false
+        if case .grpc = facts.failure { namedGRPC = true }
+        guard unsent || namedGRPC || config.retryNonIdempotent || Self.isIdempotent(facts.method) else {
             return .giveUp(reason: "non_idempotent")
         }
         var wait = Self.backoff(retry: facts.retriesDone + 1, base: config.backoffBase, max: config.backoffMax,

@@ -383,8 +383,10 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// Runs what the exchange machine decided, after its state has changed.
     func run(_ action: ExchangeStateMachine.Action) {
         switch action {
-        case .none, .forwardResponse, .send, .releaseConnection:
-            break  // answered where the event came from: they need its head or connection
+        case .none, .forwardResponse, .send, .releaseConnection, .holdResponse:
+            // Answered where the event came from: they need its head or connection. (Nothing is held here: gRPC
+            // calls come over HTTP/2.)
+            break
         case .acquire(let fresh, let drop):
             dropUpstream(drop)
             phase = .waitingForUpstream

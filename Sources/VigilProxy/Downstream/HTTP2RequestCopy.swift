@@ -1,6 +1,7 @@
 import NIOCore
 import NIOHPACK
 import NIOHTTP2
+import VigilCore
 
 /// What an HTTP/2 client's request has sent to an HTTP/2 upstream, kept while the exchange may send it again
 /// (a retry, a refused stream): the HEADERS, the body so far copied into one buffer, and how it ended.
@@ -34,8 +35,11 @@ struct HTTP2RequestCopy {
         }
     }
 
-    /// Sends the request as far as it has come.
-    func send(to stream: HTTP2UpstreamStream) {
+    /// Sends the request as far as it has come, with `grpcTimeout` (what is left of a gRPC call's deadline) in its
+    /// head if given.
+    func send(to stream: HTTP2UpstreamStream, grpcTimeout: TimeAmount? = nil) {
+        var head = head
+        if let grpcTimeout { head.headers.replaceOrAdd(name: "grpc-timeout", value: GRPCFields.timeoutField(grpcTimeout)) }
         stream.send(.headers(head))
         guard !head.endStream else { return }
         let endsWithBody = ended && trailers == nil

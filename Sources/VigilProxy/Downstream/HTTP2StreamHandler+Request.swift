@@ -33,7 +33,11 @@ extension HTTP2StreamHandler {
             request, scheme: scheme, facts: facts, tenant: target?.tenant?.name,
             dropping: target?.policy.snapshot.routes[listener.index].untrustedTenantHeader, random: &loop.random)
         noteRequestID(generated: written.generated, of: request)
-        return written.headers
+        // A gRPC call's upstream gets what is left of its deadline, never more (gRPC's servers give up then too).
+        guard let left = exchange.grpcTimeLeft(now: loop.eventLoop.now) else { return written.headers }
+        var headers = written.headers
+        headers.replaceOrAdd(name: "grpc-timeout", value: GRPCFields.timeoutField(left))
+        return headers
     }
 
     func noteRequestID(generated: RequestID?, of request: HTTP2RequestHead) {

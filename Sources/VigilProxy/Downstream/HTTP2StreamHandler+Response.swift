@@ -25,7 +25,11 @@ extension HTTP2StreamHandler {
                                         now: loop.eventLoop.now, env: self))
             return
         }
-        guard admitResponse(status: head.status, retryAfter: head.value(named: "retry-after")) else { return }
+        let bodiless = head.framing(requestMethodIsHead: request?.method == "HEAD") == .none
+        let grpc = grpcResponse(status: head.status, trailersOnly: bodiless) { head.value(named: "grpc-status") }
+        guard admitResponse(status: head.status, retryAfter: head.value(named: "retry-after"), grpc: grpc) else {
+            return
+        }
         var headers = HPACKHeaders()
         headers.reserveCapacity(head.fields.count + 1)
         headers.add(name: ":status", value: String(head.status))
@@ -39,11 +43,13 @@ extension HTTP2StreamHandler {
             }
             headers.add(name: head.lowercaseNameString(f), value: head.valueString(f))
         }
-        if head.framing(requestMethodIsHead: request?.method == "HEAD") == .none {
+        if bodiless {
             // The whole response is this HEADERS frame with END_STREAM (a gRPC trailers-only answer, a 204): it
             // goes out from upstreamResponseEnd, which comes next and finishes the exchange before the frame
             // can close the stream.
             bodilessHead = headers
+        } else if exchange.responseHeld {
+            heldGRPCHead = headers
         } else {
             send(.headers(.init(headers: headers, endStream: false)))
         }
@@ -57,7 +63,10 @@ extension HTTP2StreamHandler {
             relayInterim(status: head.status, headers: head.headers)
             return
         }
-        guard admitResponse(status: head.status, retryAfter: head.headers.first(name: "retry-after")) else { return }
+        let grpc = grpcResponse(status: head.status, trailersOnly: endStream) { head.headers.first(name: "grpc-status") }
+        guard admitResponse(status: head.status, retryAfter: head.headers.first(name: "retry-after"), grpc: grpc) else {
+            return
+        }
         if head.status == 204 {
             // RFC 9110 §8.6: a 204 has no content-length; NIOHTTP2 would refuse to send one that no DATA follows.
             var headers = head.headers
@@ -65,9 +74,19 @@ extension HTTP2StreamHandler {
             bodilessHead = headers
         } else if endStream || head.status == 304 || request?.method == "HEAD" {
             bodilessHead = head.headers  // see upstreamResponseHead
+        } else if exchange.responseHeld {
+            heldGRPCHead = head.headers
         } else {
             send(.headers(.init(headers: head.headers, endStream: false)))
         }
+    }
+
+    /// What a response head says of the gRPC call it answers (a trailers-only one carries the call's status; one
+    /// without `grpc-status` is UNKNOWN, as gRPC's clients take it).
+    func grpcResponse(status: Int, trailersOnly: Bool, grpcStatus: () -> String?) -> ExchangeStateMachine.GRPCResponse {
+        guard exchange.grpc, status == 200 else { return .none }
+        guard trailersOnly else { return .pending }
+        return .status(grpcStatus().flatMap { GRPCStatus(field: $0) } ?? .unknown)
     }
 
     /// An interim response goes to the client (RFC 9110 §15.2: a proxy forwards 1xx), save 100 Continue to a
@@ -83,12 +102,24 @@ extension HTTP2StreamHandler {
 
     /// Whether the response whose head came is the one the client gets (else the machine has retried, or
     /// answered, and its action has run).
-    func admitResponse(status: Int, retryAfter: @autoclosure () -> String?) -> Bool {
-        target?.recordResponse(status: status, sentAt: trySentAt, now: loop.eventLoop.now)
-        let action = exchange.responseHeadReceived(status: status, now: loop.eventLoop.now, retryAfter: {
+    func admitResponse(status: Int, retryAfter: @autoclosure () -> String?,
+                       grpc: ExchangeStateMachine.GRPCResponse = .none) -> Bool {
+        // A gRPC call is judged by its gRPC status: now if the head carries it, else when the trailers do.
+        switch grpc {
+        case .none: target?.recordResponse(status: status, sentAt: trySentAt, now: loop.eventLoop.now)
+        case .status(let code): target?.recordResponse(status: code.httpStatus, sentAt: trySentAt, now: loop.eventLoop.now)
+        case .pending: target?.recordResponse(status: nil, sentAt: trySentAt, now: loop.eventLoop.now)
+        }
+        let action = exchange.responseHeadReceived(status: status, grpc: grpc, now: loop.eventLoop.now, retryAfter: {
             retryAfter().flatMap { RetryAfter.parse($0, nowWallNanos: ProxyRuntime.wallClockNanos()) }
         }, env: self)
-        guard case .forwardResponse = action else {
+        switch action {
+        case .forwardResponse: break
+        case .holdResponse:
+            // The caller keeps the head in heldGRPCHead for the first DATA or the call's end; the try's
+            // deadlines stay queued (a held head has not reached the client).
+            return true
+        default:
             run(action)
             return false
         }
@@ -100,6 +131,12 @@ extension HTTP2StreamHandler {
 
     func upstreamResponseBody(_ bytes: ByteBuffer) {
         guard bytes.readableBytes > 0, bodilessHead == nil else { return }
+        if let head = heldGRPCHead {
+            // The call's first message: its held head goes first, and the call can no longer be retried.
+            heldGRPCHead = nil
+            guard case .forwardResponse = exchange.responseBodyBegan() else { return }
+            send(.headers(.init(headers: head, endStream: false)))
+        }
         bytesOut += bytes.readableBytes
         sendHeldResponseBody()
         heldResponseBody = bytes
@@ -124,7 +161,22 @@ extension HTTP2StreamHandler {
         // Finished first: writing END_STREAM closes a stream the client has half-closed already, and its
         // channelInactive must find the exchange done (else it would count a disconnect and drop the
         // upstream connection instead of returning it to the pool).
-        run(exchange.responseEnded(env: self))
+        if exchange.grpcStatusPending {
+            let code = trailers?.first(name: "grpc-status").flatMap { GRPCStatus(field: $0) } ?? .unknown
+            let action = exchange.grpcResponseEnded(code, now: loop.eventLoop.now, env: self)
+            guard case .finish = action else {
+                heldGRPCHead = nil  // retried, or answered: the client never sees this response
+                run(action)
+                return
+            }
+            run(action)
+            if let head = heldGRPCHead {
+                heldGRPCHead = nil
+                send(.headers(.init(headers: head, endStream: false)))
+            }
+        } else {
+            run(exchange.responseEnded(env: self))
+        }
         if let head = bodilessHead {
             bodilessHead = nil
             send(.headers(.init(headers: head, endStream: true)))
@@ -161,8 +213,20 @@ extension HTTP2StreamHandler {
 
     // MARK: - Finishing
 
-    /// Writes an answer of Vigil's own; the exchange has ended with it.
+    /// Writes an answer of Vigil's own; the exchange has ended with it. A gRPC call gets it in gRPC's form:
+    /// HTTP 200, trailers-only, its status and `grpc-message` (reason and detail), `x-vigil-reason` kept.
     func writeReply(_ answer: LocalAnswer, headers extra: [(String, String)]) {
+        if request?.grpc == true {
+            var headers: HPACKHeaders = [":status": "200", "content-type": "application/grpc",
+                                         "grpc-status": String(answer.grpcStatus.rawValue),
+                                         "grpc-message": answer.grpcMessage, "x-vigil-reason": answer.reason]
+            for (name, value) in extra { headers.add(name: name, value: value) }
+            finish(reuseUpstream: false)  // before END_STREAM; see upstreamResponseEnd
+            send(.headers(.init(headers: headers, endStream: true)))
+            connection.flush()
+            endRequestEarlyIfUnfinished()
+            return
+        }
         let body = LocalReply.body(status: answer.status, reason: answer.reason, detail: answer.detail)
         var headers: HPACKHeaders = [":status": String(answer.status), "content-type": "application/json",
                                      "content-length": String(body.readableBytes), "x-vigil-reason": answer.reason]
@@ -172,6 +236,18 @@ extension HTTP2StreamHandler {
         finish(reuseUpstream: false)  // before END_STREAM; see upstreamResponseEnd
         send(.headers(.init(headers: headers, endStream: isHead)))
         if !isHead { send(.data(.init(data: .byteBuffer(body), endStream: true))) }
+        connection.flush()
+        endRequestEarlyIfUnfinished()
+    }
+
+    /// Ends a gRPC response that had begun with Vigil's `answer` in its trailers (the call's deadline, an upstream
+    /// that failed or went quiet mid-call): a gRPC client reads the status and reason there, where a reset would
+    /// tell it CANCELLED, as if it had cancelled the call itself.
+    func endGRPCResponse(_ answer: LocalAnswer) {
+        finish(reuseUpstream: false)  // before END_STREAM; see upstreamResponseEnd
+        sendHeldResponseBody()
+        send(.headers(.init(headers: ["grpc-status": String(answer.grpcStatus.rawValue), "grpc-message": answer.grpcMessage,
+                                      "x-vigil-reason": answer.reason], endStream: true)))
         connection.flush()
         endRequestEarlyIfUnfinished()
     }
@@ -195,10 +271,15 @@ extension HTTP2StreamHandler {
         }
         let status = exchange.status
         let duration = now - startedAt
-        runtime.recordSLO(tenant: target?.tenant ?? replyTenant, policy: target?.policy, loop: loop, status: status,
+        // A gRPC call counts by its gRPC status as Envoy maps it (an UNAVAILABLE is a 5xx to SLOs and metrics).
+        let outcome = exchange.outcomeStatus
+        runtime.recordSLO(tenant: target?.tenant ?? replyTenant, policy: target?.policy, loop: loop, status: outcome,
                           durationNanos: duration.nanoseconds)
-        runtime.metrics.recordRequest(listener: listener.index, cluster: target?.cluster ?? replyCluster, status: status,
+        runtime.metrics.recordRequest(listener: listener.index, cluster: target?.cluster ?? replyCluster, status: outcome,
                                       durationNanos: duration.nanoseconds, bytesIn: bytesIn, bytesOut: bytesOut)
+        if let code = exchange.grpcStatus {
+            runtime.metrics.recordGRPC(listener: listener.index, cluster: target?.cluster ?? replyCluster, code)
+        }
         if runtime.accessLog.isEnabled {
             loop.log(AccessLogEntry(startNanos: wallStart, listener: listener.config.name, method: request?.method ?? "-",
                                     authority: .string(request?.authority ?? "-"), path: .string(request?.path ?? "-"),
@@ -206,7 +287,7 @@ extension HTTP2StreamHandler {
                                     upstreamHost: target?.host.addressText, bytesIn: bytesIn, bytesOut: bytesOut,
                                     reason: exchange.reason, requestID: requestID, tenant: target?.tenant?.name,
                                     originalDestination: listener.config.originalDestination ? facts.destination : nil,
-                                    identity: session.identity,
+                                    identity: session.identity, grpcStatus: exchange.grpcStatus,
                                     downstreamTLS: listener.config.tls == nil ? nil : session.tlsLabel))
         }
         target?.release()

@@ -65,6 +65,8 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
     var trySentAt = NIODeadline.uptimeNanoseconds(0)
     /// The head of a response without a body, held for `upstreamResponseEnd`.
     var bodilessHead: HPACKHeaders?
+    /// A gRPC response head held while its call can still be retried (`ExchangeStateMachine.Action.holdResponse`).
+    var heldGRPCHead: HPACKHeaders?
     /// The latest piece of the response body, held back until the next piece, the response's end or the end
     /// of the upstream's read burst: a response that ends in the same burst carries END_STREAM on its last
     /// DATA frame, not on an empty frame of its own (one frame fewer to build and encode per response).
@@ -336,7 +338,8 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
             abandon(LocalAnswer(status: status, reason: reason, detail: detail), headers: headers)
         case .forward:
             run(exchange.started(route: target!.route, host: target!.host.index, method: request.method,
-                                 hasBody: requestHasBody, requestComplete: requestBodyDone, now: startedAt))
+                                 hasBody: requestHasBody, requestComplete: requestBodyDone, now: startedAt,
+                                 grpc: request.grpc, grpcTimeout: request.grpcTimeout))
             if requestOpen { rearmDeadline() }
         }
     }
@@ -344,7 +347,7 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
     /// Runs what the exchange machine decided, after its state has changed.
     func run(_ action: ExchangeStateMachine.Action) {
         switch action {
-        case .none, .forwardResponse, .send, .releaseConnection:
+        case .none, .forwardResponse, .send, .releaseConnection, .holdResponse:
             break  // answered where the event came from: they need its head or connection
         case .acquire(let fresh, let drop):
             dropUpstream(drop)
@@ -359,8 +362,13 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
             finish(reuseUpstream: reuseUpstream)
         case .abort(let drop):
             dropUpstream(drop)
-            finish(reuseUpstream: false)
-            reset(.cancel)
+            heldGRPCHead = nil
+            if exchange.grpc, let answer = exchange.localAnswer {
+                endGRPCResponse(answer)
+            } else {
+                finish(reuseUpstream: false)
+                reset(.cancel)
+            }
         }
     }
 
@@ -376,8 +384,11 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
     func abandon(_ answer: LocalAnswer, headers: [(String, String)] = []) {
         guard requestOpen else { return }
         let responseStarted = exchange.responseStarted
-        dropUpstream(exchange.end(reason: answer.reason, status: responseStarted ? nil : answer.status, env: self))
-        if responseStarted {
+        dropUpstream(exchange.end(reason: answer.reason, status: responseStarted ? nil : answer.status, answer: answer,
+                                  env: self))
+        if responseStarted && exchange.grpc {
+            endGRPCResponse(answer)
+        } else if responseStarted {
             finish(reuseUpstream: false)
             reset(.cancel)
         } else {
@@ -398,7 +409,8 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
         if let stream = framedUpstream {
             stream.attach(framed: self)
             if resend, let requestCopy {
-                requestCopy.send(to: stream)  // what the first try was sent, then the rest
+                // What the first try was sent, then the rest; the call's deadline as it is now.
+                requestCopy.send(to: stream, grpcTimeout: exchange.grpcTimeLeft(now: loop.eventLoop.now))
             } else {
                 // A body that ended empty before the stream opened ends with the HEADERS.
                 let bodyless = !requestHasBody || (pendingEnd && pendingTrailers == nil

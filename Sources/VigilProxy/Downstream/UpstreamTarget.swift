@@ -48,16 +48,16 @@ struct UpstreamTarget {
     }
 
     /// A response head arrived `now` for a try sent at `sentAt` (recorded only for the EWMA balancer): its
-    /// status for the health, its latency for the EWMA balancer.
-    mutating func recordResponse(status: Int, sentAt: NIODeadline, now clock: @autoclosure () -> NIODeadline) {
+    /// status for the health (nil: it comes later, with a gRPC call's trailers), its latency for the EWMA balancer.
+    mutating func recordResponse(status: Int?, sentAt: NIODeadline, now clock: @autoclosure () -> NIODeadline) {
         if dynamicHost { return }
         guard cluster.config.loadBalancer == .ewma else {
-            cluster.health.record(host: host.index, .response(status: status), now: clock())
+            if let status { cluster.health.record(host: host.index, .response(status: status), now: clock()) }
             return
         }
         let now = clock()  // read once for both
         host.observeLatency(now - sentAt, now: now)
-        cluster.health.record(host: host.index, .response(status: status), now: now)
+        if let status { cluster.health.record(host: host.index, .response(status: status), now: now) }
     }
 }
 

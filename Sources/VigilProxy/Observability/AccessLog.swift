@@ -28,6 +28,8 @@ public struct AccessLogEntry {
     public var originalDestination: Destination? = nil
     /// The client's identity (SPIFFE ID) over mutual TLS.
     public var identity: String? = nil
+    /// A gRPC call's status: relayed from the upstream, or of Vigil's own answer.
+    public var grpcStatus: GRPCStatus? = nil
     /// How the client connected, on a listener with TLS: `mtls`, `tls` or (permissive mode) `plaintext`.
     public var downstreamTLS: StaticString? = nil
     /// A TLS connection proxied as TCP: the server name and protocols its ClientHello asked for.
@@ -249,6 +251,10 @@ public final class AccessLog: Sendable {
         if let identity = e.identity {
             b.writeStaticString(",\"identity\":")
             JSONWriter.writeString(identity, into: &b)
+        }
+        if let code = e.grpcStatus {
+            b.writeStaticString(",\"grpc_status\":")
+            b.writeString(String(code.rawValue))
         }
         if let tls = e.downstreamTLS {
             b.writeStaticString(",\"tls\":\"")

@@ -1,3 +1,4 @@
+import Atomics
 import CoreMetrics
 import NIOConcurrencyHelpers
 import VigilCore
@@ -23,9 +24,13 @@ public final class ProxyMetrics: Sendable {
     /// shows who still comes in plaintext).
     let downstreamTLS: [[Counter]]
 
+    /// `[listener]`: gRPC calls answered with no cluster, by gRPC status.
+    let unroutedGRPC: [LazyCounters]
+
     public init(listeners: [ListenerConfig], factory: MetricsFactory) {
         self.factory = factory
         listenerNames = listeners.map(\.name)
+        unroutedGRPC = listeners.map { Self.grpcCounters(listener: $0.name, cluster: "none", factory: factory) }
         unroutedRequests = listeners.map { Self.requestCounters(listener: $0.name, cluster: "none", factory: factory) }
         durations = listeners.map {
             Timer(label: "vigil_request_duration_seconds", dimensions: [("listener", $0.name)], factory: factory)
@@ -90,6 +95,19 @@ public final class ProxyMetrics: Sendable {
         }
     }
 
+    /// `vigil_grpc_requests_total{listener,cluster,grpc_status}`: 17 statuses at most, made as they are first seen.
+    static func grpcCounters(listener: String, cluster: String, factory: MetricsFactory) -> LazyCounters {
+        LazyCounters(count: GRPCStatus.allCases.count) { code in
+            Counter(label: "vigil_grpc_requests_total",
+                    dimensions: [("listener", listener), ("cluster", cluster), ("grpc_status", String(code))], factory: factory)
+        }
+    }
+
+    /// A gRPC call ended with `code` (beside its count in `vigil_requests_total` by the status Envoy maps it to).
+    func recordGRPC(listener: Int, cluster: ClusterRuntime?, _ code: GRPCStatus) {
+        (cluster?.metrics.grpc[listener] ?? unroutedGRPC[listener]).increment(code.rawValue)
+    }
+
     /// The handles of one cluster, made when a policy brings the cluster in.
     func cluster(_ name: String) -> ClusterMetrics {
         ClusterMetrics(requests: listenerNames.map { Self.requestCounters(listener: $0, cluster: name, factory: factory) },
@@ -98,7 +116,8 @@ public final class ProxyMetrics: Sendable {
                        connections: listenerNames.map {
                            Counter(label: "vigil_tcp_connections_total", dimensions: [("listener", $0), ("cluster", name)],
                                    factory: factory)
-                       })
+                       },
+                       grpc: listenerNames.map { Self.grpcCounters(listener: $0, cluster: name, factory: factory) })
     }
 
     func recordRequest(listener: Int, cluster: ClusterRuntime?, status: Int, durationNanos: Int64, bytesIn: Int, bytesOut: Int) {
@@ -117,4 +136,24 @@ struct ClusterMetrics: Sendable {
                                   factory: NOOPMetricsHandler.instance)
     /// `[listener]`: TCP connections carried to this cluster.
     var connections: [Counter] = []
+    /// `[listener]`: gRPC calls by status.
+    var grpc: [LazyCounters] = []
+}
+
+/// Counters made on first use, without a lock: the 17 gRPC statuses of every listener and cluster would otherwise
+/// each be a series of zeros in every scrape. Two loops that first meet a status at once may both make its handle;
+/// the metrics backend gives both the same series.
+final class LazyCounters: Sendable {
+    private let slots: [ManagedAtomicLazyReference<Counter>]
+    private let make: @Sendable (Int) -> Counter
+
+    init(count: Int, make: @escaping @Sendable (Int) -> Counter) {
+        slots = (0..<count).map { _ in ManagedAtomicLazyReference() }
+        self.make = make
+    }
+
+    func increment(_ index: Int) {
+        let counter = slots[index].load() ?? slots[index].storeIfNilThenLoad(make(index))
+        counter.increment()
+    }
 }

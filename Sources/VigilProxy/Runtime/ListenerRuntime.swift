@@ -82,7 +82,8 @@ final class ListenerRoutes: Sendable {
         self.exchangeRoutes = listener.routes.map {
             ExchangeStateMachine.Route(timeout: $0.timeout,
                                        idleTimeout: $0.requestIdleTimeout,
-                                       retry: $0.retry.map(RetryPolicy.init))
+                                       retry: $0.retry.map(RetryPolicy.init),
+                                       grpcTimeoutMax: $0.grpcTimeoutHeaderMax)
         }
     }
 }
