@@ -74,3 +74,69 @@ import Testing
         #expect(GRPCFields.decodeMessage("50%zz off %4") == "50%zz off %4", "a malformed escape is kept")
     }
 }
+
+@Suite struct GRPCHealthTests {
+    func framed(_ message: [UInt8], compressed: UInt8 = 0) -> ByteBuffer {
+        var b = ByteBuffer()
+        b.writeInteger(compressed)
+        b.writeInteger(UInt32(message.count))
+        b.writeBytes(message)
+        return b
+    }
+
+    @Test func theRequestIsOneUncompressedMessageWithTheServiceName() {
+        #expect(Array(GRPCHealth.request(service: "a.B").readableBytesView) == [0, 0, 0, 0, 5, 0x0A, 3, 0x61, 0x2E, 0x42])
+        // proto3 writes no default value: the whole server is asked with an empty message.
+        #expect(Array(GRPCHealth.request(service: "").readableBytesView) == [0, 0, 0, 0, 0])
+        let long = String(repeating: "s", count: 200)  // a two-byte length
+        #expect(Array(GRPCHealth.request(service: long).readableBytesView.prefix(8)) == [0, 0, 0, 0, 203, 0x0A, 0xC8, 0x01])
+    }
+
+    @Test func theServingStatusIsReadAndUnknownFieldsAreSkipped() {
+        #expect(GRPCHealth.servingStatus(framed: framed([0x08, 0x01])) == .serving)
+        #expect(GRPCHealth.servingStatus(framed: framed([0x08, 0x02])) == .notServing)
+        #expect(GRPCHealth.servingStatus(framed: framed([0x08, 0x03])) == .serviceUnknown)
+        #expect(GRPCHealth.servingStatus(framed: framed([])) == .unknown)  // proto3's default
+        #expect(GRPCHealth.servingStatus(framed: framed([0x08, 0x09])) == .unknown)  // a value from the future
+        // Fields of every wire type around it: a varint, 64-bit, length-delimited and 32-bit.
+        let withUnknown: [UInt8] = [0x10, 0x96, 0x01, 0x19, 1, 2, 3, 4, 5, 6, 7, 8, 0x22, 2, 0x41, 0x42, 0x08, 0x01,
+                                    0x2D, 1, 2, 3, 4]
+        #expect(GRPCHealth.servingStatus(framed: framed(withUnknown)) == .serving)
+    }
+
+    @Test func anythingButOneWholeMessageIsRefused() {
+        #expect(GRPCHealth.servingStatus(framed: framed([0x08, 0x01], compressed: 1)) == nil)
+        #expect(GRPCHealth.servingStatus(framed: framed([0x08])) == nil)            // a varint cut short
+        #expect(GRPCHealth.servingStatus(framed: framed([0x22, 5, 0x41])) == nil)   // a length past the end
+        #expect(GRPCHealth.servingStatus(framed: framed([0x0B])) == nil)            // a group
+        var short = framed([0x08, 0x01])
+        short.moveWriterIndex(to: short.writerIndex - 1)
+        #expect(GRPCHealth.servingStatus(framed: short) == nil)                     // the prefix says more
+        #expect(GRPCHealth.servingStatus(framed: ByteBuffer(bytes: [0, 0])) == nil)
+        let overlong = [UInt8](repeating: 0xFF, count: 10) + [0x01]
+        #expect(GRPCHealth.servingStatus(framed: framed([0x10] + overlong)) == nil)  // a varint of more than 64 bits
+    }
+
+    @Test func aGRPCCheckParsesAndIsRefusedWhereItCannotRun() throws {
+        let yaml = { (proto: String, check: String) in
+            """
+            listeners:
+              - name: inbound
+                address: "127.0.0.1:15006"
+                routes: [{ match: { prefix: "/" }, cluster: api }]
+            clusters:
+              - name: api
+                protocol: \(proto)
+                endpoints: ["127.0.0.1:8080"]
+                health_check: \(check)
+            """
+        }
+        let c = try VigilConfig.parse(yaml: yaml("http2", "{ grpc: { service: vigil.test.Echo }, interval: 1s }"))
+        #expect(c.clusters[0].healthCheck?.grpcService == "vigil.test.Echo")
+        let whole = try VigilConfig.parse(yaml: yaml("http2", "{ grpc: {} }"))
+        #expect(whole.clusters[0].healthCheck?.grpcService == "")
+        let errors = configErrors(yaml("http1", "{ grpc: { service: s }, path: /healthz }"))
+        #expect(errors.contains { $0.contains("clusters[0].health_check.grpc") && $0.contains("protocol: http2") }, "\(errors)")
+        #expect(errors.contains { $0.contains("clusters[0].health_check.path") && $0.contains("gRPC check") }, "\(errors)")
+    }
+}

@@ -7,7 +7,10 @@ import NIOCore
 /// `clusters[].health_check`: an HTTP GET to every host on a schedule.
 public struct HealthCheckConfig: Sendable, Equatable {
     public var path: String
-    /// The Host header of the probe; Envoy's default is the cluster name.
+    /// A gRPC check (`grpc: { service }`): `grpc.health.v1.Health/Check` for this service name ("" asks of the
+    /// server as a whole); `path` and `expected_statuses` do not apply.
+    public var grpcService: String?
+    /// The Host header (`:authority`) of the probe; Envoy's default is the cluster name.
     public var host: String?
     /// Statuses that count as healthy (inclusive ranges). Envoy's default is 200 only.
     public var expectedStatuses: [ClosedRange<Int>] = [200...200]

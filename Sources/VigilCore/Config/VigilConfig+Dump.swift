@@ -31,8 +31,9 @@ extension VigilConfig {
 
     static func dump(_ h: HealthCheckConfig) -> JSONValue {
         // A tcp cluster's check (no path) connects only: the HTTP keys are left out (null).
-        let http = !h.path.isEmpty
+        let http = !h.path.isEmpty && h.grpcService == nil
         return ["path": http ? .string(h.path) : .null, "host": h.host.map(JSONValue.string) ?? .null,
+         "grpc": h.grpcService.map { ["service": .string($0)] } ?? .null,
          "expected_statuses": http ? strings(h.expectedStatuses.map { $0.lowerBound == $0.upperBound ? "\($0.lowerBound)" : "\($0.lowerBound)-\($0.upperBound)" }) : .null,
          "interval": d(h.interval), "timeout": d(h.timeout), "interval_jitter": d(h.intervalJitter),
          "interval_jitter_percent": .int(h.intervalJitterPercent), "unhealthy_threshold": .int(h.unhealthyThreshold),

@@ -9,7 +9,8 @@ extension ConfigReader {
                          ["panic": AllUnhealthyMode.panic, "fail_fast": .failFast]) {
             cluster.allUnhealthy = v
         }
-        if let node = m["health_check"] { cluster.healthCheck = readHealthCheck(node, at: m.path("health_check"), tcp: cluster.protocol == .tcp) }
+        if let node = m["health_check"] { cluster.healthCheck = readHealthCheck(node, at: m.path("health_check"), tcp: cluster.protocol == .tcp,
+                                                                             http2: cluster.protocol == .http2) }
         if let node = m["outlier_detection"] {
             cluster.outlierDetection = readOutlierDetection(node, at: m.path("outlier_detection"))
         }
@@ -27,13 +28,24 @@ extension ConfigReader {
 
     /// `tcp`: the cluster's hosts are checked by connecting (and the TLS handshake, for a TLS cluster), Envoy's TCP
     /// health check without payload; the HTTP keys do not apply.
-    mutating func readHealthCheck(_ node: Node, at path: String, tcp: Bool = false) -> HealthCheckConfig? {
+    mutating func readHealthCheck(_ node: Node, at path: String, tcp: Bool = false, http2: Bool = false) -> HealthCheckConfig? {
         let keys: Set = ["path", "host", "expected_statuses", "interval", "timeout", "interval_jitter",
                          "interval_jitter_percent", "unhealthy_threshold", "healthy_threshold", "unhealthy_interval",
-                         "no_traffic_interval"]
+                         "no_traffic_interval", "grpc"]
         guard let m = map(node, at: path, keys: keys) else { return nil }
         var hc: HealthCheckConfig
-        if tcp {
+        if let g = m["grpc"] {
+            for key in ["path", "expected_statuses"] where m[key] != nil {
+                fail(m.path(key), "is for HTTP checks: a gRPC check calls grpc.health.v1.Health/Check")
+            }
+            if !http2 { fail(m.path("grpc"), "needs a cluster with protocol: http2 (gRPC runs over HTTP/2)") }
+            hc = HealthCheckConfig(path: GRPCHealth.path)
+            if case .scalar(let s) = g, s.string.isEmpty || isNull(g) {
+                hc.grpcService = ""  // `grpc:` alone: the server as a whole
+            } else if let gm = map(g, at: m.path("grpc"), keys: ["service"]) {
+                hc.grpcService = gm["service"].flatMap { string($0, at: gm.path("service")) } ?? ""
+            }
+        } else if tcp {
             for key in ["path", "host", "expected_statuses"] where m[key] != nil {
                 fail(m.path(key), "is for HTTP checks: a tcp cluster's hosts are checked by connecting")
             }

@@ -11,11 +11,16 @@ public enum ProbeResult: Sendable, Equatable {
     case connectFailed(String)
     /// The connection closed or the answer was not HTTP.
     case broken(String)
+    /// A gRPC check's answer: SERVING passes, anything else fails.
+    case grpcServing(GRPCHealth.ServingStatus)
+    /// A gRPC check answered with a gRPC status other than OK (an UNIMPLEMENTED server, a NOT_FOUND service).
+    case grpcStatus(GRPCStatus)
 
     public var passed: Bool {
         switch self {
         case .passed, .connected: true
-        case .badStatus, .timeout, .connectFailed, .broken: false
+        case .grpcServing(let s): s == .serving
+        case .badStatus, .timeout, .connectFailed, .broken, .grpcStatus: false
         }
     }
 
@@ -32,6 +37,8 @@ public enum ProbeResult: Sendable, Equatable {
         case .timeout: "no answer within the timeout"
         case .connectFailed(let why): "connect failed: \(why)"
         case .broken(let why): why
+        case .grpcServing(let s): s.name
+        case .grpcStatus(let code): "grpc-status \(code.rawValue) (\(code.retryConditionName))"
         }
     }
 }

@@ -5,7 +5,8 @@ import NIOHTTP2
 import NIOPosix
 import VigilCore
 
-/// Active health checks of one cluster: an HTTP GET of `health_check.path` (a tcp cluster: a connect) to each host on its own
+/// Active health checks of one cluster: an HTTP GET of `health_check.path` (a tcp cluster: a connect; a gRPC check:
+/// `grpc.health.v1.Health/Check`) to each host on its own
 /// schedule, on the cluster's event loop. Each probe uses a new connection (`Connection: close`), so a host
 /// that accepts but never answers fails by `timeout`, and a probe never shares a connection with traffic.
 /// HTTP/2 clusters are probed over HTTP/2 (prior knowledge), as their hosts may speak nothing else.
@@ -56,6 +57,7 @@ final class HealthProber: Sendable {
         let target = UpstreamConnector.Target(host: host, eventLoop: loop,
                                               timeout: min(config.timeout, cluster.config.connectTimeout), bufferLimit: nil)
         let tcp = cluster.config.protocol == .tcp
+        let tlsCluster = cluster.config.tls != nil
         let handshake = loop.makePromise(of: Void.self)
         let connect = UpstreamConnector.bootstrap.open(target) { [config, cluster] channel in
             // TLS clusters are probed over TLS, with the same identity check as traffic.
@@ -100,9 +102,15 @@ final class HealthProber: Sendable {
                 multiplexer.futureResult.whenSuccess { [config] mux in
                     mux.createStreamChannel(promise: nil) { stream in
                         stream.eventLoop.makeCompletedFuture {
-                            try stream.pipeline.syncOperations.addHandler(
-                                HTTP2ProbeHandler(path: config.path, authority: hostHeader,
-                                                  expected: config.expectedStatuses, result: promise))
+                            if let service = config.grpcService {
+                                try stream.pipeline.syncOperations.addHandler(
+                                    GRPCProbeHandler(service: service, authority: hostHeader, tls: tlsCluster,
+                                                     result: promise))
+                            } else {
+                                try stream.pipeline.syncOperations.addHandler(
+                                    HTTP2ProbeHandler(path: config.path, authority: hostHeader,
+                                                      expected: config.expectedStatuses, result: promise))
+                            }
                         }
                     }
                 }
@@ -216,6 +224,91 @@ private final class HTTP2ProbeHandler: ChannelInboundHandler {
         }
         if status < 200 { return }
         finish(.judging(status: status, expected: expected))
+    }
+
+    func channelInactive(context: ChannelHandlerContext) { finish(.broken("stream closed before a response")) }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        finish(.broken("stream error: \(error)"))
+        context.close(promise: nil)
+    }
+
+    private func finish(_ r: ProbeResult) {
+        guard !done else { return }
+        done = true
+        result.succeed(r)
+    }
+}
+
+/// gRPC's standard health check on one HTTP/2 stream: `Check` for the configured service. SERVING passes; NOT_SERVING,
+/// SERVICE_UNKNOWN, a gRPC status other than OK (NOT_FOUND for a service the server does not know, UNIMPLEMENTED
+/// for a server without the health service) or an answer other than HTTP 200 fail.
+private final class GRPCProbeHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTP2Frame.FramePayload
+    typealias OutboundOut = HTTP2Frame.FramePayload
+    let headers: HPACKHeaders
+    let message: ByteBuffer
+    let result: EventLoopPromise<ProbeResult>
+    var body = ByteBuffer()
+    var sawHead = false
+    var done = false
+    private var sent = false
+
+    init(service: String, authority: String, tls: Bool, result: EventLoopPromise<ProbeResult>) {
+        headers = [":method": "POST", ":scheme": tls ? "https" : "http", ":path": GRPCHealth.path, ":authority": authority,
+                   "content-type": "application/grpc", "te": "trailers", "user-agent": "vigil-health-check"]
+        message = GRPCHealth.request(service: service)
+        self.result = result
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { send(context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        send(context)
+        context.fireChannelActive()
+    }
+
+    private func send(_ context: ChannelHandlerContext) {
+        guard !sent else { return }
+        sent = true
+        context.write(wrapOutboundOut(.headers(.init(headers: headers, endStream: false))), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(.data(.init(data: .byteBuffer(message), endStream: true))), promise: nil)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !done else { return }
+        switch unwrapInboundIn(data) {
+        case .headers(let h):
+            if !sawHead {
+                guard let text = h.headers.first(name: ":status"), let status = Int(text) else {
+                    return finish(.broken("response without :status"))
+                }
+                if status < 200 { return }
+                sawHead = true
+                guard status == 200 else { return finish(.badStatus(status)) }
+                if h.endStream { judge(trailers: h.headers) }  // trailers-only
+            } else {
+                judge(trailers: h.headers)
+            }
+        case .data(let d):
+            if case .byteBuffer(var bytes) = d.data, body.readableBytes + bytes.readableBytes <= 64 * 1024 {
+                body.writeBuffer(&bytes)
+            }
+            if d.endStream { judge(trailers: nil) }
+        default:
+            break
+        }
+    }
+
+    private func judge(trailers: HPACKHeaders?) {
+        let code = trailers?.first(name: "grpc-status").flatMap { GRPCStatus(field: $0) } ?? .unknown
+        guard code == .ok else { return finish(.grpcStatus(code)) }
+        guard let serving = GRPCHealth.servingStatus(framed: body) else {
+            return finish(.broken("the answer holds no HealthCheckResponse"))
+        }
+        finish(.grpcServing(serving))
     }
 
     func channelInactive(context: ChannelHandlerContext) { finish(.broken("stream closed before a response")) }
