@@ -1,16 +1,29 @@
 """A real gRPC peer (grpcio, gRPC's C core) for Vigil's tests.
 
-  grpc_peer.py server PORT_FILE [--tls CERT KEY CA]
+  grpc_peer.py server PORT_FILE [--tls CERT KEY CA] [--state DIR] [--mode MODE]
       Serves vigil.test.Echo (raw bytes, no protobuf: every call kind) and grpc.health.v1.Health on
-      127.0.0.1, writes the bound port to PORT_FILE and runs until killed.
+      127.0.0.1, writes the bound port to PORT_FILE and runs until killed. With --state, it appends what
+      it sees to DIR/events (one line each: "unary", "hang-started", "hang-ended cancelled") and serves
+      the health status written in DIR/health (SERVING or NOT_SERVING, read every 50 ms). MODE:
+        healthy (default)
+        unavailable                 Unary answers UNAVAILABLE at once (a trailers-only response)
+        unavailable-after-headers   Unary sends its headers, then ends with UNAVAILABLE (no message)
+        not-found                   Unary answers NOT_FOUND (an application's error)
   grpc_peer.py client TARGET [--tls CA CERT KEY] [--authority NAME]
       Calls every method of vigil.test.Echo through TARGET and prints one JSON object of what came back.
+  grpc_peer.py call TARGET PAYLOAD [--count N] [--concurrent] [--timeout SECONDS]
+      Makes N Unary calls with PAYLOAD (one after another, or N at once on one channel with --concurrent) and
+      prints a JSON list of what each came back with: code, message, reply and trailing metadata.
+  grpc_peer.py cancel TARGET STATE_DIR
+      Starts a "hang" call, cancels it once the server has it, and prints how long the server took to see the
+      cancellation (JSON: {"seconds": ...}; null if it did not within 10 s).
 
 The messages are raw bytes (no serializer), so the peer needs no generated code.
 """
 import json
 import os
 import sys
+import threading
 import time
 from concurrent import futures
 
@@ -18,17 +31,41 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 SERVICE = "vigil.test.Echo"
+STATE = None
+MODE = "healthy"
+
+
+def record(event):
+    if STATE:
+        with open(os.path.join(STATE, "events"), "a") as f:
+            f.write(event + "\n")
 
 
 def unary(request, context):
     seen = dict(context.invocation_metadata())
+    record("unary")
+    if MODE == "unavailable":
+        context.abort(grpc.StatusCode.UNAVAILABLE, "this instance is unavailable")
+    if MODE == "unavailable-after-headers":
+        context.send_initial_metadata((("x-instance", "failing"),))
+        time.sleep(0.05)  # the headers go out on their own, before the status
+        context.abort(grpc.StatusCode.UNAVAILABLE, "this instance became unavailable")
+    if MODE == "not-found":
+        context.abort(grpc.StatusCode.NOT_FOUND, "no such item")
     if request == b"fail":
         context.set_trailing_metadata((("x-echo-trailer", "failed"),))
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request said fail")
     if request == b"hang":
-        time.sleep(30)
+        record("hang-started")
+        until = time.time() + 30
+        while context.is_active() and time.time() < until:
+            time.sleep(0.005)
+        record("hang-ended " + ("cancelled" if not context.is_active() else "timeout"))
+        return b"hung"
+    remaining = context.time_remaining()
     context.set_trailing_metadata((("x-echo-trailer", "unary"),
-                                   ("x-seen-xff", seen.get("x-forwarded-for", ""))))
+                                   ("x-seen-xff", seen.get("x-forwarded-for", "")),
+                                   ("x-time-remaining", "%.3f" % remaining if remaining is not None else "none")))
     return request
 
 
@@ -61,7 +98,10 @@ def serve(port_file, tls):
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     health_servicer = health.HealthServicer()
     health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if STATE:
+        threading.Thread(target=follow_health, args=(health_servicer,), daemon=True).start()
     if tls:
         cert, key, ca = (open(p, "rb").read() for p in tls)
         creds = grpc.ssl_server_credentials(((key, cert),), root_certificates=ca, require_client_auth=True)
@@ -73,6 +113,67 @@ def serve(port_file, tls):
         f.write(str(port))
     os.rename(port_file + ".tmp", port_file)
     server.wait_for_termination()
+
+
+def follow_health(servicer):
+    path = os.path.join(STATE, "health")
+    while True:
+        try:
+            name = open(path).read().strip()
+            status = health_pb2.HealthCheckResponse.ServingStatus.Value(name)
+            servicer.set(SERVICE, status)
+            servicer.set("", status)
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+
+
+def outcome(fn):
+    try:
+        reply, call = fn()
+        return {"code": call.code().name, "message": call.details() or "", "reply": reply.decode(errors="replace"),
+                "trailers": dict(call.trailing_metadata() or ())}
+    except grpc.RpcError as e:
+        return {"code": e.code().name, "message": e.details() or "", "reply": None,
+                "trailers": dict(e.trailing_metadata() or ())}
+
+
+def call_many(target, payload, count, concurrent, timeout):
+    channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
+    u = channel.unary_unary("/%s/Unary" % SERVICE)
+    if concurrent:
+        futures_ = [u.future(payload.encode(), timeout=timeout) for _ in range(count)]
+
+        def settle(f):
+            return outcome(lambda: (f.result(), f))
+        results = [settle(f) for f in futures_]
+    else:
+        results = [outcome(lambda: u.with_call(payload.encode(), timeout=timeout)) for _ in range(count)]
+    print(json.dumps(results))
+    channel.close()
+
+
+def cancel_hang(target, state):
+    channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
+    u = channel.unary_unary("/%s/Unary" % SERVICE)
+    events = os.path.join(state, "events")
+
+    def seen(prefix):
+        try:
+            return any(line.startswith(prefix) for line in open(events))
+        except OSError:
+            return False
+    call = u.future(b"hang", timeout=30)
+    until = time.time() + 10
+    while not seen("hang-started") and time.time() < until:
+        time.sleep(0.005)
+    cancelled_at = time.time()
+    call.cancel()
+    while not seen("hang-ended") and time.time() < until + 10:
+        time.sleep(0.005)
+    took = time.time() - cancelled_at if seen("hang-ended cancelled") else None
+    print(json.dumps({"seconds": took}))
+    channel.close()
 
 
 def call_all(target, tls, authority):
@@ -143,11 +244,26 @@ def call_all(target, tls, authority):
     channel.close()
 
 
+def option(args, name, default=None, count=1):
+    if name not in args:
+        return default
+    i = args.index(name)
+    return args[i + 1] if count == 1 else args[i + 1:i + 1 + count]
+
+
 def main():
+    global STATE, MODE
     args = sys.argv[1:]
     if len(args) >= 2 and args[0] == "server":
-        tls = args[3:6] if len(args) >= 6 and args[2] == "--tls" else None
-        serve(args[1], tls)
+        STATE = option(args, "--state")
+        MODE = option(args, "--mode", "healthy")
+        serve(args[1], option(args, "--tls", count=3))
+    elif len(args) >= 3 and args[0] == "call":
+        timeout = option(args, "--timeout")
+        call_many(args[1], args[2], int(option(args, "--count", "1")), "--concurrent" in args,
+                  float(timeout) if timeout else 10)
+    elif len(args) >= 3 and args[0] == "cancel":
+        cancel_hang(args[1], args[2])
     elif len(args) >= 2 and args[0] == "client":
         tls, authority = None, None
         rest = args[2:]

@@ -53,11 +53,12 @@ public final class GRPCPeerServer: Sendable {
     private let process: ChildProcess
     private let scratch = ScratchDirectory("vigil-grpc")
 
-    /// `tls`: the server's certificate, key and the CA its clients' certificates must chain to.
-    public init(tls: (cert: String, key: String, ca: String)? = nil) async throws {
+    /// `tls`: the server's certificate, key and the CA its clients' certificates must chain to. `mode`: how its
+    /// Unary method answers (`grpc_peer.py`'s modes: healthy, unavailable, unavailable-after-headers, not-found).
+    public init(tls: (cert: String, key: String, ca: String)? = nil, mode: String = "healthy") async throws {
         guard PythonPeers.installed else { throw PythonPeers.MissingPeers() }
         let portFile = scratch.file("port")
-        var args = [PythonPeers.script("grpc_peer.py"), "server", portFile]
+        var args = [PythonPeers.script("grpc_peer.py"), "server", portFile, "--state", scratch.path, "--mode", mode]
         if let tls { args += ["--tls", tls.cert, tls.key, tls.ca] }
         process = try ChildProcess(PythonPeers.python, args, stderr: .file(scratch.file("stderr")))
         let deadline = ContinuousClock.now + .seconds(30)
@@ -76,6 +77,19 @@ public final class GRPCPeerServer: Sendable {
     }
 
     public func stop() { process.signal(SIGKILL) }
+
+    /// The directory the server keeps its state in (`--state`): `events` it appends, `health` it serves.
+    public var stateDirectory: String { scratch.path }
+
+    /// What the server has seen so far, one event a line ("unary", "hang-started", "hang-ended cancelled").
+    public var events: [String] {
+        ((try? String(contentsOfFile: scratch.file("events"), encoding: .utf8)) ?? "").split(separator: "\n").map(String.init)
+    }
+
+    /// The status its health service answers from now on (`SERVING`, `NOT_SERVING`).
+    public func setHealth(_ status: String) throws {
+        try status.write(toFile: scratch.file("health"), atomically: true, encoding: .utf8)
+    }
 
     deinit { process.signal(SIGKILL) }
 
