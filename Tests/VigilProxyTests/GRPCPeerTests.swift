@@ -74,11 +74,18 @@ final class GRPCPeerTests {
         try f.issue(TLSFixture.apiID, as: "api")
         let server = try await GRPCPeerServer(tls: (f.path("api.pem"), f.path("api-key.pem"), f.path("ca.pem")))
         let clusterTLS = "tls: { ca: \"\(f.path("ca.pem"))\", cert: \"\(f.path("vigil.pem"))\", key: \"\(f.path("vigil-key.pem"))\", server_identity: \"\(TLSFixture.apiID)\" }"
-        let yaml = ProxyHarness.simple(cluster: "protocol: http2\n    \(clusterTLS)", listener: f.listenerTLS)
+        // The gRPC health check goes over the cluster's mutual TLS too.
+        let check = "health_check: { grpc: { service: vigil.test.Echo }, interval: 100ms, no_traffic_interval: 100ms }"
+        let yaml = ProxyHarness.simple(cluster: "protocol: http2\n    \(clusterTLS)\n    \(check)", listener: f.listenerTLS)
         let proxy = try await ProxyHarness(yaml: yaml, upstreams: [server.port], group: group)
         let calls = try await callEveryKind(target: "localhost:\(proxy.port())",
                                             tls: [f.path("ca.pem"), f.path("web.pem"), f.path("web-key.pem")])
         expectEveryCallAnswered(calls)
+        let health = proxy.runtime.current.clusters[0].health
+        let until = ContinuousClock.now + .seconds(5)
+        while health.hostViews()[0].lastProbe == nil, ContinuousClock.now < until { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(health.hostViews()[0].lastProbe == "SERVING" && health.hostViews()[0].state == "healthy",
+                "\(health.hostViews())")
         await proxy.stop()
         server.stop()
     }
