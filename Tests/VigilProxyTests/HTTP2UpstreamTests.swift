@@ -314,3 +314,84 @@ import VigilTestSupport
         await proxy.stop()
     }
 }
+
+/// An HTTP/2 upstream that answers each stream as soon as its HEADERS come, then resets it with NO_ERROR, as nginx
+/// does for a request whose body it does not read (RFC 9113 §8.1: a complete response, then "stop sending"). Written
+/// as raw frames: NIOHTTP2 as a server would not send the reset once the request's END_STREAM is in, nor keep DATA
+/// that a reset follows.
+private final class AnswerThenReset: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+    var input = ByteBuffer()
+    var prefaceSeen = false
+
+    func channelActive(context: ChannelHandlerContext) {
+        context.writeAndFlush(wrapOutboundOut(frame(type: 4, flags: 0, stream: 0, [])), promise: nil)  // SETTINGS
+    }
+
+    func frame(type: UInt8, flags: UInt8, stream: UInt32, _ payload: [UInt8]) -> ByteBuffer {
+        var b = ByteBuffer()
+        b.writeInteger(UInt8(0))
+        b.writeInteger(UInt16(payload.count))
+        b.writeInteger(type)
+        b.writeInteger(flags)
+        b.writeInteger(stream)
+        b.writeBytes(payload)
+        return b
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = unwrapInboundIn(data)
+        input.writeBuffer(&bytes)
+        if !prefaceSeen {
+            guard input.readableBytes >= 24 else { return }
+            input.moveReaderIndex(forwardBy: 24)
+            prefaceSeen = true
+        }
+        while input.readableBytes >= 9, let length = input.getInteger(at: input.readerIndex, as: UInt32.self).map({ Int($0 >> 8) }),
+              input.readableBytes >= 9 + length {
+            let type = input.getInteger(at: input.readerIndex + 3, as: UInt8.self)!
+            let flags = input.getInteger(at: input.readerIndex + 4, as: UInt8.self)!
+            let stream = input.getInteger(at: input.readerIndex + 5, as: UInt32.self)! & 0x7FFF_FFFF
+            input.moveReaderIndex(forwardBy: 9 + length)
+            if type == 4 && flags & 1 == 0 {
+                context.write(wrapOutboundOut(frame(type: 4, flags: 1, stream: 0, [])), promise: nil)  // SETTINGS ACK
+            } else if type == 1 {
+                context.write(wrapOutboundOut(frame(type: 1, flags: 4, stream: stream, [0x88])), promise: nil)  // :status 200
+                context.write(wrapOutboundOut(frame(type: 0, flags: 1, stream: stream, Array("ok".utf8))), promise: nil)
+                context.write(wrapOutboundOut(frame(type: 3, flags: 0, stream: stream, [0, 0, 0, 0])), promise: nil)
+            }
+        }
+        context.flush()
+    }
+}
+
+extension HTTP2UpstreamTests {
+    /// NIOHTTP2's rapid-reset guard, meant for servers, closed an upstream connection after its 200th RST_STREAM in
+    /// 30 s, failing every stream on it; an upstream may reset every stream it answers.
+    @Test func anUpstreamThatResetsEveryAnsweredStreamKeepsItsConnection() async throws {
+        let server = try await ServerBootstrap(group: group)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(AnswerThenReset()) }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(cluster: "protocol: http2"),
+                                           upstreams: [server.localAddress!.port!], group: group)
+        // 100 uploads at a time: streams are in flight on the upstream connection when its 201st reset comes.
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        var answered = 0
+        for _ in 0..<4 {
+            answered += try await withThrowingTaskGroup(of: Bool.self) { tasks in
+                for _ in 0..<100 {
+                    tasks.addTask { try await client.request(.POST, "/upload", body: ByteBuffer(string: "hello")).status == 200 }
+                }
+                var ok = 0
+                for try await r in tasks where r { ok += 1 }
+                return ok
+            }
+        }
+        #expect(answered == 400)
+        await proxy.stop()
+        try await server.close()
+    }
+}

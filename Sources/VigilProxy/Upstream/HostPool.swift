@@ -301,8 +301,16 @@ final class HostPool {
         var configuration = NIOHTTP2Handler.ConnectionConfiguration()
         configuration.maximumRecentlyResetStreams = HTTP2ConnectionErrorCloser.recentlyResetStreams(
             concurrentStreams: machine.settings.maxStreamsPerConnection)
+        // NIOHTTP2's rapid-reset heuristic (CVE-2023-44487: more than 200 RST_STREAM in 30 s is an attack) guards a
+        // server against its clients. Towards an upstream Vigil is the client, and an upstream can reset no more streams
+        // than Vigil opens; but it may reset every one: nginx ends each request whose body it did not read with
+        // RST_STREAM(NO_ERROR) after its response (RFC 9113 §8.1), and the default closed such a connection, with every
+        // stream on it, every 200 POSTs. The window here is one no upstream's resets can fill (200 in 100 µs).
+        var streams = NIOHTTP2Handler.StreamConfiguration()
+        streams.streamResetFrameRateLimit.windowLength = .microseconds(100)
         let closer = HTTP2ConnectionErrorCloser()
-        try ops.addHandler(NIOHTTP2Handler(mode: .client, frameDelegate: closer, connectionConfiguration: configuration))
+        try ops.addHandler(NIOHTTP2Handler(mode: .client, frameDelegate: closer, connectionConfiguration: configuration,
+                                           streamConfiguration: streams))
         let multiplexer = HTTP2StreamMultiplexer(mode: .client, channel: channel, inboundStreamInitializer: nil)
         try ops.addHandler(multiplexer)
         let goAway = HTTP2GoAwayWatcher({ [self] in run(machine.goAwayReceived(on: id, slots: &slots)) },
