@@ -47,9 +47,9 @@ def _listener(name, port, cluster, route_extra=""):
 
 
 def config(path, ports, upstreams, admin_port, healing=False, connect_timeout="1s", route_timeout="5s",
-           per_try_timeout="1s", lb_policy="ROUND_ROBIN"):
+           per_try_timeout="1s", lb_policy="ROUND_ROBIN", upstream_http2=False):
     """A static Envoy config: a listener on each of `ports` (HTTP/1.1 and h2c by prior knowledge, codec AUTO)
-    routing everything to one cluster of `upstreams` (ports on 127.0.0.1). With `healing`, the cluster has
+    routing everything to one cluster of `upstreams` (ports on 127.0.0.1), over h2c with `upstream_http2`. With `healing`, the cluster has
     active health checks on /healthz, outlier detection and the route a retry policy with a budget, set as
     Envoy's docs recommend and as close to Vigil's chaos config as Envoy's fields allow."""
     route_extra = ""
@@ -78,6 +78,12 @@ def config(path, ports, upstreams, admin_port, healing=False, connect_timeout="1
     circuit_breakers:
       thresholds:
       - retry_budget: { budget_percent: { value: 20 }, min_retry_concurrency: 10 }"""
+    if upstream_http2:  # h2c to the upstream by prior knowledge (Vigil's `protocol: http2`)
+        cluster_extra += """
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: { http2_protocol_options: {} }"""
     listeners = "".join(_listener(f"l{p}", p, "up", route_extra) for p in ports)
     endpoints = "\n".join(
         f"        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {u} }} }} }}"

@@ -454,6 +454,8 @@ func retryRoute(on: [RetryCondition] = [.connectFailure, .refusedStream, .reset]
             script.env.retrySlotLimit = Int(r.next() % 3)
             script.method = r.next() % 4 == 0 ? "POST" : "GET"
             var waiting = false, holding = false, requestDone = false, responding = false, held = false
+            // The model's own view of a gRPC response whose status is still to come (not the machine's).
+            var pendingStatus = false
             var finals = 0
             var bodyBytes = 0
             var log: [String] = []
@@ -476,6 +478,7 @@ func retryRoute(on: [RetryCondition] = [.connectFailure, .refusedStream, .reset]
                 case .acquire(_, let drop), .backOff(let drop):
                     apply(drop)
                     held = false
+                    pendingStatus = false
                     #expect(!waiting && !holding, "seed \(seed): two attempts at once; \(log)")
                     if case .acquire = action { waiting = true }
                 case .send:
@@ -531,7 +534,7 @@ func retryRoute(on: [RetryCondition] = [.connectFailure, .refusedStream, .reset]
                         choices.append(.bodyBegan)
                         choices.append(.grpcEnded(codes[Int(r.next() % 4)]))
                     } else if responding {
-                        choices.append(script.machine.grpcStatusPending ? .grpcEnded(codes[Int(r.next() % 4)]) : .responseEnded)
+                        choices.append(pendingStatus ? .grpcEnded(codes[Int(r.next() % 4)]) : .responseEnded)
                     } else if script.grpc {
                         choices.append([.grpcHead(.pending), .grpcHead(.status(codes[Int(r.next() % 4)])),
                                         .head(503)][Int(r.next() % 3)])
@@ -555,7 +558,17 @@ func retryRoute(on: [RetryCondition] = [.connectFailure, .refusedStream, .reset]
                     continue
                 default: break
                 }
-                take(script.run(event))
+                let action = script.run(event)
+                if case .grpcHead(.pending) = event, action == .forwardResponse || action == .holdResponse { pendingStatus = true }
+                // A response that was relayed and ends whole finishes the exchange, gRPC or not.
+                switch event {
+                case .responseEnded, .grpcEnded:
+                    if responding {
+                        #expect(action == .finish(reuseUpstream: script.machine.requestComplete), "seed \(seed): \(log) → \(action)")
+                    }
+                default: break
+                }
+                take(action)
                 if case .wait = event, let next = script.machine.nextDeadline {
                     // A deadline that came was acted on: none is left due (the front end would fire at once, for ever).
                     #expect(next > script.clock.now, "seed \(seed): a due deadline left as it was; \(log)")

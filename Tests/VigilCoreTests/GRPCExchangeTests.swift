@@ -194,3 +194,64 @@ import VigilTestSupport
         #expect(tcp.contains { $0.contains("grpc_timeout_header_max") && $0.contains("not to TCP") }, "\(tcp)")
     }
 }
+
+/// What a held head, a refusal or a cancel leaves behind.
+@Suite struct GRPCExchangeEdgeTests {
+    @Test func aTryThatFailsWhileItsHeadIsHeldLeavesNothingForTheNext() {
+        var route = retryRoute(on: [.unavailable, .reset], attempts: 2, perTry: .seconds(1))
+        route.retry = RetryPolicy(config: { var c = route.retry!.config; c.retryNonIdempotent = true; return c }())
+        var s = GRPCExchangeTests.grpcScript(route)
+        _ = s.run(.start())
+        _ = s.run(.provided())
+        #expect(s.run(.grpcHead(.pending)) == .holdResponse)
+        // The try has answered: its per-try and route timeouts are over; nothing is due before the idle clock.
+        #expect(s.machine.nextDeadline == nil)
+        #expect(s.run(.failed(.reset)) == .acquire(fresh: false, drop: .none))
+        #expect(!s.machine.responseHeld && !s.machine.grpcStatusPending)
+        _ = s.run(.provided())
+        #expect(s.run(.grpcHead(.status(.ok))) == .forwardResponse)
+        #expect(s.run(.responseEnded) == .finish(reuseUpstream: true))
+        #expect(s.machine.grpcStatus == .ok && s.env.recorded == [.reset])
+    }
+
+    @Test func aRefusedStreamAfterAHeldHeadIsNotSentAgainByItself() {
+        var s = GRPCExchangeTests.grpcScript(retryRoute(on: [.unavailable], attempts: 2))
+        _ = s.run(.start())
+        _ = s.run(.provided())
+        _ = s.run(.grpcHead(.pending))
+        // Its head came: it was processed, whatever the reset says; no condition of the route retries a reset.
+        guard case .reply(let answer, drop: .none) = s.run(.failed(.refusedStream)) else {
+            Issue.record("the call was sent again")
+            return
+        }
+        #expect(answer.grpcStatus == .unavailable && s.machine.grpcStatus == .unavailable)
+    }
+
+    @Test func aRetryIsNotTakenPastTheCallsDeadline() {
+        var s = GRPCExchangeTests.grpcScript(retryRoute(on: [.unavailable], attempts: 2, backoff: .seconds(5)),
+                                             timeout: .milliseconds(100))
+        s.env.random = ScriptedRandom(5_000_000_000)  // the longest backoff the jitter allows: 5 s, past the deadline
+        _ = s.run(.start())
+        _ = s.run(.provided())
+        #expect(s.run(.grpcHead(.status(.unavailable))) == .forwardResponse)
+        #expect(s.env.budget == 10 && s.env.slotsTaken == 0)  // neither the budget nor a breaker slot was spent
+    }
+
+    @Test func refusalsAndCancelsHaveTheirGRPCStatus() {
+        var refused = ExchangeStateMachine()
+        refused.recognisedGRPC()
+        let env = FakeExchangeEnvironment()
+        _ = refused.end(reason: "no_route", status: 404,
+                        answer: LocalAnswer(status: 404, reason: "no_route", detail: "d"), env: env)
+        #expect(refused.grpcStatus == .unimplemented && refused.outcomeStatus == 404)
+        var cancelled = GRPCExchangeTests.grpcScript(ExchangeStateMachine.Route(timeout: .seconds(5)))
+        _ = cancelled.run(.start())
+        _ = cancelled.run(.provided())
+        _ = cancelled.run(.grpcHead(.pending))
+        _ = cancelled.run(.end("downstream_disconnect"))
+        #expect(cancelled.machine.grpcStatus == .cancelled && cancelled.machine.outcomeStatus == 499)
+        var plain = ExchangeStateMachine()
+        _ = plain.end(reason: "downstream_disconnect", env: env)
+        #expect(plain.grpcStatus == nil)
+    }
+}

@@ -135,27 +135,72 @@ final class GRPCAwareTests {
         server.stop()
     }
 
-    @Test func theCallsDeadlineEndsItWithDeadlineExceededAndResetsTheUpstream() async throws {
+    @Test func theCallsDeadlineEndsItWithDeadlineExceededAndTheUpstreamSeesItCancelled() async throws {
         let server = try await GRPCPeerServer()
         let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(route: "grpc_timeout_header_max: 300ms", cluster: Self.http2),
                                            upstreams: [server.port], group: group)
         let started = Date()
         let calls = try await call(proxy, "hang", timeout: 10)
         let elapsed = Date().timeIntervalSince(started)
-        // Vigil's answer, not the client's own expiry (10 s): DEADLINE_EXCEEDED with Vigil's reason.
-        #expect(calls[0].code == "DEADLINE_EXCEEDED" && calls[0].message.hasPrefix("grpc_deadline_exceeded: "), "\(calls)")
+        // Not the client's own expiry (10 s): Vigil's deadline of 300 ms, which the server knows too (Vigil sends it
+        // what is left), so either may end the call first: Vigil with its reason, or the server.
+        #expect(calls[0].code == "DEADLINE_EXCEEDED", "\(calls)")
         #expect(elapsed < 8)
         // The upstream's stream was reset (CANCEL): the server saw its call cancelled.
         #expect(try await eventually { server.events.contains("hang-ended cancelled") }, "\(server.events)")
-        // What is left of the deadline goes upstream: the cap (2 s at most), or the client's own if shorter.
+        // What is left of the deadline goes upstream: the cap (300 ms at most).
         let capped = try await call(proxy, timeout: 10)[0]
         let left = try #require(capped.trailers["x-time-remaining"].flatMap(Double.init), "\(capped)")
         #expect(left > 0 && left <= 0.3, "\(capped)")
         await proxy.stop()
-        #expect(proxy.accessLogValues("reason", as: String.self) == ["grpc_deadline_exceeded", "-"])
         #expect(proxy.accessLogValues("grpc_status", as: Int.self) == [4, 0])
-        #expect(proxy.accessLogValues("status", as: Int.self) == [504, 200])
         server.stop()
+    }
+
+    /// Vigil's own enforcement of a call's deadline, before and after the response began, against an upstream that
+    /// knows nothing of deadlines (a gRPC server would give up at the same moment, from the grpc-timeout Vigil sends it):
+    /// before, a trailers-only DEADLINE_EXCEEDED; after (headers sent, no message yet), trailers carrying it, even
+    /// where the route's idle_timeout is off.
+    @Test(arguments: [false, true])
+    func theCallsDeadlineIsVigilsToEnforce(headersFirst: Bool) async throws {
+        let upstream = try await FakeUpstream(group: group, http2: true,
+                                              behaviour: { _ in headersFirst ? .stall(sent: "", declared: 100) : .hang })
+        let yaml = ProxyHarness.simple(route: "idle_timeout: 0s", cluster: Self.http2)
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        let started = Date()
+        let r = try await client.request(.POST, "/vigil.test.Echo/Unary",
+                                         headers: [("content-type", "application/grpc"), ("grpc-timeout", "300m")],
+                                         body: ByteBuffer(bytes: [0, 0, 0, 0, 0]))
+        #expect(Date().timeIntervalSince(started) < 5)
+        let status = headersFirst ? r.trailers?.first(name: "grpc-status") : r.header("grpc-status")
+        let reason = headersFirst ? r.trailers?.first(name: "x-vigil-reason") : r.header("x-vigil-reason")
+        #expect(r.status == 200 && status == "4" && reason == "grpc_deadline_exceeded", "\(r.head) \(String(describing: r.trailers))")
+        await proxy.stop()
+        #expect(proxy.accessLogValues("reason", as: String.self) == ["grpc_deadline_exceeded"])
+        #expect(proxy.accessLogValues("grpc_status", as: Int.self) == [4])
+    }
+
+    /// Refusals before a call is routed count as gRPC calls too, and a malformed call gets gRPC's form.
+    @Test func refusedAndMalformedCallsAreCountedAndAnsweredAsGRPC() async throws {
+        let registry = PrometheusCollectorRegistry()
+        let yaml = ProxyHarness.simple(cluster: Self.http2)
+            .replacingOccurrences(of: "match: { prefix: \"/\" }", with: "match: { prefix: \"/elsewhere/\" }")
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [freeLoopbackPort()], group: group,
+                                           metrics: PrometheusMetricsFactory(registry: registry))
+        _ = try await call(proxy, count: 2)
+        let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        // A value that ends in a space is malformed (RFC 9113 §8.2.1): 400, in gRPC's form INTERNAL.
+        let malformed = try await client.request(headerBlock: [
+            (":method", "POST"), (":scheme", "http"), (":path", "/vigil.test.Echo/Unary"), (":authority", "a"),
+            ("content-type", "application/grpc"), ("te", "trailers"), ("x-bad", "trailing ")])
+        #expect(malformed.status == 200 && malformed.header("grpc-status") == "13", "\(malformed.head)")
+        #expect(malformed.header("x-vigil-reason") == "bad_header_value" && malformed.text.isEmpty)
+        let text = registry.emitToString()
+        #expect(text.contains(#"vigil_grpc_requests_total{listener="in",cluster="none",grpc_status="12"} 2"#), "\(text)")
+        #expect(text.contains(#"vigil_grpc_requests_total{listener="in",cluster="none",grpc_status="13"} 1"#), "\(text)")
+        await proxy.stop()
+        #expect(proxy.accessLogValues("grpc_status", as: Int.self) == [12, 12, 13])
     }
 
     @Test func theDeadlineLeftIsWhatTheUpstreamGets() async throws {

@@ -191,6 +191,9 @@ public struct ExchangeStateMachine: Sendable {
     /// its gRPC status as Envoy maps it (UNAVAILABLE is 503); else the status itself.
     public var outcomeStatus: Int { status == 200 ? grpcStatus?.httpStatus ?? 200 : status }
 
+    /// The gRPC call has a deadline of its own (`grpc-timeout`, read under the route's cap).
+    public var hasCallDeadline: Bool { callDeadline != nil }
+
     /// What is left of the gRPC call's own deadline, for the `grpc-timeout` sent upstream; nil: it has none.
     public func grpcTimeLeft(now: NIODeadline) -> TimeAmount? {
         callDeadline.map { max($0 - now, .nanoseconds(1)) }
@@ -222,6 +225,12 @@ public struct ExchangeStateMachine: Sendable {
         phase = .waitingForConnection
         if requestComplete { armRouteDeadline(now: now) }
         return .acquire(fresh: false, drop: .none)
+    }
+
+    /// The request is a gRPC call, known before it is routed: an answer Vigil makes to it (a refusal, a malformed
+    /// request) takes gRPC's form and status too. (`started` says so again for a call that is forwarded.)
+    public mutating func recognisedGRPC() {
+        grpc = true
     }
 
     /// The pool gave the exchange a connection (`reused`: one that had served requests before). `now` is read
@@ -296,9 +305,13 @@ public struct ExchangeStateMachine: Sendable {
         case .pending:
             grpcPending = true
             // Held only while a retry could follow: the route retries some gRPC status and could send the call again.
+            // The try has answered: its per-try and the route's timeouts end here, as at any response head; the
+            // call's deadline and the upstream's idle clock go on.
             if requestComplete, let policy = route.retry, policy.retriesGRPC, replayable,
                retriesDone < policy.config.attempts {
                 responseHeld = true
+                routeDeadline = nil
+                tryDeadline = nil
                 return .holdResponse
             }
         case .status(let code): grpcStatus = code
@@ -389,7 +402,8 @@ public struct ExchangeStateMachine: Sendable {
         // it can be replayed. The stale case once, on a new connection.
         let stale = failure == .reset && reusedConnection && !staleResent
         let refused = failure == .refusedStream && refusedResends < Self.maxRefusedResends
-        if (stale || refused) && copyHeld {
+        // Not once a (held) head came: the upstream has processed the request.
+        if (stale || refused) && copyHeld && !responseHeld {
             if stale { staleResent = true } else { refusedResends += 1 }
             phase = .waitingForConnection
             tryDeadline = nil
@@ -481,6 +495,8 @@ public struct ExchangeStateMachine: Sendable {
         if let answer {
             localAnswer = answer
             if grpc { grpcStatus = answer.grpcStatus }
+        } else if grpc {
+            grpcStatus = .cancelled  // the client went away or gave up: what gRPC calls a call ended by its caller
         }
         self.reason = reason
         finish(env: env)
@@ -505,9 +521,11 @@ public struct ExchangeStateMachine: Sendable {
     private mutating func retry<E: ExchangeEnvironment>(after failure: TryFailure, retryAfter: TimeAmount? = nil,
                                                         now: NIODeadline, drop: Upstream, env: E) -> Action? {
         guard let policy = route.retry else { return nil }
+        // What is left before the first of the route's deadline and the call's own.
+        var deadline = routeDeadline
+        if let call = callDeadline, deadline.map({ call < $0 }) ?? true { deadline = call }
         let facts = RetryPolicy.Facts(failure: failure, method: method, retriesDone: retriesDone, replayable: replayable,
-                                      retryAfter: retryAfter,
-                                      remaining: routeDeadline.map { $0 - now })
+                                      retryAfter: retryAfter, remaining: deadline.map { $0 - now })
         var random = EnvironmentRandom(env: env)
         guard case .retry(let wait) = policy.decide(facts, random: &random),
               let host = env.pickRetryHost(excluding: tried) else { return nil }
@@ -520,6 +538,9 @@ public struct ExchangeStateMachine: Sendable {
         holdsRetrySlot = true
         retriesDone += 1
         tried.insert(host)
+        // A held head goes with its try.
+        responseHeld = false
+        grpcPending = false
         env.retryAdmitted(host: host)
         tryDeadline = nil
         quietSince = nil

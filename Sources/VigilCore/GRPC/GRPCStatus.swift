@@ -144,7 +144,7 @@ public enum GRPCFields {
     }
 
     /// A `grpc-timeout` value for `amount` (the budget left, sent upstream): the finest unit whose count fits in 8
-    /// digits, rounded up so that the upstream never gets more time than is left; at least 1n.
+    /// digits (exact below 0.1 s), rounded up as gRPC's own clients round it (grpc-go's `encodeTimeout`); at least 1n.
     public static func timeoutField(_ amount: TimeAmount) -> String {
         let nanos = max(amount.nanoseconds, 1)
         for (unit, perUnit) in [("n", Int64(1)), ("u", 1_000), ("m", 1_000_000), ("S", 1_000_000_000),

@@ -34,7 +34,7 @@ extension HTTP2StreamHandler {
             dropping: target?.policy.snapshot.routes[listener.index].untrustedTenantHeader, random: &loop.random)
         noteRequestID(generated: written.generated, of: request)
         // A gRPC call's upstream gets what is left of its deadline, never more (gRPC's servers give up then too).
-        guard let left = exchange.grpcTimeLeft(now: loop.eventLoop.now) else { return written.headers }
+        guard exchange.grpc, let left = exchange.grpcTimeLeft(now: loop.eventLoop.now) else { return written.headers }
         var headers = written.headers
         headers.replaceOrAdd(name: "grpc-timeout", value: GRPCFields.timeoutField(left))
         return headers

@@ -34,10 +34,12 @@ extension HTTP2StreamHandler {
         headers.reserveCapacity(head.fields.count + 1)
         headers.add(name: ":status", value: String(head.status))
         let nominated = head.connection.nominated
+        let pendingGRPC = grpc == .pending
         for f in head.fields {
             if f.kind.isConnectionSpecific { continue }
             if f.kind == .contentLength {
-                if head.transferEncodingPresent || head.status == 204 { continue }  // see upstreamResponseHeaders
+                // See upstreamResponseHeaders (and withoutLength, for a gRPC response).
+                if head.transferEncodingPresent || head.status == 204 || pendingGRPC { continue }
             } else if !nominated.isEmpty && nominated.contains(where: { head.nameEquals(f, $0) }) {
                 continue
             }
@@ -74,11 +76,22 @@ extension HTTP2StreamHandler {
             bodilessHead = headers
         } else if endStream || head.status == 304 || request?.method == "HEAD" {
             bodilessHead = head.headers  // see upstreamResponseHead
-        } else if exchange.responseHeld {
-            heldGRPCHead = head.headers
+        } else if case .pending = grpc {
+            let headers = Self.withoutLength(head.headers)
+            if exchange.responseHeld { heldGRPCHead = headers } else { send(.headers(.init(headers: headers, endStream: false))) }
         } else {
             send(.headers(.init(headers: head.headers, endStream: false)))
         }
+    }
+
+    /// A gRPC response is framed by its END_STREAM, never by a length (PROTOCOL-HTTP2 has none). One that declares
+    /// a length is relayed without it: Vigil may have to end the call early with its status in trailers, which
+    /// NIOHTTP2 would refuse to send short of the declared length.
+    static func withoutLength(_ headers: HPACKHeaders) -> HPACKHeaders {
+        guard headers.contains(name: "content-length") else { return headers }
+        var headers = headers
+        headers.remove(name: "content-length")
+        return headers
     }
 
     /// What a response head says of the gRPC call it answers (a trailers-only one carries the call's status; one
@@ -116,16 +129,18 @@ extension HTTP2StreamHandler {
         switch action {
         case .forwardResponse: break
         case .holdResponse:
-            // The caller keeps the head in heldGRPCHead for the first DATA or the call's end; the try's
-            // deadlines stay queued (a held head has not reached the client).
+            // The caller keeps the head in heldGRPCHead for the first DATA or the call's end.
+            rearmDeadline()
             return true
         default:
             run(action)
             return false
         }
         // The idle clock is queued again only if a read leaves the response unfinished (upstreamReadComplete),
-        // so a response that comes whole in one read costs the queue nothing more.
+        // so a response that comes whole in one read costs the queue nothing more. A gRPC call's own deadline runs
+        // on through the response: it stays queued.
         cancelTimers()
+        if exchange.hasCallDeadline { rearmDeadline() }
         return true
     }
 
@@ -216,7 +231,7 @@ extension HTTP2StreamHandler {
     /// Writes an answer of Vigil's own; the exchange has ended with it. A gRPC call gets it in gRPC's form:
     /// HTTP 200, trailers-only, its status and `grpc-message` (reason and detail), `x-vigil-reason` kept.
     func writeReply(_ answer: LocalAnswer, headers extra: [(String, String)]) {
-        if request?.grpc == true {
+        if exchange.grpc {
             var headers: HPACKHeaders = [":status": "200", "content-type": "application/grpc",
                                          "grpc-status": String(answer.grpcStatus.rawValue),
                                          "grpc-message": answer.grpcMessage, "x-vigil-reason": answer.reason]
@@ -244,6 +259,12 @@ extension HTTP2StreamHandler {
     /// that failed or went quiet mid-call): a gRPC client reads the status and reason there, where a reset would
     /// tell it CANCELLED, as if it had cancelled the call itself.
     func endGRPCResponse(_ answer: LocalAnswer) {
+        if bodilessHead != nil {
+            // The response's head never went out (it waited for its END_STREAM): the answer is trailers-only.
+            bodilessHead = nil
+            writeReply(answer, headers: [])
+            return
+        }
         finish(reuseUpstream: false)  // before END_STREAM; see upstreamResponseEnd
         sendHeldResponseBody()
         send(.headers(.init(headers: ["grpc-status": String(answer.grpcStatus.rawValue), "grpc-message": answer.grpcMessage,

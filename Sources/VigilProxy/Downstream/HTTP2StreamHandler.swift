@@ -320,10 +320,15 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
         do throws(HTTP2RequestRejection) {
             request = try HTTP2RequestHead.validate(headers, headerBytes: &bytesIn)
         } catch {
+            // A malformed gRPC call is still answered in gRPC's form.
+            if headers.first(name: "content-type").map({ GRPCFields.isGRPC(contentType: $0) }) == true {
+                exchange.recognisedGRPC()
+            }
             abandon(error)
             return
         }
         self.request = request
+        if request.grpc { exchange.recognisedGRPC() }
         if let n = request.contentLength, let max = listener.config.limits.maxBodyBytes, n > max {
             abandon(LocalAnswer(status: 413, reason: "body_too_large",
                                 detail: "the request body is larger than max_body_bytes (\(max))"))
@@ -351,12 +356,15 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
             break  // answered where the event came from: they need its head or connection
         case .acquire(let fresh, let drop):
             dropUpstream(drop)
+            forgetResponse()
             target!.pool.acquire(self, fresh: fresh)
         case .backOff(let drop):
             dropUpstream(drop)
+            forgetResponse()
             rearmDeadline()
         case .reply(let answer, let drop):
             dropUpstream(drop)
+            forgetResponse()
             writeReply(answer, headers: [])
         case .finish(let reuseUpstream):
             finish(reuseUpstream: reuseUpstream)
@@ -370,6 +378,12 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
                 reset(.cancel)
             }
         }
+    }
+
+    /// A try's response that the client will not get (retried, or answered by Vigil instead): nothing of it is kept.
+    func forgetResponse() {
+        heldGRPCHead = nil
+        bodilessHead = nil
     }
 
     /// The stream ends the exchange for its own reason (the client went away, a timeout of the client's).
@@ -410,7 +424,7 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
             stream.attach(framed: self)
             if resend, let requestCopy {
                 // What the first try was sent, then the rest; the call's deadline as it is now.
-                requestCopy.send(to: stream, grpcTimeout: exchange.grpcTimeLeft(now: loop.eventLoop.now))
+                requestCopy.send(to: stream, grpcTimeout: exchange.grpc ? exchange.grpcTimeLeft(now: loop.eventLoop.now) : nil)
             } else {
                 // A body that ended empty before the stream opened ends with the HEADERS.
                 let bodyless = !requestHasBody || (pendingEnd && pendingTrailers == nil
