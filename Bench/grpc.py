@@ -10,12 +10,15 @@ trailers and grpc-timeout: 10S (gRPC's request headers, with the deadline a clie
 body as application/octet-stream to /plain. Each proxy runs one worker pinned to CPU 1; bursts alternate between
 the (proxy, kind) pairs, in reversed order every other round, and each pair's CPU per call is its proxy's
 utime+stime over the calls it served. `vigil h2` is measured twice
-(h2, h2-again) for the A/A spread. Only 127.0.0.1 is used.
+(h2, h2-again) for the A/A spread, gRPC once more without grpc-timeout, and the gRPC call's exact request and
+response under a content type that is not gRPC's (`same-not-grpc`: the HTTP/2 work, trailers frames and all,
+without Vigil's gRPC work); HAProxy and Envoy carry gRPC and plain HTTP/2 too, for their own gRPC ÷ plain ratio. Only 127.0.0.1 is used.
 
 Usage: Bench/grpc.py [--vigil .build-release/release/vigil] [--rounds 10] [--seconds 3] [--proxies vigil,haproxy,envoy]
 """
 import argparse
 import os
+import urllib.request
 import re
 import subprocess
 import sys
@@ -28,8 +31,14 @@ import envoyconf  # noqa: E402
 UPSTREAM = 18190
 PORTS = {"vigil": 18184, "haproxy": 18181, "envoy": 18178}
 GRPC_PATH = "/vigil.bench.Echo/Unary"
-HEADERS = {"grpc": ["content-type: application/grpc", "te: trailers", "grpc-timeout: 10S"],
-           "h2": ["content-type: application/octet-stream"]}
+# (path, request headers) of each kind of call; h2-again is h2 measured a second time (the A/A spread).
+KINDS = {"grpc": (GRPC_PATH, ["content-type: application/grpc", "te: trailers", "grpc-timeout: 10S"]),
+         "grpc-no-deadline": (GRPC_PATH, ["content-type: application/grpc", "te: trailers"]),
+         # The same request and response as grpc (te, grpc-timeout, a body, then trailers), but not a gRPC call
+         # (content-type application/octet-stream): the protocol work without Vigil's gRPC work.
+         "same-not-grpc": ("/trailers", ["content-type: application/octet-stream", "te: trailers", "grpc-timeout: 10S"]),
+         "h2": ("/plain", ["content-type: application/octet-stream"]),
+         "h2-again": ("/plain", ["content-type: application/octet-stream"])}
 
 
 def start_upstream(d):
@@ -39,6 +48,7 @@ events {{ worker_connections 8192; }}
 http {{ access_log off; keepalive_requests 10000000; http2_max_requests 10000000;
   server {{ listen 127.0.0.1:{UPSTREAM} http2;
     location {GRPC_PATH} {{ default_type application/grpc; add_trailer grpc-status 0 always; return 200 "0000hello-grpc"; }}
+    location /trailers {{ default_type application/octet-stream; add_trailer grpc-status 0 always; return 200 "0000hello-grpc"; }}
     location / {{ default_type application/octet-stream; return 200 "0000hello-grpc"; }} }} }}
 """)
     proc = subprocess.Popen(f"exec taskset -c 0 nginx -c {conf}", shell=True,
@@ -84,8 +94,8 @@ backend be
 
 
 def burst(port, kind, seconds, body):
-    path = GRPC_PATH if kind == "grpc" else "/plain"
-    headers = " ".join(f"-H '{h}'" for h in HEADERS["grpc" if kind == "grpc" else "h2"])
+    path, headers = KINDS[kind]
+    headers = " ".join(f"-H '{h}'" for h in headers)
     out = bench.sh(f"taskset -c 0 h2load -c4 -m100 -t1 -D{seconds} -d {body} {headers} http://127.0.0.1:{port}{path}")
     m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, \d+ succeeded, (\d+) failed, (\d+) errored", out)
     done, failed, errored = map(int, m.groups())
@@ -110,16 +120,27 @@ def main():
     try:
         for name, cmd in proxies(d, os.path.abspath(a.vigil), a.proxies.split(",")).items():
             running[name] = bench.Proc(name, cmd, PORTS[name])
-        pairs = [("vigil", "grpc"), ("vigil", "h2"), ("vigil", "h2-again")] if "vigil" in running else []
-        pairs += [(p, "grpc") for p in running if p != "vigil"]
+        pairs = ([("vigil", "grpc"), ("vigil", "grpc-no-deadline"), ("vigil", "same-not-grpc"), ("vigil", "h2"),
+                  ("vigil", "h2-again")]
+                 if "vigil" in running else [])
+        pairs += [(p, k) for p in running if p != "vigil" for k in ("grpc", "h2")]
         totals = {pair: [0, 0] for pair in pairs}
         for r in range(a.rounds):
             for pair in (pairs if r % 2 == 0 else pairs[::-1]):
                 proc = running[pair[0]]
                 t0 = bench.cpu_ticks(proc.pid)
-                n = burst(proc.port, "h2" if pair[1] == "h2-again" else pair[1], a.seconds, body)
+                n = burst(proc.port, pair[1], a.seconds, body)
                 totals[pair][0] += n
                 totals[pair][1] += bench.cpu_ticks(proc.pid) - t0
+        if "vigil" in running:
+            # Vigil answers a failed gRPC call with HTTP 200 too: its own count by grpc-status says whether any failed.
+            # CANCELLED (1) are the calls h2load had in flight when each timed burst ended.
+            text = urllib.request.urlopen("http://127.0.0.1:18199/stats/prometheus").read().decode()
+            failed = [line for line in text.splitlines()
+                      if line.startswith("vigil_grpc_requests_total") and not re.search(r'grpc_status="[01]"', line)
+                      and not line.endswith(" 0")]
+            if failed:
+                raise RuntimeError("gRPC calls through Vigil failed: " + "; ".join(failed))
         per_call = {}
         print(f"{a.rounds} rounds × {a.seconds} s per (proxy, kind), h2load -c4 -m100, proxies on one core")
         for pair, (n, ticks) in totals.items():
@@ -128,10 +149,15 @@ def main():
         if ("vigil", "grpc") in per_call:
             g = per_call[("vigil", "grpc")]
             print(f"vigil gRPC ÷ vigil plain HTTP/2: {g / per_call[('vigil', 'h2')]:.3f}"
-                  f"  (A/A, plain ÷ plain again: {per_call[('vigil', 'h2-again')] / per_call[('vigil', 'h2')]:.3f})")
+                  f"  (without grpc-timeout: {per_call[('vigil', 'grpc-no-deadline')] / per_call[('vigil', 'h2')]:.3f};"
+                  f" the same bytes not as gRPC ÷ plain: {per_call[('vigil', 'same-not-grpc')] / per_call[('vigil', 'h2')]:.3f};"
+                  f" A/A, plain ÷ plain again: {per_call[('vigil', 'h2-again')] / per_call[('vigil', 'h2')]:.3f})")
+            print(f"vigil gRPC ÷ the same request and response not as gRPC (Vigil's own gRPC work): "
+                  f"{g / per_call[('vigil', 'same-not-grpc')]:.3f}")
             for other in ("haproxy", "envoy"):
                 if (other, "grpc") in per_call:
-                    print(f"vigil gRPC ÷ {other} gRPC: {g / per_call[(other, 'grpc')]:.3f}")
+                    print(f"vigil gRPC ÷ {other} gRPC: {g / per_call[(other, 'grpc')]:.3f}"
+                          f"  ({other}'s own gRPC ÷ plain HTTP/2: {per_call[(other, 'grpc')] / per_call[(other, 'h2')]:.3f})")
     finally:
         for proc in running.values():
             proc.stop()

@@ -229,6 +229,24 @@ import VigilTestSupport
         #expect(out.first { $0.name == "x-request-id" }?.indexable == .nonIndexable)
     }
 
+    @Test func aGRPCCallsDeadlineGoesUpstreamAsWhatIsLeftOutsideTheDynamicTable() throws {
+        var block = HPACKHeaders(Self.get)
+        block.add(name: "content-type", value: "application/grpc")
+        block.add(name: "grpc-timeout", value: "10S")
+        var bytes = 0
+        let request = try HTTP2RequestHead.validate(block, headerBytes: &bytes)
+        #expect(request.grpc && request.grpcTimeout == .seconds(10))
+        var random = SplitMix64(seed: 3)
+        let (out, _) = HTTP2HeadWriter.writeRequest(request, scheme: "http", facts: Self.facts, tenant: nil, dropping: nil,
+                                                    random: &random, grpcTimeout: .milliseconds(2500))
+        let sent = out.filter { $0.name == "grpc-timeout" }
+        #expect(sent.count == 1 && sent.first?.value == "2500000u" && sent.first?.indexable == .nonIndexable)
+        // Without a deadline to send, the client's field goes as it came.
+        let (plain, _) = HTTP2HeadWriter.writeRequest(request, scheme: "http", facts: Self.facts, tenant: nil, dropping: nil,
+                                                      random: &random)
+        #expect(plain.filter { $0.name == "grpc-timeout" }.map(\.value) == ["10S"])
+    }
+
     /// The HTTP/2 block written for `request` carries what its HTTP/1.1 head carries, under the one table: the same
     /// request, the same fields with the same values (cookies apart where HTTP/1.1 joins them), Vigil's own the
     /// same, and no framing field HTTP/1.1 needed.

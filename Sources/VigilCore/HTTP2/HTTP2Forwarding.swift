@@ -1,3 +1,4 @@
+import NIOCore
 import NIOHPACK
 
 /// Which of an HTTP/2 request's fields go upstream, once for both upstream protocols: the HTTP/1.1 head
@@ -68,10 +69,11 @@ public enum HTTP2HeadWriter {
     /// and `:path`, then the fields `HTTP2ForwardedFields` keeps, `te: trailers` if asked for, and Vigil's own:
     /// `max-forwards`, `x-forwarded-for`, `x-forwarded-proto`, `x-forwarded-client-cert` for an mTLS client,
     /// `x-vigil-tenant` and a request id. Cookies stay in separate fields, as HTTP/2 lets them (§8.2.3).
+    /// `grpcTimeout`: a gRPC call's deadline as it is now, sent in place of the client's `grpc-timeout`.
     /// - Returns: the block, and the x-request-id it generated from `random` (nil when the request carried one).
     public static func writeRequest(
         _ request: HTTP2RequestHead, scheme: String, facts: ForwardingFacts, tenant: String?, dropping dropped: String?,
-        random: inout SplitMix64
+        random: inout SplitMix64, grpcTimeout: TimeAmount? = nil
     ) -> (headers: HPACKHeaders, generated: RequestID?) {
         var out = HPACKHeaders()
         out.reserveCapacity(request.headers.count + 6)
@@ -81,8 +83,11 @@ public enum HTTP2HeadWriter {
         out.add(name: ":path", value: request.path)
         let maxForwards = HTTP2ForwardedFields.maxForwards(of: request)
         let selected = HTTP2ForwardedFields.select(request, maxForwards: maxForwards, dropping: dropped) {
-            out.add(name: $0, value: $1, indexing: $2)
+            if grpcTimeout == nil || $0 != "grpc-timeout" { out.add(name: $0, value: $1, indexing: $2) }
         }
+        // Left out of HPACK's dynamic table, as gRPC's own clients send it: its value changes on every call, and each
+        // one indexed would push out a field that repeats.
+        if let grpcTimeout { out.add(name: "grpc-timeout", value: GRPCFields.timeoutField(grpcTimeout), indexing: .nonIndexable) }
         if selected.teTrailers { out.add(name: "te", value: "trailers") }
         if let maxForwards { out.add(name: "max-forwards", value: String(maxForwards)) }
         if selected.forwardedFor.isEmpty {

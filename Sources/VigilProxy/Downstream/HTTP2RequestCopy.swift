@@ -39,7 +39,9 @@ struct HTTP2RequestCopy {
     /// head if given.
     func send(to stream: HTTP2UpstreamStream, grpcTimeout: TimeAmount? = nil) {
         var head = head
-        if let grpcTimeout { head.headers.replaceOrAdd(name: "grpc-timeout", value: GRPCFields.timeoutField(grpcTimeout)) }
+        if let grpcTimeout {
+            head.headers.replaceOrAdd(name: "grpc-timeout", value: GRPCFields.timeoutField(grpcTimeout), indexing: .nonIndexable)
+        }
         stream.send(.headers(head))
         guard !head.endStream else { return }
         let endsWithBody = ended && trailers == nil

@@ -29,15 +29,14 @@ extension HTTP2StreamHandler {
 
     /// The header block for an HTTP/2 upstream (`HTTP2HeadWriter`): the forwarding rules of the HTTP/1.1 head.
     func http2Head(for request: HTTP2RequestHead, scheme: String) -> HPACKHeaders {
+        // A gRPC call's upstream gets what is left of its deadline (its server gives up then too).
+        let left = exchange.hasCallDeadline ? exchange.grpcTimeLeft(now: loop.eventLoop.now) : nil
         let written = HTTP2HeadWriter.writeRequest(
             request, scheme: scheme, facts: facts, tenant: target?.tenant?.name,
-            dropping: target?.policy.snapshot.routes[listener.index].untrustedTenantHeader, random: &loop.random)
+            dropping: target?.policy.snapshot.routes[listener.index].untrustedTenantHeader, random: &loop.random,
+            grpcTimeout: left)
         noteRequestID(generated: written.generated, of: request)
-        // A gRPC call's upstream gets what is left of its deadline, never more (gRPC's servers give up then too).
-        guard exchange.grpc, let left = exchange.grpcTimeLeft(now: loop.eventLoop.now) else { return written.headers }
-        var headers = written.headers
-        headers.replaceOrAdd(name: "grpc-timeout", value: GRPCFields.timeoutField(left))
-        return headers
+        return written.headers
     }
 
     func noteRequestID(generated: RequestID?, of request: HTTP2RequestHead) {

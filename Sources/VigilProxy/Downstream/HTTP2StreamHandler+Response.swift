@@ -138,9 +138,9 @@ extension HTTP2StreamHandler {
         }
         // The idle clock is queued again only if a read leaves the response unfinished (upstreamReadComplete),
         // so a response that comes whole in one read costs the queue nothing more. A gRPC call's own deadline runs
-        // on through the response: it stays queued.
-        cancelTimers()
-        if exchange.hasCallDeadline { rearmDeadline() }
+        // on through the response: its place in the queue stays (at or before the deadline: an early wake finds
+        // nothing due and queues it again).
+        if exchange.hasCallDeadline { cancelClientTimers() } else { cancelTimers() }
         return true
     }
 
@@ -219,7 +219,10 @@ extension HTTP2StreamHandler {
         connection.flush()
         // The upstream sent something and the response goes on: its idle clock starts again, and is queued if
         // it was not.
-        if exchange.upstreamReadCompleted(now: loop.eventLoop.now) && deadlineSlot < 0 { rearmDeadline() }
+        // (A gRPC call's queued deadline may be later than its idle clock: then the idle clock moves it sooner.)
+        if exchange.upstreamReadCompleted(now: loop.eventLoop.now) && (deadlineSlot < 0 || exchange.hasCallDeadline) {
+            rearmDeadline()
+        }
     }
 
     func upstreamWritabilityChanged(writable: Bool) { updateReads() }

@@ -297,6 +297,11 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
 
     func cancelTimers() {
         loop.deadlines.disarm(self)
+        cancelClientTimers()
+    }
+
+    /// `body_timeout` and `send_timeout`.
+    func cancelClientTimers() {
         bodyTask?.cancel()
         bodyTask = nil
         stallTask?.cancel()
@@ -424,7 +429,7 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
             stream.attach(framed: self)
             if resend, let requestCopy {
                 // What the first try was sent, then the rest; the call's deadline as it is now.
-                requestCopy.send(to: stream, grpcTimeout: exchange.grpc ? exchange.grpcTimeLeft(now: loop.eventLoop.now) : nil)
+                requestCopy.send(to: stream, grpcTimeout: exchange.hasCallDeadline ? exchange.grpcTimeLeft(now: loop.eventLoop.now) : nil)
             } else {
                 // A body that ended empty before the stream opened ends with the HEADERS.
                 let bodyless = !requestHasBody || (pendingEnd && pendingTrailers == nil
