@@ -97,6 +97,21 @@ final class GRPCAwareTests {
         server.stop()
     }
 
+    /// The SLO tracker judges a call by its gRPC status: UNAVAILABLE is a failure, NOT_FOUND is not.
+    @Test(arguments: [("unavailable", 3), ("not-found", 0)])
+    func theSLOCountsAFailedCallByItsStatus(mode: String, failures: Int) async throws {
+        let server = try await GRPCPeerServer(mode: mode)
+        let yaml = ProxyHarness.simple(cluster: Self.http2,
+                                       top: "slo: { objectives: [{ tenant: \"-\", availability: 99, min_requests: 1 }] }")
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [server.port], group: group)
+        let calls = try await call(proxy, count: 3)
+        #expect(calls.allSatisfy { $0.code == (mode == "unavailable" ? "UNAVAILABLE" : "NOT_FOUND") }, "\(calls)")
+        let sample = try #require(proxy.runtime.current.untenantedSLO?.sample(tenant: "-"))
+        #expect(sample.requests == 3 && sample.failures == failures, "\(sample)")
+        await proxy.stop()
+        server.stop()
+    }
+
     /// Vigil's refusals as a gRPC client sees them: its status, and Vigil's reason code first in the message.
     @Test(arguments: [
         ("no_route", "UNIMPLEMENTED", "match: { prefix: \"/elsewhere/\" }"),
