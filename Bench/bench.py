@@ -127,8 +127,9 @@ clusters:
 """)
 
 
-def haproxy_config(d, name, ports, upstream, defaults_extra="", frontend_extra=""):
-    """HAProxy with one thread in front of 127.0.0.1:`upstream`: HTTP/1.1 on ports[0], h2c on ports[1] if given."""
+def haproxy_config(d, name, ports, upstream, defaults_extra="", frontend_extra="", bind_extra="", server_extra=""):
+    """HAProxy with one thread in front of 127.0.0.1:`upstream`: HTTP/1.1 on ports[0] (or what `bind_extra` says, e.g.
+    " proto h2"), h2c on ports[1] if given; `server_extra` ends the server line (e.g. " proto h2" for an h2c upstream)."""
     h2 = f"\n  bind 127.0.0.1:{ports[1]} proto h2" if len(ports) > 1 else ""
     return write(d, f"{name}.cfg", f"""
 global
@@ -141,10 +142,10 @@ defaults
   timeout server 30s
 {defaults_extra}  http-reuse always
 frontend fe
-  bind 127.0.0.1:{ports[0]}{h2}
+  bind 127.0.0.1:{ports[0]}{bind_extra}{h2}
 {frontend_extra}  default_backend be
 backend be
-  server s1 127.0.0.1:{upstream}
+  server s1 127.0.0.1:{upstream}{server_extra}
 """)
 
 

@@ -70,22 +70,8 @@ clusters:
 """)
         out["vigil"] = f"{vigil} --config {conf} --threads 1 --log-level warning"
     if "haproxy" in wanted:
-        conf = bench.write(d, "haproxy.cfg", f"""
-global
-  nbthread 1
-  maxconn 8000
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:{PORTS['haproxy']} proto h2
-  default_backend be
-backend be
-  server s1 127.0.0.1:{UPSTREAM} proto h2
-""")
+        conf = bench.haproxy_config(d, "haproxy", [PORTS["haproxy"]], UPSTREAM, bind_extra=" proto h2",
+                                    server_extra=" proto h2")
         out["haproxy"] = f"haproxy -f {conf} -db"
     if "envoy" in wanted and envoyconf.binary():
         conf = envoyconf.config(os.path.join(d, "envoy.yaml"), [PORTS["envoy"]], [UPSTREAM], 18177, upstream_http2=True)

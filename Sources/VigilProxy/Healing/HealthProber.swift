@@ -184,19 +184,18 @@ private final class HTTP1ProbeHandler: ChannelInboundHandler, RemovableChannelHa
     }
 }
 
-/// The same probe as one HTTP/2 stream.
-private final class HTTP2ProbeHandler: ChannelInboundHandler {
+/// A probe on one HTTP/2 stream: sends its request's frames once the stream is active and reports the first result;
+/// a subclass reads the answer (`channelRead`) and calls `finish`.
+private class HTTP2StreamProbe: ChannelInboundHandler {
     typealias InboundIn = HTTP2Frame.FramePayload
     typealias OutboundOut = HTTP2Frame.FramePayload
-    let headers: HPACKHeaders
-    let expected: [ClosedRange<Int>]
+    let request: [HTTP2Frame.FramePayload]
     let result: EventLoopPromise<ProbeResult>
-    var done = false
+    private(set) var done = false
+    private var sent = false
 
-    init(path: String, authority: String, expected: [ClosedRange<Int>], result: EventLoopPromise<ProbeResult>) {
-        self.headers = [":method": "GET", ":scheme": "http", ":path": path, ":authority": authority,
-                        "user-agent": "vigil-health-check"]
-        self.expected = expected
+    init(request: [HTTP2Frame.FramePayload], result: EventLoopPromise<ProbeResult>) {
+        self.request = request
         self.result = result
     }
 
@@ -209,22 +208,14 @@ private final class HTTP2ProbeHandler: ChannelInboundHandler {
         context.fireChannelActive()
     }
 
-    private var sent = false
     private func send(_ context: ChannelHandlerContext) {
         guard !sent else { return }
         sent = true
-        context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: headers, endStream: true))), promise: nil)
+        for frame in request { context.write(wrapOutboundOut(frame), promise: nil) }
+        context.flush()
     }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard !done, case .headers(let h) = unwrapInboundIn(data) else { return }
-        guard let text = h.headers.first(name: ":status"), let status = Int(text) else {
-            finish(.broken("response without :status"))
-            return
-        }
-        if status < 200 { return }
-        finish(.judging(status: status, expected: expected))
-    }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
 
     func channelInactive(context: ChannelHandlerContext) { finish(.broken("stream closed before a response")) }
 
@@ -233,51 +224,52 @@ private final class HTTP2ProbeHandler: ChannelInboundHandler {
         context.close(promise: nil)
     }
 
-    private func finish(_ r: ProbeResult) {
+    func finish(_ r: ProbeResult) {
         guard !done else { return }
         done = true
         result.succeed(r)
     }
 }
 
+/// The HTTP probe as one HTTP/2 stream.
+private final class HTTP2ProbeHandler: HTTP2StreamProbe {
+    let expected: [ClosedRange<Int>]
+
+    init(path: String, authority: String, expected: [ClosedRange<Int>], result: EventLoopPromise<ProbeResult>) {
+        self.expected = expected
+        let headers: HPACKHeaders = [":method": "GET", ":scheme": "http", ":path": path, ":authority": authority,
+                                     "user-agent": "vigil-health-check"]
+        super.init(request: [.headers(.init(headers: headers, endStream: true))], result: result)
+    }
+
+    override func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !done, case .headers(let h) = unwrapInboundIn(data) else { return }
+        guard let text = h.headers.first(name: ":status"), let status = Int(text) else {
+            finish(.broken("response without :status"))
+            return
+        }
+        if status < 200 { return }
+        finish(.judging(status: status, expected: expected))
+    }
+}
+
 /// gRPC's standard health check on one HTTP/2 stream: `Check` for the configured service. SERVING passes; NOT_SERVING,
 /// SERVICE_UNKNOWN, a gRPC status other than OK (NOT_FOUND for a service the server does not know, UNIMPLEMENTED
 /// for a server without the health service) or an answer other than HTTP 200 fail.
-private final class GRPCProbeHandler: ChannelInboundHandler {
-    typealias InboundIn = HTTP2Frame.FramePayload
-    typealias OutboundOut = HTTP2Frame.FramePayload
-    let headers: HPACKHeaders
-    let message: ByteBuffer
-    let result: EventLoopPromise<ProbeResult>
+private final class GRPCProbeHandler: HTTP2StreamProbe {
     var body = ByteBuffer()
     var sawHead = false
-    var done = false
-    private var sent = false
 
     init(service: String, authority: String, tls: Bool, result: EventLoopPromise<ProbeResult>) {
-        headers = [":method": "POST", ":scheme": tls ? "https" : "http", ":path": GRPCHealth.path, ":authority": authority,
-                   "content-type": "application/grpc", "te": "trailers", "user-agent": "vigil-health-check"]
-        message = GRPCHealth.request(service: service)
-        self.result = result
+        let headers: HPACKHeaders = [":method": "POST", ":scheme": tls ? "https" : "http", ":path": GRPCHealth.path,
+                                     ":authority": authority, "content-type": "application/grpc", "te": "trailers",
+                                     "user-agent": "vigil-health-check"]
+        super.init(request: [.headers(.init(headers: headers, endStream: false)),
+                             .data(.init(data: .byteBuffer(GRPCHealth.request(service: service)), endStream: true))],
+                   result: result)
     }
 
-    func handlerAdded(context: ChannelHandlerContext) {
-        if context.channel.isActive { send(context) }
-    }
-
-    func channelActive(context: ChannelHandlerContext) {
-        send(context)
-        context.fireChannelActive()
-    }
-
-    private func send(_ context: ChannelHandlerContext) {
-        guard !sent else { return }
-        sent = true
-        context.write(wrapOutboundOut(.headers(.init(headers: headers, endStream: false))), promise: nil)
-        context.writeAndFlush(wrapOutboundOut(.data(.init(data: .byteBuffer(message), endStream: true))), promise: nil)
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    override func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !done else { return }
         switch unwrapInboundIn(data) {
         case .headers(let h):
@@ -309,18 +301,5 @@ private final class GRPCProbeHandler: ChannelInboundHandler {
             return finish(.broken("the answer holds no HealthCheckResponse"))
         }
         finish(.grpcServing(serving))
-    }
-
-    func channelInactive(context: ChannelHandlerContext) { finish(.broken("stream closed before a response")) }
-
-    func errorCaught(context: ChannelHandlerContext, error: Error) {
-        finish(.broken("stream error: \(error)"))
-        context.close(promise: nil)
-    }
-
-    private func finish(_ r: ProbeResult) {
-        guard !done else { return }
-        done = true
-        result.succeed(r)
     }
 }
