@@ -180,8 +180,7 @@ extension HTTP2StreamHandler {
             let code = trailers?.first(name: "grpc-status").flatMap { GRPCStatus(field: $0) } ?? .unknown
             let action = exchange.grpcResponseEnded(code, now: loop.eventLoop.now, env: self)
             guard case .finish = action else {
-                heldGRPCHead = nil  // retried, or answered: the client never sees this response
-                run(action)
+                run(action)  // retried, or answered: the client never sees this response (forgetResponse)
                 return
             }
             run(action)

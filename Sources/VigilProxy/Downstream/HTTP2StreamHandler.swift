@@ -375,7 +375,6 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
             finish(reuseUpstream: reuseUpstream)
         case .abort(let drop):
             dropUpstream(drop)
-            heldGRPCHead = nil
             if exchange.grpc, let answer = exchange.localAnswer {
                 endGRPCResponse(answer)
             } else {
