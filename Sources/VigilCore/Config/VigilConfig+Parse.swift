@@ -85,6 +85,12 @@ extension ConfigReader {
             for (j, route) in listener.routes.enumerated() {
                 guard let cluster = config.cluster(named: route.cluster) else { continue }
                 let path = "listeners[\(i)].routes[\(j)]"
+                if !route.weightedClusters.isEmpty {
+                    for (k, w) in route.weightedClusters.enumerated() {
+                        guard let c = config.cluster(named: w.cluster), c.protocol == .tcp || c.type == .originalDst else { continue }
+                        fail("\(path).weighted_clusters[\(k)].cluster", "\"\(c.name)\" is a \(c.protocol == .tcp ? "tcp" : "original_dst") cluster: weighted_clusters split requests among clusters of hosts")
+                    }
+                }
                 let tcpCluster = cluster.protocol == .tcp
                 let carriesConnections = tcpCluster || listener.protocol == .tcp
                 if tcpCluster, listener.protocol == .http1 || listener.protocol == .http2 {
@@ -282,17 +288,27 @@ extension ConfigReader {
 
     mutating func readRoute(_ node: Node, at path: String, clusterNames: [String: Int]) -> RouteConfig? {
         guard let m = map(node, at: path, keys: ["match", "cluster", "timeout", "idle_timeout", "retry",
-                                                     "tenant_limits", "connect_attempts", "grpc_timeout_header_max"])
+                                                     "tenant_limits", "connect_attempts", "grpc_timeout_header_max",
+                                                     "weighted_clusters"])
         else { return nil }
         let match = required(readMatch(m["match"], at: m.path("match")), m, "match")
-        let cluster = required(nonEmptyString(m["cluster"], at: m.path("cluster")), m, "cluster")
-        if let cluster, clusterNames[cluster] == nil {
-            fail(m.path("cluster"), "names cluster \"\(cluster)\", which is not defined in clusters")
+        var weighted: [WeightedCluster] = []
+        let cluster: String?
+        if let node = m["weighted_clusters"] {
+            if m["cluster"] != nil { fail(m.path("cluster"), "give either cluster or weighted_clusters, not both") }
+            weighted = readWeightedClusters(node, at: m.path("weighted_clusters"), clusterNames: clusterNames)
+            cluster = weighted.first?.cluster
+        } else {
+            cluster = required(nonEmptyString(m["cluster"], at: m.path("cluster")), m, "cluster")
+            if let cluster, clusterNames[cluster] == nil {
+                fail(m.path("cluster"), "names cluster \"\(cluster)\", which is not defined in clusters")
+            }
         }
         let timeout = duration(m["timeout"], at: m.path("timeout")) ?? .seconds(15)
         let retry = m["retry"].flatMap { readRetry($0, at: m.path("retry")) }
         guard let match, let cluster else { return nil }
         var route = RouteConfig(match: match, cluster: cluster, timeout: timeout, retry: retry)
+        route.weightedClusters = weighted
         if let idle = duration(m["idle_timeout"], at: m.path("idle_timeout")) { route.idleTimeout = idle }
         if let n = int(m["connect_attempts"], at: m.path("connect_attempts"), range: 1...10) { route.connectAttempts = n }
         if let node = m["grpc_timeout_header_max"] {
@@ -308,6 +324,28 @@ extension ConfigReader {
             route.tenantLimits = limits
         }
         return route
+    }
+
+    /// `weighted_clusters: [{ cluster, weight }]`: defined clusters, each once, weights 0…1,000,000 with a total above 0.
+    mutating func readWeightedClusters(_ node: Node, at path: String, clusterNames: [String: Int]) -> [WeightedCluster] {
+        guard let items = list(node, at: path) else { return [] }
+        if items.isEmpty { fail(path, "must list at least one cluster") }
+        var out: [WeightedCluster] = []
+        for (i, item) in items.enumerated() {
+            let p = Self.index(path, i)
+            guard let e = map(item, at: p, keys: ["cluster", "weight"]) else { continue }
+            let name = required(nonEmptyString(e["cluster"], at: e.path("cluster")), e, "cluster")
+            let weight = required(int(e["weight"], at: e.path("weight"), range: 0...1_000_000), e, "weight")
+            guard let name, let weight else { continue }
+            if clusterNames[name] == nil {
+                fail(e.path("cluster"), "names cluster \"\(name)\", which is not defined in clusters")
+            } else if out.contains(where: { $0.cluster == name }) {
+                fail(e.path("cluster"), "names cluster \"\(name)\" a second time")
+            }
+            out.append(WeightedCluster(cluster: name, weight: weight))
+        }
+        if !out.isEmpty, out.allSatisfy({ $0.weight == 0 }) { fail(path, "has no weight above 0: no cluster could be chosen") }
+        return out
     }
 
     mutating func readMatch(_ node: Node?, at path: String) -> RouteMatch? {

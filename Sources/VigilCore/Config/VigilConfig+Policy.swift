@@ -123,8 +123,10 @@ extension ConfigReader {
         }
         // Routes the policy keeps from the file must still find their clusters.
         for listener in config.listeners where !replaced.contains(listener.name) {
-            for (i, route) in listener.routes.enumerated() where clusterNames[route.cluster] == nil {
-                fail("clusters", "leaves out cluster \"\(route.cluster)\", which route \(i) of listener \(listener.name) (from the config file) sends to; give that listener's routes in this policy too")
+            for (i, route) in listener.routes.enumerated() {
+                for name in route.clusterNames where clusterNames[name] == nil {
+                    fail("clusters", "leaves out cluster \"\(name)\", which route \(i) of listener \(listener.name) (from the config file) sends to; give that listener's routes in this policy too")
+                }
             }
         }
         checkOriginalDestinationRoutes(config)

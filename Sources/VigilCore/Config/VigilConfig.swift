@@ -154,7 +154,13 @@ public struct ListenerLimits: Sendable, Equatable {
 
 public struct RouteConfig: Sendable, Equatable {
     public var match: RouteMatch
+    /// The cluster requests go to; with `weightedClusters`, the first of them.
     public var cluster: String
+    /// `weighted_clusters` (Envoy's): each request goes to one of these clusters, drawn on its own with probability
+    /// weight ÷ the weights' total. Empty: every request goes to `cluster`.
+    public var weightedClusters: [WeightedCluster] = []
+    /// Every cluster the route may send to.
+    public var clusterNames: [String] { weightedClusters.isEmpty ? [cluster] : weightedClusters.map(\.cluster) }
     /// Whole-request deadline, from the request head to the last response byte's start; 504 when it
     /// passes before the response head. Envoy's default is 15 s. Zero disables it.
     public var timeout: TimeAmount
@@ -188,6 +194,17 @@ public struct RouteConfig: Sendable, Equatable {
         self.cluster = cluster
         self.timeout = timeout
         self.retry = retry
+    }
+}
+
+/// One entry of a route's `weighted_clusters`.
+public struct WeightedCluster: Sendable, Equatable {
+    public var cluster: String
+    public var weight: Int
+
+    public init(cluster: String, weight: Int) {
+        self.cluster = cluster
+        self.weight = weight
     }
 }
 

@@ -138,7 +138,11 @@ extension VigilConfig {
                         if !r.match.methods.isEmpty { match.append(("methods", .array(r.match.methods.map { .string($0) }))) }
                         if let port = r.match.destinationPort { match.append(("destination_port", .int(port))) }
                         if let cidr = r.match.destinationCIDR { match.append(("destination_cidr", .string(cidr.description))) }
-                        return ["match": .object(match), "cluster": .string(r.cluster), "timeout": d(r.timeout),
+                        return ["match": .object(match), "cluster": .string(r.cluster),
+                                "weighted_clusters": r.weightedClusters.isEmpty ? .null : .array(r.weightedClusters.map {
+                                    ["cluster": .string($0.cluster), "weight": .int($0.weight)]
+                                }),
+                                "timeout": d(r.timeout),
                                 "idle_timeout": r.idleTimeout.map(d) ?? .null,
                                 "retry": r.retry.map(Self.dump) ?? .null,
                                 "tenant_limits": r.tenantLimits.map(Self.dump) ?? .null,

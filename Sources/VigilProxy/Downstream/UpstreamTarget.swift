@@ -128,7 +128,7 @@ extension ProxyRuntime {
     private func routeAdmitted(routeIndex: Int, routes: ListenerRoutes, listener: ListenerRuntime, policy: LoopPolicy,
                                loop: LoopContext, tenant: TenantState?, destination: Destination?,
                                destinationIsThisHost: Bool, target: inout UpstreamTarget?) -> RoutingOutcome {
-        let slot = routes.routeClusters[routeIndex]
+        let slot = routes.clusterSlot(route: routeIndex, random: &loop.random)
         let cluster = policy.snapshot.clusters[slot]
         guard cluster.admitRequest() else {
             return .reply(status: 503, reason: "overflow", detail: "cluster \(cluster.config.name) is at max_requests",

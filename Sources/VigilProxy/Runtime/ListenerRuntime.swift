@@ -34,8 +34,10 @@ public final class ListenerRuntime: Sendable {
 final class ListenerRoutes: Sendable {
     let routes: [RouteConfig]
     let table: RouteTable
-    /// Cluster slot (in the snapshot's `clusters`) per route.
+    /// Cluster slot (in the snapshot's `clusters`) per route; a weighted route's first.
     let routeClusters: [Int]
+    /// Per route with `weighted_clusters`: its clusters' slots and the draw among them.
+    let weightedClusters: [(slots: [Int], choice: WeightedChoice)?]
     /// What each route asks of its exchanges (timeout, idle timeout, retry policy), converted once.
     let exchangeRoutes: [ExchangeStateMachine.Route]
     /// The tenant header to remove from requests on a listener that does not trust it (nil otherwise).
@@ -69,6 +71,11 @@ final class ListenerRoutes: Sendable {
         let tcpRoutes = Set(listener.routes.indices.filter { tcpClusters.contains(listener.routes[$0].cluster) })
         self.table = RouteTable(listener.routes, tcpRoutes: tcpRoutes)
         self.routeClusters = listener.routes.map { clusterSlots[$0.cluster]! }
+        self.weightedClusters = listener.routes.map { route in
+            guard !route.weightedClusters.isEmpty,
+                  let choice = WeightedChoice(weights: route.weightedClusters.map(\.weight)) else { return nil }
+            return (route.weightedClusters.map { clusterSlots[$0.cluster]! }, choice)
+        }
         self.tcpRoutes = tcpRoutes.sorted()
         self.connectionRoutes = listener.routes.indices.filter {
             tcpRoutes.contains($0) || (originalDestinationClusters.contains(listener.routes[$0].cluster)
@@ -89,6 +96,12 @@ final class ListenerRoutes: Sendable {
 }
 
 extension ListenerRoutes {
+    /// The cluster slot a request on `route` goes to: its cluster, or one drawn by the route's weights.
+    func clusterSlot<R: RandomNumberGenerator>(route: Int, random: inout R) -> Int {
+        guard let weighted = weightedClusters[route] else { return routeClusters[route] }
+        return weighted.slots[weighted.choice.pick(random.next())]
+    }
+
     /// The first route to a tcp cluster that takes a connection to `destination`, if any.
     func tcpRoute(for destination: Destination?) -> Int? {
         tcpRoutes.first { routes[$0].match.matches(destination: destination) }

@@ -1,0 +1,103 @@
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import Testing
+import VigilCore
+import VigilTestSupport
+@testable import VigilProxy
+
+/// Traffic policy on real sockets: weighted clusters over both protocols, and weights changed by a policy push
+/// while requests run.
+@Suite(.timeLimit(.minutes(2))) final class TrafficPolicyTests {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+    deinit { group.shutdownGracefully { _ in } }
+
+    static func yaml(v1: Int, v2: Int, ports: (Int, Int)) -> String {
+        """
+        access_log: { output: "off" }
+        listeners:
+          - name: in
+            address: "127.0.0.1:0"
+            routes:
+              - match: { prefix: "/" }
+                weighted_clusters: [{ cluster: v1, weight: \(v1) }, { cluster: v2, weight: \(v2) }]
+        clusters:
+          - { name: v1, endpoints: ["127.0.0.1:\(ports.0)"] }
+          - { name: v2, endpoints: ["127.0.0.1:\(ports.1)"] }
+        """
+    }
+
+    /// Which upstream answered each of `count` requests, over HTTP/1.1 or HTTP/2.
+    func answers(_ proxy: ProxyHarness, count: Int, http2: Bool) async throws -> [String] {
+        var seen: [String] = []
+        if http2 {
+            let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+            for i in 0..<count { seen.append(try await client.request(.GET, "/\(i)").header("x-upstream") ?? "none") }
+            try await client.close()
+        } else {
+            let client = try await proxy.client()
+            for i in 0..<count {
+                try await client.send("GET /\(i) HTTP/1.1\r\nHost: a\r\n\r\n")
+                seen.append(try #require(try await client.response()).header("x-upstream") ?? "none")
+            }
+        }
+        return seen
+    }
+
+    @Test(arguments: [false, true])
+    func requestsSplitByWeight(http2: Bool) async throws {
+        let v1 = try await FakeUpstream(group: group, name: "v1")
+        let v2 = try await FakeUpstream(group: group, name: "v2")
+        let proxy = try await ProxyHarness(yaml: Self.yaml(v1: 80, v2: 20, ports: (v1.port, v2.port)), group: group)
+        let seen = try await answers(proxy, count: 400, http2: http2)
+        // A coarse check (the exact split is the pure test's): 80 ± 40 of 400 to v2, the rest to v1.
+        let toV2 = seen.filter { $0 == "v2" }.count
+        #expect(seen.allSatisfy { $0 == "v1" || $0 == "v2" } && (40...120).contains(toV2), "\(toV2) of 400 to v2")
+        await proxy.stop()
+    }
+
+    @Test func aPushThatMovesTheWeightsFailsNoRequest() async throws {
+        let v1 = try await FakeUpstream(group: group, name: "v1")
+        let v2 = try await FakeUpstream(group: group, name: "v2")
+        let ports = (v1.port, v2.port)
+        let proxy = try await ProxyHarness(yaml: Self.yaml(v1: 100, v2: 0, ports: ports), group: group)
+        let moved = NIOLockedValueBox(false)
+        let answered = NIOLockedValueBox(0)
+        // Four clients send while the push lands (after 100 answers; each client's last 50 requests wait for it):
+        // every request must be answered, by v1 before the push and by v2 after it.
+        let results = try await withThrowingTaskGroup(of: [(Int, String, Bool)].self) { tasks in
+            for _ in 0..<4 {
+                tasks.addTask { [group] in
+                    let client = try await TestClient.connect(port: proxy.port(), group: group)
+                    var out: [(Int, String, Bool)] = []
+                    for i in 0..<150 {
+                        while i == 100, !moved.withLockedValue({ $0 }) { try await Task.sleep(for: .milliseconds(1)) }
+                        let after = moved.withLockedValue { $0 }
+                        try await client.send("GET /\(i) HTTP/1.1\r\nHost: a\r\n\r\n")
+                        let r = try #require(try await client.response())
+                        out.append((r.status, r.header("x-upstream") ?? "none", after))
+                        answered.withLockedValue { $0 += 1 }
+                    }
+                    return out
+                }
+            }
+            tasks.addTask {
+                while answered.withLockedValue({ $0 }) < 100 { try await Task.sleep(for: .milliseconds(1)) }
+                let snapshot = try proxy.runtime.prepare(version: 2,
+                                                          config: VigilConfig.parse(yaml: Self.yaml(v1: 0, v2: 100, ports: ports)))
+                await proxy.runtime.install(snapshot)
+                moved.withLockedValue { $0 = true }
+                return []
+            }
+            var all: [(Int, String, Bool)] = []
+            for try await part in tasks { all += part }
+            return all
+        }
+        #expect(results.count == 600 && results.allSatisfy { $0.0 == 200 }, "\(results.filter { $0.0 != 200 }.prefix(3))")
+        // Once the push has been installed, every new request goes by the new weights.
+        #expect(results.filter { $0.2 }.allSatisfy { $0.1 == "v2" })
+        #expect(results.filter { !$0.2 }.count >= 100 && results.filter { $0.2 }.count >= 200, "the push landed mid-load")
+        await proxy.stop()
+    }
+}
