@@ -119,6 +119,7 @@ final class GRPCAwareTests {
         ("rate_limited", "RESOURCE_EXHAUSTED", "tenants"),
         ("upstream_connect_failure", "UNAVAILABLE", "dead"),
         ("upstream_timeout", "UNAVAILABLE", "timeout: 200ms"),
+        ("fault_injected", "NOT_FOUND", "fault: { abort: { grpc_status: 5, percent: 100 } }"),
     ])
     func vigilsOwnAnswersReachGRPCClientsInGRPCForm(reason: String, code: String, setting: String) async throws {
         let server = try await GRPCPeerServer()
@@ -136,6 +137,7 @@ final class GRPCAwareTests {
         case "timeout: 200ms":
             route = setting
             payload = "hang"
+        case let fault where fault.hasPrefix("fault:"): route = fault
         default: break
         }
         var yaml = ProxyHarness.simple(route: route, cluster: Self.http2, top: top)

@@ -100,4 +100,73 @@ import VigilTestSupport
         #expect(results.filter { !$0.2 }.count >= 100 && results.filter { $0.2 }.count >= 200, "the push landed mid-load")
         await proxy.stop()
     }
+
+    /// One request over HTTP/1.1 or HTTP/2: its status, its x-vigil-reason, and how long it took.
+    func request(_ proxy: ProxyHarness, http2: Bool, headers: [(String, String)] = []) async throws -> (Int, String?, Double) {
+        try await Self.request(port: proxy.port(), group: group, http2: http2, headers: headers)
+    }
+
+    static func request(port: Int, group: MultiThreadedEventLoopGroup, http2: Bool,
+                        headers: [(String, String)] = []) async throws -> (Int, String?, Double) {
+        let started = Date()
+        if http2 {
+            let client = try await H2TestClient.connect(port: port, group: group)
+            let r = try await client.request(.GET, "/", headers: headers)
+            try await client.close()
+            return (r.status, r.header("x-vigil-reason"), Date().timeIntervalSince(started))
+        }
+        let client = try await TestClient.connect(port: port, group: group)
+        try await client.send("GET / HTTP/1.1\r\nHost: a\r\n" + headers.map { "\($0.0): \($0.1)\r\n" }.joined() + "\r\n")
+        let r = try #require(try await client.response())
+        return (r.status, r.header("x-vigil-reason"), Date().timeIntervalSince(started))
+    }
+
+    @Test(arguments: [false, true])
+    func anInjectedAbortAnswersForTheUpstreamAndEjectsNothing(http2: Bool) async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let yaml = ProxyHarness.simple(route: "fault: { abort: { http_status: 503, percent: 100 }, header: x-fault }",
+                                       cluster: "outlier_detection: { consecutive_5xx: 1, max_ejection_percent: 100 }")
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
+        for _ in 0..<3 {
+            let (status, reason, _) = try await request(proxy, http2: http2, headers: [("x-fault", "1")])
+            #expect(status == 503 && reason == "fault_injected")
+        }
+        #expect(upstream.recorded.isEmpty)
+        #expect(try await request(proxy, http2: http2).0 == 200)  // without the header: untouched
+        #expect(upstream.recorded.count == 1)
+        #expect(proxy.runtime.current.clusters[0].health.hostViews()[0].state == "healthy")
+        await proxy.stop()
+        #expect(proxy.accessLogValues("fault", as: String.self) == ["abort", "abort", "abort"])
+    }
+
+    @Test(arguments: [false, true])
+    func anInjectedDelayHoldsTheRequestBeforeItGoesUpstream(http2: Bool) async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let yaml = ProxyHarness.simple(route: "fault: { delay: { fixed: 300ms, percent: 100 } }")
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
+        let (status, _, took) = try await request(proxy, http2: http2)
+        #expect(status == 200 && took >= 0.3, "\(took) s")
+        #expect(upstream.recorded.count == 1)
+        await proxy.stop()
+        #expect(proxy.accessLogValues("fault", as: String.self) == ["delay"])
+        #expect(proxy.accessLogValues("reason", as: String.self) == ["-"])
+    }
+
+    /// `max_active_faults: 1`: of two requests at once, one is delayed and the other passes untouched.
+    @Test func activeFaultsAreBounded() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let yaml = ProxyHarness.simple(route: "fault: { delay: { fixed: 1s, percent: 100 }, max_active_faults: 1 }")
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
+        let port = proxy.port()
+        let statuses = try await withThrowingTaskGroup(of: Int.self) { [group] tasks in
+            for _ in 0..<2 { tasks.addTask { try await Self.request(port: port, group: group, http2: false).0 } }
+            var out: [Int] = []
+            for try await s in tasks { out.append(s) }
+            return out
+        }
+        #expect(statuses == [200, 200])
+        await proxy.stop()
+        #expect(proxy.accessLogValues("fault", as: String.self) == ["delay"])  // one line in two has a fault
+        #expect(proxy.accessLog.lines.count == 2)
+    }
 }

@@ -117,6 +117,9 @@ extension ConfigReader {
                 if route.grpcTimeoutHeaderMax != .zero {
                     fail("\(path).grpc_timeout_header_max", "applies to gRPC calls, not to TCP connections")
                 }
+                if route.fault != nil {
+                    fail("\(path).fault", "applies to requests, not to TCP connections")
+                }
             }
         }
     }
@@ -289,7 +292,7 @@ extension ConfigReader {
     mutating func readRoute(_ node: Node, at path: String, clusterNames: [String: Int]) -> RouteConfig? {
         guard let m = map(node, at: path, keys: ["match", "cluster", "timeout", "idle_timeout", "retry",
                                                      "tenant_limits", "connect_attempts", "grpc_timeout_header_max",
-                                                     "weighted_clusters"])
+                                                     "weighted_clusters", "fault"])
         else { return nil }
         let match = required(readMatch(m["match"], at: m.path("match")), m, "match")
         var weighted: [WeightedCluster] = []
@@ -311,6 +314,7 @@ extension ConfigReader {
         route.weightedClusters = weighted
         if let idle = duration(m["idle_timeout"], at: m.path("idle_timeout")) { route.idleTimeout = idle }
         if let n = int(m["connect_attempts"], at: m.path("connect_attempts"), range: 1...10) { route.connectAttempts = n }
+        if let node = m["fault"] { route.fault = readFault(node, at: m.path("fault")) }
         if let node = m["grpc_timeout_header_max"] {
             if case .scalar(let s) = node, s.string == "off" {
                 route.grpcTimeoutHeaderMax = nil
@@ -324,6 +328,35 @@ extension ConfigReader {
             route.tenantLimits = limits
         }
         return route
+    }
+
+    /// `fault: { delay: { fixed, percent }, abort: { http_status | grpc_status, percent }, header, max_active_faults }`.
+    mutating func readFault(_ node: Node, at path: String) -> FaultConfig? {
+        guard let m = map(node, at: path, keys: ["delay", "abort", "header", "max_active_faults"]) else { return nil }
+        var fault = FaultConfig()
+        if let d = map(m["delay"], at: m.path("delay"), keys: ["fixed", "percent"]) {
+            let fixed = required(duration(d["fixed"], at: d.path("fixed"), min: .milliseconds(1)), d, "fixed")
+            let percent = required(double(d["percent"], at: d.path("percent"), range: 0...100), d, "percent")
+            if let fixed, let percent { fault.delay = .init(fixed: fixed, percent: percent) }
+        }
+        if let a = map(m["abort"], at: m.path("abort"), keys: ["http_status", "grpc_status", "percent"]) {
+            let percent = required(double(a["percent"], at: a.path("percent"), range: 0...100), a, "percent")
+            var http = int(a["http_status"], at: a.path("http_status"), range: 200...599)
+            let grpc = a["grpc_status"].flatMap { grpcStatus($0, at: a.path("grpc_status")) }
+            if a["http_status"] != nil && a["grpc_status"] != nil {
+                fail(a.path("grpc_status"), "give either http_status or grpc_status, not both")
+            } else if a["http_status"] == nil && a["grpc_status"] == nil {
+                fail(a.path("http_status"), "is required (or grpc_status)")
+            }
+            if let grpc { http = grpc.httpStatus }  // what a plain request aborted with a gRPC status gets (Envoy's mapping)
+            if let http, let percent { fault.abort = .init(httpStatus: http, grpcStatus: grpc, percent: percent) }
+        }
+        if m["delay"] == nil && m["abort"] == nil { fail(path, "needs delay or abort") }
+        if let h = nonEmptyString(m["header"], at: m.path("header")) {
+            if HTTPTokens.isToken(h) { fault.header = h.lowercased() } else { fail(m.path("header"), "\"\(h)\" is not a field name") }
+        }
+        if let n = int(m["max_active_faults"], at: m.path("max_active_faults"), range: 0...1_000_000) { fault.maxActiveFaults = n }
+        return fault
     }
 
     /// `weighted_clusters: [{ cluster, weight }]`: defined clusters, each once, weights 0…1,000,000 with a total above 0.

@@ -184,6 +184,8 @@ public struct RouteConfig: Sendable, Equatable {
     /// For TCP connections: connects tried, each to another host where there is one, before the connection is
     /// given up (Envoy's `max_connect_attempts`, default 1).
     public var connectAttempts = 1
+    /// `fault`: delays and aborts injected into some of the route's requests.
+    public var fault: FaultConfig?
     /// How a gRPC call's `grpc-timeout` bounds it (Envoy's `max_stream_duration.grpc_timeout_header_max`): the
     /// call is given up with DEADLINE_EXCEEDED when its deadline passes, at most this long after it began (zero:
     /// the client's deadline as it is). Nil (`off`): the header is not read and goes upstream unchanged.

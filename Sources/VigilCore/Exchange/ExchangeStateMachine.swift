@@ -173,6 +173,10 @@ public struct ExchangeStateMachine: Sendable {
     private var callDeadline: NIODeadline?
     /// A gRPC response of HTTP 200 has begun and its status is still to come.
     private var grpcPending = false
+    /// The faults injected into this request (`fault`), if any.
+    public private(set) var injectedFault: FaultDecision?
+    /// An injected delay is under way (the `backingOff` phase serves it); an injected abort waits for its end.
+    private var faultDelaying = false
 
     public init() {}
 
@@ -208,9 +212,10 @@ public struct ExchangeStateMachine: Sendable {
     /// A request was routed and admitted to `host`. `requestComplete`: its body (if any) has been received.
     /// The machine is a new one (a front end that serves several requests starts each with a new value).
     /// `grpc`: a gRPC call, with its `grpc-timeout` if it sent one.
+    /// `fault`: the faults drawn for it (a delay first, then an abort, before any connection is asked for).
     public mutating func started(route: Route, host: Int, method: @autoclosure () -> String, hasBody: Bool,
                                  requestComplete: Bool, now: NIODeadline, grpc: Bool = false,
-                                 grpcTimeout: TimeAmount? = nil) -> Action {
+                                 grpcTimeout: TimeAmount? = nil, fault: FaultDecision? = nil) -> Action {
         assert(phase == .idle, "an exchange machine serves one request")
         self.route = route
         self.grpc = grpc
@@ -222,6 +227,18 @@ public struct ExchangeStateMachine: Sendable {
         self.hasBody = hasBody
         self.requestComplete = requestComplete
         tried.insert(host)
+        if let fault {
+            // Envoy's fault filter stands before the router: the route's timeout starts after an injected delay,
+            // and an injected answer never reaches a host (nor its outlier detection: nothing is recorded).
+            injectedFault = fault
+            if let delay = fault.delay {
+                faultDelaying = true
+                phase = .backingOff
+                backoffUntil = now + delay
+                return .backOff(drop: .none)
+            }
+            if let abort = fault.abort { return reply(abort, drop: .none, env: NoEnvironment()) }
+        }
         phase = .waitingForConnection
         if requestComplete { armRouteDeadline(now: now) }
         return .acquire(fresh: false, drop: .none)
@@ -276,7 +293,7 @@ public struct ExchangeStateMachine: Sendable {
         requestComplete = true
         switch phase {
         case .waitingForConnection, .backingOff:
-            armRouteDeadline(now: now)
+            if !faultDelaying { armRouteDeadline(now: now) }
         case .trying:
             armRouteDeadline(now: now)
             tryStartedWhole(now: { now })
@@ -471,6 +488,11 @@ public struct ExchangeStateMachine: Sendable {
         }
         if let d = backoffUntil, d <= now, phase == .backingOff {
             backoffUntil = nil
+            if faultDelaying {
+                faultDelaying = false
+                if let abort = injectedFault?.abort { return reply(abort, drop: .none, env: env) }
+                if requestComplete { armRouteDeadline(now: now) }
+            }
             phase = .waitingForConnection
             return .acquire(fresh: false, drop: .none)
         }
@@ -586,6 +608,19 @@ public struct ExchangeStateMachine: Sendable {
         holdsRetrySlot = false
         env.releaseRetrySlot()
     }
+}
+
+/// The environment of an answer made before anything was asked of the proxy (an injected abort): a reply only gives
+/// back a retry slot, and none is held.
+private final class NoEnvironment: ExchangeEnvironment {
+    func pickRetryHost(excluding tried: HostMask) -> Int? { nil }
+    func reserveRetrySlot() -> Bool { false }
+    func releaseRetrySlot() {}
+    func withdrawRetryBudget() -> Bool { false }
+    func retryAdmitted(host: Int) {}
+    func recordAttempt(_ outcome: AttemptOutcome) {}
+    func connectFailed() {}
+    func nextRandom() -> UInt64 { 0 }
 }
 
 /// The environment's randomness as a generator for the retry policy's jitter.

@@ -4,6 +4,8 @@ public struct LocalAnswer: Error, Hashable, Sendable, CustomStringConvertible {
     public var status: Int
     public var reason: String
     public var detail: String
+    /// The gRPC status a gRPC call gets, where it is not the one the HTTP status maps to (an injected fault's).
+    public var grpcCode: GRPCStatus?
 
     public init(status: Int, reason: String, detail: String) {
         self.status = status

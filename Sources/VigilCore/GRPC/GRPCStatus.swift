@@ -200,7 +200,7 @@ public enum GRPCFields {
 
 extension LocalAnswer {
     /// This answer's status when it goes to a gRPC client.
-    public var grpcStatus: GRPCStatus { GRPCStatus(answer: status, reason: reason) }
+    public var grpcStatus: GRPCStatus { grpcCode ?? GRPCStatus(answer: status, reason: reason) }
 
     /// Its `grpc-message`: the reason code first (what `x-vigil-reason` and the access log say), then the detail.
     public var grpcMessage: String { GRPCFields.encodeMessage(reason + ": " + detail) }

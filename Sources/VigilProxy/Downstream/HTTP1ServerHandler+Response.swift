@@ -182,8 +182,11 @@ extension HTTP1ServerHandler {
         let tenant = runtime.accessLog.isEnabled ? target?.tenant?.name : nil
         let cluster = target?.cluster ?? replyCluster
         let status = exchange.status
-        runtime.recordSLO(tenant: target?.tenant ?? replyTenant, policy: target?.policy, loop: loop, status: status,
-                          durationNanos: duration.nanoseconds)
+        // An injected fault is the route's rehearsal, not the upstream's doing: it counts toward no SLO.
+        if exchange.injectedFault == nil {
+            runtime.recordSLO(tenant: target?.tenant ?? replyTenant, policy: target?.policy, loop: loop, status: status,
+                              durationNanos: duration.nanoseconds)
+        }
         replay = nil  // dropped first: the spare head is then its only owner
         if let spent = writtenRequestHead {
             writtenRequestHead = nil
@@ -203,7 +206,7 @@ extension HTTP1ServerHandler {
                                     upstreamHost: upstreamHost, bytesIn: bytesIn, bytesOut: bytesOut,
                                     reason: exchange.reason, requestID: rid, tenant: tenant,
                                     originalDestination: listener.config.originalDestination ? facts.destination : nil,
-                                    identity: session.identity,
+                                    identity: session.identity, fault: exchange.injectedFault?.kind,
                                     downstreamTLS: listener.config.tls == nil ? nil : session.tlsLabel))
         }
     }

@@ -375,7 +375,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         case .forward:
             chunked?.droppedTrailerName = target!.policy.snapshot.routes[listener.index].untrustedTenantHeader
             run(exchange.started(route: target!.route, host: target!.host.index, method: self.head!.method,
-                                 hasBody: !requestBodyDone, requestComplete: requestBodyDone, now: startedAt))
+                                 hasBody: !requestBodyDone, requestComplete: requestBodyDone, now: startedAt,
+                                 fault: target!.fault))
             armExchangeTimer()
         }
     }

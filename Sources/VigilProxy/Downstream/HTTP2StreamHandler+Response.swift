@@ -296,8 +296,10 @@ extension HTTP2StreamHandler {
         let duration = now - startedAt
         // A gRPC call counts by its gRPC status as Envoy maps it (an UNAVAILABLE is a 5xx to SLOs and metrics).
         let outcome = exchange.outcomeStatus
-        runtime.recordSLO(tenant: target?.tenant ?? replyTenant, policy: target?.policy, loop: loop, status: outcome,
-                          durationNanos: duration.nanoseconds)
+        if exchange.injectedFault == nil {  // see HTTP1ServerHandler.finishRequest
+            runtime.recordSLO(tenant: target?.tenant ?? replyTenant, policy: target?.policy, loop: loop, status: outcome,
+                              durationNanos: duration.nanoseconds)
+        }
         runtime.metrics.recordRequest(listener: listener.index, cluster: target?.cluster ?? replyCluster, status: outcome,
                                       durationNanos: duration.nanoseconds, bytesIn: bytesIn, bytesOut: bytesOut)
         if let code = exchange.grpcStatus {
@@ -311,6 +313,7 @@ extension HTTP2StreamHandler {
                                     reason: exchange.reason, requestID: requestID, tenant: target?.tenant?.name,
                                     originalDestination: listener.config.originalDestination ? facts.destination : nil,
                                     identity: session.identity, grpcStatus: exchange.grpcStatus,
+                                    fault: exchange.injectedFault?.kind,
                                     downstreamTLS: listener.config.tls == nil ? nil : session.tlsLabel))
         }
         target?.release()

@@ -349,7 +349,7 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
         case .forward:
             run(exchange.started(route: target!.route, host: target!.host.index, method: request.method,
                                  hasBody: requestHasBody, requestComplete: requestBodyDone, now: startedAt,
-                                 grpc: request.grpc, grpcTimeout: request.grpcTimeout))
+                                 grpc: request.grpc, grpcTimeout: request.grpcTimeout, fault: target!.fault))
             if requestOpen { rearmDeadline() }
         }
     }

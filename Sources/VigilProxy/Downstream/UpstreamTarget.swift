@@ -1,3 +1,4 @@
+import Atomics
 import NIOCore
 import VigilCore
 
@@ -17,6 +18,10 @@ struct UpstreamTarget {
     let route: ExchangeStateMachine.Route
     /// The request's tenant, holding one of its `max_concurrent` slots until `release()`.
     let tenant: TenantState?
+    /// The faults injected into the request (the route's `fault`); it counts among the route's active faults until
+    /// `release()`.
+    var fault: FaultDecision?
+    var activeFaults: ManagedAtomic<Int>?
     /// The host was made for the request's original destination (`original_dst`): it has no place in the cluster's
     /// health, and a retry goes to it again.
     var dynamicHost: Bool { cluster.isOriginalDestination }
@@ -29,6 +34,7 @@ struct UpstreamTarget {
         host.activeRequests.wrappingDecrement(ordering: .relaxed)
         cluster.requestFinished()
         tenant?.releaseSlot()
+        activeFaults?.wrappingDecrement(ordering: .relaxed)
     }
 
     /// Moves the request to another host for a retry: the old host's active count is given back and the
@@ -115,7 +121,7 @@ extension ProxyRuntime {
             case .failure(let refusal): return refusal.outcome
             }
         }
-        let outcome = routeAdmitted(routeIndex: routeIndex, routes: routes, listener: listener, policy: policy,
+        let outcome = routeAdmitted(request, routeIndex: routeIndex, routes: routes, listener: listener, policy: policy,
                                     loop: loop, tenant: tenant, destination: destination,
                                     destinationIsThisHost: destinationIsThisHost, target: &target)
         if case .reply(let status, let reason, let detail, let cluster, let headers, _) = outcome {
@@ -125,7 +131,7 @@ extension ProxyRuntime {
         return outcome
     }
 
-    private func routeAdmitted(routeIndex: Int, routes: ListenerRoutes, listener: ListenerRuntime, policy: LoopPolicy,
+    private func routeAdmitted(_ request: some RoutableRequest, routeIndex: Int, routes: ListenerRoutes, listener: ListenerRuntime, policy: LoopPolicy,
                                loop: LoopContext, tenant: TenantState?, destination: Destination?,
                                destinationIsThisHost: Bool, target: inout UpstreamTarget?) -> RoutingOutcome {
         let slot = routes.clusterSlot(route: routeIndex, random: &loop.random)
@@ -158,10 +164,34 @@ extension ProxyRuntime {
         host.activeRequests.wrappingIncrement(ordering: .relaxed)
         host.totalRequests.wrappingIncrement(ordering: .relaxed)
         let route = routes.exchangeRoutes[routeIndex]
-        if route.retry != nil { policy.retryBudgets[listener.index][routeIndex]!.recordRequest(now: loop.eventLoop.now) }
+        let fault = routes.faults[routeIndex].flatMap { injectFault($0.config, active: $0.active, request: request, loop: loop,
+                                                                    listener: listener) }
+        // An injected abort is no request to the upstream: it adds nothing to the route's retry budget.
+        if route.retry != nil, fault?.abort == nil {
+            policy.retryBudgets[listener.index][routeIndex]!.recordRequest(now: loop.eventLoop.now)
+        }
         target = UpstreamTarget(policy: policy, cluster: cluster, slot: slot, host: host, pool: pool,
-                                routeIndex: routeIndex, route: route, tenant: tenant)
+                                routeIndex: routeIndex, route: route, tenant: tenant, fault: fault,
+                                activeFaults: fault == nil ? nil : routes.faults[routeIndex]?.active)
         return .forward
+    }
+
+    /// The faults drawn for a request on a route with `fault`: none for a request without the route's `header`, or while
+    /// `max_active_faults` are active; a fault drawn takes one of those until the request's end (`release`).
+    private func injectFault(_ config: FaultConfig, active: ManagedAtomic<Int>, request: some RoutableRequest,
+                             loop: LoopContext, listener: ListenerRuntime) -> FaultDecision? {
+        if let header = config.header, request.headerValue(header) == nil { return nil }
+        guard let decision = config.decide(random: &loop.random) else { return nil }
+        if let max = config.maxActiveFaults {
+            guard active.wrappingIncrementThenLoad(ordering: .relaxed) <= max else {
+                active.wrappingDecrement(ordering: .relaxed)
+                return nil
+            }
+        } else {
+            active.wrappingIncrement(ordering: .relaxed)
+        }
+        metrics.recordFault(listener: listener.index, decision)
+        return decision
     }
 
     /// Refuses a request or connection an `original_dst` cluster has nowhere to send, and says why. A connection that came to an

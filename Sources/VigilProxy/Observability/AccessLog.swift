@@ -30,6 +30,8 @@ public struct AccessLogEntry {
     public var identity: String? = nil
     /// A gRPC call's status: relayed from the upstream, or of Vigil's own answer.
     public var grpcStatus: GRPCStatus? = nil
+    /// The faults a route's `fault` injected: `delay`, `abort` or `delay,abort`.
+    public var fault: StaticString? = nil
     /// How the client connected, on a listener with TLS: `mtls`, `tls` or (permissive mode) `plaintext`.
     public var downstreamTLS: StaticString? = nil
     /// A TLS connection proxied as TCP: the server name and protocols its ClientHello asked for.
@@ -251,6 +253,11 @@ public final class AccessLog: Sendable {
         if let identity = e.identity {
             b.writeStaticString(",\"identity\":")
             JSONWriter.writeString(identity, into: &b)
+        }
+        if let fault = e.fault {
+            b.writeStaticString(",\"fault\":\"")
+            b.writeStaticString(fault)
+            b.writeStaticString("\"")
         }
         if let code = e.grpcStatus {
             b.writeStaticString(",\"grpc_status\":")

@@ -26,11 +26,18 @@ public final class ProxyMetrics: Sendable {
 
     /// `[listener]`: gRPC calls answered with no cluster, by gRPC status.
     let unroutedGRPC: [LazyCounters]
+    /// `[listener][delay, abort]`: faults injected by routes' `fault`.
+    let faults: [[Counter]]
 
     public init(listeners: [ListenerConfig], factory: MetricsFactory) {
         self.factory = factory
         listenerNames = listeners.map(\.name)
         unroutedGRPC = listeners.map { Self.grpcCounters(listener: $0.name, cluster: "none", factory: factory) }
+        faults = listeners.map { l in
+            ["delay", "abort"].map {
+                Counter(label: "vigil_faults_injected_total", dimensions: [("listener", l.name), ("kind", $0)], factory: factory)
+            }
+        }
         unroutedRequests = listeners.map { Self.requestCounters(listener: $0.name, cluster: "none", factory: factory) }
         durations = listeners.map {
             Timer(label: "vigil_request_duration_seconds", dimensions: [("listener", $0.name)], factory: factory)
@@ -101,6 +108,12 @@ public final class ProxyMetrics: Sendable {
             Counter(label: "vigil_grpc_requests_total",
                     dimensions: [("listener", listener), ("cluster", cluster), ("grpc_status", String(code))], factory: factory)
         }
+    }
+
+    /// A route's `fault` delayed or aborted a request (or both).
+    func recordFault(listener: Int, _ fault: FaultDecision) {
+        if fault.delay != nil { faults[listener][0].increment() }
+        if fault.abort != nil { faults[listener][1].increment() }
     }
 
     /// A gRPC call ended with `code` (beside its count in `vigil_requests_total` by the status Envoy maps it to).

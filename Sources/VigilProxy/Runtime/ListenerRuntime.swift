@@ -38,6 +38,8 @@ final class ListenerRoutes: Sendable {
     let routeClusters: [Int]
     /// Per route with `weighted_clusters`: its clusters' slots and the draw among them.
     let weightedClusters: [(slots: [Int], choice: WeightedChoice)?]
+    /// Per route with `fault`: its faults, and how many are active now (for `max_active_faults`).
+    let faults: [(config: FaultConfig, active: ManagedAtomic<Int>)?]
     /// What each route asks of its exchanges (timeout, idle timeout, retry policy), converted once.
     let exchangeRoutes: [ExchangeStateMachine.Route]
     /// The tenant header to remove from requests on a listener that does not trust it (nil otherwise).
@@ -71,6 +73,7 @@ final class ListenerRoutes: Sendable {
         let tcpRoutes = Set(listener.routes.indices.filter { tcpClusters.contains(listener.routes[$0].cluster) })
         self.table = RouteTable(listener.routes, tcpRoutes: tcpRoutes)
         self.routeClusters = listener.routes.map { clusterSlots[$0.cluster]! }
+        self.faults = listener.routes.map { route in route.fault.map { ($0, ManagedAtomic(0)) } }
         self.weightedClusters = listener.routes.map { route in
             guard !route.weightedClusters.isEmpty,
                   let choice = WeightedChoice(weights: route.weightedClusters.map(\.weight)) else { return nil }
