@@ -169,4 +169,43 @@ import VigilTestSupport
         #expect(proxy.accessLogValues("fault", as: String.self) == ["delay"])  // one line in two has a fault
         #expect(proxy.accessLog.lines.count == 2)
     }
+
+    /// A response over either protocol: status, headers of interest, body.
+    func fetch(_ proxy: ProxyHarness, _ path: String, http2: Bool) async throws -> TestResponse {
+        if http2 {
+            let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+            defer { Task { try? await client.close() } }
+            return try await client.request(.GET, path, authority: "api.example")
+        }
+        let client = try await proxy.client()
+        try await client.send("GET \(path) HTTP/1.1\r\nHost: api.example\r\n\r\n")
+        return try #require(try await client.response())
+    }
+
+    @Test(arguments: [false, true])
+    func routesThatAnswerThemselves(http2: Bool) async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let yaml = """
+            listeners:
+              - name: in
+                address: "127.0.0.1:0"
+                routes:
+                  - { match: { prefix: "/old" }, redirect: { prefix_rewrite: "/new", response_code: 308 } }
+                  - { match: { prefix: "/maintenance" }, direct_response: { status: 503, body: "down for maintenance" } }
+                  - { match: { prefix: "/" }, cluster: api }
+            clusters:
+              - { name: api, endpoints: ["127.0.0.1:$UP0"] }
+            """
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
+        let moved = try await fetch(proxy, "/old/items?id=7", http2: http2)
+        #expect(moved.status == 308 && moved.header("location") == "http://api.example/new/items?id=7", "\(moved.head)")
+        #expect(moved.body.readableBytes == 0 && moved.header("content-length") == "0")
+        let down = try await fetch(proxy, "/maintenance/x", http2: http2)
+        #expect(down.status == 503 && down.text == "down for maintenance")
+        #expect(down.header("content-type") == "text/plain; charset=utf-8")
+        #expect(try await fetch(proxy, "/other", http2: http2).status == 200)
+        #expect(upstream.recorded.map(\.head.uri) == ["/other"])  // nothing else reached the upstream
+        await proxy.stop()
+        #expect(proxy.accessLogValues("reason", as: String.self).sorted() == ["-", "direct_response", "redirect"])
+    }
 }

@@ -83,8 +83,11 @@ extension ConfigReader {
                 fail("listeners[\(i)].protocol_detection_timeout", "must be shorter than limits.header_timeout (\(DurationParser.format(listener.limits.headerTimeout))), which closes a connection that has not shown what it speaks")
             }
             for (j, route) in listener.routes.enumerated() {
-                guard let cluster = config.cluster(named: route.cluster) else { continue }
                 let path = "listeners[\(i)].routes[\(j)]"
+                if route.direct != nil, listener.protocol == .tcp {
+                    fail(path, "listener \(listener.name) is protocol tcp: its routes carry connections, which a route cannot answer")
+                }
+                guard let cluster = config.cluster(named: route.cluster) else { continue }
                 if !route.weightedClusters.isEmpty {
                     for (k, w) in route.weightedClusters.enumerated() {
                         guard let c = config.cluster(named: w.cluster), c.protocol == .tcp || c.type == .originalDst else { continue }
@@ -292,12 +295,23 @@ extension ConfigReader {
     mutating func readRoute(_ node: Node, at path: String, clusterNames: [String: Int]) -> RouteConfig? {
         guard let m = map(node, at: path, keys: ["match", "cluster", "timeout", "idle_timeout", "retry",
                                                      "tenant_limits", "connect_attempts", "grpc_timeout_header_max",
-                                                     "weighted_clusters", "fault"])
+                                                     "weighted_clusters", "fault", "redirect", "direct_response"])
         else { return nil }
         let match = required(readMatch(m["match"], at: m.path("match")), m, "match")
         var weighted: [WeightedCluster] = []
+        var direct: DirectAnswer?
         let cluster: String?
-        if let node = m["weighted_clusters"] {
+        let actions = ["cluster", "weighted_clusters", "redirect", "direct_response"].filter { m[$0] != nil }
+        if actions.count > 1 {
+            fail(m.path(actions[1]), "give one of cluster, weighted_clusters, redirect and direct_response (this route has \(actions.joined(separator: " and ")))")
+        }
+        if let node = m["redirect"] {
+            direct = readRedirect(node, at: m.path("redirect")).map(DirectAnswer.redirect)
+            cluster = ""
+        } else if let node = m["direct_response"] {
+            direct = readDirectResponse(node, at: m.path("direct_response"))
+            cluster = ""
+        } else if let node = m["weighted_clusters"] {
             if m["cluster"] != nil { fail(m.path("cluster"), "give either cluster or weighted_clusters, not both") }
             weighted = readWeightedClusters(node, at: m.path("weighted_clusters"), clusterNames: clusterNames)
             cluster = weighted.first?.cluster
@@ -312,6 +326,13 @@ extension ConfigReader {
         guard let match, let cluster else { return nil }
         var route = RouteConfig(match: match, cluster: cluster, timeout: timeout, retry: retry)
         route.weightedClusters = weighted
+        route.direct = direct
+        if direct != nil {
+            for key in ["retry", "fault", "tenant_limits", "connect_attempts", "idle_timeout", "timeout",
+                        "grpc_timeout_header_max"] where m[key] != nil {
+                fail(m.path(key), "has no effect on a route that answers itself (\(m["redirect"] != nil ? "redirect" : "direct_response"))")
+            }
+        }
         if let idle = duration(m["idle_timeout"], at: m.path("idle_timeout")) { route.idleTimeout = idle }
         if let n = int(m["connect_attempts"], at: m.path("connect_attempts"), range: 1...10) { route.connectAttempts = n }
         if let node = m["fault"] { route.fault = readFault(node, at: m.path("fault")) }
@@ -328,6 +349,48 @@ extension ConfigReader {
             route.tenantLimits = limits
         }
         return route
+    }
+
+    /// `redirect: { scheme, host, port, path | prefix_rewrite, response_code, strip_query }`.
+    mutating func readRedirect(_ node: Node, at path: String) -> Redirect? {
+        guard let m = map(node, at: path, keys: ["scheme", "host", "port", "path", "prefix_rewrite", "response_code",
+                                                 "strip_query"]) else { return nil }
+        var r = Redirect()
+        if let v = int(m["response_code"], at: m.path("response_code"), range: 300...308) {
+            if [301, 302, 303, 307, 308].contains(v) { r.responseCode = v } else {
+                fail(m.path("response_code"), "\(v) is not a redirect (301, 302, 303, 307 or 308)")
+            }
+        }
+        if let s = nonEmptyString(m["scheme"], at: m.path("scheme")) {
+            if ["http", "https"].contains(s.lowercased()) { r.scheme = s.lowercased() } else { fail(m.path("scheme"), "must be http or https") }
+        }
+        if let h = nonEmptyString(m["host"], at: m.path("host")) {
+            if h.utf8.allSatisfy(HTTPTokens.isHostByte) && !h.contains(":") { r.host = h } else {
+                fail(m.path("host"), "\"\(h)\" is not a host name (give the port in port)")
+            }
+        }
+        r.port = int(m["port"], at: m.path("port"), range: 1...65535)
+        if m["path"] != nil && m["prefix_rewrite"] != nil { fail(m.path("prefix_rewrite"), "give either path or prefix_rewrite, not both") }
+        for key in ["path", "prefix_rewrite"] {
+            guard let p = string(m[key], at: m.path(key)) else { continue }
+            guard p.hasPrefix("/"), p.utf8.allSatisfy(HTTPTokens.isTargetByte) else {
+                fail(m.path(key), "\"\(p)\" is not an origin-form path")
+                continue
+            }
+            if key == "path" { r.path = p } else { r.prefixRewrite = p }
+        }
+        if let v = bool(m["strip_query"], at: m.path("strip_query")) { r.stripQuery = v }
+        return r
+    }
+
+    /// `direct_response: { status, body }`.
+    mutating func readDirectResponse(_ node: Node, at path: String) -> DirectAnswer? {
+        guard let m = map(node, at: path, keys: ["status", "body"]) else { return nil }
+        guard let status = required(int(m["status"], at: m.path("status"), range: 200...599), m, "status") else { return nil }
+        let body = string(m["body"], at: m.path("body")) ?? ""
+        if body.utf8.count > 64 * 1024 { fail(m.path("body"), "is longer than 64 KiB") }
+        if status == 204 || status == 304, !body.isEmpty { fail(m.path("body"), "a \(status) has no body") }
+        return .response(status: status, body: body)
     }
 
     /// `fault: { delay: { fixed, percent }, abort: { http_status | grpc_status, percent }, header, max_active_faults }`.

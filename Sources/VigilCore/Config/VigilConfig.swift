@@ -159,8 +159,13 @@ public struct RouteConfig: Sendable, Equatable {
     /// `weighted_clusters` (Envoy's): each request goes to one of these clusters, drawn on its own with probability
     /// weight ÷ the weights' total. Empty: every request goes to `cluster`.
     public var weightedClusters: [WeightedCluster] = []
+    /// `redirect` or `direct_response`: the route answers itself and has no cluster (`cluster` is empty).
+    public var direct: DirectAnswer?
     /// Every cluster the route may send to.
-    public var clusterNames: [String] { weightedClusters.isEmpty ? [cluster] : weightedClusters.map(\.cluster) }
+    public var clusterNames: [String] {
+        if direct != nil { return [] }
+        return weightedClusters.isEmpty ? [cluster] : weightedClusters.map(\.cluster)
+    }
     /// Whole-request deadline, from the request head to the last response byte's start; 504 when it
     /// passes before the response head. Envoy's default is 15 s. Zero disables it.
     public var timeout: TimeAmount

@@ -6,6 +6,9 @@ public struct LocalAnswer: Error, Hashable, Sendable, CustomStringConvertible {
     public var detail: String
     /// The gRPC status a gRPC call gets, where it is not the one the HTTP status maps to (an injected fault's).
     public var grpcCode: GRPCStatus?
+    /// A body of the route's own (`direct_response`, or empty for a redirect), sent as text/plain instead of the
+    /// JSON explanation.
+    public var body: String?
 
     public init(status: Int, reason: String, detail: String) {
         self.status = status

@@ -234,7 +234,7 @@ extension HTTP1ServerHandler {
         var extra = headers
         if let rid = head?.value(of: .xRequestID) { extra.append(("x-request-id", rid)) }
         let reply = LocalReply.http1(status: answer.status, reason: answer.reason, detail: answer.detail, close: !keepAlive,
-                                     isHead: isHead, extraHeaders: extra)
+                                     isHead: isHead, extraHeaders: extra, ownBody: answer.body)
         bytesOut += reply.readableBytes
         writeToClient(reply)
         if head == nil {

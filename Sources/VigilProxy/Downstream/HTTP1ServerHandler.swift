@@ -368,10 +368,12 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                                     target: &target)
         self.head = consume head
         switch outcome {
-        case .reply(let status, let reason, let detail, let cluster, let headers, let tenant):
+        case .reply(let status, let reason, let detail, let cluster, let headers, let tenant, let body):
             replyCluster = cluster
             replyTenant = tenant
-            localReply(LocalAnswer(status: status, reason: reason, detail: detail), close: !requestBodyDone, headers: headers)
+            var answer = LocalAnswer(status: status, reason: reason, detail: detail)
+            answer.body = body
+            localReply(answer, close: !requestBodyDone, headers: headers)
         case .forward:
             chunked?.droppedTrailerName = target!.policy.snapshot.routes[listener.index].untrustedTenantHeader
             run(exchange.started(route: target!.route, host: target!.host.index, method: self.head!.method,

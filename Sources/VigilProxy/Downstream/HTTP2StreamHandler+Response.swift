@@ -244,11 +244,15 @@ extension HTTP2StreamHandler {
             endRequestEarlyIfUnfinished()
             return
         }
-        let body = LocalReply.body(status: answer.status, reason: answer.reason, detail: answer.detail)
-        var headers: HPACKHeaders = [":status": String(answer.status), "content-type": "application/json",
-                                     "content-length": String(body.readableBytes), "x-vigil-reason": answer.reason]
+        let (body, contentType) = answer.body.map(LocalReply.routeBody)
+            ?? (LocalReply.body(status: answer.status, reason: answer.reason, detail: answer.detail), "application/json")
+        var headers: HPACKHeaders = [":status": String(answer.status)]
+        if let contentType { headers.add(name: "content-type", value: contentType) }
+        let noContent = answer.status == 204 || answer.status == 304  // RFC 9110 §8.6: no length, no body
+        if !noContent { headers.add(name: "content-length", value: String(body.readableBytes)) }
+        headers.add(name: "x-vigil-reason", value: answer.reason)
         for (name, value) in extra { headers.add(name: name, value: value) }
-        let isHead = request?.method == "HEAD"
+        let isHead = request?.method == "HEAD" || noContent
         bytesOut += body.readableBytes
         finish(reuseUpstream: false)  // before END_STREAM; see upstreamResponseEnd
         send(.headers(.init(headers: headers, endStream: isHead)))

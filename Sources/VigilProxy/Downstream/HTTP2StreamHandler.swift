@@ -342,10 +342,12 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
         switch runtime.route(request, listener: listener, loop: loop, identity: session.identity,
                              destination: facts.destination, destinationIsThisHost: facts.destinationIsThisHost,
                              target: &target) {
-        case .reply(let status, let reason, let detail, let cluster, let headers, let tenant):
+        case .reply(let status, let reason, let detail, let cluster, let headers, let tenant, let body):
             replyCluster = cluster
             replyTenant = tenant
-            abandon(LocalAnswer(status: status, reason: reason, detail: detail), headers: headers)
+            var answer = LocalAnswer(status: status, reason: reason, detail: detail)
+            answer.body = body
+            abandon(answer, headers: headers)
         case .forward:
             run(exchange.started(route: target!.route, host: target!.host.index, method: request.method,
                                  hasBody: requestHasBody, requestComplete: requestBodyDone, now: startedAt,

@@ -74,7 +74,7 @@ enum RoutingOutcome {
     /// Answer locally; `cluster` is set when the request had been routed to one (for metrics), `tenant` when
     /// it had been attributed to one (for its SLO).
     case reply(status: Int, reason: String, detail: String, cluster: ClusterRuntime?, headers: [(String, String)] = [],
-               tenant: TenantState? = nil)
+               tenant: TenantState? = nil, body: String? = nil)
 }
 
 extension ProxyRuntime {
@@ -121,10 +121,14 @@ extension ProxyRuntime {
             case .failure(let refusal): return refusal.outcome
             }
         }
+        if let direct = routes.routes[routeIndex].direct {
+            tenant?.releaseSlot()
+            return Self.answer(direct, to: request, route: routes.routes[routeIndex], listener: listener, tenant: tenant)
+        }
         let outcome = routeAdmitted(request, routeIndex: routeIndex, routes: routes, listener: listener, policy: policy,
                                     loop: loop, tenant: tenant, destination: destination,
                                     destinationIsThisHost: destinationIsThisHost, target: &target)
-        if case .reply(let status, let reason, let detail, let cluster, let headers, _) = outcome {
+        if case .reply(let status, let reason, let detail, let cluster, let headers, _, _) = outcome {
             tenant?.releaseSlot()
             return .reply(status: status, reason: reason, detail: detail, cluster: cluster, headers: headers, tenant: tenant)
         }
@@ -174,6 +178,23 @@ extension ProxyRuntime {
                                 routeIndex: routeIndex, route: route, tenant: tenant, fault: fault,
                                 activeFaults: fault == nil ? nil : routes.faults[routeIndex]?.active)
         return .forward
+    }
+
+    /// A route's own answer (`redirect`, `direct_response`).
+    static func answer(_ direct: DirectAnswer, to request: some RoutableRequest, route: RouteConfig, listener: ListenerRuntime,
+                       tenant: TenantState?) -> RoutingOutcome {
+        switch direct {
+        case .response(let status, let body):
+            return .reply(status: status, reason: "direct_response", detail: body.isEmpty ? "the route answers itself" : body,
+                          cluster: nil, tenant: tenant, body: body)
+        case .redirect(let redirect):
+            var prefix: String?
+            if case .prefix(let p) = route.match.path { prefix = p }
+            let location = redirect.location(scheme: listener.config.tls == nil ? "http" : "https",
+                                             authority: request.authority, path: request.path, matchedPrefix: prefix)
+            return .reply(status: redirect.responseCode, reason: "redirect", detail: "the route redirects to \(location)",
+                          cluster: nil, headers: [("location", location)], tenant: tenant, body: "")
+        }
     }
 
     /// The faults drawn for a request on a route with `fault`: none for a request without the route's `header`, or while

@@ -8,6 +8,11 @@ public enum LocalReply {
         switch status {
         case 100: "Continue"
         case 200: "OK"
+        case 301: "Moved Permanently"
+        case 302: "Found"
+        case 303: "See Other"
+        case 307: "Temporary Redirect"
+        case 308: "Permanent Redirect"
         case 400: "Bad Request"
         case 401: "Unauthorized"
         case 403: "Forbidden"
@@ -42,19 +47,33 @@ public enum LocalReply {
         return b
     }
 
-    /// A complete HTTP/1.1 response.
+    /// A body of a route's own (`LocalAnswer.body`) as it is sent: text/plain, and no content type when empty.
+    static func routeBody(_ text: String) -> (body: ByteBuffer, contentType: String?) {
+        (ByteBuffer(string: text), text.isEmpty ? nil : "text/plain; charset=utf-8")
+    }
+
+    /// A complete HTTP/1.1 response: the JSON explanation, or `ownBody` (a route's own, as text/plain).
     public static func http1(status: Int, reason: String, detail: String, close: Bool, isHead: Bool = false,
-                             extraHeaders: [(String, String)] = []) -> ByteBuffer {
-        let body = body(status: status, reason: reason, detail: detail)
+                             extraHeaders: [(String, String)] = [], ownBody: String? = nil) -> ByteBuffer {
+        let (body, contentType) = ownBody.map(routeBody) ?? (body(status: status, reason: reason, detail: detail), "application/json")
         var b = ByteBuffer()
         b.reserveCapacity(body.readableBytes + 160)
         b.writeStaticString("HTTP/1.1 ")
         b.writeString(String(status))
         b.writeStaticString(" ")
         b.writeString(reasonPhrase(status))
-        b.writeStaticString("\r\ncontent-type: application/json\r\ncontent-length: ")
-        b.writeString(String(body.readableBytes))
-        b.writeStaticString("\r\nx-vigil-reason: ")
+        b.writeStaticString("\r\n")
+        if let contentType {
+            b.writeStaticString("content-type: ")
+            b.writeString(contentType)
+            b.writeStaticString("\r\n")
+        }
+        if status != 204 && status != 304 {  // RFC 9110 §8.6: neither has a length
+            b.writeStaticString("content-length: ")
+            b.writeString(String(body.readableBytes))
+            b.writeStaticString("\r\n")
+        }
+        b.writeStaticString("x-vigil-reason: ")
         b.writeString(reason)
         b.writeStaticString("\r\n")
         for (name, value) in extraHeaders {

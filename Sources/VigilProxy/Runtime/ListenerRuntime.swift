@@ -34,7 +34,8 @@ public final class ListenerRuntime: Sendable {
 final class ListenerRoutes: Sendable {
     let routes: [RouteConfig]
     let table: RouteTable
-    /// Cluster slot (in the snapshot's `clusters`) per route; a weighted route's first.
+    /// Cluster slot (in the snapshot's `clusters`) per route; a weighted route's first; -1 for a route that answers
+    /// itself (`direct`).
     let routeClusters: [Int]
     /// Per route with `weighted_clusters`: its clusters' slots and the draw among them.
     let weightedClusters: [(slots: [Int], choice: WeightedChoice)?]
@@ -72,7 +73,7 @@ final class ListenerRoutes: Sendable {
         self.routes = listener.routes
         let tcpRoutes = Set(listener.routes.indices.filter { tcpClusters.contains(listener.routes[$0].cluster) })
         self.table = RouteTable(listener.routes, tcpRoutes: tcpRoutes)
-        self.routeClusters = listener.routes.map { clusterSlots[$0.cluster]! }
+        self.routeClusters = listener.routes.map { $0.direct == nil ? clusterSlots[$0.cluster]! : -1 }
         self.faults = listener.routes.map { route in route.fault.map { ($0, ManagedAtomic(0)) } }
         self.weightedClusters = listener.routes.map { route in
             guard !route.weightedClusters.isEmpty,
