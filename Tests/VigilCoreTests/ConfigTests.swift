@@ -167,7 +167,7 @@ func configErrors(_ yaml: String) -> [String] {
         let e = errors(yaml)
         #expect(e.count == 6, "\(e)")
         #expect(e.contains("listeners[0].protocol: \"http3\" is not one of http1, http2, auto, tcp"))
-        #expect(e.contains("clusters[0].load_balancer: \"random\" is not one of round_robin, least_request, ewma"))
+        #expect(e.contains("clusters[0].load_balancer: \"random\" is not one of round_robin, least_request, ewma, ring_hash, maglev"))
     }
 
     @Test func wrongTypesAndRanges() {

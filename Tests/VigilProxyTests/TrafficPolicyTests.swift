@@ -208,4 +208,26 @@ import VigilTestSupport
         await proxy.stop()
         #expect(proxy.accessLogValues("reason", as: String.self).sorted() == ["-", "direct_response", "redirect"])
     }
+
+    /// `ring_hash` on a header: a user's requests stay on one host while it is healthy, over either protocol.
+    @Test(arguments: [false, true])
+    func aUsersRequestsStayOnOneHost(http2: Bool) async throws {
+        var upstreams: [FakeUpstream] = []
+        for i in 0..<3 { upstreams.append(try await FakeUpstream(group: group, name: "h\(i)")) }
+        let yaml = ProxyHarness.simple(cluster: "load_balancer: ring_hash\n    hash_policy: [{ header: x-user }]", endpoints: 3)
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: upstreams.map(\.port), group: group)
+        var homes: [String: Set<String>] = [:]
+        for round in 0..<4 {
+            for user in 0..<12 {
+                let (status, _, _) = try await request(proxy, http2: http2, headers: [("x-user", "u\(user)")])
+                #expect(status == 200, "round \(round)")
+            }
+        }
+        for (i, u) in upstreams.enumerated() {
+            for r in u.recorded { homes[r.head.headers.first(name: "x-user")!, default: []].insert("h\(i)") }
+        }
+        #expect(homes.count == 12 && homes.values.allSatisfy { $0.count == 1 }, "\(homes)")
+        #expect(Set(homes.values.map { $0.first! }).count > 1, "twelve users on one host: \(homes)")
+        await proxy.stop()
+    }
 }

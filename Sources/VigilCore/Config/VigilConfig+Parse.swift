@@ -514,7 +514,8 @@ extension ConfigReader {
     mutating func readCluster(_ node: Node, at path: String) -> ClusterConfig? {
         let keys: Set = ["name", "endpoints", "protocol", "connect_timeout", "idle_timeout", "load_balancer",
                          "circuit_breakers", "health_check", "outlier_detection", "slow_start", "panic_threshold",
-                         "all_unhealthy", "tls", "per_connection_buffer_limit_bytes", "type", "cleanup_interval"]
+                         "all_unhealthy", "tls", "per_connection_buffer_limit_bytes", "type", "cleanup_interval",
+                         "hash_policy"]
         guard let m = map(node, at: path, keys: keys) else { return nil }
         let name = required(nonEmptyString(m["name"], at: m.path("name")), m, "name")
         let type = oneOf(m["type"], at: m.path("type"), ["static": ClusterType.static, "original_dst": .originalDst]) ?? .static
@@ -555,8 +556,28 @@ extension ConfigReader {
             cluster.idleTimeout = d
         }
         if let lb = oneOf(m["load_balancer"], at: m.path("load_balancer"),
-                          ["round_robin": LoadBalancerKind.roundRobin, "least_request": .leastRequest, "ewma": .ewma]) {
+                          ["round_robin": LoadBalancerKind.roundRobin, "least_request": .leastRequest, "ewma": .ewma,
+                           "ring_hash": .ringHash, "maglev": .maglev]) {
             cluster.loadBalancer = lb
+        }
+        if let list = list(m["hash_policy"], at: m.path("hash_policy")) {
+            if !cluster.loadBalancer.isConsistentHash {
+                fail(m.path("hash_policy"), "applies to load_balancer ring_hash or maglev")
+            }
+            for (i, item) in list.enumerated() {
+                let p = Self.index(m.path("hash_policy"), i)
+                guard let h = map(item, at: p, keys: ["header", "cookie", "source_ip"]) else { continue }
+                if h.entries.count != 1 { fail(p, "give one of header, cookie and source_ip") }
+                if let name = nonEmptyString(h["header"], at: h.path("header")) {
+                    if HTTPTokens.isToken(name) { cluster.hashPolicy.append(.header(name.lowercased())) } else {
+                        fail(h.path("header"), "\"\(name)\" is not a field name")
+                    }
+                } else if let name = nonEmptyString(h["cookie"], at: h.path("cookie")) {
+                    cluster.hashPolicy.append(.cookie(name))
+                } else if let on = bool(h["source_ip"], at: h.path("source_ip")) {
+                    if on { cluster.hashPolicy.append(.sourceIP) }
+                }
+            }
         }
         if let b = map(m["circuit_breakers"], at: m.path("circuit_breakers"),
                        keys: ["max_connections", "max_pending_requests", "max_requests", "max_retries"]) {

@@ -264,6 +264,11 @@ public enum LoadBalancerKind: String, Sendable, Equatable {
     case leastRequest = "least_request"
     /// Peak EWMA of response latency (Finagle's and Linkerd's balancer), by the power of two choices.
     case ewma
+    /// Consistent hashing of the request's `hash_policy` key: Ketama's ring, or Maglev's table (`ConsistentHash`).
+    case ringHash = "ring_hash"
+    case maglev
+
+    public var isConsistentHash: Bool { self == .ringHash || self == .maglev }
 }
 
 public enum OutboundTrafficPolicy: String, Sendable, Equatable {
@@ -294,6 +299,9 @@ public struct ClusterConfig: Sendable, Equatable {
     /// An idle pooled upstream connection is closed after this long.
     public var idleTimeout: TimeAmount
     public var loadBalancer: LoadBalancerKind
+    /// `hash_policy`: where a request's key for `ring_hash` and `maglev` comes from, the first the request has (none:
+    /// a random host).
+    public var hashPolicy: [HashSource] = []
     public var circuitBreakers: CircuitBreakerLimits
     public var healthCheck: HealthCheckConfig?
     public var outlierDetection: OutlierDetectionConfig?

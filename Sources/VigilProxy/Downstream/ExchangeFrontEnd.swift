@@ -15,7 +15,7 @@ extension ExchangeFrontEnd {
     func pickRetryHost(excluding tried: HostMask) -> Int? {
         guard let target else { return nil }
         if target.dynamicHost { return target.host.index }  // one host: where the connection was going
-        return target.cluster.pickHost(random: &loop.random, now: loop.eventLoop.now, tried: tried)?.index
+        return target.cluster.pickHost(random: &loop.random, now: loop.eventLoop.now, tried: tried, hashKey: target.hashKey)?.index
     }
 
     func reserveRetrySlot() -> Bool { target?.cluster.reserveRetry() ?? false }

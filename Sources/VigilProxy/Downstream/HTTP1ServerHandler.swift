@@ -365,7 +365,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         }
         let outcome = runtime.route(head, listener: listener, loop: loop, identity: session.identity,
                                     destination: facts.destination, destinationIsThisHost: facts.destinationIsThisHost,
-                                    target: &target)
+                                    clientAddress: facts.clientAddress, target: &target)
         self.head = consume head
         switch outcome {
         case .reply(let status, let reason, let detail, let cluster, let headers, let tenant, let body):

@@ -341,7 +341,7 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
         }
         switch runtime.route(request, listener: listener, loop: loop, identity: session.identity,
                              destination: facts.destination, destinationIsThisHost: facts.destinationIsThisHost,
-                             target: &target) {
+                             clientAddress: facts.clientAddress, target: &target) {
         case .reply(let status, let reason, let detail, let cluster, let headers, let tenant, let body):
             replyCluster = cluster
             replyTenant = tenant

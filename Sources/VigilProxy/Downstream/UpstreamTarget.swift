@@ -22,6 +22,8 @@ struct UpstreamTarget {
     /// `release()`.
     var fault: FaultDecision?
     var activeFaults: ManagedAtomic<Int>?
+    /// The request's key for a consistently hashed cluster (a retry walks on from it).
+    var hashKey: UInt64?
     /// The host was made for the request's original destination (`original_dst`): it has no place in the cluster's
     /// health, and a retry goes to it again.
     var dynamicHost: Bool { cluster.isOriginalDestination }
@@ -83,7 +85,7 @@ extension ProxyRuntime {
     /// then a host from the balancer.
     func route(_ request: some RoutableRequest, listener: ListenerRuntime, loop: LoopContext,
                identity: String? = nil, destination: Destination? = nil, destinationIsThisHost: Bool = false,
-               target: inout UpstreamTarget?) -> RoutingOutcome {
+               clientAddress: String? = nil, target: inout UpstreamTarget?) -> RoutingOutcome {
         let policy = loop.policy
         let snapshot = policy.snapshot
         let routes = snapshot.routes[listener.index]
@@ -127,7 +129,7 @@ extension ProxyRuntime {
         }
         let outcome = routeAdmitted(request, routeIndex: routeIndex, routes: routes, listener: listener, policy: policy,
                                     loop: loop, tenant: tenant, destination: destination,
-                                    destinationIsThisHost: destinationIsThisHost, target: &target)
+                                    destinationIsThisHost: destinationIsThisHost, clientAddress: clientAddress, target: &target)
         if case .reply(let status, let reason, let detail, let cluster, let headers, _, _) = outcome {
             tenant?.releaseSlot()
             return .reply(status: status, reason: reason, detail: detail, cluster: cluster, headers: headers, tenant: tenant)
@@ -137,7 +139,8 @@ extension ProxyRuntime {
 
     private func routeAdmitted(_ request: some RoutableRequest, routeIndex: Int, routes: ListenerRoutes, listener: ListenerRuntime, policy: LoopPolicy,
                                loop: LoopContext, tenant: TenantState?, destination: Destination?,
-                               destinationIsThisHost: Bool, target: inout UpstreamTarget?) -> RoutingOutcome {
+                               destinationIsThisHost: Bool, clientAddress: String?,
+                               target: inout UpstreamTarget?) -> RoutingOutcome {
         let slot = routes.clusterSlot(route: routeIndex, random: &loop.random)
         let cluster = policy.snapshot.clusters[slot]
         guard cluster.admitRequest() else {
@@ -146,6 +149,7 @@ extension ProxyRuntime {
         }
         let host: HostRuntime
         let pool: HostPool
+        let hashKey = cluster.hashKey(request, clientAddress: clientAddress)
         if cluster.isOriginalDestination {
             guard let destination, listener.config.originalDestination else {
                 cluster.requestFinished()
@@ -155,7 +159,7 @@ extension ProxyRuntime {
             pool = policy.originalDestinationPool(slot: slot, destination: destination, isThisHost: destinationIsThisHost)
             host = pool.host
         } else {
-            guard let picked = cluster.pickHost(random: &loop.random, now: loop.eventLoop.now) else {
+            guard let picked = cluster.pickHost(random: &loop.random, now: loop.eventLoop.now, hashKey: hashKey) else {
                 cluster.requestFinished()
                 return .reply(status: 503, reason: "no_healthy_upstream",
                               detail: "cluster \(cluster.config.name) has no available host (all_unhealthy: fail_fast)",
@@ -176,7 +180,7 @@ extension ProxyRuntime {
         }
         target = UpstreamTarget(policy: policy, cluster: cluster, slot: slot, host: host, pool: pool,
                                 routeIndex: routeIndex, route: route, tenant: tenant, fault: fault,
-                                activeFaults: fault == nil ? nil : routes.faults[routeIndex]?.active)
+                                activeFaults: fault == nil ? nil : routes.faults[routeIndex]?.active, hashKey: hashKey)
         return .forward
     }
 

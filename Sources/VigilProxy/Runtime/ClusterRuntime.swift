@@ -69,6 +69,20 @@ public final class ClusterRuntime: Sendable {
     public let retries = ManagedAtomic<Int>(0)
     /// This cluster's request and connect-failure counters, resolved once.
     let metrics: ClusterMetrics
+    /// `ring_hash` / `maglev`: the table built once over the hosts' addresses (`ConsistentHash`).
+    let hashTable: HashTable?
+
+    enum HashTable: Sendable {
+        case ring(HashRing)
+        case maglev(MaglevTable)
+
+        func host(for key: UInt64, usable: (Int) -> Bool) -> Int? {
+            switch self {
+            case .ring(let r): r.host(for: key, usable: usable)
+            case .maglev(let m): m.host(for: key, usable: usable)
+            }
+        }
+    }
 
     /// The store that holds this cluster's TLS material (nil outside a proxy, in unit tests).
     private let tls: TLSStore?
@@ -84,6 +98,38 @@ public final class ClusterRuntime: Sendable {
         self.hosts = config.endpoints.enumerated().map { HostRuntime(address: $0.element, index: $0.offset) }
         self.health = ClusterHealth(config: config, hostNames: hosts.map(\.addressText), events: events, loop: loop,
                                     now: loop.now, carrying: previous?.health)
+        switch config.loadBalancer {
+        case .ringHash: hashTable = .ring(HashRing(hostNames: hosts.map(\.addressText)))
+        case .maglev: hashTable = .maglev(MaglevTable(hostNames: hosts.map(\.addressText)))
+        default: hashTable = nil
+        }
+    }
+
+    /// A request's key under the cluster's `hash_policy`: from the first source the request has; nil when it has
+    /// none (or the cluster does not hash).
+    func hashKey(_ request: some RoutableRequest, clientAddress: String?) -> UInt64? {
+        guard hashTable != nil else { return nil }
+        for source in config.hashPolicy {
+            switch source {
+            case .header(let name):
+                if let v = request.headerValue(name) { return ConsistentHash.hash(v) }
+            case .cookie(let name):
+                if let v = request.headerValue("cookie").flatMap({ Self.cookie(name, in: $0) }) { return ConsistentHash.hash(v.utf8) }
+            case .sourceIP:
+                if let clientAddress { return ConsistentHash.hash(clientAddress) }
+            }
+        }
+        return nil
+    }
+
+    /// The value of cookie `name` in a Cookie field (`a=1; b=2`).
+    static func cookie(_ name: String, in field: String) -> Substring? {
+        for pair in field.split(separator: ";") {
+            let trimmed = pair.drop(while: { $0 == " " })
+            guard let eq = trimmed.firstIndex(of: "="), trimmed[..<eq] == name else { continue }
+            return trimmed[trimmed.index(after: eq)...]
+        }
+        return nil
     }
 
     /// The current TLS context for new connections to this cluster's hosts; nil without `tls`.
@@ -98,8 +144,19 @@ public final class ClusterRuntime: Sendable {
     /// balancer. `tried` (a retry) steers away from hosts this request already used, preferring untried
     /// available hosts, then untried ones of the current candidates, then any candidate. Nil when the
     /// cluster has no host to offer (fail-fast with none available).
-    func pickHost<R: RandomNumberGenerator>(random: inout R, now: NIODeadline, tried: HostMask = HostMask()) -> HostRuntime? {
+    func pickHost<R: RandomNumberGenerator>(random: inout R, now: NIODeadline, tried: HostMask = HostMask(),
+                                            hashKey: UInt64? = nil) -> HostRuntime? {
         let set = health.current.load(ordering: .acquiring)
+        if let hashKey, let hashTable {
+            // The key's host while it is available and untried; else the next along the table that is; else (panic
+            // mode, all tried) the next among the candidates.
+            let available = set.available
+            if let host = hashTable.host(for: hashKey, usable: { available[$0] && !tried.contains($0) })
+                ?? hashTable.host(for: hashKey, usable: { set.candidates.contains($0) }) {
+                return hosts[host]
+            }
+            return nil
+        }
         var candidates = set.candidates
         if !tried.isEmpty {
             let untriedAvailable = hosts.indices.filter { set.available[$0] && !tried.contains($0) }
@@ -129,6 +186,9 @@ public final class ClusterRuntime: Sendable {
         case .ewma:
             LoadBalancer.ewma(candidates: candidates, latencyNanos: { hosts[$0].latencyNanos },
                               active: { hosts[$0].activeRequests.load(ordering: .relaxed) }, random: &random)
+        case .ringHash, .maglev:
+            // A request without a key (none of the hash policy's sources): any host, as Envoy picks one at random.
+            candidates.isEmpty ? nil : candidates[Int(random.next() % UInt64(candidates.count))]
         }
     }
 

@@ -1,0 +1,116 @@
+/// Consistent hashing for `load_balancer: ring_hash | maglev` (Envoy's): a request's key (from the cluster's
+/// `hash_policy`) always lands on the same host while that host is available, and when hosts come or go only the keys
+/// of those hosts move.
+///
+/// Both tables are built once per cluster over all its hosts, never rebuilt as health changes: a lookup walks on past
+/// hosts that are unavailable (or already tried by the request), so the keys of an unavailable host go to the next
+/// hosts along the ring (or the table), and every other key stays where it was.
+public enum ConsistentHash {
+    /// A 64-bit hash of bytes: FNV-1a with SplitMix64's finalizer, so that keys differing in a byte land far apart.
+    public static func hash(_ bytes: some Sequence<UInt8>) -> UInt64 {
+        var h: UInt64 = 0xCBF2_9CE4_8422_2325
+        for b in bytes {
+            h ^= UInt64(b)
+            h = h &* 0x0000_0100_0000_01B3
+        }
+        return mix(h)
+    }
+
+    public static func hash(_ text: String) -> UInt64 { hash(text.utf8) }
+
+    static func mix(_ x: UInt64) -> UInt64 {
+        var z = x
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+/// Ketama's ring (Envoy's `ring_hash`): each host at `pointsPerHost` places, named by its address; a key goes to the
+/// first point at or after its hash.
+public struct HashRing: Sendable {
+    private let points: [(hash: UInt64, host: Int)]
+
+    /// Envoy's minimum ring size is 1,024: enough points that the hosts' shares come within a few percent.
+    public init(hostNames: [String], minimumRingSize: Int = 1024) {
+        let perHost = hostNames.isEmpty ? 0 : max(1, (minimumRingSize + hostNames.count - 1) / hostNames.count)
+        var points: [(hash: UInt64, host: Int)] = []
+        points.reserveCapacity(perHost * hostNames.count)
+        for (host, name) in hostNames.enumerated() {
+            for i in 0..<perHost { points.append((ConsistentHash.hash("\(name)_\(i)"), host)) }
+        }
+        self.points = points.sorted { $0.hash < $1.hash }
+    }
+
+    /// The host for `key`: the first along the ring from it that `usable` accepts; nil when none does.
+    public func host(for key: UInt64, usable: (Int) -> Bool) -> Int? {
+        guard !points.isEmpty else { return nil }
+        var low = 0, high = points.count
+        while low < high {
+            let mid = (low + high) / 2
+            if points[mid].hash < key { low = mid + 1 } else { high = mid }
+        }
+        for step in 0..<points.count {
+            let host = points[(low + step) % points.count].host
+            if usable(host) { return host }
+        }
+        return nil
+    }
+}
+
+/// Maglev's lookup table (Envoy's `maglev`, Google's Maglev paper §3.4): a prime-sized table that each host fills by
+/// its own permutation in turn, so each owns an almost equal share of the slots; a key goes to its slot's host.
+public struct MaglevTable: Sendable {
+    /// Envoy's default table size, a prime.
+    public static let defaultSize = 65537
+    private let table: [Int32]
+
+    public init(hostNames: [String], size: Int = MaglevTable.defaultSize) {
+        guard !hostNames.isEmpty else {
+            table = []
+            return
+        }
+        let m = UInt64(size)
+        let permutation = hostNames.map { name -> (offset: UInt64, skip: UInt64) in
+            let h = ConsistentHash.hash(name)
+            return (h % m, ConsistentHash.mix(h ^ 0x9E37_79B9_7F4A_7C15) % (m - 1) + 1)
+        }
+        var next = [UInt64](repeating: 0, count: hostNames.count)
+        var table = [Int32](repeating: -1, count: size)
+        var filled = 0
+        while true {
+            for host in hostNames.indices {
+                var slot = (permutation[host].offset + next[host] * permutation[host].skip) % m
+                while table[Int(slot)] >= 0 {
+                    next[host] += 1
+                    slot = (permutation[host].offset + next[host] * permutation[host].skip) % m
+                }
+                table[Int(slot)] = Int32(host)
+                next[host] += 1
+                filled += 1
+                if filled == size {
+                    self.table = table
+                    return
+                }
+            }
+        }
+    }
+
+    /// The host for `key`: its slot's, or, where `usable` refuses that host, the next slot's that it accepts.
+    public func host(for key: UInt64, usable: (Int) -> Bool) -> Int? {
+        guard !table.isEmpty else { return nil }
+        let start = Int(key % UInt64(table.count))
+        for step in 0..<table.count {
+            let host = Int(table[(start + step) % table.count])
+            if usable(host) { return host }
+        }
+        return nil
+    }
+}
+
+/// Where a request's hash key comes from (`hash_policy`, Envoy's): the first source the request has.
+public enum HashSource: Sendable, Equatable {
+    case header(String)
+    case cookie(String)
+    case sourceIP
+}
