@@ -15,13 +15,15 @@ import VigilCore
         #expect(location { $0.path = "/new?x=1" } == "http://api.example:8080/new?x=1")  // a query of its own replaces
         #expect(location { $0.path = "/new"; $0.stripQuery = true } == "http://api.example:8080/new")
         #expect(location { $0.prefixRewrite = "/v2" } == "http://api.example:8080/v2/items?id=7")
-        #expect(location { $0.prefixRewrite = "/v2" } == location({ $0.prefixRewrite = "/v2" }, prefix: "/old"))
-        #expect(location({ $0.prefixRewrite = "/v2" }, prefix: nil) == "http://api.example:8080/old/items?id=7")
-        // To https: the plaintext port goes, unless one is given.
-        #expect(location { $0.scheme = "https" } == "https://api.example/old/items?id=7")
+        // An exact route's whole path is what it matched (the caller passes it).
+        #expect(location({ $0.prefixRewrite = "/v2" }, path: "/old/items?id=7", prefix: "/old/items") == "http://api.example:8080/v2?id=7")
+        // The port, Envoy's way: a non-default port stays across a scheme change; a default one goes; a new host
+        // takes none of the request's.
+        #expect(location { $0.scheme = "https" } == "https://api.example:8080/old/items?id=7")
+        #expect(location({ $0.scheme = "https" }, authority: "api.example:80") == "https://api.example/old/items?id=7")
         #expect(location { $0.scheme = "https"; $0.port = 8443 } == "https://api.example:8443/old/items?id=7")
-        #expect(location { $0.host = "new.example" } == "http://new.example:8080/old/items?id=7")
-        #expect(location({ $0.host = "new.example" }, authority: "[::1]:8080") == "http://new.example:8080/old/items?id=7")
+        #expect(location { $0.host = "new.example" } == "http://new.example/old/items?id=7")
+        #expect(location({ $0.host = "new.example"; $0.port = 81 }, authority: "[::1]:8080") == "http://new.example:81/old/items?id=7")
         #expect(location({ $0.path = "/n" }, authority: "[::1]:8080") == "http://[::1]:8080/n?id=7")
         #expect(location({ $0.path = "/n" }, scheme: "https", authority: "api.example") == "https://api.example/n?id=7")
     }

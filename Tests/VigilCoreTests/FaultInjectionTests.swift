@@ -88,5 +88,7 @@ import VigilTestSupport
         #expect(configErrors(Self.yaml("{ delay: { fixed: 1s, percent: 101 } }")).contains { $0.contains("\(p).delay.percent") })
         #expect(configErrors(Self.yaml("{ delay: { percent: 1 } }")).contains { $0.contains("\(p).delay.fixed") })
         #expect(configErrors(Self.yaml("{ delay: { fixed: 1s, percent: 1 }, header: \"a b\" }")).contains { $0.contains("\(p).header") })
+        // A delay as long as the listener's body_timeout (60 s) would turn a held upload into a 408.
+        #expect(configErrors(Self.yaml("{ delay: { fixed: 60s, percent: 1 } }")).contains { $0.contains("\(p).delay.fixed") && $0.contains("body_timeout") })
     }
 }

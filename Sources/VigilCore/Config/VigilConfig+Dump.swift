@@ -29,6 +29,30 @@ extension VigilConfig {
          "retry_non_idempotent": .bool(r.retryNonIdempotent), "retry_buffer_bytes": .int(r.retryBufferBytes)]
     }
 
+    static func dump(_ r: Redirect) -> JSONValue {
+        var out: [(String, JSONValue)] = [("response_code", .int(r.responseCode))]
+        if let scheme = r.scheme { out.append(("scheme", .string(scheme))) }
+        if let host = r.host { out.append(("host", .string(host))) }
+        if let port = r.port { out.append(("port", .int(port))) }
+        if let path = r.path { out.append(("path", .string(path))) }
+        if let prefix = r.prefixRewrite { out.append(("prefix_rewrite", .string(prefix))) }
+        if r.stripQuery { out.append(("strip_query", .bool(true))) }
+        return .object(out)
+    }
+
+    static func dump(_ f: FaultConfig) -> JSONValue {
+        var out: [(String, JSONValue)] = []
+        if let delay = f.delay { out.append(("delay", ["fixed": d(delay.fixed), "percent": .double(delay.percent)])) }
+        if let abort = f.abort {
+            let status: (String, JSONValue) = abort.grpcStatus.map { ("grpc_status", .int($0.rawValue)) }
+                ?? ("http_status", .int(abort.httpStatus))
+            out.append(("abort", .object([status, ("percent", .double(abort.percent))])))
+        }
+        if let header = f.header { out.append(("header", .string(header))) }
+        if let max = f.maxActiveFaults { out.append(("max_active_faults", .int(max))) }
+        return .object(out)
+    }
+
     static func dump(_ h: HealthCheckConfig) -> JSONValue {
         // A tcp cluster's check (no path) connects only: the HTTP keys are left out (null).
         let http = !h.path.isEmpty && h.grpcService == nil

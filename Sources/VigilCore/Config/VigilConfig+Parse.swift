@@ -87,6 +87,9 @@ extension ConfigReader {
                 if route.direct != nil, listener.protocol == .tcp {
                     fail(path, "listener \(listener.name) is protocol tcp: its routes carry connections, which a route cannot answer")
                 }
+                if let delay = route.fault?.delay, delay.fixed >= listener.limits.bodyTimeout {
+                    fail("\(path).fault.delay.fixed", "must be shorter than limits.body_timeout (\(DurationParser.format(listener.limits.bodyTimeout))): a request body held through the delay would be answered 408")
+                }
                 guard let cluster = config.cluster(named: route.cluster) else { continue }
                 if !route.weightedClusters.isEmpty {
                     for (k, w) in route.weightedClusters.enumerated() {

@@ -237,7 +237,7 @@ public struct ExchangeStateMachine: Sendable {
                 backoffUntil = now + delay
                 return .backOff(drop: .none)
             }
-            if let abort = fault.abort { return reply(abort, drop: .none, env: NoEnvironment()) }
+            if let abort = fault.abort { return reply(abort, drop: .none, env: NoEnvironment.shared) }
         }
         phase = .waitingForConnection
         if requestComplete { armRouteDeadline(now: now) }
@@ -248,6 +248,12 @@ public struct ExchangeStateMachine: Sendable {
     /// request) takes gRPC's form and status too. (`started` says so again for a call that is forwarded.)
     public mutating func recognisedGRPC() {
         grpc = true
+    }
+
+    /// An injected abort answered the request before it was routed to a cluster (the front end writes the answer and
+    /// ends the exchange with it): the request's outcome is the fault's, for the access log and its SLO.
+    public mutating func faultAnswered(_ fault: FaultDecision) {
+        injectedFault = fault
     }
 
     /// The pool gave the exchange a connection (`reused`: one that had served requests before). `now` is read
@@ -612,7 +618,8 @@ public struct ExchangeStateMachine: Sendable {
 
 /// The environment of an answer made before anything was asked of the proxy (an injected abort): a reply only gives
 /// back a retry slot, and none is held.
-private final class NoEnvironment: ExchangeEnvironment {
+private final class NoEnvironment: ExchangeEnvironment, Sendable {
+    static let shared = NoEnvironment()
     func pickRetryHost(excluding tried: HostMask) -> Int? { nil }
     func reserveRetrySlot() -> Bool { false }
     func releaseRetrySlot() {}

@@ -46,11 +46,12 @@ public struct Redirect: Sendable, Equatable {
         let (requestHost, requestPort) = Self.split(authority)
         let scheme = self.scheme ?? requestScheme
         var hostPart = host ?? requestHost
-        // A port is kept only where it still means something: one asked for, or the request's own while the scheme
-        // stays (a redirect to https drops the plaintext port).
+        // Envoy's rules for the port: the one asked for; else the request's, unless the host is replaced, or the scheme
+        // changes and the port is a scheme's default (80, 443).
         if let port {
             hostPart += ":\(port)"
-        } else if let requestPort, self.scheme == nil || self.scheme == requestScheme {
+        } else if let requestPort, host == nil,
+                  self.scheme == nil || self.scheme == requestScheme || (requestPort != "80" && requestPort != "443") {
             hostPart += ":\(requestPort)"
         }
         return "\(scheme)://\(hostPart)\(newPath)\(newQuery)"

@@ -138,15 +138,32 @@ extension VigilConfig {
                         if !r.match.methods.isEmpty { match.append(("methods", .array(r.match.methods.map { .string($0) }))) }
                         if let port = r.match.destinationPort { match.append(("destination_port", .int(port))) }
                         if let cidr = r.match.destinationCIDR { match.append(("destination_cidr", .string(cidr.description))) }
-                        return ["match": .object(match), "cluster": .string(r.cluster),
-                                "weighted_clusters": r.weightedClusters.isEmpty ? .null : .array(r.weightedClusters.map {
-                                    ["cluster": .string($0.cluster), "weight": .int($0.weight)]
-                                }),
-                                "timeout": d(r.timeout),
-                                "idle_timeout": r.idleTimeout.map(d) ?? .null,
-                                "retry": r.retry.map(Self.dump) ?? .null,
-                                "tenant_limits": r.tenantLimits.map(Self.dump) ?? .null,
-                                "connect_attempts": .int(r.connectAttempts)]
+                        // What the route does, in the one key it was given (a push of this dump must parse back the same).
+                        var route: [(String, JSONValue)] = [("match", .object(match))]
+                        switch r.direct {
+                        case .redirect(let redirect)?:
+                            route.append(("redirect", Self.dump(redirect)))
+                            return .object(route)
+                        case .response(let status, let body)?:
+                            route.append(("direct_response", ["status": .int(status), "body": .string(body)]))
+                            return .object(route)
+                        case nil:
+                            break
+                        }
+                        if r.weightedClusters.isEmpty {
+                            route.append(("cluster", .string(r.cluster)))
+                        } else {
+                            route.append(("weighted_clusters", .array(r.weightedClusters.map {
+                                ["cluster": .string($0.cluster), "weight": .int($0.weight)]
+                            })))
+                        }
+                        route += [("timeout", d(r.timeout)), ("idle_timeout", r.idleTimeout.map(d) ?? .null),
+                                  ("retry", r.retry.map(Self.dump) ?? .null),
+                                  ("tenant_limits", r.tenantLimits.map(Self.dump) ?? .null),
+                                  ("connect_attempts", .int(r.connectAttempts)),
+                                  ("grpc_timeout_header_max", r.grpcTimeoutHeaderMax.map(d) ?? .string("off"))]
+                        if let fault = r.fault { route.append(("fault", Self.dump(fault))) }
+                        return .object(route)
                     }),
                 ]
             }),
@@ -157,6 +174,13 @@ extension VigilConfig {
                     "endpoints": .array(c.endpoints.map { .string($0.description) }),
                     "protocol": .string(c.protocol.rawValue), "connect_timeout": d(c.connectTimeout),
                     "idle_timeout": d(c.idleTimeout), "load_balancer": .string(c.loadBalancer.rawValue),
+                    "hash_policy": c.loadBalancer.isConsistentHash ? .array(c.hashPolicy.map { source -> JSONValue in
+                        switch source {
+                        case .header(let name): ["header": .string(name)]
+                        case .cookie(let name): ["cookie": .string(name)]
+                        case .sourceIP: ["source_ip": .bool(true)]
+                        }
+                    }) : .null,
                     "circuit_breakers": [
                         "max_connections": .int(c.circuitBreakers.maxConnections),
                         "max_pending_requests": .int(c.circuitBreakers.maxPendingRequests),

@@ -182,8 +182,9 @@ extension HTTP1ServerHandler {
         let tenant = runtime.accessLog.isEnabled ? target?.tenant?.name : nil
         let cluster = target?.cluster ?? replyCluster
         let status = exchange.status
-        // An injected fault is the route's rehearsal, not the upstream's doing: it counts toward no SLO.
-        if exchange.injectedFault == nil {
+        // An injected abort is the route's rehearsal, not the upstream's doing: it counts toward no SLO. (A delayed
+        // request goes on to its upstream, whose answer counts.)
+        if exchange.injectedFault?.abort == nil {
             runtime.recordSLO(tenant: target?.tenant ?? replyTenant, policy: target?.policy, loop: loop, status: status,
                               durationNanos: duration.nanoseconds)
         }

@@ -365,14 +365,18 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         }
         let outcome = runtime.route(head, listener: listener, loop: loop, identity: session.identity,
                                     destination: facts.destination, destinationIsThisHost: facts.destinationIsThisHost,
-                                    clientAddress: facts.clientAddress, target: &target)
+                                    clientAddress: facts.clientAddress, scheme: facts.scheme, target: &target)
         self.head = consume head
         switch outcome {
-        case .reply(let status, let reason, let detail, let cluster, let headers, let tenant, let body):
+        case .reply(let status, let reason, let detail, let cluster, let headers, let tenant, let body, let fault):
             replyCluster = cluster
             replyTenant = tenant
             var answer = LocalAnswer(status: status, reason: reason, detail: detail)
             answer.body = body
+            if let fault {
+                exchange.faultAnswered(fault)
+                answer.grpcCode = fault.abort?.grpcCode
+            }
             localReply(answer, close: !requestBodyDone, headers: headers)
         case .forward:
             chunked?.droppedTrailerName = target!.policy.snapshot.routes[listener.index].untrustedTenantHeader

@@ -300,7 +300,7 @@ extension HTTP2StreamHandler {
         let duration = now - startedAt
         // A gRPC call counts by its gRPC status as Envoy maps it (an UNAVAILABLE is a 5xx to SLOs and metrics).
         let outcome = exchange.outcomeStatus
-        if exchange.injectedFault == nil {  // see HTTP1ServerHandler.finishRequest
+        if exchange.injectedFault?.abort == nil {  // see HTTP1ServerHandler.finishRequest
             runtime.recordSLO(tenant: target?.tenant ?? replyTenant, policy: target?.policy, loop: loop, status: outcome,
                               durationNanos: duration.nanoseconds)
         }

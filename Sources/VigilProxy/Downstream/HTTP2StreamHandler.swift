@@ -341,12 +341,16 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
         }
         switch runtime.route(request, listener: listener, loop: loop, identity: session.identity,
                              destination: facts.destination, destinationIsThisHost: facts.destinationIsThisHost,
-                             clientAddress: facts.clientAddress, target: &target) {
-        case .reply(let status, let reason, let detail, let cluster, let headers, let tenant, let body):
+                             clientAddress: facts.clientAddress, scheme: facts.scheme, target: &target) {
+        case .reply(let status, let reason, let detail, let cluster, let headers, let tenant, let body, let fault):
             replyCluster = cluster
             replyTenant = tenant
             var answer = LocalAnswer(status: status, reason: reason, detail: detail)
             answer.body = body
+            if let fault {
+                exchange.faultAnswered(fault)
+                answer.grpcCode = fault.abort?.grpcCode
+            }
             abandon(answer, headers: headers)
         case .forward:
             run(exchange.started(route: target!.route, host: target!.host.index, method: request.method,

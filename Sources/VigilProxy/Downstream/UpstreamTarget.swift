@@ -76,7 +76,7 @@ enum RoutingOutcome {
     /// Answer locally; `cluster` is set when the request had been routed to one (for metrics), `tenant` when
     /// it had been attributed to one (for its SLO).
     case reply(status: Int, reason: String, detail: String, cluster: ClusterRuntime?, headers: [(String, String)] = [],
-               tenant: TenantState? = nil, body: String? = nil)
+               tenant: TenantState? = nil, body: String? = nil, fault: FaultDecision? = nil)
 }
 
 extension ProxyRuntime {
@@ -85,7 +85,7 @@ extension ProxyRuntime {
     /// then a host from the balancer.
     func route(_ request: some RoutableRequest, listener: ListenerRuntime, loop: LoopContext,
                identity: String? = nil, destination: Destination? = nil, destinationIsThisHost: Bool = false,
-               clientAddress: String? = nil, target: inout UpstreamTarget?) -> RoutingOutcome {
+               clientAddress: String? = nil, scheme: String = "http", target: inout UpstreamTarget?) -> RoutingOutcome {
         let policy = loop.policy
         let snapshot = policy.snapshot
         let routes = snapshot.routes[listener.index]
@@ -125,19 +125,30 @@ extension ProxyRuntime {
         }
         if let direct = routes.routes[routeIndex].direct {
             tenant?.releaseSlot()
-            return Self.answer(direct, to: request, route: routes.routes[routeIndex], listener: listener, tenant: tenant)
+            return Self.answer(direct, to: request, route: routes.routes[routeIndex], scheme: scheme, tenant: tenant)
         }
-        let outcome = routeAdmitted(request, routeIndex: routeIndex, routes: routes, listener: listener, policy: policy,
+        // Faults are drawn as Envoy's fault filter, before its router: an abort alone answers here, before any cluster
+        // or host is committed (a delayed request goes on to take its cluster's slot and host, and waits holding them).
+        let fault = routes.faults[routeIndex].flatMap { injectFault($0.config, active: $0.active, request: request, loop: loop,
+                                                                    listener: listener) }
+        if let fault, fault.delay == nil, let abort = fault.abort {
+            routes.faults[routeIndex]?.active.wrappingDecrement(ordering: .relaxed)
+            tenant?.releaseSlot()
+            return .reply(status: abort.status, reason: abort.reason, detail: abort.detail, cluster: nil, tenant: tenant,
+                          fault: fault)
+        }
+        let outcome = routeAdmitted(request, routeIndex: routeIndex, fault: fault, routes: routes, listener: listener, policy: policy,
                                     loop: loop, tenant: tenant, destination: destination,
                                     destinationIsThisHost: destinationIsThisHost, clientAddress: clientAddress, target: &target)
-        if case .reply(let status, let reason, let detail, let cluster, let headers, _, _) = outcome {
+        if case .reply(let status, let reason, let detail, let cluster, let headers, _, _, _) = outcome {
             tenant?.releaseSlot()
+            if fault != nil { routes.faults[routeIndex]?.active.wrappingDecrement(ordering: .relaxed) }
             return .reply(status: status, reason: reason, detail: detail, cluster: cluster, headers: headers, tenant: tenant)
         }
         return outcome
     }
 
-    private func routeAdmitted(_ request: some RoutableRequest, routeIndex: Int, routes: ListenerRoutes, listener: ListenerRuntime, policy: LoopPolicy,
+    private func routeAdmitted(_ request: some RoutableRequest, routeIndex: Int, fault: FaultDecision?, routes: ListenerRoutes, listener: ListenerRuntime, policy: LoopPolicy,
                                loop: LoopContext, tenant: TenantState?, destination: Destination?,
                                destinationIsThisHost: Bool, clientAddress: String?,
                                target: inout UpstreamTarget?) -> RoutingOutcome {
@@ -172,8 +183,6 @@ extension ProxyRuntime {
         host.activeRequests.wrappingIncrement(ordering: .relaxed)
         host.totalRequests.wrappingIncrement(ordering: .relaxed)
         let route = routes.exchangeRoutes[routeIndex]
-        let fault = routes.faults[routeIndex].flatMap { injectFault($0.config, active: $0.active, request: request, loop: loop,
-                                                                    listener: listener) }
         // An injected abort is no request to the upstream: it adds nothing to the route's retry budget.
         if route.retry != nil, fault?.abort == nil {
             policy.retryBudgets[listener.index][routeIndex]!.recordRequest(now: loop.eventLoop.now)
@@ -185,17 +194,23 @@ extension ProxyRuntime {
     }
 
     /// A route's own answer (`redirect`, `direct_response`).
-    static func answer(_ direct: DirectAnswer, to request: some RoutableRequest, route: RouteConfig, listener: ListenerRuntime,
+    /// `scheme`: the one the request came over (the connection's: a permissive TLS listener takes both).
+    static func answer(_ direct: DirectAnswer, to request: some RoutableRequest, route: RouteConfig, scheme: String,
                        tenant: TenantState?) -> RoutingOutcome {
         switch direct {
         case .response(let status, let body):
-            return .reply(status: status, reason: "direct_response", detail: body.isEmpty ? "the route answers itself" : body,
+            // The body is the answer's; the detail (a gRPC call's grpc-message) stays short.
+            return .reply(status: status, reason: "direct_response", detail: "the route answers itself with \(status)",
                           cluster: nil, tenant: tenant, body: body)
         case .redirect(let redirect):
-            var prefix: String?
-            if case .prefix(let p) = route.match.path { prefix = p }
-            let location = redirect.location(scheme: listener.config.tls == nil ? "http" : "https",
-                                             authority: request.authority, path: request.path, matchedPrefix: prefix)
+            // What the route matched: its prefix, or (an exact route) the whole path, as Envoy's prefix_rewrite reads it.
+            let matched: String
+            switch route.match.path {
+            case .prefix(let p): matched = p
+            case .exact(let p): matched = p
+            }
+            let location = redirect.location(scheme: scheme, authority: request.authority, path: request.path,
+                                             matchedPrefix: matched)
             return .reply(status: redirect.responseCode, reason: "redirect", detail: "the route redirects to \(location)",
                           cluster: nil, headers: [("location", location)], tenant: tenant, body: "")
         }

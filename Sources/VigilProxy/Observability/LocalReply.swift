@@ -55,7 +55,10 @@ public enum LocalReply {
     /// A complete HTTP/1.1 response: the JSON explanation, or `ownBody` (a route's own, as text/plain).
     public static func http1(status: Int, reason: String, detail: String, close: Bool, isHead: Bool = false,
                              extraHeaders: [(String, String)] = [], ownBody: String? = nil) -> ByteBuffer {
-        let (body, contentType) = ownBody.map(routeBody) ?? (body(status: status, reason: reason, detail: detail), "application/json")
+        // RFC 9110 §15.3.5, §15.4.5: a 204 or 304 has no body (and so no content type).
+        let noContent = status == 204 || status == 304
+        let (body, contentType) = noContent ? (ByteBuffer(), nil)
+            : ownBody.map(routeBody) ?? (body(status: status, reason: reason, detail: detail), "application/json")
         var b = ByteBuffer()
         b.reserveCapacity(body.readableBytes + 160)
         b.writeStaticString("HTTP/1.1 ")
@@ -68,7 +71,7 @@ public enum LocalReply {
             b.writeString(contentType)
             b.writeStaticString("\r\n")
         }
-        if status != 204 && status != 304 {  // RFC 9110 §8.6: neither has a length
+        if !noContent {  // RFC 9110 §8.6: neither has a length
             b.writeStaticString("content-length: ")
             b.writeString(String(body.readableBytes))
             b.writeStaticString("\r\n")
