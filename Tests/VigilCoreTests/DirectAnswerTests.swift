@@ -59,6 +59,8 @@ import VigilCore
         #expect(errors("redirect: { response_code: 304 }").contains { $0.contains("\(p).redirect.response_code") && $0.contains("not a redirect") })
         #expect(errors("redirect: { path: new }").contains { $0.contains("\(p).redirect.path") })
         #expect(errors("redirect: { path: /a, prefix_rewrite: /b }").contains { $0.contains("\(p).redirect.prefix_rewrite") })
+        #expect(errors("redirect: { prefix_rewrite: \"/b?x=1\" }").contains { $0.contains("\(p).redirect.prefix_rewrite") && $0.contains("query") })
+        #expect(errors("redirect: { path: \"/b#top\" }").contains { $0.contains("\(p).redirect.path") })
         #expect(errors("redirect: { scheme: ftp }").contains { $0.contains("\(p).redirect.scheme") })
         #expect(errors("redirect: { host: \"a:80\" }").contains { $0.contains("\(p).redirect.host") })
         #expect(errors("direct_response: { body: x }").contains { $0.contains("\(p).direct_response.status") })

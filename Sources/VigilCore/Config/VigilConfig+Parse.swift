@@ -376,8 +376,12 @@ extension ConfigReader {
         if m["path"] != nil && m["prefix_rewrite"] != nil { fail(m.path("prefix_rewrite"), "give either path or prefix_rewrite, not both") }
         for key in ["path", "prefix_rewrite"] {
             guard let p = string(m[key], at: m.path(key)) else { continue }
-            guard p.hasPrefix("/"), p.utf8.allSatisfy(HTTPTokens.isTargetByte) else {
+            guard p.hasPrefix("/"), p.utf8.allSatisfy(HTTPTokens.isTargetByte), !p.contains("#") else {
                 fail(m.path(key), "\"\(p)\" is not an origin-form path")
+                continue
+            }
+            if key == "prefix_rewrite", p.contains("?") {
+                fail(m.path(key), "replaces a path prefix: the request's query follows it, so it takes no query of its own")
                 continue
             }
             if key == "path" { r.path = p } else { r.prefixRewrite = p }
