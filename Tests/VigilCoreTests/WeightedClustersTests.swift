@@ -56,7 +56,7 @@ import VigilCore
         let p = "listeners[0].routes[0]"
         func errors(_ route: String) -> [String] { configErrors(Self.yaml(route)) }
         #expect(errors("cluster: v1\n        weighted_clusters: [{ cluster: v2, weight: 1 }]")
-            .contains { $0.contains("\(p).cluster") && $0.contains("not both") })
+            .contains { $0.contains("\(p).weighted_clusters") && $0.contains("give one of") })
         #expect(errors("weighted_clusters: [{ cluster: v3, weight: 1 }]").contains { $0.contains("\(p).weighted_clusters[0].cluster") })
         #expect(errors("weighted_clusters: [{ cluster: v1, weight: 1 }, { cluster: v1, weight: 2 }]")
             .contains { $0.contains("\(p).weighted_clusters[1].cluster") && $0.contains("second time") })

@@ -315,7 +315,6 @@ extension ConfigReader {
             direct = readDirectResponse(node, at: m.path("direct_response"))
             cluster = ""
         } else if let node = m["weighted_clusters"] {
-            if m["cluster"] != nil { fail(m.path("cluster"), "give either cluster or weighted_clusters, not both") }
             weighted = readWeightedClusters(node, at: m.path("weighted_clusters"), clusterNames: clusterNames)
             cluster = weighted.first?.cluster
         } else {
