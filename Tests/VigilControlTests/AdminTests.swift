@@ -210,4 +210,53 @@ import VigilTestSupport
         await admin.stop()
         await proxy.stop()
     }
+
+    /// Named routes are counted on their own (status classes and a latency histogram), unnamed ones together as `-`,
+    /// in /stats/prometheus and /stats; an answer Vigil makes on a route counts as that route's.
+    @Test func routesAreCountedByName() async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let registry = PrometheusCollectorRegistry()
+        let yaml = """
+            admin: { address: "127.0.0.1:0" }
+            access_log: { output: "off" }
+            listeners:
+              - name: in
+                address: "127.0.0.1:0"
+                routes:
+                  - { name: legacy, match: { prefix: "/old" }, redirect: { path: "/new" } }
+                  - { name: checkout, match: { prefix: "/checkout" }, cluster: api }
+                  - { match: { prefix: "/" }, cluster: api }
+            clusters:
+              - { name: api, endpoints: ["127.0.0.1:$UP0"] }
+            """
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group,
+                                           metrics: PrometheusMetricsFactory(registry: registry))
+        let admin = AdminServer(proxy: proxy.server, registry: registry, group: group, logger: Logger(label: "admin-test"))
+        try await admin.start()
+        let client = try await proxy.client()
+        for path in ["/checkout/1", "/checkout/2", "/old/x", "/other"] {
+            try await client.send("GET \(path) HTTP/1.1\r\nHost: a\r\n\r\n")
+            _ = try #require(try await client.response())
+        }
+        let metrics = try await get(admin, "/stats/prometheus").text
+        #expect(metrics.contains(#"vigil_route_requests_total{listener="in",route="checkout",status_class="2xx"} 2"#), "\(metrics)")
+        #expect(metrics.contains(#"vigil_route_requests_total{listener="in",route="legacy",status_class="3xx"} 1"#))
+        #expect(metrics.contains(#"vigil_route_requests_total{listener="in",route="-",status_class="2xx"} 1"#))
+        #expect(metrics.contains(#"vigil_route_request_duration_seconds_count{listener="in",route="checkout"} 2"#))
+        #expect(metrics.contains(#"vigil_route_request_duration_seconds_bucket{listener="in",route="checkout",le="+Inf"} 2"#))
+        // A second scrape adds nothing that did not happen.
+        #expect(try await get(admin, "/stats/prometheus").text
+            .contains(#"vigil_route_requests_total{listener="in",route="checkout",status_class="2xx"} 2"#))
+        let routes = try #require(try json(try await get(admin, "/stats"))["routes"] as? [[String: Any]])
+        let checkout = try #require(routes.first { $0["route"] as? String == "checkout" })
+        #expect(checkout["requests"] as? Int == 2 && (checkout["status_classes"] as? [String: Int])?["2xx"] == 2)
+        #expect(checkout["mean_duration_ms"] is Double)
+        // A push that keeps the name keeps the counts.
+        let pushed = try proxy.runtime.prepare(version: 2, config: VigilConfig.parse(
+            yaml: yaml.replacingOccurrences(of: "$UP0", with: "\(upstream.port)").replacingOccurrences(of: "/checkout", with: "/pay")))
+        await proxy.runtime.install(pushed)
+        #expect(proxy.runtime.current.routeStats.first { $0.name == "checkout" }?.snapshot.count == 2)
+        await admin.stop()
+        await proxy.stop()
+    }
 }

@@ -81,7 +81,8 @@ import VigilCore
                   - match: { prefix: "/old" }
                     redirect: { scheme: https, host: new.example, port: 8443, prefix_rewrite: /v2, response_code: 308, strip_query: true }
                   - { match: { path: "/maintenance" }, direct_response: { status: 503, body: "down" } }
-                  - match: { prefix: "/checkout" }
+                  - name: checkout
+                    match: { prefix: "/checkout" }
                     weighted_clusters: [{ cluster: v1, weight: 90 }, { cluster: v2, weight: 10 }]
                     fault: { delay: { fixed: 100ms, percent: 10 }, abort: { grpc_status: 14, percent: 5.5 }, header: x-fault, max_active_faults: 3 }
                     retry: { on: [unavailable, retriable-status-codes], grpc_status_codes: [8] }
@@ -96,5 +97,16 @@ import VigilCore
         let again = try config.applying(policy: config.policyDump().serialized())
         #expect(again == config)
         #expect(again.listeners[0].routes.map(\.direct) == config.listeners[0].routes.map(\.direct))
+        #expect(again.listeners[0].routes[2].name == "checkout")
+    }
+
+    @Test func aRouteNameIsALabelValue() {
+        for bad in ["\"-\"", "\"a b\"", String(repeating: "n", count: 65)] {
+            let errors = configErrors("""
+                listeners: [{ name: in, address: "127.0.0.1:1", routes: [{ name: \(bad), match: { prefix: / }, cluster: c }] }]
+                clusters: [{ name: c, endpoints: ["127.0.0.1:2"] }]
+                """)
+            #expect(errors.contains { $0.contains("listeners[0].routes[0].name") }, "\(bad): \(errors)")
+        }
     }
 }

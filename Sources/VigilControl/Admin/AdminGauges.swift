@@ -19,6 +19,8 @@ struct AdminGauges: Sendable {
         ("vigil_upstream_retries_total", [], { $0.retries.load(ordering: .relaxed) }),
         ("vigil_retry_budget_exhausted_total", [], { $0.retryBudgetRefusals.load(ordering: .relaxed) }),
     ]
+    /// What each route's atomics were at the last scrape (counts by class, cumulative buckets, duration in ns).
+    private let publishedRoutes = NIOLockedValueBox<[ObjectIdentifier: [Int]]>([:])
     /// What each atomic counter was at the last scrape, by cluster object and counter.
     private let published = NIOLockedValueBox<[ObjectIdentifier: [Int]]>([:])
     private let tenantLabels = NIOLockedValueBox(TenantMetricLabels(top: 20))
@@ -84,6 +86,36 @@ struct AdminGauges: Sendable {
                 next[ObjectIdentifier(c)] = now
             }
             last = next
+        }
+        // Route counters: `vigil_route_requests_total` by status class and the latency histogram, from each route's
+        // atomics (RouteStats), by what grew since the last scrape.
+        for stats in snapshot.routeStats {
+            let s = stats.snapshot
+            var cumulative: [Int] = []
+            var running = 0
+            for n in s.buckets { running += n; cumulative.append(running) }
+            let values = s.byClass + cumulative + [s.durationNanos]
+            let grown = publishedRoutes.withLockedValue { published -> [Int] in
+                let last = published[ObjectIdentifier(stats)] ?? Array(repeating: 0, count: values.count)
+                published[ObjectIdentifier(stats)] = zip(values, last).map { max($0, $1) }
+                return zip(values, last).map { $0 - $1 }
+            }
+            let labels = [("listener", stats.listener), ("route", stats.name)]
+            for k in 0...5 where grown[k] > 0 {
+                registry.makeCounter(name: "vigil_route_requests_total",
+                                     labels: labels + [("status_class", k == 0 ? "other" : "\(k)xx")]).increment(by: Int64(grown[k]))
+            }
+            let bounds = RouteStats.bucketBounds.map { String(Double($0) / 1e9) } + ["+Inf"]
+            for (i, le) in bounds.enumerated() where grown[6 + i] > 0 {
+                registry.makeCounter(name: "vigil_route_request_duration_seconds_bucket", labels: labels + [("le", le)])
+                    .increment(by: Int64(grown[6 + i]))
+            }
+            let count = grown[6 + bounds.count - 1]
+            if count > 0 {
+                registry.makeCounter(name: "vigil_route_request_duration_seconds_count", labels: labels).increment(by: Int64(count))
+                registry.makeCounter(name: "vigil_route_request_duration_seconds_sum", labels: labels)
+                    .increment(by: Double(grown[grown.count - 1]) / 1e9)
+            }
         }
         // Tenant counters: configured tenants and the busiest others by name, the rest as "other".
         if let tenantRegistry = snapshot.tenants {

@@ -156,6 +156,15 @@ public final class AdminServer: Sendable {
                     "refused_loops": .int(l.refusedLoops.load(ordering: .relaxed)),
                 ]
             }),
+            "routes": .array(runtime.current.routeStats.map { r in
+                let s = r.snapshot
+                return [
+                    "listener": .string(r.listener), "route": .string(r.name), "requests": .int(s.count),
+                    "status_classes": .object((0...5).map { ($0 == 0 ? "other" : "\($0)xx", JSONValue.int(s.byClass[$0])) }),
+                    "mean_duration_ms": s.count == 0 ? .null
+                        : .double((Double(s.durationNanos) / Double(s.count) / 1e4).rounded() / 100),
+                ]
+            }),
             "clusters": .array(runtime.current.clusters.map { c in
                 [
                     "name": .string(c.config.name),

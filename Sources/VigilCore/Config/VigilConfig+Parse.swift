@@ -298,7 +298,7 @@ extension ConfigReader {
     mutating func readRoute(_ node: Node, at path: String, clusterNames: [String: Int]) -> RouteConfig? {
         guard let m = map(node, at: path, keys: ["match", "cluster", "timeout", "idle_timeout", "retry",
                                                      "tenant_limits", "connect_attempts", "grpc_timeout_header_max",
-                                                     "weighted_clusters", "fault", "redirect", "direct_response"])
+                                                     "weighted_clusters", "fault", "redirect", "direct_response", "name"])
         else { return nil }
         let match = required(readMatch(m["match"], at: m.path("match")), m, "match")
         var weighted: [WeightedCluster] = []
@@ -329,6 +329,14 @@ extension ConfigReader {
         var route = RouteConfig(match: match, cluster: cluster, timeout: timeout, retry: retry)
         route.weightedClusters = weighted
         route.direct = direct
+        if let name = nonEmptyString(m["name"], at: m.path("name")) {
+            // A label value: kept to characters every metrics pipeline passes as they are.
+            if name != "-", name.count <= 64, name.utf8.allSatisfy({ HTTPTokens.isTokenByte($0) && $0 != UInt8(ascii: "\"") }) {
+                route.name = name
+            } else {
+                fail(m.path("name"), "\"\(name)\" is not a route name (up to 64 characters of a token; - is the unnamed routes')")
+            }
+        }
         if direct != nil {
             for key in ["retry", "fault", "tenant_limits", "connect_attempts", "idle_timeout", "timeout",
                         "grpc_timeout_header_max"] where m[key] != nil {

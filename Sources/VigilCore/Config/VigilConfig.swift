@@ -153,6 +153,8 @@ public struct ListenerLimits: Sendable, Equatable {
 }
 
 public struct RouteConfig: Sendable, Equatable {
+    /// `name`: the route's label in metrics and `/stats` (routes without one are counted together as `-`).
+    public var name: String?
     public var match: RouteMatch
     /// The cluster requests go to; with `weightedClusters`, the first of them.
     public var cluster: String

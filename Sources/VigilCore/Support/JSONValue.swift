@@ -140,6 +140,7 @@ extension VigilConfig {
                         if let cidr = r.match.destinationCIDR { match.append(("destination_cidr", .string(cidr.description))) }
                         // What the route does, in the one key it was given (a push of this dump must parse back the same).
                         var route: [(String, JSONValue)] = [("match", .object(match))]
+                        if let name = r.name { route.insert(("name", .string(name)), at: 0) }
                         switch r.direct {
                         case .redirect(let redirect)?:
                             route.append(("redirect", Self.dump(redirect)))

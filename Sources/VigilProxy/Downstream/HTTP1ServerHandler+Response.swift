@@ -182,6 +182,7 @@ extension HTTP1ServerHandler {
         let tenant = runtime.accessLog.isEnabled ? target?.tenant?.name : nil
         let cluster = target?.cluster ?? replyCluster
         let status = exchange.status
+        (target?.routeStats ?? replyRoute)?.record(status: status, durationNanos: duration.nanoseconds)
         // An injected abort is the route's rehearsal, not the upstream's doing: it counts toward no SLO. (A delayed
         // request goes on to its upstream, whose answer counts.)
         if exchange.injectedFault?.abort == nil {
@@ -197,6 +198,7 @@ extension HTTP1ServerHandler {
         target = nil
         replyCluster = nil
         replyTenant = nil
+        replyRoute = nil
         runtime.metrics.recordRequest(listener: listener.index, cluster: cluster, status: status,
                                       durationNanos: duration.nanoseconds, bytesIn: bytesIn, bytesOut: bytesOut)
         if runtime.accessLog.isEnabled {

@@ -96,6 +96,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// The cluster a locally answered request had been routed to, for metrics; its tenant, for its SLO.
     var replyCluster: ClusterRuntime?
     var replyTenant: TenantState?
+    /// The route a locally answered request matched, if any, for its counts.
+    var replyRoute: RouteStats?
     var upstream: UpstreamStream?
     var bodyRemaining = 0
     /// When bytes of the request body last arrived (or Vigil last held reading back); `body_timeout` runs
@@ -368,9 +370,10 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                                     clientAddress: facts.clientAddress, scheme: facts.scheme, target: &target)
         self.head = consume head
         switch outcome {
-        case .reply(let status, let reason, let detail, let cluster, let headers, let tenant, let body, let fault):
+        case .reply(let status, let reason, let detail, let cluster, let headers, let tenant, let body, let fault, let route):
             replyCluster = cluster
             replyTenant = tenant
+            replyRoute = route
             var answer = LocalAnswer(status: status, reason: reason, detail: detail)
             answer.body = body
             if let fault {

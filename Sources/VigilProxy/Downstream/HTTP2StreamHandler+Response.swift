@@ -304,6 +304,7 @@ extension HTTP2StreamHandler {
             runtime.recordSLO(tenant: target?.tenant ?? replyTenant, policy: target?.policy, loop: loop, status: outcome,
                               durationNanos: duration.nanoseconds)
         }
+        (target?.routeStats ?? replyRoute)?.record(status: outcome, durationNanos: duration.nanoseconds)
         runtime.metrics.recordRequest(listener: listener.index, cluster: target?.cluster ?? replyCluster, status: outcome,
                                       durationNanos: duration.nanoseconds, bytesIn: bytesIn, bytesOut: bytesOut)
         if let code = exchange.grpcStatus {

@@ -29,6 +29,8 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
     /// The cluster and tenant of a locally answered request, for metrics and its SLO.
     var replyCluster: ClusterRuntime?
     var replyTenant: TenantState?
+    /// The route a locally answered request matched, if any, for its counts.
+    var replyRoute: RouteStats?
     var upstream: UpstreamStream? {
         // Looked up once per try, not per frame.
         didSet { framedUpstream = upstream as? HTTP2UpstreamStream }
@@ -342,9 +344,10 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
         switch runtime.route(request, listener: listener, loop: loop, identity: session.identity,
                              destination: facts.destination, destinationIsThisHost: facts.destinationIsThisHost,
                              clientAddress: facts.clientAddress, scheme: facts.scheme, target: &target) {
-        case .reply(let status, let reason, let detail, let cluster, let headers, let tenant, let body, let fault):
+        case .reply(let status, let reason, let detail, let cluster, let headers, let tenant, let body, let fault, let route):
             replyCluster = cluster
             replyTenant = tenant
+            replyRoute = route
             var answer = LocalAnswer(status: status, reason: reason, detail: detail)
             answer.body = body
             if let fault {

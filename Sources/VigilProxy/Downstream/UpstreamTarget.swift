@@ -24,6 +24,8 @@ struct UpstreamTarget {
     var activeFaults: ManagedAtomic<Int>?
     /// The request's key for a consistently hashed cluster (a retry walks on from it).
     var hashKey: UInt64?
+    /// The route's counts and latency (`routes[].name`).
+    var routeStats: RouteStats?
     /// The host was made for the request's original destination (`original_dst`): it has no place in the cluster's
     /// health, and a retry goes to it again.
     var dynamicHost: Bool { cluster.isOriginalDestination }
@@ -75,8 +77,17 @@ enum RoutingOutcome {
     case forward
     /// Answer locally; `cluster` is set when the request had been routed to one (for metrics), `tenant` when
     /// it had been attributed to one (for its SLO).
+    /// `route`: the stats of the route that matched, when one did (the answer counts as that route's request).
     case reply(status: Int, reason: String, detail: String, cluster: ClusterRuntime?, headers: [(String, String)] = [],
-               tenant: TenantState? = nil, body: String? = nil, fault: FaultDecision? = nil)
+               tenant: TenantState? = nil, body: String? = nil, fault: FaultDecision? = nil, route: RouteStats? = nil)
+
+    /// The same outcome, counted as `stats`' route's if it is an answer.
+    func attributed(to stats: RouteStats) -> RoutingOutcome {
+        guard case .reply(let status, let reason, let detail, let cluster, let headers, let tenant, let body, let fault, _) = self
+        else { return self }
+        return .reply(status: status, reason: reason, detail: detail, cluster: cluster, headers: headers, tenant: tenant,
+                      body: body, fault: fault, route: stats)
+    }
 }
 
 extension ProxyRuntime {
@@ -120,12 +131,13 @@ extension ProxyRuntime {
             switch admit(request, tenants: tenants, listener: listener, identity: identity,
                          route: routes.tenantOverrides[routeIndex], loop: loop) {
             case .success(let admitted): tenant = admitted
-            case .failure(let refusal): return refusal.outcome
+            case .failure(let refusal): return refusal.outcome.attributed(to: routes.routeStats[routeIndex])
             }
         }
         if let direct = routes.routes[routeIndex].direct {
             tenant?.releaseSlot()
             return Self.answer(direct, to: request, route: routes.routes[routeIndex], scheme: scheme, tenant: tenant)
+                .attributed(to: routes.routeStats[routeIndex])
         }
         // Faults are drawn as Envoy's fault filter, before its router: an abort alone answers here, before any cluster
         // or host is committed (a delayed request goes on to take its cluster's slot and host, and waits holding them).
@@ -135,15 +147,16 @@ extension ProxyRuntime {
             routes.faults[routeIndex]?.active.wrappingDecrement(ordering: .relaxed)
             tenant?.releaseSlot()
             return .reply(status: abort.status, reason: abort.reason, detail: abort.detail, cluster: nil, tenant: tenant,
-                          fault: fault)
+                          fault: fault, route: routes.routeStats[routeIndex])
         }
         let outcome = routeAdmitted(request, routeIndex: routeIndex, fault: fault, routes: routes, listener: listener, policy: policy,
                                     loop: loop, tenant: tenant, destination: destination,
                                     destinationIsThisHost: destinationIsThisHost, clientAddress: clientAddress, target: &target)
-        if case .reply(let status, let reason, let detail, let cluster, let headers, _, _, _) = outcome {
+        if case .reply(let status, let reason, let detail, let cluster, let headers, _, _, _, _) = outcome {
             tenant?.releaseSlot()
             if fault != nil { routes.faults[routeIndex]?.active.wrappingDecrement(ordering: .relaxed) }
-            return .reply(status: status, reason: reason, detail: detail, cluster: cluster, headers: headers, tenant: tenant)
+            return .reply(status: status, reason: reason, detail: detail, cluster: cluster, headers: headers, tenant: tenant,
+                          route: routes.routeStats[routeIndex])
         }
         return outcome
     }
@@ -189,7 +202,8 @@ extension ProxyRuntime {
         }
         target = UpstreamTarget(policy: policy, cluster: cluster, slot: slot, host: host, pool: pool,
                                 routeIndex: routeIndex, route: route, tenant: tenant, fault: fault,
-                                activeFaults: fault == nil ? nil : routes.faults[routeIndex]?.active, hashKey: hashKey)
+                                activeFaults: fault == nil ? nil : routes.faults[routeIndex]?.active, hashKey: hashKey,
+                                routeStats: routes.routeStats[routeIndex])
         return .forward
     }
 

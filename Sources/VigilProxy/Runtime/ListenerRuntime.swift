@@ -39,6 +39,9 @@ final class ListenerRoutes: Sendable {
     let routeClusters: [Int]
     /// Per route with `weighted_clusters`: its clusters' slots and the draw among them.
     let weightedClusters: [(slots: [Int], choice: WeightedChoice)?]
+    /// Per route: its requests' counts and latency (`name`; unnamed routes share `-`), and the same by name.
+    let routeStats: [RouteStats]
+    let statsByName: [String: RouteStats]
     /// Per route with `fault`: its faults, and how many are active now (for `max_active_faults`).
     let faults: [(config: FaultConfig, active: ManagedAtomic<Int>)?]
     /// What each route asks of its exchanges (timeout, idle timeout, retry policy), converted once.
@@ -59,8 +62,19 @@ final class ListenerRoutes: Sendable {
     /// as malformed requests).
     let carriesTCP: Bool
 
+    /// `previousStats`: the listener's route stats under the policy before, kept for the names that stay.
     init(listener: ListenerConfig, clusterSlots: [String: Int], tcpClusters: Set<String> = [],
-         originalDestinationClusters: Set<String> = [], tenants: TenantsConfig?, firstOverrideSlot: Int) {
+         originalDestinationClusters: Set<String> = [], tenants: TenantsConfig?, firstOverrideSlot: Int,
+         previousStats: [String: RouteStats] = [:]) {
+        var byName: [String: RouteStats] = [:]
+        self.routeStats = listener.routes.map { route in
+            let name = route.name ?? "-"
+            if let known = byName[name] { return known }
+            let stats = previousStats[name] ?? RouteStats(listener: listener.name, name: name)
+            byName[name] = stats
+            return stats
+        }
+        self.statsByName = byName
         var slot = firstOverrideSlot
         self.tenantOverrides = listener.routes.map { route in
             guard let limits = route.tenantLimits, let rate = limits.requestsPerSecond else { return nil }

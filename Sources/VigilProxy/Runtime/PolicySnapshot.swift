@@ -55,11 +55,12 @@ public final class PolicySnapshot: Sendable {
         var overrides = 0
         let tcpClusters = Set(config.clusters.filter { $0.protocol == .tcp }.map(\.name))
         let byOriginal = Set(config.clusters.filter { $0.type == .originalDst }.map(\.name))
-        self.routes = config.listeners.map { listener in
+        self.routes = config.listeners.enumerated().map { i, listener in
             defer { overrides += listener.routes.filter { $0.tenantLimits != nil }.count }
             return ListenerRoutes(listener: listener, clusterSlots: slots, tcpClusters: tcpClusters,
                                   originalDestinationClusters: byOriginal, tenants: config.tenants,
-                                  firstOverrideSlot: overrides)
+                                  firstOverrideSlot: overrides,
+                                  previousStats: previous.map { $0.routes.indices.contains(i) ? $0.routes[i].statsByName : [:] } ?? [:])
         }
         let untenanted = SLOCounters.make(for: "-", slo: config.slo)
         self.untenantedSLO = previous?.untenantedSLO?.slowNanos == untenanted?.slowNanos ? previous?.untenantedSLO : untenanted
@@ -175,5 +176,12 @@ final class LoopPolicy {
     /// The route's budget window on this loop, for the evidence of a refusal.
     func retryBudgetWindow(listener: Int, route: Int, now: NIODeadline) -> RetryBudget.Window? {
         retryBudgets[listener][route]?.window(now: now)
+    }
+}
+
+extension PolicySnapshot {
+    /// Every route's stats under this policy, one per listener and route name, in listener order and by name.
+    public var routeStats: [RouteStats] {
+        routes.flatMap { $0.statsByName.values.sorted { $0.name < $1.name } }
     }
 }
