@@ -1,26 +1,5 @@
 import NIOCore
 
-/// What an exchange asks of the proxy around it when a try fails: the cluster's hosts, its `max_retries`
-/// breaker, the route's retry budget, the host's health and randomness. The front ends implement it on their
-/// event loop; tests implement it with counters. Class-bound so that a front end passes itself, with nothing
-/// built per call; the machine calls it only on failure paths and to give back a retry slot.
-public protocol ExchangeEnvironment: AnyObject {
-    /// A host for the next try, preferring ones not in `tried`; nil when the cluster has none available.
-    func pickRetryHost(excluding tried: HostMask) -> Int?
-    /// Takes a slot of the cluster's `max_retries` breaker (false: the breaker is full).
-    func reserveRetrySlot() -> Bool
-    func releaseRetrySlot()
-    /// Takes one retry from the route's budget (false: spent; the environment keeps the evidence).
-    func withdrawRetryBudget() -> Bool
-    /// The next try goes to `host` (the environment moves its per-host counts there).
-    func retryAdmitted(host: Int)
-    /// How the current try ended, for the host's outlier detection.
-    func recordAttempt(_ outcome: AttemptOutcome)
-    /// A try could not reach its host (counted in the cluster's `connect_failures`).
-    func connectFailed()
-    func nextRandom() -> UInt64
-}
-
 /// The decisions of one proxied request, the same under HTTP/1.1 and HTTP/2 (and what later front ends add):
 /// when to ask for a connection, what to send on it, the route's `timeout`, `per_try_timeout` and
 /// `idle_timeout`, whether and when to retry (policy, `max_retries` breaker, budget, backoff, hosts tried),
@@ -33,88 +12,6 @@ public protocol ExchangeEnvironment: AnyObject {
 /// front ends; so do the client-side timers (`header_timeout`, `body_timeout`, `send_timeout`), which end an
 /// exchange through `end(reason:status:env:)`.
 public struct ExchangeStateMachine: Sendable {
-    /// What the route asks of the exchange.
-    public struct Route: Sendable, Equatable {
-        /// The route's `timeout`, from the whole request received to the response head; zero: none.
-        public var timeout: TimeAmount
-        /// The route's `idle_timeout`: longest silence of the upstream once the request is sent; zero: none.
-        public var idleTimeout: TimeAmount
-        public var retry: RetryPolicy?
-        /// The route's `grpc_timeout_header_max`: the longest a gRPC call's own deadline (`grpc-timeout`) may run;
-        /// zero: as long as the client asks; nil: the header is not read.
-        public var grpcTimeoutMax: TimeAmount?
-
-        public init(timeout: TimeAmount = .zero, idleTimeout: TimeAmount = .zero, retry: RetryPolicy? = nil,
-                    grpcTimeoutMax: TimeAmount? = .zero) {
-            self.timeout = timeout
-            self.idleTimeout = idleTimeout
-            self.retry = retry
-            self.grpcTimeoutMax = grpcTimeoutMax
-        }
-    }
-
-    /// What a response head says of a gRPC call.
-    public enum GRPCResponse: Sendable, Equatable {
-        /// Not a gRPC call, or an answer other than HTTP 200 to one (judged by its HTTP status, as gRPC's clients
-        /// judge it).
-        case none
-        /// HTTP 200: the call's status comes at the end, in the trailers (`grpcResponseEnded`).
-        case pending
-        /// A trailers-only answer: the call's status is in the head itself.
-        case status(GRPCStatus)
-    }
-
-    public enum Phase: Sendable, Equatable {
-        /// No request yet.
-        case idle
-        /// Waiting for the pool. Next: trying, backingOff, finished.
-        case waitingForConnection
-        /// A retry waits out its backoff. Next: waitingForConnection, finished.
-        case backingOff
-        /// The request is (being) sent on a connection; no response head yet. Next: responding, waiting (a
-        /// retry or a resend), backingOff, finished.
-        case trying
-        /// The response head went to the client: nothing can be retried now. Next: finished.
-        case responding
-        case finished
-    }
-
-    /// What to do with the upstream side when a try or the exchange ends before its response does.
-    public enum Upstream: Sendable, Equatable {
-        /// Nothing is held (a backoff, or the connection already failed).
-        case none
-        /// The request waits in the pool's queue: leave it.
-        case cancelWait
-        /// A connection or stream carries the try: close it (its response can no longer be used).
-        case close
-    }
-
-    public enum Action: Sendable, Equatable {
-        case none
-        /// Ask the pool for a connection now, after doing `drop` with the try before. `fresh`: not an idle
-        /// keep-alive connection (the last one went stale under the request).
-        case acquire(fresh: Bool, drop: Upstream)
-        /// Do `drop` with the try before and wait for `nextDeadline` (a retry's backoff).
-        case backOff(drop: Upstream)
-        /// Send the request on the connection just provided: the copy kept from the first try if `replay`,
-        /// else the request itself; keep a copy of what is sent if `keepCopy` (see `bodyForwarded`).
-        case send(replay: Bool, keepCopy: Bool)
-        /// A connection arrived for an exchange that no longer wants one: give it back unused.
-        case releaseConnection
-        /// Relay the response head to the client.
-        case forwardResponse
-        /// Keep the gRPC response head that came, unsent, until `responseBodyBegan` (then relay it) or
-        /// `grpcResponseEnded` (which may retry the call): while nothing of a response has reached the client, the
-        /// call's status can still be retried.
-        case holdResponse
-        /// The exchange is over with an answer of Vigil's own (`status`, `reason` are set), after doing `drop`.
-        case reply(LocalAnswer, drop: Upstream)
-        /// The response is complete; the connection goes back to its pool if `reuseUpstream`.
-        case finish(reuseUpstream: Bool)
-        /// The response had begun and cannot complete: cut it short, after doing `drop`.
-        case abort(drop: Upstream)
-    }
-
     /// How many times a request is sent again by itself, outside the route's retry policy, after HTTP/2
     /// upstreams refused its stream. A refused stream (REFUSED_STREAM, or above the last stream of a GOAWAY) was
     /// provably not processed (RFC 9113 §8.7), and refusals come in bursts whenever an upstream ends a
@@ -237,7 +134,12 @@ public struct ExchangeStateMachine: Sendable {
                 backoffUntil = now + delay
                 return .backOff(drop: .none)
             }
-            if let abort = fault.abort { return reply(abort, drop: .none, env: NoEnvironment.shared) }
+            if let abort = fault.abort {
+                // Nothing was asked of the proxy yet (no retry slot is held): the answer needs no environment.
+                settle(abort)
+                close()
+                return .reply(abort, drop: .none)
+            }
         }
         phase = .waitingForConnection
         if requestComplete { armRouteDeadline(now: now) }
@@ -582,12 +484,17 @@ public struct ExchangeStateMachine: Sendable {
     }
 
     private mutating func reply<E: ExchangeEnvironment>(_ answer: LocalAnswer, drop: Upstream, env: E) -> Action {
+        settle(answer)
+        finish(env: env)
+        return .reply(answer, drop: drop)
+    }
+
+    /// The outcome is Vigil's `answer`.
+    private mutating func settle(_ answer: LocalAnswer) {
         status = answer.status
         reason = answer.reason
         localAnswer = answer
         if grpc { grpcStatus = answer.grpcStatus }
-        finish(env: env)
-        return .reply(answer, drop: drop)
     }
 
     /// A begun response is cut for `answer`'s reason (a gRPC call ends with its status in trailers).
@@ -598,6 +505,12 @@ public struct ExchangeStateMachine: Sendable {
     }
 
     private mutating func finish<E: ExchangeEnvironment>(env: E) {
+        close()
+        releaseRetrySlot(env: env)
+    }
+
+    /// The exchange is over: no deadline is left, nothing is held for a resend.
+    private mutating func close() {
         phase = .finished
         callDeadline = nil
         responseHeld = false
@@ -606,47 +519,11 @@ public struct ExchangeStateMachine: Sendable {
         quietSince = nil
         backoffUntil = nil
         copyHeld = false
-        releaseRetrySlot(env: env)
     }
 
     private mutating func releaseRetrySlot<E: ExchangeEnvironment>(env: E) {
         guard holdsRetrySlot else { return }
         holdsRetrySlot = false
         env.releaseRetrySlot()
-    }
-}
-
-/// The environment of an answer made before anything was asked of the proxy (an injected abort): a reply only gives
-/// back a retry slot, and none is held.
-private final class NoEnvironment: ExchangeEnvironment, Sendable {
-    static let shared = NoEnvironment()
-    func pickRetryHost(excluding tried: HostMask) -> Int? { nil }
-    func reserveRetrySlot() -> Bool { false }
-    func releaseRetrySlot() {}
-    func withdrawRetryBudget() -> Bool { false }
-    func retryAdmitted(host: Int) {}
-    func recordAttempt(_ outcome: AttemptOutcome) {}
-    func connectFailed() {}
-    func nextRandom() -> UInt64 { 0 }
-}
-
-/// The environment's randomness as a generator for the retry policy's jitter.
-private struct EnvironmentRandom<E: ExchangeEnvironment>: RandomNumberGenerator {
-    let env: E
-    mutating func next() -> UInt64 { env.nextRandom() }
-}
-
-extension LocalAnswer {
-    static let routeTimeout = LocalAnswer(UpstreamFailure.timeout)
-    static let perTryTimeout = LocalAnswer(status: 504, reason: "upstream_per_try_timeout",
-                                           detail: "the upstream did not answer within the route's per_try_timeout")
-    static let idleTimeout = LocalAnswer(status: 504, reason: "upstream_idle_timeout",
-                                         detail: "the upstream sent nothing for the route's idle_timeout")
-    static let grpcDeadline = LocalAnswer(status: 504, reason: "grpc_deadline_exceeded",
-                                          detail: "the call's deadline (grpc-timeout) passed")
-
-    /// The answer to a try that failed this way.
-    public init(_ failure: UpstreamFailure) {
-        self.init(status: failure.status, reason: failure.reason, detail: failure.detail)
     }
 }

@@ -134,7 +134,7 @@ extension ProxyRuntime {
             case .failure(let refusal): return refusal.outcome.attributed(to: routes.routeStats[routeIndex])
             }
         }
-        if let direct = routes.routes[routeIndex].direct {
+        if let direct = routes.directAnswers[routeIndex] {
             tenant?.releaseSlot()
             return Self.answer(direct, to: request, route: routes.routes[routeIndex], scheme: scheme, tenant: tenant)
                 .attributed(to: routes.routeStats[routeIndex])

@@ -42,6 +42,8 @@ final class ListenerRoutes: Sendable {
     /// Per route: its requests' counts and latency (`name`; unnamed routes share `-`), and the same by name.
     let routeStats: [RouteStats]
     let statsByName: [String: RouteStats]
+    /// Per route that answers itself (`redirect`, `direct_response`): its answer.
+    let directAnswers: [DirectAnswer?]
     /// Per route with `fault`: its faults, and how many are active now (for `max_active_faults`).
     let faults: [(config: FaultConfig, active: ManagedAtomic<Int>)?]
     /// What each route asks of its exchanges (timeout, idle timeout, retry policy), converted once.
@@ -89,6 +91,7 @@ final class ListenerRoutes: Sendable {
         self.table = RouteTable(listener.routes, tcpRoutes: tcpRoutes)
         self.routeClusters = listener.routes.map { $0.direct == nil ? clusterSlots[$0.cluster]! : -1 }
         self.faults = listener.routes.map { route in route.fault.map { ($0, ManagedAtomic(0)) } }
+        self.directAnswers = listener.routes.map(\.direct)
         self.weightedClusters = listener.routes.map { route in
             guard !route.weightedClusters.isEmpty,
                   let choice = WeightedChoice(weights: route.weightedClusters.map(\.weight)) else { return nil }
