@@ -152,7 +152,9 @@ public struct RetryPolicyConfig: Sendable, Equatable {
     /// Whether POST, PATCH and other non-idempotent requests are retried on more than a connect failure.
     public var retryNonIdempotent = false
     /// A request whose body grows past this is not retried (its start is no longer kept for a replay).
-    public var retryBufferBytes: Int = 64 * 1024
+    public var retryBufferBytes: Int = RetryPolicyConfig.defaultRetryBufferBytes
+    /// 64 KiB, as Envoy buffers a request for retries and shadows.
+    public static let defaultRetryBufferBytes = 64 * 1024
 
     public init() {}
 }

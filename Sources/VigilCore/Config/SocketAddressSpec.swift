@@ -34,6 +34,11 @@ public struct SocketAddressSpec: Hashable, Sendable, CustomStringConvertible {
         self.port = port
     }
 
+    /// The host is an IPv4 or IPv6 address rather than a name.
+    public var isIPLiteral: Bool {
+        host.contains(":") || (!host.isEmpty && host.allSatisfy { $0 == "." || ($0.isASCII && $0.isNumber) })
+    }
+
     public var description: String {
         host.utf8.contains(UInt8(ascii: ":")) ? "[\(host)]:\(port)" : "\(host):\(port)"
     }

@@ -40,6 +40,20 @@ extension VigilConfig {
         return .object(out)
     }
 
+    /// A route's or cluster's header edits, the keys present only where there are some.
+    static func dump(request: HeaderEdits, response: HeaderEdits) -> [(String, JSONValue)] {
+        var out: [(String, JSONValue)] = []
+        for (side, edits) in [("request", request), ("response", response)] {
+            if !edits.add.isEmpty {
+                out.append(("\(side)_headers_to_add", .array(edits.add.map {
+                    ["name": .string($0.name), "value": .string($0.value.text), "append": .bool($0.append)]
+                })))
+            }
+            if !edits.remove.isEmpty { out.append(("\(side)_headers_to_remove", strings(edits.remove))) }
+        }
+        return out
+    }
+
     static func dump(_ f: FaultConfig) -> JSONValue {
         var out: [(String, JSONValue)] = []
         if let delay = f.delay { out.append(("delay", ["fixed": d(delay.fixed), "percent": .double(delay.percent)])) }

@@ -61,6 +61,7 @@ extension ConfigReader {
         }
         checkOriginalDestinationRoutes(config)
         checkTCPRoutes(config)
+        checkTrafficPolicy(config)
         return config
     }
 
@@ -125,6 +126,48 @@ extension ConfigReader {
                 }
                 if route.fault != nil {
                     fail("\(path).fault", "applies to requests, not to TCP connections")
+                }
+            }
+        }
+    }
+
+    /// What a route's traffic policy needs of the rest of the config: no added header is the one tenants are
+    /// identified by, nothing HTTP on what carries TCP connections, and mirrors go to clusters of HTTP hosts.
+    mutating func checkTrafficPolicy(_ config: VigilConfig) {
+        var tenantHeaders: [String] = []
+        for case .header(let name) in config.tenants?.identify ?? [] { tenantHeaders.append(name.lowercased()) }
+        func checkTenantHeader(_ edits: HeaderEdits, at path: String) {
+            for (k, name) in edits.remove.enumerated() where tenantHeaders.contains(name) {
+                fail("\(path).request_headers_to_remove[\(k)]", "cannot remove \(name): it is the header tenants are identified by: Vigil owns it on the way upstream")
+            }
+            for (k, a) in edits.add.enumerated() where tenantHeaders.contains(a.name) {
+                fail("\(path).request_headers_to_add[\(k)].name", "cannot add \(a.name): it is the header tenants are identified by: Vigil owns it on the way upstream")
+            }
+        }
+        for (i, cluster) in config.clusters.enumerated() {
+            checkTenantHeader(cluster.requestHeaders, at: "clusters[\(i)]")
+            if cluster.protocol == .tcp, !cluster.requestHeaders.isEmpty || !cluster.responseHeaders.isEmpty {
+                fail("clusters[\(i)]", "is a tcp cluster: its connections carry no headers to add or remove")
+            }
+        }
+        for (i, listener) in config.listeners.enumerated() {
+            for (j, route) in listener.routes.enumerated() {
+                let path = "listeners[\(i)].routes[\(j)]"
+                checkTenantHeader(route.requestHeaders, at: path)
+                let carriesConnections = listener.protocol == .tcp || config.cluster(named: route.cluster)?.protocol == .tcp
+                if carriesConnections {
+                    let http = !route.requestHeaders.isEmpty || !route.responseHeaders.isEmpty || route.pathRewrite != nil
+                        || route.hostRewrite != nil || !route.mirrors.isEmpty
+                    if http { fail(path, "carries TCP connections: header edits, rewrites and mirrors apply to requests") }
+                }
+                for (k, mirror) in route.mirrors.enumerated() {
+                    guard let c = config.cluster(named: mirror.cluster) else { continue }
+                    if c.protocol == .tcp || c.type == .originalDst {
+                        fail("\(path).request_mirror_policies[\(k)].cluster", "\"\(c.name)\" is a \(c.protocol == .tcp ? "tcp" : "original_dst") cluster: a mirror copies requests to a cluster of HTTP hosts")
+                    }
+                    if route.clusterNames.contains(mirror.cluster) {
+                        fail("\(path).request_mirror_policies[\(k)].cluster", "\"\(c.name)\" is where the route sends its requests already: a mirror goes elsewhere")
+                    }
                 }
             }
         }
@@ -299,7 +342,8 @@ extension ConfigReader {
         let keys: Set = ["name", "endpoints", "protocol", "connect_timeout", "idle_timeout", "load_balancer",
                          "circuit_breakers", "health_check", "outlier_detection", "slow_start", "panic_threshold",
                          "all_unhealthy", "tls", "per_connection_buffer_limit_bytes", "type", "cleanup_interval",
-                         "hash_policy"]
+                         "hash_policy", "request_headers_to_add", "request_headers_to_remove", "response_headers_to_add",
+                         "response_headers_to_remove"]
         guard let m = map(node, at: path, keys: keys) else { return nil }
         let name = required(nonEmptyString(m["name"], at: m.path("name")), m, "name")
         let type = oneOf(m["type"], at: m.path("type"), ["static": ClusterType.static, "original_dst": .originalDst]) ?? .static
@@ -333,6 +377,8 @@ extension ConfigReader {
         if let p = oneOf(m["protocol"], at: m.path("protocol"), ["http1": UpstreamProtocol.http1, "http2": .http2, "tcp": .tcp]) {
             cluster.protocol = p
         }
+        cluster.requestHeaders = readHeaderEdits(m, request: true)
+        cluster.responseHeaders = readHeaderEdits(m, request: false)
         if let d = duration(m["connect_timeout"], at: m.path("connect_timeout"), min: .milliseconds(1)) {
             cluster.connectTimeout = d
         }

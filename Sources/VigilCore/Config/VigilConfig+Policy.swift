@@ -131,6 +131,7 @@ extension ConfigReader {
         }
         checkOriginalDestinationRoutes(config)
         checkTCPRoutes(config)
+        checkTrafficPolicy(config)
         return config
     }
 

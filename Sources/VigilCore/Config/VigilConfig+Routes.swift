@@ -6,7 +6,11 @@ extension ConfigReader {
     mutating func readRoute(_ node: Node, at path: String, clusterNames: [String: Int]) -> RouteConfig? {
         guard let m = map(node, at: path, keys: ["match", "cluster", "timeout", "idle_timeout", "retry",
                                                      "tenant_limits", "connect_attempts", "grpc_timeout_header_max",
-                                                     "weighted_clusters", "fault", "redirect", "direct_response", "name"])
+                                                     "weighted_clusters", "fault", "redirect", "direct_response", "name",
+                                                     "request_headers_to_add", "request_headers_to_remove",
+                                                     "response_headers_to_add", "response_headers_to_remove",
+                                                     "prefix_rewrite", "regex_rewrite", "host_rewrite_literal",
+                                                     "auto_host_rewrite", "request_mirror_policies"])
         else { return nil }
         let match = required(readMatch(m["match"], at: m.path("match")), m, "match")
         var weighted: [WeightedCluster] = []
@@ -47,9 +51,17 @@ extension ConfigReader {
         }
         if direct != nil {
             for key in ["retry", "fault", "tenant_limits", "connect_attempts", "idle_timeout", "timeout",
-                        "grpc_timeout_header_max"] where m[key] != nil {
+                        "grpc_timeout_header_max", "request_headers_to_add", "request_headers_to_remove",
+                        "response_headers_to_add", "response_headers_to_remove", "prefix_rewrite", "regex_rewrite",
+                        "host_rewrite_literal", "auto_host_rewrite", "request_mirror_policies"] where m[key] != nil {
                 fail(m.path(key), "has no effect on a route that answers itself (\(m["redirect"] != nil ? "redirect" : "direct_response"))")
             }
+        }
+        route.requestHeaders = readHeaderEdits(m, request: true)
+        route.responseHeaders = readHeaderEdits(m, request: false)
+        readRewrites(m, into: &route)
+        if let node = m["request_mirror_policies"] {
+            route.mirrors = readMirrors(node, at: m.path("request_mirror_policies"), clusterNames: clusterNames)
         }
         if let idle = duration(m["idle_timeout"], at: m.path("idle_timeout")) { route.idleTimeout = idle }
         if let n = int(m["connect_attempts"], at: m.path("connect_attempts"), range: 1...10) { route.connectAttempts = n }
@@ -67,6 +79,114 @@ extension ConfigReader {
             route.tenantLimits = limits
         }
         return route
+    }
+
+    /// `request_headers_to_add: [{ name, value, append }]` and `request_headers_to_remove: [name]` (or the response's),
+    /// of a route or a cluster. The tenant header is checked once tenants are known (`checkTrafficPolicy`).
+    mutating func readHeaderEdits(_ m: MapView, request: Bool) -> HeaderEdits {
+        let side = request ? "request" : "response"
+        var edits = HeaderEdits()
+        func refusal(_ name: String) -> String? {
+            request ? HeaderEdits.refusal(requestField: name, tenantHeaders: []) : HeaderEdits.refusal(responseField: name)
+        }
+        let removeKey = "\(side)_headers_to_remove"
+        for (i, item) in (list(m[removeKey], at: m.path(removeKey)) ?? []).enumerated() {
+            let p = Self.index(m.path(removeKey), i)
+            guard let name = nonEmptyString(item, at: p) else { continue }
+            if let reason = refusal(name) { fail(p, "cannot remove \(name): \(reason)") } else { edits.remove.append(name.lowercased()) }
+        }
+        let addKey = "\(side)_headers_to_add"
+        for (i, item) in (list(m[addKey], at: m.path(addKey)) ?? []).enumerated() {
+            let p = Self.index(m.path(addKey), i)
+            guard let e = map(item, at: p, keys: ["name", "value", "append"]) else { continue }
+            let name = required(nonEmptyString(e["name"], at: e.path("name")), e, "name")
+            let text = required(string(e["value"], at: e.path("value")), e, "value")
+            let append = bool(e["append"], at: e.path("append")) ?? true
+            guard let name, let text else { continue }
+            if let reason = refusal(name) {
+                fail(e.path("name"), "cannot add \(name): \(reason)")
+                continue
+            }
+            do throws(HeaderEditError) {
+                let format = try HeaderValueFormat(text)
+                if request, format.variables.contains(.upstreamHost) {
+                    fail(e.path("value"), "%UPSTREAM_HOST% is known only once the request has gone: use it in response_headers_to_add")
+                    continue
+                }
+                edits.add.append(HeaderAddition(name: name, value: format, append: append))
+            } catch {
+                fail(e.path("value"), error.reason)
+            }
+        }
+        return edits
+    }
+
+    /// `prefix_rewrite` or `regex_rewrite: { pattern, substitution }`; `host_rewrite_literal` or `auto_host_rewrite`.
+    mutating func readRewrites(_ m: MapView, into route: inout RouteConfig) {
+        if m["prefix_rewrite"] != nil && m["regex_rewrite"] != nil {
+            fail(m.path("regex_rewrite"), "give either prefix_rewrite or regex_rewrite, not both")
+        }
+        if let p = string(m["prefix_rewrite"], at: m.path("prefix_rewrite")) {
+            if !p.isEmpty && !p.hasPrefix("/") || !p.utf8.allSatisfy(HTTPTokens.isTargetByte) || p.contains("?") || p.contains("#") {
+                fail(m.path("prefix_rewrite"), "\"\(p)\" is not a path prefix (it starts with /, and the request's query follows it)")
+            } else {
+                route.pathRewrite = .prefix(p)
+            }
+        }
+        if let r = map(m["regex_rewrite"], at: m.path("regex_rewrite"), keys: ["pattern", "substitution"]) {
+            let pattern = required(nonEmptyString(r["pattern"], at: r.path("pattern")), r, "pattern")
+            let substitution = required(string(r["substitution"], at: r.path("substitution")), r, "substitution")
+            if let pattern, let substitution {
+                do throws(BoundedRegex.SyntaxError) {
+                    let regex = try BoundedRegex(pattern)
+                    do throws(BoundedRegex.SyntaxError) {
+                        let sub = try BoundedRegex.Substitution(substitution, groups: regex.groupCount)
+                        if substitution.utf8.allSatisfy(HTTPTokens.isTargetByte) || substitution.isEmpty {
+                            route.pathRewrite = .regex(regex, sub)
+                        } else {
+                            fail(r.path("substitution"), "holds bytes a request path may not (spaces, controls, # or non-ASCII)")
+                        }
+                    } catch {
+                        fail(r.path("substitution"), error.description)
+                    }
+                } catch {
+                    fail(r.path("pattern"), error.description)
+                }
+            }
+        }
+        if m["host_rewrite_literal"] != nil && m["auto_host_rewrite"] != nil {
+            fail(m.path("auto_host_rewrite"), "give either host_rewrite_literal or auto_host_rewrite, not both")
+        }
+        if let h = nonEmptyString(m["host_rewrite_literal"], at: m.path("host_rewrite_literal")) {
+            let host = h.hasPrefix("[") ? h : String(h.split(separator: ":", maxSplits: 1)[0])
+            if h.utf8.allSatisfy(HTTPTokens.isHostByte) && !host.isEmpty {
+                route.hostRewrite = .literal(h)
+            } else {
+                fail(m.path("host_rewrite_literal"), "\"\(h)\" is not an authority (host, or host:port)")
+            }
+        }
+        if bool(m["auto_host_rewrite"], at: m.path("auto_host_rewrite")) == true { route.hostRewrite = .auto }
+    }
+
+    /// `request_mirror_policies: [{ cluster, percent }]`: defined clusters, each once.
+    mutating func readMirrors(_ node: Node, at path: String, clusterNames: [String: Int]) -> [MirrorPolicy] {
+        guard let items = list(node, at: path) else { return [] }
+        var out: [MirrorPolicy] = []
+        for (i, item) in items.enumerated() {
+            let p = Self.index(path, i)
+            guard let e = map(item, at: p, keys: ["cluster", "percent"]) else { continue }
+            let name = required(nonEmptyString(e["cluster"], at: e.path("cluster")), e, "cluster")
+            let percent = double(e["percent"], at: e.path("percent"), range: 0...100) ?? 100
+            guard let name else { continue }
+            if clusterNames[name] == nil {
+                fail(e.path("cluster"), "names cluster \"\(name)\", which is not defined in clusters")
+            } else if out.contains(where: { $0.cluster == name }) {
+                fail(e.path("cluster"), "names cluster \"\(name)\" a second time")
+            } else {
+                out.append(MirrorPolicy(cluster: name, percent: percent))
+            }
+        }
+        return out
     }
 
     /// `redirect: { scheme, host, port, path | prefix_rewrite, response_code, strip_query }`.

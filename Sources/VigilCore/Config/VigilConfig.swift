@@ -197,12 +197,33 @@ public struct RouteConfig: Sendable, Equatable {
     /// call is given up with DEADLINE_EXCEEDED when its deadline passes, at most this long after it began (zero:
     /// the client's deadline as it is). Nil (`off`): the header is not read and goes upstream unchanged.
     public var grpcTimeoutHeaderMax: TimeAmount? = .zero
+    /// `request_headers_to_add` / `request_headers_to_remove`, applied after the cluster's.
+    public var requestHeaders = HeaderEdits()
+    /// `response_headers_to_add` / `response_headers_to_remove`, applied after the cluster's.
+    public var responseHeaders = HeaderEdits()
+    /// `prefix_rewrite` or `regex_rewrite`: the path sent upstream.
+    public var pathRewrite: PathRewrite?
+    /// `host_rewrite_literal` or `auto_host_rewrite`: the authority sent upstream.
+    public var hostRewrite: HostRewrite?
+    /// `request_mirror_policies`: clusters that get a copy of some of the route's requests.
+    public var mirrors: [MirrorPolicy] = []
 
     public init(match: RouteMatch, cluster: String, timeout: TimeAmount = .seconds(15), retry: RetryPolicyConfig? = nil) {
         self.match = match
         self.cluster = cluster
         self.timeout = timeout
         self.retry = retry
+    }
+}
+
+/// One of a route's `request_mirror_policies`: `{ cluster, percent }` (Envoy's `runtime_fraction`, as a percentage).
+public struct MirrorPolicy: Sendable, Equatable {
+    public var cluster: String
+    public var percent: Double
+
+    public init(cluster: String, percent: Double = 100) {
+        self.cluster = cluster
+        self.percent = percent
     }
 }
 
@@ -314,6 +335,10 @@ public struct ClusterConfig: Sendable, Equatable {
     public var allUnhealthy: AllUnhealthyMode = .panic
     /// `per_connection_buffer_limit_bytes` for connections to the cluster's hosts (the listener's, for upstreams):
     /// the most read from a host at once, and queued for it, before Vigil stops reading the other side.
+    /// Header manipulation for every route's requests to this cluster (`request_headers_to_add`, …), applied
+    /// before the route's own.
+    public var requestHeaders = HeaderEdits()
+    public var responseHeaders = HeaderEdits()
     public var perConnectionBufferLimitBytes = ListenerConfig.defaultBufferLimitBytes
 
     public init(name: String, endpoints: [SocketAddressSpec], protocol: UpstreamProtocol = .http1,

@@ -129,14 +129,18 @@ public enum HTTP1HeadWriter {
     @discardableResult
     public static func writeRequest(
         _ head: HTTP1RequestHead, facts: ForwardingFacts, random: inout SplitMix64, fallbackAuthority: String,
-        tenant: String? = nil, dropping dropped: String? = nil, maxForwards: Int? = nil, into out: inout ByteBuffer
+        tenant: String? = nil, dropping dropped: String? = nil, maxForwards: Int? = nil, edits: ForwardingEdits? = nil,
+        variables: HeaderVariableValues? = nil, upstreamHost: SocketAddressSpec? = nil, presetRequestID: RequestID? = nil,
+        into out: inout ByteBuffer
     ) -> RequestID? {
         out.reserveCapacity(minimumWritableBytes: head.bytes.readableBytes + 160)
         let absoluteForm = head.isAbsoluteForm
-        if absoluteForm {
+        // The authority is written by Vigil (not copied) for an absolute-form target, or when the route rewrites it.
+        let hostRewritten = edits?.rewritesAuthority ?? false
+        if absoluteForm || edits?.path != nil {
             out.writeString(head.method)
             out.writeInteger(UInt8(0x20))
-            out.writeString(head.path)
+            out.writeString(edits?.forwardedPath(head.path) ?? head.path)
         } else {
             // "METHOD SP target" as it came: one copy.
             out.writeImmutableBuffer(head.bytes.getSlice(at: head.bytes.readerIndex, length: head.targetRange.upperBound)!)
@@ -160,7 +164,7 @@ public enum HTTP1HeadWriter {
         for f in head.fields {
             var keep: Bool
             switch f.kind {
-            case .host: keep = !absoluteForm
+            case .host: keep = !absoluteForm && !hostRewritten
             case .contentLength: keep = true
             case .te:
                 keep = false
@@ -184,6 +188,7 @@ public enum HTTP1HeadWriter {
                     && (nominated.isEmpty || !nominated.contains { head.nameEquals(f, $0) })
                     && !(dropped.map { head.nameEquals(f, $0) } ?? false)
                     && (maxForwards == nil || !head.nameEquals(f, "max-forwards"))
+                    && !(edits?.dropsRequestField { head.nameEquals(f, $0) } ?? false)
             }
             if keep && (f.kind == .contentLength || f.kind == .host) && !isPlainLine(f, in: bytes) {
                 flush(&out)
@@ -196,9 +201,10 @@ public enum HTTP1HeadWriter {
             }
         }
         flush(&out)
-        if absoluteForm || !head.fields.contains(where: { $0.kind == .host }) {
+        if absoluteForm || hostRewritten || !head.fields.contains(where: { $0.kind == .host }) {
             out.writeStaticString("host: ")
-            let authority = head.authority  // made from the head's bytes on each read: read once
+            var authority = head.authority  // made from the head's bytes on each read: read once
+            if let edits { authority = edits.forwardedAuthority(authority, host: upstreamHost) }
             out.writeString(authority.isEmpty ? fallbackAuthority : authority)
             out.writeStaticString("\r\n")
         }
@@ -216,19 +222,33 @@ public enum HTTP1HeadWriter {
             }
             out.writeImmutableBuffer(facts.afterForwardedFor)
         }
-        return endRequestHead(tenant: tenant, hadRequestID: hadRequestID, random: &random, into: &out)
+        return endRequestHead(tenant: tenant, hadRequestID: hadRequestID, random: &random, edits: edits, variables: variables,
+                              carriedRequestID: { head.value(of: .xRequestID) }, preset: presetRequestID, into: &out)
     }
 
-    /// The end of every request head Vigil sends: its own fields, a request id if the request had none, the
-    /// blank line. Returns the id it generated.
-    static func endRequestHead(tenant: String?, hadRequestID: Bool, random: inout SplitMix64,
+    /// The end of every request head Vigil sends: its own fields, a request id if the request had none, the route's
+    /// added fields, the blank line. Returns the id it generated.
+    /// `carriedRequestID`: the request's own id, read only for an added field that names it. `preset`: the id to
+    /// give a request without one (its mirrors carry the same), else one is drawn from `random`.
+    static func endRequestHead(tenant: String?, hadRequestID: Bool, random: inout SplitMix64, edits: ForwardingEdits?,
+                               variables: HeaderVariableValues?, carriedRequestID: () -> String?, preset: RequestID?,
                                into out: inout ByteBuffer) -> RequestID? {
         writeVigilFields(clientCert: nil, tenant: tenant, into: &out)  // the client cert is in the facts' lines
         var generated: RequestID?
         if !hadRequestID {
-            let id = RequestID(using: &random)
+            let id = preset ?? RequestID(using: &random)
             id.writeField(to: &out)
             generated = id
+        }
+        if let edits, !edits.requestAdded.isEmpty {
+            var values = variables
+            if edits.requestUsesVariables { values?.requestID = generated?.string ?? carriedRequestID() }
+            edits.forEachRequestAddition(values) { name, value in
+                out.writeString(name)
+                out.writeStaticString(": ")
+                out.writeString(value)
+                out.writeStaticString("\r\n")
+            }
         }
         out.writeStaticString("\r\n")
         return generated
@@ -275,8 +295,10 @@ public enum HTTP1HeadWriter {
     }
 
     /// Writes the response head for the client: status line, the kept fields, and Vigil's framing.
+    /// `edits`: the route's response header edits (`variables` for their values), for a final response.
     public static func writeResponse(_ head: HTTP1ResponseHead, framing: DownstreamFraming, keepAlive: Bool,
-                                     clientMinorVersion: Int, into out: inout ByteBuffer) {
+                                     clientMinorVersion: Int, edits: ForwardingEdits? = nil,
+                                     variables: HeaderVariableValues? = nil, into out: inout ByteBuffer) {
         let isSwitch = head.status == 101
         out.reserveCapacity(minimumWritableBytes: head.bytes.readableBytes + 64)
         // Vigil's own version, whatever the client's (RFC 9110 §6.2: an intermediary sends its own
@@ -309,6 +331,7 @@ public enum HTTP1HeadWriter {
             default:
                 // Connection-specific kinds never pass (the field table); a response keeps the request-only ones.
                 keep = !f.kind.isConnectionSpecific && (nominated.isEmpty || !nominated.contains { head.nameEquals(f, $0) })
+                    && !(edits?.dropsResponseField { head.nameEquals(f, $0) } ?? false)
             }
             if keep && f.kind == .contentLength && !isPlainLine(f, in: head.bytes) {
                 flush(&out)
@@ -321,6 +344,12 @@ public enum HTTP1HeadWriter {
             }
         }
         flush(&out)
+        edits?.forEachResponseAddition(variables) { name, value in
+            out.writeString(name)
+            out.writeStaticString(": ")
+            out.writeString(value)
+            out.writeStaticString("\r\n")
+        }
         switch framing {
         case .chunked: out.writeStaticString("transfer-encoding: chunked\r\n")
         case .none, .length, .close: break

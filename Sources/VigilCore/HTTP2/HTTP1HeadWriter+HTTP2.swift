@@ -24,18 +24,20 @@ extension HTTP1HeadWriter {
     @discardableResult
     public static func writeRequest(
         _ request: HTTP2RequestHead, body: TranslatedBody, facts: ForwardingFacts, tenant: String?,
-        dropping dropped: String?, random: inout SplitMix64, into out: inout ByteBuffer
+        dropping dropped: String?, random: inout SplitMix64, edits: ForwardingEdits? = nil,
+        variables: HeaderVariableValues? = nil, upstreamHost: SocketAddressSpec? = nil, presetRequestID: RequestID? = nil,
+        into out: inout ByteBuffer
     ) -> (generated: RequestID?, chunked: Bool) {
         out.writeString(request.method)
         out.writeStaticString(" ")
-        out.writeString(request.path)
+        out.writeString(edits?.forwardedPath(request.path) ?? request.path)
         out.writeStaticString(" HTTP/1.1\r\nhost: ")
-        out.writeString(request.authority)
+        out.writeString(edits?.forwardedAuthority(request.authority, host: upstreamHost) ?? request.authority)
         out.writeStaticString("\r\n")
         let maxForwards = HTTP2ForwardedFields.maxForwards(of: request)
         if let maxForwards { writeMaxForwards(maxForwards, into: &out) }
         var cookies: [String] = []
-        let selected = HTTP2ForwardedFields.select(request, maxForwards: maxForwards, dropping: dropped) { name, value, _ in
+        let selected = HTTP2ForwardedFields.select(request, maxForwards: maxForwards, dropping: dropped, edits: edits) { name, value, _ in
             // RFC 9113 §8.2.3: an HTTP/1.1 head carries one cookie field.
             if name == "cookie" {
                 cookies.append(value)
@@ -67,7 +69,10 @@ extension HTTP1HeadWriter {
             }
         }
         facts.writeFields(after: selected.forwardedFor, into: &out)
-        return (endRequestHead(tenant: tenant, hadRequestID: selected.hadRequestID, random: &random, into: &out), chunked)
+        let id = endRequestHead(tenant: tenant, hadRequestID: selected.hadRequestID, random: &random, edits: edits,
+                                variables: variables, carriedRequestID: { request.headers.first(name: "x-request-id") },
+                                preset: presetRequestID, into: &out)
+        return (id, chunked)
     }
 
     /// Writes the last chunk of a chunked body with an HTTP/2 request's trailers (checked by

@@ -18,7 +18,7 @@ public struct HTTP2ForwardedFields {
     ///
     /// `maxForwards`: the `Max-Forwards` sent in place of the received one (`maxForwards(of:)`), if any.
     @inline(__always)
-    static func select(_ request: HTTP2RequestHead, maxForwards: Int?, dropping dropped: String?,
+    static func select(_ request: HTTP2RequestHead, maxForwards: Int?, dropping dropped: String?, edits: ForwardingEdits?,
                        keep: (_ name: String, _ value: String, _ indexing: HPACKIndexing) -> Void) -> HTTP2ForwardedFields {
         var selected = HTTP2ForwardedFields()
         for (name, value, indexing) in request.headers {
@@ -40,7 +40,8 @@ public struct HTTP2ForwardedFields {
                 break
             default:
                 if kind.isConnectionSpecific || kind.isSetByVigil || name == dropped
-                    || (maxForwards != nil && name == "max-forwards") {
+                    || (maxForwards != nil && name == "max-forwards")
+                    || (edits?.dropsRequestField { $0 == name } ?? false) {
                     continue
                 }
             }
@@ -73,16 +74,17 @@ public enum HTTP2HeadWriter {
     /// - Returns: the block, and the x-request-id it generated from `random` (nil when the request carried one).
     public static func writeRequest(
         _ request: HTTP2RequestHead, scheme: String, facts: ForwardingFacts, tenant: String?, dropping dropped: String?,
-        random: inout SplitMix64, grpcTimeout: TimeAmount? = nil
+        random: inout SplitMix64, grpcTimeout: TimeAmount? = nil, edits: ForwardingEdits? = nil,
+        variables: HeaderVariableValues? = nil, upstreamHost: SocketAddressSpec? = nil, presetRequestID: RequestID? = nil
     ) -> (headers: HPACKHeaders, generated: RequestID?) {
         var out = HPACKHeaders()
         out.reserveCapacity(request.headers.count + 6)
         out.add(name: ":method", value: request.method)
         out.add(name: ":scheme", value: scheme)
-        out.add(name: ":authority", value: request.authority)
-        out.add(name: ":path", value: request.path)
+        out.add(name: ":authority", value: edits?.forwardedAuthority(request.authority, host: upstreamHost) ?? request.authority)
+        out.add(name: ":path", value: edits?.forwardedPath(request.path) ?? request.path)
         let maxForwards = HTTP2ForwardedFields.maxForwards(of: request)
-        let selected = HTTP2ForwardedFields.select(request, maxForwards: maxForwards, dropping: dropped) {
+        let selected = HTTP2ForwardedFields.select(request, maxForwards: maxForwards, dropping: dropped, edits: edits) {
             if grpcTimeout == nil || $0 != "grpc-timeout" { out.add(name: $0, value: $1, indexing: $2) }
         }
         // Left out of HPACK's dynamic table, as gRPC's own clients send it: its value changes on every call, and each
@@ -100,11 +102,27 @@ public enum HTTP2HeadWriter {
         if let tenant { out.add(name: "x-vigil-tenant", value: tenant) }
         var generated: RequestID?
         if !selected.hadRequestID {
-            let id = RequestID(using: &random)
+            let id = presetRequestID ?? RequestID(using: &random)
             out.add(name: "x-request-id", value: id.string, indexing: .nonIndexable)  // new on every request
             generated = id
         }
+        if let edits, !edits.requestAdded.isEmpty {
+            var values = variables
+            if edits.requestUsesVariables { values?.requestID = generated?.string ?? request.headers.first(name: "x-request-id") }
+            edits.forEachRequestAddition(values) { out.add(name: $0, value: $1) }
+        }
         return (out, generated)
+    }
+
+    /// A response's header block with the route's response edits made: the names dropped, the fields added.
+    public static func editedResponse(_ headers: HPACKHeaders, edits: ForwardingEdits, variables: HeaderVariableValues?) -> HPACKHeaders {
+        var out = HPACKHeaders()
+        out.reserveCapacity(headers.count + edits.responseAdded.count)
+        for (name, value, indexing) in headers where !edits.dropsResponseField(where: { $0 == name }) {
+            out.add(name: name, value: value, indexing: indexing)
+        }
+        edits.forEachResponseAddition(variables) { out.add(name: $0, value: $1) }
+        return out
     }
 
     /// The trailers to send on (`HTTP2ForwardedFields.keepsTrailer`), or nil when none are left: the block as it

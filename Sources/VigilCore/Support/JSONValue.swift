@@ -21,6 +21,12 @@ public enum JSONValue: Sendable, Equatable, ExpressibleByStringLiteral, Expressi
 
     public static func == (a: JSONValue, b: JSONValue) -> Bool { a.serialized() == b.serialized() }
 
+    /// An object with `entries` added at its end (anything else as it is).
+    public func appending(_ entries: [(String, JSONValue)]) -> JSONValue {
+        guard case .object(let own) = self else { return self }
+        return .object(own + entries)
+    }
+
     public func serialized(pretty: Bool = false) -> String {
         var out = ""
         write(into: &out, pretty: pretty, indent: 0)
@@ -164,12 +170,29 @@ extension VigilConfig {
                                   ("connect_attempts", .int(r.connectAttempts)),
                                   ("grpc_timeout_header_max", r.grpcTimeoutHeaderMax.map(d) ?? .string("off"))]
                         if let fault = r.fault { route.append(("fault", Self.dump(fault))) }
+                        route += Self.dump(request: r.requestHeaders, response: r.responseHeaders)
+                        switch r.pathRewrite {
+                        case .prefix(let p)?: route.append(("prefix_rewrite", .string(p)))
+                        case .regex(let regex, let substitution)?:
+                            route.append(("regex_rewrite", ["pattern": .string(regex.pattern), "substitution": .string(substitution.text)]))
+                        case nil: break
+                        }
+                        switch r.hostRewrite {
+                        case .literal(let h)?: route.append(("host_rewrite_literal", .string(h)))
+                        case .auto?: route.append(("auto_host_rewrite", .bool(true)))
+                        case nil: break
+                        }
+                        if !r.mirrors.isEmpty {
+                            route.append(("request_mirror_policies", .array(r.mirrors.map {
+                                ["cluster": .string($0.cluster), "percent": .double($0.percent)]
+                            })))
+                        }
                         return .object(route)
                     }),
                 ]
             }),
             "clusters": .array(clusters.map { c in
-                [
+                ([
                     "name": .string(c.name), "type": .string(c.type.rawValue),
                     "cleanup_interval": c.type == .originalDst ? d(c.cleanupInterval) : .null,
                     "endpoints": .array(c.endpoints.map { .string($0.description) }),
@@ -193,7 +216,7 @@ extension VigilConfig {
                     "outlier_detection": c.outlierDetection.map(Self.dump) ?? .null,
                     "slow_start": c.slowStart.map(Self.dump) ?? .null,
                     "tls": c.tls.map(Self.dump) ?? .null,
-                ]
+                ] as JSONValue).appending(Self.dump(request: c.requestHeaders, response: c.responseHeaders))
             }),
         ]
     }

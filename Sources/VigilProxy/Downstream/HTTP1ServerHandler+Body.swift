@@ -61,8 +61,10 @@ extension HTTP1ServerHandler {
         }
     }
 
-    /// Adds what was sent to the replay copy while the exchange can still send the request again.
+    /// Adds what was sent to the replay copy while the exchange can still send the request again, and to the copy
+    /// for the request's mirrors.
     func keep(_ part: ByteBuffer) {
+        if mirrors != nil { mirrors!.body.append(part, bodySoFar: bodyBytesSeen) }
         guard replay != nil else { return }
         if exchange.bodyForwarded(totalBytes: bodyBytesSeen) { replay!.writeImmutableBuffer(part) } else { replay = nil }
     }
@@ -130,7 +132,40 @@ extension HTTP1ServerHandler {
         lastBodyRead = nil
         chunked = nil
         exchange.requestEnded(now: eventLoop.now)
+        if mirrors != nil { launchMirrors() }
         armExchangeTimer()
+    }
+
+    // MARK: - Mirrors
+
+    /// Draws the route's mirrors for the request just routed; a bodiless request's go at once, others' when the body
+    /// is whole. An upgrade is not mirrored (a copy cannot share the tunnel).
+    func drawMirrors(_ routeMirrors: [MirrorTarget]) {
+        guard let head, !head.isUpgrade, head.method != "CONNECT" else { return }
+        mirrors = PendingMirrors.draw(routeMirrors, hasRequestID: head.fields.contains { $0.kind == .xRequestID },
+                                      random: &loop.random)
+        mirroredRequestID = mirrors?.requestID
+        if requestBodyDone { launchMirrors() }
+    }
+
+    /// Sends the request's copies: its head written again for each mirror (its edits, the shadow authority), then the
+    /// body as it was framed upstream.
+    func launchMirrors() {
+        guard let pending = mirrors.take(), let target, let head else { return }
+        let untrusted = target.policy.snapshot.routes[listener.index].untrustedTenantHeader
+        let route = target.route
+        pending.launch(policy: target.policy, loop: loop, timeout: route.timeout > .zero ? route.timeout : route.idleTimeout,
+                       requestIsHead: requestIsHead) { edits, host, out in
+            HTTP1HeadWriter.writeRequest(head, facts: facts, random: &loop.random, fallbackAuthority: host.description,
+                                         tenant: target.tenant?.name, dropping: untrusted,
+                                         maxForwards: MaxForwards.remaining(method: head.method) {
+                                             head.value(named: "max-forwards")
+                                         }.map(MaxForwards.forwarded),
+                                         edits: edits,
+                                         variables: edits.requestUsesVariables
+                                             ? target.headerVariables(facts: facts, identity: session.identity) : nil,
+                                         upstreamHost: host, presetRequestID: pending.requestID, into: &out)
+        }
     }
 
     // MARK: - Reading and timers

@@ -49,8 +49,14 @@ extension HTTP1ServerHandler {
                                                             clientMinorVersion: requestMinorVersion)
         if responseFraming == .close || !requestBodyDone { keepAlive = false }
         var out = loop.headBuffer(capacity: response.bytes.readableBytes + 64)
+        let edits = target?.edits
         HTTP1HeadWriter.writeResponse(response, framing: responseFraming, keepAlive: keepAlive,
-                                      clientMinorVersion: requestMinorVersion, into: &out)
+                                      clientMinorVersion: requestMinorVersion, edits: edits,
+                                      variables: edits?.responseUsesVariables == true
+                                          ? target!.headerVariables(facts: facts, identity: session.identity,
+                                                                    requestID: generatedRequestID?.string ?? head?.value(of: .xRequestID))
+                                          : nil,
+                                      into: &out)
         bytesOut += out.readableBytes
         // Held until the first body bytes (or the end of this read) so head and a small body leave as one
         // write: one TLS record instead of two on a TLS listener (NIOSSL seals each write on its own).
@@ -170,6 +176,8 @@ extension HTTP1ServerHandler {
     func finishRequest(reuseUpstream: Bool) {
         guard requestOpen else { return }
         requestOpen = false
+        mirrors = nil  // a request that ends before its body is whole is not mirrored
+        mirroredRequestID = nil
         let now = eventLoop.now
         finishedAt = now
         let duration = now - startedAt

@@ -118,6 +118,10 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     var chunkEvents: [ChunkedDecoder.Event] = []
     /// What the first try sent (head and body so far), kept while the machine says the request can be sent again.
     var replay: ByteBuffer?
+    /// The request's mirrors, while its body arrives (`MirrorRequest`).
+    var mirrors: PendingMirrors?
+    /// The id a mirrored request without one was given (its mirrors, sent first, carry it too).
+    var mirroredRequestID: RequestID?
     var trySentAt = NIODeadline.uptimeNanoseconds(0)
 
     /// `reached`: the connection's destination when the protocol detector has already read it (one getsockopt per
@@ -383,6 +387,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             localReply(answer, close: !requestBodyDone, headers: headers)
         case .forward:
             chunked?.droppedTrailerName = target!.policy.snapshot.routes[listener.index].untrustedTenantHeader
+            let routeMirrors = target!.policy.snapshot.routes[listener.index].mirrors[target!.routeIndex]
+            if !routeMirrors.isEmpty { drawMirrors(routeMirrors) }
             run(exchange.started(route: target!.route, host: target!.host.index, method: self.head!.method,
                                  hasBody: !requestBodyDone, requestComplete: requestBodyDone, now: startedAt,
                                  fault: target!.fault))
@@ -458,6 +464,11 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                                                          maxForwards: MaxForwards.remaining(method: head.method) {
                                                              head.value(named: "max-forwards")
                                                          }.map(MaxForwards.forwarded),
+                                                         edits: target?.edits,
+                                                         variables: target?.edits?.requestUsesVariables == true
+                                                             ? target!.headerVariables(facts: facts, identity: session.identity) : nil,
+                                                         upstreamHost: target?.host.address,
+                                                         presetRequestID: mirroredRequestID,
                                                          into: &out)
             let bodyless = head.framing == HTTP1BodyFraming.none
             self.head = consume head

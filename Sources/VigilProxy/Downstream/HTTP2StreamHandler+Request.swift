@@ -21,7 +21,8 @@ extension HTTP2StreamHandler {
         let written = HTTP1HeadWriter.writeRequest(
             request, body: body, facts: facts, tenant: target?.tenant?.name,
             dropping: target?.policy.snapshot.routes[listener.index].untrustedTenantHeader,
-            random: &loop.random, into: &out)
+            random: &loop.random, edits: target?.edits, variables: requestVariables, upstreamHost: target?.host.address,
+            presetRequestID: mirroredRequestID, into: &out)
         chunkedUpstream = written.chunked
         noteRequestID(generated: written.generated, of: request)
         return out
@@ -34,9 +35,33 @@ extension HTTP2StreamHandler {
         let written = HTTP2HeadWriter.writeRequest(
             request, scheme: scheme, facts: facts, tenant: target?.tenant?.name,
             dropping: target?.policy.snapshot.routes[listener.index].untrustedTenantHeader, random: &loop.random,
-            grpcTimeout: left)
+            grpcTimeout: left, edits: target?.edits, variables: requestVariables, upstreamHost: target?.host.address,
+            presetRequestID: mirroredRequestID)
         noteRequestID(generated: written.generated, of: request)
         return written.headers
+    }
+
+    /// The values the route's added request fields name, when they name any.
+    var requestVariables: HeaderVariableValues? {
+        guard let target, target.edits?.requestUsesVariables == true else { return nil }
+        return target.headerVariables(facts: facts, identity: session.identity)
+    }
+
+    /// A response's header block with the route's response edits made (the block as it came when it has none).
+    func editedResponse(_ headers: HPACKHeaders) -> HPACKHeaders {
+        guard let target, let edits = target.edits, !(edits.responseDropped.isEmpty && edits.responseAdded.isEmpty) else {
+            return headers
+        }
+        var variables: HeaderVariableValues?
+        if edits.responseUsesVariables {
+            let id: String?
+            switch requestID {
+            case .generated(let generated): id = generated.string
+            default: id = request?.headers.first(name: "x-request-id")
+            }
+            variables = target.headerVariables(facts: facts, identity: session.identity, requestID: id)
+        }
+        return HTTP2HeadWriter.editedResponse(headers, edits: edits, variables: variables)
     }
 
     func noteRequestID(generated: RequestID?, of request: HTTP2RequestHead) {
@@ -49,6 +74,7 @@ extension HTTP2StreamHandler {
 
     /// `endStream`: the piece ends the request body with no trailers after it.
     func sendBody(_ bytes: ByteBuffer, endStream: Bool) {
+        if mirrors != nil { mirrors!.body.append(bytes, bodySoFar: bodyBytes) }
         if upstream != nil { writeBody(bytes, endStream: endStream) } else { pendingBody.append(bytes) }
         updateReads()
     }
@@ -105,7 +131,57 @@ extension HTTP2StreamHandler {
             pendingTrailers = trailers
         }
         exchange.requestEnded(now: loop.eventLoop.now)
+        if mirrors != nil { launchMirrors(trailers: trailers) }
         rearmDeadline()
+    }
+
+    // MARK: - Mirrors
+
+    /// Draws the route's mirrors for the request just routed; a bodiless request's go at once, others' when the body
+    /// is whole.
+    func drawMirrors(_ routeMirrors: [MirrorTarget], for request: HTTP2RequestHead) {
+        guard request.method != "CONNECT" else { return }
+        mirrors = PendingMirrors.draw(routeMirrors, hasRequestID: request.headers.contains(name: "x-request-id"),
+                                      random: &loop.random)
+        mirroredRequestID = mirrors?.requestID
+        if requestBodyDone { launchMirrors(trailers: nil) }
+    }
+
+    /// Sends the request's copies as HTTP/1.1 bytes (every upstream stream takes those): the head translated for each
+    /// mirror (its edits, the shadow authority), then the body, with its length, or chunked to carry trailers.
+    func launchMirrors(trailers: HPACKHeaders?) {
+        guard let pending = mirrors.take(), let target, let request else { return }
+        let untrusted = target.policy.snapshot.routes[listener.index].untrustedTenantHeader
+        let route = target.route
+        // Trailers need chunked framing, which a request with a content-length does not get: its copy goes without them.
+        let chunk = trailers != nil && request.contentLength == nil
+        let body: HTTP1HeadWriter.TranslatedBody = !requestHasBody ? .none : chunk ? .streaming
+            : .whole(length: pending.body.bodyBytes)
+        var parts = pending
+        if chunk, !pending.body.overLimit {
+            // One chunk of the whole body, then the trailers in the last chunk.
+            let n = pending.body.bodyBytes
+            var framed = MirrorBody(limit: pending.body.limit)
+            if n > 0 {
+                var header = ByteBuffer()
+                HTTP1HeadWriter.writeChunkHeader(length: n, into: &header)
+                framed.append(header, bodySoFar: 0)
+                for part in pending.body.parts { framed.append(part, bodySoFar: n) }
+                framed.append(ByteBuffer(staticCRLF: ()), bodySoFar: n)
+            }
+            var last = ByteBuffer()
+            HTTP1HeadWriter.writeLastChunk(trailers: trailers, dropping: untrusted, into: &last)
+            framed.append(last, bodySoFar: n)
+            parts.body = framed
+        }
+        parts.launch(policy: target.policy, loop: loop, timeout: route.timeout > .zero ? route.timeout : route.idleTimeout,
+                     requestIsHead: request.method == "HEAD") { edits, host, out in
+            HTTP1HeadWriter.writeRequest(request, body: body, facts: facts, tenant: target.tenant?.name, dropping: untrusted,
+                                         random: &loop.random, edits: edits,
+                                         variables: edits.requestUsesVariables
+                                             ? target.headerVariables(facts: facts, identity: session.identity) : nil,
+                                         upstreamHost: host, presetRequestID: pending.requestID, into: &out)
+        }
     }
 
     func writeBodyEnd(trailers: HPACKHeaders?) {

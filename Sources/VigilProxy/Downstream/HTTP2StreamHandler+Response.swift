@@ -45,6 +45,7 @@ extension HTTP2StreamHandler {
             }
             headers.add(name: head.lowercaseNameString(f), value: head.valueString(f))
         }
+        headers = editedResponse(headers)
         if bodiless {
             // The whole response is this HEADERS frame with END_STREAM (a gRPC trailers-only answer, a 204): it
             // goes out from upstreamResponseEnd, which comes next and finishes the exchange before the frame
@@ -69,18 +70,19 @@ extension HTTP2StreamHandler {
         guard admitResponse(status: head.status, retryAfter: head.headers.first(name: "retry-after"), grpc: grpc) else {
             return
         }
+        let edited = editedResponse(head.headers)
         if head.status == 204 {
             // RFC 9110 §8.6: a 204 has no content-length; NIOHTTP2 would refuse to send one that no DATA follows.
-            var headers = head.headers
+            var headers = edited
             headers.remove(name: "content-length")
             bodilessHead = headers
         } else if endStream || head.status == 304 || request?.method == "HEAD" {
-            bodilessHead = head.headers  // see upstreamResponseHead
+            bodilessHead = edited  // see upstreamResponseHead
         } else if case .pending = grpc {
-            let headers = Self.withoutLength(head.headers)
+            let headers = Self.withoutLength(edited)
             if exchange.responseHeld { heldGRPCHead = headers } else { send(.headers(.init(headers: headers, endStream: false))) }
         } else {
-            send(.headers(.init(headers: head.headers, endStream: false)))
+            send(.headers(.init(headers: edited, endStream: false)))
         }
     }
 
@@ -283,6 +285,8 @@ extension HTTP2StreamHandler {
     func finish(reuseUpstream: Bool) {
         guard requestOpen else { return }
         requestOpen = false
+        mirrors = nil  // a request that ends before its body is whole is not mirrored
+        mirroredRequestID = nil
         cancelTimers()
         replay = nil  // dropped first: the spare head is then its only owner
         requestCopy = nil

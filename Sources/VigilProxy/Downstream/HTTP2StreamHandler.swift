@@ -64,6 +64,10 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
     /// as HTTP/1.1 bytes, or as what was sent to an HTTP/2 upstream (a cluster's hosts share one protocol).
     var replay: ByteBuffer?
     var requestCopy: HTTP2RequestCopy?
+    /// The request's mirrors, while its body arrives (`MirrorRequest`), and the id they and the request carry when it
+    /// came without one.
+    var mirrors: PendingMirrors?
+    var mirroredRequestID: RequestID?
     var trySentAt = NIODeadline.uptimeNanoseconds(0)
     /// The head of a response without a body, held for `upstreamResponseEnd`.
     var bodilessHead: HPACKHeaders?
@@ -356,6 +360,8 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
             }
             abandon(answer, headers: headers)
         case .forward:
+            let routeMirrors = target!.policy.snapshot.routes[listener.index].mirrors[target!.routeIndex]
+            if !routeMirrors.isEmpty { drawMirrors(routeMirrors, for: request) }
             run(exchange.started(route: target!.route, host: target!.host.index, method: request.method,
                                  hasBody: requestHasBody, requestComplete: requestBodyDone, now: startedAt,
                                  grpc: request.grpc, grpcTimeout: request.grpcTimeout, fault: target!.fault))

@@ -26,6 +26,8 @@ struct UpstreamTarget {
     var hashKey: UInt64?
     /// The route's counts and latency (`routes[].name`).
     var routeStats: RouteStats?
+    /// What the route and cluster change of the forwarded request and its response (nil: nothing).
+    var edits: ForwardingEdits?
     /// The host was made for the request's original destination (`original_dst`): it has no place in the cluster's
     /// health, and a retry goes to it again.
     var dynamicHost: Bool { cluster.isOriginalDestination }
@@ -33,6 +35,14 @@ struct UpstreamTarget {
     // `release`, `record` and `recordResponse` are `mutating` though they change nothing of the value: a
     // handler calls them on its stored `target`, and a non-mutating call there copied the whole struct
     // first (a retain and a release for each of its six references) on every request.
+
+    /// The values an added header may name, for this request (its request id is filled in where it is known).
+    func headerVariables(facts: ForwardingFacts, identity: String?, requestID: String? = nil) -> HeaderVariableValues {
+        let routeName = routeStats.map(\.name)
+        return HeaderVariableValues(clientAddress: facts.clientAddress, identity: identity, tenant: tenant?.name,
+                                    requestID: requestID, routeName: routeName == "-" ? nil : routeName,
+                                    upstreamHost: host.addressText)
+    }
 
     mutating func release() {
         host.activeRequests.wrappingDecrement(ordering: .relaxed)
@@ -165,7 +175,7 @@ extension ProxyRuntime {
                                loop: LoopContext, tenant: TenantState?, destination: Destination?,
                                destinationIsThisHost: Bool, clientAddress: String?,
                                target: inout UpstreamTarget?) -> RoutingOutcome {
-        let slot = routes.clusterSlot(route: routeIndex, random: &loop.random)
+        let (slot, pick) = routes.clusterSlot(route: routeIndex, random: &loop.random)
         let cluster = policy.snapshot.clusters[slot]
         guard cluster.admitRequest() else {
             return .reply(status: 503, reason: "overflow", detail: "cluster \(cluster.config.name) is at max_requests",
@@ -203,7 +213,7 @@ extension ProxyRuntime {
         target = UpstreamTarget(policy: policy, cluster: cluster, slot: slot, host: host, pool: pool,
                                 routeIndex: routeIndex, route: route, tenant: tenant, fault: fault,
                                 activeFaults: fault == nil ? nil : routes.faults[routeIndex]?.active, hashKey: hashKey,
-                                routeStats: routes.routeStats[routeIndex])
+                                routeStats: routes.routeStats[routeIndex], edits: routes.edits[routeIndex][pick])
         return .forward
     }
 

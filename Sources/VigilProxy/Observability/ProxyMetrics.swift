@@ -130,7 +130,12 @@ public final class ProxyMetrics: Sendable {
                            Counter(label: "vigil_tcp_connections_total", dimensions: [("listener", $0), ("cluster", name)],
                                    factory: factory)
                        },
-                       grpc: listenerNames.map { Self.grpcCounters(listener: $0, cluster: name, factory: factory) })
+                       grpc: listenerNames.map { Self.grpcCounters(listener: $0, cluster: name, factory: factory) },
+                       mirrors: LazyCounters(count: Mirroring.Outcome.allCases.count) { [factory] k in
+                           Counter(label: "vigil_mirror_requests_total",
+                                   dimensions: [("cluster", name), ("outcome", Mirroring.Outcome(rawValue: k)!.label)],
+                                   factory: factory)
+                       })
     }
 
     func recordRequest(listener: Int, cluster: ClusterRuntime?, status: Int, durationNanos: Int64, bytesIn: Int, bytesOut: Int) {
@@ -151,6 +156,10 @@ struct ClusterMetrics: Sendable {
     var connections: [Counter] = []
     /// `[listener]`: gRPC calls by status.
     var grpc: [LazyCounters] = []
+    /// Requests mirrored to this cluster, by `Mirroring.Outcome`.
+    var mirrors = LazyCounters(count: Mirroring.Outcome.allCases.count) { _ in
+        Counter(label: "vigil_mirror_requests_total", dimensions: [], factory: NOOPMetricsHandler.instance)
+    }
 }
 
 /// Counters made on first use, without a lock: the 17 gRPC statuses of every listener and cluster would otherwise

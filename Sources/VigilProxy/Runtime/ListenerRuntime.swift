@@ -42,6 +42,11 @@ final class ListenerRoutes: Sendable {
     /// Per route: its requests' counts and latency (`name`; unnamed routes share `-`), and the same by name.
     let routeStats: [RouteStats]
     let statsByName: [String: RouteStats]
+    /// Per route, per cluster it may send to (its one cluster, or each of its weighted clusters in order): what the
+    /// forwarded request and its response have changed (nil: nothing).
+    let edits: [[ForwardingEdits?]]
+    /// Per route: its mirrors (`request_mirror_policies`).
+    let mirrors: [[MirrorTarget]]
     /// Per route that answers itself (`redirect`, `direct_response`): its answer.
     let directAnswers: [DirectAnswer?]
     /// Per route with `fault`: its faults, and how many are active now (for `max_active_faults`).
@@ -65,7 +70,7 @@ final class ListenerRoutes: Sendable {
     let carriesTCP: Bool
 
     /// `previousStats`: the listener's route stats under the policy before, kept for the names that stay.
-    init(listener: ListenerConfig, clusterSlots: [String: Int], tcpClusters: Set<String> = [],
+    init(listener: ListenerConfig, clusterSlots: [String: Int], clusters: [String: ClusterConfig] = [:], tcpClusters: Set<String> = [],
          originalDestinationClusters: Set<String> = [], tenants: TenantsConfig?, firstOverrideSlot: Int,
          previousStats: [String: RouteStats] = [:]) {
         var byName: [String: RouteStats] = [:]
@@ -92,6 +97,18 @@ final class ListenerRoutes: Sendable {
         self.routeClusters = listener.routes.map { $0.direct == nil ? clusterSlots[$0.cluster]! : -1 }
         self.faults = listener.routes.map { route in route.fault.map { ($0, ManagedAtomic(0)) } }
         self.directAnswers = listener.routes.map(\.direct)
+        self.edits = listener.routes.map { route in
+            route.clusterNames.map { ForwardingEdits(route: route, cluster: clusters[$0]) }
+        }
+        self.mirrors = listener.routes.map { route in
+            route.mirrors.compactMap { m in
+                clusterSlots[m.cluster].map {
+                    MirrorTarget(slot: $0, perMillion: UInt64((m.percent * 10_000).rounded()),
+                                 edits: ForwardingEdits(mirrorOf: route, cluster: clusters[m.cluster]),
+                                 bodyLimit: route.retry?.retryBufferBytes ?? RetryPolicyConfig.defaultRetryBufferBytes)
+                }
+            }
+        }
         self.weightedClusters = listener.routes.map { route in
             guard !route.weightedClusters.isEmpty,
                   let choice = WeightedChoice(weights: route.weightedClusters.map(\.weight)) else { return nil }
@@ -116,11 +133,22 @@ final class ListenerRoutes: Sendable {
     }
 }
 
+/// One of a route's mirrors, resolved: the cluster's slot, the share of requests it copies (per million), what the
+/// copy is sent with, and the longest body it copies (the route's replay buffer).
+struct MirrorTarget: Sendable {
+    let slot: Int
+    let perMillion: UInt64
+    let edits: ForwardingEdits
+    let bodyLimit: Int
+}
+
 extension ListenerRoutes {
-    /// The cluster slot a request on `route` goes to: its cluster, or one drawn by the route's weights.
-    func clusterSlot<R: RandomNumberGenerator>(route: Int, random: inout R) -> Int {
-        guard let weighted = weightedClusters[route] else { return routeClusters[route] }
-        return weighted.slots[weighted.choice.pick(random.next())]
+    /// The cluster slot a request on `route` goes to (its cluster, or one drawn by the route's weights), and which of
+    /// the route's clusters that is (for `edits`).
+    func clusterSlot<R: RandomNumberGenerator>(route: Int, random: inout R) -> (slot: Int, pick: Int) {
+        guard let weighted = weightedClusters[route] else { return (routeClusters[route], 0) }
+        let pick = weighted.choice.pick(random.next())
+        return (weighted.slots[pick], pick)
     }
 
     /// The first route to a tcp cluster that takes a connection to `destination`, if any.

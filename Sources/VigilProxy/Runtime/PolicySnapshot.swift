@@ -54,10 +54,11 @@ public final class PolicySnapshot: Sendable {
         let slots = Dictionary(uniqueKeysWithValues: clusters.enumerated().map { ($0.element.config.name, $0.offset) })
         var overrides = 0
         let tcpClusters = Set(config.clusters.filter { $0.protocol == .tcp }.map(\.name))
+        let clusterConfigs = Dictionary(config.clusters.map { ($0.name, $0) }) { a, _ in a }
         let byOriginal = Set(config.clusters.filter { $0.type == .originalDst }.map(\.name))
         self.routes = config.listeners.enumerated().map { i, listener in
             defer { overrides += listener.routes.filter { $0.tenantLimits != nil }.count }
-            return ListenerRoutes(listener: listener, clusterSlots: slots, tcpClusters: tcpClusters,
+            return ListenerRoutes(listener: listener, clusterSlots: slots, clusters: clusterConfigs, tcpClusters: tcpClusters,
                                   originalDestinationClusters: byOriginal, tenants: config.tenants,
                                   firstOverrideSlot: overrides,
                                   previousStats: previous.map { $0.routes.indices.contains(i) ? $0.routes[i].statsByName : [:] } ?? [:])

@@ -1,0 +1,164 @@
+import NIOCore
+import VigilCore
+
+/// A route's mirrors for one request, while its body arrives: the mirrors drawn for it and the body copied so far.
+/// Sent (`launch`) once the request is whole; dropped with a request that never is.
+struct PendingMirrors {
+    let targets: [MirrorTarget]
+    /// The id the request and its mirrors carry when the request came without one.
+    let requestID: RequestID?
+    var body: MirrorBody
+
+    /// The mirrors `route` draws for a request (nil when none is drawn: nothing is copied then).
+    static func draw(_ mirrors: [MirrorTarget], hasRequestID: Bool, random: inout SplitMix64) -> PendingMirrors? {
+        var chosen: [MirrorTarget] = []
+        for m in mirrors where Mirroring.chosen(perMillion: m.perMillion, random: random.next()) { chosen.append(m) }
+        guard let first = chosen.first else { return nil }
+        return PendingMirrors(targets: chosen, requestID: hasRequestID ? nil : RequestID(using: &random),
+                              body: MirrorBody(limit: chosen.dropFirst().reduce(first.bodyLimit) { min($0, $1.bodyLimit) }))
+    }
+
+    /// Sends a copy to each mirror: `head` writes the copy's head for a mirror's edits and host. A body that outgrew the
+    /// replay buffer sends nothing, and is counted.
+    func launch(policy: LoopPolicy, loop: LoopContext, timeout: TimeAmount, requestIsHead: Bool,
+                head: (ForwardingEdits, SocketAddressSpec, inout ByteBuffer) -> Void) {
+        for target in targets {
+            let cluster = policy.snapshot.clusters[target.slot]
+            if body.overLimit {
+                cluster.metrics.mirrors.increment(Mirroring.Outcome.bodyTooLarge.rawValue)
+                continue
+            }
+            guard cluster.admitRequest() else {
+                cluster.metrics.mirrors.increment(Mirroring.Outcome.overflow.rawValue)
+                continue
+            }
+            guard let host = cluster.pickHost(random: &loop.random, now: loop.eventLoop.now) else {
+                cluster.requestFinished()
+                cluster.metrics.mirrors.increment(Mirroring.Outcome.noHealthyUpstream.rawValue)
+                continue
+            }
+            var out = ByteBuffer()
+            head(target.edits, host.address, &out)
+            let request = MirrorRequest(cluster: cluster, host: host, pool: policy.pools[target.slot][host.index],
+                                        parts: [out] + body.parts, requestIsHead: requestIsHead, loop: loop)
+            request.start(timeout: timeout)
+        }
+    }
+}
+
+/// One mirrored request in flight: fire-and-forget. It takes a place in its cluster (`max_requests`) and on its host
+/// like any request, so the mirror cluster's breakers bound it; its response is read and discarded; its outcome is
+/// counted in `vigil_mirror_requests_total` and nowhere else (no outlier detection, SLO or retry budget sees it). It
+/// ends at the route's timeout whatever its host does.
+final class MirrorRequest: PoolWaiter, UpstreamExchange {
+    private let cluster: ClusterRuntime
+    private let host: HostRuntime
+    private let pool: HostPool
+    private let parts: [ByteBuffer]
+    private let requestIsHead: Bool
+    private let loop: LoopContext
+    private var upstream: UpstreamStream?
+    private var timer: Scheduled<Void>?
+    private var done = false
+    /// Whether the copy went on a kept-alive connection (one the host may have closed just then: sent again once, on
+    /// a new connection, as the exchange machine does for a request).
+    private var reused = false
+    private var resent = false
+    private var responded = false
+    /// In the pool's queue, for a connection.
+    private var waiting = false
+
+    init(cluster: ClusterRuntime, host: HostRuntime, pool: HostPool, parts: [ByteBuffer], requestIsHead: Bool,
+         loop: LoopContext) {
+        self.cluster = cluster
+        self.host = host
+        self.pool = pool
+        self.parts = parts
+        self.requestIsHead = requestIsHead
+        self.loop = loop
+        host.activeRequests.wrappingIncrement(ordering: .relaxed)
+        host.totalRequests.wrappingIncrement(ordering: .relaxed)
+    }
+
+    func start(timeout: TimeAmount) {
+        // The scheduled task holds the request until it ends (the pool, then the connection, hold it too).
+        timer = loop.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [self] in
+            timer = nil
+            end(.timeout, reuse: false)
+        }
+        waiting = true
+        pool.acquire(self)
+    }
+
+    // MARK: - PoolWaiter
+
+    func poolProvided(_ connection: UpstreamStream, reused: Bool) {
+        waiting = false
+        guard !done else {
+            connection.detach(requestComplete: true, now: loop.eventLoop.now)
+            return
+        }
+        self.reused = reused
+        upstream = connection
+        connection.attach(self, requestIsHead: requestIsHead)
+        for part in parts { connection.write(part) }
+        connection.flush()
+    }
+
+    func poolFailed(_ failure: UpstreamFailure) {
+        waiting = false
+        if case .overflow = failure { end(.overflow, reuse: false) } else { end(.failed, reuse: false) }
+    }
+
+    // MARK: - UpstreamExchange
+
+    func upstreamResponseHead(_ head: HTTP1ResponseHead) {
+        guard head.status >= 200 || head.status == 101 else { return }  // interim: the final response follows
+        responded = true
+        cluster.metrics.mirrors.increment(Mirroring.Outcome(status: head.status).rawValue)
+        if head.status == 101 { end(nil, reuse: false) }  // no tunnel for a copy
+    }
+
+    func upstreamResponseBody(_ bytes: ByteBuffer) {}
+
+    func upstreamResponseEnd(trailers: ByteBuffer?) { end(nil, reuse: true) }
+
+    func upstreamFailed(_ failure: UpstreamFailure) {
+        guard !done else { return }
+        upstream = nil
+        if reused && !resent && !responded, failure == .reset || failure == .refusedStream {
+            resent = true
+            waiting = true
+            pool.acquire(self, fresh: true)
+            return
+        }
+        end(responded ? nil : .failed, reuse: false)
+    }
+
+    func upstreamReadComplete() {}
+
+    func upstreamWritabilityChanged(writable: Bool) {}
+
+    func upstreamTunnelData(_ bytes: ByteBuffer) {}
+
+    /// Ends the mirror once: `outcome` counted unless the response's status was; its places given back; the connection
+    /// returned to the pool when the response was whole (`reuse`), else closed.
+    private func end(_ outcome: Mirroring.Outcome?, reuse: Bool) {
+        guard !done else { return }
+        done = true
+        timer?.cancel()
+        timer = nil
+        if let outcome, !responded {
+            cluster.metrics.mirrors.increment(outcome.rawValue)
+        }
+        if let upstream {
+            self.upstream = nil
+            if reuse { upstream.detach(requestComplete: true, now: loop.eventLoop.now) } else { upstream.close() }
+        } else if waiting {
+            waiting = false
+            pool.cancel(self)
+        }
+        host.activeRequests.wrappingDecrement(ordering: .relaxed)
+        cluster.requestFinished()
+    }
+}
