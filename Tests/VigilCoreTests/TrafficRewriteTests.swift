@@ -7,7 +7,7 @@ import Testing
 @Suite(.timeLimit(.minutes(1))) struct BoundedRegexTests {
     func rewrite(_ pattern: String, _ substitution: String, _ input: String) throws -> String {
         let regex = try BoundedRegex(pattern)
-        return regex.replacingAll(in: input[...], with: try BoundedRegex.Substitution(substitution, groups: regex.groupCount))
+        return try #require(regex.replacingAll(in: input[...], with: try BoundedRegex.Substitution(substitution, groups: regex.groupCount)))
     }
 
     @Test func replacesEveryMatchWithItsGroups() throws {
@@ -32,6 +32,10 @@ import Testing
         #expect(try rewrite("(a*?)(a+)", "\\1|\\2", "/aaa") == "/|aaa")
         #expect(try rewrite("^/x", "/y", "/x/x") == "/y/x")    // ^ anchors to the path's start only
         #expect(try rewrite("x$", "y", "/x/x") == "/x/y")
+        #expect(try rewrite("$", "/", "/abc") == "/abc/")          // a match found only at the end
+        #expect(try rewrite("(?:^x|$)", "!", "/x") == "/x!")
+        // Groups past \9 are not tracked (no substitution can name them) and cost nothing.
+        #expect(try rewrite("(a)(b)(c)(d)(e)(f)(g)(h)(i)(j)(k)", "\\9\\1", "/abcdefghijk") == "/ia")
     }
 
     /// Patterns that take a backtracking engine exponential or polynomial time run in time linear in the path (the
@@ -42,6 +46,17 @@ import Testing
         #expect(try rewrite("(a*)*b", "x", path) == path)
         #expect(try rewrite("a*a*a*a*a*b", "x", path) == path)
         #expect(try rewrite("(a+)+$", "x", path) == "/x")
+    }
+
+    /// A global replace searches again after each match, which some patterns make quadratic: the work is bounded, and
+    /// past the bound the rewrite gives up (the request is answered 414) instead of holding the event loop.
+    @Test func aGlobalReplaceStopsAtItsBudget() throws {
+        let regex = try BoundedRegex("b*c|b")
+        let substitution = try BoundedRegex.Substitution("x", groups: 0)
+        let long = "/" + String(repeating: "b", count: 30_000)
+        #expect(regex.replacingAll(in: long[...], with: substitution) == nil)
+        #expect(regex.replacingAll(in: "/bbb"[...], with: substitution) == "/xxx")
+        #expect(PathRewrite.regex(regex, substitution).apply(to: long, matched: .prefix("/")) == nil)
     }
 
     @Test(arguments: [
@@ -82,12 +97,14 @@ import Testing
         HeaderAddition(name: name, value: try HeaderValueFormat(value), append: append)
     }
 
-    func forward(_ text: String, _ edits: ForwardingEdits?, host: SocketAddressSpec? = nil,
+    /// `rewrite`: the route's path rewrite, made as routing makes it.
+    func forward(_ text: String, _ edits: ForwardingEdits?, rewrite: PathRewrite? = nil, host: SocketAddressSpec? = nil,
                  variables: HeaderVariableValues? = nil) throws -> String {
         let (head, _) = try #require(try HTTP1Parser.parseRequest(ByteBuffer(string: text), limits: .init()))
         var out = ByteBuffer()
         var random = SplitMix64(seed: 1)
-        HTTP1HeadWriter.writeRequest(head, facts: facts, random: &random, fallbackAuthority: "u:80", edits: edits,
+        let path = try rewrite.map { try #require($0.apply(to: head.path, matched: .prefix("/api"))) }
+        HTTP1HeadWriter.writeRequest(head, facts: facts, random: &random, fallbackAuthority: "u:80", path: path, edits: edits,
                                      variables: variables, upstreamHost: host, into: &out)
         return String(buffer: out)
     }
@@ -96,6 +113,8 @@ import Testing
         #expect(PathRewrite.prefix("/v2").apply(to: "/api/users?x=1", matched: .prefix("/api")) == "/v2/users?x=1")
         #expect(PathRewrite.prefix("/").apply(to: "/api/users", matched: .prefix("/api/")) == "/users")
         #expect(PathRewrite.prefix("").apply(to: "/api", matched: .prefix("/api")) == "/")
+        #expect(PathRewrite.prefix("").apply(to: "/api/users", matched: .prefix("/api/")) == "/users")
+        #expect(PathRewrite.prefix("").apply(to: "/old?q", matched: .exact("/old")) == "/?q")
         #expect(PathRewrite.prefix("/new").apply(to: "/old?q", matched: .exact("/old")) == "/new?q")
         let regex = try BoundedRegex("^/api/(v\\d)/")
         let rewrite = PathRewrite.regex(regex, try .init("/\\1/", groups: 1))
@@ -105,7 +124,7 @@ import Testing
     @Test func theShadowAuthorityPutsTheSuffixBeforeThePort() {
         #expect(Mirroring.shadowAuthority("api.example") == "api.example-shadow")
         #expect(Mirroring.shadowAuthority("api:8080") == "api-shadow:8080")
-        #expect(Mirroring.shadowAuthority("[::1]:80") == "[::1]-shadow:80")
+        #expect(Mirroring.shadowAuthority("[::1]:80") == "[::1]:80")  // no name to add to
         #expect(Mirroring.chosen(perMillion: 1_000_000, random: .max))
         #expect(!Mirroring.chosen(perMillion: 0, random: 0))
     }
@@ -140,7 +159,7 @@ import Testing
         let variables = HeaderVariableValues(clientAddress: "10.0.0.9", identity: "spiffe://t/a", tenant: nil,
                                              requestID: nil, routeName: nil, upstreamHost: "u:1")
         let out = try forward("GET /api/x?q=1 HTTP/1.1\r\nHost: public\r\nX-Debug: 1\r\nX-Env: dev\r\nX-Seen: 0\r\nX-Request-ID: abc\r\n\r\n",
-                              edits, variables: variables)
+                              edits, rewrite: r.pathRewrite, variables: variables)
         #expect(out.hasPrefix("GET /v2/x?q=1 HTTP/1.1\r\n"))
         #expect(out.contains("host: api.internal\r\n") && !out.contains("Host: public"))
         #expect(!out.contains("X-Debug") && !out.contains("X-Env: dev"))
@@ -149,6 +168,11 @@ import Testing
         #expect(!out.contains("x-route:"))  // an empty value adds nothing (Envoy's rule)
         #expect(out.contains("x-id: abc\r\n") && out.contains("x-pct: 100%\r\n"))
         #expect(out.hasSuffix("\r\n\r\n"))
+        // A variable whose value could not be a field value (a certificate's name with a line break) adds nothing.
+        let tainted = HeaderVariableValues(clientAddress: "10.0.0.9", identity: "x\r\nTransfer-Encoding: chunked",
+                                           tenant: nil, requestID: nil, routeName: nil, upstreamHost: nil)
+        let safe = try forward("GET /api HTTP/1.1\r\nHost: a\r\n\r\n", edits, variables: tainted)
+        #expect(!safe.contains("x-caller") && !safe.contains("Transfer-Encoding"))
     }
 
     @Test func autoHostRewriteTakesTheHostsNameAndKeepsAnAddress() throws {
@@ -159,6 +183,8 @@ import Testing
         #expect(address.contains("host: public\r\n"))
         let mirror = ForwardingEdits(mirrorOf: route { _ in }, cluster: nil)
         #expect(try forward("GET /api HTTP/1.1\r\nHost: public:81\r\n\r\n", mirror).contains("host: public-shadow:81\r\n"))
+        // An HTTP/1.0 request without Host: the upstream's address stands in, and the copy says it is a shadow.
+        #expect(try forward("GET /api HTTP/1.0\r\n\r\n", mirror).contains("host: u-shadow:80\r\n"))
     }
 
     @Test func theHTTP2BlockAndTheResponseCarryTheEdits() throws {
@@ -175,13 +201,14 @@ import Testing
             ("x-debug", "1"), ("x-env", "dev"), ("x-keep", "k"),
         ]), headerBytes: &bytes)
         var random = SplitMix64(seed: 1)
+        let path = r.pathRewrite?.apply(to: request.path, matched: r.match.path)
         let block = HTTP2HeadWriter.writeRequest(request, scheme: "http", facts: facts, tenant: nil, dropping: nil,
-                                                 random: &random, edits: edits).headers
+                                                 random: &random, path: path, edits: edits).headers
         #expect(block.first(name: ":path") == "/v2/x" && block.first(name: ":authority") == "api.internal")
         #expect(!block.contains(name: "x-debug") && block[canonicalForm: "x-env"] == ["prod"] && block.first(name: "x-keep") == "k")
         var out = ByteBuffer()
         HTTP1HeadWriter.writeRequest(request, body: .none, facts: facts, tenant: nil, dropping: nil, random: &random,
-                                     edits: edits, into: &out)
+                                     path: path, edits: edits, into: &out)
         let text = String(buffer: out)
         #expect(text.hasPrefix("GET /v2/x HTTP/1.1\r\nhost: api.internal\r\n") && text.contains("x-env: prod\r\n") && !text.contains("x-debug"))
 
@@ -226,6 +253,10 @@ import Testing
         ("request_headers_to_add: [{ name: x-vigil-tenant, value: x }]", "request_headers_to_add[0].name", "Vigil sets"),
         ("request_headers_to_remove: [content-length]", "request_headers_to_remove[0]", "frames"),
         ("request_headers_to_remove: [x-request-id]", "request_headers_to_remove[0]", "Vigil sets"),
+        ("request_headers_to_add: [{ name: max-forwards, value: \"3\" }]", "request_headers_to_add[0].name", "Max-Forwards"),
+        ("host_rewrite_literal: \":\"", "host_rewrite_literal", "authority"),
+        ("host_rewrite_literal: \"a:b:c\"", "host_rewrite_literal", "authority"),
+        ("regex_rewrite: { pattern: a, substitution: \"/x?y\" }", "regex_rewrite.substitution", "?"),
         ("response_headers_to_add: [{ name: transfer-encoding, value: x }]", "response_headers_to_add[0].name", "hop-by-hop"),
         ("response_headers_to_add: [{ name: \":status\", value: x }]", "response_headers_to_add[0].name", "pseudo"),
         ("request_headers_to_add: [{ name: x-a, value: \"%HOSTNAME%\" }]", "request_headers_to_add[0].value", "%HOSTNAME%"),

@@ -58,6 +58,9 @@ import VigilTestSupport
                   - match: { prefix: "/r/" }
                     cluster: api
                     regex_rewrite: { pattern: "^/r/([a-z]+)/(\\\\d+)$", substitution: "/items/\\\\2/\\\\1" }
+                  - match: { prefix: "/q/" }
+                    cluster: api
+                    regex_rewrite: { pattern: "b*c|b", substitution: "x" }
             clusters:
               - name: api
                 endpoints: ["127.0.0.1:\(upstream.port)"]
@@ -79,6 +82,10 @@ import VigilTestSupport
         #expect(seen.head.headers["x-route"] == ["checkout from 127.0.0.1"])
         _ = try await send(proxy, http2: http2, path: "/r/widget/42")
         #expect(upstream.recorded.last?.head.uri == "/items/42/widget")
+        // A path that would cost the pattern more work than allowed is answered, not rewritten and not forwarded.
+        let costly = try await send(proxy, http2: http2, path: "/q/" + String(repeating: "b", count: 20_000))
+        #expect(costly.status == 414 && costly.header("x-vigil-reason") == "path_rewrite_limit")
+        #expect(upstream.recorded.count == 2)
         await proxy.stop()
         try await upstream.stop()
     }

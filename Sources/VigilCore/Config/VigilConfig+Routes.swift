@@ -141,10 +141,11 @@ extension ConfigReader {
                     let regex = try BoundedRegex(pattern)
                     do throws(BoundedRegex.SyntaxError) {
                         let sub = try BoundedRegex.Substitution(substitution, groups: regex.groupCount)
-                        if substitution.utf8.allSatisfy(HTTPTokens.isTargetByte) || substitution.isEmpty {
+                        // A path's bytes only: no `?` either, which would move where the query starts.
+                        if substitution.utf8.allSatisfy({ HTTPTokens.isTargetByte($0) && $0 != UInt8(ascii: "?") }) {
                             route.pathRewrite = .regex(regex, sub)
                         } else {
-                            fail(r.path("substitution"), "holds bytes a request path may not (spaces, controls, # or non-ASCII)")
+                            fail(r.path("substitution"), "holds bytes a request path may not (spaces, controls, ?, # or non-ASCII)")
                         }
                     } catch {
                         fail(r.path("substitution"), error.description)
@@ -158,8 +159,7 @@ extension ConfigReader {
             fail(m.path("auto_host_rewrite"), "give either host_rewrite_literal or auto_host_rewrite, not both")
         }
         if let h = nonEmptyString(m["host_rewrite_literal"], at: m.path("host_rewrite_literal")) {
-            let host = h.hasPrefix("[") ? h : String(h.split(separator: ":", maxSplits: 1)[0])
-            if h.utf8.allSatisfy(HTTPTokens.isHostByte) && !host.isEmpty {
+            if HTTPTokens.isAuthority(h.utf8) && !h.hasPrefix(":") {
                 route.hostRewrite = .literal(h)
             } else {
                 fail(m.path("host_rewrite_literal"), "\"\(h)\" is not an authority (host, or host:port)")

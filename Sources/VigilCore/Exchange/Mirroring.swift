@@ -12,11 +12,9 @@ public enum Mirroring {
 
     /// The authority a mirror is sent with: the request's with `-shadow` after its host, before any port (Envoy's
     /// rule, so a mirror's server can tell shadow traffic by its Host).
+    /// An IPv6 literal has no host name to add to (`[::1]-shadow` is not an authority): it goes as it is.
     public static func shadowAuthority(_ authority: String) -> String {
-        if authority.hasPrefix("[") {
-            guard let close = authority.firstIndex(of: "]") else { return authority + "-shadow" }
-            return String(authority[...close]) + "-shadow" + authority[authority.index(after: close)...]
-        }
+        if authority.hasPrefix("[") { return authority }
         if let colon = authority.lastIndex(of: ":") {
             return String(authority[..<colon]) + "-shadow" + authority[colon...]
         }

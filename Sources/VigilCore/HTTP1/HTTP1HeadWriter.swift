@@ -125,11 +125,14 @@ public enum HTTP1HeadWriter {
     /// HTTP/1.1 requires a Host field, so an HTTP/1.0 request without one gets `fallbackAuthority` (the upstream
     /// host's address) when it has no authority of its own.
     /// `maxForwards`: the Max-Forwards value to send in place of the received one (see `MaxForwards`).
+    /// `path`: the target to send in place of the request's (the route's rewrite); `edits`: the route's and cluster's
+    /// header edits and authority rewrite, `variables` their values, `upstreamHost` the host it goes to.
     /// - Returns: the x-request-id it generated from `random`, or nil when the request carried one.
     @discardableResult
     public static func writeRequest(
         _ head: HTTP1RequestHead, facts: ForwardingFacts, random: inout SplitMix64, fallbackAuthority: String,
-        tenant: String? = nil, dropping dropped: String? = nil, maxForwards: Int? = nil, edits: ForwardingEdits? = nil,
+        tenant: String? = nil, dropping dropped: String? = nil, maxForwards: Int? = nil, path rewritten: String? = nil,
+        edits: ForwardingEdits? = nil,
         variables: HeaderVariableValues? = nil, upstreamHost: SocketAddressSpec? = nil, presetRequestID: RequestID? = nil,
         into out: inout ByteBuffer
     ) -> RequestID? {
@@ -137,10 +140,10 @@ public enum HTTP1HeadWriter {
         let absoluteForm = head.isAbsoluteForm
         // The authority is written by Vigil (not copied) for an absolute-form target, or when the route rewrites it.
         let hostRewritten = edits?.rewritesAuthority ?? false
-        if absoluteForm || edits?.path != nil {
+        if absoluteForm || rewritten != nil {
             out.writeString(head.method)
             out.writeInteger(UInt8(0x20))
-            out.writeString(edits?.forwardedPath(head.path) ?? head.path)
+            out.writeString(rewritten ?? head.path)
         } else {
             // "METHOD SP target" as it came: one copy.
             out.writeImmutableBuffer(head.bytes.getSlice(at: head.bytes.readerIndex, length: head.targetRange.upperBound)!)
@@ -204,8 +207,9 @@ public enum HTTP1HeadWriter {
         if absoluteForm || hostRewritten || !head.fields.contains(where: { $0.kind == .host }) {
             out.writeStaticString("host: ")
             var authority = head.authority  // made from the head's bytes on each read: read once
+            if authority.isEmpty { authority = fallbackAuthority }
             if let edits { authority = edits.forwardedAuthority(authority, host: upstreamHost) }
-            out.writeString(authority.isEmpty ? fallbackAuthority : authority)
+            out.writeString(authority)
             out.writeStaticString("\r\n")
         }
         if head.framing == .chunked { out.writeStaticString("transfer-encoding: chunked\r\n") }

@@ -24,13 +24,13 @@ extension HTTP1HeadWriter {
     @discardableResult
     public static func writeRequest(
         _ request: HTTP2RequestHead, body: TranslatedBody, facts: ForwardingFacts, tenant: String?,
-        dropping dropped: String?, random: inout SplitMix64, edits: ForwardingEdits? = nil,
+        dropping dropped: String?, random: inout SplitMix64, path rewritten: String? = nil, edits: ForwardingEdits? = nil,
         variables: HeaderVariableValues? = nil, upstreamHost: SocketAddressSpec? = nil, presetRequestID: RequestID? = nil,
         into out: inout ByteBuffer
     ) -> (generated: RequestID?, chunked: Bool) {
         out.writeString(request.method)
         out.writeStaticString(" ")
-        out.writeString(edits?.forwardedPath(request.path) ?? request.path)
+        out.writeString(rewritten ?? request.path)
         out.writeStaticString(" HTTP/1.1\r\nhost: ")
         out.writeString(edits?.forwardedAuthority(request.authority, host: upstreamHost) ?? request.authority)
         out.writeStaticString("\r\n")

@@ -74,7 +74,7 @@ public enum HTTP2HeadWriter {
     /// - Returns: the block, and the x-request-id it generated from `random` (nil when the request carried one).
     public static func writeRequest(
         _ request: HTTP2RequestHead, scheme: String, facts: ForwardingFacts, tenant: String?, dropping dropped: String?,
-        random: inout SplitMix64, grpcTimeout: TimeAmount? = nil, edits: ForwardingEdits? = nil,
+        random: inout SplitMix64, grpcTimeout: TimeAmount? = nil, path rewritten: String? = nil, edits: ForwardingEdits? = nil,
         variables: HeaderVariableValues? = nil, upstreamHost: SocketAddressSpec? = nil, presetRequestID: RequestID? = nil
     ) -> (headers: HPACKHeaders, generated: RequestID?) {
         var out = HPACKHeaders()
@@ -82,7 +82,7 @@ public enum HTTP2HeadWriter {
         out.add(name: ":method", value: request.method)
         out.add(name: ":scheme", value: scheme)
         out.add(name: ":authority", value: edits?.forwardedAuthority(request.authority, host: upstreamHost) ?? request.authority)
-        out.add(name: ":path", value: edits?.forwardedPath(request.path) ?? request.path)
+        out.add(name: ":path", value: rewritten ?? request.path)
         let maxForwards = HTTP2ForwardedFields.maxForwards(of: request)
         let selected = HTTP2ForwardedFields.select(request, maxForwards: maxForwards, dropping: dropped, edits: edits) {
             if grpcTimeout == nil || $0 != "grpc-timeout" { out.add(name: $0, value: $1, indexing: $2) }

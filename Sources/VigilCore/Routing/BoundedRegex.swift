@@ -16,6 +16,12 @@ public struct BoundedRegex: Sendable, Equatable {
     public let pattern: String
     /// Capture groups, not counting the whole match (group 0).
     public let groupCount: Int
+    /// Groups whose bounds are tracked: a substitution names \\0…\\9 only, so later groups cost nothing.
+    static let trackedGroups = 9
+    /// The most thread steps (an instruction run for a position) one `replacingAll` may take before it gives up. A
+    /// single search is linear in the path, but a global replace searches again after each match, which a pattern such
+    /// as `b*c|b` turns quadratic; this bounds the work a client's path can cost (a few milliseconds at most).
+    public static let defaultBudget = 2_000_000
     let program: [Instruction]
 
     enum Instruction: Sendable, Equatable {
@@ -111,8 +117,8 @@ public struct BoundedRegex: Sendable, Equatable {
 
     /// The leftmost-first match starting at or after `from`: the capture slots (start and end of group k at 2k,
     /// 2k+1; -1 where a group took no part), or nil.
-    func firstMatch(in input: UnsafeBufferPointer<UInt8>, from: Int) -> [Int]? {
-        let slots = 2 * (groupCount + 1)
+    func firstMatch(in input: UnsafeBufferPointer<UInt8>, from: Int, budget: inout Int) -> [Int]? {
+        let slots = 2 * (min(groupCount, Self.trackedGroups) + 1)
         var current = ThreadList(size: program.count)
         var next = ThreadList(size: program.count)
         var matched: [Int]?
@@ -123,8 +129,11 @@ public struct BoundedRegex: Sendable, Equatable {
             if matched == nil {
                 addThread(&current, pc: 0, captures: [Int](repeating: -1, count: slots), at: position, in: input)
             }
-            if current.threads.isEmpty { break }
             let byte: UInt8? = position < input.count ? input[position] : nil
+            // Nothing running: done once a match is in hand or the input is, else on to start at the next position.
+            if current.threads.isEmpty && (matched != nil || byte == nil) { break }
+            budget -= current.threads.count + 1
+            if budget < 0 { return nil }
             for thread in current.threads {
                 switch program[thread.pc] {
                 case .bytes(let set):
@@ -189,16 +198,22 @@ public struct BoundedRegex: Sendable, Equatable {
     }
 
     /// Replaces every non-overlapping match in `input` with `substitution`, as RE2's GlobalReplace (which Envoy's
-    /// regex_rewrite uses): an empty match replaces nothing's worth and the search moves one byte on.
-    public func replacingAll(in input: Substring, with substitution: Substitution) -> String {
+    /// regex_rewrite uses): an empty match replaces nothing's worth and the search moves one byte on. Nil when the
+    /// work passes `budget` thread steps.
+    public func replacingAll(in input: Substring, with substitution: Substitution, budget: Int = defaultBudget) -> String? {
         var bytes = Array(input.utf8)
-        return bytes.withUnsafeMutableBufferPointer { mutable -> String in
+        var budget = budget
+        return bytes.withUnsafeMutableBufferPointer { mutable -> String? in
             let p = UnsafeBufferPointer(mutable)
             var out: [UInt8] = []
             out.reserveCapacity(p.count + 16)
             var position = 0
             var lastMatchEnd = -1
-            while position <= p.count, let m = firstMatch(in: p, from: position) {
+            while position <= p.count {
+                guard let m = firstMatch(in: p, from: position, budget: &budget) else {
+                    if budget < 0 { return nil }
+                    break
+                }
                 let start = m[0], end = m[1]
                 if start == end && start == lastMatchEnd {
                     // An empty match where the last match ended is not a new one (RE2's rule): one byte on.
@@ -261,6 +276,7 @@ public struct BoundedRegex: Sendable, Equatable {
                 switch part {
                 case .literal(let bytes): out.append(contentsOf: bytes)
                 case .group(let g):
+                    guard 2 * g + 1 < captures.count else { continue }
                     let s = captures[2 * g], e = captures[2 * g + 1]
                     if s >= 0 && e >= s { out.append(contentsOf: input[s..<e]) }
                 }
@@ -496,9 +512,10 @@ public struct BoundedRegex: Sendable, Equatable {
             case .atEnd: emit(.atEnd)
             case .concat(let items): for item in items { try compile(item) }
             case .group(let inner, let index):
-                if let index { emit(.save(2 * index)) }
+                let tracked = index.flatMap { $0 <= BoundedRegex.trackedGroups ? $0 : nil }
+                if let tracked { emit(.save(2 * tracked)) }
                 try compile(inner)
-                if let index { emit(.save(2 * index + 1)) }
+                if let tracked { emit(.save(2 * tracked + 1)) }
             case .alternation(let branches):
                 var jumps: [Int] = []
                 for (k, branch) in branches.enumerated() {

@@ -93,13 +93,18 @@ public struct HeaderValueFormat: Sendable, Equatable {
 
     public static func == (a: HeaderValueFormat, b: HeaderValueFormat) -> Bool { a.text == b.text }
 
-    public func value(_ values: HeaderVariableValues?) -> String {
+    /// The value for one request; nil when a variable's value holds a byte a field value may not (a certificate's
+    /// name, say): the field is then left out rather than written with it.
+    public func value(_ values: HeaderVariableValues?) -> String? {
         if let constant { return constant }
         var out = ""
         for part in parts {
             switch part {
             case .literal(let s): out += s
-            case .variable(let v): out += values?.value(v) ?? ""
+            case .variable(let v):
+                let value = values?.value(v) ?? ""
+                guard value.utf8.allSatisfy(HTTPTokens.isFieldValueByte) else { return nil }
+                out += value
             }
         }
         return out
@@ -150,6 +155,7 @@ public struct HeaderEdits: Sendable, Equatable {
         case .expect: return "Vigil answers Expect itself"
         default: break
         }
+        if name.lowercased() == "max-forwards" { return "Vigil counts Max-Forwards down itself" }
         if tenantHeaders.contains(name.lowercased()) {
             return "it is the header tenants are identified by: Vigil owns it on the way upstream"
         }
@@ -176,29 +182,28 @@ public enum PathRewrite: Sendable, Equatable {
     /// Replaces every match in the path (not the query), as Envoy's `regex_rewrite`.
     case regex(BoundedRegex, BoundedRegex.Substitution)
 
-    /// `path`: the request's origin-form target; `matched`: the route's path match. The query is kept.
-    public func apply(to path: String, matched: RouteMatch.Path) -> String {
+    /// `path`: the request's origin-form target; `matched`: the route's path match. The query is kept; the result
+    /// always starts with `/`. Nil when a regular expression's work passed its budget (`BoundedRegex.defaultBudget`).
+    public func apply(to path: String, matched: RouteMatch.Path) -> String? {
         let q = path.utf8.firstIndex(of: UInt8(ascii: "?")) ?? path.endIndex
         let bare = path[..<q]
         let query = path[q...]
+        var out: String
         switch self {
         case .prefix(let replacement):
             switch matched {
-            case .exact: return replacement + query
+            case .exact: out = replacement
             case .prefix(let p):
                 // Routes match prefixes byte for byte, so the matched prefix is the path's first bytes.
-                let rest = bare.utf8.dropFirst(p.utf8.count)
-                var out = replacement
-                out += Substring(rest)
-                // Envoy's rule: "/prefix/" rewritten to "/" from "/prefix" would leave "" — a path is never empty.
-                if out.isEmpty { out = "/" }
-                return out + query
+                out = replacement + Substring(bare.utf8.dropFirst(p.utf8.count))
             }
         case .regex(let regex, let substitution):
-            var out = regex.replacingAll(in: bare, with: substitution)
-            if out.isEmpty || !out.hasPrefix("/") { out = "/" + out }
-            return out + query
+            guard let replaced = regex.replacingAll(in: bare, with: substitution) else { return nil }
+            out = replaced
         }
+        // An origin-form path starts with `/` (`prefix_rewrite: ""` on `/api/` leaves `users` of `/api/users`).
+        if !out.hasPrefix("/") { out = "/" + out }
+        return out + query
     }
 }
 
@@ -212,8 +217,8 @@ public enum HostRewrite: Sendable, Equatable {
 }
 
 /// What the forwarded request and its response have changed on the way through for one route and one of its
-/// clusters: the cluster's edits, then the route's (the more specific last, so the route's win), the path and
-/// authority rewrites. Built once per policy; nil where a route changes nothing, so a plain route pays nothing.
+/// clusters: the cluster's edits, then the route's (the more specific last, so the route's win), and the authority
+/// rewrite. (The path rewrite is the route's alone, made once when the request is routed.) Built once per policy; nil where a route changes nothing, so a plain route pays nothing.
 public final class ForwardingEdits: Sendable {
     /// Names removed from the request as it came: those `request_headers_to_remove` names and those an addition
     /// with `append: false` replaces.
@@ -222,10 +227,7 @@ public final class ForwardingEdits: Sendable {
     public let requestAdded: [HeaderAddition]
     public let responseDropped: [String]
     public let responseAdded: [HeaderAddition]
-    public let path: PathRewrite?
     public let host: HostRewrite?
-    /// The route's path match (what `prefix_rewrite` replaces).
-    public let matched: RouteMatch.Path
     /// Whether any response addition names a variable (else no variable values are gathered for the response).
     public let responseUsesVariables: Bool
     public let requestUsesVariables: Bool
@@ -239,31 +241,28 @@ public final class ForwardingEdits: Sendable {
     public convenience init(mirrorOf route: RouteConfig, cluster: ClusterConfig?) {
         let request = Self.merge([cluster?.requestHeaders, route.requestHeaders].compactMap { $0 })
         self.init(requestDropped: request.dropped, requestAdded: request.added, responseDropped: [], responseAdded: [],
-                  path: route.pathRewrite, host: route.hostRewrite, matched: route.match.path, shadow: true)
+                  host: route.hostRewrite, shadow: true)
     }
 
     /// Nil when `route` and `cluster` change nothing.
     public convenience init?(route: RouteConfig, cluster: ClusterConfig?) {
         let levels = [cluster?.requestHeaders, route.requestHeaders].compactMap { $0 }
         let responseLevels = [cluster?.responseHeaders, route.responseHeaders].compactMap { $0 }
-        if levels.allSatisfy(\.isEmpty) && responseLevels.allSatisfy(\.isEmpty) && route.pathRewrite == nil
-            && route.hostRewrite == nil { return nil }
+        if levels.allSatisfy(\.isEmpty) && responseLevels.allSatisfy(\.isEmpty) && route.hostRewrite == nil { return nil }
         let request = Self.merge(levels)
         let response = Self.merge(responseLevels)
         self.init(requestDropped: request.dropped, requestAdded: request.added, responseDropped: response.dropped,
-                  responseAdded: response.added, path: route.pathRewrite, host: route.hostRewrite, matched: route.match.path)
+                  responseAdded: response.added, host: route.hostRewrite)
     }
 
     init(requestDropped: [String], requestAdded: [HeaderAddition], responseDropped: [String], responseAdded: [HeaderAddition],
-         path: PathRewrite?, host: HostRewrite?, matched: RouteMatch.Path, shadow: Bool = false) {
+         host: HostRewrite?, shadow: Bool = false) {
         self.shadow = shadow
         self.requestDropped = requestDropped
         self.requestAdded = requestAdded
         self.responseDropped = responseDropped
         self.responseAdded = responseAdded
-        self.path = path
         self.host = host
-        self.matched = matched
         self.requestUsesVariables = requestAdded.contains { !$0.value.variables.isEmpty }
         self.responseUsesVariables = responseAdded.contains { !$0.value.variables.isEmpty }
     }
@@ -293,12 +292,6 @@ public final class ForwardingEdits: Sendable {
     @inline(__always)
     public func dropsResponseField(where matches: (String) -> Bool) -> Bool { responseDropped.contains(where: matches) }
 
-    /// The path to send for `path`.
-    public func forwardedPath(_ path: String) -> String {
-        guard let rewrite = self.path else { return path }
-        return rewrite.apply(to: path, matched: matched)
-    }
-
     /// The authority to send in place of `authority` for a request going to `host` (its configured address).
     public func forwardedAuthority(_ authority: String, host: SocketAddressSpec?) -> String {
         let rewritten: String
@@ -308,22 +301,20 @@ public final class ForwardingEdits: Sendable {
         case .auto:
             if let host, !host.isIPLiteral { rewritten = host.host } else { rewritten = authority }
         }
-        return shadow ? Mirroring.shadowAuthority(rewritten) : rewritten
+        return shadow && !rewritten.isEmpty ? Mirroring.shadowAuthority(rewritten) : rewritten
     }
 
     /// Calls `add` with each request addition and its value (additions whose value comes out empty are left out, as
     /// Envoy leaves them).
     public func forEachRequestAddition(_ values: HeaderVariableValues?, _ add: (String, String) -> Void) {
         for a in requestAdded {
-            let v = a.value.value(values)
-            if !v.isEmpty { add(a.name, v) }
+            if let v = a.value.value(values), !v.isEmpty { add(a.name, v) }
         }
     }
 
     public func forEachResponseAddition(_ values: HeaderVariableValues?, _ add: (String, String) -> Void) {
         for a in responseAdded {
-            let v = a.value.value(values)
-            if !v.isEmpty { add(a.name, v) }
+            if let v = a.value.value(values), !v.isEmpty { add(a.name, v) }
         }
     }
 }

@@ -153,15 +153,14 @@ extension HTTP1ServerHandler {
     func launchMirrors() {
         guard let pending = mirrors.take(), let target, let head else { return }
         let untrusted = target.policy.snapshot.routes[listener.index].untrustedTenantHeader
-        let route = target.route
-        pending.launch(policy: target.policy, loop: loop, timeout: route.timeout > .zero ? route.timeout : route.idleTimeout,
+        pending.launch(policy: target.policy, loop: loop, route: target.route,
                        requestIsHead: requestIsHead) { edits, host, out in
             HTTP1HeadWriter.writeRequest(head, facts: facts, random: &loop.random, fallbackAuthority: host.description,
                                          tenant: target.tenant?.name, dropping: untrusted,
                                          maxForwards: MaxForwards.remaining(method: head.method) {
                                              head.value(named: "max-forwards")
                                          }.map(MaxForwards.forwarded),
-                                         edits: edits,
+                                         path: target.path, edits: edits,
                                          variables: edits.requestUsesVariables
                                              ? target.headerVariables(facts: facts, identity: session.identity) : nil,
                                          upstreamHost: host, presetRequestID: pending.requestID, into: &out)

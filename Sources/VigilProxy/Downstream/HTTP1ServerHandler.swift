@@ -387,8 +387,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             localReply(answer, close: !requestBodyDone, headers: headers)
         case .forward:
             chunked?.droppedTrailerName = target!.policy.snapshot.routes[listener.index].untrustedTenantHeader
-            let routeMirrors = target!.policy.snapshot.routes[listener.index].mirrors[target!.routeIndex]
-            if !routeMirrors.isEmpty { drawMirrors(routeMirrors) }
+            if let routeMirrors = target!.mirrors { drawMirrors(routeMirrors) }
             run(exchange.started(route: target!.route, host: target!.host.index, method: self.head!.method,
                                  hasBody: !requestBodyDone, requestComplete: requestBodyDone, now: startedAt,
                                  fault: target!.fault))
@@ -464,7 +463,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                                                          maxForwards: MaxForwards.remaining(method: head.method) {
                                                              head.value(named: "max-forwards")
                                                          }.map(MaxForwards.forwarded),
-                                                         edits: target?.edits,
+                                                         path: target?.path, edits: target?.edits,
                                                          variables: target?.edits?.requestUsesVariables == true
                                                              ? target!.headerVariables(facts: facts, identity: session.identity) : nil,
                                                          upstreamHost: target?.host.address,

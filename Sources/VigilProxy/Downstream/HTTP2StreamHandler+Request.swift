@@ -21,8 +21,8 @@ extension HTTP2StreamHandler {
         let written = HTTP1HeadWriter.writeRequest(
             request, body: body, facts: facts, tenant: target?.tenant?.name,
             dropping: target?.policy.snapshot.routes[listener.index].untrustedTenantHeader,
-            random: &loop.random, edits: target?.edits, variables: requestVariables, upstreamHost: target?.host.address,
-            presetRequestID: mirroredRequestID, into: &out)
+            random: &loop.random, path: target?.path, edits: target?.edits, variables: requestVariables,
+            upstreamHost: target?.host.address, presetRequestID: mirroredRequestID, into: &out)
         chunkedUpstream = written.chunked
         noteRequestID(generated: written.generated, of: request)
         return out
@@ -35,7 +35,8 @@ extension HTTP2StreamHandler {
         let written = HTTP2HeadWriter.writeRequest(
             request, scheme: scheme, facts: facts, tenant: target?.tenant?.name,
             dropping: target?.policy.snapshot.routes[listener.index].untrustedTenantHeader, random: &loop.random,
-            grpcTimeout: left, edits: target?.edits, variables: requestVariables, upstreamHost: target?.host.address,
+            grpcTimeout: left, path: target?.path, edits: target?.edits, variables: requestVariables,
+            upstreamHost: target?.host.address,
             presetRequestID: mirroredRequestID)
         noteRequestID(generated: written.generated, of: request)
         return written.headers
@@ -43,13 +44,14 @@ extension HTTP2StreamHandler {
 
     /// The values the route's added request fields name, when they name any.
     var requestVariables: HeaderVariableValues? {
-        guard let target, target.edits?.requestUsesVariables == true else { return nil }
-        return target.headerVariables(facts: facts, identity: session.identity)
+        // The edits looked at first: `guard let target` would copy the whole target (a retain for each of its references).
+        guard target?.edits?.requestUsesVariables == true else { return nil }
+        return target!.headerVariables(facts: facts, identity: session.identity)
     }
 
     /// A response's header block with the route's response edits made (the block as it came when it has none).
     func editedResponse(_ headers: HPACKHeaders) -> HPACKHeaders {
-        guard let target, let edits = target.edits, !(edits.responseDropped.isEmpty && edits.responseAdded.isEmpty) else {
+        guard let edits = target?.edits, !(edits.responseDropped.isEmpty && edits.responseAdded.isEmpty) else {
             return headers
         }
         var variables: HeaderVariableValues?
@@ -59,7 +61,7 @@ extension HTTP2StreamHandler {
             case .generated(let generated): id = generated.string
             default: id = request?.headers.first(name: "x-request-id")
             }
-            variables = target.headerVariables(facts: facts, identity: session.identity, requestID: id)
+            variables = target!.headerVariables(facts: facts, identity: session.identity, requestID: id)
         }
         return HTTP2HeadWriter.editedResponse(headers, edits: edits, variables: variables)
     }
@@ -152,7 +154,6 @@ extension HTTP2StreamHandler {
     func launchMirrors(trailers: HPACKHeaders?) {
         guard let pending = mirrors.take(), let target, let request else { return }
         let untrusted = target.policy.snapshot.routes[listener.index].untrustedTenantHeader
-        let route = target.route
         // Trailers need chunked framing, which a request with a content-length does not get: its copy goes without them.
         let chunk = trailers != nil && request.contentLength == nil
         let body: HTTP1HeadWriter.TranslatedBody = !requestHasBody ? .none : chunk ? .streaming
@@ -174,10 +175,10 @@ extension HTTP2StreamHandler {
             framed.append(last, bodySoFar: n)
             parts.body = framed
         }
-        parts.launch(policy: target.policy, loop: loop, timeout: route.timeout > .zero ? route.timeout : route.idleTimeout,
+        parts.launch(policy: target.policy, loop: loop, route: target.route,
                      requestIsHead: request.method == "HEAD") { edits, host, out in
             HTTP1HeadWriter.writeRequest(request, body: body, facts: facts, tenant: target.tenant?.name, dropping: untrusted,
-                                         random: &loop.random, edits: edits,
+                                         random: &loop.random, path: target.path, edits: edits,
                                          variables: edits.requestUsesVariables
                                              ? target.headerVariables(facts: facts, identity: session.identity) : nil,
                                          upstreamHost: host, presetRequestID: pending.requestID, into: &out)

@@ -360,8 +360,7 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
             }
             abandon(answer, headers: headers)
         case .forward:
-            let routeMirrors = target!.policy.snapshot.routes[listener.index].mirrors[target!.routeIndex]
-            if !routeMirrors.isEmpty { drawMirrors(routeMirrors, for: request) }
+            if let routeMirrors = target!.mirrors { drawMirrors(routeMirrors, for: request) }
             run(exchange.started(route: target!.route, host: target!.host.index, method: request.method,
                                  hasBody: requestHasBody, requestComplete: requestBodyDone, now: startedAt,
                                  grpc: request.grpc, grpcTimeout: request.grpcTimeout, fault: target!.fault))

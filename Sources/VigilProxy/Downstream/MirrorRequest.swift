@@ -20,8 +20,11 @@ struct PendingMirrors {
 
     /// Sends a copy to each mirror: `head` writes the copy's head for a mirror's edits and host. A body that outgrew the
     /// replay buffer sends nothing, and is counted.
-    func launch(policy: LoopPolicy, loop: LoopContext, timeout: TimeAmount, requestIsHead: Bool,
+    /// A copy ends at the route's `timeout`, else its `idle_timeout`, else after 15 s (Envoy's default route timeout):
+    /// a copy is never left waiting without end.
+    func launch(policy: LoopPolicy, loop: LoopContext, route: ExchangeStateMachine.Route, requestIsHead: Bool,
                 head: (ForwardingEdits, SocketAddressSpec, inout ByteBuffer) -> Void) {
+        let timeout = route.timeout > .zero ? route.timeout : route.idleTimeout > .zero ? route.idleTimeout : .seconds(15)
         for target in targets {
             let cluster = policy.snapshot.clusters[target.slot]
             if body.overLimit {
@@ -50,7 +53,7 @@ struct PendingMirrors {
 /// like any request, so the mirror cluster's breakers bound it; its response is read and discarded; its outcome is
 /// counted in `vigil_mirror_requests_total` and nowhere else (no outlier detection, SLO or retry budget sees it). It
 /// ends at the route's timeout whatever its host does.
-final class MirrorRequest: PoolWaiter, UpstreamExchange {
+final class MirrorRequest: PoolWaiter, UpstreamExchange, DeadlineWaiter {
     private let cluster: ClusterRuntime
     private let host: HostRuntime
     private let pool: HostPool
@@ -58,7 +61,8 @@ final class MirrorRequest: PoolWaiter, UpstreamExchange {
     private let requestIsHead: Bool
     private let loop: LoopContext
     private var upstream: UpstreamStream?
-    private var timer: Scheduled<Void>?
+    /// Its place in the loop's `DeadlineQueue` (which holds it until it ends, with the pool, then the connection).
+    var deadlineSlot = -1
     private var done = false
     /// Whether the copy went on a kept-alive connection (one the host may have closed just then: sent again once, on
     /// a new connection, as the exchange machine does for a request).
@@ -81,11 +85,7 @@ final class MirrorRequest: PoolWaiter, UpstreamExchange {
     }
 
     func start(timeout: TimeAmount) {
-        // The scheduled task holds the request until it ends (the pool, then the connection, hold it too).
-        timer = loop.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [self] in
-            timer = nil
-            end(.timeout, reuse: false)
-        }
+        loop.deadlines.arm(self, at: loop.eventLoop.now + timeout)
         waiting = true
         pool.acquire(self)
     }
@@ -102,8 +102,10 @@ final class MirrorRequest: PoolWaiter, UpstreamExchange {
         upstream = connection
         connection.attach(self, requestIsHead: requestIsHead)
         for part in parts { connection.write(part) }
-        connection.flush()
+        loop.flushes.defer(connection)  // with the loop's other writes, as a request's own
     }
+
+    func deadlineReached() { end(.timeout, reuse: false) }
 
     func poolFailed(_ failure: UpstreamFailure) {
         waiting = false
@@ -146,8 +148,7 @@ final class MirrorRequest: PoolWaiter, UpstreamExchange {
     private func end(_ outcome: Mirroring.Outcome?, reuse: Bool) {
         guard !done else { return }
         done = true
-        timer?.cancel()
-        timer = nil
+        loop.deadlines.disarm(self)
         if let outcome, !responded {
             cluster.metrics.mirrors.increment(outcome.rawValue)
         }

@@ -28,6 +28,10 @@ struct UpstreamTarget {
     var routeStats: RouteStats?
     /// What the route and cluster change of the forwarded request and its response (nil: nothing).
     var edits: ForwardingEdits?
+    /// The route's mirrors (nil: it has none).
+    var mirrors: [MirrorTarget]?
+    /// The path the request is sent with, when its route rewrites it (made once, at routing).
+    var path: String?
     /// The host was made for the request's original destination (`original_dst`): it has no place in the cluster's
     /// health, and a retry goes to it again.
     var dynamicHost: Bool { cluster.isOriginalDestination }
@@ -149,6 +153,16 @@ extension ProxyRuntime {
             return Self.answer(direct, to: request, route: routes.routes[routeIndex], scheme: scheme, tenant: tenant)
                 .attributed(to: routes.routeStats[routeIndex])
         }
+        var rewrittenPath: String?
+        if let rewrite = routes.pathRewrites[routeIndex] {
+            guard let path = rewrite.apply(to: request.path, matched: routes.table.routes[routeIndex].match.path) else {
+                tenant?.releaseSlot()
+                return .reply(status: 414, reason: "path_rewrite_limit",
+                              detail: "the route's regex_rewrite took more work on this path than it is allowed",
+                              cluster: nil, tenant: tenant, route: routes.routeStats[routeIndex])
+            }
+            rewrittenPath = path
+        }
         // Faults are drawn as Envoy's fault filter, before its router: an abort alone answers here, before any cluster
         // or host is committed (a delayed request goes on to take its cluster's slot and host, and waits holding them).
         let fault = routes.faults[routeIndex].flatMap { injectFault($0.config, active: $0.active, request: request, loop: loop,
@@ -159,7 +173,7 @@ extension ProxyRuntime {
             return .reply(status: abort.status, reason: abort.reason, detail: abort.detail, cluster: nil, tenant: tenant,
                           fault: fault, route: routes.routeStats[routeIndex])
         }
-        let outcome = routeAdmitted(request, routeIndex: routeIndex, fault: fault, routes: routes, listener: listener, policy: policy,
+        let outcome = routeAdmitted(request, routeIndex: routeIndex, path: rewrittenPath, fault: fault, routes: routes, listener: listener, policy: policy,
                                     loop: loop, tenant: tenant, destination: destination,
                                     destinationIsThisHost: destinationIsThisHost, clientAddress: clientAddress, target: &target)
         if case .reply(let status, let reason, let detail, let cluster, let headers, _, _, _, _) = outcome {
@@ -171,7 +185,7 @@ extension ProxyRuntime {
         return outcome
     }
 
-    private func routeAdmitted(_ request: some RoutableRequest, routeIndex: Int, fault: FaultDecision?, routes: ListenerRoutes, listener: ListenerRuntime, policy: LoopPolicy,
+    private func routeAdmitted(_ request: some RoutableRequest, routeIndex: Int, path: String?, fault: FaultDecision?, routes: ListenerRoutes, listener: ListenerRuntime, policy: LoopPolicy,
                                loop: LoopContext, tenant: TenantState?, destination: Destination?,
                                destinationIsThisHost: Bool, clientAddress: String?,
                                target: inout UpstreamTarget?) -> RoutingOutcome {
@@ -213,7 +227,8 @@ extension ProxyRuntime {
         target = UpstreamTarget(policy: policy, cluster: cluster, slot: slot, host: host, pool: pool,
                                 routeIndex: routeIndex, route: route, tenant: tenant, fault: fault,
                                 activeFaults: fault == nil ? nil : routes.faults[routeIndex]?.active, hashKey: hashKey,
-                                routeStats: routes.routeStats[routeIndex], edits: routes.edits[routeIndex][pick])
+                                routeStats: routes.routeStats[routeIndex], edits: routes.edits[routeIndex][pick],
+                                mirrors: routes.mirrors[routeIndex].isEmpty ? nil : routes.mirrors[routeIndex], path: path)
         return .forward
     }
 

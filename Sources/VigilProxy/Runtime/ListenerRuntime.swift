@@ -45,6 +45,8 @@ final class ListenerRoutes: Sendable {
     /// Per route, per cluster it may send to (its one cluster, or each of its weighted clusters in order): what the
     /// forwarded request and its response have changed (nil: nothing).
     let edits: [[ForwardingEdits?]]
+    /// Per route: its path rewrite (`prefix_rewrite`, `regex_rewrite`).
+    let pathRewrites: [PathRewrite?]
     /// Per route: its mirrors (`request_mirror_policies`).
     let mirrors: [[MirrorTarget]]
     /// Per route that answers itself (`redirect`, `direct_response`): its answer.
@@ -100,6 +102,7 @@ final class ListenerRoutes: Sendable {
         self.edits = listener.routes.map { route in
             route.clusterNames.map { ForwardingEdits(route: route, cluster: clusters[$0]) }
         }
+        self.pathRewrites = listener.routes.map(\.pathRewrite)
         self.mirrors = listener.routes.map { route in
             route.mirrors.compactMap { m in
                 clusterSlots[m.cluster].map {
