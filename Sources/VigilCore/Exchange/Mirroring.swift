@@ -15,10 +15,18 @@ public enum Mirroring {
     /// An IPv6 literal has no host name to add to (`[::1]-shadow` is not an authority): it goes as it is.
     public static func shadowAuthority(_ authority: String) -> String {
         if authority.hasPrefix("[") { return authority }
-        if let colon = authority.lastIndex(of: ":") {
-            return String(authority[..<colon]) + "-shadow" + authority[colon...]
+        // One string made, with room for the suffix (a copy per mirrored request: it showed in profiles as three).
+        var out = ""
+        out.reserveCapacity(authority.utf8.count + 7)
+        if let colon = authority.utf8.lastIndex(of: UInt8(ascii: ":")) {
+            out += authority[..<colon]
+            out += "-shadow"
+            out += authority[colon...]
+        } else {
+            out += authority
+            out += "-shadow"
         }
-        return authority + "-shadow"
+        return out
     }
 
     /// What a mirrored request came to, in `vigil_mirror_requests_total{cluster,outcome}`.

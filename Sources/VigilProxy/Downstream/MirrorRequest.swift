@@ -11,8 +11,16 @@ struct PendingMirrors {
 
     /// The mirrors `route` draws for a request (nil when none is drawn: nothing is copied then).
     static func draw(_ mirrors: [MirrorTarget], hasRequestID: Bool, random: inout SplitMix64) -> PendingMirrors? {
-        var chosen: [MirrorTarget] = []
-        for m in mirrors where Mirroring.chosen(perMillion: m.perMillion, random: random.next()) { chosen.append(m) }
+        // The route's own array when every mirror is drawn (the usual single mirror at 100 %): nothing allocated.
+        var some: [MirrorTarget]?  // nil while every mirror so far was drawn
+        for (i, m) in mirrors.enumerated() {
+            if Mirroring.chosen(perMillion: m.perMillion, random: random.next()) {
+                some?.append(m)
+            } else if some == nil {
+                some = Array(mirrors[..<i])
+            }
+        }
+        let chosen = some ?? mirrors
         guard let first = chosen.first else { return nil }
         return PendingMirrors(targets: chosen, requestID: hasRequestID ? nil : RequestID(using: &random),
                               body: MirrorBody(limit: chosen.dropFirst().reduce(first.bodyLimit) { min($0, $1.bodyLimit) }))
@@ -43,7 +51,7 @@ struct PendingMirrors {
             var out = ByteBuffer()
             head(target.edits, host.address, &out)
             let request = MirrorRequest(cluster: cluster, host: host, pool: policy.pools[target.slot][host.index],
-                                        parts: [out] + body.parts, requestIsHead: requestIsHead, loop: loop)
+                                        head: out, body: body.parts, requestIsHead: requestIsHead, loop: loop)
             request.start(timeout: timeout)
         }
     }
@@ -57,7 +65,9 @@ final class MirrorRequest: PoolWaiter, UpstreamExchange, DeadlineWaiter {
     private let cluster: ClusterRuntime
     private let host: HostRuntime
     private let pool: HostPool
-    private let parts: [ByteBuffer]
+    private let head: ByteBuffer
+    /// The body's pieces as they were framed upstream, shared by the request's mirrors.
+    private let body: [ByteBuffer]
     private let requestIsHead: Bool
     private let loop: LoopContext
     private var upstream: UpstreamStream?
@@ -72,12 +82,13 @@ final class MirrorRequest: PoolWaiter, UpstreamExchange, DeadlineWaiter {
     /// In the pool's queue, for a connection.
     private var waiting = false
 
-    init(cluster: ClusterRuntime, host: HostRuntime, pool: HostPool, parts: [ByteBuffer], requestIsHead: Bool,
+    init(cluster: ClusterRuntime, host: HostRuntime, pool: HostPool, head: ByteBuffer, body: [ByteBuffer], requestIsHead: Bool,
          loop: LoopContext) {
         self.cluster = cluster
         self.host = host
         self.pool = pool
-        self.parts = parts
+        self.head = head
+        self.body = body
         self.requestIsHead = requestIsHead
         self.loop = loop
         host.activeRequests.wrappingIncrement(ordering: .relaxed)
@@ -101,7 +112,8 @@ final class MirrorRequest: PoolWaiter, UpstreamExchange, DeadlineWaiter {
         self.reused = reused
         upstream = connection
         connection.attach(self, requestIsHead: requestIsHead)
-        for part in parts { connection.write(part) }
+        connection.write(head)
+        for part in body { connection.write(part) }
         loop.flushes.defer(connection)  // with the loop's other writes, as a request's own
     }
 
