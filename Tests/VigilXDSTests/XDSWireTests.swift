@@ -1,0 +1,106 @@
+import Foundation
+import SwiftProtobuf
+import Testing
+import VigilCore
+import VigilTestSupport
+@testable import VigilXDS
+
+/// Vigil's trimmed .proto files against Envoy's own (PyPI's xds-protos): the same bytes read and written, fields Vigil
+/// does not declare skipped.
+@Suite(.enabled(if: PythonPeers.shouldRun, "needs the Python peers (.venv-peers): run .ci/run once, or set VIGIL_PEERS_PYTHON"),
+       .timeLimit(.minutes(1)))
+struct XDSWireTests {
+    @Test func anEDSResponseFromEnvoysMessagesIsRead() async throws {
+        let scratch = ScratchDirectory("vigil-xds")
+        let file = scratch.file("response.bin")
+        let run = try await PythonPeers.run("xds_wire.py", ["response", file])
+        #expect(run.status == 0, "\(run.stderr)")
+        let response = try Envoy_Service_Discovery_V3_DiscoveryResponse(serializedBytes: try Data(contentsOf: URL(fileURLWithPath: file)))
+        #expect(response.versionInfo == "7" && response.nonce == "n-1" && response.typeURL == XDSTypeURL.endpoints)
+        #expect(response.resources.count == 1 && response.resources[0].typeURL == XDSTypeURL.endpoints)
+        let assignment = try Envoy_Config_Endpoint_V3_ClusterLoadAssignment(unpackingAny: response.resources[0])
+        #expect(assignment.clusterName == "outbound|8080||svc.ns.svc.cluster.local")
+        #expect(assignment.policy.overprovisioningFactor.value == 140 && assignment.policy.dropOverloads.first?.category == "lb")
+        let hosts = try XDSEndpoints.hosts(of: assignment)
+        #expect(hosts == [
+            XDSHost(address: SocketAddressSpec(host: "10.0.0.7", port: 8080), weight: 3, health: .routable, priority: 1,
+                    locality: "eu/eu-1a/rack4"),
+            XDSHost(address: SocketAddressSpec(host: "10.0.0.8", port: 8080), weight: 1, health: .draining, priority: 1,
+                    locality: "eu/eu-1a/rack4"),
+        ])
+        #expect(assignment.endpoints[0].lbEndpoints[0].endpoint.hostname == "10.0.0.7.pod")
+        // What Vigil does not declare is kept aside, not lost: written back, the bytes are Envoy's again.
+        #expect(!assignment.endpoints[0].unknownFields.data.isEmpty)
+        #expect(try response.serializedBytes() as [UInt8] == Array(try Data(contentsOf: URL(fileURLWithPath: file))))
+    }
+
+    @Test func aNACKIsReadByEnvoysMessages() async throws {
+        var request = Envoy_Service_Discovery_V3_DiscoveryRequest()
+        request.versionInfo = "6"
+        request.responseNonce = "n-1"
+        request.typeURL = XDSTypeURL.endpoints
+        request.resourceNames = ["outbound|8080||svc.ns.svc.cluster.local"]
+        request.node.id = "sidecar~10.0.0.5~api-1.ns~ns.svc.cluster.local"
+        request.node.cluster = "api"
+        request.node.locality.zone = "eu-1a"
+        request.node.metadata.fields["NAMESPACE"] = Google_Protobuf_Value(stringValue: "ns")
+        request.node.userAgentName = "vigil"
+        request.errorDetail.code = 3  // INVALID_ARGUMENT
+        request.errorDetail.message = "outbound|8080||svc.ns.svc.cluster.local: endpoints[0].lb_endpoints[0]: needs port_value"
+        let scratch = ScratchDirectory("vigil-xds")
+        let file = scratch.file("request.bin")
+        try Data(try request.serializedBytes() as [UInt8]).write(to: URL(fileURLWithPath: file))
+        let run = try await PythonPeers.run("xds_wire.py", ["request", file])
+        #expect(run.status == 0, "\(run.stderr)")
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(run.stdout.utf8)) as? [String: Any])
+        #expect(json["versionInfo"] as? String == "6" && json["responseNonce"] as? String == "n-1")
+        #expect(json["typeUrl"] as? String == XDSTypeURL.endpoints)
+        let node = try #require(json["node"] as? [String: Any])
+        #expect(node["id"] as? String == request.node.id && node["userAgentName"] as? String == "vigil")
+        #expect((node["metadata"] as? [String: Any])?["NAMESPACE"] as? String == "ns")
+        #expect((node["locality"] as? [String: Any])?["zone"] as? String == "eu-1a")
+        let detail = try #require(json["errorDetail"] as? [String: Any])
+        #expect(detail["code"] as? Int == 3 && (detail["message"] as? String)?.contains("needs port_value") == true)
+    }
+}
+
+/// EDS endpoints that Vigil cannot dial are refused with the resource and the key path.
+@Suite struct XDSEndpointsTests {
+    func assignment(_ build: (inout Envoy_Config_Core_V3_SocketAddress) -> Void) -> Envoy_Config_Endpoint_V3_ClusterLoadAssignment {
+        var socket = Envoy_Config_Core_V3_SocketAddress()
+        socket.address = "10.0.0.1"
+        socket.portValue = 80
+        build(&socket)
+        var lb = Envoy_Config_Endpoint_V3_LbEndpoint()
+        lb.endpoint.address.socketAddress = socket
+        var group = Envoy_Config_Endpoint_V3_LocalityLbEndpoints()
+        group.lbEndpoints = [lb]
+        var cla = Envoy_Config_Endpoint_V3_ClusterLoadAssignment()
+        cla.clusterName = "c"
+        cla.endpoints = [group]
+        return cla
+    }
+
+    func rejection(_ cla: Envoy_Config_Endpoint_V3_ClusterLoadAssignment) -> XDSRejection? {
+        do throws(XDSRejection) {
+            _ = try XDSEndpoints.hosts(of: cla)
+            return nil
+        } catch {
+            return error
+        }
+    }
+
+    @Test func undialableEndpointsAreRefusedWithTheirPath() throws {
+        let cases: [(Envoy_Config_Endpoint_V3_ClusterLoadAssignment, String)] = [
+            (assignment { $0.namedPort = "http" }, "endpoints[0].lb_endpoints[0].endpoint.address.socket_address"),
+            (assignment { $0.portValue = 70000 }, "endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value"),
+            (assignment { $0.address = "not an address" }, "endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address"),
+            (assignment { $0.protocol = .udp }, "endpoints[0].lb_endpoints[0].endpoint.address.socket_address.protocol"),
+        ]
+        for (cla, path) in cases {
+            let refusal = rejection(cla)
+            #expect(refusal?.resource == "c" && refusal?.path == path, "\(String(describing: refusal))")
+        }
+        #expect(try XDSEndpoints.hosts(of: assignment { $0.address = "::1" }).first?.address.host == "::1")
+    }
+}
