@@ -1,0 +1,64 @@
+import Foundation
+import SwiftProtobuf
+import Testing
+import VigilTestSupport
+@testable import VigilXDS
+
+/// Vigil's ADS client against an ADS server built on Envoy's own messages and gRPC's C core (`Tests/Peers/ads_server.py`):
+/// the requests it sends, field by field.
+@Suite(.enabled(if: PythonPeers.shouldRun, "needs the Python peers (.venv-peers): run .ci/run once, or set VIGIL_PEERS_PYTHON"),
+       .timeLimit(.minutes(1)))
+struct ADSClientTests {
+    @Test func anUpdateIsACKedARefusedOneNACKedWithThePreviousVersion() async throws {
+        let scratch = ScratchDirectory("vigil-ads")
+        let portFile = scratch.file("port"), log = scratch.file("requests")
+        let server = try ChildProcess(PythonPeers.python, [PythonPeers.script("ads_server.py"), portFile, log],
+                                      stderr: .file(scratch.file("stderr")))
+        defer { server.signal(SIGKILL) }
+        try await waitUntil("the ADS server listens", seconds: 30) { FileManager.default.fileExists(atPath: portFile) }
+        let port = try #require(Int(try String(contentsOfFile: portFile, encoding: .utf8)))
+        var node = Envoy_Config_Core_V3_Node()
+        node.id = "sidecar~10.0.0.5~api-1.ns~ns.svc.cluster.local"
+        node.cluster = "api"
+        let client = ADSClient(host: "127.0.0.1", port: port, node: node)
+        let cluster = "outbound|8080||svc.ns.svc.cluster.local"
+        let stream = Task {
+            try await client.runStream(subscriptions: [(XDSTypeURL.endpoints, [cluster])]) { _, _, resources in
+                do {
+                    for r in resources {
+                        _ = try XDSEndpoints.hosts(of: try Envoy_Config_Endpoint_V3_ClusterLoadAssignment(unpackingAny: r))
+                    }
+                    return nil
+                } catch let refusal as XDSRejection {
+                    return refusal
+                } catch {
+                    return XDSRejection(resource: "?", path: "", reason: "\(error)")
+                }
+            }
+        }
+        defer { stream.cancel() }
+        let lines = { @Sendable () -> [[String: Any]] in
+            ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").split(separator: "\n").compactMap {
+                try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
+            }
+        }
+        try await waitUntil("the first request, the ACK of 1, the NACK of 2 and the ACK of 3", seconds: 30) { lines().count >= 4 }
+        let requests = lines()
+        // The stream's first request: the node, the subscription, no version or nonce.
+        #expect((requests[0]["node"] as? [String: Any])?["id"] as? String == node.id)
+        #expect(requests[0]["typeUrl"] as? String == XDSTypeURL.endpoints && requests[0]["resourceNames"] as? [String] == [cluster])
+        #expect(requests[0]["versionInfo"] == nil && requests[0]["responseNonce"] == nil)
+        // The ACK of "1": its version and nonce, no node again, no error.
+        #expect(requests[1]["versionInfo"] as? String == "1" && requests[1]["responseNonce"] as? String == "n1")
+        #expect(requests[1]["node"] == nil && requests[1]["errorDetail"] == nil)
+        // The NACK of "2": the version accepted before, the refused response's nonce, why (resource and key path).
+        #expect(requests[2]["versionInfo"] as? String == "1" && requests[2]["responseNonce"] as? String == "n2")
+        let detail = try #require(requests[2]["errorDetail"] as? [String: Any])
+        #expect(detail["code"] as? Int == 3)
+        #expect((detail["message"] as? String)?.hasPrefix("\(cluster): endpoints[0].lb_endpoints[0].endpoint.address.socket_address: needs port_value") == true,
+                "\(detail)")
+        // The ACK of "3".
+        #expect(requests[3]["versionInfo"] as? String == "3" && requests[3]["responseNonce"] as? String == "n3")
+        #expect(requests[3]["errorDetail"] == nil)
+    }
+}
