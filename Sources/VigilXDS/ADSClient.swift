@@ -1,60 +1,101 @@
 import GRPCCore
 import GRPCNIOTransportHTTP2
+import NIOCore
+import Synchronization
 import SwiftProtobuf
+import VigilCore
 
-/// One aggregated (ADS) stream to a management server: grpc-swift 2 over its NIO transport carrying what
-/// `ADSStateMachine` decides. The stream's owner gives it the types to subscribe to and a way to apply each response;
-/// the client ACKs what applied and NACKs what was refused, with the reason.
+/// The aggregated (ADS) stream to a management server: grpc-swift 2 over its NIO transport carrying what
+/// `ADSStateMachine` decides. The owner gives it the types to subscribe to and a way to apply each response; the client
+/// ACKs what applied and NACKs what was refused, with the reason. `run` keeps a stream open: when one ends or fails, the
+/// next starts after a jittered backoff and asks again with the versions accepted before.
 ///
-/// Plaintext only so far; TLS to the server, the reconnecting loop with jittered backoff and the `xds:` config come
-/// with the rest of issue 24.
+/// Plaintext only so far; TLS to the server and the `xds:` config come with the rest of issue 24.
 public struct ADSClient: Sendable {
     /// Applies a type's whole state (`resources` at `version`); nil when applied, else why it was refused (the NACK's
     /// `error_detail`).
     public typealias Apply = @Sendable (_ typeURL: String, _ version: String, _ resources: [Google_Protobuf_Any]) async
         -> XDSRejection?
 
+    /// Envoy's reconnect backoff for its xDS streams: exponential from 500 ms to 30 s, with full jitter.
+    public static let backoffBase = TimeAmount.milliseconds(500)
+    public static let backoffMax = TimeAmount.seconds(30)
+
     public let host: String
     public let port: Int
-    public let node: Envoy_Config_Core_V3_Node
+    /// The protocol state, kept across streams (the accepted versions a new stream asks again with).
+    private let box: Box
+
+    /// `Mutex` is not copyable: the client's copies share one, in a class.
+    private final class Box: Sendable {
+        let machine: Mutex<ADSStateMachine>
+        init(_ m: ADSStateMachine) { machine = Mutex(m) }
+    }
 
     public init(host: String, port: Int, node: Envoy_Config_Core_V3_Node) {
         self.host = host
         self.port = port
-        self.node = node
+        self.box = Box(ADSStateMachine(node: node))
     }
 
-    /// Runs one stream until the server ends it or the task is cancelled; returns the state it ended with (its
-    /// accepted versions, for the next stream's first requests).
-    public func runStream(subscriptions: [(typeURL: String, names: [String])], state: ADSStateMachine? = nil,
-                          apply: @escaping Apply) async throws -> ADSStateMachine {
-        var machine = state ?? ADSStateMachine(node: node)
-        var first: [Envoy_Service_Discovery_V3_DiscoveryRequest] = machine.streamStarted()
-        for s in subscriptions {
-            if let r = machine.subscribe(s.typeURL, names: s.names) { first.append(r) }
+    /// The protocol state now (its subscriptions, accepted versions and nonces).
+    public var state: ADSStateMachine { box.machine.withLock { $0 } }
+
+    /// Keeps a stream open until the task is cancelled: after a stream ends or fails, waits `sleep(delay)` (the
+    /// backoff: full jitter up to 500 ms × 2^(failures in a row − 1), at most 30 s; a stream that received a response
+    /// starts the count over) and opens the next. `onStreamEnded` hears each end (nil: the server ended it cleanly).
+    public func run<R: RandomNumberGenerator & Sendable>(
+        subscriptions: [(typeURL: String, names: [String])], random: R,
+        sleep: @Sendable (TimeAmount) async throws -> Void = { try await Task.sleep(nanoseconds: UInt64($0.nanoseconds)) },
+        onStreamEnded: @Sendable (Error?) async -> Void = { _ in },
+        apply: @escaping Apply
+    ) async throws {
+        var random = random
+        var failures = 0
+        while !Task.isCancelled {
+            var ending: Error?
+            do {
+                try await runStream(subscriptions: subscriptions, apply: apply)
+            } catch {
+                ending = error
+            }
+            if Task.isCancelled { return }
+            await onStreamEnded(ending)
+            failures = state.responsesOnStream > 0 ? 1 : failures + 1
+            try await sleep(RetryPolicy.backoff(retry: failures, base: Self.backoffBase, max: Self.backoffMax,
+                                                random: &random))
+        }
+    }
+
+    /// Runs one stream until the server ends it, it fails, or the task is cancelled.
+    public func runStream(subscriptions: [(typeURL: String, names: [String])], apply: @escaping Apply) async throws {
+        let first = box.machine.withLock { machine in
+            var requests = machine.streamStarted()
+            for s in subscriptions {
+                if let r = machine.subscribe(s.typeURL, names: s.names) { requests.append(r) }
+            }
+            return requests
         }
         let (outgoing, sender) = AsyncStream.makeStream(of: Envoy_Service_Discovery_V3_DiscoveryRequest.self)
         for r in first { sender.yield(r) }
         let transport = try HTTP2ClientTransport.Posix(target: .dns(host: host, port: port), transportSecurity: .plaintext)
-        let start = machine
-        return try await withGRPCClient(transport: transport) { client in
+        let box = self.box
+        try await withGRPCClient(transport: transport) { client in
             let ads = Envoy_Service_Discovery_V3_AggregatedDiscoveryService.Client(wrapping: client)
             let request = StreamingClientRequest<Envoy_Service_Discovery_V3_DiscoveryRequest> { writer in
                 for await r in outgoing { try await writer.write(r) }
             }
-            return try await ads.streamAggregatedResources(request: request) { response in
-                // Responses are handled one at a time, in order, by this task alone: the machine needs no lock.
-                var machine = start
+            try await ads.streamAggregatedResources(request: request) { response in
                 defer { sender.finish() }
+                // Responses are handled one at a time, in order: each is applied before the next is read.
                 for try await message in response.messages {
-                    guard case .apply(let type, let version, _, let resources) = machine.received(message) else { continue }
-                    if let refusal = await apply(type, version, resources) {
-                        sender.yield(machine.rejected(type, because: refusal.description))
-                    } else {
-                        sender.yield(machine.applied(type, version: version))
-                    }
+                    guard case .apply(let type, let version, _, let resources) = box.machine.withLock({ $0.received(message) })
+                    else { continue }
+                    let refusal = await apply(type, version, resources)
+                    sender.yield(box.machine.withLock { machine in
+                        refusal.map { machine.rejected(type, because: $0.description) } ?? machine.applied(type, version: version)
+                    })
                 }
-                return machine
             }
         }
     }

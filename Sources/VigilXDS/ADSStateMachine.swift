@@ -37,12 +37,16 @@ public struct ADSStateMachine: Sendable {
     public private(set) var order: [String] = []
     public private(set) var subscriptions: [String: Subscription] = [:]
     private var nodeSent = false
+    /// Responses received on the current stream (a stream that got one was established: the reconnect backoff starts
+    /// over after it).
+    public private(set) var responsesOnStream = 0
 
     public init(node: Envoy_Config_Core_V3_Node) { self.node = node }
 
     /// A new stream: one request per subscribed type, with the versions last accepted and no nonce.
     public mutating func streamStarted() -> [Envoy_Service_Discovery_V3_DiscoveryRequest] {
         nodeSent = false
+        responsesOnStream = 0
         return order.map { type in
             subscriptions[type]!.nonce = ""
             return request(type)
@@ -65,6 +69,7 @@ public struct ADSStateMachine: Sendable {
 
     /// A response arrived: its nonce is remembered for the type's next request whatever becomes of it.
     public mutating func received(_ response: Envoy_Service_Discovery_V3_DiscoveryResponse) -> Received {
+        responsesOnStream += 1
         guard subscriptions[response.typeURL] != nil else { return .ignored(typeURL: response.typeURL) }
         subscriptions[response.typeURL]!.nonce = response.nonce
         return .apply(typeURL: response.typeURL, version: response.versionInfo, nonce: response.nonce,

@@ -1,9 +1,10 @@
 """A small ADS server on Envoy's own messages (xds-protos) and gRPC's C core (grpcio), for Vigil's ADS client tests.
 
-  ads_server.py PORTFILE LOGFILE
+  ads_server.py PORTFILE LOGFILE [reconnect]
 
 It serves EDS for one cluster, in three versions: "1" (a valid assignment), then, once "1" is ACKed, "2" (an endpoint
-with a named port, which Vigil must refuse), then, once "2" is NACKed, "3" (valid again). Every request it receives is
+with a named port, which Vigil must refuse), then, once "2" is NACKed, "3" (valid again). With `reconnect`, it ends
+each stream once "1" is ACKed instead (a server going away), and answers a new stream's first request with "1" again. Every request it receives is
 appended to LOGFILE as one line of JSON (Envoy's field names). It listens on 127.0.0.1 and writes its port to PORTFILE.
 """
 import json
@@ -37,8 +38,9 @@ def assignment(version):
 
 
 class ADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    def __init__(self, log):
+    def __init__(self, log, reconnect):
         self.log = log
+        self.reconnect = reconnect
         self.lock = threading.Lock()
 
     def StreamAggregatedResources(self, requests, context):
@@ -53,6 +55,8 @@ class ADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 if request.response_nonce == "":
                     out.put(assignment("1"))
                 elif request.response_nonce == "n1" and request.version_info == "1":
+                    if self.reconnect:
+                        break
                     out.put(assignment("2"))
                 elif request.response_nonce == "n2" and request.HasField("error_detail"):
                     out.put(assignment("3"))
@@ -69,7 +73,7 @@ class ADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 def main():
     port_file, log = sys.argv[1], sys.argv[2]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ADS(log), server)
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ADS(log, len(sys.argv) > 3 and sys.argv[3] == "reconnect"), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     with open(port_file + ".tmp", "w") as f:

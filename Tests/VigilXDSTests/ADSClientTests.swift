@@ -1,4 +1,6 @@
 import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
 import SwiftProtobuf
 import Testing
 import VigilTestSupport
@@ -9,39 +11,51 @@ import VigilTestSupport
 @Suite(.enabled(if: PythonPeers.shouldRun, "needs the Python peers (.venv-peers): run .ci/run once, or set VIGIL_PEERS_PYTHON"),
        .timeLimit(.minutes(1)))
 struct ADSClientTests {
-    @Test func anUpdateIsACKedARefusedOneNACKedWithThePreviousVersion() async throws {
-        let scratch = ScratchDirectory("vigil-ads")
-        let portFile = scratch.file("port"), log = scratch.file("requests")
-        let server = try ChildProcess(PythonPeers.python, [PythonPeers.script("ads_server.py"), portFile, log],
-                                      stderr: .file(scratch.file("stderr")))
-        defer { server.signal(SIGKILL) }
-        try await waitUntil("the ADS server listens", seconds: 30) { FileManager.default.fileExists(atPath: portFile) }
-        let port = try #require(Int(try String(contentsOfFile: portFile, encoding: .utf8)))
+    let cluster = "outbound|8080||svc.ns.svc.cluster.local"
+    var node: Envoy_Config_Core_V3_Node {
         var node = Envoy_Config_Core_V3_Node()
         node.id = "sidecar~10.0.0.5~api-1.ns~ns.svc.cluster.local"
         node.cluster = "api"
-        let client = ADSClient(host: "127.0.0.1", port: port, node: node)
-        let cluster = "outbound|8080||svc.ns.svc.cluster.local"
-        let stream = Task {
-            try await client.runStream(subscriptions: [(XDSTypeURL.endpoints, [cluster])]) { _, _, resources in
-                do {
-                    for r in resources {
-                        _ = try XDSEndpoints.hosts(of: try Envoy_Config_Endpoint_V3_ClusterLoadAssignment(unpackingAny: r))
-                    }
-                    return nil
-                } catch let refusal as XDSRejection {
-                    return refusal
-                } catch {
-                    return XDSRejection(resource: "?", path: "", reason: "\(error)")
-                }
-            }
-        }
-        defer { stream.cancel() }
+        return node
+    }
+
+    /// Starts `ads_server.py` (with `mode`); its port, its request log (one JSON object a line) and the process.
+    func startServer(_ scratch: ScratchDirectory, mode: [String] = []) async throws -> (Int, @Sendable () -> [[String: Any]], ChildProcess) {
+        let portFile = scratch.file("port"), log = scratch.file("requests")
+        let server = try ChildProcess(PythonPeers.python, [PythonPeers.script("ads_server.py"), portFile, log] + mode,
+                                      stderr: .file(scratch.file("stderr")))
+        try await waitUntil("the ADS server listens", seconds: 30) { FileManager.default.fileExists(atPath: portFile) }
+        let port = try #require(Int(try String(contentsOfFile: portFile, encoding: .utf8)))
         let lines = { @Sendable () -> [[String: Any]] in
             ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").split(separator: "\n").compactMap {
                 try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
             }
         }
+        return (port, lines, server)
+    }
+
+    /// Applies EDS as Vigil checks it: refused with the key path when an endpoint cannot be dialled.
+    static let applyEDS: ADSClient.Apply = { _, _, resources in
+        do {
+            for r in resources {
+                _ = try XDSEndpoints.hosts(of: try Envoy_Config_Endpoint_V3_ClusterLoadAssignment(unpackingAny: r))
+            }
+            return nil
+        } catch let refusal as XDSRejection {
+            return refusal
+        } catch {
+            return XDSRejection(resource: "?", path: "", reason: "\(error)")
+        }
+    }
+
+    @Test func anUpdateIsACKedARefusedOneNACKedWithThePreviousVersion() async throws {
+        let scratch = ScratchDirectory("vigil-ads")
+        let (port, lines, server) = try await startServer(scratch)
+        defer { server.signal(SIGKILL) }
+        let client = ADSClient(host: "127.0.0.1", port: port, node: node)
+        let cluster = self.cluster
+        let stream = Task { try await client.runStream(subscriptions: [(XDSTypeURL.endpoints, [cluster])], apply: Self.applyEDS) }
+        defer { stream.cancel() }
         try await waitUntil("the first request, the ACK of 1, the NACK of 2 and the ACK of 3", seconds: 30) { lines().count >= 4 }
         let requests = lines()
         // The stream's first request: the node, the subscription, no version or nonce.
@@ -60,5 +74,29 @@ struct ADSClientTests {
         // The ACK of "3".
         #expect(requests[3]["versionInfo"] as? String == "3" && requests[3]["responseNonce"] as? String == "n3")
         #expect(requests[3]["errorDetail"] == nil)
+        #expect(client.state.subscriptions[XDSTypeURL.endpoints]?.acceptedVersion == "3")
+    }
+
+    /// A server that ends the stream: the next one starts after the backoff (Envoy's: full jitter up to 500 ms after a
+    /// stream that worked) and asks again with the version accepted, no nonce, and the node.
+    @Test func aNewStreamAsksAgainWithTheAcceptedVersionAfterTheBackoff() async throws {
+        let scratch = ScratchDirectory("vigil-ads")
+        let (port, lines, server) = try await startServer(scratch, mode: ["reconnect"])
+        defer { server.signal(SIGKILL) }
+        let client = ADSClient(host: "127.0.0.1", port: port, node: node)
+        let cluster = self.cluster
+        let waits = NIOLockedValueBox<[TimeAmount]>([])
+        let run = Task {
+            try await client.run(subscriptions: [(XDSTypeURL.endpoints, [cluster])], random: ScriptedRandom(UInt64.max),
+                                 sleep: { delay in waits.withLockedValue { $0.append(delay) } }, apply: Self.applyEDS)
+        }
+        defer { run.cancel() }
+        try await waitUntil("two streams, each ACKing 1", seconds: 30) { lines().count >= 4 }
+        let requests = Array(lines().prefix(4))  // the loop goes on reconnecting until it is cancelled
+        #expect(requests.map { $0["responseNonce"] as? String } == [nil, "n1", nil, "n1"])
+        // The second stream's first request: the node again, the version accepted on the first, no nonce.
+        #expect(requests[2]["versionInfo"] as? String == "1" && (requests[2]["node"] as? [String: Any])?["id"] as? String == node.id)
+        let slept = waits.withLockedValue { $0 }
+        #expect(slept.first.map { $0 <= ADSClient.backoffBase && $0 > .zero } == true, "\(slept)")
     }
 }
