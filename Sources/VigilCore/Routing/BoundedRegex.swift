@@ -20,8 +20,10 @@ public struct BoundedRegex: Sendable, Equatable {
     static let trackedGroups = 9
     /// The most thread steps (an instruction run for a position) one `replacingAll` may take before it gives up. A
     /// single search is linear in the path, but a global replace searches again after each match, which a pattern such
-    /// as `b*c|b` turns quadratic; this bounds the work a client's path can cost (a few milliseconds at most).
-    public static let defaultBudget = 2_000_000
+    /// as `b*c|b` turns quadratic; this bounds the work a client's path can cost. A path of a few kilobytes under a
+    /// usual pattern takes a few thousand steps; 200,000 took about 0.1 s in a debug build (each step may copy a
+    /// thread's capture slots), an event loop's stall that a client can cause only once per request.
+    public static let defaultBudget = 200_000
     let program: [Instruction]
 
     enum Instruction: Sendable, Equatable {
