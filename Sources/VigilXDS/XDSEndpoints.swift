@@ -61,13 +61,19 @@ public enum XDSEndpoints {
     /// The hosts of `assignment`, in order. Refused (with the key path) when an endpoint has no socket address Vigil
     /// can dial: a pipe, a named port, a port out of range, an address that is neither an IP nor a name.
     public static func hosts(of assignment: Envoy_Config_Endpoint_V3_ClusterLoadAssignment) throws(XDSRejection) -> [XDSHost] {
-        let name = assignment.clusterName
-        guard !name.isEmpty else {
+        guard !assignment.clusterName.isEmpty else {
             throw XDSRejection(resource: "ClusterLoadAssignment", path: "cluster_name", reason: "is empty")
         }
+        return try hosts(of: assignment, resource: assignment.clusterName, path: "")
+    }
+
+    /// The same, for an assignment inside another resource (a cluster's `load_assignment`): refusals name `resource`
+    /// and start their key path at `path`.
+    static func hosts(of assignment: Envoy_Config_Endpoint_V3_ClusterLoadAssignment, resource name: String,
+                      path prefix: String) throws(XDSRejection) -> [XDSHost] {
         var hosts: [XDSHost] = []
         for (i, group) in assignment.endpoints.enumerated() {
-            let groupPath = "endpoints[\(i)]"
+            let groupPath = prefix.isEmpty ? "endpoints[\(i)]" : "\(prefix).endpoints[\(i)]"
             guard group.priority <= 128 else {
                 throw XDSRejection(resource: name, path: "\(groupPath).priority", reason: "\(group.priority) is above 128")
             }

@@ -4,15 +4,18 @@ Vigil's trimmed .proto files read and write the same bytes.
   xds_wire.py response FILE   writes an EDS DiscoveryResponse (one ClusterLoadAssignment, with fields Vigil does not
                               declare among those it does) to FILE
   xds_wire.py request FILE    reads a DiscoveryRequest from FILE and prints it as JSON (Envoy's field names)
+  xds_wire.py clusters FILE   writes a CDS DiscoveryResponse with two Istio-shaped clusters (an EDS one and the
+                              STATIC passthrough-like one) to FILE
 """
 import sys
 
-from envoy.config.core.v3 import address_pb2, base_pb2, health_check_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2 as components
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.type.v3 import percent_pb2
-from google.protobuf import any_pb2, json_format, struct_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2, wrappers_pb2
 
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 
@@ -48,6 +51,36 @@ def response(path):
         f.write(out.SerializeToString())
 
 
+def clusters(path):
+    eds = cluster_pb2.Cluster(name="outbound|8080||svc.ns.svc.cluster.local", type=cluster_pb2.Cluster.EDS,
+                              connect_timeout=duration_pb2.Duration(seconds=2, nanos=500_000_000),
+                              lb_policy=cluster_pb2.Cluster.RING_HASH)
+    eds.eds_cluster_config.eds_config.ads.SetInParent()
+    eds.eds_cluster_config.eds_config.resource_api_version = config_source_pb2.V3
+    eds.eds_cluster_config.service_name = "outbound|8080||svc.ns.svc.cluster.local"
+    eds.circuit_breakers.thresholds.add(priority=base_pb2.HIGH, max_connections=wrappers_pb2.UInt32Value(value=7))
+    eds.circuit_breakers.thresholds.add(max_connections=wrappers_pb2.UInt32Value(value=100000),
+                                        max_pending_requests=wrappers_pb2.UInt32Value(value=0),
+                                        max_requests=wrappers_pb2.UInt32Value(value=2048),
+                                        max_retries=wrappers_pb2.UInt32Value(value=10))
+    eds.common_lb_config.healthy_panic_threshold.value = 30
+    eds.per_connection_buffer_limit_bytes.value = 32768
+    eds.alt_stat_name = "svc"  # not declared by Vigil
+    inline = cluster_pb2.Cluster(name="BlackHoleish", type=cluster_pb2.Cluster.STATIC)
+    inline.load_assignment.cluster_name = "BlackHoleish"
+    inline.load_assignment.endpoints.add().lb_endpoints.add(endpoint=components.Endpoint(
+        address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address="127.0.0.1", port_value=15090))))
+    resources = []
+    for c in (eds, inline):
+        packed = any_pb2.Any()
+        packed.Pack(c)
+        resources.append(packed)
+    out = discovery_pb2.DiscoveryResponse(version_info="c1", resources=resources,
+                                          type_url="type.googleapis.com/envoy.config.cluster.v3.Cluster", nonce="c-1")
+    with open(path, "wb") as f:
+        f.write(out.SerializeToString())
+
+
 def request(path):
     with open(path, "rb") as f:
         req = discovery_pb2.DiscoveryRequest.FromString(f.read())
@@ -55,4 +88,4 @@ def request(path):
 
 
 if __name__ == "__main__":
-    {"response": response, "request": request}[sys.argv[1]](sys.argv[2])
+    {"response": response, "request": request, "clusters": clusters}[sys.argv[1]](sys.argv[2])

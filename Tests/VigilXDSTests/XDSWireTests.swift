@@ -34,6 +34,25 @@ struct XDSWireTests {
         #expect(try response.serializedBytes() as [UInt8] == Array(try Data(contentsOf: URL(fileURLWithPath: file))))
     }
 
+    @Test func aCDSResponseFromEnvoysMessagesIsReadIntoClusters() async throws {
+        let scratch = ScratchDirectory("vigil-xds")
+        let file = scratch.file("clusters.bin")
+        let run = try await PythonPeers.run("xds_wire.py", ["clusters", file])
+        #expect(run.status == 0, "\(run.stderr)")
+        let response = try Envoy_Service_Discovery_V3_DiscoveryResponse(serializedBytes: try Data(contentsOf: URL(fileURLWithPath: file)))
+        #expect(response.typeURL == XDSTypeURL.cluster && response.resources.count == 2)
+        let read = try response.resources.map { try XDSClusters.read(try Envoy_Config_Cluster_V3_Cluster(unpackingAny: $0)) }
+        let eds = read[0]
+        #expect(eds.edsServiceName == "outbound|8080||svc.ns.svc.cluster.local" && eds.config.endpoints.isEmpty)
+        #expect(eds.config.connectTimeout == .milliseconds(2500) && eds.config.loadBalancer == .ringHash)
+        // The DEFAULT priority's thresholds, not HIGH's.
+        #expect(eds.config.circuitBreakers.maxConnections == 100_000 && eds.config.circuitBreakers.maxPendingRequests == 0)
+        #expect(eds.config.circuitBreakers.maxRequests == 2048 && eds.config.circuitBreakers.maxRetries == 10)
+        #expect(eds.config.panicThreshold == 30 && eds.config.perConnectionBufferLimitBytes == 32768)
+        #expect(read[1].edsServiceName == nil && read[1].config.endpoints == [SocketAddressSpec(host: "127.0.0.1", port: 15090)])
+        #expect(read[1].config.connectTimeout == .seconds(5))  // Envoy's default
+    }
+
     @Test func aNACKIsReadByEnvoysMessages() async throws {
         var request = Envoy_Service_Discovery_V3_DiscoveryRequest()
         request.versionInfo = "6"
@@ -66,6 +85,33 @@ struct XDSWireTests {
 
 /// EDS endpoints that Vigil cannot dial are refused with the resource and the key path.
 @Suite struct XDSEndpointsTests {
+    @Test func clustersVigilCannotBeAreRefusedWithTheirPath() {
+        func rejection(_ build: (inout Envoy_Config_Cluster_V3_Cluster) -> Void) -> XDSRejection? {
+            var c = Envoy_Config_Cluster_V3_Cluster()
+            c.name = "c"
+            c.type = .eds
+            c.edsClusterConfig.edsConfig.ads = .init()
+            build(&c)
+            do throws(XDSRejection) {
+                _ = try XDSClusters.read(c)
+                return nil
+            } catch {
+                return error
+            }
+        }
+        #expect(rejection { _ in } == nil)
+        #expect(rejection { $0.lbPolicy = .random }?.path == "lb_policy")
+        #expect(rejection { $0.edsClusterConfig.edsConfig.path = "/etc/eds.yaml" }?.path == "eds_cluster_config.eds_config.path")
+        #expect(rejection { $0.type = .static }?.path == "load_assignment")
+        #expect(rejection { $0.circuitBreakers.thresholds = [.with { $0.maxRequests = .init(0) }] }?.path
+                == "circuit_breakers.thresholds[0].max_requests")
+        #expect(rejection { $0.commonLbConfig.healthyPanicThreshold.value = 150 }?.path == "common_lb_config.healthy_panic_threshold")
+        #expect(rejection { c in
+            c.type = .static
+            c.loadAssignment.endpoints = [.with { $0.lbEndpoints = [.with { $0.endpoint.address.socketAddress = .with { $0.address = "10.0.0.1"; $0.namedPort = "http" } }] }]
+        }?.path == "load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address")
+    }
+
     func assignment(_ build: (inout Envoy_Config_Core_V3_SocketAddress) -> Void) -> Envoy_Config_Endpoint_V3_ClusterLoadAssignment {
         var socket = Envoy_Config_Core_V3_SocketAddress()
         socket.address = "10.0.0.1"

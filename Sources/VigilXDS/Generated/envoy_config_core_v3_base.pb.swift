@@ -20,6 +20,41 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
   typealias Version = _2
 }
 
+/// The priority a circuit breaker's thresholds apply to.
+public nonisolated enum Envoy_Config_Core_V3_RoutingPriority: SwiftProtobuf.Enum, Swift.CaseIterable {
+  public typealias RawValue = Int
+  case `default` // = 0
+  case high // = 1
+  case UNRECOGNIZED(Int)
+
+  public init() {
+    self = .default
+  }
+
+  public init?(rawValue: Int) {
+    switch rawValue {
+    case 0: self = .default
+    case 1: self = .high
+    default: self = .UNRECOGNIZED(rawValue)
+    }
+  }
+
+  public var rawValue: Int {
+    switch self {
+    case .default: return 0
+    case .high: return 1
+    case .UNRECOGNIZED(let i): return i
+    }
+  }
+
+  // The compiler won't synthesize support with the UNRECOGNIZED case.
+  public static let allCases: [Envoy_Config_Core_V3_RoutingPriority] = [
+    .default,
+    .high,
+  ]
+
+}
+
 /// Where a proxy runs (Node.locality), and where an endpoint is.
 public nonisolated struct Envoy_Config_Core_V3_Locality: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
@@ -108,6 +143,10 @@ public nonisolated struct Envoy_Config_Core_V3_Metadata: Sendable {
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "envoy.config.core.v3"
+
+nonisolated extension Envoy_Config_Core_V3_RoutingPriority: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0DEFAULT\0\u{1}HIGH\0")
+}
 
 nonisolated extension Envoy_Config_Core_V3_Locality: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Locality"
