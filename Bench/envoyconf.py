@@ -23,7 +23,9 @@ def command(conf, base_id):
     return f"{binary()} -c {conf} --concurrency 1 --log-level error --base-id {base_id} --disable-hot-restart"
 
 
-def _listener(name, port, cluster, route_extra=""):
+def _listener(name, port, cluster, route_extra="", action=None):
+    """`action`: the route's action in place of `route: { cluster }` (a direct_response, say)."""
+    action = action or f"route: {{ cluster: {cluster}{route_extra} }}"
     return f"""
   - name: {name}
     address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
@@ -40,7 +42,7 @@ def _listener(name, port, cluster, route_extra=""):
               domains: ["*"]
               routes:
               - match: {{ prefix: "/" }}
-                route: {{ cluster: {cluster}{route_extra} }}
+                {action}
           http_filters:
           - name: envoy.filters.http.router
             typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}"""

@@ -138,10 +138,10 @@ extension ConfigReader {
         for case .header(let name) in config.tenants?.identify ?? [] { tenantHeaders.append(name.lowercased()) }
         func checkTenantHeader(_ edits: HeaderEdits, at path: String) {
             for (k, name) in edits.remove.enumerated() where tenantHeaders.contains(name) {
-                fail("\(path).request_headers_to_remove[\(k)]", "cannot remove \(name): it is the header tenants are identified by: Vigil owns it on the way upstream")
+                fail("\(path).request_headers_to_remove[\(k)]", "cannot remove \(name): \(HeaderEdits.tenantHeaderReason)")
             }
             for (k, a) in edits.add.enumerated() where tenantHeaders.contains(a.name) {
-                fail("\(path).request_headers_to_add[\(k)].name", "cannot add \(a.name): it is the header tenants are identified by: Vigil owns it on the way upstream")
+                fail("\(path).request_headers_to_add[\(k)].name", "cannot add \(a.name): \(HeaderEdits.tenantHeaderReason)")
             }
         }
         for (i, cluster) in config.clusters.enumerated() {

@@ -87,7 +87,7 @@ extension ConfigReader {
         let side = request ? "request" : "response"
         var edits = HeaderEdits()
         func refusal(_ name: String) -> String? {
-            request ? HeaderEdits.refusal(requestField: name, tenantHeaders: []) : HeaderEdits.refusal(responseField: name)
+            request ? HeaderEdits.refusal(requestField: name) : HeaderEdits.refusal(responseField: name)
         }
         let removeKey = "\(side)_headers_to_remove"
         for (i, item) in (list(m[removeKey], at: m.path(removeKey)) ?? []).enumerated() {

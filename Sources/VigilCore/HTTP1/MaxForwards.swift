@@ -28,3 +28,11 @@ public enum MaxForwards {
     /// The methods Vigil names when it answers as the final recipient.
     public static let allow = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
 }
+
+extension HTTP1RequestHead {
+    /// The `Max-Forwards` to send in place of the received one (see `MaxForwards`), if the method uses it: for the
+    /// request's head and its mirrors' alike (HTTP/2's is `HTTP2ForwardedFields.maxForwards(of:)`).
+    public var forwardedMaxForwards: Int? {
+        MaxForwards.remaining(method: method) { value(named: "max-forwards") }.map(MaxForwards.forwarded)
+    }
+}

@@ -86,7 +86,6 @@ public struct BoundedRegex: Sendable, Equatable {
             return s
         }
         static var space: ByteSet { var s = ByteSet(); for b: UInt8 in [0x20, 0x09, 0x0A, 0x0B, 0x0C, 0x0D] { s.insert(b) }; return s }
-        static var all: ByteSet { ByteSet().inverted() }
     }
 
     public struct SyntaxError: Error, Sendable, Equatable, CustomStringConvertible {
@@ -412,7 +411,7 @@ public struct BoundedRegex: Sendable, Equatable {
                 return .bytes(ByteSet(0x0A).inverted())  // RE2's `.` does not match a newline
             case UInt8(ascii: "^"): return .atStart
             case UInt8(ascii: "$"): return .atEnd
-            case UInt8(ascii: "\\"): return .bytes(try parseEscape(inClass: false))
+            case UInt8(ascii: "\\"): return .bytes(try parseEscape())
             case UInt8(ascii: "*"), UInt8(ascii: "+"), UInt8(ascii: "?"):
                 throw SyntaxError(description: "has \(Character(Unicode.Scalar(c))) with nothing to repeat at byte \(i)")
             default:
@@ -420,7 +419,7 @@ public struct BoundedRegex: Sendable, Equatable {
             }
         }
 
-        mutating func parseEscape(inClass: Bool) throws(SyntaxError) -> ByteSet {
+        mutating func parseEscape() throws(SyntaxError) -> ByteSet {
             guard let c = peek else { throw SyntaxError(description: "ends with a lone \\") }
             i += 1
             switch c {
@@ -459,7 +458,7 @@ public struct BoundedRegex: Sendable, Equatable {
                 i += 1
                 var low: UInt8
                 if c == UInt8(ascii: "\\") {
-                    let escaped = try parseEscape(inClass: true)
+                    let escaped = try parseEscape()
                     // A single byte may start a range; a class escape (\d) may not.
                     guard let single = Self.single(escaped) else { set.formUnion(escaped); continue }
                     low = single
@@ -471,7 +470,7 @@ public struct BoundedRegex: Sendable, Equatable {
                     var high = bytes[i]
                     i += 1
                     if high == UInt8(ascii: "\\") {
-                        guard let single = Self.single(try parseEscape(inClass: true)) else {
+                        guard let single = Self.single(try parseEscape()) else {
                             throw SyntaxError(description: "has a range that ends in a class escape")
                         }
                         high = single

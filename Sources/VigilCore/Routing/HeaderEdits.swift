@@ -145,7 +145,8 @@ public struct HeaderEdits: Sendable, Equatable {
     /// Why a config may not add or remove `name` on a request (nil: it may). Vigil writes these itself: framing and
     /// hop-by-hop fields, the authority (a rewrite changes it), and the fields it vouches for to the upstream — an
     /// operator's copy of `x-forwarded-client-cert` or the tenant header would let one caller pass as another.
-    public static func refusal(requestField name: String, tenantHeaders: [String]) -> String? {
+    /// The header tenants are identified by is checked once tenants are known (`tenantHeaderReason`).
+    public static func refusal(requestField name: String) -> String? {
         if let reason = refusal(anyField: name) { return reason }
         let kind = HTTP1FieldKind.classify(name)
         switch kind {
@@ -156,11 +157,11 @@ public struct HeaderEdits: Sendable, Equatable {
         default: break
         }
         if name.lowercased() == "max-forwards" { return "Vigil counts Max-Forwards down itself" }
-        if tenantHeaders.contains(name.lowercased()) {
-            return "it is the header tenants are identified by: Vigil owns it on the way upstream"
-        }
         return nil
     }
+
+    /// Why a config may not add or remove the header tenants are identified by.
+    public static let tenantHeaderReason = "it is the header tenants are identified by: Vigil owns it on the way upstream"
 
     /// Why a config may not add or remove `name` on a response (nil: it may).
     public static func refusal(responseField name: String) -> String? { refusal(anyField: name) }

@@ -157,9 +157,7 @@ extension HTTP1ServerHandler {
                        requestIsHead: requestIsHead) { edits, host, out in
             HTTP1HeadWriter.writeRequest(head, facts: facts, random: &loop.random, fallbackAuthority: host.description,
                                          tenant: target.tenant?.name, dropping: untrusted,
-                                         maxForwards: MaxForwards.remaining(method: head.method) {
-                                             head.value(named: "max-forwards")
-                                         }.map(MaxForwards.forwarded),
+                                         maxForwards: head.forwardedMaxForwards,
                                          path: target.path, edits: edits,
                                          variables: edits.requestUsesVariables
                                              ? target.headerVariables(facts: facts, identity: session.identity) : nil,

@@ -460,9 +460,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                                                          fallbackAuthority: target?.host.addressText ?? "",
                                                          tenant: target?.tenant?.name,
                                                          dropping: target?.policy.snapshot.routes[listener.index].untrustedTenantHeader,
-                                                         maxForwards: MaxForwards.remaining(method: head.method) {
-                                                             head.value(named: "max-forwards")
-                                                         }.map(MaxForwards.forwarded),
+                                                         maxForwards: head.forwardedMaxForwards,
                                                          path: target?.path, edits: target?.edits,
                                                          variables: target?.edits?.requestUsesVariables == true
                                                              ? target!.headerVariables(facts: facts, identity: session.identity) : nil,

@@ -228,7 +228,7 @@ extension ProxyRuntime {
                                 routeIndex: routeIndex, route: route, tenant: tenant, fault: fault,
                                 activeFaults: fault == nil ? nil : routes.faults[routeIndex]?.active, hashKey: hashKey,
                                 routeStats: routes.routeStats[routeIndex], edits: routes.edits[routeIndex][pick],
-                                mirrors: routes.mirrors[routeIndex].isEmpty ? nil : routes.mirrors[routeIndex], path: path)
+                                mirrors: routes.mirrors[routeIndex], path: path)
         return .forward
     }
 

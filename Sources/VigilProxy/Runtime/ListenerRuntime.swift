@@ -47,8 +47,8 @@ final class ListenerRoutes: Sendable {
     let edits: [[ForwardingEdits?]]
     /// Per route: its path rewrite (`prefix_rewrite`, `regex_rewrite`).
     let pathRewrites: [PathRewrite?]
-    /// Per route: its mirrors (`request_mirror_policies`).
-    let mirrors: [[MirrorTarget]]
+    /// Per route: its mirrors (`request_mirror_policies`); nil for a route without, so a request reads one optional.
+    let mirrors: [[MirrorTarget]?]
     /// Per route that answers itself (`redirect`, `direct_response`): its answer.
     let directAnswers: [DirectAnswer?]
     /// Per route with `fault`: its faults, and how many are active now (for `max_active_faults`).
@@ -104,7 +104,7 @@ final class ListenerRoutes: Sendable {
         }
         self.pathRewrites = listener.routes.map(\.pathRewrite)
         self.mirrors = listener.routes.map { route in
-            route.mirrors.compactMap { m in
+            route.mirrors.isEmpty ? nil : route.mirrors.compactMap { m in
                 clusterSlots[m.cluster].map {
                     MirrorTarget(slot: $0, perMillion: UInt64((m.percent * 10_000).rounded()),
                                  edits: ForwardingEdits(mirrorOf: route, cluster: clusters[m.cluster]),
