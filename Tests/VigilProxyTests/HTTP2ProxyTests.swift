@@ -22,11 +22,23 @@ import VigilCore
         let yaml = ProxyHarness.simple().replacingOccurrences(of: "protocol: auto", with: "protocol: \(protocolName)")
         let proxy = try await ProxyHarness(yaml: yaml, upstreams: [upstream.port], group: group)
         let client = try await H2TestClient.connect(port: proxy.port(), group: group)
+        // A stream answered before the gate opens (a refusal, a connect failure) ends the wait at once and is
+        // reported with its reason, rather than showing only as a timeout.
+        let early = NIOLockedValueBox<[String]>([])
         let responses = try await withThrowingTaskGroup(of: (Int, TestResponse).self) { tasks in
             for i in 0..<100 {
-                tasks.addTask { (i, try await client.request(.GET, "/item/\(i)")) }
+                tasks.addTask {
+                    let r = try await client.request(.GET, "/item/\(i)")
+                    if r.status != 200 { early.withLockedValue { $0.append("\(i): \(r.status) \(r.header("x-vigil-reason") ?? "")") } }
+                    return (i, r)
+                }
             }
-            try await waitUntil("all 100 streams in flight at once") { upstream.recorded.count == 100 }
+            // Generous: CI runs every suite at once, and a browser test starts beside this one.
+            try await waitUntil("all 100 streams in flight at once", seconds: 30) {
+                upstream.recorded.count == 100 || !early.withLockedValue { $0.isEmpty }
+            }
+            let answeredEarly = early.withLockedValue { $0 }
+            try #require(answeredEarly.isEmpty, "answered before the upstream replied: \(answeredEarly)")
             gate.open()
             var all: [Int: TestResponse] = [:]
             for try await (i, r) in tasks { all[i] = r }
