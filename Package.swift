@@ -80,6 +80,10 @@ let package = Package(
             name: "VigilXDS",
             dependencies: [
                 "VigilCore",
+                "VigilProxy",
+                "VigilControl",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
@@ -113,6 +117,7 @@ let package = Package(
                 "VigilCore",
                 "VigilProxy",
                 "VigilControl",
+                "VigilXDS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -235,9 +240,11 @@ let package = Package(
         .testTarget(
             name: "VigilXDSTests",
             dependencies: [
-                "VigilXDS", "VigilTestSupport",
+                "VigilXDS", "VigilTestSupport", "VigilControl", "VigilProxy", "VigilCore",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ]
         ),

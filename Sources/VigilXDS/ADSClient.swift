@@ -26,10 +26,16 @@ public struct ADSClient: Sendable {
     /// The protocol state, kept across streams (the accepted versions a new stream asks again with).
     private let box: Box
 
-    /// `Mutex` is not copyable: the client's copies share one, in a class.
+    /// `Mutex` is not copyable: the client's copies share one, in a class. The open stream's outbox is kept under the
+    /// same lock as the protocol state, so a subscription made while a stream starts is either in its first requests or
+    /// sent on it, never lost between the two.
     private final class Box: Sendable {
-        let machine: Mutex<ADSStateMachine>
-        init(_ m: ADSStateMachine) { machine = Mutex(m) }
+        struct State {
+            var machine: ADSStateMachine
+            var outbox: AsyncStream<Envoy_Service_Discovery_V3_DiscoveryRequest>.Continuation?
+        }
+        let state: Mutex<State>
+        init(_ m: ADSStateMachine) { state = Mutex(State(machine: m)) }
     }
 
     public init(host: String, port: Int, node: Envoy_Config_Core_V3_Node) {
@@ -39,7 +45,15 @@ public struct ADSClient: Sendable {
     }
 
     /// The protocol state now (its subscriptions, accepted versions and nonces).
-    public var state: ADSStateMachine { box.machine.withLock { $0 } }
+    public var state: ADSStateMachine { box.state.withLock { $0.machine } }
+
+    /// Subscribes to `typeURL` (`names` empty: all of it), or changes the names asked for; sent at once on an open
+    /// stream (EDS names follow the clusters of the last CDS response), else with the next stream's first requests.
+    public func subscribe(_ typeURL: String, names: [String]) {
+        box.state.withLock { s in
+            if let request = s.machine.subscribe(typeURL, names: names) { s.outbox?.yield(request) }
+        }
+    }
 
     /// Keeps a stream open until the task is cancelled: after a stream ends or fails, waits `sleep(delay)` (the
     /// backoff: full jitter up to 500 ms × 2^(failures in a row − 1), at most 30 s; a stream that received a response
@@ -67,17 +81,18 @@ public struct ADSClient: Sendable {
         }
     }
 
-    /// Runs one stream until the server ends it, it fails, or the task is cancelled.
+    /// Runs one stream until the server ends it, it fails, or the task is cancelled. `subscriptions` are made first (the
+    /// types a new client asks for; on later streams they are already there and ask again with their versions).
     public func runStream(subscriptions: [(typeURL: String, names: [String])], apply: @escaping Apply) async throws {
-        let first = box.machine.withLock { machine in
-            var requests = machine.streamStarted()
-            for s in subscriptions {
-                if let r = machine.subscribe(s.typeURL, names: s.names) { requests.append(r) }
+        let (outgoing, outbox) = AsyncStream.makeStream(of: Envoy_Service_Discovery_V3_DiscoveryRequest.self)
+        box.state.withLock { s in
+            for r in s.machine.streamStarted() { outbox.yield(r) }
+            for sub in subscriptions {
+                if let r = s.machine.subscribe(sub.typeURL, names: sub.names) { outbox.yield(r) }
             }
-            return requests
+            s.outbox = outbox
         }
-        let (outgoing, sender) = AsyncStream.makeStream(of: Envoy_Service_Discovery_V3_DiscoveryRequest.self)
-        for r in first { sender.yield(r) }
+        defer { box.state.withLock { $0.outbox = nil } }
         let transport = try HTTP2ClientTransport.Posix(target: .dns(host: host, port: port), transportSecurity: .plaintext)
         let box = self.box
         try await withGRPCClient(transport: transport) { client in
@@ -86,15 +101,16 @@ public struct ADSClient: Sendable {
                 for await r in outgoing { try await writer.write(r) }
             }
             try await ads.streamAggregatedResources(request: request) { response in
-                defer { sender.finish() }
+                defer { outbox.finish() }
                 // Responses are handled one at a time, in order: each is applied before the next is read.
                 for try await message in response.messages {
-                    guard case .apply(let type, let version, _, let resources) = box.machine.withLock({ $0.received(message) })
+                    guard case .apply(let type, let version, _, let resources) = box.state.withLock({ $0.machine.received(message) })
                     else { continue }
                     let refusal = await apply(type, version, resources)
-                    sender.yield(box.machine.withLock { machine in
-                        refusal.map { machine.rejected(type, because: $0.description) } ?? machine.applied(type, version: version)
-                    })
+                    box.state.withLock { s in
+                        outbox.yield(refusal.map { s.machine.rejected(type, because: $0.description) }
+                                     ?? s.machine.applied(type, version: version))
+                    }
                 }
             }
         }

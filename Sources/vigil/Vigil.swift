@@ -7,6 +7,7 @@ import Prometheus
 import ServiceLifecycle
 import UnixSignals
 import VigilControl
+import VigilXDS
 import VigilCore
 import VigilProxy
 
@@ -114,6 +115,7 @@ final class VigilService: Service, Sendable {
     let proxy: ProxyServer
     let admin: AdminServer
     let control: ControlServer?
+    let xds: XDSSubscriber?
     let audit: AuditLog?
     let slo: SLOMonitor
     let logger: Logger
@@ -129,7 +131,7 @@ final class VigilService: Service, Sendable {
         proxy = ProxyServer(runtime: runtime, group: group, logger: logger)
         // The audit trail is kept where a control plane can change things, or where it is asked for.
         let audit: AuditLog?
-        if config.control != nil || config.auditConfigured {
+        if config.control != nil || config.auditConfigured || config.xds != nil {
             let log = try AuditLog(directory: config.stateDir + "/audit", maxFileBytes: config.audit.maxFileBytes, logger: logger)
             audit = log
             log.follow(runtime.events, defaultActor: "vigil:\(config.nodeID)")
@@ -139,10 +141,15 @@ final class VigilService: Service, Sendable {
         self.audit = audit
         let slo = SLOMonitor(runtime: runtime, group: group, logger: logger, audit: audit)
         self.slo = slo
+        // Pushes and xDS updates go through one controller, so each applies on top of what the other set.
+        let policy = config.control != nil || config.xds != nil ? PolicyController(runtime: runtime, audit: audit, logger: logger) : nil
         control = try config.control.map {
-            try ControlServer(runtime: runtime, config: $0, audit: audit, slo: slo, group: group, logger: logger)
+            try ControlServer(runtime: runtime, config: $0, audit: audit, slo: slo, group: group, logger: logger, policy: policy)
         }
-        admin = AdminServer(proxy: proxy, registry: registry, group: group, logger: logger)
+        let xds = config.xds.map { XDSSubscriber(config: $0, policy: policy!, runtime: runtime, logger: logger) }
+        self.xds = xds
+        let xdsStatus: (@Sendable () -> JSONValue)? = xds.map { xds in { @Sendable in xds.status } }
+        admin = AdminServer(proxy: proxy, registry: registry, group: group, logger: logger, xdsStatus: xdsStatus)
         self.logger = logger
         self.drainTimeout = config.drainTimeout
     }
@@ -185,7 +192,11 @@ final class VigilService: Service, Sendable {
             }
         }
         defer { hangups.cancel() }
+        // The mesh's configuration arrives after the listeners are up: they serve the file's (and the restored
+        // policy's) routes until then, and routes to clusters not yet sent answer 503.
+        let xdsTask = xds.map { xds in Task { await xds.run() } }
         try? await gracefulShutdown()
+        xdsTask?.cancel()
         logger.notice("draining", metadata: ["timeout": "\(DurationParser.format(drainTimeout))"])
         await control?.stop()
         await proxy.drain(timeout: drainTimeout)

@@ -6,32 +6,17 @@ import Testing
 import VigilTestSupport
 @testable import VigilXDS
 
-/// Vigil's ADS client against an ADS server built on Envoy's own messages and gRPC's C core (`Tests/Peers/ads_server.py`):
-/// the requests it sends, field by field.
+/// Vigil's ADS client against a management server built on Envoy's own messages and gRPC's C core
+/// (`Tests/Peers/xds_server.py`): the requests it sends, field by field.
 @Suite(.enabled(if: PythonPeers.shouldRun, "needs the Python peers (.venv-peers): run .ci/run once, or set VIGIL_PEERS_PYTHON"),
        .timeLimit(.minutes(1)))
 struct ADSClientTests {
-    let cluster = "outbound|8080||svc.ns.svc.cluster.local"
+    let cluster = XDSServerPeer.service
     var node: Envoy_Config_Core_V3_Node {
         var node = Envoy_Config_Core_V3_Node()
         node.id = "sidecar~10.0.0.5~api-1.ns~ns.svc.cluster.local"
         node.cluster = "api"
         return node
-    }
-
-    /// Starts `ads_server.py` (with `mode`); its port, its request log (one JSON object a line) and the process.
-    func startServer(_ scratch: ScratchDirectory, mode: [String] = []) async throws -> (Int, @Sendable () -> [[String: Any]], ChildProcess) {
-        let portFile = scratch.file("port"), log = scratch.file("requests")
-        let server = try ChildProcess(PythonPeers.python, [PythonPeers.script("ads_server.py"), portFile, log] + mode,
-                                      stderr: .file(scratch.file("stderr")))
-        try await waitUntil("the ADS server listens", seconds: 30) { FileManager.default.fileExists(atPath: portFile) }
-        let port = try #require(Int(try String(contentsOfFile: portFile, encoding: .utf8)))
-        let lines = { @Sendable () -> [[String: Any]] in
-            ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").split(separator: "\n").compactMap {
-                try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
-            }
-        }
-        return (port, lines, server)
     }
 
     /// Applies EDS as Vigil checks it: refused with the key path when an endpoint cannot be dialled.
@@ -50,29 +35,35 @@ struct ADSClientTests {
 
     @Test func anUpdateIsACKedARefusedOneNACKedWithThePreviousVersion() async throws {
         let scratch = ScratchDirectory("vigil-ads")
-        let (port, lines, server) = try await startServer(scratch)
-        defer { server.signal(SIGKILL) }
-        let client = ADSClient(host: "127.0.0.1", port: port, node: node)
+        let eds = XDSTypeURL.endpoints
+        let server = try await XDSServerPeer.start(scratch, version: "1", [eds: [XDSServerPeer.assignment(host: "10.0.0.7", ports: [8080])]])
+        defer { server.process.signal(SIGKILL) }
+        let client = ADSClient(host: "127.0.0.1", port: server.port, node: node)
         let cluster = self.cluster
         let stream = Task { try await client.runStream(subscriptions: [(XDSTypeURL.endpoints, [cluster])], apply: Self.applyEDS) }
         defer { stream.cancel() }
-        try await waitUntil("the first request, the ACK of 1, the NACK of 2 and the ACK of 3", seconds: 30) { lines().count >= 4 }
-        let requests = lines()
+        try await waitUntil("the ACK of 1", seconds: 30) { server.requests.count >= 2 }
+        // "2": an endpoint with a named port, which Vigil must refuse; then "3", valid again.
+        try server.publish(version: "2", [eds: [XDSServerPeer.assignment(host: "10.0.0.7", ports: [8080], namedPort: "http")]])
+        try await waitUntil("the NACK of 2", seconds: 30) { server.requests.count >= 3 }
+        try server.publish(version: "3", [eds: [XDSServerPeer.assignment(host: "10.0.0.7", ports: [9090])]])
+        try await waitUntil("the ACK of 3", seconds: 30) { server.requests.count >= 4 }
+        let requests = server.requests
         // The stream's first request: the node, the subscription, no version or nonce.
         #expect((requests[0]["node"] as? [String: Any])?["id"] as? String == node.id)
         #expect(requests[0]["typeUrl"] as? String == XDSTypeURL.endpoints && requests[0]["resourceNames"] as? [String] == [cluster])
         #expect(requests[0]["versionInfo"] == nil && requests[0]["responseNonce"] == nil)
         // The ACK of "1": its version and nonce, no node again, no error.
-        #expect(requests[1]["versionInfo"] as? String == "1" && requests[1]["responseNonce"] as? String == "n1")
+        #expect(requests[1]["versionInfo"] as? String == "1" && requests[1]["responseNonce"] as? String == "s1-1")
         #expect(requests[1]["node"] == nil && requests[1]["errorDetail"] == nil)
         // The NACK of "2": the version accepted before, the refused response's nonce, why (resource and key path).
-        #expect(requests[2]["versionInfo"] as? String == "1" && requests[2]["responseNonce"] as? String == "n2")
+        #expect(requests[2]["versionInfo"] as? String == "1" && requests[2]["responseNonce"] as? String == "s1-2")
         let detail = try #require(requests[2]["errorDetail"] as? [String: Any])
         #expect(detail["code"] as? Int == 3)
         #expect((detail["message"] as? String)?.hasPrefix("\(cluster): endpoints[0].lb_endpoints[0].endpoint.address.socket_address: needs port_value") == true,
                 "\(detail)")
         // The ACK of "3".
-        #expect(requests[3]["versionInfo"] as? String == "3" && requests[3]["responseNonce"] as? String == "n3")
+        #expect(requests[3]["versionInfo"] as? String == "3" && requests[3]["responseNonce"] as? String == "s1-3")
         #expect(requests[3]["errorDetail"] == nil)
         #expect(client.state.subscriptions[XDSTypeURL.endpoints]?.acceptedVersion == "3")
     }
@@ -81,9 +72,9 @@ struct ADSClientTests {
     /// stream that worked) and asks again with the version accepted, no nonce, and the node.
     @Test func aNewStreamAsksAgainWithTheAcceptedVersionAfterTheBackoff() async throws {
         let scratch = ScratchDirectory("vigil-ads")
-        let (port, lines, server) = try await startServer(scratch, mode: ["reconnect"])
-        defer { server.signal(SIGKILL) }
-        let client = ADSClient(host: "127.0.0.1", port: port, node: node)
+        let server = try await XDSServerPeer.start(scratch, version: "1", [XDSTypeURL.endpoints: [XDSServerPeer.assignment(ports: [8080])]])
+        defer { server.process.signal(SIGKILL) }
+        let client = ADSClient(host: "127.0.0.1", port: server.port, node: node)
         let cluster = self.cluster
         let waits = NIOLockedValueBox<[TimeAmount]>([])
         let run = Task {
@@ -97,9 +88,11 @@ struct ADSClientTests {
                                  }, apply: Self.applyEDS)
         }
         defer { run.cancel() }
-        try await waitUntil("two streams, each ACKing 1", seconds: 30) { lines().count >= 4 }
-        let requests = lines()
-        #expect(requests.map { $0["responseNonce"] as? String } == [nil, "n1", nil, "n1"])
+        try await waitUntil("the ACK of 1", seconds: 30) { server.requests.count >= 2 }
+        try server.dropStreams()
+        try await waitUntil("a second stream, ACKing 1", seconds: 30) { server.requests.count >= 4 }
+        let requests = server.requests
+        #expect(requests.map { $0["responseNonce"] as? String } == [nil, "s1-1", nil, "s2-1"])
         // The second stream's first request: the node again, the version accepted on the first, no nonce.
         #expect(requests[2]["versionInfo"] as? String == "1" && (requests[2]["node"] as? [String: Any])?["id"] as? String == node.id)
         let slept = waits.withLockedValue { $0 }

@@ -23,10 +23,13 @@ public final class AdminServer: Sendable {
     private let channelBox = NIOLockedValueBox<Channel?>(nil)
     /// Called by `POST /drain` after the listeners stop accepting.
     let onDrain: @Sendable () -> Void
+    /// The xDS stream's state (per type: version and nonce), shown in `/config_dump` as `xds_status`.
+    let xdsStatus: (@Sendable () -> JSONValue)?
 
     public init(proxy: ProxyServer, registry: PrometheusCollectorRegistry, group: EventLoopGroup, logger: Logger,
-                onDrain: @escaping @Sendable () -> Void = {}) {
+                onDrain: @escaping @Sendable () -> Void = {}, xdsStatus: (@Sendable () -> JSONValue)? = nil) {
         self.proxy = proxy
+        self.xdsStatus = xdsStatus
         self.registry = registry
         self.group = group
         self.logger = logger
@@ -92,7 +95,9 @@ public final class AdminServer: Sendable {
             let since = query["since"].flatMap { UInt64($0) } ?? 0
             return json(.object([("events", .array(proxy.runtime.events.records(after: since).map(\.json)))]))
         case (.GET, "/config_dump"):
-            return json(proxy.runtime.current.config.dump())
+            var dump = proxy.runtime.current.config.dump()
+            if let xdsStatus, case .object(let fields) = dump { dump = .object(fields + [("xds_status", xdsStatus())]) }
+            return json(dump)
         case (.POST, "/drain") where query["listeners"] != nil:
             let names = Set((query["listeners"] ?? "").split(separator: ",").map(String.init))
             let known = Set(proxy.runtime.listeners.map(\.config.name))

@@ -35,8 +35,9 @@ public final class ControlServer: Sendable {
     /// A stream whose client has this much unsent is cut off (the proxy never waits for a slow reader).
     static let streamHighWater = 256 * 1024
 
+    /// `policy`: the controller pushes go through (made here when not given; given when xDS shares it).
     public init(runtime: ProxyRuntime, config: ControlConfig, audit: AuditLog?, slo: SLOMonitor, group: EventLoopGroup,
-                logger: Logger) throws {
+                logger: Logger, policy: PolicyController? = nil) throws {
         self.runtime = runtime
         self.config = config
         self.audit = audit
@@ -44,7 +45,7 @@ public final class ControlServer: Sendable {
         self.group = group
         self.logger = logger
         self.auth = NIOLockedValueBox(try ControlAuth(config))
-        self.policy = PolicyController(runtime: runtime, audit: audit, logger: logger)
+        self.policy = policy ?? PolicyController(runtime: runtime, audit: audit, logger: logger)
         self.usesTLS = config.tls != nil
     }
 

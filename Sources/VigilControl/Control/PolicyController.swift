@@ -76,6 +76,11 @@ public actor PolicyController {
     /// Versions kept, oldest first; the last is the one in force.
     private(set) var versions: [PolicyVersion]
 
+    /// What a management server adds to the configuration (xDS): applied on top of every policy, so a push and an
+    /// xDS update each keep what the other set.
+    public typealias Overlay = @Sendable (VigilConfig) throws(ConfigErrors) -> VigilConfig
+    private var overlay: Overlay?
+
     public init(runtime: ProxyRuntime, audit: AuditLog?, logger: Logger,
                 wallClock: @escaping @Sendable () -> Int64 = { ProxyRuntime.wallClockNanos() }) {
         self.runtime = runtime
@@ -123,7 +128,10 @@ public actor PolicyController {
 
     /// A dry run: the effective config the document would give, or every error.
     public func validate(_ body: String) -> Result<VigilConfig, ConfigErrors> {
-        Result { () throws(ConfigErrors) in try base.applying(policy: body) }
+        Result { () throws(ConfigErrors) in
+            let config = try base.applying(policy: body)
+            return try overlay.map { overlay throws(ConfigErrors) in try overlay(config) } ?? config
+        }
     }
 
     // An actor runs one call at a time only between suspension points; a change awaits its I/O and the
@@ -211,6 +219,57 @@ public actor PolicyController {
                                           action: ["version": .int(version),
                                                    "took_ms": .double(Double(wallClock() - started) / 1e6)])])
         return .applied(entry, installNanos: wallClock() - installStart)
+    }
+
+    /// Makes `overlay` the management server's part of the configuration, on top of the policy in force, through the
+    /// same steps as a push: validated, prepared, written to the audit log (`xds_applied`, with `evidence` and the diff),
+    /// installed at once on every loop. A refusal is audited too (`xds_rejected`) and leaves everything as it was.
+    /// The policy version does not change: xDS state is the server's, sent again on every new stream.
+    public func applyOverlay(_ overlay: @escaping Overlay, actor: String, evidence: [(String, JSONValue)]) async -> Outcome {
+        await takeTurn()
+        defer { endTurn() }
+        let now = wallClock()
+        func refused(_ errors: [ConfigError]) async -> Outcome {
+            let detail = JSONValue.array(errors.map { .string($0.description) })
+            runtime.events.emit([HealingEvent(kind: .xdsRejected, cluster: "", reason: "invalid",
+                                              evidence: .object([("actor", .string(actor))] + evidence + [("errors", detail)]),
+                                              action: ["serving": "the last accepted configuration"])])
+            let payload = JSONValue.object(evidence + [("errors", detail)])
+            let audit = self.audit
+            try? await NIOThreadPool.singleton.runIfActive {
+                try audit?.appendDurable(kind: "xds_rejected", actor: actor, payload: payload, timeNanos: now)
+            }
+            return .invalid(errors)
+        }
+        let config: VigilConfig
+        let snapshot: PolicySnapshot
+        do {
+            config = try overlay(base.applying(policy: current.body))
+            snapshot = try runtime.prepare(version: current.version, config: config)
+        } catch let errors as ConfigErrors {
+            return await refused(errors.errors)
+        } catch {
+            return await refused([ConfigError(path: (error as? TLSLoadError)?.path ?? "",
+                                              reason: (error as? TLSLoadError)?.reason ?? "\(error)")])
+        }
+        let diff = Self.diffSummary(from: runtime.current.config, to: config)
+        let payload = JSONValue.object(evidence + [("diff", diff)])
+        let audit = self.audit
+        do {
+            try await NIOThreadPool.singleton.runIfActive {
+                try audit?.appendDurable(kind: "xds_applied", actor: actor, payload: payload, timeNanos: now)
+            }
+        } catch {
+            logger.error("xds: could not write the audit record; nothing changed", metadata: ["error": "\(error)"])
+            return .failed("the audit record could not be written (\(error)); the running configuration stays")
+        }
+        let installStart = wallClock()
+        await runtime.install(snapshot)
+        self.overlay = overlay
+        runtime.events.emit([HealingEvent(kind: .xdsApplied, cluster: "", reason: "update",
+                                          evidence: .object([("actor", .string(actor))] + evidence + [("diff", diff)]),
+                                          action: ["took_ms": .double(Double(wallClock() - now) / 1e6)])])
+        return .applied(current, installNanos: wallClock() - installStart)
     }
 
     private func reject(actor: String, reason: String, detail: JSONValue) {

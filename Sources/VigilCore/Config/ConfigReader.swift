@@ -8,6 +8,13 @@ import Yams
 /// Envoy rejects unknown proto fields, so a typo never silently falls back to a default.
 struct ConfigReader {
     var errors: [ConfigError] = []
+    /// With `xds:`, clusters also come from the management server: a route may name one the file does not define
+    /// (until CDS sends it, the route answers 503, as Envoy's routes to an unknown cluster do).
+    var clustersFromXDS = false
+
+    func undefinedCluster(_ name: String, _ clusterNames: [String: Int]) -> Bool {
+        clusterNames[name] == nil && !clustersFromXDS
+    }
 
     mutating func fail(_ path: String, _ reason: String) {
         errors.append(ConfigError(path: path, reason: reason))

@@ -24,11 +24,12 @@ extension ConfigReader {
     mutating func readConfig(_ root: Node) -> VigilConfig? {
         let keys: Set = ["node", "admin", "state_dir", "access_log", "drain_timeout", "event_buffer", "listeners", "clusters",
                          "authorization", "tenants", "control", "slo", "audit", "file_poll_interval",
-                         "outbound_traffic_policy"]
+                         "outbound_traffic_policy", "xds"]
         guard let m = map(root, at: "", keys: keys) else { return nil }
         var config = VigilConfig(listeners: [], clusters: [])
 
         readStatic(m, into: &config)
+        clustersFromXDS = config.xds != nil
         readDynamic(m, into: &config)
         let seenClusters = Dictionary(config.clusters.enumerated().map { ($0.element.name, $0.offset) }) { a, _ in a }
 
@@ -216,6 +217,7 @@ extension ConfigReader {
             config.filePollInterval = d
         }
         if let node = m["control"] { config.control = readControl(node, at: "control") }
+        if let node = m["xds"] { config.xds = readXDS(node, at: "xds", nodeID: config.nodeID) }
         if let node = m["audit"], let audit = readAudit(node, at: "audit") {
             config.audit = audit
             config.auditConfigured = true

@@ -71,7 +71,7 @@ extension VigilConfig {
 
 extension ConfigReader {
     static let staticKeys: Set = ["node", "admin", "state_dir", "access_log", "drain_timeout", "event_buffer", "control", "audit",
-                                  "file_poll_interval", "outbound_traffic_policy"]
+                                  "file_poll_interval", "outbound_traffic_policy", "xds"]
 
     mutating func readPolicy(_ root: Node, base: VigilConfig) -> VigilConfig? {
         guard case .mapping(let mapping) = root else {
@@ -87,6 +87,10 @@ extension ConfigReader {
             if !Self.sameStatic(key, probe, base) {
                 fail(key, "is static and differs from the running configuration: change it in the config file and restart (a policy changes \(VigilConfig.policySections.joined(separator: ", ")))")
             }
+        }
+        clustersFromXDS = base.xds != nil
+        if clustersFromXDS, m["clusters"] != nil {
+            fail("clusters", "xDS manages the clusters (xds.server \(base.xds!.server)): a policy may not set them; tenants, authorization, slo and listeners' routes stay with the control API")
         }
         var config = base
         readDynamic(m, into: &config)
@@ -124,7 +128,7 @@ extension ConfigReader {
         // Routes the policy keeps from the file must still find their clusters.
         for listener in config.listeners where !replaced.contains(listener.name) {
             for (i, route) in listener.routes.enumerated() {
-                for name in route.clusterNames where clusterNames[name] == nil {
+                for name in route.clusterNames where undefinedCluster(name, clusterNames) {
                     fail("clusters", "leaves out cluster \"\(name)\", which route \(i) of listener \(listener.name) (from the config file) sends to; give that listener's routes in this policy too")
                 }
             }
@@ -151,6 +155,7 @@ extension ConfigReader {
         case "outbound_traffic_policy": a.outboundTrafficPolicy == b.outboundTrafficPolicy
         case "control": a.control == b.control
         case "audit": a.audit == b.audit
+        case "xds": a.xds == b.xds
         default: false
         }
     }
@@ -190,6 +195,24 @@ extension VigilConfig {
         }
         for i in config.listeners.indices where config.listeners[i].originalDestination {
             config.listeners[i].routes.append(RouteConfig(match: RouteMatch(path: .prefix("/")), cluster: Self.passthroughCluster))
+        }
+        return config
+    }
+
+    /// With clusters from xDS, a route may name a cluster that is not there (not sent yet, or removed): it answers 503
+    /// with an empty body, as Envoy's routes to an unknown cluster do, and a mirror to it is skipped. Without `xds:`
+    /// every name resolves (the reader checks it), and this returns the config as it is.
+    public func withUnknownClustersAnswered() -> VigilConfig {
+        guard xds != nil else { return self }
+        var config = self
+        let present = Set(clusters.map(\.name))
+        for l in config.listeners.indices {
+            for r in config.listeners[l].routes.indices {
+                config.listeners[l].routes[r].mirrors.removeAll { !present.contains($0.cluster) }
+                if config.listeners[l].routes[r].clusterNames.contains(where: { !present.contains($0) }) {
+                    config.listeners[l].routes[r].direct = .response(status: 503, body: "")
+                }
+            }
         }
         return config
     }

@@ -31,7 +31,7 @@ extension ConfigReader {
             cluster = weighted.first?.cluster
         } else {
             cluster = required(nonEmptyString(m["cluster"], at: m.path("cluster")), m, "cluster")
-            if let cluster, clusterNames[cluster] == nil {
+            if let cluster, undefinedCluster(cluster, clusterNames) {
                 fail(m.path("cluster"), "names cluster \"\(cluster)\", which is not defined in clusters")
             }
         }
@@ -178,7 +178,7 @@ extension ConfigReader {
             let name = required(nonEmptyString(e["cluster"], at: e.path("cluster")), e, "cluster")
             let percent = double(e["percent"], at: e.path("percent"), range: 0...100) ?? 100
             guard let name else { continue }
-            if clusterNames[name] == nil {
+            if undefinedCluster(name, clusterNames) {
                 fail(e.path("cluster"), "names cluster \"\(name)\", which is not defined in clusters")
             } else if out.contains(where: { $0.cluster == name }) {
                 fail(e.path("cluster"), "names cluster \"\(name)\" a second time")
@@ -275,7 +275,7 @@ extension ConfigReader {
             let name = required(nonEmptyString(e["cluster"], at: e.path("cluster")), e, "cluster")
             let weight = required(int(e["weight"], at: e.path("weight"), range: 0...1_000_000), e, "weight")
             guard let name, let weight else { continue }
-            if clusterNames[name] == nil {
+            if undefinedCluster(name, clusterNames) {
                 fail(e.path("cluster"), "names cluster \"\(name)\", which is not defined in clusters")
             } else if out.contains(where: { $0.cluster == name }) {
                 fail(e.path("cluster"), "names cluster \"\(name)\" a second time")

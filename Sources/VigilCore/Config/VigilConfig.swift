@@ -25,6 +25,8 @@ public struct VigilConfig: Sendable, Equatable {
     public var tenants: TenantsConfig?
     /// The control-plane listener; nil without a `control:` section.
     public var control: ControlConfig?
+    /// The xDS management server; nil without an `xds:` section.
+    public var xds: XDSConfig?
     /// Per-tenant objectives and the webhook told when one is breached or recovers.
     public var slo = SLOConfig()
     public var audit = AuditConfig()

@@ -30,6 +30,13 @@ public struct HealingEvent: Sendable, Equatable {
         /// At start, the audit log did not reach the head kept beside it: records were cut or changed while
         /// Vigil was stopped.
         case auditChainBroken = "audit_chain_broken"
+        /// A response of the xDS management server took effect (`cluster` empty; evidence: type, version, nonce).
+        case xdsApplied = "xds_applied"
+        /// A response of the xDS management server was refused (NACKed); the running configuration stays.
+        case xdsRejected = "xds_rejected"
+        /// The stream to the xDS management server opened, or ended (the last accepted configuration keeps serving).
+        case xdsConnected = "xds_connected"
+        case xdsDisconnected = "xds_disconnected"
     }
 
     public var kind: Kind

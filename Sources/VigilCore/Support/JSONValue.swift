@@ -110,6 +110,7 @@ extension VigilConfig {
             "authorization": .array(authorization.map(Self.dump)),
             "tenants": tenants.map(Self.dump) ?? .null,
             "control": control.map(Self.dump) ?? .null,
+            "xds": xds.map(Self.dump) ?? .null,
             "slo": Self.dump(slo),
             "audit": ["max_file_bytes": .int(audit.maxFileBytes)],
             "listeners": .array(listeners.map { l in

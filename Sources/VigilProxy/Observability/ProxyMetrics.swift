@@ -16,7 +16,7 @@ public final class ProxyMetrics: Sendable {
     let durations: [Timer]
     let bytesIn: [Counter]
     let bytesOut: [Counter]
-    let factory: MetricsFactory
+    public let factory: MetricsFactory
     let listenerNames: [String]
     /// `[listener]`: TCP connections that ended without reaching a cluster (refused, no route).
     let unroutedConnections: [Counter]

@@ -38,7 +38,7 @@ public final class PolicySnapshot: Sendable {
          metrics: ProxyMetrics, group: EventLoopGroup, logger: Logger) throws {
         self.version = version
         self.config = config
-        let config = config.withPassthrough()
+        let config = config.withPassthrough().withUnknownClustersAnswered()
         self.clusterTLS = try tls.prepareClusters(config.clusters)
         let overrideCount = config.listeners.reduce(0) { $0 + $1.routes.filter { $0.tenantLimits != nil }.count }
         self.tenants = try config.tenants.map {

@@ -1,0 +1,34 @@
+import NIOCore
+
+/// The management server Vigil joins a mesh through (`xds:`, DESIGN.md "xDS"): one aggregated (ADS) stream in
+/// state-of-the-world mode. Present only when the config has an `xds:` section.
+public struct XDSConfig: Sendable, Equatable {
+    /// What Vigil tells the server it is (Envoy's `Node`): Istio reads the id (`sidecar~IP~POD.NS~NS.svc.cluster.local`),
+    /// the cluster and the metadata to decide what to send.
+    public struct Node: Sendable, Equatable {
+        public var id: String
+        public var cluster: String = ""
+        public var region: String = ""
+        public var zone: String = ""
+        public var subZone: String = ""
+        /// String values only: Istio's metadata keys (NAMESPACE, LABELS as JSON, ...) are strings.
+        public var metadata: [String: String] = [:]
+        public init(id: String) { self.id = id }
+    }
+
+    public var server: SocketAddressSpec
+    /// TLS to the server, with the server's identity checked (`server_identity`); nil: plaintext, allowed only to a
+    /// loopback address (a local agent such as istio-agent), as for the control plane's tokens.
+    public var tls: ClusterTLSConfig?
+    public var node: Node
+    /// How long a new resource waits for the ones it needs (a cluster for its endpoints) before it is used as it is.
+    public var initialFetchTimeout: TimeAmount = .seconds(15)
+
+    public init(server: SocketAddressSpec, node: Node) {
+        self.server = server
+        self.node = node
+    }
+
+    /// The actor named in the audit log and events for updates from this server (`xds:<server>`).
+    public var actor: String { "xds:\(server)" }
+}

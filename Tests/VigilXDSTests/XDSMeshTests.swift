@@ -1,0 +1,142 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import Testing
+import VigilControl
+import VigilCore
+import VigilProxy
+import VigilTestSupport
+@testable import VigilXDS
+
+/// Vigil driven by a management server (`Tests/Peers/xds_server.py`, Envoy's own messages over gRPC's C core): real
+/// listeners and upstreams on 127.0.0.1, resources published as snapshots, the requests Vigil sends read back from the
+/// server's log.
+@Suite(.enabled(if: PythonPeers.shouldRun, "needs the Python peers (.venv-peers): run .ci/run once, or set VIGIL_PEERS_PYTHON"),
+       .timeLimit(.minutes(2)))
+final class XDSMeshTests {
+    static let service = XDSServerPeer.service
+    static let cds = XDSTypeURL.cluster, eds = XDSTypeURL.endpoints
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+    let scratch = ScratchDirectory("vigil-xds-mesh")
+    deinit { group.shutdownGracefully { _ in } }
+
+    /// Vigil with one listener whose `/svc` route goes to the mesh's cluster, a policy controller and the subscriber.
+    func startVigil(server: XDSServerPeer) async throws -> (ProxyHarness, XDSSubscriber, Task<Void, Never>, AuditLog) {
+        let yaml = """
+            access_log: { output: "off" }
+            xds: { server: "127.0.0.1:\(server.port)", node: { id: "sidecar~127.0.0.1~api-1.ns~ns.svc.cluster.local", cluster: api } }
+            listeners:
+              - name: in
+                address: "127.0.0.1:0"
+                routes:
+                  - match: { prefix: "/svc" }
+                    cluster: "\(Self.service)"
+                    retry: { attempts: 2, on: [connect-failure] }
+                  - match: { prefix: "/" }
+                    cluster: local
+            clusters:
+              - { name: local, endpoints: ["127.0.0.1:9"] }
+            """
+        let proxy = try await ProxyHarness(yaml: yaml, group: group)
+        var logger = Logger(label: "xds-test")
+        logger.logLevel = .critical
+        let audit = try AuditLog(directory: scratch.file("audit"), maxFileBytes: 1 << 20, logger: logger)
+        let policy = PolicyController(runtime: proxy.runtime, audit: audit, logger: logger)
+        let subscriber = XDSSubscriber(config: proxy.runtime.config.xds!, policy: policy, runtime: proxy.runtime, logger: logger)
+        let task = Task { await subscriber.run() }
+        return (proxy, subscriber, task, audit)
+    }
+
+    /// One request on its own connection: the status and the upstream that answered (FakeUpstream's `x-upstream`).
+    static func get(_ proxy: ProxyHarness, _ path: String = "/svc") async throws -> (Int, String?) {
+        let client = try await proxy.client()
+        defer { Task { try? await client.close() } }
+        try await client.send("GET \(path) HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+        let response = try #require(try await client.response())
+        return (response.status, response.header("x-upstream"))
+    }
+
+    func waitForUpstream(_ proxy: ProxyHarness, _ name: String?, status: Int = 200, _ what: String) async throws {
+        try await withTimeout(20, what) {
+            while true {
+                let (s, u) = try await Self.get(proxy)
+                if s == status, u == name { return }
+                try await Task.sleep(for: .milliseconds(20))
+            }
+        }
+    }
+
+    @Test func theMeshsClustersAndEndpointsCarryTrafficAndUpdatesAreACKedOrNACKed() async throws {
+        let a = try await FakeUpstream(group: group, name: "a"), b = try await FakeUpstream(group: group, name: "b")
+        let server = try await XDSServerPeer.start(scratch, version: "1", [Self.cds: [XDSServerPeer.cluster()], Self.eds: [XDSServerPeer.assignment(ports: [a.port])]])
+        defer { server.process.signal(SIGKILL) }
+        let (proxy, subscriber, task, _) = try await startVigil(server: server)
+        defer { task.cancel() }
+
+        // Start-up: CDS (wildcard) with the node, then EDS for the cluster's name; both ACKed at version 1.
+        try await waitForUpstream(proxy, "a", "traffic to the EDS host of version 1")
+        try await waitUntil("CDS and EDS ACKed at 1") {
+            server.requests.filter { ($0["versionInfo"] as? String) == "1" }.count >= 2
+        }
+        let first = server.requests
+        let cdsFirst = try #require(first.first)
+        #expect(cdsFirst["typeUrl"] as? String == Self.cds)
+        #expect((cdsFirst["node"] as? [String: Any])?["id"] as? String == "sidecar~127.0.0.1~api-1.ns~ns.svc.cluster.local")
+        #expect(cdsFirst["versionInfo"] == nil && cdsFirst["responseNonce"] == nil)
+        let edsFirst = try #require(first.first { ($0["typeUrl"] as? String) == Self.eds })
+        #expect(edsFirst["resourceNames"] as? [String] == [Self.service])
+        #expect(edsFirst["node"] == nil)
+        let cdsACK = try #require(first.first { ($0["typeUrl"] as? String) == Self.cds && ($0["versionInfo"] as? String) == "1" })
+        #expect(cdsACK["responseNonce"] as? String == "s1-1")
+        #expect(cdsACK["errorDetail"] == nil)
+
+        // Endpoints change: traffic follows.
+        try server.publish(version: "2", [Self.cds: [XDSServerPeer.cluster()], Self.eds: [XDSServerPeer.assignment(ports: [b.port])]])
+        try await waitForUpstream(proxy, "b", "traffic to the EDS host of version 2")
+
+        // An invalid cluster (a negative connect_timeout, which Envoy refuses too): NACKed with version 2 and the reason;
+        // traffic unchanged.
+        try server.publish(version: "3", [Self.cds: [XDSServerPeer.cluster(connectTimeout: "-1s")], Self.eds: [XDSServerPeer.assignment(ports: [a.port])]])
+        try await waitUntil("the NACK of version 3") { server.requests.contains { $0["errorDetail"] != nil } }
+        let nack = try #require(server.requests.first { $0["errorDetail"] != nil })
+        #expect(nack["typeUrl"] as? String == Self.cds)
+        #expect(nack["versionInfo"] as? String == "2")
+        let detail = (nack["errorDetail"] as? [String: Any])?["message"] as? String ?? ""
+        #expect(detail.contains(Self.service) && detail.contains("connect_timeout"), "\(detail)")
+        // The EDS part of version 3 (host a) was valid and applies: the cluster it belongs to still has version 2's
+        // definition. Envoy does the same (types are ACKed or NACKed on their own).
+        try await waitForUpstream(proxy, "a", "EDS of version 3 applies on its own")
+        let dump = subscriber.status
+        let cdsStatus = try #require(dump["resources"]?.arrayValue?.first { $0["type_url"]?.stringValue == Self.cds })
+        #expect(cdsStatus["version_info"]?.stringValue == "2")
+
+        // The cluster removed: its route answers 503, as Envoy's to an unknown cluster.
+        try server.publish(version: "4", [Self.cds: [], Self.eds: []])
+        try await waitForUpstream(proxy, nil, status: 503, "503 once the cluster is gone")
+
+        // Back, then the stream dropped: the new stream asks again with the last accepted versions, and traffic
+        // never stopped meanwhile.
+        try server.publish(version: "5", [Self.cds: [XDSServerPeer.cluster()], Self.eds: [XDSServerPeer.assignment(ports: [b.port])]])
+        try await waitForUpstream(proxy, "b", "traffic again at version 5")
+        try server.dropStreams()
+        try await waitUntil("a second stream that asks with version 5", seconds: 20) {
+            server.requests.contains { ($0["stream"] as? Int) == 2 && ($0["typeUrl"] as? String) == Self.cds && ($0["versionInfo"] as? String) == "5" }
+        }
+        let second = server.requests.filter { ($0["stream"] as? Int) == 2 }
+        #expect((second.first?["node"] as? [String: Any])?["id"] != nil)
+        #expect(second.first?["responseNonce"] == nil)
+        let edsAgain = try #require(second.first { ($0["typeUrl"] as? String) == Self.eds })
+        #expect(edsAgain["versionInfo"] as? String == "5")
+        #expect(try await Self.get(proxy).1 == "b")
+
+        // Every update is an event and an audit record, with the server as the actor.
+        let kinds = proxy.runtime.events.records(after: 0).map(\.event.kind)
+        #expect(kinds.contains(.xdsApplied) && kinds.contains(.xdsRejected) && kinds.contains(.xdsConnected)
+                && kinds.contains(.xdsDisconnected))
+        let audit = try String(contentsOfFile: scratch.file("audit/audit-000001.jsonl"), encoding: .utf8)
+        #expect(audit.contains("\"xds_applied\"") && audit.contains("\"xds_rejected\"")
+                && audit.contains("xds:127.0.0.1:\(server.port)"))
+        await proxy.stop()
+    }
+}
