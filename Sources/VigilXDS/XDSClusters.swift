@@ -4,9 +4,9 @@ import VigilCore
 
 /// Reading CDS: an Envoy `Cluster` as a Vigil `ClusterConfig`, field by field where Vigil has the concept, refused with
 /// the key path where it has not (never silently dropped: a cluster that would behave otherwise than its control plane
-/// meant is NACKed). So far: discovery type, endpoints (inline, or from EDS), connect timeout, balancer, circuit
-/// breakers, panic threshold, buffer limit, cleanup interval; health checks, outlier detection, TLS and protocol options
-/// come next.
+/// meant is NACKed; a field the trimmed protos do not declare is refused by `XDSUnknownFields`). Read: discovery type,
+/// endpoints (inline, or from EDS), connect timeout, balancer, circuit breakers, panic threshold, buffer limit, cleanup
+/// interval, the upstream HTTP protocol, an active health check, outlier detection. TLS waits for SDS.
 public enum XDSClusters {
     /// A cluster read from CDS: its config, and the EDS resource its endpoints come from (nil: they came inline).
     public struct Read: Sendable, Equatable {
@@ -19,6 +19,7 @@ public enum XDSClusters {
         guard !name.isEmpty else { throw XDSRejection(resource: "Cluster", path: "name", reason: "is empty") }
         func refuse(_ path: String, _ reason: String) -> XDSRejection { XDSRejection(resource: name, path: path, reason: reason) }
 
+        try XDSUnknownFields.check(cluster, resource: name, path: "")
         var config = ClusterConfig(name: name, endpoints: [])
         var eds: String?
         switch cluster.clusterDiscoveryType {
@@ -70,7 +71,162 @@ public enum XDSClusters {
         if cluster.hasPerConnectionBufferLimitBytes {
             config.perConnectionBufferLimitBytes = Int(cluster.perConnectionBufferLimitBytes.value)
         }
+        for (key, any) in cluster.typedExtensionProtocolOptions {
+            let path = "typed_extension_protocol_options[\"\(key)\"]"
+            guard key == "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                  let options = try? Envoy_Extensions_Upstreams_Http_V3_HttpProtocolOptions(unpackingAny: any) else {
+                throw refuse(path, "is not an extension Vigil reads (envoy.extensions.upstreams.http.v3.HttpProtocolOptions)")
+            }
+            try XDSUnknownFields.check(options, resource: name, path: path)
+            switch options.upstreamProtocolOptions {
+            case .explicitHTTPConfig(let explicit)?:
+                switch explicit.protocolConfig {
+                case .httpProtocolOptions?: config.protocol = .http1
+                case .http2ProtocolOptions?: config.protocol = .http2
+                case nil: throw refuse("\(path).explicit_http_config", "names no protocol")
+                }
+            case nil:
+                // Using the downstream's protocol, or ALPN, arrives as an unknown field (refused above): Vigil speaks
+                // one protocol to a cluster's hosts.
+                break
+            }
+            if options.commonHTTPProtocolOptions.hasIdleTimeout {
+                config.idleTimeout = try duration(options.commonHTTPProtocolOptions.idleTimeout, name,
+                                                  "\(path).common_http_protocol_options.idle_timeout")
+            }
+        }
+        if cluster.hasTransportSocket || !cluster.transportSocketMatches.isEmpty {
+            throw refuse(cluster.hasTransportSocket ? "transport_socket" : "transport_socket_matches",
+                         "TLS to a cluster's hosts from xDS needs its certificates from SDS, which Vigil does not read yet")
+        }
+        if cluster.healthChecks.count > 1 {
+            throw refuse("health_checks", "has \(cluster.healthChecks.count) checks: Vigil runs one per cluster")
+        }
+        if let check = cluster.healthChecks.first {
+            config.healthCheck = try healthCheck(check, cluster: name, protocol: config.protocol)
+        }
+        if cluster.hasOutlierDetection {
+            config.outlierDetection = try outlierDetection(cluster.outlierDetection, cluster: name)
+        }
         return Read(config: config, edsServiceName: eds)
+    }
+
+    /// Envoy's active health check as Vigil's: HTTP GET or gRPC's health service, on Envoy's schedule. Vigil opens a
+    /// new connection for each probe whatever `reuse_connection` says (it changes how a host is probed, not how it is
+    /// judged).
+    static func healthCheck(_ h: Envoy_Config_Core_V3_HealthCheck, cluster name: String,
+                            protocol upstream: UpstreamProtocol) throws(XDSRejection) -> HealthCheckConfig {
+        let path = "health_checks[0]"
+        func refuse(_ key: String, _ reason: String) -> XDSRejection {
+            XDSRejection(resource: name, path: "\(path).\(key)", reason: reason)
+        }
+        var check: HealthCheckConfig
+        switch h.healthChecker {
+        case .httpHealthCheck(let http)?:
+            guard http.path.hasPrefix("/") else { throw refuse("http_health_check.path", "must start with /") }
+            check = HealthCheckConfig(path: http.path)
+            if !http.host.isEmpty { check.host = http.host }
+            if !http.expectedStatuses.isEmpty {
+                check.expectedStatuses = try http.expectedStatuses.enumerated().map { i, r throws(XDSRejection) in
+                    // Envoy's ranges are [start, end).
+                    guard r.start >= 100, r.end <= 600, r.start < r.end else {
+                        throw refuse("http_health_check.expected_statuses[\(i)]", "[\(r.start), \(r.end)) is not a range of statuses")
+                    }
+                    return Int(r.start)...Int(r.end - 1)
+                }
+            }
+        case .grpcHealthCheck(let grpc)?:
+            guard upstream == .http2 else {
+                throw refuse("grpc_health_check", "needs the cluster to speak HTTP/2 to its hosts (explicit_http_config.http2_protocol_options)")
+            }
+            check = HealthCheckConfig(path: "/")
+            check.grpcService = grpc.serviceName
+            if !grpc.authority.isEmpty { check.host = grpc.authority }
+        case nil:
+            throw refuse("health_checker", "is not set, or is a kind Vigil does not run (tcp, redis, custom): Vigil checks over HTTP or gRPC")
+        }
+        guard h.hasTimeout, h.hasInterval else { throw refuse(h.hasTimeout ? "interval" : "timeout", "is required") }
+        check.timeout = try positive(h.timeout, name, "\(path).timeout")
+        check.interval = try positive(h.interval, name, "\(path).interval")
+        if h.hasIntervalJitter { check.intervalJitter = try duration(h.intervalJitter, name, "\(path).interval_jitter") }
+        guard h.intervalJitterPercent <= 100 else { throw refuse("interval_jitter_percent", "\(h.intervalJitterPercent) is over 100") }
+        // Envoy's default jitter percentage is 0, where Vigil's own config defaults to 10.
+        check.intervalJitterPercent = Int(h.intervalJitterPercent)
+        guard h.hasUnhealthyThreshold, h.hasHealthyThreshold else {
+            throw refuse(h.hasUnhealthyThreshold ? "healthy_threshold" : "unhealthy_threshold", "is required")
+        }
+        check.unhealthyThreshold = try count(h.unhealthyThreshold, name, "\(path).unhealthy_threshold", min: 1)
+        check.healthyThreshold = try count(h.healthyThreshold, name, "\(path).healthy_threshold", min: 1)
+        if h.hasNoTrafficInterval { check.noTrafficInterval = try positive(h.noTrafficInterval, name, "\(path).no_traffic_interval") }
+        if h.hasUnhealthyInterval { check.unhealthyInterval = try positive(h.unhealthyInterval, name, "\(path).unhealthy_interval") }
+        return check
+    }
+
+    /// Envoy's outlier detection field by field, with Envoy's defaults where a field is absent (which are Vigil's
+    /// struct defaults, but for the enforcement of gateway failures and failure percentage, 0 in Envoy unless set).
+    static func outlierDetection(_ o: Envoy_Config_Cluster_V3_OutlierDetection, cluster name: String) throws(XDSRejection) -> OutlierDetectionConfig {
+        var d = OutlierDetectionConfig()
+        func value(_ v: Google_Protobuf_UInt32Value, _ has: Bool, _ key: String, min: Int = 0, max: Int = 1_000_000,
+                   into target: inout Int) throws(XDSRejection) {
+            guard has else { return }
+            guard Int(v.value) >= min, Int(v.value) <= max else {
+                throw XDSRejection(resource: name, path: "outlier_detection.\(key)", reason: "\(v.value) is outside \(min)…\(max)")
+            }
+            target = Int(v.value)
+        }
+        try value(o.consecutive5Xx, o.hasConsecutive5Xx, "consecutive_5xx", min: 1, into: &d.consecutive5xx)
+        try value(o.consecutiveGatewayFailure, o.hasConsecutiveGatewayFailure, "consecutive_gateway_failure", min: 1,
+                  into: &d.consecutiveGatewayFailure)
+        try value(o.consecutiveLocalOriginFailure, o.hasConsecutiveLocalOriginFailure, "consecutive_local_origin_failure", min: 1,
+                  into: &d.consecutiveLocalOriginFailure)
+        d.splitExternalLocalOriginErrors = o.splitExternalLocalOriginErrors
+        if o.hasInterval { d.interval = try positive(o.interval, name, "outlier_detection.interval") }
+        if o.hasBaseEjectionTime { d.baseEjectionTime = try positive(o.baseEjectionTime, name, "outlier_detection.base_ejection_time") }
+        if o.hasMaxEjectionTime { d.maxEjectionTime = try positive(o.maxEjectionTime, name, "outlier_detection.max_ejection_time") }
+        if d.maxEjectionTime < d.baseEjectionTime {
+            throw XDSRejection(resource: name, path: "outlier_detection.max_ejection_time", reason: "is shorter than base_ejection_time")
+        }
+        try value(o.maxEjectionPercent, o.hasMaxEjectionPercent, "max_ejection_percent", max: 100, into: &d.maxEjectionPercent)
+        try value(o.successRateMinimumHosts, o.hasSuccessRateMinimumHosts, "success_rate_minimum_hosts", into: &d.successRate.minimumHosts)
+        try value(o.successRateRequestVolume, o.hasSuccessRateRequestVolume, "success_rate_request_volume", min: 1,
+                  into: &d.successRate.requestVolume)
+        if o.hasSuccessRateStdevFactor { d.successRate.stdevFactor = Double(o.successRateStdevFactor.value) / 1000 }
+        try value(o.failurePercentageThreshold, o.hasFailurePercentageThreshold, "failure_percentage_threshold", max: 100,
+                  into: &d.failurePercentage.threshold)
+        try value(o.failurePercentageMinimumHosts, o.hasFailurePercentageMinimumHosts, "failure_percentage_minimum_hosts",
+                  into: &d.failurePercentage.minimumHosts)
+        try value(o.failurePercentageRequestVolume, o.hasFailurePercentageRequestVolume, "failure_percentage_request_volume", min: 1,
+                  into: &d.failurePercentage.requestVolume)
+        d.enforcingConsecutive5xx = 100
+        d.enforcingConsecutiveGatewayFailure = 0
+        d.enforcingConsecutiveLocalOriginFailure = 100
+        d.enforcingSuccessRate = 100
+        d.enforcingLocalOriginSuccessRate = 100
+        d.enforcingFailurePercentage = 0
+        d.enforcingFailurePercentageLocalOrigin = 0
+        try value(o.enforcingConsecutive5Xx, o.hasEnforcingConsecutive5Xx, "enforcing_consecutive_5xx", max: 100,
+                  into: &d.enforcingConsecutive5xx)
+        try value(o.enforcingConsecutiveGatewayFailure, o.hasEnforcingConsecutiveGatewayFailure, "enforcing_consecutive_gateway_failure",
+                  max: 100, into: &d.enforcingConsecutiveGatewayFailure)
+        try value(o.enforcingConsecutiveLocalOriginFailure, o.hasEnforcingConsecutiveLocalOriginFailure,
+                  "enforcing_consecutive_local_origin_failure", max: 100, into: &d.enforcingConsecutiveLocalOriginFailure)
+        try value(o.enforcingSuccessRate, o.hasEnforcingSuccessRate, "enforcing_success_rate", max: 100, into: &d.enforcingSuccessRate)
+        try value(o.enforcingLocalOriginSuccessRate, o.hasEnforcingLocalOriginSuccessRate, "enforcing_local_origin_success_rate",
+                  max: 100, into: &d.enforcingLocalOriginSuccessRate)
+        try value(o.enforcingFailurePercentage, o.hasEnforcingFailurePercentage, "enforcing_failure_percentage", max: 100,
+                  into: &d.enforcingFailurePercentage)
+        try value(o.enforcingFailurePercentageLocalOrigin, o.hasEnforcingFailurePercentageLocalOrigin,
+                  "enforcing_failure_percentage_local_origin", max: 100, into: &d.enforcingFailurePercentageLocalOrigin)
+        if o.hasSuccessfulActiveHealthCheckUnejectHost {
+            d.successfulActiveHealthCheckUnejectHost = o.successfulActiveHealthCheckUnejectHost.value
+        }
+        return d
+    }
+
+    static func positive(_ d: Google_Protobuf_Duration, _ resource: String, _ path: String) throws(XDSRejection) -> TimeAmount {
+        let t = try duration(d, resource, path)
+        guard t > .zero else { throw XDSRejection(resource: resource, path: path, reason: "must be more than 0") }
+        return t
     }
 
     static func duration(_ d: Google_Protobuf_Duration, _ resource: String, _ path: String) throws(XDSRejection) -> TimeAmount {

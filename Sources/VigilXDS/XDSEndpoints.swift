@@ -64,6 +64,14 @@ public enum XDSEndpoints {
         guard !assignment.clusterName.isEmpty else {
             throw XDSRejection(resource: "ClusterLoadAssignment", path: "cluster_name", reason: "is empty")
         }
+        try XDSUnknownFields.check(assignment, resource: assignment.clusterName, path: "")
+        if !assignment.policy.dropOverloads.isEmpty {
+            throw XDSRejection(resource: assignment.clusterName, path: "policy.drop_overloads", reason: "Vigil does not drop traffic by category")
+        }
+        if assignment.policy.hasEndpointStaleAfter {
+            throw XDSRejection(resource: assignment.clusterName, path: "policy.endpoint_stale_after",
+                               reason: "Vigil keeps an assignment until the next one")
+        }
         return try hosts(of: assignment, resource: assignment.clusterName, path: "")
     }
 
@@ -87,6 +95,10 @@ public enum XDSEndpoints {
                     throw XDSRejection(resource: name, path: path, reason: "names an endpoint (endpoint_name) instead of giving one: Vigil resolves no named endpoints")
                 }
                 let address = try socketAddress(endpoint.address, resource: name, path: "\(path).endpoint.address")
+                if endpoint.hasHealthCheckConfig {
+                    throw XDSRejection(resource: name, path: "\(path).endpoint.health_check_config",
+                                       reason: "Vigil checks a host at the address it sends to (no other port, address or opt-out)")
+                }
                 if lb.hasLoadBalancingWeight, lb.loadBalancingWeight.value == 0 {
                     throw XDSRejection(resource: name, path: "\(path).load_balancing_weight", reason: "must be at least 1")
                 }

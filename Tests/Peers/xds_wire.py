@@ -14,7 +14,8 @@ from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, healt
 from envoy.config.endpoint.v3 import endpoint_components_pb2 as components
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import discovery_pb2
-from envoy.type.v3 import percent_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.v3 import percent_pb2, range_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2, wrappers_pb2
 
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -24,10 +25,7 @@ def endpoint(ip, port, health, weight):
     lb = components.LbEndpoint(
         endpoint=components.Endpoint(
             address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=ip, port_value=port)),
-            hostname=f"{ip}.pod",
-            # Not declared by Vigil: skipped when it decodes.
-            additional_addresses=[components.Endpoint.AdditionalAddress(
-                address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address="fd00::1", port_value=port)))]),
+            hostname=f"{ip}.pod"),
         health_status=health,
         load_balancing_weight=wrappers_pb2.UInt32Value(value=weight))
     lb.metadata.filter_metadata["istio"].update({"workload": "api-v1"})
@@ -40,9 +38,7 @@ def response(path):
                                  load_balancing_weight=wrappers_pb2.UInt32Value(value=80))
     locality.lb_endpoints.extend([endpoint("10.0.0.7", 8080, health_check_pb2.HEALTHY, 3),
                                   endpoint("10.0.0.8", 8080, health_check_pb2.DRAINING, 1)])
-    locality.proximity.value = 2  # not declared by Vigil
-    cla.policy.overprovisioning_factor.value = 140
-    cla.policy.drop_overloads.add(category="lb", drop_percentage=percent_pb2.FractionalPercent(numerator=5))
+    cla.policy.overprovisioning_factor.value = 140  # read and not acted on: Vigil has no priority failover
     packed = any_pb2.Any()
     packed.Pack(cla)
     out = discovery_pb2.DiscoveryResponse(version_info="7", resources=[packed], type_url=EDS, nonce="n-1")
@@ -65,7 +61,25 @@ def clusters(path):
                                         max_retries=wrappers_pb2.UInt32Value(value=10))
     eds.common_lb_config.healthy_panic_threshold.value = 30
     eds.per_connection_buffer_limit_bytes.value = 32768
-    eds.alt_stat_name = "svc"  # not declared by Vigil
+    eds.alt_stat_name = "svc"  # declared and not acted on: a stats name
+    eds.metadata.filter_metadata["istio"].update({"services": [{"host": "svc.ns.svc.cluster.local"}]})
+    od = eds.outlier_detection
+    od.consecutive_5xx.value = 3
+    od.interval.FromSeconds(5)
+    od.base_ejection_time.FromSeconds(15)
+    od.max_ejection_percent.value = 50
+    od.enforcing_consecutive_gateway_failure.value = 100
+    od.success_rate_stdev_factor.value = 2500
+    hc = eds.health_checks.add(http_health_check=health_check_pb2.HealthCheck.HttpHealthCheck(
+        path="/healthz", host="svc.internal", expected_statuses=[range_pb2.Int64Range(start=200, end=300)]))
+    hc.timeout.FromMilliseconds(800)
+    hc.interval.FromSeconds(2)
+    hc.unhealthy_threshold.value = 2
+    hc.healthy_threshold.value = 1
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    options.explicit_http_config.http2_protocol_options.SetInParent()
+    options.common_http_protocol_options.idle_timeout.FromSeconds(30)
+    eds.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].Pack(options)
     inline = cluster_pb2.Cluster(name="BlackHoleish", type=cluster_pb2.Cluster.STATIC)
     inline.load_assignment.cluster_name = "BlackHoleish"
     inline.load_assignment.endpoints.add().lb_endpoints.add(endpoint=components.Endpoint(

@@ -20,7 +20,7 @@ struct XDSWireTests {
         #expect(response.resources.count == 1 && response.resources[0].typeURL == XDSTypeURL.endpoints)
         let assignment = try Envoy_Config_Endpoint_V3_ClusterLoadAssignment(unpackingAny: response.resources[0])
         #expect(assignment.clusterName == "outbound|8080||svc.ns.svc.cluster.local")
-        #expect(assignment.policy.overprovisioningFactor.value == 140 && assignment.policy.dropOverloads.first?.category == "lb")
+        #expect(assignment.policy.overprovisioningFactor.value == 140)
         let hosts = try XDSEndpoints.hosts(of: assignment)
         #expect(hosts == [
             XDSHost(address: SocketAddressSpec(host: "10.0.0.7", port: 8080), weight: 3, health: .routable, priority: 1,
@@ -30,7 +30,7 @@ struct XDSWireTests {
         ])
         #expect(assignment.endpoints[0].lbEndpoints[0].endpoint.hostname == "10.0.0.7.pod")
         // What Vigil does not declare is kept aside, not lost: written back, the bytes are Envoy's again.
-        #expect(!assignment.endpoints[0].unknownFields.data.isEmpty)
+        #expect(!response.unknownFields.data.isEmpty)  // control_plane
         #expect(try response.serializedBytes() as [UInt8] == Array(try Data(contentsOf: URL(fileURLWithPath: file))))
     }
 
@@ -49,6 +49,18 @@ struct XDSWireTests {
         #expect(eds.config.circuitBreakers.maxConnections == 100_000 && eds.config.circuitBreakers.maxPendingRequests == 0)
         #expect(eds.config.circuitBreakers.maxRequests == 2048 && eds.config.circuitBreakers.maxRetries == 10)
         #expect(eds.config.panicThreshold == 30 && eds.config.perConnectionBufferLimitBytes == 32768)
+        // HttpProtocolOptions: HTTP/2 to the hosts, and the idle timeout.
+        #expect(eds.config.protocol == .http2 && eds.config.idleTimeout == .seconds(30))
+        // Outlier detection with Envoy's defaults where absent, and gateway failures enforced because it was asked.
+        let od = try #require(eds.config.outlierDetection)
+        #expect(od.consecutive5xx == 3 && od.interval == .seconds(5) && od.baseEjectionTime == .seconds(15))
+        #expect(od.maxEjectionPercent == 50 && od.enforcingConsecutiveGatewayFailure == 100 && od.enforcingFailurePercentage == 0)
+        #expect(od.successRate.stdevFactor == 2.5 && od.consecutiveGatewayFailure == 5)
+        // The health check: [200, 300) is 200...299.
+        let hc = try #require(eds.config.healthCheck)
+        #expect(hc.path == "/healthz" && hc.host == "svc.internal" && hc.expectedStatuses == [200...299])
+        #expect(hc.timeout == .milliseconds(800) && hc.interval == .seconds(2) && hc.unhealthyThreshold == 2 && hc.healthyThreshold == 1)
+        #expect(hc.intervalJitterPercent == 0 && hc.noTrafficInterval == .seconds(60))
         #expect(read[1].edsServiceName == nil && read[1].config.endpoints == [SocketAddressSpec(host: "127.0.0.1", port: 15090)])
         #expect(read[1].config.connectTimeout == .seconds(5))  // Envoy's default
     }
@@ -106,10 +118,50 @@ struct XDSWireTests {
         #expect(rejection { $0.circuitBreakers.thresholds = [.with { $0.maxRequests = .init(0) }] }?.path
                 == "circuit_breakers.thresholds[0].max_requests")
         #expect(rejection { $0.commonLbConfig.healthyPanicThreshold.value = 150 }?.path == "common_lb_config.healthy_panic_threshold")
+        #expect(rejection { $0.transportSocket.name = "envoy.transport_sockets.tls" }?.path == "transport_socket")
+        #expect(rejection { $0.outlierDetection.maxEjectionPercent = .init(101) }?.path == "outlier_detection.max_ejection_percent")
+        #expect(rejection { $0.healthChecks = [.with { $0.httpHealthCheck.path = "/h" }] }?.path == "health_checks[0].timeout")
+        #expect(rejection { $0.healthChecks = [.with { $0.interval = .init(seconds: 1); $0.timeout = .init(seconds: 1) }] }?.path
+                == "health_checks[0].health_checker")
+        #expect(rejection { $0.healthChecks = [.with { $0.grpcHealthCheck.serviceName = "s" }] }?.path == "health_checks[0].grpc_health_check")
+        #expect(rejection { $0.typedExtensionProtocolOptions["envoy.extensions.upstreams.tcp.v3.TcpProtocolOptions"] = .init() }?.path
+                == "typed_extension_protocol_options[\"envoy.extensions.upstreams.tcp.v3.TcpProtocolOptions\"]")
         #expect(rejection { c in
             c.type = .static
             c.loadAssignment.endpoints = [.with { $0.lbEndpoints = [.with { $0.endpoint.address.socketAddress = .with { $0.address = "10.0.0.1"; $0.namedPort = "http" } }] }]
         }?.path == "load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address")
+    }
+
+    /// A field Vigil's protos do not declare, anywhere in a resource, refuses it with the field's number and where it
+    /// sits: Envoy's `filters` (40) on a cluster, a TCP health check (9) inside a health check.
+    @Test func aFieldVigilDoesNotDeclareIsRefusedNotIgnored() throws {
+        var c = Envoy_Config_Cluster_V3_Cluster()
+        c.name = "c"
+        c.type = .eds
+        c.edsClusterConfig.edsConfig.ads = .init()
+        // Field 40, length-delimited (wire type 2), empty: tag (40 << 3 | 2) = 322 as a varint, then length 0.
+        let filters = try Envoy_Config_Cluster_V3_Cluster(serializedBytes: try c.serializedBytes() + [0xC2, 0x02, 0x00])
+        #expect(XDSUnknownFields.first(in: filters)?.field == 40)
+        #expect(throws: XDSRejection(resource: "c", path: "Cluster",
+                                     reason: "sets field 40, which Vigil does not support: refused rather than ignored")) {
+            _ = try XDSClusters.read(filters)
+        }
+        // Field 9 of HealthCheck (tcp_health_check), empty: tag 74.
+        var check = Envoy_Config_Core_V3_HealthCheck()
+        check.timeout = .init(seconds: 1)
+        let tcp = try Envoy_Config_Core_V3_HealthCheck(serializedBytes: try check.serializedBytes() + [0x4A, 0x00])
+        c.healthChecks = [tcp]
+        let found = try #require(XDSUnknownFields.first(in: c))
+        #expect(found.path == "Cluster > HealthCheck" && found.field == 9)
+        #expect(XDSUnknownFields.first(in: Envoy_Config_Cluster_V3_Cluster()) == nil)
+        // An assignment's drop_overloads would change how much traffic goes at all.
+        var drops = assignment { _ in }
+        drops.policy.dropOverloads = [.with { $0.category = "lb" }]
+        #expect(rejection(drops)?.path == "policy.drop_overloads")
+        // A field the protos leave out (LocalityLbEndpoints' proximity, 6).
+        var proximity = assignment { _ in }
+        proximity.endpoints[0] = try .init(serializedBytes: try proximity.endpoints[0].serializedBytes() + [0x32, 0x02, 0x08, 0x02])
+        #expect(rejection(proximity)?.path == "ClusterLoadAssignment > LocalityLbEndpoints")
     }
 
     func assignment(_ build: (inout Envoy_Config_Core_V3_SocketAddress) -> Void) -> Envoy_Config_Endpoint_V3_ClusterLoadAssignment {

@@ -72,6 +72,9 @@ public nonisolated struct Envoy_Config_Cluster_V3_CircuitBreakers: Sendable {
     /// Clears the value of `maxRetries`. Subsequent reads from it will return its default value.
     public mutating func clearMaxRetries() {self._maxRetries = nil}
 
+    /// Only changes which stats are kept.
+    public var trackRemaining: Bool = false
+
     public var unknownFields = SwiftProtobuf.UnknownStorage()
 
     public init() {}
@@ -121,7 +124,7 @@ nonisolated extension Envoy_Config_Cluster_V3_CircuitBreakers: SwiftProtobuf.Mes
 
 nonisolated extension Envoy_Config_Cluster_V3_CircuitBreakers.Thresholds: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = Envoy_Config_Cluster_V3_CircuitBreakers.protoMessageName + ".Thresholds"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}priority\0\u{3}max_connections\0\u{3}max_pending_requests\0\u{3}max_requests\0\u{3}max_retries\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}priority\0\u{3}max_connections\0\u{3}max_pending_requests\0\u{3}max_requests\0\u{3}max_retries\0\u{3}track_remaining\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -134,6 +137,7 @@ nonisolated extension Envoy_Config_Cluster_V3_CircuitBreakers.Thresholds: SwiftP
       case 3: try { try decoder.decodeSingularMessageField(value: &self._maxPendingRequests) }()
       case 4: try { try decoder.decodeSingularMessageField(value: &self._maxRequests) }()
       case 5: try { try decoder.decodeSingularMessageField(value: &self._maxRetries) }()
+      case 6: try { try decoder.decodeSingularBoolField(value: &self.trackRemaining) }()
       default: break
       }
     }
@@ -159,6 +163,9 @@ nonisolated extension Envoy_Config_Cluster_V3_CircuitBreakers.Thresholds: SwiftP
     try { if let v = self._maxRetries {
       try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
     } }()
+    if self.trackRemaining != false {
+      try visitor.visitSingularBoolField(value: self.trackRemaining, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -168,6 +175,7 @@ nonisolated extension Envoy_Config_Cluster_V3_CircuitBreakers.Thresholds: SwiftP
     if lhs._maxPendingRequests != rhs._maxPendingRequests {return false}
     if lhs._maxRequests != rhs._maxRequests {return false}
     if lhs._maxRetries != rhs._maxRetries {return false}
+    if lhs.trackRemaining != rhs.trackRemaining {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -113,6 +113,55 @@ public nonisolated struct Envoy_Config_Cluster_V3_Cluster: @unchecked Sendable {
   /// Clears the value of `commonLbConfig`. Subsequent reads from it will return its default value.
   public mutating func clearCommonLbConfig() {_uniqueStorage()._commonLbConfig = nil}
 
+  public var healthChecks: [Envoy_Config_Core_V3_HealthCheck] {
+    get {_storage._healthChecks}
+    set {_uniqueStorage()._healthChecks = newValue}
+  }
+
+  public var outlierDetection: Envoy_Config_Cluster_V3_OutlierDetection {
+    get {_storage._outlierDetection ?? Envoy_Config_Cluster_V3_OutlierDetection()}
+    set {_uniqueStorage()._outlierDetection = newValue}
+  }
+  /// Returns true if `outlierDetection` has been explicitly set.
+  public var hasOutlierDetection: Bool {_storage._outlierDetection != nil}
+  /// Clears the value of `outlierDetection`. Subsequent reads from it will return its default value.
+  public mutating func clearOutlierDetection() {_uniqueStorage()._outlierDetection = nil}
+
+  public var transportSocket: Envoy_Config_Core_V3_TransportSocket {
+    get {_storage._transportSocket ?? Envoy_Config_Core_V3_TransportSocket()}
+    set {_uniqueStorage()._transportSocket = newValue}
+  }
+  /// Returns true if `transportSocket` has been explicitly set.
+  public var hasTransportSocket: Bool {_storage._transportSocket != nil}
+  /// Clears the value of `transportSocket`. Subsequent reads from it will return its default value.
+  public mutating func clearTransportSocket() {_uniqueStorage()._transportSocket = nil}
+
+  public var transportSocketMatches: [Envoy_Config_Cluster_V3_Cluster.TransportSocketMatch] {
+    get {_storage._transportSocketMatches}
+    set {_uniqueStorage()._transportSocketMatches = newValue}
+  }
+
+  /// Data for filters and stats, which do not change how Vigil sends requests.
+  public var metadata: Envoy_Config_Core_V3_Metadata {
+    get {_storage._metadata ?? Envoy_Config_Core_V3_Metadata()}
+    set {_uniqueStorage()._metadata = newValue}
+  }
+  /// Returns true if `metadata` has been explicitly set.
+  public var hasMetadata: Bool {_storage._metadata != nil}
+  /// Clears the value of `metadata`. Subsequent reads from it will return its default value.
+  public mutating func clearMetadata() {_uniqueStorage()._metadata = nil}
+
+  public var altStatName: String {
+    get {_storage._altStatName}
+    set {_uniqueStorage()._altStatName = newValue}
+  }
+
+  /// By extension name: envoy.extensions.upstreams.http.v3.HttpProtocolOptions is read, any other refused.
+  public var typedExtensionProtocolOptions: Dictionary<String,SwiftProtobuf.Google_Protobuf_Any> {
+    get {_storage._typedExtensionProtocolOptions}
+    set {_uniqueStorage()._typedExtensionProtocolOptions = newValue}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_ClusterDiscoveryType: Equatable, Sendable {
@@ -243,6 +292,40 @@ public nonisolated struct Envoy_Config_Cluster_V3_Cluster: @unchecked Sendable {
     fileprivate var _edsConfig: Envoy_Config_Core_V3_ConfigSource? = nil
   }
 
+  /// Istio's way to choose TLS per host (tlsMode): refused until SDS is read.
+  public nonisolated struct TransportSocketMatch: Sendable {
+    // SwiftProtobuf.Message conformance is added in an extension below. See the
+    // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+    // methods supported on all messages.
+
+    public var name: String = String()
+
+    public var match: SwiftProtobuf.Google_Protobuf_Struct {
+      get {_match ?? SwiftProtobuf.Google_Protobuf_Struct()}
+      set {_match = newValue}
+    }
+    /// Returns true if `match` has been explicitly set.
+    public var hasMatch: Bool {self._match != nil}
+    /// Clears the value of `match`. Subsequent reads from it will return its default value.
+    public mutating func clearMatch() {self._match = nil}
+
+    public var transportSocket: Envoy_Config_Core_V3_TransportSocket {
+      get {_transportSocket ?? Envoy_Config_Core_V3_TransportSocket()}
+      set {_transportSocket = newValue}
+    }
+    /// Returns true if `transportSocket` has been explicitly set.
+    public var hasTransportSocket: Bool {self._transportSocket != nil}
+    /// Clears the value of `transportSocket`. Subsequent reads from it will return its default value.
+    public mutating func clearTransportSocket() {self._transportSocket = nil}
+
+    public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+    public init() {}
+
+    fileprivate var _match: SwiftProtobuf.Google_Protobuf_Struct? = nil
+    fileprivate var _transportSocket: Envoy_Config_Core_V3_TransportSocket? = nil
+  }
+
   public nonisolated struct CommonLbConfig: Sendable {
     // SwiftProtobuf.Message conformance is added in an extension below. See the
     // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -275,7 +358,7 @@ fileprivate nonisolated let _protobuf_package = "envoy.config.cluster.v3"
 
 nonisolated extension Envoy_Config_Cluster_V3_Cluster: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Cluster"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}type\0\u{3}eds_cluster_config\0\u{3}connect_timeout\0\u{3}per_connection_buffer_limit_bytes\0\u{3}lb_policy\0\u{4}\u{4}circuit_breakers\0\u{4}\u{a}cleanup_interval\0\u{4}\u{7}common_lb_config\0\u{4}\u{6}load_assignment\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}type\0\u{3}eds_cluster_config\0\u{3}connect_timeout\0\u{3}per_connection_buffer_limit_bytes\0\u{3}lb_policy\0\u{4}\u{2}health_checks\0\u{4}\u{2}circuit_breakers\0\u{4}\u{9}outlier_detection\0\u{3}cleanup_interval\0\u{4}\u{4}transport_socket\0\u{1}metadata\0\u{4}\u{2}common_lb_config\0\u{3}alt_stat_name\0\u{4}\u{5}load_assignment\0\u{4}\u{3}typed_extension_protocol_options\0\u{4}\u{7}transport_socket_matches\0")
 
   fileprivate class _StorageClass {
     var _name: String = String()
@@ -288,6 +371,13 @@ nonisolated extension Envoy_Config_Cluster_V3_Cluster: SwiftProtobuf.Message, Sw
     var _circuitBreakers: Envoy_Config_Cluster_V3_CircuitBreakers? = nil
     var _cleanupInterval: SwiftProtobuf.Google_Protobuf_Duration? = nil
     var _commonLbConfig: Envoy_Config_Cluster_V3_Cluster.CommonLbConfig? = nil
+    var _healthChecks: [Envoy_Config_Core_V3_HealthCheck] = []
+    var _outlierDetection: Envoy_Config_Cluster_V3_OutlierDetection? = nil
+    var _transportSocket: Envoy_Config_Core_V3_TransportSocket? = nil
+    var _transportSocketMatches: [Envoy_Config_Cluster_V3_Cluster.TransportSocketMatch] = []
+    var _metadata: Envoy_Config_Core_V3_Metadata? = nil
+    var _altStatName: String = String()
+    var _typedExtensionProtocolOptions: Dictionary<String,SwiftProtobuf.Google_Protobuf_Any> = [:]
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -308,6 +398,13 @@ nonisolated extension Envoy_Config_Cluster_V3_Cluster: SwiftProtobuf.Message, Sw
       _circuitBreakers = source._circuitBreakers
       _cleanupInterval = source._cleanupInterval
       _commonLbConfig = source._commonLbConfig
+      _healthChecks = source._healthChecks
+      _outlierDetection = source._outlierDetection
+      _transportSocket = source._transportSocket
+      _transportSocketMatches = source._transportSocketMatches
+      _metadata = source._metadata
+      _altStatName = source._altStatName
+      _typedExtensionProtocolOptions = source._typedExtensionProtocolOptions
     }
   }
 
@@ -339,10 +436,17 @@ nonisolated extension Envoy_Config_Cluster_V3_Cluster: SwiftProtobuf.Message, Sw
         case 4: try { try decoder.decodeSingularMessageField(value: &_storage._connectTimeout) }()
         case 5: try { try decoder.decodeSingularMessageField(value: &_storage._perConnectionBufferLimitBytes) }()
         case 6: try { try decoder.decodeSingularEnumField(value: &_storage._lbPolicy) }()
+        case 8: try { try decoder.decodeRepeatedMessageField(value: &_storage._healthChecks) }()
         case 10: try { try decoder.decodeSingularMessageField(value: &_storage._circuitBreakers) }()
+        case 19: try { try decoder.decodeSingularMessageField(value: &_storage._outlierDetection) }()
         case 20: try { try decoder.decodeSingularMessageField(value: &_storage._cleanupInterval) }()
+        case 24: try { try decoder.decodeSingularMessageField(value: &_storage._transportSocket) }()
+        case 25: try { try decoder.decodeSingularMessageField(value: &_storage._metadata) }()
         case 27: try { try decoder.decodeSingularMessageField(value: &_storage._commonLbConfig) }()
+        case 28: try { try decoder.decodeSingularStringField(value: &_storage._altStatName) }()
         case 33: try { try decoder.decodeSingularMessageField(value: &_storage._loadAssignment) }()
+        case 36: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.Google_Protobuf_Any>.self, value: &_storage._typedExtensionProtocolOptions) }()
+        case 43: try { try decoder.decodeRepeatedMessageField(value: &_storage._transportSocketMatches) }()
         default: break
         }
       }
@@ -373,18 +477,39 @@ nonisolated extension Envoy_Config_Cluster_V3_Cluster: SwiftProtobuf.Message, Sw
       if _storage._lbPolicy != .roundRobin {
         try visitor.visitSingularEnumField(value: _storage._lbPolicy, fieldNumber: 6)
       }
+      if !_storage._healthChecks.isEmpty {
+        try visitor.visitRepeatedMessageField(value: _storage._healthChecks, fieldNumber: 8)
+      }
       try { if let v = _storage._circuitBreakers {
         try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
+      } }()
+      try { if let v = _storage._outlierDetection {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 19)
       } }()
       try { if let v = _storage._cleanupInterval {
         try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
       } }()
+      try { if let v = _storage._transportSocket {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 24)
+      } }()
+      try { if let v = _storage._metadata {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 25)
+      } }()
       try { if let v = _storage._commonLbConfig {
         try visitor.visitSingularMessageField(value: v, fieldNumber: 27)
       } }()
+      if !_storage._altStatName.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._altStatName, fieldNumber: 28)
+      }
       try { if let v = _storage._loadAssignment {
         try visitor.visitSingularMessageField(value: v, fieldNumber: 33)
       } }()
+      if !_storage._typedExtensionProtocolOptions.isEmpty {
+        try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.Google_Protobuf_Any>.self, value: _storage._typedExtensionProtocolOptions, fieldNumber: 36)
+      }
+      if !_storage._transportSocketMatches.isEmpty {
+        try visitor.visitRepeatedMessageField(value: _storage._transportSocketMatches, fieldNumber: 43)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -404,6 +529,13 @@ nonisolated extension Envoy_Config_Cluster_V3_Cluster: SwiftProtobuf.Message, Sw
         if _storage._circuitBreakers != rhs_storage._circuitBreakers {return false}
         if _storage._cleanupInterval != rhs_storage._cleanupInterval {return false}
         if _storage._commonLbConfig != rhs_storage._commonLbConfig {return false}
+        if _storage._healthChecks != rhs_storage._healthChecks {return false}
+        if _storage._outlierDetection != rhs_storage._outlierDetection {return false}
+        if _storage._transportSocket != rhs_storage._transportSocket {return false}
+        if _storage._transportSocketMatches != rhs_storage._transportSocketMatches {return false}
+        if _storage._metadata != rhs_storage._metadata {return false}
+        if _storage._altStatName != rhs_storage._altStatName {return false}
+        if _storage._typedExtensionProtocolOptions != rhs_storage._typedExtensionProtocolOptions {return false}
         return true
       }
       if !storagesAreEqual {return false}
@@ -455,6 +587,50 @@ nonisolated extension Envoy_Config_Cluster_V3_Cluster.EdsClusterConfig: SwiftPro
   public static func ==(lhs: Envoy_Config_Cluster_V3_Cluster.EdsClusterConfig, rhs: Envoy_Config_Cluster_V3_Cluster.EdsClusterConfig) -> Bool {
     if lhs._edsConfig != rhs._edsConfig {return false}
     if lhs.serviceName != rhs.serviceName {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Envoy_Config_Cluster_V3_Cluster.TransportSocketMatch: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = Envoy_Config_Cluster_V3_Cluster.protoMessageName + ".TransportSocketMatch"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}match\0\u{3}transport_socket\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._match) }()
+      case 3: try { try decoder.decodeSingularMessageField(value: &self._transportSocket) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    try { if let v = self._match {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
+    try { if let v = self._transportSocket {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Envoy_Config_Cluster_V3_Cluster.TransportSocketMatch, rhs: Envoy_Config_Cluster_V3_Cluster.TransportSocketMatch) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs._match != rhs._match {return false}
+    if lhs._transportSocket != rhs._transportSocket {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -135,7 +135,37 @@ public nonisolated struct Envoy_Config_Core_V3_Metadata: Sendable {
 
   public var filterMetadata: Dictionary<String,SwiftProtobuf.Google_Protobuf_Struct> = [:]
 
+  public var typedFilterMetadata: Dictionary<String,SwiftProtobuf.Google_Protobuf_Any> = [:]
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// A transport socket (TLS to the hosts): its name and its configuration.
+public nonisolated struct Envoy_Config_Core_V3_TransportSocket: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var name: String = String()
+
+  public var configType: Envoy_Config_Core_V3_TransportSocket.OneOf_ConfigType? = nil
+
+  public var typedConfig: SwiftProtobuf.Google_Protobuf_Any {
+    get {
+      if case .typedConfig(let v)? = configType {return v}
+      return SwiftProtobuf.Google_Protobuf_Any()
+    }
+    set {configType = .typedConfig(newValue)}
+  }
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public nonisolated enum OneOf_ConfigType: Equatable, Sendable {
+    case typedConfig(SwiftProtobuf.Google_Protobuf_Any)
+
+  }
 
   public init() {}
 }
@@ -261,7 +291,7 @@ nonisolated extension Envoy_Config_Core_V3_Node: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Envoy_Config_Core_V3_Metadata: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Metadata"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}filter_metadata\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}filter_metadata\0\u{3}typed_filter_metadata\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -270,6 +300,7 @@ nonisolated extension Envoy_Config_Core_V3_Metadata: SwiftProtobuf.Message, Swif
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
       case 1: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.Google_Protobuf_Struct>.self, value: &self.filterMetadata) }()
+      case 2: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.Google_Protobuf_Any>.self, value: &self.typedFilterMetadata) }()
       default: break
       }
     }
@@ -279,11 +310,66 @@ nonisolated extension Envoy_Config_Core_V3_Metadata: SwiftProtobuf.Message, Swif
     if !self.filterMetadata.isEmpty {
       try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.Google_Protobuf_Struct>.self, value: self.filterMetadata, fieldNumber: 1)
     }
+    if !self.typedFilterMetadata.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.Google_Protobuf_Any>.self, value: self.typedFilterMetadata, fieldNumber: 2)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Envoy_Config_Core_V3_Metadata, rhs: Envoy_Config_Core_V3_Metadata) -> Bool {
     if lhs.filterMetadata != rhs.filterMetadata {return false}
+    if lhs.typedFilterMetadata != rhs.typedFilterMetadata {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Envoy_Config_Core_V3_TransportSocket: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".TransportSocket"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{4}\u{2}typed_config\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 3: try {
+        var v: SwiftProtobuf.Google_Protobuf_Any?
+        var hadOneofValue = false
+        if let current = self.configType {
+          hadOneofValue = true
+          if case .typedConfig(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.configType = .typedConfig(v)
+        }
+      }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    try { if case .typedConfig(let v)? = self.configType {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Envoy_Config_Core_V3_TransportSocket, rhs: Envoy_Config_Core_V3_TransportSocket) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.configType != rhs.configType {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

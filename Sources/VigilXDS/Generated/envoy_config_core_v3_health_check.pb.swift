@@ -20,7 +20,6 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
   typealias Version = _2
 }
 
-/// An endpoint's health as the management server reports it (EDS).
 public nonisolated enum Envoy_Config_Core_V3_HealthStatus: SwiftProtobuf.Enum, Swift.CaseIterable {
   public typealias RawValue = Int
   case unknown // = 0
@@ -71,8 +70,424 @@ public nonisolated enum Envoy_Config_Core_V3_HealthStatus: SwiftProtobuf.Enum, S
 
 }
 
+/// An active health check. Only what Vigil's checker does is declared: HTTP GET with a host, path and expected statuses,
+/// gRPC's health service, and the schedule. A field left out (a TCP or Redis check, a payload, extra headers, TLS
+/// options) arrives as an unknown field and the cluster is refused with its number.
+public nonisolated struct Envoy_Config_Core_V3_HealthCheck: @unchecked Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var timeout: SwiftProtobuf.Google_Protobuf_Duration {
+    get {_storage._timeout ?? SwiftProtobuf.Google_Protobuf_Duration()}
+    set {_uniqueStorage()._timeout = newValue}
+  }
+  /// Returns true if `timeout` has been explicitly set.
+  public var hasTimeout: Bool {_storage._timeout != nil}
+  /// Clears the value of `timeout`. Subsequent reads from it will return its default value.
+  public mutating func clearTimeout() {_uniqueStorage()._timeout = nil}
+
+  public var interval: SwiftProtobuf.Google_Protobuf_Duration {
+    get {_storage._interval ?? SwiftProtobuf.Google_Protobuf_Duration()}
+    set {_uniqueStorage()._interval = newValue}
+  }
+  /// Returns true if `interval` has been explicitly set.
+  public var hasInterval: Bool {_storage._interval != nil}
+  /// Clears the value of `interval`. Subsequent reads from it will return its default value.
+  public mutating func clearInterval() {_uniqueStorage()._interval = nil}
+
+  public var intervalJitter: SwiftProtobuf.Google_Protobuf_Duration {
+    get {_storage._intervalJitter ?? SwiftProtobuf.Google_Protobuf_Duration()}
+    set {_uniqueStorage()._intervalJitter = newValue}
+  }
+  /// Returns true if `intervalJitter` has been explicitly set.
+  public var hasIntervalJitter: Bool {_storage._intervalJitter != nil}
+  /// Clears the value of `intervalJitter`. Subsequent reads from it will return its default value.
+  public mutating func clearIntervalJitter() {_uniqueStorage()._intervalJitter = nil}
+
+  public var unhealthyThreshold: SwiftProtobuf.Google_Protobuf_UInt32Value {
+    get {_storage._unhealthyThreshold ?? SwiftProtobuf.Google_Protobuf_UInt32Value()}
+    set {_uniqueStorage()._unhealthyThreshold = newValue}
+  }
+  /// Returns true if `unhealthyThreshold` has been explicitly set.
+  public var hasUnhealthyThreshold: Bool {_storage._unhealthyThreshold != nil}
+  /// Clears the value of `unhealthyThreshold`. Subsequent reads from it will return its default value.
+  public mutating func clearUnhealthyThreshold() {_uniqueStorage()._unhealthyThreshold = nil}
+
+  public var healthyThreshold: SwiftProtobuf.Google_Protobuf_UInt32Value {
+    get {_storage._healthyThreshold ?? SwiftProtobuf.Google_Protobuf_UInt32Value()}
+    set {_uniqueStorage()._healthyThreshold = newValue}
+  }
+  /// Returns true if `healthyThreshold` has been explicitly set.
+  public var hasHealthyThreshold: Bool {_storage._healthyThreshold != nil}
+  /// Clears the value of `healthyThreshold`. Subsequent reads from it will return its default value.
+  public mutating func clearHealthyThreshold() {_uniqueStorage()._healthyThreshold = nil}
+
+  public var reuseConnection: SwiftProtobuf.Google_Protobuf_BoolValue {
+    get {_storage._reuseConnection ?? SwiftProtobuf.Google_Protobuf_BoolValue()}
+    set {_uniqueStorage()._reuseConnection = newValue}
+  }
+  /// Returns true if `reuseConnection` has been explicitly set.
+  public var hasReuseConnection: Bool {_storage._reuseConnection != nil}
+  /// Clears the value of `reuseConnection`. Subsequent reads from it will return its default value.
+  public mutating func clearReuseConnection() {_uniqueStorage()._reuseConnection = nil}
+
+  public var healthChecker: OneOf_HealthChecker? {
+    get {return _storage._healthChecker}
+    set {_uniqueStorage()._healthChecker = newValue}
+  }
+
+  public var httpHealthCheck: Envoy_Config_Core_V3_HealthCheck.HttpHealthCheck {
+    get {
+      if case .httpHealthCheck(let v)? = _storage._healthChecker {return v}
+      return Envoy_Config_Core_V3_HealthCheck.HttpHealthCheck()
+    }
+    set {_uniqueStorage()._healthChecker = .httpHealthCheck(newValue)}
+  }
+
+  public var grpcHealthCheck: Envoy_Config_Core_V3_HealthCheck.GrpcHealthCheck {
+    get {
+      if case .grpcHealthCheck(let v)? = _storage._healthChecker {return v}
+      return Envoy_Config_Core_V3_HealthCheck.GrpcHealthCheck()
+    }
+    set {_uniqueStorage()._healthChecker = .grpcHealthCheck(newValue)}
+  }
+
+  public var noTrafficInterval: SwiftProtobuf.Google_Protobuf_Duration {
+    get {_storage._noTrafficInterval ?? SwiftProtobuf.Google_Protobuf_Duration()}
+    set {_uniqueStorage()._noTrafficInterval = newValue}
+  }
+  /// Returns true if `noTrafficInterval` has been explicitly set.
+  public var hasNoTrafficInterval: Bool {_storage._noTrafficInterval != nil}
+  /// Clears the value of `noTrafficInterval`. Subsequent reads from it will return its default value.
+  public mutating func clearNoTrafficInterval() {_uniqueStorage()._noTrafficInterval = nil}
+
+  public var unhealthyInterval: SwiftProtobuf.Google_Protobuf_Duration {
+    get {_storage._unhealthyInterval ?? SwiftProtobuf.Google_Protobuf_Duration()}
+    set {_uniqueStorage()._unhealthyInterval = newValue}
+  }
+  /// Returns true if `unhealthyInterval` has been explicitly set.
+  public var hasUnhealthyInterval: Bool {_storage._unhealthyInterval != nil}
+  /// Clears the value of `unhealthyInterval`. Subsequent reads from it will return its default value.
+  public mutating func clearUnhealthyInterval() {_uniqueStorage()._unhealthyInterval = nil}
+
+  public var intervalJitterPercent: UInt32 {
+    get {_storage._intervalJitterPercent}
+    set {_uniqueStorage()._intervalJitterPercent = newValue}
+  }
+
+  public var alwaysLogHealthCheckFailures: Bool {
+    get {_storage._alwaysLogHealthCheckFailures}
+    set {_uniqueStorage()._alwaysLogHealthCheckFailures = newValue}
+  }
+
+  public var alwaysLogHealthCheckSuccess: Bool {
+    get {_storage._alwaysLogHealthCheckSuccess}
+    set {_uniqueStorage()._alwaysLogHealthCheckSuccess = newValue}
+  }
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public nonisolated enum OneOf_HealthChecker: Equatable, Sendable {
+    case httpHealthCheck(Envoy_Config_Core_V3_HealthCheck.HttpHealthCheck)
+    case grpcHealthCheck(Envoy_Config_Core_V3_HealthCheck.GrpcHealthCheck)
+
+  }
+
+  public nonisolated struct HttpHealthCheck: Sendable {
+    // SwiftProtobuf.Message conformance is added in an extension below. See the
+    // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+    // methods supported on all messages.
+
+    public var host: String = String()
+
+    public var path: String = String()
+
+    public var expectedStatuses: [Envoy_Type_V3_Int64Range] = []
+
+    public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+    public init() {}
+  }
+
+  public nonisolated struct GrpcHealthCheck: Sendable {
+    // SwiftProtobuf.Message conformance is added in an extension below. See the
+    // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+    // methods supported on all messages.
+
+    public var serviceName: String = String()
+
+    public var authority: String = String()
+
+    public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+    public init() {}
+  }
+
+  public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
+}
+
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
+
+fileprivate nonisolated let _protobuf_package = "envoy.config.core.v3"
 
 nonisolated extension Envoy_Config_Core_V3_HealthStatus: SwiftProtobuf._ProtoNameProviding {
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0UNKNOWN\0\u{1}HEALTHY\0\u{1}UNHEALTHY\0\u{1}DRAINING\0\u{1}TIMEOUT\0\u{1}DEGRADED\0")
+}
+
+nonisolated extension Envoy_Config_Core_V3_HealthCheck: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".HealthCheck"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}timeout\0\u{1}interval\0\u{3}interval_jitter\0\u{3}unhealthy_threshold\0\u{3}healthy_threshold\0\u{4}\u{2}reuse_connection\0\u{3}http_health_check\0\u{4}\u{3}grpc_health_check\0\u{3}no_traffic_interval\0\u{4}\u{2}unhealthy_interval\0\u{4}\u{4}interval_jitter_percent\0\u{3}always_log_health_check_failures\0\u{4}\u{7}always_log_health_check_success\0")
+
+  fileprivate class _StorageClass {
+    var _timeout: SwiftProtobuf.Google_Protobuf_Duration? = nil
+    var _interval: SwiftProtobuf.Google_Protobuf_Duration? = nil
+    var _intervalJitter: SwiftProtobuf.Google_Protobuf_Duration? = nil
+    var _unhealthyThreshold: SwiftProtobuf.Google_Protobuf_UInt32Value? = nil
+    var _healthyThreshold: SwiftProtobuf.Google_Protobuf_UInt32Value? = nil
+    var _reuseConnection: SwiftProtobuf.Google_Protobuf_BoolValue? = nil
+    var _healthChecker: Envoy_Config_Core_V3_HealthCheck.OneOf_HealthChecker?
+    var _noTrafficInterval: SwiftProtobuf.Google_Protobuf_Duration? = nil
+    var _unhealthyInterval: SwiftProtobuf.Google_Protobuf_Duration? = nil
+    var _intervalJitterPercent: UInt32 = 0
+    var _alwaysLogHealthCheckFailures: Bool = false
+    var _alwaysLogHealthCheckSuccess: Bool = false
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _timeout = source._timeout
+      _interval = source._interval
+      _intervalJitter = source._intervalJitter
+      _unhealthyThreshold = source._unhealthyThreshold
+      _healthyThreshold = source._healthyThreshold
+      _reuseConnection = source._reuseConnection
+      _healthChecker = source._healthChecker
+      _noTrafficInterval = source._noTrafficInterval
+      _unhealthyInterval = source._unhealthyInterval
+      _intervalJitterPercent = source._intervalJitterPercent
+      _alwaysLogHealthCheckFailures = source._alwaysLogHealthCheckFailures
+      _alwaysLogHealthCheckSuccess = source._alwaysLogHealthCheckSuccess
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularMessageField(value: &_storage._timeout) }()
+        case 2: try { try decoder.decodeSingularMessageField(value: &_storage._interval) }()
+        case 3: try { try decoder.decodeSingularMessageField(value: &_storage._intervalJitter) }()
+        case 4: try { try decoder.decodeSingularMessageField(value: &_storage._unhealthyThreshold) }()
+        case 5: try { try decoder.decodeSingularMessageField(value: &_storage._healthyThreshold) }()
+        case 7: try { try decoder.decodeSingularMessageField(value: &_storage._reuseConnection) }()
+        case 8: try {
+          var v: Envoy_Config_Core_V3_HealthCheck.HttpHealthCheck?
+          var hadOneofValue = false
+          if let current = _storage._healthChecker {
+            hadOneofValue = true
+            if case .httpHealthCheck(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._healthChecker = .httpHealthCheck(v)
+          }
+        }()
+        case 11: try {
+          var v: Envoy_Config_Core_V3_HealthCheck.GrpcHealthCheck?
+          var hadOneofValue = false
+          if let current = _storage._healthChecker {
+            hadOneofValue = true
+            if case .grpcHealthCheck(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._healthChecker = .grpcHealthCheck(v)
+          }
+        }()
+        case 12: try { try decoder.decodeSingularMessageField(value: &_storage._noTrafficInterval) }()
+        case 14: try { try decoder.decodeSingularMessageField(value: &_storage._unhealthyInterval) }()
+        case 18: try { try decoder.decodeSingularUInt32Field(value: &_storage._intervalJitterPercent) }()
+        case 19: try { try decoder.decodeSingularBoolField(value: &_storage._alwaysLogHealthCheckFailures) }()
+        case 26: try { try decoder.decodeSingularBoolField(value: &_storage._alwaysLogHealthCheckSuccess) }()
+        default: break
+        }
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      try { if let v = _storage._timeout {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+      } }()
+      try { if let v = _storage._interval {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+      } }()
+      try { if let v = _storage._intervalJitter {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+      } }()
+      try { if let v = _storage._unhealthyThreshold {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
+      } }()
+      try { if let v = _storage._healthyThreshold {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
+      } }()
+      try { if let v = _storage._reuseConnection {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
+      } }()
+      switch _storage._healthChecker {
+      case .httpHealthCheck?: try {
+        guard case .httpHealthCheck(let v)? = _storage._healthChecker else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 8)
+      }()
+      case .grpcHealthCheck?: try {
+        guard case .grpcHealthCheck(let v)? = _storage._healthChecker else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
+      }()
+      case nil: break
+      }
+      try { if let v = _storage._noTrafficInterval {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
+      } }()
+      try { if let v = _storage._unhealthyInterval {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 14)
+      } }()
+      if _storage._intervalJitterPercent != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._intervalJitterPercent, fieldNumber: 18)
+      }
+      if _storage._alwaysLogHealthCheckFailures != false {
+        try visitor.visitSingularBoolField(value: _storage._alwaysLogHealthCheckFailures, fieldNumber: 19)
+      }
+      if _storage._alwaysLogHealthCheckSuccess != false {
+        try visitor.visitSingularBoolField(value: _storage._alwaysLogHealthCheckSuccess, fieldNumber: 26)
+      }
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Envoy_Config_Core_V3_HealthCheck, rhs: Envoy_Config_Core_V3_HealthCheck) -> Bool {
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._timeout != rhs_storage._timeout {return false}
+        if _storage._interval != rhs_storage._interval {return false}
+        if _storage._intervalJitter != rhs_storage._intervalJitter {return false}
+        if _storage._unhealthyThreshold != rhs_storage._unhealthyThreshold {return false}
+        if _storage._healthyThreshold != rhs_storage._healthyThreshold {return false}
+        if _storage._reuseConnection != rhs_storage._reuseConnection {return false}
+        if _storage._healthChecker != rhs_storage._healthChecker {return false}
+        if _storage._noTrafficInterval != rhs_storage._noTrafficInterval {return false}
+        if _storage._unhealthyInterval != rhs_storage._unhealthyInterval {return false}
+        if _storage._intervalJitterPercent != rhs_storage._intervalJitterPercent {return false}
+        if _storage._alwaysLogHealthCheckFailures != rhs_storage._alwaysLogHealthCheckFailures {return false}
+        if _storage._alwaysLogHealthCheckSuccess != rhs_storage._alwaysLogHealthCheckSuccess {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Envoy_Config_Core_V3_HealthCheck.HttpHealthCheck: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = Envoy_Config_Core_V3_HealthCheck.protoMessageName + ".HttpHealthCheck"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}host\0\u{1}path\0\u{4}\u{7}expected_statuses\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.host) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.path) }()
+      case 9: try { try decoder.decodeRepeatedMessageField(value: &self.expectedStatuses) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.host.isEmpty {
+      try visitor.visitSingularStringField(value: self.host, fieldNumber: 1)
+    }
+    if !self.path.isEmpty {
+      try visitor.visitSingularStringField(value: self.path, fieldNumber: 2)
+    }
+    if !self.expectedStatuses.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.expectedStatuses, fieldNumber: 9)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Envoy_Config_Core_V3_HealthCheck.HttpHealthCheck, rhs: Envoy_Config_Core_V3_HealthCheck.HttpHealthCheck) -> Bool {
+    if lhs.host != rhs.host {return false}
+    if lhs.path != rhs.path {return false}
+    if lhs.expectedStatuses != rhs.expectedStatuses {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Envoy_Config_Core_V3_HealthCheck.GrpcHealthCheck: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = Envoy_Config_Core_V3_HealthCheck.protoMessageName + ".GrpcHealthCheck"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}service_name\0\u{1}authority\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.serviceName) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.authority) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.serviceName.isEmpty {
+      try visitor.visitSingularStringField(value: self.serviceName, fieldNumber: 1)
+    }
+    if !self.authority.isEmpty {
+      try visitor.visitSingularStringField(value: self.authority, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Envoy_Config_Core_V3_HealthCheck.GrpcHealthCheck, rhs: Envoy_Config_Core_V3_HealthCheck.GrpcHealthCheck) -> Bool {
+    if lhs.serviceName != rhs.serviceName {return false}
+    if lhs.authority != rhs.authority {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
 }
