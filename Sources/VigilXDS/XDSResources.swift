@@ -9,11 +9,71 @@ public struct XDSResources: Sendable {
     public private(set) var clusters: [String: XDSClusters.Read] = [:]
     /// Endpoints by EDS service name (a cluster's `eds_cluster_config.service_name`, or its own name).
     public private(set) var assignments: [String: [XDSHost]] = [:]
+    /// The listeners of the last accepted LDS response, by name.
+    public private(set) var listeners: [String: XDSListeners.Read] = [:]
+    /// Route configurations (RDS) by name.
+    public private(set) var routeConfigs: [String: [RouteConfig]] = [:]
+    /// The routes each of the file's listeners takes from xDS. A listener whose chains need a route configuration that
+    /// has not arrived keeps what it had (Envoy's warming: the old listener serves until the new one is complete);
+    /// one that never had any keeps the file's routes.
+    public private(set) var listenerRoutes: [String: [RouteConfig]] = [:]
 
     public init() {}
 
     /// The EDS resources the clusters need: the names to subscribe to.
     public var endpointNames: [String] { Set(clusters.values.compactMap(\.edsServiceName)).sorted() }
+
+    /// The RDS resources the listeners need.
+    public var routeNames: [String] { Set(listeners.values.flatMap(\.routeNames)).sorted() }
+
+    /// Telemetry filters the listeners carry that Vigil left out, by listener (for /config_dump).
+    public var ignoredFilters: [String: [String]] { listeners.compactMapValues { $0.ignoredFilters.isEmpty ? nil : $0.ignoredFilters } }
+
+    /// State of the world for LDS: `resources` are every listener there is.
+    public func applyingListeners(_ resources: [Google_Protobuf_Any]) throws(XDSRejection) -> XDSResources {
+        var next = self
+        next.listeners = [:]
+        for (i, any) in resources.enumerated() {
+            let listener: Envoy_Config_Listener_V3_Listener = try Self.decode(any, index: i, kind: "Listener")
+            let read = try XDSListeners.read(listener)
+            guard next.listeners.updateValue(read, forKey: read.name) == nil else {
+                throw XDSRejection(resource: read.name, path: "name", reason: "is the name of another listener in the same response")
+            }
+        }
+        let used = Set(next.routeNames)
+        next.routeConfigs = next.routeConfigs.filter { used.contains($0.key) }
+        next.rebuildListenerRoutes()
+        return next
+    }
+
+    /// RDS: each configuration in `resources` replaces the one of its name; the others stay.
+    public func applyingRoutes(_ resources: [Google_Protobuf_Any]) throws(XDSRejection) -> XDSResources {
+        var next = self
+        var seen = Set<String>()
+        for (i, any) in resources.enumerated() {
+            let config: Envoy_Config_Route_V3_RouteConfiguration = try Self.decode(any, index: i, kind: "RouteConfiguration")
+            let routes = try XDSRoutes.read(config)
+            guard seen.insert(config.name).inserted else {
+                throw XDSRejection(resource: config.name, path: "name", reason: "is the name of another route configuration in the same response")
+            }
+            next.routeConfigs[config.name] = routes
+        }
+        next.rebuildListenerRoutes()
+        return next
+    }
+
+    private mutating func rebuildListenerRoutes() {
+        let virtual = listeners.values.filter { !$0.bindsPort }.sorted { $0.name < $1.name }
+        var built: [String: [RouteConfig]] = [:]
+        for l in listeners.values where l.bindsPort {
+            if let routes = XDSListeners.routes(of: l, virtual: virtual, routeConfigs: routeConfigs) {
+                built[l.name] = routes
+            } else if let old = listenerRoutes[l.name] {
+                built[l.name] = old
+            }
+        }
+        listenerRoutes = built
+    }
 
     /// State of the world for CDS: `resources` are every cluster there is. Assignments no cluster uses any longer go.
     public func applyingClusters(_ resources: [Google_Protobuf_Any]) throws(XDSRejection) -> XDSResources {
@@ -64,7 +124,63 @@ public struct XDSResources: Sendable {
             }
             config.clusters.append(cluster.config)
         }
+        try joinListeners(into: &config)
         return config
+    }
+
+    /// Checks the LDS listeners against the file's and gives those listeners their xDS routes; clusters that carry a
+    /// TCP proxy's connections become tcp clusters (a Vigil cluster carries either requests or connections).
+    private func joinListeners(into config: inout VigilConfig) throws(XDSRejection) {
+        let virtual = listeners.values.filter { !$0.bindsPort }
+        let handsOn = listeners.values.contains { $0.bindsPort && $0.useOriginalDestination }
+        if let orphan = virtual.min(by: { $0.name < $1.name }), !handsOn {
+            throw XDSRejection(resource: orphan.name, path: "bind_to_port",
+                               reason: "is false, and no listener with use_original_dst hands connections to it")
+        }
+        for l in listeners.values.sorted(by: { $0.name < $1.name }) where l.bindsPort {
+            guard let index = config.listeners.firstIndex(where: { $0.name == l.name }) else {
+                throw XDSRejection(resource: l.name, path: "name",
+                                   reason: "Vigil binds its listeners from its config file, which has no listener \"\(l.name)\" (add one on port \(l.port))")
+            }
+            let file = config.listeners[index]
+            guard file.address.port == l.port else {
+                throw XDSRejection(resource: l.name, path: "address.socket_address.port_value",
+                                   reason: "\(l.port) is not the port of the config file's listener \(l.name) (\(file.address.port))")
+            }
+            guard file.originalDestination == l.useOriginalDestination else {
+                throw XDSRejection(resource: l.name, path: "use_original_dst",
+                                   reason: "must match the config file's listener \(l.name) (original_destination: \(file.originalDestination))")
+            }
+            if let routes = listenerRoutes[l.name] { config.listeners[index].routes = routes }
+        }
+        var tcp = Set<String>(), http = Set<String>()
+        for l in listeners.values {
+            for chain in l.chains {
+                if case .tcp(let cluster, _, _) = chain.kind { tcp.insert(cluster) }
+            }
+        }
+        for listener in config.listeners {
+            for route in listener.routes where route.direct == nil && !tcp.contains(route.cluster) {
+                http.formUnion(route.clusterNames)
+                http.formUnion(route.mirrors.map(\.cluster))
+            }
+        }
+        for (i, cluster) in config.clusters.enumerated() where tcp.contains(cluster.name) {
+            if http.contains(cluster.name) {
+                throw XDSRejection(resource: cluster.name, path: "name",
+                                   reason: "carries both a TCP proxy's connections and HTTP requests: a Vigil cluster carries one or the other")
+            }
+            if clusters[cluster.name] != nil {
+                if cluster.healthCheck != nil {
+                    throw XDSRejection(resource: cluster.name, path: "health_checks",
+                                       reason: "a TCP proxy sends connections to this cluster, and Vigil checks such hosts by connecting, not over HTTP")
+                }
+                config.clusters[i].protocol = .tcp
+            } else if cluster.protocol != .tcp {
+                throw XDSRejection(resource: cluster.name, path: "name",
+                                   reason: "is a cluster of the config file without protocol: tcp, and a TCP proxy sends connections to it")
+            }
+        }
     }
 
     /// The addresses of the hosts a cluster sends to: those the control plane marks routable, of the highest priority

@@ -11,8 +11,8 @@ import VigilProxy
 /// policy path (`PolicyController.applyOverlay`: validated, audited, installed at once on every loop, health and
 /// ejections carried over), ACKing what took effect and NACKing what did not with the resource and key path.
 ///
-/// Clusters (CDS, all of them) are asked for first; the endpoints (EDS) of the clusters that take theirs from it
-/// follow, by name, as each CDS response takes effect. While the stream is down the last accepted configuration keeps
+/// Clusters (CDS) and listeners (LDS), all of them, are asked for first; the endpoints (EDS) of the clusters and the
+/// route configurations (RDS) of the listeners follow, by name, as each CDS or LDS response takes effect. While the stream is down the last accepted configuration keeps
 /// serving; each stream's start and end is an event (`xds_connected`, `xds_disconnected`) and the gauge
 /// `vigil_xds_connected`.
 public final class XDSSubscriber: Sendable {
@@ -55,7 +55,9 @@ public final class XDSSubscriber: Sendable {
     /// Runs until the task is cancelled (Vigil's shutdown).
     public func run() async {
         do {
-            try await client.run(subscriptions: [(XDSTypeURL.cluster, [])], random: SystemRandomNumberGenerator(),
+            // Clusters before listeners, as Envoy asks; endpoints and routes follow by name as those take effect.
+            try await client.run(subscriptions: [(XDSTypeURL.cluster, []), (XDSTypeURL.listener, [])],
+                                 random: SystemRandomNumberGenerator(),
                                  onStreamEnded: { [self] error in streamEnded(error) },
                                  apply: { [self] type, version, resources in await apply(type, version, resources) })
         } catch {
@@ -69,6 +71,9 @@ public final class XDSSubscriber: Sendable {
         return .object([
             ("server", .string(config.server.description)),
             ("connected", .bool(connected.withLock { $0 })),
+            ("ignored_filters", .object(accepted.withLock { $0.ignoredFilters }.sorted { $0.key < $1.key }.map {
+                ($0.key, .array($0.value.map(JSONValue.string)))
+            })),
             ("resources", .array(state.order.map { type in
                 let s = state.subscriptions[type]!
                 return .object([("type_url", .string(type)), ("version_info", .string(s.acceptedVersion)),
@@ -115,15 +120,19 @@ public final class XDSSubscriber: Sendable {
             switch typeURL {
             case XDSTypeURL.cluster: try current.applyingClusters(resources)
             case XDSTypeURL.endpoints: try current.applyingEndpoints(resources)
+            case XDSTypeURL.listener: try current.applyingListeners(resources)
+            case XDSTypeURL.route: try current.applyingRoutes(resources)
             default: throw XDSRejection(resource: typeURL, path: "type_url", reason: "is not a type Vigil subscribed to")
             }
         }
         let overlay: PolicyController.Overlay = { base throws(ConfigErrors) in
+            let joined: VigilConfig
             do throws(XDSRejection) {
-                return try next.get().joined(to: base)
+                joined = try next.get().joined(to: base)
             } catch {
                 throw ConfigErrors([ConfigError(path: "\(error.resource): \(error.path)", reason: error.reason)])
             }
+            return try joined.checkedAcrossSections()
         }
         let outcome = await policy.applyOverlay(overlay, actor: config.actor, evidence: [
             ("type", .string(type)), ("version", .string(version)), ("resources", .int(resources.count)),
@@ -133,11 +142,14 @@ public final class XDSSubscriber: Sendable {
         case .applied:
             let live = try! next.get()  // applied means the overlay, and so `next`, succeeded
             accepted.withLock { $0 = live }
-            if typeURL == XDSTypeURL.cluster {
-                let names = live.endpointNames
-                if !names.isEmpty || client.state.subscriptions[XDSTypeURL.endpoints] != nil {
-                    client.subscribe(XDSTypeURL.endpoints, names: names)
-                }
+            // Named types follow what the wildcard ones name (an unchanged list sends nothing).
+            let follows: [(String, [String])] = switch typeURL {
+            case XDSTypeURL.cluster: [(XDSTypeURL.endpoints, live.endpointNames)]
+            case XDSTypeURL.listener: [(XDSTypeURL.route, live.routeNames)]
+            default: []
+            }
+            for (type, names) in follows where !names.isEmpty || client.state.subscriptions[type] != nil {
+                client.subscribe(type, names: names)
             }
             refusal = nil
         case .invalid(let errors):

@@ -22,19 +22,23 @@ final class XDSMeshTests {
     deinit { group.shutdownGracefully { _ in } }
 
     /// Vigil with one listener whose `/svc` route goes to the mesh's cluster, a policy controller and the subscriber.
-    func startVigil(server: XDSServerPeer) async throws -> (ProxyHarness, XDSSubscriber, Task<Void, Never>, AuditLog) {
+    static let svcListener = """
+        listeners:
+          - name: in
+            address: "127.0.0.1:0"
+            routes:
+              - match: { prefix: "/svc" }
+                cluster: "\(service)"
+                retry: { attempts: 2, on: [connect-failure] }
+              - match: { prefix: "/" }
+                cluster: local
+        """
+
+    func startVigil(server: XDSServerPeer, listeners: String = svcListener) async throws -> (ProxyHarness, XDSSubscriber, Task<Void, Never>, AuditLog) {
         let yaml = """
             access_log: { output: "off" }
             xds: { server: "127.0.0.1:\(server.port)", node: { id: "sidecar~127.0.0.1~api-1.ns~ns.svc.cluster.local", cluster: api } }
-            listeners:
-              - name: in
-                address: "127.0.0.1:0"
-                routes:
-                  - match: { prefix: "/svc" }
-                    cluster: "\(Self.service)"
-                    retry: { attempts: 2, on: [connect-failure] }
-                  - match: { prefix: "/" }
-                    cluster: local
+            \(listeners)
             clusters:
               - { name: local, endpoints: ["127.0.0.1:9"] }
             """
@@ -49,12 +53,16 @@ final class XDSMeshTests {
     }
 
     /// One request on its own connection: the status and the upstream that answered (FakeUpstream's `x-upstream`).
-    static func get(_ proxy: ProxyHarness, _ path: String = "/svc") async throws -> (Int, String?) {
-        let client = try await proxy.client()
+    static func get(_ proxy: ProxyHarness, _ path: String = "/svc", host: String = "svc", listener: String = "in") async throws -> (Int, String?) {
+        let r = try await response(proxy, path, host: host, listener: listener)
+        return (r.status, r.header("x-upstream"))
+    }
+
+    static func response(_ proxy: ProxyHarness, _ path: String, host: String, listener: String = "in") async throws -> TestResponse {
+        let client = try await proxy.client(listener)
         defer { Task { try? await client.close() } }
-        try await client.send("GET \(path) HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
-        let response = try #require(try await client.response())
-        return (response.status, response.header("x-upstream"))
+        try await client.send("GET \(path) HTTP/1.1\r\nHost: \(host)\r\nConnection: close\r\n\r\n")
+        return try #require(try await client.response())
     }
 
     func waitForUpstream(_ proxy: ProxyHarness, _ name: String?, status: Int = 200, _ what: String) async throws {
@@ -137,6 +145,98 @@ final class XDSMeshTests {
         let audit = try String(contentsOfFile: scratch.file("audit/audit-000001.jsonl"), encoding: .utf8)
         #expect(audit.contains("\"xds_applied\"") && audit.contains("\"xds_rejected\"")
                 && audit.contains("xds:127.0.0.1:\(server.port)"))
+        await proxy.stop()
+    }
+
+    static func inboundListener(port: Int, routeConfig: String, httpFilters: [String] = []) -> [String: Any] {
+        let hcm: [String: Any] = [
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": "inbound_0.0.0.0_\(port)",
+            "rds": ["config_source": ["ads": [String: Any](), "resource_api_version": "V3"], "route_config_name": routeConfig],
+            "http_filters": httpFilters.map { ["name": $0] } + [[
+                "name": "envoy.filters.http.router",
+                "typed_config": ["@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"],
+            ]],
+        ]
+        return ["@type": "type.googleapis.com/envoy.config.listener.v3.Listener", "name": "virtualInbound",
+                "address": ["socket_address": ["address": "127.0.0.1", "port_value": port]],
+                "traffic_direction": "INBOUND",
+                "filter_chains": [[
+                    "name": "inbound_http",
+                    "filter_chain_match": ["destination_port": port],
+                    "filters": [["name": "istio.stats"], ["name": "envoy.filters.network.http_connection_manager", "typed_config": hcm]],
+                ]]]
+    }
+
+    static func routeConfiguration(_ name: String, port: Int) -> [String: Any] {
+        ["@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration", "name": name,
+         "virtual_hosts": [
+            ["name": "catch-all", "domains": ["*"],
+             "routes": [["match": ["prefix": "/"], "direct_response": ["status": 418, "body": ["inline_string": "teapot"]]]]],
+            ["name": "svc", "domains": ["svc.ns.svc.cluster.local", "svc.ns.svc.cluster.local:\(port)"],
+             "routes": [["name": "api", "match": ["prefix": "/api"],
+                         "route": ["cluster": service, "timeout": "5s",
+                                   "retry_policy": ["retry_on": "connect-failure,refused-stream", "num_retries": 2,
+                                                    "retry_host_predicate": [["name": "envoy.retry_host_predicates.previous_hosts"]]]],
+                         "request_headers_to_add": [["header": ["key": "x-mesh-route", "value": "%ROUTE_NAME%"]]]]]],
+         ]]
+    }
+
+    /// Listeners and routes from the server (LDS, RDS) on the config file's listener of the same name and port: the
+    /// filter chain for its port runs the connection manager with the RDS routes, virtual hosts chosen by authority (an
+    /// exact name before `*`, and a host whose routes miss answers 404 rather than falling through); a telemetry filter is
+    /// left out and listed; an authorization filter Vigil does not apply refuses the listener, and the routes stay.
+    @Test func listenersAndRoutesFromTheServerCarryTraffic() async throws {
+        let a = try await FakeUpstream(group: group, name: "a")
+        let port = freeLoopbackPort()
+        let lds = XDSTypeURL.listener, rds = XDSTypeURL.route
+        let routeName = "inbound|\(port)"
+        let resources: [String: [[String: Any]]] = [
+            Self.cds: [XDSServerPeer.cluster()], Self.eds: [XDSServerPeer.assignment(ports: [a.port])],
+            lds: [Self.inboundListener(port: port, routeConfig: routeName)], rds: [Self.routeConfiguration(routeName, port: port)],
+        ]
+        let server = try await XDSServerPeer.start(scratch, version: "1", resources)
+        defer { server.process.signal(SIGKILL) }
+        let listeners = """
+            listeners:
+              - name: virtualInbound
+                address: "127.0.0.1:\(port)"
+                routes:
+                  - match: { prefix: "/" }
+                    direct_response: { status: 503, body: "not configured yet" }
+            """
+        let (proxy, subscriber, task, _) = try await startVigil(server: server, listeners: listeners)
+        defer { task.cancel() }
+
+        try await withTimeout(20, "the RDS route to carry traffic") {
+            while try await Self.get(proxy, "/api/x", host: "svc.ns.svc.cluster.local", listener: "virtualInbound").1 != "a" {
+                try await Task.sleep(for: .milliseconds(20))
+            }
+        }
+        let seen = try #require(a.recorded.last)
+        #expect(seen.head.uri == "/api/x" && seen.head.headers["x-mesh-route"] == ["api"])
+        // The port in the authority is not part of the match (Istio lists both forms).
+        #expect(try await Self.get(proxy, "/api/y", host: "svc.ns.svc.cluster.local:\(port)", listener: "virtualInbound").1 == "a")
+        // The svc host's routes miss: 404 there, not the catch-all host's 418.
+        #expect(try await Self.get(proxy, "/other", host: "svc.ns.svc.cluster.local", listener: "virtualInbound").0 == 404)
+        let teapot = try await Self.response(proxy, "/", host: "elsewhere", listener: "virtualInbound")
+        #expect(teapot.status == 418 && teapot.text == "teapot")
+        // RDS was asked for by the name the listener gave, and the telemetry filter is listed as left out.
+        #expect(server.requests.contains { ($0["typeUrl"] as? String) == rds && ($0["resourceNames"] as? [String]) == [routeName] })
+        #expect(subscriber.status["ignored_filters"]?["virtualInbound"]?.arrayValue == [.string("istio.stats")])
+
+        // An RBAC filter Vigil does not apply: the listener is NACKed with the previous version, and traffic is unchanged.
+        var next = resources
+        next[lds] = [Self.inboundListener(port: port, routeConfig: routeName, httpFilters: ["envoy.filters.http.rbac"])]
+        try server.publish(version: "2", next)
+        try await waitUntil("the NACK of the RBAC listener") {
+            server.requests.contains { ($0["typeUrl"] as? String) == lds && $0["errorDetail"] != nil }
+        }
+        let nack = try #require(server.requests.first { ($0["typeUrl"] as? String) == lds && $0["errorDetail"] != nil })
+        #expect(nack["versionInfo"] as? String == "1")
+        let detail = (nack["errorDetail"] as? [String: Any])?["message"] as? String ?? ""
+        #expect(detail.hasPrefix("virtualInbound: filter_chains[0].filters[1].typed_config.http_filters[0]: \"envoy.filters.http.rbac\""), "\(detail)")
+        #expect(try await Self.get(proxy, "/api/z", host: "svc.ns.svc.cluster.local", listener: "virtualInbound").1 == "a")
         await proxy.stop()
     }
 }

@@ -199,6 +199,17 @@ extension VigilConfig {
         return config
     }
 
+    /// The checks across sections the config file gets (routes against their clusters' kinds, TCP routes, traffic
+    /// policy), for a configuration built another way: from a management server's resources joined to the file's.
+    public func checkedAcrossSections() throws(ConfigErrors) -> VigilConfig {
+        var reader = ConfigReader()
+        reader.checkOriginalDestinationRoutes(self)
+        reader.checkTCPRoutes(self)
+        reader.checkTrafficPolicy(self)
+        if !reader.errors.isEmpty { throw ConfigErrors(reader.errors) }
+        return self
+    }
+
     /// With clusters from xDS, a route may name a cluster that is not there (not sent yet, or removed): it answers 503
     /// with an empty body, as Envoy's routes to an unknown cluster do, and a mirror to it is skipped. Without `xds:`
     /// every name resolves (the reader checks it), and this returns the config as it is.

@@ -21,6 +21,59 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
 }
 
 /// A percentage, 0 to 100.
+/// numerator / denominator (a mirror's share of requests).
+public nonisolated struct Envoy_Type_V3_FractionalPercent: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var numerator: UInt32 = 0
+
+  public var denominator: Envoy_Type_V3_FractionalPercent.DenominatorType = .hundred
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public nonisolated enum DenominatorType: SwiftProtobuf.Enum, Swift.CaseIterable {
+    public typealias RawValue = Int
+    case hundred // = 0
+    case tenThousand // = 1
+    case million // = 2
+    case UNRECOGNIZED(Int)
+
+    public init() {
+      self = .hundred
+    }
+
+    public init?(rawValue: Int) {
+      switch rawValue {
+      case 0: self = .hundred
+      case 1: self = .tenThousand
+      case 2: self = .million
+      default: self = .UNRECOGNIZED(rawValue)
+      }
+    }
+
+    public var rawValue: Int {
+      switch self {
+      case .hundred: return 0
+      case .tenThousand: return 1
+      case .million: return 2
+      case .UNRECOGNIZED(let i): return i
+      }
+    }
+
+    // The compiler won't synthesize support with the UNRECOGNIZED case.
+    public static let allCases: [Envoy_Type_V3_FractionalPercent.DenominatorType] = [
+      .hundred,
+      .tenThousand,
+      .million,
+    ]
+
+  }
+
+  public init() {}
+}
+
 public nonisolated struct Envoy_Type_V3_Percent: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -36,6 +89,45 @@ public nonisolated struct Envoy_Type_V3_Percent: Sendable {
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "envoy.type.v3"
+
+nonisolated extension Envoy_Type_V3_FractionalPercent: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".FractionalPercent"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}numerator\0\u{1}denominator\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.numerator) }()
+      case 2: try { try decoder.decodeSingularEnumField(value: &self.denominator) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.numerator != 0 {
+      try visitor.visitSingularUInt32Field(value: self.numerator, fieldNumber: 1)
+    }
+    if self.denominator != .hundred {
+      try visitor.visitSingularEnumField(value: self.denominator, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Envoy_Type_V3_FractionalPercent, rhs: Envoy_Type_V3_FractionalPercent) -> Bool {
+    if lhs.numerator != rhs.numerator {return false}
+    if lhs.denominator != rhs.denominator {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Envoy_Type_V3_FractionalPercent.DenominatorType: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0HUNDRED\0\u{1}TEN_THOUSAND\0\u{1}MILLION\0")
+}
 
 nonisolated extension Envoy_Type_V3_Percent: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Percent"

@@ -1,0 +1,245 @@
+import NIOCore
+import SwiftProtobuf
+import VigilCore
+
+/// Reading LDS. Vigil binds its listeners from its config file (a sidecar's ports are fixed by how traffic is captured
+/// into it), so an LDS listener either gives the routes of the file's listener of the same name, on the same port, or,
+/// when it binds no port (`bind_to_port: false`, Istio's `0.0.0.0_8080` and `10.0.0.5_8080`), adds routes for its
+/// address and port to the listener that hands connections on by their original destination (`use_original_dst`,
+/// Istio's `virtualOutbound`), as Envoy hands such a connection to it.
+///
+/// A filter chain becomes routes that match its `destination_port` and `prefix_ranges`: an HTTP connection manager's
+/// routes (inline, or by RDS name), or a TCP proxy's route for connections. Chains are laid out most specific first
+/// (a port before none, a longer address prefix before a shorter), as Envoy chooses among them.
+public enum XDSListeners {
+    /// One listener as read: what it routes, and the network filters that were left out because they only observe.
+    public struct Read: Sendable, Equatable {
+        public var name: String
+        public var port: Int
+        public var host: String
+        public var useOriginalDestination: Bool
+        public var bindsPort: Bool
+        public var chains: [Chain]
+        /// Telemetry filters that were not applied (listed in /config_dump).
+        public var ignoredFilters: [String]
+
+        /// The RDS names the listener's HTTP chains need.
+        public var routeNames: [String] {
+            chains.compactMap { if case .http(.rds(let n)) = $0.kind { n } else { nil } }
+        }
+    }
+
+    public struct Chain: Sendable, Equatable {
+        public enum Routes: Sendable, Equatable {
+            case rds(String)
+            case inline([RouteConfig])
+        }
+
+        public enum Kind: Sendable, Equatable {
+            case http(Routes)
+            case tcp(cluster: String, idleTimeout: TimeAmount?, connectAttempts: Int)
+        }
+
+        public var destinationPort: Int?
+        /// Empty: any destination address.
+        public var prefixRanges: [CIDR]
+        public var kind: Kind
+    }
+
+    /// Filters that only observe traffic (stats, metadata exchange for telemetry, inspectors whose work Vigil's own
+    /// protocol detection does): left out and listed. Any other filter could allow, deny or change traffic and refuses
+    /// the listener.
+    static let observing: Set<String> = [
+        "istio.stats", "istio.metadata_exchange", "envoy.filters.network.metadata_exchange", "envoy.filters.http.grpc_stats",
+        "istio.alpn", "envoy.filters.listener.tls_inspector", "envoy.filters.listener.http_inspector",
+        "envoy.filters.listener.original_dst",
+    ]
+    static let connectionManager = "envoy.filters.network.http_connection_manager"
+    static let tcpProxy = "envoy.filters.network.tcp_proxy"
+    static let router = "envoy.filters.http.router"
+
+    public static func read(_ l: Envoy_Config_Listener_V3_Listener) throws(XDSRejection) -> Read {
+        let name = l.name
+        guard !name.isEmpty else { throw XDSRejection(resource: "Listener", path: "name", reason: "is empty") }
+        try XDSUnknownFields.check(l, resource: name, path: "")
+        func refuse(_ path: String, _ reason: String) -> XDSRejection { XDSRejection(resource: name, path: path, reason: reason) }
+        let address = try XDSEndpoints.socketAddress(l.address, resource: name, path: "address")
+        var read = Read(name: name, port: address.port, host: address.host, useOriginalDestination: l.useOriginalDst.value,
+                        bindsPort: !l.hasBindToPort || l.bindToPort.value, chains: [], ignoredFilters: [])
+        for (i, f) in l.listenerFilters.enumerated() {
+            guard observing.contains(f.name) else {
+                throw refuse("listener_filters[\(i)]", "\"\(f.name)\" is not a listener filter Vigil knows: it could change what reaches the chains, so it is not ignored")
+            }
+            if !read.ignoredFilters.contains(f.name) { read.ignoredFilters.append(f.name) }
+        }
+        var chains: [(chain: Chain, index: Int)] = []
+        for (i, chain) in l.filterChains.enumerated() {
+            chains.append((try self.chain(chain, listener: name, path: "filter_chains[\(i)]", ignored: &read.ignoredFilters), i))
+        }
+        if l.hasDefaultFilterChain {
+            var fallback = try self.chain(l.defaultFilterChain, listener: name, path: "default_filter_chain", ignored: &read.ignoredFilters)
+            fallback.destinationPort = nil
+            fallback.prefixRanges = []
+            chains.append((fallback, Int.max))
+        }
+        // Most specific first: a destination port, then the longest address prefix; the listed order among equals.
+        func specificity(_ c: Chain) -> (Int, Int) {
+            (c.destinationPort == nil ? 1 : 0, -(c.prefixRanges.map(\.prefix).max() ?? -1))
+        }
+        read.chains = chains.sorted {
+            let a = specificity($0.chain), b = specificity($1.chain)
+            return (a.0, a.1, $0.index) < (b.0, b.1, $1.index)
+        }.map(\.chain)
+        return read
+    }
+
+    static func chain(_ c: Envoy_Config_Listener_V3_FilterChain, listener name: String, path: String,
+                      ignored: inout [String]) throws(XDSRejection) -> Chain {
+        func refuse(_ key: String, _ reason: String) -> XDSRejection { XDSRejection(resource: name, path: "\(path).\(key)", reason: reason) }
+        if c.hasTransportSocket {
+            throw refuse("transport_socket", "TLS on a listener from xDS needs its certificates from SDS, which Vigil does not read yet")
+        }
+        let m = c.filterChainMatch
+        if !m.serverNames.isEmpty { throw refuse("filter_chain_match.server_names", "choosing a chain by SNI is not supported") }
+        if !["", "raw_buffer"].contains(m.transportProtocol) {
+            throw refuse("filter_chain_match.transport_protocol", "\"\(m.transportProtocol)\": Vigil terminates TLS only where its config file says")
+        }
+        let httpProtocols: Set = ["http/1.1", "http/1.0", "h2c", "h2"]
+        if let other = m.applicationProtocols.first(where: { !httpProtocols.contains($0) }) {
+            throw refuse("filter_chain_match.application_protocols", "\"\(other)\": Vigil's own detection tells HTTP from TCP; only HTTP protocols may be named")
+        }
+        var port: Int?
+        if m.hasDestinationPort {
+            guard (1...65535).contains(m.destinationPort.value) else {
+                throw refuse("filter_chain_match.destination_port", "\(m.destinationPort.value) is not a port")
+            }
+            port = Int(m.destinationPort.value)
+        }
+        let ranges = try m.prefixRanges.enumerated().map { i, r throws(XDSRejection) -> CIDR in
+            let bits = r.hasPrefixLen ? Int(r.prefixLen.value) : (r.addressPrefix.contains(":") ? 128 : 32)
+            guard let cidr = CIDR("\(r.addressPrefix)/\(bits)") else {
+                throw refuse("filter_chain_match.prefix_ranges[\(i)]", "\"\(r.addressPrefix)/\(bits)\" is not an address range")
+            }
+            return cidr
+        }
+        var kind: Chain.Kind?
+        for (i, f) in c.filters.enumerated() {
+            let key = "filters[\(i)]"
+            switch f.name {
+            case connectionManager:
+                guard kind == nil else { throw refuse(key, "a chain has one terminal filter") }
+                kind = .http(try connectionManagerRoutes(f, listener: name, path: "\(path).\(key)", ignored: &ignored))
+            case tcpProxy:
+                guard kind == nil else { throw refuse(key, "a chain has one terminal filter") }
+                kind = try tcpProxyRoute(f, listener: name, path: "\(path).\(key)")
+            case let other where observing.contains(other):
+                if !ignored.contains(other) { ignored.append(other) }
+            default:
+                throw refuse(key, "\"\(f.name)\" is not a filter Vigil applies: it could allow, deny or change traffic, so the listener is refused rather than run without it")
+            }
+        }
+        guard let kind else { throw refuse("filters", "has no http_connection_manager or tcp_proxy") }
+        if case .tcp = kind, !m.applicationProtocols.isEmpty {
+            throw refuse("filter_chain_match.application_protocols", "a TCP proxy chain for HTTP protocols is not supported")
+        }
+        return Chain(destinationPort: port, prefixRanges: ranges, kind: kind)
+    }
+
+    static func connectionManagerRoutes(_ f: Envoy_Config_Listener_V3_Filter, listener name: String, path: String,
+                                        ignored: inout [String]) throws(XDSRejection) -> Chain.Routes {
+        let hcm: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager = try typed(f, listener: name, path: path)
+        let p = "\(path).typed_config"
+        guard let last = hcm.httpFilters.last, last.name == router else {
+            throw XDSRejection(resource: name, path: "\(p).http_filters", reason: "must end with \(router)")
+        }
+        for (i, filter) in hcm.httpFilters.dropLast().enumerated() {
+            if filter.disabled { continue }
+            guard observing.contains(filter.name) else {
+                throw XDSRejection(resource: name, path: "\(p).http_filters[\(i)]",
+                                   reason: "\"\(filter.name)\" is not a filter Vigil applies: it could allow, deny or change requests, so the listener is refused rather than run without it")
+            }
+            if !ignored.contains(filter.name) { ignored.append(filter.name) }
+        }
+        switch hcm.routeSpecifier {
+        case .rds(let rds)?:
+            guard !rds.routeConfigName.isEmpty else {
+                throw XDSRejection(resource: name, path: "\(p).rds.route_config_name", reason: "is empty")
+            }
+            switch rds.configSource.configSourceSpecifier {
+            case .ads?, .self_p?: break
+            default: throw XDSRejection(resource: name, path: "\(p).rds.config_source", reason: "routes come from the ADS stream (ads or self)")
+            }
+            return .rds(rds.routeConfigName)
+        case .routeConfig(let config)?:
+            do {
+                return .inline(try XDSRoutes.read(config))
+            } catch {
+                throw XDSRejection(resource: name, path: "\(p).route_config (\(error.resource)).\(error.path)", reason: error.reason)
+            }
+        case nil:
+            throw XDSRejection(resource: name, path: p, reason: "needs rds or route_config")
+        }
+    }
+
+    static func tcpProxyRoute(_ f: Envoy_Config_Listener_V3_Filter, listener name: String, path: String) throws(XDSRejection) -> Chain.Kind {
+        let proxy: Envoy_Extensions_Filters_Network_TcpProxy_V3_TcpProxy = try typed(f, listener: name, path: path)
+        let p = "\(path).typed_config"
+        guard case .cluster(let cluster)? = proxy.clusterSpecifier, !cluster.isEmpty else {
+            throw XDSRejection(resource: name, path: "\(p).cluster", reason: "is required")
+        }
+        let attempts = proxy.hasMaxConnectAttempts ? Int(proxy.maxConnectAttempts.value) : 1
+        guard (1...10).contains(attempts) else {
+            throw XDSRejection(resource: name, path: "\(p).max_connect_attempts", reason: "\(attempts) is outside 1…10")
+        }
+        let idle = proxy.hasIdleTimeout ? try XDSClusters.duration(proxy.idleTimeout, name, "\(p).idle_timeout") : nil
+        return .tcp(cluster: cluster, idleTimeout: idle, connectAttempts: attempts)
+    }
+
+    static func typed<M: SwiftProtobuf.Message>(_ f: Envoy_Config_Listener_V3_Filter, listener name: String,
+                                                path: String) throws(XDSRejection) -> M {
+        guard case .typedConfig(let any)? = f.configType, any.isA(M.self), let message = try? M(unpackingAny: any) else {
+            throw XDSRejection(resource: name, path: "\(path).typed_config", reason: "is not a \(M.protoMessageName)")
+        }
+        try XDSUnknownFields.check(message, resource: name, path: "\(path).typed_config")
+        return message
+    }
+
+    /// `read`'s routes for the file's listener: its own chains' routes, then (for the one with `use_original_dst`) those
+    /// of the listeners that bind no port, each matching that listener's port and address. `routeConfigs` gives the RDS
+    /// routes by name; nil when one a chain needs has not arrived (the listener waits, as Envoy's warms).
+    public static func routes(of read: Read, virtual: [Read], routeConfigs: [String: [RouteConfig]]) -> [RouteConfig]? {
+        var out: [RouteConfig] = []
+        func add(_ chain: Chain, port: Int?, range: CIDR?) -> Bool {
+            var routes: [RouteConfig]
+            switch chain.kind {
+            case .http(.inline(let r)): routes = r
+            case .http(.rds(let n)):
+                guard let r = routeConfigs[n] else { return false }
+                routes = r
+            case .tcp(let cluster, let idle, let attempts):
+                var route = RouteConfig(match: RouteMatch(path: .prefix("/")), cluster: cluster)
+                route.idleTimeout = idle
+                route.connectAttempts = attempts
+                route.timeout = .zero
+                routes = [route]
+            }
+            let ranges: [CIDR?] = range.map { [$0] } ?? (chain.prefixRanges.isEmpty ? [nil] : chain.prefixRanges.map { $0 })
+            for r in ranges {
+                for var route in routes {
+                    route.match.destinationPort = chain.destinationPort ?? port
+                    route.match.destinationCIDR = r
+                    out.append(route)
+                }
+            }
+            return true
+        }
+        if read.useOriginalDestination {
+            for v in virtual {
+                let range = ["0.0.0.0", "::"].contains(v.host) ? nil : CIDR(v.host.contains(":") ? "\(v.host)/128" : "\(v.host)/32")
+                for chain in v.chains where !add(chain, port: v.port, range: range) { return nil }
+            }
+        }
+        for chain in read.chains where !add(chain, port: nil, range: nil) { return nil }
+        return out
+    }
+}
