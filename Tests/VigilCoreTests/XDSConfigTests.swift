@@ -60,8 +60,8 @@ import Testing
         #expect(configErrors(without).first?.contains("which is not defined in clusters") == true)
     }
 
-    /// While xDS manages the clusters, a policy push may not set them; the rest of the policy is the control API's.
-    @Test func aPolicyThatSetsClustersIsRefusedUnderXDS() throws {
+    /// While xDS manages clusters and listeners, a policy push may not set them; the rest of the policy is the control API's.
+    @Test func aPolicyThatSetsClustersOrListenersIsRefusedUnderXDS() throws {
         let c = try VigilConfig.parse(yaml: Self.yaml(#"{ server: "127.0.0.1:1" }"#))
         #expect(throws: ConfigErrors.self) { try c.applying(policy: #"clusters: [ { name: api, endpoints: ["127.0.0.1:1"] } ]"#) }
         do {
@@ -70,6 +70,7 @@ import Testing
             #expect(error.errors.first?.path == "clusters")
             #expect(error.errors.first?.reason.hasPrefix("xDS manages the clusters") == true)
         }
+        #expect(throws: ConfigErrors.self) { try c.applying(policy: #"listeners: [ { name: in, routes: [ { match: { prefix: "/" }, cluster: api } ] } ]"#) }
         #expect(try c.applying(policy: "authorization: []").xds == c.xds)
     }
 }

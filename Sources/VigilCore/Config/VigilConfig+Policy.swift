@@ -89,8 +89,10 @@ extension ConfigReader {
             }
         }
         clustersFromXDS = base.xds != nil
-        if clustersFromXDS, m["clusters"] != nil {
-            fail("clusters", "xDS manages the clusters (xds.server \(base.xds!.server)): a policy may not set them; tenants, authorization, slo and listeners' routes stay with the control API")
+        if clustersFromXDS {
+            for key in ["clusters", "listeners"] where m[key] != nil {
+                fail(key, "xDS manages the \(key) (xds.server \(base.xds!.server)): a policy may not set them; tenants, authorization and slo stay with the control API")
+            }
         }
         var config = base
         readDynamic(m, into: &config)
