@@ -1,16 +1,20 @@
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import NIOCore
+import NIOSSL
+import NIOTLS
 import Synchronization
 import SwiftProtobuf
 import VigilCore
+import VigilProxy
 
 /// The aggregated (ADS) stream to a management server: grpc-swift 2 over its NIO transport carrying what
 /// `ADSStateMachine` decides. The owner gives it the types to subscribe to and a way to apply each response; the client
 /// ACKs what applied and NACKs what was refused, with the reason. `run` keeps a stream open: when one ends or fails, the
 /// next starts after a jittered backoff and asks again with the versions accepted before.
 ///
-/// Plaintext only so far; TLS to the server and the `xds:` config come with the rest of issue 24.
+/// TLS to the server (`xds.tls`) verifies its chain against `ca` and, with `server_identity`, that the certificate
+/// carries that identity (a SPIFFE URI SAN or DNS name), as for clusters; `cert` and `key` are Vigil's client certificate.
 public struct ADSClient: Sendable {
     /// Applies a type's whole state (`resources` at `version`); nil when applied, else why it was refused (the NACK's
     /// `error_detail`).
@@ -23,6 +27,7 @@ public struct ADSClient: Sendable {
 
     public let host: String
     public let port: Int
+    public let tls: ClusterTLSConfig?
     /// The protocol state, kept across streams (the accepted versions a new stream asks again with).
     private let box: Box
 
@@ -38,10 +43,42 @@ public struct ADSClient: Sendable {
         init(_ m: ADSStateMachine) { state = Mutex(State(machine: m)) }
     }
 
-    public init(host: String, port: Int, node: Envoy_Config_Core_V3_Node) {
+    public init(host: String, port: Int, node: Envoy_Config_Core_V3_Node, tls: ClusterTLSConfig? = nil) {
         self.host = host
         self.port = port
+        self.tls = tls
         self.box = Box(ADSStateMachine(node: node))
+    }
+
+    /// The transport to the server: plaintext, or TLS as `xds.tls` says. The identity check runs in a handler after
+    /// TLS's own, on the handshake's completion, before any response is read.
+    func transport() throws -> HTTP2ClientTransport.Posix {
+        // An address literal is dialled as one: as a DNS name it would be sent as the TLS server name, which may not be
+        // an address.
+        let target: any ResolvableTarget = if host.contains(":") {
+            ResolvableTargets.IPv6(addresses: [.init(host: host, port: port)])
+        } else if host.split(separator: ".").count == 4, host.allSatisfy({ $0.isNumber || $0 == "." }) {
+            ResolvableTargets.IPv4(addresses: [.init(host: host, port: port)])
+        } else {
+            ResolvableTargets.DNS(host: host, port: port)
+        }
+        guard let tls else { return try HTTP2ClientTransport.Posix(target: target, transportSecurity: .plaintext) }
+        var config = HTTP2ClientTransport.Posix.Config.defaults
+        if let expected = tls.serverIdentity {
+            config.channelDebuggingCallbacks.onCreateTCPConnection = { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let ops = channel.pipeline.syncOperations
+                    try ops.addHandler(XDSServerIdentityCheck(expected: expected), position: .after(try ops.handler(type: NIOSSLClientHandler.self)))
+                }
+            }
+        }
+        let security = HTTP2ClientTransport.Posix.TransportSecurity.tls(.init(
+            certificateChain: tls.cert.map { [.file(path: $0, format: .pem)] } ?? [],
+            privateKey: tls.key.map { .file(path: $0, format: .pem) },
+            // With server_identity the name to check is that identity, not the address dialled.
+            serverCertificateVerification: tls.serverIdentity == nil ? .fullVerification : .noHostnameVerification,
+            trustRoots: .certificates([.file(path: tls.ca, format: .pem)])))
+        return try HTTP2ClientTransport.Posix(target: target, transportSecurity: security, config: config)
     }
 
     /// The protocol state now (its subscriptions, accepted versions and nonces).
@@ -93,7 +130,7 @@ public struct ADSClient: Sendable {
             s.outbox = outbox
         }
         defer { box.state.withLock { $0.outbox = nil } }
-        let transport = try HTTP2ClientTransport.Posix(target: .dns(host: host, port: port), transportSecurity: .plaintext)
+        let transport = try transport()
         let box = self.box
         try await withGRPCClient(transport: transport) { client in
             let ads = Envoy_Service_Discovery_V3_AggregatedDiscoveryService.Client(wrapping: client)
@@ -114,5 +151,35 @@ public struct ADSClient: Sendable {
                 }
             }
         }
+    }
+}
+
+/// Closes the stream's connection when the server's certificate, which BoringSSL has verified against `xds.tls.ca`,
+/// does not carry `server_identity`: a server that chains to the mesh's CA is not therefore the control plane.
+final class XDSServerIdentityCheck: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = NIOAny
+    struct Mismatch: Error, CustomStringConvertible {
+        let expected: String, presented: String
+        var description: String { "the xDS server presented \(presented), not \(expected)" }
+    }
+
+    let expected: String
+    init(expected: String) { self.expected = expected }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard let tls = event as? TLSUserEvent, case .handshakeCompleted = tls else {
+            context.fireUserInboundEventTriggered(event)
+            return
+        }
+        let certificate = try? context.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self).peerCertificate
+        let peer = certificate.flatMap { PeerIdentity($0, from: [.uri, .dns, .cn]) }
+        guard let peer, peer.carries(expected) else {
+            let presented = peer.map { ($0.uris + $0.dns).joined(separator: ", ") } ?? "no certificate"
+            context.fireErrorCaught(Mismatch(expected: expected, presented: presented.isEmpty ? "no name" : presented))
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
     }
 }

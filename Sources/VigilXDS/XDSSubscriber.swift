@@ -34,7 +34,7 @@ public final class XDSSubscriber: Sendable {
         self.events = runtime.events
         self.logger = logger
         self.factory = runtime.metrics.factory
-        self.client = ADSClient(host: config.server.host, port: config.server.port, node: Self.node(config.node))
+        self.client = ADSClient(host: config.server.host, port: config.server.port, node: Self.node(config.node), tls: config.tls)
         self.connectedGauge = Gauge(label: "vigil_xds_connected", dimensions: [("server", config.server.description)],
                                     factory: runtime.metrics.factory)
         connectedGauge.record(0)

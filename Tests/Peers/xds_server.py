@@ -1,15 +1,17 @@
 """An ADS management server on Envoy's own messages (xds-protos) and gRPC's C core (grpcio), serving whatever snapshot
 a test writes, the way go-control-plane's snapshot cache does in state-of-the-world mode.
 
-  xds_server.py PORTFILE LOGFILE SNAPSHOT
+  xds_server.py PORTFILE LOGFILE SNAPSHOT [CERT KEY CA]
 
 SNAPSHOT is a JSON file: {"version": "3", "resources": {TYPE_URL: [resource, ...]}}, each resource in proto3 JSON with
 its "@type". The test replaces the file (write, then rename) to publish a new version: the server sees it within 20 ms
 and sends every subscribed type to every open stream. A request's first ask for a type, or a change in the names it
 asks for, is answered at once; an ACK or a NACK is not (a NACKed version is never sent again). EDS and RDS answer only
 the names asked for; CDS and LDS send all. Creating SNAPSHOT.drop ends every open stream once (a server going away).
-Every request is appended to LOGFILE as one line of JSON (Envoy's field names), with "stream" (a number per stream).
-It listens on 127.0.0.1 and writes its port to PORTFILE.
+Every request is appended to LOGFILE as one line of JSON (Envoy's field names), with "stream" (a number per stream)
+and "t" (when it arrived, Unix seconds).
+It listens on 127.0.0.1 and writes its port to PORTFILE. With CERT KEY CA it speaks TLS with that certificate and
+requires a client certificate from CA (istiod's port 15012 does the same).
 """
 import itertools
 import json
@@ -65,13 +67,13 @@ class Snapshot:
                 if mtime != self.mtime:
                     with open(self.path) as f:
                         doc = json.load(f)
-                    resources = {}
+                    resources = {}  # type_url -> [(name, Any)]
                     for type_url, items in doc.get("resources", {}).items():
                         packed = []
                         for item in items:
                             a = any_pb2.Any()
                             json_format.ParseDict(item, a)
-                            packed.append(a)
+                            packed.append((item.get(NAMED.get(type_url, "name"), ""), a))
                         resources[type_url] = packed
                     with self.changed:
                         self.mtime = mtime
@@ -86,14 +88,9 @@ class Snapshot:
     def response(self, type_url, names, nonce):
         items = self.resources.get(type_url, [])
         if type_url in NAMED:
-            field = NAMED[type_url]
             wanted = set(names)
-            kept = []
-            for a in items:
-                if json_format.MessageToDict(a, preserving_proto_field_name=True).get(field) in wanted:
-                    kept.append(a)
-            items = kept
-        return discovery_pb2.DiscoveryResponse(version_info=self.version, resources=items, type_url=type_url,
+            items = [(n, a) for n, a in items if n in wanted]
+        return discovery_pb2.DiscoveryResponse(version_info=self.version, resources=[a for _, a in items], type_url=type_url,
                                                nonce=nonce)
 
 
@@ -123,6 +120,7 @@ class ADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 for request in requests:
                     line = json.loads(json_format.MessageToJson(request))
                     line["stream"] = stream
+                    line["t"] = time.time()
                     with self.lock, open(self.log, "a") as f:
                         f.write(json.dumps(line, sort_keys=True) + "\n")
                     with state:
@@ -167,7 +165,12 @@ def main():
     threading.Thread(target=snapshot.poll, daemon=True).start()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ADS(log, snapshot), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    if len(sys.argv) > 6:
+        cert, key, ca = (open(p, "rb").read() for p in sys.argv[4:7])
+        creds = grpc.ssl_server_credentials(((key, cert),), root_certificates=ca, require_client_auth=True)
+        port = server.add_secure_port("127.0.0.1:0", creds)
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     with open(port_file + ".tmp", "w") as f:
         f.write(str(port))

@@ -2,6 +2,7 @@ import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
 import SwiftProtobuf
+import VigilCore
 import Testing
 import VigilTestSupport
 @testable import VigilXDS
@@ -97,5 +98,38 @@ struct ADSClientTests {
         #expect(requests[2]["versionInfo"] as? String == "1" && (requests[2]["node"] as? [String: Any])?["id"] as? String == node.id)
         let slept = waits.withLockedValue { $0 }
         #expect(slept.first.map { $0 <= ADSClient.backoffBase && $0 > .zero } == true, "\(slept)")
+    }
+
+    /// Over mutual TLS, as to istiod's 15012: Vigil presents its certificate, checks the server's chain against the CA
+    /// and its identity against `server_identity`; a server that chains to the CA but is someone else gets no request.
+    @Test func theStreamRunsOverMutualTLSToTheServersIdentityOnly() async throws {
+        let f = try TLSFixture()
+        let istiod = "spiffe://corp/ns/istio-system/sa/istiod"
+        try f.issue(istiod, as: "istiod")
+        let scratch = ScratchDirectory("vigil-ads")
+        let server = try await XDSServerPeer.start(scratch, version: "1", [XDSTypeURL.endpoints: [XDSServerPeer.assignment(ports: [8080])]],
+                                                   tls: [f.path("istiod.pem"), f.path("istiod-key.pem"), f.path("ca.pem")])
+        defer { server.process.signal(SIGKILL) }
+        func client(expecting identity: String) -> ADSClient {
+            var tls = ClusterTLSConfig(ca: f.path("ca.pem"))
+            tls.cert = f.path("vigil.pem")
+            tls.key = f.path("vigil-key.pem")
+            tls.serverIdentity = identity
+            return ADSClient(host: "127.0.0.1", port: server.port, node: node, tls: tls)
+        }
+        let cluster = self.cluster
+        let wrong = client(expecting: "spiffe://corp/ns/istio-system/sa/someone-else")
+        let refusal = await #expect(throws: (any Error).self) {
+            try await wrong.runStream(subscriptions: [(XDSTypeURL.endpoints, [cluster])], apply: Self.applyEDS)
+        }
+        #expect(String(describing: refusal).contains("the xDS server presented \(istiod), localhost, not spiffe://corp/ns/istio-system/sa/someone-else"),
+                "\(String(describing: refusal))")
+        #expect(server.requests.isEmpty)
+        let right = client(expecting: istiod)
+        let stream = Task { try await right.runStream(subscriptions: [(XDSTypeURL.endpoints, [cluster])], apply: Self.applyEDS) }
+        defer { stream.cancel() }
+        try await waitUntil("the ACK of 1 over TLS", seconds: 30) { server.requests.count >= 2 }
+        #expect(server.requests[1]["versionInfo"] as? String == "1")
+        #expect(right.state.subscriptions[XDSTypeURL.endpoints]?.acceptedVersion == "1")
     }
 }

@@ -11,10 +11,12 @@ struct XDSServerPeer {
     let snapshot: String
     let log: String
 
-    static func start(_ scratch: ScratchDirectory, version: String, _ resources: [String: [[String: Any]]]) async throws -> XDSServerPeer {
+    /// `tls`: the server's certificate, key and the CA its clients' certificates must chain to.
+    static func start(_ scratch: ScratchDirectory, version: String, _ resources: [String: [[String: Any]]],
+                      tls: [String] = []) async throws -> XDSServerPeer {
         let portFile = scratch.file("port"), log = scratch.file("requests"), snapshot = scratch.file("snapshot.json")
         try publish(snapshot, version: version, resources)
-        let process = try ChildProcess(PythonPeers.python, [PythonPeers.script("xds_server.py"), portFile, log, snapshot],
+        let process = try ChildProcess(PythonPeers.python, [PythonPeers.script("xds_server.py"), portFile, log, snapshot] + tls,
                                        stderr: .file(scratch.file("stderr")))
         try await waitUntil("the management server listens", seconds: 30) { FileManager.default.fileExists(atPath: portFile) }
         let port = try #require(Int(try String(contentsOfFile: portFile, encoding: .utf8)))

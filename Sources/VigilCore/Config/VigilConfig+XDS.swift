@@ -6,6 +6,7 @@ extension ConfigReader {
         guard let m = map(node, at: path, keys: ["server", "tls", "sds_server", "node", "initial_fetch_timeout"]) else { return nil }
         let server = required(address(m["server"], at: m.path("server")), m, "server")
         let tls = m["tls"].flatMap { readClusterTLS($0, at: m.path("tls")) }
+        if tls?.sni != nil { fail(m.path("tls.sni"), "is not supported: the server's own name is sent") }
         if let server, tls == nil, !["127.0.0.1", "::1", "localhost"].contains(server.host) {
             fail(m.path("server"), "\(server) is not a loopback address: the stream to it needs tls:, or the mesh's configuration and secrets would cross the network in clear")
         }

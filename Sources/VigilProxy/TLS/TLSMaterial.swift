@@ -250,7 +250,7 @@ public struct PeerIdentity: Sendable, Equatable {
     }
 
     /// Whether the certificate carries `expected` as a URI SAN (a SPIFFE ID) or, for a plain name, as a DNS SAN.
-    func carries(_ expected: String) -> Bool {
+    public func carries(_ expected: String) -> Bool {
         expected.contains("://") ? uris.contains(expected) : (dns.contains(expected) || uris.contains(expected))
     }
 }
