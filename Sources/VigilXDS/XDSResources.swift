@@ -62,6 +62,18 @@ public struct XDSResources: Sendable {
         return next
     }
 
+    /// The route configurations the listeners name that have not arrived.
+    public var missingRouteNames: [String] { routeNames.filter { routeConfigs[$0] == nil } }
+
+    /// `initial_fetch_timeout` passed for `names`: those still missing count as empty (Envoy's fallback: the listener
+    /// starts with no routes for them, and its requests get 404 until they arrive).
+    public func expiring(_ names: [String]) -> XDSResources {
+        var next = self
+        for name in names where next.routeConfigs[name] == nil && next.routeNames.contains(name) { next.routeConfigs[name] = [] }
+        next.rebuildListenerRoutes()
+        return next
+    }
+
     private mutating func rebuildListenerRoutes() {
         let virtual = listeners.values.filter { !$0.bindsPort }.sorted { $0.name < $1.name }
         var built: [String: [RouteConfig]] = [:]

@@ -27,9 +27,18 @@ public final class XDSSubscriber: Sendable {
     /// Whether the current stream has had a response (the connection event is sent once per stream).
     private let connected = Mutex(false)
     private let connectedGauge: Gauge
+    /// How the `initial_fetch_timeout` is waited out (injected by tests).
+    let sleep: @Sendable (TimeAmount) async throws -> Void
+    /// The `initial_fetch_timeout` waits running (cancelled with `run`).
+    private let warming = Mutex<[Task<Void, Never>]>([])
+    /// Changes to `accepted` happen one at a time: a response and a warming timeout each read it, go through the
+    /// policy path (which suspends) and write it back.
+    private let turn = AsyncTurn()
 
-    public init(config: XDSConfig, policy: PolicyController, runtime: ProxyRuntime, logger: Logger) {
+    public init(config: XDSConfig, policy: PolicyController, runtime: ProxyRuntime, logger: Logger,
+                sleep: @escaping @Sendable (TimeAmount) async throws -> Void = { try await Task.sleep(nanoseconds: UInt64($0.nanoseconds)) }) {
         self.config = config
+        self.sleep = sleep
         self.policy = policy
         self.events = runtime.events
         self.logger = logger
@@ -54,6 +63,7 @@ public final class XDSSubscriber: Sendable {
 
     /// Runs until the task is cancelled (Vigil's shutdown).
     public func run() async {
+        defer { for t in warming.withLock({ $0 }) { t.cancel() } }
         do {
             // Clusters before listeners, as Envoy asks; endpoints and routes follow by name as those take effect.
             try await client.run(subscriptions: [(XDSTypeURL.cluster, []), (XDSTypeURL.listener, [])],
@@ -106,6 +116,41 @@ public final class XDSSubscriber: Sendable {
         }
     }
 
+    /// A listener waits for the route configurations it names up to `initial_fetch_timeout`; past it, those still
+    /// missing count as empty and the listener runs without them (Envoy's fallback), through the same policy path.
+    private func startWarmingTimer(for names: [String]) {
+        let task = Task { [self] in
+            do { try await sleep(config.initialFetchTimeout) } catch { return }
+            await turn.take()
+            defer { turn.end() }
+            let current = accepted.withLock { $0 }
+            let expired = names.filter { current.missingRouteNames.contains($0) }
+            guard !expired.isEmpty else { return }
+            let next = current.expiring(expired)
+            let outcome = await policy.applyOverlay(Self.overlay(.success(next)), actor: config.actor,
+                                                    evidence: [("type", "rds"), ("initial_fetch_timeout", .array(expired.map(JSONValue.string)))])
+            if case .applied = outcome {
+                accepted.withLock { $0 = next }
+                logger.warning("xds: route configurations did not arrive within initial_fetch_timeout; their listeners run without them",
+                               metadata: ["names": "\(expired)"])
+            }
+        }
+        warming.withLock { $0.append(task) }
+    }
+
+    /// `next` joined to whatever the policy in force makes of the config file, and checked as the file is.
+    static func overlay(_ next: Result<XDSResources, XDSRejection>) -> PolicyController.Overlay {
+        { base throws(ConfigErrors) in
+            let joined: VigilConfig
+            do throws(XDSRejection) {
+                joined = try next.get().joined(to: base)
+            } catch {
+                throw ConfigErrors([ConfigError(path: "\(error.resource): \(error.path)", reason: error.reason)])
+            }
+            return try joined.checkedAcrossSections()
+        }
+    }
+
     /// One response: tried on a copy of the accepted resources, joined to the config, made live; nil when it took
     /// effect, else the refusal the NACK carries.
     func apply(_ typeURL: String, _ version: String, _ resources: [Google_Protobuf_Any]) async -> XDSRejection? {
@@ -115,6 +160,8 @@ public final class XDSSubscriber: Sendable {
                                       evidence: ["server": .string(config.server.description)])])
         }
         let type = Self.shortName(typeURL)
+        await turn.take()
+        defer { turn.end() }
         let current = accepted.withLock { $0 }
         let next: Result<XDSResources, XDSRejection> = Result { () throws(XDSRejection) in
             switch typeURL {
@@ -125,16 +172,7 @@ public final class XDSSubscriber: Sendable {
             default: throw XDSRejection(resource: typeURL, path: "type_url", reason: "is not a type Vigil subscribed to")
             }
         }
-        let overlay: PolicyController.Overlay = { base throws(ConfigErrors) in
-            let joined: VigilConfig
-            do throws(XDSRejection) {
-                joined = try next.get().joined(to: base)
-            } catch {
-                throw ConfigErrors([ConfigError(path: "\(error.resource): \(error.path)", reason: error.reason)])
-            }
-            return try joined.checkedAcrossSections()
-        }
-        let outcome = await policy.applyOverlay(overlay, actor: config.actor, evidence: [
+        let outcome = await policy.applyOverlay(Self.overlay(next), actor: config.actor, evidence: [
             ("type", .string(type)), ("version", .string(version)), ("resources", .int(resources.count)),
         ])
         let refusal: XDSRejection?
@@ -151,6 +189,7 @@ public final class XDSSubscriber: Sendable {
             for (type, names) in follows where !names.isEmpty || client.state.subscriptions[type] != nil {
                 client.subscribe(type, names: names)
             }
+            if typeURL == XDSTypeURL.listener, !live.missingRouteNames.isEmpty { startWarmingTimer(for: live.missingRouteNames) }
             refusal = nil
         case .invalid(let errors):
             if case .failure(let rejection) = next {
@@ -169,5 +208,29 @@ public final class XDSSubscriber: Sendable {
             logger.warning("xds: update refused (NACK)", metadata: ["type": "\(type)", "version": "\(version)", "reason": "\(refusal)"])
         }
         return refusal
+    }
+}
+
+/// One holder at a time across suspension points (a Mutex cannot be held across an await): waiters are resumed in order.
+final class AsyncTurn: Sendable {
+    private let state = Mutex<(busy: Bool, waiting: [CheckedContinuation<Void, Never>])>((false, []))
+
+    func take() async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let now = state.withLock { s -> Bool in
+                if s.busy { s.waiting.append(c); return false }
+                s.busy = true
+                return true
+            }
+            if now { c.resume() }
+        }
+    }
+
+    func end() {
+        let next = state.withLock { s -> CheckedContinuation<Void, Never>? in
+            if s.waiting.isEmpty { s.busy = false; return nil }
+            return s.waiting.removeFirst()
+        }
+        next?.resume()
     }
 }

@@ -9,7 +9,7 @@ and sends every subscribed type to every open stream. A request's first ask for 
 asks for, is answered at once; an ACK or a NACK is not (a NACKed version is never sent again). EDS and RDS answer only
 the names asked for; CDS and LDS send all. Creating SNAPSHOT.drop ends every open stream once (a server going away).
 Every request is appended to LOGFILE as one line of JSON (Envoy's field names), with "stream" (a number per stream)
-and "t" (when it arrived, Unix seconds).
+and "t" (when it arrived, Unix seconds); each response sent is logged the same way to LOGFILE.sent.
 It listens on 127.0.0.1 and writes its port to PORTFILE. With CERT KEY CA it speaks TLS with that certificate and
 requires a client certificate from CA (istiod's port 15012 does the same).
 """
@@ -156,6 +156,9 @@ class ADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             response = out.get()
             if response is None:
                 return
+            with self.lock, open(self.log + ".sent", "a") as f:
+                f.write(json.dumps({"typeUrl": response.type_url, "versionInfo": response.version_info, "nonce": response.nonce,
+                                    "stream": stream, "t": time.time()}) + "\n")
             yield response
 
 

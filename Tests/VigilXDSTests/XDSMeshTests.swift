@@ -34,7 +34,8 @@ final class XDSMeshTests {
                 cluster: local
         """
 
-    func startVigil(server: XDSServerPeer, listeners: String = svcListener) async throws -> (ProxyHarness, XDSSubscriber, Task<Void, Never>, AuditLog) {
+    func startVigil(server: XDSServerPeer, listeners: String = svcListener,
+                    sleep: (@Sendable (TimeAmount) async throws -> Void)? = nil) async throws -> (ProxyHarness, XDSSubscriber, Task<Void, Never>, AuditLog) {
         let yaml = """
             access_log: { output: "off" }
             xds: { server: "127.0.0.1:\(server.port)", node: { id: "sidecar~127.0.0.1~api-1.ns~ns.svc.cluster.local", cluster: api } }
@@ -47,7 +48,8 @@ final class XDSMeshTests {
         logger.logLevel = .critical
         let audit = try AuditLog(directory: scratch.file("audit"), maxFileBytes: 1 << 20, logger: logger)
         let policy = PolicyController(runtime: proxy.runtime, audit: audit, logger: logger)
-        let subscriber = XDSSubscriber(config: proxy.runtime.config.xds!, policy: policy, runtime: proxy.runtime, logger: logger)
+        let subscriber = sleep.map { XDSSubscriber(config: proxy.runtime.config.xds!, policy: policy, runtime: proxy.runtime, logger: logger, sleep: $0) }
+            ?? XDSSubscriber(config: proxy.runtime.config.xds!, policy: policy, runtime: proxy.runtime, logger: logger)
         let task = Task { await subscriber.run() }
         return (proxy, subscriber, task, audit)
     }
@@ -352,6 +354,49 @@ final class XDSMeshTests {
         let envoySecond = try await settled(envoyPort, "b")
         let vigilSecond = try await settled(vigilPort, "b")
         #expect(envoySecond == vigilSecond)
+        await proxy.stop()
+    }
+
+    /// A listener whose route configuration has not arrived keeps the routes it had (Envoy's warming); once
+    /// `initial_fetch_timeout` passes (the wait is injected: the test ends it), it runs without them (404), and takes
+    /// them when they come.
+    @Test func aListenerWaitsForItsRoutesUpToTheInitialFetchTimeout() async throws {
+        let a = try await FakeUpstream(group: group, name: "a")
+        let port = freeLoopbackPort()
+        let lds = XDSTypeURL.listener, rds = XDSTypeURL.route
+        var resources: [String: [[String: Any]]] = [
+            Self.cds: [XDSServerPeer.cluster()], Self.eds: [XDSServerPeer.assignment(ports: [a.port])],
+            lds: [Self.inboundListener(port: port, routeConfig: "late")],
+        ]
+        let server = try await XDSServerPeer.start(scratch, version: "1", resources)
+        defer { server.process.signal(SIGKILL) }
+        let (timeout, expire) = AsyncStream.makeStream(of: TimeAmount.self)
+        let (proxy, _, task, _) = try await startVigil(server: server, listeners: """
+            listeners:
+              - { name: virtualInbound, address: "127.0.0.1:\(port)", routes: [ { match: { prefix: "/" }, direct_response: { status: 503, body: "waiting" } } ] }
+            """, sleep: { _ in for await _ in timeout { return } })
+        defer { task.cancel() }
+        try await waitUntil("RDS asked for by name") {
+            server.requests.contains { ($0["typeUrl"] as? String) == rds && ($0["resourceNames"] as? [String]) == ["late"] }
+        }
+        try await waitUntil("LDS ACKed") { server.requests.contains { ($0["typeUrl"] as? String) == lds && ($0["versionInfo"] as? String) == "1" } }
+        let waiting = try await Self.response(proxy, "/api", host: "svc.ns.svc.cluster.local", listener: "virtualInbound")
+        #expect(waiting.status == 503 && waiting.text == "waiting")
+        expire.yield(.seconds(15))
+        try await withTimeout(20, "the listener to run without its routes") {
+            while try await Self.get(proxy, "/api", host: "svc.ns.svc.cluster.local", listener: "virtualInbound").0 != 404 {
+                try await Task.sleep(for: .milliseconds(20))
+            }
+        }
+        let events = proxy.runtime.events.records(after: 0).map(\.event)
+        #expect(events.contains { $0.kind == .xdsApplied && $0.evidence["initial_fetch_timeout"] == .array([.string("late")]) })
+        resources[rds] = [Self.routeConfiguration("late", port: port)]
+        try server.publish(version: "2", resources)
+        try await withTimeout(20, "the routes once they arrive") {
+            while try await Self.get(proxy, "/api/x", host: "svc.ns.svc.cluster.local", listener: "virtualInbound").1 != "a" {
+                try await Task.sleep(for: .milliseconds(20))
+            }
+        }
         await proxy.stop()
     }
 }

@@ -40,7 +40,7 @@ extension ExchangeFrontEnd {
 
     func recordAttempt(_ outcome: AttemptOutcome) { target?.record(outcome, now: loop.eventLoop.now) }
 
-    func connectFailed() { target?.cluster.metrics.connectFailures.increment() }
+    func connectFailed() { target?.cluster.metrics.connectFailures.increment(0) }
 
     func nextRandom() -> UInt64 { loop.random.next() }
 

@@ -12,14 +12,14 @@ import VigilCore
 /// from the runtime's atomics at scrape time.
 public final class ProxyMetrics: Sendable {
     /// `[listener][status class 0...5]` for answers with no cluster (404, 403, 429, ...).
-    let unroutedRequests: [[Counter]]
+    let unroutedRequests: [LazyCounters]
     let durations: [Timer]
     let bytesIn: [Counter]
     let bytesOut: [Counter]
     public let factory: MetricsFactory
     let listenerNames: [String]
     /// `[listener]`: TCP connections that ended without reaching a cluster (refused, no route).
-    let unroutedConnections: [Counter]
+    let unroutedConnections: [LazyCounters]
     /// `[listener][DownstreamSession.tlsKind]`, on listeners with TLS: how clients connected (permissive mode
     /// shows who still comes in plaintext).
     let downstreamTLS: [[Counter]]
@@ -48,9 +48,7 @@ public final class ProxyMetrics: Sendable {
         bytesOut = listeners.map {
             Counter(label: "vigil_downstream_bytes_sent_total", dimensions: [("listener", $0.name)], factory: factory)
         }
-        unroutedConnections = listeners.map {
-            Counter(label: "vigil_tcp_connections_total", dimensions: [("listener", $0.name), ("cluster", "none")], factory: factory)
-        }
+        unroutedConnections = listeners.map { Self.connectionCounter(listener: $0.name, cluster: "none", factory: factory) }
         downstreamTLS = listeners.map { l in
             DownstreamSession.tlsLabels.map {
                 Counter(label: "vigil_downstream_connections_total", dimensions: [("listener", l.name), ("tls", "\($0)")],
@@ -89,16 +87,26 @@ public final class ProxyMetrics: Sendable {
 
     /// A TCP connection ended: counted under its cluster (none when it reached none), its bytes under the listener.
     func recordConnection(listener: Int, cluster: ClusterRuntime?, bytesIn: Int, bytesOut: Int) {
-        (cluster?.metrics.connections[listener] ?? unroutedConnections[listener]).increment()
+        (cluster?.metrics.connections[listener] ?? unroutedConnections[listener]).increment(0)
         if bytesIn > 0 { self.bytesIn[listener].increment(by: bytesIn) }
         if bytesOut > 0 { self.bytesOut[listener].increment(by: bytesOut) }
     }
 
-    static func requestCounters(listener: String, cluster: String, factory: MetricsFactory) -> [Counter] {
-        (0...5).map { k in
+    /// `vigil_requests_total{listener,cluster,status_class}`, made as each class is first counted. Made eagerly, a
+    /// mesh's thousand clusters would each register six series per listener when xDS sends them, most of them never
+    /// used, and the Prometheus registry copies its table on each new series: applying 1,000 clusters took 300 ms.
+    static func requestCounters(listener: String, cluster: String, factory: MetricsFactory) -> LazyCounters {
+        LazyCounters(count: 6) { k in
             Counter(label: "vigil_requests_total",
                     dimensions: [("listener", listener), ("cluster", cluster), ("status_class", k == 0 ? "other" : "\(k)xx")],
                     factory: factory)
+        }
+    }
+
+    /// `vigil_tcp_connections_total{listener,cluster}`, made when first counted.
+    static func connectionCounter(listener: String, cluster: String, factory: MetricsFactory) -> LazyCounters {
+        LazyCounters(count: 1) { _ in
+            Counter(label: "vigil_tcp_connections_total", dimensions: [("listener", listener), ("cluster", cluster)], factory: factory)
         }
     }
 
@@ -124,12 +132,10 @@ public final class ProxyMetrics: Sendable {
     /// The handles of one cluster, made when a policy brings the cluster in.
     func cluster(_ name: String) -> ClusterMetrics {
         ClusterMetrics(requests: listenerNames.map { Self.requestCounters(listener: $0, cluster: name, factory: factory) },
-                       connectFailures: Counter(label: "vigil_upstream_connect_failures_total",
-                                                dimensions: [("cluster", name)], factory: factory),
-                       connections: listenerNames.map {
-                           Counter(label: "vigil_tcp_connections_total", dimensions: [("listener", $0), ("cluster", name)],
-                                   factory: factory)
+                       connectFailures: LazyCounters(count: 1) { [factory] _ in
+                           Counter(label: "vigil_upstream_connect_failures_total", dimensions: [("cluster", name)], factory: factory)
                        },
+                       connections: listenerNames.map { Self.connectionCounter(listener: $0, cluster: name, factory: factory) },
                        grpc: listenerNames.map { Self.grpcCounters(listener: $0, cluster: name, factory: factory) },
                        mirrors: LazyCounters(count: Mirroring.Outcome.allCases.count) { [factory] k in
                            Counter(label: "vigil_mirror_requests_total",
@@ -140,20 +146,22 @@ public final class ProxyMetrics: Sendable {
 
     func recordRequest(listener: Int, cluster: ClusterRuntime?, status: Int, durationNanos: Int64, bytesIn: Int, bytesOut: Int) {
         let k = (100...599).contains(status) ? status / 100 : 0
-        (cluster?.metrics.requests[listener] ?? unroutedRequests[listener])[k].increment()
+        (cluster?.metrics.requests[listener] ?? unroutedRequests[listener]).increment(k)
         durations[listener].recordNanoseconds(durationNanos)
         if bytesIn > 0 { self.bytesIn[listener].increment(by: bytesIn) }
         if bytesOut > 0 { self.bytesOut[listener].increment(by: bytesOut) }
     }
 }
 
-/// One cluster's counters: `requests[listener][status class]`, connect failures and TCP connections.
+/// One cluster's counters: `requests[listener]` by status class, connect failures and TCP connections, each made
+/// when first counted.
 struct ClusterMetrics: Sendable {
-    var requests: [[Counter]] = []
-    var connectFailures = Counter(label: "vigil_upstream_connect_failures_total", dimensions: [],
-                                  factory: NOOPMetricsHandler.instance)
+    var requests: [LazyCounters] = []
+    var connectFailures = LazyCounters(count: 1) { _ in
+        Counter(label: "vigil_upstream_connect_failures_total", dimensions: [], factory: NOOPMetricsHandler.instance)
+    }
     /// `[listener]`: TCP connections carried to this cluster.
-    var connections: [Counter] = []
+    var connections: [LazyCounters] = []
     /// `[listener]`: gRPC calls by status.
     var grpc: [LazyCounters] = []
     /// Requests mirrored to this cluster, by `Mirroring.Outcome`.

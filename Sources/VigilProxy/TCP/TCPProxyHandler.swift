@@ -364,7 +364,7 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Dead
         side.close()
         if let cluster, let host {
             host.connectFailures.wrappingIncrement(ordering: .relaxed)
-            cluster.metrics.connectFailures.increment()
+            cluster.metrics.connectFailures.increment(0)
             if !cluster.isOriginalDestination {
                 cluster.health.record(host: host.index, .connectFailure, now: loop.eventLoop.now)
             }
