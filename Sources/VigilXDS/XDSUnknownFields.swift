@@ -12,9 +12,9 @@ enum XDSUnknownFields {
     /// unpacks one checks it.
     static func first(in message: some SwiftProtobuf.Message) -> (path: String, field: Int)? {
         var visitor = Finder()
-        visitor.stack = [shortName(type(of: message).protoMessageName)]
+        visitor.stack = [type(of: message).protoMessageName]
         try? message.traverse(visitor: &visitor)
-        return visitor.found
+        return visitor.found.map { (path: $0.path.map(shortName).joined(separator: " > "), field: $0.field) }
     }
 
     /// Refuses `message` of `resource` when it has a field Vigil does not read; `path` is where it sits in the resource.
@@ -25,13 +25,17 @@ enum XDSUnknownFields {
     }
 
     /// `envoy.config.endpoint.v3.LbEndpoint` as `LbEndpoint`.
-    static func shortName(_ full: String) -> String { String(full.split(separator: ".").last ?? Substring(full)) }
+    static func shortName(_ full: String) -> String {
+        guard let dot = full.lastIndex(of: ".") else { return full }
+        return String(full[full.index(after: dot)...])
+    }
 
     private struct Stop: Error {}
 
     private struct Finder: Visitor {
+        /// The message types from the resource down (full names: shortened only for a refusal).
         var stack: [String] = []
-        var found: (path: String, field: Int)?
+        var found: (path: [String], field: Int)?
 
         mutating func visitUnknown(bytes: Data) throws {
             guard !bytes.isEmpty else { return }
@@ -43,12 +47,12 @@ enum XDSUnknownFields {
                 shift += 7
                 if shift > 63 { break }
             }
-            found = (stack.joined(separator: " > "), Int(tag >> 3))
+            found = (stack, Int(tag >> 3))
             throw Stop()
         }
 
         mutating func visitSingularMessageField<M: Message>(value: M, fieldNumber: Int) throws {
-            stack.append(XDSUnknownFields.shortName(M.protoMessageName))
+            stack.append(M.protoMessageName)
             try value.traverse(visitor: &self)
             stack.removeLast()
         }

@@ -70,8 +70,9 @@ extension ConfigReader {
     /// `protocol: tcp` listener) match by `destination_port` and `destination_cidr` alone, and HTTP-only settings on
     /// them are refused rather than ignored.
     mutating func checkTCPRoutes(_ config: VigilConfig) {
+        let clusters = config.clustersByName
         for (i, listener) in config.listeners.enumerated() {
-            let toTCP = listener.routes.contains { config.cluster(named: $0.cluster)?.protocol == .tcp }
+            let toTCP = listener.routes.contains { clusters[$0.cluster]?.protocol == .tcp }
             let detects = listener.protocol == .auto && (listener.originalDestination || toTCP)
             let permissive = listener.tls?.mode == .permissive
             if !listener.opaquePorts.isEmpty, !detects {
@@ -92,10 +93,10 @@ extension ConfigReader {
                 if let delay = route.fault?.delay, delay.fixed >= listener.limits.bodyTimeout {
                     fail("\(path).fault.delay.fixed", "must be shorter than limits.body_timeout (\(DurationParser.format(listener.limits.bodyTimeout))): a request body held through the delay would be answered 408")
                 }
-                guard let cluster = config.cluster(named: route.cluster) else { continue }
+                guard let cluster = clusters[route.cluster] else { continue }
                 if !route.weightedClusters.isEmpty {
                     for (k, w) in route.weightedClusters.enumerated() {
-                        guard let c = config.cluster(named: w.cluster), c.protocol == .tcp || c.type == .originalDst else { continue }
+                        guard let c = clusters[w.cluster], c.protocol == .tcp || c.type == .originalDst else { continue }
                         fail("\(path).weighted_clusters[\(k)].cluster", "\"\(c.name)\" is a \(c.protocol == .tcp ? "tcp" : "original_dst") cluster: weighted_clusters split requests among clusters of hosts")
                     }
                 }
@@ -135,6 +136,7 @@ extension ConfigReader {
     /// What a route's traffic policy needs of the rest of the config: no added header is the one tenants are
     /// identified by, nothing HTTP on what carries TCP connections, and mirrors go to clusters of HTTP hosts.
     mutating func checkTrafficPolicy(_ config: VigilConfig) {
+        let clusters = config.clustersByName
         var tenantHeaders: [String] = []
         for case .header(let name) in config.tenants?.identify ?? [] { tenantHeaders.append(name.lowercased()) }
         func checkTenantHeader(_ edits: HeaderEdits, at path: String) {
@@ -155,14 +157,14 @@ extension ConfigReader {
             for (j, route) in listener.routes.enumerated() {
                 let path = "listeners[\(i)].routes[\(j)]"
                 checkTenantHeader(route.requestHeaders, at: path)
-                let carriesConnections = listener.protocol == .tcp || config.cluster(named: route.cluster)?.protocol == .tcp
+                let carriesConnections = listener.protocol == .tcp || clusters[route.cluster]?.protocol == .tcp
                 if carriesConnections {
                     let http = !route.requestHeaders.isEmpty || !route.responseHeaders.isEmpty || route.pathRewrite != nil
                         || route.hostRewrite != nil || !route.mirrors.isEmpty
                     if http { fail(path, "carries TCP connections: header edits, rewrites and mirrors apply to requests") }
                 }
                 for (k, mirror) in route.mirrors.enumerated() {
-                    guard let c = config.cluster(named: mirror.cluster) else { continue }
+                    guard let c = clusters[mirror.cluster] else { continue }
                     if c.protocol == .tcp || c.type == .originalDst {
                         fail("\(path).request_mirror_policies[\(k)].cluster", "\"\(c.name)\" is a \(c.protocol == .tcp ? "tcp" : "original_dst") cluster: a mirror copies requests to a cluster of HTTP hosts")
                     }

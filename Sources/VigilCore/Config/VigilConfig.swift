@@ -46,6 +46,10 @@ public struct VigilConfig: Sendable, Equatable {
     }
 
     public func cluster(named name: String) -> ClusterConfig? { clusters.first { $0.name == name } }
+
+    /// The clusters by name (the first of a name), for checks that look up every route's: with a mesh's thousands of
+    /// clusters, a search per route would be quadratic.
+    var clustersByName: [String: ClusterConfig] { Dictionary(clusters.map { ($0.name, $0) }) { a, _ in a } }
 }
 
 public struct AdminConfig: Sendable, Equatable {

@@ -1,0 +1,215 @@
+import Foundation
+import NIOCore
+import SwiftProtobuf
+import Testing
+import VigilCore
+@testable import VigilXDS
+
+/// LDS and RDS read as values: which routes a listener's filter chains give, in which order, and what is refused.
+@Suite struct XDSListenersTests {
+    static func any(_ m: some SwiftProtobuf.Message) -> Google_Protobuf_Any { try! Google_Protobuf_Any(message: m) }
+
+    static func filter(_ name: String, _ config: (some SwiftProtobuf.Message)? = Optional<Google_Protobuf_Empty>.none) -> Envoy_Config_Listener_V3_Filter {
+        var f = Envoy_Config_Listener_V3_Filter()
+        f.name = name
+        if let config { f.typedConfig = any(config) }
+        return f
+    }
+
+    static func tcpProxy(_ cluster: String) -> Envoy_Config_Listener_V3_Filter {
+        var p = Envoy_Extensions_Filters_Network_TcpProxy_V3_TcpProxy()
+        p.statPrefix = cluster
+        p.cluster = cluster
+        p.maxConnectAttempts = .init(3)
+        return filter(XDSListeners.tcpProxy, p)
+    }
+
+    static func connectionManager(rds: String) -> Envoy_Config_Listener_V3_Filter {
+        var h = Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager()
+        h.rds.routeConfigName = rds
+        h.rds.configSource.ads = .init()
+        h.httpFilters = [.with { $0.name = XDSListeners.router }]
+        return filter(XDSListeners.connectionManager, h)
+    }
+
+    static func chain(port: Int? = nil, prefix: (String, UInt32)? = nil, _ filters: [Envoy_Config_Listener_V3_Filter]) -> Envoy_Config_Listener_V3_FilterChain {
+        var c = Envoy_Config_Listener_V3_FilterChain()
+        if let port { c.filterChainMatch.destinationPort = .init(UInt32(port)) }
+        if let prefix { c.filterChainMatch.prefixRanges = [.with { $0.addressPrefix = prefix.0; $0.prefixLen = .init(prefix.1) }] }
+        c.filters = filters
+        return c
+    }
+
+    static func listener(_ name: String, host: String = "0.0.0.0", port: Int, originalDst: Bool = false, binds: Bool = true,
+                         _ chains: [Envoy_Config_Listener_V3_FilterChain]) -> Envoy_Config_Listener_V3_Listener {
+        var l = Envoy_Config_Listener_V3_Listener()
+        l.name = name
+        l.address.socketAddress.address = host
+        l.address.socketAddress.portValue = UInt32(port)
+        if originalDst { l.useOriginalDst = .init(true) }
+        if !binds { l.bindToPort = .init(false) }
+        l.filterChains = chains
+        return l
+    }
+
+    func rejection(_ l: Envoy_Config_Listener_V3_Listener) -> XDSRejection? {
+        do throws(XDSRejection) {
+            _ = try XDSListeners.read(l)
+            return nil
+        } catch {
+            return error
+        }
+    }
+
+    /// Istio's outbound shape: `virtualOutbound` (use_original_dst) passes through by TCP, and the listeners that bind
+    /// no port (`0.0.0.0_8080` for HTTP, `10.0.0.9_5432` for one database) become its routes for their ports and
+    /// addresses, ahead of its own chains.
+    @Test func virtualListenersBecomeRoutesOfTheOriginalDestinationListener() throws {
+        let outbound = try XDSListeners.read(Self.listener("virtualOutbound", port: 15001, originalDst: true,
+                                                           [Self.chain([Self.tcpProxy("PassthroughCluster")])]))
+        let http = try XDSListeners.read(Self.listener("0.0.0.0_8080", port: 8080, binds: false,
+                                                       [Self.chain([Self.filter("istio.metadata_exchange"), Self.connectionManager(rds: "8080")])]))
+        let db = try XDSListeners.read(Self.listener("10.0.0.9_5432", host: "10.0.0.9", port: 5432, binds: false,
+                                                     [Self.chain([Self.tcpProxy("outbound|5432||db.ns.svc.cluster.local")])]))
+        #expect(http.routeNames == ["8080"] && http.ignoredFilters == ["istio.metadata_exchange"])
+        #expect(XDSListeners.routes(of: outbound, virtual: [http, db], routeConfigs: [:]) == nil)  // 8080 has not arrived
+        var api = RouteConfig(match: RouteMatch(path: .prefix("/")), cluster: "outbound|8080||api.ns.svc.cluster.local")
+        api.match.authorities = ["api.ns.svc.cluster.local"]
+        let routes = try #require(XDSListeners.routes(of: outbound, virtual: [http, db], routeConfigs: ["8080": [api]]))
+        #expect(routes.map(\.cluster) == ["outbound|8080||api.ns.svc.cluster.local", "outbound|5432||db.ns.svc.cluster.local",
+                                          "PassthroughCluster"])
+        #expect(routes[0].match.destinationPort == 8080 && routes[0].match.destinationCIDR == nil)
+        #expect(routes[0].match.authorities == ["api.ns.svc.cluster.local"])
+        #expect(routes[1].match.destinationPort == 5432 && routes[1].match.destinationCIDR == CIDR("10.0.0.9/32"))
+        #expect(routes[1].connectAttempts == 3 && routes[1].timeout == .zero)
+        #expect(routes[2].match.destinationPort == nil && routes[2].match.destinationCIDR == nil)
+    }
+
+    /// Envoy chooses the most specific chain: a destination port before none, a longer address prefix before a
+    /// shorter; the default chain last.
+    @Test func chainsAreLaidOutMostSpecificFirst() throws {
+        var l = Self.listener("virtualInbound", port: 15006, [
+            Self.chain([Self.tcpProxy("any")]),
+            Self.chain(prefix: ("10.0.0.0", 8), [Self.tcpProxy("wide")]),
+            Self.chain(port: 8080, [Self.tcpProxy("port")]),
+            Self.chain(prefix: ("10.1.0.0", 16), [Self.tcpProxy("narrow")]),
+        ])
+        l.defaultFilterChain = Self.chain([Self.tcpProxy("default")])
+        let read = try XDSListeners.read(l)
+        let routes = try #require(XDSListeners.routes(of: read, virtual: [], routeConfigs: [:]))
+        #expect(routes.map(\.cluster) == ["port", "narrow", "wide", "any", "default"])
+        #expect(routes[1].match.destinationCIDR == CIDR("10.1.0.0/16"))
+    }
+
+    @Test func whatVigilCannotDoRefusesTheListenerWithItsPath() {
+        let http = Self.connectionManager(rds: "r")
+        var sni = Self.chain([http])
+        sni.filterChainMatch.serverNames = ["api.example"]
+        #expect(rejection(Self.listener("l", port: 1, [sni]))?.path == "filter_chains[0].filter_chain_match.server_names")
+        var tls = Self.chain([http])
+        tls.filterChainMatch.transportProtocol = "tls"
+        #expect(rejection(Self.listener("l", port: 1, [tls]))?.path == "filter_chains[0].filter_chain_match.transport_protocol")
+        var alpn = Self.chain([http])
+        alpn.filterChainMatch.applicationProtocols = ["istio-peer-exchange", "istio"]
+        #expect(rejection(Self.listener("l", port: 1, [alpn]))?.path == "filter_chains[0].filter_chain_match.application_protocols")
+        let authz = rejection(Self.listener("l", port: 1, [Self.chain([Self.filter("envoy.filters.network.rbac"), http])]))
+        #expect(authz?.path == "filter_chains[0].filters[0]" && authz?.reason.contains("could allow, deny or change traffic") == true)
+        #expect(rejection(Self.listener("l", port: 1, [Self.chain([Self.filter("istio.stats")])]))?.path == "filter_chains[0].filters")
+        #expect(rejection(Self.listener("l", port: 1, [Self.chain([http, Self.tcpProxy("c")])]))?.path == "filter_chains[0].filters[1]")
+        var noRouter = Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager()
+        noRouter.rds.routeConfigName = "r"
+        noRouter.rds.configSource.ads = .init()
+        #expect(rejection(Self.listener("l", port: 1, [Self.chain([Self.filter(XDSListeners.connectionManager, noRouter)])]))?.path
+                == "filter_chains[0].filters[0].typed_config.http_filters")
+        var inspector = Self.listener("l", port: 1, [Self.chain([http])])
+        inspector.listenerFilters = [.with { $0.name = "envoy.filters.listener.proxy_protocol" }]
+        #expect(rejection(inspector)?.path == "listener_filters[0]")
+    }
+
+    /// A TCP proxy's cluster becomes a tcp cluster; one that also carries requests is refused; a listener the file
+    /// does not have, or on another port, is refused with what to do.
+    @Test func joiningChecksListenersAndTheClustersTCPCarries() throws {
+        var db = Envoy_Config_Cluster_V3_Cluster()
+        db.name = "db"
+        db.type = .static
+        db.loadAssignment.endpoints = [.with { $0.lbEndpoints = [.with { $0.endpoint.address.socketAddress = .with {
+            $0.address = "10.0.0.9"; $0.portValue = 5432 } }] }]
+        let base = try VigilConfig.parse(yaml: """
+            xds: { server: "127.0.0.1:1" }
+            listeners:
+              - { name: virtualInbound, address: "127.0.0.1:15006", routes: [ { match: { prefix: "/" }, direct_response: { status: 503 } } ] }
+            clusters: []
+            """)
+        var resources = try XDSResources().applyingClusters([Self.any(db)])
+        resources = try resources.applyingListeners([Self.any(Self.listener("virtualInbound", port: 15006, [Self.chain(port: 15006, [Self.tcpProxy("db")])]))])
+        let joined = try resources.joined(to: base)
+        #expect(joined.cluster(named: "db")?.protocol == .tcp)
+        #expect(joined.listeners[0].routes.map(\.cluster) == ["db"])
+        _ = try joined.checkedAcrossSections()
+
+        let elsewhere = try XDSResources().applyingListeners([Self.any(Self.listener("virtualInbound", port: 15007, [Self.chain([Self.tcpProxy("db")])]))])
+        #expect(throws: XDSRejection.self) { try elsewhere.joined(to: base) }
+        let unknown = try XDSResources().applyingListeners([Self.any(Self.listener("virtualOutbound", port: 15001, [Self.chain([Self.tcpProxy("db")])]))])
+        do {
+            _ = try unknown.joined(to: base)
+            Issue.record("a listener the file does not have was joined")
+        } catch {
+            #expect(error.resource == "virtualOutbound" && error.reason.contains("add one on port 15001"))
+        }
+        let orphan = try XDSResources().applyingListeners([Self.any(Self.listener("0.0.0.0_8080", port: 8080, binds: false,
+                                                                                 [Self.chain([Self.tcpProxy("db")])]))])
+        #expect(throws: XDSRejection(resource: "0.0.0.0_8080", path: "bind_to_port",
+                                     reason: "is false, and no listener with use_original_dst hands connections to it")) {
+            try orphan.joined(to: base)
+        }
+    }
+
+    /// RDS: virtual hosts by specificity (exact, then longer suffixes, then `*`), a host's own 404, ports dropped from
+    /// domains, Envoy's defaults (15 s timeout, one retry, no grpc-timeout), and refusals with the key path.
+    @Test func routeConfigurationsAreLaidOutAsEnvoyChoosesVirtualHosts() throws {
+        var config = Envoy_Config_Route_V3_RouteConfiguration()
+        config.name = "8080"
+        func host(_ name: String, _ domains: [String], cluster: String, prefix: String = "/") -> Envoy_Config_Route_V3_VirtualHost {
+            .with {
+                $0.name = name
+                $0.domains = domains
+                $0.routes = [.with { $0.match.prefix = prefix; $0.route.cluster = cluster }]
+            }
+        }
+        config.virtualHosts = [host("all", ["*"], cluster: "fallback"), host("wild", ["*.ns.svc.cluster.local"], cluster: "wild"),
+                               host("exact", ["api.ns.svc.cluster.local", "api.ns.svc.cluster.local:8080"], cluster: "api", prefix: "/v1"),
+                               host("wilder", ["*.svc.cluster.local"], cluster: "wilder")]
+        let routes = try XDSRoutes.read(config)
+        #expect(routes.map { $0.direct == nil ? $0.cluster : "404" } == ["api", "404", "wild", "wilder", "fallback"])
+        #expect(routes[0].match.authorities == ["api.ns.svc.cluster.local"] && routes[0].match.path == .prefix("/v1"))
+        #expect(routes[1].match.authorities == ["api.ns.svc.cluster.local"] && routes[1].direct == .response(status: 404, body: ""))
+        #expect(routes[4].match.authorities.isEmpty)
+        #expect(routes[0].timeout == .seconds(15) && routes[0].retry == nil && routes[0].grpcTimeoutHeaderMax == nil)
+
+        var retrying = config
+        retrying.virtualHosts[2].retryPolicy = .with { $0.retryOn = "5xx,reset,retriable-status-codes"; $0.retriableStatusCodes = [409] }
+        let retry = try #require(try XDSRoutes.read(retrying)[0].retry)
+        #expect(retry.on == [.serverError, .reset, .retriableStatus] && retry.statusCodes == [409] && retry.attempts == 1)
+
+        func refusal(_ change: (inout Envoy_Config_Route_V3_RouteConfiguration) -> Void) -> String? {
+            var c = config
+            change(&c)
+            do throws(XDSRejection) {
+                _ = try XDSRoutes.read(c)
+                return nil
+            } catch {
+                return error.path
+            }
+        }
+        #expect(refusal { $0.virtualHosts[0].domains = ["api.*"] } == "virtual_hosts[0].domains[0]")
+        #expect(refusal { $0.virtualHosts[1].domains = ["api.ns.svc.cluster.local"] } == "virtual_hosts[2].domains[0]")
+        #expect(refusal { $0.virtualHosts[0].routes[0].match.caseSensitive = .init(false) } == "virtual_hosts[0].routes[0].match.case_sensitive")
+        #expect(refusal { $0.virtualHosts[0].routes[0].match.headers = [.with { $0.name = "x"; $0.presentMatch = true }] }
+                == "virtual_hosts[0].routes[0].match.headers[0]")
+        #expect(refusal { $0.virtualHosts[0].routes[0].route.retryPolicy.retryOn = "retriable-4xx" }
+                == "virtual_hosts[0].routes[0].route.retry_policy.retry_on")
+        #expect(refusal { $0.virtualHosts[0].routes[0].requestHeadersToAdd = [.with { $0.header.key = "x-forwarded-for"; $0.header.value = "1" }] }
+                == "virtual_hosts[0].routes[0].request_headers_to_add[0].header.key")
+        #expect(refusal { $0.virtualHosts[0].requestHeadersToRemove = ["x-debug"] } == "virtual_hosts[0].request_headers_to_add")
+    }
+}
