@@ -43,12 +43,18 @@ public struct ADSStateMachine: Sendable {
 
     public init(node: Envoy_Config_Core_V3_Node) { self.node = node }
 
-    /// A new stream: one request per subscribed type, with the versions last accepted and no nonce.
+    /// The types asked for as a whole (an empty name list means all of them); for the others an empty list means none.
+    public static let wildcardTypes: Set = [XDSTypeURL.cluster, XDSTypeURL.listener]
+
+    /// A new stream: one request per subscribed type, with the versions last accepted and no nonce. A named type that
+    /// names nothing now is left out: a stream's first request with no names would ask for all of it (the legacy
+    /// wildcard rule).
     public mutating func streamStarted() -> [Envoy_Service_Discovery_V3_DiscoveryRequest] {
         nodeSent = false
         responsesOnStream = 0
-        return order.map { type in
+        return order.compactMap { type in
             subscriptions[type]!.nonce = ""
+            guard Self.wildcardTypes.contains(type) || !subscriptions[type]!.names.isEmpty else { return nil }
             return request(type)
         }
     }

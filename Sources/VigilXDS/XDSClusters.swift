@@ -26,8 +26,8 @@ public enum XDSClusters {
         case .type(.static)?, nil, .type(.strictDns)?, .type(.logicalDns)?:
             // STRICT_DNS and LOGICAL_DNS: the endpoints are names Vigil resolves when it connects (as a static
             // cluster's named endpoints are).
-            config.endpoints = try XDSEndpoints.hosts(of: cluster.loadAssignment, resource: name, path: "load_assignment")
-                .map(\.address)
+            config.endpoints = try XDSResources.routable(
+                XDSEndpoints.hosts(of: cluster.loadAssignment, resource: name, path: "load_assignment"), resource: name)
             if config.endpoints.isEmpty { throw refuse("load_assignment", "has no endpoints") }
         case .type(.eds)?:
             let source = cluster.edsClusterConfig.edsConfig
@@ -48,13 +48,20 @@ public enum XDSClusters {
         } else {
             config.connectTimeout = .seconds(5)  // Envoy's default
         }
-        switch cluster.lbPolicy {
-        case .roundRobin: config.loadBalancer = .roundRobin
-        case .leastRequest: config.loadBalancer = .leastRequest
-        case .ringHash: config.loadBalancer = .ringHash
-        case .maglev: config.loadBalancer = .maglev
-        case .random, .clusterProvided, .loadBalancingPolicyConfig, .UNRECOGNIZED:
-            throw refuse("lb_policy", "\(cluster.lbPolicy) is not a balancer Vigil has (ROUND_ROBIN, LEAST_REQUEST, RING_HASH, MAGLEV)")
+        // ORIGINAL_DST picks its host from the connection, and Envoy requires CLUSTER_PROVIDED for it and only for it.
+        if config.type == .originalDst {
+            guard cluster.lbPolicy == .clusterProvided else {
+                throw refuse("lb_policy", "an ORIGINAL_DST cluster takes CLUSTER_PROVIDED (its host is where the connection was going)")
+            }
+        } else {
+            switch cluster.lbPolicy {
+            case .roundRobin: config.loadBalancer = .roundRobin
+            case .leastRequest: config.loadBalancer = .leastRequest
+            case .ringHash: config.loadBalancer = .ringHash
+            case .maglev: config.loadBalancer = .maglev
+            case .random, .clusterProvided, .loadBalancingPolicyConfig, .UNRECOGNIZED:
+                throw refuse("lb_policy", "\(cluster.lbPolicy) is not a balancer Vigil has (ROUND_ROBIN, LEAST_REQUEST, RING_HASH, MAGLEV)")
+            }
         }
         for (i, t) in cluster.circuitBreakers.thresholds.enumerated() where t.priority == .default {
             let path = "circuit_breakers.thresholds[\(i)]"
@@ -182,7 +189,9 @@ public enum XDSClusters {
         d.splitExternalLocalOriginErrors = o.splitExternalLocalOriginErrors
         if o.hasInterval { d.interval = try positive(o.interval, name, "outlier_detection.interval") }
         if o.hasBaseEjectionTime { d.baseEjectionTime = try positive(o.baseEjectionTime, name, "outlier_detection.base_ejection_time") }
-        if o.hasMaxEjectionTime { d.maxEjectionTime = try positive(o.maxEjectionTime, name, "outlier_detection.max_ejection_time") }
+        // Envoy's default is the larger of 300 s and the base ejection time.
+        d.maxEjectionTime = o.hasMaxEjectionTime ? try positive(o.maxEjectionTime, name, "outlier_detection.max_ejection_time")
+            : max(.seconds(300), d.baseEjectionTime)
         if d.maxEjectionTime < d.baseEjectionTime {
             throw XDSRejection(resource: name, path: "outlier_detection.max_ejection_time", reason: "is shorter than base_ejection_time")
         }
@@ -236,9 +245,10 @@ public enum XDSClusters {
         return .seconds(d.seconds) + .nanoseconds(Int64(d.nanos))
     }
 
+    /// A threshold: any 32-bit value from `min` (Istio writes 4294967295 for "no limit", and it is one).
     static func count(_ v: Google_Protobuf_UInt32Value, _ resource: String, _ path: String, min: Int) throws(XDSRejection) -> Int {
-        guard Int(v.value) >= min, v.value <= 1_000_000 else {
-            throw XDSRejection(resource: resource, path: path, reason: "\(v.value) is outside \(min)…1000000")
+        guard Int(v.value) >= min else {
+            throw XDSRejection(resource: resource, path: path, reason: "\(v.value) is below \(min)")
         }
         return Int(v.value)
     }

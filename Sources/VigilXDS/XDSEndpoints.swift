@@ -65,13 +65,6 @@ public enum XDSEndpoints {
             throw XDSRejection(resource: "ClusterLoadAssignment", path: "cluster_name", reason: "is empty")
         }
         try XDSUnknownFields.check(assignment, resource: assignment.clusterName, path: "")
-        if !assignment.policy.dropOverloads.isEmpty {
-            throw XDSRejection(resource: assignment.clusterName, path: "policy.drop_overloads", reason: "Vigil does not drop traffic by category")
-        }
-        if assignment.policy.hasEndpointStaleAfter {
-            throw XDSRejection(resource: assignment.clusterName, path: "policy.endpoint_stale_after",
-                               reason: "Vigil keeps an assignment until the next one")
-        }
         return try hosts(of: assignment, resource: assignment.clusterName, path: "")
     }
 
@@ -79,6 +72,16 @@ public enum XDSEndpoints {
     /// and start their key path at `path`.
     static func hosts(of assignment: Envoy_Config_Endpoint_V3_ClusterLoadAssignment, resource name: String,
                       path prefix: String) throws(XDSRejection) -> [XDSHost] {
+        func at(_ key: String) -> String { prefix.isEmpty ? key : "\(prefix).\(key)" }
+        if !assignment.policy.dropOverloads.isEmpty {
+            throw XDSRejection(resource: name, path: at("policy.drop_overloads"), reason: "Vigil does not drop traffic by category")
+        }
+        if assignment.policy.hasEndpointStaleAfter {
+            throw XDSRejection(resource: name, path: at("policy.endpoint_stale_after"), reason: "Vigil keeps an assignment until the next one")
+        }
+        if !assignment.namedEndpoints.isEmpty {
+            throw XDSRejection(resource: name, path: at("named_endpoints"), reason: "Vigil resolves no named endpoints")
+        }
         var hosts: [XDSHost] = []
         for (i, group) in assignment.endpoints.enumerated() {
             let groupPath = prefix.isEmpty ? "endpoints[\(i)]" : "\(prefix).endpoints[\(i)]"

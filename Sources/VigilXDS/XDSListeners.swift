@@ -19,6 +19,8 @@ public enum XDSListeners {
         public var host: String
         public var useOriginalDestination: Bool
         public var bindsPort: Bool
+        /// `per_connection_buffer_limit_bytes`, when set (it must be the config file's listener's).
+        public var bufferLimit: Int?
         public var chains: [Chain]
         /// Telemetry filters that were not applied (listed in /config_dump).
         public var ignoredFilters: [String]
@@ -65,7 +67,9 @@ public enum XDSListeners {
         func refuse(_ path: String, _ reason: String) -> XDSRejection { XDSRejection(resource: name, path: path, reason: reason) }
         let address = try XDSEndpoints.socketAddress(l.address, resource: name, path: "address")
         var read = Read(name: name, port: address.port, host: address.host, useOriginalDestination: l.useOriginalDst.value,
-                        bindsPort: !l.hasBindToPort || l.bindToPort.value, chains: [], ignoredFilters: [])
+                        bindsPort: !l.hasBindToPort || l.bindToPort.value,
+                        bufferLimit: l.hasPerConnectionBufferLimitBytes ? Int(l.perConnectionBufferLimitBytes.value) : nil,
+                        chains: [], ignoredFilters: [])
         for (i, f) in l.listenerFilters.enumerated() {
             guard observing.contains(f.name) else {
                 throw refuse("listener_filters[\(i)]", "\"\(f.name)\" is not a listener filter Vigil knows: it could change what reaches the chains, so it is not ignored")
@@ -74,7 +78,17 @@ public enum XDSListeners {
         }
         var chains: [(chain: Chain, index: Int)] = []
         for (i, chain) in l.filterChains.enumerated() {
-            chains.append((try self.chain(chain, listener: name, path: "filter_chains[\(i)]", ignored: &read.ignoredFilters), i))
+            let read = try self.chain(chain, listener: name, path: "filter_chains[\(i)]", ignored: &read.ignoredFilters)
+            // One entry per address range, each placed by its own prefix length, as Envoy matches ranges.
+            if read.prefixRanges.count > 1 {
+                for range in read.prefixRanges {
+                    var one = read
+                    one.prefixRanges = [range]
+                    chains.append((one, i))
+                }
+            } else {
+                chains.append((read, i))
+            }
         }
         if l.hasDefaultFilterChain {
             var fallback = try self.chain(l.defaultFilterChain, listener: name, path: "default_filter_chain", ignored: &read.ignoredFilters)
@@ -149,6 +163,9 @@ public enum XDSListeners {
                                         ignored: inout [String]) throws(XDSRejection) -> Chain.Routes {
         let hcm: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager = try typed(f, listener: name, path: path)
         let p = "\(path).typed_config"
+        if hcm.codecType == .http3 || hcm.codecType.rawValue > 3 {
+            throw XDSRejection(resource: name, path: "\(p).codec_type", reason: "HTTP/3 is not supported (AUTO, HTTP1 and HTTP2 are: Vigil detects which)")
+        }
         guard let last = hcm.httpFilters.last, last.name == router else {
             throw XDSRejection(resource: name, path: "\(p).http_filters", reason: "must end with \(router)")
         }
@@ -172,7 +189,7 @@ public enum XDSListeners {
             return .rds(rds.routeConfigName)
         case .routeConfig(let config)?:
             do {
-                return .inline(try XDSRoutes.read(config))
+                return .inline(try XDSRoutes.read(config, inline: true))
             } catch {
                 throw XDSRejection(resource: name, path: "\(p).route_config (\(error.resource)).\(error.path)", reason: error.reason)
             }
@@ -230,10 +247,22 @@ public enum XDSListeners {
                     route.match.destinationCIDR = r
                     out.append(route)
                 }
+                // A request the chain's routes do not take is answered here (Envoy's 404), not by a later chain.
+                if case .http = chain.kind {
+                    var miss = RouteConfig(match: RouteMatch(path: .prefix("/"), destinationPort: chain.destinationPort ?? port,
+                                                             destinationCIDR: r), cluster: "")
+                    miss.direct = .response(status: 404, body: "")
+                    out.append(miss)
+                }
             }
             return true
         }
         if read.useOriginalDestination {
+            // A listener for one address before one for any address on the same port, as Envoy chooses.
+            let virtual = virtual.sorted { a, b in
+                let anyA = ["0.0.0.0", "::"].contains(a.host), anyB = ["0.0.0.0", "::"].contains(b.host)
+                return anyA != anyB ? !anyA : a.name < b.name
+            }
             for v in virtual {
                 let range = ["0.0.0.0", "::"].contains(v.host) ? nil : CIDR(v.host.contains(":") ? "\(v.host)/128" : "\(v.host)/32")
                 for chain in v.chains where !add(chain, port: v.port, range: range) { return nil }

@@ -46,12 +46,15 @@ public struct XDSResources: Sendable {
         return next
     }
 
-    /// RDS: each configuration in `resources` replaces the one of its name; the others stay.
+    /// RDS: each configuration in `resources` replaces the one of its name; the others stay. One no listener names is
+    /// left out.
     public func applyingRoutes(_ resources: [Google_Protobuf_Any]) throws(XDSRejection) -> XDSResources {
         var next = self
         var seen = Set<String>()
+        let wanted = Set(routeNames)
         for (i, any) in resources.enumerated() {
             let config: Envoy_Config_Route_V3_RouteConfiguration = try Self.decode(any, index: i, kind: "RouteConfiguration")
+            guard wanted.contains(config.name) else { continue }
             let routes = try XDSRoutes.read(config)
             guard seen.insert(config.name).inserted else {
                 throw XDSRejection(resource: config.name, path: "name", reason: "is the name of another route configuration in the same response")
@@ -104,12 +107,14 @@ public struct XDSResources: Sendable {
     }
 
     /// EDS: each assignment in `resources` replaces the one of its name; the others stay (a response for a type with
-    /// named resources need carry only what changed).
+    /// named resources need carry only what changed). One no cluster asked for is left out.
     public func applyingEndpoints(_ resources: [Google_Protobuf_Any]) throws(XDSRejection) -> XDSResources {
         var next = self
         var seen = Set<String>()
+        let wanted = Set(endpointNames)
         for (i, any) in resources.enumerated() {
             let assignment: Envoy_Config_Endpoint_V3_ClusterLoadAssignment = try Self.decode(any, index: i, kind: "ClusterLoadAssignment")
+            guard wanted.contains(assignment.clusterName) else { continue }
             let hosts = try XDSEndpoints.hosts(of: assignment)
             guard seen.insert(assignment.clusterName).inserted else {
                 throw XDSRejection(resource: assignment.clusterName, path: "cluster_name",
@@ -159,23 +164,40 @@ public struct XDSResources: Sendable {
                 throw XDSRejection(resource: l.name, path: "address.socket_address.port_value",
                                    reason: "\(l.port) is not the port of the config file's listener \(l.name) (\(file.address.port))")
             }
+            if let limit = l.bufferLimit, limit != file.perConnectionBufferLimitBytes {
+                throw XDSRejection(resource: l.name, path: "per_connection_buffer_limit_bytes",
+                                   reason: "\(limit) is not the config file's listener's (\(file.perConnectionBufferLimitBytes)): set it there")
+            }
             guard file.originalDestination == l.useOriginalDestination else {
                 throw XDSRejection(resource: l.name, path: "use_original_dst",
                                    reason: "must match the config file's listener \(l.name) (original_destination: \(file.originalDestination))")
             }
             if let routes = listenerRoutes[l.name] { config.listeners[index].routes = routes }
         }
+        // Which clusters carry connections and which carry requests, from what names them: TCP proxy chains, and the
+        // routes of HTTP chains and of the file's listeners that xDS does not replace. An ORIGINAL_DST cluster carries
+        // both (Vigil detects HTTP first and passes anything else on as bytes), so it stays as it is.
+        let originalDestination = Set(config.clusters.filter { $0.type == .originalDst }.map(\.name))
         var tcp = Set<String>(), http = Set<String>()
-        for l in listeners.values {
-            for chain in l.chains {
-                if case .tcp(let cluster, _, _) = chain.kind { tcp.insert(cluster) }
-            }
-        }
-        for listener in config.listeners {
-            for route in listener.routes where route.direct == nil && !tcp.contains(route.cluster) {
+        func requests(_ routes: [RouteConfig]) {
+            for route in routes where route.direct == nil {
                 http.formUnion(route.clusterNames)
                 http.formUnion(route.mirrors.map(\.cluster))
             }
+        }
+        for l in listeners.values {
+            for chain in l.chains {
+                switch chain.kind {
+                case .tcp(let cluster, _, _): if !originalDestination.contains(cluster) { tcp.insert(cluster) }
+                case .http(.inline(let routes)): requests(routes)
+                case .http(.rds(let name)): requests(routeConfigs[name] ?? [])
+                }
+            }
+        }
+        let byFile = Set(listeners.values.filter(\.bindsPort).map(\.name))
+        let fileTCP = Set(config.clusters.filter { $0.protocol == .tcp }.map(\.name))
+        for listener in config.listeners where !byFile.contains(listener.name) {
+            requests(listener.routes.filter { !fileTCP.contains($0.cluster) })
         }
         for (i, cluster) in config.clusters.enumerated() where tcp.contains(cluster.name) {
             if http.contains(cluster.name) {
@@ -193,6 +215,26 @@ public struct XDSResources: Sendable {
                                    reason: "is a cluster of the config file without protocol: tcp, and a TCP proxy sends connections to it")
             }
         }
+        // Vigil takes a connection for a TCP route by its destination before it reads a byte, so a TCP chain must not
+        // also cover the destinations of an HTTP chain that Envoy would choose before it (a more specific one).
+        for l in listeners.values {
+            for (j, later) in l.chains.enumerated() {
+                guard case .tcp(let cluster, _, _) = later.kind, tcp.contains(cluster) else { continue }
+                for earlier in l.chains[..<j] {
+                    guard case .http = earlier.kind, Self.covers(later, earlier) else { continue }
+                    throw XDSRejection(resource: l.name, path: "filter_chains",
+                                       reason: "the TCP proxy chain to \(cluster) also matches the destinations of an HTTP chain before it (port \(earlier.destinationPort.map(String.init) ?? "any")): Vigil picks a TCP route by destination before it reads the request, so it would take them; give the TCP chain its own port or range, or send it to an ORIGINAL_DST cluster")
+                }
+            }
+        }
+    }
+
+    /// Whether chain `a`'s destinations include some of `b`'s.
+    static func covers(_ a: XDSListeners.Chain, _ b: XDSListeners.Chain) -> Bool {
+        if let pa = a.destinationPort, let pb = b.destinationPort, pa != pb { return false }
+        if a.destinationPort != nil, b.destinationPort == nil { return true }
+        if a.prefixRanges.isEmpty || b.prefixRanges.isEmpty { return true }
+        return a.prefixRanges.contains { x in b.prefixRanges.contains { x.overlaps($0) } }
     }
 
     /// The addresses of the hosts a cluster sends to: those the control plane marks routable, of the highest priority

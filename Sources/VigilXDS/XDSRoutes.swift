@@ -9,8 +9,9 @@ import VigilCore
 /// rather than falling through to a less specific host. Refused with the key path: what Vigil's routes cannot express.
 public enum XDSRoutes {
     /// The route list of `config` (`resource`: the name refusals carry).
-    public static func read(_ config: Envoy_Config_Route_V3_RouteConfiguration) throws(XDSRejection) -> [RouteConfig] {
-        let name = config.name
+    /// `inline`: inside a listener's connection manager, where a configuration needs no name.
+    public static func read(_ config: Envoy_Config_Route_V3_RouteConfiguration, inline: Bool = false) throws(XDSRejection) -> [RouteConfig] {
+        let name = config.name.isEmpty && inline ? "route_config" : config.name
         guard !name.isEmpty else { throw XDSRejection(resource: "RouteConfiguration", path: "name", reason: "is empty") }
         try XDSUnknownFields.check(config, resource: name, path: "")
         func refuse(_ path: String, _ reason: String) -> XDSRejection { XDSRejection(resource: name, path: path, reason: reason) }
@@ -27,43 +28,53 @@ public enum XDSRoutes {
                 throw refuse("\(path).request_headers_to_add", "header edits for a whole virtual host are not supported yet: put them on its routes")
             }
             guard !vhost.domains.isEmpty else { throw refuse("\(path).domains", "is empty") }
-            var authorities: [String] = []
-            var rank = Rank.any
+            // The host's domains by rank: a host with an exact name and a suffix is placed once for each, as Envoy
+            // looks a request's authority up among every host's exact names before any suffix.
+            var byRank: [Rank: [String]] = [:]
             for (j, domain) in vhost.domains.enumerated() {
                 let lower = domain.lowercased()
-                if let other = seenDomains[lower] {
-                    throw refuse("\(path).domains[\(j)]", "\"\(domain)\" is also a domain of virtual_hosts[\(other)]")
+                if lower == "*" {
+                    if let other = seenDomains["*"], other != i {
+                        throw refuse("\(path).domains[\(j)]", "\"*\" is also a domain of virtual_hosts[\(other)]")
+                    }
+                    seenDomains["*"] = i
+                    byRank[.any] = []
+                    continue
                 }
-                seenDomains[lower] = i
-                if lower == "*" { continue }
-                if lower.hasSuffix("*") {
-                    throw refuse("\(path).domains[\(j)]", "\"\(domain)\": prefix wildcards are not supported (exact names and *.suffix are)")
+                guard !lower.dropFirst().contains("*"), !lower.hasPrefix("*") || lower.hasPrefix("*.") else {
+                    throw refuse("\(path).domains[\(j)]", "\"\(domain)\": only exact names, *.suffix and * are supported")
                 }
-                // Vigil compares hosts without their port; Istio lists each name with and without it.
+                // Vigil compares hosts without their port; Istio lists each name with and without it. Two hosts whose
+                // names differ only by port would be one to Vigil.
                 let host = String(RouteTable.hostWithoutPort(lower))
-                if !authorities.contains(host) { authorities.append(host) }
-                rank = min(rank, host.hasPrefix("*.") ? .suffix(-host.count) : .exact)
+                if let other = seenDomains[host], other != i {
+                    throw refuse("\(path).domains[\(j)]", "\"\(domain)\" is also a domain of virtual_hosts[\(other)] (Vigil matches hosts without their port)")
+                }
+                seenDomains[host] = i
+                let rank = host.hasPrefix("*.") ? Rank.suffix(-host.count) : .exact
+                if !(byRank[rank] ?? []).contains(host) { byRank[rank, default: []].append(host) }
             }
-            if vhost.domains.contains("*") { rank = .any; authorities = [] }
             let hostRetry = vhost.hasRetryPolicy ? try retry(vhost.retryPolicy, name, "\(path).retry_policy") : nil
-            var routes: [RouteConfig] = []
-            for (k, route) in vhost.routes.enumerated() {
-                routes.append(try read(route, authorities: authorities, hostRetry: hostRetry, resource: name,
-                                       path: "\(path).routes[\(k)]"))
+            for (rank, authorities) in byRank {
+                var routes: [RouteConfig] = []
+                for (k, route) in vhost.routes.enumerated() {
+                    routes.append(try read(route, authorities: authorities, hostRetry: hostRetry, resource: name,
+                                           path: "\(path).routes[\(k)]"))
+                }
+                let catchAll = routes.last.map { $0.match.path == .prefix("/") && $0.match.headers.isEmpty && $0.match.methods.isEmpty } ?? false
+                if !authorities.isEmpty, !catchAll {
+                    var miss = RouteConfig(match: RouteMatch(path: .prefix("/"), authorities: authorities), cluster: "")
+                    miss.direct = .response(status: 404, body: "")
+                    routes.append(miss)
+                }
+                hosts.append((rank, i, routes))
             }
-            let catchAll = routes.last.map { $0.match.path == .prefix("/") && $0.match.headers.isEmpty } ?? false
-            if !authorities.isEmpty, !catchAll {
-                var miss = RouteConfig(match: RouteMatch(path: .prefix("/"), authorities: authorities), cluster: "")
-                miss.direct = .response(status: 404, body: "")
-                routes.append(miss)
-            }
-            hosts.append((rank, i, routes))
         }
         return hosts.sorted { ($0.rank, $0.index) < ($1.rank, $1.index) }.flatMap(\.routes)
     }
 
     /// A virtual host's place: exact names first, then `*.` suffixes, longest first, then `*`.
-    enum Rank: Comparable {
+    enum Rank: Comparable, Hashable {
         case exact
         case suffix(Int)  // minus the pattern's length, so longer sorts first
         case any
@@ -203,6 +214,10 @@ public enum XDSRoutes {
         func refuse(_ key: String, _ reason: String) -> XDSRejection { XDSRejection(resource: name, path: "\(path).\(key)", reason: reason) }
         var r = RetryPolicyConfig()
         r.on = []
+        // Envoy retries any method its conditions allow, and keeps no retry budget (the cluster's max_retries bounds the
+        // retries in flight): a budget ratio of 1,000 retries per request never binds (a request makes at most 10).
+        r.retryNonIdempotent = true
+        r.budgetRatio = 1000
         for token in p.retryOn.split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces) }) where !token.isEmpty {
             guard let c = RetryCondition(rawValue: token == "retriable-status-codes" ? "retriable-status" : token) else {
                 throw refuse("retry_on", "\"\(token)\" is not a condition Vigil retries on (\(RetryCondition.allCases.map(\.rawValue).joined(separator: ", ")), retriable-status-codes)")

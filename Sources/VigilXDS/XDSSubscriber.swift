@@ -30,7 +30,7 @@ public final class XDSSubscriber: Sendable {
     /// How the `initial_fetch_timeout` is waited out (injected by tests).
     let sleep: @Sendable (TimeAmount) async throws -> Void
     /// The `initial_fetch_timeout` waits running (cancelled with `run`).
-    private let warming = Mutex<[Task<Void, Never>]>([])
+    private let warming = Mutex<(next: Int, tasks: [Int: Task<Void, Never>])>((0, [:]))
     /// Changes to `accepted` happen one at a time: a response and a warming timeout each read it, go through the
     /// policy path (which suspends) and write it back.
     private let turn = AsyncTurn()
@@ -63,7 +63,7 @@ public final class XDSSubscriber: Sendable {
 
     /// Runs until the task is cancelled (Vigil's shutdown).
     public func run() async {
-        defer { for t in warming.withLock({ $0 }) { t.cancel() } }
+        defer { for t in warming.withLock({ $0.tasks.values }) { t.cancel() } }
         do {
             // Clusters before listeners, as Envoy asks; endpoints and routes follow by name as those take effect.
             try await client.run(subscriptions: [(XDSTypeURL.cluster, []), (XDSTypeURL.listener, [])],
@@ -119,10 +119,14 @@ public final class XDSSubscriber: Sendable {
     /// A listener waits for the route configurations it names up to `initial_fetch_timeout`; past it, those still
     /// missing count as empty and the listener runs without them (Envoy's fallback), through the same policy path.
     private func startWarmingTimer(for names: [String]) {
+        let id = warming.withLock { w in defer { w.next += 1 }; return w.next }
         let task = Task { [self] in
+            defer { _ = warming.withLock { $0.tasks.removeValue(forKey: id) } }
             do { try await sleep(config.initialFetchTimeout) } catch { return }
             await turn.take()
             defer { turn.end() }
+            // Stopped (Vigil drains) while it waited: nothing more is installed.
+            guard !Task.isCancelled else { return }
             let current = accepted.withLock { $0 }
             let expired = names.filter { current.missingRouteNames.contains($0) }
             guard !expired.isEmpty else { return }
@@ -135,7 +139,9 @@ public final class XDSSubscriber: Sendable {
                                metadata: ["names": "\(expired)"])
             }
         }
-        warming.withLock { $0.append(task) }
+        // One wait per listener update that left names missing; each lets itself go when it ends. (A task that ended
+        // before it is stored here is stored and never removed: harmless, it is only cancelled at the end.)
+        warming.withLock { $0.tasks[id] = task }
     }
 
     /// `next` joined to whatever the policy in force makes of the config file, and checked as the file is.
@@ -199,8 +205,8 @@ public final class XDSSubscriber: Sendable {
             }
         case .failed(let reason):
             refusal = XDSRejection(resource: type, path: "", reason: reason)
-        case .conflict:
-            refusal = XDSRejection(resource: type, path: "", reason: "conflict")  // no If-Match on this path
+        case .conflict(let current):  // only for a push's If-Match, which this path has not
+            refusal = XDSRejection(resource: type, path: "", reason: "policy version \(current) changed meanwhile")
         }
         Counter(label: "vigil_xds_updates_total", dimensions: [("type", type), ("outcome", refusal == nil ? "applied" : "rejected")],
                 factory: factory).increment()

@@ -196,7 +196,9 @@ final class VigilService: Service, Sendable {
         // policy's) routes until then, and routes to clusters not yet sent answer 503.
         let xdsTask = xds.map { xds in Task { await xds.run() } }
         try? await gracefulShutdown()
+        // Stopped before the drain, so no xDS update is installed while requests finish.
         xdsTask?.cancel()
+        await xdsTask?.value
         logger.notice("draining", metadata: ["timeout": "\(DurationParser.format(drainTimeout))"])
         await control?.stop()
         await proxy.drain(timeout: drainTimeout)

@@ -80,4 +80,15 @@ import Testing
         #expect(received == .ignored(typeURL: XDSTypeURL.route))
         #expect(ads.subscriptions[XDSTypeURL.cluster]?.nonce == "")
     }
+
+    /// A named type that names nothing now (the last EDS cluster went) is not asked for on a new stream: with no
+    /// names, a stream's first request would ask for all of it.
+    @Test func aNamedTypeThatNamesNothingIsNotAskedForOnANewStream() {
+        var ads = ADSStateMachine(node: node)
+        _ = ads.subscribe(XDSTypeURL.cluster)
+        _ = ads.subscribe(XDSTypeURL.endpoints, names: ["c"])
+        let unsubscribe = ads.subscribe(XDSTypeURL.endpoints, names: [])
+        #expect(unsubscribe?.resourceNames == [])  // on the open stream: "none now"
+        #expect(ads.streamStarted().map(\.typeURL) == [XDSTypeURL.cluster])
+    }
 }

@@ -76,13 +76,16 @@ import VigilCore
         var api = RouteConfig(match: RouteMatch(path: .prefix("/")), cluster: "outbound|8080||api.ns.svc.cluster.local")
         api.match.authorities = ["api.ns.svc.cluster.local"]
         let routes = try #require(XDSListeners.routes(of: outbound, virtual: [http, db], routeConfigs: ["8080": [api]]))
-        #expect(routes.map(\.cluster) == ["outbound|8080||api.ns.svc.cluster.local", "outbound|5432||db.ns.svc.cluster.local",
-                                          "PassthroughCluster"])
-        #expect(routes[0].match.destinationPort == 8080 && routes[0].match.destinationCIDR == nil)
-        #expect(routes[0].match.authorities == ["api.ns.svc.cluster.local"])
-        #expect(routes[1].match.destinationPort == 5432 && routes[1].match.destinationCIDR == CIDR("10.0.0.9/32"))
-        #expect(routes[1].connectAttempts == 3 && routes[1].timeout == .zero)
-        #expect(routes[2].match.destinationPort == nil && routes[2].match.destinationCIDR == nil)
+        // The listener for one address before the one for any address; the HTTP chain's routes end in its own 404.
+        #expect(routes.map { $0.direct == nil ? $0.cluster : "404" } == [
+            "outbound|5432||db.ns.svc.cluster.local", "outbound|8080||api.ns.svc.cluster.local", "404", "PassthroughCluster",
+        ])
+        #expect(routes[0].match.destinationPort == 5432 && routes[0].match.destinationCIDR == CIDR("10.0.0.9/32"))
+        #expect(routes[0].connectAttempts == 3 && routes[0].timeout == .zero)
+        #expect(routes[1].match.destinationPort == 8080 && routes[1].match.destinationCIDR == nil)
+        #expect(routes[1].match.authorities == ["api.ns.svc.cluster.local"])
+        #expect(routes[2].match.destinationPort == 8080 && routes[2].match.authorities.isEmpty)
+        #expect(routes[3].match.destinationPort == nil && routes[3].match.destinationCIDR == nil)
     }
 
     /// Envoy chooses the most specific chain: a destination port before none, a longer address prefix before a
@@ -211,5 +214,73 @@ import VigilCore
         #expect(refusal { $0.virtualHosts[0].routes[0].requestHeadersToAdd = [.with { $0.header.key = "x-forwarded-for"; $0.header.value = "1" }] }
                 == "virtual_hosts[0].routes[0].request_headers_to_add[0].header.key")
         #expect(refusal { $0.virtualHosts[0].requestHeadersToRemove = ["x-debug"] } == "virtual_hosts[0].request_headers_to_add")
+    }
+
+    /// Vigil takes a connection for a TCP route by destination before it reads a byte: a TCP chain that covers an HTTP
+    /// chain Envoy would choose first is refused, unless its cluster is ORIGINAL_DST (which carries both, after
+    /// detection); a cluster named by a TCP proxy and by HTTP routes is refused.
+    @Test func tcpChainsThatWouldTakeHTTPChainsConnectionsAreRefused() throws {
+        let base = try VigilConfig.parse(yaml: """
+            xds: { server: "127.0.0.1:1" }
+            listeners:
+              - { name: virtualInbound, address: "127.0.0.1:15006", routes: [ { match: { prefix: "/" }, direct_response: { status: 503 } } ] }
+            clusters: []
+            """)
+        func cluster(_ name: String, originalDst: Bool = false) -> Google_Protobuf_Any {
+            var c = Envoy_Config_Cluster_V3_Cluster()
+            c.name = name
+            if originalDst {
+                c.type = .originalDst
+                c.lbPolicy = .clusterProvided
+            } else {
+                c.type = .eds
+                c.edsClusterConfig.edsConfig.ads = .init()
+            }
+            return Self.any(c)
+        }
+        var route = Envoy_Config_Route_V3_RouteConfiguration()
+        route.name = "r"
+        route.virtualHosts = [.with { $0.name = "all"; $0.domains = ["*"]; $0.routes = [.with { $0.match.prefix = "/"; $0.route.cluster = "app" }] }]
+        func joined(tcpCluster: String) throws(XDSRejection) -> VigilConfig {
+            var r = try XDSResources().applyingClusters([cluster("app"), cluster("db"), cluster("Passthrough", originalDst: true)])
+            r = try r.applyingListeners([Self.any(Self.listener("virtualInbound", port: 15006, [
+                Self.chain(port: 8080, [Self.connectionManager(rds: "r")]), Self.chain([Self.tcpProxy(tcpCluster)]),
+            ]))])
+            r = try r.applyingRoutes([Self.any(route)])
+            return try r.joined(to: base)
+        }
+        #expect(throws: XDSRejection.self) { try joined(tcpCluster: "db") }
+        let passthrough = try joined(tcpCluster: "Passthrough")
+        #expect(passthrough.cluster(named: "Passthrough")?.type == .originalDst && passthrough.cluster(named: "Passthrough")?.protocol != .tcp)
+        #expect(passthrough.listeners[0].routes.map { $0.direct == nil ? $0.cluster : "404" } == ["app", "404", "Passthrough"])
+        do {
+            _ = try joined(tcpCluster: "app")
+            Issue.record("a cluster carrying TCP and HTTP was joined")
+        } catch {
+            #expect(error.reason.hasPrefix("carries both"))
+        }
+    }
+
+    /// A virtual host with an exact name and a suffix is placed once for each: another host's longer suffix does not
+    /// come after this one's exact name, and names that differ only by port are one name to Vigil.
+    @Test func virtualHostsArePlacedByEachDomain() throws {
+        var config = Envoy_Config_Route_V3_RouteConfiguration()
+        config.name = "r"
+        config.virtualHosts = [
+            .with { $0.name = "mixed"; $0.domains = ["x.com", "*.com"]; $0.routes = [.with { $0.match.prefix = "/"; $0.route.cluster = "mixed" }] },
+            .with { $0.name = "foo"; $0.domains = ["*.foo.com"]; $0.routes = [.with { $0.match.prefix = "/"; $0.route.cluster = "foo" }] },
+        ]
+        let routes = try XDSRoutes.read(config)
+        #expect(routes.map { "\($0.cluster) \($0.match.authorities)" } == ["mixed [\"x.com\"]", "foo [\"*.foo.com\"]", "mixed [\"*.com\"]"])
+        #expect(routes[0].retry == nil)
+        config.virtualHosts[1].domains = ["x.com:8080"]
+        #expect(throws: XDSRejection.self) { try XDSRoutes.read(config) }
+        config.virtualHosts[1].domains = ["*foo.com"]
+        #expect(throws: XDSRejection.self) { try XDSRoutes.read(config) }
+        // Retries as Envoy's: any method, no budget.
+        config.virtualHosts[1].domains = ["foo.com"]
+        config.virtualHosts[1].retryPolicy = .with { $0.retryOn = "5xx"; $0.numRetries = .init(2) }
+        let retry = try #require(try XDSRoutes.read(config).first { $0.cluster == "foo" }?.retry)
+        #expect(retry.retryNonIdempotent && retry.attempts == 2 && retry.budgetRatio >= 10)
     }
 }

@@ -399,4 +399,27 @@ final class XDSMeshTests {
         }
         await proxy.stop()
     }
+
+    /// Before the server has sent a cluster a route splits requests to, the route answers 503 (and Vigil starts):
+    /// the split is not taken apart with a cluster missing.
+    @Test func aSplitToAClusterNotYetSentAnswers503() async throws {
+        let a = try await FakeUpstream(group: group, name: "a")
+        let proxy = try await ProxyHarness(yaml: """
+            access_log: { output: "off" }
+            xds: { server: "127.0.0.1:1" }
+            listeners:
+              - name: in
+                address: "127.0.0.1:0"
+                routes:
+                  - match: { prefix: "/split" }
+                    weighted_clusters: [ { cluster: local, weight: 50 }, { cluster: "outbound|8080||later.ns.svc.cluster.local", weight: 50 } ]
+                  - match: { prefix: "/" }
+                    cluster: local
+            clusters:
+              - { name: local, endpoints: ["127.0.0.1:\(a.port)"] }
+            """, group: group)
+        #expect(try await Self.get(proxy, "/split").0 == 503)
+        #expect(try await Self.get(proxy, "/other").1 == "a")
+        await proxy.stop()
+    }
 }

@@ -132,6 +132,39 @@ struct XDSWireTests {
         }?.path == "load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address")
     }
 
+    /// Istio's clusters as Envoy takes them: ORIGINAL_DST with CLUSTER_PROVIDED (and only it), thresholds of
+    /// 4294967295 (no limit), a base ejection time past 300 s with no maximum, an inline assignment's health and
+    /// priorities as EDS's.
+    @Test func istiosClustersAreTakenAsEnvoyTakesThem() throws {
+        var passthrough = Envoy_Config_Cluster_V3_Cluster()
+        passthrough.name = "PassthroughCluster"
+        passthrough.type = .originalDst
+        passthrough.lbPolicy = .clusterProvided
+        passthrough.circuitBreakers.thresholds = [.with { $0.maxConnections = .init(4_294_967_295); $0.maxRetries = .init(4_294_967_295) }]
+        let read = try XDSClusters.read(passthrough)
+        #expect(read.config.type == .originalDst && read.config.circuitBreakers.maxConnections == 4_294_967_295)
+        passthrough.lbPolicy = .roundRobin
+        #expect(throws: XDSRejection.self) { try XDSClusters.read(passthrough) }
+        var eds = Envoy_Config_Cluster_V3_Cluster()
+        eds.name = "e"
+        eds.type = .eds
+        eds.edsClusterConfig.edsConfig.ads = .init()
+        eds.lbPolicy = .clusterProvided
+        #expect(throws: XDSRejection.self) { try XDSClusters.read(eds) }
+        eds.lbPolicy = .roundRobin
+        eds.outlierDetection.baseEjectionTime = .init(seconds: 600)
+        #expect(try XDSClusters.read(eds).config.outlierDetection?.maxEjectionTime == .seconds(600))
+        var inline = Envoy_Config_Cluster_V3_Cluster()
+        inline.name = "s"
+        inline.type = .static
+        func lb(_ ip: String, _ health: Envoy_Config_Core_V3_HealthStatus) -> Envoy_Config_Endpoint_V3_LbEndpoint {
+            .with { $0.endpoint.address.socketAddress = .with { $0.address = ip; $0.portValue = 80 }; $0.healthStatus = health }
+        }
+        inline.loadAssignment.endpoints = [.with { $0.lbEndpoints = [lb("10.0.0.1", .healthy), lb("10.0.0.2", .unhealthy)] },
+                                           .with { $0.priority = 1; $0.lbEndpoints = [lb("10.0.0.3", .healthy)] }]
+        #expect(try XDSClusters.read(inline).config.endpoints == [SocketAddressSpec(host: "10.0.0.1", port: 80)])
+    }
+
     /// A field Vigil's protos do not declare, anywhere in a resource, refuses it with the field's number and where it
     /// sits: Envoy's `filters` (40) on a cluster, a TCP health check (9) inside a health check.
     @Test func aFieldVigilDoesNotDeclareIsRefusedNotIgnored() throws {

@@ -140,12 +140,12 @@ public final class AuditLog: Sendable {
     /// The latest record's seq and hash (what a verifier of the files should end at).
     public var head: (seq: UInt64, hash: String) { chain.withLockedValue { ($0.chain.lastSeq, $0.chain.lastHash) } }
 
-    /// Takes every event of `events` into the log from now on (buffered, like `append`). Policy changes are
-    /// left out: the policy controller writes them itself, fsync'd, before they apply. The actor is the one
+    /// Takes every event of `events` into the log from now on (buffered, like `append`). Policy changes and xDS
+    /// updates are left out: the policy controller writes them itself, fsync'd, before they apply. The actor is the one
     /// the event names (a refused push), else `defaultActor`.
     public func follow(_ events: HealingEventLog, defaultActor: String) {
         _ = events.subscribe { [self] record in
-            guard record.event.kind != .policyApplied else { return }
+            guard ![.policyApplied, .xdsApplied, .xdsRejected].contains(record.event.kind) else { return }
             append(kind: record.event.kind.rawValue, actor: record.event.evidence["actor"]?.stringValue ?? defaultActor,
                    payload: record.json, timeNanos: record.timeNanos)
         }

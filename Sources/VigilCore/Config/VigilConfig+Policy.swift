@@ -223,7 +223,10 @@ extension VigilConfig {
             for r in config.listeners[l].routes.indices {
                 config.listeners[l].routes[r].mirrors.removeAll { !present.contains($0.cluster) }
                 if config.listeners[l].routes[r].clusterNames.contains(where: { !present.contains($0) }) {
+                    // The whole route answers (not only the missing cluster's share of a split).
                     config.listeners[l].routes[r].direct = .response(status: 503, body: "")
+                    config.listeners[l].routes[r].weightedClusters = []
+                    config.listeners[l].routes[r].cluster = ""
                 }
             }
         }

@@ -21,7 +21,8 @@ public struct XDSConfig: Sendable, Equatable {
     /// loopback address (a local agent such as istio-agent), as for the control plane's tokens.
     public var tls: ClusterTLSConfig?
     public var node: Node
-    /// How long a new resource waits for the ones it needs (a cluster for its endpoints) before it is used as it is.
+    /// How long a listener waits for the route configurations it names before it runs without them (Envoy's
+    /// initial_fetch_timeout for RDS).
     public var initialFetchTimeout: TimeAmount = .seconds(15)
 
     public init(server: SocketAddressSpec, node: Node) {

@@ -125,6 +125,15 @@ public struct CIDR: Sendable, Hashable, CustomStringConvertible {
         return high == d.high && Self.samePrefix(low, d.low, bits: prefix - 64, width: 64)
     }
 
+    /// Whether some address is in both ranges (one contains the other).
+    public func overlaps(_ other: CIDR) -> Bool {
+        guard other.isIPv6 == isIPv6 else { return false }
+        let bits = min(prefix, other.prefix)
+        if !isIPv6 { return Self.samePrefix(low, other.low, bits: bits, width: 32) }
+        if bits <= 64 { return Self.samePrefix(high, other.high, bits: bits, width: 64) }
+        return high == other.high && Self.samePrefix(low, other.low, bits: bits - 64, width: 64)
+    }
+
     /// Whether the top `bits` of two `width`-bit numbers agree.
     private static func samePrefix(_ a: UInt64, _ b: UInt64, bits: Int, width: Int) -> Bool {
         guard bits > 0 else { return true }

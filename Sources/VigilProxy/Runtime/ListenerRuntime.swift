@@ -113,7 +113,7 @@ final class ListenerRoutes: Sendable {
             }
         }
         self.weightedClusters = listener.routes.map { route in
-            guard !route.weightedClusters.isEmpty,
+            guard route.direct == nil, !route.weightedClusters.isEmpty,
                   let choice = WeightedChoice(weights: route.weightedClusters.map(\.weight)) else { return nil }
             return (route.weightedClusters.map { clusterSlots[$0.cluster]! }, choice)
         }
