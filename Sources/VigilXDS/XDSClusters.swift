@@ -12,6 +12,22 @@ public enum XDSClusters {
     public struct Read: Sendable, Equatable {
         public var config: ClusterConfig
         public var edsServiceName: String?
+        /// TLS to the hosts, with its certificate and trust named by SDS (made a `ClusterTLSConfig` once they arrive).
+        public var tls: UpstreamTLS?
+    }
+
+    /// An `UpstreamTlsContext` as Vigil reads it.
+    public struct UpstreamTLS: Sendable, Equatable {
+        /// The SDS secret with Vigil's certificate and key (none: no client certificate).
+        public var certificate: String?
+        /// The SDS secret with the trust the hosts' certificates must chain to.
+        public var trust: String
+        /// The identity the hosts' certificates must carry (a URI or DNS SAN matched exactly); nil: the chain only.
+        public var identity: String?
+        public var sni: String?
+        public var alpn: [String]
+        /// The SDS names it needs.
+        public var secretNames: [String] { [certificate, trust].compactMap { $0 } }
     }
 
     public static func read(_ cluster: Envoy_Config_Cluster_V3_Cluster) throws(XDSRejection) -> Read {
@@ -102,10 +118,10 @@ public enum XDSClusters {
                                                   "\(path).common_http_protocol_options.idle_timeout")
             }
         }
-        if cluster.hasTransportSocket || !cluster.transportSocketMatches.isEmpty {
-            throw refuse(cluster.hasTransportSocket ? "transport_socket" : "transport_socket_matches",
-                         "TLS to a cluster's hosts from xDS needs its certificates from SDS, which Vigil does not read yet")
+        if !cluster.transportSocketMatches.isEmpty {
+            throw refuse("transport_socket_matches", "choosing TLS per host (Istio's tlsMode) is not supported: give the cluster one transport_socket")
         }
+        let tls = cluster.hasTransportSocket ? try upstreamTLS(cluster.transportSocket, cluster: name) : nil
         if cluster.healthChecks.count > 1 {
             throw refuse("health_checks", "has \(cluster.healthChecks.count) checks: Vigil runs one per cluster")
         }
@@ -115,7 +131,71 @@ public enum XDSClusters {
         if cluster.hasOutlierDetection {
             config.outlierDetection = try outlierDetection(cluster.outlierDetection, cluster: name)
         }
-        return Read(config: config, edsServiceName: eds)
+        return Read(config: config, edsServiceName: eds, tls: tls)
+    }
+
+    static let tlsSocket = "envoy.transport_sockets.tls"
+
+    /// `transport_socket` "envoy.transport_sockets.tls" with an `UpstreamTlsContext` whose certificate and trust come by
+    /// SDS on the ADS stream; what Vigil cannot check as Envoy would (several identities, matchers other than exact,
+    /// inline material, another SDS server) is refused.
+    static func upstreamTLS(_ socket: Envoy_Config_Core_V3_TransportSocket, cluster name: String) throws(XDSRejection) -> UpstreamTLS {
+        func refuse(_ path: String, _ reason: String) -> XDSRejection {
+            XDSRejection(resource: name, path: "transport_socket.\(path)", reason: reason)
+        }
+        guard socket.name == tlsSocket, case .typedConfig(let any)? = socket.configType,
+              any.isA(Envoy_Extensions_TransportSockets_Tls_V3_UpstreamTlsContext.self),
+              let context = try? Envoy_Extensions_TransportSockets_Tls_V3_UpstreamTlsContext(unpackingAny: any) else {
+            throw refuse("name", "\"\(socket.name)\" with its config is not a transport socket Vigil has (\(tlsSocket) with an UpstreamTlsContext)")
+        }
+        try XDSUnknownFields.check(context, resource: name, path: "transport_socket.typed_config")
+        let common = context.commonTlsContext
+        func sds(_ config: Envoy_Extensions_TransportSockets_Tls_V3_SdsSecretConfig, _ path: String) throws(XDSRejection) -> String {
+            guard !config.name.isEmpty else { throw refuse("\(path).name", "is empty") }
+            switch config.sdsConfig.configSourceSpecifier {
+            case .ads?, .self_p?: return config.name
+            default: throw refuse("\(path).sds_config", "secrets come on the ADS stream (ads or self): a separate SDS server is not supported yet")
+            }
+        }
+        guard common.tlsCertificateSdsSecretConfigs.count <= 1 else {
+            throw refuse("typed_config.common_tls_context.tls_certificate_sds_secret_configs", "Vigil presents one certificate")
+        }
+        let certificate = try common.tlsCertificateSdsSecretConfigs.first.map { c throws(XDSRejection) in
+            try sds(c, "typed_config.common_tls_context.tls_certificate_sds_secret_configs[0]")
+        }
+        let trust: String
+        var identities: [String] = []
+        let validation = "typed_config.common_tls_context"
+        switch common.validationContextType {
+        case .validationContextSdsSecretConfig(let c)?:
+            trust = try sds(c, "\(validation).validation_context_sds_secret_config")
+        case .combinedValidationContext(let combined)?:
+            let path = "\(validation).combined_validation_context"
+            trust = try sds(combined.validationContextSdsSecretConfig, "\(path).validation_context_sds_secret_config")
+            let defaults = combined.defaultValidationContext
+            if defaults.hasTrustedCa { throw refuse("\(path).default_validation_context.trusted_ca", "the trust comes by SDS") }
+            for (i, m) in defaults.matchTypedSubjectAltNames.enumerated() {
+                guard [.uri, .dns].contains(m.sanType), case .exact(let v)? = m.matcher.matchPattern, !m.matcher.ignoreCase else {
+                    throw refuse("\(path).default_validation_context.match_typed_subject_alt_names[\(i)]",
+                                 "Vigil matches a URI or DNS name exactly")
+                }
+                identities.append(v)
+            }
+            for (i, m) in defaults.matchSubjectAltNames.enumerated() {
+                guard case .exact(let v)? = m.matchPattern, !m.ignoreCase else {
+                    throw refuse("\(path).default_validation_context.match_subject_alt_names[\(i)]", "Vigil matches a name exactly")
+                }
+                identities.append(v)
+            }
+        case nil:
+            throw refuse(validation, "needs a validation context: Vigil checks the hosts' certificates")
+        }
+        guard identities.count <= 1 else {
+            throw refuse("\(validation).combined_validation_context.default_validation_context",
+                         "names \(identities.count) identities: Vigil checks one per cluster")
+        }
+        return UpstreamTLS(certificate: certificate, trust: trust, identity: identities.first,
+                           sni: context.sni.isEmpty ? nil : context.sni, alpn: common.alpnProtocols)
     }
 
     /// Envoy's active health check as Vigil's: HTTP GET or gRPC's health service, on Envoy's schedule. Vigil opens a

@@ -13,6 +13,14 @@ public struct XDSResources: Sendable {
     public private(set) var listeners: [String: XDSListeners.Read] = [:]
     /// Route configurations (RDS) by name.
     public private(set) var routeConfigs: [String: [RouteConfig]] = [:]
+    /// Secrets (SDS) by name.
+    public private(set) var secrets: [String: Secret] = [:]
+
+    /// A secret as Vigil uses it: PEM text, written to files under `state_dir` that the clusters' TLS reads.
+    public enum Secret: Sendable, Equatable {
+        case certificate(chain: String, key: String)
+        case trust(String)
+    }
     /// The routes each of the file's listeners takes from xDS. A listener whose chains need a route configuration that
     /// has not arrived keeps what it had (Envoy's warming: the old listener serves until the new one is complete);
     /// one that never had any keeps the file's routes.
@@ -25,6 +33,57 @@ public struct XDSResources: Sendable {
 
     /// The RDS resources the listeners need.
     public var routeNames: [String] { Set(listeners.values.flatMap(\.routeNames)).sorted() }
+
+    /// The SDS resources the clusters need.
+    public var secretNames: [String] { Set(clusters.values.flatMap { $0.tls?.secretNames ?? [] }).sorted() }
+
+    /// SDS: each secret in `resources` replaces the one of its name; the others stay. One no cluster names is left out.
+    public func applyingSecrets(_ resources: [Google_Protobuf_Any]) throws(XDSRejection) -> XDSResources {
+        var next = self
+        let wanted = Set(secretNames)
+        for (i, any) in resources.enumerated() {
+            let secret: Envoy_Extensions_TransportSockets_Tls_V3_Secret = try Self.decode(any, index: i, kind: "Secret")
+            guard wanted.contains(secret.name) else { continue }
+            try XDSUnknownFields.check(secret, resource: secret.name, path: "")
+            func pem(_ source: Envoy_Config_Core_V3_DataSource, _ path: String) throws(XDSRejection) -> String {
+                switch source.specifier {
+                case .inlineBytes(let b)?: return String(decoding: b, as: UTF8.self)
+                case .inlineString(let s)?: return s
+                case nil: throw XDSRejection(resource: secret.name, path: path, reason: "needs inline_bytes or inline_string")
+                }
+            }
+            switch secret.type {
+            case .tlsCertificate(let c)?:
+                next.secrets[secret.name] = .certificate(chain: try pem(c.certificateChain, "tls_certificate.certificate_chain"),
+                                                         key: try pem(c.privateKey, "tls_certificate.private_key"))
+            case .validationContext(let v)?:
+                guard v.matchSubjectAltNames.isEmpty, v.matchTypedSubjectAltNames.isEmpty else {
+                    throw XDSRejection(resource: secret.name, path: "validation_context",
+                                       reason: "names to match belong in the cluster's default_validation_context")
+                }
+                next.secrets[secret.name] = .trust(try pem(v.trustedCa, "validation_context.trusted_ca"))
+            case nil:
+                throw XDSRejection(resource: secret.name, path: "type", reason: "needs tls_certificate or validation_context")
+            }
+        }
+        return next
+    }
+
+    /// Where a secret's PEM lives under `stateDir`, named by its content (a rotated secret is a new file, which the
+    /// cluster's TLS loads for new handshakes), with the text to write.
+    static func secretFile(_ text: String, stateDir: String) -> (path: String, text: String) {
+        ("\(stateDir)/xds-secrets/\(AuditChain.sha256Hex(text)).pem", text)
+    }
+
+    /// The files the clusters' TLS needs, to be written (0600) before the configuration that names them applies.
+    public func secretFiles(stateDir: String) -> [(path: String, text: String)] {
+        secrets.values.flatMap { secret -> [(path: String, text: String)] in
+            switch secret {
+            case .certificate(let chain, let key): [Self.secretFile(chain, stateDir: stateDir), Self.secretFile(key, stateDir: stateDir)]
+            case .trust(let ca): [Self.secretFile(ca, stateDir: stateDir)]
+            }
+        }
+    }
 
     /// Telemetry filters the listeners carry that Vigil left out, by listener (for /config_dump).
     public var ignoredFilters: [String: [String]] { listeners.compactMapValues { $0.ignoredFilters.isEmpty ? nil : $0.ignoredFilters } }
@@ -103,6 +162,8 @@ public struct XDSResources: Sendable {
         }
         let used = Set(next.endpointNames)
         next.assignments = next.assignments.filter { used.contains($0.key) }
+        let secretsUsed = Set(next.secretNames)
+        next.secrets = next.secrets.filter { secretsUsed.contains($0.key) }
         return next
     }
 
@@ -138,6 +199,20 @@ public struct XDSResources: Sendable {
             }
             if let service = cluster.edsServiceName {
                 cluster.config.endpoints = try Self.routable(assignments[service] ?? [], resource: service)
+            }
+            if let tls = cluster.tls {
+                // Until its secrets arrive the cluster is left out (Envoy's warming: its routes answer 503).
+                guard case .trust(let ca)? = secrets[tls.trust] else { continue }
+                var made = ClusterTLSConfig(ca: Self.secretFile(ca, stateDir: base.stateDir).path)
+                if let name = tls.certificate {
+                    guard case .certificate(let chain, let key)? = secrets[name] else { continue }
+                    made.cert = Self.secretFile(chain, stateDir: base.stateDir).path
+                    made.key = Self.secretFile(key, stateDir: base.stateDir).path
+                }
+                made.serverIdentity = tls.identity
+                made.sni = tls.sni
+                made.alpn = tls.alpn.isEmpty ? nil : tls.alpn
+                cluster.config.tls = made
             }
             config.clusters.append(cluster.config)
         }

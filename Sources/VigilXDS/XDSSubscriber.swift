@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import Metrics
 import NIOCore
@@ -17,6 +18,7 @@ import VigilProxy
 /// `vigil_xds_connected`.
 public final class XDSSubscriber: Sendable {
     public let config: XDSConfig
+    let stateDir: String
     let client: ADSClient
     let policy: PolicyController
     let events: HealingEventLog
@@ -38,6 +40,7 @@ public final class XDSSubscriber: Sendable {
     public init(config: XDSConfig, policy: PolicyController, runtime: ProxyRuntime, logger: Logger,
                 sleep: @escaping @Sendable (TimeAmount) async throws -> Void = { try await Task.sleep(nanoseconds: UInt64($0.nanoseconds)) }) {
         self.config = config
+        self.stateDir = runtime.config.stateDir
         self.sleep = sleep
         self.policy = policy
         self.events = runtime.events
@@ -144,6 +147,44 @@ public final class XDSSubscriber: Sendable {
         warming.withLock { $0.tasks[id] = task }
     }
 
+    /// Writes the PEM files the clusters' TLS will read (content-named: one already there is left as it is), owner-only.
+    private func writeSecretFiles(_ resources: XDSResources) -> Result<Void, XDSRejection> {
+        let files = resources.secretFiles(stateDir: stateDir)
+        guard !files.isEmpty else { return .success(()) }
+        do {
+            try FileSystem.makeDirectories(stateDir + "/xds-secrets")
+            for file in files where access(file.path, F_OK) != 0 {
+                try Self.writePrivately(file.path, file.text)
+            }
+            return .success(())
+        } catch {
+            return .failure(XDSRejection(resource: "Secret", path: "", reason: "could not be written under state_dir: \(error)"))
+        }
+    }
+
+    /// Written to a temporary file created owner-only (a private key is never readable by others, not even for a
+    /// moment), synced, then renamed into place.
+    static func writePrivately(_ path: String, _ text: String) throws {
+        struct WriteFailed: Error, CustomStringConvertible { let description: String }
+        let temp = path + ".tmp"
+        let fd = open(temp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw WriteFailed(description: "\(temp): \(String(cString: strerror(errno)))") }
+        let bytes = Array(text.utf8)
+        var written = 0
+        while written < bytes.count {
+            let n = bytes[written...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            if n < 0, errno == EINTR { continue }
+            guard n > 0 else {
+                close(fd)
+                throw WriteFailed(description: "\(temp): \(String(cString: strerror(errno)))")
+            }
+            written += n
+        }
+        fsync(fd)
+        close(fd)
+        guard rename(temp, path) == 0 else { throw WriteFailed(description: "\(path): \(String(cString: strerror(errno)))") }
+    }
+
     /// `next` joined to whatever the policy in force makes of the config file, and checked as the file is.
     static func overlay(_ next: Result<XDSResources, XDSRejection>) -> PolicyController.Overlay {
         { base throws(ConfigErrors) in
@@ -175,8 +216,12 @@ public final class XDSSubscriber: Sendable {
             case XDSTypeURL.endpoints: try current.applyingEndpoints(resources)
             case XDSTypeURL.listener: try current.applyingListeners(resources)
             case XDSTypeURL.route: try current.applyingRoutes(resources)
+            case XDSTypeURL.secret: try current.applyingSecrets(resources)
             default: throw XDSRejection(resource: typeURL, path: "type_url", reason: "is not a type Vigil subscribed to")
             }
+        }
+        if case .success(let resources) = next, case .failure(let refusal) = writeSecretFiles(resources) {
+            return refusal
         }
         let outcome = await policy.applyOverlay(Self.overlay(next), actor: config.actor, evidence: [
             ("type", .string(type)), ("version", .string(version)), ("resources", .int(resources.count)),
@@ -188,7 +233,7 @@ public final class XDSSubscriber: Sendable {
             accepted.withLock { $0 = live }
             // Named types follow what the wildcard ones name (an unchanged list sends nothing).
             let follows: [(String, [String])] = switch typeURL {
-            case XDSTypeURL.cluster: [(XDSTypeURL.endpoints, live.endpointNames)]
+            case XDSTypeURL.cluster: [(XDSTypeURL.endpoints, live.endpointNames), (XDSTypeURL.secret, live.secretNames)]
             case XDSTypeURL.listener: [(XDSTypeURL.route, live.routeNames)]
             default: []
             }

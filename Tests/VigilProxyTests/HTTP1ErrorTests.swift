@@ -243,11 +243,11 @@ import VigilTestSupport
     }
 
     @Test func slowHeadsGet408() async throws {
-        // The first head is due within header_timeout of the connection's start; 5 s leaves a loaded machine
-        // time to send the partial head first (1 s was once not enough in a full parallel run on two cores, and the
-        // connection, having sent nothing by then, was closed without an answer). The exact timing is tested with
-        // a manual clock.
-        let (proxy, _) = try await setup(ProxyHarness.simple(limits: "header_timeout: 5s"))
+        // The first head is due within header_timeout of the connection's start; 10 s leaves a loaded machine
+        // time to send the partial head first (1 s, then 5 s, were once not enough in a full parallel run on two
+        // cores beside Envoy and gRPC peers starting, and the connection, having sent nothing by then, was closed
+        // without an answer). The exact timing is tested with a manual clock.
+        let (proxy, _) = try await setup(ProxyHarness.simple(limits: "header_timeout: 10s"))
         let client = try await proxy.client()
         try await client.send("GET / HTTP/1.1\r\nHost: a\r\n")
         let r = try #require(try await client.response())

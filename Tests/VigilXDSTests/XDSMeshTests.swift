@@ -38,6 +38,7 @@ final class XDSMeshTests {
                     sleep: (@Sendable (TimeAmount) async throws -> Void)? = nil) async throws -> (ProxyHarness, XDSSubscriber, Task<Void, Never>, AuditLog) {
         let yaml = """
             access_log: { output: "off" }
+            state_dir: "\(scratch.file("state"))"
             xds: { server: "127.0.0.1:\(server.port)", node: { id: "sidecar~127.0.0.1~api-1.ns~ns.svc.cluster.local", cluster: api } }
             \(listeners)
             clusters:
@@ -130,8 +131,9 @@ final class XDSMeshTests {
         try server.publish(version: "5", [Self.cds: [XDSServerPeer.cluster()], Self.eds: [XDSServerPeer.assignment(ports: [b.port])]])
         try await waitForUpstream(proxy, "b", "traffic again at version 5")
         try server.dropStreams()
-        try await waitUntil("a second stream that asks with version 5", seconds: 20) {
-            server.requests.contains { ($0["stream"] as? Int) == 2 && ($0["typeUrl"] as? String) == Self.cds && ($0["versionInfo"] as? String) == "5" }
+        try await waitUntil("a second stream that asks for clusters and endpoints with version 5", seconds: 20) {
+            let second = server.requests.filter { ($0["stream"] as? Int) == 2 && ($0["versionInfo"] as? String) == "5" }
+            return second.contains { ($0["typeUrl"] as? String) == Self.cds } && second.contains { ($0["typeUrl"] as? String) == Self.eds }
         }
         let second = server.requests.filter { ($0["stream"] as? Int) == 2 }
         #expect((second.first?["node"] as? [String: Any])?["id"] != nil)
@@ -420,6 +422,59 @@ final class XDSMeshTests {
             """, group: group)
         #expect(try await Self.get(proxy, "/split").0 == 503)
         #expect(try await Self.get(proxy, "/other").1 == "a")
+        await proxy.stop()
+    }
+
+    /// TLS to a cluster's hosts from xDS, its certificate and trust by SDS name (Istio's `default` and `ROOTCA`): the
+    /// cluster waits for its secrets, then carries mutual TLS checked against the identity the cluster names; a trust
+    /// rotated through SDS takes effect on new handshakes.
+    @Test func secretsFromSDSGiveAClusterMutualTLS() async throws {
+        let f = try TLSFixture()
+        let svcID = "spiffe://corp/ns/ns/sa/svc"
+        try f.issue(svcID, as: "svc")
+        let tlsUpstream = try await FakeUpstream(group: group, name: "tls", tls: try f.serverContext(cert: "svc", requireClientCert: true))
+        let sds = XDSTypeURL.secret
+        var cluster = XDSServerPeer.cluster()
+        let ads: [String: Any] = ["ads": [String: Any](), "resource_api_version": "V3"]
+        cluster["transport_socket"] = ["name": "envoy.transport_sockets.tls", "typed_config": [
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": [
+                "tls_certificate_sds_secret_configs": [["name": "default", "sds_config": ads]],
+                "combined_validation_context": [
+                    "default_validation_context": ["match_typed_subject_alt_names": [["san_type": "URI", "matcher": ["exact": svcID]]]],
+                    "validation_context_sds_secret_config": ["name": "ROOTCA", "sds_config": ads],
+                ],
+            ],
+        ]]
+        func secret(_ name: String, _ body: [String: Any]) -> [String: Any] {
+            ["@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret", "name": name].merging(body) { a, _ in a }
+        }
+        let pem = { (file: String) in try String(contentsOfFile: f.path(file), encoding: .utf8) }
+        let certificate = secret("default", ["tls_certificate": ["certificate_chain": ["inline_string": try pem("vigil.pem")],
+                                                                 "private_key": ["inline_string": try pem("vigil-key.pem")]]])
+        func trust(_ file: String) throws -> [String: Any] { secret("ROOTCA", ["validation_context": ["trusted_ca": ["inline_string": try pem(file)]]]) }
+        var resources: [String: [[String: Any]]] = [Self.cds: [cluster], Self.eds: [XDSServerPeer.assignment(ports: [tlsUpstream.port])]]
+        let server = try await XDSServerPeer.start(scratch, version: "1", resources)
+        defer { server.process.signal(SIGKILL) }
+        let (proxy, _, task, _) = try await startVigil(server: server)
+        defer { task.cancel() }
+        // No secrets yet: the cluster waits (503), and SDS was asked for by the names the cluster gave.
+        try await waitUntil("SDS asked for by name") {
+            server.requests.contains { ($0["typeUrl"] as? String) == sds && ($0["resourceNames"] as? [String]) == ["ROOTCA", "default"] }
+        }
+        #expect(try await Self.get(proxy).0 == 503)
+        resources[sds] = [certificate, try trust("ca.pem")]
+        try server.publish(version: "2", resources)
+        try await waitForUpstream(proxy, "tls", "mutual TLS with the secrets from SDS")
+        // The trust rotated to another CA: the host's certificate no longer chains to it, and new handshakes fail.
+        resources[sds] = [certificate, try trust("other-ca.pem")]
+        try server.publish(version: "3", resources)
+        try await waitForUpstream(proxy, nil, status: 503, "new handshakes to check against the rotated trust")
+        let files = try FileManager.default.contentsOfDirectory(atPath: proxy.runtime.config.stateDir + "/xds-secrets")
+        #expect(files.count >= 3)
+        let key = try #require(files.first { (try? String(contentsOfFile: proxy.runtime.config.stateDir + "/xds-secrets/" + $0, encoding: .utf8))?.contains("PRIVATE KEY") == true })
+        let mode = try FileManager.default.attributesOfItem(atPath: proxy.runtime.config.stateDir + "/xds-secrets/" + key)[.posixPermissions] as? Int
+        #expect(mode == 0o600)
         await proxy.stop()
     }
 }

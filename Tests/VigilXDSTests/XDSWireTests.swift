@@ -118,7 +118,7 @@ struct XDSWireTests {
         #expect(rejection { $0.circuitBreakers.thresholds = [.with { $0.maxRequests = .init(0) }] }?.path
                 == "circuit_breakers.thresholds[0].max_requests")
         #expect(rejection { $0.commonLbConfig.healthyPanicThreshold.value = 150 }?.path == "common_lb_config.healthy_panic_threshold")
-        #expect(rejection { $0.transportSocket.name = "envoy.transport_sockets.tls" }?.path == "transport_socket")
+        #expect(rejection { $0.transportSocket.name = "envoy.transport_sockets.tls" }?.path == "transport_socket.name")  // no UpstreamTlsContext
         #expect(rejection { $0.outlierDetection.maxEjectionPercent = .init(101) }?.path == "outlier_detection.max_ejection_percent")
         #expect(rejection { $0.healthChecks = [.with { $0.httpHealthCheck.path = "/h" }] }?.path == "health_checks[0].timeout")
         #expect(rejection { $0.healthChecks = [.with { $0.interval = .init(seconds: 1); $0.timeout = .init(seconds: 1) }] }?.path

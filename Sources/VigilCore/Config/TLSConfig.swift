@@ -70,6 +70,9 @@ public struct ClusterTLSConfig: Sendable, Equatable {
     public var serverIdentity: String?
     /// SNI sent to the upstream; default none.
     public var sni: String?
+    /// The protocols offered by ALPN instead of the cluster protocol's (xDS's `alpn_protocols`: Istio's peers choose
+    /// their mutual-TLS chain by "istio"); nil: by protocol.
+    public var alpn: [String]?
 
     public init(ca: String) { self.ca = ca }
 }

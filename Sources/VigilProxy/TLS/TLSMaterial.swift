@@ -165,6 +165,7 @@ struct TLSMaterial: Sendable {
         case .http2: c.applicationProtocols = ["h2"]
         case .tcp: c.applicationProtocols = []
         }
+        if let alpn = tls.alpn { c.applicationProtocols = alpn }
         // The chain is verified by BoringSSL; the name is checked against server_identity by Vigil, since a
         // SPIFFE ID is a URI SAN, which hostname verification does not look at.
         c.certificateVerification = .noHostnameVerification
