@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import Metrics
 import NIOCore
+import NIOPosix
 import Synchronization
 import SwiftProtobuf
 import VigilControl
@@ -147,18 +148,32 @@ public final class XDSSubscriber: Sendable {
         warming.withLock { $0.tasks[id] = task }
     }
 
-    /// Writes the PEM files the clusters' TLS will read (content-named: one already there is left as it is), owner-only.
-    private func writeSecretFiles(_ resources: XDSResources) -> Result<Void, XDSRejection> {
+    /// Writes the PEM files the clusters' TLS will read (content-named: one already there is left as it is), owner-only,
+    /// on the thread pool (blocking I/O).
+    private func writeSecretFiles(_ resources: XDSResources) async -> Result<Void, XDSRejection> {
         let files = resources.secretFiles(stateDir: stateDir)
         guard !files.isEmpty else { return .success(()) }
+        let dir = stateDir + "/xds-secrets"
         do {
-            try FileSystem.makeDirectories(stateDir + "/xds-secrets")
-            for file in files where access(file.path, F_OK) != 0 {
-                try Self.writePrivately(file.path, file.text)
+            try await NIOThreadPool.singleton.runIfActive {
+                try FileSystem.makeDirectories(dir)
+                for file in files where access(file.path, F_OK) != 0 {
+                    try Self.writePrivately(file.path, file.text)
+                }
             }
             return .success(())
         } catch {
             return .failure(XDSRejection(resource: "Secret", path: "", reason: "could not be written under state_dir: \(error)"))
+        }
+    }
+
+    /// Removes the secret files no secret in force uses any longer (a rotated key does not stay on disk). The TLS in
+    /// force was loaded from the files when it was prepared, so none of it reads them again.
+    private func removeUnusedSecretFiles(_ resources: XDSResources) async {
+        let dir = stateDir + "/xds-secrets"
+        let keep = Set(resources.secretFiles(stateDir: stateDir).map(\.path))
+        _ = try? await NIOThreadPool.singleton.runIfActive {
+            for name in FileSystem.list(dir) where !keep.contains(dir + "/" + name) { unlink(dir + "/" + name) }
         }
     }
 
@@ -220,7 +235,7 @@ public final class XDSSubscriber: Sendable {
             default: throw XDSRejection(resource: typeURL, path: "type_url", reason: "is not a type Vigil subscribed to")
             }
         }
-        if case .success(let resources) = next, case .failure(let refusal) = writeSecretFiles(resources) {
+        if case .success(let resources) = next, case .failure(let refusal) = await writeSecretFiles(resources) {
             return refusal
         }
         let outcome = await policy.applyOverlay(Self.overlay(next), actor: config.actor, evidence: [
@@ -231,6 +246,7 @@ public final class XDSSubscriber: Sendable {
         case .applied:
             let live = try! next.get()  // applied means the overlay, and so `next`, succeeded
             accepted.withLock { $0 = live }
+            if typeURL == XDSTypeURL.secret || typeURL == XDSTypeURL.cluster { await removeUnusedSecretFiles(live) }
             // Named types follow what the wildcard ones name (an unchanged list sends nothing).
             let follows: [(String, [String])] = switch typeURL {
             case XDSTypeURL.cluster: [(XDSTypeURL.endpoints, live.endpointNames), (XDSTypeURL.secret, live.secretNames)]

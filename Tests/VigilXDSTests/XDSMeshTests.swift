@@ -470,8 +470,16 @@ final class XDSMeshTests {
         resources[sds] = [certificate, try trust("other-ca.pem")]
         try server.publish(version: "3", resources)
         try await waitForUpstream(proxy, nil, status: 503, "new handshakes to check against the rotated trust")
-        let files = try FileManager.default.contentsOfDirectory(atPath: proxy.runtime.config.stateDir + "/xds-secrets")
-        #expect(files.count >= 3)
+        // The certificate, its key and the trust in force; the trust rotated away is gone from disk (once the update
+        // that rotated it is ACKed: the files go after it is installed).
+        let secretsDir = proxy.runtime.config.stateDir + "/xds-secrets"
+        try await waitUntil("the rotated trust's ACK") {
+            server.requests.contains { ($0["typeUrl"] as? String) == sds && ($0["versionInfo"] as? String) == "3" }
+        }
+        let files = try FileManager.default.contentsOfDirectory(atPath: secretsDir)
+        #expect(files.count == 3, "\(files)")
+        #expect(!files.contains(AuditChain.sha256Hex(try pem("ca.pem")) + ".pem"))
+        #expect(files.contains(AuditChain.sha256Hex(try pem("other-ca.pem")) + ".pem"))
         let key = try #require(files.first { (try? String(contentsOfFile: proxy.runtime.config.stateDir + "/xds-secrets/" + $0, encoding: .utf8))?.contains("PRIVATE KEY") == true })
         let mode = try FileManager.default.attributesOfItem(atPath: proxy.runtime.config.stateDir + "/xds-secrets/" + key)[.posixPermissions] as? Int
         #expect(mode == 0o600)
