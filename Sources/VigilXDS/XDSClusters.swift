@@ -42,9 +42,9 @@ public enum XDSClusters {
         case .type(.static)?, nil, .type(.strictDns)?, .type(.logicalDns)?:
             // STRICT_DNS and LOGICAL_DNS: the endpoints are names Vigil resolves when it connects (as a static
             // cluster's named endpoints are).
+            // None may be left (all unhealthy, or none given, as Istio's BlackHoleCluster): the cluster answers 503.
             config.endpoints = try XDSResources.routable(
                 XDSEndpoints.hosts(of: cluster.loadAssignment, resource: name, path: "load_assignment"), resource: name)
-            if config.endpoints.isEmpty { throw refuse("load_assignment", "has no endpoints") }
         case .type(.eds)?:
             let source = cluster.edsClusterConfig.edsConfig
             switch source.configSourceSpecifier {
@@ -193,6 +193,9 @@ public enum XDSClusters {
         guard identities.count <= 1 else {
             throw refuse("\(validation).combined_validation_context.default_validation_context",
                          "names \(identities.count) identities: Vigil checks one per cluster")
+        }
+        for (i, p) in common.alpnProtocols.enumerated() where p.isEmpty || p.utf8.count > 255 || !p.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) {
+            throw refuse("typed_config.common_tls_context.alpn_protocols[\(i)]", "is not a protocol name (1 to 255 printable ASCII bytes)")
         }
         return UpstreamTLS(certificate: certificate, trust: trust, identity: identities.first,
                            sni: context.sni.isEmpty ? nil : context.sni, alpn: common.alpnProtocols)

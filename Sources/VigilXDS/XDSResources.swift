@@ -202,10 +202,17 @@ public struct XDSResources: Sendable {
             }
             if let tls = cluster.tls {
                 // Until its secrets arrive the cluster is left out (Envoy's warming: its routes answer 503).
-                guard case .trust(let ca)? = secrets[tls.trust] else { continue }
+                guard let trustSecret = secrets[tls.trust] else { continue }
+                guard case .trust(let ca) = trustSecret else {
+                    throw XDSRejection(resource: tls.trust, path: "validation_context", reason: "cluster \(name) takes it as its trust, and it is a certificate")
+                }
                 var made = ClusterTLSConfig(ca: Self.secretFile(ca, stateDir: base.stateDir).path)
-                if let name = tls.certificate {
-                    guard case .certificate(let chain, let key)? = secrets[name] else { continue }
+                if let certificateName = tls.certificate {
+                    guard let certificateSecret = secrets[certificateName] else { continue }
+                    guard case .certificate(let chain, let key) = certificateSecret else {
+                        throw XDSRejection(resource: certificateName, path: "tls_certificate",
+                                           reason: "cluster \(name) takes it as its certificate, and it is a trust")
+                    }
                     made.cert = Self.secretFile(chain, stateDir: base.stateDir).path
                     made.key = Self.secretFile(key, stateDir: base.stateDir).path
                 }
@@ -290,26 +297,30 @@ public struct XDSResources: Sendable {
                                    reason: "is a cluster of the config file without protocol: tcp, and a TCP proxy sends connections to it")
             }
         }
-        // Vigil takes a connection for a TCP route by its destination before it reads a byte, so a TCP chain must not
-        // also cover the destinations of an HTTP chain that Envoy would choose before it (a more specific one).
-        for l in listeners.values {
-            for (j, later) in l.chains.enumerated() {
-                guard case .tcp(let cluster, _, _) = later.kind, tcp.contains(cluster) else { continue }
-                for earlier in l.chains[..<j] {
-                    guard case .http = earlier.kind, Self.covers(later, earlier) else { continue }
+        // Vigil takes a connection for a TCP route by its destination before it reads a byte, so a TCP route must not
+        // also cover the destinations of HTTP routes laid out before it (chains Envoy would choose first), in the final
+        // list of each listener, the virtual listeners' included.
+        for l in listeners.values where l.bindsPort {
+            guard let routes = listenerRoutes[l.name] else { continue }
+            var http: [RouteMatch] = []
+            for route in routes {
+                guard route.direct == nil, tcp.contains(route.cluster) else {
+                    http.append(route.match)
+                    continue
+                }
+                if let earlier = http.first(where: { Self.covers(route.match, $0) }) {
                     throw XDSRejection(resource: l.name, path: "filter_chains",
-                                       reason: "the TCP proxy chain to \(cluster) also matches the destinations of an HTTP chain before it (port \(earlier.destinationPort.map(String.init) ?? "any")): Vigil picks a TCP route by destination before it reads the request, so it would take them; give the TCP chain its own port or range, or send it to an ORIGINAL_DST cluster")
+                                       reason: "the TCP proxy chain to \(route.cluster) also matches the destinations of an HTTP chain chosen before it (port \(earlier.destinationPort.map(String.init) ?? "any")): Vigil picks a TCP route by destination before it reads the request, so it would take them; give the TCP chain its own port or range, or send it to an ORIGINAL_DST cluster")
                 }
             }
         }
     }
 
-    /// Whether chain `a`'s destinations include some of `b`'s.
-    static func covers(_ a: XDSListeners.Chain, _ b: XDSListeners.Chain) -> Bool {
+    /// Whether some destination matches both `a` and `b` (by port and address range; none set: any).
+    static func covers(_ a: RouteMatch, _ b: RouteMatch) -> Bool {
         if let pa = a.destinationPort, let pb = b.destinationPort, pa != pb { return false }
-        if a.destinationPort != nil, b.destinationPort == nil { return true }
-        if a.prefixRanges.isEmpty || b.prefixRanges.isEmpty { return true }
-        return a.prefixRanges.contains { x in b.prefixRanges.contains { x.overlaps($0) } }
+        guard let ra = a.destinationCIDR, let rb = b.destinationCIDR else { return true }
+        return ra.overlaps(rb)
     }
 
     /// The addresses of the hosts a cluster sends to: those the control plane marks routable, of the highest priority

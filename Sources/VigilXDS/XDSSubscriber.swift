@@ -67,7 +67,6 @@ public final class XDSSubscriber: Sendable {
 
     /// Runs until the task is cancelled (Vigil's shutdown).
     public func run() async {
-        defer { for t in warming.withLock({ $0.tasks.values }) { t.cancel() } }
         do {
             // Clusters before listeners, as Envoy asks; endpoints and routes follow by name as those take effect.
             try await client.run(subscriptions: [(XDSTypeURL.cluster, []), (XDSTypeURL.listener, [])],
@@ -77,6 +76,11 @@ public final class XDSSubscriber: Sendable {
         } catch {
             // Only cancellation ends `run`.
         }
+        // The warming waits end with it, and are waited for, so none installs anything once `run` has returned (Vigil
+        // then drains).
+        let waits = warming.withLock { Array($0.tasks.values) }
+        for t in waits { t.cancel() }
+        for t in waits { await t.value }
     }
 
     /// The protocol state for `/config_dump`: per type, the version accepted and the nonce last received.
@@ -156,8 +160,10 @@ public final class XDSSubscriber: Sendable {
         let dir = stateDir + "/xds-secrets"
         do {
             try await NIOThreadPool.singleton.runIfActive {
-                try FileSystem.makeDirectories(dir)
-                for file in files where access(file.path, F_OK) != 0 {
+                try Self.privateDirectory(dir)
+                // A file already there is used only if it holds exactly this secret (its name is a hash anyone can
+                // compute, so the content is what counts).
+                for file in files where (try? FileSystem.read(file.path)) != file.text {
                     try Self.writePrivately(file.path, file.text)
                 }
             }
@@ -177,12 +183,27 @@ public final class XDSSubscriber: Sendable {
         }
     }
 
+    struct WriteFailed: Error, CustomStringConvertible { let description: String }
+
+    /// `dir`, made owner-only if it is not there; refused if it is a symbolic link or not this user's, since the keys
+    /// go in it.
+    static func privateDirectory(_ dir: String) throws {
+        try FileSystem.makeDirectories((dir as NSString).deletingLastPathComponent)
+        if mkdir(dir, 0o700) != 0, errno != EEXIST { throw WriteFailed(description: "\(dir): \(String(cString: strerror(errno)))") }
+        var st = stat()
+        guard lstat(dir, &st) == 0, st.st_mode & S_IFMT == S_IFDIR, st.st_uid == getuid() else {
+            throw WriteFailed(description: "\(dir) is not a directory of this user (a link, or someone else's): secrets are not written there")
+        }
+        chmod(dir, 0o700)
+    }
+
     /// Written to a temporary file created owner-only (a private key is never readable by others, not even for a
     /// moment), synced, then renamed into place.
     static func writePrivately(_ path: String, _ text: String) throws {
-        struct WriteFailed: Error, CustomStringConvertible { let description: String }
         let temp = path + ".tmp"
-        let fd = open(temp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        // A temporary file left by a crash, or put there, is replaced, never written through.
+        unlink(temp)
+        let fd = open(temp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw WriteFailed(description: "\(temp): \(String(cString: strerror(errno)))") }
         let bytes = Array(text.utf8)
         var written = 0
@@ -225,7 +246,7 @@ public final class XDSSubscriber: Sendable {
         await turn.take()
         defer { turn.end() }
         let current = accepted.withLock { $0 }
-        let next: Result<XDSResources, XDSRejection> = Result { () throws(XDSRejection) in
+        var next: Result<XDSResources, XDSRejection> = Result { () throws(XDSRejection) in
             switch typeURL {
             case XDSTypeURL.cluster: try current.applyingClusters(resources)
             case XDSTypeURL.endpoints: try current.applyingEndpoints(resources)
@@ -236,7 +257,7 @@ public final class XDSSubscriber: Sendable {
             }
         }
         if case .success(let resources) = next, case .failure(let refusal) = await writeSecretFiles(resources) {
-            return refusal
+            next = .failure(refusal)  // refused through the policy path, so it is an event and an audit record like any
         }
         let outcome = await policy.applyOverlay(Self.overlay(next), actor: config.actor, evidence: [
             ("type", .string(type)), ("version", .string(version)), ("resources", .int(resources.count)),

@@ -249,7 +249,12 @@ import VigilCore
             r = try r.applyingRoutes([Self.any(route)])
             return try r.joined(to: base)
         }
-        #expect(throws: XDSRejection.self) { try joined(tcpCluster: "db") }
+        do {
+            _ = try joined(tcpCluster: "db")
+            Issue.record("a TCP chain that covers an HTTP chain was joined")
+        } catch {
+            #expect(error.path == "filter_chains" && error.reason.hasPrefix("the TCP proxy chain to db also matches"), "\(error)")
+        }
         let passthrough = try joined(tcpCluster: "Passthrough")
         #expect(passthrough.cluster(named: "Passthrough")?.type == .originalDst && passthrough.cluster(named: "Passthrough")?.protocol != .tcp)
         #expect(passthrough.listeners[0].routes.map { $0.direct == nil ? $0.cluster : "404" } == ["app", "404", "Passthrough"])
@@ -282,5 +287,58 @@ import VigilCore
         config.virtualHosts[1].retryPolicy = .with { $0.retryOn = "5xx"; $0.numRetries = .init(2) }
         let retry = try #require(try XDSRoutes.read(config).first { $0.cluster == "foo" }?.retry)
         #expect(retry.retryNonIdempotent && retry.attempts == 2 && retry.budgetRatio >= 10)
+    }
+
+    /// Across listeners too: a virtual listener's HTTP chain for port 8080 comes before the original-destination
+    /// listener's own TCP default chain, which would take every connection by destination first.
+    @Test func aTCPDefaultChainMayNotTakeAVirtualListenersHTTPConnections() throws {
+        let base = try VigilConfig.parse(yaml: """
+            xds: { server: "127.0.0.1:1" }
+            listeners:
+              - { name: virtualOutbound, address: "127.0.0.1:15001", original_destination: true, routes: [ { match: { prefix: "/" }, direct_response: { status: 503 } } ] }
+            clusters: []
+            """)
+        var db = Envoy_Config_Cluster_V3_Cluster()
+        db.name = "db"
+        db.type = .eds
+        db.edsClusterConfig.edsConfig.ads = .init()
+        var outbound = Self.listener("virtualOutbound", port: 15001, originalDst: true, [])
+        outbound.defaultFilterChain = Self.chain([Self.tcpProxy("db")])
+        var inline = Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager()
+        inline.routeConfig.virtualHosts = [.with { $0.name = "all"; $0.domains = ["*"]; $0.routes = [.with { $0.match.prefix = "/"; $0.route.cluster = "db2" }] }]
+        inline.httpFilters = [.with { $0.name = XDSListeners.router }]
+        let http = Self.listener("0.0.0.0_8080", port: 8080, binds: false, [Self.chain([Self.filter(XDSListeners.connectionManager, inline)])])
+        let resources = try XDSResources().applyingClusters([Self.any(db)]).applyingListeners([Self.any(outbound), Self.any(http)])
+        do {
+            _ = try resources.joined(to: base)
+            Issue.record("a TCP default chain covering a virtual listener's HTTP chain was joined")
+        } catch {
+            #expect(error.resource == "virtualOutbound" && error.reason.hasPrefix("the TCP proxy chain to db also matches"), "\(error)")
+        }
+    }
+
+    /// A secret named as a cluster's trust that is a certificate (or the other way round) is refused, not waited for.
+    @Test func aSecretOfTheWrongKindIsRefused() throws {
+        let base = try VigilConfig.parse(yaml: """
+            xds: { server: "127.0.0.1:1" }
+            listeners:
+              - { name: in, address: "127.0.0.1:15006", routes: [ { match: { prefix: "/" }, direct_response: { status: 503 } } ] }
+            clusters: []
+            """)
+        var context = Envoy_Extensions_TransportSockets_Tls_V3_UpstreamTlsContext()
+        context.commonTlsContext.validationContextSdsSecretConfig = .with { $0.name = "ROOTCA"; $0.sdsConfig.ads = .init() }
+        var c = Envoy_Config_Cluster_V3_Cluster()
+        c.name = "tls"
+        c.type = .eds
+        c.edsClusterConfig.edsConfig.ads = .init()
+        c.transportSocket = .with { $0.name = "envoy.transport_sockets.tls"; $0.typedConfig = Self.any(context) }
+        var wrong = Envoy_Extensions_TransportSockets_Tls_V3_Secret()
+        wrong.name = "ROOTCA"
+        wrong.tlsCertificate = .with { $0.certificateChain.inlineString = "chain"; $0.privateKey.inlineString = "key" }
+        let resources = try XDSResources().applyingClusters([Self.any(c)]).applyingSecrets([Self.any(wrong)])
+        #expect(throws: XDSRejection(resource: "ROOTCA", path: "validation_context",
+                                     reason: "cluster tls takes it as its trust, and it is a certificate")) {
+            try resources.joined(to: base)
+        }
     }
 }

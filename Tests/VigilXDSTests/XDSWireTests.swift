@@ -114,11 +114,17 @@ struct XDSWireTests {
         #expect(rejection { _ in } == nil)
         #expect(rejection { $0.lbPolicy = .random }?.path == "lb_policy")
         #expect(rejection { $0.edsClusterConfig.edsConfig.path = "/etc/eds.yaml" }?.path == "eds_cluster_config.eds_config.path")
-        #expect(rejection { $0.type = .static }?.path == "load_assignment")
+        #expect(rejection { $0.type = .static } == nil)  // no endpoints: Istio's BlackHoleCluster, which answers 503
         #expect(rejection { $0.circuitBreakers.thresholds = [.with { $0.maxRequests = .init(0) }] }?.path
                 == "circuit_breakers.thresholds[0].max_requests")
         #expect(rejection { $0.commonLbConfig.healthyPanicThreshold.value = 150 }?.path == "common_lb_config.healthy_panic_threshold")
         #expect(rejection { $0.transportSocket.name = "envoy.transport_sockets.tls" }?.path == "transport_socket.name")  // no UpstreamTlsContext
+        #expect(rejection { c in
+            var context = Envoy_Extensions_TransportSockets_Tls_V3_UpstreamTlsContext()
+            context.commonTlsContext.validationContextSdsSecretConfig = .with { $0.name = "ROOTCA"; $0.sdsConfig.ads = .init() }
+            context.commonTlsContext.alpnProtocols = ["istio", "é"]
+            c.transportSocket = .with { $0.name = "envoy.transport_sockets.tls"; $0.typedConfig = try! Google_Protobuf_Any(message: context) }
+        }?.path == "transport_socket.typed_config.common_tls_context.alpn_protocols[1]")
         #expect(rejection { $0.outlierDetection.maxEjectionPercent = .init(101) }?.path == "outlier_detection.max_ejection_percent")
         #expect(rejection { $0.healthChecks = [.with { $0.httpHealthCheck.path = "/h" }] }?.path == "health_checks[0].timeout")
         #expect(rejection { $0.healthChecks = [.with { $0.interval = .init(seconds: 1); $0.timeout = .init(seconds: 1) }] }?.path
