@@ -25,6 +25,9 @@ public struct XDSResources: Sendable {
     /// has not arrived keeps what it had (Envoy's warming: the old listener serves until the new one is complete);
     /// one that never had any keeps the file's routes.
     public private(set) var listenerRoutes: [String: [RouteConfig]] = [:]
+    /// Each xDS cluster as it last went live: one that now names secrets not yet arrived keeps serving as it was
+    /// (Envoy's warming keeps the old cluster until the new one is ready).
+    public private(set) var lastReady: [String: ClusterConfig] = [:]
 
     public init() {}
 
@@ -73,6 +76,18 @@ public struct XDSResources: Sendable {
     /// cluster's TLS loads for new handshakes), with the text to write.
     static func secretFile(_ text: String, stateDir: String) -> (path: String, text: String) {
         ("\(stateDir)/xds-secrets/\(AuditChain.sha256Hex(text)).pem", text)
+    }
+
+    /// What went live: the xDS clusters as `config` (the configuration installed) has them, kept for warming.
+    public func remembering(_ config: VigilConfig) -> XDSResources {
+        var next = self
+        for c in config.clusters where clusters[c.name] != nil { next.lastReady[c.name] = c }
+        return next
+    }
+
+    /// The secret files the clusters kept serving while they warm still read, so they are not removed.
+    public var filesInUse: Set<String> {
+        Set(lastReady.values.flatMap { [$0.tls?.ca, $0.tls?.cert, $0.tls?.key].compactMap { $0 } })
     }
 
     /// The files the clusters' TLS needs, to be written (0600) before the configuration that names them applies.
@@ -164,6 +179,7 @@ public struct XDSResources: Sendable {
         next.assignments = next.assignments.filter { used.contains($0.key) }
         let secretsUsed = Set(next.secretNames)
         next.secrets = next.secrets.filter { secretsUsed.contains($0.key) }
+        next.lastReady = next.lastReady.filter { next.clusters[$0.key] != nil }
         return next
     }
 
@@ -201,7 +217,13 @@ public struct XDSResources: Sendable {
                 cluster.config.endpoints = try Self.routable(assignments[service] ?? [], resource: service)
             }
             if let tls = cluster.tls {
-                // Until its secrets arrive the cluster is left out (Envoy's warming: its routes answer 503).
+                // Until its secrets arrive the cluster serves as it last went live, or, new, is left out (Envoy's
+                // warming: its routes answer 503).
+                let ready = tls.secretNames.allSatisfy { secrets[$0] != nil }
+                if !ready {
+                    if let old = lastReady[name] { config.clusters.append(old) }
+                    continue
+                }
                 guard let trustSecret = secrets[tls.trust] else { continue }
                 guard case .trust(let ca) = trustSecret else {
                     throw XDSRejection(resource: tls.trust, path: "validation_context", reason: "cluster \(name) takes it as its trust, and it is a certificate")

@@ -23,6 +23,7 @@ public final class XDSSubscriber: Sendable {
     let client: ADSClient
     let policy: PolicyController
     let events: HealingEventLog
+    let runtime: ProxyRuntime
     let logger: Logger
     let factory: MetricsFactory
     /// What the server sent that is live now.
@@ -45,6 +46,7 @@ public final class XDSSubscriber: Sendable {
         self.sleep = sleep
         self.policy = policy
         self.events = runtime.events
+        self.runtime = runtime
         self.logger = logger
         self.factory = runtime.metrics.factory
         self.client = ADSClient(host: config.server.host, port: config.server.port, node: Self.node(config.node), tls: config.tls)
@@ -177,7 +179,7 @@ public final class XDSSubscriber: Sendable {
     /// force was loaded from the files when it was prepared, so none of it reads them again.
     private func removeUnusedSecretFiles(_ resources: XDSResources) async {
         let dir = stateDir + "/xds-secrets"
-        let keep = Set(resources.secretFiles(stateDir: stateDir).map(\.path))
+        let keep = Set(resources.secretFiles(stateDir: stateDir).map(\.path)).union(resources.filesInUse)
         _ = try? await NIOThreadPool.singleton.runIfActive {
             for name in FileSystem.list(dir) where !keep.contains(dir + "/" + name) { unlink(dir + "/" + name) }
         }
@@ -265,7 +267,8 @@ public final class XDSSubscriber: Sendable {
         let refusal: XDSRejection?
         switch outcome {
         case .applied:
-            let live = try! next.get()  // applied means the overlay, and so `next`, succeeded
+            // Applied means the overlay, and so `next`, succeeded.
+            let live = try! next.get().remembering(runtime.current.config)
             accepted.withLock { $0 = live }
             if typeURL == XDSTypeURL.secret || typeURL == XDSTypeURL.cluster { await removeUnusedSecretFiles(live) }
             // Named types follow what the wildcard ones name (an unchanged list sends nothing).

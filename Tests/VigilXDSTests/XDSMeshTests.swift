@@ -466,15 +466,39 @@ final class XDSMeshTests {
         resources[sds] = [certificate, try trust("ca.pem")]
         try server.publish(version: "2", resources)
         try await waitForUpstream(proxy, "tls", "mutual TLS with the secrets from SDS")
-        // The trust rotated to another CA: the host's certificate no longer chains to it, and new handshakes fail.
-        resources[sds] = [certificate, try trust("other-ca.pem")]
+        // The cluster now names a certificate that has not arrived: it keeps serving as it was until it does (Envoy's
+        // warming keeps the old cluster), then takes it.
+        var renamed = cluster
+        var socket = renamed["transport_socket"] as! [String: Any]
+        var context = socket["typed_config"] as! [String: Any]
+        var common = context["common_tls_context"] as! [String: Any]
+        common["tls_certificate_sds_secret_configs"] = [["name": "default2", "sds_config": ads]]
+        context["common_tls_context"] = common
+        socket["typed_config"] = context
+        renamed["transport_socket"] = socket
+        resources[Self.cds] = [renamed]
         try server.publish(version: "3", resources)
+        try await waitUntil("the CDS update that names default2 ACKed") {
+            server.requests.contains { ($0["typeUrl"] as? String) == Self.cds && ($0["versionInfo"] as? String) == "3" }
+        }
+        #expect(try await Self.get(proxy).1 == "tls")
+        let certificate2 = secret("default2", ["tls_certificate": [
+            "certificate_chain": ["inline_string": try pem("vigil.pem")], "private_key": ["inline_string": try pem("vigil-key.pem")]]])
+        resources[sds] = [certificate, try trust("ca.pem"), certificate2]
+        try server.publish(version: "4", resources)
+        try await waitUntil("default2 ACKed") {
+            server.requests.contains { ($0["typeUrl"] as? String) == sds && ($0["versionInfo"] as? String) == "4" }
+        }
+        #expect(try await Self.get(proxy).1 == "tls")
+        // The trust rotated to another CA: the host's certificate no longer chains to it, and new handshakes fail.
+        resources[sds] = [certificate2, try trust("other-ca.pem")]
+        try server.publish(version: "5", resources)
         try await waitForUpstream(proxy, nil, status: 503, "new handshakes to check against the rotated trust")
         // The certificate, its key and the trust in force; the trust rotated away is gone from disk (once the update
         // that rotated it is ACKed: the files go after it is installed).
         let secretsDir = proxy.runtime.config.stateDir + "/xds-secrets"
         try await waitUntil("the rotated trust's ACK") {
-            server.requests.contains { ($0["typeUrl"] as? String) == sds && ($0["versionInfo"] as? String) == "3" }
+            server.requests.contains { ($0["typeUrl"] as? String) == sds && ($0["versionInfo"] as? String) == "5" }
         }
         let files = try FileManager.default.contentsOfDirectory(atPath: secretsDir)
         #expect(files.count == 3, "\(files)")
