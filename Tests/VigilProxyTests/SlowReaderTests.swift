@@ -35,8 +35,9 @@ import VigilTestSupport
         @Sendable func buffered() async throws -> Int {
             try await downstream.getOption(.bufferedWritableBytes).get()
         }
-        // The kernel's buffers towards the client have filled and Vigil has begun to queue.
-        try await withTimeout(10, "Vigil to queue for the client") {
+        // The kernel's buffers towards the client have filled and Vigil has begun to queue. (A bound, not a timing:
+        // under CI's full parallel run, with Envoy and gRPC peers starting beside it, 10 s was once too short.)
+        try await withTimeout(30, "Vigil to queue for the client") {
             while try await buffered() == 0 { try await Task.sleep(for: .milliseconds(10)) }
         }
         let bound = 2 * (limit ?? ListenerConfig.defaultBufferLimitBytes)
