@@ -11,8 +11,9 @@ import VigilTestSupport
 
 /// Vigil driven by a management server (`Tests/Peers/xds_server.py`, Envoy's own messages over gRPC's C core): real
 /// listeners and upstreams on 127.0.0.1, resources published as snapshots, the requests Vigil sends read back from the
-/// server's log.
-@Suite(.enabled(if: PythonPeers.shouldRun, "needs the Python peers (.venv-peers): run .ci/run once, or set VIGIL_PEERS_PYTHON"),
+/// server's log. One test at a time: each starts a Python gRPC server (and one an Envoy), and started all at once beside
+/// every other suite they starve the timing-bound tests of a two-core machine.
+@Suite(.serialized, .enabled(if: PythonPeers.shouldRun, "needs the Python peers (.venv-peers): run .ci/run once, or set VIGIL_PEERS_PYTHON"),
        .timeLimit(.minutes(2)))
 final class XDSMeshTests {
     static let service = XDSServerPeer.service
