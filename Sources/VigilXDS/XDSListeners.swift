@@ -56,6 +56,11 @@ public enum XDSListeners {
         "istio.alpn", "envoy.filters.listener.tls_inspector", "envoy.filters.listener.http_inspector",
         "envoy.filters.listener.original_dst",
     ]
+    /// Lists an observing filter that was left out, once.
+    static func noteIgnored(_ name: String, in list: inout [String]) {
+        if !list.contains(name) { list.append(name) }
+    }
+
     static let connectionManager = "envoy.filters.network.http_connection_manager"
     static let tcpProxy = "envoy.filters.network.tcp_proxy"
     static let router = "envoy.filters.http.router"
@@ -74,7 +79,7 @@ public enum XDSListeners {
             guard observing.contains(f.name) else {
                 throw refuse("listener_filters[\(i)]", "\"\(f.name)\" is not a listener filter Vigil knows: it could change what reaches the chains, so it is not ignored")
             }
-            if !read.ignoredFilters.contains(f.name) { read.ignoredFilters.append(f.name) }
+            noteIgnored(f.name, in: &read.ignoredFilters)
         }
         var chains: [(chain: Chain, index: Int)] = []
         for (i, chain) in l.filterChains.enumerated() {
@@ -147,7 +152,7 @@ public enum XDSListeners {
                 guard kind == nil else { throw refuse(key, "a chain has one terminal filter") }
                 kind = try tcpProxyRoute(f, listener: name, path: "\(path).\(key)")
             case let other where observing.contains(other):
-                if !ignored.contains(other) { ignored.append(other) }
+                noteIgnored(other, in: &ignored)
             default:
                 throw refuse(key, "\"\(f.name)\" is not a filter Vigil applies: it could allow, deny or change traffic, so the listener is refused rather than run without it")
             }
@@ -175,7 +180,7 @@ public enum XDSListeners {
                 throw XDSRejection(resource: name, path: "\(p).http_filters[\(i)]",
                                    reason: "\"\(filter.name)\" is not a filter Vigil applies: it could allow, deny or change requests, so the listener is refused rather than run without it")
             }
-            if !ignored.contains(filter.name) { ignored.append(filter.name) }
+            noteIgnored(filter.name, in: &ignored)
         }
         switch hcm.routeSpecifier {
         case .rds(let rds)?:

@@ -52,6 +52,16 @@ import VigilCore
         return l
     }
 
+    /// A config file under xDS with one listener (answering 503 until the mesh gives it routes) and no clusters.
+    static func base(listener name: String, port: Int, originalDestination: Bool = false) throws -> VigilConfig {
+        try VigilConfig.parse(yaml: """
+            xds: { server: "127.0.0.1:1" }
+            listeners:
+              - { name: \(name), address: "127.0.0.1:\(port)", original_destination: \(originalDestination), routes: [ { match: { prefix: "/" }, direct_response: { status: 503 } } ] }
+            clusters: []
+            """)
+    }
+
     func rejection(_ l: Envoy_Config_Listener_V3_Listener) -> XDSRejection? {
         do throws(XDSRejection) {
             _ = try XDSListeners.read(l)
@@ -137,12 +147,7 @@ import VigilCore
         db.type = .static
         db.loadAssignment.endpoints = [.with { $0.lbEndpoints = [.with { $0.endpoint.address.socketAddress = .with {
             $0.address = "10.0.0.9"; $0.portValue = 5432 } }] }]
-        let base = try VigilConfig.parse(yaml: """
-            xds: { server: "127.0.0.1:1" }
-            listeners:
-              - { name: virtualInbound, address: "127.0.0.1:15006", routes: [ { match: { prefix: "/" }, direct_response: { status: 503 } } ] }
-            clusters: []
-            """)
+        let base = try Self.base(listener: "virtualInbound", port: 15006)
         var resources = try XDSResources().applyingClusters([Self.any(db)])
         resources = try resources.applyingListeners([Self.any(Self.listener("virtualInbound", port: 15006, [Self.chain(port: 15006, [Self.tcpProxy("db")])]))])
         let joined = try resources.joined(to: base)
@@ -220,12 +225,7 @@ import VigilCore
     /// chain Envoy would choose first is refused, unless its cluster is ORIGINAL_DST (which carries both, after
     /// detection); a cluster named by a TCP proxy and by HTTP routes is refused.
     @Test func tcpChainsThatWouldTakeHTTPChainsConnectionsAreRefused() throws {
-        let base = try VigilConfig.parse(yaml: """
-            xds: { server: "127.0.0.1:1" }
-            listeners:
-              - { name: virtualInbound, address: "127.0.0.1:15006", routes: [ { match: { prefix: "/" }, direct_response: { status: 503 } } ] }
-            clusters: []
-            """)
+        let base = try Self.base(listener: "virtualInbound", port: 15006)
         func cluster(_ name: String, originalDst: Bool = false) -> Google_Protobuf_Any {
             var c = Envoy_Config_Cluster_V3_Cluster()
             c.name = name
@@ -292,12 +292,7 @@ import VigilCore
     /// Across listeners too: a virtual listener's HTTP chain for port 8080 comes before the original-destination
     /// listener's own TCP default chain, which would take every connection by destination first.
     @Test func aTCPDefaultChainMayNotTakeAVirtualListenersHTTPConnections() throws {
-        let base = try VigilConfig.parse(yaml: """
-            xds: { server: "127.0.0.1:1" }
-            listeners:
-              - { name: virtualOutbound, address: "127.0.0.1:15001", original_destination: true, routes: [ { match: { prefix: "/" }, direct_response: { status: 503 } } ] }
-            clusters: []
-            """)
+        let base = try Self.base(listener: "virtualOutbound", port: 15001, originalDestination: true)
         var db = Envoy_Config_Cluster_V3_Cluster()
         db.name = "db"
         db.type = .eds
@@ -319,12 +314,7 @@ import VigilCore
 
     /// A secret named as a cluster's trust that is a certificate (or the other way round) is refused, not waited for.
     @Test func aSecretOfTheWrongKindIsRefused() throws {
-        let base = try VigilConfig.parse(yaml: """
-            xds: { server: "127.0.0.1:1" }
-            listeners:
-              - { name: in, address: "127.0.0.1:15006", routes: [ { match: { prefix: "/" }, direct_response: { status: 503 } } ] }
-            clusters: []
-            """)
+        let base = try Self.base(listener: "in", port: 15006)
         var context = Envoy_Extensions_TransportSockets_Tls_V3_UpstreamTlsContext()
         context.commonTlsContext.validationContextSdsSecretConfig = .with { $0.name = "ROOTCA"; $0.sdsConfig.ads = .init() }
         var c = Envoy_Config_Cluster_V3_Cluster()
