@@ -78,6 +78,17 @@ import VigilTestSupport
         try await withTimeout(10, "Vigil to queue for the upstream") {
             while try await proxy.upstreamQueuedBytes().max() ?? 0 == 0 { try await Task.sleep(for: .milliseconds(10)) }
         }
+        // The kernel's buffers from the client to Vigil take a while to fill once Vigil stops reading (their size is
+        // the machine's: tcp_rmem lets them grow to tens of MiB on some): wait until the client can hand over no more.
+        try await withTimeout(30, "the client's upload to stall") {
+            var last = -1, still = 0
+            while still < 5 {
+                let now = try await handedOver()
+                still = now == last ? still + 1 : 0
+                last = now
+                try await Task.sleep(for: .milliseconds(50))
+            }
+        }
         let bound = 2 * ListenerConfig.defaultBufferLimitBytes
         var most = 0
         var handed: [Int] = []
