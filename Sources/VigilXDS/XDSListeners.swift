@@ -46,6 +46,8 @@ public enum XDSListeners {
         /// Empty: any destination address.
         public var prefixRanges: [CIDR]
         public var kind: Kind
+        /// What the chain's fault and RBAC filters ask of its routes.
+        public var policy = XDSHTTPFilters.ChainPolicy()
     }
 
     /// Filters that only observe traffic (stats, metadata exchange for telemetry, inspectors whose work Vigil's own
@@ -142,15 +144,30 @@ public enum XDSListeners {
             return cidr
         }
         var kind: Chain.Kind?
+        var policy = XDSHTTPFilters.ChainPolicy()
         for (i, f) in c.filters.enumerated() {
             let key = "filters[\(i)]"
             switch f.name {
             case connectionManager:
                 guard kind == nil else { throw refuse(key, "a chain has one terminal filter") }
-                kind = .http(try connectionManagerRoutes(f, listener: name, path: "\(path).\(key)", ignored: &ignored))
+                if policy.authorizationFilter {
+                    throw refuse(key, "an HTTP chain is authorized by envoy.filters.http.rbac: \(XDSHTTPFilters.networkRBAC) before it is not supported")
+                }
+                let (routes, httpPolicy) = try connectionManagerRoutes(f, listener: name, path: "\(path).\(key)", port: port, ignored: &ignored)
+                kind = .http(routes)
+                policy = httpPolicy
             case tcpProxy:
                 guard kind == nil else { throw refuse(key, "a chain has one terminal filter") }
                 kind = try tcpProxyRoute(f, listener: name, path: "\(path).\(key)")
+            case XDSHTTPFilters.networkRBAC:
+                guard kind == nil else { throw refuse(key, "must come before the chain's terminal filter") }
+                guard !policy.authorizationFilter else { throw refuse(key, "one RBAC filter per chain is supported") }
+                let rbac: Envoy_Extensions_Filters_Network_Rbac_V3_RBAC = try typed(f, listener: name, path: "\(path).\(key)")
+                policy.authorizationFilter = true
+                if rbac.hasRules {
+                    policy.authorization = try XDSHTTPFilters.authorization(rbac.rules, port: port, resource: name,
+                                                                            path: "\(path).\(key).typed_config.rules")
+                }
             case let other where observing.contains(other):
                 noteIgnored(other, in: &ignored)
             default:
@@ -161,11 +178,13 @@ public enum XDSListeners {
         if case .tcp = kind, !m.applicationProtocols.isEmpty {
             throw refuse("filter_chain_match.application_protocols", "a TCP proxy chain for HTTP protocols is not supported")
         }
-        return Chain(destinationPort: port, prefixRanges: ranges, kind: kind)
+        return Chain(destinationPort: port, prefixRanges: ranges, kind: kind, policy: policy)
     }
 
-    static func connectionManagerRoutes(_ f: Envoy_Config_Listener_V3_Filter, listener name: String, path: String,
-                                        ignored: inout [String]) throws(XDSRejection) -> Chain.Routes {
+    /// The connection manager's routes, and what its fault and RBAC filters ask of them (`port`: the chain's
+    /// destination port, which decides RBAC's `destination_port`).
+    static func connectionManagerRoutes(_ f: Envoy_Config_Listener_V3_Filter, listener name: String, path: String, port: Int?,
+                                        ignored: inout [String]) throws(XDSRejection) -> (Chain.Routes, XDSHTTPFilters.ChainPolicy) {
         let hcm: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager = try typed(f, listener: name, path: path)
         let p = "\(path).typed_config"
         if hcm.codecType == .http3 || hcm.codecType.rawValue > 3 {
@@ -174,13 +193,38 @@ public enum XDSListeners {
         guard let last = hcm.httpFilters.last, last.name == router else {
             throw XDSRejection(resource: name, path: "\(p).http_filters", reason: "must end with \(router)")
         }
+        var policy = XDSHTTPFilters.ChainPolicy()
         for (i, filter) in hcm.httpFilters.dropLast().enumerated() {
-            if filter.disabled { continue }
-            guard observing.contains(filter.name) else {
-                throw XDSRejection(resource: name, path: "\(p).http_filters[\(i)]",
-                                   reason: "\"\(filter.name)\" is not a filter Vigil applies: it could allow, deny or change requests, so the listener is refused rather than run without it")
+            let key = "\(p).http_filters[\(i)]"
+            func refuse(_ reason: String) -> XDSRejection { XDSRejection(resource: name, path: key, reason: reason) }
+            switch filter.name {
+            case XDSHTTPFilters.rbac, XDSHTTPFilters.fault:
+                // Off here and on per route is Envoy's way to enable a filter for some routes only; not mapped.
+                if filter.disabled { throw refuse("a disabled \(filter.name) (enabled per route) is not supported") }
+                guard case .typedConfig(let any)? = filter.configType else { throw refuse("needs typed_config") }
+                if filter.name == XDSHTTPFilters.fault {
+                    guard !policy.faultFilter else { throw refuse("one fault filter per connection manager is supported") }
+                    let config: Envoy_Extensions_Filters_Http_Fault_V3_HTTPFault = try XDSHTTPFilters.unpack(any, resource: name, path: "\(key).typed_config")
+                    policy.faultFilter = true
+                    let fault = try XDSHTTPFilters.fault(config, resource: name, path: "\(key).typed_config")
+                    if fault.delay != nil || fault.abort != nil { policy.fault = fault }
+                } else {
+                    guard !policy.authorizationFilter else { throw refuse("one RBAC filter per connection manager is supported") }
+                    // Vigil authorizes a request before it draws faults, as Envoy does when RBAC comes first.
+                    guard !policy.faultFilter else { throw refuse("RBAC after the fault filter is not supported: Vigil authorizes before it injects faults") }
+                    let config: Envoy_Extensions_Filters_Http_Rbac_V3_RBAC = try XDSHTTPFilters.unpack(any, resource: name, path: "\(key).typed_config")
+                    policy.authorizationFilter = true
+                    if config.hasRules {
+                        policy.authorization = try XDSHTTPFilters.authorization(config.rules, port: port, resource: name,
+                                                                                path: "\(key).typed_config.rules")
+                    }
+                }
+            case let other where observing.contains(other):
+                if !filter.disabled { noteIgnored(other, in: &ignored) }
+            default:
+                if filter.disabled { continue }
+                throw refuse("\"\(filter.name)\" is not a filter Vigil applies: it could allow, deny or change requests, so the listener is refused rather than run without it")
             }
-            noteIgnored(filter.name, in: &ignored)
         }
         switch hcm.routeSpecifier {
         case .rds(let rds)?:
@@ -191,10 +235,10 @@ public enum XDSListeners {
             case .ads?, .self_p?: break
             default: throw XDSRejection(resource: name, path: "\(p).rds.config_source", reason: "routes come from the ADS stream (ads or self)")
             }
-            return .rds(rds.routeConfigName)
+            return (.rds(rds.routeConfigName), policy)
         case .routeConfig(let config)?:
             do {
-                return .inline(try XDSRoutes.read(config, inline: true))
+                return (.inline(try XDSRoutes.read(config, inline: true)), policy)
             } catch {
                 throw XDSRejection(resource: name, path: "\(p).route_config (\(error.resource)).\(error.path)", reason: error.reason)
             }
@@ -245,6 +289,7 @@ public enum XDSListeners {
                 route.timeout = .zero
                 routes = [route]
             }
+            for i in routes.indices { chain.policy.apply(to: &routes[i]) }
             let ranges: [CIDR?] = range.map { [$0] } ?? (chain.prefixRanges.isEmpty ? [nil] : chain.prefixRanges.map { $0 })
             for r in ranges {
                 for var route in routes {
@@ -257,6 +302,7 @@ public enum XDSListeners {
                     var miss = RouteConfig(match: RouteMatch(path: .prefix("/"), destinationPort: chain.destinationPort ?? port,
                                                              destinationCIDR: r), cluster: "")
                     miss.direct = .response(status: 404, body: "")
+                    chain.policy.apply(to: &miss)
                     out.append(miss)
                 }
             }

@@ -55,16 +55,19 @@ public enum XDSRoutes {
                 if !(byRank[rank] ?? []).contains(host) { byRank[rank, default: []].append(host) }
             }
             let hostRetry = vhost.hasRetryPolicy ? try retry(vhost.retryPolicy, name, "\(path).retry_policy") : nil
+            let hostFilters = try XDSHTTPFilters.perRoute(vhost.typedPerFilterConfig, resource: name,
+                                                          path: "\(path).typed_per_filter_config")
             for (rank, authorities) in byRank {
                 var routes: [RouteConfig] = []
                 for (k, route) in vhost.routes.enumerated() {
-                    routes.append(try read(route, authorities: authorities, hostRetry: hostRetry, resource: name,
+                    routes.append(try read(route, authorities: authorities, hostRetry: hostRetry, hostFilters: hostFilters, resource: name,
                                            path: "\(path).routes[\(k)]"))
                 }
                 let catchAll = routes.last.map { $0.match.path == .prefix("/") && $0.match.headers.isEmpty && $0.match.methods.isEmpty } ?? false
                 if !authorities.isEmpty, !catchAll {
                     var miss = RouteConfig(match: RouteMatch(path: .prefix("/"), authorities: authorities), cluster: "")
                     miss.direct = .response(status: 404, body: "")
+                    miss.authorization = hostFilters.authorization  // RBAC runs before the router finds no route
                     routes.append(miss)
                 }
                 hosts.append((rank, i, routes))
@@ -81,6 +84,7 @@ public enum XDSRoutes {
     }
 
     static func read(_ route: Envoy_Config_Route_V3_Route, authorities: [String], hostRetry: RetryPolicyConfig?,
+                     hostFilters: XDSHTTPFilters.PerRoute = .init(),
                      resource name: String, path: String) throws(XDSRejection) -> RouteConfig {
         func refuse(_ key: String, _ reason: String) -> XDSRejection { XDSRejection(resource: name, path: "\(path).\(key)", reason: reason) }
         let m = route.match
@@ -137,7 +141,22 @@ public enum XDSRoutes {
         case nil:
             throw refuse("route", "a route needs route, redirect or direct_response")
         }
+        // A route's own filter configs replace its virtual host's; the chain's filters decide the rest (XDSListeners).
+        let own = try XDSHTTPFilters.perRoute(route.typedPerFilterConfig, resource: name, path: "\(path).typed_per_filter_config")
+        config.fault = own.fault ?? hostFilters.fault
+        config.authorization = own.authorization ?? hostFilters.authorization
         return config
+    }
+
+    /// Envoy's fractional percent as a percentage, at most 100 (as Envoy caps it).
+    static func percent(_ f: Envoy_Type_V3_FractionalPercent) -> Double {
+        let denominator: Double = switch f.denominator {
+        case .hundred: 100
+        case .tenThousand: 10_000
+        case .million: 1_000_000
+        case .UNRECOGNIZED: 100
+        }
+        return min(100, Double(f.numerator) / denominator * 100)
     }
 
     static func apply(_ a: Envoy_Config_Route_V3_RouteAction, to config: inout RouteConfig, hostRetry: RetryPolicyConfig?,
@@ -181,18 +200,7 @@ public enum XDSRoutes {
         config.retry = a.hasRetryPolicy ? try retry(a.retryPolicy, name, "\(path).retry_policy") : hostRetry
         config.mirrors = try a.requestMirrorPolicies.enumerated().map { i, m throws(XDSRejection) in
             guard !m.cluster.isEmpty else { throw refuse("request_mirror_policies[\(i)].cluster", "is empty") }
-            var percent = 100.0
-            if m.hasRuntimeFraction {
-                let f = m.runtimeFraction.defaultValue
-                let denominator: Double = switch f.denominator {
-                case .hundred: 100
-                case .tenThousand: 10_000
-                case .million: 1_000_000
-                case .UNRECOGNIZED: 100
-                }
-                percent = min(100, Double(f.numerator) / denominator * 100)
-            }
-            return MirrorPolicy(cluster: m.cluster, percent: percent)
+            return MirrorPolicy(cluster: m.cluster, percent: m.hasRuntimeFraction ? percent(m.runtimeFraction.defaultValue) : 100)
         }
         // Envoy reads grpc-timeout only where max_stream_duration.grpc_timeout_header_max is set.
         config.grpcTimeoutHeaderMax = nil

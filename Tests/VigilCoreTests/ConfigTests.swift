@@ -27,6 +27,30 @@ func configErrors(_ yaml: String) -> [String] {
 
     func errors(_ yaml: String) -> [String] { configErrors(yaml) }
 
+    /// `routes[].authorization`: rules of the route's own, read as the top-level ones, with `path` for an exact path.
+    @Test func aRouteCarriesItsOwnAuthorizationRules() throws {
+        let yaml = Self.minimal.replacingOccurrences(of: "cluster: api\n", with: """
+            cluster: api
+                    authorization: [{ identities: ["spiffe://corp/ns/a/*"], path: "/status" }, { methods: [GET] }]
+
+            """)
+        let config = try VigilConfig.parse(yaml: yaml)
+        #expect(config.listeners[0].routes[0].authorization == [AuthorizationRule(identities: ["spiffe://corp/ns/a/*"], path: "/status"),
+                                                                 AuthorizationRule(identities: [], methods: ["GET"])])
+        let empty = try VigilConfig.parse(yaml: Self.minimal.replacingOccurrences(of: "cluster: api\n", with: "cluster: api\n        authorization: []\n"))
+        #expect(empty.listeners[0].routes[0].authorization == [])
+        #expect(try VigilConfig.parse(yaml: Self.minimal).listeners[0].routes[0].authorization == nil)
+        let bad = Self.minimal.replacingOccurrences(of: "cluster: api\n", with: """
+            cluster: api
+                    authorization: [{ prefix: "/a", path: "/a/b" }, { path: "/a?b=1" }]
+
+            """)
+        #expect(errors(bad) == [
+            "listeners[0].routes[0].authorization[0].path: give prefix or path, not both",
+            "listeners[0].routes[0].authorization[1].path: must start with / and hold no query (it is matched against the path without its query)",
+        ])
+    }
+
     @Test func minimalConfigGetsDefaults() throws {
         let c = try VigilConfig.parse(yaml: Self.minimal)
         #expect(c.admin.address == SocketAddressSpec(host: "127.0.0.1", port: 15000))

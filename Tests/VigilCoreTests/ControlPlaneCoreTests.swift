@@ -310,6 +310,7 @@ extension String {
                     tenant_limits: { requests_per_second: 5, burst: 10 }
                   - match: { path: "/healthz" }
                     cluster: api
+                    authorization: [{ identities: ["spiffe://corp/ns/ops/*"], path: "/healthz", methods: [GET] }]
             clusters:
               - name: api
                 endpoints: ["127.0.0.1:8080", "127.0.0.1:8081"]

@@ -155,4 +155,26 @@ struct FakeRequest: RoutableRequest {
         #expect(authorizer.decide(identity: nil, path: "/v1/accounts/1", method: "GET") == .deny)
         #expect(Authorizer(rules: []).decide(identity: nil, path: "/anything", method: "GET") == .allow(rule: nil))
     }
+
+    /// `path`: the whole path without its query; `*` alone is any caller with an identity.
+    @Test func anExactPathMatchesThePathWithoutItsQuery() {
+        let exact = Authorizer(rules: [AuthorizationRule(identities: ["*"], path: "/v1/status")])
+        #expect(exact.decide(identity: "spiffe://corp/a", path: "/v1/status", method: "GET") == .allow(rule: 0))
+        #expect(exact.decide(identity: "spiffe://corp/a", path: "/v1/status?verbose=1", method: "GET") == .allow(rule: 0))
+        #expect(exact.decide(identity: "spiffe://corp/a", path: "/v1/status/more", method: "GET") == .deny)
+        #expect(exact.decide(identity: "spiffe://corp/a", path: "/v1/stat", method: "GET") == .deny)
+        #expect(exact.decide(identity: nil, path: "/v1/status", method: "GET") == .deny)
+        // A rule with a path never allows a TCP connection.
+        #expect(exact.decideConnection(identity: "spiffe://corp/a") == .deny)
+    }
+
+    /// A route's own rules (Envoy's RBAC): no rule at all allows nothing there, where the top-level list allows all.
+    @Test func aRoutesEmptyRuleListAllowsNothing() {
+        let none = Authorizer(rules: [], allowsWithoutRules: false)
+        #expect(none.decide(identity: "spiffe://corp/a", path: "/", method: "GET") == .deny)
+        #expect(none.decideConnection(identity: "spiffe://corp/a") == .deny)
+        let anyone = Authorizer(rules: [AuthorizationRule(identities: [])], allowsWithoutRules: false)
+        #expect(anyone.decide(identity: nil, path: "/", method: "GET") == .allow(rule: 0))
+        #expect(anyone.decideConnection(identity: nil) == .allow(rule: 0))
+    }
 }

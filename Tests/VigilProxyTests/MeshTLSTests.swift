@@ -88,6 +88,33 @@ import VigilTestSupport
         await proxy.stop()
     }
 
+    /// A route's own rules (what Envoy's network RBAC maps onto) decide a TCP connection by the caller's identity; a
+    /// rule that names a path or a method never opens a connection.
+    @Test(arguments: [("[{ identities: [\"\(TLSFixture.webID)\"] }]", true), ("[{ identities: [\"spiffe://corp/ns/other/*\"] }]", false),
+                      ("[{ identities: [\"\(TLSFixture.webID)\"], prefix: /api }]", false), ("[]", false)])
+    func aTCPRoutesOwnRulesDecideTheConnection(rules: String, allowed: Bool) async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.webID, as: "web")
+        let echo = try await RawTCPServer(group: group, mode: .echo)
+        let yaml = Self.sidecars(f, inbound: freeLoopbackPort()).replacingOccurrences(
+            of: "        cluster: app\n", with: "        cluster: app\n        authorization: \(rules)\n")
+        try #require(yaml.contains("authorization: \(rules)"))
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [echo.port], group: group)
+        let client = try await RawTCPClient.connect(port: proxy.port("out"), group: group)
+        if allowed {
+            try await client.send("PING\r\n")
+            #expect(try await client.read(atLeast: 6) == "PING\r\n")
+            await client.close()
+        } else {
+            try? await client.send("PING\r\n")  // the refusal may come first
+            #expect(try await client.ended().isReset)
+            try await waitUntil("the inbound line") { proxy.accessLog.lines.contains { $0.contains("\"listener\":\"in\"") } }
+            #expect(lines(proxy, listener: "in").first?["reason"] as? String == "unauthorized")
+            #expect(echo.accepted.load(ordering: .relaxed) == 0)
+        }
+        await proxy.stop()
+    }
+
     @Test func aWrongPeerIdentityFailsTheConnect() async throws {
         let f = try TLSFixture()
         try f.issue(TLSFixture.webID, as: "web")

@@ -1,6 +1,7 @@
 import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
+import NIOHTTP1
 import NIOPosix
 import Testing
 import VigilCore
@@ -119,6 +120,50 @@ import VigilTestSupport
         try await client.send("GET / HTTP/1.1\r\nHost: a\r\n" + headers.map { "\($0.0): \($0.1)\r\n" }.joined() + "\r\n")
         let r = try #require(try await client.response())
         return (r.status, r.header("x-vigil-reason"), Date().timeIntervalSince(started))
+    }
+
+    /// A route's own `authorization` (what Envoy's RBAC maps onto): asked after the route is found, on a listener whose
+    /// top-level rules are off; an empty list allows nothing. The upstream sees only what was allowed.
+    @Test(arguments: [false, true])
+    func aRoutesOwnRulesAllowOnlyWhatTheyName(http2: Bool) async throws {
+        let upstream = try await FakeUpstream(group: group)
+        let proxy = try await ProxyHarness(yaml: """
+            access_log: { output: "off" }
+            authorization: [{ identities: ["spiffe://corp/nobody"] }]
+            listeners:
+              - name: in
+                address: "127.0.0.1:0"
+                authorization: "off"
+                routes:
+                  - match: { prefix: "/api" }
+                    cluster: api
+                    authorization: [{ prefix: "/api/read", methods: [GET] }, { path: "/api/status" }]
+                  - match: { prefix: "/closed" }
+                    cluster: api
+                    authorization: []
+                  - match: { prefix: "/" }
+                    cluster: api
+            clusters:
+              - { name: api, endpoints: ["127.0.0.1:$UP0"] }
+            """, upstreams: [upstream.port], group: group)
+        let h2 = http2 ? try await H2TestClient.connect(port: proxy.port(), group: group) : nil
+        func status(_ method: HTTPMethod, _ path: String) async throws -> Int {
+            if let h2 { return try await h2.request(method, path).status }
+            let client = try await proxy.client()
+            defer { Task { try? await client.close() } }
+            try await client.send("\(method.rawValue) \(path) HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            return try #require(try await client.response()).status
+        }
+        let cases: [(HTTPMethod, String, Int)] = [
+            (.GET, "/api/read/1", 200), (.POST, "/api/read/1", 403), (.GET, "/api/status?x=1", 200), (.POST, "/api/status", 200),
+            (.GET, "/api/status/2", 403), (.GET, "/api/write", 403), (.GET, "/closed", 403), (.GET, "/open", 200),
+        ]
+        for (method, path, expected) in cases {
+            #expect(try await status(method, path) == expected, "\(method) \(path)")
+        }
+        try await h2?.close()
+        #expect(upstream.recorded.map(\.head.uri) == ["/api/read/1", "/api/status?x=1", "/api/status", "/open"])
+        await proxy.stop()
     }
 
     @Test(arguments: [false, true])

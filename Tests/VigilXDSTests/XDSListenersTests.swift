@@ -125,7 +125,7 @@ import VigilCore
         var alpn = Self.chain([http])
         alpn.filterChainMatch.applicationProtocols = ["istio-peer-exchange", "istio"]
         #expect(rejection(Self.listener("l", port: 1, [alpn]))?.path == "filter_chains[0].filter_chain_match.application_protocols")
-        let authz = rejection(Self.listener("l", port: 1, [Self.chain([Self.filter("envoy.filters.network.rbac"), http])]))
+        let authz = rejection(Self.listener("l", port: 1, [Self.chain([Self.filter("envoy.filters.network.ext_authz"), http])]))
         #expect(authz?.path == "filter_chains[0].filters[0]" && authz?.reason.contains("could allow, deny or change traffic") == true)
         #expect(rejection(Self.listener("l", port: 1, [Self.chain([Self.filter("istio.stats")])]))?.path == "filter_chains[0].filters")
         #expect(rejection(Self.listener("l", port: 1, [Self.chain([http, Self.tcpProxy("c")])]))?.path == "filter_chains[0].filters[1]")

@@ -153,12 +153,14 @@ final class XDSMeshTests {
         await proxy.stop()
     }
 
-    static func inboundListener(port: Int, routeConfig: String, httpFilters: [String] = [], networkTelemetry: Bool = true) -> [String: Any] {
+    /// `policyFilters`: whole HTTP filters (RBAC, fault) placed first.
+    static func inboundListener(port: Int, routeConfig: String, httpFilters: [String] = [], policyFilters: [[String: Any]] = [],
+                                networkTelemetry: Bool = true) -> [String: Any] {
         let hcm: [String: Any] = [
             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
             "stat_prefix": "inbound_0.0.0.0_\(port)",
             "rds": ["config_source": ["ads": [String: Any](), "resource_api_version": "V3"], "route_config_name": routeConfig],
-            "http_filters": httpFilters.map { name -> [String: Any] in
+            "http_filters": policyFilters + httpFilters.map { name -> [String: Any] in
                 // grpc_stats only observes; Envoy needs its typed config.
                 name == "envoy.filters.http.grpc_stats"
                     ? ["name": name, "typed_config": ["@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
@@ -180,13 +182,49 @@ final class XDSMeshTests {
                 ]]]
     }
 
-    static func routeConfiguration(_ name: String, port: Int) -> [String: Any] {
-        ["@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration", "name": name,
+    /// An Istio-shaped RBAC filter (ALLOW: GET on /api* or /other, from anyone; / only on `port`) and a fault filter
+    /// that aborts requests carrying `x-fault` with 429.
+    static func policyFilters(port: Int) -> [[String: Any]] {
+        func path(_ m: [String: Any]) -> [String: Any] { ["url_path": ["path": m]] }
+        let rbac: [String: Any] = [
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": ["policies": [
+                "ns[api]-policy[get]-rule[0]": [
+                    "permissions": [["and_rules": ["rules": [
+                        ["or_rules": ["rules": [path(["prefix": "/api"]), path(["exact": "/other"])]]],
+                        ["or_rules": ["rules": [["header": ["name": ":method", "string_match": ["exact": "GET"]]]]]],
+                    ]]]],
+                    "principals": [["and_ids": ["ids": [["or_ids": ["ids": [["any": true]]]]]]]],
+                ],
+                "ns[api]-policy[root]-rule[0]": [
+                    "permissions": [["and_rules": ["rules": [path(["exact": "/"]), ["destination_port": port]]]]],
+                    "principals": [["any": true]],
+                ],
+            ]],
+        ]
+        let fault: [String: Any] = [
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+            "abort": ["http_status": 429, "percentage": ["numerator": 1_000_000, "denominator": "MILLION"]],
+            "headers": [["name": "x-fault", "present_match": true]],
+        ]
+        return [["name": "envoy.filters.http.rbac", "typed_config": rbac], ["name": "envoy.filters.http.fault", "typed_config": fault]]
+    }
+
+    /// `faultRoute`: a route before `api` whose own fault config aborts every request with 503.
+    static func routeConfiguration(_ name: String, port: Int, faultRoute: Bool = false) -> [String: Any] {
+        let fault: [[String: Any]] = !faultRoute ? [] : [[
+            "name": "fault", "match": ["prefix": "/api/fault"], "route": ["cluster": service],
+            "typed_per_filter_config": ["envoy.filters.http.fault": [
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+                "abort": ["http_status": 503, "percentage": ["numerator": 100, "denominator": "HUNDRED"]],
+            ]],
+        ]]
+        return ["@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration", "name": name,
          "virtual_hosts": [
             ["name": "catch-all", "domains": ["*"],
              "routes": [["match": ["prefix": "/"], "direct_response": ["status": 418, "body": ["inline_string": "teapot"]]]]],
             ["name": "svc", "domains": ["svc.ns.svc.cluster.local", "svc.ns.svc.cluster.local:\(port)"],
-             "routes": [["name": "api", "match": ["prefix": "/api"],
+             "routes": fault + [["name": "api", "match": ["prefix": "/api"],
                          "route": ["cluster": service, "timeout": "5s",
                                    "retry_policy": ["retry_on": "connect-failure,refused-stream", "num_retries": 2,
                                                     "retry_host_predicate": [[
@@ -240,17 +278,18 @@ final class XDSMeshTests {
         #expect(server.requests.contains { ($0["typeUrl"] as? String) == rds && ($0["resourceNames"] as? [String]) == [routeName] })
         #expect(subscriber.status["ignored_filters"]?["virtualInbound"]?.arrayValue == [.string("istio.stats")])
 
-        // An RBAC filter Vigil does not apply: the listener is NACKed with the previous version, and traffic is unchanged.
+        // An authorization filter Vigil does not apply: the listener is NACKed with the previous version, and traffic is
+        // unchanged.
         var next = resources
-        next[lds] = [Self.inboundListener(port: port, routeConfig: routeName, httpFilters: ["envoy.filters.http.rbac"])]
+        next[lds] = [Self.inboundListener(port: port, routeConfig: routeName, httpFilters: ["envoy.filters.http.ext_authz"])]
         try server.publish(version: "2", next)
-        try await waitUntil("the NACK of the RBAC listener") {
+        try await waitUntil("the NACK of the ext_authz listener") {
             server.requests.contains { ($0["typeUrl"] as? String) == lds && $0["errorDetail"] != nil }
         }
         let nack = try #require(server.requests.first { ($0["typeUrl"] as? String) == lds && $0["errorDetail"] != nil })
         #expect(nack["versionInfo"] as? String == "1")
         let detail = (nack["errorDetail"] as? [String: Any])?["message"] as? String ?? ""
-        #expect(detail.hasPrefix("virtualInbound: filter_chains[0].filters[1].typed_config.http_filters[0]: \"envoy.filters.http.rbac\""), "\(detail)")
+        #expect(detail.hasPrefix("virtualInbound: filter_chains[0].filters[1].typed_config.http_filters[0]: \"envoy.filters.http.ext_authz\""), "\(detail)")
         #expect(try await Self.get(proxy, "/api/z", host: "svc.ns.svc.cluster.local", listener: "virtualInbound").1 == "a")
         await proxy.stop()
     }
@@ -298,8 +337,8 @@ final class XDSMeshTests {
         func resources(port: Int, endpoint: Int) -> [String: [[String: Any]]] {
             [Self.cds: [XDSServerPeer.cluster()], Self.eds: [XDSServerPeer.assignment(ports: [endpoint])],
              lds: [Self.inboundListener(port: port, routeConfig: "inbound|http", httpFilters: ["envoy.filters.http.grpc_stats"],
-                                        networkTelemetry: false)],
-             rds: [Self.routeConfiguration("inbound|http", port: port)]]
+                                        policyFilters: Self.policyFilters(port: port), networkTelemetry: false)],
+             rds: [Self.routeConfiguration("inbound|http", port: port, faultRoute: true)]]
         }
         let envoyPort = freeLoopbackPort(), vigilPort = freeLoopbackPort()
         let envoyScratch = ScratchDirectory("vigil-xds-envoy")
@@ -315,19 +354,26 @@ final class XDSMeshTests {
             """)
         defer { task.cancel() }
 
-        let requests = [("/api/x", "svc.ns.svc.cluster.local"), ("/api/y", "svc.ns.svc.cluster.local:\(envoyPort)"),
-                        ("/other", "svc.ns.svc.cluster.local"), ("/", "elsewhere")]
+        // Method, path, authority and an extra header field. RBAC allows GET /api*, GET /other and / (only on the chain's
+        // port); the chain's fault filter aborts requests carrying x-fault with 429, and the fault route's own config
+        // aborts all of its requests with 503.
+        let requests = [("GET", "/api/x", "svc.ns.svc.cluster.local", ""), ("GET", "/api/y", "svc.ns.svc.cluster.local:\(envoyPort)", ""),
+                        ("GET", "/other", "svc.ns.svc.cluster.local", ""), ("GET", "/", "elsewhere", ""),
+                        ("POST", "/api/x", "svc.ns.svc.cluster.local", ""), ("GET", "/secret", "svc.ns.svc.cluster.local", ""),
+                        ("GET", "/other?q=1", "svc.ns.svc.cluster.local", ""), ("GET", "/api/x", "svc.ns.svc.cluster.local", "x-fault: 1\r\n"),
+                        ("GET", "/api/fault", "svc.ns.svc.cluster.local", "")]
         let group = self.group
-        /// "status upstream body" for each request, through the proxy on `port`.
+        /// "status upstream body" for each request, through the proxy on `port` (the body where it is the upstream's or
+        /// the route's own: answers of Envoy's and Vigil's own making differ in their text).
         @Sendable func outcomes(_ port: Int) async throws -> [String] {
             var out: [String] = []
-            for (path, host) in requests {
+            for (method, path, host, extra) in requests {
                 let h = host.replacingOccurrences(of: ":\(envoyPort)", with: ":\(port)")
                 let client = try await TestClient.connect(port: port, group: group)
-                try await client.send("GET \(path) HTTP/1.1\r\nHost: \(h)\r\nConnection: close\r\n\r\n")
+                try await client.send("\(method) \(path) HTTP/1.1\r\nHost: \(h)\r\n\(extra)Content-Length: 0\r\nConnection: close\r\n\r\n")
                 let r = try #require(try await client.response())
                 try? await client.close()
-                out.append("\(r.status) \(r.header("x-upstream") ?? "-") \(r.text)")
+                out.append("\(r.status) \(r.header("x-upstream") ?? "-") \([200, 418].contains(r.status) ? r.text : "")")
             }
             return out
         }
@@ -342,7 +388,8 @@ final class XDSMeshTests {
         let envoyFirst = try await settled(envoyPort, "a")
         let vigilFirst = try await settled(vigilPort, "a")
         #expect(envoyFirst == vigilFirst)
-        #expect(vigilFirst == ["200 a ok", "200 a ok", "404 - ", "418 - teapot"], "\(vigilFirst)")
+        #expect(vigilFirst == ["200 a ok", "200 a ok", "404 - ", "418 - teapot", "403 - ", "403 - ", "404 - ", "429 - ", "503 - "],
+                "\(vigilFirst)")
         #expect(a.recorded.filter { $0.head.headers["x-mesh-route"] == ["api"] }.count >= 4)
         // Envoy ACKed every type at version 1: the resources are valid Envoy configuration.
         for type in [Self.cds, Self.eds, lds, rds] {

@@ -84,12 +84,18 @@ public struct AuthorizationRule: Sendable, Equatable {
     public var identities: [String]
     /// Path prefix; nil matches every path.
     public var prefix: String?
+    /// The whole path without its query (`path`); nil matches every path. A rule has a prefix or a path, not both.
+    public var path: String?
     /// Methods; empty matches every method.
     public var methods: [String]
 
-    public init(identities: [String], prefix: String? = nil, methods: [String] = []) {
+    public init(identities: [String], prefix: String? = nil, path: String? = nil, methods: [String] = []) {
         self.identities = identities
         self.prefix = prefix
+        self.path = path
         self.methods = methods
     }
+
+    /// Whether the rule names what only a request has (a path or a method): such a rule never allows a TCP connection.
+    public var isForRequests: Bool { prefix != nil || path != nil || !methods.isEmpty }
 }

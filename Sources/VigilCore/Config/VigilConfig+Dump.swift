@@ -7,7 +7,7 @@ extension VigilConfig {
 
     static func dump(_ r: AuthorizationRule) -> JSONValue {
         ["identities": strings(r.identities), "prefix": r.prefix.map(JSONValue.string) ?? .null,
-         "methods": strings(r.methods)]
+         "path": r.path.map(JSONValue.string) ?? .null, "methods": strings(r.methods)]
     }
 
     static func dump(_ t: ListenerTLSConfig) -> JSONValue {

@@ -10,7 +10,7 @@ extension ConfigReader {
                                                      "request_headers_to_add", "request_headers_to_remove",
                                                      "response_headers_to_add", "response_headers_to_remove",
                                                      "prefix_rewrite", "regex_rewrite", "host_rewrite_literal",
-                                                     "auto_host_rewrite", "request_mirror_policies"])
+                                                     "auto_host_rewrite", "request_mirror_policies", "authorization"])
         else { return nil }
         let match = required(readMatch(m["match"], at: m.path("match")), m, "match")
         var weighted: [WeightedCluster] = []
@@ -66,6 +66,11 @@ extension ConfigReader {
         if let idle = duration(m["idle_timeout"], at: m.path("idle_timeout")) { route.idleTimeout = idle }
         if let n = int(m["connect_attempts"], at: m.path("connect_attempts"), range: 1...10) { route.connectAttempts = n }
         if let node = m["fault"] { route.fault = readFault(node, at: m.path("fault")) }
+        if let rules = list(m["authorization"], at: m.path("authorization")) {
+            route.authorization = rules.enumerated().compactMap {
+                readAuthorizationRule($0.element, at: Self.index(m.path("authorization"), $0.offset))
+            }
+        }
         if let node = m["grpc_timeout_header_max"] {
             if case .scalar(let s) = node, s.string == "off" {
                 route.grpcTimeoutHeaderMax = nil

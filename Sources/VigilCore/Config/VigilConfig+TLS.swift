@@ -47,7 +47,7 @@ extension ConfigReader {
     }
 
     mutating func readAuthorizationRule(_ node: Node, at path: String) -> AuthorizationRule? {
-        guard let m = map(node, at: path, keys: ["identities", "prefix", "methods"]) else { return nil }
+        guard let m = map(node, at: path, keys: ["identities", "prefix", "path", "methods"]) else { return nil }
         var rule = AuthorizationRule(identities: [])
         if let list = list(m["identities"], at: m.path("identities")) {
             for (i, item) in list.enumerated() {
@@ -62,6 +62,15 @@ extension ConfigReader {
         }
         if let prefix = nonEmptyString(m["prefix"], at: m.path("prefix")) {
             if prefix.hasPrefix("/") { rule.prefix = prefix } else { fail(m.path("prefix"), "must start with /") }
+        }
+        if let exact = nonEmptyString(m["path"], at: m.path("path")) {
+            if m["prefix"] != nil {
+                fail(m.path("path"), "give prefix or path, not both")
+            } else if !exact.hasPrefix("/") || exact.contains("?") {
+                fail(m.path("path"), "must start with / and hold no query (it is matched against the path without its query)")
+            } else {
+                rule.path = exact
+            }
         }
         if let list = list(m["methods"], at: m.path("methods")) {
             for (i, item) in list.enumerated() {

@@ -199,6 +199,10 @@ public struct RouteConfig: Sendable, Equatable {
     public var connectAttempts = 1
     /// `fault`: delays and aborts injected into some of the route's requests.
     public var fault: FaultConfig?
+    /// `authorization`: rules of the route's own (Envoy's RBAC on a route), asked after the top-level ones and on
+    /// every listener (`authorization: off` exempts a listener from the top-level rules only). A request the route
+    /// takes is allowed only if one of them matches; an empty list allows nothing. Nil: the route adds no rule.
+    public var authorization: [AuthorizationRule]?
     /// How a gRPC call's `grpc-timeout` bounds it (Envoy's `max_stream_duration.grpc_timeout_header_max`): the
     /// call is given up with DEADLINE_EXCEEDED when its deadline passes, at most this long after it began (zero:
     /// the client's deadline as it is). Nil (`off`): the header is not read and goes upstream unchanged.

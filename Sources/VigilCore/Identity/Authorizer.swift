@@ -10,8 +10,16 @@ public enum IdentityPattern {
 /// caller's identity, path and method. Pure; the data plane asks it once per request.
 public struct Authorizer: Sendable, Equatable {
     public let rules: [AuthorizationRule]
+    /// What no rule at all means: every request allowed (the top-level `authorization`, where no rules is "not
+    /// configured"), or none (a route's `authorization: []`, as Envoy's RBAC with no policy allows nothing).
+    public let allowsWithoutRules: Bool
 
-    public init(rules: [AuthorizationRule]) { self.rules = rules }
+    public init(rules: [AuthorizationRule], allowsWithoutRules: Bool = true) {
+        self.rules = rules
+        self.allowsWithoutRules = allowsWithoutRules
+    }
+
+    private var withoutRules: Decision { allowsWithoutRules ? .allow(rule: nil) : .deny }
 
     public enum Decision: Sendable, Equatable {
         /// Allowed by rule `index`, or by the absence of rules (nil).
@@ -27,8 +35,8 @@ public struct Authorizer: Sendable, Equatable {
     /// For a TCP connection, which has no path or method: allowed only by a rule that names neither, so that a rule
     /// written for some requests of an identity never opens every port to it.
     public func decideConnection(identity: String?) -> Decision {
-        guard !rules.isEmpty else { return .allow(rule: nil) }
-        for (i, rule) in rules.enumerated() where rule.prefix == nil && rule.methods.isEmpty {
+        guard !rules.isEmpty else { return withoutRules }
+        for (i, rule) in rules.enumerated() where !rule.isForRequests {
             if !rule.identities.isEmpty {
                 guard let identity, rule.identities.contains(where: { IdentityPattern.matches($0, identity) }) else { continue }
             }
@@ -40,7 +48,7 @@ public struct Authorizer: Sendable, Equatable {
     /// The same on the path's bytes (the data plane's: no string made of a request's path). Paths are ASCII
     /// once validated, so a byte prefix is the path prefix.
     public func decide(identity: String?, pathBytes path: UnsafeRawBufferPointer, method: String) -> Decision {
-        guard !rules.isEmpty else { return .allow(rule: nil) }
+        guard !rules.isEmpty else { return withoutRules }
         for (i, rule) in rules.enumerated() {
             if !rule.identities.isEmpty {
                 guard let identity, rule.identities.contains(where: { IdentityPattern.matches($0, identity) }) else { continue }
@@ -48,6 +56,10 @@ public struct Authorizer: Sendable, Equatable {
             if let prefix = rule.prefix {
                 let p = prefix.utf8
                 guard p.count <= path.count, p.elementsEqual(path.prefix(p.count)) else { continue }
+            }
+            if let exact = rule.path {
+                let end = path.firstIndex(of: UInt8(ascii: "?")) ?? path.endIndex
+                guard exact.utf8.elementsEqual(path[..<end]) else { continue }
             }
             if !rule.methods.isEmpty, !rule.methods.contains(method) { continue }
             return .allow(rule: i)

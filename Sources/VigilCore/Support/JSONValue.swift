@@ -171,6 +171,7 @@ extension VigilConfig {
                                   ("connect_attempts", .int(r.connectAttempts)),
                                   ("grpc_timeout_header_max", r.grpcTimeoutHeaderMax.map(d) ?? .string("off"))]
                         if let fault = r.fault { route.append(("fault", Self.dump(fault))) }
+                        if let rules = r.authorization { route.append(("authorization", .array(rules.map(Self.dump)))) }
                         route += Self.dump(request: r.requestHeaders, response: r.responseHeaders)
                         switch r.pathRewrite {
                         case .prefix(let p)?: route.append(("prefix_rewrite", .string(p)))

@@ -140,6 +140,16 @@ extension ProxyRuntime {
                           detail: "no route of listener \(listener.config.name) matches \(request.method) \(RouteTable.pathWithoutQuery(request.path))",
                           cluster: nil)
         }
+        // The route's own rules (Envoy's RBAC filter runs before the router, and before faults).
+        if let authorizer = routes.authorizers[routeIndex] {
+            let method = request.method
+            if case .deny = request.withPathBytes({ authorizer.decide(identity: identity, pathBytes: $0, method: method) }) {
+                snapshot.authorizationDenied.increment()
+                return .reply(status: 403, reason: "unauthorized",
+                              detail: "no rule of route \(routes.routes[routeIndex].name ?? "-")'s authorization allows \(identity ?? "an unauthenticated caller") to \(request.method) \(RouteTable.pathWithoutQuery(request.path))",
+                              cluster: nil, route: routes.routeStats[routeIndex])
+            }
+        }
         var tenant: TenantState?
         if let tenants = snapshot.tenants {
             switch admit(request, tenants: tenants, listener: listener, identity: identity,

@@ -51,6 +51,8 @@ final class ListenerRoutes: Sendable {
     let mirrors: [[MirrorTarget]?]
     /// Per route that answers itself (`redirect`, `direct_response`): its answer.
     let directAnswers: [DirectAnswer?]
+    /// Per route with `authorization`: its own rules (a request it takes needs one of them too).
+    let authorizers: [Authorizer?]
     /// Per route with `fault`: its faults, and how many are active now (for `max_active_faults`).
     let faults: [(config: FaultConfig, active: ManagedAtomic<Int>)?]
     /// What each route asks of its exchanges (timeout, idle timeout, retry policy), converted once.
@@ -98,6 +100,7 @@ final class ListenerRoutes: Sendable {
         self.table = RouteTable(listener.routes, tcpRoutes: tcpRoutes)
         self.routeClusters = listener.routes.map { $0.direct == nil ? clusterSlots[$0.cluster]! : -1 }
         self.faults = listener.routes.map { route in route.fault.map { ($0, ManagedAtomic(0)) } }
+        self.authorizers = listener.routes.map { route in route.authorization.map { Authorizer(rules: $0, allowsWithoutRules: false) } }
         self.directAnswers = listener.routes.map(\.direct)
         self.edits = listener.routes.map { route in
             route.clusterNames.map { ForwardingEdits(route: route, cluster: clusters[$0]) }

@@ -203,6 +203,10 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Dead
         }
         let routes = snapshot.routes[listener.index]
         guard let routeIndex = routes.connectionRoute(for: reached.destination) else { return refuse("no_route") }
+        if let authorizer = routes.authorizers[routeIndex], case .deny = authorizer.decideConnection(identity: session.identity) {
+            snapshot.authorizationDenied.increment()
+            return refuse("unauthorized")
+        }
         slot = routes.routeClusters[routeIndex]
         let cluster = snapshot.clusters[slot]
         self.cluster = cluster

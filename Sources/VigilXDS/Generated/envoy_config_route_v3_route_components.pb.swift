@@ -66,6 +66,11 @@ public nonisolated struct Envoy_Config_Route_V3_VirtualHost: @unchecked Sendable
     set {_uniqueStorage()._includeRequestAttemptCount = newValue}
   }
 
+  public var typedPerFilterConfig: Dictionary<String,SwiftProtobuf.Google_Protobuf_Any> {
+    get {_storage._typedPerFilterConfig}
+    set {_uniqueStorage()._typedPerFilterConfig = newValue}
+  }
+
   public var retryPolicy: Envoy_Config_Route_V3_RetryPolicy {
     get {_storage._retryPolicy ?? Envoy_Config_Route_V3_RetryPolicy()}
     set {_uniqueStorage()._retryPolicy = newValue}
@@ -170,6 +175,11 @@ public nonisolated struct Envoy_Config_Route_V3_Route: @unchecked Sendable {
   public var requestHeadersToRemove: [String] {
     get {_storage._requestHeadersToRemove}
     set {_uniqueStorage()._requestHeadersToRemove = newValue}
+  }
+
+  public var typedPerFilterConfig: Dictionary<String,SwiftProtobuf.Google_Protobuf_Any> {
+    get {_storage._typedPerFilterConfig}
+    set {_uniqueStorage()._typedPerFilterConfig = newValue}
   }
 
   public var name: String {
@@ -752,13 +762,39 @@ public nonisolated struct Envoy_Config_Route_V3_HeaderMatcher: Sendable {
   public init() {}
 }
 
+/// A filter's per-route config with its switches (in typed_per_filter_config, in place of the config itself).
+public nonisolated struct Envoy_Config_Route_V3_FilterConfig: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var config: SwiftProtobuf.Google_Protobuf_Any {
+    get {_config ?? SwiftProtobuf.Google_Protobuf_Any()}
+    set {_config = newValue}
+  }
+  /// Returns true if `config` has been explicitly set.
+  public var hasConfig: Bool {self._config != nil}
+  /// Clears the value of `config`. Subsequent reads from it will return its default value.
+  public mutating func clearConfig() {self._config = nil}
+
+  public var isOptional: Bool = false
+
+  public var disabled: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _config: SwiftProtobuf.Google_Protobuf_Any? = nil
+}
+
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "envoy.config.route.v3"
 
 nonisolated extension Envoy_Config_Route_V3_VirtualHost: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".VirtualHost"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}domains\0\u{1}routes\0\u{4}\u{4}request_headers_to_add\0\u{4}\u{3}response_headers_to_add\0\u{3}response_headers_to_remove\0\u{4}\u{2}request_headers_to_remove\0\u{3}include_request_attempt_count\0\u{4}\u{2}retry_policy\0\u{2}\u{8}metadata\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}domains\0\u{1}routes\0\u{4}\u{4}request_headers_to_add\0\u{4}\u{3}response_headers_to_add\0\u{3}response_headers_to_remove\0\u{4}\u{2}request_headers_to_remove\0\u{3}include_request_attempt_count\0\u{3}typed_per_filter_config\0\u{3}retry_policy\0\u{2}\u{8}metadata\0")
 
   fileprivate class _StorageClass {
     var _name: String = String()
@@ -769,6 +805,7 @@ nonisolated extension Envoy_Config_Route_V3_VirtualHost: SwiftProtobuf.Message, 
     var _responseHeadersToRemove: [String] = []
     var _requestHeadersToRemove: [String] = []
     var _includeRequestAttemptCount: Bool = false
+    var _typedPerFilterConfig: Dictionary<String,SwiftProtobuf.Google_Protobuf_Any> = [:]
     var _retryPolicy: Envoy_Config_Route_V3_RetryPolicy? = nil
     var _metadata: Envoy_Config_Core_V3_Metadata? = nil
 
@@ -789,6 +826,7 @@ nonisolated extension Envoy_Config_Route_V3_VirtualHost: SwiftProtobuf.Message, 
       _responseHeadersToRemove = source._responseHeadersToRemove
       _requestHeadersToRemove = source._requestHeadersToRemove
       _includeRequestAttemptCount = source._includeRequestAttemptCount
+      _typedPerFilterConfig = source._typedPerFilterConfig
       _retryPolicy = source._retryPolicy
       _metadata = source._metadata
     }
@@ -817,6 +855,7 @@ nonisolated extension Envoy_Config_Route_V3_VirtualHost: SwiftProtobuf.Message, 
         case 11: try { try decoder.decodeRepeatedStringField(value: &_storage._responseHeadersToRemove) }()
         case 13: try { try decoder.decodeRepeatedStringField(value: &_storage._requestHeadersToRemove) }()
         case 14: try { try decoder.decodeSingularBoolField(value: &_storage._includeRequestAttemptCount) }()
+        case 15: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.Google_Protobuf_Any>.self, value: &_storage._typedPerFilterConfig) }()
         case 16: try { try decoder.decodeSingularMessageField(value: &_storage._retryPolicy) }()
         case 24: try { try decoder.decodeSingularMessageField(value: &_storage._metadata) }()
         default: break
@@ -855,6 +894,9 @@ nonisolated extension Envoy_Config_Route_V3_VirtualHost: SwiftProtobuf.Message, 
       if _storage._includeRequestAttemptCount != false {
         try visitor.visitSingularBoolField(value: _storage._includeRequestAttemptCount, fieldNumber: 14)
       }
+      if !_storage._typedPerFilterConfig.isEmpty {
+        try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.Google_Protobuf_Any>.self, value: _storage._typedPerFilterConfig, fieldNumber: 15)
+      }
       try { if let v = _storage._retryPolicy {
         try visitor.visitSingularMessageField(value: v, fieldNumber: 16)
       } }()
@@ -878,6 +920,7 @@ nonisolated extension Envoy_Config_Route_V3_VirtualHost: SwiftProtobuf.Message, 
         if _storage._responseHeadersToRemove != rhs_storage._responseHeadersToRemove {return false}
         if _storage._requestHeadersToRemove != rhs_storage._requestHeadersToRemove {return false}
         if _storage._includeRequestAttemptCount != rhs_storage._includeRequestAttemptCount {return false}
+        if _storage._typedPerFilterConfig != rhs_storage._typedPerFilterConfig {return false}
         if _storage._retryPolicy != rhs_storage._retryPolicy {return false}
         if _storage._metadata != rhs_storage._metadata {return false}
         return true
@@ -891,7 +934,7 @@ nonisolated extension Envoy_Config_Route_V3_VirtualHost: SwiftProtobuf.Message, 
 
 nonisolated extension Envoy_Config_Route_V3_Route: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Route"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}match\0\u{1}route\0\u{1}redirect\0\u{1}metadata\0\u{1}decorator\0\u{4}\u{2}direct_response\0\u{4}\u{2}request_headers_to_add\0\u{3}response_headers_to_add\0\u{3}response_headers_to_remove\0\u{3}request_headers_to_remove\0\u{2}\u{2}name\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}match\0\u{1}route\0\u{1}redirect\0\u{1}metadata\0\u{1}decorator\0\u{4}\u{2}direct_response\0\u{4}\u{2}request_headers_to_add\0\u{3}response_headers_to_add\0\u{3}response_headers_to_remove\0\u{3}request_headers_to_remove\0\u{3}typed_per_filter_config\0\u{1}name\0")
 
   fileprivate class _StorageClass {
     var _match: Envoy_Config_Route_V3_RouteMatch? = nil
@@ -902,6 +945,7 @@ nonisolated extension Envoy_Config_Route_V3_Route: SwiftProtobuf.Message, SwiftP
     var _responseHeadersToAdd: [Envoy_Config_Core_V3_HeaderValueOption] = []
     var _responseHeadersToRemove: [String] = []
     var _requestHeadersToRemove: [String] = []
+    var _typedPerFilterConfig: Dictionary<String,SwiftProtobuf.Google_Protobuf_Any> = [:]
     var _name: String = String()
 
       // This property is used as the initial default value for new instances of the type.
@@ -921,6 +965,7 @@ nonisolated extension Envoy_Config_Route_V3_Route: SwiftProtobuf.Message, SwiftP
       _responseHeadersToAdd = source._responseHeadersToAdd
       _responseHeadersToRemove = source._responseHeadersToRemove
       _requestHeadersToRemove = source._requestHeadersToRemove
+      _typedPerFilterConfig = source._typedPerFilterConfig
       _name = source._name
     }
   }
@@ -986,6 +1031,7 @@ nonisolated extension Envoy_Config_Route_V3_Route: SwiftProtobuf.Message, SwiftP
         case 10: try { try decoder.decodeRepeatedMessageField(value: &_storage._responseHeadersToAdd) }()
         case 11: try { try decoder.decodeRepeatedStringField(value: &_storage._responseHeadersToRemove) }()
         case 12: try { try decoder.decodeRepeatedStringField(value: &_storage._requestHeadersToRemove) }()
+        case 13: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.Google_Protobuf_Any>.self, value: &_storage._typedPerFilterConfig) }()
         case 14: try { try decoder.decodeSingularStringField(value: &_storage._name) }()
         default: break
         }
@@ -1034,6 +1080,9 @@ nonisolated extension Envoy_Config_Route_V3_Route: SwiftProtobuf.Message, SwiftP
       if !_storage._requestHeadersToRemove.isEmpty {
         try visitor.visitRepeatedStringField(value: _storage._requestHeadersToRemove, fieldNumber: 12)
       }
+      if !_storage._typedPerFilterConfig.isEmpty {
+        try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMessageMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.Google_Protobuf_Any>.self, value: _storage._typedPerFilterConfig, fieldNumber: 13)
+      }
       if !_storage._name.isEmpty {
         try visitor.visitSingularStringField(value: _storage._name, fieldNumber: 14)
       }
@@ -1054,6 +1103,7 @@ nonisolated extension Envoy_Config_Route_V3_Route: SwiftProtobuf.Message, SwiftP
         if _storage._responseHeadersToAdd != rhs_storage._responseHeadersToAdd {return false}
         if _storage._responseHeadersToRemove != rhs_storage._responseHeadersToRemove {return false}
         if _storage._requestHeadersToRemove != rhs_storage._requestHeadersToRemove {return false}
+        if _storage._typedPerFilterConfig != rhs_storage._typedPerFilterConfig {return false}
         if _storage._name != rhs_storage._name {return false}
         return true
       }
@@ -1862,6 +1912,50 @@ nonisolated extension Envoy_Config_Route_V3_HeaderMatcher: SwiftProtobuf.Message
     if lhs.name != rhs.name {return false}
     if lhs.headerMatchSpecifier != rhs.headerMatchSpecifier {return false}
     if lhs.invertMatch != rhs.invertMatch {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Envoy_Config_Route_V3_FilterConfig: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".FilterConfig"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}config\0\u{3}is_optional\0\u{1}disabled\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._config) }()
+      case 2: try { try decoder.decodeSingularBoolField(value: &self.isOptional) }()
+      case 3: try { try decoder.decodeSingularBoolField(value: &self.disabled) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._config {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    if self.isOptional != false {
+      try visitor.visitSingularBoolField(value: self.isOptional, fieldNumber: 2)
+    }
+    if self.disabled != false {
+      try visitor.visitSingularBoolField(value: self.disabled, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Envoy_Config_Route_V3_FilterConfig, rhs: Envoy_Config_Route_V3_FilterConfig) -> Bool {
+    if lhs._config != rhs._config {return false}
+    if lhs.isOptional != rhs.isOptional {return false}
+    if lhs.disabled != rhs.disabled {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
