@@ -47,5 +47,5 @@ protos=$(cd Protos && find . -name '*.proto' | sed 's|^\./||' | sort)
 (cd Protos && "$tools/venv/bin/python" -m grpc_tools.protoc -I . -I "$wkt" \
   --plugin=protoc-gen-grpc-swift="$bin/protoc-gen-grpc-swift-2" \
   --grpc-swift_out="../$out" --grpc-swift_opt=Visibility=Public,Server=true,Client=true,FileNaming=PathToUnderscores \
-  envoy/service/discovery/v3/ads.proto)
+  envoy/service/discovery/v3/ads.proto envoy/service/secret/v3/sds.proto)
 echo "generated $(ls "$out" | wc -l) files in $out"

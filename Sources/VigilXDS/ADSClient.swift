@@ -25,8 +25,15 @@ public struct ADSClient: Sendable {
     public static let backoffBase = TimeAmount.milliseconds(500)
     public static let backoffMax = TimeAmount.seconds(30)
 
-    public let host: String
-    public let port: Int
+    /// Which RPC carries the stream: the aggregated one (every type), or a separate SDS server's `StreamSecrets`
+    /// (istio-agent's), which speaks the same requests and responses for secrets only.
+    public enum Service: Sendable {
+        case aggregated
+        case secrets
+    }
+
+    public let target: XDSConfig.Target
+    public let service: Service
     public let tls: ClusterTLSConfig?
     /// The protocol state, kept across streams (the accepted versions a new stream asks again with).
     private let box: Box
@@ -43,11 +50,16 @@ public struct ADSClient: Sendable {
         init(_ m: ADSStateMachine) { state = Mutex(State(machine: m)) }
     }
 
-    public init(host: String, port: Int, node: Envoy_Config_Core_V3_Node, tls: ClusterTLSConfig? = nil) {
-        self.host = host
-        self.port = port
+    public init(target: XDSConfig.Target, node: Envoy_Config_Core_V3_Node, tls: ClusterTLSConfig? = nil,
+                service: Service = .aggregated) {
+        self.target = target
+        self.service = service
         self.tls = tls
         self.box = Box(ADSStateMachine(node: node))
+    }
+
+    public init(host: String, port: Int, node: Envoy_Config_Core_V3_Node, tls: ClusterTLSConfig? = nil) {
+        self.init(target: .address(SocketAddressSpec(host: host, port: port)), node: node, tls: tls)
     }
 
     /// The transport to the server: plaintext, or TLS as `xds.tls` says. The identity check runs in a handler after
@@ -55,12 +67,13 @@ public struct ADSClient: Sendable {
     func transport() throws -> HTTP2ClientTransport.Posix {
         // An address literal is dialled as one: as a DNS name it would be sent as the TLS server name, which may not be
         // an address.
-        let target: any ResolvableTarget = if host.contains(":") {
-            ResolvableTargets.IPv6(addresses: [.init(host: host, port: port)])
-        } else if host.split(separator: ".").count == 4, host.allSatisfy({ $0.isNumber || $0 == "." }) {
-            ResolvableTargets.IPv4(addresses: [.init(host: host, port: port)])
-        } else {
-            ResolvableTargets.DNS(host: host, port: port)
+        let target: any ResolvableTarget = switch self.target {
+        // The authority of a stream over a unix socket would otherwise be the socket's path.
+        case .unix(let path): ResolvableTargets.UnixDomainSocket(address: .init(path: path), authority: "localhost")
+        case .address(let a) where a.host.contains(":"): ResolvableTargets.IPv6(addresses: [.init(host: a.host, port: a.port)])
+        case .address(let a) where a.host.split(separator: ".").count == 4 && a.host.allSatisfy({ $0.isNumber || $0 == "." }):
+            ResolvableTargets.IPv4(addresses: [.init(host: a.host, port: a.port)])
+        case .address(let a): ResolvableTargets.DNS(host: a.host, port: a.port)
         }
         guard let tls else { return try HTTP2ClientTransport.Posix(target: target, transportSecurity: .plaintext) }
         var config = HTTP2ClientTransport.Posix.Config.defaults
@@ -132,12 +145,12 @@ public struct ADSClient: Sendable {
         defer { box.state.withLock { $0.outbox = nil } }
         let transport = try transport()
         let box = self.box
+        let service = self.service
         try await withGRPCClient(transport: transport) { client in
-            let ads = Envoy_Service_Discovery_V3_AggregatedDiscoveryService.Client(wrapping: client)
             let request = StreamingClientRequest<Envoy_Service_Discovery_V3_DiscoveryRequest> { writer in
                 for await r in outgoing { try await writer.write(r) }
             }
-            try await ads.streamAggregatedResources(request: request) { response in
+            let handle: @Sendable (StreamingClientResponse<Envoy_Service_Discovery_V3_DiscoveryResponse>) async throws -> Void = { response in
                 defer { outbox.finish() }
                 // Responses are handled one at a time, in order: each is applied before the next is read.
                 for try await message in response.messages {
@@ -149,6 +162,14 @@ public struct ADSClient: Sendable {
                                      ?? s.machine.applied(type, version: version))
                     }
                 }
+            }
+            switch service {
+            case .aggregated:
+                try await Envoy_Service_Discovery_V3_AggregatedDiscoveryService.Client(wrapping: client)
+                    .streamAggregatedResources(request: request, onResponse: handle)
+            case .secrets:
+                try await Envoy_Service_Secret_V3_SecretDiscoveryService.Client(wrapping: client)
+                    .streamSecrets(request: request, onResponse: handle)
             }
         }
     }

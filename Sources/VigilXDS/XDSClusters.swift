@@ -26,8 +26,13 @@ public enum XDSClusters {
         public var identity: String?
         public var sni: String?
         public var alpn: [String]
-        /// The SDS names it needs.
-        public var secretNames: [String] { [certificate, trust].compactMap { $0 } }
+        /// Whether its secrets come from `xds.sds_server` (`api_config_source`, Istio's `sds-grpc`) rather than the
+        /// ADS stream.
+        public var fromSDSServer = false
+        /// The secrets it needs.
+        public var secrets: [XDSResources.SecretRef] {
+            [certificate, trust].compactMap { $0.map { XDSResources.SecretRef(name: $0, fromSDSServer: fromSDSServer) } }
+        }
     }
 
     public static func read(_ cluster: Envoy_Config_Cluster_V3_Cluster) throws(XDSRejection) -> Read {
@@ -50,6 +55,7 @@ public enum XDSClusters {
             switch source.configSourceSpecifier {
             case .ads?, .self_p?: break
             case .path?: throw refuse("eds_cluster_config.eds_config.path", "endpoints come from the ADS stream (ads or self), not from files")
+            case .apiConfigSource?: throw refuse("eds_cluster_config.eds_config.api_config_source", "endpoints come from the ADS stream (ads or self)")
             case nil: throw refuse("eds_cluster_config.eds_config", "names no source (ads or self)")
             }
             eds = cluster.edsClusterConfig.serviceName.isEmpty ? name : cluster.edsClusterConfig.serviceName
@@ -150,12 +156,26 @@ public enum XDSClusters {
         }
         try XDSUnknownFields.check(context, resource: name, path: "transport_socket.typed_config")
         let common = context.commonTlsContext
+        // Where the secrets come from: the ADS stream, or the one SDS server Vigil knows (`xds.sds_server`), whatever
+        // cluster name the config gives it (istio-agent's is `sds-grpc`). Both of a context's secrets from one of them.
+        var source: Bool?
         func sds(_ config: Envoy_Extensions_TransportSockets_Tls_V3_SdsSecretConfig, _ path: String) throws(XDSRejection) -> String {
             guard !config.name.isEmpty else { throw refuse("\(path).name", "is empty") }
+            let fromServer: Bool
             switch config.sdsConfig.configSourceSpecifier {
-            case .ads?, .self_p?: return config.name
-            default: throw refuse("\(path).sds_config", "secrets come on the ADS stream (ads or self): a separate SDS server is not supported yet")
+            case .ads?, .self_p?: fromServer = false
+            case .apiConfigSource(let api)?:
+                guard api.apiType == .grpc, api.grpcServices.count == 1, case .envoyGrpc? = api.grpcServices[0].targetSpecifier else {
+                    throw refuse("\(path).sds_config.api_config_source", "Vigil reaches a separate SDS server over gRPC, one service (api_type GRPC, one envoy_grpc)")
+                }
+                fromServer = true
+            default: throw refuse("\(path).sds_config", "secrets come on the ADS stream (ads or self) or from xds.sds_server (api_config_source)")
             }
+            if let source, source != fromServer {
+                throw refuse("\(path).sds_config", "the certificate and the trust come from different sources: Vigil takes both from one")
+            }
+            source = fromServer
+            return config.name
         }
         guard common.tlsCertificateSdsSecretConfigs.count <= 1 else {
             throw refuse("typed_config.common_tls_context.tls_certificate_sds_secret_configs", "Vigil presents one certificate")
@@ -198,7 +218,7 @@ public enum XDSClusters {
             throw refuse("typed_config.common_tls_context.alpn_protocols[\(i)]", "is not a protocol name (1 to 255 printable ASCII bytes)")
         }
         return UpstreamTLS(certificate: certificate, trust: trust, identity: identities.first,
-                           sni: context.sni.isEmpty ? nil : context.sni, alpn: common.alpnProtocols)
+                           sni: context.sni.isEmpty ? nil : context.sni, alpn: common.alpnProtocols, fromSDSServer: source ?? false)
     }
 
     /// Envoy's active health check as Vigil's: HTTP GET or gRPC's health service, on Envoy's schedule. Vigil opens a

@@ -13,8 +13,15 @@ public struct XDSResources: Sendable {
     public private(set) var listeners: [String: XDSListeners.Read] = [:]
     /// Route configurations (RDS) by name.
     public private(set) var routeConfigs: [String: [RouteConfig]] = [:]
-    /// Secrets (SDS) by name.
-    public private(set) var secrets: [String: Secret] = [:]
+    /// Secrets (SDS) by name and source.
+    public private(set) var secrets: [SecretRef: Secret] = [:]
+
+    /// A secret as a cluster names it: its SDS name, and whether it comes from `xds.sds_server` or the ADS stream (the
+    /// two may each have a secret of one name).
+    public struct SecretRef: Sendable, Hashable {
+        public var name: String
+        public var fromSDSServer: Bool
+    }
 
     /// A secret as Vigil uses it: PEM text, written to files under `state_dir` that the clusters' TLS reads.
     public enum Secret: Sendable, Equatable {
@@ -37,16 +44,23 @@ public struct XDSResources: Sendable {
     /// The RDS resources the listeners need.
     public var routeNames: [String] { Set(listeners.values.flatMap(\.routeNames)).sorted() }
 
-    /// The SDS resources the clusters need.
-    public var secretNames: [String] { Set(clusters.values.flatMap { $0.tls?.secretNames ?? [] }).sorted() }
+    /// The secrets the clusters need.
+    var secretRefs: Set<SecretRef> { Set(clusters.values.flatMap { $0.tls?.secrets ?? [] }) }
+
+    /// The SDS names to ask the ADS stream for (`fromSDSServer` false) or `xds.sds_server`.
+    public func secretNames(fromSDSServer: Bool) -> [String] {
+        secretRefs.filter { $0.fromSDSServer == fromSDSServer }.map(\.name).sorted()
+    }
 
     /// SDS: each secret in `resources` replaces the one of its name; the others stay. One no cluster names is left out.
-    public func applyingSecrets(_ resources: [Google_Protobuf_Any]) throws(XDSRejection) -> XDSResources {
+    /// `fromSDSServer`: the response came from `xds.sds_server`, not the ADS stream.
+    public func applyingSecrets(_ resources: [Google_Protobuf_Any], fromSDSServer: Bool = false) throws(XDSRejection) -> XDSResources {
         var next = self
-        let wanted = Set(secretNames)
+        let wanted = Set(secretNames(fromSDSServer: fromSDSServer))
         for (i, any) in resources.enumerated() {
             let secret: Envoy_Extensions_TransportSockets_Tls_V3_Secret = try Self.decode(any, index: i, kind: "Secret")
             guard wanted.contains(secret.name) else { continue }
+            let ref = SecretRef(name: secret.name, fromSDSServer: fromSDSServer)
             try XDSUnknownFields.check(secret, resource: secret.name, path: "")
             func pem(_ source: Envoy_Config_Core_V3_DataSource, _ path: String) throws(XDSRejection) -> String {
                 switch source.specifier {
@@ -57,14 +71,14 @@ public struct XDSResources: Sendable {
             }
             switch secret.type {
             case .tlsCertificate(let c)?:
-                next.secrets[secret.name] = .certificate(chain: try pem(c.certificateChain, "tls_certificate.certificate_chain"),
+                next.secrets[ref] = .certificate(chain: try pem(c.certificateChain, "tls_certificate.certificate_chain"),
                                                          key: try pem(c.privateKey, "tls_certificate.private_key"))
             case .validationContext(let v)?:
                 guard v.matchSubjectAltNames.isEmpty, v.matchTypedSubjectAltNames.isEmpty else {
                     throw XDSRejection(resource: secret.name, path: "validation_context",
                                        reason: "names to match belong in the cluster's default_validation_context")
                 }
-                next.secrets[secret.name] = .trust(try pem(v.trustedCa, "validation_context.trusted_ca"))
+                next.secrets[ref] = .trust(try pem(v.trustedCa, "validation_context.trusted_ca"))
             case nil:
                 throw XDSRejection(resource: secret.name, path: "type", reason: "needs tls_certificate or validation_context")
             }
@@ -177,7 +191,7 @@ public struct XDSResources: Sendable {
         }
         let used = Set(next.endpointNames)
         next.assignments = next.assignments.filter { used.contains($0.key) }
-        let secretsUsed = Set(next.secretNames)
+        let secretsUsed = next.secretRefs
         next.secrets = next.secrets.filter { secretsUsed.contains($0.key) }
         next.lastReady = next.lastReady.filter { next.clusters[$0.key] != nil }
         return next
@@ -217,20 +231,24 @@ public struct XDSResources: Sendable {
                 cluster.config.endpoints = try Self.routable(assignments[service] ?? [], resource: service)
             }
             if let tls = cluster.tls {
+                if tls.fromSDSServer, base.xds?.sdsServer == nil {
+                    throw XDSRejection(resource: name, path: "transport_socket.typed_config.common_tls_context",
+                                       reason: "names a separate SDS server (api_config_source): set xds.sds_server to where it is")
+                }
                 // Until its secrets arrive the cluster serves as it last went live, or, new, is left out (Envoy's
                 // warming: its routes answer 503).
-                let ready = tls.secretNames.allSatisfy { secrets[$0] != nil }
+                let ready = tls.secrets.allSatisfy { secrets[$0] != nil }
                 if !ready {
                     if let old = lastReady[name] { config.clusters.append(old) }
                     continue
                 }
-                guard let trustSecret = secrets[tls.trust] else { continue }
+                guard let trustSecret = secrets[SecretRef(name: tls.trust, fromSDSServer: tls.fromSDSServer)] else { continue }
                 guard case .trust(let ca) = trustSecret else {
                     throw XDSRejection(resource: tls.trust, path: "validation_context", reason: "cluster \(name) takes it as its trust, and it is a certificate")
                 }
                 var made = ClusterTLSConfig(ca: Self.secretFile(ca, stateDir: base.stateDir).path)
                 if let certificateName = tls.certificate {
-                    guard let certificateSecret = secrets[certificateName] else { continue }
+                    guard let certificateSecret = secrets[SecretRef(name: certificateName, fromSDSServer: tls.fromSDSServer)] else { continue }
                     guard case .certificate(let chain, let key) = certificateSecret else {
                         throw XDSRejection(resource: certificateName, path: "tls_certificate",
                                            reason: "cluster \(name) takes it as its certificate, and it is a trust")

@@ -14,13 +14,17 @@ import VigilProxy
 /// ejections carried over), ACKing what took effect and NACKing what did not with the resource and key path.
 ///
 /// Clusters (CDS) and listeners (LDS), all of them, are asked for first; the endpoints (EDS) of the clusters and the
-/// route configurations (RDS) of the listeners follow, by name, as each CDS or LDS response takes effect. While the stream is down the last accepted configuration keeps
+/// route configurations (RDS) of the listeners follow, by name, as each CDS or LDS response takes effect; so do the
+/// secrets (SDS) of the clusters' TLS, on the ADS stream or, for those a cluster takes from a separate SDS server
+/// (istio-agent's), on a second stream to `xds.sds_server`. While a stream is down the last accepted configuration keeps
 /// serving; each stream's start and end is an event (`xds_connected`, `xds_disconnected`) and the gauge
 /// `vigil_xds_connected`.
 public final class XDSSubscriber: Sendable {
     public let config: XDSConfig
     let stateDir: String
     let client: ADSClient
+    /// The stream to `xds.sds_server`, when there is one.
+    let sdsClient: ADSClient?
     let policy: PolicyController
     let events: HealingEventLog
     let runtime: ProxyRuntime
@@ -28,9 +32,23 @@ public final class XDSSubscriber: Sendable {
     let factory: MetricsFactory
     /// What the server sent that is live now.
     private let accepted = Mutex(XDSResources())
-    /// Whether the current stream has had a response (the connection event is sent once per stream).
-    private let connected = Mutex(false)
-    private let connectedGauge: Gauge
+    /// The ADS stream's state, and the SDS server's.
+    private let adsStream: StreamWatch
+    private let sdsStream: StreamWatch?
+
+    /// One stream's connection: whether it has had a response since it started (the connection event is sent once per
+    /// stream), and its gauge.
+    final class StreamWatch: Sendable {
+        let server: String
+        let connected = Mutex(false)
+        let gauge: Gauge
+
+        init(server: String, factory: MetricsFactory) {
+            self.server = server
+            gauge = Gauge(label: "vigil_xds_connected", dimensions: [("server", server)], factory: factory)
+            gauge.record(0)
+        }
+    }
     /// How the `initial_fetch_timeout` is waited out (injected by tests).
     let sleep: @Sendable (TimeAmount) async throws -> Void
     /// The `initial_fetch_timeout` waits running (cancelled with `run`).
@@ -49,10 +67,10 @@ public final class XDSSubscriber: Sendable {
         self.runtime = runtime
         self.logger = logger
         self.factory = runtime.metrics.factory
-        self.client = ADSClient(host: config.server.host, port: config.server.port, node: Self.node(config.node), tls: config.tls)
-        self.connectedGauge = Gauge(label: "vigil_xds_connected", dimensions: [("server", config.server.description)],
-                                    factory: runtime.metrics.factory)
-        connectedGauge.record(0)
+        self.client = ADSClient(target: config.server, node: Self.node(config.node), tls: config.tls)
+        self.sdsClient = config.sdsServer.map { ADSClient(target: $0, node: Self.node(config.node), service: .secrets) }
+        self.adsStream = StreamWatch(server: config.server.description, factory: runtime.metrics.factory)
+        self.sdsStream = config.sdsServer.map { StreamWatch(server: $0.description, factory: runtime.metrics.factory) }
     }
 
     static func node(_ n: XDSConfig.Node) -> Envoy_Config_Core_V3_Node {
@@ -69,14 +87,23 @@ public final class XDSSubscriber: Sendable {
 
     /// Runs until the task is cancelled (Vigil's shutdown).
     public func run() async {
-        do {
-            // Clusters before listeners, as Envoy asks; endpoints and routes follow by name as those take effect.
-            try await client.run(subscriptions: [(XDSTypeURL.cluster, []), (XDSTypeURL.listener, [])],
-                                 random: SystemRandomNumberGenerator(),
-                                 onStreamEnded: { [self] error in streamEnded(error) },
-                                 apply: { [self] type, version, resources in await apply(type, version, resources) })
-        } catch {
-            // Only cancellation ends `run`.
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { [self] in
+                // Clusters before listeners, as Envoy asks; endpoints and routes follow by name as those take effect.
+                // Only cancellation ends `run`.
+                try? await client.run(subscriptions: [(XDSTypeURL.cluster, []), (XDSTypeURL.listener, [])],
+                                      random: SystemRandomNumberGenerator(),
+                                      onStreamEnded: { [self] error in streamEnded(adsStream, error) },
+                                      apply: { [self] type, version, resources in await apply(type, version, resources, from: adsStream) })
+            }
+            if let sdsClient, let sdsStream {
+                group.addTask { [self] in
+                    // Subscribed to as clusters name its secrets; until then the stream asks for nothing.
+                    try? await sdsClient.run(subscriptions: [], random: SystemRandomNumberGenerator(),
+                                             onStreamEnded: { [self] error in streamEnded(sdsStream, error) },
+                                             apply: { [self] type, version, resources in await apply(type, version, resources, from: sdsStream) })
+                }
+            }
         }
         // The warming waits end with it, and are waited for, so none installs anything once `run` has returned (Vigil
         // then drains).
@@ -85,32 +112,41 @@ public final class XDSSubscriber: Sendable {
         for t in waits { await t.value }
     }
 
-    /// The protocol state for `/config_dump`: per type, the version accepted and the nonce last received.
+    /// The protocol state for `/config_dump`: per type, the version accepted and the nonce last received; the same for
+    /// the SDS server's stream under `sds_server`.
     public var status: JSONValue {
-        let state = client.state
-        return .object([
-            ("server", .string(config.server.description)),
-            ("connected", .bool(connected.withLock { $0 })),
-            ("ignored_filters", .object(accepted.withLock { $0.ignoredFilters }.sorted { $0.key < $1.key }.map {
-                ($0.key, .array($0.value.map(JSONValue.string)))
-            })),
-            ("resources", .array(state.order.map { type in
+        func resources(_ state: ADSStateMachine) -> JSONValue {
+            .array(state.order.map { type in
                 let s = state.subscriptions[type]!
                 return .object([("type_url", .string(type)), ("version_info", .string(s.acceptedVersion)),
                                 ("response_nonce", .string(s.nonce)), ("resource_names", .array(s.names.map(JSONValue.string)))])
+            })
+        }
+        var out: [(String, JSONValue)] = [
+            ("server", .string(adsStream.server)),
+            ("connected", .bool(adsStream.connected.withLock { $0 })),
+            ("ignored_filters", .object(accepted.withLock { $0.ignoredFilters }.sorted { $0.key < $1.key }.map {
+                ($0.key, .array($0.value.map(JSONValue.string)))
             })),
-        ])
+            ("resources", resources(client.state)),
+        ]
+        if let sdsClient, let sdsStream {
+            out.append(("sds_server", .object([("server", .string(sdsStream.server)),
+                                                ("connected", .bool(sdsStream.connected.withLock { $0 })),
+                                                ("resources", resources(sdsClient.state))])))
+        }
+        return .object(out)
     }
 
-    private func streamEnded(_ error: Error?) {
-        let was = connected.withLock { c in defer { c = false }; return c }
-        connectedGauge.record(0)
+    private func streamEnded(_ stream: StreamWatch, _ error: Error?) {
+        let was = stream.connected.withLock { c in defer { c = false }; return c }
+        stream.gauge.record(0)
         let reason = error.map { "\($0)" } ?? "the server ended the stream"
         logger.warning("xds: stream ended; the last accepted configuration keeps serving",
-                       metadata: ["server": "\(config.server)", "reason": "\(reason)"])
+                       metadata: ["server": "\(stream.server)", "reason": "\(reason)"])
         if was {
             events.emit([HealingEvent(kind: .xdsDisconnected, cluster: "", reason: "stream_ended",
-                                      evidence: ["server": .string(config.server.description), "error": .string(reason)],
+                                      evidence: ["server": .string(stream.server), "error": .string(reason)],
                                       action: ["serving": "the last accepted configuration", "reconnect": "with backoff"])])
         }
     }
@@ -238,12 +274,14 @@ public final class XDSSubscriber: Sendable {
 
     /// One response: tried on a copy of the accepted resources, joined to the config, made live; nil when it took
     /// effect, else the refusal the NACK carries.
-    func apply(_ typeURL: String, _ version: String, _ resources: [Google_Protobuf_Any]) async -> XDSRejection? {
-        if !connected.withLock({ c in defer { c = true }; return c }) {
-            connectedGauge.record(1)
+    /// `stream`: the stream it came on (the ADS stream, or the SDS server's, which carries secrets only).
+    func apply(_ typeURL: String, _ version: String, _ resources: [Google_Protobuf_Any], from stream: StreamWatch) async -> XDSRejection? {
+        if !stream.connected.withLock({ c in defer { c = true }; return c }) {
+            stream.gauge.record(1)
             events.emit([HealingEvent(kind: .xdsConnected, cluster: "", reason: "stream_started",
-                                      evidence: ["server": .string(config.server.description)])])
+                                      evidence: ["server": .string(stream.server)])])
         }
+        let fromSDSServer = stream !== adsStream
         let type = Self.shortName(typeURL)
         await turn.take()
         defer { turn.end() }
@@ -254,7 +292,8 @@ public final class XDSSubscriber: Sendable {
             case XDSTypeURL.endpoints: try current.applyingEndpoints(resources)
             case XDSTypeURL.listener: try current.applyingListeners(resources)
             case XDSTypeURL.route: try current.applyingRoutes(resources)
-            case XDSTypeURL.secret: try current.applyingSecrets(resources)
+            case XDSTypeURL.secret: try current.applyingSecrets(resources, fromSDSServer: fromSDSServer)
+            case _ where fromSDSServer: throw XDSRejection(resource: typeURL, path: "type_url", reason: "an SDS server sends secrets only")
             default: throw XDSRejection(resource: typeURL, path: "type_url", reason: "is not a type Vigil subscribed to")
             }
         }
@@ -272,13 +311,15 @@ public final class XDSSubscriber: Sendable {
             accepted.withLock { $0 = live }
             if typeURL == XDSTypeURL.secret || typeURL == XDSTypeURL.cluster { await removeUnusedSecretFiles(live) }
             // Named types follow what the wildcard ones name (an unchanged list sends nothing).
-            let follows: [(String, [String])] = switch typeURL {
-            case XDSTypeURL.cluster: [(XDSTypeURL.endpoints, live.endpointNames), (XDSTypeURL.secret, live.secretNames)]
-            case XDSTypeURL.listener: [(XDSTypeURL.route, live.routeNames)]
+            let follows: [(ADSClient, String, [String])] = switch typeURL {
+            case XDSTypeURL.cluster:
+                [(client, XDSTypeURL.endpoints, live.endpointNames), (client, XDSTypeURL.secret, live.secretNames(fromSDSServer: false))]
+                    + (sdsClient.map { [($0, XDSTypeURL.secret, live.secretNames(fromSDSServer: true))] } ?? [])
+            case XDSTypeURL.listener: [(client, XDSTypeURL.route, live.routeNames)]
             default: []
             }
-            for (type, names) in follows where !names.isEmpty || client.state.subscriptions[type] != nil {
-                client.subscribe(type, names: names)
+            for (to, type, names) in follows where !names.isEmpty || to.state.subscriptions[type] != nil {
+                to.subscribe(type, names: names)
             }
             if typeURL == XDSTypeURL.listener, !live.missingRouteNames.isEmpty { startWarmingTimer(for: live.missingRouteNames) }
             refusal = nil

@@ -10,8 +10,9 @@ asks for, is answered at once; an ACK or a NACK is not (a NACKed version is neve
 the names asked for; CDS and LDS send all. Creating SNAPSHOT.drop ends every open stream once (a server going away).
 Every request is appended to LOGFILE as one line of JSON (Envoy's field names), with "stream" (a number per stream)
 and "t" (when it arrived, Unix seconds); each response sent is logged the same way to LOGFILE.sent.
-It listens on 127.0.0.1 and writes its port to PORTFILE. With CERT KEY CA it speaks TLS with that certificate and
-requires a client certificate from CA (istiod's port 15012 does the same).
+It listens on 127.0.0.1 and writes its port to PORTFILE, or with XDS_SERVER_LISTEN=unix:PATH on that unix socket
+(writing 0). With CERT KEY CA it speaks TLS with that certificate and requires a client certificate from CA (istiod's
+port 15012 does the same). It serves ADS, and SDS's StreamSecrets the same way (a separate SDS server, as istio-agent's).
 """
 import itertools
 import json
@@ -24,6 +25,7 @@ from concurrent import futures
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf import any_pb2, json_format
 
 # Every message a snapshot may hold must be imported so json_format can resolve its "@type".
@@ -97,7 +99,7 @@ class Snapshot:
                                                nonce=nonce)
 
 
-class ADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+class ADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer, sds_pb2_grpc.SecretDiscoveryServiceServicer):
     def __init__(self, log, snapshot):
         self.log = log
         self.snapshot = snapshot
@@ -164,19 +166,29 @@ class ADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                                     "stream": stream, "t": time.time()}) + "\n")
             yield response
 
+    # A separate SDS server (istio-agent's) answers the same requests for secrets on its own RPC.
+    def StreamSecrets(self, requests, context):
+        return self.StreamAggregatedResources(requests, context)
+
 
 def main():
     port_file, log, snapshot_path = sys.argv[1], sys.argv[2], sys.argv[3]
     snapshot = Snapshot(snapshot_path)
     threading.Thread(target=snapshot.poll, daemon=True).start()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ADS(log, snapshot), server)
+    service = ADS(log, snapshot)
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(service, server)
+    sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(service, server)
+    # XDS_SERVER_LISTEN=unix:PATH serves on a unix socket instead (as istio-agent serves SDS); the port file then says 0.
+    listen = os.environ.get("XDS_SERVER_LISTEN", "127.0.0.1:0")
     if len(sys.argv) > 6:
         cert, key, ca = (open(p, "rb").read() for p in sys.argv[4:7])
         creds = grpc.ssl_server_credentials(((key, cert),), root_certificates=ca, require_client_auth=True)
-        port = server.add_secure_port("127.0.0.1:0", creds)
+        port = server.add_secure_port(listen, creds)
     else:
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = server.add_insecure_port(listen)
+    if listen.startswith("unix:"):
+        port = 0
     server.start()
     with open(port_file + ".tmp", "w") as f:
         f.write(str(port))

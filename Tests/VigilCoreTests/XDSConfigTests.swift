@@ -23,7 +23,8 @@ import Testing
               locality: { region: r1, zone: z1 }, metadata: { NAMESPACE: ns } } }
             """))
         let x = try #require(c.xds)
-        #expect(x.server == SocketAddressSpec(host: "127.0.0.1", port: 15010))
+        #expect(x.server == .address(SocketAddressSpec(host: "127.0.0.1", port: 15010)))
+        #expect(x.sdsServer == nil)
         #expect(x.node.id == "sidecar~10.0.0.5~api-1.ns~ns.svc.cluster.local")
         #expect(x.node.cluster == "api" && x.node.region == "r1" && x.node.zone == "z1" && x.node.subZone == "")
         #expect(x.node.metadata == ["NAMESPACE": "ns"])
@@ -35,12 +36,25 @@ import Testing
         #expect(try VigilConfig.parse(yaml: Self.yaml(#"{ server: "127.0.0.1:15010" }"#)).xds?.node.id == "vigil")
     }
 
+    /// istio-agent's shape: the ADS stream and the SDS server on unix sockets, without TLS (only this machine is there).
+    @Test func serversMayBeUnixSocketsAndSecretsMayComeFromAnSDSServer() throws {
+        let c = try VigilConfig.parse(yaml: Self.yaml(#"{ server: "unix:./etc/istio/proxy/XDS", sds_server: "unix:/var/run/secrets/workload-spiffe-uds/socket" }"#))
+        let x = try #require(c.xds)
+        #expect(x.server == .unix("./etc/istio/proxy/XDS") && x.actor == "xds:unix:./etc/istio/proxy/XDS")
+        #expect(x.sdsServer == .unix("/var/run/secrets/workload-spiffe-uds/socket"))
+        #expect(c.dump()["xds"]?["sds_server"]?.stringValue == "unix:/var/run/secrets/workload-spiffe-uds/socket")
+        #expect(try VigilConfig.parse(yaml: Self.yaml(#"{ server: "127.0.0.1:1", sds_server: "127.0.0.1:15019" }"#)).xds?.sdsServer
+                == .address(SocketAddressSpec(host: "127.0.0.1", port: 15019)))
+    }
+
     @Test func badSectionsAreRefusedWithTheirKeyPaths() {
         #expect(configErrors(Self.yaml("{ node: { id: a } }")) == ["xds.server: is required"])
         #expect(configErrors(Self.yaml(#"{ server: "istiod.istio-system.svc:15012" }"#)).first?
-            .hasPrefix("xds.server: istiod.istio-system.svc:15012 is not a loopback address: the stream to it needs tls:") == true)
+            .hasPrefix("xds.server: istiod.istio-system.svc:15012 is not a loopback address or a unix socket: the stream to it needs tls:") == true)
         #expect(configErrors(Self.yaml(#"{ server: "istiod:15012", tls: { ca: ca.pem, server_identity: "spiffe://cluster.local/ns/istio-system/sa/istiod" } }"#)) == [])
-        #expect(configErrors(Self.yaml(#"{ server: "127.0.0.1:1", sds_server: "unix:/x" }"#)).first?.hasPrefix("xds.sds_server:") == true)
+        #expect(configErrors(Self.yaml(#"{ server: "127.0.0.1:1", sds_server: "10.0.0.1:15019" }"#)).first?
+            .hasPrefix("xds.sds_server: 10.0.0.1:15019 is not a loopback address or a unix socket") == true)
+        #expect(configErrors(Self.yaml(#"{ server: "unix:" }"#)) == [#"xds.server: "unix:" needs a socket path of 1 to 107 bytes after unix:"#])
         #expect(configErrors(Self.yaml(#"{ server: "127.0.0.1:1", initial_fetch_timeout: 0s }"#)).first?.hasPrefix("xds.initial_fetch_timeout:") == true)
         #expect(configErrors(Self.yaml(#"{ server: "127.0.0.1:1", node: { metadata: [a] } }"#)) == ["xds.node.metadata: must be a mapping of names to strings"])
         #expect(configErrors(Self.yaml(#"{ server: "127.0.0.1:1", nodes: {} }"#)).first?.hasPrefix("xds.nodes:") == true)

@@ -71,6 +71,21 @@ struct ADSClientTests {
 
     /// A server that ends the stream: the next one starts after the backoff (Envoy's: full jitter up to 500 ms after a
     /// stream that worked) and asks again with the version accepted, no nonce, and the node.
+    /// istio-agent serves its XDS proxy on a unix socket: the stream runs there the same way.
+    @Test func theStreamRunsOverAUnixSocket() async throws {
+        let scratch = ScratchDirectory("vigil-ads")
+        let socket = scratch.file("xds.sock")
+        let server = try await XDSServerPeer.start(scratch, version: "1", [XDSTypeURL.endpoints: [XDSServerPeer.assignment(ports: [8080])]],
+                                                   unixSocket: socket)
+        defer { server.process.signal(SIGKILL) }
+        let client = ADSClient(target: .unix(socket), node: node)
+        let cluster = self.cluster
+        let stream = Task { try await client.runStream(subscriptions: [(XDSTypeURL.endpoints, [cluster])], apply: Self.applyEDS) }
+        defer { stream.cancel() }
+        try await waitUntil("the ACK of 1", seconds: 30) { server.requests.count >= 2 }
+        #expect(server.requests[1]["versionInfo"] as? String == "1" && server.requests[1]["errorDetail"] == nil)
+    }
+
     @Test func aNewStreamAsksAgainWithTheAcceptedVersionAfterTheBackoff() async throws {
         let scratch = ScratchDirectory("vigil-ads")
         let server = try await XDSServerPeer.start(scratch, version: "1", [XDSTypeURL.endpoints: [XDSServerPeer.assignment(ports: [8080])]])

@@ -313,6 +313,43 @@ import VigilCore
     }
 
     /// A secret named as a cluster's trust that is a certificate (or the other way round) is refused, not waited for.
+    /// Secrets a cluster takes from a separate SDS server (Istio's `sds-grpc`) are asked of `xds.sds_server`, kept apart
+    /// from the ADS stream's of the same name, and refused where no `sds_server` is set; the certificate and the trust
+    /// come from one source.
+    @Test func secretsFromASeparateSDSServerAreKeptApart() throws {
+        let sdsGRPC = Envoy_Config_Core_V3_ConfigSource.with {
+            $0.apiConfigSource = .with { $0.apiType = .grpc; $0.grpcServices = [.with { $0.envoyGrpc.clusterName = "sds-grpc" }] }
+        }
+        var context = Envoy_Extensions_TransportSockets_Tls_V3_UpstreamTlsContext()
+        context.commonTlsContext.validationContextSdsSecretConfig = .with { $0.name = "ROOTCA"; $0.sdsConfig = sdsGRPC }
+        var c = Envoy_Config_Cluster_V3_Cluster()
+        c.name = "tls"
+        c.type = .static
+        c.transportSocket = .with { $0.name = "envoy.transport_sockets.tls"; $0.typedConfig = Self.any(context) }
+        let clusters = try XDSResources().applyingClusters([Self.any(c)])
+        #expect(clusters.secretNames(fromSDSServer: true) == ["ROOTCA"] && clusters.secretNames(fromSDSServer: false).isEmpty)
+        let trust = Envoy_Extensions_TransportSockets_Tls_V3_Secret.with { $0.name = "ROOTCA"; $0.validationContext.trustedCa.inlineString = "ca" }
+        // The ADS stream's ROOTCA is not the one the cluster takes.
+        let fromADS = try clusters.applyingSecrets([Self.any(trust)])
+        let withSDS = try VigilConfig.parse(yaml: """
+            xds: { server: "127.0.0.1:1", sds_server: "unix:/run/agent/sds.sock" }
+            listeners: [{ name: in, address: "127.0.0.1:15006", routes: [ { match: { prefix: "/" }, direct_response: { status: 503 } } ] }]
+            clusters: []
+            """)
+        #expect(try fromADS.joined(to: withSDS).clusters.isEmpty)
+        let fromServer = try clusters.applyingSecrets([Self.any(trust)], fromSDSServer: true)
+        #expect(try fromServer.joined(to: withSDS).clusters.first?.tls?.ca.hasSuffix(AuditChain.sha256Hex("ca") + ".pem") == true)
+        // No sds_server: refused, saying what to set.
+        #expect(throws: XDSRejection(resource: "tls", path: "transport_socket.typed_config.common_tls_context",
+                                     reason: "names a separate SDS server (api_config_source): set xds.sds_server to where it is")) {
+            try fromServer.joined(to: try Self.base(listener: "in", port: 15006))
+        }
+        // A certificate from the ADS stream with a trust from the SDS server: refused.
+        context.commonTlsContext.tlsCertificateSdsSecretConfigs = [.with { $0.name = "default"; $0.sdsConfig.ads = .init() }]
+        c.transportSocket.typedConfig = Self.any(context)
+        #expect(throws: XDSRejection.self) { try XDSResources().applyingClusters([Self.any(c)]) }
+    }
+
     @Test func aSecretOfTheWrongKindIsRefused() throws {
         let base = try Self.base(listener: "in", port: 15006)
         var context = Envoy_Extensions_TransportSockets_Tls_V3_UpstreamTlsContext()

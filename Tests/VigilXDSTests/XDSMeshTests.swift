@@ -35,12 +35,12 @@ final class XDSMeshTests {
                 cluster: local
         """
 
-    func startVigil(server: XDSServerPeer, listeners: String = svcListener,
+    func startVigil(server: XDSServerPeer, listeners: String = svcListener, sdsServer: String? = nil,
                     sleep: (@Sendable (TimeAmount) async throws -> Void)? = nil) async throws -> (ProxyHarness, XDSSubscriber, Task<Void, Never>, AuditLog) {
         let yaml = """
             access_log: { output: "off" }
             state_dir: "\(scratch.file("state"))"
-            xds: { server: "127.0.0.1:\(server.port)", node: { id: "sidecar~127.0.0.1~api-1.ns~ns.svc.cluster.local", cluster: api } }
+            xds: { server: "127.0.0.1:\(server.port)", \(sdsServer.map { "sds_server: \"\($0)\", " } ?? "")node: { id: "sidecar~127.0.0.1~api-1.ns~ns.svc.cluster.local", cluster: api } }
             \(listeners)
             clusters:
               - { name: local, endpoints: ["127.0.0.1:9"] }
@@ -555,6 +555,64 @@ final class XDSMeshTests {
         let key = try #require(files.first { (try? String(contentsOfFile: proxy.runtime.config.stateDir + "/xds-secrets/" + $0, encoding: .utf8))?.contains("PRIVATE KEY") == true })
         let mode = try FileManager.default.attributesOfItem(atPath: proxy.runtime.config.stateDir + "/xds-secrets/" + key)[.posixPermissions] as? Int
         #expect(mode == 0o600)
+        await proxy.stop()
+    }
+
+    /// Istio's shape: the cluster's TLS names its secrets on a separate SDS server (`api_config_source` to the
+    /// `sds-grpc` cluster, istio-agent's unix socket), and the ADS stream carries no secret. Vigil asks `sds_server` for
+    /// them on `StreamSecrets`, takes traffic once they come, and follows a rotated trust there.
+    @Test func secretsFromASeparateSDSServerOnAUnixSocket() async throws {
+        let f = try TLSFixture()
+        let svcID = "spiffe://corp/ns/ns/sa/svc"
+        try f.issue(svcID, as: "svc")
+        let tlsUpstream = try await FakeUpstream(group: group, name: "tls", tls: try f.serverContext(cert: "svc", requireClientCert: true))
+        let sds = XDSTypeURL.secret
+        let sdsGRPC: [String: Any] = [
+            "api_config_source": ["api_type": "GRPC", "set_node_on_first_message_only": true, "transport_api_version": "V3",
+                                  "grpc_services": [["envoy_grpc": ["cluster_name": "sds-grpc"]]]],
+            "initial_fetch_timeout": "0s", "resource_api_version": "V3",
+        ]
+        var cluster = XDSServerPeer.cluster()
+        cluster["transport_socket"] = ["name": "envoy.transport_sockets.tls", "typed_config": [
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": [
+                "tls_certificate_sds_secret_configs": [["name": "default", "sds_config": sdsGRPC]],
+                "combined_validation_context": [
+                    "default_validation_context": ["match_typed_subject_alt_names": [["san_type": "URI", "matcher": ["exact": svcID]]]],
+                    "validation_context_sds_secret_config": ["name": "ROOTCA", "sds_config": sdsGRPC],
+                ],
+            ],
+        ]]
+        let pem = { (file: String) in try String(contentsOfFile: f.path(file), encoding: .utf8) }
+        func secret(_ name: String, _ body: [String: Any]) -> [String: Any] {
+            ["@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret", "name": name].merging(body) { a, _ in a }
+        }
+        let certificate = secret("default", ["tls_certificate": ["certificate_chain": ["inline_string": try pem("vigil.pem")],
+                                                                 "private_key": ["inline_string": try pem("vigil-key.pem")]]])
+        func trust(_ file: String) throws -> [String: Any] { secret("ROOTCA", ["validation_context": ["trusted_ca": ["inline_string": try pem(file)]]]) }
+        let server = try await XDSServerPeer.start(scratch, version: "1", [Self.cds: [cluster], Self.eds: [XDSServerPeer.assignment(ports: [tlsUpstream.port])]])
+        defer { server.process.signal(SIGKILL) }
+        let agentScratch = ScratchDirectory("vigil-sds")
+        let socket = agentScratch.file("sds.sock")
+        let agent = try await XDSServerPeer.start(agentScratch, version: "s1", [sds: [certificate, try trust("ca.pem")]], unixSocket: socket)
+        defer { agent.process.signal(SIGKILL) }
+        let (proxy, subscriber, task, _) = try await startVigil(server: server, sdsServer: "unix:\(socket)")
+        defer { task.cancel() }
+
+        try await waitForUpstream(proxy, "tls", "mutual TLS with the secrets from the SDS server")
+        let asked = try #require(agent.requests.first { ($0["typeUrl"] as? String) == sds })
+        #expect(asked["resourceNames"] as? [String] == ["ROOTCA", "default"])
+        #expect((asked["node"] as? [String: Any])?["id"] as? String == "sidecar~127.0.0.1~api-1.ns~ns.svc.cluster.local")
+        try await waitUntil("the SDS server's secrets ACKed") {
+            agent.requests.contains { ($0["typeUrl"] as? String) == sds && ($0["versionInfo"] as? String) == "s1" }
+        }
+        #expect(!server.requests.contains { ($0["typeUrl"] as? String) == sds }, "the ADS stream was asked for no secret")
+        #expect(subscriber.status["sds_server"]?["server"] == .string("unix:\(socket)"))
+        #expect(subscriber.status["sds_server"]?["connected"] == .bool(true))
+
+        // The trust rotated on the SDS server: new handshakes check against it and fail.
+        try agent.publish(version: "s2", [sds: [certificate, try trust("other-ca.pem")]])
+        try await waitForUpstream(proxy, nil, status: 503, "new handshakes to check against the rotated trust")
         await proxy.stop()
     }
 }

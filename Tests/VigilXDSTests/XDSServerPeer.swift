@@ -11,13 +11,15 @@ struct XDSServerPeer {
     let snapshot: String
     let log: String
 
-    /// `tls`: the server's certificate, key and the CA its clients' certificates must chain to.
+    /// `tls`: the server's certificate, key and the CA its clients' certificates must chain to. `unixSocket`: listens
+    /// there instead of on a port (as istio-agent serves SDS).
     static func start(_ scratch: ScratchDirectory, version: String, _ resources: [String: [[String: Any]]],
-                      tls: [String] = []) async throws -> XDSServerPeer {
+                      tls: [String] = [], unixSocket: String? = nil) async throws -> XDSServerPeer {
         let portFile = scratch.file("port"), log = scratch.file("requests"), snapshot = scratch.file("snapshot.json")
         try publish(snapshot, version: version, resources)
         let process = try ChildProcess(PythonPeers.python, [PythonPeers.script("xds_server.py"), portFile, log, snapshot] + tls,
-                                       stderr: .file(scratch.file("stderr")))
+                                       stderr: .file(scratch.file("stderr")),
+                                       environment: unixSocket.map { ["XDS_SERVER_LISTEN": "unix:\($0)"] } ?? [:])
         try await waitUntil("the management server listens", seconds: 30) { FileManager.default.fileExists(atPath: portFile) }
         let port = try #require(Int(try String(contentsOfFile: portFile, encoding: .utf8)))
         return XDSServerPeer(port: port, process: process, snapshot: snapshot, log: log)

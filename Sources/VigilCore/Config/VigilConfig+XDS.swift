@@ -4,14 +4,15 @@ import Yams
 extension ConfigReader {
     mutating func readXDS(_ node: Node, at path: String, nodeID: String) -> XDSConfig? {
         guard let m = map(node, at: path, keys: ["server", "tls", "sds_server", "node", "initial_fetch_timeout"]) else { return nil }
-        let server = required(address(m["server"], at: m.path("server")), m, "server")
+        let server = required(xdsTarget(m["server"], at: m.path("server")), m, "server")
         let tls = m["tls"].flatMap { readClusterTLS($0, at: m.path("tls")) }
         if tls?.sni != nil { fail(m.path("tls.sni"), "is not supported: the server's own name is sent") }
-        if let server, tls == nil, !["127.0.0.1", "::1", "localhost"].contains(server.host) {
-            fail(m.path("server"), "\(server) is not a loopback address: the stream to it needs tls:, or the mesh's configuration and secrets would cross the network in clear")
+        if let server, tls == nil, !server.isLocal {
+            fail(m.path("server"), "\(server) is not a loopback address or a unix socket: the stream to it needs tls:, or the mesh's configuration and secrets would cross the network in clear")
         }
-        if m["sds_server"] != nil {
-            fail(m.path("sds_server"), "a separate SDS server is not supported yet: secrets come on the ADS stream")
+        let sdsServer = m["sds_server"].flatMap { xdsTarget($0, at: m.path("sds_server")) }
+        if let sdsServer, !sdsServer.isLocal {
+            fail(m.path("sds_server"), "\(sdsServer) is not a loopback address or a unix socket: secrets are fetched from it without TLS, so it must be on this machine (as istio-agent is)")
         }
         var xdsNode = XDSConfig.Node(id: nodeID)
         if let n = map(m["node"], at: m.path("node"), keys: ["id", "cluster", "locality", "metadata"]) {
@@ -37,8 +38,25 @@ extension ConfigReader {
         guard let server else { return nil }
         var xds = XDSConfig(server: server, node: xdsNode)
         xds.tls = tls
+        xds.sdsServer = sdsServer
         if let timeout { xds.initialFetchTimeout = timeout }
         return xds
+    }
+}
+
+extension ConfigReader {
+    /// `host:port`, or `unix:PATH` (a socket path, absolute or relative to the working directory).
+    mutating func xdsTarget(_ node: Node?, at path: String) -> XDSConfig.Target? {
+        guard let text = nonEmptyString(node, at: path) else { return nil }
+        if text.hasPrefix("unix:") {
+            let socket = String(text.dropFirst(5))
+            guard !socket.isEmpty, socket.utf8.count < 108 else {
+                fail(path, "\"\(text)\" needs a socket path of 1 to 107 bytes after unix:")
+                return nil
+            }
+            return .unix(socket)
+        }
+        return address(node, at: path).map(XDSConfig.Target.address)
     }
 }
 
@@ -46,6 +64,7 @@ extension VigilConfig {
     static func dump(_ x: XDSConfig) -> JSONValue {
         [
             "server": .string(x.server.description), "tls": x.tls.map(Self.dump) ?? .null,
+            "sds_server": x.sdsServer.map { .string($0.description) } ?? .null,
             "node": [
                 "id": .string(x.node.id), "cluster": .string(x.node.cluster),
                 "locality": ["region": .string(x.node.region), "zone": .string(x.node.zone), "sub_zone": .string(x.node.subZone)],

@@ -16,16 +16,40 @@ public struct XDSConfig: Sendable, Equatable {
         public init(id: String) { self.id = id }
     }
 
-    public var server: SocketAddressSpec
+    /// Where a server is: an address, or a unix socket (`unix:PATH`, as istio-agent serves its XDS and SDS).
+    public enum Target: Sendable, Equatable, CustomStringConvertible {
+        case address(SocketAddressSpec)
+        case unix(String)
+
+        public var description: String {
+            switch self {
+            case .address(let a): a.description
+            case .unix(let path): "unix:\(path)"
+            }
+        }
+
+        /// Only this machine can be on the other end: a unix socket or a loopback address.
+        public var isLocal: Bool {
+            switch self {
+            case .unix: true
+            case .address(let a): ["127.0.0.1", "::1", "localhost"].contains(a.host)
+            }
+        }
+    }
+
+    public var server: Target
     /// TLS to the server, with the server's identity checked (`server_identity`); nil: plaintext, allowed only to a
-    /// loopback address (a local agent such as istio-agent), as for the control plane's tokens.
+    /// local server (a unix socket or a loopback address: an agent such as istio-agent), as for the control plane's tokens.
     public var tls: ClusterTLSConfig?
+    /// `sds_server`: where secrets come from when a cluster's TLS names an SDS server of its own (`api_config_source`,
+    /// Istio's `sds-grpc`) rather than the ADS stream; plaintext, so local only.
+    public var sdsServer: Target?
     public var node: Node
     /// How long a listener waits for the route configurations it names before it runs without them (Envoy's
     /// initial_fetch_timeout for RDS).
     public var initialFetchTimeout: TimeAmount = .seconds(15)
 
-    public init(server: SocketAddressSpec, node: Node) {
+    public init(server: Target, node: Node) {
         self.server = server
         self.node = node
     }

@@ -82,7 +82,118 @@ public nonisolated struct Envoy_Config_Core_V3_SelfConfigSource: Sendable {
   public init() {}
 }
 
-/// Where a resource's dependencies come from: Vigil takes them from its ADS stream (`ads` or `self`).
+/// A gRPC service named by the cluster that reaches it (Istio's `sds-grpc`): Vigil reaches it as `xds.sds_server`.
+public nonisolated struct Envoy_Config_Core_V3_GrpcService: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var targetSpecifier: Envoy_Config_Core_V3_GrpcService.OneOf_TargetSpecifier? = nil
+
+  public var envoyGrpc: Envoy_Config_Core_V3_GrpcService.EnvoyGrpc {
+    get {
+      if case .envoyGrpc(let v)? = targetSpecifier {return v}
+      return Envoy_Config_Core_V3_GrpcService.EnvoyGrpc()
+    }
+    set {targetSpecifier = .envoyGrpc(newValue)}
+  }
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public nonisolated enum OneOf_TargetSpecifier: Equatable, Sendable {
+    case envoyGrpc(Envoy_Config_Core_V3_GrpcService.EnvoyGrpc)
+
+  }
+
+  public nonisolated struct EnvoyGrpc: Sendable {
+    // SwiftProtobuf.Message conformance is added in an extension below. See the
+    // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+    // methods supported on all messages.
+
+    public var clusterName: String = String()
+
+    public var authority: String = String()
+
+    public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+    public init() {}
+  }
+
+  public init() {}
+}
+
+/// Resources from a server of their own (secrets from istio-agent's SDS server).
+public nonisolated struct Envoy_Config_Core_V3_ApiConfigSource: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var apiType: Envoy_Config_Core_V3_ApiConfigSource.ApiType = .deprecatedAndUnavailableDoNotUse
+
+  public var grpcServices: [Envoy_Config_Core_V3_GrpcService] = []
+
+  /// Vigil's own streams send the node on the first request only, which is what this asks for.
+  public var setNodeOnFirstMessageOnly: Bool = false
+
+  public var transportApiVersion: Envoy_Config_Core_V3_ApiVersion = .auto
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public nonisolated enum ApiType: SwiftProtobuf.Enum, Swift.CaseIterable {
+    public typealias RawValue = Int
+    case deprecatedAndUnavailableDoNotUse // = 0
+    case rest // = 1
+    case grpc // = 2
+    case deltaGrpc // = 3
+    case aggregatedGrpc // = 5
+    case aggregatedDeltaGrpc // = 6
+    case UNRECOGNIZED(Int)
+
+    public init() {
+      self = .deprecatedAndUnavailableDoNotUse
+    }
+
+    public init?(rawValue: Int) {
+      switch rawValue {
+      case 0: self = .deprecatedAndUnavailableDoNotUse
+      case 1: self = .rest
+      case 2: self = .grpc
+      case 3: self = .deltaGrpc
+      case 5: self = .aggregatedGrpc
+      case 6: self = .aggregatedDeltaGrpc
+      default: self = .UNRECOGNIZED(rawValue)
+      }
+    }
+
+    public var rawValue: Int {
+      switch self {
+      case .deprecatedAndUnavailableDoNotUse: return 0
+      case .rest: return 1
+      case .grpc: return 2
+      case .deltaGrpc: return 3
+      case .aggregatedGrpc: return 5
+      case .aggregatedDeltaGrpc: return 6
+      case .UNRECOGNIZED(let i): return i
+      }
+    }
+
+    // The compiler won't synthesize support with the UNRECOGNIZED case.
+    public static let allCases: [Envoy_Config_Core_V3_ApiConfigSource.ApiType] = [
+      .deprecatedAndUnavailableDoNotUse,
+      .rest,
+      .grpc,
+      .deltaGrpc,
+      .aggregatedGrpc,
+      .aggregatedDeltaGrpc,
+    ]
+
+  }
+
+  public init() {}
+}
+
+/// Where a resource's dependencies come from: the ADS stream (`ads` or `self`), or for secrets `xds.sds_server`
+/// (`api_config_source`).
 public nonisolated struct Envoy_Config_Core_V3_ConfigSource: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -96,6 +207,14 @@ public nonisolated struct Envoy_Config_Core_V3_ConfigSource: Sendable {
       return String()
     }
     set {configSourceSpecifier = .path(newValue)}
+  }
+
+  public var apiConfigSource: Envoy_Config_Core_V3_ApiConfigSource {
+    get {
+      if case .apiConfigSource(let v)? = configSourceSpecifier {return v}
+      return Envoy_Config_Core_V3_ApiConfigSource()
+    }
+    set {configSourceSpecifier = .apiConfigSource(newValue)}
   }
 
   public var ads: Envoy_Config_Core_V3_AggregatedConfigSource {
@@ -129,6 +248,7 @@ public nonisolated struct Envoy_Config_Core_V3_ConfigSource: Sendable {
 
   public nonisolated enum OneOf_ConfigSourceSpecifier: Equatable, Sendable {
     case path(String)
+    case apiConfigSource(Envoy_Config_Core_V3_ApiConfigSource)
     case ads(Envoy_Config_Core_V3_AggregatedConfigSource)
     case self_p(Envoy_Config_Core_V3_SelfConfigSource)
 
@@ -196,9 +316,139 @@ nonisolated extension Envoy_Config_Core_V3_SelfConfigSource: SwiftProtobuf.Messa
   }
 }
 
+nonisolated extension Envoy_Config_Core_V3_GrpcService: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".GrpcService"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}envoy_grpc\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try {
+        var v: Envoy_Config_Core_V3_GrpcService.EnvoyGrpc?
+        var hadOneofValue = false
+        if let current = self.targetSpecifier {
+          hadOneofValue = true
+          if case .envoyGrpc(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.targetSpecifier = .envoyGrpc(v)
+        }
+      }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if case .envoyGrpc(let v)? = self.targetSpecifier {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Envoy_Config_Core_V3_GrpcService, rhs: Envoy_Config_Core_V3_GrpcService) -> Bool {
+    if lhs.targetSpecifier != rhs.targetSpecifier {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Envoy_Config_Core_V3_GrpcService.EnvoyGrpc: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = Envoy_Config_Core_V3_GrpcService.protoMessageName + ".EnvoyGrpc"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}cluster_name\0\u{1}authority\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.clusterName) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.authority) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.clusterName.isEmpty {
+      try visitor.visitSingularStringField(value: self.clusterName, fieldNumber: 1)
+    }
+    if !self.authority.isEmpty {
+      try visitor.visitSingularStringField(value: self.authority, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Envoy_Config_Core_V3_GrpcService.EnvoyGrpc, rhs: Envoy_Config_Core_V3_GrpcService.EnvoyGrpc) -> Bool {
+    if lhs.clusterName != rhs.clusterName {return false}
+    if lhs.authority != rhs.authority {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Envoy_Config_Core_V3_ApiConfigSource: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ApiConfigSource"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}api_type\0\u{4}\u{3}grpc_services\0\u{4}\u{3}set_node_on_first_message_only\0\u{3}transport_api_version\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularEnumField(value: &self.apiType) }()
+      case 4: try { try decoder.decodeRepeatedMessageField(value: &self.grpcServices) }()
+      case 7: try { try decoder.decodeSingularBoolField(value: &self.setNodeOnFirstMessageOnly) }()
+      case 8: try { try decoder.decodeSingularEnumField(value: &self.transportApiVersion) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.apiType != .deprecatedAndUnavailableDoNotUse {
+      try visitor.visitSingularEnumField(value: self.apiType, fieldNumber: 1)
+    }
+    if !self.grpcServices.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.grpcServices, fieldNumber: 4)
+    }
+    if self.setNodeOnFirstMessageOnly != false {
+      try visitor.visitSingularBoolField(value: self.setNodeOnFirstMessageOnly, fieldNumber: 7)
+    }
+    if self.transportApiVersion != .auto {
+      try visitor.visitSingularEnumField(value: self.transportApiVersion, fieldNumber: 8)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Envoy_Config_Core_V3_ApiConfigSource, rhs: Envoy_Config_Core_V3_ApiConfigSource) -> Bool {
+    if lhs.apiType != rhs.apiType {return false}
+    if lhs.grpcServices != rhs.grpcServices {return false}
+    if lhs.setNodeOnFirstMessageOnly != rhs.setNodeOnFirstMessageOnly {return false}
+    if lhs.transportApiVersion != rhs.transportApiVersion {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Envoy_Config_Core_V3_ApiConfigSource.ApiType: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0DEPRECATED_AND_UNAVAILABLE_DO_NOT_USE\0\u{1}REST\0\u{1}GRPC\0\u{1}DELTA_GRPC\0\u{2}\u{2}AGGREGATED_GRPC\0\u{1}AGGREGATED_DELTA_GRPC\0")
+}
+
 nonisolated extension Envoy_Config_Core_V3_ConfigSource: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ConfigSource"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}path\0\u{2}\u{2}ads\0\u{3}initial_fetch_timeout\0\u{1}self\0\u{3}resource_api_version\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}path\0\u{3}api_config_source\0\u{1}ads\0\u{3}initial_fetch_timeout\0\u{1}self\0\u{3}resource_api_version\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -212,6 +462,19 @@ nonisolated extension Envoy_Config_Core_V3_ConfigSource: SwiftProtobuf.Message, 
         if let v = v {
           if self.configSourceSpecifier != nil {try decoder.handleConflictingOneOf()}
           self.configSourceSpecifier = .path(v)
+        }
+      }()
+      case 2: try {
+        var v: Envoy_Config_Core_V3_ApiConfigSource?
+        var hadOneofValue = false
+        if let current = self.configSourceSpecifier {
+          hadOneofValue = true
+          if case .apiConfigSource(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.configSourceSpecifier = .apiConfigSource(v)
         }
       }()
       case 3: try {
@@ -256,6 +519,10 @@ nonisolated extension Envoy_Config_Core_V3_ConfigSource: SwiftProtobuf.Message, 
     case .path?: try {
       guard case .path(let v)? = self.configSourceSpecifier else { preconditionFailure() }
       try visitor.visitSingularStringField(value: v, fieldNumber: 1)
+    }()
+    case .apiConfigSource?: try {
+      guard case .apiConfigSource(let v)? = self.configSourceSpecifier else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
     }()
     case .ads?: try {
       guard case .ads(let v)? = self.configSourceSpecifier else { preconditionFailure() }
