@@ -48,8 +48,7 @@ public enum XDSClusters {
             // STRICT_DNS and LOGICAL_DNS: the endpoints are names Vigil resolves when it connects (as a static
             // cluster's named endpoints are).
             // None may be left (all unhealthy, or none given, as Istio's BlackHoleCluster): the cluster answers 503.
-            config.endpoints = try XDSResources.routable(
-                XDSEndpoints.hosts(of: cluster.loadAssignment, resource: name, path: "load_assignment"), resource: name)
+            config.setEndpoints(XDSResources.routable(try XDSEndpoints.hosts(of: cluster.loadAssignment, resource: name, path: "load_assignment")))
         case .type(.eds)?:
             let source = cluster.edsClusterConfig.edsConfig
             switch source.configSourceSpecifier {

@@ -144,3 +144,11 @@ public enum XDSEndpoints {
         return spec
     }
 }
+
+extension ClusterConfig {
+    /// The hosts' addresses and their weights (kept only where they differ: equal weights balance as none).
+    mutating func setEndpoints(_ hosts: [XDSHost]) {
+        endpoints = hosts.map(\.address)
+        endpointWeights = Set(hosts.map(\.weight)).count > 1 ? hosts.map(\.weight) : []
+    }
+}

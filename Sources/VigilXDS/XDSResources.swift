@@ -228,7 +228,7 @@ public struct XDSResources: Sendable {
                 throw XDSRejection(resource: name, path: "name", reason: "is a cluster of the config file, which xDS does not replace")
             }
             if let service = cluster.edsServiceName {
-                cluster.config.endpoints = try Self.routable(assignments[service] ?? [], resource: service)
+                cluster.config.setEndpoints(Self.routable(assignments[service] ?? []))
             }
             if let tls = cluster.tls {
                 if tls.fromSDSServer, base.xds?.sdsServer == nil {
@@ -363,19 +363,14 @@ public struct XDSResources: Sendable {
         return ra.overlaps(rb)
     }
 
-    /// The addresses of the hosts a cluster sends to: those the control plane marks routable, of the highest priority
-    /// (lowest number) that has any; degraded ones only where none is routable. Vigil's own health checks and outlier
-    /// detection judge them from there. Weights must be equal: Vigil's balancers do not weigh hosts yet, and sending
-    /// evenly where the control plane asked otherwise would not be what it meant.
-    static func routable(_ hosts: [XDSHost], resource: String) throws(XDSRejection) -> [SocketAddressSpec] {
-        if let first = hosts.first, hosts.contains(where: { $0.weight != first.weight }) {
-            throw XDSRejection(resource: resource, path: "endpoints[].lb_endpoints[].load_balancing_weight",
-                               reason: "hosts of one cluster with different weights are not supported yet")
-        }
+    /// The hosts a cluster sends to, with their weights: those the control plane marks routable, of the highest
+    /// priority (lowest number) that has any; degraded ones only where none is routable. Vigil's own health checks and
+    /// outlier detection judge them from there.
+    static func routable(_ hosts: [XDSHost]) -> [XDSHost] {
         for health in [XDSHost.Health.routable, .degraded] {
             let usable = hosts.filter { $0.health == health }
             if let best = usable.map(\.priority).min() {
-                return usable.filter { $0.priority == best }.map(\.address)
+                return usable.filter { $0.priority == best }
             }
         }
         return []

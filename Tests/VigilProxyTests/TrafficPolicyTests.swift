@@ -58,6 +58,30 @@ import VigilTestSupport
         await proxy.stop()
     }
 
+    /// Endpoint weights within one cluster (Envoy's `load_balancing_weight`): round robin gives each host exactly its
+    /// weight's share of a pass; least request, in proportion (coarsely: the pure tests hold the exact draw).
+    @Test(arguments: [("round_robin", false), ("least_request", false), ("round_robin", true)])
+    func hostsGetRequestsByTheirWeight(balancer: String, http2: Bool) async throws {
+        let light = try await FakeUpstream(group: group, name: "light")
+        let heavy = try await FakeUpstream(group: group, name: "heavy")
+        let proxy = try await ProxyHarness(yaml: """
+            access_log: { output: "off" }
+            listeners: [{ name: in, address: "127.0.0.1:0", routes: [{ match: { prefix: "/" }, cluster: api }] }]
+            clusters:
+              - name: api
+                load_balancer: \(balancer)
+                endpoints: ["127.0.0.1:\(light.port)", { address: "127.0.0.1:\(heavy.port)", weight: 3 }]
+            """, group: group)
+        let seen = try await answers(proxy, count: 400, http2: http2)
+        let toHeavy = seen.filter { $0 == "heavy" }.count
+        if balancer == "round_robin" {
+            #expect(toHeavy == 300, "\(toHeavy) of 400 to the host of weight 3")
+        } else {
+            #expect((240...360).contains(toHeavy), "\(toHeavy) of 400 to the host of weight 3")
+        }
+        await proxy.stop()
+    }
+
     @Test func aPushThatMovesTheWeightsFailsNoRequest() async throws {
         let v1 = try await FakeUpstream(group: group, name: "v1")
         let v2 = try await FakeUpstream(group: group, name: "v2")

@@ -350,6 +350,31 @@ import VigilCore
         #expect(throws: XDSRejection.self) { try XDSResources().applyingClusters([Self.any(c)]) }
     }
 
+    /// EDS weights reach the cluster (for the routable hosts only); equal ones are no weights.
+    @Test func endpointWeightsReachTheCluster() throws {
+        var c = Envoy_Config_Cluster_V3_Cluster()
+        c.name = "svc"
+        c.type = .eds
+        c.edsClusterConfig.edsConfig.ads = .init()
+        func endpoint(_ port: UInt32, _ weight: UInt32, draining: Bool = false) -> Envoy_Config_Endpoint_V3_LbEndpoint {
+            .with {
+                $0.endpoint.address.socketAddress = .with { $0.address = "10.0.0.1"; $0.portValue = port }
+                $0.loadBalancingWeight = .init(weight)
+                if draining { $0.healthStatus = .draining }
+            }
+        }
+        func assignment(_ endpoints: [Envoy_Config_Endpoint_V3_LbEndpoint]) -> Envoy_Config_Endpoint_V3_ClusterLoadAssignment {
+            .with { $0.clusterName = "svc"; $0.endpoints = [.with { $0.lbEndpoints = endpoints }] }
+        }
+        let base = try Self.base(listener: "in", port: 15006)
+        let clusters = try XDSResources().applyingClusters([Self.any(c)])
+        let weighted = try clusters.applyingEndpoints([Self.any(assignment([endpoint(1, 1), endpoint(2, 4), endpoint(3, 9, draining: true)]))])
+        let joined = try #require(try weighted.joined(to: base).clusters.first { $0.name == "svc" })
+        #expect(joined.endpoints.map(\.port) == [1, 2] && joined.endpointWeights == [1, 4])
+        let equal = try clusters.applyingEndpoints([Self.any(assignment([endpoint(1, 5), endpoint(2, 5)]))])
+        #expect(try #require(try equal.joined(to: base).clusters.first { $0.name == "svc" }).endpointWeights == [])
+    }
+
     @Test func aSecretOfTheWrongKindIsRefused() throws {
         let base = try Self.base(listener: "in", port: 15006)
         var context = Envoy_Extensions_TransportSockets_Tls_V3_UpstreamTlsContext()

@@ -131,6 +131,11 @@ final class XDSMeshTests {
         // never stopped meanwhile.
         try server.publish(version: "5", [Self.cds: [XDSServerPeer.cluster()], Self.eds: [XDSServerPeer.assignment(ports: [b.port])]])
         try await waitForUpstream(proxy, "b", "traffic again at version 5")
+        let auditFile = scratch.file("audit/audit-000001.jsonl")
+        func appliedRecords() throws -> Int {
+            try String(contentsOfFile: auditFile, encoding: .utf8).components(separatedBy: "\"xds_applied\"").count - 1
+        }
+        let appliedBefore = try appliedRecords()
         try server.dropStreams()
         try await waitUntil("a second stream that asks for clusters and endpoints with version 5", seconds: 20) {
             let second = server.requests.filter { ($0["stream"] as? Int) == 2 && ($0["versionInfo"] as? String) == "5" }
@@ -142,6 +147,13 @@ final class XDSMeshTests {
         let edsAgain = try #require(second.first { ($0["typeUrl"] as? String) == Self.eds })
         #expect(edsAgain["versionInfo"] as? String == "5")
         #expect(try await Self.get(proxy).1 == "b")
+        // The server sent the same clusters and endpoints again on the new stream: ACKed, and, changing nothing, not
+        // recorded again.
+        try await waitUntil("the second stream's ACKs of what it was sent again") {
+            let acks = server.requests.filter { ($0["responseNonce"] as? String)?.hasPrefix("s2-") == true && ($0["errorDetail"] == nil) }
+            return acks.contains { ($0["typeUrl"] as? String) == Self.cds } && acks.contains { ($0["typeUrl"] as? String) == Self.eds }
+        }
+        #expect(try appliedRecords() == appliedBefore)
 
         // Every update is an event and an audit record, with the server as the actor.
         let kinds = proxy.runtime.events.records(after: 0).map(\.event.kind)
@@ -438,8 +450,12 @@ final class XDSMeshTests {
                 try await Task.sleep(for: .milliseconds(20))
             }
         }
-        let events = proxy.runtime.events.records(after: 0).map(\.event)
-        #expect(events.contains { $0.kind == .xdsApplied && $0.evidence["initial_fetch_timeout"] == .array([.string("late")]) })
+        // The event follows the install that the 404 shows: waited for, not read at once.
+        try await waitUntil("the xds_applied event naming the routes that did not come") {
+            proxy.runtime.events.records(after: 0).map(\.event).contains {
+                $0.kind == .xdsApplied && $0.evidence["initial_fetch_timeout"] == .array([.string("late")])
+            }
+        }
         resources[rds] = [Self.routeConfiguration("late", port: port)]
         try server.publish(version: "2", resources)
         try await withTimeout(20, "the routes once they arrive") {

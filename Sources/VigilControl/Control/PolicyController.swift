@@ -223,7 +223,8 @@ public actor PolicyController {
 
     /// Makes `overlay` the management server's part of the configuration, on top of the policy in force, through the
     /// same steps as a push: validated, prepared, written to the audit log (`xds_applied`, with `evidence` and the diff),
-    /// installed at once on every loop. A refusal is audited too (`xds_rejected`) and leaves everything as it was.
+    /// installed at once on every loop. A refusal is audited too (`xds_rejected`) and leaves everything as it was; an
+    /// update that leaves the configuration as it is changes nothing and is not recorded.
     /// The policy version does not change: xDS state is the server's, sent again on every new stream.
     public func applyOverlay(_ overlay: @escaping Overlay, actor: String, evidence: [(String, JSONValue)]) async -> Outcome {
         await takeTurn()
@@ -245,6 +246,12 @@ public actor PolicyController {
         let snapshot: PolicySnapshot
         do {
             config = try overlay(base.applying(policy: current.body))
+            // An update that changes nothing (a server sends everything again on each new stream) is taken as it is:
+            // no snapshot, no audit record, no event.
+            if config == runtime.current.config {
+                self.overlay = overlay
+                return .applied(current, installNanos: 0)
+            }
             snapshot = try runtime.prepare(version: current.version, config: config)
         } catch let errors as ConfigErrors {
             return await refused(errors.errors)

@@ -26,18 +26,21 @@ public enum ConsistentHash {
     }
 }
 
-/// Ketama's ring (Envoy's `ring_hash`): each host at `pointsPerHost` places, named by its address; a key goes to the
-/// first point at or after its hash.
+/// Ketama's ring (Envoy's `ring_hash`): each host at places named by its address, as many as its share of the weight
+/// asks (equal without weights); a key goes to the first point at or after its hash.
 public struct HashRing: Sendable {
     private let points: [(hash: UInt64, host: Int)]
 
     /// Envoy's minimum ring size is 1,024: enough points that the hosts' shares come within a few percent.
-    public init(hostNames: [String], minimumRingSize: Int = 1024) {
-        let perHost = hostNames.isEmpty ? 0 : max(1, (minimumRingSize + hostNames.count - 1) / hostNames.count)
+    /// `weights`: per host (nil: equal).
+    public init(hostNames: [String], weights: [Int]? = nil, minimumRingSize: Int = 1024) {
+        let total = weights.map { $0.reduce(0, +) } ?? hostNames.count
         var points: [(hash: UInt64, host: Int)] = []
-        points.reserveCapacity(perHost * hostNames.count)
+        points.reserveCapacity(max(minimumRingSize, hostNames.count))
         for (host, name) in hostNames.enumerated() {
-            for i in 0..<perHost { points.append((ConsistentHash.hash("\(name)_\(i)"), host)) }
+            let weight = weights?[host] ?? 1
+            let count = max(1, (minimumRingSize * weight + total - 1) / max(total, 1))
+            for i in 0..<count { points.append((ConsistentHash.hash("\(name)_\(i)"), host)) }
         }
         self.points = points.sorted { $0.hash < $1.hash }
     }
@@ -59,13 +62,15 @@ public struct HashRing: Sendable {
 }
 
 /// Maglev's lookup table (Envoy's `maglev`, Google's Maglev paper §3.4): a prime-sized table that each host fills by
-/// its own permutation in turn, so each owns an almost equal share of the slots; a key goes to its slot's host.
+/// its own permutation in turn, so each owns an almost equal share of the slots (or, with weights, a share in
+/// proportion: a host takes its turn in a round only once its weight has caught up, as Envoy's weighted table does); a
+/// key goes to its slot's host.
 public struct MaglevTable: Sendable {
     /// Envoy's default table size, a prime.
     public static let defaultSize = 65537
     private let table: [Int32]
 
-    public init(hostNames: [String], size: Int = MaglevTable.defaultSize) {
+    public init(hostNames: [String], weights: [Int]? = nil, size: Int = MaglevTable.defaultSize) {
         guard !hostNames.isEmpty else {
             table = []
             return
@@ -78,8 +83,17 @@ public struct MaglevTable: Sendable {
         var next = [UInt64](repeating: 0, count: hostNames.count)
         var table = [Int32](repeating: -1, count: size)
         var filled = 0
+        let maxWeight = weights?.max() ?? 1
+        var target = [Int](repeating: 0, count: hostNames.count)
+        var round = 0
         while true {
+            round += 1
             for host in hostNames.indices {
+                // A host of the largest weight takes a slot every round; one of a third of it, every third round.
+                if let weights {
+                    if round * weights[host] < target[host] { continue }
+                    target[host] += maxWeight
+                }
                 var slot = (permutation[host].offset + next[host] * permutation[host].skip) % m
                 while table[Int(slot)] >= 0 {
                     next[host] += 1

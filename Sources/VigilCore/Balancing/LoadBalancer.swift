@@ -23,9 +23,12 @@ public enum LoadBalancer {
     /// so they are tried and get one.
     public static func ewma<R: RandomNumberGenerator>(candidates: [Int], latencyNanos: (Int) -> Double, active: (Int) -> Int,
                                                       random: inout R) -> Int? {
-        func cost(_ i: Int) -> Double { Swift.max(latencyNanos(i), 1_000) * Double(active(i) + 1) }
+        func cost(_ i: Int) -> Double { ewmaCost(latencyNanos: latencyNanos(i), active: active(i)) }
         return twoChoices(candidates, random: &random) { cost($1) < cost($0) }
     }
+
+    /// A host's cost under peak EWMA.
+    public static func ewmaCost(latencyNanos: Double, active: Int) -> Double { Swift.max(latencyNanos, 1_000) * Double(active + 1) }
 
     /// Draws two distinct candidates at random and returns the second if `secondWins(first, second)`,
     /// else the first.

@@ -352,6 +352,7 @@ extension ConfigReader {
         let name = required(nonEmptyString(m["name"], at: m.path("name")), m, "name")
         let type = oneOf(m["type"], at: m.path("type"), ["static": ClusterType.static, "original_dst": .originalDst]) ?? .static
         var endpoints: [SocketAddressSpec] = []
+        var weights: [Int] = []
         if type == .originalDst {
             if m["endpoints"] != nil {
                 fail(m.path("endpoints"), "an original_dst cluster has none: each request goes where its connection was going")
@@ -363,16 +364,32 @@ extension ConfigReader {
             if list.isEmpty { fail(m.path("endpoints"), "must list at least one endpoint") }
             var seen = Set<SocketAddressSpec>()
             for (i, e) in list.enumerated() {
-                let p = Self.index(m.path("endpoints"), i)
-                guard let a = address(e, at: p) else { continue }
+                var p = Self.index(m.path("endpoints"), i)
+                // "host:port", or { address: "host:port", weight: N } (Envoy's load_balancing_weight).
+                var weight = 1
+                var node = e
+                if case .mapping = e {
+                    guard let entry = map(e, at: p, keys: ["address", "weight"]) else { continue }
+                    guard let w = required(int(entry["weight"], at: entry.path("weight"), range: 1...1_000_000), entry, "weight"),
+                          let a = entry["address"] else {
+                        if entry["address"] == nil { fail(entry.path("address"), "is required") }
+                        continue
+                    }
+                    weight = w
+                    node = a
+                    p = entry.path("address")
+                }
+                guard let a = address(node, at: p) else { continue }
                 if a.port == 0 { fail(p, "port 0 is not a reachable endpoint"); continue }
                 if !seen.insert(a).inserted { fail(p, "\(a) is listed twice"); continue }
                 endpoints.append(a)
+                weights.append(weight)
             }
         } else {
             fail(m.path("endpoints"), "is required")
         }
         var cluster = ClusterConfig(name: name ?? "", endpoints: endpoints)
+        if weights.contains(where: { $0 != 1 }) { cluster.endpointWeights = weights }
         cluster.type = type
         if let d = duration(m["cleanup_interval"], at: m.path("cleanup_interval"), min: .milliseconds(100)) {
             if type != .originalDst { fail(m.path("cleanup_interval"), "applies to original_dst clusters only") }

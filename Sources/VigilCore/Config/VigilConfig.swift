@@ -325,6 +325,9 @@ public struct ClusterConfig: Sendable, Equatable {
     /// `original_dst`: how long a destination's host and connections stay unused before they go (Envoy's 5 s).
     public var cleanupInterval: TimeAmount = .seconds(5)
     public var endpoints: [SocketAddressSpec]
+    /// Each endpoint's weight (`endpoints[i].weight`, Envoy's `load_balancing_weight`), in `endpoints`' order; empty:
+    /// all 1.
+    public var endpointWeights: [Int] = []
     public var `protocol`: UpstreamProtocol
     /// Time allowed to set up a connection to an endpoint, the TCP connect and any TLS handshake together;
     /// past it the attempt fails as `upstream_connect_timeout`.

@@ -197,7 +197,10 @@ extension VigilConfig {
                 ([
                     "name": .string(c.name), "type": .string(c.type.rawValue),
                     "cleanup_interval": c.type == .originalDst ? d(c.cleanupInterval) : .null,
-                    "endpoints": .array(c.endpoints.map { .string($0.description) }),
+                    "endpoints": .array(c.endpoints.enumerated().map { i, e in
+                        let w = c.endpointWeights.isEmpty ? 1 : c.endpointWeights[i]
+                        return w == 1 ? .string(e.description) : ["address": .string(e.description), "weight": .int(w)]
+                    }),
                     "protocol": .string(c.protocol.rawValue), "connect_timeout": d(c.connectTimeout),
                     "idle_timeout": d(c.idleTimeout), "load_balancer": .string(c.loadBalancer.rawValue),
                     "hash_policy": c.loadBalancer.isConsistentHash ? .array(c.hashPolicy.map { source -> JSONValue in

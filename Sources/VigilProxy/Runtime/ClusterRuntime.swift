@@ -75,6 +75,8 @@ public final class ClusterRuntime: Sendable {
     let metrics: ClusterMetrics
     /// `ring_hash` / `maglev`: the table built once over the hosts' addresses (`ConsistentHash`).
     let hashTable: HashTable?
+    /// The hosts' weights where they differ (nil: balanced as equals).
+    let weights: HostWeights?
 
     enum HashTable: Sendable {
         case ring(HashRing)
@@ -102,9 +104,11 @@ public final class ClusterRuntime: Sendable {
         self.hosts = config.endpoints.enumerated().map { HostRuntime(address: $0.element, index: $0.offset) }
         self.health = ClusterHealth(config: config, hostNames: hosts.map(\.addressText), events: events, loop: loop,
                                     now: loop.now, carrying: previous?.health)
+        let weights = HostWeights(config.endpointWeights)
+        self.weights = weights
         switch config.loadBalancer {
-        case .ringHash: hashTable = .ring(HashRing(hostNames: hosts.map(\.addressText)))
-        case .maglev: hashTable = .maglev(MaglevTable(hostNames: hosts.map(\.addressText)))
+        case .ringHash: hashTable = .ring(HashRing(hostNames: hosts.map(\.addressText), weights: weights?.weights))
+        case .maglev: hashTable = .maglev(MaglevTable(hostNames: hosts.map(\.addressText), weights: weights?.weights))
         default: hashTable = nil
         }
     }
@@ -181,7 +185,8 @@ public final class ClusterRuntime: Sendable {
     }
 
     private func balance<R: RandomNumberGenerator>(_ candidates: [Int], random: inout R) -> Int? {
-        switch config.loadBalancer {
+        if let weights { return balance(candidates, weights: weights, random: &random) }
+        return switch config.loadBalancer {
         case .roundRobin:
             LoadBalancer.roundRobin(candidates: candidates, sequence: roundRobin.loadThenWrappingIncrement(ordering: .relaxed))
         case .leastRequest:
@@ -193,6 +198,26 @@ public final class ClusterRuntime: Sendable {
         case .ringHash, .maglev:
             // A request without a key (none of the hash policy's sources): any host, as Envoy picks one at random.
             candidates.isEmpty ? nil : candidates[Int(random.next() % UInt64(candidates.count))]
+        }
+    }
+
+    private func ewmaCost(_ i: Int) -> Double {
+        LoadBalancer.ewmaCost(latencyNanos: hosts[i].latencyNanos, active: hosts[i].activeRequests.load(ordering: .relaxed))
+    }
+
+    /// The same with the hosts' weights: round robin along the weighted schedule; least request over two draws in
+    /// proportion to weight, by active requests per unit of weight; EWMA over two such draws by its cost; a hash
+    /// balancer's keyless request by a weighted draw.
+    private func balance<R: RandomNumberGenerator>(_ candidates: [Int], weights: HostWeights, random: inout R) -> Int? {
+        switch config.loadBalancer {
+        case .roundRobin:
+            weights.roundRobin(candidates: candidates, sequence: roundRobin.loadThenWrappingIncrement(ordering: .relaxed), random: &random)
+        case .leastRequest:
+            weights.leastRequest(candidates, active: { hosts[$0].activeRequests.load(ordering: .relaxed) }, random: &random)
+        case .ewma:
+            weights.twoChoices(candidates, random: &random) { a, b in ewmaCost(b) < ewmaCost(a) }
+        case .ringHash, .maglev:
+            weights.draw(candidates, random: &random)
         }
     }
 
