@@ -29,6 +29,8 @@ public enum XDSClusters {
         /// Whether its secrets come from `xds.sds_server` (`api_config_source`, Istio's `sds-grpc`) rather than the
         /// ADS stream.
         public var fromSDSServer = false
+        /// The cluster name the config gives that server (`envoy_grpc.cluster_name`): all must give one.
+        public var sdsServerName: String?
         /// The secrets it needs.
         public var secrets: [XDSResources.SecretRef] {
             [certificate, trust].compactMap { $0.map { XDSResources.SecretRef(name: $0, fromSDSServer: fromSDSServer) } }
@@ -158,15 +160,21 @@ public enum XDSClusters {
         // Where the secrets come from: the ADS stream, or the one SDS server Vigil knows (`xds.sds_server`), whatever
         // cluster name the config gives it (istio-agent's is `sds-grpc`). Both of a context's secrets from one of them.
         var source: Bool?
+        var serverName: String?
         func sds(_ config: Envoy_Extensions_TransportSockets_Tls_V3_SdsSecretConfig, _ path: String) throws(XDSRejection) -> String {
             guard !config.name.isEmpty else { throw refuse("\(path).name", "is empty") }
             let fromServer: Bool
             switch config.sdsConfig.configSourceSpecifier {
             case .ads?, .self_p?: fromServer = false
             case .apiConfigSource(let api)?:
-                guard api.apiType == .grpc, api.grpcServices.count == 1, case .envoyGrpc? = api.grpcServices[0].targetSpecifier else {
-                    throw refuse("\(path).sds_config.api_config_source", "Vigil reaches a separate SDS server over gRPC, one service (api_type GRPC, one envoy_grpc)")
+                guard api.apiType == .grpc, api.grpcServices.count == 1, case .envoyGrpc(let g)? = api.grpcServices[0].targetSpecifier,
+                      !g.clusterName.isEmpty else {
+                    throw refuse("\(path).sds_config.api_config_source", "Vigil reaches a separate SDS server over gRPC, one service (api_type GRPC, one envoy_grpc with its cluster_name)")
                 }
+                if let serverName, serverName != g.clusterName {
+                    throw refuse("\(path).sds_config.api_config_source", "names SDS server \"\(g.clusterName)\" beside \"\(serverName)\": Vigil has one (xds.sds_server)")
+                }
+                serverName = g.clusterName
                 fromServer = true
             default: throw refuse("\(path).sds_config", "secrets come on the ADS stream (ads or self) or from xds.sds_server (api_config_source)")
             }
@@ -217,7 +225,8 @@ public enum XDSClusters {
             throw refuse("typed_config.common_tls_context.alpn_protocols[\(i)]", "is not a protocol name (1 to 255 printable ASCII bytes)")
         }
         return UpstreamTLS(certificate: certificate, trust: trust, identity: identities.first,
-                           sni: context.sni.isEmpty ? nil : context.sni, alpn: common.alpnProtocols, fromSDSServer: source ?? false)
+                           sni: context.sni.isEmpty ? nil : context.sni, alpn: common.alpnProtocols, fromSDSServer: source ?? false,
+                           sdsServerName: serverName)
     }
 
     /// Envoy's active health check as Vigil's: HTTP GET or gRPC's health service, on Envoy's schedule. Vigil opens a

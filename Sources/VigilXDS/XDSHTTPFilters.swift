@@ -164,6 +164,9 @@ public enum XDSHTTPFilters {
             var who = Who.patterns([])
             for (i, principal) in policy.principals.enumerated() {
                 who = who.union(try self.who(principal, resource: resource, path: "\(p).principals[\(i)]"))
+                if case .patterns(let ps) = who, ps.count > maxRules {
+                    throw XDSRejection(resource: resource, path: "\(p).principals", reason: "names more than \(maxRules) identities")
+                }
             }
             let identities: [String]
             switch who {
@@ -237,8 +240,9 @@ public enum XDSHTTPFilters {
             var out = [Access()]
             for (i, r) in set.rules.enumerated() {
                 let next = try accesses(r, port: port, resource: resource, path: "\(path).and_rules.rules[\(i)]")
+                // Bounded before the product is made, not after.
+                if out.count * next.count > maxRules { throw refuse("and_rules", "expands to more than \(maxRules) alternatives") }
                 out = out.flatMap { a in next.compactMap { a.meet($0) } }
-                if out.count > maxRules { throw refuse("and_rules", "expands to more than \(maxRules) alternatives") }
             }
             return out
         case .urlPath(let m)?:
@@ -246,8 +250,9 @@ public enum XDSHTTPFilters {
                 throw refuse("url_path", "Vigil matches paths exactly or by prefix (exact, prefix; ignore_case false)")
             }
             switch s.matchPattern {
-            case .exact(let e)? where e.hasPrefix("/"): return [Access(exact: e)]
-            case .prefix(let p)? where !p.contains("?"): return [Access(prefix: p.isEmpty ? "/" : p)]
+            // A path has no query (a `?` never matches) and starts with `/`.
+            case .exact(let e)? where e.hasPrefix("/") && !e.contains("?"): return [Access(exact: e)]
+            case .prefix(let p)? where !p.contains("?") && (p.isEmpty || p.hasPrefix("/")): return [Access(prefix: p.isEmpty ? "/" : p)]
             default: throw refuse("url_path.path", "Vigil matches paths exactly (a path starting with /) or by prefix")
             }
         case .header(let h)?:
@@ -335,12 +340,21 @@ public enum XDSHTTPFilters {
         case .orIds(let set)?:
             guard !set.ids.isEmpty else { throw refuse("or_ids.ids", "is empty") }
             var out = Who.patterns([])
-            for (i, id) in set.ids.enumerated() { out = out.union(try who(id, resource: resource, path: "\(path).or_ids.ids[\(i)]")) }
+            for (i, id) in set.ids.enumerated() {
+                out = out.union(try who(id, resource: resource, path: "\(path).or_ids.ids[\(i)]"))
+                if case .patterns(let p) = out, p.count > maxRules { throw refuse("or_ids", "names more than \(maxRules) identities") }
+            }
             return out
         case .andIds(let set)?:
             guard !set.ids.isEmpty else { throw refuse("and_ids.ids", "is empty") }
             var out = Who.any
-            for (i, id) in set.ids.enumerated() { out = out.intersection(try who(id, resource: resource, path: "\(path).and_ids.ids[\(i)]")) }
+            for (i, id) in set.ids.enumerated() {
+                let next = try who(id, resource: resource, path: "\(path).and_ids.ids[\(i)]")
+                if case .patterns(let a) = out, case .patterns(let b) = next, a.count * b.count > maxRules {
+                    throw refuse("and_ids", "expands to more than \(maxRules) identity pairs")
+                }
+                out = out.intersection(next)
+            }
             return out
         case .any(false)?: throw refuse("any", "must be true")
         case .sourceIp?, .directRemoteIp?, .remoteIp?:

@@ -98,9 +98,11 @@ public enum XDSListeners {
             }
         }
         if l.hasDefaultFilterChain {
-            var fallback = try self.chain(l.defaultFilterChain, listener: name, path: "default_filter_chain", ignored: &read.ignoredFilters)
-            fallback.destinationPort = nil
-            fallback.prefixRanges = []
+            // Envoy ignores the default chain's match: read without it, so nothing (RBAC's destination_port) is decided
+            // by a port the chain does not really have.
+            var unmatched = l.defaultFilterChain
+            unmatched.clearFilterChainMatch()
+            let fallback = try self.chain(unmatched, listener: name, path: "default_filter_chain", ignored: &read.ignoredFilters)
             chains.append((fallback, Int.max))
         }
         // Most specific first: a destination port, then the longest address prefix; the listed order among equals.

@@ -189,6 +189,13 @@ public struct XDSResources: Sendable {
                 throw XDSRejection(resource: read.config.name, path: "name", reason: "is the name of another cluster in the same response")
             }
         }
+        // One separate SDS server (xds.sds_server): clusters that name two would each get the other's secrets.
+        let sdsServers = Set(next.clusters.values.compactMap { $0.tls?.sdsServerName })
+        if sdsServers.count > 1 {
+            let name = next.clusters.keys.sorted().first { next.clusters[$0]!.tls?.sdsServerName == sdsServers.sorted().last }!
+            throw XDSRejection(resource: name, path: "transport_socket.typed_config.common_tls_context",
+                               reason: "names SDS server \"\(sdsServers.sorted().last!)\" where other clusters name \"\(sdsServers.sorted().first!)\": Vigil has one (xds.sds_server)")
+        }
         let used = Set(next.endpointNames)
         next.assignments = next.assignments.filter { used.contains($0.key) }
         let secretsUsed = next.secretRefs

@@ -66,8 +66,8 @@ public enum XDSRoutes {
                 let catchAll = routes.last.map { $0.match.path == .prefix("/") && $0.match.headers.isEmpty && $0.match.methods.isEmpty } ?? false
                 if !authorities.isEmpty, !catchAll {
                     var miss = RouteConfig(match: RouteMatch(path: .prefix("/"), authorities: authorities), cluster: "")
+                    // No route matched, so Envoy resolves no per-route config: the chain's RBAC decides (XDSListeners).
                     miss.direct = .response(status: 404, body: "")
-                    miss.authorization = hostFilters.authorization  // RBAC runs before the router finds no route
                     routes.append(miss)
                 }
                 hosts.append((rank, i, routes))

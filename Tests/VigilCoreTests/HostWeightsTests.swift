@@ -77,7 +77,7 @@ import Testing
         let c = try VigilConfig.parse(yaml: yaml)
         #expect(c.clusters[0].endpoints.map(\.port) == [8080, 8081] && c.clusters[0].endpointWeights == [1, 3])
         #expect(try c.applying(policy: c.policyDump().serialized()).clusters == c.clusters)
-        #expect(configErrors(yaml.replacingOccurrences(of: "weight: 3", with: "weight: 0")) == ["clusters[0].endpoints[1].weight: 0 is out of range 1...1000000"])
+        #expect(configErrors(yaml.replacingOccurrences(of: "weight: 3", with: "weight: 0")) == ["clusters[0].endpoints[1].weight: 0 is out of range 1...4294967295"])
         #expect(configErrors(yaml.replacingOccurrences(of: "address: \"127.0.0.1:8081\", ", with: "")) == ["clusters[0].endpoints[1].address: is required"])
     }
 }

@@ -171,11 +171,13 @@ import VigilTestSupport
               - { name: api, endpoints: ["127.0.0.1:$UP0"] }
             """, upstreams: [upstream.port], group: group)
         let h2 = http2 ? try await H2TestClient.connect(port: proxy.port(), group: group) : nil
-        func status(_ method: HTTPMethod, _ path: String) async throws -> Int {
-            if let h2 { return try await h2.request(method, path).status }
+        func status(_ method: HTTPMethod, _ path: String, maxForwards: String? = nil) async throws -> Int {
+            let headers = maxForwards.map { [("max-forwards", $0)] } ?? []
+            if let h2 { return try await h2.request(method, path, headers: headers).status }
             let client = try await proxy.client()
             defer { Task { try? await client.close() } }
-            try await client.send("\(method.rawValue) \(path) HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            try await client.send("\(method.rawValue) \(path) HTTP/1.1\r\nHost: a\r\n" + headers.map { "\($0.0): \($0.1)\r\n" }.joined()
+                                  + "Content-Length: 0\r\nConnection: close\r\n\r\n")
             return try #require(try await client.response()).status
         }
         let cases: [(HTTPMethod, String, Int)] = [
@@ -185,6 +187,9 @@ import VigilTestSupport
         for (method, path, expected) in cases {
             #expect(try await status(method, path) == expected, "\(method) \(path)")
         }
+        // Vigil answers OPTIONS with Max-Forwards: 0 itself, but only to whom the route's rules allow.
+        #expect(try await status(.OPTIONS, "/closed", maxForwards: "0") == 403)
+        #expect(try await status(.OPTIONS, "/open", maxForwards: "0") == 200)
         try await h2?.close()
         #expect(upstream.recorded.map(\.head.uri) == ["/api/read/1", "/api/status?x=1", "/api/status", "/open"])
         await proxy.stop()

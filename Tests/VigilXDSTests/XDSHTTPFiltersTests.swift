@@ -209,9 +209,30 @@ import VigilCore
                                                 chainRules, chainRules])
         #expect(routes.last?.direct == .response(status: 404, body: ""))
 
+        // A virtual host that switches RBAC off: its routes are open, but a request none of them takes meets the chain's
+        // rules (no route matched, so Envoy resolves no per-route config).
+        var open = Self.listener(filters: [Self.httpFilter(XDSHTTPFilters.rbac, Envoy_Extensions_Filters_Http_Rbac_V3_RBAC.with { $0.rules = getOnly })],
+                                 routes: [Self.route("/a")])
+        var hcm = try Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager(unpackingAny: open.filterChains[0].filters[0].typedConfig)
+        hcm.routeConfig.virtualHosts[0].domains = ["svc"]
+        hcm.routeConfig.virtualHosts[0].typedPerFilterConfig = [XDSHTTPFilters.rbac: Self.any(Envoy_Config_Route_V3_FilterConfig.with { $0.disabled = true })]
+        open.filterChains[0].filters[0].typedConfig = Self.any(hcm)
+        let openRoutes = try #require(XDSListeners.routes(of: try XDSListeners.read(open), virtual: [], routeConfigs: [:]))
+        #expect(openRoutes.map(\.authorization) == [[AuthorizationRule(identities: [])], chainRules, chainRules])
+
         // Without the filters in the chain, a route's own configs do nothing (as in Envoy).
         let bare = try XDSListeners.read(Self.listener(filters: [], routes: [Self.route("/own", [XDSHTTPFilters.fault: Self.any(delay)])]))
         #expect(try #require(XDSListeners.routes(of: bare, virtual: [], routeConfigs: [:])).allSatisfy { $0.fault == nil && $0.authorization == nil })
+    }
+
+    /// Envoy ignores the default chain's match, so RBAC's destination_port there is not decided by a port it names.
+    @Test func theDefaultChainsMatchDecidesNoPort() {
+        let byPort = Self.rbac(["p": ([.with { $0.destinationPort = 8080 }], [.with { $0.any = true }])])
+        var l = Self.listener(filters: [Self.httpFilter(XDSHTTPFilters.rbac, Envoy_Extensions_Filters_Http_Rbac_V3_RBAC.with { $0.rules = byPort })],
+                              routes: [Self.route("/")])
+        l.defaultFilterChain = l.filterChains[0]
+        l.filterChains = []
+        #expect(rejection(l)?.path.hasSuffix("destination_port") == true, "\(String(describing: rejection(l)))")
     }
 
     func rejection(_ l: Envoy_Config_Listener_V3_Listener) -> XDSRejection? {

@@ -344,6 +344,13 @@ import VigilCore
                                      reason: "names a separate SDS server (api_config_source): set xds.sds_server to where it is")) {
             try fromServer.joined(to: try Self.base(listener: "in", port: 15006))
         }
+        // Two clusters that name two SDS servers: refused (Vigil has one).
+        var other = c
+        other.name = "tls2"
+        var otherContext = context
+        otherContext.commonTlsContext.validationContextSdsSecretConfig.sdsConfig.apiConfigSource.grpcServices[0].envoyGrpc.clusterName = "other-sds"
+        other.transportSocket.typedConfig = Self.any(otherContext)
+        #expect(throws: XDSRejection.self) { try XDSResources().applyingClusters([Self.any(c), Self.any(other)]) }
         // A certificate from the ADS stream with a trust from the SDS server: refused.
         context.commonTlsContext.tlsCertificateSdsSecretConfigs = [.with { $0.name = "default"; $0.sdsConfig.ads = .init() }]
         c.transportSocket.typedConfig = Self.any(context)

@@ -1,3 +1,5 @@
+import HeapModule
+
 /// Consistent hashing for `load_balancer: ring_hash | maglev` (Envoy's): a request's key (from the cluster's
 /// `hash_policy`) always lands on the same host while that host is available, and when hosts come or go only the keys
 /// of those hosts move.
@@ -82,32 +84,48 @@ public struct MaglevTable: Sendable {
         }
         var next = [UInt64](repeating: 0, count: hostNames.count)
         var table = [Int32](repeating: -1, count: size)
-        var filled = 0
-        let maxWeight = weights?.max() ?? 1
-        var target = [Int](repeating: 0, count: hostNames.count)
-        var round = 0
-        while true {
-            round += 1
-            for host in hostNames.indices {
-                // A host of the largest weight takes a slot every round; one of a third of it, every third round.
-                if let weights {
-                    if round * weights[host] < target[host] { continue }
-                    target[host] += maxWeight
-                }
-                var slot = (permutation[host].offset + next[host] * permutation[host].skip) % m
-                while table[Int(slot)] >= 0 {
-                    next[host] += 1
-                    slot = (permutation[host].offset + next[host] * permutation[host].skip) % m
-                }
-                table[Int(slot)] = Int32(host)
+        /// Gives `host` its next free slot along its permutation.
+        func fill(_ host: Int) {
+            var slot = (permutation[host].offset + next[host] * permutation[host].skip) % m
+            while table[Int(slot)] >= 0 {
                 next[host] += 1
-                filled += 1
-                if filled == size {
-                    self.table = table
-                    return
+                slot = (permutation[host].offset + next[host] * permutation[host].skip) % m
+            }
+            table[Int(slot)] = Int32(host)
+            next[host] += 1
+        }
+        if let weights {
+            // Rounds in which each host takes a slot when round × weight has reached its target, which then grows by
+            // the largest weight: a host of the largest weight takes one every round, one of a third of it every third.
+            // The host due next comes off a heap ordered by (round, host), which is the rounds' own order, so a host
+            // millions of times lighter than the heaviest is not visited in every round.
+            let maxWeight = weights.max()!
+            var target = [Int](repeating: 0, count: hostNames.count)
+            var due = Heap(hostNames.indices.map { Due(round: 1, host: $0) })
+            for _ in 0..<size {
+                let d = due.removeMin()
+                fill(d.host)
+                target[d.host] += maxWeight
+                let again = max(d.round + 1, (target[d.host] + weights[d.host] - 1) / weights[d.host])
+                due.insert(Due(round: again, host: d.host))
+            }
+        } else {
+            var filled = 0
+            while filled < size {
+                for host in hostNames.indices where filled < size {
+                    fill(host)
+                    filled += 1
                 }
             }
         }
+        self.table = table
+    }
+
+    /// A host's next round in the weighted table's build.
+    struct Due: Comparable {
+        var round: Int
+        var host: Int
+        static func < (a: Due, b: Due) -> Bool { (a.round, a.host) < (b.round, b.host) }
     }
 
     /// The host for `key`: its slot's, or, where `usable` refuses that host, the next slot's that it accepts.

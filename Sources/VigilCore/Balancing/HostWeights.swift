@@ -1,14 +1,18 @@
+import HeapModule
+
 /// Host weights (Envoy's `load_balancing_weight`): a host of weight 3 gets three times the requests of one of weight 1.
 /// Only made where the weights differ: equal weights balance exactly as no weights do, on the unweighted paths.
 ///
-/// Round robin follows a schedule built once (nginx's smooth weighted round robin, the order Envoy's EDF scheduler also
-/// gives: each host spread evenly, never in bursts); the other balancers draw their candidates in proportion to weight.
+/// Round robin follows a schedule built once by earliest deadline first (Envoy's EDF: the k-th turn of a host of weight
+/// w is due at k / w, so each host is spread evenly, never in bursts); the other balancers draw their candidates in
+/// proportion to weight.
 public struct HostWeights: Sendable, Equatable {
     public let weights: [Int]
-    /// Host indices in smooth weighted round-robin order, one pass of the weights (scaled to at most `maxSchedule`).
+    /// Host indices in weighted round-robin order, one pass of the weights (scaled to about `maxSchedule`).
     let schedule: [Int32]
 
-    /// The longest schedule kept: weights whose sum is larger are scaled down (each host keeps at least one place).
+    /// About the longest schedule kept: weights whose sum is larger are scaled down, each host keeping at least one
+    /// place (so with weights millions apart the lightest hosts get somewhat more than their share, never none).
     public static let maxSchedule = 65_536
 
     /// nil when every weight is the same (or there are none): nothing to weigh.
@@ -23,24 +27,29 @@ public struct HostWeights: Sendable, Equatable {
         if total > Self.maxSchedule {
             scaled = scaled.map { max(1, Int((Double($0) * Double(Self.maxSchedule) / Double(total)).rounded(.down))) }
         }
-        // Smooth weighted round robin: each step every host gains its weight, the highest goes and pays the total.
+        // Earliest deadline first over one pass: host i's k-th turn is due at k / w_i (ties by index), a heap's work per
+        // place, so a schedule of many hosts costs its length times a logarithm, not times the host count.
         let sum = scaled.reduce(0, +)
-        var current = [Int](repeating: 0, count: scaled.count)
+        var due = Heap<Turn>(scaled.indices.map { Turn(deadline: 1 / Double(scaled[$0]), turn: 1, host: $0) })
         var schedule: [Int32] = []
         schedule.reserveCapacity(sum)
         for _ in 0..<sum {
-            var best = 0
-            for i in scaled.indices {
-                current[i] += scaled[i]
-                if current[i] > current[best] { best = i }
-            }
-            current[best] -= sum
-            schedule.append(Int32(best))
+            let t = due.removeMin()
+            schedule.append(Int32(t.host))
+            due.insert(Turn(deadline: Double(t.turn + 1) / Double(scaled[t.host]), turn: t.turn + 1, host: t.host))
         }
         self.schedule = schedule
     }
 
     static func gcd(_ a: Int, _ b: Int) -> Int { b == 0 ? a : gcd(b, a % b) }
+
+    /// A host's next turn in the schedule.
+    struct Turn: Comparable {
+        var deadline: Double
+        var turn: Int
+        var host: Int
+        static func < (a: Turn, b: Turn) -> Bool { (a.deadline, a.host) < (b.deadline, b.host) }
+    }
 
     /// Weighted round robin: the schedule's `sequence`-th host, or the next along it that is a candidate (`candidates`
     /// ascending); after a few passes' worth of hosts with none, a weighted draw among the candidates (most hosts out).

@@ -370,7 +370,7 @@ extension ConfigReader {
                 var node = e
                 if case .mapping = e {
                     guard let entry = map(e, at: p, keys: ["address", "weight"]) else { continue }
-                    guard let w = required(int(entry["weight"], at: entry.path("weight"), range: 1...1_000_000), entry, "weight"),
+                    guard let w = required(int(entry["weight"], at: entry.path("weight"), range: 1...Int(UInt32.max)), entry, "weight"),
                           let a = entry["address"] else {
                         if entry["address"] == nil { fail(entry.path("address"), "is required") }
                         continue

@@ -127,6 +127,11 @@ extension ProxyRuntime {
             }
         }
         if let hops = MaxForwards.remaining(method: request.method, value: { request.headerValue("max-forwards") }), hops == 0 {
+            // The route's own rules still decide who may be answered, even here.
+            if let i = routes.table.match(request, destination: destination), let denied = deniedByRoute(request, routeIndex: i, routes: routes,
+                                                                                                     snapshot: snapshot, identity: identity) {
+                return denied
+            }
             // Vigil is the final recipient (RFC 9110 §7.6.2). It answers OPTIONS for itself; it reflects no
             // TRACE (a reflected request is the cross-site-tracing hole, and what Vigil would reflect is not
             // what the client sent once hop-by-hop fields are cut), so TRACE gets 405 with what it allows.
@@ -141,14 +146,8 @@ extension ProxyRuntime {
                           cluster: nil)
         }
         // The route's own rules (Envoy's RBAC filter runs before the router, and before faults).
-        if let authorizer = routes.authorizers[routeIndex] {
-            let method = request.method
-            if case .deny = request.withPathBytes({ authorizer.decide(identity: identity, pathBytes: $0, method: method) }) {
-                snapshot.authorizationDenied.increment()
-                return .reply(status: 403, reason: "unauthorized",
-                              detail: "no rule of route \(routes.routes[routeIndex].name ?? "-")'s authorization allows \(identity ?? "an unauthenticated caller") to \(request.method) \(RouteTable.pathWithoutQuery(request.path))",
-                              cluster: nil, route: routes.routeStats[routeIndex])
-            }
+        if let denied = deniedByRoute(request, routeIndex: routeIndex, routes: routes, snapshot: snapshot, identity: identity) {
+            return denied
         }
         var tenant: TenantState?
         if let tenants = snapshot.tenants {
@@ -193,6 +192,18 @@ extension ProxyRuntime {
                           route: routes.routeStats[routeIndex])
         }
         return outcome
+    }
+
+    /// The 403 of a route's own `authorization` when it allows `request` nothing; nil when it allows it (or has none).
+    private func deniedByRoute(_ request: some RoutableRequest, routeIndex: Int, routes: ListenerRoutes, snapshot: PolicySnapshot,
+                               identity: String?) -> RoutingOutcome? {
+        guard let authorizer = routes.authorizers[routeIndex] else { return nil }
+        let method = request.method
+        guard case .deny = request.withPathBytes({ authorizer.decide(identity: identity, pathBytes: $0, method: method) }) else { return nil }
+        snapshot.authorizationDenied.increment()
+        return .reply(status: 403, reason: "unauthorized",
+                      detail: "no rule of route \(routes.routes[routeIndex].name ?? "-")'s authorization allows \(identity ?? "an unauthenticated caller") to \(request.method) \(RouteTable.pathWithoutQuery(request.path))",
+                      cluster: nil, route: routes.routeStats[routeIndex])
     }
 
     private func routeAdmitted(_ request: some RoutableRequest, routeIndex: Int, path: String?, fault: FaultDecision?, routes: ListenerRoutes, listener: ListenerRuntime, policy: LoopPolicy,

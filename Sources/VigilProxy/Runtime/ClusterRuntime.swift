@@ -104,7 +104,8 @@ public final class ClusterRuntime: Sendable {
         self.hosts = config.endpoints.enumerated().map { HostRuntime(address: $0.element, index: $0.offset) }
         self.health = ClusterHealth(config: config, hostNames: hosts.map(\.addressText), events: events, loop: loop,
                                     now: loop.now, carrying: previous?.health)
-        let weights = HostWeights(config.endpointWeights)
+        // A weight per endpoint or none (every writer keeps the two in step; a mismatch weighs nothing rather than trap).
+        let weights = config.endpointWeights.count == config.endpoints.count ? HostWeights(config.endpointWeights) : nil
         self.weights = weights
         switch config.loadBalancer {
         case .ringHash: hashTable = .ring(HashRing(hostNames: hosts.map(\.addressText), weights: weights?.weights))
