@@ -209,5 +209,116 @@ extension ChildProcessSuites {
         }
         #expect(try ns.run(in: ns.app, [Self.vigil, "iptables", "uninstall"]).status == 0)
     }
+
+    /// The mesh end to end: Vigil under `vigil iptables install`, its outbound listener configured by a management
+    /// server (`Tests/Peers/xds_server.py`) in Istio's shape: `virtualOutbound` (use_original_dst) passing through by
+    /// TCP, and `0.0.0.0_8080` (bind_to_port false) sending port 8080 to an EDS cluster with a prefix rewrite. An
+    /// intercepted call to the peer's 8080 takes the xDS route (the rewrite shows it), one to 8081 passes through to
+    /// where it was going, and when the endpoints move the intercepted calls follow.
+    @Test(.enabled(if: NetworkNamespaces.available && NetworkNamespaces.tool("setpriv") != nil && PythonPeers.shouldRun,
+                   "needs root, ip (iproute2), iptables, setpriv and the Python peers (.venv-peers): skipped"))
+    func aManagementServerDrivesTheInterceptedTraffic() throws {
+        let ns = try NetworkNamespaces()
+        let python = NetworkNamespaces.tool("python3")!
+        for (port, name) in [("8080", "peer"), ("8081", "peer2")] {
+            let log = scratch.unique(name, ".log")
+            try ns.start(in: ns.peer, [python, Self.helper, "httpserve", ns.peerAddress, port, name], log: log)
+            try waitUntilListening(log)
+        }
+        let service = "outbound|8080||peer.ns.svc.cluster.local"
+        func resources(endpoint: Int) -> [String: Any] {
+            let ads: [String: Any] = ["ads": [String: Any](), "resource_api_version": "V3"]
+            let router: [String: Any] = ["name": "envoy.filters.http.router",
+                                         "typed_config": ["@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"]]
+            return [
+                "type.googleapis.com/envoy.config.cluster.v3.Cluster": [
+                    ["@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "name": service, "type": "EDS",
+                     "eds_cluster_config": ["eds_config": ads], "connect_timeout": "1s", "lb_policy": "ROUND_ROBIN"],
+                    ["@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "name": "PassthroughCluster",
+                     "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "1s"],
+                ],
+                "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment": [
+                    ["@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment", "cluster_name": service,
+                     "endpoints": [["lb_endpoints": [["endpoint": ["address": ["socket_address": ["address": ns.peerAddress, "port_value": endpoint]]]]]]]],
+                ],
+                "type.googleapis.com/envoy.config.listener.v3.Listener": [
+                    ["@type": "type.googleapis.com/envoy.config.listener.v3.Listener", "name": "virtualOutbound",
+                     "address": ["socket_address": ["address": "0.0.0.0", "port_value": 15001]], "use_original_dst": true,
+                     "filter_chains": [["filters": [["name": "envoy.filters.network.tcp_proxy", "typed_config": [
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                        "stat_prefix": "PassthroughCluster", "cluster": "PassthroughCluster"]]]]]],
+                    ["@type": "type.googleapis.com/envoy.config.listener.v3.Listener", "name": "0.0.0.0_8080",
+                     "address": ["socket_address": ["address": "0.0.0.0", "port_value": 8080]], "bind_to_port": false,
+                     "filter_chains": [["filters": [["name": "envoy.filters.network.http_connection_manager", "typed_config": [
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "outbound_0.0.0.0_8080", "http_filters": [router],
+                        "route_config": ["name": "8080", "virtual_hosts": [["name": "peer", "domains": ["*"], "routes": [
+                            ["match": ["prefix": "/"], "route": ["cluster": service, "prefix_rewrite": "/mesh/"]]]]]],
+                     ]]]]]],
+                ],
+            ]
+        }
+        let snapshot = scratch.unique("snapshot", ".json")
+        func publish(_ version: String, endpoint: Int) throws {
+            let data = try JSONSerialization.data(withJSONObject: ["version": version, "resources": resources(endpoint: endpoint)])
+            try data.write(to: URL(fileURLWithPath: snapshot + ".tmp"))
+            guard rename(snapshot + ".tmp", snapshot) == 0 else { throw NetworkNamespaces.Failure(what: "publishing the snapshot") }
+        }
+        try publish("1", endpoint: 8080)
+        // The management server runs beside Vigil, in the app's namespace, on its loopback.
+        let portFile = scratch.unique("xds-port"), xdsLog = scratch.unique("xds", ".log")
+        try ns.start(in: ns.app, [PythonPeers.python, PythonPeers.script("xds_server.py"), portFile, xdsLog + ".requests", snapshot],
+                     log: xdsLog)
+        let started = Date().addingTimeInterval(30)
+        while Date() < started, !FileManager.default.fileExists(atPath: portFile) { Thread.sleep(forTimeInterval: 0.05) }
+        let xdsPort = try String(contentsOfFile: portFile, encoding: .utf8)
+        let state = scratch.unique("state")
+        try FileManager.default.createDirectory(atPath: state, withIntermediateDirectories: true,
+                                                attributes: [.ownerAccountID: 1337, .groupOwnerAccountID: 1337])
+        let config = scratch.unique("vigil", ".yaml")
+        try """
+            admin: { address: "127.0.0.1:15000" }
+            state_dir: \(state)
+            access_log: { output: stdout }
+            xds: { server: "127.0.0.1:\(xdsPort)", node: { id: "sidecar~\(ns.appAddress)~app-1.ns~ns.svc.cluster.local" } }
+            listeners:
+              - name: virtualOutbound
+                address: "127.0.0.1:15001"
+                original_destination: true
+                routes: [ { match: { prefix: "/" }, direct_response: { status: 503, body: "waiting for the mesh" } } ]
+            clusters: []
+            """.write(toFile: config, atomically: true, encoding: .utf8)
+        let vigilLog = scratch.unique("vigil", ".log")
+        try ns.start(in: ns.app, [NetworkNamespaces.tool("setpriv")!, "--reuid", "1337", "--regid", "1337", "--clear-groups",
+                                  Self.vigil, "--config", config, "--threads", "1"], log: vigilLog)
+        func get(_ host: String, _ port: Int, _ path: String) throws -> String {
+            try ns.run(in: ns.app, [python, Self.helper, "httpget", host, String(port), path]).stdout
+                .trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        func eventually(_ what: String, _ host: String, _ port: Int, _ path: String, _ expected: String) throws {
+            let deadline = Date().addingTimeInterval(30)
+            var last = ""
+            while Date() < deadline {
+                last = try get(host, port, path)
+                if last == expected { return }
+                Thread.sleep(forTimeInterval: 0.1)
+            }
+            let said = ((try? String(contentsOfFile: vigilLog + ".err", encoding: .utf8)) ?? "")
+            Issue.record("\(what): last answer \"\(last)\", expected \"\(expected)\"; vigil: \(said.suffix(2000))")
+        }
+        let ready = Date().addingTimeInterval(20)
+        while Date() < ready, try !get("127.0.0.1", 15000, "/ready").hasPrefix("200") { Thread.sleep(forTimeInterval: 0.05) }
+        let install = try ns.run(in: ns.app, [Self.vigil, "iptables", "install"])
+        #expect(install.status == 0, "\(install.stderr)")
+
+        try eventually("the xDS route for port 8080", ns.peerAddress, 8080, "/hello", "200 peer GET /mesh/hello")
+        try eventually("the passthrough for port 8081", ns.peerAddress, 8081, "/other", "200 peer2 GET /other")
+        // The endpoints move to the peer's 8081: intercepted calls to 8080 follow.
+        try publish("2", endpoint: 8081)
+        try eventually("the moved endpoints", ns.peerAddress, 8080, "/x", "200 peer2 GET /mesh/x")
+        let requests = (try? String(contentsOfFile: xdsLog + ".requests", encoding: .utf8)) ?? ""
+        #expect(requests.contains("\"versionInfo\": \"2\""), "Vigil ACKed version 2")
+        #expect(try ns.run(in: ns.app, [Self.vigil, "iptables", "uninstall"]).status == 0)
+    }
 }
 }
