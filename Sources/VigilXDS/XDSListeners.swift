@@ -58,6 +58,11 @@ public enum XDSListeners {
         "istio.alpn", "envoy.filters.listener.tls_inspector", "envoy.filters.listener.http_inspector",
         "envoy.filters.listener.original_dst",
     ]
+    /// HTTP filters that do nothing unless a route or virtual host gives them a policy, which Vigil's protos do not
+    /// declare (a route or host with a CORS policy is refused, and so is one's per-filter config for it): without one,
+    /// leaving the filter out changes nothing. Istio puts CORS in every outbound connection manager.
+    static let inertWithoutPolicy: Set<String> = ["envoy.filters.http.cors"]
+
     /// Lists an observing filter that was left out, once.
     static func noteIgnored(_ name: String, in list: inout [String]) {
         if !list.contains(name) { list.append(name) }
@@ -77,6 +82,7 @@ public enum XDSListeners {
                         bindsPort: !l.hasBindToPort || l.bindToPort.value,
                         bufferLimit: l.hasPerConnectionBufferLimitBytes ? Int(l.perConnectionBufferLimitBytes.value) : nil,
                         chains: [], ignoredFilters: [])
+        if !l.accessLog.isEmpty { noteIgnored("access_log", in: &read.ignoredFilters) }
         for (i, f) in l.listenerFilters.enumerated() {
             guard observing.contains(f.name) else {
                 throw refuse("listener_filters[\(i)]", "\"\(f.name)\" is not a listener filter Vigil knows: it could change what reaches the chains, so it is not ignored")
@@ -160,7 +166,7 @@ public enum XDSListeners {
                 policy = httpPolicy
             case tcpProxy:
                 guard kind == nil else { throw refuse(key, "a chain has one terminal filter") }
-                kind = try tcpProxyRoute(f, listener: name, path: "\(path).\(key)")
+                kind = try tcpProxyRoute(f, listener: name, path: "\(path).\(key)", ignored: &ignored)
             case XDSHTTPFilters.networkRBAC:
                 guard kind == nil else { throw refuse(key, "must come before the chain's terminal filter") }
                 guard !policy.authorizationFilter else { throw refuse(key, "one RBAC filter per chain is supported") }
@@ -192,6 +198,9 @@ public enum XDSListeners {
         if hcm.codecType == .http3 || hcm.codecType.rawValue > 3 {
             throw XDSRejection(resource: name, path: "\(p).codec_type", reason: "HTTP/3 is not supported (AUTO, HTTP1 and HTTP2 are: Vigil detects which)")
         }
+        // Telemetry the connection manager asks for; Vigil writes its own access log and has no tracing yet.
+        if !hcm.accessLog.isEmpty { noteIgnored("access_log", in: &ignored) }
+        if !hcm.tracing.isEmpty { noteIgnored("tracing", in: &ignored) }
         guard let last = hcm.httpFilters.last, last.name == router else {
             throw XDSRejection(resource: name, path: "\(p).http_filters", reason: "must end with \(router)")
         }
@@ -221,7 +230,7 @@ public enum XDSListeners {
                                                                                 path: "\(key).typed_config.rules")
                     }
                 }
-            case let other where observing.contains(other):
+            case let other where observing.contains(other) || inertWithoutPolicy.contains(other):
                 if !filter.disabled { noteIgnored(other, in: &ignored) }
             default:
                 if filter.disabled { continue }
@@ -249,8 +258,10 @@ public enum XDSListeners {
         }
     }
 
-    static func tcpProxyRoute(_ f: Envoy_Config_Listener_V3_Filter, listener name: String, path: String) throws(XDSRejection) -> Chain.Kind {
+    static func tcpProxyRoute(_ f: Envoy_Config_Listener_V3_Filter, listener name: String, path: String,
+                              ignored: inout [String]) throws(XDSRejection) -> Chain.Kind {
         let proxy: Envoy_Extensions_Filters_Network_TcpProxy_V3_TcpProxy = try typed(f, listener: name, path: path)
+        if !proxy.accessLog.isEmpty { noteIgnored("access_log", in: &ignored) }
         let p = "\(path).typed_config"
         guard case .cluster(let cluster)? = proxy.clusterSpecifier, !cluster.isEmpty else {
             throw XDSRejection(resource: name, path: "\(p).cluster", reason: "is required")

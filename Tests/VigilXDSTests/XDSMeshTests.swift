@@ -166,9 +166,10 @@ final class XDSMeshTests {
     }
 
     /// `policyFilters`: whole HTTP filters (RBAC, fault) placed first.
+    /// `telemetry`: Istio's access log and tracing on the connection manager, and its CORS filter.
     static func inboundListener(port: Int, routeConfig: String, httpFilters: [String] = [], policyFilters: [[String: Any]] = [],
-                                networkTelemetry: Bool = true) -> [String: Any] {
-        let hcm: [String: Any] = [
+                                networkTelemetry: Bool = true, telemetry: Bool = false) -> [String: Any] {
+        var hcm: [String: Any] = [
             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
             "stat_prefix": "inbound_0.0.0.0_\(port)",
             "rds": ["config_source": ["ads": [String: Any](), "resource_api_version": "V3"], "route_config_name": routeConfig],
@@ -183,6 +184,15 @@ final class XDSMeshTests {
                 "typed_config": ["@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"],
             ]],
         ]
+        if telemetry {
+            hcm["access_log"] = [["name": "envoy.access_loggers.stdout",
+                                  "typed_config": ["@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"]]]
+            hcm["tracing"] = ["random_sampling": ["value": 1], "client_sampling": ["value": 100]]
+            var filters = hcm["http_filters"] as! [[String: Any]]
+            filters.insert(["name": "envoy.filters.http.cors",
+                            "typed_config": ["@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"]], at: filters.count - 1)
+            hcm["http_filters"] = filters
+        }
         return ["@type": "type.googleapis.com/envoy.config.listener.v3.Listener", "name": "virtualInbound",
                 "address": ["socket_address": ["address": "127.0.0.1", "port_value": port]],
                 "traffic_direction": "INBOUND",
@@ -349,7 +359,7 @@ final class XDSMeshTests {
         func resources(port: Int, endpoint: Int) -> [String: [[String: Any]]] {
             [Self.cds: [XDSServerPeer.cluster()], Self.eds: [XDSServerPeer.assignment(ports: [endpoint])],
              lds: [Self.inboundListener(port: port, routeConfig: "inbound|http", httpFilters: ["envoy.filters.http.grpc_stats"],
-                                        policyFilters: Self.policyFilters(port: port), networkTelemetry: false)],
+                                        policyFilters: Self.policyFilters(port: port), networkTelemetry: false, telemetry: true)],
              rds: [Self.routeConfiguration("inbound|http", port: port, faultRoute: true)]]
         }
         let envoyPort = freeLoopbackPort(), vigilPort = freeLoopbackPort()
@@ -360,7 +370,7 @@ final class XDSMeshTests {
         defer { vigilServer.process.signal(SIGKILL) }
         let envoy = try await startEnvoy(server: envoyServer)
         defer { envoy.signal(SIGKILL); _ = envoy.wait() }
-        let (proxy, _, task, _) = try await startVigil(server: vigilServer, listeners: """
+        let (proxy, subscriber, task, _) = try await startVigil(server: vigilServer, listeners: """
             listeners:
               - { name: virtualInbound, address: "127.0.0.1:\(vigilPort)", routes: [ { match: { prefix: "/" }, direct_response: { status: 503 } } ] }
             """)
@@ -403,6 +413,9 @@ final class XDSMeshTests {
         #expect(vigilFirst == ["200 a ok", "200 a ok", "404 - ", "418 - teapot", "403 - ", "403 - ", "404 - ", "429 - ", "503 - "],
                 "\(vigilFirst)")
         #expect(a.recorded.filter { $0.head.headers["x-mesh-route"] == ["api"] }.count >= 4)
+        // Istio's telemetry and its CORS filter (no route has a CORS policy) are left out and listed.
+        let ignored = (subscriber.status["ignored_filters"]?["virtualInbound"]?.arrayValue ?? []).compactMap(\.stringValue)
+        #expect(Set(ignored) == ["access_log", "tracing", "envoy.filters.http.cors", "envoy.filters.http.grpc_stats"], "\(ignored)")
         // Envoy ACKed every type at version 1: the resources are valid Envoy configuration.
         for type in [Self.cds, Self.eds, lds, rds] {
             #expect(envoyServer.requests.contains { ($0["typeUrl"] as? String) == type && ($0["versionInfo"] as? String) == "1" },

@@ -8,6 +8,11 @@
 // For information on using the generated types, please see the documentation:
 //   https://github.com/apple/swift-protobuf/
 
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 import SwiftProtobuf
 
 // If the compiler emits an error on this type, it is because this file
@@ -97,6 +102,12 @@ public nonisolated struct Envoy_Config_Listener_V3_Listener: @unchecked Sendable
     set {_uniqueStorage()._continueOnListenerFiltersTimeout = newValue}
   }
 
+  /// Telemetry only, not applied (Vigil writes its own access log): held as bytes, and listed as left out.
+  public var accessLog: [Data] {
+    get {_storage._accessLog}
+    set {_uniqueStorage()._accessLog = newValue}
+  }
+
   public var defaultFilterChain: Envoy_Config_Listener_V3_FilterChain {
     get {_storage._defaultFilterChain ?? Envoy_Config_Listener_V3_FilterChain()}
     set {_uniqueStorage()._defaultFilterChain = newValue}
@@ -134,7 +145,7 @@ fileprivate nonisolated let _protobuf_package = "envoy.config.listener.v3"
 
 nonisolated extension Envoy_Config_Listener_V3_Listener: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Listener"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}address\0\u{3}filter_chains\0\u{3}use_original_dst\0\u{3}per_connection_buffer_limit_bytes\0\u{1}metadata\0\u{4}\u{3}listener_filters\0\u{4}\u{6}listener_filters_timeout\0\u{3}traffic_direction\0\u{3}continue_on_listener_filters_timeout\0\u{4}\u{8}default_filter_chain\0\u{3}bind_to_port\0\u{4}\u{2}stat_prefix\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}address\0\u{3}filter_chains\0\u{3}use_original_dst\0\u{3}per_connection_buffer_limit_bytes\0\u{1}metadata\0\u{4}\u{3}listener_filters\0\u{4}\u{6}listener_filters_timeout\0\u{3}traffic_direction\0\u{3}continue_on_listener_filters_timeout\0\u{4}\u{5}access_log\0\u{4}\u{3}default_filter_chain\0\u{3}bind_to_port\0\u{4}\u{2}stat_prefix\0")
 
   fileprivate class _StorageClass {
     var _name: String = String()
@@ -147,6 +158,7 @@ nonisolated extension Envoy_Config_Listener_V3_Listener: SwiftProtobuf.Message, 
     var _listenerFiltersTimeout: SwiftProtobuf.Google_Protobuf_Duration? = nil
     var _trafficDirection: Envoy_Config_Core_V3_TrafficDirection = .unspecified
     var _continueOnListenerFiltersTimeout: Bool = false
+    var _accessLog: [Data] = []
     var _defaultFilterChain: Envoy_Config_Listener_V3_FilterChain? = nil
     var _bindToPort: SwiftProtobuf.Google_Protobuf_BoolValue? = nil
     var _statPrefix: String = String()
@@ -170,6 +182,7 @@ nonisolated extension Envoy_Config_Listener_V3_Listener: SwiftProtobuf.Message, 
       _listenerFiltersTimeout = source._listenerFiltersTimeout
       _trafficDirection = source._trafficDirection
       _continueOnListenerFiltersTimeout = source._continueOnListenerFiltersTimeout
+      _accessLog = source._accessLog
       _defaultFilterChain = source._defaultFilterChain
       _bindToPort = source._bindToPort
       _statPrefix = source._statPrefix
@@ -201,6 +214,7 @@ nonisolated extension Envoy_Config_Listener_V3_Listener: SwiftProtobuf.Message, 
         case 15: try { try decoder.decodeSingularMessageField(value: &_storage._listenerFiltersTimeout) }()
         case 16: try { try decoder.decodeSingularEnumField(value: &_storage._trafficDirection) }()
         case 17: try { try decoder.decodeSingularBoolField(value: &_storage._continueOnListenerFiltersTimeout) }()
+        case 22: try { try decoder.decodeRepeatedBytesField(value: &_storage._accessLog) }()
         case 25: try { try decoder.decodeSingularMessageField(value: &_storage._defaultFilterChain) }()
         case 26: try { try decoder.decodeSingularMessageField(value: &_storage._bindToPort) }()
         case 28: try { try decoder.decodeSingularStringField(value: &_storage._statPrefix) }()
@@ -246,6 +260,9 @@ nonisolated extension Envoy_Config_Listener_V3_Listener: SwiftProtobuf.Message, 
       if _storage._continueOnListenerFiltersTimeout != false {
         try visitor.visitSingularBoolField(value: _storage._continueOnListenerFiltersTimeout, fieldNumber: 17)
       }
+      if !_storage._accessLog.isEmpty {
+        try visitor.visitRepeatedBytesField(value: _storage._accessLog, fieldNumber: 22)
+      }
       try { if let v = _storage._defaultFilterChain {
         try visitor.visitSingularMessageField(value: v, fieldNumber: 25)
       } }()
@@ -274,6 +291,7 @@ nonisolated extension Envoy_Config_Listener_V3_Listener: SwiftProtobuf.Message, 
         if _storage._listenerFiltersTimeout != rhs_storage._listenerFiltersTimeout {return false}
         if _storage._trafficDirection != rhs_storage._trafficDirection {return false}
         if _storage._continueOnListenerFiltersTimeout != rhs_storage._continueOnListenerFiltersTimeout {return false}
+        if _storage._accessLog != rhs_storage._accessLog {return false}
         if _storage._defaultFilterChain != rhs_storage._defaultFilterChain {return false}
         if _storage._bindToPort != rhs_storage._bindToPort {return false}
         if _storage._statPrefix != rhs_storage._statPrefix {return false}

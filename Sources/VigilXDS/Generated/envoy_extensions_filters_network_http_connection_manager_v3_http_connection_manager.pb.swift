@@ -8,6 +8,11 @@
 // For information on using the generated types, please see the documentation:
 //   https://github.com/apple/swift-protobuf/
 
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 import SwiftProtobuf
 
 // If the compiler emits an error on this type, it is because this file
@@ -49,6 +54,12 @@ public nonisolated struct Envoy_Extensions_Filters_Network_HttpConnectionManager
   }
 
   public var httpFilters: [Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpFilter] = []
+
+  /// Telemetry only, not applied (Vigil writes its own access log and has no tracing yet): held as bytes, so nothing
+  /// inside is read, and listed as left out in /config_dump.
+  public var tracing: Data = Data()
+
+  public var accessLog: [Data] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -163,7 +174,7 @@ fileprivate nonisolated let _protobuf_package = "envoy.extensions.filters.networ
 
 nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".HttpConnectionManager"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}codec_type\0\u{3}stat_prefix\0\u{1}rds\0\u{3}route_config\0\u{3}http_filters\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}codec_type\0\u{3}stat_prefix\0\u{1}rds\0\u{3}route_config\0\u{3}http_filters\0\u{2}\u{2}tracing\0\u{4}\u{6}access_log\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -200,6 +211,8 @@ nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_
         }
       }()
       case 5: try { try decoder.decodeRepeatedMessageField(value: &self.httpFilters) }()
+      case 7: try { try decoder.decodeSingularBytesField(value: &self.tracing) }()
+      case 13: try { try decoder.decodeRepeatedBytesField(value: &self.accessLog) }()
       default: break
       }
     }
@@ -230,6 +243,12 @@ nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_
     if !self.httpFilters.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.httpFilters, fieldNumber: 5)
     }
+    if !self.tracing.isEmpty {
+      try visitor.visitSingularBytesField(value: self.tracing, fieldNumber: 7)
+    }
+    if !self.accessLog.isEmpty {
+      try visitor.visitRepeatedBytesField(value: self.accessLog, fieldNumber: 13)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -238,6 +257,8 @@ nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_
     if lhs.statPrefix != rhs.statPrefix {return false}
     if lhs.routeSpecifier != rhs.routeSpecifier {return false}
     if lhs.httpFilters != rhs.httpFilters {return false}
+    if lhs.tracing != rhs.tracing {return false}
+    if lhs.accessLog != rhs.accessLog {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -8,6 +8,11 @@
 // For information on using the generated types, please see the documentation:
 //   https://github.com/apple/swift-protobuf/
 
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 import SwiftProtobuf
 
 // If the compiler emits an error on this type, it is because this file
@@ -37,6 +42,9 @@ public nonisolated struct Envoy_Extensions_Filters_Network_TcpProxy_V3_TcpProxy:
     }
     set {clusterSpecifier = .cluster(newValue)}
   }
+
+  /// Telemetry only, not applied (Vigil writes its own access log): held as bytes, and listed as left out.
+  public var accessLog: [Data] = []
 
   public var maxConnectAttempts: SwiftProtobuf.Google_Protobuf_UInt32Value {
     get {_maxConnectAttempts ?? SwiftProtobuf.Google_Protobuf_UInt32Value()}
@@ -75,7 +83,7 @@ fileprivate nonisolated let _protobuf_package = "envoy.extensions.filters.networ
 
 nonisolated extension Envoy_Extensions_Filters_Network_TcpProxy_V3_TcpProxy: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".TcpProxy"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}stat_prefix\0\u{1}cluster\0\u{4}\u{5}max_connect_attempts\0\u{3}idle_timeout\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}stat_prefix\0\u{1}cluster\0\u{4}\u{3}access_log\0\u{4}\u{2}max_connect_attempts\0\u{3}idle_timeout\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -92,6 +100,7 @@ nonisolated extension Envoy_Extensions_Filters_Network_TcpProxy_V3_TcpProxy: Swi
           self.clusterSpecifier = .cluster(v)
         }
       }()
+      case 5: try { try decoder.decodeRepeatedBytesField(value: &self.accessLog) }()
       case 7: try { try decoder.decodeSingularMessageField(value: &self._maxConnectAttempts) }()
       case 8: try { try decoder.decodeSingularMessageField(value: &self._idleTimeout) }()
       default: break
@@ -110,6 +119,9 @@ nonisolated extension Envoy_Extensions_Filters_Network_TcpProxy_V3_TcpProxy: Swi
     try { if case .cluster(let v)? = self.clusterSpecifier {
       try visitor.visitSingularStringField(value: v, fieldNumber: 2)
     } }()
+    if !self.accessLog.isEmpty {
+      try visitor.visitRepeatedBytesField(value: self.accessLog, fieldNumber: 5)
+    }
     try { if let v = self._maxConnectAttempts {
       try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
     } }()
@@ -122,6 +134,7 @@ nonisolated extension Envoy_Extensions_Filters_Network_TcpProxy_V3_TcpProxy: Swi
   public static func ==(lhs: Envoy_Extensions_Filters_Network_TcpProxy_V3_TcpProxy, rhs: Envoy_Extensions_Filters_Network_TcpProxy_V3_TcpProxy) -> Bool {
     if lhs.statPrefix != rhs.statPrefix {return false}
     if lhs.clusterSpecifier != rhs.clusterSpecifier {return false}
+    if lhs.accessLog != rhs.accessLog {return false}
     if lhs._maxConnectAttempts != rhs._maxConnectAttempts {return false}
     if lhs._idleTimeout != rhs._idleTimeout {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
