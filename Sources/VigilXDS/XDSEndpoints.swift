@@ -79,6 +79,11 @@ public enum XDSEndpoints {
         if assignment.policy.hasEndpointStaleAfter {
             throw XDSRejection(resource: name, path: at("policy.endpoint_stale_after"), reason: "Vigil keeps an assignment until the next one")
         }
+        if assignment.policy.hasOverprovisioningFactor,
+           assignment.policy.overprovisioningFactor.value != UInt32(HostAvailability.overprovisioningPercent) {
+            throw XDSRejection(resource: name, path: at("policy.overprovisioning_factor"),
+                               reason: "\(assignment.policy.overprovisioningFactor.value): Vigil's priority levels use Envoy's default, 140")
+        }
         if !assignment.namedEndpoints.isEmpty {
             throw XDSRejection(resource: name, path: at("named_endpoints"), reason: "Vigil resolves no named endpoints")
         }
@@ -150,5 +155,6 @@ extension ClusterConfig {
     mutating func setEndpoints(_ hosts: [XDSHost]) {
         endpoints = hosts.map(\.address)
         endpointWeights = Set(hosts.map(\.weight)).count > 1 ? hosts.map(\.weight) : []
+        endpointPriorities = Set(hosts.map(\.priority)).count > 1 ? hosts.map(\.priority) : []
     }
 }

@@ -370,17 +370,12 @@ public struct XDSResources: Sendable {
         return ra.overlaps(rb)
     }
 
-    /// The hosts a cluster sends to, with their weights: those the control plane marks routable, of the highest
-    /// priority (lowest number) that has any; degraded ones only where none is routable. Vigil's own health checks and
-    /// outlier detection judge them from there.
+    /// The hosts a cluster sends to, with their weights and priorities: those the control plane marks routable;
+    /// degraded ones only where none is routable. Vigil's own health checks and outlier detection judge them from there,
+    /// and the priority levels share the requests by how many of their hosts are available.
     static func routable(_ hosts: [XDSHost]) -> [XDSHost] {
-        for health in [XDSHost.Health.routable, .degraded] {
-            let usable = hosts.filter { $0.health == health }
-            if let best = usable.map(\.priority).min() {
-                return usable.filter { $0.priority == best }
-            }
-        }
-        return []
+        let routable = hosts.filter { $0.health == .routable }
+        return routable.isEmpty ? hosts.filter { $0.health == .degraded } : routable
     }
 
     static func decode<M: SwiftProtobuf.Message>(_ any: Google_Protobuf_Any, index: Int,

@@ -82,6 +82,32 @@ import VigilTestSupport
         await proxy.stop()
     }
 
+    /// Priority levels: while the priority-0 host is available the priority-1 host gets nothing; once outlier detection
+    /// ejects it, priority 0 has no health left and every request goes to priority 1 (Envoy's failover, where one level
+    /// alone would have gone into panic and kept sending to the ejected host).
+    @Test(arguments: [false, true])
+    func aLowerPriorityTakesTheRequestsWhenTheHigherRunsOutOfHosts(http2: Bool) async throws {
+        let failing = NIOLockedValueBox(false)
+        let primary = try await FakeUpstream(group: group, name: "primary") { _ in
+            failing.withLockedValue { $0 } ? .respond(status: .serviceUnavailable) : .respond()
+        }
+        let standby = try await FakeUpstream(group: group, name: "standby")
+        let proxy = try await ProxyHarness(yaml: """
+            access_log: { output: "off" }
+            listeners: [{ name: in, address: "127.0.0.1:0", routes: [{ match: { prefix: "/" }, cluster: api }] }]
+            clusters:
+              - name: api
+                load_balancer: round_robin
+                endpoints: ["127.0.0.1:\(primary.port)", { address: "127.0.0.1:\(standby.port)", priority: 1 }]
+                outlier_detection: { consecutive_5xx: 2, interval: 10s, base_ejection_time: 60s, max_ejection_percent: 100 }
+            """, group: group)
+        #expect(try await answers(proxy, count: 20, http2: http2) == Array(repeating: "primary", count: 20))
+        failing.withLockedValue { $0 = true }
+        _ = try await answers(proxy, count: 2, http2: http2)  // two 503s: ejected
+        #expect(try await answers(proxy, count: 20, http2: http2) == Array(repeating: "standby", count: 20))
+        await proxy.stop()
+    }
+
     @Test func aPushThatMovesTheWeightsFailsNoRequest() async throws {
         let v1 = try await FakeUpstream(group: group, name: "v1")
         let v2 = try await FakeUpstream(group: group, name: "v2")

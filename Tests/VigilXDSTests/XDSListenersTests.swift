@@ -370,8 +370,12 @@ import VigilCore
                 if draining { $0.healthStatus = .draining }
             }
         }
-        func assignment(_ endpoints: [Envoy_Config_Endpoint_V3_LbEndpoint]) -> Envoy_Config_Endpoint_V3_ClusterLoadAssignment {
-            .with { $0.clusterName = "svc"; $0.endpoints = [.with { $0.lbEndpoints = endpoints }] }
+        func assignment(_ endpoints: [Envoy_Config_Endpoint_V3_LbEndpoint], failover: [Envoy_Config_Endpoint_V3_LbEndpoint] = []) -> Envoy_Config_Endpoint_V3_ClusterLoadAssignment {
+            .with {
+                $0.clusterName = "svc"
+                $0.endpoints = [.with { $0.lbEndpoints = endpoints }]
+                if !failover.isEmpty { $0.endpoints.append(.with { $0.priority = 1; $0.lbEndpoints = failover }) }
+            }
         }
         let base = try Self.base(listener: "in", port: 15006)
         let clusters = try XDSResources().applyingClusters([Self.any(c)])
@@ -380,6 +384,10 @@ import VigilCore
         #expect(joined.endpoints.map(\.port) == [1, 2] && joined.endpointWeights == [1, 4])
         let equal = try clusters.applyingEndpoints([Self.any(assignment([endpoint(1, 5), endpoint(2, 5)]))])
         #expect(try #require(try equal.joined(to: base).clusters.first { $0.name == "svc" }).endpointWeights == [])
+        // Every priority's routable hosts, with their priorities (the levels share the requests by their health).
+        let levels = try clusters.applyingEndpoints([Self.any(assignment([endpoint(1, 1)], failover: [endpoint(7, 1), endpoint(8, 1, draining: true)]))])
+        let joinedLevels = try #require(try levels.joined(to: base).clusters.first { $0.name == "svc" })
+        #expect(joinedLevels.endpoints.map(\.port) == [1, 7] && joinedLevels.endpointPriorities == [0, 1])
     }
 
     @Test func aSecretOfTheWrongKindIsRefused() throws {

@@ -168,7 +168,9 @@ struct XDSWireTests {
         }
         inline.loadAssignment.endpoints = [.with { $0.lbEndpoints = [lb("10.0.0.1", .healthy), lb("10.0.0.2", .unhealthy)] },
                                            .with { $0.priority = 1; $0.lbEndpoints = [lb("10.0.0.3", .healthy)] }]
-        #expect(try XDSClusters.read(inline).config.endpoints == [SocketAddressSpec(host: "10.0.0.1", port: 80)])
+        let levels = try XDSClusters.read(inline).config
+        #expect(levels.endpoints == [SocketAddressSpec(host: "10.0.0.1", port: 80), SocketAddressSpec(host: "10.0.0.3", port: 80)])
+        #expect(levels.endpointPriorities == [0, 1])
     }
 
     /// A field Vigil's protos do not declare, anywhere in a resource, refuses it with the field's number and where it

@@ -353,6 +353,7 @@ extension ConfigReader {
         let type = oneOf(m["type"], at: m.path("type"), ["static": ClusterType.static, "original_dst": .originalDst]) ?? .static
         var endpoints: [SocketAddressSpec] = []
         var weights: [Int] = []
+        var priorities: [Int] = []
         if type == .originalDst {
             if m["endpoints"] != nil {
                 fail(m.path("endpoints"), "an original_dst cluster has none: each request goes where its connection was going")
@@ -365,17 +366,18 @@ extension ConfigReader {
             var seen = Set<SocketAddressSpec>()
             for (i, e) in list.enumerated() {
                 var p = Self.index(m.path("endpoints"), i)
-                // "host:port", or { address: "host:port", weight: N } (Envoy's load_balancing_weight).
-                var weight = 1
+                // "host:port", or { address: "host:port", weight: N, priority: P } (Envoy's load_balancing_weight and
+                // EDS priority; each optional).
+                var weight = 1, priority = 0
                 var node = e
                 if case .mapping = e {
-                    guard let entry = map(e, at: p, keys: ["address", "weight"]) else { continue }
-                    guard let w = required(int(entry["weight"], at: entry.path("weight"), range: 1...Int(UInt32.max)), entry, "weight"),
-                          let a = entry["address"] else {
-                        if entry["address"] == nil { fail(entry.path("address"), "is required") }
+                    guard let entry = map(e, at: p, keys: ["address", "weight", "priority"]) else { continue }
+                    guard let a = entry["address"] else {
+                        fail(entry.path("address"), "is required")
                         continue
                     }
-                    weight = w
+                    if let w = int(entry["weight"], at: entry.path("weight"), range: 1...Int(UInt32.max)) { weight = w }
+                    if let q = int(entry["priority"], at: entry.path("priority"), range: 0...Int(UInt32.max)) { priority = q }
                     node = a
                     p = entry.path("address")
                 }
@@ -384,12 +386,14 @@ extension ConfigReader {
                 if !seen.insert(a).inserted { fail(p, "\(a) is listed twice"); continue }
                 endpoints.append(a)
                 weights.append(weight)
+                priorities.append(priority)
             }
         } else {
             fail(m.path("endpoints"), "is required")
         }
         var cluster = ClusterConfig(name: name ?? "", endpoints: endpoints)
         if weights.contains(where: { $0 != 1 }) { cluster.endpointWeights = weights }
+        if priorities.contains(where: { $0 != 0 }) { cluster.endpointPriorities = priorities }
         cluster.type = type
         if let d = duration(m["cleanup_interval"], at: m.path("cleanup_interval"), min: .milliseconds(100)) {
             if type != .originalDst { fail(m.path("cleanup_interval"), "applies to original_dst clusters only") }

@@ -328,6 +328,9 @@ public struct ClusterConfig: Sendable, Equatable {
     /// Each endpoint's weight (`endpoints[i].weight`, Envoy's `load_balancing_weight`), in `endpoints`' order; empty:
     /// all 1.
     public var endpointWeights: [Int] = []
+    /// Each endpoint's priority (`endpoints[i].priority`, Envoy's EDS priority: 0 the highest), in `endpoints`' order;
+    /// empty: all 0. Lower levels take requests as the higher ones run short of available hosts.
+    public var endpointPriorities: [Int] = []
     public var `protocol`: UpstreamProtocol
     /// Time allowed to set up a connection to an endpoint, the TCP connect and any TLS handshake together;
     /// past it the attempt fails as `upstream_connect_timeout`.

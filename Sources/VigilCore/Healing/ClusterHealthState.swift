@@ -41,7 +41,8 @@ public struct ClusterHealthState: Sendable {
             OutlierDetector(config: $0, cluster: config.name, hostNames: hostNames, now: now)
         }
         active = Array(repeating: ActiveHealthState(), count: hostNames.count)
-        availability = HostAvailability(available: all, panicThreshold: config.panicThreshold, allUnhealthy: config.allUnhealthy)
+        availability = HostAvailability(available: all, panicThreshold: config.panicThreshold, allUnhealthy: config.allUnhealthy,
+                                        priorities: config.endpointPriorities)
         available = all
         returnedAt = none
         transitionAt = none
@@ -63,7 +64,7 @@ public struct ClusterHealthState: Sendable {
         }
         available = hostNames.indices.map(isAvailable)
         availability = HostAvailability(available: available, panicThreshold: config.panicThreshold,
-                                        allUnhealthy: config.allUnhealthy)
+                                        allUnhealthy: config.allUnhealthy, priorities: config.endpointPriorities)
     }
 
     /// One attempt's outcome on `host` (the request path: without outlier detection it does nothing).
@@ -136,7 +137,7 @@ public struct ClusterHealthState: Sendable {
             }
         }
         let next = HostAvailability(available: available, panicThreshold: config.panicThreshold,
-                                    allUnhealthy: config.allUnhealthy)
+                                    allUnhealthy: config.allUnhealthy, priorities: config.endpointPriorities)
         var out = events
         if let e = next.transition(from: availability, cluster: config.name, panicThreshold: config.panicThreshold) {
             out.append(e)

@@ -14,13 +14,38 @@ public struct HostAvailability: Sendable, Equatable {
     }
 
     public let mode: Mode
-    /// The hosts a request may go to. Empty only in fail-fast mode with nothing available.
+    /// The hosts a request may go to. Empty only in fail-fast mode with nothing available. With priority levels,
+    /// those of every level that takes a share of the requests.
     public let candidates: [Int]
     public let available: Int
     public let total: Int
+    /// With hosts at more than one priority (Envoy's EDS priorities; 0 the highest): each level's share of the
+    /// requests and the hosts it may send them to. Empty with one level.
+    public let levels: [Level]
 
-    /// `available[i]` says whether host i passes active checks and is not ejected.
-    public init(available: [Bool], panicThreshold: Int, allUnhealthy: AllUnhealthyMode) {
+    /// One priority level's part.
+    public struct Level: Sendable, Equatable {
+        public let priority: Int
+        /// Percent of the requests (the levels' loads add up to 100).
+        public let load: Int
+        public let candidates: [Int]
+        /// Below the panic threshold while the levels together are short of hosts: every host of the level (or, with
+        /// `all_unhealthy: fail_fast`, its available ones only).
+        public let short: Bool
+    }
+
+    /// Envoy's overprovisioning factor, in percent: a level with 1/1.4 (about 71 %) of its hosts available counts as
+    /// fully healthy.
+    public static let overprovisioningPercent = 140
+
+    /// `available[i]` says whether host i passes active checks and is not ejected; `priorities[i]` is host i's priority
+    /// (empty: all 0).
+    public init(available: [Bool], panicThreshold: Int, allUnhealthy: AllUnhealthyMode, priorities: [Int] = []) {
+        if priorities.count == available.count, let first = priorities.first, priorities.contains(where: { $0 != first }) {
+            self = Self(available: available, priorities: priorities, panicThreshold: panicThreshold, allUnhealthy: allUnhealthy)
+            return
+        }
+        levels = []
         let up = available.indices.filter { available[$0] }
         self.available = up.count
         self.total = available.count
@@ -38,6 +63,55 @@ public struct HostAvailability: Sendable, Equatable {
             mode = .failFast
             candidates = up
         }
+    }
+
+    /// Envoy's priority load: each level's health is its available percentage times the overprovisioning factor, at
+    /// most 100; the highest level takes its health in percent of the requests and the next ones what is left, each
+    /// up to its health. When the levels' healths add up to less than 100 (too few hosts anywhere), the shares are
+    /// scaled to add up to 100, and a level below the panic threshold sends to all its hosts (Envoy's panic, per
+    /// level); with none available anywhere, the highest level takes everything.
+    private init(available: [Bool], priorities: [Int], panicThreshold: Int, allUnhealthy: AllUnhealthyMode) {
+        let order = Set(priorities).sorted()
+        let hostsOf = order.map { p in available.indices.filter { priorities[$0] == p } }
+        let upOf = hostsOf.map { $0.filter { available[$0] } }
+        let health = zip(hostsOf, upOf).map { hosts, up in min(100, up.count * Self.overprovisioningPercent / hosts.count) }
+        let normalized = min(100, health.reduce(0, +))
+        var loads = [Int](repeating: 0, count: order.count)
+        if normalized == 0 {
+            loads[0] = 100
+        } else {
+            var remaining = 100
+            for i in order.indices {
+                loads[i] = min(remaining, health[i] * 100 / normalized)
+                remaining -= loads[i]
+            }
+            // What integer division left over goes to the first level with hosts available.
+            if remaining > 0, let i = health.firstIndex(where: { $0 > 0 }) { loads[i] += remaining }
+        }
+        var levels: [Level] = []
+        var mode = Mode.normal
+        for i in order.indices {
+            let up = upOf[i], hosts = hostsOf[i]
+            let short = normalized < 100 && (up.isEmpty || up.count * 100 < panicThreshold * hosts.count)
+            let candidates = short && allUnhealthy == .panic ? hosts : up
+            if short, loads[i] > 0 { mode = allUnhealthy == .panic ? .panic : .failFast }
+            levels.append(Level(priority: order[i], load: loads[i], candidates: candidates, short: short))
+        }
+        self.levels = levels
+        self.mode = mode
+        self.candidates = levels.filter { $0.load > 0 }.flatMap(\.candidates).sorted()
+        self.available = upOf.reduce(0) { $0 + $1.count }
+        self.total = available.count
+    }
+
+    /// The level a request goes to, by a draw in 0..<100 against the levels' loads.
+    public func level(draw: Int) -> Level? {
+        var below = 0
+        for level in levels where level.load > 0 {
+            below += level.load
+            if draw < below { return level }
+        }
+        return levels.last { $0.load > 0 }
     }
 
     /// The event for a change of mode, or nil when the mode stays.

@@ -199,7 +199,10 @@ extension VigilConfig {
                     "cleanup_interval": c.type == .originalDst ? d(c.cleanupInterval) : .null,
                     "endpoints": .array(c.endpoints.enumerated().map { i, e in
                         let w = c.endpointWeights.isEmpty ? 1 : c.endpointWeights[i]
-                        return w == 1 ? .string(e.description) : ["address": .string(e.description), "weight": .int(w)]
+                        let p = c.endpointPriorities.isEmpty ? 0 : c.endpointPriorities[i]
+                        guard w != 1 || p != 0 else { return .string(e.description) }
+                        return .object([("address", .string(e.description))] + (w != 1 ? [("weight", .int(w))] : [])
+                                       + (p != 0 ? [("priority", .int(p))] : []))
                     }),
                     "protocol": .string(c.protocol.rawValue), "connect_timeout": d(c.connectTimeout),
                     "idle_timeout": d(c.idleTimeout), "load_balancer": .string(c.loadBalancer.rawValue),

@@ -8,6 +8,8 @@ import VigilCore
 final class HostSet: AtomicReference, Sendable {
     let mode: HostAvailability.Mode
     let candidates: [Int]
+    /// With several priority levels: their shares and hosts (empty with one).
+    let availability: HostAvailability
     /// Hosts that pass their checks and are not ejected (a retry prefers these, even in panic).
     let available: [Bool]
     /// When each host came back, while its slow-start window may still be open.
@@ -17,6 +19,7 @@ final class HostSet: AtomicReference, Sendable {
     init(availability: HostAvailability, available: [Bool], returnedAt: [NIODeadline?], slowStart: SlowStartConfig?) {
         self.mode = availability.mode
         self.candidates = availability.candidates
+        self.availability = availability
         self.available = available
         self.returnedAt = returnedAt
         self.slowStart = slowStart

@@ -167,6 +167,10 @@ public final class ClusterRuntime: Sendable {
             return nil
         }
         var candidates = set.candidates
+        // With priority levels, the level first, by its share of the requests; then a host within it.
+        if !set.availability.levels.isEmpty, let level = set.availability.level(draw: Int(random.next() % 100)) {
+            candidates = level.candidates
+        }
         if !tried.isEmpty {
             let untriedAvailable = hosts.indices.filter { set.available[$0] && !tried.contains($0) }
             let untried = candidates.filter { !tried.contains($0) }
