@@ -19,7 +19,15 @@ public final class ProxyHarness: Sendable {
          metrics: MetricsFactory = NOOPMetricsHandler.instance, eventEpoch: UInt64 = 0) async throws {
         var text = yaml
         for (i, port) in upstreams.enumerated().reversed() { text = text.replacingOccurrences(of: "$UP\(i)", with: "\(port)") }
-        let config = try VigilConfig.parse(yaml: text)
+        var config = try VigilConfig.parse(yaml: text)
+        // Between connecting and sending its first bytes a test's client may wait for a thread longer than the default
+        // header_timeout (10 s) when every suite runs at once on two cores, and Vigil rightly closes a connection that
+        // has sent nothing by then, without an answer. Unless the test sets the timeout itself, heads get a minute.
+        if !text.contains("header_timeout") {
+            for i in config.listeners.indices where config.listeners[i].limits.headerTimeout == .seconds(10) {
+                config.listeners[i].limits.headerTimeout = .seconds(60)
+            }
+        }
         self.group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: 2)
         self.accessLog = AccessLog.memory()
         var logger = Logger(label: "vigil-test")
