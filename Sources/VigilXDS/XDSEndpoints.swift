@@ -110,6 +110,10 @@ public enum XDSEndpoints {
                 if lb.hasLoadBalancingWeight, lb.loadBalancingWeight.value == 0 {
                     throw XDSRejection(resource: name, path: "\(path).load_balancing_weight", reason: "must be at least 1")
                 }
+                // A host is known by its address (its health, its ejections): one address is one host.
+                if hosts.contains(where: { $0.address == address }) {
+                    throw XDSRejection(resource: name, path: "\(path).endpoint.address", reason: "\(address) is listed twice")
+                }
                 hosts.append(XDSHost(address: address, weight: lb.hasLoadBalancingWeight ? Int(lb.loadBalancingWeight.value) : 1,
                                      health: health(lb.healthStatus), priority: Int(group.priority), locality: locality))
             }

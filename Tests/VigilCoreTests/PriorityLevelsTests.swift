@@ -39,9 +39,15 @@ import Testing
         // above the threshold) and priority 1 is.
         let mixed = availability(up0: 6, up1: 1)
         #expect(mixed.levels.map(\.load) == [86, 14] && !mixed.levels[0].short && mixed.levels[1].short)
-        // None available anywhere: the highest level takes everything, in panic.
+        // Every level short (Envoy's total panic): the shares follow the levels' sizes, each level in panic.
         let none = availability(up0: 0, up1: 0)
-        #expect(none.levels.map(\.load) == [100, 0] && none.mode == .panic && none.candidates == Array(0..<10))
+        #expect(none.levels.map(\.load) == [50, 50] && none.mode == .panic && none.candidates == Array(0..<20))
+        let uneven = HostAvailability(available: (0..<10).map { $0 < 1 } + (0..<3).map { $0 < 1 }, panicThreshold: 50,
+                                      allUnhealthy: .panic, priorities: Array(repeating: 0, count: 10) + Array(repeating: 1, count: 3))
+        #expect(uneven.levels.map(\.load) == [77, 23])
+        // The panic event names each level's share.
+        let event = none.transition(from: availability(up0: 10, up1: 10), cluster: "api", panicThreshold: 50)
+        #expect(event?.evidence["levels"]?.arrayValue?.count == 2)
     }
 
     /// One level is the single-level rule as before; `endpoints[].priority` is read and dumped.

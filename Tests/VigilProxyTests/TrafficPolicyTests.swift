@@ -108,6 +108,29 @@ import VigilTestSupport
         await proxy.stop()
     }
 
+    /// A keyed request (ring_hash) keeps to its priority level too: while priority 0 is healthy no key lands on the
+    /// standby, whichever host its hash is nearest to.
+    @Test func keyedRequestsKeepToTheirPriorityLevel() async throws {
+        let primary = try await FakeUpstream(group: group, name: "primary")
+        let standby = try await FakeUpstream(group: group, name: "standby")
+        let proxy = try await ProxyHarness(yaml: """
+            access_log: { output: "off" }
+            listeners: [{ name: in, address: "127.0.0.1:0", routes: [{ match: { prefix: "/" }, cluster: api }] }]
+            clusters:
+              - name: api
+                load_balancer: ring_hash
+                hash_policy: [{ header: x-user }]
+                endpoints: ["127.0.0.1:\(primary.port)", { address: "127.0.0.1:\(standby.port)", priority: 1 }]
+            """, group: group)
+        let client = try await proxy.client()
+        for user in 0..<40 {
+            try await client.send("GET / HTTP/1.1\r\nHost: a\r\nX-User: user-\(user)\r\n\r\n")
+            #expect(try #require(try await client.response()).header("x-upstream") == "primary", "user-\(user)")
+        }
+        try await client.close()
+        await proxy.stop()
+    }
+
     @Test func aPushThatMovesTheWeightsFailsNoRequest() async throws {
         let v1 = try await FakeUpstream(group: group, name: "v1")
         let v2 = try await FakeUpstream(group: group, name: "v2")

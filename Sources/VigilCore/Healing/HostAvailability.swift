@@ -32,6 +32,11 @@ public struct HostAvailability: Sendable, Equatable {
         /// Below the panic threshold while the levels together are short of hosts: every host of the level (or, with
         /// `all_unhealthy: fail_fast`, its available ones only).
         public let short: Bool
+
+        /// For events and `/clusters`.
+        public var evidence: JSONValue {
+            ["priority": .int(priority), "load_percent": .int(load), "short": .bool(short), "candidates": .int(candidates.count)]
+        }
     }
 
     /// Envoy's overprovisioning factor, in percent: a level with 1/1.4 (about 71 %) of its hosts available counts as
@@ -69,7 +74,7 @@ public struct HostAvailability: Sendable, Equatable {
     /// most 100; the highest level takes its health in percent of the requests and the next ones what is left, each
     /// up to its health. When the levels' healths add up to less than 100 (too few hosts anywhere), the shares are
     /// scaled to add up to 100, and a level below the panic threshold sends to all its hosts (Envoy's panic, per
-    /// level); with none available anywhere, the highest level takes everything.
+    /// level); when every level is below it, the shares follow the levels' sizes (Envoy's total panic).
     private init(available: [Bool], priorities: [Int], panicThreshold: Int, allUnhealthy: AllUnhealthyMode) {
         let order = Set(priorities).sorted()
         let hostsOf = order.map { p in available.indices.filter { priorities[$0] == p } }
@@ -88,11 +93,23 @@ public struct HostAvailability: Sendable, Equatable {
             // What integer division left over goes to the first level with hosts available.
             if remaining > 0, let i = health.firstIndex(where: { $0 > 0 }) { loads[i] += remaining }
         }
+        let shortOf = order.indices.map { i in
+            normalized < 100 && (upOf[i].isEmpty || upOf[i].count * 100 < panicThreshold * hostsOf[i].count)
+        }
+        // Every level short (Envoy's total panic): the shares follow the levels' sizes, not their healths.
+        if shortOf.allSatisfy({ $0 }), panicThreshold > 0 {
+            var remaining = 100
+            for i in order.indices {
+                loads[i] = hostsOf[i].count * 100 / available.count
+                remaining -= loads[i]
+            }
+            loads[0] += remaining
+        }
         var levels: [Level] = []
         var mode = Mode.normal
         for i in order.indices {
             let up = upOf[i], hosts = hostsOf[i]
-            let short = normalized < 100 && (up.isEmpty || up.count * 100 < panicThreshold * hosts.count)
+            let short = shortOf[i]
             let candidates = short && allUnhealthy == .panic ? hosts : up
             if short, loads[i] > 0 { mode = allUnhealthy == .panic ? .panic : .failFast }
             levels.append(Level(priority: order[i], load: loads[i], candidates: candidates, short: short))
@@ -102,6 +119,16 @@ public struct HostAvailability: Sendable, Equatable {
         self.candidates = levels.filter { $0.load > 0 }.flatMap(\.candidates).sorted()
         self.available = upOf.reduce(0) { $0 + $1.count }
         self.total = available.count
+    }
+
+    /// Whether ascending `candidates` of a level hold `host`.
+    public static func contains(_ candidates: [Int], _ host: Int) -> Bool {
+        var low = 0, high = candidates.count
+        while low < high {
+            let mid = (low + high) / 2
+            if candidates[mid] < host { low = mid + 1 } else { high = mid }
+        }
+        return low < candidates.count && candidates[low] == host
     }
 
     /// The level a request goes to, by a draw in 0..<100 against the levels' loads.
@@ -117,9 +144,12 @@ public struct HostAvailability: Sendable, Equatable {
     /// The event for a change of mode, or nil when the mode stays.
     public func transition(from previous: HostAvailability, cluster: String, panicThreshold: Int) -> HealingEvent? {
         guard previous.mode != mode else { return nil }
-        let evidence: JSONValue = ["hosts_available": .int(available), "hosts_total": .int(total),
-                                   "available_percent": .int(total == 0 ? 0 : available * 100 / total),
-                                   "panic_threshold": .int(panicThreshold)]
+        var pairs: [(String, JSONValue)] = [("hosts_available", .int(available)), ("hosts_total", .int(total)),
+                                            ("available_percent", .int(total == 0 ? 0 : available * 100 / total)),
+                                            ("panic_threshold", .int(panicThreshold))]
+        // With priority levels the mode is the loaded levels' (one short level in panic puts the cluster in it).
+        if !levels.isEmpty { pairs.append(("levels", .array(levels.map(\.evidence)))) }
+        let evidence = JSONValue.object(pairs)
         switch mode {
         case .normal:
             return HealingEvent(kind: .panicExited, cluster: cluster, reason: "panic_threshold", evidence: evidence,

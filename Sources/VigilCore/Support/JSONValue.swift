@@ -198,8 +198,8 @@ extension VigilConfig {
                     "name": .string(c.name), "type": .string(c.type.rawValue),
                     "cleanup_interval": c.type == .originalDst ? d(c.cleanupInterval) : .null,
                     "endpoints": .array(c.endpoints.enumerated().map { i, e in
-                        let w = c.endpointWeights.isEmpty ? 1 : c.endpointWeights[i]
-                        let p = c.endpointPriorities.isEmpty ? 0 : c.endpointPriorities[i]
+                        let w = c.endpointWeights.count == c.endpoints.count ? c.endpointWeights[i] : 1
+                        let p = c.endpointPriorities.count == c.endpoints.count ? c.endpointPriorities[i] : 0
                         guard w != 1 || p != 0 else { return .string(e.description) }
                         return .object([("address", .string(e.description))] + (w != 1 ? [("weight", .int(w))] : [])
                                        + (p != 0 ? [("priority", .int(p))] : []))

@@ -156,23 +156,27 @@ public final class ClusterRuntime: Sendable {
     func pickHost<R: RandomNumberGenerator>(random: inout R, now: NIODeadline, tried: HostMask = HostMask(),
                                             hashKey: UInt64? = nil) -> HostRuntime? {
         let set = health.current.load(ordering: .acquiring)
+        // With priority levels, the level first, by its share of the requests (a keyed request by its key, as Envoy
+        // chooses), then a host within it.
+        let level = set.availability.levels.isEmpty ? nil
+            : set.availability.level(draw: Int((hashKey ?? random.next()) % 100))
         if let hashKey, let hashTable {
-            // The key's host while it is available and untried; else the next along the table that is; else (panic
-            // mode, all tried) the next among the candidates.
+            // The key's host while it is available and untried (and of the level); else the next along the table that
+            // is; else (panic mode, all tried) the next among the candidates.
             let available = set.available
-            if let host = hashTable.host(for: hashKey, usable: { available[$0] && !tried.contains($0) })
-                ?? hashTable.host(for: hashKey, usable: { set.candidates.contains($0) }) {
+            let candidates = level?.candidates ?? set.candidates
+            let inLevel: (Int) -> Bool = { h in level.map { HostAvailability.contains($0.candidates, h) } ?? true }
+            if let host = hashTable.host(for: hashKey, usable: { available[$0] && !tried.contains($0) && inLevel($0) })
+                ?? hashTable.host(for: hashKey, usable: { HostAvailability.contains(candidates, $0) }) {
                 return hosts[host]
             }
             return nil
         }
-        var candidates = set.candidates
-        // With priority levels, the level first, by its share of the requests; then a host within it.
-        if !set.availability.levels.isEmpty, let level = set.availability.level(draw: Int(random.next() % 100)) {
-            candidates = level.candidates
-        }
+        var candidates = level?.candidates ?? set.candidates
         if !tried.isEmpty {
-            let untriedAvailable = hosts.indices.filter { set.available[$0] && !tried.contains($0) }
+            // A retry stays in its level while the level has an untried available host.
+            var untriedAvailable = level == nil ? [] : candidates.filter { set.available[$0] && !tried.contains($0) }
+            if untriedAvailable.isEmpty { untriedAvailable = hosts.indices.filter { set.available[$0] && !tried.contains($0) } }
             let untried = candidates.filter { !tried.contains($0) }
             candidates = !untriedAvailable.isEmpty ? untriedAvailable : (!untried.isEmpty ? untried : candidates)
         }
