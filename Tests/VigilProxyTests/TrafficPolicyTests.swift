@@ -14,6 +14,15 @@ import VigilTestSupport
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
     deinit { group.shutdownGracefully { _ in } }
 
+    /// One listener routing everything to cluster `api`, whose keys the test appends (indented by four spaces).
+    static let oneCluster = """
+        access_log: { output: "off" }
+        listeners: [{ name: in, address: "127.0.0.1:0", routes: [{ match: { prefix: "/" }, cluster: api }] }]
+        clusters:
+          - name: api
+
+        """
+
     static func yaml(v1: Int, v2: Int, ports: (Int, Int)) -> String {
         """
         access_log: { output: "off" }
@@ -64,11 +73,7 @@ import VigilTestSupport
     func hostsGetRequestsByTheirWeight(balancer: String, http2: Bool) async throws {
         let light = try await FakeUpstream(group: group, name: "light")
         let heavy = try await FakeUpstream(group: group, name: "heavy")
-        let proxy = try await ProxyHarness(yaml: """
-            access_log: { output: "off" }
-            listeners: [{ name: in, address: "127.0.0.1:0", routes: [{ match: { prefix: "/" }, cluster: api }] }]
-            clusters:
-              - name: api
+        let proxy = try await ProxyHarness(yaml: Self.oneCluster + """
                 load_balancer: \(balancer)
                 endpoints: ["127.0.0.1:\(light.port)", { address: "127.0.0.1:\(heavy.port)", weight: 3 }]
             """, group: group)
@@ -92,11 +97,7 @@ import VigilTestSupport
             failing.withLockedValue { $0 } ? .respond(status: .serviceUnavailable) : .respond()
         }
         let standby = try await FakeUpstream(group: group, name: "standby")
-        let proxy = try await ProxyHarness(yaml: """
-            access_log: { output: "off" }
-            listeners: [{ name: in, address: "127.0.0.1:0", routes: [{ match: { prefix: "/" }, cluster: api }] }]
-            clusters:
-              - name: api
+        let proxy = try await ProxyHarness(yaml: Self.oneCluster + """
                 load_balancer: round_robin
                 endpoints: ["127.0.0.1:\(primary.port)", { address: "127.0.0.1:\(standby.port)", priority: 1 }]
                 outlier_detection: { consecutive_5xx: 2, interval: 10s, base_ejection_time: 60s, max_ejection_percent: 100 }
@@ -113,11 +114,7 @@ import VigilTestSupport
     @Test func keyedRequestsKeepToTheirPriorityLevel() async throws {
         let primary = try await FakeUpstream(group: group, name: "primary")
         let standby = try await FakeUpstream(group: group, name: "standby")
-        let proxy = try await ProxyHarness(yaml: """
-            access_log: { output: "off" }
-            listeners: [{ name: in, address: "127.0.0.1:0", routes: [{ match: { prefix: "/" }, cluster: api }] }]
-            clusters:
-              - name: api
+        let proxy = try await ProxyHarness(yaml: Self.oneCluster + """
                 load_balancer: ring_hash
                 hash_policy: [{ header: x-user }]
                 endpoints: ["127.0.0.1:\(primary.port)", { address: "127.0.0.1:\(standby.port)", priority: 1 }]
