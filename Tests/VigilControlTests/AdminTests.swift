@@ -164,6 +164,8 @@ import VigilTestSupport
         let hosts = try #require(list.first?["hosts"] as? [[String: Any]])
         #expect(hosts.first?["address"] as? String == "127.0.0.1:\(upstream.port)")
         #expect(hosts.first?["state"] as? String == "healthy")
+        #expect(hosts.first?["weight"] as? Int == 1 && hosts.first?["priority"] as? Int == 0)
+        #expect((list.first?["levels"] as? [Any])?.isEmpty == true)  // one level: none listed
         let dump = try json(try await get(admin, "/config_dump"))
         let dumpedClusters = try #require(dump["clusters"] as? [[String: Any]])
         #expect(dumpedClusters.first?["connect_timeout"] as? String == "1s")

@@ -21,6 +21,9 @@ enum StatusViews {
         return .object([("policy_version", .int(runtime.current.version)),
                         ("clusters", .array(runtime.current.clusters.map { c in
             let views = c.health.hostViews(now: now)
+            let levels = c.health.levels
+            let weights = c.config.endpointWeights.count == c.hosts.count ? c.config.endpointWeights : nil
+            let priorities = c.config.endpointPriorities.count == c.hosts.count ? c.config.endpointPriorities : nil
             return [
                 "name": .string(c.config.name),
                 "load_balancer": .string(c.config.loadBalancer.rawValue),
@@ -28,9 +31,13 @@ enum StatusViews {
                 "mode": .string(c.health.mode.rawValue),
                 "health_check": .bool(c.config.healthCheck != nil),
                 "outlier_detection": .bool(c.config.outlierDetection != nil),
+                // With priority levels: each level's share of the requests now, and whether it is short of hosts.
+                "levels": .array(levels.map(\.evidence)),
                 "hosts": .array(zip(c.hosts, views).map { h, v in
                     [
                         "address": .string(h.address.description),
+                        "weight": .int(weights?[h.index] ?? 1),
+                        "priority": .int(priorities?[h.index] ?? 0),
                         "state": .string(v.state),
                         "active_health": .string(v.activeHealth),
                         "last_probe": v.lastProbe.map(JSONValue.string) ?? .null,

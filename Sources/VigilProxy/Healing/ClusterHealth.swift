@@ -143,6 +143,8 @@ public final class ClusterHealth: Sendable {
     }
 
     public var mode: HostAvailability.Mode { current.load(ordering: .relaxed).mode }
+    /// With priority levels: each level's share and hosts now (empty with one level).
+    public var levels: [HostAvailability.Level] { current.load(ordering: .acquiring).availability.levels }
 
     /// `now`: the health's event loop's clock unless given.
     public func hostViews(now: NIODeadline? = nil) -> [HostView] {

@@ -58,6 +58,9 @@ public final class ClusterRuntime: Sendable {
     public let health: ClusterHealth
     /// Shared round-robin sequence, so rotation holds across event loops.
     let roundRobin = ManagedAtomic<UInt64>(0)
+    /// With priority levels, a round-robin rotation per level (in priority order), so a level that takes a share of the
+    /// requests rotates through its own hosts.
+    let levelRoundRobin: [(priority: Int, sequence: ManagedAtomic<UInt64>)]
     public let connections = ManagedAtomic<Int>(0)
     public let pendingRequests = ManagedAtomic<Int>(0)
     public let activeRequests = ManagedAtomic<Int>(0)
@@ -105,6 +108,8 @@ public final class ClusterRuntime: Sendable {
         self.health = ClusterHealth(config: config, hostNames: hosts.map(\.addressText), events: events, loop: loop,
                                     now: loop.now, carrying: previous?.health)
         // A weight per endpoint or none (every writer keeps the two in step; a mismatch weighs nothing rather than trap).
+        let priorities = config.endpointPriorities.count == config.endpoints.count ? Set(config.endpointPriorities).sorted() : []
+        levelRoundRobin = priorities.count > 1 ? priorities.map { ($0, ManagedAtomic<UInt64>(0)) } : []
         let weights = config.endpointWeights.count == config.endpoints.count ? HostWeights(config.endpointWeights) : nil
         self.weights = weights
         switch config.loadBalancer {
@@ -180,24 +185,26 @@ public final class ClusterRuntime: Sendable {
             let untried = candidates.filter { !tried.contains($0) }
             candidates = !untriedAvailable.isEmpty ? untriedAvailable : (!untried.isEmpty ? untried : candidates)
         }
-        guard var choice = balance(candidates, random: &random) else { return nil }
+        let sequence = level.flatMap { l in levelRoundRobin.first { $0.priority == l.priority }?.sequence } ?? roundRobin
+        guard var choice = balance(candidates, sequence: sequence, random: &random) else { return nil }
         if set.slowStart != nil {
             // Slow start: a ramping host keeps the pick with probability equal to its weight; otherwise one
             // more pick among the others.
             let weight = set.weight(of: choice, now: now)
             if weight < 1, Double(random.next() % 1_000_000) / 1_000_000 >= weight {
                 let others = candidates.filter { $0 != choice }
-                if let other = balance(others, random: &random) { choice = other }
+                if let other = balance(others, sequence: sequence, random: &random) { choice = other }
             }
         }
         return hosts[choice]
     }
 
-    private func balance<R: RandomNumberGenerator>(_ candidates: [Int], random: inout R) -> Int? {
-        if let weights { return balance(candidates, weights: weights, random: &random) }
+    /// `sequence`: the round-robin rotation to advance (the cluster's, or the drawn level's).
+    private func balance<R: RandomNumberGenerator>(_ candidates: [Int], sequence: ManagedAtomic<UInt64>, random: inout R) -> Int? {
+        if let weights { return balance(candidates, weights: weights, sequence: sequence, random: &random) }
         return switch config.loadBalancer {
         case .roundRobin:
-            LoadBalancer.roundRobin(candidates: candidates, sequence: roundRobin.loadThenWrappingIncrement(ordering: .relaxed))
+            LoadBalancer.roundRobin(candidates: candidates, sequence: sequence.loadThenWrappingIncrement(ordering: .relaxed))
         case .leastRequest:
             LoadBalancer.leastRequest(candidates: candidates, active: { hosts[$0].activeRequests.load(ordering: .relaxed) },
                                       random: &random)
@@ -217,10 +224,11 @@ public final class ClusterRuntime: Sendable {
     /// The same with the hosts' weights: round robin along the weighted schedule; least request over two draws in
     /// proportion to weight, by active requests per unit of weight; EWMA over two such draws by its cost; a hash
     /// balancer's keyless request by a weighted draw.
-    private func balance<R: RandomNumberGenerator>(_ candidates: [Int], weights: HostWeights, random: inout R) -> Int? {
+    private func balance<R: RandomNumberGenerator>(_ candidates: [Int], weights: HostWeights, sequence: ManagedAtomic<UInt64>,
+                                                   random: inout R) -> Int? {
         switch config.loadBalancer {
         case .roundRobin:
-            weights.roundRobin(candidates: candidates, sequence: roundRobin.loadThenWrappingIncrement(ordering: .relaxed), random: &random)
+            weights.roundRobin(candidates: candidates, sequence: sequence.loadThenWrappingIncrement(ordering: .relaxed), random: &random)
         case .leastRequest:
             weights.leastRequest(candidates, active: { hosts[$0].activeRequests.load(ordering: .relaxed) }, random: &random)
         case .ewma:
