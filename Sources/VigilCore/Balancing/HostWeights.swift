@@ -58,7 +58,7 @@ public struct HostWeights: Sendable, Equatable {
         let start = Int(sequence % UInt64(schedule.count))
         for step in 0..<min(schedule.count, 4 * weights.count) {
             let host = Int(schedule[(start + step) % schedule.count])
-            if Self.contains(candidates, host) { return host }
+            if candidates.sortedContains(host) { return host }
         }
         return draw(candidates, random: &random)
     }
@@ -90,14 +90,16 @@ public struct HostWeights: Sendable, Equatable {
     public func leastRequest<R: RandomNumberGenerator>(_ candidates: [Int], active: (Int) -> Int, random: inout R) -> Int? {
         twoChoices(candidates, random: &random) { a, b in active(b) * weights[a] < active(a) * weights[b] }
     }
+}
 
-    /// Whether ascending `sorted` holds `x`.
-    static func contains(_ sorted: [Int], _ x: Int) -> Bool {
-        var low = 0, high = sorted.count
+extension Array where Element == Int {
+    /// Whether this array, ascending (host indices as candidates are kept), holds `x`: a binary search.
+    public func sortedContains(_ x: Int) -> Bool {
+        var low = 0, high = count
         while low < high {
             let mid = (low + high) / 2
-            if sorted[mid] < x { low = mid + 1 } else { high = mid }
+            if self[mid] < x { low = mid + 1 } else { high = mid }
         }
-        return low < sorted.count && sorted[low] == x
+        return low < count && self[low] == x
     }
 }

@@ -121,16 +121,6 @@ public struct HostAvailability: Sendable, Equatable {
         self.total = available.count
     }
 
-    /// Whether ascending `candidates` of a level hold `host`.
-    public static func contains(_ candidates: [Int], _ host: Int) -> Bool {
-        var low = 0, high = candidates.count
-        while low < high {
-            let mid = (low + high) / 2
-            if candidates[mid] < host { low = mid + 1 } else { high = mid }
-        }
-        return low < candidates.count && candidates[low] == host
-    }
-
     /// The level a request goes to, by a draw in 0..<100 against the levels' loads.
     public func level(draw: Int) -> Level? {
         var below = 0

@@ -107,7 +107,8 @@ public final class ClusterRuntime: Sendable {
         self.hosts = config.endpoints.enumerated().map { HostRuntime(address: $0.element, index: $0.offset) }
         self.health = ClusterHealth(config: config, hostNames: hosts.map(\.addressText), events: events, loop: loop,
                                     now: loop.now, carrying: previous?.health)
-        // A weight per endpoint or none (every writer keeps the two in step; a mismatch weighs nothing rather than trap).
+        // A weight and a priority per endpoint, or none (every writer keeps them in step with the endpoints; a mismatch
+        // weighs nothing and makes one level, rather than trap).
         let priorities = config.endpointPriorities.count == config.endpoints.count ? Set(config.endpointPriorities).sorted() : []
         levelRoundRobin = priorities.count > 1 ? priorities.map { ($0, ManagedAtomic<UInt64>(0)) } : []
         let weights = config.endpointWeights.count == config.endpoints.count ? HostWeights(config.endpointWeights) : nil
@@ -170,9 +171,9 @@ public final class ClusterRuntime: Sendable {
             // is; else (panic mode, all tried) the next among the candidates.
             let available = set.available
             let candidates = level?.candidates ?? set.candidates
-            let inLevel: (Int) -> Bool = { h in level.map { HostAvailability.contains($0.candidates, h) } ?? true }
+            let inLevel: (Int) -> Bool = { h in level.map { $0.candidates.sortedContains(h) } ?? true }
             if let host = hashTable.host(for: hashKey, usable: { available[$0] && !tried.contains($0) && inLevel($0) })
-                ?? hashTable.host(for: hashKey, usable: { HostAvailability.contains(candidates, $0) }) {
+                ?? hashTable.host(for: hashKey, usable: { candidates.sortedContains($0) }) {
                 return hosts[host]
             }
             return nil
