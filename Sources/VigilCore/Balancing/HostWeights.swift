@@ -13,7 +13,9 @@ public struct HostWeights: Sendable, Equatable {
 
     /// About the longest schedule kept: weights whose sum is larger are scaled down, each host keeping at least one
     /// place (so with weights millions apart the lightest hosts get somewhat more than their share, never none).
-    public static let maxSchedule = 65_536
+    /// At 16,384 places (64 KiB a cluster) a host's share is off by at most one place from its weight's, and a mesh of
+    /// many weighted clusters stays small.
+    public static let maxSchedule = 16_384
 
     /// nil when every weight is the same (or there are none): nothing to weigh.
     public init?(_ weights: [Int]) {
