@@ -201,6 +201,18 @@ public enum XDSListeners {
         // Telemetry the connection manager asks for; Vigil writes its own access log and has no tracing yet.
         if !hcm.accessLog.isEmpty { noteIgnored("access_log", in: &ignored) }
         if !hcm.tracing.isEmpty { noteIgnored("tracing", in: &ignored) }
+        // Vigil tunnels WebSocket upgrades, the kind Istio enables, and no other: any other kind, or filters of an
+        // upgrade's own, could not be honoured.
+        for (i, u) in hcm.upgradeConfigs.enumerated() {
+            let key = "\(p).upgrade_configs[\(i)]"
+            guard u.upgradeType.lowercased() == "websocket" else {
+                throw XDSRejection(resource: name, path: "\(key).upgrade_type", reason: "\"\(u.upgradeType)\": Vigil tunnels websocket upgrades only")
+            }
+            if !u.filters.isEmpty { throw XDSRejection(resource: name, path: "\(key).filters", reason: "an upgrade's own filters are not supported") }
+            if u.hasEnabled, !u.enabled.value {
+                throw XDSRejection(resource: name, path: "\(key).enabled", reason: "Vigil does not switch WebSocket upgrades off")
+            }
+        }
         guard let last = hcm.httpFilters.last, last.name == router else {
             throw XDSRejection(resource: name, path: "\(p).http_filters", reason: "must end with \(router)")
         }

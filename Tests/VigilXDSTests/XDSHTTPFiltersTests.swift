@@ -239,6 +239,18 @@ import VigilCore
         do throws(XDSRejection) { _ = try XDSListeners.read(l); return nil } catch { return error }
     }
 
+    /// WebSocket upgrades (Istio's `upgrade_configs`) are what Vigil tunnels; another kind is refused.
+    @Test func webSocketUpgradesAreAcceptedAndOtherKindsRefused() throws {
+        var l = Self.listener(filters: [], routes: [Self.route("/")])
+        var hcm = try Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager(unpackingAny: l.filterChains[0].filters[0].typedConfig)
+        hcm.upgradeConfigs = [.with { $0.upgradeType = "websocket" }]
+        l.filterChains[0].filters[0].typedConfig = Self.any(hcm)
+        #expect(rejection(l) == nil)
+        hcm.upgradeConfigs = [.with { $0.upgradeType = "CONNECT" }]
+        l.filterChains[0].filters[0].typedConfig = Self.any(hcm)
+        #expect(rejection(l)?.path == "filter_chains[0].filters[0].typed_config.upgrade_configs[0].upgrade_type")
+    }
+
     @Test func filterOrderAndSwitchesVigilCannotFollowAreRefused() {
         let rbac = Self.httpFilter(XDSHTTPFilters.rbac, Envoy_Extensions_Filters_Http_Rbac_V3_RBAC())
         let fault = Self.httpFilter(XDSHTTPFilters.fault, Envoy_Extensions_Filters_Http_Fault_V3_HTTPFault())

@@ -166,7 +166,7 @@ final class XDSMeshTests {
     }
 
     /// `policyFilters`: whole HTTP filters (RBAC, fault) placed first.
-    /// `telemetry`: Istio's access log and tracing on the connection manager, and its CORS filter.
+    /// `telemetry`: Istio's access log, tracing and WebSocket upgrades on the connection manager, and its CORS filter.
     static func inboundListener(port: Int, routeConfig: String, httpFilters: [String] = [], policyFilters: [[String: Any]] = [],
                                 networkTelemetry: Bool = true, telemetry: Bool = false) -> [String: Any] {
         var hcm: [String: Any] = [
@@ -188,6 +188,7 @@ final class XDSMeshTests {
             hcm["access_log"] = [["name": "envoy.access_loggers.stdout",
                                   "typed_config": ["@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"]]]
             hcm["tracing"] = ["random_sampling": ["value": 1], "client_sampling": ["value": 100]]
+            hcm["upgrade_configs"] = [["upgrade_type": "websocket"]]
             var filters = hcm["http_filters"] as! [[String: Any]]
             filters.insert(["name": "envoy.filters.http.cors",
                             "typed_config": ["@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"]], at: filters.count - 1)

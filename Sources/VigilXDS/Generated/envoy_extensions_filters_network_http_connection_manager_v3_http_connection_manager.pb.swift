@@ -61,6 +61,8 @@ public nonisolated struct Envoy_Extensions_Filters_Network_HttpConnectionManager
 
   public var accessLog: [Data] = []
 
+  public var upgradeConfigs: [Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_UpgradeConfig] = []
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_RouteSpecifier: Equatable, Sendable {
@@ -112,6 +114,32 @@ public nonisolated struct Envoy_Extensions_Filters_Network_HttpConnectionManager
   }
 
   public init() {}
+}
+
+/// Vigil tunnels WebSocket upgrades (and no other kind), without filters of their own.
+public nonisolated struct Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_UpgradeConfig: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var upgradeType: String = String()
+
+  public var filters: [Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpFilter] = []
+
+  public var enabled: SwiftProtobuf.Google_Protobuf_BoolValue {
+    get {_enabled ?? SwiftProtobuf.Google_Protobuf_BoolValue()}
+    set {_enabled = newValue}
+  }
+  /// Returns true if `enabled` has been explicitly set.
+  public var hasEnabled: Bool {self._enabled != nil}
+  /// Clears the value of `enabled`. Subsequent reads from it will return its default value.
+  public mutating func clearEnabled() {self._enabled = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _enabled: SwiftProtobuf.Google_Protobuf_BoolValue? = nil
 }
 
 public nonisolated struct Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_Rds: Sendable {
@@ -174,7 +202,7 @@ fileprivate nonisolated let _protobuf_package = "envoy.extensions.filters.networ
 
 nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".HttpConnectionManager"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}codec_type\0\u{3}stat_prefix\0\u{1}rds\0\u{3}route_config\0\u{3}http_filters\0\u{2}\u{2}tracing\0\u{4}\u{6}access_log\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}codec_type\0\u{3}stat_prefix\0\u{1}rds\0\u{3}route_config\0\u{3}http_filters\0\u{2}\u{2}tracing\0\u{4}\u{6}access_log\0\u{4}\u{a}upgrade_configs\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -213,6 +241,7 @@ nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_
       case 5: try { try decoder.decodeRepeatedMessageField(value: &self.httpFilters) }()
       case 7: try { try decoder.decodeSingularBytesField(value: &self.tracing) }()
       case 13: try { try decoder.decodeRepeatedBytesField(value: &self.accessLog) }()
+      case 23: try { try decoder.decodeRepeatedMessageField(value: &self.upgradeConfigs) }()
       default: break
       }
     }
@@ -249,6 +278,9 @@ nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_
     if !self.accessLog.isEmpty {
       try visitor.visitRepeatedBytesField(value: self.accessLog, fieldNumber: 13)
     }
+    if !self.upgradeConfigs.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.upgradeConfigs, fieldNumber: 23)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -259,6 +291,7 @@ nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_
     if lhs.httpFilters != rhs.httpFilters {return false}
     if lhs.tracing != rhs.tracing {return false}
     if lhs.accessLog != rhs.accessLog {return false}
+    if lhs.upgradeConfigs != rhs.upgradeConfigs {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -266,6 +299,50 @@ nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_
 
 nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager.CodecType: SwiftProtobuf._ProtoNameProviding {
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0AUTO\0\u{1}HTTP1\0\u{1}HTTP2\0\u{1}HTTP3\0")
+}
+
+nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_UpgradeConfig: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".UpgradeConfig"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}upgrade_type\0\u{1}filters\0\u{1}enabled\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.upgradeType) }()
+      case 2: try { try decoder.decodeRepeatedMessageField(value: &self.filters) }()
+      case 3: try { try decoder.decodeSingularMessageField(value: &self._enabled) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.upgradeType.isEmpty {
+      try visitor.visitSingularStringField(value: self.upgradeType, fieldNumber: 1)
+    }
+    if !self.filters.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.filters, fieldNumber: 2)
+    }
+    try { if let v = self._enabled {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_UpgradeConfig, rhs: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_UpgradeConfig) -> Bool {
+    if lhs.upgradeType != rhs.upgradeType {return false}
+    if lhs.filters != rhs.filters {return false}
+    if lhs._enabled != rhs._enabled {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
 }
 
 nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_Rds: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
