@@ -20,6 +20,9 @@ public enum XDSHTTPFilters {
         public var authorizationFilter = false
         /// The filter's rules, for routes that set none; nil: it restricts nothing (no `rules`, or action LOG).
         public var authorization: [AuthorizationRule]?
+        /// The connection manager's `stream_idle_timeout`: the idle timeout of its routes that set none (Envoy's
+        /// default 5 min; zero: none). Not for a TCP proxy's chain.
+        public var streamIdleTimeout: TimeAmount? = nil
 
         public init() {}
 
@@ -30,6 +33,7 @@ public enum XDSHTTPFilters {
             route.fault = faultFilter ? route.fault ?? fault : nil
             if route.direct != nil || route.fault.map({ $0.delay == nil && $0.abort == nil }) == true { route.fault = nil }
             route.authorization = authorizationFilter ? route.authorization ?? authorization : nil
+            if let streamIdleTimeout, route.direct == nil, route.idleTimeout == nil { route.idleTimeout = streamIdleTimeout }
         }
     }
 

@@ -217,6 +217,8 @@ public enum XDSListeners {
             throw XDSRejection(resource: name, path: "\(p).http_filters", reason: "must end with \(router)")
         }
         var policy = XDSHTTPFilters.ChainPolicy()
+        policy.streamIdleTimeout = hcm.hasStreamIdleTimeout
+            ? try XDSClusters.duration(hcm.streamIdleTimeout, name, "\(p).stream_idle_timeout") : .minutes(5)
         for (i, filter) in hcm.httpFilters.dropLast().enumerated() {
             let key = "\(p).http_filters[\(i)]"
             func refuse(_ reason: String) -> XDSRejection { XDSRejection(resource: name, path: key, reason: reason) }

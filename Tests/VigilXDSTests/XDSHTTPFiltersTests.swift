@@ -239,6 +239,22 @@ import VigilCore
         do throws(XDSRejection) { _ = try XDSListeners.read(l); return nil } catch { return error }
     }
 
+    /// The connection manager's `stream_idle_timeout` is the idle timeout of its routes that set none: Envoy's 5 min by
+    /// default, none at 0 (Istio's); a route's own `idle_timeout` wins.
+    @Test func theStreamIdleTimeoutIsTheRoutesDefault() throws {
+        var own = Self.route("/own")
+        own.route.idleTimeout = .init(seconds: 7)
+        var l = Self.listener(filters: [], routes: [own, Self.route("/")])
+        func idles() throws -> [TimeAmount?] {
+            try #require(XDSListeners.routes(of: try XDSListeners.read(l), virtual: [], routeConfigs: [:])).map(\.idleTimeout)
+        }
+        #expect(try idles() == [.seconds(7), .minutes(5), nil])  // the chain's 404 answers itself
+        var hcm = try Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager(unpackingAny: l.filterChains[0].filters[0].typedConfig)
+        hcm.streamIdleTimeout = .init(seconds: 0)
+        l.filterChains[0].filters[0].typedConfig = Self.any(hcm)
+        #expect(try idles() == [.seconds(7), .zero, nil])
+    }
+
     /// WebSocket upgrades (Istio's `upgrade_configs`) are what Vigil tunnels; another kind is refused.
     @Test func webSocketUpgradesAreAcceptedAndOtherKindsRefused() throws {
         var l = Self.listener(filters: [], routes: [Self.route("/")])

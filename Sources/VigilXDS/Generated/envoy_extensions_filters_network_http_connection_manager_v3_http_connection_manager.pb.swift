@@ -63,6 +63,16 @@ public nonisolated struct Envoy_Extensions_Filters_Network_HttpConnectionManager
 
   public var upgradeConfigs: [Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_UpgradeConfig] = []
 
+  /// The idle timeout of the chain's routes that set none of their own (Envoy's default 5 min; 0: none).
+  public var streamIdleTimeout: SwiftProtobuf.Google_Protobuf_Duration {
+    get {_streamIdleTimeout ?? SwiftProtobuf.Google_Protobuf_Duration()}
+    set {_streamIdleTimeout = newValue}
+  }
+  /// Returns true if `streamIdleTimeout` has been explicitly set.
+  public var hasStreamIdleTimeout: Bool {self._streamIdleTimeout != nil}
+  /// Clears the value of `streamIdleTimeout`. Subsequent reads from it will return its default value.
+  public mutating func clearStreamIdleTimeout() {self._streamIdleTimeout = nil}
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_RouteSpecifier: Equatable, Sendable {
@@ -114,6 +124,8 @@ public nonisolated struct Envoy_Extensions_Filters_Network_HttpConnectionManager
   }
 
   public init() {}
+
+  fileprivate var _streamIdleTimeout: SwiftProtobuf.Google_Protobuf_Duration? = nil
 }
 
 /// Vigil tunnels WebSocket upgrades (and no other kind), without filters of their own.
@@ -202,7 +214,7 @@ fileprivate nonisolated let _protobuf_package = "envoy.extensions.filters.networ
 
 nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".HttpConnectionManager"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}codec_type\0\u{3}stat_prefix\0\u{1}rds\0\u{3}route_config\0\u{3}http_filters\0\u{2}\u{2}tracing\0\u{4}\u{6}access_log\0\u{4}\u{a}upgrade_configs\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}codec_type\0\u{3}stat_prefix\0\u{1}rds\0\u{3}route_config\0\u{3}http_filters\0\u{2}\u{2}tracing\0\u{4}\u{6}access_log\0\u{4}\u{a}upgrade_configs\0\u{3}stream_idle_timeout\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -242,6 +254,7 @@ nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_
       case 7: try { try decoder.decodeSingularBytesField(value: &self.tracing) }()
       case 13: try { try decoder.decodeRepeatedBytesField(value: &self.accessLog) }()
       case 23: try { try decoder.decodeRepeatedMessageField(value: &self.upgradeConfigs) }()
+      case 24: try { try decoder.decodeSingularMessageField(value: &self._streamIdleTimeout) }()
       default: break
       }
     }
@@ -281,6 +294,9 @@ nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_
     if !self.upgradeConfigs.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.upgradeConfigs, fieldNumber: 23)
     }
+    try { if let v = self._streamIdleTimeout {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 24)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -292,6 +308,7 @@ nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_
     if lhs.tracing != rhs.tracing {return false}
     if lhs.accessLog != rhs.accessLog {return false}
     if lhs.upgradeConfigs != rhs.upgradeConfigs {return false}
+    if lhs._streamIdleTimeout != rhs._streamIdleTimeout {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
