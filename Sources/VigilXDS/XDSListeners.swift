@@ -201,6 +201,16 @@ public enum XDSListeners {
         // Telemetry the connection manager asks for; Vigil writes its own access log and has no tracing yet.
         if !hcm.accessLog.isEmpty { noteIgnored("access_log", in: &ignored) }
         if !hcm.tracing.isEmpty { noteIgnored("tracing", in: &ignored) }
+        // Every request gets an x-request-id, a UUID v4 (a client's own is kept): Envoy's UUID extension, whose settings
+        // only say how tracing reads the id.
+        if hcm.hasGenerateRequestID, !hcm.generateRequestID.value {
+            throw XDSRejection(resource: name, path: "\(p).generate_request_id", reason: "Vigil gives every request an x-request-id")
+        }
+        if hcm.hasRequestIDExtension,
+           hcm.requestIDExtension.typedConfig.typeURL != "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig" {
+            throw XDSRejection(resource: name, path: "\(p).request_id_extension.typed_config",
+                               reason: "\"\(hcm.requestIDExtension.typedConfig.typeURL)\": Vigil makes UUID request ids only")
+        }
         // Vigil tunnels WebSocket upgrades, the kind Istio enables, and no other: any other kind, or filters of an
         // upgrade's own, could not be honoured.
         for (i, u) in hcm.upgradeConfigs.enumerated() {

@@ -255,8 +255,9 @@ import VigilCore
         #expect(try idles() == [.seconds(7), .zero, nil])
     }
 
-    /// WebSocket upgrades (Istio's `upgrade_configs`) are what Vigil tunnels; another kind is refused.
-    @Test func webSocketUpgradesAreAcceptedAndOtherKindsRefused() throws {
+    /// WebSocket upgrades (Istio's `upgrade_configs`) are what Vigil tunnels, another kind is refused; request ids are
+    /// UUIDs, always made.
+    @Test func webSocketUpgradesAndUUIDRequestIDsAreAcceptedTheRestRefused() throws {
         var l = Self.listener(filters: [], routes: [Self.route("/")])
         var hcm = try Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager(unpackingAny: l.filterChains[0].filters[0].typedConfig)
         hcm.upgradeConfigs = [.with { $0.upgradeType = "websocket" }]
@@ -265,6 +266,14 @@ import VigilCore
         hcm.upgradeConfigs = [.with { $0.upgradeType = "CONNECT" }]
         l.filterChains[0].filters[0].typedConfig = Self.any(hcm)
         #expect(rejection(l)?.path == "filter_chains[0].filters[0].typed_config.upgrade_configs[0].upgrade_type")
+        // Request ids: UUIDs, always made (Istio's request_id_extension); not making them is refused.
+        hcm.upgradeConfigs = []
+        hcm.requestIDExtension.typedConfig.typeURL = "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig"
+        l.filterChains[0].filters[0].typedConfig = Self.any(hcm)
+        #expect(rejection(l) == nil)
+        hcm.generateRequestID = .init(false)
+        l.filterChains[0].filters[0].typedConfig = Self.any(hcm)
+        #expect(rejection(l)?.path == "filter_chains[0].filters[0].typed_config.generate_request_id")
     }
 
     @Test func filterOrderAndSwitchesVigilCannotFollowAreRefused() {

@@ -189,6 +189,8 @@ final class XDSMeshTests {
                                   "typed_config": ["@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"]]]
             hcm["tracing"] = ["random_sampling": ["value": 1], "client_sampling": ["value": 100]]
             hcm["upgrade_configs"] = [["upgrade_type": "websocket"]]
+            hcm["request_id_extension"] = ["typed_config": ["@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+                                                            "use_request_id_for_trace_sampling": true]]
             var filters = hcm["http_filters"] as! [[String: Any]]
             filters.insert(["name": "envoy.filters.http.cors",
                             "typed_config": ["@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"]], at: filters.count - 1)

@@ -25,53 +25,93 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
   typealias Version = _2
 }
 
-public nonisolated struct Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager: Sendable {
+public nonisolated struct Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  public var codecType: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager.CodecType = .auto
+  public var codecType: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager.CodecType {
+    get {_storage._codecType}
+    set {_uniqueStorage()._codecType = newValue}
+  }
 
   /// Stats only.
-  public var statPrefix: String = String()
+  public var statPrefix: String {
+    get {_storage._statPrefix}
+    set {_uniqueStorage()._statPrefix = newValue}
+  }
 
-  public var routeSpecifier: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager.OneOf_RouteSpecifier? = nil
+  public var routeSpecifier: OneOf_RouteSpecifier? {
+    get {return _storage._routeSpecifier}
+    set {_uniqueStorage()._routeSpecifier = newValue}
+  }
 
   public var rds: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_Rds {
     get {
-      if case .rds(let v)? = routeSpecifier {return v}
+      if case .rds(let v)? = _storage._routeSpecifier {return v}
       return Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_Rds()
     }
-    set {routeSpecifier = .rds(newValue)}
+    set {_uniqueStorage()._routeSpecifier = .rds(newValue)}
   }
 
   public var routeConfig: Envoy_Config_Route_V3_RouteConfiguration {
     get {
-      if case .routeConfig(let v)? = routeSpecifier {return v}
+      if case .routeConfig(let v)? = _storage._routeSpecifier {return v}
       return Envoy_Config_Route_V3_RouteConfiguration()
     }
-    set {routeSpecifier = .routeConfig(newValue)}
+    set {_uniqueStorage()._routeSpecifier = .routeConfig(newValue)}
   }
 
-  public var httpFilters: [Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpFilter] = []
+  public var httpFilters: [Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpFilter] {
+    get {_storage._httpFilters}
+    set {_uniqueStorage()._httpFilters = newValue}
+  }
 
   /// Telemetry only, not applied (Vigil writes its own access log and has no tracing yet): held as bytes, so nothing
   /// inside is read, and listed as left out in /config_dump.
-  public var tracing: Data = Data()
+  public var tracing: Data {
+    get {_storage._tracing}
+    set {_uniqueStorage()._tracing = newValue}
+  }
 
-  public var accessLog: [Data] = []
+  public var accessLog: [Data] {
+    get {_storage._accessLog}
+    set {_uniqueStorage()._accessLog = newValue}
+  }
 
-  public var upgradeConfigs: [Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_UpgradeConfig] = []
+  /// Vigil gives every request an x-request-id (a UUID v4, a client's kept): false is refused.
+  public var generateRequestID: SwiftProtobuf.Google_Protobuf_BoolValue {
+    get {_storage._generateRequestID ?? SwiftProtobuf.Google_Protobuf_BoolValue()}
+    set {_uniqueStorage()._generateRequestID = newValue}
+  }
+  /// Returns true if `generateRequestID` has been explicitly set.
+  public var hasGenerateRequestID: Bool {_storage._generateRequestID != nil}
+  /// Clears the value of `generateRequestID`. Subsequent reads from it will return its default value.
+  public mutating func clearGenerateRequestID() {_uniqueStorage()._generateRequestID = nil}
+
+  public var upgradeConfigs: [Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_UpgradeConfig] {
+    get {_storage._upgradeConfigs}
+    set {_uniqueStorage()._upgradeConfigs = newValue}
+  }
 
   /// The idle timeout of the chain's routes that set none of their own (Envoy's default 5 min; 0: none).
   public var streamIdleTimeout: SwiftProtobuf.Google_Protobuf_Duration {
-    get {_streamIdleTimeout ?? SwiftProtobuf.Google_Protobuf_Duration()}
-    set {_streamIdleTimeout = newValue}
+    get {_storage._streamIdleTimeout ?? SwiftProtobuf.Google_Protobuf_Duration()}
+    set {_uniqueStorage()._streamIdleTimeout = newValue}
   }
   /// Returns true if `streamIdleTimeout` has been explicitly set.
-  public var hasStreamIdleTimeout: Bool {self._streamIdleTimeout != nil}
+  public var hasStreamIdleTimeout: Bool {_storage._streamIdleTimeout != nil}
   /// Clears the value of `streamIdleTimeout`. Subsequent reads from it will return its default value.
-  public mutating func clearStreamIdleTimeout() {self._streamIdleTimeout = nil}
+  public mutating func clearStreamIdleTimeout() {_uniqueStorage()._streamIdleTimeout = nil}
+
+  public var requestIDExtension: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_RequestIDExtension {
+    get {_storage._requestIDExtension ?? Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_RequestIDExtension()}
+    set {_uniqueStorage()._requestIDExtension = newValue}
+  }
+  /// Returns true if `requestIDExtension` has been explicitly set.
+  public var hasRequestIDExtension: Bool {_storage._requestIDExtension != nil}
+  /// Clears the value of `requestIDExtension`. Subsequent reads from it will return its default value.
+  public mutating func clearRequestIDExtension() {_uniqueStorage()._requestIDExtension = nil}
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -125,7 +165,29 @@ public nonisolated struct Envoy_Extensions_Filters_Network_HttpConnectionManager
 
   public init() {}
 
-  fileprivate var _streamIdleTimeout: SwiftProtobuf.Google_Protobuf_Duration? = nil
+  fileprivate var _storage = _StorageClass.defaultInstance
+}
+
+/// How request ids are made: only Envoy's UUID extension (what Vigil makes) is accepted; its settings concern tracing.
+public nonisolated struct Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_RequestIDExtension: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var typedConfig: SwiftProtobuf.Google_Protobuf_Any {
+    get {_typedConfig ?? SwiftProtobuf.Google_Protobuf_Any()}
+    set {_typedConfig = newValue}
+  }
+  /// Returns true if `typedConfig` has been explicitly set.
+  public var hasTypedConfig: Bool {self._typedConfig != nil}
+  /// Clears the value of `typedConfig`. Subsequent reads from it will return its default value.
+  public mutating func clearTypedConfig() {self._typedConfig = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _typedConfig: SwiftProtobuf.Google_Protobuf_Any? = nil
 }
 
 /// Vigil tunnels WebSocket upgrades (and no other kind), without filters of their own.
@@ -214,7 +276,177 @@ fileprivate nonisolated let _protobuf_package = "envoy.extensions.filters.networ
 
 nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".HttpConnectionManager"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}codec_type\0\u{3}stat_prefix\0\u{1}rds\0\u{3}route_config\0\u{3}http_filters\0\u{2}\u{2}tracing\0\u{4}\u{6}access_log\0\u{4}\u{a}upgrade_configs\0\u{3}stream_idle_timeout\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}codec_type\0\u{3}stat_prefix\0\u{1}rds\0\u{3}route_config\0\u{3}http_filters\0\u{2}\u{2}tracing\0\u{4}\u{6}access_log\0\u{4}\u{2}generate_request_id\0\u{4}\u{8}upgrade_configs\0\u{3}stream_idle_timeout\0\u{4}\u{c}request_id_extension\0")
+
+  fileprivate class _StorageClass {
+    var _codecType: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager.CodecType = .auto
+    var _statPrefix: String = String()
+    var _routeSpecifier: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager.OneOf_RouteSpecifier?
+    var _httpFilters: [Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpFilter] = []
+    var _tracing: Data = Data()
+    var _accessLog: [Data] = []
+    var _generateRequestID: SwiftProtobuf.Google_Protobuf_BoolValue? = nil
+    var _upgradeConfigs: [Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_UpgradeConfig] = []
+    var _streamIdleTimeout: SwiftProtobuf.Google_Protobuf_Duration? = nil
+    var _requestIDExtension: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_RequestIDExtension? = nil
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _codecType = source._codecType
+      _statPrefix = source._statPrefix
+      _routeSpecifier = source._routeSpecifier
+      _httpFilters = source._httpFilters
+      _tracing = source._tracing
+      _accessLog = source._accessLog
+      _generateRequestID = source._generateRequestID
+      _upgradeConfigs = source._upgradeConfigs
+      _streamIdleTimeout = source._streamIdleTimeout
+      _requestIDExtension = source._requestIDExtension
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularEnumField(value: &_storage._codecType) }()
+        case 2: try { try decoder.decodeSingularStringField(value: &_storage._statPrefix) }()
+        case 3: try {
+          var v: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_Rds?
+          var hadOneofValue = false
+          if let current = _storage._routeSpecifier {
+            hadOneofValue = true
+            if case .rds(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._routeSpecifier = .rds(v)
+          }
+        }()
+        case 4: try {
+          var v: Envoy_Config_Route_V3_RouteConfiguration?
+          var hadOneofValue = false
+          if let current = _storage._routeSpecifier {
+            hadOneofValue = true
+            if case .routeConfig(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._routeSpecifier = .routeConfig(v)
+          }
+        }()
+        case 5: try { try decoder.decodeRepeatedMessageField(value: &_storage._httpFilters) }()
+        case 7: try { try decoder.decodeSingularBytesField(value: &_storage._tracing) }()
+        case 13: try { try decoder.decodeRepeatedBytesField(value: &_storage._accessLog) }()
+        case 15: try { try decoder.decodeSingularMessageField(value: &_storage._generateRequestID) }()
+        case 23: try { try decoder.decodeRepeatedMessageField(value: &_storage._upgradeConfigs) }()
+        case 24: try { try decoder.decodeSingularMessageField(value: &_storage._streamIdleTimeout) }()
+        case 36: try { try decoder.decodeSingularMessageField(value: &_storage._requestIDExtension) }()
+        default: break
+        }
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      if _storage._codecType != .auto {
+        try visitor.visitSingularEnumField(value: _storage._codecType, fieldNumber: 1)
+      }
+      if !_storage._statPrefix.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._statPrefix, fieldNumber: 2)
+      }
+      switch _storage._routeSpecifier {
+      case .rds?: try {
+        guard case .rds(let v)? = _storage._routeSpecifier else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+      }()
+      case .routeConfig?: try {
+        guard case .routeConfig(let v)? = _storage._routeSpecifier else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
+      }()
+      case nil: break
+      }
+      if !_storage._httpFilters.isEmpty {
+        try visitor.visitRepeatedMessageField(value: _storage._httpFilters, fieldNumber: 5)
+      }
+      if !_storage._tracing.isEmpty {
+        try visitor.visitSingularBytesField(value: _storage._tracing, fieldNumber: 7)
+      }
+      if !_storage._accessLog.isEmpty {
+        try visitor.visitRepeatedBytesField(value: _storage._accessLog, fieldNumber: 13)
+      }
+      try { if let v = _storage._generateRequestID {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
+      } }()
+      if !_storage._upgradeConfigs.isEmpty {
+        try visitor.visitRepeatedMessageField(value: _storage._upgradeConfigs, fieldNumber: 23)
+      }
+      try { if let v = _storage._streamIdleTimeout {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 24)
+      } }()
+      try { if let v = _storage._requestIDExtension {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 36)
+      } }()
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager, rhs: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager) -> Bool {
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._codecType != rhs_storage._codecType {return false}
+        if _storage._statPrefix != rhs_storage._statPrefix {return false}
+        if _storage._routeSpecifier != rhs_storage._routeSpecifier {return false}
+        if _storage._httpFilters != rhs_storage._httpFilters {return false}
+        if _storage._tracing != rhs_storage._tracing {return false}
+        if _storage._accessLog != rhs_storage._accessLog {return false}
+        if _storage._generateRequestID != rhs_storage._generateRequestID {return false}
+        if _storage._upgradeConfigs != rhs_storage._upgradeConfigs {return false}
+        if _storage._streamIdleTimeout != rhs_storage._streamIdleTimeout {return false}
+        if _storage._requestIDExtension != rhs_storage._requestIDExtension {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager.CodecType: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0AUTO\0\u{1}HTTP1\0\u{1}HTTP2\0\u{1}HTTP3\0")
+}
+
+nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_RequestIDExtension: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RequestIDExtension"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}typed_config\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -222,39 +454,7 @@ nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_
       // allocates stack space for every case branch when no optimizations are
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
-      case 1: try { try decoder.decodeSingularEnumField(value: &self.codecType) }()
-      case 2: try { try decoder.decodeSingularStringField(value: &self.statPrefix) }()
-      case 3: try {
-        var v: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_Rds?
-        var hadOneofValue = false
-        if let current = self.routeSpecifier {
-          hadOneofValue = true
-          if case .rds(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.routeSpecifier = .rds(v)
-        }
-      }()
-      case 4: try {
-        var v: Envoy_Config_Route_V3_RouteConfiguration?
-        var hadOneofValue = false
-        if let current = self.routeSpecifier {
-          hadOneofValue = true
-          if case .routeConfig(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.routeSpecifier = .routeConfig(v)
-        }
-      }()
-      case 5: try { try decoder.decodeRepeatedMessageField(value: &self.httpFilters) }()
-      case 7: try { try decoder.decodeSingularBytesField(value: &self.tracing) }()
-      case 13: try { try decoder.decodeRepeatedBytesField(value: &self.accessLog) }()
-      case 23: try { try decoder.decodeRepeatedMessageField(value: &self.upgradeConfigs) }()
-      case 24: try { try decoder.decodeSingularMessageField(value: &self._streamIdleTimeout) }()
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._typedConfig) }()
       default: break
       }
     }
@@ -265,57 +465,17 @@ nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_
     // allocates stack space for every if/case branch local when no optimizations
     // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
     // https://github.com/apple/swift-protobuf/issues/1182
-    if self.codecType != .auto {
-      try visitor.visitSingularEnumField(value: self.codecType, fieldNumber: 1)
-    }
-    if !self.statPrefix.isEmpty {
-      try visitor.visitSingularStringField(value: self.statPrefix, fieldNumber: 2)
-    }
-    switch self.routeSpecifier {
-    case .rds?: try {
-      guard case .rds(let v)? = self.routeSpecifier else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
-    }()
-    case .routeConfig?: try {
-      guard case .routeConfig(let v)? = self.routeSpecifier else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
-    }()
-    case nil: break
-    }
-    if !self.httpFilters.isEmpty {
-      try visitor.visitRepeatedMessageField(value: self.httpFilters, fieldNumber: 5)
-    }
-    if !self.tracing.isEmpty {
-      try visitor.visitSingularBytesField(value: self.tracing, fieldNumber: 7)
-    }
-    if !self.accessLog.isEmpty {
-      try visitor.visitRepeatedBytesField(value: self.accessLog, fieldNumber: 13)
-    }
-    if !self.upgradeConfigs.isEmpty {
-      try visitor.visitRepeatedMessageField(value: self.upgradeConfigs, fieldNumber: 23)
-    }
-    try { if let v = self._streamIdleTimeout {
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 24)
+    try { if let v = self._typedConfig {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
     } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  public static func ==(lhs: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager, rhs: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager) -> Bool {
-    if lhs.codecType != rhs.codecType {return false}
-    if lhs.statPrefix != rhs.statPrefix {return false}
-    if lhs.routeSpecifier != rhs.routeSpecifier {return false}
-    if lhs.httpFilters != rhs.httpFilters {return false}
-    if lhs.tracing != rhs.tracing {return false}
-    if lhs.accessLog != rhs.accessLog {return false}
-    if lhs.upgradeConfigs != rhs.upgradeConfigs {return false}
-    if lhs._streamIdleTimeout != rhs._streamIdleTimeout {return false}
+  public static func ==(lhs: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_RequestIDExtension, rhs: Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_RequestIDExtension) -> Bool {
+    if lhs._typedConfig != rhs._typedConfig {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
-}
-
-nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager.CodecType: SwiftProtobuf._ProtoNameProviding {
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0AUTO\0\u{1}HTTP1\0\u{1}HTTP2\0\u{1}HTTP3\0")
 }
 
 nonisolated extension Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_UpgradeConfig: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
