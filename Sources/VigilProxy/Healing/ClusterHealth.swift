@@ -6,10 +6,10 @@ import VigilCore
 /// The hosts a cluster's requests may go to right now: an immutable snapshot, swapped whole when a host's
 /// health changes, so the request path reads it with one atomic load and never takes a lock.
 final class HostSet: AtomicReference, Sendable {
-    let mode: HostAvailability.Mode
-    let candidates: [Int]
-    /// With several priority levels: their shares and hosts (empty with one).
+    /// The mode, the candidates and, with several priority levels, each level's share and hosts.
     let availability: HostAvailability
+    var mode: HostAvailability.Mode { availability.mode }
+    var candidates: [Int] { availability.candidates }
     /// Hosts that pass their checks and are not ejected (a retry prefers these, even in panic).
     let available: [Bool]
     /// When each host came back, while its slow-start window may still be open.
@@ -17,8 +17,6 @@ final class HostSet: AtomicReference, Sendable {
     let slowStart: SlowStartConfig?
 
     init(availability: HostAvailability, available: [Bool], returnedAt: [NIODeadline?], slowStart: SlowStartConfig?) {
-        self.mode = availability.mode
-        self.candidates = availability.candidates
         self.availability = availability
         self.available = available
         self.returnedAt = returnedAt
