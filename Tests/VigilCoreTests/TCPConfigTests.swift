@@ -148,6 +148,41 @@ import Testing
         #expect(RouteTable(routes).match(Request(), destination: destination) == 0)
         #expect(RouteTable(routes, tcpRoutes: [0]).match(Request(), destination: destination) == 1)
     }
+
+    /// `transport_protocol` (Envoy's chain match): read, matched, dumped, and refused where no connection could open so.
+    @Test func transportProtocolMatchesHowTheConnectionOpened() throws {
+        let yaml = Self.sidecar
+            .replacingOccurrences(of: "tls: { mode: permissive, cert: c.pem, key: k.pem, client_ca: ca.pem }",
+                                  with: "tls: { mode: permissive, cert: c.pem, key: k.pem, client_ca: ca.pem, terminate_alpn: [istio, istio-http/1.1] }")
+            .replacingOccurrences(of: "      - match: { prefix: \"/\" }\n        cluster: api\nclusters:",
+                                  with: "      - match: { prefix: \"/\", transport_protocol: tls }\n        cluster: api\n      - match: { transport_protocol: tls_passthrough }\n        cluster: redis\n      - match: { transport_protocol: raw_buffer }\n        cluster: api\nclusters:")
+        let config = try VigilConfig.parse(yaml: yaml)
+        let inbound = config.listeners[1]
+        #expect(inbound.tls?.terminateALPN == ["istio", "istio-http/1.1"])
+        #expect(inbound.routes.map(\.match.transport) == [.tls, .tlsPassthrough, .rawBuffer])
+        #expect(try config.applying(policy: config.policyDump().serialized()) == config, "the dump reads back the same")
+        struct Request: RoutableRequest {
+            var method = "GET", path = "/", authority = "x"
+            func headerValue(_ lowercaseName: String) -> String? { nil }
+        }
+        let table = RouteTable(inbound.routes, tcpRoutes: [1])
+        #expect(table.match(Request(), transport: .tls) == 0)
+        #expect(table.match(Request(), transport: .rawBuffer) == 2)
+        #expect(table.match(Request(), transport: nil) == nil, "a route that names a transport takes no connection whose is unknown")
+        // Routes no connection could take are refused.
+        let noTLS = yaml.replacingOccurrences(of: "    tls: { mode: permissive, cert: c.pem, key: k.pem, client_ca: ca.pem, terminate_alpn: [istio, istio-http/1.1] }\n", with: "")
+        #expect(configErrors(noTLS).contains { $0.contains("listeners[1].routes[0].match.transport_protocol") && $0.contains("has no tls") })
+        let strict = yaml.replacingOccurrences(of: "mode: permissive", with: "mode: strict")
+        #expect(configErrors(strict).contains { $0.contains("listeners[1].routes[2].match.transport_protocol") && $0.contains("takes no plaintext") })
+        let terminatesAll = yaml.replacingOccurrences(of: ", terminate_alpn: [istio, istio-http/1.1]", with: "")
+        #expect(configErrors(terminatesAll).contains { $0.contains("listeners[1].routes[1].match.transport_protocol") && $0.contains("terminates every ClientHello") })
+        let toHTTP = yaml.replacingOccurrences(of: "transport_protocol: tls_passthrough }\n        cluster: redis", with: "transport_protocol: tls_passthrough }\n        cluster: api")
+        #expect(configErrors(toHTTP).contains { $0.contains("listeners[1].routes[1].match.transport_protocol") && $0.contains("carried as bytes") })
+        #expect(configErrors(yaml.replacingOccurrences(of: "transport_protocol: raw_buffer", with: "transport_protocol: quic"))
+            .contains { $0.contains("listeners[1].routes[2].match.transport_protocol") })
+        #expect(configErrors(yaml.replacingOccurrences(of: "terminate_alpn: [istio, istio-http/1.1]", with: "terminate_alpn: []"))
+            .contains { $0.contains("listeners[1].tls.terminate_alpn") })
+    }
 }
 
 /// How `/v1/compliance` names each listener's TLS and judges it.

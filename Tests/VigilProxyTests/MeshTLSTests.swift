@@ -194,4 +194,62 @@ import VigilTestSupport
         #expect(upstream.recorded.isEmpty)
         await proxy.stop()
     }
+
+    /// Istio's permissive inbound listener in one: TLS offering a mesh ALPN is terminated (mutual TLS, routed by
+    /// `transport_protocol: tls`), other TLS is passed on as bytes to the application that speaks it (`tls_passthrough`),
+    /// plaintext is served as such (`raw_buffer`); strict takes no plaintext and still passes TLS on.
+    @Test(arguments: ["permissive", "strict"])
+    func terminateALPNDecidesWhichTLSVigilTerminates(mode: String) async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.webID, as: "web")
+        try f.issue("spiffe://corp/ns/app/sa/app", as: "app")
+        let mesh = try await FakeUpstream(group: group, name: "mesh")
+        let ownTLS = try await FakeUpstream(group: group, name: "own-tls", tls: try f.serverContext(cert: "app"))
+        let plain = try await FakeUpstream(group: group, name: "plain")
+        let plaintextRoute = mode == "permissive" ? """
+              - match: { prefix: "/", transport_protocol: raw_buffer }
+                cluster: plain
+        """ : ""
+        let yaml = """
+        listeners:
+          - name: in
+            address: "127.0.0.1:0"
+            tls: { mode: \(mode), cert: "\(f.path("vigil.pem"))", key: "\(f.path("vigil-key.pem"))", client_ca: "\(f.path("ca.pem"))",
+                   terminate_alpn: [istio-http/1.1, istio-peer-exchange] }
+            routes:
+              - match: { prefix: "/", transport_protocol: tls }
+                cluster: mesh
+              - match: { transport_protocol: tls_passthrough }
+                cluster: own-tls
+        \(plaintextRoute)
+        clusters:
+          - { name: mesh, endpoints: ["127.0.0.1:$UP0"] }
+          - { name: own-tls, protocol: tcp, endpoints: ["127.0.0.1:$UP1"] }
+          - { name: plain, endpoints: ["127.0.0.1:$UP2"] }
+        """
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [mesh.port, ownTLS.port, plain.port], group: group)
+        // A peer sidecar: mutual TLS with a mesh ALPN, which Vigil does not select (the listener offers h2 and http/1.1),
+        // so the bytes inside decide HTTP/1.1.
+        let peer = try await TestClient.connect(port: proxy.port("in"), group: group,
+                                                tls: try f.clientContext(cert: "web", alpn: ["istio-http/1.1"]))
+        try await peer.send("GET /from-mesh HTTP/1.1\r\nHost: a\r\n\r\n")
+        #expect(try await peer.response()?.status == 200)
+        #expect(mesh.recorded.map(\.head.uri) == ["/from-mesh"])
+        #expect(mesh.recorded.first?.head.headers.first(name: "x-forwarded-client-cert")?.contains(TLSFixture.webID) == true)
+        // A caller outside the mesh speaking TLS to the application itself: the handshake is the application's.
+        let outsider = try await TestClient.connect(port: proxy.port("in"), group: group, tls: try f.clientContext(alpn: ["http/1.1"]))
+        try await outsider.send("GET /own-tls HTTP/1.1\r\nHost: a\r\n\r\n")
+        #expect(try await outsider.response()?.status == 200)
+        #expect(ownTLS.recorded.map(\.head.uri) == ["/own-tls"])
+        let raw = try await proxy.client("in")
+        try await raw.send("GET /plain HTTP/1.1\r\nHost: a\r\n\r\n")
+        if mode == "permissive" {
+            #expect(try await raw.response()?.status == 200)
+            #expect(plain.recorded.map(\.head.uri) == ["/plain"])
+        } else {
+            #expect(try await raw.response(timeout: 5) == nil)
+        }
+        #expect(mesh.recorded.count == 1 && ownTLS.recorded.count == 1)
+        await proxy.stop()
+    }
 }

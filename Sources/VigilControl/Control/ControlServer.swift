@@ -239,8 +239,10 @@ public final class ControlServer: Sendable {
     /// Everything an auditor asks for in one call: each listener's TLS mode and floor, whether the audit
     /// chain verifies end to end, and each tenant's SLO status.
     func compliance() async -> JSONValue {
+        let running = runtime.current.config.listeners
         let listeners: [JSONValue] = runtime.listeners.map { l in
-            let tls = l.config.tls
+            // As the policy in force has it: xDS may give a listener TLS.
+            let tls = running.indices.contains(l.index) ? running[l.index].tls : l.config.tls
             return .object([("name", .string(l.config.name)), ("address", .string(l.config.address.description)),
                             ("mtls", .string(ListenerSecurity.mode(tls))),
                             ("tls_min_version", tls.map { .string($0.minVersion.rawValue) } ?? .null),

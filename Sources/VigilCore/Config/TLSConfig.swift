@@ -24,6 +24,10 @@ public struct ListenerTLSConfig: Sendable, Equatable {
     /// that opens with a TLS ClientHello is TLS, any other is served in plaintext, for callers outside the mesh while
     /// they move to mTLS; the access log says which (`tls`), and `/v1/compliance` counts the listener as not compliant.
     public var mode = Mode.strict
+    /// Terminate only ClientHellos that offer one of these ALPN protocols (Istio's mutual-TLS ones, `istio-peer-exchange`,
+    /// `istio-http/1.1`, ...); any other TLS is passed on as bytes to a route with `transport_protocol: tls_passthrough`
+    /// (an application's own TLS, from a caller outside the mesh). Nil: every ClientHello is terminated.
+    public var terminateALPN: [String]?
 
     public enum Mode: String, Sendable, Equatable {
         case strict, permissive

@@ -13,7 +13,8 @@ extension VigilConfig {
     static func dump(_ t: ListenerTLSConfig) -> JSONValue {
         ["cert": .string(t.cert), "key": .string(t.key), "client_ca": t.clientCA.map(JSONValue.string) ?? .null,
          "require_client_cert": .bool(t.requireClientCert), "min_version": .string(t.minVersion.rawValue),
-         "identity_from": strings(t.identityFrom.map(\.rawValue)), "mode": .string(t.mode.rawValue)]
+         "identity_from": strings(t.identityFrom.map(\.rawValue)), "mode": .string(t.mode.rawValue),
+         "terminate_alpn": t.terminateALPN.map(strings) ?? .null]
     }
 
     static func dump(_ t: ClusterTLSConfig) -> JSONValue {

@@ -87,6 +87,9 @@ extension ConfigReader {
             }
             for (j, route) in listener.routes.enumerated() {
                 let path = "listeners[\(i)].routes[\(j)]"
+                if let transport = route.match.transport, let reason = Self.neverOpens(transport, on: listener, route: route, clusters: clusters) {
+                    fail("\(path).match.transport_protocol", reason)
+                }
                 if route.direct != nil, listener.protocol == .tcp {
                     fail(path, "listener \(listener.name) is protocol tcp: its routes carry connections, which a route cannot answer")
                 }
@@ -130,6 +133,29 @@ extension ConfigReader {
                     fail("\(path).fault", "applies to requests, not to TCP connections")
                 }
             }
+        }
+    }
+
+    /// Why no connection that opened as `transport` can reach `route` on `listener` (nil: some can): a route that could
+    /// never be taken is refused, not kept.
+    static func neverOpens(_ transport: ConnectionTransport, on listener: ListenerConfig, route: RouteConfig,
+                           clusters: [String: ClusterConfig]) -> String? {
+        switch transport {
+        case .tls:
+            return listener.tls == nil ? "listener \(listener.name) has no tls: no connection on it is TLS that Vigil terminates" : nil
+        case .rawBuffer:
+            guard let tls = listener.tls, tls.mode == .strict else { return nil }
+            return "listener \(listener.name) is tls mode strict: it takes no plaintext connection"
+        case .tlsPassthrough:
+            if let tls = listener.tls, tls.terminateALPN == nil {
+                return "listener \(listener.name) terminates every ClientHello (tls without terminate_alpn): none is passed on"
+            }
+            let cluster = clusters[route.cluster]
+            let carries = listener.protocol == .tcp || cluster?.protocol == .tcp || cluster?.type == .originalDst
+            guard route.direct == nil, carries, listener.protocol == .tcp || listener.protocol == .auto else {
+                return "TLS that Vigil does not terminate is carried as bytes: only a route of a protocol auto or tcp listener to a tcp or original_dst cluster takes it"
+            }
+            return nil
         }
     }
 

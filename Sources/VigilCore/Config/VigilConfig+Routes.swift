@@ -293,14 +293,16 @@ extension ConfigReader {
 
     mutating func readMatch(_ node: Node?, at path: String) -> RouteMatch? {
         guard let m = map(node, at: path, keys: ["prefix", "path", "authority", "headers", "methods", "destination_port",
-                                                 "destination_cidr"]) else { return nil }
+                                                 "destination_cidr", "transport_protocol"]) else { return nil }
         let destinationPort = int(m["destination_port"], at: m.path("destination_port"), range: 1...65535)
         var destinationCIDR: CIDR?
         if let text = string(m["destination_cidr"], at: m.path("destination_cidr")) {
             destinationCIDR = CIDR(text)
             if destinationCIDR == nil { fail(m.path("destination_cidr"), "\"\(text)\" is not an IPv4 or IPv6 CIDR (address/prefix)") }
         }
-        let byDestination = m["destination_port"] != nil || m["destination_cidr"] != nil
+        let transport = oneOf(m["transport_protocol"], at: m.path("transport_protocol"),
+                              ["raw_buffer": ConnectionTransport.rawBuffer, "tls": .tls, "tls_passthrough": .tlsPassthrough])
+        let byDestination = m["destination_port"] != nil || m["destination_cidr"] != nil || m["transport_protocol"] != nil
         var pathMatch: RouteMatch.Path?
         switch (m["prefix"], m["path"]) {
         case (let p?, nil):
@@ -355,6 +357,6 @@ extension ConfigReader {
         }
         guard let pathMatch else { return nil }
         return RouteMatch(path: pathMatch, authorities: authorities, headers: headers, methods: methods,
-                          destinationPort: destinationPort, destinationCIDR: destinationCIDR)
+                          destinationPort: destinationPort, destinationCIDR: destinationCIDR, transport: transport)
     }
 }

@@ -3,7 +3,7 @@ import Yams
 /// Reading of `listeners[].tls`, `clusters[].tls` and `authorization`.
 extension ConfigReader {
     mutating func readListenerTLS(_ node: Node, at path: String) -> ListenerTLSConfig? {
-        let keys: Set = ["cert", "key", "client_ca", "require_client_cert", "min_version", "identity_from", "mode"]
+        let keys: Set = ["cert", "key", "client_ca", "require_client_cert", "min_version", "identity_from", "mode", "terminate_alpn"]
         guard let m = map(node, at: path, keys: keys) else { return nil }
         let cert = required(nonEmptyString(m["cert"], at: m.path("cert")), m, "cert")
         let key = required(nonEmptyString(m["key"], at: m.path("key")), m, "key")
@@ -28,6 +28,12 @@ extension ConfigReader {
         }
         if let mode = oneOf(m["mode"], at: m.path("mode"), ["strict": ListenerTLSConfig.Mode.strict, "permissive": .permissive]) {
             tls.mode = mode
+        }
+        // null, as /config_dump writes it for a listener without: every ClientHello.
+        if let node = m["terminate_alpn"], !isNull(node), let list = list(node, at: m.path("terminate_alpn")) {
+            let names = list.enumerated().compactMap { nonEmptyString($0.element, at: Self.index(m.path("terminate_alpn"), $0.offset)) }
+            if list.isEmpty { fail(m.path("terminate_alpn"), "must name at least one protocol (leave it out to terminate every ClientHello)") }
+            if names.count == list.count, !names.isEmpty { tls.terminateALPN = names }
         }
         return tls
     }

@@ -265,16 +265,32 @@ public struct RouteMatch: Sendable, Equatable {
     /// The port and address range the connection's destination must have (`Destination`); nil matches any.
     public var destinationPort: Int?
     public var destinationCIDR: CIDR?
+    /// How the connection must have opened (`transport_protocol`, Envoy's filter-chain match); nil matches any.
+    public var transport: ConnectionTransport?
 
     public init(path: Path, authorities: [String] = [], headers: [HeaderMatch] = [], methods: [String] = [],
-                destinationPort: Int? = nil, destinationCIDR: CIDR? = nil) {
+                destinationPort: Int? = nil, destinationCIDR: CIDR? = nil, transport: ConnectionTransport? = nil) {
         self.path = path
         self.authorities = authorities
         self.headers = headers
         self.methods = methods
         self.destinationPort = destinationPort
         self.destinationCIDR = destinationCIDR
+        self.transport = transport
     }
+}
+
+/// How a downstream connection opened, as a route's `transport_protocol` matches it. Envoy's `tls_inspector` says
+/// `tls` for any ClientHello; Vigil tells apart the TLS it terminates and the TLS it passes on as bytes, because on
+/// one listener it may do both (it terminates a ClientHello offering one of the listener's `terminate_alpn` protocols,
+/// Istio's mutual-TLS ones, and passes the others on), and Envoy's chains for the two are different chains.
+public enum ConnectionTransport: String, Sendable, Equatable {
+    /// Plaintext: the connection did not open with a TLS ClientHello.
+    case rawBuffer = "raw_buffer"
+    /// TLS that Vigil terminated (on a listener with `tls`).
+    case tls
+    /// TLS that Vigil did not terminate, carried as bytes by a TCP route.
+    case tlsPassthrough = "tls_passthrough"
 }
 
 public struct HeaderMatch: Sendable, Equatable {

@@ -54,10 +54,13 @@ extension RouteMatch {
         path == .prefix("/") && authorities.isEmpty && headers.isEmpty && methods.isEmpty
     }
 
-    /// Whether `destination` is one this match takes (a match without destination keys takes every connection).
-    public func matches(destination: Destination?) -> Bool {
+    /// Whether a connection to `destination` that opened as `transport` is one this match takes (a match without
+    /// destination or transport keys takes every connection). `transport` nil: not known yet (Vigil has not read the
+    /// first bytes), which a match that names one does not take.
+    public func matches(destination: Destination?, transport: ConnectionTransport?) -> Bool {
         if let port = destinationPort, destination?.port != port { return false }
         if let range = destinationCIDR, !(destination.map(range.contains) ?? false) { return false }
+        if let wanted = self.transport, wanted != transport { return false }
         return true
     }
 }
@@ -87,10 +90,11 @@ public struct RouteTable: Sendable {
 
     /// The index of the first route matching the request, or nil (the proxy answers 404 `no_route`).
     /// `destination`: where its connection was going; a route that names a destination port or range matches no
-    /// request without one. Pre-specialized for HTTP/1.1 heads, so the data plane (another module) calls a
-    /// specialized copy.
+    /// request without one. `transport`: how its connection opened (nil: a route that names a transport takes it not).
+    /// Pre-specialized for HTTP/1.1 heads, so the data plane (another module) calls a specialized copy.
     @_specialize(exported: true, where R == HTTP1RequestHead)
-    public func match<R: RoutableRequest>(_ request: R, destination: Destination? = nil) -> Int? {
+    public func match<R: RoutableRequest>(_ request: R, destination: Destination? = nil,
+                                          transport: ConnectionTransport? = nil) -> Int? {
         return request.withPathBytes { bytes in
             // Paths are matched without their query string.
             let pathLength = bytes.firstIndex(of: UInt8(ascii: "?")) ?? bytes.count
@@ -105,7 +109,7 @@ public struct RouteTable: Sendable {
                     if !same { continue }
                     let m = table[index].match
                     if table[index].tcp { continue }
-                    if !m.matches(destination: destination) { continue }
+                    if !m.matches(destination: destination, transport: transport) { continue }
                     if !m.methods.isEmpty && !m.methods.contains(request.method) { continue }
                     if !m.authorities.isEmpty {
                         if host == nil { host = Self.hostWithoutPort(request.authority) }

@@ -145,6 +145,7 @@ extension VigilConfig {
                         if !r.match.methods.isEmpty { match.append(("methods", .array(r.match.methods.map { .string($0) }))) }
                         if let port = r.match.destinationPort { match.append(("destination_port", .int(port))) }
                         if let cidr = r.match.destinationCIDR { match.append(("destination_cidr", .string(cidr.description))) }
+                        if let t = r.match.transport { match.append(("transport_protocol", .string(t.rawValue))) }
                         // What the route does, in the one key it was given (a push of this dump must parse back the same).
                         var route: [(String, JSONValue)] = [("match", .object(match))]
                         if let name = r.name { route.insert(("name", .string(name)), at: 0) }

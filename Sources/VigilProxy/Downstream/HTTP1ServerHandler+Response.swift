@@ -218,7 +218,7 @@ extension HTTP1ServerHandler {
                                     reason: exchange.reason, requestID: rid, tenant: tenant,
                                     originalDestination: listener.config.originalDestination ? facts.destination : nil,
                                     identity: session.identity, fault: exchange.injectedFault?.kind,
-                                    downstreamTLS: listener.config.tls == nil ? nil : session.tlsLabel))
+                                    downstreamTLS: session.onTLSListener ? session.tlsLabel : nil))
         }
     }
 

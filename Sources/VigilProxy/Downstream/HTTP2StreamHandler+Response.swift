@@ -323,7 +323,7 @@ extension HTTP2StreamHandler {
                                     originalDestination: listener.config.originalDestination ? facts.destination : nil,
                                     identity: session.identity, grpcStatus: exchange.grpcStatus,
                                     fault: exchange.injectedFault?.kind,
-                                    downstreamTLS: listener.config.tls == nil ? nil : session.tlsLabel))
+                                    downstreamTLS: session.onTLSListener ? session.tlsLabel : nil))
         }
         target?.release()
         target = nil

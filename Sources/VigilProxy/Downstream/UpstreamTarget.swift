@@ -114,6 +114,7 @@ extension ProxyRuntime {
         let policy = loop.policy
         let snapshot = policy.snapshot
         let routes = snapshot.routes[listener.index]
+        let transport: ConnectionTransport = scheme == "https" ? .tls : .rawBuffer
         if listener.config.authorization, !snapshot.authorizer.rules.isEmpty {
             let method = request.method
             switch request.withPathBytes({ snapshot.authorizer.decide(identity: identity, pathBytes: $0, method: method) }) {
@@ -128,7 +129,7 @@ extension ProxyRuntime {
         }
         if let hops = MaxForwards.remaining(method: request.method, value: { request.headerValue("max-forwards") }), hops == 0 {
             // The route's own rules still decide who may be answered, even here.
-            if let i = routes.table.match(request, destination: destination), let denied = deniedByRoute(request, routeIndex: i, routes: routes,
+            if let i = routes.table.match(request, destination: destination, transport: transport), let denied = deniedByRoute(request, routeIndex: i, routes: routes,
                                                                                                      snapshot: snapshot, identity: identity) {
                 return denied
             }
@@ -140,7 +141,7 @@ extension ProxyRuntime {
                           detail: "Max-Forwards is 0, so Vigil answers as the final recipient" + (isTrace ? " and does not reflect TRACE" : ""),
                           cluster: nil, headers: [("allow", MaxForwards.allow)])
         }
-        guard let routeIndex = routes.table.match(request, destination: destination) else {
+        guard let routeIndex = routes.table.match(request, destination: destination, transport: transport) else {
             return .reply(status: 404, reason: "no_route",
                           detail: "no route of listener \(listener.config.name) matches \(request.method) \(RouteTable.pathWithoutQuery(request.path))",
                           cluster: nil)

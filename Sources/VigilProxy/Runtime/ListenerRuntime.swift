@@ -157,13 +157,21 @@ extension ListenerRoutes {
         return (weighted.slots[pick], pick)
     }
 
-    /// The first route to a tcp cluster that takes a connection to `destination`, if any.
-    func tcpRoute(for destination: Destination?) -> Int? {
-        tcpRoutes.first { routes[$0].match.matches(destination: destination) }
+    /// The first route to a tcp cluster that takes a connection to `destination` before any byte is read, if any.
+    /// `transport`: how the connection opened, when known already (TLS Vigil terminated, or a permissive listener's
+    /// plaintext); nil: not yet. A route that names a transport not yet known decides nothing: the first bytes will.
+    func tcpRoute(for destination: Destination?, transport: ConnectionTransport?) -> Int? {
+        for i in tcpRoutes where routes[i].match.matches(destination: destination, transport: routes[i].match.transport) {
+            guard let wanted = routes[i].match.transport else { return i }
+            guard let transport else { return nil }
+            if wanted == transport { return i }
+        }
+        return nil
     }
 
-    /// The first route that carries a TCP connection to `destination`, if any (nil: `no_route`).
-    func connectionRoute(for destination: Destination?) -> Int? {
-        connectionRoutes.first { routes[$0].match.matches(destination: destination) }
+    /// The first route that carries a TCP connection to `destination` that opened as `transport`, if any (nil:
+    /// `no_route`).
+    func connectionRoute(for destination: Destination?, transport: ConnectionTransport) -> Int? {
+        connectionRoutes.first { routes[$0].match.matches(destination: destination, transport: transport) }
     }
 }

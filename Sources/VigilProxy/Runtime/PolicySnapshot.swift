@@ -1,6 +1,7 @@
 import CoreMetrics
 import Logging
 import NIOCore
+import NIOSSL
 import VigilCore
 
 /// One version of the dynamic policy (routes, clusters, tenants, authorization, SLOs), built whole and
@@ -31,6 +32,18 @@ public final class PolicySnapshot: Sendable {
     let untenantedSLO: SLOCounters?
     /// TLS material of the clusters, installed in the store when this snapshot goes live.
     let clusterTLS: [String: TLSStore.Box]
+    /// Each listener's TLS under this policy, by listener index (nil: plaintext): what a connection accepted now gets.
+    let listenerTLS: [ListenerTLS?]
+
+    struct ListenerTLS: Sendable {
+        let config: ListenerTLSConfig
+        let material: TLSStore.Box
+
+        /// The context for a new handshake.
+        var context: NIOSSLContext { material.withLockedValue { $0.material.context } }
+        /// The listener's own identity (its certificate's SPIFFE ID), for XFCC's `By`.
+        var identity: String? { material.withLockedValue { $0.material.leaf?.identity } }
+    }
 
     /// Builds the snapshot for `config`, carrying what it can from `previous`. Throws `TLSLoadError` (with
     /// the key path) when a cluster's TLS files or a JWKS file do not load; nothing is changed then.
@@ -40,6 +53,10 @@ public final class PolicySnapshot: Sendable {
         self.config = config
         let config = config.withPassthrough().withUnknownClustersAnswered()
         self.clusterTLS = try tls.prepareClusters(config.clusters)
+        let listenerBoxes = try tls.prepareListeners(config.listeners)
+        self.listenerTLS = config.listeners.indices.map { i in
+            config.listeners[i].tls.map { ListenerTLS(config: $0, material: listenerBoxes[i]!) }
+        }
         let overrideCount = config.listeners.reduce(0) { $0 + $1.routes.filter { $0.tenantLimits != nil }.count }
         self.tenants = try config.tenants.map {
             try TenantRegistry(config: $0, routeBuckets: overrideCount, slo: config.slo, logger: logger,

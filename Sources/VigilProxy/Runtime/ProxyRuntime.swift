@@ -99,6 +99,7 @@ public final class ProxyRuntime: Sendable {
     public func install(_ snapshot: PolicySnapshot) async {
         let previous: PolicySnapshot = installLock.withLock {
             tls.installClusters(snapshot.clusterTLS)
+            tls.installListeners(Dictionary(uniqueKeysWithValues: snapshot.listenerTLS.enumerated().compactMap { i, l in l.map { (i, $0.material) } }))
             return currentBox.withLockedValue { old in defer { old = snapshot }; return old }
         }
         let loopCount = self.loopCount

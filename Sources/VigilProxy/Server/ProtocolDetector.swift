@@ -4,9 +4,11 @@ import VigilCore
 
 /// Looks at the first bytes of a connection and installs what serves it, then leaves (Envoy's `tls_inspector` and
 /// `http_inspector`). Two stages:
-/// - `tlsOrPlaintext` (a `tls.mode: permissive` listener): a TLS ClientHello gets the listener's TLS, which decides
-///   the rest after the handshake (`TLSSessionStarter`); anything else is served in plaintext, by the listener's
-///   protocol.
+/// - `tlsOrPlaintext` (a `tls.mode: permissive` listener, or one with `tls.terminate_alpn`): a TLS ClientHello gets
+///   the listener's TLS, which decides the rest after the handshake (`TLSSessionStarter`); with `terminate_alpn`, only
+///   one that offers one of those protocols does, and any other is passed on as bytes (`transport_protocol:
+///   tls_passthrough`). Anything else is served in plaintext, by the listener's protocol (permissive), or closed
+///   (strict).
 /// - `protocol` (`protocol: auto` or `tcp`): on a listener that cannot carry TCP, HTTP/2 when the connection opens
 ///   with the h2 preface and HTTP/1.1 otherwise, decided at the first byte that differs from the preface. On one that
 ///   can (`ListenerRoutes.carriesTCP`): TCP at once for an opaque port or a destination a tcp route takes (nothing
@@ -25,6 +27,11 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     private let listener: ListenerRuntime
     private let loop: LoopContext
     private let session: DownstreamSession
+    /// The listener's TLS as the policy had it when the connection came (for `tlsOrPlaintext`).
+    private let tls: PolicySnapshot.ListenerTLS?
+    /// How the connection opened, once known: TLS Vigil terminated (the session says so), or plaintext on a listener
+    /// with TLS. Nil on a listener without: a ClientHello there is found only by sniffing.
+    private var transport: ConnectionTransport?
     private var stage: Stage
     private var buffered: ByteBuffer?
     /// A connection must show what it speaks within the listener's `header_timeout`: one that sends nothing
@@ -37,12 +44,14 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     private var decided = false
 
     init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, session: DownstreamSession = .plain,
-         stage: Stage = .protocol) {
+         tls: PolicySnapshot.ListenerTLS? = nil) {
         self.runtime = runtime
         self.listener = listener
         self.loop = loop
         self.session = session
-        self.stage = stage
+        self.tls = tls
+        self.stage = tls == nil ? .protocol : .tlsOrPlaintext
+        self.transport = session.scheme == "https" ? .tls : nil
     }
 
     private var routes: ListenerRoutes { loop.policy.snapshot.routes[listener.index] }
@@ -61,7 +70,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
             // A client of a server that speaks first sends nothing: with a detection timeout, a connection silent
             // that long is plaintext (a peer sidecar always opens with its ClientHello, so mTLS is never mistaken).
             let wait = listener.config.protocolDetectionTimeout
-            guard wait > .zero else { return }
+            guard wait > .zero, tls?.config.mode == .permissive else { return }
             detectionDeadline = context.eventLoop.assumeIsolated().scheduleTask(in: wait) { [weak self] in
                 guard let self, !self.decided, self.stage == .tlsOrPlaintext, (self.buffered?.readableBytes ?? 0) == 0 else { return }
                 self.plaintext(context: context, silent: true)
@@ -88,7 +97,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
         if let port = reached.destination?.port, listener.config.opaquePorts.contains(port) {
             return install(.tcp, context: context)
         }
-        if routes.tcpRoute(for: reached.destination) != nil { return install(.tcp, context: context) }
+        if routes.tcpRoute(for: reached.destination, transport: transport) != nil { return install(.tcp, context: context) }
         let wait = listener.config.protocolDetectionTimeout
         if wait > .zero {
             detectionDeadline = context.eventLoop.assumeIsolated().scheduleTask(in: wait) { [weak self] in
@@ -130,9 +139,21 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
         switch stage {
         case .tlsOrPlaintext:
             // A TLS record starts with 22; a ClientHello shows itself in its first six bytes (the rest of it is the
-            // TLS handler's to read).
+            // TLS handler's to read, unless its ALPN decides whether Vigil terminates it).
             guard buffered.readableBytesView.first == 0x16 else { return plaintext(context: context) }
             let verdict = buffered.withUnsafeReadableBytes { ProtocolSniffer.sniff($0, maxRequestLine: 0) }
+            if let terminate = tls?.config.terminateALPN {
+                switch verdict {
+                case .needMore:
+                    return  // the whole first record is waited for; the sniffer refuses one that claims too much
+                case .decided(.tls(let hello)) where hello.alpn.contains(where: terminate.contains):
+                    return installTLS(context: context)
+                case .decided(.tls(let hello)):
+                    return install(.tls(hello), context: context)
+                case .decided:
+                    return plaintext(context: context)
+                }
+            }
             switch verdict {
             case .needMore where buffered.readableBytes < 6:
                 return
@@ -165,6 +186,12 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     private func plaintext(context: ChannelHandlerContext, silent: Bool = false) {
         detectionDeadline?.cancel()
         detectionDeadline = nil
+        // Strict (a listener there with terminate_alpn for its passthrough): every connection must open with TLS.
+        guard tls?.config.mode == .permissive else {
+            decided = true
+            return context.close(promise: nil)
+        }
+        transport = .rawBuffer
         runtime.metrics.recordDownstreamTLS(listener: listener.index, session)
         // Plaintext is served as on a listener without TLS, half-closes included.
         try? context.channel.syncOptions?.setOption(.allowRemoteHalfClosure, value: true)
@@ -181,7 +208,8 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     private func installTLS(context: ChannelHandlerContext) {
         decided = true
         do {
-            try TLSSessionStarter.install(on: context.channel, runtime: runtime, listener: listener, loop: loop)
+            guard let tls else { throw ChannelError.ioOnClosedChannel }
+            try TLSSessionStarter.install(on: context.channel, runtime: runtime, listener: listener, loop: loop, tls: tls)
         } catch {
             context.close(promise: nil)
             return

@@ -81,15 +81,19 @@ public final class ProxyServer: Sendable {
                     // Half-closure is an HTTP/1.1 nicety on plain TCP. Over TLS a client's close_notify ends the
                     // connection: with half-closure on, NIOSSL would hold every connection Vigil closes open until its
                     // shutdown timeout. (A TCP proxy connection turns it on: there half-closes pass through.)
-                    try channel.syncOptions?.setOption(.allowRemoteHalfClosure, value: listener.config.tls == nil)
                     let loop = runtime.loopContext(channel.eventLoop)
-                    if let tls = listener.config.tls {
-                        // Permissive: TLS only for connections that open with a ClientHello.
-                        if tls.mode == .permissive {
+                    // The listener's TLS as the policy in force has it (xDS may give it or change its material).
+                    let tls = loop.policy.snapshot.listenerTLS[listener.index]
+                    try channel.syncOptions?.setOption(.allowRemoteHalfClosure, value: tls == nil)
+                    if let tls {
+                        // Permissive: TLS only for connections that open with a ClientHello; terminate_alpn: only for
+                        // those that offer one of its protocols.
+                        if tls.config.mode == .permissive || tls.config.terminateALPN != nil {
                             try channel.pipeline.syncOperations.addHandler(
-                                ProtocolDetector(runtime: runtime, listener: listener, loop: loop, stage: .tlsOrPlaintext))
+                                ProtocolDetector(runtime: runtime, listener: listener, loop: loop, session: .plainOnTLSListener,
+                                                 tls: tls))
                         } else {
-                            try TLSSessionStarter.install(on: channel, runtime: runtime, listener: listener, loop: loop)
+                            try TLSSessionStarter.install(on: channel, runtime: runtime, listener: listener, loop: loop, tls: tls)
                         }
                         return
                     }

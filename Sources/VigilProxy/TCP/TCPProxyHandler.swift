@@ -202,7 +202,8 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Dead
             }
         }
         let routes = snapshot.routes[listener.index]
-        guard let routeIndex = routes.connectionRoute(for: reached.destination) else { return refuse("no_route") }
+        let transport: ConnectionTransport = session.scheme == "https" ? .tls : hello != nil ? .tlsPassthrough : .rawBuffer
+        guard let routeIndex = routes.connectionRoute(for: reached.destination, transport: transport) else { return refuse("no_route") }
         if let authorizer = routes.authorizers[routeIndex], case .deny = authorizer.decideConnection(identity: session.identity) {
             snapshot.authorizationDenied.increment()
             return refuse("unauthorized")
@@ -444,7 +445,7 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Dead
                                     bytesIn: bytesIn, bytesOut: bytesOut, reason: reason, requestID: .none,
                                     originalDestination: listener.config.originalDestination ? reached.destination : nil,
                                     identity: session.identity,
-                                    downstreamTLS: listener.config.tls == nil ? nil : session.tlsLabel,
+                                    downstreamTLS: session.onTLSListener ? session.tlsLabel : nil,
                                     serverName: hello?.serverName, alpn: hello?.alpn ?? []))
         }
     }

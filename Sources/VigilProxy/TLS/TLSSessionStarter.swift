@@ -10,8 +10,13 @@ struct DownstreamSession: Sendable {
     var peer: PeerIdentity?
     /// The `x-forwarded-client-cert` value Vigil sends upstream for this client (Envoy's format).
     var forwardedClientCert: String?
+    /// The listener had TLS when the connection came (the access log then says how it came: xDS may give a listener
+    /// TLS its config file has not).
+    var onTLSListener = false
 
     static let plain = DownstreamSession(scheme: "http", peer: nil, forwardedClientCert: nil)
+    /// Plaintext on a listener with TLS (permissive), or TLS it passes on.
+    static let plainOnTLSListener = DownstreamSession(scheme: "http", peer: nil, forwardedClientCert: nil, onTLSListener: true)
 
     var identity: String? { peer?.identity }
 
@@ -34,19 +39,22 @@ final class TLSSessionStarter: ChannelInboundHandler, RemovableChannelHandler {
     private let runtime: ProxyRuntime
     private let listener: ListenerRuntime
     private let loop: LoopContext
+    private let tls: PolicySnapshot.ListenerTLS
     private var timeout: Scheduled<Void>?
 
-    init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext) {
+    init(runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext, tls: PolicySnapshot.ListenerTLS) {
         self.runtime = runtime
         self.listener = listener
         self.loop = loop
+        self.tls = tls
     }
 
-    /// Adds the listener's TLS server handler and a starter behind it, at the end of `channel`'s pipeline.
-    static func install(on channel: Channel, runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext) throws {
-        guard let context = runtime.tls.listenerContext(listener.index) else { throw ChannelError.ioOnClosedChannel }
-        try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context))
-        try channel.pipeline.syncOperations.addHandler(TLSSessionStarter(runtime: runtime, listener: listener, loop: loop))
+    /// Adds the listener's TLS server handler (`tls`: as the policy had it when the connection came) and a starter
+    /// behind it, at the end of `channel`'s pipeline.
+    static func install(on channel: Channel, runtime: ProxyRuntime, listener: ListenerRuntime, loop: LoopContext,
+                        tls: PolicySnapshot.ListenerTLS) throws {
+        try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.context))
+        try channel.pipeline.syncOperations.addHandler(TLSSessionStarter(runtime: runtime, listener: listener, loop: loop, tls: tls))
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -68,15 +76,14 @@ final class TLSSessionStarter: ChannelInboundHandler, RemovableChannelHandler {
         }
         timeout?.cancel()
         let channel = context.channel
-        let sources = listener.config.tls?.identityFrom ?? [.uri, .dns, .cn]
+        let sources = self.tls.config.identityFrom
         let certificate = try? channel.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self).peerCertificate
         let peer = certificate.flatMap { PeerIdentity($0, from: sources) }
         let session = DownstreamSession(
             scheme: "https", peer: peer,
             forwardedClientCert: peer.map {
-                ForwardedClientCert.value(by: runtime.tls.listenerIdentity(listener.index), hashHex: $0.hash,
-                                          uri: $0.uris.first, dns: $0.dns)
-            })
+                ForwardedClientCert.value(by: self.tls.identity, hashHex: $0.hash, uri: $0.uris.first, dns: $0.dns)
+            }, onTLSListener: true)
         runtime.metrics.recordDownstreamTLS(listener: listener.index, session)
         do {
             switch (alpn, listener.config.protocol) {

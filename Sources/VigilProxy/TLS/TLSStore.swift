@@ -27,6 +27,9 @@ public final class TLSStore: Sendable {
         /// For a cluster's entry, what it was loaded from: a policy that keeps it equal keeps the entry.
         var clusterSource: ClusterTLSConfig?
         var clusterProtocol: UpstreamProtocol?
+        /// For a listener's entry, the same.
+        var listenerSource: ListenerTLSConfig?
+        var listenerProtocol: ListenerProtocol?
         /// The files as they were when a reload last failed: the same bad content is reported once, not at every
         /// poll (which pushed healing decisions out of the event ring).
         var failedFiles: [String: [UInt8]?]?
@@ -34,7 +37,9 @@ public final class TLSStore: Sendable {
 
     typealias Box = NIOLockedValueBox<Entry>
 
-    private let listenerEntries: [Int: Box]
+    /// Listener entries by listener index; replaced whole when a policy changes a listener's TLS (xDS gives listeners
+    /// their TLS: the config file's listener may have none).
+    private let listenerEntries: NIOLockedValueBox<[Int: Box]>
     /// The control-plane listener's material (`control.tls`), rotated like a listener's.
     private let controlEntry: Box?
     /// Cluster entries by cluster name; replaced whole when a policy changes the clusters.
@@ -46,15 +51,7 @@ public final class TLSStore: Sendable {
 
     init(config: VigilConfig, events: HealingEventLog) throws(TLSLoadError) {
         self.events = events
-        var listeners: [Int: Box] = [:]
-        for (i, l) in config.listeners.enumerated() {
-            guard let tls = l.tls else { continue }
-            let path = "listeners[\(i)].tls", proto = l.protocol
-            listeners[i] = try Self.entry(owner: l.name, path: path) { () throws(TLSLoadError) in
-                try TLSMaterial.listener(tls, protocol: proto, at: path)
-            }
-        }
-        listenerEntries = listeners
+        listenerEntries = NIOLockedValueBox(try Self.prepareListeners(config.listeners, current: [:]))
         controlEntry = try config.control?.tls.map { tls throws(TLSLoadError) in
             try Self.entry(owner: "control", path: "control.tls") { () throws(TLSLoadError) in
                 try TLSMaterial.listener(tls, protocol: .http1, at: "control.tls")
@@ -92,6 +89,35 @@ public final class TLSStore: Sendable {
 
     func installClusters(_ entries: [String: Box]) { clusterEntries.withLockedValue { $0 = entries } }
 
+    /// Loads the TLS material of `listeners` by index, keeping entries whose settings did not change, without
+    /// installing it (as `prepareClusters`).
+    func prepareListeners(_ listeners: [ListenerConfig]) throws(TLSLoadError) -> [Int: Box] {
+        try Self.prepareListeners(listeners, current: listenerEntries.withLockedValue { $0 })
+    }
+
+    private static func prepareListeners(_ listeners: [ListenerConfig], current: [Int: Box]) throws(TLSLoadError) -> [Int: Box] {
+        var out: [Int: Box] = [:]
+        for (i, l) in listeners.enumerated() {
+            guard let tls = l.tls else { continue }
+            if let box = current[i], box.withLockedValue({ $0.listenerSource == tls && $0.listenerProtocol == l.protocol }) {
+                out[i] = box
+                continue
+            }
+            let path = "listeners[\(i)].tls", proto = l.protocol
+            let box = try Self.entry(owner: l.name, path: path) { () throws(TLSLoadError) in
+                try TLSMaterial.listener(tls, protocol: proto, at: path)
+            }
+            box.withLockedValue {
+                $0.listenerSource = tls
+                $0.listenerProtocol = proto
+            }
+            out[i] = box
+        }
+        return out
+    }
+
+    func installListeners(_ entries: [Int: Box]) { listenerEntries.withLockedValue { $0 = entries } }
+
     /// Loads the material once now; `load` is kept to load it again when its files change.
     private static func entry(owner: String, path: String,
                               load: @escaping @Sendable () throws(TLSLoadError) -> TLSMaterial) throws(TLSLoadError)
@@ -110,12 +136,6 @@ public final class TLSStore: Sendable {
     }
 
 
-    /// The context for a new handshake on listener `i` (nil without TLS).
-    func listenerContext(_ i: Int) -> NIOSSLContext? { listenerEntries[i]?.withLockedValue { $0.material.context } }
-
-    /// The listener's own identity (its certificate's SPIFFE ID), for XFCC's `By`.
-    func listenerIdentity(_ i: Int) -> String? { listenerEntries[i]?.withLockedValue { $0.material.leaf?.identity } }
-
     func clusterContext(_ name: String) -> NIOSSLContext? {
         clusterEntries.withLockedValue { $0[name] }?.withLockedValue { $0.material.context }
     }
@@ -125,7 +145,7 @@ public final class TLSStore: Sendable {
     public func reload(now: Date = Date()) -> [HealingEvent] {
         var out: [HealingEvent] = []
         var failures = 0
-        for box in Array(listenerEntries.values) + (controlEntry.map { [$0] } ?? []) + Array(clusterEntries.withLockedValue { $0.values }) {
+        for box in Array(listenerEntries.withLockedValue { $0.values }) + (controlEntry.map { [$0] } ?? []) + Array(clusterEntries.withLockedValue { $0.values }) {
             out += box.withLockedValue { entry in Self.check(&entry, now: now, failures: &failures) }
         }
         if failures > 0 { reloadFailures.wrappingIncrement(by: failures, ordering: .relaxed) }
@@ -183,7 +203,7 @@ public final class TLSStore: Sendable {
     }
 
     public func certificates() -> [CertView] {
-        let boxes = listenerEntries.sorted { $0.key < $1.key }.map(\.value) + (controlEntry.map { [$0] } ?? [])
+        let boxes = listenerEntries.withLockedValue { $0 }.sorted { $0.key < $1.key }.map(\.value) + (controlEntry.map { [$0] } ?? [])
             + clusterEntries.withLockedValue { $0 }.sorted { $0.key < $1.key }.map(\.value)
         return boxes.flatMap { box in
             box.withLockedValue { e -> [CertView] in
