@@ -24,12 +24,8 @@ public final class TLSStore: Sendable {
         var material: TLSMaterial
         var lastRotation: Date
         var warnedExpiry: Set<String> = []
-        /// For a cluster's entry, what it was loaded from: a policy that keeps it equal keeps the entry.
-        var clusterSource: ClusterTLSConfig?
-        var clusterProtocol: UpstreamProtocol?
-        /// For a listener's entry, the same.
-        var listenerSource: ListenerTLSConfig?
-        var listenerProtocol: ListenerProtocol?
+        /// What it was loaded from (nil: the control listener's, never replaced).
+        var source: Source?
         /// The files as they were when a reload last failed: the same bad content is reported once, not at every
         /// poll (which pushed healing decisions out of the event ring).
         var failedFiles: [String: [UInt8]?]?
@@ -61,62 +57,56 @@ public final class TLSStore: Sendable {
         installClusters(try prepareClusters(config.clusters))
     }
 
+    /// What an entry was loaded from: a policy that keeps it equal keeps the entry (and its rotation state).
+    enum Source: Sendable, Equatable {
+        case cluster(ClusterTLSConfig, UpstreamProtocol)
+        case listener(ListenerTLSConfig, ListenerProtocol)
+    }
+
     /// Loads the TLS material of `clusters` (keeping entries whose settings did not change), without
     /// installing it: a policy that fails anywhere leaves the store as it was. `pathPrefix` names where the
     /// clusters came from in errors.
     func prepareClusters(_ clusters: [ClusterConfig], pathPrefix: String = "clusters") throws(TLSLoadError) -> [String: Box] {
-        let current = clusterEntries.withLockedValue { $0 }
-        var out: [String: Box] = [:]
-        for (i, c) in clusters.enumerated() {
-            guard let tls = c.tls else { continue }
-            if let box = current[c.name],
-               box.withLockedValue({ $0.clusterSource == tls && $0.clusterProtocol == c.protocol }) {
-                out[c.name] = box
-                continue
-            }
-            let path = "\(pathPrefix)[\(i)].tls", proto = c.protocol
-            let box = try Self.entry(owner: c.name, path: path) { () throws(TLSLoadError) in
-                try TLSMaterial.cluster(tls, protocol: proto, at: path)
-            }
-            box.withLockedValue {
-                $0.clusterSource = tls
-                $0.clusterProtocol = proto
-            }
-            out[c.name] = box
-        }
-        return out
+        try Self.prepare(clusters.enumerated().compactMap { i, c in
+            c.tls.map { (c.name, c.name, "\(pathPrefix)[\(i)].tls", .cluster($0, c.protocol)) }
+        }, current: clusterEntries.withLockedValue { $0 })
     }
 
     func installClusters(_ entries: [String: Box]) { clusterEntries.withLockedValue { $0 = entries } }
 
-    /// Loads the TLS material of `listeners` by index, keeping entries whose settings did not change, without
-    /// installing it (as `prepareClusters`).
+    /// Loads the TLS material of `listeners` by index, as `prepareClusters`.
     func prepareListeners(_ listeners: [ListenerConfig]) throws(TLSLoadError) -> [Int: Box] {
         try Self.prepareListeners(listeners, current: listenerEntries.withLockedValue { $0 })
     }
 
     private static func prepareListeners(_ listeners: [ListenerConfig], current: [Int: Box]) throws(TLSLoadError) -> [Int: Box] {
-        var out: [Int: Box] = [:]
-        for (i, l) in listeners.enumerated() {
-            guard let tls = l.tls else { continue }
-            if let box = current[i], box.withLockedValue({ $0.listenerSource == tls && $0.listenerProtocol == l.protocol }) {
-                out[i] = box
-                continue
-            }
-            let path = "listeners[\(i)].tls", proto = l.protocol
-            let box = try Self.entry(owner: l.name, path: path) { () throws(TLSLoadError) in
-                try TLSMaterial.listener(tls, protocol: proto, at: path)
-            }
-            box.withLockedValue {
-                $0.listenerSource = tls
-                $0.listenerProtocol = proto
-            }
-            out[i] = box
-        }
-        return out
+        try prepare(listeners.enumerated().compactMap { i, l in
+            l.tls.map { (i, l.name, "listeners[\(i)].tls", .listener($0, l.protocol)) }
+        }, current: current)
     }
 
     func installListeners(_ entries: [Int: Box]) { listenerEntries.withLockedValue { $0 = entries } }
+
+    private static func prepare<Key: Hashable>(_ wanted: [(key: Key, owner: String, path: String, source: Source)],
+                                               current: [Key: Box]) throws(TLSLoadError) -> [Key: Box] {
+        var out: [Key: Box] = [:]
+        for w in wanted {
+            if let box = current[w.key], box.withLockedValue({ $0.source == w.source }) {
+                out[w.key] = box
+                continue
+            }
+            let source = w.source, path = w.path
+            let box = try entry(owner: w.owner, path: path) { () throws(TLSLoadError) in
+                switch source {
+                case .cluster(let tls, let proto): try TLSMaterial.cluster(tls, protocol: proto, at: path)
+                case .listener(let tls, let proto): try TLSMaterial.listener(tls, protocol: proto, at: path)
+                }
+            }
+            box.withLockedValue { $0.source = source }
+            out[w.key] = box
+        }
+        return out
+    }
 
     /// Loads the material once now; `load` is kept to load it again when its files change.
     private static func entry(owner: String, path: String,
