@@ -26,6 +26,8 @@ public enum XDSClusters {
         public var identity: String?
         public var sni: String?
         public var alpn: [String]
+        /// TLS 1.2 suites among Vigil's (`tls_params.cipher_suites`); nil: all of them.
+        public var cipherSuites: [String]?
         /// Whether its secrets come from `xds.sds_server` (`api_config_source`, Istio's `sds-grpc`) rather than the
         /// ADS stream.
         public var fromSDSServer = false
@@ -128,7 +130,7 @@ public enum XDSClusters {
         if !cluster.transportSocketMatches.isEmpty {
             throw refuse("transport_socket_matches", "choosing TLS per host (Istio's tlsMode) is not supported: give the cluster one transport_socket")
         }
-        let tls = cluster.hasTransportSocket ? try upstreamTLS(cluster.transportSocket, cluster: name) : nil
+        let tls = cluster.hasTransportSocket ? try XDSTLS.upstream(cluster.transportSocket, cluster: name) : nil
         if cluster.healthChecks.count > 1 {
             throw refuse("health_checks", "has \(cluster.healthChecks.count) checks: Vigil runs one per cluster")
         }
@@ -139,94 +141,6 @@ public enum XDSClusters {
             config.outlierDetection = try outlierDetection(cluster.outlierDetection, cluster: name)
         }
         return Read(config: config, edsServiceName: eds, tls: tls)
-    }
-
-    static let tlsSocket = "envoy.transport_sockets.tls"
-
-    /// `transport_socket` "envoy.transport_sockets.tls" with an `UpstreamTlsContext` whose certificate and trust come by
-    /// SDS on the ADS stream; what Vigil cannot check as Envoy would (several identities, matchers other than exact,
-    /// inline material, another SDS server) is refused.
-    static func upstreamTLS(_ socket: Envoy_Config_Core_V3_TransportSocket, cluster name: String) throws(XDSRejection) -> UpstreamTLS {
-        func refuse(_ path: String, _ reason: String) -> XDSRejection {
-            XDSRejection(resource: name, path: "transport_socket.\(path)", reason: reason)
-        }
-        guard socket.name == tlsSocket, case .typedConfig(let any)? = socket.configType,
-              any.isA(Envoy_Extensions_TransportSockets_Tls_V3_UpstreamTlsContext.self),
-              let context = try? Envoy_Extensions_TransportSockets_Tls_V3_UpstreamTlsContext(unpackingAny: any) else {
-            throw refuse("name", "\"\(socket.name)\" with its config is not a transport socket Vigil has (\(tlsSocket) with an UpstreamTlsContext)")
-        }
-        try XDSUnknownFields.check(context, resource: name, path: "transport_socket.typed_config")
-        let common = context.commonTlsContext
-        // Where the secrets come from: the ADS stream, or the one SDS server Vigil knows (`xds.sds_server`), whatever
-        // cluster name the config gives it (istio-agent's is `sds-grpc`). Both of a context's secrets from one of them.
-        var source: Bool?
-        var serverName: String?
-        func sds(_ config: Envoy_Extensions_TransportSockets_Tls_V3_SdsSecretConfig, _ path: String) throws(XDSRejection) -> String {
-            guard !config.name.isEmpty else { throw refuse("\(path).name", "is empty") }
-            let fromServer: Bool
-            switch config.sdsConfig.configSourceSpecifier {
-            case .ads?, .self_p?: fromServer = false
-            case .apiConfigSource(let api)?:
-                guard api.apiType == .grpc, api.grpcServices.count == 1, case .envoyGrpc(let g)? = api.grpcServices[0].targetSpecifier,
-                      !g.clusterName.isEmpty else {
-                    throw refuse("\(path).sds_config.api_config_source", "Vigil reaches a separate SDS server over gRPC, one service (api_type GRPC, one envoy_grpc with its cluster_name)")
-                }
-                if let serverName, serverName != g.clusterName {
-                    throw refuse("\(path).sds_config.api_config_source", "names SDS server \"\(g.clusterName)\" beside \"\(serverName)\": Vigil has one (xds.sds_server)")
-                }
-                serverName = g.clusterName
-                fromServer = true
-            default: throw refuse("\(path).sds_config", "secrets come on the ADS stream (ads or self) or from xds.sds_server (api_config_source)")
-            }
-            if let source, source != fromServer {
-                throw refuse("\(path).sds_config", "the certificate and the trust come from different sources: Vigil takes both from one")
-            }
-            source = fromServer
-            return config.name
-        }
-        guard common.tlsCertificateSdsSecretConfigs.count <= 1 else {
-            throw refuse("typed_config.common_tls_context.tls_certificate_sds_secret_configs", "Vigil presents one certificate")
-        }
-        let certificate = try common.tlsCertificateSdsSecretConfigs.first.map { c throws(XDSRejection) in
-            try sds(c, "typed_config.common_tls_context.tls_certificate_sds_secret_configs[0]")
-        }
-        let trust: String
-        var identities: [String] = []
-        let validation = "typed_config.common_tls_context"
-        switch common.validationContextType {
-        case .validationContextSdsSecretConfig(let c)?:
-            trust = try sds(c, "\(validation).validation_context_sds_secret_config")
-        case .combinedValidationContext(let combined)?:
-            let path = "\(validation).combined_validation_context"
-            trust = try sds(combined.validationContextSdsSecretConfig, "\(path).validation_context_sds_secret_config")
-            let defaults = combined.defaultValidationContext
-            if defaults.hasTrustedCa { throw refuse("\(path).default_validation_context.trusted_ca", "the trust comes by SDS") }
-            for (i, m) in defaults.matchTypedSubjectAltNames.enumerated() {
-                guard [.uri, .dns].contains(m.sanType), case .exact(let v)? = m.matcher.matchPattern, !m.matcher.ignoreCase else {
-                    throw refuse("\(path).default_validation_context.match_typed_subject_alt_names[\(i)]",
-                                 "Vigil matches a URI or DNS name exactly")
-                }
-                identities.append(v)
-            }
-            for (i, m) in defaults.matchSubjectAltNames.enumerated() {
-                guard case .exact(let v)? = m.matchPattern, !m.ignoreCase else {
-                    throw refuse("\(path).default_validation_context.match_subject_alt_names[\(i)]", "Vigil matches a name exactly")
-                }
-                identities.append(v)
-            }
-        case nil:
-            throw refuse(validation, "needs a validation context: Vigil checks the hosts' certificates")
-        }
-        guard identities.count <= 1 else {
-            throw refuse("\(validation).combined_validation_context.default_validation_context",
-                         "names \(identities.count) identities: Vigil checks one per cluster")
-        }
-        for (i, p) in common.alpnProtocols.enumerated() where p.isEmpty || p.utf8.count > 255 || !p.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) {
-            throw refuse("typed_config.common_tls_context.alpn_protocols[\(i)]", "is not a protocol name (1 to 255 printable ASCII bytes)")
-        }
-        return UpstreamTLS(certificate: certificate, trust: trust, identity: identities.first,
-                           sni: context.sni.isEmpty ? nil : context.sni, alpn: common.alpnProtocols, fromSDSServer: source ?? false,
-                           sdsServerName: serverName)
     }
 
     /// Envoy's active health check as Vigil's: HTTP GET or gRPC's health service, on Envoy's schedule. Vigil opens a

@@ -24,6 +24,14 @@ public enum XDSListeners {
         public var chains: [Chain]
         /// Telemetry filters that were not applied (listed in /config_dump).
         public var ignoredFilters: [String]
+        /// The TLS its chains terminate with (one context for all of them, as Vigil has one per listener); nil: none does.
+        public var tls: XDSTLS.DownstreamTLS?
+        /// The ALPN protocols of the ClientHellos Vigil terminates (those the terminating chains match); any other TLS
+        /// goes to a passthrough chain. Nil: every ClientHello.
+        public var terminateALPN: [String]?
+        /// Some chain takes plaintext (a `raw_buffer` chain, or one that names no transport and terminates no TLS):
+        /// with TLS, the listener is permissive.
+        public var takesPlaintext = true
 
         /// The RDS names the listener's HTTP chains need.
         public var routeNames: [String] {
@@ -48,6 +56,12 @@ public enum XDSListeners {
         public var kind: Kind
         /// What the chain's fault and RBAC filters ask of its routes.
         public var policy = XDSHTTPFilters.ChainPolicy()
+        /// How its connections open (`transport_protocol`, and whether it terminates TLS); nil: any.
+        public var transport: ConnectionTransport?
+        /// The TLS it terminates (`transport_socket`).
+        public var tls: XDSTLS.DownstreamTLS?
+        /// `application_protocols`: for a chain that terminates TLS, the ClientHellos it takes.
+        public var applicationProtocols: [String] = []
     }
 
     /// Filters that only observe traffic (stats, metadata exchange for telemetry, inspectors whose work Vigil's own
@@ -92,6 +106,9 @@ public enum XDSListeners {
         var chains: [(chain: Chain, index: Int)] = []
         for (i, chain) in l.filterChains.enumerated() {
             let read = try self.chain(chain, listener: name, path: "filter_chains[\(i)]", ignored: &read.ignoredFilters)
+            if read.tls != nil, !(!l.hasBindToPort || l.bindToPort.value) {
+                throw refuse("filter_chains[\(i)].transport_socket", "TLS on a listener that binds no port is not supported: the listener that hands connections on terminates them")
+            }
             // One entry per address range, each placed by its own prefix length, as Envoy matches ranges.
             if read.prefixRanges.count > 1 {
                 for range in read.prefixRanges {
@@ -109,15 +126,21 @@ public enum XDSListeners {
             var unmatched = l.defaultFilterChain
             unmatched.clearFilterChainMatch()
             let fallback = try self.chain(unmatched, listener: name, path: "default_filter_chain", ignored: &read.ignoredFilters)
+            if fallback.tls != nil, !read.bindsPort {
+                throw refuse("default_filter_chain.transport_socket", "TLS on a listener that binds no port is not supported: the listener that hands connections on terminates them")
+            }
             chains.append((fallback, Int.max))
         }
-        // Most specific first: a destination port, then the longest address prefix; the listed order among equals.
-        func specificity(_ c: Chain) -> (Int, Int) {
-            (c.destinationPort == nil ? 1 : 0, -(c.prefixRanges.map(\.prefix).max() ?? -1))
+        try terminations(of: chains, into: &read)
+        // Most specific first, in Envoy's order of criteria: a destination port, the longest address prefix, a transport
+        // protocol, application protocols; the listed order among equals.
+        func specificity(_ c: Chain) -> (Int, Int, Int, Int) {
+            (c.destinationPort == nil ? 1 : 0, -(c.prefixRanges.map(\.prefix).max() ?? -1), c.transport == nil ? 1 : 0,
+             c.applicationProtocols.isEmpty ? 1 : 0)
         }
         read.chains = chains.sorted {
             let a = specificity($0.chain), b = specificity($1.chain)
-            return (a.0, a.1, $0.index) < (b.0, b.1, $1.index)
+            return (a.0, a.1, a.2, a.3, $0.index) < (b.0, b.1, b.2, b.3, $1.index)
         }.map(\.chain)
         return read
     }
@@ -125,17 +148,26 @@ public enum XDSListeners {
     static func chain(_ c: Envoy_Config_Listener_V3_FilterChain, listener name: String, path: String,
                       ignored: inout [String]) throws(XDSRejection) -> Chain {
         func refuse(_ key: String, _ reason: String) -> XDSRejection { XDSRejection(resource: name, path: "\(path).\(key)", reason: reason) }
-        if c.hasTransportSocket {
-            throw refuse("transport_socket", "TLS on a listener from xDS needs its certificates from SDS, which Vigil does not read yet")
-        }
+        let tls = c.hasTransportSocket ? try XDSTLS.downstream(c.transportSocket, listener: name, path: path) : nil
         let m = c.filterChainMatch
         if !m.serverNames.isEmpty { throw refuse("filter_chain_match.server_names", "choosing a chain by SNI is not supported") }
-        if !["", "raw_buffer"].contains(m.transportProtocol) {
-            throw refuse("filter_chain_match.transport_protocol", "\"\(m.transportProtocol)\": Vigil terminates TLS only where its config file says")
+        let transport: ConnectionTransport?
+        switch m.transportProtocol {
+        case "": transport = tls == nil ? nil : .tls
+        case "raw_buffer":
+            guard tls == nil else { throw refuse("transport_socket", "a raw_buffer chain's connections carry no TLS to terminate") }
+            transport = .rawBuffer
+        case "tls": transport = tls == nil ? .tlsPassthrough : .tls
+        default: throw refuse("filter_chain_match.transport_protocol", "\"\(m.transportProtocol)\": Vigil tells tls from raw_buffer")
         }
+        // A chain that terminates TLS is chosen by the ClientHello's ALPN (Istio's mutual-TLS protocols): Vigil terminates
+        // the ClientHellos that offer one. On other chains Vigil's own detection tells HTTP from TCP.
         let httpProtocols: Set = ["http/1.1", "http/1.0", "h2c", "h2"]
-        if let other = m.applicationProtocols.first(where: { !httpProtocols.contains($0) }) {
-            throw refuse("filter_chain_match.application_protocols", "\"\(other)\": Vigil's own detection tells HTTP from TCP; only HTTP protocols may be named")
+        if tls == nil, let other = m.applicationProtocols.first(where: { !httpProtocols.contains($0) }) {
+            throw refuse("filter_chain_match.application_protocols", "\"\(other)\": Vigil's own detection tells HTTP from TCP; only HTTP protocols may be named on a chain that does not terminate TLS")
+        }
+        if transport == .tlsPassthrough, !m.applicationProtocols.isEmpty {
+            throw refuse("filter_chain_match.application_protocols", "choosing a TLS passthrough chain by ALPN is not supported")
         }
         var port: Int?
         if m.hasDestinationPort {
@@ -183,10 +215,37 @@ public enum XDSListeners {
             }
         }
         guard let kind else { throw refuse("filters", "has no http_connection_manager or tcp_proxy") }
-        if case .tcp = kind, !m.applicationProtocols.isEmpty {
+        if case .tcp = kind, tls == nil, !m.applicationProtocols.isEmpty {
             throw refuse("filter_chain_match.application_protocols", "a TCP proxy chain for HTTP protocols is not supported")
         }
-        return Chain(destinationPort: port, prefixRanges: ranges, kind: kind, policy: policy)
+        if case .http = kind, transport == .tlsPassthrough {
+            throw refuse("filters", "an HTTP connection manager cannot read TLS that the chain does not terminate (give it a transport_socket)")
+        }
+        return Chain(destinationPort: port, prefixRanges: ranges, kind: kind, policy: policy, transport: transport, tls: tls,
+                     applicationProtocols: tls == nil ? [] : m.applicationProtocols)
+    }
+
+    /// What the listener's chains ask of its TLS: one context for all that terminate (Vigil has one per listener),
+    /// which ClientHellos it terminates, and whether it takes plaintext too.
+    static func terminations(of chains: [(chain: Chain, index: Int)], into read: inout Read) throws(XDSRejection) {
+        func key(_ i: Int) -> String { i == Int.max ? "default_filter_chain" : "filter_chains[\(i)]" }
+        let terminating = chains.filter { $0.chain.tls != nil }
+        read.takesPlaintext = chains.contains { $0.chain.transport == nil || $0.chain.transport == .rawBuffer }
+        guard let first = terminating.first else { return }
+        if let other = terminating.first(where: { $0.chain.tls != first.chain.tls }) {
+            throw XDSRejection(resource: read.name, path: "\(key(other.index)).transport_socket",
+                               reason: "differs from \(key(first.index))'s: Vigil terminates TLS with one context per listener")
+        }
+        read.tls = first.chain.tls
+        if terminating.allSatisfy({ !$0.chain.applicationProtocols.isEmpty }) {
+            var names: [String] = []
+            for c in terminating { for p in c.chain.applicationProtocols where !names.contains(p) { names.append(p) } }
+            read.terminateALPN = names
+        } else if let passthrough = chains.first(where: { $0.chain.transport == .tlsPassthrough }) {
+            let every = terminating.first { $0.chain.applicationProtocols.isEmpty }!
+            throw XDSRejection(resource: read.name, path: "\(key(passthrough.index)).filter_chain_match.transport_protocol",
+                               reason: "passes TLS on, while \(key(every.index)) terminates TLS whatever its ALPN: Vigil decides per listener, by the ClientHello's ALPN, which TLS it terminates")
+        }
     }
 
     /// The connection manager's routes, and what its fault and RBAC filters ask of them (`port`: the chain's
@@ -332,12 +391,13 @@ public enum XDSListeners {
                 for var route in routes {
                     route.match.destinationPort = chain.destinationPort ?? port
                     route.match.destinationCIDR = r
+                    route.match.transport = chain.transport
                     out.append(route)
                 }
                 // A request the chain's routes do not take is answered here (Envoy's 404), not by a later chain.
                 if case .http = chain.kind {
                     var miss = RouteConfig(match: RouteMatch(path: .prefix("/"), destinationPort: chain.destinationPort ?? port,
-                                                             destinationCIDR: r), cluster: "")
+                                                             destinationCIDR: r, transport: chain.transport), cluster: "")
                     miss.direct = .response(status: 404, body: "")
                     chain.policy.apply(to: &miss)
                     out.append(miss)

@@ -35,6 +35,9 @@ public struct XDSResources: Sendable {
     /// Each xDS cluster as it last went live: one that now names secrets not yet arrived keeps serving as it was
     /// (Envoy's warming keeps the old cluster until the new one is ready).
     public private(set) var lastReady: [String: ClusterConfig] = [:]
+    /// Each of the file's listeners that an xDS listener with TLS gives its routes to, as it last went live: one whose
+    /// secrets have not arrived keeps serving as it was (Envoy's listener warming).
+    public private(set) var lastReadyListeners: [String: ListenerConfig] = [:]
 
     public init() {}
 
@@ -44,15 +47,17 @@ public struct XDSResources: Sendable {
     /// The RDS resources the listeners need.
     public var routeNames: [String] { Set(listeners.values.flatMap(\.routeNames)).sorted() }
 
-    /// The secrets the clusters need.
-    var secretRefs: Set<SecretRef> { Set(clusters.values.flatMap { $0.tls?.secrets ?? [] }) }
+    /// The secrets the clusters and listeners need.
+    var secretRefs: Set<SecretRef> {
+        Set(clusters.values.flatMap { $0.tls?.secrets ?? [] } + listeners.values.flatMap { $0.tls?.secrets ?? [] })
+    }
 
     /// The SDS names to ask the ADS stream for (`fromSDSServer` false) or `xds.sds_server`.
     public func secretNames(fromSDSServer: Bool) -> [String] {
         secretRefs.filter { $0.fromSDSServer == fromSDSServer }.map(\.name).sorted()
     }
 
-    /// SDS: each secret in `resources` replaces the one of its name; the others stay. One no cluster names is left out.
+    /// SDS: each secret in `resources` replaces the one of its name; the others stay. One nothing names is left out.
     /// `fromSDSServer`: the response came from `xds.sds_server`, not the ADS stream.
     public func applyingSecrets(_ resources: [Google_Protobuf_Any], fromSDSServer: Bool = false) throws(XDSRejection) -> XDSResources {
         var next = self
@@ -92,16 +97,19 @@ public struct XDSResources: Sendable {
         ("\(stateDir)/xds-secrets/\(AuditChain.sha256Hex(text)).pem", text)
     }
 
-    /// What went live: the xDS clusters as `config` (the configuration installed) has them, kept for warming.
+    /// What went live: the xDS clusters, and the listeners xDS gives TLS, as `config` (the configuration installed)
+    /// has them, kept for warming.
     public func remembering(_ config: VigilConfig) -> XDSResources {
         var next = self
         for c in config.clusters where clusters[c.name] != nil { next.lastReady[c.name] = c }
+        for l in config.listeners where listeners[l.name]?.tls != nil && l.tls != nil { next.lastReadyListeners[l.name] = l }
         return next
     }
 
-    /// The secret files the clusters kept serving while they warm still read, so they are not removed.
+    /// The secret files the clusters and listeners kept serving while they warm still read, so they are not removed.
     public var filesInUse: Set<String> {
-        Set(lastReady.values.flatMap { [$0.tls?.ca, $0.tls?.cert, $0.tls?.key].compactMap { $0 } })
+        Set(lastReady.values.flatMap { [$0.tls?.ca, $0.tls?.cert, $0.tls?.key].compactMap { $0 } }
+            + lastReadyListeners.values.flatMap { [$0.tls?.clientCA, $0.tls?.cert, $0.tls?.key].compactMap { $0 } })
     }
 
     /// The files the clusters' TLS needs, to be written (0600) before the configuration that names them applies.
@@ -128,8 +136,12 @@ public struct XDSResources: Sendable {
                 throw XDSRejection(resource: read.name, path: "name", reason: "is the name of another listener in the same response")
             }
         }
+        try next.checkOneSDSServer()
         let used = Set(next.routeNames)
         next.routeConfigs = next.routeConfigs.filter { used.contains($0.key) }
+        let secretsUsed = next.secretRefs
+        next.secrets = next.secrets.filter { secretsUsed.contains($0.key) }
+        next.lastReadyListeners = next.lastReadyListeners.filter { next.listeners[$0.key]?.tls != nil }
         next.rebuildListenerRoutes()
         return next
     }
@@ -189,19 +201,22 @@ public struct XDSResources: Sendable {
                 throw XDSRejection(resource: read.config.name, path: "name", reason: "is the name of another cluster in the same response")
             }
         }
-        // One separate SDS server (xds.sds_server): clusters that name two would each get the other's secrets.
-        let sdsServers = Set(next.clusters.values.compactMap { $0.tls?.sdsServerName })
-        if sdsServers.count > 1 {
-            let name = next.clusters.keys.sorted().first { next.clusters[$0]!.tls?.sdsServerName == sdsServers.sorted().last }!
-            throw XDSRejection(resource: name, path: "transport_socket.typed_config.common_tls_context",
-                               reason: "names SDS server \"\(sdsServers.sorted().last!)\" where other clusters name \"\(sdsServers.sorted().first!)\": Vigil has one (xds.sds_server)")
-        }
+        try next.checkOneSDSServer()
         let used = Set(next.endpointNames)
         next.assignments = next.assignments.filter { used.contains($0.key) }
         let secretsUsed = next.secretRefs
         next.secrets = next.secrets.filter { secretsUsed.contains($0.key) }
         next.lastReady = next.lastReady.filter { next.clusters[$0.key] != nil }
         return next
+    }
+
+    /// One separate SDS server (xds.sds_server): clusters or listeners that name two would each get the other's secrets.
+    private func checkOneSDSServer() throws(XDSRejection) {
+        let named = clusters.keys.sorted().compactMap { n in clusters[n]!.tls?.sdsServerName.map { (n, $0, "transport_socket.typed_config.common_tls_context") } }
+            + listeners.keys.sorted().compactMap { n in listeners[n]!.tls?.sdsServerName.map { (n, $0, "filter_chains") } }
+        guard let first = named.first, let other = named.first(where: { $0.1 != first.1 }) else { return }
+        throw XDSRejection(resource: other.0, path: other.2,
+                           reason: "names SDS server \"\(other.1)\" where \(first.0) names \"\(first.1)\": Vigil has one (xds.sds_server)")
     }
 
     /// EDS: each assignment in `resources` replaces the one of its name; the others stay (a response for a type with
@@ -266,6 +281,7 @@ public struct XDSResources: Sendable {
                 made.serverIdentity = tls.identity
                 made.sni = tls.sni
                 made.alpn = tls.alpn.isEmpty ? nil : tls.alpn
+                made.cipherSuites = tls.cipherSuites
                 cluster.config.tls = made
             }
             config.clusters.append(cluster.config)
@@ -300,6 +316,14 @@ public struct XDSResources: Sendable {
             guard file.originalDestination == l.useOriginalDestination else {
                 throw XDSRejection(resource: l.name, path: "use_original_dst",
                                    reason: "must match the config file's listener \(l.name) (original_destination: \(file.originalDestination))")
+            }
+            if let tls = l.tls {
+                guard listenerRoutes[l.name] != nil, let made = try listenerTLS(tls, of: l, file: file, base: config) else {
+                    // Its secrets or routes have not arrived: it serves as it last went live, or as the file has it.
+                    if let old = lastReadyListeners[l.name] { config.listeners[index] = old }
+                    continue
+                }
+                config.listeners[index].tls = made
             }
             if let routes = listenerRoutes[l.name] { config.listeners[index].routes = routes }
         }
@@ -359,12 +383,52 @@ public struct XDSResources: Sendable {
                     throw XDSRejection(resource: l.name, path: "filter_chains",
                                        reason: "the TCP proxy chain to \(route.cluster) also matches the destinations of an HTTP chain chosen before it (port \(earlier.destinationPort.map(String.init) ?? "any")): Vigil picks a TCP route by destination before it reads the request, so it would take them; give the TCP chain its own port or range, or send it to an ORIGINAL_DST cluster")
                 }
+                // Envoy chooses between chains for the TLS it terminates by ALPN too (Istio's mTLS TCP chain beside its
+                // HTTP one); Vigil, after terminating, by what the connection carries, which a TCP route to an ORIGINAL_DST
+                // cluster leaves to detection but a route to a cluster of hosts does not.
+                if route.match.transport == .tls,
+                   let later = routes.first(where: { ($0.direct != nil || !tcp.contains($0.cluster)) && Self.covers(route.match, $0.match) }) {
+                    throw XDSRejection(resource: l.name, path: "filter_chains",
+                                       reason: "the TCP proxy chain to \(route.cluster) takes the TLS Vigil terminates for the destinations of an HTTP chain (port \(later.match.destinationPort.map(String.init) ?? "any")): Vigil tells them apart by what the connection carries, not by ALPN, only when the TCP chain goes to an ORIGINAL_DST cluster")
+                }
             }
         }
     }
 
-    /// Whether some destination matches both `a` and `b` (by port and address range; none set: any).
+    /// The TLS a listener's chains terminate with, as the file's listener `file` takes it: the certificate and trust
+    /// from their secrets' files, permissive when a chain takes plaintext. Nil while a secret has not arrived.
+    private func listenerTLS(_ tls: XDSTLS.DownstreamTLS, of l: XDSListeners.Read, file: ListenerConfig,
+                             base: VigilConfig) throws(XDSRejection) -> ListenerTLSConfig? {
+        if tls.fromSDSServer, base.xds?.sdsServer == nil {
+            throw XDSRejection(resource: l.name, path: "filter_chains",
+                               reason: "a chain's TLS names a separate SDS server (api_config_source): set xds.sds_server to where it is")
+        }
+        guard let certificate = secrets[SecretRef(name: tls.certificate, fromSDSServer: tls.fromSDSServer)] else { return nil }
+        guard case .certificate(let chain, let key) = certificate else {
+            throw XDSRejection(resource: tls.certificate, path: "tls_certificate", reason: "listener \(l.name) takes it as its certificate, and it is a trust")
+        }
+        var made = ListenerTLSConfig(cert: Self.secretFile(chain, stateDir: base.stateDir).path, key: Self.secretFile(key, stateDir: base.stateDir).path)
+        if let trustName = tls.trust {
+            guard let trust = secrets[SecretRef(name: trustName, fromSDSServer: tls.fromSDSServer)] else { return nil }
+            guard case .trust(let ca) = trust else {
+                throw XDSRejection(resource: trustName, path: "validation_context", reason: "listener \(l.name) takes it as its trust, and it is a certificate")
+            }
+            made.clientCA = Self.secretFile(ca, stateDir: base.stateDir).path
+        }
+        made.requireClientCert = tls.requireClientCert
+        made.minVersion = tls.minVersion
+        made.clientIdentities = tls.clientIdentities
+        made.cipherSuites = tls.cipherSuites
+        made.alpn = tls.alpn
+        made.terminateALPN = l.terminateALPN
+        made.mode = l.takesPlaintext ? .permissive : .strict
+        made.identityFrom = file.tls?.identityFrom ?? made.identityFrom
+        return made
+    }
+
+    /// Whether some connection matches both `a` and `b` (by port, address range and transport; none set: any).
     static func covers(_ a: RouteMatch, _ b: RouteMatch) -> Bool {
+        if let ta = a.transport, let tb = b.transport, ta != tb { return false }
         if let pa = a.destinationPort, let pb = b.destinationPort, pa != pb { return false }
         guard let ra = a.destinationCIDR, let rb = b.destinationCIDR else { return true }
         return ra.overlaps(rb)

@@ -309,13 +309,13 @@ public final class XDSSubscriber: Sendable {
             // Applied means the overlay, and so `next`, succeeded.
             let live = try! next.get().remembering(runtime.current.config)
             accepted.withLock { $0 = live }
-            if typeURL == XDSTypeURL.secret || typeURL == XDSTypeURL.cluster { await removeUnusedSecretFiles(live) }
+            if [XDSTypeURL.secret, XDSTypeURL.cluster, XDSTypeURL.listener].contains(typeURL) { await removeUnusedSecretFiles(live) }
             // Named types follow what the wildcard ones name (an unchanged list sends nothing).
+            let secrets = [(client, XDSTypeURL.secret, live.secretNames(fromSDSServer: false))]
+                + (sdsClient.map { [($0, XDSTypeURL.secret, live.secretNames(fromSDSServer: true))] } ?? [])
             let follows: [(ADSClient, String, [String])] = switch typeURL {
-            case XDSTypeURL.cluster:
-                [(client, XDSTypeURL.endpoints, live.endpointNames), (client, XDSTypeURL.secret, live.secretNames(fromSDSServer: false))]
-                    + (sdsClient.map { [($0, XDSTypeURL.secret, live.secretNames(fromSDSServer: true))] } ?? [])
-            case XDSTypeURL.listener: [(client, XDSTypeURL.route, live.routeNames)]
+            case XDSTypeURL.cluster: [(client, XDSTypeURL.endpoints, live.endpointNames)] + secrets
+            case XDSTypeURL.listener: [(client, XDSTypeURL.route, live.routeNames)] + secrets
             default: []
             }
             for (to, type, names) in follows where !names.isEmpty || to.state.subscriptions[type] != nil {

@@ -183,6 +183,28 @@ import Testing
         #expect(configErrors(yaml.replacingOccurrences(of: "terminate_alpn: [istio, istio-http/1.1]", with: "terminate_alpn: []"))
             .contains { $0.contains("listeners[1].tls.terminate_alpn") })
     }
+
+    /// The listener TLS keys xDS maps Istio's `DownstreamTlsContext` onto: read, dumped, and refused with their paths.
+    @Test func listenerTLSNarrowsIdentitiesSuitesAndALPN() throws {
+        let tls = "tls: { mode: permissive, cert: c.pem, key: k.pem, client_ca: ca.pem }"
+        let yaml = Self.sidecar.replacingOccurrences(of: tls, with: "tls: { mode: permissive, cert: c.pem, key: k.pem, client_ca: ca.pem, client_identities: [\"spiffe://corp/*\", \"spiffe://other/ns/a/sa/b\"], cipher_suites: [ECDHE-RSA-AES128-GCM-SHA256], alpn: [http/1.1] }")
+        let config = try VigilConfig.parse(yaml: yaml)
+        let parsed = try #require(config.listeners[1].tls)
+        #expect(parsed.clientIdentities == ["spiffe://corp/*", "spiffe://other/ns/a/sa/b"])
+        #expect(parsed.cipherSuites == ["ECDHE-RSA-AES128-GCM-SHA256"] && parsed.alpn == ["http/1.1"])
+        #expect(parsed.admitsClient(uris: ["spiffe://corp/ns/x/sa/y"], dns: []) && parsed.admitsClient(uris: [], dns: ["spiffe://other/ns/a/sa/b"]))
+        #expect(!parsed.admitsClient(uris: ["spiffe://corpus/x"], dns: []) && !parsed.admitsClient(uris: [], dns: []))
+        #expect(try config.applying(policy: config.policyDump().serialized()) == config, "the dump reads back the same")
+        func refused(_ keys: String) -> [String] {
+            configErrors(Self.sidecar.replacingOccurrences(of: tls, with: "tls: { mode: permissive, cert: c.pem, key: k.pem, client_ca: ca.pem, \(keys) }"))
+        }
+        #expect(refused("cipher_suites: [AES128-GCM-SHA256]").contains { $0.contains("listeners[1].tls.cipher_suites[0]") })
+        #expect(refused("alpn: [h3]").contains { $0.contains("listeners[1].tls.alpn[0]") })
+        #expect(refused("client_identities: [\"spiffe://*/x\"]").contains { $0.contains("listeners[1].tls.client_identities[0]") })
+        let http1 = Self.sidecar.replacingOccurrences(of: "    original_destination: true\n    tls:", with: "    original_destination: true\n    protocol: http1\n    tls:")
+            .replacingOccurrences(of: tls, with: "tls: { mode: permissive, cert: c.pem, key: k.pem, client_ca: ca.pem, alpn: [h2] }")
+        #expect(configErrors(http1).contains { $0.contains("listeners[1].tls.alpn") && $0.contains("http1") })
+    }
 }
 
 /// How `/v1/compliance` names each listener's TLS and judges it.

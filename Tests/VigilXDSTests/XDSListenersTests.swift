@@ -121,7 +121,10 @@ import VigilCore
         #expect(rejection(Self.listener("l", port: 1, [sni]))?.path == "filter_chains[0].filter_chain_match.server_names")
         var tls = Self.chain([http])
         tls.filterChainMatch.transportProtocol = "tls"
-        #expect(rejection(Self.listener("l", port: 1, [tls]))?.path == "filter_chains[0].filter_chain_match.transport_protocol")
+        #expect(rejection(Self.listener("l", port: 1, [tls]))?.path == "filter_chains[0].filters", "HTTP cannot be read from TLS the chain passes on")
+        var quic = Self.chain([http])
+        quic.filterChainMatch.transportProtocol = "quic"
+        #expect(rejection(Self.listener("l", port: 1, [quic]))?.path == "filter_chains[0].filter_chain_match.transport_protocol")
         var alpn = Self.chain([http])
         alpn.filterChainMatch.applicationProtocols = ["istio-peer-exchange", "istio"]
         #expect(rejection(Self.listener("l", port: 1, [alpn]))?.path == "filter_chains[0].filter_chain_match.application_protocols")
@@ -407,5 +410,167 @@ import VigilCore
                                      reason: "cluster tls takes it as its trust, and it is a certificate")) {
             try resources.joined(to: base)
         }
+    }
+
+    static let sdsGRPC = Envoy_Config_Core_V3_ConfigSource.with {
+        $0.apiConfigSource = .with { $0.apiType = .grpc; $0.grpcServices = [.with { $0.envoyGrpc.clusterName = "sds-grpc" }] }
+    }
+
+    /// Istio's inbound mutual TLS: the certificate `default` and the trust `ROOTCA` from istio-agent's SDS server,
+    /// client certificates required and from the trust domain, TLS 1.2 and up, Istio's suites.
+    static func inboundTLS(alpn: [String] = ["h2", "http/1.1"]) -> Envoy_Config_Core_V3_TransportSocket {
+        var context = Envoy_Extensions_TransportSockets_Tls_V3_DownstreamTlsContext()
+        context.requireClientCertificate = .init(true)
+        context.commonTlsContext.alpnProtocols = alpn
+        context.commonTlsContext.tlsCertificateSdsSecretConfigs = [.with { $0.name = "default"; $0.sdsConfig = sdsGRPC }]
+        context.commonTlsContext.combinedValidationContext = .with {
+            $0.validationContextSdsSecretConfig = .with { $0.name = "ROOTCA"; $0.sdsConfig = sdsGRPC }
+            $0.defaultValidationContext.matchSubjectAltNames = [.with { $0.prefix = "spiffe://cluster.local/" }]
+        }
+        context.commonTlsContext.tlsParams = .with {
+            $0.tlsMinimumProtocolVersion = .tlsv12
+            $0.tlsMaximumProtocolVersion = .tlsv13
+            $0.cipherSuites = ["ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-ECDSA-AES128-GCM-SHA256",
+                               "ECDHE-RSA-AES128-GCM-SHA256", "AES256-GCM-SHA384", "AES128-GCM-SHA256"]
+        }
+        return .with { $0.name = "envoy.transport_sockets.tls"; $0.typedConfig = any(context) }
+    }
+
+    /// Istio's permissive `virtualInbound`, one port: mutual TLS offering a mesh ALPN is terminated and routed as
+    /// HTTP, plaintext is served as such, other TLS passes through to the application.
+    static func permissiveInbound() -> Envoy_Config_Listener_V3_Listener {
+        var mtls = chain(port: 8080, [connectionManager(rds: "inbound|8080||")])
+        mtls.filterChainMatch.transportProtocol = "tls"
+        mtls.filterChainMatch.applicationProtocols = ["istio-http/1.0", "istio-http/1.1", "istio-h2"]
+        mtls.transportSocket = inboundTLS()
+        var mtlsTCP = chain(port: 8080, [tcpProxy("inbound|8080||")])
+        mtlsTCP.filterChainMatch.transportProtocol = "tls"
+        mtlsTCP.filterChainMatch.applicationProtocols = ["istio-peer-exchange", "istio"]
+        mtlsTCP.transportSocket = inboundTLS()
+        var plaintext = chain(port: 8080, [connectionManager(rds: "inbound|8080||")])
+        plaintext.filterChainMatch.transportProtocol = "raw_buffer"
+        plaintext.filterChainMatch.applicationProtocols = ["http/1.1", "h2c"]
+        var passthrough = chain(port: 8080, [tcpProxy("inbound|8080||")])
+        passthrough.filterChainMatch.transportProtocol = "tls"
+        return listener("virtualInbound", port: 15006, originalDst: true, [passthrough, plaintext, mtlsTCP, mtls])
+    }
+
+    @Test func istiosPermissiveInboundTLSIsOneContextThatTerminatesByALPN() throws {
+        let read = try XDSListeners.read(Self.permissiveInbound())
+        let tls = try #require(read.tls)
+        #expect(tls.certificate == "default" && tls.trust == "ROOTCA" && tls.fromSDSServer && tls.sdsServerName == "sds-grpc")
+        #expect(tls.requireClientCert && tls.clientIdentities == ["spiffe://cluster.local/*"] && tls.minVersion == .tls12)
+        #expect(tls.cipherSuites == ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+                                     "ECDHE-RSA-AES256-GCM-SHA384"], "Vigil's suites among Istio's; RSA key exchange left out")
+        #expect(tls.alpn == ["h2", "http/1.1"])
+        #expect(read.terminateALPN == ["istio-peer-exchange", "istio", "istio-http/1.0", "istio-http/1.1", "istio-h2"])
+        #expect(read.takesPlaintext)
+        // Chains that name ALPN before those that do not, in the listed order among equals (Envoy's order).
+        #expect(read.chains.map(\.transport) == [.tls, .tls, .tlsPassthrough, .rawBuffer])
+        let routes = try #require(XDSListeners.routes(of: read, virtual: [], routeConfigs: ["inbound|8080||": []]))
+        #expect(routes.map(\.match.transport) == [.tls, .tls, .tlsPassthrough, .rawBuffer])
+        #expect(routes.map { $0.direct == nil } == [true, false, true, false], "an HTTP chain's requests no route takes get its 404")
+    }
+
+    @Test func listenerTLSThatVigilCannotHonourIsRefusedWithItsPath() {
+        var strict = Self.permissiveInbound()
+        // Two contexts on one listener.
+        var other = Self.inboundTLS(alpn: ["http/1.1"])
+        strict.filterChains[3].transportSocket = other
+        #expect(rejection(strict)?.path == "filter_chains[2].transport_socket" || rejection(strict)?.path == "filter_chains[3].transport_socket")
+        // A chain terminating every ClientHello beside one that passes TLS on.
+        var all = Self.permissiveInbound()
+        all.filterChains[2].filterChainMatch.applicationProtocols = []
+        #expect(rejection(all)?.path == "filter_chains[0].filter_chain_match.transport_protocol")
+        // raw_buffer with TLS; an ALPN Vigil does not select; an old floor; curves.
+        var raw = Self.permissiveInbound()
+        raw.filterChains[1].transportSocket = Self.inboundTLS()
+        #expect(rejection(raw)?.path == "filter_chains[1].transport_socket")
+        other = Self.inboundTLS(alpn: ["h3"])
+        var h3 = Self.permissiveInbound()
+        h3.filterChains[3].transportSocket = other
+        #expect(rejection(h3)?.path == "filter_chains[3].transport_socket.typed_config.common_tls_context.alpn_protocols")
+        var context = Envoy_Extensions_TransportSockets_Tls_V3_DownstreamTlsContext()
+        context.commonTlsContext.tlsCertificateSdsSecretConfigs = [.with { $0.name = "default"; $0.sdsConfig.ads = .init() }]
+        context.commonTlsContext.tlsParams.tlsMinimumProtocolVersion = .tlsv11
+        var old = Self.chain([Self.tcpProxy("c")])
+        old.transportSocket = .with { $0.name = "envoy.transport_sockets.tls"; $0.typedConfig = Self.any(context) }
+        #expect(rejection(Self.listener("l", port: 1, [old]))?.path
+                == "filter_chains[0].transport_socket.typed_config.common_tls_context.tls_params.tls_minimum_protocol_version")
+        context.commonTlsContext.tlsParams = .with { $0.ecdhCurves = ["P-256"] }
+        old.transportSocket.typedConfig = Self.any(context)
+        #expect(rejection(Self.listener("l", port: 1, [old]))?.path
+                == "filter_chains[0].transport_socket.typed_config.common_tls_context.tls_params.ecdh_curves")
+        // require_client_certificate without a trust; no certificate.
+        context = Envoy_Extensions_TransportSockets_Tls_V3_DownstreamTlsContext()
+        context.requireClientCertificate = .init(true)
+        context.commonTlsContext.tlsCertificateSdsSecretConfigs = [.with { $0.name = "default"; $0.sdsConfig.ads = .init() }]
+        old.transportSocket.typedConfig = Self.any(context)
+        #expect(rejection(Self.listener("l", port: 1, [old]))?.path == "filter_chains[0].transport_socket.require_client_certificate")
+        context.commonTlsContext.tlsCertificateSdsSecretConfigs = []
+        context.requireClientCertificate = .init(false)
+        old.transportSocket.typedConfig = Self.any(context)
+        #expect(rejection(Self.listener("l", port: 1, [old]))?.path
+                == "filter_chains[0].transport_socket.typed_config.common_tls_context.tls_certificate_sds_secret_configs")
+        // TLS on a listener that binds no port.
+        var virtual = Self.chain([Self.tcpProxy("c")])
+        virtual.transportSocket = Self.inboundTLS()
+        #expect(rejection(Self.listener("0.0.0.0_8080", port: 8080, binds: false, [virtual]))?.path == "filter_chains[0].transport_socket")
+    }
+
+    /// The chains' TLS becomes the file's listener's once its secrets are there: their files, permissive because a
+    /// chain takes plaintext, strict when none does; until then the listener serves as it was.
+    @Test func theListenersTLSComesFromItsSecrets() throws {
+        let base = try VigilConfig.parse(yaml: """
+            xds: { server: "127.0.0.1:1", sds_server: "unix:/run/agent/sds.sock" }
+            listeners: [{ name: virtualInbound, address: "0.0.0.0:15006", original_destination: true,
+                          routes: [ { match: { prefix: "/" }, direct_response: { status: 503 } } ] }]
+            clusters: []
+            """)
+        let inbound = Self.permissiveInbound()
+        // Istio's inbound cluster sends to the original destination (what Vigil's detection needs after terminating).
+        var cluster = Envoy_Config_Cluster_V3_Cluster()
+        cluster.name = "inbound|8080||"
+        cluster.type = .originalDst
+        cluster.lbPolicy = .clusterProvided
+        let listeners = try XDSResources().applyingClusters([Self.any(cluster)]).applyingListeners([Self.any(inbound)])
+        #expect(listeners.secretNames(fromSDSServer: true) == ["ROOTCA", "default"])
+        let waiting = try listeners.joined(to: base)
+        #expect(waiting.listeners[0].tls == nil && waiting.listeners[0].routes == base.listeners[0].routes, "warming: as it was")
+        let certificate = Envoy_Extensions_TransportSockets_Tls_V3_Secret.with {
+            $0.name = "default"; $0.tlsCertificate = .with { $0.certificateChain.inlineString = "chain"; $0.privateKey.inlineString = "key" }
+        }
+        let trust = Envoy_Extensions_TransportSockets_Tls_V3_Secret.with { $0.name = "ROOTCA"; $0.validationContext.trustedCa.inlineString = "ca" }
+        let secrets = try listeners.applyingSecrets([Self.any(certificate), Self.any(trust)], fromSDSServer: true)
+        #expect(try secrets.joined(to: base).listeners[0].tls == nil, "its routes have not arrived")
+        var inboundRoutes = Envoy_Config_Route_V3_RouteConfiguration()
+        inboundRoutes.name = "inbound|8080||"
+        inboundRoutes.virtualHosts = [.with { $0.name = "inbound"; $0.domains = ["*"]; $0.routes = [.with { $0.match.prefix = "/"; $0.route.cluster = "inbound|8080||" }] }]
+        let ready = try secrets.applyingRoutes([Self.any(inboundRoutes)])
+        let joined = try ready.joined(to: base).listeners[0]
+        let tls = try #require(joined.tls)
+        #expect(tls.cert.hasSuffix(AuditChain.sha256Hex("chain") + ".pem") && tls.key.hasSuffix(AuditChain.sha256Hex("key") + ".pem"))
+        #expect(tls.clientCA?.hasSuffix(AuditChain.sha256Hex("ca") + ".pem") == true && tls.requireClientCert)
+        #expect(tls.mode == .permissive && tls.terminateALPN?.contains("istio-http/1.1") == true)
+        #expect(tls.clientIdentities == ["spiffe://cluster.local/*"] && tls.alpn == ["h2", "http/1.1"])
+        #expect(joined.routes.contains { $0.match.transport == .tlsPassthrough })
+        // Strict: no chain takes plaintext.
+        var strictInbound = inbound
+        strictInbound.filterChains.remove(at: 1)
+        strictInbound.filterChains.remove(at: 0)
+        let strict = try XDSResources().applyingClusters([Self.any(cluster)]).applyingListeners([Self.any(strictInbound)])
+            .applyingSecrets([Self.any(certificate), Self.any(trust)], fromSDSServer: true).applyingRoutes([Self.any(inboundRoutes)])
+        #expect(try strict.joined(to: base).listeners[0].tls?.mode == .strict)
+        // The joined config passes the checks every config does.
+        _ = try ready.joined(to: base).checkedAcrossSections()
+        // A TCP chain for the TLS Vigil terminates to a cluster of hosts would take the HTTP chain's connections.
+        var hosts = cluster
+        hosts.type = .static
+        hosts.lbPolicy = .roundRobin
+        #expect(throws: XDSRejection.self) {
+            try ready.applyingClusters([Self.any(hosts)]).applyingSecrets([Self.any(certificate), Self.any(trust)], fromSDSServer: true).joined(to: base)
+        }
+        // Without sds_server: refused, saying what to set.
+        #expect(throws: XDSRejection.self) { try ready.joined(to: try Self.base(listener: "virtualInbound", port: 15006, originalDestination: true)) }
     }
 }

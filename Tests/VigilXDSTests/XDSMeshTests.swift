@@ -260,6 +260,102 @@ final class XDSMeshTests {
          ]]
     }
 
+    /// TLS on a listener's chains from xDS, as Istio's inbound mutual TLS: the chain for TLS offering a mesh ALPN
+    /// terminates it with the certificate `default` and the trust `ROOTCA` from SDS, requiring a client certificate from
+    /// the trust domain; the listener waits for its secrets; a `raw_buffer` chain makes it permissive, and its removal
+    /// strict.
+    @Test func listenerTLSFromSDSTerminatesMutualTLSPermissiveThenStrict() async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.webID, as: "web")
+        try f.issue("spiffe://elsewhere/ns/x/sa/x", as: "stranger")
+        let a = try await FakeUpstream(group: group, name: "a")
+        let port = freeLoopbackPort()
+        let lds = XDSTypeURL.listener, rds = XDSTypeURL.route, sds = XDSTypeURL.secret
+        let routeName = "inbound|\(port)"
+        let ads: [String: Any] = ["ads": [String: Any](), "resource_api_version": "V3"]
+        let socket: [String: Any] = ["name": "envoy.transport_sockets.tls", "typed_config": [
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": true,
+            "common_tls_context": [
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_params": ["tls_minimum_protocol_version": "TLSv1_2", "tls_maximum_protocol_version": "TLSv1_3"],
+                "tls_certificate_sds_secret_configs": [["name": "default", "sds_config": ads]],
+                "combined_validation_context": [
+                    "default_validation_context": ["match_subject_alt_names": [["prefix": "spiffe://corp/"]]],
+                    "validation_context_sds_secret_config": ["name": "ROOTCA", "sds_config": ads],
+                ],
+            ],
+        ]]
+        func listener(permissive: Bool) -> [String: Any] {
+            var l = Self.inboundListener(port: port, routeConfig: routeName)
+            let chain = (l["filter_chains"] as! [[String: Any]])[0]
+            var mtls = chain, plain = chain
+            mtls["filter_chain_match"] = ["destination_port": port, "transport_protocol": "tls",
+                                          "application_protocols": ["istio-http/1.0", "istio-http/1.1", "istio-h2"]]
+            mtls["transport_socket"] = socket
+            plain["filter_chain_match"] = ["destination_port": port, "transport_protocol": "raw_buffer"]
+            l["filter_chains"] = permissive ? [mtls, plain] : [mtls]
+            return l
+        }
+        func secret(_ name: String, _ body: [String: Any]) -> [String: Any] {
+            ["@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret", "name": name].merging(body) { a, _ in a }
+        }
+        let pem = { (file: String) in try String(contentsOfFile: f.path(file), encoding: .utf8) }
+        var resources: [String: [[String: Any]]] = [
+            Self.cds: [XDSServerPeer.cluster()], Self.eds: [XDSServerPeer.assignment(ports: [a.port])],
+            lds: [listener(permissive: true)], rds: [Self.routeConfiguration(routeName, port: port)],
+        ]
+        let server = try await XDSServerPeer.start(scratch, version: "1", resources)
+        defer { server.process.signal(SIGKILL) }
+        let (proxy, _, task, _) = try await startVigil(server: server, listeners: """
+            listeners:
+              - name: virtualInbound
+                address: "127.0.0.1:\(port)"
+                routes:
+                  - match: { prefix: "/" }
+                    direct_response: { status: 503, body: "not configured yet" }
+            """)
+        defer { task.cancel() }
+        func mesh(_ cert: String?, alpn: [String] = ["istio-http/1.1"]) async throws -> TestResponse? {
+            // A handshake refused (no TLS yet, or a certificate the listener does not take) is no answer.
+            guard let client = try? await TestClient.connect(port: port, group: group, tls: try f.clientContext(cert: cert, alpn: alpn))
+            else { return nil }
+            defer { Task { try? await client.close() } }
+            try? await client.send("GET /api/x HTTP/1.1\r\nHost: svc.ns.svc.cluster.local\r\nConnection: close\r\n\r\n")
+            return try? await client.response(timeout: 5)
+        }
+        // No secrets yet: SDS is asked for them by name, and the listener serves as the file has it.
+        try await waitUntil("SDS asked for the listener's secrets") {
+            server.requests.contains { ($0["typeUrl"] as? String) == sds && ($0["resourceNames"] as? [String]) == ["ROOTCA", "default"] }
+        }
+        #expect(try await Self.get(proxy, "/api/x", host: "svc.ns.svc.cluster.local", listener: "virtualInbound").0 == 503)
+        resources[sds] = [secret("default", ["tls_certificate": ["certificate_chain": ["inline_string": try pem("vigil.pem")],
+                                                                 "private_key": ["inline_string": try pem("vigil-key.pem")]]]),
+                          secret("ROOTCA", ["validation_context": ["trusted_ca": ["inline_string": try pem("ca.pem")]]])]
+        try server.publish(version: "2", resources)
+        let deadline = ContinuousClock.now + .seconds(20)
+        while try await mesh("web")?.status != 200 {
+            try #require(ContinuousClock.now < deadline, "mutual TLS on the listener within 20 s")
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        #expect(a.recorded.last?.head.headers.first(name: "x-forwarded-client-cert")?.contains(TLSFixture.webID) == true)
+        // Plaintext is served (permissive); a certificate from another trust domain, or TLS without a mesh ALPN (no
+        // chain takes it), gets nothing.
+        #expect(try await Self.get(proxy, "/api/x", host: "svc.ns.svc.cluster.local", listener: "virtualInbound").1 == "a")
+        #expect(try await mesh("stranger") == nil)
+        #expect(try await mesh("web", alpn: ["http/1.1"]) == nil)
+        #expect(proxy.runtime.current.config.listeners[0].tls?.mode == .permissive)
+        // Strict: the raw_buffer chain gone, plaintext is refused and mutual TLS goes on.
+        resources[lds] = [listener(permissive: false)]
+        try server.publish(version: "3", resources)
+        try await waitUntil("strict") { proxy.runtime.current.config.listeners[0].tls?.mode == .strict }
+        let plain = try await proxy.client("virtualInbound")
+        try? await plain.send("GET /api/x HTTP/1.1\r\nHost: svc.ns.svc.cluster.local\r\n\r\n")
+        #expect(try await plain.response(timeout: 5) == nil)
+        #expect(try await mesh("web")?.status == 200)
+        await proxy.stop()
+    }
+
     /// Listeners and routes from the server (LDS, RDS) on the config file's listener of the same name and port: the
     /// filter chain for its port runs the connection manager with the RDS routes, virtual hosts chosen by authority (an
     /// exact name before `*`, and a host whose routes miss answers 404 rather than falling through); a telemetry filter is

@@ -1,3 +1,12 @@
+/// The TLS 1.2 suites Vigil offers, by OpenSSL name (the names Envoy's `cipher_suites` uses): ECDHE with AES-GCM or
+/// ChaCha20-Poly1305 only. TLS 1.3's suites are fixed. `cipher_suites` of a listener or cluster chooses among these.
+public enum CipherSuites {
+    public static let names = [
+        "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+}
+
 /// TLS on a listener (`listeners[].tls`): Vigil terminates TLS and, with `client_ca`, mutual TLS.
 public struct ListenerTLSConfig: Sendable, Equatable {
     public enum Version: String, Sendable, Equatable {
@@ -28,6 +37,23 @@ public struct ListenerTLSConfig: Sendable, Equatable {
     /// `istio-http/1.1`, ...); any other TLS is passed on as bytes to a route with `transport_protocol: tls_passthrough`
     /// (an application's own TLS, from a caller outside the mesh). Nil: every ClientHello is terminated.
     public var terminateALPN: [String]?
+    /// The identities a client certificate must carry one of (a URI or DNS SAN; exact, or a prefix ending in `*`),
+    /// checked when the handshake completes: Envoy's `match_subject_alt_names` on a listener, Istio's trust domain.
+    /// Nil: any certificate that chains to `client_ca`.
+    public var clientIdentities: [String]?
+    /// TLS 1.2 suites by OpenSSL name, among Vigil's (ECDHE with AES-GCM or ChaCha20-Poly1305; TLS 1.3's are fixed).
+    /// Nil: all of those.
+    public var cipherSuites: [String]?
+    /// The protocols ALPN may select, instead of the listener protocol's (`h2`, `http/1.1`); nil: by protocol.
+    public var alpn: [String]?
+
+    /// Whether a client whose certificate names `uris` and `dns` passes `clientIdentities`.
+    public func admitsClient(uris: [String], dns: [String]) -> Bool {
+        guard let wanted = clientIdentities else { return true }
+        return (uris + dns).contains { name in
+            wanted.contains { $0.hasSuffix("*") ? name.hasPrefix($0.dropLast()) : name == $0 }
+        }
+    }
 
     public enum Mode: String, Sendable, Equatable {
         case strict, permissive
@@ -77,6 +103,8 @@ public struct ClusterTLSConfig: Sendable, Equatable {
     /// The protocols offered by ALPN instead of the cluster protocol's (xDS's `alpn_protocols`: Istio's peers choose
     /// their mutual-TLS chain by "istio"); nil: by protocol.
     public var alpn: [String]?
+    /// TLS 1.2 suites offered, among `CipherSuites.names`; nil: all of them.
+    public var cipherSuites: [String]?
 
     public init(ca: String) { self.ca = ca }
 }

@@ -14,12 +14,14 @@ extension VigilConfig {
         ["cert": .string(t.cert), "key": .string(t.key), "client_ca": t.clientCA.map(JSONValue.string) ?? .null,
          "require_client_cert": .bool(t.requireClientCert), "min_version": .string(t.minVersion.rawValue),
          "identity_from": strings(t.identityFrom.map(\.rawValue)), "mode": .string(t.mode.rawValue),
-         "terminate_alpn": t.terminateALPN.map(strings) ?? .null]
+         "terminate_alpn": t.terminateALPN.map(strings) ?? .null, "client_identities": t.clientIdentities.map(strings) ?? .null,
+         "cipher_suites": t.cipherSuites.map(strings) ?? .null, "alpn": t.alpn.map(strings) ?? .null]
     }
 
     static func dump(_ t: ClusterTLSConfig) -> JSONValue {
         ["cert": t.cert.map(JSONValue.string) ?? .null, "key": t.key.map(JSONValue.string) ?? .null, "ca": .string(t.ca),
-         "server_identity": t.serverIdentity.map(JSONValue.string) ?? .null, "sni": t.sni.map(JSONValue.string) ?? .null]
+         "server_identity": t.serverIdentity.map(JSONValue.string) ?? .null, "sni": t.sni.map(JSONValue.string) ?? .null,
+         "cipher_suites": t.cipherSuites.map(strings) ?? .null]
     }
 
     static func dump(_ r: RetryPolicyConfig) -> JSONValue {

@@ -78,6 +78,9 @@ extension ConfigReader {
             if !listener.opaquePorts.isEmpty, !detects {
                 fail("listeners[\(i)].opaque_ports", "has no effect: only a protocol auto listener that carries TCP (original_destination, or a route to a tcp cluster) detects protocols")
             }
+            if let alpn = listener.tls?.alpn, let other = alpn.first(where: { !Self.selectable($0, by: listener.protocol) }) {
+                fail("listeners[\(i)].tls.alpn", "\"\(other)\" is not a protocol a \(listener.protocol.rawValue) listener speaks")
+            }
             let wait = listener.protocolDetectionTimeout
             if wait > .zero, !detects, !permissive {
                 fail("listeners[\(i)].protocol_detection_timeout", "has no effect: only a protocol auto listener that carries TCP, or a permissive TLS listener, detects protocols")
@@ -133,6 +136,16 @@ extension ConfigReader {
                     fail("\(path).fault", "applies to requests, not to TCP connections")
                 }
             }
+        }
+    }
+
+    /// Whether ALPN may select `name` on a listener of `proto` (what it selects decides the codec).
+    static func selectable(_ name: String, by proto: ListenerProtocol) -> Bool {
+        switch proto {
+        case .http1: name == "http/1.1"
+        case .http2: name == "h2"
+        case .auto: name == "h2" || name == "http/1.1"
+        case .tcp: false
         }
     }
 

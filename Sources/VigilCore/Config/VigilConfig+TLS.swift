@@ -3,7 +3,8 @@ import Yams
 /// Reading of `listeners[].tls`, `clusters[].tls` and `authorization`.
 extension ConfigReader {
     mutating func readListenerTLS(_ node: Node, at path: String) -> ListenerTLSConfig? {
-        let keys: Set = ["cert", "key", "client_ca", "require_client_cert", "min_version", "identity_from", "mode", "terminate_alpn"]
+        let keys: Set = ["cert", "key", "client_ca", "require_client_cert", "min_version", "identity_from", "mode", "terminate_alpn",
+                         "client_identities", "cipher_suites", "alpn"]
         guard let m = map(node, at: path, keys: keys) else { return nil }
         let cert = required(nonEmptyString(m["cert"], at: m.path("cert")), m, "cert")
         let key = required(nonEmptyString(m["key"], at: m.path("key")), m, "key")
@@ -35,11 +36,32 @@ extension ConfigReader {
             if list.isEmpty { fail(m.path("terminate_alpn"), "must name at least one protocol (leave it out to terminate every ClientHello)") }
             if names.count == list.count, !names.isEmpty { tls.terminateALPN = names }
         }
+        if let node = m["client_identities"], !isNull(node), let list = list(node, at: m.path("client_identities")) {
+            let names = list.enumerated().compactMap { i, item -> String? in
+                let p = Self.index(m.path("client_identities"), i)
+                guard let s = nonEmptyString(item, at: p) else { return nil }
+                if s.dropLast().contains("*") { fail(p, "\"\(s)\" may hold * only at its end (a prefix match)"); return nil }
+                return s
+            }
+            if list.isEmpty { fail(m.path("client_identities"), "must name at least one identity (leave it out to take any certificate client_ca trusts)") }
+            if ca == nil { fail(m.path("client_identities"), "needs client_ca: client certificates are checked against it") }
+            if names.count == list.count, !names.isEmpty { tls.clientIdentities = names }
+        }
+        if let suites = cipherSuites(m) { tls.cipherSuites = suites }
+        if let node = m["alpn"], !isNull(node), let list = list(node, at: m.path("alpn")) {
+            let names = list.enumerated().compactMap { i, item -> String? in
+                let p = Self.index(m.path("alpn"), i)
+                guard let s = nonEmptyString(item, at: p) else { return nil }
+                guard ["h2", "http/1.1"].contains(s) else { fail(p, "\"\(s)\": Vigil selects h2 or http/1.1"); return nil }
+                return s
+            }
+            if names.count == list.count { tls.alpn = names }
+        }
         return tls
     }
 
     mutating func readClusterTLS(_ node: Node, at path: String) -> ClusterTLSConfig? {
-        guard let m = map(node, at: path, keys: ["cert", "key", "ca", "server_identity", "sni"]) else { return nil }
+        guard let m = map(node, at: path, keys: ["cert", "key", "ca", "server_identity", "sni", "cipher_suites"]) else { return nil }
         guard let ca = required(nonEmptyString(m["ca"], at: m.path("ca")), m, "ca") else { return nil }
         var tls = ClusterTLSConfig(ca: ca)
         tls.cert = nonEmptyString(m["cert"], at: m.path("cert"))
@@ -49,7 +71,24 @@ extension ConfigReader {
         }
         tls.serverIdentity = nonEmptyString(m["server_identity"], at: m.path("server_identity"))
         tls.sni = nonEmptyString(m["sni"], at: m.path("sni"))
+        if let suites = cipherSuites(m) { tls.cipherSuites = suites }
         return tls
+    }
+
+    /// `cipher_suites`: a choice among Vigil's TLS 1.2 suites (null: all of them).
+    private mutating func cipherSuites(_ m: MapView) -> [String]? {
+        guard let node = m["cipher_suites"], !isNull(node), let list = list(node, at: m.path("cipher_suites")) else { return nil }
+        let names = list.enumerated().compactMap { i, item -> String? in
+            let p = Self.index(m.path("cipher_suites"), i)
+            guard let s = nonEmptyString(item, at: p) else { return nil }
+            guard CipherSuites.names.contains(s) else {
+                fail(p, "\"\(s)\" is not one of Vigil's TLS 1.2 suites (\(CipherSuites.names.joined(separator: ", ")))")
+                return nil
+            }
+            return s
+        }
+        if list.isEmpty { fail(m.path("cipher_suites"), "must name at least one suite") }
+        return names.count == list.count && !names.isEmpty ? names : nil
     }
 
     mutating func readAuthorizationRule(_ node: Node, at path: String) -> AuthorizationRule? {

@@ -40,6 +40,13 @@ struct TLSMaterial: Sendable {
         .TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256, .TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
     ]
 
+    /// The suites `names` chooses (`cipher_suites`), in Vigil's order; nil: all of Vigil's. The names were checked
+    /// against `CipherSuites.names`, which lists `cipherSuites` by OpenSSL name, when the config was read.
+    static func suites(_ names: [String]?) -> [NIOTLSCipher] {
+        guard let names else { return cipherSuites }
+        return cipherSuites.indices.filter { names.contains(CipherSuites.names[$0]) }.map { cipherSuites[$0] }
+    }
+
     static func read(_ file: String, at path: String) throws(TLSLoadError) -> [UInt8] {
         guard let data = FileManager.default.contents(atPath: file) else {
             throw TLSLoadError(path: path, reason: "cannot read \(file)")
@@ -130,13 +137,14 @@ struct TLSMaterial: Sendable {
         var c = TLSConfiguration.makeServerConfiguration(certificateChain: chain.map { .certificate($0) },
                                                          privateKey: .privateKey(key))
         c.minimumTLSVersion = tls.minVersion == .tls13 ? .tlsv13 : .tlsv12
-        c.cipherSuiteValues = cipherSuites
+        c.cipherSuiteValues = suites(tls.cipherSuites)
         switch proto {
         case .http1: c.applicationProtocols = ["http/1.1"]
         case .http2: c.applicationProtocols = ["h2"]
         case .auto: c.applicationProtocols = ["h2", "http/1.1"]
         case .tcp: c.applicationProtocols = []
         }
+        if let alpn = tls.alpn { c.applicationProtocols = alpn }
         var trust: [CertificateInfo] = []
         if let ca = tls.clientCA {
             let (roots, infos) = try trustBundle(ca, at: "\(path).client_ca", into: &files)
@@ -158,7 +166,7 @@ struct TLSMaterial: Sendable {
         var files: [String: [UInt8]] = [:]
         var c = TLSConfiguration.makeClientConfiguration()
         c.minimumTLSVersion = .tlsv12
-        c.cipherSuiteValues = cipherSuites
+        c.cipherSuiteValues = suites(tls.cipherSuites)
         // A tcp cluster offers no protocol: the peer (a sidecar's inbound listener) then detects what the stream carries.
         switch proto {
         case .http1: c.applicationProtocols = ["http/1.1"]

@@ -79,6 +79,12 @@ final class TLSSessionStarter: ChannelInboundHandler, RemovableChannelHandler {
         let sources = self.tls.config.identityFrom
         let certificate = try? channel.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self).peerCertificate
         let peer = certificate.flatMap { PeerIdentity($0, from: sources) }
+        // A certificate the CA signed for someone this listener does not take (another trust domain): as a failed
+        // handshake, nothing is answered.
+        guard self.tls.config.admitsClient(uris: peer?.uris ?? [], dns: peer?.dns ?? []) || (peer == nil && !self.tls.config.requireClientCert) else {
+            context.close(promise: nil)
+            return
+        }
         let session = DownstreamSession(
             scheme: "https", peer: peer,
             forwardedClientCert: peer.map {

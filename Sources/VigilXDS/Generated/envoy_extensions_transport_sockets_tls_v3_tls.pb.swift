@@ -44,31 +44,81 @@ public nonisolated struct Envoy_Extensions_TransportSockets_Tls_V3_UpstreamTlsCo
   fileprivate var _commonTlsContext: Envoy_Extensions_TransportSockets_Tls_V3_CommonTlsContext? = nil
 }
 
-public nonisolated struct Envoy_Extensions_TransportSockets_Tls_V3_CommonTlsContext: Sendable {
+/// TLS on a listener's filter chain: Vigil's certificate and the trust for its callers', by SDS name.
+public nonisolated struct Envoy_Extensions_TransportSockets_Tls_V3_DownstreamTlsContext: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  public var alpnProtocols: [String] = []
+  public var commonTlsContext: Envoy_Extensions_TransportSockets_Tls_V3_CommonTlsContext {
+    get {_commonTlsContext ?? Envoy_Extensions_TransportSockets_Tls_V3_CommonTlsContext()}
+    set {_commonTlsContext = newValue}
+  }
+  /// Returns true if `commonTlsContext` has been explicitly set.
+  public var hasCommonTlsContext: Bool {self._commonTlsContext != nil}
+  /// Clears the value of `commonTlsContext`. Subsequent reads from it will return its default value.
+  public mutating func clearCommonTlsContext() {self._commonTlsContext = nil}
 
-  public var tlsCertificateSdsSecretConfigs: [Envoy_Extensions_TransportSockets_Tls_V3_SdsSecretConfig] = []
+  public var requireClientCertificate: SwiftProtobuf.Google_Protobuf_BoolValue {
+    get {_requireClientCertificate ?? SwiftProtobuf.Google_Protobuf_BoolValue()}
+    set {_requireClientCertificate = newValue}
+  }
+  /// Returns true if `requireClientCertificate` has been explicitly set.
+  public var hasRequireClientCertificate: Bool {self._requireClientCertificate != nil}
+  /// Clears the value of `requireClientCertificate`. Subsequent reads from it will return its default value.
+  public mutating func clearRequireClientCertificate() {self._requireClientCertificate = nil}
 
-  public var validationContextType: Envoy_Extensions_TransportSockets_Tls_V3_CommonTlsContext.OneOf_ValidationContextType? = nil
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _commonTlsContext: Envoy_Extensions_TransportSockets_Tls_V3_CommonTlsContext? = nil
+  fileprivate var _requireClientCertificate: SwiftProtobuf.Google_Protobuf_BoolValue? = nil
+}
+
+public nonisolated struct Envoy_Extensions_TransportSockets_Tls_V3_CommonTlsContext: @unchecked Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var tlsParams: Envoy_Extensions_TransportSockets_Tls_V3_TlsParameters {
+    get {_storage._tlsParams ?? Envoy_Extensions_TransportSockets_Tls_V3_TlsParameters()}
+    set {_uniqueStorage()._tlsParams = newValue}
+  }
+  /// Returns true if `tlsParams` has been explicitly set.
+  public var hasTlsParams: Bool {_storage._tlsParams != nil}
+  /// Clears the value of `tlsParams`. Subsequent reads from it will return its default value.
+  public mutating func clearTlsParams() {_uniqueStorage()._tlsParams = nil}
+
+  public var alpnProtocols: [String] {
+    get {_storage._alpnProtocols}
+    set {_uniqueStorage()._alpnProtocols = newValue}
+  }
+
+  public var tlsCertificateSdsSecretConfigs: [Envoy_Extensions_TransportSockets_Tls_V3_SdsSecretConfig] {
+    get {_storage._tlsCertificateSdsSecretConfigs}
+    set {_uniqueStorage()._tlsCertificateSdsSecretConfigs = newValue}
+  }
+
+  public var validationContextType: OneOf_ValidationContextType? {
+    get {return _storage._validationContextType}
+    set {_uniqueStorage()._validationContextType = newValue}
+  }
 
   public var validationContextSdsSecretConfig: Envoy_Extensions_TransportSockets_Tls_V3_SdsSecretConfig {
     get {
-      if case .validationContextSdsSecretConfig(let v)? = validationContextType {return v}
+      if case .validationContextSdsSecretConfig(let v)? = _storage._validationContextType {return v}
       return Envoy_Extensions_TransportSockets_Tls_V3_SdsSecretConfig()
     }
-    set {validationContextType = .validationContextSdsSecretConfig(newValue)}
+    set {_uniqueStorage()._validationContextType = .validationContextSdsSecretConfig(newValue)}
   }
 
   public var combinedValidationContext: Envoy_Extensions_TransportSockets_Tls_V3_CommonTlsContext.CombinedCertificateValidationContext {
     get {
-      if case .combinedValidationContext(let v)? = validationContextType {return v}
+      if case .combinedValidationContext(let v)? = _storage._validationContextType {return v}
       return Envoy_Extensions_TransportSockets_Tls_V3_CommonTlsContext.CombinedCertificateValidationContext()
     }
-    set {validationContextType = .combinedValidationContext(newValue)}
+    set {_uniqueStorage()._validationContextType = .combinedValidationContext(newValue)}
   }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -111,6 +161,8 @@ public nonisolated struct Envoy_Extensions_TransportSockets_Tls_V3_CommonTlsCont
   }
 
   public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
@@ -156,9 +208,9 @@ nonisolated extension Envoy_Extensions_TransportSockets_Tls_V3_UpstreamTlsContex
   }
 }
 
-nonisolated extension Envoy_Extensions_TransportSockets_Tls_V3_CommonTlsContext: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
-  public static let protoMessageName: String = _protobuf_package + ".CommonTlsContext"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{4}\u{4}alpn_protocols\0\u{4}\u{2}tls_certificate_sds_secret_configs\0\u{3}validation_context_sds_secret_config\0\u{3}combined_validation_context\0")
+nonisolated extension Envoy_Extensions_TransportSockets_Tls_V3_DownstreamTlsContext: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".DownstreamTlsContext"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}common_tls_context\0\u{3}require_client_certificate\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -166,34 +218,8 @@ nonisolated extension Envoy_Extensions_TransportSockets_Tls_V3_CommonTlsContext:
       // allocates stack space for every case branch when no optimizations are
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
-      case 4: try { try decoder.decodeRepeatedStringField(value: &self.alpnProtocols) }()
-      case 6: try { try decoder.decodeRepeatedMessageField(value: &self.tlsCertificateSdsSecretConfigs) }()
-      case 7: try {
-        var v: Envoy_Extensions_TransportSockets_Tls_V3_SdsSecretConfig?
-        var hadOneofValue = false
-        if let current = self.validationContextType {
-          hadOneofValue = true
-          if case .validationContextSdsSecretConfig(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.validationContextType = .validationContextSdsSecretConfig(v)
-        }
-      }()
-      case 8: try {
-        var v: Envoy_Extensions_TransportSockets_Tls_V3_CommonTlsContext.CombinedCertificateValidationContext?
-        var hadOneofValue = false
-        if let current = self.validationContextType {
-          hadOneofValue = true
-          if case .combinedValidationContext(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.validationContextType = .combinedValidationContext(v)
-        }
-      }()
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._commonTlsContext) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._requireClientCertificate) }()
       default: break
       }
     }
@@ -204,30 +230,142 @@ nonisolated extension Envoy_Extensions_TransportSockets_Tls_V3_CommonTlsContext:
     // allocates stack space for every if/case branch local when no optimizations
     // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
     // https://github.com/apple/swift-protobuf/issues/1182
-    if !self.alpnProtocols.isEmpty {
-      try visitor.visitRepeatedStringField(value: self.alpnProtocols, fieldNumber: 4)
+    try { if let v = self._commonTlsContext {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    try { if let v = self._requireClientCertificate {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Envoy_Extensions_TransportSockets_Tls_V3_DownstreamTlsContext, rhs: Envoy_Extensions_TransportSockets_Tls_V3_DownstreamTlsContext) -> Bool {
+    if lhs._commonTlsContext != rhs._commonTlsContext {return false}
+    if lhs._requireClientCertificate != rhs._requireClientCertificate {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Envoy_Extensions_TransportSockets_Tls_V3_CommonTlsContext: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".CommonTlsContext"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}tls_params\0\u{4}\u{3}alpn_protocols\0\u{4}\u{2}tls_certificate_sds_secret_configs\0\u{3}validation_context_sds_secret_config\0\u{3}combined_validation_context\0")
+
+  fileprivate class _StorageClass {
+    var _tlsParams: Envoy_Extensions_TransportSockets_Tls_V3_TlsParameters? = nil
+    var _alpnProtocols: [String] = []
+    var _tlsCertificateSdsSecretConfigs: [Envoy_Extensions_TransportSockets_Tls_V3_SdsSecretConfig] = []
+    var _validationContextType: Envoy_Extensions_TransportSockets_Tls_V3_CommonTlsContext.OneOf_ValidationContextType?
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _tlsParams = source._tlsParams
+      _alpnProtocols = source._alpnProtocols
+      _tlsCertificateSdsSecretConfigs = source._tlsCertificateSdsSecretConfigs
+      _validationContextType = source._validationContextType
     }
-    if !self.tlsCertificateSdsSecretConfigs.isEmpty {
-      try visitor.visitRepeatedMessageField(value: self.tlsCertificateSdsSecretConfigs, fieldNumber: 6)
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
     }
-    switch self.validationContextType {
-    case .validationContextSdsSecretConfig?: try {
-      guard case .validationContextSdsSecretConfig(let v)? = self.validationContextType else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
-    }()
-    case .combinedValidationContext?: try {
-      guard case .combinedValidationContext(let v)? = self.validationContextType else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 8)
-    }()
-    case nil: break
+    return _storage
+  }
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularMessageField(value: &_storage._tlsParams) }()
+        case 4: try { try decoder.decodeRepeatedStringField(value: &_storage._alpnProtocols) }()
+        case 6: try { try decoder.decodeRepeatedMessageField(value: &_storage._tlsCertificateSdsSecretConfigs) }()
+        case 7: try {
+          var v: Envoy_Extensions_TransportSockets_Tls_V3_SdsSecretConfig?
+          var hadOneofValue = false
+          if let current = _storage._validationContextType {
+            hadOneofValue = true
+            if case .validationContextSdsSecretConfig(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._validationContextType = .validationContextSdsSecretConfig(v)
+          }
+        }()
+        case 8: try {
+          var v: Envoy_Extensions_TransportSockets_Tls_V3_CommonTlsContext.CombinedCertificateValidationContext?
+          var hadOneofValue = false
+          if let current = _storage._validationContextType {
+            hadOneofValue = true
+            if case .combinedValidationContext(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._validationContextType = .combinedValidationContext(v)
+          }
+        }()
+        default: break
+        }
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      try { if let v = _storage._tlsParams {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+      } }()
+      if !_storage._alpnProtocols.isEmpty {
+        try visitor.visitRepeatedStringField(value: _storage._alpnProtocols, fieldNumber: 4)
+      }
+      if !_storage._tlsCertificateSdsSecretConfigs.isEmpty {
+        try visitor.visitRepeatedMessageField(value: _storage._tlsCertificateSdsSecretConfigs, fieldNumber: 6)
+      }
+      switch _storage._validationContextType {
+      case .validationContextSdsSecretConfig?: try {
+        guard case .validationContextSdsSecretConfig(let v)? = _storage._validationContextType else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
+      }()
+      case .combinedValidationContext?: try {
+        guard case .combinedValidationContext(let v)? = _storage._validationContextType else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 8)
+      }()
+      case nil: break
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Envoy_Extensions_TransportSockets_Tls_V3_CommonTlsContext, rhs: Envoy_Extensions_TransportSockets_Tls_V3_CommonTlsContext) -> Bool {
-    if lhs.alpnProtocols != rhs.alpnProtocols {return false}
-    if lhs.tlsCertificateSdsSecretConfigs != rhs.tlsCertificateSdsSecretConfigs {return false}
-    if lhs.validationContextType != rhs.validationContextType {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._tlsParams != rhs_storage._tlsParams {return false}
+        if _storage._alpnProtocols != rhs_storage._alpnProtocols {return false}
+        if _storage._tlsCertificateSdsSecretConfigs != rhs_storage._tlsCertificateSdsSecretConfigs {return false}
+        if _storage._validationContextType != rhs_storage._validationContextType {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
