@@ -29,8 +29,8 @@ public enum XDSListeners {
         /// The ALPN protocols of the ClientHellos Vigil terminates (those the terminating chains match); any other TLS
         /// goes to a passthrough chain. Nil: every ClientHello.
         public var terminateALPN: [String]?
-        /// Some chain takes plaintext (a `raw_buffer` chain, or one that names no transport and terminates no TLS):
-        /// with TLS, the listener is permissive.
+        /// Some chain takes plaintext: with TLS, the listener is permissive. Where chains terminate TLS, a `raw_buffer`
+        /// chain; elsewhere also one that names no transport.
         public var takesPlaintext = true
 
         /// The RDS names the listener's HTTP chains need.
@@ -62,6 +62,8 @@ public enum XDSListeners {
         public var tls: XDSTLS.DownstreamTLS?
         /// `application_protocols`: for a chain that terminates TLS, the ClientHellos it takes.
         public var applicationProtocols: [String] = []
+        /// The listener's `default_filter_chain`: what takes a connection no other chain does.
+        public var isDefault = false
     }
 
     /// Filters that only observe traffic (stats, metadata exchange for telemetry, inspectors whose work Vigil's own
@@ -125,7 +127,8 @@ public enum XDSListeners {
             // by a port the chain does not really have.
             var unmatched = l.defaultFilterChain
             unmatched.clearFilterChainMatch()
-            let fallback = try self.chain(unmatched, listener: name, path: "default_filter_chain", ignored: &read.ignoredFilters)
+            var fallback = try self.chain(unmatched, listener: name, path: "default_filter_chain", ignored: &read.ignoredFilters)
+            fallback.isDefault = true
             if fallback.tls != nil, !read.bindsPort {
                 throw refuse("default_filter_chain.transport_socket", "TLS on a listener that binds no port is not supported: the listener that hands connections on terminates them")
             }
@@ -230,7 +233,11 @@ public enum XDSListeners {
     static func terminations(of chains: [(chain: Chain, index: Int)], into read: inout Read) throws(XDSRejection) {
         func key(_ i: Int) -> String { i == Int.max ? "default_filter_chain" : "filter_chains[\(i)]" }
         let terminating = chains.filter { $0.chain.tls != nil }
-        read.takesPlaintext = chains.contains { $0.chain.transport == nil || $0.chain.transport == .rawBuffer }
+        // With chains that terminate TLS, plaintext is taken where a chain says raw_buffer (Istio's permissive chains); a
+        // chain that names no transport (Istio's blackhole for connections made to the port itself) does not make a
+        // strict listener permissive.
+        read.takesPlaintext = chains.contains { $0.chain.transport == .rawBuffer }
+            || (terminating.isEmpty && chains.contains { $0.chain.transport == nil })
         guard let first = terminating.first else { return }
         if let other = terminating.first(where: { $0.chain.tls != first.chain.tls }) {
             throw XDSRejection(resource: read.name, path: "\(key(other.index)).transport_socket",
@@ -366,9 +373,15 @@ public enum XDSListeners {
         return message
     }
 
-    /// `read`'s routes for the file's listener: its own chains' routes, then (for the one with `use_original_dst`) those
-    /// of the listeners that bind no port, each matching that listener's port and address. `routeConfigs` gives the RDS
-    /// routes by name; nil when one a chain needs has not arrived (the listener waits, as Envoy's warms).
+    /// `read`'s routes for the file's listener: those of the listeners that bind no port (for the one with
+    /// `use_original_dst`), each matching that listener's port and address, then its own chains'. `routeConfigs` gives the
+    /// RDS routes by name; nil when one a chain needs has not arrived (the listener waits, as Envoy's warms).
+    ///
+    /// Envoy picks a connection's chains by destination port, then address, then transport and ALPN, and does not fall
+    /// back to a less specific port or address when the chains it picked take nothing: the connection goes to the
+    /// default chain, or is closed. Vigil's routes are one first-match list, so what a destination's chains leave (a
+    /// transport no chain names: plaintext to a port whose chains are all mutual TLS) gets the default chain's routes for
+    /// that destination, or a route that refuses it (`endsChains`), before the less specific chains' routes.
     public static func routes(of read: Read, virtual: [Read], routeConfigs: [String: [RouteConfig]]) -> [RouteConfig]? {
         var out: [RouteConfig] = []
         func add(_ chain: Chain, port: Int?, range: CIDR?) -> Bool {
@@ -405,6 +418,51 @@ public enum XDSListeners {
             }
             return true
         }
+        /// One listener's chains (already most specific first) for connections to `port` and `range` (a listener that
+        /// binds no port: its own; nil: any).
+        func layout(_ chains: [Chain], port: Int?, range: CIDR?) -> Bool {
+            let fallback = chains.first(where: \.isDefault)
+            let regular = chains.filter { !$0.isDefault }
+            // Destinations whose chains take every connection already (one names no transport), or that have their end.
+            var ended: [(Int?, CIDR?)] = []
+            func end(port: Int?, range: CIDR?) -> Bool {
+                if ended.contains(where: { $0 == port && $1 == range }) { return true }
+                ended.append((port, range))
+                if let fallback { return add(fallback, port: port, range: range) }
+                var refuse = RouteConfig(match: RouteMatch(path: .prefix("/"), destinationPort: port, destinationCIDR: range), cluster: "")
+                refuse.direct = .response(status: 404, body: "")
+                refuse.endsChains = true
+                out.append(refuse)
+                return true
+            }
+            var i = regular.startIndex
+            while i < regular.endIndex {
+                let p = regular[i].destinationPort ?? port
+                // One port's chains, then within them one address range's: what a range's chains leave goes to the
+                // fallback for that range; what the port's ranges leave (an address none of them holds), for the port.
+                var j = i
+                while j < regular.endIndex, (regular[j].destinationPort ?? port) == p { j += 1 }
+                var k = i
+                var coversAnyAddress = false
+                while k < j {
+                    let r = regular[k].prefixRanges.first ?? range
+                    var m = k
+                    while m < j, (regular[m].prefixRanges.first ?? range) == r { m += 1 }
+                    for c in regular[k..<m] where !add(c, port: port, range: range) { return false }
+                    if r == range { coversAnyAddress = true }
+                    if regular[k..<m].contains(where: { $0.transport == nil }) {
+                        ended.append((p, r))
+                    } else if !end(port: p, range: r) {
+                        return false
+                    }
+                    k = m
+                }
+                if !coversAnyAddress, !end(port: p, range: range) { return false }
+                i = j
+            }
+            // Everything else: the default chain, or closed.
+            return end(port: port, range: range)
+        }
         if read.useOriginalDestination {
             // A listener for one address before one for any address on the same port, as Envoy chooses.
             let virtual = virtual.sorted { a, b in
@@ -413,10 +471,10 @@ public enum XDSListeners {
             }
             for v in virtual {
                 let range = ["0.0.0.0", "::"].contains(v.host) ? nil : CIDR(v.host.contains(":") ? "\(v.host)/128" : "\(v.host)/32")
-                for chain in v.chains where !add(chain, port: v.port, range: range) { return nil }
+                if !layout(v.chains, port: v.port, range: range) { return nil }
             }
         }
-        for chain in read.chains where !add(chain, port: nil, range: nil) { return nil }
+        if !layout(read.chains, port: nil, range: nil) { return nil }
         return out
     }
 }

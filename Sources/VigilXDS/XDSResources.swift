@@ -32,6 +32,8 @@ public struct XDSResources: Sendable {
     /// has not arrived keeps what it had (Envoy's warming: the old listener serves until the new one is complete);
     /// one that never had any keeps the file's routes.
     public private(set) var listenerRoutes: [String: [RouteConfig]] = [:]
+    /// The listeners whose `listenerRoutes` are their current chains' (not routes kept while a route configuration warms).
+    private var currentListenerRoutes: Set<String> = []
     /// Each xDS cluster as it last went live: one that now names secrets not yet arrived keeps serving as it was
     /// (Envoy's warming keeps the old cluster until the new one is ready).
     public private(set) var lastReady: [String: ClusterConfig] = [:]
@@ -180,14 +182,17 @@ public struct XDSResources: Sendable {
     private mutating func rebuildListenerRoutes() {
         let virtual = listeners.values.filter { !$0.bindsPort }.sorted { $0.name < $1.name }
         var built: [String: [RouteConfig]] = [:]
+        var current: Set<String> = []
         for l in listeners.values where l.bindsPort {
             if let routes = XDSListeners.routes(of: l, virtual: virtual, routeConfigs: routeConfigs) {
                 built[l.name] = routes
+                current.insert(l.name)
             } else if let old = listenerRoutes[l.name] {
                 built[l.name] = old
             }
         }
         listenerRoutes = built
+        currentListenerRoutes = current
     }
 
     /// State of the world for CDS: `resources` are every cluster there is. Assignments no cluster uses any longer go.
@@ -318,12 +323,17 @@ public struct XDSResources: Sendable {
                                    reason: "must match the config file's listener \(l.name) (original_destination: \(file.originalDestination))")
             }
             if let tls = l.tls {
-                guard listenerRoutes[l.name] != nil, let made = try listenerTLS(tls, of: l, file: file, base: config) else {
-                    // Its secrets or routes have not arrived: it serves as it last went live, or as the file has it.
-                    if let old = lastReadyListeners[l.name] { config.listeners[index] = old }
+                // The TLS goes live with the routes of the chains that name it, once both have arrived (Envoy's warming).
+                let current = currentListenerRoutes.contains(l.name)
+                if current, let made = try listenerTLS(tls, of: l, file: file, base: config) {
+                    config.listeners[index].tls = made
+                } else if let old = lastReadyListeners[l.name] {
+                    config.listeners[index] = old  // as it last went live
                     continue
+                } else if current || (listenerRoutes[l.name] ?? []).contains(where: { $0.match.transport == .tls }) {
+                    continue  // as the file has it
                 }
-                config.listeners[index].tls = made
+                // Else the routes it had, from chains before these, without TLS as before.
             }
             if let routes = listenerRoutes[l.name] { config.listeners[index].routes = routes }
         }
@@ -374,7 +384,7 @@ public struct XDSResources: Sendable {
         for l in listeners.values where l.bindsPort {
             guard let routes = listenerRoutes[l.name] else { continue }
             var http: [RouteMatch] = []
-            for route in routes {
+            for route in routes where !route.endsChains {
                 guard route.direct == nil, tcp.contains(route.cluster) else {
                     http.append(route.match)
                     continue
@@ -387,7 +397,7 @@ public struct XDSResources: Sendable {
                 // HTTP one); Vigil, after terminating, by what the connection carries, which a TCP route to an ORIGINAL_DST
                 // cluster leaves to detection but a route to a cluster of hosts does not.
                 if route.match.transport == .tls,
-                   let later = routes.first(where: { ($0.direct != nil || !tcp.contains($0.cluster)) && Self.covers(route.match, $0.match) }) {
+                   let later = routes.first(where: { !$0.endsChains && ($0.direct != nil || !tcp.contains($0.cluster)) && Self.covers(route.match, $0.match) }) {
                     throw XDSRejection(resource: l.name, path: "filter_chains",
                                        reason: "the TCP proxy chain to \(route.cluster) takes the TLS Vigil terminates for the destinations of an HTTP chain (port \(later.match.destinationPort.map(String.init) ?? "any")): Vigil tells them apart by what the connection carries, not by ALPN, only when the TCP chain goes to an ORIGINAL_DST cluster")
                 }

@@ -80,7 +80,8 @@ public enum XDSTLS {
         }
         func peerName(_ m: Envoy_Type_Matcher_V3_StringMatcher, _ key: String) throws(XDSRejection) -> String {
             switch m.matchPattern {
-            case .exact(let v)? where !m.ignoreCase: return v
+            // A name with `*` in it would read as a prefix (Vigil's `client_identities` grammar), which it is not.
+            case .exact(let v)? where !m.ignoreCase && !v.contains("*"): return v
             case .prefix(let v)? where prefixes && !m.ignoreCase && !v.isEmpty && !v.contains("*"): return v + "*"
             default: throw refuse(key, prefixes ? "Vigil matches a name exactly or by prefix" : "Vigil matches a name exactly")
             }
@@ -187,13 +188,16 @@ public enum XDSTLS {
         if require, common.trust == nil {
             throw refuse("require_client_certificate", "needs a validation context: client certificates are checked against its trust")
         }
-        // The ALPN the listener selects decides its codec: Vigil selects h2 and http/1.1 only (Istio's inbound lists both).
-        if let other = common.alpn.first(where: { !["h2", "http/1.1"].contains($0) }) {
+        // The ALPN the listener selects decides its codec: Vigil selects h2 and http/1.1 only. Istio's TCP chains also list
+        // `istio-peer-exchange`, which would have the peer open the stream with its metadata-exchange preamble, read by
+        // Istio's own filter (which Vigil leaves out): not selecting it, the peer sends the stream as it is.
+        if let other = common.alpn.first(where: { !["h2", "http/1.1", "istio-peer-exchange"].contains($0) }) {
             throw refuse("\(key).alpn_protocols", "\"\(other)\": Vigil selects h2 or http/1.1")
         }
+        let alpn = common.alpn.filter { $0 != "istio-peer-exchange" }
         return DownstreamTLS(certificate: certificate, trust: common.trust, requireClientCert: require,
                              clientIdentities: common.peerNames.isEmpty ? nil : common.peerNames, minVersion: common.minVersion,
-                             cipherSuites: common.cipherSuites, alpn: common.alpn.isEmpty ? nil : common.alpn,
+                             cipherSuites: common.cipherSuites, alpn: alpn.isEmpty ? nil : alpn,
                              fromSDSServer: common.fromSDSServer, sdsServerName: common.sdsServerName)
     }
 }

@@ -159,6 +159,20 @@ extension ChildProcessSuites {
         #expect(out.contains("demo stopped"))
     }
 
+    /// Written to a file (or a pipe), each line arrives as it is printed, not when a stdio block fills or the demo ends.
+    @Test func demoFlushesEachLineToAFile() async throws {
+        let out = scratch.unique("demo", ".out")
+        let p = try ChildProcess(Self.binary.path, ["demo", "--seconds", "60", "--rate", "20"], directory: Self.repoRoot.path,
+                                 stdout: .file(out))
+        defer { p.signal(SIGKILL); _ = p.wait() }
+        // The header and the first per-second lines are far less than a stdio block.
+        try await waitUntil("the demo's first lines in the file while it runs", seconds: 20) {
+            let text = (try? String(contentsOfFile: out, encoding: .utf8)) ?? ""
+            return text.contains("Vigil demo") && text.contains("t=  2s")
+        }
+        #expect(p.isRunning)
+    }
+
     @Test func certsDevWritesAWorkingMTLSSetup() throws {
         let dir = scratch.file("certs")
         let (status, out, err) = try run(["certs", "dev", dir, "--name", "spiffe://corp/ns/mesh/sa/vigil",

@@ -178,6 +178,14 @@ import Testing
         #expect(configErrors(terminatesAll).contains { $0.contains("listeners[1].routes[1].match.transport_protocol") && $0.contains("terminates every ClientHello") })
         let toHTTP = yaml.replacingOccurrences(of: "transport_protocol: tls_passthrough }\n        cluster: redis", with: "transport_protocol: tls_passthrough }\n        cluster: api")
         #expect(configErrors(toHTTP).contains { $0.contains("listeners[1].routes[1].match.transport_protocol") && $0.contains("carried as bytes") })
+        let byPath = yaml.replacingOccurrences(of: "match: { transport_protocol: tls_passthrough }", with: "match: { transport_protocol: tls_passthrough, prefix: /x }")
+        #expect(configErrors(byPath).contains { $0.contains("listeners[1].routes[1].match.transport_protocol") })
+        // A protocol tcp listener without TLS never reads a ClientHello.
+        let tcpListener = Self.sidecar.replacingOccurrences(of: "opaque_ports: [3306, 25]\n    protocol_detection_timeout: 100ms\n", with: "protocol: tcp\n")
+            .replacingOccurrences(of: "      - match: { prefix: \"/\" }\n        cluster: api\n  - name: inbound", with: "  - name: inbound")
+            .replacingOccurrences(of: "match: { destination_port: 6379 }", with: "match: { destination_port: 6379, transport_protocol: tls_passthrough }")
+        #expect(configErrors(tcpListener).contains { $0.contains("listeners[0].routes[0].match.transport_protocol") && $0.contains("protocol tcp") },
+                "\(configErrors(tcpListener))")
         #expect(configErrors(yaml.replacingOccurrences(of: "transport_protocol: raw_buffer", with: "transport_protocol: quic"))
             .contains { $0.contains("listeners[1].routes[2].match.transport_protocol") })
         #expect(configErrors(yaml.replacingOccurrences(of: "terminate_alpn: [istio, istio-http/1.1]", with: "terminate_alpn: []"))

@@ -250,6 +250,10 @@ import VigilTestSupport
             #expect(try await raw.response(timeout: 5) == nil)
         }
         #expect(mesh.recorded.count == 1 && ownTLS.recorded.count == 1)
+        // The connection passed on is logged as such once it ends.
+        try await outsider.close()
+        try await waitUntil("the passthrough's access log line") { proxy.accessLog.lines.contains { $0.contains("\"protocol\":\"TCP\"") } }
+        #expect(lines(proxy, listener: "in").first { $0["protocol"] as? String == "TCP" }?["tls"] as? String == "passthrough")
         await proxy.stop()
     }
 }

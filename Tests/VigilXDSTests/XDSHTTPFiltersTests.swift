@@ -201,7 +201,7 @@ import VigilCore
                 Self.route("/"),
             ])
         let read = try XDSListeners.read(l)
-        let routes = try #require(XDSListeners.routes(of: read, virtual: [], routeConfigs: [:]))
+        let routes = try #require(XDSListeners.routes(of: read, virtual: [], routeConfigs: [:])).filter { !$0.endsChains }
         let chainFault = FaultConfig(abort: .init(httpStatus: 503, grpcStatus: nil, percent: 100))
         let chainRules = [AuthorizationRule(identities: [], methods: ["GET"])]
         #expect(routes.map(\.fault) == [FaultConfig(delay: .init(fixed: .seconds(1), percent: 50)), nil, chainFault, nil])
@@ -217,12 +217,12 @@ import VigilCore
         hcm.routeConfig.virtualHosts[0].domains = ["svc"]
         hcm.routeConfig.virtualHosts[0].typedPerFilterConfig = [XDSHTTPFilters.rbac: Self.any(Envoy_Config_Route_V3_FilterConfig.with { $0.disabled = true })]
         open.filterChains[0].filters[0].typedConfig = Self.any(hcm)
-        let openRoutes = try #require(XDSListeners.routes(of: try XDSListeners.read(open), virtual: [], routeConfigs: [:]))
+        let openRoutes = try #require(XDSListeners.routes(of: try XDSListeners.read(open), virtual: [], routeConfigs: [:])).filter { !$0.endsChains }
         #expect(openRoutes.map(\.authorization) == [[AuthorizationRule(identities: [])], chainRules, chainRules])
 
         // Without the filters in the chain, a route's own configs do nothing (as in Envoy).
         let bare = try XDSListeners.read(Self.listener(filters: [], routes: [Self.route("/own", [XDSHTTPFilters.fault: Self.any(delay)])]))
-        #expect(try #require(XDSListeners.routes(of: bare, virtual: [], routeConfigs: [:])).allSatisfy { $0.fault == nil && $0.authorization == nil })
+        #expect(try #require(XDSListeners.routes(of: bare, virtual: [], routeConfigs: [:])).filter { !$0.endsChains }.allSatisfy { $0.fault == nil && $0.authorization == nil })
     }
 
     /// Envoy ignores the default chain's match, so RBAC's destination_port there is not decided by a port it names.
@@ -246,7 +246,7 @@ import VigilCore
         own.route.idleTimeout = .init(seconds: 7)
         var l = Self.listener(filters: [], routes: [own, Self.route("/")])
         func idles() throws -> [TimeAmount?] {
-            try #require(XDSListeners.routes(of: try XDSListeners.read(l), virtual: [], routeConfigs: [:])).map(\.idleTimeout)
+            try #require(XDSListeners.routes(of: try XDSListeners.read(l), virtual: [], routeConfigs: [:])).filter { !$0.endsChains }.map(\.idleTimeout)
         }
         #expect(try idles() == [.seconds(7), .minutes(5), nil])  // the chain's 404 answers itself
         var hcm = try Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager(unpackingAny: l.filterChains[0].filters[0].typedConfig)
@@ -298,7 +298,7 @@ import VigilCore
             $0.rules = rules
         })
         let l = XDSListenersTests.listener("in", port: 15006, [XDSListenersTests.chain(port: 5432, [network, XDSListenersTests.tcpProxy("db")])])
-        let routes = try #require(XDSListeners.routes(of: try XDSListeners.read(l), virtual: [], routeConfigs: [:]))
+        let routes = try #require(XDSListeners.routes(of: try XDSListeners.read(l), virtual: [], routeConfigs: [:])).filter { !$0.endsChains }
         #expect(routes.map(\.authorization) == [[AuthorizationRule(identities: ["spiffe://c/ns/db/sa/client"])]])
         let http = XDSListenersTests.listener("in", port: 15006, [XDSListenersTests.chain(port: 80, [network, XDSListenersTests.connectionManager(rds: "r")])])
         #expect(rejection(http)?.path == "filter_chains[0].filters[1]")

@@ -99,7 +99,7 @@ import VigilCore
     }
 
     /// Envoy chooses the most specific chain: a destination port before none, a longer address prefix before a
-    /// shorter; the default chain last.
+    /// shorter; the default chain for what none takes (none here: `any` takes every destination).
     @Test func chainsAreLaidOutMostSpecificFirst() throws {
         var l = Self.listener("virtualInbound", port: 15006, [
             Self.chain([Self.tcpProxy("any")]),
@@ -110,8 +110,13 @@ import VigilCore
         l.defaultFilterChain = Self.chain([Self.tcpProxy("default")])
         let read = try XDSListeners.read(l)
         let routes = try #require(XDSListeners.routes(of: read, virtual: [], routeConfigs: [:]))
-        #expect(routes.map(\.cluster) == ["port", "narrow", "wide", "any", "default"])
+        #expect(routes.map(\.cluster) == ["port", "narrow", "wide", "any"])
         #expect(routes[1].match.destinationCIDR == CIDR("10.1.0.0/16"))
+        // Without `any`, what no chain takes goes to the default chain (not to a less specific chain of another port).
+        var noCatchAll = l
+        noCatchAll.filterChains.remove(at: 0)
+        let fallback = try #require(XDSListeners.routes(of: try XDSListeners.read(noCatchAll), virtual: [], routeConfigs: [:]))
+        #expect(fallback.map(\.cluster) == ["port", "narrow", "wide", "default"])
     }
 
     @Test func whatVigilCannotDoRefusesTheListenerWithItsPath() {
@@ -155,7 +160,8 @@ import VigilCore
         resources = try resources.applyingListeners([Self.any(Self.listener("virtualInbound", port: 15006, [Self.chain(port: 15006, [Self.tcpProxy("db")])]))])
         let joined = try resources.joined(to: base)
         #expect(joined.cluster(named: "db")?.protocol == .tcp)
-        #expect(joined.listeners[0].routes.map(\.cluster) == ["db"])
+        // What the chain for 15006 does not take (another port) no chain takes: refused, as Envoy closes it.
+        #expect(joined.listeners[0].routes.map(\.cluster) == ["db", ""] && joined.listeners[0].routes[1].endsChains)
         _ = try joined.checkedAcrossSections()
 
         let elsewhere = try XDSResources().applyingListeners([Self.any(Self.listener("virtualInbound", port: 15007, [Self.chain([Self.tcpProxy("db")])]))])
@@ -465,11 +471,20 @@ import VigilCore
         #expect(tls.alpn == ["h2", "http/1.1"])
         #expect(read.terminateALPN == ["istio-peer-exchange", "istio", "istio-http/1.0", "istio-http/1.1", "istio-h2"])
         #expect(read.takesPlaintext)
+        // Strict: only TLS chains, and Istio's blackhole for connections made to the port itself (no transport) does
+        // not make the listener take plaintext.
+        var strict = Self.permissiveInbound()
+        strict.filterChains.remove(at: 1)
+        strict.filterChains.append(Self.chain(port: 15006, [Self.tcpProxy("BlackHoleCluster")]))
+        #expect(try !XDSListeners.read(strict).takesPlaintext)
         // Chains that name ALPN before those that do not, in the listed order among equals (Envoy's order).
         #expect(read.chains.map(\.transport) == [.tls, .tls, .tlsPassthrough, .rawBuffer])
         let routes = try #require(XDSListeners.routes(of: read, virtual: [], routeConfigs: ["inbound|8080||": []]))
-        #expect(routes.map(\.match.transport) == [.tls, .tls, .tlsPassthrough, .rawBuffer])
-        #expect(routes.map { $0.direct == nil } == [true, false, true, false], "an HTTP chain's requests no route takes get its 404")
+        #expect(routes.map(\.match.transport) == [.tls, .tls, .tlsPassthrough, .rawBuffer, nil, nil])
+        #expect(routes.map { $0.direct == nil } == [true, false, true, false, false, false], "an HTTP chain's requests no route takes get its 404")
+        // What port 8080's chains do not take, and what goes to another port, no chain takes: refused (Envoy closes it),
+        // not left to a less specific chain.
+        #expect(routes[4].endsChains && routes[4].match.destinationPort == 8080 && routes[5].endsChains && routes[5].match.destinationPort == nil)
     }
 
     @Test func listenerTLSThatVigilCannotHonourIsRefusedWithItsPath() {
@@ -512,6 +527,18 @@ import VigilCore
         old.transportSocket.typedConfig = Self.any(context)
         #expect(rejection(Self.listener("l", port: 1, [old]))?.path
                 == "filter_chains[0].transport_socket.typed_config.common_tls_context.tls_certificate_sds_secret_configs")
+        // An exact name with a `*` (it would read as a prefix).
+        var star = Self.permissiveInbound()
+        var starContext = Envoy_Extensions_TransportSockets_Tls_V3_DownstreamTlsContext()
+        starContext.commonTlsContext.tlsCertificateSdsSecretConfigs = [.with { $0.name = "default"; $0.sdsConfig.ads = .init() }]
+        starContext.commonTlsContext.combinedValidationContext = .with {
+            $0.validationContextSdsSecretConfig = .with { $0.name = "ROOTCA"; $0.sdsConfig.ads = .init() }
+            $0.defaultValidationContext.matchSubjectAltNames = [.with { $0.exact = "spiffe://a/*" }]
+        }
+        star.filterChains = [Self.chain([Self.tcpProxy("c")])]
+        star.filterChains[0].transportSocket = .with { $0.name = "envoy.transport_sockets.tls"; $0.typedConfig = Self.any(starContext) }
+        #expect(rejection(star)?.path
+                == "filter_chains[0].transport_socket.typed_config.common_tls_context.combined_validation_context.default_validation_context.match_subject_alt_names[0]")
         // TLS on a listener that binds no port.
         var virtual = Self.chain([Self.tcpProxy("c")])
         virtual.transportSocket = Self.inboundTLS()
@@ -563,6 +590,18 @@ import VigilCore
         #expect(try strict.joined(to: base).listeners[0].tls?.mode == .strict)
         // The joined config passes the checks every config does.
         _ = try ready.joined(to: base).checkedAcrossSections()
+        // Strict chains naming a route configuration not yet there: the listener keeps its last live TLS and routes
+        // until it comes (not the new TLS over the old routes).
+        let live = ready.remembering(try ready.joined(to: base))
+        var later = inbound
+        later.filterChains.remove(at: 1)
+        later.filterChains[2].filters = [Self.connectionManager(rds: "later")]
+        let warming = try live.applyingListeners([Self.any(later)])
+        #expect(try warming.joined(to: base).listeners[0] == (try ready.joined(to: base)).listeners[0])
+        var laterRoutes = inboundRoutes
+        laterRoutes.name = "later"
+        let arrived = try warming.applyingRoutes([Self.any(laterRoutes)]).joined(to: base)
+        #expect(arrived.listeners[0].tls?.mode == .strict && !arrived.listeners[0].routes.contains { $0.match.transport == .rawBuffer })
         // A TCP chain for the TLS Vigil terminates to a cluster of hosts would take the HTTP chain's connections.
         var hosts = cluster
         hosts.type = .static

@@ -263,7 +263,8 @@ final class XDSMeshTests {
     /// Istio's inbound listener with mutual TLS: the chain for TLS offering a mesh ALPN terminates it with the
     /// certificate `default` and the trust `ROOTCA` from SDS on the ADS stream, requiring a client certificate from the
     /// trust domain `corp`; with `permissive`, a `raw_buffer` chain serves plaintext too.
-    static func mtlsInboundListener(port: Int, routeConfig: String, permissive: Bool) -> [String: Any] {
+    /// `catchAllPlaintext`: a `raw_buffer` chain for any port besides (plaintext to `port` is still not its).
+    static func mtlsInboundListener(port: Int, routeConfig: String, permissive: Bool, catchAllPlaintext: Bool = false) -> [String: Any] {
         let ads: [String: Any] = ["ads": [String: Any](), "resource_api_version": "V3"]
         let socket: [String: Any] = ["name": "envoy.transport_sockets.tls", "typed_config": [
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
@@ -285,7 +286,9 @@ final class XDSMeshTests {
                                       "application_protocols": ["istio-http/1.0", "istio-http/1.1", "istio-h2"]]
         mtls["transport_socket"] = socket
         plain["filter_chain_match"] = ["destination_port": port, "transport_protocol": "raw_buffer"]
-        l["filter_chains"] = permissive ? [mtls, plain] : [mtls]
+        var anyPort = plain
+        anyPort["filter_chain_match"] = ["transport_protocol": "raw_buffer"]
+        l["filter_chains"] = (permissive ? [mtls, plain] : [mtls]) + (catchAllPlaintext ? [anyPort] : [])
         // Envoy matches transport and application protocols with the TLS inspector; Vigil's detection does its work.
         l["listener_filters"] = [["name": "envoy.filters.listener.tls_inspector",
                                   "typed_config": ["@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"]]]
@@ -372,6 +375,13 @@ final class XDSMeshTests {
         try server.publish(version: "3", resources)
         try await waitUntil("strict") { proxy.runtime.current.config.listeners[0].tls?.mode == .strict }
         #expect(await Self.meshGET(f, port: port, cert: nil, tls: false, group: group) == "closed")
+        #expect(await Self.meshGET(f, port: port, cert: "web", group: group) == "200 a")
+        // A plaintext chain for any other port makes the listener take plaintext, but not to this port: Envoy picks the
+        // port's chains and does not fall back to less specific ones.
+        resources[lds] = [Self.mtlsInboundListener(port: port, routeConfig: routeName, permissive: false, catchAllPlaintext: true)]
+        try server.publish(version: "4", resources)
+        try await waitUntil("permissive again") { proxy.runtime.current.config.listeners[0].tls?.mode == .permissive }
+        #expect(await Self.meshGET(f, port: port, cert: nil, tls: false, group: group) == "404 -")
         #expect(await Self.meshGET(f, port: port, cert: "web", group: group) == "200 a")
         await proxy.stop()
     }

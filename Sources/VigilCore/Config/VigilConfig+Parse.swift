@@ -163,10 +163,14 @@ extension ConfigReader {
             if let tls = listener.tls, tls.terminateALPN == nil {
                 return "listener \(listener.name) terminates every ClientHello (tls without terminate_alpn): none is passed on"
             }
+            // A ClientHello is found by reading the first bytes: on a listener with terminate_alpn, or a protocol auto one.
+            if listener.tls == nil, listener.protocol != .auto {
+                return "listener \(listener.name) is protocol \(listener.protocol.rawValue): it does not read a connection's first bytes, so none is known to open with TLS"
+            }
             let cluster = clusters[route.cluster]
             let carries = listener.protocol == .tcp || cluster?.protocol == .tcp || cluster?.type == .originalDst
-            guard route.direct == nil, carries, listener.protocol == .tcp || listener.protocol == .auto else {
-                return "TLS that Vigil does not terminate is carried as bytes: only a route of a protocol auto or tcp listener to a tcp or original_dst cluster takes it"
+            guard route.direct == nil, carries, route.match.isDestinationOnly else {
+                return "TLS that Vigil does not terminate is carried as bytes: only a route by destination to a tcp or original_dst cluster takes it"
             }
             return nil
         }

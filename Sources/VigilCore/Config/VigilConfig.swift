@@ -217,6 +217,10 @@ public struct RouteConfig: Sendable, Equatable {
     public var hostRewrite: HostRewrite?
     /// `request_mirror_policies`: clusters that get a copy of some of the route's requests.
     public var mirrors: [MirrorPolicy] = []
+    /// Set by xDS (not a config key) on a route that ends the filter chains of its destination: Envoy picks the chains
+    /// of a connection's destination and does not fall back to less specific ones, so what they do not take is closed.
+    /// Such a route (destination keys only, `direct`) refuses connections and answers requests with its `direct`.
+    public var endsChains = false
 
     public init(match: RouteMatch, cluster: String, timeout: TimeAmount = .seconds(15), retry: RetryPolicyConfig? = nil) {
         self.match = match

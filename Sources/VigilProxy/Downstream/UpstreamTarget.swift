@@ -146,6 +146,11 @@ extension ProxyRuntime {
                           detail: "no route of listener \(listener.config.name) matches \(request.method) \(RouteTable.pathWithoutQuery(request.path))",
                           cluster: nil)
         }
+        if routes.routes[routeIndex].endsChains {
+            return .reply(status: 404, reason: "no_route",
+                          detail: "no filter chain of listener \(listener.config.name) takes this connection's destination over \(transport.rawValue)",
+                          cluster: nil)
+        }
         // The route's own rules (Envoy's RBAC filter runs before the router, and before faults).
         if let denied = deniedByRoute(request, routeIndex: routeIndex, routes: routes, snapshot: snapshot, identity: identity) {
             return denied

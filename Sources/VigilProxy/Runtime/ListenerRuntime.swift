@@ -65,8 +65,15 @@ final class ListenerRoutes: Sendable {
     /// Routes to tcp clusters, in order: a connection whose destination one of them takes is TCP before any detection.
     let tcpRoutes: [Int]
     /// Routes that can carry a TCP connection, in order: those to tcp clusters, and those to `original_dst` clusters
-    /// that match by destination only (the passthrough among them).
+    /// that match by destination only (the passthrough among them); and those that refuse one (`endsChains`).
     let connectionRoutes: [Int]
+    /// Routes that decide a connection before its first byte: to tcp clusters (TCP at once), and those that end a
+    /// destination's chains (which leave it to detection, and refuse it if it is not HTTP).
+    let takesTCPAtOnce: [Int]
+    /// Some route names TLS (`tls`, `tls_passthrough`): on a listener without TLS, whether a connection is plaintext is
+    /// known only from its first bytes. Without such routes a connection that has not shown a ClientHello is taken as
+    /// plaintext, so a `raw_buffer` route to a tcp cluster takes it at once (a server that speaks first).
+    let distinguishesTLS: Bool
     /// What each route asks of a TCP connection (its connect attempts and idle timeout).
     let tcpSettings: [TCPProxyStateMachine.Settings]
     /// Whether connections that are not HTTP are proxied as TCP here (else they are read as HTTP/1.1, and refused
@@ -122,9 +129,11 @@ final class ListenerRoutes: Sendable {
         }
         self.tcpRoutes = tcpRoutes.sorted()
         self.connectionRoutes = listener.routes.indices.filter {
-            tcpRoutes.contains($0) || (originalDestinationClusters.contains(listener.routes[$0].cluster)
-                                       && listener.routes[$0].match.isDestinationOnly)
+            tcpRoutes.contains($0) || listener.routes[$0].endsChains
+                || (originalDestinationClusters.contains(listener.routes[$0].cluster) && listener.routes[$0].match.isDestinationOnly)
         }
+        self.takesTCPAtOnce = listener.routes.indices.filter { tcpRoutes.contains($0) || listener.routes[$0].endsChains }
+        self.distinguishesTLS = listener.routes.contains { $0.match.transport == .tls || $0.match.transport == .tlsPassthrough }
         self.tcpSettings = listener.routes.map {
             TCPProxyStateMachine.Settings(connectAttempts: $0.connectAttempts, idleTimeout: $0.connectionIdleTimeout)
         }
@@ -161,10 +170,13 @@ extension ListenerRoutes {
     /// `transport`: how the connection opened, when known already (TLS Vigil terminated, or a permissive listener's
     /// plaintext); nil: not yet. A route that names a transport not yet known decides nothing: the first bytes will.
     func tcpRoute(for destination: Destination?, transport: ConnectionTransport?) -> Int? {
-        for i in tcpRoutes where routes[i].match.matches(destination: destination, transport: routes[i].match.transport) {
-            guard let wanted = routes[i].match.transport else { return i }
-            guard let transport else { return nil }
-            if wanted == transport { return i }
+        let transport = transport ?? (distinguishesTLS ? nil : .rawBuffer)
+        for i in takesTCPAtOnce where routes[i].match.matches(destination: destination, transport: routes[i].match.transport) {
+            if let wanted = routes[i].match.transport {
+                guard let transport else { return nil }
+                if wanted != transport { continue }
+            }
+            return routes[i].endsChains ? nil : i
         }
         return nil
     }

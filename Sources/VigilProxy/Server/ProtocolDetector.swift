@@ -26,7 +26,7 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     private let runtime: ProxyRuntime
     private let listener: ListenerRuntime
     private let loop: LoopContext
-    private let session: DownstreamSession
+    private var session: DownstreamSession
     /// The listener's TLS as the policy had it when the connection came (for `tlsOrPlaintext`).
     private let tls: PolicySnapshot.ListenerTLS?
     /// How the connection opened, once known: TLS Vigil terminated (the session says so), or plaintext on a listener
@@ -149,6 +149,8 @@ final class ProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
                 case .decided(.tls(let hello)) where hello.alpn.contains(where: terminate.contains):
                     return installTLS(context: context)
                 case .decided(.tls(let hello)):
+                    session.passthrough = true
+                    runtime.metrics.recordDownstreamTLS(listener: listener.index, session)
                     return install(.tls(hello), context: context)
                 case .decided:
                     return plaintext(context: context)

@@ -14,17 +14,20 @@ struct DownstreamSession: Sendable {
     /// TLS its config file has not).
     var onTLSListener = false
 
+    /// TLS the listener passed on as bytes (`terminate_alpn` did not name what the ClientHello offered).
+    var passthrough = false
+
     static let plain = DownstreamSession(scheme: "http", peer: nil, forwardedClientCert: nil)
-    /// Plaintext on a listener with TLS (permissive), or TLS it passes on.
+    /// Plaintext on a listener with TLS (permissive), before the first bytes say otherwise.
     static let plainOnTLSListener = DownstreamSession(scheme: "http", peer: nil, forwardedClientCert: nil, onTLSListener: true)
 
     var identity: String? { peer?.identity }
 
-    /// How the client connected, on a listener with TLS: 0 plaintext (permissive mode), 1 TLS, 2 mutual TLS.
-    var tlsKind: Int { scheme == "https" ? (peer != nil ? 2 : 1) : 0 }
+    /// How the client connected, on a listener with TLS: 0 plaintext (permissive mode), 1 TLS, 2 mutual TLS, 3 TLS passed on.
+    var tlsKind: Int { passthrough ? 3 : scheme == "https" ? (peer != nil ? 2 : 1) : 0 }
 
     /// `tlsKind` as the access log and metrics name it.
-    static let tlsLabels: [StaticString] = ["plaintext", "tls", "mtls"]
+    static let tlsLabels: [StaticString] = ["plaintext", "tls", "mtls", "passthrough"]
     var tlsLabel: StaticString { Self.tlsLabels[tlsKind] }
 }
 

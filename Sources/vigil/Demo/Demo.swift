@@ -1,4 +1,7 @@
 import ArgumentParser
+#if canImport(Glibc)
+import Glibc
+#endif
 import Atomics
 import Logging
 import NIOConcurrencyHelpers
@@ -108,7 +111,7 @@ final class DemoService: Service, Sendable {
         let service = try VigilService(config: config, group: group, logger: logger)
         try await service.start()
         let port = service.proxy.boundAddress(listener: "inbound")!.port!
-        print("""
+        say("""
             Vigil demo
               sample instances: \(instances.map { "\($0.name)=127.0.0.1:\($0.port)" }.joined(separator: ", "))
               proxy:            http://127.0.0.1:\(port)/   (try: curl -i http://127.0.0.1:\(port)/hello)
@@ -132,17 +135,17 @@ final class DemoService: Service, Sendable {
                     try await Task.sleep(for: .milliseconds(200))
                     for record in runtime.events.records(after: seen) {
                         seen = record.seq
-                        print(Self.describe(record, names: names, since: started))
+                        say(Self.describe(record, names: names, since: started))
                     }
                 }
                 second += 1
                 if faults {
                     for step in FaultSchedule.steps where step.at == second % FaultSchedule.period {
-                        print("  !! t=\(second)s  FAULT: \(step.says)")
+                        say("  !! t=\(second)s  FAULT: \(step.says)")
                         await instances[step.instance].set(step.mode)
                     }
                 }
-                print(stats.line(second: second))
+                say(stats.line(second: second))
                 if let seconds = self.seconds, second >= seconds { break }
             }
         }
@@ -160,7 +163,15 @@ final class DemoService: Service, Sendable {
         service.slo.stop()
         await service.admin.stop()
         for i in instances { await i.set(.dead) }
-        print("demo stopped")
+        say("demo stopped")
+    }
+
+    /// Prints a line and flushes it: to a pipe or a file stdio would hold whole blocks, so `vigil demo | tee` or a log
+    /// file would show the healing decisions seconds late. (`fflush(nil)` flushes every stream: Swift 6 cannot name C's
+    /// `stdout` from concurrent code.)
+    func say(_ line: String) {
+        print(line)
+        fflush(nil)
     }
 
     /// One healing event as a line: when, what, which instance, why (the evidence), and what was done.
