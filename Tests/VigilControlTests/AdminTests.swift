@@ -213,6 +213,58 @@ import VigilTestSupport
         await proxy.stop()
     }
 
+    /// Each host's tries are counted on its own (Envoy's per-host upstream_rq_*): answered by status class with the
+    /// time to the response head, and those that got no answer by why; `/clusters` shows the same.
+    @Test func eachHostsTriesAreCounted() async throws {
+        let ok = try await FakeUpstream(group: group, name: "ok")
+        let failing = try await FakeUpstream(group: group, name: "failing") { _ in .respond(status: .serviceUnavailable) }
+        let dead = freeLoopbackPort()  // nothing listens: each try there fails to connect
+        let registry = PrometheusCollectorRegistry()
+        let yaml = """
+            admin: { address: "127.0.0.1:0" }
+            access_log: { output: "off" }
+            listeners:
+              - name: in
+                address: "127.0.0.1:0"
+                routes:
+                  - { match: { prefix: "/ok" }, cluster: ok }
+                  - { match: { prefix: "/failing" }, cluster: failing }
+                  - { match: { prefix: "/dead" }, cluster: dead, retry: { attempts: 0 } }
+            clusters:
+              - { name: ok, endpoints: ["127.0.0.1:$UP0"] }
+              - { name: failing, endpoints: ["127.0.0.1:$UP1"] }
+              - { name: dead, endpoints: ["127.0.0.1:\(dead)"] }
+            """
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [ok.port, failing.port], group: group,
+                                           metrics: PrometheusMetricsFactory(registry: registry))
+        let admin = AdminServer(proxy: proxy.server, registry: registry, group: group, logger: Logger(label: "admin-test"))
+        try await admin.start()
+        for path in ["/ok/1", "/ok/2", "/ok/3", "/failing", "/dead"] {
+            let client = try await proxy.client()
+            try await client.send("GET \(path) HTTP/1.1\r\nHost: a\r\n\r\n")
+            _ = try #require(try await client.response())
+            try await client.close()
+        }
+        let metrics = try await get(admin, "/stats/prometheus").text
+        let okHost = #"cluster="ok",host="127.0.0.1:\#(ok.port)""#
+        let failingHost = #"cluster="failing",host="127.0.0.1:\#(failing.port)""#
+        #expect(metrics.contains(#"vigil_upstream_requests_total{\#(okHost),status_class="2xx"} 3"#), "\(metrics)")
+        #expect(metrics.contains(#"vigil_upstream_request_duration_seconds_count{\#(okHost)} 3"#))
+        #expect(metrics.contains(#"vigil_upstream_request_duration_seconds_bucket{\#(okHost),le="+Inf"} 3"#))
+        #expect(metrics.contains(#"vigil_upstream_requests_total{\#(failingHost),status_class="5xx"} 1"#))
+        #expect(metrics.contains(#"vigil_upstream_request_failures_total{cluster="dead",host="127.0.0.1:\#(dead)",reason="connect_failure"} 1"#))
+        #expect(metrics.contains(#"vigil_upstream_host_ejected{\#(okHost)} 0"#))
+        // A second scrape adds nothing that did not happen.
+        #expect(try await get(admin, "/stats/prometheus").text.contains(#"vigil_upstream_requests_total{\#(okHost),status_class="2xx"} 3"#))
+        let clusters = try #require(try json(try await get(admin, "/clusters"))["clusters"] as? [[String: Any]])
+        let okTries = try #require(((clusters.first { $0["name"] as? String == "ok" }?["hosts"] as? [[String: Any]])?.first)?["tries"] as? [String: Any])
+        #expect((okTries["answered"] as? [String: Int])?["2xx"] == 3 && okTries["mean_response_ms"] is Double)
+        let deadTries = try #require(((clusters.first { $0["name"] as? String == "dead" }?["hosts"] as? [[String: Any]])?.first)?["tries"] as? [String: Any])
+        #expect((deadTries["failed"] as? [String: Int])?["connect_failure"] == 1)
+        await admin.stop()
+        await proxy.stop()
+    }
+
     /// Named routes are counted on their own (status classes and a latency histogram), unnamed ones together as `-`,
     /// in /stats/prometheus and /stats; an answer Vigil makes on a route counts as that route's.
     @Test func routesAreCountedByName() async throws {

@@ -19,8 +19,10 @@ struct AdminGauges: Sendable {
         ("vigil_upstream_retries_total", [], { $0.retries.load(ordering: .relaxed) }),
         ("vigil_retry_budget_exhausted_total", [], { $0.retryBudgetRefusals.load(ordering: .relaxed) }),
     ]
-    /// What each route's atomics were at the last scrape (counts by class, cumulative buckets, duration in ns).
-    private let publishedRoutes = NIOLockedValueBox<[ObjectIdentifier: [Int]]>([:])
+    /// What each route's and host's atomics were at the last scrape (counts by class, cumulative buckets, duration in
+    /// ns, then the owner's other counts), by the object that holds them. The object is held with them, so no other can
+    /// take its identity while it is here; those of routes and hosts no longer in force go at the next scrape.
+    private let publishedCounts = NIOLockedValueBox<[ObjectIdentifier: (owner: AnyObject & Sendable, values: [Int])]>([:])
     /// What each atomic counter was at the last scrape, by cluster object and counter.
     private let published = NIOLockedValueBox<[ObjectIdentifier: [Int]]>([:])
     private let tenantLabels = NIOLockedValueBox(TenantMetricLabels(top: 20))
@@ -43,6 +45,38 @@ struct AdminGauges: Sendable {
         if grown > 0 { counter.increment(by: Int64(grown)) }
     }
 
+    /// Adds to `requests{labels,status_class}` and the histogram `duration{labels}` what `s` grew by since the last
+    /// scrape (`id`: whose counts they are); returns what `more` (other counts of the same owner) grew by.
+    @discardableResult
+    private func publish(_ s: RequestCounts.Snapshot, of owner: AnyObject & Sendable, requests: String, duration: String,
+                         labels: [(String, String)], more: [Int] = [], seen: inout Set<ObjectIdentifier>) -> [Int] {
+        let id = ObjectIdentifier(owner)
+        seen.insert(id)
+        var cumulative: [Int] = []
+        var running = 0
+        for n in s.buckets { running += n; cumulative.append(running) }
+        let values = s.byClass + cumulative + [s.durationNanos] + more
+        let grown = publishedCounts.withLockedValue { published -> [Int] in
+            let last = published[id]?.values ?? Array(repeating: 0, count: values.count)
+            published[id] = (owner, zip(values, last).map { max($0, $1) })
+            return zip(values, last).map { $0 - $1 }
+        }
+        for k in 0...5 where grown[k] > 0 {
+            registry.makeCounter(name: requests, labels: labels + [("status_class", k == 0 ? "other" : "\(k)xx")])
+                .increment(by: Int64(grown[k]))
+        }
+        let bounds = RequestCounts.bucketBounds.map { String(Double($0) / 1e9) } + ["+Inf"]
+        for (i, le) in bounds.enumerated() where grown[6 + i] > 0 {
+            registry.makeCounter(name: duration + "_bucket", labels: labels + [("le", le)]).increment(by: Int64(grown[6 + i]))
+        }
+        let count = grown[6 + bounds.count - 1]
+        if count > 0 {
+            registry.makeCounter(name: duration + "_count", labels: labels).increment(by: Int64(count))
+            registry.makeCounter(name: duration + "_sum", labels: labels).increment(by: Double(grown[6 + bounds.count]) / 1e9)
+        }
+        return Array(grown.suffix(more.count))
+    }
+
     func update() {
         registry.makeGauge(name: "vigil_active_requests").set(Double(runtime.activeRequests.load(ordering: .relaxed)))
         publish("vigil_access_log_dropped_bytes_total", runtime.accessLog.droppedBytes.load(ordering: .relaxed),
@@ -57,13 +91,14 @@ struct AdminGauges: Sendable {
         registry.makeGauge(name: "vigil_policy_version").set(Double(snapshot.version))
         for c in snapshot.clusters {
             let name = c.config.name
-            for h in c.hosts {
+            let views = c.health.hostViews()
+            for (h, view) in zip(c.hosts, views) {
                 let labels = [("cluster", name), ("host", h.addressText)]
                 registry.makeGauge(name: "vigil_upstream_connections", labels: labels).set(Double(h.connections.load(ordering: .relaxed)))
                 registry.makeGauge(name: "vigil_upstream_active_requests", labels: labels)
                     .set(Double(h.activeRequests.load(ordering: .relaxed)))
+                registry.makeGauge(name: "vigil_upstream_host_ejected", labels: labels).set(view.state == "ejected" ? 1.0 : 0.0)
             }
-            let views = c.health.hostViews()
             for state in Self.states {
                 registry.makeGauge(name: "vigil_cluster_hosts", labels: [("cluster", name), ("state", state)])
                     .set(Double(views.filter { $0.state == state }.count))
@@ -89,34 +124,27 @@ struct AdminGauges: Sendable {
         }
         // Route counters: `vigil_route_requests_total` by status class and the latency histogram, from each route's
         // atomics (RouteStats), by what grew since the last scrape.
+        var seen = Set<ObjectIdentifier>()
         for stats in snapshot.routeStats {
-            let s = stats.snapshot
-            var cumulative: [Int] = []
-            var running = 0
-            for n in s.buckets { running += n; cumulative.append(running) }
-            let values = s.byClass + cumulative + [s.durationNanos]
-            let grown = publishedRoutes.withLockedValue { published -> [Int] in
-                let last = published[ObjectIdentifier(stats)] ?? Array(repeating: 0, count: values.count)
-                published[ObjectIdentifier(stats)] = zip(values, last).map { max($0, $1) }
-                return zip(values, last).map { $0 - $1 }
-            }
-            let labels = [("listener", stats.listener), ("route", stats.name)]
-            for k in 0...5 where grown[k] > 0 {
-                registry.makeCounter(name: "vigil_route_requests_total",
-                                     labels: labels + [("status_class", k == 0 ? "other" : "\(k)xx")]).increment(by: Int64(grown[k]))
-            }
-            let bounds = RouteStats.bucketBounds.map { String(Double($0) / 1e9) } + ["+Inf"]
-            for (i, le) in bounds.enumerated() where grown[6 + i] > 0 {
-                registry.makeCounter(name: "vigil_route_request_duration_seconds_bucket", labels: labels + [("le", le)])
-                    .increment(by: Int64(grown[6 + i]))
-            }
-            let count = grown[6 + bounds.count - 1]
-            if count > 0 {
-                registry.makeCounter(name: "vigil_route_request_duration_seconds_count", labels: labels).increment(by: Int64(count))
-                registry.makeCounter(name: "vigil_route_request_duration_seconds_sum", labels: labels)
-                    .increment(by: Double(grown[grown.count - 1]) / 1e9)
+            publish(stats.snapshot, of: stats, requests: "vigil_route_requests_total", duration: "vigil_route_request_duration_seconds",
+                    labels: [("listener", stats.listener), ("route", stats.name)], seen: &seen)
+        }
+        // Per host (Envoy's per-host upstream_rq_*): tries by status class, the time to their response heads, and those
+        // that got no answer by why. An original_dst cluster's hosts, one per destination, are counted together as `-`.
+        for c in snapshot.clusters {
+            let hosts = c.isOriginalDestination ? [("-", c.dynamicHostStats)] : c.hosts.map { ($0.addressText, $0.stats) }
+            for (host, stats) in hosts {
+                let labels = [("cluster", c.config.name), ("host", host)]
+                let failed = publish(stats.answered.snapshot, of: stats, requests: "vigil_upstream_requests_total",
+                                     duration: "vigil_upstream_request_duration_seconds", labels: labels, more: stats.failureCounts,
+                                     seen: &seen)
+                for reason in HostStats.Reason.allCases where failed[reason.rawValue] > 0 {
+                    registry.makeCounter(name: "vigil_upstream_request_failures_total", labels: labels + [("reason", reason.label)])
+                        .increment(by: Int64(failed[reason.rawValue]))
+                }
             }
         }
+        publishedCounts.withLockedValue { $0 = $0.filter { seen.contains($0.key) } }
         // Tenant counters: configured tenants and the busiest others by name, the rest as "other".
         if let tenantRegistry = snapshot.tenants {
             let tenants = tenantRegistry.all.map { t in

@@ -50,11 +50,23 @@ enum StatusViews {
                         "total_requests": .int(h.totalRequests.load(ordering: .relaxed)),
                         "connect_failures": .int(h.connectFailures.load(ordering: .relaxed)),
                         "connections": .int(h.connections.load(ordering: .relaxed)),
+                        // Its tries since it joined the cluster: answered by status class, and those that got no answer.
+                        "tries": Self.tries(h.stats),
                         "last_event": lastEvent[c.config.name + " " + h.addressText] ?? .null,
                     ]
                 }),
             ]
         }))])
+    }
+
+    /// A host's tries as `/clusters` shows them: `answered` by status class, `failed` by reason, and the mean time to
+    /// a response head.
+    static func tries(_ stats: HostStats) -> JSONValue {
+        let s = stats.answered.snapshot
+        let classes = (1...5).map { ("\($0)xx", JSONValue.int(s.byClass[$0])) }
+        return .object([("answered", .object(classes)),
+                        ("failed", .object(HostStats.Reason.allCases.map { ($0.label, .int(stats.failureCounts[$0.rawValue])) })),
+                        ("mean_response_ms", s.timed == 0 ? .null : .double((Double(s.durationNanos) / Double(s.timed) / 1e4).rounded() / 100))])
     }
 
     static func tenants(_ runtime: ProxyRuntime) -> JSONValue {

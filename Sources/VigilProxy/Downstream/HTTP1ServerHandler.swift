@@ -439,15 +439,15 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     // MARK: - PoolWaiter
 
     func poolProvided(_ connection: UpstreamStream, reused: Bool) {
+        let now = eventLoop.now
         guard phase == .waitingForUpstream, head != nil,
-              case .send(let resend, let keepCopy) = exchange.connectionProvided(reused: reused, now: eventLoop.now) else {
-            connection.detach(requestComplete: true, now: eventLoop.now)
+              case .send(let resend, let keepCopy) = exchange.connectionProvided(reused: reused, now: now) else {
+            connection.detach(requestComplete: true, now: now)
             return
         }
         upstream = connection
         connection.attach(self, requestIsHead: requestIsHead)
-        // Only the EWMA balancer needs the try's send time: no clock read per request otherwise.
-        if target?.cluster.config.loadBalancer == .ewma { trySentAt = eventLoop.now }
+        trySentAt = now  // the host's response time (and the EWMA balancer's)
         if resend, let replay {
             // A retry, or a replay after a stale keep-alive connection: the same bytes again.
             connection.write(replay)

@@ -429,15 +429,13 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
     }
 
     func poolProvided(_ connection: UpstreamStream, reused: Bool) {
-        // The clock is read only where a deadline starts or the EWMA balancer wants the send time.
-        guard let request, case .send(let resend, let keepCopy) = exchange.connectionProvided(reused: reused,
-                                                                                            now: loop.eventLoop.now)
-        else {
-            connection.detach(requestComplete: true, now: loop.eventLoop.now)
+        let now = loop.eventLoop.now
+        guard let request, case .send(let resend, let keepCopy) = exchange.connectionProvided(reused: reused, now: now) else {
+            connection.detach(requestComplete: true, now: now)
             return
         }
         upstream = connection
-        if target?.cluster.config.loadBalancer == .ewma { trySentAt = loop.eventLoop.now }
+        trySentAt = now  // the host's response time (and the EWMA balancer's)
         if let stream = framedUpstream {
             stream.attach(framed: self)
             if resend, let requestCopy {

@@ -67,21 +67,30 @@ struct UpstreamTarget {
 
     /// Tells the cluster's health how this attempt ended.
     mutating func record(_ outcome: AttemptOutcome, now: @autoclosure () -> NIODeadline) {
-        if dynamicHost { return }
+        if dynamicHost {
+            cluster.dynamicHostStats.record(outcome)
+            return
+        }
+        host.stats.record(outcome)
         cluster.health.record(host: host.index, outcome, now: now())
     }
 
-    /// A response head arrived `now` for a try sent at `sentAt` (recorded only for the EWMA balancer): its
-    /// status for the health (nil: it comes later, with a gRPC call's trailers), its latency for the EWMA balancer.
-    mutating func recordResponse(status: Int?, sentAt: NIODeadline, now clock: @autoclosure () -> NIODeadline) {
-        if dynamicHost { return }
-        guard cluster.config.loadBalancer == .ewma else {
-            if let status { cluster.health.record(host: host.index, .response(status: status), now: clock()) }
+    /// A response head arrived `now` for a try sent at `sentAt`: its status for the health and the host's counts (nil:
+    /// it comes later, with a gRPC call's trailers, through `record`), its latency for the host's histogram and the EWMA
+    /// balancer.
+    mutating func recordResponse(status: Int?, sentAt: NIODeadline, now: NIODeadline) {
+        let latency = now - sentAt
+        if dynamicHost {
+            if let status { cluster.dynamicHostStats.answered.record(status: status) }
+            cluster.dynamicHostStats.answered.record(latencyNanos: latency.nanoseconds)
             return
         }
-        let now = clock()  // read once for both
-        host.observeLatency(now - sentAt, now: now)
-        if let status { cluster.health.record(host: host.index, .response(status: status), now: now) }
+        host.stats.answered.record(latencyNanos: latency.nanoseconds)
+        if cluster.config.loadBalancer == .ewma { host.observeLatency(latency, now: now) }
+        if let status {
+            host.stats.answered.record(status: status)
+            cluster.health.record(host: host.index, .response(status: status), now: now)
+        }
     }
 }
 

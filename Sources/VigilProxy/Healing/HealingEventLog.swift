@@ -41,6 +41,10 @@ public final class HealingEventLog: Sendable {
             if e.kind == .hostEjected {
                 Counter(label: "vigil_host_ejections_total", dimensions: [("cluster", e.cluster), ("reason", e.reason)],
                         factory: factory).increment()
+                if let host = e.host {
+                    Counter(label: "vigil_upstream_host_ejections_total", dimensions: [("cluster", e.cluster), ("host", host)],
+                            factory: factory).increment()
+                }
             }
             logger.notice("healing \(e.kind.rawValue)", metadata: ["event": "\(record.json.serialized())"])
         }

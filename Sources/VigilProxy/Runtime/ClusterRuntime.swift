@@ -31,15 +31,19 @@ public final class HostRuntime: Sendable {
 
     /// Open upstream connections to this host, across event loops.
     public let connections = ManagedAtomic<Int>(0)
+    /// Its tries' outcomes and response times (`vigil_upstream_requests_total{cluster,host,...}`); a host that keeps its
+    /// address across a policy change keeps them.
+    public let stats: HostStats
     /// Resolved when the policy is built; nil for a name that did not resolve then, which each connection then
     /// resolves for itself (`UpstreamConnector`).
     public let socketAddress: SocketAddress?
 
     /// `resolve: false` makes a host as if its name had not resolved (for tests).
-    init(address: SocketAddressSpec, index: Int, resolve: Bool = true) {
+    init(address: SocketAddressSpec, index: Int, resolve: Bool = true, stats: HostStats = HostStats()) {
         self.address = address
         self.addressText = address.description
         self.index = index
+        self.stats = stats
         // An address literal is read as one: getaddrinfo would ask the kernel for the interfaces (AI_ADDRCONFIG) for
         // each host, which made a policy of 10,000 endpoints take a quarter of a second longer to prepare.
         self.socketAddress = !resolve ? nil
@@ -53,8 +57,11 @@ public final class HostRuntime: Sendable {
 public final class ClusterRuntime: Sendable {
     public let config: ClusterConfig
     /// `type: original_dst`: no listed hosts; each loop makes one per destination (`LoopPolicy.originalDestinationPool`).
-    let isOriginalDestination: Bool
+    public let isOriginalDestination: Bool
     public let hosts: [HostRuntime]
+    /// The tries of an `original_dst` cluster, whose hosts are made per destination: counted together (host `-`), so
+    /// the series stay bounded.
+    public let dynamicHostStats: HostStats
     public let health: ClusterHealth
     /// Shared round-robin sequence, so rotation holds across event loops.
     let roundRobin = ManagedAtomic<UInt64>(0)
@@ -104,7 +111,11 @@ public final class ClusterRuntime: Sendable {
         self.isOriginalDestination = config.type == .originalDst
         self.tls = tls
         self.metrics = metrics
-        self.hosts = config.endpoints.enumerated().map { HostRuntime(address: $0.element, index: $0.offset) }
+        let kept = Dictionary(previous?.hosts.map { ($0.addressText, $0.stats) } ?? []) { a, _ in a }
+        self.hosts = config.endpoints.enumerated().map {
+            HostRuntime(address: $0.element, index: $0.offset, stats: kept[$0.element.description] ?? HostStats())
+        }
+        self.dynamicHostStats = previous?.dynamicHostStats ?? HostStats()
         self.health = ClusterHealth(config: config, hostNames: hosts.map(\.addressText), events: events, loop: loop,
                                     now: loop.now, carrying: previous?.health)
         // A weight and a priority per endpoint, or none (every writer keeps them in step with the endpoints; a mismatch
