@@ -155,7 +155,7 @@ extension ProxyRuntime {
                           detail: "no route of listener \(listener.config.name) matches \(request.method) \(RouteTable.pathWithoutQuery(request.path))",
                           cluster: nil)
         }
-        if routes.routes[routeIndex].endsChains {
+        if routes.endsChains[routeIndex] {
             return .reply(status: 404, reason: "no_route",
                           detail: "no filter chain of listener \(listener.config.name) takes this connection's destination over \(transport.rawValue)",
                           cluster: nil)

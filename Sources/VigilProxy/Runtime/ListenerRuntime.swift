@@ -74,6 +74,8 @@ final class ListenerRoutes: Sendable {
     /// known only from its first bytes. Without such routes a connection that has not shown a ClientHello is taken as
     /// plaintext, so a `raw_buffer` route to a tcp cluster takes it at once (a server that speaks first).
     let distinguishesTLS: Bool
+    /// Per route: it ends its destination's chains (`RouteConfig.endsChains`), read per request without copying the route.
+    let endsChains: [Bool]
     /// What each route asks of a TCP connection (its connect attempts and idle timeout).
     let tcpSettings: [TCPProxyStateMachine.Settings]
     /// Whether connections that are not HTTP are proxied as TCP here (else they are read as HTTP/1.1, and refused
@@ -134,6 +136,7 @@ final class ListenerRoutes: Sendable {
         }
         self.takesTCPAtOnce = listener.routes.indices.filter { tcpRoutes.contains($0) || listener.routes[$0].endsChains }
         self.distinguishesTLS = listener.routes.contains { $0.match.transport == .tls || $0.match.transport == .tlsPassthrough }
+        self.endsChains = listener.routes.map(\.endsChains)
         self.tcpSettings = listener.routes.map {
             TCPProxyStateMachine.Settings(connectAttempts: $0.connectAttempts, idleTimeout: $0.connectionIdleTimeout)
         }
@@ -176,7 +179,7 @@ extension ListenerRoutes {
                 guard let transport else { return nil }
                 if wanted != transport { continue }
             }
-            return routes[i].endsChains ? nil : i
+            return endsChains[i] ? nil : i
         }
         return nil
     }

@@ -203,7 +203,7 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Dead
         }
         let routes = snapshot.routes[listener.index]
         let transport: ConnectionTransport = session.scheme == "https" ? .tls : hello != nil ? .tlsPassthrough : .rawBuffer
-        guard let routeIndex = routes.connectionRoute(for: reached.destination, transport: transport), !routes.routes[routeIndex].endsChains
+        guard let routeIndex = routes.connectionRoute(for: reached.destination, transport: transport), !routes.endsChains[routeIndex]
         else { return refuse("no_route") }
         if let authorizer = routes.authorizers[routeIndex], case .deny = authorizer.decideConnection(identity: session.identity) {
             snapshot.authorizationDenied.increment()
