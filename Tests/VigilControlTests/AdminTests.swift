@@ -261,6 +261,14 @@ import VigilTestSupport
         #expect((okTries["answered"] as? [String: Int])?["2xx"] == 3 && okTries["mean_response_ms"] is Double)
         let deadTries = try #require(((clusters.first { $0["name"] as? String == "dead" }?["hosts"] as? [[String: Any]])?.first)?["tries"] as? [String: Any])
         #expect((deadTries["failed"] as? [String: Int])?["connect_failure"] == 1)
+        // The page's series: a point taken now (the runtime also takes one a second, so there may be more before it);
+        // across them, the three tries.
+        proxy.runtime.sampleSeries(timeMillis: 9_999_999_999_999)
+        let series = try json(try await get(admin, "/series"))
+        let okSeries = try #require((series["clusters"] as? [[String: Any]])?.first { $0["name"] as? String == "ok" })
+        #expect(((okSeries["hosts"] as? [[String: Any]])?.first?["requests"] as? [Int])?.reduce(0, +) == 3)
+        #expect((okSeries["success"] as? [Any])?.compactMap { $0 as? Double }.allSatisfy { $0 == 1.0 } == true)
+        #expect((series["times"] as? [Int])?.last == 9_999_999_999_999)
         await admin.stop()
         await proxy.stop()
     }

@@ -85,6 +85,8 @@ public final class AdminServer: Sendable {
             return Reply(status: .ok, contentType: "text/plain; version=0.0.4", body: registry.emitToString())
         case (.GET, "/stats"):
             return json(stats())
+        case (.GET, "/series"):
+            return json(proxy.runtime.series.json)
         case (.GET, "/clusters"):
             return json(clusters())
         case (.GET, "/certs"):
@@ -130,7 +132,7 @@ public final class AdminServer: Sendable {
             return json(["level": .string(level.rawValue)])
         case (.GET, "/"):
             return Reply(status: .ok, contentType: "text/html; charset=utf-8", body: Self.indexPage)
-        case (_, "/ready"), (_, "/healthz"), (_, "/stats/prometheus"), (_, "/stats"), (_, "/clusters"), (_, "/events"), (_, "/certs"), (_, "/tenants"),
+        case (_, "/ready"), (_, "/healthz"), (_, "/stats/prometheus"), (_, "/stats"), (_, "/clusters"), (_, "/series"), (_, "/events"), (_, "/certs"), (_, "/tenants"),
              (_, "/config_dump"), (_, "/drain"), (_, "/logging"), (_, "/"):
             return Reply(status: .methodNotAllowed, contentType: "application/json",
                          body: JSONValue.object([("error", "method not allowed")]).serialized() + "\n")

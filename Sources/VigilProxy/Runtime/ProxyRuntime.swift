@@ -1,6 +1,7 @@
 import Atomics
 import CoreMetrics
 import Dispatch
+import Foundation
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -42,6 +43,8 @@ public final class ProxyRuntime: Sendable {
         draining.load(ordering: .relaxed) || listeners.contains { $0.draining.load(ordering: .relaxed) }
     }
     public let activeRequests = ManagedAtomic<Int>(0)
+    /// The last five minutes of each cluster's and host's traffic, a point a second (`GET /series`).
+    public let series = TrafficSeries()
     private let loops: [ObjectIdentifier: LoopContext]
     private let group: EventLoopGroup
 
@@ -129,6 +132,20 @@ public final class ProxyRuntime: Sendable {
         if backgroundRunning.withLockedValue({ $0 }) { for prober in started { prober.start() } }
     }
 
+    /// Takes the traffic series' point for now: every cluster in force and its hosts (an `original_dst` cluster's as
+    /// one, `-`).
+    public func sampleSeries(timeMillis: Int64) {
+        series.sample(current.clusters.map { c in
+            if c.isOriginalDestination {
+                return (c.config.name, [TrafficSeries.HostSample(address: "-", stats: c.dynamicHostStats, ejected: false)])
+            }
+            let views = c.health.hostViews()
+            return (c.config.name, zip(c.hosts, views).map {
+                TrafficSeries.HostSample(address: $0.addressText, stats: $0.stats, ejected: $1.state == "ejected")
+            })
+        }, timeMillis: timeMillis)
+    }
+
     /// Starts the work that runs beside the requests: active health checks, the once-a-second review of
     /// ejections and breakers, the TLS file poll and the reclaiming of idle tenants.
     public func startBackgroundWork() {
@@ -139,6 +156,7 @@ public final class ProxyRuntime: Sendable {
                 let samples = cluster.overflowSamples()
                 cluster.health.loop.execute { cluster.health.tick(now: cluster.health.loop.now, overflow: samples) }
             }
+            sampleSeries(timeMillis: Int64(Date().timeIntervalSince1970 * 1000))
         }
         let reclaimLoop = group.next()
         let reclaim = reclaimLoop.scheduleRepeatedTask(initialDelay: .seconds(60), delay: .seconds(60)) { [self] _ in
