@@ -29,8 +29,9 @@ public enum XDSListeners {
         /// The ALPN protocols of the ClientHellos Vigil terminates (those the terminating chains match); any other TLS
         /// goes to a passthrough chain. Nil: every ClientHello.
         public var terminateALPN: [String]?
-        /// Some chain takes plaintext: with TLS, the listener is permissive. Where chains terminate TLS, a `raw_buffer`
-        /// chain; elsewhere also one that names no transport.
+        /// Some chain takes plaintext: with TLS, the listener is permissive. A `raw_buffer` chain, or one that names no
+        /// transport and terminates no TLS, but for a TCP proxy for connections to the listener's own port where chains
+        /// terminate TLS (Istio's blackhole on 15006, beside its strict chains).
         public var takesPlaintext = true
 
         /// The RDS names the listener's HTTP chains need.
@@ -137,13 +138,19 @@ public enum XDSListeners {
         try terminations(of: chains, into: &read)
         // Most specific first, in Envoy's order of criteria: a destination port, the longest address prefix, a transport
         // protocol, application protocols; the listed order among equals.
-        func specificity(_ c: Chain) -> (Int, Int, Int, Int) {
-            (c.destinationPort == nil ? 1 : 0, -(c.prefixRanges.map(\.prefix).max() ?? -1), c.transport == nil ? 1 : 0,
-             c.applicationProtocols.isEmpty ? 1 : 0)
+        // One port's chains together and, within them, one range's (`routes(of:)` ends each destination's chains after
+        // them), ordered among ports and ranges of one length by number and address (a connection has one of each).
+        func specificity(_ c: Chain) -> (Int, Int, Int, String, Int, Int) {
+            (c.destinationPort == nil ? 1 : 0, c.destinationPort ?? 0, -(c.prefixRanges.map(\.prefix).max() ?? -1),
+             c.prefixRanges.first?.description ?? "", c.transport == nil ? 1 : 0, c.applicationProtocols.isEmpty ? 1 : 0)
         }
         read.chains = chains.sorted {
             let a = specificity($0.chain), b = specificity($1.chain)
-            return (a.0, a.1, a.2, a.3, $0.index) < (b.0, b.1, b.2, b.3, $1.index)
+            if a.0 != b.0 { return a.0 < b.0 }
+            if a.1 != b.1 { return a.1 < b.1 }
+            if a.2 != b.2 { return a.2 < b.2 }
+            if a.3 != b.3 { return a.3 < b.3 }
+            return (a.4, a.5, $0.index) < (b.4, b.5, $1.index)
         }.map(\.chain)
         return read
     }
@@ -236,8 +243,14 @@ public enum XDSListeners {
         // With chains that terminate TLS, plaintext is taken where a chain says raw_buffer (Istio's permissive chains); a
         // chain that names no transport (Istio's blackhole for connections made to the port itself) does not make a
         // strict listener permissive.
-        read.takesPlaintext = chains.contains { $0.chain.transport == .rawBuffer }
-            || (terminating.isEmpty && chains.contains { $0.chain.transport == nil })
+        read.takesPlaintext = chains.contains { c in
+            if c.chain.transport == .rawBuffer { return true }
+            guard c.chain.transport == nil else { return false }
+            if terminating.isEmpty { return true }
+            // Istio's blackhole: a TCP proxy for connections made to the listener's own port.
+            if case .tcp = c.chain.kind, c.chain.destinationPort == read.port { return false }
+            return true
+        }
         guard let first = terminating.first else { return }
         if let other = terminating.first(where: { $0.chain.tls != first.chain.tls }) {
             throw XDSRejection(resource: read.name, path: "\(key(other.index)).transport_socket",
@@ -423,18 +436,30 @@ public enum XDSListeners {
         func layout(_ chains: [Chain], port: Int?, range: CIDR?) -> Bool {
             let fallback = chains.first(where: \.isDefault)
             let regular = chains.filter { !$0.isDefault }
-            // Destinations whose chains take every connection already (one names no transport), or that have their end.
+            // A chain that takes every connection of its destination: a TCP proxy that names no transport. (A connection
+            // manager takes only HTTP: Vigil does not give it what is not, where Envoy's would fail it.)
+            func takesAll(_ c: Chain) -> Bool {
+                if case .tcp = c.kind { return c.transport == nil }
+                return false
+            }
+            // Destinations whose chains take every connection already, or that have their end.
             var ended: [(Int?, CIDR?)] = []
             func end(port: Int?, range: CIDR?) -> Bool {
                 if ended.contains(where: { $0 == port && $1 == range }) { return true }
                 ended.append((port, range))
-                if let fallback { return add(fallback, port: port, range: range) }
+                if let fallback {
+                    guard add(fallback, port: port, range: range) else { return false }
+                    if takesAll(fallback) { return true }
+                }
+                // What the default chain does not take either (a connection that is not HTTP, where it is a connection
+                // manager) is closed, as Envoy's chain would fail it.
                 var refuse = RouteConfig(match: RouteMatch(path: .prefix("/"), destinationPort: port, destinationCIDR: range), cluster: "")
                 refuse.direct = .response(status: 404, body: "")
                 refuse.endsChains = true
                 out.append(refuse)
                 return true
             }
+
             var i = regular.startIndex
             while i < regular.endIndex {
                 let p = regular[i].destinationPort ?? port
@@ -444,13 +469,15 @@ public enum XDSListeners {
                 while j < regular.endIndex, (regular[j].destinationPort ?? port) == p { j += 1 }
                 var k = i
                 var coversAnyAddress = false
+                // A listener that binds no port takes its own address only: its chains' ranges are that.
+                func rangeOf(_ c: Chain) -> CIDR? { range ?? c.prefixRanges.first }
                 while k < j {
-                    let r = regular[k].prefixRanges.first ?? range
+                    let r = rangeOf(regular[k])
                     var m = k
-                    while m < j, (regular[m].prefixRanges.first ?? range) == r { m += 1 }
+                    while m < j, rangeOf(regular[m]) == r { m += 1 }
                     for c in regular[k..<m] where !add(c, port: port, range: range) { return false }
                     if r == range { coversAnyAddress = true }
-                    if regular[k..<m].contains(where: { $0.transport == nil }) {
+                    if regular[k..<m].contains(where: takesAll) {
                         ended.append((p, r))
                     } else if !end(port: p, range: r) {
                         return false

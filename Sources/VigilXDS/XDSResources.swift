@@ -143,7 +143,7 @@ public struct XDSResources: Sendable {
         next.routeConfigs = next.routeConfigs.filter { used.contains($0.key) }
         let secretsUsed = next.secretRefs
         next.secrets = next.secrets.filter { secretsUsed.contains($0.key) }
-        next.lastReadyListeners = next.lastReadyListeners.filter { next.listeners[$0.key]?.tls != nil }
+        next.lastReadyListeners = next.lastReadyListeners.filter { next.listeners[$0.key] != nil }
         next.rebuildListenerRoutes()
         return next
     }
@@ -334,6 +334,11 @@ public struct XDSResources: Sendable {
                     continue  // as the file has it
                 }
                 // Else the routes it had, from chains before these, without TLS as before.
+            } else if !currentListenerRoutes.contains(l.name), (listenerRoutes[l.name] ?? []).contains(where: { $0.match.transport == .tls }) {
+                // It drops its TLS while the routes of its new chains warm: the routes it had need the TLS it no longer
+                // has, so it serves as it last went live (or as the file has it) until they come.
+                if let old = lastReadyListeners[l.name] { config.listeners[index] = old }
+                continue
             }
             if let routes = listenerRoutes[l.name] { config.listeners[index].routes = routes }
         }
@@ -384,7 +389,13 @@ public struct XDSResources: Sendable {
         for l in listeners.values where l.bindsPort {
             guard let routes = listenerRoutes[l.name] else { continue }
             var http: [RouteMatch] = []
-            for route in routes where !route.endsChains {
+            for route in routes {
+                if route.endsChains {
+                    // What its destination's chains did not take stops here: their HTTP routes are out of reach of the
+                    // TCP routes after it (a connection to that destination is not taken before it is read).
+                    http.removeAll { $0.destinationPort == route.match.destinationPort && $0.destinationCIDR == route.match.destinationCIDR }
+                    continue
+                }
                 guard route.direct == nil, tcp.contains(route.cluster) else {
                     http.append(route.match)
                     continue

@@ -86,16 +86,19 @@ import VigilCore
         var api = RouteConfig(match: RouteMatch(path: .prefix("/")), cluster: "outbound|8080||api.ns.svc.cluster.local")
         api.match.authorities = ["api.ns.svc.cluster.local"]
         let routes = try #require(XDSListeners.routes(of: outbound, virtual: [http, db], routeConfigs: ["8080": [api]]))
-        // The listener for one address before the one for any address; the HTTP chain's routes end in its own 404.
+        // The listener for one address before the one for any address; the HTTP chain's routes end in its own 404, and
+        // its port's chains in a refusal of what is not HTTP (Envoy's connection manager would fail it), not the
+        // passthrough.
         #expect(routes.map { $0.direct == nil ? $0.cluster : "404" } == [
-            "outbound|5432||db.ns.svc.cluster.local", "outbound|8080||api.ns.svc.cluster.local", "404", "PassthroughCluster",
+            "outbound|5432||db.ns.svc.cluster.local", "outbound|8080||api.ns.svc.cluster.local", "404", "404", "PassthroughCluster",
         ])
+        #expect(routes[3].endsChains && routes[3].match.destinationPort == 8080)
         #expect(routes[0].match.destinationPort == 5432 && routes[0].match.destinationCIDR == CIDR("10.0.0.9/32"))
         #expect(routes[0].connectAttempts == 3 && routes[0].timeout == .zero)
         #expect(routes[1].match.destinationPort == 8080 && routes[1].match.destinationCIDR == nil)
         #expect(routes[1].match.authorities == ["api.ns.svc.cluster.local"])
         #expect(routes[2].match.destinationPort == 8080 && routes[2].match.authorities.isEmpty)
-        #expect(routes[3].match.destinationPort == nil && routes[3].match.destinationCIDR == nil)
+        #expect(routes[4].match.destinationPort == nil && routes[4].match.destinationCIDR == nil)
     }
 
     /// Envoy chooses the most specific chain: a destination port before none, a longer address prefix before a
@@ -250,10 +253,14 @@ import VigilCore
         var route = Envoy_Config_Route_V3_RouteConfiguration()
         route.name = "r"
         route.virtualHosts = [.with { $0.name = "all"; $0.domains = ["*"]; $0.routes = [.with { $0.match.prefix = "/"; $0.route.cluster = "app" }] }]
+        // Port 8080's connections go to the HTTP chain (by ALPN, as http_inspector sets it) or to the TCP one: Vigil
+        // takes a connection for a TCP route before reading it, so the TCP chain would take the HTTP chain's.
         func joined(tcpCluster: String) throws(XDSRejection) -> VigilConfig {
             var r = try XDSResources().applyingClusters([cluster("app"), cluster("db"), cluster("Passthrough", originalDst: true)])
+            var http = Self.chain(port: 8080, [Self.connectionManager(rds: "r")])
+            http.filterChainMatch.applicationProtocols = ["http/1.1", "h2c"]
             r = try r.applyingListeners([Self.any(Self.listener("virtualInbound", port: 15006, [
-                Self.chain(port: 8080, [Self.connectionManager(rds: "r")]), Self.chain([Self.tcpProxy(tcpCluster)]),
+                http, Self.chain(port: 8080, [Self.tcpProxy(tcpCluster)]),
             ]))])
             r = try r.applyingRoutes([Self.any(route)])
             return try r.joined(to: base)
@@ -266,7 +273,15 @@ import VigilCore
         }
         let passthrough = try joined(tcpCluster: "Passthrough")
         #expect(passthrough.cluster(named: "Passthrough")?.type == .originalDst && passthrough.cluster(named: "Passthrough")?.protocol != .tcp)
-        #expect(passthrough.listeners[0].routes.map { $0.direct == nil ? $0.cluster : "404" } == ["app", "404", "Passthrough"])
+        #expect(passthrough.listeners[0].routes.map { $0.direct == nil ? $0.cluster : "404" } == ["app", "404", "Passthrough", "404"])
+        // A TCP chain for other ports beside port 8080's HTTP chain takes none of 8080's connections: what that chain
+        // does not take ends there.
+        var r = try XDSResources().applyingClusters([cluster("app"), cluster("db")])
+        r = try r.applyingListeners([Self.any(Self.listener("virtualInbound", port: 15006, [
+            Self.chain(port: 8080, [Self.connectionManager(rds: "r")]), Self.chain([Self.tcpProxy("db")]),
+        ]))])
+        let beside = try r.applyingRoutes([Self.any(route)]).joined(to: base)
+        #expect(beside.listeners[0].routes.map { $0.direct == nil ? $0.cluster : "404" } == ["app", "404", "404", "db"])
         do {
             _ = try joined(tcpCluster: "app")
             Issue.record("a cluster carrying TCP and HTTP was joined")
@@ -298,9 +313,9 @@ import VigilCore
         #expect(retry.retryNonIdempotent && retry.attempts == 2 && retry.budgetRatio >= 10)
     }
 
-    /// Across listeners too: a virtual listener's HTTP chain for port 8080 comes before the original-destination
-    /// listener's own TCP default chain, which would take every connection by destination first.
-    @Test func aTCPDefaultChainMayNotTakeAVirtualListenersHTTPConnections() throws {
+    /// Across listeners too: the original-destination listener's TCP default chain takes none of the connections Envoy
+    /// hands to a virtual listener for port 8080 (its HTTP chain's, and what that chain does not take, which ends there).
+    @Test func aTCPDefaultChainTakesNoneOfAVirtualListenersConnections() throws {
         let base = try Self.base(listener: "virtualOutbound", port: 15001, originalDestination: true)
         var db = Envoy_Config_Cluster_V3_Cluster()
         db.name = "db"
@@ -313,12 +328,9 @@ import VigilCore
         inline.httpFilters = [.with { $0.name = XDSListeners.router }]
         let http = Self.listener("0.0.0.0_8080", port: 8080, binds: false, [Self.chain([Self.filter(XDSListeners.connectionManager, inline)])])
         let resources = try XDSResources().applyingClusters([Self.any(db)]).applyingListeners([Self.any(outbound), Self.any(http)])
-        do {
-            _ = try resources.joined(to: base)
-            Issue.record("a TCP default chain covering a virtual listener's HTTP chain was joined")
-        } catch {
-            #expect(error.resource == "virtualOutbound" && error.reason.hasPrefix("the TCP proxy chain to db also matches"), "\(error)")
-        }
+        let routes = try resources.joined(to: base).listeners[0].routes
+        #expect(routes.map { $0.direct == nil ? $0.cluster : "404" } == ["db2", "404", "404", "db"])
+        #expect(routes[2].endsChains && routes[2].match.destinationPort == 8080 && routes[3].match.destinationPort == nil)
     }
 
     /// A secret named as a cluster's trust that is a certificate (or the other way round) is refused, not waited for.
@@ -477,6 +489,24 @@ import VigilCore
         strict.filterChains.remove(at: 1)
         strict.filterChains.append(Self.chain(port: 15006, [Self.tcpProxy("BlackHoleCluster")]))
         #expect(try !XDSListeners.read(strict).takesPlaintext)
+        // A plaintext connection manager for another port does make it take plaintext.
+        strict.filterChains.append(Self.chain(port: 9090, [Self.connectionManager(rds: "inbound|8080||")]))
+        #expect(try XDSListeners.read(strict).takesPlaintext)
+        // Two ports, each with its mutual-TLS and plaintext chains: each port's chains stay together, and what they do
+        // not take ends after both (not after the first).
+        var twoPorts = Self.permissiveInbound()
+        for c in Array(twoPorts.filterChains) where c.filterChainMatch.hasDestinationPort {
+            var other = c
+            other.filterChainMatch.destinationPort = .init(9090)
+            twoPorts.filterChains.append(other)
+        }
+        let twoRoutes = try #require(XDSListeners.routes(of: try XDSListeners.read(twoPorts), virtual: [], routeConfigs: ["inbound|8080||": []]))
+        for port in [8080, 9090] {
+            let mine = twoRoutes.enumerated().filter { $0.element.match.destinationPort == port }
+            #expect(mine.last?.element.endsChains == true && mine.dropLast().allSatisfy { !$0.element.endsChains })
+            #expect(mine.map(\.element.match.transport).contains(.rawBuffer))
+            #expect(mine.last!.offset - mine.first!.offset == mine.count - 1, "one port's routes together")
+        }
         // Chains that name ALPN before those that do not, in the listed order among equals (Envoy's order).
         #expect(read.chains.map(\.transport) == [.tls, .tls, .tlsPassthrough, .rawBuffer])
         let routes = try #require(XDSListeners.routes(of: read, virtual: [], routeConfigs: ["inbound|8080||": []]))

@@ -77,7 +77,14 @@ struct AdminGauges: Sendable {
         return Array(grown.suffix(more.count))
     }
 
+    /// One scrape at a time: two at once would each publish what grew since the other's.
+    private let scraping = NIOLock()
+
     func update() {
+        scraping.withLock { updateAlone() }
+    }
+
+    private func updateAlone() {
         registry.makeGauge(name: "vigil_active_requests").set(Double(runtime.activeRequests.load(ordering: .relaxed)))
         publish("vigil_access_log_dropped_bytes_total", runtime.accessLog.droppedBytes.load(ordering: .relaxed),
                 since: publishedDrops)

@@ -93,7 +93,7 @@ extension ConfigReader {
                 if let transport = route.match.transport, let reason = Self.neverOpens(transport, on: listener, route: route, clusters: clusters) {
                     fail("\(path).match.transport_protocol", reason)
                 }
-                if route.direct != nil, listener.protocol == .tcp {
+                if route.direct != nil, listener.protocol == .tcp, !route.endsChains {
                     fail(path, "listener \(listener.name) is protocol tcp: its routes carry connections, which a route cannot answer")
                 }
                 if let delay = route.fault?.delay, delay.fixed >= listener.limits.bodyTimeout {

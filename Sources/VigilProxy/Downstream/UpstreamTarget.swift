@@ -26,6 +26,8 @@ struct UpstreamTarget {
     var hashKey: UInt64?
     /// The route's counts and latency (`routes[].name`).
     var routeStats: RouteStats?
+    /// The current try's status has been counted in its host's stats.
+    var counted = false
     /// What the route and cluster change of the forwarded request and its response (nil: nothing).
     var edits: ForwardingEdits?
     /// The route's mirrors (nil: it has none).
@@ -58,6 +60,7 @@ struct UpstreamTarget {
     /// Moves the request to another host for a retry: the old host's active count is given back and the
     /// new one's taken; the cluster's `max_requests` slot stays with the request.
     mutating func move(to newHost: HostRuntime) {
+        counted = false
         host.activeRequests.wrappingDecrement(ordering: .relaxed)
         host = newHost
         pool = policy.pools[slot][newHost.index]
@@ -67,11 +70,18 @@ struct UpstreamTarget {
 
     /// Tells the cluster's health how this attempt ended.
     mutating func record(_ outcome: AttemptOutcome, now: @autoclosure () -> NIODeadline) {
+        // The host's counts take each try once: a timeout or reset after its status was counted (a response body that
+        // stalls) is the health's to judge, not a second try.
+        var count = !counted
+        if case .response = outcome {
+            count = true
+            counted = true
+        }
         if dynamicHost {
-            cluster.dynamicHostStats.record(outcome)
+            if count { cluster.dynamicHostStats.record(outcome) }
             return
         }
-        host.stats.record(outcome)
+        if count { host.stats.record(outcome) }
         cluster.health.record(host: host.index, outcome, now: now())
     }
 
@@ -80,6 +90,7 @@ struct UpstreamTarget {
     /// balancer.
     mutating func recordResponse(status: Int?, sentAt: NIODeadline, now: NIODeadline) {
         let latency = now - sentAt
+        if status != nil { counted = true }
         if dynamicHost {
             if let status { cluster.dynamicHostStats.answered.record(status: status) }
             cluster.dynamicHostStats.answered.record(latencyNanos: latency.nanoseconds)

@@ -55,8 +55,6 @@ public final class RouteStats: Sendable {
     public let name: String
     let counts = RequestCounts()
 
-    public static var bucketBounds: [Int64] { RequestCounts.bucketBounds }
-
     init(listener: String, name: String) {
         self.listener = listener
         self.name = name

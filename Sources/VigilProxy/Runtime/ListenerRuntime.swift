@@ -62,18 +62,17 @@ final class ListenerRoutes: Sendable {
     /// Per route: its slot among the routes that override tenant rate limits, with the bucket's shape.
     let tenantOverrides: [TenantState.RouteBucket?]
 
-    /// Routes to tcp clusters, in order: a connection whose destination one of them takes is TCP before any detection.
-    let tcpRoutes: [Int]
     /// Routes that can carry a TCP connection, in order: those to tcp clusters, and those to `original_dst` clusters
     /// that match by destination only (the passthrough among them); and those that refuse one (`endsChains`).
     let connectionRoutes: [Int]
     /// Routes that decide a connection before its first byte: to tcp clusters (TCP at once), and those that end a
     /// destination's chains (which leave it to detection, and refuse it if it is not HTTP).
     let takesTCPAtOnce: [Int]
-    /// Some route names TLS (`tls`, `tls_passthrough`): on a listener without TLS, whether a connection is plaintext is
-    /// known only from its first bytes. Without such routes a connection that has not shown a ClientHello is taken as
-    /// plaintext, so a `raw_buffer` route to a tcp cluster takes it at once (a server that speaks first).
-    let distinguishesTLS: Bool
+    /// Routes that name TLS (`tls`, `tls_passthrough`): on a listener without TLS, whether a connection to their
+    /// destination is plaintext is known only from its first bytes. Where none takes the destination, a connection that
+    /// has not shown a ClientHello is taken as plaintext, so a `raw_buffer` route to a tcp cluster takes it at once (a
+    /// server that speaks first).
+    let tlsRoutes: [Int]
     /// Per route: it ends its destination's chains (`RouteConfig.endsChains`), read per request without copying the route.
     let endsChains: [Bool]
     /// What each route asks of a TCP connection (its connect attempts and idle timeout).
@@ -129,13 +128,12 @@ final class ListenerRoutes: Sendable {
                   let choice = WeightedChoice(weights: route.weightedClusters.map(\.weight)) else { return nil }
             return (route.weightedClusters.map { clusterSlots[$0.cluster]! }, choice)
         }
-        self.tcpRoutes = tcpRoutes.sorted()
         self.connectionRoutes = listener.routes.indices.filter {
             tcpRoutes.contains($0) || listener.routes[$0].endsChains
                 || (originalDestinationClusters.contains(listener.routes[$0].cluster) && listener.routes[$0].match.isDestinationOnly)
         }
         self.takesTCPAtOnce = listener.routes.indices.filter { tcpRoutes.contains($0) || listener.routes[$0].endsChains }
-        self.distinguishesTLS = listener.routes.contains { $0.match.transport == .tls || $0.match.transport == .tlsPassthrough }
+        self.tlsRoutes = listener.routes.indices.filter { [.tls, .tlsPassthrough].contains(listener.routes[$0].match.transport) }
         self.endsChains = listener.routes.map(\.endsChains)
         self.tcpSettings = listener.routes.map {
             TCPProxyStateMachine.Settings(connectAttempts: $0.connectAttempts, idleTimeout: $0.connectionIdleTimeout)
@@ -173,7 +171,8 @@ extension ListenerRoutes {
     /// `transport`: how the connection opened, when known already (TLS Vigil terminated, or a permissive listener's
     /// plaintext); nil: not yet. A route that names a transport not yet known decides nothing: the first bytes will.
     func tcpRoute(for destination: Destination?, transport: ConnectionTransport?) -> Int? {
-        let transport = transport ?? (distinguishesTLS ? nil : .rawBuffer)
+        let transport = transport
+            ?? (tlsRoutes.contains { routes[$0].match.matches(destination: destination, transport: routes[$0].match.transport) } ? nil : .rawBuffer)
         for i in takesTCPAtOnce where routes[i].match.matches(destination: destination, transport: routes[i].match.transport) {
             if let wanted = routes[i].match.transport {
                 guard let transport else { return nil }

@@ -371,7 +371,10 @@ final class TCPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, Dead
         if let cluster, let host {
             host.connectFailures.wrappingIncrement(ordering: .relaxed)
             cluster.metrics.connectFailures.increment(0)
-            if !cluster.isOriginalDestination {
+            if cluster.isOriginalDestination {
+                cluster.dynamicHostStats.record(.connectFailure)
+            } else {
+                host.stats.record(.connectFailure)
                 cluster.health.record(host: host.index, .connectFailure, now: loop.eventLoop.now)
             }
         }
