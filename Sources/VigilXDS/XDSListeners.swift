@@ -108,8 +108,9 @@ public enum XDSListeners {
         }
         var chains: [(chain: Chain, index: Int)] = []
         for (i, chain) in l.filterChains.enumerated() {
+            let bindsPort = read.bindsPort
             let read = try self.chain(chain, listener: name, path: "filter_chains[\(i)]", ignored: &read.ignoredFilters)
-            if read.tls != nil, !(!l.hasBindToPort || l.bindToPort.value) {
+            if read.tls != nil, !bindsPort {
                 throw refuse("filter_chains[\(i)].transport_socket", "TLS on a listener that binds no port is not supported: the listener that hands connections on terminates them")
             }
             // One entry per address range, each placed by its own prefix length, as Envoy matches ranges.
@@ -137,9 +138,9 @@ public enum XDSListeners {
         }
         try terminations(of: chains, into: &read)
         // Most specific first, in Envoy's order of criteria: a destination port, the longest address prefix, a transport
-        // protocol, application protocols; the listed order among equals.
-        // One port's chains together and, within them, one range's (`routes(of:)` ends each destination's chains after
-        // them), ordered among ports and ranges of one length by number and address (a connection has one of each).
+        // protocol, application protocols; the listed order among equals. One port's chains stay together and, within
+        // them, one range's (`routes(of:)` ends each destination's chains after them): ports, and ranges of one length,
+        // are ordered by number and address (a connection has one of each, so their order decides nothing else).
         func specificity(_ c: Chain) -> (Int, Int, Int, String, Int, Int) {
             (c.destinationPort == nil ? 1 : 0, c.destinationPort ?? 0, -(c.prefixRanges.map(\.prefix).max() ?? -1),
              c.prefixRanges.first?.description ?? "", c.transport == nil ? 1 : 0, c.applicationProtocols.isEmpty ? 1 : 0)
@@ -240,9 +241,6 @@ public enum XDSListeners {
     static func terminations(of chains: [(chain: Chain, index: Int)], into read: inout Read) throws(XDSRejection) {
         func key(_ i: Int) -> String { i == Int.max ? "default_filter_chain" : "filter_chains[\(i)]" }
         let terminating = chains.filter { $0.chain.tls != nil }
-        // With chains that terminate TLS, plaintext is taken where a chain says raw_buffer (Istio's permissive chains); a
-        // chain that names no transport (Istio's blackhole for connections made to the port itself) does not make a
-        // strict listener permissive.
         read.takesPlaintext = chains.contains { c in
             if c.chain.transport == .rawBuffer { return true }
             guard c.chain.transport == nil else { return false }

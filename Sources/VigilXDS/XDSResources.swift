@@ -407,8 +407,11 @@ public struct XDSResources: Sendable {
                 // Envoy chooses between chains for the TLS it terminates by ALPN too (Istio's mTLS TCP chain beside its
                 // HTTP one); Vigil, after terminating, by what the connection carries, which a TCP route to an ORIGINAL_DST
                 // cluster leaves to detection but a route to a cluster of hosts does not.
+                // (Within its destination's chains: a less specific destination's come after their end.)
                 if route.match.transport == .tls,
-                   let later = routes.first(where: { !$0.endsChains && ($0.direct != nil || !tcp.contains($0.cluster)) && Self.covers(route.match, $0.match) }) {
+                   let later = routes.first(where: { !$0.endsChains && ($0.direct != nil || !tcp.contains($0.cluster))
+                       && $0.match.destinationPort == route.match.destinationPort && $0.match.destinationCIDR == route.match.destinationCIDR
+                       && Self.covers(route.match, $0.match) }) {
                     throw XDSRejection(resource: l.name, path: "filter_chains",
                                        reason: "the TCP proxy chain to \(route.cluster) takes the TLS Vigil terminates for the destinations of an HTTP chain (port \(later.match.destinationPort.map(String.init) ?? "any")): Vigil tells them apart by what the connection carries, not by ALPN, only when the TCP chain goes to an ORIGINAL_DST cluster")
                 }
