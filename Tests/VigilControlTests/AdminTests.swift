@@ -268,7 +268,7 @@ import VigilTestSupport
         let okSeries = try #require((series["clusters"] as? [[String: Any]])?.first { $0["name"] as? String == "ok" })
         #expect(((okSeries["hosts"] as? [[String: Any]])?.first?["requests"] as? [Int])?.reduce(0, +) == 3)
         #expect((okSeries["success"] as? [Any])?.compactMap { $0 as? Double }.allSatisfy { $0 == 1.0 } == true)
-        #expect((series["times"] as? [Int])?.last == 9_999_999_999_999)
+        #expect((series["times"] as? [Int])?.contains(9_999_999_999_999) == true)
         await admin.stop()
         await proxy.stop()
     }

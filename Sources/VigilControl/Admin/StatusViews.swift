@@ -15,8 +15,13 @@ enum StatusViews {
         }
         // The latest decision about each host, so each state comes with the evidence behind it.
         var lastEvent: [String: JSONValue] = [:]
+        // And the decisions that explain a host's state now: its latest ejection and failed health check.
+        var lastEjection: [String: HealingEvent] = [:], lastCheckFailure: [String: HealingEvent] = [:]
         for r in runtime.events.records() where r.event.host != nil {
-            lastEvent[r.event.cluster + " " + r.event.host!] = r.json
+            let key = r.event.cluster + " " + r.event.host!
+            lastEvent[key] = r.json
+            if r.event.kind == .hostEjected { lastEjection[key] = r.event }
+            if r.event.kind == .healthCheckFailed { lastCheckFailure[key] = r.event }
         }
         return .object([("policy_version", .int(runtime.current.version)),
                         ("clusters", .array(runtime.current.clusters.map { c in
@@ -39,6 +44,11 @@ enum StatusViews {
                         "weight": .int(weights?[h.index] ?? 1),
                         "priority": .int(priorities?[h.index] ?? 0),
                         "state": .string(v.state),
+                        "cause": .string(HostCause.describe(
+                            state: v.state, ejection: lastEjection[c.config.name + " " + h.addressText], ejectionReason: v.lastTransition,
+                            healthCheck: lastCheckFailure[c.config.name + " " + h.addressText],
+                            backInSeconds: v.ejectedUntil.map { Int((($0 - now).nanoseconds + 999_999_999) / 1_000_000_000) },
+                            slowStartWeight: v.slowStartWeight)),
                         "active_health": .string(v.activeHealth),
                         "last_probe": v.lastProbe.map(JSONValue.string) ?? .null,
                         "ejected_until": wallTime(v.ejectedUntil),

@@ -1,0 +1,84 @@
+"""The admin page in a real browser (Debian's Chromium, driven by Selenium from PyPI), while a host is ejected.
+
+Usage: admin_page.py URL SIGNAL_FILE
+
+Loads the page and checks what an SRE reads there: the ejected host's box names the cause in words, the sparklines
+and the cluster chart are drawn from data, healing decisions are listed with key=value evidence and can be filtered.
+Then it writes SIGNAL_FILE and waits for Vigil to go away (the test stops it): the page must say it is stale, and the
+console must hold no script error (the browser's own lines for refused connections aside). Prints what it saw;
+exits 1 at the first expectation that fails.
+"""
+import sys
+import time
+
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+
+def wait(what, check, seconds=20):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception:  # the page is redrawn under us: look again
+            pass
+        time.sleep(0.1)
+    print(f"FAIL: {what}", flush=True)
+    sys.exit(1)
+
+
+def main():
+    url, signal = sys.argv[1], sys.argv[2]
+    options = Options()
+    options.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=800,1200"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        driver.get(url)
+        cause = wait("an ejected host's box naming its cause",
+                     lambda: next((e.text for e in driver.find_elements(By.CSS_SELECTOR, ".host.ejected .cause")
+                                   if "in a row" in e.text), None))
+        print(f"cause: {cause}", flush=True)
+        points = wait("a sparkline drawn from data",
+                      lambda: next((p.get_attribute("points") for p in driver.find_elements(By.CSS_SELECTOR, "svg.spark polyline")
+                                    if p.get_attribute("points")), None))
+        print(f"sparkline points: {len(points.split())}", flush=True)
+        wait("the cluster chart", lambda: driver.find_elements(By.CSS_SELECTOR, "svg.chart polyline"))
+        row = wait("the ejection among the healing decisions, with key=value evidence",
+                   lambda: next((r.text for r in driver.find_elements(By.CSS_SELECTOR, "#events tr")
+                                 if "host_ejected" in r.text and "=" in r.text and "{" not in r.text.split("→")[0]), None))
+        print(f"event: {row}", flush=True)
+        # Filtering by kind hides the other kinds.
+        driver.execute_script("const s = document.getElementById('kindFilter'); s.value = 'host_ejected'; s.onchange();")
+        shown = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#events tr") if r.is_displayed()]
+        if not shown or not all("host_ejected" in r for r in shown):
+            print(f"FAIL: the kind filter shows {shown}", flush=True)
+            sys.exit(1)
+        width = driver.execute_script("return document.documentElement.scrollWidth")
+        if width > 800:
+            print(f"FAIL: the page is {width} px wide in an 800 px window", flush=True)
+            sys.exit(1)
+        open(signal, "w").close()
+        status = wait("the stale state once Vigil is away",
+                      lambda: (lambda t: t if t.startswith("stale since") else None)(driver.find_element(By.ID, "status").text),
+                      seconds=30)
+        print(f"status: {status}", flush=True)
+        time.sleep(3)  # a few more polls and reconnects while it is away
+        errors = [e["message"] for e in driver.get_log("browser")
+                  if e["level"] == "SEVERE" and "net::ERR_" not in e["message"] and "Failed to load resource" not in e["message"]]
+        if errors:
+            print(f"FAIL: console errors {errors}", flush=True)
+            sys.exit(1)
+        print("ok", flush=True)
+    finally:
+        driver.quit()
+
+
+if __name__ == "__main__":
+    main()

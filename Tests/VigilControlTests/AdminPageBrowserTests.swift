@@ -1,0 +1,67 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import Prometheus
+import Testing
+import VigilControl
+import VigilCore
+import VigilTestSupport
+@testable import VigilProxy
+
+/// The admin page in a real browser (`Tests/Peers/admin_page.py`: Debian's Chromium through Selenium), against a live
+/// Vigil whose cluster has a host that fails and is ejected.
+@Suite(.serialized, .enabled(if: PythonPeers.shouldRun && (FileManager.default.isExecutableFile(atPath: "/usr/bin/chromedriver")
+                                                        || ProcessInfo.processInfo.environment["CI"] != nil),
+                            "needs .venv-peers (selenium) and Debian's chromium and chromium-driver: run .ci/run once"),
+       .timeLimit(.minutes(2)))
+final class AdminPageBrowserTests {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+    let scratch = ScratchDirectory("vigil-admin-page")
+    deinit { group.shutdownGracefully { _ in } }
+
+    @Test func anSREReadsTheLivePageWhileAHostIsEjected() async throws {
+        let ok = try await FakeUpstream(group: group, name: "ok")
+        let failing = try await FakeUpstream(group: group, name: "failing") { _ in .respond(status: .serviceUnavailable) }
+        let registry = PrometheusCollectorRegistry()
+        let proxy = try await ProxyHarness(yaml: """
+            admin: { address: "127.0.0.1:0" }
+            access_log: { output: "off" }
+            listeners:
+              - name: in
+                address: "127.0.0.1:0"
+                routes: [ { match: { prefix: "/" }, cluster: api } ]
+            clusters:
+              - name: api
+                endpoints: ["127.0.0.1:$UP0", "127.0.0.1:$UP1"]
+                load_balancer: round_robin
+                outlier_detection: { consecutive_5xx: 3, interval: 1s, base_ejection_time: 60s, max_ejection_percent: 50 }
+            """, upstreams: [ok.port, failing.port], group: group, metrics: PrometheusMetricsFactory(registry: registry))
+        let admin = AdminServer(proxy: proxy.server, registry: registry, group: group, logger: Logger(label: "admin-page-test"))
+        try await admin.start()
+        let client = try await proxy.client()
+        for _ in 0..<8 {
+            try await client.send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            _ = try #require(try await client.response())
+        }
+        let cluster = try #require(proxy.runtime.current.clusters.first)
+        try await waitUntil("the failing host ejected") { cluster.health.hostViews().contains { $0.state == "ejected" } }
+        proxy.runtime.sampleSeries(timeMillis: Int64(Date().timeIntervalSince1970 * 1000))
+        let signal = scratch.file("loaded"), out = scratch.file("out"), err = scratch.file("err")
+        let page = try ChildProcess(PythonPeers.python, [PythonPeers.script("admin_page.py"), "http://127.0.0.1:\(admin.boundAddress!.port!)/", signal],
+                                    stdout: .file(out), stderr: .file(err))
+        defer { page.signal(SIGKILL) }
+        let said = { "stdout:\n" + ((try? String(contentsOfFile: out, encoding: .utf8)) ?? "") + "\nstderr:\n" + ((try? String(contentsOfFile: err, encoding: .utf8)) ?? "") }
+        try await waitUntil("the page checked while Vigil is up", seconds: 60) {
+            FileManager.default.fileExists(atPath: signal) || !page.isRunning
+        }
+        try #require(FileManager.default.fileExists(atPath: signal), "\(said())")
+        // Vigil goes away: the page must say so, quietly.
+        try await client.close()
+        await admin.stop()
+        await proxy.stop()
+        let status = await page.exited()
+        #expect(status == 0, "\(said())")
+        #expect(said().contains("cause: ejected: 3 × status 503 in a row"), "\(said())")
+    }
+}
