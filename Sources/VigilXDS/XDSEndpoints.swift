@@ -160,5 +160,6 @@ extension ClusterConfig {
         endpoints = hosts.map(\.address)
         endpointWeights = Set(hosts.map(\.weight)).count > 1 ? hosts.map(\.weight) : []
         endpointPriorities = Set(hosts.map(\.priority)).count > 1 ? hosts.map(\.priority) : []
+        endpointNames = []
     }
 }

@@ -45,6 +45,8 @@ def main():
                      lambda: next((e.text for e in driver.find_elements(By.CSS_SELECTOR, ".host.ejected .cause")
                                    if "in a row" in e.text), None))
         print(f"cause: {cause}", flush=True)
+        names = sorted(h.find_element(By.CSS_SELECTOR, ".addr").text for h in driver.find_elements(By.CSS_SELECTOR, ".host"))
+        print(f"names: {', '.join(names)}", flush=True)
         points = wait("a sparkline drawn from data",
                       lambda: next((p.get_attribute("points") for p in driver.find_elements(By.CSS_SELECTOR, "svg.spark polyline")
                                     if p.get_attribute("points")), None))

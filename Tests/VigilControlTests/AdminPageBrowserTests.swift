@@ -33,7 +33,7 @@ final class AdminPageBrowserTests {
                 routes: [ { match: { prefix: "/" }, cluster: api } ]
             clusters:
               - name: api
-                endpoints: ["127.0.0.1:$UP0", "127.0.0.1:$UP1"]
+                endpoints: [{ address: "127.0.0.1:$UP0", name: api-a }, { address: "127.0.0.1:$UP1", name: api-b }]
                 load_balancer: round_robin
                 outlier_detection: { consecutive_5xx: 3, interval: 1s, base_ejection_time: 60s, max_ejection_percent: 50 }
             """, upstreams: [ok.port, failing.port], group: group, metrics: PrometheusMetricsFactory(registry: registry))
@@ -63,5 +63,6 @@ final class AdminPageBrowserTests {
         let status = await page.exited()
         #expect(status == 0, "\(said())")
         #expect(said().contains("cause: ejected: 3 × status 503 in a row"), "\(said())")
+        #expect(said().contains("names: api-a, api-b"), "\(said())")
     }
 }

@@ -58,10 +58,11 @@ import Testing
             listeners: [{ name: in, address: "127.0.0.1:15006", routes: [{ match: { prefix: / }, cluster: api }] }]
             clusters:
               - name: api
-                endpoints: ["127.0.0.1:8080", { address: "127.0.0.1:8081", priority: 1 }, { address: "127.0.0.1:8082", weight: 2, priority: 1 }]
+                endpoints: ["127.0.0.1:8080", { address: "127.0.0.1:8081", priority: 1 }, { address: "127.0.0.1:8082", weight: 2, priority: 1, name: api-c }]
             """
         let c = try VigilConfig.parse(yaml: yaml)
         #expect(c.clusters[0].endpointPriorities == [0, 1, 1] && c.clusters[0].endpointWeights == [1, 1, 2])
+        #expect(c.clusters[0].endpointNames == [nil, nil, "api-c"], "a name for people, kept beside the address")
         #expect(try c.applying(policy: c.policyDump().serialized()).clusters == c.clusters)
     }
 }

@@ -29,6 +29,7 @@ enum StatusViews {
             let levels = c.health.levels
             let weights = c.config.endpointWeights.count == c.hosts.count ? c.config.endpointWeights : nil
             let priorities = c.config.endpointPriorities.count == c.hosts.count ? c.config.endpointPriorities : nil
+            let names = c.config.endpointNames.count == c.hosts.count ? c.config.endpointNames : nil
             return [
                 "name": .string(c.config.name),
                 "load_balancer": .string(c.config.loadBalancer.rawValue),
@@ -41,6 +42,7 @@ enum StatusViews {
                 "hosts": .array(zip(c.hosts, views).map { h, v in
                     [
                         "address": .string(h.address.description),
+                        "name": names?[h.index].map(JSONValue.string) ?? .null,
                         "weight": .int(weights?[h.index] ?? 1),
                         "priority": .int(priorities?[h.index] ?? 0),
                         "state": .string(v.state),

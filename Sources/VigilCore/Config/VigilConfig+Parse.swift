@@ -397,6 +397,7 @@ extension ConfigReader {
         var endpoints: [SocketAddressSpec] = []
         var weights: [Int] = []
         var priorities: [Int] = []
+        var names: [String?] = []
         if type == .originalDst {
             if m["endpoints"] != nil {
                 fail(m.path("endpoints"), "an original_dst cluster has none: each request goes where its connection was going")
@@ -409,18 +410,20 @@ extension ConfigReader {
             var seen = Set<SocketAddressSpec>()
             for (i, e) in list.enumerated() {
                 var p = Self.index(m.path("endpoints"), i)
-                // "host:port", or { address: "host:port", weight: N, priority: P } (Envoy's load_balancing_weight and
-                // EDS priority; each optional).
+                // "host:port", or { address: "host:port", weight: N, priority: P, name: N } (Envoy's
+                // load_balancing_weight and EDS priority, and a name for people; each optional).
                 var weight = 1, priority = 0
+                var hostName: String?
                 var node = e
                 if case .mapping = e {
-                    guard let entry = map(e, at: p, keys: ["address", "weight", "priority"]) else { continue }
+                    guard let entry = map(e, at: p, keys: ["address", "weight", "priority", "name"]) else { continue }
                     guard let a = entry["address"] else {
                         fail(entry.path("address"), "is required")
                         continue
                     }
                     if let w = int(entry["weight"], at: entry.path("weight"), range: 1...Int(UInt32.max)) { weight = w }
                     if let q = int(entry["priority"], at: entry.path("priority"), range: 0...Int(UInt32.max)) { priority = q }
+                    hostName = nonEmptyString(entry["name"], at: entry.path("name"))
                     node = a
                     p = entry.path("address")
                 }
@@ -430,6 +433,7 @@ extension ConfigReader {
                 endpoints.append(a)
                 weights.append(weight)
                 priorities.append(priority)
+                names.append(hostName)
             }
         } else {
             fail(m.path("endpoints"), "is required")
@@ -437,6 +441,7 @@ extension ConfigReader {
         var cluster = ClusterConfig(name: name ?? "", endpoints: endpoints)
         if weights.contains(where: { $0 != 1 }) { cluster.endpointWeights = weights }
         if priorities.contains(where: { $0 != 0 }) { cluster.endpointPriorities = priorities }
+        if names.contains(where: { $0 != nil }) { cluster.endpointNames = names }
         cluster.type = type
         if let d = duration(m["cleanup_interval"], at: m.path("cleanup_interval"), min: .milliseconds(100)) {
             if type != .originalDst { fail(m.path("cleanup_interval"), "applies to original_dst clusters only") }

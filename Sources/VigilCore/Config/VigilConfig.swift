@@ -351,6 +351,9 @@ public struct ClusterConfig: Sendable, Equatable {
     /// Each endpoint's priority (`endpoints[i].priority`, Envoy's EDS priority: 0 the highest), in `endpoints`' order;
     /// empty: all 0. Lower levels take requests as the higher ones run short of available hosts.
     public var endpointPriorities: [Int] = []
+    /// Each endpoint's name for people (`endpoints[i].name`: the admin page and `/clusters` show it beside the address),
+    /// in `endpoints`' order; empty: none has one (metrics keep the address).
+    public var endpointNames: [String?] = []
     public var `protocol`: UpstreamProtocol
     /// Time allowed to set up a connection to an endpoint, the TCP connect and any TLS handshake together;
     /// past it the attempt fails as `upstream_connect_timeout`.

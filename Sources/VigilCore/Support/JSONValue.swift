@@ -201,9 +201,10 @@ extension VigilConfig {
                     "endpoints": .array(c.endpoints.enumerated().map { i, e in
                         let w = c.endpointWeights.count == c.endpoints.count ? c.endpointWeights[i] : 1
                         let p = c.endpointPriorities.count == c.endpoints.count ? c.endpointPriorities[i] : 0
-                        guard w != 1 || p != 0 else { return .string(e.description) }
+                        let n = c.endpointNames.count == c.endpoints.count ? c.endpointNames[i] : nil
+                        guard w != 1 || p != 0 || n != nil else { return .string(e.description) }
                         return .object([("address", .string(e.description))] + (w != 1 ? [("weight", .int(w))] : [])
-                                       + (p != 0 ? [("priority", .int(p))] : []))
+                                       + (p != 0 ? [("priority", .int(p))] : []) + (n.map { [("name", .string($0))] } ?? []))
                     }),
                     "protocol": .string(c.protocol.rawValue), "connect_timeout": d(c.connectTimeout),
                     "idle_timeout": d(c.idleTimeout), "load_balancer": .string(c.loadBalancer.rawValue),

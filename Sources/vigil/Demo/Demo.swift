@@ -79,7 +79,7 @@ final class DemoService: Service, Sendable {
     func run() async throws {
         var instances: [SampleInstance] = []
         for name in ["api-a", "api-b", "api-c"] { instances.append(try await SampleInstance.start(name: name, group: group)) }
-        let endpoints = instances.map { "\"127.0.0.1:\($0.port)\"" }.joined(separator: ", ")
+        let endpoints = instances.map { "{ address: \"127.0.0.1:\($0.port)\", name: \($0.name) }" }.joined(separator: ", ")
         let yaml = """
             node: { id: demo }
             admin: { address: "127.0.0.1:0" }
