@@ -56,6 +56,12 @@ final class AdminPageBrowserTests {
             FileManager.default.fileExists(atPath: signal) || !page.isRunning
         }
         try #require(FileManager.default.fileExists(atPath: signal), "\(said())")
+        // A decision made now must reach the open page within a second (the page checks the time itself).
+        proxy.runtime.events.emit([HealingEvent(kind: .hostReturned, cluster: "api", host: "127.0.0.1:\(ok.port)", reason: "page_check",
+                                                evidence: ["made_by": "the test"], action: [:])])
+        try await waitUntil("the page to see the new decision", seconds: 10) {
+            FileManager.default.fileExists(atPath: signal + ".seen") || !page.isRunning
+        }
         // Vigil goes away: the page must say so, quietly.
         try await client.close()
         await admin.stop()
