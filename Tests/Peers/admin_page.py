@@ -51,34 +51,45 @@ def main():
                       lambda: next((p.get_attribute("points") for p in driver.find_elements(By.CSS_SELECTOR, "svg.spark polyline")
                                     if p.get_attribute("points")), None))
         print(f"sparkline points: {len(points.split())}", flush=True)
-        wait("the cluster chart", lambda: driver.find_elements(By.CSS_SELECTOR, "svg.chart polyline"))
+        wait("the cluster chart drawn from data",
+             lambda: any(p.get_attribute("points") for p in driver.find_elements(By.CSS_SELECTOR, "svg.chart polyline")))
         row = wait("the ejection among the healing decisions, with key=value evidence",
                    lambda: next((r.text for r in driver.find_elements(By.CSS_SELECTOR, "#events tr")
                                  if "host_ejected" in r.text and "=" in r.text and "{" not in r.text.split("→")[0]), None))
         print(f"event: {row}", flush=True)
-        # Filtering by kind hides the other kinds.
+        # Filtering by kind hides the other kinds (the test made a decision of another kind before the page opened).
+        wait("a decision of another kind", lambda: any("health_check_passed" in r.text for r in driver.find_elements(By.CSS_SELECTOR, "#events tr")))
         driver.execute_script("const s = document.getElementById('kindFilter'); s.value = 'host_ejected'; s.onchange();")
-        shown = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#events tr") if r.is_displayed()]
-        if not shown or not all("host_ejected" in r for r in shown):
-            print(f"FAIL: the kind filter shows {shown}", flush=True)
+        rows = driver.find_elements(By.CSS_SELECTOR, "#events tr")
+        shown = [r.text for r in rows if r.is_displayed()]
+        if not shown or not all("host_ejected" in r for r in shown) or len(shown) == len(rows):
+            print(f"FAIL: the kind filter shows {shown} of {len(rows)} rows", flush=True)
             sys.exit(1)
         driver.execute_script("const s = document.getElementById('kindFilter'); s.value = ''; s.onchange();")
-        width = driver.execute_script("return document.documentElement.scrollWidth")
-        if width > 800:
-            print(f"FAIL: the page is {width} px wide in an 800 px window", flush=True)
+        width, room = driver.execute_script("const d = document.documentElement; return [d.scrollWidth, d.clientWidth]")
+        if width > room:
+            print(f"FAIL: the page is {width} px wide in {room} px (an 800 px window)", flush=True)
             sys.exit(1)
-        # A decision made now shows within a second (the test makes one once the page is checked).
+        # A decision made now shows within a second of being made (the test makes one once the page is checked): the
+        # page notes when its row appears, against the decision's own time (one clock: the same machine).
+        driver.execute_script("""
+          window.seenAt = null;
+          new MutationObserver(() => {
+            if (!window.seenAt && [...document.querySelectorAll('#events tr')].some(r => r.textContent.includes('page_check'))) window.seenAt = Date.now();
+          }).observe(document.getElementById('events'), {childList: true});""")
         open(signal, "w").close()
-        started = time.time()
-        wait("the new decision on the page within a second",
-             lambda: any("page_check" in r.text for r in driver.find_elements(By.CSS_SELECTOR, "#events tr")), seconds=1.0)
-        print(f"new decision shown after {time.time() - started:.2f} s", flush=True)
+        latency = wait("the new decision on the page", lambda: driver.execute_script(
+            "const e = clusterEvents.find(e => e.reason === 'page_check'); return window.seenAt && e ? window.seenAt - Date.parse(e.time) + 0.5 : null"))
+        print(f"new decision shown {latency:.0f} ms after it was made", flush=True)
+        if latency > 1000:
+            print("FAIL: the new decision took more than a second to show", flush=True)
+            sys.exit(1)
         open(signal + ".seen", "w").close()
         status = wait("the stale state once Vigil is away",
                       lambda: (lambda t: t if t.startswith("stale since") else None)(driver.find_element(By.ID, "status").text),
                       seconds=30)
         print(f"status: {status}", flush=True)
-        time.sleep(3)  # a few more polls and reconnects while it is away
+        time.sleep(3)  # the event stream's reconnects while it is away
         errors = [e["message"] for e in driver.get_log("browser")
                   if e["level"] == "SEVERE" and "net::ERR_" not in e["message"] and "Failed to load resource" not in e["message"]]
         if errors:

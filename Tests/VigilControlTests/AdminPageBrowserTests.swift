@@ -47,6 +47,9 @@ final class AdminPageBrowserTests {
         let cluster = try #require(proxy.runtime.current.clusters.first)
         try await waitUntil("the failing host ejected") { cluster.health.hostViews().contains { $0.state == "ejected" } }
         proxy.runtime.sampleSeries(timeMillis: Int64(Date().timeIntervalSince1970 * 1000))
+        // A decision of another kind, for the page's filter to hide.
+        proxy.runtime.events.emit([HealingEvent(kind: .healthCheckPassed, cluster: "api", host: "127.0.0.1:\(ok.port)",
+                                                reason: "active_health_check", evidence: ["made_by": "the test"], action: [:])])
         let signal = scratch.file("loaded"), out = scratch.file("out"), err = scratch.file("err")
         let page = try ChildProcess(PythonPeers.python, [PythonPeers.script("admin_page.py"), "http://127.0.0.1:\(admin.boundAddress!.port!)/", signal],
                                     stdout: .file(out), stderr: .file(err))

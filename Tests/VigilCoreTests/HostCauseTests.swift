@@ -19,9 +19,10 @@ import Testing
         let local = Self.ejected("consecutive_local_origin_failure", ["consecutive_local_origin_failures": 5, "last_failure": "connect failure"], times: 11)
         #expect(HostCause.describe(state: "ejected", ejection: local, ejectionReason: nil, healthCheck: nil, backInSeconds: 30)
                 == "ejected: 5 × connect failure in a row, 11th time, back in 30 s")
-        // The event no longer kept: the detector's reason.
-        #expect(HostCause.describe(state: "ejected", ejection: nil, ejectionReason: "failure_percentage", healthCheck: nil, backInSeconds: 3)
-                == "ejected: failure percentage, back in 3 s")
+        // The event no longer kept: the detector's reason and count.
+        #expect(HostCause.describe(state: "ejected", ejection: nil, ejectionReason: "failure_percentage", healthCheck: nil, backInSeconds: 3,
+                                   timesEjected: 2)
+                == "ejected: failure percentage, 2nd time, back in 3 s")
     }
 
     @Test func anUnhealthyHostSaysWhatItsProbesAnswered() {

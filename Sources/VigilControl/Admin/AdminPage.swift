@@ -25,7 +25,8 @@ extension AdminServer {
         svg.spark{display:block;width:100%;height:34px} svg.chart{display:block;width:100%;max-width:50em;height:70px}
         .legend{font-size:11px;color:#555}
         table{border-collapse:collapse;font-size:12px;width:100%} td,th{border-bottom:1px solid #eee;padding:.25em .6em;text-align:left;vertical-align:top}
-        td.ev{overflow-wrap:break-word;word-break:normal} td.ev code{font-size:11px}
+        table.events{table-layout:fixed} td{overflow-wrap:break-word} td.ev code{font-size:11px}
+        .kv{display:inline-block;margin-right:.7em;max-width:100%;overflow-wrap:anywhere}
         nav a{margin-right:1em} select{font-size:12px;margin-right:.6em}
         </style></head><body>
         <h1>Vigil <span id="node"></span></h1>
@@ -34,7 +35,9 @@ extension AdminServer {
         <h2>Healing decisions</h2>
         <div><select id="hostFilter"><option value="">every host</option></select>
         <select id="kindFilter"><option value="">every kind</option></select></div>
-        <table><thead><tr><th>#</th><th>time</th><th>kind</th><th>where</th><th>reason</th><th>evidence → action</th></tr></thead>
+        <table class="events"><colgroup><col style="width:8.5em"><col style="width:6.5em"><col style="width:9em"><col style="width:9em">
+        <col style="width:9em"><col></colgroup>
+        <thead><tr><th>#</th><th>time</th><th>kind</th><th>where</th><th>reason</th><th>evidence → action</th></tr></thead>
         <tbody id="events"></tbody></table>
         <h2>Tenants</h2>
         <table><thead><tr><th>tenant</th><th>rps</th><th>burst</th><th>tokens</th><th>in flight</th><th>allowed</th>
@@ -74,9 +77,11 @@ extension AdminServer {
           const n = c.p50_ms.length, W = 300, H = 70, top = Math.max(1, ...c.p99_ms.filter(v => v != null));
           const x = i => (W - n + i), y = v => H - 2 - (v / top) * (H - 4);
           const line = (vs, scale) => vs.map((v, i) => v == null ? null : `${x(i)},${scale(v).toFixed(1)}`).filter(Boolean).join(" ");
-          const start = times[times.length - n] ?? Date.now(), end = times[times.length - 1] ?? Date.now();
+          // A decision is marked at the first point taken at or after it (the points' own times, not an assumed second each).
+          const own = times.slice(-n), start = own[0] ?? Date.now(), end = own[own.length - 1] ?? Date.now();
           const marks = clusterEvents.filter(e => e.cluster === c.name).map(e => Date.parse(e.time)).filter(t => t >= start && t <= end)
-            .map(t => `<line x1="${x(n - 1 - (end - t) / 1000)}" x2="${x(n - 1 - (end - t) / 1000)}" y1="0" y2="${H}" stroke="#999" stroke-dasharray="2,2"/>`).join("");
+            .map(t => x(Math.max(0, own.findIndex(p => p >= t))))
+            .map(at => `<line x1="${at}" x2="${at}" y1="0" y2="${H}" stroke="#999" stroke-dasharray="2,2"/>`).join("");
           return `<svg class="chart" viewBox="0 0 ${W} ${H}" preserveAspectRatio="none">${marks}
             <polyline fill="none" stroke="#58c" points="${line(c.p50_ms, y)}"/><polyline fill="none" stroke="#236" points="${line(c.p99_ms, y)}"/>
             <polyline fill="none" stroke="#3a7" points="${line(c.success, v => H - 2 - v * (H - 4))}"/></svg>
@@ -89,12 +94,17 @@ extension AdminServer {
           if (!tries) return "no tries in the last 10 s";
           return `${Math.round(100 * tries / Math.max(total, 1))} % of the tries, ${Math.round(100 * (tries - sum(h.errors)) / tries)} % succeeded (last 10 s)`;
         }
+        // One refresh at a time; a reply that does not come within 4 s, or is not a good one, makes the page stale.
+        let refreshing = false;
         async function refresh() {
+          if (refreshing) return;
+          refreshing = true;
           let c, t, s, series;
           try {
-            [c, t, s, series] = await Promise.all(["/clusters", "/tenants", "/stats", "/series"].map(u => fetch(u).then(r => r.json())));
-          } catch (e) { stale(); return; }
-          if (staleSince) live();
+            [c, t, s, series] = await Promise.all(["/clusters", "/tenants", "/stats", "/series"].map(u =>
+              fetch(u, {signal: AbortSignal.timeout(4000)}).then(r => { if (!r.ok) throw new Error(u + ": " + r.status); return r.json(); })));
+          } catch (e) { stale(); return; } finally { refreshing = false; }
+          if (staleSince || $("status").textContent !== "live") live();
           $("node").textContent = "· " + s.node + " · policy " + c.policy_version;
           const seriesOf = Object.fromEntries((series.clusters || []).map(x => [x.name, x]));
           $("clusters").innerHTML = c.clusters.map(cl => {
@@ -112,8 +122,11 @@ extension AdminServer {
             <td>${esc(x.rate_limited)}</td><td>${esc(x.concurrency_limited)}</td></tr>`).join("")
             : `<tr><td colspan="8">${t.configured ? "no tenant has been seen yet" : "no tenants configured"}</td></tr>`;
         }
-        // Evidence as key = value, nested values inline.
-        const pairs = o => Object.entries(o || {}).map(([k, v]) => `<code>${esc(k)}</code>=${esc(typeof v === "object" && v ? JSON.stringify(v) : v)}`).join(" ");
+        // Words break at their underscores and dots, not in their middle.
+        const soft = s => esc(s).replace(/([_.:\/])/g, "$1<wbr>");
+        // Evidence as key=value, each pair kept whole where it fits, nested values inline.
+        const pairs = o => Object.entries(o || {}).map(([k, v]) =>
+          `<span class="kv"><code>${soft(k)}</code>=${soft(typeof v === "object" && v ? JSON.stringify(v) : v)}</span>`).join(" ");
         function option(select, value) {
           if (value && ![...select.options].some(o => o.value === value)) select.add(new Option(value, value));
         }
@@ -125,8 +138,8 @@ extension AdminServer {
           const where = e.tenant ? "tenant " + e.tenant : [e.cluster, e.host].filter(Boolean).join(" ");
           const row = document.createElement("tr");
           row.dataset.host = e.host || ""; row.dataset.kind = e.kind;
-          row.innerHTML = `<td>${e.seq}</td><td>${esc(local(e.time))}</td><td>${esc(e.kind)}</td><td>${esc(where)}</td>
-            <td>${esc(e.reason)}</td><td class="ev">${pairs(e.evidence)} → ${pairs(e.action)}</td>`;
+          row.innerHTML = `<td style="white-space:nowrap">${esc(e.seq)}</td><td>${esc(local(e.time))}</td>
+            <td>${soft(e.kind)}</td><td>${soft(where)}</td><td>${soft(e.reason)}</td><td class="ev">${pairs(e.evidence)} → ${pairs(e.action)}</td>`;
           $("events").prepend(row);
           while ($("events").rows.length > 200) $("events").deleteRow(-1);
           option($("hostFilter"), e.host); option($("kindFilter"), e.kind);
@@ -138,11 +151,17 @@ extension AdminServer {
         let pending = null;
         function soon() { if (!pending) pending = setTimeout(() => { pending = null; refresh(); }, 250); }
         refresh();
-        // Polled only while Vigil answers; once it is away, the event stream's own reconnects bring it back.
-        setInterval(() => { if (!staleSince) refresh(); }, 2000);
+        // Every 2 s while Vigil answers; every 10 s while it does not (the event stream reconnects on its own too).
+        let ticks = 0;
+        setInterval(() => { ticks++; if (!staleSince || ticks % 5 === 0) refresh(); }, 2000);
         const stream = new EventSource("/events/stream");
         stream.onopen = () => { refresh(); };
         stream.onerror = () => { stale(); };
+        stream.addEventListener("gap", m => {
+          const g = JSON.parse(m.data), row = document.createElement("tr");
+          row.innerHTML = `<td colspan="6">decisions before #${esc(g.resumes_at)} are not shown: ${g.reason === "evicted" ? "they left Vigil's event buffer" : "they were made by an earlier run of Vigil"}</td>`;
+          $("events").prepend(row);
+        });
         for (const kind of \#(kinds)) {
           stream.addEventListener(kind, m => { addEvent(JSON.parse(m.data)); soon(); });
         }

@@ -47,10 +47,10 @@ enum StatusViews {
                         "priority": .int(priorities?[h.index] ?? 0),
                         "state": .string(v.state),
                         "cause": .string(HostCause.describe(
-                            state: v.state, ejection: lastEjection[c.config.name + " " + h.addressText], ejectionReason: v.lastTransition,
+                            state: v.state, ejection: lastEjection[c.config.name + " " + h.addressText], ejectionReason: v.lastEjectionReason,
                             healthCheck: lastCheckFailure[c.config.name + " " + h.addressText],
                             backInSeconds: v.ejectedUntil.map { Int((($0 - now).nanoseconds + 999_999_999) / 1_000_000_000) },
-                            slowStartWeight: v.slowStartWeight)),
+                            timesEjected: v.timesEjected, slowStartWeight: v.slowStartWeight)),
                         "active_health": .string(v.activeHealth),
                         "last_probe": v.lastProbe.map(JSONValue.string) ?? .null,
                         "ejected_until": wallTime(v.ejectedUntil),

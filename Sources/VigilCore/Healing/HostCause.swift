@@ -6,12 +6,13 @@ public enum HostCause {
     /// `state`: `healthy`, `unhealthy`, `ejected` or `pending`. `ejection`: the event that ejected the host (nil when it
     /// is no longer kept: then `ejectionReason`, the detector's). `healthCheck`: the failed check that made it unhealthy.
     /// `backInSeconds`: until its ejection ends. `slowStartWeight`: below 1 while it warms up.
+    /// `timesEjected`: the detector's count, for when the event is gone.
     public static func describe(state: String, ejection: HealingEvent?, ejectionReason: String?, healthCheck: HealingEvent?,
-                                backInSeconds: Int?, slowStartWeight: Double = 1) -> String {
+                                backInSeconds: Int?, timesEjected: Int? = nil, slowStartWeight: Double = 1) -> String {
         switch state {
         case "ejected":
             var parts = ["ejected: " + (ejection.map(ejectedBecause) ?? ejectionReason.map(words) ?? "by outlier detection")]
-            if let n = ejection?.action["times_ejected"]?.intValue { parts.append(ordinal(n) + " time") }
+            if let n = ejection?.action["times_ejected"]?.intValue ?? timesEjected, n > 0 { parts.append(ordinal(n) + " time") }
             if let s = backInSeconds { parts.append(s > 0 ? "back in \(s) s" : "back now") }
             return parts.joined(separator: ", ")
         case "unhealthy":

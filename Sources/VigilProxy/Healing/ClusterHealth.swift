@@ -135,6 +135,8 @@ public final class ClusterHealth: Sendable {
         public var ejectedUntil: NIODeadline?
         public var timesEjected: Int
         public var lastTransition: String?
+        /// The outlier detector that last ejected it (`consecutive_5xx`, ...), while the host has been ejected.
+        public var lastEjectionReason: String?
         public var lastTransitionAt: NIODeadline?
         public var lastProbe: String?
         public var slowStartWeight: Double
@@ -158,7 +160,7 @@ public final class ClusterHealth: Sendable {
             return HostView(address: hostNames[i], state: stateName,
                             activeHealth: config.healthCheck == nil ? "not_checked" : active.status.rawValue,
                             ejectedUntil: od?.ejectedUntil, timesEjected: od?.timesEjected ?? 0,
-                            lastTransition: s.transitionReason[i], lastTransitionAt: s.transitionAt[i],
+                            lastTransition: s.transitionReason[i], lastEjectionReason: od?.lastEjectionReason, lastTransitionAt: s.transitionAt[i],
                             lastProbe: active.lastResult?.description, slowStartWeight: set.weight(of: i, now: now))
         }
     }
