@@ -4,9 +4,11 @@ Usage: admin_page.py URL SIGNAL_FILE
 
 Loads the page and checks what an SRE reads there: the ejected host's box names the cause in words, the sparklines
 and the cluster chart are drawn from data, healing decisions are listed with key=value evidence and can be filtered.
-Then it writes SIGNAL_FILE and waits for Vigil to go away (the test stops it): the page must say it is stale, and the
-console must hold no script error (the browser's own lines for refused connections aside). Prints what it saw;
-exits 1 at the first expectation that fails.
+Then it writes SIGNAL_FILE, sees the decision the test makes then arrive within a second (SIGNAL_FILE.seen), and
+waits for Vigil's admin port to go away (the test stops it): the page must say it is stale, and the console must hold
+no script error (the browser's own lines for refused connections aside). It writes SIGNAL_FILE.stale, and the page
+must be live again once the test brings the port back. Prints what it saw; exits 1 at the first expectation that
+fails.
 """
 import sys
 import time
@@ -95,6 +97,12 @@ def main():
         if errors:
             print(f"FAIL: console errors {errors}", flush=True)
             sys.exit(1)
+        # Vigil comes back (the test restarts the admin port once told): the page is live again, without a reload.
+        open(signal + ".stale", "w").close()
+        wait("the page live again once Vigil answers",
+             lambda: driver.find_element(By.ID, "status").text == "live" and "stale" not in driver.find_element(By.TAG_NAME, "body").get_attribute("class"),
+             seconds=30)
+        print("live again", flush=True)
         print("ok", flush=True)
     finally:
         driver.quit()

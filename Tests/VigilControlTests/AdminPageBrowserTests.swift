@@ -24,8 +24,9 @@ final class AdminPageBrowserTests {
         let ok = try await FakeUpstream(group: group, name: "ok")
         let failing = try await FakeUpstream(group: group, name: "failing") { _ in .respond(status: .serviceUnavailable) }
         let registry = PrometheusCollectorRegistry()
+        let adminPort = freeLoopbackPort()  // fixed: the admin port comes back on it after the page has gone stale
         let proxy = try await ProxyHarness(yaml: """
-            admin: { address: "127.0.0.1:0" }
+            admin: { address: "127.0.0.1:\(adminPort)" }
             access_log: { output: "off" }
             listeners:
               - name: in
@@ -65,11 +66,15 @@ final class AdminPageBrowserTests {
         try await waitUntil("the page to see the new decision", seconds: 10) {
             FileManager.default.fileExists(atPath: signal + ".seen") || !page.isRunning
         }
-        // Vigil goes away: the page must say so, quietly.
-        try await client.close()
+        // The admin port goes away: the page must say so, quietly; then it comes back, and the page is live again.
         await admin.stop()
-        await proxy.stop()
+        try await waitUntil("the page stale", seconds: 40) { FileManager.default.fileExists(atPath: signal + ".stale") || !page.isRunning }
+        let again = AdminServer(proxy: proxy.server, registry: registry, group: group, logger: Logger(label: "admin-page-test"))
+        try await again.start()
         let status = await page.exited()
+        try await client.close()
+        await again.stop()
+        await proxy.stop()
         #expect(status == 0, "\(said())")
         #expect(said().contains("cause: ejected: 3 × status 503 in a row"), "\(said())")
         #expect(said().contains("names: api-a, api-b"), "\(said())")
