@@ -127,7 +127,8 @@ import VigilTestSupport
             }.get()
             return (flowControl, try await downstream.getOption(.bufferedWritableBytes).get())
         }
-        try await withTimeout(10, "Vigil to hold response bytes for the client") {
+        // Generous: under a full parallel run on two cores this has taken over 10 s (it takes well under one alone).
+        try await withTimeout(30, "Vigil to hold response bytes for the client") {
             while try await held().flowControl < HTTP2ServerConnection.outboundHighWatermark {
                 try await Task.sleep(for: .milliseconds(10))
             }
