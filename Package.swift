@@ -30,6 +30,11 @@ let package = Package(
         .package(url: "https://github.com/grpc/grpc-swift-2", from: "2.4.3"),
         .package(url: "https://github.com/grpc/grpc-swift-protobuf", from: "2.4.1"),
         .package(url: "https://github.com/grpc/grpc-swift-nio-transport", from: "2.9.2"),
+        // Tracing (DESIGN.md): spans through swift-distributed-tracing's API, exported by swift-otel's OTLP
+        // exporters (gRPC on the stack above, or HTTP); W3C trace context parsed and written by its own package.
+        .package(url: "https://github.com/apple/swift-distributed-tracing", from: "1.7.3"),
+        .package(url: "https://github.com/swift-otel/swift-otel", from: "1.6.0"),
+        .package(url: "https://github.com/swift-otel/swift-w3c-trace-context", from: "1.0.0"),
     ],
     targets: [
         // Pure logic: config model and validation, the HTTP/1 head codec and the HTTP/2 → HTTP/1.1 request
@@ -44,6 +49,7 @@ let package = Package(
                 .product(name: "HeapModule", package: "swift-collections"),
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "W3CTraceContext", package: "swift-w3c-trace-context"),
             ],
             // The exchange and pool machines are generic over what the data plane gives them (its waiters, its
             // environment) and run on every request: compiled alone, each call instantiated generic metadata at
@@ -73,6 +79,9 @@ let package = Package(
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "_CryptoExtras", package: "swift-crypto"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
+                .product(name: "W3CTraceContext", package: "swift-w3c-trace-context"),
+                .product(name: "OTel", package: "swift-otel"),
             ]
         ),
         // The xDS client: Envoy's discovery messages (generated from Protos/ by Scripts/generate-protos.sh, committed)

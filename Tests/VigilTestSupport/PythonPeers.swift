@@ -98,3 +98,87 @@ public final class GRPCPeerServer: Sendable {
         public var description: String { what }
     }
 }
+
+/// An OpenTelemetry collector (`Tests/Peers/otlp_collector.py`, PyPI's `opentelemetry-proto` on `grpcio`) receiving
+/// OTLP/gRPC and OTLP/HTTP on 127.0.0.1, keeping every span it is sent. Killed when released.
+public final class OTLPCollector: Sendable {
+    public let grpcPort: Int
+    public let httpPort: Int
+    private let process: ChildProcess
+    private let scratch = ScratchDirectory("vigil-otlp")
+
+    /// A span as the collector decoded it (ids in hex; attribute values as JSON gives them).
+    public struct Span: @unchecked Sendable {
+        public let traceID: String
+        public let spanID: String
+        public let parentSpanID: String
+        public let name: String
+        /// `SERVER`, `CLIENT`, ...
+        public let kind: String
+        public let service: String?
+        public let start: UInt64
+        public let end: UInt64
+        /// `UNSET`, `OK` or `ERROR`.
+        public let status: String
+        public let attributes: [String: Any]
+        public let events: [(name: String, attributes: [String: Any])]
+        /// `grpc` or `http`: how it was exported.
+        public let via: String
+
+        public func string(_ key: String) -> String? { attributes[key] as? String }
+        public func int(_ key: String) -> Int? {
+            (attributes[key] as? Int) ?? (attributes[key] as? String).flatMap { Int($0) }
+        }
+    }
+
+    public init() async throws {
+        guard PythonPeers.installed else { throw PythonPeers.MissingPeers() }
+        let portFile = scratch.file("ports")
+        process = try ChildProcess(PythonPeers.python, [PythonPeers.script("otlp_collector.py"), portFile, scratch.file("spans")],
+                                   stderr: .file(scratch.file("stderr")))
+        let deadline = ContinuousClock.now + .seconds(30)
+        while true {
+            if let text = try? String(contentsOfFile: portFile, encoding: .utf8) {
+                let ports = text.split(separator: " ").compactMap { Int($0) }
+                if ports.count == 2 {
+                    (grpcPort, httpPort) = (ports[0], ports[1])
+                    return
+                }
+            }
+            guard process.isRunning, ContinuousClock.now < deadline else {
+                process.signal(SIGKILL)
+                let err = (try? String(contentsOfFile: scratch.file("stderr"), encoding: .utf8)) ?? ""
+                throw GRPCPeerServer.PeerFailed(what: "the OTLP collector did not start: \(err)")
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
+    /// Every span received so far, in the order received.
+    public var spans: [Span] {
+        let text = (try? String(contentsOfFile: scratch.file("spans"), encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").compactMap { line in
+            guard let o = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else { return nil }
+            let events = (o["events"] as? [[String: Any]] ?? []).map {
+                (name: $0["name"] as? String ?? "", attributes: $0["attributes"] as? [String: Any] ?? [:])
+            }
+            return Span(traceID: o["trace_id"] as? String ?? "", spanID: o["span_id"] as? String ?? "",
+                        parentSpanID: o["parent_span_id"] as? String ?? "", name: o["name"] as? String ?? "",
+                        kind: o["kind"] as? String ?? "", service: o["service"] as? String,
+                        start: (o["start"] as? NSNumber)?.uint64Value ?? 0, end: (o["end"] as? NSNumber)?.uint64Value ?? 0,
+                        status: o["status"] as? String ?? "", attributes: o["attributes"] as? [String: Any] ?? [:],
+                        events: events, via: o["via"] as? String ?? "")
+        }
+    }
+
+    /// Waits until `condition` holds of the spans received (the exporter sends them in batches, off the requests).
+    @discardableResult
+    public func waitForSpans(_ what: String, seconds: Double = 20, _ condition: @escaping @Sendable ([Span]) -> Bool) async throws -> [Span] {
+        try await waitUntil(what, seconds: seconds) { [self] in condition(spans) }
+        return spans
+    }
+
+    public func stop() { process.signal(SIGKILL) }
+
+    deinit { process.signal(SIGKILL) }
+}

@@ -29,6 +29,8 @@ struct AdminGauges: Sendable {
     /// The access log's dropped bytes and the failed TLS reloads at the last scrape.
     private let publishedDrops = NIOLockedValueBox(0)
     private let publishedTLSFailures = NIOLockedValueBox(0)
+    private let publishedSpans = NIOLockedValueBox(0)
+    private let publishedDroppedSpans = NIOLockedValueBox(0)
 
     init(runtime: ProxyRuntime, registry: PrometheusCollectorRegistry) {
         self.runtime = runtime
@@ -90,6 +92,10 @@ struct AdminGauges: Sendable {
                 since: publishedDrops)
         publish("vigil_tls_reload_failures_total", runtime.tls.reloadFailures.load(ordering: .relaxed),
                 since: publishedTLSFailures)
+        if let tracing = runtime.tracing {
+            publish("vigil_trace_spans_total", tracing.startedSpans.load(ordering: .relaxed), since: publishedSpans)
+            publish("vigil_trace_spans_dropped_total", tracing.droppedSpans.load(ordering: .relaxed), since: publishedDroppedSpans)
+        }
         for l in runtime.listeners {
             registry.makeGauge(name: "vigil_downstream_connections", labels: [("listener", l.config.name)])
                 .set(Double(l.openConnections.load(ordering: .relaxed)))

@@ -24,7 +24,7 @@ extension ConfigReader {
     mutating func readConfig(_ root: Node) -> VigilConfig? {
         let keys: Set = ["node", "admin", "state_dir", "access_log", "drain_timeout", "event_buffer", "listeners", "clusters",
                          "authorization", "tenants", "control", "slo", "audit", "file_poll_interval",
-                         "outbound_traffic_policy", "xds"]
+                         "outbound_traffic_policy", "xds", "tracing"]
         guard let m = map(root, at: "", keys: keys) else { return nil }
         var config = VigilConfig(listeners: [], clusters: [])
 
@@ -263,6 +263,7 @@ extension ConfigReader {
         }
         if let node = m["control"] { config.control = readControl(node, at: "control") }
         if let node = m["xds"] { config.xds = readXDS(node, at: "xds", nodeID: config.nodeID) }
+        if let node = m["tracing"] { config.tracing = readTracing(node, at: "tracing") }
         if let node = m["audit"], let audit = readAudit(node, at: "audit") {
             config.audit = audit
             config.auditConfigured = true

@@ -71,7 +71,7 @@ extension VigilConfig {
 
 extension ConfigReader {
     static let staticKeys: Set = ["node", "admin", "state_dir", "access_log", "drain_timeout", "event_buffer", "control", "audit",
-                                  "file_poll_interval", "outbound_traffic_policy", "xds"]
+                                  "file_poll_interval", "outbound_traffic_policy", "xds", "tracing"]
 
     mutating func readPolicy(_ root: Node, base: VigilConfig) -> VigilConfig? {
         guard case .mapping(let mapping) = root else {
@@ -158,6 +158,7 @@ extension ConfigReader {
         case "control": a.control == b.control
         case "audit": a.audit == b.audit
         case "xds": a.xds == b.xds
+        case "tracing": a.tracing == b.tracing
         default: false
         }
     }

@@ -27,6 +27,8 @@ public struct VigilConfig: Sendable, Equatable {
     public var control: ControlConfig?
     /// The xDS management server; nil without an `xds:` section.
     public var xds: XDSConfig?
+    /// OpenTelemetry tracing; nil without a `tracing:` section.
+    public var tracing: TracingConfig?
     /// Per-tenant objectives and the webhook told when one is breached or recovers.
     public var slo = SLOConfig()
     public var audit = AuditConfig()

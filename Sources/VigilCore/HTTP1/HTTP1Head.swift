@@ -21,6 +21,8 @@ public enum HTTP1FieldKind: UInt8, Sendable {
     case xForwardedClientCert
     /// `x-vigil-tenant`: Vigil's own; a client's is always removed.
     case xVigilTenant
+    /// W3C Trace Context's `traceparent`: passed on as it came, unless tracing writes Vigil's own in its place.
+    case traceparent
 
     /// Classifies a field name by its length first, so most names cost one switch and no compare.
     @inline(__always)
@@ -33,6 +35,7 @@ public enum HTTP1FieldKind: UInt8, Sendable {
         case 7:
             if eq("upgrade") { return .upgrade }
             if eq("trailer") { return .trailer }
+        case 11: if eq("traceparent") { return .traceparent }
         case 10:
             if eq("connection") { return .connection }
             if eq("keep-alive") { return .keepAlive }
@@ -67,7 +70,7 @@ public enum HTTP1FieldKind: UInt8, Sendable {
         switch self {
         case .connection, .keepAlive, .proxyPrefixed, .te, .transferEncoding, .upgrade: true
         case .other, .host, .contentLength, .expect, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer,
-             .xForwardedClientCert, .xVigilTenant: false
+             .xForwardedClientCert, .xVigilTenant, .traceparent: false
         }
     }
 
@@ -85,7 +88,7 @@ public enum HTTP1FieldKind: UInt8, Sendable {
     /// sets; RFC 9110 §6.5.2 lets a recipient merge trailers into the header section, so passing on a
     /// trailer `Content-Length`, `Host` or `x-vigil-tenant` would hand the upstream a second framing or a
     /// forged identity that the header checks never saw.
-    public var forbiddenInTrailers: Bool { self != .other }
+    public var forbiddenInTrailers: Bool { self != .other && self != .traceparent }
 
     /// A name that is `content-length` or `transfer-encoding` with `_` for `-`. Vigil would pass it on as an
     /// ordinary field, but servers that map names to CGI-style variables (`HTTP_CONTENT_LENGTH`) read it as the

@@ -127,6 +127,7 @@ public enum HTTP1HeadWriter {
     /// `maxForwards`: the Max-Forwards value to send in place of the received one (see `MaxForwards`).
     /// `path`: the target to send in place of the request's (the route's rewrite); `edits`: the route's and cluster's
     /// header edits and authority rewrite, `variables` their values, `upstreamHost` the host it goes to.
+    /// `trace`: the `traceparent` tracing sends in place of the request's (nil: the request's goes on as it came).
     /// - Returns: the x-request-id it generated from `random`, or nil when the request carried one.
     @discardableResult
     public static func writeRequest(
@@ -134,6 +135,7 @@ public enum HTTP1HeadWriter {
         tenant: String? = nil, dropping dropped: String? = nil, maxForwards: Int? = nil, path rewritten: String? = nil,
         edits: ForwardingEdits? = nil,
         variables: HeaderVariableValues? = nil, upstreamHost: SocketAddressSpec? = nil, presetRequestID: RequestID? = nil,
+        trace: TraceForwarding? = nil,
         into out: inout ByteBuffer
     ) -> RequestID? {
         out.reserveCapacity(minimumWritableBytes: head.bytes.readableBytes + 160)
@@ -183,6 +185,8 @@ public enum HTTP1HeadWriter {
             case .xRequestID:
                 keep = true
                 hadRequestID = true
+            case .traceparent:
+                keep = trace == nil && !(edits?.dropsRequestField { head.nameEquals(f, $0) } ?? false)
             case .transferEncoding, .connection, .keepAlive, .proxyPrefixed, .xForwardedProto, .xForwardedClientCert,
                  .xVigilTenant, .expect, .trailer, .other:
                 // The field table (`HTTP1FieldKind`) says which kinds never pass; the rest pass unless named by
@@ -192,6 +196,7 @@ public enum HTTP1HeadWriter {
                     && !(dropped.map { head.nameEquals(f, $0) } ?? false)
                     && (maxForwards == nil || !head.nameEquals(f, "max-forwards"))
                     && !(edits?.dropsRequestField { head.nameEquals(f, $0) } ?? false)
+                    && !(trace?.dropsTraceState == true && head.nameEquals(f, "tracestate"))
             }
             if keep && (f.kind == .contentLength || f.kind == .host) && !isPlainLine(f, in: bytes) {
                 flush(&out)
@@ -227,16 +232,19 @@ public enum HTTP1HeadWriter {
             out.writeImmutableBuffer(facts.afterForwardedFor)
         }
         return endRequestHead(tenant: tenant, hadRequestID: hadRequestID, random: &random, edits: edits, variables: variables,
-                              carriedRequestID: { head.value(of: .xRequestID) }, preset: presetRequestID, into: &out)
+                              carriedRequestID: { head.value(of: .xRequestID) }, preset: presetRequestID, trace: trace,
+                              into: &out)
     }
 
     /// The end of every request head Vigil sends: its own fields, a request id if the request had none, the route's
-    /// added fields, the blank line. Returns the id it generated.
+    /// added fields, tracing's `traceparent`, the blank line. Returns the id it generated.
     /// `carriedRequestID`: the request's own id, read only for an added field that names it. `preset`: the id to
     /// give a request without one (its mirrors carry the same), else one is drawn from `random`.
+    /// The `traceparent` line is the head's last, so that a resend finds its span id at a fixed distance from the
+    /// head's end (`TraceParentField.spanIDFromHeadEnd`).
     static func endRequestHead(tenant: String?, hadRequestID: Bool, random: inout SplitMix64, edits: ForwardingEdits?,
                                variables: HeaderVariableValues?, carriedRequestID: () -> String?, preset: RequestID?,
-                               into out: inout ByteBuffer) -> RequestID? {
+                               trace: TraceForwarding?, into out: inout ByteBuffer) -> RequestID? {
         writeVigilFields(clientCert: nil, tenant: tenant, into: &out)  // the client cert is in the facts' lines
         var generated: RequestID?
         if !hadRequestID {
@@ -254,6 +262,7 @@ public enum HTTP1HeadWriter {
                 out.writeStaticString("\r\n")
             }
         }
+        trace?.field.writeField(to: &out)
         out.writeStaticString("\r\n")
         return generated
     }

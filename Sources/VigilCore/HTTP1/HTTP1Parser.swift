@@ -297,7 +297,7 @@ public enum HTTP1Parser {
                     }
                 case .upgrade:
                     if HTTPTokens.listOffers(p, f.valueStart, f.valueEnd, "websocket") { s.upgradeOffersWebSocket = true }
-                case .other, .keepAlive, .te, .proxyPrefixed, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .xForwardedClientCert, .xVigilTenant:
+                case .other, .keepAlive, .te, .proxyPrefixed, .xForwardedFor, .xForwardedProto, .xRequestID, .trailer, .xForwardedClientCert, .xVigilTenant, .traceparent:
                     break
                 }
             }

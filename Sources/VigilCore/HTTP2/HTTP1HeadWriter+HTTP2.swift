@@ -26,7 +26,7 @@ extension HTTP1HeadWriter {
         _ request: HTTP2RequestHead, body: TranslatedBody, facts: ForwardingFacts, tenant: String?,
         dropping dropped: String?, random: inout SplitMix64, path rewritten: String? = nil, edits: ForwardingEdits? = nil,
         variables: HeaderVariableValues? = nil, upstreamHost: SocketAddressSpec? = nil, presetRequestID: RequestID? = nil,
-        into out: inout ByteBuffer
+        trace: TraceForwarding? = nil, into out: inout ByteBuffer
     ) -> (generated: RequestID?, chunked: Bool) {
         out.writeString(request.method)
         out.writeStaticString(" ")
@@ -37,7 +37,8 @@ extension HTTP1HeadWriter {
         let maxForwards = HTTP2ForwardedFields.maxForwards(of: request)
         if let maxForwards { writeMaxForwards(maxForwards, into: &out) }
         var cookies: [String] = []
-        let selected = HTTP2ForwardedFields.select(request, maxForwards: maxForwards, dropping: dropped, edits: edits) { name, value, _ in
+        let selected = HTTP2ForwardedFields.select(request, maxForwards: maxForwards, dropping: dropped, edits: edits,
+                                                   trace: trace) { name, value, _ in
             // RFC 9113 §8.2.3: an HTTP/1.1 head carries one cookie field.
             if name == "cookie" {
                 cookies.append(value)
@@ -71,7 +72,7 @@ extension HTTP1HeadWriter {
         facts.writeFields(after: selected.forwardedFor, into: &out)
         let id = endRequestHead(tenant: tenant, hadRequestID: selected.hadRequestID, random: &random, edits: edits,
                                 variables: variables, carriedRequestID: { request.headers.first(name: "x-request-id") },
-                                preset: presetRequestID, into: &out)
+                                preset: presetRequestID, trace: trace, into: &out)
         return (id, chunked)
     }
 

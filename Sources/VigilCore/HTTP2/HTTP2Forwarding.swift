@@ -18,7 +18,9 @@ public struct HTTP2ForwardedFields {
     ///
     /// `maxForwards`: the `Max-Forwards` sent in place of the received one (`maxForwards(of:)`), if any.
     @inline(__always)
+    /// `trace`: tracing's forwarding, whose `traceparent` replaces the request's (and drops its `tracestate` if it says so).
     static func select(_ request: HTTP2RequestHead, maxForwards: Int?, dropping dropped: String?, edits: ForwardingEdits?,
+                       trace: TraceForwarding? = nil,
                        keep: (_ name: String, _ value: String, _ indexing: HPACKIndexing) -> Void) -> HTTP2ForwardedFields {
         var selected = HTTP2ForwardedFields()
         for (name, value, indexing) in request.headers {
@@ -38,10 +40,13 @@ public struct HTTP2ForwardedFields {
                 selected.hadRequestID = true
             case .contentLength:
                 break
+            case .traceparent:
+                if trace != nil || (edits?.dropsRequestField { $0 == name } ?? false) { continue }
             default:
                 if kind.isConnectionSpecific || kind.isSetByVigil || name == dropped
                     || (maxForwards != nil && name == "max-forwards")
-                    || (edits?.dropsRequestField { $0 == name } ?? false) {
+                    || (edits?.dropsRequestField { $0 == name } ?? false)
+                    || (trace?.dropsTraceState == true && name == "tracestate") {
                     continue
                 }
             }
@@ -75,7 +80,8 @@ public enum HTTP2HeadWriter {
     public static func writeRequest(
         _ request: HTTP2RequestHead, scheme: String, facts: ForwardingFacts, tenant: String?, dropping dropped: String?,
         random: inout SplitMix64, grpcTimeout: TimeAmount? = nil, path rewritten: String? = nil, edits: ForwardingEdits? = nil,
-        variables: HeaderVariableValues? = nil, upstreamHost: SocketAddressSpec? = nil, presetRequestID: RequestID? = nil
+        variables: HeaderVariableValues? = nil, upstreamHost: SocketAddressSpec? = nil, presetRequestID: RequestID? = nil,
+        trace: TraceForwarding? = nil
     ) -> (headers: HPACKHeaders, generated: RequestID?) {
         var out = HPACKHeaders()
         out.reserveCapacity(request.headers.count + 6)
@@ -84,7 +90,7 @@ public enum HTTP2HeadWriter {
         out.add(name: ":authority", value: edits?.forwardedAuthority(request.authority, host: upstreamHost) ?? request.authority)
         out.add(name: ":path", value: rewritten ?? request.path)
         let maxForwards = HTTP2ForwardedFields.maxForwards(of: request)
-        let selected = HTTP2ForwardedFields.select(request, maxForwards: maxForwards, dropping: dropped, edits: edits) {
+        let selected = HTTP2ForwardedFields.select(request, maxForwards: maxForwards, dropping: dropped, edits: edits, trace: trace) {
             if grpcTimeout == nil || $0 != "grpc-timeout" { out.add(name: $0, value: $1, indexing: $2) }
         }
         // Left out of HPACK's dynamic table, as gRPC's own clients send it: its value changes on every call, and each
@@ -111,6 +117,8 @@ public enum HTTP2HeadWriter {
             if edits.requestUsesVariables { values?.requestID = generated?.string ?? request.headers.first(name: "x-request-id") }
             edits.forEachRequestAddition(values) { out.add(name: $0, value: $1) }
         }
+        // New on every request, like the request id.
+        if let trace { out.add(name: "traceparent", value: trace.field.value, indexing: .nonIndexable) }
         return (out, generated)
     }
 

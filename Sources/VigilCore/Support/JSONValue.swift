@@ -111,6 +111,7 @@ extension VigilConfig {
             "tenants": tenants.map(Self.dump) ?? .null,
             "control": control.map(Self.dump) ?? .null,
             "xds": xds.map(Self.dump) ?? .null,
+            "tracing": tracing.map(Self.dump) ?? .null,
             "slo": Self.dump(slo),
             "audit": ["max_file_bytes": .int(audit.maxFileBytes)],
             "listeners": .array(listeners.map { l in

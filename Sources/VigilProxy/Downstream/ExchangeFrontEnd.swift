@@ -1,4 +1,5 @@
 import NIOCore
+import Tracing
 import VigilCore
 
 /// A front end (an HTTP/1.1 connection, an HTTP/2 stream) as the exchange machine's environment: the request's
@@ -9,6 +10,9 @@ protocol ExchangeFrontEnd: ExchangeEnvironment, PoolWaiter {
     var upstream: UpstreamStream? { get set }
     var loop: LoopContext { get }
     var listener: ListenerRuntime { get }
+    /// The request's tracing (nil: tracing is off).
+    var trace: RequestTrace? { get set }
+    var runtime: ProxyRuntime { get }
 }
 
 extension ExchangeFrontEnd {
@@ -38,7 +42,66 @@ extension ExchangeFrontEnd {
         if !target!.dynamicHost { target!.move(to: cluster.hosts[host]) }
     }
 
-    func recordAttempt(_ outcome: AttemptOutcome) { target?.record(outcome, now: loop.eventLoop.now) }
+    func recordAttempt(_ outcome: AttemptOutcome) {
+        let healing = target?.record(outcome, now: loop.eventLoop.now) ?? []
+        guard let spans = trace?.spans else { return }
+        let now = loop.eventLoop.now
+        switch outcome {
+        case .response(let status):
+            spans.tryAnswered(status: status)
+            spans.addHealing(healing, now: now)
+        case .connectFailure: spans.tryFailed(reason: "connect_failure", healing: healing, now: now)
+        case .reset: spans.tryFailed(reason: "reset", healing: healing, now: now)
+        case .timeout: spans.tryFailed(reason: "timeout", healing: healing, now: now)
+        }
+    }
+
+    /// A try's response head arrived with `status` (nil: a gRPC call's comes with its trailers, through `recordAttempt`).
+    func recordResponse(status: Int?, sentAt: NIODeadline) {
+        let now = loop.eventLoop.now
+        let healing = target?.recordResponse(status: status, sentAt: sentAt, now: now) ?? []
+        if let spans = trace?.spans, let status {
+            spans.tryAnswered(status: status)
+            spans.addHealing(healing, now: now)
+        }
+    }
+
+    /// Starts a request's trace when tracing is on, before it is routed (a request Vigil answers itself has its span
+    /// too). `describe` gives a sampled request's server span its first attributes.
+    func beginTrace(name: @autoclosure () -> String, traceparent: @autoclosure () -> String?,
+                    tracestate: @autoclosure () -> String?, wallStart: Int64, start: NIODeadline,
+                    describe: (inout SpanAttributes) -> Void) {
+        guard let export = runtime.tracing else { return }
+        trace = RequestTrace.begin(export, traceparent: traceparent(), tracestate: tracestate(), random: &loop.random,
+                                   name: name(), wallStart: wallStart == 0 ? ProxyRuntime.wallClockNanos() : wallStart,
+                                   start: start, describe: describe)
+    }
+
+    /// Ends a request's trace: a sampled request's server span gets what the request came to.
+    func endTrace(status: Int, reason: String, tenant: TenantState?, route: RouteStats?, cluster: ClusterRuntime?,
+                  identity: String?, grpcStatus: GRPCStatus?, now: NIODeadline) {
+        guard let spans = trace?.spans else {
+            trace = nil
+            return
+        }
+        trace = nil
+        spans.finish(status: status, now: now) { a in
+            a["vigil.reason"] = reason
+            if let tenant { a["vigil.tenant"] = tenant.name }
+            if let route, route.name != "-" { a["vigil.route"] = route.name }
+            if let cluster { a["vigil.cluster"] = cluster.config.name }
+            if let identity { a["vigil.identity"] = identity }
+            if let grpcStatus { a["rpc.grpc.status_code"] = Int64(grpcStatus.rawValue) }
+        }
+    }
+
+    /// A try begins (the exchange asked for a connection): a sampled request's client span for it, whose
+    /// `traceparent` the try's head carries.
+    func beginTry(method: @autoclosure () -> String) {
+        guard let spans = trace?.spans, target != nil else { return }
+        trace!.forwarding = spans.startTry(method: method(), cluster: target!.cluster.config.name, host: target!.host,
+                                           now: loop.eventLoop.now)
+    }
 
     func connectFailed() { target?.cluster.metrics.connectFailures.increment(0) }
 

@@ -1,4 +1,5 @@
 import NIOCore
+import Tracing
 import VigilCore
 
 /// The request body on its way upstream (framing, the replay copy, limits, a client that goes away in the
@@ -154,14 +155,14 @@ extension HTTP1ServerHandler {
         guard let pending = mirrors.take(), let target, let head else { return }
         let untrusted = target.policy.snapshot.routes[listener.index].untrustedTenantHeader
         pending.launch(policy: target.policy, loop: loop, route: target.route,
-                       requestIsHead: requestIsHead) { edits, host, out in
+                       requestIsHead: requestIsHead, trace: trace, method: head.method) { edits, host, traced, out in
             HTTP1HeadWriter.writeRequest(head, facts: facts, random: &loop.random, fallbackAuthority: host.description,
                                          tenant: target.tenant?.name, dropping: untrusted,
                                          maxForwards: head.forwardedMaxForwards,
                                          path: target.path, edits: edits,
                                          variables: edits.requestUsesVariables
                                              ? target.headerVariables(facts: facts, identity: session.identity) : nil,
-                                         upstreamHost: host, presetRequestID: pending.requestID, into: &out)
+                                         upstreamHost: host, presetRequestID: pending.requestID, trace: traced, into: &out)
         }
     }
 
@@ -263,5 +264,22 @@ extension HTTP1ServerHandler {
             if idleAt < next { next = idleAt }
         }
         armTimer(at: next)
+    }
+}
+
+extension HTTP1ServerHandler {
+    /// The request's trace, begun from its head (`ExchangeFrontEnd.beginTrace`).
+    func beginTrace(_ head: HTTP1RequestHead) {
+        beginTrace(name: head.method, traceparent: head.value(of: .traceparent), tracestate: head.value(named: "tracestate"),
+                   wallStart: wallStart, start: startedAt) { [facts] a in
+            a["http.request.method"] = head.method
+            a["url.path"] = String(RouteTable.pathWithoutQuery(head.path))
+            a["url.scheme"] = facts.scheme
+            a["server.address"] = head.authority
+            a["network.protocol.version"] = head.minorVersion == 0 ? "1.0" : "1.1"
+            a["client.address"] = facts.clientAddress
+            if let agent = head.value(named: "user-agent") { a["user_agent.original"] = agent }
+            a["vigil.listener"] = listener.config.name
+        }
     }
 }

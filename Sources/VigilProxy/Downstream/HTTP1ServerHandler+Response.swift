@@ -37,7 +37,7 @@ extension HTTP1ServerHandler {
             process()
             return
         }
-        target?.recordResponse(status: response.status, sentAt: trySentAt, now: eventLoop.now)
+        recordResponse(status: response.status, sentAt: trySentAt)
         let action = exchange.responseHeadReceived(status: response.status, now: eventLoop.now, retryAfter: {
             response.value(named: "retry-after").flatMap { RetryAfter.parse($0, nowWallNanos: ProxyRuntime.wallClockNanos()) }
         }, env: self)
@@ -201,6 +201,11 @@ extension HTTP1ServerHandler {
         if let spent = writtenRequestHead {
             writtenRequestHead = nil
             loop.recycleHead(spent)
+        }
+        if trace != nil {
+            endTrace(status: status, reason: exchange.reason, tenant: target?.tenant ?? replyTenant,
+                     route: target?.routeStats ?? replyRoute, cluster: cluster, identity: session.identity, grpcStatus: nil,
+                     now: now)
         }
         target?.release()
         target = nil

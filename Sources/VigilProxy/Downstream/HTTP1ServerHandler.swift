@@ -123,6 +123,10 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
     /// The id a mirrored request without one was given (its mirrors, sent first, carry it too).
     var mirroredRequestID: RequestID?
     var trySentAt = NIODeadline.uptimeNanoseconds(0)
+    /// The request's tracing (nil: tracing is off).
+    var trace: RequestTrace?
+    /// Where the span id of the `traceparent` Vigil wrote is in `replay`, for a resend to carry its own try's span.
+    var replaySpanIDAt: Int?
 
     /// `reached`: the connection's destination when the protocol detector has already read it (one getsockopt per
     /// connection, not two).
@@ -369,6 +373,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             lastBodyRead = startedAt
             armTimer(at: startedAt + listener.bodyTimeout)
         }
+        if runtime.tracing != nil { beginTrace(head) }
         let outcome = runtime.route(head, listener: listener, loop: loop, identity: session.identity,
                                     destination: facts.destination, destinationIsThisHost: facts.destinationIsThisHost,
                                     clientAddress: facts.clientAddress, scheme: facts.scheme, target: &target)
@@ -405,6 +410,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         case .acquire(let fresh, let drop):
             dropUpstream(drop)
             phase = .waitingForUpstream
+            if trace?.spans != nil { beginTry(method: head!.method) }
             target!.pool.acquire(self, fresh: fresh)
         case .backOff(let drop):
             dropUpstream(drop)
@@ -448,9 +454,12 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         upstream = connection
         connection.attach(self, requestIsHead: requestIsHead)
         trySentAt = now  // the host's response time (and the EWMA balancer's)
-        if resend, let replay {
-            // A retry, or a replay after a stale keep-alive connection: the same bytes again.
-            connection.write(replay)
+        if resend, replay != nil {
+            // A retry, or a replay after a stale keep-alive connection: the same bytes again, with the new try's span.
+            if let at = replaySpanIDAt, let spanID = trace?.forwarding?.field.spanID {
+                replay!.setBytes(TraceParentField.spanIDHex(spanID), at: replay!.readerIndex + at)
+            }
+            connection.write(replay!)
         } else {
             // Moved out and back rather than copied (a copy retains every buffer, string and array in it);
             // nothing reads `self.head` before it is back.
@@ -466,10 +475,12 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
                                                              ? target!.headerVariables(facts: facts, identity: session.identity) : nil,
                                                          upstreamHost: target?.host.address,
                                                          presetRequestID: mirroredRequestID,
+                                                         trace: trace?.forwarding,
                                                          into: &out)
             let bodyless = head.framing == HTTP1BodyFraming.none
             self.head = consume head
             generatedRequestID = generated
+            replaySpanIDAt = trace?.spans != nil ? out.readableBytes - TraceParentField.spanIDFromHeadEnd : nil
             connection.write(out)
             // Kept (shared, not copied) while the request could be sent again.
             if keepCopy { replay = out }

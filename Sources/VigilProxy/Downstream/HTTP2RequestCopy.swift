@@ -37,11 +37,13 @@ struct HTTP2RequestCopy {
 
     /// Sends the request as far as it has come, with `grpcTimeout` (what is left of a gRPC call's deadline) in its
     /// head if given.
-    func send(to stream: HTTP2UpstreamStream, grpcTimeout: TimeAmount? = nil) {
+    /// `traceparent`: the resend's own try's span, in place of the first try's.
+    func send(to stream: HTTP2UpstreamStream, grpcTimeout: TimeAmount? = nil, traceparent: String? = nil) {
         var head = head
         if let grpcTimeout {
             head.headers.replaceOrAdd(name: "grpc-timeout", value: GRPCFields.timeoutField(grpcTimeout), indexing: .nonIndexable)
         }
+        if let traceparent { head.headers.replaceOrAdd(name: "traceparent", value: traceparent, indexing: .nonIndexable) }
         stream.send(.headers(head))
         guard !head.endStream else { return }
         let endsWithBody = ended && trailers == nil

@@ -1,6 +1,7 @@
 import NIOCore
 import NIOHPACK
 import NIOHTTP2
+import Tracing
 import VigilCore
 
 /// The request's head and body on their way upstream: as HTTP/1.1 bytes (the head translated, the body chunked
@@ -22,7 +23,7 @@ extension HTTP2StreamHandler {
             request, body: body, facts: facts, tenant: target?.tenant?.name,
             dropping: target?.policy.snapshot.routes[listener.index].untrustedTenantHeader,
             random: &loop.random, path: target?.path, edits: target?.edits, variables: requestVariables,
-            upstreamHost: target?.host.address, presetRequestID: mirroredRequestID, into: &out)
+            upstreamHost: target?.host.address, presetRequestID: mirroredRequestID, trace: trace?.forwarding, into: &out)
         chunkedUpstream = written.chunked
         noteRequestID(generated: written.generated, of: request)
         return out
@@ -37,7 +38,7 @@ extension HTTP2StreamHandler {
             dropping: target?.policy.snapshot.routes[listener.index].untrustedTenantHeader, random: &loop.random,
             grpcTimeout: left, path: target?.path, edits: target?.edits, variables: requestVariables,
             upstreamHost: target?.host.address,
-            presetRequestID: mirroredRequestID)
+            presetRequestID: mirroredRequestID, trace: trace?.forwarding)
         noteRequestID(generated: written.generated, of: request)
         return written.headers
     }
@@ -176,12 +177,12 @@ extension HTTP2StreamHandler {
             parts.body = framed
         }
         parts.launch(policy: target.policy, loop: loop, route: target.route,
-                     requestIsHead: request.method == "HEAD") { edits, host, out in
+                     requestIsHead: request.method == "HEAD", trace: trace, method: request.method) { edits, host, traced, out in
             HTTP1HeadWriter.writeRequest(request, body: body, facts: facts, tenant: target.tenant?.name, dropping: untrusted,
                                          random: &loop.random, path: target.path, edits: edits,
                                          variables: edits.requestUsesVariables
                                              ? target.headerVariables(facts: facts, identity: session.identity) : nil,
-                                         upstreamHost: host, presetRequestID: pending.requestID, into: &out)
+                                         upstreamHost: host, presetRequestID: pending.requestID, trace: traced, into: &out)
         }
     }
 
@@ -234,6 +235,23 @@ extension HTTP2StreamHandler {
             }
             abandon(LocalAnswer(status: 408, reason: "request_body_timeout",
                                 detail: "no more of the request body arrived within body_timeout"))
+        }
+    }
+}
+
+extension HTTP2StreamHandler {
+    /// The request's trace, begun from its head (`ExchangeFrontEnd.beginTrace`).
+    func beginTrace(_ request: HTTP2RequestHead) {
+        beginTrace(name: request.method, traceparent: request.headers.first(name: "traceparent"),
+                   tracestate: request.headers.first(name: "tracestate"), wallStart: wallStart, start: startedAt) { [facts] a in
+            a["http.request.method"] = request.method
+            a["url.path"] = String(RouteTable.pathWithoutQuery(request.path))
+            a["url.scheme"] = facts.scheme
+            a["server.address"] = request.authority
+            a["network.protocol.version"] = "2"
+            a["client.address"] = facts.clientAddress
+            if let agent = request.headers.first(name: "user-agent") { a["user_agent.original"] = agent }
+            a["vigil.listener"] = listener.config.name
         }
     }
 }

@@ -121,9 +121,9 @@ extension HTTP2StreamHandler {
                        grpc: ExchangeStateMachine.GRPCResponse = .none) -> Bool {
         // A gRPC call is judged by its gRPC status: now if the head carries it, else when the trailers do.
         switch grpc {
-        case .none: target?.recordResponse(status: status, sentAt: trySentAt, now: loop.eventLoop.now)
-        case .status(let code): target?.recordResponse(status: code.httpStatus, sentAt: trySentAt, now: loop.eventLoop.now)
-        case .pending: target?.recordResponse(status: nil, sentAt: trySentAt, now: loop.eventLoop.now)
+        case .none: recordResponse(status: status, sentAt: trySentAt)
+        case .status(let code): recordResponse(status: code.httpStatus, sentAt: trySentAt)
+        case .pending: recordResponse(status: nil, sentAt: trySentAt)
         }
         let action = exchange.responseHeadReceived(status: status, grpc: grpc, now: loop.eventLoop.now, retryAfter: {
             retryAfter().flatMap { RetryAfter.parse($0, nowWallNanos: ProxyRuntime.wallClockNanos()) }
@@ -313,6 +313,11 @@ extension HTTP2StreamHandler {
                                       durationNanos: duration.nanoseconds, bytesIn: bytesIn, bytesOut: bytesOut)
         if let code = exchange.grpcStatus {
             runtime.metrics.recordGRPC(listener: listener.index, cluster: target?.cluster ?? replyCluster, code)
+        }
+        if trace != nil {
+            endTrace(status: outcome, reason: exchange.reason, tenant: target?.tenant ?? replyTenant,
+                     route: target?.routeStats ?? replyRoute, cluster: target?.cluster ?? replyCluster,
+                     identity: session.identity, grpcStatus: exchange.grpcStatus, now: now)
         }
         if runtime.accessLog.isEnabled {
             loop.log(AccessLogEntry(startNanos: wallStart, listener: listener.config.name, method: request?.method ?? "-",

@@ -69,6 +69,10 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
     var mirrors: PendingMirrors?
     var mirroredRequestID: RequestID?
     var trySentAt = NIODeadline.uptimeNanoseconds(0)
+    /// The request's tracing (nil: tracing is off).
+    var trace: RequestTrace?
+    /// Where the span id of the `traceparent` Vigil wrote is in `replay`, for a resend to carry its own try's span.
+    var replaySpanIDAt: Int?
     /// The head of a response without a body, held for `upstreamResponseEnd`.
     var bodilessHead: HPACKHeaders?
     /// A gRPC response head held while its call can still be retried (`ExchangeStateMachine.Action.holdResponse`).
@@ -340,6 +344,7 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
         }
         self.request = request
         if request.grpc { exchange.recognisedGRPC() }
+        if runtime.tracing != nil { beginTrace(request) }
         if let n = request.contentLength, let max = listener.config.limits.maxBodyBytes, n > max {
             abandon(LocalAnswer(status: 413, reason: "body_too_large",
                                 detail: "the request body is larger than max_body_bytes (\(max))"))
@@ -376,6 +381,7 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
         case .acquire(let fresh, let drop):
             dropUpstream(drop)
             forgetResponse()
+            if trace?.spans != nil { beginTry(method: request!.method) }
             target!.pool.acquire(self, fresh: fresh)
         case .backOff(let drop):
             dropUpstream(drop)
@@ -440,7 +446,8 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
             stream.attach(framed: self)
             if resend, let requestCopy {
                 // What the first try was sent, then the rest; the call's deadline as it is now.
-                requestCopy.send(to: stream, grpcTimeout: exchange.hasCallDeadline ? exchange.grpcTimeLeft(now: loop.eventLoop.now) : nil)
+                requestCopy.send(to: stream, grpcTimeout: exchange.hasCallDeadline ? exchange.grpcTimeLeft(now: loop.eventLoop.now) : nil,
+                                 traceparent: trace?.spans != nil ? trace?.forwarding?.field.value : nil)
             } else {
                 // A body that ended empty before the stream opened ends with the HEADERS.
                 let bodyless = !requestHasBody || (pendingEnd && pendingTrailers == nil
@@ -452,10 +459,15 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
             }
         } else {
             connection.attach(self, requestIsHead: request.method == "HEAD")
-            if resend, let replay {
-                connection.write(replay)  // what the first try was sent, then the rest
+            if resend, replay != nil {
+                // What the first try was sent, then the rest, with the new try's span.
+                if let at = replaySpanIDAt, let spanID = trace?.forwarding?.field.spanID {
+                    replay!.setBytes(TraceParentField.spanIDHex(spanID), at: replay!.readerIndex + at)
+                }
+                connection.write(replay!)
             } else {
                 let head = http1Head(for: request)
+                replaySpanIDAt = trace?.spans != nil ? head.readableBytes - TraceParentField.spanIDFromHeadEnd : nil
                 connection.write(head)
                 if keepCopy { replay = head }
                 // A replay that body bytes are appended to must stay the only owner of its storage.

@@ -1,4 +1,5 @@
 import NIOCore
+import Tracing
 import VigilCore
 
 /// A route's mirrors for one request, while its body arrives: the mirrors drawn for it and the body copied so far.
@@ -30,8 +31,10 @@ struct PendingMirrors {
     /// replay buffer sends nothing, and is counted.
     /// A copy ends at the route's `timeout`, else its `idle_timeout`, else after 15 s (Envoy's default route timeout):
     /// a copy is never left waiting without end.
+    /// `trace`: the request's; a sampled request's copies each get a client span, whose `traceparent` `head` writes.
     func launch(policy: LoopPolicy, loop: LoopContext, route: ExchangeStateMachine.Route, requestIsHead: Bool,
-                head: (ForwardingEdits, SocketAddressSpec, inout ByteBuffer) -> Void) {
+                trace: RequestTrace?, method: @autoclosure () -> String,
+                head: (ForwardingEdits, SocketAddressSpec, TraceForwarding?, inout ByteBuffer) -> Void) {
         let timeout = route.timeout > .zero ? route.timeout : route.idleTimeout > .zero ? route.idleTimeout : .seconds(15)
         for target in targets {
             let cluster = policy.snapshot.clusters[target.slot]
@@ -48,10 +51,17 @@ struct PendingMirrors {
                 cluster.metrics.mirrors.increment(Mirroring.Outcome.noHealthyUpstream.rawValue)
                 continue
             }
+            var span: (any Span)?
+            var forwarding = trace?.forwarding
+            if let spans = trace?.spans {
+                (span, forwarding) = spans.startMirror(method: method(), cluster: cluster.config.name, host: host,
+                                                       now: loop.eventLoop.now)
+            }
             var out = ByteBuffer()
-            head(target.edits, host.address, &out)
+            head(target.edits, host.address, forwarding, &out)
             let request = MirrorRequest(cluster: cluster, host: host, pool: policy.pools[target.slot][host.index],
-                                        head: out, body: body.parts, requestIsHead: requestIsHead, loop: loop)
+                                        head: out, body: body.parts, requestIsHead: requestIsHead, loop: loop,
+                                        span: span.map { MirrorSpan(span: $0, instant: trace!.spans!.instant) })
             request.start(timeout: timeout)
         }
     }
@@ -81,9 +91,12 @@ final class MirrorRequest: PoolWaiter, UpstreamExchange, DeadlineWaiter {
     private var responded = false
     /// In the pool's queue, for a connection.
     private var waiting = false
+    /// A sampled request's span for this copy.
+    private let span: MirrorSpan?
 
     init(cluster: ClusterRuntime, host: HostRuntime, pool: HostPool, head: ByteBuffer, body: [ByteBuffer], requestIsHead: Bool,
-         loop: LoopContext) {
+         loop: LoopContext, span: MirrorSpan? = nil) {
+        self.span = span
         self.cluster = cluster
         self.host = host
         self.pool = pool
@@ -130,6 +143,7 @@ final class MirrorRequest: PoolWaiter, UpstreamExchange, DeadlineWaiter {
         guard head.status >= 200 || head.status == 101 else { return }  // interim: the final response follows
         responded = true
         cluster.metrics.mirrors.increment(Mirroring.Outcome(status: head.status).rawValue)
+        span?.answered(status: head.status)
         if head.status == 101 { end(nil, reuse: false) }  // no tunnel for a copy
     }
 
@@ -163,7 +177,9 @@ final class MirrorRequest: PoolWaiter, UpstreamExchange, DeadlineWaiter {
         loop.deadlines.disarm(self)
         if let outcome, !responded {
             cluster.metrics.mirrors.increment(outcome.rawValue)
+            span?.failed(outcome.label)
         }
+        span?.end(now: loop.eventLoop.now)
         if let upstream {
             self.upstream = nil
             if reuse { upstream.detach(requestComplete: true, now: loop.eventLoop.now) } else { upstream.close() }
@@ -174,4 +190,22 @@ final class MirrorRequest: PoolWaiter, UpstreamExchange, DeadlineWaiter {
         host.activeRequests.wrappingDecrement(ordering: .relaxed)
         cluster.requestFinished()
     }
+}
+
+/// A mirrored copy's client span (the request's `RequestSpans` made it); it ends with the copy.
+struct MirrorSpan {
+    let span: any Span
+    let instant: (NIODeadline) -> SpanInstant
+
+    func answered(status: Int) {
+        span.updateAttributes { $0["http.response.status_code"] = Int64(status) }
+        if status >= 400 { failed(String(status)) }
+    }
+
+    func failed(_ reason: String) {
+        span.updateAttributes { $0["error.type"] = reason }
+        span.setStatus(SpanStatus(code: .error, message: reason))
+    }
+
+    func end(now: NIODeadline) { span.end(at: instant(now)) }
 }

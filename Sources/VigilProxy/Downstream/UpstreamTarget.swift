@@ -68,8 +68,9 @@ struct UpstreamTarget {
         newHost.totalRequests.wrappingIncrement(ordering: .relaxed)
     }
 
-    /// Tells the cluster's health how this attempt ended.
-    mutating func record(_ outcome: AttemptOutcome, now: @autoclosure () -> NIODeadline) {
+    /// Tells the cluster's health how this attempt ended; returns the healing events that caused (for the try's span).
+    @discardableResult
+    mutating func record(_ outcome: AttemptOutcome, now: @autoclosure () -> NIODeadline) -> [HealingEvent] {
         // The host's counts take each try once: a timeout or reset after its status was counted (a response body that
         // stalls) is the health's to judge, not a second try.
         var count = !counted
@@ -79,29 +80,29 @@ struct UpstreamTarget {
         }
         if dynamicHost {
             if count { cluster.dynamicHostStats.record(outcome) }
-            return
+            return []
         }
         if count { host.stats.record(outcome) }
-        cluster.health.record(host: host.index, outcome, now: now())
+        return cluster.health.record(host: host.index, outcome, now: now())
     }
 
     /// A response head arrived `now` for a try sent at `sentAt`: its status for the health and the host's counts (nil:
     /// it comes later, with a gRPC call's trailers, through `record`), its latency for the host's histogram and the EWMA
     /// balancer.
-    mutating func recordResponse(status: Int?, sentAt: NIODeadline, now: NIODeadline) {
+    @discardableResult
+    mutating func recordResponse(status: Int?, sentAt: NIODeadline, now: NIODeadline) -> [HealingEvent] {
         let latency = now - sentAt
         if status != nil { counted = true }
         if dynamicHost {
             if let status { cluster.dynamicHostStats.answered.record(status: status) }
             cluster.dynamicHostStats.answered.record(latencyNanos: latency.nanoseconds)
-            return
+            return []
         }
         host.stats.answered.record(latencyNanos: latency.nanoseconds)
         if cluster.config.loadBalancer == .ewma { host.observeLatency(latency, now: now) }
-        if let status {
-            host.stats.answered.record(status: status)
-            cluster.health.record(host: host.index, .response(status: status), now: now)
-        }
+        guard let status else { return [] }
+        host.stats.answered.record(status: status)
+        return cluster.health.record(host: host.index, .response(status: status), now: now)
     }
 }
 

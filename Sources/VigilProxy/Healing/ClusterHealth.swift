@@ -74,10 +74,14 @@ public final class ClusterHealth: Sendable {
 
     /// One attempt's outcome on `host`. Called on the request path; a no-op without outlier detection.
     /// `now` is read only when there is outlier detection: without it, a request's outcome costs no clock read.
-    func record(host: Int, _ outcome: AttemptOutcome, now clock: @autoclosure () -> NIODeadline) {
-        guard hasOutlierDetection else { return }
+    /// Returns the healing events the outcome caused (an ejection), for the try's span.
+    @discardableResult
+    func record(host: Int, _ outcome: AttemptOutcome, now clock: @autoclosure () -> NIODeadline) -> [HealingEvent] {
+        guard hasOutlierDetection else { return [] }
         let now = clock()
-        act(on: state.withLockedValue { s in publishing(s.health.recorded(host: host, outcome, now: now), &s.health) })
+        let decision = state.withLockedValue { s in publishing(s.health.recorded(host: host, outcome, now: now), &s.health) }
+        act(on: decision)
+        return decision.events
     }
 
     /// The result of an active probe of `host`.

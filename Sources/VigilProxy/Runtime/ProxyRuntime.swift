@@ -23,6 +23,8 @@ public final class ProxyRuntime: Sendable {
     public let events: HealingEventLog
     /// TLS material of listeners and clusters, reloaded when its files change.
     public let tls: TLSStore
+    /// OpenTelemetry tracing (`tracing:`); nil without it.
+    public let tracing: TraceExport?
     let logger: Logger
     /// The snapshot in force; each event loop has its own copy (`LoopContext.policy`) for the request path.
     private let currentBox: NIOLockedValueBox<PolicySnapshot>
@@ -59,6 +61,7 @@ public final class ProxyRuntime: Sendable {
         self.events = events
         let tls = try TLSStore(config: config, events: events)
         self.tls = tls
+        tracing = try config.tracing.map { try TraceExport(config: $0, logger: logger) }
         self.listeners = config.listeners.enumerated().map { ListenerRuntime(config: $0.element, index: $0.offset) }
         let metrics = ProxyMetrics(listeners: config.listeners, factory: metricsFactory)
         self.metrics = metrics
@@ -150,6 +153,7 @@ public final class ProxyRuntime: Sendable {
     /// ejections and breakers, the TLS file poll and the reclaiming of idle tenants.
     public func startBackgroundWork() {
         backgroundRunning.withLockedValue { $0 = true }
+        tracing?.start()
         for prober in probers.withLockedValue({ Array($0.values) }) { prober.start() }
         let tick = group.next().scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [self] _ in
             for cluster in current.clusters {

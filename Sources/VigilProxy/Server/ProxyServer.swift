@@ -201,6 +201,8 @@ public final class ProxyServer: Sendable {
             try? await context.eventLoop.submit { context.flushLog() }.get()
         }
         await runtime.accessLog.flushed()
+        // The spans of the requests that just ended go out before the exporter stops.
+        await runtime.tracing?.shutdown()
     }
 }
 
