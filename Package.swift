@@ -49,7 +49,6 @@ let package = Package(
                 .product(name: "HeapModule", package: "swift-collections"),
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "Crypto", package: "swift-crypto"),
-                .product(name: "W3CTraceContext", package: "swift-w3c-trace-context"),
             ],
             // The exchange and pool machines are generic over what the data plane gives them (its waiters, its
             // environment) and run on every request: compiled alone, each call instantiated generic metadata at

@@ -6,8 +6,9 @@ opentelemetry-proto. Every span received is appended to SPANS as one JSON line:
      "start", "end" (ns since the epoch), "status" (UNSET, OK, ERROR), "attributes": {key: value},
      "events": [{"name", "attributes"}], "via": "grpc" | "http"}
 
-Usage: otlp_collector.py PORTFILE SPANS
-Writes "GRPC_PORT HTTP_PORT" to PORTFILE once both listen.
+Usage: otlp_collector.py PORTFILE SPANS [--discard]
+Writes "GRPC_PORT HTTP_PORT" to PORTFILE once both listen. With --discard (for benchmarks) the gRPC exports are
+answered without being decoded or kept, and SPANS gets the number of export bytes received when it ends.
 """
 
 import json
@@ -100,7 +101,21 @@ def main():
     port_file, out = sys.argv[1], sys.argv[2]
     open(out, "a").close()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(out), server)
+    if "--discard" in sys.argv:
+        received = [0]
+
+        def export(request, context):
+            received[0] += len(request)
+            return b""
+
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "opentelemetry.proto.collector.trace.v1.TraceService", {"Export": grpc.unary_unary_rpc_method_handler(export)})])
+        import atexit
+        import signal
+        atexit.register(lambda: open(out, "w").write(str(received[0])))
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    else:
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(out), server)
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     http = ThreadingHTTPServer(("127.0.0.1", 0), http_handler(out))

@@ -67,12 +67,35 @@ final class GRPCAwareTests {
         #expect(tries == 3, "three UNAVAILABLEs in a row eject the host, which then gets nothing: \(failing.events)")
         let hosts = proxy.runtime.current.clusters[0].health.hostViews()
         #expect(hosts[0].state == "ejected" && hosts[1].state == "healthy", "\(hosts)")
+        // Per host, by gRPC status: the failing host's three UNAVAILABLEs (14), the good host's twenty OKs.
+        let stats = proxy.runtime.current.clusters[0].hosts.map(\.stats.grpcCounts)
+        #expect(stats[0][14] == 3 && stats[0].reduce(0, +) == 3, "\(stats)")
+        #expect(stats[1][0] == 20 && stats[1].reduce(0, +) == 20, "\(stats)")
         let text = registry.emitToString()
         #expect(text.contains(#"vigil_grpc_requests_total{listener="in",cluster="api",grpc_status="0"} 20"#), "\(text)")
         await proxy.stop()  // the access log's batches are written by then
         #expect(proxy.accessLogValues("grpc_status", as: Int.self) == Array(repeating: 0, count: 20))
         failing.stop()
         good.stop()
+    }
+
+    /// A traced gRPC call: its spans carry the gRPC status (OpenTelemetry's RPC conventions: NOT_FOUND is an error
+    /// for the client span, not for the server span) and the HTTP status the response had (200), not Envoy's mapping.
+    @Test func aTracedCallCarriesItsGRPCStatus() async throws {
+        let server = try await GRPCPeerServer(mode: "not-found")
+        let collector = try await OTLPCollector()
+        let yaml = ProxyHarness.simple(cluster: Self.http2, top: TracingTests.tracing(collector, ratio: 1))
+        let proxy = try await ProxyHarness(yaml: yaml, upstreams: [server.port], group: group)
+        #expect(try await call(proxy).first?.code == "NOT_FOUND")
+        let spans = try await collector.waitForSpans("the call's spans") { $0.count >= 2 }
+        let serverSpan = try #require(spans.first { $0.kind == "SERVER" })
+        let client = try #require(spans.first { $0.kind == "CLIENT" })
+        #expect(serverSpan.int("rpc.grpc.status_code") == 5 && serverSpan.int("http.response.status_code") == 200)
+        #expect(serverSpan.status == "UNSET")
+        #expect(client.int("rpc.grpc.status_code") == 5 && client.int("http.response.status_code") == 200)
+        #expect(client.status == "ERROR")
+        await proxy.stop()
+        server.stop()
     }
 
     @Test func applicationErrorsAreRelayedAndCountNothingAgainstTheHost() async throws {
@@ -87,6 +110,7 @@ final class GRPCAwareTests {
         #expect(calls.allSatisfy { $0.code == "NOT_FOUND" && $0.message == "no such item" }, "\(calls)")
         #expect(server.events.count == 10)  // none retried
         #expect(proxy.runtime.current.clusters[0].health.hostViews()[0].state == "healthy")
+        #expect(proxy.runtime.current.clusters[0].hosts[0].stats.grpcCounts[5] == 10)
         let text = registry.emitToString()
         #expect(text.contains(#"vigil_grpc_requests_total{listener="in",cluster="api",grpc_status="5"} 10"#), "\(text)")
         // Counted in the class of the status Envoy maps NOT_FOUND to (404), not as a success.

@@ -148,12 +148,17 @@ struct AdminGauges: Sendable {
             let hosts = c.isOriginalDestination ? [("-", c.dynamicHostStats)] : c.hosts.map { ($0.addressText, $0.stats) }
             for (host, stats) in hosts {
                 let labels = [("cluster", c.config.name), ("host", host)]
-                let failed = publish(stats.answered.snapshot, of: stats, requests: "vigil_upstream_requests_total",
-                                     duration: "vigil_upstream_request_duration_seconds", labels: labels, more: stats.failureCounts,
-                                     seen: &seen)
-                for reason in HostStats.Reason.allCases where failed[reason.rawValue] > 0 {
+                let grown = publish(stats.answered.snapshot, of: stats, requests: "vigil_upstream_requests_total",
+                                    duration: "vigil_upstream_request_duration_seconds", labels: labels,
+                                    more: stats.failureCounts + stats.grpcCounts, seen: &seen)
+                for reason in HostStats.Reason.allCases where grown[reason.rawValue] > 0 {
                     registry.makeCounter(name: "vigil_upstream_request_failures_total", labels: labels + [("reason", reason.label)])
-                        .increment(by: Int64(failed[reason.rawValue]))
+                        .increment(by: Int64(grown[reason.rawValue]))
+                }
+                let grpc = grown.dropFirst(HostStats.Reason.allCases.count)
+                for code in GRPCStatus.allCases where grpc[grpc.startIndex + code.rawValue] > 0 {
+                    registry.makeCounter(name: "vigil_upstream_grpc_requests_total", labels: labels + [("grpc_status", String(code.rawValue))])
+                        .increment(by: Int64(grpc[grpc.startIndex + code.rawValue]))
                 }
             }
         }

@@ -21,7 +21,8 @@ public enum HTTP1FieldKind: UInt8, Sendable {
     case xForwardedClientCert
     /// `x-vigil-tenant`: Vigil's own; a client's is always removed.
     case xVigilTenant
-    /// W3C Trace Context's `traceparent`: passed on as it came, unless tracing writes Vigil's own in its place.
+    /// W3C Trace Context's `traceparent`: passed on as it came, unless tracing writes Vigil's own in its place (never
+    /// from a trailer section, where an upstream that merges trailers would read it over the header's).
     case traceparent
 
     /// Classifies a field name by its length first, so most names cost one switch and no compare.
@@ -88,7 +89,7 @@ public enum HTTP1FieldKind: UInt8, Sendable {
     /// sets; RFC 9110 §6.5.2 lets a recipient merge trailers into the header section, so passing on a
     /// trailer `Content-Length`, `Host` or `x-vigil-tenant` would hand the upstream a second framing or a
     /// forged identity that the header checks never saw.
-    public var forbiddenInTrailers: Bool { self != .other && self != .traceparent }
+    public var forbiddenInTrailers: Bool { self != .other }
 
     /// A name that is `content-length` or `transfer-encoding` with `_` for `-`. Vigil would pass it on as an
     /// ordinary field, but servers that map names to CGI-style variables (`HTTP_CONTENT_LENGTH`) read it as the

@@ -1,5 +1,4 @@
 import NIOCore
-import W3CTraceContext
 
 /// Which requests get spans (`tracing.sampling`), decided once per request on its event loop, before anything of the
 /// tracer is touched: a request that is not sampled costs a draw, and a `traceparent` of Vigil's own when the
@@ -20,8 +19,8 @@ public struct TraceSampler: Sendable, Equatable {
 
     /// The decision for a request that carried `traceparent` (nil: none). `random` is drawn only for a new trace.
     public func decide(traceparent: String?, random: inout SplitMix64) -> TraceDecision {
-        if let traceparent, let parent = try? TraceContext(traceParentHeaderValue: traceparent) {
-            return parent.flags.contains(.sampled) ? .sampled(parent: parent) : .passThrough
+        if let traceparent, let parent = TraceParentField(parsing: traceparent) {
+            return parent.sampled ? .sampled(parent: parent) : .passThrough
         }
         // A new trace: its ids are drawn whether or not it is sampled, so that the services after Vigil keep to
         // this decision (their parent-based samplers read the flag) rather than each drawing again.
@@ -39,7 +38,7 @@ public enum TraceDecision: Sendable {
     /// the request had, and no `tracestate` (a restarted trace has none).
     case unsampled(TraceParentField)
     /// Spans are recorded: the server span continues `parent` (the caller's span), or starts a trace when nil.
-    case sampled(parent: TraceContext?)
+    case sampled(parent: TraceParentField?)
 }
 
 /// The `traceparent` Vigil sends upstream in place of the request's (W3C Trace Context, version 00):
@@ -57,20 +56,40 @@ public struct TraceParentField: Sendable, Equatable {
         self.sampled = sampled
     }
 
-    /// From a `traceparent` value (a span's, as the tracer injects it); nil when it does not parse.
-    public init?(_ value: String) {
-        guard let context = try? TraceContext(traceParentHeaderValue: value) else { return nil }
-        func word(_ bytes: UnsafeRawBufferPointer, _ from: Int) -> UInt64 {
-            bytes[from..<from + 8].reduce(0) { $0 << 8 | UInt64($1) }
-        }
-        let (high, low) = withUnsafeBytes(of: context.traceID.bytes) { (word($0, 0), word($0, 8)) }
-        let span = withUnsafeBytes(of: context.spanID.bytes) { word($0, 0) }
-        self.init(traceHigh: high, traceLow: low, spanID: span,
-                  sampled: context.flags.contains(.sampled))
+    /// A `traceparent` value read as W3C Trace Context §3.2 says, without allocating: version 00 is exactly 55
+    /// characters; a later version (not ff) is read for its first 55, which a `-` must follow if more come; lower-case
+    /// hex only; neither id all zero. Nil when it is not valid (the trace then restarts).
+    public init?(parsing value: String) {
+        var value = value
+        guard let field = value.withUTF8({ Self.parse(UnsafeRawBufferPointer($0)) }) else { return nil }
+        self = field
     }
 
-    /// A request may carry neither an all-zero trace id nor an all-zero span id (W3C Trace Context §3.2.2.3).
-    public var isValid: Bool { (traceHigh | traceLow) != 0 && spanID != 0 }
+    static func parse(_ p: UnsafeRawBufferPointer) -> TraceParentField? {
+        guard p.count >= valueLength, let version = hex(p, 0, 2), version != 0xFF,
+              version != 0 ? (p.count == valueLength || p[valueLength] == 0x2D) : p.count == valueLength,
+              p[2] == 0x2D, p[35] == 0x2D, p[52] == 0x2D,
+              let high = hex(p, 3, 16), let low = hex(p, 19, 16), let span = hex(p, 36, 16), let flags = hex(p, 53, 2),
+              (high | low) != 0, span != 0
+        else { return nil }
+        return TraceParentField(traceHigh: high, traceLow: low, spanID: span, sampled: flags & 1 == 1)
+    }
+
+    /// `count` lower-case hex digits at `offset` as a number.
+    private static func hex(_ p: UnsafeRawBufferPointer, _ offset: Int, _ count: Int) -> UInt64? {
+        var v: UInt64 = 0
+        for k in offset..<offset + count {
+            let b = p[k]
+            let d: UInt8
+            switch b {
+            case 0x30...0x39: d = b - 0x30
+            case 0x61...0x66: d = b - 0x61 + 10
+            default: return nil
+            }
+            v = v << 4 | UInt64(d)
+        }
+        return v
+    }
 
     /// The length of the value: `00-` 32 `-` 16 `-` 2.
     public static let valueLength = 55

@@ -47,8 +47,8 @@ extension ExchangeFrontEnd {
         guard let spans = trace?.spans else { return }
         let now = loop.eventLoop.now
         switch outcome {
-        case .response(let status):
-            spans.tryAnswered(status: status)
+        case .response:
+            // A gRPC call's status from its trailers (`recordGRPC` put it on the span; the head's status is there).
             spans.addHealing(healing, now: now)
         case .connectFailure: spans.tryFailed(reason: "connect_failure", healing: healing, now: now)
         case .reset: spans.tryFailed(reason: "reset", healing: healing, now: now)
@@ -56,28 +56,41 @@ extension ExchangeFrontEnd {
         }
     }
 
-    /// A try's response head arrived with `status` (nil: a gRPC call's comes with its trailers, through `recordAttempt`).
-    func recordResponse(status: Int?, sentAt: NIODeadline) {
+    /// A try's response head arrived with `httpStatus`; `status` is what its host is judged by (a gRPC call's status
+    /// as Envoy maps it; nil: it comes with the trailers, through `recordAttempt`).
+    func recordResponse(status: Int?, httpStatus: Int, sentAt: NIODeadline) {
         let now = loop.eventLoop.now
         let healing = target?.recordResponse(status: status, sentAt: sentAt, now: now) ?? []
-        if let spans = trace?.spans, let status {
-            spans.tryAnswered(status: status)
+        if let spans = trace?.spans {
+            spans.tryAnswered(status: httpStatus)
             spans.addHealing(healing, now: now)
         }
     }
 
+    /// The current try's gRPC call ended with `code`: its host's counts, its span.
+    func recordGRPC(_ code: GRPCStatus) {
+        target?.recordGRPC(code)
+        trace?.spans?.tryEnded(grpc: code)
+    }
+
+    /// The exchange waits before its next try: the last try's span ends now, not when the next begins.
+    func tryBackingOff() {
+        trace?.spans?.endTry(now: loop.eventLoop.now)
+    }
+
     /// Starts a request's trace when tracing is on, before it is routed (a request Vigil answers itself has its span
     /// too). `describe` gives a sampled request's server span its first attributes.
-    func beginTrace(name: @autoclosure () -> String, traceparent: @autoclosure () -> String?,
+    func beginTrace(method: @autoclosure () -> String, traceparent: @autoclosure () -> String?,
                     tracestate: @autoclosure () -> String?, wallStart: Int64, start: NIODeadline,
                     describe: (inout SpanAttributes) -> Void) {
         guard let export = runtime.tracing else { return }
         trace = RequestTrace.begin(export, traceparent: traceparent(), tracestate: tracestate(), random: &loop.random,
-                                   name: name(), wallStart: wallStart == 0 ? ProxyRuntime.wallClockNanos() : wallStart,
+                                   method: method(), wallStart: wallStart == 0 ? ProxyRuntime.wallClockNanos() : wallStart,
                                    start: start, describe: describe)
     }
 
-    /// Ends a request's trace: a sampled request's server span gets what the request came to.
+    /// Ends a request's trace: a sampled request's server span gets what the request came to (`status`: as the client
+    /// got it, 0 for none).
     func endTrace(status: Int, reason: String, tenant: TenantState?, route: RouteStats?, cluster: ClusterRuntime?,
                   identity: String?, grpcStatus: GRPCStatus?, now: NIODeadline) {
         guard let spans = trace?.spans else {
@@ -85,13 +98,12 @@ extension ExchangeFrontEnd {
             return
         }
         trace = nil
-        spans.finish(status: status, now: now) { a in
+        spans.finish(status: status, reason: reason, grpc: grpcStatus, now: now) { a in
             a["vigil.reason"] = reason
             if let tenant { a["vigil.tenant"] = tenant.name }
             if let route, route.name != "-" { a["vigil.route"] = route.name }
             if let cluster { a["vigil.cluster"] = cluster.config.name }
             if let identity { a["vigil.identity"] = identity }
-            if let grpcStatus { a["rpc.grpc.status_code"] = Int64(grpcStatus.rawValue) }
         }
     }
 

@@ -270,12 +270,11 @@ extension HTTP1ServerHandler {
 extension HTTP1ServerHandler {
     /// The request's trace, begun from its head (`ExchangeFrontEnd.beginTrace`).
     func beginTrace(_ head: HTTP1RequestHead) {
-        beginTrace(name: head.method, traceparent: head.value(of: .traceparent), tracestate: head.value(named: "tracestate"),
+        beginTrace(method: head.method, traceparent: head.value(of: .traceparent), tracestate: head.value(named: "tracestate"),
                    wallStart: wallStart, start: startedAt) { [facts] a in
-            a["http.request.method"] = head.method
             a["url.path"] = String(RouteTable.pathWithoutQuery(head.path))
             a["url.scheme"] = facts.scheme
-            a["server.address"] = head.authority
+            RequestSpans.server(head.authority, into: &a)
             a["network.protocol.version"] = head.minorVersion == 0 ? "1.0" : "1.1"
             a["client.address"] = facts.clientAddress
             if let agent = head.value(named: "user-agent") { a["user_agent.original"] = agent }

@@ -37,7 +37,7 @@ extension HTTP1ServerHandler {
             process()
             return
         }
-        recordResponse(status: response.status, sentAt: trySentAt)
+        recordResponse(status: response.status, httpStatus: response.status, sentAt: trySentAt)
         let action = exchange.responseHeadReceived(status: response.status, now: eventLoop.now, retryAfter: {
             response.value(named: "retry-after").flatMap { RetryAfter.parse($0, nowWallNanos: ProxyRuntime.wallClockNanos()) }
         }, env: self)

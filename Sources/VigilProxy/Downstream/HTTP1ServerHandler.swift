@@ -351,6 +351,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         if !head.keepAlive || runtime.draining.load(ordering: .relaxed) || listener.draining.load(ordering: .relaxed) {
             keepAlive = false
         }
+        if runtime.tracing != nil { beginTrace(head) }
         switch head.framing {
         case .none, .untilClose:
             requestBodyDone = true
@@ -373,7 +374,6 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             lastBodyRead = startedAt
             armTimer(at: startedAt + listener.bodyTimeout)
         }
-        if runtime.tracing != nil { beginTrace(head) }
         let outcome = runtime.route(head, listener: listener, loop: loop, identity: session.identity,
                                     destination: facts.destination, destinationIsThisHost: facts.destinationIsThisHost,
                                     clientAddress: facts.clientAddress, scheme: facts.scheme, target: &target)
@@ -415,6 +415,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
         case .backOff(let drop):
             dropUpstream(drop)
             phase = .waitingForUpstream
+            if trace?.spans != nil { tryBackingOff() }
             armExchangeTimer()
         case .reply(let answer, let drop):
             dropUpstream(drop)
@@ -480,7 +481,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, UpstreamExchange, PoolWait
             let bodyless = head.framing == HTTP1BodyFraming.none
             self.head = consume head
             generatedRequestID = generated
-            replaySpanIDAt = trace?.spans != nil ? out.readableBytes - TraceParentField.spanIDFromHeadEnd : nil
+            replaySpanIDAt = trace?.spans != nil && trace?.forwarding != nil
+                ? out.readableBytes - TraceParentField.spanIDFromHeadEnd : nil
             connection.write(out)
             // Kept (shared, not copied) while the request could be sent again.
             if keepCopy { replay = out }

@@ -242,12 +242,11 @@ extension HTTP2StreamHandler {
 extension HTTP2StreamHandler {
     /// The request's trace, begun from its head (`ExchangeFrontEnd.beginTrace`).
     func beginTrace(_ request: HTTP2RequestHead) {
-        beginTrace(name: request.method, traceparent: request.headers.first(name: "traceparent"),
+        beginTrace(method: request.method, traceparent: request.headers.first(name: "traceparent"),
                    tracestate: request.headers.first(name: "tracestate"), wallStart: wallStart, start: startedAt) { [facts] a in
-            a["http.request.method"] = request.method
             a["url.path"] = String(RouteTable.pathWithoutQuery(request.path))
             a["url.scheme"] = facts.scheme
-            a["server.address"] = request.authority
+            RequestSpans.server(request.authority, into: &a)
             a["network.protocol.version"] = "2"
             a["client.address"] = facts.clientAddress
             if let agent = request.headers.first(name: "user-agent") { a["user_agent.original"] = agent }

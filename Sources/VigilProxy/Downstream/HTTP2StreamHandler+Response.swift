@@ -121,9 +121,11 @@ extension HTTP2StreamHandler {
                        grpc: ExchangeStateMachine.GRPCResponse = .none) -> Bool {
         // A gRPC call is judged by its gRPC status: now if the head carries it, else when the trailers do.
         switch grpc {
-        case .none: recordResponse(status: status, sentAt: trySentAt)
-        case .status(let code): recordResponse(status: code.httpStatus, sentAt: trySentAt)
-        case .pending: recordResponse(status: nil, sentAt: trySentAt)
+        case .none: recordResponse(status: status, httpStatus: status, sentAt: trySentAt)
+        case .status(let code):
+            recordResponse(status: code.httpStatus, httpStatus: status, sentAt: trySentAt)
+            recordGRPC(code)
+        case .pending: recordResponse(status: nil, httpStatus: status, sentAt: trySentAt)
         }
         let action = exchange.responseHeadReceived(status: status, grpc: grpc, now: loop.eventLoop.now, retryAfter: {
             retryAfter().flatMap { RetryAfter.parse($0, nowWallNanos: ProxyRuntime.wallClockNanos()) }
@@ -180,6 +182,7 @@ extension HTTP2StreamHandler {
         // upstream connection instead of returning it to the pool).
         if exchange.grpcStatusPending {
             let code = trailers?.first(name: "grpc-status").flatMap { GRPCStatus(field: $0) } ?? .unknown
+            recordGRPC(code)
             let action = exchange.grpcResponseEnded(code, now: loop.eventLoop.now, env: self)
             guard case .finish = action else {
                 run(action)  // retried, or answered: the client never sees this response (forgetResponse)
@@ -315,7 +318,7 @@ extension HTTP2StreamHandler {
             runtime.metrics.recordGRPC(listener: listener.index, cluster: target?.cluster ?? replyCluster, code)
         }
         if trace != nil {
-            endTrace(status: outcome, reason: exchange.reason, tenant: target?.tenant ?? replyTenant,
+            endTrace(status: status, reason: exchange.reason, tenant: target?.tenant ?? replyTenant,
                      route: target?.routeStats ?? replyRoute, cluster: target?.cluster ?? replyCluster,
                      identity: session.identity, grpcStatus: exchange.grpcStatus, now: now)
         }

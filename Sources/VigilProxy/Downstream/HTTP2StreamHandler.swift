@@ -386,6 +386,7 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
         case .backOff(let drop):
             dropUpstream(drop)
             forgetResponse()
+            if trace?.spans != nil { tryBackingOff() }
             rearmDeadline()
         case .reply(let answer, let drop):
             dropUpstream(drop)
@@ -467,7 +468,8 @@ final class HTTP2StreamHandler: HTTP2FramedExchange, PoolWaiter, DeadlineWaiter,
                 connection.write(replay!)
             } else {
                 let head = http1Head(for: request)
-                replaySpanIDAt = trace?.spans != nil ? head.readableBytes - TraceParentField.spanIDFromHeadEnd : nil
+                replaySpanIDAt = trace?.spans != nil && trace?.forwarding != nil
+                    ? head.readableBytes - TraceParentField.spanIDFromHeadEnd : nil
                 connection.write(head)
                 if keepCopy { replay = head }
                 // A replay that body bytes are appended to must stay the only owner of its storage.

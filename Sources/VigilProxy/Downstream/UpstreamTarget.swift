@@ -106,6 +106,13 @@ struct UpstreamTarget {
     }
 }
 
+extension UpstreamTarget {
+    /// The current try's gRPC call ended with `code` (its host's per-status counts).
+    func recordGRPC(_ code: GRPCStatus) {
+        (dynamicHost ? cluster.dynamicHostStats : host.stats).record(grpc: code)
+    }
+}
+
 enum RoutingOutcome {
     /// Forward to the `UpstreamTarget` that `route` wrote into its `target` argument (written there rather
     /// than carried here, so it lands in the handler's storage without being copied out of the enum).

@@ -99,4 +99,23 @@ public final class HostStats: Sendable {
     }
 
     public var failureCounts: [Int] { failures.map { $0.load(ordering: .relaxed) } }
+
+    /// gRPC calls answered, by their gRPC status: made on a host's first call (most hosts take none, and a mesh has
+    /// thousands of hosts).
+    private let grpc = ManagedAtomicLazyReference<GRPCCounts>()
+
+    final class GRPCCounts: Sendable {
+        let byStatus = GRPCStatus.allCases.map { _ in ManagedAtomic<Int>(0) }
+    }
+
+    /// A gRPC call on this host ended with `code`.
+    func record(grpc code: GRPCStatus) {
+        let counts = grpc.load() ?? grpc.storeIfNilThenLoad(GRPCCounts())
+        counts.byStatus[code.rawValue].wrappingIncrement(ordering: .relaxed)
+    }
+
+    /// By `GRPCStatus.rawValue`; all zero before a first call.
+    public var grpcCounts: [Int] {
+        grpc.load()?.byStatus.map { $0.load(ordering: .relaxed) } ?? Array(repeating: 0, count: GRPCStatus.allCases.count)
+    }
 }

@@ -1,6 +1,7 @@
 import NIOCore
 import Tracing
 import VigilCore
+import W3CTraceContext
 
 /// One request's tracing, kept by its front end (an HTTP/1.1 connection, an HTTP/2 stream) on its event loop, the same
 /// for both protocols: what its forwarded heads say of the trace, and its spans when it is sampled.
@@ -14,16 +15,25 @@ struct RequestTrace {
     /// The trace of a request that carried `traceparent` (and `tracestate`), decided by the runtime's sampler.
     /// `describe` gives the server span's first attributes; it runs only for a sampled request.
     static func begin(_ export: TraceExport, traceparent: String?, tracestate: @autoclosure () -> String?,
-                      random: inout SplitMix64, name: String, wallStart: Int64, start: NIODeadline,
-                      describe: (inout SpanAttributes) -> Void) -> RequestTrace {
+                      random: inout SplitMix64, method: @autoclosure () -> String, wallStart: @autoclosure () -> Int64,
+                      start: NIODeadline, describe: (inout SpanAttributes) -> Void) -> RequestTrace {
         switch export.sampler.decide(traceparent: traceparent, random: &random) {
         case .passThrough:
             return RequestTrace(forwarding: nil, spans: nil)
         case .unsampled(let field):
             return RequestTrace(forwarding: TraceForwarding(field: field, dropsTraceState: true), spans: nil)
         case .sampled(let parent):
-            let spans = RequestSpans(export: export, parent: parent == nil ? nil : (traceparent!, tracestate()),
-                                     name: name, wallStart: wallStart, start: start, describe: describe)
+            // The tracer's propagator is given the parent as version 00, and the caller's tracestate only if it parses:
+            // W3C Trace Context keeps a valid traceparent whatever its tracestate, where the propagator would drop both.
+            let caller = parent.map { parent -> (String, String?) in
+                let value = parent.value
+                let state = tracestate().flatMap { state in
+                    (try? TraceContext(traceParentHeaderValue: value, traceStateHeaderValue: state)) == nil ? nil : state
+                }
+                return (value, state)
+            }
+            let spans = RequestSpans(export: export, parent: caller, method: method(), wallStart: wallStart(), start: start,
+                                     describe: describe)
             // Until a try starts, the upstream would be told of the server span; every try replaces it with its own.
             return RequestTrace(forwarding: nil, spans: spans)
         }
@@ -44,7 +54,7 @@ final class RequestSpans {
     private let isRoot: Bool
 
     /// `parent`: the caller's `traceparent` and `tracestate` (nil: Vigil starts the trace).
-    init(export: TraceExport, parent: (String, String?)?, name: String, wallStart: Int64, start: NIODeadline,
+    init(export: TraceExport, parent: (String, String?)?, method: String, wallStart: Int64, start: NIODeadline,
          describe: (inout SpanAttributes) -> Void) {
         self.export = export
         self.wallStart = wallStart
@@ -54,9 +64,14 @@ final class RequestSpans {
         if let parent {
             export.tracer.extract(parent, into: &context, using: CallerContext())
         }
-        server = export.tracer.startSpan(name, context: context, ofKind: .server,
+        let (known, original) = Self.method(method)
+        server = export.tracer.startSpan(original == nil ? known : "HTTP", context: context, ofKind: .server,
                                          at: SpanInstant(nanosecondsSinceEpoch: UInt64(wallStart)))
-        server.updateAttributes(describe)
+        server.updateAttributes { a in
+            a["http.request.method"] = known
+            if let original { a["http.request.method_original"] = original }
+            describe(&a)
+        }
         export.startedSpans.wrappingIncrement(ordering: .relaxed)
     }
 
@@ -74,13 +89,24 @@ final class RequestSpans {
         return forwarding(of: span)
     }
 
-    /// The current try's response head said `status`.
+    /// The current try's response head said `status` (its HTTP status, a gRPC call's too).
     func tryAnswered(status: Int) {
         client?.updateAttributes { a in
             a["http.response.status_code"] = Int64(status)
             if status >= 400 { a["error.type"] = String(status) }
         }
+        // OpenTelemetry's HTTP conventions: a client span is an error for a 4xx too.
         if status >= 400 { client?.setStatus(SpanStatus(code: .error)) }
+    }
+
+    /// The current try's gRPC call ended with `code`; for a client every status but OK is an error (OpenTelemetry's
+    /// RPC conventions).
+    func tryEnded(grpc code: GRPCStatus) {
+        client?.updateAttributes { a in
+            a["rpc.grpc.status_code"] = Int64(code.rawValue)
+            if code != .ok { a["error.type"] = String(code.rawValue) }
+        }
+        if code != .ok { client?.setStatus(SpanStatus(code: .error)) }
     }
 
     /// The current try failed without an answer (`reason`: Vigil's, such as `upstream_connect_failure`).
@@ -117,24 +143,54 @@ final class RequestSpans {
         return (span, forwarding(of: span))
     }
 
-    /// Ends the request: its last try's span, then the server span with the request's outcome. `describe` adds
-    /// what the request came to.
-    func finish(status: Int, now: NIODeadline, describe: (inout SpanAttributes) -> Void) {
+    /// Ends the request: its last try's span, then the server span with the request's outcome: `status` as the client
+    /// got it (0: it got none, and `reason` says why), a gRPC call's status. `describe` adds the rest.
+    func finish(status: Int, reason: String, grpc: GRPCStatus?, now: NIODeadline, describe: (inout SpanAttributes) -> Void) {
         endTry(now: now)
+        // OpenTelemetry's conventions: a server span is an error for a 5xx (a 4xx is the client's), for a request that
+        // got no answer, and for the gRPC statuses that are the server's fault.
+        let error: String? = status == 0 ? reason
+            : status >= 500 ? String(status)
+            : grpc.flatMap { Self.serverFaults.contains($0) ? String($0.rawValue) : nil }
         server.updateAttributes { a in
-            a["http.response.status_code"] = Int64(status)
-            if status >= 500 { a["error.type"] = String(status) }
+            if status != 0 { a["http.response.status_code"] = Int64(status) }
+            if let grpc { a["rpc.grpc.status_code"] = Int64(grpc.rawValue) }
+            if let error { a["error.type"] = error }
             describe(&a)
         }
-        // OpenTelemetry's HTTP conventions: a server span is an error for a 5xx only (a 4xx is the client's).
-        if status >= 500 { server.setStatus(SpanStatus(code: .error)) }
+        if let error { server.setStatus(SpanStatus(code: .error, message: error)) }
         server.end(at: instant(now))
     }
 
+    /// The gRPC statuses a server span counts as errors (OpenTelemetry's RPC conventions).
+    static let serverFaults: Set<GRPCStatus> = [.unknown, .deadlineExceeded, .unimplemented, .internal, .unavailable, .dataLoss]
+
+    /// `server.address` and `server.port` from a request's authority.
+    static func server(_ authority: String, into a: inout SpanAttributes) {
+        if let parsed = SocketAddressSpec(parsing: authority) {
+            a["server.address"] = parsed.host
+            a["server.port"] = Int64(parsed.port)
+        } else if !authority.isEmpty {
+            a["server.address"] = authority
+        }
+    }
+
+    /// A span's name and `http.request.method` for `method`: methods outside RFC 9110's and PATCH are named `HTTP` and
+    /// `_OTHER` (with the method as `http.request.method_original`), so a client cannot make span names without end.
+    static func method(_ method: String) -> (name: String, original: String?) {
+        switch method {
+        case "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH": (method, nil)
+        default: ("_OTHER", method)
+        }
+    }
+
     private func startClient(method: String, cluster: String, host: HostRuntime, now: NIODeadline, resend: Int) -> any Span {
-        let span = export.tracer.startSpan(method, context: server.context, ofKind: .client, at: instant(now))
+        let (known, original) = Self.method(method)
+        let span = export.tracer.startSpan(original == nil ? known : "HTTP", context: server.context, ofKind: .client,
+                                           at: instant(now))
         span.updateAttributes { a in
-            a["http.request.method"] = method
+            a["http.request.method"] = known
+            if let original { a["http.request.method_original"] = original }
             a["server.address"] = host.address.host
             a["server.port"] = Int64(host.address.port)
             a["vigil.cluster"] = cluster
@@ -148,7 +204,7 @@ final class RequestSpans {
     private func forwarding(of span: any Span) -> TraceForwarding? {
         var injected = InjectedContext()
         export.tracer.inject(span.context, into: &injected, using: InjectedContext.Writer())
-        guard let value = injected.traceparent, let field = TraceParentField(value) else { return nil }
+        guard let value = injected.traceparent, let field = TraceParentField(parsing: value) else { return nil }
         return TraceForwarding(field: field, dropsTraceState: isRoot)
     }
 }

@@ -206,7 +206,9 @@ final class HTTP2UpstreamStream: ChannelInboundHandler, UpstreamStream {
             if f.kind == .te {
                 h.add(name: "te", value: "trailers")  // the only TE HTTP/2 allows; the head Vigil wrote has no other
             } else if f.kind != .host && !f.kind.isConnectionSpecific {
-                h.add(name: head.lowercaseNameString(f), value: head.valueString(f))
+                // New on every request: indexed, each would push a field that repeats out of the upstream's HPACK table.
+                let unique = f.kind == .xRequestID || f.kind == .traceparent
+                h.add(name: head.lowercaseNameString(f), value: head.valueString(f), indexing: unique ? .nonIndexable : .indexable)
             }
         }
         return h
