@@ -30,10 +30,8 @@ let package = Package(
         .package(url: "https://github.com/grpc/grpc-swift-2", from: "2.4.3"),
         .package(url: "https://github.com/grpc/grpc-swift-protobuf", from: "2.4.1"),
         .package(url: "https://github.com/grpc/grpc-swift-nio-transport", from: "2.9.2"),
-        // Tracing (DESIGN.md): spans through swift-distributed-tracing's API, exported by swift-otel's OTLP
-        // exporters (gRPC on the stack above, or HTTP); W3C trace context parsed and written by its own package.
-        .package(url: "https://github.com/apple/swift-distributed-tracing", from: "1.7.3"),
-        .package(url: "https://github.com/swift-otel/swift-otel", from: "1.6.0"),
+        // Tracing: W3C Trace Context's tracestate read by its own package. (Spans are exported over OTLP by Vigil itself,
+        // on the gRPC stack above: swift-otel's tracer was measured at four times a request's CPU, see TraceExport.)
         .package(url: "https://github.com/swift-otel/swift-w3c-trace-context", from: "1.0.0"),
     ],
     targets: [
@@ -78,9 +76,9 @@ let package = Package(
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "_CryptoExtras", package: "swift-crypto"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
-                .product(name: "Tracing", package: "swift-distributed-tracing"),
                 .product(name: "W3CTraceContext", package: "swift-w3c-trace-context"),
-                .product(name: "OTel", package: "swift-otel"),
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             ]
         ),
         // The xDS client: Envoy's discovery messages (generated from Protos/ by Scripts/generate-protos.sh, committed)

@@ -18,11 +18,13 @@ import VigilTestSupport
     static let trace = "4bf92f3577b34da6a3ce929d0e0e4736"
     static let parent = "00f067aa0ba902b7"
 
-    static func tracing(endpoint: String, protocol proto: String = "grpc", ratio: Double = 0, extra: String = "") -> String {
+    /// `timeout`: an export's; the collector (Python) can take seconds to answer when every suite runs at once.
+    static func tracing(endpoint: String, protocol proto: String = "grpc", ratio: Double = 0, timeout: String = "20s",
+                        extra: String = "") -> String {
         """
         tracing:
           service_name: vigil-test
-          otlp: { endpoint: "\(endpoint)", protocol: \(proto), timeout: 2s }
+          otlp: { endpoint: "\(endpoint)", protocol: \(proto), timeout: \(timeout) }
           sampling: { ratio: \(ratio) }
           batch: { schedule_delay: 20ms \(extra) }
         """
@@ -253,7 +255,8 @@ import VigilTestSupport
         let hung = try await StalledUpstream(group: group)
         let upstream = try await FakeUpstream(group: group)
         let proxy = try await ProxyHarness(yaml: ProxyHarness.simple(
-            top: Self.tracing(endpoint: "127.0.0.1:\(hung.port)", ratio: 1, extra: ", max_queue_size: 8, max_export_batch_size: 4")),
+            top: Self.tracing(endpoint: "127.0.0.1:\(hung.port)", ratio: 1, timeout: "2s",
+                              extra: ", max_queue_size: 8, max_export_batch_size: 4")),
             upstreams: [upstream.port], group: group)
         let client = try await proxy.client()
         for i in 0..<100 {

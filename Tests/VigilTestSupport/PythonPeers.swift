@@ -173,7 +173,7 @@ public final class OTLPCollector: Sendable {
 
     /// Waits until `condition` holds of the spans received (the exporter sends them in batches, off the requests).
     @discardableResult
-    public func waitForSpans(_ what: String, seconds: Double = 20, _ condition: @escaping @Sendable ([Span]) -> Bool) async throws -> [Span] {
+    public func waitForSpans(_ what: String, seconds: Double = 40, _ condition: @escaping @Sendable ([Span]) -> Bool) async throws -> [Span] {
         try await waitUntil(what, seconds: seconds) { [self] in condition(spans) }
         return spans
     }

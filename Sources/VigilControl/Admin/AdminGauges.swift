@@ -31,6 +31,7 @@ struct AdminGauges: Sendable {
     private let publishedTLSFailures = NIOLockedValueBox(0)
     private let publishedSpans = NIOLockedValueBox(0)
     private let publishedDroppedSpans = NIOLockedValueBox(0)
+    private let publishedExportedSpans = NIOLockedValueBox(0)
 
     init(runtime: ProxyRuntime, registry: PrometheusCollectorRegistry) {
         self.runtime = runtime
@@ -94,6 +95,7 @@ struct AdminGauges: Sendable {
                 since: publishedTLSFailures)
         if let tracing = runtime.tracing {
             publish("vigil_trace_spans_total", tracing.startedSpans.load(ordering: .relaxed), since: publishedSpans)
+            publish("vigil_trace_spans_exported_total", tracing.exportedSpans.load(ordering: .relaxed), since: publishedExportedSpans)
             publish("vigil_trace_spans_dropped_total", tracing.droppedSpans.load(ordering: .relaxed), since: publishedDroppedSpans)
         }
         for l in runtime.listeners {

@@ -16,6 +16,11 @@ public struct TracingConfig: Sendable, Equatable {
     /// The collector as a URL: `http://host:port` for gRPC, `http://host:port/v1/traces` for HTTP (`https` for TLS
     /// with the system's trust). Written in the config as `host:port` or as a URL.
     public var endpoint: String
+    /// The endpoint's parts.
+    public var address: SocketAddressSpec
+    public var tls = false
+    /// The request path of OTLP/HTTP.
+    public var path = "/v1/traces"
     public var `protocol`: OTLPProtocol = .grpc
     /// How long one export may take before its spans are given up (and counted as dropped).
     public var exportTimeout: TimeAmount = .seconds(10)
@@ -28,7 +33,19 @@ public struct TracingConfig: Sendable, Equatable {
     /// How often the spans waiting are exported (sooner when the queue fills).
     public var scheduleDelay: TimeAmount = .seconds(5)
 
-    public init(endpoint: String) { self.endpoint = endpoint }
+    /// `endpoint`: a URL with a host and a port, `http://` or `https://` (nil otherwise).
+    public init?(endpoint: String) {
+        self.endpoint = endpoint
+        let https = endpoint.hasPrefix("https://")
+        guard https || endpoint.hasPrefix("http://") else { return nil }
+        let rest = endpoint.dropFirst(https ? 8 : 7)
+        let authority = rest.prefix { $0 != "/" }
+        guard let address = SocketAddressSpec(parsing: String(authority)) else { return nil }
+        self.address = address
+        tls = https
+        let path = rest.dropFirst(authority.count)
+        if !path.isEmpty { self.path = String(path) }
+    }
 }
 
 extension ConfigReader {
@@ -38,11 +55,10 @@ extension ConfigReader {
         else { return nil }
         let proto = oneOf(o["protocol"], at: o.path("protocol"), ["grpc": TracingConfig.OTLPProtocol.grpc, "http": .http]) ?? .grpc
         guard let given = required(nonEmptyString(o["endpoint"], at: o.path("endpoint")), o, "endpoint") else { return nil }
-        guard let endpoint = Self.otlpEndpoint(given, protocol: proto) else {
+        guard var config = Self.otlpEndpoint(given, protocol: proto).flatMap(TracingConfig.init(endpoint:)) else {
             fail(o.path("endpoint"), "\"\(given)\" is neither host:port nor an http:// or https:// URL with a host and a port")
             return nil
         }
-        var config = TracingConfig(endpoint: endpoint)
         config.protocol = proto
         if let s = nonEmptyString(m["service_name"], at: m.path("service_name")) { config.serviceName = s }
         if let t = duration(o["timeout"], at: o.path("timeout"), min: .milliseconds(1)) { config.exportTimeout = t }
@@ -67,12 +83,7 @@ extension ConfigReader {
 
     /// The collector's URL from `host:port` (plaintext, with OTLP/HTTP's path) or a URL as given.
     static func otlpEndpoint(_ text: String, protocol proto: TracingConfig.OTLPProtocol) -> String? {
-        if text.hasPrefix("http://") || text.hasPrefix("https://") {
-            let rest = text.drop { $0 != "/" }.dropFirst(2)
-            let authority = rest.prefix { $0 != "/" }
-            guard let address = SocketAddressSpec(parsing: String(authority)), !address.host.isEmpty else { return nil }
-            return text
-        }
+        if text.hasPrefix("http://") || text.hasPrefix("https://") { return text }
         guard SocketAddressSpec(parsing: text) != nil else { return nil }
         return proto == .grpc ? "http://\(text)" : "http://\(text)/v1/traces"
     }

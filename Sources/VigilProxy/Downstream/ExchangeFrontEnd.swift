@@ -1,5 +1,4 @@
 import NIOCore
-import Tracing
 import VigilCore
 
 /// A front end (an HTTP/1.1 connection, an HTTP/2 stream) as the exchange machine's environment: the request's
@@ -82,9 +81,9 @@ extension ExchangeFrontEnd {
     /// too). `describe` gives a sampled request's server span its first attributes.
     func beginTrace(method: @autoclosure () -> String, traceparent: @autoclosure () -> String?,
                     tracestate: @autoclosure () -> String?, wallStart: Int64, start: NIODeadline,
-                    describe: (inout SpanAttributes) -> Void) {
+                    describe: (inout SpanRecord) -> Void) {
         guard let export = runtime.tracing else { return }
-        trace = RequestTrace.begin(export, traceparent: traceparent(), tracestate: tracestate(), random: &loop.random,
+        trace = RequestTrace.begin(export, loop: loop, traceparent: traceparent(), tracestate: tracestate(),
                                    method: method(), wallStart: wallStart == 0 ? ProxyRuntime.wallClockNanos() : wallStart,
                                    start: start, describe: describe)
     }
@@ -98,12 +97,12 @@ extension ExchangeFrontEnd {
             return
         }
         trace = nil
-        spans.finish(status: status, reason: reason, grpc: grpcStatus, now: now) { a in
-            a["vigil.reason"] = reason
-            if let tenant { a["vigil.tenant"] = tenant.name }
-            if let route, route.name != "-" { a["vigil.route"] = route.name }
-            if let cluster { a["vigil.cluster"] = cluster.config.name }
-            if let identity { a["vigil.identity"] = identity }
+        spans.finish(status: status, reason: reason, grpc: grpcStatus, now: now) { s in
+            s.attributes.append(SpanAttribute("vigil.reason", .string(reason)))
+            if let tenant { s.attributes.append(SpanAttribute("vigil.tenant", .string(tenant.name))) }
+            if let route, route.name != "-" { s.attributes.append(SpanAttribute("vigil.route", .string(route.name))) }
+            if let cluster { s.attributes.append(SpanAttribute("vigil.cluster", .string(cluster.config.name))) }
+            if let identity { s.attributes.append(SpanAttribute("vigil.identity", .string(identity))) }
         }
     }
 

@@ -1,5 +1,4 @@
 import NIOCore
-import Tracing
 import VigilCore
 
 /// The request body on its way upstream (framing, the replay copy, limits, a client that goes away in the
@@ -271,14 +270,14 @@ extension HTTP1ServerHandler {
     /// The request's trace, begun from its head (`ExchangeFrontEnd.beginTrace`).
     func beginTrace(_ head: HTTP1RequestHead) {
         beginTrace(method: head.method, traceparent: head.value(of: .traceparent), tracestate: head.value(named: "tracestate"),
-                   wallStart: wallStart, start: startedAt) { [facts] a in
-            a["url.path"] = String(RouteTable.pathWithoutQuery(head.path))
-            a["url.scheme"] = facts.scheme
-            RequestSpans.server(head.authority, into: &a)
-            a["network.protocol.version"] = head.minorVersion == 0 ? "1.0" : "1.1"
-            a["client.address"] = facts.clientAddress
-            if let agent = head.value(named: "user-agent") { a["user_agent.original"] = agent }
-            a["vigil.listener"] = listener.config.name
+                   wallStart: wallStart, start: startedAt) { [facts] s in
+            s.attributes.append(SpanAttribute("url.path", .string(String(RouteTable.pathWithoutQuery(head.path)))))
+            s.attributes.append(SpanAttribute("url.scheme", .string(facts.scheme)))
+            RequestSpans.server(head.authority, into: &s)
+            s.attributes.append(SpanAttribute("network.protocol.version", .string(head.minorVersion == 0 ? "1.0" : "1.1")))
+            s.attributes.append(SpanAttribute("client.address", .string(facts.clientAddress)))
+            if let agent = head.value(named: "user-agent") { s.attributes.append(SpanAttribute("user_agent.original", .string(agent))) }
+            s.attributes.append(SpanAttribute("vigil.listener", .string(listener.config.name)))
         }
     }
 }

@@ -1,7 +1,6 @@
 import NIOCore
 import NIOHPACK
 import NIOHTTP2
-import Tracing
 import VigilCore
 
 /// The request's head and body on their way upstream: as HTTP/1.1 bytes (the head translated, the body chunked
@@ -243,14 +242,14 @@ extension HTTP2StreamHandler {
     /// The request's trace, begun from its head (`ExchangeFrontEnd.beginTrace`).
     func beginTrace(_ request: HTTP2RequestHead) {
         beginTrace(method: request.method, traceparent: request.headers.first(name: "traceparent"),
-                   tracestate: request.headers.first(name: "tracestate"), wallStart: wallStart, start: startedAt) { [facts] a in
-            a["url.path"] = String(RouteTable.pathWithoutQuery(request.path))
-            a["url.scheme"] = facts.scheme
-            RequestSpans.server(request.authority, into: &a)
-            a["network.protocol.version"] = "2"
-            a["client.address"] = facts.clientAddress
-            if let agent = request.headers.first(name: "user-agent") { a["user_agent.original"] = agent }
-            a["vigil.listener"] = listener.config.name
+                   tracestate: request.headers.first(name: "tracestate"), wallStart: wallStart, start: startedAt) { [facts] s in
+            s.attributes.append(SpanAttribute("url.path", .string(String(RouteTable.pathWithoutQuery(request.path)))))
+            s.attributes.append(SpanAttribute("url.scheme", .string(facts.scheme)))
+            RequestSpans.server(request.authority, into: &s)
+            s.attributes.append(SpanAttribute("network.protocol.version", .string("2")))
+            s.attributes.append(SpanAttribute("client.address", .string(facts.clientAddress)))
+            if let agent = request.headers.first(name: "user-agent") { s.attributes.append(SpanAttribute("user_agent.original", .string(agent))) }
+            s.attributes.append(SpanAttribute("vigil.listener", .string(listener.config.name)))
         }
     }
 }

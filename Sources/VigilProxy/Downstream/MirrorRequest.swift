@@ -1,5 +1,4 @@
 import NIOCore
-import Tracing
 import VigilCore
 
 /// A route's mirrors for one request, while its body arrives: the mirrors drawn for it and the body copied so far.
@@ -51,17 +50,18 @@ struct PendingMirrors {
                 cluster.metrics.mirrors.increment(Mirroring.Outcome.noHealthyUpstream.rawValue)
                 continue
             }
-            var span: (any Span)?
+            var span: MirrorSpan?
             var forwarding = trace?.forwarding
             if let spans = trace?.spans {
-                (span, forwarding) = spans.startMirror(method: method(), cluster: cluster.config.name, host: host,
-                                                       now: loop.eventLoop.now)
+                let (mirrorSpan, mirrorForwarding) = spans.startMirror(method: method(), cluster: cluster.config.name, host: host,
+                                                                       now: loop.eventLoop.now)
+                (span, forwarding) = (mirrorSpan, mirrorForwarding)
             }
             var out = ByteBuffer()
             head(target.edits, host.address, forwarding, &out)
             let request = MirrorRequest(cluster: cluster, host: host, pool: policy.pools[target.slot][host.index],
                                         head: out, body: body.parts, requestIsHead: requestIsHead, loop: loop,
-                                        span: span.map { MirrorSpan(span: $0, instant: trace!.spans!.instant) })
+                                        span: span)
             request.start(timeout: timeout)
         }
     }
@@ -92,7 +92,7 @@ final class MirrorRequest: PoolWaiter, UpstreamExchange, DeadlineWaiter {
     /// In the pool's queue, for a connection.
     private var waiting = false
     /// A sampled request's span for this copy.
-    private let span: MirrorSpan?
+    private var span: MirrorSpan?
 
     init(cluster: ClusterRuntime, host: HostRuntime, pool: HostPool, head: ByteBuffer, body: [ByteBuffer], requestIsHead: Bool,
          loop: LoopContext, span: MirrorSpan? = nil) {
@@ -190,22 +190,4 @@ final class MirrorRequest: PoolWaiter, UpstreamExchange, DeadlineWaiter {
         host.activeRequests.wrappingDecrement(ordering: .relaxed)
         cluster.requestFinished()
     }
-}
-
-/// A mirrored copy's client span (the request's `RequestSpans` made it); it ends with the copy.
-struct MirrorSpan {
-    let span: any Span
-    let instant: (NIODeadline) -> SpanInstant
-
-    func answered(status: Int) {
-        span.updateAttributes { $0["http.response.status_code"] = Int64(status) }
-        if status >= 400 { failed(String(status)) }
-    }
-
-    func failed(_ reason: String) {
-        span.updateAttributes { $0["error.type"] = reason }
-        span.setStatus(SpanStatus(code: .error, message: reason))
-    }
-
-    func end(now: NIODeadline) { span.end(at: instant(now)) }
 }

@@ -61,7 +61,7 @@ public final class ProxyRuntime: Sendable {
         self.events = events
         let tls = try TLSStore(config: config, events: events)
         self.tls = tls
-        tracing = try config.tracing.map { try TraceExport(config: $0, logger: logger) }
+        tracing = config.tracing.map { TraceExport(config: $0, group: group, logger: logger) }
         self.listeners = config.listeners.enumerated().map { ListenerRuntime(config: $0.element, index: $0.offset) }
         let metrics = ProxyMetrics(listeners: config.listeners, factory: metricsFactory)
         self.metrics = metrics
@@ -323,6 +323,30 @@ final class LoopContext: @unchecked Sendable {
 
     /// This loop's batch of held flushes (see `FlushBatch`).
     let flushes: FlushBatch
+
+    /// Finished spans of this loop's sampled requests, handed to the exporter in batches: at `max_export_batch_size`,
+    /// or `schedule_delay` after the first.
+    private var spanBatch: [SpanRecord] = []
+    private var spanFlushScheduled = false
+
+    func record(_ span: SpanRecord, export: TraceExport) {
+        spanBatch.append(span)
+        if spanBatch.count >= export.config.maxExportBatchSize {
+            flushSpans(to: export)
+        } else if !spanFlushScheduled {
+            spanFlushScheduled = true
+            eventLoop.assumeIsolated().scheduleTask(in: export.config.scheduleDelay) { [self] in
+                spanFlushScheduled = false
+                flushSpans(to: export)
+            }
+        }
+    }
+
+    func flushSpans(to export: TraceExport?) {
+        guard let export, !spanBatch.isEmpty else { return }
+        export.submit(spanBatch)
+        spanBatch = []
+    }
 
     func flushLog() {
         guard logBuffer.readableBytes > 0 else { return }

@@ -198,7 +198,11 @@ public final class ProxyServer: Sendable {
         if !rest.isEmpty { logger.warning("drain timeout passed; closing connections", metadata: ["open": "\(rest.count)"]) }
         for c in rest { c.close(promise: nil) }
         for context in runtime.allLoopContexts {
-            try? await context.eventLoop.submit { context.flushLog() }.get()
+            let tracing = runtime.tracing
+            try? await context.eventLoop.submit {
+                context.flushLog()
+                context.flushSpans(to: tracing)
+            }.get()
         }
         await runtime.accessLog.flushed()
         // The spans of the requests that just ended go out before the exporter stops.
