@@ -38,7 +38,10 @@ def record(request, via, out):
     lines = []
     for rs in request.resource_spans:
         resource = {kv.key: value(kv.value) for kv in rs.resource.attributes}
-        for ss in rs.scope_spans:
+        # xds-protos ships an older copy of these messages in the same package; whichever pip installed last is the
+        # one imported. Its InstrumentationLibrarySpans has the same field numbers as ScopeSpans.
+        scopes = rs.scope_spans if hasattr(rs, "scope_spans") else rs.instrumentation_library_spans
+        for ss in scopes:
             for s in ss.spans:
                 lines.append(json.dumps({
                     "trace_id": s.trace_id.hex(),

@@ -80,132 +80,75 @@ public struct SpanEvent: Sendable {
 /// path cost 37 µs of CPU per request with every request sampled, four times a whole proxied request
 /// (Bench/RESULTS.md, tracing). Field numbers are opentelemetry-proto's.
 public enum OTLPTraces {
-    /// The request for `spans`, all of one resource (`service.name` and `resource`) and one instrumentation scope.
+    /// The request for `spans`, all of one resource (`service.name`) and one instrumentation scope: sized first, then
+    /// written in one pass into one buffer (no message is built, or copied into the one around it).
     public static func exportRequest(_ spans: some Collection<SpanRecord>, serviceName: String, scope: String,
                                      scopeVersion: String) -> ByteBuffer {
-        var scopeSpans = ByteBuffer()
-        var scopeMessage = ByteBuffer()
-        scopeMessage.writeString(field: 1, scope)
-        scopeMessage.writeString(field: 2, scopeVersion)
-        scopeSpans.writeMessage(field: 1, scopeMessage)
-        scopeSpans.reserveCapacity(spans.count * 640)
-        var span = ByteBuffer()
-        span.reserveCapacity(1024)
-        for record in spans {
-            span.clear()
-            write(record, into: &span)
-            scopeSpans.writeMessage(field: 2, span)
+        let resource = [SpanAttribute("service.name", .string(serviceName)),
+                        SpanAttribute("telemetry.sdk.name", .string("vigil")),
+                        SpanAttribute("telemetry.sdk.language", .string("swift"))]
+        let resourceSize = resource.reduce(0) { $0 + field(keyValueSize($1)) }
+        let scopeSize = field(stringSize(scope)) + field(stringSize(scopeVersion))
+        var spanSizes: [Int] = []
+        spanSizes.reserveCapacity(spans.count)
+        var scopeSpansSize = field(scopeSize)
+        for s in spans {
+            let n = spanSize(s)
+            spanSizes.append(n)
+            scopeSpansSize += field(n)
         }
-        var resource = ByteBuffer()
-        resource.writeKeyValue(field: 1, SpanAttribute("service.name", .string(serviceName)))
-        resource.writeKeyValue(field: 1, SpanAttribute("telemetry.sdk.name", .string("vigil")))
-        resource.writeKeyValue(field: 1, SpanAttribute("telemetry.sdk.language", .string("swift")))
-        var resourceSpans = ByteBuffer()
-        resourceSpans.writeMessage(field: 1, resource)
-        resourceSpans.writeMessage(field: 2, scopeSpans)
-        var request = ByteBuffer()
-        request.reserveCapacity(resourceSpans.readableBytes + 8)
-        request.writeMessage(field: 1, resourceSpans)
-        return request
-    }
-
-    /// One `Span` message.
-    static func write(_ s: SpanRecord, into out: inout ByteBuffer) {
-        out.writeTag(1, wire: 2)
-        out.writeVarint(16)
-        out.writeInteger(s.traceHigh, endianness: .big)
-        out.writeInteger(s.traceLow, endianness: .big)
-        out.writeTag(2, wire: 2)
-        out.writeVarint(8)
-        out.writeInteger(s.spanID, endianness: .big)
-        if let state = s.traceState, !state.isEmpty { out.writeString(field: 3, state) }
-        if s.parentSpanID != 0 {
-            out.writeTag(4, wire: 2)
-            out.writeVarint(8)
-            out.writeInteger(s.parentSpanID, endianness: .big)
-        }
-        out.writeString(field: 5, s.name)
-        out.writeTag(6, wire: 0)
-        out.writeVarint(s.kind.rawValue)
-        out.writeTag(7, wire: 1)
-        out.writeInteger(s.startNanos, endianness: .little)
-        out.writeTag(8, wire: 1)
-        out.writeInteger(s.endNanos, endianness: .little)
-        for a in s.attributes { out.writeKeyValue(field: 9, a) }
-        for e in s.events {
-            var event = ByteBuffer()
-            event.writeTag(1, wire: 1)
-            event.writeInteger(e.timeNanos, endianness: .little)
-            event.writeString(field: 2, e.name)
-            for a in e.attributes { event.writeKeyValue(field: 3, a) }
-            out.writeMessage(field: 11, event)
-        }
-        if let message = s.error {
-            var status = ByteBuffer()
-            if !message.isEmpty { status.writeString(field: 2, message) }
-            status.writeTag(3, wire: 0)
-            status.writeVarint(2)  // STATUS_CODE_ERROR
-            out.writeMessage(field: 15, status)
-        }
-    }
-}
-
-extension ByteBuffer {
-    /// With one buffer access, not one per byte (the exporter writes several per attribute).
-    mutating func writeVarint(_ value: UInt64) {
-        writeWithUnsafeMutableBytes(minimumWritableBytes: 10) { out in
-            var v = value
-            var n = 0
-            while v >= 0x80 {
-                out[n] = UInt8(truncatingIfNeeded: v) | 0x80
-                v >>= 7
-                n += 1
+        let resourceSpansSize = field(resourceSize) + field(scopeSpansSize)
+        let total = field(resourceSpansSize)
+        var out = ByteBuffer()
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: total) { p in
+            var w = WireWriter(p)
+            w.header(1, resourceSpansSize)             // ExportTraceServiceRequest.resource_spans
+            w.header(1, resourceSize)                  // ResourceSpans.resource
+            for a in resource { w.keyValue(1, a) }     // Resource.attributes
+            w.header(2, scopeSpansSize)                // ResourceSpans.scope_spans
+            w.header(1, scopeSize)                     // ScopeSpans.scope
+            w.string(1, scope)
+            w.string(2, scopeVersion)
+            for (s, n) in zip(spans, spanSizes) {
+                w.header(2, n)                         // ScopeSpans.spans
+                w.span(s)
             }
-            out[n] = UInt8(v)
-            return n + 1
+            precondition(w.i == total, "OTLP size \(total) but wrote \(w.i)")
+            return w.i
+        }
+        return out
+    }
+
+    /// A length-delimited field of `n` bytes: tag, length, bytes.
+    static func field(_ n: Int) -> Int { 1 + varintSize(UInt64(n)) + n }
+
+    static func stringSize(_ s: String) -> Int { s.utf8.count }
+
+    static func anyValueSize(_ v: SpanValue) -> Int {
+        switch v {
+        case .string(let s): field(s.utf8.count)
+        case .int(let i): 1 + varintSize(UInt64(bitPattern: i))
+        case .bool: 2
         }
     }
 
-    mutating func writeTag(_ field: UInt64, wire: UInt64) { writeVarint(field << 3 | wire) }
+    static func keyValueSize(_ a: SpanAttribute) -> Int { field(a.key.utf8.count) + field(anyValueSize(a.value)) }
 
-    mutating func writeString(field: UInt64, _ value: String) {
-        writeTag(field, wire: 2)
-        writeVarint(UInt64(value.utf8.count))
-        writeString(value)
+    static func spanSize(_ s: SpanRecord) -> Int {
+        var n = field(16) + field(8) + field(s.name.utf8.count) + 2 + 9 + 9  // ids, name, kind, start, end
+        if let state = s.traceState, !state.isEmpty { n += field(state.utf8.count) }
+        if s.parentSpanID != 0 { n += field(8) }
+        for a in s.attributes { n += field(keyValueSize(a)) }
+        for e in s.events { n += field(eventSize(e)) }
+        if let message = s.error { n += field(statusSize(message)) }
+        return n
     }
 
-    mutating func writeMessage(field: UInt64, _ message: ByteBuffer) {
-        writeTag(field, wire: 2)
-        writeVarint(UInt64(message.readableBytes))
-        writeImmutableBuffer(message)
+    static func eventSize(_ e: SpanEvent) -> Int {
+        e.attributes.reduce(9 + field(e.name.utf8.count)) { $0 + field(keyValueSize($1)) }
     }
 
-    /// A `KeyValue` whose `AnyValue` is written without a buffer of its own: their lengths are known.
-    mutating func writeKeyValue(field: UInt64, _ a: SpanAttribute) {
-        let keyBytes = a.key.utf8.count
-        let any: Int
-        switch a.value {
-        case .string(let s):
-            let n = s.utf8.count
-            any = 1 + Self.varintSize(UInt64(n)) + n
-        case .int(let i): any = 1 + Self.varintSize(UInt64(bitPattern: i))
-        case .bool: any = 2
-        }
-        writeTag(field, wire: 2)
-        writeVarint(UInt64(1 + Self.varintSize(UInt64(keyBytes)) + keyBytes + 1 + Self.varintSize(UInt64(any)) + any))
-        writeString(field: 1, a.key)
-        writeTag(2, wire: 2)
-        writeVarint(UInt64(any))
-        switch a.value {
-        case .string(let s): writeString(field: 1, s)
-        case .int(let i):
-            writeTag(3, wire: 0)
-            writeVarint(UInt64(bitPattern: i))
-        case .bool(let b):
-            writeTag(2, wire: 0)
-            writeVarint(b ? 1 : 0)
-        }
-    }
+    static func statusSize(_ message: String) -> Int { (message.isEmpty ? 0 : field(message.utf8.count)) + 2 }
 
     static func varintSize(_ value: UInt64) -> Int {
         var v = value
@@ -215,5 +158,103 @@ extension ByteBuffer {
             n += 1
         }
         return n
+    }
+}
+
+/// Protobuf's wire format written into memory sized beforehand (`OTLPTraces`' sizes).
+struct WireWriter {
+    let p: UnsafeMutableRawBufferPointer
+    var i = 0
+
+    init(_ p: UnsafeMutableRawBufferPointer) { self.p = p }
+
+    mutating func varint(_ value: UInt64) {
+        var v = value
+        while v >= 0x80 {
+            p[i] = UInt8(truncatingIfNeeded: v) | 0x80
+            v >>= 7
+            i += 1
+        }
+        p[i] = UInt8(v)
+        i += 1
+    }
+
+    mutating func tag(_ field: UInt64, _ wire: UInt64) { varint(field << 3 | wire) }
+
+    /// A length-delimited field's tag and length; its `n` bytes follow.
+    mutating func header(_ field: UInt64, _ n: Int) {
+        tag(field, 2)
+        varint(UInt64(n))
+    }
+
+    mutating func bytes(_ s: String) {
+        var s = s
+        s.withUTF8 { u in
+            if let base = u.baseAddress { (p.baseAddress! + i).copyMemory(from: base, byteCount: u.count) }
+            i += u.count
+        }
+    }
+
+    mutating func string(_ field: UInt64, _ s: String) {
+        header(field, s.utf8.count)
+        bytes(s)
+    }
+
+    mutating func bigEndian(_ v: UInt64) {
+        p.storeBytes(of: v.bigEndian, toByteOffset: i, as: UInt64.self)
+        i += 8
+    }
+
+    mutating func fixed64(_ field: UInt64, _ v: UInt64) {
+        tag(field, 1)
+        p.storeBytes(of: v.littleEndian, toByteOffset: i, as: UInt64.self)
+        i += 8
+    }
+
+    mutating func keyValue(_ field: UInt64, _ a: SpanAttribute) {
+        header(field, OTLPTraces.keyValueSize(a))
+        string(1, a.key)
+        header(2, OTLPTraces.anyValueSize(a.value))
+        switch a.value {
+        case .string(let s): string(1, s)
+        case .int(let v):
+            tag(3, 0)
+            varint(UInt64(bitPattern: v))
+        case .bool(let b):
+            tag(2, 0)
+            varint(b ? 1 : 0)
+        }
+    }
+
+    /// One `Span` message's fields (opentelemetry-proto's numbers).
+    mutating func span(_ s: SpanRecord) {
+        header(1, 16)
+        bigEndian(s.traceHigh)
+        bigEndian(s.traceLow)
+        header(2, 8)
+        bigEndian(s.spanID)
+        if let state = s.traceState, !state.isEmpty { string(3, state) }
+        if s.parentSpanID != 0 {
+            header(4, 8)
+            bigEndian(s.parentSpanID)
+        }
+        string(5, s.name)
+        tag(6, 0)
+        varint(s.kind.rawValue)
+        fixed64(7, s.startNanos)
+        fixed64(8, s.endNanos)
+        for a in s.attributes { keyValue(9, a) }
+        for e in s.events {
+            header(11, OTLPTraces.eventSize(e))
+            fixed64(1, e.timeNanos)
+            string(2, e.name)
+            for a in e.attributes { keyValue(3, a) }
+        }
+        if let message = s.error {
+            header(15, OTLPTraces.statusSize(message))
+            if !message.isEmpty { string(2, message) }
+            tag(3, 0)
+            varint(2)  // STATUS_CODE_ERROR
+        }
     }
 }
