@@ -88,7 +88,7 @@ public enum OTLPTraces {
                         SpanAttribute("telemetry.sdk.name", .string("vigil")),
                         SpanAttribute("telemetry.sdk.language", .string("swift"))]
         let resourceSize = resource.reduce(0) { $0 + field(keyValueSize($1)) }
-        let scopeSize = field(stringSize(scope)) + field(stringSize(scopeVersion))
+        let scopeSize = field(scope.utf8.count) + field(scopeVersion.utf8.count)
         var spanSizes: [Int] = []
         spanSizes.reserveCapacity(spans.count)
         var scopeSpansSize = field(scopeSize)
@@ -121,8 +121,6 @@ public enum OTLPTraces {
 
     /// A length-delimited field of `n` bytes: tag, length, bytes.
     static func field(_ n: Int) -> Int { 1 + varintSize(UInt64(n)) + n }
-
-    static func stringSize(_ s: String) -> Int { s.utf8.count }
 
     static func anyValueSize(_ v: SpanValue) -> Int {
         switch v {

@@ -57,7 +57,8 @@ public final class TraceExport: Sendable {
             droppedSpans.wrappingIncrement(by: n, ordering: .relaxed)
             return
         }
-        inbox.yield(spans)
+        // After shutdown nothing is exported: what a late request hands over is dropped, and counted.
+        if case .terminated = inbox.yield(spans) { dropped(n) }
     }
 
     /// Starts the exporter (once).
